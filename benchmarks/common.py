@@ -1,0 +1,57 @@
+"""Shared plumbing for the benchmark scripts: cache folder, result files, machine description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+
+import torch
+
+DEFAULT_CACHE = Path(os.environ.get("SVDLORA_BENCH_CACHE", ".cache/benchmarks"))
+DEFAULT_RESULTS = Path("benchmarks/results")
+
+
+def machine_info() -> dict:
+    """What the figures were measured on; stored next to every result."""
+    info = {
+        "date": date.today().isoformat(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_results(name: str, data: dict, results_dir: Path = DEFAULT_RESULTS) -> Path:
+    """Write ``<results_dir>/<name>.json`` with the machine description attached."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    payload = {"benchmark": name, "machine": machine_info(), **data}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+@contextmanager
+def stopwatch():
+    """``with stopwatch() as t: ...`` then ``t()`` gives the elapsed seconds."""
+    start = time.perf_counter()
+    end = None
+
+    def elapsed() -> float:
+        return (end or time.perf_counter()) - start
+
+    try:
+        yield elapsed
+    finally:
+        end = time.perf_counter()
