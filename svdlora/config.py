@@ -1,0 +1,80 @@
+"""What to compress and how: one dataclass, checked on construction."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import asdict, dataclass, field
+
+from .errors import SvdloraError
+
+SVD_METHODS = ("exact", "randomized")
+
+
+@dataclass
+class CompressionConfig:
+    """Settings of one compression run.
+
+    Example:
+        >>> CompressionConfig(budget=0.5, submatrices=3, exclude=["*.attn.*"])
+    """
+
+    budget: float = field(
+        default=0.5,
+        metadata={"help": "Factors hold at most this fraction of the targeted matrices' parameters, in (0, 1]."},
+    )
+    submatrices: int = field(
+        default=1,
+        metadata={"help": "Number n of residual SVD stages: W ≈ Σ_j A_j B_j."},
+    )
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "Fixed total rank per matrix (split over the stages); overrides the budget."},
+    )
+    include: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module-name patterns to target (glob, or 're:<regex>'); default: every Linear/Conv1D."},
+    )
+    exclude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Module-name patterns to leave dense, on top of the default exclusions."},
+    )
+    keep_head: bool = field(
+        default=True,
+        metadata={"help": "Leave the output head (and any layer tied to an embedding) dense."},
+    )
+    svd_method: str = field(
+        default="exact",
+        metadata={"help": "'exact' (torch.linalg.svd) or 'randomized' (torch.svd_lowrank) per stage."},
+    )
+    oversampling: int = field(
+        default=8,
+        metadata={"help": "Extra columns for the randomized SVD sketch."},
+    )
+    power_iterations: int = field(
+        default=2,
+        metadata={"help": "Subspace iterations of the randomized SVD."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real):
+            raise SvdloraError(f"budget must be a number in (0, 1], got {self.budget!r}")
+        if not 0 < self.budget <= 1:
+            raise SvdloraError(f"budget must be in (0, 1], got {self.budget}: pass e.g. --budget 0.5")
+        if isinstance(self.submatrices, bool) or not isinstance(self.submatrices, numbers.Integral):
+            raise SvdloraError(f"submatrices must be an integer >= 1, got {self.submatrices!r}")
+        if self.submatrices < 1:
+            raise SvdloraError(f"submatrices must be >= 1, got {self.submatrices}: pass e.g. --submatrices 3")
+        if self.rank is not None and (
+            isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank < 1
+        ):
+            raise SvdloraError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if self.svd_method not in SVD_METHODS:
+            raise SvdloraError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        self.budget = float(self.budget)
+        self.submatrices = int(self.submatrices)
+        self.include = list(self.include) if self.include else None
+        self.exclude = list(self.exclude or [])
+
+    def to_dict(self) -> dict:
+        return asdict(self)

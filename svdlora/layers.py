@@ -1,0 +1,133 @@
+"""The module that replaces a dense ``nn.Linear`` / GPT-2 ``Conv1D`` by its SVD factors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .decompose import residual_svd
+
+LINEAR, CONV1D = "linear", "conv1d"
+
+
+def dense_kind(module: nn.Module) -> str | None:
+    """'linear' or 'conv1d' for a layer svdlora can factorize, else None."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, Conv1D):
+        return CONV1D
+    return None
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), whatever the layer's storage.
+
+    This is the only place that knows GPT-2's ``Conv1D`` stores its weight transposed,
+    as (in, out), and computes ``x @ W + b``.
+    """
+    kind = dense_kind(module)
+    if kind == CONV1D:
+        return module.weight.T
+    if kind == LINEAR:
+        return module.weight
+    raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D layer")
+
+
+def make_dense(kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """Rebuild a layer of ``kind`` from a (out, in) weight; the inverse of ``weight_out_in``."""
+    out_features, in_features = weight.shape
+    if kind == CONV1D:
+        with torch.device("meta"):  # skip Conv1D's random init: the weight is replaced below
+            layer = Conv1D(out_features, in_features)
+        layer.weight = nn.Parameter(weight.T.contiguous())
+        if bias is None:  # Conv1D always has a bias; a bias-less source means zeros
+            bias = torch.zeros(out_features, device=weight.device, dtype=weight.dtype)
+        layer.bias = nn.Parameter(bias)
+        return layer
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.contiguous())
+    if bias is not None:
+        layer.bias = nn.Parameter(bias)
+    return layer
+
+
+class LowRankLinear(nn.Module):
+    """``y = (x·Bᵀ)·Aᵀ + bias`` with every residual stage stacked into one (A, B) pair.
+
+    Stage j owns columns ``ranks[:j]..ranks[:j+1]`` of A and the same rows of B, so
+    Σ_j A_j B_j = A·B and inference runs two matmuls however many stages there are.
+
+    Example:
+        >>> layer = LowRankLinear.from_dense(nn.Linear(64, 32), ranks=[4, 4])
+        >>> layer(torch.randn(2, 64)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ranks: list[int],
+        bias: bool = True,
+        base_kind: str = LINEAR,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not ranks or min(ranks) < 1:
+            raise ValueError(f"ranks must be a non-empty list of positive ints, got {ranks}")
+        self.in_features, self.out_features = in_features, out_features
+        self.ranks = list(ranks)
+        self.base_kind = base_kind
+        total = sum(ranks)
+        self.A = nn.Parameter(torch.empty(out_features, total, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(total, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, ranks: list[int], **svd_options) -> LowRankLinear:
+        """Factorize a Linear/Conv1D into residual SVD stages of the given ranks."""
+        weight = weight_out_in(module)
+        stages = residual_svd(weight, ranks, **svd_options)
+        layer = cls(
+            weight.shape[1],
+            weight.shape[0],
+            [a.shape[1] for a, _ in stages],
+            bias=module.bias is not None,
+            base_kind=dense_kind(module),
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.A.copy_(torch.cat([a for a, _ in stages], dim=1))
+            layer.B.copy_(torch.cat([b for _, b in stages], dim=0))
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return layer
+
+    def stages(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (A_j, B_j) pairs as views of the stacked factors."""
+        a_parts = torch.split(self.A, self.ranks, dim=1)
+        b_parts = torch.split(self.B, self.ranks, dim=0)
+        return list(zip(a_parts, b_parts))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) weight the factors stand for."""
+        return self.A @ self.B
+
+    def to_dense(self) -> nn.Module:
+        """A plain layer of the original kind (Linear or Conv1D) holding A·B."""
+        with torch.no_grad():
+            bias = None if self.bias is None else self.bias.detach().clone()
+            return make_dense(self.base_kind, self.dense_weight().detach(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.B), self.A, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"ranks={self.ranks}, bias={self.bias is not None}, base_kind={self.base_kind}"
+        )

@@ -1,0 +1,126 @@
+"""Loading dense models by hub id or folder, with errors a user can act on."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from .errors import SvdloraError
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+# Files that make a folder usable on its own besides weights and config.json.
+PREPROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "tokenizer.model", "source.spm",
+    "target.spm", "sentencepiece.bpe.model", "preprocessor_config.json", "processor_config.json",
+    "image_processor_config.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Bytes of the weight files directly inside a model folder."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """'float16' / 'bf16' / torch.float32 / None -> a torch dtype (None keeps the stored one)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
+    dtype = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SvdloraError(f"dtype must be one of float32, float16, bfloat16, float64; got {name!r}")
+    return dtype
+
+
+def model_class(config: transformers.PretrainedConfig) -> type:
+    """The transformers class named by ``config.architectures`` (AutoModel when it names none)."""
+    for arch in config.architectures or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_pretrained(
+    name_or_path: str | Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+) -> nn.Module:
+    """A dense transformers model from a local folder or a hub id.
+
+    Raises:
+        SvdloraError: the path is missing or not a model folder, or the hub id cannot be fetched.
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    torch_dtype = parse_dtype(dtype)
+    if path.exists():
+        if not path.is_dir():
+            raise SvdloraError(f"model {name!r} is a file, not a model folder: pass the folder that holds config.json")
+        if not (path / "config.json").is_file():
+            raise SvdloraError(
+                f"{name!r} is not a model folder (no config.json): pass a folder written by save_pretrained"
+            )
+        source = str(path)
+    elif _looks_like_path(name):
+        raise SvdloraError(f"model path {name!r} does not exist: check the path, or pass a hub id such as 'gpt2'")
+    else:
+        source = name
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if source is name:
+            raise SvdloraError(
+                f"model {name!r} is neither a local folder nor downloadable from the Hugging Face hub "
+                f"({_first_line(err)}). Pass a local folder saved with save_pretrained, or check the id "
+                "and your network (HF_HUB_OFFLINE must be unset)."
+            ) from None
+        raise SvdloraError(f"cannot read the config of {name!r}: {_first_line(err)}") from None
+    except ValueError as err:
+        raise SvdloraError(f"cannot read the config of {name!r}: {_first_line(err)}") from None
+    cls = model_class(config)
+    try:
+        return cls.from_pretrained(source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise SvdloraError(f"cannot load the weights of {name!r} as {cls.__name__}: {_first_line(err)}") from None
+
+
+def load_model(
+    name_or_path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    merge: bool = False,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Any model svdlora can take: a compressed folder, a dense folder, or a hub id; in eval mode."""
+    from .io import is_compressed_folder, load_compressed  # io imports this module
+
+    if is_compressed_folder(name_or_path):
+        return load_compressed(name_or_path, device=device, dtype=dtype, merge=merge)
+    model = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(default_device(device)).eval()
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    """CUDA when available and nothing else is asked for."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise SvdloraError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,102 @@
+"""What a compression did, per module and for the whole model; saved in the folder, shown by `info`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    kind: str  # "linear" or "conv1d"
+    shape: tuple[int, int]  # (out_features, in_features)
+    bias: bool
+    ranks: list[int] = field(default_factory=list)  # one per stage; empty when dense
+    stage_dtypes: list[str] = field(default_factory=list)
+    rel_error: float = 0.0  # ‖W − Σ A_j B_j‖_F / ‖W‖_F
+    dense_reason: str | None = None
+
+    @property
+    def factorized(self) -> bool:
+        return bool(self.ranks)
+
+    @property
+    def params_before(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def params_after(self) -> int:
+        return sum(self.ranks) * (self.shape[0] + self.shape[1]) if self.factorized else self.params_before
+
+
+@dataclass
+class CompressionReport:
+    config: dict
+    modules: list[ModuleReport]
+    model_params_before: int
+    model_params_after: int
+    seconds: float = 0.0
+    bytes_before: int | None = None  # weight files of the source, when known
+    bytes_after: int | None = None  # model.safetensors of the output, once saved
+
+    @property
+    def factorized(self) -> list[ModuleReport]:
+        return [m for m in self.modules if m.factorized]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionReport:
+        modules = [ModuleReport(**{**m, "shape": tuple(m["shape"])}) for m in data["modules"]]
+        return cls(**{**data, "modules": modules})
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        fac = self.factorized
+        before = sum(m.params_before for m in fac)
+        after = sum(m.params_after for m in fac)
+        rows = [
+            ("budget / submatrices", f"{self.config.get('budget')} / {self.config.get('submatrices')}"
+             + (f" (fixed rank {self.config['rank']})" if self.config.get("rank") else "")),
+            ("factorized matrices", f"{len(fac)} of {len(self.modules)} Linear/Conv1D layers"),
+            ("factorized params", f"{before:,} -> {after:,} ({_ratio(after, before)})"),
+            ("model params", f"{self.model_params_before:,} -> {self.model_params_after:,} "
+             f"({_ratio(self.model_params_after, self.model_params_before)})"),
+        ]
+        if self.bytes_before is not None and self.bytes_after is not None:
+            rows.append(("bytes on disk", f"{_size(self.bytes_before)} -> {_size(self.bytes_after)} "
+                         f"({_ratio(self.bytes_after, self.bytes_before)})"))
+        if fac:
+            errs = [m.rel_error for m in fac]
+            rows.append(("relative Frobenius error", f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}"))
+        rows.append(("compress time", f"{self.seconds:.1f} s"))
+        return rows
+
+    def format(self, modules: bool = True) -> str:
+        """A plain-text summary, then one line per layer."""
+        width = max(len(k) for k, _ in self.summary_rows())
+        lines = [f"{k:<{width}}  {v}" for k, v in self.summary_rows()]
+        if modules:
+            name_w = max([len(m.name) for m in self.modules] + [6])
+            lines += ["", f"{'module':<{name_w}}  {'shape':>11}  {'ranks':<14} {'params':>21}  {'rel.err':>7}"]
+            for m in self.modules:
+                shape = f"{m.shape[0]}x{m.shape[1]}"
+                if m.factorized:
+                    ranks = "+".join(map(str, m.ranks))
+                    params = f"{m.params_before:,}->{m.params_after:,}"
+                    lines.append(f"{m.name:<{name_w}}  {shape:>11}  {ranks:<14} {params:>21}  {m.rel_error:7.4f}")
+                else:
+                    lines.append(f"{m.name:<{name_w}}  {shape:>11}  dense: {m.dense_reason}")
+        return "\n".join(lines)
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.1%}" if before else "n/a"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"

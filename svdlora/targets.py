@@ -1,0 +1,77 @@
+"""Module discovery: which layers of a model get factorized, and why the others stay dense."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import CompressionConfig
+from .errors import SvdloraError
+from .layers import dense_kind, weight_out_in
+
+# Top-level children that produce the model's output: factorizing them costs the most
+# accuracy for the least gain, so they stay dense unless the user includes them.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "head", "final_logits_bias")
+
+
+@dataclass
+class Target:
+    name: str
+    module: nn.Module
+    kind: str
+    out_features: int
+    in_features: int
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Glob on the full name (a bare pattern also matches a last-name suffix), or ``re:<regex>``."""
+    if pattern.startswith("re:"):
+        try:
+            return re.fullmatch(pattern[3:], name) is not None
+        except re.error as err:
+            raise SvdloraError(f"invalid regex pattern {pattern!r}: {err}") from None
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def _head_modules(model: nn.Module) -> set[int]:
+    """ids of modules that are the output head or share their weight with an embedding."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if isinstance(out, nn.Module):
+        heads.add(id(out))
+    embedding_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        if dense_kind(module) and module.weight.data_ptr() in embedding_ptrs:
+            heads.add(id(module))
+    return heads
+
+
+def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Target], dict[str, str]]:
+    """The layers to factorize, and for every other Linear/Conv1D the reason it stays dense."""
+    heads = _head_modules(model) if config.keep_head else set()
+    targets, dense = [], {}
+    for name, module in model.named_modules():
+        kind = dense_kind(module)
+        if kind is None:
+            continue
+        out_features, in_features = weight_out_in(module).shape
+        top = name.split(".")[0]
+        if config.include is not None and not any(matches(name, p) for p in config.include):
+            dense[name] = "not matched by --include"
+        elif any(matches(name, p) for p in config.exclude):
+            dense[name] = "matched by --exclude"
+        elif config.keep_head and (id(module) in heads or top in HEAD_NAMES):
+            dense[name] = "output head or tied to an embedding (keep_head)"
+        elif out_features + in_features >= out_features * in_features:
+            dense[name] = "too small: even rank 1 would not make it smaller"
+        else:
+            targets.append(Target(name, module, kind, out_features, in_features))
+    return targets, dense
