@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import transformers
@@ -49,6 +52,18 @@ def model_class(config: transformers.PretrainedConfig) -> type:
     return transformers.AutoModel
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers at all; without it, hub loads retry for ~30 s before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
@@ -76,13 +91,17 @@ def load_pretrained(
         raise SvdloraError(f"model path {name!r} does not exist: check the path, or pass a hub id such as 'gpt2'")
     else:
         source = name
+    # Offline, only the local hub cache can serve a hub id; asking it directly fails fast.
+    local_only = source is name and not hub_reachable()
     try:
-        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
     except OSError as err:
         if source is name:
             raise SvdloraError(
                 f"model {name!r} is neither a local folder nor downloadable from the Hugging Face hub "
-                f"({_first_line(err)}). Pass a local folder saved with save_pretrained, or check the id "
+                f"({'hub unreachable and not in the local cache' if local_only else _first_line(err)}). Pass a local folder saved with save_pretrained, or check the id "
                 "and your network (HF_HUB_OFFLINE must be unset)."
             ) from None
         raise SvdloraError(f"cannot read the config of {name!r}: {_first_line(err)}") from None
@@ -90,7 +109,9 @@ def load_pretrained(
         raise SvdloraError(f"cannot read the config of {name!r}: {_first_line(err)}") from None
     cls = model_class(config)
     try:
-        return cls.from_pretrained(source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code)
+        return cls.from_pretrained(
+            source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
     except (OSError, ValueError, RuntimeError) as err:
         raise SvdloraError(f"cannot load the weights of {name!r} as {cls.__name__}: {_first_line(err)}") from None
 

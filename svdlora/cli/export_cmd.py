@@ -1,0 +1,30 @@
+"""`svdlora export FOLDER --dense --output DIR`: a plain transformers checkpoint with A·B merged."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import SvdloraError
+from ..io import _copy_preprocessor_files, atomic_folder, load_compressed
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write a compressed folder as a normal dense checkpoint")
+    p.add_argument("folder", help="a folder written by `svdlora compress`")
+    p.add_argument("--dense", action="store_true", required=True,
+                   help="merge the factors into dense weights (the only export format)")
+    p.add_argument("-o", "--output", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_compressed(args.folder, device="cpu", merge=True)
+    if not hasattr(model, "save_pretrained"):
+        raise SvdloraError("only transformers models can be exported as dense checkpoints")
+    with atomic_folder(args.output, overwrite=args.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        _copy_preprocessor_files(Path(args.folder), tmp)
+    print(f"wrote dense checkpoint {args.output}")
+    return 0

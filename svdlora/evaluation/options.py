@@ -1,0 +1,126 @@
+"""Settings of one evaluation run: one dataclass, checked on construction."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SvdloraError
+from ..models import default_device, parse_dtype
+
+TEXT, IMAGES, TRANSLATION = "text-generation", "image-classification", "translation"
+TASKS = (TEXT, IMAGES, TRANSLATION)
+
+# One window of max_length tokens is already a large matmul; images and sentences are small.
+DEFAULT_BATCH_SIZE = {TEXT: 1, IMAGES: 32, TRANSLATION: 16}
+DEFAULT_DTYPE = "float32"
+# The HF perplexity guide uses GPT-2's full context (1024) and stride 512; longer contexts are
+# capped so a model with an 8k context does not turn a quick check into minutes per window.
+MAX_LENGTH_CAP = 1024
+
+
+@dataclass
+class EvalOptions:
+    """Everything ``evaluate`` and ``svdlora eval`` take besides the models.
+
+    Example:
+        >>> EvalOptions(task="text-generation", data="wiki.test.txt", limit=8)
+    """
+
+    task: str = field(metadata={"help": f"One of {', '.join(TASKS)}."})
+    data: Any = field(
+        metadata={
+            "help": "Text file, image folder, source-sentence file, a `datasets` dataset "
+            "(hub name, load_from_disk folder, .json/.csv/.parquet file) or a datasets.Dataset."
+        }
+    )
+    references: str | Path | None = field(
+        default=None, metadata={"help": "translation: reference file, one sentence per line."}
+    )
+    split: str | None = field(default=None, metadata={"help": "Dataset split (default: test when present)."})
+    data_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    text_column: str = field(default="text", metadata={"help": "text-generation: column joined with blank lines."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: image or img)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (default: label or labels)."})
+    source_column: str | None = field(
+        default=None, metadata={"help": "translation: source column; 'translation.de' reads a dict column."}
+    )
+    target_column: str | None = field(default=None, metadata={"help": "translation: reference column."})
+    max_length: int | None = field(
+        default=None, metadata={"help": f"Window length (default: the model's context, at most {MAX_LENGTH_CAP})."}
+    )
+    stride: int | None = field(default=None, metadata={"help": "Window step (default: max_length // 2)."})
+    num_beams: int = field(default=4, metadata={"help": "translation: beam width."})
+    max_new_tokens: int = field(default=128, metadata={"help": "translation: longest generated sentence."})
+    batch_size: int | None = field(
+        default=None, metadata={"help": "Windows / images / sentences per forward (default per task)."}
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 (default: cuda when present)."})
+    dtype: str | torch.dtype | None = field(
+        default=DEFAULT_DTYPE, metadata={"help": "float32 (default), bfloat16, float16; None keeps the stored one."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Evaluate the first N windows / images / sentences."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise SvdloraError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.data is None or (isinstance(self.data, str) and not self.data.strip()):
+            raise SvdloraError(f"data must name a file, folder or dataset, got {self.data!r}")
+        for name in ("max_length", "stride", "batch_size", "limit", "num_beams", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise SvdloraError(f"{name} must be an integer >= 1, got {value!r}: pass e.g. {flag} 8")
+        if self.stride is not None and self.max_length is not None and self.stride > self.max_length:
+            raise SvdloraError(
+                f"stride must be <= max_length, got stride {self.stride} > max_length {self.max_length}: "
+                "windows would skip tokens; pass e.g. --stride "
+                f"{self.max_length // 2 or 1}"
+            )
+        if self.task == TRANSLATION and self.references is None and _is_plain_file(self.data):
+            raise SvdloraError(
+                f"translation from the text file {str(self.data)!r} needs --references FILE "
+                "(one reference sentence per line, as many lines as the source)"
+            )
+        if self.task != TRANSLATION and self.references is not None:
+            raise SvdloraError(f"references is only used by --task translation, got it with --task {self.task}")
+        self.dtype = parse_dtype(self.dtype)
+        self.device = str(resolve_device(self.device))
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size or DEFAULT_BATCH_SIZE[self.task]
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """CUDA when present and nothing is asked for; a clear error for CUDA on a machine without it."""
+    resolved = default_device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SvdloraError(f"device {str(device)!r} asked for, but CUDA is not available here: pass --device cpu")
+    return resolved
+
+
+def _is_plain_file(data: Any) -> bool:
+    if not isinstance(data, str | Path):
+        return False
+    path = Path(data)
+    return path.is_file() and path.suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+
+
+def build_options(task: str, data: Any, options: dict) -> EvalOptions:
+    """``EvalOptions`` from keyword options, naming any unknown one."""
+    unknown = sorted(set(options) - set(EvalOptions.names()))
+    if unknown:
+        raise SvdloraError(f"unknown evaluate() option(s) {unknown}; valid: {', '.join(EvalOptions.names()[2:])}")
+    return EvalOptions(task=task, data=data, **options)

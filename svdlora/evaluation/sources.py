@@ -1,0 +1,153 @@
+"""Where evaluation data comes from: plain local files and folders, or a ``datasets`` dataset.
+
+Plain formats need nothing but the file system (they work offline). Anything else given as
+``--data`` is opened with the ``datasets`` library: a folder written by ``save_to_disk``, a
+``.json``/``.jsonl``/``.csv``/``.parquet`` file, a local folder ``load_dataset`` understands,
+or a hub name (which needs network access unless it is cached).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import SvdloraError
+
+logger = logging.getLogger(__name__)
+
+DATASET_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def looks_like_path(data: str | Path) -> bool:
+    """True for things a user meant as a path (so a missing one is reported as missing)."""
+    text = str(data)
+    return (
+        isinstance(data, Path)
+        or text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+        or Path(text).suffix.lower() in (".txt", ".gz", ".json", ".jsonl", ".csv", ".parquet", ".arrow")
+    )
+
+
+def check_exists(data: str | Path, flag: str = "--data") -> Path:
+    """The path, or an error that names the flag and the value."""
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise SvdloraError(f"{flag} {str(data)!r} does not exist: check the path")
+    return path
+
+
+def is_dataset(data: Any) -> bool:
+    """True when ``data`` is an in-memory ``datasets.Dataset`` / ``DatasetDict``."""
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(data, datasets.Dataset | datasets.DatasetDict)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
+def read_lines(path: str | Path, flag: str) -> list[str]:
+    """Lines of a UTF-8 text file (gzipped when it ends in .gz), without line endings."""
+    path = check_exists(path, flag)
+    if path.is_dir():
+        raise SvdloraError(f"{flag} {str(path)!r} is a folder: pass a text file with one sentence per line")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        raise SvdloraError(f"{flag} {str(path)!r} is not a readable UTF-8 text file ({err})") from None
+    while lines and not lines[-1].strip():  # a trailing blank line is not a sentence
+        lines.pop()
+    if not lines:
+        raise SvdloraError(f"{flag} {str(path)!r} is empty: it needs one sentence per line")
+    return lines
+
+
+def read_text(path: str | Path, flag: str = "--data") -> str:
+    """Whole content of a UTF-8 text file (gzipped when it ends in .gz)."""
+    path = check_exists(path, flag)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        raise SvdloraError(f"{flag} {str(path)!r} is not a readable UTF-8 text file ({err})") from None
+    if not text.strip():
+        raise SvdloraError(f"{flag} {str(path)!r} is empty: pass a text file with the evaluation text")
+    return text
+
+
+def open_dataset(data: Any, split: str | None, config: str | None):
+    """A single ``datasets.Dataset`` split from any of the accepted dataset forms."""
+    try:
+        import datasets
+    except ImportError:
+        raise SvdloraError(f"--data {data!r} needs the `datasets` package: pip install datasets") from None
+    if is_dataset(data):
+        loaded = data
+    else:
+        path = Path(str(data)).expanduser()
+        if looks_like_path(data):
+            check_exists(data)
+        try:
+            if is_saved_dataset(path):
+                loaded = datasets.load_from_disk(str(path))
+            elif path.is_file() and path.suffix.lower() in DATASET_FILE_BUILDERS:
+                loaded = datasets.load_dataset(DATASET_FILE_BUILDERS[path.suffix.lower()], data_files=str(path))
+            else:
+                loaded = datasets.load_dataset(str(data), config, split=split)
+        except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
+            where = "the folder" if path.exists() else "the hub (offline, or no such dataset?)"
+            raise SvdloraError(
+                f"--data {str(data)!r} is not a plain file or folder this task reads, and `datasets` could not "
+                f"load it from {where}: {_first_line(err)}"
+            ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        chosen = split or ("test" if "test" in loaded else names[0] if len(names) == 1 else None)
+        if chosen not in loaded:
+            raise SvdloraError(f"--split {split!r} is not a split of {str(data)!r}: pass --split one of {names}")
+        loaded = loaded[chosen]
+    if len(loaded) == 0:
+        raise SvdloraError(f"--data {str(data)!r} (split {split!r}) has no rows")
+    return loaded
+
+
+def pick_column(dataset, wanted: str | None, candidates: tuple[str, ...], flag: str) -> str:
+    """``wanted`` when the dataset has it, else the first of ``candidates`` that it has."""
+    columns = list(dataset.column_names)
+    if wanted is not None:
+        root = wanted.split(".", 1)[0]
+        if root not in columns:
+            raise SvdloraError(f"{flag} {wanted!r} is not a column of the dataset: pass {flag} one of {columns}")
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    raise SvdloraError(f"the dataset has none of the columns {list(candidates)}: pass {flag} one of {columns}")
+
+
+def column_values(dataset, column: str) -> list:
+    """Values of ``column``; ``'translation.de'`` reads key ``de`` of a dict column."""
+    root, _, key = column.partition(".")
+    values = dataset[root]
+    if not key:
+        return list(values)
+    try:
+        return [row[key] for row in values]
+    except (KeyError, TypeError):
+        raise SvdloraError(f"column {root!r} has no key {key!r}: pass e.g. {root}.<key> with an existing key") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
