@@ -50,6 +50,9 @@ def atomic_folder(output: str | Path, overwrite: bool = False):
         raise SvdloraError(f"output folder {str(output)!r} already exists: pass --overwrite or choose another path")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be a normal folder
     try:
         yield tmp
         if output.exists():  # overwrite: swap only after the new folder is complete

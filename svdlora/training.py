@@ -50,9 +50,7 @@ class FactorizedLinear(LowRankLinear):
         True
     """
 
-    def __init__(
-        self, in_features: int, out_features: int, rank: int | list[int], bias: bool = True, **kwargs
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, rank: int | list[int], bias: bool = True, **kwargs) -> None:
         if isinstance(rank, int):
             _check_rank(rank)
         ranks = [rank] if isinstance(rank, int) else list(rank)
@@ -193,13 +191,17 @@ def rank_constrained(
             continue
         out_features, in_features = module.weight.shape
         if rank * (in_features + out_features) >= in_features * out_features:
-            logger.info("%s (%dx%d) stays dense: rank-%d factors would not be smaller",
-                        name, out_features, in_features, rank)
+            logger.info(
+                "%s (%dx%d) stays dense: rank-%d factors would not be smaller", name, out_features, in_features, rank
+            )
             continue
         factory = {"device": module.weight.device, "dtype": module.weight.dtype}
         if symmetric and in_features == out_features:
-            layer = (SymmetricLinear.from_dense(module, rank) if from_weights
-                     else SymmetricLinear(in_features, rank, module.bias is not None, **factory))
+            layer = (
+                SymmetricLinear.from_dense(module, rank)
+                if from_weights
+                else SymmetricLinear(in_features, rank, module.bias is not None, **factory)
+            )
         elif from_weights:
             layer = FactorizedLinear.from_dense(module, [rank])
         else:

@@ -25,6 +25,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,10 +33,47 @@ from torch import nn
 
 from ..compress import count_parameters
 
-__all__ = ["PeakMemory", "count_parameters", "disk_bytes", "model_memory_bytes", "sync", "timed"]
+__all__ = [
+    "PeakMemory",
+    "TaskRun",
+    "count_parameters",
+    "disk_bytes",
+    "model_device",
+    "model_dtype",
+    "model_memory_bytes",
+    "sync",
+    "timed",
+]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclass
+class TaskRun:
+    """What one task evaluator measured for one model."""
+
+    metrics: dict  # the task's figures (see the schema in svdlora.evaluation)
+    examples: int  # windows / images / sentences evaluated
+    units: int  # what throughput counts: tokens fed / images / sentences
+    unit: str  # "tokens/s", "images/s" or "sentences/s"
+    model_seconds: float  # time inside forward / generate calls, device work included
+    settings: dict = field(default_factory=dict)  # resolved task settings (e.g. max_length)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's first tensor lives (CPU for a model without any)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 when it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 def sync(device: torch.device) -> None:

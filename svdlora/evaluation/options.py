@@ -17,7 +17,9 @@ TASKS = (TEXT, IMAGES, TRANSLATION)
 
 # One window of max_length tokens is already a large matmul; images and sentences are small.
 DEFAULT_BATCH_SIZE = {TEXT: 1, IMAGES: 32, TRANSLATION: 16}
-DEFAULT_DTYPE = "float32"
+# Loaded models run in float32 by default: the SVD error is then not mixed with rounding
+# error, and scores compare with float32 reference numbers. In-memory models keep theirs.
+DEFAULT_DTYPE = torch.float32
 # The HF perplexity guide uses GPT-2's full context (1024) and stride 512; longer contexts are
 # capped so a model with an 8k context does not turn a quick check into minutes per window.
 MAX_LENGTH_CAP = 1024
@@ -59,9 +61,15 @@ class EvalOptions:
     batch_size: int | None = field(
         default=None, metadata={"help": "Windows / images / sentences per forward (default per task)."}
     )
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 (default: cuda when present)."})
+    device: str | None = field(
+        default=None,
+        metadata={"help": "cpu, cuda, cuda:1 (default: cuda when present; in-memory models stay where they are)."},
+    )
     dtype: str | torch.dtype | None = field(
-        default=DEFAULT_DTYPE, metadata={"help": "float32 (default), bfloat16, float16; None keeps the stored one."}
+        default=None,
+        metadata={
+            "help": "float32, bfloat16, float16 (default float32 for loaded models; in-memory ones keep theirs)."
+        },
     )
     limit: int | None = field(default=None, metadata={"help": "Evaluate the first N windows / images / sentences."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
@@ -92,7 +100,8 @@ class EvalOptions:
         if self.task != TRANSLATION and self.references is not None:
             raise SvdloraError(f"references is only used by --task translation, got it with --task {self.task}")
         self.dtype = parse_dtype(self.dtype)
-        self.device = str(resolve_device(self.device))
+        if self.device is not None:
+            self.device = str(resolve_device(self.device))
 
     @property
     def effective_batch_size(self) -> int:

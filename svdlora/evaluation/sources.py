@@ -106,11 +106,14 @@ def open_dataset(data: Any, split: str | None, config: str | None):
             else:
                 loaded = datasets.load_dataset(str(data), config, split=split)
         except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
-            where = "the folder" if path.exists() else "the hub (offline, or no such dataset?)"
-            raise SvdloraError(
-                f"--data {str(data)!r} is not a plain file or folder this task reads, and `datasets` could not "
-                f"load it from {where}: {_first_line(err)}"
-            ) from None
+            if path.exists():
+                message = f"--data {str(data)!r} is not a file or folder this task reads, nor a dataset folder"
+            else:
+                message = (
+                    f"--data {str(data)!r} does not exist as a local file or folder, and `datasets` could not "
+                    "load it as a hub dataset (offline, or no such dataset?)"
+                )
+            raise SvdloraError(f"{message}: {_first_line(err)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         chosen = split or ("test" if "test" in loaded else names[0] if len(names) == 1 else None)

@@ -1,0 +1,120 @@
+"""`svdlora eval MODEL --task T --data D [--baseline B]`: quality, speed and size, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import SvdloraError
+from ..evaluation import TASKS, evaluate, format_table
+from . import options
+
+EXAMPLES = """examples:
+  svdlora eval out/gpt2-svd --task text-generation --data wiki.test.txt --baseline gpt2
+  svdlora eval out/vit-svd --task image-classification --data cifar10/test --baseline my-vit
+  svdlora eval out/marian-svd --task translation --data test.de --references test.en --baseline my-marian
+  svdlora eval out/gpt2-svd --task text-generation --data wikitext --data-config wikitext-2-raw-v1 --split test
+
+defaults: float32; device cuda when present else cpu; batch size 1 window (text), 32 images,
+16 sentences (translation); windows of the model's context (at most 1024) every max-length/2
+tokens; beam search with 4 beams and at most 128 new tokens.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="measure a model (and its baseline): perplexity / accuracy / BLEU, speed, size, memory",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="svdlora folder, dense model folder or hub id")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument(
+        "--data",
+        required=True,
+        help="text file / image folder (one subfolder per class) / source-sentence file, "
+        "or a datasets dataset (hub name, save_to_disk folder, .json/.csv/.parquet)",
+    )
+    p.add_argument("--baseline", help="the original model to compare with (folder or hub id)")
+    p.add_argument("--references", help="translation: reference file, one sentence per line")
+    d = p.add_argument_group("dataset options")
+    d.add_argument("--split", help="dataset split (default: test when present)")
+    d.add_argument("--data-config", help="dataset configuration name, e.g. wikitext-2-raw-v1")
+    d.add_argument("--text-column", default="text", help="text-generation column (default: text)")
+    d.add_argument("--image-column", help="image column (default: image or img)")
+    d.add_argument("--label-column", help="label column (default: label or labels)")
+    d.add_argument("--source-column", help="translation source column; translation.de reads a dict column")
+    d.add_argument("--target-column", help="translation reference column, e.g. translation.en")
+    t = p.add_argument_group("task settings")
+    t.add_argument(
+        "--max-length",
+        type=options.positive_int("max-length"),
+        help="text: tokens per window (default: the model's context, at most 1024)",
+    )
+    t.add_argument("--stride", type=options.positive_int("stride"), help="text: window step (default: max-length/2)")
+    t.add_argument(
+        "--num-beams", type=options.positive_int("num-beams"), default=4, help="translation: beam width (default 4)"
+    )
+    t.add_argument(
+        "--max-new-tokens",
+        type=options.positive_int("max-new-tokens"),
+        default=128,
+        help="translation: longest output (default 128)",
+    )
+    r = p.add_argument_group("run")
+    r.add_argument(
+        "--limit",
+        type=options.positive_int("limit"),
+        help="only the first N windows / images / sentences (quick checks)",
+    )
+    r.add_argument(
+        "--batch-size",
+        type=options.positive_int("batch-size"),
+        help="windows / images / sentences per forward (default 1 / 32 / 16)",
+    )
+    r.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    r.add_argument("--dtype", help="float32 (default), bfloat16 or float16, for both models")
+    r.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    options.add_progress_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and not json_path.parent.exists():
+        raise SvdloraError(f"--json {args.json!r}: folder {str(json_path.parent)!r} does not exist")
+    if not args.progress:  # also the "Loading weights" bars of transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    result = evaluate(
+        args.model,
+        task=args.task,
+        data=args.data,
+        baseline=args.baseline,
+        references=args.references,
+        split=args.split,
+        data_config=args.data_config,
+        text_column=args.text_column,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        source_column=args.source_column,
+        target_column=args.target_column,
+        max_length=args.max_length,
+        stride=args.stride,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=args.progress,
+    )
+    print(format_table(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {json_path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,200 @@
+"""Measure a (compressed) model against its original: quality, speed, size and memory, side by side.
+
+``evaluate`` returns one dict, the same for every task, which ``svdlora eval --json`` writes::
+
+    {
+      "schema_version": 1,
+      "svdlora_version": "0.1.0",
+      "task": "text-generation" | "image-classification" | "translation",
+      "data": {"source": str, "split": str | null, "examples": int},
+      "settings": {                       # null where the task does not use it
+        "batch_size": int, "limit": int | null,
+        "max_length": int | null, "stride": int | null,          # text-generation
+        "num_beams": int | null, "max_new_tokens": int | null    # translation
+      },
+      "model":    MODEL,
+      "baseline": MODEL | null,
+      "ratios":   {key: model / baseline | null} | null   # every MODEL figure and numeric metric
+    }
+
+    MODEL = {
+      "name": str, "compressed": bool, "device": "cpu" | "cuda:0" | ..., "dtype": "float32" | ...,
+      "parameters": int,                 # unique parameters (tied ones once; factors for compressed)
+      "bytes_on_disk": int | null,       # weight files of the folder; null for in-memory models
+      "model_memory_bytes": int,         # resident parameters and buffers
+      "peak_memory_bytes": int,          # see peak_memory_method and svdlora.evaluation.measure
+      "peak_memory_method": str,
+      "load_time_s": float | null,       # loading (and rebuilding) the model; null if in memory
+      "wall_time_s": float,              # the whole evaluation after loading: data prep included
+      "model_time_s": float,             # the part spent in forward / generate calls
+      "examples": int,                   # windows / images / sentences evaluated
+      "throughput": float,               # units per second of model_time_s
+      "throughput_unit": "tokens/s" | "images/s" | "sentences/s",
+      "metrics": METRICS
+    }
+
+    METRICS, by task:
+      text-generation:      {"perplexity", "nll" (nats/token), "tokens" (scored), "windows"}
+      image-classification: {"accuracy" (0..1), "correct", "total"}
+      translation:          {"bleu", "chrf", "sentences", "bleu_signature", "chrf_signature"}
+
+Ratios are ``model / baseline`` (so perplexity 1.05 means 5% worse, parameters 0.5 half the
+size); a ratio is null when either side is null or the baseline's figure is 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import SvdloraError
+from ..version import __version__
+from .images import evaluate_images, load_images
+from .loading import Candidate, prepare
+from .measure import PeakMemory, TaskRun, count_parameters, model_device, model_dtype, model_memory_bytes
+from .options import IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, build_options
+from .report import format_table, ratios
+from .sources import is_dataset
+from .text import evaluate_text, load_text
+from .translation import evaluate_translation, load_pairs
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DATA_KEYS",
+    "METRIC_KEYS",
+    "MODEL_KEYS",
+    "RESULT_KEYS",
+    "SETTINGS_KEYS",
+    "TASKS",
+    "EvalOptions",
+    "evaluate",
+    "format_table",
+]
+
+SCHEMA_VERSION = 1
+RESULT_KEYS = ("schema_version", "svdlora_version", "task", "data", "settings", "model", "baseline", "ratios")
+DATA_KEYS = ("source", "split", "examples")
+SETTINGS_KEYS = ("batch_size", "limit", "max_length", "stride", "num_beams", "max_new_tokens")
+MODEL_KEYS = (
+    "name", "compressed", "device", "dtype", "parameters", "bytes_on_disk", "model_memory_bytes",
+    "peak_memory_bytes", "peak_memory_method", "load_time_s", "wall_time_s", "model_time_s",
+    "examples", "throughput", "throughput_unit", "metrics",
+)  # fmt: skip
+METRIC_KEYS = {
+    TEXT: ("perplexity", "nll", "tokens", "windows"),
+    IMAGES: ("accuracy", "correct", "total"),
+    TRANSLATION: ("bleu", "chrf", "sentences", "bleu_signature", "chrf_signature"),
+}
+
+_LOADERS = {TEXT: load_text, IMAGES: load_images, TRANSLATION: load_pairs}
+_RUNNERS = {TEXT: evaluate_text, IMAGES: evaluate_images, TRANSLATION: evaluate_translation}
+
+
+def evaluate(
+    model_or_path: Any,
+    task: str,
+    data: Any,
+    baseline: Any = None,
+    *,
+    processor: Any = None,
+    **options: Any,
+) -> dict:
+    """Evaluate a model (and optionally its baseline) on one task; the dict of ``--json``.
+
+    Args:
+        model_or_path: an svdlora folder, a dense model folder or hub id, an ``nn.Module``,
+            or ``(nn.Module, tokenizer_or_image_processor)``.
+        task: "text-generation" (perplexity), "image-classification" (top-1 accuracy) or
+            "translation" (BLEU / chrF).
+        data: a text file, an image folder, a source-sentence file, or a ``datasets`` dataset
+            (hub name, ``save_to_disk`` folder, .json/.csv/.parquet file, or a Dataset object).
+        baseline: the original model, in any form ``model_or_path`` takes; measured in the same
+            run, with the same data and settings, and compared figure by figure.
+        processor: tokenizer or image processor for in-memory models that do not carry one.
+        **options: any field of ``EvalOptions`` (references, split, limit, batch_size, device,
+            dtype, max_length, stride, num_beams, max_new_tokens, the column names, progress).
+    Returns:
+        The result dict described in this module's docstring.
+
+    Example:
+        >>> result = evaluate("out/gpt2-svd", task="text-generation", data="wiki.test.txt",
+        ...                   baseline="gpt2", limit=16)
+        >>> result["ratios"]["perplexity"]
+    """
+    opts = build_options(task, data, options)
+    loaded = _LOADERS[opts.task](opts)  # data problems surface before any model is loaded
+    entries: dict[str, dict | None] = {"model": None, "baseline": None}
+    first_run: TaskRun | None = None
+    for role, spec in (("model", model_or_path), ("baseline", baseline)):
+        if spec is None:
+            if role == "model":
+                raise SvdloraError("MODEL is required: pass a folder, a hub id or an nn.Module")
+            continue
+        own_processor = processor if isinstance(spec, nn.Module) or role == "model" else None
+        candidate = prepare(spec, opts, own_processor, flag="MODEL" if role == "model" else "--baseline")
+        try:
+            logger.info("evaluating %s %s", role, candidate.name)
+            entries[role], run = _measure(candidate, loaded, opts)
+        finally:
+            candidate.release()
+        if first_run is None:
+            first_run = run
+            if opts.task == TEXT:  # the baseline must see exactly the same windows
+                opts.max_length, opts.stride = run.settings["max_length"], run.settings["stride"]
+    model, base = entries["model"], entries["baseline"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "svdlora_version": __version__,
+        "task": opts.task,
+        "data": {"source": _data_name(opts.data), "split": opts.split, "examples": model["examples"]},
+        "settings": {
+            "batch_size": opts.effective_batch_size,
+            "limit": opts.limit,
+            "max_length": first_run.settings.get("max_length"),
+            "stride": first_run.settings.get("stride"),
+            "num_beams": first_run.settings.get("num_beams"),
+            "max_new_tokens": first_run.settings.get("max_new_tokens"),
+        },
+        "model": model,
+        "baseline": base,
+        "ratios": ratios(model, base) if base else None,
+    }
+
+
+def _measure(candidate: Candidate, loaded: Any, opts: EvalOptions) -> tuple[dict, TaskRun]:
+    model = candidate.model
+    device = model_device(model)
+    peak = PeakMemory(device, model)
+    start = time.perf_counter()
+    run = _RUNNERS[opts.task](model, candidate.processor, loaded, opts, peak)
+    wall = time.perf_counter() - start
+    entry = {
+        "name": candidate.name,
+        "compressed": candidate.compressed,
+        "device": str(device),
+        "dtype": str(model_dtype(model)).removeprefix("torch."),
+        "parameters": count_parameters(model),
+        "bytes_on_disk": candidate.bytes_on_disk,
+        "model_memory_bytes": model_memory_bytes(model),
+        "peak_memory_bytes": peak.bytes,
+        "peak_memory_method": peak.method,
+        "load_time_s": candidate.load_seconds,
+        "wall_time_s": wall,
+        "model_time_s": run.model_seconds,
+        "examples": run.examples,
+        "throughput": run.units / run.model_seconds if run.model_seconds > 0 else 0.0,
+        "throughput_unit": run.unit,
+        "metrics": run.metrics,
+    }
+    return entry, run
+
+
+def _data_name(data: Any) -> str:
+    if is_dataset(data):
+        return f"<in-memory {type(data).__name__} of {len(data)} rows>"
+    return str(data) if isinstance(data, str | Path) else repr(data)

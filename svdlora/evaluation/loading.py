@@ -1,0 +1,165 @@
+"""Turn what the user passed (folder, hub id, module, module + processor) into a model to measure."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SvdloraError
+from ..layers import LowRankLinear
+from .measure import disk_bytes
+from .options import DEFAULT_DTYPE, IMAGES, TEXT, TRANSLATION, EvalOptions, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """One model under evaluation, with what is reported about where it came from."""
+
+    model: nn.Module
+    processor: Any  # tokenizer (text tasks) or image processor
+    name: str
+    compressed: bool
+    bytes_on_disk: int | None
+    load_seconds: float | None  # None for a model passed in memory
+    owned: bool  # loaded here, so freed here after its evaluation
+
+    def release(self) -> None:
+        """Drop a model this module loaded, and give its memory back before the next one."""
+        if self.owned:
+            self.model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _load_processor(source: str, task: str):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    auto = AutoImageProcessor if task == IMAGES else AutoTokenizer
+    what = "image processor" if task == IMAGES else "tokenizer"
+    try:
+        return auto.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SvdloraError(
+            f"cannot load the {what} of {source!r} ({first}): save it into the model folder "
+            f"(e.g. tokenizer.save_pretrained(folder)) or pass the in-memory model as (model, {what})"
+        ) from None
+
+
+def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MODEL") -> Candidate:
+    """Load or adopt ``spec``: a path / hub id, an ``nn.Module``, or ``(nn.Module, processor)``.
+
+    Loaded models go to ``opts.device`` (default: CUDA when present) in ``opts.dtype``
+    (default float32). In-memory models are evaluated where they are, in their dtype, unless
+    ``device`` / ``dtype`` is given, in which case they are moved in place.
+    """
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], nn.Module):
+        spec, processor = spec
+    if isinstance(spec, nn.Module):
+        return _adopt(spec, opts, processor)
+    if not isinstance(spec, str | Path):
+        raise SvdloraError(
+            f"{flag} must be a folder, a hub id, an nn.Module or (nn.Module, tokenizer/processor); "
+            f"got {type(spec).__name__}"
+        )
+    from ..io import is_compressed_folder
+    from ..models import load_model
+
+    name = str(spec)
+    _preimport(name)
+    start = time.perf_counter()
+    model = load_model(name, device=resolve_device(opts.device), dtype=opts.dtype or DEFAULT_DTYPE)
+    load_seconds = time.perf_counter() - start
+    check_task(model, opts.task, name)
+    if processor is None:
+        processor = _load_processor(name, opts.task)
+    return Candidate(
+        model=model.eval(),
+        processor=processor,
+        name=name,
+        compressed=is_compressed_folder(name),
+        bytes_on_disk=disk_bytes(name),
+        load_seconds=load_seconds,
+        owned=True,
+    )
+
+
+def _preimport(name: str) -> None:
+    """Import the model's transformers class before the load is timed.
+
+    transformers imports model code lazily, on first use: without this, whichever model is
+    loaded first pays seconds of imports and its load_time_s is not comparable.
+    """
+    try:
+        from transformers import AutoConfig
+
+        from ..models import model_class
+
+        model_class(AutoConfig.from_pretrained(name))
+    except Exception:  # noqa: BLE001 - load_model reports real problems with a proper message
+        pass
+
+
+def _adopt(model: nn.Module, opts: EvalOptions, processor: Any) -> Candidate:
+    if opts.device is not None or opts.dtype is not None:
+        model.to(device=resolve_device(opts.device) if opts.device else None, dtype=opts.dtype)
+    config = getattr(model, "config", None)
+    source = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    name = source or type(model).__name__
+    check_task(model, opts.task, name)
+    if processor is None:
+        if not source or not Path(source).is_dir():
+            what = "image processor" if opts.task == IMAGES else "tokenizer"
+            raise SvdloraError(
+                f"the in-memory {type(model).__name__} needs its {what}: pass processor=<{what}> "
+                f"or (model, {what}) to evaluate()"
+            )
+        processor = _load_processor(source, opts.task)
+    compressed = any(isinstance(m, LowRankLinear) for m in model.modules())
+    return Candidate(
+        model=model.eval(),
+        processor=processor,
+        name=f"{name} (in memory)",
+        compressed=compressed,
+        bytes_on_disk=None,
+        load_seconds=None,
+        owned=False,
+    )
+
+
+def check_task(model: nn.Module, task: str, name: str) -> None:
+    """An error when ``task`` cannot run on ``model``, saying which task fits it instead."""
+    config = getattr(model, "config", None)
+    if config is None:  # a plain nn.Module: nothing to check against, trust the caller
+        return
+    cls = type(model).__name__
+    inputs = getattr(model, "main_input_name", "input_ids")
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    can_generate = bool(getattr(model, "can_generate", lambda: False)())
+    if inputs == "pixel_values":
+        fits = IMAGES if "ImageClassification" in cls else None
+    elif encoder_decoder:
+        fits = TRANSLATION if can_generate else None
+    elif inputs == "input_ids" and can_generate:
+        fits = TEXT
+    else:
+        fits = None
+    if fits == task:
+        return
+    instead = f"; use --task {fits}" if fits else ""
+    needs = {
+        TEXT: "a causal language model (e.g. GPT2LMHeadModel, LlamaForCausalLM)",
+        IMAGES: "an image classifier (e.g. ViTForImageClassification)",
+        TRANSLATION: "an encoder-decoder model that generates (e.g. MarianMTModel)",
+    }[task]
+    raise SvdloraError(f"--task {task} needs {needs}, but {name!r} is a {cls}{instead}")

@@ -1,0 +1,43 @@
+"""Turn a GGUF checkpoint into a normal transformers folder that svdlora (and anyone) can load.
+
+transformers reads GGUF (dequantizing to float) but refuses ``save_pretrained`` on such a
+model, so the folder is written by hand: safetensors weights (tied tensors stored once),
+the config without its GGUF ``quantization_config``, and the tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import SvdloraError
+from .io import atomic_folder
+
+
+def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Dequantize ``gguf_file`` to float32 and save it as a transformers folder at ``output``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    if not gguf_file.is_file():
+        raise SvdloraError(f"GGUF file {str(gguf_file)!r} does not exist")
+    try:
+        import gguf  # noqa: F401  (transformers needs it to parse the file)
+    except ImportError:
+        raise SvdloraError("reading GGUF needs the `gguf` package: pip install gguf") from None
+    kwargs = {"gguf_file": gguf_file.name}
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # re-tied from the input embedding at load time
+    with atomic_folder(output, overwrite=overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(output)
