@@ -3,6 +3,7 @@
 from .compress import compress
 from .config import CompressionConfig
 from .errors import SvdloraError
+from .evaluation import evaluate
 from .io import load_compressed, save_compressed
 from .layers import LowRankLinear
 from .version import __version__
@@ -13,6 +14,7 @@ __all__ = [
     "SvdloraError",
     "__version__",
     "compress",
+    "evaluate",
     "load_compressed",
     "save_compressed",
 ]

@@ -35,6 +35,7 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
         state.pop("lm_head.weight", None)  # re-tied from the input embedding at load time
     with atomic_folder(output, overwrite=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        model.config.architectures = [type(model).__name__]  # GGUF configs lack it; loaders need it
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.save_pretrained(tmp)

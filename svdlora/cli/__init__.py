@@ -9,9 +9,9 @@ import sys
 
 from ..errors import SvdloraError
 from ..version import __version__
-from . import compress_cmd, eval_cmd, export_cmd, info_cmd
+from . import compress_cmd, convert_cmd, eval_cmd, export_cmd, info_cmd
 
-COMMANDS = (compress_cmd, info_cmd, export_cmd, eval_cmd)
+COMMANDS = (compress_cmd, info_cmd, export_cmd, eval_cmd, convert_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

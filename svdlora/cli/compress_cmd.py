@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import transformers
+
 from ..compress import compress
 from ..config import CompressionConfig
 from ..errors import SvdloraError
@@ -55,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise SvdloraError(f"output folder {str(output)!r} already exists: pass --overwrite or choose another path")
+    if not args.progress:
+        transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start

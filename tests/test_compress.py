@@ -1,0 +1,136 @@
+"""compress(): targets, budget, orientation of Conv1D vs Linear, reports."""
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from svdlora import CompressionConfig, LowRankLinear, SvdloraError, compress
+from svdlora.decompose import split_rank
+from svdlora.layers import dense_kind, weight_out_in
+
+from .conftest import MLP, TINY_MODELS, output_of
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("submatrices", [1, 2, 3, 5])
+def test_budget_is_respected(budget, submatrices):
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]()
+    report = compress(model, budget=budget, submatrices=submatrices, progress=False)
+    fac = report.factorized
+    assert fac, "something must be factorized"
+    targeted_before = sum(m.params_before for m in fac)
+    assert sum(m.params_after for m in fac) <= budget * targeted_before
+    for m in fac:
+        assert len(m.ranks) <= submatrices
+        assert sum(m.ranks) * (m.shape[0] + m.shape[1]) < m.params_before
+    # The parameters really are gone from the model, not just from the report.
+    lowrank = [mod for mod in model.modules() if isinstance(mod, LowRankLinear)]
+    assert sum(mod.A.numel() + mod.B.numel() for mod in lowrank) == sum(m.params_after for m in fac)
+
+
+def test_more_budget_means_less_error():
+    errors = []
+    for budget in (0.2, 0.5, 0.9):
+        torch.manual_seed(0)
+        report = compress(TINY_MODELS["gpt2"](), budget=budget, progress=False)
+        errors.append(sum(m.rel_error for m in report.factorized))
+    assert errors[0] > errors[1] > errors[2]
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_MODELS))
+def test_full_rank_factors_reproduce_every_model_kind(kind):
+    torch.manual_seed(0)
+    model = TINY_MODELS[kind]().eval()
+    before = output_of(model, kind)
+    layers = [(n, m) for n, m in model.named_modules() if dense_kind(m)]
+    for name, module in layers:  # forced full rank, in three stages, on every layer
+        rank = min(weight_out_in(module).shape)
+        model.set_submodule(name, LowRankLinear.from_dense(module, split_rank(rank, 3)))
+    assert all(isinstance(model.get_submodule(n), LowRankLinear) for n, _ in layers)
+    assert torch.allclose(output_of(model, kind), before, atol=1e-4)
+
+
+def test_conv1d_and_linear_orientation_agree():
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 16)
+    conv = Conv1D(16, 24)  # (nf=out, nx=in): stores weight as (in, out)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.T)
+        conv.bias.copy_(linear.bias)
+    x = torch.randn(3, 24)
+    assert torch.allclose(conv(x), linear(x), atol=1e-6)
+    assert torch.equal(weight_out_in(conv), weight_out_in(linear))
+    low_l = LowRankLinear.from_dense(linear, [4, 2])
+    low_c = LowRankLinear.from_dense(conv, [4, 2])
+    assert torch.allclose(low_l(x), low_c(x), atol=1e-5)
+    assert torch.allclose(low_c.to_dense()(x), low_c(x), atol=1e-5)
+    assert isinstance(low_c.to_dense(), Conv1D) and isinstance(low_l.to_dense(), nn.Linear)
+    full = LowRankLinear.from_dense(conv, [16])
+    assert torch.allclose(full(x), conv(x), atol=1e-5)
+
+
+def test_gpt2_head_is_left_dense_and_reported():
+    report = compress(TINY_MODELS["gpt2"](), budget=0.5, progress=False)
+    reasons = {m.name: m.dense_reason for m in report.modules}
+    assert "output head" in reasons["lm_head"]
+    assert reasons["transformer.h.0.attn.c_attn"] is None
+
+
+def test_include_exclude_patterns():
+    model = TINY_MODELS["llama"]()
+    report = compress(model, budget=0.5, include=["*.mlp.*"], exclude=["re:.*layers\\.1\\..*"], progress=False)
+    names = {m.name for m in report.factorized}
+    assert names == {f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    reasons = {m.name: m.dense_reason for m in report.modules}
+    assert reasons["model.layers.0.self_attn.q_proj"] == "not matched by --include"
+    assert reasons["model.layers.1.mlp.up_proj"] == "matched by --exclude"
+
+
+def test_plain_mlp_and_fixed_rank():
+    model = MLP()
+    x = torch.randn(4, 48)
+    report = compress(model, rank=3, submatrices=2, progress=False)
+    assert [m.ranks for m in report.factorized] == [[2, 1], [2, 1]]
+    assert model(x).shape == (4, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budget": 0}, "budget must be in (0, 1]"),
+        ({"budget": 1.5}, "budget must be in (0, 1], got 1.5"),
+        ({"budget": "half"}, "budget must be a number"),
+        ({"submatrices": 0}, "submatrices must be >= 1"),
+        ({"submatrices": 2.5}, "submatrices must be an integer"),
+        ({"rank": 0}, "rank must be an integer >= 1"),
+        ({"svd_method": "qr"}, "svd_method must be one of"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(SvdloraError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        CompressionConfig(**kwargs)
+
+
+def test_nan_weights_are_refused():
+    model = MLP()
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(SvdloraError, match="'fc1' contains NaN or Inf"):
+        compress(model, progress=False)
+    assert isinstance(model.fc1, nn.Linear), "nothing changed on failure"
+
+
+def test_no_targets_and_double_compress():
+    with pytest.raises(SvdloraError, match="no Linear/Conv1D layer is targeted"):
+        compress(MLP(), include=["nothing"], progress=False)
+    model = MLP()
+    compress(model, progress=False)
+    with pytest.raises(SvdloraError, match="already compressed"):
+        compress(model, progress=False)
+
+
+def test_tiny_budget_is_a_clear_error():
+    with pytest.raises(SvdloraError, match="too small"):
+        compress(MLP(), budget=0.001, progress=False)

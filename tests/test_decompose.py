@@ -1,0 +1,85 @@
+"""The tensor math: SVD factors, residual stages, rank splitting, budget ranks."""
+
+import pytest
+import torch
+
+from svdlora.decompose import rank_for_budget, relative_error, residual_svd, split_rank, truncated_svd
+
+
+def low_rank_plus_noise(out_f=40, in_f=30, rank=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out_f, rank, generator=g) @ torch.randn(rank, in_f, generator=g)
+
+
+def test_full_rank_reconstruction_is_exact():
+    w = low_rank_plus_noise()
+    a, b = truncated_svd(w, rank=30)
+    assert torch.allclose(a @ b, w.double(), atol=1e-10)
+    assert relative_error(w, a @ b) < 1e-12
+
+
+def test_factors_are_balanced():
+    w = low_rank_plus_noise()
+    a, b = truncated_svd(w, rank=5)
+    # A = U√S and B = √S Vᵀ: both carry the same column/row norms, √σ_i.
+    assert torch.allclose(a.norm(dim=0), b.norm(dim=1), atol=1e-10)
+
+
+@pytest.mark.parametrize("ranks", [[3, 3, 3], [4, 2], [1, 1, 1, 1, 1]])
+def test_stages_equal_one_svd_of_total_rank(ranks):
+    """Eckart–Young: exact residual stages of ranks r_j add up to the rank-Σr_j truncated SVD."""
+    w = low_rank_plus_noise(seed=1)
+    a, b = truncated_svd(w, rank=sum(ranks))
+    for explicit in (True, False):
+        stages = residual_svd(w, ranks, explicit=explicit)
+        assert [s[0].shape[1] for s in stages] == ranks
+        total = sum(sa @ sb for sa, sb in stages)
+        assert torch.allclose(total, a @ b, atol=1e-9), explicit
+
+
+def test_explicit_loop_matches_one_decomposition_stage_by_stage():
+    w = low_rank_plus_noise(seed=2)
+    fast = residual_svd(w, [4, 4, 4])
+    slow = residual_svd(w, [4, 4, 4], explicit=True)
+    for (fa, fb), (sa, sb) in zip(fast, slow):
+        assert torch.allclose(fa @ fb, sa @ sb, atol=1e-9)
+
+
+def test_each_stage_factorizes_the_residual():
+    w = low_rank_plus_noise(seed=3)
+    stages = residual_svd(w, [5, 5], method="randomized", generator_seed=0, power_iterations=0, oversampling=0)
+    first = stages[0][0] @ stages[0][1]
+    residual = w.double() - first
+    # Randomized stages are approximate: the second stage must still reduce the residual.
+    second = stages[1][0] @ stages[1][1]
+    assert torch.linalg.matrix_norm(residual - second) < torch.linalg.matrix_norm(residual)
+
+
+def test_randomized_stages_differ_from_exact():
+    w = low_rank_plus_noise(seed=4)
+    exact = sum(a @ b for a, b in residual_svd(w, [3, 3]))
+    rand = sum(a @ b for a, b in residual_svd(w, [3, 3], method="randomized", generator_seed=0,
+                                              power_iterations=0, oversampling=0))
+    assert not torch.allclose(exact, rand, atol=1e-6)
+    assert relative_error(w, rand) >= relative_error(w, exact) - 1e-12  # exact is optimal
+
+
+def test_split_rank():
+    assert split_rank(10, 3) == [4, 3, 3]
+    assert split_rank(2, 3) == [1, 1]
+    assert split_rank(9, 1) == [9]
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.3, 0.5, 1.0])
+def test_rank_for_budget_fits(budget):
+    for out_f, in_f in [(64, 64), (1536, 576), (10, 500), (7, 3)]:
+        r = rank_for_budget(out_f, in_f, budget)
+        assert r * (out_f + in_f) <= budget * out_f * in_f + 1e-6
+        assert (r + 1) * (out_f + in_f) > budget * out_f * in_f
+
+
+def test_large_matrices_use_float32_and_keep_accuracy():
+    w = torch.randn(600, 300)
+    a, b = truncated_svd(w, rank=300)
+    assert a.dtype == torch.float32
+    assert relative_error(w, a @ b) < 1e-5

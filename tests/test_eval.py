@@ -1,0 +1,534 @@
+"""svdlora eval: every task end to end through the CLI, exact perplexity, schema, bad inputs.
+
+Everything is built offline in the test: tiny GPT-2 / ViT / Marian models from configs, word-level
+tokenizers, random images; so these run anywhere in well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    MarianConfig,
+    MarianMTModel,
+    PreTrainedTokenizerFast,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+import svdlora
+from svdlora.cli import main
+from svdlora.evaluation import (
+    DATA_KEYS,
+    METRIC_KEYS,
+    MODEL_KEYS,
+    RESULT_KEYS,
+    SETTINGS_KEYS,
+    evaluate,
+    format_table,
+)
+from svdlora.evaluation.images import label_ids
+from svdlora.evaluation.report import RATIO_FIELDS
+from svdlora.evaluation.text import sliding_windows
+
+WORDS = (
+    "the a man woman dog cat sits runs on in under big small red blue house tree street park ball "
+    "ein eine mann frau hund katze sitzt läuft auf im unter groß klein rot blau haus baum straße"
+).split()
+TEXT = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(300))  # 300 tokens, deterministic
+CLASSES = ("bird", "cat", "dog")
+
+
+def word_tokenizer(eos_suffix: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over WORDS, built without any download."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if eos_suffix:  # Marian-style: the source ends in </s>
+        tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _save_compressed(model, folder, source):
+    report = svdlora.compress(model, budget=0.5, submatrices=2, progress=False)
+    svdlora.save_compressed(model, folder, report=report, source=source)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt")
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)))
+    model.save_pretrained(root / "dense")
+    tok.save_pretrained(root / "dense")
+    compressed = _save_compressed(model, root / "svd", root / "dense")
+    (root / "text.txt").write_text(TEXT)
+    return {"dense": str(root / "dense"), "svd": compressed, "text": str(root / "text.txt"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vit")
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        id2label=dict(enumerate(CLASSES)),
+        label2id={c: i for i, c in enumerate(CLASSES)},
+    )
+    model = ViTForImageClassification(config)
+    model.save_pretrained(root / "dense")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "dense")
+    compressed = _save_compressed(model, root / "svd", root / "dense")
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        (root / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "images" / name / f"{i}.png")
+    return {"dense": str(root / "dense"), "svd": compressed, "images": str(root / "images"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def marian(tmp_path_factory):
+    root = tmp_path_factory.mktemp("marian")
+    tok = word_tokenizer(eos_suffix=True)
+    config = MarianConfig(
+        vocab_size=len(tok),
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        forced_eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = MarianMTModel(config).eval()  # eval: no dropout in the reference outputs
+    with torch.no_grad():
+        model.final_logits_bias[0, 1] = -5.0  # untrained: keep it from stopping at once
+    model.save_pretrained(root / "dense")
+    tok.save_pretrained(root / "dense")
+    sources = ["ein mann sitzt", "der hund läuft im park", "eine katze", "rot blau haus baum", "klein"]
+    (root / "src.txt").write_text("\n".join(sources) + "\n")
+    # References = the dense model's own greedy outputs, so BLEU and chrF are exactly 100.
+    enc = tok(sources, return_tensors="pt", padding=True)
+    out = model.generate(**enc, num_beams=1, max_new_tokens=6, do_sample=False)
+    references = [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+    assert all(references), references
+    (root / "ref.txt").write_text("\n".join(references) + "\n")
+    compressed = _save_compressed(model, root / "svd", root / "dense")
+    return {
+        "dense": str(root / "dense"),
+        "svd": compressed,
+        "src": str(root / "src.txt"),
+        "ref": str(root / "ref.txt"),
+        "root": root,
+        "sources": sources,
+        "references": references,
+    }
+
+
+def _cli(args, capsys):
+    code = main(["eval", *args, "--no-progress", "--device", "cpu"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _check_schema(result: dict, task: str, baseline: bool) -> None:
+    assert set(result) == set(RESULT_KEYS)
+    assert set(result["data"]) == set(DATA_KEYS)
+    assert set(result["settings"]) == set(SETTINGS_KEYS)
+    entries = [result["model"]] + ([result["baseline"]] if baseline else [])
+    for entry in entries:
+        assert set(entry) == set(MODEL_KEYS)
+        assert set(entry["metrics"]) == set(METRIC_KEYS[task])
+        assert entry["parameters"] > 0 and entry["peak_memory_bytes"] >= entry["model_memory_bytes"] > 0
+        assert entry["wall_time_s"] >= entry["model_time_s"] > 0 and entry["throughput"] > 0
+    if baseline:
+        numeric = {k for k, v in result["model"]["metrics"].items() if not isinstance(v, str)}
+        assert set(result["ratios"]) == set(RATIO_FIELDS) | numeric
+    else:
+        assert result["baseline"] is None and result["ratios"] is None
+    assert json.loads(json.dumps(result)) == result  # plain JSON types only
+
+
+# ------------------------------------------------------------------ end to end, CLI
+def test_text_generation_cli_compressed_vs_dense(gpt, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code, out, err = _cli(
+        [
+            gpt["svd"],
+            "--task",
+            "text-generation",
+            "--data",
+            gpt["text"],
+            "--baseline",
+            gpt["dense"],
+            "--max-length",
+            "32",
+            "--stride",
+            "16",
+            "--json",
+            str(out_json),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "perplexity" in out and "ratio" in out
+    result = json.loads(out_json.read_text())
+    _check_schema(result, "text-generation", baseline=True)
+    assert result["model"]["compressed"] and not result["baseline"]["compressed"]
+    # 300 tokens, windows of 32 every 16: every token after the first is scored exactly once
+    assert result["model"]["metrics"]["tokens"] == 299 == result["baseline"]["metrics"]["tokens"]
+    assert result["ratios"]["parameters"] < 1 and result["ratios"]["bytes_on_disk"] < 1
+    assert math.isfinite(result["ratios"]["perplexity"])
+    assert result["settings"]["max_length"] == 32 and result["settings"]["stride"] == 16
+
+
+def test_image_classification_cli_self_baseline(vit, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code, out, err = _cli(
+        [
+            vit["svd"],
+            "--task",
+            "image-classification",
+            "--data",
+            vit["images"],
+            "--baseline",
+            vit["svd"],
+            "--batch-size",
+            "4",
+            "--json",
+            str(out_json),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    _check_schema(result, "image-classification", baseline=True)
+    assert result["model"]["metrics"]["total"] == 9
+    for key in ("accuracy", "correct", "total", "parameters", "bytes_on_disk", "model_memory_bytes"):
+        assert result["ratios"][key] in (1.0, None), key
+    assert result["model"]["metrics"]["accuracy"] == result["baseline"]["metrics"]["accuracy"]
+
+
+def test_translation_cli_bleu_of_own_outputs_is_100(marian, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code, out, err = _cli(
+        [
+            marian["dense"],
+            "--task",
+            "translation",
+            "--data",
+            marian["src"],
+            "--references",
+            marian["ref"],
+            "--baseline",
+            marian["dense"],
+            "--num-beams",
+            "1",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            str(out_json),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "BLEU" in out and "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in out  # signature shown
+    result = json.loads(out_json.read_text())
+    _check_schema(result, "translation", baseline=True)
+    metrics = result["model"]["metrics"]
+    assert metrics["bleu"] == pytest.approx(100.0) and metrics["chrf"] == pytest.approx(100.0)
+    assert metrics["sentences"] == 5
+    for key in ("bleu", "chrf", "sentences", "parameters", "bytes_on_disk"):
+        assert result["ratios"][key] == pytest.approx(1.0), key
+
+
+def test_translation_compressed_model_runs_with_beam_search(marian):
+    result = evaluate(
+        marian["svd"],
+        task="translation",
+        data=marian["src"],
+        references=marian["ref"],
+        num_beams=2,
+        max_new_tokens=6,
+        batch_size=2,
+        device="cpu",
+        progress=False,
+    )
+    _check_schema(result, "translation", baseline=False)
+    table = format_table(result)
+    assert "BLEU" in table and "ratio" not in table  # no baseline: one column
+    assert result["model"]["compressed"] and 0 <= result["model"]["metrics"]["bleu"] <= 100 + 1e-9
+    assert result["settings"]["num_beams"] == 2
+
+
+# ------------------------------------------------------------------ perplexity by hand
+def _ids(tok, text):
+    return tok(text, return_tensors="pt")["input_ids"][0]
+
+
+def _hand_perplexity(model, ids, max_length, stride):
+    """The HF guide's loop, with every target's −log p summed one by one from log_softmax."""
+    nll, count, seen, prev_end = 0.0, 0, [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        trg_len = end - prev_end
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[begin:end][None]).logits[0].double(), dim=-1)
+        for t in range(end - trg_len, end):
+            if t == begin:
+                continue  # no context in this window: the text's first token, or stride == max_length
+            nll -= logp[t - begin - 1, ids[t]].item()
+            count += 1
+            seen.append(t)
+        prev_end = end
+        if end == len(ids):
+            break
+    assert len(set(seen)) == len(seen)  # no token scored twice
+    return math.exp(nll / count), count
+
+
+def test_perplexity_single_window_equals_hand_computation(gpt):
+    model = GPT2LMHeadModel.from_pretrained(gpt["dense"]).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(gpt["dense"])
+    text = " ".join(TEXT.split()[:20])
+    ids = _ids(tok, text)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[None]).logits[0].double(), dim=-1)
+    expected = math.exp(-sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)) / (len(ids) - 1))
+    data = _write(gpt["root"] / "short.txt", text)
+    result = evaluate((model, tok), task="text-generation", data=data, max_length=64, progress=False)
+    metrics = result["model"]["metrics"]
+    assert metrics["windows"] == 1 and metrics["tokens"] == len(ids) - 1
+    assert metrics["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_length,stride,batch_size", [(8, 3, 1), (16, 16, 1), (10, 4, 3)])
+def test_perplexity_strided_windows_equal_hand_computation(gpt, max_length, stride, batch_size):
+    model = GPT2LMHeadModel.from_pretrained(gpt["dense"]).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(gpt["dense"])
+    text = " ".join(TEXT.split()[:41])
+    expected, count = _hand_perplexity(model, _ids(tok, text), max_length, stride)
+    result = evaluate(
+        model,
+        task="text-generation",
+        data=_write(gpt["root"] / f"s{max_length}.txt", text),
+        processor=tok,
+        max_length=max_length,
+        stride=stride,
+        batch_size=batch_size,
+        progress=False,
+    )
+    metrics = result["model"]["metrics"]
+    # overlapping windows score every token but the first; windows that do not overlap lose
+    # the first token of each window (41 tokens in windows of 16: 3 windows)
+    assert metrics["tokens"] == count == (40 if stride < max_length else 38)
+    assert metrics["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert result["model"]["name"].endswith("(in memory)") and result["model"]["bytes_on_disk"] is None
+
+
+def test_in_memory_compressed_llama_and_task_check(gpt):
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+    tok = PreTrainedTokenizerFast.from_pretrained(gpt["dense"])
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    dense = evaluate(model, "text-generation", gpt["text"], processor=tok, max_length=32, progress=False)
+    svdlora.compress(model, budget=0.5, progress=False)  # in place, never saved
+    result = evaluate(model, "text-generation", gpt["text"], processor=tok, max_length=32, progress=False)
+    assert result["model"]["compressed"] and not dense["model"]["compressed"]
+    assert result["model"]["parameters"] < dense["model"]["parameters"]
+    assert result["model"]["metrics"]["tokens"] == dense["model"]["metrics"]["tokens"] == 299
+
+    bert = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=len(tok)))  # fmt: skip
+    with pytest.raises(svdlora.SvdloraError, match="needs a causal language model.*BertForMaskedLM"):
+        evaluate(bert, "text-generation", gpt["text"], processor=tok)
+
+
+def test_sliding_windows_cover_every_token_once():
+    for seq_len, length, stride in [(1000, 64, 32), (65, 64, 32), (10, 64, 32), (100, 7, 7), (100, 9, 2)]:
+        windows = sliding_windows(seq_len, length, stride)
+        spans = [t for w in windows for t in range(w.end - w.targets, w.end)]
+        assert spans == list(range(seq_len))
+        assert all(w.length <= length for w in windows)
+
+
+def test_class_names_match_model_labels_by_name(vit):
+    model = ViTForImageClassification.from_pretrained(vit["dense"])  # labels bird, cat, dog
+    assert label_ids(["Dog", "cat", " BIRD "], model).tolist() == [2, 1, 0]
+    assert label_ids([2, 0], model).tolist() == [2, 0]  # integer labels are model ids
+    with pytest.raises(svdlora.SvdloraError, match="label ids \\[7\\]"):
+        label_ids([0, 7], model, "ds")
+
+
+def test_limit_counts_windows_and_images(gpt, vit):
+    text = evaluate(
+        gpt["dense"], task="text-generation", data=gpt["text"], limit=3, max_length=32, device="cpu", progress=False
+    )
+    assert text["model"]["metrics"]["windows"] == 3 == text["data"]["examples"]
+    images = evaluate(
+        vit["dense"], task="image-classification", data=vit["images"], limit=4, device="cpu", progress=False
+    )
+    assert images["model"]["metrics"]["total"] == 4
+
+
+def test_datasets_sources(gpt, vit, marian, tmp_path):
+    import datasets
+
+    text_ds = datasets.Dataset.from_dict({"text": [TEXT[:400], TEXT[400:800]]})
+    text_ds.save_to_disk(str(tmp_path / "text_ds"))
+    r = evaluate(
+        gpt["dense"],
+        task="text-generation",
+        data=str(tmp_path / "text_ds"),
+        max_length=32,
+        device="cpu",
+        progress=False,
+    )
+    assert r["model"]["metrics"]["tokens"] > 0
+
+    pairs = datasets.Dataset.from_dict(
+        {"translation": [{"de": s, "en": t} for s, t in zip(marian["sources"], marian["references"], strict=True)]}
+    )
+    pairs = datasets.DatasetDict({"test": pairs})
+    pairs.save_to_disk(str(tmp_path / "mt_ds"))
+    r = evaluate(
+        marian["dense"],
+        task="translation",
+        data=str(tmp_path / "mt_ds"),
+        split="test",
+        source_column="translation.de",
+        target_column="translation.en",
+        num_beams=1,
+        max_new_tokens=6,
+        device="cpu",
+        progress=False,
+    )
+    assert r["model"]["metrics"]["bleu"] == pytest.approx(100.0)
+
+    images = [Image.open(p).convert("RGB") for p in sorted((vit["root"] / "images" / "dog").iterdir())]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["Dog", "Cat"])})
+    image_ds = datasets.Dataset.from_dict({"image": images, "label": [0] * len(images)}, features=feats)
+    r = evaluate(vit["dense"], task="image-classification", data=image_ds, device="cpu", progress=False)
+    assert r["model"]["metrics"]["total"] == 3 and r["data"]["source"].startswith("<in-memory")
+
+
+# ------------------------------------------------------------------ bad inputs
+def _error(args, capsys) -> str:
+    code, out, err = _cli(args, capsys)
+    assert code == 2, (out, err)
+    lines = [line for line in err.strip().splitlines() if line.startswith("svdlora eval: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_missing_data_path(gpt, capsys):
+    msg = _error([gpt["dense"], "--task", "text-generation", "--data", "no/such/wiki.test.txt"], capsys)
+    assert "--data 'no/such/wiki.test.txt' does not exist" in msg
+
+
+def test_missing_image_folder_that_could_be_a_hub_name(vit, capsys):
+    msg = _error([vit["dense"], "--task", "image-classification", "--data", "cifar10/nope"], capsys)
+    assert "'cifar10/nope' does not exist" in msg
+
+
+def test_image_classes_that_are_not_model_labels(vit, tmp_path, capsys):
+    for name in ("cat", "zebra"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / name / "0.png")
+    msg = _error([vit["dense"], "--task", "image-classification", "--data", str(tmp_path)], capsys)
+    assert "['zebra']" in msg and "'bird'" in msg and "not labels of the model" in msg
+
+
+def test_image_folder_without_class_folders(vit, tmp_path, capsys):
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "0.png")
+    msg = _error([vit["dense"], "--task", "image-classification", "--data", str(tmp_path)], capsys)
+    assert "no class subfolders" in msg
+
+
+def test_source_and_reference_line_counts_differ(marian, tmp_path, capsys):
+    (tmp_path / "ref.txt").write_text("one\ntwo\n")
+    msg = _error(
+        [marian["dense"], "--task", "translation", "--data", marian["src"], "--references", str(tmp_path / "ref.txt")],
+        capsys,
+    )
+    assert "has 5 lines" in msg and "has 2" in msg
+
+
+def test_empty_files(gpt, marian, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    msg = _error([gpt["dense"], "--task", "text-generation", "--data", str(tmp_path / "empty.txt")], capsys)
+    assert "is empty" in msg
+    msg = _error(
+        [
+            marian["dense"],
+            "--task",
+            "translation",
+            "--data",
+            str(tmp_path / "empty.txt"),
+            "--references",
+            marian["ref"],
+        ],
+        capsys,
+    )
+    assert "--data" in msg and "is empty" in msg
+
+
+def test_task_that_does_not_fit_the_model(gpt, vit, marian, capsys):
+    msg = _error(
+        [vit["dense"], "--task", "translation", "--data", marian["src"], "--references", marian["ref"]], capsys
+    )
+    assert "--task translation needs an encoder-decoder" in msg and "use --task image-classification" in msg
+    msg = _error([marian["svd"], "--task", "text-generation", "--data", gpt["text"]], capsys)
+    assert "use --task translation" in msg
+    msg = _error([gpt["dense"], "--task", "image-classification", "--data", vit["images"]], capsys)
+    assert "use --task text-generation" in msg
+
+
+def test_bad_options(gpt, capsys):
+    msg = _error([gpt["dense"], "--task", "text-generation", "--data", gpt["text"], "--max-length", "999"], capsys)
+    assert "exceeds the model's context of 64" in msg
+    msg = _error(
+        [gpt["dense"], "--task", "text-generation", "--data", gpt["text"], "--max-length", "8", "--stride", "9"], capsys
+    )
+    assert "stride must be <= max_length" in msg
+    with pytest.raises(svdlora.SvdloraError, match="unknown evaluate"):
+        evaluate(gpt["dense"], task="text-generation", data=gpt["text"], beams=3)
+    with pytest.raises(svdlora.SvdloraError, match="task must be one of"):
+        evaluate(gpt["dense"], task="summarization", data=gpt["text"])
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)

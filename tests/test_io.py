@@ -1,0 +1,160 @@
+"""The folder format: save -> load gives the same model, factorized or merged; damage is explained."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from svdlora import LowRankLinear, SvdloraError, compress, load_compressed, save_compressed
+from svdlora.io import CONFIG_NAME, WEIGHTS_NAME, read_report
+
+from .conftest import MLP, TINY_MODELS, output_of
+
+
+def compressed_folder(kind, tmp_path, **options):
+    torch.manual_seed(0)
+    model = TINY_MODELS[kind]().eval()
+    base = tmp_path / f"{kind}-base"
+    model.save_pretrained(base)
+    compress(model, progress=False, **{"budget": 0.5, "submatrices": 3, **options})
+    out = save_compressed(model, tmp_path / f"{kind}-svd", source=base)
+    return model, out
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_MODELS))
+def test_save_load_gives_identical_outputs(kind, tmp_path):
+    model, out = compressed_folder(kind, tmp_path)
+    expected = output_of(model, kind)
+    loaded = load_compressed(out, device="cpu")
+    assert any(isinstance(m, LowRankLinear) for m in loaded.modules())
+    assert torch.equal(output_of(loaded, kind), expected)
+    merged = load_compressed(out, device="cpu", merge=True)
+    assert not any(isinstance(m, LowRankLinear) for m in merged.modules())
+    assert torch.allclose(output_of(merged, kind), expected, atol=1e-5)
+
+
+def test_stages_are_stored_by_name_and_header_is_checked(tmp_path):
+    _, out = compressed_folder("gpt2", tmp_path)
+    with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert {"transformer.h.0.attn.c_attn.stage0.A", "transformer.h.0.attn.c_attn.stage2.B"} <= keys
+    assert meta["format"] == "pt" and meta["svdlora_version"]
+    # GPT-2 ties lm_head to the token embedding: stored once, recorded in the metadata.
+    assert "lm_head.weight" not in keys and "transformer.wte.weight" in keys
+    assert json.loads(meta["tied"]) == {"lm_head.weight": "transformer.wte.weight"}
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["base_model"]["class"] == "GPT2LMHeadModel"
+    ranks = {m["name"]: m["ranks"] for m in config["report"]["modules"]}
+    assert len(ranks["transformer.h.0.attn.c_attn"]) == 3
+    assert (out / "config.json").is_file()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pkl")), "no pickle anywhere"
+
+
+def test_loaded_model_generates_and_keeps_ties(tmp_path):
+    _, out = compressed_folder("gpt2", tmp_path)
+    model = load_compressed(out, device="cpu")
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    ids = torch.tensor([[1, 2, 3]])
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
+
+
+def test_dtype_on_load(tmp_path):
+    _, out = compressed_folder("gpt2", tmp_path)
+    model = load_compressed(out, device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_plain_pytorch_model_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(5, 48)
+    compress(model, budget=0.4, submatrices=2, progress=False)
+    out = save_compressed(model, tmp_path / "mlp-svd")
+    loaded = load_compressed(out, device="cpu", model=MLP())
+    assert torch.equal(loaded(x), model(x))
+    with pytest.raises(SvdloraError, match="model=<an instance of its class>"):
+        load_compressed(out, device="cpu")
+
+
+def test_existing_output_is_refused_then_overwritten(tmp_path):
+    model, out = compressed_folder("gpt2", tmp_path)
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SvdloraError, match="already exists: pass --overwrite"):
+        save_compressed(model, out)
+    assert (out / "keep.txt").exists()
+    save_compressed(model, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / WEIGHTS_NAME).exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary folders left"
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    model, _ = compressed_folder("gpt2", tmp_path)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("svdlora.io.save_file", boom)
+    with pytest.raises(OSError):
+        save_compressed(model, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_not_a_compressed_folder(tmp_path):
+    with pytest.raises(SvdloraError, match="does not exist"):
+        load_compressed(tmp_path / "missing")
+    with pytest.raises(SvdloraError, match="not an svdlora folder"):
+        load_compressed(tmp_path)
+
+
+def test_corrupted_weights(tmp_path):
+    _, out = compressed_folder("gpt2", tmp_path)
+    (out / WEIGHTS_NAME).write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(SvdloraError, match="corrupted"):
+        load_compressed(out, device="cpu")
+
+
+def test_corrupted_config(tmp_path):
+    _, out = compressed_folder("gpt2", tmp_path)
+    (out / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(SvdloraError, match="corrupted"):
+        load_compressed(out, device="cpu")
+
+
+def test_missing_factor(tmp_path):
+    _, out = compressed_folder("gpt2", tmp_path)
+    path = out / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    del tensors["transformer.h.1.mlp.c_fc.stage1.B"]
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(SvdloraError, match="lacks factor"):
+        load_compressed(out, device="cpu")
+
+
+def test_other_format_version(tmp_path):
+    _, out = compressed_folder("gpt2", tmp_path)
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config["format_version"], config["svdlora_version"] = 99, "9.0.0"
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SvdloraError, match="format 99 .*svdlora 9.0.0"):
+        load_compressed(out, device="cpu")
+    path = out / WEIGHTS_NAME
+    tensors = load_file(path)
+    save_file(tensors, path, metadata={"format": "pt", "svdlora_format_version": "7", "svdlora_version": "7.0"})
+    config["format_version"] = 1
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SvdloraError, match="written by svdlora '7.0' in format '7'"):
+        load_compressed(out, device="cpu")
+
+
+def test_report_survives_the_roundtrip(tmp_path):
+    model, out = compressed_folder("bert", tmp_path)
+    report = read_report(out)
+    assert report.modules == model.svdlora_report.modules
+    assert report.bytes_after == (out / WEIGHTS_NAME).stat().st_size
+    assert report.bytes_before is not None and report.bytes_before > report.bytes_after
