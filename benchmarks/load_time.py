@@ -72,10 +72,19 @@ def main(argv: list[str] | None = None) -> dict:
         for name, times in load.items()
     }
     for name, row in rows.items():
-        print(f"{name:<38} load {row['load_s_median']:.2f} s (x{row['load_ratio_to_dense']:.2f})   "
-              f"forward[{args.tokens} tok] {row['forward_s_median'] * 1000:.0f} ms (x{row['forward_ratio_to_dense']:.2f})")
-    result = {"dense": args.dense, "compressed": args.compressed, "device": str(device),
-              "threads": torch.get_num_threads(), "tokens": args.tokens, "repeats": args.repeats, "rows": rows}
+        print(
+            f"{name:<38} load {row['load_s_median']:.2f} s (x{row['load_ratio_to_dense']:.2f})   "
+            f"forward[{args.tokens} tok] {row['forward_s_median'] * 1000:.0f} ms (x{row['forward_ratio_to_dense']:.2f})"
+        )
+    result = {
+        "dense": args.dense,
+        "compressed": args.compressed,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
     write_results("load_time", result)
     return result
 

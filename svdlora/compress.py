@@ -84,8 +84,11 @@ def compress(
             error = relative_error(weight_out_in(target.module), layer.dense_weight())
         model.set_submodule(target.name, layer)
         reports[target.name] = ModuleReport(
-            target.name, target.kind, (target.out_features, target.in_features),
-            bias=layer.bias is not None, ranks=layer.ranks,
+            target.name,
+            target.kind,
+            (target.out_features, target.in_features),
+            bias=layer.bias is not None,
+            ranks=layer.ranks,
             stage_dtypes=[str(layer.A.dtype).removeprefix("torch.")] * len(layer.ranks),
             rel_error=error,
         )
@@ -95,8 +98,11 @@ def compress(
             modules.append(reports[name])
         elif name in dense:
             out_f, in_f = weight_out_in(module).shape
-            modules.append(ModuleReport(name, dense_kind(module), (out_f, in_f),
-                                        bias=module.bias is not None, dense_reason=dense[name]))
+            modules.append(
+                ModuleReport(
+                    name, dense_kind(module), (out_f, in_f), bias=module.bias is not None, dense_reason=dense[name]
+                )
+            )
     report = CompressionReport(
         config=config.to_dict(),
         modules=modules,
@@ -112,6 +118,4 @@ def compress(
 def _check_finite(targets) -> None:
     for t in targets:
         if not torch.isfinite(t.module.weight).all():
-            raise SvdloraError(
-                f"weight of {t.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {t.name}"
-            )
+            raise SvdloraError(f"weight of {t.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {t.name}")

@@ -65,7 +65,7 @@ def residual_svd(
     if method == "exact" and not explicit:
         a, b = truncated_svd(weight, sum(ranks), method="exact")
         bounds = torch.tensor([0, *ranks]).cumsum(0).tolist()
-        return [(a[:, i:j], b[i:j]) for i, j in zip(bounds[:-1], bounds[1:]) if j > i]
+        return [(a[:, i:j], b[i:j]) for i, j in zip(bounds[:-1], bounds[1:], strict=True) if j > i]
     residual = weight.detach().to(_svd_dtype(weight)).clone()
     stages = []
     for rank in ranks:

@@ -182,7 +182,9 @@ def read_config(path: str | Path) -> dict:
     if not path.exists():
         raise SvdloraError(f"compressed folder {str(path)!r} does not exist")
     if not is_compressed_folder(path):
-        raise SvdloraError(f"{str(path)!r} is not an svdlora folder (no {CONFIG_NAME}): create one with `svdlora compress`")
+        raise SvdloraError(
+            f"{str(path)!r} is not an svdlora folder (no {CONFIG_NAME}): create one with `svdlora compress`"
+        )
     try:
         data = json.loads((path / CONFIG_NAME).read_text())
         data["report"]["modules"]
@@ -282,7 +284,9 @@ def load_compressed(
             a_parts = [tensors.pop(f"{m.name}.stage{j}.A") for j in range(len(m.ranks))]
             b_parts = [tensors.pop(f"{m.name}.stage{j}.B") for j in range(len(m.ranks))]
         except KeyError as err:
-            raise SvdloraError(f"{str(weights)!r} lacks factor {err}: the file is corrupted, re-run `svdlora compress`") from None
+            raise SvdloraError(
+                f"{str(weights)!r} lacks factor {err}: the file is corrupted, re-run `svdlora compress`"
+            ) from None
         tensors[f"{m.name}.A"] = torch.cat(a_parts, dim=1)
         tensors[f"{m.name}.B"] = torch.cat(b_parts, dim=0)
     for alias, stored in json.loads(metadata.get("tied", "{}")).items():
@@ -297,7 +301,9 @@ def load_compressed(
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
-        raise SvdloraError(f"{str(weights)!r} lacks tensors {still_meta[:3]}: the file is incomplete, re-run `svdlora compress`")
+        raise SvdloraError(
+            f"{str(weights)!r} lacks tensors {still_meta[:3]}: the file is incomplete, re-run `svdlora compress`"
+        )
     model.to(target_device)  # buffers built at construction (e.g. rotary tables)
     if target_dtype is not None:
         model.to(target_dtype)

@@ -111,7 +111,7 @@ class LowRankLinear(nn.Module):
         """The (A_j, B_j) pairs as views of the stacked factors."""
         a_parts = torch.split(self.A, self.ranks, dim=1)
         b_parts = torch.split(self.B, self.ranks, dim=0)
-        return list(zip(a_parts, b_parts))
+        return list(zip(a_parts, b_parts, strict=True))
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight the factors stand for."""

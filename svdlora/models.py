@@ -20,10 +20,24 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 # Files that make a folder usable on its own besides weights and config.json.
 PREPROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "tokenizer.model", "source.spm",
-    "target.spm", "sentencepiece.bpe.model", "preprocessor_config.json", "processor_config.json",
-    "image_processor_config.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "source.spm",
+    "target.spm",
+    "sentencepiece.bpe.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
 )
 
 
@@ -99,10 +113,11 @@ def load_pretrained(
         )
     except OSError as err:
         if source is name:
+            why = "hub unreachable and not in the local cache" if local_only else _first_line(err)
             raise SvdloraError(
-                f"model {name!r} is neither a local folder nor downloadable from the Hugging Face hub "
-                f"({'hub unreachable and not in the local cache' if local_only else _first_line(err)}). Pass a local folder saved with save_pretrained, or check the id "
-                "and your network (HF_HUB_OFFLINE must be unset)."
+                f"model {name!r} is neither a local folder nor downloadable from the Hugging Face hub ({why}). "
+                "Pass a local folder saved with save_pretrained, or check the id and your network "
+                "(HF_HUB_OFFLINE must be unset)."
             ) from None
         raise SvdloraError(f"cannot read the config of {name!r}: {_first_line(err)}") from None
     except ValueError as err:

@@ -56,16 +56,27 @@ class CompressionReport:
         before = sum(m.params_before for m in fac)
         after = sum(m.params_after for m in fac)
         rows = [
-            ("budget / submatrices", f"{self.config.get('budget')} / {self.config.get('submatrices')}"
-             + (f" (fixed rank {self.config['rank']})" if self.config.get("rank") else "")),
+            (
+                "budget / submatrices",
+                f"{self.config.get('budget')} / {self.config.get('submatrices')}"
+                + (f" (fixed rank {self.config['rank']})" if self.config.get("rank") else ""),
+            ),
             ("factorized matrices", f"{len(fac)} of {len(self.modules)} Linear/Conv1D layers"),
             ("factorized params", f"{before:,} -> {after:,} ({_ratio(after, before)})"),
-            ("model params", f"{self.model_params_before:,} -> {self.model_params_after:,} "
-             f"({_ratio(self.model_params_after, self.model_params_before)})"),
+            (
+                "model params",
+                f"{self.model_params_before:,} -> {self.model_params_after:,} "
+                f"({_ratio(self.model_params_after, self.model_params_before)})",
+            ),
         ]
         if self.bytes_before is not None and self.bytes_after is not None:
-            rows.append(("bytes on disk", f"{_size(self.bytes_before)} -> {_size(self.bytes_after)} "
-                         f"({_ratio(self.bytes_after, self.bytes_before)})"))
+            rows.append(
+                (
+                    "bytes on disk",
+                    f"{_size(self.bytes_before)} -> {_size(self.bytes_after)} "
+                    f"({_ratio(self.bytes_after, self.bytes_before)})",
+                )
+            )
         if fac:
             errs = [m.rel_error for m in fac]
             rows.append(("relative Frobenius error", f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}"))

@@ -26,41 +26,81 @@ def shared_data(*parts: str) -> Path:
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=96, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=96, n_positions=64, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
-                                        max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
-                                        pad_token_id=0))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=96,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=64, vocab_size=96, num_labels=3,
-                                                    max_position_embeddings=64))
+    return BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=96,
+            num_labels=3,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def tiny_vit():
     from transformers import ViTConfig, ViTForImageClassification
 
-    return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                                               num_attention_heads=2, intermediate_size=64, num_labels=4))
+    return ViTForImageClassification(
+        ViTConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=4,
+        )
+    )
 
 
 def tiny_marian():
     from transformers import MarianConfig, MarianMTModel
 
-    return MarianMTModel(MarianConfig(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2,
-                                      encoder_attention_heads=2, decoder_attention_heads=2,
-                                      encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                                      pad_token_id=95, eos_token_id=0, decoder_start_token_id=95))
+    return MarianMTModel(
+        MarianConfig(
+            vocab_size=96,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+            pad_token_id=95,
+            eos_token_id=0,
+            decoder_start_token_id=95,
+        )
+    )
 
 
 class MLP(nn.Module):

@@ -26,14 +26,19 @@ def test_compress_info_export_through_the_real_entry_point(gpt2_folder, tmp_path
     out, dense = tmp_path / "svd", tmp_path / "dense"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "svdlora"]
-    done = subprocess.run([*cmd, "compress", gpt2_folder, "--budget", "0.5", "--submatrices", "3",
-                           "--output", out, "--no-progress"], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [*cmd, "compress", gpt2_folder, "--budget", "0.5", "--submatrices", "3", "--output", out, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "factorized params" in done.stdout and "transformer.h.0.attn.c_attn" in done.stdout
     info = subprocess.run([*cmd, "info", out], capture_output=True, text=True, env=env)
     assert info.returncode == 0 and "lm_head" in info.stdout and "output head" in info.stdout
-    exported = subprocess.run([*cmd, "export", out, "--dense", "--output", dense], capture_output=True, text=True,
-                              env=env)
+    exported = subprocess.run(
+        [*cmd, "export", out, "--dense", "--output", dense], capture_output=True, text=True, env=env
+    )
     assert exported.returncode == 0, exported.stderr
 
     from transformers import GPT2LMHeadModel  # a plain transformers load of the merged checkpoint
@@ -47,8 +52,20 @@ def test_compress_info_export_through_the_real_entry_point(gpt2_folder, tmp_path
 
 def test_compress_options_reach_the_report(gpt2_folder, tmp_path, capsys):
     out = tmp_path / "svd"
-    code, stdout, _ = run_cli(capsys, "compress", gpt2_folder, "--budget", "0.3", "--submatrices", "2",
-                              "--exclude", "*.mlp.*", "--output", out, "--no-progress")
+    code, stdout, _ = run_cli(
+        capsys,
+        "compress",
+        gpt2_folder,
+        "--budget",
+        "0.3",
+        "--submatrices",
+        "2",
+        "--exclude",
+        "*.mlp.*",
+        "--output",
+        out,
+        "--no-progress",
+    )
     assert code == 0
     config = json.loads((out / CONFIG_NAME).read_text())
     assert config["report"]["config"]["budget"] == 0.3

@@ -41,7 +41,7 @@ def test_explicit_loop_matches_one_decomposition_stage_by_stage():
     w = low_rank_plus_noise(seed=2)
     fast = residual_svd(w, [4, 4, 4])
     slow = residual_svd(w, [4, 4, 4], explicit=True)
-    for (fa, fb), (sa, sb) in zip(fast, slow):
+    for (fa, fb), (sa, sb) in zip(fast, slow, strict=True):
         assert torch.allclose(fa @ fb, sa @ sb, atol=1e-9)
 
 
@@ -58,8 +58,10 @@ def test_each_stage_factorizes_the_residual():
 def test_randomized_stages_differ_from_exact():
     w = low_rank_plus_noise(seed=4)
     exact = sum(a @ b for a, b in residual_svd(w, [3, 3]))
-    rand = sum(a @ b for a, b in residual_svd(w, [3, 3], method="randomized", generator_seed=0,
-                                              power_iterations=0, oversampling=0))
+    rand = sum(
+        a @ b
+        for a, b in residual_svd(w, [3, 3], method="randomized", generator_seed=0, power_iterations=0, oversampling=0)
+    )
     assert not torch.allclose(exact, rand, atol=1e-6)
     assert relative_error(w, rand) >= relative_error(w, exact) - 1e-12  # exact is optimal
 

@@ -25,21 +25,39 @@ EXAMPLES = """examples:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "compress", help="factorize a model's Linear/Conv1D layers and save the folder",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "compress",
+        help="factorize a model's Linear/Conv1D layers and save the folder",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="hub id (e.g. gpt2) or local folder of a transformers model")
     p.add_argument("-o", "--output", required=True, help="folder to write (must not exist unless --overwrite)")
-    p.add_argument("--budget", type=options.budget, default=0.5,
-                   help="factors hold at most this fraction of the targeted parameters, in (0, 1] (default 0.5)")
-    p.add_argument("--submatrices", type=options.positive_int("submatrices"), default=1,
-                   help="residual SVD stages per matrix (default 1)")
-    p.add_argument("--rank", type=options.positive_int("rank"), default=None,
-                   help="fixed total rank per matrix instead of a budget")
+    p.add_argument(
+        "--budget",
+        type=options.budget,
+        default=0.5,
+        help="factors hold at most this fraction of the targeted parameters, in (0, 1] (default 0.5)",
+    )
+    p.add_argument(
+        "--submatrices",
+        type=options.positive_int("submatrices"),
+        default=1,
+        help="residual SVD stages per matrix (default 1)",
+    )
+    p.add_argument(
+        "--rank",
+        type=options.positive_int("rank"),
+        default=None,
+        help="fixed total rank per matrix instead of a budget",
+    )
     p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules (glob, or re:REGEX)")
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
-    p.add_argument("--compress-head", dest="keep_head", action="store_false",
-                   help="also factorize the output head / layers tied to embeddings")
+    p.add_argument(
+        "--compress-head",
+        dest="keep_head",
+        action="store_false",
+        help="also factorize the output head / layers tied to embeddings",
+    )
     p.add_argument("--svd-method", choices=("exact", "randomized"), default="exact")
     p.add_argument("--dtype", default=None, help="load the model in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -51,8 +69,13 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     # Check everything cheap before the (possibly slow) model load.
     config = CompressionConfig(
-        budget=args.budget, submatrices=args.submatrices, rank=args.rank, include=args.include,
-        exclude=args.exclude, keep_head=args.keep_head, svd_method=args.svd_method,
+        budget=args.budget,
+        submatrices=args.submatrices,
+        rank=args.rank,
+        include=args.include,
+        exclude=args.exclude,
+        keep_head=args.keep_head,
+        svd_method=args.svd_method,
     )
     output = Path(args.output)
     if output.exists() and not args.overwrite:
@@ -66,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     save_compressed(model, output, report=report, source=args.model, overwrite=args.overwrite)
     print(report.format())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(f"\nwrote {output}  (load {load_seconds:.1f} s, total {time.perf_counter() - start:.1f} s, "
-          f"peak RSS {peak_mb:,.0f} MB)", file=sys.stderr)
+    print(
+        f"\nwrote {output}  (load {load_seconds:.1f} s, total {time.perf_counter() - start:.1f} s, "
+        f"peak RSS {peak_mb:,.0f} MB)",
+        file=sys.stderr,
+    )
     return 0

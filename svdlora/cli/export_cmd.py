@@ -12,8 +12,12 @@ from ..io import _copy_preprocessor_files, atomic_folder, load_compressed
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a compressed folder as a normal dense checkpoint")
     p.add_argument("folder", help="a folder written by `svdlora compress`")
-    p.add_argument("--dense", action="store_true", required=True,
-                   help="merge the factors into dense weights (the only export format)")
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        required=True,
+        help="merge the factors into dense weights (the only export format)",
+    )
     p.add_argument("-o", "--output", required=True, help="folder to write")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
