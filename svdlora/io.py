@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -234,8 +234,17 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
             "load_compressed(path, model=<an instance of its class>)"
         ) from None
     cls = getattr(transformers, base.get("class") or "", None) or model_class(config)
-    with init_empty_weights():  # parameters on meta, buffers (e.g. rotary tables) real
+    with init_empty_weights(), _no_weight_init():  # parameters on meta, buffers (e.g. rotary tables) real
         return cls(config)
+
+
+def _no_weight_init():
+    """transformers >= 5 skips its (pointless, on meta) weight init here: half the load time."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return nullcontext()
+    return no_init_weights()
 
 
 def load_compressed(
