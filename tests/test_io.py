@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from svdlora import LowRankLinear, SvdloraError, compress, load_compressed, save_compressed
 from svdlora.io import CONFIG_NAME, WEIGHTS_NAME, read_report
 
-from .conftest import MLP, TINY_MODELS, output_of
+from .conftest import MLP, TINY_MODELS, example_inputs, output_of
 
 
 def compressed_folder(kind, tmp_path, **options):
@@ -158,3 +158,15 @@ def test_report_survives_the_roundtrip(tmp_path):
     assert report.modules == model.svdlora_report.modules
     assert report.bytes_after == (out / WEIGHTS_NAME).stat().st_size
     assert report.bytes_before is not None and report.bytes_before > report.bytes_after
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("merge", [False, True])
+def test_load_on_gpu(tmp_path, merge):
+    model, out = compressed_folder("llama", tmp_path)
+    loaded = load_compressed(out, merge=merge)  # default device: CUDA when available
+    assert {p.device.type for p in loaded.parameters()} == {"cuda"}
+    inputs = {k: v.cuda() for k, v in example_inputs("llama").items()}
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).logits.cpu(), output_of(model, "llama"), atol=1e-4)
