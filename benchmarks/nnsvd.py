@@ -167,7 +167,7 @@ def bound_rows(full: MLP, data: dict, seed: int, ranks: tuple[int, ...]) -> list
     (dropout off) and f′ the same with W_i replaced. Proof sketch: biases cancel,
     ‖(W_i − W_i′)y‖ ≤ ‖W_i − W_i′‖_F ‖y‖, then each later ReLU is 1-Lipschitz and each later
     W_j at most ‖W_j‖_2 ≤ ‖W_j‖_F. "spectral" is the same chain with ‖W_i − W_i′‖_2 and
-    ‖W_j‖_2, the tightest bound of this form, to show where the slack comes from.
+    ‖W_j‖_2, a tighter bound of the same form, to show where the slack comes from.
     """
     full.eval()
     x = data["x_test"]

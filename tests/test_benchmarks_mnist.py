@@ -18,6 +18,14 @@ MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(not available(MNIST), reason=f"MNIST not found at {MNIST}")
 
 
+@pytest.fixture(autouse=True)
+def restore_threads():
+    # The benchmarks' main() sets torch's thread count (default 1); give the next test its own back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_idx(path: Path, magic: int, array: torch.Tensor) -> None:
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as f:

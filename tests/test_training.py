@@ -114,7 +114,16 @@ def test_gradients_flow_through_factors_and_penalty():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_training_a_rank_constrained_model_reduces_loss():
+@pytest.fixture
+def one_thread():
+    # Tiny matmuls: a second thread only adds contention on a shared CPU (40x slower seen here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_a_rank_constrained_model_reduces_loss(one_thread):
     torch.manual_seed(0)
     x = torch.randn(256, 40)
     y = (x[:, :3].sum(1) > 0).long()
