@@ -20,34 +20,36 @@ def factor_params(target: Target, total_rank: int) -> int:
 def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[dict[str, list[int]], dict[str, str]]:
     """Per-module stage ranks, and the targets that stay dense (with the reason).
 
-    Budget mode guarantees Σ factor params + Σ dense params <= budget·Σ targeted params.
+    Budget mode guarantees Σ factor params + Σ dense params <= budget·Σ targeted params:
+    a matrix whose share would buy factors at least as large as itself stays dense (exact, and
+    no dearer); a matrix whose share is below rank 1 gets rank 1, and the others share the rest.
     """
     if config.rank is not None:
         return _fixed_rank(targets, config)
     allowed = config.budget * sum(t.params for t in targets)
-    dense: dict[str, str] = {}
+    floor: set[str] = set()  # matrices held at rank 1 because their share is smaller
     while True:
-        factorized = [t for t in targets if t.name not in dense]
-        spent_dense = sum(t.params for t in targets if t.name in dense)
-        if not factorized or allowed - spent_dense <= 0:
+        rest = [t for t in targets if t.name not in floor]
+        left = allowed - sum(factor_params(t, 1) for t in targets if t.name in floor)
+        if left < 0 or (rest and left <= 0):
             raise SvdloraError(
-                f"budget {config.budget} is too small to factorize any matrix "
-                f"(with {len(dense)} left dense): raise --budget or --exclude the smallest layers"
+                f"budget {config.budget} is too small: even rank 1 for every targeted matrix needs more; "
+                "raise --budget or --exclude the smallest layers"
             )
-        # Dense matrices are paid for in full, so the rest share what is left, pro rata.
-        share = min(1.0, (allowed - spent_dense) / sum(t.params for t in factorized))
-        ranks, newly_dense = {}, {}
-        for t in factorized:
-            total = min(rank_for_budget(t.out_features, t.in_features, share), t.out_features, t.in_features)
-            if total == 0:
-                newly_dense[t.name] = f"budget share {share:.3g} is below rank 1"
-            elif factor_params(t, total) >= t.params:
-                newly_dense[t.name] = "factors would not be smaller than the dense matrix"
-            else:
-                ranks[t.name] = split_rank(total, config.submatrices)
-        if not newly_dense:
-            return ranks, dense
-        dense.update(newly_dense)
+        share = min(1.0, left / sum(t.params for t in rest)) if rest else 0.0
+        below = {t.name for t in rest if rank_for_budget(t.out_features, t.in_features, share) == 0}
+        if not below:
+            break
+        floor |= below
+    ranks, dense = {}, {}
+    for t in targets:
+        total = 1 if t.name in floor else rank_for_budget(t.out_features, t.in_features, share)
+        total = min(total, t.out_features, t.in_features)
+        if factor_params(t, total) >= t.params:
+            dense[t.name] = f"budget share {share:.3g} covers the dense matrix (kept exact)"
+        else:
+            ranks[t.name] = split_rank(total, config.submatrices)
+    return ranks, dense
 
 
 def _fixed_rank(targets: list[Target], config: CompressionConfig) -> tuple[dict[str, list[int]], dict[str, str]]:

@@ -92,6 +92,12 @@ def compress(
             stage_dtypes=[str(layer.A.dtype).removeprefix("torch.")] * len(layer.ranks),
             rel_error=error,
         )
+    config_obj = getattr(model, "config", None)
+    if not config.keep_head and getattr(config_obj, "tie_word_embeddings", False):
+        # A factorized head is no longer the embedding: stop transformers from re-tying it.
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, LowRankLinear):
+            config_obj.tie_word_embeddings = False
     modules = []
     for name, module in model.named_modules():  # keep model order in the report
         if name in reports:

@@ -40,10 +40,12 @@ def truncated_svd(
     work = weight.detach().to(_svd_dtype(weight))
     rank = min(rank, *work.shape)
     if method == "randomized":
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
         q = min(rank + oversampling, *work.shape)
-        u, s, v = torch.svd_lowrank(work, q=q, niter=power_iterations)
+        devices = [work.device] if work.is_cuda else []
+        with torch.random.fork_rng(devices=devices, enabled=generator_seed is not None):  # leave the caller's RNG alone
+            if generator_seed is not None:
+                torch.manual_seed(generator_seed)
+            u, s, v = torch.svd_lowrank(work, q=q, niter=power_iterations)
         u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
     else:
         u, s, vh = torch.linalg.svd(work, full_matrices=False)

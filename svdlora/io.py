@@ -58,8 +58,13 @@ def atomic_folder(output: str | Path, overwrite: bool = False):
         if output.exists():  # overwrite: swap only after the new folder is complete
             trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             os.replace(output, trash / "old")
-            os.replace(tmp, output)
-            shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.replace(tmp, output)
+            except OSError:
+                os.replace(trash / "old", output)  # put the user's folder back
+                raise
+            finally:
+                shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, output)
     finally:
@@ -222,6 +227,19 @@ def _check_header(weights: Path) -> dict[str, str]:
     return metadata
 
 
+def _tied_map(metadata: dict[str, str], tensors: dict, weights: Path) -> dict[str, str]:
+    """{dropped name: stored name} from the header, checked against the stored tensors."""
+    try:
+        tied = json.loads(metadata.get("tied", "{}"))
+        if not all(isinstance(v, str) and v in tensors for v in tied.values()):
+            raise ValueError("a tied name points at no stored tensor")
+    except (json.JSONDecodeError, ValueError, AttributeError) as err:
+        raise SvdloraError(
+            f"{str(weights)!r} has a corrupted 'tied' header ({err}): re-run `svdlora compress`"
+        ) from None
+    return tied
+
+
 def _build_skeleton(path: Path, base: dict) -> nn.Module:
     """The base architecture with parameters on the meta device (no memory, no init)."""
     import transformers
@@ -280,7 +298,7 @@ def load_compressed(
         # Factors are allocated on meta; load_state_dict(assign=True) drops the real tensors in.
         layer = LowRankLinear(m.shape[1], m.shape[0], m.ranks, bias=m.bias, base_kind=m.kind, device="meta")
         try:
-            model.set_submodule(m.name, layer)
+            model.set_submodule(m.name, layer, strict=True)
         except AttributeError:
             raise SvdloraError(f"{str(path)!r} names layer {m.name!r}, which the model does not have") from None
 
@@ -298,24 +316,25 @@ def load_compressed(
             ) from None
         tensors[f"{m.name}.A"] = torch.cat(a_parts, dim=1)
         tensors[f"{m.name}.B"] = torch.cat(b_parts, dim=0)
-    for alias, stored in json.loads(metadata.get("tied", "{}")).items():
-        tensors[alias] = tensors[stored]
     if target_dtype is not None:
         tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tied = _tied_map(metadata, tensors, weights)
 
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
         raise SvdloraError(f"{str(weights)!r} holds tensors the model does not have: {result.unexpected_keys[:3]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if still_meta:
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing:
         raise SvdloraError(
-            f"{str(weights)!r} lacks tensors {still_meta[:3]}: the file is incomplete, re-run `svdlora compress`"
+            f"{str(weights)!r} lacks tensors {missing[:3]}: the file is incomplete or belongs to another "
+            "architecture; re-run `svdlora compress`"
         )
-    model.to(target_device)  # buffers built at construction (e.g. rotary tables)
-    if target_dtype is not None:
-        model.to(target_dtype)
+    # Re-tie exactly as the file says (one Parameter shared), rather than through transformers'
+    # tie_weights(), which would set a `weight` on a factorized head.
+    for alias, stored in tied.items():
+        parent, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, model.get_parameter(stored))
+    model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
     if merge:
         for name, module in list(model.named_modules()):
             if isinstance(module, LowRankLinear):

@@ -117,6 +117,13 @@ class LowRankLinear(nn.Module):
         """The (out, in) weight the factors stand for."""
         return self.A @ self.B
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A·B in ``nn.Linear``'s (out, in) layout, for code that reads ``layer.weight`` directly
+        (``nn.MultiheadAttention.out_proj``, T5's dtype check). It is computed on every access:
+        such callers get correct results but not the low-rank speed-up."""
+        return self.dense_weight()
+
     def to_dense(self) -> nn.Module:
         """A plain layer of the original kind (Linear or Conv1D) holding A·B."""
         with torch.no_grad():

@@ -42,8 +42,17 @@ PREPROCESSOR_FILES = (
 
 
 def folder_bytes(path: str | Path) -> int:
-    """Bytes of the weight files directly inside a model folder."""
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    """Bytes of the weight files a loader would read from a model folder.
+
+    safetensors shards when present, else ``pytorch_model*.bin``, else any weight-like file;
+    so a Trainer checkpoint's optimizer.pt or a second copy in another format is not counted.
+    """
+    files = [f for f in Path(path).iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
+        chosen = [f for f in files if f.match(pattern)]
+        if chosen:
+            return sum(f.stat().st_size for f in chosen)
+    return sum(f.stat().st_size for f in files)
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

@@ -13,8 +13,17 @@ from .errors import SvdloraError
 from .layers import dense_kind, weight_out_in
 
 # Top-level children that produce the model's output: factorizing them costs the most
-# accuracy for the least gain, so they stay dense unless the user includes them.
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "head", "final_logits_bias")
+# accuracy for the least gain, so they stay dense unless keep_head=False (--compress-head).
+HEAD_NAMES = (
+    "lm_head",
+    "classifier",
+    "score",
+    "qa_outputs",
+    "cls",
+    "head",
+    "cls_classifier",
+    "distillation_classifier",
+)
 
 
 @dataclass
@@ -58,6 +67,8 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Targ
     """The layers to factorize, and for every other Linear/Conv1D the reason it stays dense."""
     heads = _head_modules(model) if config.keep_head else set()
     targets, dense = [], {}
+    if dense_kind(model):
+        raise SvdloraError("the model is a single Linear/Conv1D layer: wrap it, e.g. nn.Sequential(layer)")
     for name, module in model.named_modules():
         kind = dense_kind(module)
         if kind is None:

@@ -103,6 +103,23 @@ def tiny_marian():
     )
 
 
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=96,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+    )
+
+
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -114,7 +131,14 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-TINY_MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert, "vit": tiny_vit, "marian": tiny_marian}
+TINY_MODELS = {
+    "gpt2": tiny_gpt2,
+    "llama": tiny_llama,
+    "bert": tiny_bert,
+    "vit": tiny_vit,
+    "marian": tiny_marian,
+    "t5": tiny_t5,
+}
 
 
 def example_inputs(kind: str, generator_seed: int = 0) -> dict:
@@ -122,7 +146,7 @@ def example_inputs(kind: str, generator_seed: int = 0) -> dict:
     if kind == "vit":
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
     ids = torch.randint(1, 90, (2, 12), generator=g)
-    if kind == "marian":
+    if kind in ("marian", "t5"):
         return {"input_ids": ids, "decoder_input_ids": ids[:, :6]}
     return {"input_ids": ids}
 

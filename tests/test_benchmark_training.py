@@ -46,6 +46,13 @@ def test_schedule_warms_up_then_anneals_to_floor():
     assert all(s.factor(i) >= s.factor(i + 1) for i in range(10, 100))
 
 
+def test_schedule_warmup_capped_by_time_budget():
+    cfg = training.FitConfig(epochs=1, warmup_steps=10**6, warmup_frac=0.05, time_budget_min=1)
+    s = training.Schedule(cfg, total_steps=10**9)
+    s.start -= 6  # 10% of the budget spent: warmup must be over despite the huge warmup_steps
+    assert s.factor(50) > 0.9
+
+
 def test_schedule_follows_time_budget():
     cfg = training.FitConfig(epochs=1, warmup_steps=1, min_lr_ratio=0.0, time_budget_min=1)
     s = training.Schedule(cfg, total_steps=10**9)

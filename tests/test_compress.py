@@ -134,3 +134,58 @@ def test_no_targets_and_double_compress():
 def test_tiny_budget_is_a_clear_error():
     with pytest.raises(SvdloraError, match="too small"):
         compress(MLP(), budget=0.001, progress=False)
+
+
+def test_budget_counts_dense_kept_matrices_and_budget_one():
+    """At b = 1 an even square matrix's share buys factors as large as itself: it stays dense
+    (exact, same cost); the rectangular ones are factorized; the total stays within budget."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]()
+    report = compress(model, budget=1.0, submatrices=2, progress=False)
+    targeted = [m for m in report.modules if m.factorized or "budget share" in (m.dense_reason or "")]
+    assert sum(m.params_after for m in targeted) <= 1.0 * sum(m.params_before for m in targeted)
+    reasons = {m.name: m.dense_reason for m in report.modules}
+    assert "covers the dense matrix" in reasons["model.layers.0.self_attn.q_proj"]  # 32x32 at rank 16
+    assert reasons["model.layers.0.mlp.up_proj"] is None  # 64x32: rank 21 < 21.3
+    square = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    report = compress(square, budget=1.0, progress=False)  # nothing to gain: no error, all exact
+    assert not report.factorized
+
+
+def test_small_shares_get_rank_one_within_budget():
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 4), nn.Linear(4, 512))
+    report = compress(model, budget=0.02, progress=False)
+    ranks = {m.name: m.ranks for m in report.modules}
+    assert ranks["1"] == [1] and ranks["2"] == [1]  # 4x512: a share below rank 1
+    assert sum(m.params_after for m in report.modules) <= 0.02 * sum(m.params_before for m in report.modules)
+
+
+def test_layers_read_through_weight_still_work():
+    """nn.MultiheadAttention (out_proj) and T5 (wo) read `.weight` of their Linear children directly."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        before = encoder(x)
+    for name, module in [(n, m) for n, m in encoder.named_modules() if dense_kind(m)]:
+        encoder.set_submodule(name, LowRankLinear.from_dense(module, [min(weight_out_in(module).shape)]))
+    assert isinstance(encoder.layers[0].self_attn.out_proj, LowRankLinear)
+    with torch.no_grad():
+        assert torch.allclose(encoder(x), before, atol=1e-5)
+    t5 = TINY_MODELS["t5"]().eval()
+    compress(t5, budget=0.5, progress=False)
+    assert torch.isfinite(output_of(t5, "t5")).all()
+
+
+def test_randomized_svd_leaves_the_global_rng_alone():
+    model = MLP()
+    torch.manual_seed(123)
+    compress(model, budget=0.5, svd_method="randomized", progress=False)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
+
+
+def test_single_layer_model_is_a_clear_error():
+    with pytest.raises(SvdloraError, match="single Linear/Conv1D layer"):
+        compress(nn.Linear(64, 64), rank=4, progress=False)

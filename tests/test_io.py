@@ -170,3 +170,33 @@ def test_load_on_gpu(tmp_path, merge):
     inputs = {k: v.cuda() for k, v in example_inputs("llama").items()}
     with torch.no_grad():
         assert torch.allclose(loaded(**inputs).logits.cpu(), output_of(model, "llama"), atol=1e-4)
+
+
+def test_compressed_tied_head_roundtrips_twice(tmp_path):
+    """--compress-head on a tied model: the head becomes factors, the embedding stays, and a
+    loaded model can be saved and loaded again."""
+    model, out = compressed_folder("gpt2", tmp_path, keep_head=False)
+    assert isinstance(model.lm_head, LowRankLinear)
+    expected = output_of(model, "gpt2")
+    loaded = load_compressed(out, device="cpu")
+    assert set(dict(loaded.lm_head.named_parameters())) == {"A", "B"}
+    again = save_compressed(loaded, tmp_path / "again")
+    assert torch.equal(output_of(load_compressed(again, device="cpu"), "gpt2"), expected)
+
+
+def test_model_of_another_architecture_is_refused(tmp_path):
+    model = MLP()
+    compress(model, budget=0.5, progress=False)
+    out = save_compressed(model, tmp_path / "mlp-svd")
+    other = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10))
+    with pytest.raises(SvdloraError, match="does not have"):
+        load_compressed(out, device="cpu", model=other)
+
+
+def test_bf16_load_keeps_buffers_and_ties(tmp_path):
+    model, out = compressed_folder("llama", tmp_path)
+    loaded = load_compressed(out, device="cpu", dtype="bfloat16")
+    rotary = dict(loaded.named_buffers())["model.rotary_emb.inv_freq"]
+    assert rotary.dtype == torch.float32, "buffers built at construction keep their dtype, as in transformers"
+    expected = output_of(model, "llama")
+    assert torch.allclose(output_of(loaded, "llama").float(), expected, atol=0.1)
