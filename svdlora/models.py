@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch import nn
 
-from .errors import SvdloraError
+from .errors import SvdloraError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ def model_class(config: transformers.PretrainedConfig) -> type:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
+    logger.warning(
+        "config.json names no known architecture (%s): loading with AutoModel, which has no task head",
+        config.architectures,
+    )
     return transformers.AutoModel
 
 
@@ -122,22 +126,22 @@ def load_pretrained(
         )
     except OSError as err:
         if source is name:
-            why = "hub unreachable and not in the local cache" if local_only else _first_line(err)
+            why = "hub unreachable and not in the local cache" if local_only else first_line(err)
             raise SvdloraError(
                 f"model {name!r} is neither a local folder nor downloadable from the Hugging Face hub ({why}). "
                 "Pass a local folder saved with save_pretrained, or check the id and your network "
                 "(HF_HUB_OFFLINE must be unset)."
             ) from None
-        raise SvdloraError(f"cannot read the config of {name!r}: {_first_line(err)}") from None
+        raise SvdloraError(f"cannot read the config of {name!r}: {first_line(err)}") from None
     except ValueError as err:
-        raise SvdloraError(f"cannot read the config of {name!r}: {_first_line(err)}") from None
+        raise SvdloraError(f"cannot read the config of {name!r}: {first_line(err)}") from None
     cls = model_class(config)
     try:
         return cls.from_pretrained(
             source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, local_files_only=local_only
         )
     except (OSError, ValueError, RuntimeError) as err:
-        raise SvdloraError(f"cannot load the weights of {name!r} as {cls.__name__}: {_first_line(err)}") from None
+        raise SvdloraError(f"cannot load the weights of {name!r} as {cls.__name__}: {first_line(err)}") from None
 
 
 def load_model(
@@ -164,8 +168,3 @@ def default_device(device: str | torch.device | None) -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise SvdloraError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SvdloraError
+from ..errors import SvdloraError, first_line
 from ..layers import LowRankLinear
 from .measure import disk_bytes
 from .options import DEFAULT_DTYPE, IMAGES, TEXT, TRANSLATION, EvalOptions, resolve_device
@@ -49,7 +49,7 @@ def _load_processor(source: str, task: str):
     try:
         return auto.from_pretrained(source)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise SvdloraError(
             f"cannot load the {what} of {source!r} ({first}): save it into the model folder "
             f"(e.g. tokenizer.save_pretrained(folder)) or pass the in-memory model as (model, {what})"

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import SvdloraError
+from ..errors import SvdloraError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def open_dataset(data: Any, split: str | None, config: str | None):
                     f"--data {str(data)!r} does not exist as a local file or folder, and `datasets` could not "
                     "load it as a hub dataset (offline, or no such dataset?)"
                 )
-            raise SvdloraError(f"{message}: {_first_line(err)}") from None
+            raise SvdloraError(f"{message}: {first_line(err)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         chosen = split or ("test" if "test" in loaded else names[0] if len(names) == 1 else None)
@@ -149,8 +149,3 @@ def column_values(dataset, column: str) -> list:
         return [row[key] for row in values]
     except (KeyError, TypeError):
         raise SvdloraError(f"column {root!r} has no key {key!r}: pass e.g. {root}.<key> with an existing key") from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
