@@ -10,7 +10,7 @@ Model config and why:
     * ``d_model=256, 3 encoder + 3 decoder layers, 4 heads, FFN 1024``: the usual "small
       transformer" for Multi30k (29k short caption pairs, ~16 pieces a sentence); larger
       models gain little on this data and train fewer epochs in a CPU time budget.
-      ~9.5M parameters, of which 2M are the shared embedding.
+      7.6M parameters, of which 2M are the shared embedding.
     * Shared encoder/decoder/output embeddings (``share_encoder_decoder_embeddings``, tied
       LM head), ``scale_embedding``, sinusoidal positions and ``decoder_start_token_id = pad``
       exactly as Marian does.

@@ -40,6 +40,7 @@ class FitConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 200
+    warmup_frac: float = 0.05  # warmup also ends once 5% of the steps or of the time budget is used
     min_lr_ratio: float = 0.02
     grad_clip: float = 1.0
     time_budget_min: float | None = None
@@ -138,7 +139,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: tuple[st
 
 
 class Schedule:
-    """Linear warmup, then cosine decay over progress = max(step fraction, time fraction)."""
+    """Linear warmup, then cosine decay over progress = max(step fraction, time fraction).
+
+    Warmup lasts ``warmup_steps`` or ``warmup_frac`` of the progress, whichever ends first.
+    """
 
     def __init__(self, cfg: FitConfig, total_steps: int):
         self.cfg = cfg
@@ -156,7 +160,10 @@ class Schedule:
         return min(p, 1.0)
 
     def factor(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(self.cfg.warmup_steps, 1))
+        # Under a tight time budget a fixed warmup could eat most of the run; cap it.
+        by_steps = (step + 1) / max(self.cfg.warmup_steps, 1)
+        by_progress = self.progress(step) / self.cfg.warmup_frac if self.cfg.warmup_frac else 0.0
+        warm = min(1.0, max(by_steps, by_progress))
         cos = 0.5 * (1 + math.cos(math.pi * self.progress(step)))
         return min(warm, self.cfg.min_lr_ratio + (1 - self.cfg.min_lr_ratio) * cos)
 
