@@ -75,8 +75,10 @@ def machine_summary(results_dir: Path, names: list[str]) -> str:
         if path.is_file():
             m = json.loads(path.read_text()).get("machine")
             if m:
-                return (f"{m['platform']}, {m['cpu_count']} CPUs (shared with the model trainings while these ran), "
-                        f"torch {m['torch']}, {m['device']}; dates per section")  # fmt: skip
+                return (
+                    f"{m['platform']}, {m['cpu_count']} CPUs, shared with other jobs (each section says how noisy "
+                    f"its timings were), torch {m['torch']}, {m['device']}; dates per section"
+                )
     return "see each section"
 
 

@@ -142,7 +142,8 @@ def markdown(results: dict, png: str) -> str:
         body2.append([f"{r['setting']['budget']:g}", *compression_cells(r), f"{bleu(r):.2f}", f"{chrf(r):.2f}",
                       NOT_GIVEN, _runtime(r)])  # fmt: skip
     sig = dense["evals"]["test"]["metrics"]
-    slower = sum(_time(r) > _time(dense) for r in t1 + t2)
+    distinct = list({str(r["setting"]): r for r in t1 + t2}.values())
+    slower = sum(_time(r) > _time(dense) for r in distinct)
     lines = [
         "## Translation: the poster's NMT tables on Multi30k German→English",
         "",
@@ -158,7 +159,8 @@ def markdown(results: dict, png: str) -> str:
         "LM head (tied to the shared embedding) stays dense.",
         "",
         f"Command: `{results['command']}`  ",
-        sweep.machine_line(m) + f" Time spent measuring these {len(t1) + len(t2)} settings and the dense "
+        sweep.machine_line(m)
+        + f" Time spent measuring these {len({str(r['setting']) for r in t1 + t2})} settings and the dense "
         f"model: {results['measured_s'] / 60:.1f} min.",
         "",
         f"![BLEU and chrF against submatrices and budget]({png})",
@@ -210,7 +212,7 @@ def markdown(results: dict, png: str) -> str:
         "matrix at b = 1; there the square attention matrices stay dense (their factors would be no smaller) "
         f"and the {cfg['encoder_ffn_dim']}×{cfg['d_model']} feed-forward matrices keep rank "
         f"{cfg['encoder_ffn_dim'] * cfg['d_model'] // (cfg['encoder_ffn_dim'] + cfg['d_model'])} of "
-        f"{cfg['d_model']}. {slower} of the {len(t1) + len(t2)} compressed rows ran slower than the dense model. "
+        f"{cfg['d_model']}. {slower} of the {len(distinct)} compressed settings ran slower than the dense model. "
         + _lengths_sentence(results.get("output_lengths"))
         + "The poster's runtimes are not given in the issue.",
     ]

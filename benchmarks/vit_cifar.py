@@ -111,7 +111,7 @@ def markdown(results: dict, png: str) -> str:
         f"training images ({log['parameters']:,} parameters: 32×32 input, patch {cfg['patch_size']}, "
         f"{cfg['num_hidden_layers']} layers, width {h}, {cfg['num_attention_heads']} heads, MLP {i}; the config and "
         f"its reasons are in that file's docstring); {log['epochs_completed']} epochs in "
-        f"{log['train_wall_s'] / 60:.0f} min on this CPU ({log['machine']['device']}); "
+        f"{log['train_wall_s'] / 60:.0f} min on this machine's CPU; "
         f"its training log gives test accuracy {log['test_accuracy']:.4f} on all {log['test_examples']:,} test "
         f"images. Here every figure is on the first {n_img:,} test images (`--limit {n_img}`, "
         f"{n_img // 10} per class; drop the limit for all 10,000), float32, batch 100, with `svdlora.evaluate`. "
@@ -119,7 +119,8 @@ def markdown(results: dict, png: str) -> str:
         "classifier head stays dense.",
         "",
         f"Command: `{results['command']}`  ",
-        sweep.machine_line(m) + f" Time spent measuring these {len(t1) + len(t2)} settings and the dense "
+        sweep.machine_line(m)
+        + f" Time spent measuring these {len({str(r['setting']) for r in t1 + t2})} settings and the dense "
         f"model: {results['measured_s'] / 60:.1f} min.",
         "",
         f"![accuracy against submatrices and budget]({png})",
