@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 model=$(bash scripts/fetch_smollm2.sh)
 svdlora compress "$model" --budget 0.5 --submatrices 3 --output out/smollm2-svd --overwrite
-python examples/generate.py out/smollm2-svd --prompt "What is the capital of France?"
+python examples/generate.py out/smollm2-svd --baseline "$model" --prompt "What is the capital of France?"
