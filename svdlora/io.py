@@ -42,12 +42,18 @@ CONFIG_NAME = "svdlora_config.json"
 
 
 # ---------------------------------------------------------------- writing
-@contextmanager
-def atomic_folder(output: str | Path, overwrite: bool = False):
-    """Yield a temporary folder that becomes ``output`` only if the block succeeds."""
+def check_output(output: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an existing output folder unless ``overwrite``; callers check early, before slow work."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise SvdloraError(f"output folder {str(output)!r} already exists: pass --overwrite or choose another path")
+    return output
+
+
+@contextmanager
+def atomic_folder(output: str | Path, overwrite: bool = False):
+    """Yield a temporary folder that becomes ``output`` only if the block succeeds."""
+    output = check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     umask = os.umask(0)

@@ -6,14 +6,12 @@ import argparse
 import resource
 import sys
 import time
-from pathlib import Path
 
 import transformers
 
 from ..compress import compress
 from ..config import CompressionConfig
-from ..errors import SvdloraError
-from ..io import save_compressed
+from ..io import check_output, save_compressed
 from ..models import load_pretrained
 from . import options
 
@@ -77,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
         keep_head=args.keep_head,
         svd_method=args.svd_method,
     )
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise SvdloraError(f"output folder {str(output)!r} already exists: pass --overwrite or choose another path")
+    output = check_output(args.output, args.overwrite)  # fail before the (possibly slow) model load
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
