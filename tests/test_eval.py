@@ -13,12 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    MarianConfig,
-    MarianMTModel,
     PreTrainedTokenizerFast,
     ViTConfig,
     ViTForImageClassification,
@@ -40,6 +37,8 @@ from svdlora.evaluation.images import label_ids
 from svdlora.evaluation.report import RATIO_FIELDS
 from svdlora.evaluation.text import sliding_windows
 
+from .eval_helpers import compress_to, tiny_marian, word_tokenizer
+
 WORDS = (
     "the a man woman dog cat sits runs on in under big small red blue house tree street park ball "
     "ein eine mann frau hund katze sitzt läuft auf im unter groß klein rot blau haus baum straße"
@@ -48,33 +47,15 @@ TEXT = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(300))  # 300 tokens, 
 CLASSES = ("bird", "cat", "dog")
 
 
-def word_tokenizer(eos_suffix: bool = False) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over WORDS, built without any download."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    if eos_suffix:  # Marian-style: the source ends in </s>
-        tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def _save_compressed(model, folder, source):
-    report = svdlora.compress(model, budget=0.5, submatrices=2, progress=False)
-    svdlora.save_compressed(model, folder, report=report, source=source)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def gpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt")
-    tok = word_tokenizer()
+    tok = word_tokenizer(WORDS)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)))
     model.save_pretrained(root / "dense")
     tok.save_pretrained(root / "dense")
-    compressed = _save_compressed(model, root / "svd", root / "dense")
+    compressed = compress_to(model, root / "svd", root / "dense")
     (root / "text.txt").write_text(TEXT)
     return {"dense": str(root / "dense"), "svd": compressed, "text": str(root / "text.txt"), "root": root}
 
@@ -97,7 +78,7 @@ def vit(tmp_path_factory):
     model = ViTForImageClassification(config)
     model.save_pretrained(root / "dense")
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "dense")
-    compressed = _save_compressed(model, root / "svd", root / "dense")
+    compressed = compress_to(model, root / "svd", root / "dense")
     rng = np.random.default_rng(0)
     for name in CLASSES:
         (root / "images" / name).mkdir(parents=True)
@@ -110,26 +91,8 @@ def vit(tmp_path_factory):
 @pytest.fixture(scope="module")
 def marian(tmp_path_factory):
     root = tmp_path_factory.mktemp("marian")
-    tok = word_tokenizer(eos_suffix=True)
-    config = MarianConfig(
-        vocab_size=len(tok),
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        forced_eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    model = MarianMTModel(config).eval()  # eval: no dropout in the reference outputs
-    with torch.no_grad():
-        model.final_logits_bias[0, 1] = -5.0  # untrained: keep it from stopping at once
+    tok = word_tokenizer(WORDS, eos_suffix=True)
+    model = tiny_marian(len(tok))
     model.save_pretrained(root / "dense")
     tok.save_pretrained(root / "dense")
     sources = ["ein mann sitzt", "der hund läuft im park", "eine katze", "rot blau haus baum", "klein"]
@@ -140,7 +103,7 @@ def marian(tmp_path_factory):
     references = [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
     assert all(references), references
     (root / "ref.txt").write_text("\n".join(references) + "\n")
-    compressed = _save_compressed(model, root / "svd", root / "dense")
+    compressed = compress_to(model, root / "svd", root / "dense")
     return {
         "dense": str(root / "dense"),
         "svd": compressed,

@@ -15,23 +15,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     GPT2Tokenizer,
-    MarianConfig,
-    MarianMTModel,
-    PreTrainedTokenizerFast,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
 )
 
-import svdlora
 from svdlora.cli import main
 from svdlora.evaluation import evaluate
 from svdlora.evaluation.sources import read_lines
+
+from .eval_helpers import compress_to, tiny_marian, word_tokenizer
 
 DATA = Path(os.environ.get("SVDLORA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -42,12 +39,6 @@ def _need(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data {path} not present")
     return path
-
-
-def _compress(model, folder: Path, source: Path) -> str:
-    report = svdlora.compress(model, budget=0.5, submatrices=2, progress=False)
-    svdlora.save_compressed(model, folder, report=report, source=source)
-    return str(folder)
 
 
 def test_wikitext_perplexity_matches_hf_guide_loop(tmp_path, capsys):
@@ -128,7 +119,7 @@ def test_cifar10_jpeg_folder_compressed_vs_dense(tmp_path):
     model = ViTForImageClassification(config).eval()
     model.save_pretrained(tmp_path / "dense")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dense")
-    compressed = _compress(model, tmp_path / "svd", tmp_path / "dense")
+    compressed = compress_to(model, tmp_path / "svd", tmp_path / "dense")
     result = evaluate(compressed, "image-classification", str(images), baseline=str(tmp_path / "dense"), progress=False)
     assert result["model"]["metrics"]["total"] == 50 == result["baseline"]["metrics"]["total"]
     assert 0 <= result["model"]["metrics"]["accuracy"] <= 1
@@ -136,44 +127,15 @@ def test_cifar10_jpeg_folder_compressed_vs_dense(tmp_path):
     assert result["settings"]["batch_size"] == 32
 
 
-def _word_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for sentence in sentences:
-        for word in sentence.split():
-            vocab.setdefault(word, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
 @pytest.mark.slow  # ~25 s on 2 busy cores: 200 sentences, 4 beams, two models
 def test_multi30k_200_sentences_gzipped(tmp_path, capsys):
     de, en = _need("multi30k", "test_2016_flickr.de.gz"), _need("multi30k", "test_2016_flickr.en.gz")
     sentences = read_lines(de, "--data")[:200] + read_lines(en, "--references")[:200]
-    tok = _word_tokenizer(sentences)
-    config = MarianConfig(
-        vocab_size=len(tok),
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        forced_eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    model = MarianMTModel(config).eval()
-    with torch.no_grad():
-        model.final_logits_bias[0, 1] = -5.0  # untrained: keep it from stopping at once
+    tok = word_tokenizer([w for s in sentences for w in s.split()], eos_suffix=True, split_punctuation=False)
+    model = tiny_marian(len(tok), max_positions=128)
     model.save_pretrained(tmp_path / "dense")
     tok.save_pretrained(tmp_path / "dense")
-    compressed = _compress(model, tmp_path / "svd", tmp_path / "dense")
+    compressed = compress_to(model, tmp_path / "svd", tmp_path / "dense")
 
     out_json = tmp_path / "r.json"
     args = ["eval", compressed, "--task", "translation", "--data", str(de), "--references", str(en)]

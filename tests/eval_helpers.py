@@ -1,0 +1,54 @@
+"""Builders shared by the evaluation tests: offline tokenizers and tiny models, no downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
+
+import svdlora
+
+
+def word_tokenizer(words, eos_suffix: bool = False, split_punctuation: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``words`` (<pad>=0, </s>=1, <unk>=2)."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
+    if eos_suffix:  # Marian-style: the source ends in </s>
+        tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_marian(vocab_size: int, max_positions: int = 64) -> MarianMTModel:
+    """A 1+1-layer Marian in eval mode (no dropout in reference outputs), seeded."""
+    config = MarianConfig(
+        vocab_size=vocab_size,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        forced_eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = MarianMTModel(config).eval()
+    with torch.no_grad():
+        model.final_logits_bias[0, 1] = -5.0  # untrained: keep it from stopping at once
+    return model
+
+
+def compress_to(model, folder: Path, source: Path) -> str:
+    """Compress ``model`` in place (budget 0.5, 2 stages) and save it to ``folder``."""
+    report = svdlora.compress(model, budget=0.5, submatrices=2, progress=False)
+    svdlora.save_compressed(model, folder, report=report, source=source)
+    return str(folder)
