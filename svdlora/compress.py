@@ -67,8 +67,13 @@ def compress(
             "no Linear/Conv1D layer is targeted: check --include/--exclude "
             f"(layers seen: {', '.join(list(dense)[:5]) or 'none'})"
         )
-    _check_finite(targets)
+    _check_finite(model)
     ranks, allocator_dense = allocate_ranks(targets, config)
+    if not ranks and config.rank is not None:  # a fixed rank that factorizes nothing is a silent no-op
+        raise SvdloraError(
+            f"rank {config.rank} factorizes none of the {len(targets)} targeted matrices (the factors would "
+            "not be smaller than any of them): pass a smaller --rank"
+        )
     dense.update(allocator_dense)
 
     svd_options = {
@@ -121,7 +126,8 @@ def compress(
     return report
 
 
-def _check_finite(targets) -> None:
-    for t in targets:
-        if not torch.isfinite(t.module.weight).all():
-            raise SvdloraError(f"weight of {t.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {t.name}")
+def _check_finite(model: nn.Module) -> None:
+    """Every stored tensor, not only the targets: a NaN bias or an Inf embedding ruins the output too."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            raise SvdloraError(f"tensor {name!r} of the model contains NaN or Inf: fix or replace the checkpoint")

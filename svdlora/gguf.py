@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import SvdloraError
-from .io import atomic_folder
+from .outputs import atomic_folder, check_output_folder
 
 
 def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = False) -> Path:
@@ -27,13 +27,14 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
         import gguf  # noqa: F401  (transformers needs it to parse the file)
     except ImportError:
         raise SvdloraError("reading GGUF needs the `gguf` package: pip install gguf") from None
+    check_output_folder(output, overwrite, inputs=[gguf_file])  # before the slow dequantization
     kwargs = {"gguf_file": gguf_file.name}
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # re-tied from the input embedding at load time
-    with atomic_folder(output, overwrite=overwrite) as tmp:
+    with atomic_folder(output, overwrite=overwrite, inputs=[gguf_file]) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
         model.config.architectures = [type(model).__name__]  # GGUF configs lack it; loaders need it
         if hasattr(model.config, "quantization_config"):

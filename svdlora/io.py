@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,52 +27,28 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .compress import REPORT_ATTR
-from .errors import SvdloraError
-from .layers import LowRankLinear
+from .errors import SvdloraError, first_line
+from .layers import LowRankLinear, dense_kind, weight_out_in
 from .models import PREPROCESSOR_FILES, default_device, folder_bytes, model_class, parse_dtype
+from .outputs import atomic_folder, check_output_folder, describe, is_incomplete
 from .report import CompressionReport
+from .schema import check_factor_shapes, model_class_named, validate_config
 from .version import FORMAT_VERSION, __version__
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "svdlora_config.json"
+# config.json gets a quantization_config without quant_method, so plain transformers
+# from_pretrained refuses the folder instead of loading random weights in place of the factors.
+MARK_KEY = "svdlora"
+MARK = {MARK_KEY: "svdlora factors, not a plain checkpoint: load with svdlora.load_compressed(path)"}
 
 
 # ---------------------------------------------------------------- writing
-def check_output(output: str | Path, overwrite: bool = False) -> Path:
-    """Refuse an existing output folder unless ``overwrite``; callers check early, before slow work."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise SvdloraError(f"output folder {str(output)!r} already exists: pass --overwrite or choose another path")
-    return output
-
-
-@contextmanager
-def atomic_folder(output: str | Path, overwrite: bool = False):
-    """Yield a temporary folder that becomes ``output`` only if the block succeeds."""
-    output = check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be a normal folder
-    try:
-        yield tmp
-        if output.exists():  # overwrite: swap only after the new folder is complete
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, trash / "old")
-            try:
-                os.replace(tmp, output)
-            except OSError:
-                os.replace(trash / "old", output)  # put the user's folder back
-                raise
-            finally:
-                shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def check_output(output: str | Path, overwrite: bool = False, inputs=()) -> Path:
+    """Refuse an output folder that would destroy user files (see svdlora.outputs); call early."""
+    return check_output_folder(output, overwrite, inputs)
 
 
 def _tensors_for_file(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -124,7 +98,7 @@ def save_compressed(
     config = getattr(model, "config", None)
     source = source if source is not None else getattr(config, "name_or_path", None) or None
     output = Path(output)
-    with atomic_folder(output, overwrite) as tmp:
+    with atomic_folder(output, overwrite, inputs=[source]) as tmp:
         tensors, tied = _tensors_for_file(model)
         metadata = {
             "format": "pt",
@@ -138,6 +112,7 @@ def save_compressed(
             report.bytes_before = folder_bytes(source)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(tmp)
+            _mark_config_json(tmp / "config.json")
             generation_config = getattr(model, "generation_config", None)
             if generation_config is not None and getattr(model, "can_generate", lambda: False)():
                 generation_config.save_pretrained(tmp)
@@ -158,6 +133,12 @@ def save_compressed(
         (tmp / CONFIG_NAME).write_text(json.dumps(svd_config, indent=2, sort_keys=True) + "\n")
     logger.info("saved %s (%d bytes)", output, report.bytes_after)
     return output
+
+
+def _mark_config_json(file: Path) -> None:
+    data = json.loads(file.read_text())
+    data.setdefault("quantization_config", MARK)
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_preprocessor_files(source: str | Path, dest: Path) -> None:
@@ -192,6 +173,11 @@ def read_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise SvdloraError(f"compressed folder {str(path)!r} does not exist")
+    if is_incomplete(path):
+        raise SvdloraError(
+            f"{str(path)!r} is the unfinished temporary folder of an interrupted run: it is removed by the "
+            "next run for the same output; pass the finished output folder"
+        )
     if not is_compressed_folder(path):
         raise SvdloraError(
             f"{str(path)!r} is not an svdlora folder (no {CONFIG_NAME}): create one with `svdlora compress`"
@@ -199,14 +185,17 @@ def read_config(path: str | Path) -> dict:
     try:
         data = json.loads((path / CONFIG_NAME).read_text())
         data["report"]["modules"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise SvdloraError(f"{path / CONFIG_NAME} is corrupted ({err}): re-run `svdlora compress`") from None
+    except OSError as err:
+        raise SvdloraError(f"{path / CONFIG_NAME} cannot be read ({describe(err)})") from None
     if data.get("format_version") != FORMAT_VERSION:
         raise SvdloraError(
             f"{str(path)!r} uses svdlora format {data.get('format_version')!r} (written by svdlora "
             f"{data.get('svdlora_version')}), this is svdlora {__version__} reading format {FORMAT_VERSION}: "
             "install the matching svdlora version or re-run `svdlora compress`"
         )
+    validate_config(data, path / CONFIG_NAME)
     return data
 
 
@@ -257,9 +246,37 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
             f"{str(path)!r} has no usable config.json ({err}); for a plain PyTorch model pass "
             "load_compressed(path, model=<an instance of its class>)"
         ) from None
-    cls = getattr(transformers, base.get("class") or "", None) or model_class(config)
-    with init_empty_weights(), _no_weight_init():  # parameters on meta, buffers (e.g. rotary tables) real
-        return cls(config)
+    if isinstance(getattr(config, "quantization_config", None), dict) and MARK_KEY in config.quantization_config:
+        del config.quantization_config  # our guard against plain from_pretrained, not a real quantization
+    cls = model_class_named(base.get("class")) or model_class(config)
+    if cls.config_class is not None and not isinstance(config, cls.config_class):
+        raise SvdloraError(
+            f"{str(path)!r}: base_model.class {cls.__name__} does not take the {type(config).__name__} of "
+            "config.json: the folder was edited or mixed with another; re-run `svdlora compress`"
+        )
+    try:
+        with init_empty_weights(), _no_weight_init():  # parameters on meta, buffers (e.g. rotary tables) real
+            return cls(config)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as err:
+        raise SvdloraError(
+            f"{str(path)!r}: config.json does not build a {cls.__name__} ({first_line(err)}): "
+            "the folder was edited or corrupted; re-run `svdlora compress`"
+        ) from None
+
+
+def _check_replaced_layer(model: nn.Module, m, path: Path) -> None:
+    """The layer a factorized entry replaces must be the Linear/Conv1D of that shape the file was made from."""
+    try:
+        old = model.get_submodule(m.name)
+    except AttributeError:
+        raise SvdloraError(f"{str(path)!r} names layer {m.name!r}, which the model does not have") from None
+    kind = dense_kind(old)
+    shape = tuple(weight_out_in(old).shape) if kind else None
+    if kind != m.kind or shape != tuple(m.shape):
+        raise SvdloraError(
+            f"{str(path)!r}: layer {m.name!r} is a {type(old).__name__}{list(shape) if shape else ''} in the model, "
+            f"but svdlora_config.json says {m.kind} {list(m.shape)}: the folder was edited; re-run `svdlora compress`"
+        )
 
 
 def _no_weight_init():
@@ -298,15 +315,15 @@ def load_compressed(
     target_device = default_device(device)
     target_dtype = parse_dtype(dtype)
 
+    with safe_open(str(weights), framework="pt") as f:
+        check_factor_shapes(report.factorized, {k: f.get_slice(k).get_shape() for k in f.keys()}, weights)
     if model is None:
         model = _build_skeleton(path, data.get("base_model", {}))
     for m in report.factorized:
+        _check_replaced_layer(model, m, path)
         # Factors are allocated on meta; load_state_dict(assign=True) drops the real tensors in.
         layer = LowRankLinear(m.shape[1], m.shape[0], m.ranks, bias=m.bias, base_kind=m.kind, device="meta")
-        try:
-            model.set_submodule(m.name, layer, strict=True)
-        except AttributeError:
-            raise SvdloraError(f"{str(path)!r} names layer {m.name!r}, which the model does not have") from None
+        model.set_submodule(m.name, layer, strict=True)
 
     try:
         tensors = load_file(str(weights), device=str(target_device))
@@ -326,7 +343,14 @@ def load_compressed(
         tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     tied = _tied_map(metadata, tensors, weights)
 
-    result = model.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as err:  # size mismatches, integer tensors for float parameters
+        detail = " ".join(str(err).split("\n\t")[1:2]).strip() or first_line(err)
+        raise SvdloraError(
+            f"{str(weights)!r} does not fit the model of config.json ({detail}): the folder was edited or "
+            "mixed with another; re-run `svdlora compress`"
+        ) from None
     if result.unexpected_keys:
         raise SvdloraError(f"{str(weights)!r} holds tensors the model does not have: {result.unexpected_keys[:3]}")
     missing = [k for k in result.missing_keys if k not in tied]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import SvdloraError, first_line
@@ -113,6 +115,7 @@ def load_pretrained(
             raise SvdloraError(
                 f"{name!r} is not a model folder (no config.json): pass a folder written by save_pretrained"
             )
+        check_dense_folder(path, name)
         source = str(path)
     elif _looks_like_path(name):
         raise SvdloraError(f"model path {name!r} does not exist: check the path, or pass a hub id such as 'gpt2'")
@@ -137,11 +140,81 @@ def load_pretrained(
         raise SvdloraError(f"cannot read the config of {name!r}: {first_line(err)}") from None
     cls = model_class(config)
     try:
-        return cls.from_pretrained(
-            source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, local_files_only=local_only
+        # Mismatched shapes are reported below, naming the tensor, rather than as transformers' RuntimeError.
+        model, info = cls.from_pretrained(
+            source,
+            dtype=torch_dtype or "auto",
+            trust_remote_code=trust_remote_code,
+            local_files_only=local_only,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise SvdloraError(f"cannot load the weights of {name!r} as {cls.__name__}: {first_line(err)}") from None
+    except pickle.UnpicklingError:
+        raise SvdloraError(
+            f"{name!r} holds a pickle checkpoint that torch refuses to load safely (it could run code): "
+            "convert it to safetensors where you trust it, or use the original safetensors files"
+        ) from None
+    except (OSError, ValueError, RuntimeError, SafetensorError, EOFError, KeyError) as err:
+        raise SvdloraError(f"cannot load the weights of {name!r} as {cls.__name__}: {_clean(err)}") from None
+    check_loading_info(info, name, cls.__name__)
+    return model
+
+
+def _clean(err: BaseException) -> str:
+    """First line of a loading error, without advice to disable torch's safe unpickling."""
+    text = first_line(err)
+    if "weights_only" in text or "Unpickl" in text or isinstance(err.__cause__, pickle.UnpicklingError):
+        return "a pickle checkpoint that torch refuses to load safely (it could run code); convert it to safetensors"
+    return text
+
+
+def check_loading_info(info: dict, name: str, cls_name: str) -> None:
+    """Refuse a checkpoint that does not fill the model exactly: never random weights in a result."""
+    for key, what in (("missing_keys", "lacks"), ("unexpected_keys", "holds tensors the model does not have:")):
+        keys = sorted(info.get(key) or [])
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise SvdloraError(
+                f"{name!r} {what} {keys[:3]}{more} for {cls_name}: the checkpoint is incomplete or belongs to "
+                "another architecture; pass the complete folder written by save_pretrained"
+            )
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, stored, wanted = mismatched[0]
+        raise SvdloraError(
+            f"{name!r}: tensor {key!r} has shape {list(stored)} but {cls_name} needs {list(wanted)}: "
+            "config.json and the weights do not match"
+        )
+
+
+def check_dense_folder(path: Path, name: str) -> None:
+    """Refuse svdlora folders and unfinished outputs before transformers fills gaps with random weights."""
+    from .outputs import SVDLORA_CONFIG, is_incomplete
+
+    if is_incomplete(path):
+        raise SvdloraError(
+            f"{name!r} is the unfinished temporary folder of an interrupted svdlora run: pass a finished folder"
+        )
+    if (path / SVDLORA_CONFIG).is_file():
+        raise SvdloraError(
+            f"{name!r} is already compressed by svdlora: compress the original model, or load this folder "
+            "with svdlora.load_compressed"
+        )
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in path.iterdir()):
+        raise SvdloraError(f"{name!r} has a config.json but no weight files: the folder is incomplete")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise SvdloraError(
+                f"{str(file)!r} is corrupted or truncated ({first_line(err)}): restore or re-download it"
+            ) from None
+        if "svdlora_format_version" in metadata:
+            raise SvdloraError(
+                f"{name!r} holds svdlora factors but no {SVDLORA_CONFIG}: the folder is incomplete; "
+                "restore that file or re-run `svdlora compress`"
+            )
 
 
 def load_model(

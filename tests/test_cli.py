@@ -122,7 +122,7 @@ def test_nan_weights_leave_no_output(tmp_path, capsys):
         model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("inf")
     model.save_pretrained(tmp_path / "bad")
     code, _, err = run_cli(capsys, "compress", tmp_path / "bad", "--output", tmp_path / "out", "--no-progress")
-    assert code == 2 and "'transformer.h.1.mlp.c_fc' contains NaN or Inf" in err
+    assert code == 2 and "'transformer.h.1.mlp.c_fc.weight' of the model contains NaN or Inf" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 

@@ -117,7 +117,7 @@ def test_nan_weights_are_refused():
     model = MLP()
     with torch.no_grad():
         model.fc1.weight[0, 0] = float("nan")
-    with pytest.raises(SvdloraError, match="'fc1' contains NaN or Inf"):
+    with pytest.raises(SvdloraError, match="'fc1.weight' of the model contains NaN or Inf"):
         compress(model, progress=False)
     assert isinstance(model.fc1, nn.Linear), "nothing changed on failure"
 

@@ -132,7 +132,7 @@ def test_missing_factor(tmp_path):
     tensors = load_file(path)
     del tensors["transformer.h.1.mlp.c_fc.stage1.B"]
     save_file(tensors, path, metadata=meta)
-    with pytest.raises(SvdloraError, match="lacks factor"):
+    with pytest.raises(SvdloraError, match="lacks tensor .transformer.h.1.mlp.c_fc.stage1.B"):
         load_compressed(out, device="cpu")
 
 

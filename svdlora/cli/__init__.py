@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-from ..errors import SvdloraError
+from ..errors import SvdloraError, first_line
+from ..outputs import describe
 from ..version import __version__
 from . import compress_cmd, convert_cmd, eval_cmd, export_cmd, info_cmd
 
@@ -29,15 +30,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure is one line on stderr (the traceback with SVDLORA_TRACEBACK=1).
+
+    Exit status: 0 done, 2 a problem with the input or the environment (SvdloraError, a write
+    error such as a full or read-only disk), 1 a bug in svdlora, 130 Ctrl-C, 141 a closed pipe.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args) or 0
-    except SvdloraError as err:
+    except BrokenPipeError:
+        # `svdlora info X | head -1`: the reader left, which is no error. Point stdout at devnull so
+        # the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print(f"svdlora {args.command}: interrupted (nothing was written)", file=sys.stderr)
+        return 130
+    except Exception as err:
         if os.environ.get("SVDLORA_TRACEBACK"):
             raise
-        print(f"svdlora {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(f"svdlora {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, SvdloraError | OSError) else 1
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, SvdloraError):
+        return " ".join(str(err).split())
+    if isinstance(err, OSError):  # e.g. the disk filled up while writing: the output was not created
+        where = f" ({err.filename})" if err.filename else ""
+        return f"{describe(err)}{where}: nothing was written; free space or fix permissions and retry"
+    return (
+        f"internal error {type(err).__name__}: {first_line(err)} - a bug in svdlora; "
+        "rerun with SVDLORA_TRACEBACK=1 and report the traceback"
+    )

@@ -11,6 +11,7 @@ import transformers
 
 from ..compress import compress
 from ..config import CompressionConfig
+from ..errors import SvdloraError
 from ..io import check_output, save_compressed
 from ..models import load_pretrained
 from . import options
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--budget",
         type=options.budget,
-        default=0.5,
+        default=None,  # None, not 0.5: a budget given together with --rank is refused, not ignored
         help="factors hold at most this fraction of the targeted parameters, in (0, 1] (default 0.5)",
     )
     p.add_argument(
@@ -66,8 +67,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Check everything cheap before the (possibly slow) model load.
+    if args.rank is not None and args.budget is not None:
+        raise SvdloraError("--rank and --budget exclude each other: a fixed rank ignores the budget; pass one")
     config = CompressionConfig(
-        budget=args.budget,
+        budget=0.5 if args.budget is None else args.budget,
         submatrices=args.submatrices,
         rank=args.rank,
         include=args.include,
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         keep_head=args.keep_head,
         svd_method=args.svd_method,
     )
-    output = check_output(args.output, args.overwrite)  # fail before the (possibly slow) model load
+    output = check_output(args.output, args.overwrite, inputs=[args.model])  # before the slow model load
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()

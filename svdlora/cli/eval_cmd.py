@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from ..errors import SvdloraError
 from ..evaluation import TASKS, evaluate, format_table
+from ..outputs import check_output_file, write_file_atomic
 from . import options
 
 EXAMPLES = """examples:
@@ -83,9 +82,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    json_path = Path(args.json) if args.json else None
-    if json_path is not None and not json_path.parent.exists():
-        raise SvdloraError(f"--json {args.json!r}: folder {str(json_path.parent)!r} does not exist")
+    inputs = [args.model, args.baseline, args.data, args.references]
+    json_path = check_output_file(args.json, inputs) if args.json else None  # before the evaluation
     if not args.progress:  # also the "Loading weights" bars of transformers
         from transformers.utils import logging as hf_logging
 
@@ -115,6 +113,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     if json_path is not None:
-        json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_file_atomic(json_path, json.dumps(result, indent=2, sort_keys=True) + "\n")
         print(f"wrote {json_path}", file=sys.stderr)
     return 0

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import SvdloraError
-from ..io import _copy_preprocessor_files, atomic_folder, load_compressed
+from ..io import _copy_preprocessor_files, atomic_folder, check_output, load_compressed
 
 
 def register(subparsers) -> None:
@@ -24,10 +24,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, args.overwrite, inputs=[args.folder])  # before the slow load
     model = load_compressed(args.folder, device="cpu", merge=True)
     if not hasattr(model, "save_pretrained"):
         raise SvdloraError("only transformers models can be exported as dense checkpoints")
-    with atomic_folder(args.output, overwrite=args.overwrite) as tmp:
+    with atomic_folder(args.output, overwrite=args.overwrite, inputs=[args.folder]) as tmp:
         model.save_pretrained(tmp)
         _copy_preprocessor_files(Path(args.folder), tmp)
     print(f"wrote dense checkpoint {args.output}")

@@ -54,7 +54,7 @@ from torch import nn
 from ..errors import SvdloraError
 from ..version import __version__
 from .images import evaluate_images, load_images
-from .loading import Candidate, prepare
+from .loading import Candidate, preflight, prepare
 from .measure import PeakMemory, TaskRun, count_parameters, model_device, model_dtype, model_memory_bytes
 from .options import IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, build_options
 from .report import format_table, ratios
@@ -128,6 +128,8 @@ def evaluate(
     """
     opts = build_options(task, data, options)
     loaded = _LOADERS[opts.task](opts)  # data problems surface before any model is loaded
+    if baseline is not None:
+        preflight(baseline, opts, "--baseline")  # a broken baseline fails now, not after the model ran
     entries: dict[str, dict | None] = {"model": None, "baseline": None}
     first_run: TaskRun | None = None
     for role, spec in (("model", model_or_path), ("baseline", baseline)):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import SvdloraError
+from ..errors import SvdloraError, first_line
 from .measure import TaskRun, model_device, model_dtype, timed
 from .options import EvalOptions
 from .sources import DATASET_FILE_BUILDERS, check_exists, is_dataset, is_saved_dataset, open_dataset, pick_column
@@ -47,8 +47,14 @@ class ImageData:
         if self.paths is not None:
             out = []
             for path in self.paths[start:end]:
-                with Image.open(path) as im:
-                    out.append(im.convert("RGB"))
+                try:
+                    with Image.open(path) as im:
+                        out.append(im.convert("RGB"))
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                    raise SvdloraError(
+                        f"image {str(path)!r} cannot be read ({type(err).__name__}: {first_line(err)}): "
+                        "remove or replace it"
+                    ) from None
             return out
         rows = self.dataset[start:end][self.column]
         return [im.convert("RGB") if isinstance(im, Image.Image) else im for im in rows]

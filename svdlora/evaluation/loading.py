@@ -94,6 +94,48 @@ def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MO
     )
 
 
+def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> None:
+    """Cheap checks of a model named by path or hub id, so a broken ``--baseline`` fails before
+    the main evaluation rather than after it: files and headers readable, config and class fit
+    the task, tokenizer / processor present. Missing tensors are found when it is loaded."""
+    if not isinstance(spec, str | Path):
+        return
+    from ..io import WEIGHTS_NAME, _build_skeleton, _check_header, is_compressed_folder, read_config
+    from ..models import check_dense_folder, hub_reachable
+
+    name = str(spec)
+    path = Path(name).expanduser()
+    try:
+        if is_compressed_folder(path):
+            data = read_config(path)
+            _check_header(path / WEIGHTS_NAME)
+            skeleton = _build_skeleton(path, data.get("base_model", {}))
+        else:
+            skeleton = _dense_skeleton(path, name, check_dense_folder, hub_reachable)
+        check_task(skeleton, opts.task, name)
+        _load_processor(name, opts.task)
+    except SvdloraError as err:
+        raise SvdloraError(f"{flag} {name!r}: {err}") from None
+
+
+def _dense_skeleton(path: Path, name: str, check_dense_folder, hub_reachable) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from ..models import model_class
+
+    if path.exists():
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise SvdloraError("not a model folder (no config.json): pass a folder written by save_pretrained")
+        check_dense_folder(path, name)
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=not path.exists() and not hub_reachable())
+    except (OSError, ValueError) as err:
+        raise SvdloraError(f"cannot read its config ({first_line(err)})") from None
+    with init_empty_weights():
+        return model_class(config)(config)
+
+
 def _preimport(name: str) -> None:
     """Import the model's transformers class before the load is timed.
 

@@ -1,0 +1,228 @@
+"""The one policy for everything svdlora writes: it never destroys or fakes the user's files.
+
+- Never write into, over, or around an input: paths are compared after resolving symlinks,
+  so ``--output`` equal to the input, inside it, containing it, or the current folder is refused.
+- ``--overwrite`` replaces only a folder svdlora wrote (it holds ``.svdlora-output`` or
+  ``svdlora_config.json``) or an empty one; ``--json`` replaces only an earlier svdlora result.
+- Writability is checked by creating (and removing) a probe before any slow work.
+- A folder is written under a temporary name and renamed into place when complete. The
+  temporary name carries the host and pid (``.NAME.svdlora-tmp-HOST-PID-XXXX``) and holds
+  ``.svdlora-incomplete``, so svdlora refuses to read it, and the next run for the same output
+  removes what a killed run left (or puts back an output that a kill caught mid-swap).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import SvdloraError
+from .version import __version__
+
+logger = logging.getLogger(__name__)
+
+MARKER = ".svdlora-output"  # in every folder svdlora completes: --overwrite may replace it
+INCOMPLETE = ".svdlora-incomplete"  # in a temporary folder until it is renamed into place
+SVDLORA_CONFIG = "svdlora_config.json"  # io.CONFIG_NAME (io imports this module)
+TMP_TAG, OLD_TAG = ".svdlora-tmp-", ".svdlora-old-"
+
+
+def _resolve(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _local_inputs(inputs: Iterable) -> list[Path]:
+    """The inputs that are local files or folders (hub ids and None are skipped)."""
+    out = []
+    for item in inputs:
+        if item is None or not isinstance(item, str | os.PathLike):
+            continue
+        path = Path(item).expanduser()
+        if path.exists():
+            out.append(path.resolve())
+    return out
+
+
+def _check_not_input(target: Path, shown: str, inputs: Iterable, flag: str) -> None:
+    for inp in _local_inputs(inputs):
+        if target == inp:
+            raise SvdloraError(f"{flag} {shown!r} is the input {str(inp)!r}: write to another path")
+        if inp in target.parents:
+            raise SvdloraError(f"{flag} {shown!r} is inside the input {str(inp)!r}: write outside it")
+        if target in inp.parents:
+            raise SvdloraError(f"{flag} {shown!r} contains the input {str(inp)!r}: write to another path")
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise SvdloraError(f"{flag} {shown!r} is the current folder or one above it: pass a new folder name")
+
+
+def written_by_svdlora(folder: Path) -> bool:
+    return (folder / MARKER).is_file() or (folder / SVDLORA_CONFIG).is_file()
+
+
+def is_incomplete(folder: str | Path) -> bool:
+    """A temporary folder of a run that has not finished (or was killed)."""
+    return (Path(folder) / INCOMPLETE).exists()
+
+
+def check_writable(folder: Path, flag: str, shown: str) -> None:
+    """Create and remove a probe in the nearest existing folder: catches EACCES, EROFS, a file parent."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SvdloraError(f"{flag} {shown!r}: {str(existing)!r} is a file, not a folder")
+    probe = existing / f".svdlora-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        raise SvdloraError(f"{flag} {shown!r}: cannot write in {str(existing)!r} ({describe(err)})") from None
+
+
+def check_output_folder(output: str | Path, overwrite: bool = False, inputs: Iterable = (), flag="--output") -> Path:
+    """Refuse an output folder that would destroy user files; call before any slow work."""
+    path = Path(output).expanduser()
+    shown = str(output)
+    if path.is_symlink():
+        raise SvdloraError(f"{flag} {shown!r} is a symbolic link: pass a real folder path")
+    target = path.resolve()
+    _check_not_input(target, shown, inputs, flag)
+    if target.exists():
+        if not target.is_dir():
+            raise SvdloraError(f"{flag} {shown!r} is a file: pass a folder path")
+        if not overwrite:
+            raise SvdloraError(f"output folder {shown!r} already exists: pass --overwrite or choose another path")
+        if any(target.iterdir()) and not written_by_svdlora(target):
+            raise SvdloraError(
+                f"{flag} {shown!r} holds files svdlora did not write: --overwrite only replaces svdlora "
+                "outputs or empty folders; choose another path or remove it yourself"
+            )
+    check_writable(target.parent, flag, shown)
+    return path
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_leftover(path: Path, prefix: str) -> bool:
+    """Whether ``path`` was left by a process of this host that no longer runs."""
+    try:
+        host, pid, _ = path.name[len(prefix) :].split("-")
+        pid = int(pid)
+    except ValueError:
+        return False
+    return host == _host() and pid != os.getpid() and not _alive(pid)
+
+
+def clean_leftovers(output: Path) -> None:
+    """Remove the temporary folders of killed runs for ``output``; restore an output caught mid-swap."""
+    parent = output.parent
+    if not parent.is_dir():
+        return
+    tmp_prefix, old_prefix = f".{output.name}{TMP_TAG}", f".{output.name}{OLD_TAG}"
+    for path in sorted(parent.iterdir()):
+        if path.name.startswith(tmp_prefix) and is_incomplete(path) and _dead_leftover(path, tmp_prefix):
+            logger.warning("removing %s, left by an interrupted run", path)
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(old_prefix) and _dead_leftover(path, old_prefix):
+            if not output.exists() and not output.is_symlink():
+                logger.warning("restoring %s from %s (a run was interrupted while replacing it)", output, path)
+                os.replace(path, output)
+            else:
+                logger.warning("removing %s, the replaced output of an interrupted run", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _leftover_name(output: Path, tag: str) -> Path:
+    return output.parent / f".{output.name}{tag}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@contextmanager
+def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable = ()):
+    """Yield a temporary folder that becomes ``output`` only if the block succeeds."""
+    output = check_output_folder(output, overwrite, inputs).absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(output)
+    tmp = _leftover_name(output, TMP_TAG)
+    tmp.mkdir()
+    try:
+        (tmp / INCOMPLETE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        yield tmp
+        (tmp / MARKER).write_text(json.dumps({"svdlora_version": __version__}) + "\n")
+        (tmp / INCOMPLETE).unlink()
+        if output.exists():  # overwrite: swap only after the new folder is complete
+            old = _leftover_name(output, OLD_TAG)
+            os.replace(output, old)
+            try:
+                os.replace(tmp, output)
+            except OSError:
+                os.replace(old, output)  # put the previous folder back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- single files (eval --json)
+def check_output_file(path: str | Path, inputs: Iterable = (), flag: str = "--json") -> Path:
+    """Refuse a result file that is a folder, an input, or a file svdlora did not write."""
+    file = Path(path).expanduser()
+    shown = str(path)
+    target = file.resolve()
+    if target.is_dir():
+        raise SvdloraError(f"{flag} {shown!r} is a folder: pass a file name such as result.json")
+    _check_not_input(target, shown, inputs, flag)
+    if not target.parent.is_dir():
+        raise SvdloraError(f"{flag} {shown!r}: folder {str(file.parent)!r} does not exist")
+    if target.exists() and not _is_svdlora_result(target):
+        raise SvdloraError(
+            f"{flag} {shown!r} exists and is not an svdlora result: choose another file or remove it yourself"
+        )
+    check_writable(target.parent, flag, shown)
+    return file
+
+
+def _is_svdlora_result(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "svdlora_version" in data and "schema_version" in data
+
+
+def write_file_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a failure leaves the old file."""
+    tmp = _leftover_name(path, TMP_TAG)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def describe(err: OSError) -> str:
+    """'No space left on device' rather than '[Errno 28] ...: path' (the caller names the path)."""
+    if err.errno is not None:
+        return os.strerror(err.errno)
+    return str(err) or type(err).__name__

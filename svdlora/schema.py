@@ -1,0 +1,143 @@
+"""Checks that a compressed folder is what it claims, before any tensor is trusted.
+
+``svdlora_config.json`` is validated field by field (types, ranks >= 1, one entry per layer),
+the factor shapes in the safetensors header are checked against the ranks and layer shapes,
+and ``base_model.class`` may only name a transformers model class: a hand-edited file can
+make loading fail, never build something else or a model with the wrong weights.
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+from .errors import SvdloraError
+
+KINDS = ("linear", "conv1d")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_num(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate_config(data, where: Path) -> None:
+    """Raise SvdloraError naming the first field of ``svdlora_config.json`` that is wrong."""
+
+    def bad(field: str, value, want: str):
+        return SvdloraError(
+            f"{str(where)!r}: field {field} is {value!r}, expected {want}: the file was edited or corrupted; "
+            "re-run `svdlora compress`"
+        )
+
+    if not isinstance(data, dict):
+        raise bad("(top level)", type(data).__name__, "an object")
+    base = data.get("base_model", {})
+    if not isinstance(base, dict):
+        raise bad("base_model", base, "an object")
+    for key in ("name_or_path", "class", "model_type"):
+        if base.get(key) is not None and not isinstance(base.get(key), str):
+            raise bad(f"base_model.{key}", base.get(key), "a string or null")
+    report = data.get("report")
+    if not isinstance(report, dict):
+        raise bad("report", report, "an object")
+    if not isinstance(report.get("config"), dict):
+        raise bad("report.config", report.get("config"), "an object")
+    for key in ("model_params_before", "model_params_after"):
+        if not _is_int(report.get(key)) or report[key] < 0:
+            raise bad(f"report.{key}", report.get(key), "an integer >= 0")
+    for key in ("bytes_before", "bytes_after"):
+        if report.get(key) is not None and (not _is_int(report[key]) or report[key] < 0):
+            raise bad(f"report.{key}", report.get(key), "an integer >= 0 or null")
+    if not _is_num(report.get("seconds", 0.0)):
+        raise bad("report.seconds", report.get("seconds"), "a number")
+    unknown = set(report) - {
+        "config", "modules", "model_params_before", "model_params_after", "seconds", "bytes_before", "bytes_after"
+    }  # fmt: skip
+    if unknown:
+        raise bad("report", sorted(unknown), "no unknown keys")
+    modules = report.get("modules")
+    if not isinstance(modules, list):
+        raise bad("report.modules", modules, "a list")
+    names = set()
+    for i, m in enumerate(modules):
+        _validate_module(m, f"report.modules[{i}]", bad)
+        if m["name"] in names:
+            raise bad(f"report.modules[{i}].name", m["name"], "a layer listed once")
+        names.add(m["name"])
+
+
+def _validate_module(m, at: str, bad) -> None:
+    fields = {"name", "kind", "shape", "bias", "ranks", "stage_dtypes", "rel_error", "dense_reason"}
+    if not isinstance(m, dict):
+        raise bad(at, m, "an object")
+    if set(m) - fields or not {"name", "kind", "shape", "bias"} <= set(m):
+        raise bad(at, sorted(m), f"the keys {sorted(fields)}")
+    if not isinstance(m["name"], str) or not m["name"]:
+        raise bad(f"{at}.name", m["name"], "a layer name")
+    if m["kind"] not in KINDS:
+        raise bad(f"{at}.kind", m["kind"], f"one of {KINDS}")
+    shape = m["shape"]
+    if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(s) and s >= 1 for s in shape):
+        raise bad(f"{at}.shape", shape, "[out_features, in_features], integers >= 1")
+    if not isinstance(m["bias"], bool):
+        raise bad(f"{at}.bias", m["bias"], "true or false")
+    ranks = m.get("ranks", [])
+    if not isinstance(ranks, list) or not all(_is_int(r) and r >= 1 for r in ranks):
+        raise bad(f"{at}.ranks", ranks, "a list of integers >= 1")
+    dtypes = m.get("stage_dtypes", [])
+    if not isinstance(dtypes, list) or not all(isinstance(d, str) for d in dtypes):
+        raise bad(f"{at}.stage_dtypes", dtypes, "a list of dtype names")
+    if not _is_num(m.get("rel_error", 0.0)):
+        raise bad(f"{at}.rel_error", m.get("rel_error"), "a number")
+    if m.get("dense_reason") is not None and not isinstance(m["dense_reason"], str):
+        raise bad(f"{at}.dense_reason", m["dense_reason"], "a string or null")
+    if not ranks and m.get("dense_reason") is None:
+        raise bad(f"{at}.ranks", ranks, "ranks, or a dense_reason for a layer kept dense")
+
+
+def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) -> None:
+    """Each stored stage must be (out, r_j) / (r_j, in) and each bias (out,), as the config says."""
+    for m in modules:
+        out_f, in_f = m.shape
+        expected = {}
+        for j, r in enumerate(m.ranks):
+            expected[f"{m.name}.stage{j}.A"] = [out_f, r]
+            expected[f"{m.name}.stage{j}.B"] = [r, in_f]
+        if m.bias:
+            expected[f"{m.name}.bias"] = [out_f]
+        for key, shape in expected.items():
+            if key not in shapes:
+                raise SvdloraError(
+                    f"{str(weights)!r} lacks tensor {key!r}: the file is incomplete or was edited; "
+                    "re-run `svdlora compress`"
+                )
+            if list(shapes[key]) != shape:
+                raise SvdloraError(
+                    f"{str(weights)!r}: tensor {key!r} has shape {list(shapes[key])}, but svdlora_config.json "
+                    f"says {shape}: the folder was edited or mixed with another; re-run `svdlora compress`"
+                )
+        stray = f"{m.name}.stage{len(m.ranks)}.A"
+        if stray in shapes:
+            raise SvdloraError(
+                f"{str(weights)!r} holds {stray!r}, a stage svdlora_config.json does not list: "
+                "the folder was edited; re-run `svdlora compress`"
+            )
+
+
+def model_class_named(name: str | None):
+    """The transformers model class ``name``, or None; anything else in transformers is refused."""
+    if name is None:
+        return None
+    import transformers
+
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise SvdloraError(
+            f"svdlora_config.json: base_model.class {name!r} is not a transformers model class: "
+            "the file was edited or corrupted; re-run `svdlora compress`"
+        )
+    return cls
