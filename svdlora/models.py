@@ -111,10 +111,6 @@ def load_pretrained(
     if path.exists():
         if not path.is_dir():
             raise SvdloraError(f"model {name!r} is a file, not a model folder: pass the folder that holds config.json")
-        if not (path / "config.json").is_file():
-            raise SvdloraError(
-                f"{name!r} is not a model folder (no config.json): pass a folder written by save_pretrained"
-            )
         check_dense_folder(path, name)
         source = str(path)
     elif _looks_like_path(name):
@@ -200,6 +196,8 @@ def check_dense_folder(path: Path, name: str) -> None:
             f"{name!r} is already compressed by svdlora: compress the original model, or load this folder "
             "with svdlora.load_compressed"
         )
+    if not (path / "config.json").is_file():
+        raise SvdloraError(f"{name!r} is not a model folder (no config.json): pass a folder written by save_pretrained")
     if not any(f.suffix in WEIGHT_SUFFIXES for f in path.iterdir()):
         raise SvdloraError(f"{name!r} has a config.json but no weight files: the folder is incomplete")
     for file in sorted(path.glob("*.safetensors")):

@@ -95,6 +95,7 @@ def check_output_folder(output: str | Path, overwrite: bool = False, inputs: Ite
         raise SvdloraError(f"{flag} {shown!r} is a symbolic link: pass a real folder path")
     target = path.resolve()
     _check_not_input(target, shown, inputs, flag)
+    clean_leftovers(target)  # first: it may put back an output that a killed --overwrite had moved aside
     if target.exists():
         if not target.is_dir():
             raise SvdloraError(f"{flag} {shown!r} is a file: pass a folder path")
@@ -161,7 +162,6 @@ def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable 
     """Yield a temporary folder that becomes ``output`` only if the block succeeds."""
     output = check_output_folder(output, overwrite, inputs).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(output)
     tmp = _leftover_name(output, TMP_TAG)
     tmp.mkdir()
     try:

@@ -125,8 +125,8 @@ def _dense_skeleton(path: Path, name: str, check_dense_folder, hub_reachable) ->
     from ..models import model_class
 
     if path.exists():
-        if not (path.is_dir() and (path / "config.json").is_file()):
-            raise SvdloraError("not a model folder (no config.json): pass a folder written by save_pretrained")
+        if not path.is_dir():
+            raise SvdloraError("is a file, not a model folder: pass the folder that holds config.json")
         check_dense_folder(path, name)
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=not path.exists() and not hub_reachable())

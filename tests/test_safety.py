@@ -1,0 +1,403 @@
+"""Never destroy or fake: every bad input is one line and a non-zero exit, the user's files stay
+byte-identical, nothing half-written is left behind (issue 7). All through the real entry point."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+import svdlora
+from svdlora.cli import main
+from svdlora.errors import SvdloraError
+from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
+from svdlora.outputs import INCOMPLETE, OLD_TAG, TMP_TAG, _host
+
+from .eval_helpers import word_tokenizer
+
+WORDS = "the a man woman dog cat sits runs on in under big small red blue house tree".split()
+LEFTOVER_TAGS = (TMP_TAG, OLD_TAG, ".svdlora-probe-")
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (hidden ones too) with its content hash."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def leftovers(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*") if any(tag in p.name for tag in LEFTOVER_TAGS)]
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def refused(capsys, *args, match: str) -> str:
+    """Run a command that must fail with one line containing ``match``."""
+    code, _, err = cli(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and match in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A tiny GPT-2 with a tokenizer, its compressed folder and a text file, built once."""
+    root = tmp_path_factory.mktemp("made")
+    torch.manual_seed(0)
+    tok = word_tokenizer(WORDS)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)))
+    model.save_pretrained(root / "dense")
+    tok.save_pretrained(root / "dense")
+    svdlora.compress(model, budget=0.5, submatrices=2, progress=False)
+    svdlora.save_compressed(model, root / "svd", source=root / "dense")
+    (root / "text.txt").write_text(" ".join(WORDS[(i * 5) % len(WORDS)] for i in range(80)))
+    return root
+
+
+@pytest.fixture
+def work(made, tmp_path):
+    """Private copies of the fixtures for a test that may be destructive."""
+    for name in ("dense", "svd", "text.txt"):
+        src = made / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    return tmp_path
+
+
+def assert_untouched(work: Path, before: dict[str, str]) -> None:
+    assert tree_hash(work) == before
+    assert not leftovers(work)
+
+
+# ---------------------------------------------------------------- destructive outputs
+@pytest.mark.parametrize(
+    "command, output, match",
+    [
+        ("compress", "dense", "is the input"),
+        ("compress", "dense/sub", "is inside the input"),
+        ("compress", ".", "is the input"),  # run from inside work/dense
+        ("compress", "..", "contains the input"),
+        ("compress", "link", "is a symbolic link"),
+        ("compress", "text.txt", "is a file"),
+        ("compress", "text.txt/out", "is a file, not a folder"),
+        ("compress", "mine", "holds files svdlora did not write"),
+        ("export", "svd", "is the input"),
+        ("export", "svd/inner", "is inside the input"),
+        ("export", "mine", "holds files svdlora did not write"),
+    ],
+)
+def test_outputs_that_would_destroy_user_files_are_refused(work, capsys, monkeypatch, command, output, match):
+    (work / "mine").mkdir()
+    (work / "mine" / "notes.txt").write_text("my notes")
+    (work / "link").symlink_to(work / "dense")
+    monkeypatch.chdir(work / "dense")
+    before = tree_hash(work)
+    source = work / ("dense" if command == "compress" else "svd")
+    args = ["--dense"] if command == "export" else ["--no-progress"]
+    output = output if output in (".", "..") else work / output
+    refused(capsys, command, source, "--output", output, "--overwrite", *args, match=match)
+    assert_untouched(work, before)
+
+
+def test_current_folder_is_never_replaced(work, capsys, monkeypatch):
+    (work / "elsewhere").mkdir()
+    monkeypatch.chdir(work / "elsewhere")
+    before = tree_hash(work)
+    refused(capsys, "compress", work / "dense", "--output", ".", "--overwrite", match="the current folder")
+    assert_untouched(work, before)
+
+
+def test_overwrite_replaces_only_svdlora_outputs_or_empty_folders(work, capsys):
+    (work / "empty").mkdir()
+    assert cli(capsys, "compress", work / "dense", "--output", work / "empty", "--overwrite", "--no-progress")[0] == 0
+    assert cli(capsys, "export", work / "empty", "--dense", "--output", work / "exp")[0] == 0
+    # a dense export carries svdlora's marker, so it may be replaced; a user's folder may not
+    assert cli(capsys, "export", work / "svd", "--dense", "--output", work / "exp", "--overwrite")[0] == 0
+    assert (work / "exp" / ".svdlora-output").is_file() and not leftovers(work)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_unwritable_output_is_refused_before_loading(work, capsys):
+    (work / "ro").mkdir()
+    os.chmod(work / "ro", 0o555)
+    try:
+        refused(capsys, "compress", work / "dense", "--output", work / "ro" / "out", match="cannot write in")
+    finally:
+        os.chmod(work / "ro", 0o755)
+
+
+def test_unwritable_output_is_checked_first(work, capsys, monkeypatch):
+    """The probe folder cannot be made (EROFS): refused before the model is even read."""
+    import svdlora.cli.compress_cmd as compress_cmd
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if ".svdlora-probe-" in self.name:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(compress_cmd, "load_pretrained", lambda *a, **k: pytest.fail("loaded before the check"))
+    refused(capsys, "compress", work / "dense", "--output", work / "out", match="Read-only file system")
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_failed_or_interrupted_write_leaves_no_output(work, capsys, monkeypatch, error):
+    import svdlora.io as io
+
+    def save_file(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(io, "save_file", save_file)
+    before = tree_hash(work)
+    code, _, err = cli(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    if isinstance(error, KeyboardInterrupt):
+        assert code == 130 and "interrupted" in err
+    else:
+        assert code == 2 and "No space left on device" in err
+    assert not (work / "out").exists()
+    assert_untouched(work, before)
+
+
+def test_killed_runs_are_cleaned_by_the_next_run(work, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is no longer running
+    stale = work / f".out{TMP_TAG}{_host()}-{dead.pid}-abcd"
+    stale.mkdir()
+    (stale / INCOMPLETE).write_text("{}")
+    (stale / WEIGHTS_NAME).write_bytes(b"half")
+    live = work / f".out{TMP_TAG}{_host()}-1-abcd"  # pid 1 runs: maybe another run, keep it
+    live.mkdir()
+    (live / INCOMPLETE).write_text("{}")
+    refused(capsys, "info", stale, match="unfinished temporary folder")
+    refused(capsys, "compress", stale, "--output", work / "x", match="unfinished temporary folder")
+    assert cli(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress")[0] == 0
+    assert not stale.exists() and live.exists()
+    # a kill between the two renames of --overwrite: the next run puts the old output back first
+    old = work / f".out{OLD_TAG}{_host()}-{dead.pid}-abcd"
+    os.replace(work / "out", old)
+    refused(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress", match="already exists")
+    assert (work / "out" / CONFIG_NAME).is_file() and not old.exists()
+
+
+# ---------------------------------------------------------------- partial and corrupt inputs
+def _rewrite(folder: Path, change) -> None:
+    path = folder / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda t: t.pop("transformer.h.0.mlp.c_fc.weight"), "lacks ['transformer.h.0.mlp.c_fc.weight']"),
+        (lambda t: t.update(extra=torch.zeros(2)), "holds tensors the model does not have: ['extra']"),
+        (lambda t: t.update({"transformer.wpe.weight": torch.zeros(3, 32)}), "'transformer.wpe.weight' has shape"),
+    ],
+)
+def test_partial_dense_checkpoint_is_refused(work, capsys, change, match):
+    _rewrite(work / "dense", change)
+    before = tree_hash(work)
+    refused(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress", match=match)
+    assert_untouched(work, before)
+
+
+def test_truncated_safetensors_is_one_line(work, capsys):
+    weights = work / "dense" / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:1000])
+    refused(capsys, "compress", work / "dense", "--output", work / "out", match="is corrupted or truncated")
+    refused(capsys, "eval", work / "dense", "--task", "text-generation", "--data", work / "text.txt", match="corrupt")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_checkpoint_is_one_line_without_unsafe_advice(work, capsys):
+    (work / "dense" / WEIGHTS_NAME).unlink()
+    torch.save({"transformer.wte.weight": Evil()}, work / "dense" / "pytorch_model.bin")
+    line = refused(capsys, "compress", work / "dense", "--output", work / "out", match="pickle")
+    assert "weights_only" not in line
+
+
+def test_svdlora_folder_without_its_config_is_not_a_random_model(work, capsys):
+    (work / "svd" / CONFIG_NAME).unlink()
+    text = ["--task", "text-generation", "--data", work / "text.txt", "--device", "cpu", "--no-progress"]
+    refused(capsys, "eval", work / "svd", *text, match="holds svdlora factors but no svdlora_config.json")
+    refused(capsys, "compress", work / "svd", "--output", work / "o", match="holds svdlora factors")
+
+
+def test_compressed_folder_is_not_compressed_again(work, capsys):
+    refused(capsys, "compress", work / "svd", "--output", work / "o", match="already compressed by svdlora")
+
+
+def test_plain_transformers_refuses_an_svdlora_folder_and_export_is_plain(work, capsys):
+    with pytest.raises(ValueError, match="quant_method"):
+        AutoModelForCausalLM.from_pretrained(work / "svd")
+    assert cli(capsys, "export", work / "svd", "--dense", "--output", work / "exp")[0] == 0
+    assert "quantization_config" not in json.loads((work / "exp" / "config.json").read_text())
+    ids = torch.arange(10).unsqueeze(0)
+    dense = AutoModelForCausalLM.from_pretrained(work / "exp").eval()
+    ours = svdlora.load_compressed(work / "svd", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("os", "is not a transformers model class"),
+        ("AutoModel", "is not a transformers model class"),
+        ("logging", "is not a transformers model class"),
+        ("BertModel", "does not take the GPT2Config"),
+        ("GPT2Model", "names layer 'transformer.h.0.attn.c_attn', which the model does not have"),
+    ],
+)
+def test_base_model_class_is_restricted(work, capsys, name, match):
+    path = work / "svd" / CONFIG_NAME
+    data = json.loads(path.read_text())
+    data["base_model"]["class"] = name
+    path.write_text(json.dumps(data))
+    with pytest.raises(SvdloraError, match=match):
+        svdlora.load_compressed(work / "svd", device="cpu")
+
+
+@pytest.mark.parametrize("where", ["embedding", "bias"])
+def test_nan_or_inf_anywhere_is_refused(work, capsys, where):
+    key = "transformer.wte.weight" if where == "embedding" else "transformer.h.0.ln_1.bias"
+    _rewrite(work / "dense", lambda t: t[key].view(-1)[0].fill_(float("inf" if where == "embedding" else "nan")))
+    refused(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress", match=f"'{key}'")
+    assert not (work / "out").exists()
+
+
+# ---------------------------------------------------------------- options that would do nothing
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--rank", "100000"], "factorizes none of the"),
+        (["--rank", "4", "--budget", "0.3"], "--rank and --budget exclude each other"),
+        (["--include", "nothing.*"], "no Linear/Conv1D layer is targeted"),
+        (["--dtype", "flaot16"], "dtype must be one of"),
+    ],
+)
+def test_options_that_would_be_ignored_or_do_nothing(work, capsys, args, match):
+    refused(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress", *args, match=match)
+    assert not (work / "out").exists() and not leftovers(work)
+
+
+# ---------------------------------------------------------------- eval
+TEXT_EVAL = ["--task", "text-generation", "--device", "cpu", "--no-progress", "--max-length", "16", "--limit", "1"]
+
+
+@pytest.mark.parametrize(
+    "target, match",
+    [("folder", "is a folder"), ("text.txt", "is the input"), ("notes.json", "is not an svdlora result")],
+)
+def test_eval_json_is_checked_before_the_evaluation(work, capsys, monkeypatch, target, match):
+    import svdlora.cli.eval_cmd as eval_cmd
+
+    (work / "folder").mkdir()
+    (work / "notes.json").write_text('{"mine": 1}')
+    monkeypatch.setattr(eval_cmd, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    before = tree_hash(work)
+    refused(capsys, "eval", work / "svd", "--data", work / "text.txt", *TEXT_EVAL, "--json", work / target, match=match)
+    assert_untouched(work, before)
+
+
+def test_eval_json_replaces_an_earlier_result(work, capsys):
+    args = ["eval", work / "svd", "--data", work / "text.txt", *TEXT_EVAL, "--json", work / "r.json"]
+    assert cli(capsys, *args)[0] == 0
+    assert cli(capsys, *args)[0] == 0 and not leftovers(work)
+
+
+def test_broken_baseline_fails_before_the_main_evaluation(work, capsys, monkeypatch):
+    import svdlora.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "_measure", lambda *a, **k: pytest.fail("measured before checking the baseline"))
+    (work / "dense" / WEIGHTS_NAME).write_bytes(b"\x00" * 100)
+    refused(
+        capsys, "eval", work / "svd", "--data", work / "text.txt", *TEXT_EVAL, "--baseline", work / "dense",
+        match="--baseline",
+    )  # fmt: skip
+    shutil.rmtree(work / "dense")
+    refused(
+        capsys, "eval", work / "svd", "--data", work / "text.txt", *TEXT_EVAL, "--baseline", work / "svd" / "x",
+        match="--baseline",
+    )  # fmt: skip
+
+
+def test_corrupt_image_is_one_line(tmp_path, capsys):
+    from transformers import ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config.id2label, config.label2id = {0: "cat", 1: "dog"}, {"cat": 0, "dog": 1}
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    for name in ("cat", "dog"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(tmp_path / "img" / name / "0.png")
+    (tmp_path / "img" / "dog" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    args = ["--task", "image-classification", "--data", tmp_path / "img", "--device", "cpu", "--no-progress"]
+    refused(capsys, "eval", tmp_path / "vit", *args, match="1.png' cannot be read")
+
+
+# ---------------------------------------------------------------- the CLI itself
+def test_broken_pipe_is_quiet(made):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "svdlora", "info", str(made / "svd")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    proc.stdout.close()  # the reader is gone before the first line is written, as with `| head -0`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+def test_unexpected_errors_are_one_line_with_traceback_on_request(work, capsys, monkeypatch):
+    import svdlora.cli.info_cmd as info_cmd
+
+    def broken(path):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(info_cmd, "read_config", broken)
+    code, _, err = cli(capsys, "info", work / "svd")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "SVDLORA_TRACEBACK=1" in err
+    monkeypatch.setenv("SVDLORA_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["info", str(work / "svd")])
+
+
+def test_unicode_and_space_paths(work, capsys):
+    out = work / "my outputs" / "modèle ü"
+    assert cli(capsys, "compress", work / "dense", "--output", out, "--no-progress")[0] == 0
+    assert cli(capsys, "info", out)[0] == 0
