@@ -69,11 +69,6 @@ def compress(
         )
     _check_finite(model)
     ranks, allocator_dense = allocate_ranks(targets, config)
-    if not ranks and config.rank is not None:  # a fixed rank that factorizes nothing is a silent no-op
-        raise SvdloraError(
-            f"rank {config.rank} factorizes none of the {len(targets)} targeted matrices (the factors would "
-            "not be smaller than any of them): pass a smaller --rank"
-        )
     dense.update(allocator_dense)
 
     svd_options = {

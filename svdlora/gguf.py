@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import SvdloraError
+from .errors import SvdloraError, first_line
 from .outputs import atomic_folder, check_output_folder
 
 
@@ -29,8 +29,14 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
         raise SvdloraError("reading GGUF needs the `gguf` package: pip install gguf") from None
     check_output_folder(output, overwrite, inputs=[gguf_file])  # before the slow dequantization
     kwargs = {"gguf_file": gguf_file.name}
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:
+        raise SvdloraError(
+            f"GGUF file {str(gguf_file)!r} cannot be read ({type(err).__name__}: {first_line(err)}): "
+            "check that it is a complete GGUF checkpoint of a model transformers supports"
+        ) from None
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # re-tied from the input embedding at load time

@@ -30,7 +30,7 @@ from .compress import REPORT_ATTR
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .models import PREPROCESSOR_FILES, default_device, folder_bytes, model_class, parse_dtype
-from .outputs import atomic_folder, check_output_folder, describe, is_incomplete
+from .outputs import atomic_folder, check_output_folder, describe, ensure_space, is_incomplete
 from .report import CompressionReport
 from .schema import check_factor_shapes, model_class_named, validate_config
 from .version import FORMAT_VERSION, __version__
@@ -106,6 +106,7 @@ def save_compressed(
             "svdlora_format_version": str(FORMAT_VERSION),
             "tied": json.dumps(tied, sort_keys=True),
         }
+        ensure_space(tmp, sum(t.numel() * t.element_size() for t in tensors.values()), str(output))
         save_file(tensors, tmp / WEIGHTS_NAME, metadata=metadata)
         report.bytes_after = (tmp / WEIGHTS_NAME).stat().st_size
         if report.bytes_before is None and source and Path(source).is_dir():

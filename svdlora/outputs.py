@@ -221,6 +221,16 @@ def write_file_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def ensure_space(folder: Path, needed: int, shown: str) -> None:
+    """Refuse before writing ``needed`` bytes that the disk does not have (no half-written file)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise SvdloraError(
+            f"output {shown!r} needs {needed / 2**20:,.1f} MiB but its disk has {free / 2**20:,.1f} MiB free: "
+            "free space or write to another disk"
+        )
+
+
 def describe(err: OSError) -> str:
     """'No space left on device' rather than '[Errno 28] ...: path' (the caller names the path)."""
     if err.errno is not None:

@@ -401,3 +401,42 @@ def test_unicode_and_space_paths(work, capsys):
     out = work / "my outputs" / "modèle ü"
     assert cli(capsys, "compress", work / "dense", "--output", out, "--no-progress")[0] == 0
     assert cli(capsys, "info", out)[0] == 0
+
+
+def test_full_disk_is_refused_before_writing(work, capsys, monkeypatch):
+    import svdlora.outputs as outputs
+
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6, 0))
+    before = tree_hash(work)
+    refused(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress", match="MiB free")
+    assert not (work / "out").exists()
+    assert_untouched(work, before)
+
+
+def test_sigterm_unwinds_and_removes_the_temporary_folder(work, monkeypatch):
+    import signal
+    import time
+
+    import svdlora.io as io
+
+    def save_file(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this returns
+
+    monkeypatch.setattr(io, "save_file", save_file)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        main(["compress", str(work / "dense"), "--output", str(work / "out"), "--no-progress"])
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert not (work / "out").exists() and not leftovers(work)
+    assert signal.getsignal(signal.SIGTERM) == handler  # main() puts the previous handler back
+
+
+def test_corrupt_gguf_is_one_line(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(64))
+    refused(capsys, "convert-gguf", tmp_path / "m.gguf", "--output", tmp_path / "out", match="cannot be read")
+    refused(
+        capsys, "convert-gguf", tmp_path / "m.gguf", "--output", tmp_path, "--overwrite", match="contains the input"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

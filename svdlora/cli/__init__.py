@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from ..errors import SvdloraError, first_line
 from ..outputs import describe
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    previous = _exit_on_sigterm()
     try:
         return args.func(args) or 0
     except BrokenPipeError:
@@ -52,6 +55,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"svdlora {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2 if isinstance(err, SvdloraError | OSError) else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """`kill PID` unwinds like Ctrl-C, so temporary folders are removed (only kill -9 leaves them,
+    and the next run for the same output removes those)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _one_line(err: Exception) -> str:

@@ -85,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
     report = compress(model, config, progress=args.progress)
+    if not report.factorized and args.rank is not None:  # the API reports it; the CLI must not write a copy
+        raise SvdloraError(
+            f"--rank {args.rank} factorizes none of the {len(report.modules)} targeted matrices (the factors "
+            "would not be smaller than any of them): pass a smaller --rank"
+        )
     save_compressed(model, output, report=report, source=args.model, overwrite=args.overwrite)
     print(report.format())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import SvdloraError
 from ..io import _copy_preprocessor_files, atomic_folder, check_output, load_compressed
+from ..outputs import ensure_space
 
 
 def register(subparsers) -> None:
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if not hasattr(model, "save_pretrained"):
         raise SvdloraError("only transformers models can be exported as dense checkpoints")
     with atomic_folder(args.output, overwrite=args.overwrite, inputs=[args.folder]) as tmp:
+        ensure_space(tmp, sum(t.numel() * t.element_size() for t in model.state_dict().values()), args.output)
         model.save_pretrained(tmp)
         _copy_preprocessor_files(Path(args.folder), tmp)
     print(f"wrote dense checkpoint {args.output}")
