@@ -200,6 +200,17 @@ def read_config(path: str | Path) -> dict:
     return data
 
 
+def check_folder(path: str | Path) -> dict:
+    """read_config plus the safetensors header: factor shapes against the ranks, no tensor loaded."""
+    data = read_config(path)
+    weights = Path(path) / WEIGHTS_NAME
+    _check_header(weights)
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes, weights)
+    return data
+
+
 def read_report(path: str | Path) -> CompressionReport:
     return CompressionReport.from_dict(read_config(path)["report"])
 
@@ -249,7 +260,7 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
         ) from None
     if isinstance(getattr(config, "quantization_config", None), dict) and MARK_KEY in config.quantization_config:
         del config.quantization_config  # our guard against plain from_pretrained, not a real quantization
-    cls = model_class_named(base.get("class")) or model_class(config)
+    cls = model_class_named(base.get("class"), path / CONFIG_NAME) or model_class(config)
     if cls.config_class is not None and not isinstance(config, cls.config_class):
         raise SvdloraError(
             f"{str(path)!r}: base_model.class {cls.__name__} does not take the {type(config).__name__} of "
@@ -309,15 +320,13 @@ def load_compressed(
         The model in eval mode.
     """
     path = Path(path)
-    data = read_config(path)
+    data = check_folder(path)
     weights = path / WEIGHTS_NAME
     metadata = _check_header(weights)
     report = CompressionReport.from_dict(data["report"])
     target_device = default_device(device)
     target_dtype = parse_dtype(dtype)
 
-    with safe_open(str(weights), framework="pt") as f:
-        check_factor_shapes(report.factorized, {k: f.get_slice(k).get_shape() for k in f.keys()}, weights)
     if model is None:
         model = _build_skeleton(path, data.get("base_model", {}))
     for m in report.factorized:

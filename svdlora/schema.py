@@ -128,7 +128,7 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
             )
 
 
-def model_class_named(name: str | None):
+def model_class_named(name: str | None, where: Path):
     """The transformers model class ``name``, or None; anything else in transformers is refused."""
     if name is None:
         return None
@@ -137,7 +137,7 @@ def model_class_named(name: str | None):
     cls = getattr(transformers, name, None) if name.isidentifier() else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise SvdloraError(
-            f"svdlora_config.json: base_model.class {name!r} is not a transformers model class: "
+            f"{str(where)!r}: base_model.class {name!r} is not a transformers model class: "
             "the file was edited or corrupted; re-run `svdlora compress`"
         )
     return cls

@@ -389,7 +389,7 @@ def test_unexpected_errors_are_one_line_with_traceback_on_request(work, capsys, 
     def broken(path):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(info_cmd, "read_config", broken)
+    monkeypatch.setattr(info_cmd, "check_folder", broken)
     code, _, err = cli(capsys, "info", work / "svd")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "SVDLORA_TRACEBACK=1" in err
     monkeypatch.setenv("SVDLORA_TRACEBACK", "1")

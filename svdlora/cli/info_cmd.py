@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..io import read_config
+from ..io import check_folder
 from ..report import CompressionReport
 
 
@@ -16,7 +16,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = read_config(args.folder)
+    data = check_folder(args.folder)  # the weights' header too: info never vouches for a broken folder
     report = CompressionReport.from_dict(data["report"])
     base = data.get("base_model", {})
     print(f"svdlora {data.get('svdlora_version')} folder: {args.folder}")

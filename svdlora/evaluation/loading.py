@@ -100,15 +100,14 @@ def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> None:
     the task, tokenizer / processor present. Missing tensors are found when it is loaded."""
     if not isinstance(spec, str | Path):
         return
-    from ..io import WEIGHTS_NAME, _build_skeleton, _check_header, is_compressed_folder, read_config
+    from ..io import _build_skeleton, check_folder, is_compressed_folder
     from ..models import check_dense_folder, hub_reachable
 
     name = str(spec)
     path = Path(name).expanduser()
     try:
         if is_compressed_folder(path):
-            data = read_config(path)
-            _check_header(path / WEIGHTS_NAME)
+            data = check_folder(path)
             skeleton = _build_skeleton(path, data.get("base_model", {}))
         else:
             skeleton = _dense_skeleton(path, name, check_dense_folder, hub_reachable)
