@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     report = compress(model, config, progress=args.progress)
     if not report.factorized and args.rank is not None:  # the API reports it; the CLI must not write a copy
         raise SvdloraError(
-            f"--rank {args.rank} factorizes none of the {len(report.modules)} targeted matrices (the factors "
+            f"--rank {args.rank} factorizes none of the {len(report.modules)} Linear/Conv1D layers (the factors "
             "would not be smaller than any of them): pass a smaller --rank"
         )
     save_compressed(model, output, report=report, source=args.model, overwrite=args.overwrite)
