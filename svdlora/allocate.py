@@ -1,11 +1,16 @@
 """Rank allocation: how many singular triplets each targeted matrix gets.
 
-The default gives every matrix the same fraction of its own parameters, then re-balances
-when some matrices must stay dense. A future allocator (e.g. by calibration loss) only
-has to return the same mapping.
+``uniform`` gives every matrix the same fraction of its own parameters (the sources' rule),
+re-balancing when some matrices must stay dense. ``global`` chooses all ranks together from
+what truncating each matrix costs (its weighted spectrum), under the same hard budget, and
+may keep a sensitive matrix dense.
 """
 
 from __future__ import annotations
+
+import heapq
+
+import torch
 
 from .config import CompressionConfig
 from .decompose import rank_for_budget, split_rank
@@ -61,3 +66,64 @@ def _fixed_rank(targets: list[Target], config: CompressionConfig) -> tuple[dict[
         else:
             ranks[t.name] = split_rank(total, config.submatrices)
     return ranks, dense
+
+
+def allocate_global(
+    targets: list[Target], spectra: dict[str, torch.Tensor], budget: float, submatrices: int
+) -> tuple[dict[str, list[int]], dict[str, str], dict[str, float]]:
+    """Choose every matrix's rank together: greedy on the loss each parameter buys.
+
+    ``spectra[name]`` holds the weighted singular values σ of that matrix (descending); keeping
+    triplet k removes σ_k² from the estimated loss. Every matrix starts at rank 1; then, until
+    the budget is spent, the move with the largest gain per parameter is taken: one more rank
+    (gain σ_{k+1}², cost out+in), or keeping the matrix dense (gain: the whole tail, cost: what
+    the dense matrix costs beyond the current factors). Gains per rank only fall, so this greedy
+    is the optimum of the relaxed problem up to one step. Returns stage ranks, the matrices kept
+    dense (with why), and each factorized matrix's estimated loss left (Σ of the dropped σ²).
+    """
+    allowed = budget * sum(t.params for t in targets)
+    spent = sum(factor_params(t, 1) for t in targets)
+    if spent > allowed:
+        raise SvdloraError(
+            f"budget {budget} is too small: even rank 1 for every targeted matrix needs more; "
+            "raise --budget or --exclude the smallest layers"
+        )
+    rank = {t.name: 1 for t in targets}
+    tails = {}  # tails[name][k] = Σ_{i>=k} σ_i², the loss left at rank k
+    for t in targets:
+        squares = spectra[t.name].double().square()
+        tails[t.name] = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)]).tolist()
+    dense: dict[str, str] = {}
+    heap: list[tuple[float, int, str, str]] = []
+    version = {t.name: 0 for t in targets}
+    by_name = {t.name: t for t in targets}
+
+    def push(t: Target) -> None:
+        k, tail = rank[t.name], tails[t.name]
+        limit = min(t.out_features, t.in_features, len(tail) - 1)
+        if k < limit and factor_params(t, k + 1) < t.params:
+            heapq.heappush(heap, (-(tail[k] - tail[k + 1]) / factor_params(t, 1), version[t.name], t.name, "rank"))
+        extra = t.params - factor_params(t, k)
+        if tail[k] > 0:
+            heapq.heappush(heap, (-tail[k] / max(extra, 1), version[t.name], t.name, "dense"))
+
+    for t in targets:
+        push(t)
+    while heap:
+        _, ver, name, move = heapq.heappop(heap)
+        if ver != version[name] or name in dense:
+            continue
+        t = by_name[name]
+        cost = t.params - factor_params(t, rank[name]) if move == "dense" else factor_params(t, 1)
+        if spent + cost > allowed:
+            continue  # does not fit; smaller moves of other matrices still may
+        spent += cost
+        version[name] += 1
+        if move == "dense":
+            dense[name] = "global allocation: kept dense (its loss per parameter beats any rank it could get)"
+        else:
+            rank[name] += 1
+            push(t)
+    ranks = {n: split_rank(k, submatrices) for n, k in rank.items() if n not in dense}
+    est_loss = {n: tails[n][k] for n, k in rank.items() if n not in dense}
+    return ranks, dense, est_loss

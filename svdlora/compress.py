@@ -1,19 +1,24 @@
-"""The one in-place verb: find the targets, allocate ranks, swap in the low-rank layers."""
+"""The one in-place verb: find targets -> calibrate -> allocate -> factorize -> (heal), swapping in low-rank layers."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import allocate_ranks
+from .allocate import allocate_global, allocate_ranks
 from .config import CompressionConfig
 from .decompose import relative_error
 from .errors import SvdloraError
+from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
+from .methods import factorize, weighted_spectrum
+from .plan import CalibrationPlan, plan_calibration
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
 
@@ -37,20 +42,29 @@ def compress(
     model: nn.Module,
     config: CompressionConfig | None = None,
     *,
+    calibration: Any = None,
+    processor: Any = None,
     progress: bool = True,
     **options,
 ) -> CompressionReport:
     """Replace every targeted Linear/Conv1D of ``model`` (in place) by residual SVD factors.
 
+    The pipeline: find targets -> collect calibration statistics -> allocate ranks ->
+    factorize -> (heal). Without calibration data it is the sources' plain truncated SVD.
+
     Args:
         model: any ``nn.Module``; transformers models get their output head left dense.
         config: a ``CompressionConfig``; or pass its fields as keyword ``options``.
-        progress: show a progress bar.
+        calibration: data to calibrate on (a text file, image folder, source-sentence file,
+            ``datasets`` dataset), ``"self"`` (text the causal LM generates itself), or a list of
+            ready model batches; ``None`` for plain SVD.
+        processor: the tokenizer / image processor that turns ``calibration`` into batches.
+        progress: show progress bars.
     Returns:
         A ``CompressionReport`` (also stored on ``model.svdlora_report``).
 
     Example:
-        >>> report = compress(model, budget=0.5, submatrices=3)
+        >>> report = compress(model, budget=0.5, submatrices=3, calibration="wiki.valid.txt", processor=tok)
         >>> print(report.format())
     """
     if config is None:
@@ -68,18 +82,17 @@ def compress(
             f"(layers seen: {', '.join(list(dense)[:5]) or 'none'})"
         )
     _check_finite(model)
-    ranks, allocator_dense = allocate_ranks(targets, config)
+    plan = plan_calibration(model, targets, config, calibration, processor, progress)
+    teacher = copy.deepcopy(model) if config.heal_steps and config.heal_loss == "distill" else None
+    ranks, allocator_dense, est_loss = allocate(targets, config, plan, progress)
     dense.update(allocator_dense)
 
-    svd_options = {
-        "method": config.svd_method,
-        "oversampling": config.oversampling,
-        "power_iterations": config.power_iterations,
-        "generator_seed": config.seed if config.svd_method == "randomized" else None,
-    }
     reports = {}
     for target in tqdm([t for t in targets if t.name in ranks], desc="factorizing", disable=not progress):
-        layer = LowRankLinear.from_dense(target.module, ranks[target.name], **svd_options)
+        stages = factorize(
+            weight_out_in(target.module), ranks[target.name], plan.weighting(target.name), **_svd_options(config)
+        )
+        layer = LowRankLinear.from_stages(target.module, stages)
         with torch.no_grad():
             error = relative_error(weight_out_in(target.module), layer.dense_weight())
         model.set_submodule(target.name, layer)
@@ -91,13 +104,69 @@ def compress(
             ranks=layer.ranks,
             stage_dtypes=[str(layer.A.dtype).removeprefix("torch.")] * len(layer.ranks),
             rel_error=error,
+            est_loss=est_loss.get(target.name),
         )
+    _untie_factorized_head(model, config)
+    healed = None
+    if config.heal_steps:
+        healed = heal(
+            model,
+            plan.batches,
+            config.heal_steps,
+            teacher=teacher,
+            loss=config.heal_loss,
+            seconds=config.heal_seconds,
+            lr=config.heal_lr,
+            progress=progress,
+        )
+        del teacher
+    report = CompressionReport(
+        config=config.to_dict(),
+        modules=_module_reports(model, reports, dense),
+        model_params_before=params_before,
+        model_params_after=count_parameters(model),
+        seconds=time.perf_counter() - start,
+        calibration=plan.describe(),
+        method=plan.method,
+        allocation=plan.allocation,
+        heal=healed.to_dict() if healed else None,
+    )
+    setattr(model, REPORT_ATTR, report)
+    logger.info("factorized %d layers in %.1f s", len(reports), report.seconds)
+    return report
+
+
+def allocate(targets, config: CompressionConfig, plan: CalibrationPlan, progress: bool):
+    """Ranks per target (uniform, or global from the loss-weighted spectra), dense ones, loss estimates."""
+    if plan.allocation == "uniform":
+        ranks, dense = allocate_ranks(targets, config)
+        return ranks, dense, {}
+    spectra = {
+        t.name: weighted_spectrum(weight_out_in(t.module), plan.weighting(t.name, for_allocation=True))
+        for t in tqdm(targets, desc="spectra", disable=not progress)
+    }
+    return allocate_global(targets, spectra, config.budget, config.submatrices)
+
+
+def _svd_options(config: CompressionConfig) -> dict:
+    return {
+        "method": config.svd_method,
+        "oversampling": config.oversampling,
+        "power_iterations": config.power_iterations,
+        "generator_seed": config.seed if config.svd_method == "randomized" else None,
+    }
+
+
+def _untie_factorized_head(model: nn.Module, config: CompressionConfig) -> None:
     config_obj = getattr(model, "config", None)
     if not config.keep_head and getattr(config_obj, "tie_word_embeddings", False):
         # A factorized head is no longer the embedding: stop transformers from re-tying it.
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, LowRankLinear):
             config_obj.tie_word_embeddings = False
+
+
+def _module_reports(model: nn.Module, reports: dict, dense: dict) -> list[ModuleReport]:
     modules = []
     for name, module in model.named_modules():  # keep model order in the report
         if name in reports:
@@ -109,16 +178,7 @@ def compress(
                     name, dense_kind(module), (out_f, in_f), bias=module.bias is not None, dense_reason=dense[name]
                 )
             )
-    report = CompressionReport(
-        config=config.to_dict(),
-        modules=modules,
-        model_params_before=params_before,
-        model_params_after=count_parameters(model),
-        seconds=time.perf_counter() - start,
-    )
-    setattr(model, REPORT_ATTR, report)
-    logger.info("factorized %d layers in %.1f s", len(reports), report.seconds)
-    return report
+    return modules
 
 
 def _check_finite(model: nn.Module) -> None:

@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass, field
 from .errors import SvdloraError
 
 SVD_METHODS = ("exact", "randomized")
+METHODS = ("auto", "svd", "whiten", "fisher")  # auto: fisher when there is calibration data, else svd
+ALLOCATIONS = ("auto", "uniform", "global")  # auto: global when gradient statistics exist
+HEAL_LOSSES = ("distill", "lm")
 
 
 @dataclass
@@ -54,7 +57,35 @@ class CompressionConfig:
         default=2,
         metadata={"help": "Subspace iterations of the randomized SVD."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD."})
+    seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD and of calibration sampling."})
+    method: str = field(
+        default="auto",
+        metadata={
+            "help": "'svd' (plain truncated SVD of W, the sources' method), 'whiten' (minimize the layer's "
+            "output error on calibration inputs, SVD-LLM), 'fisher' (whiten, and weight each output by its "
+            "loss gradient), or 'auto' (fisher when calibration data is given, else svd)."
+        },
+    )
+    allocation: str = field(
+        default="auto",
+        metadata={
+            "help": "'uniform' (every matrix the same fraction of its parameters), 'global' (all ranks chosen "
+            "together from the loss each parameter buys; needs calibration), or 'auto' (global when possible)."
+        },
+    )
+    calibration_samples: int = field(
+        default=64, metadata={"help": "Calibration examples (text windows, images or sentences) to use."}
+    )
+    calibration_length: int = field(default=512, metadata={"help": "Tokens per calibration text window."})
+    heal_steps: int = field(
+        default=0, metadata={"help": "Fine-tuning steps of the factors after compression (0: no healing)."}
+    )
+    heal_seconds: float | None = field(default=None, metadata={"help": "Stop healing after this many seconds."})
+    heal_loss: str = field(
+        default="distill",
+        metadata={"help": "'distill' (KL to the dense model's outputs) or 'lm' (the data's own next-token loss)."},
+    )
+    heal_lr: float = field(default=1e-4, metadata={"help": "Learning rate of healing (Adam)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real):
@@ -71,6 +102,25 @@ class CompressionConfig:
             raise SvdloraError(f"rank must be an integer >= 1, got {self.rank!r}")
         if self.svd_method not in SVD_METHODS:
             raise SvdloraError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("heal_loss", HEAL_LOSSES)):
+            if getattr(self, name) not in allowed:
+                raise SvdloraError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("calibration_samples", "calibration_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise SvdloraError(f"{name} must be an integer >= 1, got {value!r}")
+        steps = self.heal_steps
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise SvdloraError(f"heal_steps must be an integer >= 0, got {self.heal_steps!r}")
+        seconds = self.heal_seconds
+        if seconds is not None and not (isinstance(seconds, numbers.Real) and seconds > 0):
+            raise SvdloraError(f"heal_seconds must be a number > 0, got {self.heal_seconds!r}")
+        if not (isinstance(self.heal_lr, numbers.Real) and self.heal_lr > 0):
+            raise SvdloraError(f"heal_lr must be a number > 0, got {self.heal_lr!r}")
+        if self.rank is not None and self.allocation == "global":
+            raise SvdloraError(
+                "allocation 'global' chooses ranks from the budget: drop --rank, or use --allocation uniform"
+            )
         self.budget = float(self.budget)
         self.submatrices = int(self.submatrices)
         self.include = list(self.include) if self.include else None

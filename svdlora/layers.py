@@ -89,8 +89,12 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_dense(cls, module: nn.Module, ranks: list[int], **svd_options) -> LowRankLinear:
         """Factorize a Linear/Conv1D into residual SVD stages of the given ranks."""
+        return cls.from_stages(module, residual_svd(weight_out_in(module), ranks, **svd_options))
+
+    @classmethod
+    def from_stages(cls, module: nn.Module, stages: list[tuple[torch.Tensor, torch.Tensor]]) -> LowRankLinear:
+        """A layer holding the given (A_j, B_j) stages and ``module``'s bias, in ``module``'s dtype."""
         weight = weight_out_in(module)
-        stages = residual_svd(weight, ranks, **svd_options)
         layer = cls(
             weight.shape[1],
             weight.shape[0],

@@ -15,6 +15,7 @@ class ModuleReport:
     stage_dtypes: list[str] = field(default_factory=list)
     rel_error: float = 0.0  # ‖W − Σ A_j B_j‖_F / ‖W‖_F
     dense_reason: str | None = None
+    est_loss: float | None = None  # global allocation: estimated loss left by the truncation (Σ dropped σ²)
 
     @property
     def factorized(self) -> bool:
@@ -38,6 +39,10 @@ class CompressionReport:
     seconds: float = 0.0
     bytes_before: int | None = None  # weight files of the source, when known
     bytes_after: int | None = None  # model.safetensors of the output, once saved
+    calibration: dict | None = None  # what the statistics came from (None: no calibration)
+    method: str | None = None  # resolved factorization method
+    allocation: str | None = None  # resolved rank allocation
+    heal: dict | None = None  # healing steps, time and loss, when it ran
 
     @property
     def factorized(self) -> list[ModuleReport]:
@@ -61,6 +66,8 @@ class CompressionReport:
                 f"{self.config.get('budget')} / {self.config.get('submatrices')}"
                 + (f" (fixed rank {self.config['rank']})" if self.config.get("rank") else ""),
             ),
+            ("method / allocation", f"{self.method or 'svd'} / {self.allocation or 'uniform'}"),
+            ("calibration", _calibration_text(self.calibration)),
             ("factorized matrices", f"{len(fac)} of {len(self.modules)} Linear/Conv1D layers"),
             ("factorized params", f"{before:,} -> {after:,} ({_ratio(after, before)})"),
             (
@@ -80,6 +87,15 @@ class CompressionReport:
         if fac:
             errs = [m.rel_error for m in fac]
             rows.append(("relative Frobenius error", f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}"))
+        if self.heal:
+            h = self.heal
+            rows.append(
+                (
+                    "healing",
+                    f"{h['steps']} steps ({h['loss']}), {h['seconds']:.0f} s, "
+                    f"loss {h['first_loss']:.4f} -> {h['last_loss']:.4f}",
+                )
+            )
         rows.append(("compress time", f"{self.seconds:.1f} s"))
         return rows
 
@@ -99,6 +115,13 @@ class CompressionReport:
                 else:
                     lines.append(f"{m.name:<{name_w}}  {shape:>11}  dense: {m.dense_reason}")
         return "\n".join(lines)
+
+
+def _calibration_text(calibration: dict | None) -> str:
+    if not calibration:
+        return "none (plain truncated SVD; pass --calibration DATA or 'self' for better quality)"
+    tokens = f", {calibration['tokens']:,} tokens" if calibration.get("tokens") else ""
+    return f"{calibration['source']} ({calibration['batches']} batches{tokens})"
 
 
 def _ratio(after: int, before: int) -> str:

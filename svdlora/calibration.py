@@ -1,0 +1,212 @@
+"""Calibration statistics: what each targeted layer sees (its input Gram XᵀX) and what its
+output is worth (the mean squared gradient of the loss per output channel), in one pass.
+
+Both are running means over tokens, so memory is bounded by the layers, not the data:
+an (in, in) float64 Gram per distinct layer input (q/k/v, or gate/up, share one) and an
+(out,) vector per layer. Together they define the error a factorization should minimize,
+
+    E[ΔL] ≈ ½ Σ_o E[g_o²] · (δW · E[x xᵀ] · δWᵀ)_oo  =  ½ ‖D · δW · S‖_F²,
+
+with D = diag(√E[g²]) and S·Sᵀ = E[x xᵀ] (a diagonal Gauss-Newton approximation): the
+whitened spectra of different layers are then in the same unit (loss), which is what lets
+the global allocator compare them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import SvdloraError
+from .targets import Target
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStats:
+    """Running means over the calibration tokens of one layer."""
+
+    gram: torch.Tensor  # (in, in) float64: E[x xᵀ] of the layer input
+    tokens: int
+    out_grad_sq: torch.Tensor | None = None  # (out,) float64: E[g²] of the loss gradient at the output
+
+    @property
+    def has_gradients(self) -> bool:
+        return self.out_grad_sq is not None
+
+
+class _Accumulator:
+    """Sums of x xᵀ (shared by layers fed the same tensor) and of g² per layer."""
+
+    def __init__(self, targets: list[Target], gradients: bool) -> None:
+        self.targets = {t.module: t for t in targets}
+        self.gradients = gradients
+        self.gram_sums: dict[str, torch.Tensor] = {}  # keyed by the first layer that saw the input
+        self.gram_owner: dict[str, str] = {}  # layer -> key of its Gram
+        self.tokens: dict[str, int] = {}
+        self.grad_sums: dict[str, torch.Tensor] = {}
+        self.grad_tokens: dict[str, int] = {}
+        # input tensor identity -> (Gram key, the tensor): holding the tensor stops its memory from
+        # being reused by a later layer's input within the batch, which would fake an identity match
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self.outputs: list[tuple[str, torch.Tensor]] = []
+
+    def new_batch(self) -> None:
+        self._seen.clear()
+        self.outputs.clear()
+
+    def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        name = self.targets[module].name
+        x = inputs[0].detach()
+        identity = (x.data_ptr(), tuple(x.shape), x.dtype)
+        key = self._seen.get(identity, (None, None))[0]
+        if key is None:
+            key = self.gram_owner.setdefault(name, name)
+            flat = x.reshape(-1, x.shape[-1]).float()
+            # float32 products per batch (fast), float64 running sum (no drift over many batches)
+            product = (flat.T @ flat).double()
+            if key in self.gram_sums:
+                self.gram_sums[key] += product
+            else:
+                self.gram_sums[key] = product
+            self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
+            self._seen[identity] = (key, x)
+        else:
+            self.gram_owner.setdefault(name, key)
+        if self.gradients and output.requires_grad:
+            self.outputs.append((name, output))
+
+    def add_gradients(self, grads: Iterable[torch.Tensor | None]) -> None:
+        for (name, _), grad in zip(self.outputs, grads, strict=True):
+            if grad is None:
+                continue
+            flat = grad.detach().reshape(-1, grad.shape[-1]).double()
+            square = flat.square().sum(0)
+            self.grad_sums[name] = self.grad_sums[name] + square if name in self.grad_sums else square
+            self.grad_tokens[name] = self.grad_tokens.get(name, 0) + flat.shape[0]
+
+    def result(self) -> dict[str, LayerStats]:
+        means = {key: total / max(self.tokens[key], 1) for key, total in self.gram_sums.items()}
+        stats = {}
+        for target in self.targets.values():
+            key = self.gram_owner.get(target.name)
+            if key is None:
+                continue  # never called on the calibration data
+            grad = self.grad_sums.get(target.name)
+            stats[target.name] = LayerStats(
+                gram=means[key],
+                tokens=self.tokens[key],
+                out_grad_sq=None if grad is None else grad / max(self.grad_tokens[target.name], 1),
+            )
+        return stats
+
+
+def calibration_loss(outputs, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """A loss whose gradient statistics approximate the Fisher information of the model's output.
+
+    With labels in the batch (causal LM text, seq2seq targets) it is the summed token loss; for a
+    classifier, the cross-entropy against labels sampled from the model's own prediction (an unbiased
+    Fisher estimate, no labels needed); for a bare encoder, a random projection of its hidden states
+    (whose squared gradient estimates the Gauss-Newton matrix of ‖δh‖²).
+    """
+    logits = getattr(outputs, "logits", None)
+    labels = batch.get("labels")
+    if logits is not None and labels is not None:
+        if "decoder_input_ids" in batch or getattr(outputs, "encoder_last_hidden_state", None) is not None:
+            flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        else:  # causal LM: token t predicts t+1
+            flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+            flat_labels = labels[:, 1:].reshape(-1)
+        return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=-100, reduction="sum")
+    if logits is not None:
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        with torch.no_grad():
+            sampled = torch.multinomial(flat.softmax(-1), 1, generator=generator).squeeze(-1)
+        return F.cross_entropy(flat, sampled, reduction="sum")
+    hidden = getattr(outputs, "last_hidden_state", None)
+    if hidden is None and isinstance(outputs, torch.Tensor):
+        hidden = outputs
+    if hidden is None:
+        raise SvdloraError("the model returns neither logits nor hidden states: calibration needs one of them")
+    direction = torch.randn(hidden.shape, generator=generator, dtype=torch.float32).to(hidden.device)
+    return (hidden.float() * direction).sum()
+
+
+@contextmanager
+def _hooks(targets: list[Target], accumulator: _Accumulator):
+    handles = [t.module.register_forward_hook(accumulator.hook) for t in targets]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _params_require_grad(model: nn.Module):
+    """Outputs need requires_grad for their gradient; weight gradients themselves are never computed."""
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def collect_statistics(
+    model: nn.Module,
+    targets: list[Target],
+    batches: Iterable[dict],
+    gradients: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, LayerStats]:
+    """Run the calibration batches through ``model`` and return each target's ``LayerStats``.
+
+    Args:
+        model: the dense model (left unchanged; put it in eval mode first).
+        targets: the layers to observe (from ``svdlora.targets.find_targets``).
+        batches: model keyword inputs, e.g. ``{"input_ids": ..., "labels": ...}``, already on the
+            model's device.
+        gradients: also collect E[g²] at each layer output (one backward pass per batch, no
+            weight gradients); needed for the global allocator's loss-weighted spectra.
+    Returns:
+        ``{layer name: LayerStats}`` for every target the data reached.
+    """
+    accumulator = _Accumulator(targets, gradients)
+    generator = torch.Generator().manual_seed(seed)
+    batches = list(batches)
+    if not batches:
+        raise SvdloraError("calibration data is empty: pass a file with text, images or sentences")
+    was_training = model.training
+    model.eval()
+    grad_context = _params_require_grad(model) if gradients else torch.no_grad()
+    try:
+        with _hooks(targets, accumulator), grad_context:
+            for batch in tqdm(batches, desc="calibrating", disable=not progress):
+                accumulator.new_batch()
+                outputs = model(**batch)
+                if gradients:
+                    outs = [out for _, out in accumulator.outputs]
+                    if outs:
+                        loss = calibration_loss(outputs, batch, generator)
+                        accumulator.add_gradients(torch.autograd.grad(loss, outs, allow_unused=True))
+                del outputs
+    finally:
+        accumulator.new_batch()
+        model.train(was_training)
+    stats = accumulator.result()
+    missing = [t.name for t in targets if t.name not in stats]
+    if missing:
+        logger.warning("%d targeted layers never ran on the calibration data (e.g. %s)", len(missing), missing[0])
+    return stats

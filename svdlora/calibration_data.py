@@ -1,0 +1,240 @@
+"""Calibration data -> model batches, read the way `svdlora eval --data` reads data.
+
+What a model gets depends on its kind:
+
+- causal LM: text (a file, or a dataset's text column) cut into windows of
+  ``calibration_length`` tokens, spread evenly over the text, labels = the tokens;
+- encoder-decoder (e.g. Marian): source sentences (one per line, or a dataset column); the
+  targets are the model's own greedy translations, so no references are needed;
+- image classifier: an image folder (``<class>/<image>``) or a dataset with an image column;
+- text encoder (e.g. BERT): text windows without labels.
+
+``SELF`` (``--calibration self``) is the data-free path for causal LMs: text sampled from the
+model itself, starting at its BOS token.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import SvdloraError
+from .evaluation.images import image_folder
+from .evaluation.sources import (
+    DATASET_FILE_BUILDERS,
+    check_exists,
+    column_values,
+    is_dataset,
+    is_saved_dataset,
+    open_dataset,
+    pick_column,
+    read_lines,
+    read_text,
+)
+
+logger = logging.getLogger(__name__)
+
+SELF = "self"
+FLAG = "--calibration"
+IMAGE_BATCH = 16
+SENTENCE_BATCH = 8
+SELF_LENGTH = 256  # tokens per self-generated sample: long enough for real context, short enough to be quick
+
+
+def model_kind(model: nn.Module) -> str:
+    """'causal-lm', 'seq2seq', 'image' or 'encoder'."""
+    config = getattr(model, "config", None)
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        return "image"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    can_generate = getattr(model, "can_generate", lambda: False)
+    if can_generate() and getattr(model, "get_output_embeddings", lambda: None)() is not None:
+        return "causal-lm"
+    return "encoder"
+
+
+def calibration_batches(
+    model: nn.Module,
+    data: Any,
+    processor: Any,
+    samples: int,
+    length: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Model-ready batches on the model's device from ``data`` (a path, dataset, or ``SELF``).
+
+    Raises:
+        SvdloraError: data missing, empty, or of the wrong kind for the model (before any slow work).
+    """
+    kind = model_kind(model)
+    device = next(model.parameters()).device
+    if data == SELF:
+        if kind != "causal-lm":
+            raise SvdloraError(
+                f"{FLAG} self generates text, which needs a causal language model; this is a {kind} model: "
+                f"pass {FLAG} DATA (text, sentences or an image folder) or {FLAG} none"
+            )
+        batches = generate_text(model, processor, samples, SELF_LENGTH, seed, progress)
+    elif kind == "image":
+        batches = _image_batches(data, processor, samples)
+    elif kind == "seq2seq":
+        batches = _seq2seq_batches(model, data, processor, samples, length, progress)
+    else:
+        batches = _text_windows(model, data, processor, samples, length, labels=kind == "causal-lm")
+    return [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+
+
+def _need(processor: Any, what: str) -> Any:
+    if processor is None:
+        raise SvdloraError(
+            f"calibration needs the model's {what}: save it into the model folder, or pass processor=... "
+            "to svdlora.compress"
+        )
+    return processor
+
+
+def _read_calibration_text(data: Any) -> str:
+    if not is_dataset(data):
+        path = Path(str(data)).expanduser()
+        if path.is_dir() and not is_saved_dataset(path):
+            raise SvdloraError(f"{FLAG} {str(data)!r} is a folder: this model calibrates on a text file or dataset")
+        if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
+            return read_text(path, FLAG)
+    dataset = open_dataset(data, None, None)
+    column = pick_column(dataset, None, ("text", "sentence", "source"), FLAG)
+    text = "\n\n".join(str(t) for t in column_values(dataset, column) if t is not None)
+    if not text.strip():
+        raise SvdloraError(f"{FLAG} {str(data)!r}: column {column!r} holds no text")
+    return text
+
+
+def _text_windows(model, data, tokenizer, samples: int, length: int, labels: bool) -> list[dict]:
+    tokenizer = _need(tokenizer, "tokenizer")
+    text = _read_calibration_text(data)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit:
+        length = min(length, limit)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if ids.numel() < 2:
+        raise SvdloraError(f"{FLAG} {str(data)!r} holds fewer than 2 tokens: pass more text")
+    count = max(1, min(samples, ids.numel() // length))
+    length = min(length, ids.numel())
+    # windows spread evenly over the whole text, so a small sample still covers its variety
+    starts = torch.linspace(0, ids.numel() - length, count).long().tolist()
+    batches = []
+    for start in starts:
+        window = ids[start : start + length][None]
+        batch = {"input_ids": window}
+        if labels:
+            batch["labels"] = window
+        batches.append(batch)
+    if count < samples:
+        logger.warning("%s has text for %d windows of %d tokens (asked for %d)", FLAG, count, length, samples)
+    return batches
+
+
+def _image_batches(data, image_processor, samples: int) -> list[dict]:
+    image_processor = _need(image_processor, "image processor")
+    if not is_dataset(data):
+        path = check_exists(data, FLAG)
+        if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
+            raise SvdloraError(
+                f"{FLAG} {str(data)!r} is a file: an image model calibrates on a folder with one subfolder per "
+                "class (or any subfolders of images), or a dataset with an image column"
+            )
+    if not is_dataset(data) and Path(str(data)).expanduser().is_dir() and not is_saved_dataset(Path(str(data))):
+        images = image_folder(Path(str(data)).expanduser(), samples)
+        fetch = images.images
+        total = len(images)
+    else:
+        dataset = open_dataset(data, None, None)
+        column = pick_column(dataset, None, ("image", "img", "pixel_values"), FLAG)
+        dataset = dataset.select(range(min(samples, len(dataset))))
+        total = len(dataset)
+
+        def fetch(start, end):
+            return [im.convert("RGB") for im in dataset[start:end][column]]
+
+    batches = []
+    for start in range(0, total, IMAGE_BATCH):
+        try:
+            pixels = image_processor(fetch(start, start + IMAGE_BATCH), return_tensors="pt")["pixel_values"]
+        except OSError as err:
+            raise SvdloraError(f"{FLAG} {str(data)!r}: an image cannot be read ({err})") from None
+        batches.append({"pixel_values": pixels})
+    return batches
+
+
+def _seq2seq_batches(model, data, tokenizer, samples: int, length: int, progress: bool) -> list[dict]:
+    tokenizer = _need(tokenizer, "tokenizer")
+    if is_dataset(data) or Path(str(data)).suffix.lower() in DATASET_FILE_BUILDERS:
+        dataset = open_dataset(data, None, None)
+        column = pick_column(dataset, None, ("source", "src", "text", "sentence"), FLAG)
+        sentences = [str(s) for s in column_values(dataset, column)]
+    else:
+        sentences = read_lines(data, FLAG)
+    sentences = [s for s in sentences if s.strip()][:samples]
+    device = next(model.parameters()).device
+    batches = []
+    for start in tqdm(range(0, len(sentences), SENTENCE_BATCH), desc="translating calibration", disable=not progress):
+        enc = tokenizer(
+            sentences[start : start + SENTENCE_BATCH],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=length,
+        )
+        with torch.no_grad():  # the model's own translations stand in for references
+            out = model.generate(**{k: v.to(device) for k, v in enc.items()}, num_beams=1, max_new_tokens=64)
+        labels = out[:, 1:].cpu().clone()  # drop the decoder start token
+        labels[labels == tokenizer.pad_token_id] = -100
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    return batches
+
+
+def generate_text(model, tokenizer, samples: int, length: int, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Text the model writes itself from its BOS token (plain sampling, temperature 1).
+
+    The samples follow the model's own distribution, so their activations cover what the model
+    does when used, with no data at all; batches of 16 with a KV cache keep it quick.
+    """
+    config = model.config
+    generation = getattr(model, "generation_config", None)
+    bos = getattr(generation, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(config, "bos_token_id", None)
+    if bos is None and tokenizer is not None:
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise SvdloraError("the model has no BOS token to start generating from: pass --calibration DATA")
+    device = next(model.parameters()).device
+    pad = getattr(config, "pad_token_id", None)
+    pad = pad if pad is not None else bos
+    batches = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, samples, 16), desc="generating calibration text", disable=not progress):
+            count = min(16, samples - start)
+            prompt = torch.full((count, 1), bos, dtype=torch.long, device=device)
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=length - 1,
+                    min_new_tokens=length - 1,  # full-length windows: no padding, every token counts
+                    pad_token_id=pad,
+                )
+            for row in out.cpu():
+                batches.append({"input_ids": row[None], "labels": row[None]})
+    return batches

@@ -1,0 +1,141 @@
+"""Healing: a short fine-tune of the factors only (A, B of every low-rank layer).
+
+``distill`` (the default) trains the compressed model to reproduce the dense model's output
+distribution (KL divergence per token) on the calibration batches: it restores the original
+model rather than adapting it to the calibration text. ``lm`` trains on the batches' own labels
+(next-token loss), which also adapts the model to that text, so compare it with the dense model
+given the same fine-tune.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import SvdloraError
+from .layers import LowRankLinear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HealResult:
+    steps: int
+    seconds: float
+    loss: str
+    first_loss: float  # mean over the first steps (up to 8)
+    last_loss: float  # mean over the last steps (up to 8)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _logits(outputs) -> torch.Tensor:
+    logits = getattr(outputs, "logits", None)
+    if logits is None:
+        hidden = getattr(outputs, "last_hidden_state", None)
+        if hidden is None:
+            raise SvdloraError("healing needs a model that returns logits or hidden states")
+        return hidden
+    return logits
+
+
+def _distill_loss(student_out, teacher_out, batch: dict) -> torch.Tensor:
+    student, teacher = _logits(student_out).float(), _logits(teacher_out).float()
+    if getattr(student_out, "logits", None) is None:  # bare encoder: match the hidden states
+        return F.mse_loss(student, teacher)
+    mask = batch.get("attention_mask")
+    per_token = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    if mask is not None and mask.shape == per_token.shape:
+        return (per_token * mask).sum() / mask.sum().clamp_min(1)
+    return per_token.mean()
+
+
+def heal(
+    model: nn.Module,
+    batches: list[dict],
+    steps: int,
+    *,
+    teacher: nn.Module | None = None,
+    loss: str = "distill",
+    seconds: float | None = None,
+    lr: float = 1e-4,
+    progress: bool = True,
+) -> HealResult:
+    """Fine-tune the factors of ``model`` in place for ``steps`` steps (or ``seconds``), one batch a step.
+
+    Args:
+        model: a compressed model (its ``LowRankLinear`` factors are trained, nothing else).
+        batches: model inputs, cycled through; ``lm`` needs ``labels`` in them.
+        teacher: the dense model, for ``loss="distill"``.
+    Returns:
+        A ``HealResult`` with the loss at the start and at the end.
+    """
+    if loss == "distill" and teacher is None:
+        raise SvdloraError("distillation healing needs the dense model as teacher")
+    if loss == "lm" and not all("labels" in b for b in batches):
+        raise SvdloraError("healing with loss 'lm' needs labelled batches (text for a causal LM)")
+    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
+    if not factors:
+        raise SvdloraError("healing found no low-rank layer to train: compress the model first")
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in factors:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(factors, lr=lr)
+    losses: list[float] = []
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()  # no dropout: the target is the deterministic dense model
+    bar = tqdm(total=steps, desc=f"healing ({loss})", disable=not progress)
+    try:
+        for step, batch in enumerate(itertools.cycle(batches)):
+            if step >= steps or (seconds is not None and time.perf_counter() - start >= seconds):
+                break
+            if loss == "distill":
+                with torch.no_grad():
+                    target = teacher(**{k: v for k, v in batch.items() if k != "labels"})
+                out = model(**{k: v for k, v in batch.items() if k != "labels"})
+                value = _distill_loss(out, target, batch)
+            else:
+                value = model(**batch).loss
+            if not torch.isfinite(value):
+                raise SvdloraError(f"healing diverged at step {step} (loss {value.item()}): lower --heal-lr")
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            losses.append(value.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        bar.close()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        for p in factors:
+            p.grad = None
+        model.train(was_training)
+    if not losses:
+        raise SvdloraError("healing ran no step: raise --heal-steps or --heal-seconds")
+    result = HealResult(
+        steps=len(losses),
+        seconds=time.perf_counter() - start,
+        loss=loss,
+        first_loss=sum(losses[:8]) / len(losses[:8]),
+        last_loss=sum(losses[-8:]) / len(losses[-8:]),
+    )
+    logger.info(
+        "healed %d steps in %.0f s: loss %.4f -> %.4f",
+        result.steps,
+        result.seconds,
+        result.first_loss,
+        result.last_loss,
+    )
+    return result

@@ -1,0 +1,41 @@
+"""Factorization methods: (W, statistics, stage ranks) -> residual stages.
+
+``svd`` is the sources' method (plain truncated SVD of W); ``whiten`` minimizes the layer's
+output error on calibration inputs (SVD-LLM); ``fisher`` also weights each output channel by
+what it is worth to the loss (``weighting.Weighting``). All run the same residual chain on the
+weighted matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..decompose import residual_svd
+from .weighting import Weighting
+
+METHODS = ("svd", "whiten", "fisher")
+
+
+def factorize(
+    weight: torch.Tensor, ranks: list[int], weighting: Weighting | None = None, **svd_options
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Residual stages (A_j, B_j) of ``weight`` (out, in) with the given ranks, under ``weighting``.
+
+    Example:
+        >>> stages = factorize(layer.weight, [16, 16], Weighting.from_stats(stats["mlp.fc1"]))
+    """
+    if weighting is None or weighting.is_identity:
+        return residual_svd(weight, ranks, **svd_options)
+    whitened = weighting.whiten(weight.detach().to(torch.float64 if weight.numel() <= 1 << 16 else torch.float32))
+    return [weighting.unwhiten(a, b) for a, b in residual_svd(whitened, ranks, **svd_options)]
+
+
+def weighted_spectrum(weight: torch.Tensor, weighting: Weighting | None) -> torch.Tensor:
+    """Singular values of D·W·S (float64, descending): σ_k² is what dropping triplet k costs."""
+    work = weight.detach().float()
+    if weighting is not None and not weighting.is_identity:
+        work = weighting.whiten(work)
+    return torch.linalg.svdvals(work).double()
+
+
+__all__ = ["METHODS", "Weighting", "factorize", "weighted_spectrum"]

@@ -1,0 +1,110 @@
+"""The metric a factorization minimizes: ‖D·(W − Ŵ)·S‖_F.
+
+S is a square root of the input Gram E[x xᵀ] (SVD-LLM's truncation-aware whitening: the
+truncated SVD of W·S is then optimal for the layer's output error on the calibration inputs)
+and D = diag(√E[g²]) weights each output channel by what it is worth to the loss (FWSVD's
+Fisher weighting). The best rank-k Ŵ under this metric is [D·W·S]_k mapped back with D⁻¹ and
+S⁻¹, so every method here is: whiten, truncated SVD, unwhiten.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..calibration import LayerStats
+
+logger = logging.getLogger(__name__)
+
+# Damping as in GPTQ (1% of the mean diagonal): keeps S invertible when the calibration data
+# does not span the input space (few tokens, dead features), and stops the factors from
+# over-fitting directions the calibration data barely saw.
+INPUT_DAMPING = 0.01
+OUTPUT_DAMPING = 0.01
+
+
+@dataclass
+class Weighting:
+    """Left (per output channel) and right (input whitening) weights of one matrix."""
+
+    left: torch.Tensor | None = None  # (out,) D's diagonal
+    right: torch.Tensor | None = None  # (in, in) S
+    right_inverse: torch.Tensor | None = None  # (in, in) S⁻¹
+
+    @classmethod
+    def identity(cls) -> Weighting:
+        return cls()
+
+    @property
+    def is_identity(self) -> bool:
+        return self.left is None and self.right is None
+
+    @classmethod
+    def from_stats(
+        cls,
+        stats: LayerStats | None,
+        use_gradients: bool = True,
+        input_damping: float = INPUT_DAMPING,
+        output_damping: float = OUTPUT_DAMPING,
+    ) -> Weighting:
+        """The weighting from one layer's calibration statistics; identity where they are unusable.
+
+        A zero, non-finite or otherwise degenerate Gram falls back to no input whitening (plain SVD
+        on that side) with a warning, rather than failing or producing NaN.
+        """
+        if stats is None:
+            return cls.identity()
+        right, right_inverse = whitening(stats.gram, input_damping)
+        left = None
+        if use_gradients and stats.out_grad_sq is not None:
+            left = output_weights(stats.out_grad_sq, output_damping)
+        return cls(left, right, right_inverse)
+
+    def whiten(self, weight: torch.Tensor) -> torch.Tensor:
+        """D·W·S in the dtype of ``weight``."""
+        out = weight
+        if self.right is not None:
+            out = out @ self.right.to(out)
+        if self.left is not None:
+            out = self.left.to(out)[:, None] * out
+        return out
+
+    def unwhiten(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of the whitened matrix -> factors of W: (D⁻¹·A', B'·S⁻¹)."""
+        if self.left is not None:
+            a = a / self.left.to(a)[:, None]
+        if self.right_inverse is not None:
+            b = b @ self.right_inverse.to(b)
+        return a, b
+
+
+def whitening(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Symmetric S = Q·Λ^½·Qᵀ and S⁻¹ of the damped Gram, via a float64 eigendecomposition.
+
+    An eigendecomposition (not SVD-LLM's Cholesky) never fails on a singular or slightly
+    indefinite Gram: negative round-off eigenvalues are clipped before the damping is added.
+    """
+    gram = gram.double()
+    if not torch.isfinite(gram).all():
+        logger.warning("calibration Gram has NaN/Inf: this layer falls back to plain SVD")
+        return None, None
+    scale = gram.diagonal().mean().item()
+    if scale <= 0:
+        logger.warning("calibration inputs of a layer are all zero: it falls back to plain SVD")
+        return None, None
+    eigenvalues, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    eigenvalues = eigenvalues.clamp_min(0) + damping * scale
+    root = eigenvalues.sqrt()
+    right = (vectors * root) @ vectors.T
+    right_inverse = (vectors / root) @ vectors.T
+    return right, right_inverse
+
+
+def output_weights(grad_sq: torch.Tensor, damping: float) -> torch.Tensor | None:
+    grad_sq = grad_sq.double()
+    mean = grad_sq.mean().item()
+    if not torch.isfinite(grad_sq).all() or mean <= 0:
+        return None
+    return (grad_sq + damping * mean).sqrt()

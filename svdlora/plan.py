@@ -1,0 +1,102 @@
+"""What a compression run calibrates on, and the method and allocation that follow from it.
+
+``plan_calibration`` resolves ``method="auto"`` / ``allocation="auto"`` against the data the user
+gave (none: the sources' plain SVD, uniform budget), reads the data into batches and collects
+the statistics once; the plan then hands each layer its ``Weighting``, computed once per
+distinct layer input (q/k/v share one whitening).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .calibration import LayerStats, collect_statistics
+from .config import CompressionConfig
+from .errors import SvdloraError
+from .methods.weighting import INPUT_DAMPING, OUTPUT_DAMPING, Weighting, output_weights, whitening
+from .targets import Target
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationPlan:
+    method: str  # "svd", "whiten" (input whitening, SVD-LLM) or "fisher" (whitening + output weights)
+    allocation: str  # "uniform" or "global"
+    batches: list[dict] = field(default_factory=list)
+    stats: dict[str, LayerStats] | None = None
+    source: str | None = None  # what the batches came from, for the report
+    _right: dict[int, tuple] = field(default_factory=dict)
+
+    def weighting(self, name: str, for_allocation: bool = False) -> Weighting | None:
+        """The metric layer ``name`` is factorized under (allocation always uses the loss weights)."""
+        stats = (self.stats or {}).get(name)
+        if stats is None or (self.method == "svd" and not for_allocation):
+            return None
+        key = id(stats.gram)
+        if key not in self._right:
+            right, inverse = whitening(stats.gram, INPUT_DAMPING)
+            self._right[key] = (right, inverse) if right is None else (right.float(), inverse.float())
+        right, inverse = self._right[key]
+        left = None
+        if (for_allocation or self.method == "fisher") and stats.out_grad_sq is not None:
+            left = output_weights(stats.out_grad_sq, OUTPUT_DAMPING)
+        return Weighting(left=None if left is None else left.float(), right=right, right_inverse=inverse)
+
+    def describe(self) -> dict | None:
+        if self.source is None:
+            return None
+        tokens = sum(int(b["input_ids"].numel()) for b in self.batches if "input_ids" in b)
+        return {
+            "source": self.source,
+            "batches": len(self.batches),
+            "tokens": tokens or None,
+            "data_free": self.source.startswith("self"),
+            "gradients": bool(self.stats) and any(s.has_gradients for s in self.stats.values()),
+        }
+
+
+def plan_calibration(
+    model: nn.Module,
+    targets: list[Target],
+    config: CompressionConfig,
+    calibration: Any,
+    processor: Any,
+    progress: bool,
+) -> CalibrationPlan:
+    """Resolve method and allocation, read the calibration data, collect the statistics."""
+    # imported here: calibration_data reads data with svdlora.evaluation, which imports compress
+    from .calibration_data import SELF, calibration_batches, model_kind
+
+    if calibration is None:
+        for name, value in (("method", config.method), ("allocation", config.allocation)):
+            if value not in ("auto", "svd", "uniform"):
+                raise SvdloraError(
+                    f"{name} {value!r} needs calibration data: pass --calibration DATA (or 'self' for a causal LM)"
+                )
+        if config.heal_steps:
+            raise SvdloraError("healing needs calibration data: pass --calibration DATA (or 'self' for a causal LM)")
+        return CalibrationPlan(method="svd", allocation="uniform")
+    method = "fisher" if config.method == "auto" else config.method
+    allocation = "global" if config.allocation == "auto" and config.rank is None else config.allocation
+    allocation = "uniform" if allocation == "auto" else allocation
+    if isinstance(calibration, list):
+        batches, source = calibration, f"{len(calibration)} batches given in memory"
+    else:
+        batches = calibration_batches(
+            model, calibration, processor, config.calibration_samples, config.calibration_length,
+            seed=config.seed, progress=progress,
+        )  # fmt: skip
+        source = "self-generated text (data-free)" if calibration == SELF else str(calibration)
+        if calibration == SELF:
+            source = f"self: text sampled from the model ({model_kind(model)}, data-free)"
+    if method == "svd" and allocation == "uniform" and not config.heal_steps:
+        logger.warning("calibration data is not used by method 'svd' with uniform allocation")
+        return CalibrationPlan(method=method, allocation=allocation, batches=batches, source=source)
+    gradients = method == "fisher" or allocation == "global"
+    stats = collect_statistics(model, targets, batches, gradients=gradients, progress=progress, seed=config.seed)
+    return CalibrationPlan(method=method, allocation=allocation, batches=batches, stats=stats, source=source)
