@@ -81,7 +81,9 @@ def calibration_batches(
                 f"{FLAG} self generates text, which needs a causal language model; this is a {kind} model: "
                 f"pass {FLAG} DATA (text, sentences or an image folder) or {FLAG} none"
             )
-        batches = generate_text(model, processor, samples, SELF_LENGTH, seed, progress)
+        batches = generate_text(
+            model, processor, samples, min(SELF_LENGTH, length, _max_positions(model)), seed, progress
+        )
     elif kind == "image":
         batches = _image_batches(data, processor, samples)
     elif kind == "seq2seq":
@@ -89,6 +91,12 @@ def calibration_batches(
     else:
         batches = _text_windows(model, data, processor, samples, length, labels=kind == "causal-lm")
     return [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+
+
+def _max_positions(model: nn.Module) -> int:
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(limit) if limit else 1 << 30
 
 
 def _need(processor: Any, what: str) -> Any:
@@ -118,9 +126,7 @@ def _read_calibration_text(data: Any) -> str:
 def _text_windows(model, data, tokenizer, samples: int, length: int, labels: bool) -> list[dict]:
     tokenizer = _need(tokenizer, "tokenizer")
     text = _read_calibration_text(data)
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit:
-        length = min(length, limit)
+    length = min(length, _max_positions(model))
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if ids.numel() < 2:
         raise SvdloraError(f"{FLAG} {str(data)!r} holds fewer than 2 tokens: pass more text")
@@ -206,23 +212,26 @@ def generate_text(model, tokenizer, samples: int, length: int, seed: int = 0, pr
     does when used, with no data at all; batches of 16 with a KV cache keep it quick.
     """
     config = model.config
+    vocab = model.get_input_embeddings().num_embeddings
     generation = getattr(model, "generation_config", None)
-    bos = getattr(generation, "bos_token_id", None)
-    if bos is None:
-        bos = getattr(config, "bos_token_id", None)
-    if bos is None and tokenizer is not None:
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if bos is None:
-        raise SvdloraError("the model has no BOS token to start generating from: pass --calibration DATA")
+    candidates = [getattr(generation, "bos_token_id", None), getattr(config, "bos_token_id", None)]
+    if tokenizer is not None:
+        candidates += [tokenizer.bos_token_id, tokenizer.eos_token_id]
+    valid = [c for c in candidates if isinstance(c, int) and 0 <= c < vocab]
+    # no usable BOS (e.g. a config's default id beyond a small vocabulary): start from random tokens
+    bos = valid[0] if valid else None
     device = next(model.parameters()).device
     pad = getattr(config, "pad_token_id", None)
-    pad = pad if pad is not None else bos
+    pad = pad if isinstance(pad, int) and 0 <= pad < vocab else (bos or 0)
     batches = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in tqdm(range(0, samples, 16), desc="generating calibration text", disable=not progress):
             count = min(16, samples - start)
-            prompt = torch.full((count, 1), bos, dtype=torch.long, device=device)
+            if bos is None:
+                prompt = torch.randint(vocab, (count, 1), device=device)
+            else:
+                prompt = torch.full((count, 1), bos, dtype=torch.long, device=device)
             with torch.no_grad():
                 out = model.generate(
                     input_ids=prompt,

@@ -54,8 +54,15 @@ def validate_config(data, where: Path) -> None:
             raise bad(f"report.{key}", report.get(key), "an integer >= 0 or null")
     if not _is_num(report.get("seconds", 0.0)):
         raise bad("report.seconds", report.get("seconds"), "a number")
+    for key in ("calibration", "heal"):
+        if report.get(key) is not None and not isinstance(report[key], dict):
+            raise bad(f"report.{key}", report.get(key), "an object or null")
+    for key in ("method", "allocation"):
+        if report.get(key) is not None and not isinstance(report[key], str):
+            raise bad(f"report.{key}", report.get(key), "a string or null")
     unknown = set(report) - {
-        "config", "modules", "model_params_before", "model_params_after", "seconds", "bytes_before", "bytes_after"
+        "config", "modules", "model_params_before", "model_params_after", "seconds", "bytes_before", "bytes_after",
+        "calibration", "method", "allocation", "heal",
     }  # fmt: skip
     if unknown:
         raise bad("report", sorted(unknown), "no unknown keys")
@@ -71,7 +78,7 @@ def validate_config(data, where: Path) -> None:
 
 
 def _validate_module(m, at: str, bad) -> None:
-    fields = {"name", "kind", "shape", "bias", "ranks", "stage_dtypes", "rel_error", "dense_reason"}
+    fields = {"name", "kind", "shape", "bias", "ranks", "stage_dtypes", "rel_error", "dense_reason", "est_loss"}
     if not isinstance(m, dict):
         raise bad(at, m, "an object")
     if set(m) - fields or not {"name", "kind", "shape", "bias"} <= set(m):
@@ -93,6 +100,8 @@ def _validate_module(m, at: str, bad) -> None:
         raise bad(f"{at}.stage_dtypes", dtypes, "a list of dtype names")
     if not _is_num(m.get("rel_error", 0.0)):
         raise bad(f"{at}.rel_error", m.get("rel_error"), "a number")
+    if m.get("est_loss") is not None and not _is_num(m["est_loss"]):
+        raise bad(f"{at}.est_loss", m["est_loss"], "a number or null")
     if m.get("dense_reason") is not None and not isinstance(m["dense_reason"], str):
         raise bad(f"{at}.dense_reason", m["dense_reason"], "a string or null")
     if not ranks and m.get("dense_reason") is None:

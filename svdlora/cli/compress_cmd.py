@@ -15,9 +15,12 @@ from ..errors import SvdloraError
 from ..io import check_output, save_compressed
 from ..models import load_pretrained
 from . import options
+from .calibration_flags import add_calibration_flags, calibration_options, check_calibration, resolve_calibration
 
 EXAMPLES = """examples:
   svdlora compress gpt2 --budget 0.5 --submatrices 3 --output out/gpt2-svd
+  svdlora compress gpt2 --budget 0.8 --calibration wiki.valid.txt --heal-steps 200 --output out/gpt2-80
+  svdlora compress gpt2 --budget 0.8 --method svd --calibration none --output out/gpt2-plain
   svdlora compress ./my-vit --budget 0.3 --exclude 're:.*attention.*' --output out/vit-svd
 """
 
@@ -58,6 +61,7 @@ def register(subparsers) -> None:
         help="also factorize the output head / layers tied to embeddings",
     )
     p.add_argument("--svd-method", choices=("exact", "randomized"), default="exact")
+    add_calibration_flags(p)
     p.add_argument("--dtype", default=None, help="load the model in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
@@ -77,14 +81,17 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         keep_head=args.keep_head,
         svd_method=args.svd_method,
+        **calibration_options(args),
     )
+    check_calibration(args.calibration)
     output = check_output(args.output, args.overwrite, inputs=[args.model])  # before the slow model load
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
-    report = compress(model, config, progress=args.progress)
+    calibration, processor = resolve_calibration(args.calibration, model, args.model)
+    report = compress(model, config, calibration=calibration, processor=processor, progress=args.progress)
     if not report.factorized and args.rank is not None:  # the API reports it; the CLI must not write a copy
         raise SvdloraError(
             f"--rank {args.rank} factorizes none of the {len(report.modules)} Linear/Conv1D layers (the factors "

@@ -1,0 +1,110 @@
+"""`--calibration` and the flags that shape calibration-aware compression (shared by compress and sweep)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..config import ALLOCATIONS, HEAL_LOSSES, METHODS
+from ..errors import SvdloraError
+from ..evaluation.sources import check_exists, looks_like_path
+from . import options
+
+AUTO, NONE, SELF = "auto", "none", "self"
+
+
+def add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (what makes the compressed model still work)")
+    g.add_argument(
+        "--calibration",
+        default=AUTO,
+        metavar="DATA|self|none",
+        help="data to calibrate on, read like `svdlora eval --data`: a text file or dataset (language models), "
+        "a source-sentence file (translation models), an image folder (image classifiers); 'self': text the "
+        "causal LM generates itself (no data needed); 'none': plain SVD, the sources' method. "
+        "Default 'auto': 'self' for causal LMs, 'none' for other models",
+    )
+    g.add_argument(
+        "--calibration-samples",
+        type=options.positive_int("calibration-samples"),
+        default=64,
+        help="text windows / sentences / images to calibrate on (default 64; more is better, and slower)",
+    )
+    g.add_argument(
+        "--calibration-length",
+        type=options.positive_int("calibration-length"),
+        default=512,
+        help="tokens per calibration text window (default 512)",
+    )
+    g.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto",
+        help="'svd': truncated SVD of W (the sources); 'whiten': minimize the layer output error on the "
+        "calibration inputs (SVD-LLM); 'fisher': whiten and weight outputs by their loss gradient. "
+        "Default 'auto': fisher with calibration, svd without",
+    )
+    g.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default="auto",
+        help="'uniform': every matrix the same share of its parameters; 'global': ranks chosen together "
+        "from the loss each parameter buys (may keep a sensitive matrix dense). Default 'auto': global "
+        "with calibration and a budget, else uniform",
+    )
+    g.add_argument(
+        "--heal-steps",
+        type=options.non_negative_int("heal-steps"),
+        default=0,
+        help="fine-tune the factors for this many steps on the calibration data after compressing (default 0)",
+    )
+    g.add_argument("--heal-seconds", type=float, default=None, help="stop healing after this many seconds")
+    g.add_argument(
+        "--heal-loss",
+        choices=HEAL_LOSSES,
+        default="distill",
+        help="'distill': match the dense model's outputs (default); 'lm': the data's own next-token loss",
+    )
+    g.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate of healing (default 1e-4)")
+
+
+def calibration_options(args: argparse.Namespace) -> dict:
+    return {
+        "method": args.method,
+        "allocation": args.allocation,
+        "calibration_samples": args.calibration_samples,
+        "calibration_length": args.calibration_length,
+        "heal_steps": args.heal_steps,
+        "heal_seconds": args.heal_seconds,
+        "heal_loss": args.heal_loss,
+        "heal_lr": args.heal_lr,
+    }
+
+
+def check_calibration(data: str) -> None:
+    """Cheap checks before the model is loaded: a calibration path must exist and hold something."""
+    if data in (AUTO, NONE, SELF):
+        return
+    if looks_like_path(data) or Path(data).expanduser().exists():
+        path = check_exists(data, "--calibration")
+        if path.is_file() and path.stat().st_size == 0:
+            raise SvdloraError(f"--calibration {data!r} is an empty file: pass text, sentences or an image folder")
+        if path.is_dir() and not any(path.iterdir()):
+            raise SvdloraError(f"--calibration {data!r} is an empty folder")
+
+
+def resolve_calibration(data: str, model: nn.Module, source: str) -> tuple[Any, Any]:
+    """(calibration for ``compress``, the processor that reads it) for the loaded model."""
+    from ..calibration_data import model_kind
+    from ..evaluation.loading import _load_processor
+
+    kind = model_kind(model)
+    if data == NONE or (data == AUTO and kind != "causal-lm"):
+        return None, None
+    if data == AUTO:
+        data = SELF
+    task = "image-classification" if kind == "image" else "text-generation"
+    return data, _load_processor(source, task)
