@@ -30,6 +30,7 @@ from torch import nn
 
 from .compress import REPORT_ATTR
 from .errors import SvdloraError
+from .integrations import hf_quantizer
 from .layers import LowRankLinear
 from .models import PREPROCESSOR_FILES, default_device, folder_bytes, model_class, parse_dtype
 from .report import CompressionReport
@@ -138,6 +139,7 @@ def save_compressed(
             report.bytes_before = folder_bytes(source)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(tmp)
+            hf_quantizer.mark_folder(tmp / "config.json")  # plain from_pretrained after `import svdlora`
             generation_config = getattr(model, "generation_config", None)
             if generation_config is not None and getattr(model, "can_generate", lambda: False)():
                 generation_config.save_pretrained(tmp)
@@ -257,6 +259,7 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
             f"{str(path)!r} has no usable config.json ({err}); for a plain PyTorch model pass "
             "load_compressed(path, model=<an instance of its class>)"
         ) from None
+    hf_quantizer.strip_config(config)  # built here, not through transformers' quantizer
     cls = getattr(transformers, base.get("class") or "", None) or model_class(config)
     with init_empty_weights(), _no_weight_init():  # parameters on meta, buffers (e.g. rotary tables) real
         return cls(config)
