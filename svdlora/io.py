@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import card
 from .compress import REPORT_ATTR
 from .errors import SvdloraError
 from .integrations import hf_quantizer
@@ -158,6 +159,7 @@ def save_compressed(
             "report": report.to_dict(),
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(svd_config, indent=2, sort_keys=True) + "\n")
+        card.write(tmp, card.compressed_card(report, svd_config["base_model"]["name_or_path"]))
     logger.info("saved %s (%d bytes)", output, report.bytes_after)
     return output
 

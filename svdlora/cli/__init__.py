@@ -7,11 +7,12 @@ import logging
 import os
 import sys
 
+from .. import card
 from ..errors import SvdloraError
 from ..version import __version__
-from . import compress_cmd, convert_cmd, eval_cmd, export_cmd, info_cmd
+from . import compress_cmd, convert_cmd, eval_cmd, export_cmd, extract_cmd, info_cmd, sweep_cmd
 
-COMMANDS = (compress_cmd, info_cmd, export_cmd, eval_cmd, convert_cmd)
+COMMANDS = (compress_cmd, info_cmd, export_cmd, eval_cmd, convert_cmd, extract_cmd, sweep_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    card.set_cli_argv(sys.argv[1:] if argv is None else argv)  # the exact command, for model cards
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args) or 0

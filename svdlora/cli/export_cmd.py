@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import card
 from ..errors import SvdloraError
-from ..io import _copy_preprocessor_files, atomic_folder, load_compressed
+from ..io import _copy_preprocessor_files, atomic_folder, load_compressed, read_config
 
 
 def register(subparsers) -> None:
@@ -30,5 +31,6 @@ def run(args: argparse.Namespace) -> int:
     with atomic_folder(args.output, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp)
         _copy_preprocessor_files(Path(args.folder), tmp)
+        card.write(tmp, card.dense_export_card(args.folder, read_config(args.folder)))
     print(f"wrote dense checkpoint {args.output}")
     return 0
