@@ -92,31 +92,39 @@ def find_budget(
     high: float = 1.0,
     tolerance: float = 0.02,
     known: dict[float, Point] | None = None,
-) -> tuple[float | None, dict[float, Point]]:
+) -> tuple[float | None, dict[float, Point | None]]:
     """Smallest budget in [low, high] (to ``tolerance``) whose point meets the target, by bisection.
 
     Points already measured (``known``, e.g. the sweep's) narrow the bracket first. Returns
-    ``(budget or None when even ``high`` fails, every point measured)``.
+    ``(budget or None when even ``high`` fails, every point measured)``; a budget too small to
+    compress at (``SvdloraError``) counts as failing and is kept as ``None``.
     """
-    points = dict(known or {})
+    points: dict[float, Point | None] = dict(known or {})  # None: the budget is too small to compress at
 
-    def at(budget: float) -> Point:
+    def at(budget: float) -> Point | None:
         budget = round(budget, 6)
         if budget not in points:
-            points[budget] = measure(budget)
+            try:
+                points[budget] = measure(budget)
+            except SvdloraError as err:
+                logger.info("budget %s cannot be measured (%s): counted as failing", budget, err)
+                points[budget] = None
         return points[budget]
 
-    passing = sorted(b for b, p in points.items() if low <= b <= high and meets(p))
+    def ok(point: Point | None) -> bool:
+        return point is not None and meets(point)
+
+    passing = sorted(b for b, p in points.items() if low <= b <= high and ok(p))
     hi = passing[0] if passing else high
-    if not meets(at(hi)):
+    if not ok(at(hi)):
         return None, points
-    failing = [b for b, p in points.items() if low <= b < hi and not meets(p)]
+    failing = [b for b, p in points.items() if low <= b < hi and not ok(p)]
     lo = max(failing) if failing else low
-    if lo == low and meets(at(low)):
+    if lo == low and ok(at(low)):
         return low, points
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
-        if meets(at(mid)):
+        if ok(at(mid)):
             hi = mid
         else:
             lo = mid
@@ -168,7 +176,7 @@ def sweep(
             tolerance=tolerance, known=points,
         )  # fmt: skip
         record["target"] = {"text": target.text, "budget": chosen, "tolerance": tolerance}
-    record["points"] = [asdict(points[b]) for b in sorted(points)]
+    record["points"] = [asdict(points[b]) for b in sorted(points) if points[b] is not None]
     return record
 
 
