@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -91,7 +92,9 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
             "no targeted matrix changed: the fine-tune only moved "
             f"{', '.join(list(extraction.modules_to_save)[:3])}; save those modules instead of a LoRA adapter"
         )
-    wrapped = peft.get_peft_model(tuned, config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+        wrapped = peft.get_peft_model(tuned, config)
     try:
         inner = wrapped.base_model.model
         with torch.no_grad():
@@ -107,7 +110,9 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
                 scaling = layer.scaling["default"]
                 if scaling != 1:
                     raise SvdloraError(f"peft scales {m.name!r} by {scaling}, expected 1: update peft (alpha_pattern)")
-        wrapped.save_pretrained(str(output))
+        with warnings.catch_warnings():  # peft notes it records the tuned model's path: fixed after saving
+            warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+            wrapped.save_pretrained(str(output))
     finally:
         wrapped.unload()  # the caller's tuned model, as it was
     return output
