@@ -67,21 +67,27 @@ def test_outputs_table_json_plot(tmp_path):
     assert data["target"]["budget"] >= 0.4 and len(data["points"]) >= 2
 
 
-def test_sweep_cli_end_to_end(tmp_path, capsys):
+def _lm_folder(tmp_path):
+    """A tiny GPT-2 with a word tokenizer saved beside it, and a text file it can be scored on."""
     import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from .eval_helpers import word_tokenizer
 
     words = "the cat sat on a mat and the dog ran to it".split()
     tok = word_tokenizer(words)
     torch.manual_seed(0)
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=64))
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     (tmp_path / "text.txt").write_text(" ".join(words * 20))
-    argv = ["sweep", str(tmp_path / "m"), "--budgets", "0.3,0.8", "--data", str(tmp_path / "text.txt"),
+    return tmp_path / "m", tmp_path / "text.txt"
+
+
+def test_sweep_cli_end_to_end(tmp_path, capsys):
+    model, text = _lm_folder(tmp_path)
+    tmp_path_m, text_path = model, text
+    argv = ["sweep", str(tmp_path_m), "--budgets", "0.3,0.8", "--data", str(text_path),
             "--max-length", "16", "--limit", "3", "--target", "ppl<=100x", "--output", str(tmp_path / "s"),
             "--no-progress"]  # fmt: skip
     assert main(argv) == 0
@@ -109,3 +115,12 @@ def test_compress_card_and_info_json(tmp_path, gpt2_folder, capsys):
     assert main(["export", str(out), "--dense", "--output", str(tmp_path / "dense")]) == 0
     assert "svdlora export" in (tmp_path / "dense" / "README.md").read_text()
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+
+
+def test_compress_eval_goes_into_card(tmp_path):
+    model, text = _lm_folder(tmp_path)
+    out = tmp_path / "svd"
+    argv = ["compress", str(model), "--budget", "0.5", "--eval", str(text), "--eval-limit", "2", "--output", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    card = (out / "README.md").read_text()
+    assert "## Evaluation" in card and "perplexity" in card and "--eval" in card

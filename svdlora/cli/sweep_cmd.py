@@ -56,21 +56,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _infer_task(model) -> str:
-    name = type(model).__name__
-    for suffix, task in (("ForCausalLM", "text-generation"), ("LMHeadModel", "text-generation"),
-                         ("ForImageClassification", "image-classification"), ("MTModel", "translation"),
-                         ("ForConditionalGeneration", "translation"), ("ForSeq2SeqLM", "translation")):  # fmt: skip
-        if name.endswith(suffix):
-            return task
-    raise SvdloraError(f"cannot tell the task of a {name}: pass --task")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.loading import _load_processor
     from ..io import check_output, save_compressed
     from ..models import load_pretrained
-    from ..sweep import evaluating_measure, parse_target, sweep, write_outputs
+    from ..sweep import evaluating_measure, infer_task, parse_target, sweep, write_outputs
 
     output = Path(args.output)
     if (output / "sweep.json").exists() and not args.overwrite:
@@ -82,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     model = load_pretrained(args.model).eval()
-    task = args.task or _infer_task(model)
+    task = args.task or infer_task(model)
     target = parse_target(args.target, task) if args.target else None
     processor = _load_processor(args.model, task)
     compress_options = {"submatrices": args.submatrices, "exclude": args.exclude}
