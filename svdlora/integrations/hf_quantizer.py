@@ -151,7 +151,10 @@ class SvdloraHfQuantizer(HfQuantizer):
             for side, dim in (("A", 1), ("B", 0)):
                 stages = parts[file_name][side]
                 tensor = torch.cat([stages[j] for j in sorted(stages)], dim=dim)
-                tensor = tensor.to(device=like.device, dtype=like.dtype if like.device.type != "meta" else None)
+                if like.device.type == "meta":  # not materialized by transformers: keep the stored dtype, on CPU
+                    tensor = tensor.to("cpu")
+                else:
+                    tensor = tensor.to(device=like.device, dtype=like.dtype)
                 setattr(layer, side, nn.Parameter(tensor, requires_grad=layer.A.requires_grad))
         if self.quantization_config.merge:
             for name in self._factorized:
