@@ -223,6 +223,8 @@ def plot(record: dict, path: Path, title: str) -> Path | None:
     for p, x in zip(points, xs, strict=True):
         ax.annotate(f"{p['budget']:.3g}", (x, p["quality"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.axhline(dense["quality"], color="gray", linestyle="--", label=f"dense ({dense['params'] / 1e6:.1f}M params)")
+    if record["metric"] == "perplexity":  # spans orders of magnitude once compression hurts
+        ax.set_yscale("log")
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel(record["metric"])
     ax.set_title(title)
