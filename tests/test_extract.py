@@ -145,3 +145,18 @@ def test_bad_inputs(tmp_path, capsys, monkeypatch):
     err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "base"), *out])
     assert "peft is not installed" in err
     assert not (tmp_path / "adapter").exists()
+
+
+def test_method_hook_gets_each_module(monkeypatch):
+    from svdlora import extract
+
+    seen = []
+
+    def method(delta, ranks, module=None, **svd_options):
+        seen.append(module)
+        return extract.svd_of_delta(delta, ranks, **svd_options)
+
+    monkeypatch.setitem(extract.METHODS, "recording", method)
+    base, tuned = _pair(tiny_llama)
+    extraction = extract_adapter(base, tuned, rank=2, method="recording", progress=False)
+    assert sorted(seen) == sorted(m.name for m in extraction.lora) and extraction.method == "recording"
