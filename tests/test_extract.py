@@ -49,7 +49,16 @@ def _load(base, folder):
     return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+def deep_llama():
+    """12 layers, so module names like layers.1.* and layers.11.* both exist (peft matches by suffix)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=12, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2, deep_llama], ids=["llama", "gpt2-conv1d", "llama-12"])
 def test_full_rank_round_trip_is_exact(factory, tmp_path):
     base, tuned = _pair(factory)
     if factory is tiny_gpt2:  # Conv1D biases change too: carried by lora_bias
