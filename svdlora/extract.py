@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,7 +72,6 @@ class Extraction:
     delta_params: int  # parameters of the changed targeted matrices
     modules_to_save_params: int
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def lora_params(self) -> int:

@@ -60,15 +60,15 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.loading import _load_processor
     from ..io import check_output, save_compressed
     from ..models import load_pretrained
-    from ..sweep import evaluating_measure, infer_task, parse_target, sweep, write_outputs
+    from ..sweep import evaluating_measure, format_table, infer_task, parse_target, sweep, write_outputs
 
     output = Path(args.output)
     if (output / "sweep.json").exists() and not args.overwrite:
         raise SvdloraError(f"{str(output)!r} already holds a sweep: pass --overwrite or choose another folder")
     if args.target:
         check_output(output / "model", args.overwrite)
-    if args.task:  # check the target before the slow load too
-        target = parse_target(args.target, args.task) if args.target else None
+    if args.task and args.target:
+        parse_target(args.target, args.task)  # a bad target fails before the slow load
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     model = load_pretrained(args.model).eval()
@@ -89,8 +89,6 @@ def run(args: argparse.Namespace) -> int:
     record["model"] = args.model
     for path in write_outputs(record, output, f"svdlora sweep: {args.model}"):
         print(f"wrote {path}", file=sys.stderr)
-    from ..sweep import format_table
-
     print(format_table(record))
     chosen = record.get("target", {}).get("budget")
     if target is not None and chosen is None:
