@@ -152,14 +152,20 @@ def dense_export_card(source_folder: str, data: dict) -> str:
     return render("svdlora dense export", base, rows, tags=["svdlora", "dense-export"], library="transformers")
 
 
-def adapter_card(extraction, base_model: str | None, tuned_model: str | None, adapter_bytes: int | None) -> str:
+def adapter_card(
+    extraction,
+    base_model: str | None,
+    tuned_model: str | None,
+    adapter_bytes: int | None,
+    tuned_bytes: int | None = None,
+) -> str:
     """The card of ``svdlora extract``'s PEFT folder."""
     rows = [
         ("tool", f"svdlora {__version__}"),
         ("base model", f"`{base_model}`"),
         ("fine-tuned model", f"`{tuned_model}`"),
         *extraction.summary_rows(),
-        ("adapter bytes", _size(adapter_bytes)),
+        ("weight bytes: fine-tuned model / adapter", f"{_size(tuned_bytes)} / {_size(adapter_bytes)}"),
     ]
     notes = [f"left out: `{name}` ({why})" for name, why in extraction.left_out.items()]
     usage = f"""from peft import PeftModel

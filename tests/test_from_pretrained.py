@@ -122,3 +122,23 @@ def test_dense_model_with_svdlora_config_is_refused(gpt2_folder):
 
     with pytest.raises(ValueError, match="cannot compress inside from_pretrained"):
         transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder, quantization_config=SvdloraQuantizationConfig())
+
+
+def test_real_smollm2_from_pretrained(tmp_path):
+    """Two decoder layers of the real SmolLM2-135M compressed; both loaders give the same logits."""
+    import os
+    from pathlib import Path
+
+    import transformers
+
+    folder = Path(os.environ.get("SVDLORA_HOME", Path.home() / ".cache" / "svdlora")) / "SmolLM2-135M"
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip(f"SmolLM2-135M not fetched (run scripts/fetch_smollm2.sh): {folder}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    svdlora.compress(model, budget=0.5, submatrices=3, include=["re:model\\.layers\\.[01]\\..*"], progress=False)
+    out = svdlora.save_compressed(model, tmp_path / "smol-svd", source=folder)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
+    with torch.no_grad():
+        expected = svdlora.load_compressed(out, device="cpu")(ids).logits
+        got = transformers.AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert torch.equal(got, expected)

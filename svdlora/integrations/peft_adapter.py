@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..errors import SvdloraError
 from ..extract import Extraction, extract_adapter
 from ..io import atomic_folder
 from ..layers import CONV1D
+from ..models import folder_bytes
 from ..version import __version__
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
         )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
         wrapped = peft.get_peft_model(tuned, config)
     try:
         inner = wrapped.base_model.model
@@ -112,6 +115,7 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
                     raise SvdloraError(f"peft scales {m.name!r} by {scaling}, expected 1: update peft (alpha_pattern)")
         with warnings.catch_warnings():  # peft notes it records the tuned model's path: fixed after saving
             warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
             wrapped.save_pretrained(str(output))
     finally:
         wrapped.unload()  # the caller's tuned model, as it was
@@ -175,6 +179,10 @@ def write_adapter(
         _fix_base_name(tmp, base_name)
         record = extraction_record(extraction, base_name, tuned_name)
         (tmp / "svdlora_adapter.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        size = (tmp / ADAPTER_WEIGHTS).stat().st_size if (tmp / ADAPTER_WEIGHTS).is_file() else None
-        card.write(tmp, card.adapter_card(extraction, base_name, tuned_name, size))
+        weights = tmp / ADAPTER_WEIGHTS
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(weights, 0o666 & ~umask)  # peft writes it owner-only; the folder should read like the others
+        tuned_bytes = folder_bytes(tuned_name) if tuned_name and Path(tuned_name).is_dir() else None
+        card.write(tmp, card.adapter_card(extraction, base_name, tuned_name, weights.stat().st_size, tuned_bytes))
     return extraction
