@@ -1,5 +1,6 @@
 """svdlora: residual-SVD compression of Hugging Face and PyTorch models under a parameter budget."""
 
+from . import integrations
 from .compress import compress
 from .config import CompressionConfig
 from .errors import SvdloraError
@@ -7,6 +8,8 @@ from .evaluation import evaluate
 from .io import load_compressed, save_compressed
 from .layers import LowRankLinear
 from .version import __version__
+
+integrations.register()  # AutoModel*.from_pretrained(svdlora folder) works after `import svdlora`
 
 __all__ = [
     "CompressionConfig",

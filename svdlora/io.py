@@ -26,8 +26,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import card
 from .compress import REPORT_ATTR
 from .errors import SvdloraError, first_line
+from .integrations import hf_quantizer
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .models import PREPROCESSOR_FILES, default_device, folder_bytes, model_class, parse_dtype
 from .outputs import atomic_folder, check_output_folder, describe, ensure_space, is_incomplete
@@ -39,10 +41,6 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "svdlora_config.json"
-# config.json gets a quantization_config without quant_method, so plain transformers
-# from_pretrained refuses the folder instead of loading random weights in place of the factors.
-MARK_KEY = "svdlora"
-MARK = {MARK_KEY: "svdlora factors, not a plain checkpoint: load with svdlora.load_compressed(path)"}
 
 
 # ---------------------------------------------------------------- writing
@@ -113,7 +111,7 @@ def save_compressed(
             report.bytes_before = folder_bytes(source)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(tmp)
-            _mark_config_json(tmp / "config.json")
+            hf_quantizer.mark_folder(tmp / "config.json")  # plain from_pretrained after `import svdlora`
             generation_config = getattr(model, "generation_config", None)
             if generation_config is not None and getattr(model, "can_generate", lambda: False)():
                 generation_config.save_pretrained(tmp)
@@ -132,14 +130,9 @@ def save_compressed(
             "report": report.to_dict(),
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(svd_config, indent=2, sort_keys=True) + "\n")
+        card.write(tmp, card.compressed_card(report, svd_config["base_model"]["name_or_path"]))
     logger.info("saved %s (%d bytes)", output, report.bytes_after)
     return output
-
-
-def _mark_config_json(file: Path) -> None:
-    data = json.loads(file.read_text())
-    data.setdefault("quantization_config", MARK)
-    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_preprocessor_files(source: str | Path, dest: Path) -> None:
@@ -258,8 +251,7 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
             f"{str(path)!r} has no usable config.json ({err}); for a plain PyTorch model pass "
             "load_compressed(path, model=<an instance of its class>)"
         ) from None
-    if isinstance(getattr(config, "quantization_config", None), dict) and MARK_KEY in config.quantization_config:
-        del config.quantization_config  # our guard against plain from_pretrained, not a real quantization
+    hf_quantizer.strip_config(config)  # built here, not through transformers' quantizer
     cls = model_class_named(base.get("class"), path / CONFIG_NAME) or model_class(config)
     if cls.config_class is not None and not isinstance(config, cls.config_class):
         raise SvdloraError(

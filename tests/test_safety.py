@@ -257,16 +257,36 @@ def test_compressed_folder_is_not_compressed_again(work, capsys):
     refused(capsys, "compress", work / "svd", "--output", work / "o", match="already compressed by svdlora")
 
 
-def test_plain_transformers_refuses_an_svdlora_folder_and_export_is_plain(work, capsys):
-    with pytest.raises(ValueError, match="quant_method"):
-        AutoModelForCausalLM.from_pretrained(work / "svd")
-    assert cli(capsys, "export", work / "svd", "--dense", "--output", work / "exp")[0] == 0
-    assert "quantization_config" not in json.loads((work / "exp" / "config.json").read_text())
+def test_plain_from_pretrained_loads_an_svdlora_folder_exactly_and_export_is_plain(work, capsys):
+    # Issue 7 guarded config.json with a quant_method-less quantization_config (plain from_pretrained
+    # refused the folder); issue 11 replaced it by the registered 'svdlora' quantizer: with svdlora
+    # imported the folder loads exactly, without it transformers fails on the guard file name
+    # (tests/test_from_pretrained.py checks that in a subprocess).
     ids = torch.arange(10).unsqueeze(0)
-    dense = AutoModelForCausalLM.from_pretrained(work / "exp").eval()
     ours = svdlora.load_compressed(work / "svd", device="cpu")
+    plain = AutoModelForCausalLM.from_pretrained(work / "svd").eval()
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, ours(ids).logits)
+    assert cli(capsys, "export", work / "svd", "--dense", "--output", work / "exp")[0] == 0
+    exported = json.loads((work / "exp" / "config.json").read_text())
+    assert "quantization_config" not in exported and "transformers_weights" not in exported
+    dense = AutoModelForCausalLM.from_pretrained(work / "exp").eval()
     with torch.no_grad():
         torch.testing.assert_close(dense(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_folder_with_issue7_guard_loads_with_svdlora_and_plain_transformers_refuses_it(work):
+    # Folders written between issue 7 and issue 11 carry {"svdlora": "..."} as quantization_config.
+    config_json = work / "svd" / "config.json"
+    data = json.loads(config_json.read_text())
+    data.pop("transformers_weights")
+    data["quantization_config"] = {"svdlora": "svdlora factors, not a plain checkpoint"}
+    config_json.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="quant_method"):
+        AutoModelForCausalLM.from_pretrained(work / "svd")
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.isfinite(svdlora.load_compressed(work / "svd", device="cpu")(ids).logits).all()
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,13 @@ import signal
 import sys
 import threading
 
+from .. import card
 from ..errors import SvdloraError, first_line
 from ..outputs import describe
 from ..version import __version__
-from . import compress_cmd, convert_cmd, eval_cmd, export_cmd, info_cmd
+from . import compress_cmd, convert_cmd, eval_cmd, export_cmd, extract_cmd, info_cmd, sweep_cmd
 
-COMMANDS = (compress_cmd, info_cmd, export_cmd, eval_cmd, convert_cmd)
+COMMANDS = (compress_cmd, info_cmd, export_cmd, eval_cmd, convert_cmd, extract_cmd, sweep_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     error such as a full or read-only disk), 1 a bug in svdlora, 130 Ctrl-C, 141 a closed pipe.
     """
     args = build_parser().parse_args(argv)
+    card.set_cli_argv(sys.argv[1:] if argv is None else argv)  # the exact command, for model cards
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     previous = _exit_on_sigterm()
     try:

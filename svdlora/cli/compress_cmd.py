@@ -65,6 +65,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="load the model in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
+    p.add_argument("--eval", metavar="DATA", help="evaluate the result on DATA (as `svdlora eval`) for the card")
+    p.add_argument("--eval-limit", type=options.positive_int("eval-limit"), help="only the first N windows/examples")
     options.add_progress_flag(p)
     p.set_defaults(func=run)
 
@@ -99,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
         )
     save_compressed(model, output, report=report, source=args.model, overwrite=args.overwrite)
     print(report.format())
+    if args.eval:
+        from ..card_eval import evaluate_into_card
+
+        evaluate_into_card(model, output, report, args.model, args.eval, args.eval_limit)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(
         f"\nwrote {output}  (load {load_seconds:.1f} s, total {time.perf_counter() - start:.1f} s, "

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import card
 from ..errors import SvdloraError
-from ..io import _copy_preprocessor_files, atomic_folder, check_output, load_compressed
+from ..io import _copy_preprocessor_files, atomic_folder, check_output, load_compressed, read_config
 from ..outputs import ensure_space
 
 
@@ -33,5 +34,6 @@ def run(args: argparse.Namespace) -> int:
         ensure_space(tmp, sum(t.numel() * t.element_size() for t in model.state_dict().values()), args.output)
         model.save_pretrained(tmp)
         _copy_preprocessor_files(Path(args.folder), tmp)
+        card.write(tmp, card.dense_export_card(args.folder, read_config(args.folder)))
     print(f"wrote dense checkpoint {args.output}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from ..io import check_folder
 from ..report import CompressionReport
@@ -12,11 +13,15 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="show ranks, sizes and errors of a compressed folder")
     p.add_argument("folder", help="a folder written by `svdlora compress`")
     p.add_argument("--summary", action="store_true", help="only the summary, not one line per layer")
+    p.add_argument("--json", action="store_true", help="print the folder's full record (per-module report) as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     data = check_folder(args.folder)  # the weights' header too: info never vouches for a broken folder
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
     report = CompressionReport.from_dict(data["report"])
     base = data.get("base_model", {})
     print(f"svdlora {data.get('svdlora_version')} folder: {args.folder}")

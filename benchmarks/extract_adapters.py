@@ -1,0 +1,107 @@
+"""Adapter extraction on a real fine-tune: held-out perplexity of base, tuned and base + adapter per budget.
+
+The fine-tune comes from ``benchmarks.finetune_smollm2`` (SmolLM2-135M on the first 90% of Tiny
+Shakespeare); its folder holds ``heldout.txt``, the last 10%, never trained on. For each budget
+(the fraction of the changed Linear matrices' parameters the LoRA factors may hold) the adapter
+is written by ``svdlora.integrations.peft_adapter.write_adapter`` (plain SVD of the delta, the
+norms as ``modules_to_save``), loaded with ``peft.PeftModel.from_pretrained(base, folder)``, and
+evaluated with ``svdlora.evaluate`` on the held-out text. For contrast, the tuned model itself is
+compressed whole (``svdlora.compress``) at ``--whole-budgets``.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.extract_adapters --base /root/.cache/svdlora/SmolLM2-135M \
+        --tuned .cache/smollm2-shakespeare --budgets 0.01,0.03,0.1,0.3 --whole-budgets 0.5 --limit 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import svdlora
+from svdlora.integrations.peft_adapter import ADAPTER_WEIGHTS, write_adapter
+
+from .common import write_results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True)
+    p.add_argument("--tuned", required=True, help="folder from benchmarks.finetune_smollm2 (holds heldout.txt)")
+    p.add_argument("--budgets", default="0.01,0.03,0.1,0.3")
+    p.add_argument("--whole-budgets", default="0.5")
+    p.add_argument("--submatrices", type=int, default=1)
+    p.add_argument("--limit", type=int, default=16, help="windows of --max-length tokens evaluated")
+    p.add_argument("--max-length", type=int, default=256)
+    args = p.parse_args(argv)
+    import peft
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    heldout = Path(args.tuned) / "heldout.txt"
+    tok = transformers.AutoTokenizer.from_pretrained(args.tuned)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    base = load(args.base, dtype=torch.float32).eval()
+    tuned = load(args.tuned, dtype=torch.float32).eval()
+    settings = {"max_length": args.max_length, "stride": args.max_length, "limit": args.limit, "device": "cpu"}
+
+    def ppl(model) -> float:
+        result = svdlora.evaluate((model, tok), task="text-generation", data=str(heldout), progress=False, **settings)
+        return result["model"]["metrics"]["perplexity"]
+
+    rows = {"base": {"perplexity": ppl(base)}, "tuned": {"perplexity": ppl(tuned)}}
+    print(rows, flush=True)
+    dense_bytes = sum(f.stat().st_size for f in Path(args.tuned).glob("model*.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for budget in [float(b) for b in args.budgets.split(",")]:
+            start = time.perf_counter()
+            folder = Path(tmp) / f"adapter-{budget}"
+            extraction = write_adapter(
+                base, tuned, folder, budget=budget, submatrices=args.submatrices, progress=False,
+                base_name=args.base, tuned_name=args.tuned,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+            errors = [m.rel_error for m in extraction.lora]
+            rows[f"adapter@{budget}"] = {
+                "budget": budget,
+                "perplexity": ppl(model),
+                "adapter_bytes": (folder / ADAPTER_WEIGHTS).stat().st_size,
+                "lora_params": extraction.lora_params,
+                "delta_params": extraction.delta_params,
+                "modules_to_save": len(extraction.modules_to_save),
+                "modules_to_save_params": extraction.modules_to_save_params,
+                "ranks": sorted({m.rank for m in extraction.lora}),
+                "delta_rel_error_mean": sum(errors) / len(errors),
+                "delta_rel_error_max": max(errors),
+                "extract_seconds": seconds,
+            }
+            del model
+            print(budget, rows[f"adapter@{budget}"], flush=True)
+    for budget in [float(b) for b in args.whole_budgets.split(",") if b]:
+        model = copy.deepcopy(tuned)
+        report = svdlora.compress(model, budget=budget, submatrices=args.submatrices, progress=False)
+        rows[f"whole@{budget}"] = {
+            "budget": budget,
+            "perplexity": ppl(model),
+            "model_params_after": report.model_params_after,
+            "model_params_before": report.model_params_before,
+        }
+        print(budget, rows[f"whole@{budget}"], flush=True)
+        del model
+    command = "OMP_NUM_THREADS=1 python -m benchmarks.extract_adapters " + " ".join(argv or sys.argv[1:])
+    data = {"command": command, "settings": {**settings, "submatrices": args.submatrices}, "rows": rows,
+            "tuned_model_bytes": dense_bytes}  # fmt: skip
+    path = write_results("extract_adapters", data)
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The README.md model card written into every output folder (compressed model, adapter, dense export).
+
+It records what a reader needs to reproduce or trust the folder: the base model, the exact
+command, the svdlora version, the settings, parameters and bytes before and after, and the
+evaluation figures when there are some. The machine-readable record stays in the JSON files
+beside it (``svdlora_config.json``, ``adapter_config.json`` + ``svdlora_adapter.json``).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from .version import __version__
+
+CARD_NAME = "README.md"
+
+# Set by the CLI's main() to the argv it parses, so cards written under it show `svdlora ...`.
+_cli_argv: list[str] | None = None
+
+
+def set_cli_argv(argv: list[str]) -> None:
+    global _cli_argv
+    _cli_argv = list(argv)
+
+
+def current_command() -> str:
+    """The exact command: `svdlora <args>` under the CLI, else the Python process's own argv."""
+    if _cli_argv is not None:
+        return shlex.join(["svdlora", *_cli_argv])
+    return shlex.join(["python", *sys.argv]) + "  # Python API"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _eval_rows(result: dict | None) -> list[str]:
+    if not result:
+        return []
+    lines = [
+        "",
+        "## Evaluation",
+        "",
+        f"Task `{result.get('task')}` on `{result.get('data', {}).get('source')}` "
+        f"({result.get('data', {}).get('examples')} examples, limit {result.get('settings', {}).get('limit')}).",
+        "",
+    ]
+    lines += [
+        "| | " + " | ".join(sorted(result["model"]["metrics"])) + " |",
+        "|---" * (1 + len(result["model"]["metrics"])) + "|",
+    ]
+    for role in ("model", "baseline"):
+        entry = result.get(role)
+        if entry:
+            values = [entry["metrics"][k] for k in sorted(result["model"]["metrics"])]
+            cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
+            lines.append(f"| {role} ({entry.get('name')}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(
+    title: str,
+    base_model: str | None,
+    rows: list[tuple[str, str]],
+    *,
+    tags: list[str],
+    library: str,
+    eval_result: dict | None = None,
+    notes: list[str] | None = None,
+    usage: str | None = None,
+) -> str:
+    """The card's text: YAML front matter for the Hub, then the settings table, eval and usage."""
+    front = ["---", f"library_name: {library}", f"tags: [{', '.join(tags)}]"]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    front.append("---")
+    body = [
+        f"# {title}",
+        "",
+        f"Made with svdlora {__version__} from `{base_model}`." if base_model else f"Made with svdlora {__version__}.",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        current_command(),
+        "```",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+    ]
+    body += _eval_rows(eval_result)
+    if notes:
+        body += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    if usage:
+        body += ["", "## Use", "", "```python", usage.strip(), "```"]
+    return "\n".join(front + body) + "\n"
+
+
+def write(folder: Path, text: str) -> Path:
+    path = Path(folder) / CARD_NAME
+    path.write_text(text)
+    return path
+
+
+def compressed_card(report, base_model: str | None, eval_result: dict | None = None) -> str:
+    """The card of a folder written by ``save_compressed``."""
+    fac = report.factorized
+    before, after = sum(m.params_before for m in fac), sum(m.params_after for m in fac)
+    config = report.config
+    rows = [
+        ("tool", f"svdlora {__version__}"),
+        ("base model", f"`{base_model}`"),
+        ("method", _method_text(report)),
+        ("calibration", _calibration_source(report)),
+        ("budget", f"{config.get('budget')}" + (f" (fixed rank {config['rank']})" if config.get("rank") else "")),
+        ("factorized matrices", f"{len(fac)} of {len(report.modules)} Linear/Conv1D layers"),
+        ("factorized params before / after", f"{before:,} / {after:,}"),
+        ("model params before / after", f"{report.model_params_before:,} / {report.model_params_after:,}"),
+        ("weight bytes before / after", f"{_size(report.bytes_before)} / {_size(report.bytes_after)}"),
+    ]
+    usage = """import svdlora  # registers the loader with transformers
+from transformers import AutoModel  # or the AutoModelFor... class of the base
+model = AutoModel.from_pretrained("<this folder>")            # factors kept
+model = svdlora.load_compressed("<this folder>", merge=True)  # or dense A·B"""
+    return render(
+        "svdlora compressed model", base_model, rows, tags=["svdlora", "compressed", "low-rank"],
+        library="transformers", eval_result=eval_result, usage=usage,
+    )  # fmt: skip
+
+
+def _method_text(report) -> str:
+    """The resolved method of the run (issue 8): plain SVD, whitened, or Fisher-weighted."""
+    config = report.config
+    method = {"svd": "truncated SVD", "whiten": "whitened SVD (SVD-LLM)", "fisher": "Fisher-weighted whitened SVD"}
+    text = f"residual {method.get(report.method or 'svd', report.method)} ({config.get('svd_method')} SVD)"
+    text += f", {config.get('submatrices')} submatrices, {report.allocation or 'uniform'} allocation"
+    if report.heal:
+        text += f", healed {report.heal.get('steps')} steps"
+    return text
+
+
+def _calibration_source(report) -> str:
+    return (report.calibration or {}).get("source") or "none (plain SVD)"
+
+
+def dense_export_card(source_folder: str, data: dict) -> str:
+    """The card of ``svdlora export --dense``: the compressed folder's record, merged."""
+    report = data.get("report", {})
+    config = report.get("config", {})
+    base = data.get("base_model", {}).get("name_or_path")
+    rows = [
+        ("tool", f"svdlora {__version__}"),
+        ("exported from", f"`{source_folder}` (svdlora {data.get('svdlora_version')})"),
+        ("base model", f"`{base}`"),
+        ("budget / submatrices", f"{config.get('budget')} / {config.get('submatrices')}"),
+        ("model params of the factorized form", f"{report.get('model_params_after', 0):,}"),
+        ("format", "dense: every A·B merged back into a plain weight (no size saving on disk)"),
+    ]  # fmt: skip
+    return render("svdlora dense export", base, rows, tags=["svdlora", "dense-export"], library="transformers")
+
+
+def adapter_card(
+    extraction,
+    base_model: str | None,
+    tuned_model: str | None,
+    adapter_bytes: int | None,
+    tuned_bytes: int | None = None,
+) -> str:
+    """The card of ``svdlora extract``'s PEFT folder."""
+    rows = [
+        ("tool", f"svdlora {__version__}"),
+        ("base model", f"`{base_model}`"),
+        ("fine-tuned model", f"`{tuned_model}`"),
+        *extraction.summary_rows(),
+        ("weight bytes: fine-tuned model / adapter", f"{_size(tuned_bytes)} / {_size(adapter_bytes)}"),
+    ]
+    notes = [f"left out: `{name}` ({why})" for name, why in extraction.left_out.items()]
+    usage = f"""from peft import PeftModel
+from transformers import AutoModelForCausalLM  # or the AutoModelFor... class of the base
+base = AutoModelForCausalLM.from_pretrained("{base_model}")
+model = PeftModel.from_pretrained(base, "<this folder>")"""
+    return render(
+        "LoRA adapter extracted with svdlora", base_model, rows, tags=["svdlora", "lora", "peft"],
+        library="peft", notes=notes, usage=usage,
+    )  # fmt: skip

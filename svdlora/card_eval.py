@@ -1,0 +1,23 @@
+"""`compress --eval DATA`: measure the compressed model and put the figures into its card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from . import card
+from .evaluation import evaluate
+from .evaluation.loading import _load_processor
+from .report import CompressionReport
+from .sweep import infer_task
+
+
+def evaluate_into_card(
+    model: nn.Module, folder: Path, report: CompressionReport, source: str, data: str, limit: int | None
+) -> dict:
+    """Evaluate the in-memory compressed model (task from its class) and rewrite the folder's card."""
+    task = infer_task(model)
+    result = evaluate((model, _load_processor(source, task)), task=task, data=data, limit=limit, progress=False)
+    card.write(folder, card.compressed_card(report, source, eval_result=result))
+    return result

@@ -1,0 +1,78 @@
+"""`svdlora extract --base BASE --tuned TUNED --budget B --output DIR`: a PEFT LoRA adapter from a fine-tune."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import transformers
+
+from ..config import CompressionConfig
+from ..extract import METHODS
+from ..io import check_output
+from . import options
+
+EXAMPLES = """examples:
+  svdlora extract --base HuggingFaceTB/SmolLM2-135M --tuned ./my-finetune --budget 0.1 --output out/adapter
+  svdlora extract --base ./base --tuned ./tuned --rank 16 --submatrices 2 --output out/adapter-r16
+
+The adapter loads with peft:  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)
+--budget is the fraction of the changed matrices' parameters the LoRA factors may hold.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "extract",
+        help="factorize a fine-tune's delta (tuned - base) into a PEFT LoRA adapter",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--base", required=True, help="the model the fine-tune started from (folder or hub id)")
+    p.add_argument("--tuned", required=True, help="the fine-tuned model (folder or hub id)")
+    p.add_argument("-o", "--output", required=True, help="adapter folder to write (must not exist unless --overwrite)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--budget", type=options.budget, help="LoRA params as a fraction of the changed matrices' params")
+    size.add_argument("--rank", type=options.positive_int("rank"), help="fixed LoRA rank per matrix")
+    p.add_argument(
+        "--submatrices", type=options.positive_int("submatrices"), default=1, help="residual SVD stages (default 1)"
+    )
+    p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules get LoRA (glob, or re:REGEX)")
+    p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="no LoRA for these (stored whole)")
+    p.add_argument("--method", choices=sorted(METHODS), default="svd", help="factorization of the delta (default svd)")
+    p.add_argument("--svd-method", choices=("exact", "randomized"), default="exact")
+    p.add_argument("--dtype", default=None, help="load both models in this dtype (default: as stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the models' own code from the hub")
+    options.add_progress_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..integrations.peft_adapter import require_peft, write_adapter  # peft: imported on use
+    from ..models import load_pretrained
+
+    config = CompressionConfig(
+        budget=args.budget if args.budget is not None else 1.0,
+        rank=args.rank,
+        submatrices=args.submatrices,
+        include=args.include,
+        exclude=args.exclude,
+        svd_method=args.svd_method,
+    )
+    output = check_output(args.output, args.overwrite)
+
+    require_peft()  # before the slow loads
+    if not args.progress:
+        transformers.utils.logging.disable_progress_bar()
+    base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
+    tuned = load_pretrained(args.tuned, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
+    extraction = write_adapter(
+        base, tuned, output, config, method=args.method, base_name=args.base, tuned_name=args.tuned,
+        overwrite=args.overwrite, progress=args.progress,
+    )  # fmt: skip
+    print(extraction.format())
+    for name, why in extraction.left_out.items():
+        print(f"WARNING: left out of the adapter: {name} ({why})", file=sys.stderr)
+    print(f"\nwrote {output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,121 @@
+"""`svdlora sweep MODEL --budgets 0.3,0.5,0.8 --data D [--target ppl<=1.5x] --output DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import transformers
+
+from ..errors import SvdloraError
+from ..evaluation import TASKS
+from . import options
+from .calibration_flags import add_calibration_flags, calibration_options, check_calibration, resolve_calibration
+
+EXAMPLES = """examples:
+  svdlora sweep ./smollm2 --budgets 0.3,0.5,0.8 --data wiki.test.txt --limit 8 --output out/sweep
+  svdlora sweep ./smollm2 --budgets 0.3,0.5,0.8 --data wiki.test.txt --target 'ppl<=1.5x' --output out/sweep
+  svdlora sweep ./my-vit --task image-classification --data cifar10/test --target 'acc-drop<=0.02' --output out/s
+
+writes DIR/sweep.md (table), DIR/sweep.json, DIR/sweep.png (quality against parameters, dense line),
+and with --target the smallest budget meeting it (bisection) as a compressed folder DIR/model.
+--target: 'ppl<=1.5x' / 'acc>=0.98x' (ratio to the dense model) or 'acc-drop<=0.02' / 'bleu-drop<=1'.
+"""
+
+
+def budget_list(text: str) -> list[float]:
+    values = [options.budget(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"budgets must be a comma-separated list like 0.3,0.5,0.8, got {text!r}")
+    return sorted(set(values))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep",
+        help="compress at several budgets, evaluate each, and find the smallest budget meeting a target",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="dense model: folder or hub id")
+    p.add_argument("--budgets", type=budget_list, default=[0.3, 0.5, 0.8], help="default 0.3,0.5,0.8")
+    p.add_argument("--data", required=True, help="evaluation data, as for `svdlora eval`")
+    p.add_argument("--task", choices=TASKS, help="default: from the model class (causal LM: text-generation)")
+    p.add_argument("--references", help="translation: reference file")
+    p.add_argument("--target", help="quality target, e.g. 'ppl<=1.5x' or 'acc-drop<=0.02'")
+    p.add_argument("--tolerance", type=float, default=0.02, help="bisection stops within this budget (default 0.02)")
+    p.add_argument("--submatrices", type=options.positive_int("submatrices"), default=1)
+    p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
+    p.add_argument("--limit", type=options.positive_int("limit"), help="only the first N windows / images / sentences")
+    p.add_argument("--max-length", type=options.positive_int("max-length"), help="text: tokens per window")
+    p.add_argument("--batch-size", type=options.positive_int("batch-size"))
+    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    add_calibration_flags(p)
+    p.add_argument("-o", "--output", required=True, help="folder for the table, JSON, plot (and model)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results / model in the folder")
+    options.add_progress_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation.loading import _load_processor
+    from ..io import check_output, save_compressed
+    from ..models import load_pretrained
+    from ..sweep import evaluating_measure, format_table, infer_task, parse_target, sweep, write_outputs
+
+    output = Path(args.output)
+    if (output / "sweep.json").exists() and not args.overwrite:
+        raise SvdloraError(f"{str(output)!r} already holds a sweep: pass --overwrite or choose another folder")
+    if args.target:
+        check_output(output / "model", args.overwrite)
+    if args.task and args.target:
+        parse_target(args.target, args.task)  # a bad target fails before the slow load
+    check_calibration(args.calibration)
+    if not args.progress:
+        transformers.utils.logging.disable_progress_bar()
+    model = load_pretrained(args.model).eval()
+    task = args.task or infer_task(model)
+    target = parse_target(args.target, task) if args.target else None
+    processor = _load_processor(args.model, task)
+    compress_options = {"submatrices": args.submatrices, "exclude": args.exclude, **calibration_options(args)}
+    calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model)
+    if calibration is not None:
+        from ..calibration_data import calibration_batches
+        from ..config import CompressionConfig
+
+        # Read (or, for 'self', generate) the calibration batches once from the dense model: every
+        # budget then calibrates on the same batches, and the sweep does not repeat the slow part.
+        config = CompressionConfig(**compress_options)
+        compress_options["calibration"] = calibration_batches(
+            model, calibration, calibration_processor, config.calibration_samples, config.calibration_length,
+            seed=config.seed, progress=args.progress,
+        )  # fmt: skip
+    eval_options = {
+        "references": args.references,
+        "limit": args.limit,
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "progress": False,
+    }
+    measure = evaluating_measure(model, processor, task, args.data, compress_options, eval_options)
+    record = sweep(measure, args.budgets, task, target=target, tolerance=args.tolerance)
+    record["model"] = args.model
+    record["calibration"] = str(calibration) if calibration is not None else None
+    for path in write_outputs(record, output, f"svdlora sweep: {args.model}"):
+        print(f"wrote {path}", file=sys.stderr)
+    print(format_table(record))
+    chosen = record.get("target", {}).get("budget")
+    if target is not None and chosen is None:
+        raise SvdloraError(f"no budget up to 1.0 meets {args.target!r}: relax the target")
+    if chosen is not None:
+        from .. import card
+        from ..compress import compress
+
+        point = next(p for p in record["points"] if p["budget"] == chosen)
+        report = compress(model, budget=chosen, progress=False, **compress_options)
+        folder = save_compressed(model, output / "model", report=report, source=args.model, overwrite=args.overwrite)
+        card.write(folder, card.compressed_card(report, args.model, eval_result=point["result"]))
+        print(f"wrote {folder} (budget {chosen}, meets {args.target})", file=sys.stderr)
+    return 0

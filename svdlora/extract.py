@@ -1,0 +1,245 @@
+"""LoRA adapters from fine-tunes: residual SVD of the fine-tuning delta (tuned − base), per matrix.
+
+The pipeline mirrors ``compress``: find the targets (the same discovery and patterns), allocate
+the budget over the *delta* of the matrices that changed (the same allocators), factorize each
+delta into residual stages (stacked into one LoRA pair per module), and collect what LoRA cannot
+express: changed norms, embeddings, heads and other tensors go to ``modules_to_save`` (stored
+whole), changed biases of factorized layers to ``lora_bias``; anything else is reported as left
+out. Writing the PEFT folder is ``svdlora.integrations.peft_adapter``'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocate import allocate_ranks
+from .config import CompressionConfig
+from .decompose import relative_error, residual_svd
+from .errors import SvdloraError
+from .layers import weight_out_in
+from .targets import find_targets
+
+logger = logging.getLogger(__name__)
+
+
+def svd_of_delta(delta: torch.Tensor, ranks: list[int], **svd_options) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The default method: residual SVD stages of the delta alone (what kohya and mergekit do)."""
+    return residual_svd(delta, ranks, **svd_options)
+
+
+# name -> (delta (out, in), stage ranks, **svd options) -> stages [(A_j, B_j)]. A calibration-aware
+# method (issue 8) registers here and gets the module name through ``module=`` to find its statistics.
+METHODS: dict[str, Callable[..., list[tuple[torch.Tensor, torch.Tensor]]]] = {"svd": svd_of_delta}
+
+
+@dataclass
+class LoraModule:
+    name: str
+    kind: str  # "linear" or "conv1d" (GPT-2; peft needs fan_in_fan_out)
+    shape: tuple[int, int]  # (out, in)
+    ranks: list[int]  # per residual stage; lora rank = sum
+    lora_B: torch.Tensor  # (out, r): the stacked A_j
+    lora_A: torch.Tensor  # (r, in): the stacked B_j
+    bias_delta: torch.Tensor | None
+    rel_error: float  # ‖ΔW − BA‖_F / ‖ΔW‖_F
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+    @property
+    def params(self) -> int:
+        return self.rank * (self.shape[0] + self.shape[1])
+
+
+@dataclass
+class Extraction:
+    """What ``extract_adapter`` found; ``save_adapter`` writes it."""
+
+    config: dict
+    method: str
+    lora: list[LoraModule]
+    modules_to_save: dict[str, str]  # module name -> why it is stored whole
+    left_out: dict[str, str]  # parameter name -> why the adapter cannot carry its change
+    unchanged: int  # targeted matrices whose delta is exactly zero
+    delta_params: int  # parameters of the changed targeted matrices
+    modules_to_save_params: int
+    seconds: float = 0.0
+
+    @property
+    def lora_params(self) -> int:
+        return sum(m.params for m in self.lora)
+
+    @property
+    def lora_bias(self) -> bool:
+        return any(m.bias_delta is not None for m in self.lora)
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        ranks = sorted({m.rank for m in self.lora})
+        rank_text = f"{ranks[0]}..{ranks[-1]}" if len(ranks) > 1 else (str(ranks[0]) if ranks else "-")
+        budget = self.config.get("budget") if self.config.get("rank") is None else f"rank {self.config['rank']}"
+        share = self.lora_params / self.delta_params if self.delta_params else 0.0
+        return [
+            ("budget / submatrices / method", f"{budget} / {self.config.get('submatrices')} / {self.method}"),
+            ("LoRA modules", f"{len(self.lora)} (rank {rank_text}); {self.unchanged} targeted matrices unchanged"),
+            ("LoRA params", f"{self.lora_params:,} for a delta of {self.delta_params:,} ({share:.1%})"),
+            ("modules_to_save", f"{len(self.modules_to_save)} ({self.modules_to_save_params:,} params)"),
+            ("left out", f"{len(self.left_out)}" + (" (see warnings)" if self.left_out else "")),
+            ("extract time", f"{self.seconds:.1f} s"),
+        ]
+
+    def format(self) -> str:
+        width = max(len(k) for k, _ in self.summary_rows())
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.summary_rows())
+
+
+def check_pair(base: nn.Module, tuned: nn.Module) -> None:
+    """Base and tuned must be the same architecture with the same tensor shapes."""
+    if type(base) is not type(tuned):
+        raise SvdloraError(
+            f"base and tuned models differ in architecture ({type(base).__name__} vs {type(tuned).__name__}): "
+            "pass the model the fine-tune started from as --base"
+        )
+    base_type = getattr(getattr(base, "config", None), "model_type", None)
+    tuned_type = getattr(getattr(tuned, "config", None), "model_type", None)
+    if base_type != tuned_type:
+        raise SvdloraError(f"base is a {base_type!r} model and tuned a {tuned_type!r} one: they must match")
+    vocab = []
+    for model in (base, tuned):
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        vocab.append(emb.weight.shape[0] if isinstance(emb, nn.Embedding) else None)
+    if vocab[0] != vocab[1]:
+        raise SvdloraError(
+            f"base and tuned have different vocabulary sizes ({vocab[0]} vs {vocab[1]} tokens): a LoRA adapter "
+            "cannot add tokens; resize the base first (base.resize_token_embeddings) and save it, or pass the "
+            "matching base"
+        )
+    base_shapes = {k: v.shape for k, v in base.state_dict().items()}
+    tuned_shapes = {k: v.shape for k, v in tuned.state_dict().items()}
+    if base_shapes.keys() != tuned_shapes.keys():
+        extra = sorted(base_shapes.keys() ^ tuned_shapes.keys())[:3]
+        raise SvdloraError(f"base and tuned hold different tensors (e.g. {extra}): they must be the same architecture")
+    for key, shape in base_shapes.items():
+        if tuned_shapes[key] != shape:
+            raise SvdloraError(
+                f"tensor {key!r} is {tuple(shape)} in base and {tuple(tuned_shapes[key])} in tuned: "
+                "they must be the same architecture and size"
+            )
+
+
+def extract_adapter(
+    base: nn.Module,
+    tuned: nn.Module,
+    config: CompressionConfig | None = None,
+    *,
+    method: str = "svd",
+    progress: bool = True,
+    **options,
+) -> Extraction:
+    """Factorize ``tuned − base`` of every targeted matrix into LoRA pairs, within a budget or a rank.
+
+    Args:
+        base: the model the fine-tune started from.
+        tuned: the fine-tuned model (same architecture); neither model is modified.
+        config: a ``CompressionConfig``: ``budget`` is the fraction of the *changed* targeted
+            matrices' parameters the LoRA factors may hold, or ``rank`` a fixed rank; also
+            ``submatrices``, ``include`` / ``exclude``, ``keep_head``, ``svd_method``. Or pass the
+            fields as keyword ``options``.
+        method: a key of ``METHODS`` ("svd": plain SVD of the delta).
+        progress: show a progress bar.
+    Returns:
+        An ``Extraction``; write it with ``svdlora.integrations.peft_adapter.save_adapter``.
+
+    Example:
+        >>> extraction = extract_adapter(base, tuned, budget=0.1)
+        >>> save_adapter(extraction, tuned, "out/adapter", base_name="HuggingFaceTB/SmolLM2-135M")
+    """
+    if config is None:
+        config = CompressionConfig(**options)
+    elif options:
+        raise SvdloraError(f"pass either a config or keyword options, not both (got {sorted(options)})")
+    if method not in METHODS:
+        raise SvdloraError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    start = time.perf_counter()
+    check_pair(base, tuned)
+    base_params = dict(base.named_parameters(remove_duplicate=False))
+    changed = {
+        name: param
+        for name, param in tuned.named_parameters(remove_duplicate=False)
+        if not torch.equal(param.detach(), base_params[name].detach())
+    }
+    if not changed:
+        raise SvdloraError("the tuned model equals the base model (no tensor differs): there is nothing to extract")
+
+    targets, _ = find_targets(tuned, config)
+    lora_targets = [t for t in targets if f"{t.name}.weight" in changed]
+    unchanged = len(targets) - len(lora_targets)
+    ranks, dense = allocate_ranks(lora_targets, config) if lora_targets else ({}, {})
+    svd_options = {
+        "method": config.svd_method,
+        "oversampling": config.oversampling,
+        "power_iterations": config.power_iterations,
+        "generator_seed": config.seed if config.svd_method == "randomized" else None,
+    }
+    lora = []
+    for target in tqdm([t for t in lora_targets if t.name in ranks], desc="factorizing deltas", disable=not progress):
+        base_module = base.get_submodule(target.name)
+        with torch.no_grad():
+            delta = weight_out_in(target.module).detach() - weight_out_in(base_module).detach()
+            stages = METHODS[method](delta, ranks[target.name], module=target.name, **svd_options)
+            lora_b = torch.cat([a for a, _ in stages], dim=1).to(delta.dtype)
+            lora_a = torch.cat([b for _, b in stages], dim=0).to(delta.dtype)
+            bias = None
+            if f"{target.name}.bias" in changed:
+                bias = (target.module.bias - base_module.bias).detach()
+            lora.append(
+                LoraModule(
+                    target.name,
+                    target.kind,
+                    (target.out_features, target.in_features),
+                    [a.shape[1] for a, _ in stages],
+                    lora_b.contiguous(),
+                    lora_a.contiguous(),
+                    bias,
+                    relative_error(delta, lora_b @ lora_a),
+                )
+            )
+
+    lora_names = {m.name for m in lora}
+    to_save: dict[str, str] = {name: f"delta kept whole: {why}" for name, why in dense.items()}
+    left_out: dict[str, str] = {}
+    for pname in changed:
+        owner, _, leaf = pname.rpartition(".")
+        if owner in lora_names or owner in to_save:
+            continue
+        if not owner:
+            left_out[pname] = "a parameter of the model itself, not of a submodule"
+        elif any(n.startswith(owner + ".") for n in lora_names):
+            left_out[pname] = f"its module {owner!r} contains LoRA layers, so it cannot be stored whole"
+        else:
+            to_save[owner] = "changed, not a LoRA target (norm, embedding, head, excluded or small layer)"
+    for pname, why in left_out.items():
+        logger.warning("LEFT OUT of the adapter: %s changed but %s; base + adapter will differ from tuned", pname, why)
+    saved_params = sum(p.numel() for n, p in tuned.named_parameters() if n.rpartition(".")[0] in to_save)
+    return Extraction(
+        config=config.to_dict(),
+        method=method,
+        lora=lora,
+        modules_to_save=dict(sorted(to_save.items())),
+        left_out=left_out,
+        unchanged=unchanged,
+        delta_params=sum(t.params for t in lora_targets),
+        modules_to_save_params=saved_params,
+        seconds=time.perf_counter() - start,
+    )
+
+
+__all__ = ["METHODS", "Extraction", "LoraModule", "check_pair", "extract_adapter"]

@@ -1,0 +1,249 @@
+"""Plain ``from_pretrained`` for svdlora folders, through transformers' quantizer registry.
+
+A folder written by ``save_compressed`` carries, in its ``config.json``::
+
+    "quantization_config": {"quant_method": "svdlora", "format_version": 1, "merge": false, ...},
+    "transformers_weights": "svdlora--import-svdlora-before-from_pretrained.safetensors"
+
+With svdlora imported, transformers finds the registered ``SvdloraHfQuantizer`` for
+``quant_method: svdlora``; the quantizer points ``transformers_weights`` back at ``model.safetensors``,
+swaps every factorized layer of the (meta) skeleton for a ``LowRankLinear`` whose ranks it reads
+from the safetensors header, lets transformers load every ordinary tensor (with its ``dtype``,
+``device_map``, tying), and then fills the stacked factors from the stage tensors, exactly as
+``load_compressed`` does, so both give the same logits.
+
+Without svdlora, transformers only *warns* about an unknown ``quant_method`` and would load a
+model whose factorized layers are randomly initialized. The ``transformers_weights`` entry (a
+documented config field naming the weight file) prevents that: transformers then looks for a
+file that does not exist and fails with ``No such file or directory: .../svdlora--import-svdlora-
+before-from_pretrained.safetensors``, an error that names the fix.
+
+Options: ``from_pretrained(folder, quantization_config=SvdloraQuantizationConfig(merge=True))``
+merges A·B into plain dense layers (and drops the quantization config, as a dequantized model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers.quantizers import auto as hf_auto
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..layers import LowRankLinear, dense_kind, weight_out_in
+from ..version import FORMAT_VERSION, __version__
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "svdlora"
+WEIGHTS_NAME = "model.safetensors"  # io.WEIGHTS_NAME; io imports this module, not the reverse
+# A file that never exists: transformers without svdlora fails on it instead of loading random layers.
+GUARD_WEIGHTS_NAME = "svdlora--import-svdlora-before-from_pretrained.safetensors"
+_STAGE_KEY = re.compile(r"^(?P<module>.+)\.stage(?P<stage>\d+)\.(?P<side>[AB])$")
+
+
+class SvdloraQuantizationConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of an svdlora folder, and the loading options of ``from_pretrained``.
+
+    Args:
+        merge: rebuild dense layers holding A·B instead of keeping the low-rank layers.
+        format_version: the svdlora folder format (checked on load).
+        svdlora_version: the svdlora release that wrote the folder (informational).
+
+    Example:
+        >>> AutoModelForCausalLM.from_pretrained(folder, quantization_config=SvdloraQuantizationConfig(merge=True))
+    """
+
+    def __init__(
+        self, merge: bool = False, format_version: int = FORMAT_VERSION, svdlora_version: str | None = None, **kwargs
+    ):
+        self.quant_method = QUANT_METHOD
+        self.merge = bool(merge)
+        self.format_version = format_version
+        self.svdlora_version = svdlora_version or __version__
+
+    def get_loading_attributes(self) -> dict:
+        """What a config passed to ``from_pretrained`` may override in the folder's config."""
+        return {"merge": self.merge}
+
+
+class SvdloraHfQuantizer(HfQuantizer):
+    """Loads svdlora folders inside ``PreTrainedModel.from_pretrained`` (it never compresses)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: SvdloraQuantizationConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._checkpoint_files: list[str] = []
+        self._factorized: dict[str, str] = {}  # model module name -> file module name
+
+    def validate_environment(self, *args, device_map=None, **kwargs) -> None:
+        if not self.pre_quantized:
+            raise ValueError(
+                "svdlora cannot compress inside from_pretrained: load the dense model, then call "
+                "svdlora.compress(model, budget=...) and svdlora.save_compressed(model, folder)"
+            )
+        if self.quantization_config.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"this svdlora folder uses format {self.quantization_config.format_version!r} (written by svdlora "
+                f"{self.quantization_config.svdlora_version}); svdlora {__version__} reads format {FORMAT_VERSION}: "
+                "install the matching svdlora version or re-run `svdlora compress`"
+            )
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("svdlora folders cannot be offloaded to disk: give device_map CPU or GPU devices only")
+
+    def update_attn_implementation(self, config):
+        # The one hook that sees the model config before transformers resolves the weight file:
+        # undo the guard that makes loading without svdlora fail (see the module docstring).
+        if getattr(config, "transformers_weights", None) == GUARD_WEIGHTS_NAME:
+            config.transformers_weights = WEIGHTS_NAME
+        return config
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs):
+        self._checkpoint_files = list(checkpoint_files or [])
+        layouts = _factor_layouts(self._checkpoint_files)
+        if not layouts:
+            raise ValueError(f"{self._checkpoint_files} holds no svdlora factors: is this an svdlora folder?")
+        prefix = getattr(model, "base_model_prefix", "")
+        missing = set()
+        for file_name, ranks in layouts.items():
+            name = _model_name(model, file_name, prefix)
+            module = model.get_submodule(name)
+            kind = dense_kind(module)
+            if kind is None:
+                raise ValueError(f"the folder factorizes {file_name!r}, which is a {type(module).__name__} here")
+            out_features, in_features = weight_out_in(module).shape
+            layer = LowRankLinear(
+                in_features, out_features, ranks, bias=module.bias is not None, base_kind=kind, device="meta"
+            )
+            model.set_submodule(name, layer)
+            self._factorized[name] = file_name
+            missing |= {re.escape(f"{name}.{side}") for side in "AB"}
+        # The stage tensors are read after loading; keep them out of transformers' load report.
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+            r"\.stage\d+\.[AB]$"
+        }
+        model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
+            rf"(^|\.){m}$" for m in missing
+        }
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs):
+        wanted = {file_name: name for name, file_name in self._factorized.items()}
+        parts: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: {"A": {}, "B": {}})
+        for path in self._checkpoint_files:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    match = _STAGE_KEY.match(key)
+                    if match and match["module"] in wanted:
+                        parts[match["module"]][match["side"]][int(match["stage"])] = f.get_tensor(key)
+        for file_name, name in wanted.items():
+            layer = model.get_submodule(name)
+            # Where transformers put this layer (device_map) and in which dtype (dtype= / config).
+            like = layer.bias if layer.bias is not None else layer.A
+            for side, dim in (("A", 1), ("B", 0)):
+                stages = parts[file_name][side]
+                tensor = torch.cat([stages[j] for j in sorted(stages)], dim=dim)
+                if like.device.type == "meta":  # not materialized by transformers: keep the stored dtype, on CPU
+                    tensor = tensor.to("cpu")
+                else:
+                    tensor = tensor.to(device=like.device, dtype=like.dtype)
+                setattr(layer, side, nn.Parameter(tensor, requires_grad=layer.A.requires_grad))
+        if self.quantization_config.merge:
+            for name in self._factorized:
+                model.set_submodule(name, model.get_submodule(name).to_dense())
+            self.remove_quantization_config(model)
+        else:
+            report = _read_report(self._checkpoint_files)
+            if report is not None:
+                from ..compress import REPORT_ATTR
+
+                setattr(model, REPORT_ATTR, report)
+        return model
+
+    def is_serializable(self, **kwargs) -> bool:
+        return False  # save with svdlora.save_compressed; save_pretrained would lose the stage layout
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # the factors are ordinary parameters
+
+
+def _factor_layouts(files: list[str]) -> dict[str, list[int]]:
+    """{module name in the file: stage ranks}, from the safetensors headers (no tensor is read)."""
+    ranks: dict[str, dict[int, int]] = defaultdict(dict)
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                match = _STAGE_KEY.match(key)
+                if match and match["side"] == "A":
+                    ranks[match["module"]][int(match["stage"])] = f.get_slice(key).get_shape()[1]
+    return {name: [stages[j] for j in sorted(stages)] for name, stages in ranks.items()}
+
+
+def _model_name(model: nn.Module, file_name: str, prefix: str) -> str:
+    """The module's name in this model: a base model (AutoModel) lacks the head class's prefix."""
+    candidates = [file_name]
+    if prefix:
+        candidates += [file_name.removeprefix(prefix + "."), f"{prefix}.{file_name}"]
+    for name in candidates:
+        try:
+            model.get_submodule(name)
+            return name
+        except AttributeError:
+            continue
+    raise ValueError(f"the svdlora folder factorizes {file_name!r}, which {type(model).__name__} does not have")
+
+
+def _read_report(files: list[str]):
+    from ..report import CompressionReport
+
+    config = Path(files[0]).parent / "svdlora_config.json" if files else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return CompressionReport.from_dict(json.loads(config.read_text())["report"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def folder_config_entries() -> dict:
+    """The entries ``save_compressed`` adds to the folder's ``config.json``."""
+    return {
+        "quantization_config": SvdloraQuantizationConfig().to_dict(),
+        "transformers_weights": GUARD_WEIGHTS_NAME,
+    }
+
+
+def mark_folder(config_json: Path) -> None:
+    """Add the quantization config (and the guard) to a written ``config.json``."""
+    data = json.loads(config_json.read_text())
+    data.update(folder_config_entries())
+    config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def strip_config(config) -> None:
+    """Drop the entries of ``folder_config_entries`` from a loaded config: a model rebuilt by
+    ``load_compressed`` is not loaded through the quantizer, and a dense export must not claim to be svdlora."""
+    for key in folder_config_entries():
+        if hasattr(config, key):
+            delattr(config, key)
+
+
+def register() -> None:
+    """Register the config and quantizer with transformers (idempotent)."""
+    if QUANT_METHOD not in hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        hf_auto.register_quantization_config(QUANT_METHOD)(SvdloraQuantizationConfig)
+    if QUANT_METHOD not in hf_auto.AUTO_QUANTIZER_MAPPING:
+        hf_auto.register_quantizer(QUANT_METHOD)(SvdloraHfQuantizer)
+    # transformers copies a passed config's loading attributes (here: merge) over the folder's
+    # only for the config types in this tuple; it is read at call time, so extending it suffices.
+    if SvdloraQuantizationConfig not in hf_auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        hf_auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*hf_auto.LOADING_ATTRIBUTES_CONFIG_TYPES, SvdloraQuantizationConfig)

@@ -1,0 +1,188 @@
+"""Write an ``Extraction`` as a PEFT LoRA folder that ``PeftModel.from_pretrained(base, folder)`` loads.
+
+peft itself writes the folder: the tuned model is wrapped by ``get_peft_model`` with a
+``LoraConfig`` that names every module (``target_modules``), its rank (``rank_pattern``) and
+``lora_alpha`` equal to that rank (``alpha_pattern``), so peft's scaling alpha/r is exactly 1;
+the LoRA weights are set to the factors, ``modules_to_save`` wrappers copy the tuned modules,
+``save_pretrained`` writes ``adapter_config.json`` and ``adapter_model.safetensors``, and
+``unload`` gives the tuned model back unchanged. Writing through peft keeps the files in the
+format of the installed peft release.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import card
+from ..config import CompressionConfig
+from ..errors import SvdloraError
+from ..extract import Extraction, extract_adapter
+from ..io import atomic_folder
+from ..layers import CONV1D
+from ..models import folder_bytes
+from ..version import __version__
+
+logger = logging.getLogger(__name__)
+
+TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise SvdloraError("peft is not installed, and adapters are written in its format: pip install peft") from None
+    return peft
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
+
+
+def lora_config(extraction: Extraction, model: nn.Module, base_name: str | None):
+    """The ``LoraConfig``: one explicit rank and alpha per module, scaling 1 everywhere."""
+    peft = require_peft()
+    ranks = {m.name: m.rank for m in extraction.lora}
+    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    kinds = {m.kind for m in extraction.lora}
+    if len(kinds) > 1:
+        raise SvdloraError("the model mixes Linear and GPT-2 Conv1D targets, which one peft adapter cannot describe")
+    return peft.LoraConfig(
+        r=common,
+        lora_alpha=common,
+        rank_pattern=ranks,
+        alpha_pattern=dict(ranks),
+        target_modules=sorted(ranks) or None,
+        modules_to_save=sorted(extraction.modules_to_save) or None,
+        fan_in_fan_out=kinds == {CONV1D},  # GPT-2's Conv1D stores (in, out)
+        lora_dropout=0.0,
+        bias="none",
+        lora_bias=extraction.lora_bias,
+        task_type=_task_type(model),
+        base_model_name_or_path=base_name,
+        inference_mode=True,
+    )
+
+
+def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_name: str | None = None) -> Path:
+    """Write the adapter folder into ``output`` (an existing, empty folder: see ``io.atomic_folder``).
+
+    Args:
+        extraction: what ``extract_adapter`` returned.
+        tuned: the fine-tuned model it came from (wrapped while saving, then unwrapped).
+        output: the folder to fill.
+        base_name: recorded as ``base_model_name_or_path``.
+    """
+    peft = require_peft()
+    if not extraction.lora and not extraction.modules_to_save:
+        raise SvdloraError("nothing to write: no LoRA module and no module to save")
+    config = lora_config(extraction, tuned, base_name)
+    if not extraction.lora:
+        # peft needs a LoRA target; an empty-rank adapter is impossible, so say so.
+        raise SvdloraError(
+            "no targeted matrix changed: the fine-tune only moved "
+            f"{', '.join(list(extraction.modules_to_save)[:3])}; save those modules instead of a LoRA adapter"
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
+        wrapped = peft.get_peft_model(tuned, config)
+    try:
+        inner = wrapped.base_model.model
+        with torch.no_grad():
+            for m in extraction.lora:
+                layer = inner.get_submodule(m.name)
+                lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
+                if lora_a.weight.shape != m.lora_A.shape or lora_b.weight.shape != m.lora_B.shape:
+                    raise SvdloraError(f"peft built {m.name!r} with another rank: update peft (rank_pattern)")
+                lora_a.weight.copy_(m.lora_A)
+                lora_b.weight.copy_(m.lora_B)
+                if lora_b.bias is not None:
+                    lora_b.bias.copy_(m.bias_delta if m.bias_delta is not None else torch.zeros_like(lora_b.bias))
+                scaling = layer.scaling["default"]
+                if scaling != 1:
+                    raise SvdloraError(f"peft scales {m.name!r} by {scaling}, expected 1: update peft (alpha_pattern)")
+        with warnings.catch_warnings():  # peft notes it records the tuned model's path: fixed after saving
+            warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
+            wrapped.save_pretrained(str(output))
+    finally:
+        wrapped.unload()  # the caller's tuned model, as it was
+    return output
+
+
+def _fix_base_name(output: Path, base_name: str | None) -> None:
+    # peft records the wrapped model's name_or_path (the *tuned* model); the adapter belongs to the base.
+    path = output / ADAPTER_CONFIG
+    data = json.loads(path.read_text())
+    data["base_model_name_or_path"] = base_name
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def extraction_record(extraction: Extraction, base_name: str | None, tuned_name: str | None) -> dict:
+    """``svdlora_adapter.json``: what ``adapter_config.json`` does not say (errors, stages, reasons)."""
+    return {
+        "svdlora_version": __version__,
+        "base_model": base_name,
+        "tuned_model": tuned_name,
+        "method": extraction.method,
+        "config": extraction.config,
+        "lora_params": extraction.lora_params,
+        "delta_params": extraction.delta_params,
+        "modules_to_save_params": extraction.modules_to_save_params,
+        "seconds": extraction.seconds,
+        "modules": [
+            {"name": m.name, "kind": m.kind, "shape": list(m.shape), "ranks": m.ranks, "rel_error": m.rel_error}
+            for m in extraction.lora
+        ],
+        "modules_to_save": extraction.modules_to_save,
+        "left_out": extraction.left_out,
+        "unchanged_targets": extraction.unchanged,
+    }
+
+
+def write_adapter(
+    base: nn.Module,
+    tuned: nn.Module,
+    output: str | Path,
+    config: CompressionConfig | None = None,
+    *,
+    method: str = "svd",
+    base_name: str | None = None,
+    tuned_name: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options,
+) -> Extraction:
+    """Extract the adapter and write the whole folder (atomically): peft files, card, svdlora record.
+
+    Example:
+        >>> write_adapter(base, tuned, "out/adapter", budget=0.1, base_name="HuggingFaceTB/SmolLM2-135M")
+    """
+    require_peft()
+    base_name = base_name or getattr(getattr(base, "config", None), "name_or_path", None) or None
+    tuned_name = tuned_name or getattr(getattr(tuned, "config", None), "name_or_path", None) or None
+    extraction = extract_adapter(base, tuned, config, method=method, progress=progress, **options)
+    with atomic_folder(output, overwrite) as tmp:
+        save_adapter(extraction, tuned, tmp, base_name)
+        _fix_base_name(tmp, base_name)
+        record = extraction_record(extraction, base_name, tuned_name)
+        (tmp / "svdlora_adapter.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        weights = tmp / ADAPTER_WEIGHTS
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(weights, 0o666 & ~umask)  # peft writes it owner-only; the folder should read like the others
+        tuned_bytes = folder_bytes(tuned_name) if tuned_name and Path(tuned_name).is_dir() else None
+        card.write(tmp, card.adapter_card(extraction, base_name, tuned_name, weights.stat().st_size, tuned_bytes))
+    return extraction

@@ -1,0 +1,257 @@
+"""Which budget to pick: compress at several budgets, evaluate each, and bisect for a quality target.
+
+``sweep`` measures the dense model once, then each budget (a fresh copy compressed in memory,
+evaluated by ``svdlora.evaluate``'s code on the same data and settings). ``find_budget`` bisects
+on the budget for the smallest one that meets a target such as ``ppl<=1.5x`` (perplexity at most
+1.5 times the dense one) or ``acc-drop<=0.02`` (accuracy at most 2 points below dense); it assumes
+quality does not get worse as the budget grows, and says so when the sweep shows otherwise.
+
+The evaluation is a function ``measure(budget) -> Point`` (``budget=None``: the dense model), so
+tests and other callers can inject their own.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import SvdloraError
+from .evaluation.options import IMAGES, TEXT, TRANSLATION
+
+logger = logging.getLogger(__name__)
+
+# The quality figure per task, and whether larger is better.
+QUALITY = {TEXT: ("perplexity", False), IMAGES: ("accuracy", True), TRANSLATION: ("bleu", True)}
+_ALIASES = {"ppl": "perplexity", "perplexity": "perplexity", "acc": "accuracy", "accuracy": "accuracy", "bleu": "bleu"}
+
+
+@dataclass
+class Point:
+    budget: float | None  # None: the dense model
+    quality: float
+    params: int
+    bytes_estimate: int  # parameters x bytes per element of their dtype
+    result: dict = field(default_factory=dict)  # the full evaluate() dict, when there is one
+
+
+@dataclass(frozen=True)
+class QualityTarget:
+    """``metric`` compared with the dense value, as a ratio (``ppl<=1.5x``) or an absolute drop (``acc-drop<=0.02``)."""
+
+    text: str
+    metric: str
+    kind: str  # "ratio" or "drop"
+    limit: float
+
+    def met(self, value: float, dense: float, higher_is_better: bool) -> bool:
+        if self.kind == "ratio":
+            ratio = value / dense if dense else float("inf")
+            return ratio >= self.limit if higher_is_better else ratio <= self.limit
+        drop = dense - value if higher_is_better else value - dense
+        return drop <= self.limit
+
+
+def infer_task(model: nn.Module) -> str:
+    """The evaluation task of a transformers model, from its class name."""
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", TEXT), ("LMHeadModel", TEXT), ("ForImageClassification", IMAGES),
+                         ("MTModel", TRANSLATION), ("ForConditionalGeneration", TRANSLATION),
+                         ("ForSeq2SeqLM", TRANSLATION)):  # fmt: skip
+        if name.endswith(suffix):
+            return task
+    raise SvdloraError(f"cannot tell the task of a {name}: pass --task")
+
+
+def parse_target(text: str, task: str) -> QualityTarget:
+    """``ppl<=1.5x`` / ``acc>=0.95x`` (ratio to dense) or ``acc-drop<=0.02`` / ``bleu-drop<=1`` (absolute)."""
+    match = re.fullmatch(r"\s*([a-z]+)(-drop)?\s*(<=|>=)\s*([0-9.]+)\s*(x?)\s*", text.lower())
+    metric = _ALIASES.get(match.group(1)) if match else None
+    if match is None or metric is None:
+        raise SvdloraError(
+            f"--target {text!r}: expected e.g. 'ppl<=1.5x' (ratio to the dense model) or 'acc-drop<=0.02' "
+            "(absolute drop); metrics: ppl, acc, bleu"
+        )
+    expected, higher_is_better = QUALITY[task]
+    if metric != expected:
+        raise SvdloraError(f"--target {text!r}: task {task} is measured by {expected}, not {metric}")
+    drop, op, value, ratio = match.group(2), match.group(3), float(match.group(4)), match.group(5)
+    if drop and (ratio or op != "<="):
+        raise SvdloraError(
+            f"--target {text!r}: a drop is absolute and bounded above, e.g. '{match.group(1)}-drop<=0.02'"
+        )
+    if not drop and not ratio:
+        raise SvdloraError(f"--target {text!r}: say 'x' for a ratio to the dense model, e.g. 'ppl<=1.5x'")
+    if not drop and op != ("<=" if not higher_is_better else ">="):
+        raise SvdloraError(
+            f"--target {text!r}: {expected} should be bounded {'below' if higher_is_better else 'above'}"
+        )
+    return QualityTarget(text, metric, "drop" if drop else "ratio", value)
+
+
+def find_budget(
+    measure: Callable[[float], Point],
+    meets: Callable[[Point], bool],
+    low: float = 0.02,
+    high: float = 1.0,
+    tolerance: float = 0.02,
+    known: dict[float, Point] | None = None,
+) -> tuple[float | None, dict[float, Point | None]]:
+    """Smallest budget in [low, high] (to ``tolerance``) whose point meets the target, by bisection.
+
+    Points already measured (``known``, e.g. the sweep's) narrow the bracket first. Returns
+    ``(budget or None when even ``high`` fails, every point measured)``; a budget too small to
+    compress at (``SvdloraError``) counts as failing and is kept as ``None``.
+    """
+    points: dict[float, Point | None] = dict(known or {})  # None: the budget is too small to compress at
+
+    def at(budget: float) -> Point | None:
+        budget = round(budget, 6)
+        if budget not in points:
+            try:
+                points[budget] = measure(budget)
+            except SvdloraError as err:
+                logger.info("budget %s cannot be measured (%s): counted as failing", budget, err)
+                points[budget] = None
+        return points[budget]
+
+    def ok(point: Point | None) -> bool:
+        return point is not None and meets(point)
+
+    passing = sorted(b for b, p in points.items() if low <= b <= high and ok(p))
+    hi = passing[0] if passing else high
+    if not ok(at(hi)):
+        return None, points
+    failing = [b for b, p in points.items() if low <= b < hi and not ok(p)]
+    lo = max(failing) if failing else low
+    if lo == low and ok(at(low)):
+        return low, points
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        if ok(at(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return round(hi, 6), points
+
+
+def evaluating_measure(
+    model: nn.Module, processor: Any, task: str, data: Any, compress_options: dict, eval_options: dict
+):
+    """The default ``measure``: compress a copy of ``model`` at the budget and evaluate it in memory."""
+    from .compress import compress, count_parameters
+    from .evaluation import evaluate
+
+    metric, _ = QUALITY[task]
+
+    def measure(budget: float | None) -> Point:
+        candidate = model if budget is None else copy.deepcopy(model)
+        if budget is not None:
+            compress(candidate, budget=budget, progress=False, **compress_options)
+        result = evaluate((candidate, processor), task=task, data=data, **eval_options)
+        params = count_parameters(candidate)
+        element = next(candidate.parameters()).element_size()
+        logger.info("budget %s: %s %.4g", budget, metric, result["model"]["metrics"][metric])
+        return Point(budget, float(result["model"]["metrics"][metric]), params, params * element, result)
+
+    return measure
+
+
+def sweep(
+    measure: Callable[[float | None], Point],
+    budgets: list[float],
+    task: str,
+    target: QualityTarget | None = None,
+    tolerance: float = 0.02,
+) -> dict:
+    """Dense point, one point per budget, and (with ``target``) the smallest budget that meets it."""
+    metric, higher_is_better = QUALITY[task]
+    dense = measure(None)
+    points = {b: measure(b) for b in sorted(budgets)}
+    record: dict = {"task": task, "metric": metric, "higher_is_better": higher_is_better, "dense": asdict(dense)}
+    qualities = [points[b].quality for b in sorted(points)]
+    order = sorted(qualities) if higher_is_better else sorted(qualities, reverse=True)
+    record["monotone"] = qualities == order
+    if not record["monotone"]:
+        logger.warning("quality is not monotone in the budget over %s: bisection may miss", sorted(points))
+    if target is not None:
+        chosen, points = find_budget(
+            measure, lambda p: target.met(p.quality, dense.quality, higher_is_better),
+            tolerance=tolerance, known=points,
+        )  # fmt: skip
+        record["target"] = {"text": target.text, "budget": chosen, "tolerance": tolerance}
+    record["points"] = [asdict(points[b]) for b in sorted(points) if points[b] is not None]
+    return record
+
+
+def format_table(record: dict) -> str:
+    """Markdown: one row per budget and the dense model."""
+    metric, dense = record["metric"], record["dense"]
+    lines = [f"| budget | params | est. bytes | {metric} | vs dense |", "|---|---|---|---|---|"]
+    for p in [*record["points"], dense]:
+        ratio = p["quality"] / dense["quality"] if dense["quality"] else float("nan")
+        name = "dense" if p["budget"] is None else f"{p['budget']:.4g}"
+        lines.append(f"| {name} | {p['params']:,} | {p['bytes_estimate']:,} | {p['quality']:.4g} | {ratio:.3f}x |")
+    if "target" in record:
+        t = record["target"]
+        found = f"budget {t['budget']}" if t["budget"] is not None else "no budget up to 1.0"
+        lines += ["", f"Target `{t['text']}`: {found} (bisection tolerance {t['tolerance']})."]
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path, title: str) -> Path | None:
+    """Quality against parameters, with the dense model as a line; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    points, dense = record["points"], record["dense"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p["params"] / 1e6 for p in points]
+    ax.plot(xs, [p["quality"] for p in points], "o-", label="svdlora")
+    for p, x in zip(points, xs, strict=True):
+        ax.annotate(f"{p['budget']:.3g}", (x, p["quality"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(dense["quality"], color="gray", linestyle="--", label=f"dense ({dense['params'] / 1e6:.1f}M params)")
+    if record["metric"] == "perplexity":  # spans orders of magnitude once compression hurts
+        ax.set_yscale("log")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel(record["metric"])
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(record: dict, folder: Path, title: str) -> list[Path]:
+    """sweep.md, sweep.json and sweep.png in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    slim = {**record, "dense": _slim(record["dense"]), "points": [_slim(p) for p in record["points"]]}
+    written = [folder / "sweep.md", folder / "sweep.json"]
+    written[0].write_text(f"# {title}\n\n{format_table(record)}\n")
+    written[1].write_text(json.dumps(slim, indent=2, sort_keys=True) + "\n")
+    png = plot(record, folder / "sweep.png", title)
+    return written + ([png] if png else [])
+
+
+def _slim(point: dict) -> dict:
+    """A point with its evaluate() result cut to the figures (no per-model timing noise)."""
+    result = point.get("result") or {}
+    model = result.get("model") or {}
+    return {
+        **{k: v for k, v in point.items() if k != "result"},
+        "metrics": model.get("metrics"),
+        "settings": result.get("settings"),
+    }

@@ -1,0 +1,171 @@
+"""LoRA adapters extracted from a fine-tune's delta, loaded back through the real peft."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+
+from svdlora.cli import main
+from svdlora.extract import extract_adapter
+from svdlora.integrations.peft_adapter import write_adapter
+
+from .conftest import example_inputs, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def fine_tune(base, delta_rank: int = 2, seed: int = 1, norms: bool = True, bias: bool = False):
+    """A "tuned" copy: every block matrix moved by a rank-``delta_rank`` delta, norms (and biases) nudged."""
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.ndim == 2 and not any(s in name for s in ("embed", "wte", "wpe", "lm_head")):
+                out_f, in_f = p.shape
+                p += 0.05 * torch.randn(out_f, delta_rank, generator=g) @ torch.randn(delta_rank, in_f, generator=g)
+            elif norms and ("norm" in name or ".ln_" in name):
+                p += 0.01 * torch.randn(p.shape, generator=g)
+            elif bias and name.endswith(".bias") and "ln_" not in name:
+                p += 0.01 * torch.randn(p.shape, generator=g)
+    return tuned
+
+
+def _pair(factory):
+    torch.manual_seed(0)
+    base = factory().eval()
+    return base, fine_tune(base)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(**example_inputs("llama")).logits
+
+
+def _load(base, folder):
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+
+
+def deep_llama():
+    """12 layers, so module names like layers.1.* and layers.11.* both exist (peft matches by suffix)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=12, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2, deep_llama], ids=["llama", "gpt2-conv1d", "llama-12"])
+def test_full_rank_round_trip_is_exact(factory, tmp_path):
+    base, tuned = _pair(factory)
+    if factory is tiny_gpt2:  # Conv1D biases change too: carried by lora_bias
+        tuned = fine_tune(base, bias=True)
+    extraction = write_adapter(base, tuned, tmp_path / "adapter", rank=2, submatrices=2, progress=False)
+    assert all(m.rank == 2 and m.ranks == [1, 1] for m in extraction.lora)
+    got, want = _logits(_load(base, tmp_path / "adapter")), _logits(tuned)
+    assert (got - want).abs().max() < 1e-4
+    assert (_logits(base) - want).abs().max() > 1e-2  # the fine-tune matters
+    # the tuned model is given back unchanged (peft wrapped it while saving)
+    assert not any("lora" in n for n, _ in tuned.named_modules())
+
+
+def test_config_rank_pattern_and_modules_to_save(tmp_path):
+    base, tuned = _pair(tiny_llama)
+    extraction = write_adapter(base, tuned, tmp_path / "adapter", budget=0.2, progress=False)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    ranks = {m.name: m.rank for m in extraction.lora}
+    assert config["rank_pattern"] == ranks
+    assert config["alpha_pattern"] == ranks  # alpha = r: peft's scaling is 1
+    assert sorted(config["target_modules"]) == sorted(ranks)
+    assert "model.norm" in config["modules_to_save"]
+    assert "model.layers.0.input_layernorm" in config["modules_to_save"]
+    model = _load(base, tmp_path / "adapter")
+    for name in ranks:  # peft built each module with the rank written for it
+        assert model.base_model.model.get_submodule(name).lora_A["default"].weight.shape[0] == ranks[name]
+    norm = model.base_model.model.get_submodule("model.norm").modules_to_save["default"].weight
+    assert torch.equal(norm, tuned.model.norm.weight)
+
+
+def test_budget_respected_and_close(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    tuned = fine_tune(base, delta_rank=16)  # delta rank above what the budget buys
+    for budget in (0.1, 0.3):
+        extraction = extract_adapter(base, tuned, budget=budget, submatrices=2, progress=False)
+        assert extraction.lora_params <= budget * extraction.delta_params
+    folder = tmp_path / "a"
+    write_adapter(base, tuned, folder, budget=0.3, progress=False)
+    err_budget = (_logits(_load(base, folder)) - _logits(tuned)).abs().max()
+    err_base = (_logits(base) - _logits(tuned)).abs().max()
+    assert err_budget < err_base
+
+
+def test_changed_head_is_saved_whole(tmp_path):
+    base, tuned = _pair(tiny_gpt2)
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.01)  # tied to the embedding: both modules move
+    extraction = write_adapter(base, tuned, tmp_path / "adapter", rank=2, progress=False)
+    assert {"lm_head", "transformer.wte"} <= set(extraction.modules_to_save)
+    assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
+
+
+def test_card_and_record(tmp_path, capsys):
+    base, tuned = _pair(tiny_llama)
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    argv = ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--budget", "0.2",
+            "--submatrices", "2", "--output", str(tmp_path / "adapter"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "svdlora extract --base" in card and "--budget 0.2" in card
+    assert "base_model: " + str(tmp_path / "base") in card
+    record = json.loads((tmp_path / "adapter" / "svdlora_adapter.json").read_text())
+    assert record["config"]["budget"] == 0.2 and record["modules"]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_inputs(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    base.save_pretrained(tmp_path / "base")
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    out = ["--output", str(tmp_path / "adapter"), "--rank", "2", "--no-progress"]
+    err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "gpt2"), *out])
+    assert "architecture" in err
+    err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "base"), *out])
+    assert "equals the base" in err
+    bigger = copy.deepcopy(base)
+    bigger.resize_token_embeddings(100)
+    bigger.save_pretrained(tmp_path / "bigger")
+    err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "bigger"), *out])
+    assert "vocabulary sizes (96 vs 100" in err
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "base"), *out])
+    assert "peft is not installed" in err
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_method_hook_gets_each_module(monkeypatch):
+    from svdlora import extract
+
+    seen = []
+
+    def method(delta, ranks, module=None, **svd_options):
+        seen.append(module)
+        return extract.svd_of_delta(delta, ranks, **svd_options)
+
+    monkeypatch.setitem(extract.METHODS, "recording", method)
+    base, tuned = _pair(tiny_llama)
+    extraction = extract_adapter(base, tuned, rank=2, method="recording", progress=False)
+    assert sorted(seen) == sorted(m.name for m in extraction.lora) and extraction.method == "recording"

@@ -1,0 +1,144 @@
+"""Plain transformers from_pretrained on svdlora folders (the quantizer registered by `import svdlora`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import svdlora
+from svdlora.integrations import SvdloraQuantizationConfig
+from svdlora.integrations.hf_quantizer import GUARD_WEIGHTS_NAME
+
+from .conftest import TINY_MODELS, example_inputs
+
+AUTO = {
+    "gpt2": "AutoModelForCausalLM",
+    "llama": "AutoModelForCausalLM",
+    "bert": "AutoModelForSequenceClassification",
+    "vit": "AutoModelForImageClassification",
+    "marian": "AutoModelForSeq2SeqLM",
+    "t5": "AutoModelForSeq2SeqLM",
+}
+
+
+def _folder(kind: str, tmp_path, **options):
+    torch.manual_seed(0)
+    model = TINY_MODELS[kind]().eval()
+    svdlora.compress(model, progress=False, **{"budget": 0.5, "submatrices": 2, **options})
+    return svdlora.save_compressed(model, tmp_path / f"{kind}-svd")
+
+
+def _logits(model, kind):
+    with torch.no_grad():
+        return model(**example_inputs(kind)).logits
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "vit", "marian"])
+def test_from_pretrained_equals_load_compressed(kind, merge, tmp_path):
+    import transformers
+
+    folder = _folder(kind, tmp_path)
+    expected = svdlora.load_compressed(folder, device="cpu", merge=merge)
+    options = {"quantization_config": SvdloraQuantizationConfig(merge=True)} if merge else {}
+    model = getattr(transformers, AUTO[kind]).from_pretrained(folder, **options)
+    lowrank = [m for m in model.modules() if isinstance(m, svdlora.LowRankLinear)]
+    assert bool(lowrank) is not merge
+    assert len(lowrank) == (0 if merge else len(expected.svdlora_report.factorized))
+    assert torch.equal(_logits(model, kind), _logits(expected, kind))
+    # merged: a plain dense model, which must not claim to be svdlora when saved again
+    assert hasattr(model.config, "quantization_config") is not merge
+
+
+def test_dtype_device_map_and_base_class(tmp_path):
+    import transformers
+
+    folder = _folder("llama", tmp_path)
+    expected = svdlora.load_compressed(folder, device="cpu", dtype="bfloat16")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
+    assert model.model.layers[0].mlp.up_proj.A.dtype == torch.bfloat16
+    assert torch.equal(_logits(model, "llama"), _logits(expected, "llama"))
+    # AutoModel on a *ForCausalLM folder: module names lose the "model." prefix
+    base = transformers.AutoModel.from_pretrained(folder)
+    assert isinstance(base.layers[0].self_attn.q_proj, svdlora.LowRankLinear)
+
+
+def test_compressed_head_and_report(tmp_path):
+    import transformers
+
+    folder = _folder("gpt2", tmp_path, keep_head=False, budget=0.3)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert isinstance(model.lm_head, svdlora.LowRankLinear)
+    assert model.svdlora_report.config["budget"] == 0.3
+    assert torch.equal(_logits(model, "gpt2"), _logits(svdlora.load_compressed(folder, device="cpu"), "gpt2"))
+
+
+def test_folder_config_entries(tmp_path):
+    folder = _folder("gpt2", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "svdlora"
+    assert config["transformers_weights"] == GUARD_WEIGHTS_NAME
+    # load_compressed's model is built directly: it carries neither entry, so a dense export is plain
+    model = svdlora.load_compressed(folder, device="cpu", merge=True)
+    assert not hasattr(model.config, "quantization_config")
+
+
+def test_old_folder_without_quantization_config_still_loads(tmp_path):
+    folder = _folder("gpt2", tmp_path)
+    expected = _logits(svdlora.load_compressed(folder, device="cpu"), "gpt2")
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"], config["transformers_weights"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert torch.equal(_logits(svdlora.load_compressed(folder, device="cpu"), "gpt2"), expected)
+
+
+def test_without_svdlora_loading_fails_and_names_svdlora(tmp_path):
+    folder = _folder("gpt2", tmp_path)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({str(folder)!r})
+        except Exception as err:
+            assert "svdlora" not in sys.modules
+            print("FAILED:", type(err).__name__, err)
+        else:
+            print("LOADED")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("FAILED:"), result.stdout + result.stderr
+    assert "import-svdlora-before-from_pretrained" in result.stdout
+
+
+def test_dense_model_with_svdlora_config_is_refused(gpt2_folder):
+    import transformers
+
+    with pytest.raises(ValueError, match="cannot compress inside from_pretrained"):
+        transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder, quantization_config=SvdloraQuantizationConfig())
+
+
+def test_real_smollm2_from_pretrained(tmp_path):
+    """Two decoder layers of the real SmolLM2-135M compressed; both loaders give the same logits."""
+    import os
+    from pathlib import Path
+
+    import transformers
+
+    folder = Path(os.environ.get("SVDLORA_HOME", Path.home() / ".cache" / "svdlora")) / "SmolLM2-135M"
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip(f"SmolLM2-135M not fetched (run scripts/fetch_smollm2.sh): {folder}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    svdlora.compress(model, budget=0.5, submatrices=3, include=["re:model\\.layers\\.[01]\\..*"], progress=False)
+    out = svdlora.save_compressed(model, tmp_path / "smol-svd", source=folder)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
+    with torch.no_grad():
+        expected = svdlora.load_compressed(out, device="cpu")(ids).logits
+        got = transformers.AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert torch.equal(got, expected)

@@ -1,0 +1,140 @@
+"""Sweep and budget bisection; the model card and `info --json`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from svdlora.cli import main
+from svdlora.errors import SvdloraError
+from svdlora.sweep import Point, QualityTarget, find_budget, parse_target, sweep, write_outputs
+
+
+def fake_measure(threshold: float, calls: list):
+    """Perplexity falls with the budget (monotone); dense = 10; ratio 1.5 is crossed at ``threshold``."""
+
+    def measure(budget):
+        calls.append(budget)
+        if budget is None:
+            return Point(None, 10.0, 1000, 4000)
+        ppl = 10.0 * (1 + 0.5 * threshold / budget)  # ppl/dense <= 1.5  <=>  budget >= threshold
+        return Point(budget, ppl, int(1000 * budget), int(4000 * budget))
+
+    return measure
+
+
+@pytest.mark.parametrize("threshold", [0.137, 0.5, 0.81])
+def test_bisection_finds_the_threshold(threshold):
+    target = parse_target("ppl<=1.5x", "text-generation")
+    calls = []
+    record = sweep(fake_measure(threshold, calls), [0.3, 0.5, 0.8], "text-generation", target=target, tolerance=0.01)
+    chosen = record["target"]["budget"]
+    assert threshold <= chosen <= threshold + 0.01 + 1e-9
+    assert record["monotone"]
+    assert len(calls) <= 4 + 8  # dense + 3 budgets + a bisection of [0, 1] to 0.01
+
+
+def test_bisection_when_nothing_or_everything_meets():
+    dense = Point(None, 10.0, 1, 1)
+    measure = fake_measure(0.5, [])
+
+    def meets(limit):
+        return lambda p: QualityTarget("", "perplexity", "ratio", limit).met(p.quality, dense.quality, False)
+
+    assert find_budget(measure, meets(1.01), low=0.1, high=1.0)[0] is None  # even budget 1: ppl 15
+    assert find_budget(measure, meets(10.0), low=0.1, high=1.0)[0] == 0.1
+
+
+def test_accuracy_drop_target():
+    target = parse_target("acc-drop<=0.02", "image-classification")
+    assert target.met(0.90, 0.915, True) and not target.met(0.89, 0.915, True)
+    for bad, task in (("ppl<=1.5", "text-generation"), ("acc<=1.5x", "image-classification"),
+                      ("ppl<=1.5x", "image-classification"), ("speed>=2", "text-generation")):  # fmt: skip
+        with pytest.raises(SvdloraError, match="--target"):
+            parse_target(bad, task)
+
+
+def test_outputs_table_json_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    record = sweep(
+        fake_measure(0.4, []), [0.3, 0.5], "text-generation", target=parse_target("ppl<=1.5x", "text-generation")
+    )
+    written = write_outputs(record, tmp_path, "fake")
+    assert {p.name for p in written} == {"sweep.md", "sweep.json", "sweep.png"}
+    assert "| dense |" in (tmp_path / "sweep.md").read_text()
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["target"]["budget"] >= 0.4 and len(data["points"]) >= 2
+
+
+def _lm_folder(tmp_path):
+    """A tiny GPT-2 with a word tokenizer saved beside it, and a text file it can be scored on."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .eval_helpers import word_tokenizer
+
+    words = "the cat sat on a mat and the dog ran to it".split()
+    tok = word_tokenizer(words)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=64))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "text.txt").write_text(" ".join(words * 20))
+    return tmp_path / "m", tmp_path / "text.txt"
+
+
+def test_sweep_cli_end_to_end(tmp_path, capsys):
+    model, text = _lm_folder(tmp_path)
+    tmp_path_m, text_path = model, text
+    argv = ["sweep", str(tmp_path_m), "--budgets", "0.3,0.8", "--data", str(text_path),
+            "--max-length", "16", "--limit", "3", "--target", "ppl<=100x", "--output", str(tmp_path / "s"),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    chosen = data["target"]["budget"]
+    assert chosen in [p["budget"] for p in data["points"]]  # an untrained model meets 100x at the smallest budget
+    assert (
+        json.loads((tmp_path / "s" / "model" / "svdlora_config.json").read_text())["report"]["config"]["budget"]
+        == chosen
+    )
+    card = (tmp_path / "s" / "model" / "README.md").read_text()
+    assert "svdlora sweep" in card and "## Evaluation" in card and "perplexity" in card
+
+
+def test_sweep_passes_calibration_through(tmp_path, capsys):
+    model, text = _lm_folder(tmp_path)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--max-length", "16", "--limit", "2",
+            "--calibration", str(text), "--calibration-samples", "2", "--calibration-length", "16",
+            "--method", "whiten", "--allocation", "uniform", "--target", "ppl<=100x",
+            "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["calibration"] == str(text)
+    report = json.loads((tmp_path / "s" / "model" / "svdlora_config.json").read_text())["report"]
+    assert report["method"] == "whiten" and report["calibration"]["batches"] == 2
+    assert "whitened SVD" in (tmp_path / "s" / "model" / "README.md").read_text()
+
+
+def test_compress_card_and_info_json(tmp_path, gpt2_folder, capsys):
+    out = tmp_path / "svd"
+    assert main(["compress", str(gpt2_folder), "--budget", "0.4", "--output", str(out), "--no-progress"]) == 0
+    card = (out / "README.md").read_text()
+    assert f"svdlora compress {gpt2_folder} --budget 0.4" in card
+    assert "model params before / after" in card and "weight bytes before / after" in card
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["report"]["config"]["budget"] == 0.4 and data["report"]["modules"]
+    assert main(["export", str(out), "--dense", "--output", str(tmp_path / "dense")]) == 0
+    assert "svdlora export" in (tmp_path / "dense" / "README.md").read_text()
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+
+
+def test_compress_eval_goes_into_card(tmp_path):
+    model, text = _lm_folder(tmp_path)
+    out = tmp_path / "svd"
+    argv = ["compress", str(model), "--budget", "0.5", "--eval", str(text), "--eval-limit", "2", "--output", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    card = (out / "README.md").read_text()
+    assert "## Evaluation" in card and "perplexity" in card and "--eval" in card
+    assert "calibration" in card and "self" in card  # the default for causal LMs, recorded in the card
