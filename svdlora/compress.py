@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .allocate import allocate_ranks
 from .config import CompressionConfig
-from .decompose import relative_error
+from .decompose import factorize
 from .errors import SvdloraError
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .report import CompressionReport, ModuleReport
@@ -71,26 +71,13 @@ def compress(
     ranks, allocator_dense = allocate_ranks(targets, config)
     dense.update(allocator_dense)
 
-    svd_options = {
-        "method": config.svd_method,
-        "oversampling": config.oversampling,
-        "power_iterations": config.power_iterations,
-        "generator_seed": config.seed if config.svd_method == "randomized" else None,
-    }
     reports = {}
     for target in tqdm([t for t in targets if t.name in ranks], desc="factorizing", disable=not progress):
-        layer = LowRankLinear.from_dense(target.module, ranks[target.name], **svd_options)
-        with torch.no_grad():
-            error = relative_error(weight_out_in(target.module), layer.dense_weight())
+        f = factorize(weight_out_in(target.module), ranks[target.name], **svd_options(config))
+        layer = LowRankLinear.from_factors(target.module, f.a, f.b, f.ranks)
         model.set_submodule(target.name, layer)
-        reports[target.name] = ModuleReport(
-            target.name,
-            target.kind,
-            (target.out_features, target.in_features),
-            bias=layer.bias is not None,
-            ranks=layer.ranks,
-            stage_dtypes=[str(layer.A.dtype).removeprefix("torch.")] * len(layer.ranks),
-            rel_error=error,
+        reports[target.name] = module_report(
+            target.name, target.kind, target.out_features, target.in_features, layer.bias is not None, f
         )
     config_obj = getattr(model, "config", None)
     if not config.keep_head and getattr(config_obj, "tie_word_embeddings", False):
@@ -119,6 +106,32 @@ def compress(
     setattr(model, REPORT_ATTR, report)
     logger.info("factorized %d layers in %.1f s", len(reports), report.seconds)
     return report
+
+
+def svd_options(config: CompressionConfig) -> dict:
+    """The keyword arguments of ``decompose.factorize`` for a config."""
+    return {
+        "method": config.svd_method,
+        "reference": config.svd_reference,
+        "oversampling": config.oversampling,
+        "power_iterations": config.power_iterations,
+        "generator_seed": config.seed,
+    }
+
+
+def module_report(name: str, kind: str, out_features: int, in_features: int, bias: bool, f) -> ModuleReport:
+    """The report line of one factorized matrix (``f`` a ``decompose.Factorization``)."""
+    return ModuleReport(
+        name,
+        kind,
+        (out_features, in_features),
+        bias=bias,
+        ranks=f.ranks,
+        stage_dtypes=[str(f.a.dtype).removeprefix("torch.")] * len(f.ranks),
+        rel_error=f.rel_error,
+        svd_method=f.method,
+        exact_error=f.exact_error,
+    )
 
 
 def _check_finite(targets) -> None:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import SvdloraError
 
-SVD_METHODS = ("exact", "randomized")
+SVD_METHODS = ("auto", "exact", "randomized")
 
 
 @dataclass
@@ -43,8 +43,11 @@ class CompressionConfig:
         metadata={"help": "Leave the output head (and any layer tied to an embedding) dense."},
     )
     svd_method: str = field(
-        default="exact",
-        metadata={"help": "'exact' (torch.linalg.svd) or 'randomized' (torch.svd_lowrank) per stage."},
+        default="auto",
+        metadata={
+            "help": "'exact' (torch.linalg.svd), 'randomized' (torch.svd_lowrank), or 'auto': randomized "
+            "where the kept rank is a small part of the matrix (svdlora.decompose.choose_method)."
+        },
     )
     oversampling: int = field(
         default=8,
@@ -55,6 +58,10 @@ class CompressionConfig:
         metadata={"help": "Subspace iterations of the randomized SVD."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD."})
+    svd_reference: bool = field(
+        default=True,
+        metadata={"help": "For randomized factors, also compute the exact SVD's error (the accuracy cost)."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real):

@@ -10,7 +10,7 @@ import time
 import transformers
 
 from ..compress import compress
-from ..config import CompressionConfig
+from ..config import SVD_METHODS, CompressionConfig
 from ..io import check_output, save_compressed
 from ..models import load_pretrained
 from . import options
@@ -56,7 +56,21 @@ def register(subparsers) -> None:
         action="store_false",
         help="also factorize the output head / layers tied to embeddings",
     )
-    p.add_argument("--svd-method", choices=("exact", "randomized"), default="exact")
+    p.add_argument(
+        "--svd",
+        "--svd-method",
+        dest="svd_method",
+        choices=SVD_METHODS,
+        default="auto",
+        help="exact (LAPACK), randomized (Halko et al., oversampling 8, 2 power iterations), or auto: "
+        "randomized where rank + 8 <= min(out, in)/3 and min(out, in) >= 512, exact elsewhere (default auto)",
+    )
+    p.add_argument(
+        "--no-svd-reference",
+        dest="svd_reference",
+        action="store_false",
+        help="skip computing the exact SVD's error for randomized factors (shown by `info` as 'vs exact')",
+    )
     p.add_argument("--dtype", default=None, help="load the model in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
@@ -74,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         keep_head=args.keep_head,
         svd_method=args.svd_method,
+        svd_reference=args.svd_reference,
     )
     output = check_output(args.output, args.overwrite)  # fail before the (possibly slow) model load
     if not args.progress:
