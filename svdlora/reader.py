@@ -40,7 +40,7 @@ class FolderTensors:
             handle = self.where.pop(key)
         except KeyError:
             raise SvdloraError(
-                f"the weights lack {key!r}: the folder is corrupted, re-run `svdlora compress`"
+                f"{str(self.folder)!r} lacks factor {key!r}: the file is corrupted, re-run `svdlora compress`"
             ) from None
         return handle.get_tensor(key)
 
