@@ -9,10 +9,13 @@ import time
 
 import transformers
 
+from .. import distributed
 from ..compress import compress
 from ..config import SVD_METHODS, CompressionConfig
 from ..io import check_output, save_compressed
 from ..models import load_pretrained
+from ..streaming import compress_checkpoint
+from ..writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 from . import options
 
 EXAMPLES = """examples:
@@ -71,6 +74,20 @@ def register(subparsers) -> None:
         action="store_false",
         help="skip computing the exact SVD's error for randomized factors (shown by `info` as 'vs exact')",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the checkpoint tensor by tensor and write the output shard by shard (a local safetensors "
+        "folder; memory: one input shard + one matrix). Same bytes as without. Automatic under torchrun / "
+        "accelerate launch, where the matrices are split over the processes. Calibration-aware methods "
+        "cannot stream (they run the model on data) and refuse --stream",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"split the output weights into shards of at most this size, e.g. 5GB (default {DEFAULT_MAX_SHARD_SIZE}, "
+        "as transformers)",
+    )
     p.add_argument("--dtype", default=None, help="load the model in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
@@ -91,17 +108,46 @@ def run(args: argparse.Namespace) -> int:
         svd_reference=args.svd_reference,
     )
     output = check_output(args.output, args.overwrite)  # fail before the (possibly slow) model load
+    parse_size(args.max_shard_size)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
+    if args.stream or distributed.launched():
+        return _run_streamed(args, config, output)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
     report = compress(model, config, progress=args.progress)
-    save_compressed(model, output, report=report, source=args.model, overwrite=args.overwrite)
+    save_compressed(
+        model, output, report=report, source=args.model, overwrite=args.overwrite, max_shard_size=args.max_shard_size
+    )
     print(report.format())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(
         f"\nwrote {output}  (load {load_seconds:.1f} s, total {time.perf_counter() - start:.1f} s, "
+        f"peak RSS {peak_mb:,.0f} MB)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -> int:
+    start = time.perf_counter()
+    ctx = distributed.context()
+    report = compress_checkpoint(
+        args.model,
+        output,
+        config,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=args.progress,
+        trust_remote_code=args.trust_remote_code,
+    )
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    if ctx.is_main:
+        print(report.format())
+    print(
+        f"\n[rank {ctx.rank}/{ctx.world_size}] wrote {output}  (streamed, total {time.perf_counter() - start:.1f} s, "
         f"peak RSS {peak_mb:,.0f} MB)",
         file=sys.stderr,
     )

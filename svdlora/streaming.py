@@ -1,0 +1,330 @@
+"""Streamed compression: a safetensors checkpoint read tensor by tensor, written shard by shard.
+
+The architecture is built on the meta device (no memory) to find the targets and allocate
+ranks from shapes alone; the output layout then follows (``writer.file_layout``) before any
+tensor is read. Each input file is opened (memory-mapped) one at a time, and each tensor is
+read, factorized or copied, and written straight to its offset in the output: the peak is
+one input shard's touched pages plus one matrix's SVD working set, never the model.
+The same ``decompose.factorize`` and the same writer as in-memory compression give the same
+bytes (tested). Under torchrun the matrices are split over the ranks (``distributed``).
+
+Calibration-aware methods cannot stream yet: they need every layer's inputs, i.e. running
+the model forward on calibration data, so they need the model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from . import distributed
+from .allocate import allocate_ranks
+from .compress import count_parameters, module_report, svd_options
+from .config import CompressionConfig
+from .decompose import factorize
+from .errors import SvdloraError
+from .io import _no_weight_init, atomic_folder, check_output, write_side_files
+from .layers import CONV1D, LowRankLinear, dense_kind, weight_out_in
+from .models import model_class, parse_dtype
+from .report import CompressionReport, ModuleReport
+from .targets import find_targets
+from .writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    ShardedWriter,
+    TensorSpec,
+    file_layout,
+    header_metadata,
+)
+
+logger = logging.getLogger(__name__)
+
+# Config fields whose non-default value means a method that needs calibration data in memory.
+_NOT_STREAMABLE = ("calibration", "calibration_data", "whiten")
+
+
+def check_streamable(config: CompressionConfig) -> None:
+    """Refuse settings that cannot stream (calibration-aware methods), with what to do instead."""
+    method = getattr(config, "method", None)
+    if method not in (None, "svd") or any(getattr(config, f, None) for f in _NOT_STREAMABLE):
+        raise SvdloraError(
+            f"method {method or 'calibration-aware'!r} cannot stream (it runs the model on calibration data, "
+            "so the model must be in memory): drop --stream / run without torchrun, or use the plain SVD method"
+        )
+
+
+class Checkpoint:
+    """A local safetensors checkpoint (single file or sharded index): key -> file, shape, dtype."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / WEIGHTS_NAME).is_file():
+            files = [WEIGHTS_NAME]
+        else:
+            raise SvdloraError(
+                f"{str(self.folder)!r} has no model.safetensors or {INDEX_NAME}: streaming reads safetensors "
+                "checkpoints only; compress without --stream"
+            )
+        self.files = [self.folder / f for f in files]
+        self.file_of: dict[str, Path] = {}
+        self.spec: dict[str, TensorSpec] = {}
+        for file in self.files:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():
+                        s = f.get_slice(key)
+                        self.file_of[key] = file
+                        self.spec[key] = TensorSpec(key, tuple(s.get_shape()), _torch_dtype(s.get_dtype()))
+            except (SafetensorError, OSError) as err:
+                raise SvdloraError(f"{str(file)!r} cannot be read ({err})") from None
+
+    def resolve(self, key: str, prefix: str) -> str | None:
+        """The checkpoint's name for a model state key (base models are often saved without their prefix)."""
+        for candidate in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
+            if candidate in self.spec:
+                return candidate
+        return None
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
+    names |= {"I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+    names |= {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+    return getattr(torch, names.get(name, name.lower()))
+
+
+def compress_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    config: CompressionConfig | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    **options,
+) -> CompressionReport:
+    """Compress a local safetensors checkpoint without loading the model into memory.
+
+    Writes the same folder as ``compress`` + ``save_compressed`` (the same weight bytes). Under
+    ``torchrun``, each rank factorizes its share of the matrices and writes them; rank 0 writes
+    the index and config, recording ``world_size``.
+
+    Args:
+        source: a local transformers folder with ``model.safetensors`` or a sharded index.
+        output: the folder to create (atomically: it appears only once complete).
+        config: a ``CompressionConfig``, or its fields as keyword ``options``.
+        dtype: cast floating tensors to this dtype (default: the config's ``dtype``, else as stored).
+        max_shard_size: shard the output as transformers does (default "50GB").
+    Returns:
+        The ``CompressionReport`` (the same on every rank).
+    """
+    import transformers
+
+    config = config or CompressionConfig(**options)
+    check_streamable(config)
+    ctx = distributed.context()
+    start = time.perf_counter()
+    check_output(output, overwrite)
+    if not Path(source).is_dir():
+        raise SvdloraError(f"streaming needs a local folder, got {str(source)!r}: download it first (hf download)")
+    ckpt = Checkpoint(source)
+    hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    target_dtype = parse_dtype(dtype) or getattr(hf_config, "dtype", None)
+    with init_empty_weights(), _no_weight_init():
+        model = model_class(hf_config)(hf_config)
+    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
+    params_before = count_parameters(model)
+    targets, dense = find_targets(model, config)
+    if not targets:
+        raise SvdloraError("no Linear/Conv1D layer is targeted: check --include/--exclude")
+    ranks, allocator_dense = allocate_ranks(targets, config)
+    dense.update(allocator_dense)
+    prefix = getattr(model, "base_model_prefix", "")
+    same = {}  # parameter name -> every name of that (possibly tied) parameter
+    for name, param in model.named_parameters(remove_duplicate=False):
+        same.setdefault(id(param), []).append(name)
+    names_of = {n: group for group in same.values() for n in group}
+
+    def out_dtype(key: str, stored: torch.dtype) -> torch.dtype:
+        return target_dtype if target_dtype is not None and stored.is_floating_point else stored
+
+    jobs = []  # (kind, checkpoint key or None, target or output key)
+    weight_dtype = {}
+    for t in targets:
+        if t.name in ranks:
+            candidates = names_of.get(f"{t.name}.weight", [f"{t.name}.weight"])
+            key = next(filter(None, (ckpt.resolve(k, prefix) for k in candidates)), None)
+            if key is None:
+                raise SvdloraError(f"{str(source)!r} has no tensor for {t.name}.weight: compress without --stream")
+            weight_dtype[t.name] = out_dtype(key, ckpt.spec[key].dtype)
+            layer = LowRankLinear(
+                t.in_features, t.out_features, ranks[t.name], bias=t.module.bias is not None,
+                base_kind=t.kind, device="meta", dtype=weight_dtype[t.name],
+            )  # fmt: skip
+            model.set_submodule(t.name, layer)
+            jobs.append(("factorize", key, t))
+    if not config.keep_head and getattr(hf_config, "tie_word_embeddings", False):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, LowRankLinear):
+            hf_config.tie_word_embeddings = False
+    layout, tied = file_layout(model)
+    buffers = dict(model.named_buffers())
+    specs = []
+    stage_owner = {}  # output key -> its target's name, for factor stages
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]:
+        for j in range(len(layer.ranks)):
+            stage_owner[f"{name}.stage{j}.A"] = stage_owner[f"{name}.stage{j}.B"] = name
+    aliases = {}  # stored name -> the names tied to it: a checkpoint may hold the tie under either
+    for alias, stored in tied.items():
+        aliases.setdefault(stored, []).append(alias)
+    for key, tensor in layout:
+        if key in stage_owner:
+            specs.append(TensorSpec(key, tuple(tensor.shape), weight_dtype[stage_owner[key]]))
+            continue
+        src = next(filter(None, (ckpt.resolve(k, prefix) for k in [key, *aliases.get(key, [])])), None)
+        if src is not None:
+            specs.append(TensorSpec(key, ckpt.spec[src].shape, out_dtype(key, ckpt.spec[src].dtype)))
+            jobs.append(("copy", src, key))
+        elif key in buffers and buffers[key].device.type != "meta":  # built by the model's code
+            specs.append(TensorSpec(key, tuple(tensor.shape), tensor.dtype))
+            jobs.append(("buffer", None, key))
+        else:
+            raise SvdloraError(f"{str(source)!r} has no tensor {key!r}: compress without --stream")
+
+    def cost(job) -> float:
+        kind, src, what = job
+        if kind == "factorize":
+            return distributed.svd_cost(what.out_features, what.in_features)
+        return float(specs_by_name[what].nbytes) if kind == "copy" else 0.0
+
+    specs_by_name = {s.name: s for s in specs}
+    owner = distributed.assign([cost(j) for j in jobs], ctx.world_size)
+    mine = [j for j, r in zip(jobs, owner, strict=True) if r == ctx.rank]
+    # Input files in order, one open at a time: the process maps one shard, not the checkpoint.
+    file_rank = {f: i for i, f in enumerate(ckpt.files)}
+    mine.sort(key=lambda j: file_rank.get(ckpt.file_of.get(j[1]), -1))
+
+    with atomic_folder(output, overwrite) if ctx.is_main else _nothing() as tmp:
+        tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
+        writer = ShardedWriter(tmp, specs, header_metadata(tied), max_shard_size)
+        if ctx.is_main:
+            writer.create_files()
+        ctx.barrier()
+        reports = _run_jobs(mine, ckpt, writer, buffers, config, out_dtype, progress and ctx.is_main)
+        writer.close()
+        ctx.barrier()  # every shard complete before rank 0 finishes the folder
+        all_reports = {}
+        for part in ctx.gather(reports):
+            all_reports.update(part)
+        modules = []
+        for name, module in model.named_modules():  # model order, as compress() reports
+            if name in all_reports:
+                modules.append(all_reports[name])
+            elif name in dense:
+                out_f, in_f = weight_out_in(module).shape
+                modules.append(
+                    ModuleReport(
+                        name, dense_kind(module), (out_f, in_f), bias=module.bias is not None, dense_reason=dense[name]
+                    )
+                )
+        report = CompressionReport(
+            config=config.to_dict(),
+            modules=modules,
+            model_params_before=params_before,
+            model_params_after=count_parameters(model),
+            seconds=time.perf_counter() - start,
+            bytes_after=writer.bytes_on_disk(),
+        )
+        if ctx.is_main:
+            writer.write_index()
+            generation = None
+            if (Path(source) / "generation_config.json").is_file():
+                generation = transformers.GenerationConfig.from_pretrained(str(source))
+            write_side_files(
+                tmp,
+                report,
+                source=source,
+                config=hf_config,
+                generation_config=generation,
+                class_name=type(model).__name__,
+                dtype=specs[0].dtype if specs else None,
+                world_size=ctx.world_size,
+            )
+    ctx.barrier()  # the folder is in place before any rank returns
+    logger.info("streamed %d matrices in %.1f s", len(all_reports), report.seconds)
+    return report
+
+
+def _run_jobs(jobs, ckpt: Checkpoint, writer: ShardedWriter, buffers, config, out_dtype, progress) -> dict:
+    reports = {}
+    options = svd_options(config)
+    handle, handle_file = None, None
+    try:
+        for kind, src, what in tqdm(jobs, desc="streaming", disable=not progress):
+            if kind == "buffer":
+                writer.write(what, buffers[what])
+                continue
+            if ckpt.file_of[src] != handle_file:
+                if handle is not None:
+                    handle.__exit__(None, None, None)
+                handle_file = ckpt.file_of[src]
+                handle = safe_open(str(handle_file), framework="pt")
+                handle.__enter__()
+            tensor = handle.get_tensor(src)
+            if kind == "copy":
+                writer.write(what, tensor.to(out_dtype(what, tensor.dtype)))
+                continue
+            weight = tensor.to(out_dtype(src, tensor.dtype))
+            del tensor
+            if not torch.isfinite(weight).all():
+                raise SvdloraError(
+                    f"weight of {what.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {what.name}"
+                )
+            w = weight.T if what.kind == CONV1D else weight  # (out, in), as weight_out_in gives
+            f = factorize(w, ranks_of(writer, what.name), **options)
+            bounds = [0]
+            for r in f.ranks:
+                bounds.append(bounds[-1] + r)
+            for j in range(len(f.ranks)):
+                writer.write(f"{what.name}.stage{j}.A", f.a[:, bounds[j] : bounds[j + 1]])
+                writer.write(f"{what.name}.stage{j}.B", f.b[bounds[j] : bounds[j + 1]])
+            reports[what.name] = module_report(
+                what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f
+            )
+            del weight, w, f
+    finally:
+        if handle is not None:
+            handle.__exit__(None, None, None)
+    return reports
+
+
+def ranks_of(writer: ShardedWriter, name: str) -> list[int]:
+    """The stage ranks laid out for ``name`` (from the planned A shapes)."""
+    ranks, j = [], 0
+    while f"{name}.stage{j}.A" in writer.where:
+        ranks.append(writer.where[f"{name}.stage{j}.A"][2].shape[1])
+        j += 1
+    return ranks
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
