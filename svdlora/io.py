@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from .compress import REPORT_ATTR
 from .errors import SvdloraError
 from .layers import LowRankLinear
 from .models import PREPROCESSOR_FILES, default_device, folder_bytes, model_class, parse_dtype
+from .placement import device_for, dispatch, resolve_device_map
 from .reader import read_state
 from .report import CompressionReport
 from .version import FORMAT_VERSION, __version__
@@ -292,6 +294,8 @@ def load_compressed(
     dtype: str | torch.dtype | None = None,
     merge: bool = False,
     model: nn.Module | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> nn.Module:
     """Rebuild a compressed model, with its factors placed directly on ``device``.
 
@@ -302,6 +306,9 @@ def load_compressed(
         merge: rebuild dense weights A·B on the device instead of keeping low-rank layers.
         model: for plain PyTorch models, an instance of the original architecture (its
             weights are replaced); transformers models are rebuilt from config.json.
+        device_map: instead of ``device``, spread the layers over devices as accelerate does:
+            "auto" / "balanced" / "sequential" (planned with the factors' sizes, or the dense
+            sizes when merging), or a dict {module name: device}; ``max_memory`` caps each device.
     Returns:
         The model in eval mode.
     """
@@ -326,7 +333,11 @@ def load_compressed(
         except AttributeError:
             raise SvdloraError(f"{str(path)!r} names layer {m.name!r}, which the model does not have") from None
 
-    tensors = read_state(files, report, target_device, target_dtype, merge)
+    plan = place = None
+    if device_map is not None:
+        plan = resolve_device_map(model, device_map, max_memory, target_dtype)
+        place = partial(device_for, plan)
+    tensors = read_state(files, report, target_device, target_dtype, merge, place)
     tied = _tied_map(metadata, tensors, weights)
 
     result = model.load_state_dict(tensors, strict=False, assign=True)
@@ -343,7 +354,10 @@ def load_compressed(
     for alias, stored in tied.items():
         parent, _, leaf = alias.rpartition(".")
         setattr(model.get_submodule(parent), leaf, model.get_parameter(stored))
-    model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
+    if plan is None:
+        model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
+    else:
+        model = dispatch(model, plan)
     if not merge:
         setattr(model, REPORT_ATTR, report)
     return model.eval()

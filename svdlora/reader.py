@@ -7,7 +7,7 @@ there layer by layer, so the peak is the result plus one layer's factors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -55,8 +55,7 @@ class FolderTensors:
 def _stacked(tensors: FolderTensors, name: str, ranks: list[int], part: str, dtype, device) -> torch.Tensor:
     keys = [f"{name}.stage{j}.{part}" for j in range(len(ranks))]
     if len(keys) == 1:
-        t = tensors.get(keys[0])
-        return t if dtype is None else t.to(dtype)
+        return tensors.get(keys[0]).to(device=device, dtype=dtype)
     first = tensors.get(keys[0])
     dim = 1 if part == "A" else 0
     shape = list(first.shape)
@@ -77,15 +76,20 @@ def read_state(
     device: torch.device,
     dtype: torch.dtype | None,
     merge: bool,
+    place: Callable[[str], torch.device] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict for ``load_state_dict(assign=True)``: ``<layer>.A/.B`` per factorized layer,
-    or, with ``merge``, the dense ``<layer>.weight`` (in the layer's own layout) built on ``device``."""
-    tensors = FolderTensors(files, device)
+    or, with ``merge``, the dense ``<layer>.weight`` (in the layer's own layout) built on ``device``.
+    ``place(name)`` overrides the device per tensor (a device map): files are then read on the CPU
+    and each tensor moved on its own, so no full copy of the model sits on the CPU."""
+    tensors = FolderTensors(files, device if place is None else torch.device("cpu"))
+    place = place or (lambda _: device)
     state: dict[str, torch.Tensor] = {}
     try:
         for m in report.factorized:
-            a = _stacked(tensors, m.name, m.ranks, "A", dtype, device)
-            b = _stacked(tensors, m.name, m.ranks, "B", dtype, device)
+            where = place(f"{m.name}.weight")
+            a = _stacked(tensors, m.name, m.ranks, "A", dtype, where)
+            b = _stacked(tensors, m.name, m.ranks, "B", dtype, where)
             if not merge:
                 state[f"{m.name}.A"], state[f"{m.name}.B"] = a, b
             elif m.kind == CONV1D:
@@ -94,6 +98,7 @@ def read_state(
                 state[f"{m.name}.weight"] = a @ b
             del a, b  # merged: only this layer's factors are held next to the dense result
         for key, t in tensors.rest():
+            t = t.to(place(key))
             state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     finally:
         tensors.close()
