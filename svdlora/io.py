@@ -35,6 +35,7 @@ from .models import PREPROCESSOR_FILES, default_device, folder_bytes, model_clas
 from .placement import device_for, dispatch, resolve_device_map
 from .reader import read_state
 from .report import CompressionReport
+from .runtime import RUNTIMES, apply_runtime
 from .version import FORMAT_VERSION, __version__
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -296,6 +297,7 @@ def load_compressed(
     model: nn.Module | None = None,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
+    runtime: str | None = None,
 ) -> nn.Module:
     """Rebuild a compressed model, with its factors placed directly on ``device``.
 
@@ -309,9 +311,15 @@ def load_compressed(
         device_map: instead of ``device``, spread the layers over devices as accelerate does:
             "auto" / "balanced" / "sequential" (planned with the factors' sizes, or the dense
             sizes when merging), or a dict {module name: device}; ``max_memory`` caps each device.
+        runtime: "factorized" (default), "merged" (same as ``merge=True``), or "auto": per
+            layer, the layout that measured faster on its device for one token per call
+            (``svdlora.runtime``; decoding).
     Returns:
         The model in eval mode.
     """
+    if runtime not in (None, *RUNTIMES):
+        raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    merge = merge or runtime == "merged"
     path = Path(path)
     data = read_config(path)
     files = weight_files(path)
@@ -360,4 +368,6 @@ def load_compressed(
         model = dispatch(model, plan)
     if not merge:
         setattr(model, REPORT_ATTR, report)
+    if runtime == "auto":
+        apply_runtime(model, "auto")
     return model.eval()

@@ -2,9 +2,9 @@
 
 The architecture is built on the meta device (no memory) to find the targets and allocate
 ranks from shapes alone; the output layout then follows (``writer.file_layout``) before any
-tensor is read. Each input file is opened (memory-mapped) one at a time, and each tensor is
-read, factorized or copied, and written straight to its offset in the output: the peak is
-one input shard's touched pages plus one matrix's SVD working set, never the model.
+tensor is read. Each tensor is read with plain file I/O (no memory map), factorized or
+copied, and written straight to its offset in the output: the peak is one matrix and its
+SVD working set, never a shard or the model.
 The same ``decompose.factorize`` and the same writer as in-memory compression give the same
 bytes (tested). Under torchrun the matrices are split over the ranks (``distributed``).
 
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -80,15 +79,24 @@ class Checkpoint:
         self.files = [self.folder / f for f in files]
         self.file_of: dict[str, Path] = {}
         self.spec: dict[str, TensorSpec] = {}
+        self.offset: dict[str, int] = {}  # byte offset of each tensor's data in its file
         for file in self.files:
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for key in f.keys():
-                        s = f.get_slice(key)
-                        self.file_of[key] = file
-                        self.spec[key] = TensorSpec(key, tuple(s.get_shape()), _torch_dtype(s.get_dtype()))
-            except (SafetensorError, OSError) as err:
-                raise SvdloraError(f"{str(file)!r} cannot be read ({err})") from None
+            for key, (spec, offset) in _read_header(file).items():
+                self.file_of[key], self.spec[key], self.offset[key] = file, spec, offset
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, read with plain file I/O into fresh memory.
+
+        Not ``safe_open``: it memory-maps the whole file, which under an address-space limit
+        (``ulimit -v``) failed here on a 1 GB shard, and whose touched pages count in RSS.
+        """
+        spec = self.spec[key]
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        with open(self.file_of[key], "rb") as f:
+            f.seek(self.offset[key])
+            if f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != spec.nbytes:
+                raise SvdloraError(f"{str(self.file_of[key])!r} is truncated at {key!r}: re-download the checkpoint")
+        return out
 
     def resolve(self, key: str, prefix: str) -> str | None:
         """The checkpoint's name for a model state key (base models are often saved without their prefix)."""
@@ -96,6 +104,21 @@ class Checkpoint:
             if candidate in self.spec:
                 return candidate
         return None
+
+
+def _read_header(file: Path) -> dict[str, tuple[TensorSpec, int]]:
+    """{name: (spec, absolute data offset)} from a safetensors header, without mapping the file."""
+    try:
+        with open(file, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as err:
+        raise SvdloraError(f"{str(file)!r} is not a readable safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    return {
+        key: (TensorSpec(key, tuple(v["shape"]), _torch_dtype(v["dtype"])), 8 + length + v["data_offsets"][0])
+        for key, v in header.items()
+    }
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -215,7 +238,7 @@ def compress_checkpoint(
     specs_by_name = {s.name: s for s in specs}
     owner = distributed.assign([cost(j) for j in jobs], ctx.world_size)
     mine = [j for j, r in zip(jobs, owner, strict=True) if r == ctx.rank]
-    # Input files in order, one open at a time: the process maps one shard, not the checkpoint.
+    # In checkpoint file order: sequential reads.
     file_rank = {f: i for i, f in enumerate(ckpt.files)}
     mine.sort(key=lambda j: file_rank.get(ckpt.file_of.get(j[1]), -1))
 
@@ -273,43 +296,32 @@ def compress_checkpoint(
 def _run_jobs(jobs, ckpt: Checkpoint, writer: ShardedWriter, buffers, config, out_dtype, progress) -> dict:
     reports = {}
     options = svd_options(config)
-    handle, handle_file = None, None
-    try:
-        for kind, src, what in tqdm(jobs, desc="streaming", disable=not progress):
-            if kind == "buffer":
-                writer.write(what, buffers[what])
-                continue
-            if ckpt.file_of[src] != handle_file:
-                if handle is not None:
-                    handle.__exit__(None, None, None)
-                handle_file = ckpt.file_of[src]
-                handle = safe_open(str(handle_file), framework="pt")
-                handle.__enter__()
-            tensor = handle.get_tensor(src)
-            if kind == "copy":
-                writer.write(what, tensor.to(out_dtype(what, tensor.dtype)))
-                continue
-            weight = tensor.to(out_dtype(src, tensor.dtype))
-            del tensor
-            if not torch.isfinite(weight).all():
-                raise SvdloraError(
-                    f"weight of {what.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {what.name}"
-                )
-            w = weight.T if what.kind == CONV1D else weight  # (out, in), as weight_out_in gives
-            f = factorize(w, ranks_of(writer, what.name), **options)
-            bounds = [0]
-            for r in f.ranks:
-                bounds.append(bounds[-1] + r)
-            for j in range(len(f.ranks)):
-                writer.write(f"{what.name}.stage{j}.A", f.a[:, bounds[j] : bounds[j + 1]])
-                writer.write(f"{what.name}.stage{j}.B", f.b[bounds[j] : bounds[j + 1]])
-            reports[what.name] = module_report(
-                what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f
+    for kind, src, what in tqdm(jobs, desc="streaming", disable=not progress):
+        if kind == "buffer":
+            writer.write(what, buffers[what])
+            continue
+        tensor = ckpt.read(src)
+        if kind == "copy":
+            writer.write(what, tensor.to(out_dtype(what, tensor.dtype)))
+            continue
+        weight = tensor.to(out_dtype(src, tensor.dtype))
+        del tensor
+        if not torch.isfinite(weight).all():
+            raise SvdloraError(
+                f"weight of {what.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {what.name}"
             )
-            del weight, w, f
-    finally:
-        if handle is not None:
-            handle.__exit__(None, None, None)
+        w = weight.T if what.kind == CONV1D else weight  # (out, in), as weight_out_in gives
+        f = factorize(w, ranks_of(writer, what.name), **options)
+        bounds = [0]
+        for r in f.ranks:
+            bounds.append(bounds[-1] + r)
+        for j in range(len(f.ranks)):
+            writer.write(f"{what.name}.stage{j}.A", f.a[:, bounds[j] : bounds[j + 1]])
+            writer.write(f"{what.name}.stage{j}.B", f.b[bounds[j] : bounds[j + 1]])
+        reports[what.name] = module_report(
+            what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f
+        )
+        del weight, w, f
     return reports
 
 
