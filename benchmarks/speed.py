@@ -1,0 +1,188 @@
+"""Scale and speed figures of issue 10, each with its anchor measured in the same run.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.speed --dense ~/.cache/svdlora/SmolLM2-135M --work /tmp/speed \
+        [--budget 0.5] [--repeats 3] [--new-tokens 32] [--parts compress,load,decode]
+
+compress: whole `svdlora compress` commands (fresh processes: in memory, --stream, and with
+          --svd exact) vs the I/O floor (a fresh process that loads the dense checkpoint
+          with from_pretrained and saves it with save_pretrained).
+load:     fresh processes: time from after the imports to the end of the first forward pass
+          (16 tokens), dense from_pretrained vs load_compressed factorized / merged.
+decode:   batch-1 greedy decoding (generate, no sampling, a fixed number of new tokens),
+          tokens/s of dense vs compressed factorized / merged / --runtime auto, one process.
+Repeats are interleaved so machine noise hits every variant alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LOAD_CHILD = """
+import sys, time, torch
+import transformers
+from svdlora import load_compressed
+kind, dense, compressed = sys.argv[1:4]
+transformers.utils.logging.disable_progress_bar()
+start = time.perf_counter()
+if kind == "dense":
+    model = transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+else:
+    model = load_compressed(compressed, device="cpu", runtime=kind)
+with torch.no_grad():
+    model(torch.arange(1, 17)[None])
+print(time.perf_counter() - start)
+"""
+
+FLOOR_CHILD = """
+import sys, transformers
+transformers.utils.logging.disable_progress_bar()
+transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto").save_pretrained(sys.argv[2])
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def _run(cmd: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr[-2000:]}")
+    return time.perf_counter() - start, proc.stdout
+
+
+def part_compress(args, work: Path) -> dict:
+    base = [sys.executable, "-m", "svdlora", "compress", args.dense, "--budget", str(args.budget), "--no-progress"]
+    variants = {
+        "I/O floor (from_pretrained + save_pretrained)": lambda out: [
+            sys.executable,
+            "-c",
+            FLOOR_CHILD,
+            args.dense,
+            out,
+        ],
+        "svdlora compress (--svd auto)": lambda out: [*base, "-o", out],
+        "svdlora compress --stream (--svd auto)": lambda out: [*base, "-o", out, "--stream"],
+        "svdlora compress --svd exact": lambda out: [*base, "-o", out, "--svd", "exact"],
+    }
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, make in variants.items():
+            out = work / "compress-out"
+            shutil.rmtree(out, ignore_errors=True)
+            times[name].append(_run(make(str(out)))[0])
+    floor = statistics.median(next(iter(times.values())))
+    return {
+        k: {"median_s": statistics.median(v), "all_s": v, "ratio_to_floor": statistics.median(v) / floor}
+        for k, v in times.items()
+    }
+
+
+def part_load(args, compressed: Path) -> dict:
+    kinds = ["dense", "factorized", "merged"]
+    times = {k: [] for k in kinds}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            _, out = _run([sys.executable, "-c", LOAD_CHILD, kind, args.dense, str(compressed)])
+            times[kind].append(float(out.strip().splitlines()[-1]))
+    dense = statistics.median(times["dense"])
+    return {
+        k: {"median_s": statistics.median(v), "all_s": v, "ratio_to_dense": statistics.median(v) / dense}
+        for k, v in times.items()
+    }
+
+
+def part_decode(args, compressed: Path) -> dict:
+    import transformers
+
+    from svdlora import load_compressed
+
+    transformers.utils.logging.disable_progress_bar()
+    models = {
+        "dense": transformers.AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval(),
+        "factorized": load_compressed(compressed, device="cpu", runtime="factorized"),
+        "merged": load_compressed(compressed, device="cpu", runtime="merged"),
+        "auto": load_compressed(compressed, device="cpu", runtime="auto"),
+    }
+    from svdlora.layers import LowRankLinear
+
+    auto_factorized = sum(isinstance(m, LowRankLinear) for m in models["auto"].modules())
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1789]])
+    rates = {k: [] for k in models}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            with torch.no_grad():
+                start = time.perf_counter()
+                model.generate(
+                    prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                    pad_token_id=0,
+                )  # fmt: skip
+                rates[name].append(args.new_tokens / (time.perf_counter() - start))
+    dense = statistics.median(rates["dense"])
+    rows = {
+        k: {"tokens_per_s": statistics.median(v), "all": v, "ratio_to_dense": statistics.median(v) / dense}
+        for k, v in rates.items()
+    }
+    rows["auto"]["layers_left_factorized"] = auto_factorized
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dense", required=True)
+    p.add_argument("--work", required=True)
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--parts", default="compress,load,decode")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    compressed = work / f"compressed-{args.budget}"
+    if not compressed.exists():
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "svdlora",
+                "compress",
+                args.dense,
+                "-o",
+                str(compressed),
+                "--budget",
+                str(args.budget),
+                "--no-progress",
+            ]
+        )
+    result = {
+        "budget": args.budget,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    for part in args.parts.split(","):
+        result[part] = {"compress": part_compress, "load": part_load, "decode": part_decode}[part](
+            args, work if part == "compress" else compressed
+        )
+        print(part, json.dumps(result[part], indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
