@@ -94,6 +94,19 @@ def build(folder: Path, layers: int, shard_bytes: int, hidden=4096, mlp=11008, v
     }
 
 
+def describe(folder: Path) -> dict:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    return {
+        "checkpoint_bytes": sum(f.stat().st_size for f in files),
+        "shards": len(files),
+        "largest_shard_bytes": max(f.stat().st_size for f in files),
+        "layer_bytes": (4 * c.hidden_size**2 + 3 * c.hidden_size * c.intermediate_size) * 4,
+    }
+
+
 def run_limited(cmd: list[str], limit_bytes: int) -> dict:
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
@@ -124,10 +137,11 @@ def main(argv=None) -> None:
     src, out = work / "checkpoint", work / "compressed"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    info = build(src, args.layers, int(args.shard_gb * GB)) if not (src / "config.json").exists() else None
+    if (src / "config.json").exists():  # kept from an earlier run (--keep): measure it again
+        info = describe(src)
+    else:
+        info = build(src, args.layers, int(args.shard_gb * GB))
     build_seconds = time.perf_counter() - t0
-    if info is None:
-        raise SystemExit(f"{src} exists: remove it first (the figures come from a fresh build)")
     cmd = [sys.executable, "-m", "svdlora", "compress", str(src), "-o", str(out), "--stream"]
     cmd += ["--budget", args.budget, "--svd", "randomized", "--no-svd-reference", "--max-shard-size", "1GB"]
     cmd += ["--no-progress"]
