@@ -8,6 +8,7 @@ compress: whole `svdlora compress` commands (fresh processes: in memory, --strea
           with from_pretrained and saves it with save_pretrained).
 load:     fresh processes: time from after the imports to the end of the first forward pass
           (16 tokens), dense from_pretrained vs load_compressed factorized / merged.
+distributed: `--stream` in 1 process vs `torchrun --nproc_per_node 2`, weight files compared.
 decode:   batch-1 greedy decoding (generate, no sampling, a fixed number of new tokens),
           tokens/s of dense vs compressed factorized / merged / --runtime auto, one process.
 Repeats are interleaved so machine noise hits every variant alike; medians are reported.
@@ -89,6 +90,28 @@ def part_compress(args, work: Path) -> dict:
         k: {"median_s": statistics.median(v), "all_s": v, "ratio_to_floor": statistics.median(v) / floor}
         for k, v in times.items()
     }
+
+
+def part_distributed(args, work: Path) -> dict:
+    """--stream in one process vs torchrun with 2 processes: wall time, and the bytes compared."""
+    common = ["compress", args.dense, "--budget", str(args.budget), "--no-progress", "--stream"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "svdlora"]
+    variants = {"1 process": [sys.executable, "-m", "svdlora"], "2 processes (torchrun)": torchrun}
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, launcher in variants.items():
+            out = work / f"dist-{name[0]}"
+            shutil.rmtree(out, ignore_errors=True)
+            times[name].append(_run([*launcher, *common, "-o", str(out)])[0])
+    one, two = (sorted(p.name for p in (work / f"dist-{n}").glob("*.safetensors*")) for n in "12")
+    same = one == two and all((work / "dist-1" / f).read_bytes() == (work / "dist-2" / f).read_bytes() for f in one)
+    base = statistics.median(times["1 process"])
+    rows = {
+        k: {"median_s": statistics.median(v), "all_s": v, "ratio_to_1": statistics.median(v) / base}
+        for k, v in times.items()
+    }
+    rows["identical_weight_files"] = same
+    return rows
 
 
 def part_load(args, compressed: Path) -> dict:
@@ -175,9 +198,8 @@ def main(argv=None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     for part in args.parts.split(","):
-        result[part] = {"compress": part_compress, "load": part_load, "decode": part_decode}[part](
-            args, work if part == "compress" else compressed
-        )
+        parts = {"compress": part_compress, "load": part_load, "decode": part_decode, "distributed": part_distributed}
+        result[part] = parts[part](args, work if part in ("compress", "distributed") else compressed)
         print(part, json.dumps(result[part], indent=1), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

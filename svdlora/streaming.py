@@ -46,17 +46,24 @@ from .writer import (
 
 logger = logging.getLogger(__name__)
 
-# Config fields whose non-default value means a method that needs calibration data in memory.
-_NOT_STREAMABLE = ("calibration", "calibration_data", "whiten")
+# Methods that stream: a plain SVD needs only W. "auto" is plain SVD without calibration data.
+STREAMING_METHODS = ("svd", "auto")
 
 
-def check_streamable(config: CompressionConfig) -> None:
+def check_streamable(config: CompressionConfig, calibration=None) -> None:
     """Refuse settings that cannot stream (calibration-aware methods), with what to do instead."""
-    method = getattr(config, "method", None)
-    if method not in (None, "svd") or any(getattr(config, f, None) for f in _NOT_STREAMABLE):
+    method = getattr(config, "method", "svd")
+    calibrated = (
+        calibration is not None
+        or method not in STREAMING_METHODS
+        or getattr(config, "allocation", "uniform") == "global"
+        or getattr(config, "heal_steps", 0)
+    )
+    if calibrated:
         raise SvdloraError(
-            f"method {method or 'calibration-aware'!r} cannot stream (it runs the model on calibration data, "
-            "so the model must be in memory): drop --stream / run without torchrun, or use the plain SVD method"
+            f"method {method!r} with calibration data, global allocation or healing cannot stream: it runs the "
+            "model on calibration data, so the whole model must be in memory; drop --stream (and run without "
+            "torchrun), or use the plain SVD method without calibration data"
         )
 
 
@@ -138,6 +145,7 @@ def compress_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
+    calibration=None,
     **options,
 ) -> CompressionReport:
     """Compress a local safetensors checkpoint without loading the model into memory.
@@ -152,13 +160,15 @@ def compress_checkpoint(
         config: a ``CompressionConfig``, or its fields as keyword ``options``.
         dtype: cast floating tensors to this dtype (default: the config's ``dtype``, else as stored).
         max_shard_size: shard the output as transformers does (default "50GB").
+        calibration: calibration data; given, this refuses (calibration-aware methods need
+            the model in memory), as does a calibration-aware ``config.method``.
     Returns:
         The ``CompressionReport`` (the same on every rank).
     """
     import transformers
 
     config = config or CompressionConfig(**options)
-    check_streamable(config)
+    check_streamable(config, calibration)
     ctx = distributed.context()
     start = time.perf_counter()
     check_output(output, overwrite)

@@ -100,3 +100,11 @@ def test_stream_refuses_what_it_cannot_read(tmp_path):
 def test_shard_plan_follows_transformers_rule():
     specs = [TensorSpec(str(i), (n,), torch.float32) for i, n in enumerate([10, 10, 30, 5])]  # 40, 40, 120, 20 bytes
     assert [[s.name for s in shard] for shard in plan_shards(specs, 80)] == [["0", "1"], ["2"], ["3"]]
+
+
+def test_calibration_aware_settings_refuse_to_stream(tmp_path):
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    with pytest.raises(SvdloraError, match="cannot stream"):
+        compress_checkpoint(base, tmp_path / "out", budget=0.5, calibration=["some text"])
+    assert not (tmp_path / "out").exists()

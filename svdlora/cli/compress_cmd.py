@@ -142,6 +142,9 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
         overwrite=args.overwrite,
         progress=args.progress,
         trust_remote_code=args.trust_remote_code,
+        calibration=next(
+            (getattr(args, n) for n in ("calibration", "calibration_data") if getattr(args, n, None)), None
+        ),
     )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if ctx.is_main:
