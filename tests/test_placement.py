@@ -45,4 +45,3 @@ def test_bad_device_map(folder):
         load_compressed(path, device_map="everywhere")
     with pytest.raises(SvdloraError, match="places no module"):
         load_compressed(path, device_map={"lm_head": "cpu"})
-
