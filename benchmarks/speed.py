@@ -10,7 +10,8 @@ load:     fresh processes: time from after the imports to the end of the first f
           (16 tokens), dense from_pretrained vs load_compressed factorized / merged.
 distributed: `--stream` in 1 process vs `torchrun --nproc_per_node 2`, weight files compared.
 decode:   batch-1 greedy decoding (generate, no sampling, a fixed number of new tokens),
-          tokens/s of dense vs compressed factorized / merged / --runtime auto, one process.
+          tokens/s of dense vs compressed factorized / merged / --runtime auto, one process;
+          and prefill: one forward pass over a 256-token prompt, tokens/s.
 Repeats are interleaved so machine noise hits every variant alike; medians are reported.
 """
 
@@ -144,10 +145,15 @@ def part_decode(args, compressed: Path) -> dict:
 
     auto_factorized = sum(isinstance(m, LowRankLinear) for m in models["auto"].modules())
     prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1789]])
+    long_prompt = torch.randint(1, 40000, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
     rates = {k: [] for k in models}
+    prefill = {k: [] for k in models}
     for _ in range(args.repeats):
         for name, model in models.items():
             with torch.no_grad():
+                start = time.perf_counter()
+                model(long_prompt)
+                prefill[name].append(args.prefill_tokens / (time.perf_counter() - start))
                 start = time.perf_counter()
                 model.generate(
                     prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
@@ -160,6 +166,10 @@ def part_decode(args, compressed: Path) -> dict:
         for k, v in rates.items()
     }
     rows["auto"]["layers_left_factorized"] = auto_factorized
+    dense_prefill = statistics.median(prefill["dense"])
+    for k, v in prefill.items():
+        rows[k]["prefill_tokens_per_s"] = statistics.median(v)
+        rows[k]["prefill_ratio_to_dense"] = statistics.median(v) / dense_prefill
     return rows
 
 
@@ -170,6 +180,7 @@ def main(argv=None) -> dict:
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill timing")
     p.add_argument("--parts", default="compress,load,decode")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
