@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -116,7 +117,19 @@ def svd_options(config: CompressionConfig) -> dict:
         "oversampling": config.oversampling,
         "power_iterations": config.power_iterations,
         "generator_seed": config.seed,
+        "device": svd_device(config.svd_device),
     }
+
+
+def svd_device(name: str | None) -> str | None:
+    """The device the SVD runs on; under torchrun, "cuda" means this process's GPU (LOCAL_RANK)."""
+    if name is None:
+        return None
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SvdloraError(f"--device {name}: no CUDA device is available here; drop --device to use the CPU")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return name
 
 
 def module_report(name: str, kind: str, out_features: int, in_features: int, bias: bool, f) -> ModuleReport:

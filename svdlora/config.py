@@ -58,6 +58,10 @@ class CompressionConfig:
         metadata={"help": "Subspace iterations of the randomized SVD."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD."})
+    svd_device: str | None = field(
+        default=None,
+        metadata={"help": "Run the SVD on this device ('cuda', 'cuda:1'); default where the weight is."},
+    )
     svd_reference: bool = field(
         default=True,
         metadata={"help": "For randomized factors, also compute the exact SVD's error (the accuracy cost)."},

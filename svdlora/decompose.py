@@ -6,9 +6,12 @@ stages can be swapped in without touching discovery or I/O.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # float64 for small matrices removes float32 round-off at no cost; for large ones LAPACK's
 # float64 SVD was 25x slower than float32 here (8.2 s vs 0.33 s for 1536x576), so they
@@ -175,13 +178,29 @@ class Factorization:
 
 
 def factorize(
-    weight: torch.Tensor, ranks: list[int], method: str = "auto", reference: bool = True, **svd_options
+    weight: torch.Tensor,
+    ranks: list[int],
+    method: str = "auto",
+    reference: bool = True,
+    device: str | torch.device | None = None,
+    **svd_options,
 ) -> Factorization:
-    """Residual SVD stages of ``weight`` (out, in), stacked, in the weight's dtype.
+    """Residual SVD stages of ``weight`` (out, in), stacked, in the weight's dtype and device.
 
     The one function both in-memory and streamed compression call, so both write the same bits.
     ``reference`` computes the exact SVD's error for randomized factors (``optimal_relative_error``).
+    ``device`` runs the SVD there (e.g. "cuda" while the model stays on the CPU); when the
+    device's solver fails (cuSOLVER does not always converge) the matrix is done on the CPU.
     """
+    home = weight.device
+    if device is not None and torch.device(device) != home:
+        try:
+            f = factorize(weight.to(device), ranks, method, reference, **svd_options)
+        except (torch.linalg.LinAlgError, RuntimeError) as err:  # includes CUDA solver failures
+            logger.warning("SVD on %s failed (%s): this matrix is factorized on %s", device, err, home)
+        else:
+            f.a, f.b = f.a.to(home), f.b.to(home)
+            return f
     chosen = choose_method(
         tuple(weight.shape), min(sum(ranks), *weight.shape), method, svd_options.get("oversampling", 8)
     )

@@ -88,3 +88,31 @@ def test_info_table_shows_the_randomized_cost():
     assert all(m.svd_cost >= -1e-6 for m in report.factorized)
     text = report.format()
     assert "randomized SVD" in text and "vs exact" in text
+
+
+def test_svd_device_falls_back_when_the_solver_fails(monkeypatch, caplog):
+    import svdlora.decompose as dec
+
+    w = with_spectrum(60, 40, SPECTRA["power 1/i"](40))
+    want = factorize(w, [5, 5], method="exact")
+    original, calls = dec.residual_svd, []
+
+    def failing_once(*args, **kwargs):  # what a cuSOLVER convergence failure raises
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dec, "residual_svd", failing_once)
+    got = factorize(w, [5, 5], method="exact", device=torch.device("cpu", 0))  # another device than w's
+    assert len(calls) == 2 and "failed" in caplog.text
+    assert torch.equal(got.a, want.a) and torch.equal(got.b, want.b) and got.a.device == w.device
+
+
+def test_cuda_device_without_cuda_is_one_clear_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from svdlora.cli import main
+
+    assert main(["compress", "gpt2", "-o", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

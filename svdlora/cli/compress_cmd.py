@@ -10,7 +10,7 @@ import time
 import transformers
 
 from .. import distributed
-from ..compress import compress
+from ..compress import compress, svd_device
 from ..config import SVD_METHODS, CompressionConfig
 from ..io import check_output, save_compressed
 from ..models import load_pretrained
@@ -69,6 +69,13 @@ def register(subparsers) -> None:
         "randomized where rank + 8 <= min(out, in)/3 and min(out, in) >= 512, exact elsewhere (default auto)",
     )
     p.add_argument(
+        "--device",
+        dest="svd_device",
+        default=None,
+        help="run the SVD on this device, e.g. cuda (the model stays on the CPU; a matrix whose GPU solver "
+        "fails is redone on the CPU). Under torchrun, cuda means each process's own GPU (LOCAL_RANK)",
+    )
+    p.add_argument(
         "--no-svd-reference",
         dest="svd_reference",
         action="store_false",
@@ -106,9 +113,11 @@ def run(args: argparse.Namespace) -> int:
         keep_head=args.keep_head,
         svd_method=args.svd_method,
         svd_reference=args.svd_reference,
+        svd_device=args.svd_device,
     )
     output = check_output(args.output, args.overwrite)  # fail before the (possibly slow) model load
     parse_size(args.max_shard_size)
+    svd_device(args.svd_device)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     if args.stream or distributed.launched():
