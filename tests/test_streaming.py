@@ -30,23 +30,24 @@ def weight_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize(
-    ("make", "settings"),
+    ("make", "settings", "dtype"),
     [
-        (tied_llama, {"budget": 0.5, "submatrices": 3}),
-        (tiny_gpt2, {"rank": 4, "submatrices": 2}),  # Conv1D, head tied by default
-        (tied_llama, {"budget": 0.4, "keep_head": False, "exclude": ["*.v_proj"]}),
+        (tied_llama, {"budget": 0.5, "submatrices": 3}, None),
+        (tiny_gpt2, {"rank": 4, "submatrices": 2}, None),  # Conv1D, head tied by default
+        (tied_llama, {"budget": 0.4, "keep_head": False, "exclude": ["*.v_proj"]}, None),
+        (tiny_gpt2, {"budget": 0.5}, "bfloat16"),
     ],
 )
-def test_streamed_files_equal_in_memory_files(tmp_path, make, settings):
+def test_streamed_files_equal_in_memory_files(tmp_path, make, settings, dtype):
     base = tmp_path / "base"
     make().save_pretrained(base, max_shard_size="20KB")  # several input shards
     assert (base / INDEX_NAME).exists()
     config = CompressionConfig(**settings)
 
-    model = load_pretrained(str(base))
+    model = load_pretrained(str(base), dtype=dtype)
     compress(model, config, progress=False)
     save_compressed(model, tmp_path / "memory", source=base, max_shard_size="30KB")
-    compress_checkpoint(base, tmp_path / "stream", config, max_shard_size="30KB", progress=False)
+    compress_checkpoint(base, tmp_path / "stream", config, dtype=dtype, max_shard_size="30KB", progress=False)
 
     memory, stream = weight_bytes(tmp_path / "memory"), weight_bytes(tmp_path / "stream")
     assert len(memory) > 2 and INDEX_NAME in memory  # several output shards and an index
