@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -135,6 +136,105 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, names.get(name, name.lower()))
 
 
+@dataclass
+class Plan:
+    """Everything known before a tensor is read: the meta model with its low-rank layers, the
+    output layout, and the jobs (factorize a matrix, copy a tensor, write a code-built buffer)."""
+
+    checkpoint: Checkpoint
+    hf_config: object
+    model: torch.nn.Module  # meta skeleton, targets swapped for meta LowRankLinear
+    specs: list[TensorSpec]
+    tied: dict[str, str]
+    jobs: list[tuple[str, str | None, object]]  # (kind, checkpoint key, Target or output key)
+    dense: dict[str, str]  # layer -> why it stays dense
+    params_before: int
+    target_dtype: torch.dtype | None
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def out_dtype(self, stored: torch.dtype) -> torch.dtype:
+        return self.target_dtype if self.target_dtype is not None and stored.is_floating_point else stored
+
+    def cost(self, job) -> float:
+        kind, _, what = job
+        if kind == "factorize":
+            return distributed.svd_cost(what.out_features, what.in_features)
+        return float(next(s.nbytes for s in self.specs if s.name == what)) if kind == "copy" else 0.0
+
+
+def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote_code: bool = False) -> Plan:
+    """Targets, ranks and the output layout of a checkpoint, from its config and headers alone."""
+    import transformers
+
+    if not Path(source).is_dir():
+        raise SvdloraError(f"streaming needs a local folder, got {str(source)!r}: download it first (hf download)")
+    ckpt = Checkpoint(source)
+    hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    target_dtype = parse_dtype(dtype) or getattr(hf_config, "dtype", None)
+    with init_empty_weights(), _no_weight_init():
+        model = model_class(hf_config)(hf_config)
+    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
+    params_before = count_parameters(model)
+    targets, dense = find_targets(model, config)
+    if not targets:
+        raise SvdloraError("no Linear/Conv1D layer is targeted: check --include/--exclude")
+    ranks, allocator_dense = allocate_ranks(targets, config)
+    dense.update(allocator_dense)
+    prefix = getattr(model, "base_model_prefix", "")
+    same: dict[int, list[str]] = {}  # a checkpoint may store a tied parameter under any of its names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        same.setdefault(id(param), []).append(name)
+    names_of = {n: group for group in same.values() for n in group}
+
+    def find(names: list[str]) -> str | None:
+        return next(filter(None, (ckpt.resolve(k, prefix) for k in names)), None)
+
+    out = Plan(ckpt, hf_config, model, [], {}, [], dense, params_before, target_dtype)
+    weight_dtype = {}
+    for t in targets:
+        if t.name not in ranks:
+            continue
+        key = find(names_of.get(f"{t.name}.weight", [f"{t.name}.weight"]))
+        if key is None:
+            raise SvdloraError(f"{str(source)!r} has no tensor for {t.name}.weight: compress without --stream")
+        weight_dtype[t.name] = out.out_dtype(ckpt.spec[key].dtype)
+        layer = LowRankLinear(
+            t.in_features, t.out_features, ranks[t.name], bias=t.module.bias is not None,
+            base_kind=t.kind, device="meta", dtype=weight_dtype[t.name],
+        )  # fmt: skip
+        model.set_submodule(t.name, layer)
+        out.jobs.append(("factorize", key, t))
+    if not config.keep_head and getattr(hf_config, "tie_word_embeddings", False):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, LowRankLinear):  # as compress() does: a factorized head is no longer tied
+            hf_config.tie_word_embeddings = False
+    layout, out.tied = file_layout(model)
+    buffers = out.buffers = dict(model.named_buffers())
+    stage_owner = {
+        f"{name}.stage{j}.{part}": name
+        for name, layer in model.named_modules()
+        if isinstance(layer, LowRankLinear)
+        for j in range(len(layer.ranks))
+        for part in "AB"
+    }
+    aliases: dict[str, list[str]] = {}
+    for alias, stored in out.tied.items():
+        aliases.setdefault(stored, []).append(alias)
+    for key, tensor in layout:
+        if key in stage_owner:
+            out.specs.append(TensorSpec(key, tuple(tensor.shape), weight_dtype[stage_owner[key]]))
+        elif (src := find([key, *aliases.get(key, [])])) is not None:
+            out.specs.append(TensorSpec(key, ckpt.spec[src].shape, out.out_dtype(ckpt.spec[src].dtype)))
+            out.jobs.append(("copy", src, key))
+        elif key in buffers and buffers[key].device.type != "meta":  # built by the model's code
+            out.specs.append(TensorSpec(key, tuple(tensor.shape), tensor.dtype))
+            out.jobs.append(("buffer", None, key))
+        else:
+            raise SvdloraError(f"{str(source)!r} has no tensor {key!r}: compress without --stream")
+    return out
+
+
 def compress_checkpoint(
     source: str | Path,
     output: str | Path,
@@ -158,163 +258,95 @@ def compress_checkpoint(
         source: a local transformers folder with ``model.safetensors`` or a sharded index.
         output: the folder to create (atomically: it appears only once complete).
         config: a ``CompressionConfig``, or its fields as keyword ``options``.
-        dtype: cast floating tensors to this dtype (default: the config's ``dtype``, else as stored).
+        dtype: cast floating tensors to this dtype (default: config.json's ``dtype``, else as stored).
         max_shard_size: shard the output as transformers does (default "50GB").
         calibration: calibration data; given, this refuses (calibration-aware methods need
             the model in memory), as does a calibration-aware ``config.method``.
     Returns:
         The ``CompressionReport`` (the same on every rank).
     """
-    import transformers
-
     config = config or CompressionConfig(**options)
     check_streamable(config, calibration)
     ctx = distributed.context()
     start = time.perf_counter()
     check_output(output, overwrite)
-    if not Path(source).is_dir():
-        raise SvdloraError(f"streaming needs a local folder, got {str(source)!r}: download it first (hf download)")
-    ckpt = Checkpoint(source)
-    hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    target_dtype = parse_dtype(dtype) or getattr(hf_config, "dtype", None)
-    with init_empty_weights(), _no_weight_init():
-        model = model_class(hf_config)(hf_config)
-    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
-    params_before = count_parameters(model)
-    targets, dense = find_targets(model, config)
-    if not targets:
-        raise SvdloraError("no Linear/Conv1D layer is targeted: check --include/--exclude")
-    ranks, allocator_dense = allocate_ranks(targets, config)
-    dense.update(allocator_dense)
-    prefix = getattr(model, "base_model_prefix", "")
-    same = {}  # parameter name -> every name of that (possibly tied) parameter
-    for name, param in model.named_parameters(remove_duplicate=False):
-        same.setdefault(id(param), []).append(name)
-    names_of = {n: group for group in same.values() for n in group}
-
-    def out_dtype(key: str, stored: torch.dtype) -> torch.dtype:
-        return target_dtype if target_dtype is not None and stored.is_floating_point else stored
-
-    jobs = []  # (kind, checkpoint key or None, target or output key)
-    weight_dtype = {}
-    for t in targets:
-        if t.name in ranks:
-            candidates = names_of.get(f"{t.name}.weight", [f"{t.name}.weight"])
-            key = next(filter(None, (ckpt.resolve(k, prefix) for k in candidates)), None)
-            if key is None:
-                raise SvdloraError(f"{str(source)!r} has no tensor for {t.name}.weight: compress without --stream")
-            weight_dtype[t.name] = out_dtype(key, ckpt.spec[key].dtype)
-            layer = LowRankLinear(
-                t.in_features, t.out_features, ranks[t.name], bias=t.module.bias is not None,
-                base_kind=t.kind, device="meta", dtype=weight_dtype[t.name],
-            )  # fmt: skip
-            model.set_submodule(t.name, layer)
-            jobs.append(("factorize", key, t))
-    if not config.keep_head and getattr(hf_config, "tie_word_embeddings", False):
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(head, LowRankLinear):
-            hf_config.tie_word_embeddings = False
-    layout, tied = file_layout(model)
-    buffers = dict(model.named_buffers())
-    specs = []
-    stage_owner = {}  # output key -> its target's name, for factor stages
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]:
-        for j in range(len(layer.ranks)):
-            stage_owner[f"{name}.stage{j}.A"] = stage_owner[f"{name}.stage{j}.B"] = name
-    aliases = {}  # stored name -> the names tied to it: a checkpoint may hold the tie under either
-    for alias, stored in tied.items():
-        aliases.setdefault(stored, []).append(alias)
-    for key, tensor in layout:
-        if key in stage_owner:
-            specs.append(TensorSpec(key, tuple(tensor.shape), weight_dtype[stage_owner[key]]))
-            continue
-        src = next(filter(None, (ckpt.resolve(k, prefix) for k in [key, *aliases.get(key, [])])), None)
-        if src is not None:
-            specs.append(TensorSpec(key, ckpt.spec[src].shape, out_dtype(key, ckpt.spec[src].dtype)))
-            jobs.append(("copy", src, key))
-        elif key in buffers and buffers[key].device.type != "meta":  # built by the model's code
-            specs.append(TensorSpec(key, tuple(tensor.shape), tensor.dtype))
-            jobs.append(("buffer", None, key))
-        else:
-            raise SvdloraError(f"{str(source)!r} has no tensor {key!r}: compress without --stream")
-
-    def cost(job) -> float:
-        kind, src, what = job
-        if kind == "factorize":
-            return distributed.svd_cost(what.out_features, what.in_features)
-        return float(specs_by_name[what].nbytes) if kind == "copy" else 0.0
-
-    specs_by_name = {s.name: s for s in specs}
-    owner = distributed.assign([cost(j) for j in jobs], ctx.world_size)
-    mine = [j for j, r in zip(jobs, owner, strict=True) if r == ctx.rank]
-    # In checkpoint file order: sequential reads.
-    file_rank = {f: i for i, f in enumerate(ckpt.files)}
-    mine.sort(key=lambda j: file_rank.get(ckpt.file_of.get(j[1]), -1))
-
+    p = plan(source, config, dtype, trust_remote_code)
+    owner = distributed.assign([p.cost(j) for j in p.jobs], ctx.world_size)
+    file_rank = {f: i for i, f in enumerate(p.checkpoint.files)}
+    mine = sorted(  # in checkpoint file order: sequential reads
+        (j for j, r in zip(p.jobs, owner, strict=True) if r == ctx.rank),
+        key=lambda j: file_rank.get(p.checkpoint.file_of.get(j[1]), -1),
+    )
     with atomic_folder(output, overwrite) if ctx.is_main else _nothing() as tmp:
         tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
-        writer = ShardedWriter(tmp, specs, header_metadata(tied), max_shard_size)
+        writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied), max_shard_size)
         if ctx.is_main:
             writer.create_files()
-        ctx.barrier()
-        reports = _run_jobs(mine, ckpt, writer, buffers, config, out_dtype, progress and ctx.is_main)
+        ctx.barrier()  # files laid out before any rank writes into them
+        reports = _run_jobs(mine, p, writer, config, progress and ctx.is_main)
         writer.close()
         ctx.barrier()  # every shard complete before rank 0 finishes the folder
-        all_reports = {}
         for part in ctx.gather(reports):
-            all_reports.update(part)
-        modules = []
-        for name, module in model.named_modules():  # model order, as compress() reports
-            if name in all_reports:
-                modules.append(all_reports[name])
-            elif name in dense:
-                out_f, in_f = weight_out_in(module).shape
-                modules.append(
-                    ModuleReport(
-                        name, dense_kind(module), (out_f, in_f), bias=module.bias is not None, dense_reason=dense[name]
-                    )
-                )
+            reports.update(part)
         report = CompressionReport(
             config=config.to_dict(),
-            modules=modules,
-            model_params_before=params_before,
-            model_params_after=count_parameters(model),
+            modules=_module_reports(p.model, reports, p.dense),
+            model_params_before=p.params_before,
+            model_params_after=count_parameters(p.model),
             seconds=time.perf_counter() - start,
             bytes_after=writer.bytes_on_disk(),
         )
         if ctx.is_main:
             writer.write_index()
-            generation = None
-            if (Path(source) / "generation_config.json").is_file():
-                generation = transformers.GenerationConfig.from_pretrained(str(source))
             write_side_files(
                 tmp,
                 report,
                 source=source,
-                config=hf_config,
-                generation_config=generation,
-                class_name=type(model).__name__,
-                dtype=specs[0].dtype if specs else None,
+                config=p.hf_config,
+                generation_config=_generation_config(source),
+                class_name=type(p.model).__name__,
+                dtype=p.specs[0].dtype if p.specs else None,
                 world_size=ctx.world_size,
             )
     ctx.barrier()  # the folder is in place before any rank returns
-    logger.info("streamed %d matrices in %.1f s", len(all_reports), report.seconds)
+    logger.info("streamed %d matrices in %.1f s", len(reports), report.seconds)
     return report
 
 
-def _run_jobs(jobs, ckpt: Checkpoint, writer: ShardedWriter, buffers, config, out_dtype, progress) -> dict:
+def _module_reports(model, reports: dict[str, ModuleReport], dense: dict[str, str]) -> list[ModuleReport]:
+    """Factorized and dense layers in model order, as ``compress()`` reports them."""
+    modules = []
+    for name, module in model.named_modules():
+        if name in reports:
+            modules.append(reports[name])
+        elif name in dense:
+            out_f, in_f = weight_out_in(module).shape
+            kind, bias = dense_kind(module), module.bias is not None
+            modules.append(ModuleReport(name, kind, (out_f, in_f), bias=bias, dense_reason=dense[name]))
+    return modules
+
+
+def _generation_config(source):
+    import transformers
+
+    if (Path(source) / "generation_config.json").is_file():
+        return transformers.GenerationConfig.from_pretrained(str(source))
+    return None
+
+
+def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, progress: bool) -> dict:
+    """Read, factorize or copy, and write this process's jobs; returns their report lines."""
     reports = {}
     options = svd_options(config)
     for kind, src, what in tqdm(jobs, desc="streaming", disable=not progress):
         if kind == "buffer":
-            writer.write(what, buffers[what])
+            writer.write(what, p.buffers[what])
             continue
-        tensor = ckpt.read(src)
+        tensor = p.checkpoint.read(src)
         if kind == "copy":
-            writer.write(what, tensor.to(out_dtype(what, tensor.dtype)))
+            writer.write(what, tensor.to(p.out_dtype(tensor.dtype)))
             continue
-        weight = tensor.to(out_dtype(src, tensor.dtype))
+        weight = tensor.to(p.out_dtype(tensor.dtype))
         del tensor
         if not torch.isfinite(weight).all():
             raise SvdloraError(
