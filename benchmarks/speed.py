@@ -4,7 +4,7 @@
         [--budget 0.5] [--repeats 3] [--new-tokens 32] [--parts compress,load,decode]
 
 compress: whole `svdlora compress` commands (fresh processes: in memory, --stream, and with
-          --svd exact) vs the I/O floor (a fresh process that loads the dense checkpoint
+          --svd exact), wall time and peak RSS, vs the I/O floor (a fresh process that loads the dense checkpoint
           with from_pretrained and saves it with save_pretrained).
 load:     fresh processes: time from after the imports to the end of the first forward pass
           (16 tokens), dense from_pretrained vs load_compressed factorized / merged.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -48,9 +49,10 @@ print(time.perf_counter() - start)
 """
 
 FLOOR_CHILD = """
-import sys, transformers
+import resource, sys, transformers
 transformers.utils.logging.disable_progress_bar()
 transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto").save_pretrained(sys.argv[2])
+print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB", file=sys.stderr)
 """
 
 
@@ -58,12 +60,20 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
-def _run(cmd: list[str]) -> tuple[float, str]:
+def _run(cmd: list[str], stderr: bool = False):
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr[-2000:]}")
+    if stderr:
+        return time.perf_counter() - start, proc.stdout, proc.stderr
     return time.perf_counter() - start, proc.stdout
+
+
+def _peak_mb(stderr: str) -> float | None:
+    """The "peak RSS N MB" line the CLI (and the floor script) print: the process's ru_maxrss."""
+    found = re.findall(r"peak RSS ([\d,]+) MB", stderr)
+    return float(found[-1].replace(",", "")) if found else None
 
 
 def part_compress(args, work: Path) -> dict:
@@ -81,14 +91,24 @@ def part_compress(args, work: Path) -> dict:
         "svdlora compress --svd exact": lambda out: [*base, "-o", out, "--svd", "exact"],
     }
     times = {k: [] for k in variants}
+    peaks = {k: [] for k in variants}
     for _ in range(args.repeats):
         for name, make in variants.items():
             out = work / "compress-out"
             shutil.rmtree(out, ignore_errors=True)
-            times[name].append(_run(make(str(out)))[0])
+            seconds, _, err = _run(make(str(out)), stderr=True)
+            times[name].append(seconds)
+            peaks[name].append(_peak_mb(err))
     floor = statistics.median(next(iter(times.values())))
+    floor_peak = statistics.median(next(iter(peaks.values())))
     return {
-        k: {"median_s": statistics.median(v), "all_s": v, "ratio_to_floor": statistics.median(v) / floor}
+        k: {
+            "median_s": statistics.median(v),
+            "all_s": v,
+            "ratio_to_floor": statistics.median(v) / floor,
+            "peak_rss_mb_median": statistics.median(peaks[k]),
+            "peak_ratio_to_floor": statistics.median(peaks[k]) / floor_peak,
+        }
         for k, v in times.items()
     }
 
