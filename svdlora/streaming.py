@@ -156,10 +156,10 @@ class Plan:
         return self.target_dtype if self.target_dtype is not None and stored.is_floating_point else stored
 
     def cost(self, job) -> float:
-        kind, _, what = job
+        kind, src, what = job
         if kind == "factorize":
             return distributed.svd_cost(what.out_features, what.in_features)
-        return float(next(s.nbytes for s in self.specs if s.name == what)) if kind == "copy" else 0.0
+        return float(self.checkpoint.spec[src].nbytes) if kind == "copy" else 0.0
 
 
 def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote_code: bool = False) -> Plan:
