@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from typing import Any
 
@@ -13,11 +14,11 @@ from tqdm.auto import tqdm
 
 from .allocate import allocate_global, allocate_ranks
 from .config import CompressionConfig
-from .decompose import relative_error
+from .decompose import factorize
 from .errors import SvdloraError
 from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
-from .methods import factorize, weighted_spectrum
+from .methods import weighted_spectrum
 from .plan import CalibrationPlan, plan_calibration
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
@@ -89,23 +90,14 @@ def compress(
 
     reports = {}
     for target in tqdm([t for t in targets if t.name in ranks], desc="factorizing", disable=not progress):
-        stages = factorize(
-            weight_out_in(target.module), ranks[target.name], plan.weighting(target.name), **_svd_options(config)
-        )
-        layer = LowRankLinear.from_stages(target.module, stages)
-        with torch.no_grad():
-            error = relative_error(weight_out_in(target.module), layer.dense_weight())
+        weighting = plan.weighting(target.name)
+        f = factorize(weight_out_in(target.module), ranks[target.name], weighting=weighting, **svd_options(config))
+        layer = LowRankLinear.from_factors(target.module, f.a, f.b, f.ranks)
         model.set_submodule(target.name, layer)
-        reports[target.name] = ModuleReport(
-            target.name,
-            target.kind,
-            (target.out_features, target.in_features),
-            bias=layer.bias is not None,
-            ranks=layer.ranks,
-            stage_dtypes=[str(layer.A.dtype).removeprefix("torch.")] * len(layer.ranks),
-            rel_error=error,
+        reports[target.name] = module_report(
+            target.name, target.kind, target.out_features, target.in_features, layer.bias is not None, f,
             est_loss=est_loss.get(target.name),
-        )
+        )  # fmt: skip
     _untie_factorized_head(model, config)
     healed = None
     if config.heal_steps:
@@ -148,15 +140,6 @@ def allocate(targets, config: CompressionConfig, plan: CalibrationPlan, progress
     return allocate_global(targets, spectra, config.budget, config.submatrices)
 
 
-def _svd_options(config: CompressionConfig) -> dict:
-    return {
-        "method": config.svd_method,
-        "oversampling": config.oversampling,
-        "power_iterations": config.power_iterations,
-        "generator_seed": config.seed if config.svd_method == "randomized" else None,
-    }
-
-
 def _untie_factorized_head(model: nn.Module, config: CompressionConfig) -> None:
     config_obj = getattr(model, "config", None)
     if not config.keep_head and getattr(config_obj, "tie_word_embeddings", False):
@@ -179,6 +162,47 @@ def _module_reports(model: nn.Module, reports: dict, dense: dict) -> list[Module
                 )
             )
     return modules
+
+
+def svd_options(config: CompressionConfig) -> dict:
+    """The keyword arguments of ``decompose.factorize`` for a config."""
+    return {
+        "method": config.svd_method,
+        "reference": config.svd_reference,
+        "oversampling": config.oversampling,
+        "power_iterations": config.power_iterations,
+        "generator_seed": config.seed,
+        "device": svd_device(config.svd_device),
+    }
+
+
+def svd_device(name: str | None) -> str | None:
+    """The device the SVD runs on; under torchrun, "cuda" means this process's GPU (LOCAL_RANK)."""
+    if name is None:
+        return None
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SvdloraError(f"--device {name}: no CUDA device is available here; drop --device to use the CPU")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return name
+
+
+def module_report(
+    name: str, kind: str, out_features: int, in_features: int, bias: bool, f, est_loss: float | None = None
+) -> ModuleReport:
+    """The report line of one factorized matrix (``f`` a ``decompose.Factorization``)."""
+    return ModuleReport(
+        name,
+        kind,
+        (out_features, in_features),
+        bias=bias,
+        ranks=f.ranks,
+        stage_dtypes=[str(f.a.dtype).removeprefix("torch.")] * len(f.ranks),
+        rel_error=f.rel_error,
+        svd_method=f.method,
+        exact_error=f.exact_error,
+        est_loss=est_loss,
+    )
 
 
 def _check_finite(model: nn.Module) -> None:

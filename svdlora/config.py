@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import SvdloraError
 
-SVD_METHODS = ("exact", "randomized")
+SVD_METHODS = ("auto", "exact", "randomized")
 METHODS = ("auto", "svd", "whiten", "fisher")  # auto: fisher when there is calibration data, else svd
 ALLOCATIONS = ("auto", "uniform", "global")  # auto: global when gradient statistics exist
 HEAL_LOSSES = ("distill", "lm")
@@ -46,8 +46,12 @@ class CompressionConfig:
         metadata={"help": "Leave the output head (and any layer tied to an embedding) dense."},
     )
     svd_method: str = field(
+        # exact by default: reproducible factors, the same as every earlier release; auto is opt-in
         default="exact",
-        metadata={"help": "'exact' (torch.linalg.svd) or 'randomized' (torch.svd_lowrank) per stage."},
+        metadata={
+            "help": "'exact' (torch.linalg.svd, the default), 'randomized' (torch.svd_lowrank), or 'auto': "
+            "randomized where the kept rank is a small part of the matrix (svdlora.decompose.choose_method)."
+        },
     )
     oversampling: int = field(
         default=8,
@@ -86,6 +90,14 @@ class CompressionConfig:
         metadata={"help": "'distill' (KL to the dense model's outputs) or 'lm' (the data's own next-token loss)."},
     )
     heal_lr: float = field(default=1e-4, metadata={"help": "Learning rate of healing (Adam)."})
+    svd_device: str | None = field(
+        default=None,
+        metadata={"help": "Run the SVD on this device ('cuda', 'cuda:1'); default where the weight is."},
+    )
+    svd_reference: bool = field(
+        default=True,
+        metadata={"help": "For randomized factors, also compute the exact SVD's error (the accuracy cost)."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real):

@@ -6,18 +6,43 @@ stages can be swapped in without touching discovery or I/O.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 # float64 for small matrices removes float32 round-off at no cost; for large ones LAPACK's
 # float64 SVD was 25x slower than float32 here (8.2 s vs 0.33 s for 1536x576), so they
 # use float32, which is what "float32 or higher" asks.
 _FLOAT64_MAX_ELEMENTS = 1 << 16
+_ERROR_BLOCK_ROWS = 256
 
 
 def _svd_dtype(weight: torch.Tensor) -> torch.dtype:
     if weight.dtype == torch.float64 or weight.numel() <= _FLOAT64_MAX_ELEMENTS:
         return torch.float64
     return torch.float32
+
+
+# --svd auto: randomized SVD (Halko et al.) where the kept rank is a small part of the
+# matrix, exact elsewhere. The sketch costs ~2(power_iterations+1)·m·n·q flops against
+# LAPACK's ~O(m·n·min(m, n)); measured here (benchmarks/svd_speed.py) it is 3-4x faster at
+# q ≈ min/4 and break-even near q ≈ min/2.5, and below ~512 columns exact takes milliseconds
+# and is optimal, so randomized is not worth its error there.
+AUTO_MAX_RANK_FRACTION = 1 / 3
+AUTO_MIN_SIZE = 512
+
+
+def choose_method(shape: tuple[int, int], rank: int, method: str = "auto", oversampling: int = 8) -> str:
+    """'exact' or 'randomized' for an (out, in) matrix kept at total ``rank``; 'auto' applies the rule."""
+    if method != "auto":
+        return method
+    small = min(shape)
+    if small >= AUTO_MIN_SIZE and rank + oversampling <= AUTO_MAX_RANK_FRACTION * small:
+        return "randomized"
+    return "exact"
 
 
 def truncated_svd(
@@ -33,12 +58,14 @@ def truncated_svd(
     Args:
         weight: the matrix, any float dtype; the SVD runs in float32 or float64.
         rank: number of singular triplets to keep (clipped to min(out, in)).
-        method: "exact" (LAPACK) or "randomized" (Halko et al., torch.svd_lowrank).
+        method: "exact" (LAPACK), "randomized" (Halko et al., torch.svd_lowrank with
+            ``oversampling`` extra columns and ``power_iterations``) or "auto" (``choose_method``).
     Returns:
         ``(A, B)`` with shapes (out, rank) and (rank, in), in the SVD's dtype.
     """
     work = weight.detach().to(_svd_dtype(weight))
     rank = min(rank, *work.shape)
+    method = choose_method(tuple(work.shape), rank, method, oversampling)
     if method == "randomized":
         q = min(rank + oversampling, *work.shape)
         devices = [work.device] if work.is_cuda else []
@@ -47,6 +74,10 @@ def truncated_svd(
                 torch.manual_seed(generator_seed)
             u, s, v = torch.svd_lowrank(work, q=q, niter=power_iterations)
         u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
+    elif work.shape[0] < work.shape[1]:
+        # LAPACK is 1.4-3x slower on wide matrices than on their transposes (measured): W = (Wᵀ)ᵀ.
+        v, s, uh = torch.linalg.svd(work.T, full_matrices=False)
+        u, s, vh = uh[:rank].T, s[:rank], v[:, :rank].T
     else:
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
@@ -61,11 +92,13 @@ def residual_svd(
 
     With exact SVD the residual after the top-r triplets has the remaining triplets as its
     SVD (Eckart–Young), so the stages are read off one decomposition: the same factors as
-    the explicit loop up to round-off (tested), at 1/n of the cost. ``explicit=True``, or
-    the randomized method, runs the loop: there each stage sees the previous stages' error.
+    the explicit loop up to round-off (tested), at 1/n of the cost. A randomized SVD is
+    also computed once, for the total rank (one sketch of rank Σr_j spans at least as much
+    of W as n sketches of rank r_j, at 1/n of the sketching cost), and split the same way.
+    ``explicit=True`` runs the loop, where each stage sees the previous stages' error.
     """
-    if method == "exact" and not explicit:
-        a, b = truncated_svd(weight, sum(ranks), method="exact")
+    if not explicit:
+        a, b = truncated_svd(weight, sum(ranks), method=method, **svd_options)
         bounds = torch.tensor([0, *ranks]).cumsum(0).tolist()
         return [(a[:, i:j], b[i:j]) for i, j in zip(bounds[:-1], bounds[1:], strict=True) if j > i]
     residual = weight.detach().to(_svd_dtype(weight)).clone()
@@ -75,6 +108,24 @@ def residual_svd(
         stages.append((a, b))
         residual -= a @ b
     return stages
+
+
+def optimal_relative_error(weight: torch.Tensor, rank: int) -> float:
+    """‖W − W_k‖_F / ‖W‖_F of the best rank-k approximation (Eckart–Young), without an SVD.
+
+    Σ_{i>k} σ_i² = ‖W‖² − Σ_{i<=k} λ_i(G), with G the Gram matrix of the smaller side:
+    one matmul and a symmetric eigenvalue solve (no vectors) cost a fraction of an SVD
+    (0.5 s vs 2.4 s on 2048x2048 here), so randomized runs can report their cost.
+    """
+    work = weight.detach().to(_svd_dtype(weight))
+    gram = work @ work.T if work.shape[0] <= work.shape[1] else work.T @ work
+    eig = torch.linalg.eigvalsh(gram).double().clamp_min(0)
+    total = sum(
+        work[i : i + _ERROR_BLOCK_ROWS].double().square().sum().item()
+        for i in range(0, work.shape[0], _ERROR_BLOCK_ROWS)
+    )
+    kept = eig.flip(0)[: min(rank, eig.numel())].sum().item()
+    return (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
 
 
 def split_rank(total_rank: int, submatrices: int) -> list[int]:
@@ -93,9 +144,83 @@ def rank_for_budget(out_features: int, in_features: int, budget: float) -> int:
     return int(budget * out_features * in_features / (out_features + in_features) + 1e-9)
 
 
-def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
-    """‖W − Ŵ‖_F / ‖W‖_F, in float64; 0 for an all-zero W reconstructed exactly."""
-    w = weight.detach().double()
-    diff = torch.linalg.matrix_norm(w - approximation.detach().double()).item()
-    norm = torch.linalg.matrix_norm(w).item()
+def relative_error(weight: torch.Tensor, approximation: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> float:
+    """‖W − Ŵ‖_F / ‖W‖_F, in float64; 0 for an all-zero W reconstructed exactly.
+
+    ``approximation`` may be the factors (A, B): Ŵ = A·B is then formed a block of rows at a
+    time, so the check holds a few MB instead of two float64 copies of a large matrix.
+    """
+    w = weight.detach()
+    diff2 = norm2 = 0.0
+    for i in range(0, w.shape[0], _ERROR_BLOCK_ROWS):
+        rows = w[i : i + _ERROR_BLOCK_ROWS].double()
+        if isinstance(approximation, tuple):
+            a, b = approximation
+            approx = a.detach()[i : i + _ERROR_BLOCK_ROWS] @ b.detach()
+        else:
+            approx = approximation.detach()[i : i + _ERROR_BLOCK_ROWS]
+        diff2 += (rows - approx.double()).square().sum().item()
+        norm2 += rows.square().sum().item()
+    diff, norm = diff2**0.5, norm2**0.5
     return diff / norm if norm > 0 else float(diff > 0)
+
+
+@dataclass
+class Factorization:
+    """A matrix's stages stacked into one pair, and what they cost in accuracy."""
+
+    a: torch.Tensor  # (out, Σr_j), the weight's dtype
+    b: torch.Tensor  # (Σr_j, in)
+    ranks: list[int]
+    method: str  # "exact" or "randomized": what "auto" chose
+    rel_error: float  # ‖W − A·B‖_F / ‖W‖_F
+    exact_error: float | None  # the same for the exact SVD at this rank (None: not computed)
+
+
+def factorize(
+    weight: torch.Tensor,
+    ranks: list[int],
+    method: str = "auto",
+    reference: bool = True,
+    device: str | torch.device | None = None,
+    weighting=None,
+    **svd_options,
+) -> Factorization:
+    """Residual SVD stages of ``weight`` (out, in), stacked, in the weight's dtype and device.
+
+    The one function both in-memory and streamed compression call, so both write the same bits.
+    ``reference`` computes the exact SVD's error for randomized factors (``optimal_relative_error``).
+    ``device`` runs the SVD there (e.g. "cuda" while the model stays on the CPU); when the
+    device's solver fails (cuSOLVER does not always converge) the matrix is done on the CPU.
+    ``weighting`` (a ``methods.Weighting`` from calibration) factorizes D·W·S and maps the stages
+    back (``methods.factorize``); the error is still measured on W itself, and no exact-SVD
+    reference is computed for it (Eckart–Young's optimum is in the weighted metric, not in W's).
+    """
+    weighted = weighting is not None and not weighting.is_identity
+    home = weight.device
+    if device is not None and torch.device(device) != home:
+        try:
+            f = factorize(weight.to(device), ranks, method, reference, weighting=weighting, **svd_options)
+        except (torch.linalg.LinAlgError, RuntimeError) as err:  # includes CUDA solver failures
+            logger.warning("SVD on %s failed (%s): this matrix is factorized on %s", device, err, home)
+        else:
+            f.a, f.b = f.a.to(home), f.b.to(home)
+            return f
+    chosen = choose_method(
+        tuple(weight.shape), min(sum(ranks), *weight.shape), method, svd_options.get("oversampling", 8)
+    )
+    if weighted:
+        from .methods import factorize as weighted_stages  # methods builds on this module
+
+        stages = weighted_stages(weight, ranks, weighting, method=chosen, **svd_options)
+    else:
+        stages = residual_svd(weight, ranks, method=chosen, **svd_options)
+    a = torch.cat([sa for sa, _ in stages], dim=1).to(weight.dtype)
+    b = torch.cat([sb for _, sb in stages], dim=0).to(weight.dtype)
+    with torch.no_grad():
+        error = relative_error(weight, (a, b))
+    if chosen == "exact":
+        exact = error
+    else:
+        exact = optimal_relative_error(weight, a.shape[1]) if reference and not weighted else None
+    return Factorization(a, b, [sa.shape[1] for sa, _ in stages], chosen, error, exact)

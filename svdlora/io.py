@@ -18,12 +18,12 @@ import json
 import logging
 import shutil
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import card
@@ -33,13 +33,24 @@ from .integrations import hf_quantizer
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .models import PREPROCESSOR_FILES, default_device, folder_bytes, model_class, parse_dtype
 from .outputs import atomic_folder, check_output_folder, describe, ensure_space, is_incomplete
+from .placement import device_for, dispatch, resolve_device_map
+from .reader import read_state
 from .report import CompressionReport
+from .runtime import RUNTIMES, apply_runtime
 from .schema import check_factor_shapes, model_class_named, validate_config
 from .version import FORMAT_VERSION, __version__
+from .writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    WEIGHTS_NAME,  # noqa: F401  (the file-name constants live in writer; io re-exports them)
+    ShardedWriter,
+    TensorSpec,
+    file_layout,
+    header_metadata,
+    weight_files,
+)
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "svdlora_config.json"
 
 
@@ -49,34 +60,13 @@ def check_output(output: str | Path, overwrite: bool = False, inputs=()) -> Path
     return check_output_folder(output, overwrite, inputs)
 
 
-def _tensors_for_file(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten the model into file tensors: stages split out, tied tensors stored once."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            for j, (a, b) in enumerate(module.stages()):
-                tensors[f"{name}.stage{j}.A"] = a
-                tensors[f"{name}.stage{j}.B"] = b
-    lowrank_keys = {f"{n}.{s}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for s in "AB"}
-    tensors.update({k: v for k, v in model.state_dict().items() if k not in lowrank_keys})
-    stored, tied, seen = {}, {}, {}
-    for key, tensor in tensors.items():
-        identity = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
-        if tensor.numel() and identity in seen:
-            tied[key] = seen[identity]
-            continue
-        seen[identity] = key
-        # clone: stage views share storage, which safetensors refuses
-        stored[key] = tensor.detach().to("cpu").clone().contiguous()
-    return stored, tied
-
-
 def save_compressed(
     model: nn.Module,
     output: str | Path,
     report: CompressionReport | None = None,
     source: str | Path | None = None,
     overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write a compressed model as a self-contained folder (atomically).
 
@@ -87,6 +77,8 @@ def save_compressed(
         source: the base model's folder or hub id, to copy tokenizer/processor files from
             (default: ``model.name_or_path`` when set).
         overwrite: replace an existing folder (only after the new one is complete).
+        max_shard_size: split the weights into shards of at most this size ("5GB", bytes),
+            with a ``model.safetensors.index.json``, as transformers does.
     Returns:
         The output path.
     """
@@ -97,42 +89,69 @@ def save_compressed(
     source = source if source is not None else getattr(config, "name_or_path", None) or None
     output = Path(output)
     with atomic_folder(output, overwrite, inputs=[source]) as tmp:
-        tensors, tied = _tensors_for_file(model)
-        metadata = {
-            "format": "pt",
-            "svdlora_version": __version__,
-            "svdlora_format_version": str(FORMAT_VERSION),
-            "tied": json.dumps(tied, sort_keys=True),
-        }
-        ensure_space(tmp, sum(t.numel() * t.element_size() for t in tensors.values()), str(output))
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata=metadata)
-        report.bytes_after = (tmp / WEIGHTS_NAME).stat().st_size
-        if report.bytes_before is None and source and Path(source).is_dir():
-            report.bytes_before = folder_bytes(source)
-        if config is not None and hasattr(config, "save_pretrained"):
-            config.save_pretrained(tmp)
-            hf_quantizer.mark_folder(tmp / "config.json")  # plain from_pretrained after `import svdlora`
-            generation_config = getattr(model, "generation_config", None)
-            if generation_config is not None and getattr(model, "can_generate", lambda: False)():
-                generation_config.save_pretrained(tmp)
-        if source:
-            _copy_preprocessor_files(source, tmp)
-        first = next(iter(tensors.values()), None)
-        svd_config = {
-            "svdlora_version": __version__,
-            "format_version": FORMAT_VERSION,
-            "base_model": {
-                "name_or_path": str(source) if source else None,
-                "class": type(model).__name__,
-                "model_type": getattr(config, "model_type", None),
-            },
-            "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
-            "report": report.to_dict(),
-        }
-        (tmp / CONFIG_NAME).write_text(json.dumps(svd_config, indent=2, sort_keys=True) + "\n")
-        card.write(tmp, card.compressed_card(report, svd_config["base_model"]["name_or_path"]))
+        tensors, tied = file_layout(model)
+        specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors]
+        writer = ShardedWriter(tmp, specs, header_metadata(tied), max_shard_size)
+        ensure_space(tmp, writer.total_size, str(output))
+        writer.create_files()
+        for key, tensor in tensors:  # one tensor copied at a time, not the whole model
+            writer.write(key, tensor)
+        writer.close()
+        writer.write_index()
+        report.bytes_after = writer.bytes_on_disk()
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and not getattr(model, "can_generate", lambda: False)():
+            generation_config = None
+        write_side_files(
+            tmp,
+            report,
+            source=source,
+            config=config,
+            generation_config=generation_config,
+            class_name=type(model).__name__,
+            dtype=specs[0].dtype if specs else None,
+        )
     logger.info("saved %s (%d bytes)", output, report.bytes_after)
     return output
+
+
+def write_side_files(
+    tmp: Path,
+    report: CompressionReport,
+    *,
+    source,
+    config,
+    generation_config,
+    class_name: str,
+    dtype: torch.dtype | None,
+    world_size: int = 1,
+) -> None:
+    """Everything but the weights: config.json (marked for the svdlora quantizer), generation config,
+    tokenizer files, the model card, and svdlora_config.json (last)."""
+    if report.bytes_before is None and source and Path(source).is_dir():
+        report.bytes_before = folder_bytes(source)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(tmp)
+        hf_quantizer.mark_folder(tmp / "config.json")  # plain from_pretrained after `import svdlora`
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+    if source:
+        _copy_preprocessor_files(source, tmp)
+    svd_config = {
+        "svdlora_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "base_model": {
+            "name_or_path": str(source) if source else None,
+            "class": class_name,
+            "model_type": getattr(config, "model_type", None),
+        },
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "world_size": world_size,
+        "report": report.to_dict(),
+    }
+    card.write(tmp, card.compressed_card(report, svd_config["base_model"]["name_or_path"]))
+    # Written last: a folder without it is not an svdlora folder (a killed run looks incomplete).
+    (tmp / CONFIG_NAME).write_text(json.dumps(svd_config, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_preprocessor_files(source: str | Path, dest: Path) -> None:
@@ -194,13 +213,15 @@ def read_config(path: str | Path) -> dict:
 
 
 def check_folder(path: str | Path) -> dict:
-    """read_config plus the safetensors header: factor shapes against the ranks, no tensor loaded."""
+    """read_config plus every shard's safetensors header: factor shapes against the ranks, no tensor loaded."""
     data = read_config(path)
-    weights = Path(path) / WEIGHTS_NAME
-    _check_header(weights)
-    with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes, weights)
+    files = weight_files(path)
+    shapes = {}
+    for weights in files:
+        _check_header(weights)
+        with safe_open(str(weights), framework="pt") as f:
+            shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+    check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes, files[0])
     return data
 
 
@@ -298,6 +319,9 @@ def load_compressed(
     dtype: str | torch.dtype | None = None,
     merge: bool = False,
     model: nn.Module | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    runtime: str | None = None,
 ) -> nn.Module:
     """Rebuild a compressed model, with its factors placed directly on ``device``.
 
@@ -308,13 +332,25 @@ def load_compressed(
         merge: rebuild dense weights A·B on the device instead of keeping low-rank layers.
         model: for plain PyTorch models, an instance of the original architecture (its
             weights are replaced); transformers models are rebuilt from config.json.
+        device_map: instead of ``device``, spread the layers over devices as accelerate does:
+            "auto" / "balanced" / "sequential" (planned with the factors' sizes, or the dense
+            sizes when merging), or a dict {module name: device}; ``max_memory`` caps each device.
+        runtime: "factorized" (default), "merged" (same as ``merge=True``), or "auto": per
+            layer, the layout that measured faster on its device for one token per call
+            (``svdlora.runtime``; decoding).
     Returns:
         The model in eval mode.
     """
+    if runtime not in (None, *RUNTIMES):
+        raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    merge = merge or runtime == "merged"
     path = Path(path)
-    data = check_folder(path)
-    weights = path / WEIGHTS_NAME
+    data = check_folder(path)  # every shard's header and factor shapes
+    files = weight_files(path)
+    weights = files[0]
     metadata = _check_header(weights)
+    for shard in files[1:]:
+        _check_header(shard)
     report = CompressionReport.from_dict(data["report"])
     target_device = default_device(device)
     target_dtype = parse_dtype(dtype)
@@ -323,26 +359,16 @@ def load_compressed(
         model = _build_skeleton(path, data.get("base_model", {}))
     for m in report.factorized:
         _check_replaced_layer(model, m, path)
+    for m in report.factorized if not merge else []:  # merged: the dense skeleton layers get A·B
         # Factors are allocated on meta; load_state_dict(assign=True) drops the real tensors in.
         layer = LowRankLinear(m.shape[1], m.shape[0], m.ranks, bias=m.bias, base_kind=m.kind, device="meta")
         model.set_submodule(m.name, layer, strict=True)
 
-    try:
-        tensors = load_file(str(weights), device=str(target_device))
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise SvdloraError(f"{str(weights)!r} cannot be read ({err}): re-run `svdlora compress`") from None
-    for m in report.factorized:
-        try:
-            a_parts = [tensors.pop(f"{m.name}.stage{j}.A") for j in range(len(m.ranks))]
-            b_parts = [tensors.pop(f"{m.name}.stage{j}.B") for j in range(len(m.ranks))]
-        except KeyError as err:
-            raise SvdloraError(
-                f"{str(weights)!r} lacks factor {err}: the file is corrupted, re-run `svdlora compress`"
-            ) from None
-        tensors[f"{m.name}.A"] = torch.cat(a_parts, dim=1)
-        tensors[f"{m.name}.B"] = torch.cat(b_parts, dim=0)
-    if target_dtype is not None:
-        tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    plan = place = None
+    if device_map is not None:
+        plan = resolve_device_map(model, device_map, max_memory, target_dtype)
+        place = partial(device_for, plan)
+    tensors = read_state(files, report, target_device, target_dtype, merge, place)
     tied = _tied_map(metadata, tensors, weights)
 
     try:
@@ -366,11 +392,12 @@ def load_compressed(
     for alias, stored in tied.items():
         parent, _, leaf = alias.rpartition(".")
         setattr(model.get_submodule(parent), leaf, model.get_parameter(stored))
-    model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
-    if merge:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, LowRankLinear):
-                model.set_submodule(name, module.to_dense())
+    if plan is None:
+        model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
     else:
+        model = dispatch(model, plan)
+    if not merge:
         setattr(model, REPORT_ATTR, report)
+    if runtime == "auto":
+        apply_runtime(model, "auto")
     return model.eval()

@@ -94,19 +94,26 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_stages(cls, module: nn.Module, stages: list[tuple[torch.Tensor, torch.Tensor]]) -> LowRankLinear:
         """A layer holding the given (A_j, B_j) stages and ``module``'s bias, in ``module``'s dtype."""
+        a = torch.cat([a for a, _ in stages], dim=1)
+        b = torch.cat([b for _, b in stages], dim=0)
+        return cls.from_factors(module, a, b, [sa.shape[1] for sa, _ in stages])
+
+    @classmethod
+    def from_factors(cls, module: nn.Module, a: torch.Tensor, b: torch.Tensor, ranks: list[int]) -> LowRankLinear:
+        """The layer replacing ``module`` with stacked factors ``a`` (out, Σr) and ``b`` (Σr, in)."""
         weight = weight_out_in(module)
         layer = cls(
             weight.shape[1],
             weight.shape[0],
-            [a.shape[1] for a, _ in stages],
+            list(ranks),
             bias=module.bias is not None,
             base_kind=dense_kind(module),
             device=weight.device,
             dtype=weight.dtype,
         )
         with torch.no_grad():
-            layer.A.copy_(torch.cat([a for a, _ in stages], dim=1))
-            layer.B.copy_(torch.cat([b for _, b in stages], dim=0))
+            layer.A.copy_(a)
+            layer.B.copy_(b)
             if module.bias is not None:
                 layer.bias.copy_(module.bias)
         return layer

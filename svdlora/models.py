@@ -221,12 +221,13 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     merge: bool = False,
     trust_remote_code: bool = False,
+    runtime: str | None = None,
 ) -> nn.Module:
     """Any model svdlora can take: a compressed folder, a dense folder, or a hub id; in eval mode."""
     from .io import is_compressed_folder, load_compressed  # io imports this module
 
     if is_compressed_folder(name_or_path):
-        return load_compressed(name_or_path, device=device, dtype=dtype, merge=merge)
+        return load_compressed(name_or_path, device=device, dtype=dtype, merge=merge, runtime=runtime)
     model = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(default_device(device)).eval()
 

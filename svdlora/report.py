@@ -16,6 +16,13 @@ class ModuleReport:
     rel_error: float = 0.0  # ‖W − Σ A_j B_j‖_F / ‖W‖_F
     dense_reason: str | None = None
     est_loss: float | None = None  # global allocation: estimated loss left by the truncation (Σ dropped σ²)
+    svd_method: str | None = None  # "exact" or "randomized" (what --svd auto chose)
+    exact_error: float | None = None  # rel_error of the exact SVD at the same rank, when computed
+
+    @property
+    def svd_cost(self) -> float | None:
+        """How much the SVD method added to the error: rel_error − exact_error (0 for exact)."""
+        return None if self.exact_error is None else self.rel_error - self.exact_error
 
     @property
     def factorized(self) -> bool:
@@ -96,6 +103,12 @@ class CompressionReport:
                     f"loss {h['first_loss']:.4f} -> {h['last_loss']:.4f}",
                 )
             )
+        if fac:
+            rand = [m for m in fac if m.svd_method == "randomized"]
+            if rand:
+                costs = [m.svd_cost for m in rand if m.svd_cost is not None]
+                cost = f", error vs exact +{sum(costs) / len(costs):.4f} mean, +{max(costs):.4f} max" if costs else ""
+                rows.append(("randomized SVD", f"{len(rand)} of {len(fac)} matrices{cost}"))
         rows.append(("compress time", f"{self.seconds:.1f} s"))
         return rows
 
@@ -105,13 +118,18 @@ class CompressionReport:
         lines = [f"{k:<{width}}  {v}" for k, v in self.summary_rows()]
         if modules:
             name_w = max([len(m.name) for m in self.modules] + [6])
-            lines += ["", f"{'module':<{name_w}}  {'shape':>11}  {'ranks':<14} {'params':>21}  {'rel.err':>7}"]
+            lines += [
+                "",
+                f"{'module':<{name_w}}  {'shape':>11}  {'ranks':<14} {'params':>21}  {'rel.err':>7}  {'vs exact':>8}",
+            ]
             for m in self.modules:
                 shape = f"{m.shape[0]}x{m.shape[1]}"
                 if m.factorized:
                     ranks = "+".join(map(str, m.ranks))
                     params = f"{m.params_before:,}->{m.params_after:,}"
-                    lines.append(f"{m.name:<{name_w}}  {shape:>11}  {ranks:<14} {params:>21}  {m.rel_error:7.4f}")
+                    cost = "" if m.svd_method != "randomized" else "n/a" if m.svd_cost is None else f"{m.svd_cost:+.4f}"
+                    line = f"{m.name:<{name_w}}  {shape:>11}  {ranks:<14} {params:>21}  {m.rel_error:7.4f}  {cost:>8}"
+                    lines.append(line.rstrip())
                 else:
                     lines.append(f"{m.name:<{name_w}}  {shape:>11}  dense: {m.dense_reason}")
         return "\n".join(lines)

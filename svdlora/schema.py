@@ -41,6 +41,8 @@ def validate_config(data, where: Path) -> None:
     for key in ("name_or_path", "class", "model_type"):
         if base.get(key) is not None and not isinstance(base.get(key), str):
             raise bad(f"base_model.{key}", base.get(key), "a string or null")
+    if "world_size" in data and (not _is_int(data["world_size"]) or data["world_size"] < 1):
+        raise bad("world_size", data["world_size"], "an integer >= 1")
     report = data.get("report")
     if not isinstance(report, dict):
         raise bad("report", report, "an object")
@@ -78,7 +80,10 @@ def validate_config(data, where: Path) -> None:
 
 
 def _validate_module(m, at: str, bad) -> None:
-    fields = {"name", "kind", "shape", "bias", "ranks", "stage_dtypes", "rel_error", "dense_reason", "est_loss"}
+    fields = {
+        "name", "kind", "shape", "bias", "ranks", "stage_dtypes", "rel_error", "dense_reason", "est_loss",
+        "svd_method", "exact_error",
+    }  # fmt: skip
     if not isinstance(m, dict):
         raise bad(at, m, "an object")
     if set(m) - fields or not {"name", "kind", "shape", "bias"} <= set(m):
@@ -102,6 +107,10 @@ def _validate_module(m, at: str, bad) -> None:
         raise bad(f"{at}.rel_error", m.get("rel_error"), "a number")
     if m.get("est_loss") is not None and not _is_num(m["est_loss"]):
         raise bad(f"{at}.est_loss", m["est_loss"], "a number or null")
+    if m.get("exact_error") is not None and not _is_num(m["exact_error"]):
+        raise bad(f"{at}.exact_error", m["exact_error"], "a number or null")
+    if m.get("svd_method") not in (None, "exact", "randomized"):
+        raise bad(f"{at}.svd_method", m["svd_method"], "'exact', 'randomized' or null")
     if m.get("dense_reason") is not None and not isinstance(m["dense_reason"], str):
         raise bad(f"{at}.dense_reason", m["dense_reason"], "a string or null")
     if not ranks and m.get("dense_reason") is None:

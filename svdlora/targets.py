@@ -49,6 +49,11 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
+def _storage(weight) -> object:
+    # On a meta skeleton (streamed compression) every data_ptr is 0: tied weights are one object there.
+    return id(weight) if weight.device.type == "meta" else weight.data_ptr()
+
+
 def _head_modules(model: nn.Module) -> set[int]:
     """ids of modules that are the output head or share their weight with an embedding."""
     heads = set()
@@ -56,9 +61,9 @@ def _head_modules(model: nn.Module) -> set[int]:
     out = get_out() if callable(get_out) else None
     if isinstance(out, nn.Module):
         heads.add(id(out))
-    embedding_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    embedding_ptrs = {_storage(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for module in model.modules():
-        if dense_kind(module) and module.weight.data_ptr() in embedding_ptrs:
+        if dense_kind(module) and _storage(module.weight) in embedding_ptrs:
             heads.add(id(module))
     return heads
 

@@ -495,3 +495,15 @@ def test_bad_options(gpt, capsys):
 def _write(path, text):
     path.write_text(text)
     return str(path)
+
+
+def test_runtime_layouts_give_the_same_perplexity(gpt, tmp_path, capsys):
+    figures = {}
+    for runtime in ("factorized", "merged", "auto"):
+        out_json = tmp_path / f"{runtime}.json"
+        args = [gpt["svd"], "--task", "text-generation", "--data", gpt["text"], "--max-length", "32"]
+        code, _, err = _cli([*args, "--runtime", runtime, "--json", str(out_json)], capsys)
+        assert code == 0, err
+        figures[runtime] = json.loads(out_json.read_text())["model"]["metrics"]["perplexity"]
+    assert figures["merged"] == pytest.approx(figures["factorized"], rel=1e-4)
+    assert figures["auto"] == pytest.approx(figures["factorized"], rel=1e-4)

@@ -142,3 +142,22 @@ def test_real_smollm2_from_pretrained(tmp_path):
         expected = svdlora.load_compressed(out, device="cpu")(ids).logits
         got = transformers.AutoModelForCausalLM.from_pretrained(out)(ids).logits
     assert torch.equal(got, expected)
+
+
+def test_sharded_folder_and_strict_checks(tmp_path):
+    # issue 10's shards and issue 7's strict reading hold for from_pretrained too
+    import transformers
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    svdlora.compress(model, progress=False, budget=0.5, submatrices=2)
+    folder = svdlora.save_compressed(model, tmp_path / "sharded", max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    expected = svdlora.load_compressed(folder, device="cpu")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(_logits(loaded, "llama"), _logits(expected, "llama"))
+    record = json.loads((folder / "svdlora_config.json").read_text())
+    record["report"]["modules"][0]["ranks"] = [1]  # edited: the ranks no longer fit the shards' shapes
+    (folder / "svdlora_config.json").write_text(json.dumps(record))
+    with pytest.raises(svdlora.SvdloraError, match="re-run `svdlora compress`"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)

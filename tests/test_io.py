@@ -96,7 +96,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("svdlora.io.save_file", boom)
+    monkeypatch.setattr("svdlora.writer.ShardedWriter.write", boom)
     with pytest.raises(OSError):
         save_compressed(model, tmp_path / "never")
     assert not (tmp_path / "never").exists()

@@ -164,12 +164,10 @@ def test_unwritable_output_is_checked_first(work, capsys, monkeypatch):
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
 def test_failed_or_interrupted_write_leaves_no_output(work, capsys, monkeypatch, error):
-    import svdlora.io as io
-
-    def save_file(*args, **kwargs):
+    def write(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(io, "save_file", save_file)
+    monkeypatch.setattr("svdlora.writer.ShardedWriter.write", write)  # every save goes through the writer
     before = tree_hash(work)
     code, _, err = cli(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress")
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -437,13 +435,11 @@ def test_sigterm_unwinds_and_removes_the_temporary_folder(work, monkeypatch):
     import signal
     import time
 
-    import svdlora.io as io
-
-    def save_file(*args, **kwargs):
+    def write(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this returns
 
-    monkeypatch.setattr(io, "save_file", save_file)
+    monkeypatch.setattr("svdlora.writer.ShardedWriter.write", write)
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
         main(["compress", str(work / "dense"), "--output", str(work / "out"), "--no-progress"])

@@ -9,13 +9,23 @@ import time
 
 import transformers
 
-from ..compress import compress
-from ..config import CompressionConfig
+from .. import distributed
+from ..compress import compress, svd_device
+from ..config import SVD_METHODS, CompressionConfig
 from ..errors import SvdloraError
 from ..io import check_output, save_compressed
 from ..models import load_pretrained
+from ..streaming import compress_checkpoint
+from ..writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 from . import options
-from .calibration_flags import add_calibration_flags, calibration_options, check_calibration, resolve_calibration
+from .calibration_flags import (
+    AUTO,
+    NONE,
+    add_calibration_flags,
+    calibration_options,
+    check_calibration,
+    resolve_calibration,
+)
 
 EXAMPLES = """examples:
   svdlora compress gpt2 --budget 0.5 --submatrices 3 --output out/gpt2-svd
@@ -60,7 +70,44 @@ def register(subparsers) -> None:
         action="store_false",
         help="also factorize the output head / layers tied to embeddings",
     )
-    p.add_argument("--svd-method", choices=("exact", "randomized"), default="exact")
+    p.add_argument(
+        "--svd",
+        "--svd-method",
+        dest="svd_method",
+        choices=SVD_METHODS,
+        default="exact",
+        help="exact (LAPACK, the default: reproducible, optimal factors), randomized (Halko et al., oversampling "
+        "8, 2 power iterations), or auto: randomized where rank + 8 <= min(out, in)/3 and min(out, in) >= 512, "
+        "exact elsewhere",
+    )
+    p.add_argument(
+        "--device",
+        dest="svd_device",
+        default=None,
+        help="run the SVD on this device, e.g. cuda (the model stays on the CPU; a matrix whose GPU solver "
+        "fails is redone on the CPU). Under torchrun, cuda means each process's own GPU (LOCAL_RANK)",
+    )
+    p.add_argument(
+        "--no-svd-reference",
+        dest="svd_reference",
+        action="store_false",
+        help="skip computing the exact SVD's error for randomized factors (shown by `info` as 'vs exact')",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the checkpoint tensor by tensor and write the output shard by shard (a local safetensors "
+        "folder; memory: one input shard + one matrix). Same bytes as without --calibration none. Automatic "
+        "under torchrun / accelerate launch, where the matrices are split over the processes. Streaming cannot "
+        "calibrate (that runs the whole model on data): the default --calibration auto falls back to plain SVD "
+        "(said on stderr), an explicit --calibration DATA|self is refused",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"split the output weights into shards of at most this size, e.g. 5GB (default {DEFAULT_MAX_SHARD_SIZE}, "
+        "as transformers)",
+    )
     add_calibration_flags(p)
     p.add_argument("--dtype", default=None, help="load the model in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -83,12 +130,18 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         keep_head=args.keep_head,
         svd_method=args.svd_method,
+        svd_reference=args.svd_reference,
+        svd_device=args.svd_device,
         **calibration_options(args),
     )
     check_calibration(args.calibration)
     output = check_output(args.output, args.overwrite, inputs=[args.model])  # before the slow model load
+    parse_size(args.max_shard_size)
+    svd_device(args.svd_device)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
+    if args.stream or distributed.launched():
+        return _run_streamed(args, config, output)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
@@ -99,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
             f"--rank {args.rank} factorizes none of the {len(report.modules)} Linear/Conv1D layers (the factors "
             "would not be smaller than any of them): pass a smaller --rank"
         )
-    save_compressed(model, output, report=report, source=args.model, overwrite=args.overwrite)
+    save_compressed(
+        model, output, report=report, source=args.model, overwrite=args.overwrite, max_shard_size=args.max_shard_size
+    )
     print(report.format())
     if args.eval:
         from ..card_eval import evaluate_into_card
@@ -108,6 +163,42 @@ def run(args: argparse.Namespace) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(
         f"\nwrote {output}  (load {load_seconds:.1f} s, total {time.perf_counter() - start:.1f} s, "
+        f"peak RSS {peak_mb:,.0f} MB)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -> int:
+    start = time.perf_counter()
+    how = "--stream" if args.stream else "a distributed run"
+    if args.calibration not in (AUTO, NONE):
+        raise SvdloraError(
+            f"--calibration {args.calibration} cannot be used with {how}: calibration runs the whole model on data, "
+            "streaming reads one tensor at a time; drop --stream (and torchrun), or pass --calibration none"
+        )
+    ctx = distributed.context()
+    if args.calibration == AUTO and ctx.is_main:
+        print(
+            f"svdlora compress: {how} compresses with plain SVD (calibration needs the whole model in memory; "
+            "without streaming, causal LMs calibrate on self-generated text by default)",
+            file=sys.stderr,
+        )
+    report = compress_checkpoint(
+        args.model,
+        output,
+        config,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=args.progress,
+        trust_remote_code=args.trust_remote_code,
+    )
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    if ctx.is_main:
+        print(report.format())
+    print(
+        f"\n[rank {ctx.rank}/{ctx.world_size}] wrote {output}  (streamed, total {time.perf_counter() - start:.1f} s, "
         f"peak RSS {peak_mb:,.0f} MB)",
         file=sys.stderr,
     )

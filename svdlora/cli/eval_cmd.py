@@ -76,6 +76,12 @@ def register(subparsers) -> None:
     )
     r.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     r.add_argument("--dtype", help="float32 (default), bfloat16 or float16, for both models")
+    r.add_argument(
+        "--runtime",
+        choices=("factorized", "merged", "auto"),
+        help="svdlora folders: keep factors (default), merge them, or auto: per layer the faster layout "
+        "measured on the device for one token per call",
+    )
     r.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     options.add_progress_flag(p)
     p.set_defaults(func=run)
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        runtime=args.runtime,
         progress=args.progress,
     )
     print(format_table(result))

@@ -26,5 +26,7 @@ def run(args: argparse.Namespace) -> int:
     base = data.get("base_model", {})
     print(f"svdlora {data.get('svdlora_version')} folder: {args.folder}")
     print(f"base model: {base.get('name_or_path')} ({base.get('class')}), dtype {data.get('dtype')}")
+    if data.get("world_size", 1) > 1:
+        print(f"written by {data['world_size']} processes (torch.distributed)")
     print(report.format(modules=not args.summary))
     return 0

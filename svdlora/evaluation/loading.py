@@ -78,7 +78,9 @@ def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MO
     name = str(spec)
     _preimport(name)
     start = time.perf_counter()
-    model = load_model(name, device=resolve_device(opts.device), dtype=opts.dtype or DEFAULT_DTYPE)
+    model = load_model(
+        name, device=resolve_device(opts.device), dtype=opts.dtype or DEFAULT_DTYPE, runtime=opts.runtime
+    )
     load_seconds = time.perf_counter() - start
     check_task(model, opts.task, name)
     if processor is None:

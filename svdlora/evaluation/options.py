@@ -71,6 +71,13 @@ class EvalOptions:
             "help": "float32, bfloat16, float16 (default float32 for loaded models; in-memory ones keep theirs)."
         },
     )
+    runtime: str | None = field(
+        default=None,
+        metadata={
+            "help": "svdlora folders: factorized (default), merged, or auto (per layer the faster layout on the "
+            "device, measured for one token per call)."
+        },
+    )
     limit: int | None = field(default=None, metadata={"help": "Evaluate the first N windows / images / sentences."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
@@ -99,6 +106,8 @@ class EvalOptions:
             )
         if self.task != TRANSLATION and self.references is not None:
             raise SvdloraError(f"references is only used by --task translation, got it with --task {self.task}")
+        if self.runtime not in (None, "factorized", "merged", "auto"):
+            raise SvdloraError(f"runtime must be factorized, merged or auto, got {self.runtime!r}")
         self.dtype = parse_dtype(self.dtype)
         if self.device is not None:
             self.device = str(resolve_device(self.device))

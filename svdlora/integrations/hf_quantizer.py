@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "svdlora"
 WEIGHTS_NAME = "model.safetensors"  # io.WEIGHTS_NAME; io imports this module, not the reverse
+INDEX_NAME = "model.safetensors.index.json"  # writer.INDEX_NAME: a sharded folder
 # A file that never exists: transformers without svdlora fails on it instead of loading random layers.
 GUARD_WEIGHTS_NAME = "svdlora--import-svdlora-before-from_pretrained.safetensors"
 _STAGE_KEY = re.compile(r"^(?P<module>.+)\.stage(?P<stage>\d+)\.(?P<side>[AB])$")
@@ -62,10 +63,17 @@ class SvdloraQuantizationConfig(QuantizationConfigMixin):
     """
 
     def __init__(
-        self, merge: bool = False, format_version: int = FORMAT_VERSION, svdlora_version: str | None = None, **kwargs
+        self,
+        merge: bool = False,
+        format_version: int = FORMAT_VERSION,
+        svdlora_version: str | None = None,
+        weights: str = WEIGHTS_NAME,
+        **kwargs,
     ):
         self.quant_method = QUANT_METHOD
         self.merge = bool(merge)
+        # the real weight file (the index of a sharded folder) that the guard stands in for
+        self.weights = weights if weights in (WEIGHTS_NAME, INDEX_NAME) else WEIGHTS_NAME
         self.format_version = format_version
         self.svdlora_version = svdlora_version or __version__
 
@@ -103,11 +111,17 @@ class SvdloraHfQuantizer(HfQuantizer):
         # The one hook that sees the model config before transformers resolves the weight file:
         # undo the guard that makes loading without svdlora fail (see the module docstring).
         if getattr(config, "transformers_weights", None) == GUARD_WEIGHTS_NAME:
-            config.transformers_weights = WEIGHTS_NAME
+            config.transformers_weights = self.quantization_config.weights
         return config
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs):
         self._checkpoint_files = list(checkpoint_files or [])
+        if self._checkpoint_files:
+            from ..io import check_folder  # io imports this module
+
+            # The same strict checks as load_compressed (issue 7): config fields, every shard's
+            # header and factor shapes, before transformers reads a tensor.
+            check_folder(Path(self._checkpoint_files[0]).parent)
         layouts = _factor_layouts(self._checkpoint_files)
         if not layouts:
             raise ValueError(f"{self._checkpoint_files} holds no svdlora factors: is this an svdlora folder?")
@@ -214,10 +228,10 @@ def _read_report(files: list[str]):
         return None
 
 
-def folder_config_entries() -> dict:
+def folder_config_entries(weights: str = WEIGHTS_NAME) -> dict:
     """The entries ``save_compressed`` adds to the folder's ``config.json``."""
     return {
-        "quantization_config": SvdloraQuantizationConfig().to_dict(),
+        "quantization_config": SvdloraQuantizationConfig(weights=weights).to_dict(),
         "transformers_weights": GUARD_WEIGHTS_NAME,
     }
 
@@ -225,7 +239,8 @@ def folder_config_entries() -> dict:
 def mark_folder(config_json: Path) -> None:
     """Add the quantization config (and the guard) to a written ``config.json``."""
     data = json.loads(config_json.read_text())
-    data.update(folder_config_entries())
+    sharded = (config_json.parent / INDEX_NAME).is_file()  # the index is written before config.json
+    data.update(folder_config_entries(INDEX_NAME if sharded else WEIGHTS_NAME))
     config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

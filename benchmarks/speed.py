@@ -1,0 +1,241 @@
+"""Scale and speed figures of issue 10, each with its anchor measured in the same run.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.speed --dense ~/.cache/svdlora/SmolLM2-135M --work /tmp/speed \
+        [--budget 0.5] [--repeats 3] [--new-tokens 32] [--parts compress,load,decode]
+
+compress: whole `svdlora compress` commands (fresh processes: in memory, --stream, and with
+          --svd exact), wall time and peak RSS, vs the I/O floor (a fresh process that loads the dense checkpoint
+          with from_pretrained and saves it with save_pretrained).
+load:     fresh processes: time from after the imports to the end of the first forward pass
+          (16 tokens), dense from_pretrained vs load_compressed factorized / merged.
+distributed: `--stream` in 1 process vs `torchrun --nproc_per_node 2`, weight files compared.
+decode:   batch-1 greedy decoding (generate, no sampling, a fixed number of new tokens),
+          tokens/s of dense vs compressed factorized / merged / --runtime auto, one process;
+          and prefill: one forward pass over a 256-token prompt, tokens/s.
+Repeats are interleaved so machine noise hits every variant alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LOAD_CHILD = """
+import sys, time, torch
+import transformers
+from svdlora import load_compressed
+kind, dense, compressed = sys.argv[1:4]
+transformers.utils.logging.disable_progress_bar()
+start = time.perf_counter()
+if kind == "dense":
+    model = transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+else:
+    model = load_compressed(compressed, device="cpu", runtime=kind)
+with torch.no_grad():
+    model(torch.arange(1, 17)[None])
+print(time.perf_counter() - start)
+"""
+
+FLOOR_CHILD = """
+import resource, sys, transformers
+transformers.utils.logging.disable_progress_bar()
+transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto").save_pretrained(sys.argv[2])
+print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB", file=sys.stderr)
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def _run(cmd: list[str], stderr: bool = False):
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr[-2000:]}")
+    if stderr:
+        return time.perf_counter() - start, proc.stdout, proc.stderr
+    return time.perf_counter() - start, proc.stdout
+
+
+def _peak_mb(stderr: str) -> float | None:
+    """The "peak RSS N MB" line the CLI (and the floor script) print: the process's ru_maxrss."""
+    found = re.findall(r"peak RSS ([\d,]+) MB", stderr)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def part_compress(args, work: Path) -> dict:
+    base = [sys.executable, "-m", "svdlora", "compress", args.dense, "--budget", str(args.budget), "--no-progress"]
+    variants = {
+        "I/O floor (from_pretrained + save_pretrained)": lambda out: [
+            sys.executable,
+            "-c",
+            FLOOR_CHILD,
+            args.dense,
+            out,
+        ],
+        "svdlora compress (--svd auto)": lambda out: [*base, "-o", out],
+        "svdlora compress --stream (--svd auto)": lambda out: [*base, "-o", out, "--stream"],
+        "svdlora compress --svd exact": lambda out: [*base, "-o", out, "--svd", "exact"],
+    }
+    times = {k: [] for k in variants}
+    peaks = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, make in variants.items():
+            out = work / "compress-out"
+            shutil.rmtree(out, ignore_errors=True)
+            seconds, _, err = _run(make(str(out)), stderr=True)
+            times[name].append(seconds)
+            peaks[name].append(_peak_mb(err))
+    floor = statistics.median(next(iter(times.values())))
+    floor_peak = statistics.median(next(iter(peaks.values())))
+    return {
+        k: {
+            "median_s": statistics.median(v),
+            "all_s": v,
+            "ratio_to_floor": statistics.median(v) / floor,
+            "peak_rss_mb_median": statistics.median(peaks[k]),
+            "peak_ratio_to_floor": statistics.median(peaks[k]) / floor_peak,
+        }
+        for k, v in times.items()
+    }
+
+
+def part_distributed(args, work: Path) -> dict:
+    """--stream in one process vs torchrun with 2 processes: wall time, and the bytes compared."""
+    common = ["compress", args.dense, "--budget", str(args.budget), "--no-progress", "--stream"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "svdlora"]
+    variants = {"1 process": [sys.executable, "-m", "svdlora"], "2 processes (torchrun)": torchrun}
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, launcher in variants.items():
+            out = work / f"dist-{name[0]}"
+            shutil.rmtree(out, ignore_errors=True)
+            times[name].append(_run([*launcher, *common, "-o", str(out)])[0])
+    one, two = (sorted(p.name for p in (work / f"dist-{n}").glob("*.safetensors*")) for n in "12")
+    same = one == two and all((work / "dist-1" / f).read_bytes() == (work / "dist-2" / f).read_bytes() for f in one)
+    base = statistics.median(times["1 process"])
+    rows = {
+        k: {"median_s": statistics.median(v), "all_s": v, "ratio_to_1": statistics.median(v) / base}
+        for k, v in times.items()
+    }
+    rows["identical_weight_files"] = same
+    return rows
+
+
+def part_load(args, compressed: Path) -> dict:
+    kinds = ["dense", "factorized", "merged"]
+    times = {k: [] for k in kinds}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            _, out = _run([sys.executable, "-c", LOAD_CHILD, kind, args.dense, str(compressed)])
+            times[kind].append(float(out.strip().splitlines()[-1]))
+    dense = statistics.median(times["dense"])
+    return {
+        k: {"median_s": statistics.median(v), "all_s": v, "ratio_to_dense": statistics.median(v) / dense}
+        for k, v in times.items()
+    }
+
+
+def part_decode(args, compressed: Path) -> dict:
+    import transformers
+
+    from svdlora import load_compressed
+
+    transformers.utils.logging.disable_progress_bar()
+    models = {
+        "dense": transformers.AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval(),
+        "factorized": load_compressed(compressed, device="cpu", runtime="factorized"),
+        "merged": load_compressed(compressed, device="cpu", runtime="merged"),
+        "auto": load_compressed(compressed, device="cpu", runtime="auto"),
+    }
+    from svdlora.layers import LowRankLinear
+
+    auto_factorized = sum(isinstance(m, LowRankLinear) for m in models["auto"].modules())
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1789]])
+    long_prompt = torch.randint(1, 40000, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
+    rates = {k: [] for k in models}
+    prefill = {k: [] for k in models}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            with torch.no_grad():
+                start = time.perf_counter()
+                model(long_prompt)
+                prefill[name].append(args.prefill_tokens / (time.perf_counter() - start))
+                start = time.perf_counter()
+                model.generate(
+                    prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                    pad_token_id=0,
+                )  # fmt: skip
+                rates[name].append(args.new_tokens / (time.perf_counter() - start))
+    dense = statistics.median(rates["dense"])
+    rows = {
+        k: {"tokens_per_s": statistics.median(v), "all": v, "ratio_to_dense": statistics.median(v) / dense}
+        for k, v in rates.items()
+    }
+    rows["auto"]["layers_left_factorized"] = auto_factorized
+    dense_prefill = statistics.median(prefill["dense"])
+    for k, v in prefill.items():
+        rows[k]["prefill_tokens_per_s"] = statistics.median(v)
+        rows[k]["prefill_ratio_to_dense"] = statistics.median(v) / dense_prefill
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dense", required=True)
+    p.add_argument("--work", required=True)
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill timing")
+    p.add_argument("--parts", default="compress,load,decode")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    compressed = work / f"compressed-{args.budget}"
+    if not compressed.exists():
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "svdlora",
+                "compress",
+                args.dense,
+                "-o",
+                str(compressed),
+                "--budget",
+                str(args.budget),
+                "--no-progress",
+            ]
+        )
+    result = {
+        "budget": args.budget,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    for part in args.parts.split(","):
+        parts = {"compress": part_compress, "load": part_load, "decode": part_decode, "distributed": part_distributed}
+        result[part] = parts[part](args, work if part in ("compress", "distributed") else compressed)
+        print(part, json.dumps(result[part], indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

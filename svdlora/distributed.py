@@ -1,0 +1,82 @@
+"""Which process does which matrix: torch.distributed under torchrun / accelerate launch.
+
+The launcher sets RANK / WORLD_SIZE / MASTER_ADDR; the plain CLI detects them and splits
+the work. The process group is gloo: the collectives here carry a folder name and the
+per-module reports (small Python objects), and the factorization itself runs on each
+rank's CPU, so no GPU backend is needed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """``obj`` of rank 0, on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, on every rank, in rank order."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def launched() -> bool:
+    """True under torchrun / accelerate launch with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def context() -> Context:
+    """The process group of a launcher (joined on first use), or a single-process context."""
+    if dist.is_available() and dist.is_initialized():
+        return Context(dist.get_rank(), dist.get_world_size())
+    if not launched():
+        return Context()
+    dist.init_process_group(backend="gloo")
+    return Context(dist.get_rank(), dist.get_world_size())
+
+
+def assign(costs: list[float], world_size: int) -> list[int]:
+    """The rank of each job: longest job first, to the least loaded rank (deterministic)."""
+    if world_size == 1:
+        return [0] * len(costs)
+    owner = [0] * len(costs)
+    loads = [(0.0, r) for r in range(world_size)]
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        load, rank = heapq.heappop(loads)
+        owner[job] = rank
+        heapq.heappush(loads, (load + costs[job], rank))
+    return owner
+
+
+def svd_cost(out_features: int, in_features: int) -> float:
+    """Relative cost of one factorization: ~m·n·min(m, n) flops for either SVD method."""
+    return float(out_features) * in_features * min(out_features, in_features)

@@ -1,0 +1,63 @@
+"""device_map loading: which device each tensor of a compressed model goes to (accelerate).
+
+``"auto"`` / ``"balanced"`` / ... are planned by ``accelerate.infer_auto_device_map`` on the
+meta skeleton, which already holds the low-rank layers (so it plans with factor sizes, or
+with dense sizes when merging); a dict is used as given. Tensors are then read one at a time
+onto their device, and ``accelerate.dispatch_model`` adds the hooks that move activations
+between devices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import SvdloraError
+
+
+def resolve_device_map(
+    model: nn.Module, device_map: str | dict, max_memory: dict | None, dtype: torch.dtype | None
+) -> dict[str, str | int | torch.device]:
+    if isinstance(device_map, dict):
+        plan = dict(device_map)
+    elif isinstance(device_map, str):
+        from accelerate import infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map in ("balanced", "balanced_low_0") or (device_map == "auto" and max_memory is None):
+            max_memory = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
+                low_zero=device_map == "balanced_low_0",
+            )  # fmt: skip
+        elif device_map not in ("auto", "sequential"):
+            raise SvdloraError(
+                f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential' or a dict, got {device_map!r}"
+            )
+        plan = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    else:
+        raise SvdloraError(f"device_map must be a string or a dict, got {type(device_map).__name__}")
+    if any(d == "disk" for d in plan.values()):
+        raise SvdloraError("device_map puts layers on 'disk': svdlora does not offload to disk; raise max_memory")
+    return plan
+
+
+def device_for(plan: dict, key: str) -> torch.device:
+    """The device of a tensor name under a device map (longest matching module prefix)."""
+    name = key
+    while True:
+        if name in plan:
+            d = plan[name]
+            return torch.device(f"cuda:{d}" if isinstance(d, int) else d)
+        if not name:
+            raise SvdloraError(f"device_map places no module holding {key!r}: add it (or '' for a default)")
+        name = name.rpartition(".")[0]
+
+
+def dispatch(model: nn.Module, plan: dict) -> nn.Module:
+    from accelerate import dispatch_model
+
+    devices = {str(device_for(plan, "")) if "" in plan else None, *map(str, plan.values())} - {None}
+    if len(devices) == 1:  # one device: a plain .to(), no hooks
+        return model.to(next(iter(plan.values())) if "" not in plan else plan[""])
+    return dispatch_model(model, device_map=plan)

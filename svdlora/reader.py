@@ -1,0 +1,105 @@
+"""Reading a compressed folder's tensors onto a device, one tensor at a time.
+
+Each factorized layer's stages are copied into one preallocated (A, B) pair on the target
+device (no second copy of the factors while concatenating), or, when merging, multiplied out
+there layer by layer, so the peak is the result plus one layer's factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import SvdloraError
+from .layers import CONV1D
+from .report import CompressionReport
+
+
+class FolderTensors:
+    """Name -> tensor over all shards of a folder, read lazily onto ``device``."""
+
+    def __init__(self, files: list[Path], device: torch.device) -> None:
+        self.folder = files[0].parent
+        self._stack = ExitStack()
+        self.where: dict[str, object] = {}
+        try:
+            for file in files:
+                handle = self._stack.enter_context(safe_open(str(file), framework="pt", device=str(device)))
+                for key in handle.keys():
+                    self.where[key] = handle
+        except (SafetensorError, OSError, RuntimeError) as err:
+            self._stack.close()
+            raise SvdloraError(f"{str(files[0].parent)!r} cannot be read ({err}): re-run `svdlora compress`") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            handle = self.where.pop(key)
+        except KeyError:
+            raise SvdloraError(
+                f"{str(self.folder)!r} lacks factor {key!r}: the file is corrupted, re-run `svdlora compress`"
+            ) from None
+        return handle.get_tensor(key)
+
+    def rest(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in list(self.where):
+            yield key, self.get(key)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _stacked(tensors: FolderTensors, name: str, ranks: list[int], part: str, dtype, device) -> torch.Tensor:
+    keys = [f"{name}.stage{j}.{part}" for j in range(len(ranks))]
+    if len(keys) == 1:
+        return tensors.get(keys[0]).to(device=device, dtype=dtype)
+    first = tensors.get(keys[0])
+    dim = 1 if part == "A" else 0
+    shape = list(first.shape)
+    shape[dim] = sum(ranks)
+    out = torch.empty(shape, dtype=dtype or first.dtype, device=device)
+    offset = 0
+    for j, key in enumerate(keys):
+        t = first if j == 0 else tensors.get(key)
+        out.narrow(dim, offset, t.shape[dim]).copy_(t)
+        offset += t.shape[dim]
+        del t
+    return out
+
+
+def read_state(
+    files: list[Path],
+    report: CompressionReport,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    merge: bool,
+    place: Callable[[str], torch.device] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The state dict for ``load_state_dict(assign=True)``: ``<layer>.A/.B`` per factorized layer,
+    or, with ``merge``, the dense ``<layer>.weight`` (in the layer's own layout) built on ``device``.
+    ``place(name)`` overrides the device per tensor (a device map): files are then read on the CPU
+    and each tensor moved on its own, so no full copy of the model sits on the CPU."""
+    tensors = FolderTensors(files, device if place is None else torch.device("cpu"))
+    place = place or (lambda _: device)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for m in report.factorized:
+            where = place(f"{m.name}.weight")
+            a = _stacked(tensors, m.name, m.ranks, "A", dtype, where)
+            b = _stacked(tensors, m.name, m.ranks, "B", dtype, where)
+            if not merge:
+                state[f"{m.name}.A"], state[f"{m.name}.B"] = a, b
+            elif m.kind == CONV1D:
+                state[f"{m.name}.weight"] = b.T @ a.T  # Conv1D stores (in, out) = (A·B)ᵀ
+            else:
+                state[f"{m.name}.weight"] = a @ b
+            del a, b  # merged: only this layer's factors are held next to the dense result
+        for key, t in tensors.rest():
+            t = t.to(place(key))
+            state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    finally:
+        tensors.close()
+    return state

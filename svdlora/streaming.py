@@ -1,0 +1,389 @@
+"""Streamed compression: a safetensors checkpoint read tensor by tensor, written shard by shard.
+
+The architecture is built on the meta device (no memory) to find the targets and allocate
+ranks from shapes alone; the output layout then follows (``writer.file_layout``) before any
+tensor is read. Each tensor is read with plain file I/O (no memory map), factorized or
+copied, and written straight to its offset in the output: the peak is one matrix and its
+SVD working set, never a shard or the model.
+The same ``decompose.factorize`` and the same writer as in-memory compression give the same
+bytes (tested). Under torchrun the matrices are split over the ranks (``distributed``).
+
+Calibration-aware methods cannot stream yet: they need every layer's inputs, i.e. running
+the model forward on calibration data, so they need the model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from tqdm.auto import tqdm
+
+from . import distributed
+from .allocate import allocate_ranks
+from .compress import count_parameters, module_report, svd_options
+from .config import CompressionConfig
+from .decompose import factorize
+from .errors import SvdloraError
+from .io import _no_weight_init, atomic_folder, check_output, write_side_files
+from .layers import CONV1D, LowRankLinear, dense_kind, weight_out_in
+from .models import check_dense_folder, model_class, parse_dtype
+from .outputs import ensure_space
+from .report import CompressionReport, ModuleReport
+from .targets import find_targets
+from .writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    ShardedWriter,
+    TensorSpec,
+    file_layout,
+    header_metadata,
+)
+
+logger = logging.getLogger(__name__)
+
+# Methods that stream: a plain SVD needs only W. "auto" is plain SVD without calibration data.
+STREAMING_METHODS = ("svd", "auto")
+
+
+def check_streamable(config: CompressionConfig, calibration=None) -> None:
+    """Refuse settings that cannot stream (calibration-aware methods), with what to do instead."""
+    method = getattr(config, "method", "svd")
+    calibrated = (
+        calibration is not None
+        or method not in STREAMING_METHODS
+        or getattr(config, "allocation", "uniform") == "global"
+        or getattr(config, "heal_steps", 0)
+    )
+    if calibrated:
+        raise SvdloraError(
+            f"method {method!r} with calibration data, global allocation or healing cannot stream: it runs the "
+            "model on calibration data, so the whole model must be in memory; drop --stream (and run without "
+            "torchrun), or use the plain SVD method without calibration data"
+        )
+
+
+class Checkpoint:
+    """A local safetensors checkpoint (single file or sharded index): key -> file, shape, dtype."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / WEIGHTS_NAME).is_file():
+            files = [WEIGHTS_NAME]
+        else:
+            raise SvdloraError(
+                f"{str(self.folder)!r} has no model.safetensors or {INDEX_NAME}: streaming reads safetensors "
+                "checkpoints only; compress without --stream"
+            )
+        self.files = [self.folder / f for f in files]
+        self.file_of: dict[str, Path] = {}
+        self.spec: dict[str, TensorSpec] = {}
+        self.offset: dict[str, int] = {}  # byte offset of each tensor's data in its file
+        for file in self.files:
+            for key, (spec, offset) in _read_header(file).items():
+                self.file_of[key], self.spec[key], self.offset[key] = file, spec, offset
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, read with plain file I/O into fresh memory.
+
+        Not ``safe_open``: it memory-maps the whole file, which under an address-space limit
+        (``ulimit -v``) failed here on a 1 GB shard, and whose touched pages count in RSS.
+        """
+        spec = self.spec[key]
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        with open(self.file_of[key], "rb") as f:
+            f.seek(self.offset[key])
+            if f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != spec.nbytes:
+                raise SvdloraError(f"{str(self.file_of[key])!r} is truncated at {key!r}: re-download the checkpoint")
+        return out
+
+    def resolve(self, key: str, prefix: str) -> str | None:
+        """The checkpoint's name for a model state key (base models are often saved without their prefix)."""
+        for candidate in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
+            if candidate in self.spec:
+                return candidate
+        return None
+
+
+def _read_header(file: Path) -> dict[str, tuple[TensorSpec, int]]:
+    """{name: (spec, absolute data offset)} from a safetensors header, without mapping the file."""
+    try:
+        with open(file, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as err:
+        raise SvdloraError(f"{str(file)!r} is not a readable safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    return {
+        key: (TensorSpec(key, tuple(v["shape"]), _torch_dtype(v["dtype"])), 8 + length + v["data_offsets"][0])
+        for key, v in header.items()
+    }
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
+    names |= {"I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+    names |= {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+    return getattr(torch, names.get(name, name.lower()))
+
+
+@dataclass
+class Plan:
+    """Everything known before a tensor is read: the meta model with its low-rank layers, the
+    output layout, and the jobs (factorize a matrix, copy a tensor, write a code-built buffer)."""
+
+    checkpoint: Checkpoint
+    hf_config: object
+    model: torch.nn.Module  # meta skeleton, targets swapped for meta LowRankLinear
+    specs: list[TensorSpec]
+    tied: dict[str, str]
+    jobs: list[tuple[str, str | None, object]]  # (kind, checkpoint key, Target or output key)
+    dense: dict[str, str]  # layer -> why it stays dense
+    params_before: int
+    target_dtype: torch.dtype | None
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def out_dtype(self, stored: torch.dtype) -> torch.dtype:
+        return self.target_dtype if self.target_dtype is not None and stored.is_floating_point else stored
+
+    def cost(self, job) -> float:
+        kind, src, what = job
+        if kind == "factorize":
+            return distributed.svd_cost(what.out_features, what.in_features)
+        return float(self.checkpoint.spec[src].nbytes) if kind == "copy" else 0.0
+
+
+def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote_code: bool = False) -> Plan:
+    """Targets, ranks and the output layout of a checkpoint, from its config and headers alone."""
+    import transformers
+
+    if not Path(source).is_dir():
+        raise SvdloraError(f"streaming needs a local folder, got {str(source)!r}: download it first (hf download)")
+    check_dense_folder(Path(source), str(source))  # issue 7's checks: no svdlora folder, no truncated file
+    ckpt = Checkpoint(source)
+    hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    target_dtype = parse_dtype(dtype) or getattr(hf_config, "dtype", None)
+    with init_empty_weights(), _no_weight_init():
+        model = model_class(hf_config)(hf_config)
+    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
+    params_before = count_parameters(model)
+    targets, dense = find_targets(model, config)
+    if not targets:
+        raise SvdloraError("no Linear/Conv1D layer is targeted: check --include/--exclude")
+    ranks, allocator_dense = allocate_ranks(targets, config)
+    dense.update(allocator_dense)
+    prefix = getattr(model, "base_model_prefix", "")
+    same: dict[int, list[str]] = {}  # a checkpoint may store a tied parameter under any of its names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        same.setdefault(id(param), []).append(name)
+    names_of = {n: group for group in same.values() for n in group}
+
+    def find(names: list[str]) -> str | None:
+        return next(filter(None, (ckpt.resolve(k, prefix) for k in names)), None)
+
+    out = Plan(ckpt, hf_config, model, [], {}, [], dense, params_before, target_dtype)
+    weight_dtype = {}
+    for t in targets:
+        if t.name not in ranks:
+            continue
+        key = find(names_of.get(f"{t.name}.weight", [f"{t.name}.weight"]))
+        if key is None:
+            raise SvdloraError(f"{str(source)!r} has no tensor for {t.name}.weight: compress without --stream")
+        weight_dtype[t.name] = out.out_dtype(ckpt.spec[key].dtype)
+        layer = LowRankLinear(
+            t.in_features, t.out_features, ranks[t.name], bias=t.module.bias is not None,
+            base_kind=t.kind, device="meta", dtype=weight_dtype[t.name],
+        )  # fmt: skip
+        model.set_submodule(t.name, layer)
+        out.jobs.append(("factorize", key, t))
+    if not config.keep_head and getattr(hf_config, "tie_word_embeddings", False):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, LowRankLinear):  # as compress() does: a factorized head is no longer tied
+            hf_config.tie_word_embeddings = False
+    layout, out.tied = file_layout(model)
+    buffers = out.buffers = dict(model.named_buffers())
+    stage_owner = {
+        f"{name}.stage{j}.{part}": name
+        for name, layer in model.named_modules()
+        if isinstance(layer, LowRankLinear)
+        for j in range(len(layer.ranks))
+        for part in "AB"
+    }
+    aliases: dict[str, list[str]] = {}
+    for alias, stored in out.tied.items():
+        aliases.setdefault(stored, []).append(alias)
+    for key, tensor in layout:
+        if key in stage_owner:
+            out.specs.append(TensorSpec(key, tuple(tensor.shape), weight_dtype[stage_owner[key]]))
+        elif (src := find([key, *aliases.get(key, [])])) is not None:
+            out.specs.append(TensorSpec(key, ckpt.spec[src].shape, out.out_dtype(ckpt.spec[src].dtype)))
+            out.jobs.append(("copy", src, key))
+        elif key in buffers and buffers[key].device.type != "meta":  # built by the model's code
+            out.specs.append(TensorSpec(key, tuple(tensor.shape), tensor.dtype))
+            out.jobs.append(("buffer", None, key))
+        else:
+            raise SvdloraError(f"{str(source)!r} has no tensor {key!r}: compress without --stream")
+    return out
+
+
+def compress_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    config: CompressionConfig | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    calibration=None,
+    **options,
+) -> CompressionReport:
+    """Compress a local safetensors checkpoint without loading the model into memory.
+
+    Writes the same folder as ``compress`` + ``save_compressed`` (the same weight bytes). Under
+    ``torchrun``, each rank factorizes its share of the matrices and writes them; rank 0 writes
+    the index and config, recording ``world_size``.
+
+    Args:
+        source: a local transformers folder with ``model.safetensors`` or a sharded index.
+        output: the folder to create (atomically: it appears only once complete).
+        config: a ``CompressionConfig``, or its fields as keyword ``options``.
+        dtype: cast floating tensors to this dtype (default: config.json's ``dtype``, else as stored).
+        max_shard_size: shard the output as transformers does (default "50GB").
+        calibration: calibration data; given, this refuses (calibration-aware methods need
+            the model in memory), as does a calibration-aware ``config.method``.
+    Returns:
+        The ``CompressionReport`` (the same on every rank).
+    """
+    config = config or CompressionConfig(**options)
+    check_streamable(config, calibration)
+    ctx = distributed.context()
+    start = time.perf_counter()
+    check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
+    p = plan(source, config, dtype, trust_remote_code)
+    owner = distributed.assign([p.cost(j) for j in p.jobs], ctx.world_size)
+    file_rank = {f: i for i, f in enumerate(p.checkpoint.files)}
+    mine = sorted(  # in checkpoint file order: sequential reads
+        (j for j, r in zip(p.jobs, owner, strict=True) if r == ctx.rank),
+        key=lambda j: file_rank.get(p.checkpoint.file_of.get(j[1]), -1),
+    )
+    with atomic_folder(output, overwrite, inputs=[source]) if ctx.is_main else _nothing() as tmp:
+        tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
+        writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied), max_shard_size)
+        if ctx.is_main:
+            ensure_space(tmp, writer.total_size, str(output))
+            writer.create_files()
+        ctx.barrier()  # files laid out before any rank writes into them
+        reports = _run_jobs(mine, p, writer, config, progress and ctx.is_main)
+        writer.close()
+        ctx.barrier()  # every shard complete before rank 0 finishes the folder
+        for part in ctx.gather(reports):
+            reports.update(part)
+        report = CompressionReport(
+            config=config.to_dict(),
+            modules=_module_reports(p.model, reports, p.dense),
+            model_params_before=p.params_before,
+            model_params_after=count_parameters(p.model),
+            seconds=time.perf_counter() - start,
+            bytes_after=writer.bytes_on_disk(),
+            method="svd",  # what compress() records for a run without calibration
+            allocation="uniform",
+        )
+        if ctx.is_main:
+            writer.write_index()
+            write_side_files(
+                tmp,
+                report,
+                source=source,
+                config=p.hf_config,
+                generation_config=_generation_config(source),
+                class_name=type(p.model).__name__,
+                dtype=p.specs[0].dtype if p.specs else None,
+                world_size=ctx.world_size,
+            )
+    ctx.barrier()  # the folder is in place before any rank returns
+    logger.info("streamed %d matrices in %.1f s", len(reports), report.seconds)
+    return report
+
+
+def _module_reports(model, reports: dict[str, ModuleReport], dense: dict[str, str]) -> list[ModuleReport]:
+    """Factorized and dense layers in model order, as ``compress()`` reports them."""
+    modules = []
+    for name, module in model.named_modules():
+        if name in reports:
+            modules.append(reports[name])
+        elif name in dense:
+            out_f, in_f = weight_out_in(module).shape
+            kind, bias = dense_kind(module), module.bias is not None
+            modules.append(ModuleReport(name, kind, (out_f, in_f), bias=bias, dense_reason=dense[name]))
+    return modules
+
+
+def _generation_config(source):
+    import transformers
+
+    if (Path(source) / "generation_config.json").is_file():
+        return transformers.GenerationConfig.from_pretrained(str(source))
+    return None
+
+
+def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, progress: bool) -> dict:
+    """Read, factorize or copy, and write this process's jobs; returns their report lines."""
+    reports = {}
+    options = svd_options(config)
+    for kind, src, what in tqdm(jobs, desc="streaming", disable=not progress):
+        if kind == "buffer":
+            writer.write(what, p.buffers[what])
+            continue
+        tensor = p.checkpoint.read(src)
+        if kind == "copy":
+            writer.write(what, tensor.to(p.out_dtype(tensor.dtype)))
+            continue
+        weight = tensor.to(p.out_dtype(tensor.dtype))
+        del tensor
+        if not torch.isfinite(weight).all():
+            raise SvdloraError(
+                f"weight of {what.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {what.name}"
+            )
+        w = weight.T if what.kind == CONV1D else weight  # (out, in), as weight_out_in gives
+        f = factorize(w, ranks_of(writer, what.name), **options)
+        bounds = [0]
+        for r in f.ranks:
+            bounds.append(bounds[-1] + r)
+        for j in range(len(f.ranks)):
+            writer.write(f"{what.name}.stage{j}.A", f.a[:, bounds[j] : bounds[j + 1]])
+            writer.write(f"{what.name}.stage{j}.B", f.b[bounds[j] : bounds[j + 1]])
+        reports[what.name] = module_report(
+            what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f
+        )
+        del weight, w, f
+    return reports
+
+
+def ranks_of(writer: ShardedWriter, name: str) -> list[int]:
+    """The stage ranks laid out for ``name`` (from the planned A shapes)."""
+    ranks, j = [], 0
+    while f"{name}.stage{j}.A" in writer.where:
+        ranks.append(writer.where[f"{name}.stage{j}.A"][2].shape[1])
+        j += 1
+    return ranks
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,224 @@
+"""The one safetensors writer behind in-memory, streamed and distributed compression.
+
+The layout of every shard is fixed before any tensor is computed, from names, shapes and
+dtypes alone (factor shapes follow from the allocated ranks). So tensors can be written in
+any order, each straight to its byte offset, by any process: memory holds one tensor at a
+time, and the files do not depend on who wrote what, or when (streamed, in-memory and
+multi-process runs give the same bytes).
+
+Each shard is a standard safetensors file: an 8-byte little-endian header length, a JSON
+header (space-padded to 8 bytes) with ``__metadata__`` and ``{dtype, shape, data_offsets}``
+per tensor, then the raw little-endian data. Within a shard tensors are ordered by element
+size, largest first (as safetensors does), so every tensor starts aligned to its element size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SvdloraError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
+
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as transformers, binary with 'i')."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(size).upper())
+    if not match:
+        raise SvdloraError(f"max shard size must look like 5GB, 500MB or 2GiB, got {size!r}")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(unit or " "))
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_size: int | str) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most ``max_shard_size`` bytes each (transformers'
+    rule: a new shard starts when the next tensor would overflow; a larger tensor gets its own)."""
+    limit = parse_size(max_shard_size)
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [WEIGHTS_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardedWriter:
+    """Pre-laid-out safetensors shards in ``folder``; ``write(name, tensor)`` in any order.
+
+    Example:
+        >>> w = ShardedWriter(folder, specs, {"format": "pt"}, "5GB")
+        >>> w.create_files()          # one process
+        >>> for spec in specs: w.write(spec.name, tensors[spec.name])
+        >>> w.close(); w.write_index()
+    """
+
+    def __init__(self, folder: str | Path, specs: list[TensorSpec], metadata: dict[str, str], max_shard_size) -> None:
+        self.folder = Path(folder)
+        self.shards = plan_shards(specs, max_shard_size)
+        self.files = shard_file_names(len(self.shards))
+        self.where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (shard, byte offset in file, spec)
+        self.headers: list[bytes] = []
+        self.sizes: list[int] = []
+        for index, shard in enumerate(self.shards):
+            ordered = sorted(shard, key=lambda s: -s.dtype.itemsize)  # stable: plan order within a size
+            header, offset = {"__metadata__": dict(metadata)}, 0
+            for spec in ordered:
+                header[spec.name] = {
+                    "dtype": _DTYPES[spec.dtype],
+                    "shape": list(spec.shape),
+                    "data_offsets": [offset, offset + spec.nbytes],
+                }
+                offset += spec.nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            start = 8 + len(raw)
+            self.headers.append(len(raw).to_bytes(8, "little") + raw)
+            self.sizes.append(start + offset)
+            for spec in ordered:
+                self.where[spec.name] = (index, start + header[spec.name]["data_offsets"][0], spec)
+        self._handles: dict[int, object] = {}
+        self.written: set[str] = set()
+
+    @property
+    def total_size(self) -> int:
+        return sum(spec.nbytes for _, _, spec in self.where.values())
+
+    def create_files(self) -> None:
+        """Write every header and size every file (sparse until filled)."""
+        for name, header, size in zip(self.files, self.headers, self.sizes, strict=True):
+            with open(self.folder / name, "wb") as f:
+                f.write(header)
+                f.truncate(size)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, offset, spec = self.where[name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"{name}: planned {spec.shape} {spec.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = open(self.folder / self.files[shard], "r+b")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        handle.seek(offset)
+        handle.write(memoryview(data.numpy()))
+        self.written.add(name)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.flush()
+            handle.close()
+        self._handles.clear()
+
+    def write_index(self) -> None:
+        """``model.safetensors.index.json`` as transformers writes it (only when there are shards)."""
+        if len(self.files) == 1:
+            return
+        index = {
+            "metadata": {"total_size": self.total_size},
+            "weight_map": {name: self.files[shard] for name, (shard, _, _) in sorted(self.where.items())},
+        }
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def bytes_on_disk(self) -> int:
+        return sum(self.sizes)
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a folder: the shards its index names, or the single file."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise SvdloraError(f"{index} is corrupted ({err}): re-run `svdlora compress`") from None
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return [folder / WEIGHTS_NAME]
+
+
+def header_metadata(tied: dict[str, str]) -> dict[str, str]:
+    from .version import FORMAT_VERSION, __version__
+
+    return {
+        "format": "pt",
+        "svdlora_version": __version__,
+        "svdlora_format_version": str(FORMAT_VERSION),
+        "tied": json.dumps(tied, sort_keys=True),
+    }
+
+
+def file_layout(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
+    """The tensors of a compressed model in file order, and {dropped tied name: stored name}.
+
+    Stages are split out of each ``LowRankLinear``; tied tensors are stored once. Works on a
+    real model and on its meta-device skeleton alike (ties are then found by object identity),
+    which is how streamed compression lays out the same file as the in-memory path.
+    """
+    from .layers import LowRankLinear
+
+    tensors: list[tuple[str, torch.Tensor]] = []
+    lowrank = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    for name, module in lowrank:
+        for j, (a, b) in enumerate(module.stages()):
+            tensors += [(f"{name}.stage{j}.A", a), (f"{name}.stage{j}.B", b)]
+    lowrank_keys = {f"{n}.{s}" for n, _ in lowrank for s in "AB"}
+    tensors += [(k, v) for k, v in model.state_dict(keep_vars=True).items() if k not in lowrank_keys]
+    stored, tied, seen = [], {}, {}
+    for key, tensor in tensors:
+        if tensor.device.type == "meta":
+            identity = ("meta", id(tensor))
+        else:
+            identity = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if tensor.numel() and identity in seen:
+            tied[key] = seen[identity]
+            continue
+        seen[identity] = key
+        stored.append((key, tensor))
+    return stored, tied

@@ -1,0 +1,99 @@
+"""torchrun splits the matrices over processes; killed runs leave no folder that looks complete."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from svdlora import load_compressed
+from svdlora.distributed import assign
+
+from .test_streaming import tied_llama, weight_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs the CLI with factorize() patched to SIGKILL its own process at the 3rd matrix (on rank
+# DIE_RANK only): a crash no cleanup code can catch, as an OOM kill or a lost node would be.
+DYING = """
+import os, signal, sys
+import svdlora.streaming as streaming
+original, calls = streaming.factorize, []
+def dying(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3 and os.environ.get("RANK", "0") == os.environ["DIE_RANK"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+streaming.factorize = dying
+from svdlora.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run(args, tmp_path, world_size=1, die_rank=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIE_RANK": str(die_rank)}
+    script = tmp_path / "dying.py"
+    script.write_text(DYING)
+    launcher = [sys.executable]
+    if world_size > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
+    cmd = [*launcher, str(script) if die_rank is not None else "-m", *([] if die_rank is not None else ["svdlora"])]
+    cmd += ["compress", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def compress_args(base, out):
+    return [base, "-o", out, "--budget", "0.5", "--submatrices", "2", "--max-shard-size", "30KB", "--no-progress"]
+
+
+def looks_complete(folder: Path) -> bool:
+    return folder.exists() and (folder / "svdlora_config.json").exists()
+
+
+@pytest.fixture
+def base(tmp_path):
+    path = tmp_path / "base"
+    tied_llama().save_pretrained(path, max_shard_size="20KB")
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_single_process_bytes(base, tmp_path):
+    one = run([*compress_args(base, tmp_path / "one"), "--stream"], tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = run(compress_args(base, tmp_path / "two"), tmp_path, world_size=2)
+    assert two.returncode == 0, two.stderr
+    assert weight_bytes(tmp_path / "one") == weight_bytes(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "svdlora_config.json").read_text())["world_size"] == 2
+    load_compressed(tmp_path / "two", device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(base, tmp_path, world_size):
+    out = tmp_path / "out"
+    args = [*compress_args(base, out), "--stream"]
+    killed = run(args, tmp_path, world_size=world_size, die_rank=world_size - 1)
+    assert killed.returncode != 0
+    if world_size == 1:
+        assert killed.returncode == -signal.SIGKILL
+    assert not out.exists() and not looks_complete(out)
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert not any(looks_complete(p) for p in leftovers)  # partial, and says so
+    if world_size == 1:
+        assert leftovers  # SIGKILL: no cleanup ran, the hidden temporary folder stays
+    again = run(args, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert looks_complete(out)
+    load_compressed(out, device="cpu")
+
+
+def test_assign_balances_and_is_deterministic():
+    costs = [9, 1, 1, 1, 4, 4]
+    owner = assign(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owner, strict=True) if o == r) for r in range(2)]
+    assert sorted(loads) == [10, 10] and assign(costs, 2) == owner
+    assert assign(costs, 1) == [0] * 6

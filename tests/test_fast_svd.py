@@ -1,0 +1,118 @@
+"""--svd auto|exact|randomized: the rule, the error bound on known spectra, the reported cost."""
+
+import math
+
+import pytest
+import torch
+
+from svdlora import compress
+from svdlora.decompose import choose_method, factorize, optimal_relative_error, truncated_svd
+from tests.conftest import tiny_llama
+
+
+def with_spectrum(out_f: int, in_f: int, sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """U·diag(σ)·Vᵀ with random orthonormal U, V: a matrix whose singular values are known."""
+    g = torch.Generator().manual_seed(seed)
+    k = sigma.numel()
+    u, _ = torch.linalg.qr(torch.randn(out_f, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_f, k, generator=g, dtype=torch.float64))
+    return ((u * sigma) @ v.T).float()
+
+
+def tail(sigma: torch.Tensor, rank: int) -> float:
+    return (sigma[rank:].square().sum() / sigma.square().sum()).sqrt().item()
+
+
+SPECTRA = {
+    "flat": lambda n: torch.ones(n, dtype=torch.float64),  # worst case for a sketch
+    "power 1/i": lambda n: 1 / torch.arange(1, n + 1, dtype=torch.float64),
+    "geometric 0.97": lambda n: 0.97 ** torch.arange(n, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("name", SPECTRA)
+def test_randomized_error_within_halko_bound(name):
+    """Halko, Martinsson & Tropp (2011), Thm 10.5 + truncation: with a sketch of k + p columns,
+    E‖W − Ŵ_k‖_F <= (1 + √(1 + k/(p−1))) · ‖W − W_k‖_F; power iterations only tighten it."""
+    m, n, k, p = 300, 200, 30, 8
+    sigma = SPECTRA[name](n)
+    w = with_spectrum(m, n, sigma)
+    best = tail(sigma, k)
+    assert optimal_relative_error(w, k) == pytest.approx(best, rel=1e-4)
+    bound = (1 + math.sqrt(1 + k / (p - 1))) * best
+    for power_iterations in (0, 2):
+        a, b = truncated_svd(
+            w, k, method="randomized", oversampling=p, power_iterations=power_iterations, generator_seed=0
+        )
+        err = torch.linalg.matrix_norm(w.double() - a @ b).item() / torch.linalg.matrix_norm(w.double()).item()
+        assert best - 1e-6 <= err <= bound, (power_iterations, err, best, bound)
+    # With decaying spectra, two power iterations come within 2% of the exact SVD.
+    if name != "flat":
+        assert err <= 1.02 * best
+
+
+def test_factorize_reports_the_cost_against_exact():
+    sigma = SPECTRA["power 1/i"](600)
+    w = with_spectrum(700, 600, sigma, seed=1)
+    f = factorize(w, [50, 50], method="auto", power_iterations=1, generator_seed=0)
+    assert f.method == "randomized"  # 100 + 8 <= 600 / 3
+    assert f.exact_error == pytest.approx(tail(sigma, 100), rel=1e-4)
+    assert f.rel_error >= f.exact_error - 1e-6
+    exact = factorize(w, [50, 50], method="exact")
+    assert exact.method == "exact" and exact.exact_error == exact.rel_error
+    assert exact.rel_error == pytest.approx(f.exact_error, rel=1e-4)
+
+
+def test_auto_rule():
+    assert choose_method((4096, 4096), 1024) == "randomized"  # budget 0.5 on a square matrix
+    assert choose_method((4096, 4096), 2000) == "exact"  # most of the spectrum is kept
+    assert choose_method((256, 1024), 20) == "exact"  # small: exact costs milliseconds
+    assert choose_method((768, 3072), 307) == "exact"  # 0.4 of min(m, n)
+    assert choose_method((4096, 4096), 1024, "exact") == "exact"
+
+
+def test_wide_matrix_factorized_through_its_transpose_is_the_same_svd():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 90, generator=g, dtype=torch.float64)
+    a, b = truncated_svd(w, 10)
+    at, bt = truncated_svd(w.T.contiguous(), 10)
+    assert torch.allclose(a @ b, (at @ bt).T, atol=1e-10)
+    assert torch.allclose(a.norm(dim=0), b.norm(dim=1), atol=1e-10)  # still balanced
+
+
+def test_info_table_shows_the_randomized_cost():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    report = compress(model, rank=2, svd_method="randomized", progress=False)
+    assert all(m.svd_method == "randomized" and m.svd_cost is not None for m in report.factorized)
+    assert all(m.svd_cost >= -1e-6 for m in report.factorized)
+    text = report.format()
+    assert "randomized SVD" in text and "vs exact" in text
+
+
+def test_svd_device_falls_back_when_the_solver_fails(monkeypatch, caplog):
+    import svdlora.decompose as dec
+
+    w = with_spectrum(60, 40, SPECTRA["power 1/i"](40))
+    want = factorize(w, [5, 5], method="exact")
+    original, calls = dec.residual_svd, []
+
+    def failing_once(*args, **kwargs):  # what a cuSOLVER convergence failure raises
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dec, "residual_svd", failing_once)
+    got = factorize(w, [5, 5], method="exact", device=torch.device("cpu", 0))  # another device than w's
+    assert len(calls) == 2 and "failed" in caplog.text
+    assert torch.equal(got.a, want.a) and torch.equal(got.b, want.b) and got.a.device == w.device
+
+
+def test_cuda_device_without_cuda_is_one_clear_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from svdlora.cli import main
+
+    assert main(["compress", "gpt2", "-o", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

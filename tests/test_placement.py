@@ -1,0 +1,47 @@
+"""load_compressed with a device_map (accelerate) and the per-layer merged rebuild."""
+
+import pytest
+import torch
+
+from svdlora import SvdloraError, compress, load_compressed, save_compressed
+from svdlora.layers import LowRankLinear
+
+from .conftest import output_of, tiny_gpt2, tiny_llama
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def folder(request, tmp_path):
+    torch.manual_seed(0)
+    model = {"llama": tiny_llama, "gpt2": tiny_gpt2}[request.param]()
+    compress(model, budget=0.5, submatrices=2, progress=False)
+    save_compressed(model, tmp_path / "out", max_shard_size="20KB")
+    return request.param, tmp_path / "out"
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_device_map_on_cpu_gives_the_same_logits(folder, merge):
+    kind, path = folder
+    want = output_of(load_compressed(path, device="cpu", merge=merge), kind)
+    layers = "model.layers" if kind == "llama" else "transformer.h"
+    split = {"": "cpu", f"{layers}.0": "cpu", f"{layers}.1": "cpu"}
+    for device_map, max_memory in [("auto", None), ("sequential", {"cpu": "1GB"}), (split, None)]:
+        model = load_compressed(path, device_map=device_map, max_memory=max_memory, merge=merge)
+        assert torch.equal(output_of(model, kind), want), device_map
+        lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+        assert bool(lowrank) != merge
+
+
+def test_merged_equals_factorized_product(folder):
+    kind, path = folder
+    factorized = load_compressed(path, device="cpu")
+    merged = load_compressed(path, device="cpu", merge=True)
+    assert not any(isinstance(m, LowRankLinear) for m in merged.modules())
+    torch.testing.assert_close(output_of(merged, kind), output_of(factorized, kind), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_device_map(folder):
+    _, path = folder
+    with pytest.raises(SvdloraError, match="device_map must be"):
+        load_compressed(path, device_map="everywhere")
+    with pytest.raises(SvdloraError, match="places no module"):
+        load_compressed(path, device_map={"lm_head": "cpu"})
