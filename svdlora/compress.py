@@ -10,10 +10,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate_ranks
+from .chain import quantized_chain
 from .config import CompressionConfig
 from .decompose import relative_error
 from .errors import SvdloraError
 from .layers import LowRankLinear, dense_kind, weight_out_in
+from .precision import allocate_bytes, layer_bytes, stage_formats, target_bytes
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
 
@@ -68,7 +70,14 @@ def compress(
             f"(layers seen: {', '.join(list(dense)[:5]) or 'none'})"
         )
     _check_finite(targets)
-    ranks, allocator_dense = allocate_ranks(targets, config)
+    dtype = weight_out_in(targets[0].module).dtype
+    if config.stage_dtypes:  # the budget counts bytes: allocate ranks and formats per stage
+        plans, allocator_dense = allocate_bytes(
+            targets, config.budget, stage_formats(config.stage_dtypes, config.submatrices, dtype), dtype
+        )
+        ranks = {name: r for name, (r, _) in plans.items()}
+    else:
+        ranks, allocator_dense = allocate_ranks(targets, config)
     dense.update(allocator_dense)
 
     svd_options = {
@@ -79,7 +88,13 @@ def compress(
     }
     reports = {}
     for target in tqdm([t for t in targets if t.name in ranks], desc="factorizing", disable=not progress):
-        layer = LowRankLinear.from_dense(target.module, ranks[target.name], **svd_options)
+        if config.stage_dtypes:
+            formats = plans[target.name][1]
+            chain = quantized_chain(weight_out_in(target.module), ranks[target.name], formats, None, **svd_options)
+            layer = LowRankLinear.from_chain(target.module, chain)
+        else:
+            formats = stage_formats(None, len(ranks[target.name]), dtype)
+            layer = LowRankLinear.from_dense(target.module, ranks[target.name], **svd_options)
         with torch.no_grad():
             error = relative_error(weight_out_in(target.module), layer.dense_weight())
         model.set_submodule(target.name, layer)
@@ -88,9 +103,11 @@ def compress(
             target.kind,
             (target.out_features, target.in_features),
             bias=layer.bias is not None,
-            ranks=layer.ranks,
-            stage_dtypes=[str(layer.A.dtype).removeprefix("torch.")] * len(layer.ranks),
+            ranks=ranks[target.name],
+            stage_dtypes=[f.name for f in formats],
             rel_error=error,
+            stored_bytes=layer_bytes(ranks[target.name], formats, target.out_features, target.in_features),
+            dense_bytes=target_bytes(target, dtype),
         )
     config_obj = getattr(model, "config", None)
     if not config.keep_head and getattr(config_obj, "tie_word_embeddings", False):

@@ -1,0 +1,94 @@
+"""Stage dtypes and the byte budget: which formats each stage uses, and how many ranks its bytes buy.
+
+The budget is a fraction of the targeted matrices' bytes in the model's dtype. Every matrix gets
+that fraction of its own bytes (the uniform rule, in bytes); a ``full-…`` first stage takes its
+fixed cost first, and the low-rank stages split the rest equally in bytes (so an int8 stage gets
+about 4x the rank of a float32 one). With every stage in the model's dtype this is the old
+parameter budget, which ``allocate.allocate_ranks`` keeps handling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import SvdloraError
+from .quantize import StageFormat, float_format, nbytes, parse_format, stage_bytes
+from .targets import Target
+
+
+def stage_formats(names: list[str] | None, submatrices: int, model_dtype: torch.dtype) -> list[StageFormat]:
+    """One format per stage: the given names, the last one repeated up to ``submatrices``."""
+    if not names:
+        return [float_format(model_dtype)] * submatrices
+    if len(names) > submatrices:
+        raise SvdloraError(
+            f"{len(names)} stage dtypes ({','.join(names)}) for {submatrices} submatrices: "
+            f"pass --submatrices {len(names)} or fewer dtypes"
+        )
+    formats = [parse_format(n) for n in names]
+    return formats + [formats[-1]] * (submatrices - len(formats))
+
+
+def target_bytes(target: Target, dtype: torch.dtype) -> int:
+    """What the dense matrix costs in the model's dtype (the budget's unit)."""
+    return target.params * torch.finfo(dtype).bits // 8
+
+
+def allocate_bytes(
+    targets: list[Target], budget: float, formats: list[StageFormat], dtype: torch.dtype
+) -> tuple[dict[str, tuple[list[int], list[StageFormat]]], dict[str, str]]:
+    """Per target: (stage ranks, stage formats) whose bytes fit ``budget`` x its dense bytes; and
+    the targets kept dense (with why). Ranks of 0 are dropped with their format; a full stage has rank 0.
+
+    Σ stage bytes <= budget · Σ dense bytes holds exactly, scales and zero points included,
+    because it holds for every matrix.
+    """
+    plans, dense = {}, {}
+    for t in targets:
+        out_f, in_f = t.out_features, t.in_features
+        allowed = math.floor(budget * target_bytes(t, dtype) + 1e-6)
+        full = formats[0] if formats[0].full else None
+        low = formats[1:] if full else formats
+        left = allowed - (nbytes(full, out_f, in_f) if full else 0)
+        if left < 0:
+            raise SvdloraError(
+                f"budget {budget} is too small for a {full.name} first stage of {t.name!r} "
+                f"({nbytes(full, out_f, in_f)} bytes of {allowed} allowed): raise --budget or use another first stage"
+            )
+        costs = [stage_bytes(f, out_f, in_f, 1) for f in low]
+        ranks = [int(left / len(low) // c) for c in costs] if low else []
+        cap = min(out_f, in_f)
+        spent = sum(r * c for r, c in zip(ranks, costs, strict=True))
+        grown = True
+        while grown and sum(ranks) < cap:  # spend what the equal split left over, earlier stages first
+            grown = False
+            for j, c in enumerate(costs):
+                if spent + c <= left and sum(ranks) < cap:
+                    ranks[j] += 1
+                    spent += c
+                    grown = True
+        while sum(ranks) > cap:  # more rank than the matrix has: trim the last stages
+            j = max(i for i, r in enumerate(ranks) if r > 0)
+            ranks[j] -= 1
+        kept = [(r, f) for r, f in zip(ranks, low, strict=True) if r > 0]
+        if not kept and not full:
+            raise SvdloraError(
+                f"budget {budget} is too small for {t.name!r}: even rank 1 in {low[0].name} needs "
+                f"{costs[0]} bytes of {allowed}; raise --budget or --exclude it"
+            )
+        stored = (nbytes(full, out_f, in_f) if full else 0) + sum(r * stage_bytes(f, out_f, in_f, 1) for r, f in kept)
+        if stored >= target_bytes(t, dtype):
+            dense[t.name] = f"budget covers the dense matrix ({stored} stored bytes >= dense): kept exact"
+            continue
+        plans[t.name] = ([0] if full else []) + [r for r, _ in kept], ([full] if full else []) + [f for _, f in kept]
+    return plans, dense
+
+
+def layer_bytes(ranks: list[int], formats: list[StageFormat], out_features: int, in_features: int) -> int:
+    """Stored bytes of one factorized matrix (bias not included)."""
+    return sum(
+        nbytes(f, out_features, in_features) if f.full else stage_bytes(f, out_features, in_features, r)
+        for r, f in zip(ranks, formats, strict=True)
+    )
