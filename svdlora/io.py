@@ -28,10 +28,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .chain import file_tensors, read_file_tensors
 from .compress import REPORT_ATTR
 from .errors import SvdloraError
 from .layers import LowRankLinear
 from .models import PREPROCESSOR_FILES, default_device, folder_bytes, model_class, parse_dtype
+from .quantize import parse_format
 from .report import CompressionReport
 from .version import FORMAT_VERSION, __version__
 
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "svdlora_config.json"
+# 1: float stages only; 2 adds stage dtypes (quantized stages, a full-rank first stage).
+READABLE_FORMATS = tuple(range(1, FORMAT_VERSION + 1))
 
 
 # ---------------------------------------------------------------- writing
@@ -81,11 +85,15 @@ def _tensors_for_file(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     """Flatten the model into file tensors: stages split out, tied tensors stored once."""
     tensors: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, LowRankLinear) and module.stage_dtypes:
+            tensors.update(file_tensors(name, module))  # stages in their own dtypes (quantize.py)
+        elif isinstance(module, LowRankLinear):
             for j, (a, b) in enumerate(module.stages()):
                 tensors[f"{name}.stage{j}.A"] = a
                 tensors[f"{name}.stage{j}.B"] = b
-    lowrank_keys = {f"{n}.{s}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for s in "AB"}
+    lowrank_keys = {
+        f"{n}.{s}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for s in ("A", "B", "full")
+    }
     tensors.update({k: v for k, v in model.state_dict().items() if k not in lowrank_keys})
     stored, tied, seen = {}, {}, {}
     for key, tensor in tensors.items():
@@ -124,12 +132,15 @@ def save_compressed(
     config = getattr(model, "config", None)
     source = source if source is not None else getattr(config, "name_or_path", None) or None
     output = Path(output)
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    # Folders without stored stage dtypes keep format 1, which older svdlora reads too.
+    format_version = FORMAT_VERSION if any(m.stage_dtypes for m in layers) else 1
     with atomic_folder(output, overwrite) as tmp:
         tensors, tied = _tensors_for_file(model)
         metadata = {
             "format": "pt",
             "svdlora_version": __version__,
-            "svdlora_format_version": str(FORMAT_VERSION),
+            "svdlora_format_version": str(format_version),
             "tied": json.dumps(tied, sort_keys=True),
         }
         save_file(tensors, tmp / WEIGHTS_NAME, metadata=metadata)
@@ -143,10 +154,10 @@ def save_compressed(
                 generation_config.save_pretrained(tmp)
         if source:
             _copy_preprocessor_files(source, tmp)
-        first = next(iter(tensors.values()), None)
+        first = layers[0].A if layers else next(iter(tensors.values()), None)
         svd_config = {
             "svdlora_version": __version__,
-            "format_version": FORMAT_VERSION,
+            "format_version": format_version,
             "base_model": {
                 "name_or_path": str(source) if source else None,
                 "class": type(model).__name__,
@@ -201,11 +212,12 @@ def read_config(path: str | Path) -> dict:
         data["report"]["modules"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise SvdloraError(f"{path / CONFIG_NAME} is corrupted ({err}): re-run `svdlora compress`") from None
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_FORMATS:
         raise SvdloraError(
             f"{str(path)!r} uses svdlora format {data.get('format_version')!r} (written by svdlora "
-            f"{data.get('svdlora_version')}), this is svdlora {__version__} reading format {FORMAT_VERSION}: "
-            "install the matching svdlora version or re-run `svdlora compress`"
+            f"{data.get('svdlora_version')}), this is svdlora {__version__} reading formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}: install the matching svdlora version "
+            "or re-run `svdlora compress`"
         )
     return data
 
@@ -224,13 +236,20 @@ def _check_header(weights: Path) -> dict[str, str]:
         raise SvdloraError(f"{str(weights)!r} is corrupted ({err}): re-run `svdlora compress`") from None
     if metadata.get("format") != "pt":
         raise SvdloraError(f"{str(weights)!r} has format {metadata.get('format')!r}, expected 'pt' (PyTorch tensors)")
-    if metadata.get("svdlora_format_version") != str(FORMAT_VERSION):
+    if metadata.get("svdlora_format_version") not in map(str, READABLE_FORMATS):
         raise SvdloraError(
             f"{str(weights)!r} was written by svdlora {metadata.get('svdlora_version')!r} in format "
-            f"{metadata.get('svdlora_format_version')!r}; this svdlora {__version__} reads format "
-            f"{FORMAT_VERSION}: re-run `svdlora compress`"
+            f"{metadata.get('svdlora_format_version')!r}; this svdlora {__version__} reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}: re-run `svdlora compress`"
         )
     return metadata
+
+
+def _stored_dtypes(m, model_dtype: str | None) -> list[str] | None:
+    """A module's stage dtypes when some stage is not simply in the model's dtype (format 2), else None."""
+    if any(parse_format(d).quantized or d != model_dtype for d in m.stage_dtypes):
+        return list(m.stage_dtypes)
+    return None
 
 
 def _tied_map(metadata: dict[str, str], tensors: dict, weights: Path) -> dict[str, str]:
@@ -302,7 +321,11 @@ def load_compressed(
         model = _build_skeleton(path, data.get("base_model", {}))
     for m in report.factorized:
         # Factors are allocated on meta; load_state_dict(assign=True) drops the real tensors in.
-        layer = LowRankLinear(m.shape[1], m.shape[0], m.ranks, bias=m.bias, base_kind=m.kind, device="meta")
+        stored = _stored_dtypes(m, data.get("dtype"))
+        ranks = [r for r in m.ranks if r > 0]  # a full-rank first stage has rank 0 in the report
+        layer = LowRankLinear(
+            m.shape[1], m.shape[0], ranks, bias=m.bias, base_kind=m.kind, device="meta", stage_dtypes=stored
+        )
         try:
             model.set_submodule(m.name, layer, strict=True)
         except AttributeError:
@@ -312,7 +335,22 @@ def load_compressed(
         tensors = load_file(str(weights), device=str(target_device))
     except (SafetensorError, OSError, RuntimeError) as err:
         raise SvdloraError(f"{str(weights)!r} cannot be read ({err}): re-run `svdlora compress`") from None
+    compute_dtype = parse_dtype(data.get("dtype")) or torch.float32
     for m in report.factorized:
+        if _stored_dtypes(m, data.get("dtype")):
+            try:  # dequantized on the target device, in the model's dtype
+                a, b, full, stored = read_file_tensors(
+                    tensors, m.name, m.ranks, m.stage_dtypes, m.shape, target_dtype or compute_dtype
+                )
+            except KeyError as err:
+                raise SvdloraError(
+                    f"{str(weights)!r} lacks factor {err}: the file is corrupted, re-run `svdlora compress`"
+                ) from None
+            tensors[f"{m.name}.A"], tensors[f"{m.name}.B"] = a, b
+            if full is not None:
+                tensors[f"{m.name}.full"] = full
+            model.get_submodule(m.name).stored = stored
+            continue
         try:
             a_parts = [tensors.pop(f"{m.name}.stage{j}.A") for j in range(len(m.ranks))]
             b_parts = [tensors.pop(f"{m.name}.stage{j}.B") for j in range(len(m.ranks))]

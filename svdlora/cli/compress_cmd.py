@@ -17,6 +17,7 @@ from . import options
 
 EXAMPLES = """examples:
   svdlora compress gpt2 --budget 0.5 --submatrices 3 --output out/gpt2-svd
+  svdlora compress gpt2 --budget 0.25 --submatrices 2 --stage-dtypes full-int4,int8 --output out/gpt2-q
   svdlora compress ./my-vit --budget 0.3 --exclude 're:.*attention.*' --output out/vit-svd
 """
 
@@ -48,6 +49,14 @@ def register(subparsers) -> None:
         default=None,
         help="fixed total rank per matrix instead of a budget",
     )
+    p.add_argument(
+        "--stage-dtypes",
+        default=None,
+        metavar="DTYPES",
+        help="how each stage is stored, comma-separated, the last repeated up to --submatrices: float32, "
+        "float16, bfloat16, int8, int4 (group 128), int4g64, int4g32, or full-int8 / full-int4 as a full-rank "
+        "quantized first stage; the budget then counts bytes (default: every stage in the model's dtype)",
+    )
     p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules (glob, or re:REGEX)")
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
     p.add_argument(
@@ -74,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         keep_head=args.keep_head,
         svd_method=args.svd_method,
+        stage_dtypes=args.stage_dtypes,
     )
     output = check_output(args.output, args.overwrite)  # fail before the (possibly slow) model load
     if not args.progress:
