@@ -14,12 +14,13 @@ import math
 import torch
 
 from .errors import SvdloraError
-from .quantize import StageFormat, float_format, nbytes, parse_format, stage_bytes
+from .quantize import FULL_PREFIX, StageFormat, float_format, nbytes, parse_format, stage_bytes
 from .targets import Target
 
 
 def stage_formats(names: list[str] | None, submatrices: int, model_dtype: torch.dtype) -> list[StageFormat]:
-    """One format per stage: the given names, the last one repeated up to ``submatrices``."""
+    """One format per stage: the given names, the last one repeated up to ``submatrices``
+    (as a low-rank stage: ``full-int8`` repeats as ``int8``)."""
     if not names:
         return [float_format(model_dtype)] * submatrices
     if len(names) > submatrices:
@@ -28,7 +29,10 @@ def stage_formats(names: list[str] | None, submatrices: int, model_dtype: torch.
             f"pass --submatrices {len(names)} or fewer dtypes"
         )
     formats = [parse_format(n) for n in names]
-    return formats + [formats[-1]] * (submatrices - len(formats))
+    last = formats[-1]
+    if last.full:  # "full-int8" with 2 submatrices: the repair stage is a low-rank int8 one
+        last = parse_format(last.name.removeprefix(FULL_PREFIX))
+    return formats + [last] * (submatrices - len(formats))
 
 
 def target_bytes(target: Target, dtype: torch.dtype) -> int:
