@@ -51,43 +51,49 @@ def allocate_bytes(
     """
     plans, dense = {}, {}
     for t in targets:
-        out_f, in_f = t.out_features, t.in_features
         allowed = math.floor(budget * target_bytes(t, dtype) + 1e-6)
-        full = formats[0] if formats[0].full else None
-        low = formats[1:] if full else formats
-        left = allowed - (nbytes(full, out_f, in_f) if full else 0)
-        if left < 0:
-            raise SvdloraError(
-                f"budget {budget} is too small for a {full.name} first stage of {t.name!r} "
-                f"({nbytes(full, out_f, in_f)} bytes of {allowed} allowed): raise --budget or use another first stage"
-            )
-        costs = [stage_bytes(f, out_f, in_f, 1) for f in low]
-        ranks = [int(left / len(low) // c) for c in costs] if low else []
-        cap = min(out_f, in_f)
-        spent = sum(r * c for r, c in zip(ranks, costs, strict=True))
-        grown = True
-        while grown and sum(ranks) < cap:  # spend what the equal split left over, earlier stages first
-            grown = False
-            for j, c in enumerate(costs):
-                if spent + c <= left and sum(ranks) < cap:
-                    ranks[j] += 1
-                    spent += c
-                    grown = True
-        while sum(ranks) > cap:  # more rank than the matrix has: trim the last stages
-            j = max(i for i, r in enumerate(ranks) if r > 0)
-            ranks[j] -= 1
-        kept = [(r, f) for r, f in zip(ranks, low, strict=True) if r > 0]
-        if not kept and not full:
-            raise SvdloraError(
-                f"budget {budget} is too small for {t.name!r}: even rank 1 in {low[0].name} needs "
-                f"{costs[0]} bytes of {allowed}; raise --budget or --exclude it"
-            )
-        stored = (nbytes(full, out_f, in_f) if full else 0) + sum(r * stage_bytes(f, out_f, in_f, 1) for r, f in kept)
-        if stored >= target_bytes(t, dtype):
-            dense[t.name] = f"budget covers the dense matrix ({stored} stored bytes >= dense): kept exact"
-            continue
-        plans[t.name] = ([0] if full else []) + [r for r, _ in kept], ([full] if full else []) + [f for _, f in kept]
+        plan = plan_matrix(t, allowed, formats, f"budget {budget}")
+        if layer_bytes(*plan, t.out_features, t.in_features) >= target_bytes(t, dtype):
+            dense[t.name] = "the budget covers the dense matrix (kept exact)"
+        else:
+            plans[t.name] = plan
     return plans, dense
+
+
+def plan_matrix(t: Target, allowed: int, formats: list[StageFormat], what: str) -> tuple[list[int], list[StageFormat]]:
+    """Stage ranks and formats of one matrix within ``allowed`` bytes: a full first stage is paid
+    first, the low-rank stages split the rest equally in bytes, leftovers go to earlier stages."""
+    out_f, in_f = t.out_features, t.in_features
+    full = formats[0] if formats[0].full else None
+    low = formats[1:] if full else formats
+    left = allowed - (nbytes(full, out_f, in_f) if full else 0)
+    if left < 0:
+        raise SvdloraError(
+            f"{what} is too small for a {full.name} first stage of {t.name!r} "
+            f"({nbytes(full, out_f, in_f)} bytes of {allowed} allowed): raise --budget or use another first stage"
+        )
+    costs = [stage_bytes(f, out_f, in_f, 1) for f in low]
+    ranks = [int(left / len(low) // c) for c in costs] if low else []
+    cap = min(out_f, in_f)
+    spent = sum(r * c for r, c in zip(ranks, costs, strict=True))
+    grown = True
+    while grown and sum(ranks) < cap:  # spend what the equal split left over, earlier stages first
+        grown = False
+        for j, c in enumerate(costs):
+            if spent + c <= left and sum(ranks) < cap:
+                ranks[j] += 1
+                spent += c
+                grown = True
+    while sum(ranks) > cap:  # more rank than the matrix has: trim the last stages
+        j = max(i for i, r in enumerate(ranks) if r > 0)
+        ranks[j] -= 1
+    kept = [(r, f) for r, f in zip(ranks, low, strict=True) if r > 0]
+    if not kept and not full:
+        raise SvdloraError(
+            f"{what} is too small for {t.name!r}: even rank 1 in {low[0].name} needs "
+            f"{costs[0]} bytes of {allowed}; raise --budget or --exclude it"
+        )
+    return ([0] if full else []) + [r for r, _ in kept], ([full] if full else []) + [f for _, f in kept]
 
 
 def layer_bytes(ranks: list[int], formats: list[StageFormat], out_features: int, in_features: int) -> int:
