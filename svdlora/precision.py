@@ -102,3 +102,63 @@ def layer_bytes(ranks: list[int], formats: list[StageFormat], out_features: int,
         nbytes(f, out_features, in_features) if f.full else stage_bytes(f, out_features, in_features, r)
         for r, f in zip(ranks, formats, strict=True)
     )
+
+
+def allocate_bytes_global(
+    targets: list[Target],
+    spectra: dict[str, torch.Tensor],
+    budget: float,
+    formats: list[StageFormat],
+    dtype: torch.dtype,
+) -> tuple[dict[str, tuple[list[int], list[StageFormat]]], dict[str, float]]:
+    """Stage plans chosen together: greedy on the loss each byte buys, under the same exact byte budget.
+
+    ``spectra[name]`` holds the weighted singular values of what the low-rank stages factorize (W, or
+    W minus its full first stage), descending; one more unit of total rank of matrix t removes
+    σ²_{R+1} and costs u_t bytes, u_t = n / Σ_j 1/c_j for the equal-bytes split over stages of
+    per-rank cost c_j. Each matrix then gets ``plan_matrix`` of its full stage plus u_t·R_t bytes,
+    and Σ of those is what the greedy kept within budget · Σ dense bytes. Returns the plans and
+    each matrix's estimated loss left (Σ of the dropped σ²).
+    """
+    import heapq
+
+    allowed = math.floor(budget * sum(target_bytes(t, dtype) for t in targets) + 1e-6)
+    full = formats[0] if formats[0].full else None
+    low = formats[1:] if full else formats
+    fixed, unit, tails, rank = {}, {}, {}, {}
+    for t in targets:
+        fixed[t.name] = nbytes(full, t.out_features, t.in_features) if full else 0
+        costs = [stage_bytes(f, t.out_features, t.in_features, 1) for f in low]
+        unit[t.name] = len(low) / sum(1 / c for c in costs) if low else math.inf
+        squares = spectra[t.name].double().square()
+        tails[t.name] = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)]).tolist()
+        rank[t.name] = 0 if full else 1
+    spent = sum(fixed[t.name] + math.ceil(unit[t.name] * rank[t.name]) for t in targets if low or full)
+    if spent > allowed:
+        raise SvdloraError(
+            f"budget {budget} is too small for {','.join(f.name for f in formats)} stages on every targeted "
+            "matrix: raise --budget, choose cheaper stage dtypes or --exclude the smallest layers"
+        )
+    heap = []
+    by_name = {t.name: t for t in targets}
+
+    def push(name: str) -> None:
+        k, tail, t = rank[name], tails[name], by_name[name]
+        if low and k < min(t.out_features, t.in_features, len(tail) - 1):
+            heapq.heappush(heap, (-(tail[k] - tail[k + 1]) / unit[name], name))
+
+    for t in targets:
+        push(t.name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        extra = math.ceil(unit[name] * (rank[name] + 1)) - math.ceil(unit[name] * rank[name])
+        if spent + extra > allowed:
+            continue  # does not fit; a cheaper matrix's next rank still may
+        spent += extra
+        rank[name] += 1
+        push(name)
+    plans = {}
+    for t in targets:
+        budget_t = fixed[t.name] + (math.ceil(unit[t.name] * rank[t.name]) if low else 0)
+        plans[t.name] = plan_matrix(t, budget_t, formats, f"the global share of budget {budget}")
+    return plans, {n: tails[n][k] for n, k in rank.items()}

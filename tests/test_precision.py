@@ -194,3 +194,17 @@ def test_cli_compress_and_info_report_bytes_and_bits(gpt2_folder, tmp_path, caps
     assert main(["info", str(out), "--summary"]) == 0
     text = capsys.readouterr().out
     assert "bits per weight" in text and "full-int4g32,int8" in text
+
+
+@pytest.mark.parametrize("names", [["int8"], ["float32", "int8"], ["full-int4g32", "int8"]])
+def test_global_byte_allocation_is_exact_and_follows_the_spectra(names):
+    from svdlora.precision import allocate_bytes_global, layer_bytes, target_bytes
+
+    targets = [Target(f"m{i}", nn.Linear(64, 48), "linear", 48, 64) for i in range(3)]
+    decay = {"m0": 0.5, "m1": 0.05, "m2": 0.05}  # m0's spectrum falls fast: its later ranks buy little
+    spectra = {n: torch.exp(-d * torch.arange(48.0)) for n, d in decay.items()}
+    formats = stage_formats(names, 3, torch.float32)
+    plans, _ = allocate_bytes_global(targets, spectra, 0.3, formats, torch.float32)
+    stored = sum(layer_bytes(*plans[t.name], 48, 64) for t in targets)
+    assert stored <= 0.3 * sum(target_bytes(t, torch.float32) for t in targets)
+    assert sum(plans["m0"][0]) < sum(plans["m1"][0])
