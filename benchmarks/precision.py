@@ -7,7 +7,7 @@ on a fresh copy of the model; bits per weight are read back from the report (sca
 Parts (run separately, e.g. in parallel, each writes its own JSON):
     levels  at 16, 8, 6, 4.5, 3 bits/weight: one bfloat16 stage; 2 int8 low-rank stages;
             a full-rank int4 (group 128) or int8 first stage + int8 low-rank repair where it fits
-    rtn     plain round-to-nearest of the same matrices: int8 per channel, int4 group 128 and 64
+    rtn     plain round-to-nearest of the same matrices: int8 per channel, int4 group 128, 64 and 32
     stages  the poster's Table 1 at a fixed byte budget: n = 1..9 int8 stages at 6 bits/weight
             (run in the order 1, 2, 3, 5, 9, 4, 6, 7, 8)
 
@@ -57,7 +57,7 @@ def level_settings() -> list[dict]:
 def rtn_settings() -> list[dict]:
     return [
         {"bits": None, "recipe": f"RTN {name}", "stage_dtypes": [f"full-{name}"], "n": 1}
-        for name in ("int8", "int4g64", "int4")
+        for name in ("int8", "int4g64", "int4", "int4g32")
     ]
 
 
