@@ -15,7 +15,7 @@ from .config import CompressionConfig
 from .decompose import relative_error
 from .errors import SvdloraError
 from .layers import LowRankLinear, dense_kind, weight_out_in
-from .precision import allocate_bytes, layer_bytes, stage_formats, target_bytes
+from .precision import allocate_stages, layer_bytes, stage_formats, target_bytes
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
 
@@ -72,9 +72,7 @@ def compress(
     _check_finite(targets)
     dtype = weight_out_in(targets[0].module).dtype
     if config.stage_dtypes:  # the budget counts bytes: allocate ranks and formats per stage
-        plans, allocator_dense = allocate_bytes(
-            targets, config.budget, stage_formats(config.stage_dtypes, config.submatrices, dtype), dtype
-        )
+        plans, allocator_dense, _ = allocate_stages(targets, config, dtype)
         ranks = {name: r for name, (r, _) in plans.items()}
     else:
         ranks, allocator_dense = allocate_ranks(targets, config)

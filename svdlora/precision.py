@@ -162,3 +162,33 @@ def allocate_bytes_global(
         budget_t = fixed[t.name] + (math.ceil(unit[t.name] * rank[t.name]) if low else 0)
         plans[t.name] = plan_matrix(t, budget_t, formats, f"the global share of budget {budget}")
     return plans, {n: tails[n][k] for n, k in rank.items()}
+
+
+def allocate_stages(
+    targets: list[Target],
+    config,
+    dtype: torch.dtype,
+    weighting_for=None,
+    allocation: str = "uniform",
+    progress: bool = False,
+) -> tuple[dict[str, tuple[list[int], list[StageFormat]]], dict[str, str], dict[str, float]]:
+    """Plans for ``config.stage_dtypes``: uniform bytes, or global over the weighted spectra of what
+    the low-rank stages will factorize (``weighting_for(name)`` gives a matrix's weighting)."""
+    formats = stage_formats(config.stage_dtypes, config.submatrices, dtype)
+    if allocation != "global" or weighting_for is None:
+        plans, dense = allocate_bytes(targets, config.budget, formats, dtype)
+        return plans, dense, {}
+    from tqdm.auto import tqdm
+
+    from .layers import weight_out_in
+    from .methods import weighted_spectrum
+    from .quantize import roundtrip
+
+    spectra = {}
+    for t in tqdm(targets, desc="spectra", disable=not progress):
+        weight = weight_out_in(t.module).detach().float()
+        if formats[0].full:  # the low-rank stages see the full stage's rounding error
+            weight = weight - roundtrip(weight, formats[0])
+        spectra[t.name] = weighted_spectrum(weight, weighting_for(t.name))
+    plans, est_loss = allocate_bytes_global(targets, spectra, config.budget, formats, dtype)
+    return plans, {}, est_loss
