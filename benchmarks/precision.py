@@ -10,6 +10,7 @@ Parts (run separately, e.g. in parallel, each writes its own JSON):
     rtn     plain round-to-nearest of the same matrices: int8 per channel, int4 group 128, 64 and 32
     stages  the poster's Table 1 at a fixed byte budget: n = 1..9 int8 stages at 6 bits/weight
             (run in the order 1, 2, 3, 5, 9, 4, 6, 7, 8)
+    repair  the same at 6 bits/weight for a full-rank int4 first stage + n-1 int8 repair stages, n = 2, 3, 5
 
 Usage:
     OMP_NUM_THREADS=1 python -m benchmarks.precision --part levels [--model DIR] [--data TEST.txt]
@@ -65,7 +66,14 @@ def stage_settings(bits: float = 6, counts=(1, 2, 3, 5, 9, 4, 6, 7, 8)) -> list[
     return [{"bits": bits, "recipe": f"{n} int8 stages", "stage_dtypes": ["int8"], "n": n} for n in counts]
 
 
-PARTS = {"levels": level_settings, "rtn": rtn_settings, "stages": stage_settings}
+def repair_settings(bits: float = 6, counts=(2, 3, 5)) -> list[dict]:
+    return [
+        {"bits": bits, "recipe": f"full-int4 + {n - 1} int8 stages", "stage_dtypes": ["full-int4", "int8"], "n": n}
+        for n in counts
+    ]
+
+
+PARTS = {"levels": level_settings, "rtn": rtn_settings, "stages": stage_settings, "repair": repair_settings}
 
 
 def cached_calibration(model, tokenizer, path: Path):
@@ -160,7 +168,7 @@ def main(argv=None) -> None:
 
 def report(results: Path = DEFAULT_RESULTS) -> str:
     lines = []
-    for part in ("rtn_svd", "levels_svd", "levels_calibrated", "stages_calibrated", "stages_svd"):
+    for part in ("rtn_svd", "levels_svd", "repair_svd", "levels_calibrated", "stages_calibrated", "repair_calibrated"):
         path = results / f"precision_{part}.json"
         if not path.is_file():
             continue
