@@ -11,12 +11,15 @@ each low-rank stage is the truncated SVD of the whitened residual, mapped back.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from .decompose import _svd_dtype, truncated_svd
 from .quantize import StageFormat, dequantize, parse_format, quantize
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +99,8 @@ def file_tensors(name: str, layer) -> dict[str, torch.Tensor]:
     formats = [parse_format(d) for d in layer.stage_dtypes]
     stored = layer.stored if layer.stored is not None and _matches(layer, formats) else None
     if stored is None:
+        if layer.stored is not None:
+            logger.warning("%s changed since it was quantized (e.g. healed): its stages are quantized again", name)
         stored = _quantize_layer(layer, formats)
     out = {}
     for j, (fmt, parts) in enumerate(zip(formats, stored, strict=True)):

@@ -208,3 +208,15 @@ def test_global_byte_allocation_is_exact_and_follows_the_spectra(names):
     stored = sum(layer_bytes(*plans[t.name], 48, 64) for t in targets)
     assert stored <= 0.3 * sum(target_bytes(t, torch.float32) for t in targets)
     assert sum(plans["m0"][0]) < sum(plans["m1"][0])
+
+
+def test_factors_changed_after_compression_are_quantized_again_on_save(tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    compress(model, budget=0.4, submatrices=2, stage_dtypes=["int8"], progress=False)
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.A.mul_(1.5)  # what healing would do: the stored stages no longer match
+    loaded = load_compressed(save_compressed(model, tmp_path / "out"), device="cpu")
+    again = loaded.model.layers[0].mlp.up_proj
+    assert torch.allclose(again.A, layer.A, rtol=0.02, atol=1e-3) and not torch.equal(again.A, layer.A / 1.5)
