@@ -145,7 +145,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.report:
-        print(report())
+        text = report()
+        (DEFAULT_RESULTS / "precision.md").write_text(text)
+        print(text)
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -166,26 +168,85 @@ def main(argv=None) -> None:
         write_results(name, {"model": str(args.model), "data": str(args.data), "rows": rows})
 
 
+METHOD_TITLES = {"calibrated": "calibrated: whitening + global allocation", "svd": "plain SVD, no calibration"}
+
+
+def _load(results: Path, name: str) -> dict | None:
+    path = results / f"precision_{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _ppl(value: float) -> str:
+    return f"{value:,.3f}" if value < 1e5 else f"{value:.2e}"
+
+
 def report(results: Path = DEFAULT_RESULTS) -> str:
-    lines = []
-    for part in ("rtn_svd", "levels_svd", "repair_svd", "levels_calibrated", "stages_calibrated", "repair_calibrated"):
-        path = results / f"precision_{part}.json"
-        if not path.is_file():
+    """The BENCHMARKS.md fragment: the summary per size, then every measured row."""
+    lines = [
+        "## Stage precision: perplexity against bits per weight (issue 9)",
+        "",
+        "SmolLM2-135M (float32), WikiText-2 test, first 24 windows of 512 tokens, stride 512 (dense 27.44).",
+        "Bits per weight = stored bytes of the targeted matrices (210 Linear layers; scales and zero",
+        "points included) × 8 / their parameter count. Commands: `OMP_NUM_THREADS=1 python -m",
+        "benchmarks.precision --part {levels,rtn,repair,stages} [--calibration wikitext-2.valid.txt]`,",
+        "then `--report`. Every setting runs `svdlora.compress` on a fresh copy of the model.",
+    ]
+    for method in ("calibrated", "svd"):
+        levels = _load(results, f"levels_{method}")
+        if not levels:
             continue
-        data = json.loads(path.read_text())
+        m = levels["machine"]
         lines += [
-            f"\n{part} ({data['machine']['date']}, {data['machine']['platform']}, torch threads "
-            f"{data['machine']['torch_threads']}):\n",
-            "| target bits | recipe | stage dtypes | bits/weight | perplexity | rel. error | compress s |",
+            "",
+            f"### Best recipe per size ({METHOD_TITLES[method]})",
+            "",
+            f"Measured {m['date']} on {m['platform']}, {m['cpu_count']} shared CPUs, torch {m['torch']}, "
+            f"{m['torch_threads']} thread.",
+            "",
+            "| target bits/w | best svdlora recipe | its bits/w | its perplexity | one bfloat16 stage (bits/w: ppl) |",
+            "|---|---|---|---|---|",
+        ]
+        for bits in BITS:
+            rows = [r for r in levels["rows"] if r["bits"] == bits]
+            if not rows:
+                continue
+            multi = [r for r in rows if r["recipe"] != "one bfloat16 stage"]
+            one = [r for r in rows if r["recipe"] == "one bfloat16 stage"]
+            best = min(multi, key=lambda r: r["perplexity"]) if multi else None
+            one_text = f"{one[0]['bits_per_weight']:.2f}: {_ppl(one[0]['perplexity'])}" if one else "not run"
+            if best:
+                lines.append(
+                    f"| {bits} | {best['recipe']} | {best['bits_per_weight']:.2f} | {_ppl(best['perplexity'])} "
+                    f"| {one_text} |"
+                )
+    for name, title in (
+        ("rtn_svd", "Round-to-nearest weight quantization of the same matrices (what a user would pick instead)"),
+        ("levels_calibrated", "Every measured recipe, calibrated"),
+        ("levels_svd", "Every measured recipe, plain SVD"),
+        ("stages_calibrated", "The poster's Table 1 at a fixed byte budget: n int8 stages, calibrated"),
+        ("repair_calibrated", "Repair stages at a fixed byte budget, calibrated"),
+        ("repair_svd", "Repair stages at a fixed byte budget (full-rank int4 + n-1 int8 stages), plain SVD"),
+    ):
+        data = _load(results, name)
+        if not data:
+            continue
+        lines += [
+            "",
+            f"### {title}",
+            "",
+            f"{data['machine']['date']}, {data['machine']['platform']}, {data['machine']['torch_threads']} thread.",
+            "",
+            "| target bits/w | recipe | stage dtypes × n | bits/w | perplexity | mean rel. error | compress s |",
             "|---|---|---|---|---|---|---|",
         ]
-        for r in data["rows"]:
+        rows = sorted(data["rows"], key=lambda r: (-(r["bits"] or 0), r["n"], r["recipe"]))
+        for r in rows:
             lines.append(
-                f"| {r['bits'] or '-'} | {r['recipe']} | {','.join(r['stage_dtypes'])} x{r['n']} "
-                f"| {r['bits_per_weight']:.2f} | {r['perplexity']:.2f} | {r['rel_error_mean']:.4f} "
+                f"| {r['bits'] or '-'} | {r['recipe']} | {','.join(r['stage_dtypes'])} × {r['n']} "
+                f"| {r['bits_per_weight']:.2f} | {_ppl(r['perplexity'])} | {r['rel_error_mean']:.4f} "
                 f"| {r['compress_s']:.0f} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
