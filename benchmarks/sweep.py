@@ -321,8 +321,7 @@ def table1_summary(rows: list[dict], value: Callable[[dict], float], what: str, 
                  f"{span([r['rel_error_mean'] for r in rand], 4)}), lower than exact at {below} of {len(rand)} values "
                  "of n")  # fmt: skip
     return text + (
-        ". The cost per example does not depend on n: the stages are concatenated, two matmuls per layer "
-        "whatever n is"
+        ". The cost per example does not depend on n: the stages are concatenated, two matmuls per layer whatever n is"
     )
 
 

@@ -13,13 +13,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate_global, allocate_ranks
+from .chain import quantized_chain
 from .config import CompressionConfig
-from .decompose import factorize
+from .decompose import factorize, relative_error
 from .errors import SvdloraError
 from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .methods import weighted_spectrum
 from .plan import CalibrationPlan, plan_calibration
+from .precision import allocate_stages, layer_bytes, stage_formats, target_bytes
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
 
@@ -85,19 +87,44 @@ def compress(
     _check_finite(model)
     plan = plan_calibration(model, targets, config, calibration, processor, progress)
     teacher = copy.deepcopy(model) if config.heal_steps and config.heal_loss == "distill" else None
-    ranks, allocator_dense, est_loss = allocate(targets, config, plan, progress)
+    dtype = weight_out_in(targets[0].module).dtype
+    if config.stage_dtypes:  # the budget counts bytes: ranks and storage formats per stage (issue 9)
+        plans, allocator_dense, est_loss = allocate_stages(
+            targets, config, dtype, lambda n: plan.weighting(n, for_allocation=True), plan.allocation, progress
+        )
+        ranks = {name: r for name, (r, _) in plans.items()}
+    else:
+        ranks, allocator_dense, est_loss = allocate(targets, config, plan, progress)
     dense.update(allocator_dense)
 
     reports = {}
     for target in tqdm([t for t in targets if t.name in ranks], desc="factorizing", disable=not progress):
         weighting = plan.weighting(target.name)
-        f = factorize(weight_out_in(target.module), ranks[target.name], weighting=weighting, **svd_options(config))
-        layer = LowRankLinear.from_factors(target.module, f.a, f.b, f.ranks)
+        shape = (target.out_features, target.in_features)
+        if config.stage_dtypes:
+            # Each stage factorizes the residual of the stages before it as stored (quantized), in
+            # the calibration metric when there is one.
+            formats = plans[target.name][1]
+            weight = weight_out_in(target.module)
+            chain = quantized_chain(weight, ranks[target.name], formats, weighting, **_chain_options(config))
+            layer = LowRankLinear.from_chain(target.module, chain)
+            with torch.no_grad():
+                error = relative_error(weight, layer.dense_weight())
+            line = ModuleReport(
+                target.name, target.kind, shape, bias=layer.bias is not None, ranks=ranks[target.name],
+                stage_dtypes=[f.name for f in formats], rel_error=error, est_loss=est_loss.get(target.name),
+            )  # fmt: skip
+        else:
+            formats = stage_formats(None, len(ranks[target.name]), dtype)
+            f = factorize(weight_out_in(target.module), ranks[target.name], weighting=weighting, **svd_options(config))
+            layer = LowRankLinear.from_factors(target.module, f.a, f.b, f.ranks)
+            line = module_report(
+                target.name, target.kind, *shape, layer.bias is not None, f, est_loss=est_loss.get(target.name)
+            )
+        line.stored_bytes = layer_bytes(ranks[target.name], formats, *shape)
+        line.dense_bytes = target_bytes(target, dtype)
         model.set_submodule(target.name, layer)
-        reports[target.name] = module_report(
-            target.name, target.kind, target.out_features, target.in_features, layer.bias is not None, f,
-            est_loss=est_loss.get(target.name),
-        )  # fmt: skip
+        reports[target.name] = line
     _untie_factorized_head(model, config)
     healed = None
     if config.heal_steps:
@@ -174,6 +201,13 @@ def svd_options(config: CompressionConfig) -> dict:
         "generator_seed": config.seed,
         "device": svd_device(config.svd_device),
     }
+
+
+def _chain_options(config: CompressionConfig) -> dict:
+    """``svd_options`` for ``chain.quantized_chain``, which calls ``truncated_svd`` stage by stage
+    (no exact-error reference; the SVD runs where the weight is)."""
+    options = svd_options(config)
+    return {k: options[k] for k in ("method", "oversampling", "power_iterations", "generator_seed")}
 
 
 def svd_device(name: str | None) -> str | None:

@@ -6,6 +6,7 @@ import numbers
 from dataclasses import asdict, dataclass, field
 
 from .errors import SvdloraError
+from .quantize import parse_stage_dtypes
 
 SVD_METHODS = ("auto", "exact", "randomized")
 METHODS = ("auto", "svd", "whiten", "fisher")  # auto: fisher when there is calibration data, else svd
@@ -98,6 +99,14 @@ class CompressionConfig:
         default=True,
         metadata={"help": "For randomized factors, also compute the exact SVD's error (the accuracy cost)."},
     )
+    stage_dtypes: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "How each stage is stored, e.g. ['float32', 'int8'] (the last repeats up to submatrices): "
+            "float32/float16/bfloat16, int8, int4[g128|g64|g32], or full-int8/full-int4 for a full-rank "
+            "quantized first stage. The budget then counts bytes. Default: every stage in the model's dtype."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real):
@@ -133,6 +142,14 @@ class CompressionConfig:
             raise SvdloraError(
                 "allocation 'global' chooses ranks from the budget: drop --rank, or use --allocation uniform"
             )
+        self.stage_dtypes = parse_stage_dtypes(self.stage_dtypes)
+        if self.stage_dtypes and len(self.stage_dtypes) > self.submatrices:
+            raise SvdloraError(
+                f"{len(self.stage_dtypes)} stage dtypes ({','.join(self.stage_dtypes)}) for {self.submatrices} "
+                f"submatrices: pass --submatrices {len(self.stage_dtypes)} or fewer dtypes"
+            )
+        if self.stage_dtypes and self.rank is not None:
+            raise SvdloraError("--stage-dtypes works with a byte --budget, not a fixed --rank: drop one of them")
         self.budget = float(self.budget)
         self.submatrices = int(self.submatrices)
         self.include = list(self.include) if self.include else None

@@ -29,8 +29,11 @@ from .targets import find_targets
 logger = logging.getLogger(__name__)
 
 
-def svd_of_delta(delta: torch.Tensor, ranks: list[int], **svd_options) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The default method: residual SVD stages of the delta alone (what kohya and mergekit do)."""
+def svd_of_delta(
+    delta: torch.Tensor, ranks: list[int], module: str | None = None, **svd_options
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The default method: residual SVD stages of the delta alone (what kohya and mergekit do);
+    ``module`` (the layer's name, for methods that look up statistics) is not needed here."""
     return residual_svd(delta, ranks, **svd_options)
 
 
@@ -187,7 +190,7 @@ def extract_adapter(
         "method": config.svd_method,
         "oversampling": config.oversampling,
         "power_iterations": config.power_iterations,
-        "generator_seed": config.seed if config.svd_method == "randomized" else None,
+        "generator_seed": config.seed,  # also under "auto", which may pick randomized
     }
     lora = []
     for target in tqdm([t for t in lora_targets if t.name in ranks], desc="factorizing deltas", disable=not progress):

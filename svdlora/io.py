@@ -34,6 +34,7 @@ from .layers import LowRankLinear, dense_kind, weight_out_in
 from .models import PREPROCESSOR_FILES, default_device, folder_bytes, model_class, parse_dtype
 from .outputs import atomic_folder, check_output_folder, describe, ensure_space, is_incomplete
 from .placement import device_for, dispatch, resolve_device_map
+from .quantize import parse_format
 from .reader import read_state
 from .report import CompressionReport
 from .runtime import RUNTIMES, apply_runtime
@@ -52,6 +53,8 @@ from .writer import (
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "svdlora_config.json"
+# 1: float stages only; 2 adds stage dtypes (quantized stages, a full-rank first stage).
+READABLE_FORMATS = tuple(range(1, FORMAT_VERSION + 1))
 
 
 # ---------------------------------------------------------------- writing
@@ -88,10 +91,13 @@ def save_compressed(
     config = getattr(model, "config", None)
     source = source if source is not None else getattr(config, "name_or_path", None) or None
     output = Path(output)
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    # Folders without stored stage dtypes keep format 1, which older svdlora reads too.
+    format_version = FORMAT_VERSION if any(m.stage_dtypes for m in layers) else 1
     with atomic_folder(output, overwrite, inputs=[source]) as tmp:
         tensors, tied = file_layout(model)
         specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors]
-        writer = ShardedWriter(tmp, specs, header_metadata(tied), max_shard_size)
+        writer = ShardedWriter(tmp, specs, header_metadata(tied, format_version), max_shard_size)
         ensure_space(tmp, writer.total_size, str(output))
         writer.create_files()
         for key, tensor in tensors:  # one tensor copied at a time, not the whole model
@@ -109,7 +115,8 @@ def save_compressed(
             config=config,
             generation_config=generation_config,
             class_name=type(model).__name__,
-            dtype=specs[0].dtype if specs else None,
+            dtype=layers[0].A.dtype if layers else specs[0].dtype if specs else None,  # the model's, not int8
+            format_version=format_version,
         )
     logger.info("saved %s (%d bytes)", output, report.bytes_after)
     return output
@@ -125,6 +132,7 @@ def write_side_files(
     class_name: str,
     dtype: torch.dtype | None,
     world_size: int = 1,
+    format_version: int = 1,
 ) -> None:
     """Everything but the weights: config.json (marked for the svdlora quantizer), generation config,
     tokenizer files, the model card, and svdlora_config.json (last)."""
@@ -132,14 +140,14 @@ def write_side_files(
         report.bytes_before = folder_bytes(source)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(tmp)
-        hf_quantizer.mark_folder(tmp / "config.json")  # plain from_pretrained after `import svdlora`
+        hf_quantizer.mark_folder(tmp / "config.json", format_version)  # from_pretrained after `import svdlora`
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
     if source:
         _copy_preprocessor_files(source, tmp)
     svd_config = {
         "svdlora_version": __version__,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "base_model": {
             "name_or_path": str(source) if source else None,
             "class": class_name,
@@ -202,11 +210,12 @@ def read_config(path: str | Path) -> dict:
         raise SvdloraError(f"{path / CONFIG_NAME} is corrupted ({err}): re-run `svdlora compress`") from None
     except OSError as err:
         raise SvdloraError(f"{path / CONFIG_NAME} cannot be read ({describe(err)})") from None
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_FORMATS:
         raise SvdloraError(
             f"{str(path)!r} uses svdlora format {data.get('format_version')!r} (written by svdlora "
-            f"{data.get('svdlora_version')}), this is svdlora {__version__} reading format {FORMAT_VERSION}: "
-            "install the matching svdlora version or re-run `svdlora compress`"
+            f"{data.get('svdlora_version')}), this is svdlora {__version__} reading formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}: install the matching svdlora version "
+            "or re-run `svdlora compress`"
         )
     validate_config(data, path / CONFIG_NAME)
     return data
@@ -239,13 +248,20 @@ def _check_header(weights: Path) -> dict[str, str]:
         raise SvdloraError(f"{str(weights)!r} is corrupted ({err}): re-run `svdlora compress`") from None
     if metadata.get("format") != "pt":
         raise SvdloraError(f"{str(weights)!r} has format {metadata.get('format')!r}, expected 'pt' (PyTorch tensors)")
-    if metadata.get("svdlora_format_version") != str(FORMAT_VERSION):
+    if metadata.get("svdlora_format_version") not in map(str, READABLE_FORMATS):
         raise SvdloraError(
             f"{str(weights)!r} was written by svdlora {metadata.get('svdlora_version')!r} in format "
-            f"{metadata.get('svdlora_format_version')!r}; this svdlora {__version__} reads format "
-            f"{FORMAT_VERSION}: re-run `svdlora compress`"
+            f"{metadata.get('svdlora_format_version')!r}; this svdlora {__version__} reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}: re-run `svdlora compress`"
         )
     return metadata
+
+
+def stored_stage_dtypes(m, model_dtype: str | None) -> list[str] | None:
+    """A module's stage dtypes when some stage is not simply in the model's dtype (format 2), else None."""
+    if any(parse_format(d).quantized or d != model_dtype for d in m.stage_dtypes):
+        return list(m.stage_dtypes)
+    return None
 
 
 def _tied_map(metadata: dict[str, str], tensors: dict, weights: Path) -> dict[str, str]:
@@ -359,16 +375,27 @@ def load_compressed(
         model = _build_skeleton(path, data.get("base_model", {}))
     for m in report.factorized:
         _check_replaced_layer(model, m, path)
+    stored_dtypes = {m.name: d for m in report.factorized if (d := stored_stage_dtypes(m, data.get("dtype")))}
     for m in report.factorized if not merge else []:  # merged: the dense skeleton layers get A·B
         # Factors are allocated on meta; load_state_dict(assign=True) drops the real tensors in.
-        layer = LowRankLinear(m.shape[1], m.shape[0], m.ranks, bias=m.bias, base_kind=m.kind, device="meta")
+        ranks = [r for r in m.ranks if r > 0]  # a full-rank first stage has rank 0 in the report
+        layer = LowRankLinear(
+            m.shape[1], m.shape[0], ranks, bias=m.bias, base_kind=m.kind, device="meta",
+            stage_dtypes=stored_dtypes.get(m.name),
+        )  # fmt: skip
         model.set_submodule(m.name, layer, strict=True)
 
     plan = place = None
     if device_map is not None:
         plan = resolve_device_map(model, device_map, max_memory, target_dtype)
         place = partial(device_for, plan)
-    tensors = read_state(files, report, target_device, target_dtype, merge, place)
+    # quantized stages are dequantized on the device, in the model's dtype (or the one asked for)
+    compute_dtype = target_dtype or parse_dtype(data.get("dtype")) or torch.float32
+    stored_parts: dict[str, list] = {}
+    tensors = read_state(
+        files, report, target_device, target_dtype, merge, place,
+        stored_dtypes=stored_dtypes, compute_dtype=compute_dtype, stored_parts=stored_parts,
+    )  # fmt: skip
     tied = _tied_map(metadata, tensors, weights)
 
     try:
@@ -398,6 +425,8 @@ def load_compressed(
         model = dispatch(model, plan)
     if not merge:
         setattr(model, REPORT_ATTR, report)
+        for name, parts in stored_parts.items():  # re-saving writes the same stored bits
+            model.get_submodule(name).stored = parts
     if runtime == "auto":
         apply_runtime(model, "auto")
     return model.eval()

@@ -74,16 +74,25 @@ class LowRankLinear(nn.Module):
         base_kind: str = LINEAR,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        stage_dtypes: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if not ranks or min(ranks) < 1:
+        # A full-rank first stage (stage_dtypes[0] = "full-…", see quantize.py) is held dequantized
+        # in ``full``; the low-rank stages (``ranks``) may then be none at all (plain quantization).
+        has_full = bool(stage_dtypes) and stage_dtypes[0].startswith("full-")
+        if (not ranks and not has_full) or (ranks and min(ranks) < 1):
             raise ValueError(f"ranks must be a non-empty list of positive ints, got {ranks}")
         self.in_features, self.out_features = in_features, out_features
         self.ranks = list(ranks)
         self.base_kind = base_kind
+        self.stage_dtypes = list(stage_dtypes) if stage_dtypes else None  # None: every stage in A's dtype
+        self.stored = None  # stages as written to disk (chain.Stage.parts), set by compression / loading
         total = sum(ranks)
         self.A = nn.Parameter(torch.empty(out_features, total, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(total, in_features, device=device, dtype=dtype))
+        self.full = (
+            nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype)) if has_full else None
+        )
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
@@ -118,6 +127,32 @@ class LowRankLinear(nn.Module):
                 layer.bias.copy_(module.bias)
         return layer
 
+    @classmethod
+    def from_chain(cls, module: nn.Module, stages: list) -> LowRankLinear:
+        """A layer holding ``chain.quantized_chain`` stages, dequantized, and their stored form."""
+        weight = weight_out_in(module)
+        low = [s for s in stages if s.full is None]
+        layer = cls(
+            weight.shape[1],
+            weight.shape[0],
+            [s.rank for s in low],
+            bias=module.bias is not None,
+            base_kind=dense_kind(module),
+            device=weight.device,
+            dtype=weight.dtype,
+            stage_dtypes=[s.fmt.name for s in stages],
+        )
+        with torch.no_grad():
+            if low:
+                layer.A.copy_(torch.cat([s.a for s in low], dim=1))
+                layer.B.copy_(torch.cat([s.b for s in low], dim=0))
+            if layer.full is not None:
+                layer.full.copy_(stages[0].full)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        layer.stored = [{k: {n: t.cpu() for n, t in v.items()} for k, v in s.parts.items()} for s in stages]
+        return layer
+
     def stages(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The (A_j, B_j) pairs as views of the stacked factors."""
         a_parts = torch.split(self.A, self.ranks, dim=1)
@@ -126,7 +161,7 @@ class LowRankLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight the factors stand for."""
-        return self.A @ self.B
+        return self.A @ self.B if self.full is None else self.full + self.A @ self.B
 
     @property
     def weight(self) -> torch.Tensor:
@@ -142,10 +177,14 @@ class LowRankLinear(nn.Module):
             return make_dense(self.base_kind, self.dense_weight().detach(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.full is not None:
+            out = F.linear(x, self.full, self.bias)
+            return out + F.linear(F.linear(x, self.B), self.A) if self.ranks else out
         return F.linear(F.linear(x, self.B), self.A, self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"ranks={self.ranks}, bias={self.bias is not None}, base_kind={self.base_kind}"
+            + (f", stage_dtypes={self.stage_dtypes}" if self.stage_dtypes else "")
         )

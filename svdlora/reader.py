@@ -44,6 +44,13 @@ class FolderTensors:
             ) from None
         return handle.get_tensor(key)
 
+    # the mapping protocol chain.read_file_tensors reads quantized stages with
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def pop(self, key: str) -> torch.Tensor:
+        return self.get(key)
+
     def rest(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in list(self.where):
             yield key, self.get(key)
@@ -77,29 +84,55 @@ def read_state(
     dtype: torch.dtype | None,
     merge: bool,
     place: Callable[[str], torch.device] | None = None,
+    stored_dtypes: dict[str, list[str]] | None = None,
+    compute_dtype: torch.dtype | None = None,
+    stored_parts: dict[str, list] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict for ``load_state_dict(assign=True)``: ``<layer>.A/.B`` per factorized layer,
     or, with ``merge``, the dense ``<layer>.weight`` (in the layer's own layout) built on ``device``.
     ``place(name)`` overrides the device per tensor (a device map): files are then read on the CPU
-    and each tensor moved on its own, so no full copy of the model sits on the CPU."""
+    and each tensor moved on its own, so no full copy of the model sits on the CPU.
+    ``stored_dtypes[name]``: that layer's stages are stored in their own dtypes (issue 9); they are
+    dequantized in ``compute_dtype`` (a full-rank first stage becomes ``<layer>.full``), and their
+    stored parts go to ``stored_parts[name]`` so that re-saving writes the same bits."""
     tensors = FolderTensors(files, device if place is None else torch.device("cpu"))
     place = place or (lambda _: device)
     state: dict[str, torch.Tensor] = {}
     try:
         for m in report.factorized:
             where = place(f"{m.name}.weight")
-            a = _stacked(tensors, m.name, m.ranks, "A", dtype, where)
-            b = _stacked(tensors, m.name, m.ranks, "B", dtype, where)
+            full = None
+            if m.name in (stored_dtypes or {}):
+                a, b, full, parts = _read_stored(tensors, m, stored_dtypes[m.name], compute_dtype)
+                a, b = a.to(where), b.to(where)
+                full = None if full is None else full.to(where)
+                if stored_parts is not None and not merge:
+                    stored_parts[m.name] = parts
+            else:
+                a = _stacked(tensors, m.name, m.ranks, "A", dtype, where)
+                b = _stacked(tensors, m.name, m.ranks, "B", dtype, where)
             if not merge:
                 state[f"{m.name}.A"], state[f"{m.name}.B"] = a, b
-            elif m.kind == CONV1D:
-                state[f"{m.name}.weight"] = b.T @ a.T  # Conv1D stores (in, out) = (A·B)ᵀ
+                if full is not None:
+                    state[f"{m.name}.full"] = full
             else:
-                state[f"{m.name}.weight"] = a @ b
-            del a, b  # merged: only this layer's factors are held next to the dense result
+                dense = a @ b if full is None else full + a @ b
+                state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense  # Conv1D stores (in, out)
+            del a, b, full  # merged: only this layer's factors are held next to the dense result
         for key, t in tensors.rest():
             t = t.to(place(key))
             state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     finally:
         tensors.close()
     return state
+
+
+def _read_stored(tensors: FolderTensors, m, stage_dtypes: list[str], dtype):
+    from .chain import read_file_tensors
+
+    try:
+        return read_file_tensors(tensors, m.name, m.ranks, stage_dtypes, m.shape, dtype)
+    except KeyError as err:
+        raise SvdloraError(
+            f"{str(tensors.folder)!r} lacks factor {err}: the file is corrupted, re-run `svdlora compress`"
+        ) from None

@@ -24,6 +24,9 @@ class ModuleReport:
         """How much the SVD method added to the error: rel_error − exact_error (0 for exact)."""
         return None if self.exact_error is None else self.rel_error - self.exact_error
 
+    stored_bytes: int | None = None  # the factorized matrix as stored (scales included), bias excluded
+    dense_bytes: int | None = None  # the same matrix dense in the model's dtype (the byte budget's unit)
+
     @property
     def factorized(self) -> bool:
         return bool(self.ranks)
@@ -34,7 +37,14 @@ class ModuleReport:
 
     @property
     def params_after(self) -> int:
-        return sum(self.ranks) * (self.shape[0] + self.shape[1]) if self.factorized else self.params_before
+        if not self.factorized:
+            return self.params_before
+        full = self.params_before if self.stage_dtypes and self.stage_dtypes[0].startswith("full-") else 0
+        return full + sum(self.ranks) * (self.shape[0] + self.shape[1])
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        return None if self.stored_bytes is None else 8 * self.stored_bytes / self.params_before
 
 
 @dataclass
@@ -77,6 +87,7 @@ class CompressionReport:
             ("calibration", _calibration_text(self.calibration)),
             ("factorized matrices", f"{len(fac)} of {len(self.modules)} Linear/Conv1D layers"),
             ("factorized params", f"{before:,} -> {after:,} ({_ratio(after, before)})"),
+            *_bytes_rows(fac),
             (
                 "model params",
                 f"{self.model_params_before:,} -> {self.model_params_after:,} "
@@ -125,11 +136,12 @@ class CompressionReport:
             for m in self.modules:
                 shape = f"{m.shape[0]}x{m.shape[1]}"
                 if m.factorized:
-                    ranks = "+".join(map(str, m.ranks))
+                    ranks = "+".join("full" if r == 0 else str(r) for r in m.ranks)
                     params = f"{m.params_before:,}->{m.params_after:,}"
                     cost = "" if m.svd_method != "randomized" else "n/a" if m.svd_cost is None else f"{m.svd_cost:+.4f}"
+                    bits = "" if m.bits_per_weight is None else f"{m.bits_per_weight:5.2f} bits/w"
                     line = f"{m.name:<{name_w}}  {shape:>11}  {ranks:<14} {params:>21}  {m.rel_error:7.4f}  {cost:>8}"
-                    lines.append(line.rstrip())
+                    lines.append(f"{line}  {bits}".rstrip())
                 else:
                     lines.append(f"{m.name:<{name_w}}  {shape:>11}  dense: {m.dense_reason}")
         return "\n".join(lines)
@@ -140,6 +152,19 @@ def _calibration_text(calibration: dict | None) -> str:
         return "none (plain truncated SVD; pass --calibration DATA or 'self' for better quality)"
     tokens = f", {calibration['tokens']:,} tokens" if calibration.get("tokens") else ""
     return f"{calibration['source']} ({calibration['batches']} batches{tokens})"
+
+
+def _bytes_rows(fac: list[ModuleReport]) -> list[tuple[str, str]]:
+    """Bytes of the factorized matrices and bits per original weight (folders from before bytes: none)."""
+    if not fac or any(m.stored_bytes is None or m.dense_bytes is None for m in fac):
+        return []
+    stored, dense = sum(m.stored_bytes for m in fac), sum(m.dense_bytes for m in fac)
+    bits = 8 * stored / sum(m.params_before for m in fac)
+    dtypes = sorted({",".join(m.stage_dtypes) for m in fac})
+    return [
+        ("factorized bytes", f"{_size(dense)} -> {_size(stored)} ({_ratio(stored, dense)}), scales included"),
+        ("bits per weight", f"{bits:.2f} (stage dtypes {' | '.join(dtypes)})"),
+    ]
 
 
 def _ratio(after: int, before: int) -> str:

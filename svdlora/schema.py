@@ -82,7 +82,7 @@ def validate_config(data, where: Path) -> None:
 def _validate_module(m, at: str, bad) -> None:
     fields = {
         "name", "kind", "shape", "bias", "ranks", "stage_dtypes", "rel_error", "dense_reason", "est_loss",
-        "svd_method", "exact_error",
+        "svd_method", "exact_error", "stored_bytes", "dense_bytes",
     }  # fmt: skip
     if not isinstance(m, dict):
         raise bad(at, m, "an object")
@@ -98,11 +98,19 @@ def _validate_module(m, at: str, bad) -> None:
     if not isinstance(m["bias"], bool):
         raise bad(f"{at}.bias", m["bias"], "true or false")
     ranks = m.get("ranks", [])
-    if not isinstance(ranks, list) or not all(_is_int(r) and r >= 1 for r in ranks):
-        raise bad(f"{at}.ranks", ranks, "a list of integers >= 1")
     dtypes = m.get("stage_dtypes", [])
     if not isinstance(dtypes, list) or not all(isinstance(d, str) for d in dtypes):
         raise bad(f"{at}.stage_dtypes", dtypes, "a list of dtype names")
+    full = bool(dtypes) and dtypes[0].startswith("full-")  # issue 9: a full-rank first stage has rank 0
+    if not isinstance(ranks, list) or not all(
+        _is_int(r) and r >= (0 if full and j == 0 else 1) for j, r in enumerate(ranks)
+    ):
+        raise bad(f"{at}.ranks", ranks, "a list of integers >= 1 (0 only for a full-rank first stage)")
+    if ranks and dtypes and len(dtypes) != len(ranks):
+        raise bad(f"{at}.stage_dtypes", dtypes, f"one dtype per stage ({len(ranks)})")
+    for key in ("stored_bytes", "dense_bytes"):
+        if m.get(key) is not None and (not _is_int(m[key]) or m[key] < 0):
+            raise bad(f"{at}.{key}", m[key], "an integer >= 0 or null")
     if not _is_num(m.get("rel_error", 0.0)):
         raise bad(f"{at}.rel_error", m.get("rel_error"), "a number")
     if m.get("est_loss") is not None and not _is_num(m["est_loss"]):
@@ -123,8 +131,15 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
         out_f, in_f = m.shape
         expected = {}
         for j, r in enumerate(m.ranks):
-            expected[f"{m.name}.stage{j}.A"] = [out_f, r]
-            expected[f"{m.name}.stage{j}.B"] = [r, in_f]
+            kind = _stage_kind(m.stage_dtypes[j] if j < len(m.stage_dtypes) else "float32")
+            if kind == "float":
+                expected[f"{m.name}.stage{j}.A"] = [out_f, r]
+                expected[f"{m.name}.stage{j}.B"] = [r, in_f]
+                continue
+            # quantized (issue 9): q / scales [/ zeros] per factor, or of the whole matrix W
+            parts = ("q", "scales", "zeros") if kind.endswith("int4") else ("q", "scales")
+            for key in ("W",) if kind.startswith("full-") else ("A", "B"):
+                expected.update({f"{m.name}.stage{j}.{key}.{p}": None for p in parts})
         if m.bias:
             expected[f"{m.name}.bias"] = [out_f]
         for key, shape in expected.items():
@@ -133,17 +148,24 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
                     f"{str(weights)!r} lacks tensor {key!r}: the file is incomplete or was edited; "
                     "re-run `svdlora compress`"
                 )
-            if list(shapes[key]) != shape:
+            if shape is not None and list(shapes[key]) != shape:
                 raise SvdloraError(
                     f"{str(weights)!r}: tensor {key!r} has shape {list(shapes[key])}, but svdlora_config.json "
                     f"says {shape}: the folder was edited or mixed with another; re-run `svdlora compress`"
                 )
-        stray = f"{m.name}.stage{len(m.ranks)}.A"
-        if stray in shapes:
+        stray = next((k for k in shapes if k.startswith(f"{m.name}.stage{len(m.ranks)}.")), None)
+        if stray is not None:
             raise SvdloraError(
                 f"{str(weights)!r} holds {stray!r}, a stage svdlora_config.json does not list: "
                 "the folder was edited; re-run `svdlora compress`"
             )
+
+
+def _stage_kind(dtype: str) -> str:
+    """'float', 'int8', 'int4', or with a 'full-' prefix (names as in svdlora.quantize)."""
+    base = dtype.removeprefix("full-")
+    kind = "int4" if base.startswith("int4") else "int8" if base == "int8" else "float"
+    return f"full-{kind}" if dtype.startswith("full-") else kind
 
 
 def model_class_named(name: str | None, where: Path):

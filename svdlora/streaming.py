@@ -34,6 +34,7 @@ from .io import _no_weight_init, atomic_folder, check_output, write_side_files
 from .layers import CONV1D, LowRankLinear, dense_kind, weight_out_in
 from .models import check_dense_folder, model_class, parse_dtype
 from .outputs import ensure_space
+from .precision import layer_bytes, stage_formats, target_bytes
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
 from .writer import (
@@ -54,6 +55,11 @@ STREAMING_METHODS = ("svd", "auto")
 
 def check_streamable(config: CompressionConfig, calibration=None) -> None:
     """Refuse settings that cannot stream (calibration-aware methods), with what to do instead."""
+    if getattr(config, "stage_dtypes", None):
+        raise SvdloraError(
+            "--stage-dtypes cannot stream yet (the quantized stage chain is built in memory): drop --stream "
+            "(and run without torchrun), or drop --stage-dtypes"
+        )
     method = getattr(config, "method", "svd")
     calibrated = (
         calibration is not None
@@ -365,9 +371,11 @@ def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, p
         for j in range(len(f.ranks)):
             writer.write(f"{what.name}.stage{j}.A", f.a[:, bounds[j] : bounds[j + 1]])
             writer.write(f"{what.name}.stage{j}.B", f.b[bounds[j] : bounds[j + 1]])
-        reports[what.name] = module_report(
-            what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f
-        )
+        line = module_report(what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f)
+        # the bytes compress() reports (issue 9): every stage in the output dtype
+        line.stored_bytes = layer_bytes(f.ranks, stage_formats(None, len(f.ranks), weight.dtype), *w.shape)
+        line.dense_bytes = target_bytes(what, weight.dtype)
+        reports[what.name] = line
         del weight, w, f
     return reports
 

@@ -183,13 +183,14 @@ def weight_files(folder: str | Path) -> list[Path]:
     return [folder / WEIGHTS_NAME]
 
 
-def header_metadata(tied: dict[str, str]) -> dict[str, str]:
-    from .version import FORMAT_VERSION, __version__
+def header_metadata(tied: dict[str, str], format_version: int = 1) -> dict[str, str]:
+    """The header of every shard; format 1 unless some stage is stored in its own dtype (2)."""
+    from .version import __version__
 
     return {
         "format": "pt",
         "svdlora_version": __version__,
-        "svdlora_format_version": str(FORMAT_VERSION),
+        "svdlora_format_version": str(format_version),
         "tied": json.dumps(tied, sort_keys=True),
     }
 
@@ -206,9 +207,14 @@ def file_layout(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
     tensors: list[tuple[str, torch.Tensor]] = []
     lowrank = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     for name, module in lowrank:
+        if module.stage_dtypes:  # stages in their own dtypes, quantized ones as q/scales/zeros (issue 9)
+            from .chain import file_tensors
+
+            tensors += list(file_tensors(name, module).items())
+            continue
         for j, (a, b) in enumerate(module.stages()):
             tensors += [(f"{name}.stage{j}.A", a), (f"{name}.stage{j}.B", b)]
-    lowrank_keys = {f"{n}.{s}" for n, _ in lowrank for s in "AB"}
+    lowrank_keys = {f"{n}.{s}" for n, _ in lowrank for s in ("A", "B", "full")}
     tensors += [(k, v) for k, v in model.state_dict(keep_vars=True).items() if k not in lowrank_keys]
     stored, tied, seen = [], {}, {}
     for key, tensor in tensors:

@@ -123,6 +123,8 @@ def test_explicit_calibration_refuses_to_stream_in_one_line(tmp_path, capsys, da
 def test_calibration_aware_settings_refuse_to_stream(tmp_path):
     base = tmp_path / "base"
     tied_llama().save_pretrained(base)
+    with pytest.raises(SvdloraError, match="--stage-dtypes cannot stream"):
+        compress_checkpoint(base, tmp_path / "out", budget=0.5, stage_dtypes="int8")
     with pytest.raises(SvdloraError, match="cannot stream"):
         compress_checkpoint(base, tmp_path / "out", budget=0.5, calibration=["some text"])
     assert not (tmp_path / "out").exists()

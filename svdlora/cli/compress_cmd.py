@@ -31,6 +31,7 @@ EXAMPLES = """examples:
   svdlora compress gpt2 --budget 0.5 --submatrices 3 --output out/gpt2-svd
   svdlora compress gpt2 --budget 0.8 --calibration wiki.valid.txt --heal-steps 200 --output out/gpt2-80
   svdlora compress gpt2 --budget 0.8 --method svd --calibration none --output out/gpt2-plain
+  svdlora compress gpt2 --budget 0.25 --submatrices 2 --stage-dtypes full-int4,int8 --output out/gpt2-q
   svdlora compress ./my-vit --budget 0.3 --exclude 're:.*attention.*' --output out/vit-svd
 """
 
@@ -61,6 +62,14 @@ def register(subparsers) -> None:
         type=options.positive_int("rank"),
         default=None,
         help="fixed total rank per matrix instead of a budget",
+    )
+    p.add_argument(
+        "--stage-dtypes",
+        default=None,
+        metavar="DTYPES",
+        help="how each stage is stored, comma-separated, the last repeated up to --submatrices: float32, "
+        "float16, bfloat16, int8, int4 (group 128), int4g64, int4g32, or full-int8 / full-int4 as a full-rank "
+        "quantized first stage; the budget then counts bytes (default: every stage in the model's dtype)",
     )
     p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules (glob, or re:REGEX)")
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
@@ -132,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         svd_method=args.svd_method,
         svd_reference=args.svd_reference,
         svd_device=args.svd_device,
+        stage_dtypes=args.stage_dtypes,
         **calibration_options(args),
     )
     check_calibration(args.calibration)

@@ -98,7 +98,7 @@ class SvdloraHfQuantizer(HfQuantizer):
                 "svdlora cannot compress inside from_pretrained: load the dense model, then call "
                 "svdlora.compress(model, budget=...) and svdlora.save_compressed(model, folder)"
             )
-        if self.quantization_config.format_version != FORMAT_VERSION:
+        if self.quantization_config.format_version not in range(1, FORMAT_VERSION + 1):
             raise ValueError(
                 f"this svdlora folder uses format {self.quantization_config.format_version!r} (written by svdlora "
                 f"{self.quantization_config.svdlora_version}); svdlora {__version__} reads format {FORMAT_VERSION}: "
@@ -121,7 +121,14 @@ class SvdloraHfQuantizer(HfQuantizer):
 
             # The same strict checks as load_compressed (issue 7): config fields, every shard's
             # header and factor shapes, before transformers reads a tensor.
-            check_folder(Path(self._checkpoint_files[0]).parent)
+            data = check_folder(Path(self._checkpoint_files[0]).parent)
+            if data.get("format_version", 1) >= 2:
+                # Stages stored in their own dtypes (quantized, a full-rank first stage) are not
+                # wired into the quantizer: refuse rather than load something else.
+                raise ValueError(
+                    "this svdlora folder stores its stages in their own dtypes (--stage-dtypes, format 2), which "
+                    "plain from_pretrained does not load yet: use svdlora.load_compressed(folder)"
+                )
         layouts = _factor_layouts(self._checkpoint_files)
         if not layouts:
             raise ValueError(f"{self._checkpoint_files} holds no svdlora factors: is this an svdlora folder?")
@@ -228,19 +235,19 @@ def _read_report(files: list[str]):
         return None
 
 
-def folder_config_entries(weights: str = WEIGHTS_NAME) -> dict:
+def folder_config_entries(weights: str = WEIGHTS_NAME, format_version: int = FORMAT_VERSION) -> dict:
     """The entries ``save_compressed`` adds to the folder's ``config.json``."""
     return {
-        "quantization_config": SvdloraQuantizationConfig(weights=weights).to_dict(),
+        "quantization_config": SvdloraQuantizationConfig(weights=weights, format_version=format_version).to_dict(),
         "transformers_weights": GUARD_WEIGHTS_NAME,
     }
 
 
-def mark_folder(config_json: Path) -> None:
+def mark_folder(config_json: Path, format_version: int = 1) -> None:
     """Add the quantization config (and the guard) to a written ``config.json``."""
     data = json.loads(config_json.read_text())
     sharded = (config_json.parent / INDEX_NAME).is_file()  # the index is written before config.json
-    data.update(folder_config_entries(INDEX_NAME if sharded else WEIGHTS_NAME))
+    data.update(folder_config_entries(INDEX_NAME if sharded else WEIGHTS_NAME, format_version))
     config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

@@ -1,0 +1,195 @@
+"""Stage dtypes and the byte budget: which formats each stage uses, and how many ranks its bytes buy.
+
+The budget is a fraction of the targeted matrices' bytes in the model's dtype. Every matrix gets
+that fraction of its own bytes (the uniform rule, in bytes); a ``full-…`` first stage takes its
+fixed cost first, and the low-rank stages split the rest equally in bytes (so an int8 stage gets
+about 4x the rank of a float32 one). With every stage in the model's dtype this is the old
+parameter budget, which ``allocate.allocate_ranks`` keeps handling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import SvdloraError
+from .quantize import FULL_PREFIX, StageFormat, float_format, nbytes, parse_format, stage_bytes
+from .targets import Target
+
+
+def stage_formats(names: list[str] | None, submatrices: int, model_dtype: torch.dtype) -> list[StageFormat]:
+    """One format per stage: the given names, the last one repeated up to ``submatrices``
+    (as a low-rank stage: ``full-int8`` repeats as ``int8``)."""
+    if not names:
+        return [float_format(model_dtype)] * submatrices
+    if len(names) > submatrices:
+        raise SvdloraError(
+            f"{len(names)} stage dtypes ({','.join(names)}) for {submatrices} submatrices: "
+            f"pass --submatrices {len(names)} or fewer dtypes"
+        )
+    formats = [parse_format(n) for n in names]
+    last = formats[-1]
+    if last.full:  # "full-int8" with 2 submatrices: the repair stage is a low-rank int8 one
+        last = parse_format(last.name.removeprefix(FULL_PREFIX))
+    return formats + [last] * (submatrices - len(formats))
+
+
+def target_bytes(target: Target, dtype: torch.dtype) -> int:
+    """What the dense matrix costs in the model's dtype (the budget's unit)."""
+    return target.params * torch.finfo(dtype).bits // 8
+
+
+def allocate_bytes(
+    targets: list[Target], budget: float, formats: list[StageFormat], dtype: torch.dtype
+) -> tuple[dict[str, tuple[list[int], list[StageFormat]]], dict[str, str]]:
+    """Per target: (stage ranks, stage formats) whose bytes fit ``budget`` x its dense bytes; and
+    the targets kept dense (with why). Ranks of 0 are dropped with their format; a full stage has rank 0.
+
+    Σ stage bytes <= budget · Σ dense bytes holds exactly, scales and zero points included,
+    because it holds for every matrix.
+    """
+    plans, dense = {}, {}
+    for t in targets:
+        allowed = math.floor(budget * target_bytes(t, dtype) + 1e-6)
+        plan = plan_matrix(t, allowed, formats, f"budget {budget}")
+        if layer_bytes(*plan, t.out_features, t.in_features) >= target_bytes(t, dtype):
+            dense[t.name] = "the budget covers the dense matrix (kept exact)"
+        else:
+            plans[t.name] = plan
+    return plans, dense
+
+
+def plan_matrix(t: Target, allowed: int, formats: list[StageFormat], what: str) -> tuple[list[int], list[StageFormat]]:
+    """Stage ranks and formats of one matrix within ``allowed`` bytes: a full first stage is paid
+    first, the low-rank stages split the rest equally in bytes, leftovers go to earlier stages."""
+    out_f, in_f = t.out_features, t.in_features
+    full = formats[0] if formats[0].full else None
+    low = formats[1:] if full else formats
+    left = allowed - (nbytes(full, out_f, in_f) if full else 0)
+    if left < 0:
+        raise SvdloraError(
+            f"{what} is too small for a {full.name} first stage of {t.name!r} "
+            f"({nbytes(full, out_f, in_f)} bytes of {allowed} allowed): raise --budget or use another first stage"
+        )
+    costs = [stage_bytes(f, out_f, in_f, 1) for f in low]
+    ranks = [int(left / len(low) // c) for c in costs] if low else []
+    cap = min(out_f, in_f)
+    spent = sum(r * c for r, c in zip(ranks, costs, strict=True))
+    grown = True
+    while grown and sum(ranks) < cap:  # spend what the equal split left over, earlier stages first
+        grown = False
+        for j, c in enumerate(costs):
+            if spent + c <= left and sum(ranks) < cap:
+                ranks[j] += 1
+                spent += c
+                grown = True
+    while sum(ranks) > cap:  # more rank than the matrix has: trim the last stages
+        j = max(i for i, r in enumerate(ranks) if r > 0)
+        ranks[j] -= 1
+    kept = [(r, f) for r, f in zip(ranks, low, strict=True) if r > 0]
+    if not kept and not full:
+        raise SvdloraError(
+            f"{what} is too small for {t.name!r}: even rank 1 in {low[0].name} needs "
+            f"{costs[0]} bytes of {allowed}; raise --budget or --exclude it"
+        )
+    return ([0] if full else []) + [r for r, _ in kept], ([full] if full else []) + [f for _, f in kept]
+
+
+def layer_bytes(ranks: list[int], formats: list[StageFormat], out_features: int, in_features: int) -> int:
+    """Stored bytes of one factorized matrix (bias not included)."""
+    return sum(
+        nbytes(f, out_features, in_features) if f.full else stage_bytes(f, out_features, in_features, r)
+        for r, f in zip(ranks, formats, strict=True)
+    )
+
+
+def allocate_bytes_global(
+    targets: list[Target],
+    spectra: dict[str, torch.Tensor],
+    budget: float,
+    formats: list[StageFormat],
+    dtype: torch.dtype,
+) -> tuple[dict[str, tuple[list[int], list[StageFormat]]], dict[str, float]]:
+    """Stage plans chosen together: greedy on the loss each byte buys, under the same exact byte budget.
+
+    ``spectra[name]`` holds the weighted singular values of what the low-rank stages factorize (W, or
+    W minus its full first stage), descending; one more unit of total rank of matrix t removes
+    σ²_{R+1} and costs u_t bytes, u_t = n / Σ_j 1/c_j for the equal-bytes split over stages of
+    per-rank cost c_j. Each matrix then gets ``plan_matrix`` of its full stage plus u_t·R_t bytes,
+    and Σ of those is what the greedy kept within budget · Σ dense bytes. Returns the plans and
+    each matrix's estimated loss left (Σ of the dropped σ²).
+    """
+    import heapq
+
+    allowed = math.floor(budget * sum(target_bytes(t, dtype) for t in targets) + 1e-6)
+    full = formats[0] if formats[0].full else None
+    low = formats[1:] if full else formats
+    fixed, unit, tails, rank = {}, {}, {}, {}
+    for t in targets:
+        fixed[t.name] = nbytes(full, t.out_features, t.in_features) if full else 0
+        costs = [stage_bytes(f, t.out_features, t.in_features, 1) for f in low]
+        unit[t.name] = len(low) / sum(1 / c for c in costs) if low else math.inf
+        squares = spectra[t.name].double().square()
+        tails[t.name] = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)]).tolist()
+        rank[t.name] = 0 if full else 1
+    # no low-rank stage (a full stage only): rank stays 0 and costs nothing (inf · 0 would be NaN)
+    spent = sum(fixed[t.name] + (math.ceil(unit[t.name] * rank[t.name]) if low else 0) for t in targets)
+    if spent > allowed:
+        raise SvdloraError(
+            f"budget {budget} is too small for {','.join(f.name for f in formats)} stages on every targeted "
+            "matrix: raise --budget, choose cheaper stage dtypes or --exclude the smallest layers"
+        )
+    heap = []
+    by_name = {t.name: t for t in targets}
+
+    def push(name: str) -> None:
+        k, tail, t = rank[name], tails[name], by_name[name]
+        if low and k < min(t.out_features, t.in_features, len(tail) - 1):
+            heapq.heappush(heap, (-(tail[k] - tail[k + 1]) / unit[name], name))
+
+    for t in targets:
+        push(t.name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        extra = math.ceil(unit[name] * (rank[name] + 1)) - math.ceil(unit[name] * rank[name])
+        if spent + extra > allowed:
+            continue  # does not fit; a cheaper matrix's next rank still may
+        spent += extra
+        rank[name] += 1
+        push(name)
+    plans = {}
+    for t in targets:
+        budget_t = fixed[t.name] + (math.ceil(unit[t.name] * rank[t.name]) if low else 0)
+        plans[t.name] = plan_matrix(t, budget_t, formats, f"the global share of budget {budget}")
+    return plans, {n: tails[n][k] for n, k in rank.items()}
+
+
+def allocate_stages(
+    targets: list[Target],
+    config,
+    dtype: torch.dtype,
+    weighting_for=None,
+    allocation: str = "uniform",
+    progress: bool = False,
+) -> tuple[dict[str, tuple[list[int], list[StageFormat]]], dict[str, str], dict[str, float]]:
+    """Plans for ``config.stage_dtypes``: uniform bytes, or global over the weighted spectra of what
+    the low-rank stages will factorize (``weighting_for(name)`` gives a matrix's weighting)."""
+    formats = stage_formats(config.stage_dtypes, config.submatrices, dtype)
+    if allocation != "global" or weighting_for is None:
+        plans, dense = allocate_bytes(targets, config.budget, formats, dtype)
+        return plans, dense, {}
+    from tqdm.auto import tqdm
+
+    from .layers import weight_out_in
+    from .methods import weighted_spectrum
+    from .quantize import roundtrip
+
+    spectra = {}
+    for t in tqdm(targets, desc="spectra", disable=not progress):
+        weight = weight_out_in(t.module).detach().float()
+        if formats[0].full:  # the low-rank stages see the full stage's rounding error
+            weight = weight - roundtrip(weight, formats[0])
+        spectra[t.name] = weighted_spectrum(weight, weighting_for(t.name))
+    plans, est_loss = allocate_bytes_global(targets, spectra, config.budget, formats, dtype)
+    return plans, {}, est_loss

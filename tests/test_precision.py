@@ -1,0 +1,222 @@
+"""Stage dtypes: quantization round trips, the chain as stored, the byte budget, files and errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from svdlora import SvdloraError, compress, load_compressed, save_compressed
+from svdlora.chain import quantized_chain
+from svdlora.cli import main
+from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
+from svdlora.precision import allocate_bytes, stage_formats
+from svdlora.quantize import dequantize, nbytes, parse_format, quantize
+from svdlora.targets import Target
+
+from .conftest import TINY_MODELS, output_of
+
+FORMATS = ("int8", "int4", "int4g64", "int4g32", "bfloat16", "float16")
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("shape", [(5, 7), (16, 128), (3, 130)])
+def test_quantize_roundtrip_error_and_bytes(name, shape):
+    fmt = parse_format(name)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3
+    parts = quantize(x, fmt)
+    back = dequantize(parts, fmt, shape[1])
+    # bytes counted = bytes stored, scales and zero points included
+    assert nbytes(fmt, *shape) == sum(t.numel() * t.element_size() for t in parts.values())
+    if fmt.kind == "int8":  # round to nearest: at most half a step (+ bf16 scale slack) per value
+        step = x.abs().amax(dim=1, keepdim=True) / 127
+        assert ((x - back).abs() <= 0.5 * step * 1.01 + 1e-6).all()
+    elif fmt.kind == "int4":
+        g = fmt.group_size
+        for start in range(0, shape[1], g):
+            chunk = x[:, start : start + g]
+            span = chunk.amax(1, keepdim=True).clamp(min=0) - chunk.amin(1, keepdim=True).clamp(max=0)
+            err = (chunk - back[:, start : start + g]).abs()
+            # half a step inside the range; the rounded zero point can cost the group's ends a full step
+            assert (err <= span / 15 * 1.01 + 1e-6).all()
+            assert err.mean() <= (span / 15).mean() * 0.35
+    else:
+        assert torch.equal(back, x.to(fmt.dtype).float())
+
+
+def test_zero_rows_and_groups_stay_zero():
+    x = torch.zeros(3, 40)
+    x[1, :5] = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    for name in ("int8", "int4g32"):
+        back = dequantize(quantize(x, parse_format(name)), parse_format(name), 40)
+        assert torch.isfinite(back).all() and (back[0] == 0).all() and (back[1, 5:] == 0).all()
+
+
+def _spectrum_matrix(out_f=96, in_f=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(out_f, in_f, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_f, in_f, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -1.5, in_f, dtype=torch.float64)
+    return (u * s) @ v.T
+
+
+def _chain_error(weight, budget, names, submatrices):
+    target = Target("w", nn.Linear(weight.shape[1], weight.shape[0]), "linear", *weight.shape)
+    formats = stage_formats(names, submatrices, torch.float32)
+    plans, dense = allocate_bytes([target], budget, formats, torch.float32)
+    ranks, fmts = plans["w"]
+    stages = quantized_chain(weight, ranks, fmts)
+    approx = sum(s.product() for s in stages)
+    return (torch.linalg.matrix_norm(weight - approx) / torch.linalg.matrix_norm(weight)).item(), ranks
+
+
+def test_quantized_residual_stage_beats_one_float_stage_of_the_same_bytes():
+    weight = _spectrum_matrix()
+    one, one_ranks = _chain_error(weight, 0.3, ["float32"], 1)
+    two, two_ranks = _chain_error(weight, 0.3, ["float32", "int8"], 2)
+    int8_chain, _ = _chain_error(weight, 0.3, ["int8"], 2)
+    assert sum(two_ranks) > sum(one_ranks)
+    assert two < one and int8_chain < one
+
+
+def test_the_next_stage_repairs_what_quantization_lost():
+    # Same bytes: a second int4 stage computed from the residual *as stored* beats putting all of the
+    # rank into one int4 stage, because it also models the first stage's rounding error.
+    weight = _spectrum_matrix(seed=1)
+    one, _ = _chain_error(weight, 0.4, ["int4g32"], 1)
+    two, _ = _chain_error(weight, 0.4, ["int4g32"], 2)
+    assert two < one
+
+
+def test_full_rank_first_stage_with_low_rank_repair_beats_plain_quantization():
+    weight = _spectrum_matrix(seed=2).float()
+    fmt = parse_format("int4g32")
+    rtn = weight - dequantize(quantize(weight, fmt), fmt, weight.shape[1])
+    repaired, ranks = _chain_error(weight, 0.25, ["full-int4g32", "int8"], 2)
+    assert ranks[0] == 0 and ranks[1] > 0
+    assert repaired < (torch.linalg.matrix_norm(rtn) / torch.linalg.matrix_norm(weight)).item()
+
+
+@pytest.mark.parametrize(
+    "names, submatrices, budget",
+    [(["int8"], 2, 0.3), (["float32", "int4g32"], 2, 0.4), (["full-int4g32", "int8"], 3, 0.3), (["bfloat16"], 1, 0.5)],
+)
+def test_byte_budget_is_respected_exactly_scales_included(names, submatrices, budget, tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    report = compress(model, budget=budget, submatrices=submatrices, stage_dtypes=names, progress=False)
+    fac = report.factorized
+    assert sum(m.stored_bytes for m in fac) <= budget * sum(m.dense_bytes for m in fac)
+    for m in fac:
+        assert m.stored_bytes <= budget * m.dense_bytes
+    out = save_compressed(model, tmp_path / "out")
+    tensors = load_file(out / WEIGHTS_NAME)
+    for m in fac:  # what the report counts is what the file holds
+        stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(f"{m.name}.stage"))
+        assert stored == m.stored_bytes
+
+
+def test_model_dtype_stages_keep_the_parameter_budget():
+    torch.manual_seed(0)
+    plain = compress(TINY_MODELS["llama"]().eval(), budget=0.5, submatrices=2, progress=False)
+    stored = compress(
+        TINY_MODELS["llama"]().eval(), budget=0.5, submatrices=2, stage_dtypes=["float32"], progress=False
+    )
+    assert [m.ranks for m in plain.factorized] == [m.ranks for m in stored.factorized]
+    assert [m.stored_bytes for m in plain.factorized] == [m.stored_bytes for m in stored.factorized]
+
+
+@pytest.mark.parametrize("names", [["int8"], ["int4g32"], ["full-int4g32", "int8"], ["full-int8"], ["bfloat16"]])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_save_load_gives_the_same_logits(kind, names, tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS[kind]().eval()
+    budget = 0.3 if names == ["full-int8"] else 0.4
+    compress(model, budget=budget, submatrices=max(2, len(names)), stage_dtypes=names, progress=False)
+    expected = output_of(model, kind)
+    out = save_compressed(model, tmp_path / "out")
+    assert json.loads((out / CONFIG_NAME).read_text())["format_version"] == 2
+    assert torch.equal(output_of(load_compressed(out, device="cpu"), kind), expected)
+    merged = load_compressed(out, device="cpu", merge=True)
+    assert torch.allclose(output_of(merged, kind), expected, atol=1e-5)
+    again = save_compressed(load_compressed(out, device="cpu"), tmp_path / "again")
+    first, second = load_file(out / WEIGHTS_NAME), load_file(again / WEIGHTS_NAME)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_quantized_tensors_are_stored_as_integers(tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    compress(model, budget=0.3, submatrices=2, stage_dtypes=["full-int4g32", "int8"], progress=False)
+    tensors = load_file(save_compressed(model, tmp_path / "out") / WEIGHTS_NAME)
+    name = "model.layers.0.mlp.up_proj"
+    assert tensors[f"{name}.stage0.W.q"].dtype == torch.uint8 and tensors[f"{name}.stage0.W.q"].shape == (64, 16)
+    assert tensors[f"{name}.stage0.W.scales"].dtype == torch.bfloat16
+    assert tensors[f"{name}.stage1.A.q"].dtype == torch.int8
+    assert tensors[f"{name}.stage1.A.q"].shape[1] == 64  # A stored as Aᵀ: one scale per component
+
+
+def test_plain_folders_stay_format_1_and_newer_formats_are_refused(tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS["gpt2"]().eval()
+    compress(model, budget=0.5, progress=False)
+    out = save_compressed(model, tmp_path / "plain")
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["format_version"] == 1  # older svdlora still reads it
+    assert torch.equal(output_of(load_compressed(out, device="cpu"), "gpt2"), output_of(model, "gpt2"))
+    config["format_version"] = 3
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SvdloraError, match="format 3 .*reading formats 1, 2"):
+        load_compressed(out, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--stage-dtypes", "int9"], "unknown stage dtype 'int9'"),
+        (["--stage-dtypes", "float32,int8,int8", "--submatrices", "2"], "3 stage dtypes (float32,int8,int8) for 2"),
+        (["--stage-dtypes", "int8,full-int4", "--submatrices", "2"], "only the first stage can be full-rank"),
+        (["--stage-dtypes", "int4g7"], "int4 group size must be an even number"),
+        (["--stage-dtypes", "full-int8", "--budget", "0.1"], "budget 0.1 is too small for"),
+    ],
+)
+def test_bad_stage_dtypes_give_one_line(gpt2_folder, tmp_path, capsys, args, message):
+    code = main(["compress", str(gpt2_folder), "--output", str(tmp_path / "out"), "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_cli_compress_and_info_report_bytes_and_bits(gpt2_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["compress", gpt2_folder, "--output", out, "--budget", "0.3", "--submatrices", "2"]
+    assert main([str(a) for a in [*args, "--stage-dtypes", "full-int4g32,int8", "--no-progress"]]) == 0
+    assert main(["info", str(out), "--summary"]) == 0
+    text = capsys.readouterr().out
+    assert "bits per weight" in text and "full-int4g32,int8" in text
+
+
+@pytest.mark.parametrize("names", [["int8"], ["float32", "int8"], ["full-int4g32", "int8"]])
+def test_global_byte_allocation_is_exact_and_follows_the_spectra(names):
+    from svdlora.precision import allocate_bytes_global, layer_bytes, target_bytes
+
+    targets = [Target(f"m{i}", nn.Linear(64, 48), "linear", 48, 64) for i in range(3)]
+    decay = {"m0": 0.5, "m1": 0.05, "m2": 0.05}  # m0's spectrum falls fast: its later ranks buy little
+    spectra = {n: torch.exp(-d * torch.arange(48.0)) for n, d in decay.items()}
+    formats = stage_formats(names, 3, torch.float32)
+    plans, _ = allocate_bytes_global(targets, spectra, 0.3, formats, torch.float32)
+    stored = sum(layer_bytes(*plans[t.name], 48, 64) for t in targets)
+    assert stored <= 0.3 * sum(target_bytes(t, torch.float32) for t in targets)
+    assert sum(plans["m0"][0]) < sum(plans["m1"][0])
+
+
+def test_factors_changed_after_compression_are_quantized_again_on_save(tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    compress(model, budget=0.4, submatrices=2, stage_dtypes=["int8"], progress=False)
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.A.mul_(1.5)  # what healing would do: the stored stages no longer match
+    loaded = load_compressed(save_compressed(model, tmp_path / "out"), device="cpu")
+    again = loaded.model.layers[0].mlp.up_proj
+    assert torch.allclose(again.A, layer.A, rtol=0.02, atol=1e-3) and not torch.equal(again.A, layer.A / 1.5)
