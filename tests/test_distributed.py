@@ -11,6 +11,7 @@ import pytest
 
 from svdlora import load_compressed
 from svdlora.distributed import assign
+from svdlora.outputs import TMP_TAG
 
 from .test_streaming import tied_llama, weight_bytes
 
@@ -81,7 +82,7 @@ def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(base, tmp_path, w
     if world_size == 1:
         assert killed.returncode == -signal.SIGKILL
     assert not out.exists() and not looks_complete(out)
-    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(f".out{TMP_TAG}")]
     assert not any(looks_complete(p) for p in leftovers)  # partial, and says so
     if world_size == 1:
         assert leftovers  # SIGKILL: no cleanup ran, the hidden temporary folder stays

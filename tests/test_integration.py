@@ -57,3 +57,14 @@ def test_global_allocation_counts_bytes_with_stage_dtypes(tmp_path):
     rank_b = sum(sum(m.ranks) for m in b.factorized)
     assert rank_b > 2.5 * rank_a
     assert sum(m.stored_bytes for m in b.factorized) <= 0.3 * sum(m.dense_bytes for m in b.factorized)
+
+
+def test_exact_svd_stays_the_default():
+    # issue 10 made --svd auto the default; the integration keeps exact (reproducible factors), auto opt-in
+    from svdlora.cli import build_parser
+    from svdlora.config import CompressionConfig
+
+    assert CompressionConfig().svd_method == "exact"
+    args = build_parser().parse_args(["compress", "m", "-o", "x"])
+    assert args.svd_method == "exact" and args.calibration == "auto"
+    assert build_parser().parse_args(["compress", "m", "-o", "x", "--svd", "auto"]).svd_method == "auto"
