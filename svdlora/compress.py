@@ -19,6 +19,7 @@ from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .methods import factorize, weighted_spectrum
 from .plan import CalibrationPlan, plan_calibration
+from .refit import collect_cross_statistics, refit_factors
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
 
@@ -44,6 +45,7 @@ def compress(
     *,
     calibration: Any = None,
     processor: Any = None,
+    statistics: dict | None = None,
     progress: bool = True,
     **options,
 ) -> CompressionReport:
@@ -59,6 +61,8 @@ def compress(
             ``datasets`` dataset), ``"self"`` (text the causal LM generates itself), or a list of
             ready model batches; ``None`` for plain SVD.
         processor: the tokenizer / image processor that turns ``calibration`` into batches.
+        statistics: ``calibration.collect_statistics`` output for these batches, to reuse it
+            across several compressions of the same model (benchmarks, sweeps).
         progress: show progress bars.
     Returns:
         A ``CompressionReport`` (also stored on ``model.svdlora_report``).
@@ -82,20 +86,26 @@ def compress(
             f"(layers seen: {', '.join(list(dense)[:5]) or 'none'})"
         )
     _check_finite(model)
-    plan = plan_calibration(model, targets, config, calibration, processor, progress)
+    plan = plan_calibration(model, targets, config, calibration, processor, progress, statistics)
     teacher = copy.deepcopy(model) if config.heal_steps and config.heal_loss == "distill" else None
     ranks, allocator_dense, est_loss = allocate(targets, config, plan, progress)
     dense.update(allocator_dense)
 
+    originals = {t.name: t.module for t in targets if t.name in ranks}
+    layers = {}
+    for name, module in tqdm(originals.items(), desc="factorizing", disable=not progress):
+        stages = factorize(weight_out_in(module), ranks[name], plan.weighting(name), **_svd_options(config))
+        layers[name] = LowRankLinear.from_stages(module, stages)
+        model.set_submodule(name, layers[name])
+    if plan.refit:
+        _refit(model, originals, layers, ranks, plan, config, progress)
     reports = {}
-    for target in tqdm([t for t in targets if t.name in ranks], desc="factorizing", disable=not progress):
-        stages = factorize(
-            weight_out_in(target.module), ranks[target.name], plan.weighting(target.name), **_svd_options(config)
-        )
-        layer = LowRankLinear.from_stages(target.module, stages)
+    for target in targets:
+        if target.name not in layers:
+            continue
+        layer = layers[target.name]
         with torch.no_grad():
             error = relative_error(weight_out_in(target.module), layer.dense_weight())
-        model.set_submodule(target.name, layer)
         reports[target.name] = ModuleReport(
             target.name,
             target.kind,
@@ -146,6 +156,18 @@ def allocate(targets, config: CompressionConfig, plan: CalibrationPlan, progress
         for t in tqdm(targets, desc="spectra", disable=not progress)
     }
     return allocate_global(targets, spectra, config.budget, config.submatrices)
+
+
+def _refit(model, originals, layers, ranks, plan: CalibrationPlan, config: CompressionConfig, progress: bool):
+    """Refit every factorized layer to the inputs the compressed model feeds it (see ``refit``)."""
+    cross = collect_cross_statistics(model, originals, layers, plan.batches, progress)
+    for name, (gram, product) in tqdm(cross.items(), desc="refitting", disable=not progress):
+        weighting = plan.weighting(name)
+        left = weighting.left if weighting is not None else None
+        stages = refit_factors(weight_out_in(originals[name]), ranks[name], gram, product, left, **_svd_options(config))
+        if stages is not None:
+            layers[name] = LowRankLinear.from_stages(originals[name], stages)
+            model.set_submodule(name, layers[name])
 
 
 def _svd_options(config: CompressionConfig) -> dict:
