@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=SMOLLM2, help="SmolLM2-135M folder (scripts/fetch_smollm2.sh)")
     p.add_argument("--wikitext", type=Path, default=DEFAULT_DATA / "text", help="folder of wikitext-2.{valid,test}.txt")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6, 0.5])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5, 0.6], help="in the order run")
     p.add_argument("--samples", type=int, default=64, help="calibration windows / self-generated samples")
     p.add_argument("--limit", type=int, default=24, help="test windows of 512 tokens")
     p.add_argument("--heal-seconds", type=float, default=600, help="healing time limit (0: no healing rows)")
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=NAME, help="results file name (benchmarks/results/NAME.json)")
     args = p.parse_args(argv)
     if args.quick:
-        args.samples, args.limit, args.budgets, args.heal_seconds = 8, 4, [0.8], 30
+        args.samples, args.limit, args.budgets, args.heal_seconds, args.heal_budget = 8, 4, [0.8], 30, 0.8
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
             )
             record(label, budget, perplexity(model, tokenizer, test, args.limit, args.device), seconds, report)
             del model
-    if args.heal_seconds and "valid" in sources:
-        heal_rows(dense, tokenizer, test, sources["valid"], args, record)
+        if budget == args.heal_budget and args.heal_seconds and "valid" in sources:
+            heal_rows(dense, tokenizer, test, sources["valid"], args, record)
     path = write_results(args.name, results)
     print(json.dumps(machine_info()), f"\nwrote {path}")
     return 0
