@@ -22,6 +22,7 @@ from .layers import LowRankLinear, dense_kind, weight_out_in
 from .methods import weighted_spectrum
 from .plan import CalibrationPlan, plan_calibration
 from .precision import allocate_stages, layer_bytes, stage_formats, target_bytes
+from .refit import collect_cross_statistics, refit_factors
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
 
@@ -47,6 +48,7 @@ def compress(
     *,
     calibration: Any = None,
     processor: Any = None,
+    statistics: dict | None = None,
     progress: bool = True,
     **options,
 ) -> CompressionReport:
@@ -62,6 +64,8 @@ def compress(
             ``datasets`` dataset), ``"self"`` (text the causal LM generates itself), or a list of
             ready model batches; ``None`` for plain SVD.
         processor: the tokenizer / image processor that turns ``calibration`` into batches.
+        statistics: ``calibration.collect_statistics`` output for these batches, to reuse it
+            across several compressions of the same model (benchmarks, sweeps).
         progress: show progress bars.
     Returns:
         A ``CompressionReport`` (also stored on ``model.svdlora_report``).
@@ -85,7 +89,7 @@ def compress(
             f"(layers seen: {', '.join(list(dense)[:5]) or 'none'})"
         )
     _check_finite(model)
-    plan = plan_calibration(model, targets, config, calibration, processor, progress)
+    plan = plan_calibration(model, targets, config, calibration, processor, progress, statistics)
     teacher = copy.deepcopy(model) if config.heal_steps and config.heal_loss == "distill" else None
     dtype = weight_out_in(targets[0].module).dtype
     if config.stage_dtypes:  # the budget counts bytes: ranks and storage formats per stage (issue 9)
@@ -97,7 +101,8 @@ def compress(
         ranks, allocator_dense, est_loss = allocate(targets, config, plan, progress)
     dense.update(allocator_dense)
 
-    reports = {}
+    originals = {t.name: t.module for t in targets if t.name in ranks}
+    layers, reports = {}, {}
     for target in tqdm([t for t in targets if t.name in ranks], desc="factorizing", disable=not progress):
         weighting = plan.weighting(target.name)
         shape = (target.out_features, target.in_features)
@@ -123,8 +128,20 @@ def compress(
             )
         line.stored_bytes = layer_bytes(ranks[target.name], formats, *shape)
         line.dense_bytes = target_bytes(target, dtype)
+        layers[target.name] = layer
         model.set_submodule(target.name, layer)
         reports[target.name] = line
+    if plan.refit and config.stage_dtypes:
+        # The refit solves for float factors; it would undo the chain of stages fitted to the
+        # residual as stored (quantized). Keep the chain; the report says no refit ran.
+        logger.info("the refit pass does not apply to --stage-dtypes: skipped")
+        plan.refit = False
+    if plan.refit:
+        for name in _refit(model, originals, layers, ranks, plan, config, progress):
+            line = reports[name]
+            with torch.no_grad():
+                line.rel_error = relative_error(weight_out_in(originals[name]), layers[name].dense_weight())
+            line.exact_error = None  # the exact-SVD reference was of the factors before the refit
     _untie_factorized_head(model, config)
     healed = None
     if config.heal_steps:
@@ -167,6 +184,24 @@ def allocate(targets, config: CompressionConfig, plan: CalibrationPlan, progress
     return allocate_global(targets, spectra, config.budget, config.submatrices)
 
 
+def _refit(model, originals, layers, ranks, plan: CalibrationPlan, config: CompressionConfig, progress: bool):
+    """Refit every factorized layer to the inputs the compressed model feeds it (see ``refit``);
+    returns the names of the layers refitted."""
+    refitted = []
+    cross = collect_cross_statistics(model, originals, layers, plan.batches, progress)
+    for name, (gram, product) in tqdm(cross.items(), desc="refitting", disable=not progress):
+        weighting = plan.weighting(name)
+        left = weighting.left if weighting is not None else None
+        stages = refit_factors(
+            weight_out_in(originals[name]), ranks[name], gram, product, left, **_chain_options(config)
+        )
+        if stages is not None:
+            layers[name] = LowRankLinear.from_stages(originals[name], stages)
+            model.set_submodule(name, layers[name])
+            refitted.append(name)
+    return refitted
+
+
 def _untie_factorized_head(model: nn.Module, config: CompressionConfig) -> None:
     config_obj = getattr(model, "config", None)
     if not config.keep_head and getattr(config_obj, "tie_word_embeddings", False):
@@ -204,8 +239,8 @@ def svd_options(config: CompressionConfig) -> dict:
 
 
 def _chain_options(config: CompressionConfig) -> dict:
-    """``svd_options`` for ``chain.quantized_chain``, which calls ``truncated_svd`` stage by stage
-    (no exact-error reference; the SVD runs where the weight is)."""
+    """``svd_options`` for the stage-list factorizations (``chain.quantized_chain``, the refit's
+    ``methods.factorize``): no exact-error reference, the SVD runs where the weight is."""
     options = svd_options(config)
     return {k: options[k] for k in ("method", "oversampling", "power_iterations", "generator_seed")}
 

@@ -82,6 +82,13 @@ class CompressionConfig:
         default=64, metadata={"help": "Calibration examples (text windows, images or sentences) to use."}
     )
     calibration_length: int = field(default=512, metadata={"help": "Tokens per calibration text window."})
+    refit: bool = field(
+        default=True,
+        metadata={
+            "help": "With calibration: refit each factorized layer to reproduce the dense layer's output from "
+            "the inputs the compressed model feeds it (one more calibration pass, no gradients)."
+        },
+    )
     heal_steps: int = field(
         default=0, metadata={"help": "Fine-tuning steps of the factors after compression (0: no healing)."}
     )

@@ -67,6 +67,7 @@ def heal(
     loss: str = "distill",
     seconds: float | None = None,
     lr: float = 1e-4,
+    parameters: list[nn.Parameter] | None = None,
     progress: bool = True,
 ) -> HealResult:
     """Fine-tune the factors of ``model`` in place for ``steps`` steps (or ``seconds``), one batch a step.
@@ -75,6 +76,8 @@ def heal(
         model: a compressed model (its ``LowRankLinear`` factors are trained, nothing else).
         batches: model inputs, cycled through; ``lm`` needs ``labels`` in them.
         teacher: the dense model, for ``loss="distill"``.
+        parameters: what to train instead of the factors (e.g. all of a dense model, as the
+            control that a healed model is compared with).
     Returns:
         A ``HealResult`` with the loss at the start and at the end.
     """
@@ -83,6 +86,7 @@ def heal(
     if loss == "lm" and not all("labels" in b for b in batches):
         raise SvdloraError("healing with loss 'lm' needs labelled batches (text for a causal LM)")
     factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
+    factors = factors if parameters is None else list(parameters)
     if not factors:
         raise SvdloraError("healing found no low-rank layer to train: compress the model first")
     saved = {p: p.requires_grad for p in model.parameters()}

@@ -30,6 +30,7 @@ class CalibrationPlan:
     batches: list[dict] = field(default_factory=list)
     stats: dict[str, LayerStats] | None = None
     source: str | None = None  # what the batches came from, for the report
+    refit: bool = False  # refit the factors to the compressed model's own inputs (``refit``)
     _right: dict[int, tuple] = field(default_factory=dict)
 
     def weighting(self, name: str, for_allocation: bool = False) -> Weighting | None:
@@ -57,6 +58,7 @@ class CalibrationPlan:
             "tokens": tokens or None,
             "data_free": self.source.startswith("self"),
             "gradients": bool(self.stats) and any(s.has_gradients for s in self.stats.values()),
+            "refit": self.refit,
         }
 
 
@@ -67,6 +69,7 @@ def plan_calibration(
     calibration: Any,
     processor: Any,
     progress: bool,
+    statistics: dict[str, LayerStats] | None = None,
 ) -> CalibrationPlan:
     """Resolve method and allocation, read the calibration data, collect the statistics."""
     # imported here: calibration_data reads data with svdlora.evaluation, which imports compress
@@ -98,5 +101,8 @@ def plan_calibration(
         logger.warning("calibration data is not used by method 'svd' with uniform allocation")
         return CalibrationPlan(method=method, allocation=allocation, batches=batches, source=source)
     gradients = method == "fisher" or allocation == "global"
-    stats = collect_statistics(model, targets, batches, gradients=gradients, progress=progress, seed=config.seed)
-    return CalibrationPlan(method=method, allocation=allocation, batches=batches, stats=stats, source=source)
+    stats = statistics
+    if stats is None:
+        stats = collect_statistics(model, targets, batches, gradients=gradients, progress=progress, seed=config.seed)
+    refit = config.refit and method != "svd"
+    return CalibrationPlan(method, allocation, batches=batches, stats=stats, source=source, refit=refit)

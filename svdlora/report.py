@@ -84,6 +84,7 @@ class CompressionReport:
                 + (f" (fixed rank {self.config['rank']})" if self.config.get("rank") else ""),
             ),
             ("method / allocation", f"{self.method or 'svd'} / {self.allocation or 'uniform'}"),
+            ("how ranks were chosen", _ALLOCATION_WHY.get(self.allocation or "uniform", "")),
             ("calibration", _calibration_text(self.calibration)),
             ("factorized matrices", f"{len(fac)} of {len(self.modules)} Linear/Conv1D layers"),
             ("factorized params", f"{before:,} -> {after:,} ({_ratio(after, before)})"),
@@ -129,29 +130,41 @@ class CompressionReport:
         lines = [f"{k:<{width}}  {v}" for k, v in self.summary_rows()]
         if modules:
             name_w = max([len(m.name) for m in self.modules] + [6])
-            lines += [
-                "",
-                f"{'module':<{name_w}}  {'shape':>11}  {'ranks':<14} {'params':>21}  {'rel.err':>7}  {'vs exact':>8}",
-            ]
+            loss = any(m.est_loss is not None for m in self.modules)
+            header = (
+                f"{'module':<{name_w}}  {'shape':>11}  {'ranks':<14} {'params':>21}  {'rel.err':>7}  {'vs exact':>8}"
+            )
+            lines += ["", header + ("  loss left" if loss else "")]
             for m in self.modules:
                 shape = f"{m.shape[0]}x{m.shape[1]}"
                 if m.factorized:
                     ranks = "+".join("full" if r == 0 else str(r) for r in m.ranks)
                     params = f"{m.params_before:,}->{m.params_after:,}"
                     cost = "" if m.svd_method != "randomized" else "n/a" if m.svd_cost is None else f"{m.svd_cost:+.4f}"
-                    bits = "" if m.bits_per_weight is None else f"{m.bits_per_weight:5.2f} bits/w"
                     line = f"{m.name:<{name_w}}  {shape:>11}  {ranks:<14} {params:>21}  {m.rel_error:7.4f}  {cost:>8}"
+                    if loss:
+                        line += f"  {m.est_loss:9.3g}" if m.est_loss is not None else " " * 11
+                    bits = "" if m.bits_per_weight is None else f"{m.bits_per_weight:5.2f} bits/w"
                     lines.append(f"{line}  {bits}".rstrip())
                 else:
                     lines.append(f"{m.name:<{name_w}}  {shape:>11}  dense: {m.dense_reason}")
         return "\n".join(lines)
 
 
+_ALLOCATION_WHY = {
+    "uniform": "every matrix keeps the same share of its parameters (the sources' rule)",
+    "global": "together, from the calibration loss: each matrix stops where one more rank would buy less "
+    "loss per parameter than any other; 'loss left' = its estimated loss from truncation (Σ dropped "
+    "weighted σ²); a matrix is kept dense where that is the better use of its parameters",
+}
+
+
 def _calibration_text(calibration: dict | None) -> str:
     if not calibration:
         return "none (plain truncated SVD; pass --calibration DATA or 'self' for better quality)"
     tokens = f", {calibration['tokens']:,} tokens" if calibration.get("tokens") else ""
-    return f"{calibration['source']} ({calibration['batches']} batches{tokens})"
+    refit = ", refit to the compressed model's inputs" if calibration.get("refit") else ""
+    return f"{calibration['source']} ({calibration['batches']} batches{tokens}{refit})"
 
 
 def _bytes_rows(fac: list[ModuleReport]) -> list[tuple[str, str]]:

@@ -56,6 +56,12 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
         "with calibration and a budget, else uniform",
     )
     g.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="skip the refit pass that fits each layer to the inputs the compressed model feeds it",
+    )
+    g.add_argument(
         "--heal-steps",
         type=options.non_negative_int("heal-steps"),
         default=0,
@@ -77,6 +83,7 @@ def calibration_options(args: argparse.Namespace) -> dict:
         "allocation": args.allocation,
         "calibration_samples": args.calibration_samples,
         "calibration_length": args.calibration_length,
+        "refit": args.refit,
         "heal_steps": args.heal_steps,
         "heal_seconds": args.heal_seconds,
         "heal_loss": args.heal_loss,

@@ -27,7 +27,8 @@ def factorize(
     if weighting is None or weighting.is_identity:
         return residual_svd(weight, ranks, **svd_options)
     whitened = weighting.whiten(weight.detach().to(torch.float64 if weight.numel() <= 1 << 16 else torch.float32))
-    return [weighting.unwhiten(a, b) for a, b in residual_svd(whitened, ranks, **svd_options)]
+    stages = [weighting.unwhiten(a, b) for a, b in residual_svd(whitened, ranks, **svd_options)]
+    return [(a.to(weight.dtype), b.to(weight.dtype)) for a, b in stages]
 
 
 def weighted_spectrum(weight: torch.Tensor, weighting: Weighting | None) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""Issue 8: does the compressed model still work? Every method side by side on SmolLM2-135M.
+
+Protocol (fixed, so figures compare across time): WikiText-2 *test*, the first 24 windows of 512
+tokens every 512 tokens, float32; calibration on WikiText-2 *valid* (never the test text), 64
+windows of 512 tokens spread over it, or on 64 samples of 256 tokens the model writes itself
+(``self``: no data). Statistics are collected once per calibration source and reused by every
+row; a row's time is its compression plus its share of that collection (the "stats" column), so
+the ratio to plain SVD is what a user would wait.
+
+Rows, at each budget: plain SVD uniform (the sources' method), whitened uniform (SVD-LLM's
+method), then our additions one by one (Fisher output weights, global allocation, refit to the
+compressed model's own inputs) and combined, and the data-free default (self-generated text).
+Healing rows (budget 0.5): distillation from the dense model for ``--heal-seconds``, and the LM
+loss on the calibration text with the dense model given the same fine-tune as its control.
+
+Usage:
+    python -m benchmarks.quality --wikitext /path/wikitext-2 [--budgets 0.8 0.6 0.5] [--heal-seconds 600]
+    python -m benchmarks.quality --quick     # a few minutes: 8 calibration windows, 4 test windows
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import svdlora
+from benchmarks.common import machine_info, write_results
+from benchmarks.data import DEFAULT_DATA
+from svdlora.calibration import collect_statistics
+from svdlora.calibration_data import SELF, calibration_batches
+from svdlora.config import CompressionConfig
+from svdlora.heal import heal
+from svdlora.targets import find_targets
+
+NAME = "quality"
+SMOLLM2 = Path.home() / ".cache" / "svdlora" / "SmolLM2-135M"
+# (row label, method, allocation, refit, calibration source)
+ROWS = [
+    ("plain SVD, uniform (sources)", "svd", "uniform", False, None),
+    ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, "valid"),
+    ("+ Fisher output weights", "fisher", "uniform", False, "valid"),
+    ("+ global allocation", "fisher", "global", False, "valid"),
+    ("whitened + refit", "whiten", "uniform", True, "valid"),
+    ("Fisher + global + refit (default)", "fisher", "global", True, "valid"),
+    ("no data: self-generated text (default)", "fisher", "global", True, "self"),
+]
+logger = logging.getLogger(__name__)
+
+
+def perplexity(model, tokenizer, test: Path, limit: int, device: str) -> float:
+    result = svdlora.evaluate(
+        (model, tokenizer), "text-generation", test, limit=limit, max_length=512, stride=512,
+        device=device, progress=False,
+    )  # fmt: skip
+    return result["model"]["metrics"]["perplexity"]
+
+
+def calibration_source(model, tokenizer, which: str, args) -> tuple[list[dict], dict, float]:
+    """Batches and their statistics (collected once on the dense model), with the seconds they took."""
+    start = time.perf_counter()
+    data = SELF if which == "self" else args.wikitext / "wikitext-2.valid.txt"
+    length = 256 if which == "self" else 512
+    batches = calibration_batches(model, data, tokenizer, args.samples, length, progress=True)
+    targets, _ = find_targets(model, CompressionConfig())
+    stats = collect_statistics(model, targets, batches, gradients=True, progress=True)
+    return batches, stats, time.perf_counter() - start
+
+
+def compress_row(dense, tokenizer, budget, method, allocation, refit, source, args, **extra):
+    model = copy.deepcopy(dense)
+    batches, stats, stat_seconds = source if source else (None, None, 0.0)
+    start = time.perf_counter()
+    report = svdlora.compress(
+        model, budget=budget, method=method, allocation=allocation, refit=refit,
+        calibration=batches, statistics=stats, progress=False, **extra,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start + stat_seconds
+    return model, report, seconds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=SMOLLM2, help="SmolLM2-135M folder (scripts/fetch_smollm2.sh)")
+    p.add_argument("--wikitext", type=Path, default=DEFAULT_DATA / "text", help="folder of wikitext-2.{valid,test}.txt")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5, 0.6], help="in the order run")
+    p.add_argument("--samples", type=int, default=64, help="calibration windows / self-generated samples")
+    p.add_argument("--limit", type=int, default=24, help="test windows of 512 tokens")
+    p.add_argument("--heal-seconds", type=float, default=600, help="healing time limit (0: no healing rows)")
+    p.add_argument("--heal-budget", type=float, default=0.5)
+    p.add_argument("--rows", nargs="+", type=int, default=None, help="only these rows (indices into ROWS)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--name", default=NAME, help="results file name (benchmarks/results/NAME.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.samples, args.limit, args.budgets, args.heal_seconds, args.heal_budget = 8, 4, [0.8], 30, 0.8
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
+    test = args.wikitext / "wikitext-2.test.txt"
+    results = {"protocol": vars(args) | {"model": str(args.model), "wikitext": str(args.wikitext)}, "rows": []}
+    results["protocol"] = {k: str(v) if isinstance(v, Path) else v for k, v in results["protocol"].items()}
+    dense_ppl = perplexity(dense, tokenizer, test, args.limit, args.device)
+    results["dense_perplexity"] = dense_ppl
+    print(f"dense perplexity {dense_ppl:.2f}", flush=True)
+    rows = [ROWS[i] for i in args.rows] if args.rows is not None else ROWS
+    sources = {}
+    for which in sorted({r[4] for r in rows if r[4]}):
+        sources[which] = calibration_source(dense, tokenizer, which, args)
+        print(f"statistics from {which}: {sources[which][2]:.1f} s", flush=True)
+    results["stats_seconds"] = {k: v[2] for k, v in sources.items()}
+
+    def record(label, budget, ppl, seconds, report=None, **more):
+        row = {"setting": label, "budget": budget, "perplexity": ppl, "x_dense": ppl / dense_ppl, "seconds": seconds}
+        if report is not None:
+            row["model_params"] = report.model_params_after
+            row["dense_layers"] = sum(1 for m in report.modules if not m.factorized)
+        row.update(more)
+        results["rows"].append(row)
+        print(
+            f"{budget:4.2f}  {label:42s} ppl {ppl:10.2f}  ({ppl / dense_ppl:6.2f}x dense)  {seconds:7.1f} s", flush=True
+        )
+        write_results(args.name, results)
+
+    for budget in args.budgets:
+        for label, method, allocation, refit, which in rows:
+            model, report, seconds = compress_row(
+                dense, tokenizer, budget, method, allocation, refit, sources.get(which), args
+            )
+            record(label, budget, perplexity(model, tokenizer, test, args.limit, args.device), seconds, report)
+            del model
+        if budget == args.heal_budget and args.heal_seconds and "valid" in sources:
+            heal_rows(dense, tokenizer, test, sources["valid"], args, record)
+    path = write_results(args.name, results)
+    print(json.dumps(machine_info()), f"\nwrote {path}")
+    return 0
+
+
+def heal_rows(dense, tokenizer, test, source, args, record) -> None:
+    """Healing at ``--heal-budget``: distillation, LM loss, and the dense model given the same LM fine-tune."""
+    batches = source[0]
+    steps = 100_000  # the time limit decides
+    for loss in ("distill", "lm"):
+        model, report, seconds = compress_row(
+            dense, tokenizer, args.heal_budget, "fisher", "global", True, source, args,
+            heal_steps=steps, heal_seconds=args.heal_seconds, heal_loss=loss,
+        )  # fmt: skip
+        ppl = perplexity(model, tokenizer, test, args.limit, args.device)
+        record(f"default + healing ({loss}, {args.heal_seconds:.0f} s)", args.heal_budget, ppl, seconds, report,
+               heal=report.heal)  # fmt: skip
+        del model
+    control = copy.deepcopy(dense)
+    healed = heal(control, batches, steps, loss="lm", seconds=args.heal_seconds, parameters=list(control.parameters()))
+    ppl = perplexity(control, tokenizer, test, args.limit, args.device)
+    record(f"dense model + the same LM fine-tune (control, {args.heal_seconds:.0f} s)", 1.0, ppl,
+           healed.seconds, heal=healed.to_dict())  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

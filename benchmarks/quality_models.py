@@ -1,0 +1,124 @@
+"""Issue 8 on the benchmarks' other models: calibration-aware compression of the ViT (CIFAR-10,
+top-1 accuracy) and the Marian translator (Multi30k de→en, BLEU / chrF), side by side with
+plain SVD, at budgets 0.3, 0.5 and 0.8.
+
+Calibration never touches the test split: the ViT calibrates on ``--calibration-samples`` training
+images, the translator on training source sentences (its own greedy translations are the targets).
+Statistics are collected once per model and shared by the rows, as in ``benchmarks.quality``.
+
+Usage:
+    python -m benchmarks.quality_models --vit .cache/benchmarks/vit-cifar10 \\
+        --cifar-train .cache/benchmarks/cifar10-jpg/train --cifar-test .cache/benchmarks/cifar10-jpg/test
+    python -m benchmarks.quality_models --marian .cache/benchmarks/marian-multi30k
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification, AutoTokenizer, MarianMTModel
+
+import svdlora
+from benchmarks.common import write_results
+from benchmarks.data import DEFAULT_DATA
+from svdlora.calibration import collect_statistics
+from svdlora.calibration_data import calibration_batches
+from svdlora.config import CompressionConfig
+from svdlora.targets import find_targets
+
+NAME = "quality_models"
+BUDGETS = (0.8, 0.5, 0.3)
+# (row label, method, allocation, refit, calibrated)
+ROWS = [
+    ("plain SVD, uniform (sources)", "svd", "uniform", False, False),
+    ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, True),
+    ("Fisher + global + refit (default)", "fisher", "global", True, True),
+]
+
+
+def side_by_side(name, dense, processor, calibration_data, evaluate, args, results) -> None:
+    """Every row at every budget for one model; ``evaluate(model)`` returns a dict of metrics."""
+    start = time.perf_counter()
+    batches = calibration_batches(dense, calibration_data, processor, args.calibration_samples, 128)
+    targets, _ = find_targets(dense, CompressionConfig())
+    stats = collect_statistics(dense, targets, batches, progress=True)
+    stat_seconds = time.perf_counter() - start
+    entry = {"dense": evaluate(dense), "stats_seconds": stat_seconds, "calibration": str(calibration_data), "rows": []}
+    results[name] = entry
+    print(name, "dense", entry["dense"], flush=True)
+    for budget in args.budgets:
+        for label, method, allocation, refit, calibrated in ROWS:
+            model = copy.deepcopy(dense)
+            t = time.perf_counter()
+            svdlora.compress(
+                model, budget=budget, method=method, allocation=allocation, refit=refit,
+                calibration=batches if calibrated else None, statistics=stats if calibrated else None,
+                progress=False,
+            )  # fmt: skip
+            seconds = time.perf_counter() - t + (stat_seconds if calibrated else 0.0)
+            row = {"setting": label, "budget": budget, "seconds": seconds, **evaluate(model)}
+            entry["rows"].append(row)
+            print(name, f"{budget:.1f}", label, {k: v for k, v in row.items() if k not in ("setting", "budget")},
+                  flush=True)  # fmt: skip
+            write_results(args.name, results)
+
+
+def vit(args, results) -> None:
+    processor = AutoImageProcessor.from_pretrained(args.vit)
+    dense = AutoModelForImageClassification.from_pretrained(args.vit).eval()
+
+    def evaluate(model):
+        r = svdlora.evaluate((model, processor), "image-classification", args.cifar_test, limit=args.limit,
+                             progress=False)  # fmt: skip
+        return {"accuracy": r["model"]["metrics"]["accuracy"]}
+
+    side_by_side("vit", dense, processor, args.cifar_train, evaluate, args, results)
+
+
+def marian(args, results) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(args.marian)
+    dense = MarianMTModel.from_pretrained(args.marian).eval()
+
+    def evaluate(model):
+        r = svdlora.evaluate((model, tokenizer), "translation", args.test_src, references=args.test_tgt,
+                             limit=args.sentences, num_beams=4, max_new_tokens=64, batch_size=50,
+                             progress=False)  # fmt: skip
+        metrics = r["model"]["metrics"]
+        return {"bleu": metrics["bleu"], "chrf": metrics["chrf"]}
+
+    side_by_side("marian", dense, tokenizer, args.train_src, evaluate, args, results)
+
+
+def main(argv=None) -> int:
+    m30k = DEFAULT_DATA / "multi30k"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vit", type=Path, help="ViT folder (benchmarks.train_vit)")
+    p.add_argument("--cifar-train", type=Path, help="CIFAR-10 training image folder (calibration)")
+    p.add_argument("--cifar-test", type=Path, help="CIFAR-10 test image folder")
+    p.add_argument("--limit", type=int, default=2000, help="test images")
+    p.add_argument("--marian", type=Path, help="Marian folder (benchmarks.train_marian)")
+    p.add_argument("--train-src", type=Path, default=m30k / "train.de.gz")
+    p.add_argument("--test-src", type=Path, default=m30k / "test_2016_flickr.de.gz")
+    p.add_argument("--test-tgt", type=Path, default=m30k / "test_2016_flickr.en.gz")
+    p.add_argument("--sentences", type=int, default=300, help="test sentences")
+    p.add_argument("--calibration-samples", type=int, default=256)
+    p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    p.add_argument("--name", default=NAME)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    results = {"command": "python -m benchmarks.quality_models " + " ".join(sys.argv[1:] if argv is None else argv)}
+    if args.vit:
+        vit(args, results)
+    if args.marian:
+        marian(args, results)
+    print("wrote", write_results(args.name, results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

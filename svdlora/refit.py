@@ -1,0 +1,135 @@
+"""Refit: make each compressed layer reproduce the *dense* layer's output from the inputs the
+*compressed* model actually feeds it.
+
+Statistics from the dense model alone fit every layer to inputs it will never see once the
+layers before it are compressed; errors then compound with depth. One more calibration pass
+runs the dense and the compressed model side by side on the same batch and collects, per layer,
+the Gram G̃ = E[x̃ x̃ᵀ] of the compressed model's input x̃ and the cross term C = E[x x̃ᵀ] with
+the dense input x. The rank-r Ŵ minimizing E‖W·x − Ŵ·x̃‖² (weighted by D) is then the truncated
+SVD of D·W·C·S̃⁻¹ (S̃ = G̃^½), mapped back with D⁻¹ and S̃⁻¹: the same whiten / truncate /
+unwhiten path as ``methods.factorize``, applied to the least-squares target W·C·G̃⁻¹.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .methods import Weighting, factorize
+from .methods.weighting import INPUT_DAMPING, whitening
+from .targets import Target
+
+
+class _InputTap:
+    """Forward hooks that keep each layer's input (deduplicated: q/k/v share one tensor)."""
+
+    def __init__(self) -> None:
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.owner: dict[str, str] = {}  # layer -> the first layer that saw the same tensor
+        self._seen: dict[tuple, str] = {}
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self._seen.clear()
+
+    def hook_for(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach()
+            identity = (x.data_ptr(), tuple(x.shape), x.dtype)
+            owner = self._seen.setdefault(identity, name)
+            self.owner[name] = owner
+            if owner == name:
+                self.inputs[name] = x.reshape(-1, x.shape[-1]).float()
+
+        return hook
+
+
+@contextmanager
+def _tapped(modules: dict[str, nn.Module], tap: _InputTap):
+    handles = [m.register_forward_hook(tap.hook_for(name)) for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    for name, module in modules.items():
+        model.set_submodule(name, module)
+
+
+@torch.no_grad()
+def collect_cross_statistics(
+    model: nn.Module,
+    dense: dict[str, nn.Module],
+    compressed: dict[str, nn.Module],
+    batches: list[dict],
+    progress: bool = True,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (G̃, C)}`` (float64 means) for every layer in ``compressed``.
+
+    ``model`` holds the compressed layers; for each batch the dense layers are swapped in for
+    one forward pass (no copy of the model is needed), then swapped out again.
+    """
+    dense_tap, compressed_tap = _InputTap(), _InputTap()
+    grams: dict[str, torch.Tensor] = {}
+    cross: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc="refit statistics", disable=not progress):
+            _swap(model, dense)
+            with _tapped(dense, dense_tap):
+                model(**batch)
+            _swap(model, compressed)
+            with _tapped(compressed, compressed_tap):
+                model(**batch)
+            for name, x_tilde in compressed_tap.inputs.items():
+                x = dense_tap.inputs[dense_tap.owner[name]]
+                gram, product = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()
+                grams[name] = grams[name] + gram if name in grams else gram
+                cross[name] = cross[name] + product if name in cross else product
+                tokens[name] = tokens.get(name, 0) + x_tilde.shape[0]
+            dense_tap.clear()
+            compressed_tap.clear()
+    finally:
+        _swap(model, compressed)
+        model.train(was_training)
+    stats = {}
+    for name in compressed:
+        owner = compressed_tap.owner.get(name)
+        if owner in grams:
+            n = max(tokens[owner], 1)
+            stats[name] = (grams[owner] / n, cross[owner] / n)
+    return stats
+
+
+def refit_factors(
+    weight: torch.Tensor,
+    ranks: list[int],
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    left: torch.Tensor | None,
+    damping: float = INPUT_DAMPING,
+    **svd_options,
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Stages of the rank-Σranks Ŵ minimizing ‖D·(W·X − Ŵ·X̃)‖; None where G̃ is unusable."""
+    right, right_inverse = whitening(gram, damping)
+    if right is None:
+        return None
+    # W·C·G̃⁻¹ with the damped G̃ = S̃·S̃: the least-squares map from x̃ to W·x
+    target = weight.detach().double() @ cross @ right_inverse @ right_inverse
+    if not torch.isfinite(target).all():
+        return None
+    weighting = Weighting(left=left, right=right.float(), right_inverse=right_inverse.float())
+    stages = factorize(target.float(), ranks, weighting, **svd_options)
+    return [(a.to(weight.dtype), b.to(weight.dtype)) for a, b in stages]
+
+
+def targets_by_name(targets: list[Target]) -> dict[str, nn.Module]:
+    return {t.name: t.module for t in targets}

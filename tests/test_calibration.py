@@ -1,0 +1,257 @@
+"""Calibration-aware compression (issue 8): whitening, refit, global allocation, healing, bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import svdlora
+from svdlora.allocate import allocate_global
+from svdlora.calibration import collect_statistics
+from svdlora.calibration_data import generate_text
+from svdlora.cli import main
+from svdlora.config import CompressionConfig
+from svdlora.decompose import residual_svd
+from svdlora.errors import SvdloraError
+from svdlora.heal import heal
+from svdlora.methods import Weighting, factorize
+from svdlora.refit import refit_factors
+from svdlora.targets import Target, find_targets
+
+from .conftest import example_inputs, output_of, tiny_gpt2, tiny_llama
+from .eval_helpers import word_tokenizer
+
+WORDS = "the a cat dog sat ran on under mat tree and then it was big small red blue".split()
+
+
+def correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with a strongly non-isotropic covariance, as real activations have."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dim, dim, generator=g) * torch.logspace(0, -2, dim)
+    return torch.randn(n, dim, generator=g) @ mixing.T
+
+
+def rebuilt(stages) -> torch.Tensor:
+    return sum(a @ b for a, b in stages).float()
+
+
+def test_whitening_lowers_the_output_error_on_the_calibration_inputs():
+    torch.manual_seed(0)
+    weight, x = torch.randn(24, 32), correlated_inputs(400, 32)
+    stats = _linear_stats(weight, x)
+    plain = rebuilt(residual_svd(weight, [6]))
+    whitened = rebuilt(factorize(weight, [6], Weighting.from_stats(stats, use_gradients=False)))
+    error = lambda w: ((x @ (weight - w).T).norm() / (x @ weight.T).norm()).item()  # noqa: E731
+    assert error(whitened) < 0.8 * error(plain)
+    # and the weights themselves are not what whitening optimizes: plain SVD is best there
+    assert (weight - plain).norm() <= (weight - whitened).norm() + 1e-5
+
+
+@pytest.mark.parametrize("inputs", ["zero", "rank-deficient", "one-token"])
+def test_degenerate_calibration_inputs_give_finite_factors(inputs):
+    torch.manual_seed(0)
+    weight = torch.randn(16, 20)
+    x = {
+        "zero": torch.zeros(50, 20),
+        "rank-deficient": torch.randn(50, 3) @ torch.randn(3, 20),  # Gram of rank 3
+        "one-token": torch.randn(1, 20),
+    }[inputs]
+    stats = _linear_stats(weight, x)
+    for use_gradients in (False, True):
+        stages = factorize(weight, [4, 4], Weighting.from_stats(stats, use_gradients))
+        assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in stages)
+        assert (weight - rebuilt(stages)).norm() < weight.norm() * 2  # sane, not blown up by S⁻¹
+
+
+def test_refit_fits_the_dense_output_from_shifted_inputs_better_than_whitening():
+    torch.manual_seed(0)
+    weight = torch.randn(24, 32)
+    x = correlated_inputs(500, 32)
+    x_tilde = x + 0.3 * correlated_inputs(500, 32, seed=1)  # what a compressed upstream feeds the layer
+    gram, cross = (x_tilde.T @ x_tilde).double() / 500, (x.T @ x_tilde).double() / 500
+    refit = rebuilt(refit_factors(weight, [8], gram, cross, left=None, damping=1e-6))
+    whitened = rebuilt(factorize(weight, [8], Weighting.from_stats(_linear_stats(weight, x_tilde), False)))
+    error = lambda w: (x @ weight.T - x_tilde @ w.T).norm().item()  # noqa: E731
+    assert error(refit) < 0.95 * error(whitened)
+
+
+def test_global_allocation_spends_the_budget_and_favours_slow_spectral_decay():
+    targets = [Target(name, nn.Linear(64, 64, bias=False), "linear", 64, 64) for name in ("fast", "slow", "flat")]
+    k = torch.arange(64, dtype=torch.float64)
+    spectra = {"fast": torch.exp(-k / 2), "slow": torch.exp(-k / 20), "flat": torch.full((64,), 0.05)}
+    for budget in (0.25, 0.5):
+        ranks, dense, _ = allocate_global(targets, spectra, budget, submatrices=2)
+        spent = sum(sum(ranks[n]) * 128 for n in ranks) + sum(64 * 64 for _ in dense)
+        allowed = budget * 3 * 64 * 64
+        assert spent <= allowed and allowed - spent < 128  # within one rank step of the budget
+        params = {n: 64 * 64 if n in dense else sum(ranks[n]) * 128 for n in spectra}
+        assert params["slow"] > params["fast"] and "fast" not in dense
+        assert all(len(r) == min(2, sum(r)) for r in ranks.values())
+    ranks, dense, _ = allocate_global(targets, spectra, 0.25, submatrices=1)
+    assert not dense and sum(ranks["slow"]) > sum(ranks["fast"])
+
+
+def test_global_allocation_keeps_a_sensitive_matrix_dense_when_that_is_cheaper():
+    targets = [Target("small", nn.Linear(8, 8), "linear", 8, 8), Target("big", nn.Linear(256, 256), "linear", 256, 256)]
+    spectra = {"small": torch.full((8,), 100.0, dtype=torch.float64), "big": torch.logspace(0, -6, 256).double()}
+    ranks, dense, _ = allocate_global(targets, spectra, 0.3, submatrices=1)
+    assert "small" in dense and "small" not in ranks and "big" in ranks
+
+
+def test_calibrated_global_model_saves_and_loads_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama().eval()  # grouped-query attention: k/v smaller than q
+    batches = [example_inputs("llama", s) | {"labels": example_inputs("llama", s)["input_ids"]} for s in range(4)]
+    report = svdlora.compress(model, budget=0.6, submatrices=2, calibration=batches, progress=False)
+    assert report.method == "fisher" and report.allocation == "global" and report.calibration["refit"]
+    ranks = {sum(m.ranks) for m in report.factorized}
+    assert len(ranks) > 1  # not a uniform share
+    expected = output_of(model, "llama")
+    svdlora.save_compressed(model, tmp_path / "out")
+    loaded = svdlora.load_compressed(tmp_path / "out", device="cpu")
+    torch.testing.assert_close(output_of(loaded, "llama"), expected, rtol=1e-5, atol=1e-5)
+    assert loaded.svdlora_report.allocation == "global"
+
+
+def test_calibration_beats_plain_svd_on_a_model_output():
+    torch.manual_seed(0)
+    dense = tiny_gpt2().eval()
+    batches = [{"input_ids": example_inputs("gpt2", s)["input_ids"]} for s in range(6)]
+    batches = [b | {"labels": b["input_ids"]} for b in batches]
+    reference = output_of(dense, "gpt2")
+    errors = {}
+    for method in ("svd", "whiten"):
+        model = copy.deepcopy(dense)
+        calibration = None if method == "svd" else batches
+        svdlora.compress(
+            model, budget=0.4, method=method, allocation="uniform", calibration=calibration, progress=False
+        )
+        errors[method] = (output_of(model, "gpt2") - reference).norm().item()
+    assert errors["whiten"] < errors["svd"]
+
+
+def test_healing_lowers_the_calibration_loss():
+    torch.manual_seed(0)
+    dense = tiny_gpt2().eval()
+    batches = [{"input_ids": example_inputs("gpt2", s)["input_ids"]} for s in range(4)]
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.3, progress=False)
+    result = heal(model, batches, steps=40, teacher=dense, loss="distill", lr=3e-3, progress=False)
+    assert result.steps == 40 and result.last_loss < 0.7 * result.first_loss
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_healing_trains_only_the_factors():
+    torch.manual_seed(0)
+    dense = tiny_gpt2().eval()
+    batches = [{"input_ids": example_inputs("gpt2", 0)["input_ids"]}]
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.3, progress=False)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith((".A", ".B"))}
+    heal(model, batches, steps=3, teacher=dense, progress=False)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+
+
+def test_self_generated_calibration_is_deterministic_and_full_length():
+    torch.manual_seed(0)
+    model = tiny_gpt2().eval()
+    first = generate_text(model, None, samples=3, length=20, seed=1, progress=False)
+    again = generate_text(model, None, samples=3, length=20, seed=1, progress=False)
+    assert len(first) == 3 and all(b["input_ids"].shape == (1, 20) for b in first)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again, strict=True))
+
+
+def test_statistics_are_collected_once_per_shared_input():
+    model = tiny_llama().eval()
+    targets, _ = find_targets(model, CompressionConfig())
+    stats = collect_statistics(model, targets, [example_inputs("llama")], progress=False)
+    q, k = (stats[f"model.layers.0.self_attn.{p}_proj"] for p in "qk")
+    assert q.gram is k.gram  # q/k/v see one tensor: one Gram, one whitening
+    assert all(torch.isfinite(s.gram).all() and s.has_gradients for s in stats.values())
+
+
+def test_method_that_needs_data_is_refused_without_it():
+    with pytest.raises(SvdloraError, match="needs calibration data"):
+        svdlora.compress(tiny_gpt2(), budget=0.5, method="whiten", progress=False)
+
+
+# CLI: bad calibration input is one line and exit 2, before the model is loaded
+
+
+@pytest.fixture
+def gpt2_with_tokenizer(tmp_path):
+    torch.manual_seed(0)
+    tok = word_tokenizer(WORDS)
+    model = tiny_gpt2()
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    (tmp_path / "text.txt").write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(400)))
+    return tmp_path
+
+
+def _one_line_error(capsys, *args) -> str:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [("missing.txt", "does not exist"), ("empty.txt", "empty file"), ("emptydir", "empty folder")],
+)
+def test_bad_calibration_path_is_one_line_before_loading(gpt2_with_tokenizer, capsys, monkeypatch, data, message):
+    root = gpt2_with_tokenizer
+    (root / "empty.txt").write_text("")
+    (root / "emptydir").mkdir()
+    monkeypatch.setattr("svdlora.cli.compress_cmd.load_pretrained", _never_called)
+    line = _one_line_error(capsys, "compress", root / "dense", "-o", root / "out", "--calibration", root / data)
+    assert message in line and not (root / "out").exists()
+
+
+def test_calibration_of_the_wrong_kind_is_one_line(gpt2_with_tokenizer, capsys):
+    root = gpt2_with_tokenizer
+    (root / "images" / "cat").mkdir(parents=True)
+    (root / "images" / "cat" / "x.png").write_bytes(b"not an image")
+    line = _one_line_error(
+        capsys, "compress", root / "dense", "-o", root / "out", "--calibration", root / "images", "--no-progress"
+    )
+    assert "folder" in line and not (root / "out").exists()
+
+
+def test_cli_calibrates_and_info_shows_the_ranks_and_why(gpt2_with_tokenizer, capsys):
+    root = gpt2_with_tokenizer
+    args = ["compress", root / "dense", "-o", root / "out", "--budget", "0.5", "--calibration", root / "text.txt"]
+    assert (
+        main([str(a) for a in [*args, "--calibration-samples", "4", "--calibration-length", "32", "--no-progress"]])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "fisher / global" in out and "text.txt" in out
+    assert main(["info", str(root / "out")]) == 0
+    info = capsys.readouterr().out
+    assert "global" in info and "ranks" in info
+
+
+def _never_called(*args, **kwargs):
+    raise AssertionError("the model was loaded before the calibration input was checked")
+
+
+def _linear_stats(weight: torch.Tensor, x: torch.Tensor):
+    """LayerStats of one Linear layer fed ``x``, through the real collector."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    model = nn.Sequential(layer)
+    targets = [Target("0", layer, "linear", *weight.shape)]
+
+    stats = collect_statistics(model, targets, [{"input": x}], gradients=True, progress=False)
+    assert math.isfinite(stats["0"].gram.sum().item())
+    return stats["0"]
