@@ -247,6 +247,29 @@ def add_args(parser, limit_help: str) -> None:
     parser.add_argument("--force", action="store_true", help="measure every setting again (ignore the sweep cache)")
     parser.add_argument("--no-train", action="store_true",
                         help="fail instead of training when the trained model is not in --cache-dir")  # fmt: skip
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: rewrite <name>.md and .png from <results-dir>/<name>.json")  # fmt: skip
+
+
+def render_saved(name: str, results_dir: Path, plot: Callable, markdown: Callable) -> dict:
+    """Re-render ``<results_dir>/<name>.md`` and ``.png`` from the saved ``<name>.json``, measuring nothing.
+
+    So that a change to the text or to the source figures beside ours does not cost a sweep.
+    """
+    path = results_dir / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--render-only needs saved results, but {path} does not exist: run the benchmark first")
+    results = json.loads(path.read_text())
+    plot(results, results_dir / f"{name}.png")
+    (results_dir / f"{name}.md").write_text(markdown(results, f"{name}.png"))
+    return results
+
+
+def model_config(results: dict, build_config: Callable) -> dict:
+    """The trained model's ``config.json``; where the model folder is absent (results rendered on another
+    checkout), the config its training script builds, which fixes every field the text uses."""
+    path = Path(results["model"]) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else build_config().to_dict()
 
 
 def setup(args) -> None:

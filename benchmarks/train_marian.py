@@ -70,11 +70,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 8000):
     )
 
 
-def build_model(vocab_size: int, quick: bool = False):
-    from transformers import MarianConfig, MarianMTModel
+def build_config(vocab_size: int, quick: bool = False):
+    from transformers import MarianConfig
 
     d, ffn, layers, heads = (64, 128, 1, 2) if quick else (256, 1024, 3, 4)
-    config = MarianConfig(
+    return MarianConfig(
         vocab_size=vocab_size,
         decoder_vocab_size=vocab_size,
         d_model=d,
@@ -97,7 +97,12 @@ def build_model(vocab_size: int, quick: bool = False):
         decoder_start_token_id=0,
         forced_eos_token_id=1,
     )
-    model = MarianMTModel(config)
+
+
+def build_model(vocab_size: int, quick: bool = False):
+    from transformers import MarianMTModel
+
+    model = MarianMTModel(build_config(vocab_size, quick))
     gc = model.generation_config
     gc.num_beams = GENERATION["num_beams"]
     gc.max_new_tokens = GENERATION["max_new_tokens"]

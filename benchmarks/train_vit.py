@@ -42,10 +42,10 @@ logger = logging.getLogger(__name__)
 NAME = "vit-cifar10"
 
 
-def build_model(quick: bool = False):
-    from transformers import ViTConfig, ViTForImageClassification
+def build_config(quick: bool = False):
+    from transformers import ViTConfig
 
-    config = ViTConfig(
+    return ViTConfig(
         image_size=32,
         patch_size=4,
         num_channels=3,
@@ -59,7 +59,12 @@ def build_model(quick: bool = False):
         id2label=dict(enumerate(CIFAR10_CLASSES)),
         label2id={c: i for i, c in enumerate(CIFAR10_CLASSES)},
     )
-    return ViTForImageClassification(config)
+
+
+def build_model(quick: bool = False):
+    from transformers import ViTForImageClassification
+
+    return ViTForImageClassification(build_config(quick))
 
 
 def build_processor():

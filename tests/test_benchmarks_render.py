@@ -1,0 +1,63 @@
+"""``--render-only``: the benchmark text is rewritten from saved results alone, with the poster beside ours."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import translation, vit_cifar
+
+
+def _eval(metrics: dict, time_s: float) -> dict:
+    return {"test": {"metrics": metrics, "examples": 20, "model_time_s": time_s, "throughput": 20 / time_s}}
+
+
+def _row(budget, subs, svd, metrics, time_s, layers=(4, 1)) -> dict:
+    return {"setting": {"budget": budget, "submatrices": subs, "svd_method": svd}, "parameters": 1234,
+            "factorized_layers": layers[0], "dense_layers": layers[1], "rel_error_mean": 0.5,
+            "evals": _eval(metrics, time_s)}  # fmt: skip
+
+
+def _fake(metrics, model_dir) -> dict:
+    machine = {"platform": "test", "cpu_count": 2, "torch": "x", "torch_threads": 1, "device": "cpu", "date": "d"}
+    return {
+        "command": "fake", "model": str(model_dir), "machine": machine, "measured_s": 60.0,
+        "dense": {"setting": None, "parameters": 2000, "evals": _eval(metrics(1.0), 2.0)},
+        "table1": [_row(0.5, n, m, metrics(0.9), 1.5) for n in (1, 2) for m in ("exact", "randomized")],
+        "table2": [_row(b, 3, "exact", metrics(b), 1.0 + b) for b in (0.1, 0.4, 1.0)],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("module", [vit_cifar, translation])
+def test_render_only_writes_poster_columns_without_measuring(tmp_path, module):
+    # The model folder does not exist: the config comes from the training script, as on a fresh checkout.
+    if module is vit_cifar:
+        results = _fake(lambda s: {"accuracy": 0.5 * s}, tmp_path / "gone")
+        results.update(images=20, train_log={"parameters": 2000, "epochs_completed": 1, "train_wall_s": 60,
+                       "test_accuracy": 0.5, "test_examples": 20, "stop_reason": "time budget"})  # fmt: skip
+    else:
+        results = _fake(lambda s: {"bleu": 30 * s, "chrf": 50 * s, "bleu_signature": "b", "chrf_signature": "c"},
+                        tmp_path / "gone")  # fmt: skip
+        log = {"train_pairs": 10, "parameters": 2000, "vocab_size": 100, "epochs_completed": 1,
+               "train_wall_s": 60, "bleu": 30.0, "chrf": 50.0, "test_sentences": 20}  # fmt: skip
+        results.update(sentences=20, train_log=log)
+    (tmp_path / f"{module.NAME}.json").write_text(json.dumps(results))
+    module.main(["--render-only", "--results-dir", str(tmp_path)])
+    text = (tmp_path / f"{module.NAME}.md").read_text()
+    assert (tmp_path / f"{module.NAME}.png").stat().st_size > 0
+    if module is vit_cifar:
+        # Every poster row of both tables, with its runtime and the runtime ratio to the poster's baseline.
+        assert "| 0.9571 |" in text and "| 129.2873 | 0.985 |" in text  # 1 submatrix: 129.2873 / 131.2141
+        assert "| 0.4 |" in text and "0.9763" in text and "129.067 | 0.984 |" in text
+        assert "| dense |" in text and "| 1.000 | 131.2141 | 1.000 |" in text
+        assert "| 0.700 | 129.067 |" in text  # ours: 1.4 s / 2.0 s dense at budget 0.4
+    else:
+        assert "40% (r = 136) | 31.0818 | 55.9282" in text and "not in the poster" in text  # 0.1 has no poster row
+        assert "above the baseline (30.0678) at 40%, 50%" in text
+    assert "not given in the issue" not in text
+
+
+def test_render_only_without_saved_results_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        vit_cifar.main(["--render-only", "--results-dir", str(tmp_path)])
