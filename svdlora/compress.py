@@ -22,7 +22,7 @@ from .layers import LowRankLinear, dense_kind, weight_out_in
 from .methods import weighted_spectrum
 from .plan import CalibrationPlan, plan_calibration
 from .precision import allocate_stages, layer_bytes, stage_formats, target_bytes
-from .refit import collect_cross_statistics, refit_factors
+from .refit import collect_cross_statistics, refit_factors, refit_target
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
 
@@ -131,13 +131,9 @@ def compress(
         layers[target.name] = layer
         model.set_submodule(target.name, layer)
         reports[target.name] = line
-    if plan.refit and config.stage_dtypes:
-        # The refit solves for float factors; it would undo the chain of stages fitted to the
-        # residual as stored (quantized). Keep the chain; the report says no refit ran.
-        logger.info("the refit pass does not apply to --stage-dtypes: skipped")
-        plan.refit = False
     if plan.refit:
-        for name in _refit(model, originals, layers, ranks, plan, config, progress):
+        formats = {name: plans[name][1] for name in layers} if config.stage_dtypes else None
+        for name in _refit(model, originals, layers, ranks, formats, plan, config, progress):
             line = reports[name]
             with torch.no_grad():
                 line.rel_error = relative_error(weight_out_in(originals[name]), layers[name].dense_weight())
@@ -184,21 +180,30 @@ def allocate(targets, config: CompressionConfig, plan: CalibrationPlan, progress
     return allocate_global(targets, spectra, config.budget, config.submatrices)
 
 
-def _refit(model, originals, layers, ranks, plan: CalibrationPlan, config: CompressionConfig, progress: bool):
+def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, config: CompressionConfig, progress: bool):
     """Refit every factorized layer to the inputs the compressed model feeds it (see ``refit``);
-    returns the names of the layers refitted."""
+    returns the names of the layers refitted. With stage ``formats`` the refit target goes through
+    the quantized chain, so each stage again repairs the residual of the stages before it as stored."""
     refitted = []
     cross = collect_cross_statistics(model, originals, layers, plan.batches, progress)
     for name, (gram, product) in tqdm(cross.items(), desc="refitting", disable=not progress):
         weighting = plan.weighting(name)
         left = weighting.left if weighting is not None else None
-        stages = refit_factors(
-            weight_out_in(originals[name]), ranks[name], gram, product, left, **_chain_options(config)
-        )
-        if stages is not None:
+        weight = weight_out_in(originals[name])
+        if formats is not None:
+            fit = refit_target(weight, gram, product, left)
+            if fit is None:
+                continue
+            target, metric = fit
+            chain = quantized_chain(target, ranks[name], formats[name], metric, **_chain_options(config))
+            layers[name] = LowRankLinear.from_chain(originals[name], chain)
+        else:
+            stages = refit_factors(weight, ranks[name], gram, product, left, **_chain_options(config))
+            if stages is None:
+                continue
             layers[name] = LowRankLinear.from_stages(originals[name], stages)
-            model.set_submodule(name, layers[name])
-            refitted.append(name)
+        model.set_submodule(name, layers[name])
+        refitted.append(name)
     return refitted
 
 

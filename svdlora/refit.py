@@ -109,6 +109,26 @@ def collect_cross_statistics(
     return stats
 
 
+def refit_target(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    left: torch.Tensor | None,
+    damping: float = INPUT_DAMPING,
+) -> tuple[torch.Tensor, Weighting] | None:
+    """The least-squares map W·C·G̃⁻¹ from x̃ to W·x and the metric (D, S̃) to factorize it in;
+    None where G̃ is unusable. Any factorization of it in that metric (a plain truncated SVD,
+    or ``chain.quantized_chain`` for stored-precision stages) is a refit."""
+    right, right_inverse = whitening(gram, damping)
+    if right is None:
+        return None
+    # W·C·G̃⁻¹ with the damped G̃ = S̃·S̃
+    target = weight.detach().double() @ cross @ right_inverse @ right_inverse
+    if not torch.isfinite(target).all():
+        return None
+    return target.float(), Weighting(left=left, right=right.float(), right_inverse=right_inverse.float())
+
+
 def refit_factors(
     weight: torch.Tensor,
     ranks: list[int],
@@ -119,15 +139,11 @@ def refit_factors(
     **svd_options,
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Stages of the rank-Σranks Ŵ minimizing ‖D·(W·X − Ŵ·X̃)‖; None where G̃ is unusable."""
-    right, right_inverse = whitening(gram, damping)
-    if right is None:
+    fit = refit_target(weight, gram, cross, left, damping)
+    if fit is None:
         return None
-    # W·C·G̃⁻¹ with the damped G̃ = S̃·S̃: the least-squares map from x̃ to W·x
-    target = weight.detach().double() @ cross @ right_inverse @ right_inverse
-    if not torch.isfinite(target).all():
-        return None
-    weighting = Weighting(left=left, right=right.float(), right_inverse=right_inverse.float())
-    stages = factorize(target.float(), ranks, weighting, **svd_options)
+    target, weighting = fit
+    stages = factorize(target, ranks, weighting, **svd_options)
     return [(a.to(weight.dtype), b.to(weight.dtype)) for a, b in stages]
 
 
