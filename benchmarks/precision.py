@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -76,34 +77,48 @@ def repair_settings(bits: float = 6, counts=(2, 3, 5)) -> list[dict]:
 PARTS = {"levels": level_settings, "rtn": rtn_settings, "stages": stage_settings, "repair": repair_settings}
 
 
-def cached_calibration(model, tokenizer, path: Path):
-    """Collect the calibration statistics once; every setting's ``compress`` then reuses them.
-
-    ``compress`` plans its calibration through ``svdlora.compress.plan_calibration``; the benchmark
-    swaps that for a function returning the plan made once here (same data, same model weights,
-    so the same statistics), because collecting them is the slow part of every run.
-    """
-    import svdlora.compress as compress_module
+def calibration_source(model, tokenizer, path: Path, samples: int = 64, length: int = 512, cache: Path | None = None):
+    """Batches and their statistics, collected ONCE on the dense model (as ``benchmarks.quality``
+    does) and passed to every setting's ``compress``; ``cache`` keeps them on disk so the parts,
+    run as separate processes, share one collection. Returns (batches, statistics, seconds)."""
+    from svdlora.calibration import collect_statistics
+    from svdlora.calibration_data import calibration_batches
     from svdlora.config import CompressionConfig
     from svdlora.targets import find_targets
 
-    config = CompressionConfig(budget=0.5, method="fisher", allocation="global")
-    targets, _ = find_targets(model, config)
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, weights_only=False)  # our own file: LayerStats objects
+        if (saved["data"], saved["samples"], saved["length"]) == (str(path), samples, length):
+            logger.info("calibration statistics from %s (collected in %.0f s)", cache, saved["seconds"])
+            return saved["batches"], saved["stats"], saved["seconds"]
     start = time.perf_counter()
-    plan = compress_module.plan_calibration(model, targets, config, str(path), tokenizer, False)
-    logger.info("calibration statistics in %.0f s", time.perf_counter() - start)
-    compress_module.plan_calibration = lambda *args, **kwargs: plan
-    return plan
+    batches = calibration_batches(model, path, tokenizer, samples, length, progress=False)
+    targets, _ = find_targets(model, CompressionConfig())
+    stats = collect_statistics(model, targets, batches, gradients=True, progress=False)
+    seconds = time.perf_counter() - start
+    logger.info("calibration statistics in %.0f s", seconds)
+    if cache is not None:
+        saved = {"data": str(path), "samples": samples, "length": length, "seconds": seconds}
+        torch.save(saved | {"batches": batches, "stats": stats}, cache)
+    return batches, stats, seconds
 
 
-def run_setting(model, tokenizer, setting: dict, data: Path, calibration: Path | None = None) -> dict:
+def run_setting(
+    model, tokenizer, setting: dict, data: Path, source=None, refit: bool = False, limit: int = 24, length: int = 512
+) -> dict:
+    """One row. ``source``: (batches, statistics, seconds) from ``calibration_source``, for the
+    calibrated rows (Fisher-weighted whitening, global byte allocation, optionally the refit)."""
     from svdlora import compress
     from svdlora.evaluation import evaluate
 
     work = copy.deepcopy(model)
     budget = 1.0 if setting["bits"] is None else setting["bits"] / MODEL_BITS
+    options = {}
+    if source is not None:
+        batches, stats, _ = source
+        options = {"method": "fisher", "allocation": "global", "refit": refit, "calibration": batches}
+        options["statistics"] = stats
     start = time.perf_counter()
-    options = {"calibration": str(calibration), "processor": tokenizer} if calibration else {}
     report = compress(
         work,
         budget=budget,
@@ -117,9 +132,9 @@ def run_setting(model, tokenizer, setting: dict, data: Path, calibration: Path |
     stored = sum(m.stored_bytes for m in fac)
     bits = 8 * stored / sum(m.params_before for m in fac)
     result = evaluate(
-        (work, tokenizer), "text-generation", str(data), limit=24, max_length=512, stride=512, progress=False
+        (work, tokenizer), "text-generation", str(data), limit=limit, max_length=length, stride=length, progress=False
     )
-    return {
+    row = {
         **setting,
         "budget": budget,
         "bits_per_weight": bits,
@@ -127,9 +142,14 @@ def run_setting(model, tokenizer, setting: dict, data: Path, calibration: Path |
         "perplexity": result["model"]["metrics"]["perplexity"],
         "rel_error_mean": sum(m.rel_error for m in fac) / len(fac),
         "compress_s": seconds,
-        "method": report.method if hasattr(report, "method") else "svd",
-        "allocation": getattr(report, "allocation", None) or "uniform",
+        "method": report.method,
+        "allocation": report.allocation,
+        "refit": bool(report.calibration and report.calibration["refit"]),
     }
+    if source is not None:
+        row["stats_s"] = source[2]  # collected once, shared by every calibrated row
+        row["recipe"] += " + refit" if row["refit"] else ""
+    return row
 
 
 def main(argv=None) -> None:
@@ -138,15 +158,23 @@ def main(argv=None) -> None:
     parser.add_argument("--model", type=Path, default=SMOLLM2)
     parser.add_argument("--data", type=Path, default=TEST)
     parser.add_argument("--only", type=int, nargs="*", help="indices of the part's settings to run")
+    parser.add_argument("--bits", type=float, nargs="*", help="only the settings at these target bits/weight")
+    parser.add_argument("--recipes", nargs="*", help="only these recipes (e.g. 'full-int4 + int8 repair')")
     parser.add_argument(
         "--calibration", type=Path, default=None, help="calibration text (WikiText-2 valid); none: plain SVD"
     )
+    parser.add_argument("--samples", type=int, default=64, help="calibration windows of 512 tokens")
+    parser.add_argument("--statistics", type=Path, default=None, help="file caching the calibration statistics")
+    parser.add_argument("--refit", action="store_true", help="calibrated rows: also run the refit pass")
+    parser.add_argument("--limit", type=int, default=24, help="test windows of 512 tokens")
+    parser.add_argument("--length", type=int, default=512, help="tokens per test and calibration window")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--report", action="store_true", help="print markdown tables from the results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.report:
-        text = report()
-        (DEFAULT_RESULTS / "precision.md").write_text(text)
+        text = report(args.results)
+        (args.results / "precision.md").write_text(text)
         print(text)
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,16 +184,26 @@ def main(argv=None) -> None:
     settings = PARTS[args.part]()
     if args.only:
         settings = [settings[i] for i in args.only]
+    if args.bits:
+        settings = [s for s in settings if s["bits"] in args.bits]
+    if args.recipes:
+        settings = [s for s in settings if s["recipe"] in args.recipes]
     name = f"precision_{args.part}_{'calibrated' if args.calibration else 'svd'}"
-    path = DEFAULT_RESULTS / f"{name}.json"
+    path = args.results / f"{name}.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    source = None
     if args.calibration:
-        cached_calibration(model, tokenizer, args.calibration)
+        source = calibration_source(model, tokenizer, args.calibration, args.samples, args.length, args.statistics)
     for setting in settings:
-        row = run_setting(model, tokenizer, setting, args.data, args.calibration)
+        row = run_setting(model, tokenizer, setting, args.data, source, args.refit, args.limit, args.length)
+        row["command"] = "python -m benchmarks.precision " + " ".join(argv if argv is not None else sys.argv[1:])
         logger.info("%s", row)
         rows = [r for r in rows if (r["bits"], r["recipe"]) != (row["bits"], row["recipe"])] + [row]
-        write_results(name, {"model": str(args.model), "data": str(args.data), "rows": rows})
+        payload = {"model": str(args.model), "data": str(args.data), "limit": args.limit, "length": args.length}
+        payload["rows"] = rows
+        if args.calibration:
+            payload["calibration"] = {"data": str(args.calibration), "samples": args.samples, "length": args.length}
+        write_results(name, payload, args.results)
 
 
 METHOD_TITLES = {"calibrated": "calibrated: whitening + global allocation", "svd": "plain SVD, no calibration"}
@@ -178,6 +216,50 @@ def _load(results: Path, name: str) -> dict | None:
 
 def _ppl(value: float) -> str:
     return f"{value:,.3f}" if value < 1e5 else f"{value:.2e}"
+
+
+def _best(rows: list[dict], bits: float, one_stage: bool = False) -> dict | None:
+    rows = [r for r in rows if r["bits"] == bits and (r["recipe"].startswith("one bfloat16 stage") == one_stage)]
+    return min(rows, key=lambda r: r["perplexity"]) if rows else None
+
+
+def _cell(row: dict | None, recipe: bool = True) -> str:
+    if row is None:
+        return "not run"
+    text = f"{row['bits_per_weight']:.2f}: {_ppl(row['perplexity'])}"
+    return f"{row['recipe']}, {text}" if recipe else text
+
+
+def _comparison(results: Path) -> list[str]:
+    """Calibrated beside plain SVD beside round-to-nearest at each size (the issue's table)."""
+    calibrated, plain, rtn = (_load(results, n) for n in ("levels_calibrated", "levels_svd", "rtn_svd"))
+    if not calibrated:
+        return []
+    m = calibrated["machine"]
+    cal = calibrated.get("calibration", {})
+    lines = [
+        "",
+        "### Calibrated, plain SVD and round-to-nearest side by side",
+        "",
+        f"Calibrated rows: {cal.get('samples', 64)} windows of {cal.get('length', 512)} tokens of WikiText-2 valid,",
+        "statistics collected once (Fisher-weighted whitening, global byte allocation; `+ refit`: the refit",
+        f"pass through the quantized chain). Measured {m['date']}, {m['cpu_count']} shared CPUs,",
+        f"{m['torch_threads']} thread(s). Cells: recipe, bits/w: perplexity.",
+        "",
+        "| target bits/w | best calibrated recipe | one bfloat16 stage, calibrated | best plain-SVD recipe "
+        "| round-to-nearest within 0.5 bits/w |",
+        "|---|---|---|---|---|",
+    ]
+    for bits in BITS:
+        best = _best(calibrated["rows"], bits)
+        one = _best(calibrated["rows"], bits, one_stage=True)
+        if best is None and one is None:
+            continue
+        svd = _best(plain["rows"], bits) if plain else None
+        near = [r for r in (rtn or {}).get("rows", []) if abs(r["bits_per_weight"] - bits) <= 0.5]
+        near_text = "; ".join(f"{r['recipe']} {r['bits_per_weight']:.2f}: {_ppl(r['perplexity'])}" for r in near)
+        lines.append(f"| {bits} | {_cell(best)} | {_cell(one, False)} | {_cell(svd)} | {near_text or '-'} |")
+    return lines
 
 
 def report(results: Path = DEFAULT_RESULTS) -> str:
@@ -216,8 +298,8 @@ def report(results: Path = DEFAULT_RESULTS) -> str:
             rows = [r for r in levels["rows"] if r["bits"] == bits]
             if not rows:
                 continue
-            multi = [r for r in rows if r["recipe"] != "one bfloat16 stage"]
-            one = [r for r in rows if r["recipe"] == "one bfloat16 stage"]
+            multi = [r for r in rows if not r["recipe"].startswith("one bfloat16 stage")]
+            one = [r for r in rows if r["recipe"].startswith("one bfloat16 stage")]
             best = min(multi, key=lambda r: r["perplexity"]) if multi else None
             one_text = f"{one[0]['bits_per_weight']:.2f}: {_ppl(one[0]['perplexity'])}" if one else "not run"
             if best:
@@ -225,6 +307,7 @@ def report(results: Path = DEFAULT_RESULTS) -> str:
                     f"| {bits} | {best['recipe']} | {best['bits_per_weight']:.2f} | {_ppl(best['perplexity'])} "
                     f"| {one_text} |"
                 )
+    lines += _comparison(results)
     for name, title in (
         ("rtn_svd", "Round-to-nearest weight quantization of the same matrices (what a user would pick instead)"),
         ("levels_calibrated", "Every measured recipe, calibrated"),
