@@ -12,8 +12,15 @@ Parts (run separately, e.g. in parallel, each writes its own JSON):
             (run in the order 1, 2, 3, 5, 9, 4, 6, 7, 8)
     repair  the same at 6 bits/weight for a full-rank int4 first stage + n-1 int8 repair stages, n = 2, 3, 5
 
+Calibrated rows (``--calibration wikitext-2.valid.txt``): 64 windows of 512 tokens of WikiText-2
+valid, statistics collected ONCE on the dense model and passed to every row's ``compress``
+(method fisher, allocation global; ``--refit`` adds the refit pass through the quantized chain);
+``--statistics FILE`` keeps them on disk for the next part.
+
 Usage:
     OMP_NUM_THREADS=1 python -m benchmarks.precision --part levels [--model DIR] [--data TEST.txt]
+    python -m benchmarks.precision --part levels --calibration VALID.txt --statistics /tmp/stats.pt \
+        [--bits 4.5 8] [--recipes 'full-int4 + int8 repair'] [--refit]
     python -m benchmarks.precision --report        # markdown tables from the JSON files
 """
 
