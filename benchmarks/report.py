@@ -18,8 +18,9 @@ from benchmarks.common import DEFAULT_RESULTS
 SECTIONS = ("mnist_blog", "nnsvd", "vit_cifar", "translation", "language_models")
 # Sections whose script `benchmarks all` does not run (slow, or run by hand part by part): their
 # fragment is appended when it exists. ecosystem (issue 11) and speed (issue 10) were written by
-# hand from their scripts' outputs; precision (issue 9) by `benchmarks.precision --report`.
-EXTRA_SECTIONS = ("ecosystem", "speed", "precision")
+# hand from their scripts' outputs; precision (issue 9) by `benchmarks.precision --report`; quality
+# (issue 8) by `benchmarks.quality_report` from the results of benchmarks.quality / quality_models.
+EXTRA_SECTIONS = ("ecosystem", "speed", "precision", "quality")
 TITLES = {
     "mnist_blog": 'MNIST: "Compress a Neural Network with the SVD" (blog post)',
     "nnsvd": 'MNIST: "Neural Network Compression via Low-Rank Factorization" (NN-SVD)',
