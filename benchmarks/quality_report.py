@@ -64,7 +64,10 @@ def smollm2(data: dict) -> list[str]:
     heal = [r for r in rows if "healing" in r["setting"] or "control" in r["setting"]]
     if heal:
         out += ["", "Healing (fine-tuning the factors only, on the calibration windows, time-limited, same CPU):", ""]
-        out += ["| setting | budget | perplexity (× dense) | steps | loss first → last |", "| --- | --- | --- | --- | --- |"]
+        out += [
+            "| setting | budget | perplexity (× dense) | steps | loss first → last |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for r in heal:
             h = r.get("heal") or {}
             out.append(
@@ -89,7 +92,13 @@ def targets(data: dict) -> list[str]:
         ("budget 0.5, healing (distillation) ≤ 10 min", distill, 1.6, "x_dense"),
         ("no calibration data, budget 0.8", find(SELF, 0.8), 2.0, "x_dense"),
     ]
-    out = ["", "Issue 8's targets on this protocol:", "", "| setting | target | measured | |", "| --- | --- | --- | --- |"]
+    out = [
+        "",
+        "Issue 8's targets on this protocol:",
+        "",
+        "| setting | target | measured | |",
+        "| --- | --- | --- | --- |",
+    ]
     for label, row, target, key in cells:
         if row is None:
             out.append(f"| {label} | ≤ {target}× dense | not run | |")

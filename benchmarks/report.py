@@ -70,7 +70,8 @@ Machine: {machine}.
 - **A real LLM does not survive plain truncation.** SmolLM2-135M-Instruct, compressed at budget
   0.95 and at 0.5 (3 submatrices), answers a question with gibberish where the dense model
   answers "The capital of France is Paris." (greedy decoding; section 5 has the measured
-  perplexities and the generated text).
+  perplexities and the generated text). Calibration-aware compression, svdlora's default since
+  issue 8, is what makes it work: section 9 has every method side by side.
 """
 
 
