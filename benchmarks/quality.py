@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=24, help="test windows of 512 tokens")
     p.add_argument("--heal-seconds", type=float, default=600, help="healing time limit (0: no healing rows)")
     p.add_argument("--heal-budget", type=float, default=0.5)
+    p.add_argument("--heal-losses", nargs="+", default=["distill", "lm"], choices=["distill", "lm"],
+                   help="healing rows to run; 'lm' also runs the dense control with the same fine-tune")  # fmt: skip
     p.add_argument("--rows", nargs="+", type=int, default=None, help="only these rows (indices into ROWS)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
@@ -148,7 +150,7 @@ def heal_rows(dense, tokenizer, test, source, args, record) -> None:
     """Healing at ``--heal-budget``: distillation, LM loss, and the dense model given the same LM fine-tune."""
     batches = source[0]
     steps = 100_000  # the time limit decides
-    for loss in ("distill", "lm"):
+    for loss in args.heal_losses:
         model, report, seconds = compress_row(
             dense, tokenizer, args.heal_budget, "fisher", "global", True, source, args,
             heal_steps=steps, heal_seconds=args.heal_seconds, heal_loss=loss,
@@ -157,6 +159,8 @@ def heal_rows(dense, tokenizer, test, source, args, record) -> None:
         record(f"default + healing ({loss}, {args.heal_seconds:.0f} s)", args.heal_budget, ppl, seconds, report,
                heal=report.heal)  # fmt: skip
         del model
+    if "lm" not in args.heal_losses:
+        return
     control = copy.deepcopy(dense)
     healed = heal(control, batches, steps, loss="lm", seconds=args.heal_seconds, parameters=list(control.parameters()))
     ppl = perplexity(control, tokenizer, test, args.limit, args.device)

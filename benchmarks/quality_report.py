@@ -153,6 +153,16 @@ def other_models(data: dict) -> list[str]:
 def render(results: Path = DEFAULT_RESULTS) -> Path:
     lines = ["## Quality: compressed models that still work (issue 8)", ""]
     data = _load(results, "quality")
+    for extra in sorted(results.glob("quality-*.json")):  # runs resumed with other --budgets / --rows
+        more = json.loads(extra.read_text())
+        if data is None:
+            data = more
+        elif (
+            more["protocol"]["samples"] == data["protocol"]["samples"]
+            and more["dense_perplexity"] == data["dense_perplexity"]
+        ):
+            data["rows"] += more["rows"]
+            data["stats_seconds"] = {**more["stats_seconds"], **data["stats_seconds"]}
     if data:
         lines += smollm2(data) + targets(data)
     for name in ("quality_vit", "quality_marian"):
