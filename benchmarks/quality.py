@@ -10,8 +10,9 @@ the ratio to plain SVD is what a user would wait.
 Rows, at each budget: plain SVD uniform (the sources' method), whitened uniform (SVD-LLM's
 method), then our additions one by one (Fisher output weights, global allocation, refit to the
 compressed model's own inputs) and combined, and the data-free default (self-generated text).
-Healing rows (budget 0.5): distillation from the dense model for ``--heal-seconds``, and the LM
-loss on the calibration text with the dense model given the same fine-tune as its control.
+Healing rows (budget 0.5): the default row's model healed by distillation from the dense model for
+``--heal-seconds``, and by the LM loss on the calibration text, with the dense model given the
+same fine-tune as its control. A healed row's time is its compression plus its healing.
 
 Usage:
     python -m benchmarks.quality --wikitext /path/wikitext-2 [--budgets 0.8 0.6 0.5] [--heal-seconds 600]
@@ -31,7 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import svdlora
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import DEFAULT_CACHE, machine_info, write_results
 from benchmarks.data import DEFAULT_DATA
 from svdlora.calibration import collect_statistics
 from svdlora.calibration_data import SELF, calibration_batches
@@ -42,13 +43,14 @@ from svdlora.targets import find_targets
 NAME = "quality"
 SMOLLM2 = Path.home() / ".cache" / "svdlora" / "SmolLM2-135M"
 # (row label, method, allocation, refit, calibration source)
+DEFAULT_ROW = "Fisher + global + refit (default)"
 ROWS = [
     ("plain SVD, uniform (sources)", "svd", "uniform", False, None),
     ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, "valid"),
     ("+ Fisher output weights", "fisher", "uniform", False, "valid"),
     ("+ global allocation", "fisher", "global", False, "valid"),
     ("whitened + refit", "whiten", "uniform", True, "valid"),
-    ("Fisher + global + refit (default)", "fisher", "global", True, "valid"),
+    (DEFAULT_ROW, "fisher", "global", True, "valid"),
     ("no data: self-generated text (default)", "fisher", "global", True, "self"),
 ]
 logger = logging.getLogger(__name__)
@@ -63,14 +65,34 @@ def perplexity(model, tokenizer, test: Path, limit: int, device: str) -> float:
 
 
 def calibration_source(model, tokenizer, which: str, args) -> tuple[list[dict], dict, float]:
-    """Batches and their statistics (collected once on the dense model), with the seconds they took."""
+    """Batches and their statistics (collected once on the dense model), with the seconds they took.
+
+    Cached in ``--cache-dir`` so that a run resumed with other ``--budgets`` / ``--rows`` reuses them
+    (the cached collection time is reported, not the load time).
+    """
+    cache = args.cache_dir / f"stats-{which}-{args.samples}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=False)  # written by this script
     start = time.perf_counter()
     data = SELF if which == "self" else args.wikitext / "wikitext-2.valid.txt"
     length = 256 if which == "self" else 512
     batches = calibration_batches(model, data, tokenizer, args.samples, length, progress=True)
     targets, _ = find_targets(model, CompressionConfig())
     stats = collect_statistics(model, targets, batches, gradients=True, progress=True)
-    return batches, stats, time.perf_counter() - start
+    source = (batches, stats, time.perf_counter() - start)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(source, cache)
+    return source
+
+
+def dense_perplexity(dense, tokenizer, test: Path, args) -> float:
+    cache = args.cache_dir / f"dense-{args.limit}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["perplexity"]
+    ppl = perplexity(dense, tokenizer, test, args.limit, args.device)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"perplexity": ppl}))
+    return ppl
 
 
 def compress_row(dense, tokenizer, budget, method, allocation, refit, source, args, **extra):
@@ -94,10 +116,13 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=24, help="test windows of 512 tokens")
     p.add_argument("--heal-seconds", type=float, default=600, help="healing time limit (0: no healing rows)")
     p.add_argument("--heal-budget", type=float, default=0.5)
+    p.add_argument("--heal-losses", nargs="+", default=["distill", "lm"], choices=["distill", "lm"],
+                   help="healing rows to run; 'lm' also runs the dense control with the same fine-tune")  # fmt: skip
     p.add_argument("--rows", nargs="+", type=int, default=None, help="only these rows (indices into ROWS)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--name", default=NAME, help="results file name (benchmarks/results/NAME.json)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE / "quality", help="statistics cache")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.limit, args.budgets, args.heal_seconds, args.heal_budget = 8, 4, [0.8], 30, 0.8
@@ -108,15 +133,19 @@ def main(argv=None) -> int:
     test = args.wikitext / "wikitext-2.test.txt"
     results = {"protocol": vars(args) | {"model": str(args.model), "wikitext": str(args.wikitext)}, "rows": []}
     results["protocol"] = {k: str(v) if isinstance(v, Path) else v for k, v in results["protocol"].items()}
-    dense_ppl = perplexity(dense, tokenizer, test, args.limit, args.device)
+    dense_ppl = dense_perplexity(dense, tokenizer, test, args)
     results["dense_perplexity"] = dense_ppl
     print(f"dense perplexity {dense_ppl:.2f}", flush=True)
-    rows = [ROWS[i] for i in args.rows] if args.rows is not None else ROWS
+    rows = [ROWS[i] for i in args.rows] if args.rows is not None else ROWS  # in the order given
     sources = {}
-    for which in sorted({r[4] for r in rows if r[4]}):
-        sources[which] = calibration_source(dense, tokenizer, which, args)
-        print(f"statistics from {which}: {sources[which][2]:.1f} s", flush=True)
-    results["stats_seconds"] = {k: v[2] for k, v in sources.items()}
+    results["stats_seconds"] = {}
+
+    def source(which):  # collected on first use, so the rows given first run first
+        if which and which not in sources:
+            sources[which] = calibration_source(dense, tokenizer, which, args)
+            results["stats_seconds"][which] = sources[which][2]
+            print(f"statistics from {which}: {sources[which][2]:.1f} s", flush=True)
+        return sources.get(which)
 
     def record(label, budget, ppl, seconds, report=None, **more):
         row = {"setting": label, "budget": budget, "perplexity": ppl, "x_dense": ppl / dense_ppl, "seconds": seconds}
@@ -133,30 +162,30 @@ def main(argv=None) -> int:
     for budget in args.budgets:
         for label, method, allocation, refit, which in rows:
             model, report, seconds = compress_row(
-                dense, tokenizer, budget, method, allocation, refit, sources.get(which), args
+                dense, tokenizer, budget, method, allocation, refit, source(which), args
             )
             record(label, budget, perplexity(model, tokenizer, test, args.limit, args.device), seconds, report)
+            if label == DEFAULT_ROW and budget == args.heal_budget and args.heal_seconds:
+                heal_rows(model, report, seconds, dense, tokenizer, test, sources["valid"][0], args, record)
             del model
-        if budget == args.heal_budget and args.heal_seconds and "valid" in sources:
-            heal_rows(dense, tokenizer, test, sources["valid"], args, record)
     path = write_results(args.name, results)
     print(json.dumps(machine_info()), f"\nwrote {path}")
     return 0
 
 
-def heal_rows(dense, tokenizer, test, source, args, record) -> None:
-    """Healing at ``--heal-budget``: distillation, LM loss, and the dense model given the same LM fine-tune."""
-    batches = source[0]
+def heal_rows(model, report, seconds, dense, tokenizer, test, batches, args, record) -> None:
+    """Healing of the default row's model: distillation from the dense model, the LM loss, and the
+    dense model given the same LM fine-tune (its control); each for ``--heal-seconds``."""
     steps = 100_000  # the time limit decides
-    for loss in ("distill", "lm"):
-        model, report, seconds = compress_row(
-            dense, tokenizer, args.heal_budget, "fisher", "global", True, source, args,
-            heal_steps=steps, heal_seconds=args.heal_seconds, heal_loss=loss,
-        )  # fmt: skip
-        ppl = perplexity(model, tokenizer, test, args.limit, args.device)
-        record(f"default + healing ({loss}, {args.heal_seconds:.0f} s)", args.heal_budget, ppl, seconds, report,
-               heal=report.heal)  # fmt: skip
-        del model
+    copies = {loss: copy.deepcopy(model) for loss in args.heal_losses}
+    for loss, student in copies.items():
+        teacher = dense if loss == "distill" else None
+        healed = heal(student, batches, steps, teacher=teacher, loss=loss, seconds=args.heal_seconds)
+        ppl = perplexity(student, tokenizer, test, args.limit, args.device)
+        record(f"default + healing ({loss}, {args.heal_seconds:.0f} s)", args.heal_budget, ppl,
+               seconds + healed.seconds, report, heal=healed.to_dict())  # fmt: skip
+    if "lm" not in args.heal_losses:
+        return
     control = copy.deepcopy(dense)
     healed = heal(control, batches, steps, loss="lm", seconds=args.heal_seconds, parameters=list(control.parameters()))
     ppl = perplexity(control, tokenizer, test, args.limit, args.device)

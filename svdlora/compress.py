@@ -185,20 +185,22 @@ def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, conf
     returns the names of the layers refitted. With stage ``formats`` the refit target goes through
     the quantized chain, so each stage again repairs the residual of the stages before it as stored."""
     refitted = []
-    cross = collect_cross_statistics(model, originals, layers, plan.batches, progress)
+    step = max(1, -(-len(plan.batches) // config.refit_samples))  # ceil: at most refit_samples, spread evenly
+    cross = collect_cross_statistics(model, originals, layers, plan.batches[::step], progress)
+    roots: dict = {}  # S̃ per shared input: q/k/v (and gate/up) whiten once
     for name, (gram, product) in tqdm(cross.items(), desc="refitting", disable=not progress):
         weighting = plan.weighting(name)
         left = weighting.left if weighting is not None else None
         weight = weight_out_in(originals[name])
         if formats is not None:
-            fit = refit_target(weight, gram, product, left)
+            fit = refit_target(weight, gram, product, left, roots=roots)
             if fit is None:
                 continue
             target, metric = fit
             chain = quantized_chain(target, ranks[name], formats[name], metric, **_chain_options(config))
             layers[name] = LowRankLinear.from_chain(originals[name], chain)
         else:
-            stages = refit_factors(weight, ranks[name], gram, product, left, **_chain_options(config))
+            stages = refit_factors(weight, ranks[name], gram, product, left, roots=roots, **_chain_options(config))
             if stages is None:
                 continue
             layers[name] = LowRankLinear.from_stages(originals[name], stages)

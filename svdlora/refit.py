@@ -100,13 +100,9 @@ def collect_cross_statistics(
     finally:
         _swap(model, compressed)
         model.train(was_training)
-    stats = {}
-    for name in compressed:
-        owner = compressed_tap.owner.get(name)
-        if owner in grams:
-            n = max(tokens[owner], 1)
-            stats[name] = (grams[owner] / n, cross[owner] / n)
-    return stats
+    means = {owner: (grams[owner] / max(tokens[owner], 1), cross[owner] / max(tokens[owner], 1)) for owner in grams}
+    # layers fed the same input share one (G̃, C) object, so ``refit_factors`` callers can cache per input
+    return {name: means[compressed_tap.owner[name]] for name in compressed if compressed_tap.owner.get(name) in means}
 
 
 def refit_target(
@@ -115,11 +111,18 @@ def refit_target(
     cross: torch.Tensor,
     left: torch.Tensor | None,
     damping: float = INPUT_DAMPING,
+    roots: dict | None = None,
 ) -> tuple[torch.Tensor, Weighting] | None:
     """The least-squares map W·C·G̃⁻¹ from x̃ to W·x and the metric (D, S̃) to factorize it in;
     None where G̃ is unusable. Any factorization of it in that metric (a plain truncated SVD,
-    or ``chain.quantized_chain`` for stored-precision stages) is a refit."""
-    right, right_inverse = whitening(gram, damping)
+    or ``chain.quantized_chain`` for stored-precision stages) is a refit.
+
+    ``roots``, when given, caches S̃ and S̃⁻¹ per Gram object (q/k/v share one input).
+    """
+    roots = {} if roots is None else roots
+    if id(gram) not in roots:
+        roots[id(gram)] = whitening(gram, damping)
+    right, right_inverse = roots[id(gram)]
     if right is None:
         return None
     # W·C·G̃⁻¹ with the damped G̃ = S̃·S̃
@@ -136,10 +139,14 @@ def refit_factors(
     cross: torch.Tensor,
     left: torch.Tensor | None,
     damping: float = INPUT_DAMPING,
+    roots: dict | None = None,
     **svd_options,
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Stages of the rank-Σranks Ŵ minimizing ‖D·(W·X − Ŵ·X̃)‖; None where G̃ is unusable."""
-    fit = refit_target(weight, gram, cross, left, damping)
+    """Stages of the rank-Σranks Ŵ minimizing ‖D·(W·X − Ŵ·X̃)‖; None where G̃ is unusable.
+
+    ``roots``, when given, caches S̃ and S̃⁻¹ per Gram object (q/k/v share one input).
+    """
+    fit = refit_target(weight, gram, cross, left, damping, roots)
     if fit is None:
         return None
     target, weighting = fit

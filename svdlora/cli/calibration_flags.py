@@ -62,6 +62,13 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
         help="skip the refit pass that fits each layer to the inputs the compressed model feeds it",
     )
     g.add_argument(
+        "--refit-samples",
+        type=options.positive_int("refit-samples"),
+        default=16,
+        help="calibration samples the refit pass reads, spread over all of them (default 16: its statistics "
+        "cost twice the first pass's per sample)",
+    )
+    g.add_argument(
         "--heal-steps",
         type=options.non_negative_int("heal-steps"),
         default=0,
@@ -84,6 +91,7 @@ def calibration_options(args: argparse.Namespace) -> dict:
         "calibration_samples": args.calibration_samples,
         "calibration_length": args.calibration_length,
         "refit": args.refit,
+        "refit_samples": args.refit_samples,
         "heal_steps": args.heal_steps,
         "heal_seconds": args.heal_seconds,
         "heal_loss": args.heal_loss,
