@@ -95,6 +95,10 @@ def calibration_source(model, tokenizer, path: Path, samples: int = 64, length: 
 
     if cache is not None and cache.is_file():
         saved = torch.load(cache, weights_only=False)  # our own file: LayerStats objects
+        if isinstance(saved, tuple):
+            # benchmarks.quality's cache (stats-valid-64.pt): the same collection, (batches, stats, seconds)
+            logger.info("calibration statistics from benchmarks.quality's cache %s", cache)
+            return saved
         if (saved["data"], saved["samples"], saved["length"]) == (str(path), samples, length):
             logger.info("calibration statistics from %s (collected in %.0f s)", cache, saved["seconds"])
             return saved["batches"], saved["stats"], saved["seconds"]

@@ -40,10 +40,17 @@ def test_calibrated_rows_collect_the_statistics_once(folder, monkeypatch):
               "--results", str(results), "--part", "levels", "--bits", "8"]  # fmt: skip
     precision.main([*common, "--recipes", "one bfloat16 stage", "full-int4 + int8 repair"])
     precision.main([*common, "--recipes", "full-int4 + int8 repair", "--refit"])  # statistics from the cache
+    # benchmarks.quality's cache of the same collection, (batches, stats, seconds), is read as well
+    saved = torch.load(cache, weights_only=False)
+    torch.save((saved["batches"], saved["stats"], saved["seconds"]), folder / "quality.pt")
+    common[common.index(str(cache))] = str(folder / "quality.pt")
+    precision.main([*common, "--recipes", "one bfloat16 stage", "--refit"])
     assert len(calls) == 1 and cache.is_file()
     data = json.loads((results / "precision_levels_calibrated.json").read_text())
     rows = {r["recipe"]: r for r in data["rows"]}
-    assert set(rows) == {"one bfloat16 stage", "full-int4 + int8 repair", "full-int4 + int8 repair + refit"}
+    assert set(rows) == {
+        "one bfloat16 stage", "full-int4 + int8 repair", "full-int4 + int8 repair + refit", "one bfloat16 stage + refit"
+    }  # fmt: skip
     assert all(r["method"] == "fisher" and r["allocation"] == "global" for r in rows.values())
     assert rows["full-int4 + int8 repair + refit"]["refit"] and not rows["full-int4 + int8 repair"]["refit"]
     assert all(r["bits_per_weight"] <= 8.0 + 1e-9 and r["perplexity"] > 1 for r in rows.values())
