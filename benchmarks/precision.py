@@ -6,7 +6,8 @@ on a fresh copy of the model; bits per weight are read back from the report (sca
 
 Parts (run separately, e.g. in parallel, each writes its own JSON):
     levels  at 16, 8, 6, 4.5, 3 bits/weight: one bfloat16 stage; 2 int8 low-rank stages;
-            a full-rank int4 (group 128) or int8 first stage + int8 low-rank repair where it fits
+            a full-rank int4 (group 128; also 64 and 32 from 4.5 and 6 bits) or int8 first stage
+            + int8 low-rank repair where it fits
     rtn     plain round-to-nearest of the same matrices: int8 per channel, int4 group 128, 64 and 32
     stages  the poster's Table 1 at a fixed byte budget: n = 1..9 int8 stages at 6 bits/weight
             (run in the order 1, 2, 3, 5, 9, 4, 6, 7, 8)
@@ -60,6 +61,10 @@ def level_settings() -> list[dict]:
             settings.append(
                 {"bits": bits, "recipe": "full-int4 + int8 repair", "stage_dtypes": ["full-int4", "int8"], "n": 2}
             )
+            for group, least in (("int4g64", 4.4), ("int4g32", 4.8)):  # finer groups: a better base, less repair
+                if bits >= least:
+                    recipe = f"full-{group} + int8 repair"
+                    settings.append({"bits": bits, "recipe": recipe, "stage_dtypes": [f"full-{group}", "int8"], "n": 2})
     return settings
 
 
@@ -285,7 +290,8 @@ def report(results: Path = DEFAULT_RESULTS) -> str:
         "then `--report`. Every setting runs `svdlora.compress` on a fresh copy of the model.",
         "Recipes: `one bfloat16 stage` (`--stage-dtypes bfloat16`), `n int8 stages` (`int8`, n submatrices),",
         "`full-int4 + int8 repair` (`full-int4,int8`: the whole matrix in int4 group 128, then low-rank int8",
-        "stages of its residual as stored), `RTN …` (`full-…` alone: plain round-to-nearest). Calibrated rows,",
+        "stages of its residual as stored; `full-int4g64`/`g32`: groups of 64/32), `RTN …` (`full-…` alone:",
+        "plain round-to-nearest). Calibrated rows,",
         "when present, use the calibration issue's whitening and global allocation, statistics collected once",
         "on WikiText-2 valid. ViT and Marian rows are not here: their trained benchmark models are not cached",
         "on this machine.",
