@@ -59,10 +59,13 @@ def quantized_chain(
     formats: list[StageFormat],
     weighting=None,
     method: str = "exact",
+    base: Stage | None = None,
     **svd_options,
 ) -> list[Stage]:
     """Stages of ``weight`` (out, in): ``formats[j]`` stores stage j, of rank ``ranks[j]``
     (ignored for a ``full`` stage). Each stage sees the residual of the previous ones as stored.
+    ``base``: a full first stage already stored, used as it is (the refit keeps the quantized
+    weight and refits only the low-rank repair of it).
     """
     out_features, in_features = weight.shape
     residual = weight.detach().to(_svd_dtype(weight)).clone()
@@ -70,8 +73,11 @@ def quantized_chain(
     stages = []
     for rank, fmt in zip(ranks, formats, strict=True):
         if fmt.full:
-            parts = {"W": quantize(residual, fmt)}
-            full = dequantize(parts["W"], fmt, in_features, residual.dtype)
+            if base is not None:
+                parts, full = base.parts, base.full.to(residual.dtype)
+            else:
+                parts = {"W": quantize(residual, fmt)}
+                full = dequantize(parts["W"], fmt, in_features, residual.dtype)
             stages.append(Stage(fmt, parts, full=full))
             residual -= full
             continue

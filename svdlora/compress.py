@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate_global, allocate_ranks
-from .chain import quantized_chain
+from .chain import Stage, quantized_chain
 from .config import CompressionConfig
 from .decompose import factorize, relative_error
 from .errors import SvdloraError
@@ -197,7 +197,11 @@ def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, conf
             if fit is None:
                 continue
             target, metric = fit
-            chain = quantized_chain(target, ranks[name], formats[name], metric, **_chain_options(config))
+            # A full first stage stays the quantized weight (refitting it first and rounding the
+            # refit target was measured worse); the low-rank stages repair the refit target.
+            layer, fmt = layers[name], formats[name][0]
+            base = Stage(fmt, layer.stored[0], full=layer.full.detach()) if fmt.full else None
+            chain = quantized_chain(target, ranks[name], formats[name], metric, base=base, **_chain_options(config))
             layers[name] = LowRankLinear.from_chain(originals[name], chain)
         else:
             stages = refit_factors(weight, ranks[name], gram, product, left, roots=roots, **_chain_options(config))

@@ -29,7 +29,9 @@ def test_refit_chain_fits_the_dense_output_from_shifted_inputs_better():
     for names, ranks in ((["int8"], [6, 6]), (["full-int4", "int8"], [0, 6])):
         formats = stage_formats(names, 2, torch.float32)
         target, metric = refit_target(weight, gram, cross, left=None, damping=1e-6)
-        refit = _product(quantized_chain(target, ranks, formats, metric))
+        # as compress does: a full first stage stays the quantized weight, the repair is refitted
+        base = quantized_chain(weight, [0], formats[:1])[0] if formats[0].full else None
+        refit = _product(quantized_chain(target, ranks, formats, metric, base=base))
         whitening = Weighting.from_stats(_linear_stats(weight, x_tilde), False)
         plain = _product(quantized_chain(weight, ranks, formats, whitening))
         assert error(refit) < 0.95 * error(plain), names
@@ -55,6 +57,11 @@ def test_calibrated_quantized_model_is_refitted_and_reloads_with_the_same_logits
         (m.ranks, m.stage_dtypes, m.stored_bytes) for m in after
     ]
     assert any(a.rel_error != b.rel_error for a, b in zip(before, after, strict=True))
+    for name, module in models[True].named_modules():  # the quantized weight is kept, the repair refitted
+        if getattr(module, "stored", None) is not None:
+            other = models[False].get_submodule(name).stored
+            assert all(torch.equal(t, other[0]["W"][k]) for k, t in module.stored[0]["W"].items())
+            assert not torch.equal(module.stored[1]["B"]["q"], other[1]["B"]["q"])
     inputs = example_inputs("llama")
     with torch.no_grad():
         expected = models[True](**inputs).logits
