@@ -132,7 +132,8 @@ def run_setting(
     options = {}
     if source is not None:
         batches, stats, _ = source
-        options = {"method": "fisher", "allocation": "global", "refit": refit, "calibration": batches}
+        options = {"method": "fisher", "allocation": "global", "refit": refit, "refit_stages": refit}
+        options["calibration"] = batches
         options["statistics"] = stats
     start = time.perf_counter()
     report = compress(

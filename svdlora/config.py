@@ -89,6 +89,13 @@ class CompressionConfig:
             "the inputs the compressed model feeds it (one more calibration pass, no gradients)."
         },
     )
+    refit_stages: bool = field(
+        default=False,
+        metadata={
+            "help": "With --stage-dtypes: run the refit through the quantized chain too (off: it measured worse "
+            "on SmolLM2, 31.70 vs 29.67 perplexity at 4.5 bits/w)."
+        },
+    )
     refit_samples: int = field(
         default=16,
         metadata={
