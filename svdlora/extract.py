@@ -176,6 +176,7 @@ def extract_adapter(
     method: str | None = None,
     calibration: Any = None,
     processor: Any = None,
+    statistics: dict | None = None,
     progress: bool = True,
     **options,
 ) -> Extraction:
@@ -196,6 +197,8 @@ def extract_adapter(
             takes it: a text file or dataset, ``"self"`` (text the tuned model generates), or a
             list of model-ready batches; None: no calibration (plain SVD).
         processor: the tokenizer that reads ``calibration`` (not needed for a list of batches).
+        statistics: ``collect_statistics(tuned, ...)`` output for ``calibration``, to reuse it
+            across several extractions (e.g. budgets) instead of running the data again.
         progress: show a progress bar.
     Returns:
         An ``Extraction``; write it with ``svdlora.integrations.peft_adapter.save_adapter``.
@@ -229,7 +232,7 @@ def extract_adapter(
     if method in CALIBRATED and lora_targets:
         # the tuned model's inputs: where base + adapter runs in place of the fine-tune
         plan_config = replace(config, method=method, allocation="uniform", refit=False, heal_steps=0)
-        plan = plan_calibration(tuned, lora_targets, plan_config, calibration, processor, progress)
+        plan = plan_calibration(tuned, lora_targets, plan_config, calibration, processor, progress, statistics)
     svd_options = {
         "method": config.svd_method,
         "oversampling": config.oversampling,

@@ -145,3 +145,21 @@ def test_cli_method_without_calibration_is_one_line_before_loading(lm_pair, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs calibration data" in err[0]
     assert not (lm_pair / "a").exists()
+
+
+def test_statistics_collected_once_give_the_same_adapter():
+    from svdlora.calibration import collect_statistics
+    from svdlora.config import CompressionConfig
+    from svdlora.targets import find_targets
+
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    tuned = fine_tune(base, delta_rank=16)
+    batches = _batches(count=2)
+    stats = collect_statistics(tuned, find_targets(tuned, CompressionConfig())[0], batches, False, False)
+    once = extract_adapter(base, tuned, budget=0.3, calibration=batches, statistics=stats, progress=False)
+    fresh = extract_adapter(base, tuned, budget=0.3, calibration=batches, progress=False)
+    assert all(
+        torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+        for a, b in zip(once.lora, fresh.lora, strict=True)
+    )

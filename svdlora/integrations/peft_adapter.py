@@ -169,6 +169,7 @@ def write_adapter(
     method: str | None = None,
     calibration=None,
     processor=None,
+    statistics=None,
     base_name: str | None = None,
     tuned_name: str | None = None,
     overwrite: bool = False,
@@ -185,7 +186,15 @@ def write_adapter(
     base_name = base_name or getattr(getattr(base, "config", None), "name_or_path", None) or None
     tuned_name = tuned_name or getattr(getattr(tuned, "config", None), "name_or_path", None) or None
     extraction = extract_adapter(
-        base, tuned, config, method=method, calibration=calibration, processor=processor, progress=progress, **options
+        base,
+        tuned,
+        config,
+        method=method,
+        calibration=calibration,
+        processor=processor,
+        statistics=statistics,
+        progress=progress,
+        **options,
     )
     with atomic_folder(output, overwrite) as tmp:
         save_adapter(extraction, tuned, tmp, base_name)
