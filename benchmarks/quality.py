@@ -10,8 +10,9 @@ the ratio to plain SVD is what a user would wait.
 Rows, at each budget: plain SVD uniform (the sources' method), whitened uniform (SVD-LLM's
 method), then our additions one by one (Fisher output weights, global allocation, refit to the
 compressed model's own inputs) and combined, and the data-free default (self-generated text).
-Healing rows (budget 0.5): distillation from the dense model for ``--heal-seconds``, and the LM
-loss on the calibration text with the dense model given the same fine-tune as its control.
+Healing rows (budget 0.5): the default row's model healed by distillation from the dense model for
+``--heal-seconds``, and by the LM loss on the calibration text, with the dense model given the
+same fine-tune as its control. A healed row's time is its compression plus its healing.
 
 Usage:
     python -m benchmarks.quality --wikitext /path/wikitext-2 [--budgets 0.8 0.6 0.5] [--heal-seconds 600]
@@ -42,13 +43,14 @@ from svdlora.targets import find_targets
 NAME = "quality"
 SMOLLM2 = Path.home() / ".cache" / "svdlora" / "SmolLM2-135M"
 # (row label, method, allocation, refit, calibration source)
+DEFAULT_ROW = "Fisher + global + refit (default)"
 ROWS = [
     ("plain SVD, uniform (sources)", "svd", "uniform", False, None),
     ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, "valid"),
     ("+ Fisher output weights", "fisher", "uniform", False, "valid"),
     ("+ global allocation", "fisher", "global", False, "valid"),
     ("whitened + refit", "whiten", "uniform", True, "valid"),
-    ("Fisher + global + refit (default)", "fisher", "global", True, "valid"),
+    (DEFAULT_ROW, "fisher", "global", True, "valid"),
     ("no data: self-generated text (default)", "fisher", "global", True, "self"),
 ]
 logger = logging.getLogger(__name__)
@@ -94,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=24, help="test windows of 512 tokens")
     p.add_argument("--heal-seconds", type=float, default=600, help="healing time limit (0: no healing rows)")
     p.add_argument("--heal-budget", type=float, default=0.5)
+    p.add_argument("--heal-losses", nargs="+", default=["distill", "lm"], choices=["distill", "lm"],
+                   help="healing rows to run; 'lm' also runs the dense control with the same fine-tune")  # fmt: skip
     p.add_argument("--rows", nargs="+", type=int, default=None, help="only these rows (indices into ROWS)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
@@ -136,27 +140,27 @@ def main(argv=None) -> int:
                 dense, tokenizer, budget, method, allocation, refit, sources.get(which), args
             )
             record(label, budget, perplexity(model, tokenizer, test, args.limit, args.device), seconds, report)
+            if label == DEFAULT_ROW and budget == args.heal_budget and args.heal_seconds:
+                heal_rows(model, report, seconds, dense, tokenizer, test, sources["valid"][0], args, record)
             del model
-        if budget == args.heal_budget and args.heal_seconds and "valid" in sources:
-            heal_rows(dense, tokenizer, test, sources["valid"], args, record)
     path = write_results(args.name, results)
     print(json.dumps(machine_info()), f"\nwrote {path}")
     return 0
 
 
-def heal_rows(dense, tokenizer, test, source, args, record) -> None:
-    """Healing at ``--heal-budget``: distillation, LM loss, and the dense model given the same LM fine-tune."""
-    batches = source[0]
+def heal_rows(model, report, seconds, dense, tokenizer, test, batches, args, record) -> None:
+    """Healing of the default row's model: distillation from the dense model, the LM loss, and the
+    dense model given the same LM fine-tune (its control); each for ``--heal-seconds``."""
     steps = 100_000  # the time limit decides
-    for loss in ("distill", "lm"):
-        model, report, seconds = compress_row(
-            dense, tokenizer, args.heal_budget, "fisher", "global", True, source, args,
-            heal_steps=steps, heal_seconds=args.heal_seconds, heal_loss=loss,
-        )  # fmt: skip
-        ppl = perplexity(model, tokenizer, test, args.limit, args.device)
-        record(f"default + healing ({loss}, {args.heal_seconds:.0f} s)", args.heal_budget, ppl, seconds, report,
-               heal=report.heal)  # fmt: skip
-        del model
+    copies = {loss: copy.deepcopy(model) for loss in args.heal_losses}
+    for loss, student in copies.items():
+        teacher = dense if loss == "distill" else None
+        healed = heal(student, batches, steps, teacher=teacher, loss=loss, seconds=args.heal_seconds)
+        ppl = perplexity(student, tokenizer, test, args.limit, args.device)
+        record(f"default + healing ({loss}, {args.heal_seconds:.0f} s)", args.heal_budget, ppl,
+               seconds + healed.seconds, report, heal=healed.to_dict())  # fmt: skip
+    if "lm" not in args.heal_losses:
+        return
     control = copy.deepcopy(dense)
     healed = heal(control, batches, steps, loss="lm", seconds=args.heal_seconds, parameters=list(control.parameters()))
     ppl = perplexity(control, tokenizer, test, args.limit, args.device)

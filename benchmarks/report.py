@@ -18,8 +18,9 @@ from benchmarks.common import DEFAULT_RESULTS
 SECTIONS = ("mnist_blog", "nnsvd", "vit_cifar", "translation", "language_models")
 # Sections whose script `benchmarks all` does not run (slow, or run by hand part by part): their
 # fragment is appended when it exists. ecosystem (issue 11) and speed (issue 10) were written by
-# hand from their scripts' outputs; precision (issue 9) by `benchmarks.precision --report`.
-EXTRA_SECTIONS = ("ecosystem", "speed", "precision")
+# hand from their scripts' outputs; precision (issue 9) by `benchmarks.precision --report`; quality
+# (issue 8) by `benchmarks.quality_report` from the results of benchmarks.quality / quality_models.
+EXTRA_SECTIONS = ("ecosystem", "speed", "precision", "quality")
 TITLES = {
     "mnist_blog": 'MNIST: "Compress a Neural Network with the SVD" (blog post)',
     "nnsvd": 'MNIST: "Neural Network Compression via Low-Rank Factorization" (NN-SVD)',
@@ -69,7 +70,8 @@ Machine: {machine}.
 - **A real LLM does not survive plain truncation.** SmolLM2-135M-Instruct, compressed at budget
   0.95 and at 0.5 (3 submatrices), answers a question with gibberish where the dense model
   answers "The capital of France is Paris." (greedy decoding; section 5 has the measured
-  perplexities and the generated text).
+  perplexities and the generated text). Calibration-aware compression, svdlora's default since
+  issue 8, is what makes it work: section 9 has every method side by side.
 """
 
 

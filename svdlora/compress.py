@@ -189,12 +189,12 @@ def _refit(model, originals, layers, ranks, plan: CalibrationPlan, config: Compr
     returns the names of the layers refitted."""
     refitted = []
     cross = collect_cross_statistics(model, originals, layers, plan.batches, progress)
+    roots: dict = {}  # S̃ per shared input: q/k/v (and gate/up) whiten once
     for name, (gram, product) in tqdm(cross.items(), desc="refitting", disable=not progress):
         weighting = plan.weighting(name)
         left = weighting.left if weighting is not None else None
-        stages = refit_factors(
-            weight_out_in(originals[name]), ranks[name], gram, product, left, **_chain_options(config)
-        )
+        weight = weight_out_in(originals[name])
+        stages = refit_factors(weight, ranks[name], gram, product, left, roots=roots, **_chain_options(config))
         if stages is not None:
             layers[name] = LowRankLinear.from_stages(originals[name], stages)
             model.set_submodule(name, layers[name])

@@ -1,0 +1,476 @@
+# ruff: noqa: E501, B023, F821  (kept as it ran on the GPU; the lambdas are called at once, inside their loop)
+"""GPU rows of issue 10, every figure with its anchor measured in the same run (BENCHMARKS.md section 7).
+
+    PYTHONPATH=$PWD python3 benchmarks/gpu_rows.py --work /tmp/g --out OUT [--deadline 400]
+    dry run on a CPU: ... --small --device cpu
+
+Run on an H200 on 2026-11-26 against the issue-10 code (commit 2691fda, since merged unchanged in
+these paths); its outputs are benchmarks/results/gpu/gpu_rows_run{1,2}.{json,log}.
+
+The committed benchmarks (benchmarks/speed.py, benchmarks/svd_speed.py) hard-code the CPU, so this
+script repeats their measurements with a device: models with random weights built from configs
+(SmolLM2-135M's, and a Llama-3.2-1B-shaped one), saved in bfloat16.
+Sections, in priority order, each skipped when the deadline is near; results are written to
+gpu_results.json after every section:
+  compress135  whole `svdlora compress` (fresh process) --device cuda at 0.5 and 0.8, and on the CPU at 0.5
+  load135      fresh processes: dense from_pretrained(device_map=dev) vs load_compressed factorized / merged,
+               time to the end of the first forward (16 tokens), CUDA context made before the clock starts;
+               CUDA peak / end memory, peak RSS
+  decode135    batch-1 greedy decode tok/s and prefill tok/s, bf16 and fp32, budgets 0.5 and 0.8
+  svd          CPU exact vs GPU exact vs GPU randomized (truncated_svd), and factorize(device=...) end to end
+  1b           compress on the GPU, load (+ merged peak memory), decode bf16 at 0.5, compress on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+T0 = time.time()
+RESULTS: dict = {}
+
+LOAD_CHILD = r"""
+import json, resource, sys, time, torch, transformers
+from svdlora import load_compressed
+kind, dense, compressed, dev, dtype, prewarm = sys.argv[1:7]
+dtype = getattr(torch, dtype)
+if prewarm == "1":  # constant costs out of the clock: the Llama modeling import, cuBLAS init, first kernels
+    import transformers.models.llama.modeling_llama
+    x = torch.randn(16, 64, device=dev, dtype=dtype)
+    torch.nn.functional.linear(x, torch.randn(32, 64, device=dev, dtype=dtype)) @ torch.randn(32, 8, device=dev, dtype=dtype)
+transformers.utils.logging.disable_progress_bar()
+cuda = dev.startswith("cuda")
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+if cuda:
+    torch.zeros(1, device=dev); sync(); torch.cuda.reset_peak_memory_stats()
+start = time.perf_counter()
+if kind == "dense":
+    model = transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, device_map=dev).eval()
+else:
+    model = load_compressed(compressed, device=dev, dtype=dtype, runtime=kind)
+sync()
+loaded = time.perf_counter() - start
+end_alloc = torch.cuda.memory_allocated() if cuda else None
+load_peak = torch.cuda.max_memory_allocated() if cuda else None
+with torch.no_grad():
+    model(torch.arange(1, 17, device=dev)[None])
+sync()
+total = time.perf_counter() - start
+print(json.dumps({"load_s": loaded, "total_s": total, "cuda_peak_during_load": load_peak,
+    "cuda_allocated_after_load": end_alloc, "cuda_peak_incl_forward": torch.cuda.max_memory_allocated() if cuda else None,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def left(args) -> float:
+    return args.deadline - (time.time() - T0)
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def save(args):
+    Path(args.out, "gpu_results.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+
+
+def sync(dev):
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(cmd, timeout):
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:5]} exit {proc.returncode}: {proc.stderr[-1500:]}")
+    return seconds, proc.stdout, proc.stderr
+
+
+def peak_mb(stderr):
+    found = re.findall(r"peak RSS ([\d,]+) MB", stderr)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def configs(args) -> dict:
+    base = json.loads((HERE / "smollm2-135m-config.json").read_text())
+    base.pop("_model_name_or_path", None)
+    base["dtype"] = "bfloat16"
+    big = {
+        **base,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+    }
+    if args.small:  # dry run: same architecture, tiny sizes
+        base.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, vocab_size=512)  # fmt: skip
+        big.update(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=24, vocab_size=640)  # fmt: skip
+    return {"135m": base, "1b": big}
+
+
+def build(name, cfg, work: Path, dev) -> Path:
+    import transformers
+
+    folder = work / f"{name}-dense"
+    if folder.exists():
+        return folder
+    config = transformers.LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()
+    log(f"built {name}: {n / 1e6:.1f} M parameters -> {folder}")
+    RESULTS.setdefault("models", {})[name] = {"parameters": n, "config": cfg, "bytes_on_disk": sum(
+        f.stat().st_size for f in folder.glob("*.safetensors"))}  # fmt: skip
+    return folder
+
+
+def compress(dense: Path, out: Path, budget, svd_device, timeout) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "svdlora", "compress", str(dense), "-o", str(out), "--budget", str(budget),
+           "--no-progress"]  # fmt: skip
+    if svd_device:
+        cmd += ["--device", svd_device]
+    seconds, _, err = run(cmd, timeout)
+    fallback = err.count("failed (")
+    return {"cmd": " ".join(cmd[1:]), "wall_s": seconds, "peak_rss_mb": peak_mb(err), "svd_fallbacks_logged": fallback}
+
+
+def section_compress135(args, work, dense):
+    rows = {}
+    order = [("gpu", 0.5, args.device), ("cpu", 0.5, None), ("gpu", 0.8, args.device)]
+    for where, budget, svd_dev in order:
+        out = work / f"135m-{budget}" if where == "gpu" else work / "135m-cpu-0.5"
+        rows[f"{where} budget {budget}"] = r = compress(dense, out, budget, svd_dev, timeout=max(20, left(args) - 60))
+        log("compress 135m", where, budget, f"{r['wall_s']:.1f}s", r["peak_rss_mb"], "MB")
+    rows["ratio gpu/cpu at 0.5"] = rows["gpu budget 0.5"]["wall_s"] / rows["cpu budget 0.5"]["wall_s"]
+    shutil.rmtree(work / "135m-cpu-0.5", ignore_errors=True)
+    return rows
+
+
+def section_load(args, dense, compressed, dtype, repeats, prewarm="0"):
+    kinds = ["dense", "factorized", "merged"]
+    rows = {k: [] for k in kinds}
+    for _ in range(repeats):
+        for kind in kinds:
+            _, out, _ = run([sys.executable, "-c", LOAD_CHILD, kind, str(dense), str(compressed), args.device, dtype, prewarm],
+                            timeout=max(30, left(args) - 30))  # fmt: skip
+            rows[kind].append(json.loads(out.strip().splitlines()[-1]))
+    anchor = statistics.median(r["total_s"] for r in rows["dense"])
+    dense_peak = rows["dense"][0]["cuda_peak_during_load"]
+    res = {"dtype": dtype, "device": args.device, "prewarm": prewarm, "repeats": repeats}
+    for kind, runs in rows.items():
+        med = statistics.median(r["total_s"] for r in runs)
+        peak = runs[0]["cuda_peak_during_load"]
+        res[kind] = {
+            "total_s_median": med,
+            "load_s_median": statistics.median(r["load_s"] for r in runs),
+            "ratio_to_dense": med / anchor,
+            "cuda_peak_during_load": peak,
+            "cuda_allocated_after_load": runs[0]["cuda_allocated_after_load"],
+            "peak_over_final": peak / runs[0]["cuda_allocated_after_load"] if peak else None,
+            "peak_ratio_to_dense_peak": peak / dense_peak if peak else None,
+            "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in runs),
+            "runs": runs,
+        }
+        log(
+            f"load {kind}: {med:.2f}s x{med / anchor:.2f}  cuda peak {peak} final {runs[0]['cuda_allocated_after_load']}"
+        )
+    return res
+
+
+def section_decode(args, dense, compressed: dict, dtypes, repeats, new_tokens, prefill_tokens):
+    import transformers
+
+    from svdlora import load_compressed
+    from svdlora.layers import LowRankLinear
+
+    dev = args.device
+    res = {}
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 89]], device=dev) % 500
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        dense_model = transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, device_map=dev).eval()
+        vocab = dense_model.config.vocab_size
+        long_prompt = torch.randint(1, vocab, (1, prefill_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+        for budget, folder in compressed.items():
+            models = {
+                "dense": dense_model,
+                "factorized": load_compressed(folder, device=dev, dtype=dtype, runtime="factorized"),
+                "merged": load_compressed(folder, device=dev, dtype=dtype, runtime="merged"),
+                "auto": load_compressed(folder, device=dev, dtype=dtype, runtime="auto"),
+            }
+            kept = sum(isinstance(m, LowRankLinear) for m in models["auto"].modules())
+            total = sum(isinstance(m, LowRankLinear) for m in models["factorized"].modules())
+            rates = {k: [] for k in models}
+            prefill = {k: [] for k in models}
+            with torch.no_grad():
+                for model in models.values():  # warm-up: kernels, cuBLAS handles, caches
+                    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+                    model(long_prompt)
+                for _ in range(repeats):
+                    for name, model in models.items():
+                        sync(dev)
+                        start = time.perf_counter()
+                        for _ in range(args.prefill_inner):
+                            model(long_prompt)
+                        sync(dev)
+                        prefill[name].append(prefill_tokens * args.prefill_inner / (time.perf_counter() - start))
+                        start = time.perf_counter()
+                        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                       pad_token_id=0)  # fmt: skip
+                        sync(dev)
+                        rates[name].append(new_tokens / (time.perf_counter() - start))
+            d, dp = statistics.median(rates["dense"]), statistics.median(prefill["dense"])
+            rows = {
+                k: {
+                    "decode_tok_s": statistics.median(v),
+                    "decode_ratio_to_dense": statistics.median(v) / d,
+                    "prefill_tok_s": statistics.median(prefill[k]),
+                    "prefill_ratio_to_dense": statistics.median(prefill[k]) / dp,
+                    "decode_all": v,
+                    "prefill_all": prefill[k],
+                }
+                for k, v in rates.items()
+            }
+            rows["auto"]["layers_kept_factorized"] = f"{kept}/{total}"
+            res[f"{dtype_name} budget {budget}"] = rows
+            log(f"decode {dtype_name} {budget}: " + ", ".join(
+                f"{k} {r['decode_tok_s']:.0f} tok/s x{r['decode_ratio_to_dense']:.2f} prefill x{r['prefill_ratio_to_dense']:.2f}"
+                for k, r in rows.items()) + f"; auto kept {kept}/{total}")  # fmt: skip
+            for k in ("factorized", "merged", "auto"):
+                del models[k]
+            del models
+            if dev.startswith("cuda"):
+                torch.cuda.empty_cache()
+        del dense_model
+    res["settings"] = {"new_tokens": new_tokens, "prefill_tokens": prefill_tokens, "prefill_inner": args.prefill_inner,
+                       "repeats": repeats, "prompt_tokens": prompt.shape[1]}  # fmt: skip
+    return res
+
+
+def section_svd(args):
+    from svdlora.decompose import choose_method, factorize, rank_for_budget, relative_error, truncated_svd
+
+    dev = args.device
+    shapes = [(768, 3072), (2048, 8192), (4096, 4096)] if not args.small else [(48, 192), (128, 512), (256, 256)]
+    warnings = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    logging.getLogger("svdlora").addHandler(Catch(level=logging.WARNING))
+
+    def timed(fn, where):
+        sync(where)
+        start = time.perf_counter()
+        out = fn()
+        sync(where)
+        return time.perf_counter() - start, out
+
+    truncated_svd(torch.randn(300, 200, device=dev), 50, method="exact")  # solver warm-up
+    truncated_svd(torch.randn(300, 200, device=dev), 20, method="randomized", generator_seed=0)
+    rows = []
+    for m, n in shapes:
+        if left(args) < args.svd_reserve:
+            rows.append({"shape": [m, n], "skipped": "deadline"})
+            continue
+        torch.manual_seed(0)
+        w = torch.randn(m, n)
+        k = rank_for_budget(m, n, 0.5)
+        wg = w.to(dev)
+        t_cpu, (a, b) = timed(lambda: truncated_svd(w, k, method="exact"), "cpu")
+        err_cpu = relative_error(w, (a, b))
+        t_ex = []
+        for _ in range(args.svd_repeats):
+            t, (a, b) = timed(lambda: truncated_svd(wg, k, method="exact"), dev)
+            t_ex.append(t)
+        err_ex = relative_error(wg, (a, b))
+        t_rd = []
+        for _ in range(args.svd_repeats):
+            t, (a, b) = timed(lambda: truncated_svd(wg, k, method="randomized", generator_seed=0), dev)
+            t_rd.append(t)
+        err_rd = relative_error(wg, (a, b))
+        # end to end as `compress` runs it: CPU weight in, factors back on the CPU, errors computed
+        t_fac_cpu, f_cpu = timed(lambda: factorize(w, [k], method="exact"), "cpu")
+        t_fac_gpu, f_gpu = timed(lambda: factorize(w, [k], method="exact", device=dev), dev)
+        t_fac_auto, f_auto = timed(lambda: factorize(w, [k], method="auto", device=dev), dev)
+        ex, rd = min(t_ex), min(t_rd)
+        row = {
+            "shape": [m, n],
+            "rank": k,
+            "auto_picks": choose_method((m, n), k),
+            "seconds": {
+                "cpu_exact": t_cpu,
+                "gpu_exact_min": ex,
+                "gpu_exact_all": t_ex,
+                "gpu_randomized_min": rd,
+                "gpu_randomized_all": t_rd,
+                "factorize_cpu_exact": t_fac_cpu,
+                "factorize_gpu_exact": t_fac_gpu,
+                "factorize_gpu_auto": t_fac_auto,
+            },  # fmt: skip
+            "rel_error": {
+                "cpu_exact": err_cpu,
+                "gpu_exact": err_ex,
+                "gpu_randomized": err_rd,
+                "factorize_cpu_exact": f_cpu.rel_error,
+                "factorize_gpu_exact": f_gpu.rel_error,
+                "factorize_gpu_auto": f_auto.rel_error,
+                "factorize_gpu_auto_method": f_auto.method,
+            },  # fmt: skip
+            "speedup_gpu_exact_vs_cpu_exact": t_cpu / ex,
+            "speedup_gpu_randomized_vs_cpu_exact": t_cpu / rd,
+            "speedup_gpu_randomized_vs_gpu_exact": ex / rd,
+            "error_increase_randomized": err_rd / err_ex - 1,
+            "speedup_factorize_gpu_exact_vs_cpu": t_fac_cpu / t_fac_gpu,
+            "speedup_factorize_gpu_auto_vs_cpu_exact": t_fac_cpu / t_fac_auto,
+        }
+        rows.append(row)
+        log(f"svd {m}x{n} r{k}: cpu {t_cpu:.3f}s gpu exact {ex:.3f}s (x{t_cpu / ex:.1f}) gpu rand {rd:.3f}s "
+            f"(x{ex / rd:.1f} vs gpu exact, err {err_rd / err_ex - 1:+.1%}); factorize cpu {t_fac_cpu:.2f}s "
+            f"gpu {t_fac_gpu:.2f}s auto {t_fac_auto:.2f}s")  # fmt: skip
+        del wg
+    return {"rows": rows, "svdlora_warnings": warnings, "cpu_threads": torch.get_num_threads(),
+            "linalg_library": torch.backends.cuda.preferred_linalg_library().name if dev.startswith("cuda") else None}  # fmt: skip
+
+
+def section_1b(args, work, cfg):
+    res = RESULTS.setdefault("1b", {})
+    dense = build("1b", cfg, work, args.device)
+    out = work / "1b-0.5"
+    res["compress_gpu"] = compress(dense, out, 0.5, args.device, timeout=max(30, left(args) - 60))
+    log(f"compress 1b gpu {res['compress_gpu']['wall_s']:.1f}s")
+    save(args)
+    if left(args) > 60 and args.load_1b:
+        res["load"] = section_load(args, dense, out, "bfloat16", args.load_repeats_1b)
+        save(args)
+    if left(args) > 45:
+        res["decode"] = section_decode(args, dense, {0.5: out}, ["bfloat16"], 2, args.new_tokens, args.prefill_tokens)
+        save(args)
+    room = left(args) - 15
+    if room > 30:
+        try:
+            res["compress_cpu"] = compress(dense, work / "1b-cpu", 0.5, None, timeout=room)
+            res["compress_ratio_gpu_to_cpu"] = res["compress_gpu"]["wall_s"] / res["compress_cpu"]["wall_s"]
+        except subprocess.TimeoutExpired:
+            res["compress_cpu"] = {"did_not_finish_within_s": room}
+        log("compress 1b cpu", res["compress_cpu"])
+    else:
+        res["compress_cpu"] = {"skipped": f"only {left(args):.0f}s left"}
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--deadline", type=float, default=400)
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--load-repeats", type=int, default=3)
+    p.add_argument("--load-repeats-1b", type=int, default=2)
+    p.add_argument("--decode-repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--prefill-inner", type=int, default=5)
+    p.add_argument("--svd-repeats", type=int, default=2)
+    p.add_argument("--svd-reserve", type=float, default=150, help="seconds to keep for the 1B section")
+    p.add_argument("--no-1b-load", dest="load_1b", action="store_false")
+    p.add_argument("--sections", default="compress135,load135,decode135,svd,1b")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    import accelerate
+    import safetensors
+    import transformers
+
+    import svdlora
+
+    RESULTS["env"] = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "capability": torch.cuda.get_device_capability() if args.device.startswith("cuda") else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "svdlora_file": svdlora.__file__,
+        "svdlora_commit": (HERE / "COMMIT").read_text().strip() if (HERE / "COMMIT").exists() else None,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "small": args.small,
+        "argv": sys.argv,
+    }
+    log(RESULTS["env"])
+    save(args)
+    cfgs = configs(args)
+    sections = args.sections.split(",")
+    dense135 = None
+    for section in sections:
+        if left(args) < 20:
+            RESULTS[section] = {"skipped": "deadline"}
+            continue
+        log("==", section, f"{left(args):.0f}s left")
+        try:
+            if section == "compress135":
+                dense135 = build("135m", cfgs["135m"], work, args.device)
+                RESULTS[section] = section_compress135(args, work, dense135)
+            elif section == "load135warm":
+                dense135 = build("135m", cfgs["135m"], work, args.device)
+                if not (work / "135m-0.5").exists():
+                    RESULTS["compress135_for_load"] = compress(dense135, work / "135m-0.5", 0.5, args.device, 120)
+                RESULTS[section] = section_load(args, dense135, work / "135m-0.5", "bfloat16", args.load_repeats, "1")
+            elif section == "load135":
+                RESULTS[section] = section_load(args, dense135, work / "135m-0.5", "bfloat16", args.load_repeats)
+            elif section == "decode135":
+                comp = {0.5: work / "135m-0.5", 0.8: work / "135m-0.8"}
+                RESULTS[section] = section_decode(args, dense135, comp, ["bfloat16", "float32"], args.decode_repeats,
+                                                  args.new_tokens, args.prefill_tokens)  # fmt: skip
+            elif section == "svd":
+                RESULTS[section] = section_svd(args)
+            elif section == "1b":
+                RESULTS[section] = section_1b(args, work, cfgs["1b"])
+        except Exception as err:  # keep going: later sections are independent
+            RESULTS[section] = {**RESULTS.get(section, {}), "error": repr(err), "traceback": traceback.format_exc()}
+            log("FAILED", section, repr(err))
+        save(args)
+    RESULTS["elapsed_s"] = time.time() - T0
+    save(args)
+    log("done", f"{RESULTS['elapsed_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
