@@ -19,7 +19,10 @@ AUTO, NONE, SELF = "auto", "none", "self"
 def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> None:
     """The calibration flags; ``compress=False`` (extract) keeps the data and method flags only, with
     calibration off by default (the other flags shape compression: allocation, refit, healing)."""
-    g = p.add_argument_group("calibration (what makes the compressed model still work)")
+    title = (
+        "what makes the compressed model still work" if compress else "the inputs the adapter's error is measured on"
+    )
+    g = p.add_argument_group(f"calibration ({title})")
     default_help = (
         "Default 'auto': 'self' for causal LMs, 'none' for other models"
         if compress
