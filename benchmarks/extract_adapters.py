@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import sys
 import tempfile
 import time
@@ -36,7 +37,10 @@ import svdlora
 from svdlora.calibration import collect_statistics
 from svdlora.calibration_data import calibration_batches
 from svdlora.config import CompressionConfig
+from svdlora.decompose import relative_error
 from svdlora.integrations.peft_adapter import ADAPTER_WEIGHTS, write_adapter
+from svdlora.layers import weight_out_in
+from svdlora.methods import Weighting
 from svdlora.targets import find_targets
 
 from .common import write_results
@@ -124,12 +128,25 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(budget, rows[f"whole@{budget}"], flush=True)
         del model
-    command = "OMP_NUM_THREADS=1 python -m benchmarks.extract_adapters " + " ".join(argv or sys.argv[1:])
+    command = "OMP_NUM_THREADS=1 python -m benchmarks.extract_adapters " + shlex.join(argv or sys.argv[1:])
     data = {"command": command, "settings": {**settings, "submatrices": args.submatrices}, "rows": rows,
             "tuned_model_bytes": dense_bytes, "calibration": calibration}  # fmt: skip
     path = write_results(args.name, data)
     print(f"wrote {path}")
     return rows
+
+
+def output_errors(base, tuned, extraction, stats) -> list[float]:
+    """‖(ΔW − BA)·S‖ / ‖ΔW·S‖ per module, S the whitening of the tuned model's layer inputs."""
+    cache: dict[int, Weighting] = {}
+    errors = []
+    for m in extraction.lora:
+        gram = stats[m.name].gram
+        weighting = cache.setdefault(id(gram), Weighting.from_stats(stats[m.name], use_gradients=False))
+        delta = weight_out_in(tuned.get_submodule(m.name)).double() - weight_out_in(base.get_submodule(m.name)).double()
+        approx = m.lora_B.double() @ m.lora_A.double()
+        errors.append(relative_error(weighting.whiten(delta), weighting.whiten(approx)))
+    return errors
 
 
 def adapter_row(base, tuned, folder, budget, method, args, batches, stats, ppl, peft) -> dict:
@@ -143,6 +160,8 @@ def adapter_row(base, tuned, folder, budget, method, args, batches, stats, ppl, 
     model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
     errors = [m.rel_error for m in extraction.lora]
     weighted = [m.weighted_error for m in extraction.lora if m.weighted_error is not None]
+    if method == "svd" and stats:  # the plain factors measured in the calibrated metric, for comparison
+        weighted = output_errors(base, tuned, extraction, stats)
     return {
         "budget": budget,
         "perplexity": ppl(model),

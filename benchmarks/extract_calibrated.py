@@ -100,12 +100,18 @@ def paragraph(results: dict | None, plain: dict | None) -> str:
         for k, r in rows.items()
         if k.startswith("adapter-whiten@") and r.get("output_rel_error_mean") is not None
     ]
+    plain_errors = [
+        f"{r['budget']}: {r['output_rel_error_mean']:.3f}"
+        for k, r in rows.items()
+        if k.startswith("adapter@") and r.get("output_rel_error_mean") is not None
+    ]
+    versus = f" (plain SVD factors in the same metric: {', '.join(plain_errors)})" if plain_errors else ""
     seconds = [f"{r['extract_seconds']:.0f}" for k, r in rows.items() if k.startswith("adapter-whiten@")]
     return (
         f"{how} Command: `{results['command']}` (results: `benchmarks/results/extract_adapters_calibrated.json`); "
         f"{cal['windows']} windows, {cal['tokens']:,} calibration tokens, statistics collected once in "
         f"{cal['seconds']:.0f} s and reused for every budget; extraction {' / '.join(seconds)} s per budget. "
-        f"Mean relative output error of the delta on the calibration inputs, per budget: {', '.join(errors)}. "
+        f"Mean relative output error of the delta on the calibration inputs, per budget: {', '.join(errors)}{versus}. "
         f"Base and tuned perplexity {'reproduce' if same else 'DO NOT reproduce'} the plain run's exactly. "
         f"Machine: {machine['platform']}, {machine['cpu_count']} shared CPUs, torch {machine['torch']} "
         f"({machine['torch_threads']} thread), {machine['device']}; date {machine['date']}."
