@@ -32,7 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import svdlora
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import DEFAULT_CACHE, machine_info, write_results
 from benchmarks.data import DEFAULT_DATA
 from svdlora.calibration import collect_statistics
 from svdlora.calibration_data import SELF, calibration_batches
@@ -65,14 +65,34 @@ def perplexity(model, tokenizer, test: Path, limit: int, device: str) -> float:
 
 
 def calibration_source(model, tokenizer, which: str, args) -> tuple[list[dict], dict, float]:
-    """Batches and their statistics (collected once on the dense model), with the seconds they took."""
+    """Batches and their statistics (collected once on the dense model), with the seconds they took.
+
+    Cached in ``--cache-dir`` so that a run resumed with other ``--budgets`` / ``--rows`` reuses them
+    (the cached collection time is reported, not the load time).
+    """
+    cache = args.cache_dir / f"stats-{which}-{args.samples}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=False)  # written by this script
     start = time.perf_counter()
     data = SELF if which == "self" else args.wikitext / "wikitext-2.valid.txt"
     length = 256 if which == "self" else 512
     batches = calibration_batches(model, data, tokenizer, args.samples, length, progress=True)
     targets, _ = find_targets(model, CompressionConfig())
     stats = collect_statistics(model, targets, batches, gradients=True, progress=True)
-    return batches, stats, time.perf_counter() - start
+    source = (batches, stats, time.perf_counter() - start)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(source, cache)
+    return source
+
+
+def dense_perplexity(dense, tokenizer, test: Path, args) -> float:
+    cache = args.cache_dir / f"dense-{args.limit}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["perplexity"]
+    ppl = perplexity(dense, tokenizer, test, args.limit, args.device)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"perplexity": ppl}))
+    return ppl
 
 
 def compress_row(dense, tokenizer, budget, method, allocation, refit, source, args, **extra):
@@ -102,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--name", default=NAME, help="results file name (benchmarks/results/NAME.json)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE / "quality", help="statistics cache")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.limit, args.budgets, args.heal_seconds, args.heal_budget = 8, 4, [0.8], 30, 0.8
@@ -112,15 +133,19 @@ def main(argv=None) -> int:
     test = args.wikitext / "wikitext-2.test.txt"
     results = {"protocol": vars(args) | {"model": str(args.model), "wikitext": str(args.wikitext)}, "rows": []}
     results["protocol"] = {k: str(v) if isinstance(v, Path) else v for k, v in results["protocol"].items()}
-    dense_ppl = perplexity(dense, tokenizer, test, args.limit, args.device)
+    dense_ppl = dense_perplexity(dense, tokenizer, test, args)
     results["dense_perplexity"] = dense_ppl
     print(f"dense perplexity {dense_ppl:.2f}", flush=True)
-    rows = [ROWS[i] for i in args.rows] if args.rows is not None else ROWS
+    rows = [ROWS[i] for i in args.rows] if args.rows is not None else ROWS  # in the order given
     sources = {}
-    for which in sorted({r[4] for r in rows if r[4]}):
-        sources[which] = calibration_source(dense, tokenizer, which, args)
-        print(f"statistics from {which}: {sources[which][2]:.1f} s", flush=True)
-    results["stats_seconds"] = {k: v[2] for k, v in sources.items()}
+    results["stats_seconds"] = {}
+
+    def source(which):  # collected on first use, so the rows given first run first
+        if which and which not in sources:
+            sources[which] = calibration_source(dense, tokenizer, which, args)
+            results["stats_seconds"][which] = sources[which][2]
+            print(f"statistics from {which}: {sources[which][2]:.1f} s", flush=True)
+        return sources.get(which)
 
     def record(label, budget, ppl, seconds, report=None, **more):
         row = {"setting": label, "budget": budget, "perplexity": ppl, "x_dense": ppl / dense_ppl, "seconds": seconds}
@@ -137,7 +162,7 @@ def main(argv=None) -> int:
     for budget in args.budgets:
         for label, method, allocation, refit, which in rows:
             model, report, seconds = compress_row(
-                dense, tokenizer, budget, method, allocation, refit, sources.get(which), args
+                dense, tokenizer, budget, method, allocation, refit, source(which), args
             )
             record(label, budget, perplexity(model, tokenizer, test, args.limit, args.device), seconds, report)
             if label == DEFAULT_ROW and budget == args.heal_budget and args.heal_seconds:

@@ -188,7 +188,8 @@ def _refit(model, originals, layers, ranks, plan: CalibrationPlan, config: Compr
     """Refit every factorized layer to the inputs the compressed model feeds it (see ``refit``);
     returns the names of the layers refitted."""
     refitted = []
-    cross = collect_cross_statistics(model, originals, layers, plan.batches, progress)
+    step = max(1, -(-len(plan.batches) // config.refit_samples))  # ceil: at most refit_samples, spread evenly
+    cross = collect_cross_statistics(model, originals, layers, plan.batches[::step], progress)
     roots: dict = {}  # S̃ per shared input: q/k/v (and gate/up) whiten once
     for name, (gram, product) in tqdm(cross.items(), desc="refitting", disable=not progress):
         weighting = plan.weighting(name)

@@ -89,6 +89,13 @@ class CompressionConfig:
             "the inputs the compressed model feeds it (one more calibration pass, no gradients)."
         },
     )
+    refit_samples: int = field(
+        default=16,
+        metadata={
+            "help": "Calibration samples the refit pass uses (spread over all of them): its statistics cost two "
+            "Gram products per layer input, so it reads fewer samples than the first pass."
+        },
+    )
     heal_steps: int = field(
         default=0, metadata={"help": "Fine-tuning steps of the factors after compression (0: no healing)."}
     )
@@ -133,7 +140,7 @@ class CompressionConfig:
         for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("heal_loss", HEAL_LOSSES)):
             if getattr(self, name) not in allowed:
                 raise SvdloraError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("calibration_samples", "calibration_length"):
+        for name in ("calibration_samples", "calibration_length", "refit_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise SvdloraError(f"{name} must be an integer >= 1, got {value!r}")

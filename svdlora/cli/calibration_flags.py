@@ -74,6 +74,13 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
         help="skip the refit pass that fits each layer to the inputs the compressed model feeds it",
     )
     g.add_argument(
+        "--refit-samples",
+        type=options.positive_int("refit-samples"),
+        default=16,
+        help="calibration samples the refit pass reads, spread over all of them (default 16: its statistics "
+        "cost twice the first pass's per sample)",
+    )
+    g.add_argument(
         "--heal-steps",
         type=options.non_negative_int("heal-steps"),
         default=0,
@@ -91,7 +98,7 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
 
 def calibration_options(args: argparse.Namespace) -> dict:
     """The ``CompressionConfig`` fields of the calibration flags the command has."""
-    names = ("method", "allocation", "calibration_samples", "calibration_length", "refit",
+    names = ("method", "allocation", "calibration_samples", "calibration_length", "refit", "refit_samples",
              "heal_steps", "heal_seconds", "heal_loss", "heal_lr")  # fmt: skip
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
