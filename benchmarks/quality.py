@@ -194,8 +194,9 @@ def heal_rows(model, report, seconds, dense, tokenizer, test, batches, args, rec
         teacher = dense if loss == "distill" else None
         healed = heal(student, batches, steps, teacher=teacher, loss=loss, seconds=args.heal_seconds)
         ppl = perplexity(student, tokenizer, test, args.limit, args.device)
-        record(f"default + healing ({loss}, {args.heal_seconds:.0f} s)", args.heal_budget, ppl,
-               seconds + healed.seconds, report, heal=healed.to_dict(), answer=answer(student, tokenizer, PROMPT))  # fmt: skip
+        label = f"default + healing ({loss}, {args.heal_seconds:.0f} s)"
+        said = answer(student, tokenizer, PROMPT)
+        record(label, args.heal_budget, ppl, seconds + healed.seconds, report, heal=healed.to_dict(), answer=said)
     if "lm" not in args.heal_losses:
         return
     control = copy.deepcopy(dense)
