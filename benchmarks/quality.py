@@ -44,15 +44,15 @@ NAME = "quality"
 PROMPT = "What is the capital of France?"  # the README demo's question
 SMOLLM2 = Path.home() / ".cache" / "svdlora" / "SmolLM2-135M"
 # (row label, method, allocation, refit, calibration source)
-DEFAULT_ROW = "Fisher + global + refit (default)"
+DEFAULT_ROW = "+ global allocation"  # Fisher + global, svdlora's default with calibration data
 ROWS = [
     ("plain SVD, uniform (sources)", "svd", "uniform", False, None),
     ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, "valid"),
     ("+ Fisher output weights", "fisher", "uniform", False, "valid"),
-    ("+ global allocation", "fisher", "global", False, "valid"),
+    (DEFAULT_ROW, "fisher", "global", False, "valid"),
     ("whitened + refit", "whiten", "uniform", True, "valid"),
-    (DEFAULT_ROW, "fisher", "global", True, "valid"),
-    ("no data: self-generated text (default)", "fisher", "global", True, "self"),
+    ("Fisher + global + refit (16 samples)", "fisher", "global", True, "valid"),
+    ("no data: self-generated text, Fisher + global (default)", "fisher", "global", False, "self"),
 ]
 logger = logging.getLogger(__name__)
 

@@ -68,10 +68,10 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
         "with calibration and a budget, else uniform",
     )
     g.add_argument(
-        "--no-refit",
-        dest="refit",
-        action="store_false",
-        help="skip the refit pass that fits each layer to the inputs the compressed model feeds it",
+        "--refit",
+        action="store_true",
+        help="also refit each layer to the inputs the compressed model feeds it (experimental: measured worse "
+        "than without on SmolLM2 at budget 0.8, see BENCHMARKS.md)",
     )
     g.add_argument(
         "--refit-samples",
