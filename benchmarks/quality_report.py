@@ -75,7 +75,8 @@ def smollm2(data: dict) -> list[str]:
     if answers:
         out += ["", "Greedy answer to the README demo's question \"What is the capital of France?\" "
                 "(the dense model: "
-                "\"The capital of France is Paris.\"):", "", "| setting | budget | answer |", "| --- | --- | --- |"]  # fmt: skip
+                "\"The capital of France is Paris.\"):", "",
+                "| setting | budget | answer |", "| --- | --- | --- |"]  # fmt: skip
         out += [f"| {r['setting']} | {r['budget']} | {r['answer']!r} |" for r in answers]
     heal = [r for r in rows if "healing" in r["setting"] or "control" in r["setting"]]
     if heal:
@@ -168,7 +169,8 @@ def other_models(data: dict) -> list[str]:
             reached = drop_ours <= drop_plain / 2
             out += ["", f"Target (budget 0.8, drop in {first} at most half of plain SVD's): "
                     f"plain SVD drops "
-                    f"{drop_plain:+.4g}, {ours['setting']} {drop_ours:+.4g}: **{'reached' if reached else 'missed'}**."]  # fmt: skip
+                    f"{drop_plain:+.4g}, {ours['setting']} {drop_ours:+.4g}: "
+                    f"**{'reached' if reached else 'missed'}**."]  # fmt: skip
         out.append(f"\nCommand: `{data.get('command', 'python -m benchmarks.quality_models')}`.")
     return out
 
