@@ -41,17 +41,18 @@ from svdlora.heal import heal
 from svdlora.targets import find_targets
 
 NAME = "quality"
+PROMPT = "What is the capital of France?"  # the README demo's question
 SMOLLM2 = Path.home() / ".cache" / "svdlora" / "SmolLM2-135M"
 # (row label, method, allocation, refit, calibration source)
-DEFAULT_ROW = "Fisher + global + refit (default)"
+DEFAULT_ROW = "+ global allocation"  # Fisher + global, svdlora's default with calibration data
 ROWS = [
     ("plain SVD, uniform (sources)", "svd", "uniform", False, None),
     ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, "valid"),
     ("+ Fisher output weights", "fisher", "uniform", False, "valid"),
-    ("+ global allocation", "fisher", "global", False, "valid"),
+    (DEFAULT_ROW, "fisher", "global", False, "valid"),
     ("whitened + refit", "whiten", "uniform", True, "valid"),
-    (DEFAULT_ROW, "fisher", "global", True, "valid"),
-    ("no data: self-generated text (default)", "fisher", "global", True, "self"),
+    ("Fisher + global + refit (16 samples)", "fisher", "global", True, "valid"),
+    ("no data: self-generated text, Fisher + global (default)", "fisher", "global", False, "self"),
 ]
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,16 @@ def perplexity(model, tokenizer, test: Path, limit: int, device: str) -> float:
         device=device, progress=False,
     )  # fmt: skip
     return result["model"]["metrics"]["perplexity"]
+
+
+def answer(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:
+    """The greedy answer to ``prompt`` through the chat template (as examples/generate.py asks)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    inputs = tokenizer(text, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def calibration_source(model, tokenizer, which: str, args) -> tuple[list[dict], dict, float]:
@@ -164,7 +175,8 @@ def main(argv=None) -> int:
             model, report, seconds = compress_row(
                 dense, tokenizer, budget, method, allocation, refit, source(which), args
             )
-            record(label, budget, perplexity(model, tokenizer, test, args.limit, args.device), seconds, report)
+            ppl = perplexity(model, tokenizer, test, args.limit, args.device)
+            record(label, budget, ppl, seconds, report, answer=answer(model, tokenizer, PROMPT))
             if label == DEFAULT_ROW and budget == args.heal_budget and args.heal_seconds:
                 heal_rows(model, report, seconds, dense, tokenizer, test, sources["valid"][0], args, record)
             del model
@@ -182,8 +194,9 @@ def heal_rows(model, report, seconds, dense, tokenizer, test, batches, args, rec
         teacher = dense if loss == "distill" else None
         healed = heal(student, batches, steps, teacher=teacher, loss=loss, seconds=args.heal_seconds)
         ppl = perplexity(student, tokenizer, test, args.limit, args.device)
-        record(f"default + healing ({loss}, {args.heal_seconds:.0f} s)", args.heal_budget, ppl,
-               seconds + healed.seconds, report, heal=healed.to_dict())  # fmt: skip
+        label = f"default + healing ({loss}, {args.heal_seconds:.0f} s)"
+        said = answer(student, tokenizer, PROMPT)
+        record(label, args.heal_budget, ppl, seconds + healed.seconds, report, heal=healed.to_dict(), answer=said)
     if "lm" not in args.heal_losses:
         return
     control = copy.deepcopy(dense)

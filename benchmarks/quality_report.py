@@ -14,8 +14,10 @@ from pathlib import Path
 from benchmarks.common import DEFAULT_RESULTS
 
 PLAIN = "plain SVD, uniform (sources)"
-DEFAULT = "Fisher + global + refit (default)"
-SELF = "no data: self-generated text (default)"
+DEFAULT = "+ global allocation"  # Fisher + global: the default with calibration data
+SELF = "no data: self-generated text, Fisher + global (default)"
+# a row measured while refit was still the default kept that label in its JSON
+RENAMES = {"Fisher + global + refit (default)": "Fisher + global + refit (16 samples)"}
 
 
 def _load(results: Path, name: str) -> dict | None:
@@ -30,22 +32,30 @@ def _ppl(row: dict) -> str:
 
 def smollm2(data: dict) -> list[str]:
     rows = data["rows"]
+    for r in rows:
+        r["setting"] = RENAMES.get(r["setting"], r["setting"])
     budgets = sorted({r["budget"] for r in rows if r["budget"] < 1 and "healing" not in r["setting"]}, reverse=True)
-    settings = [r["setting"] for r in rows if r["budget"] == budgets[0]]
+    settings = list(dict.fromkeys(r["setting"] for r in rows if "healing" not in r["setting"] and r["budget"] < 1))
     plain_time = {r["budget"]: r["seconds"] for r in rows if r["setting"] == PLAIN}
     m = data["machine"]
     p = data["protocol"]
+    threads = sorted({m["torch_threads"], *data.get("threads", ())})
+    stats = {k: [v, *data.get("stats_runs", {}).get(k, [])] for k, v in data["stats_seconds"].items()}
+    for k, v in data.get("stats_runs", {}).items():
+        stats.setdefault(k, v)
     out = [
         f"SmolLM2-135M, WikiText-2 test, first {p['limit']} windows of 512 tokens, float32; dense perplexity "
         f"**{data['dense_perplexity']:.2f}**. Calibration: {p['samples']} windows of 512 tokens of WikiText-2 "
         f"*valid* (never the test text), or {p['samples']} samples of 256 tokens the model wrote itself from its "
         f"BOS token (no data). Measured {m['date']} on {m['platform']} ({m['cpu_count']} cores shared with other "
-        f"jobs, torch {m['torch']}, {m['torch_threads']} threads). Command: `python -m benchmarks.quality` "
-        "(then `python -m benchmarks.quality_report`).",
+        f"jobs, torch {m['torch']}, {'/'.join(map(str, threads))} threads per run). Command: "
+        "`python -m benchmarks.quality` in parts (`--budgets`, `--rows`, `--name quality-PART`, statistics cached "
+        "between parts), then `python -m benchmarks.quality_report`; every part's JSON is in benchmarks/results.",
         "",
-        "Perplexity (× dense), and the compression time relative to plain SVD (statistics collection "
-        f"included: {', '.join(f'{k} {v:.0f} s' for k, v in data['stats_seconds'].items())}, shared by the rows "
-        "that use them; each row's time counts the whole collection):",
+        "Perplexity (× dense), and the compression time relative to plain SVD. A calibrated row's time counts "
+        "the whole statistics collection it used, which took "
+        + ", ".join(f"{k} {min(v):.0f}–{max(v):.0f} s" for k, v in stats.items())
+        + " depending on how busy the shared machine was: the time ratios are rough.",
         "",
         "| setting | " + " | ".join(f"budget {b}" for b in budgets) + " | time vs plain SVD |",
         "| --- | " + " | ".join("---" for _ in budgets) + " | --- |",
@@ -61,6 +71,13 @@ def smollm2(data: dict) -> list[str]:
         span = (low if low == high else f"{low}–{high}") + "×" if times and setting != PLAIN else "1× (" + ", ".join(
             f"{plain_time[b]:.0f} s" for b in budgets if b in plain_time) + ")"  # fmt: skip
         out.append(f"| {setting} | " + " | ".join(cells) + f" | {span} |")
+    answers = [r for r in rows if r.get("answer") is not None]
+    if answers:
+        out += ["", "Greedy answer to the README demo's question \"What is the capital of France?\" "
+                "(the dense model: "
+                "\"The capital of France is Paris.\"):", "",
+                "| setting | budget | answer |", "| --- | --- | --- |"]  # fmt: skip
+        out += [f"| {r['setting']} | {r['budget']} | {r['answer']!r} |" for r in answers]
     heal = [r for r in rows if "healing" in r["setting"] or "control" in r["setting"]]
     if heal:
         out += ["", "Healing (fine-tuning the factors only, on the calibration windows, time-limited, same CPU):", ""]
@@ -132,6 +149,10 @@ def other_models(data: dict) -> list[str]:
             "| setting | " + " | ".join(f"budget {b}" for b in budgets) + " |",
             "| --- | " + " | ".join("---" for _ in budgets) + " |",
         ]
+        for r in entry["rows"]:  # measured with refit on all calibration samples, then the default
+            r["setting"] = {"Fisher + global + refit (default)": "Fisher + global + refit"}.get(
+                r["setting"], r["setting"]
+            )
         for setting in dict.fromkeys(r["setting"] for r in entry["rows"]):
             cells = []
             for b in budgets:
@@ -140,13 +161,17 @@ def other_models(data: dict) -> list[str]:
             out.append(f"| {setting} | " + " | ".join(cells) + " |")
         first = metrics[0]
         plain = next((r for r in entry["rows"] if r["setting"] == PLAIN and r["budget"] == 0.8), None)
-        ours = next((r for r in entry["rows"] if r["setting"] == DEFAULT and r["budget"] == 0.8), None)
+        ours = next(
+            (r for r in entry["rows"] if r["setting"].startswith("Fisher + global") and r["budget"] == 0.8), None
+        )
         if plain and ours:
             drop_plain, drop_ours = dense[first] - plain[first], dense[first] - ours[first]
             reached = drop_ours <= drop_plain / 2
-            out += ["", f"Target (budget 0.8, drop in {first} at most half of plain SVD's): plain SVD drops "
-                    f"{drop_plain:+.4g}, ours {drop_ours:+.4g}: **{'reached' if reached else 'missed'}**."]  # fmt: skip
-        out.append(f"Command: `{data.get('command', 'python -m benchmarks.quality_models')}`.")
+            out += ["", f"Target (budget 0.8, drop in {first} at most half of plain SVD's): "
+                    f"plain SVD drops "
+                    f"{drop_plain:+.4g}, {ours['setting']} {drop_ours:+.4g}: "
+                    f"**{'reached' if reached else 'missed'}**."]  # fmt: skip
+        out.append(f"\nCommand: `{data.get('command', 'python -m benchmarks.quality_models')}`.")
     return out
 
 
@@ -162,7 +187,9 @@ def render(results: Path = DEFAULT_RESULTS) -> Path:
             and more["dense_perplexity"] == data["dense_perplexity"]
         ):
             data["rows"] += more["rows"]
-            data["stats_seconds"] = {**more["stats_seconds"], **data["stats_seconds"]}
+            for which, seconds in more["stats_seconds"].items():
+                data.setdefault("stats_runs", {}).setdefault(which, []).append(seconds)
+            data.setdefault("threads", set()).add(more["machine"]["torch_threads"])
     if data:
         lines += smollm2(data) + targets(data)
     for name in ("quality_vit", "quality_marian"):

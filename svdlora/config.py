@@ -83,10 +83,11 @@ class CompressionConfig:
     )
     calibration_length: int = field(default=512, metadata={"help": "Tokens per calibration text window."})
     refit: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "With calibration: refit each factorized layer to reproduce the dense layer's output from "
-            "the inputs the compressed model feeds it (one more calibration pass, no gradients)."
+            "the inputs the compressed model feeds it (one more pass, no gradients). Off by default: on "
+            "SmolLM2 at budget 0.8 it measured worse than without (BENCHMARKS.md, Quality)."
         },
     )
     refit_stages: bool = field(

@@ -6,6 +6,11 @@ delta into residual stages (stacked into one LoRA pair per module), and collect 
 express: changed norms, embeddings, heads and other tensors go to ``modules_to_save`` (stored
 whole), changed biases of factorized layers to ``lora_bias``; anything else is reported as left
 out. Writing the PEFT folder is ``svdlora.integrations.peft_adapter``'s job.
+
+With calibration data the delta is factorized under the input whitening of the *tuned* model's
+layer inputs (``method="whiten"``, SVD-LLM's metric; ``"fisher"`` adds the loss-gradient output
+weights): the adapter then minimizes ‖(ΔW − BA)·X‖ on real inputs X instead of ‖ΔW − BA‖, i.e.
+the error base + adapter makes where the fine-tune is used. Ranks stay uniform (``allocate_ranks``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +30,9 @@ from .config import CompressionConfig
 from .decompose import relative_error, residual_svd
 from .errors import SvdloraError
 from .layers import weight_out_in
+from .methods import factorize
+from .methods.weighting import Weighting
+from .plan import plan_calibration
 from .targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -37,9 +46,25 @@ def svd_of_delta(
     return residual_svd(delta, ranks, **svd_options)
 
 
-# name -> (delta (out, in), stage ranks, **svd options) -> stages [(A_j, B_j)]. A calibration-aware
-# method (issue 8) registers here and gets the module name through ``module=`` to find its statistics.
-METHODS: dict[str, Callable[..., list[tuple[torch.Tensor, torch.Tensor]]]] = {"svd": svd_of_delta}
+def weighted_delta(
+    delta: torch.Tensor,
+    ranks: list[int],
+    module: str | None = None,
+    weighting: Weighting | None = None,
+    **svd_options,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Residual stages of the delta under the layer's calibration metric ‖D·(ΔW − BA)·S‖_F."""
+    return factorize(delta, ranks, weighting, **svd_options)
+
+
+# name -> (delta (out, in), stage ranks, module=name, **svd options) -> stages [(A_j, B_j)].
+# The calibrated methods (CALIBRATED) also get ``weighting=``, the layer's metric from the calibration data.
+METHODS: dict[str, Callable[..., list[tuple[torch.Tensor, torch.Tensor]]]] = {
+    "svd": svd_of_delta,
+    "whiten": weighted_delta,  # input whitening only (SVD-LLM): output error of the delta on real inputs
+    "fisher": weighted_delta,  # whitening + each output channel weighted by its loss gradient (FWSVD)
+}
+CALIBRATED = ("whiten", "fisher")
 
 
 @dataclass
@@ -52,6 +77,9 @@ class LoraModule:
     lora_A: torch.Tensor  # (r, in): the stacked B_j
     bias_delta: torch.Tensor | None
     rel_error: float  # ‖ΔW − BA‖_F / ‖ΔW‖_F
+    # under the calibration metric, ‖(ΔW − BA)·S‖_F / ‖ΔW·S‖_F (S·Sᵀ = damped E[x xᵀ]): the relative
+    # output error of the delta on the calibration inputs; None without calibration
+    weighted_error: float | None = None
 
     @property
     def rank(self) -> int:
@@ -75,6 +103,7 @@ class Extraction:
     delta_params: int  # parameters of the changed targeted matrices
     modules_to_save_params: int
     seconds: float = 0.0
+    calibration: dict | None = None  # what the metric came from (``CalibrationPlan.describe``)
 
     @property
     def lora_params(self) -> int:
@@ -94,6 +123,7 @@ class Extraction:
             ("LoRA modules", f"{len(self.lora)} (rank {rank_text}); {self.unchanged} targeted matrices unchanged"),
             ("LoRA params", f"{self.lora_params:,} for a delta of {self.delta_params:,} ({share:.1%})"),
             ("modules_to_save", f"{len(self.modules_to_save)} ({self.modules_to_save_params:,} params)"),
+            ("calibration", (self.calibration or {}).get("source") or "none (plain SVD of the delta)"),
             ("left out", f"{len(self.left_out)}" + (" (see warnings)" if self.left_out else "")),
             ("extract time", f"{self.seconds:.1f} s"),
         ]
@@ -143,7 +173,10 @@ def extract_adapter(
     tuned: nn.Module,
     config: CompressionConfig | None = None,
     *,
-    method: str = "svd",
+    method: str | None = None,
+    calibration: Any = None,
+    processor: Any = None,
+    statistics: dict | None = None,
     progress: bool = True,
     **options,
 ) -> Extraction:
@@ -156,21 +189,30 @@ def extract_adapter(
             matrices' parameters the LoRA factors may hold, or ``rank`` a fixed rank; also
             ``submatrices``, ``include`` / ``exclude``, ``keep_head``, ``svd_method``. Or pass the
             fields as keyword ``options``.
-        method: a key of ``METHODS`` ("svd": plain SVD of the delta).
+        method: a key of ``METHODS``: "svd" (plain SVD of the delta, what kohya and mergekit do),
+            "whiten" (minimize the delta's output error on the calibration inputs), "fisher" (also
+            weight outputs by their loss gradient), or "auto" (whiten with calibration, else svd).
+            Default: ``config.method`` ("auto").
+        calibration: data the tuned model runs on to collect its layer inputs, as ``compress``
+            takes it: a text file or dataset, ``"self"`` (text the tuned model generates), or a
+            list of model-ready batches; None: no calibration (plain SVD).
+        processor: the tokenizer that reads ``calibration`` (not needed for a list of batches).
+        statistics: ``collect_statistics(tuned, ...)`` output for ``calibration``, to reuse it
+            across several extractions (e.g. budgets) instead of running the data again.
         progress: show a progress bar.
     Returns:
         An ``Extraction``; write it with ``svdlora.integrations.peft_adapter.save_adapter``.
 
     Example:
         >>> extraction = extract_adapter(base, tuned, budget=0.1)
+        >>> extraction = extract_adapter(base, tuned, budget=0.1, calibration="train.txt", processor=tok)
         >>> save_adapter(extraction, tuned, "out/adapter", base_name="HuggingFaceTB/SmolLM2-135M")
     """
     if config is None:
         config = CompressionConfig(**options)
     elif options:
         raise SvdloraError(f"pass either a config or keyword options, not both (got {sorted(options)})")
-    if method not in METHODS:
-        raise SvdloraError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    method = resolve_method(method or config.method, calibration, config)
     start = time.perf_counter()
     check_pair(base, tuned)
     base_params = dict(base.named_parameters(remove_duplicate=False))
@@ -186,6 +228,11 @@ def extract_adapter(
     lora_targets = [t for t in targets if f"{t.name}.weight" in changed]
     unchanged = len(targets) - len(lora_targets)
     ranks, dense = allocate_ranks(lora_targets, config) if lora_targets else ({}, {})
+    plan = None
+    if method in CALIBRATED and lora_targets:
+        # the tuned model's inputs: where base + adapter runs in place of the fine-tune
+        plan_config = replace(config, method=method, allocation="uniform", refit=False, heal_steps=0)
+        plan = plan_calibration(tuned, lora_targets, plan_config, calibration, processor, progress, statistics)
     svd_options = {
         "method": config.svd_method,
         "oversampling": config.oversampling,
@@ -197,9 +244,20 @@ def extract_adapter(
         base_module = base.get_submodule(target.name)
         with torch.no_grad():
             delta = weight_out_in(target.module).detach() - weight_out_in(base_module).detach()
-            stages = METHODS[method](delta, ranks[target.name], module=target.name, **svd_options)
+            extra = {}
+            weighting = None
+            if method in CALIBRATED:
+                weighting = plan.weighting(target.name) if plan is not None else None
+                extra["weighting"] = weighting
+            stages = METHODS[method](delta, ranks[target.name], module=target.name, **extra, **svd_options)
             lora_b = torch.cat([a for a, _ in stages], dim=1).to(delta.dtype)
             lora_a = torch.cat([b for _, b in stages], dim=0).to(delta.dtype)
+            weighted_error = None
+            if weighting is not None and not weighting.is_identity:
+                work = delta.double()
+                weighted_error = relative_error(
+                    weighting.whiten(work), weighting.whiten(lora_b.double() @ lora_a.double())
+                )
             bias = None
             if f"{target.name}.bias" in changed:
                 bias = (target.module.bias - base_module.bias).detach()
@@ -213,6 +271,7 @@ def extract_adapter(
                     lora_a.contiguous(),
                     bias,
                     relative_error(delta, lora_b @ lora_a),
+                    weighted_error,
                 )
             )
 
@@ -242,7 +301,28 @@ def extract_adapter(
         delta_params=sum(t.params for t in lora_targets),
         modules_to_save_params=saved_params,
         seconds=time.perf_counter() - start,
+        calibration=plan.describe() if plan is not None else None,
     )
 
 
-__all__ = ["METHODS", "Extraction", "LoraModule", "check_pair", "extract_adapter"]
+def resolve_method(method: str, calibration: Any, config: CompressionConfig) -> str:
+    """'auto' -> whiten with calibration data, svd without; calibrated methods need the data."""
+    if method == "auto":
+        method = "whiten" if calibration is not None else "svd"
+    if method not in METHODS:
+        raise SvdloraError(f"method must be one of {sorted([*METHODS, 'auto'])}, got {method!r}")
+    if method in CALIBRATED and calibration is None:
+        raise SvdloraError(
+            f"method {method!r} needs calibration data: pass --calibration DATA (e.g. the fine-tuning text), "
+            "or 'self' for a causal LM"
+        )
+    if method not in CALIBRATED and calibration is not None:
+        logger.warning("calibration data is not used by method %r", method)
+    if config.allocation == "global":
+        raise SvdloraError("extract allocates ranks uniformly: allocation 'global' is not supported here")
+    if config.heal_steps:
+        raise SvdloraError("extract does not heal: drop heal_steps (fine-tune the adapter with peft instead)")
+    return method
+
+
+__all__ = ["CALIBRATED", "METHODS", "Extraction", "LoraModule", "check_pair", "extract_adapter", "resolve_method"]

@@ -131,21 +131,31 @@ class CompressionReport:
         if modules:
             name_w = max([len(m.name) for m in self.modules] + [6])
             loss = any(m.est_loss is not None for m in self.modules)
-            header = (
-                f"{'module':<{name_w}}  {'shape':>11}  {'ranks':<14} {'params':>21}  {'rel.err':>7}  {'vs exact':>8}"
-            )
-            lines += ["", header + ("  loss left" if loss else "")]
+            exact = any(m.svd_method == "randomized" for m in self.modules)
+            bits = any(m.bits_per_weight is not None for m in self.modules)
+            header = f"{'module':<{name_w}}  {'shape':>11}  {'ranks':<14} {'params':>21}  {'rel.err':>7}"
+            header += f"  {'vs exact':>8}" * exact + f"  {'loss left':>9}" * loss + f"  {'bits/w':>6}" * bits
+            lines += ["", header]
             for m in self.modules:
                 shape = f"{m.shape[0]}x{m.shape[1]}"
                 if m.factorized:
                     ranks = "+".join("full" if r == 0 else str(r) for r in m.ranks)
                     params = f"{m.params_before:,}->{m.params_after:,}"
-                    cost = "" if m.svd_method != "randomized" else "n/a" if m.svd_cost is None else f"{m.svd_cost:+.4f}"
-                    line = f"{m.name:<{name_w}}  {shape:>11}  {ranks:<14} {params:>21}  {m.rel_error:7.4f}  {cost:>8}"
+                    line = f"{m.name:<{name_w}}  {shape:>11}  {ranks:<14} {params:>21}  {m.rel_error:7.4f}"
+                    if exact:
+                        cost = (
+                            ""
+                            if m.svd_method != "randomized"
+                            else "n/a"
+                            if m.svd_cost is None
+                            else f"{m.svd_cost:+.4f}"
+                        )
+                        line += f"  {cost:>8}"
                     if loss:
                         line += f"  {m.est_loss:9.3g}" if m.est_loss is not None else " " * 11
-                    bits = "" if m.bits_per_weight is None else f"{m.bits_per_weight:5.2f} bits/w"
-                    lines.append(f"{line}  {bits}".rstrip())
+                    if bits:
+                        line += f"  {m.bits_per_weight:6.2f}" if m.bits_per_weight is not None else " " * 8
+                    lines.append(line.rstrip())
                 else:
                     lines.append(f"{m.name:<{name_w}}  {shape:>11}  dense: {m.dense_reason}")
         return "\n".join(lines)

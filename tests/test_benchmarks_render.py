@@ -61,3 +61,33 @@ def test_render_only_writes_poster_columns_without_measuring(tmp_path, module):
 def test_render_only_without_saved_results_says_so(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         vit_cifar.main(["--render-only", "--results-dir", str(tmp_path)])
+
+
+def test_calibrated_extraction_columns_keep_every_existing_cell():
+    from pathlib import Path
+
+    from benchmarks import extract_calibrated
+
+    fragment = (Path(__file__).parents[1] / "benchmarks" / "results" / "ecosystem.md").read_text()
+    machine = {"platform": "test", "cpu_count": 2, "torch": "x", "torch_threads": 1, "device": "cpu", "date": "d"}
+    row = {"extract_seconds": 12.0, "output_rel_error_mean": 0.25, "budget": 0.1}
+    results = {
+        "command": "fake", "machine": machine,
+        "calibration": {"windows": 32, "tokens": 16384, "seconds": 99.0},
+        "rows": {"base": {"perplexity": 37.4}, "tuned": {"perplexity": 23.4},
+                 "adapter-whiten@0.1": {**row, "perplexity": 24.4}},
+    }  # fmt: skip
+    plain = {"rows": {"base": {"perplexity": 37.4}, "tuned": {"perplexity": 23.4}}}
+    pending = extract_calibrated.render(fragment, None, None)
+    measured = extract_calibrated.render(pending, results, plain)
+    assert extract_calibrated.render(measured, results, plain) == measured  # idempotent
+    old = fragment.split("\n")
+    start = next(i for i, line in enumerate(old) if line.startswith(extract_calibrated.TABLE_HEADER))
+    new = measured.split("\n")
+    for i in range(start, start + 9):  # header, rule, 7 rows: the first 8 cells byte for byte, then 2 more
+        assert "|".join(new[i].split("|")[:9]) == "|".join(old[i].split("|")[:9])
+        assert new[i].count("|") == 11
+    assert "| 23.67 | 1.021× | 96.6% |" in measured and "| 24.40 | 92.9% |" in measured  # (37.4-24.4)/14
+    assert measured.count("| pending | pending |") == 3 and "Pending" not in measured
+    assert "16,384 calibration tokens" in measured and "reproduce the plain run's exactly" in measured
+    assert "Pending" in pending and pending.count("| pending | pending |") == 4

@@ -16,16 +16,25 @@ from . import options
 AUTO, NONE, SELF = "auto", "none", "self"
 
 
-def add_calibration_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration (what makes the compressed model still work)")
+def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> None:
+    """The calibration flags; ``compress=False`` (extract) keeps the data and method flags only, with
+    calibration off by default (the other flags shape compression: allocation, refit, healing)."""
+    title = (
+        "what makes the compressed model still work" if compress else "the inputs the adapter's error is measured on"
+    )
+    g = p.add_argument_group(f"calibration ({title})")
+    default_help = (
+        "Default 'auto': 'self' for causal LMs, 'none' for other models"
+        if compress
+        else "Default 'none' (the fine-tune's data is the best choice; 'self' samples the tuned model)"
+    )
     g.add_argument(
         "--calibration",
-        default=AUTO,
+        default=AUTO if compress else NONE,
         metavar="DATA|self|none",
         help="data to calibrate on, read like `svdlora eval --data`: a text file or dataset (language models), "
         "a source-sentence file (translation models), an image folder (image classifiers); 'self': text the "
-        "causal LM generates itself (no data needed); 'none': plain SVD, the sources' method. "
-        "Default 'auto': 'self' for causal LMs, 'none' for other models",
+        "causal LM generates itself (no data needed); 'none': plain SVD, the sources' method. " + default_help,
     )
     g.add_argument(
         "--calibration-samples",
@@ -45,8 +54,11 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="'svd': truncated SVD of W (the sources); 'whiten': minimize the layer output error on the "
         "calibration inputs (SVD-LLM); 'fisher': whiten and weight outputs by their loss gradient. "
-        "Default 'auto': fisher with calibration, svd without",
-    )
+        + ("Default 'auto': fisher with calibration, svd without" if compress else
+           "Default 'auto': whiten with calibration, svd without"),
+    )  # fmt: skip
+    if not compress:
+        return
     g.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
@@ -56,10 +68,10 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
         "with calibration and a budget, else uniform",
     )
     g.add_argument(
-        "--no-refit",
-        dest="refit",
-        action="store_false",
-        help="skip the refit pass that fits each layer to the inputs the compressed model feeds it",
+        "--refit",
+        action="store_true",
+        help="also refit each layer to the inputs the compressed model feeds it (experimental: measured worse "
+        "than without on SmolLM2 at budget 0.8, see BENCHMARKS.md)",
     )
     g.add_argument(
         "--refit-samples",
@@ -85,18 +97,10 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
 
 
 def calibration_options(args: argparse.Namespace) -> dict:
-    return {
-        "method": args.method,
-        "allocation": args.allocation,
-        "calibration_samples": args.calibration_samples,
-        "calibration_length": args.calibration_length,
-        "refit": args.refit,
-        "refit_samples": args.refit_samples,
-        "heal_steps": args.heal_steps,
-        "heal_seconds": args.heal_seconds,
-        "heal_loss": args.heal_loss,
-        "heal_lr": args.heal_lr,
-    }
+    """The ``CompressionConfig`` fields of the calibration flags the command has."""
+    names = ("method", "allocation", "calibration_samples", "calibration_length", "refit", "refit_samples",
+             "heal_steps", "heal_seconds", "heal_loss", "heal_lr")  # fmt: skip
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 def check_calibration(data: str) -> None:

@@ -8,16 +8,21 @@ import sys
 import transformers
 
 from ..config import CompressionConfig
-from ..extract import METHODS
+from ..extract import resolve_method
 from ..io import check_output
 from . import options
+from .calibration_flags import NONE, add_calibration_flags, calibration_options, check_calibration, resolve_calibration
 
 EXAMPLES = """examples:
   svdlora extract --base HuggingFaceTB/SmolLM2-135M --tuned ./my-finetune --budget 0.1 --output out/adapter
   svdlora extract --base ./base --tuned ./tuned --rank 16 --submatrices 2 --output out/adapter-r16
+  svdlora extract --base ./base --tuned ./tuned --budget 0.1 --calibration train.txt --output out/adapter-cal
 
 The adapter loads with peft:  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)
 --budget is the fraction of the changed matrices' parameters the LoRA factors may hold.
+Without --calibration the delta gets a plain SVD (what kohya and mergekit do). With --calibration DATA
+(best: text like the fine-tuning data) the tuned model runs on it and each delta is factorized to
+minimize its output error on those layer inputs (--method whiten, the default then; or fisher).
 """
 
 
@@ -39,11 +44,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules get LoRA (glob, or re:REGEX)")
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="no LoRA for these (stored whole)")
-    p.add_argument("--method", choices=sorted(METHODS), default="svd", help="factorization of the delta (default svd)")
     p.add_argument("--svd-method", choices=("exact", "randomized"), default="exact")
     p.add_argument("--dtype", default=None, help="load both models in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the models' own code from the hub")
+    add_calibration_flags(p, compress=False)
     options.add_progress_flag(p)
     p.set_defaults(func=run)
 
@@ -59,17 +64,21 @@ def run(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
         svd_method=args.svd_method,
+        **calibration_options(args),
     )
     output = check_output(args.output, args.overwrite)
+    check_calibration(args.calibration)
+    resolve_method(config.method, None if args.calibration == NONE else args.calibration, config)  # before loading
 
     require_peft()  # before the slow loads
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
     tuned = load_pretrained(args.tuned, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
+    calibration, processor = resolve_calibration(args.calibration, tuned, args.tuned)
     extraction = write_adapter(
-        base, tuned, output, config, method=args.method, base_name=args.base, tuned_name=args.tuned,
-        overwrite=args.overwrite, progress=args.progress,
+        base, tuned, output, config, calibration=calibration, processor=processor, base_name=args.base,
+        tuned_name=args.tuned, overwrite=args.overwrite, progress=args.progress,
     )  # fmt: skip
     print(extraction.format())
     for name, why in extraction.left_out.items():

@@ -137,13 +137,21 @@ def extraction_record(extraction: Extraction, base_name: str | None, tuned_name:
         "base_model": base_name,
         "tuned_model": tuned_name,
         "method": extraction.method,
+        "calibration": extraction.calibration,
         "config": extraction.config,
         "lora_params": extraction.lora_params,
         "delta_params": extraction.delta_params,
         "modules_to_save_params": extraction.modules_to_save_params,
         "seconds": extraction.seconds,
         "modules": [
-            {"name": m.name, "kind": m.kind, "shape": list(m.shape), "ranks": m.ranks, "rel_error": m.rel_error}
+            {
+                "name": m.name,
+                "kind": m.kind,
+                "shape": list(m.shape),
+                "ranks": m.ranks,
+                "rel_error": m.rel_error,
+                "weighted_error": m.weighted_error,
+            }
             for m in extraction.lora
         ],
         "modules_to_save": extraction.modules_to_save,
@@ -158,7 +166,10 @@ def write_adapter(
     output: str | Path,
     config: CompressionConfig | None = None,
     *,
-    method: str = "svd",
+    method: str | None = None,
+    calibration=None,
+    processor=None,
+    statistics=None,
     base_name: str | None = None,
     tuned_name: str | None = None,
     overwrite: bool = False,
@@ -169,11 +180,22 @@ def write_adapter(
 
     Example:
         >>> write_adapter(base, tuned, "out/adapter", budget=0.1, base_name="HuggingFaceTB/SmolLM2-135M")
+        >>> write_adapter(base, tuned, "out/adapter", budget=0.1, calibration="train.txt", processor=tok)
     """
     require_peft()
     base_name = base_name or getattr(getattr(base, "config", None), "name_or_path", None) or None
     tuned_name = tuned_name or getattr(getattr(tuned, "config", None), "name_or_path", None) or None
-    extraction = extract_adapter(base, tuned, config, method=method, progress=progress, **options)
+    extraction = extract_adapter(
+        base,
+        tuned,
+        config,
+        method=method,
+        calibration=calibration,
+        processor=processor,
+        statistics=statistics,
+        progress=progress,
+        **options,
+    )
     with atomic_folder(output, overwrite) as tmp:
         save_adapter(extraction, tuned, tmp, base_name)
         _fix_base_name(tmp, base_name)
