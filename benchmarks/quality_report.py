@@ -70,7 +70,8 @@ def smollm2(data: dict) -> list[str]:
         low, high = (f"{min(times):.0f}", f"{max(times):.0f}") if times else ("", "")
         span = (low if low == high else f"{low}–{high}") + "×" if times and setting != PLAIN else "1× (" + ", ".join(
             f"{plain_time[b]:.0f} s" for b in budgets if b in plain_time) + ")"  # fmt: skip
-        out.append(f"| {setting} | " + " | ".join(cells) + f" | {span} |")
+        shown = f"{setting} (Fisher + global: the default with data)" if setting == DEFAULT else setting
+        out.append(f"| {shown} | " + " | ".join(cells) + f" | {span} |")
     answers = [r for r in rows if r.get("answer") is not None]
     if answers:
         out += ["", "Greedy answer to the README demo's question \"What is the capital of France?\" "
@@ -196,6 +197,9 @@ def render(results: Path = DEFAULT_RESULTS) -> Path:
         other = _load(results, name)
         if other:
             lines += other_models(other)
+    if _load(results, "quality_marian") is None:
+        lines += ["", "Marian / Multi30k: not run yet (`python -m benchmarks.quality_models --marian FOLDER`; the "
+                  "model of `benchmarks.train_marian` takes ~22 min to train on this CPU)."]  # fmt: skip
     path = results / "quality.md"
     path.write_text("\n".join(lines) + "\n")
     return path
