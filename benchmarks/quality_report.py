@@ -193,6 +193,14 @@ def render(results: Path = DEFAULT_RESULTS) -> Path:
             data.setdefault("threads", set()).add(more["machine"]["torch_threads"])
     if data:
         lines += smollm2(data) + targets(data)
+    for extra in sorted(results.glob("quality[0-9]*-*.json")):  # the same rows with more calibration windows
+        more = json.loads(extra.read_text())
+        for r in more["rows"]:
+            lines.append(
+                f"\nWith {more['protocol']['samples']} calibration windows instead of 64 (`--samples "
+                f"{more['protocol']['samples']}`, {extra.name}): {r['setting']} at budget {r['budget']}: "
+                f"{r['perplexity']:.2f} ({r['x_dense']:.3f}× dense), answer {r['answer']!r}."
+            )
     for name in ("quality_vit", "quality_marian"):
         other = _load(results, name)
         if other:
