@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from .methods import Weighting, factorize
 from .methods.weighting import INPUT_DAMPING, whitening
-from .targets import Target
 
 
 class _InputTap:
@@ -152,7 +151,3 @@ def refit_factors(
     target, weighting = fit
     stages = factorize(target, ranks, weighting, **svd_options)
     return [(a.to(weight.dtype), b.to(weight.dtype)) for a, b in stages]
-
-
-def targets_by_name(targets: list[Target]) -> dict[str, nn.Module]:
-    return {t.name: t.module for t in targets}

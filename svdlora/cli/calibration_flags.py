@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..config import ALLOCATIONS, HEAL_LOSSES, METHODS
+from ..config import ALLOCATIONS, HEAL_LOSSES, METHODS, CompressionConfig
 from ..errors import SvdloraError
 from ..evaluation.sources import check_exists, looks_like_path
 from . import options
 
 AUTO, NONE, SELF = "auto", "none", "self"
+DEFAULT = {f.name: f.default for f in fields(CompressionConfig)}  # one source of truth for the defaults
 
 
 def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> None:
@@ -39,14 +41,14 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
     g.add_argument(
         "--calibration-samples",
         type=options.positive_int("calibration-samples"),
-        default=64,
-        help="text windows / sentences / images to calibrate on (default 64; more is better, and slower)",
+        default=DEFAULT["calibration_samples"],
+        help="text windows / sentences / images to calibrate on (default %(default)s; more is better, and slower)",
     )
     g.add_argument(
         "--calibration-length",
         type=options.positive_int("calibration-length"),
-        default=512,
-        help="tokens per calibration text window (default 512)",
+        default=DEFAULT["calibration_length"],
+        help="tokens per calibration text window (default %(default)s)",
     )
     g.add_argument(
         "--method",
@@ -76,24 +78,29 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
     g.add_argument(
         "--refit-samples",
         type=options.positive_int("refit-samples"),
-        default=16,
-        help="calibration samples the refit pass reads, spread over all of them (default 16: its statistics "
+        default=DEFAULT["refit_samples"],
+        help="calibration samples the refit pass reads, spread over all of them (default %(default)s: its statistics "
         "cost twice the first pass's per sample)",
     )
     g.add_argument(
         "--heal-steps",
         type=options.non_negative_int("heal-steps"),
-        default=0,
-        help="fine-tune the factors for this many steps on the calibration data after compressing (default 0)",
+        default=DEFAULT["heal_steps"],
+        help="fine-tune the factors for this many steps on the calibration data after compressing "
+        "(default %(default)s)",
     )
-    g.add_argument("--heal-seconds", type=float, default=None, help="stop healing after this many seconds")
+    g.add_argument(
+        "--heal-seconds", type=float, default=DEFAULT["heal_seconds"], help="stop healing after this many seconds"
+    )
     g.add_argument(
         "--heal-loss",
         choices=HEAL_LOSSES,
-        default="distill",
+        default=DEFAULT["heal_loss"],
         help="'distill': match the dense model's outputs (default); 'lm': the data's own next-token loss",
     )
-    g.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate of healing (default 1e-4)")
+    g.add_argument(
+        "--heal-lr", type=float, default=DEFAULT["heal_lr"], help="learning rate of healing (default %(default)s)"
+    )
 
 
 def calibration_options(args: argparse.Namespace) -> dict:
