@@ -53,6 +53,7 @@ ROWS = [
     ("whitened + refit", "whiten", "uniform", True, "valid"),
     ("Fisher + global + refit (16 samples)", "fisher", "global", True, "valid"),
     ("no data: self-generated text, Fisher + global (default)", "fisher", "global", False, "self"),
+    ("Kronecker-factored Fisher (kfac) + global", "kfac", "global", False, "valid-kfac"),
 ]
 logger = logging.getLogger(__name__)
 
@@ -85,11 +86,12 @@ def calibration_source(model, tokenizer, which: str, args) -> tuple[list[dict], 
     if cache.is_file():
         return torch.load(cache, weights_only=False)  # written by this script
     start = time.perf_counter()
-    data = SELF if which == "self" else args.wikitext / "wikitext-2.valid.txt"
-    length = 256 if which == "self" else 512
+    data = SELF if which.startswith("self") else args.wikitext / "wikitext-2.valid.txt"
+    length = 256 if which.startswith("self") else 512
     batches = calibration_batches(model, data, tokenizer, args.samples, length, progress=True)
     targets, _ = find_targets(model, CompressionConfig())
-    stats = collect_statistics(model, targets, batches, gradients=True, progress=True)
+    # "-kfac": the same data, with the (out, out) output-gradient Grams method "kfac" needs
+    stats = collect_statistics(model, targets, batches, progress=True, output_gram=which.endswith("-kfac"))
     source = (batches, stats, time.perf_counter() - start)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(source, cache)
@@ -118,12 +120,19 @@ def compress_row(dense, tokenizer, budget, method, allocation, refit, source, ar
     return model, report, seconds
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def quality_arguments(p: argparse.ArgumentParser) -> None:
+    """The protocol's model, data and statistics cache (shared with ``benchmarks.heal_sweep``)."""
     p.add_argument("--model", type=Path, default=SMOLLM2, help="SmolLM2-135M folder (scripts/fetch_smollm2.sh)")
     p.add_argument("--wikitext", type=Path, default=DEFAULT_DATA / "text", help="folder of wikitext-2.{valid,test}.txt")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5, 0.6], help="in the order run")
     p.add_argument("--samples", type=int, default=64, help="calibration windows / self-generated samples")
+    p.add_argument("--name", default=NAME, help="results file name (benchmarks/results/NAME.json)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE / "quality", help="statistics cache")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    quality_arguments(p)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5, 0.6], help="in the order run")
     p.add_argument("--limit", type=int, default=24, help="test windows of 512 tokens")
     p.add_argument("--heal-seconds", type=float, default=600, help="healing time limit (0: no healing rows)")
     p.add_argument("--heal-budget", type=float, default=0.5)
@@ -132,8 +141,6 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", type=int, default=None, help="only these rows (indices into ROWS)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--name", default=NAME, help="results file name (benchmarks/results/NAME.json)")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE / "quality", help="statistics cache")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.limit, args.budgets, args.heal_seconds, args.heal_budget = 8, 4, [0.8], 30, 0.8

@@ -29,6 +29,10 @@ from .targets import Target
 
 logger = logging.getLogger(__name__)
 
+# Output-gradient Grams (method "kfac") only up to this many outputs: a (vocab, vocab) Gram of an
+# LM head would not fit in memory; wider layers keep the diagonal E[g²].
+MAX_OUTPUT_GRAM = 8192
+
 
 @dataclass
 class LayerStats:
@@ -37,6 +41,7 @@ class LayerStats:
     gram: torch.Tensor  # (in, in) float64: E[x xᵀ] of the layer input
     tokens: int
     out_grad_sq: torch.Tensor | None = None  # (out,) float64: E[g²] of the loss gradient at the output
+    out_grad_gram: torch.Tensor | None = None  # (out, out) float64: E[g gᵀ], only for method "kfac"
 
     @property
     def has_gradients(self) -> bool:
@@ -46,9 +51,11 @@ class LayerStats:
 class _Accumulator:
     """Sums of x xᵀ (shared by layers fed the same tensor) and of g² per layer."""
 
-    def __init__(self, targets: list[Target], gradients: bool) -> None:
+    def __init__(self, targets: list[Target], gradients: bool, output_gram: bool = False) -> None:
         self.targets = {t.module: t for t in targets}
         self.gradients = gradients
+        self.output_gram = output_gram
+        self.grad_grams: dict[str, torch.Tensor] = {}
         self.gram_sums: dict[str, torch.Tensor] = {}  # keyed by the first layer that saw the input
         self.gram_owner: dict[str, str] = {}  # layer -> key of its Gram
         self.tokens: dict[str, int] = {}
@@ -92,6 +99,9 @@ class _Accumulator:
             square = flat.square().sum(0)
             self.grad_sums[name] = self.grad_sums[name] + square if name in self.grad_sums else square
             self.grad_tokens[name] = self.grad_tokens.get(name, 0) + flat.shape[0]
+            if self.output_gram and flat.shape[1] <= MAX_OUTPUT_GRAM:
+                product = flat.T @ flat
+                self.grad_grams[name] = self.grad_grams[name] + product if name in self.grad_grams else product
 
     def result(self) -> dict[str, LayerStats]:
         means = {key: total / max(self.tokens[key], 1) for key, total in self.gram_sums.items()}
@@ -100,11 +110,13 @@ class _Accumulator:
             key = self.gram_owner.get(target.name)
             if key is None:
                 continue  # never called on the calibration data
-            grad = self.grad_sums.get(target.name)
+            grad, grad_gram = self.grad_sums.get(target.name), self.grad_grams.get(target.name)
+            grad_tokens = max(self.grad_tokens.get(target.name, 0), 1)
             stats[target.name] = LayerStats(
                 gram=means[key],
                 tokens=self.tokens[key],
-                out_grad_sq=None if grad is None else grad / max(self.grad_tokens[target.name], 1),
+                out_grad_sq=None if grad is None else grad / grad_tokens,
+                out_grad_gram=None if grad_gram is None else grad_gram / grad_tokens,
             )
         return stats
 
@@ -170,6 +182,7 @@ def collect_statistics(
     gradients: bool = True,
     progress: bool = True,
     seed: int = 0,
+    output_gram: bool = False,
 ) -> dict[str, LayerStats]:
     """Run the calibration batches through ``model`` and return each target's ``LayerStats``.
 
@@ -180,10 +193,12 @@ def collect_statistics(
             model's device.
         gradients: also collect E[g²] at each layer output (one backward pass per batch, no
             weight gradients); needed for the global allocator's loss-weighted spectra.
+        output_gram: also collect the full E[g gᵀ] per layer (outputs up to ``MAX_OUTPUT_GRAM``),
+            the output side of the Kronecker-factored Fisher (method "kfac").
     Returns:
         ``{layer name: LayerStats}`` for every target the data reached.
     """
-    accumulator = _Accumulator(targets, gradients)
+    accumulator = _Accumulator(targets, gradients, output_gram=gradients and output_gram)
     generator = torch.Generator().manual_seed(seed)
     batches = list(batches)
     if not batches:

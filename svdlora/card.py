@@ -140,7 +140,8 @@ model = svdlora.load_compressed("<this folder>", merge=True)  # or dense A·B"""
 def _method_text(report) -> str:
     """The resolved method of the run (issue 8): plain SVD, whitened, or Fisher-weighted."""
     config = report.config
-    method = {"svd": "truncated SVD", "whiten": "whitened SVD (SVD-LLM)", "fisher": "Fisher-weighted whitened SVD"}
+    method = {"svd": "truncated SVD", "whiten": "whitened SVD (SVD-LLM)", "fisher": "Fisher-weighted whitened SVD",
+              "kfac": "Kronecker-factored Fisher-whitened SVD"}  # fmt: skip
     text = f"residual {method.get(report.method or 'svd', report.method)} ({config.get('svd_method')} SVD)"
     text += f", {config.get('submatrices')} submatrices, {report.allocation or 'uniform'} allocation"
     if report.heal:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -23,6 +24,9 @@ from .errors import SvdloraError
 from .layers import LowRankLinear
 
 logger = logging.getLogger(__name__)
+
+WARMUP_STEPS = 10  # Adam's first steps are its noisiest: ramp the rate up over these
+FINAL_LR_FRACTION = 0.1  # cosine decay to this fraction of the peak by the end of the run
 
 
 @dataclass
@@ -58,6 +62,16 @@ def _distill_loss(student_out, teacher_out, batch: dict) -> torch.Tensor:
     return per_token.mean()
 
 
+def learning_rate(peak: float, step: int, steps: int, elapsed: float, seconds: float | None) -> float:
+    """Linear warm-up, then cosine decay to ``FINAL_LR_FRACTION`` of ``peak`` at the end of the run,
+    whichever of the step limit or the time limit ends it first."""
+    progress = step / steps if steps else 0.0
+    if seconds:
+        progress = max(progress, elapsed / seconds)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return peak * min(1.0, (step + 1) / WARMUP_STEPS) * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * cosine)
+
+
 def heal(
     model: nn.Module,
     batches: list[dict],
@@ -70,7 +84,8 @@ def heal(
     parameters: list[nn.Parameter] | None = None,
     progress: bool = True,
 ) -> HealResult:
-    """Fine-tune the factors of ``model`` in place for ``steps`` steps (or ``seconds``), one batch a step.
+    """Fine-tune the factors of ``model`` in place for ``steps`` steps (or ``seconds``), one batch a step,
+    with Adam at peak rate ``lr`` (``learning_rate``: warm-up, then cosine decay).
 
     Args:
         model: a compressed model (its ``LowRankLinear`` factors are trained, nothing else).
@@ -115,6 +130,8 @@ def heal(
                 raise SvdloraError(f"healing diverged at step {step} (loss {value.item()}): lower --heal-lr")
             optimizer.zero_grad(set_to_none=True)
             value.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(lr, step, steps, time.perf_counter() - start, seconds)
             optimizer.step()
             losses.append(value.item())
             bar.update(1)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CalibrationPlan:
-    method: str  # "svd", "whiten" (input whitening, SVD-LLM) or "fisher" (whitening + output weights)
+    method: str  # "svd", "whiten" (SVD-LLM), "fisher" (+ output weights) or "kfac" (+ output whitening)
     allocation: str  # "uniform" or "global"
     batches: list[dict] = field(default_factory=list)
     stats: dict[str, LayerStats] | None = None
@@ -44,8 +44,8 @@ class CalibrationPlan:
             self._right[key] = (right, inverse) if right is None else (right.float(), inverse.float())
         right, inverse = self._right[key]
         left = None
-        if (for_allocation or self.method == "fisher") and stats.out_grad_sq is not None:
-            left = output_weights(stats.out_grad_sq, OUTPUT_DAMPING)
+        if for_allocation or self.method in ("fisher", "kfac"):
+            left = output_weights(stats, OUTPUT_DAMPING, full=self.method == "kfac")
         return Weighting(left=None if left is None else left.float(), right=right, right_inverse=inverse)
 
     def describe(self) -> dict | None:
@@ -100,9 +100,12 @@ def plan_calibration(
     if method == "svd" and allocation == "uniform" and not config.heal_steps:
         logger.warning("calibration data is not used by method 'svd' with uniform allocation")
         return CalibrationPlan(method=method, allocation=allocation, batches=batches, source=source)
-    gradients = method == "fisher" or allocation == "global"
+    gradients = method in ("fisher", "kfac") or allocation == "global"
     stats = statistics
     if stats is None:
-        stats = collect_statistics(model, targets, batches, gradients=gradients, progress=progress, seed=config.seed)
+        stats = collect_statistics(
+            model, targets, batches, gradients=gradients, progress=progress, seed=config.seed,
+            output_gram=method == "kfac",
+        )  # fmt: skip
     refit = config.refit and method != "svd"
     return CalibrationPlan(method, allocation, batches=batches, stats=stats, source=source, refit=refit)

@@ -11,13 +11,13 @@ from torch import nn
 
 import svdlora
 from svdlora.allocate import allocate_global
-from svdlora.calibration import collect_statistics
+from svdlora.calibration import LayerStats, collect_statistics
 from svdlora.calibration_data import generate_text
 from svdlora.cli import main
 from svdlora.config import CompressionConfig
 from svdlora.decompose import residual_svd
 from svdlora.errors import SvdloraError
-from svdlora.heal import heal
+from svdlora.heal import FINAL_LR_FRACTION, WARMUP_STEPS, heal, learning_rate
 from svdlora.methods import Weighting, factorize
 from svdlora.refit import refit_factors
 from svdlora.targets import Target, find_targets
@@ -49,6 +49,43 @@ def test_whitening_lowers_the_output_error_on_the_calibration_inputs():
     assert error(whitened) < 0.8 * error(plain)
     # and the weights themselves are not what whitening optimizes: plain SVD is best there
     assert (weight - plain).norm() <= (weight - whitened).norm() + 1e-5
+
+
+def test_kfac_lowers_the_kronecker_factored_loss_below_diagonal_fisher():
+    """With correlated output gradients, whitening the output side (K-FAC) beats its diagonal (FWSVD)
+    in the loss both approximate, tr(δW·E[xxᵀ]·δWᵀ·E[ggᵀ])."""
+    torch.manual_seed(0)
+    weight, x, g = torch.randn(24, 32), correlated_inputs(400, 32), correlated_inputs(400, 24, seed=1)
+    gram, grad_gram = (x.T @ x).double() / 400, (g.T @ g).double() / 400
+    stats = LayerStats(gram=gram, tokens=400, out_grad_sq=grad_gram.diagonal().clone(), out_grad_gram=grad_gram)
+    loss = lambda w: torch.trace((weight - w).double() @ gram @ (weight - w).double().T @ grad_gram).item()  # noqa: E731
+    fisher = rebuilt(factorize(weight, [6], Weighting.from_stats(stats)))
+    kfac = rebuilt(factorize(weight, [6], Weighting.from_stats(stats, full_output=True)))
+    assert loss(kfac) < 0.9 * loss(fisher)
+
+
+def test_output_gradient_gram_is_collected_with_its_diagonal():
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 10)
+    targets = [Target("0", layer, "linear", 10, 12)]
+    batches = [{"input": torch.randn(30, 12)} for _ in range(2)]
+    stats = collect_statistics(nn.Sequential(layer), targets, batches, progress=False, output_gram=True)["0"]
+    assert stats.out_grad_gram.shape == (10, 10) and stats.out_grad_gram.dtype == torch.float64
+    torch.testing.assert_close(stats.out_grad_gram.diagonal(), stats.out_grad_sq)
+    without = collect_statistics(nn.Sequential(layer), targets, batches, progress=False)["0"]
+    assert without.out_grad_gram is None  # only method "kfac" pays for the (out, out) Gram
+
+
+def test_kfac_model_saves_and_loads_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    batches = [example_inputs("llama", s) | {"labels": example_inputs("llama", s)["input_ids"]} for s in range(4)]
+    report = svdlora.compress(model, budget=0.6, method="kfac", calibration=batches, progress=False)
+    assert report.method == "kfac" and report.allocation == "global"
+    expected = output_of(model, "llama")
+    svdlora.save_compressed(model, tmp_path / "out")
+    loaded = svdlora.load_compressed(tmp_path / "out", device="cpu")
+    torch.testing.assert_close(output_of(loaded, "llama"), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("inputs", ["zero", "rank-deficient", "one-token"])
@@ -132,6 +169,16 @@ def test_calibration_beats_plain_svd_on_a_model_output():
         )
         errors[method] = (output_of(model, "gpt2") - reference).norm().item()
     assert errors["whiten"] < errors["svd"]
+
+
+def test_healing_rate_warms_up_then_decays_to_its_floor_by_either_limit():
+    rates = [learning_rate(1e-3, step, 100, 0.0, None) for step in range(100)]
+    assert rates[0] < rates[5] < rates[WARMUP_STEPS - 1] == pytest.approx(1e-3, rel=0.03)
+    tail = rates[WARMUP_STEPS:]
+    assert all(a >= b for a, b in zip(tail, tail[1:], strict=False))  # decays monotonically
+    assert rates[-1] == pytest.approx(1e-3 * FINAL_LR_FRACTION, rel=0.01)
+    # a time limit ends the run first: the rate follows the clock, not the step count
+    assert learning_rate(1e-3, 20, 100_000, 60.0, 60.0) == pytest.approx(1e-3 * FINAL_LR_FRACTION)
 
 
 def test_healing_lowers_the_calibration_loss():

@@ -52,10 +52,11 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
     )
     g.add_argument(
         "--method",
-        choices=METHODS,
+        choices=METHODS if compress else [m for m in METHODS if m != "kfac"],
         default="auto",
         help="'svd': truncated SVD of W (the sources); 'whiten': minimize the layer output error on the "
-        "calibration inputs (SVD-LLM); 'fisher': whiten and weight outputs by their loss gradient. "
+        "calibration inputs (SVD-LLM); 'fisher': whiten and weight outputs by their loss gradient"
+        + ("; 'kfac': whiten inputs and output gradients (Kronecker-factored Fisher). " if compress else ". ")
         + ("Default 'auto': fisher with calibration, svd without" if compress else
            "Default 'auto': whiten with calibration, svd without"),
     )  # fmt: skip

@@ -2,8 +2,9 @@
 
 ``svd`` is the sources' method (plain truncated SVD of W); ``whiten`` minimizes the layer's
 output error on calibration inputs (SVD-LLM); ``fisher`` also weights each output channel by
-what it is worth to the loss (``weighting.Weighting``). All run the same residual chain on the
-weighted matrix.
+what it is worth to the loss (``weighting.Weighting``); ``kfac`` whitens the output side with
+the output-gradient Gram instead (Kronecker-factored Fisher). All run the same residual chain on
+the weighted matrix.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from ..decompose import residual_svd
 from .weighting import Weighting
 
-METHODS = ("svd", "whiten", "fisher")
+METHODS = ("svd", "whiten", "fisher", "kfac")
 
 
 def factorize(

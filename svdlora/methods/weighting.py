@@ -3,7 +3,9 @@
 S is a square root of the input Gram E[x xᵀ] (SVD-LLM's truncation-aware whitening: the
 truncated SVD of W·S is then optimal for the layer's output error on the calibration inputs)
 and D = diag(√E[g²]) weights each output channel by what it is worth to the loss (FWSVD's
-Fisher weighting). The best rank-k Ŵ under this metric is [D·W·S]_k mapped back with D⁻¹ and
+Fisher weighting), or, for method "kfac", D = E[g gᵀ]^½, the output factor of the
+Kronecker-factored Fisher E[x xᵀ] ⊗ E[g gᵀ] (K-FAC), which also sees how output channels'
+errors combine. The best rank-k Ŵ under this metric is [D·W·S]_k mapped back with D⁻¹ and
 S⁻¹, so every method here is: whiten, truncated SVD, unwhiten.
 """
 
@@ -29,7 +31,7 @@ OUTPUT_DAMPING = 0.01
 class Weighting:
     """Left (per output channel) and right (input whitening) weights of one matrix."""
 
-    left: torch.Tensor | None = None  # (out,) D's diagonal
+    left: torch.Tensor | None = None  # (out,) D's diagonal, or the full (out, out) D (method "kfac")
     right: torch.Tensor | None = None  # (in, in) S
     right_inverse: torch.Tensor | None = None  # (in, in) S⁻¹
 
@@ -46,6 +48,7 @@ class Weighting:
         cls,
         stats: LayerStats | None,
         use_gradients: bool = True,
+        full_output: bool = False,
         input_damping: float = INPUT_DAMPING,
         output_damping: float = OUTPUT_DAMPING,
     ) -> Weighting:
@@ -57,9 +60,7 @@ class Weighting:
         if stats is None:
             return cls.identity()
         right, right_inverse = whitening(stats.gram, input_damping)
-        left = None
-        if use_gradients and stats.out_grad_sq is not None:
-            left = output_weights(stats.out_grad_sq, output_damping)
+        left = output_weights(stats, output_damping, full=full_output) if use_gradients else None
         return cls(left, right, right_inverse)
 
     def whiten(self, weight: torch.Tensor) -> torch.Tensor:
@@ -68,13 +69,17 @@ class Weighting:
         if self.right is not None:
             out = out @ self.right.to(out)
         if self.left is not None:
-            out = self.left.to(out)[:, None] * out
+            left = self.left.to(out)
+            out = left @ out if left.dim() == 2 else left[:, None] * out
         return out
 
     def unwhiten(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors of the whitened matrix -> factors of W: (D⁻¹·A', B'·S⁻¹)."""
         if self.left is not None:
-            a = a / self.left.to(a)[:, None]
+            if self.left.dim() == 2:  # D is symmetric positive definite (damped): solve, no inverse kept
+                a = torch.linalg.solve(self.left.double(), a.double()).to(a.dtype)
+            else:
+                a = a / self.left.to(a)[:, None]
         if self.right_inverse is not None:
             b = b @ self.right_inverse.to(b)
         return a, b
@@ -102,8 +107,15 @@ def whitening(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor | None, 
     return right, right_inverse
 
 
-def output_weights(grad_sq: torch.Tensor, damping: float) -> torch.Tensor | None:
-    grad_sq = grad_sq.double()
+def output_weights(stats: LayerStats, damping: float, full: bool = False) -> torch.Tensor | None:
+    """D of one layer: diag √E[g²], or with ``full`` the symmetric E[g gᵀ]^½ where it was collected."""
+    if full and stats.out_grad_gram is not None:
+        root = whitening(stats.out_grad_gram, damping)[0]
+        if root is not None:
+            return root
+    if stats.out_grad_sq is None:
+        return None
+    grad_sq = stats.out_grad_sq.double()
     mean = grad_sq.mean().item()
     if not torch.isfinite(grad_sq).all() or mean <= 0:
         return None
