@@ -37,7 +37,10 @@ BUDGETS = (0.8, 0.5, 0.3)
 ROWS = [
     ("plain SVD, uniform (sources)", "svd", "uniform", False, False),
     ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, True),
-    ("Fisher + global + refit (default)", "fisher", "global", True, True),
+    ("+ Fisher output weights", "fisher", "uniform", False, True),
+    ("+ global allocation (default)", "fisher", "global", False, True),
+    ("Kronecker-factored Fisher (kfac) + global", "kfac", "global", False, True),
+    ("Fisher + global + refit", "fisher", "global", True, True),
 ]
 
 
@@ -46,13 +49,15 @@ def side_by_side(name, dense, processor, calibration_data, evaluate, args, resul
     start = time.perf_counter()
     batches = calibration_batches(dense, calibration_data, processor, args.calibration_samples, 128)
     targets, _ = find_targets(dense, CompressionConfig())
-    stats = collect_statistics(dense, targets, batches, progress=True)
+    # with the output-gradient Grams of method kfac: a superset of what the other rows use
+    stats = collect_statistics(dense, targets, batches, progress=True, output_gram=True)
     stat_seconds = time.perf_counter() - start
     entry = {"dense": evaluate(dense), "stats_seconds": stat_seconds, "calibration": str(calibration_data), "rows": []}
     results[name] = entry
     print(name, "dense", entry["dense"], flush=True)
+    rows = [ROWS[i] for i in args.rows] if args.rows is not None else ROWS
     for budget in args.budgets:
-        for label, method, allocation, refit, calibrated in ROWS:
+        for label, method, allocation, refit, calibrated in rows:
             model = copy.deepcopy(dense)
             t = time.perf_counter()
             svdlora.compress(
@@ -108,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--sentences", type=int, default=300, help="test sentences")
     p.add_argument("--calibration-samples", type=int, default=256)
     p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    p.add_argument("--rows", nargs="+", type=int, default=None, help="only these rows (indices into ROWS)")
     p.add_argument("--name", default=NAME)
     args = p.parse_args(argv)
     torch.manual_seed(0)
