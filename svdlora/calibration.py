@@ -100,7 +100,8 @@ class _Accumulator:
             self.grad_sums[name] = self.grad_sums[name] + square if name in self.grad_sums else square
             self.grad_tokens[name] = self.grad_tokens.get(name, 0) + flat.shape[0]
             if self.output_gram and flat.shape[1] <= MAX_OUTPUT_GRAM:
-                product = flat.T @ flat
+                single = grad.detach().reshape(-1, grad.shape[-1]).float()
+                product = (single.T @ single).double()  # float32 products, float64 running sum (as for XᵀX)
                 self.grad_grams[name] = self.grad_grams[name] + product if name in self.grad_grams else product
 
     def result(self) -> dict[str, LayerStats]:

@@ -9,7 +9,8 @@ from .errors import SvdloraError
 from .quantize import parse_stage_dtypes
 
 SVD_METHODS = ("auto", "exact", "randomized")
-METHODS = ("auto", "svd", "whiten", "fisher", "kfac")  # auto: fisher when there is calibration data, else svd
+# auto: kfac (or fisher, see plan.auto_method) with calibration data, else svd
+METHODS = ("auto", "svd", "whiten", "fisher", "kfac")
 ALLOCATIONS = ("auto", "uniform", "global")  # auto: global when gradient statistics exist
 HEAL_LOSSES = ("distill", "lm")
 
@@ -69,7 +70,8 @@ class CompressionConfig:
             "help": "'svd' (plain truncated SVD of W, the sources' method), 'whiten' (minimize the layer's "
             "output error on calibration inputs, SVD-LLM), 'fisher' (whiten, and weight each output by its "
             "loss gradient), 'kfac' (whiten inputs and output gradients: the Kronecker-factored Fisher; an "
-            "(out, out) Gram per layer more), or 'auto' (fisher when calibration data is given, else svd)."
+            "(out, out) Gram per layer more), or 'auto' (with calibration data kfac, or fisher where kfac's "
+            "Grams would exceed 4 GiB; else svd)."
         },
     )
     allocation: str = field(

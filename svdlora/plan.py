@@ -14,13 +14,17 @@ from typing import Any
 
 from torch import nn
 
-from .calibration import LayerStats, collect_statistics
+from .calibration import MAX_OUTPUT_GRAM, LayerStats, collect_statistics
 from .config import CompressionConfig
 from .errors import SvdloraError
 from .methods.weighting import INPUT_DAMPING, OUTPUT_DAMPING, Weighting, output_weights, whitening
 from .targets import Target
 
 logger = logging.getLogger(__name__)
+
+# method "auto" picks kfac while its (out, out) Grams fit here (SmolLM2-135M: 1.4 GiB; a
+# Llama-3.2-1B, ~19 GiB, gets fisher): a bound a laptop can hold beside the model.
+KFAC_AUTO_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -62,6 +66,21 @@ class CalibrationPlan:
         }
 
 
+def output_gram_bytes(targets: list[Target]) -> int:
+    """Memory of the float64 (out, out) output-gradient Grams that method "kfac" collects."""
+    return sum(8 * t.out_features**2 for t in targets if t.out_features <= MAX_OUTPUT_GRAM)
+
+
+def auto_method(targets: list[Target]) -> str:
+    """``kfac`` (measured best: SmolLM2-135M at budget 0.8, 1.24x dense perplexity against fisher's
+    1.28x) where its output Grams fit in ``KFAC_AUTO_BYTES``, else ``fisher`` (a diagonal per layer)."""
+    needed = output_gram_bytes(targets)
+    if needed <= KFAC_AUTO_BYTES:
+        return "kfac"
+    logger.info("method auto: fisher, as kfac's output Grams would take %.1f GiB", needed / 2**30)
+    return "fisher"
+
+
 def plan_calibration(
     model: nn.Module,
     targets: list[Target],
@@ -84,7 +103,7 @@ def plan_calibration(
         if config.heal_steps:
             raise SvdloraError("healing needs calibration data: pass --calibration DATA (or 'self' for a causal LM)")
         return CalibrationPlan(method="svd", allocation="uniform")
-    method = "fisher" if config.method == "auto" else config.method
+    method = auto_method(targets) if config.method == "auto" else config.method
     allocation = "global" if config.allocation == "auto" and config.rank is None else config.allocation
     allocation = "uniform" if allocation == "auto" else allocation
     if isinstance(calibration, list):

@@ -19,6 +19,7 @@ from svdlora.decompose import residual_svd
 from svdlora.errors import SvdloraError
 from svdlora.heal import FINAL_LR_FRACTION, WARMUP_STEPS, heal, learning_rate
 from svdlora.methods import Weighting, factorize
+from svdlora.plan import auto_method, output_gram_bytes
 from svdlora.refit import refit_factors
 from svdlora.targets import Target, find_targets
 
@@ -74,6 +75,13 @@ def test_output_gradient_gram_is_collected_with_its_diagonal():
     torch.testing.assert_close(stats.out_grad_gram.diagonal(), stats.out_grad_sq)
     without = collect_statistics(nn.Sequential(layer), targets, batches, progress=False)["0"]
     assert without.out_grad_gram is None  # only method "kfac" pays for the (out, out) Gram
+
+
+def test_auto_method_is_kfac_unless_its_output_grams_would_not_fit(monkeypatch):
+    targets, _ = find_targets(tiny_llama(), CompressionConfig())
+    assert auto_method(targets) == "kfac"
+    monkeypatch.setattr("svdlora.plan.KFAC_AUTO_BYTES", output_gram_bytes(targets) - 1)
+    assert auto_method(targets) == "fisher"
 
 
 def test_kfac_model_saves_and_loads_with_the_same_logits(tmp_path):
@@ -144,7 +152,7 @@ def test_calibrated_global_model_saves_and_loads_with_the_same_logits(tmp_path):
     model = tiny_llama().eval()  # grouped-query attention: k/v smaller than q
     batches = [example_inputs("llama", s) | {"labels": example_inputs("llama", s)["input_ids"]} for s in range(4)]
     report = svdlora.compress(model, budget=0.6, submatrices=2, calibration=batches, refit=True, progress=False)
-    assert report.method == "fisher" and report.allocation == "global" and report.calibration["refit"]
+    assert report.method == "kfac" and report.allocation == "global" and report.calibration["refit"]
     ranks = {sum(m.ranks) for m in report.factorized}
     assert len(ranks) > 1  # not a uniform share
     expected = output_of(model, "llama")
@@ -281,7 +289,7 @@ def test_cli_calibrates_and_info_shows_the_ranks_and_why(gpt2_with_tokenizer, ca
         == 0
     )
     out = capsys.readouterr().out
-    assert "fisher / global" in out and "text.txt" in out
+    assert "kfac / global" in out and "text.txt" in out
     assert main(["info", str(root / "out")]) == 0
     info = capsys.readouterr().out
     assert "global" in info and "ranks" in info
@@ -318,7 +326,7 @@ def test_every_model_kind_calibrates(kind):
     plain, calibrated = copy.deepcopy(dense), copy.deepcopy(dense)
     svdlora.compress(plain, budget=0.5, progress=False, calibration=None)
     report = svdlora.compress(calibrated, budget=0.5, progress=False, calibration=batches)
-    assert report.method == "fisher" and report.calibration["gradients"]
+    assert report.method == "kfac" and report.calibration["gradients"]
     out = output_of(calibrated, kind)
     assert torch.isfinite(out).all()
     assert (out - reference).norm() < (output_of(plain, kind) - reference).norm()

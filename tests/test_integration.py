@@ -24,7 +24,7 @@ def test_calibrated_quantized_model_reloads_with_the_same_logits(tmp_path, stage
         model, budget=0.5, submatrices=2, stage_dtypes=stage_dtypes,
         calibration=_batches(model.config.vocab_size), progress=False,
     )  # fmt: skip
-    assert report.method == "fisher" and report.allocation == "global"  # calibration's defaults
+    assert report.method == "kfac" and report.allocation == "global"  # calibration's defaults
     fac = report.factorized
     assert fac and all(",".join(m.stage_dtypes).startswith(stage_dtypes.split(",")[0]) for m in fac)
     # the byte budget holds over the targeted matrices, scales included

@@ -57,7 +57,8 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
         help="'svd': truncated SVD of W (the sources); 'whiten': minimize the layer output error on the "
         "calibration inputs (SVD-LLM); 'fisher': whiten and weight outputs by their loss gradient"
         + ("; 'kfac': whiten inputs and output gradients (Kronecker-factored Fisher). " if compress else ". ")
-        + ("Default 'auto': fisher with calibration, svd without" if compress else
+        + ("Default 'auto': kfac with calibration (fisher where its Grams would exceed 4 GiB), svd without"
+           if compress else
            "Default 'auto': whiten with calibration, svd without"),
     )  # fmt: skip
     if not compress:
