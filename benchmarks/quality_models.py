@@ -38,8 +38,8 @@ ROWS = [
     ("plain SVD, uniform (sources)", "svd", "uniform", False, False),
     ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, True),
     ("+ Fisher output weights", "fisher", "uniform", False, True),
-    ("+ global allocation (default)", "fisher", "global", False, True),
-    ("Kronecker-factored Fisher (kfac) + global", "kfac", "global", False, True),
+    ("+ global allocation", "fisher", "global", False, True),
+    ("Kronecker-factored Fisher (kfac) + global", "kfac", "global", False, True),  # the default
     ("Fisher + global + refit", "fisher", "global", True, True),
 ]
 

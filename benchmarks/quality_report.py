@@ -14,10 +14,13 @@ from pathlib import Path
 from benchmarks.common import DEFAULT_RESULTS
 
 PLAIN = "plain SVD, uniform (sources)"
-DEFAULT = "+ global allocation"  # Fisher + global: the default with calibration data
-SELF = "no data: self-generated text, Fisher + global (default)"
-# a row measured while refit was still the default kept that label in its JSON
-RENAMES = {"Fisher + global + refit (default)": "Fisher + global + refit (16 samples)"}
+DEFAULT = "Kronecker-factored Fisher (kfac) + global"  # the default with calibration data
+SELF = "no data: self-generated text, kfac + global (default)"
+# rows measured while another setting was the default kept that label in their JSON
+RENAMES = {
+    "Fisher + global + refit (default)": "Fisher + global + refit (16 samples)",
+    "no data: self-generated text, Fisher + global (default)": "no data: self-generated text, Fisher + global",
+}
 
 
 def _load(results: Path, name: str) -> dict | None:
@@ -70,7 +73,7 @@ def smollm2(data: dict) -> list[str]:
         low, high = (f"{min(times):.0f}", f"{max(times):.0f}") if times else ("", "")
         span = (low if low == high else f"{low}–{high}") + "×" if times and setting != PLAIN else "1× (" + ", ".join(
             f"{plain_time[b]:.0f} s" for b in budgets if b in plain_time) + ")"  # fmt: skip
-        shown = f"{setting} (Fisher + global: the default with data)" if setting == DEFAULT else setting
+        shown = f"{setting} (the default with data)" if setting == DEFAULT else setting
         out.append(f"| {shown} | " + " | ".join(cells) + f" | {span} |")
     answers = [r for r in rows if r.get("answer") is not None]
     if answers:
@@ -150,10 +153,12 @@ def other_models(data: dict) -> list[str]:
             "| setting | " + " | ".join(f"budget {b}" for b in budgets) + " |",
             "| --- | " + " | ".join("---" for _ in budgets) + " |",
         ]
-        for r in entry["rows"]:  # measured with refit on all calibration samples, then the default
-            r["setting"] = {"Fisher + global + refit (default)": "Fisher + global + refit"}.get(
-                r["setting"], r["setting"]
-            )
+        renames = {  # labels of rows measured while another setting was the default
+            "Fisher + global + refit (default)": "Fisher + global + refit",
+            "+ global allocation (default)": "+ global allocation",
+        }
+        for r in entry["rows"]:
+            r["setting"] = renames.get(r["setting"], r["setting"])
         for setting in dict.fromkeys(r["setting"] for r in entry["rows"]):
             cells = []
             for b in budgets:
@@ -162,9 +167,7 @@ def other_models(data: dict) -> list[str]:
             out.append(f"| {setting} | " + " | ".join(cells) + " |")
         first = metrics[0]
         plain = next((r for r in entry["rows"] if r["setting"] == PLAIN and r["budget"] == 0.8), None)
-        ours = next(
-            (r for r in entry["rows"] if r["setting"].startswith("Fisher + global") and r["budget"] == 0.8), None
-        )
+        ours = next((r for r in entry["rows"] if r["setting"] == DEFAULT and r["budget"] == 0.8), None)
         if plain and ours:
             drop_plain, drop_ours = dense[first] - plain[first], dense[first] - ours[first]
             reached = drop_ours <= drop_plain / 2
