@@ -166,15 +166,25 @@ def other_models(data: dict) -> list[str]:
                 cells.append(" / ".join(f"{r[k]:.4g} ({r[k] - dense[k]:+.3g})" for k in metrics))
             out.append(f"| {setting} | " + " | ".join(cells) + " |")
         first = metrics[0]
-        plain = next((r for r in entry["rows"] if r["setting"] == PLAIN and r["budget"] == 0.8), None)
-        ours = next((r for r in entry["rows"] if r["setting"] == DEFAULT and r["budget"] == 0.8), None)
-        if plain and ours:
-            drop_plain, drop_ours = dense[first] - plain[first], dense[first] - ours[first]
-            reached = drop_ours <= drop_plain / 2
-            out += ["", f"Target (budget 0.8, drop in {first} at most half of plain SVD's): "
-                    f"plain SVD drops "
-                    f"{drop_plain:+.4g}, {ours['setting']} {drop_ours:+.4g}: "
-                    f"**{'reached' if reached else 'missed'}**."]  # fmt: skip
+        out += ["", f"Target: the drop in {first} from dense at most half of plain SVD's (the issue sets it at "
+                "budget 0.8; every budget shown):"]  # fmt: skip
+        for b in budgets:
+            plain = next((r for r in entry["rows"] if r["setting"] == PLAIN and r["budget"] == b), None)
+            ours = next((r for r in entry["rows"] if r["setting"] == DEFAULT and r["budget"] == b), None)
+            if plain and ours:
+                drop_plain, drop_ours = dense[first] - plain[first], dense[first] - ours[first]
+                verdict = "reached" if drop_ours <= drop_plain / 2 else "missed"
+                if drop_plain <= 0:
+                    verdict = "no drop to halve: plain SVD loses nothing here"
+                out.append(
+                    f"- budget {b}: plain SVD drops {drop_plain:+.4g}, {DEFAULT} {drop_ours:+.4g}: **{verdict}**"
+                )
+        if name == "vit":
+            p = dense[first]
+            n = entry.get("test_examples", 2000)
+            se = (p * (1 - p) / n) ** 0.5
+            out.append(f"\nSampling noise: the standard error of an accuracy of {p:.3f} on {n} test images is "
+                       f"±{se:.3f}; differences smaller than that are not measured differences.")  # fmt: skip
         out.append(f"\nCommand: `{data.get('command', 'python -m benchmarks.quality_models')}`.")
     return out
 
