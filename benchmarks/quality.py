@@ -90,7 +90,7 @@ def calibration_source(model, tokenizer, which: str, args) -> tuple[list[dict], 
     data = SELF if which.startswith("self") else args.wikitext / "wikitext-2.valid.txt"
     length = 256 if which.startswith("self") else 512
     base = args.cache_dir / f"stats-{which.removesuffix('-kfac')}-{args.samples}.pt"
-    if which.endswith("-kfac") and base.is_file():
+    if which == "self-kfac" and base.is_file():
         # the same batches (self-generated text takes long to write again); the time reported is that
         # source's whole time plus this collection, so it over-counts one (diagonal) statistics pass
         batches, _, base_seconds = torch.load(base, weights_only=False)
