@@ -189,6 +189,27 @@ def other_models(data: dict) -> list[str]:
     return out
 
 
+def heal_rate(data: dict) -> list[str]:
+    """The healing learning rate, chosen on held-out valid text (``benchmarks.heal_sweep``)."""
+    p = data["protocol"]
+    out = [
+        "",
+        f"Healing's learning rate, chosen without the test text (`python -m benchmarks.heal_sweep --budget "
+        f"{p['budget']} --method {p['method']} --seconds {float(p['seconds']):.0f}`): distillation KL on "
+        f"{data['holdout_windows']} held-out WikiText-2 valid windows, {data['holdout_kl_before']:.3f} before healing "
+        f"({data['machine']['torch_threads']} thread, {data['machine']['date']}):",
+        "",
+        "| peak rate | steps | train KL first → last | held-out KL |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in data["rows"]:
+        h = r["heal"]
+        out.append(
+            f"| {r['lr']:g} | {h['steps']} | {h['first_loss']:.3f} → {h['last_loss']:.3f} | {r['holdout_kl']:.3f} |"
+        )
+    return out
+
+
 def render(results: Path = DEFAULT_RESULTS) -> Path:
     lines = ["## Quality: compressed models that still work (issue 8)", ""]
     data = _load(results, "quality")
@@ -214,6 +235,9 @@ def render(results: Path = DEFAULT_RESULTS) -> Path:
                 f"{more['protocol']['samples']}`, {extra.name}): {r['setting']} at budget {r['budget']}: "
                 f"{r['perplexity']:.2f} ({r['x_dense']:.3f}× dense), answer {r['answer']!r}."
             )
+    sweep = _load(results, "heal_sweep")
+    if sweep:
+        lines += heal_rate(sweep)
     for name in ("quality_vit", "quality_marian"):
         other = _load(results, name)
         if other:
