@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 model=$(bash scripts/fetch_smollm2.sh)
-budget=${BUDGET:-0.8}  # the smallest budget at which the compressed model still answers sensibly (README)
+budget=${BUDGET:-0.7}  # the smallest budget at which the compressed model still answers sensibly (README)
 svdlora compress "$model" --budget "$budget" --submatrices 3 --output out/smollm2-svd --overwrite
 python examples/generate.py out/smollm2-svd --baseline "$model" --prompt "What is the capital of France?"
 python -c "import pydoc_data.topics as t; print('\n\n'.join(t.topics.values()))" > out/python-docs.txt
