@@ -120,7 +120,15 @@ def calibration_source(model, tokenizer, path: Path, samples: int = 64, length: 
 
 
 def run_setting(
-    model, tokenizer, setting: dict, data: Path, source=None, refit: bool = False, limit: int = 24, length: int = 512
+    model,
+    tokenizer,
+    setting: dict,
+    data: Path,
+    source=None,
+    refit: bool = False,
+    limit: int = 24,
+    length: int = 512,
+    method: str = "fisher",
 ) -> dict:
     """One row. ``source``: (batches, statistics, seconds) from ``calibration_source``, for the
     calibrated rows (Fisher-weighted whitening, global byte allocation, optionally the refit)."""
@@ -132,7 +140,7 @@ def run_setting(
     options = {}
     if source is not None:
         batches, stats, _ = source
-        options = {"method": "fisher", "allocation": "global", "refit": refit, "refit_stages": refit}
+        options = {"method": method, "allocation": "global", "refit": refit, "refit_stages": refit}
         options["calibration"] = batches
         options["statistics"] = stats
     start = time.perf_counter()
@@ -166,6 +174,7 @@ def run_setting(
     if source is not None:
         row["stats_s"] = source[2]  # collected once, shared by every calibrated row
         row["recipe"] += " + refit" if row["refit"] else ""
+        row["recipe"] += f" ({method})" if method != "fisher" else ""  # fisher: the rows recorded first
     return row
 
 
@@ -183,6 +192,13 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=64, help="calibration windows of 512 tokens")
     parser.add_argument("--statistics", type=Path, default=None, help="file caching the calibration statistics")
     parser.add_argument("--refit", action="store_true", help="calibrated rows: also run the refit pass")
+    parser.add_argument(
+        "--method",
+        default="fisher",
+        choices=["fisher", "kfac"],
+        help="calibrated rows' method "
+        "(kfac needs statistics with output Grams, e.g. benchmarks.quality's stats-valid-kfac-64.pt)",
+    )
     parser.add_argument("--limit", type=int, default=24, help="test windows of 512 tokens")
     parser.add_argument("--length", type=int, default=512, help="tokens per test and calibration window")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
@@ -212,10 +228,13 @@ def main(argv=None) -> None:
     if args.calibration:
         source = calibration_source(model, tokenizer, args.calibration, args.samples, args.length, args.statistics)
     for setting in settings:
-        row = run_setting(model, tokenizer, setting, args.data, source, args.refit, args.limit, args.length)
+        row = run_setting(
+            model, tokenizer, setting, args.data, source, args.refit, args.limit, args.length, args.method
+        )
         row["command"] = "python -m benchmarks.precision " + " ".join(argv if argv is not None else sys.argv[1:])
         logger.info("%s", row)
-        rows = [r for r in rows if (r["bits"], r["recipe"]) != (row["bits"], row["recipe"])] + [row]
+        rows = [r for r in rows if (r["bits"], r["recipe"], r.get("n")) != (row["bits"], row["recipe"], row.get("n"))]
+        rows.append(row)
         payload = {"model": str(args.model), "data": str(args.data), "limit": args.limit, "length": args.length}
         payload["rows"] = rows
         if args.calibration:

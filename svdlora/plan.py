@@ -126,5 +126,7 @@ def plan_calibration(
             model, targets, batches, gradients=gradients, progress=progress, seed=config.seed,
             output_gram=method == "kfac",
         )  # fmt: skip
+    if method == "kfac" and not any(s.out_grad_gram is not None for s in stats.values()):
+        logger.warning("method kfac: the statistics hold no output-gradient Grams; using their diagonal (fisher)")
     refit = config.refit and method != "svd"
     return CalibrationPlan(method, allocation, batches=batches, stats=stats, source=source, refit=refit)

@@ -45,12 +45,15 @@ def test_calibrated_rows_collect_the_statistics_once(folder, monkeypatch):
     torch.save((saved["batches"], saved["stats"], saved["seconds"]), folder / "quality.pt")
     common[common.index(str(cache))] = str(folder / "quality.pt")
     precision.main([*common, "--recipes", "one bfloat16 stage", "--refit"])
+    precision.main([*common, "--recipes", "full-int4 + int8 repair", "--method", "kfac"])  # its own row
     assert len(calls) == 1 and cache.is_file()
     data = json.loads((results / "precision_levels_calibrated.json").read_text())
     rows = {r["recipe"]: r for r in data["rows"]}
     assert set(rows) == {
-        "one bfloat16 stage", "full-int4 + int8 repair", "full-int4 + int8 repair + refit", "one bfloat16 stage + refit"
+        "one bfloat16 stage", "full-int4 + int8 repair", "full-int4 + int8 repair + refit",
+        "one bfloat16 stage + refit", "full-int4 + int8 repair (kfac)",
     }  # fmt: skip
+    assert rows.pop("full-int4 + int8 repair (kfac)")["method"] == "kfac"
     assert all(r["method"] == "fisher" and r["allocation"] == "global" for r in rows.values())
     assert rows["full-int4 + int8 repair + refit"]["refit"] and not rows["full-int4 + int8 repair"]["refit"]
     assert all(r["bits_per_weight"] <= 8.0 + 1e-9 and r["perplexity"] > 1 for r in rows.values())
