@@ -22,8 +22,8 @@ from .targets import Target
 
 logger = logging.getLogger(__name__)
 
-# method "auto" picks kfac while its (out, out) Grams fit here (SmolLM2-135M: 1.4 GiB; a
-# Llama-3.2-1B, ~19 GiB, gets fisher): a bound a laptop can hold beside the model.
+# method "auto" picks kfac while its (out, out) Grams fit here (SmolLM2-135M: 1.3 GiB; a
+# Llama-3.2-1B, ~17.6 GiB, gets fisher): a bound a laptop can hold beside the model.
 KFAC_AUTO_BYTES = 4 * 2**30
 
 
@@ -36,6 +36,7 @@ class CalibrationPlan:
     source: str | None = None  # what the batches came from, for the report
     refit: bool = False  # refit the factors to the compressed model's own inputs (``refit``)
     _right: dict[int, tuple] = field(default_factory=dict)
+    _left: dict[str, Any] = field(default_factory=dict)  # D per layer (for kfac an eigendecomposition each)
 
     def weighting(self, name: str, for_allocation: bool = False) -> Weighting | None:
         """The metric layer ``name`` is factorized under (allocation always uses the loss weights)."""
@@ -49,8 +50,11 @@ class CalibrationPlan:
         right, inverse = self._right[key]
         left = None
         if for_allocation or self.method in ("fisher", "kfac"):
-            left = output_weights(stats, OUTPUT_DAMPING, full=self.method == "kfac")
-        return Weighting(left=None if left is None else left.float(), right=right, right_inverse=inverse)
+            if name not in self._left:  # asked for again by the factorization after the allocation
+                left = output_weights(stats, OUTPUT_DAMPING, full=self.method == "kfac")
+                self._left[name] = None if left is None else left.float()
+            left = self._left[name]
+        return Weighting(left=left, right=right, right_inverse=inverse)
 
     def describe(self) -> dict | None:
         if self.source is None:

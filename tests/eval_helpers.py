@@ -52,3 +52,19 @@ def compress_to(model, folder: Path, source: Path) -> str:
     report = svdlora.compress(model, budget=0.5, submatrices=2, progress=False)
     svdlora.save_compressed(model, folder, report=report, source=source)
     return str(folder)
+
+
+def word_gpt2(words) -> tuple:
+    """A tiny GPT-2 (seed 0) with a word tokenizer over ``words``, its embeddings resized to it."""
+    from .conftest import tiny_gpt2
+
+    torch.manual_seed(0)
+    tok = word_tokenizer(words)
+    model = tiny_gpt2()
+    model.resize_token_embeddings(len(tok))
+    return model.eval(), tok
+
+
+def word_text(words, count: int = 400) -> str:
+    """``count`` words of ``words`` in a fixed order: calibration text for ``word_gpt2``."""
+    return " ".join(words[(i * 7) % len(words)] for i in range(count))

@@ -24,7 +24,7 @@ from svdlora.refit import refit_factors
 from svdlora.targets import Target, find_targets
 
 from .conftest import example_inputs, output_of, tiny_gpt2, tiny_llama
-from .eval_helpers import word_tokenizer
+from .eval_helpers import word_gpt2, word_text
 
 WORDS = "the a cat dog sat ran on under mat tree and then it was big small red blue".split()
 
@@ -241,13 +241,10 @@ def test_method_that_needs_data_is_refused_without_it():
 
 @pytest.fixture
 def gpt2_with_tokenizer(tmp_path):
-    torch.manual_seed(0)
-    tok = word_tokenizer(WORDS)
-    model = tiny_gpt2()
-    model.resize_token_embeddings(len(tok))
+    model, tok = word_gpt2(WORDS)
     model.save_pretrained(tmp_path / "dense")
     tok.save_pretrained(tmp_path / "dense")
-    (tmp_path / "text.txt").write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(400)))
+    (tmp_path / "text.txt").write_text(word_text(WORDS))
     return tmp_path
 
 

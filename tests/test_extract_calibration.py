@@ -12,8 +12,8 @@ from svdlora.extract import extract_adapter
 from svdlora.integrations.peft_adapter import write_adapter
 from svdlora.layers import weight_out_in
 
-from .conftest import tiny_gpt2, tiny_llama
-from .eval_helpers import word_tokenizer
+from .conftest import tiny_llama
+from .eval_helpers import word_gpt2, word_text
 from .test_extract import _load, _logits, fine_tune
 
 peft = pytest.importorskip("peft")
@@ -105,16 +105,12 @@ def test_calibrated_method_without_data_is_refused():
 @pytest.fixture
 def lm_pair(tmp_path):
     """A tiny GPT-2 base and fine-tune saved with a word tokenizer, and a text to calibrate on."""
-    torch.manual_seed(0)
-    tok = word_tokenizer(WORDS)
-    base = tiny_gpt2()
-    base.resize_token_embeddings(len(tok))
-    base.eval()
+    base, tok = word_gpt2(WORDS)
     tuned = fine_tune(base, delta_rank=8)
     for name, model in (("base", base), ("tuned", tuned)):
         model.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
-    (tmp_path / "train.txt").write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(400)))
+    (tmp_path / "train.txt").write_text(word_text(WORDS))
     return tmp_path
 
 
