@@ -43,18 +43,21 @@ from svdlora.targets import find_targets
 NAME = "quality"
 PROMPT = "What is the capital of France?"  # the README demo's question
 SMOLLM2 = Path.home() / ".cache" / "svdlora" / "SmolLM2-135M"
-# (row label, method, allocation, refit, calibration source)
-DEFAULT_ROW = "Kronecker-factored Fisher (kfac) + global"  # svdlora's default with calibration data
+# (row label, method, allocation, refit, calibration source, pivoted factors)
+DEFAULT_ROW = "kfac + global + pivoted factors (PIFA)"  # svdlora's default with calibration data
 ROWS = [
-    ("plain SVD, uniform (sources)", "svd", "uniform", False, None),
-    ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, "valid"),
-    ("+ Fisher output weights", "fisher", "uniform", False, "valid"),
-    ("+ global allocation", "fisher", "global", False, "valid"),
-    ("whitened + refit", "whiten", "uniform", True, "valid"),
-    ("Fisher + global + refit (16 samples)", "fisher", "global", True, "valid"),
-    ("no data: self-generated text, Fisher + global", "fisher", "global", False, "self"),
-    (DEFAULT_ROW, "kfac", "global", False, "valid-kfac"),
-    ("no data: self-generated text, kfac + global (default)", "kfac", "global", False, "self-kfac"),
+    ("plain SVD, uniform (sources)", "svd", "uniform", False, None, False),
+    ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, "valid", False),
+    ("+ Fisher output weights", "fisher", "uniform", False, "valid", False),
+    ("+ global allocation", "fisher", "global", False, "valid", False),
+    ("whitened + refit", "whiten", "uniform", True, "valid", False),
+    ("Fisher + global + refit (16 samples)", "fisher", "global", True, "valid", False),
+    ("no data: self-generated text, Fisher + global", "fisher", "global", False, "self", False),
+    ("Kronecker-factored Fisher (kfac) + global", "kfac", "global", False, "valid-kfac", False),
+    ("no data: self-generated text, kfac + global", "kfac", "global", False, "self-kfac", False),
+    (DEFAULT_ROW, "kfac", "global", False, "valid-kfac", True),
+    ("no data: self-generated text, kfac + global + pivoted (default)", "kfac", "global", False, "self-kfac", True),
+    ("plain SVD, uniform, pivoted factors", "svd", "uniform", False, None, True),
 ]
 logger = logging.getLogger(__name__)
 
@@ -186,9 +189,9 @@ def main(argv=None) -> int:
         write_results(args.name, results)
 
     for budget in args.budgets:
-        for label, method, allocation, refit, which in rows:
+        for label, method, allocation, refit, which, pivot in rows:
             model, report, seconds = compress_row(
-                dense, tokenizer, budget, method, allocation, refit, source(which), args
+                dense, tokenizer, budget, method, allocation, refit, source(which), args, pivot=pivot
             )
             ppl = perplexity(model, tokenizer, test, args.limit, args.device)
             record(label, budget, ppl, seconds, report, answer=answer(model, tokenizer, PROMPT))

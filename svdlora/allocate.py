@@ -15,10 +15,14 @@ import torch
 from .config import CompressionConfig
 from .decompose import rank_for_budget, split_rank
 from .errors import SvdloraError
+from .pivoted import pivoted_params
 from .targets import Target
 
 
-def factor_params(target: Target, total_rank: int) -> int:
+def factor_params(target: Target, total_rank: int, pivot: bool = False) -> int:
+    """Values the factors of one matrix store: R·(out+in), or R·(out+in−R) in pivoted form."""
+    if pivot:
+        return pivoted_params(target.out_features, target.in_features, total_rank)
     return total_rank * (target.out_features + target.in_features)
 
 
@@ -31,26 +35,27 @@ def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[di
     """
     if config.rank is not None:
         return _fixed_rank(targets, config)
+    pivot = config.pivot
     allowed = config.budget * sum(t.params for t in targets)
     floor: set[str] = set()  # matrices held at rank 1 because their share is smaller
     while True:
         rest = [t for t in targets if t.name not in floor]
-        left = allowed - sum(factor_params(t, 1) for t in targets if t.name in floor)
+        left = allowed - sum(factor_params(t, 1, pivot) for t in targets if t.name in floor)
         if left < 0 or (rest and left <= 0):
             raise SvdloraError(
                 f"budget {config.budget} is too small: even rank 1 for every targeted matrix needs more; "
                 "raise --budget or --exclude the smallest layers"
             )
         share = min(1.0, left / sum(t.params for t in rest)) if rest else 0.0
-        below = {t.name for t in rest if rank_for_budget(t.out_features, t.in_features, share) == 0}
+        below = {t.name for t in rest if rank_for_budget(t.out_features, t.in_features, share, pivot) == 0}
         if not below:
             break
         floor |= below
     ranks, dense = {}, {}
     for t in targets:
-        total = 1 if t.name in floor else rank_for_budget(t.out_features, t.in_features, share)
+        total = 1 if t.name in floor else rank_for_budget(t.out_features, t.in_features, share, pivot)
         total = min(total, t.out_features, t.in_features)
-        if factor_params(t, total) >= t.params:
+        if factor_params(t, total, pivot) >= t.params:
             dense[t.name] = f"budget share {share:.3g} covers the dense matrix (kept exact)"
         else:
             ranks[t.name] = split_rank(total, config.submatrices)
@@ -61,7 +66,7 @@ def _fixed_rank(targets: list[Target], config: CompressionConfig) -> tuple[dict[
     ranks, dense = {}, {}
     for t in targets:
         total = min(config.rank, t.out_features, t.in_features)
-        if factor_params(t, total) >= t.params:
+        if factor_params(t, total, config.pivot) >= t.params:
             dense[t.name] = f"rank {total} would not be smaller than the dense matrix"
         else:
             ranks[t.name] = split_rank(total, config.submatrices)
@@ -69,7 +74,7 @@ def _fixed_rank(targets: list[Target], config: CompressionConfig) -> tuple[dict[
 
 
 def allocate_global(
-    targets: list[Target], spectra: dict[str, torch.Tensor], budget: float, submatrices: int
+    targets: list[Target], spectra: dict[str, torch.Tensor], budget: float, submatrices: int, pivot: bool = False
 ) -> tuple[dict[str, list[int]], dict[str, str], dict[str, float]]:
     """Choose every matrix's rank together: greedy on the loss each parameter buys.
 
@@ -77,12 +82,13 @@ def allocate_global(
     triplet k removes σ_k² from the estimated loss. Every matrix starts at rank 1; then, until
     the budget is spent, the move with the largest gain per parameter is taken: one more rank
     (gain σ_{k+1}², cost out+in), or keeping the matrix dense (gain: the whole tail, cost: what
-    the dense matrix costs beyond the current factors). Gains per rank only fall, so this greedy
-    is the optimum of the relaxed problem up to one step. Returns stage ranks, the matrices kept
-    dense (with why), and each factorized matrix's estimated loss left (Σ of the dropped σ²).
+    the dense matrix costs beyond the current factors). Gains per rank only fall, so with the
+    pair's constant cost per rank this greedy is the optimum of the relaxed problem up to one
+    step; pivoted factors (``pivot``) cost out+in−2R−1 for rank R+1, and the greedy is a heuristic.
+    Returns stage ranks, the matrices kept dense (with why), and each factorized matrix's estimated loss left (Σ of the dropped σ²).
     """
     allowed = budget * sum(t.params for t in targets)
-    spent = sum(factor_params(t, 1) for t in targets)
+    spent = sum(factor_params(t, 1, pivot) for t in targets)
     if spent > allowed:
         raise SvdloraError(
             f"budget {budget} is too small: even rank 1 for every targeted matrix needs more; "
@@ -101,9 +107,10 @@ def allocate_global(
     def push(t: Target) -> None:
         k, tail = rank[t.name], tails[t.name]
         limit = min(t.out_features, t.in_features, len(tail) - 1)
-        if k < limit and factor_params(t, k + 1) < t.params:
-            heapq.heappush(heap, (-(tail[k] - tail[k + 1]) / factor_params(t, 1), version[t.name], t.name, "rank"))
-        extra = t.params - factor_params(t, k)
+        if k < limit and factor_params(t, k + 1, pivot) < t.params:
+            step = factor_params(t, k + 1, pivot) - factor_params(t, k, pivot)
+            heapq.heappush(heap, (-(tail[k] - tail[k + 1]) / step, version[t.name], t.name, "rank"))
+        extra = t.params - factor_params(t, k, pivot)
         if tail[k] > 0:
             heapq.heappush(heap, (-tail[k] / max(extra, 1), version[t.name], t.name, "dense"))
 
@@ -114,7 +121,10 @@ def allocate_global(
         if ver != version[name] or name in dense:
             continue
         t = by_name[name]
-        cost = t.params - factor_params(t, rank[name]) if move == "dense" else factor_params(t, 1)
+        k = rank[name]
+        cost = t.params - factor_params(t, k, pivot)
+        if move == "rank":
+            cost = factor_params(t, k + 1, pivot) - factor_params(t, k, pivot)
         if spent + cost > allowed:
             continue  # does not fit; smaller moves of other matrices still may
         spent += cost

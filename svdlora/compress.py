@@ -20,6 +20,7 @@ from .errors import SvdloraError
 from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .methods import weighted_spectrum
+from .pivoted import PivotedLowRankLinear
 from .plan import CalibrationPlan, plan_calibration
 from .precision import allocate_stages, layer_bytes, stage_formats, target_bytes
 from .refit import collect_cross_statistics, refit_factors, refit_target
@@ -122,11 +123,14 @@ def compress(
         else:
             formats = stage_formats(None, len(ranks[target.name]), dtype)
             f = factorize(weight_out_in(target.module), ranks[target.name], weighting=weighting, **svd_options(config))
-            layer = LowRankLinear.from_factors(target.module, f.a, f.b, f.ranks)
+            layer = _layer_class(config).from_factors(target.module, f.a, f.b, f.ranks)
             line = module_report(
                 target.name, target.kind, *shape, layer.bias is not None, f, est_loss=est_loss.get(target.name)
             )
+            line.pivoted = config.pivot
         line.stored_bytes = layer_bytes(ranks[target.name], formats, *shape)
+        if line.pivoted:  # pivot rows + coefficients in the model's dtype, and the int64 pivot indices
+            line.stored_bytes = line.params_after * dtype.itemsize + 8 * sum(line.ranks)
         line.dense_bytes = target_bytes(target, dtype)
         layers[target.name] = layer
         model.set_submodule(target.name, layer)
@@ -182,7 +186,7 @@ def allocate(targets, config: CompressionConfig, plan: CalibrationPlan, progress
         t.name: weighted_spectrum(weight_out_in(t.module), plan.weighting(t.name, for_allocation=True))
         for t in tqdm(targets, desc="spectra", disable=not progress)
     }
-    return allocate_global(targets, spectra, config.budget, config.submatrices)
+    return allocate_global(targets, spectra, config.budget, config.submatrices, config.pivot)
 
 
 def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, config: CompressionConfig, progress: bool):
@@ -212,10 +216,15 @@ def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, conf
             stages = refit_factors(weight, ranks[name], gram, product, left, roots=roots, **_chain_options(config))
             if stages is None:
                 continue
-            layers[name] = LowRankLinear.from_stages(originals[name], stages)
+            a, b = torch.cat([a for a, _ in stages], dim=1), torch.cat([b for _, b in stages], dim=0)
+            layers[name] = _layer_class(config).from_factors(originals[name], a, b, [s.shape[1] for s, _ in stages])
         model.set_submodule(name, layers[name])
         refitted.append(name)
     return refitted
+
+
+def _layer_class(config: CompressionConfig) -> type[LowRankLinear]:
+    return PivotedLowRankLinear if config.pivot else LowRankLinear
 
 
 def _untie_factorized_head(model: nn.Module, config: CompressionConfig) -> None:

@@ -124,6 +124,14 @@ class CompressionConfig:
         default=True,
         metadata={"help": "For randomized factors, also compute the exact SVD's error (the accuracy cost)."},
     )
+    pivot: bool = field(
+        default=False,
+        metadata={
+            "help": "Store each factorized matrix in pivoted form (PIFA): its R pivot rows and the coefficients of "
+            "the other rows, R·(out + in − R) values instead of R·(out + in), so the same budget buys more rank "
+            "(svdlora.pivoted). Float stages only; not with stage_dtypes or streaming."
+        },
+    )
     stage_dtypes: list[str] | None = field(
         default=None,
         metadata={
@@ -173,6 +181,8 @@ class CompressionConfig:
                 f"{len(self.stage_dtypes)} stage dtypes ({','.join(self.stage_dtypes)}) for {self.submatrices} "
                 f"submatrices: pass --submatrices {len(self.stage_dtypes)} or fewer dtypes"
             )
+        if self.pivot and self.stage_dtypes:
+            raise SvdloraError("--pivot stores float factors: it does not combine with --stage-dtypes; drop one")
         if self.stage_dtypes and self.rank is not None:
             raise SvdloraError("--stage-dtypes works with a byte --budget, not a fixed --rank: drop one of them")
         self.budget = float(self.budget)

@@ -6,6 +6,8 @@ stages can be swapped in without touching discovery or I/O.
 
 from __future__ import annotations
 
+import math
+
 import logging
 from dataclasses import dataclass
 
@@ -138,10 +140,19 @@ def split_rank(total_rank: int, submatrices: int) -> list[int]:
     return [r for r in ranks if r > 0]
 
 
-def rank_for_budget(out_features: int, in_features: int, budget: float) -> int:
-    """Largest total rank R whose factors, R·(out+in) values, fit in budget·out·in."""
+def rank_for_budget(out_features: int, in_features: int, budget: float, pivot: bool = False) -> int:
+    """Largest total rank R whose factors, R·(out+in) values (R·(out+in−R) pivoted), fit in budget·out·in."""
     # The epsilon keeps e.g. 0.3·n exactly representable budgets from losing a rank to round-off.
-    return int(budget * out_features * in_features / (out_features + in_features) + 1e-9)
+    allowed = budget * out_features * in_features + 1e-9
+    if not pivot:
+        return int(allowed / (out_features + in_features))
+    s = out_features + in_features  # the smaller root of R² − s·R + allowed = 0
+    rank = int((s - math.sqrt(max(s * s - 4 * allowed, 0.0))) / 2)
+    while (rank + 1) * (s - rank - 1) <= allowed and rank < min(out_features, in_features):
+        rank += 1  # round-off in the square root
+    while rank * (s - rank) > allowed:
+        rank -= 1
+    return min(rank, out_features, in_features)
 
 
 def relative_error(weight: torch.Tensor, approximation: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> float:

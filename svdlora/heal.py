@@ -100,7 +100,7 @@ def heal(
         raise SvdloraError("distillation healing needs the dense model as teacher")
     if loss == "lm" and not all("labels" in b for b in batches):
         raise SvdloraError("healing with loss 'lm' needs labelled batches (text for a causal LM)")
-    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
+    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.factor_parameters()]
     factors = factors if parameters is None else list(parameters)
     if not factors:
         raise SvdloraError("healing found no low-rank layer to train: compress the model first")

@@ -33,6 +33,7 @@ from .integrations import hf_quantizer
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .models import PREPROCESSOR_FILES, default_device, folder_bytes, model_class, parse_dtype
 from .outputs import atomic_folder, check_output_folder, describe, ensure_space, is_incomplete
+from .pivoted import PivotedLowRankLinear
 from .placement import device_for, dispatch, resolve_device_map
 from .quantize import parse_format
 from .reader import read_state
@@ -93,7 +94,8 @@ def save_compressed(
     output = Path(output)
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     # Folders without stored stage dtypes keep format 1, which older svdlora reads too.
-    format_version = FORMAT_VERSION if any(m.stage_dtypes for m in layers) else 1
+    format_version = 3 if any(isinstance(m, PivotedLowRankLinear) for m in layers) else 1
+    format_version = 2 if any(m.stage_dtypes for m in layers) else format_version
     with atomic_folder(output, overwrite, inputs=[source]) as tmp:
         tensors, tied = file_layout(model)
         specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors]
@@ -379,6 +381,10 @@ def load_compressed(
     for m in report.factorized if not merge else []:  # merged: the dense skeleton layers get A·B
         # Factors are allocated on meta; load_state_dict(assign=True) drops the real tensors in.
         ranks = [r for r in m.ranks if r > 0]  # a full-rank first stage has rank 0 in the report
+        if m.pivoted:
+            layer = PivotedLowRankLinear(m.shape[1], m.shape[0], ranks, bias=m.bias, base_kind=m.kind, device="meta")
+            model.set_submodule(m.name, layer, strict=True)
+            continue
         layer = LowRankLinear(
             m.shape[1], m.shape[0], ranks, bias=m.bias, base_kind=m.kind, device="meta",
             stage_dtypes=stored_dtypes.get(m.name),

@@ -153,6 +153,10 @@ class LowRankLinear(nn.Module):
         layer.stored = [{k: {n: t.cpu() for n, t in v.items()} for k, v in s.parts.items()} for s in stages]
         return layer
 
+    def factor_parameters(self) -> list[nn.Parameter]:
+        """What healing trains: the factors (a full-rank first stage stays as stored)."""
+        return [self.A, self.B]
+
     def stages(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The (A_j, B_j) pairs as views of the stacked factors."""
         a_parts = torch.split(self.A, self.ranks, dim=1)

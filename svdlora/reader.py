@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import SvdloraError
 from .layers import CONV1D
+from .pivoted import pivoted_a
 from .report import CompressionReport
 
 
@@ -102,7 +103,15 @@ def read_state(
         for m in report.factorized:
             where = place(f"{m.name}.weight")
             full = None
-            if m.name in (stored_dtypes or {}):
+            if m.pivoted:
+                b, c, rows = (tensors.get(f"{m.name}.pivoted.{k}") for k in ("B", "C", "rows"))
+                b, c = b.to(device=where, dtype=dtype or b.dtype), c.to(device=where, dtype=dtype or c.dtype)
+                rows = rows.to(where)
+                if not merge:
+                    state[f"{m.name}.B"], state[f"{m.name}.C"], state[f"{m.name}.rows"] = b, c, rows
+                    continue
+                a = pivoted_a(c, rows, m.shape[0])
+            elif m.name in (stored_dtypes or {}):
                 a, b, full, parts = _read_stored(tensors, m, stored_dtypes[m.name], compute_dtype)
                 a, b = a.to(where), b.to(where)
                 full = None if full is None else full.to(where)

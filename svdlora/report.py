@@ -18,6 +18,7 @@ class ModuleReport:
     est_loss: float | None = None  # global allocation: estimated loss left by the truncation (Σ dropped σ²)
     svd_method: str | None = None  # "exact" or "randomized" (what --svd auto chose)
     exact_error: float | None = None  # rel_error of the exact SVD at the same rank, when computed
+    pivoted: bool = False  # stored as pivot rows + coefficients (svdlora.pivoted), R·(out+in−R) values
 
     @property
     def svd_cost(self) -> float | None:
@@ -40,7 +41,10 @@ class ModuleReport:
         if not self.factorized:
             return self.params_before
         full = self.params_before if self.stage_dtypes and self.stage_dtypes[0].startswith("full-") else 0
-        return full + sum(self.ranks) * (self.shape[0] + self.shape[1])
+        total = sum(self.ranks)
+        if self.pivoted:
+            return total * (self.shape[0] + self.shape[1] - total)
+        return full + total * (self.shape[0] + self.shape[1])
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -66,7 +70,11 @@ class CompressionReport:
         return [m for m in self.modules if m.factorized]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        for m in data["modules"]:  # written only where true: folders without pivots stay readable by older svdlora
+            if not m["pivoted"]:
+                del m["pivoted"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> CompressionReport:

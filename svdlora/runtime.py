@@ -74,7 +74,7 @@ def measure(
 
 def choose(layer: LowRankLinear, tokens: int = 1) -> str:
     """'factorized' or 'merged', whichever measured faster for this layer on its device."""
-    device, dtype = str(layer.A.device), layer.A.dtype
+    device, dtype = str(layer.B.device), layer.B.dtype
     fac, mer = measure(layer.out_features, layer.in_features, sum(layer.ranks), device, dtype, tokens)
     return "factorized" if fac <= mer else "merged"
 

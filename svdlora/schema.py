@@ -82,7 +82,7 @@ def validate_config(data, where: Path) -> None:
 def _validate_module(m, at: str, bad) -> None:
     fields = {
         "name", "kind", "shape", "bias", "ranks", "stage_dtypes", "rel_error", "dense_reason", "est_loss",
-        "svd_method", "exact_error", "stored_bytes", "dense_bytes",
+        "svd_method", "exact_error", "stored_bytes", "dense_bytes", "pivoted",
     }  # fmt: skip
     if not isinstance(m, dict):
         raise bad(at, m, "an object")
@@ -121,6 +121,10 @@ def _validate_module(m, at: str, bad) -> None:
         raise bad(f"{at}.svd_method", m["svd_method"], "'exact', 'randomized' or null")
     if m.get("dense_reason") is not None and not isinstance(m["dense_reason"], str):
         raise bad(f"{at}.dense_reason", m["dense_reason"], "a string or null")
+    if not isinstance(m.get("pivoted", False), bool):
+        raise bad(f"{at}.pivoted", m["pivoted"], "true or false")
+    if m.get("pivoted") and (dtypes and any(_stage_kind(d) != "float" for d in dtypes) or not ranks):
+        raise bad(f"{at}.pivoted", m["pivoted"], "false for a dense layer or quantized stages")
     if not ranks and m.get("dense_reason") is None:
         raise bad(f"{at}.ranks", ranks, "ranks, or a dense_reason for a layer kept dense")
 
@@ -130,7 +134,11 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
     for m in modules:
         out_f, in_f = m.shape
         expected = {}
-        for j, r in enumerate(m.ranks):
+        if getattr(m, "pivoted", False):  # svdlora.pivoted: pivot rows, coefficients, pivot indices
+            total = sum(m.ranks)
+            expected = {f"{m.name}.pivoted.B": [total, in_f], f"{m.name}.pivoted.C": [out_f - total, total]}
+            expected[f"{m.name}.pivoted.rows"] = [total]
+        for j, r in enumerate(m.ranks if not getattr(m, "pivoted", False) else []):
             kind = _stage_kind(m.stage_dtypes[j] if j < len(m.stage_dtypes) else "float32")
             if kind == "float":
                 expected[f"{m.name}.stage{j}.A"] = [out_f, r]

@@ -60,6 +60,11 @@ def check_streamable(config: CompressionConfig, calibration=None) -> None:
             "--stage-dtypes cannot stream yet (the quantized stage chain is built in memory): drop --stream "
             "(and run without torchrun), or drop --stage-dtypes"
         )
+    if getattr(config, "pivot", False):
+        raise SvdloraError(
+            "--pivot cannot stream yet (the streamed file layout holds factor pairs): drop --stream "
+            "(and run without torchrun), or drop --pivot"
+        )
     method = getattr(config, "method", "svd")
     calibrated = (
         calibration is not None

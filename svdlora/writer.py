@@ -203,10 +203,14 @@ def file_layout(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
     which is how streamed compression lays out the same file as the in-memory path.
     """
     from .layers import LowRankLinear
+    from .pivoted import PivotedLowRankLinear
 
     tensors: list[tuple[str, torch.Tensor]] = []
     lowrank = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     for name, module in lowrank:
+        if isinstance(module, PivotedLowRankLinear):
+            tensors += [(f"{name}.pivoted.{key}", getattr(module, key)) for key in ("B", "C", "rows")]
+            continue
         if module.stage_dtypes:  # stages in their own dtypes, quantized ones as q/scales/zeros (issue 9)
             from .chain import file_tensors
 
@@ -214,7 +218,7 @@ def file_layout(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
             continue
         for j, (a, b) in enumerate(module.stages()):
             tensors += [(f"{name}.stage{j}.A", a), (f"{name}.stage{j}.B", b)]
-    lowrank_keys = {f"{n}.{s}" for n, _ in lowrank for s in ("A", "B", "full")}
+    lowrank_keys = {f"{n}.{s}" for n, _ in lowrank for s in ("A", "B", "C", "rows", "full")}
     tensors += [(k, v) for k, v in model.state_dict(keep_vars=True).items() if k not in lowrank_keys]
     stored, tied, seen = [], {}, {}
     for key, tensor in tensors:

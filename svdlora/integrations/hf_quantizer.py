@@ -123,11 +123,12 @@ class SvdloraHfQuantizer(HfQuantizer):
             # header and factor shapes, before transformers reads a tensor.
             data = check_folder(Path(self._checkpoint_files[0]).parent)
             if data.get("format_version", 1) >= 2:
-                # Stages stored in their own dtypes (quantized, a full-rank first stage) are not
-                # wired into the quantizer: refuse rather than load something else.
+                # Stages stored in their own dtypes (quantized, a full-rank first stage) and pivoted
+                # factors are not wired into the quantizer: refuse rather than load something else.
                 raise ValueError(
-                    "this svdlora folder stores its stages in their own dtypes (--stage-dtypes, format 2), which "
-                    "plain from_pretrained does not load yet: use svdlora.load_compressed(folder)"
+                    "this svdlora folder stores quantized stages (--stage-dtypes, format 2) or pivoted factors "
+                    "(--pivot, format 3), which plain from_pretrained does not load yet: use "
+                    "svdlora.load_compressed(folder)"
                 )
         layouts = _factor_layouts(self._checkpoint_files)
         if not layouts:
