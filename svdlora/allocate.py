@@ -85,7 +85,8 @@ def allocate_global(
     the dense matrix costs beyond the current factors). Gains per rank only fall, so with the
     pair's constant cost per rank this greedy is the optimum of the relaxed problem up to one
     step; pivoted factors (``pivot``) cost out+in−2R−1 for rank R+1, and the greedy is a heuristic.
-    Returns stage ranks, the matrices kept dense (with why), and each factorized matrix's estimated loss left (Σ of the dropped σ²).
+    Returns stage ranks, the matrices kept dense (with why), and each factorized matrix's estimated
+    loss left (Σ of the dropped σ²).
     """
     allowed = budget * sum(t.params for t in targets)
     spent = sum(factor_params(t, 1, pivot) for t in targets)

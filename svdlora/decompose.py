@@ -6,9 +6,8 @@ stages can be swapped in without touching discovery or I/O.
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from dataclasses import dataclass
 
 import torch

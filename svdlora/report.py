@@ -97,6 +97,11 @@ class CompressionReport:
             ("factorized matrices", f"{len(fac)} of {len(self.modules)} Linear/Conv1D layers"),
             ("factorized params", f"{before:,} -> {after:,} ({_ratio(after, before)})"),
             *_bytes_rows(fac),
+            *(
+                [("factor form", "pivoted: R pivot rows + coefficients, R·(out+in−R) values (PIFA)")]
+                if any(m.pivoted for m in fac)
+                else []
+            ),
             (
                 "model params",
                 f"{self.model_params_before:,} -> {self.model_params_after:,} "

@@ -1,0 +1,160 @@
+"""Pivoted factors (PIFA): exact, smaller, priced by the allocators, stored and loaded."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from svdlora import SvdloraError, compress, load_compressed, save_compressed
+from svdlora.cli import main
+from svdlora.allocate import allocate_global, allocate_ranks
+from svdlora.config import CompressionConfig
+from svdlora.decompose import rank_for_budget
+from svdlora.heal import heal
+from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
+from svdlora.pivoted import PivotedLowRankLinear, pivot_factors, pivoted_params
+from svdlora.targets import find_targets
+
+from .conftest import TINY_MODELS, example_inputs, output_of
+
+
+@pytest.mark.parametrize("shape", [(48, 20, 12), (20, 48, 12), (30, 30, 30)])
+def test_pivoting_is_exact_and_stores_fewer_values(shape):
+    out_f, in_f, rank = shape
+    torch.manual_seed(0)
+    a, b = torch.randn(out_f, rank, dtype=torch.float64), torch.randn(rank, in_f, dtype=torch.float64)
+    rows, coefficients, pivot = pivot_factors(a, b)
+    product = a @ b
+    assert torch.allclose(product[rows], pivot, atol=1e-10)
+    rest = [i for i in range(out_f) if i not in set(rows.tolist())]
+    assert torch.allclose(product[rest], coefficients @ pivot, atol=1e-9)
+    assert pivot.numel() + coefficients.numel() == pivoted_params(out_f, in_f, rank) < rank * (out_f + in_f)
+
+
+def test_pivoted_layer_computes_the_same_function():
+    torch.manual_seed(0)
+    dense = nn.Linear(40, 24)
+    a, b = torch.randn(24, 10), torch.randn(10, 40)
+    layer = PivotedLowRankLinear.from_factors(dense, a, b, [6, 4])
+    x = torch.randn(3, 5, 40)
+    expected = x @ (a @ b).T + dense.bias
+    assert torch.allclose(layer(x), expected, atol=1e-4)
+    assert torch.allclose(layer.dense_weight(), a @ b, atol=1e-4)
+    assert torch.allclose(layer.A @ layer.B, a @ b, atol=1e-4)
+    assert sum(p.numel() for p in layer.factor_parameters()) == pivoted_params(24, 40, 10)
+    assert torch.allclose(layer.to_dense()(x), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.37, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96)])
+def test_rank_for_budget_pivoted_is_the_largest_that_fits(budget, shape):
+    out_f, in_f = shape
+    rank = rank_for_budget(out_f, in_f, budget, pivot=True)
+    allowed = budget * out_f * in_f
+    assert pivoted_params(out_f, in_f, rank) <= allowed + 1e-9
+    assert rank == min(shape) or pivoted_params(out_f, in_f, rank + 1) > allowed
+    assert rank >= rank_for_budget(out_f, in_f, budget)  # never less rank than the pair
+    if budget == 1.0:
+        assert rank == min(shape)  # the whole budget is full rank: lossless
+
+
+def test_allocators_respect_the_budget_in_pivoted_values():
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]()
+    targets, _ = find_targets(model, CompressionConfig())
+    total = sum(t.params for t in targets)
+    config = CompressionConfig(budget=0.5, pivot=True)
+    ranks, dense = allocate_ranks(targets, config)
+    plain, _ = allocate_ranks(targets, CompressionConfig(budget=0.5))
+    stored = sum(pivoted_params(t.out_features, t.in_features, sum(ranks[t.name])) for t in targets)
+    assert not dense and stored <= 0.5 * total
+    assert sum(map(sum, ranks.values())) > sum(map(sum, plain.values()))
+    spectra = {t.name: torch.linspace(1, 0.01, min(t.out_features, t.in_features)) for t in targets}
+    ranks, dense, _ = allocate_global(targets, spectra, 0.5, 1, pivot=True)
+    stored = sum(pivoted_params(t.out_features, t.in_features, sum(ranks[t.name])) for t in targets if t.name in ranks)
+    stored += sum(t.params for t in targets if t.name in dense)
+    assert stored <= 0.5 * total
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_pivoted_folder_roundtrips(kind, tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS[kind]().eval()
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    report = compress(model, budget=0.5, submatrices=2, pivot=True, progress=False)
+    assert all(m.pivoted for m in report.factorized)
+    assert sum(m.params_after for m in report.factorized) <= 0.5 * sum(m.params_before for m in report.factorized)
+    expected = output_of(model, kind)
+    out = save_compressed(model, tmp_path / "out", source=base)
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["format_version"] == 3
+    with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
+        keys = set(f.keys())
+    name = report.factorized[0].name
+    assert {f"{name}.pivoted.B", f"{name}.pivoted.C", f"{name}.pivoted.rows"} <= keys
+    assert not any(".stage" in k for k in keys)
+    loaded = load_compressed(out, device="cpu")
+    assert any(isinstance(m, PivotedLowRankLinear) for m in loaded.modules())
+    assert torch.equal(output_of(loaded, kind), expected)
+    merged = load_compressed(out, device="cpu", merge=True)
+    assert torch.allclose(output_of(merged, kind), expected, atol=1e-5)
+
+
+def test_plain_folders_stay_format_1_without_the_field(tmp_path):
+    model = TINY_MODELS["gpt2"]().eval()
+    compress(model, budget=0.5, progress=False)
+    out = save_compressed(model, tmp_path / "out")
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["format_version"] == 1  # older svdlora still reads it
+    assert all("pivoted" not in m for m in config["report"]["modules"])
+
+
+def test_edited_pivoted_folder_is_refused(tmp_path):
+    model = TINY_MODELS["gpt2"]().eval()
+    compress(model, budget=0.5, pivot=True, progress=False)
+    out = save_compressed(model, tmp_path / "out")
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config["report"]["modules"][0]["ranks"] = [config["report"]["modules"][0]["ranks"][0] + 1]
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SvdloraError, match="pivoted"):
+        load_compressed(out, device="cpu")
+
+
+def test_healing_trains_pivots_and_coefficients_only():
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    teacher = TINY_MODELS["llama"]().eval()
+    teacher.load_state_dict(model.state_dict())
+    compress(model, budget=0.4, pivot=True, progress=False)
+    layer = next(m for m in model.modules() if isinstance(m, PivotedLowRankLinear))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    batches = [example_inputs("llama", generator_seed=s) for s in range(4)]
+    result = heal(model, batches, 40, teacher=teacher, loss="distill", lr=3e-3, progress=False)
+    assert result.last_loss < result.first_loss
+    assert not torch.equal(layer.C, before["C"]) and not torch.equal(layer.B, before["B"])
+    assert torch.equal(layer.rows, before["rows"])
+
+
+def test_pivot_refuses_what_it_cannot_do():
+    with pytest.raises(SvdloraError, match="stage-dtypes"):
+        CompressionConfig(pivot=True, stage_dtypes=["int8"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), [(["--stage-dtypes", "int8"], "--stage-dtypes"), (["--stream"], "--pivot cannot stream")]
+)
+def test_cli_pivot_conflicts_exit_2_before_loading(gpt2_folder, tmp_path, capsys, extra, message):
+    code = main(["compress", str(gpt2_folder), "--output", str(tmp_path / "out"), "--pivot", *extra])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_pivot_writes_a_pivoted_folder(gpt2_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", str(gpt2_folder), "--output", str(out), "--pivot", "--calibration", "none"]) == 0
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert all(m.get("pivoted") for m in config["report"]["modules"] if m["ranks"])
+    assert "pivoted" in capsys.readouterr().out
