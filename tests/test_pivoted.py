@@ -8,8 +8,8 @@ from safetensors import safe_open
 from torch import nn
 
 from svdlora import SvdloraError, compress, load_compressed, save_compressed
-from svdlora.cli import main
 from svdlora.allocate import allocate_global, allocate_ranks
+from svdlora.cli import main
 from svdlora.config import CompressionConfig
 from svdlora.decompose import rank_for_budget
 from svdlora.heal import heal
