@@ -54,6 +54,24 @@ def pivoted_a(coefficients: torch.Tensor, rows: torch.Tensor, out_features: int)
     return a
 
 
+def pivoted_weight(pivot: torch.Tensor, coefficients: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The (out, in) matrix of pivoted factors: the pivot rows P on rows I, C·P on the others."""
+    out_features = pivot.shape[0] + coefficients.shape[0]
+    weight = pivot.new_empty(out_features, pivot.shape[1])
+    weight[rows] = pivot
+    weight[_complement(rows, out_features)] = coefficients @ pivot
+    return weight
+
+
+def valid_rows(rows: torch.Tensor, out_features: int) -> bool:
+    """Whether ``rows`` can be pivot indices: strictly increasing, within [0, out_features)."""
+    if rows.device.type == "meta" or rows.dtype != torch.long or rows.dim() != 1 or rows.numel() > out_features:
+        return False
+    if not rows.numel():
+        return True
+    return int(rows[0]) >= 0 and int(rows[-1]) < out_features and bool((rows[1:] > rows[:-1]).all())
+
+
 def _complement(rows: torch.Tensor, size: int) -> torch.Tensor:
     keep = torch.ones(size, dtype=torch.bool, device=rows.device)
     keep[rows] = False
@@ -124,7 +142,9 @@ class PivotedLowRankLinear(LowRankLinear):
         return [(self.A, self.B)]  # the stages were summed into one pivoted pair
 
     def dense_weight(self) -> torch.Tensor:
-        return self._reorder(torch.cat([self.B, self.C @ self.B], dim=0).T).T
+        if not valid_rows(self.rows, self.out_features):  # a skeleton transformers initializes: no factors yet
+            return self.B.new_zeros(self.out_features, self.in_features)
+        return pivoted_weight(self.B, self.C, self.rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(x, self.B)
@@ -135,7 +155,10 @@ class PivotedLowRankLinear(LowRankLinear):
         """Columns of ``y`` in (pivot rows, other rows) order -> output order."""
         key = (self.rows.data_ptr(), self.rows._version, self.rows.device)
         if key != self._gather_key:
-            order = torch.cat([self.rows, _complement(self.rows, self.out_features)])
+            # rows not loaded yet (transformers initializes a skeleton through ``weight``): any order will do
+            rows = self.rows if valid_rows(self.rows, self.out_features) else torch.arange(sum(self.ranks))
+            rows = rows.to(self.rows.device)
+            order = torch.cat([rows, _complement(rows, self.out_features)])
             self._gather = torch.empty_like(order)
             self._gather[order] = torch.arange(order.numel(), device=order.device)
             self._gather_key = key

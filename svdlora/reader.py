@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import SvdloraError
 from .layers import CONV1D
-from .pivoted import pivoted_a
+from .pivoted import pivoted_weight, valid_rows
 from .report import CompressionReport
 
 
@@ -104,14 +104,15 @@ def read_state(
             where = place(f"{m.name}.weight")
             full = None
             if m.pivoted:
-                b, c, rows = (tensors.get(f"{m.name}.pivoted.{k}") for k in ("B", "C", "rows"))
-                b, c = b.to(device=where, dtype=dtype or b.dtype), c.to(device=where, dtype=dtype or c.dtype)
-                rows = rows.to(where)
-                if not merge:
+                b, c, rows = _read_pivoted(tensors, m, dtype, where)
+                if merge:
+                    dense = pivoted_weight(b, c, rows)
+                    state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense
+                else:
                     state[f"{m.name}.B"], state[f"{m.name}.C"], state[f"{m.name}.rows"] = b, c, rows
-                    continue
-                a = pivoted_a(c, rows, m.shape[0])
-            elif m.name in (stored_dtypes or {}):
+                del b, c
+                continue
+            if m.name in (stored_dtypes or {}):
                 a, b, full, parts = _read_stored(tensors, m, stored_dtypes[m.name], compute_dtype)
                 a, b = a.to(where), b.to(where)
                 full = None if full is None else full.to(where)
@@ -134,6 +135,18 @@ def read_state(
     finally:
         tensors.close()
     return state
+
+
+def _read_pivoted(tensors: FolderTensors, m, dtype, where) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pivot rows P, coefficients C, pivot indices) of a pivoted module (``svdlora.pivoted``)."""
+    b, c, rows = (tensors.get(f"{m.name}.pivoted.{k}") for k in ("B", "C", "rows"))
+    if not valid_rows(rows, m.shape[0]):
+        raise SvdloraError(
+            f"{str(tensors.folder)!r}: {m.name}.pivoted.rows are not increasing row indices below "
+            f"{m.shape[0]}: the file is corrupted; re-run `svdlora compress`"
+        )
+    b, c = (t.to(device=where, dtype=dtype or t.dtype) for t in (b, c))
+    return b, c, rows.to(where)
 
 
 def _read_stored(tensors: FolderTensors, m, stage_dtypes: list[str], dtype):

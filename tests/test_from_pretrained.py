@@ -161,3 +161,17 @@ def test_sharded_folder_and_strict_checks(tmp_path):
     (folder / "svdlora_config.json").write_text(json.dumps(record))
     with pytest.raises(svdlora.SvdloraError, match="re-run `svdlora compress`"):
         transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_from_pretrained_loads_pivoted_factors(kind, merge, tmp_path):
+    import transformers
+
+    folder = _folder(kind, tmp_path, pivot=True)
+    expected = svdlora.load_compressed(folder, device="cpu", merge=merge)
+    options = {"quantization_config": SvdloraQuantizationConfig(merge=True)} if merge else {}
+    model = getattr(transformers, AUTO[kind]).from_pretrained(folder, **options)
+    pivoted = [m for m in model.modules() if isinstance(m, svdlora.pivoted.PivotedLowRankLinear)]
+    assert len(pivoted) == (0 if merge else len(expected.svdlora_report.factorized))
+    assert torch.equal(_logits(model, kind), _logits(expected, kind))

@@ -158,3 +158,19 @@ def test_cli_pivot_writes_a_pivoted_folder(gpt2_folder, tmp_path, capsys):
     config = json.loads((out / CONFIG_NAME).read_text())
     assert all(m.get("pivoted") for m in config["report"]["modules"] if m["ranks"])
     assert "pivoted" in capsys.readouterr().out
+
+
+def test_corrupted_pivot_indices_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = TINY_MODELS["gpt2"]().eval()
+    report = compress(model, budget=0.5, pivot=True, progress=False)
+    out = save_compressed(model, tmp_path / "out")
+    tensors = load_file(out / WEIGHTS_NAME)
+    with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
+        metadata = f.metadata()
+    key = f"{report.factorized[0].name}.pivoted.rows"
+    tensors[key] = tensors[key].flip(0)  # no longer increasing
+    save_file(tensors, out / WEIGHTS_NAME, metadata=metadata)
+    with pytest.raises(SvdloraError, match="pivoted.rows"):
+        load_compressed(out, device="cpu")

@@ -38,6 +38,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..layers import LowRankLinear, dense_kind, weight_out_in
+from ..pivoted import PivotedLowRankLinear, valid_rows
 from ..version import FORMAT_VERSION, __version__
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ INDEX_NAME = "model.safetensors.index.json"  # writer.INDEX_NAME: a sharded fold
 # A file that never exists: transformers without svdlora fails on it instead of loading random layers.
 GUARD_WEIGHTS_NAME = "svdlora--import-svdlora-before-from_pretrained.safetensors"
 _STAGE_KEY = re.compile(r"^(?P<module>.+)\.stage(?P<stage>\d+)\.(?P<side>[AB])$")
+_PIVOT_KEY = re.compile(r"^(?P<module>.+)\.pivoted\.(?P<side>B|C|rows)$")  # svdlora.pivoted (format 3)
 
 
 class SvdloraQuantizationConfig(QuantizationConfigMixin):
@@ -122,35 +124,34 @@ class SvdloraHfQuantizer(HfQuantizer):
             # The same strict checks as load_compressed (issue 7): config fields, every shard's
             # header and factor shapes, before transformers reads a tensor.
             data = check_folder(Path(self._checkpoint_files[0]).parent)
-            if data.get("format_version", 1) >= 2:
-                # Stages stored in their own dtypes (quantized, a full-rank first stage) and pivoted
-                # factors are not wired into the quantizer: refuse rather than load something else.
+            if data.get("format_version", 1) == 2:
+                # Stages stored in their own dtypes (quantized, a full-rank first stage) are not
+                # wired into the quantizer: refuse rather than load something else.
                 raise ValueError(
-                    "this svdlora folder stores quantized stages (--stage-dtypes, format 2) or pivoted factors "
-                    "(--pivot, format 3), which plain from_pretrained does not load yet: use "
-                    "svdlora.load_compressed(folder)"
+                    "this svdlora folder stores its stages in their own dtypes (--stage-dtypes, format 2), which "
+                    "plain from_pretrained does not load yet: use svdlora.load_compressed(folder)"
                 )
         layouts = _factor_layouts(self._checkpoint_files)
         if not layouts:
             raise ValueError(f"{self._checkpoint_files} holds no svdlora factors: is this an svdlora folder?")
         prefix = getattr(model, "base_model_prefix", "")
         missing = set()
-        for file_name, ranks in layouts.items():
+        for file_name, (ranks, pivoted) in layouts.items():
             name = _model_name(model, file_name, prefix)
             module = model.get_submodule(name)
             kind = dense_kind(module)
             if kind is None:
                 raise ValueError(f"the folder factorizes {file_name!r}, which is a {type(module).__name__} here")
             out_features, in_features = weight_out_in(module).shape
-            layer = LowRankLinear(
-                in_features, out_features, ranks, bias=module.bias is not None, base_kind=kind, device="meta"
-            )
+            cls = PivotedLowRankLinear if pivoted else LowRankLinear
+            layer = cls(in_features, out_features, ranks, bias=module.bias is not None, base_kind=kind, device="meta")
             model.set_submodule(name, layer)
             self._factorized[name] = file_name
-            missing |= {re.escape(f"{name}.{side}") for side in "AB"}
-        # The stage tensors are read after loading; keep them out of transformers' load report.
+            missing |= {re.escape(f"{name}.{side}") for side in (("B", "C", "rows") if pivoted else "AB")}
+        # The factor tensors are read after loading; keep them out of transformers' load report.
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-            r"\.stage\d+\.[AB]$"
+            r"\.stage\d+\.[AB]$",
+            r"\.pivoted\.(B|C|rows)$",
         }
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
             rf"(^|\.){m}$" for m in missing
@@ -159,25 +160,32 @@ class SvdloraHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs):
         wanted = {file_name: name for name, file_name in self._factorized.items()}
-        parts: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: {"A": {}, "B": {}})
+        parts: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
         for path in self._checkpoint_files:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
-                    match = _STAGE_KEY.match(key)
+                    match = _STAGE_KEY.match(key) or _PIVOT_KEY.match(key)
                     if match and match["module"] in wanted:
-                        parts[match["module"]][match["side"]][int(match["stage"])] = f.get_tensor(key)
+                        stage = int(match["stage"]) if "stage" in match.groupdict() else 0
+                        parts[match["module"]][match["side"]][stage] = f.get_tensor(key)
         for file_name, name in wanted.items():
             layer = model.get_submodule(name)
             # Where transformers put this layer (device_map) and in which dtype (dtype= / config).
-            like = layer.bias if layer.bias is not None else layer.A
-            for side, dim in (("A", 1), ("B", 0)):
+            like = layer.bias if layer.bias is not None else layer.B
+            pivoted = isinstance(layer, PivotedLowRankLinear)
+            for side, dim in (("B", 0), ("C", 0)) if pivoted else (("A", 1), ("B", 0)):
                 stages = parts[file_name][side]
                 tensor = torch.cat([stages[j] for j in sorted(stages)], dim=dim)
                 if like.device.type == "meta":  # not materialized by transformers: keep the stored dtype, on CPU
                     tensor = tensor.to("cpu")
                 else:
                     tensor = tensor.to(device=like.device, dtype=like.dtype)
-                setattr(layer, side, nn.Parameter(tensor, requires_grad=layer.A.requires_grad))
+                setattr(layer, side, nn.Parameter(tensor, requires_grad=layer.B.requires_grad))
+            if pivoted:  # the pivot indices: an integer buffer, on the layer's device
+                rows = parts[file_name]["rows"][0]
+                if not valid_rows(rows, layer.out_features):
+                    raise ValueError(f"{file_name}.pivoted.rows are not increasing row indices: the file is corrupted")
+                layer.rows = rows.to("cpu" if like.device.type == "meta" else like.device)
         if self.quantization_config.merge:
             for name in self._factorized:
                 model.set_submodule(name, model.get_submodule(name).to_dense())
@@ -198,16 +206,22 @@ class SvdloraHfQuantizer(HfQuantizer):
         return True  # the factors are ordinary parameters
 
 
-def _factor_layouts(files: list[str]) -> dict[str, list[int]]:
-    """{module name in the file: stage ranks}, from the safetensors headers (no tensor is read)."""
+def _factor_layouts(files: list[str]) -> dict[str, tuple[list[int], bool]]:
+    """{module name in the file: (stage ranks, pivoted)}, from the safetensors headers (no tensor is read).
+    A pivoted module stores its stages summed: one rank, the pivot rows' count."""
     ranks: dict[str, dict[int, int]] = defaultdict(dict)
+    pivoted: dict[str, int] = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 match = _STAGE_KEY.match(key)
                 if match and match["side"] == "A":
                     ranks[match["module"]][int(match["stage"])] = f.get_slice(key).get_shape()[1]
-    return {name: [stages[j] for j in sorted(stages)] for name, stages in ranks.items()}
+                match = _PIVOT_KEY.match(key)
+                if match and match["side"] == "B":
+                    pivoted[match["module"]] = f.get_slice(key).get_shape()[0]
+    layouts = {name: ([stages[j] for j in sorted(stages)], False) for name, stages in ranks.items()}
+    return layouts | {name: ([rank], True) for name, rank in pivoted.items()}
 
 
 def _model_name(model: nn.Module, file_name: str, prefix: str) -> str:
