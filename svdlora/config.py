@@ -125,11 +125,12 @@ class CompressionConfig:
         metadata={"help": "For randomized factors, also compute the exact SVD's error (the accuracy cost)."},
     )
     pivot: bool = field(
+        # off in the API, so code that trains or exports the pairs (A, B) keeps them; on in the CLI
         default=False,
         metadata={
             "help": "Store each factorized matrix in pivoted form (PIFA): its R pivot rows and the coefficients of "
             "the other rows, R·(out + in − R) values instead of R·(out + in), so the same budget buys more rank "
-            "(svdlora.pivoted). Float stages only; not with stage_dtypes or streaming."
+            "(svdlora.pivoted). Float stages only (not with stage_dtypes). `svdlora compress` turns it on."
         },
     )
     stage_dtypes: list[str] | None = field(
@@ -183,6 +184,8 @@ class CompressionConfig:
             )
         if self.pivot and self.stage_dtypes:
             raise SvdloraError("--pivot stores float factors: it does not combine with --stage-dtypes; drop one")
+        if not isinstance(self.pivot, bool):
+            raise SvdloraError(f"pivot must be true or false, got {self.pivot!r}")
         if self.stage_dtypes and self.rank is not None:
             raise SvdloraError("--stage-dtypes works with a byte --budget, not a fixed --rank: drop one of them")
         self.budget = float(self.budget)

@@ -28,12 +28,13 @@ from . import distributed
 from .allocate import allocate_ranks
 from .compress import count_parameters, module_report, svd_options
 from .config import CompressionConfig
-from .decompose import factorize
+from .decompose import factorize, split_rank
 from .errors import SvdloraError
 from .io import _no_weight_init, atomic_folder, check_output, write_side_files
 from .layers import CONV1D, LowRankLinear, dense_kind, weight_out_in
 from .models import check_dense_folder, model_class, parse_dtype
 from .outputs import ensure_space
+from .pivoted import PivotedLowRankLinear, pivot_factors
 from .precision import layer_bytes, stage_formats, target_bytes
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
@@ -59,11 +60,6 @@ def check_streamable(config: CompressionConfig, calibration=None) -> None:
         raise SvdloraError(
             "--stage-dtypes cannot stream yet (the quantized stage chain is built in memory): drop --stream "
             "(and run without torchrun), or drop --stage-dtypes"
-        )
-    if getattr(config, "pivot", False):
-        raise SvdloraError(
-            "--pivot cannot stream yet (the streamed file layout holds factor pairs): drop --stream "
-            "(and run without torchrun), or drop --pivot"
         )
     method = getattr(config, "method", "svd")
     calibrated = (
@@ -212,7 +208,7 @@ def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote
         if key is None:
             raise SvdloraError(f"{str(source)!r} has no tensor for {t.name}.weight: compress without --stream")
         weight_dtype[t.name] = out.out_dtype(ckpt.spec[key].dtype)
-        layer = LowRankLinear(
+        layer = (PivotedLowRankLinear if config.pivot else LowRankLinear)(
             t.in_features, t.out_features, ranks[t.name], bias=t.module.bias is not None,
             base_kind=t.kind, device="meta", dtype=weight_dtype[t.name],
         )  # fmt: skip
@@ -224,19 +220,19 @@ def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote
             hf_config.tie_word_embeddings = False
     layout, out.tied = file_layout(model)
     buffers = out.buffers = dict(model.named_buffers())
-    stage_owner = {
-        f"{name}.stage{j}.{part}": name
+    stage_owner = {  # factor tensors -> their layer: written by the factorize jobs
+        key: name
         for name, layer in model.named_modules()
         if isinstance(layer, LowRankLinear)
-        for j in range(len(layer.ranks))
-        for part in "AB"
+        for key in _factor_keys(name, layer)
     }
     aliases: dict[str, list[str]] = {}
     for alias, stored in out.tied.items():
         aliases.setdefault(stored, []).append(alias)
     for key, tensor in layout:
         if key in stage_owner:
-            out.specs.append(TensorSpec(key, tuple(tensor.shape), weight_dtype[stage_owner[key]]))
+            kind = tensor.dtype if not tensor.is_floating_point() else weight_dtype[stage_owner[key]]
+            out.specs.append(TensorSpec(key, tuple(tensor.shape), kind))  # pivot indices stay int64
         elif (src := find([key, *aliases.get(key, [])])) is not None:
             out.specs.append(TensorSpec(key, ckpt.spec[src].shape, out.out_dtype(ckpt.spec[src].dtype)))
             out.jobs.append(("copy", src, key))
@@ -292,7 +288,8 @@ def compress_checkpoint(
     )
     with atomic_folder(output, overwrite, inputs=[source]) if ctx.is_main else _nothing() as tmp:
         tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
-        writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied), max_shard_size)
+        format_version = 3 if config.pivot else 1  # as save_compressed writes it
+        writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied, format_version), max_shard_size)
         if ctx.is_main:
             ensure_space(tmp, writer.total_size, str(output))
             writer.create_files()
@@ -323,6 +320,7 @@ def compress_checkpoint(
                 class_name=type(p.model).__name__,
                 dtype=p.specs[0].dtype if p.specs else None,
                 world_size=ctx.world_size,
+                format_version=format_version,
             )
     ctx.barrier()  # the folder is in place before any rank returns
     logger.info("streamed %d matrices in %.1f s", len(reports), report.seconds)
@@ -350,6 +348,12 @@ def _generation_config(source):
     return None
 
 
+def _factor_keys(name: str, layer: LowRankLinear) -> list[str]:
+    if isinstance(layer, PivotedLowRankLinear):
+        return [f"{name}.pivoted.{part}" for part in ("B", "C", "rows")]
+    return [f"{name}.stage{j}.{part}" for j in range(len(layer.ranks)) for part in "AB"]
+
+
 def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, progress: bool) -> dict:
     """Read, factorize or copy, and write this process's jobs; returns their report lines."""
     reports = {}
@@ -369,24 +373,34 @@ def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, p
                 f"weight of {what.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {what.name}"
             )
         w = weight.T if what.kind == CONV1D else weight  # (out, in), as weight_out_in gives
-        f = factorize(w, ranks_of(writer, what.name), **options)
-        bounds = [0]
-        for r in f.ranks:
-            bounds.append(bounds[-1] + r)
-        for j in range(len(f.ranks)):
-            writer.write(f"{what.name}.stage{j}.A", f.a[:, bounds[j] : bounds[j + 1]])
-            writer.write(f"{what.name}.stage{j}.B", f.b[bounds[j] : bounds[j + 1]])
+        f = factorize(w, ranks_of(writer, what.name, config.submatrices), **options)
         line = module_report(what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f)
         # the bytes compress() reports (issue 9): every stage in the output dtype
         line.stored_bytes = layer_bytes(f.ranks, stage_formats(None, len(f.ranks), weight.dtype), *w.shape)
+        if config.pivot:  # as compress() stores it: pivot rows, coefficients and the pivot indices
+            rows, coefficients, pivot = pivot_factors(f.a, f.b)
+            for part, tensor in (("B", pivot), ("C", coefficients), ("rows", rows)):
+                writer.write(f"{what.name}.pivoted.{part}", tensor)
+            line.pivoted = True
+            line.stored_bytes = line.params_after * weight.dtype.itemsize + 8 * sum(f.ranks)
+        else:
+            bounds = [0]
+            for r in f.ranks:
+                bounds.append(bounds[-1] + r)
+            for j in range(len(f.ranks)):
+                writer.write(f"{what.name}.stage{j}.A", f.a[:, bounds[j] : bounds[j + 1]])
+                writer.write(f"{what.name}.stage{j}.B", f.b[bounds[j] : bounds[j + 1]])
         line.dense_bytes = target_bytes(what, weight.dtype)
         reports[what.name] = line
         del weight, w, f
     return reports
 
 
-def ranks_of(writer: ShardedWriter, name: str) -> list[int]:
-    """The stage ranks laid out for ``name`` (from the planned A shapes)."""
+def ranks_of(writer: ShardedWriter, name: str, submatrices: int = 1) -> list[int]:
+    """The stage ranks laid out for ``name`` (from the planned A shapes; a pivoted layer's total rank
+    split over the stages as the allocator splits it)."""
+    if f"{name}.pivoted.B" in writer.where:
+        return split_rank(writer.where[f"{name}.pivoted.B"][2].shape[0], submatrices)
     ranks, j = [], 0
     while f"{name}.stage{j}.A" in writer.where:
         ranks.append(writer.where[f"{name}.stage{j}.A"][2].shape[1])

@@ -143,12 +143,9 @@ def test_pivot_refuses_what_it_cannot_do():
         CompressionConfig(pivot=True, stage_dtypes=["int8"])
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"), [(["--stage-dtypes", "int8"], "--stage-dtypes"), (["--stream"], "--pivot cannot stream")]
-)
-def test_cli_pivot_conflicts_exit_2_before_loading(gpt2_folder, tmp_path, capsys, extra, message):
-    code = main(["compress", str(gpt2_folder), "--output", str(tmp_path / "out"), "--pivot", *extra])
-    assert code == 2 and message in capsys.readouterr().err
+def test_cli_pivot_with_stage_dtypes_exits_2_before_loading(gpt2_folder, tmp_path, capsys):
+    code = main(["compress", str(gpt2_folder), "--output", str(tmp_path / "out"), "--pivot", "--stage-dtypes", "int8"])
+    assert code == 2 and "--stage-dtypes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

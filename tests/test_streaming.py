@@ -36,6 +36,8 @@ def weight_bytes(folder: Path) -> dict[str, bytes]:
         (tiny_gpt2, {"rank": 4, "submatrices": 2}, None),  # Conv1D, head tied by default
         (tied_llama, {"budget": 0.4, "keep_head": False, "exclude": ["*.v_proj"]}, None),
         (tiny_gpt2, {"budget": 0.5}, "bfloat16"),
+        (tied_llama, {"budget": 0.5, "submatrices": 2, "pivot": True}, None),  # svdlora.pivoted
+        (tiny_gpt2, {"budget": 0.6, "pivot": True}, "bfloat16"),
     ],
 )
 def test_streamed_files_equal_in_memory_files(tmp_path, make, settings, dtype):

@@ -73,10 +73,12 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--pivot",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="store each matrix as its R pivot rows plus the coefficients of the other rows (PIFA): "
-        "R·(out+in−R) values instead of R·(out+in), so the budget buys more rank; float stages only, "
-        "not with --stage-dtypes or --stream",
+        "R·(out+in−R) values instead of R·(out+in), so the budget buys more rank (SmolLM2 at budget 0.5: "
+        "perplexity 2.25x dense instead of 2.60x). Default: on, except with --stage-dtypes (factor pairs); "
+        "--no-pivot writes the factor pairs A_j, B_j of every stage",
     )
     p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules (glob, or re:REGEX)")
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         svd_reference=args.svd_reference,
         svd_device=args.svd_device,
         stage_dtypes=args.stage_dtypes,
-        pivot=args.pivot,
+        pivot=not args.stage_dtypes if args.pivot is None else args.pivot,
         **calibration_options(args),
     )
     check_calibration(args.calibration)
