@@ -196,14 +196,14 @@ def main(argv=None) -> int:
             ppl = perplexity(model, tokenizer, test, args.limit, args.device)
             record(label, budget, ppl, seconds, report, answer=answer(model, tokenizer, PROMPT))
             if label == DEFAULT_ROW and budget == args.heal_budget and args.heal_seconds:
-                heal_rows(model, report, seconds, dense, tokenizer, test, sources[which][0], args, record)
+                heal_rows(model, report, seconds, dense, tokenizer, test, sources[which][0], args, record, label)
             del model
     path = write_results(args.name, results)
     print(json.dumps(machine_info()), f"\nwrote {path}")
     return 0
 
 
-def heal_rows(model, report, seconds, dense, tokenizer, test, batches, args, record) -> None:
+def heal_rows(model, report, seconds, dense, tokenizer, test, batches, args, record, row) -> None:
     """Healing of the default row's model: distillation from the dense model, the LM loss, and the
     dense model given the same LM fine-tune (its control); each for ``--heal-seconds``."""
     steps = 100_000  # the time limit decides
@@ -212,7 +212,7 @@ def heal_rows(model, report, seconds, dense, tokenizer, test, batches, args, rec
         teacher = dense if loss == "distill" else None
         healed = heal(student, batches, steps, teacher=teacher, loss=loss, seconds=args.heal_seconds)
         ppl = perplexity(student, tokenizer, test, args.limit, args.device)
-        label = f"default + healing ({loss}, {args.heal_seconds:.0f} s)"
+        label = f"{row} + healing ({loss}, {args.heal_seconds:.0f} s)"
         said = answer(student, tokenizer, PROMPT)
         record(label, args.heal_budget, ppl, seconds + healed.seconds, report, heal=healed.to_dict(), answer=said)
     if "lm" not in args.heal_losses:

@@ -33,14 +33,15 @@ from svdlora.targets import find_targets
 
 NAME = "quality_models"
 BUDGETS = (0.8, 0.5, 0.3)
-# (row label, method, allocation, refit, calibrated)
+# (row label, method, allocation, refit, calibrated, pivoted factors)
 ROWS = [
-    ("plain SVD, uniform (sources)", "svd", "uniform", False, False),
-    ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, True),
-    ("+ Fisher output weights", "fisher", "uniform", False, True),
-    ("+ global allocation", "fisher", "global", False, True),
-    ("Kronecker-factored Fisher (kfac) + global", "kfac", "global", False, True),  # the default
-    ("Fisher + global + refit", "fisher", "global", True, True),
+    ("plain SVD, uniform (sources)", "svd", "uniform", False, False, False),
+    ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, True, False),
+    ("+ Fisher output weights", "fisher", "uniform", False, True, False),
+    ("+ global allocation", "fisher", "global", False, True, False),
+    ("Kronecker-factored Fisher (kfac) + global", "kfac", "global", False, True, False),
+    ("Fisher + global + refit", "fisher", "global", True, True, False),
+    ("kfac + global + pivoted factors (PIFA)", "kfac", "global", False, True, True),  # the CLI's default
 ]
 
 
@@ -57,13 +58,13 @@ def side_by_side(name, dense, processor, calibration_data, evaluate, args, resul
     print(name, "dense", entry["dense"], flush=True)
     rows = [ROWS[i] for i in args.rows] if args.rows is not None else ROWS
     for budget in args.budgets:
-        for label, method, allocation, refit, calibrated in rows:
+        for label, method, allocation, refit, calibrated, pivot in rows:
             model = copy.deepcopy(dense)
             t = time.perf_counter()
             svdlora.compress(
                 model, budget=budget, method=method, allocation=allocation, refit=refit,
                 calibration=batches if calibrated else None, statistics=stats if calibrated else None,
-                progress=False,
+                pivot=pivot, progress=False,
             )  # fmt: skip
             seconds = time.perf_counter() - t + (stat_seconds if calibrated else 0.0)
             row = {"setting": label, "budget": budget, "seconds": seconds, **evaluate(model)}

@@ -14,14 +14,20 @@ from pathlib import Path
 from benchmarks.common import DEFAULT_RESULTS
 
 PLAIN = "plain SVD, uniform (sources)"
-DEFAULT = "Kronecker-factored Fisher (kfac) + global"  # the default with calibration data
-SELF = "no data: self-generated text, kfac + global (default)"
-# parts whose "default" healing rows healed the Fisher + global model (kfac became the default after)
-FISHER_DEFAULT_FILES = ("quality-b2.json",)
+DEFAULT = "kfac + global + pivoted factors (PIFA)"  # the default with calibration data
+SELF = "no data: self-generated text, kfac + global + pivoted (default)"
+# Healing rows were labelled "default + healing" until they carried their row's label: which model
+# the default was in each part (quality-pivot.json healed at 1 thread while the test suite ran beside it)
+DEFAULT_HEALED = {
+    "quality-b2.json": "Fisher + global",
+    "quality-heal.json": "kfac + global",
+    "quality-pivot.json": "kfac + global + pivoted (1 thread, test suite running beside it)",
+}
 # rows measured while another setting was the default kept that label in their JSON
 RENAMES = {
     "Fisher + global + refit (default)": "Fisher + global + refit (16 samples)",
     "no data: self-generated text, Fisher + global (default)": "no data: self-generated text, Fisher + global",
+    "no data: self-generated text, kfac + global (default)": "no data: self-generated text, kfac + global",
 }
 
 
@@ -108,9 +114,9 @@ def targets(data: dict) -> list[str]:
 
     control = next((r for r in rows if "control" in r["setting"]), None)
 
-    def healed(loss: str) -> dict | None:  # the default model healed, else any healed row
+    def healed(loss: str) -> dict | None:  # the default model healed on the quiet machine, else any healed row
         found = [r for r in rows if f"healing ({loss}" in r["setting"]]
-        return next((r for r in found if r["setting"].startswith("default")), found[0] if found else None)
+        return next((r for r in found if r["setting"].startswith(DEFAULT)), found[0] if found else None)
 
     lm, distill = healed("lm"), healed("distill")
     cells = [
@@ -221,9 +227,9 @@ def render(results: Path = DEFAULT_RESULTS) -> Path:
     data = _load(results, "quality")
     for extra in sorted(results.glob("quality-*.json")):  # runs resumed with other --budgets / --rows
         more = json.loads(extra.read_text())
-        if extra.name in FISHER_DEFAULT_FILES:  # healed while Fisher + global was the default
+        if extra.name in DEFAULT_HEALED:
             for r in more["rows"]:
-                r["setting"] = r["setting"].replace("default + healing", "Fisher + global + healing")
+                r["setting"] = r["setting"].replace("default + healing", f"{DEFAULT_HEALED[extra.name]} + healing")
         if data is None:
             data = more
         elif (
