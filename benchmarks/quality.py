@@ -43,21 +43,32 @@ from svdlora.targets import find_targets
 NAME = "quality"
 PROMPT = "What is the capital of France?"  # the README demo's question
 SMOLLM2 = Path.home() / ".cache" / "svdlora" / "SmolLM2-135M"
-# (row label, method, allocation, refit, calibration source, pivoted factors)
+# (row label, method, allocation, refit, calibration source, more compress options)
 DEFAULT_ROW = "kfac + global + pivoted factors (PIFA)"  # svdlora's default with calibration data
+PIVOT = {"pivot": True}
+QUANTIZED = {"stage_dtypes": ["full-int4", "int8"], "submatrices": 2}  # issue 9's recipe: budget = bits / 32
 ROWS = [
-    ("plain SVD, uniform (sources)", "svd", "uniform", False, None, False),
-    ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, "valid", False),
-    ("+ Fisher output weights", "fisher", "uniform", False, "valid", False),
-    ("+ global allocation", "fisher", "global", False, "valid", False),
-    ("whitened + refit", "whiten", "uniform", True, "valid", False),
-    ("Fisher + global + refit (16 samples)", "fisher", "global", True, "valid", False),
-    ("no data: self-generated text, Fisher + global", "fisher", "global", False, "self", False),
-    ("Kronecker-factored Fisher (kfac) + global", "kfac", "global", False, "valid-kfac", False),
-    ("no data: self-generated text, kfac + global", "kfac", "global", False, "self-kfac", False),
-    (DEFAULT_ROW, "kfac", "global", False, "valid-kfac", True),
-    ("no data: self-generated text, kfac + global + pivoted (default)", "kfac", "global", False, "self-kfac", True),
-    ("plain SVD, uniform, pivoted factors", "svd", "uniform", False, None, True),
+    ("plain SVD, uniform (sources)", "svd", "uniform", False, None, {}),
+    ("whitened, uniform (SVD-LLM)", "whiten", "uniform", False, "valid", {}),
+    ("+ Fisher output weights", "fisher", "uniform", False, "valid", {}),
+    ("+ global allocation", "fisher", "global", False, "valid", {}),
+    ("whitened + refit", "whiten", "uniform", True, "valid", {}),
+    ("Fisher + global + refit (16 samples)", "fisher", "global", True, "valid", {}),
+    ("no data: self-generated text, Fisher + global", "fisher", "global", False, "self", {}),
+    ("Kronecker-factored Fisher (kfac) + global", "kfac", "global", False, "valid-kfac", {}),
+    ("no data: self-generated text, kfac + global", "kfac", "global", False, "self-kfac", {}),
+    (DEFAULT_ROW, "kfac", "global", False, "valid-kfac", PIVOT),
+    ("no data: self-generated text, kfac + global + pivoted (default)", "kfac", "global", False, "self-kfac", PIVOT),
+    ("plain SVD, uniform, pivoted factors", "svd", "uniform", False, None, PIVOT),
+    ("kfac + global, full-int4 + int8 repair (budget in bytes)", "kfac", "global", False, "valid-kfac", QUANTIZED),
+    (
+        "no data: kfac + global, full-int4 + int8 repair (budget in bytes)",
+        "kfac",
+        "global",
+        False,
+        "self-kfac",
+        QUANTIZED,
+    ),  # fmt: skip
 ]
 logger = logging.getLogger(__name__)
 
@@ -181,6 +192,10 @@ def main(argv=None) -> int:
         if report is not None:
             row["model_params"] = report.model_params_after
             row["dense_layers"] = sum(1 for m in report.modules if not m.factorized)
+            # bits per weight of the targeted matrices as stored (a matrix left dense: float32)
+            stored = sum(m.stored_bytes or 0 for m in report.factorized)
+            stored += sum(4 * m.params_before for m in report.modules if not m.factorized)
+            row["bits_per_weight"] = 8 * stored / sum(m.params_before for m in report.modules)
         row.update(more)
         results["rows"].append(row)
         print(
@@ -189,9 +204,9 @@ def main(argv=None) -> int:
         write_results(args.name, results)
 
     for budget in args.budgets:
-        for label, method, allocation, refit, which, pivot in rows:
+        for label, method, allocation, refit, which, options in rows:
             model, report, seconds = compress_row(
-                dense, tokenizer, budget, method, allocation, refit, source(which), args, pivot=pivot
+                dense, tokenizer, budget, method, allocation, refit, source(which), args, **options
             )
             ppl = perplexity(model, tokenizer, test, args.limit, args.device)
             record(label, budget, ppl, seconds, report, answer=answer(model, tokenizer, PROMPT))

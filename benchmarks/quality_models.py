@@ -74,7 +74,8 @@ def side_by_side(name, dense, processor, calibration_data, evaluate, args, resul
             write_results(args.name, results)
 
 
-def vit(args, results) -> None:
+def vit_setup(args):
+    """(dense ViT, its processor, calibration images, evaluate(model) -> {"accuracy"})."""
     processor = AutoImageProcessor.from_pretrained(args.vit)
     dense = AutoModelForImageClassification.from_pretrained(args.vit).eval()
 
@@ -83,10 +84,11 @@ def vit(args, results) -> None:
                              progress=False)  # fmt: skip
         return {"accuracy": r["model"]["metrics"]["accuracy"]}
 
-    side_by_side("vit", dense, processor, args.cifar_train, evaluate, args, results)
+    return dense, processor, args.cifar_train, evaluate
 
 
-def marian(args, results) -> None:
+def marian_setup(args):
+    """(dense Marian, its tokenizer, calibration sources, evaluate(model) -> {"bleu", "chrf"})."""
     tokenizer = AutoTokenizer.from_pretrained(args.marian)
     dense = MarianMTModel.from_pretrained(args.marian).eval()
 
@@ -97,12 +99,12 @@ def marian(args, results) -> None:
         metrics = r["model"]["metrics"]
         return {"bleu": metrics["bleu"], "chrf": metrics["chrf"]}
 
-    side_by_side("marian", dense, tokenizer, args.train_src, evaluate, args, results)
+    return dense, tokenizer, args.train_src, evaluate
 
 
-def main(argv=None) -> int:
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The ViT / Marian options shared with ``benchmarks.precision_models``."""
     m30k = DEFAULT_DATA / "multi30k"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vit", type=Path, help="ViT folder (benchmarks.train_vit)")
     p.add_argument("--cifar-train", type=Path, help="CIFAR-10 training image folder (calibration)")
     p.add_argument("--cifar-test", type=Path, help="CIFAR-10 test image folder")
@@ -112,6 +114,11 @@ def main(argv=None) -> int:
     p.add_argument("--test-src", type=Path, default=m30k / "test_2016_flickr.de.gz")
     p.add_argument("--test-tgt", type=Path, default=m30k / "test_2016_flickr.en.gz")
     p.add_argument("--sentences", type=int, default=300, help="test sentences")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(p)
     p.add_argument("--calibration-samples", type=int, default=256)
     p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     p.add_argument("--rows", nargs="+", type=int, default=None, help="only these rows (indices into ROWS)")
@@ -120,9 +127,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     results = {"command": "python -m benchmarks.quality_models " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.vit:
-        vit(args, results)
+        side_by_side("vit", *vit_setup(args), args, results)
     if args.marian:
-        marian(args, results)
+        side_by_side("marian", *marian_setup(args), args, results)
     print("wrote", write_results(args.name, results))
     return 0
 

@@ -41,10 +41,14 @@ def _ppl(row: dict) -> str:
     return f"{p:,.3g} ({row['x_dense']:.2e}×)" if p > 1e4 else f"{p:.2f} ({row['x_dense']:.2f}×)"
 
 
+BYTES = "(budget in bytes)"  # issue 9's stage-dtype rows: a byte budget, shown apart by bits per weight
+
+
 def smollm2(data: dict) -> list[str]:
-    rows = data["rows"]
-    for r in rows:
+    for r in data["rows"]:
         r["setting"] = RENAMES.get(r["setting"], r["setting"])
+    quantized = [r for r in data["rows"] if BYTES in r["setting"]]
+    rows = data["rows"] = [r for r in data["rows"] if BYTES not in r["setting"]]
     budgets = sorted({r["budget"] for r in rows if r["budget"] < 1 and "healing" not in r["setting"]}, reverse=True)
     settings = list(dict.fromkeys(r["setting"] for r in rows if "healing" not in r["setting"] and r["budget"] < 1))
     plain_time = {r["budget"]: r["seconds"] for r in rows if r["setting"] == PLAIN}
@@ -83,6 +87,15 @@ def smollm2(data: dict) -> list[str]:
             f"{plain_time[b]:.0f} s" for b in budgets if b in plain_time) + ")"  # fmt: skip
         shown = f"{setting} (the default with data)" if setting == DEFAULT else setting
         out.append(f"| {shown} | " + " | ".join(cells) + f" | {span} |")
+    if quantized:
+        out += ["", "Stage dtypes (issue 9's `--stage-dtypes full-int4,int8`: the whole matrix in int4 group 128, "
+                "then a low-rank int8 repair stage), the budget counted in bytes of the float32 matrices:", "",
+                "| setting | bits per weight | perplexity (× dense) | answer |",
+                "| --- | --- | --- | --- |"]  # fmt: skip
+        out += [
+            f"| {r['setting'].replace(BYTES, '').strip()} | {r['bits_per_weight']:.2f} | {_ppl(r)} | {r['answer']!r} |"
+            for r in quantized
+        ]
     answers = [r for r in rows if r.get("answer") is not None]
     if answers:
         out += ["", "Greedy answer to the README demo's question \"What is the capital of France?\" "

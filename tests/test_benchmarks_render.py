@@ -91,3 +91,24 @@ def test_calibrated_extraction_columns_keep_every_existing_cell():
     assert measured.count("| pending | pending |") == 3 and "Pending" not in measured
     assert "16,384 calibration tokens" in measured and "reproduce the plain run's exactly" in measured
     assert "Pending" in pending and pending.count("| pending | pending |") == 4
+
+
+def test_precision_models_report_compares_stages_at_equal_bytes(tmp_path):
+    from benchmarks import precision_models
+
+    def row(recipe, n, bits, accuracy):
+        return {"recipe": recipe, "n": n, "bits": bits, "accuracy": accuracy, "stage_dtypes": ["int8"]}
+
+    machine = {"platform": "test", "torch": "x", "torch_threads": 1, "date": "d"}
+    rows = [row("one bfloat16 stage", 1, 3, 0.60), row("2 int8 stages", 2, 3, 0.70), row("1 int8 stages", 1, 3, 0.9)]
+    rows += [row("one bfloat16 stage", 1, 2, 0.50), row("2 int8 stages", 2, 2, 0.40)]
+    path = tmp_path / "precision_models.json"
+    path.write_text(
+        json.dumps({"command": "fake", "machine": machine, "vit": {"dense": {"accuracy": 0.8}, "rows": rows}})
+    )
+    text = precision_models.report(path)
+    assert "| 2 int8 stages | 0.7 | 0.4 |" in text
+    # one int8 stage is not multi-stage: the verdict compares n > 1 with the one float stage
+    assert "3 bits/w: the best multi-stage recipe (2 int8 stages, accuracy 0.7) beats one bfloat16 stage (0.6)" in text
+    assert "2 bits/w: the best multi-stage recipe (2 int8 stages, accuracy 0.4) does not beat" in text
+    assert [s["n"] for s in precision_models.settings(4.5)][-1] == 2 and len(precision_models.settings(3)) == 10
