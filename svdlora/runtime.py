@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import SvdloraError
 from .layers import LowRankLinear
+from .pivoted import PivotedLowRankLinear
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +47,31 @@ def _best_time(fn, repeats: int, inner: int) -> float:
 
 @cache
 def measure(
-    out_features: int, in_features: int, rank: int, device: str, dtype: torch.dtype, tokens: int = 1
+    out_features: int,
+    in_features: int,
+    rank: int,
+    device: str,
+    dtype: torch.dtype,
+    tokens: int = 1,
+    pivoted: bool = False,
 ) -> tuple[float, float]:
-    """(factorized, merged) seconds per call of a layer of this shape on a (tokens, in) input."""
+    """(factorized, merged) seconds per call of a layer of this shape on a (tokens, in) input;
+    ``pivoted``: the factorized layer is in pivoted form (``svdlora.pivoted``: P·x, then C·(P·x), a gather)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(tokens, in_features, generator=g).to(device, dtype)
     a = torch.randn(out_features, rank, generator=g).to(device, dtype)
     b = torch.randn(rank, in_features, generator=g).to(device, dtype)
     w = a @ b
+    c = a[rank:]
+    order = torch.randperm(out_features, generator=g).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def factorized():
-        F.linear(F.linear(x, b), a)
+        if pivoted:
+            z = F.linear(x, b)
+            torch.cat([z, F.linear(z, c)], dim=-1).index_select(-1, order)
+        else:
+            F.linear(F.linear(x, b), a)
 
     def merged():
         F.linear(x, w)
@@ -75,7 +89,8 @@ def measure(
 def choose(layer: LowRankLinear, tokens: int = 1) -> str:
     """'factorized' or 'merged', whichever measured faster for this layer on its device."""
     device, dtype = str(layer.B.device), layer.B.dtype
-    fac, mer = measure(layer.out_features, layer.in_features, sum(layer.ranks), device, dtype, tokens)
+    pivoted = isinstance(layer, PivotedLowRankLinear)
+    fac, mer = measure(layer.out_features, layer.in_features, sum(layer.ranks), device, dtype, tokens, pivoted)
     return "factorized" if fac <= mer else "merged"
 
 
