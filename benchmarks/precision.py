@@ -313,8 +313,7 @@ def report(results: Path = DEFAULT_RESULTS) -> str:
         "stages of its residual as stored; `full-int4g64`/`g32`: groups of 64/32), `RTN …` (`full-…` alone:",
         "plain round-to-nearest). Calibrated rows,",
         "when present, use the calibration issue's whitening and global allocation, statistics collected once",
-        "on WikiText-2 valid. ViT and Marian rows are not here: their trained benchmark models are not cached",
-        "on this machine.",
+        "on WikiText-2 valid. ViT and Marian: the last subsection (`benchmarks.precision_models`).",
     ]
     for method in ("calibrated", "svd"):
         levels = _load(results, f"levels_{method}")
@@ -373,6 +372,10 @@ def report(results: Path = DEFAULT_RESULTS) -> str:
                 f"| {r['bits_per_weight']:.2f} | {_ppl(r['perplexity'])} | {r['rel_error_mean']:.5f} "
                 f"| {r['compress_s']:.0f} |"
             )
+    if (results / "precision_models.json").is_file():
+        from benchmarks import precision_models
+
+        lines += ["", precision_models.report(results / "precision_models.json").rstrip()]
     return "\n".join(lines) + "\n"
 
 

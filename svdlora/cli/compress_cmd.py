@@ -71,15 +71,7 @@ def register(subparsers) -> None:
         "float16, bfloat16, int8, int4 (group 128), int4g64, int4g32, or full-int8 / full-int4 as a full-rank "
         "quantized first stage; the budget then counts bytes (default: every stage in the model's dtype)",
     )
-    p.add_argument(
-        "--pivot",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="store each matrix as its R pivot rows plus the coefficients of the other rows (PIFA): "
-        "R·(out+in−R) values instead of R·(out+in), so the budget buys more rank (SmolLM2 at budget 0.5: "
-        "perplexity 2.25x dense instead of 2.60x). Default: on, except with --stage-dtypes (factor pairs); "
-        "--no-pivot writes the factor pairs A_j, B_j of every stage",
-    )
+    options.add_pivot_flag(p)
     p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules (glob, or re:REGEX)")
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
     p.add_argument(
@@ -151,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         svd_reference=args.svd_reference,
         svd_device=args.svd_device,
         stage_dtypes=args.stage_dtypes,
-        pivot=not args.stage_dtypes if args.pivot is None else args.pivot,
+        pivot=options.pivot_option(args),
         **calibration_options(args),
     )
     check_calibration(args.calibration)

@@ -47,6 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--tolerance", type=float, default=0.02, help="bisection stops within this budget (default 0.02)")
     p.add_argument("--submatrices", type=options.positive_int("submatrices"), default=1)
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
+    options.add_pivot_flag(p)
     p.add_argument("--limit", type=options.positive_int("limit"), help="only the first N windows / images / sentences")
     p.add_argument("--max-length", type=options.positive_int("max-length"), help="text: tokens per window")
     p.add_argument("--batch-size", type=options.positive_int("batch-size"))
@@ -78,7 +79,12 @@ def run(args: argparse.Namespace) -> int:
     task = args.task or infer_task(model)
     target = parse_target(args.target, task) if args.target else None
     processor = _load_processor(args.model, task)
-    compress_options = {"submatrices": args.submatrices, "exclude": args.exclude, **calibration_options(args)}
+    compress_options = {
+        "submatrices": args.submatrices,
+        "exclude": args.exclude,
+        "pivot": options.pivot_option(args),
+        **calibration_options(args),
+    }
     calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model)
     if calibration is not None:
         from ..calibration_data import calibration_batches
