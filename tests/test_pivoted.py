@@ -171,3 +171,16 @@ def test_corrupted_pivot_indices_are_refused(tmp_path):
     save_file(tensors, out / WEIGHTS_NAME, metadata=metadata)
     with pytest.raises(SvdloraError, match="pivoted.rows"):
         load_compressed(out, device="cpu")
+
+
+def test_pivoted_factors_buy_more_rank_and_less_error_at_the_same_budget():
+    torch.manual_seed(0)
+    pairs, pivoted = TINY_MODELS["llama"]().eval(), TINY_MODELS["llama"]().eval()
+    pivoted.load_state_dict(pairs.state_dict())
+    a = compress(pairs, budget=0.5, progress=False)
+    b = compress(pivoted, budget=0.5, pivot=True, progress=False)
+    assert sum(m.params_after for m in b.factorized) <= 0.5 * sum(m.params_before for m in b.factorized)
+    by_name = {m.name: m for m in a.factorized}
+    for m in b.factorized:
+        assert sum(m.ranks) > sum(by_name[m.name].ranks)
+        assert m.rel_error < by_name[m.name].rel_error
