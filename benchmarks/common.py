@@ -55,3 +55,12 @@ def stopwatch():
         yield elapsed
     finally:
         end = time.perf_counter()
+
+
+def targeted_bits_per_weight(report) -> float:
+    """Bits per weight of the matrices the budget covers, as stored (scales included): every factorized
+    matrix, and those the allocator kept dense (in float32); an excluded head or embedding is not counted."""
+    reasons = ("budget", "allocation")  # the allocators' reasons, as opposed to exclusion and the head
+    allocated = [m for m in report.modules if m.factorized or any(r in (m.dense_reason or "") for r in reasons)]
+    stored = sum(m.stored_bytes if m.factorized else 4 * m.params_before for m in allocated)
+    return 8 * stored / sum(m.params_before for m in allocated)

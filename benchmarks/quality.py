@@ -32,7 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import svdlora
-from benchmarks.common import DEFAULT_CACHE, machine_info, write_results
+from benchmarks.common import DEFAULT_CACHE, machine_info, targeted_bits_per_weight, write_results
 from benchmarks.data import DEFAULT_DATA
 from svdlora.calibration import collect_statistics
 from svdlora.calibration_data import SELF, calibration_batches
@@ -192,10 +192,7 @@ def main(argv=None) -> int:
         if report is not None:
             row["model_params"] = report.model_params_after
             row["dense_layers"] = sum(1 for m in report.modules if not m.factorized)
-            # bits per weight of the targeted matrices as stored (a matrix left dense: float32)
-            stored = sum(m.stored_bytes or 0 for m in report.factorized)
-            stored += sum(4 * m.params_before for m in report.modules if not m.factorized)
-            row["bits_per_weight"] = 8 * stored / sum(m.params_before for m in report.modules)
+            row["bits_per_weight"] = targeted_bits_per_weight(report)
         row.update(more)
         results["rows"].append(row)
         print(
