@@ -8,7 +8,8 @@ At budget 0.5 on a square matrix that is about 17% more rank for the same parame
 budget 1.0 reaches full rank. The forward pass is two smaller matmuls: z = P·x gives the pivot
 outputs, C·z the others, and one gather puts them back in order.
 
-The pivots are chosen by LU with partial pivoting on A (float64), which keeps |C| moderate.
+The pivots are chosen by LU with partial pivoting on an orthonormal basis of A's columns
+(float64), which keeps |C| moderate and works for a rank-deficient A.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ def pivoted_params(out_features: int, in_features: int, rank: int) -> int:
 def pivot_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pivot rows index I, coefficients C, pivot rows P) with A·B = P on rows I and C·P on the others.
 
-    I is sorted; the other rows are the complement of I in increasing order.
+    I is sorted; the other rows are the complement of I in increasing order. The pivots are taken
+    on an orthonormal basis Q of A's columns (A = Q·R), so a rank-deficient A (a zero singular
+    value, an all-zero weight) still has R independent rows to pivot on.
     """
     out_features, rank = a.shape
-    work = a.detach().double()
+    work, triangle = torch.linalg.qr(a.detach().double())
+    b = triangle @ b.detach().double()  # A·B = Q·(R·B)
     _, swaps = torch.linalg.lu_factor(work)
     order = list(range(out_features))
     for i, p in enumerate((swaps - 1).tolist()):  # LAPACK row swaps, applied in turn
@@ -41,8 +45,8 @@ def pivot_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     head = work[rows]  # (R, R), invertible when A has full column rank
     # C = A[rest]·A[I]⁻¹, as a solve: C·A[I] = A[rest]  <=>  A[I]ᵀ·Cᵀ = A[rest]ᵀ
     coefficients = torch.linalg.solve(head.T, work[rest].T).T
-    pivot = head @ b.detach().double()
-    return rows, coefficients.to(a.dtype), pivot.to(b.dtype)
+    pivot = head @ b
+    return rows, coefficients.to(a.dtype), pivot.to(a.dtype)
 
 
 def pivoted_a(coefficients: torch.Tensor, rows: torch.Tensor, out_features: int) -> torch.Tensor:

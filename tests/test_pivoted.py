@@ -184,3 +184,20 @@ def test_pivoted_factors_buy_more_rank_and_less_error_at_the_same_budget():
     for m in b.factorized:
         assert sum(m.ranks) > sum(by_name[m.name].ranks)
         assert m.rel_error < by_name[m.name].rel_error
+
+
+def test_rank_deficient_and_zero_matrices_pivot_without_error():
+    torch.manual_seed(0)
+    a = torch.randn(20, 6, dtype=torch.float64)
+    a[:, 3:] = 0  # singular values of zero: A has rank 3 of 6
+    b = torch.randn(6, 9, dtype=torch.float64)
+    rows, coefficients, pivot = pivot_factors(a, b)
+    product = a @ b
+    rest = [i for i in range(20) if i not in set(rows.tolist())]
+    assert torch.allclose(product[rows], pivot, atol=1e-10)
+    assert torch.allclose(product[rest], coefficients @ pivot, atol=1e-9)
+    model = TINY_MODELS["llama"]().eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.zero_()
+    compress(model, budget=0.5, pivot=True, progress=False)
+    assert torch.isfinite(output_of(model, "llama")).all()
