@@ -101,14 +101,18 @@ def report(path=DEFAULT_RESULTS / f"{NAME}.json") -> str:
         for b in sizes:
             rows = [r for r in entry["rows"] if r["bits"] == b]
             one = next((r for r in rows if r["recipe"] == "one bfloat16 stage"), None)
+            int8 = next((r for r in rows if r["recipe"] == "1 int8 stages"), None)
             multi = [r for r in rows if r["n"] > 1]
             if one and multi:
                 best = max(multi, key=lambda r: r[first])
                 verdict = "beats" if best[first] > one[first] else "does not beat"
-                out.append(
+                line = (
                     f"\n- {b} bits/w: the best multi-stage recipe ({best['recipe']}, {first} {best[first]:.4g}) "
-                    f"{verdict} one bfloat16 stage ({one[first]:.4g})."
+                    f"{verdict} one bfloat16 stage ({one[first]:.4g})"
                 )
+                if int8:  # what the gain is owed to: the int8 storage, or the number of stages
+                    line += f"; one int8 stage gives {int8[first]:.4g}"
+                out.append(line + ".")
     return "\n".join(out) + "\n"
 
 
