@@ -9,6 +9,8 @@ Parts (run separately, e.g. in parallel, each writes its own JSON):
             a full-rank int4 (group 128; also 64 and 32 from 4.5 and 6 bits) or int8 first stage
             + int8 low-rank repair where it fits
     rtn     plain round-to-nearest of the same matrices: int8 per channel, int4 group 128, 64 and 32
+    library a known library on the same matrices: optimum-quanto qint4 / qint8 (its defaults; needs
+            ``pip install optimum-quanto``)
     stages  the poster's Table 1 at a fixed byte budget: n = 1..9 int8 stages at 6 bits/weight
             (run in the order 1, 2, 3, 5, 9, 4, 6, 7, 8)
     repair  the same at 6 bits/weight for a full-rank int4 first stage + n-1 int8 repair stages, n = 2, 3, 5
@@ -86,7 +88,61 @@ def repair_settings(bits: float = 6, counts=(2, 3, 5)) -> list[dict]:
     ]
 
 
-PARTS = {"levels": level_settings, "rtn": rtn_settings, "stages": stage_settings, "repair": repair_settings}
+def library_settings() -> list[dict]:
+    """A known quantization library on the same matrices (optimum-quanto, pip install optimum-quanto)."""
+    return [
+        {"bits": None, "recipe": f"optimum-quanto {q}", "stage_dtypes": [], "n": 0, "library": q}
+        for q in ("qint4", "qint8")
+    ]
+
+
+PARTS = {
+    "levels": level_settings,
+    "rtn": rtn_settings,
+    "stages": stage_settings,
+    "repair": repair_settings,
+    "library": library_settings,
+}
+
+
+def run_library(model, tokenizer, setting: dict, data: Path, limit: int = 24, length: int = 512) -> dict:
+    """One optimum-quanto row: weight-only quantization of the targeted matrices (quanto's defaults:
+    qint4 in groups of 128 with a scale and a shift per group, qint8 per output channel), frozen;
+    bits per weight from the stored tensors."""
+    from importlib.metadata import version
+
+    from optimum import quanto
+
+    from svdlora.config import CompressionConfig
+    from svdlora.evaluation import evaluate
+    from svdlora.targets import find_targets
+
+    work = copy.deepcopy(model)
+    targets, _ = find_targets(work, CompressionConfig())
+    names = [t.name for t in targets]
+    start = time.perf_counter()
+    quanto.quantize(work, weights=getattr(quanto, setting["library"]), include=names)
+    quanto.freeze(work)
+    seconds = time.perf_counter() - start
+    stored = params = 0
+    for name in names:
+        weight = work.get_submodule(name).weight
+        parts = [getattr(weight, k) for k in ("_data", "_scale", "_shift") if getattr(weight, k, None) is not None]
+        stored += sum(t.numel() * t.element_size() for t in parts)
+        params += weight.shape[0] * weight.shape[1]
+    result = evaluate(
+        (work, tokenizer), "text-generation", str(data), limit=limit, max_length=length, stride=length, progress=False
+    )
+    return {
+        **setting,
+        "recipe": f"{setting['recipe']} ({version('optimum-quanto')})",
+        "budget": None,
+        "bits_per_weight": 8 * stored / params,
+        "stored_bytes": stored,
+        "perplexity": result["model"]["metrics"]["perplexity"],
+        "rel_error_mean": None,
+        "compress_s": seconds,
+    }
 
 
 def calibration_source(model, tokenizer, path: Path, samples: int = 64, length: int = 512, cache: Path | None = None):
@@ -228,9 +284,12 @@ def main(argv=None) -> None:
     if args.calibration:
         source = calibration_source(model, tokenizer, args.calibration, args.samples, args.length, args.statistics)
     for setting in settings:
-        row = run_setting(
-            model, tokenizer, setting, args.data, source, args.refit, args.limit, args.length, args.method
-        )
+        if "library" in setting:
+            row = run_library(model, tokenizer, setting, args.data, args.limit, args.length)
+        else:
+            row = run_setting(
+                model, tokenizer, setting, args.data, source, args.refit, args.limit, args.length, args.method
+            )
         row["command"] = "python -m benchmarks.precision " + " ".join(argv if argv is not None else sys.argv[1:])
         logger.info("%s", row)
         rows = [r for r in rows if (r["bits"], r["recipe"], r.get("n")) != (row["bits"], row["recipe"], row.get("n"))]
@@ -269,6 +328,7 @@ def _cell(row: dict | None, recipe: bool = True) -> str:
 def _comparison(results: Path) -> list[str]:
     """Calibrated beside plain SVD beside round-to-nearest at each size (the issue's table)."""
     calibrated, plain, rtn = (_load(results, n) for n in ("levels_calibrated", "levels_svd", "rtn_svd"))
+    library = _load(results, "library_svd")
     if not calibrated:
         return []
     m = calibrated["machine"]
@@ -283,8 +343,8 @@ def _comparison(results: Path) -> list[str]:
         f"{m['torch_threads']} thread(s). Cells: recipe, bits/w: perplexity.",
         "",
         "| target bits/w | best calibrated recipe | one bfloat16 stage, calibrated | best plain-SVD recipe "
-        "| round-to-nearest within 0.5 bits/w |",
-        "|---|---|---|---|---|",
+        "| round-to-nearest within 0.5 bits/w | optimum-quanto within 0.5 bits/w |",
+        "|---|---|---|---|---|---|",
     ]
     for bits in BITS:
         best = _best(calibrated["rows"], bits)
@@ -294,7 +354,11 @@ def _comparison(results: Path) -> list[str]:
         svd = _best(plain["rows"], bits) if plain else None
         near = [r for r in (rtn or {}).get("rows", []) if abs(r["bits_per_weight"] - bits) <= 0.5]
         near_text = "; ".join(f"{r['recipe']} {r['bits_per_weight']:.2f}: {_ppl(r['perplexity'])}" for r in near)
-        lines.append(f"| {bits} | {_cell(best)} | {_cell(one, False)} | {_cell(svd)} | {near_text or '-'} |")
+        lib = [r for r in (library or {}).get("rows", []) if abs(r["bits_per_weight"] - bits) <= 0.5]
+        lib_text = "; ".join(f"{r['recipe']} {r['bits_per_weight']:.2f}: {_ppl(r['perplexity'])}" for r in lib)
+        lines.append(
+            f"| {bits} | {_cell(best)} | {_cell(one, False)} | {_cell(svd)} | {near_text or '-'} | {lib_text or '-'} |"
+        )
     return lines
 
 
@@ -346,6 +410,7 @@ def report(results: Path = DEFAULT_RESULTS) -> str:
     lines += _comparison(results)
     for name, title in (
         ("rtn_svd", "Round-to-nearest weight quantization of the same matrices (what a user would pick instead)"),
+        ("library_svd", "optimum-quanto weight quantization of the same matrices (a known library, its defaults)"),
         ("levels_calibrated", "Every measured recipe, calibrated"),
         ("levels_svd", "Every measured recipe, plain SVD"),
         ("stages_calibrated", "The poster's Table 1 at a fixed byte budget: n int8 stages, calibrated"),
@@ -367,10 +432,11 @@ def report(results: Path = DEFAULT_RESULTS) -> str:
         ]
         rows = sorted(data["rows"], key=lambda r: (-(r["bits"] or 0), r["n"], r["recipe"]))
         for r in rows:
+            dtypes = f"{','.join(r['stage_dtypes'])} × {r['n']}" if r["stage_dtypes"] else "-"
+            error = "-" if r["rel_error_mean"] is None else f"{r['rel_error_mean']:.5f}"
             lines.append(
-                f"| {r['bits'] or '-'} | {r['recipe']} | {','.join(r['stage_dtypes'])} × {r['n']} "
-                f"| {r['bits_per_weight']:.2f} | {_ppl(r['perplexity'])} | {r['rel_error_mean']:.5f} "
-                f"| {r['compress_s']:.0f} |"
+                f"| {r['bits'] or '-'} | {r['recipe']} | {dtypes} | {r['bits_per_weight']:.2f} "
+                f"| {_ppl(r['perplexity'])} | {error} | {r['compress_s']:.0f} |"
             )
     if (results / "precision_models.json").is_file():
         from benchmarks import precision_models
