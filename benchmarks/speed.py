@@ -78,6 +78,7 @@ def _peak_mb(stderr: str) -> float | None:
 
 def part_compress(args, work: Path) -> dict:
     base = [sys.executable, "-m", "svdlora", "compress", args.dense, "--budget", str(args.budget), "--no-progress"]
+    base += ["--calibration", "none"]  # the issue's protocol: plain SVD (the CLI calibrates by default)
     variants = {
         "I/O floor (from_pretrained + save_pretrained)": lambda out: [
             sys.executable,
@@ -115,7 +116,16 @@ def part_compress(args, work: Path) -> dict:
 
 def part_distributed(args, work: Path) -> dict:
     """--stream in one process vs torchrun with 2 processes: wall time, and the bytes compared."""
-    common = ["compress", args.dense, "--budget", str(args.budget), "--no-progress", "--stream"]
+    common = [
+        "compress",
+        args.dense,
+        "--budget",
+        str(args.budget),
+        "--no-progress",
+        "--stream",
+        "--calibration",
+        "none",
+    ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "svdlora"]
     variants = {"1 process": [sys.executable, "-m", "svdlora"], "2 processes (torchrun)": torchrun}
     times = {k: [] for k in variants}
@@ -221,6 +231,8 @@ def main(argv=None) -> dict:
                 "--budget",
                 str(args.budget),
                 "--no-progress",
+                "--calibration",
+                "none",
             ]
         )
     result = {
