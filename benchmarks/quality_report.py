@@ -267,7 +267,7 @@ def render(results: Path = DEFAULT_RESULTS) -> Path:
     sweep = _load(results, "heal_sweep")
     if sweep:
         lines += heal_rate(sweep)
-    for name in ("quality_vit", "quality_marian"):
+    for name in ("quality_vit", "quality_marian", "quality_marian_1000"):  # _1000: the whole Multi30k test set
         other = _load(results, name)
         if other:
             lines += other_models(other)

@@ -507,3 +507,29 @@ def test_runtime_layouts_give_the_same_perplexity(gpt, tmp_path, capsys):
         figures[runtime] = json.loads(out_json.read_text())["model"]["metrics"]["perplexity"]
     assert figures["merged"] == pytest.approx(figures["factorized"], rel=1e-4)
     assert figures["auto"] == pytest.approx(figures["factorized"], rel=1e-4)
+
+
+class _Packed(torch.Tensor):
+    """A quantization library's weight: a wrapper tensor whose bytes live in its inner tensors."""
+
+    @staticmethod
+    def __new__(cls, data, scale):
+        return torch.Tensor._make_wrapper_subclass(cls, (4, 8), dtype=torch.float32)
+
+    def __init__(self, data, scale):
+        self._data, self._scale = data, scale
+
+    def __tensor_flatten__(self):
+        return ["_data", "_scale"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(func)
+
+
+def test_model_memory_counts_the_inner_tensors_of_wrapper_weights():
+    from svdlora.evaluation.measure import model_memory_bytes
+
+    layer = torch.nn.Linear(8, 4, bias=False)
+    layer.register_buffer("packed", _Packed(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4)))
+    assert model_memory_bytes(layer) == 8 * 4 * 4 + 16 + 4 * 4  # the float weight, packed data, scales

@@ -95,16 +95,29 @@ def timed(device: torch.device, clock: list[float]):
 
 
 def model_memory_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once (tied weights)."""
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights).
+    A tensor subclass without a storage of its own (a quantization library's packed weight) counts
+    the plain tensors it holds."""
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.device.type == "meta":
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.device)
-        if key not in seen:
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
+        for part in _plain_tensors(tensor):
+            if part.device.type == "meta":
+                continue
+            key = (part.untyped_storage().data_ptr(), part.device)
+            if key not in seen:
+                seen.add(key)
+                total += part.untyped_storage().nbytes()
     return total
+
+
+def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    try:
+        tensor.untyped_storage().data_ptr()
+        return [tensor]
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass: its inner tensors hold the bytes
+        inner = getattr(tensor, "__tensor_flatten__", None)
+        names = inner()[0] if inner else [k for k, v in vars(tensor).items() if isinstance(v, torch.Tensor)]
+        return [p for name in names for p in _plain_tensors(getattr(tensor, name))]
 
 
 def disk_bytes(name_or_path: str | Path) -> int | None:
