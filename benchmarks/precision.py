@@ -442,8 +442,11 @@ def report(results: Path = DEFAULT_RESULTS) -> str:
         for r in rows:
             dtypes = f"{','.join(r['stage_dtypes'])} × {r['n']}" if r["stage_dtypes"] else "-"
             error = "-" if r["rel_error_mean"] is None else f"{r['rel_error_mean']:.5f}"
+            size = f"{r['bits_per_weight']:.2f}"
+            if "format_bits_per_weight" in r:  # a library: its format's size, and what it holds here
+                size = f"{r['format_bits_per_weight']:.2f} (held as {size})"
             lines.append(
-                f"| {r['bits'] or '-'} | {r['recipe']} | {dtypes} | {r['bits_per_weight']:.2f} "
+                f"| {r['bits'] or '-'} | {r['recipe']} | {dtypes} | {size} "
                 f"| {_ppl(r['perplexity'])} | {error} | {r['compress_s']:.0f} |"
             )
     if (results / "precision_models.json").is_file():

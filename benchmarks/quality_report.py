@@ -162,7 +162,7 @@ def targets(data: dict) -> list[str]:
     return out
 
 
-def other_models(data: dict) -> list[str]:
+def other_models(data: dict, note: str = "") -> list[str]:
     out = []
     for name, metrics in (("vit", ("accuracy",)), ("marian", ("bleu", "chrf"))):
         entry = data.get(name)
@@ -171,6 +171,7 @@ def other_models(data: dict) -> list[str]:
         dense = entry["dense"]
         budgets = sorted({r["budget"] for r in entry["rows"]}, reverse=True)
         title = "ViT / CIFAR-10 (top-1 accuracy" if name == "vit" else "Marian / Multi30k de→en (BLEU, chrF"
+        title += note
         out += [
             "",
             f"{title}; dense {', '.join(f'{k} {dense[k]:.4g}' for k in metrics)}; calibration: "
@@ -267,10 +268,11 @@ def render(results: Path = DEFAULT_RESULTS) -> Path:
     sweep = _load(results, "heal_sweep")
     if sweep:
         lines += heal_rate(sweep)
-    for name in ("quality_vit", "quality_marian", "quality_marian_1000"):  # _1000: the whole Multi30k test set
+    notes = {"quality_marian": "; the first 300 test sentences", "quality_marian_1000": "; all 1,000 test sentences"}
+    for name in ("quality_vit", "quality_marian", "quality_marian_1000"):
         other = _load(results, name)
         if other:
-            lines += other_models(other)
+            lines += other_models(other, notes.get(name, ""))
     if _load(results, "quality_marian") is None:
         lines += ["", "Marian / Multi30k: not run yet (`python -m benchmarks.quality_models --marian FOLDER`; the "
                   "model of `benchmarks.train_marian` takes ~22 min to train on this CPU)."]  # fmt: skip
