@@ -90,6 +90,7 @@ def part_compress(args, work: Path) -> dict:
         "svdlora compress (--svd auto)": lambda out: [*base, "-o", out],
         "svdlora compress --stream (--svd auto)": lambda out: [*base, "-o", out, "--stream"],
         "svdlora compress --svd exact": lambda out: [*base, "-o", out, "--svd", "exact"],
+        "svdlora compress --no-pivot (factor pairs)": lambda out: [*base, "-o", out, "--no-pivot"],
     }
     times = {k: [] for k in variants}
     peaks = {k: [] for k in variants}

@@ -108,18 +108,18 @@ class LowRankLinear(nn.Module):
         return cls.from_factors(module, a, b, [sa.shape[1] for sa, _ in stages])
 
     @classmethod
+    def shaped_for(cls, module: nn.Module, ranks: list[int], **options) -> LowRankLinear:
+        """An empty layer of this class to replace ``module``: its shape, bias, kind, device and dtype."""
+        weight = weight_out_in(module)
+        return cls(
+            weight.shape[1], weight.shape[0], list(ranks), bias=module.bias is not None,
+            base_kind=dense_kind(module), device=weight.device, dtype=weight.dtype, **options,
+        )  # fmt: skip
+
+    @classmethod
     def from_factors(cls, module: nn.Module, a: torch.Tensor, b: torch.Tensor, ranks: list[int]) -> LowRankLinear:
         """The layer replacing ``module`` with stacked factors ``a`` (out, Σr) and ``b`` (Σr, in)."""
-        weight = weight_out_in(module)
-        layer = cls(
-            weight.shape[1],
-            weight.shape[0],
-            list(ranks),
-            bias=module.bias is not None,
-            base_kind=dense_kind(module),
-            device=weight.device,
-            dtype=weight.dtype,
-        )
+        layer = cls.shaped_for(module, ranks)
         with torch.no_grad():
             layer.A.copy_(a)
             layer.B.copy_(b)
@@ -130,18 +130,8 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_chain(cls, module: nn.Module, stages: list) -> LowRankLinear:
         """A layer holding ``chain.quantized_chain`` stages, dequantized, and their stored form."""
-        weight = weight_out_in(module)
         low = [s for s in stages if s.full is None]
-        layer = cls(
-            weight.shape[1],
-            weight.shape[0],
-            [s.rank for s in low],
-            bias=module.bias is not None,
-            base_kind=dense_kind(module),
-            device=weight.device,
-            dtype=weight.dtype,
-            stage_dtypes=[s.fmt.name for s in stages],
-        )
+        layer = cls.shaped_for(module, [s.rank for s in low], stage_dtypes=[s.fmt.name for s in stages])
         with torch.no_grad():
             if low:
                 layer.A.copy_(torch.cat([s.a for s in low], dim=1))
