@@ -76,9 +76,14 @@ def _peak_mb(stderr: str) -> float | None:
     return float(found[-1].replace(",", "")) if found else None
 
 
+def _compress_command(args, output=None) -> list[str]:
+    """`svdlora compress` at ``--budget`` with the issue's protocol: plain SVD (the CLI calibrates by default)."""
+    command = [sys.executable, "-m", "svdlora", "compress", args.dense, "--budget", str(args.budget), "--no-progress"]
+    return [*command, "--calibration", "none", *(["-o", str(output)] if output else [])]
+
+
 def part_compress(args, work: Path) -> dict:
-    base = [sys.executable, "-m", "svdlora", "compress", args.dense, "--budget", str(args.budget), "--no-progress"]
-    base += ["--calibration", "none"]  # the issue's protocol: plain SVD (the CLI calibrates by default)
+    base = _compress_command(args)
     variants = {
         "I/O floor (from_pretrained + save_pretrained)": lambda out: [
             sys.executable,
@@ -174,7 +179,39 @@ def part_decode(args, compressed: Path) -> dict:
     }
     from svdlora.layers import LowRankLinear
 
-    auto_factorized = sum(isinstance(m, LowRankLinear) for m in models["auto"].modules())
+    rows = _time_generation(models, args)
+    rows["auto"]["layers_left_factorized"] = sum(isinstance(m, LowRankLinear) for m in models["auto"].modules())
+    return rows
+
+
+def part_layouts(args, compressed: Path) -> dict:
+    """Pivoted factors (the CLI's default) against ``--no-pivot`` pairs at the same budget, one process:
+    decode and prefill interleaved, and the warm merged load (best of ``--repeats``)."""
+    import transformers
+
+    from svdlora import load_compressed
+
+    pairs = compressed.with_name(compressed.name + "-pairs")
+    if not pairs.exists():
+        _run([*_compress_command(args, pairs), "--no-pivot"])
+    transformers.utils.logging.disable_progress_bar()
+    folders = {"pairs": pairs, "pivoted": compressed}
+    models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval()}
+    models.update({k: load_compressed(f, device="cpu", runtime="factorized") for k, f in folders.items()})
+    rows = _time_generation(models, args)
+    for name, folder in folders.items():
+        load_compressed(folder, device="cpu", merge=True)  # warm
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            load_compressed(folder, device="cpu", merge=True)
+            times.append(time.perf_counter() - start)
+        rows[name]["merged_load_warm_s"] = min(times)
+    return rows
+
+
+def _time_generation(models: dict, args) -> dict:
+    """Decode and prefill tokens/s per model, the models interleaved in every repeat; ratios to "dense"."""
     prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1789]])
     long_prompt = torch.randint(1, 40000, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
     rates = {k: [] for k in models}
@@ -196,7 +233,6 @@ def part_decode(args, compressed: Path) -> dict:
         k: {"tokens_per_s": statistics.median(v), "all": v, "ratio_to_dense": statistics.median(v) / dense}
         for k, v in rates.items()
     }
-    rows["auto"]["layers_left_factorized"] = auto_factorized
     dense_prefill = statistics.median(prefill["dense"])
     for k, v in prefill.items():
         rows[k]["prefill_tokens_per_s"] = statistics.median(v)
@@ -220,29 +256,17 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     compressed = work / f"compressed-{args.budget}"
     if not compressed.exists():
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "svdlora",
-                "compress",
-                args.dense,
-                "-o",
-                str(compressed),
-                "--budget",
-                str(args.budget),
-                "--no-progress",
-                "--calibration",
-                "none",
-            ]
-        )
+        _run(_compress_command(args, compressed))
     result = {
         "budget": args.budget,
         "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     for part in args.parts.split(","):
-        parts = {"compress": part_compress, "load": part_load, "decode": part_decode, "distributed": part_distributed}
+        parts = {
+            "compress": part_compress, "load": part_load, "decode": part_decode, "distributed": part_distributed,
+            "layouts": part_layouts,
+        }  # fmt: skip
         result[part] = parts[part](args, work if part in ("compress", "distributed") else compressed)
         print(part, json.dumps(result[part], indent=1), flush=True)
     if args.json:

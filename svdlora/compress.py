@@ -20,7 +20,7 @@ from .errors import SvdloraError
 from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .methods import weighted_spectrum
-from .pivoted import PivotedLowRankLinear
+from .pivoted import PivotedLowRankLinear, pivoted_bytes
 from .plan import CalibrationPlan, plan_calibration
 from .precision import allocate_stages, layer_bytes, stage_formats, target_bytes
 from .refit import collect_cross_statistics, refit_factors, refit_target
@@ -129,8 +129,8 @@ def compress(
             )
             line.pivoted = config.pivot
         line.stored_bytes = layer_bytes(ranks[target.name], formats, *shape)
-        if line.pivoted:  # pivot rows + coefficients in the model's dtype, and the int64 pivot indices
-            line.stored_bytes = line.params_after * dtype.itemsize + 8 * sum(line.ranks)
+        if line.pivoted:
+            line.stored_bytes = pivoted_bytes(*shape, sum(line.ranks), dtype)
         line.dense_bytes = target_bytes(target, dtype)
         layers[target.name] = layer
         model.set_submodule(target.name, layer)
@@ -216,8 +216,7 @@ def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, conf
             stages = refit_factors(weight, ranks[name], gram, product, left, roots=roots, **_chain_options(config))
             if stages is None:
                 continue
-            a, b = torch.cat([a for a, _ in stages], dim=1), torch.cat([b for _, b in stages], dim=0)
-            layers[name] = _layer_class(config).from_factors(originals[name], a, b, [s.shape[1] for s, _ in stages])
+            layers[name] = _layer_class(config).from_stages(originals[name], stages)
         model.set_submodule(name, layers[name])
         refitted.append(name)
     return refitted

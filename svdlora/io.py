@@ -47,6 +47,7 @@ from .writer import (
     ShardedWriter,
     TensorSpec,
     file_layout,
+    folder_format,
     header_metadata,
     weight_files,
 )
@@ -93,9 +94,7 @@ def save_compressed(
     source = source if source is not None else getattr(config, "name_or_path", None) or None
     output = Path(output)
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
-    # Folders without stored stage dtypes keep format 1, which older svdlora reads too.
-    format_version = 3 if any(isinstance(m, PivotedLowRankLinear) for m in layers) else 1
-    format_version = 2 if any(m.stage_dtypes for m in layers) else format_version
+    format_version = folder_format(model)
     with atomic_folder(output, overwrite, inputs=[source]) as tmp:
         tensors, tied = file_layout(model)
         specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors]
@@ -117,7 +116,7 @@ def save_compressed(
             config=config,
             generation_config=generation_config,
             class_name=type(model).__name__,
-            dtype=layers[0].A.dtype if layers else specs[0].dtype if specs else None,  # the model's, not int8
+            dtype=layers[0].B.dtype if layers else specs[0].dtype if specs else None,  # the model's, not int8
             format_version=format_version,
         )
     logger.info("saved %s (%d bytes)", output, report.bytes_after)

@@ -26,6 +26,11 @@ def pivoted_params(out_features: int, in_features: int, rank: int) -> int:
     return rank * (out_features + in_features - rank)
 
 
+def pivoted_bytes(out_features: int, in_features: int, rank: int, dtype: torch.dtype) -> int:
+    """Stored bytes: pivot rows and coefficients in ``dtype``, and the int64 pivot indices."""
+    return pivoted_params(out_features, in_features, rank) * dtype.itemsize + 8 * rank
+
+
 def pivot_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pivot rows index I, coefficients C, pivot rows P) with A·B = P on rows I and C·P on the others.
 
@@ -149,7 +154,7 @@ class PivotedLowRankLinear(LowRankLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, rest = self._indices()
         z = F.linear(x, self.B)
-        # two index copies into the output: 21% faster than cat + one gather at 256 tokens (CPU, measured)
+        # two index copies into the output: faster on a CPU than concatenating and gathering the columns
         out = z.new_empty(*z.shape[:-1], self.out_features)
         out.index_copy_(-1, rows, z)
         out.index_copy_(-1, rest, F.linear(z, self.C))

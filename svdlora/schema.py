@@ -134,11 +134,11 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
     for m in modules:
         out_f, in_f = m.shape
         expected = {}
-        if getattr(m, "pivoted", False):  # svdlora.pivoted: pivot rows, coefficients, pivot indices
+        if m.pivoted:  # svdlora.pivoted: pivot rows, coefficients, pivot indices
             total = sum(m.ranks)
             expected = {f"{m.name}.pivoted.B": [total, in_f], f"{m.name}.pivoted.C": [out_f - total, total]}
             expected[f"{m.name}.pivoted.rows"] = [total]
-        for j, r in enumerate(m.ranks if not getattr(m, "pivoted", False) else []):
+        for j, r in enumerate([] if m.pivoted else m.ranks):
             kind = _stage_kind(m.stage_dtypes[j] if j < len(m.stage_dtypes) else "float32")
             if kind == "float":
                 expected[f"{m.name}.stage{j}.A"] = [out_f, r]

@@ -34,7 +34,7 @@ from .io import _no_weight_init, atomic_folder, check_output, write_side_files
 from .layers import CONV1D, LowRankLinear, dense_kind, weight_out_in
 from .models import check_dense_folder, model_class, parse_dtype
 from .outputs import ensure_space
-from .pivoted import PivotedLowRankLinear, pivot_factors
+from .pivoted import PivotedLowRankLinear, pivot_factors, pivoted_bytes
 from .precision import layer_bytes, stage_formats, target_bytes
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
@@ -45,6 +45,7 @@ from .writer import (
     ShardedWriter,
     TensorSpec,
     file_layout,
+    folder_format,
     header_metadata,
 )
 
@@ -288,7 +289,7 @@ def compress_checkpoint(
     )
     with atomic_folder(output, overwrite, inputs=[source]) if ctx.is_main else _nothing() as tmp:
         tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
-        format_version = 3 if config.pivot else 1  # as save_compressed writes it
+        format_version = folder_format(p.model)  # as save_compressed writes it
         writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied, format_version), max_shard_size)
         if ctx.is_main:
             ensure_space(tmp, writer.total_size, str(output))
@@ -382,7 +383,7 @@ def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, p
             for part, tensor in (("B", pivot), ("C", coefficients), ("rows", rows)):
                 writer.write(f"{what.name}.pivoted.{part}", tensor)
             line.pivoted = True
-            line.stored_bytes = line.params_after * weight.dtype.itemsize + 8 * sum(f.ranks)
+            line.stored_bytes = pivoted_bytes(*w.shape, sum(f.ranks), weight.dtype)
         else:
             bounds = [0]
             for r in f.ranks:

@@ -183,6 +183,18 @@ def weight_files(folder: str | Path) -> list[Path]:
     return [folder / WEIGHTS_NAME]
 
 
+def folder_format(model: torch.nn.Module) -> int:
+    """The format a folder of ``model`` is written in: 2 with stage dtypes, 3 with pivoted factors, else
+    1, which older svdlora reads too. Works on the meta skeleton of streamed compression alike."""
+    from .layers import LowRankLinear
+    from .pivoted import PivotedLowRankLinear
+
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    if any(m.stage_dtypes for m in layers):
+        return 2
+    return 3 if any(isinstance(m, PivotedLowRankLinear) for m in layers) else 1
+
+
 def header_metadata(tied: dict[str, str], format_version: int = 1) -> dict[str, str]:
     """The header of every shard; format 1 unless some stage is stored in its own dtype (2)."""
     from .version import __version__
