@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 python -m benchmarks.speed --dense ~/.cache/svdlora/SmolLM2-135M --work /tmp/speed \
         [--budget 0.5] [--repeats 3] [--new-tokens 32] [--parts compress,load,decode]
 
-compress: whole `svdlora compress` commands (fresh processes: in memory, --stream, and with
-          --svd exact), wall time and peak RSS, vs the I/O floor (a fresh process that loads the dense checkpoint
-          with from_pretrained and saves it with save_pretrained).
+compress: whole `svdlora compress` commands (fresh processes: the defaults in memory and --stream,
+          --svd randomized, --no-pivot), wall time and peak RSS, vs the I/O floor (a fresh process
+          that loads the dense checkpoint with from_pretrained and saves it with save_pretrained).
 load:     fresh processes: time from after the imports to the end of the first forward pass
           (16 tokens), dense from_pretrained vs load_compressed factorized / merged.
 distributed: `--stream` in 1 process vs `torchrun --nproc_per_node 2`, weight files compared.
@@ -92,9 +92,9 @@ def part_compress(args, work: Path) -> dict:
             args.dense,
             out,
         ],
-        "svdlora compress (--svd auto)": lambda out: [*base, "-o", out],
-        "svdlora compress --stream (--svd auto)": lambda out: [*base, "-o", out, "--stream"],
-        "svdlora compress --svd exact": lambda out: [*base, "-o", out, "--svd", "exact"],
+        "svdlora compress (defaults: --svd exact, pivoted factors)": lambda out: [*base, "-o", out],
+        "svdlora compress --stream": lambda out: [*base, "-o", out, "--stream"],
+        "svdlora compress --svd randomized": lambda out: [*base, "-o", out, "--svd", "randomized"],
         "svdlora compress --no-pivot (factor pairs)": lambda out: [*base, "-o", out, "--no-pivot"],
     }
     times = {k: [] for k in variants}

@@ -51,7 +51,8 @@ class CompressionConfig:
         # exact by default: reproducible factors, the same as every earlier release; auto is opt-in
         default="exact",
         metadata={
-            "help": "'exact' (torch.linalg.svd, the default), 'randomized' (torch.svd_lowrank), or 'auto': "
+            "help": "'exact' (the default: eigenvectors of the smaller Gram matrix, LAPACK's SVD where the error "
+            "is tiny), 'randomized' (torch.svd_lowrank), or 'auto': "
             "randomized where the kept rank is a small part of the matrix (svdlora.decompose.choose_method)."
         },
     )

@@ -8,8 +8,8 @@ At budget 0.5 on a square matrix that is about 17% more rank for the same parame
 budget 1.0 reaches full rank. The forward pass is two smaller matmuls: z = P·x gives the pivot
 outputs, C·z the others, and one gather puts them back in order.
 
-The pivots are chosen by LU with partial pivoting on an orthonormal basis of A's columns
-(float64), which keeps |C| moderate and works for a rank-deficient A.
+The pivots are chosen by LU with partial pivoting on A (float64; on an orthonormal basis of
+A's columns where A is rank deficient), which keeps |C| moderate.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import LowRankLinear
+
+# LU pivots of A below this share of the largest mean A is (numerically) rank deficient.
+_MIN_PIVOT = 1e-9
 
 
 def pivoted_params(out_features: int, in_features: int, rank: int) -> int:
@@ -34,14 +37,22 @@ def pivoted_bytes(out_features: int, in_features: int, rank: int, dtype: torch.d
 def pivot_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pivot rows index I, coefficients C, pivot rows P) with A·B = P on rows I and C·P on the others.
 
-    I is sorted; the other rows are the complement of I in increasing order. The pivots are taken
-    on an orthonormal basis Q of A's columns (A = Q·R), so a rank-deficient A (a zero singular
-    value, an all-zero weight) still has R independent rows to pivot on.
+    I is sorted; the other rows are the complement of I in increasing order. The pivots are those
+    of LU with partial pivoting on A, which are the pivots of any basis Q·R = A of its columns
+    (row operations commute with R), and C = A[rest]·A[I]⁻¹ = Q[rest]·Q[I]⁻¹. Where A is rank
+    deficient (a zero singular value, an all-zero weight) they are taken on an orthonormal Q
+    instead, which still has R independent rows to pivot on; the QR doubles the cost, so only
+    then.
     """
-    out_features, rank = a.shape
-    work, triangle = torch.linalg.qr(a.detach().double())
-    b = triangle @ b.detach().double()  # A·B = Q·(R·B)
-    _, swaps = torch.linalg.lu_factor(work)
+    work = a.detach().double()
+    b = b.detach().double()
+    factors, swaps, _ = torch.linalg.lu_factor_ex(work)
+    pivots = factors.diagonal().abs()
+    if pivots.numel() and not pivots.min() > _MIN_PIVOT * pivots.max():
+        work, triangle = torch.linalg.qr(work)
+        b = triangle @ b  # A·B = Q·(R·B)
+        _, swaps = torch.linalg.lu_factor(work)
+    out_features, rank = work.shape
     order = list(range(out_features))
     for i, p in enumerate((swaps - 1).tolist()):  # LAPACK row swaps, applied in turn
         order[i], order[p] = order[p], order[i]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .allocate import allocate_ranks
-from .compress import count_parameters, module_report, svd_options
+from .compress import all_finite, count_parameters, module_report, svd_options
 from .config import CompressionConfig
 from .decompose import factorize, split_rank
 from .errors import SvdloraError
@@ -369,7 +369,7 @@ def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, p
             continue
         weight = tensor.to(p.out_dtype(tensor.dtype))
         del tensor
-        if not torch.isfinite(weight).all():
+        if not all_finite(weight):
             raise SvdloraError(
                 f"weight of {what.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {what.name}"
             )

@@ -54,8 +54,8 @@ def test_randomized_error_within_halko_bound(name):
 def test_factorize_reports_the_cost_against_exact():
     sigma = SPECTRA["power 1/i"](600)
     w = with_spectrum(700, 600, sigma, seed=1)
-    f = factorize(w, [50, 50], method="auto", power_iterations=1, generator_seed=0)
-    assert f.method == "randomized"  # 100 + 8 <= 600 / 3
+    f = factorize(w, [50, 50], method="randomized", power_iterations=1, generator_seed=0)
+    assert f.method == "randomized"
     assert f.exact_error == pytest.approx(tail(sigma, 100), rel=1e-4)
     assert f.rel_error >= f.exact_error - 1e-6
     exact = factorize(w, [50, 50], method="exact")
@@ -68,6 +68,7 @@ def test_auto_rule():
     assert choose_method((4096, 4096), 2000) == "exact"  # most of the spectrum is kept
     assert choose_method((256, 1024), 20) == "exact"  # small: exact costs milliseconds
     assert choose_method((768, 3072), 307) == "exact"  # 0.4 of min(m, n)
+    assert choose_method((576, 1536), 100) == "exact"  # below 1024 columns the sketch saves milliseconds
     assert choose_method((4096, 4096), 1024, "exact") == "exact"
 
 
@@ -116,3 +117,50 @@ def test_cuda_device_without_cuda_is_one_clear_error(tmp_path, capsys):
 
     assert main(["compress", "gpt2", "-o", str(tmp_path / "o"), "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", SPECTRA)
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
+def test_exact_route_matches_lapack(name, shape):
+    """--svd exact takes the Gram matrix's eigenvectors: the same error as LAPACK's SVD, balanced factors."""
+    from svdlora.decompose import _gram_svd, _lapack_svd
+
+    m, n = shape
+    sigma = SPECTRA[name](min(m, n))
+    w = with_spectrum(m, n, sigma, seed=2)  # float32: the route used for large matrices
+    k = 60
+    a, b = _gram_svd(w, k)
+    u, s, vh = _lapack_svd(w, k)
+    err = (torch.linalg.matrix_norm(w.double() - (a @ b).double()) / torch.linalg.matrix_norm(w.double())).item()
+    lapack = torch.linalg.matrix_norm(w.double() - ((u * s) @ vh).double()) / torch.linalg.matrix_norm(w.double())
+    assert err == pytest.approx(lapack.item(), rel=1e-5)
+    assert err == pytest.approx(tail(sigma, k), rel=1e-4)
+    assert torch.allclose(a.norm(dim=0), b.norm(dim=1), rtol=1e-4)  # √σ on both sides
+    assert torch.allclose(a.norm(dim=0).square(), s.float(), rtol=1e-4)  # the singular values, in order
+
+
+def test_exact_route_hands_tiny_errors_to_lapack():
+    """Where almost nothing is left out, float32 Gram round-off would dominate: LAPACK takes over."""
+    from svdlora.decompose import _gram_svd
+
+    sigma = 0.5 ** torch.arange(100, dtype=torch.float64)  # σ₁/σ₃₀ = 5e8: beyond float32's Gram
+    w = with_spectrum(150, 100, sigma, seed=3)
+    assert _gram_svd(w, 30) is None
+    a, b = truncated_svd(w, 30)
+    err = (torch.linalg.matrix_norm(w.double() - (a @ b).double()) / torch.linalg.matrix_norm(w.double())).item()
+    assert err < 1e-6
+    assert _gram_svd(w, 2) is not None  # a quarter of the norm left out: the Gram route is safe
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (500, 200)])  # float64 and float32 work
+def test_exact_route_zero_and_rank_deficient_matrices(shape):
+    zero = torch.zeros(shape)
+    a, b = truncated_svd(zero, 20)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all() and not (a @ b).any()
+    low = with_spectrum(*shape, torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64), seed=4)
+    for rank in (3, 20):  # less, and more rank than the matrix has
+        a, b = truncated_svd(low, rank)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        best = tail(torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5]), rank)
+        err = torch.linalg.matrix_norm(low.double() - (a @ b).double()) / torch.linalg.matrix_norm(low.double())
+        assert err.item() == pytest.approx(best, abs=1e-5)

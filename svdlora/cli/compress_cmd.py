@@ -86,8 +86,8 @@ def register(subparsers) -> None:
         dest="svd_method",
         choices=SVD_METHODS,
         default="exact",
-        help="exact (LAPACK, the default: reproducible, optimal factors), randomized (Halko et al., oversampling "
-        "8, 2 power iterations), or auto: randomized where rank + 8 <= min(out, in)/3 and min(out, in) >= 512, "
+        help="exact (the default: reproducible, optimal factors), randomized (Halko et al., oversampling "
+        "8, 2 power iterations), or auto: randomized where rank <= min(out, in)/4 and min(out, in) >= 1024, "
         "exact elsewhere",
     )
     p.add_argument(
