@@ -9,7 +9,7 @@ these paths); its outputs are benchmarks/results/gpu/gpu_rows_run{1,2}.{json,log
 
 The committed benchmarks (benchmarks/speed.py, benchmarks/svd_speed.py) hard-code the CPU, so this
 script repeats their measurements with a device: models with random weights built from configs
-(SmolLM2-135M's, and a Llama-3.2-1B-shaped one), saved in bfloat16.
+(SmolLM2-135M's, inline in this file, and a Llama-3.2-1B-shaped one), saved in bfloat16.
 Sections, in priority order, each skipped when the deadline is near; results are written to
 gpu_results.json after every section:
   compress135  whole `svdlora compress` (fresh process) --device cuda at 0.5 and 0.8, and on the CPU at 0.5
@@ -19,6 +19,26 @@ gpu_results.json after every section:
   decode135    batch-1 greedy decode tok/s and prefill tok/s, bf16 and fp32, budgets 0.5 and 0.8
   svd          CPU exact vs GPU exact vs GPU randomized (truncated_svd), and factorize(device=...) end to end
   1b           compress on the GPU, load (+ merged peak memory), decode bf16 at 0.5, compress on the CPU
+  decode1b     (added after the 2026-11-26 run; list it first to run it first) batch-1 greedy decode of the 1B,
+               bf16, budget --variants-budget (0.5), four variants loaded in one process: dense (anchor),
+               pivoted (`compress` default, `--pivot`), pairs (`--no-pivot`), merged (pivoted folder,
+               runtime="merged"); the two folders are compressed at once (two processes, SVD on the GPU).
+               (a) eager: generate() of --new-tokens after a full-length warm-up generate per model, and the
+               512-token prefill, --eager-repeats (5) with the variant order rotated each repeat; medians,
+               every repeat, ratios to dense. (b) compiled: a StaticCache and torch.compile of the decode
+               step (forward + argmax; mode reduce-overhead = CUDA graphs on CUDA, inductor's default on a
+               CPU), --compiled-tokens steps timed after an eager prefill, --compiled-repeats rotated; a
+               variant whose compile fails is retried with dynamo's plain "cudagraphs" backend (and so are
+               the variants after it; dense too, as the anchor of that backend), the error kept in the
+               JSON. Recorded: the graph breaks dynamo finds in one PivotedLowRankLinear (0 expected), device,
+               versions, layers kept factorized per variant, graph breaks, cudagraph skips, and whether
+               each variant's greedy tokens match its eager generate().
+               Variants compile in --compile-variants order, each only if --compile-reserve s plus 1.3x
+               the longest compile so far are left.
+  decode135v   the same for the 135M
+Every `svdlora compress` here runs with `--calibration none` (plain SVD: the weights are random) and an
+explicit `--pivot` / `--no-pivot` (older sections: --layout, default pivot, the CLI default since the
+2026-11-26 run, which wrote factor pairs).
 """
 
 from __future__ import annotations
@@ -42,6 +62,34 @@ import torch
 HERE = Path(__file__).resolve().parent
 T0 = time.time()
 RESULTS: dict = {}
+
+# SmolLM2-135M's config.json (HuggingFaceTB/SmolLM2-135M), inline so that the script needs no hub access
+SMOLLM2_135M = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 576,
+    "initializer_range": 0.02,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 8192,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 9,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 3,
+    "pad_token_id": 2,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 9.999999747378752e-06,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    "tie_word_embeddings": True,
+    "unk_token_id": 0,
+    "use_cache": True,
+    "vocab_size": 49152,
+}
 
 LOAD_CHILD = r"""
 import json, resource, sys, time, torch, transformers
@@ -108,9 +156,7 @@ def peak_mb(stderr):
 
 
 def configs(args) -> dict:
-    base = json.loads((HERE / "smollm2-135m-config.json").read_text())
-    base.pop("_model_name_or_path", None)
-    base["dtype"] = "bfloat16"
+    base = {**SMOLLM2_135M, "dtype": "bfloat16"}
     big = {
         **base,
         "hidden_size": 2048,
@@ -152,15 +198,58 @@ def build(name, cfg, work: Path, dev) -> Path:
     return folder
 
 
-def compress(dense: Path, out: Path, budget, svd_device, timeout) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
+def compress_cmd(dense: Path, out: Path, budget, svd_device, pivot: bool) -> list[str]:
+    """`svdlora compress` with plain SVD (random weights: calibration means nothing) and an explicit layout."""
     cmd = [sys.executable, "-m", "svdlora", "compress", str(dense), "-o", str(out), "--budget", str(budget),
-           "--no-progress"]  # fmt: skip
+           "--calibration", "none", "--pivot" if pivot else "--no-pivot", "--no-progress"]  # fmt: skip
     if svd_device:
         cmd += ["--device", svd_device]
+    return cmd
+
+
+def compress_row(cmd, seconds, err) -> dict:
+    return {"cmd": " ".join(cmd[1:]), "wall_s": seconds, "peak_rss_mb": peak_mb(err),
+            "svd_fallbacks_logged": err.count("failed (")}  # fmt: skip
+
+
+def compress(dense: Path, out: Path, budget, svd_device, timeout, pivot: bool = True) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = compress_cmd(dense, out, budget, svd_device, pivot)
     seconds, _, err = run(cmd, timeout)
-    fallback = err.count("failed (")
-    return {"cmd": " ".join(cmd[1:]), "wall_s": seconds, "peak_rss_mb": peak_mb(err), "svd_fallbacks_logged": fallback}
+    return {**compress_row(cmd, seconds, err), "layout": "pivoted" if pivot else "pairs"}
+
+
+def compress_parallel(jobs: dict, timeout) -> dict:
+    """Several `svdlora compress` processes at once ({name: (cmd, out)}); a folder whose marker file
+    holds the same command (an earlier call on a warm machine) is reused."""
+    rows, procs = {}, {}
+    for name, (cmd, out) in jobs.items():
+        marker = out.with_name(out.name + ".done")
+        if marker.exists() and marker.read_text() == " ".join(cmd[1:]) and (out / "config.json").exists():
+            rows[name] = {"cmd": " ".join(cmd[1:]), "reused": str(out)}
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+        log_file = out.with_name(out.name + ".stderr")
+        with open(log_file, "w") as fh:  # a file, not a pipe: a full pipe would stall a process not read yet
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh, text=True)
+        procs[name] = (proc, time.perf_counter(), cmd, out, log_file)
+    for name, (proc, start, cmd, out, log_file) in procs.items():
+        try:
+            proc.wait(timeout=max(5, timeout - (time.perf_counter() - start)))
+        except subprocess.TimeoutExpired:
+            for other, *_ in procs.values():
+                other.kill()
+            raise
+        err = log_file.read_text()
+        if proc.returncode:
+            raise RuntimeError(f"{cmd[:5]} exit {proc.returncode}: {err[-1500:]}")
+        rows[name] = {
+            **compress_row(cmd, time.perf_counter() - start, err),
+            "parallel_with": sorted(set(procs) - {name}),
+        }
+        out.with_name(out.name + ".done").write_text(" ".join(cmd[1:]))
+    return rows
 
 
 def section_compress135(args, work, dense):
@@ -168,7 +257,9 @@ def section_compress135(args, work, dense):
     order = [("gpu", 0.5, args.device), ("cpu", 0.5, None), ("gpu", 0.8, args.device)]
     for where, budget, svd_dev in order:
         out = work / f"135m-{budget}" if where == "gpu" else work / "135m-cpu-0.5"
-        rows[f"{where} budget {budget}"] = r = compress(dense, out, budget, svd_dev, timeout=max(20, left(args) - 60))
+        rows[f"{where} budget {budget}"] = r = compress(
+            dense, out, budget, svd_dev, timeout=max(20, left(args) - 60), pivot=args.layout == "pivot"
+        )
         log("compress 135m", where, budget, f"{r['wall_s']:.1f}s", r["peak_rss_mb"], "MB")
     rows["ratio gpu/cpu at 0.5"] = rows["gpu budget 0.5"]["wall_s"] / rows["cpu budget 0.5"]["wall_s"]
     shutil.rmtree(work / "135m-cpu-0.5", ignore_errors=True)
@@ -277,7 +368,7 @@ def section_decode(args, dense, compressed: dict, dtypes, repeats, new_tokens, p
 
 
 def section_svd(args):
-    from svdlora.decompose import choose_method, factorize, rank_for_budget, relative_error, truncated_svd
+    from svdlora.decompose import _lapack_svd, choose_method, factorize, rank_for_budget, relative_error, truncated_svd
 
     dev = args.device
     shapes = [(768, 3072), (2048, 8192), (4096, 4096)] if not args.small else [(48, 192), (128, 512), (256, 256)]
@@ -314,6 +405,11 @@ def section_svd(args):
             t, (a, b) = timed(lambda: truncated_svd(wg, k, method="exact"), dev)
             t_ex.append(t)
         err_ex = relative_error(wg, (a, b))
+        t_lap = []  # the exact route before the Gram eigensolver: the device's SVD (cuSOLVER), truncated
+        for _ in range(args.svd_repeats):
+            t, (u, s, vh) = timed(lambda: _lapack_svd(wg, k), dev)
+            t_lap.append(t)
+        err_lap = relative_error(wg, (u * s, vh))
         t_rd = []
         for _ in range(args.svd_repeats):
             t, (a, b) = timed(lambda: truncated_svd(wg, k, method="randomized", generator_seed=0), dev)
@@ -332,6 +428,8 @@ def section_svd(args):
                 "cpu_exact": t_cpu,
                 "gpu_exact_min": ex,
                 "gpu_exact_all": t_ex,
+                "gpu_svd_min": min(t_lap),
+                "gpu_svd_all": t_lap,
                 "gpu_randomized_min": rd,
                 "gpu_randomized_all": t_rd,
                 "factorize_cpu_exact": t_fac_cpu,
@@ -341,6 +439,7 @@ def section_svd(args):
             "rel_error": {
                 "cpu_exact": err_cpu,
                 "gpu_exact": err_ex,
+                "gpu_svd": err_lap,
                 "gpu_randomized": err_rd,
                 "factorize_cpu_exact": f_cpu.rel_error,
                 "factorize_gpu_exact": f_gpu.rel_error,
@@ -348,6 +447,7 @@ def section_svd(args):
                 "factorize_gpu_auto_method": f_auto.method,
             },  # fmt: skip
             "speedup_gpu_exact_vs_cpu_exact": t_cpu / ex,
+            "speedup_gpu_exact_vs_gpu_svd": min(t_lap) / ex,
             "speedup_gpu_randomized_vs_cpu_exact": t_cpu / rd,
             "speedup_gpu_randomized_vs_gpu_exact": ex / rd,
             "error_increase_randomized": err_rd / err_ex - 1,
@@ -355,7 +455,7 @@ def section_svd(args):
             "speedup_factorize_gpu_auto_vs_cpu_exact": t_fac_cpu / t_fac_auto,
         }
         rows.append(row)
-        log(f"svd {m}x{n} r{k}: cpu {t_cpu:.3f}s gpu exact {ex:.3f}s (x{t_cpu / ex:.1f}) gpu rand {rd:.3f}s "
+        log(f"svd {m}x{n} r{k}: cpu {t_cpu:.3f}s gpu exact {ex:.3f}s (x{t_cpu / ex:.1f}; gpu svd {min(t_lap):.3f}s) gpu rand {rd:.3f}s "
             f"(x{ex / rd:.1f} vs gpu exact, err {err_rd / err_ex - 1:+.1%}); factorize cpu {t_fac_cpu:.2f}s "
             f"gpu {t_fac_gpu:.2f}s auto {t_fac_auto:.2f}s")  # fmt: skip
         del wg
@@ -367,7 +467,9 @@ def section_1b(args, work, cfg):
     res = RESULTS.setdefault("1b", {})
     dense = build("1b", cfg, work, args.device)
     out = work / "1b-0.5"
-    res["compress_gpu"] = compress(dense, out, 0.5, args.device, timeout=max(30, left(args) - 60))
+    res["compress_gpu"] = compress(
+        dense, out, 0.5, args.device, timeout=max(30, left(args) - 60), pivot=args.layout == "pivot"
+    )
     log(f"compress 1b gpu {res['compress_gpu']['wall_s']:.1f}s")
     save(args)
     if left(args) > 60 and args.load_1b:
@@ -379,13 +481,327 @@ def section_1b(args, work, cfg):
     room = left(args) - 15
     if room > 30:
         try:
-            res["compress_cpu"] = compress(dense, work / "1b-cpu", 0.5, None, timeout=room)
+            res["compress_cpu"] = compress(
+                dense, work / "1b-cpu", 0.5, None, timeout=room, pivot=args.layout == "pivot"
+            )
             res["compress_ratio_gpu_to_cpu"] = res["compress_gpu"]["wall_s"] / res["compress_cpu"]["wall_s"]
         except subprocess.TimeoutExpired:
             res["compress_cpu"] = {"did_not_finish_within_s": room}
         log("compress 1b cpu", res["compress_cpu"])
     else:
         res["compress_cpu"] = {"skipped": f"only {left(args):.0f}s left"}
+    return res
+
+
+VARIANTS = ("dense", "pivoted", "pairs", "merged")
+
+
+def rotated(names, r):
+    """The variant order of repeat r: rotated by one each repeat, so no variant always runs first."""
+    names = list(names)
+    return names[r % len(names) :] + names[: r % len(names)]
+
+
+def stats(values, anchor=None) -> dict:
+    med = statistics.median(values)
+    row = {"median": med, "min": min(values), "max": max(values), "all": values}
+    if anchor:
+        row["ratio_to_dense"] = med / anchor
+    return row
+
+
+def layer_counts(model) -> dict:
+    from torch import nn
+
+    from svdlora.layers import LowRankLinear
+    from svdlora.pivoted import PivotedLowRankLinear
+
+    mods = list(model.modules())
+    return {
+        "factorized_layers": sum(isinstance(m, LowRankLinear) for m in mods),
+        "pivoted_layers": sum(isinstance(m, PivotedLowRankLinear) for m in mods),
+        "dense_linear_layers": sum(isinstance(m, nn.Linear) for m in mods),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+    }
+
+
+def pivot_graph_breaks(model) -> dict:
+    """Graph breaks dynamo reports for one PivotedLowRankLinear (trace only, no code generation): 0 expected."""
+    from svdlora.pivoted import PivotedLowRankLinear
+
+    layer = next((m for m in model.modules() if isinstance(m, PivotedLowRankLinear)), None)
+    if layer is None:
+        return {"skipped": "no pivoted layer"}
+    x = torch.randn(1, 1, layer.in_features, device=layer.B.device, dtype=layer.B.dtype)
+    with torch.no_grad():
+        exp = torch._dynamo.explain(layer)(x)
+    torch._dynamo.reset()
+    return {"graph_count": exp.graph_count, "graph_break_count": exp.graph_break_count,
+            "reasons": [str(r.reason).splitlines()[0][:200] for r in exp.break_reasons]}  # fmt: skip
+
+
+class CompiledDecoder:
+    """Greedy batch-1 decode through a StaticCache, the decode step (forward + argmax) under torch.compile.
+
+    The prompt is prefilled eagerly into the static cache (as `generate` does), then each new token is one
+    call of the compiled step; with mode="reduce-overhead" on CUDA that call replays a CUDA graph, so per
+    token the launch overhead is gone and the time is that of the kernels (bytes read for batch 1).
+    Positions come from the cache's own length tensor, so every step has the same shapes: one compile.
+    """
+
+    def __init__(self, model, max_len, mode, backend):
+        import inspect
+
+        from transformers import StaticCache
+
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        params = inspect.signature(model.forward).parameters  # transformers >= 5.2x renames past_key_values
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        model_, cache, kw = model, self.cache, self.cache_kw
+
+        def step(ids):
+            out = model_(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+            return out.logits[:, -1].argmax(-1, keepdim=True)
+
+        options = {"backend": backend}
+        if backend == "inductor" and mode:
+            options["mode"] = mode
+        self.step = torch.compile(step, **options)
+        self.mark = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+
+    def prefill(self, prompt):
+        self.cache.reset()
+        out = self.model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def decode(self, prompt, n, dev, keep=False):
+        """(seconds for the n decode steps, prefill excluded; the tokens if keep)."""
+        with torch.no_grad():
+            ids = self.prefill(prompt)
+            tokens = [ids.clone()] if keep else None
+            sync(dev)
+            start = time.perf_counter()
+            for _ in range(n):
+                self.mark()
+                ids = self.step(ids).clone()  # out of the CUDA graph pool before the next replay
+                if keep:
+                    tokens.append(ids)
+            sync(dev)
+            seconds = time.perf_counter() - start
+        return seconds, (torch.cat(tokens, 1)[0].tolist() if keep else None)
+
+
+CUDAGRAPH_MESSAGES: list[str] = []
+
+
+class _Keep(logging.Handler):
+    def emit(self, record):
+        CUDAGRAPH_MESSAGES.append(record.getMessage()[:300])
+
+
+def watch_cudagraph_skips():
+    """Keep inductor's "skipping cudagraphs due to ..." warnings (an artifact logger, silent by default)."""
+    for name in ("torch._inductor.cudagraph_utils.__cudagraphs", "torch._inductor.cudagraph_trees.__cudagraphs"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        if not any(isinstance(h, _Keep) for h in logger.handlers):
+            logger.addHandler(_Keep(level=logging.WARNING))
+
+
+def dynamo_counts() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+    }
+
+
+def section_decode_variants(args, work, cfg, key, section):
+    """Batch-1 greedy decode of dense / pivoted / pairs / merged at one budget, eager and compiled."""
+    import transformers
+
+    from svdlora import load_compressed
+
+    res = RESULTS.setdefault(section, {})
+    dev, dtype = args.device, torch.bfloat16
+    budget = args.variants_budget
+    res["settings"] = {"model": key, "dtype": "bfloat16", "budget": budget, "device": dev,
+                       "device_name": RESULTS["env"]["device"], "torch": torch.__version__,
+                       "transformers": transformers.__version__, "eager_repeats": args.eager_repeats,
+                       "new_tokens_eager": args.new_tokens, "compiled_tokens": args.compiled_tokens,
+                       "compiled_repeats": args.compiled_repeats, "prefill_tokens": args.prefill_tokens,
+                       "prefill_inner": args.prefill_inner}  # fmt: skip
+    dense = build(key, cfg, work, dev)
+    folders = {"pivoted": work / f"{key}-{budget}-pivot", "pairs": work / f"{key}-{budget}-pairs"}
+    svd_dev = dev if dev.startswith("cuda") else None
+    jobs = {
+        name: (compress_cmd(dense, out, budget, svd_dev, pivot=name == "pivoted"), out) for name, out in folders.items()
+    }
+    res["compress"] = compress_parallel(jobs, timeout=max(30, left(args) - 90))
+    log(f"compress {key}: " + ", ".join(f"{k} {v['wall_s']:.1f}s" if "wall_s" in v else f"{k} reused"
+                                        for k, v in res["compress"].items()))  # fmt: skip
+    save(args)
+
+    sync(dev)
+    models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, device_map=dev).eval(),
+              "pivoted": load_compressed(folders["pivoted"], device=dev, dtype=dtype, runtime="factorized"),
+              "pairs": load_compressed(folders["pairs"], device=dev, dtype=dtype, runtime="factorized"),
+              "merged": load_compressed(folders["pivoted"], device=dev, dtype=dtype, runtime="merged")}  # fmt: skip
+    res["layers"] = {k: layer_counts(m) for k, m in models.items()}
+    res["layers"]["merged"]["merged_from"] = "pivoted folder"
+    if dev.startswith("cuda"):
+        res["cuda_allocated_all_loaded"] = torch.cuda.memory_allocated()
+    log(f"loaded {key}: " + ", ".join(f"{k} {v['factorized_layers']} factorized ({v['pivoted_layers']} pivoted), "
+                                      f"{v['weight_bytes'] / 1e6:.0f} MB" for k, v in res["layers"].items()))  # fmt: skip
+
+    vocab = models["dense"].config.vocab_size
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 89]], device=dev) % min(500, vocab)
+    long_prompt = torch.randint(1, vocab, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    n = args.new_tokens
+
+    def generate(model):
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    # (1) eager: transformers' generate (dynamic cache), warm-up = one full-length generate + one prefill per model
+    eager_tokens = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            eager_tokens[name] = generate(model)[0, prompt.shape[1] :].tolist()
+            model(long_prompt)
+    sync(dev)
+    rates, prefill = {k: [] for k in models}, {k: [] for k in models}
+    for r in range(args.eager_repeats):
+        if r >= 3 and left(args) < args.compile_reserve:
+            res["eager_stopped"] = f"after {r} repeats: {left(args):.0f}s left"
+            break
+        for name in rotated(models, r):
+            model = models[name]
+            with torch.no_grad():
+                sync(dev)
+                start = time.perf_counter()
+                for _ in range(args.prefill_inner):
+                    model(long_prompt)
+                sync(dev)
+                prefill[name].append(args.prefill_tokens * args.prefill_inner / (time.perf_counter() - start))
+                start = time.perf_counter()
+                generate(model)
+                sync(dev)
+                rates[name].append(n / (time.perf_counter() - start))
+    res["eager"] = {"what": f"generate() {n} new tokens after an {prompt.shape[1]}-token prompt, default dynamic cache, "
+                            "tok/s = new tokens / wall (prefill of the prompt included); variant order rotated each repeat",
+                    "order_of_repeat_0": list(models)}  # fmt: skip
+    for name in models:
+        res["eager"][name] = {"decode_tok_s": stats(rates[name], statistics.median(rates["dense"])),
+                              "prefill_tok_s": stats(prefill[name], statistics.median(prefill["dense"])),
+                              "greedy_tokens_match_dense": sum(a == b for a, b in zip(eager_tokens[name], eager_tokens["dense"], strict=True)) / n}  # fmt: skip
+    log("eager " + ", ".join(f"{k} {v['decode_tok_s']['median']:.1f} tok/s x{v['decode_tok_s']['ratio_to_dense']:.2f} "
+                             f"(prefill x{v['prefill_tok_s']['ratio_to_dense']:.2f})" for k, v in res["eager"].items()
+                             if isinstance(v, dict) and "decode_tok_s" in v))  # fmt: skip
+    save(args)
+
+    # (2) compiled: static cache + torch.compile of the decode step (CUDA graphs on a GPU)
+    cuda = dev.startswith("cuda")
+    mode = args.compile_mode or ("reduce-overhead" if cuda else "default")
+    # auto: inductor, else dynamo's "cudagraphs" backend (no code generation; on a CPU it runs the graph as is)
+    backends = ["inductor", "cudagraphs"] if args.compile_backend == "auto" else [args.compile_backend]
+    comp = res["compiled"] = {"what": f"StaticCache + torch.compile(step, mode={mode!r}) of forward+argmax, "
+                                      f"{args.compiled_tokens} decode steps timed after an eager prefill of the "
+                                      f"{prompt.shape[1]}-token prompt; tok/s = steps / their wall; order rotated",
+                              "mode": mode, "backends_tried": backends}  # fmt: skip
+    for attr in ("recompile_limit", "cache_size_limit"):  # one entry per model on the shared step code
+        if hasattr(torch._dynamo.config, attr):
+            setattr(torch._dynamo.config, attr, 64)
+    try:
+        comp["pivoted_one_layer_trace"] = pivot_graph_breaks(models["pivoted"])
+    except Exception as err:
+        comp["pivoted_one_layer_trace"] = {"error": repr(err)[:500]}
+    watch_cudagraph_skips()
+    first_message = len(CUDAGRAPH_MESSAGES)
+    decoders, last_compile = {}, 0.0
+    max_len = prompt.shape[1] + args.compiled_tokens + 1
+
+    def try_compile(name, tries):
+        """Compile variant ``name`` ("dense@cudagraphs": with that backend) with the first backend that works."""
+        nonlocal last_compile
+        row = comp.setdefault(name, {})
+        base = name.split("@")[0]
+        if base not in models:
+            row["error"] = f"unknown variant {name!r}"
+            return
+        need = args.compile_reserve + 1.3 * last_compile
+        if left(args) < need:
+            row["skipped"] = f"deadline: {left(args):.0f}s left, {need:.0f}s wanted"
+            log(f"compiled {name}: skipped, {left(args):.0f}s left")
+            return
+        for backend in tries:
+            before = dynamo_counts()
+            start = time.perf_counter()
+            try:
+                decoder = CompiledDecoder(models[base], max_len, mode, backend)
+                first, tokens = decoder.decode(prompt, args.compiled_tokens, dev, keep=True)  # compiles
+                second, _ = decoder.decode(prompt, args.compiled_tokens, dev)  # CUDA graph recorded / warmed
+                third, _ = decoder.decode(prompt, args.compiled_tokens, dev)
+            except Exception as err:
+                row.setdefault("errors", {})[backend] = {"error": repr(err)[:1500], "after_s": time.perf_counter() - start,
+                                                         "traceback_tail": traceback.format_exc()[-3000:]}  # fmt: skip
+                log(f"compiled {name} ({backend}) FAILED after {time.perf_counter() - start:.0f}s: {repr(err)[:300]}")
+                if backend == "inductor" and len(backends) > 1:  # most likely the toolchain: not again for the others
+                    backends.remove("inductor")
+                    comp["inductor_dropped_after"] = name
+                continue  # no torch._dynamo.reset(): it would drop the variants already compiled
+            seconds = time.perf_counter() - start
+            last_compile = max(last_compile, seconds)  # merged reuses dense's graph: no guide for the next one
+            after = dynamo_counts()
+            k = min(n, args.compiled_tokens + 1)  # tokens[0] is the prefill's, as generate's first
+            row.update({"backend": backend, "compile_and_warmup_s": seconds,
+                        "warmup_runs_s": [first, second, third],
+                        "new_graphs": after["unique_graphs"] - before["unique_graphs"],
+                        "graph_breaks": after["graph_breaks"] - before["graph_breaks"],
+                        "cudagraph_skips": after["cudagraph_skips"] - before["cudagraph_skips"],
+                        # a graph reused from an earlier variant (merged: dense's) was judged when it was made
+                        "cuda_graphs": (cuda and after["cudagraph_skips"] == before["cudagraph_skips"])
+                        if after["unique_graphs"] > before["unique_graphs"] else "as the variant whose graph it reuses",
+                        "greedy_tokens_match_eager": sum(a == b for a, b in zip(tokens[:k], eager_tokens[base][:k], strict=True)) / k})  # fmt: skip
+            decoders[name] = decoder
+            log(
+                f"compiled {name} ({backend}): {seconds:.1f}s compile+warm-up, graphs {row['new_graphs']}, "
+                f"breaks {row['graph_breaks']}, cudagraph skips {row['cudagraph_skips']}, "
+                f"tokens match eager {row['greedy_tokens_match_eager']:.2f}"
+            )
+            break
+        save(args)
+
+    for name in [v for v in args.compile_variants.split(",") if v]:
+        try_compile(name, list(backends))
+    # ratios compare one backend: where a variant fell back to another one, dense is compiled with it too
+    anchors = {comp[k]["backend"] for k in decoders if k.split("@")[0] == "dense"}
+    for backend in sorted({comp[k]["backend"] for k in decoders} - anchors):
+        try_compile(f"dense@{backend}", [backend])
+    if decoders:
+        times = {k: [] for k in decoders}
+        for r in range(args.compiled_repeats):
+            if r >= 3 and left(args) < 15:
+                comp["stopped"] = f"after {r} repeats: {left(args):.0f}s left"
+                break
+            for name in rotated(decoders, r):
+                seconds, _ = decoders[name].decode(prompt, args.compiled_tokens, dev)
+                times[name].append(args.compiled_tokens / seconds)
+        anchor = {comp[k]["backend"]: statistics.median(v) for k, v in times.items() if k.split("@")[0] == "dense"}
+        for name, values in times.items():
+            comp[name]["decode_tok_s"] = stats(values, anchor.get(comp[name]["backend"]))
+            comp[name]["ms_per_token"] = 1000 / statistics.median(values)
+        comp["order_of_repeat_0"] = list(decoders)
+        log("compiled " + ", ".join(f"{k} {comp[k]['decode_tok_s']['median']:.0f} tok/s"
+                                    + (f" x{comp[k]['decode_tok_s']['ratio_to_dense']:.2f}" if "ratio_to_dense" in comp[k]["decode_tok_s"] else "")
+                                    for k in decoders))  # fmt: skip
+    comp["cudagraph_messages"] = sorted(set(CUDAGRAPH_MESSAGES[first_message:]))
+    del decoders, models
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()
     return res
 
 
@@ -406,6 +822,21 @@ def main():
     p.add_argument("--svd-reserve", type=float, default=150, help="seconds to keep for the 1B section")
     p.add_argument("--no-1b-load", dest="load_1b", action="store_false")
     p.add_argument("--sections", default="compress135,load135,decode135,svd,1b")
+    p.add_argument("--layout", choices=["pivot", "pairs"], default="pivot",
+                   help="factor layout `compress` writes for the older sections (the CLI default is pivot)")  # fmt: skip
+    p.add_argument("--variants-budget", type=float, default=0.5, help="decode1b / decode135v: compression budget")
+    p.add_argument("--eager-repeats", type=int, default=5, help="decode1b / decode135v: eager repeats")
+    p.add_argument("--compiled-tokens", type=int, default=128, help="decode1b / decode135v: compiled decode steps")
+    p.add_argument("--compiled-repeats", type=int, default=7)
+    p.add_argument("--compile-variants", default=",".join(VARIANTS),
+                   help="decode1b / decode135v: variants to compile, in this order (each skipped when the deadline is near)")  # fmt: skip
+    p.add_argument(
+        "--compile-mode", default=None, help="default: reduce-overhead (CUDA graphs) on CUDA, default on a CPU"
+    )
+    p.add_argument("--compile-backend", choices=["auto", "inductor", "cudagraphs"], default="auto",
+                   help="auto: inductor, and dynamo's plain cudagraphs backend where inductor fails")  # fmt: skip
+    p.add_argument("--compile-reserve", type=float, default=40,
+                   help="seconds that must be left to start compiling a variant (plus 1.3x the last compile)")  # fmt: skip
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -451,7 +882,9 @@ def main():
             elif section == "load135warm":
                 dense135 = build("135m", cfgs["135m"], work, args.device)
                 if not (work / "135m-0.5").exists():
-                    RESULTS["compress135_for_load"] = compress(dense135, work / "135m-0.5", 0.5, args.device, 120)
+                    RESULTS["compress135_for_load"] = compress(
+                        dense135, work / "135m-0.5", 0.5, args.device, 120, pivot=args.layout == "pivot"
+                    )
                 RESULTS[section] = section_load(args, dense135, work / "135m-0.5", "bfloat16", args.load_repeats, "1")
             elif section == "load135":
                 RESULTS[section] = section_load(args, dense135, work / "135m-0.5", "bfloat16", args.load_repeats)
@@ -461,6 +894,9 @@ def main():
                                                   args.new_tokens, args.prefill_tokens)  # fmt: skip
             elif section == "svd":
                 RESULTS[section] = section_svd(args)
+            elif section in ("decode1b", "decode135v"):
+                key = "1b" if section == "decode1b" else "135m"
+                RESULTS[section] = section_decode_variants(args, work, cfgs[key], key, section)
             elif section == "1b":
                 RESULTS[section] = section_1b(args, work, cfgs["1b"])
         except Exception as err:  # keep going: later sections are independent

@@ -92,6 +92,16 @@ def valid_rows(rows: torch.Tensor, out_features: int) -> bool:
     return int(rows[0]) >= 0 and int(rows[-1]) < out_features and bool((rows[1:] > rows[:-1]).all())
 
 
+def _complement_sorted(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """``_complement`` with a static shape (size − len(rows)), which torch.compile traces."""
+    mask = torch.ones(size, dtype=torch.int8, device=rows.device).index_fill(0, rows, 0)
+    return torch.argsort(mask, stable=True)[rows.numel() :]
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def _complement(rows: torch.Tensor, size: int) -> torch.Tensor:
     keep = torch.ones(size, dtype=torch.bool, device=rows.device)
     keep[rows] = False
@@ -163,7 +173,9 @@ class PivotedLowRankLinear(LowRankLinear):
         return pivoted_weight(self.B, self.C, self.rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows, rest = self._indices()
+        # torch.compile cannot trace the cache's key (a data pointer): compiled, the complement is
+        # recomputed inside the graph, one small sort, so CUDA graphs capture the whole layer.
+        rows, rest = (self.rows, _complement_sorted(self.rows, self.out_features)) if _compiling() else self._indices()
         z = F.linear(x, self.B)
         # two index copies into the output: faster on a CPU than concatenating and gathering the columns
         out = z.new_empty(*z.shape[:-1], self.out_features)

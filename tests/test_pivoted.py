@@ -47,6 +47,17 @@ def test_pivoted_layer_computes_the_same_function():
     assert torch.allclose(layer.to_dense()(x), expected, atol=1e-4)
 
 
+def test_pivoted_layer_compiles_to_one_graph():
+    """torch.compile traces the whole forward (no break), so CUDA graphs can capture a decode step."""
+    torch.manual_seed(0)
+    dense = nn.Linear(40, 24)
+    layer = PivotedLowRankLinear.from_factors(dense, torch.randn(24, 10), torch.randn(10, 40), [10])
+    x = torch.randn(3, 40)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")  # fullgraph: a break raises
+    assert torch.equal(compiled(x), layer(x))
+
+
 @pytest.mark.parametrize("budget", [0.1, 0.37, 0.5, 0.8, 1.0])
 @pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96)])
 def test_rank_for_budget_pivoted_is_the_largest_that_fits(budget, shape):
