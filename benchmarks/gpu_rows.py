@@ -36,6 +36,7 @@ gpu_results.json after every section:
                Variants compile in --compile-variants order, each only if --compile-reserve s plus 1.3x
                the longest compile so far are left.
   decode135v   the same for the 135M
+  decode7b     the same for a Llama-2-7B-shaped model (6.7 B parameters, 13.5 GB in bf16)
 Every `svdlora compress` here runs with `--calibration none` (plain SVD: the weights are random) and an
 explicit `--pivot` / `--no-pivot` (older sections: --layout, default pivot, the CLI default since the
 2026-11-26 run, which wrote factor pairs).
@@ -169,12 +170,26 @@ def configs(args) -> dict:
         "tie_word_embeddings": True,
         "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
     }
+    llama7b = {  # Llama-2-7B's shape: large enough matrices that batch-1 decode reads weights, not launches
+        **base,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+    }
     if args.small:  # dry run: same architecture, tiny sizes
         base.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, vocab_size=512)  # fmt: skip
         big.update(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=24, vocab_size=640)  # fmt: skip
-    return {"135m": base, "1b": big}
+        llama7b.update(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, head_dim=32, vocab_size=640)  # fmt: skip
+    return {"135m": base, "1b": big, "7b": llama7b}
 
 
 def build(name, cfg, work: Path, dev) -> Path:
@@ -894,8 +909,8 @@ def main():
                                                   args.new_tokens, args.prefill_tokens)  # fmt: skip
             elif section == "svd":
                 RESULTS[section] = section_svd(args)
-            elif section in ("decode1b", "decode135v"):
-                key = "1b" if section == "decode1b" else "135m"
+            elif section in ("decode1b", "decode135v", "decode7b"):
+                key = {"decode1b": "1b", "decode135v": "135m", "decode7b": "7b"}[section]
                 RESULTS[section] = section_decode_variants(args, work, cfgs[key], key, section)
             elif section == "1b":
                 RESULTS[section] = section_1b(args, work, cfgs["1b"])
