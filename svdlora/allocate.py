@@ -54,12 +54,22 @@ def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[di
     ranks, dense = {}, {}
     for t in targets:
         total = 1 if t.name in floor else rank_for_budget(t.out_features, t.in_features, share, pivot)
-        total = min(total, t.out_features, t.in_features)
+        total = aligned(min(total, t.out_features, t.in_features), config.rank_multiple)
         if factor_params(t, total, pivot) >= t.params:
             dense[t.name] = f"budget share {share:.3g} covers the dense matrix (kept exact)"
         else:
             ranks[t.name] = split_rank(total, config.submatrices)
     return ranks, dense
+
+
+def aligned(rank: int, multiple: int) -> int:
+    """``rank`` rounded down to a multiple of ``multiple``; ranks below ``multiple`` are kept."""
+    return rank - rank % multiple if rank >= multiple else rank
+
+
+def _next_rank(rank: int, multiple: int, limit: int) -> int:
+    """The next rank the global allocator may give: the next multiple of ``multiple`` (capped at ``limit``)."""
+    return min(limit, (rank // multiple + 1) * multiple)
 
 
 def _fixed_rank(targets: list[Target], config: CompressionConfig) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -74,7 +84,12 @@ def _fixed_rank(targets: list[Target], config: CompressionConfig) -> tuple[dict[
 
 
 def allocate_global(
-    targets: list[Target], spectra: dict[str, torch.Tensor], budget: float, submatrices: int, pivot: bool = False
+    targets: list[Target],
+    spectra: dict[str, torch.Tensor],
+    budget: float,
+    submatrices: int,
+    pivot: bool = False,
+    multiple: int = 1,
 ) -> tuple[dict[str, list[int]], dict[str, str], dict[str, float]]:
     """Choose every matrix's rank together: greedy on the loss each parameter buys.
 
@@ -85,6 +100,7 @@ def allocate_global(
     the dense matrix costs beyond the current factors). Gains per rank only fall, so with the
     pair's constant cost per rank this greedy is the optimum of the relaxed problem up to one
     step; pivoted factors (``pivot``) cost out+in−2R−1 for rank R+1, and the greedy is a heuristic.
+    With ``multiple`` > 1 a rank move goes to the next multiple of it (rank 1 → 8 → 16 ...).
     Returns stage ranks, the matrices kept dense (with why), and each factorized matrix's estimated
     loss left (Σ of the dropped σ²).
     """
@@ -108,9 +124,10 @@ def allocate_global(
     def push(t: Target) -> None:
         k, tail = rank[t.name], tails[t.name]
         limit = min(t.out_features, t.in_features, len(tail) - 1)
-        if k < limit and factor_params(t, k + 1, pivot) < t.params:
-            step = factor_params(t, k + 1, pivot) - factor_params(t, k, pivot)
-            heapq.heappush(heap, (-(tail[k] - tail[k + 1]) / step, version[t.name], t.name, "rank"))
+        up = _next_rank(k, multiple, limit)
+        if k < limit and factor_params(t, up, pivot) < t.params:
+            step = factor_params(t, up, pivot) - factor_params(t, k, pivot)
+            heapq.heappush(heap, (-(tail[k] - tail[up]) / step, version[t.name], t.name, "rank"))
         extra = t.params - factor_params(t, k, pivot)
         if tail[k] > 0:
             heapq.heappush(heap, (-tail[k] / max(extra, 1), version[t.name], t.name, "dense"))
@@ -124,8 +141,9 @@ def allocate_global(
         t = by_name[name]
         k = rank[name]
         cost = t.params - factor_params(t, k, pivot)
+        up = _next_rank(k, multiple, min(t.out_features, t.in_features, len(tails[name]) - 1))
         if move == "rank":
-            cost = factor_params(t, k + 1, pivot) - factor_params(t, k, pivot)
+            cost = factor_params(t, up, pivot) - factor_params(t, k, pivot)
         if spent + cost > allowed:
             continue  # does not fit; smaller moves of other matrices still may
         spent += cost
@@ -133,7 +151,7 @@ def allocate_global(
         if move == "dense":
             dense[name] = "global allocation: kept dense (its loss per parameter beats any rank it could get)"
         else:
-            rank[name] += 1
+            rank[name] = up
             push(t)
     ranks = {n: split_rank(k, submatrices) for n, k in rank.items() if n not in dense}
     est_loss = {n: tails[n][k] for n, k in rank.items() if n not in dense}

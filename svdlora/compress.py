@@ -186,7 +186,7 @@ def allocate(targets, config: CompressionConfig, plan: CalibrationPlan, progress
         t.name: weighted_spectrum(weight_out_in(t.module), plan.weighting(t.name, for_allocation=True))
         for t in tqdm(targets, desc="spectra", disable=not progress)
     }
-    return allocate_global(targets, spectra, config.budget, config.submatrices, config.pivot)
+    return allocate_global(targets, spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple)
 
 
 def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, config: CompressionConfig, progress: bool):

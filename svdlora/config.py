@@ -134,6 +134,14 @@ class CompressionConfig:
             "(svdlora.pivoted). Float stages only (not with stage_dtypes). `svdlora compress` turns it on."
         },
     )
+    rank_multiple: int = field(
+        default=1,
+        metadata={
+            "help": "Round each matrix's total rank down to a multiple of this where it is at least that large "
+            "(budget modes). 8 suits GPU inference: cuBLAS reads (out, R) bf16 factors much faster when R is a "
+            "multiple of 8 (benchmarks/gpu_align.py). The budget is still respected; ranks are a little lower."
+        },
+    )
     stage_dtypes: list[str] | None = field(
         default=None,
         metadata={
@@ -156,6 +164,9 @@ class CompressionConfig:
             isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank < 1
         ):
             raise SvdloraError(f"rank must be an integer >= 1, got {self.rank!r}")
+        multiple = self.rank_multiple
+        if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
+            raise SvdloraError(f"rank_multiple must be an integer >= 1, got {multiple!r}")
         if self.svd_method not in SVD_METHODS:
             raise SvdloraError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
         for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("heal_loss", HEAL_LOSSES)):

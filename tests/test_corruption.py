@@ -144,5 +144,6 @@ def test_damaged_folders_work_exactly_or_fail_in_one_line(made, intact, tmp_path
         out = tmp_path / f"dense{case}"
         if one_line(*cli(capsys, "export", folder, "--dense", "--output", out), "export"):
             torch.testing.assert_close(_dense_logits(out), intact["logits"], rtol=1e-4, atol=1e-5, msg=what)
-    # the damage must exercise both outcomes, or the test proves little
-    assert outcomes["works"] >= 3 and outcomes["refused"] >= 10, outcomes
+    # the damage must exercise both outcomes, or the test proves little (which cases work shifts
+    # with the number of fields in svdlora_config.json: the random edits pick among its leaves)
+    assert outcomes["works"] >= 2 and outcomes["refused"] >= 10, outcomes
