@@ -12,6 +12,8 @@ distributed: `--stream` in 1 process vs `torchrun --nproc_per_node 2`, weight fi
 decode:   batch-1 greedy decoding (generate, no sampling, a fixed number of new tokens),
           tokens/s of dense vs compressed factorized / merged / --runtime auto, one process;
           and prefill: one forward pass over a 256-token prompt, tokens/s.
+layouts: one process, pivoted (the default) vs --no-pivot pairs, each also with --rank-multiple 8:
+          decode and prefill as above, and the warm merged load.
 Repeats are interleaved so machine noise hits every variant alike; medians are reported.
 """
 
@@ -185,17 +187,21 @@ def part_decode(args, compressed: Path) -> dict:
 
 
 def part_layouts(args, compressed: Path) -> dict:
-    """Pivoted factors (the CLI's default) against ``--no-pivot`` pairs at the same budget, one process:
-    decode and prefill interleaved, and the warm merged load (best of ``--repeats``)."""
+    """Pivoted factors (the CLI's default) against ``--no-pivot`` pairs at the same budget, each also with
+    ``--rank-multiple 8``, one process: decode and prefill interleaved, and the warm merged load (best of
+    ``--repeats``)."""
     import transformers
 
     from svdlora import load_compressed
 
-    pairs = compressed.with_name(compressed.name + "-pairs")
-    if not pairs.exists():
-        _run([*_compress_command(args, pairs), "--no-pivot"])
+    aligned = ["--rank-multiple", "8"]
+    flags = {"pairs": ["--no-pivot"], "pairs8": ["--no-pivot", *aligned], "pivoted8": aligned}
+    folders = {"pivoted": compressed}
+    for name, extra in flags.items():
+        folders[name] = compressed.with_name(f"{compressed.name}-{name}")
+        if not folders[name].exists():
+            _run([*_compress_command(args, folders[name]), *extra])
     transformers.utils.logging.disable_progress_bar()
-    folders = {"pairs": pairs, "pivoted": compressed}
     models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval()}
     models.update({k: load_compressed(f, device="cpu", runtime="factorized") for k, f in folders.items()})
     rows = _time_generation(models, args)
