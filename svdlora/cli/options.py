@@ -15,32 +15,28 @@ def budget(text: str) -> float:
     return value
 
 
-def positive_int(name: str):
+def int_at_least(name: str, low: int):
+    """An argparse type for integers >= ``low``, its errors naming ``name``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
         return value
 
     parse.__name__ = name
     return parse
+
+
+def positive_int(name: str):
+    return int_at_least(name, 1)
 
 
 def non_negative_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
-        return value
-
-    parse.__name__ = name
-    return parse
+    return int_at_least(name, 0)
 
 
 def add_progress_flag(parser: argparse.ArgumentParser) -> None:
