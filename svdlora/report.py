@@ -85,11 +85,13 @@ class CompressionReport:
         fac = self.factorized
         before = sum(m.params_before for m in fac)
         after = sum(m.params_after for m in fac)
+        multiple = self.config.get("rank_multiple", 1)
         rows = [
             (
                 "budget / submatrices",
                 f"{self.config.get('budget')} / {self.config.get('submatrices')}"
-                + (f" (fixed rank {self.config['rank']})" if self.config.get("rank") else ""),
+                + (f" (fixed rank {self.config['rank']})" if self.config.get("rank") else "")
+                + (f" (ranks multiples of {multiple})" if multiple > 1 else ""),
             ),
             ("method / allocation", f"{self.method or 'svd'} / {self.allocation or 'uniform'}"),
             ("how ranks were chosen", _ALLOCATION_WHY.get(self.allocation or "uniform", "")),

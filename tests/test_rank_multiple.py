@@ -55,7 +55,7 @@ def test_global_ranks_are_multiples_within_the_budget(pivot):
     assert any(sum(r) % 8 for r in plain.values())  # unaligned without the option
 
 
-def test_rank_multiple_through_the_api_and_the_cli(tmp_path):
+def test_rank_multiple_through_the_api_and_the_cli(tmp_path, capsys):
     torch.manual_seed(0)
     model = TINY_MODELS["llama"]()
     report = compress(model, CompressionConfig(budget=0.6, rank_multiple=4))
@@ -67,5 +67,7 @@ def test_rank_multiple_through_the_api_and_the_cli(tmp_path):
                  "--calibration", "none", "--no-progress"]) == 0  # fmt: skip
     loaded = load_compressed(out)
     assert all(sum(m.ranks) % 4 == 0 for m in loaded.svdlora_report.factorized)
+    assert main(["info", str(out)]) == 0
+    assert "ranks multiples of 4" in capsys.readouterr().out
     with pytest.raises(SvdloraError, match="rank_multiple"):
         CompressionConfig(rank_multiple=0)
