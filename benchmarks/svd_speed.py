@@ -5,7 +5,7 @@
 
 Each shape is timed with (a) LAPACK on the matrix as given (svdlora's first exact route),
 (b) LAPACK truncated, wide matrices through their transpose (its second), (c) `--svd exact`
-(today: eigenvectors of the smaller Gram matrix, LAPACK where the error is tiny), (d) `--svd
+(today: eigenvectors of the smaller Gram matrix, LAPACK where float32 round-off could matter), (d) `--svd
 randomized` (oversampling 8, 2 power iterations), (e) the exact-error reference that
 randomized runs add by default. Errors are relative Frobenius errors of the truncated factors. Random
 Gaussian weights have a flat spectrum, the hard case for a sketch; `--smollm2` adds the

@@ -54,11 +54,11 @@ def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[di
     ranks, dense = {}, {}
     for t in targets:
         total = 1 if t.name in floor else rank_for_budget(t.out_features, t.in_features, share, pivot)
-        total = aligned(min(total, t.out_features, t.in_features), config.rank_multiple)
-        if factor_params(t, total, pivot) >= t.params:
+        total = min(total, t.out_features, t.in_features)
+        if factor_params(t, total, pivot) >= t.params:  # before rounding: dense if the share covers it
             dense[t.name] = f"budget share {share:.3g} covers the dense matrix (kept exact)"
         else:
-            ranks[t.name] = split_rank(total, config.submatrices)
+            ranks[t.name] = split_rank(aligned(total, config.rank_multiple), config.submatrices)
     return ranks, dense
 
 

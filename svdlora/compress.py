@@ -309,5 +309,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf: min and max propagate both, in one pass without a bool copy (20x faster than isfinite)."""
     if not tensor.numel():
         return True
-    low, high = torch.aminmax(tensor.detach())
+    try:
+        low, high = torch.aminmax(tensor.detach())
+    except (NotImplementedError, RuntimeError):  # dtypes without aminmax (float8 variants)
+        return bool(torch.isfinite(tensor.detach().float()).all())
     return bool(torch.isfinite(low) & torch.isfinite(high))

@@ -51,8 +51,8 @@ class CompressionConfig:
         # exact by default: reproducible factors, the same as every earlier release; auto is opt-in
         default="exact",
         metadata={
-            "help": "'exact' (the default: eigenvectors of the smaller Gram matrix, LAPACK's SVD where the error "
-            "is tiny), 'randomized' (torch.svd_lowrank), or 'auto': "
+            "help": "'exact' (the default: eigenvectors of the smaller Gram matrix, LAPACK's SVD where float32 "
+            "round-off could matter), 'randomized' (torch.svd_lowrank), or 'auto': "
             "randomized where the kept rank is a small part of the matrix (svdlora.decompose.choose_method)."
         },
     )
@@ -167,6 +167,12 @@ class CompressionConfig:
         multiple = self.rank_multiple
         if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
             raise SvdloraError(f"rank_multiple must be an integer >= 1, got {multiple!r}")
+        if multiple > 1 and self.rank is not None:
+            raise SvdloraError(
+                f"rank_multiple applies to budget modes; with a fixed rank pass a multiple of {multiple} as the rank"
+            )
+        if multiple > 1 and self.stage_dtypes:
+            raise SvdloraError("rank_multiple cannot be combined with stage_dtypes (their ranks are priced in bytes)")
         if self.svd_method not in SVD_METHODS:
             raise SvdloraError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
         for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("heal_loss", HEAL_LOSSES)):

@@ -181,6 +181,12 @@ class PivotedLowRankLinear(LowRankLinear):
         out.index_copy_(-1, rest, F.linear(z, self.C))
         return out if self.bias is None else out + self.bias
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # a load copies into ``rows`` in place: the same tensor, so the compiled path's identity
+        # check would keep the old indices; forget them
+        super()._load_from_state_dict(*args, **kwargs)
+        self._gather_key = self._gather_rows = self._gather = None
+
     def _traced_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``_indices`` under torch.compile, which cannot trace the cache's key (a data pointer).
 

@@ -85,7 +85,8 @@ class CompressionReport:
         fac = self.factorized
         before = sum(m.params_before for m in fac)
         after = sum(m.params_after for m in fac)
-        multiple = self.config.get("rank_multiple", 1)
+        multiple = self.config.get("rank_multiple")
+        multiple = multiple if isinstance(multiple, int) else 1  # an edited config must not break info
         rows = [
             (
                 "budget / submatrices",

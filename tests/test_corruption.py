@@ -23,7 +23,7 @@ from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
 
 from .test_safety import made  # noqa: F401  (the shared module fixture)
 
-CASES = 30
+CASES = 40
 IDS = torch.arange(1, 13).unsqueeze(0)
 EVAL = ["--task", "text-generation", "--device", "cpu", "--no-progress", "--max-length", "16", "--limit", "2"]
 VALUES = [None, True, False, 0, 1, -1, 2, 10**9, 0.5, "x", "", [], [1], [0, 0], {}, "linear", "conv1d", "GPT2Model"]
@@ -144,6 +144,5 @@ def test_damaged_folders_work_exactly_or_fail_in_one_line(made, intact, tmp_path
         out = tmp_path / f"dense{case}"
         if one_line(*cli(capsys, "export", folder, "--dense", "--output", out), "export"):
             torch.testing.assert_close(_dense_logits(out), intact["logits"], rtol=1e-4, atol=1e-5, msg=what)
-    # the damage must exercise both outcomes, or the test proves little (which cases work shifts
-    # with the number of fields in svdlora_config.json: the random edits pick among its leaves)
-    assert outcomes["works"] >= 2 and outcomes["refused"] >= 10, outcomes
+    # the damage must exercise both outcomes, or the test proves little
+    assert outcomes["works"] >= 3 and outcomes["refused"] >= 10, outcomes

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from svdlora import compress
-from svdlora.decompose import choose_method, factorize, optimal_relative_error, truncated_svd
+from svdlora.decompose import choose_method, factorize, optimal_relative_error, relative_error, truncated_svd
 from tests.conftest import tiny_llama
 
 
@@ -137,6 +137,39 @@ def test_exact_route_matches_lapack(name, shape):
     assert err == pytest.approx(tail(sigma, k), rel=1e-4)
     assert torch.allclose(a.norm(dim=0), b.norm(dim=1), rtol=1e-4)  # √σ on both sides
     assert torch.allclose(a.norm(dim=0).square(), s.float(), rtol=1e-4)  # the singular values, in order
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25, 1.0])
+def test_exact_route_at_extreme_scales(scale):
+    """The Gram squares W: scaled first, entries near 1e19 or 1e-26 neither overflow nor vanish."""
+    sigma = SPECTRA["power 1/i"](300)
+    w = with_spectrum(400, 300, sigma, seed=5) * scale  # float32, above the float64 size limit
+    f = factorize(w, [100], method="exact")
+    assert torch.isfinite(f.a).all() and torch.isfinite(f.b).all()
+    assert f.rel_error == pytest.approx(tail(sigma, 100), rel=1e-4)
+
+
+def test_exact_route_outlier_spectrum_matches_lapack():
+    """One dominant singular value over a flat tail: the Gram's round-off (ε·σ₁²) would swamp the
+    tail's ordering, so the route hands over to LAPACK and the error is LAPACK's."""
+    from svdlora.decompose import _gram_svd, _lapack_svd
+
+    sigma = torch.cat([torch.tensor([100.0]), torch.linspace(1, 0.05, 511)]).double()  # λ_k/λ₁ = 2.8e-5
+    w = with_spectrum(512, 512, sigma, seed=6)
+    assert _gram_svd(w, 256) is None
+    a, b = truncated_svd(w, 256)
+    u, s, vh = _lapack_svd(w, 256)
+    assert relative_error(w, (a, b)) == pytest.approx(relative_error(w, ((u * s), vh)), rel=1e-6)
+
+
+def test_float64_keeps_lapack_precision():
+    g = torch.Generator().manual_seed(7)
+    sigma = 0.8 ** torch.arange(200, dtype=torch.float64)
+    u, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(300, 200, generator=g, dtype=torch.float64))
+    w = (u * sigma) @ v.T  # float64 throughout: the error is known to ~1e-15
+    a, b = truncated_svd(w, 40)
+    assert relative_error(w, (a, b)) == pytest.approx(tail(sigma, 40), rel=1e-9)
 
 
 def test_exact_route_hands_tiny_errors_to_lapack():

@@ -64,6 +64,16 @@ def test_pivoted_layer_compiles_to_one_graph():
         assert torch.equal(compiled(x), expected)
         layer.rows = layer.rows.flip(0).flip(0)  # a new tensor, as a load with assign=True gives
         assert torch.equal(compiled(x), expected)
+    # a load without assign copies other pivots into the same tensor: the compiled layer follows
+    layer = PivotedLowRankLinear.from_factors(dense, a, b, [10])
+    layer(x)  # the eager cache the compiled layer reads
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), expected)
+    other = PivotedLowRankLinear.from_factors(dense, torch.randn(24, 10), torch.randn(10, 40), [10])
+    assert not torch.equal(other.rows, layer.rows)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(compiled(x), other(x))
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.37, 0.5, 0.8, 1.0])

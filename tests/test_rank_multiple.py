@@ -71,3 +71,15 @@ def test_rank_multiple_through_the_api_and_the_cli(tmp_path, capsys):
     assert "ranks multiples of 4" in capsys.readouterr().out
     with pytest.raises(SvdloraError, match="rank_multiple"):
         CompressionConfig(rank_multiple=0)
+    with pytest.raises(SvdloraError, match="fixed rank"):
+        CompressionConfig(rank=20, rank_multiple=8)
+    with pytest.raises(SvdloraError, match="stage_dtypes"):
+        CompressionConfig(stage_dtypes=["int8"], rank_multiple=8)
+
+
+def test_a_matrix_the_share_covers_stays_dense_and_exact():
+    """Rounding comes after the dense check: at budget 1.0 pivoted, every matrix stays exact."""
+    ts = targets()
+    plain, dense_plain = allocate_ranks(ts, CompressionConfig(budget=1.0, pivot=True))
+    ranks, dense = allocate_ranks(ts, CompressionConfig(budget=1.0, pivot=True, rank_multiple=8))
+    assert ranks == plain and dense.keys() == dense_plain.keys() and len(dense) == len(ts)
