@@ -365,6 +365,8 @@ def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, p
             continue
         tensor = p.checkpoint.read(src)
         if kind == "copy":
+            if tensor.is_floating_point() and not all_finite(tensor):  # as in-memory compress checks every tensor
+                raise SvdloraError(f"tensor {src!r} of the checkpoint contains NaN or Inf: fix or replace it")
             writer.write(what, tensor.to(p.out_dtype(tensor.dtype)))
             continue
         weight = tensor.to(p.out_dtype(tensor.dtype))

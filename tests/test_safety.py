@@ -306,11 +306,13 @@ def test_base_model_class_is_restricted(work, capsys, name, match):
         svdlora.load_compressed(work / "svd", device="cpu")
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("where", ["embedding", "bias"])
-def test_nan_or_inf_anywhere_is_refused(work, capsys, where):
+def test_nan_or_inf_anywhere_is_refused(work, capsys, where, stream):
     key = "transformer.wte.weight" if where == "embedding" else "transformer.h.0.ln_1.bias"
     _rewrite(work / "dense", lambda t: t[key].view(-1)[0].fill_(float("inf" if where == "embedding" else "nan")))
-    refused(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress", match=f"'{key}'")
+    streaming = ["--stream", "--calibration", "none"] if stream else []
+    refused(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress", *streaming, match=f"'{key}'")
     assert not (work / "out").exists()
 
 
