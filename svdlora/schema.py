@@ -131,6 +131,11 @@ def _validate_module(m, at: str, bad) -> None:
 
 def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) -> None:
     """Each stored stage must be (out, r_j) / (r_j, in) and each bias (out,), as the config says."""
+    stages_stored: dict[str, list[str]] = {}  # module name -> its "<name>.stage<j>." keys, read once
+    for key in shapes:
+        head, sep, tail = key.rpartition(".stage")
+        if sep and tail.split(".", 1)[0].isdigit():
+            stages_stored.setdefault(head, []).append(key)
     for m in modules:
         out_f, in_f = m.shape
         expected = {}
@@ -161,7 +166,7 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
                     f"{str(weights)!r}: tensor {key!r} has shape {list(shapes[key])}, but svdlora_config.json "
                     f"says {shape}: the folder was edited or mixed with another; re-run `svdlora compress`"
                 )
-        stray = next((k for k in shapes if k.startswith(f"{m.name}.stage{len(m.ranks)}.")), None)
+        stray = next((k for k in stages_stored.get(m.name, []) if k.startswith(f"{m.name}.stage{len(m.ranks)}.")), None)
         if stray is not None:
             raise SvdloraError(
                 f"{str(weights)!r} holds {stray!r}, a stage svdlora_config.json does not list: "

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -223,6 +224,17 @@ def test_partial_dense_checkpoint_is_refused(work, capsys, change, match):
     before = tree_hash(work)
     refused(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress", match=match)
     assert_untouched(work, before)
+
+
+def test_a_stage_the_config_does_not_list_is_refused(work):
+    """A stray stage tensor (a folder mixed with a run of more submatrices) is named on load."""
+    key = next(k for k in load_file(work / "svd" / WEIGHTS_NAME) if k.endswith(".stage0.A"))
+    name = key.removesuffix(".stage0.A")
+    stages = json.loads((work / "svd" / CONFIG_NAME).read_text())["report"]["modules"]
+    count = len(next(m for m in stages if m["name"] == name)["ranks"])
+    _rewrite(work / "svd", lambda t: t.update({f"{name}.stage{count}.A": t[key].clone()}))
+    with pytest.raises(SvdloraError, match=rf"holds '{re.escape(name)}\.stage{count}\.A', a stage"):
+        svdlora.load_compressed(work / "svd", device="cpu")
 
 
 def test_truncated_safetensors_is_one_line(work, capsys):
