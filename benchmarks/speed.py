@@ -12,8 +12,9 @@ distributed: `--stream` in 1 process vs `torchrun --nproc_per_node 2`, weight fi
 decode:   batch-1 greedy decoding (generate, no sampling, a fixed number of new tokens),
           tokens/s of dense vs compressed factorized / merged / --runtime auto, one process;
           and prefill: one forward pass over a 256-token prompt, tokens/s.
-layouts: one process, pivoted (the default) vs --no-pivot pairs, each also with --rank-multiple 8:
-          decode and prefill as above, and the warm merged load.
+layouts: one process, pivoted (the default) vs --no-pivot pairs, each also with --rank-multiple 8 and
+          with its (out, R) factor laid out row-major as before layers.factor_layout: decode and
+          prefill as above, and the warm merged load.
 Repeats are interleaved so machine noise hits every variant alike; medians are reported.
 """
 
@@ -204,6 +205,8 @@ def part_layouts(args, compressed: Path) -> dict:
     transformers.utils.logging.disable_progress_bar()
     models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval()}
     models.update({k: load_compressed(f, device="cpu", runtime="factorized") for k, f in folders.items()})
+    for name in ("pairs", "pivoted"):  # the short-row factor as stored in the file, before layers.factor_layout
+        models[f"{name}, row-major"] = _row_major(load_compressed(folders[name], device="cpu", runtime="factorized"))
     rows = _time_generation(models, args)
     for name, folder in folders.items():
         load_compressed(folder, device="cpu", merge=True)  # warm
@@ -214,6 +217,18 @@ def part_layouts(args, compressed: Path) -> dict:
             times.append(time.perf_counter() - start)
         rows[name]["merged_load_warm_s"] = min(times)
     return rows
+
+
+def _row_major(model):
+    """``model`` with its (out, R) factors (A, or the pivoted C) laid out row by row again."""
+    from svdlora.layers import LowRankLinear
+
+    for module in model.modules():
+        for name in ("A", "C"):
+            factor = module._parameters.get(name) if isinstance(module, LowRankLinear) else None
+            if factor is not None:
+                setattr(module, name, torch.nn.Parameter(factor.detach().contiguous(), requires_grad=False))
+    return model
 
 
 def _time_generation(models: dict, args) -> dict:

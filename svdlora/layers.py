@@ -12,6 +12,18 @@ from .decompose import residual_svd
 LINEAR, CONV1D = "linear", "conv1d"
 
 
+def factor_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """A factor whose rows are short ((out, R): A, or the pivoted C), stored column by column on a CPU.
+
+    F.linear then reads it as one (R, out) block, which batch-1 decoding on a CPU streams faster
+    than R-long rows (benchmarks/speed.py --parts layouts times both). The values and the shape
+    are unchanged; on other devices the row-major layout stays (not measured there).
+    """
+    if tensor.device.type != "cpu" or tensor.dim() != 2 or tensor.stride(0) == 1:
+        return tensor
+    return tensor.t().contiguous().t()
+
+
 def dense_kind(module: nn.Module) -> str | None:
     """'linear' or 'conv1d' for a layer svdlora can factorize, else None."""
     if isinstance(module, nn.Linear):
@@ -88,7 +100,7 @@ class LowRankLinear(nn.Module):
         self.stage_dtypes = list(stage_dtypes) if stage_dtypes else None  # None: every stage in A's dtype
         self.stored = None  # stages as written to disk (chain.Stage.parts), set by compression / loading
         total = sum(ranks)
-        self.A = nn.Parameter(torch.empty(out_features, total, device=device, dtype=dtype))
+        self.A = nn.Parameter(factor_layout(torch.empty(out_features, total, device=device, dtype=dtype)))
         self.B = nn.Parameter(torch.empty(total, in_features, device=device, dtype=dtype))
         self.full = (
             nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype)) if has_full else None

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import SvdloraError
-from .layers import CONV1D
+from .layers import CONV1D, factor_layout
 from .pivoted import pivoted_weight, valid_rows
 from .report import CompressionReport
 
@@ -109,7 +109,7 @@ def read_state(
                     dense = pivoted_weight(b, c, rows)
                     state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense
                 else:
-                    state[f"{m.name}.B"], state[f"{m.name}.C"], state[f"{m.name}.rows"] = b, c, rows
+                    state[f"{m.name}.B"], state[f"{m.name}.C"], state[f"{m.name}.rows"] = b, factor_layout(c), rows
                 del b, c
                 continue
             if m.name in (stored_dtypes or {}):
@@ -122,7 +122,7 @@ def read_state(
                 a = _stacked(tensors, m.name, m.ranks, "A", dtype, where)
                 b = _stacked(tensors, m.name, m.ranks, "B", dtype, where)
             if not merge:
-                state[f"{m.name}.A"], state[f"{m.name}.B"] = a, b
+                state[f"{m.name}.A"], state[f"{m.name}.B"] = factor_layout(a), b
                 if full is not None:
                     state[f"{m.name}.full"] = full
             else:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SvdloraError
-from .layers import LowRankLinear
+from .layers import LowRankLinear, factor_layout
 from .pivoted import PivotedLowRankLinear
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,10 @@ def measure(
     ``pivoted``: the factorized layer is in pivoted form (``svdlora.pivoted``: P·x, then C·(P·x), a gather)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(tokens, in_features, generator=g).to(device, dtype)
-    a = torch.randn(out_features, rank, generator=g).to(device, dtype)
+    a = factor_layout(torch.randn(out_features, rank, generator=g).to(device, dtype))  # as the layers hold it
     b = torch.randn(rank, in_features, generator=g).to(device, dtype)
     w = a @ b
-    c = a[rank:]
+    c = factor_layout(a[rank:])
     order = torch.randperm(out_features, generator=g).to(device)
     rows, rest = order[:rank].sort().values, order[rank:].sort().values
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from svdlora import SvdloraError, compress, load_compressed, save_compressed
@@ -14,6 +15,7 @@ from svdlora.config import CompressionConfig
 from svdlora.decompose import rank_for_budget
 from svdlora.heal import heal
 from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
+from svdlora.layers import LowRankLinear
 from svdlora.pivoted import PivotedLowRankLinear, pivot_factors, pivoted_params
 from svdlora.targets import find_targets
 
@@ -230,3 +232,22 @@ def test_rank_deficient_and_zero_matrices_pivot_without_error():
         model.model.layers[0].mlp.up_proj.weight.zero_()
     compress(model, budget=0.5, pivot=True, progress=False)
     assert torch.isfinite(output_of(model, "llama")).all()
+
+
+@pytest.mark.parametrize("pivot", [False, True])
+def test_short_row_factor_is_column_major_on_cpu(pivot, tmp_path):
+    """layers.factor_layout: A (pairs) or C (pivoted) is stored column by column on a CPU, in a new
+    layer and after a load; the values, the outputs and the saved file are unchanged."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    compress(model, CompressionConfig(budget=0.5, pivot=pivot), progress=False)
+    save_compressed(model, tmp_path / "out")
+    loaded = load_compressed(tmp_path / "out", device="cpu")
+    name = "C" if pivot else "A"
+    layers = [m for m in loaded.modules() if isinstance(m, LowRankLinear)]
+    assert layers and all(getattr(m, name).stride(0) == 1 for m in layers)
+    assert torch.allclose(output_of(loaded, "llama"), output_of(model, "llama"), atol=1e-5)
+    save_compressed(loaded, tmp_path / "again")
+    assert load_file(tmp_path / "again" / WEIGHTS_NAME).keys() == load_file(tmp_path / "out" / WEIGHTS_NAME).keys()
+    for key, value in load_file(tmp_path / "again" / WEIGHTS_NAME).items():
+        assert torch.equal(value, load_file(tmp_path / "out" / WEIGHTS_NAME)[key]), key

@@ -37,7 +37,7 @@ from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..layers import LowRankLinear, dense_kind, weight_out_in
+from ..layers import LowRankLinear, dense_kind, factor_layout, weight_out_in
 from ..pivoted import PivotedLowRankLinear, valid_rows
 from ..version import FORMAT_VERSION, __version__
 
@@ -180,6 +180,7 @@ class SvdloraHfQuantizer(HfQuantizer):
                     tensor = tensor.to("cpu")
                 else:
                     tensor = tensor.to(device=like.device, dtype=like.dtype)
+                tensor = factor_layout(tensor) if side in ("A", "C") else tensor
                 setattr(layer, side, nn.Parameter(tensor, requires_grad=layer.B.requires_grad))
             if pivoted:  # the pivot indices: an integer buffer, on the layer's device
                 rows = parts[file_name]["rows"][0]
