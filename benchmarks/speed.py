@@ -15,6 +15,8 @@ decode:   batch-1 greedy decoding (generate, no sampling, a fixed number of new 
 layouts: one process, pivoted (the default) vs --no-pivot pairs, each also with --rank-multiple 8 and
           with its (out, R) factor laid out row-major as before layers.factor_layout: decode and
           prefill as above, and the warm merged load.
+compiled: one process, the decode step compiled (torch.compile + a static KV cache; needs a C++
+          compiler), dense vs pairs vs pivoted.
 Repeats are interleaved so machine noise hits every variant alike; medians are reported.
 """
 
@@ -219,6 +221,46 @@ def part_layouts(args, compressed: Path) -> dict:
     return rows
 
 
+def part_compiled(args, compressed: Path) -> dict:
+    """Decode with the step compiled (torch.compile, inductor, a static KV cache), dense vs pairs vs
+    pivoted, one process: how much of the gap to the bytes ratio is Python and framework overhead."""
+    import transformers
+
+    from benchmarks.gpu_rows import CompiledDecoder
+    from svdlora import load_compressed
+
+    transformers.utils.logging.disable_progress_bar()
+    pairs = compressed.with_name(f"{compressed.name}-pairs")
+    if not pairs.exists():
+        _run([*_compress_command(args, pairs), "--no-pivot"])
+    models = {
+        "dense": transformers.AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval(),
+        "pairs": load_compressed(pairs, device="cpu"),
+        "pivoted": load_compressed(compressed, device="cpu"),
+    }
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1789]])
+    decoders, rows = {}, {}
+    for name, model in models.items():
+        start = time.perf_counter()
+        decoders[name] = CompiledDecoder(model, prompt.shape[1] + args.new_tokens + 1, "default", "inductor")
+        decoders[name].decode(prompt, 3, "cpu")  # compile
+        rows[name] = {"compile_s": time.perf_counter() - start, "all": []}
+        _, tokens = decoders[name].decode(prompt, args.new_tokens, "cpu", keep=True)
+        with torch.no_grad():  # the compiled step must give the eager model's greedy tokens
+            eager = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                   do_sample=False, pad_token_id=0)[0, prompt.shape[1] :].tolist()  # fmt: skip
+        rows[name]["tokens_match_eager"] = sum(a == b for a, b in zip(tokens, eager, strict=False)) / len(eager)
+    for _ in range(args.repeats):
+        for name, decoder in decoders.items():
+            seconds, _ = decoder.decode(prompt, args.new_tokens, "cpu")
+            rows[name]["all"].append(args.new_tokens / seconds)
+    dense = statistics.median(rows["dense"]["all"])
+    for row in rows.values():
+        row["tokens_per_s"] = statistics.median(row["all"])
+        row["ratio_to_dense"] = row["tokens_per_s"] / dense
+    return rows
+
+
 def _row_major(model):
     """``model`` with its (out, R) factors (A, or the pivoted C) laid out row by row again."""
     from svdlora.layers import LowRankLinear
@@ -286,7 +328,7 @@ def main(argv=None) -> dict:
     for part in args.parts.split(","):
         parts = {
             "compress": part_compress, "load": part_load, "decode": part_decode, "distributed": part_distributed,
-            "layouts": part_layouts,
+            "layouts": part_layouts, "compiled": part_compiled,
         }  # fmt: skip
         result[part] = parts[part](args, work if part in ("compress", "distributed") else compressed)
         print(part, json.dumps(result[part], indent=1), flush=True)
