@@ -17,7 +17,10 @@ def factor_layout(tensor: torch.Tensor) -> torch.Tensor:
 
     F.linear then reads it as one (R, out) block, which batch-1 decoding on a CPU streams faster
     than R-long rows (benchmarks/speed.py --parts layouts times both). The values and the shape
-    are unchanged; on other devices the row-major layout stays (not measured there).
+    are unchanged. Applied to the layers compression builds and to folders loaded on a CPU
+    (``load_compressed``, ``from_pretrained``), so both compute alike; not to ``FactorizedLinear``
+    built for training from scratch. Such a state dict is not contiguous: save it with
+    ``save_compressed`` (or ``.contiguous()`` each tensor). ``.to()`` keeps a layer's layout.
     """
     if tensor.device.type != "cpu" or tensor.dim() != 2 or tensor.stride(0) == 1:
         return tensor
@@ -100,7 +103,7 @@ class LowRankLinear(nn.Module):
         self.stage_dtypes = list(stage_dtypes) if stage_dtypes else None  # None: every stage in A's dtype
         self.stored = None  # stages as written to disk (chain.Stage.parts), set by compression / loading
         total = sum(ranks)
-        self.A = nn.Parameter(factor_layout(torch.empty(out_features, total, device=device, dtype=dtype)))
+        self.A = nn.Parameter(torch.empty(out_features, total, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(total, in_features, device=device, dtype=dtype))
         self.full = (
             nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype)) if has_full else None
@@ -119,14 +122,24 @@ class LowRankLinear(nn.Module):
         b = torch.cat([b for _, b in stages], dim=0)
         return cls.from_factors(module, a, b, [sa.shape[1] for sa, _ in stages])
 
+    # Layers that replace a trained module are laid out for inference (``factor_layout``);
+    # a subclass for training from scratch keeps contiguous factors.
+    inference_layout = True
+
     @classmethod
     def shaped_for(cls, module: nn.Module, ranks: list[int], **options) -> LowRankLinear:
         """An empty layer of this class to replace ``module``: its shape, bias, kind, device and dtype."""
         weight = weight_out_in(module)
-        return cls(
+        layer = cls(
             weight.shape[1], weight.shape[0], list(ranks), bias=module.bias is not None,
             base_kind=dense_kind(module), device=weight.device, dtype=weight.dtype, **options,
         )  # fmt: skip
+        if cls.inference_layout:
+            for name in ("A", "C"):  # the short-row factor of the pairs / of pivoted layers
+                factor = layer._parameters.get(name)
+                if factor is not None:
+                    setattr(layer, name, nn.Parameter(factor_layout(factor.detach())))
+        return layer
 
     @classmethod
     def from_factors(cls, module: nn.Module, a: torch.Tensor, b: torch.Tensor, ranks: list[int]) -> LowRankLinear:

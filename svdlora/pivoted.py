@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LowRankLinear, factor_layout
+from .layers import LowRankLinear
 
 # LU pivots of A below this share of the largest mean A is (numerically) rank deficient.
 _MIN_PIVOT = 1e-9
@@ -138,7 +138,7 @@ class PivotedLowRankLinear(LowRankLinear):
         self.stored = None
         self.full = None
         self.B = nn.Parameter(torch.empty(total, in_features, device=device, dtype=dtype))
-        self.C = nn.Parameter(factor_layout(torch.empty(out_features - total, total, device=device, dtype=dtype)))
+        self.C = nn.Parameter(torch.empty(out_features - total, total, device=device, dtype=dtype))
         self.register_buffer("rows", torch.zeros(total, dtype=torch.long, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self._gather_key = self._gather_rows = None

@@ -50,6 +50,8 @@ class FactorizedLinear(LowRankLinear):
         True
     """
 
+    inference_layout = False  # contiguous factors for optimizers and code that flattens them
+
     def __init__(self, in_features: int, out_features: int, rank: int | list[int], bias: bool = True, **kwargs) -> None:
         if isinstance(rank, int):
             _check_rank(rank)

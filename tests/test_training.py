@@ -139,3 +139,14 @@ def test_training_a_rank_constrained_model_reduces_loss(one_thread):
         opt.step()
     assert loss.item() < 0.5 * first
     assert rank_of(model[0].dense_weight()) <= 4
+
+
+def test_factorized_linear_factors_are_contiguous(tmp_path):
+    """Training layers keep contiguous factors: flattening and safetensors need them."""
+    from safetensors.torch import save_file
+
+    from svdlora.training import FactorizedLinear
+
+    layer = FactorizedLinear(32, 16, rank=4)
+    torch.nn.utils.parameters_to_vector(layer.parameters())
+    save_file(layer.state_dict(), tmp_path / "x.safetensors")
