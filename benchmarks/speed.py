@@ -199,11 +199,7 @@ def part_layouts(args, compressed: Path) -> dict:
 
     aligned = ["--rank-multiple", "8"]
     flags = {"pairs": ["--no-pivot"], "pairs8": ["--no-pivot", *aligned], "pivoted8": aligned}
-    folders = {"pivoted": compressed}
-    for name, extra in flags.items():
-        folders[name] = compressed.with_name(f"{compressed.name}-{name}")
-        if not folders[name].exists():
-            _run([*_compress_command(args, folders[name]), *extra])
+    folders = {"pivoted": compressed} | {name: _variant(args, compressed, name, f) for name, f in flags.items()}
     transformers.utils.logging.disable_progress_bar()
     models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval()}
     models.update({k: load_compressed(f, device="cpu", runtime="factorized") for k, f in folders.items()})
@@ -230,9 +226,7 @@ def part_compiled(args, compressed: Path) -> dict:
     from svdlora import load_compressed
 
     transformers.utils.logging.disable_progress_bar()
-    pairs = compressed.with_name(f"{compressed.name}-pairs")
-    if not pairs.exists():
-        _run([*_compress_command(args, pairs), "--no-pivot"])
+    pairs = _variant(args, compressed, "pairs", ["--no-pivot"])
     models = {
         "dense": transformers.AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval(),
         "pairs": load_compressed(pairs, device="cpu"),
@@ -259,6 +253,14 @@ def part_compiled(args, compressed: Path) -> dict:
         row["tokens_per_s"] = statistics.median(row["all"])
         row["ratio_to_dense"] = row["tokens_per_s"] / dense
     return rows
+
+
+def _variant(args, compressed: Path, name: str, flags: list[str]) -> Path:
+    """The folder ``compressed`` with extra ``compress`` flags, beside it; compressed on first use."""
+    folder = compressed.with_name(f"{compressed.name}-{name}")
+    if not folder.exists():
+        _run([*_compress_command(args, folder), *flags])
+    return folder
 
 
 def _row_major(model):

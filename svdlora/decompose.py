@@ -103,7 +103,7 @@ def _gram_svd(work: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
     With E the top-``rank`` eigenvectors of WWᵀ (or WᵀW), Ŵ = E·EᵀW is W's best rank-``rank``
     approximation, and the row norms of EᵀW are the singular values. One matmul and a symmetric
-    eigensolver take 2-3x less time than LAPACK's SVD on LLM matrices at the same error
+    eigensolver take 1.6-2.8x less time than LAPACK's SVD on LLM matrices at the same error
     (benchmarks/svd_speed.py). The Gram squares the condition number: its eigenvalues carry an
     absolute error of about ε·λ₁, so the kept subspace is only trusted where the smallest kept
     eigenvalue stands well above that: λ_k >= ``_GRAM_MIN_RATIO``·λ₁. On an outlier spectrum the

@@ -41,8 +41,7 @@ def pivot_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     of LU with partial pivoting on A, which are the pivots of any basis Q·R = A of its columns
     (row operations commute with R), and C = A[rest]·A[I]⁻¹ = Q[rest]·Q[I]⁻¹. Where A is rank
     deficient (a zero singular value, an all-zero weight) they are taken on an orthonormal Q
-    instead, which still has R independent rows to pivot on; the QR doubles the cost, so only
-    then.
+    instead, which still has R independent rows to pivot on; the QR is only taken then.
     """
     work = a.detach().double()
     b = b.detach().double()
@@ -96,10 +95,6 @@ def _complement_sorted(rows: torch.Tensor, size: int) -> torch.Tensor:
     """``_complement`` with a static shape (size − len(rows)), which torch.compile traces."""
     mask = torch.ones(size, dtype=torch.int8, device=rows.device).index_fill(0, rows, 0)
     return torch.argsort(mask, stable=True)[rows.numel() :]
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 def _complement(rows: torch.Tensor, size: int) -> torch.Tensor:
@@ -173,7 +168,7 @@ class PivotedLowRankLinear(LowRankLinear):
         return pivoted_weight(self.B, self.C, self.rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows, rest = self._traced_indices() if _compiling() else self._indices()
+        rows, rest = self._traced_indices() if torch.compiler.is_compiling() else self._indices()
         z = F.linear(x, self.B)
         # two index copies into the output: faster on a CPU than concatenating and gathering the columns
         out = z.new_empty(*z.shape[:-1], self.out_features)
@@ -192,7 +187,8 @@ class PivotedLowRankLinear(LowRankLinear):
 
         The cache an eager call left (a prefill, say) while ``rows`` is still the tensor it was made
         from (dynamo guards that identity); else the complement sorted inside the graph, correct but
-        several kernels per layer (on an H200 it halved CUDA-graph decode speed of a 1B model).
+        several kernels per layer (with it, the H200's 1B-shaped pivoted model decoded at 0.40x dense
+        under CUDA graphs; BENCHMARKS.md section 7).
         """
         if self._gather is not None and self._gather_rows is self.rows:
             return self._gather

@@ -62,7 +62,7 @@ def measure(
     a = factor_layout(torch.randn(out_features, rank, generator=g).to(device, dtype))  # as the layers hold it
     b = torch.randn(rank, in_features, generator=g).to(device, dtype)
     w = a @ b
-    c = factor_layout(a[rank:])
+    c = a[rank:]  # column-major too: a view of A's (rank, out) storage
     order = torch.randperm(out_features, generator=g).to(device)
     rows, rest = order[:rank].sort().values, order[rank:].sort().values
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
