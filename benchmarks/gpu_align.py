@@ -9,9 +9,13 @@ gives: "pairs" at the exact rank (4096x11008: 1492, 4096x4096: 1024), "pairs8" a
 that rank rounded down to a multiple of 8 (1488). Random factors suffice: speed depends on shapes
 only. Each variant decodes greedily through a StaticCache with the step under
 torch.compile(mode="reduce-overhead") (CUDA graphs; gpu_rows.CompiledDecoder), so launch overhead
-is gone and per-token time is kernel time. Variants are timed in rotated order; medians.
+is gone and per-token time is kernel time (``--eager``: the step uncompiled, launch-bound as in
+generate()). Variants are timed in rotated order; medians.
 Motivation (gpu_rows, 2026-11-26): cuBLAS's batch-1 GEMV of an (out, R) bf16 matrix took 13.3 us at
 R = 1492 and 7.6 us at R = 1488 (rows not 16-byte aligned).
+"pivoted+pairs" / "pivoted+auto" (and the same at multiples of 8): the pivoted layers turned into plain
+pairs, or each layer's fastest layout measured on the device (svdlora.runtime), as
+load_compressed(..., runtime="pairs" / "auto") does.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,6 +36,7 @@ from benchmarks.gpu_rows import SMOLLM2_135M, CompiledDecoder  # noqa: E402
 from svdlora.decompose import rank_for_budget  # noqa: E402
 from svdlora.layers import LowRankLinear  # noqa: E402
 from svdlora.pivoted import PivotedLowRankLinear  # noqa: E402
+from svdlora.runtime import apply_runtime  # noqa: E402
 
 T0 = time.time()
 
@@ -91,6 +97,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", default="dense,pairs,pairs8,pivoted8")
+    p.add_argument("--eager", action="store_true", help="decode step uncompiled: kernel launches as in generate()")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,21 +117,28 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     layouts = {"dense": None, "pairs": ("pairs", 1), "pairs8": ("pairs", 8), "pivoted8": ("pivoted", 8),
                "pivoted": ("pivoted", 1)}  # fmt: skip
+    for name in ("pivoted", "pivoted8"):  # pivoted folders loaded with runtime="pairs" / "auto"
+        for runtime in ("pairs", "auto"):
+            layouts[f"{name}+{runtime}"] = (*layouts[name], runtime)
     prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 89]], device=dev) % config.vocab_size
     mode = "reduce-overhead" if cuda else "default"
+    backend = None if args.eager else "inductor"
     decoders = {}
     for name in args.variants.split(","):
         if time.time() - T0 > args.deadline - 45:
             res["variants"][name] = {"skipped": "deadline"}
             continue
-        model, ranks = (dense, {}) if layouts[name] is None else factorized_copy(dense, *layouts[name], gen)
+        layout = layouts[name]
+        model, ranks = (dense, {}) if layout is None else factorized_copy(dense, *layout[:2], gen)
+        picked = apply_runtime(model, layout[2]) if layout is not None and len(layout) > 2 else {}
         weights = sum(t.numel() * t.element_size() for t in model.parameters())
         start = time.perf_counter()
-        decoder = CompiledDecoder(model, prompt.shape[1] + args.tokens + 1, mode, "inductor")
+        decoder = CompiledDecoder(model, prompt.shape[1] + args.tokens + 1, mode, backend)
         decoder.decode(prompt, 3, dev)  # compile + CUDA-graph recording
         decoder.decode(prompt, 3, dev)
         decoders[name] = decoder
-        res["variants"][name] = {"ranks": ranks, "weight_bytes": weights, "compile_s": time.perf_counter() - start}
+        res["variants"][name] = {"ranks": ranks, "weight_bytes": weights, "compile_s": time.perf_counter() - start,
+                                 "layouts": dict(Counter(picked.values()))}  # fmt: skip
         log(f"{name}: ranks {ranks}, {weights / 1e9:.2f} GB, compiled in {time.perf_counter() - start:.1f}s")
         save()
     names = list(decoders)

@@ -583,7 +583,7 @@ class CompiledDecoder:
         options = {"backend": backend}
         if backend == "inductor" and mode:
             options["mode"] = mode
-        self.step = torch.compile(step, **options)
+        self.step = step if backend is None else torch.compile(step, **options)  # None: eager, uncompiled
         self.mark = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
 
     def prefill(self, prompt):

@@ -10,7 +10,7 @@ load:     fresh processes: time from after the imports to the end of the first f
           (16 tokens), dense from_pretrained vs load_compressed factorized / merged.
 distributed: `--stream` in 1 process vs `torchrun --nproc_per_node 2`, weight files compared.
 decode:   batch-1 greedy decoding (generate, no sampling, a fixed number of new tokens),
-          tokens/s of dense vs compressed factorized / merged / --runtime auto, one process;
+          tokens/s of dense vs compressed factorized / pairs / merged / auto runtimes, one process;
           and prefill: one forward pass over a 256-token prompt, tokens/s.
 layouts: one process, pivoted (the default) vs --no-pivot pairs, each also with --rank-multiple 8 and
           with its (out, R) factor laid out row-major as before layers.factor_layout: decode and
@@ -174,18 +174,22 @@ def part_decode(args, compressed: Path) -> dict:
     import transformers
 
     from svdlora import load_compressed
+    from svdlora.layers import LowRankLinear
 
     transformers.utils.logging.disable_progress_bar()
     models = {
         "dense": transformers.AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval(),
         "factorized": load_compressed(compressed, device="cpu", runtime="factorized"),
+        "pairs": load_compressed(compressed, device="cpu", runtime="pairs"),
         "merged": load_compressed(compressed, device="cpu", runtime="merged"),
         "auto": load_compressed(compressed, device="cpu", runtime="auto"),
     }
-    from svdlora.layers import LowRankLinear
+    from svdlora.pivoted import PivotedLowRankLinear
 
     rows = _time_generation(models, args)
-    rows["auto"]["layers_left_factorized"] = sum(isinstance(m, LowRankLinear) for m in models["auto"].modules())
+    auto = [m for m in models["auto"].modules() if isinstance(m, LowRankLinear)]
+    rows["auto"]["layers_left_factorized"] = len(auto)
+    rows["auto"]["layers_as_pairs"] = sum(not isinstance(m, PivotedLowRankLinear) for m in auto)
     return rows
 
 

@@ -352,9 +352,10 @@ def load_compressed(
         device_map: instead of ``device``, spread the layers over devices as accelerate does:
             "auto" / "balanced" / "sequential" (planned with the factors' sizes, or the dense
             sizes when merging), or a dict {module name: device}; ``max_memory`` caps each device.
-        runtime: "factorized" (default), "merged" (same as ``merge=True``), or "auto": per
-            layer, the layout that measured faster on its device for one token per call
-            (``svdlora.runtime``; decoding).
+        runtime: "factorized" (default: as stored), "pairs" (pivoted layers as plain pairs: no index
+            copies, R² values more), "merged" (same as ``merge=True``), or "auto": per layer, the
+            layout that measured fastest on its device for one token per call (``svdlora.runtime``;
+            decoding).
     Returns:
         The model in eval mode.
     """
@@ -432,6 +433,6 @@ def load_compressed(
         setattr(model, REPORT_ATTR, report)
         for name, parts in stored_parts.items():  # re-saving writes the same stored bits
             model.get_submodule(name).stored = parts
-    if runtime == "auto":
-        apply_runtime(model, "auto")
+    if runtime in ("auto", "pairs"):
+        apply_runtime(model, runtime)
     return model.eval()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LowRankLinear
+from .layers import LowRankLinear, factor_layout
 
 # LU pivots of A below this share of the largest mean A is (numerically) rank deficient.
 _MIN_PIVOT = 1e-9
@@ -158,6 +158,19 @@ class PivotedLowRankLinear(LowRankLinear):
 
     def factor_parameters(self) -> list[nn.Parameter]:
         return [self.C, self.B]
+
+    def to_pairs(self) -> LowRankLinear:
+        """The same product as a plain pair (A, B): A is the identity on the pivot rows and C on the
+        others, B the pivot rows (shared, not copied). R² values more than pivoted, but the forward is
+        two matmuls without the index copies, which is faster where those dominate (small layers on a
+        CPU, batch-1 GEMVs on a GPU; ``runtime="auto"`` measures it)."""
+        pair = LowRankLinear(
+            self.in_features, self.out_features, [sum(self.ranks)], bias=False,
+            base_kind=self.base_kind, device="meta", dtype=self.B.dtype,
+        )  # fmt: skip
+        pair.A = nn.Parameter(factor_layout(self.A.detach()), requires_grad=self.C.requires_grad)
+        pair.B, pair.bias = self.B, self.bias
+        return pair
 
     def stages(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.A, self.B)]  # the stages were summed into one pivoted pair

@@ -1,13 +1,15 @@
-"""--runtime auto|factorized|merged: run a layer factorized only where that is faster.
+"""--runtime auto|factorized|pairs|merged: run each layer in the layout that is fastest.
 
 A factorized layer reads and multiplies R·(m+n) values instead of m·n, but pays a second
-matmul call and an (R,)-sized intermediate; whether it wins depends on the device, the dtype,
-the number of tokens per call and the shape. ``auto`` therefore measures, once per distinct
-(shape, rank, device, dtype, tokens), both layouts on a random input of the layer's size
-(best of several repeats, the two interleaved so noise hits both alike) and keeps the faster;
-the layers are then merged (A·B rebuilt on the device) where merged won. The documented
-fallback ``rule_prefers_factorized`` (R·(m+n) <= 0.8·m·n: fewer bytes with a margin for the
-extra call) is what the measurement is compared against in the tests and benchmarks.
+matmul call and an (R,)-sized intermediate; a pivoted layer (``svdlora.pivoted``) reads R² values
+fewer again but pays two index copies. Which wins depends on the device, the dtype, the number of
+tokens per call and the shape. ``auto`` therefore measures, once per distinct (shape, rank, device,
+dtype, tokens), every layout the layer can take on a random input of the layer's size (best of
+several repeats, interleaved so noise hits all alike) and keeps the fastest: the layer as stored
+("factorized"), a pivoted layer as a plain pair ("pairs", ``PivotedLowRankLinear.to_pairs``), or
+A·B rebuilt on the device ("merged"). The documented fallback ``rule_prefers_factorized``
+(R·(m+n) <= 0.8·m·n: fewer bytes with a margin for the extra call) is what the measurement is
+compared against in the tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .pivoted import PivotedLowRankLinear
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("factorized", "merged", "auto")
+RUNTIMES = ("factorized", "pairs", "merged", "auto")
 RULE_MARGIN = 0.8
 
 
@@ -54,9 +56,9 @@ def measure(
     dtype: torch.dtype,
     tokens: int = 1,
     pivoted: bool = False,
-) -> tuple[float, float]:
-    """(factorized, merged) seconds per call of a layer of this shape on a (tokens, in) input;
-    ``pivoted``: the factorized layer is in pivoted form (``svdlora.pivoted``: P·x, then C·(P·x), a gather)."""
+) -> dict[str, float]:
+    """Seconds per call of a layer of this shape on a (tokens, in) input, per layout: "factorized"
+    and "merged", and for a ``pivoted`` layer (P·x, then C·(P·x), two index copies) also "pairs"."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(tokens, in_features, generator=g).to(device, dtype)
     a = factor_layout(torch.randn(out_features, rank, generator=g).to(device, dtype))  # as the layers hold it
@@ -67,42 +69,43 @@ def measure(
     rows, rest = order[:rank].sort().values, order[rank:].sort().values
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def factorized():
-        if pivoted:  # as PivotedLowRankLinear.forward
-            z = F.linear(x, b)
-            out = z.new_empty(tokens, out_features)
-            out.index_copy_(-1, rows, z)
-            out.index_copy_(-1, rest, F.linear(z, c))
-        else:
-            F.linear(F.linear(x, b), a)
+    def pivoted_forward():  # as PivotedLowRankLinear.forward
+        z = F.linear(x, b)
+        out = z.new_empty(tokens, out_features)
+        out.index_copy_(-1, rows, z)
+        out.index_copy_(-1, rest, F.linear(z, c))
 
-    def merged():
-        F.linear(x, w)
-
+    layouts = {
+        "factorized": pivoted_forward if pivoted else (lambda: F.linear(F.linear(x, b), a)),
+        "merged": lambda: F.linear(x, w),
+    }
+    if pivoted:
+        layouts["pairs"] = lambda: F.linear(F.linear(x, b), a)
     with torch.no_grad():
-        one = _best_time(lambda: (factorized(), sync()), 1, 3) + _best_time(lambda: (merged(), sync()), 1, 3)
-        inner = max(1, min(200, int(2e-3 / max(one / 2, 1e-7))))  # ~2 ms per timing: above timer noise
-        times = {"factorized": [], "merged": []}
+        one = sum(_best_time(lambda f=f: (f(), sync()), 1, 3) for f in layouts.values())
+        inner = max(1, min(200, int(2e-3 / max(one / len(layouts), 1e-7))))  # ~2 ms per timing: above timer noise
+        times = {name: [] for name in layouts}
         for _ in range(5):  # interleaved
-            times["factorized"].append(_best_time(lambda: (factorized(), sync()), 1, inner))
-            times["merged"].append(_best_time(lambda: (merged(), sync()), 1, inner))
-    return min(times["factorized"]), min(times["merged"])
+            for name, f in layouts.items():
+                times[name].append(_best_time(lambda f=f: (f(), sync()), 1, inner))
+    return {name: min(t) for name, t in times.items()}
 
 
 def choose(layer: LowRankLinear, tokens: int = 1) -> str:
-    """'factorized' or 'merged', whichever measured faster for this layer on its device."""
+    """The layout ("factorized", "pairs" or "merged") that measured fastest for this layer on its device."""
     device, dtype = str(layer.B.device), layer.B.dtype
     pivoted = isinstance(layer, PivotedLowRankLinear)
-    fac, mer = measure(layer.out_features, layer.in_features, sum(layer.ranks), device, dtype, tokens, pivoted)
-    return "factorized" if fac <= mer else "merged"
+    times = measure(layer.out_features, layer.in_features, sum(layer.ranks), device, dtype, tokens, pivoted)
+    return min(times, key=times.get)
 
 
 def apply_runtime(model: nn.Module, runtime: str = "auto", tokens: int = 1) -> dict[str, str]:
-    """Merge the low-rank layers of ``model`` in place as ``runtime`` says; returns {layer: layout}.
+    """Change the low-rank layers of ``model`` in place as ``runtime`` says; returns {layer: layout}.
 
     Args:
-        runtime: "factorized" (keep all), "merged" (rebuild all as dense), or "auto" (per layer,
-            the faster one on the layer's device for ``tokens`` tokens per call; 1 = decoding).
+        runtime: "factorized" (keep all as stored), "pairs" (pivoted layers become plain pairs; the
+            others stay), "merged" (rebuild all as dense), or "auto" (per layer, the fastest of these on
+            the layer's device for ``tokens`` tokens per call; 1 = decoding).
     """
     if runtime not in RUNTIMES:
         raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -111,9 +114,13 @@ def apply_runtime(model: nn.Module, runtime: str = "auto", tokens: int = 1) -> d
         if not isinstance(module, LowRankLinear):
             continue
         layout = runtime if runtime != "auto" else choose(module, tokens)
+        if layout == "pairs" and not isinstance(module, PivotedLowRankLinear):
+            layout = "factorized"  # already a pair
         if layout == "merged":
             model.set_submodule(name, module.to_dense())
+        elif layout == "pairs":
+            model.set_submodule(name, module.to_pairs())
         layouts[name] = layout
-    merged = sum(v == "merged" for v in layouts.values())
-    logger.info("runtime %s: %d layers factorized, %d merged", runtime, len(layouts) - merged, merged)
+    counts = {k: sum(v == k for v in layouts.values()) for k in ("factorized", "pairs", "merged")}
+    logger.info("runtime %s: %s", runtime, ", ".join(f"{n} layers {k}" for k, n in counts.items()))
     return layouts

@@ -499,7 +499,7 @@ def _write(path, text):
 
 def test_runtime_layouts_give_the_same_perplexity(gpt, tmp_path, capsys):
     figures = {}
-    for runtime in ("factorized", "merged", "auto"):
+    for runtime in ("factorized", "pairs", "merged", "auto"):
         out_json = tmp_path / f"{runtime}.json"
         args = [gpt["svd"], "--task", "text-generation", "--data", gpt["text"], "--max-length", "32"]
         code, _, err = _cli([*args, "--runtime", runtime, "--json", str(out_json)], capsys)
@@ -507,6 +507,7 @@ def test_runtime_layouts_give_the_same_perplexity(gpt, tmp_path, capsys):
         figures[runtime] = json.loads(out_json.read_text())["model"]["metrics"]["perplexity"]
     assert figures["merged"] == pytest.approx(figures["factorized"], rel=1e-4)
     assert figures["auto"] == pytest.approx(figures["factorized"], rel=1e-4)
+    assert figures["pairs"] == pytest.approx(figures["factorized"], rel=1e-4)
 
 
 class _Packed(torch.Tensor):

@@ -5,6 +5,7 @@ from torch import nn
 
 from svdlora import compress, load_compressed, save_compressed
 from svdlora.layers import LowRankLinear
+from svdlora.pivoted import PivotedLowRankLinear
 from svdlora.runtime import apply_runtime, measure, rule_prefers_factorized
 
 from .conftest import output_of, tiny_llama
@@ -31,8 +32,9 @@ def test_auto_never_picks_the_slower_layout():
     # An independent re-measurement agrees, with the documented rule.
     for (m, n, r), picked in [((1024, 1024, 16), "factorized"), ((1024, 1024, 1000), "merged")]:
         measure.cache_clear()
-        fac, mer = measure(m, n, r, "cpu", torch.float32, 1)
-        assert (fac <= mer) == (picked == "factorized") == rule_prefers_factorized(m, n, r)
+        times = measure(m, n, r, "cpu", torch.float32, 1)
+        assert set(times) == {"factorized", "merged"}  # a pair has no "pairs" layout to try
+        assert (times["factorized"] <= times["merged"]) == (picked == "factorized") == rule_prefers_factorized(m, n, r)
 
 
 def test_runtime_at_load(tmp_path):
@@ -46,3 +48,50 @@ def test_runtime_at_load(tmp_path):
     auto = load_compressed(tmp_path / "out", device="cpu", runtime="auto")
     torch.testing.assert_close(output_of(auto, "llama"), want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(output_of(merged, "llama"), want, rtol=1e-4, atol=1e-5)
+
+
+def test_pivoted_layer_as_a_pair_computes_the_same():
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 40)
+    pivoted = PivotedLowRankLinear.from_dense(dense, [6, 4])
+    pair = pivoted.to_pairs()
+    assert type(pair) is LowRankLinear and pair.ranks == [10] and pair.B is pivoted.B and pair.bias is pivoted.bias
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(pair(x), pivoted(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pair.dense_weight(), pivoted.dense_weight(), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_runs_a_small_pivoted_layer_as_a_pair():
+    """A thin pivoted layer: its two index copies cost more than the R² extra values of the pair
+    (rank 16 of 1024: the pair reads 3% of the dense values), so auto takes the pair, and an
+    independent re-measurement agrees that it is the fastest layout."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    model.thin = PivotedLowRankLinear.from_dense(model.thin, [16])
+    model.full = PivotedLowRankLinear.from_dense(model.full, [1000])
+    x = torch.randn(1, 1024)
+    with torch.no_grad():
+        want = model(x)
+    measure.cache_clear()
+    layouts = apply_runtime(model, "auto")
+    assert layouts["thin"] == "pairs" and type(model.thin) is LowRankLinear
+    measure.cache_clear()
+    times = measure(1024, 1024, 16, "cpu", torch.float32, 1, True)
+    assert set(times) == {"factorized", "pairs", "merged"} and min(times, key=times.get) == "pairs"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_runtime_pairs_at_load(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, budget=0.5, pivot=True, progress=False)
+    save_compressed(model, tmp_path / "out")
+    stored = load_compressed(tmp_path / "out", device="cpu")
+    assert any(isinstance(m, PivotedLowRankLinear) for m in stored.modules())
+    want = output_of(stored, "llama")
+    pairs = load_compressed(tmp_path / "out", device="cpu", runtime="pairs")
+    kinds = {type(m) for m in pairs.modules() if isinstance(m, LowRankLinear)}
+    assert kinds == {LowRankLinear}
+    torch.testing.assert_close(output_of(pairs, "llama"), want, rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ import sys
 
 from ..evaluation import TASKS, evaluate, format_table
 from ..outputs import check_output_file, write_file_atomic
+from ..runtime import RUNTIMES
 from . import options
 
 EXAMPLES = """examples:
@@ -78,9 +79,9 @@ def register(subparsers) -> None:
     r.add_argument("--dtype", help="float32 (default), bfloat16 or float16, for both models")
     r.add_argument(
         "--runtime",
-        choices=("factorized", "merged", "auto"),
-        help="svdlora folders: keep factors (default), merge them, or auto: per layer the faster layout "
-        "measured on the device for one token per call",
+        choices=RUNTIMES,
+        help="svdlora folders: keep factors as stored (default), pairs (pivoted layers as plain factor "
+        "pairs), merge them, or auto: per layer the fastest layout measured on the device for one token per call",
     )
     r.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     options.add_progress_flag(p)

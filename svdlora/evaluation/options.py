@@ -11,6 +11,7 @@ import torch
 
 from ..errors import SvdloraError
 from ..models import default_device, parse_dtype
+from ..runtime import RUNTIMES
 
 TEXT, IMAGES, TRANSLATION = "text-generation", "image-classification", "translation"
 TASKS = (TEXT, IMAGES, TRANSLATION)
@@ -74,8 +75,8 @@ class EvalOptions:
     runtime: str | None = field(
         default=None,
         metadata={
-            "help": "svdlora folders: factorized (default), merged, or auto (per layer the faster layout on the "
-            "device, measured for one token per call)."
+            "help": "svdlora folders: factorized (default: as stored), pairs (pivoted layers as plain pairs), "
+            "merged, or auto (per layer the fastest layout on the device, measured for one token per call)."
         },
     )
     limit: int | None = field(default=None, metadata={"help": "Evaluate the first N windows / images / sentences."})
@@ -106,8 +107,8 @@ class EvalOptions:
             )
         if self.task != TRANSLATION and self.references is not None:
             raise SvdloraError(f"references is only used by --task translation, got it with --task {self.task}")
-        if self.runtime not in (None, "factorized", "merged", "auto"):
-            raise SvdloraError(f"runtime must be factorized, merged or auto, got {self.runtime!r}")
+        if self.runtime not in (None, *RUNTIMES):
+            raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         self.dtype = parse_dtype(self.dtype)
         if self.device is not None:
             self.device = str(resolve_device(self.device))
