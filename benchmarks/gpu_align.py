@@ -8,7 +8,7 @@ whose decoder Linear layers are replaced by random factors of the ranks a unifor
 gives: "pairs" at the exact rank (4096x11008: 1492, 4096x4096: 1024), "pairs8" and "pivoted8" at
 that rank rounded down to a multiple of 8 (1488). Random factors suffice: speed depends on shapes
 only. Each variant decodes greedily through a StaticCache with the step under
-torch.compile(mode="reduce-overhead") (CUDA graphs; gpu_rows.CompiledDecoder), so launch overhead
+torch.compile(mode="reduce-overhead") (CUDA graphs; benchmarks.decoding.CompiledDecoder), so launch overhead
 is gone and per-token time is kernel time (``--eager``: the step uncompiled, launch-bound as in
 generate()). Variants are timed in rotated order; medians.
 Motivation (gpu_rows, 2026-11-26): cuBLAS's batch-1 GEMV of an (out, R) bf16 matrix took 13.3 us at
@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.gpu_rows import SMOLLM2_135M, CompiledDecoder  # noqa: E402
+from benchmarks.decoding import CompiledDecoder  # noqa: E402
+from benchmarks.gpu_rows import SMOLLM2_135M  # noqa: E402
 from svdlora.decompose import rank_for_budget  # noqa: E402
 from svdlora.layers import LowRankLinear  # noqa: E402
 from svdlora.pivoted import PivotedLowRankLinear  # noqa: E402

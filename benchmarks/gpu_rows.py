@@ -60,6 +60,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.decoding import CompiledDecoder, sync  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 T0 = time.time()
 RESULTS: dict = {}
@@ -135,11 +138,6 @@ def log(*a):
 
 def save(args):
     Path(args.out, "gpu_results.json").write_text(json.dumps(RESULTS, indent=2, default=str))
-
-
-def sync(dev):
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run(cmd, timeout):
@@ -554,58 +552,6 @@ def pivot_graph_breaks(model) -> dict:
     torch._dynamo.reset()
     return {"graph_count": exp.graph_count, "graph_break_count": exp.graph_break_count,
             "reasons": [str(r.reason).splitlines()[0][:200] for r in exp.break_reasons]}  # fmt: skip
-
-
-class CompiledDecoder:
-    """Greedy batch-1 decode through a StaticCache, the decode step (forward + argmax) under torch.compile.
-
-    The prompt is prefilled eagerly into the static cache (as `generate` does), then each new token is one
-    call of the compiled step; with mode="reduce-overhead" on CUDA that call replays a CUDA graph, so per
-    token the launch overhead is gone and the time is that of the kernels (bytes read for batch 1).
-    Positions come from the cache's own length tensor, so every step has the same shapes: one compile.
-    """
-
-    def __init__(self, model, max_len, mode, backend):
-        import inspect
-
-        from transformers import StaticCache
-
-        self.model = model
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        params = inspect.signature(model.forward).parameters  # transformers >= 5.2x renames past_key_values
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        model_, cache, kw = model, self.cache, self.cache_kw
-
-        def step(ids):
-            out = model_(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
-            return out.logits[:, -1].argmax(-1, keepdim=True)
-
-        options = {"backend": backend}
-        if backend == "inductor" and mode:
-            options["mode"] = mode
-        self.step = step if backend is None else torch.compile(step, **options)  # None: eager, uncompiled
-        self.mark = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
-
-    def prefill(self, prompt):
-        self.cache.reset()
-        out = self.model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
-        return out.logits[:, -1].argmax(-1, keepdim=True)
-
-    def decode(self, prompt, n, dev, keep=False):
-        """(seconds for the n decode steps, prefill excluded; the tokens if keep)."""
-        with torch.no_grad():
-            ids = self.prefill(prompt)
-            tokens = [ids.clone()] if keep else None
-            sync(dev)
-            start = time.perf_counter()
-            for _ in range(n):
-                self.mark()
-                ids = self.step(ids).clone()  # out of the CUDA graph pool before the next replay
-                if keep:
-                    tokens.append(ids)
-            sync(dev)
-            seconds = time.perf_counter() - start
-        return seconds, (torch.cat(tokens, 1)[0].tolist() if keep else None)
 
 
 CUDAGRAPH_MESSAGES: list[str] = []

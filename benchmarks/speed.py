@@ -226,7 +226,7 @@ def part_compiled(args, compressed: Path) -> dict:
     pivoted, one process: how much of the gap to the bytes ratio is Python and framework overhead."""
     import transformers
 
-    from benchmarks.gpu_rows import CompiledDecoder
+    from benchmarks.decoding import CompiledDecoder
     from svdlora import load_compressed
 
     transformers.utils.logging.disable_progress_bar()
