@@ -22,6 +22,9 @@ _ERROR_BLOCK_ROWS = 256
 # The float32 Gram route hands over to LAPACK where the smallest kept eigenvalue is below this
 # share of the largest (see _gram_svd).
 _GRAM_MIN_RATIO = 1e-4
+# projection_error's identity is used down to this relative error (below, ‖W − A·B‖ is measured):
+# there its two float64 sums of float32 factors still agree with the direct check to ~1e-6.
+_IDENTITY_MIN_ERROR = 0.1
 
 
 def _svd_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -171,12 +174,37 @@ def optimal_relative_error(weight: torch.Tensor, rank: int) -> float:
     work = weight.detach().to(_svd_dtype(weight))
     gram = work @ work.T if work.shape[0] <= work.shape[1] else work.T @ work
     eig = torch.linalg.eigvalsh(gram).double().clamp_min(0)
-    total = sum(
+    total = _squared_norm(work)
+    kept = eig.flip(0)[: min(rank, eig.numel())].sum().item()
+    return (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
+
+
+def projection_error(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """‖W − A·B‖_F / ‖W‖_F of SVD factors without forming A·B; None where that is not precise.
+
+    Every unweighted route here (exact, Gram, randomized, and residual stages of them) returns
+    A = U√S, B = √S·Vᵀ with orthonormal U and V, and A·B = U·Uᵀ·W projects W. Then
+    ‖W − A·B‖² = ‖W‖² − ‖A·B‖², and ‖A·B‖² = Σ σᵢ² = Σ ‖A[:, i]‖²·‖B[i]‖²: O(R·(m+n)) work
+    instead of the m·n·R of forming A·B (the largest part of the check's cost in compress).
+    The difference of the two sums loses digits as they approach each other: below an error of
+    ``_IDENTITY_MIN_ERROR`` (and for factors rounded below float32) the caller measures A·B.
+    """
+    if a.dtype not in (torch.float32, torch.float64) or b.dtype != a.dtype:
+        return None
+    total = _squared_norm(weight.detach())
+    kept = (a.detach().double().square().sum(0) * b.detach().double().square().sum(1)).sum().item()
+    if not total > 0:
+        return None
+    ratio = (total - kept) / total
+    return ratio**0.5 if ratio >= _IDENTITY_MIN_ERROR**2 else None
+
+
+def _squared_norm(work: torch.Tensor) -> float:
+    """‖W‖_F² in float64, a block of rows at a time."""
+    return sum(
         work[i : i + _ERROR_BLOCK_ROWS].double().square().sum().item()
         for i in range(0, work.shape[0], _ERROR_BLOCK_ROWS)
     )
-    kept = eig.flip(0)[: min(rank, eig.numel())].sum().item()
-    return (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
 
 
 def split_rank(total_rank: int, submatrices: int) -> list[int]:
@@ -278,7 +306,9 @@ def factorize(
     a = torch.cat([sa for sa, _ in stages], dim=1).to(weight.dtype)
     b = torch.cat([sb for _, sb in stages], dim=0).to(weight.dtype)
     with torch.no_grad():
-        error = relative_error(weight, (a, b))
+        error = None if weighted else projection_error(weight, a, b)
+        if error is None:
+            error = relative_error(weight, (a, b))
     if chosen == "exact":
         exact = error
     else:

@@ -12,7 +12,7 @@ from .decompose import residual_svd
 LINEAR, CONV1D = "linear", "conv1d"
 
 
-def factor_layout(tensor: torch.Tensor) -> torch.Tensor:
+def factor_layout(tensor: torch.Tensor, values: bool = True) -> torch.Tensor:
     """A factor whose rows are short ((out, R): A, or the pivoted C), stored column by column on a CPU.
 
     F.linear then reads it as one (R, out) block, which batch-1 decoding on a CPU streams faster
@@ -21,9 +21,12 @@ def factor_layout(tensor: torch.Tensor) -> torch.Tensor:
     (``load_compressed``, ``from_pretrained``), so both compute alike; not to ``FactorizedLinear``
     built for training from scratch. Such a state dict is not contiguous: save it with
     ``save_compressed`` (or ``.contiguous()`` each tensor). ``.to()`` keeps a layer's layout.
+    ``values=False``: an uninitialised tensor in that layout, for a layer about to be filled.
     """
     if tensor.device.type != "cpu" or tensor.dim() != 2 or tensor.stride(0) == 1:
         return tensor
+    if not values:
+        return torch.empty_strided(tensor.shape, (1, tensor.shape[0]), dtype=tensor.dtype, device=tensor.device)
     return tensor.t().contiguous().t()
 
 
@@ -138,7 +141,7 @@ class LowRankLinear(nn.Module):
             for name in ("A", "C"):  # the short-row factor of the pairs / of pivoted layers
                 factor = layer._parameters.get(name)
                 if factor is not None:
-                    setattr(layer, name, nn.Parameter(factor_layout(factor.detach())))
+                    setattr(layer, name, nn.Parameter(factor_layout(factor.detach(), values=False)))
         return layer
 
     @classmethod

@@ -39,9 +39,10 @@ def pivot_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
 
     I is sorted; the other rows are the complement of I in increasing order. The pivots are those
     of LU with partial pivoting on A, which are the pivots of any basis Q·R = A of its columns
-    (row operations commute with R), and C = A[rest]·A[I]⁻¹ = Q[rest]·Q[I]⁻¹. Where A is rank
-    deficient (a zero singular value, an all-zero weight) they are taken on an orthonormal Q
-    instead, which still has R independent rows to pivot on; the QR is only taken then.
+    (row operations commute with R), and C = A[rest]·A[I]⁻¹ = Q[rest]·Q[I]⁻¹ = L₂·L₁⁻¹ with that
+    LU's unit lower factor. Where A is rank deficient (a zero singular value, an all-zero weight)
+    they are taken on an orthonormal Q instead, which still has R independent rows to pivot on;
+    the QR is only taken then.
     """
     work = a.detach().double()
     b = b.detach().double()
@@ -50,17 +51,22 @@ def pivot_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     if pivots.numel() and not pivots.min() > _MIN_PIVOT * pivots.max():
         work, triangle = torch.linalg.qr(work)
         b = triangle @ b  # A·B = Q·(R·B)
-        _, swaps = torch.linalg.lu_factor(work)
+        factors, swaps = torch.linalg.lu_factor(work)
     out_features, rank = work.shape
     order = list(range(out_features))
     for i, p in enumerate((swaps - 1).tolist()):  # LAPACK row swaps, applied in turn
         order[i], order[p] = order[p], order[i]
-    rows = torch.tensor(sorted(order[:rank]), dtype=torch.long, device=a.device)
-    rest = _complement(rows, out_features)
-    head = work[rows]  # (R, R), invertible when A has full column rank
-    # C = A[rest]·A[I]⁻¹, as a solve: C·A[I] = A[rest]  <=>  A[I]ᵀ·Cᵀ = A[rest]ᵀ
-    coefficients = torch.linalg.solve(head.T, work[rest].T).T
-    pivot = head @ b
+    # A[order] = L·U with L unit lower trapezoidal, so C = A[rest]·A[I]⁻¹ = L₂·L₁⁻¹: one triangular
+    # solve on the LU already taken (its first R rows hold L₁ below the diagonal, which is all the
+    # solve reads; the rows below are L₂), in the LU's row order, then both orders sorted.
+    coefficients = torch.linalg.solve_triangular(
+        factors[:rank], factors[rank:], upper=False, left=False, unitriangular=True
+    )
+    perm = torch.tensor(order, dtype=torch.long, device=a.device)
+    rows, columns = perm[:rank].sort()
+    rest, others = perm[rank:].sort()
+    coefficients = coefficients[others][:, columns]
+    pivot = work[rows] @ b
     return rows, coefficients.to(a.dtype), pivot.to(a.dtype)
 
 

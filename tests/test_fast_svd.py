@@ -197,3 +197,34 @@ def test_exact_route_zero_and_rank_deficient_matrices(shape):
         best = tail(torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5]), rank)
         err = torch.linalg.matrix_norm(low.double() - (a @ b).double()) / torch.linalg.matrix_norm(low.double())
         assert err.item() == pytest.approx(best, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("name", SPECTRA)
+@pytest.mark.parametrize("shape", [(120, 300), (300, 120)])
+def test_projection_error_equals_the_measured_error(method, name, shape):
+    """compress reports ‖W − A·B‖/‖W‖ from the factors' norms (projection_error) where it is
+    precise; it must agree with the error measured on A·B, for one stage and for residual stages."""
+    from svdlora.decompose import projection_error
+
+    w = with_spectrum(*shape, SPECTRA[name](min(shape)))
+    for ranks in ([30], [10, 10, 10]):
+        f = factorize(w, ranks, method=method)
+        measured = relative_error(w, (f.a, f.b))
+        identity = projection_error(w, f.a, f.b)
+        assert identity is not None  # errors here are 0.3-0.8: the identity is used
+        assert identity == pytest.approx(measured, abs=2e-6)
+        assert f.rel_error == pytest.approx(measured, abs=2e-6)
+
+
+def test_projection_error_hands_small_errors_and_low_precision_to_the_direct_check():
+    from svdlora.decompose import projection_error
+
+    sigma = 0.9 ** torch.arange(100, dtype=torch.float64)
+    w = with_spectrum(150, 100, sigma)
+    f = factorize(w, [60], method="exact")  # error 0.9^60 ≈ 0.002: the sums nearly cancel
+    assert projection_error(w, f.a, f.b) is None
+    assert f.rel_error == pytest.approx(tail(sigma, 60), rel=1e-3)
+    half = factorize(w.bfloat16(), [10], method="exact")  # factors rounded to bf16: not a projection
+    assert projection_error(w.bfloat16(), half.a, half.b) is None
+    assert half.rel_error == pytest.approx(relative_error(w.bfloat16(), (half.a, half.b)))
