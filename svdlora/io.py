@@ -90,6 +90,7 @@ def save_compressed(
     report = report or getattr(model, REPORT_ATTR, None)
     if report is None:
         raise SvdloraError("this model was not compressed: call svdlora.compress(model, ...) first")
+    _check_layers_match(model, report)
     config = getattr(model, "config", None)
     source = source if source is not None else getattr(config, "name_or_path", None) or None
     output = Path(output)
@@ -121,6 +122,24 @@ def save_compressed(
         )
     logger.info("saved %s (%d bytes)", output, report.bytes_after)
     return output
+
+
+def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
+    """Each factorized layer must still be stored as its report says (a runtime may have merged it,
+    or turned a pivoted layer into a pair): else the folder's report would not fit its tensors."""
+    for line in report.factorized:
+        try:
+            module = model.get_submodule(line.name)
+        except AttributeError:
+            continue  # schema checks report missing layers with their own message
+        pivoted = isinstance(module, PivotedLowRankLinear)
+        if not isinstance(module, LowRankLinear) or pivoted != line.pivoted:
+            now = "a pair" if isinstance(module, LowRankLinear) else f"a dense {type(module).__name__}"
+            raise SvdloraError(
+                f"{line.name} was compressed {'pivoted' if line.pivoted else 'as a factor pair'} but now runs as "
+                f"{now} (a load-time runtime: merged, pairs or auto): save a model loaded with the default "
+                'runtime="factorized", or copy the compressed folder itself'
+            )
 
 
 def write_side_files(

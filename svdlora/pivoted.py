@@ -174,9 +174,10 @@ class PivotedLowRankLinear(LowRankLinear):
             self.in_features, self.out_features, [sum(self.ranks)], bias=False,
             base_kind=self.base_kind, device="meta", dtype=self.B.dtype,
         )  # fmt: skip
-        pair.A = nn.Parameter(factor_layout(self.A.detach()), requires_grad=self.C.requires_grad)
+        with torch.inference_mode(False):  # a normal tensor even when converted under inference_mode
+            pair.A = nn.Parameter(factor_layout(self.A.detach()), requires_grad=self.C.requires_grad)
         pair.B, pair.bias = self.B, self.bias
-        return pair
+        return pair.train(self.training)
 
     def stages(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.A, self.B)]  # the stages were summed into one pivoted pair

@@ -99,19 +99,30 @@ def choose(layer: LowRankLinear, tokens: int = 1) -> str:
     return min(times, key=times.get)
 
 
+def _placed_by_accelerate(module: nn.Module) -> bool:
+    """Offloaded by accelerate (weights on "meta", brought in by a hook) or carrying a device hook
+    itself: a replacement module would lose what the hook does."""
+    meta = any(t.device.type == "meta" for t in module.parameters(recurse=False))
+    return meta or getattr(module, "_hf_hook", None) is not None
+
+
 def apply_runtime(model: nn.Module, runtime: str = "auto", tokens: int = 1) -> dict[str, str]:
     """Change the low-rank layers of ``model`` in place as ``runtime`` says; returns {layer: layout}.
 
     Args:
         runtime: "factorized" (keep all as stored), "pairs" (pivoted layers become plain pairs; the
             others stay), "merged" (rebuild all as dense), or "auto" (per layer, the fastest of these on
-            the layer's device for ``tokens`` tokens per call; 1 = decoding).
+            the layer's device for ``tokens`` tokens per call; 1 = decoding). Layers accelerate
+            offloaded or hooked (``device_map``) stay as stored.
     """
     if runtime not in RUNTIMES:
         raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     layouts = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, LowRankLinear):
+            continue
+        if _placed_by_accelerate(module):
+            layouts[name] = "factorized"  # its hook (or its parent's) moves these weights: left as stored
             continue
         layout = runtime if runtime != "auto" else choose(module, tokens)
         if layout == "pairs" and not isinstance(module, PivotedLowRankLinear):

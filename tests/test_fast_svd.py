@@ -228,3 +228,22 @@ def test_projection_error_hands_small_errors_and_low_precision_to_the_direct_che
     half = factorize(w.bfloat16(), [10], method="exact")  # factors rounded to bf16: not a projection
     assert projection_error(w.bfloat16(), half.a, half.b) is None
     assert half.rel_error == pytest.approx(relative_error(w.bfloat16(), (half.a, half.b)))
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("explicit", [False, True])
+def test_projection_error_on_float32_matrices(method, explicit):
+    """Matrices above _FLOAT64_MAX_ELEMENTS factorize in float32 (the Gram route, or a float32
+    sketch), as every LLM matrix does: the identity stays within 1e-5 of the measured error."""
+    from svdlora.decompose import _FLOAT64_MAX_ELEMENTS, projection_error, residual_svd
+
+    sigma = 1 / torch.arange(1, 257, dtype=torch.float64).sqrt()
+    w = with_spectrum(512, 256, sigma)
+    assert w.numel() > _FLOAT64_MAX_ELEMENTS and w.dtype == torch.float32
+    stages = residual_svd(w, [20, 20, 20], method=method, explicit=explicit)
+    a = torch.cat([sa for sa, _ in stages], dim=1)
+    b = torch.cat([sb for _, sb in stages], dim=0)
+    assert a.dtype == torch.float32
+    identity = projection_error(w, a, b)
+    assert identity is not None
+    assert identity == pytest.approx(relative_error(w, (a, b)), abs=1e-5)

@@ -1,14 +1,15 @@
 """--runtime auto: each layer runs in the layout that is faster, measured on its device."""
 
+import pytest
 import torch
 from torch import nn
 
-from svdlora import compress, load_compressed, save_compressed
+from svdlora import SvdloraError, compress, load_compressed, save_compressed
 from svdlora.layers import LowRankLinear
 from svdlora.pivoted import PivotedLowRankLinear
 from svdlora.runtime import apply_runtime, measure, rule_prefers_factorized
 
-from .conftest import output_of, tiny_llama
+from .conftest import TINY_MODELS, output_of, tiny_llama
 
 
 class TwoLayers(nn.Module):
@@ -83,15 +84,52 @@ def test_auto_runs_a_small_pivoted_layer_as_a_pair():
         torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
 
 
-def test_runtime_pairs_at_load(tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # gpt2: Conv1D layers
+def test_runtime_pairs_at_load(tmp_path, kind):
     torch.manual_seed(0)
-    model = tiny_llama()
+    model = TINY_MODELS[kind]()
     compress(model, budget=0.5, pivot=True, progress=False)
     save_compressed(model, tmp_path / "out")
     stored = load_compressed(tmp_path / "out", device="cpu")
     assert any(isinstance(m, PivotedLowRankLinear) for m in stored.modules())
-    want = output_of(stored, "llama")
+    want = output_of(stored, kind)
     pairs = load_compressed(tmp_path / "out", device="cpu", runtime="pairs")
     kinds = {type(m) for m in pairs.modules() if isinstance(m, LowRankLinear)}
     assert kinds == {LowRankLinear}
-    torch.testing.assert_close(output_of(pairs, "llama"), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(output_of(pairs, kind), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["pairs", "merged", "auto"])
+def test_a_model_whose_layers_a_runtime_changed_is_not_saved(tmp_path, runtime):
+    """The folder's report says how each layer is stored; a model loaded as pairs or merged no longer
+    matches it, so saving it would write a folder that cannot be loaded: refused, nothing written."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, budget=0.5, pivot=True, progress=False)
+    save_compressed(model, tmp_path / "out")
+    changed = load_compressed(tmp_path / "out", device="cpu", runtime=runtime)
+    with pytest.raises(SvdloraError, match="now runs as|was not compressed"):  # merged loads carry no report
+        save_compressed(changed, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    save_compressed(load_compressed(tmp_path / "out", device="cpu"), tmp_path / "again")  # as stored: saved
+    torch.testing.assert_close(
+        output_of(load_compressed(tmp_path / "again", device="cpu"), "llama"), output_of(changed, "llama"),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_offloaded_layers_stay_as_stored(tmp_path):
+    """accelerate's offload keeps the weights on "meta" and brings them in with a hook on the module:
+    a replacement would lose both, so the runtime leaves such layers alone."""
+    from accelerate import cpu_offload
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, budget=0.5, pivot=True, progress=False)
+    save_compressed(model, tmp_path / "out")
+    loaded = load_compressed(tmp_path / "out", device="cpu")
+    want = output_of(loaded, "llama")
+    cpu_offload(loaded, execution_device="cpu")
+    layouts = apply_runtime(loaded, "pairs")
+    assert layouts and set(layouts.values()) == {"factorized"}
+    torch.testing.assert_close(output_of(loaded, "llama"), want)
