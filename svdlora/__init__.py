@@ -5,8 +5,9 @@ from .compress import compress
 from .config import CompressionConfig
 from .errors import SvdloraError
 from .evaluation import evaluate
-from .io import load_compressed, save_compressed
+from .io import load_compressed
 from .layers import LowRankLinear
+from .saving import save_compressed
 from .version import __version__
 
 integrations.register()  # AutoModel*.from_pretrained(svdlora folder) works after `import svdlora`

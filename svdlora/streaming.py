@@ -30,13 +30,14 @@ from .compress import all_finite, count_parameters, module_report, svd_options
 from .config import CompressionConfig
 from .decompose import factorize, split_rank
 from .errors import SvdloraError
-from .io import _no_weight_init, atomic_folder, check_output, write_side_files
+from .io import _no_weight_init
 from .layers import CONV1D, LowRankLinear, dense_kind, weight_out_in
 from .models import check_dense_folder, model_class, parse_dtype
-from .outputs import ensure_space
+from .outputs import atomic_folder, ensure_space
 from .pivoted import PivotedLowRankLinear, pivot_factors, pivoted_bytes
 from .precision import layer_bytes, stage_formats, target_bytes
 from .report import CompressionReport, ModuleReport
+from .saving import check_output, write_side_files
 from .targets import find_targets
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,

@@ -13,8 +13,8 @@ from .. import distributed
 from ..compress import compress, svd_device
 from ..config import SVD_METHODS, CompressionConfig
 from ..errors import SvdloraError
-from ..io import check_output, save_compressed
 from ..models import load_pretrained
+from ..saving import check_output, save_compressed
 from ..streaming import compress_checkpoint
 from ..writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 from . import options

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from .. import card
 from ..errors import SvdloraError
-from ..io import _copy_preprocessor_files, atomic_folder, check_output, load_compressed, read_config
-from ..outputs import ensure_space
+from ..io import load_compressed, read_config
+from ..outputs import atomic_folder, ensure_space
+from ..saving import check_output, copy_preprocessor_files
 
 
 def register(subparsers) -> None:
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic_folder(args.output, overwrite=args.overwrite, inputs=[args.folder]) as tmp:
         ensure_space(tmp, sum(t.numel() * t.element_size() for t in model.state_dict().values()), args.output)
         model.save_pretrained(tmp)
-        _copy_preprocessor_files(Path(args.folder), tmp)
+        copy_preprocessor_files(Path(args.folder), tmp)
         card.write(tmp, card.dense_export_card(args.folder, read_config(args.folder)))
     print(f"wrote dense checkpoint {args.output}")
     return 0

@@ -9,7 +9,7 @@ import transformers
 
 from ..config import CompressionConfig
 from ..extract import resolve_method
-from ..io import check_output
+from ..saving import check_output
 from . import options
 from .calibration_flags import NONE, add_calibration_flags, calibration_options, check_calibration, resolve_calibration
 

@@ -61,8 +61,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.loading import _load_processor
-    from ..io import check_output, save_compressed
     from ..models import load_pretrained
+    from ..saving import check_output, save_compressed
     from ..sweep import evaluating_measure, format_table, infer_task, parse_target, sweep, write_outputs
 
     output = Path(args.output)

@@ -25,9 +25,9 @@ from .. import card
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..extract import Extraction, extract_adapter
-from ..io import atomic_folder
 from ..layers import CONV1D
 from ..models import folder_bytes
+from ..outputs import atomic_folder
 from ..version import __version__
 
 logger = logging.getLogger(__name__)

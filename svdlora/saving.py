@@ -1,0 +1,181 @@
+"""Saving a compressed model: its folder written whole or not at all (``outputs.atomic_folder``).
+
+``save_compressed`` writes the factor tensors one at a time (``writer.ShardedWriter``), then the
+side files; ``write_side_files`` (shared with streaming compression) writes ``svdlora_config.json``
+last, so a folder without it is an unfinished run. The layout is described in ``svdlora.io``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import card
+from .compress import REPORT_ATTR
+from .errors import SvdloraError
+from .integrations import hf_quantizer
+from .layers import LowRankLinear
+from .models import PREPROCESSOR_FILES, folder_bytes
+from .outputs import atomic_folder, check_output_folder, ensure_space
+from .pivoted import PivotedLowRankLinear
+from .report import CompressionReport
+from .version import __version__
+from .writer import (
+    CONFIG_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
+    ShardedWriter,
+    TensorSpec,
+    file_layout,
+    folder_format,
+    header_metadata,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def check_output(output: str | Path, overwrite: bool = False, inputs=()) -> Path:
+    """Refuse an output folder that would destroy user files (see svdlora.outputs); call early."""
+    return check_output_folder(output, overwrite, inputs)
+
+
+def save_compressed(
+    model: nn.Module,
+    output: str | Path,
+    report: CompressionReport | None = None,
+    source: str | Path | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write a compressed model as a self-contained folder (atomically).
+
+    Args:
+        model: a model returned through ``compress``.
+        output: the folder to create.
+        report: the ``CompressionReport`` (default: the one ``compress`` left on the model).
+        source: the base model's folder or hub id, to copy tokenizer/processor files from
+            (default: ``model.name_or_path`` when set).
+        overwrite: replace an existing folder (only after the new one is complete).
+        max_shard_size: split the weights into shards of at most this size ("5GB", bytes),
+            with a ``model.safetensors.index.json``, as transformers does.
+    Returns:
+        The output path.
+    """
+    report = report or getattr(model, REPORT_ATTR, None)
+    if report is None:
+        raise SvdloraError("this model was not compressed: call svdlora.compress(model, ...) first")
+    _check_layers_match(model, report)
+    config = getattr(model, "config", None)
+    source = source if source is not None else getattr(config, "name_or_path", None) or None
+    output = Path(output)
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    format_version = folder_format(model)
+    with atomic_folder(output, overwrite, inputs=[source]) as tmp:
+        tensors, tied = file_layout(model)
+        specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors]
+        writer = ShardedWriter(tmp, specs, header_metadata(tied, format_version), max_shard_size)
+        ensure_space(tmp, writer.total_size, str(output))
+        writer.create_files()
+        for key, tensor in tensors:  # one tensor copied at a time, not the whole model
+            writer.write(key, tensor)
+        writer.close()
+        writer.write_index()
+        report.bytes_after = writer.bytes_on_disk()
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and not getattr(model, "can_generate", lambda: False)():
+            generation_config = None
+        write_side_files(
+            tmp,
+            report,
+            source=source,
+            config=config,
+            generation_config=generation_config,
+            class_name=type(model).__name__,
+            dtype=layers[0].B.dtype if layers else specs[0].dtype if specs else None,  # the model's, not int8
+            format_version=format_version,
+        )
+    logger.info("saved %s (%d bytes)", output, report.bytes_after)
+    return output
+
+
+def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
+    """Each factorized layer must still be stored as its report says (a runtime may have merged it,
+    or turned a pivoted layer into a pair): else the folder's report would not fit its tensors."""
+    for line in report.factorized:
+        try:
+            module = model.get_submodule(line.name)
+        except AttributeError:
+            continue  # schema checks report missing layers with their own message
+        pivoted = isinstance(module, PivotedLowRankLinear)
+        if not isinstance(module, LowRankLinear) or pivoted != line.pivoted:
+            now = "a pair" if isinstance(module, LowRankLinear) else f"a dense {type(module).__name__}"
+            raise SvdloraError(
+                f"{line.name} was compressed {'pivoted' if line.pivoted else 'as a factor pair'} but now runs as "
+                f"{now} (a load-time runtime: merged, pairs or auto): save a model loaded with the default "
+                'runtime="factorized", or copy the compressed folder itself'
+            )
+
+
+def write_side_files(
+    tmp: Path,
+    report: CompressionReport,
+    *,
+    source,
+    config,
+    generation_config,
+    class_name: str,
+    dtype: torch.dtype | None,
+    world_size: int = 1,
+    format_version: int = 1,
+) -> None:
+    """Everything but the weights: config.json (marked for the svdlora quantizer), generation config,
+    tokenizer files, the model card, and svdlora_config.json (last)."""
+    if report.bytes_before is None and source and Path(source).is_dir():
+        report.bytes_before = folder_bytes(source)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(tmp)
+        hf_quantizer.mark_folder(tmp / "config.json", format_version)  # from_pretrained after `import svdlora`
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+    if source:
+        copy_preprocessor_files(source, tmp)
+    svd_config = {
+        "svdlora_version": __version__,
+        "format_version": format_version,
+        "base_model": {
+            "name_or_path": str(source) if source else None,
+            "class": class_name,
+            "model_type": getattr(config, "model_type", None),
+        },
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "world_size": world_size,
+        "report": report.to_dict(),
+    }
+    card.write(tmp, card.compressed_card(report, svd_config["base_model"]["name_or_path"]))
+    # Written last: a folder without it is not an svdlora folder (a killed run looks incomplete).
+    (tmp / CONFIG_NAME).write_text(json.dumps(svd_config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_preprocessor_files(source: str | Path, dest: Path) -> None:
+    src = Path(source)
+    if src.is_dir():
+        for name in PREPROCESSOR_FILES:
+            if (src / name).is_file() and not (dest / name).exists():
+                shutil.copy2(src / name, dest / name)
+        return
+    try:  # a hub id: the files are in the local cache after the model was downloaded
+        from transformers import AutoProcessor, AutoTokenizer
+
+        for auto in (AutoTokenizer, AutoProcessor):
+            try:
+                auto.from_pretrained(str(source)).save_pretrained(dest)
+                return
+            except (OSError, ValueError, KeyError):
+                continue
+    except ImportError:
+        pass
+    logger.warning("no tokenizer/processor found for %s: the folder holds weights and config only", source)
