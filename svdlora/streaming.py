@@ -14,7 +14,6 @@ the model forward on calibration data, so they need the model in memory.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .allocate import allocate_ranks
+from .checkpoint import Checkpoint
 from .compress import all_finite, count_parameters, module_report, svd_options
 from .config import CompressionConfig
 from .decompose import factorize, split_rank
@@ -41,8 +41,6 @@ from .saving import check_output, write_side_files
 from .targets import find_targets
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
-    INDEX_NAME,
-    WEIGHTS_NAME,
     ShardedWriter,
     TensorSpec,
     file_layout,
@@ -76,74 +74,6 @@ def check_streamable(config: CompressionConfig, calibration=None) -> None:
             "model on calibration data, so the whole model must be in memory; drop --stream (and run without "
             "torchrun), or use the plain SVD method without calibration data"
         )
-
-
-class Checkpoint:
-    """A local safetensors checkpoint (single file or sharded index): key -> file, shape, dtype."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        index = self.folder / INDEX_NAME
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (self.folder / WEIGHTS_NAME).is_file():
-            files = [WEIGHTS_NAME]
-        else:
-            raise SvdloraError(
-                f"{str(self.folder)!r} has no model.safetensors or {INDEX_NAME}: streaming reads safetensors "
-                "checkpoints only; compress without --stream"
-            )
-        self.files = [self.folder / f for f in files]
-        self.file_of: dict[str, Path] = {}
-        self.spec: dict[str, TensorSpec] = {}
-        self.offset: dict[str, int] = {}  # byte offset of each tensor's data in its file
-        for file in self.files:
-            for key, (spec, offset) in _read_header(file).items():
-                self.file_of[key], self.spec[key], self.offset[key] = file, spec, offset
-
-    def read(self, key: str) -> torch.Tensor:
-        """One tensor, read with plain file I/O into fresh memory.
-
-        Not ``safe_open``: it memory-maps the whole file, which under an address-space limit
-        (``ulimit -v``) failed here on a 1 GB shard, and whose touched pages count in RSS.
-        """
-        spec = self.spec[key]
-        out = torch.empty(spec.shape, dtype=spec.dtype)
-        with open(self.file_of[key], "rb") as f:
-            f.seek(self.offset[key])
-            if f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != spec.nbytes:
-                raise SvdloraError(f"{str(self.file_of[key])!r} is truncated at {key!r}: re-download the checkpoint")
-        return out
-
-    def resolve(self, key: str, prefix: str) -> str | None:
-        """The checkpoint's name for a model state key (base models are often saved without their prefix)."""
-        for candidate in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
-            if candidate in self.spec:
-                return candidate
-        return None
-
-
-def _read_header(file: Path) -> dict[str, tuple[TensorSpec, int]]:
-    """{name: (spec, absolute data offset)} from a safetensors header, without mapping the file."""
-    try:
-        with open(file, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(length))
-    except (OSError, ValueError) as err:
-        raise SvdloraError(f"{str(file)!r} is not a readable safetensors file ({err})") from None
-    header.pop("__metadata__", None)
-    return {
-        key: (TensorSpec(key, tuple(v["shape"]), _torch_dtype(v["dtype"])), 8 + length + v["data_offsets"][0])
-        for key, v in header.items()
-    }
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
-    names |= {"I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-    names |= {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-    return getattr(torch, names.get(name, name.lower()))
 
 
 @dataclass
