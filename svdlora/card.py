@@ -111,8 +111,10 @@ def write(folder: Path, text: str) -> Path:
     return path
 
 
-def compressed_card(report, base_model: str | None, eval_result: dict | None = None) -> str:
-    """The card of a folder written by ``save_compressed``."""
+def compressed_card(
+    report, base_model: str | None, eval_result: dict | None = None, class_name: str | None = None
+) -> str:
+    """The card of a folder written by ``save_compressed``; ``class_name``: the model's transformers class."""
     fac = report.factorized
     before, after = sum(m.params_before for m in fac), sum(m.params_after for m in fac)
     config = report.config
@@ -127,14 +129,24 @@ def compressed_card(report, base_model: str | None, eval_result: dict | None = N
         ("model params before / after", f"{report.model_params_before:,} / {report.model_params_after:,}"),
         ("weight bytes before / after", f"{_size(report.bytes_before)} / {_size(report.bytes_after)}"),
     ]
-    usage = """import svdlora  # registers the loader with transformers
-from transformers import AutoModel  # or the AutoModelFor... class of the base
-model = AutoModel.from_pretrained("<this folder>")            # factors kept
+    auto = class_name if class_name and _is_transformers_class(class_name) else None
+    usage = f"""import svdlora  # registers the loader with transformers
+from transformers import {auto or "AutoModel  # or the AutoModelFor... class of the base"}
+model = {auto or "AutoModel"}.from_pretrained("<this folder>")  # factors kept
 model = svdlora.load_compressed("<this folder>", merge=True)  # or dense A·B"""
     return render(
         "svdlora compressed model", base_model, rows, tags=["svdlora", "compressed", "low-rank"],
         library="transformers", eval_result=eval_result, usage=usage,
     )  # fmt: skip
+
+
+def _is_transformers_class(name: str) -> bool:
+    import transformers
+
+    try:
+        return isinstance(getattr(transformers, name), type)
+    except (AttributeError, ImportError):
+        return False
 
 
 def _method_text(report) -> str:
@@ -143,7 +155,8 @@ def _method_text(report) -> str:
     method = {"svd": "truncated SVD", "whiten": "whitened SVD (SVD-LLM)", "fisher": "Fisher-weighted whitened SVD",
               "kfac": "Kronecker-factored Fisher-whitened SVD"}  # fmt: skip
     text = f"residual {method.get(report.method or 'svd', report.method)} ({config.get('svd_method')} SVD)"
-    text += f", {config.get('submatrices')} submatrices, {report.allocation or 'uniform'} allocation"
+    count = config.get("submatrices")
+    text += f", {count} submatri{'x' if count == 1 else 'ces'}, {report.allocation or 'uniform'} allocation"
     if report.heal:
         text += f", healed {report.heal.get('steps')} steps"
     return text

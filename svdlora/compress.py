@@ -30,6 +30,7 @@ from .targets import find_targets
 logger = logging.getLogger(__name__)
 
 REPORT_ATTR = "svdlora_report"  # the report rides on the model so save_compressed needs nothing else
+MERGED_ATTR = "svdlora_merged_from"  # a folder loaded merged (dense): save_compressed says so
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .compress import REPORT_ATTR
+from .compress import MERGED_ATTR, REPORT_ATTR
 from .errors import SvdloraError, first_line
 from .integrations import hf_quantizer
 from .layers import LowRankLinear, dense_kind, weight_out_in
@@ -74,7 +74,9 @@ def read_config(path: str | Path) -> dict:
     try:
         data = json.loads((path / CONFIG_NAME).read_text())
         data["report"]["modules"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+    except KeyError as err:
+        raise SvdloraError(f"{path / CONFIG_NAME} is corrupted (no {err} entry): re-run `svdlora compress`") from None
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
         raise SvdloraError(f"{path / CONFIG_NAME} is corrupted ({err}): re-run `svdlora compress`") from None
     except OSError as err:
         raise SvdloraError(f"{path / CONFIG_NAME} cannot be read ({describe(err)})") from None
@@ -228,6 +230,8 @@ def load_compressed(
     """
     if runtime not in (None, *RUNTIMES):
         raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if merge and runtime not in (None, "merged"):
+        raise SvdloraError(f"merge=True and runtime={runtime!r} contradict each other: pass one of them")
     merge = merge or runtime == "merged"
     path = Path(path)
     data = check_folder(path)  # every shard's header and factor shapes
@@ -280,7 +284,10 @@ def load_compressed(
             "mixed with another; re-run `svdlora compress`"
         ) from None
     if result.unexpected_keys:
-        raise SvdloraError(f"{str(weights)!r} holds tensors the model does not have: {result.unexpected_keys[:3]}")
+        raise SvdloraError(
+            f"{str(weights)!r} holds tensors the model does not have: {result.unexpected_keys[:3]} ({CONFIG_NAME} "
+            "does not list them as factorized: the folder was edited or mixed with another); re-run `svdlora compress`"
+        )
     missing = [k for k in result.missing_keys if k not in tied]
     if missing:
         raise SvdloraError(
@@ -296,7 +303,9 @@ def load_compressed(
         model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
     else:
         model = dispatch(model, plan)
-    if not merge:
+    if merge:
+        setattr(model, MERGED_ATTR, str(path))
+    else:
         setattr(model, REPORT_ATTR, report)
         for name, parts in stored_parts.items():  # re-saving writes the same stored bits
             model.get_submodule(name).stored = parts

@@ -92,7 +92,7 @@ class CompressionReport:
                 "budget / submatrices",
                 f"{self.config.get('budget')} / {self.config.get('submatrices')}"
                 + (f" (fixed rank {self.config['rank']})" if self.config.get("rank") else "")
-                + (f" (ranks multiples of {multiple})" if multiple > 1 else ""),
+                + (f" (ranks of {multiple} or more rounded to multiples of {multiple})" if multiple > 1 else ""),
             ),
             ("method / allocation", f"{self.method or 'svd'} / {self.allocation or 'uniform'}"),
             ("how ranks were chosen", _ALLOCATION_WHY.get(self.allocation or "uniform", "")),

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import card
-from .compress import REPORT_ATTR
+from .compress import MERGED_ATTR, REPORT_ATTR
 from .errors import SvdloraError
 from .integrations import hf_quantizer
 from .layers import LowRankLinear
@@ -66,6 +66,11 @@ def save_compressed(
         The output path.
     """
     report = report or getattr(model, REPORT_ATTR, None)
+    if report is None and getattr(model, MERGED_ATTR, None) is not None:
+        raise SvdloraError(
+            f"this model was loaded merged (dense weights rebuilt) from {getattr(model, MERGED_ATTR)!r}: save it "
+            'with save_pretrained, or save a model loaded with the default runtime="factorized"'
+        )
     if report is None:
         raise SvdloraError("this model was not compressed: call svdlora.compress(model, ...) first")
     _check_layers_match(model, report)
@@ -155,7 +160,7 @@ def write_side_files(
         "world_size": world_size,
         "report": report.to_dict(),
     }
-    card.write(tmp, card.compressed_card(report, svd_config["base_model"]["name_or_path"]))
+    card.write(tmp, card.compressed_card(report, svd_config["base_model"]["name_or_path"], class_name=class_name))
     # Written last: a folder without it is not an svdlora folder (a killed run looks incomplete).
     (tmp / CONFIG_NAME).write_text(json.dumps(svd_config, indent=2, sort_keys=True) + "\n")
 

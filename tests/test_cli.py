@@ -37,9 +37,9 @@ def test_compress_info_export_through_the_real_entry_point(gpt2_folder, tmp_path
     info = subprocess.run([*cmd, "info", out], capture_output=True, text=True, env=env)
     assert info.returncode == 0 and "lm_head" in info.stdout and "output head" in info.stdout
     exported = subprocess.run(
-        [*cmd, "export", out, "--dense", "--output", dense], capture_output=True, text=True, env=env
+        [*cmd, "export", out, "--dense", "--output", dense, "--no-progress"], capture_output=True, text=True, env=env
     )
-    assert exported.returncode == 0, exported.stderr
+    assert exported.returncode == 0, exported.stderr  # export takes --no-progress like the other commands
 
     from transformers import GPT2LMHeadModel  # a plain transformers load of the merged checkpoint
 

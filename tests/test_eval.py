@@ -502,8 +502,10 @@ def test_runtime_layouts_give_the_same_perplexity(gpt, tmp_path, capsys):
     for runtime in ("factorized", "pairs", "merged", "auto"):
         out_json = tmp_path / f"{runtime}.json"
         args = [gpt["svd"], "--task", "text-generation", "--data", gpt["text"], "--max-length", "32"]
-        code, _, err = _cli([*args, "--runtime", runtime, "--json", str(out_json)], capsys)
+        code, out, err = _cli([*args, "--runtime", runtime, "--json", str(out_json)], capsys)
         assert code == 0, err
+        assert f"runtime {runtime}" in out  # the table says which runtime ran
+        assert json.loads(out_json.read_text())["settings"]["runtime"] == runtime
         figures[runtime] = json.loads(out_json.read_text())["model"]["metrics"]["perplexity"]
     assert figures["merged"] == pytest.approx(figures["factorized"], rel=1e-4)
     assert figures["auto"] == pytest.approx(figures["factorized"], rel=1e-4)

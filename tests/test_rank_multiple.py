@@ -68,7 +68,7 @@ def test_rank_multiple_through_the_api_and_the_cli(tmp_path, capsys):
     loaded = load_compressed(out)
     assert all(sum(m.ranks) % 4 == 0 for m in loaded.svdlora_report.factorized)
     assert main(["info", str(out)]) == 0
-    assert "ranks multiples of 4" in capsys.readouterr().out
+    assert "ranks of 4 or more rounded to multiples of 4" in capsys.readouterr().out
     with pytest.raises(SvdloraError, match="rank_multiple"):
         CompressionConfig(rank_multiple=0)
     with pytest.raises(SvdloraError, match="fixed rank"):

@@ -108,7 +108,7 @@ def test_a_model_whose_layers_a_runtime_changed_is_not_saved(tmp_path, runtime):
     compress(model, budget=0.5, pivot=True, progress=False)
     save_compressed(model, tmp_path / "out")
     changed = load_compressed(tmp_path / "out", device="cpu", runtime=runtime)
-    with pytest.raises(SvdloraError, match="now runs as|was not compressed"):  # merged loads carry no report
+    with pytest.raises(SvdloraError, match="now runs as|loaded merged"):
         save_compressed(changed, tmp_path / "again")
     assert not (tmp_path / "again").exists()
     save_compressed(load_compressed(tmp_path / "out", device="cpu"), tmp_path / "again")  # as stored: saved
@@ -133,3 +133,16 @@ def test_offloaded_layers_stay_as_stored(tmp_path):
     layouts = apply_runtime(loaded, "pairs")
     assert layouts and set(layouts.values()) == {"factorized"}
     torch.testing.assert_close(output_of(loaded, "llama"), want)
+
+
+def test_contradictory_merge_and_runtime_are_refused(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, budget=0.5, progress=False)
+    save_compressed(model, tmp_path / "out")
+    for runtime in ("factorized", "pairs", "auto"):
+        with pytest.raises(SvdloraError, match="contradict"):
+            load_compressed(tmp_path / "out", device="cpu", merge=True, runtime=runtime)
+    assert not any(
+        isinstance(m, LowRankLinear) for m in load_compressed(tmp_path / "out", merge=True, runtime="merged").modules()
+    )

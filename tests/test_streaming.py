@@ -122,6 +122,17 @@ def test_explicit_calibration_refuses_to_stream_in_one_line(tmp_path, capsys, da
     assert not (tmp_path / "o").exists()
 
 
+def test_a_calibrated_method_refuses_to_stream_in_one_line(tmp_path, capsys):
+    """Not the plain-SVD fallback notice first and then the refusal: one line, the refusal."""
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    argv = ["compress", str(base), "-o", str(tmp_path / "o"), "--stream", "--method", "whiten", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot stream" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_calibration_aware_settings_refuse_to_stream(tmp_path):
     base = tmp_path / "base"
     tied_llama().save_pretrained(base)

@@ -15,7 +15,7 @@ from ..config import SVD_METHODS, CompressionConfig
 from ..errors import SvdloraError
 from ..models import load_pretrained
 from ..saving import check_output, save_compressed
-from ..streaming import compress_checkpoint
+from ..streaming import check_streamable, compress_checkpoint
 from ..writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 from . import options
 from .calibration_flags import (
@@ -77,8 +77,8 @@ def register(subparsers) -> None:
         type=options.positive_int("rank-multiple"),
         default=1,
         metavar="N",
-        help="round each matrix's rank down to a multiple of N (8 for GPU inference: aligned factors decode "
-        "faster with cuBLAS; the budget still holds)",
+        help="round each matrix's rank down to a multiple of N; a rank below N is kept as it is (8 for GPU "
+        "inference: aligned factors decode faster with cuBLAS; the budget still holds)",
     )
     p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules (glob, or re:REGEX)")
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
@@ -115,7 +115,7 @@ def register(subparsers) -> None:
         "--stream",
         action="store_true",
         help="read the checkpoint tensor by tensor and write the output shard by shard (a local safetensors "
-        "folder; memory: one input shard + one matrix). Same bytes as without --calibration none. Automatic "
+        "folder; memory: one input shard + one matrix), the same bytes as in memory with --calibration none. Automatic "
         "under torchrun / accelerate launch, where the matrices are split over the processes. Streaming cannot "
         "calibrate (that runs the whole model on data): the default --calibration auto falls back to plain SVD "
         "(said on stderr), an explicit --calibration DATA|self is refused",
@@ -198,6 +198,7 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
             f"--calibration {args.calibration} cannot be used with {how}: calibration runs the whole model on data, "
             "streaming reads one tensor at a time; drop --stream (and torchrun), or pass --calibration none"
         )
+    check_streamable(config)  # an explicit calibrated method is refused before the fallback notice below
     ctx = distributed.context()
     if args.calibration == AUTO and ctx.is_main:
         print(
@@ -219,7 +220,8 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
     if ctx.is_main:
         print(report.format())
     print(
-        f"\n[rank {ctx.rank}/{ctx.world_size}] wrote {output}  (streamed, total {time.perf_counter() - start:.1f} s, "
+        f"\n{f'[rank {ctx.rank}/{ctx.world_size}] ' if ctx.world_size > 1 else ''}wrote {output}  "
+        f"(streamed, total {time.perf_counter() - start:.1f} s, "
         f"peak RSS {peak_mb:,.0f} MB)",
         file=sys.stderr,
     )

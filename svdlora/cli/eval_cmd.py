@@ -80,8 +80,9 @@ def register(subparsers) -> None:
     r.add_argument(
         "--runtime",
         choices=RUNTIMES,
-        help="svdlora folders: keep factors as stored (default), pairs (pivoted layers as plain factor "
-        "pairs), merge them, or auto: per layer the fastest layout measured on the device for one token per call",
+        help="svdlora folders (the model, and the baseline when it is one): keep factors as stored (default), "
+        "pairs (pivoted layers as plain factor pairs), merge them, or auto: per layer the fastest layout measured "
+        "on the device for one token per call",
     )
     r.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     options.add_progress_flag(p)

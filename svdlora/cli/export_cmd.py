@@ -10,6 +10,7 @@ from ..errors import SvdloraError
 from ..io import load_compressed, read_config
 from ..outputs import atomic_folder, ensure_space
 from ..saving import check_output, copy_preprocessor_files
+from . import options
 
 
 def register(subparsers) -> None:
@@ -23,11 +24,16 @@ def register(subparsers) -> None:
     )
     p.add_argument("-o", "--output", required=True, help="folder to write")
     p.add_argument("--overwrite", action="store_true")
+    options.add_progress_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, args.overwrite, inputs=[args.folder])  # before the slow load
+    if not args.progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bars
     model = load_compressed(args.folder, device="cpu", merge=True)
     if not hasattr(model, "save_pretrained"):
         raise SvdloraError("only transformers models can be exported as dense checkpoints")

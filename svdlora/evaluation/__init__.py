@@ -10,7 +10,8 @@
       "settings": {                       # null where the task does not use it
         "batch_size": int, "limit": int | null,
         "max_length": int | null, "stride": int | null,          # text-generation
-        "num_beams": int | null, "max_new_tokens": int | null    # translation
+        "num_beams": int | null, "max_new_tokens": int | null,   # translation
+        "runtime": str | null             # --runtime, for svdlora folders (model and baseline); null: as stored
       },
       "model":    MODEL,
       "baseline": MODEL | null,
@@ -79,7 +80,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 RESULT_KEYS = ("schema_version", "svdlora_version", "task", "data", "settings", "model", "baseline", "ratios")
 DATA_KEYS = ("source", "split", "examples")
-SETTINGS_KEYS = ("batch_size", "limit", "max_length", "stride", "num_beams", "max_new_tokens")
+SETTINGS_KEYS = ("batch_size", "limit", "max_length", "stride", "num_beams", "max_new_tokens", "runtime")
 MODEL_KEYS = (
     "name", "compressed", "device", "dtype", "parameters", "bytes_on_disk", "model_memory_bytes",
     "peak_memory_bytes", "peak_memory_method", "load_time_s", "wall_time_s", "model_time_s",
@@ -161,6 +162,7 @@ def evaluate(
             "stride": first_run.settings.get("stride"),
             "num_beams": first_run.settings.get("num_beams"),
             "max_new_tokens": first_run.settings.get("max_new_tokens"),
+            "runtime": opts.runtime,
         },
         "model": model,
         "baseline": base,

@@ -86,6 +86,8 @@ def format_table(result: dict) -> str:
         details.append(f"{settings['num_beams']} beams, <= {settings['max_new_tokens']} new tokens")
     if settings["limit"]:
         details.append(f"limit {settings['limit']}")
+    if settings.get("runtime"):
+        details.append(f"runtime {settings['runtime']}")
     lines = [
         f"{result['task']} on {data['source']}"
         + (f" [{data['split']}]" if data["split"] else "")

@@ -191,6 +191,9 @@ class SvdloraHfQuantizer(HfQuantizer):
             for name in self._factorized:
                 model.set_submodule(name, model.get_submodule(name).to_dense())
             self.remove_quantization_config(model)
+            from ..compress import MERGED_ATTR
+
+            setattr(model, MERGED_ATTR, str(Path(self._checkpoint_files[0]).parent) if self._checkpoint_files else "")
         else:
             report = _read_report(self._checkpoint_files)
             if report is not None:
