@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_ATTR = "svdlora_report"  # the report rides on the model so save_compressed needs nothing else
 MERGED_ATTR = "svdlora_merged_from"  # a folder loaded merged (dense): save_compressed says so
+BASE_ATTR = "svdlora_base_model"  # a loaded folder's base model, kept as the base when it is saved again
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .compress import MERGED_ATTR, REPORT_ATTR
+from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
 from .errors import SvdloraError, first_line
 from .integrations import hf_quantizer
 from .layers import LowRankLinear, dense_kind, weight_out_in
@@ -307,6 +307,7 @@ def load_compressed(
         setattr(model, MERGED_ATTR, str(path))
     else:
         setattr(model, REPORT_ATTR, report)
+        setattr(model, BASE_ATTR, (data.get("base_model") or {}).get("name_or_path"))
         for name, parts in stored_parts.items():  # re-saving writes the same stored bits
             model.get_submodule(name).stored = parts
     if runtime in ("auto", "pairs"):

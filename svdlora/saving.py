@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import card
-from .compress import MERGED_ATTR, REPORT_ATTR
+from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
 from .errors import SvdloraError
 from .integrations import hf_quantizer
 from .layers import LowRankLinear
@@ -102,6 +102,7 @@ def save_compressed(
             class_name=type(model).__name__,
             dtype=layers[0].B.dtype if layers else specs[0].dtype if specs else None,  # the model's, not int8
             format_version=format_version,
+            base_model=getattr(model, BASE_ATTR, None),  # a loaded folder re-saved keeps its base, not itself
         )
     logger.info("saved %s (%d bytes)", output, report.bytes_after)
     return output
@@ -136,9 +137,11 @@ def write_side_files(
     dtype: torch.dtype | None,
     world_size: int = 1,
     format_version: int = 1,
+    base_model: str | None = None,
 ) -> None:
     """Everything but the weights: config.json (marked for the svdlora quantizer), generation config,
-    tokenizer files, the model card, and svdlora_config.json (last)."""
+    tokenizer files, the model card, and svdlora_config.json (last). ``base_model``: the name recorded
+    as the base (default ``source``, where the tokenizer files are copied from)."""
     if report.bytes_before is None and source and Path(source).is_dir():
         report.bytes_before = folder_bytes(source)
     if config is not None and hasattr(config, "save_pretrained"):
@@ -152,7 +155,7 @@ def write_side_files(
         "svdlora_version": __version__,
         "format_version": format_version,
         "base_model": {
-            "name_or_path": str(source) if source else None,
+            "name_or_path": str(base_model or source) if (base_model or source) else None,
             "class": class_name,
             "model_type": getattr(config, "model_type", None),
         },

@@ -200,3 +200,23 @@ def test_bf16_load_keeps_buffers_and_ties(tmp_path):
     assert rotary.dtype == torch.float32, "buffers built at construction keep their dtype, as in transformers"
     expected = output_of(model, "llama")
     assert torch.allclose(output_of(loaded, "llama").float(), expected, atol=0.1)
+
+
+def test_a_reloaded_folder_saved_again_keeps_its_base_model(tmp_path):
+    """Loading a folder and saving it again must record the original base model, not the folder
+    it was loaded from (through load_compressed and through transformers' from_pretrained)."""
+    import transformers
+
+    import svdlora  # noqa: F401  (registers the quantizer)
+
+    base = tmp_path / "base"
+    TINY_MODELS["llama"]().save_pretrained(base)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    compress(model, budget=0.5, progress=False)
+    save_compressed(model, tmp_path / "first")
+    assert json.loads((tmp_path / "first" / CONFIG_NAME).read_text())["base_model"]["name_or_path"] == str(base)
+    save_compressed(load_compressed(tmp_path / "first", device="cpu"), tmp_path / "again")
+    save_compressed(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "first"), tmp_path / "via_hf")
+    for folder in ("again", "via_hf"):
+        recorded = json.loads((tmp_path / folder / CONFIG_NAME).read_text())["base_model"]["name_or_path"]
+        assert recorded == str(base), folder

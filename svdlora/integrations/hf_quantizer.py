@@ -195,11 +195,12 @@ class SvdloraHfQuantizer(HfQuantizer):
 
             setattr(model, MERGED_ATTR, str(Path(self._checkpoint_files[0]).parent) if self._checkpoint_files else "")
         else:
-            report = _read_report(self._checkpoint_files)
+            report, base = _read_report(self._checkpoint_files)
             if report is not None:
-                from ..compress import REPORT_ATTR
+                from ..compress import BASE_ATTR, REPORT_ATTR
 
                 setattr(model, REPORT_ATTR, report)
+                setattr(model, BASE_ATTR, base)
         return model
 
     def is_serializable(self, **kwargs) -> bool:
@@ -243,15 +244,17 @@ def _model_name(model: nn.Module, file_name: str, prefix: str) -> str:
 
 
 def _read_report(files: list[str]):
+    """(the folder's CompressionReport, its base model's name or path); (None, None) when unreadable."""
     from ..report import CompressionReport
 
     config = Path(files[0]).parent / "svdlora_config.json" if files else None
     if config is None or not config.is_file():
-        return None
+        return None, None
     try:
-        return CompressionReport.from_dict(json.loads(config.read_text())["report"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None
+        data = json.loads(config.read_text())
+        return CompressionReport.from_dict(data["report"]), (data.get("base_model") or {}).get("name_or_path")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None, None
 
 
 def folder_config_entries(weights: str = WEIGHTS_NAME, format_version: int = FORMAT_VERSION) -> dict:
