@@ -42,6 +42,7 @@ from .schema import check_factor_shapes, model_class_named, validate_config
 from .version import FORMAT_VERSION, __version__
 from .writer import (  # noqa: F401  (the file-name constants live in writer; io re-exports them)
     CONFIG_NAME,
+    DTYPE_NAMES,
     WEIGHTS_NAME,
     weight_files,
 )
@@ -95,13 +96,31 @@ def check_folder(path: str | Path) -> dict:
     """read_config plus every shard's safetensors header: factor shapes against the ranks, no tensor loaded."""
     data = read_config(path)
     files = weight_files(path)
-    shapes = {}
+    shapes, dtypes = {}, {}
     for weights in files:
         _check_header(weights)
         with safe_open(str(weights), framework="pt") as f:
-            shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+            for k in f.keys():
+                shapes[k], dtypes[k] = f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()
     check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes, files[0])
+    _check_model_dtype(data, dtypes, path)
     return data
+
+
+def _check_model_dtype(data: dict, dtypes: dict[str, str], path: Path) -> None:
+    """The config's ``dtype`` is the model's: the float tensors that are not factors are stored in it
+    (some, at least: a model may keep modules in float32, as T5 does in float16)."""
+    name = data.get("dtype")
+    want = DTYPE_NAMES.get(parse_dtype(name)) if isinstance(name, str) and name else None
+    floats = {
+        stored for key, stored in dtypes.items()
+        if stored in ("F64", "F32", "F16", "BF16") and ".stage" not in key and ".pivoted." not in key
+    }  # fmt: skip
+    if want is not None and floats and want not in floats:
+        raise SvdloraError(
+            f"{path / CONFIG_NAME} says dtype {name!r} but the weights are stored as {', '.join(sorted(floats))}: "
+            "the config was edited or belongs to another folder; re-run `svdlora compress`"
+        )
 
 
 def read_report(path: str | Path) -> CompressionReport:

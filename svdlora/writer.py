@@ -28,7 +28,7 @@ CONFIG_NAME = "svdlora_config.json"  # the svdlora config; written last, it mark
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 
-_DTYPES = {
+DTYPE_NAMES = {  # torch dtype -> safetensors header name
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -113,7 +113,7 @@ class ShardedWriter:
             header, offset = {"__metadata__": dict(metadata)}, 0
             for spec in ordered:
                 header[spec.name] = {
-                    "dtype": _DTYPES[spec.dtype],
+                    "dtype": DTYPE_NAMES[spec.dtype],
                     "shape": list(spec.shape),
                     "data_offsets": [offset, offset + spec.nbytes],
                 }

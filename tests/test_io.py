@@ -220,3 +220,16 @@ def test_a_reloaded_folder_saved_again_keeps_its_base_model(tmp_path):
     for folder in ("again", "via_hf"):
         recorded = json.loads((tmp_path / folder / CONFIG_NAME).read_text())["base_model"]["name_or_path"]
         assert recorded == str(base), folder
+
+
+def test_a_config_whose_dtype_does_not_fit_the_weights_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]()
+    compress(model, budget=0.5, progress=False)
+    save_compressed(model, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / CONFIG_NAME).read_text())
+    assert config["dtype"] == "float32"
+    config["dtype"] = "float16"  # edited: the weights are float32
+    (tmp_path / "out" / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SvdloraError, match="says dtype 'float16' but the weights are stored as F32"):
+        load_compressed(tmp_path / "out", device="cpu")
