@@ -20,9 +20,9 @@ from .errors import SvdloraError
 from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .methods import weighted_spectrum
-from .pivoted import PivotedLowRankLinear, pivoted_bytes
+from .pivoted import PivotedLowRankLinear
 from .plan import CalibrationPlan, plan_calibration
-from .precision import allocate_stages, layer_bytes, stage_formats, target_bytes
+from .precision import allocate_stages, layer_bytes, set_float_storage, target_bytes
 from .refit import collect_cross_statistics, refit_factors, refit_target
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
@@ -122,18 +122,16 @@ def compress(
                 target.name, target.kind, shape, bias=layer.bias is not None, ranks=ranks[target.name],
                 stage_dtypes=[f.name for f in formats], rel_error=error, est_loss=est_loss.get(target.name),
             )  # fmt: skip
+            line.stored_bytes = layer_bytes(ranks[target.name], formats, *shape)
+            line.dense_bytes = target_bytes(target, dtype)
         else:
-            formats = stage_formats(None, len(ranks[target.name]), dtype)
             f = factorize(weight_out_in(target.module), ranks[target.name], weighting=weighting, **svd_options(config))
             layer = _layer_class(config).from_factors(target.module, f.a, f.b, f.ranks)
             line = module_report(
                 target.name, target.kind, *shape, layer.bias is not None, f, est_loss=est_loss.get(target.name)
             )
             line.pivoted = config.pivot
-        line.stored_bytes = layer_bytes(ranks[target.name], formats, *shape)
-        if line.pivoted:
-            line.stored_bytes = pivoted_bytes(*shape, sum(line.ranks), dtype)
-        line.dense_bytes = target_bytes(target, dtype)
+            set_float_storage(line, f.a.dtype, dtype)
         layers[target.name] = layer
         model.set_submodule(target.name, layer)
         reports[target.name] = line

@@ -35,6 +35,22 @@ def stage_formats(names: list[str] | None, submatrices: int, model_dtype: torch.
     return formats + [last] * (submatrices - len(formats))
 
 
+def set_float_storage(line, dtype: torch.dtype, model_dtype: torch.dtype | None = None) -> None:
+    """A factorized report line's stage dtypes and bytes when every factor is stored in ``dtype`` (plain
+    float pairs or pivoted factors, no quantized stage): what compress, streaming and a re-save report.
+    ``dense_bytes`` counts the dense matrix in ``model_dtype`` (default ``dtype``), the budget's unit."""
+    from .pivoted import pivoted_bytes  # pivoted builds on the layers, which this module must not import
+
+    out_features, in_features = line.shape
+    line.stage_dtypes = [str(dtype).removeprefix("torch.")] * len(line.ranks)
+    line.stored_bytes = (
+        pivoted_bytes(out_features, in_features, sum(line.ranks), dtype)
+        if line.pivoted
+        else layer_bytes(line.ranks, stage_formats(None, len(line.ranks), dtype), out_features, in_features)
+    )
+    line.dense_bytes = out_features * in_features * torch.finfo(model_dtype or dtype).bits // 8
+
+
 def target_bytes(target: Target, dtype: torch.dtype) -> int:
     """What the dense matrix costs in the model's dtype (the budget's unit)."""
     return target.params * torch.finfo(dtype).bits // 8

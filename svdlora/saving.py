@@ -23,6 +23,7 @@ from .layers import LowRankLinear
 from .models import PREPROCESSOR_FILES, folder_bytes
 from .outputs import atomic_folder, check_output_folder, ensure_space
 from .pivoted import PivotedLowRankLinear
+from .precision import set_float_storage
 from .report import CompressionReport
 from .version import __version__
 from .writer import (
@@ -74,6 +75,7 @@ def save_compressed(
     if report is None:
         raise SvdloraError("this model was not compressed: call svdlora.compress(model, ...) first")
     _check_layers_match(model, report)
+    _refresh_float_storage(model, report)
     config = getattr(model, "config", None)
     source = source if source is not None else getattr(config, "name_or_path", None) or None
     output = Path(output)
@@ -124,6 +126,21 @@ def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
                 f"{now} (a load-time runtime: merged, pairs or auto): save a model loaded with the default "
                 'runtime="factorized", or copy the compressed folder itself'
             )
+
+
+def _refresh_float_storage(model: nn.Module, report: CompressionReport) -> None:
+    """A folder loaded in another dtype (``dtype=torch.bfloat16``) and saved again stores its float
+    factors in that dtype: its report lines must say so, with their bytes."""
+    for line in report.factorized:
+        try:
+            module = model.get_submodule(line.name)
+        except AttributeError:
+            continue
+        if not isinstance(module, LowRankLinear) or module.stage_dtypes or module.full is not None:
+            continue  # quantized stages keep their stored formats
+        dtype = module.B.dtype
+        if line.stage_dtypes != [str(dtype).removeprefix("torch.")] * len(line.ranks):
+            set_float_storage(line, dtype)
 
 
 def write_side_files(

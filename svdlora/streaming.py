@@ -34,8 +34,8 @@ from .io import _no_weight_init
 from .layers import CONV1D, LowRankLinear, dense_kind, weight_out_in
 from .models import check_dense_folder, model_class, parse_dtype
 from .outputs import atomic_folder, ensure_space
-from .pivoted import PivotedLowRankLinear, pivot_factors, pivoted_bytes
-from .precision import layer_bytes, stage_formats, target_bytes
+from .pivoted import PivotedLowRankLinear, pivot_factors
+from .precision import set_float_storage
 from .report import CompressionReport, ModuleReport
 from .saving import check_output, write_side_files
 from .targets import find_targets
@@ -309,14 +309,12 @@ def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, p
         w = weight.T if what.kind == CONV1D else weight  # (out, in), as weight_out_in gives
         f = factorize(w, ranks_of(writer, what.name, config.submatrices), **options)
         line = module_report(what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f)
-        # the bytes compress() reports (issue 9): every stage in the output dtype
-        line.stored_bytes = layer_bytes(f.ranks, stage_formats(None, len(f.ranks), weight.dtype), *w.shape)
+        line.pivoted = config.pivot
+        set_float_storage(line, weight.dtype)  # the bytes compress() reports (issue 9)
         if config.pivot:  # as compress() stores it: pivot rows, coefficients and the pivot indices
             rows, coefficients, pivot = pivot_factors(f.a, f.b)
             for part, tensor in (("B", pivot), ("C", coefficients), ("rows", rows)):
                 writer.write(f"{what.name}.pivoted.{part}", tensor)
-            line.pivoted = True
-            line.stored_bytes = pivoted_bytes(*w.shape, sum(f.ranks), weight.dtype)
         else:
             bounds = [0]
             for r in f.ranks:
@@ -324,7 +322,6 @@ def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, p
             for j in range(len(f.ranks)):
                 writer.write(f"{what.name}.stage{j}.A", f.a[:, bounds[j] : bounds[j + 1]])
                 writer.write(f"{what.name}.stage{j}.B", f.b[bounds[j] : bounds[j + 1]])
-        line.dense_bytes = target_bytes(what, weight.dtype)
         reports[what.name] = line
         del weight, w, f
     return reports

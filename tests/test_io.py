@@ -233,3 +233,18 @@ def test_a_config_whose_dtype_does_not_fit_the_weights_is_refused(tmp_path):
     (tmp_path / "out" / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(SvdloraError, match="says dtype 'float16' but the weights are stored as F32"):
         load_compressed(tmp_path / "out", device="cpu")
+
+
+def test_a_folder_loaded_in_bfloat16_and_saved_again_reports_bfloat16_factors(tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]()
+    compress(model, budget=0.5, pivot=True, progress=False)
+    save_compressed(model, tmp_path / "out")
+    before = read_report(tmp_path / "out").factorized
+    save_compressed(load_compressed(tmp_path / "out", device="cpu", dtype=torch.bfloat16), tmp_path / "bf16")
+    after = read_report(tmp_path / "bf16").factorized
+    assert [m.stage_dtypes for m in before] == [["float32"] * len(m.ranks) for m in before]
+    assert [m.stage_dtypes for m in after] == [["bfloat16"] * len(m.ranks) for m in after]
+    for old, new in zip(before, after, strict=True):  # half the bytes: the pivot indices (int64) excepted
+        assert new.dense_bytes * 2 == old.dense_bytes
+        assert new.stored_bytes < old.stored_bytes and new.bits_per_weight < old.bits_per_weight
