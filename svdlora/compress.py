@@ -131,7 +131,7 @@ def compress(
                 target.name, target.kind, *shape, layer.bias is not None, f, est_loss=est_loss.get(target.name)
             )
             line.pivoted = config.pivot
-            set_float_storage(line, f.a.dtype, dtype)
+            set_float_storage(line, f.a.dtype)
         layers[target.name] = layer
         model.set_submodule(target.name, layer)
         reports[target.name] = line

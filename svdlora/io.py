@@ -108,14 +108,12 @@ def check_folder(path: str | Path) -> dict:
 
 
 def _check_model_dtype(data: dict, dtypes: dict[str, str], path: Path) -> None:
-    """The config's ``dtype`` is the model's: the float tensors that are not factors are stored in it
-    (some, at least: a model may keep modules in float32, as T5 does in float16)."""
+    """The config's ``dtype`` must be one the weights are stored in: an edited config is refused here
+    rather than failing in the first forward. Loose on purpose: a model may keep some modules in
+    float32 (T5 in float16), and the config records the dtype of the first factorized layer."""
     name = data.get("dtype")
     want = DTYPE_NAMES.get(parse_dtype(name)) if isinstance(name, str) and name else None
-    floats = {
-        stored for key, stored in dtypes.items()
-        if stored in ("F64", "F32", "F16", "BF16") and ".stage" not in key and ".pivoted." not in key
-    }  # fmt: skip
+    floats = {stored for stored in dtypes.values() if stored in ("F64", "F32", "F16", "BF16")}
     if want is not None and floats and want not in floats:
         raise SvdloraError(
             f"{path / CONFIG_NAME} says dtype {name!r} but the weights are stored as {', '.join(sorted(floats))}: "

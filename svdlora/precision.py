@@ -35,10 +35,10 @@ def stage_formats(names: list[str] | None, submatrices: int, model_dtype: torch.
     return formats + [last] * (submatrices - len(formats))
 
 
-def set_float_storage(line, dtype: torch.dtype, model_dtype: torch.dtype | None = None) -> None:
+def set_float_storage(line, dtype: torch.dtype) -> None:
     """A factorized report line's stage dtypes and bytes when every factor is stored in ``dtype`` (plain
     float pairs or pivoted factors, no quantized stage): what compress, streaming and a re-save report.
-    ``dense_bytes`` counts the dense matrix in ``model_dtype`` (default ``dtype``), the budget's unit."""
+    Both ``stored_bytes`` and ``dense_bytes`` are in the matrix's own dtype (float budgets count values)."""
     from .pivoted import pivoted_bytes  # pivoted builds on the layers, which this module must not import
 
     out_features, in_features = line.shape
@@ -48,7 +48,7 @@ def set_float_storage(line, dtype: torch.dtype, model_dtype: torch.dtype | None 
         if line.pivoted
         else layer_bytes(line.ranks, stage_formats(None, len(line.ranks), dtype), out_features, in_features)
     )
-    line.dense_bytes = out_features * in_features * torch.finfo(model_dtype or dtype).bits // 8
+    line.dense_bytes = out_features * in_features * torch.finfo(dtype).bits // 8
 
 
 def target_bytes(target: Target, dtype: torch.dtype) -> int:

@@ -70,13 +70,14 @@ def save_compressed(
     if report is None and getattr(model, MERGED_ATTR, None) is not None:
         raise SvdloraError(
             f"this model was loaded merged (dense weights rebuilt) from {getattr(model, MERGED_ATTR)!r}: save it "
-            'with save_pretrained, or save a model loaded with the default runtime="factorized"'
+            "with save_pretrained, or load the folder again without merging to save it compressed"
         )
     if report is None:
         raise SvdloraError("this model was not compressed: call svdlora.compress(model, ...) first")
     _check_layers_match(model, report)
     _refresh_float_storage(model, report)
     config = getattr(model, "config", None)
+    base_model = source if source is not None else getattr(model, BASE_ATTR, None)  # a loaded folder's own base
     source = source if source is not None else getattr(config, "name_or_path", None) or None
     output = Path(output)
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
@@ -104,7 +105,7 @@ def save_compressed(
             class_name=type(model).__name__,
             dtype=layers[0].B.dtype if layers else specs[0].dtype if specs else None,  # the model's, not int8
             format_version=format_version,
-            base_model=getattr(model, BASE_ATTR, None),  # a loaded folder re-saved keeps its base, not itself
+            base_model=base_model,
         )
     logger.info("saved %s (%d bytes)", output, report.bytes_after)
     return output

@@ -220,6 +220,9 @@ def test_a_reloaded_folder_saved_again_keeps_its_base_model(tmp_path):
     for folder in ("again", "via_hf"):
         recorded = json.loads((tmp_path / folder / CONFIG_NAME).read_text())["base_model"]["name_or_path"]
         assert recorded == str(base), folder
+    save_compressed(load_compressed(tmp_path / "first", device="cpu"), tmp_path / "named", source="org/renamed-base")
+    recorded = json.loads((tmp_path / "named" / CONFIG_NAME).read_text())["base_model"]["name_or_path"]
+    assert recorded == "org/renamed-base"  # an explicit source= is what the user says the base is
 
 
 def test_a_config_whose_dtype_does_not_fit_the_weights_is_refused(tmp_path):

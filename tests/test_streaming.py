@@ -113,6 +113,7 @@ def test_shard_plan_follows_transformers_rule():
 def test_explicit_calibration_refuses_to_stream_in_one_line(tmp_path, capsys, data):
     base = tmp_path / "base"
     tied_llama().save_pretrained(base)
+    capsys.readouterr()  # save_pretrained's own progress bars
     (tmp_path / "text.txt").write_text("some calibration text\n")
     calibration = data if data == "self" else str(tmp_path / data)
     argv = ["compress", str(base), "-o", str(tmp_path / "o"), "--stream", "--calibration", calibration]
@@ -126,6 +127,7 @@ def test_a_calibrated_method_refuses_to_stream_in_one_line(tmp_path, capsys):
     """Not the plain-SVD fallback notice first and then the refusal: one line, the refusal."""
     base = tmp_path / "base"
     tied_llama().save_pretrained(base)
+    capsys.readouterr()  # save_pretrained's own progress bars
     argv = ["compress", str(base), "-o", str(tmp_path / "o"), "--stream", "--method", "whiten", "--no-progress"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -162,7 +162,7 @@ def evaluate(
             "stride": first_run.settings.get("stride"),
             "num_beams": first_run.settings.get("num_beams"),
             "max_new_tokens": first_run.settings.get("max_new_tokens"),
-            "runtime": opts.runtime,
+            "runtime": opts.runtime if model["compressed"] or (base or {}).get("compressed") else None,
         },
         "model": model,
         "baseline": base,
