@@ -136,3 +136,22 @@ def test_info_on_damaged_folders(gpt2_folder, tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", out, "--dense", "--output", tmp_path / "dense")
     assert code == 2 and "re-run `svdlora compress`" in err
     assert not (tmp_path / "dense").exists()
+
+
+def test_info_verify_finds_a_nan_inside_a_factor(gpt2_folder, tmp_path, capsys):
+    """Loading reads headers and shapes only; `info --verify` reads every value."""
+    from safetensors import safe_open
+
+    out = tmp_path / "svd"
+    run_cli(capsys, "compress", gpt2_folder, "--output", out, "--no-progress")
+    assert run_cli(capsys, "info", out, "--verify", "--summary")[0] == 0
+    weights = out / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith(".B") or k.endswith("pivoted.B"))
+    tensors[key][0, 0] = float("nan")  # one corrupted value, same header and shapes
+    save_file(tensors, weights, metadata=metadata)
+    assert run_cli(capsys, "info", out, "--summary")[0] == 0  # the header check cannot see it
+    code, _, err = run_cli(capsys, "info", out, "--verify")
+    assert code == 2 and key in err and "NaN or Inf" in err

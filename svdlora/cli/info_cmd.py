@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from safetensors import safe_open
+
+from ..compress import all_finite
+from ..errors import SvdloraError
 from ..io import check_folder
 from ..report import CompressionReport
+from ..writer import weight_files
 
 
 def register(subparsers) -> None:
@@ -14,11 +19,19 @@ def register(subparsers) -> None:
     p.add_argument("folder", help="a folder written by `svdlora compress`")
     p.add_argument("--summary", action="store_true", help="only the summary, not one line per layer")
     p.add_argument("--json", action="store_true", help="print the folder's full record (per-module report) as JSON")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every tensor and refuse NaN/Inf values (loading checks headers and shapes only, as "
+        "transformers does; this finds a corrupted byte inside a factor)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     data = check_folder(args.folder)  # the weights' header too: info never vouches for a broken folder
+    if args.verify:
+        verify_values(args.folder)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
@@ -30,3 +43,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"written by {data['world_size']} processes (torch.distributed)")
     print(report.format(modules=not args.summary))
     return 0
+
+
+def verify_values(folder) -> None:
+    """Every floating-point tensor of the folder is finite, read one at a time."""
+    for weights in weight_files(folder):
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not all_finite(tensor):
+                    raise SvdloraError(
+                        f"{str(weights)!r}: tensor {key!r} holds NaN or Inf values: the file is corrupted, "
+                        "re-run `svdlora compress` (or copy the folder again)"
+                    )
