@@ -117,7 +117,7 @@ def apply_runtime(model: nn.Module, runtime: str = "auto", tokens: int = 1) -> d
     """
     if runtime not in RUNTIMES:
         raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    layouts = {}
+    layouts, larger = {}, []
     for name, module in list(model.named_modules()):
         if not isinstance(module, LowRankLinear):
             continue
@@ -131,7 +131,15 @@ def apply_runtime(model: nn.Module, runtime: str = "auto", tokens: int = 1) -> d
             model.set_submodule(name, module.to_dense())
         elif layout == "pairs":
             model.set_submodule(name, module.to_pairs())
+            m, n = module.out_features, module.in_features
+            if sum(module.ranks) * (m + n) > m * n:
+                larger.append(name)
         layouts[name] = layout
+    if larger:  # a high budget's pivoted rank: R·(m+n) > m·n
+        logger.warning(
+            "%d layers hold more values as pairs than dense (e.g. %s): runtime='merged' or 'auto' is smaller there",
+            len(larger), larger[0],
+        )  # fmt: skip
     counts = {k: sum(v == k for v in layouts.values()) for k in ("factorized", "pairs", "merged")}
     logger.info("runtime %s: %s", runtime, ", ".join(f"{n} layers {k}" for k, n in counts.items()))
     return layouts

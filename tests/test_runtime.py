@@ -146,3 +146,15 @@ def test_contradictory_merge_and_runtime_are_refused(tmp_path):
     assert not any(
         isinstance(m, LowRankLinear) for m in load_compressed(tmp_path / "out", merge=True, runtime="merged").modules()
     )
+
+
+def test_pairs_larger_than_dense_are_warned_about(caplog):
+    """At a high budget a pivoted layer's rank makes its pair form bigger than the dense matrix."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    model.thin = PivotedLowRankLinear.from_dense(model.thin, [16])  # as pairs: 3% of the dense values
+    model.full = PivotedLowRankLinear.from_dense(model.full, [900])  # as pairs: 1.76x the dense values
+    with caplog.at_level("WARNING", logger="svdlora.runtime"):
+        apply_runtime(model, "pairs")
+    warned = [r.getMessage() for r in caplog.records if "more values as pairs than dense" in r.getMessage()]
+    assert len(warned) == 1 and "1 layers" in warned[0] and "full" in warned[0]
