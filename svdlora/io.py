@@ -26,7 +26,7 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
+from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR, all_finite
 from .errors import SvdloraError, first_line
 from .integrations import hf_quantizer
 from .layers import LowRankLinear, dense_kind, weight_out_in
@@ -101,10 +101,25 @@ def check_folder(path: str | Path) -> dict:
         _check_header(weights)
         with safe_open(str(weights), framework="pt") as f:
             for k in f.keys():
-                shapes[k], dtypes[k] = f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()
+                header = f.get_slice(k)
+                shapes[k], dtypes[k] = header.get_shape(), header.get_dtype()
     check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes, files[0])
     _check_model_dtype(data, dtypes, path)
     return data
+
+
+def verify_values(folder) -> None:
+    """Every floating-point tensor of the folder is finite, read one at a time (``svdlora info --verify``):
+    ``check_folder`` reads headers and shapes only, as loading does."""
+    for weights in weight_files(folder):
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not all_finite(tensor):
+                    raise SvdloraError(
+                        f"{str(weights)!r}: tensor {key!r} holds NaN or Inf values: the file is corrupted, "
+                        "re-run `svdlora compress` (or copy the folder again)"
+                    )
 
 
 def _check_model_dtype(data: dict, dtypes: dict[str, str], path: Path) -> None:

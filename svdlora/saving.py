@@ -111,14 +111,19 @@ def save_compressed(
     return output
 
 
+def _report_layers(model: nn.Module, report: CompressionReport):
+    """(report line, the model's module) of each factorized layer the model has."""
+    for line in report.factorized:
+        try:
+            yield line, model.get_submodule(line.name)
+        except AttributeError:
+            continue  # schema checks report missing layers with their own message
+
+
 def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
     """Each factorized layer must still be stored as its report says (a runtime may have merged it,
     or turned a pivoted layer into a pair): else the folder's report would not fit its tensors."""
-    for line in report.factorized:
-        try:
-            module = model.get_submodule(line.name)
-        except AttributeError:
-            continue  # schema checks report missing layers with their own message
+    for line, module in _report_layers(model, report):
         pivoted = isinstance(module, PivotedLowRankLinear)
         if not isinstance(module, LowRankLinear) or pivoted != line.pivoted:
             now = "a pair" if isinstance(module, LowRankLinear) else f"a dense {type(module).__name__}"
@@ -132,11 +137,7 @@ def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
 def _refresh_float_storage(model: nn.Module, report: CompressionReport) -> None:
     """A folder loaded in another dtype (``dtype=torch.bfloat16``) and saved again stores its float
     factors in that dtype: its report lines must say so, with their bytes."""
-    for line in report.factorized:
-        try:
-            module = model.get_submodule(line.name)
-        except AttributeError:
-            continue
+    for line, module in _report_layers(model, report):
         if not isinstance(module, LowRankLinear) or module.stage_dtypes or module.full is not None:
             continue  # quantized stages keep their stored formats
         dtype = module.B.dtype

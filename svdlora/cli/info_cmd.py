@@ -5,13 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from safetensors import safe_open
-
-from ..compress import all_finite
-from ..errors import SvdloraError
-from ..io import check_folder
+from ..io import check_folder, verify_values
 from ..report import CompressionReport
-from ..writer import weight_files
 
 
 def register(subparsers) -> None:
@@ -43,16 +38,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"written by {data['world_size']} processes (torch.distributed)")
     print(report.format(modules=not args.summary))
     return 0
-
-
-def verify_values(folder) -> None:
-    """Every floating-point tensor of the folder is finite, read one at a time."""
-    for weights in weight_files(folder):
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if tensor.is_floating_point() and not all_finite(tensor):
-                    raise SvdloraError(
-                        f"{str(weights)!r}: tensor {key!r} holds NaN or Inf values: the file is corrupted, "
-                        "re-run `svdlora compress` (or copy the folder again)"
-                    )
