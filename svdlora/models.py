@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -66,6 +68,21 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise SvdloraError(f"dtype must be one of float32, float16, bfloat16, float64; got {name!r}")
     return dtype
+
+
+def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype | None) -> Callable[[str], bool]:
+    """Which parameters ``from_pretrained(dtype=dtype)`` keeps in float32: the model's
+    ``_keep_in_fp32_modules`` under float16, ``_keep_in_fp32_modules_strict`` under float16 and
+    bfloat16, matched as transformers matches them (a glob searched in the parameter's name)."""
+    names = set()
+    if dtype == torch.float16:
+        names.update(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        names.update(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not names:
+        return lambda name: False
+    pattern = re.compile("|".join(sorted(n.replace("*", ".*") for n in names)))
+    return lambda name: pattern.search(name) is not None
 
 
 def model_class(config: transformers.PretrainedConfig) -> type:

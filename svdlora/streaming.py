@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .decompose import factorize, split_rank
 from .errors import SvdloraError
 from .io import _no_weight_init
 from .layers import CONV1D, LowRankLinear, dense_kind, weight_out_in
-from .models import check_dense_folder, model_class, parse_dtype
+from .models import check_dense_folder, keep_in_fp32, model_class, parse_dtype
 from .outputs import atomic_folder, ensure_space
 from .pivoted import PivotedLowRankLinear, pivot_factors
 from .precision import set_float_storage
@@ -91,9 +92,14 @@ class Plan:
     params_before: int
     target_dtype: torch.dtype | None
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    keeps_fp32: Callable[[str], bool] = lambda name: False
 
-    def out_dtype(self, stored: torch.dtype) -> torch.dtype:
-        return self.target_dtype if self.target_dtype is not None and stored.is_floating_point else stored
+    def out_dtype(self, stored: torch.dtype, name: str) -> torch.dtype:
+        """The dtype ``from_pretrained(dtype=target)`` gives parameter ``name``: the model's
+        keep-in-float32 modules (T5's ``wo``, MoE routers) stay float32, as in memory."""
+        if self.target_dtype is None or not stored.is_floating_point:
+            return stored
+        return torch.float32 if self.keeps_fp32(name) else self.target_dtype
 
     def cost(self, job) -> float:
         kind, src, what = job
@@ -132,6 +138,7 @@ def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote
         return next(filter(None, (ckpt.resolve(k, prefix) for k in names)), None)
 
     out = Plan(ckpt, hf_config, model, [], {}, [], dense, params_before, target_dtype)
+    out.keeps_fp32 = keep_in_fp32(model, target_dtype)
     weight_dtype = {}
     for t in targets:
         if t.name not in ranks:
@@ -139,7 +146,7 @@ def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote
         key = find(names_of.get(f"{t.name}.weight", [f"{t.name}.weight"]))
         if key is None:
             raise SvdloraError(f"{str(source)!r} has no tensor for {t.name}.weight: compress without --stream")
-        weight_dtype[t.name] = out.out_dtype(ckpt.spec[key].dtype)
+        weight_dtype[t.name] = out.out_dtype(ckpt.spec[key].dtype, f"{t.name}.weight")
         layer = (PivotedLowRankLinear if config.pivot else LowRankLinear)(
             t.in_features, t.out_features, ranks[t.name], bias=t.module.bias is not None,
             base_kind=t.kind, device="meta", dtype=weight_dtype[t.name],
@@ -166,7 +173,7 @@ def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote
             kind = tensor.dtype if not tensor.is_floating_point() else weight_dtype[stage_owner[key]]
             out.specs.append(TensorSpec(key, tuple(tensor.shape), kind))  # pivot indices stay int64
         elif (src := find([key, *aliases.get(key, [])])) is not None:
-            out.specs.append(TensorSpec(key, ckpt.spec[src].shape, out.out_dtype(ckpt.spec[src].dtype)))
+            out.specs.append(TensorSpec(key, ckpt.spec[src].shape, out.out_dtype(ckpt.spec[src].dtype, key)))
             out.jobs.append(("copy", src, key))
         elif key in buffers and buffers[key].device.type != "meta":  # built by the model's code
             out.specs.append(TensorSpec(key, tuple(tensor.shape), tensor.dtype))
@@ -298,9 +305,9 @@ def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, p
         if kind == "copy":
             if tensor.is_floating_point() and not all_finite(tensor):  # as in-memory compress checks every tensor
                 raise SvdloraError(f"tensor {src!r} of the checkpoint contains NaN or Inf: fix or replace it")
-            writer.write(what, tensor.to(p.out_dtype(tensor.dtype)))
+            writer.write(what, tensor.to(p.out_dtype(tensor.dtype, what)))
             continue
-        weight = tensor.to(p.out_dtype(tensor.dtype))
+        weight = tensor.to(p.out_dtype(tensor.dtype, f"{what.name}.weight"))
         del tensor
         if not all_finite(weight):
             raise SvdloraError(

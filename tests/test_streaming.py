@@ -9,11 +9,11 @@ from safetensors import safe_open
 
 from svdlora import CompressionConfig, SvdloraError, compress, load_compressed, save_compressed
 from svdlora.cli import main
-from svdlora.models import load_pretrained
+from svdlora.models import keep_in_fp32, load_pretrained
 from svdlora.streaming import compress_checkpoint
 from svdlora.writer import INDEX_NAME, TensorSpec, plan_shards
 
-from .conftest import example_inputs, tiny_gpt2, tiny_llama
+from .conftest import example_inputs, tiny_gpt2, tiny_llama, tiny_t5
 
 
 def tied_llama():
@@ -65,6 +65,32 @@ def test_streamed_files_equal_in_memory_files(tmp_path, make, settings, dtype):
         got = loaded(**example_inputs("llama")).logits
         want = model(**example_inputs("llama")).logits
     assert torch.equal(got, want)
+
+
+def test_keep_in_fp32_modules_stream_as_in_memory(tmp_path):
+    # T5 keeps its feed-forward output `wo` in float32 under float16: streaming must not cast it
+    base = tmp_path / "base"
+    tiny_t5().half().save_pretrained(base)
+    config = CompressionConfig(budget=0.5)
+    model = load_pretrained(str(base), dtype="float16")
+    assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    compress(model, config, progress=False)
+    save_compressed(model, tmp_path / "memory", source=base)
+    compress_checkpoint(base, tmp_path / "stream", config, dtype="float16", progress=False)
+    assert weight_bytes(tmp_path / "memory") == weight_bytes(tmp_path / "stream")
+    with safe_open(str(tmp_path / "stream" / "model.safetensors"), framework="pt") as f:
+        kinds = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith((".A", ".B", ".C", ".weight"))}
+    assert {v for k, v in kinds.items() if ".wo." in k} == {"F32"}
+    assert {v for k, v in kinds.items() if ".wo." not in k} == {"F16"}
+
+
+def test_keep_in_fp32_follows_transformers_rule():
+    model = torch.nn.Module()
+    model._keep_in_fp32_modules, model._keep_in_fp32_modules_strict = ["wo"], ["mlp.gate.weight"]
+    half, bf16 = keep_in_fp32(model, torch.float16), keep_in_fp32(model, torch.bfloat16)
+    assert half("block.0.wo.weight") and half("layers.3.mlp.gate.weight") and not half("layers.3.mlp.up.weight")
+    assert bf16("layers.3.mlp.gate.weight") and not bf16("block.0.wo.weight")  # only the strict list
+    assert not keep_in_fp32(model, torch.float32)("block.0.wo.weight")
 
 
 def test_tied_tensor_stored_once_across_shards(tmp_path):
