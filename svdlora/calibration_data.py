@@ -67,14 +67,15 @@ def calibration_batches(
     length: int,
     seed: int = 0,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> list[dict]:
-    """Model-ready batches on the model's device from ``data`` (a path, dataset, or ``SELF``).
+    """Model-ready batches on ``device`` (default: the model's) from ``data`` (a path, dataset, or ``SELF``).
 
     Raises:
         SvdloraError: data missing, empty, or of the wrong kind for the model (before any slow work).
     """
     kind = model_kind(model)
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     if data == SELF:
         if kind != "causal-lm":
             raise SvdloraError(

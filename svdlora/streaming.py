@@ -8,8 +8,9 @@ SVD working set, never a shard or the model.
 The same ``decompose.factorize`` and the same writer as in-memory compression give the same
 bytes (tested). Under torchrun the matrices are split over the ranks (``distributed``).
 
-Calibration-aware methods cannot stream yet: they need every layer's inputs, i.e. running
-the model forward on calibration data, so they need the model in memory.
+With calibration data (a causal LM's text), the matrices are factorized one decoder block at a
+time (``blockwise``: whitening, uniform allocation); methods that need the loss gradient at every
+layer (fisher, kfac, global allocation) need the whole model in memory and are refused.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import blockwise, distributed
 from .allocate import allocate_ranks
+from .calibration_data import SELF
 from .checkpoint import Checkpoint
 from .compress import all_finite, count_parameters, module_report, svd_options
 from .config import CompressionConfig
@@ -62,18 +64,24 @@ def check_streamable(config: CompressionConfig, calibration=None) -> None:
             "--stage-dtypes cannot stream yet (the quantized stage chain is built in memory): drop --stream "
             "(and run without torchrun), or drop --stage-dtypes"
         )
+    if calibration is not None:
+        blockwise.resolve(config)  # whiten + uniform stream block by block; the rest says why not
+        if calibration == SELF:
+            raise SvdloraError(
+                "--calibration self cannot stream: generating the calibration text needs the whole model; pass "
+                "--calibration DATA (a text file or dataset), or drop --stream"
+            )
+        return
     method = getattr(config, "method", "svd")
     calibrated = (
-        calibration is not None
-        or method not in STREAMING_METHODS
+        method not in STREAMING_METHODS
         or getattr(config, "allocation", "uniform") == "global"
         or getattr(config, "heal_steps", 0)
     )
     if calibrated:
         raise SvdloraError(
-            f"method {method!r} with calibration data, global allocation or healing cannot stream: it runs the "
-            "model on calibration data, so the whole model must be in memory; drop --stream (and run without "
-            "torchrun), or use the plain SVD method without calibration data"
+            f"method {method!r}, global allocation or healing needs calibration data: pass --calibration DATA "
+            "(with --stream: --method whiten --allocation uniform), or use the plain SVD method"
         )
 
 
@@ -194,6 +202,7 @@ def compress_checkpoint(
     progress: bool = True,
     trust_remote_code: bool = False,
     calibration=None,
+    processor=None,
     **options,
 ) -> CompressionReport:
     """Compress a local safetensors checkpoint without loading the model into memory.
@@ -208,8 +217,10 @@ def compress_checkpoint(
         config: a ``CompressionConfig``, or its fields as keyword ``options``.
         dtype: cast floating tensors to this dtype (default: config.json's ``dtype``, else as stored).
         max_shard_size: shard the output as transformers does (default "50GB").
-        calibration: calibration data; given, this refuses (calibration-aware methods need
-            the model in memory), as does a calibration-aware ``config.method``.
+        calibration: calibration data (a text file or dataset) for a causal LM: the checkpoint is
+            then calibrated one decoder block at a time (``blockwise``; method "whiten", uniform
+            allocation; other methods need the whole model and are refused).
+        processor: the tokenizer of ``calibration`` (default: the one in ``source``).
     Returns:
         The ``CompressionReport`` (the same on every rank).
     """
@@ -219,6 +230,9 @@ def compress_checkpoint(
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
     p = plan(source, config, dtype, trust_remote_code)
+    batches = None
+    if calibration is not None:  # read the data before any output exists
+        batches = _calibration_batches(p, source, calibration, processor, config, ctx, progress)
     owner = distributed.assign([p.cost(j) for j in p.jobs], ctx.world_size)
     file_rank = {f: i for i, f in enumerate(p.checkpoint.files)}
     mine = sorted(  # in checkpoint file order: sequential reads
@@ -233,7 +247,15 @@ def compress_checkpoint(
             ensure_space(tmp, writer.total_size, str(output))
             writer.create_files()
         ctx.barrier()  # files laid out before any rank writes into them
-        reports = _run_jobs(mine, p, writer, config, progress and ctx.is_main)
+        if batches is None:
+            reports, calibrated = _run_jobs(mine, p, writer, config, progress and ctx.is_main), None
+        else:
+            reports = _run_jobs([j for j in mine if j[0] != "factorize"], p, writer, config, progress)
+            calibrated, factorized = blockwise.calibrate_and_factorize(
+                p, batches, _source_name(calibration), config,
+                lambda what, weight, weighting: write_factors(writer, what, weight, config, weighting), progress,
+            )  # fmt: skip
+            reports.update(factorized)
         writer.close()
         ctx.barrier()  # every shard complete before rank 0 finishes the folder
         for part in ctx.gather(reports):
@@ -245,8 +267,9 @@ def compress_checkpoint(
             model_params_after=count_parameters(p.model),
             seconds=time.perf_counter() - start,
             bytes_after=writer.bytes_on_disk(),
-            method="svd",  # what compress() records for a run without calibration
+            method=calibrated.method if calibrated else "svd",  # as compress() records them
             allocation="uniform",
+            calibration=calibrated.describe() if calibrated else None,
         )
         if ctx.is_main:
             writer.write_index()
@@ -264,6 +287,28 @@ def compress_checkpoint(
     ctx.barrier()  # the folder is in place before any rank returns
     logger.info("streamed %d matrices in %.1f s", len(reports), report.seconds)
     return report
+
+
+def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, progress) -> list[dict]:
+    """The tokenized calibration windows, as ``compress()`` reads them (a causal LM's text only)."""
+    from .calibration_data import calibration_batches
+    from .evaluation.loading import _load_processor
+
+    if ctx.world_size > 1:
+        raise SvdloraError("streamed calibration runs in one process: run without torchrun, or --calibration none")
+    blockwise.check(p)
+    if isinstance(calibration, list):  # model-ready batches, as compress() takes them
+        return calibration
+    processor = processor if processor is not None else _load_processor(str(source), "text-generation")
+    return calibration_batches(
+        p.model, calibration, processor, config.calibration_samples, config.calibration_length,
+        seed=config.seed, progress=progress, device="cpu",
+    )  # fmt: skip
+
+
+def _source_name(calibration) -> str:
+    """How the report names the data (as ``plan_calibration`` does)."""
+    return f"{len(calibration)} batches given in memory" if isinstance(calibration, list) else str(calibration)
 
 
 def _module_reports(model, reports: dict[str, ModuleReport], dense: dict[str, str]) -> list[ModuleReport]:
@@ -296,7 +341,6 @@ def _factor_keys(name: str, layer: LowRankLinear) -> list[str]:
 def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, progress: bool) -> dict:
     """Read, factorize or copy, and write this process's jobs; returns their report lines."""
     reports = {}
-    options = svd_options(config)
     for kind, src, what in tqdm(jobs, desc="streaming", disable=not progress):
         if kind == "buffer":
             writer.write(what, p.buffers[what])
@@ -309,29 +353,34 @@ def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, p
             continue
         weight = tensor.to(p.out_dtype(tensor.dtype, f"{what.name}.weight"))
         del tensor
-        if not all_finite(weight):
-            raise SvdloraError(
-                f"weight of {what.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {what.name}"
-            )
-        w = weight.T if what.kind == CONV1D else weight  # (out, in), as weight_out_in gives
-        f = factorize(w, ranks_of(writer, what.name, config.submatrices), **options)
-        line = module_report(what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f)
-        line.pivoted = config.pivot
-        set_float_storage(line, weight.dtype)  # the bytes compress() reports (issue 9)
-        if config.pivot:  # as compress() stores it: pivot rows, coefficients and the pivot indices
-            rows, coefficients, pivot = pivot_factors(f.a, f.b)
-            for part, tensor in (("B", pivot), ("C", coefficients), ("rows", rows)):
-                writer.write(f"{what.name}.pivoted.{part}", tensor)
-        else:
-            bounds = [0]
-            for r in f.ranks:
-                bounds.append(bounds[-1] + r)
-            for j in range(len(f.ranks)):
-                writer.write(f"{what.name}.stage{j}.A", f.a[:, bounds[j] : bounds[j + 1]])
-                writer.write(f"{what.name}.stage{j}.B", f.b[bounds[j] : bounds[j + 1]])
-        reports[what.name] = line
-        del weight, w, f
+        reports[what.name] = write_factors(writer, what, weight, config)
+        del weight
     return reports
+
+
+def write_factors(writer: ShardedWriter, what, weight: torch.Tensor, config: CompressionConfig, weighting=None):
+    """Factorize one target's weight (as stored: Conv1D's is (in, out)), write its factor tensors as
+    ``compress()`` + ``save_compressed`` store them, and return its report line."""
+    if not all_finite(weight):
+        raise SvdloraError(f"weight of {what.name!r} contains NaN or Inf: fix the checkpoint, or --exclude {what.name}")
+    w = weight.T if what.kind == CONV1D else weight  # (out, in), as weight_out_in gives
+    ranks = ranks_of(writer, what.name, config.submatrices)
+    f = factorize(w, ranks, weighting=weighting, **svd_options(config))
+    line = module_report(what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f)
+    line.pivoted = config.pivot
+    set_float_storage(line, weight.dtype)  # the bytes compress() reports (issue 9)
+    if config.pivot:  # as compress() stores it: pivot rows, coefficients and the pivot indices
+        rows, coefficients, pivot = pivot_factors(f.a, f.b)
+        for part, tensor in (("B", pivot), ("C", coefficients), ("rows", rows)):
+            writer.write(f"{what.name}.pivoted.{part}", tensor)
+    else:
+        bounds = [0]
+        for r in f.ranks:
+            bounds.append(bounds[-1] + r)
+        for j in range(len(f.ranks)):
+            writer.write(f"{what.name}.stage{j}.A", f.a[:, bounds[j] : bounds[j + 1]])
+            writer.write(f"{what.name}.stage{j}.B", f.b[bounds[j] : bounds[j + 1]])
+    return line
 
 
 def ranks_of(writer: ShardedWriter, name: str, submatrices: int = 1) -> list[int]:

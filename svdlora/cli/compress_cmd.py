@@ -21,6 +21,7 @@ from . import options
 from .calibration_flags import (
     AUTO,
     NONE,
+    SELF,
     add_calibration_flags,
     calibration_options,
     check_calibration,
@@ -116,9 +117,10 @@ def register(subparsers) -> None:
         action="store_true",
         help="read the checkpoint tensor by tensor and write the output shard by shard (a local safetensors "
         "folder; memory: one input shard + one matrix), the same bytes as in memory with --calibration none. Automatic "
-        "under torchrun / accelerate launch, where the matrices are split over the processes. Streaming cannot "
-        "calibrate (that runs the whole model on data): the default --calibration auto falls back to plain SVD "
-        "(said on stderr), an explicit --calibration DATA|self is refused",
+        "under torchrun / accelerate launch, where the matrices are split over the processes. With --calibration "
+        "DATA (a causal LM's text) it calibrates one decoder block at a time (--method whiten, --allocation "
+        "uniform: fisher, kfac and global allocation need the whole model); the default --calibration auto falls "
+        "back to plain SVD (said on stderr), --calibration self is refused",
     )
     p.add_argument(
         "--max-shard-size",
@@ -193,17 +195,33 @@ def run(args: argparse.Namespace) -> int:
 def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -> int:
     start = time.perf_counter()
     how = "--stream" if args.stream else "a distributed run"
-    if args.calibration not in (AUTO, NONE):
-        raise SvdloraError(
-            f"--calibration {args.calibration} cannot be used with {how}: calibration runs the whole model on data, "
-            "streaming reads one tensor at a time; drop --stream (and torchrun), or pass --calibration none"
-        )
-    check_streamable(config)  # an explicit calibrated method is refused before the fallback notice below
     ctx = distributed.context()
-    if args.calibration == AUTO and ctx.is_main:
+    calibration = None if args.calibration in (AUTO, NONE) else args.calibration
+    if calibration == SELF:
+        raise SvdloraError(
+            f"--calibration self cannot be used with {how}: generating the calibration text needs the whole model "
+            "in memory; pass --calibration DATA (a text file: calibrated block by block), or --calibration none"
+        )
+    if calibration is not None and ctx.world_size > 1:
+        raise SvdloraError(
+            "calibration runs in one process (block by block): run without torchrun, or pass --calibration none"
+        )
+    check_streamable(config, calibration)  # a setting that cannot stream is refused before the notices below
+    processor = None
+    if calibration is not None:
+        from ..evaluation.loading import _load_processor
+
+        processor = _load_processor(args.model, "text-generation")  # a missing tokenizer: before any notice
+    if ctx.is_main and calibration is None and args.calibration == AUTO:
         print(
-            f"svdlora compress: {how} compresses with plain SVD (calibration needs the whole model in memory; "
-            "without streaming, causal LMs calibrate on self-generated text by default)",
+            f"svdlora compress: {how} compresses with plain SVD (causal LMs calibrate on self-generated text by "
+            "default, which needs the whole model in memory; --calibration DATA calibrates block by block)",
+            file=sys.stderr,
+        )
+    if calibration is not None and "auto" in (config.method, config.allocation):
+        print(
+            f"svdlora compress: {how} calibrates one decoder block at a time with --method whiten --allocation "
+            "uniform (fisher, kfac and global allocation need the whole model in memory)",
             file=sys.stderr,
         )
     report = compress_checkpoint(
@@ -215,6 +233,8 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
         overwrite=args.overwrite,
         progress=args.progress,
         trust_remote_code=args.trust_remote_code,
+        calibration=calibration,
+        processor=processor,
     )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if ctx.is_main:

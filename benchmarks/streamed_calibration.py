@@ -1,0 +1,115 @@
+"""Streamed calibration (issue 10, item 1): one decoder block at a time against in memory.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.streamed_calibration --dense ~/.cache/svdlora/SmolLM2-135M \
+        --wikitext /work/shared/data/text --work /tmp/streamed-calibration \
+        [--budget 0.5] [--with-default] [--json benchmarks/results/streamed_calibration.json]
+
+Fresh `svdlora compress` processes at one budget, calibrated on WikiText-2 *valid* (the CLI's
+default 64 windows of 512 tokens), one at a time:
+  - plain SVD, streamed (`--stream --calibration none`: what streaming gave before);
+  - whitened, streamed block by block (`--stream --calibration VALID`);
+  - whitened in memory (`--calibration VALID --method whiten --allocation uniform`), whose weight
+    files must equal the streamed ones byte for byte;
+  - with --with-default, the in-memory default (`--calibration VALID`: kfac + global allocation),
+    which needs gradients through the whole model (~10 minutes more on 2 cores).
+Each row: wall time, the peak RSS the CLI prints, and perplexity on issue 8's protocol
+(WikiText-2 *test*, the first 24 windows of 512 tokens, float32), beside the dense model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import svdlora
+
+from .common import write_results
+from .quality import perplexity
+
+
+def compress(dense: Path, out: Path, flags: list[str]) -> dict:
+    """One fresh CLI process; its wall time and the peak RSS it prints."""
+    argv = [sys.executable, "-m", "svdlora", "compress", str(dense), "-o", str(out), "--overwrite", "--no-progress"]
+    start = time.perf_counter()
+    done = subprocess.run([*argv, *flags], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"{' '.join(argv + flags)} failed:\n{done.stderr[-3000:]}")
+    peak = re.search(r"peak RSS ([\d,]+) MB", done.stderr)
+    return {"flags": flags, "seconds": round(seconds, 1), "peak_rss_mb": int(peak.group(1).replace(",", ""))}
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir() if "safetensors" in p.name)
+    return names == sorted(p.name for p in b.iterdir() if "safetensors" in p.name) and all(
+        filecmp.cmp(a / n, b / n, shallow=False) for n in names
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dense", type=Path, required=True, help="the dense model folder (SmolLM2-135M)")
+    p.add_argument("--wikitext", type=Path, required=True, help="folder with wikitext-2.{valid,test}.txt")
+    p.add_argument("--work", type=Path, required=True, help="where the compressed folders go")
+    p.add_argument("--budget", default="0.5")
+    p.add_argument("--limit", type=int, default=24, help="test windows of 512 tokens")
+    p.add_argument("--with-default", action="store_true", help="also the in-memory default (kfac + global)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    valid, test = args.wikitext / "wikitext-2.valid.txt", args.wikitext / "wikitext-2.test.txt"
+    common = ["--budget", args.budget]
+    rows = {
+        "plain SVD, streamed": ["--stream", "--calibration", "none"],
+        "whitened, streamed block by block": ["--stream", "--calibration", str(valid)],
+        "whitened, in memory": ["--calibration", str(valid), "--method", "whiten", "--allocation", "uniform"],
+    }
+    if args.with_default:
+        rows["in-memory default (kfac + global)"] = ["--calibration", str(valid)]
+    results = {}
+    for i, (name, flags) in enumerate(rows.items()):
+        results[name] = compress(args.dense, args.work / f"row{i}", [*common, *flags])
+        print(f"{name}: {results[name]['seconds']} s, peak RSS {results[name]['peak_rss_mb']} MB", flush=True)
+    identical = same_weights(args.work / "row1", args.work / "row2")
+    print(f"streamed and in-memory whitening weight files identical: {identical}", flush=True)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.dense))
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(args.dense), dtype=torch.float32).eval()
+    dense_ppl = perplexity(dense, tokenizer, test, args.limit, "cpu")
+    del dense
+    print(f"dense perplexity {dense_ppl:.2f}", flush=True)
+    for i, name in enumerate(rows):
+        model = svdlora.load_compressed(args.work / f"row{i}", device="cpu", dtype=torch.float32)
+        results[name]["perplexity"] = perplexity(model, tokenizer, test, args.limit, "cpu")
+        print(f"{name}: perplexity {results[name]['perplexity']:.2f}", flush=True)
+    data = {
+        "command": "python -m benchmarks.streamed_calibration " + " ".join(argv or sys.argv[1:]),
+        "budget": float(args.budget),
+        "dense_perplexity": dense_ppl,
+        "identical_streamed_in_memory": identical,
+        "rows": results,
+    }
+    if args.json:
+        write_results(args.json.stem, data, args.json.parent)
+    _print_table(data)
+
+
+def _print_table(data: dict) -> None:
+    dense = f"{data['dense_perplexity']:.2f}"
+    print(f"\n| compress (budget {data['budget']}) | wall s | peak RSS MB | perplexity (× dense {dense}) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, row in data["rows"].items():
+        ratio = row["perplexity"] / data["dense_perplexity"]
+        print(f"| {name} | {row['seconds']:.1f} | {row['peak_rss_mb']:,} | {row['perplexity']:.4g} ({ratio:.3g}×) |")
+
+
+if __name__ == "__main__":
+    main()

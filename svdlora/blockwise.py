@@ -1,0 +1,206 @@
+"""Streamed calibration: one decoder block in memory at a time ("sequential onloading").
+
+Whitening (SVD-LLM, method "whiten") needs only each layer's input Gram E[x xᵀ], and a decoder
+block's inputs are the previous block's outputs. So the calibration batches run through the
+embeddings once, then block by block: each block is read from the checkpoint, run on the
+hidden states with the same hooks as in-memory calibration (``calibration._Accumulator``), its
+matrices factorized and written, its outputs kept as the next block's inputs, and the block
+dropped. Memory holds one block, the calibration hidden states (samples × length × hidden,
+twice) and one block's Grams, never the model; the factors equal in-memory compression's with
+``method="whiten", allocation="uniform"`` bit for bit (tested).
+
+What does not stream, and why: Fisher / K-FAC output weights and global allocation need the
+loss gradient at every layer (a backward pass through the whole model); self-generated
+calibration text needs the whole model to generate; the refit feeds each layer the compressed
+model's inputs (not built block-wise yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
+
+from .calibration import _Accumulator, _hooks
+from .errors import SvdloraError
+from .io import _no_weight_init
+from .models import model_class
+from .plan import CalibrationPlan
+
+logger = logging.getLogger(__name__)
+
+# (method, allocation) pairs that calibrate block by block: the input Grams alone define them
+STREAMING_CALIBRATION = {("whiten", "uniform")}
+
+
+class _Captured(Exception):
+    """Raised by the hook on the first block once it has its inputs: nothing after it runs."""
+
+
+def resolve(config) -> tuple[str, str]:
+    """The method and allocation a streamed calibrated run uses (``auto`` picks whiten + uniform),
+    or an SvdloraError that says which setting needs the whole model and what to do instead."""
+    method = "whiten" if config.method == "auto" else config.method
+    allocation = "uniform" if config.allocation == "auto" else config.allocation
+    if (method, allocation) not in STREAMING_CALIBRATION:
+        raise SvdloraError(
+            f"method {method!r} with allocation {allocation!r} cannot stream: output weights (fisher, kfac) and "
+            "global allocation need the loss gradient at every layer, a backward pass through the whole model. "
+            "With --stream use --method whiten --allocation uniform (or auto), or drop --stream"
+        )
+    if config.heal_steps or config.refit or config.stage_dtypes:
+        raise SvdloraError(
+            "healing, --refit and --stage-dtypes cannot stream with calibration: drop them, or drop --stream"
+        )
+    return method, allocation
+
+
+def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated blocks that holds every targeted layer (a decoder's layers)."""
+    best, holds = None, -1
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(n.startswith(f"{name}.") for n in names)
+            if count > holds:
+                best, holds = (name, module), count
+    if best is None or holds < len(names):
+        outside = [n for n in names if best is None or not n.startswith(f"{best[0]}.")]
+        raise SvdloraError(
+            f"streamed calibration runs one stack of blocks at a time; {outside[0]!r} is outside it (e.g. a "
+            "factorized head, or an encoder-decoder's second stack): --exclude it, or drop --stream"
+        )
+    return best
+
+
+def check(plan) -> None:
+    """Refuse, before any data is read, a checkpoint whose layers cannot be calibrated block by block."""
+    from .calibration_data import model_kind
+
+    kind = model_kind(plan.model)
+    if kind != "causal-lm":
+        raise SvdloraError(
+            f"streamed calibration runs a causal LM's decoder block by block; this is a {kind} model: drop "
+            "--stream to calibrate it in memory, or pass --calibration none"
+        )
+    kinds = getattr(plan.hf_config, "layer_types", None) or []
+    if len(set(kinds)) > 1:  # every block is fed the keyword arguments captured at the first one
+        raise SvdloraError(
+            f"this model's decoder blocks differ in attention type ({', '.join(sorted(set(kinds)))}: their masks "
+            "differ), which streamed calibration does not handle yet: drop --stream, or pass --calibration none"
+        )
+    find_blocks(plan.model, [what.name for kind, _, what in plan.jobs if kind == "factorize"])
+
+
+def calibrate_and_factorize(plan, batches: list[dict], source: str, config, factorize_into, progress: bool):
+    """Run ``batches`` block by block through the checkpoint of ``plan`` (a ``streaming.Plan``) and
+    call ``factorize_into(target, weight, weighting)`` for each of the plan's factorize jobs.
+
+    Returns the ``CalibrationPlan`` that describes the run (for the report) and the report lines.
+    """
+    with init_empty_weights(), _no_weight_init():
+        model = model_class(plan.hf_config)(plan.hf_config)
+    if getattr(plan.hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    jobs = {what.name: what for kind, _, what in plan.jobs if kind == "factorize"}
+    blocks_name, blocks = find_blocks(model, list(jobs))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = {id(p) for p in head.parameters()} if head is not None else set()
+    skip -= {id(p) for p in model.get_input_embeddings().parameters()}  # a tied head is the embedding
+    _materialize(plan, model, "", exclude=(f"{blocks_name}.",), skip=skip)
+
+    inputs = _capture_inputs(model, blocks[0], batches)
+    reports = {}
+    for i, block in enumerate(tqdm(blocks, desc="calibrating block by block", disable=not progress)):
+        prefix = f"{blocks_name}.{i}."
+        _materialize(plan, block, prefix)
+        targets = [
+            dataclasses.replace(what, module=model.get_submodule(name))
+            for name, what in jobs.items()
+            if name.startswith(prefix)
+        ]
+        accumulator = _Accumulator(targets, gradients=False)
+        with _hooks(targets, accumulator), torch.no_grad():
+            for entry in inputs:
+                accumulator.new_batch()
+                entry.run(block)
+        accumulator.new_batch()
+        stats = CalibrationPlan("whiten", "uniform", stats=accumulator.result())
+        for target in targets:
+            if target.name not in stats.stats:
+                raise SvdloraError(f"{target.name!r} never ran on the calibration data: --exclude it, or drop --stream")
+            weight = target.module.weight.detach()
+            reports[target.name] = factorize_into(jobs[target.name], weight, stats.weighting(target.name))
+        del stats, accumulator, targets
+        block.to("meta")  # drop this block's weights before reading the next one
+    return CalibrationPlan("whiten", "uniform", batches=batches, source=source), reports
+
+
+class _BlockInputs:
+    """One batch's arguments to a block; ``run`` replaces the hidden states with the block's output."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def run(self, block: nn.Module) -> None:
+        out = block(*self.args, **self.kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if self.args:
+            self.args = (hidden, *self.args[1:])
+        else:
+            self.kwargs["hidden_states"] = hidden
+
+
+def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[dict]) -> list[_BlockInputs]:
+    captured = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        # no KV cache: each batch's would grow by every block's keys and values (2.5 GB on SmolLM2)
+        for key, value in kwargs.items():
+            if isinstance(value, Cache) or key in ("past_key_values", "past_key_value", "layer_past"):
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        captured.append(_BlockInputs(args, kwargs))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(**batch)
+                except _Captured:
+                    pass
+                else:
+                    raise SvdloraError("the model's forward never reached its first block: drop --stream")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _materialize(plan, module: nn.Module, prefix: str, exclude: tuple[str, ...] = (), skip=frozenset()) -> None:
+    """Read ``module``'s parameters and persistent buffers from the checkpoint (named ``prefix`` +
+    their local name), in the dtype in-memory loading gives them (``plan.out_dtype``)."""
+    model_prefix = getattr(plan.model, "base_model_prefix", "")
+    for local, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        name = prefix + local
+        if name.startswith(exclude) or id(tensor) in skip or tensor.device.type != "meta":
+            continue
+        key = plan.checkpoint.resolve(name, model_prefix)
+        if key is None:
+            raise SvdloraError(f"the checkpoint has no tensor for {name!r}: drop --stream")
+        value = plan.checkpoint.read(key)
+        value = value.to(plan.out_dtype(value.dtype, name))
+        owner, _, attr = local.rpartition(".")
+        parent = module.get_submodule(owner) if owner else module
+        if attr in parent._parameters:
+            parent._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            parent._buffers[attr] = value

@@ -1,0 +1,145 @@
+"""Streamed calibration, one decoder block at a time: the same bytes as in-memory whitening."""
+
+import json
+
+import pytest
+import torch
+
+from svdlora import CompressionConfig, SvdloraError, compress, load_compressed, save_compressed
+from svdlora.blockwise import find_blocks
+from svdlora.cli import main
+from svdlora.models import load_pretrained
+from svdlora.streaming import compress_checkpoint
+
+from .conftest import tiny_gpt2, tiny_llama, tiny_t5
+from .eval_helpers import word_text, word_tokenizer
+from .test_streaming import weight_bytes
+
+WORDS = "the a cat dog sat on mat ran far and then it was good bad big small red blue".split()
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def base(request, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_gpt2() if request.param == "gpt2" else tiny_llama()
+    if request.param == "llama":
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")  # several input shards
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "base")
+    (tmp_path / "text.txt").write_text(word_text(WORDS, 600))
+    return tmp_path / "base"
+
+
+@pytest.mark.parametrize("pivot", [False, True])
+def test_blockwise_calibration_equals_in_memory_whitening(base, pivot):
+    tmp = base.parent
+    text = str(tmp / "text.txt")
+    config = CompressionConfig(
+        budget=0.5, submatrices=2, method="whiten", allocation="uniform", pivot=pivot,
+        calibration_samples=3, calibration_length=16,
+    )  # fmt: skip
+    model = load_pretrained(str(base))
+    tok = word_tokenizer(WORDS)
+    compress(model, config, calibration=text, processor=tok, progress=False)
+    save_compressed(model, tmp / "memory", source=base, max_shard_size="30KB")
+    compress_checkpoint(base, tmp / "stream", config, calibration=text, max_shard_size="30KB", progress=False)
+
+    assert weight_bytes(tmp / "memory") == weight_bytes(tmp / "stream")  # bit for bit
+    a, b = (json.loads((tmp / f / "svdlora_config.json").read_text()) for f in ("memory", "stream"))
+    for data in (a, b):
+        data["report"].pop("seconds")
+    assert a == b and a["report"]["method"] == "whiten" and a["report"]["calibration"]["batches"] == 3
+
+    # and it is calibrated: not the plain SVD's factors
+    compress_checkpoint(base, tmp / "plain", CompressionConfig(budget=0.5, submatrices=2, pivot=pivot), progress=False)
+    assert weight_bytes(tmp / "plain") != weight_bytes(tmp / "stream")
+    loaded = load_compressed(tmp / "stream", device="cpu")
+    ids = tok(word_text(WORDS, 12), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_cli_streams_calibration_and_says_which_method(base, capsys):
+    tmp = base.parent
+    argv = ["compress", str(base), "--budget", "0.5", "--no-progress", "--calibration", str(tmp / "text.txt")]
+    argv += ["--calibration-samples", "2", "--calibration-length", "16"]
+    assert main([*argv, "--stream", "-o", str(tmp / "stream")]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "block at a time" in line]
+    assert len(said) == 1 and "--method whiten --allocation uniform" in said[0]
+    explicit = ["--method", "whiten", "--allocation", "uniform", "-o", str(tmp / "memory")]
+    assert main([*argv, *explicit]) == 0
+    assert weight_bytes(tmp / "memory") == weight_bytes(tmp / "stream")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--calibration", "self"], "generating the calibration text needs the whole model"),
+        (["--calibration", "TEXT", "--method", "kfac"], "cannot stream"),
+        (["--calibration", "TEXT", "--method", "whiten", "--allocation", "global"], "cannot stream"),
+        (["--calibration", "TEXT", "--method", "whiten", "--heal-steps", "5"], "cannot stream"),
+        (["--method", "whiten"], "needs calibration data"),
+    ],
+)
+def test_what_cannot_stream_is_refused_in_one_line(base, capsys, flags, message):
+    tmp = base.parent
+    flags = [str(tmp / "text.txt") if f == "TEXT" else f for f in flags]
+    capsys.readouterr()
+    assert main(["compress", str(base), "-o", str(tmp / "o"), "--stream", "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp / "o").exists()
+
+
+def test_targets_outside_the_block_stack_are_refused(base):
+    model = tiny_llama()
+    assert find_blocks(model, ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"])[0] == "model.layers"
+    with pytest.raises(SvdloraError, match="'lm_head' is outside it"):
+        find_blocks(model, ["model.layers.0.mlp.up_proj", "lm_head"])
+    tmp = base.parent
+    config = CompressionConfig(budget=0.5, method="whiten", allocation="uniform", keep_head=False)
+    with pytest.raises(SvdloraError, match="outside it"):
+        compress_checkpoint(base, tmp / "o", config, calibration=str(tmp / "text.txt"), progress=False)
+    mixed = tiny_llama()
+    mixed.config.layer_types = ["full_attention", "sliding_attention"]  # Gemma / Qwen-style mixed blocks
+    mixed.save_pretrained(tmp / "mixed")
+    with pytest.raises(SvdloraError, match="differ in attention type"):
+        compress_checkpoint(tmp / "mixed", tmp / "o", config, calibration=str(tmp / "text.txt"), progress=False)
+    tiny_t5().save_pretrained(tmp / "t5")
+    config = CompressionConfig(budget=0.5, method="whiten", allocation="uniform")
+    with pytest.raises(SvdloraError, match="this is a seq2seq model"):
+        compress_checkpoint(tmp / "t5", tmp / "o", config, calibration=str(tmp / "text.txt"), progress=False)
+    assert not (tmp / "o").exists()
+
+
+def test_benchmark_runs_on_a_tiny_model(tmp_path):
+    from benchmarks import streamed_calibration
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    model.config.max_position_embeddings = 512  # the benchmark's fixed 512-token test windows
+    model.save_pretrained(tmp_path / "base")
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "base")
+    data = tmp_path / "wiki"
+    data.mkdir()
+    for split in ("valid", "test"):
+        (data / f"wikitext-2.{split}.txt").write_text(word_text(WORDS, 1200))
+    argv = [
+        "--dense",
+        str(tmp_path / "base"),
+        "--wikitext",
+        str(data),
+        "--work",
+        str(tmp_path / "work"),
+        "--limit",
+        "2",
+    ]
+    streamed_calibration.main([*argv, "--json", str(tmp_path / "res" / "streamed.json")])
+    result = json.loads((tmp_path / "res" / "streamed.json").read_text())
+    assert result["identical_streamed_in_memory"] is True
+    rows = result["rows"]
+    assert set(rows) == {"plain SVD, streamed", "whitened, streamed block by block", "whitened, in memory"}
+    whitened = rows["whitened, streamed block by block"]["perplexity"]
+    assert whitened == rows["whitened, in memory"]["perplexity"]
+    assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows.values())
