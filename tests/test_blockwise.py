@@ -113,28 +113,24 @@ def test_targets_outside_the_block_stack_are_refused(base):
     assert not (tmp / "o").exists()
 
 
-def test_benchmark_runs_on_a_tiny_model(tmp_path):
-    from benchmarks import streamed_calibration
-
+def tiny_benchmark_inputs(tmp_path) -> list[str]:
+    """A tiny Llama with a tokenizer and WikiText-like files: the benchmarks' arguments."""
     torch.manual_seed(0)
     model = tiny_llama()
-    model.config.max_position_embeddings = 512  # the benchmark's fixed 512-token test windows
+    model.config.max_position_embeddings = 512  # the benchmarks' fixed 512-token test windows
     model.save_pretrained(tmp_path / "base")
     word_tokenizer(WORDS).save_pretrained(tmp_path / "base")
     data = tmp_path / "wiki"
     data.mkdir()
     for split in ("valid", "test"):
         (data / f"wikitext-2.{split}.txt").write_text(word_text(WORDS, 1200))
-    argv = [
-        "--dense",
-        str(tmp_path / "base"),
-        "--wikitext",
-        str(data),
-        "--work",
-        str(tmp_path / "work"),
-        "--limit",
-        "2",
-    ]
+    return ["--dense", str(tmp_path / "base"), "--wikitext", str(data), "--limit", "2"]
+
+
+def test_benchmark_runs_on_a_tiny_model(tmp_path):
+    from benchmarks import streamed_calibration
+
+    argv = [*tiny_benchmark_inputs(tmp_path), "--work", str(tmp_path / "work")]
     streamed_calibration.main([*argv, "--json", str(tmp_path / "res" / "streamed.json")])
     result = json.loads((tmp_path / "res" / "streamed.json").read_text())
     assert result["identical_streamed_in_memory"] is True
@@ -143,3 +139,14 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
     whitened = rows["whitened, streamed block by block"]["perplexity"]
     assert whitened == rows["whitened, in memory"]["perplexity"]
     assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows.values())
+
+
+def test_gradient_free_allocation_benchmark_runs_on_a_tiny_model(tmp_path):
+    from benchmarks import gradient_free_allocation
+
+    argv = [*tiny_benchmark_inputs(tmp_path), "--samples", "4"]
+    gradient_free_allocation.main([*argv, "--json", str(tmp_path / "res" / "allocation.json")])
+    rows = json.loads((tmp_path / "res" / "allocation.json").read_text())["rows"]
+    assert set(rows) == {"uniform", "whitened spectra", "relative spectra"}
+    assert all(r["perplexity"] > 1 for r in rows.values())
+    assert rows["uniform"]["params_after"] != rows["relative spectra"]["params_after"]  # another allocation ran
