@@ -23,6 +23,7 @@ from .methods import weighted_spectrum
 from .pivoted import PivotedLowRankLinear
 from .plan import CalibrationPlan, plan_calibration
 from .precision import allocate_stages, layer_bytes, set_float_storage, target_bytes
+from .quantize import dtype_name
 from .refit import collect_cross_statistics, refit_factors, refit_target
 from .report import CompressionReport, ModuleReport
 from .targets import find_targets
@@ -290,7 +291,7 @@ def module_report(
         (out_features, in_features),
         bias=bias,
         ranks=f.ranks,
-        stage_dtypes=[str(f.a.dtype).removeprefix("torch.")] * len(f.ranks),
+        stage_dtypes=[dtype_name(f.a.dtype)] * len(f.ranks),
         rel_error=f.rel_error,
         svd_method=f.method,
         exact_error=f.exact_error,

@@ -14,7 +14,7 @@ import math
 import torch
 
 from .errors import SvdloraError
-from .quantize import FULL_PREFIX, StageFormat, float_format, nbytes, parse_format, stage_bytes
+from .quantize import FULL_PREFIX, StageFormat, dtype_name, float_format, nbytes, parse_format, stage_bytes
 from .targets import Target
 
 
@@ -42,7 +42,7 @@ def set_float_storage(line, dtype: torch.dtype) -> None:
     from .pivoted import pivoted_bytes  # pivoted builds on the layers, which this module must not import
 
     out_features, in_features = line.shape
-    line.stage_dtypes = [str(dtype).removeprefix("torch.")] * len(line.ranks)
+    line.stage_dtypes = [dtype_name(dtype)] * len(line.ranks)
     line.stored_bytes = (
         pivoted_bytes(out_features, in_features, sum(line.ranks), dtype)
         if line.pivoted

@@ -83,9 +83,14 @@ def parse_stage_dtypes(text: str | list[str] | None) -> list[str] | None:
     return [f.name for f in formats]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32: how reports, configs and stage formats name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def float_format(dtype: torch.dtype) -> StageFormat:
     """The plain-cast format of a model dtype (what a stage costs without ``--stage-dtypes``)."""
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     if name not in FLOAT_FORMATS:
         raise SvdloraError(f"model dtype {name} cannot hold factors: load the model in float32, float16 or bfloat16")
     return StageFormat(name, "float", dtype=dtype)

@@ -24,6 +24,7 @@ from .models import PREPROCESSOR_FILES, folder_bytes
 from .outputs import atomic_folder, check_output_folder, ensure_space
 from .pivoted import PivotedLowRankLinear
 from .precision import set_float_storage
+from .quantize import dtype_name
 from .report import CompressionReport
 from .version import __version__
 from .writer import (
@@ -141,7 +142,7 @@ def _refresh_float_storage(model: nn.Module, report: CompressionReport) -> None:
         if not isinstance(module, LowRankLinear) or module.stage_dtypes or module.full is not None:
             continue  # quantized stages keep their stored formats
         dtype = module.B.dtype
-        if line.stage_dtypes != [str(dtype).removeprefix("torch.")] * len(line.ranks):
+        if line.stage_dtypes != [dtype_name(dtype)] * len(line.ranks):
             set_float_storage(line, dtype)
 
 
@@ -178,7 +179,7 @@ def write_side_files(
             "class": class_name,
             "model_type": getattr(config, "model_type", None),
         },
-        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "dtype": dtype_name(dtype) if dtype is not None else None,
         "world_size": world_size,
         "report": report.to_dict(),
     }

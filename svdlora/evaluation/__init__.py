@@ -53,6 +53,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import SvdloraError
+from ..quantize import dtype_name
 from ..version import __version__
 from .images import evaluate_images, load_images
 from .loading import Candidate, preflight, prepare
@@ -181,7 +182,7 @@ def _measure(candidate: Candidate, loaded: Any, opts: EvalOptions) -> tuple[dict
         "name": candidate.name,
         "compressed": candidate.compressed,
         "device": str(device),
-        "dtype": str(model_dtype(model)).removeprefix("torch."),
+        "dtype": dtype_name(model_dtype(model)),
         "parameters": count_parameters(model),
         "bytes_on_disk": candidate.bytes_on_disk,
         "model_memory_bytes": model_memory_bytes(model),
