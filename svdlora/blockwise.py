@@ -6,8 +6,9 @@ embeddings once, then block by block: each block is read from the checkpoint, ru
 hidden states with the same hooks as in-memory calibration (``calibration._Accumulator``), its
 matrices factorized and written, its outputs kept as the next block's inputs, and the block
 dropped. Memory holds one block, the calibration hidden states (samples × length × hidden,
-twice) and one block's Grams, never the model; the factors equal in-memory compression's with
-``method="whiten", allocation="uniform"`` bit for bit (tested).
+twice) with each window's other block arguments, and one block's Grams, never the model (the
+embeddings are dropped after the first pass, KV caches are not kept); the factors equal
+in-memory compression's with ``method="whiten", allocation="uniform"`` bit for bit (tested).
 
 What does not stream, and why: Fisher / K-FAC output weights and global allocation need the
 loss gradient at every layer (a backward pass through the whole model); self-generated
@@ -38,15 +39,21 @@ logger = logging.getLogger(__name__)
 STREAMING_CALIBRATION = {("whiten", "uniform")}
 
 
+CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
 class _Captured(Exception):
     """Raised by the hook on the first block once it has its inputs: nothing after it runs."""
 
 
-def resolve(config) -> tuple[str, str]:
-    """The method and allocation a streamed calibrated run uses (``auto`` picks whiten + uniform),
-    or an SvdloraError that says which setting needs the whole model and what to do instead."""
+def resolve(config) -> tuple[str, str] | None:
+    """The method and allocation a streamed calibrated run uses (``auto`` picks whiten + uniform;
+    None: plain SVD, which does not use the data), or an SvdloraError that says which setting
+    needs the whole model and what to do instead."""
     method = "whiten" if config.method == "auto" else config.method
     allocation = "uniform" if config.allocation == "auto" else config.allocation
+    if (method, allocation) == ("svd", "uniform") and not config.heal_steps:
+        return None
     if (method, allocation) not in STREAMING_CALIBRATION:
         raise SvdloraError(
             f"method {method!r} with allocation {allocation!r} cannot stream: output weights (fisher, kfac) and "
@@ -71,8 +78,8 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]
     if best is None or holds < len(names):
         outside = [n for n in names if best is None or not n.startswith(f"{best[0]}.")]
         raise SvdloraError(
-            f"streamed calibration runs one stack of blocks at a time; {outside[0]!r} is outside it (e.g. a "
-            "factorized head, or an encoder-decoder's second stack): --exclude it, or drop --stream"
+            f"streamed calibration runs one stack of blocks at a time; {outside[0]!r} is outside it: drop "
+            "--compress-head if it is the head, else --exclude it; or drop --stream"
         )
     return best
 
@@ -112,13 +119,13 @@ def calibrate_and_factorize(plan, batches: list[dict], source: str, config, fact
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = {id(p) for p in head.parameters()} if head is not None else set()
     skip -= {id(p) for p in model.get_input_embeddings().parameters()}  # a tied head is the embedding
-    _materialize(plan, model, "", exclude=(f"{blocks_name}.",), skip=skip)
-
+    outside = _materialize(plan, model, "", exclude=(f"{blocks_name}.",), skip=skip)
     inputs = _capture_inputs(model, blocks[0], batches)
+    _release(outside)  # the embeddings are not needed again: one block at a time from here
     reports = {}
     for i, block in enumerate(tqdm(blocks, desc="calibrating block by block", disable=not progress)):
         prefix = f"{blocks_name}.{i}."
-        _materialize(plan, block, prefix)
+        filled = _materialize(plan, block, prefix)
         targets = [
             dataclasses.replace(what, module=model.get_submodule(name))
             for name, what in jobs.items()
@@ -134,10 +141,10 @@ def calibrate_and_factorize(plan, batches: list[dict], source: str, config, fact
         for target in targets:
             if target.name not in stats.stats:
                 raise SvdloraError(f"{target.name!r} never ran on the calibration data: --exclude it, or drop --stream")
-            weight = target.module.weight.detach()
-            reports[target.name] = factorize_into(jobs[target.name], weight, stats.weighting(target.name))
+            weighting = stats.weighting(target.name)
+            reports[target.name] = factorize_into(jobs[target.name], target.module.weight.detach(), weighting)
         del stats, accumulator, targets
-        block.to("meta")  # drop this block's weights before reading the next one
+        _release(filled)  # drop this block's weights before reading the next one
     return CalibrationPlan("whiten", "uniform", batches=batches, source=source), reports
 
 
@@ -160,11 +167,10 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[dict]) -> 
     captured = []
 
     def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        # no KV cache: each batch's would grow by every block's keys and values (2.5 GB on SmolLM2)
-        for key, value in kwargs.items():
-            if isinstance(value, Cache) or key in ("past_key_values", "past_key_value", "layer_past"):
-                kwargs[key] = None
+        # no KV cache, by keyword (Llama) or by position (GPT-2): each batch's would grow by every
+        # block's keys and values (2.5 GB on SmolLM2)
+        args = tuple(None if isinstance(a, Cache) else a for a in args)
+        kwargs = {k: None if isinstance(v, Cache) or k in CACHE_ARGUMENTS else v for k, v in kwargs.items()}
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         captured.append(_BlockInputs(args, kwargs))
@@ -185,22 +191,30 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[dict]) -> 
     return captured
 
 
-def _materialize(plan, module: nn.Module, prefix: str, exclude: tuple[str, ...] = (), skip=frozenset()) -> None:
-    """Read ``module``'s parameters and persistent buffers from the checkpoint (named ``prefix`` +
-    their local name), in the dtype in-memory loading gives them (``plan.out_dtype``)."""
-    model_prefix = getattr(plan.model, "base_model_prefix", "")
-    for local, tensor in [*module.named_parameters(), *module.named_buffers()]:
+def _materialize(plan, module: nn.Module, prefix: str, exclude: tuple[str, ...] = (), skip=frozenset()) -> list:
+    """Read ``module``'s meta parameters from the checkpoint (named ``prefix`` + their local name,
+    or a name tied to it), in the dtype in-memory loading gives them (``plan.out_dtype``).
+
+    Buffers are built by the model's code (``init_empty_weights`` leaves them real) and used as
+    built, as in memory for non-persistent ones. Returns the (module, name) pairs it filled.
+    """
+    filled = []
+    for local, tensor in module.named_parameters():
         name = prefix + local
         if name.startswith(exclude) or id(tensor) in skip or tensor.device.type != "meta":
             continue
-        key = plan.checkpoint.resolve(name, model_prefix)
+        key = plan.source_key(name)
         if key is None:
             raise SvdloraError(f"the checkpoint has no tensor for {name!r}: drop --stream")
         value = plan.checkpoint.read(key)
-        value = value.to(plan.out_dtype(value.dtype, name))
         owner, _, attr = local.rpartition(".")
         parent = module.get_submodule(owner) if owner else module
-        if attr in parent._parameters:
-            parent._parameters[attr] = nn.Parameter(value, requires_grad=False)
-        else:
-            parent._buffers[attr] = value
+        parent._parameters[attr] = nn.Parameter(value.to(plan.out_dtype(value.dtype, name)), requires_grad=False)
+        filled.append((parent, attr))
+    return filled
+
+
+def _release(filled: list) -> None:
+    """Put parameters ``_materialize`` read back on the meta device (their memory is freed)."""
+    for parent, attr in filled:
+        parent._parameters[attr] = nn.Parameter(parent._parameters[attr].to("meta"), requires_grad=False)

@@ -72,15 +72,12 @@ def check_streamable(config: CompressionConfig, calibration=None) -> None:
                 "--calibration DATA (a text file or dataset), or drop --stream"
             )
         return
+    if getattr(config, "heal_steps", 0):
+        raise SvdloraError("healing cannot stream (it trains the whole model in memory): drop --heal-steps or --stream")
     method = getattr(config, "method", "svd")
-    calibrated = (
-        method not in STREAMING_METHODS
-        or getattr(config, "allocation", "uniform") == "global"
-        or getattr(config, "heal_steps", 0)
-    )
-    if calibrated:
+    if method not in STREAMING_METHODS or getattr(config, "allocation", "uniform") == "global":
         raise SvdloraError(
-            f"method {method!r}, global allocation or healing needs calibration data: pass --calibration DATA "
+            f"method {method!r} or global allocation needs calibration data: pass --calibration DATA "
             "(with --stream: --method whiten --allocation uniform), or use the plain SVD method"
         )
 
@@ -101,6 +98,12 @@ class Plan:
     target_dtype: torch.dtype | None
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     keeps_fp32: Callable[[str], bool] = lambda name: False
+    names_of: dict[str, list[str]] = field(default_factory=dict)  # parameter -> every name tied to it
+
+    def source_key(self, name: str) -> str | None:
+        """The checkpoint's key for parameter ``name``, under any name a tied parameter has."""
+        prefix = getattr(self.model, "base_model_prefix", "")
+        return next(filter(None, (self.checkpoint.resolve(k, prefix) for k in self.names_of.get(name, [name]))), None)
 
     def out_dtype(self, stored: torch.dtype, name: str) -> torch.dtype:
         """The dtype ``from_pretrained(dtype=target)`` gives parameter ``name``: the model's
@@ -146,7 +149,7 @@ def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote
         return next(filter(None, (ckpt.resolve(k, prefix) for k in names)), None)
 
     out = Plan(ckpt, hf_config, model, [], {}, [], dense, params_before, target_dtype)
-    out.keeps_fp32 = keep_in_fp32(model, target_dtype)
+    out.keeps_fp32, out.names_of = keep_in_fp32(model, target_dtype), names_of
     weight_dtype = {}
     for t in targets:
         if t.name not in ranks:
@@ -203,6 +206,7 @@ def compress_checkpoint(
     trust_remote_code: bool = False,
     calibration=None,
     processor=None,
+    announce: Callable[[bool], None] | None = None,
     **options,
 ) -> CompressionReport:
     """Compress a local safetensors checkpoint without loading the model into memory.
@@ -221,6 +225,8 @@ def compress_checkpoint(
             then calibrated one decoder block at a time (``blockwise``; method "whiten", uniform
             allocation; other methods need the whole model and are refused).
         processor: the tokenizer of ``calibration`` (default: the one in ``source``).
+        announce: called once every check has passed, before the slow work, with whether the
+            run calibrates (the CLI says there which method runs).
     Returns:
         The ``CompressionReport`` (the same on every rank).
     """
@@ -230,9 +236,14 @@ def compress_checkpoint(
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
     p = plan(source, config, dtype, trust_remote_code)
+    if calibration is not None and blockwise.resolve(config) is None:
+        logger.warning("calibration data is not used by method 'svd' with uniform allocation")
+        calibration = None
     batches = None
     if calibration is not None:  # read the data before any output exists
         batches = _calibration_batches(p, source, calibration, processor, config, ctx, progress)
+    if announce is not None and ctx.is_main:
+        announce(batches is not None)  # every check passed: the slow work starts
     owner = distributed.assign([p.cost(j) for j in p.jobs], ctx.world_size)
     file_rank = {f: i for i, f in enumerate(p.checkpoint.files)}
     mine = sorted(  # in checkpoint file order: sequential reads
@@ -298,12 +309,17 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
         raise SvdloraError("streamed calibration runs in one process: run without torchrun, or --calibration none")
     blockwise.check(p)
     if isinstance(calibration, list):  # model-ready batches, as compress() takes them
+        if not calibration:
+            raise SvdloraError("calibration data is empty: pass a file with text, or batches")
         return calibration
     processor = processor if processor is not None else _load_processor(str(source), "text-generation")
-    return calibration_batches(
+    batches = calibration_batches(
         p.model, calibration, processor, config.calibration_samples, config.calibration_length,
         seed=config.seed, progress=progress, device="cpu",
     )  # fmt: skip
+    if not batches:
+        raise SvdloraError("calibration data is empty: pass a file with text")
+    return batches
 
 
 def _source_name(calibration) -> str:

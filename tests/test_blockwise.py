@@ -1,11 +1,14 @@
 """Streamed calibration, one decoder block at a time: the same bytes as in-memory whitening."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers.cache_utils import Cache
 
-from svdlora import CompressionConfig, SvdloraError, compress, load_compressed, save_compressed
+from svdlora import CompressionConfig, SvdloraError, blockwise, compress, load_compressed, save_compressed
 from svdlora.blockwise import find_blocks
 from svdlora.cli import main
 from svdlora.models import load_pretrained
@@ -79,7 +82,9 @@ def test_cli_streams_calibration_and_says_which_method(base, capsys):
         (["--calibration", "TEXT", "--method", "kfac"], "cannot stream"),
         (["--calibration", "TEXT", "--method", "whiten", "--allocation", "global"], "cannot stream"),
         (["--calibration", "TEXT", "--method", "whiten", "--heal-steps", "5"], "cannot stream"),
+        (["--calibration", "TEXT", "--compress-head"], "drop --compress-head"),  # a model check: still one line
         (["--method", "whiten"], "needs calibration data"),
+        (["--heal-steps", "5"], "healing cannot stream"),
     ],
 )
 def test_what_cannot_stream_is_refused_in_one_line(base, capsys, flags, message):
@@ -90,6 +95,66 @@ def test_what_cannot_stream_is_refused_in_one_line(base, capsys, flags, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp / "o").exists()
+
+
+def test_one_block_in_memory_and_no_kv_cache(base, monkeypatch):
+    """While block i runs, every other parameter (the embeddings too) is on meta, and no batch
+    carries a KV cache (GPT-2 passes it by position, Llama by keyword)."""
+    tmp = base.parent
+    seen = {"blocks": 0}
+    materialize, run = blockwise._materialize, blockwise._BlockInputs.run
+
+    def remember(plan, module, prefix, **kw):
+        seen.setdefault("model", module)  # the first call reads everything outside the blocks
+        return materialize(plan, module, prefix, **kw)
+
+    def checked_run(self, block):
+        mine = {id(p) for p in block.parameters()}
+        real = [n for n, p in seen["model"].named_parameters() if p.device.type != "meta" and id(p) not in mine]
+        assert real == [], real
+        assert not any(isinstance(v, Cache) for v in [*self.args, *self.kwargs.values()])
+        seen["blocks"] += 1
+        return run(self, block)
+
+    monkeypatch.setattr(blockwise, "_materialize", remember)
+    monkeypatch.setattr(blockwise._BlockInputs, "run", checked_run)
+    config = CompressionConfig(budget=0.5, method="whiten", allocation="uniform", calibration_samples=2)
+    compress_checkpoint(base, tmp / "o", config, calibration=str(tmp / "text.txt"), progress=False)
+    assert seen["blocks"] == 2 * 2  # 2 blocks x 2 batches
+    assert all(p.device.type == "meta" for p in seen["model"].parameters())
+
+
+def test_a_tied_checkpoint_stored_under_the_head_name_calibrates(base):
+    tmp = base.parent
+    config = CompressionConfig(budget=0.5, method="whiten", allocation="uniform", calibration_samples=2)
+    compress_checkpoint(base, tmp / "a", config, calibration=str(tmp / "text.txt"), progress=False)
+    renamed = tmp / "renamed"
+    shutil.copytree(base, renamed)
+    for f in renamed.glob("*.safetensors"):
+        tensors = load_file(f)
+        for old, new in (("model.embed_tokens.weight", "lm_head.weight"), ("transformer.wte.weight", "lm_head.weight")):
+            if old in tensors:
+                tensors[new] = tensors.pop(old)
+        save_file(tensors, f, metadata={"format": "pt"})
+    index = renamed / "model.safetensors.index.json"
+    if index.exists():
+        text = index.read_text().replace('"model.embed_tokens.weight"', '"lm_head.weight"')
+        index.write_text(text.replace('"transformer.wte.weight"', '"lm_head.weight"'))
+    compress_checkpoint(renamed, tmp / "b", config, calibration=str(tmp / "text.txt"), progress=False)
+    assert weight_bytes(tmp / "a") == weight_bytes(tmp / "b")
+
+
+def test_calibration_the_method_does_not_use_streams_plain_svd(base, caplog):
+    tmp = base.parent
+    plain = CompressionConfig(budget=0.5)
+    compress_checkpoint(base, tmp / "a", plain, progress=False)
+    svd = CompressionConfig(budget=0.5, method="svd", allocation="uniform")
+    compress_checkpoint(base, tmp / "b", svd, calibration=str(tmp / "text.txt"), progress=False)
+    assert weight_bytes(tmp / "a") == weight_bytes(tmp / "b")
+    assert "not used by method 'svd'" in caplog.text
+    with pytest.raises(SvdloraError, match="calibration data is empty"):
+        compress_checkpoint(base, tmp / "c", CompressionConfig(budget=0.5), calibration=[], progress=False)
+    assert not (tmp / "c").exists()
 
 
 def test_targets_outside_the_block_stack_are_refused(base):

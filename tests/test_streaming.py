@@ -136,7 +136,7 @@ def test_shard_plan_follows_transformers_rule():
 
 
 @pytest.mark.parametrize("data", ["self", "text.txt"])
-def test_calibration_that_cannot_stream_is_refused_in_one_line(tmp_path, capsys, data):
+def test_stream_calibration_errors_are_one_line(tmp_path, capsys, data):
     base = tmp_path / "base"
     tied_llama().save_pretrained(base)
     capsys.readouterr()  # save_pretrained's own progress bars

@@ -206,24 +206,22 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
         raise SvdloraError(
             "calibration runs in one process (block by block): run without torchrun, or pass --calibration none"
         )
-    check_streamable(config, calibration)  # a setting that cannot stream is refused before the notices below
-    processor = None
-    if calibration is not None:
-        from ..evaluation.loading import _load_processor
+    check_streamable(config, calibration)
 
-        processor = _load_processor(args.model, "text-generation")  # a missing tokenizer: before any notice
-    if ctx.is_main and calibration is None and args.calibration == AUTO:
-        print(
-            f"svdlora compress: {how} compresses with plain SVD (causal LMs calibrate on self-generated text by "
-            "default, which needs the whole model in memory; --calibration DATA calibrates block by block)",
-            file=sys.stderr,
-        )
-    if calibration is not None and "auto" in (config.method, config.allocation):
-        print(
-            f"svdlora compress: {how} calibrates one decoder block at a time with --method whiten --allocation "
-            "uniform (fisher, kfac and global allocation need the whole model in memory)",
-            file=sys.stderr,
-        )
+    def announce(calibrating: bool) -> None:  # after every check: a refusal stays one line
+        if calibrating and "auto" in (config.method, config.allocation):
+            print(
+                f"svdlora compress: {how} calibrates one decoder block at a time with --method whiten "
+                "--allocation uniform (fisher, kfac and global allocation need the whole model in memory)",
+                file=sys.stderr,
+            )
+        elif not calibrating and args.calibration == AUTO:
+            print(
+                f"svdlora compress: {how} compresses with plain SVD (causal LMs calibrate on self-generated text "
+                "by default, which needs the whole model in memory; --calibration DATA calibrates block by block)",
+                file=sys.stderr,
+            )
+
     report = compress_checkpoint(
         args.model,
         output,
@@ -234,7 +232,7 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
         progress=args.progress,
         trust_remote_code=args.trust_remote_code,
         calibration=calibration,
-        processor=processor,
+        announce=announce,
     )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if ctx.is_main:
