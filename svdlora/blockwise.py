@@ -18,6 +18,7 @@ model's inputs (not built block-wise yet).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 
@@ -212,6 +213,20 @@ def _materialize(plan, module: nn.Module, prefix: str, exclude: tuple[str, ...] 
         parent._parameters[attr] = nn.Parameter(value.to(plan.out_dtype(value.dtype, name)), requires_grad=False)
         filled.append((parent, attr))
     return filled
+
+
+def pin_mmap_threshold() -> None:
+    """Serve every allocation of 128 KiB or more by mmap (glibc's ``mallopt``; a no-op elsewhere).
+
+    glibc raises its mmap threshold after large frees, so the windows' hidden states, allocated
+    and freed once per block, then come from the heap, whose freed pages stay resident: on SmolLM2
+    with 64 windows the peak RSS was 1.8-2.2 GB, against 0.8 GB with the threshold pinned. It is
+    process-wide, so the CLI pins it (a library caller can set ``MALLOC_MMAP_THRESHOLD_=131072``).
+    """
+    try:
+        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
+    except (AttributeError, OSError):
+        pass
 
 
 def _release(filled: list) -> None:

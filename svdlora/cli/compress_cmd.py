@@ -10,6 +10,7 @@ import time
 import transformers
 
 from .. import distributed
+from ..blockwise import pin_mmap_threshold
 from ..compress import compress, svd_device
 from ..config import SVD_METHODS, CompressionConfig
 from ..errors import SvdloraError
@@ -209,6 +210,8 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
     check_streamable(config, calibration)
 
     def announce(calibrating: bool) -> None:  # after every check: a refusal stays one line
+        if calibrating:
+            pin_mmap_threshold()  # freed hidden states leave RSS (blockwise.pin_mmap_threshold)
         if calibrating and "auto" in (config.method, config.allocation):
             print(
                 f"svdlora compress: {how} calibrates one decoder block at a time with --method whiten "
