@@ -70,6 +70,11 @@ class CalibrationPlan:
         }
 
 
+def source_name(calibration: Any) -> str:
+    """How a report names calibration data given as a path or dataset, or as batches in memory."""
+    return f"{len(calibration)} batches given in memory" if isinstance(calibration, list) else str(calibration)
+
+
 def output_gram_bytes(targets: list[Target]) -> int:
     """Memory of the float64 (out, out) output-gradient Grams that method "kfac" collects."""
     return sum(8 * t.out_features**2 for t in targets if t.out_features <= MAX_OUTPUT_GRAM)
@@ -111,7 +116,7 @@ def plan_calibration(
     allocation = "global" if config.allocation == "auto" and config.rank is None else config.allocation
     allocation = "uniform" if allocation == "auto" else allocation
     if isinstance(calibration, list):
-        batches, source = calibration, f"{len(calibration)} batches given in memory"
+        batches, source = calibration, source_name(calibration)
     else:
         batches = calibration_batches(
             model, calibration, processor, config.calibration_samples, config.calibration_length,

@@ -38,6 +38,7 @@ from .layers import CONV1D, LowRankLinear, dense_kind, weight_out_in
 from .models import check_dense_folder, keep_in_fp32, model_class, parse_dtype
 from .outputs import atomic_folder, ensure_space
 from .pivoted import PivotedLowRankLinear, pivot_factors
+from .plan import source_name
 from .precision import set_float_storage
 from .report import CompressionReport, ModuleReport
 from .saving import check_output, write_side_files
@@ -154,7 +155,7 @@ def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote
     for t in targets:
         if t.name not in ranks:
             continue
-        key = find(names_of.get(f"{t.name}.weight", [f"{t.name}.weight"]))
+        key = out.source_key(f"{t.name}.weight")
         if key is None:
             raise SvdloraError(f"{str(source)!r} has no tensor for {t.name}.weight: compress without --stream")
         weight_dtype[t.name] = out.out_dtype(ckpt.spec[key].dtype, f"{t.name}.weight")
@@ -263,7 +264,7 @@ def compress_checkpoint(
         else:
             reports = _run_jobs([j for j in mine if j[0] != "factorize"], p, writer, config, progress)
             calibrated, factorized = blockwise.calibrate_and_factorize(
-                p, batches, _source_name(calibration), config,
+                p, batches, source_name(calibration), config,
                 lambda what, weight, weighting: write_factors(writer, what, weight, config, weighting), progress,
             )  # fmt: skip
             reports.update(factorized)
@@ -320,11 +321,6 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
     if not batches:
         raise SvdloraError("calibration data is empty: pass a file with text")
     return batches
-
-
-def _source_name(calibration) -> str:
-    """How the report names the data (as ``plan_calibration`` does)."""
-    return f"{len(calibration)} batches given in memory" if isinstance(calibration, list) else str(calibration)
 
 
 def _module_reports(model, reports: dict[str, ModuleReport], dense: dict[str, str]) -> list[ModuleReport]:

@@ -203,10 +203,6 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
             f"--calibration self cannot be used with {how}: generating the calibration text needs the whole model "
             "in memory; pass --calibration DATA (a text file: calibrated block by block), or --calibration none"
         )
-    if calibration is not None and ctx.world_size > 1:
-        raise SvdloraError(
-            "calibration runs in one process (block by block): run without torchrun, or pass --calibration none"
-        )
     check_streamable(config, calibration)
 
     def announce(calibrating: bool) -> None:  # after every check: a refusal stays one line
