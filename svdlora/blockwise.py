@@ -10,10 +10,11 @@ twice) with each window's other block arguments, and one block's Grams, never th
 embeddings are dropped after the first pass, KV caches are not kept); the factors equal
 in-memory compression's with ``method="whiten", allocation="uniform"`` bit for bit (tested).
 
-What does not stream, and why: Fisher / K-FAC output weights and global allocation need the
-loss gradient at every layer (a backward pass through the whole model); self-generated
-calibration text needs the whole model to generate; the refit feeds each layer the compressed
-model's inputs (not built block-wise yet).
+Fisher / K-FAC output weights and global allocation also need the loss gradient at every
+layer: ``block_gradients`` runs that backward pass block by block, with the pieces here. What
+does not stream, and why: self-generated calibration text needs the whole model to generate;
+the refit feeds each layer the compressed model's inputs, healing trains the whole model, and
+stage dtypes are built in memory (none of them built block-wise yet).
 """
 
 from __future__ import annotations
@@ -36,10 +37,6 @@ from .plan import CalibrationPlan
 
 logger = logging.getLogger(__name__)
 
-# (method, allocation) pairs that calibrate block by block: the input Grams alone define them
-STREAMING_CALIBRATION = {("whiten", "uniform")}
-
-
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
@@ -48,24 +45,19 @@ class _Captured(Exception):
 
 
 def resolve(config) -> tuple[str, str] | None:
-    """The method and allocation a streamed calibrated run uses (``auto`` picks whiten + uniform;
-    None: plain SVD, which does not use the data), or an SvdloraError that says which setting
-    needs the whole model and what to do instead."""
-    method = "whiten" if config.method == "auto" else config.method
-    allocation = "uniform" if config.allocation == "auto" else config.allocation
-    if (method, allocation) == ("svd", "uniform") and not config.heal_steps:
-        return None
-    if (method, allocation) not in STREAMING_CALIBRATION:
-        raise SvdloraError(
-            f"method {method!r} with allocation {allocation!r} cannot stream: output weights (fisher, kfac) and "
-            "global allocation need the loss gradient at every layer, a backward pass through the whole model. "
-            "With --stream use --method whiten --allocation uniform (or auto), or drop --stream"
-        )
+    """The method and allocation a streamed calibrated run uses, resolved as in memory (method
+    ``auto`` is resolved once the targets are known: ``plan.auto_method``); None: plain SVD, which
+    does not use the data. Settings built in memory only raise an SvdloraError that says so."""
     if config.heal_steps or config.refit or config.stage_dtypes:
         raise SvdloraError(
             "healing, --refit and --stage-dtypes cannot stream with calibration: drop them, or drop --stream"
         )
-    return method, allocation
+    allocation = config.allocation
+    if allocation == "auto":
+        allocation = "global" if config.rank is None else "uniform"
+    if (config.method, allocation) == ("svd", "uniform"):
+        return None
+    return config.method, allocation
 
 
 def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]:
@@ -101,20 +93,14 @@ def check(plan) -> None:
             f"this model's decoder blocks differ in attention type ({', '.join(sorted(set(kinds)))}: their masks "
             "differ), which streamed calibration does not handle yet: drop --stream, or pass --calibration none"
         )
-    find_blocks(plan.model, [what.name for kind, _, what in plan.jobs if kind == "factorize"])
+    find_blocks(plan.model, [t.name for t in plan.targets])
 
 
-def calibrate_and_factorize(plan, batches: list[dict], source: str, config, factorize_into, progress: bool):
-    """Run ``batches`` block by block through the checkpoint of ``plan`` (a ``streaming.Plan``) and
-    call ``factorize_into(target, weight, weighting)`` for each of the plan's factorize jobs.
-
-    Returns the ``CalibrationPlan`` that describes the run (for the report) and the report lines.
-    """
-    with init_empty_weights(), _no_weight_init():
-        model = model_class(plan.hf_config)(plan.hf_config)
-    if getattr(plan.hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    model.eval()
+def calibrate_and_factorize(plan, batches: list[dict], config, factorize_into, progress: bool) -> dict:
+    """Whiten (method "whiten", uniform allocation): run ``batches`` block by block through the
+    checkpoint of ``plan`` (a ``streaming.Plan``) and call ``factorize_into(target, weight,
+    weighting)`` for each of the plan's factorize jobs; returns their report lines."""
+    model = meta_model(plan)
     jobs = {what.name: what for kind, _, what in plan.jobs if kind == "factorize"}
     blocks_name, blocks = find_blocks(model, list(jobs))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -146,7 +132,16 @@ def calibrate_and_factorize(plan, batches: list[dict], source: str, config, fact
             reports[target.name] = factorize_into(jobs[target.name], target.module.weight.detach(), weighting)
         del stats, accumulator, targets
         _release(filled)  # drop this block's weights before reading the next one
-    return CalibrationPlan("whiten", "uniform", batches=batches, source=source), reports
+    return reports
+
+
+def meta_model(plan) -> nn.Module:
+    """The checkpoint's model on the meta device (tied as ``from_pretrained`` ties it), in eval mode."""
+    with init_empty_weights(), _no_weight_init():
+        model = model_class(plan.hf_config)(plan.hf_config)
+    if getattr(plan.hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
 
 
 class _BlockInputs:
@@ -154,14 +149,32 @@ class _BlockInputs:
 
     def __init__(self, args: tuple, kwargs: dict) -> None:
         self.args, self.kwargs = args, kwargs
+        self.tuple_output = False  # the block returns (hidden, ...) (older transformers), not hidden
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    @hidden.setter
+    def hidden(self, value: torch.Tensor) -> None:
+        if self.args:
+            self.args = (value, *self.args[1:])
+        else:
+            self.kwargs["hidden_states"] = value
+
+    def call(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's output hidden states for ``hidden`` in place of this batch's."""
+        args, kwargs = self.args, self.kwargs
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": hidden}
+        out = block(*args, **kwargs)
+        self.tuple_output = isinstance(out, tuple)
+        return out[0] if self.tuple_output else out
 
     def run(self, block: nn.Module) -> None:
-        out = block(*self.args, **self.kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
-        if self.args:
-            self.args = (hidden, *self.args[1:])
-        else:
-            self.kwargs["hidden_states"] = hidden
+        self.hidden = self.call(block, self.hidden)
 
 
 def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[dict]) -> list[_BlockInputs]:

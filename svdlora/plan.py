@@ -35,6 +35,7 @@ class CalibrationPlan:
     stats: dict[str, LayerStats] | None = None
     source: str | None = None  # what the batches came from, for the report
     refit: bool = False  # refit the factors to the compressed model's own inputs (``refit``)
+    gradients: bool | None = None  # collected loss gradients (None: as ``stats`` say)
     _right: dict[int, tuple] = field(default_factory=dict)
     _left: dict[str, Any] = field(default_factory=dict)  # D per layer (for kfac an eigendecomposition each)
 
@@ -65,7 +66,9 @@ class CalibrationPlan:
             "batches": len(self.batches),
             "tokens": tokens or None,
             "data_free": self.source.startswith("self"),
-            "gradients": bool(self.stats) and any(s.has_gradients for s in self.stats.values()),
+            "gradients": self.gradients
+            if self.gradients is not None
+            else bool(self.stats) and any(s.has_gradients for s in self.stats.values()),
             "refit": self.refit,
         }
 

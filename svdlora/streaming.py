@@ -8,14 +8,16 @@ SVD working set, never a shard or the model.
 The same ``decompose.factorize`` and the same writer as in-memory compression give the same
 bytes (tested). Under torchrun the matrices are split over the ranks (``distributed``).
 
-With calibration data (a causal LM's text), the matrices are factorized one decoder block at a
-time (``blockwise``: whitening, uniform allocation); methods that need the loss gradient at every
-layer (fisher, kfac, global allocation) need the whole model in memory and are refused.
+With calibration data (a causal LM's text), the checkpoint is calibrated one decoder block at a
+time: whitening with uniform allocation in one forward pass (``blockwise``), the methods that need
+the loss gradient at every layer (fisher, kfac, global allocation) with a backward pass block by
+block (``block_gradients``), their ranks chosen before the output layout is fixed.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +27,8 @@ import torch
 from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 
-from . import blockwise, distributed
-from .allocate import allocate_ranks
+from . import block_gradients, blockwise, distributed
+from .allocate import allocate_global, allocate_ranks
 from .calibration_data import SELF
 from .checkpoint import Checkpoint
 from .compress import all_finite, count_parameters, module_report, svd_options
@@ -38,7 +40,7 @@ from .layers import CONV1D, LowRankLinear, dense_kind, weight_out_in
 from .models import check_dense_folder, keep_in_fp32, model_class, parse_dtype
 from .outputs import atomic_folder, ensure_space
 from .pivoted import PivotedLowRankLinear, pivot_factors
-from .plan import source_name
+from .plan import CalibrationPlan, auto_method, source_name
 from .precision import set_float_storage
 from .report import CompressionReport, ModuleReport
 from .saving import check_output, write_side_files
@@ -54,19 +56,22 @@ from .writer import (
 
 logger = logging.getLogger(__name__)
 
+SCRATCH = "calibration-scratch"  # inside the temporary output folder: removed with it on failure
+
 # Methods that stream: a plain SVD needs only W. "auto" is plain SVD without calibration data.
 STREAMING_METHODS = ("svd", "auto")
 
 
 def check_streamable(config: CompressionConfig, calibration=None) -> None:
-    """Refuse settings that cannot stream (calibration-aware methods), with what to do instead."""
+    """Refuse settings that cannot stream (built in memory only, or a method without its data), with
+    what to do instead."""
     if getattr(config, "stage_dtypes", None):
         raise SvdloraError(
             "--stage-dtypes cannot stream yet (the quantized stage chain is built in memory): drop --stream "
             "(and run without torchrun), or drop --stage-dtypes"
         )
     if calibration is not None:
-        blockwise.resolve(config)  # whiten + uniform stream block by block; the rest says why not
+        blockwise.resolve(config)  # every method streams block by block; healing, refit, stage dtypes do not
         if calibration == SELF:
             raise SvdloraError(
                 "--calibration self cannot stream: generating the calibration text needs the whole model; pass "
@@ -79,7 +84,7 @@ def check_streamable(config: CompressionConfig, calibration=None) -> None:
     if method not in STREAMING_METHODS or getattr(config, "allocation", "uniform") == "global":
         raise SvdloraError(
             f"method {method!r} or global allocation needs calibration data: pass --calibration DATA "
-            "(with --stream: --method whiten --allocation uniform), or use the plain SVD method"
+            "(a causal LM's text: with --stream it calibrates block by block), or use the plain SVD method"
         )
 
 
@@ -100,6 +105,7 @@ class Plan:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     keeps_fp32: Callable[[str], bool] = lambda name: False
     names_of: dict[str, list[str]] = field(default_factory=dict)  # parameter -> every name tied to it
+    targets: list = field(default_factory=list)  # every targeted layer (a Target), dense ones included
 
     def source_key(self, name: str) -> str | None:
         """The checkpoint's key for parameter ``name``, under any name a tied parameter has."""
@@ -120,8 +126,11 @@ class Plan:
         return float(self.checkpoint.spec[src].nbytes) if kind == "copy" else 0.0
 
 
-def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote_code: bool = False) -> Plan:
-    """Targets, ranks and the output layout of a checkpoint, from its config and headers alone."""
+def plan(
+    source: str | Path, config: CompressionConfig, dtype=None, trust_remote_code: bool = False, allocation=None
+) -> Plan:
+    """Targets, ranks and the output layout of a checkpoint, from its config and headers alone
+    (or from ``allocation``, the (ranks, dense) a global allocation chose)."""
     import transformers
 
     if not Path(source).is_dir():
@@ -138,7 +147,7 @@ def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote
     targets, dense = find_targets(model, config)
     if not targets:
         raise SvdloraError("no Linear/Conv1D layer is targeted: check --include/--exclude")
-    ranks, allocator_dense = allocate_ranks(targets, config)
+    ranks, allocator_dense = allocation or allocate_ranks(targets, config)
     dense.update(allocator_dense)
     prefix = getattr(model, "base_model_prefix", "")
     same: dict[int, list[str]] = {}  # a checkpoint may store a tied parameter under any of its names
@@ -150,7 +159,7 @@ def plan(source: str | Path, config: CompressionConfig, dtype=None, trust_remote
         return next(filter(None, (ckpt.resolve(k, prefix) for k in names)), None)
 
     out = Plan(ckpt, hf_config, model, [], {}, [], dense, params_before, target_dtype)
-    out.keeps_fp32, out.names_of = keep_in_fp32(model, target_dtype), names_of
+    out.keeps_fp32, out.names_of, out.targets = keep_in_fp32(model, target_dtype), names_of, targets
     weight_dtype = {}
     for t in targets:
         if t.name not in ranks:
@@ -223,8 +232,8 @@ def compress_checkpoint(
         dtype: cast floating tensors to this dtype (default: config.json's ``dtype``, else as stored).
         max_shard_size: shard the output as transformers does (default "50GB").
         calibration: calibration data (a text file or dataset) for a causal LM: the checkpoint is
-            then calibrated one decoder block at a time (``blockwise``; method "whiten", uniform
-            allocation; other methods need the whole model and are refused).
+            then calibrated one decoder block at a time, with the method and allocation resolved
+            as ``compress()`` resolves them (``blockwise``, ``block_gradients``).
         processor: the tokenizer of ``calibration`` (default: the one in ``source``).
         announce: called once every check has passed, before the slow work, with whether the
             run calibrates (the CLI says there which method runs).
@@ -237,7 +246,8 @@ def compress_checkpoint(
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
     p = plan(source, config, dtype, trust_remote_code)
-    if calibration is not None and blockwise.resolve(config) is None:
+    resolved = blockwise.resolve(config) if calibration is not None else None
+    if calibration is not None and resolved is None:
         logger.warning("calibration data is not used by method 'svd' with uniform allocation")
         calibration = None
     batches = None
@@ -245,29 +255,44 @@ def compress_checkpoint(
         batches = _calibration_batches(p, source, calibration, processor, config, ctx, progress)
     if announce is not None and ctx.is_main:
         announce(batches is not None)  # every check passed: the slow work starts
-    owner = distributed.assign([p.cost(j) for j in p.jobs], ctx.world_size)
-    file_rank = {f: i for i, f in enumerate(p.checkpoint.files)}
-    mine = sorted(  # in checkpoint file order: sequential reads
-        (j for j, r in zip(p.jobs, owner, strict=True) if r == ctx.rank),
-        key=lambda j: file_rank.get(p.checkpoint.file_of.get(j[1]), -1),
-    )
+    method, allocation = resolved or ("svd", "uniform")
+    method = auto_method(p.targets) if method == "auto" else method
     with atomic_folder(output, overwrite, inputs=[source]) if ctx.is_main else _nothing() as tmp:
         tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
+        calibrated, weights, est_loss = None, None, {}
+        if batches is not None:
+            gradients = (method, allocation) != ("whiten", "uniform")  # else one forward pass suffices
+            source_named = source_name(calibration)
+            calibrated = CalibrationPlan(method, allocation, batches, source=source_named, gradients=gradients)
+        if calibrated is not None and calibrated.gradients:  # the backward runs before any rank is known
+            weights = block_gradients.collect(p, batches, method, allocation, tmp / SCRATCH, config.seed, progress)
+            if allocation == "global":
+                ranks, dense, est_loss = allocate_global(
+                    p.targets, weights.spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple
+                )
+                p = plan(source, config, dtype, trust_remote_code, allocation=(ranks, dense))
+        mine = _jobs_of_this_rank(p, ctx)
         format_version = folder_format(p.model)  # as save_compressed writes it
         writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied, format_version), max_shard_size)
         if ctx.is_main:
             ensure_space(tmp, writer.total_size, str(output))
             writer.create_files()
         ctx.barrier()  # files laid out before any rank writes into them
-        if batches is None:
-            reports, calibrated = _run_jobs(mine, p, writer, config, progress and ctx.is_main), None
+        if calibrated is None or weights is not None:
+            reports = _run_jobs(mine, p, writer, config, progress and ctx.is_main, weights, est_loss)
         else:
             reports = _run_jobs([j for j in mine if j[0] != "factorize"], p, writer, config, progress)
-            calibrated, factorized = blockwise.calibrate_and_factorize(
-                p, batches, source_name(calibration), config,
-                lambda what, weight, weighting: write_factors(writer, what, weight, config, weighting), progress,
-            )  # fmt: skip
-            reports.update(factorized)
+            reports.update(
+                blockwise.calibrate_and_factorize(
+                    p,
+                    batches,
+                    config,
+                    lambda what, weight, weighting: write_factors(writer, what, weight, config, weighting),
+                    progress,
+                )  # fmt: skip
+            )
+        if weights is not None:
+            shutil.rmtree(weights.folder)  # not part of the output
         writer.close()
         ctx.barrier()  # every shard complete before rank 0 finishes the folder
         for part in ctx.gather(reports):
@@ -279,8 +304,8 @@ def compress_checkpoint(
             model_params_after=count_parameters(p.model),
             seconds=time.perf_counter() - start,
             bytes_after=writer.bytes_on_disk(),
-            method=calibrated.method if calibrated else "svd",  # as compress() records them
-            allocation="uniform",
+            method=method,  # as compress() records them
+            allocation=allocation,
             calibration=calibrated.describe() if calibrated else None,
         )
         if ctx.is_main:
@@ -299,6 +324,16 @@ def compress_checkpoint(
     ctx.barrier()  # the folder is in place before any rank returns
     logger.info("streamed %d matrices in %.1f s", len(reports), report.seconds)
     return report
+
+
+def _jobs_of_this_rank(p: Plan, ctx) -> list:
+    """This rank's share of the jobs (``distributed.assign``), in checkpoint file order: sequential reads."""
+    owner = distributed.assign([p.cost(j) for j in p.jobs], ctx.world_size)
+    file_rank = {f: i for i, f in enumerate(p.checkpoint.files)}
+    return sorted(
+        (j for j, r in zip(p.jobs, owner, strict=True) if r == ctx.rank),
+        key=lambda j: file_rank.get(p.checkpoint.file_of.get(j[1]), -1),
+    )
 
 
 def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, progress) -> list[dict]:
@@ -350,8 +385,12 @@ def _factor_keys(name: str, layer: LowRankLinear) -> list[str]:
     return [f"{name}.stage{j}.{part}" for j in range(len(layer.ranks)) for part in "AB"]
 
 
-def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, progress: bool) -> dict:
-    """Read, factorize or copy, and write this process's jobs; returns their report lines."""
+def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, progress: bool, weights=None,
+              est_loss=None) -> dict:  # fmt: skip
+    """Read, factorize or copy, and write this process's jobs; returns their report lines.
+
+    ``weights`` (``block_gradients.BlockStatistics``) gives each matrix its calibration metric,
+    ``est_loss`` the loss a global allocation estimates for it."""
     reports = {}
     for kind, src, what in tqdm(jobs, desc="streaming", disable=not progress):
         if kind == "buffer":
@@ -365,12 +404,15 @@ def _run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, p
             continue
         weight = tensor.to(p.out_dtype(tensor.dtype, f"{what.name}.weight"))
         del tensor
-        reports[what.name] = write_factors(writer, what, weight, config)
+        weighting = weights.weighting(what.name) if weights is not None else None
+        reports[what.name] = write_factors(writer, what, weight, config, weighting, (est_loss or {}).get(what.name))
         del weight
     return reports
 
 
-def write_factors(writer: ShardedWriter, what, weight: torch.Tensor, config: CompressionConfig, weighting=None):
+def write_factors(
+    writer: ShardedWriter, what, weight: torch.Tensor, config: CompressionConfig, weighting=None, est_loss=None
+):
     """Factorize one target's weight (as stored: Conv1D's is (in, out)), write its factor tensors as
     ``compress()`` + ``save_compressed`` store them, and return its report line."""
     if not all_finite(weight):
@@ -378,7 +420,8 @@ def write_factors(writer: ShardedWriter, what, weight: torch.Tensor, config: Com
     w = weight.T if what.kind == CONV1D else weight  # (out, in), as weight_out_in gives
     ranks = ranks_of(writer, what.name, config.submatrices)
     f = factorize(w, ranks, weighting=weighting, **svd_options(config))
-    line = module_report(what.name, what.kind, what.out_features, what.in_features, what.module.bias is not None, f)
+    bias = what.module.bias is not None
+    line = module_report(what.name, what.kind, what.out_features, what.in_features, bias, f, est_loss=est_loss)
     line.pivoted = config.pivot
     set_float_storage(line, weight.dtype)  # the bytes compress() reports (issue 9)
     if config.pivot:  # as compress() stores it: pivot rows, coefficients and the pivot indices

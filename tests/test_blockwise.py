@@ -1,4 +1,4 @@
-"""Streamed calibration, one decoder block at a time: the same bytes as in-memory whitening."""
+"""Streamed calibration, one decoder block at a time: the same bytes as in-memory calibration."""
 
 import json
 import shutil
@@ -8,7 +8,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.cache_utils import Cache
 
-from svdlora import CompressionConfig, SvdloraError, blockwise, compress, load_compressed, save_compressed
+from svdlora import (
+    CompressionConfig,
+    SvdloraError,
+    block_gradients,
+    blockwise,
+    compress,
+    load_compressed,
+    save_compressed,
+)
 from svdlora.blockwise import find_blocks
 from svdlora.cli import main
 from svdlora.models import load_pretrained
@@ -63,38 +71,104 @@ def test_blockwise_calibration_equals_in_memory_whitening(base, pivot):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-def test_cli_streams_calibration_and_says_which_method(base, capsys):
+@pytest.mark.parametrize(
+    ("method", "allocation", "pivot"),
+    [("kfac", "global", True), ("fisher", "uniform", False), ("whiten", "global", False), ("svd", "global", True)],
+)
+def test_gradient_methods_stream_block_by_block_as_in_memory(base, method, allocation, pivot):
+    """Fisher / K-FAC weights and global allocation from a backward pass run block by block: the
+    same bytes and report as the whole model's backward in memory, and no scratch file left."""
+    tmp = base.parent
+    text = str(tmp / "text.txt")
+    config = CompressionConfig(
+        budget=0.5, submatrices=2, method=method, allocation=allocation, pivot=pivot,
+        calibration_samples=3, calibration_length=16,
+    )  # fmt: skip
+    model = load_pretrained(str(base))
+    compress(model, config, calibration=text, processor=word_tokenizer(WORDS), progress=False)
+    save_compressed(model, tmp / "memory", source=base, max_shard_size="30KB")
+    compress_checkpoint(base, tmp / "stream", config, calibration=text, max_shard_size="30KB", progress=False)
+
+    assert weight_bytes(tmp / "memory") == weight_bytes(tmp / "stream")  # bit for bit
+    a, b = (json.loads((tmp / f / "svdlora_config.json").read_text()) for f in ("memory", "stream"))
+    for data in (a, b):
+        data["report"].pop("seconds")
+    assert a == b
+    report = b["report"]
+    assert (report["method"], report["allocation"], report["calibration"]["gradients"]) == (method, allocation, True)
+    if allocation == "global":  # the ranks came from the loss-weighted spectra
+        assert all(m["est_loss"] is not None for m in report["modules"] if m.get("ranks"))
+    assert sorted(p.name for p in (tmp / "stream").iterdir()) == sorted(p.name for p in (tmp / "memory").iterdir())
+    assert list(tmp.glob(".*svdlora*")) == []  # the scratch went with the temporary folder
+
+    whitened = CompressionConfig(**{**config.to_dict(), "method": "whiten", "allocation": "uniform"})
+    compress_checkpoint(base, tmp / "whiten", whitened, calibration=text, max_shard_size="30KB", progress=False)
+    assert weight_bytes(tmp / "whiten") != weight_bytes(tmp / "stream")
+
+
+def test_cli_streams_the_in_memory_default(base, capsys):
+    """--stream --calibration DATA with the default method and allocation (kfac/fisher + global)
+    writes what the in-memory CLI writes."""
     tmp = base.parent
     argv = ["compress", str(base), "--budget", "0.5", "--no-progress", "--calibration", str(tmp / "text.txt")]
     argv += ["--calibration-samples", "2", "--calibration-length", "16"]
     assert main([*argv, "--stream", "-o", str(tmp / "stream")]) == 0
-    said = [line for line in capsys.readouterr().err.splitlines() if "block at a time" in line]
-    assert len(said) == 1 and "--method whiten --allocation uniform" in said[0]
-    explicit = ["--method", "whiten", "--allocation", "uniform", "-o", str(tmp / "memory")]
-    assert main([*argv, *explicit]) == 0
+    assert main([*argv, "-o", str(tmp / "memory")]) == 0
     assert weight_bytes(tmp / "memory") == weight_bytes(tmp / "stream")
+    report = json.loads((tmp / "stream" / "svdlora_config.json").read_text())["report"]
+    assert (report["method"], report["allocation"]) == ("kfac", "global")
 
 
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--calibration", "self"], "generating the calibration text needs the whole model"),
-        (["--calibration", "TEXT", "--method", "kfac"], "cannot stream"),
-        (["--calibration", "TEXT", "--method", "whiten", "--allocation", "global"], "cannot stream"),
-        (["--calibration", "TEXT", "--method", "whiten", "--heal-steps", "5"], "cannot stream"),
-        (["--calibration", "TEXT", "--compress-head"], "drop --compress-head"),  # a model check: still one line
-        (["--method", "whiten"], "needs calibration data"),
-        (["--heal-steps", "5"], "healing cannot stream"),
-    ],
-)
-def test_what_cannot_stream_is_refused_in_one_line(base, capsys, flags, message):
+def test_a_failed_backward_leaves_no_output_and_no_scratch(base, monkeypatch):
     tmp = base.parent
-    flags = [str(tmp / "text.txt") if f == "TEXT" else f for f in flags]
-    capsys.readouterr()
-    assert main(["compress", str(base), "-o", str(tmp / "o"), "--stream", "--no-progress", *flags]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
-    assert not (tmp / "o").exists()
+    seen = {}
+
+    def fail(block, targets, inputs, grads, hidden_file, *rest):
+        seen["scratch"] = hidden_file.parent
+        assert hidden_file.exists() and len(list(hidden_file.parent.glob("hidden-*.pt"))) == 2  # both blocks' inputs
+        raise SvdloraError("stopped in the backward pass")
+
+    monkeypatch.setattr(block_gradients, "_block_backward", fail)
+    config = CompressionConfig(budget=0.5, method="kfac", allocation="global", calibration_samples=2)
+    with pytest.raises(SvdloraError, match="stopped in the backward pass"):
+        compress_checkpoint(base, tmp / "o", config, calibration=str(tmp / "text.txt"), progress=False)
+    assert not (tmp / "o").exists() and not seen["scratch"].exists()
+    assert sorted(p.name for p in tmp.iterdir()) == ["base", "text.txt"]
+
+
+def test_a_disk_too_small_for_the_hidden_states_is_refused(base, monkeypatch):
+    tmp = base.parent
+    usage = shutil.disk_usage(tmp)
+    monkeypatch.setattr(block_gradients.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    config = CompressionConfig(budget=0.5, method="fisher", allocation="uniform", calibration_samples=2)
+    with pytest.raises(SvdloraError, match="stores every block's inputs"):
+        compress_checkpoint(base, tmp / "o", config, calibration=str(tmp / "text.txt"), progress=False)
+    assert sorted(p.name for p in tmp.iterdir()) == ["base", "text.txt"]
+
+
+def test_the_backward_holds_one_block(base, monkeypatch):
+    """While block i runs backwards, every other parameter (the embeddings and head too) is on meta."""
+    tmp = base.parent
+    seen = {"blocks": 0}
+    materialize, backward = blockwise._materialize, block_gradients._block_backward
+
+    def remember(plan, module, prefix, **kw):
+        seen.setdefault("model", module)
+        return materialize(plan, module, prefix, **kw)
+
+    def checked(block, *args):
+        mine = {id(p) for p in block.parameters()}
+        real = [n for n, p in seen["model"].named_parameters() if p.device.type != "meta" and id(p) not in mine]
+        assert real == [], real
+        seen["blocks"] += 1
+        return backward(block, *args)
+
+    monkeypatch.setattr(blockwise, "_materialize", remember)
+    monkeypatch.setattr(block_gradients, "_block_backward", checked)
+    config = CompressionConfig(budget=0.5, method="kfac", allocation="global", calibration_samples=2)
+    compress_checkpoint(base, tmp / "o", config, calibration=str(tmp / "text.txt"), progress=False)
+    assert seen["blocks"] == 2
+    assert all(p.device.type == "meta" for p in seen["model"].parameters())
 
 
 def test_one_block_in_memory_and_no_kv_cache(base, monkeypatch):
@@ -196,11 +270,18 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
     from benchmarks import streamed_calibration
 
     argv = [*tiny_benchmark_inputs(tmp_path), "--work", str(tmp_path / "work")]
-    streamed_calibration.main([*argv, "--json", str(tmp_path / "res" / "streamed.json")])
+    streamed_calibration.main([*argv, "--with-default", "--json", str(tmp_path / "res" / "streamed.json")])
     result = json.loads((tmp_path / "res" / "streamed.json").read_text())
     assert result["identical_streamed_in_memory"] is True
+    assert result["identical_streamed_in_memory_default"] is True
     rows = result["rows"]
-    assert set(rows) == {"plain SVD, streamed", "whitened, streamed block by block", "whitened, in memory"}
+    assert set(rows) == {
+        "plain SVD, streamed",
+        "whitened, streamed block by block",
+        "whitened, in memory",
+        "default (kfac + global), streamed block by block",
+        "in-memory default (kfac + global)",
+    }
     whitened = rows["whitened, streamed block by block"]["perplexity"]
     assert whitened == rows["whitened, in memory"]["perplexity"]
     assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows.values())

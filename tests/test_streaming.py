@@ -171,5 +171,5 @@ def test_calibration_aware_settings_refuse_to_stream(tmp_path):
     with pytest.raises(SvdloraError, match="--stage-dtypes cannot stream"):
         compress_checkpoint(base, tmp_path / "out", budget=0.5, stage_dtypes="int8")
     with pytest.raises(SvdloraError, match="cannot stream"):
-        compress_checkpoint(base, tmp_path / "out", budget=0.5, method="kfac", calibration=["some text"])
+        compress_checkpoint(base, tmp_path / "out", budget=0.5, method="kfac", refit=True, calibration=["text"])
     assert not (tmp_path / "out").exists()

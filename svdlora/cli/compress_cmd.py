@@ -119,9 +119,11 @@ def register(subparsers) -> None:
         help="read the checkpoint tensor by tensor and write the output shard by shard (a local safetensors "
         "folder; memory: one input shard + one matrix), the same bytes as in memory with --calibration none. Automatic "
         "under torchrun / accelerate launch, where the matrices are split over the processes. With --calibration "
-        "DATA (a causal LM's text) it calibrates one decoder block at a time (--method whiten, --allocation "
-        "uniform: fisher, kfac and global allocation need the whole model); the default --calibration auto falls "
-        "back to plain SVD (said on stderr), --calibration self is refused",
+        "DATA (a causal LM's text) it calibrates one decoder block at a time, every method and allocation as in "
+        "memory (fisher, kfac and global allocation by a backward pass block by block, keeping every block's "
+        "inputs on disk beside the output until it is done; --method whiten --allocation uniform needs one "
+        "forward pass and no disk); the default --calibration auto falls back to plain SVD (said on stderr), "
+        "--calibration self is refused",
     )
     p.add_argument(
         "--max-shard-size",
@@ -208,13 +210,7 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
     def announce(calibrating: bool) -> None:  # after every check: a refusal stays one line
         if calibrating:
             pin_mmap_threshold()  # freed hidden states leave RSS (blockwise.pin_mmap_threshold)
-        if calibrating and "auto" in (config.method, config.allocation):
-            print(
-                f"svdlora compress: {how} calibrates one decoder block at a time with --method whiten "
-                "--allocation uniform (fisher, kfac and global allocation need the whole model in memory)",
-                file=sys.stderr,
-            )
-        elif not calibrating and args.calibration == AUTO:
+        if not calibrating and args.calibration == AUTO:
             print(
                 f"svdlora compress: {how} compresses with plain SVD (causal LMs calibrate on self-generated text "
                 "by default, which needs the whole model in memory; --calibration DATA calibrates block by block)",

@@ -1,0 +1,183 @@
+"""Gradient statistics block by block: Fisher / K-FAC weights and global allocation for a
+checkpoint that is never in memory whole.
+
+In memory, one backward pass from the loss gives every layer the gradient at its output. Block
+by block, the same chain rule runs as three passes over the decoder blocks, each block read from
+the checkpoint and dropped again:
+
+1. forward: each block's input hidden states go to a scratch folder on disk, and its outputs
+   become the next block's inputs;
+2. head: the model runs with its blocks skipped (the last one returns the final hidden states),
+   so the norm, head and loss are the model's own code; autograd gives the loss gradient there;
+3. backward, last block first: the block runs again on its stored inputs under the same hooks
+   as in-memory calibration (input Grams, output gradients), and autograd through that block
+   alone, fed the gradient at its output, gives each layer's output gradient and the gradient
+   at the block's input, which the block before it is fed. The block's weightings go to the
+   scratch folder; for global allocation its weighted spectra (one vector per matrix) stay.
+
+Each block's backward is the same arithmetic as its part of the whole model's backward, so the
+statistics, and the factors, equal in-memory compression's bit for bit (tested). Memory holds
+one block, the windows' hidden states and gradients (samples × length × hidden, each), and one
+block's statistics; disk holds every block's inputs until its backward and every block's
+weightings until the factorization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import blockwise
+from .calibration import _Accumulator, _hooks, calibration_loss
+from .errors import SvdloraError
+from .layers import weight_out_in
+from .methods import Weighting, weighted_spectrum
+from .plan import CalibrationPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockStatistics:
+    """What the passes leave: each matrix's weighting (on disk, one file per block) and, for
+    global allocation, its loss-weighted spectrum."""
+
+    folder: Path
+    block_of: dict[str, int] = field(default_factory=dict)  # layer -> index of its block
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    _loaded: tuple[int, dict] | None = None
+
+    def weighting(self, name: str) -> Weighting | None:
+        """The metric layer ``name`` is factorized under (one block's file in memory at a time)."""
+        i = self.block_of[name]
+        if self._loaded is None or self._loaded[0] != i:
+            self._loaded = (i, torch.load(self.folder / f"weighting-{i}.pt", weights_only=True))
+        parts = self._loaded[1][name]
+        return None if parts is None else Weighting(*parts)
+
+
+def collect(plan, batches: list[dict], method: str, allocation: str, folder: Path, seed: int, progress: bool):
+    """Run the three passes over the checkpoint of ``plan`` (a ``streaming.Plan``) for every
+    target in ``plan.targets``; scratch files live in ``folder`` (created here)."""
+    model = blockwise.meta_model(plan)
+    blocks_name, blocks = blockwise.find_blocks(model, [t.name for t in plan.targets])
+    outside = (f"{blocks_name}.",)
+    filled = blockwise._materialize(plan, model, "", exclude=outside)
+    inputs = blockwise._capture_inputs(model, blocks[0], batches)
+    blockwise._release(filled)
+    folder.mkdir(parents=True)
+    _check_space(folder, inputs, len(blocks))
+    for i, block in enumerate(tqdm(blocks, desc="calibration: forward, block by block", disable=not progress)):
+        torch.save([entry.hidden for entry in inputs], folder / f"hidden-{i}.pt")
+        filled = blockwise._materialize(plan, block, f"{blocks_name}.{i}.")
+        with torch.no_grad():
+            for entry in inputs:
+                entry.run(block)
+        blockwise._release(filled)
+
+    filled = blockwise._materialize(plan, model, "", exclude=outside)
+    try:
+        grads = _head_gradients(model, blocks, inputs, batches, seed)
+    finally:
+        blockwise._release(filled)
+
+    result = BlockStatistics(folder)
+    for i in tqdm(range(len(blocks) - 1, -1, -1), desc="calibration: backward, block by block", disable=not progress):
+        prefix = f"{blocks_name}.{i}."
+        filled = blockwise._materialize(plan, blocks[i], prefix)
+        mine = [t for t in plan.targets if t.name.startswith(prefix)]
+        targets = [dataclasses.replace(t, module=model.get_submodule(t.name)) for t in mine]
+        stats = _block_backward(blocks[i], targets, inputs, grads, folder / f"hidden-{i}.pt", i > 0, method == "kfac")
+        (folder / f"hidden-{i}.pt").unlink()
+        weighted = CalibrationPlan(method, allocation, stats=stats)
+        if allocation == "global":
+            for t in targets:
+                spectrum = weighted_spectrum(weight_out_in(t.module), weighted.weighting(t.name, for_allocation=True))
+                result.spectra[t.name] = spectrum
+        saved = {}
+        for t in targets:
+            w = weighted.weighting(t.name)
+            saved[t.name] = None if w is None else (w.left, w.right, w.right_inverse)
+            result.block_of[t.name] = i
+        torch.save(saved, folder / f"weighting-{i}.pt")
+        del weighted, stats, targets
+        blockwise._release(filled)
+    return result
+
+
+def _block_backward(block, targets, inputs, grads: list, hidden_file: Path, upstream: bool, output_gram: bool):
+    """One block's statistics; ``grads`` (the gradient at its output, per window) becomes the
+    gradient at its input when ``upstream`` (a block before it needs it)."""
+    hidden = torch.load(hidden_file, mmap=True, weights_only=True)
+    accumulator = _Accumulator(targets, gradients=True, output_gram=output_gram)
+    with _hooks(targets, accumulator), torch.enable_grad():
+        for w, entry in enumerate(inputs):
+            accumulator.new_batch()
+            x = hidden[w].detach().requires_grad_()  # the layers' outputs need a graph, as in memory
+            out = entry.call(block, x)
+            outs = [o for _, o in accumulator.outputs]
+            got = torch.autograd.grad(out, [*outs, x] if upstream else outs, grad_outputs=grads[w], allow_unused=True)
+            accumulator.add_gradients(got[: len(outs)])
+            if upstream:
+                grads[w] = got[-1]
+    accumulator.new_batch()
+    stats = accumulator.result()
+    for t in targets:
+        if t.name not in stats:
+            raise SvdloraError(f"{t.name!r} never ran on the calibration data: --exclude it, or drop --stream")
+    return stats
+
+
+def _head_gradients(model, blocks, inputs, batches: list[dict], seed: int) -> list[torch.Tensor]:
+    """The loss gradient at the last block's output, per window, through the model's own head."""
+    generator = torch.Generator().manual_seed(seed)  # as collect_statistics draws it, window by window
+    grads = []
+    for entry, batch in zip(inputs, batches, strict=True):
+        final = entry.hidden.detach().requires_grad_()
+        with _blocks_skipped(blocks, final, entry.tuple_output):
+            outputs = model(**batch)
+        loss = calibration_loss(outputs, batch, generator)
+        grads.append(torch.autograd.grad(loss, final)[0])
+        del outputs, loss
+    return grads
+
+
+@contextmanager
+def _blocks_skipped(blocks, final: torch.Tensor, as_tuple: bool):
+    """Every block passes its hidden states through, the last returns ``final`` (on meta weights
+    nothing of theirs runs)."""
+
+    def passing(last: bool):
+        def forward(*args, **kwargs):
+            hidden = final if last else (args[0] if args else kwargs["hidden_states"])
+            return (hidden,) if as_tuple else hidden
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = passing(i == len(blocks) - 1)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def _check_space(folder: Path, inputs, blocks: int) -> None:
+    """Refuse before the forward pass a disk that cannot hold every block's inputs."""
+    needed = blocks * sum(entry.hidden.nbytes for entry in inputs)
+    free = shutil.disk_usage(folder).free
+    logger.info("block-by-block gradients: %.1f MiB of hidden states in %s", needed / 2**20, folder)
+    if free < needed:
+        raise SvdloraError(
+            f"calibrating block by block with gradients stores every block's inputs ({needed / 2**20:,.0f} MiB) "
+            f"beside the output, whose disk has {free / 2**20:,.0f} MiB free: free space, pass fewer "
+            "--calibration-samples, or use --method whiten --allocation uniform (no backward pass, nothing stored)"
+        )
