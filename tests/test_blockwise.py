@@ -171,6 +171,27 @@ def test_the_backward_holds_one_block(base, monkeypatch):
     assert all(p.device.type == "meta" for p in seen["model"].parameters())
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--calibration", "self"], "generating the calibration text needs the whole model"),
+        (["--calibration", "TEXT", "--method", "kfac", "--refit"], "cannot stream"),
+        (["--calibration", "TEXT", "--method", "whiten", "--heal-steps", "5"], "cannot stream"),
+        (["--calibration", "TEXT", "--compress-head"], "drop --compress-head"),  # a model check: still one line
+        (["--method", "whiten"], "needs calibration data"),
+        (["--heal-steps", "5"], "healing cannot stream"),
+    ],
+)
+def test_what_cannot_stream_is_refused_in_one_line(base, capsys, flags, message):
+    tmp = base.parent
+    flags = [str(tmp / "text.txt") if f == "TEXT" else f for f in flags]
+    capsys.readouterr()
+    assert main(["compress", str(base), "-o", str(tmp / "o"), "--stream", "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp / "o").exists()
+
+
 def test_one_block_in_memory_and_no_kv_cache(base, monkeypatch):
     """While block i runs, every other parameter (the embeddings too) is on meta, and no batch
     carries a KV cache (GPT-2 passes it by position, Llama by keyword)."""
