@@ -42,31 +42,38 @@ def base(request, tmp_path):
     return tmp_path / "base"
 
 
-@pytest.mark.parametrize("pivot", [False, True])
-def test_blockwise_calibration_equals_in_memory_whitening(base, pivot):
+def same_in_memory_and_streamed(base, config: CompressionConfig):
+    """Compress ``base`` in memory (saved to tmp/memory) and streamed (tmp/stream) on its text;
+    assert the weight files and reports are equal; return the in-memory model and the report."""
     tmp = base.parent
     text = str(tmp / "text.txt")
-    config = CompressionConfig(
-        budget=0.5, submatrices=2, method="whiten", allocation="uniform", pivot=pivot,
-        calibration_samples=3, calibration_length=16,
-    )  # fmt: skip
     model = load_pretrained(str(base))
-    tok = word_tokenizer(WORDS)
-    compress(model, config, calibration=text, processor=tok, progress=False)
+    compress(model, config, calibration=text, processor=word_tokenizer(WORDS), progress=False)
     save_compressed(model, tmp / "memory", source=base, max_shard_size="30KB")
     compress_checkpoint(base, tmp / "stream", config, calibration=text, max_shard_size="30KB", progress=False)
-
     assert weight_bytes(tmp / "memory") == weight_bytes(tmp / "stream")  # bit for bit
     a, b = (json.loads((tmp / f / "svdlora_config.json").read_text()) for f in ("memory", "stream"))
     for data in (a, b):
         data["report"].pop("seconds")
-    assert a == b and a["report"]["method"] == "whiten" and a["report"]["calibration"]["batches"] == 3
+    assert a == b
+    return model, b["report"]
+
+
+@pytest.mark.parametrize("pivot", [False, True])
+def test_blockwise_calibration_equals_in_memory_whitening(base, pivot):
+    tmp = base.parent
+    config = CompressionConfig(
+        budget=0.5, submatrices=2, method="whiten", allocation="uniform", pivot=pivot,
+        calibration_samples=3, calibration_length=16,
+    )  # fmt: skip
+    model, report = same_in_memory_and_streamed(base, config)
+    assert report["method"] == "whiten" and report["calibration"]["batches"] == 3
 
     # and it is calibrated: not the plain SVD's factors
     compress_checkpoint(base, tmp / "plain", CompressionConfig(budget=0.5, submatrices=2, pivot=pivot), progress=False)
     assert weight_bytes(tmp / "plain") != weight_bytes(tmp / "stream")
     loaded = load_compressed(tmp / "stream", device="cpu")
-    ids = tok(word_text(WORDS, 12), return_tensors="pt")["input_ids"]
+    ids = word_tokenizer(WORDS)(word_text(WORDS, 12), return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
@@ -84,17 +91,7 @@ def test_gradient_methods_stream_block_by_block_as_in_memory(base, method, alloc
         budget=0.5, submatrices=2, method=method, allocation=allocation, pivot=pivot,
         calibration_samples=3, calibration_length=16,
     )  # fmt: skip
-    model = load_pretrained(str(base))
-    compress(model, config, calibration=text, processor=word_tokenizer(WORDS), progress=False)
-    save_compressed(model, tmp / "memory", source=base, max_shard_size="30KB")
-    compress_checkpoint(base, tmp / "stream", config, calibration=text, max_shard_size="30KB", progress=False)
-
-    assert weight_bytes(tmp / "memory") == weight_bytes(tmp / "stream")  # bit for bit
-    a, b = (json.loads((tmp / f / "svdlora_config.json").read_text()) for f in ("memory", "stream"))
-    for data in (a, b):
-        data["report"].pop("seconds")
-    assert a == b
-    report = b["report"]
+    _, report = same_in_memory_and_streamed(base, config)
     assert (report["method"], report["allocation"], report["calibration"]["gradients"]) == (method, allocation, True)
     if allocation == "global":  # the ranks came from the loss-weighted spectra
         assert all(m["est_loss"] is not None for m in report["modules"] if m.get("ranks"))
