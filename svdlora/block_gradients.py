@@ -63,26 +63,30 @@ class BlockStatistics:
         return None if parts is None else Weighting(*parts)
 
 
-def collect(plan, batches: list[dict], method: str, allocation: str, folder: Path, seed: int, progress: bool):
+def collect(
+    plan, batches: list[dict], method: str, allocation: str, folder: Path, seed: int, progress: bool, device=None
+):
     """Run the three passes over the checkpoint of ``plan`` (a ``streaming.Plan``) for every
-    target in ``plan.targets``; scratch files live in ``folder`` (created here)."""
-    model = blockwise.meta_model(plan)
+    target in ``plan.targets``; scratch files live in ``folder`` (created here). ``device`` (e.g.
+    "cuda") runs the blocks and the statistics there; what is stored and returned is on the CPU."""
+    model = blockwise.meta_model(plan, device)
+    batches = blockwise.on_device(batches, device)
     blocks_name, blocks = blockwise.find_blocks(model, [t.name for t in plan.targets])
     outside = (f"{blocks_name}.",)
-    filled = blockwise._materialize(plan, model, "", exclude=outside)
+    filled = blockwise._materialize(plan, model, "", exclude=outside, device=device)
     inputs = blockwise._capture_inputs(model, blocks[0], batches)
     blockwise._release(filled)
     folder.mkdir(parents=True)
     _check_space(folder, inputs, len(blocks))
     for i, block in enumerate(tqdm(blocks, desc="calibration: forward, block by block", disable=not progress)):
-        torch.save([entry.hidden for entry in inputs], folder / f"hidden-{i}.pt")
-        filled = blockwise._materialize(plan, block, f"{blocks_name}.{i}.")
+        torch.save([entry.hidden.cpu() for entry in inputs], folder / f"hidden-{i}.pt")
+        filled = blockwise._materialize(plan, block, f"{blocks_name}.{i}.", device=device)
         with torch.no_grad():
             for entry in inputs:
                 entry.run(block)
         blockwise._release(filled)
 
-    filled = blockwise._materialize(plan, model, "", exclude=outside)
+    filled = blockwise._materialize(plan, model, "", exclude=outside, device=device)
     try:
         grads = _head_gradients(model, blocks, inputs, batches, seed)
     finally:
@@ -91,7 +95,7 @@ def collect(plan, batches: list[dict], method: str, allocation: str, folder: Pat
     result = BlockStatistics(folder)
     for i in tqdm(range(len(blocks) - 1, -1, -1), desc="calibration: backward, block by block", disable=not progress):
         prefix = f"{blocks_name}.{i}."
-        filled = blockwise._materialize(plan, blocks[i], prefix)
+        filled = blockwise._materialize(plan, blocks[i], prefix, device=device)
         mine = [t for t in plan.targets if t.name.startswith(prefix)]
         targets = [dataclasses.replace(t, module=model.get_submodule(t.name)) for t in mine]
         stats = _block_backward(blocks[i], targets, inputs, grads, folder / f"hidden-{i}.pt", i > 0, method == "kfac")
@@ -100,10 +104,10 @@ def collect(plan, batches: list[dict], method: str, allocation: str, folder: Pat
         if allocation == "global":
             for t in targets:
                 spectrum = weighted_spectrum(weight_out_in(t.module), weighted.weighting(t.name, for_allocation=True))
-                result.spectra[t.name] = spectrum
+                result.spectra[t.name] = spectrum.cpu()
         saved = {}
         for t in targets:
-            w = weighted.weighting(t.name)
+            w = blockwise.on_cpu(weighted.weighting(t.name))
             saved[t.name] = None if w is None else (w.left, w.right, w.right_inverse)
             result.block_of[t.name] = i
         torch.save(saved, folder / f"weighting-{i}.pt")
@@ -120,7 +124,7 @@ def _block_backward(block, targets, inputs, grads: list, hidden_file: Path, upst
     with _hooks(targets, accumulator), torch.enable_grad():
         for w, entry in enumerate(inputs):
             accumulator.new_batch()
-            x = hidden[w].detach().requires_grad_()  # the layers' outputs need a graph, as in memory
+            x = hidden[w].to(grads[w].device).detach().requires_grad_()  # the layers' outputs need a graph
             out = entry.call(block, x)
             outs = [o for _, o in accumulator.outputs]
             got = torch.autograd.grad(out, [*outs, x] if upstream else outs, grad_outputs=grads[w], allow_unused=True)

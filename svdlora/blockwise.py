@@ -96,23 +96,25 @@ def check(plan) -> None:
     find_blocks(plan.model, [t.name for t in plan.targets])
 
 
-def calibrate_and_factorize(plan, batches: list[dict], config, factorize_into, progress: bool) -> dict:
+def calibrate_and_factorize(plan, batches: list[dict], config, factorize_into, progress: bool, device=None) -> dict:
     """Whiten (method "whiten", uniform allocation): run ``batches`` block by block through the
     checkpoint of ``plan`` (a ``streaming.Plan``) and call ``factorize_into(target, weight,
-    weighting)`` for each of the plan's factorize jobs; returns their report lines."""
-    model = meta_model(plan)
+    weighting)`` for each of the plan's factorize jobs (weight and weighting on the CPU); returns
+    their report lines. ``device`` (e.g. "cuda") runs the blocks and the whitening there."""
+    model = meta_model(plan, device)
+    batches = on_device(batches, device)
     jobs = {what.name: what for kind, _, what in plan.jobs if kind == "factorize"}
     blocks_name, blocks = find_blocks(model, list(jobs))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = {id(p) for p in head.parameters()} if head is not None else set()
     skip -= {id(p) for p in model.get_input_embeddings().parameters()}  # a tied head is the embedding
-    outside = _materialize(plan, model, "", exclude=(f"{blocks_name}.",), skip=skip)
+    outside = _materialize(plan, model, "", exclude=(f"{blocks_name}.",), skip=skip, device=device)
     inputs = _capture_inputs(model, blocks[0], batches)
     _release(outside)  # the embeddings are not needed again: one block at a time from here
     reports = {}
     for i, block in enumerate(tqdm(blocks, desc="calibrating block by block", disable=not progress)):
         prefix = f"{blocks_name}.{i}."
-        filled = _materialize(plan, block, prefix)
+        filled = _materialize(plan, block, prefix, device=device)
         targets = [
             dataclasses.replace(what, module=model.get_submodule(name))
             for name, what in jobs.items()
@@ -128,20 +130,44 @@ def calibrate_and_factorize(plan, batches: list[dict], config, factorize_into, p
         for target in targets:
             if target.name not in stats.stats:
                 raise SvdloraError(f"{target.name!r} never ran on the calibration data: --exclude it, or drop --stream")
-            weighting = stats.weighting(target.name)
-            reports[target.name] = factorize_into(jobs[target.name], target.module.weight.detach(), weighting)
+            weighting = on_cpu(stats.weighting(target.name))
+            reports[target.name] = factorize_into(jobs[target.name], target.module.weight.detach().cpu(), weighting)
         del stats, accumulator, targets
         _release(filled)  # drop this block's weights before reading the next one
     return reports
 
 
-def meta_model(plan) -> nn.Module:
-    """The checkpoint's model on the meta device (tied as ``from_pretrained`` ties it), in eval mode."""
+def meta_model(plan, device=None) -> nn.Module:
+    """The checkpoint's model on the meta device (tied as ``from_pretrained`` ties it), in eval
+    mode; the buffers its code builds (rotary frequencies) on ``device``, where the blocks will run."""
     with init_empty_weights(), _no_weight_init():
         model = model_class(plan.hf_config)(plan.hf_config)
     if getattr(plan.hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
+    if device is not None:
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device.type != "meta":
+                    module._buffers[name] = buffer.to(device)
     return model.eval()
+
+
+def on_device(batches: list[dict], device) -> list[dict]:
+    """The calibration batches on ``device`` (unchanged for None)."""
+    if device is None:
+        return batches
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+
+
+def on_cpu(weighting):
+    """A weighting computed on the calibration device, on the CPU (the factorization moves it to
+    ``--device`` itself); the same object when it is there already."""
+    if weighting is None:
+        return None
+    parts = {k: getattr(weighting, k) for k in ("left", "right", "right_inverse")}
+    if all(t is None or t.device.type == "cpu" for t in parts.values()):
+        return weighting
+    return dataclasses.replace(weighting, **{k: None if t is None else t.cpu() for k, t in parts.items()})
 
 
 class _BlockInputs:
@@ -205,9 +231,12 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[dict]) -> 
     return captured
 
 
-def _materialize(plan, module: nn.Module, prefix: str, exclude: tuple[str, ...] = (), skip=frozenset()) -> list:
+def _materialize(
+    plan, module: nn.Module, prefix: str, exclude: tuple[str, ...] = (), skip=frozenset(), device=None
+) -> list:
     """Read ``module``'s meta parameters from the checkpoint (named ``prefix`` + their local name,
-    or a name tied to it), in the dtype in-memory loading gives them (``plan.out_dtype``).
+    or a name tied to it), in the dtype in-memory loading gives them (``plan.out_dtype``), onto
+    ``device`` (None: the CPU).
 
     Buffers are built by the model's code (``init_empty_weights`` leaves them real) and used as
     built, as in memory for non-persistent ones. Returns the (module, name) pairs it filled.
@@ -223,7 +252,8 @@ def _materialize(plan, module: nn.Module, prefix: str, exclude: tuple[str, ...] 
         value = plan.checkpoint.read(key)
         owner, _, attr = local.rpartition(".")
         parent = module.get_submodule(owner) if owner else module
-        parent._parameters[attr] = nn.Parameter(value.to(plan.out_dtype(value.dtype, name)), requires_grad=False)
+        value = value.to(plan.out_dtype(value.dtype, name))
+        parent._parameters[attr] = nn.Parameter(value if device is None else value.to(device), requires_grad=False)
         filled.append((parent, attr))
     return filled
 

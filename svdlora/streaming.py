@@ -31,7 +31,7 @@ from . import block_gradients, blockwise, distributed
 from .allocate import allocate_global, allocate_ranks
 from .calibration_data import SELF
 from .checkpoint import Checkpoint
-from .compress import all_finite, count_parameters, module_report, svd_options
+from .compress import all_finite, count_parameters, module_report, svd_device, svd_options
 from .config import CompressionConfig
 from .decompose import factorize, split_rank
 from .errors import SvdloraError
@@ -257,6 +257,7 @@ def compress_checkpoint(
         announce(batches is not None)  # every check passed: the slow work starts
     method, allocation = resolved or ("svd", "uniform")
     method = auto_method(p.targets) if method == "auto" else method
+    calibration_device = svd_device(config.svd_device)  # --device runs the block passes there too
     with atomic_folder(output, overwrite, inputs=[source]) if ctx.is_main else _nothing() as tmp:
         tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
         calibrated, weights, est_loss = None, None, {}
@@ -265,7 +266,9 @@ def compress_checkpoint(
             source_named = source_name(calibration)
             calibrated = CalibrationPlan(method, allocation, batches, source=source_named, gradients=gradients)
         if calibrated is not None and calibrated.gradients:  # the backward runs before any rank is known
-            weights = block_gradients.collect(p, batches, method, allocation, tmp / SCRATCH, config.seed, progress)
+            weights = block_gradients.collect(
+                p, batches, method, allocation, tmp / SCRATCH, config.seed, progress, calibration_device
+            )
             if allocation == "global":
                 ranks, dense, est_loss = allocate_global(
                     p.targets, weights.spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple
@@ -289,6 +292,7 @@ def compress_checkpoint(
                     config,
                     lambda what, weight, weighting: write_factors(writer, what, weight, config, weighting),
                     progress,
+                    calibration_device,
                 )  # fmt: skip
             )
         if weights is not None:

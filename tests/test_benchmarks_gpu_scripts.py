@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,19 @@ def test_gpu_align_dry_run(tmp_path):
     assert rows["pivoted+pairs"]["layouts"] == {"pairs": 14}  # 2 blocks x 7 projections, all as pairs
     assert sum(rows["pivoted+auto"]["layouts"].values()) == 14
     assert all(row["tok_s"] > 0 for row in rows.values())
+
+
+@pytest.mark.slow  # five CLI processes, ~90 s on 2 cores
+def test_gpu_calibration_dry_run(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat, and then it ran far away from the big red dog. " * 200)
+    tokenizer = ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
+    if not tokenizer.is_dir():
+        pytest.skip("needs ../shared/data/gpt2-tokenizer")
+    _run("gpu_calibration.py", "--tokenizer", str(tokenizer), "--text", str(text), "--work", str(tmp_path / "w"),
+         "--out", str(tmp_path / "out"), "--device", "cpu", "--small", "--samples", "2", "--blocks", "1")  # fmt: skip
+    rows = json.loads((tmp_path / "out" / "gpu_calibration.json").read_text())["rows"]
+    for method in ("default", "whiten"):  # the CPU named as the device: the same factors
+        assert rows[f"smollm2 {method} agreement"]["same_ranks"] == rows[f"smollm2 {method} agreement"]["layers"]
+        assert rows[f"smollm2 {method} agreement"]["max_rel_error_gap"] == 0.0
+    assert rows["llama7b default cpu"]["blocks"] == 1

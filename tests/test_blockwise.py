@@ -103,6 +103,24 @@ def test_gradient_methods_stream_block_by_block_as_in_memory(base, method, alloc
     assert weight_bytes(tmp / "whiten") != weight_bytes(tmp / "stream")
 
 
+def test_a_named_device_runs_the_block_passes_there(base, monkeypatch):
+    """--device names where the block passes run (a GPU for real: benchmarks/gpu_calibration.py);
+    here the CPU, named: every block is read onto it, and the bytes stay in-memory's."""
+    seen = []
+    materialize = blockwise._materialize
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return materialize(*args, **kwargs)
+
+    monkeypatch.setattr(blockwise, "_materialize", recording)
+    config = CompressionConfig(
+        budget=0.5, method="kfac", allocation="global", svd_device="cpu", calibration_samples=3, calibration_length=16
+    )
+    same_in_memory_and_streamed(base, config)
+    assert seen and set(seen) == {"cpu"}
+
+
 def test_cli_streams_the_in_memory_default(base, capsys):
     """--stream --calibration DATA with the default method and allocation (kfac/fisher + global)
     writes what the in-memory CLI writes."""

@@ -77,7 +77,7 @@ class Weighting:
         """Factors of the whitened matrix -> factors of W: (D⁻¹·A', B'·S⁻¹)."""
         if self.left is not None:
             if self.left.dim() == 2:  # D is symmetric positive definite (damped): solve, no inverse kept
-                a = torch.linalg.solve(self.left.double(), a.double()).to(a.dtype)
+                a = torch.linalg.solve(self.left.to(a.device, torch.float64), a.double()).to(a.dtype)
             else:
                 a = a / self.left.to(a)[:, None]
         if self.right_inverse is not None:
