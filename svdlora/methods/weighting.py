@@ -85,8 +85,11 @@ class Weighting:
         return a, b
 
 
-def whitening(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Symmetric S = Q·Λ^½·Qᵀ and S⁻¹ of the damped Gram, via a float64 eigendecomposition.
+def whitening(
+    gram: torch.Tensor, damping: float, inverse: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Symmetric S = Q·Λ^½·Qᵀ and S⁻¹ of the damped Gram, via a float64 eigendecomposition
+    (S⁻¹ is None without ``inverse``: an n³ product saved where only S is used).
 
     An eigendecomposition (not SVD-LLM's Cholesky) never fails on a singular or slightly
     indefinite Gram: negative round-off eigenvalues are clipped before the damping is added.
@@ -103,14 +106,14 @@ def whitening(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor | None, 
     eigenvalues = eigenvalues.clamp_min(0) + damping * scale
     root = eigenvalues.sqrt()
     right = (vectors * root) @ vectors.T
-    right_inverse = (vectors / root) @ vectors.T
+    right_inverse = (vectors / root) @ vectors.T if inverse else None
     return right, right_inverse
 
 
 def output_weights(stats: LayerStats, damping: float, full: bool = False) -> torch.Tensor | None:
     """D of one layer: diag √E[g²], or with ``full`` the symmetric E[g gᵀ]^½ where it was collected."""
     if full and stats.out_grad_gram is not None:
-        root = whitening(stats.out_grad_gram, damping)[0]
+        root = whitening(stats.out_grad_gram, damping, inverse=False)[0]
         if root is not None:
             return root
     if stats.out_grad_sq is None:
