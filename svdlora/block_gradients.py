@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import blockwise
-from .calibration import _Accumulator, _hooks, calibration_loss
+from .calibration import MAX_OUTPUT_GRAM, _Accumulator, _hooks, calibration_loss
 from .errors import SvdloraError
 from .layers import weight_out_in
 from .methods import Weighting, weighted_spectrum
@@ -77,7 +77,7 @@ def collect(
     inputs = blockwise._capture_inputs(model, blocks[0], batches)
     blockwise._release(filled)
     folder.mkdir(parents=True)
-    _check_space(folder, inputs, len(blocks))
+    _check_space(folder, inputs, plan.targets, method, len(blocks))
     for i, block in enumerate(tqdm(blocks, desc="calibration: forward, block by block", disable=not progress)):
         torch.save([entry.hidden.cpu() for entry in inputs], folder / f"hidden-{i}.pt")
         filled = blockwise._materialize(plan, block, f"{blocks_name}.{i}.", device=device)
@@ -105,9 +105,9 @@ def collect(
             for t in targets:
                 spectrum = weighted_spectrum(weight_out_in(t.module), weighted.weighting(t.name, for_allocation=True))
                 result.spectra[t.name] = spectrum.cpu()
-        saved = {}
+        saved, moved = {}, {}
         for t in targets:
-            w = blockwise.on_cpu(weighted.weighting(t.name))
+            w = blockwise.on_cpu(weighted.weighting(t.name), moved)  # shared matrices saved once
             saved[t.name] = None if w is None else (w.left, w.right, w.right_inverse)
             result.block_of[t.name] = i
         torch.save(saved, folder / f"weighting-{i}.pt")
@@ -174,14 +174,32 @@ def _blocks_skipped(blocks, final: torch.Tensor, as_tuple: bool):
             del block.forward
 
 
-def _check_space(folder: Path, inputs, blocks: int) -> None:
-    """Refuse before the forward pass a disk that cannot hold every block's inputs."""
-    needed = blocks * sum(entry.hidden.nbytes for entry in inputs)
+def scratch_bytes(inputs, targets, method: str, blocks: int) -> tuple[int, int]:
+    """The bytes of every block's stored inputs, and a lower bound on those of the weightings that
+    replace them block by block: layers that share an input (q/k/v) share its float32 S and S⁻¹,
+    so each input width is counted once per block; kfac adds each layer's (out, out) factor D."""
+    hidden = blocks * sum(entry.hidden.nbytes for entry in inputs)
+    if method == "svd":  # no weighting is stored, only the spectra in memory
+        return hidden, 0
+    widths = {t.in_features for t in targets}
+    weightings = blocks * sum(2 * 4 * n * n for n in widths)
+    if method == "kfac":
+        weightings += sum(4 * t.out_features**2 for t in targets if t.out_features <= MAX_OUTPUT_GRAM)
+    return hidden, weightings
+
+
+def _check_space(folder: Path, inputs, targets, method: str, blocks: int) -> None:
+    """Refuse before the forward pass a disk that cannot hold the scratch files (``scratch_bytes``)."""
+    hidden, weightings = scratch_bytes(inputs, targets, method, blocks)
     free = shutil.disk_usage(folder).free
-    logger.info("block-by-block gradients: %.1f MiB of hidden states in %s", needed / 2**20, folder)
-    if free < needed:
+    logger.info(
+        "block-by-block gradients: %.1f MiB of hidden states, then at least %.1f MiB of weightings in %s",
+        hidden / 2**20, weightings / 2**20, folder,
+    )  # fmt: skip
+    if free < max(hidden, weightings):
         raise SvdloraError(
-            f"calibrating block by block with gradients stores every block's inputs ({needed / 2**20:,.0f} MiB) "
-            f"beside the output, whose disk has {free / 2**20:,.0f} MiB free: free space, pass fewer "
-            "--calibration-samples, or use --method whiten --allocation uniform (no backward pass, nothing stored)"
+            f"calibrating block by block with gradients stores every block's inputs ({hidden / 2**20:,.0f} MiB), "
+            f"then each block's weightings (at least {weightings / 2**20:,.0f} MiB) beside the output, whose disk has "
+            f"{free / 2**20:,.0f} MiB free: free space, pass fewer --calibration-samples, or use --method whiten "
+            "--allocation uniform (no backward pass, nothing stored)"
         )

@@ -159,15 +159,20 @@ def on_device(batches: list[dict], device) -> list[dict]:
     return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
 
 
-def on_cpu(weighting):
+def on_cpu(weighting, moved: dict | None = None):
     """A weighting computed on the calibration device, on the CPU (the factorization moves it to
-    ``--device`` itself); the same object when it is there already."""
+    ``--device`` itself); the same object when it is there already. ``moved`` (id -> CPU copy)
+    keeps a matrix shared by several layers (q/k/v's whitening) one tensor on the CPU too."""
     if weighting is None:
         return None
     parts = {k: getattr(weighting, k) for k in ("left", "right", "right_inverse")}
     if all(t is None or t.device.type == "cpu" for t in parts.values()):
         return weighting
-    return dataclasses.replace(weighting, **{k: None if t is None else t.cpu() for k, t in parts.items()})
+    moved = {} if moved is None else moved
+    for k, t in parts.items():
+        if t is not None:
+            parts[k] = moved[id(t)] if id(t) in moved else moved.setdefault(id(t), t.cpu())
+    return dataclasses.replace(weighting, **parts)
 
 
 class _BlockInputs:

@@ -161,6 +161,32 @@ def test_a_disk_too_small_for_the_hidden_states_is_refused(base, monkeypatch):
     assert sorted(p.name for p in tmp.iterdir()) == ["base", "text.txt"]
 
 
+@pytest.mark.parametrize("method", ["kfac", "fisher", "svd"])
+def test_the_disk_check_counts_at_most_what_is_stored(base, monkeypatch, method):
+    """The up-front check never asks for more disk than the scratch files take: the hidden states
+    exactly, and a lower bound on the weightings (refusing a disk that would have sufficed is worse)."""
+    tmp = base.parent
+    estimate, stored = [], {"weighting": 0, "hidden": 0}
+    scratch_bytes, save = block_gradients.scratch_bytes, torch.save
+
+    def recording_estimate(*args):
+        estimate.append(scratch_bytes(*args))
+        return estimate[-1]
+
+    def recording_save(obj, path, *args, **kwargs):
+        save(obj, path, *args, **kwargs)
+        stored[path.name.split("-")[0]] += path.stat().st_size
+
+    monkeypatch.setattr(block_gradients, "scratch_bytes", recording_estimate)
+    monkeypatch.setattr(block_gradients.torch, "save", recording_save)
+    config = CompressionConfig(budget=0.5, method=method, allocation="global", calibration_samples=2)
+    compress_checkpoint(base, tmp / "o", config, calibration=str(tmp / "text.txt"), progress=False)
+    ((hidden, weightings),) = estimate
+    assert hidden <= stored["hidden"] < hidden + 4096 * 30  # the tensors, and each file's few headers
+    assert weightings <= stored["weighting"]
+    assert (weightings > 0) == (method != "svd")
+
+
 def test_the_backward_holds_one_block(base, monkeypatch):
     """While block i runs backwards, every other parameter (the embeddings and head too) is on meta."""
     tmp = base.parent
