@@ -77,7 +77,7 @@ def collect(
     inputs = blockwise._capture_inputs(model, blocks[0], batches)
     blockwise._release(filled)
     folder.mkdir(parents=True)
-    _check_space(folder, inputs, plan.targets, method, len(blocks))
+    _check_space(folder, inputs, plan.targets, method, [f"{blocks_name}.{i}." for i in range(len(blocks))])
     for i, block in enumerate(tqdm(blocks, desc="calibration: forward, block by block", disable=not progress)):
         torch.save([entry.hidden.cpu() for entry in inputs], folder / f"hidden-{i}.pt")
         filled = blockwise._materialize(plan, block, f"{blocks_name}.{i}.", device=device)
@@ -91,6 +91,8 @@ def collect(
         grads = _head_gradients(model, blocks, inputs, batches, seed)
     finally:
         blockwise._release(filled)
+    for entry in inputs:  # the last block's outputs: each block's inputs come from disk from here
+        entry.hidden = None
 
     result = BlockStatistics(folder)
     for i in tqdm(range(len(blocks) - 1, -1, -1), desc="calibration: backward, block by block", disable=not progress):
@@ -174,21 +176,23 @@ def _blocks_skipped(blocks, final: torch.Tensor, as_tuple: bool):
             del block.forward
 
 
-def scratch_bytes(inputs, targets, method: str, blocks: int) -> tuple[int, int]:
-    """The bytes of every block's stored inputs, and a lower bound on those of the weightings that
-    replace them block by block: layers that share an input (q/k/v) share its float32 S and S⁻¹,
-    so each input width is counted once per block; kfac adds each layer's (out, out) factor D."""
-    hidden = blocks * sum(entry.hidden.nbytes for entry in inputs)
+def scratch_bytes(inputs, targets, method: str, blocks: list[str]) -> tuple[int, int]:
+    """The bytes of every block's stored inputs (``blocks``: each block's name prefix), and a lower
+    bound on those of the weightings that replace them block by block: layers that share an input
+    (q/k/v) share its float32 S and S⁻¹, so each input width is counted once per block; kfac adds
+    each layer's (out, out) factor D. (A layer whose Gram is unusable stores less: it falls back.)"""
+    hidden = len(blocks) * sum(entry.hidden.nbytes for entry in inputs)
     if method == "svd":  # no weighting is stored, only the spectra in memory
         return hidden, 0
-    widths = {t.in_features for t in targets}
-    weightings = blocks * sum(2 * 4 * n * n for n in widths)
+    weightings = 0
+    for prefix in blocks:
+        weightings += sum(2 * 4 * n * n for n in {t.in_features for t in targets if t.name.startswith(prefix)})
     if method == "kfac":
         weightings += sum(4 * t.out_features**2 for t in targets if t.out_features <= MAX_OUTPUT_GRAM)
     return hidden, weightings
 
 
-def _check_space(folder: Path, inputs, targets, method: str, blocks: int) -> None:
+def _check_space(folder: Path, inputs, targets, method: str, blocks: list[str]) -> None:
     """Refuse before the forward pass a disk that cannot hold the scratch files (``scratch_bytes``)."""
     hidden, weightings = scratch_bytes(inputs, targets, method, blocks)
     free = shutil.disk_usage(folder).free

@@ -127,10 +127,11 @@ def calibrate_and_factorize(plan, batches: list[dict], config, factorize_into, p
                 entry.run(block)
         accumulator.new_batch()
         stats = CalibrationPlan("whiten", "uniform", stats=accumulator.result())
+        moved = {}  # q/k/v's S and S⁻¹ copied to the CPU once
         for target in targets:
             if target.name not in stats.stats:
                 raise SvdloraError(f"{target.name!r} never ran on the calibration data: --exclude it, or drop --stream")
-            weighting = on_cpu(stats.weighting(target.name))
+            weighting = on_cpu(stats.weighting(target.name), moved)
             reports[target.name] = factorize_into(jobs[target.name], target.module.weight.detach().cpu(), weighting)
         del stats, accumulator, targets
         _release(filled)  # drop this block's weights before reading the next one

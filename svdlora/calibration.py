@@ -78,12 +78,13 @@ class _Accumulator:
         if key is None:
             key = self.gram_owner.setdefault(name, name)
             flat = x.reshape(-1, x.shape[-1]).float()
-            # float32 products per batch (fast), float64 running sum (no drift over many batches)
-            product = (flat.T @ flat).double()
+            # float32 products per batch (fast), float64 running sum (no drift over many batches),
+            # added in place: no float64 copy of each product (the same sums, bit for bit)
+            product = flat.T @ flat
             if key in self.gram_sums:
                 self.gram_sums[key] += product
             else:
-                self.gram_sums[key] = product
+                self.gram_sums[key] = product.double()
             self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
             self._seen[identity] = (key, x)
         else:
@@ -101,8 +102,11 @@ class _Accumulator:
             self.grad_tokens[name] = self.grad_tokens.get(name, 0) + flat.shape[0]
             if self.output_gram and flat.shape[1] <= MAX_OUTPUT_GRAM:
                 single = grad.detach().reshape(-1, grad.shape[-1]).float()
-                product = (single.T @ single).double()  # float32 products, float64 running sum (as for XᵀX)
-                self.grad_grams[name] = self.grad_grams[name] + product if name in self.grad_grams else product
+                product = single.T @ single  # float32 products, float64 running sum (as for XᵀX)
+                if name in self.grad_grams:
+                    self.grad_grams[name] += product
+                else:
+                    self.grad_grams[name] = product.double()
 
     def result(self) -> dict[str, LayerStats]:
         means = {key: total / max(self.tokens[key], 1) for key, total in self.gram_sums.items()}
@@ -142,7 +146,8 @@ def calibration_loss(outputs, batch: dict, generator: torch.Generator) -> torch.
     if logits is not None:
         flat = logits.reshape(-1, logits.shape[-1]).float()
         with torch.no_grad():
-            sampled = torch.multinomial(flat.softmax(-1), 1, generator=generator).squeeze(-1)
+            # sampled on the CPU, where the generator is (the same draws wherever the model runs)
+            sampled = torch.multinomial(flat.softmax(-1).cpu(), 1, generator=generator).squeeze(-1).to(flat.device)
         return F.cross_entropy(flat, sampled, reduction="sum")
     hidden = getattr(outputs, "last_hidden_state", None)
     if hidden is None and isinstance(outputs, torch.Tensor):

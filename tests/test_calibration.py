@@ -327,3 +327,30 @@ def test_every_model_kind_calibrates(kind):
     out = output_of(calibrated, kind)
     assert torch.isfinite(out).all()
     assert (out - reference).norm() < (output_of(plain, kind) - reference).norm()
+
+
+def test_a_device_solver_that_fails_is_redone_on_the_cpu(caplog):
+    """cuSOLVER does not always converge: the whitening's eigh (and the spectra's svdvals) are redone
+    on the CPU and come back on the matrix's device. A stand-in matrix "on" the meta device plays the GPU."""
+    from svdlora.methods.weighting import on_cpu_if_it_fails
+
+    real = torch.randn(6, 6, dtype=torch.float64)
+    real = real @ real.T
+
+    class OnDevice:
+        device = torch.device("meta")
+
+        def cpu(self):
+            return real
+
+    def eigh(matrix):
+        if matrix is not real:
+            raise torch.linalg.LinAlgError("the algorithm failed to converge")
+        return torch.linalg.eigh(matrix)
+
+    with caplog.at_level("WARNING"):
+        values, vectors = on_cpu_if_it_fails(eigh, OnDevice())
+    assert values.device.type == vectors.device.type == "meta" and vectors.shape == (6, 6)
+    assert "redone on the CPU" in caplog.text
+    with pytest.raises(torch.linalg.LinAlgError):  # on the CPU itself a failure is not hidden
+        on_cpu_if_it_fails(lambda m: eigh(m.T.clone()), real)

@@ -104,9 +104,10 @@ def register(subparsers) -> None:
         "--device",
         dest="svd_device",
         default=None,
-        help="run the SVD on this device, e.g. cuda (the model stays on the CPU; a matrix whose GPU solver "
-        "fails is redone on the CPU); with --stream --calibration DATA the calibration's block passes run there "
-        "too, one block on the device at a time. Under torchrun, cuda means each process's own GPU (LOCAL_RANK)",
+        help="run the SVD on this device, e.g. cuda (a matrix whose GPU solver fails is redone on the CPU). In "
+        "memory the model and its calibration stay on the CPU; with --stream --calibration DATA the calibration's "
+        "block passes run on the device too, one block there at a time. Under torchrun, cuda means each "
+        "process's own GPU (LOCAL_RANK)",
     )
     p.add_argument(
         "--no-svd-reference",

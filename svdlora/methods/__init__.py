@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..decompose import residual_svd
-from .weighting import Weighting
+from .weighting import Weighting, on_cpu_if_it_fails
 
 METHODS = ("svd", "whiten", "fisher", "kfac")
 
@@ -37,7 +37,7 @@ def weighted_spectrum(weight: torch.Tensor, weighting: Weighting | None) -> torc
     work = weight.detach().float()
     if weighting is not None and not weighting.is_identity:
         work = weighting.whiten(work)
-    return torch.linalg.svdvals(work).double()
+    return on_cpu_if_it_fails(torch.linalg.svdvals, work).double()
 
 
 __all__ = ["METHODS", "Weighting", "factorize", "weighted_spectrum"]

@@ -102,7 +102,7 @@ def whitening(
     if scale <= 0:
         logger.warning("calibration inputs of a layer are all zero: it falls back to plain SVD")
         return None, None
-    eigenvalues, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    eigenvalues, vectors = on_cpu_if_it_fails(torch.linalg.eigh, (gram + gram.T) / 2)
     eigenvalues = eigenvalues.clamp_min(0) + damping * scale
     root = eigenvalues.sqrt()
     right = (vectors * root) @ vectors.T
@@ -123,3 +123,18 @@ def output_weights(stats: LayerStats, damping: float, full: bool = False) -> tor
     if not torch.isfinite(grad_sq).all() or mean <= 0:
         return None
     return (grad_sq + damping * mean).sqrt()
+
+
+def on_cpu_if_it_fails(solver, matrix: torch.Tensor):
+    """``solver(matrix)``, redone on the CPU where a GPU solver fails (cuSOLVER does not always
+    converge; ``decompose.factorize`` does the same for the SVD); results on the matrix's device."""
+    try:
+        return solver(matrix)
+    except (torch.linalg.LinAlgError, RuntimeError) as err:
+        if matrix.device.type == "cpu":
+            raise
+        logger.warning("%s on %s failed (%s): redone on the CPU", solver.__name__, matrix.device, err)
+        result = solver(matrix.cpu())
+        if isinstance(result, torch.Tensor):
+            return result.to(matrix.device)
+        return tuple(t.to(matrix.device) for t in result)  # eigh's (values, vectors)
