@@ -134,6 +134,17 @@ def test_cli_streams_the_in_memory_default(base, capsys):
     assert (report["method"], report["allocation"]) == ("kfac", "global")
 
 
+@pytest.mark.parametrize(("flags", "pinned"), [([], False), (["--method", "whiten", "--allocation", "uniform"], True)])
+def test_only_streamed_whitening_pins_the_mmap_threshold(base, monkeypatch, flags, pinned):
+    """Pinning halved streamed whitening's peak; with gradients it saved 7% for 26% more time."""
+    calls = []
+    monkeypatch.setattr(blockwise, "pin_mmap_threshold", lambda: calls.append(1))
+    tmp = base.parent
+    argv = ["compress", str(base), "--stream", "--no-progress", "--calibration", str(tmp / "text.txt")]
+    assert main([*argv, "--calibration-samples", "2", *flags, "-o", str(tmp / "o")]) == 0
+    assert bool(calls) == pinned
+
+
 def test_a_failed_backward_leaves_no_output_and_no_scratch(base, monkeypatch):
     tmp = base.parent
     seen = {}

@@ -9,8 +9,7 @@ import time
 
 import transformers
 
-from .. import distributed
-from ..blockwise import pin_mmap_threshold
+from .. import blockwise, distributed
 from ..compress import compress, svd_device
 from ..config import SVD_METHODS, CompressionConfig
 from ..errors import SvdloraError
@@ -210,8 +209,10 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
     check_streamable(config, calibration)
 
     def announce(calibrating: bool) -> None:  # after every check: a refusal stays one line
-        if calibrating:
-            pin_mmap_threshold()  # freed hidden states leave RSS (blockwise.pin_mmap_threshold)
+        if calibrating and blockwise.resolve(config) == ("whiten", "uniform"):
+            # freed hidden states leave RSS (blockwise.pin_mmap_threshold); with gradients the pin
+            # saved 7% of the peak for 26% more time (BENCHMARKS.md), so only whitening pins
+            blockwise.pin_mmap_threshold()
         if not calibrating and args.calibration == AUTO:
             print(
                 f"svdlora compress: {how} compresses with plain SVD (causal LMs calibrate on self-generated text "
