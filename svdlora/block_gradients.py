@@ -77,10 +77,11 @@ def collect(
     inputs = blockwise._capture_inputs(model, blocks[0], batches)
     blockwise._release(filled)
     folder.mkdir(parents=True)
-    _check_space(folder, inputs, plan.targets, method, [f"{blocks_name}.{i}." for i in range(len(blocks))])
+    prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
+    _check_space(folder, inputs, plan.targets, method, prefixes)
     for i, block in enumerate(tqdm(blocks, desc="calibration: forward, block by block", disable=not progress)):
         torch.save([entry.hidden.cpu() for entry in inputs], folder / f"hidden-{i}.pt")
-        filled = blockwise._materialize(plan, block, f"{blocks_name}.{i}.", device=device)
+        filled = blockwise._materialize(plan, block, prefixes[i], device=device)
         with torch.no_grad():
             for entry in inputs:
                 entry.run(block)
@@ -96,7 +97,7 @@ def collect(
 
     result = BlockStatistics(folder)
     for i in tqdm(range(len(blocks) - 1, -1, -1), desc="calibration: backward, block by block", disable=not progress):
-        prefix = f"{blocks_name}.{i}."
+        prefix = prefixes[i]
         filled = blockwise._materialize(plan, blocks[i], prefix, device=device)
         mine = [t for t in plan.targets if t.name.startswith(prefix)]
         targets = [dataclasses.replace(t, module=model.get_submodule(t.name)) for t in mine]

@@ -172,7 +172,9 @@ def on_cpu(weighting, moved: dict | None = None):
     moved = {} if moved is None else moved
     for k, t in parts.items():
         if t is not None:
-            parts[k] = moved[id(t)] if id(t) in moved else moved.setdefault(id(t), t.cpu())
+            if id(t) not in moved:
+                moved[id(t)] = t.cpu()
+            parts[k] = moved[id(t)]
     return dataclasses.replace(weighting, **parts)
 
 

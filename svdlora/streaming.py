@@ -216,7 +216,7 @@ def compress_checkpoint(
     trust_remote_code: bool = False,
     calibration=None,
     processor=None,
-    announce: Callable[[bool], None] | None = None,
+    announce: Callable[[bool, bool], None] | None = None,
     **options,
 ) -> CompressionReport:
     """Compress a local safetensors checkpoint without loading the model into memory.
@@ -236,7 +236,8 @@ def compress_checkpoint(
             as ``compress()`` resolves them (``blockwise``, ``block_gradients``).
         processor: the tokenizer of ``calibration`` (default: the one in ``source``).
         announce: called once every check has passed, before the slow work, with whether the
-            run calibrates (the CLI says there which method runs).
+            run calibrates and whether that takes a backward pass (the CLI says there which
+            method runs, and sets up the process for it).
     Returns:
         The ``CompressionReport`` (the same on every rank).
     """
@@ -253,16 +254,16 @@ def compress_checkpoint(
     batches = None
     if calibration is not None:  # read the data before any output exists
         batches = _calibration_batches(p, source, calibration, processor, config, ctx, progress)
-    if announce is not None and ctx.is_main:
-        announce(batches is not None)  # every check passed: the slow work starts
     method, allocation = resolved or ("svd", "uniform")
     method = auto_method(p.targets) if method == "auto" else method
+    gradients = batches is not None and (method, allocation) != ("whiten", "uniform")  # else one forward pass
+    if announce is not None and ctx.is_main:
+        announce(batches is not None, gradients)  # every check passed: the slow work starts
     calibration_device = svd_device(config.svd_device)  # --device runs the block passes there too
     with atomic_folder(output, overwrite, inputs=[source]) if ctx.is_main else _nothing() as tmp:
         tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
         calibrated, weights, est_loss = None, None, {}
         if batches is not None:
-            gradients = (method, allocation) != ("whiten", "uniform")  # else one forward pass suffices
             source_named = source_name(calibration)
             calibrated = CalibrationPlan(method, allocation, batches, source=source_named, gradients=gradients)
         if calibrated is not None and calibrated.gradients:  # the backward runs before any rank is known

@@ -208,8 +208,8 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
         )
     check_streamable(config, calibration)
 
-    def announce(calibrating: bool) -> None:  # after every check: a refusal stays one line
-        if calibrating and blockwise.resolve(config) == ("whiten", "uniform"):
+    def announce(calibrating: bool, gradients: bool) -> None:  # after every check: a refusal stays one line
+        if calibrating and not gradients:
             # freed hidden states leave RSS (blockwise.pin_mmap_threshold); with gradients the pin
             # saved 7% of the peak for 26% more time (BENCHMARKS.md), so only whitening pins
             blockwise.pin_mmap_threshold()
