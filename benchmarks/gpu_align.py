@@ -15,7 +15,8 @@ Motivation (gpu_rows, 2026-11-26): cuBLAS's batch-1 GEMV of an (out, R) bf16 mat
 R = 1492 and 7.6 us at R = 1488 (rows not 16-byte aligned).
 "pivoted+pairs" / "pivoted+auto" (and the same at multiples of 8): the pivoted layers turned into plain
 pairs, or each layer's fastest layout measured on the device (svdlora.runtime), as
-load_compressed(..., runtime="pairs" / "auto") does.
+load_compressed(..., runtime="pairs" / "auto") does. A "+stacked" suffix on any factorized variant
+stacks its sibling layers (q/k/v, gate/up) as load_compressed(..., stack_siblings=True) does.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from svdlora.decompose import rank_for_budget  # noqa: E402
 from svdlora.layers import LowRankLinear  # noqa: E402
 from svdlora.pivoted import PivotedLowRankLinear  # noqa: E402
 from svdlora.runtime import apply_runtime  # noqa: E402
+from svdlora.siblings import stack_siblings  # noqa: E402
 
 T0 = time.time()
 
@@ -129,9 +131,10 @@ def main() -> None:
         if time.time() - T0 > args.deadline - 45:
             res["variants"][name] = {"skipped": "deadline"}
             continue
-        layout = layouts[name]
+        layout = layouts[name.removesuffix("+stacked")]
         model, ranks = (dense, {}) if layout is None else factorized_copy(dense, *layout[:2], gen)
         picked = apply_runtime(model, layout[2]) if layout is not None and len(layout) > 2 else {}
+        groups = len(stack_siblings(model)) if name.endswith("+stacked") else 0
         weights = sum(t.numel() * t.element_size() for t in model.parameters())
         start = time.perf_counter()
         decoder = CompiledDecoder(model, prompt.shape[1] + args.tokens + 1, mode, backend)
@@ -139,7 +142,7 @@ def main() -> None:
         decoder.decode(prompt, 3, dev)
         decoders[name] = decoder
         res["variants"][name] = {"ranks": ranks, "weight_bytes": weights, "compile_s": time.perf_counter() - start,
-                                 "layouts": dict(Counter(picked.values()))}  # fmt: skip
+                                 "layouts": dict(Counter(picked.values())), "stacked_groups": groups}  # fmt: skip
         log(f"{name}: ranks {ranks}, {weights / 1e9:.2f} GB, compiled in {time.perf_counter() - start:.1f}s")
         save()
     names = list(decoders)

@@ -15,6 +15,8 @@ decode:   batch-1 greedy decoding (generate, no sampling, a fixed number of new 
 layouts: one process, pivoted (the default) vs --no-pivot pairs, each also with --rank-multiple 8 and
           with its (out, R) factor laid out row-major as before layers.factor_layout: decode and
           prefill as above, and the warm merged load.
+siblings: one process, q/k/v and gate/up stacked (stack_siblings=True) vs not, for the pivoted folder as
+          stored and as pairs and for the --no-pivot folder: decode and prefill as above.
 compiled: one process, the decode step compiled (torch.compile + a static KV cache; needs a C++
           compiler), dense vs pairs vs pivoted.
 Repeats are interleaved so machine noise hits every variant alike; medians are reported.
@@ -221,6 +223,25 @@ def part_layouts(args, compressed: Path) -> dict:
     return rows
 
 
+def part_siblings(args, compressed: Path) -> dict:
+    """Sibling layers stacked (q/k/v and gate/up computing their input side in one matmul,
+    ``stack_siblings=True``) against the same layers unstacked, one process, interleaved: the default
+    pivoted folder as stored and as pairs, and the ``--no-pivot`` folder."""
+    import transformers
+
+    from svdlora import load_compressed
+
+    transformers.utils.logging.disable_progress_bar()
+    pairs = _variant(args, compressed, "pairs", ["--no-pivot"])
+    variants = {"pivoted": (compressed, "factorized"), "pivoted as pairs": (compressed, "pairs"),
+                "no-pivot pairs": (pairs, "factorized")}  # fmt: skip
+    models = {"dense": transformers.AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval()}
+    for name, (folder, runtime) in variants.items():
+        models[name] = load_compressed(folder, device="cpu", runtime=runtime)
+        models[f"{name}, stacked"] = load_compressed(folder, device="cpu", runtime=runtime, stack_siblings=True)
+    return _time_generation(models, args)
+
+
 def part_compiled(args, compressed: Path) -> dict:
     """Decode with the step compiled (torch.compile, inductor, a static KV cache), dense vs pairs vs
     pivoted, one process: how much of the gap to the bytes ratio is Python and framework overhead."""
@@ -334,7 +355,7 @@ def main(argv=None) -> dict:
     for part in args.parts.split(","):
         parts = {
             "compress": part_compress, "load": part_load, "decode": part_decode, "distributed": part_distributed,
-            "layouts": part_layouts, "compiled": part_compiled,
+            "layouts": part_layouts, "siblings": part_siblings, "compiled": part_compiled,
         }  # fmt: skip
         result[part] = parts[part](args, work if part in ("compress", "distributed") else compressed)
         print(part, json.dumps(result[part], indent=1), flush=True)

@@ -26,6 +26,7 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from . import siblings
 from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR, all_finite
 from .errors import SvdloraError, first_line
 from .integrations import hf_quantizer
@@ -240,6 +241,7 @@ def load_compressed(
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
     runtime: str | None = None,
+    stack_siblings: bool = False,
 ) -> nn.Module:
     """Rebuild a compressed model, with its factors placed directly on ``device``.
 
@@ -257,6 +259,9 @@ def load_compressed(
             copies, R² values more), "merged" (same as ``merge=True``), or "auto": per layer, the
             layout that measured fastest on its device for one token per call (``svdlora.runtime``;
             decoding).
+        stack_siblings: low-rank layers that read the same input (q/k/v, gate/up) compute their
+            input side in one matmul (``svdlora.siblings``: fewer kernels for batch-1 decoding on a
+            GPU); found by one forward pass on the model's ``dummy_inputs``. Inference only.
     Returns:
         The model in eval mode.
     """
@@ -344,4 +349,6 @@ def load_compressed(
             model.get_submodule(name).stored = parts
     if runtime in ("auto", "pairs"):
         apply_runtime(model, runtime)
+    if stack_siblings:
+        siblings.stack_siblings(model)
     return model.eval()

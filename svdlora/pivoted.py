@@ -188,8 +188,11 @@ class PivotedLowRankLinear(LowRankLinear):
         return pivoted_weight(self.B, self.C, self.rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(F.linear(x, self.B))
+
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        """The outputs from the pivot outputs z = P·x."""
         rows, rest = self._traced_indices() if torch.compiler.is_compiling() else self._indices()
-        z = F.linear(x, self.B)
         # two index copies into the output: faster on a CPU than concatenating and gathering the columns
         out = z.new_empty(*z.shape[:-1], self.out_features)
         out.index_copy_(-1, rows, z)

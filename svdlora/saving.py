@@ -26,6 +26,7 @@ from .pivoted import PivotedLowRankLinear
 from .precision import set_float_storage
 from .quantize import dtype_name
 from .report import CompressionReport
+from .siblings import StackedSibling
 from .version import __version__
 from .writer import (
     CONFIG_NAME,
@@ -127,11 +128,14 @@ def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
     for line, module in _report_layers(model, report):
         pivoted = isinstance(module, PivotedLowRankLinear)
         if not isinstance(module, LowRankLinear) or pivoted != line.pivoted:
-            now = "a pair" if isinstance(module, LowRankLinear) else f"a dense {type(module).__name__}"
+            if isinstance(module, StackedSibling):
+                now = "a sibling stacked with others (stack_siblings=True)"
+            else:
+                now = "a pair" if isinstance(module, LowRankLinear) else f"a dense {type(module).__name__}"
             raise SvdloraError(
                 f"{line.name} was compressed {'pivoted' if line.pivoted else 'as a factor pair'} but now runs as "
-                f"{now} (a load-time runtime: merged, pairs or auto): save a model loaded with the default "
-                'runtime="factorized", or copy the compressed folder itself'
+                f"{now} (a load-time runtime: merged, pairs, auto or stacked siblings): save a model loaded as "
+                'stored (the default runtime="factorized", no stack_siblings), or copy the compressed folder itself'
             )
 
 

@@ -1,0 +1,183 @@
+"""Sibling layers share one input-side matmul: ``load_compressed(..., stack_siblings=True)``.
+
+Low-rank layers that read the same input (q/k/v of an attention, gate/up of a gated MLP) each
+start with z = x·Bᵀ. Stacking their B factors into one matrix computes every sibling's z in one
+matmul: fewer, larger kernels, which is what batch-1 decoding on a GPU is bound by (on one
+Llama-2-7B block under CUDA graphs, the projections took 95 µs stacked against 113 µs as pairs and
+126 µs dense; ``benchmarks/gpu_fused.py``). Each sibling then applies its own output side
+(``LowRankLinear.expand``) to its slice of the product.
+
+The model's code still calls each sibling on its own, so the first call computes the stacked
+product and keeps it for the others. It is used only by a call with the *same* input tensor
+(identity, and unchanged since: ``_version``), once per sibling; anything else computes afresh, so
+a wrong grouping costs time, never correctness. The product is dropped once every sibling has
+read it. Which layers are siblings is found by one forward pass on a small input, recording which
+layers receive the same tensor object. Inference only: not thread-safe across concurrent forward
+passes of one model, and a stacked model is not re-saved (``save_compressed`` refuses it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SvdloraError, first_line
+from .layers import LowRankLinear
+from .pivoted import PivotedLowRankLinear, pivoted_weight
+
+logger = logging.getLogger(__name__)
+
+
+class StackedProjection(nn.Module):
+    """The B factors of sibling layers stacked into ``weight``, and the product its last input gave."""
+
+    def __init__(self, factors: list[torch.Tensor]) -> None:
+        super().__init__()
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor even under inference_mode
+            weight = torch.cat([f.detach() for f in factors])
+        self.weight = nn.Parameter(weight, requires_grad=factors[0].requires_grad)
+        self.bounds = list(itertools.pairwise(itertools.accumulate([0] + [f.shape[0] for f in factors])))
+        self._forget()
+
+    def _forget(self) -> None:
+        self._input = self._product = None
+        self._version = -1
+        self._unread = [False] * len(self.bounds)
+
+    def take(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Sibling ``index``'s z = x·Bᵀ: from the kept product when it is of this very input and
+        that sibling has not read it yet, else from a new product of all siblings."""
+        fresh = self._input is not x or not self._unread[index]
+        if not fresh and not torch.compiler.is_compiling():  # dynamo guards the graph's own inputs
+            fresh = x._version != self._version  # written in place since
+        if fresh:
+            self._input, self._product = x, F.linear(x, self.weight)
+            self._version = -1 if torch.compiler.is_compiling() else x._version
+            self._unread = [True] * len(self.bounds)
+        start, stop = self.bounds[index]
+        z = self._product[..., start:stop]
+        self._unread[index] = False
+        if not any(self._unread):  # every sibling has it: hold no activations between calls
+            self._forget()
+        return z
+
+    def extra_repr(self) -> str:
+        return f"ranks={[stop - start for start, stop in self.bounds]}, in_features={self.weight.shape[1]}"
+
+
+class StackedSibling(nn.Module):
+    """A low-rank layer whose input side is computed with its siblings' (``StackedProjection``).
+
+    ``layer`` keeps its output side (A, or a pivoted layer's C and rows, and the bias); its B is
+    a slice of the stacked weight. The first sibling of a group holds the ``StackedProjection``
+    as a submodule (so ``.to()`` and ``state_dict`` see it once); the others refer to it.
+    """
+
+    def __init__(self, layer: LowRankLinear, stacked: StackedProjection, index: int, owner: bool) -> None:
+        super().__init__()
+        del layer._parameters["B"]  # lives in the stacked weight now
+        self.layer = layer
+        self.index = index
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        if owner:
+            self.stacked = stacked
+        self.__dict__["projection"] = stacked  # not registered: the owner sibling registers it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.expand(self.projection.take(x, self.index))
+
+    def dense_weight(self) -> torch.Tensor:
+        start, stop = self.projection.bounds[self.index]
+        b = self.projection.weight[start:stop]
+        if isinstance(self.layer, PivotedLowRankLinear):
+            return pivoted_weight(b, self.layer.C, self.layer.rows)
+        return self.layer.A @ b
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A·B, for code that reads ``.weight`` (its dtype, say); computed on every access."""
+        return self.dense_weight()
+
+    def extra_repr(self) -> str:
+        return f"sibling {self.index} of {len(self.projection.bounds)}"
+
+
+def _stackable(module: nn.Module) -> bool:
+    if not isinstance(module, LowRankLinear) or module.full is not None or "B" not in module._parameters:
+        return False
+    on_meta = any(t.device.type == "meta" for t in module.parameters(recurse=False))
+    return not on_meta and getattr(module, "_hf_hook", None) is None  # accelerate places these itself
+
+
+def _example_inputs(model: nn.Module):
+    dummy = getattr(model, "dummy_inputs", None)
+    if not isinstance(dummy, dict):
+        raise SvdloraError(
+            f"{type(model).__name__} has no dummy_inputs to find which layers read the same input: "
+            "pass stack_siblings(model, inputs=...), a small batch its forward takes"
+        )
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in dummy.items()}
+
+
+def find_siblings(model: nn.Module, inputs=None) -> list[list[str]]:
+    """Groups of stackable low-rank layers that receive the same input tensor in one forward pass
+    (``inputs``: a dict of keyword arguments, a tuple of positional ones, or one tensor; default
+    the model's ``dummy_inputs``). A layer called more than once, on different inputs, is in none."""
+    inputs = _example_inputs(model) if inputs is None else inputs
+    calls: dict[str, list[int]] = {}
+    kept = []  # the inputs stay alive while tracing, so no id is reused
+
+    def record(name):
+        def hook(module, args):
+            if args and torch.is_tensor(args[0]):
+                kept.append(args[0])
+                calls.setdefault(name, []).append(id(args[0]))
+
+        return hook
+
+    layers = {name: m for name, m in model.named_modules() if _stackable(m)}
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            if isinstance(inputs, dict):
+                model(**inputs)
+            elif isinstance(inputs, tuple | list):
+                model(*inputs)
+            else:
+                model(inputs)
+    except SvdloraError:
+        raise
+    except Exception as err:  # noqa: BLE001 (any model's forward: reported with the way out)
+        raise SvdloraError(
+            f"the forward pass that finds sibling layers failed ({first_line(err)}): pass "
+            "stack_siblings(model, inputs=...), a small batch its forward takes"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[tuple, list[str]] = {}
+    for name, ids in calls.items():
+        if len(set(ids)) == 1:
+            m = layers[name]
+            key = (ids[0], m.in_features, m.B.dtype, m.B.device)
+            groups.setdefault(key, []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def stack_siblings(model: nn.Module, inputs=None) -> list[list[str]]:
+    """Replace, in place, each group of sibling low-rank layers (``find_siblings``) by
+    ``StackedSibling`` layers sharing one input-side matmul; returns the groups."""
+    groups = find_siblings(model, inputs)
+    for names in groups:
+        layers = [model.get_submodule(n) for n in names]
+        stacked = StackedProjection([layer.B for layer in layers]).train(layers[0].training)
+        for index, (name, layer) in enumerate(zip(names, layers, strict=True)):
+            sibling = StackedSibling(layer, stacked, index, owner=index == 0).train(layer.training)
+            model.set_submodule(name, sibling, strict=True)
+    logger.info("stacked %d layers in %d sibling groups", sum(map(len, groups)), len(groups))
+    return groups

@@ -1,0 +1,162 @@
+"""stack_siblings: layers that read the same input compute their input side in one matmul."""
+
+import pytest
+import torch
+from torch import nn
+
+from svdlora import SvdloraError, compress, load_compressed, save_compressed
+from svdlora.layers import LowRankLinear
+from svdlora.pivoted import PivotedLowRankLinear
+from svdlora.siblings import StackedProjection, StackedSibling, find_siblings, stack_siblings
+
+from .conftest import example_inputs, output_of, tiny_llama, tiny_marian
+
+
+def _folder(tmp_path, model, **options):
+    torch.manual_seed(0)
+    compress(model, budget=0.5, progress=False, **options)
+    save_compressed(model, tmp_path / "out")
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("pivot", [False, True])
+def test_stacked_llama_computes_the_same(tmp_path, pivot):
+    folder = _folder(tmp_path, tiny_llama(), pivot=pivot)
+    want = output_of(load_compressed(folder, device="cpu"), "llama")
+    model = load_compressed(folder, device="cpu", stack_siblings=True)
+    for block in model.model.layers:
+        attention = [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]
+        mlp = [block.mlp.gate_proj, block.mlp.up_proj]
+        for siblings in (attention, mlp):
+            assert all(isinstance(s, StackedSibling) for s in siblings)
+            assert len({id(s.projection) for s in siblings}) == 1
+            assert isinstance(siblings[0].stacked, StackedProjection)  # registered once, on the first
+            assert all(not hasattr(s, "stacked") for s in siblings[1:])
+            assert all(isinstance(s.layer, PivotedLowRankLinear) == pivot for s in siblings)
+        assert isinstance(block.self_attn.o_proj, LowRankLinear) and isinstance(block.mlp.down_proj, LowRankLinear)
+    assert find_siblings(model) == []  # nothing left to stack
+    torch.testing.assert_close(output_of(model, "llama"), want, rtol=1e-5, atol=1e-6)
+    # the kept products are dropped once every sibling has read them
+    assert all(m._product is None and m._input is None for m in model.modules() if isinstance(m, StackedProjection))
+
+
+def test_one_product_per_group_and_call(tmp_path):
+    """Per forward pass, each group multiplies by its stacked weight once: three q/k/v products and
+    two gate/up products become one each."""
+    folder = _folder(tmp_path, tiny_llama())
+    model = load_compressed(folder, device="cpu", stack_siblings=True)
+    products = []
+    real_linear = torch.nn.functional.linear
+
+    def counting_linear(x, weight, bias=None):
+        if any(weight is m.weight for m in model.modules() if isinstance(m, StackedProjection)):
+            products.append(weight.shape)
+        return real_linear(x, weight, bias)
+
+    groups = sum(isinstance(m, StackedProjection) for m in model.modules())
+    import svdlora.siblings as siblings
+
+    siblings.F.linear = counting_linear
+    try:
+        output_of(model, "llama")
+    finally:
+        siblings.F.linear = real_linear
+    assert groups == 4 and len(products) == groups
+
+
+def test_generate_gives_the_same_tokens(tmp_path):
+    folder = _folder(tmp_path, tiny_llama(), pivot=True)
+    prompt = torch.tensor([[1, 5, 9, 3]])
+    runs = {}
+    for stacked in (False, True):
+        model = load_compressed(folder, device="cpu", runtime="pairs", stack_siblings=stacked)
+        with torch.no_grad():
+            runs[stacked] = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(runs[False], runs[True])
+
+
+def test_cross_attention_keys_and_values_are_grouped_apart_from_queries(tmp_path):
+    """In a decoder's cross-attention, k and v read the encoder's output and q the decoder's state:
+    k/v are siblings (across the decoder layers: the same tensor), q is not one of them."""
+    folder = _folder(tmp_path, tiny_marian())
+    want = output_of(load_compressed(folder, device="cpu"), "marian")
+    model = load_compressed(folder, device="cpu")
+    groups = find_siblings(model, example_inputs("marian"))
+    cross = [g for g in groups if any("encoder_attn" in n for n in g)]
+    assert len(cross) == 1 and {n.rsplit(".", 1)[1] for n in cross[0]} == {"k_proj", "v_proj"}
+    assert all(not any(n.endswith("encoder_attn.q_proj") for n in g) for g in groups)
+    stack_siblings(model, example_inputs("marian"))
+    torch.testing.assert_close(output_of(model, "marian"), want, rtol=1e-5, atol=1e-6)
+
+
+class ThreeHeads(nn.Module):
+    """Two layers on x, one on y: a deliberately wrong group (all three) must still compute right."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (LowRankLinear.from_dense(nn.Linear(16, 12), [4]) for _ in range(3))
+
+    def forward(self, x, y=None, scale_between=False):
+        first = self.a(x)
+        if scale_between:
+            x.mul_(2)  # written in place between two siblings' calls
+        return first + self.b(x) + self.c(x if y is None else y)
+
+
+def _stack_by_hand(model, names):
+    layers = [model.get_submodule(n) for n in names]
+    stacked = StackedProjection([m.B for m in layers])
+    for i, (n, m) in enumerate(zip(names, layers, strict=True)):
+        model.set_submodule(n, StackedSibling(m, stacked, i, owner=i == 0))
+
+
+def test_grouping_follows_the_inputs_and_a_wrong_group_still_computes_right():
+    torch.manual_seed(0)
+    model = ThreeHeads()
+    x, y = torch.randn(3, 16), torch.randn(3, 16)
+    assert find_siblings(model, (x, y)) == [["a", "b"]]
+    assert sorted(map(sorted, find_siblings(model, (x,)))) == [["a", "b", "c"]]
+    with torch.no_grad():
+        want = model(x, y)
+        want_inplace = model(x.clone(), None, True)
+        _stack_by_hand(model, ["a", "b", "c"])  # c reads y: its kept product is of x, not used
+        torch.testing.assert_close(model(x, y), want)
+        torch.testing.assert_close(model(x.clone(), None, True), want_inplace)  # x changed: recomputed
+        torch.testing.assert_close(model(x, y), want)  # nothing stale carried over
+
+
+def test_a_stacked_model_is_not_saved_and_converts_with_to(tmp_path):
+    folder = _folder(tmp_path, tiny_llama())
+    model = load_compressed(folder, device="cpu", stack_siblings=True)
+    with pytest.raises(SvdloraError, match="stacked with others"):
+        save_compressed(model, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    want = output_of(model, "llama").double()
+    model.double()  # one StackedProjection per group, converted once, seen by every sibling
+    assert all(m.projection.weight.dtype == torch.float64 for m in model.modules() if isinstance(m, StackedSibling))
+    torch.testing.assert_close(output_of(model, "llama"), want, rtol=1e-5, atol=1e-6)
+    q = model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q.weight, q.dense_weight())
+    assert q.weight.shape == (q.out_features, q.in_features)
+
+
+def test_a_model_without_dummy_inputs_asks_for_them():
+    with pytest.raises(SvdloraError, match="inputs="):
+        stack_siblings(ThreeHeads())
+
+
+def test_a_failing_forward_is_reported():
+    with pytest.raises(SvdloraError, match="forward pass that finds sibling layers failed"):
+        stack_siblings(ThreeHeads(), torch.randn(2, 7))
+
+
+def test_compiled_stacked_model_computes_the_same(tmp_path):
+    """Under torch.compile the kept product is a side effect dynamo replays: one graph, same logits."""
+    folder = _folder(tmp_path, tiny_llama(), pivot=True)
+    want = output_of(load_compressed(folder, device="cpu"), "llama")
+    model = load_compressed(folder, device="cpu", runtime="pairs", stack_siblings=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        got = compiled(**example_inputs("llama")).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
