@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import subprocess
 import time
 from contextlib import contextmanager
 from datetime import date
@@ -29,6 +31,23 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     return info
+
+
+def timed_run(argv: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[float, str, str]:
+    """Run a command (a CLI process, usually); (wall seconds, stdout, stderr). A failure raises with
+    the end of its stderr."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env or dict(os.environ), timeout=timeout)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(map(str, argv[:6]))} ... exit {done.returncode}:\n{done.stderr[-3000:]}")
+    return seconds, done.stdout, done.stderr
+
+
+def peak_rss_mb(stderr: str) -> float | None:
+    """The last "peak RSS N MB" line the CLI (and the I/O-floor scripts) print: the process's ru_maxrss."""
+    found = re.findall(r"peak RSS ([\d,]+) MB", stderr)
+    return float(found[-1].replace(",", "")) if found else None
 
 
 def write_results(name: str, data: dict, results_dir: Path = DEFAULT_RESULTS) -> Path:

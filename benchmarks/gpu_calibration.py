@@ -22,13 +22,14 @@ import argparse
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import peak_rss_mb, timed_run  # noqa: E402
 
 
 def build(folder: Path, tokenizer: Path, dtype: torch.dtype, **shape) -> Path:
@@ -53,21 +54,15 @@ def build(folder: Path, tokenizer: Path, dtype: torch.dtype, **shape) -> Path:
 def compress(model: Path, out: Path, text: Path, samples: int, flags: list[str], log: Path) -> dict:
     argv = [sys.executable, "-m", "svdlora", "compress", str(model), "-o", str(out), "--overwrite", "--no-progress"]
     argv += ["--stream", "--budget", "0.5", "--calibration", str(text), "--calibration-samples", str(samples), *flags]
-    start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    seconds = time.perf_counter() - start
-    log.write_text(done.stderr[-20000:])
-    if done.returncode:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-    peak = re.search(r"peak RSS ([\d,]+) MB", done.stderr)
+    try:
+        seconds, _, err = timed_run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    except RuntimeError as failed:
+        log.write_text(str(failed))
+        raise SystemExit(str(failed)) from None
+    log.write_text(err[-20000:])
     report = json.loads((out / "svdlora_config.json").read_text())
     layers = {m["name"]: (m.get("ranks"), m.get("rel_error")) for m in report["report"]["modules"]}
-    return {
-        "flags": flags,
-        "seconds": round(seconds, 1),
-        "peak_rss_mb": int(peak.group(1).replace(",", "")),
-        "layers": layers,
-    }
+    return {"flags": flags, "seconds": round(seconds, 1), "peak_rss_mb": int(peak_rss_mb(err)), "layers": layers}
 
 
 def agreement(cpu: dict, gpu: dict) -> dict:

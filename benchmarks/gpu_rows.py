@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -61,6 +60,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import peak_rss_mb, timed_run  # noqa: E402
 from benchmarks.decoding import CompiledDecoder, sync  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -141,17 +141,7 @@ def save(args):
 
 
 def run(cmd, timeout):
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ})
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"{cmd[:5]} exit {proc.returncode}: {proc.stderr[-1500:]}")
-    return seconds, proc.stdout, proc.stderr
-
-
-def peak_mb(stderr):
-    found = re.findall(r"peak RSS ([\d,]+) MB", stderr)
-    return float(found[-1].replace(",", "")) if found else None
+    return timed_run(cmd, timeout=timeout)
 
 
 def configs(args) -> dict:
@@ -221,7 +211,7 @@ def compress_cmd(dense: Path, out: Path, budget, svd_device, pivot: bool) -> lis
 
 
 def compress_row(cmd, seconds, err) -> dict:
-    return {"cmd": " ".join(cmd[1:]), "wall_s": seconds, "peak_rss_mb": peak_mb(err),
+    return {"cmd": " ".join(cmd[1:]), "wall_s": seconds, "peak_rss_mb": peak_rss_mb(err),
             "svd_fallbacks_logged": err.count("failed (")}  # fmt: skip
 
 

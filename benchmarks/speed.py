@@ -27,15 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import peak_rss_mb, timed_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,19 +68,8 @@ def _env() -> dict:
 
 
 def _run(cmd: list[str], stderr: bool = False):
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr[-2000:]}")
-    if stderr:
-        return time.perf_counter() - start, proc.stdout, proc.stderr
-    return time.perf_counter() - start, proc.stdout
-
-
-def _peak_mb(stderr: str) -> float | None:
-    """The "peak RSS N MB" line the CLI (and the floor script) print: the process's ru_maxrss."""
-    found = re.findall(r"peak RSS ([\d,]+) MB", stderr)
-    return float(found[-1].replace(",", "")) if found else None
+    seconds, out, err = timed_run(cmd, env=_env())
+    return (seconds, out, err) if stderr else (seconds, out)
 
 
 def _compress_command(args, output=None) -> list[str]:
@@ -112,7 +101,7 @@ def part_compress(args, work: Path) -> dict:
             shutil.rmtree(out, ignore_errors=True)
             seconds, _, err = _run(make(str(out)), stderr=True)
             times[name].append(seconds)
-            peaks[name].append(_peak_mb(err))
+            peaks[name].append(peak_rss_mb(err))
     floor = statistics.median(next(iter(times.values())))
     floor_peak = statistics.median(next(iter(peaks.values())))
     return {

@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,20 +32,15 @@ import transformers
 
 import svdlora
 
-from .common import write_results
+from .common import peak_rss_mb, timed_run, write_results
 from .quality import perplexity
 
 
 def compress(dense: Path, out: Path, flags: list[str]) -> dict:
     """One fresh CLI process; its wall time and the peak RSS it prints."""
     argv = [sys.executable, "-m", "svdlora", "compress", str(dense), "-o", str(out), "--overwrite", "--no-progress"]
-    start = time.perf_counter()
-    done = subprocess.run([*argv, *flags], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    seconds = time.perf_counter() - start
-    if done.returncode:
-        raise SystemExit(f"{' '.join(argv + flags)} failed:\n{done.stderr[-3000:]}")
-    peak = re.search(r"peak RSS ([\d,]+) MB", done.stderr)
-    return {"flags": flags, "seconds": round(seconds, 1), "peak_rss_mb": int(peak.group(1).replace(",", ""))}
+    seconds, _, err = timed_run([*argv, *flags], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return {"flags": flags, "seconds": round(seconds, 1), "peak_rss_mb": int(peak_rss_mb(err))}
 
 
 def same_weights(a: Path, b: Path) -> bool:
