@@ -8,6 +8,7 @@ from .evaluation import evaluate
 from .io import load_compressed
 from .layers import LowRankLinear
 from .saving import save_compressed
+from .siblings import stack_siblings
 from .version import __version__
 
 integrations.register()  # AutoModel*.from_pretrained(svdlora folder) works after `import svdlora`
@@ -21,4 +22,5 @@ __all__ = [
     "evaluate",
     "load_compressed",
     "save_compressed",
+    "stack_siblings",
 ]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import SvdloraError
 from .layers import LowRankLinear
+from .siblings import is_stacked
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ def heal(
         raise SvdloraError("distillation healing needs the dense model as teacher")
     if loss == "lm" and not all("labels" in b for b in batches):
         raise SvdloraError("healing with loss 'lm' needs labelled batches (text for a causal LM)")
+    if is_stacked(model):
+        raise SvdloraError(
+            "this model's sibling layers are stacked (stack_siblings=True), which is for inference: heal a model "
+            "loaded without stack_siblings"
+        )
     factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.factor_parameters()]
     factors = factors if parameters is None else list(parameters)
     if not factors:

@@ -270,6 +270,10 @@ def load_compressed(
     if merge and runtime not in (None, "merged"):
         raise SvdloraError(f"merge=True and runtime={runtime!r} contradict each other: pass one of them")
     merge = merge or runtime == "merged"
+    if stack_siblings and merge:
+        raise SvdloraError("stack_siblings=True stacks low-rank layers and a merged load leaves none: pass one of them")
+    if stack_siblings and model is not None:
+        siblings.example_inputs(model)  # a model without dummy inputs is refused before the load
     path = Path(path)
     data = check_folder(path)  # every shard's header and factor shapes
     files = weight_files(path)

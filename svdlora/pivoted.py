@@ -88,6 +88,15 @@ def pivoted_weight(pivot: torch.Tensor, coefficients: torch.Tensor, rows: torch.
     return weight
 
 
+def pivoted_outputs(z, coefficients, rows, rest, bias, out_features: int) -> torch.Tensor:
+    """A pivoted layer's outputs from its pivot outputs z: z on rows I, C·z on the others."""
+    # two index copies into the output: faster on a CPU than concatenating and gathering the columns
+    out = z.new_empty(*z.shape[:-1], out_features)
+    out.index_copy_(-1, rows, z)
+    out.index_copy_(-1, rest, F.linear(z, coefficients))
+    return out if bias is None else out + bias
+
+
 def valid_rows(rows: torch.Tensor, out_features: int) -> bool:
     """Whether ``rows`` can be pivot indices: strictly increasing, within [0, out_features)."""
     if rows.device.type == "meta" or rows.dtype != torch.long or rows.dim() != 1 or rows.numel() > out_features:
@@ -193,11 +202,7 @@ class PivotedLowRankLinear(LowRankLinear):
     def expand(self, z: torch.Tensor) -> torch.Tensor:
         """The outputs from the pivot outputs z = P·x."""
         rows, rest = self._traced_indices() if torch.compiler.is_compiling() else self._indices()
-        # two index copies into the output: faster on a CPU than concatenating and gathering the columns
-        out = z.new_empty(*z.shape[:-1], self.out_features)
-        out.index_copy_(-1, rows, z)
-        out.index_copy_(-1, rest, F.linear(z, self.C))
-        return out if self.bias is None else out + self.bias
+        return pivoted_outputs(z, self.C, rows, rest, self.bias, self.out_features)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         # a load copies into ``rows`` in place: the same tensor, so the compiled path's identity

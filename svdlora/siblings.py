@@ -4,16 +4,20 @@ Low-rank layers that read the same input (q/k/v of an attention, gate/up of a ga
 start with z = x·Bᵀ. Stacking their B factors into one matrix computes every sibling's z in one
 matmul: fewer, larger kernels, which is what batch-1 decoding on a GPU is bound by (on one
 Llama-2-7B block under CUDA graphs, the projections took 95 µs stacked against 113 µs as pairs and
-126 µs dense; ``benchmarks/gpu_fused.py``). Each sibling then applies its own output side
-(``LowRankLinear.expand``) to its slice of the product.
+126 µs dense; ``benchmarks/gpu_fused.py``). Each sibling then applies its own output side to its
+slice of the product.
 
 The model's code still calls each sibling on its own, so the first call computes the stacked
-product and keeps it for the others. It is used only by a call with the *same* input tensor
-(identity, and unchanged since: ``_version``), once per sibling; anything else computes afresh, so
-a wrong grouping costs time, never correctness. The product is dropped once every sibling has
-read it. Which layers are siblings is found by one forward pass on a small input, recording which
-layers receive the same tensor object. Inference only: not thread-safe across concurrent forward
-passes of one model, and a stacked model is not re-saved (``save_compressed`` refuses it).
+product and keeps it for the others. It is used only by a call with the *same* input tensor, once
+per sibling, and in eager mode only while neither that input nor the stacked weight has been
+written in place since (their version counters); anything else computes afresh, so a wrong
+grouping costs time, never correctness. Under ``torch.compile`` and for ``inference_mode`` tensors
+(no version counters) the identity alone decides: an in-place write to the input between two
+siblings' calls is not seen there (transformers' models do not make one). The product is dropped
+once every sibling has read it (or by ``reset()``). Which layers are siblings is found by one
+forward pass on a small input, in eval mode, recording which layers of one parent module receive
+the same tensor object. Inference only: not for concurrent forward passes of one model from
+several threads; ``save_compressed`` and ``heal`` refuse a stacked model.
 """
 
 from __future__ import annotations
@@ -27,9 +31,14 @@ from torch import nn
 
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
-from .pivoted import PivotedLowRankLinear, pivoted_weight
+from .pivoted import PivotedLowRankLinear, pivoted_outputs, pivoted_weight
 
 logger = logging.getLogger(__name__)
+
+
+def _stamp(t: torch.Tensor):
+    """A tensor's version counter (bumped by every in-place write), or None where it has none."""
+    return None if t.is_inference() else t._version
 
 
 class StackedProjection(nn.Module):
@@ -41,28 +50,29 @@ class StackedProjection(nn.Module):
             weight = torch.cat([f.detach() for f in factors])
         self.weight = nn.Parameter(weight, requires_grad=factors[0].requires_grad)
         self.bounds = list(itertools.pairwise(itertools.accumulate([0] + [f.shape[0] for f in factors])))
-        self._forget()
+        self.reset()
 
-    def _forget(self) -> None:
-        self._input = self._product = None
-        self._version = -1
+    def reset(self) -> None:
+        """Drop the kept product (and the input it holds)."""
+        self._input = self._product = self._stamps = None
         self._unread = [False] * len(self.bounds)
 
+    def __getstate__(self) -> dict:  # copies and pickles carry no kept activations
+        kept = {"_input": None, "_product": None, "_stamps": None, "_unread": [False] * len(self.bounds)}
+        return {**self.__dict__, **kept}
+
     def take(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """Sibling ``index``'s z = x·Bᵀ: from the kept product when it is of this very input and
-        that sibling has not read it yet, else from a new product of all siblings."""
-        fresh = self._input is not x or not self._unread[index]
-        if not fresh and not torch.compiler.is_compiling():  # dynamo guards the graph's own inputs
-            fresh = x._version != self._version  # written in place since
-        if fresh:
-            self._input, self._product = x, F.linear(x, self.weight)
-            self._version = -1 if torch.compiler.is_compiling() else x._version
+        """Sibling ``index``'s z = x·Bᵀ: from the kept product when it is of this very input, unchanged,
+        and that sibling has not read it yet; else from a new product of all siblings."""
+        stamps = None if torch.compiler.is_compiling() else (_stamp(x), _stamp(self.weight))  # dynamo guards its own
+        if self._input is not x or not self._unread[index] or stamps != self._stamps:
+            self._input, self._product, self._stamps = x, F.linear(x, self.weight), stamps
             self._unread = [True] * len(self.bounds)
         start, stop = self.bounds[index]
         z = self._product[..., start:stop]
         self._unread[index] = False
         if not any(self._unread):  # every sibling has it: hold no activations between calls
-            self._forget()
+            self.reset()
         return z
 
     def extra_repr(self) -> str:
@@ -72,30 +82,40 @@ class StackedProjection(nn.Module):
 class StackedSibling(nn.Module):
     """A low-rank layer whose input side is computed with its siblings' (``StackedProjection``).
 
-    ``layer`` keeps its output side (A, or a pivoted layer's C and rows, and the bias); its B is
-    a slice of the stacked weight. The first sibling of a group holds the ``StackedProjection``
-    as a submodule (so ``.to()`` and ``state_dict`` see it once); the others refer to it.
+    It holds the layer's output side: A (a pair) or C with the pivot rows and the others (a pivoted
+    layer), and the bias. It is not a ``LowRankLinear`` (it has no B of its own), so code that walks
+    the low-rank layers (runtimes, healing) does not mistake it for one. The first sibling of a
+    group holds the ``StackedProjection`` as a submodule (so ``.to()`` and ``state_dict`` see it
+    once); the others refer to it.
     """
 
     def __init__(self, layer: LowRankLinear, stacked: StackedProjection, index: int, owner: bool) -> None:
         super().__init__()
-        del layer._parameters["B"]  # lives in the stacked weight now
-        self.layer = layer
         self.index = index
-        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.in_features, self.out_features, self.base_kind = layer.in_features, layer.out_features, layer.base_kind
+        self.pivoted = isinstance(layer, PivotedLowRankLinear)
+        if self.pivoted:
+            rows, rest = layer._indices()
+            self.C = layer.C
+            self.register_buffer("rows", rows)
+            self.register_buffer("rest", rest)
+        else:
+            self.A = layer.A
+        self.bias = layer.bias
         if owner:
             self.stacked = stacked
         self.__dict__["projection"] = stacked  # not registered: the owner sibling registers it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer.expand(self.projection.take(x, self.index))
+        z = self.projection.take(x, self.index)
+        if self.pivoted:
+            return pivoted_outputs(z, self.C, self.rows, self.rest, self.bias, self.out_features)
+        return F.linear(z, self.A, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         start, stop = self.projection.bounds[self.index]
         b = self.projection.weight[start:stop]
-        if isinstance(self.layer, PivotedLowRankLinear):
-            return pivoted_weight(b, self.layer.C, self.layer.rows)
-        return self.layer.A @ b
+        return pivoted_weight(b, self.C, self.rows) if self.pivoted else self.A @ b
 
     @property
     def weight(self) -> torch.Tensor:
@@ -103,7 +123,14 @@ class StackedSibling(nn.Module):
         return self.dense_weight()
 
     def extra_repr(self) -> str:
-        return f"sibling {self.index} of {len(self.projection.bounds)}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, pivoted={self.pivoted}, "
+            f"sibling {self.index} of {len(self.projection.bounds)}"
+        )
+
+
+def is_stacked(model: nn.Module) -> bool:
+    return any(isinstance(m, StackedSibling) for m in model.modules())
 
 
 def _stackable(module: nn.Module) -> bool:
@@ -113,22 +140,25 @@ def _stackable(module: nn.Module) -> bool:
     return not on_meta and getattr(module, "_hf_hook", None) is None  # accelerate places these itself
 
 
-def _example_inputs(model: nn.Module):
+def example_inputs(model: nn.Module) -> dict:
+    """The model's ``dummy_inputs`` on its device, or a refusal that says what to pass instead."""
     dummy = getattr(model, "dummy_inputs", None)
     if not isinstance(dummy, dict):
         raise SvdloraError(
-            f"{type(model).__name__} has no dummy_inputs to find which layers read the same input: "
-            "pass stack_siblings(model, inputs=...), a small batch its forward takes"
+            f"{type(model).__name__} has no dummy_inputs to find which layers read the same input: load it "
+            "without stack_siblings, then call svdlora.stack_siblings(model, inputs=...) with a small batch "
+            "its forward takes"
         )
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in dummy.items()}
 
 
 def find_siblings(model: nn.Module, inputs=None) -> list[list[str]]:
-    """Groups of stackable low-rank layers that receive the same input tensor in one forward pass
-    (``inputs``: a dict of keyword arguments, a tuple of positional ones, or one tensor; default
-    the model's ``dummy_inputs``). A layer called more than once, on different inputs, is in none."""
-    inputs = _example_inputs(model) if inputs is None else inputs
+    """Groups of stackable low-rank layers of one parent module that receive the same input tensor in
+    one forward pass, in eval mode (``inputs``: a dict of keyword arguments, a tuple of positional
+    ones, or one tensor; default the model's ``dummy_inputs``). A layer called more than once, on
+    different inputs, is in none."""
+    inputs = example_inputs(model) if inputs is None else inputs
     calls: dict[str, list[int]] = {}
     kept = []  # the inputs stay alive while tracing, so no id is reused
 
@@ -142,7 +172,9 @@ def find_siblings(model: nn.Module, inputs=None) -> list[list[str]]:
 
     layers = {name: m for name, m in model.named_modules() if _stackable(m)}
     handles = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
+    modes = {m: m.training for m in model.modules()}
     try:
+        model.eval()  # no dropout, no layer drop: every layer runs
         with torch.no_grad():
             if isinstance(inputs, dict):
                 model(**inputs)
@@ -154,17 +186,19 @@ def find_siblings(model: nn.Module, inputs=None) -> list[list[str]]:
         raise
     except Exception as err:  # noqa: BLE001 (any model's forward: reported with the way out)
         raise SvdloraError(
-            f"the forward pass that finds sibling layers failed ({first_line(err)}): pass "
-            "stack_siblings(model, inputs=...), a small batch its forward takes"
+            f"the forward pass that finds sibling layers failed ({first_line(err)}): call "
+            "svdlora.stack_siblings(model, inputs=...) with a small batch its forward takes"
         ) from None
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     groups: dict[tuple, list[str]] = {}
     for name, ids in calls.items():
         if len(set(ids)) == 1:
             m = layers[name]
-            key = (ids[0], m.in_features, m.B.dtype, m.B.device)
+            key = (name.rpartition(".")[0], ids[0], m.in_features, m.B.dtype, m.B.device)
             groups.setdefault(key, []).append(name)
     return [names for names in groups.values() if len(names) > 1]
 

@@ -9,7 +9,7 @@ from svdlora.layers import LowRankLinear
 from svdlora.pivoted import PivotedLowRankLinear
 from svdlora.siblings import StackedProjection, StackedSibling, find_siblings, stack_siblings
 
-from .conftest import example_inputs, output_of, tiny_llama, tiny_marian
+from .conftest import example_inputs, output_of, tiny_llama, tiny_marian, tiny_t5
 
 
 def _folder(tmp_path, model, **options):
@@ -32,9 +32,9 @@ def test_stacked_llama_computes_the_same(tmp_path, pivot):
             assert len({id(s.projection) for s in siblings}) == 1
             assert isinstance(siblings[0].stacked, StackedProjection)  # registered once, on the first
             assert all(not hasattr(s, "stacked") for s in siblings[1:])
-            assert all(isinstance(s.layer, PivotedLowRankLinear) == pivot for s in siblings)
+            assert all(s.pivoted == pivot and not isinstance(s, LowRankLinear) for s in siblings)
         assert isinstance(block.self_attn.o_proj, LowRankLinear) and isinstance(block.mlp.down_proj, LowRankLinear)
-    assert find_siblings(model) == []  # nothing left to stack
+    assert isinstance(block.self_attn.o_proj, PivotedLowRankLinear) == pivot
     torch.testing.assert_close(output_of(model, "llama"), want, rtol=1e-5, atol=1e-6)
     # the kept products are dropped once every sibling has read them
     assert all(m._product is None and m._input is None for m in model.modules() if isinstance(m, StackedProjection))
@@ -64,29 +64,84 @@ def test_one_product_per_group_and_call(tmp_path):
     assert groups == 4 and len(products) == groups
 
 
-def test_generate_gives_the_same_tokens(tmp_path):
+@pytest.mark.parametrize("runtime", ["factorized", "pairs"])  # pivoted as stored, and as pairs
+def test_generate_gives_the_same_tokens(tmp_path, runtime):
     folder = _folder(tmp_path, tiny_llama(), pivot=True)
     prompt = torch.tensor([[1, 5, 9, 3]])
     runs = {}
     for stacked in (False, True):
-        model = load_compressed(folder, device="cpu", runtime="pairs", stack_siblings=stacked)
+        model = load_compressed(folder, device="cpu", runtime=runtime, stack_siblings=stacked)
         with torch.no_grad():
             runs[stacked] = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(runs[False], runs[True])
 
 
+def test_inference_mode_and_gradients(tmp_path):
+    """inference_mode tensors have no version counter: stacking still runs (on identity). With
+    autograd, the stacked weight gets exactly the gradients the separate B factors would."""
+    folder = _folder(tmp_path, tiny_llama())
+    plain = load_compressed(folder, device="cpu")
+    model = load_compressed(folder, device="cpu", stack_siblings=True)
+    inputs = example_inputs("llama")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**inputs).logits, plain(**inputs).logits, rtol=1e-5, atol=1e-6)
+    for m in (plain, model):
+        m(**inputs).logits.square().mean().backward()
+    attention = plain.model.layers[1].self_attn
+    stacked = model.model.layers[1].self_attn.q_proj.stacked
+    want = torch.cat([attention.q_proj.B.grad, attention.k_proj.B.grad, attention.v_proj.B.grad])
+    torch.testing.assert_close(stacked.weight.grad, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(model.model.layers[1].self_attn.k_proj.A.grad, attention.k_proj.A.grad)
+
+
+def test_walks_over_low_rank_layers_leave_stacked_siblings_alone(tmp_path):
+    """Runtimes and healing look for LowRankLinear layers; a stacked sibling is not one: a runtime
+    leaves it as it is, healing refuses the model."""
+    from svdlora.heal import heal
+    from svdlora.runtime import apply_runtime
+
+    folder = _folder(tmp_path, tiny_llama())
+    want = output_of(load_compressed(folder, device="cpu"), "llama")
+    model = load_compressed(folder, device="cpu", stack_siblings=True)
+    layouts = apply_runtime(model, "merged")
+    assert len(layouts) == 4 and set(layouts.values()) == {"merged"}  # o_proj and down_proj of 2 blocks
+    assert sum(isinstance(m, StackedSibling) for m in model.modules()) == 10
+    torch.testing.assert_close(output_of(model, "llama"), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SvdloraError, match="stacked"):
+        heal(model, [example_inputs("llama")], steps=1, teacher=load_compressed(folder, device="cpu"))
+
+
 def test_cross_attention_keys_and_values_are_grouped_apart_from_queries(tmp_path):
     """In a decoder's cross-attention, k and v read the encoder's output and q the decoder's state:
-    k/v are siblings (across the decoder layers: the same tensor), q is not one of them."""
+    k/v are siblings, q is not one of them. Every decoder layer reads the same encoder output, but a
+    group stays within one parent module (one layer), so blocks can still be placed one by one."""
     folder = _folder(tmp_path, tiny_marian())
     want = output_of(load_compressed(folder, device="cpu"), "marian")
-    model = load_compressed(folder, device="cpu")
-    groups = find_siblings(model, example_inputs("marian"))
-    cross = [g for g in groups if any("encoder_attn" in n for n in g)]
-    assert len(cross) == 1 and {n.rsplit(".", 1)[1] for n in cross[0]} == {"k_proj", "v_proj"}
-    assert all(not any(n.endswith("encoder_attn.q_proj") for n in g) for g in groups)
-    stack_siblings(model, example_inputs("marian"))
+    model = load_compressed(folder, device="cpu").train()  # traced in eval mode, left as it was
+    groups = find_siblings(model)  # the model's own dummy_inputs (with decoder inputs)
+    assert model.training and all(m.training for m in model.modules())
+    cross = sorted(g for g in groups if any("encoder_attn" in n for n in g))
+    layers = len(model.model.decoder.layers)
+    assert len(cross) == layers and all(sorted(n.rsplit(".", 1)[1] for n in g) == ["k_proj", "v_proj"] for g in cross)
+    assert all(len({n.rpartition(".")[0] for n in g}) == 1 for g in groups)
+    assert sum("self_attn" in g[0] for g in groups) == 2 * layers  # q/k/v of the encoder's and decoder's own
+    stack_siblings(model.eval(), example_inputs("marian"))
     torch.testing.assert_close(output_of(model, "marian"), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gated_t5_stacks_its_two_input_projections(tmp_path):
+    """T5 with a gated feed-forward: wi_0 and wi_1 read the same input."""
+    torch.manual_seed(0)
+    model = tiny_t5()
+    model.config.update({"feed_forward_proj": "gated-gelu", "is_gated_act": True, "dense_act_fn": "gelu_new"})
+    model = type(model)(model.config)
+    assert hasattr(model.encoder.block[0].layer[1].DenseReluDense, "wi_1")
+    folder = _folder(tmp_path, model)
+    want = output_of(load_compressed(folder, device="cpu"), "t5")
+    stacked = load_compressed(folder, device="cpu", stack_siblings=True)
+    groups = [sorted(n.rsplit(".", 1)[1] for n in g) for g in find_siblings(load_compressed(folder, device="cpu"))]
+    assert ["wi_0", "wi_1"] in groups
+    torch.testing.assert_close(output_of(stacked, "t5"), want, rtol=1e-5, atol=1e-6)
 
 
 class ThreeHeads(nn.Module):
@@ -125,6 +180,27 @@ def test_grouping_follows_the_inputs_and_a_wrong_group_still_computes_right():
         torch.testing.assert_close(model(x, y), want)  # nothing stale carried over
 
 
+def test_a_kept_product_follows_the_weight_and_is_not_copied():
+    """A product kept for a sibling that has not run yet is not used once the stacked weight was
+    written in place; deepcopy and reset() drop it."""
+    import copy
+
+    torch.manual_seed(0)
+    model = ThreeHeads()
+    _stack_by_hand(model, ["a", "b", "c"])
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        model.a(x)  # b and c have not read the product yet
+        stacked = model.a.stacked
+        assert stacked._product is not None
+        twin = copy.deepcopy(model)
+        assert twin.a.stacked._product is None and twin.b.projection is twin.a.stacked
+        stacked.weight.zero_()
+        assert model.b(x).abs().max() == model.b.bias.abs().max()  # z = 0: only the bias is left
+        stacked.reset()
+        assert stacked._product is None and stacked._input is None
+
+
 def test_a_stacked_model_is_not_saved_and_converts_with_to(tmp_path):
     folder = _folder(tmp_path, tiny_llama())
     model = load_compressed(folder, device="cpu", stack_siblings=True)
@@ -140,9 +216,18 @@ def test_a_stacked_model_is_not_saved_and_converts_with_to(tmp_path):
     assert q.weight.shape == (q.out_features, q.in_features)
 
 
-def test_a_model_without_dummy_inputs_asks_for_them():
+def test_a_model_without_dummy_inputs_asks_for_them(tmp_path):
     with pytest.raises(SvdloraError, match="inputs="):
         stack_siblings(ThreeHeads())
+    with pytest.raises(SvdloraError, match="inputs="):  # before anything is read
+        load_compressed(tmp_path / "nothing here", model=ThreeHeads(), stack_siblings=True)
+
+
+def test_stacking_a_merged_load_is_refused(tmp_path):
+    folder = _folder(tmp_path, tiny_llama())
+    for options in ({"merge": True}, {"runtime": "merged"}):
+        with pytest.raises(SvdloraError, match="stack_siblings"):
+            load_compressed(folder, device="cpu", stack_siblings=True, **options)
 
 
 def test_a_failing_forward_is_reported():
@@ -154,7 +239,7 @@ def test_compiled_stacked_model_computes_the_same(tmp_path):
     """Under torch.compile the kept product is a side effect dynamo replays: one graph, same logits."""
     folder = _folder(tmp_path, tiny_llama(), pivot=True)
     want = output_of(load_compressed(folder, device="cpu"), "llama")
-    model = load_compressed(folder, device="cpu", runtime="pairs", stack_siblings=True)
+    model = load_compressed(folder, device="cpu", stack_siblings=True)  # pivoted: its index copies compiled too
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
