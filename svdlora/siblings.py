@@ -41,6 +41,19 @@ def _stamp(t: torch.Tensor):
     return None if t.is_inference() else t._version
 
 
+class _Kept:
+    """The product a group's last input gave, until every sibling has read it. A plain object:
+    nn.Module's __setattr__ would cost more per call than the matmul stacking saves."""
+
+    def __init__(self, siblings: int) -> None:
+        self.siblings = siblings
+        self.clear()
+
+    def clear(self) -> None:
+        self.input = self.product = self.stamps = None
+        self.unread = [False] * self.siblings
+
+
 class StackedProjection(nn.Module):
     """The B factors of sibling layers stacked into ``weight``, and the product its last input gave."""
 
@@ -50,33 +63,29 @@ class StackedProjection(nn.Module):
             weight = torch.cat([f.detach() for f in factors])
         self.weight = nn.Parameter(weight, requires_grad=factors[0].requires_grad)
         self.bounds = list(itertools.pairwise(itertools.accumulate([0] + [f.shape[0] for f in factors])))
-        self.reset()
+        self.kept = _Kept(len(self.bounds))
 
     def reset(self) -> None:
         """Drop the kept product (and the input it holds)."""
-        self._input = self._product = self._stamps = None
-        self._unread = [False] * len(self.bounds)
+        self.kept.clear()
 
     def __getstate__(self) -> dict:  # copies and pickles carry no kept activations
-        kept = {"_input": None, "_product": None, "_stamps": None, "_unread": [False] * len(self.bounds)}
-        return {**self.__dict__, **kept}
+        return {**self.__dict__, "kept": _Kept(len(self.bounds))}
 
     def take(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Sibling ``index``'s z = x·Bᵀ: from the kept product when it is of this very input, unchanged,
         and that sibling has not read it yet; else from a new product of all siblings."""
-        stamps = None if torch.compiler.is_compiling() else (_stamp(x), _stamp(self.weight))  # dynamo guards its own
-        if self._input is not x or not self._unread[index] or stamps != self._stamps:
-            self._input, self._product, self._stamps = x, F.linear(x, self.weight), stamps
-            self._unread = [True] * len(self.bounds)
+        kept, weight = self.kept, self._parameters["weight"]
+        stamps = None if torch.compiler.is_compiling() else (_stamp(x), _stamp(weight))  # dynamo guards its own
+        if kept.input is not x or not kept.unread[index] or stamps != kept.stamps:
+            kept.input, kept.product, kept.stamps = x, F.linear(x, weight), stamps
+            kept.unread = [True] * len(self.bounds)
         start, stop = self.bounds[index]
-        z = self._product[..., start:stop]
-        self._unread[index] = False
-        if not any(self._unread):  # every sibling has it: hold no activations between calls
-            self.reset()
+        z = kept.product.narrow(-1, start, stop - start)
+        kept.unread[index] = False
+        if not any(kept.unread):  # every sibling has it: hold no activations between calls
+            kept.clear()
         return z
-
-    def extra_repr(self) -> str:
-        return f"ranks={[stop - start for start, stop in self.bounds]}, in_features={self.weight.shape[1]}"
 
 
 class StackedSibling(nn.Module):

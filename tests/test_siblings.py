@@ -37,7 +37,8 @@ def test_stacked_llama_computes_the_same(tmp_path, pivot):
     assert isinstance(block.self_attn.o_proj, PivotedLowRankLinear) == pivot
     torch.testing.assert_close(output_of(model, "llama"), want, rtol=1e-5, atol=1e-6)
     # the kept products are dropped once every sibling has read them
-    assert all(m._product is None and m._input is None for m in model.modules() if isinstance(m, StackedProjection))
+    kept = [m.kept for m in model.modules() if isinstance(m, StackedProjection)]
+    assert len(kept) == 4 and all(k.product is None and k.input is None for k in kept)
 
 
 def test_one_product_per_group_and_call(tmp_path):
@@ -192,13 +193,13 @@ def test_a_kept_product_follows_the_weight_and_is_not_copied():
     with torch.no_grad():
         model.a(x)  # b and c have not read the product yet
         stacked = model.a.stacked
-        assert stacked._product is not None
+        assert stacked.kept.product is not None
         twin = copy.deepcopy(model)
-        assert twin.a.stacked._product is None and twin.b.projection is twin.a.stacked
+        assert twin.a.stacked.kept.product is None and twin.b.projection is twin.a.stacked
         stacked.weight.zero_()
         assert model.b(x).abs().max() == model.b.bias.abs().max()  # z = 0: only the bias is left
         stacked.reset()
-        assert stacked._product is None and stacked._input is None
+        assert stacked.kept.product is None and stacked.kept.input is None
 
 
 def test_a_stacked_model_is_not_saved_and_converts_with_to(tmp_path):
