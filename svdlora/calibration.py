@@ -65,6 +65,28 @@ class _Accumulator:
         # being reused by a later layer's input within the batch, which would fake an identity match
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
         self.outputs: list[tuple[str, torch.Tensor]] = []
+        # Work buffers reused per (shape, dtype): a float32 product added into a float64 sum
+        # directly casts element by element (about twice the time of a copy and an add), and a
+        # fresh tensor per product and batch costs page faults; the sums are the same, bit for bit.
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def _buffer(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (tuple(shape), dtype, device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self._buffers[key]
+
+    def _gram(self, flat: torch.Tensor) -> torch.Tensor:
+        """flatᵀ·flat in float32, into a reused buffer (read it before the next call)."""
+        return torch.mm(flat.T, flat, out=self._buffer((flat.shape[1],) * 2, flat.dtype, flat.device))
+
+    def _add(self, sums: dict, key: str, product: torch.Tensor) -> None:
+        """sums[key] += product, in float64 (no drift over many batches)."""
+        if key not in sums:
+            sums[key] = product.double()
+            return
+        wide = self._buffer(product.shape, torch.float64, product.device)
+        sums[key] += wide.copy_(product)
 
     def new_batch(self) -> None:
         self._seen.clear()
@@ -78,13 +100,7 @@ class _Accumulator:
         if key is None:
             key = self.gram_owner.setdefault(name, name)
             flat = x.reshape(-1, x.shape[-1]).float()
-            # float32 products per batch (fast), float64 running sum (no drift over many batches),
-            # added in place: no float64 copy of each product (the same sums, bit for bit)
-            product = flat.T @ flat
-            if key in self.gram_sums:
-                self.gram_sums[key] += product
-            else:
-                self.gram_sums[key] = product.double()
+            self._add(self.gram_sums, key, self._gram(flat))  # float32 products per batch (fast)
             self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
             self._seen[identity] = (key, x)
         else:
@@ -96,20 +112,19 @@ class _Accumulator:
         for (name, _), grad in zip(self.outputs, grads, strict=True):
             if grad is None:
                 continue
-            flat = grad.detach().reshape(-1, grad.shape[-1]).double()
-            square = flat.square().sum(0)
+            single = grad.detach().reshape(-1, grad.shape[-1])
+            wide = self._buffer(single.shape, torch.float64, single.device).copy_(single)
+            square = wide.square_().sum(0)
             self.grad_sums[name] = self.grad_sums[name] + square if name in self.grad_sums else square
-            self.grad_tokens[name] = self.grad_tokens.get(name, 0) + flat.shape[0]
-            if self.output_gram and flat.shape[1] <= MAX_OUTPUT_GRAM:
-                single = grad.detach().reshape(-1, grad.shape[-1]).float()
-                product = single.T @ single  # float32 products, float64 running sum (as for XᵀX)
-                if name in self.grad_grams:
-                    self.grad_grams[name] += product
-                else:
-                    self.grad_grams[name] = product.double()
+            self.grad_tokens[name] = self.grad_tokens.get(name, 0) + single.shape[0]
+            if self.output_gram and single.shape[1] <= MAX_OUTPUT_GRAM:
+                self._add(self.grad_grams, name, self._gram(single.float()))  # as for XᵀX
 
     def result(self) -> dict[str, LayerStats]:
-        means = {key: total / max(self.tokens[key], 1) for key, total in self.gram_sums.items()}
+        """The means, once: the sums become them in place (a new (n, n) float64 tensor per layer
+        cost page faults worth seconds on a large model)."""
+        self._buffers.clear()
+        means = {key: total.div_(max(self.tokens[key], 1)) for key, total in self.gram_sums.items()}
         stats = {}
         for target in self.targets.values():
             key = self.gram_owner.get(target.name)
@@ -121,8 +136,9 @@ class _Accumulator:
                 gram=means[key],
                 tokens=self.tokens[key],
                 out_grad_sq=None if grad is None else grad / grad_tokens,
-                out_grad_gram=None if grad_gram is None else grad_gram / grad_tokens,
+                out_grad_gram=None if grad_gram is None else grad_gram.div_(grad_tokens),
             )
+        self.gram_sums, self.grad_grams = {}, {}  # consumed
         return stats
 
 

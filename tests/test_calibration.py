@@ -77,6 +77,34 @@ def test_output_gradient_gram_is_collected_with_its_diagonal():
     assert without.out_grad_gram is None  # only method "kfac" pays for the (out, out) Gram
 
 
+def test_statistics_are_the_float64_sums_of_float32_products_bit_for_bit():
+    """The sums reuse work buffers per shape; with as many tokens per batch as outputs, the buffer of
+    the squared gradients and the one of the output Gram have the same shape: still the plain sums."""
+    torch.manual_seed(0)
+    layer = nn.Linear(10, 10)
+    targets = [Target("0", layer, "linear", 10, 10)]
+    batches = [{"input": torch.randn(10, 10)} for _ in range(3)]
+    inputs, grads = [], []
+
+    def record(module, args, out):
+        inputs.append(args[0].detach())
+        out.register_hook(lambda g: grads.append(g.detach()))
+
+    handle = layer.register_forward_hook(record)
+    stats = collect_statistics(nn.Sequential(layer), targets, batches, progress=False, output_gram=True)["0"]
+    handle.remove()
+    assert len(inputs) == len(grads) == 3
+    x, g = inputs[0], grads[0]
+    gram, grad_sq, grad_gram = (x.T @ x).double(), g.double().square().sum(0), (g.T @ g).double()
+    for x in inputs[1:]:
+        gram += (x.T @ x).double()
+    for g in grads[1:]:
+        grad_sq = grad_sq + g.double().square().sum(0)
+        grad_gram += (g.T @ g).double()
+    assert torch.equal(stats.gram, gram / 30) and torch.equal(stats.out_grad_sq, grad_sq / 30)
+    assert torch.equal(stats.out_grad_gram, grad_gram / 30)
+
+
 def test_auto_method_is_kfac_unless_its_output_grams_would_not_fit(monkeypatch):
     targets, _ = find_targets(tiny_llama(), CompressionConfig())
     assert auto_method(targets) == "kfac"
