@@ -124,8 +124,8 @@ def refit_target(
     right, right_inverse = roots[id(gram)]
     if right is None:
         return None
-    # W·C·G̃⁻¹ with the damped G̃ = S̃·S̃
-    target = weight.detach().double() @ cross @ right_inverse @ right_inverse
+    # W·C·G̃⁻¹ with the damped G̃ = S̃·S̃ᵀ, so G̃⁻¹ = S̃⁻ᵀ·S̃⁻¹
+    target = weight.detach().double() @ cross @ right_inverse.T @ right_inverse
     if not torch.isfinite(target).all():
         return None
     return target.float(), Weighting(left=left, right=right.float(), right_inverse=right_inverse.float())

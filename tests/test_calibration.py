@@ -19,6 +19,7 @@ from svdlora.decompose import residual_svd
 from svdlora.errors import SvdloraError
 from svdlora.heal import FINAL_LR_FRACTION, WARMUP_STEPS, heal, learning_rate
 from svdlora.methods import Weighting, factorize
+from svdlora.methods.weighting import whitening
 from svdlora.plan import auto_method, output_gram_bytes
 from svdlora.refit import refit_factors
 from svdlora.targets import Target, find_targets
@@ -103,6 +104,35 @@ def test_statistics_are_the_float64_sums_of_float32_products_bit_for_bit():
         grad_gram += (g.T @ g).double()
     assert torch.equal(stats.gram, gram / 30) and torch.equal(stats.out_grad_sq, grad_sq / 30)
     assert torch.equal(stats.out_grad_gram, grad_gram / 30)
+
+
+def test_whitening_roots_are_cholesky_factors_and_give_the_symmetric_roots_factors():
+    """S·Sᵀ is the damped Gram, S⁻¹ its inverse; the factors it gives are those of the symmetric
+    roots (any square roots give the same best Ŵ); a Gram indefinite beyond the damping falls back
+    to the eigendecomposition's symmetric root."""
+    torch.manual_seed(0)
+    x, g = correlated_inputs(400, 12), torch.randn(400, 10)
+    gram, grad_gram = (x.T @ x).double() / 400, (g.T @ g).double() / 400
+    right, inverse = whitening(gram, 0.01)
+    damped = gram + 0.01 * gram.diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(right @ right.T, damped)
+    torch.testing.assert_close(inverse @ right, torch.eye(12, dtype=torch.float64))
+    assert torch.equal(right, right.tril())  # a Cholesky factor, not the symmetric root
+    weight = torch.randn(10, 12, dtype=torch.float64)
+    stats = LayerStats(gram=gram, tokens=400, out_grad_sq=grad_gram.diagonal().clone(), out_grad_gram=grad_gram)
+    cholesky = rebuilt(factorize(weight, [4], Weighting.from_stats(stats, full_output=True)))
+    values, vectors = torch.linalg.eigh(damped)
+    d_values, d_vectors = torch.linalg.eigh(grad_gram + 0.01 * grad_gram.diagonal().mean() * torch.eye(10).double())
+    symmetric = Weighting(
+        left=(d_vectors * d_values.sqrt()) @ d_vectors.T,
+        right=(vectors * values.sqrt()) @ vectors.T,
+        right_inverse=(vectors / values.sqrt()) @ vectors.T,
+    )
+    torch.testing.assert_close(cholesky, rebuilt(factorize(weight, [4], symmetric)), rtol=1e-5, atol=1e-6)
+    indefinite = torch.diag(torch.tensor([1.0, 1.0, -0.5], dtype=torch.float64))
+    right, inverse = whitening(indefinite, 0.01)
+    torch.testing.assert_close(right, right.T)  # the eigendecomposition's root, negatives clipped
+    torch.testing.assert_close(right.diagonal() ** 2, torch.tensor([1.005, 1.005, 0.005], dtype=torch.float64))
 
 
 def test_auto_method_is_kfac_unless_its_output_grams_would_not_fit(monkeypatch):

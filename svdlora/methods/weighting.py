@@ -3,10 +3,12 @@
 S is a square root of the input Gram E[x xᵀ] (SVD-LLM's truncation-aware whitening: the
 truncated SVD of W·S is then optimal for the layer's output error on the calibration inputs)
 and D = diag(√E[g²]) weights each output channel by what it is worth to the loss (FWSVD's
-Fisher weighting), or, for method "kfac", D = E[g gᵀ]^½, the output factor of the
-Kronecker-factored Fisher E[x xᵀ] ⊗ E[g gᵀ] (K-FAC), which also sees how output channels'
-errors combine. The best rank-k Ŵ under this metric is [D·W·S]_k mapped back with D⁻¹ and
-S⁻¹, so every method here is: whiten, truncated SVD, unwhiten.
+Fisher weighting), or, for method "kfac", a square root D (DᵀD = E[g gᵀ]) of the output factor
+of the Kronecker-factored Fisher E[x xᵀ] ⊗ E[g gᵀ] (K-FAC), which also sees how output
+channels' errors combine. The best rank-k Ŵ under this metric is [D·W·S]_k mapped back with
+D⁻¹ and S⁻¹, so every method here is: whiten, truncated SVD, unwhiten. Any square roots give
+the same Ŵ (‖D·X·S‖ depends on DᵀD and S·Sᵀ only): the Cholesky factors are used, about ten times
+cheaper than the symmetric roots of an eigendecomposition (same perplexity; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Weighting:
     """Left (per output channel) and right (input whitening) weights of one matrix."""
 
     left: torch.Tensor | None = None  # (out,) D's diagonal, or the full (out, out) D (method "kfac")
-    right: torch.Tensor | None = None  # (in, in) S
+    right: torch.Tensor | None = None  # (in, in) S, S·Sᵀ = the damped input Gram
     right_inverse: torch.Tensor | None = None  # (in, in) S⁻¹
 
     @classmethod
@@ -76,7 +78,7 @@ class Weighting:
     def unwhiten(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors of the whitened matrix -> factors of W: (D⁻¹·A', B'·S⁻¹)."""
         if self.left is not None:
-            if self.left.dim() == 2:  # D is symmetric positive definite (damped): solve, no inverse kept
+            if self.left.dim() == 2:  # D is invertible (damped): solve, no inverse kept
                 a = torch.linalg.solve(self.left.to(a.device, torch.float64), a.double()).to(a.dtype)
             else:
                 a = a / self.left.to(a)[:, None]
@@ -88,11 +90,12 @@ class Weighting:
 def whitening(
     gram: torch.Tensor, damping: float, inverse: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Symmetric S = Q·Λ^½·Qᵀ and S⁻¹ of the damped Gram, via a float64 eigendecomposition
-    (S⁻¹ is None without ``inverse``: an n³ product saved where only S is used).
+    """S with S·Sᵀ = the damped Gram (its lower Cholesky factor, float64) and S⁻¹ (None without
+    ``inverse``: a product saved where only S is used).
 
-    An eigendecomposition (not SVD-LLM's Cholesky) never fails on a singular or slightly
-    indefinite Gram: negative round-off eigenvalues are clipped before the damping is added.
+    A Gram that is indefinite beyond the damping (round-off on a singular Gram can be) falls back to
+    the symmetric root of an eigendecomposition, whose negative eigenvalues are clipped first: it
+    never fails.
     """
     gram = gram.double()
     if not torch.isfinite(gram).all():
@@ -102,20 +105,26 @@ def whitening(
     if scale <= 0:
         logger.warning("calibration inputs of a layer are all zero: it falls back to plain SVD")
         return None, None
-    eigenvalues, vectors = on_cpu_if_it_fails(torch.linalg.eigh, (gram + gram.T) / 2)
+    symmetric = (gram + gram.T) / 2
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    root, info = torch.linalg.cholesky_ex(symmetric + damping * scale * eye)
+    if info.item() == 0:
+        right_inverse = torch.linalg.solve_triangular(root, eye, upper=False) if inverse else None
+        return root, right_inverse
+    eigenvalues, vectors = on_cpu_if_it_fails(torch.linalg.eigh, symmetric)
     eigenvalues = eigenvalues.clamp_min(0) + damping * scale
-    root = eigenvalues.sqrt()
-    right = (vectors * root) @ vectors.T
-    right_inverse = (vectors / root) @ vectors.T if inverse else None
+    roots = eigenvalues.sqrt()
+    right = (vectors * roots) @ vectors.T
+    right_inverse = (vectors / roots) @ vectors.T if inverse else None
     return right, right_inverse
 
 
 def output_weights(stats: LayerStats, damping: float, full: bool = False) -> torch.Tensor | None:
-    """D of one layer: diag √E[g²], or with ``full`` the symmetric E[g gᵀ]^½ where it was collected."""
+    """D of one layer: diag √E[g²], or with ``full`` a square root (DᵀD = E[g gᵀ]) where it was collected."""
     if full and stats.out_grad_gram is not None:
         root = whitening(stats.out_grad_gram, damping, inverse=False)[0]
         if root is not None:
-            return root
+            return root.T  # S·Sᵀ = G, so D = Sᵀ
     if stats.out_grad_sq is None:
         return None
     grad_sq = stats.out_grad_sq.double()
