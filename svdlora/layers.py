@@ -202,12 +202,7 @@ class LowRankLinear(nn.Module):
         if self.full is not None:
             out = F.linear(x, self.full, self.bias)
             return out + F.linear(F.linear(x, self.B), self.A) if self.ranks else out
-        return self.expand(F.linear(x, self.B))
-
-    def expand(self, z: torch.Tensor) -> torch.Tensor:
-        """The output side, from the input's projection z = x·Bᵀ (``siblings`` computes z for several
-        layers at once). Layers without a full-rank stage only."""
-        return F.linear(z, self.A, self.bias)
+        return F.linear(F.linear(x, self.B), self.A, self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -197,12 +197,8 @@ class PivotedLowRankLinear(LowRankLinear):
         return pivoted_weight(self.B, self.C, self.rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.expand(F.linear(x, self.B))
-
-    def expand(self, z: torch.Tensor) -> torch.Tensor:
-        """The outputs from the pivot outputs z = P·x."""
         rows, rest = self._traced_indices() if torch.compiler.is_compiling() else self._indices()
-        return pivoted_outputs(z, self.C, rows, rest, self.bias, self.out_features)
+        return pivoted_outputs(F.linear(x, self.B), self.C, rows, rest, self.bias, self.out_features)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         # a load copies into ``rows`` in place: the same tensor, so the compiled path's identity

@@ -100,3 +100,10 @@ def test_report_orders_sections_and_names_missing_ones(tmp_path):
     text = out.read_text()
     assert text.index("## 1. MNIST section") < text.index("## 3. ViT section") < text.index("## 5. ")
     assert "Not run yet: `python -m benchmarks nnsvd`" in text and "](./vit_cifar.png)" in text
+
+
+def test_square_roots_benchmark_times_both_roots():
+    from benchmarks import square_roots
+
+    rows = square_roots.main(["--sizes", "8", "--repeats", "1"])
+    assert set(rows[8]) == {"eigh_s", "cholesky_s"} and all(v > 0 for v in rows[8].values())

@@ -339,6 +339,14 @@ def tiny_benchmark_inputs(tmp_path) -> list[str]:
     return ["--dense", str(tmp_path / "base"), "--wikitext", str(data), "--limit", "2"]
 
 
+def test_statistics_speed_benchmark_runs_on_a_tiny_model(tmp_path):
+    from benchmarks import statistics_speed
+
+    args = tiny_benchmark_inputs(tmp_path)
+    text = str(tmp_path / "wiki" / "wikitext-2.valid.txt")
+    assert statistics_speed.main(["--model", args[1], "--text", text, "--windows", "2", "--profile"]) > 0
+
+
 def test_benchmark_runs_on_a_tiny_model(tmp_path):
     from benchmarks import streamed_calibration
 

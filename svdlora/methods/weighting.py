@@ -7,8 +7,9 @@ Fisher weighting), or, for method "kfac", a square root D (DᵀD = E[g gᵀ]) of
 of the Kronecker-factored Fisher E[x xᵀ] ⊗ E[g gᵀ] (K-FAC), which also sees how output
 channels' errors combine. The best rank-k Ŵ under this metric is [D·W·S]_k mapped back with
 D⁻¹ and S⁻¹, so every method here is: whiten, truncated SVD, unwhiten. Any square roots give
-the same Ŵ (‖D·X·S‖ depends on DᵀD and S·Sᵀ only): the Cholesky factors are used, about ten times
-cheaper than the symmetric roots of an eigendecomposition (same perplexity; BENCHMARKS.md).
+the same Ŵ (‖D·X·S‖ depends on DᵀD and S·Sᵀ only): the Cholesky factors are used, 12–15× cheaper
+than the symmetric roots of an eigendecomposition (``benchmarks/square_roots.py``; same perplexity,
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
