@@ -64,11 +64,25 @@ class BlockStatistics:
 
 
 def collect(
-    plan, batches: list[dict], method: str, allocation: str, folder: Path, seed: int, progress: bool, device=None
+    plan,
+    batches: list[dict],
+    method: str,
+    allocation: str,
+    folder: Path,
+    seed: int,
+    progress: bool,
+    device=None,
+    ctx=None,
+    owned=None,
 ):
     """Run the three passes over the checkpoint of ``plan`` (a ``streaming.Plan``) for every
     target in ``plan.targets``; scratch files live in ``folder`` (created here). ``device`` (e.g.
-    "cuda") runs the blocks and the statistics there; what is stored and returned is on the CPU."""
+    "cuda") runs the blocks and the statistics there; what is stored and returned is on the CPU.
+
+    Under torchrun (``ctx``, a ``distributed.Context``) each rank passes its own windows and its
+    own scratch ``folder``: the passes run on that rank's windows, each block's statistic sums
+    are added over the ranks, and a rank stores the weightings of the layers named in ``owned``
+    (those it will factorize); every rank returns every spectrum."""
     model = blockwise.meta_model(plan, device)
     batches = blockwise.on_device(batches, device)
     blocks_name, blocks = blockwise.find_blocks(model, [t.name for t in plan.targets])
@@ -78,7 +92,7 @@ def collect(
     blockwise._release(filled)
     folder.mkdir(parents=True)
     prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
-    _check_space(folder, inputs, plan.targets, method, prefixes)
+    _check_space(folder, inputs, plan.targets, method, prefixes, ctx.world_size if ctx is not None else 1)
     for i, block in enumerate(tqdm(blocks, desc="calibration: forward, block by block", disable=not progress)):
         torch.save([entry.hidden.cpu() for entry in inputs], folder / f"hidden-{i}.pt")
         filled = blockwise._materialize(plan, block, prefixes[i], device=device)
@@ -101,9 +115,12 @@ def collect(
         filled = blockwise._materialize(plan, blocks[i], prefix, device=device)
         mine = [t for t in plan.targets if t.name.startswith(prefix)]
         targets = [dataclasses.replace(t, module=model.get_submodule(t.name)) for t in mine]
-        stats = _block_backward(blocks[i], targets, inputs, grads, folder / f"hidden-{i}.pt", i > 0, method == "kfac")
+        stats = _block_backward(
+            blocks[i], targets, inputs, grads, folder / f"hidden-{i}.pt", i > 0, method == "kfac", ctx
+        )
         (folder / f"hidden-{i}.pt").unlink()
         weighted = CalibrationPlan(method, allocation, stats=stats)
+        targets = [t for t in targets if owned is None or t.name in owned]  # the others are other ranks'
         if allocation == "global":
             for t in targets:
                 spectrum = weighted_spectrum(weight_out_in(t.module), weighted.weighting(t.name, for_allocation=True))
@@ -116,12 +133,19 @@ def collect(
         torch.save(saved, folder / f"weighting-{i}.pt")
         del weighted, stats, targets
         blockwise._release(filled)
+    if ctx is not None and ctx.active:  # the global allocation reads every matrix's spectrum
+        every = {}
+        for part in ctx.gather(result.spectra):
+            every.update(part)
+        result.spectra = {t.name: every[t.name] for t in plan.targets if t.name in every}
     return result
 
 
-def _block_backward(block, targets, inputs, grads: list, hidden_file: Path, upstream: bool, output_gram: bool):
-    """One block's statistics; ``grads`` (the gradient at its output, per window) becomes the
-    gradient at its input when ``upstream`` (a block before it needs it)."""
+def _block_backward(
+    block, targets, inputs, grads: list, hidden_file: Path, upstream: bool, output_gram: bool, ctx=None
+):
+    """One block's statistics (summed over the ranks of ``ctx``); ``grads`` (the gradient at its
+    output, per window) becomes the gradient at its input when ``upstream`` (a block before it needs it)."""
     hidden = torch.load(hidden_file, mmap=True, weights_only=True)
     accumulator = _Accumulator(targets, gradients=True, output_gram=output_gram)
     with _hooks(targets, accumulator), torch.enable_grad():
@@ -135,6 +159,8 @@ def _block_backward(block, targets, inputs, grads: list, hidden_file: Path, upst
             if upstream:
                 grads[w] = got[-1]
     accumulator.new_batch()
+    if ctx is not None:
+        accumulator.sum_over_ranks(ctx)
     stats = accumulator.result()
     for t in targets:
         if t.name not in stats:
@@ -193,9 +219,11 @@ def scratch_bytes(inputs, targets, method: str, blocks: list[str]) -> tuple[int,
     return hidden, weightings
 
 
-def _check_space(folder: Path, inputs, targets, method: str, blocks: list[str]) -> None:
-    """Refuse before the forward pass a disk that cannot hold the scratch files (``scratch_bytes``)."""
+def _check_space(folder: Path, inputs, targets, method: str, blocks: list[str], ranks: int = 1) -> None:
+    """Refuse before the forward pass a disk that cannot hold the scratch files (``scratch_bytes``;
+    ``ranks`` processes on one disk, each storing its own windows' hidden states)."""
     hidden, weightings = scratch_bytes(inputs, targets, method, blocks)
+    hidden *= ranks
     free = shutil.disk_usage(folder).free
     logger.info(
         "block-by-block gradients: %.1f MiB of hidden states, then at least %.1f MiB of weightings in %s",

@@ -96,11 +96,17 @@ def check(plan) -> None:
     find_blocks(plan.model, [t.name for t in plan.targets])
 
 
-def calibrate_and_factorize(plan, batches: list[dict], config, factorize_into, progress: bool, device=None) -> dict:
+def calibrate_and_factorize(
+    plan, batches: list[dict], config, factorize_into, progress: bool, device=None, ctx=None, owned=None
+) -> dict:
     """Whiten (method "whiten", uniform allocation): run ``batches`` block by block through the
     checkpoint of ``plan`` (a ``streaming.Plan``) and call ``factorize_into(target, weight,
     weighting)`` for each of the plan's factorize jobs (weight and weighting on the CPU); returns
-    their report lines. ``device`` (e.g. "cuda") runs the blocks and the whitening there."""
+    their report lines. ``device`` (e.g. "cuda") runs the blocks and the whitening there.
+
+    Under torchrun (``ctx``, a ``distributed.Context``) each rank passes its own windows: the
+    Gram sums are added over the ranks block by block, and a rank factorizes only the layers
+    named in ``owned``."""
     model = meta_model(plan, device)
     batches = on_device(batches, device)
     jobs = {what.name: what for kind, _, what in plan.jobs if kind == "factorize"}
@@ -126,11 +132,15 @@ def calibrate_and_factorize(plan, batches: list[dict], config, factorize_into, p
                 accumulator.new_batch()
                 entry.run(block)
         accumulator.new_batch()
+        if ctx is not None:
+            accumulator.sum_over_ranks(ctx)
         stats = CalibrationPlan("whiten", "uniform", stats=accumulator.result())
         moved = {}  # q/k/v's S and S⁻¹ copied to the CPU once
         for target in targets:
             if target.name not in stats.stats:
                 raise SvdloraError(f"{target.name!r} never ran on the calibration data: --exclude it, or drop --stream")
+            if owned is not None and target.name not in owned:
+                continue  # another rank's
             weighting = on_cpu(stats.weighting(target.name), moved)
             reports[target.name] = factorize_into(jobs[target.name], target.module.weight.detach().cpu(), weighting)
         del stats, accumulator, targets

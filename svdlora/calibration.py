@@ -120,6 +120,23 @@ class _Accumulator:
             if self.output_gram and single.shape[1] <= MAX_OUTPUT_GRAM:
                 self._add(self.grad_grams, name, self._gram(single.float()))  # as for XᵀX
 
+    def sum_over_ranks(self, ctx) -> None:
+        """Add the other processes' sums and token counts to this one's (``distributed.Context``;
+        each rank ran its own windows), before ``result``. float64 sums added in another order than
+        one process adds its windows: equal to it up to round-off, not bit for bit."""
+        if not ctx.active:
+            return
+        keys = (sorted(self.gram_sums), sorted(self.grad_grams), sorted(self.grad_sums))
+        every = ctx.gather((keys, self.tokens, self.grad_tokens))
+        if any(theirs != keys for theirs, _, _ in every):
+            raise SvdloraError("the processes' calibration windows reached different layers: run in one process")
+        for sums, names in zip((self.gram_sums, self.grad_grams, self.grad_sums), keys, strict=True):
+            ctx.all_reduce_sum([sums[k] for k in names])
+        for k in self.tokens:
+            self.tokens[k] = sum(tokens[k] for _, tokens, _ in every)
+        for k in self.grad_tokens:
+            self.grad_tokens[k] = sum(grad_tokens[k] for _, _, grad_tokens in every)
+
     def result(self) -> dict[str, LayerStats]:
         """The means, once: the sums become them in place (a new (n, n) float64 tensor per layer
         cost page faults worth seconds on a large model)."""

@@ -1,9 +1,9 @@
 """Which process does which matrix: torch.distributed under torchrun / accelerate launch.
 
 The launcher sets RANK / WORLD_SIZE / MASTER_ADDR; the plain CLI detects them and splits
-the work. The process group is gloo: the collectives here carry a folder name and the
-per-module reports (small Python objects), and the factorization itself runs on each
-rank's CPU, so no GPU backend is needed.
+the work. The process group is gloo: the collectives here carry a folder name, the per-module
+reports (small Python objects) and, for a calibrated run, one block's statistic sums at a time;
+tensors on a GPU go through the CPU, so no GPU backend is needed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import heapq
 import os
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -47,6 +48,22 @@ class Context:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
+        """Each tensor becomes, in place, its sum over the ranks (in the same order on every rank)."""
+        if not self.active:
+            return
+        for tensor in tensors:
+            staged = tensor if tensor.device.type == "cpu" else tensor.cpu()
+            dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+            if staged is not tensor:
+                tensor.copy_(staged)
+
+    def share(self, items: list) -> list:
+        """This rank's contiguous share of ``items`` (sizes differ by at most one, rank order)."""
+        size, extra = divmod(len(items), self.world_size)
+        start = self.rank * size + min(self.rank, extra)
+        return items[start : start + size + (self.rank < extra)]
 
 
 def launched() -> bool:

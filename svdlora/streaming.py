@@ -11,7 +11,10 @@ bytes (tested). Under torchrun the matrices are split over the ranks (``distribu
 With calibration data (a causal LM's text), the checkpoint is calibrated one decoder block at a
 time: whitening with uniform allocation in one forward pass (``blockwise``), the methods that need
 the loss gradient at every layer (fisher, kfac, global allocation) with a backward pass block by
-block (``block_gradients``), their ranks chosen before the output layout is fixed.
+block (``block_gradients``), their ranks chosen before the output layout is fixed. Under
+torchrun each rank runs its share of the windows, the block statistics are summed over the
+ranks, and a rank weights and factorizes the matrices it owns: the result equals one process's
+up to the order of the float64 sums (plain SVD stays bit for bit).
 """
 
 from __future__ import annotations
@@ -237,7 +240,7 @@ def compress_checkpoint(
         processor: the tokenizer of ``calibration`` (default: the one in ``source``).
         announce: called once every check has passed, before the slow work, with whether the
             run calibrates and whether that takes a backward pass (the CLI says there which
-            method runs, and sets up the process for it).
+            method runs, and sets up the process for it); under torchrun on every rank.
     Returns:
         The ``CompressionReport`` (the same on every rank).
     """
@@ -254,11 +257,13 @@ def compress_checkpoint(
     batches = None
     if calibration is not None:  # read the data before any output exists
         batches = _calibration_batches(p, source, calibration, processor, config, ctx, progress)
+    owners = _owners(p, ctx)  # fixed before a global allocation re-plans: a rank factorizes what it weighted
+    owned = {what.name for kind, src, what in p.jobs if kind == "factorize" and owners[src] == ctx.rank}
     method, allocation = resolved or ("svd", "uniform")
     method = auto_method(p.targets) if method == "auto" else method
     gradients = batches is not None and (method, allocation) != ("whiten", "uniform")  # else one forward pass
-    if announce is not None and ctx.is_main:
-        announce(batches is not None, gradients)  # every check passed: the slow work starts
+    if announce is not None:  # every check passed: the slow work starts (on every rank: each sets itself up)
+        announce(batches is not None, gradients)
     calibration_device = svd_device(config.svd_device)  # --device runs the block passes there too
     with atomic_folder(output, overwrite, inputs=[source]) if ctx.is_main else _nothing() as tmp:
         tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
@@ -267,15 +272,25 @@ def compress_checkpoint(
             source_named = source_name(calibration)
             calibrated = CalibrationPlan(method, allocation, batches, source=source_named, gradients=gradients)
         if calibrated is not None and calibrated.gradients:  # the backward runs before any rank is known
+            scratch = tmp / SCRATCH / f"rank-{ctx.rank}" if ctx.active else tmp / SCRATCH
             weights = block_gradients.collect(
-                p, batches, method, allocation, tmp / SCRATCH, config.seed, progress, calibration_device
+                p,
+                ctx.share(batches),
+                method,
+                allocation,
+                scratch,
+                config.seed,
+                progress and ctx.is_main,
+                calibration_device,
+                ctx,
+                owned,
             )
             if allocation == "global":
                 ranks, dense, est_loss = allocate_global(
                     p.targets, weights.spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple
                 )
                 p = plan(source, config, dtype, trust_remote_code, allocation=(ranks, dense))
-        mine = _jobs_of_this_rank(p, ctx)
+        mine = _jobs_of_this_rank(p, ctx, owners)
         format_version = folder_format(p.model)  # as save_compressed writes it
         writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied, format_version), max_shard_size)
         if ctx.is_main:
@@ -289,17 +304,21 @@ def compress_checkpoint(
             reports.update(
                 blockwise.calibrate_and_factorize(
                     p,
-                    batches,
+                    ctx.share(batches),
                     config,
                     lambda what, weight, weighting: write_factors(writer, what, weight, config, weighting),
-                    progress,
+                    progress and ctx.is_main,
                     calibration_device,
+                    ctx,
+                    owned,
                 )  # fmt: skip
             )
         if weights is not None:
             shutil.rmtree(weights.folder)  # not part of the output
         writer.close()
         ctx.barrier()  # every shard complete before rank 0 finishes the folder
+        if ctx.is_main:
+            shutil.rmtree(tmp / SCRATCH, ignore_errors=True)  # the ranks' empty scratch parent
         for part in ctx.gather(reports):
             reports.update(part)
         report = CompressionReport(
@@ -331,12 +350,23 @@ def compress_checkpoint(
     return report
 
 
-def _jobs_of_this_rank(p: Plan, ctx) -> list:
-    """This rank's share of the jobs (``distributed.assign``), in checkpoint file order: sequential reads."""
+def _owners(p: Plan, ctx) -> dict:
+    """The rank of each job (``distributed.assign``), keyed by its checkpoint tensor (a buffer's
+    by its name)."""
     owner = distributed.assign([p.cost(j) for j in p.jobs], ctx.world_size)
+    return {_job_key(j): r for j, r in zip(p.jobs, owner, strict=True)}
+
+
+def _job_key(job) -> str:
+    kind, src, what = job
+    return what if kind == "buffer" else src
+
+
+def _jobs_of_this_rank(p: Plan, ctx, owners: dict) -> list:
+    """This rank's jobs (``owners``), in checkpoint file order: sequential reads."""
     file_rank = {f: i for i, f in enumerate(p.checkpoint.files)}
     return sorted(
-        (j for j, r in zip(p.jobs, owner, strict=True) if r == ctx.rank),
+        (j for j in p.jobs if owners[_job_key(j)] == ctx.rank),
         key=lambda j: file_rank.get(p.checkpoint.file_of.get(j[1]), -1),
     )
 
@@ -346,8 +376,6 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
     from .calibration_data import calibration_batches
     from .evaluation.loading import _load_processor
 
-    if ctx.world_size > 1:
-        raise SvdloraError("streamed calibration runs in one process: run without torchrun, or --calibration none")
     blockwise.check(p)
     if isinstance(calibration, list):  # model-ready batches, as compress() takes them
         if not calibration:
@@ -360,6 +388,11 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
     )  # fmt: skip
     if not batches:
         raise SvdloraError("calibration data is empty: pass a file with text")
+    if len(batches) < ctx.world_size:  # every rank runs at least one window
+        raise SvdloraError(
+            f"{len(batches)} calibration windows for {ctx.world_size} processes: pass --calibration-samples "
+            f"{ctx.world_size} or more, or run fewer processes"
+        )
     return batches
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import svdlora
 from svdlora.allocate import allocate_global
-from svdlora.calibration import LayerStats, collect_statistics
+from svdlora.calibration import LayerStats, _Accumulator, _hooks, collect_statistics
 from svdlora.calibration_data import generate_text
 from svdlora.cli import main
 from svdlora.config import CompressionConfig
@@ -104,6 +104,62 @@ def test_statistics_are_the_float64_sums_of_float32_products_bit_for_bit():
         grad_gram += (g.T @ g).double()
     assert torch.equal(stats.gram, gram / 30) and torch.equal(stats.out_grad_sq, grad_sq / 30)
     assert torch.equal(stats.out_grad_gram, grad_gram / 30)
+
+
+class _TwoRanks:
+    """Rank 0 of two, in one process: its collectives see the other rank's accumulator as it stands."""
+
+    active, rank, world_size = True, 0, 2
+
+    def __init__(self, other: _Accumulator) -> None:
+        self.other, self.calls = other, 0
+
+    def gather(self, obj):
+        o = self.other
+        return [obj, ((sorted(o.gram_sums), sorted(o.grad_grams), sorted(o.grad_sums)), o.tokens, o.grad_tokens)]
+
+    def all_reduce_sum(self, tensors):
+        theirs = (self.other.gram_sums, self.other.grad_grams, self.other.grad_sums)[self.calls]
+        self.calls += 1
+        for tensor, key in zip(tensors, sorted(theirs), strict=True):
+            tensor += theirs[key]
+
+
+def _accumulate(targets, model, batches) -> _Accumulator:
+    accumulator = _Accumulator(targets, gradients=True, output_gram=True)
+    with _hooks(targets, accumulator):
+        for x in batches:
+            accumulator.new_batch()
+            out = model(x)
+            accumulator.add_gradients(torch.autograd.grad(out.square().sum(), [o for _, o in accumulator.outputs]))
+    accumulator.new_batch()
+    return accumulator
+
+
+def test_statistics_summed_over_ranks_equal_one_process_up_to_round_off():
+    """Under torchrun each rank runs its own windows; the sums and token counts are then added."""
+    torch.manual_seed(0)
+    q, k, up = nn.Linear(6, 6), nn.Linear(6, 4), nn.Linear(6, 8)
+
+    def model(x):
+        h = q(x)
+        return h.sum(-1, keepdim=True) * k(x).mean(-1, keepdim=True) + up(h).sum(-1, keepdim=True)
+
+    targets = [Target("q", q, "linear", 6, 6), Target("k", k, "linear", 4, 6), Target("up", up, "linear", 8, 6)]
+    batches = [torch.randn(n, 6) for n in (5, 7, 3, 9)]
+    one = _accumulate(targets, model, batches).result()
+    other = _accumulate(targets, model, batches[2:])
+    mine = _accumulate(targets, model, batches[:2])
+    mine.sum_over_ranks(_TwoRanks(other))
+    two = mine.result()
+    assert one.keys() == two.keys() == {"q", "k", "up"}
+    for name, stats in one.items():
+        assert two[name].tokens == stats.tokens == 24
+        for field in ("gram", "out_grad_sq", "out_grad_gram"):
+            torch.testing.assert_close(getattr(two[name], field), getattr(stats, field), rtol=1e-12, atol=1e-12)
+    other = _accumulate(targets[:2], model, batches[2:])  # a rank whose windows missed a layer
+    with pytest.raises(SvdloraError, match="different layers"):
+        _accumulate(targets, model, batches[:2]).sum_over_ranks(_TwoRanks(other))
 
 
 def test_whitening_roots_are_cholesky_factors_and_give_the_symmetric_roots_factors():

@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from svdlora import load_compressed
-from svdlora.distributed import assign
+from svdlora.distributed import Context, assign
 from svdlora.outputs import TMP_TAG
 
+from .eval_helpers import word_text, word_tokenizer
+from .test_blockwise import WORDS
 from .test_streaming import tied_llama, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +76,27 @@ def test_two_processes_write_the_single_process_bytes(base, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("flags", [[], ["--method", "whiten", "--allocation", "uniform"]], ids=["default", "whiten"])
+def test_two_processes_calibrate_as_one(base, tmp_path, flags):
+    """Each rank runs its share of the windows and the statistic sums are added over the ranks:
+    the same ranks as one process, the same weights up to the order of the float64 sums."""
+    word_tokenizer(WORDS).save_pretrained(base)
+    (tmp_path / "text.txt").write_text(word_text(WORDS, 600))
+    args = ["--calibration", tmp_path / "text.txt", "--calibration-samples", "5", "--calibration-length", "16"]
+    one = run([*compress_args(base, tmp_path / "one"), "--stream", *args, *flags], tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = run([*compress_args(base, tmp_path / "two"), *args, *flags], tmp_path, world_size=2)
+    assert two.returncode == 0, two.stderr
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    reports = [json.loads((tmp_path / f / "svdlora_config.json").read_text())["report"] for f in ("one", "two")]
+    assert [m.get("ranks") for m in reports[0]["modules"]] == [m.get("ranks") for m in reports[1]["modules"]]
+    assert reports[0]["calibration"] == reports[1]["calibration"]  # all 5 windows, not one rank's
+    merged = [load_compressed(tmp_path / f, device="cpu", runtime="merged").state_dict() for f in ("one", "two")]
+    for key, weight in merged[0].items():
+        torch.testing.assert_close(merged[1][key], weight, rtol=1e-5, atol=1e-6 * weight.abs().max().item())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(base, tmp_path, world_size):
     out = tmp_path / "out"
@@ -98,3 +122,9 @@ def test_assign_balances_and_is_deterministic():
     loads = [sum(c for c, o in zip(costs, owner, strict=True) if o == r) for r in range(2)]
     assert sorted(loads) == [10, 10] and assign(costs, 2) == owner
     assert assign(costs, 1) == [0] * 6
+
+
+def test_each_rank_gets_a_contiguous_share_of_the_windows():
+    shares = [Context(rank, 3).share(list(range(8))) for rank in range(3)]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert Context().share([1, 2]) == [1, 2]

@@ -123,7 +123,8 @@ def register(subparsers) -> None:
         "DATA (a causal LM's text) it calibrates one decoder block at a time, every method and allocation as in "
         "memory (fisher, kfac and global allocation by a backward pass block by block, keeping every block's "
         "inputs on disk beside the output until it is done; --method whiten --allocation uniform needs one "
-        "forward pass and no disk); the default --calibration auto falls back to plain SVD (said on stderr), "
+        "forward pass and no disk; under torchrun each process runs its share of the windows, the statistics summed "
+        "over the processes); the default --calibration auto falls back to plain SVD (said on stderr), "
         "--calibration self is refused",
     )
     p.add_argument(
@@ -213,7 +214,7 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
             # freed hidden states leave RSS (blockwise.pin_mmap_threshold); with gradients the pin
             # saved 7% of the peak for 26% more time (BENCHMARKS.md), so only whitening pins
             blockwise.pin_mmap_threshold()
-        if not calibrating and args.calibration == AUTO:
+        if not calibrating and args.calibration == AUTO and ctx.is_main:
             print(
                 f"svdlora compress: {how} compresses with plain SVD (causal LMs calibrate on self-generated text "
                 "by default, which needs the whole model in memory; --calibration DATA calibrates block by block)",
