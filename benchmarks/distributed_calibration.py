@@ -69,15 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--budget", args.budget, "--stream", "--calibration", str(valid)]
     common += ["--calibration-samples", str(args.samples)]
     rows = {}
-    for method in args.methods.split(","):
-        flags = [*common, *METHODS[method]]
-        folders = {n: args.work / f"{method}-{n}" for n in ("1", "2")}
-        row = {"1 process": compress([sys.executable, "-m", "svdlora"], args.dense, folders["1"], flags)}
-        row["2 processes"] = compress(TORCHRUN, args.dense, folders["2"], flags)
+    for method in args.methods.split(","):  # every command before this process loads a model: a child
+        flags = [*common, *METHODS[method]]  # starts with its parent's RSS as its peak (kept across exec)
+        row = {"1 process": compress([sys.executable, "-m", "svdlora"], args.dense, args.work / f"{method}-1", flags)}
+        row["2 processes"] = compress(TORCHRUN, args.dense, args.work / f"{method}-2", flags)
         row["ratio_2_to_1"] = row["2 processes"]["seconds"] / row["1 process"]["seconds"]
-        row.update(compare(folders["1"], folders["2"]))
         rows[method] = row
         print(f"{method}: {json.dumps(row)}", flush=True)
+    for method, row in rows.items():
+        row.update(compare(args.work / f"{method}-1", args.work / f"{method}-2"))
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.dense))
     dense = transformers.AutoModelForCausalLM.from_pretrained(str(args.dense), dtype=torch.float32).eval()

@@ -206,14 +206,14 @@ def _blocks_skipped(blocks, final: torch.Tensor, as_tuple: bool):
 def scratch_bytes(inputs, targets, method: str, blocks: list[str]) -> tuple[int, int]:
     """The bytes of every block's stored inputs (``blocks``: each block's name prefix), and a lower
     bound on those of the weightings that replace them block by block: layers that share an input
-    (q/k/v) share its float32 S and S⁻¹, so each input width is counted once per block; kfac adds
+    (q/k/v) share its float32 S (triangular: no S⁻¹ is stored), so each input width is counted once per block; kfac adds
     each layer's (out, out) factor D. (A layer whose Gram is unusable stores less: it falls back.)"""
     hidden = len(blocks) * sum(entry.hidden.nbytes for entry in inputs)
     if method == "svd":  # no weighting is stored, only the spectra in memory
         return hidden, 0
     weightings = 0
     for prefix in blocks:
-        weightings += sum(2 * 4 * n * n for n in {t.in_features for t in targets if t.name.startswith(prefix)})
+        weightings += sum(4 * n * n for n in {t.in_features for t in targets if t.name.startswith(prefix)})
     if method == "kfac":
         weightings += sum(4 * t.out_features**2 for t in targets if t.out_features <= MAX_OUTPUT_GRAM)
     return hidden, weightings

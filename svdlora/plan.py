@@ -46,8 +46,10 @@ class CalibrationPlan:
             return None
         key = id(stats.gram)
         if key not in self._right:
-            right, inverse = whitening(stats.gram, INPUT_DAMPING)
-            self._right[key] = (right, inverse) if right is None else (right.float(), inverse.float())
+            right, inverse = whitening(stats.gram, INPUT_DAMPING, inverse=False)  # S⁻¹ only if S is not triangular
+            if right is not None:
+                right, inverse = right.float(), None if inverse is None else inverse.float()
+            self._right[key] = (right, inverse)
         right, inverse = self._right[key]
         left = None
         if for_allocation or self.method in ("fisher", "kfac"):

@@ -163,9 +163,10 @@ def test_statistics_summed_over_ranks_equal_one_process_up_to_round_off():
 
 
 def test_whitening_roots_are_cholesky_factors_and_give_the_symmetric_roots_factors():
-    """S·Sᵀ is the damped Gram, S⁻¹ its inverse; the factors it gives are those of the symmetric
-    roots (any square roots give the same best Ŵ); a Gram indefinite beyond the damping falls back
-    to the eigendecomposition's symmetric root."""
+    """S·Sᵀ is the damped Gram, S⁻¹ its inverse; the factors it gives, mapped back by solving with
+    the triangular S (no S⁻¹ kept), are those of the symmetric roots and their inverse (any square
+    roots give the same best Ŵ); a Gram indefinite beyond the damping falls back to the
+    eigendecomposition's symmetric root, whose inverse is then always returned."""
     torch.manual_seed(0)
     x, g = correlated_inputs(400, 12), torch.randn(400, 10)
     gram, grad_gram = (x.T @ x).double() / 400, (g.T @ g).double() / 400
@@ -176,7 +177,9 @@ def test_whitening_roots_are_cholesky_factors_and_give_the_symmetric_roots_facto
     assert torch.equal(right, right.tril())  # a Cholesky factor, not the symmetric root
     weight = torch.randn(10, 12, dtype=torch.float64)
     stats = LayerStats(gram=gram, tokens=400, out_grad_sq=grad_gram.diagonal().clone(), out_grad_gram=grad_gram)
-    cholesky = rebuilt(factorize(weight, [4], Weighting.from_stats(stats, full_output=True)))
+    solved = Weighting.from_stats(stats, full_output=True)
+    assert solved.right_inverse is None and whitening(gram, 0.01, inverse=False)[1] is None
+    cholesky = rebuilt(factorize(weight, [4], solved))
     values, vectors = torch.linalg.eigh(damped)
     d_values, d_vectors = torch.linalg.eigh(grad_gram + 0.01 * grad_gram.diagonal().mean() * torch.eye(10).double())
     symmetric = Weighting(
@@ -186,8 +189,9 @@ def test_whitening_roots_are_cholesky_factors_and_give_the_symmetric_roots_facto
     )
     torch.testing.assert_close(cholesky, rebuilt(factorize(weight, [4], symmetric)), rtol=1e-5, atol=1e-6)
     indefinite = torch.diag(torch.tensor([1.0, 1.0, -0.5], dtype=torch.float64))
-    right, inverse = whitening(indefinite, 0.01)
+    right, inverse = whitening(indefinite, 0.01, inverse=False)
     torch.testing.assert_close(right, right.T)  # the eigendecomposition's root, negatives clipped
+    torch.testing.assert_close(inverse @ right, torch.eye(3, dtype=torch.float64))  # not triangular: S⁻¹ returned
     torch.testing.assert_close(right.diagonal() ** 2, torch.tensor([1.005, 1.005, 0.005], dtype=torch.float64))
 
 

@@ -9,7 +9,8 @@ channels' errors combine. The best rank-k Ŵ under this metric is [D·W·S]_k ma
 D⁻¹ and S⁻¹, so every method here is: whiten, truncated SVD, unwhiten. Any square roots give
 the same Ŵ (‖D·X·S‖ depends on DᵀD and S·Sᵀ only): the Cholesky factors are used, 12–15× cheaper
 than the symmetric roots of an eigendecomposition (``benchmarks/square_roots.py``; same perplexity,
-BENCHMARKS.md).
+BENCHMARKS.md). A Cholesky factor is triangular, so S⁻¹ need not be formed: mapping back solves
+B·S = B' (k·n² flops per layer, against n³ for the inverse).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class Weighting:
 
     left: torch.Tensor | None = None  # (out,) D's diagonal, or the full (out, out) D (method "kfac")
     right: torch.Tensor | None = None  # (in, in) S, S·Sᵀ = the damped input Gram
-    right_inverse: torch.Tensor | None = None  # (in, in) S⁻¹
+    # (in, in) S⁻¹; None with an S: S is lower triangular (a Cholesky factor), and B·S = B' is solved
+    right_inverse: torch.Tensor | None = None
 
     @classmethod
     def identity(cls) -> Weighting:
@@ -62,7 +64,7 @@ class Weighting:
         """
         if stats is None:
             return cls.identity()
-        right, right_inverse = whitening(stats.gram, input_damping)
+        right, right_inverse = whitening(stats.gram, input_damping, inverse=False)
         left = output_weights(stats, output_damping, full=full_output) if use_gradients else None
         return cls(left, right, right_inverse)
 
@@ -85,14 +87,17 @@ class Weighting:
                 a = a / self.left.to(a)[:, None]
         if self.right_inverse is not None:
             b = b @ self.right_inverse.to(b)
+        elif self.right is not None:
+            b = torch.linalg.solve_triangular(self.right.to(b), b, upper=False, left=False)
         return a, b
 
 
 def whitening(
     gram: torch.Tensor, damping: float, inverse: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """S with S·Sᵀ = the damped Gram (its lower Cholesky factor, float64) and S⁻¹ (None without
-    ``inverse``: a product saved where only S is used).
+    """S with S·Sᵀ = the damped Gram (its lower Cholesky factor, float64) and S⁻¹. Without
+    ``inverse``, S⁻¹ is None where S is that triangular factor (solve with it, as
+    ``Weighting.unwhiten`` does); the fallback below is not triangular and returns it.
 
     A Gram that is indefinite beyond the damping (round-off on a singular Gram can be) falls back to
     the symmetric root of an eigendecomposition, whose negative eigenvalues are clipped first: it
@@ -116,14 +121,13 @@ def whitening(
     eigenvalues = eigenvalues.clamp_min(0) + damping * scale
     roots = eigenvalues.sqrt()
     right = (vectors * roots) @ vectors.T
-    right_inverse = (vectors / roots) @ vectors.T if inverse else None
-    return right, right_inverse
+    return right, (vectors / roots) @ vectors.T
 
 
 def output_weights(stats: LayerStats, damping: float, full: bool = False) -> torch.Tensor | None:
     """D of one layer: diag √E[g²], or with ``full`` a square root (DᵀD = E[g gᵀ]) where it was collected."""
     if full and stats.out_grad_gram is not None:
-        root = whitening(stats.out_grad_gram, damping, inverse=False)[0]
+        root = whitening(stats.out_grad_gram, damping, inverse=False)[0]  # D is used as is, never inverted
         if root is not None:
             return root.T  # S·Sᵀ = G, so D = Sᵀ
     if stats.out_grad_sq is None:
