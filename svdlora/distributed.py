@@ -81,16 +81,26 @@ def context() -> Context:
     return Context(dist.get_rank(), dist.get_world_size())
 
 
-def assign(costs: list[float], world_size: int) -> list[int]:
-    """The rank of each job: longest job first, to the least loaded rank (deterministic)."""
+def assign(costs: list[float], world_size: int, groups: list | None = None) -> list[int]:
+    """The rank of each job: longest job first, to the least loaded rank (deterministic).
+
+    With ``groups`` (e.g. each job's decoder block), every group is spread over the ranks on its
+    own, ties going to the rank with the least work so far: a calibrated run waits for every rank
+    at each block, so each block's work is what has to be balanced."""
     if world_size == 1:
         return [0] * len(costs)
-    owner = [0] * len(costs)
-    loads = [(0.0, r) for r in range(world_size)]
-    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
-        load, rank = heapq.heappop(loads)
-        owner[job] = rank
-        heapq.heappush(loads, (load + costs[job], rank))
+    members: dict = {}
+    for job, group in enumerate(groups if groups is not None else [None] * len(costs)):
+        members.setdefault(group, []).append(job)
+    owner, total = [0] * len(costs), [0.0] * world_size
+    for jobs in members.values():
+        loads = [(0.0, total[r], r) for r in range(world_size)]
+        heapq.heapify(loads)
+        for job in sorted(jobs, key=lambda j: (-costs[j], j)):
+            load, _, rank = heapq.heappop(loads)
+            owner[job] = rank
+            total[rank] += costs[job]
+            heapq.heappush(loads, (load + costs[job], total[rank], rank))
     return owner
 
 

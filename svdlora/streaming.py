@@ -20,6 +20,7 @@ up to the order of the float64 sums (plain SVD stays bit for bit).
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -351,9 +352,11 @@ def compress_checkpoint(
 
 
 def _owners(p: Plan, ctx) -> dict:
-    """The rank of each job (``distributed.assign``), keyed by its checkpoint tensor (a buffer's
-    by its name)."""
-    owner = distributed.assign([p.cost(j) for j in p.jobs], ctx.world_size)
+    """The rank of each job (``distributed.assign``, balanced block by block), keyed by its
+    checkpoint tensor (a buffer's by its name)."""
+    names = [what.name if kind == "factorize" else what for kind, _, what in p.jobs]
+    blocks = [m.group(1) if (m := re.match(r"(.*?\.\d+)\.", name)) else "" for name in names]
+    owner = distributed.assign([p.cost(j) for j in p.jobs], ctx.world_size, blocks)
     return {_job_key(j): r for j, r in zip(p.jobs, owner, strict=True)}
 
 

@@ -124,6 +124,17 @@ def test_assign_balances_and_is_deterministic():
     assert assign(costs, 1) == [0] * 6
 
 
+def test_assign_balances_each_block_and_the_whole():
+    """A calibrated run waits for every rank at each block: each block's work is spread on its own."""
+    costs, blocks = [4, 2, 2] * 2 + [3, 3], ["a"] * 3 + ["b"] * 3 + ["c", "d"]
+    owner = assign(costs, 2, blocks)
+    for block in "ab":  # longest first over all jobs would give block a 6 and 2
+        loads = [sum(c for c, o, g in zip(costs, owner, blocks, strict=True) if o == r and g == block) for r in (0, 1)]
+        assert loads == [4, 4]
+    assert owner[-2:] == [0, 1]  # a tie goes to the rank with less work so far
+    assert assign([9, 1, 1, 1, 4, 4], 2, [None] * 6) == assign([9, 1, 1, 1, 4, 4], 2)
+
+
 def test_each_rank_gets_a_contiguous_share_of_the_windows():
     shares = [Context(rank, 3).share(list(range(8))) for rank in range(3)]
     assert shares == [[0, 1, 2], [3, 4, 5], [6, 7]]
