@@ -92,7 +92,7 @@ def collect(
     blockwise._release(filled)
     folder.mkdir(parents=True)
     prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
-    _check_space(folder, inputs, plan.targets, method, prefixes, ctx.world_size if ctx is not None else 1)
+    _check_space(folder, inputs, plan.targets, method, prefixes, ctx)
     for i, block in enumerate(tqdm(blocks, desc="calibration: forward, block by block", disable=not progress)):
         torch.save([entry.hidden.cpu() for entry in inputs], folder / f"hidden-{i}.pt")
         filled = blockwise._materialize(plan, block, prefixes[i], device=device)
@@ -219,20 +219,27 @@ def scratch_bytes(inputs, targets, method: str, blocks: list[str]) -> tuple[int,
     return hidden, weightings
 
 
-def _check_space(folder: Path, inputs, targets, method: str, blocks: list[str], ranks: int = 1) -> None:
-    """Refuse before the forward pass a disk that cannot hold the scratch files (``scratch_bytes``;
-    ``ranks`` processes on one disk, each storing its own windows' hidden states)."""
+def _check_space(folder: Path, inputs, targets, method: str, blocks: list[str], ctx=None) -> None:
+    """Refuse before the forward pass a disk that cannot hold the scratch files (``scratch_bytes``).
+    Under torchrun (``ctx``) the ranks' hidden states share the disk, and every rank refuses if one
+    does, before any writes (a rank left alone would wait for the others at the first block)."""
     hidden, weightings = scratch_bytes(inputs, targets, method, blocks)
-    hidden *= ranks
+    ranks = ctx.world_size if ctx is not None else 1
+    hidden *= ranks  # each rank stores its own windows' inputs, about as many bytes as this one
     free = shutil.disk_usage(folder).free
     logger.info(
         "block-by-block gradients: %.1f MiB of hidden states, then at least %.1f MiB of weightings in %s",
         hidden / 2**20, weightings / 2**20, folder,
     )  # fmt: skip
+    refusal = None
     if free < max(hidden, weightings):
-        raise SvdloraError(
+        refusal = (
             f"calibrating block by block with gradients stores every block's inputs ({hidden / 2**20:,.0f} MiB), "
             f"then each block's weightings (at least {weightings / 2**20:,.0f} MiB) beside the output, whose disk has "
             f"{free / 2**20:,.0f} MiB free: free space, pass fewer --calibration-samples, or use --method whiten "
             "--allocation uniform (no backward pass, nothing stored)"
         )
+    if ranks > 1:
+        refusal = next((r for r in ctx.gather(refusal) if r is not None), None)
+    if refusal is not None:
+        raise SvdloraError(refusal)

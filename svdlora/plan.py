@@ -46,7 +46,7 @@ class CalibrationPlan:
             return None
         key = id(stats.gram)
         if key not in self._right:
-            right, inverse = whitening(stats.gram, INPUT_DAMPING, inverse=False)  # S⁻¹ only if S is not triangular
+            right, inverse = whitening(stats.gram, INPUT_DAMPING, inverse=None)  # S⁻¹ only if S is not triangular
             if right is not None:
                 right, inverse = right.float(), None if inverse is None else inverse.float()
             self._right[key] = (right, inverse)

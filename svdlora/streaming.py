@@ -259,7 +259,9 @@ def compress_checkpoint(
     if calibration is not None:  # read the data before any output exists
         batches = _calibration_batches(p, source, calibration, processor, config, ctx, progress)
     owners = _owners(p, ctx)  # fixed before a global allocation re-plans: a rank factorizes what it weighted
-    owned = {what.name for kind, src, what in p.jobs if kind == "factorize" and owners[src] == ctx.rank}
+    # every target by its weight's key: one the uniform plan keeps dense (a copy job) may be factorized
+    # after the global allocation, and its spectrum is needed before that
+    owned = {t.name for t in p.targets if owners.get(p.source_key(f"{t.name}.weight")) == ctx.rank}
     method, allocation = resolved or ("svd", "uniform")
     method = auto_method(p.targets) if method == "auto" else method
     gradients = batches is not None and (method, allocation) != ("whiten", "uniform")  # else one forward pass
@@ -381,16 +383,17 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
 
     blockwise.check(p)
     if isinstance(calibration, list):  # model-ready batches, as compress() takes them
-        if not calibration:
-            raise SvdloraError("calibration data is empty: pass a file with text, or batches")
-        return calibration
-    processor = processor if processor is not None else _load_processor(str(source), "text-generation")
-    batches = calibration_batches(
-        p.model, calibration, processor, config.calibration_samples, config.calibration_length,
-        seed=config.seed, progress=progress, device="cpu",
-    )  # fmt: skip
+        batches = calibration
+        if ctx.active and not all("labels" in b for b in batches):  # else labels are drawn per rank
+            raise SvdloraError("under torchrun, calibration batches need labels: add them, or run one process")
+    else:
+        processor = processor if processor is not None else _load_processor(str(source), "text-generation")
+        batches = calibration_batches(
+            p.model, calibration, processor, config.calibration_samples, config.calibration_length,
+            seed=config.seed, progress=progress, device="cpu",
+        )  # fmt: skip
     if not batches:
-        raise SvdloraError("calibration data is empty: pass a file with text")
+        raise SvdloraError("calibration data is empty: pass a file with text, or batches")
     if len(batches) < ctx.world_size:  # every rank runs at least one window
         raise SvdloraError(
             f"{len(batches)} calibration windows for {ctx.world_size} processes: pass --calibration-samples "

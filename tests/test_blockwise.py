@@ -134,6 +134,15 @@ def test_cli_streams_the_in_memory_default(base, capsys):
     assert (report["method"], report["allocation"]) == ("kfac", "global")
 
 
+def test_global_allocation_may_factorize_what_the_uniform_plan_keeps_dense(base):
+    """At budget 1.0 the uniform plan keeps square matrices dense (their factors would not be
+    smaller); their spectra are still needed, and the global allocation may factorize them."""
+    config = CompressionConfig(
+        budget=1.0, method="fisher", allocation="global", calibration_samples=2, calibration_length=16
+    )
+    same_in_memory_and_streamed(base, config)
+
+
 @pytest.mark.parametrize(("flags", "pinned"), [([], False), (["--method", "whiten", "--allocation", "uniform"], True)])
 def test_only_streamed_whitening_pins_the_mmap_threshold(base, monkeypatch, flags, pinned):
     """Pinning halved streamed whitening's peak; with gradients it saved 7% for 26% more time."""
@@ -170,6 +179,20 @@ def test_a_disk_too_small_for_the_hidden_states_is_refused(base, monkeypatch):
     with pytest.raises(SvdloraError, match="stores every block's inputs"):
         compress_checkpoint(base, tmp / "o", config, calibration=str(tmp / "text.txt"), progress=False)
     assert sorted(p.name for p in tmp.iterdir()) == ["base", "text.txt"]
+
+
+def test_every_rank_refuses_when_one_rank_lacks_the_disk(tmp_path):
+    """A rank left to run alone would wait for the others at the first block: all refuse together."""
+
+    class OtherRankRefuses:
+        world_size = 2
+
+        def gather(self, refusal):
+            return [refusal, "rank 1: not enough disk"]
+
+    with pytest.raises(SvdloraError, match="rank 1: not enough disk"):
+        block_gradients._check_space(tmp_path, [], [], "fisher", [], OtherRankRefuses())
+    block_gradients._check_space(tmp_path, [], [], "fisher", [])  # this rank's own disk suffices
 
 
 @pytest.mark.parametrize(("method", "exclude"), [("kfac", []), ("fisher", []), ("svd", []), ("kfac", ["*.1.mlp.*"])])

@@ -64,7 +64,7 @@ class Weighting:
         """
         if stats is None:
             return cls.identity()
-        right, right_inverse = whitening(stats.gram, input_damping, inverse=False)
+        right, right_inverse = whitening(stats.gram, input_damping, inverse=None)
         left = output_weights(stats, output_damping, full=full_output) if use_gradients else None
         return cls(left, right, right_inverse)
 
@@ -93,11 +93,11 @@ class Weighting:
 
 
 def whitening(
-    gram: torch.Tensor, damping: float, inverse: bool = True
+    gram: torch.Tensor, damping: float, inverse: bool | None = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """S with S·Sᵀ = the damped Gram (its lower Cholesky factor, float64) and S⁻¹. Without
-    ``inverse``, S⁻¹ is None where S is that triangular factor (solve with it, as
-    ``Weighting.unwhiten`` does); the fallback below is not triangular and returns it.
+    """S with S·Sᵀ = the damped Gram (its lower Cholesky factor, float64) and S⁻¹: always with
+    ``inverse`` True, never with False; with None only where S is not triangular (the fallback
+    below), as callers that solve with a triangular S (``Weighting.unwhiten``) need it.
 
     A Gram that is indefinite beyond the damping (round-off on a singular Gram can be) falls back to
     the symmetric root of an eigendecomposition, whose negative eigenvalues are clipped first: it
@@ -114,14 +114,14 @@ def whitening(
     symmetric = (gram + gram.T) / 2
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     root, info = torch.linalg.cholesky_ex(symmetric + damping * scale * eye)
-    if info.item() == 0:
+    if info.item() == 0:  # triangular: None asks for no S⁻¹
         right_inverse = torch.linalg.solve_triangular(root, eye, upper=False) if inverse else None
         return root, right_inverse
     eigenvalues, vectors = on_cpu_if_it_fails(torch.linalg.eigh, symmetric)
     eigenvalues = eigenvalues.clamp_min(0) + damping * scale
     roots = eigenvalues.sqrt()
     right = (vectors * roots) @ vectors.T
-    return right, (vectors / roots) @ vectors.T
+    return right, (vectors / roots) @ vectors.T if inverse is not False else None
 
 
 def output_weights(stats: LayerStats, damping: float, full: bool = False) -> torch.Tensor | None:
