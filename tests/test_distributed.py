@@ -15,7 +15,7 @@ from svdlora.distributed import Context, assign
 from svdlora.outputs import TMP_TAG
 
 from .eval_helpers import word_text, word_tokenizer
-from .test_blockwise import WORDS
+from .test_blockwise import WORDS, tiny_benchmark_inputs
 from .test_streaming import tied_llama, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +94,20 @@ def test_two_processes_calibrate_as_one(base, tmp_path, flags):
     merged = [load_compressed(tmp_path / f, device="cpu", runtime="merged").state_dict() for f in ("one", "two")]
     for key, weight in merged[0].items():
         torch.testing.assert_close(merged[1][key], weight, rtol=1e-5, atol=1e-6 * weight.abs().max().item())
+
+
+@pytest.mark.slow
+def test_distributed_calibration_benchmark_runs_on_a_tiny_model(tmp_path, monkeypatch):
+    from benchmarks import distributed_calibration
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    argv = [*tiny_benchmark_inputs(tmp_path), "--work", str(tmp_path / "work"), "--samples", "2"]
+    distributed_calibration.main([*argv, "--json", str(tmp_path / "res" / "dist.json")])
+    rows = json.loads((tmp_path / "res" / "dist.json").read_text())["rows"]
+    assert set(rows) == {"default", "whiten"}
+    for row in rows.values():
+        assert row["same_ranks"] and row["max_rel_diff"] < 1e-5
+        assert row["1 process"]["perplexity"] == pytest.approx(row["2 processes"]["perplexity"], rel=1e-5)
 
 
 @pytest.mark.slow
