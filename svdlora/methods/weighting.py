@@ -82,7 +82,11 @@ class Weighting:
         """Factors of the whitened matrix -> factors of W: (D⁻¹·A', B'·S⁻¹)."""
         if self.left is not None:
             if self.left.dim() == 2:  # D is invertible (damped): solve, no inverse kept
-                a = torch.linalg.solve(self.left.to(a.device, torch.float64), a.double()).to(a.dtype)
+                left = self.left.to(a.device, torch.float64)
+                if torch.equal(left, left.triu()):  # Sᵀ of a Cholesky factor: n²k flops, not an LU
+                    a = torch.linalg.solve_triangular(left, a.double(), upper=True).to(a.dtype)
+                else:
+                    a = torch.linalg.solve(left, a.double()).to(a.dtype)
             else:
                 a = a / self.left.to(a)[:, None]
         if self.right_inverse is not None:
@@ -111,13 +115,16 @@ def whitening(
     if scale <= 0:
         logger.warning("calibration inputs of a layer are all zero: it falls back to plain SVD")
         return None, None
-    symmetric = (gram + gram.T) / 2
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    root, info = torch.linalg.cholesky_ex(symmetric + damping * scale * eye)
+    damped = (gram + gram.T).mul_(0.5)  # symmetric
+    damped.diagonal().add_(damping * scale)  # in place: no (n, n) identity and sum
+    root, info = torch.linalg.cholesky_ex(damped)
+    del damped
     if info.item() == 0:  # triangular: None asks for no S⁻¹
-        right_inverse = torch.linalg.solve_triangular(root, eye, upper=False) if inverse else None
-        return root, right_inverse
-    eigenvalues, vectors = on_cpu_if_it_fails(torch.linalg.eigh, symmetric)
+        if not inverse:
+            return root, None
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return root, torch.linalg.solve_triangular(root, eye, upper=False)
+    eigenvalues, vectors = on_cpu_if_it_fails(torch.linalg.eigh, (gram + gram.T).mul_(0.5))
     eigenvalues = eigenvalues.clamp_min(0) + damping * scale
     roots = eigenvalues.sqrt()
     right = (vectors * roots) @ vectors.T
