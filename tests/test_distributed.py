@@ -111,10 +111,14 @@ def test_distributed_calibration_benchmark_runs_on_a_tiny_model(tmp_path, monkey
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(base, tmp_path, world_size):
+@pytest.mark.parametrize(("world_size", "calibrated"), [(1, False), (2, False), (2, True)])
+def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(base, tmp_path, world_size, calibrated):
     out = tmp_path / "out"
     args = [*compress_args(base, out), "--stream"]
+    if calibrated:  # killed while factorizing, after the block-by-block backward filled the scratch
+        word_tokenizer(WORDS).save_pretrained(base)
+        (tmp_path / "text.txt").write_text(word_text(WORDS, 600))
+        args += ["--calibration", tmp_path / "text.txt", "--calibration-samples", "4", "--calibration-length", "16"]
     killed = run(args, tmp_path, world_size=world_size, die_rank=world_size - 1)
     assert killed.returncode != 0
     if world_size == 1:
@@ -127,6 +131,7 @@ def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(base, tmp_path, w
     again = run(args, tmp_path)
     assert again.returncode == 0, again.stderr
     assert looks_complete(out)
+    assert not any("scratch" in p.name for p in out.iterdir())
     load_compressed(out, device="cpu")
 
 
