@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,30 @@ def assign(costs: list[float], world_size: int, groups: list | None = None) -> l
             total[rank] += costs[job]
             heapq.heappush(loads, (load + costs[job], total[rank], rank))
     return owner
+
+
+def owners(plan, world_size: int) -> dict:
+    """The rank of each job of a ``streaming.Plan`` (``assign``, balanced decoder block by decoder
+    block), keyed by its checkpoint tensor (a buffer's by its name): the same keys after a global
+    allocation re-plans, so a rank keeps the matrices it weighted."""
+    names = [what.name if kind == "factorize" else what for kind, _, what in plan.jobs]
+    blocks = [m.group(1) if (m := re.match(r"(.*?\.\d+)\.", name)) else "" for name in names]
+    owner = assign([plan.cost(j) for j in plan.jobs], world_size, blocks)
+    return {job_key(j): r for j, r in zip(plan.jobs, owner, strict=True)}
+
+
+def job_key(job) -> str:
+    kind, src, what = job
+    return what if kind == "buffer" else src
+
+
+def jobs_of(plan, rank: int, owner_of: dict) -> list:
+    """This rank's jobs (``owners``), in checkpoint file order: sequential reads."""
+    file_rank = {f: i for i, f in enumerate(plan.checkpoint.files)}
+    return sorted(
+        (j for j in plan.jobs if owner_of[job_key(j)] == rank),
+        key=lambda j: file_rank.get(plan.checkpoint.file_of.get(j[1]), -1),
+    )
 
 
 def svd_cost(out_features: int, in_features: int) -> float:

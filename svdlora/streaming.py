@@ -20,7 +20,6 @@ up to the order of the float64 sums (plain SVD stays bit for bit).
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -258,7 +257,7 @@ def compress_checkpoint(
     batches = None
     if calibration is not None:  # read the data before any output exists
         batches = _calibration_batches(p, source, calibration, processor, config, ctx, progress)
-    owners = _owners(p, ctx)  # fixed before a global allocation re-plans: a rank factorizes what it weighted
+    owners = distributed.owners(p, ctx.world_size)  # fixed before a global allocation re-plans
     # every target by its weight's key: one the uniform plan keeps dense (a copy job) may be factorized
     # after the global allocation, and its spectrum is needed before that
     owned = {t.name for t in p.targets if owners.get(p.source_key(f"{t.name}.weight")) == ctx.rank}
@@ -293,7 +292,7 @@ def compress_checkpoint(
                     p.targets, weights.spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple
                 )
                 p = plan(source, config, dtype, trust_remote_code, allocation=(ranks, dense))
-        mine = _jobs_of_this_rank(p, ctx, owners)
+        mine = distributed.jobs_of(p, ctx.rank, owners)
         format_version = folder_format(p.model)  # as save_compressed writes it
         writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied, format_version), max_shard_size)
         if ctx.is_main:
@@ -351,29 +350,6 @@ def compress_checkpoint(
     ctx.barrier()  # the folder is in place before any rank returns
     logger.info("streamed %d matrices in %.1f s", len(reports), report.seconds)
     return report
-
-
-def _owners(p: Plan, ctx) -> dict:
-    """The rank of each job (``distributed.assign``, balanced block by block), keyed by its
-    checkpoint tensor (a buffer's by its name)."""
-    names = [what.name if kind == "factorize" else what for kind, _, what in p.jobs]
-    blocks = [m.group(1) if (m := re.match(r"(.*?\.\d+)\.", name)) else "" for name in names]
-    owner = distributed.assign([p.cost(j) for j in p.jobs], ctx.world_size, blocks)
-    return {_job_key(j): r for j, r in zip(p.jobs, owner, strict=True)}
-
-
-def _job_key(job) -> str:
-    kind, src, what = job
-    return what if kind == "buffer" else src
-
-
-def _jobs_of_this_rank(p: Plan, ctx, owners: dict) -> list:
-    """This rank's jobs (``owners``), in checkpoint file order: sequential reads."""
-    file_rank = {f: i for i, f in enumerate(p.checkpoint.files)}
-    return sorted(
-        (j for j in p.jobs if owners[_job_key(j)] == ctx.rank),
-        key=lambda j: file_rank.get(p.checkpoint.file_of.get(j[1]), -1),
-    )
 
 
 def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, progress) -> list[dict]:
