@@ -105,5 +105,7 @@ def test_report_orders_sections_and_names_missing_ones(tmp_path):
 def test_square_roots_benchmark_times_both_roots():
     from benchmarks import square_roots
 
-    rows = square_roots.main(["--sizes", "8", "--repeats", "1"])
-    assert set(rows[8]) == {"eigh_s", "cholesky_s"} and all(v > 0 for v in rows[8].values())
+    rows = square_roots.main(["--sizes", "8", "--wide", "4x8", "--repeats", "1"])
+    assert set(rows[8]) == {"eigh_s", "cholesky_s", "lu_solve_s", "triangular_solve_s"}
+    assert set(rows["4x8"]) == {"svdvals_wide_s", "svdvals_transposed_s"}
+    assert all(v > 0 for row in rows.values() for v in row.values())
