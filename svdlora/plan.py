@@ -36,7 +36,7 @@ class CalibrationPlan:
     source: str | None = None  # what the batches came from, for the report
     refit: bool = False  # refit the factors to the compressed model's own inputs (``refit``)
     gradients: bool | None = None  # collected loss gradients (None: as ``stats`` say)
-    _right: dict[int, tuple] = field(default_factory=dict)
+    _right: dict[int, Any] = field(default_factory=dict)  # S (float32) per Gram object, shared by q/k/v
     _left: dict[str, Any] = field(default_factory=dict)  # D per layer (for kfac an eigendecomposition each)
 
     def weighting(self, name: str, for_allocation: bool = False) -> Weighting | None:
@@ -46,18 +46,16 @@ class CalibrationPlan:
             return None
         key = id(stats.gram)
         if key not in self._right:
-            right, inverse = whitening(stats.gram, INPUT_DAMPING, inverse=None)  # S⁻¹ only if S is not triangular
-            if right is not None:
-                right, inverse = right.float(), None if inverse is None else inverse.float()
-            self._right[key] = (right, inverse)
-        right, inverse = self._right[key]
+            right = whitening(stats.gram, INPUT_DAMPING, inverse=False)[0]  # unwhiten solves with S
+            self._right[key] = None if right is None else right.float()
+        right = self._right[key]
         left = None
         if for_allocation or self.method in ("fisher", "kfac"):
             if name not in self._left:  # asked for again by the factorization after the allocation
                 left = output_weights(stats, OUTPUT_DAMPING, full=self.method == "kfac")
                 self._left[name] = None if left is None else left.float()
             left = self._left[name]
-        return Weighting(left=left, right=right, right_inverse=inverse)
+        return Weighting(left=left, right=right)
 
     def describe(self) -> dict | None:
         if self.source is None:

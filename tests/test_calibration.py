@@ -165,8 +165,8 @@ def test_statistics_summed_over_ranks_equal_one_process_up_to_round_off():
 def test_whitening_roots_are_cholesky_factors_and_give_the_symmetric_roots_factors():
     """S·Sᵀ is the damped Gram, S⁻¹ its inverse; the factors it gives, mapped back by solving with
     the triangular S (no S⁻¹ kept), are those of the symmetric roots and their inverse (any square
-    roots give the same best Ŵ); a Gram indefinite beyond the damping falls back to the
-    eigendecomposition's symmetric root, whose inverse is then always returned."""
+    roots give the same best Ŵ), as are those of symmetric roots solved without an inverse; a Gram
+    indefinite beyond the damping falls back to the eigendecomposition's symmetric root."""
     torch.manual_seed(0)
     x, g = correlated_inputs(400, 12), torch.randn(400, 10)
     gram, grad_gram = (x.T @ x).double() / 400, (g.T @ g).double() / 400
@@ -178,7 +178,7 @@ def test_whitening_roots_are_cholesky_factors_and_give_the_symmetric_roots_facto
     weight = torch.randn(10, 12, dtype=torch.float64)
     stats = LayerStats(gram=gram, tokens=400, out_grad_sq=grad_gram.diagonal().clone(), out_grad_gram=grad_gram)
     solved = Weighting.from_stats(stats, full_output=True)
-    assert solved.right_inverse is None and whitening(gram, 0.01, inverse=None)[1] is None
+    assert solved.right_inverse is None and whitening(gram, 0.01, inverse=False)[1] is None
     cholesky = rebuilt(factorize(weight, [4], solved))
     values, vectors = torch.linalg.eigh(damped)
     d_values, d_vectors = torch.linalg.eigh(grad_gram + 0.01 * grad_gram.diagonal().mean() * torch.eye(10).double())
@@ -188,12 +188,14 @@ def test_whitening_roots_are_cholesky_factors_and_give_the_symmetric_roots_facto
         right_inverse=(vectors / values.sqrt()) @ vectors.T,
     )
     torch.testing.assert_close(cholesky, rebuilt(factorize(weight, [4], symmetric)), rtol=1e-5, atol=1e-6)
+    solved_symmetric = Weighting(left=symmetric.left, right=symmetric.right)  # not triangular: LU solves
+    torch.testing.assert_close(cholesky, rebuilt(factorize(weight, [4], solved_symmetric)), rtol=1e-5, atol=1e-6)
     indefinite = torch.diag(torch.tensor([1.0, 1.0, -0.5], dtype=torch.float64))
-    right, inverse = whitening(indefinite, 0.01, inverse=None)
+    right, inverse = whitening(indefinite, 0.01)
     torch.testing.assert_close(right, right.T)  # the eigendecomposition's root, negatives clipped
-    torch.testing.assert_close(inverse @ right, torch.eye(3, dtype=torch.float64))  # not triangular: S⁻¹ returned
+    torch.testing.assert_close(inverse @ right, torch.eye(3, dtype=torch.float64))
     torch.testing.assert_close(right.diagonal() ** 2, torch.tensor([1.005, 1.005, 0.005], dtype=torch.float64))
-    assert whitening(indefinite, 0.01, inverse=False)[1] is None  # D's root (kfac) is never inverted
+    assert whitening(indefinite, 0.01, inverse=False)[1] is None
 
 
 def test_auto_method_is_kfac_unless_its_output_grams_would_not_fit(monkeypatch):

@@ -37,8 +37,7 @@ class Weighting:
 
     left: torch.Tensor | None = None  # (out,) D's diagonal, or the full (out, out) D (method "kfac")
     right: torch.Tensor | None = None  # (in, in) S, S·Sᵀ = the damped input Gram
-    # (in, in) S⁻¹; None with an S: S is lower triangular (a Cholesky factor), and B·S = B' is solved
-    right_inverse: torch.Tensor | None = None
+    right_inverse: torch.Tensor | None = None  # (in, in) S⁻¹ where kept (refit); else B·S = B' is solved
 
     @classmethod
     def identity(cls) -> Weighting:
@@ -64,7 +63,7 @@ class Weighting:
         """
         if stats is None:
             return cls.identity()
-        right, right_inverse = whitening(stats.gram, input_damping, inverse=None)
+        right, right_inverse = whitening(stats.gram, input_damping, inverse=False)
         left = output_weights(stats, output_damping, full=full_output) if use_gradients else None
         return cls(left, right, right_inverse)
 
@@ -82,26 +81,32 @@ class Weighting:
         """Factors of the whitened matrix -> factors of W: (D⁻¹·A', B'·S⁻¹)."""
         if self.left is not None:
             if self.left.dim() == 2:  # D is invertible (damped): solve, no inverse kept
-                left = self.left.to(a.device, torch.float64)
-                if torch.equal(left, left.triu()):  # Sᵀ of a Cholesky factor: n²k flops, not an LU
-                    a = torch.linalg.solve_triangular(left, a.double(), upper=True).to(a.dtype)
-                else:
-                    a = torch.linalg.solve(left, a.double()).to(a.dtype)
+                a = _solve(self.left, a.double(), left=True).to(a.dtype)
             else:
                 a = a / self.left.to(a)[:, None]
         if self.right_inverse is not None:
             b = b @ self.right_inverse.to(b)
         elif self.right is not None:
-            b = torch.linalg.solve_triangular(self.right.to(b), b, upper=False, left=False)
+            b = _solve(self.right, b, left=False)
         return a, b
 
 
+def _solve(matrix: torch.Tensor, rhs: torch.Tensor, left: bool) -> torch.Tensor:
+    """X with matrix·X = rhs (``left``) or X·matrix = rhs, in rhs's dtype: by substitution where
+    matrix is triangular (a Cholesky factor S, or D = Sᵀ: k·n² flops), else by LU (the
+    eigendecomposition fallback's symmetric root)."""
+    matrix = matrix.to(rhs)
+    for upper in (False, True):
+        if torch.equal(matrix, matrix.triu() if upper else matrix.tril()):
+            return torch.linalg.solve_triangular(matrix, rhs, upper=upper, left=left)
+    return torch.linalg.solve(matrix, rhs, left=left)
+
+
 def whitening(
-    gram: torch.Tensor, damping: float, inverse: bool | None = True
+    gram: torch.Tensor, damping: float, inverse: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """S with S·Sᵀ = the damped Gram (its lower Cholesky factor, float64) and S⁻¹: always with
-    ``inverse`` True, never with False; with None only where S is not triangular (the fallback
-    below), as callers that solve with a triangular S (``Weighting.unwhiten``) need it.
+    """S with S·Sᵀ = the damped Gram (its lower Cholesky factor, float64) and S⁻¹ (None without
+    ``inverse``: ``Weighting.unwhiten`` solves with S instead).
 
     A Gram that is indefinite beyond the damping (round-off on a singular Gram can be) falls back to
     the symmetric root of an eigendecomposition, whose negative eigenvalues are clipped first: it
@@ -119,7 +124,7 @@ def whitening(
     damped.diagonal().add_(damping * scale)  # in place: no (n, n) identity and sum
     root, info = torch.linalg.cholesky_ex(damped)
     del damped
-    if info.item() == 0:  # triangular: None asks for no S⁻¹
+    if info.item() == 0:
         if not inverse:
             return root, None
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
@@ -128,7 +133,7 @@ def whitening(
     eigenvalues = eigenvalues.clamp_min(0) + damping * scale
     roots = eigenvalues.sqrt()
     right = (vectors * roots) @ vectors.T
-    return right, (vectors / roots) @ vectors.T if inverse is not False else None
+    return right, (vectors / roots) @ vectors.T if inverse else None
 
 
 def output_weights(stats: LayerStats, damping: float, full: bool = False) -> torch.Tensor | None:
