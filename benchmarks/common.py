@@ -45,9 +45,10 @@ def timed_run(argv: list[str], env: dict | None = None, timeout: float | None = 
 
 
 def peak_rss_mb(stderr: str) -> float | None:
-    """The last "peak RSS N MB" line the CLI (and the I/O-floor scripts) print: the process's ru_maxrss."""
+    """The "peak RSS N MB" the CLI (and the I/O-floor scripts) print, the process's ru_maxrss; the
+    largest where several processes print one (torchrun)."""
     found = re.findall(r"peak RSS ([\d,]+) MB", stderr)
-    return float(found[-1].replace(",", "")) if found else None
+    return max(float(f.replace(",", "")) for f in found) if found else None
 
 
 def write_results(name: str, data: dict, results_dir: Path = DEFAULT_RESULTS) -> Path:

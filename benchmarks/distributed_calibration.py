@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
 from pathlib import Path
 
@@ -28,19 +26,12 @@ import transformers
 
 import svdlora
 
-from .common import timed_run, write_results
+from .common import write_results
 from .quality import perplexity
-from .streamed_calibration import same_weights
+from .streamed_calibration import compress, same_weights
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "svdlora"]
 METHODS = {"default": [], "whiten": ["--method", "whiten", "--allocation", "uniform"]}
-
-
-def compress(launcher: list[str], dense: Path, out: Path, flags: list[str]) -> dict:
-    argv = [*launcher, "compress", str(dense), "-o", str(out), "--overwrite", "--no-progress", *flags]
-    seconds, _, err = timed_run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    peaks = [float(m.replace(",", "")) for m in re.findall(r"peak RSS ([\d,]+) MB", err)]
-    return {"seconds": round(seconds, 1), "peak_rss_mb": int(max(peaks))}
 
 
 def compare(one: Path, two: Path) -> dict:
@@ -71,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     for method in args.methods.split(","):  # every command before this process loads a model: a child
         flags = [*common, *METHODS[method]]  # starts with its parent's RSS as its peak (kept across exec)
-        row = {"1 process": compress([sys.executable, "-m", "svdlora"], args.dense, args.work / f"{method}-1", flags)}
-        row["2 processes"] = compress(TORCHRUN, args.dense, args.work / f"{method}-2", flags)
+        row = {"1 process": compress(args.dense, args.work / f"{method}-1", flags)}
+        row["2 processes"] = compress(args.dense, args.work / f"{method}-2", flags, TORCHRUN)
         row["ratio_2_to_1"] = row["2 processes"]["seconds"] / row["1 process"]["seconds"]
         rows[method] = row
         print(f"{method}: {json.dumps(row)}", flush=True)

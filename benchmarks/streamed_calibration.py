@@ -36,9 +36,11 @@ from .common import peak_rss_mb, timed_run, write_results
 from .quality import perplexity
 
 
-def compress(dense: Path, out: Path, flags: list[str]) -> dict:
-    """One fresh CLI process; its wall time and the peak RSS it prints."""
-    argv = [sys.executable, "-m", "svdlora", "compress", str(dense), "-o", str(out), "--overwrite", "--no-progress"]
+def compress(dense: Path, out: Path, flags: list[str], launcher: list[str] | None = None) -> dict:
+    """One fresh CLI command (``launcher``: e.g. torchrun's, default one process); its wall time and
+    the peak RSS it prints (the largest process's under a launcher)."""
+    launcher = launcher or [sys.executable, "-m", "svdlora"]
+    argv = [*launcher, "compress", str(dense), "-o", str(out), "--overwrite", "--no-progress"]
     seconds, _, err = timed_run([*argv, *flags], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return {"flags": flags, "seconds": round(seconds, 1), "peak_rss_mb": int(peak_rss_mb(err))}
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import blockwise
 from .calibration import MAX_OUTPUT_GRAM, _Accumulator, _hooks, calibration_loss
+from .distributed import Context
 from .errors import SvdloraError
 from .layers import weight_out_in
 from .methods import Weighting, weighted_spectrum
@@ -83,6 +84,7 @@ def collect(
     own scratch ``folder``: the passes run on that rank's windows, each block's statistic sums
     are added over the ranks, and a rank stores the weightings of the layers named in ``owned``
     (those it will factorize); every rank returns every spectrum."""
+    ctx = ctx if ctx is not None else Context()
     model = blockwise.meta_model(plan, device)
     batches = blockwise.on_device(batches, device)
     blocks_name, blocks = blockwise.find_blocks(model, [t.name for t in plan.targets])
@@ -133,7 +135,7 @@ def collect(
         torch.save(saved, folder / f"weighting-{i}.pt")
         del weighted, stats, targets
         blockwise._release(filled)
-    if ctx is not None and ctx.active:  # the global allocation reads every matrix's spectrum
+    if ctx.active:  # the global allocation reads every matrix's spectrum
         every = {}
         for part in ctx.gather(result.spectra):
             every.update(part)
@@ -142,7 +144,7 @@ def collect(
 
 
 def _block_backward(
-    block, targets, inputs, grads: list, hidden_file: Path, upstream: bool, output_gram: bool, ctx=None
+    block, targets, inputs, grads: list, hidden_file: Path, upstream: bool, output_gram: bool, ctx: Context
 ):
     """One block's statistics (summed over the ranks of ``ctx``); ``grads`` (the gradient at its
     output, per window) becomes the gradient at its input when ``upstream`` (a block before it needs it)."""
@@ -159,8 +161,7 @@ def _block_backward(
             if upstream:
                 grads[w] = got[-1]
     accumulator.new_batch()
-    if ctx is not None:
-        accumulator.sum_over_ranks(ctx)
+    accumulator.sum_over_ranks(ctx)
     stats = accumulator.result()
     for t in targets:
         if t.name not in stats:
@@ -219,13 +220,12 @@ def scratch_bytes(inputs, targets, method: str, blocks: list[str]) -> tuple[int,
     return hidden, weightings
 
 
-def _check_space(folder: Path, inputs, targets, method: str, blocks: list[str], ctx=None) -> None:
+def _check_space(folder: Path, inputs, targets, method: str, blocks: list[str], ctx: Context) -> None:
     """Refuse before the forward pass a disk that cannot hold the scratch files (``scratch_bytes``).
     Under torchrun (``ctx``) the ranks' hidden states share the disk, and every rank refuses if one
     does, before any writes (a rank left alone would wait for the others at the first block)."""
     hidden, weightings = scratch_bytes(inputs, targets, method, blocks)
-    ranks = ctx.world_size if ctx is not None else 1
-    hidden *= ranks  # each rank stores its own windows' inputs, about as many bytes as this one
+    hidden *= ctx.world_size  # each rank stores its own windows' inputs, about as many bytes as this one
     free = shutil.disk_usage(folder).free
     logger.info(
         "block-by-block gradients: %.1f MiB of hidden states, then at least %.1f MiB of weightings in %s",
@@ -239,7 +239,7 @@ def _check_space(folder: Path, inputs, targets, method: str, blocks: list[str], 
             f"{free / 2**20:,.0f} MiB free: free space, pass fewer --calibration-samples, or use --method whiten "
             "--allocation uniform (no backward pass, nothing stored)"
         )
-    if ranks > 1:
+    if ctx.active:
         refusal = next((r for r in ctx.gather(refusal) if r is not None), None)
     if refusal is not None:
         raise SvdloraError(refusal)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from .calibration import _Accumulator, _hooks
+from .distributed import Context
 from .errors import SvdloraError
 from .io import _no_weight_init
 from .models import model_class
@@ -107,6 +108,7 @@ def calibrate_and_factorize(
     Under torchrun (``ctx``, a ``distributed.Context``) each rank passes its own windows: the
     Gram sums are added over the ranks block by block, and a rank factorizes only the layers
     named in ``owned``."""
+    ctx = ctx if ctx is not None else Context()
     model = meta_model(plan, device)
     batches = on_device(batches, device)
     jobs = {what.name: what for kind, _, what in plan.jobs if kind == "factorize"}
@@ -132,8 +134,7 @@ def calibrate_and_factorize(
                 accumulator.new_batch()
                 entry.run(block)
         accumulator.new_batch()
-        if ctx is not None:
-            accumulator.sum_over_ranks(ctx)
+        accumulator.sum_over_ranks(ctx)
         stats = CalibrationPlan("whiten", "uniform", stats=accumulator.result())
         moved = {}  # q/k/v's S and S⁻¹ copied to the CPU once
         for target in targets:

@@ -19,6 +19,7 @@ from svdlora import (
 )
 from svdlora.blockwise import find_blocks
 from svdlora.cli import main
+from svdlora.distributed import Context
 from svdlora.models import load_pretrained
 from svdlora.streaming import compress_checkpoint
 
@@ -185,14 +186,14 @@ def test_every_rank_refuses_when_one_rank_lacks_the_disk(tmp_path):
     """A rank left to run alone would wait for the others at the first block: all refuse together."""
 
     class OtherRankRefuses:
-        world_size = 2
+        active, world_size = True, 2
 
         def gather(self, refusal):
             return [refusal, "rank 1: not enough disk"]
 
     with pytest.raises(SvdloraError, match="rank 1: not enough disk"):
         block_gradients._check_space(tmp_path, [], [], "fisher", [], OtherRankRefuses())
-    block_gradients._check_space(tmp_path, [], [], "fisher", [])  # this rank's own disk suffices
+    block_gradients._check_space(tmp_path, [], [], "fisher", [], Context())  # this rank's own disk suffices
 
 
 @pytest.mark.parametrize(("method", "exclude"), [("kfac", []), ("fisher", []), ("svd", []), ("kfac", ["*.1.mlp.*"])])
