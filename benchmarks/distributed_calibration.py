@@ -22,13 +22,12 @@ import sys
 from pathlib import Path
 
 import torch
-import transformers
 
 import svdlora
 
 from .common import write_results
 from .quality import perplexity
-from .streamed_calibration import compress, same_weights
+from .streamed_calibration import compress, dense_perplexity, same_weights
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "svdlora"]
 METHODS = {"default": [], "whiten": ["--method", "whiten", "--allocation", "uniform"]}
@@ -70,10 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     for method, row in rows.items():
         row.update(compare(args.work / f"{method}-1", args.work / f"{method}-2"))
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.dense))
-    dense = transformers.AutoModelForCausalLM.from_pretrained(str(args.dense), dtype=torch.float32).eval()
-    dense_ppl = perplexity(dense, tokenizer, test, args.limit, "cpu")
-    del dense
+    tokenizer, dense_ppl = dense_perplexity(args.dense, test, args.limit)
     for method, row in rows.items():
         for n, name in (("1", "1 process"), ("2", "2 processes")):
             model = svdlora.load_compressed(args.work / f"{method}-{n}", device="cpu", dtype=torch.float32)

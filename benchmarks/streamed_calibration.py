@@ -45,6 +45,13 @@ def compress(dense: Path, out: Path, flags: list[str], launcher: list[str] | Non
     return {"flags": flags, "seconds": round(seconds, 1), "peak_rss_mb": int(peak_rss_mb(err))}
 
 
+def dense_perplexity(dense: Path, test: Path, limit: int):
+    """The dense model's tokenizer and its perplexity on issue 8's protocol (float32, CPU)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(dense))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()
+    return tokenizer, perplexity(model, tokenizer, test, limit, "cpu")
+
+
 def same_weights(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir() if "safetensors" in p.name)
     return names == sorted(p.name for p in b.iterdir() if "safetensors" in p.name) and all(
@@ -83,10 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.with_default:
         print(f"streamed and in-memory default weight files identical: {identical_default}", flush=True)
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.dense))
-    dense = transformers.AutoModelForCausalLM.from_pretrained(str(args.dense), dtype=torch.float32).eval()
-    dense_ppl = perplexity(dense, tokenizer, test, args.limit, "cpu")
-    del dense
+    tokenizer, dense_ppl = dense_perplexity(args.dense, test, args.limit)
     print(f"dense perplexity {dense_ppl:.2f}", flush=True)
     for i, name in enumerate(rows):
         model = svdlora.load_compressed(args.work / f"row{i}", device="cpu", dtype=torch.float32)
