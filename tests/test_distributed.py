@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # DIE_RANK only): a crash no cleanup code can catch, as an OOM kill or a lost node would be.
 DYING = """
 import os, signal, sys
-import svdlora.streaming as streaming
-original, calls = streaming.factorize, []
+import svdlora.streaming.jobs as jobs
+original, calls = jobs.factorize, []
 def dying(*args, **kwargs):
     calls.append(1)
     if len(calls) == 3 and os.environ.get("RANK", "0") == os.environ["DIE_RANK"]:
         os.kill(os.getpid(), signal.SIGKILL)
     return original(*args, **kwargs)
-streaming.factorize = dying
+jobs.factorize = dying
 from svdlora.cli import main
 sys.exit(main(sys.argv[1:]))
 """

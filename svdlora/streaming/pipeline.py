@@ -1,0 +1,245 @@
+"""The streamed pipeline: checks, plan, calibration, this process's jobs, and the finished folder."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import block_gradients, blockwise, distributed
+from ..allocate import allocate_global
+from ..calibration_data import SELF
+from ..compress import count_parameters, svd_device
+from ..config import CompressionConfig
+from ..errors import SvdloraError
+from ..outputs import atomic_folder, ensure_space
+from ..plan import CalibrationPlan, auto_method, source_name
+from ..report import CompressionReport
+from ..saving import check_output, write_side_files
+from ..writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, folder_format, header_metadata
+from .jobs import module_reports, run_jobs, write_factors
+from .plan import Plan, plan
+
+logger = logging.getLogger(__name__)
+
+SCRATCH = "calibration-scratch"  # inside the temporary output folder: removed with it on failure
+
+# Methods that stream: a plain SVD needs only W. "auto" is plain SVD without calibration data.
+STREAMING_METHODS = ("svd", "auto")
+
+
+def check_streamable(config: CompressionConfig, calibration=None) -> None:
+    """Refuse settings that cannot stream (built in memory only, or a method without its data), with
+    what to do instead."""
+    if getattr(config, "stage_dtypes", None):
+        raise SvdloraError(
+            "--stage-dtypes cannot stream yet (the quantized stage chain is built in memory): drop --stream "
+            "(and run without torchrun), or drop --stage-dtypes"
+        )
+    if calibration is not None:
+        blockwise.resolve(config)  # every method streams block by block; healing, refit, stage dtypes do not
+        if calibration == SELF:
+            raise SvdloraError(
+                "--calibration self cannot stream: generating the calibration text needs the whole model; pass "
+                "--calibration DATA (a text file or dataset), or drop --stream"
+            )
+        return
+    if getattr(config, "heal_steps", 0):
+        raise SvdloraError("healing cannot stream (it trains the whole model in memory): drop --heal-steps or --stream")
+    method = getattr(config, "method", "svd")
+    if method not in STREAMING_METHODS or getattr(config, "allocation", "uniform") == "global":
+        raise SvdloraError(
+            f"method {method!r} or global allocation needs calibration data: pass --calibration DATA "
+            "(a causal LM's text: with --stream it calibrates block by block), or use the plain SVD method"
+        )
+
+
+def compress_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    config: CompressionConfig | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    calibration=None,
+    processor=None,
+    announce: Callable[[bool, bool], None] | None = None,
+    **options,
+) -> CompressionReport:
+    """Compress a local safetensors checkpoint without loading the model into memory.
+
+    Writes the same folder as ``compress`` + ``save_compressed`` (the same weight bytes). Under
+    ``torchrun``, each rank factorizes its share of the matrices and writes them; rank 0 writes
+    the index and config, recording ``world_size``.
+
+    Args:
+        source: a local transformers folder with ``model.safetensors`` or a sharded index.
+        output: the folder to create (atomically: it appears only once complete).
+        config: a ``CompressionConfig``, or its fields as keyword ``options``.
+        dtype: cast floating tensors to this dtype (default: config.json's ``dtype``, else as stored).
+        max_shard_size: shard the output as transformers does (default "50GB").
+        calibration: calibration data (a text file or dataset) for a causal LM: the checkpoint is
+            then calibrated one decoder block at a time, with the method and allocation resolved
+            as ``compress()`` resolves them (``blockwise``, ``block_gradients``).
+        processor: the tokenizer of ``calibration`` (default: the one in ``source``).
+        announce: called once every check has passed, before the slow work, with whether the
+            run calibrates and whether that takes a backward pass (the CLI says there which
+            method runs, and sets up the process for it); under torchrun on every rank.
+    Returns:
+        The ``CompressionReport`` (the same on every rank).
+    """
+    config = config or CompressionConfig(**options)
+    check_streamable(config, calibration)
+    ctx = distributed.context()
+    start = time.perf_counter()
+    check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
+    p = plan(source, config, dtype, trust_remote_code)
+    resolved = blockwise.resolve(config) if calibration is not None else None
+    if calibration is not None and resolved is None:
+        logger.warning("calibration data is not used by method 'svd' with uniform allocation")
+        calibration = None
+    batches = None
+    if calibration is not None:  # read the data before any output exists
+        batches = _calibration_batches(p, source, calibration, processor, config, ctx, progress)
+    owners = distributed.owners(p, ctx.world_size)  # fixed before a global allocation re-plans
+    # every target by its weight's key: one the uniform plan keeps dense (a copy job) may be factorized
+    # after the global allocation, and its spectrum is needed before that
+    owned = {t.name for t in p.targets if owners.get(p.source_key(f"{t.name}.weight")) == ctx.rank}
+    method, allocation = resolved or ("svd", "uniform")
+    method = auto_method(p.targets) if method == "auto" else method
+    gradients = batches is not None and (method, allocation) != ("whiten", "uniform")  # else one forward pass
+    if announce is not None:  # every check passed: the slow work starts (on every rank: each sets itself up)
+        announce(batches is not None, gradients)
+    calibration_device = svd_device(config.svd_device)  # --device runs the block passes there too
+    with atomic_folder(output, overwrite, inputs=[source]) if ctx.is_main else _nothing() as tmp:
+        tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
+        calibrated, weights, est_loss = None, None, {}
+        if batches is not None:
+            source_named = source_name(calibration)
+            calibrated = CalibrationPlan(method, allocation, batches, source=source_named, gradients=gradients)
+        if calibrated is not None and calibrated.gradients:  # the backward runs before any rank is known
+            scratch = tmp / SCRATCH / f"rank-{ctx.rank}" if ctx.active else tmp / SCRATCH
+            weights = block_gradients.collect(
+                p,
+                ctx.share(batches),
+                method,
+                allocation,
+                scratch,
+                config.seed,
+                progress and ctx.is_main,
+                calibration_device,
+                ctx,
+                owned,
+            )
+            if allocation == "global":
+                ranks, dense, est_loss = allocate_global(
+                    p.targets, weights.spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple
+                )
+                p = plan(source, config, dtype, trust_remote_code, allocation=(ranks, dense))
+        mine = distributed.jobs_of(p, ctx.rank, owners)
+        format_version = folder_format(p.model)  # as save_compressed writes it
+        writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied, format_version), max_shard_size)
+        if ctx.is_main:
+            ensure_space(tmp, writer.total_size, str(output))
+            writer.create_files()
+        ctx.barrier()  # files laid out before any rank writes into them
+        if calibrated is None or weights is not None:
+            reports = run_jobs(mine, p, writer, config, progress and ctx.is_main, weights, est_loss)
+        else:
+            reports = run_jobs([j for j in mine if j[0] != "factorize"], p, writer, config, progress)
+            reports.update(
+                blockwise.calibrate_and_factorize(
+                    p,
+                    ctx.share(batches),
+                    config,
+                    lambda what, weight, weighting: write_factors(writer, what, weight, config, weighting),
+                    progress and ctx.is_main,
+                    calibration_device,
+                    ctx,
+                    owned,
+                )  # fmt: skip
+            )
+        if weights is not None:
+            shutil.rmtree(weights.folder)  # not part of the output
+        writer.close()
+        ctx.barrier()  # every shard complete before rank 0 finishes the folder
+        if ctx.is_main:
+            shutil.rmtree(tmp / SCRATCH, ignore_errors=True)  # the ranks' empty scratch parent
+        for part in ctx.gather(reports):
+            reports.update(part)
+        report = CompressionReport(
+            config=config.to_dict(),
+            modules=module_reports(p.model, reports, p.dense),
+            model_params_before=p.params_before,
+            model_params_after=count_parameters(p.model),
+            seconds=time.perf_counter() - start,
+            bytes_after=writer.bytes_on_disk(),
+            method=method,  # as compress() records them
+            allocation=allocation,
+            calibration=calibrated.describe() if calibrated else None,
+        )
+        if ctx.is_main:
+            writer.write_index()
+            write_side_files(
+                tmp,
+                report,
+                source=source,
+                config=p.hf_config,
+                generation_config=_generation_config(source),
+                class_name=type(p.model).__name__,
+                dtype=p.specs[0].dtype if p.specs else None,
+                world_size=ctx.world_size,
+                format_version=format_version,
+            )
+    ctx.barrier()  # the folder is in place before any rank returns
+    logger.info("streamed %d matrices in %.1f s", len(reports), report.seconds)
+    return report
+
+
+def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, progress) -> list[dict]:
+    """The tokenized calibration windows, as ``compress()`` reads them (a causal LM's text only)."""
+    from ..calibration_data import calibration_batches
+    from ..evaluation.loading import _load_processor
+
+    blockwise.check(p)
+    if isinstance(calibration, list):  # model-ready batches, as compress() takes them
+        batches = calibration
+        if ctx.active and not all("labels" in b for b in batches):  # else labels are drawn per rank
+            raise SvdloraError("under torchrun, calibration batches need labels: add them, or run one process")
+    else:
+        processor = processor if processor is not None else _load_processor(str(source), "text-generation")
+        batches = calibration_batches(
+            p.model, calibration, processor, config.calibration_samples, config.calibration_length,
+            seed=config.seed, progress=progress, device="cpu",
+        )  # fmt: skip
+    if not batches:
+        raise SvdloraError("calibration data is empty: pass a file with text, or batches")
+    if len(batches) < ctx.world_size:  # every rank runs at least one window
+        raise SvdloraError(
+            f"{len(batches)} calibration windows for {ctx.world_size} processes: pass --calibration-samples "
+            f"{ctx.world_size} or more, or run fewer processes"
+        )
+    return batches
+
+
+def _generation_config(source):
+    import transformers
+
+    if (Path(source) / "generation_config.json").is_file():
+        return transformers.GenerationConfig.from_pretrained(str(source))
+    return None
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

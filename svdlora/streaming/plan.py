@@ -1,0 +1,146 @@
+"""What is known before a tensor is read: the meta model with its low-rank layers, the output
+layout, and the jobs that fill it (factorize a matrix, copy a tensor, write a code-built buffer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+
+from .. import distributed
+from ..allocate import allocate_ranks
+from ..checkpoint import Checkpoint
+from ..compress import count_parameters
+from ..config import CompressionConfig
+from ..errors import SvdloraError
+from ..io import _no_weight_init
+from ..layers import LowRankLinear
+from ..models import check_dense_folder, keep_in_fp32, model_class, parse_dtype
+from ..pivoted import PivotedLowRankLinear
+from ..targets import find_targets
+from ..writer import TensorSpec, file_layout
+
+
+@dataclass
+class Plan:
+    """Everything known before a tensor is read: the meta model with its low-rank layers, the
+    output layout, and the jobs (factorize a matrix, copy a tensor, write a code-built buffer)."""
+
+    checkpoint: Checkpoint
+    hf_config: object
+    model: torch.nn.Module  # meta skeleton, targets swapped for meta LowRankLinear
+    specs: list[TensorSpec]
+    tied: dict[str, str]
+    jobs: list[tuple[str, str | None, object]]  # (kind, checkpoint key, Target or output key)
+    dense: dict[str, str]  # layer -> why it stays dense
+    params_before: int
+    target_dtype: torch.dtype | None
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    keeps_fp32: Callable[[str], bool] = lambda name: False
+    names_of: dict[str, list[str]] = field(default_factory=dict)  # parameter -> every name tied to it
+    targets: list = field(default_factory=list)  # every targeted layer (a Target), dense ones included
+
+    def source_key(self, name: str) -> str | None:
+        """The checkpoint's key for parameter ``name``, under any name a tied parameter has."""
+        prefix = getattr(self.model, "base_model_prefix", "")
+        return next(filter(None, (self.checkpoint.resolve(k, prefix) for k in self.names_of.get(name, [name]))), None)
+
+    def out_dtype(self, stored: torch.dtype, name: str) -> torch.dtype:
+        """The dtype ``from_pretrained(dtype=target)`` gives parameter ``name``: the model's
+        keep-in-float32 modules (T5's ``wo``, MoE routers) stay float32, as in memory."""
+        if self.target_dtype is None or not stored.is_floating_point:
+            return stored
+        return torch.float32 if self.keeps_fp32(name) else self.target_dtype
+
+    def cost(self, job) -> float:
+        kind, src, what = job
+        if kind == "factorize":
+            return distributed.svd_cost(what.out_features, what.in_features)
+        return float(self.checkpoint.spec[src].nbytes) if kind == "copy" else 0.0
+
+
+def plan(
+    source: str | Path, config: CompressionConfig, dtype=None, trust_remote_code: bool = False, allocation=None
+) -> Plan:
+    """Targets, ranks and the output layout of a checkpoint, from its config and headers alone
+    (or from ``allocation``, the (ranks, dense) a global allocation chose)."""
+    import transformers
+
+    if not Path(source).is_dir():
+        raise SvdloraError(f"streaming needs a local folder, got {str(source)!r}: download it first (hf download)")
+    check_dense_folder(Path(source), str(source))  # issue 7's checks: no svdlora folder, no truncated file
+    ckpt = Checkpoint(source)
+    hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    target_dtype = parse_dtype(dtype) or getattr(hf_config, "dtype", None)
+    with init_empty_weights(), _no_weight_init():
+        model = model_class(hf_config)(hf_config)
+    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
+    params_before = count_parameters(model)
+    targets, dense = find_targets(model, config)
+    if not targets:
+        raise SvdloraError("no Linear/Conv1D layer is targeted: check --include/--exclude")
+    ranks, allocator_dense = allocation or allocate_ranks(targets, config)
+    dense.update(allocator_dense)
+    prefix = getattr(model, "base_model_prefix", "")
+    same: dict[int, list[str]] = {}  # a checkpoint may store a tied parameter under any of its names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        same.setdefault(id(param), []).append(name)
+    names_of = {n: group for group in same.values() for n in group}
+
+    def find(names: list[str]) -> str | None:
+        return next(filter(None, (ckpt.resolve(k, prefix) for k in names)), None)
+
+    out = Plan(ckpt, hf_config, model, [], {}, [], dense, params_before, target_dtype)
+    out.keeps_fp32, out.names_of, out.targets = keep_in_fp32(model, target_dtype), names_of, targets
+    weight_dtype = {}
+    for t in targets:
+        if t.name not in ranks:
+            continue
+        key = out.source_key(f"{t.name}.weight")
+        if key is None:
+            raise SvdloraError(f"{str(source)!r} has no tensor for {t.name}.weight: compress without --stream")
+        weight_dtype[t.name] = out.out_dtype(ckpt.spec[key].dtype, f"{t.name}.weight")
+        layer = (PivotedLowRankLinear if config.pivot else LowRankLinear)(
+            t.in_features, t.out_features, ranks[t.name], bias=t.module.bias is not None,
+            base_kind=t.kind, device="meta", dtype=weight_dtype[t.name],
+        )  # fmt: skip
+        model.set_submodule(t.name, layer)
+        out.jobs.append(("factorize", key, t))
+    if not config.keep_head and getattr(hf_config, "tie_word_embeddings", False):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, LowRankLinear):  # as compress() does: a factorized head is no longer tied
+            hf_config.tie_word_embeddings = False
+    layout, out.tied = file_layout(model)
+    buffers = out.buffers = dict(model.named_buffers())
+    stage_owner = {  # factor tensors -> their layer: written by the factorize jobs
+        key: name
+        for name, layer in model.named_modules()
+        if isinstance(layer, LowRankLinear)
+        for key in factor_keys(name, layer)
+    }
+    aliases: dict[str, list[str]] = {}
+    for alias, stored in out.tied.items():
+        aliases.setdefault(stored, []).append(alias)
+    for key, tensor in layout:
+        if key in stage_owner:
+            kind = tensor.dtype if not tensor.is_floating_point() else weight_dtype[stage_owner[key]]
+            out.specs.append(TensorSpec(key, tuple(tensor.shape), kind))  # pivot indices stay int64
+        elif (src := find([key, *aliases.get(key, [])])) is not None:
+            out.specs.append(TensorSpec(key, ckpt.spec[src].shape, out.out_dtype(ckpt.spec[src].dtype, key)))
+            out.jobs.append(("copy", src, key))
+        elif key in buffers and buffers[key].device.type != "meta":  # built by the model's code
+            out.specs.append(TensorSpec(key, tuple(tensor.shape), tensor.dtype))
+            out.jobs.append(("buffer", None, key))
+        else:
+            raise SvdloraError(f"{str(source)!r} has no tensor {key!r}: compress without --stream")
+    return out
+
+
+def factor_keys(name: str, layer: LowRankLinear) -> list[str]:
+    if isinstance(layer, PivotedLowRankLinear):
+        return [f"{name}.pivoted.{part}" for part in ("B", "C", "rows")]
+    return [f"{name}.stage{j}.{part}" for j in range(len(layer.ranks)) for part in "AB"]
