@@ -61,19 +61,46 @@ class Checkpoint:
         return None
 
 
-def _read_header(file: Path) -> dict[str, tuple[TensorSpec, int]]:
-    """{name: (spec, absolute data offset)} from a safetensors header, without mapping the file."""
-    try:
-        with open(file, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
+def read_header(file: Path) -> tuple[dict[str, tuple[TensorSpec, int]], dict[str, str]]:
+    """({name: (spec, absolute data offset)}, metadata) of a safetensors file, read without mapping it.
+
+    Raises ValueError where the file is not a complete safetensors file: the checks ``safe_open``
+    makes (a header inside the file, every tensor's bytes where its offsets say, no gap, the data
+    ending with the file), without its memory map of the whole file (see ``Checkpoint.read``).
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or length > size - 8:
+            raise ValueError(f"its header runs past the end of the file ({size} bytes)")
+        try:
             header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"its header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors, end = {}, 0
+    try:
+        for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, stop = entry["data_offsets"]
+            spec = TensorSpec(key, tuple(entry["shape"]), _torch_dtype(entry["dtype"]))
+            if begin != end or stop - begin != spec.nbytes:
+                raise ValueError(f"tensor {key!r} does not fill its data offsets {begin}..{stop}")
+            tensors[key], end = (spec, 8 + length + begin), stop
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"its header has a malformed entry ({type(err).__name__}: {err})") from None
+    if 8 + length + end != size:
+        raise ValueError(f"its tensors end at byte {8 + length + end} and the file at byte {size}: truncated")
+    return tensors, metadata
+
+
+def _read_header(file: Path) -> dict[str, tuple[TensorSpec, int]]:
+    try:
+        return read_header(file)[0]
     except (OSError, ValueError) as err:
         raise SvdloraError(f"{str(file)!r} is not a readable safetensors file ({err})") from None
-    header.pop("__metadata__", None)
-    return {
-        key: (TensorSpec(key, tuple(v["shape"]), _torch_dtype(v["dtype"])), 8 + length + v["data_offsets"][0])
-        for key, v in header.items()
-    }
 
 
 def _torch_dtype(name: str) -> torch.dtype:

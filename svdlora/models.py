@@ -13,9 +13,10 @@ from urllib.parse import urlparse
 
 import torch
 import transformers
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 
+from .checkpoint import read_header
 from .errors import SvdloraError, first_line
 
 logger = logging.getLogger(__name__)
@@ -219,9 +220,8 @@ def check_dense_folder(path: Path, name: str) -> None:
         raise SvdloraError(f"{name!r} has a config.json but no weight files: the folder is incomplete")
     for file in sorted(path.glob("*.safetensors")):
         try:
-            with safe_open(str(file), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as err:
+            _, metadata = read_header(file)  # not safe_open: it maps the whole file (ulimit -v)
+        except (OSError, ValueError) as err:
             raise SvdloraError(
                 f"{str(file)!r} is corrupted or truncated ({first_line(err)}): restore or re-download it"
             ) from None

@@ -68,3 +68,18 @@ def word_gpt2(words) -> tuple:
 def word_text(words, count: int = 400) -> str:
     """``count`` words of ``words`` in a fixed order: calibration text for ``word_gpt2``."""
     return " ".join(words[(i * 7) % len(words)] for i in range(count))
+
+
+def lm_folder(tmp_path):
+    """A tiny GPT-2 with a word tokenizer saved beside it, and a text file it can be scored on."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    words = "the cat sat on a mat and the dog ran to it".split()
+    tok = word_tokenizer(words)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=64))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "text.txt").write_text(" ".join(words * 20))
+    return tmp_path / "m", tmp_path / "text.txt"

@@ -173,3 +173,43 @@ def test_calibration_aware_settings_refuse_to_stream(tmp_path):
     with pytest.raises(SvdloraError, match="cannot stream"):
         compress_checkpoint(base, tmp_path / "out", budget=0.5, method="kfac", refit=True, calibration=["text"])
     assert not (tmp_path / "out").exists()
+
+
+def _damaged(data: bytes) -> dict[str, bytes]:
+    """Ways a safetensors file can be broken, each as the file's bytes."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    gap = dict(header)
+    first = next(k for k in gap if k != "__metadata__")
+    gap[first] = {**gap[first], "data_offsets": [gap[first]["data_offsets"][0] + 4, gap[first]["data_offsets"][1] + 4]}
+    encoded = json.dumps(gap).encode()
+    return {
+        "truncated": data[:-1],
+        "one byte more": data + b"\0",
+        "header past the end": (len(data)).to_bytes(8, "little") + data[8:],
+        "header not JSON": data[:8] + b"{" * length + data[8 + length :],
+        "a gap before a tensor": len(encoded).to_bytes(8, "little") + encoded + data[8 + length :],
+        "empty": b"",
+    }
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "one byte more", "header past the end", "header not JSON", "a gap before a tensor", "empty"],
+)
+def test_headers_are_checked_as_safe_open_checks_them_without_a_memory_map(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    from svdlora.checkpoint import read_header
+
+    file = tmp_path / "ok.safetensors"
+    save_file({"a": torch.ones(3, 2), "b": torch.arange(5), "c": torch.zeros(0)}, str(file), metadata={"k": "v"})
+    tensors, metadata = read_header(file)
+    with safe_open(str(file), framework="pt") as f:
+        assert metadata == f.metadata() and set(tensors) == set(f.keys())
+        assert all(list(f.get_slice(k).get_shape()) == list(tensors[k][0].shape) for k in f.keys())
+    file.write_bytes(_damaged(file.read_bytes())[damage])
+    with pytest.raises(Exception):  # noqa: B017, PT011  safetensors' own error types vary by version
+        safe_open(str(file), framework="pt").keys()
+    with pytest.raises(ValueError):
+        read_header(file)

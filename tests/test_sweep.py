@@ -10,6 +10,8 @@ from svdlora.cli import main
 from svdlora.errors import SvdloraError
 from svdlora.sweep import Point, QualityTarget, find_budget, parse_target, sweep, write_outputs
 
+from .eval_helpers import lm_folder
+
 
 def fake_measure(threshold: float, calls: list):
     """Perplexity falls with the budget (monotone); dense = 10; ratio 1.5 is crossed at ``threshold``."""
@@ -67,25 +69,8 @@ def test_outputs_table_json_plot(tmp_path):
     assert data["target"]["budget"] >= 0.4 and len(data["points"]) >= 2
 
 
-def _lm_folder(tmp_path):
-    """A tiny GPT-2 with a word tokenizer saved beside it, and a text file it can be scored on."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from .eval_helpers import word_tokenizer
-
-    words = "the cat sat on a mat and the dog ran to it".split()
-    tok = word_tokenizer(words)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=64))
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    (tmp_path / "text.txt").write_text(" ".join(words * 20))
-    return tmp_path / "m", tmp_path / "text.txt"
-
-
 def test_sweep_cli_end_to_end(tmp_path, capsys):
-    model, text = _lm_folder(tmp_path)
+    model, text = lm_folder(tmp_path)
     tmp_path_m, text_path = model, text
     argv = ["sweep", str(tmp_path_m), "--budgets", "0.3,0.8", "--data", str(text_path),
             "--max-length", "16", "--limit", "3", "--target", "ppl<=100x", "--output", str(tmp_path / "s"),
@@ -103,7 +88,7 @@ def test_sweep_cli_end_to_end(tmp_path, capsys):
 
 
 def test_sweep_passes_calibration_through(tmp_path, capsys):
-    model, text = _lm_folder(tmp_path)
+    model, text = lm_folder(tmp_path)
     argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--max-length", "16", "--limit", "2",
             "--calibration", str(text), "--calibration-samples", "2", "--calibration-length", "16",
             "--method", "whiten", "--allocation", "uniform", "--target", "ppl<=100x",
@@ -131,7 +116,7 @@ def test_compress_card_and_info_json(tmp_path, gpt2_folder, capsys):
 
 
 def test_compress_eval_goes_into_card(tmp_path):
-    model, text = _lm_folder(tmp_path)
+    model, text = lm_folder(tmp_path)
     out = tmp_path / "svd"
     argv = ["compress", str(model), "--budget", "0.5", "--eval", str(text), "--eval-limit", "2", "--output", str(out)]
     assert main([*argv, "--no-progress"]) == 0

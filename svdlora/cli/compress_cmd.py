@@ -9,7 +9,7 @@ import time
 
 import transformers
 
-from .. import blockwise, distributed
+from .. import blockwise, distributed, memory
 from ..compress import compress, svd_device
 from ..config import SVD_METHODS, CompressionConfig
 from ..errors import SvdloraError
@@ -118,8 +118,9 @@ def register(subparsers) -> None:
         "--stream",
         action="store_true",
         help="read the checkpoint tensor by tensor and write the output shard by shard (a local safetensors "
-        "folder; memory: one input shard + one matrix), the same bytes as in memory with --calibration none. Automatic "
-        "under torchrun / accelerate launch, where the matrices are split over the processes. With --calibration "
+        "folder; memory: one matrix and its SVD), the same bytes as in memory with --calibration none. Automatic "
+        "under torchrun / accelerate launch, where the matrices are split over the processes, and where the model and "
+        "its factors would not fit in memory (the available memory, the memory cgroup, ulimit -v; said on stderr). With --calibration "
         "DATA (a causal LM's text) it calibrates one decoder block at a time, every method and allocation as in "
         "memory (fisher, kfac and global allocation by a backward pass block by block, keeping every block's "
         "inputs on disk beside the output until it is done; --method whiten --allocation uniform needs one "
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     svd_device(args.svd_device)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
-    if args.stream or distributed.launched():
+    if args.stream or distributed.launched() or _streams_for_memory(args, config):
         return _run_streamed(args, config, output)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -195,6 +196,39 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> bool:
+    """True where the model and its factors would not fit in memory and streaming writes the same
+    files (said on stderr). Where the run cannot stream: a refusal if the model alone does not fit
+    (in memory and swap), else a warning. False where it fits, or its size is not known (a hub id)."""
+    model = memory.checkpoint_bytes(args.model, args.dtype)
+    over = None if model is None else memory.shortfall(model, config.budget)
+    if over is None:
+        return False
+    limit, need, room = over
+    sizes = (
+        f"{args.model!r} needs about {memory.gigabytes(need)} in memory (the model and its factors) and "
+        f"{limit} leaves {memory.gigabytes(room)}"
+    )
+    calibration = None if args.calibration in (AUTO, NONE) else args.calibration
+    if args.calibration == AUTO:
+        why = "--calibration auto calibrates a causal LM on text the whole model generates"
+    elif calibration == SELF:
+        why = "--calibration self generates text with the whole model"
+    else:
+        try:
+            check_streamable(config, calibration)
+        except SvdloraError as err:
+            why = str(err).split(":")[0]
+        else:
+            print(f"svdlora compress: {sizes}: streaming it instead (as --stream: the same files)", file=sys.stderr)
+            return True
+    advice = "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
+    if memory.shortfall(model, config.budget, factors=False, with_swap=True):
+        raise SvdloraError(f"{sizes}, and {why}: {advice}, or free memory")
+    print(f"svdlora compress: warning: {sizes}, and {why}: it may run out of memory; {advice}", file=sys.stderr)
+    return False
 
 
 def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -> int:
@@ -236,6 +270,11 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if ctx.is_main:
         print(report.format())
+    if args.eval and ctx.is_main:  # the compressed folder, loaded back: the model was never in memory
+        from ..card_eval import evaluate_into_card
+        from ..io import load_compressed
+
+        evaluate_into_card(load_compressed(output), output, report, args.model, args.eval, args.eval_limit)
     print(
         f"\n{f'[rank {ctx.rank}/{ctx.world_size}] ' if ctx.world_size > 1 else ''}wrote {output}  "
         f"(streamed, total {time.perf_counter() - start:.1f} s, "

@@ -1,0 +1,141 @@
+"""How much memory this process may still use, and how much an in-memory compress needs, before
+anything is loaded.
+
+An in-memory compress holds the model and then its factors beside it: the peak measured on
+SmolLM2-135M (540 MB float32, budget 0.5) was 1,182 MB, the process's 370 MB of libraries plus the
+model plus the factors (BENCHMARKS.md, *Scale and speed*). A checkpoint that does not fit would end
+in the kernel's OOM kill after a long load, so the CLI streams it instead where that writes the
+same files, and otherwise says what to do before loading anything.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import psutil
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import SvdloraError
+from .models import parse_dtype
+
+_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as about 2**63
+# (mount, limit file, usage file, the reclaimable page cache's key in memory.stat): cgroup v2, then v1
+CGROUPS = [
+    (Path("/sys/fs/cgroup"), "memory.max", "memory.current", "inactive_file"),
+    (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+]
+PROC_CGROUP = Path("/proc/self/cgroup")
+# Address space a model load maps after the check (transformers' model code, its libraries): the
+# address space of a process grew by 440 MB beyond the model's 538 MB in loading SmolLM2-135M.
+LIBRARIES = 512 << 20
+
+
+def limits(with_swap: bool = False) -> dict[str, int]:
+    """What each known limit leaves this process, in bytes: "available memory" (the system's, with its
+    free swap if ``with_swap``), "the memory cgroup" (its limit less its usage, reclaimable page cache
+    not counted as used) and "ulimit -v" (the address space left)."""
+    system = psutil.virtual_memory().available + (psutil.swap_memory().free if with_swap else 0)
+    rooms = {"available memory": system, "the memory cgroup": _cgroup_room(), "ulimit -v": _address_space_room()}
+    return {name: max(room, 0) for name, room in rooms.items() if room is not None}
+
+
+def shortfall(
+    model_bytes: int, budget: float | None, factors: bool = True, with_swap: bool = False
+) -> tuple[str, int, int] | None:
+    """(limit, need, room) for the first limit an in-memory compress of a ``model_bytes`` checkpoint
+    would pass, else None. The need is the model and, with ``factors``, its factors (at most the
+    model's size where a fixed rank, not a budget, sets them); under ``ulimit -v`` also the mapped
+    checkpoint file and the libraries a load maps, which count there in full."""
+    need = int(model_bytes * (1 + (budget if budget is not None and factors else 1.0 if factors else 0.0)))
+    for limit, room in limits(with_swap).items():
+        total = need + (model_bytes + LIBRARIES if limit == "ulimit -v" else 0)
+        if total > room:
+            return limit, total, room
+    return None
+
+
+def checkpoint_bytes(folder: str | Path, dtype: str | torch.dtype | None = None) -> int | None:
+    """Bytes of a local safetensors checkpoint's tensors once loaded, floating ones in ``dtype`` where
+    given; None where the folder is not one (a hub id, .bin weights)."""
+    if not Path(folder).is_dir():
+        return None
+    try:
+        specs = Checkpoint(folder).spec.values()
+    except (SvdloraError, OSError, ValueError, KeyError):
+        return None
+    target = parse_dtype(dtype)
+    total = 0
+    for spec in specs:
+        itemsize = target.itemsize if target is not None and spec.dtype.is_floating_point else spec.dtype.itemsize
+        total += spec.nbytes // spec.dtype.itemsize * itemsize
+    return total
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _cgroup_room() -> int | None:
+    """The memory cgroup's limit less its usage, the tightest over the process's cgroup and its
+    ancestors (cgroup v2, else v1); None where no limit is set or readable."""
+    for base, limit_file, usage_file, cache_key in CGROUPS:
+        rooms = []
+        for folder in _cgroup_folders(base):
+            limit, usage = _read_int(folder / limit_file), _read_int(folder / usage_file)
+            if limit is None or usage is None or limit >= _UNLIMITED:
+                continue
+            rooms.append(limit - max(usage - _stat(folder / "memory.stat", cache_key), 0))
+        if rooms:
+            return min(rooms)
+    return None
+
+
+def _cgroup_folders(base: Path) -> list[Path]:
+    """The process's own cgroup folder under ``base`` (from /proc/self/cgroup) and its ancestors."""
+    if not base.is_dir():
+        return []
+    relative = ""
+    try:
+        for line in PROC_CGROUP.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if (controllers == "" and base.name != "memory") or "memory" in controllers.split(","):
+                relative = path.lstrip("/")
+                break
+    except (OSError, ValueError):
+        pass
+    folder, folders = base / relative, []
+    while True:
+        if folder.is_dir():
+            folders.append(folder)
+        if folder == base or base not in folder.parents:
+            break
+        folder = folder.parent
+    return folders
+
+
+def _address_space_room() -> int | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return soft - psutil.Process().memory_info().vms
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return _UNLIMITED if text == "max" else int(text) if text.isdigit() else None
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,133 @@
+"""Memory before loading: the limits a process runs under, the size of a checkpoint, and what the
+CLI does with a model that would not fit (streams it where that writes the same files, else says so)."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors import safe_open
+
+from svdlora import memory
+from svdlora.cli import main
+
+from .eval_helpers import lm_folder
+from .test_streaming import tied_llama, weight_bytes
+
+
+def _cgroup(tmp_path: Path, monkeypatch, version: int, levels: dict[str, tuple[str, int, int]]) -> None:
+    """A fake cgroup mount: folder -> (limit, usage, reclaimable cache), the process in the deepest."""
+    base = tmp_path / ("cgroup" if version == 2 else "memory")
+    limit, usage, cache = (
+        ("memory.max", "memory.current", "inactive_file")
+        if version == 2
+        else ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    )
+    for relative, (lim, use, reclaimable) in levels.items():
+        folder = base / relative
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / limit).write_text(f"{lim}\n")
+        (folder / usage).write_text(f"{use}\n")
+        (folder / "memory.stat").write_text(f"anon 5\n{cache} {reclaimable}\n")
+    deepest = max(levels, key=len)
+    proc = tmp_path / "proc-cgroup"
+    proc.write_text(f"0::/{deepest}\n" if version == 2 else f"5:cpu:/\n4:memory:/{deepest}\n")
+    monkeypatch.setattr(memory, "CGROUPS", [(base, limit, usage, cache)])
+    monkeypatch.setattr(memory, "PROC_CGROUP", proc)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_tightest_cgroup_level_counts_and_page_cache_is_not_used_memory(tmp_path, monkeypatch, version):
+    unlimited = "max" if version == 2 else str(2**63 - 4096)
+    levels = {"": (unlimited, 9000, 0), "a": ("5000", 3000, 1000), "a/b": ("8000", 1000, 0)}
+    _cgroup(tmp_path, monkeypatch, version, levels)
+    assert memory._cgroup_room() == 5000 - (3000 - 1000)  # the parent's limit binds; its cache is reclaimable
+    assert memory.limits()["the memory cgroup"] == 3000
+
+
+def test_no_cgroup_limit_and_the_address_space_limit(tmp_path, monkeypatch):
+    _cgroup(tmp_path, monkeypatch, 2, {"": ("max", 10, 0)})
+    assert memory._cgroup_room() is None
+    vms = psutil.Process().memory_info().vms
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (vms + 10**9, resource.RLIM_INFINITY))  # ulimit -v
+    assert abs(memory._address_space_room() - 10**9) < 64 << 20  # the process may grow a little meanwhile
+    rooms = memory.limits()
+    assert "the memory cgroup" not in rooms and abs(rooms["ulimit -v"] - 10**9) < 64 << 20
+
+
+def test_the_first_limit_an_in_memory_compress_would_pass(monkeypatch):
+    rooms = {"available memory": 800_000}
+    monkeypatch.setattr(memory, "limits", lambda with_swap=False: rooms)
+    assert memory.shortfall(500_000, 0.5) is None  # the model and its factors: 750 kB
+    assert memory.shortfall(600_000, 0.5) == ("available memory", 900_000, 800_000)
+    assert memory.shortfall(500_000, None) == ("available memory", 1_000_000, 800_000)  # a fixed rank: up to 2x
+    assert memory.shortfall(600_000, 0.5, factors=False) is None
+    rooms["ulimit -v"] = 10**9  # the mapped file and the libraries count there too
+    assert memory.shortfall(500_000, 0.5) is None
+    assert memory.shortfall(500_000 << 10, 0.5) == ("available memory", 750_000 << 10, 800_000)
+    rooms["available memory"] = 10**12
+    assert memory.shortfall(500_000 << 10, 0.5) == ("ulimit -v", (1_250_000 << 10) + memory.LIBRARIES, 10**9)
+
+
+def test_checkpoint_bytes_from_the_headers(tmp_path):
+    model = tied_llama()
+    model.save_pretrained(tmp_path / "m", max_shard_size="20KB")  # sharded: read through the index
+    stored = 0
+    for file in (tmp_path / "m").glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            stored += sum(f.get_tensor(k).nbytes for k in f.keys())
+    assert memory.checkpoint_bytes(tmp_path / "m") == stored
+    assert memory.checkpoint_bytes(tmp_path / "m", "bfloat16") == stored // 2
+    assert memory.checkpoint_bytes("org/a-hub-model") is None  # its size is known only after the download
+    (tmp_path / "bin").mkdir()
+    torch.save({}, tmp_path / "bin" / "pytorch_model.bin")
+    assert memory.checkpoint_bytes(tmp_path / "bin") is None
+
+
+def _room(monkeypatch, nbytes: int) -> None:
+    monkeypatch.setattr(memory, "limits", lambda with_swap=False: {"available memory": nbytes})
+
+
+def test_a_model_too_large_for_memory_is_streamed_to_the_same_files(tmp_path, monkeypatch, capsys):
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    args = ["compress", str(base), "--budget", "0.5", "--no-progress", "--calibration", "none"]
+    assert main([*args, "-o", str(tmp_path / "in-memory")]) == 0
+    assert "streaming" not in capsys.readouterr().err
+    _room(monkeypatch, memory.checkpoint_bytes(base) * 5 // 4)  # the model fits, not with its factors
+    assert main([*args, "-o", str(tmp_path / "streamed")]) == 0
+    err = capsys.readouterr().err
+    assert "streaming it instead" in err and "(streamed" in err
+    assert weight_bytes(tmp_path / "streamed") == weight_bytes(tmp_path / "in-memory")
+
+
+def test_a_run_that_cannot_stream_is_refused_or_warned(tmp_path, monkeypatch, capsys):
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    model = memory.checkpoint_bytes(base)
+    capsys.readouterr()
+    argv = ["compress", str(base), "--budget", "0.5", "--no-progress", "-o", str(tmp_path / "o")]
+    _room(monkeypatch, model // 2)  # not even the model fits
+    assert main(argv) == 2  # --calibration auto: self-generated text needs the whole model
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--calibration auto" in err[0] and "--stream" in err[0], err
+    assert main([*argv, "--calibration", "none", "--heal-steps", "2"]) == 2
+    assert "healing cannot stream" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    _room(monkeypatch, model + 1)  # the model fits, its factors may not: warned, then run in memory
+    assert main([*argv, "--calibration", "none", "--stage-dtypes", "float32"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "--stage-dtypes cannot stream" in err and "(streamed" not in err
+    assert (tmp_path / "o" / "svdlora_config.json").is_file()
+
+
+def test_a_streamed_run_evaluates_its_folder_for_the_card(tmp_path):
+    model, text = lm_folder(tmp_path)
+    out = tmp_path / "svd"
+    argv = ["compress", str(model), "--budget", "0.5", "--stream", "--eval", str(text), "--eval-limit", "2"]
+    assert main([*argv, "--output", str(out), "--no-progress"]) == 0
+    card = (out / "README.md").read_text()
+    assert "## Evaluation" in card and "perplexity" in card
