@@ -1,7 +1,7 @@
 """Peak memory of `svdlora compress --stream` on a synthetic Llama-shaped checkpoint larger than the limit.
 
     OMP_NUM_THREADS=1 python -m benchmarks.streaming_memory --workdir /tmp/stream-bench \
-        [--layers 9] [--limit-gb 3] [--json out.json] [--keep]
+        [--layers 9] [--limit-gb 3] [--json out.json] [--keep] [--without-stream-flag]
 
 Builds a random float32 Llama-shaped checkpoint (hidden 4096, MLP 11008, 32 heads, vocab
 32000; 9 layers = 8.3 GB) in ~1 GB safetensors shards with an index, then runs the CLI in a
@@ -9,7 +9,8 @@ child process whose address space is capped with RLIMIT_AS (`ulimit -v`), and re
 peak RSS (ru_maxrss of the child) against the target: the largest input shard + one decoder
 layer's weights + 300 MB. The SVD is randomized (`--svd randomized --no-svd-reference`,
 budget 0.1) so the run takes minutes on 2 cores; the memory bound does not depend on it.
-The checkpoint is deleted at the end unless --keep.
+The checkpoint is deleted at the end unless --keep. With --without-stream-flag the command is
+the plain one (no --stream): the CLI must see that the model does not fit and stream by itself.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def run_limited(cmd: list[str], limit_bytes: int) -> dict:
         "seconds": seconds,
         "peak_rss_bytes": peak,
         "stderr_tail": proc.stderr[-800:],
+        "stderr_head": proc.stderr[:2000],
     }
 
 
@@ -132,6 +134,12 @@ def main(argv=None) -> None:
     p.add_argument("--budget", default="0.1")
     p.add_argument("--json", default=None)
     p.add_argument("--keep", action="store_true")
+    p.add_argument(
+        "--without-stream-flag",
+        action="store_true",
+        help="run the plain command (no --stream, --calibration none): the CLI must see that the model does not "
+        "fit under the limit and stream by itself (svdlora.memory)",
+    )
     args = p.parse_args(argv)
     work = Path(args.workdir)
     src, out = work / "checkpoint", work / "compressed"
@@ -142,13 +150,17 @@ def main(argv=None) -> None:
     else:
         info = build(src, args.layers, int(args.shard_gb * GB))
     build_seconds = time.perf_counter() - t0
-    cmd = [sys.executable, "-m", "svdlora", "compress", str(src), "-o", str(out), "--stream"]
+    cmd = [sys.executable, "-m", "svdlora", "compress", str(src), "-o", str(out)]
+    cmd += ["--calibration", "none"] if args.without_stream_flag else ["--stream"]
     cmd += ["--budget", args.budget, "--svd", "randomized", "--no-svd-reference", "--max-shard-size", "1GB"]
     cmd += ["--no-progress"]
     result = run_limited(cmd, int(args.limit_gb * GB))
     target = info["largest_shard_bytes"] + info["layer_bytes"] + 300 * 1024**2
     row = {**info, "build_seconds": build_seconds, "limit_bytes": int(args.limit_gb * GB), **result}
     row["target_bytes"] = target
+    row["command"] = cmd[1:]
+    said = [line for line in result.pop("stderr_head", "").splitlines() if "streaming it instead" in line]
+    row["streamed_by_itself"] = said[0] if said else None
     row["output_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) if out.exists() else None
     print(json.dumps({k: v for k, v in row.items() if k != "stderr_tail"}, indent=2))
     print(
@@ -157,6 +169,8 @@ def main(argv=None) -> None:
         f"in {result['seconds']:.0f} s; peak RSS {result['peak_rss_bytes'] / GB:.2f} GiB vs target "
         f"{target / GB:.2f} GiB (largest shard + one layer {info['layer_bytes'] / GB:.2f} GiB + 300 MiB)"
     )
+    if args.without_stream_flag:
+        print(f"without --stream: {row['streamed_by_itself'] or 'the CLI did not choose to stream'}")
     if result["returncode"]:
         print(result["stderr_tail"])
     if args.json:
