@@ -156,10 +156,11 @@ def main(argv=None) -> None:
     cmd += ["--no-progress"]
     result = run_limited(cmd, int(args.limit_gb * GB))
     target = info["largest_shard_bytes"] + info["layer_bytes"] + 300 * 1024**2
+    stderr_head = result.pop("stderr_head")
     row = {**info, "build_seconds": build_seconds, "limit_bytes": int(args.limit_gb * GB), **result}
     row["target_bytes"] = target
     row["command"] = cmd[1:]
-    said = [line for line in result.pop("stderr_head", "").splitlines() if "streaming it instead" in line]
+    said = [line for line in stderr_head.splitlines() if "streaming it instead" in line]
     row["streamed_by_itself"] = said[0] if said else None
     row["output_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) if out.exists() else None
     print(json.dumps({k: v for k, v in row.items() if k != "stderr_tail"}, indent=2))

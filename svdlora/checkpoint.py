@@ -7,6 +7,7 @@ checkpoints, each tensor read into fresh memory when it is needed.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -61,8 +62,15 @@ class Checkpoint:
         return None
 
 
-def read_header(file: Path) -> tuple[dict[str, tuple[TensorSpec, int]], dict[str, str]]:
-    """({name: (spec, absolute data offset)}, metadata) of a safetensors file, read without mapping it.
+# Bits per value of every safetensors dtype: the layout is checked without torch knowing the dtype.
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6}
+_DTYPE_BITS |= {"F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32}
+_DTYPE_BITS |= {"I64": 64, "U64": 64, "F64": 64, "C64": 64}
+
+
+def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], dict[str, str]]:
+    """({name: (safetensors dtype, shape, absolute data offset)}, metadata) of a safetensors file,
+    read without mapping it.
 
     Raises ValueError where the file is not a complete safetensors file: the checks ``safe_open``
     makes (a header inside the file, every tensor's bytes where its offsets say, no gap, the data
@@ -82,14 +90,16 @@ def read_header(file: Path) -> tuple[dict[str, tuple[TensorSpec, int]], dict[str
         raise ValueError("its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     tensors, end = {}, 0
-    try:
-        for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+    try:  # in offset order, as safetensors checks them (zero-size tensors may share an offset)
+        for key, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
             begin, stop = entry["data_offsets"]
-            spec = TensorSpec(key, tuple(entry["shape"]), _torch_dtype(entry["dtype"]))
-            if begin != end or stop - begin != spec.nbytes:
+            shape, bits = tuple(int(d) for d in entry["shape"]), _DTYPE_BITS.get(entry["dtype"])
+            if bits is None:
+                raise ValueError(f"tensor {key!r} has dtype {entry['dtype']!r}, unknown to safetensors")
+            if begin != end or (stop - begin) * 8 != math.prod(shape) * bits:
                 raise ValueError(f"tensor {key!r} does not fill its data offsets {begin}..{stop}")
-            tensors[key], end = (spec, 8 + length + begin), stop
-    except (KeyError, TypeError, AttributeError) as err:
+            tensors[key], end = (entry["dtype"], shape, 8 + length + begin), stop
+    except (KeyError, TypeError) as err:
         raise ValueError(f"its header has a malformed entry ({type(err).__name__}: {err})") from None
     if 8 + length + end != size:
         raise ValueError(f"its tensors end at byte {8 + length + end} and the file at byte {size}: truncated")
@@ -98,13 +108,24 @@ def read_header(file: Path) -> tuple[dict[str, tuple[TensorSpec, int]], dict[str
 
 def _read_header(file: Path) -> dict[str, tuple[TensorSpec, int]]:
     try:
-        return read_header(file)[0]
+        entries = read_header(file)[0]
     except (OSError, ValueError) as err:
         raise SvdloraError(f"{str(file)!r} is not a readable safetensors file ({err})") from None
+    return {
+        key: (TensorSpec(key, shape, _torch_dtype(dtype, file, key)), offset)
+        for key, (dtype, shape, offset) in entries.items()
+    }
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def _torch_dtype(name: str, file: Path, key: str) -> torch.dtype:
     names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
-    names |= {"I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+    names |= {"I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16"}
+    names |= {"U32": "uint32", "U64": "uint64", "C64": "complex64", "F8_E8M0": "float8_e8m0fnu"}
     names |= {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-    return getattr(torch, names.get(name, name.lower()))
+    dtype = getattr(torch, names.get(name, ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise SvdloraError(
+            f"{str(file)!r}: tensor {key!r} is stored as {name}, which this torch cannot hold: "
+            f"compress without --stream, or convert the checkpoint"
+        )
+    return dtype

@@ -10,6 +10,7 @@ same files, and otherwise says what to do before loading anything.
 
 from __future__ import annotations
 
+import json
 import resource
 from pathlib import Path
 
@@ -57,15 +58,16 @@ def shortfall(
 
 
 def checkpoint_bytes(folder: str | Path, dtype: str | torch.dtype | None = None) -> int | None:
-    """Bytes of a local safetensors checkpoint's tensors once loaded, floating ones in ``dtype`` where
-    given; None where the folder is not one (a hub id, .bin weights)."""
+    """Bytes of a local safetensors checkpoint's tensors once loaded: floating ones in ``dtype``, by
+    default the dtype of its config.json (what the CLI loads it in), else as stored; None where the
+    folder is not one (a hub id, .bin weights)."""
     if not Path(folder).is_dir():
         return None
     try:
         specs = Checkpoint(folder).spec.values()
     except (SvdloraError, OSError, ValueError, KeyError):
         return None
-    target = parse_dtype(dtype)
+    target = parse_dtype(dtype) if dtype is not None else _config_dtype(Path(folder))
     total = 0
     for spec in specs:
         itemsize = target.itemsize if target is not None and spec.dtype.is_floating_point else spec.dtype.itemsize
@@ -73,8 +75,16 @@ def checkpoint_bytes(folder: str | Path, dtype: str | torch.dtype | None = None)
     return total
 
 
-def gigabytes(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
+def _config_dtype(folder: Path) -> torch.dtype | None:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return parse_dtype(config.get("dtype") or config.get("torch_dtype"))
+    except (OSError, ValueError, AttributeError, SvdloraError):
+        return None
+
+
+def size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def _cgroup_room() -> int | None:

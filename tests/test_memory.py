@@ -14,6 +14,7 @@ from safetensors import safe_open
 from svdlora import memory
 from svdlora.cli import main
 
+from .conftest import tiny_t5, tiny_vit
 from .eval_helpers import lm_folder
 from .test_streaming import tied_llama, weight_bytes
 
@@ -131,3 +132,27 @@ def test_a_streamed_run_evaluates_its_folder_for_the_card(tmp_path):
     assert main([*argv, "--output", str(out), "--no-progress"]) == 0
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "perplexity" in card
+
+
+def test_what_streams_by_itself_and_what_decides_it(tmp_path, monkeypatch, capsys):
+    llama, t5, vit = tmp_path / "llama", tmp_path / "t5", tmp_path / "vit"
+    tied_llama().save_pretrained(llama)
+    tiny_t5().save_pretrained(t5)
+    tiny_vit().save_pretrained(vit)
+    capsys.readouterr()
+
+    def compress(folder: Path, room: float, *flags: str) -> str:
+        _room(monkeypatch, int(memory.checkpoint_bytes(folder) * room))
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        assert main(["compress", str(folder), "-o", str(out), "--no-progress", *flags]) == 0
+        return capsys.readouterr().err
+
+    # a fixed rank may keep factors as large as the model: 2x, where budget 0.5 needs 1.5x
+    assert "streaming it instead" not in compress(llama, 1.75, "--budget", "0.5", "--calibration", "none")
+    assert "streaming it instead" in compress(llama, 1.75, "--rank", "4", "--calibration", "none")
+    assert "streaming it instead" not in compress(llama, 1.2, "--calibration", "none", "--no-stream")
+    # --calibration auto is plain SVD for a model that is not a causal LM: it streams as it is
+    assert "streaming it instead" in compress(t5, 1.2, "--budget", "0.5")
+    # a model the streamed path cannot read is warned about and compressed in memory, not refused
+    err = compress(vit, 1.2, "--budget", "0.5", "--calibration", "none")
+    assert "warning" in err and "it cannot stream" in err and "streaming it instead" not in err

@@ -207,9 +207,30 @@ def test_headers_are_checked_as_safe_open_checks_them_without_a_memory_map(tmp_p
     tensors, metadata = read_header(file)
     with safe_open(str(file), framework="pt") as f:
         assert metadata == f.metadata() and set(tensors) == set(f.keys())
-        assert all(list(f.get_slice(k).get_shape()) == list(tensors[k][0].shape) for k in f.keys())
+        assert all(list(f.get_slice(k).get_shape()) == list(tensors[k][1]) for k in f.keys())
     file.write_bytes(_damaged(file.read_bytes())[damage])
     with pytest.raises(Exception):  # noqa: B017, PT011  safetensors' own error types vary by version
         safe_open(str(file), framework="pt").keys()
     with pytest.raises(ValueError):
         read_header(file)
+
+
+def test_valid_headers_that_torch_or_the_order_could_trip_on(tmp_path):
+    """Dtypes beyond torch's common ones and zero-size tensors sharing an offset are valid files."""
+    from safetensors.torch import save_file
+
+    from svdlora.checkpoint import read_header
+    from svdlora.models import check_dense_folder
+
+    file = tmp_path / "model.safetensors"
+    save_file({"u": torch.arange(6).to(torch.uint32), "w": torch.ones(2, 3)}, str(file))
+    (tmp_path / "config.json").write_text("{}")
+    check_dense_folder(tmp_path, "m")  # no refusal
+    assert read_header(file)[0]["u"][:2] == ("U32", (6,))
+    header = {"b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    header["a"] = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}  # listed after, same start
+    encoded = json.dumps(header).encode()
+    file.write_bytes(len(encoded).to_bytes(8, "little") + encoded + bytes(16))
+    with safe_open(str(file), framework="pt") as f:
+        assert set(f.keys()) == {"a", "b"}
+    assert set(read_header(file)[0]) == {"a", "b"}

@@ -10,12 +10,13 @@ import time
 import transformers
 
 from .. import blockwise, distributed, memory
+from ..calibration_data import model_kind
 from ..compress import compress, svd_device
 from ..config import SVD_METHODS, CompressionConfig
 from ..errors import SvdloraError
 from ..models import load_pretrained
 from ..saving import check_output, save_compressed
-from ..streaming import check_streamable, compress_checkpoint
+from ..streaming import check_streamable, compress_checkpoint, plan
 from ..writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 from . import options
 from .calibration_flags import (
@@ -116,11 +117,13 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--stream",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="read the checkpoint tensor by tensor and write the output shard by shard (a local safetensors "
         "folder; memory: one matrix and its SVD), the same bytes as in memory with --calibration none. Automatic "
-        "under torchrun / accelerate launch, where the matrices are split over the processes, and where the model and "
-        "its factors would not fit in memory (the available memory, the memory cgroup, ulimit -v; said on stderr). With --calibration "
+        "under torchrun / accelerate launch, where the matrices are split over the processes, and where the model "
+        "and its factors would not fit in memory (the available memory, the memory cgroup, ulimit -v; said on "
+        "stderr; --no-stream loads it anyway). With --calibration "
         "DATA (a causal LM's text) it calibrates one decoder block at a time, every method and allocation as in "
         "memory (fisher, kfac and global allocation by a backward pass block by block, keeping every block's "
         "inputs on disk beside the output until it is done; --method whiten --allocation uniform needs one "
@@ -199,36 +202,52 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> bool:
-    """True where the model and its factors would not fit in memory and streaming writes the same
-    files (said on stderr). Where the run cannot stream: a refusal if the model alone does not fit
-    (in memory and swap), else a warning. False where it fits, or its size is not known (a hub id)."""
-    model = memory.checkpoint_bytes(args.model, args.dtype)
-    over = None if model is None else memory.shortfall(model, config.budget)
+    """True where the model and its factors would not fit in memory and a streamed run does the same
+    (said on stderr). Where it cannot: a refusal if the model alone does not fit in memory and swap,
+    else a warning. False where it fits, its size is not known (a hub id), or with --no-stream."""
+    model = memory.checkpoint_bytes(args.model, args.dtype) if args.stream is None else None
+    budget = None if args.rank is not None else config.budget  # a fixed rank: factors up to the model's size
+    over = None if model is None else memory.shortfall(model, budget)
     if over is None:
         return False
     limit, need, room = over
     sizes = (
-        f"{args.model!r} needs about {memory.gigabytes(need)} in memory (the model and its factors) and "
-        f"{limit} leaves {memory.gigabytes(room)}"
+        f"{args.model!r} needs about {memory.size(need)} in memory (the model and its factors) and {limit} leaves "
+        f"{memory.size(room)}"
     )
-    calibration = None if args.calibration in (AUTO, NONE) else args.calibration
-    if args.calibration == AUTO:
-        why = "--calibration auto calibrates a causal LM on text the whole model generates"
-    elif calibration == SELF:
-        why = "--calibration self generates text with the whole model"
-    else:
-        try:
-            check_streamable(config, calibration)
-        except SvdloraError as err:
-            why = str(err).split(":")[0]
-        else:
-            print(f"svdlora compress: {sizes}: streaming it instead (as --stream: the same files)", file=sys.stderr)
-            return True
-    advice = "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
-    if memory.shortfall(model, config.budget, factors=False, with_swap=True):
-        raise SvdloraError(f"{sizes}, and {why}: {advice}, or free memory")
+    why, advice = _why_not_streamed(args, config) or (None, None)
+    if why is None:
+        print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
+        return True
+    alone = memory.shortfall(model, budget, factors=False, with_swap=True)
+    if alone:
+        limit, need, room = alone
+        raise SvdloraError(
+            f"{args.model!r} needs about {memory.size(need)} in memory for the model alone and {limit} leaves "
+            f"{memory.size(room)} (swap included), and {why}: {advice}"
+        )
     print(f"svdlora compress: warning: {sizes}, and {why}: it may run out of memory; {advice}", file=sys.stderr)
     return False
+
+
+def _why_not_streamed(args: argparse.Namespace, config: CompressionConfig) -> tuple[str, str] | None:
+    """(why, what to do) where a streamed run cannot do what this in-memory run would; None where it can."""
+    calibration = None if args.calibration in (AUTO, NONE) else args.calibration
+    stream_advice = (
+        "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
+    )
+    if calibration == SELF:
+        return "--calibration self generates text with the whole model", stream_advice
+    try:
+        check_streamable(config, calibration)
+        p = plan(args.model, config, args.dtype, args.trust_remote_code)  # on the meta device: no weights read
+        if calibration is not None:
+            blockwise.check(p)
+    except SvdloraError as err:
+        return f"it cannot stream ({err})", "free memory, or run it on a larger machine"
+    if args.calibration == AUTO and model_kind(p.model) == "causal-lm":
+        return "--calibration auto calibrates a causal LM on text the whole model generates", stream_advice
+    return None
 
 
 def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -> int:

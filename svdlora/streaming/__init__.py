@@ -2,7 +2,7 @@
 
 The architecture is built on the meta device (no memory) to find the targets and allocate
 ranks from shapes alone; the output layout then follows (``writer.file_layout``) before any
-tensor is read (``plan``). Each tensor is read with plain file I/O (no memory map), factorized or
+tensor is read (``planning``). Each tensor is read with plain file I/O (no memory map), factorized or
 copied, and written straight to its offset in the output (``jobs``): the peak is one matrix and
 its SVD working set, never a shard or the model. ``pipeline`` runs the whole: checks, plan,
 calibration, jobs, and the finished folder.
@@ -20,7 +20,7 @@ up to the order of the float64 sums (plain SVD stays bit for bit).
 
 from .jobs import ranks_of, write_factors
 from .pipeline import SCRATCH, STREAMING_METHODS, check_streamable, compress_checkpoint
-from .plan import Plan, plan
+from .planning import Plan, plan
 
 __all__ = [
     "SCRATCH",

@@ -14,7 +14,7 @@ from ..pivoted import pivot_factors
 from ..precision import set_float_storage
 from ..report import ModuleReport
 from ..writer import ShardedWriter
-from .plan import Plan
+from .planning import Plan
 
 
 def run_jobs(jobs, p: Plan, writer: ShardedWriter, config: CompressionConfig, progress: bool, weights=None,

@@ -22,7 +22,7 @@ from ..report import CompressionReport
 from ..saving import check_output, write_side_files
 from ..writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, folder_format, header_metadata
 from .jobs import module_reports, run_jobs, write_factors
-from .plan import Plan, plan
+from .planning import Plan, plan
 
 logger = logging.getLogger(__name__)
 
