@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.streaming_memory --workdir /tmp/stream-bench \
         [--layers 9] [--limit-gb 3] [--json out.json] [--keep] [--without-stream-flag]
+        [--checkpoint FOLDER] [--compare]
 
 Builds a random float32 Llama-shaped checkpoint (hidden 4096, MLP 11008, 32 heads, vocab
 32000; 9 layers = 8.3 GB) in ~1 GB safetensors shards with an index, then runs the CLI in a
@@ -11,6 +12,8 @@ layer's weights + 300 MB. The SVD is randomized (`--svd randomized --no-svd-refe
 budget 0.1) so the run takes minutes on 2 cores; the memory bound does not depend on it.
 The checkpoint is deleted at the end unless --keep. With --without-stream-flag the command is
 the plain one (no --stream): the CLI must see that the model does not fit and stream by itself.
+--checkpoint compresses a given folder instead (e.g. SmolLM2-135M), --compare also runs the
+command in memory without a limit and compares the weight files.
 """
 
 from __future__ import annotations
@@ -140,12 +143,16 @@ def main(argv=None) -> None:
         help="run the plain command (no --stream, --calibration none): the CLI must see that the model does not "
         "fit under the limit and stream by itself (svdlora.memory)",
     )
+    p.add_argument("--checkpoint", help="compress this local folder instead of building one (it is never deleted)")
+    p.add_argument(
+        "--compare", action="store_true", help="also run the same command in memory, unlimited: are the files equal?"
+    )
     args = p.parse_args(argv)
     work = Path(args.workdir)
-    src, out = work / "checkpoint", work / "compressed"
+    src, out = Path(args.checkpoint) if args.checkpoint else work / "checkpoint", work / "compressed"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    if (src / "config.json").exists():  # kept from an earlier run (--keep): measure it again
+    if (src / "config.json").exists():  # given, or kept from an earlier run (--keep): measure it again
         info = describe(src)
     else:
         info = build(src, args.layers, int(args.shard_gb * GB))
@@ -172,11 +179,23 @@ def main(argv=None) -> None:
     )
     if args.without_stream_flag:
         print(f"without --stream: {row['streamed_by_itself'] or 'the CLI did not choose to stream'}")
+    if args.compare and out.exists():
+        in_memory = work / "in-memory"
+        shutil.rmtree(in_memory, ignore_errors=True)
+        plain = [c for c in cmd if c != "--stream"] + ["--no-stream"]
+        plain[plain.index(str(out))] = str(in_memory)
+        compared = subprocess.run(plain, capture_output=True, text=True)
+        same = compared.returncode == 0 and all(
+            f.read_bytes() == (in_memory / f.name).read_bytes() for f in out.glob("*.safetensors")
+        )
+        row["in_memory_files_equal"] = same
+        print(f"in memory, unlimited (exit {compared.returncode}): weight files {'equal' if same else 'DIFFER'}")
+        shutil.rmtree(in_memory, ignore_errors=True)
     if result["returncode"]:
         print(result["stderr_tail"])
     if args.json:
         Path(args.json).write_text(json.dumps(row, indent=2))
-    if not args.keep:
+    if not args.keep and not args.checkpoint:
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
 
