@@ -224,7 +224,7 @@ def _streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> 
         limit, need, room = alone
         raise SvdloraError(
             f"{args.model!r} needs about {memory.size(need)} in memory for the model alone and {limit} leaves "
-            f"{memory.size(room)} (swap included), and {why}: {advice}"
+            f"{memory.size(room)}{' (swap included)' if limit == 'available memory' else ''}, and {why}: {advice}"
         )
     print(f"svdlora compress: warning: {sizes}, and {why}: it may run out of memory; {advice}", file=sys.stderr)
     return False
