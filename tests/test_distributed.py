@@ -76,6 +76,23 @@ def test_two_processes_write_the_single_process_bytes(base, tmp_path):
 
 
 @pytest.mark.slow
+def test_accelerate_launch_splits_the_work_as_torchrun_does(base, tmp_path):
+    """`accelerate launch` starts its processes through torch.distributed.run (here on CPUs, gloo)."""
+    one = run([*compress_args(base, tmp_path / "one"), "--stream"], tmp_path)
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "svdlora"]
+    two = subprocess.run(
+        [*launch, "compress", *map(str, compress_args(base, tmp_path / "two"))],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    assert weight_bytes(tmp_path / "one") == weight_bytes(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "svdlora_config.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], ["--method", "whiten", "--allocation", "uniform"]], ids=["default", "whiten"])
 def test_two_processes_calibrate_as_one(base, tmp_path, flags):
     """Each rank runs its share of the windows and the statistic sums are added over the ranks:
