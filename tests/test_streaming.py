@@ -234,3 +234,35 @@ def test_valid_headers_that_torch_or_the_order_could_trip_on(tmp_path):
     with safe_open(str(file), framework="pt") as f:
         assert set(f.keys()) == {"a", "b"}
     assert set(read_header(file)[0]) == {"a", "b"}
+
+
+def test_a_hub_id_streams_from_its_snapshot(tmp_path, monkeypatch, capsys):
+    """A hub id is read from its snapshot in the Hugging Face cache (offline here; online it is
+    downloaded first), recorded as the base model, and sized for the memory check when cached."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from svdlora import memory
+
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base, max_shard_size="20KB")
+    commit, repo = "0123456789abcdef0123456789abcdef01234567", tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(base, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    flags = ["--budget", "0.5", "--calibration", "none", "--no-progress"]
+    assert main(["compress", str(base), *flags, "--stream", "-o", str(tmp_path / "local")]) == 0
+    assert main(["compress", "org/tiny", *flags, "--stream", "-o", str(tmp_path / "hub-id")]) == 0
+    assert weight_bytes(tmp_path / "local") == weight_bytes(tmp_path / "hub-id")
+    recorded = json.loads((tmp_path / "hub-id" / "svdlora_config.json").read_text())["base_model"]
+    assert recorded["name_or_path"] == "org/tiny"
+    capsys.readouterr()
+    monkeypatch.setattr(memory, "limits", lambda with_swap=False: {"available memory": 1000})
+    assert main(["compress", "org/tiny", *flags, "-o", str(tmp_path / "by-itself")]) == 0  # cached: sized
+    assert "streaming it instead" in capsys.readouterr().err
+    assert main(["compress", "org/not-cached", *flags, "--stream", "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not in the local cache" in err[0], err

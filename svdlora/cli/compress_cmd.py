@@ -14,6 +14,7 @@ from ..calibration_data import model_kind
 from ..compress import compress, svd_device
 from ..config import SVD_METHODS, CompressionConfig
 from ..errors import SvdloraError
+from ..hub import cached_checkpoint
 from ..models import load_pretrained
 from ..saving import check_output, save_compressed
 from ..streaming import check_streamable, compress_checkpoint, plan
@@ -120,7 +121,8 @@ def register(subparsers) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="read the checkpoint tensor by tensor and write the output shard by shard (a local safetensors "
-        "folder; memory: one matrix and its SVD), the same bytes as in memory with --calibration none. Automatic "
+        "folder, or a hub id whose config, safetensors and tokenizer files are downloaded first; memory: one "
+        "matrix and its SVD), the same bytes as in memory with --calibration none. Automatic "
         "under torchrun / accelerate launch, where the matrices are split over the processes, and where the model "
         "and its factors would not fit in memory (the available memory, the memory cgroup, ulimit -v; said on "
         "stderr; --no-stream loads it anyway). With --calibration "
@@ -204,8 +206,10 @@ def run(args: argparse.Namespace) -> int:
 def _streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> bool:
     """True where the model and its factors would not fit in memory and a streamed run does the same
     (said on stderr). Where it cannot: a refusal if the model alone does not fit in memory and swap,
-    else a warning. False where it fits, its size is not known (a hub id), or with --no-stream."""
-    model = memory.checkpoint_bytes(args.model, args.dtype) if args.stream is None else None
+    else a warning. False where it fits, its size is not known (a hub id not in the local cache), or with
+    --no-stream."""
+    folder = cached_checkpoint(args.model) if args.stream is None else None  # a hub id: only if cached
+    model = memory.checkpoint_bytes(folder, args.dtype) if folder is not None else None
     budget = None if args.rank is not None else config.budget  # a fixed rank: factors up to the model's size
     over = None if model is None else memory.shortfall(model, budget)
     if over is None:
@@ -215,7 +219,7 @@ def _streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> 
         f"{args.model!r} needs about {memory.size(need)} in memory (the model and its factors) and {limit} leaves "
         f"{memory.size(room)}"
     )
-    why, advice = _why_not_streamed(args, config) or (None, None)
+    why, advice = _why_not_streamed(args, config, folder) or (None, None)
     if why is None:
         print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
         return True
@@ -230,7 +234,7 @@ def _streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> 
     return False
 
 
-def _why_not_streamed(args: argparse.Namespace, config: CompressionConfig) -> tuple[str, str] | None:
+def _why_not_streamed(args: argparse.Namespace, config: CompressionConfig, folder) -> tuple[str, str] | None:
     """(why, what to do) where a streamed run cannot do what this in-memory run would; None where it can."""
     calibration = None if args.calibration in (AUTO, NONE) else args.calibration
     stream_advice = (
@@ -240,7 +244,7 @@ def _why_not_streamed(args: argparse.Namespace, config: CompressionConfig) -> tu
         return "--calibration self generates text with the whole model", stream_advice
     try:
         check_streamable(config, calibration)
-        p = plan(args.model, config, args.dtype, args.trust_remote_code)  # on the meta device: no weights read
+        p = plan(folder, config, args.dtype, args.trust_remote_code)  # on the meta device: no weights read
         if calibration is not None:
             blockwise.check(p)
     except SvdloraError as err:

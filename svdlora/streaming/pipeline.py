@@ -16,6 +16,7 @@ from ..calibration_data import SELF
 from ..compress import count_parameters, svd_device
 from ..config import CompressionConfig
 from ..errors import SvdloraError
+from ..hub import local_checkpoint
 from ..outputs import atomic_folder, ensure_space
 from ..plan import CalibrationPlan, auto_method, source_name
 from ..report import CompressionReport
@@ -80,7 +81,8 @@ def compress_checkpoint(
     the index and config, recording ``world_size``.
 
     Args:
-        source: a local transformers folder with ``model.safetensors`` or a sharded index.
+        source: a local transformers folder with ``model.safetensors`` or a sharded index, or a hub id
+            (its config, safetensors and tokenizer files are downloaded first, or read from the cache).
         output: the folder to create (atomically: it appears only once complete).
         config: a ``CompressionConfig``, or its fields as keyword ``options``.
         dtype: cast floating tensors to this dtype (default: config.json's ``dtype``, else as stored).
@@ -100,14 +102,16 @@ def compress_checkpoint(
     ctx = distributed.context()
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
-    p = plan(source, config, dtype, trust_remote_code)
+    folder = local_checkpoint(source, trust_remote_code)  # a hub id: its snapshot (every rank, the hub locks)
+    hub_id = None if folder == Path(source).expanduser() else str(source)
+    p = plan(folder, config, dtype, trust_remote_code)
     resolved = blockwise.resolve(config) if calibration is not None else None
     if calibration is not None and resolved is None:
         logger.warning("calibration data is not used by method 'svd' with uniform allocation")
         calibration = None
     batches = None
     if calibration is not None:  # read the data before any output exists
-        batches = _calibration_batches(p, source, calibration, processor, config, ctx, progress)
+        batches = _calibration_batches(p, folder, calibration, processor, config, ctx, progress)
     owners = distributed.owners(p, ctx.world_size)  # fixed before a global allocation re-plans
     # every target by its weight's key: one the uniform plan keeps dense (a copy job) may be factorized
     # after the global allocation, and its spectrum is needed before that
@@ -142,7 +146,7 @@ def compress_checkpoint(
                 ranks, dense, est_loss = allocate_global(
                     p.targets, weights.spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple
                 )
-                p = plan(source, config, dtype, trust_remote_code, allocation=(ranks, dense))
+                p = plan(folder, config, dtype, trust_remote_code, allocation=(ranks, dense))
         mine = distributed.jobs_of(p, ctx.rank, owners)
         format_version = folder_format(p.model)  # as save_compressed writes it
         writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied, format_version), max_shard_size)
@@ -190,9 +194,10 @@ def compress_checkpoint(
             write_side_files(
                 tmp,
                 report,
-                source=source,
+                source=folder if hub_id else source,
+                base_model=hub_id,
                 config=p.hf_config,
-                generation_config=_generation_config(source),
+                generation_config=_generation_config(folder),
                 class_name=type(p.model).__name__,
                 dtype=p.specs[0].dtype if p.specs else None,
                 world_size=ctx.world_size,

@@ -70,7 +70,7 @@ def plan(
     import transformers
 
     if not Path(source).is_dir():
-        raise SvdloraError(f"streaming needs a local folder, got {str(source)!r}: download it first (hf download)")
+        raise SvdloraError(f"streaming needs a local folder, got {str(source)!r}: see hub.local_checkpoint")
     check_dense_folder(Path(source), str(source))  # issue 7's checks: no svdlora folder, no truncated file
     ckpt = Checkpoint(source)
     hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
