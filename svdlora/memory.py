@@ -43,13 +43,15 @@ def limits(with_swap: bool = False) -> dict[str, int]:
 
 
 def shortfall(
-    model_bytes: int, budget: float | None, factors: bool = True, with_swap: bool = False
+    model_bytes: int, budget: float | None, factors: bool = True, with_swap: bool = False, extra: int = 0
 ) -> tuple[str, int, int] | None:
     """(limit, need, room) for the first limit an in-memory compress of a ``model_bytes`` checkpoint
     would pass, else None. The need is the model and, with ``factors``, its factors (at most the
-    model's size where a fixed rank, not a budget, sets them); under ``ulimit -v`` also the mapped
-    checkpoint file and the libraries a load maps, which count there in full."""
+    model's size where a fixed rank, not a budget, sets them) and ``extra`` (calibration statistics);
+    under ``ulimit -v`` also the mapped checkpoint file and the libraries a load maps, which count
+    there in full."""
     need = int(model_bytes * (1 + (budget if budget is not None and factors else 1.0 if factors else 0.0)))
+    need += extra if factors else 0
     for limit, room in limits(with_swap).items():
         total = need + (model_bytes + LIBRARIES if limit == "ulimit -v" else 0)
         if total > room:
@@ -81,6 +83,16 @@ def _config_dtype(folder: Path) -> torch.dtype | None:
         return parse_dtype(config.get("dtype") or config.get("torch_dtype"))
     except (OSError, ValueError, AttributeError, SvdloraError):
         return None
+
+
+def statistics_bytes(targets, method: str) -> int:
+    """A lower bound on the calibration statistics an in-memory run holds at once: the float64 Gram of
+    every distinct input (layers that share an input, such as q/k/v, share its Gram: counted once per
+    parent module and width) and, for kfac, each layer's float64 output Gram."""
+    from .plan import output_gram_bytes
+
+    inputs = {(t.name.rpartition(".")[0], t.in_features) for t in targets}
+    return sum(8 * n * n for _, n in inputs) + (output_gram_bytes(targets) if method == "kfac" else 0)
 
 
 def size(n: int) -> str:

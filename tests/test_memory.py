@@ -156,3 +156,41 @@ def test_what_streams_by_itself_and_what_decides_it(tmp_path, monkeypatch, capsy
     # a model the streamed path cannot read is warned about and compressed in memory, not refused
     err = compress(vit, 1.2, "--budget", "0.5", "--calibration", "none")
     assert "warning" in err and "it cannot stream" in err and "streaming it instead" not in err
+
+
+def test_statistics_bytes_count_a_shared_input_once_and_kfac_output_grams():
+    from torch import nn
+
+    from svdlora.targets import Target
+
+    def target(name, out, inp):
+        return Target(name, nn.Identity(), "linear", out, inp)
+
+    attention = [target(f"l0.attn.{n}", 16, 32) for n in ("q", "k", "v")]  # one input, one Gram
+    down = target("l0.mlp.down", 32, 64)
+    assert memory.statistics_bytes([*attention, down], "whiten") == 8 * 32 * 32 + 8 * 64 * 64
+    assert memory.statistics_bytes([*attention, down], "kfac") == 8 * (32 * 32 + 64 * 64 + 3 * 16 * 16 + 32 * 32)
+
+
+def test_calibration_statistics_count_in_the_need(tmp_path, monkeypatch, capsys):
+    from svdlora.config import CompressionConfig
+    from svdlora.plan import auto_method
+    from svdlora.streaming import plan
+
+    model, text = lm_folder(tmp_path)
+    size = memory.checkpoint_bytes(model)
+    targets = plan(model, CompressionConfig(budget=0.5)).targets
+    statistics = memory.statistics_bytes(targets, auto_method(targets))  # the default method: auto (kfac here)
+    assert statistics > 0
+    capsys.readouterr()
+    calibrated = ["--budget", "0.5", "--calibration", str(text), "--calibration-samples", "2"]
+    calibrated += ["--calibration-length", "16", "--no-progress"]
+    _room(monkeypatch, int(size * 1.5) + statistics + 4096)  # the model, its factors and the statistics fit
+    assert main(["compress", str(model), *calibrated, "-o", str(tmp_path / "a")]) == 0
+    assert "streaming it instead" not in capsys.readouterr().err
+    _room(monkeypatch, int(size * 1.5) + statistics // 2)  # only the model and its factors fit
+    assert main(["compress", str(model), *calibrated, "-o", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "calibration statistics" in err and "streaming it instead" in err
+    assert main(["compress", str(model), *calibrated[:2], "--calibration", "none", "-o", str(tmp_path / "c")]) == 0
+    assert "streaming it instead" not in capsys.readouterr().err  # plain SVD: no statistics

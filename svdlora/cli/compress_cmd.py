@@ -9,15 +9,13 @@ import time
 
 import transformers
 
-from .. import blockwise, distributed, memory
-from ..calibration_data import model_kind
+from .. import blockwise, distributed
 from ..compress import compress, svd_device
 from ..config import SVD_METHODS, CompressionConfig
 from ..errors import SvdloraError
-from ..hub import cached_checkpoint
 from ..models import load_pretrained
 from ..saving import check_output, save_compressed
-from ..streaming import check_streamable, compress_checkpoint, plan
+from ..streaming import check_streamable, compress_checkpoint
 from ..writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 from . import options
 from .calibration_flags import (
@@ -29,6 +27,7 @@ from .calibration_flags import (
     check_calibration,
     resolve_calibration,
 )
+from .memory_choice import streams_for_memory
 
 EXAMPLES = """examples:
   svdlora compress gpt2 --budget 0.5 --submatrices 3 --output out/gpt2-svd
@@ -174,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     svd_device(args.svd_device)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
-    if args.stream or distributed.launched() or _streams_for_memory(args, config):
+    if args.stream or distributed.launched() or streams_for_memory(args, config):
         return _run_streamed(args, config, output)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -201,57 +200,6 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> bool:
-    """True where the model and its factors would not fit in memory and a streamed run does the same
-    (said on stderr). Where it cannot: a refusal if the model alone does not fit in memory and swap,
-    else a warning. False where it fits, its size is not known (a hub id not in the local cache), or with
-    --no-stream."""
-    folder = cached_checkpoint(args.model) if args.stream is None else None  # a hub id: only if cached
-    model = memory.checkpoint_bytes(folder, args.dtype) if folder is not None else None
-    budget = None if args.rank is not None else config.budget  # a fixed rank: factors up to the model's size
-    over = None if model is None else memory.shortfall(model, budget)
-    if over is None:
-        return False
-    limit, need, room = over
-    sizes = (
-        f"{args.model!r} needs about {memory.size(need)} in memory (the model and its factors) and {limit} leaves "
-        f"{memory.size(room)}"
-    )
-    why, advice = _why_not_streamed(args, config, folder) or (None, None)
-    if why is None:
-        print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
-        return True
-    alone = memory.shortfall(model, budget, factors=False, with_swap=True)
-    if alone:
-        limit, need, room = alone
-        raise SvdloraError(
-            f"{args.model!r} needs about {memory.size(need)} in memory for the model alone and {limit} leaves "
-            f"{memory.size(room)}{' (swap included)' if limit == 'available memory' else ''}, and {why}: {advice}"
-        )
-    print(f"svdlora compress: warning: {sizes}, and {why}: it may run out of memory; {advice}", file=sys.stderr)
-    return False
-
-
-def _why_not_streamed(args: argparse.Namespace, config: CompressionConfig, folder) -> tuple[str, str] | None:
-    """(why, what to do) where a streamed run cannot do what this in-memory run would; None where it can."""
-    calibration = None if args.calibration in (AUTO, NONE) else args.calibration
-    stream_advice = (
-        "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
-    )
-    if calibration == SELF:
-        return "--calibration self generates text with the whole model", stream_advice
-    try:
-        check_streamable(config, calibration)
-        p = plan(folder, config, args.dtype, args.trust_remote_code)  # on the meta device: no weights read
-        if calibration is not None:
-            blockwise.check(p)
-    except SvdloraError as err:
-        return f"it cannot stream ({err})", "free memory, or run it on a larger machine"
-    if args.calibration == AUTO and model_kind(p.model) == "causal-lm":
-        return "--calibration auto calibrates a causal LM on text the whole model generates", stream_advice
-    return None
 
 
 def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -> int:

@@ -1,0 +1,97 @@
+"""Whether `svdlora compress` streams a model that would not fit in memory (``svdlora.memory``).
+
+Before an in-memory run loads anything, the need is sized from the safetensors headers: the model
+and its factors, and for a calibrated run a lower bound on its statistics (every distinct input's
+float64 Gram, and kfac's output Grams). Where it would not fit and a streamed run does the same
+work, the CLI streams; where it cannot stream, it refuses (the model alone does not fit) or warns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import blockwise, memory
+from ..calibration_data import model_kind
+from ..config import CompressionConfig
+from ..errors import SvdloraError
+from ..hub import cached_checkpoint
+from ..plan import auto_method
+from ..streaming import Plan, check_streamable, plan
+from .calibration_flags import AUTO, NONE, SELF
+
+STREAM_ADVICE = "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
+
+
+def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> bool:
+    """True where the run would not fit in memory and a streamed run does the same (said on stderr).
+    Where it cannot: a refusal if the model alone does not fit in memory and swap, else a warning.
+    False where it fits, its size is not known (a hub id not in the local cache), or with --no-stream."""
+    folder = cached_checkpoint(args.model) if args.stream is None else None  # a hub id: only if cached
+    model = memory.checkpoint_bytes(folder, args.dtype) if folder is not None else None
+    if model is None:
+        return False
+    budget = None if args.rank is not None else config.budget  # a fixed rank: factors up to the model's size
+    planned = _plan(args, config, folder) if args.calibration != NONE else None
+    statistics = _statistics_bytes(args, config, planned)
+    over = memory.shortfall(model, budget, extra=statistics)
+    if over is None:
+        return False
+    limit, need, room = over
+    what = "the model, its factors and its calibration statistics" if statistics else "the model and its factors"
+    sizes = f"{args.model!r} needs about {memory.size(need)} in memory ({what}) and {limit} leaves {memory.size(room)}"
+    why, advice = _why_not_streamed(args, config, planned or _plan(args, config, folder)) or (None, None)
+    if why is None:
+        print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
+        return True
+    alone = memory.shortfall(model, budget, factors=False, with_swap=True)
+    if alone:
+        limit, need, room = alone
+        raise SvdloraError(
+            f"{args.model!r} needs about {memory.size(need)} in memory for the model alone and {limit} leaves "
+            f"{memory.size(room)}{' (swap included)' if limit == 'available memory' else ''}, and {why}: {advice}"
+        )
+    print(f"svdlora compress: warning: {sizes}, and {why}: it may run out of memory; {advice}", file=sys.stderr)
+    return False
+
+
+def _plan(args, config, folder) -> Plan | SvdloraError:
+    """The streamed plan (the meta model, no weights read), or why there is none."""
+    try:
+        return plan(folder, config, args.dtype, args.trust_remote_code)
+    except SvdloraError as err:
+        return err
+
+
+def _statistics_bytes(args, config: CompressionConfig, planned) -> int:
+    """A lower bound on what calibrating in memory holds (0 where the run does not calibrate, or its
+    targets are not known): the float64 input Gram of every distinct input and kfac's output Grams."""
+    if not isinstance(planned, Plan):
+        return 0
+    if args.calibration == AUTO and model_kind(planned.model) != "causal-lm":
+        return 0  # plain SVD
+    allocation = config.allocation
+    if allocation == "auto":  # as compress() resolves it
+        allocation = "global" if config.rank is None else "uniform"
+    if (config.method, allocation) == ("svd", "uniform"):
+        return 0  # the data is not used
+    method = auto_method(planned.targets) if config.method == "auto" else config.method
+    return memory.statistics_bytes(planned.targets, method)
+
+
+def _why_not_streamed(args, config: CompressionConfig, planned) -> tuple[str, str] | None:
+    """(why, what to do) where a streamed run cannot do what this in-memory run would; None where it can."""
+    calibration = None if args.calibration in (AUTO, NONE) else args.calibration
+    if calibration == SELF:
+        return "--calibration self generates text with the whole model", STREAM_ADVICE
+    try:
+        check_streamable(config, calibration)
+        if isinstance(planned, SvdloraError):
+            raise planned
+        if calibration is not None:
+            blockwise.check(planned)
+    except SvdloraError as err:
+        return f"it cannot stream ({err})", "free memory, or run it on a larger machine"
+    if args.calibration == AUTO and model_kind(planned.model) == "causal-lm":
+        return "--calibration auto calibrates a causal LM on text the whole model generates", STREAM_ADVICE
+    return None
