@@ -3,25 +3,27 @@ memory check): the snapshot of the files it reads, downloaded or, offline, from 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import SvdloraError, first_line
-from .models import _looks_like_path, hub_reachable
+from .models import PREPROCESSOR_FILES, _looks_like_path, hub_reachable
+from .writer import INDEX_NAME, WEIGHTS_NAME
 
-# What a streamed run reads: config and index (json), weights, tokenizer files; the model's own
-# code only with trust_remote_code. Never the .bin / .pth / .h5 / .msgpack copies of the weights.
-SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+# What a streamed run reads besides the weights, by exact top-level name (a pattern such as
+# "*.json" would also match "onnx/config.json" or "original/params.json").
+SIDE_FILES = ["config.json", INDEX_NAME, *PREPROCESSOR_FILES]
 
 
-def local_checkpoint(name: str | Path, trust_remote_code: bool = False) -> Path:
-    """The local folder of ``name``: itself, or the snapshot of a hub model id (downloaded, or from
-    the local Hugging Face cache when the hub cannot be reached)."""
+def local_checkpoint(name: str | Path, trust_remote_code: bool = False, revision: str | None = None) -> Path:
+    """The local folder of ``name``: itself, or the snapshot of a hub model id at ``revision``
+    (default: main), downloaded, or from the local Hugging Face cache when the hub cannot be reached."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     if path.exists() or _looks_like_path(str(name)):
         raise SvdloraError(f"model {str(name)!r} is not a folder: pass a model folder or a hub id")
-    return _snapshot(str(name), trust_remote_code, local_only=not hub_reachable())
+    return _snapshot(str(name), trust_remote_code, revision, local_only=not hub_reachable())
 
 
 def cached_checkpoint(name: str | Path) -> Path | None:
@@ -32,27 +34,39 @@ def cached_checkpoint(name: str | Path) -> Path | None:
     if path.exists() or _looks_like_path(str(name)):
         return None
     try:
-        return _snapshot(str(name), False, local_only=True)
+        return _snapshot(str(name), False, None, local_only=True)
     except SvdloraError:
         return None
 
 
-def _snapshot(repo_id: str, trust_remote_code: bool, local_only: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    patterns = SNAPSHOT_FILES + (["*.py"] if trust_remote_code else [])
+def _snapshot(repo_id: str, trust_remote_code: bool, revision: str | None, local_only: bool) -> Path:
+    """The side files first, at one commit; then exactly the weight files its index names."""
+    side = SIDE_FILES + (["*.py"] if trust_remote_code else [])
+    folder = _download(repo_id, side, revision, local_only)
+    index = folder / INDEX_NAME
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
-    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError, ValueError) as err:
+        weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise SvdloraError(f"model {repo_id!r}: {INDEX_NAME} cannot be read ({first_line(err)})") from None
+    folder = _download(repo_id, weights or [WEIGHTS_NAME], folder.name, local_only)  # the same commit
+    missing = [w for w in weights or [WEIGHTS_NAME] if not (folder / w).is_file()]
+    if missing:
+        where = "the local cache (the hub is unreachable)" if local_only else "the hub"
+        raise SvdloraError(
+            f"model {repo_id!r} has no {missing[0]} in {where}: streaming reads safetensors only; "
+            "compress without --stream" + ("" if not local_only else ", or download it while online")
+        )
+    return folder
+
+
+def _download(repo_id: str, patterns: list[str], revision: str | None, local_only: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=local_only))
+    except Exception as err:  # noqa: BLE001  hub, cache and network errors alike: the download failed
         why = "the hub is unreachable and the model is not in the local cache" if local_only else first_line(err)
         raise SvdloraError(
             f"model {repo_id!r} is neither a local folder nor downloadable from the Hugging Face hub ({why}): "
             "pass a local folder, or check the id and your network (HF_HUB_OFFLINE must be unset)"
         ) from None
-    if not any(folder.glob("*.safetensors")):
-        raise SvdloraError(
-            f"model {repo_id!r} has no safetensors weights on the hub: streaming reads safetensors only; "
-            "compress without --stream"
-        )
-    return folder

@@ -266,3 +266,53 @@ def test_a_hub_id_streams_from_its_snapshot(tmp_path, monkeypatch, capsys):
     assert main(["compress", "org/not-cached", *flags, "--stream", "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not in the local cache" in err[0], err
+
+
+def test_the_hub_snapshot_takes_top_level_side_files_and_the_index_s_shards():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from svdlora.hub import SIDE_FILES
+
+    files = ["config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors.index.json", "README.md"]
+    files += ["onnx/config.json", "original/params.json", "consolidated.safetensors", "pytorch_model.bin"]
+    chosen = set(filter_repo_objects(files, allow_patterns=SIDE_FILES))
+    assert chosen == {"config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors.index.json"}
+
+
+def test_under_torchrun_rank_0_resolves_a_hub_id_and_the_others_take_its_commit(monkeypatch, tmp_path):
+    from svdlora.streaming import pipeline
+
+    class Rank1:
+        is_main = False
+
+        def __init__(self, answer):
+            self.answer = answer
+
+        def broadcast(self, _):
+            return self.answer
+
+    asked = []
+    monkeypatch.setattr(pipeline, "local_checkpoint", lambda *a, **k: asked.append(k) or tmp_path)
+    with pytest.raises(SvdloraError, match="no such model"):  # rank 0's refusal, on every rank
+        pipeline._local_folder("org/m", False, Rank1(("refused", "no such model")))
+    assert pipeline._local_folder("org/m", False, Rank1(("folder", str(tmp_path)))) == tmp_path and not asked
+    other_node = str(tmp_path / "not-here" / "snapshots" / "0123abc")  # rank 0's cache is not on this node
+    assert pipeline._local_folder("org/m", False, Rank1(("folder", other_node))) == tmp_path
+    assert asked == [{"revision": "0123abc"}]
+
+
+def test_a_config_that_names_no_known_class_compresses_by_default(tmp_path):
+    """AutoModel is built with from_config on the meta device (a plan used to fail on AutoModel(config))."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96)  # fmt: skip
+    LlamaModel(config).save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    saved.pop("architectures", None)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(saved))
+    assert main(["compress", str(tmp_path / "m"), "--budget", "0.5", "--no-progress", "-o", str(tmp_path / "a")]) == 0
+    argv = ["compress", str(tmp_path / "m"), "--budget", "0.5", "--no-progress", "--stream", "-o", str(tmp_path / "b")]
+    assert main(argv) == 0
+    assert weight_bytes(tmp_path / "a") == weight_bytes(tmp_path / "b")

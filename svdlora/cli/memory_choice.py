@@ -14,7 +14,7 @@ import sys
 from .. import blockwise, memory
 from ..calibration_data import model_kind
 from ..config import CompressionConfig
-from ..errors import SvdloraError
+from ..errors import SvdloraError, first_line
 from ..hub import cached_checkpoint
 from ..plan import auto_method
 from ..streaming import Plan, check_streamable, plan
@@ -33,7 +33,7 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> b
         return False
     budget = None if args.rank is not None else config.budget  # a fixed rank: factors up to the model's size
     planned = _plan(args, config, folder) if args.calibration != NONE else None
-    statistics = _statistics_bytes(args, config, planned)
+    statistics = _statistics_bytes(args, config, planned, model)
     over = memory.shortfall(model, budget, extra=statistics)
     if over is None:
         return False
@@ -59,13 +59,14 @@ def _plan(args, config, folder) -> Plan | SvdloraError:
     """The streamed plan (the meta model, no weights read), or why there is none."""
     try:
         return plan(folder, config, args.dtype, args.trust_remote_code)
-    except SvdloraError as err:
-        return err
+    except Exception as err:  # noqa: BLE001  only an estimate: the in-memory run says what is wrong, if anything
+        return err if isinstance(err, SvdloraError) else SvdloraError(first_line(err))
 
 
-def _statistics_bytes(args, config: CompressionConfig, planned) -> int:
+def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int) -> int:
     """A lower bound on what calibrating in memory holds (0 where the run does not calibrate, or its
-    targets are not known): the float64 input Gram of every distinct input and kfac's output Grams."""
+    targets are not known): the float64 input Gram of every distinct input and kfac's output Grams,
+    and distillation healing's copy of the model."""
     if not isinstance(planned, Plan):
         return 0
     if args.calibration == AUTO and model_kind(planned.model) != "causal-lm":
@@ -73,10 +74,11 @@ def _statistics_bytes(args, config: CompressionConfig, planned) -> int:
     allocation = config.allocation
     if allocation == "auto":  # as compress() resolves it
         allocation = "global" if config.rank is None else "uniform"
-    if (config.method, allocation) == ("svd", "uniform"):
-        return 0  # the data is not used
+    if (config.method, allocation) == ("svd", "uniform") and not config.heal_steps:
+        return 0  # the data is not used (healing collects the Grams all the same)
     method = auto_method(planned.targets) if config.method == "auto" else config.method
-    return memory.statistics_bytes(planned.targets, method)
+    teacher = model_bytes if config.heal_steps and config.heal_loss == "distill" else 0  # healing's copy
+    return memory.statistics_bytes(planned.targets, method) + teacher
 
 
 def _why_not_streamed(args, config: CompressionConfig, planned) -> tuple[str, str] | None:

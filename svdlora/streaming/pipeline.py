@@ -102,7 +102,7 @@ def compress_checkpoint(
     ctx = distributed.context()
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
-    folder = local_checkpoint(source, trust_remote_code)  # a hub id: its snapshot (every rank, the hub locks)
+    folder = _local_folder(source, trust_remote_code, ctx)
     hub_id = None if folder == Path(source).expanduser() else str(source)
     p = plan(folder, config, dtype, trust_remote_code)
     resolved = blockwise.resolve(config) if calibration is not None else None
@@ -206,6 +206,24 @@ def compress_checkpoint(
     ctx.barrier()  # the folder is in place before any rank returns
     logger.info("streamed %d matrices in %.1f s", len(reports), report.seconds)
     return report
+
+
+def _local_folder(source, trust_remote_code: bool, ctx) -> Path:
+    """The checkpoint's folder: a hub id is resolved (downloaded) by rank 0, and the other ranks take
+    the same commit (from the shared cache, or on another node its own download of that commit)."""
+    answer = None
+    if ctx.is_main:
+        try:
+            answer = ("folder", str(local_checkpoint(source, trust_remote_code)))
+        except SvdloraError as err:
+            answer = ("refused", str(err))
+    kind, value = ctx.broadcast(answer)
+    if kind == "refused":
+        raise SvdloraError(value)
+    folder = Path(value)
+    if ctx.is_main or folder.is_dir():
+        return folder
+    return local_checkpoint(source, trust_remote_code, revision=folder.name)
 
 
 def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, progress) -> list[dict]:

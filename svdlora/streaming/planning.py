@@ -15,7 +15,7 @@ from ..allocate import allocate_ranks
 from ..checkpoint import Checkpoint
 from ..compress import count_parameters
 from ..config import CompressionConfig
-from ..errors import SvdloraError
+from ..errors import SvdloraError, first_line
 from ..io import _no_weight_init
 from ..layers import LowRankLinear
 from ..models import check_dense_folder, keep_in_fp32, model_class, parse_dtype
@@ -75,8 +75,19 @@ def plan(
     ckpt = Checkpoint(source)
     hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     target_dtype = parse_dtype(dtype) or getattr(hf_config, "dtype", None)
-    with init_empty_weights(), _no_weight_init():
-        model = model_class(hf_config)(hf_config)
+    cls = model_class(hf_config)
+    try:
+        with init_empty_weights(), _no_weight_init():  # AutoModel (no known class named): from_config
+            model = (
+                cls.from_config(hf_config, trust_remote_code=trust_remote_code)
+                if cls is transformers.AutoModel
+                else cls(hf_config)
+            )
+    except (OSError, ValueError, TypeError, ImportError, AttributeError) as err:
+        raise SvdloraError(
+            f"{str(source)!r}: {cls.__name__} cannot be built from config.json on the meta device ({first_line(err)}): "
+            "compress without --stream"
+        ) from None
     if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
     params_before = count_parameters(model)
