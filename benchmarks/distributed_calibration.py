@@ -21,13 +21,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 import svdlora
 
 from .common import write_results
-from .quality import perplexity
-from .streamed_calibration import compress, dense_perplexity, same_weights
+from .streamed_calibration import compress, dense_perplexity, folder_perplexity, same_weights
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "svdlora"]
 METHODS = {"default": [], "whiten": ["--method", "whiten", "--allocation", "uniform"]}
@@ -72,8 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, dense_ppl = dense_perplexity(args.dense, test, args.limit)
     for method, row in rows.items():
         for n, name in (("1", "1 process"), ("2", "2 processes")):
-            model = svdlora.load_compressed(args.work / f"{method}-{n}", device="cpu", dtype=torch.float32)
-            row[name]["perplexity"] = perplexity(model, tokenizer, test, args.limit, "cpu")
+            row[name]["perplexity"] = folder_perplexity(args.work / f"{method}-{n}", tokenizer, test, args.limit)
     data = {
         "command": "python -m benchmarks.distributed_calibration " + " ".join(argv or sys.argv[1:]),
         "budget": float(args.budget),

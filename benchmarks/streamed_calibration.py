@@ -52,6 +52,12 @@ def dense_perplexity(dense: Path, test: Path, limit: int):
     return tokenizer, perplexity(model, tokenizer, test, limit, "cpu")
 
 
+def folder_perplexity(folder: Path, tokenizer, test: Path, limit: int) -> float:
+    """A compressed folder's perplexity on the same protocol (loaded in float32 on the CPU)."""
+    model = svdlora.load_compressed(folder, device="cpu", dtype=torch.float32)
+    return perplexity(model, tokenizer, test, limit, "cpu")
+
+
 def same_weights(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir() if "safetensors" in p.name)
     return names == sorted(p.name for p in b.iterdir() if "safetensors" in p.name) and all(
@@ -93,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, dense_ppl = dense_perplexity(args.dense, test, args.limit)
     print(f"dense perplexity {dense_ppl:.2f}", flush=True)
     for i, name in enumerate(rows):
-        model = svdlora.load_compressed(args.work / f"row{i}", device="cpu", dtype=torch.float32)
-        results[name]["perplexity"] = perplexity(model, tokenizer, test, args.limit, "cpu")
+        results[name]["perplexity"] = folder_perplexity(args.work / f"row{i}", tokenizer, test, args.limit)
         print(f"{name}: perplexity {results[name]['perplexity']:.2f}", flush=True)
     data = {
         "command": "python -m benchmarks.streamed_calibration " + " ".join(argv or sys.argv[1:]),

@@ -34,7 +34,7 @@ from .distributed import Context
 from .errors import SvdloraError
 from .io import _no_weight_init
 from .models import model_class
-from .plan import CalibrationPlan
+from .plan import CalibrationPlan, resolved_allocation
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ def resolve(config) -> tuple[str, str] | None:
         raise SvdloraError(
             "healing, --refit and --stage-dtypes cannot stream with calibration: drop them, or drop --stream"
         )
-    allocation = config.allocation
-    if allocation == "auto":
-        allocation = "global" if config.rank is None else "uniform"
+    allocation = resolved_allocation(config)
     if (config.method, allocation) == ("svd", "uniform"):
         return None
     return config.method, allocation

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .errors import SvdloraError, first_line
-from .models import PREPROCESSOR_FILES, _looks_like_path, hub_reachable
+from .models import PREPROCESSOR_FILES, hub_reachable, looks_like_path
 from .writer import INDEX_NAME, WEIGHTS_NAME
 
 # What a streamed run reads besides the weights, by exact top-level name (a pattern such as
@@ -15,26 +15,25 @@ from .writer import INDEX_NAME, WEIGHTS_NAME
 SIDE_FILES = ["config.json", INDEX_NAME, *PREPROCESSOR_FILES]
 
 
-def local_checkpoint(name: str | Path, trust_remote_code: bool = False, revision: str | None = None) -> Path:
+def local_checkpoint(
+    name: str | Path, trust_remote_code: bool = False, revision: str | None = None, local_only: bool | None = None
+) -> Path:
     """The local folder of ``name``: itself, or the snapshot of a hub model id at ``revision``
-    (default: main), downloaded, or from the local Hugging Face cache when the hub cannot be reached."""
+    (default: main), downloaded, or from the local Hugging Face cache (``local_only``; by default
+    when the hub cannot be reached)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or _looks_like_path(str(name)):
+    if path.exists() or looks_like_path(str(name)):
         raise SvdloraError(f"model {str(name)!r} is not a folder: pass a model folder or a hub id")
-    return _snapshot(str(name), trust_remote_code, revision, local_only=not hub_reachable())
+    local_only = not hub_reachable() if local_only is None else local_only
+    return _snapshot(str(name), trust_remote_code, revision, local_only)
 
 
 def cached_checkpoint(name: str | Path) -> Path | None:
     """The local folder of ``name`` without any download: itself, its snapshot in the local cache, or None."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or _looks_like_path(str(name)):
-        return None
     try:
-        return _snapshot(str(name), False, None, local_only=True)
+        return local_checkpoint(name, local_only=True)
     except SvdloraError:
         return None
 

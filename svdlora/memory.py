@@ -20,6 +20,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import SvdloraError
 from .models import parse_dtype
+from .plan import output_gram_bytes
 
 _UNLIMITED = 2**60  # cgroup v1 writes "no limit" as about 2**63
 # (mount, limit file, usage file, the reclaimable page cache's key in memory.stat): cgroup v2, then v1
@@ -28,8 +29,9 @@ CGROUPS = [
     (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
 ]
 PROC_CGROUP = Path("/proc/self/cgroup")
-# Address space a model load maps after the check (transformers' model code, its libraries): the
-# address space of a process grew by 440 MB beyond the model's 538 MB in loading SmolLM2-135M.
+# Address space a model load maps after the check (transformers' model code, its libraries): in a
+# one-off measurement, loading SmolLM2-135M grew a process's address space by 440 MB beyond the
+# model's 538 MB.
 LIBRARIES = 512 << 20
 
 
@@ -50,8 +52,9 @@ def shortfall(
     model's size where a fixed rank, not a budget, sets them) and ``extra`` (calibration statistics);
     under ``ulimit -v`` also the mapped checkpoint file and the libraries a load maps, which count
     there in full."""
-    need = int(model_bytes * (1 + (budget if budget is not None and factors else 1.0 if factors else 0.0)))
-    need += extra if factors else 0
+    need = model_bytes
+    if factors:
+        need += int(model_bytes * (budget if budget is not None else 1.0)) + extra
     for limit, room in limits(with_swap).items():
         total = need + (model_bytes + LIBRARIES if limit == "ulimit -v" else 0)
         if total > room:
@@ -89,8 +92,6 @@ def statistics_bytes(targets, method: str) -> int:
     """A lower bound on the calibration statistics an in-memory run holds at once: the float64 Gram of
     every distinct input (layers that share an input, such as q/k/v, share its Gram: counted once per
     parent module and width) and, for kfac, each layer's float64 output Gram."""
-    from .plan import output_gram_bytes
-
     inputs = {(t.name.rpartition(".")[0], t.in_features) for t in targets}
     return sum(8 * n * n for _, n in inputs) + (output_gram_bytes(targets) if method == "kfac" else 0)
 

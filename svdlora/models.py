@@ -111,7 +111,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
@@ -131,7 +131,7 @@ def load_pretrained(
             raise SvdloraError(f"model {name!r} is a file, not a model folder: pass the folder that holds config.json")
         check_dense_folder(path, name)
         source = str(path)
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise SvdloraError(f"model path {name!r} does not exist: check the path, or pass a hub id such as 'gpt2'")
     else:
         source = name

@@ -93,6 +93,13 @@ def auto_method(targets: list[Target]) -> str:
     return "fisher"
 
 
+def resolved_allocation(config: CompressionConfig) -> str:
+    """``auto``: global where a budget sets the ranks, uniform under a fixed ``rank``."""
+    if config.allocation != "auto":
+        return config.allocation
+    return "global" if config.rank is None else "uniform"
+
+
 def plan_calibration(
     model: nn.Module,
     targets: list[Target],
@@ -116,8 +123,7 @@ def plan_calibration(
             raise SvdloraError("healing needs calibration data: pass --calibration DATA (or 'self' for a causal LM)")
         return CalibrationPlan(method="svd", allocation="uniform")
     method = auto_method(targets) if config.method == "auto" else config.method
-    allocation = "global" if config.allocation == "auto" and config.rank is None else config.allocation
-    allocation = "uniform" if allocation == "auto" else allocation
+    allocation = resolved_allocation(config)
     if isinstance(calibration, list):
         batches, source = calibration, source_name(calibration)
     else:

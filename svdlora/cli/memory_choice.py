@@ -16,7 +16,7 @@ from ..calibration_data import model_kind
 from ..config import CompressionConfig
 from ..errors import SvdloraError, first_line
 from ..hub import cached_checkpoint
-from ..plan import auto_method
+from ..plan import auto_method, resolved_allocation
 from ..streaming import Plan, check_streamable, plan
 from .calibration_flags import AUTO, NONE, SELF
 
@@ -71,10 +71,7 @@ def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int
         return 0
     if args.calibration == AUTO and model_kind(planned.model) != "causal-lm":
         return 0  # plain SVD
-    allocation = config.allocation
-    if allocation == "auto":  # as compress() resolves it
-        allocation = "global" if config.rank is None else "uniform"
-    if (config.method, allocation) == ("svd", "uniform") and not config.heal_steps:
+    if (config.method, resolved_allocation(config)) == ("svd", "uniform") and not config.heal_steps:
         return 0  # the data is not used (healing collects the Grams all the same)
     method = auto_method(planned.targets) if config.method == "auto" else config.method
     teacher = model_bytes if config.heal_steps and config.heal_loss == "distill" else 0  # healing's copy

@@ -102,8 +102,7 @@ def compress_checkpoint(
     ctx = distributed.context()
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
-    folder = _local_folder(source, trust_remote_code, ctx)
-    hub_id = None if folder == Path(source).expanduser() else str(source)
+    folder = _local_folder(source, trust_remote_code, ctx)  # a hub id's snapshot
     p = plan(folder, config, dtype, trust_remote_code)
     resolved = blockwise.resolve(config) if calibration is not None else None
     if calibration is not None and resolved is None:
@@ -194,8 +193,8 @@ def compress_checkpoint(
             write_side_files(
                 tmp,
                 report,
-                source=folder if hub_id else source,
-                base_model=hub_id,
+                source=folder,
+                base_model=str(source),  # the folder, or the hub id
                 config=p.hf_config,
                 generation_config=_generation_config(folder),
                 class_name=type(p.model).__name__,
