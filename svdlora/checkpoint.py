@@ -21,18 +21,7 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        index = self.folder / INDEX_NAME
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (self.folder / WEIGHTS_NAME).is_file():
-            files = [WEIGHTS_NAME]
-        else:
-            raise SvdloraError(
-                f"{str(self.folder)!r} has no model.safetensors or {INDEX_NAME}: streaming reads safetensors "
-                "checkpoints only; compress without --stream"
-            )
-        self.files = [self.folder / f for f in files]
+        self.files = weight_files(self.folder)
         self.file_of: dict[str, Path] = {}
         self.spec: dict[str, TensorSpec] = {}
         self.offset: dict[str, int] = {}  # byte offset of each tensor's data in its file
@@ -62,10 +51,31 @@ class Checkpoint:
         return None
 
 
-# Bits per value of every safetensors dtype: the layout is checked without torch knowing the dtype.
-_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6}
-_DTYPE_BITS |= {"F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32}
-_DTYPE_BITS |= {"I64": 64, "U64": 64, "F64": 64, "C64": 64}
+# Every safetensors dtype: bits per value (the layout is checked without torch knowing the dtype)
+# and torch's name for it (None: this torch cannot hold it).
+DTYPES = {"BOOL": (8, "bool"), "U8": (8, "uint8"), "I8": (8, "int8"), "U16": (16, "uint16"), "I16": (16, "int16")}
+DTYPES |= {"U32": (32, "uint32"), "I32": (32, "int32"), "U64": (64, "uint64"), "I64": (64, "int64")}
+DTYPES |= {"F8_E5M2": (8, "float8_e5m2"), "F8_E4M3": (8, "float8_e4m3fn"), "F8_E8M0": (8, "float8_e8m0fnu")}
+DTYPES |= {"F4": (4, None), "F6_E2M3": (6, None), "F6_E3M2": (6, None), "F16": (16, "float16")}
+DTYPES |= {"BF16": (16, "bfloat16"), "F32": (32, "float32"), "F64": (64, "float64"), "C64": (64, "complex64")}
+
+
+def is_floating(name: str) -> bool:
+    """Whether safetensors dtype ``name`` is a floating one (what ``from_pretrained(dtype=...)`` casts)."""
+    return name.startswith("F") or name == "BF16"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: those its index names, else model.safetensors."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    raise SvdloraError(
+        f"{str(folder)!r} has no model.safetensors or {INDEX_NAME}: streaming reads safetensors "
+        "checkpoints only; compress without --stream"
+    )
 
 
 def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], dict[str, str]]:
@@ -93,7 +103,7 @@ def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]]
     try:  # in offset order, as safetensors checks them (zero-size tensors may share an offset)
         for key, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
             begin, stop = entry["data_offsets"]
-            shape, bits = tuple(int(d) for d in entry["shape"]), _DTYPE_BITS.get(entry["dtype"])
+            shape, bits = tuple(int(d) for d in entry["shape"]), DTYPES.get(entry["dtype"], (None,))[0]
             if bits is None:
                 raise ValueError(f"tensor {key!r} has dtype {entry['dtype']!r}, unknown to safetensors")
             if begin != end or (stop - begin) * 8 != math.prod(shape) * bits:
@@ -118,11 +128,7 @@ def _read_header(file: Path) -> dict[str, tuple[TensorSpec, int]]:
 
 
 def _torch_dtype(name: str, file: Path, key: str) -> torch.dtype:
-    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
-    names |= {"I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16"}
-    names |= {"U32": "uint32", "U64": "uint64", "C64": "complex64", "F8_E8M0": "float8_e8m0fnu"}
-    names |= {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-    dtype = getattr(torch, names.get(name, ""), None)
+    dtype = getattr(torch, DTYPES[name][1] or "", None)
     if not isinstance(dtype, torch.dtype):
         raise SvdloraError(
             f"{str(file)!r}: tensor {key!r} is stored as {name}, which this torch cannot hold: "

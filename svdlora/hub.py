@@ -1,5 +1,6 @@
 """A hub id as a local folder, for the code that reads files itself (streamed compression, the
-memory check): the snapshot of the files it reads, downloaded or, offline, from the local cache."""
+memory check): the snapshot of the files it reads, downloaded or, offline, from the local cache;
+and, for the memory check, its size before the download."""
 
 from __future__ import annotations
 
@@ -36,6 +37,23 @@ def cached_checkpoint(name: str | Path) -> Path | None:
         return local_checkpoint(name, local_only=True)
     except SvdloraError:
         return None
+
+
+def remote_checkpoint(name: str | Path, trust_remote_code: bool = False) -> tuple[Path, dict[str, int]] | None:
+    """A hub model not in the local cache, sized before its weights are downloaded: its side files
+    (config, index; downloaded) and the element count of its safetensors tensors per dtype, read from
+    the hub's copies of their headers (ranged reads of a few kB per file). None where ``name`` is a
+    path, the hub cannot be reached, or the model has no safetensors weights there."""
+    if Path(name).expanduser().exists() or looks_like_path(str(name)) or not hub_reachable():
+        return None
+    from huggingface_hub import get_safetensors_metadata
+
+    try:
+        folder = _download(str(name), SIDE_FILES + (["*.py"] if trust_remote_code else []), None, False)
+        counts = get_safetensors_metadata(str(name), revision=folder.name).parameter_count  # the same commit
+    except Exception:  # noqa: BLE001  only an estimate: the run itself says what is wrong, if anything
+        return None
+    return folder, dict(counts)
 
 
 def _snapshot(repo_id: str, trust_remote_code: bool, revision: str | None, local_only: bool) -> Path:

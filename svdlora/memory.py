@@ -11,13 +11,14 @@ same files, and otherwise says what to do before loading anything.
 from __future__ import annotations
 
 import json
+import math
 import resource
 from pathlib import Path
 
 import psutil
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import DTYPES, is_floating, read_header, weight_files
 from .errors import SvdloraError
 from .models import parse_dtype
 from .plan import output_gram_bytes
@@ -68,19 +69,25 @@ def checkpoint_bytes(folder: str | Path, dtype: str | torch.dtype | None = None)
     folder is not one (a hub id, .bin weights)."""
     if not Path(folder).is_dir():
         return None
+    counts: dict[str, int] = {}
     try:
-        specs = Checkpoint(folder).spec.values()
+        for file in weight_files(Path(folder)):
+            for name, shape, _ in read_header(file)[0].values():
+                counts[name] = counts.get(name, 0) + math.prod(shape)
     except (SvdloraError, OSError, ValueError, KeyError):
         return None
-    target = parse_dtype(dtype) if dtype is not None else _config_dtype(Path(folder))
-    total = 0
-    for spec in specs:
-        itemsize = target.itemsize if target is not None and spec.dtype.is_floating_point else spec.dtype.itemsize
-        total += spec.nbytes // spec.dtype.itemsize * itemsize
-    return total
+    return loaded_bytes(counts, parse_dtype(dtype) if dtype is not None else config_dtype(Path(folder)))
 
 
-def _config_dtype(folder: Path) -> torch.dtype | None:
+def loaded_bytes(counts: dict[str, int], dtype: torch.dtype | None) -> int:
+    """Bytes of tensors once loaded, from their element counts per safetensors dtype: floating ones
+    in ``dtype`` (None: as stored)."""
+    bits = {name: dtype.itemsize * 8 if dtype is not None and is_floating(name) else DTYPES[name][0] for name in counts}
+    return sum(count * bits[name] // 8 for name, count in counts.items())
+
+
+def config_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype config.json names (what the CLI loads the model in), if any."""
     try:
         config = json.loads((folder / "config.json").read_text())
         return parse_dtype(config.get("dtype") or config.get("torch_dtype"))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
 import re
 import socket
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -100,12 +102,26 @@ def model_class(config: transformers.PretrainedConfig) -> type:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers at all; without it, hub loads retry for ~30 s before failing."""
+    """Whether huggingface.co (or HF_ENDPOINT) answers at all, through the proxy the environment
+    names for it if any (HTTPS_PROXY, ALL_PROXY, unless NO_PROXY lists the host): without it, hub
+    loads retry for ~30 s before failing."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    address = (endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80))
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(endpoint.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname):
+        proxied = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        address = (proxied.hostname, proxied.port or (443 if proxied.scheme == "https" else 80))
+    return _connects(*address, timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _connects(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection opens (asked once per process and address)."""
     try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False

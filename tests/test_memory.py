@@ -10,6 +10,7 @@ import psutil
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
 from svdlora import memory
 from svdlora.cli import main
@@ -194,3 +195,101 @@ def test_calibration_statistics_count_in_the_need(tmp_path, monkeypatch, capsys)
     assert "calibration statistics" in err and "streaming it instead" in err
     assert main(["compress", str(model), *calibrated[:2], "--calibration", "none", "-o", str(tmp_path / "c")]) == 0
     assert "streaming it instead" not in capsys.readouterr().err  # plain SVD: no statistics
+
+
+def _fake_hub(tmp_path: Path, monkeypatch, remote: Path) -> list[list[str]]:
+    """The hub, reachable, holding ``remote`` at one commit: downloads copy the files their patterns
+    name into a snapshot folder (recorded), headers are read from the remote files."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from svdlora import hub
+
+    asked: list[list[str]] = []
+    snapshot = tmp_path / "cache" / "0123456789abcdef0123456789abcdef01234567"
+
+    def download(repo_id, patterns, revision, local_only):
+        if local_only:  # as snapshot_download: the cached snapshot, whichever files it holds
+            if not snapshot.is_dir():
+                raise OSError("not in the local cache")
+            return snapshot
+        asked.append(list(patterns))
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in filter_repo_objects([f.name for f in remote.iterdir()], allow_patterns=patterns):
+            shutil.copy(remote / name, snapshot / name)
+        return snapshot
+
+    def metadata(repo_id, revision=None):
+        assert revision == snapshot.name  # the side files' commit
+        counts: dict[str, int] = {}
+        for file in remote.glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    name = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}[tensor.dtype]
+                    counts[name] = counts.get(name, 0) + tensor.numel()
+        return type("Metadata", (), {"parameter_count": counts})()
+
+    monkeypatch.setattr(hub, "_download", download)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", metadata)
+    return asked
+
+
+def test_a_hub_id_not_in_the_cache_is_sized_before_its_weights_are_downloaded(tmp_path, monkeypatch, capsys):
+    from svdlora import hub
+    from svdlora.cli import compress_cmd
+
+    remote = tmp_path / "remote"
+    tied_llama().save_pretrained(remote, max_shard_size="20KB")
+    model = memory.checkpoint_bytes(remote)
+    asked = _fake_hub(tmp_path, monkeypatch, remote)
+    assert hub.remote_checkpoint("org/tiny")[1] and not any("*.safetensors" in p for p in asked)
+    side_only = list(asked[0])
+    flags = ["--budget", "0.5", "--no-progress"]
+
+    # it fits: nothing but the side files fetched by the check; the in-memory run loads it as usual
+    _room(monkeypatch, model * 10)
+    monkeypatch.setattr(compress_cmd, "load_pretrained", lambda name, **k: AutoModelForCausalLM.from_pretrained(remote))
+    asked.clear()
+    assert main(["compress", "org/tiny", *flags, "--calibration", "none", "-o", str(tmp_path / "fits")]) == 0
+    assert asked == [side_only] and "streaming it instead" not in capsys.readouterr().err
+
+    # the default recipe cannot stream a causal LM and the model alone does not fit: refused before the download
+    _room(monkeypatch, model // 2)
+    asked.clear()
+    assert main(["compress", "org/tiny", *flags, "-o", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--calibration auto" in err[0] and "model alone" in err[0], err
+    assert asked == [side_only] and not (tmp_path / "refused").exists()
+
+    # it does not fit and can stream: downloaded (the same files a load would fetch), then streamed
+    _room(monkeypatch, model * 5 // 4)
+    asked.clear()
+    assert main(["compress", "org/tiny", *flags, "--calibration", "none", "-o", str(tmp_path / "streamed")]) == 0
+    assert "streaming it instead" in capsys.readouterr().err and any(
+        len(p) > 1 and "model-00001" in p[0] for p in asked
+    )
+    assert (
+        main(["compress", str(remote), *flags, "--calibration", "none", "--stream", "-o", str(tmp_path / "local")]) == 0
+    )
+    assert weight_bytes(tmp_path / "streamed") == weight_bytes(tmp_path / "local")
+
+
+def test_the_hub_is_asked_through_the_environment_s_proxy(monkeypatch):
+    from svdlora import models
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = []
+    monkeypatch.setattr(models, "_connects", lambda host, port, timeout: asked.append((host, port)) or True)
+    assert models.hub_reachable() and asked[-1] == ("huggingface.co", 443)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    assert models.hub_reachable() and asked[-1] == ("proxy.corp", 3128)
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert models.hub_reachable() and asked[-1] == ("huggingface.co", 443)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not models.hub_reachable() and len(asked) == 3

@@ -1,23 +1,26 @@
 """Whether `svdlora compress` streams a model that would not fit in memory (``svdlora.memory``).
 
-Before an in-memory run loads anything, the need is sized from the safetensors headers: the model
-and its factors, and for a calibrated run a lower bound on its statistics (every distinct input's
-float64 Gram, and kfac's output Grams). Where it would not fit and a streamed run does the same
-work, the CLI streams; where it cannot stream, it refuses (the model alone does not fit) or warns.
+Before an in-memory run loads anything, the need is sized from the safetensors headers (for a hub
+id not in the local cache, the hub's copies, before its weights are downloaded): the model and its
+factors, and for a calibrated run a lower bound on its statistics (every distinct input's float64
+Gram, and kfac's output Grams). Where it would not fit and a streamed run does the same work, the
+CLI streams; where it cannot stream, it refuses (the model alone does not fit) or warns.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .. import blockwise, memory
 from ..calibration_data import model_kind
 from ..config import CompressionConfig
 from ..errors import SvdloraError, first_line
-from ..hub import cached_checkpoint
+from ..hub import cached_checkpoint, local_checkpoint, remote_checkpoint
+from ..models import parse_dtype
 from ..plan import auto_method, resolved_allocation
-from ..streaming import Plan, check_streamable, plan
+from ..streaming import Plan, check_streamable, meta_model, plan
 from .calibration_flags import AUTO, NONE, SELF
 
 STREAM_ADVICE = "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
@@ -26,12 +29,15 @@ STREAM_ADVICE = "pass --stream with --calibration DATA (a text file, calibrated 
 def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> bool:
     """True where the run would not fit in memory and a streamed run does the same (said on stderr).
     Where it cannot: a refusal if the model alone does not fit in memory and swap, else a warning.
-    False where it fits, its size is not known (a hub id not in the local cache), or with --no-stream."""
-    folder = cached_checkpoint(args.model) if args.stream is None else None  # a hub id: only if cached
+    False where it fits, its size is not known (.bin weights; a hub id when the hub cannot be
+    reached and it is not in the local cache), or with --no-stream."""
+    if args.stream is not None:
+        return False
+    folder = cached_checkpoint(args.model) or _downloaded_if_too_large(args, config)
     model = memory.checkpoint_bytes(folder, args.dtype) if folder is not None else None
     if model is None:
         return False
-    budget = None if args.rank is not None else config.budget  # a fixed rank: factors up to the model's size
+    budget = _budget(args, config)
     planned = _plan(args, config, folder) if args.calibration != NONE else None
     statistics = _statistics_bytes(args, config, planned, model)
     over = memory.shortfall(model, budget, extra=statistics)
@@ -44,6 +50,38 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> b
     if why is None:
         print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
         return True
+    _refuse_if_the_model_alone_does_not_fit(args, model, budget, why, advice)
+    print(f"svdlora compress: warning: {sizes}, and {why}: it may run out of memory; {advice}", file=sys.stderr)
+    return False
+
+
+def _downloaded_if_too_large(args, config: CompressionConfig) -> Path | None:
+    """A hub id not in the local cache, sized from the hub's safetensors headers before its weights
+    are downloaded: None where it fits or its size is not known. Where it does not fit, the refusal
+    comes before the download if its config already says the run cannot stream; else its snapshot
+    is downloaded (the files an in-memory run would download too) for the checks that read them."""
+    remote = remote_checkpoint(args.model, args.trust_remote_code)
+    if remote is None:
+        return None
+    side, counts = remote
+    model = memory.loaded_bytes(counts, parse_dtype(args.dtype) or memory.config_dtype(side))
+    if memory.shortfall(model, _budget(args, config)) is None:
+        return None
+    try:
+        causal_lm = model_kind(meta_model(side, args.trust_remote_code)[1]) == "causal-lm"
+    except Exception:  # noqa: BLE001  not known before the download: the checks after it tell
+        causal_lm = False
+    why, advice = _why_not_streamed(args, config, None, causal_lm) or (None, None)
+    if why is not None:
+        _refuse_if_the_model_alone_does_not_fit(args, model, _budget(args, config), why, advice)
+    return local_checkpoint(args.model, args.trust_remote_code, revision=side.name)  # the same commit
+
+
+def _budget(args, config: CompressionConfig) -> float | None:
+    return None if args.rank is not None else config.budget  # a fixed rank: factors up to the model's size
+
+
+def _refuse_if_the_model_alone_does_not_fit(args, model: int, budget, why: str, advice: str) -> None:
     alone = memory.shortfall(model, budget, factors=False, with_swap=True)
     if alone:
         limit, need, room = alone
@@ -51,8 +89,6 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> b
             f"{args.model!r} needs about {memory.size(need)} in memory for the model alone and {limit} leaves "
             f"{memory.size(room)}{' (swap included)' if limit == 'available memory' else ''}, and {why}: {advice}"
         )
-    print(f"svdlora compress: warning: {sizes}, and {why}: it may run out of memory; {advice}", file=sys.stderr)
-    return False
 
 
 def _plan(args, config, folder) -> Plan | SvdloraError:
@@ -78,8 +114,9 @@ def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int
     return memory.statistics_bytes(planned.targets, method) + teacher
 
 
-def _why_not_streamed(args, config: CompressionConfig, planned) -> tuple[str, str] | None:
-    """(why, what to do) where a streamed run cannot do what this in-memory run would; None where it can."""
+def _why_not_streamed(args, config: CompressionConfig, planned, causal_lm: bool = False) -> tuple[str, str] | None:
+    """(why, what to do) where a streamed run cannot do what this in-memory run would; None where it
+    can. ``planned`` None: only what the flags and the config tell (before a download; ``causal_lm``)."""
     calibration = None if args.calibration in (AUTO, NONE) else args.calibration
     if calibration == SELF:
         return "--calibration self generates text with the whole model", STREAM_ADVICE
@@ -87,10 +124,12 @@ def _why_not_streamed(args, config: CompressionConfig, planned) -> tuple[str, st
         check_streamable(config, calibration)
         if isinstance(planned, SvdloraError):
             raise planned
-        if calibration is not None:
+        if calibration is not None and planned is not None:
             blockwise.check(planned)
     except SvdloraError as err:
         return f"it cannot stream ({err})", "free memory, or run it on a larger machine"
-    if args.calibration == AUTO and model_kind(planned.model) == "causal-lm":
+    if planned is not None:
+        causal_lm = model_kind(planned.model) == "causal-lm"
+    if args.calibration == AUTO and causal_lm:
         return "--calibration auto calibrates a causal LM on text the whole model generates", STREAM_ADVICE
     return None

@@ -20,7 +20,7 @@ up to the order of the float64 sums (plain SVD stays bit for bit).
 
 from .jobs import ranks_of, write_factors
 from .pipeline import SCRATCH, STREAMING_METHODS, check_streamable, compress_checkpoint
-from .planning import Plan, plan
+from .planning import Plan, meta_model, plan
 
 __all__ = [
     "SCRATCH",
@@ -28,6 +28,7 @@ __all__ = [
     "Plan",
     "check_streamable",
     "compress_checkpoint",
+    "meta_model",
     "plan",
     "ranks_of",
     "write_factors",

@@ -62,19 +62,11 @@ class Plan:
         return float(self.checkpoint.spec[src].nbytes) if kind == "copy" else 0.0
 
 
-def plan(
-    source: str | Path, config: CompressionConfig, dtype=None, trust_remote_code: bool = False, allocation=None
-) -> Plan:
-    """Targets, ranks and the output layout of a checkpoint, from its config and headers alone
-    (or from ``allocation``, the (ranks, dense) a global allocation chose)."""
+def meta_model(source: str | Path, trust_remote_code: bool = False) -> tuple[object, torch.nn.Module]:
+    """(config, model) of a folder's config.json, the model built on the meta device (no memory)."""
     import transformers
 
-    if not Path(source).is_dir():
-        raise SvdloraError(f"streaming needs a local folder, got {str(source)!r}: see hub.local_checkpoint")
-    check_dense_folder(Path(source), str(source))  # issue 7's checks: no svdlora folder, no truncated file
-    ckpt = Checkpoint(source)
     hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    target_dtype = parse_dtype(dtype) or getattr(hf_config, "dtype", None)
     cls = model_class(hf_config)
     try:
         with init_empty_weights(), _no_weight_init():  # AutoModel (no known class named): from_config
@@ -88,6 +80,20 @@ def plan(
             f"{str(source)!r}: {cls.__name__} cannot be built from config.json on the meta device ({first_line(err)}): "
             "compress without --stream"
         ) from None
+    return hf_config, model
+
+
+def plan(
+    source: str | Path, config: CompressionConfig, dtype=None, trust_remote_code: bool = False, allocation=None
+) -> Plan:
+    """Targets, ranks and the output layout of a checkpoint, from its config and headers alone
+    (or from ``allocation``, the (ranks, dense) a global allocation chose)."""
+    if not Path(source).is_dir():
+        raise SvdloraError(f"streaming needs a local folder, got {str(source)!r}: see hub.local_checkpoint")
+    check_dense_folder(Path(source), str(source))  # issue 7's checks: no svdlora folder, no truncated file
+    ckpt = Checkpoint(source)
+    hf_config, model = meta_model(source, trust_remote_code)
+    target_dtype = parse_dtype(dtype) or getattr(hf_config, "dtype", None)
     if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
     params_before = count_parameters(model)
