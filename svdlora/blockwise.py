@@ -76,23 +76,24 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]
     return best
 
 
-def check(plan) -> None:
-    """Refuse, before any data is read, a checkpoint whose layers cannot be calibrated block by block."""
+def check(model, hf_config, target_names: list[str]) -> None:
+    """Refuse, before any data is read, a checkpoint whose layers cannot be calibrated block by block
+    (from its meta model, config and targets: a plan's, or the config's alone before a download)."""
     from .calibration_data import model_kind
 
-    kind = model_kind(plan.model)
+    kind = model_kind(model)
     if kind != "causal-lm":
         raise SvdloraError(
             f"streamed calibration runs a causal LM's decoder block by block; this is a {kind} model: drop "
             "--stream to calibrate it in memory, or pass --calibration none"
         )
-    kinds = getattr(plan.hf_config, "layer_types", None) or []
+    kinds = getattr(hf_config, "layer_types", None) or []
     if len(set(kinds)) > 1:  # every block is fed the keyword arguments captured at the first one
         raise SvdloraError(
             f"this model's decoder blocks differ in attention type ({', '.join(sorted(set(kinds)))}: their masks "
             "differ), which streamed calibration does not handle yet: drop --stream, or pass --calibration none"
         )
-    find_blocks(plan.model, [t.name for t in plan.targets])
+    find_blocks(model, target_names)
 
 
 def calibrate_and_factorize(

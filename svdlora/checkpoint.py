@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -51,13 +52,18 @@ class Checkpoint:
         return None
 
 
-# Every safetensors dtype: bits per value (the layout is checked without torch knowing the dtype)
-# and torch's name for it (None: this torch cannot hold it).
-DTYPES = {"BOOL": (8, "bool"), "U8": (8, "uint8"), "I8": (8, "int8"), "U16": (16, "uint16"), "I16": (16, "int16")}
-DTYPES |= {"U32": (32, "uint32"), "I32": (32, "int32"), "U64": (64, "uint64"), "I64": (64, "int64")}
-DTYPES |= {"F8_E5M2": (8, "float8_e5m2"), "F8_E4M3": (8, "float8_e4m3fn"), "F8_E8M0": (8, "float8_e8m0fnu")}
-DTYPES |= {"F4": (4, None), "F6_E2M3": (6, None), "F6_E3M2": (6, None), "F16": (16, "float16")}
-DTYPES |= {"BF16": (16, "bfloat16"), "F32": (32, "float32"), "F64": (64, "float64"), "C64": (64, "complex64")}
+class SafetensorsDtype(NamedTuple):
+    bits: int  # per value: the layout is checked without torch knowing the dtype
+    torch_name: str | None  # None: this torch cannot hold it
+
+
+DTYPES = {name: SafetensorsDtype(bits, torch_name) for name, (bits, torch_name) in {
+    "BOOL": (8, "bool"), "U8": (8, "uint8"), "I8": (8, "int8"), "U16": (16, "uint16"), "I16": (16, "int16"),
+    "U32": (32, "uint32"), "I32": (32, "int32"), "U64": (64, "uint64"), "I64": (64, "int64"),
+    "F8_E5M2": (8, "float8_e5m2"), "F8_E4M3": (8, "float8_e4m3fn"), "F8_E8M0": (8, "float8_e8m0fnu"),
+    "F4": (4, None), "F6_E2M3": (6, None), "F6_E3M2": (6, None), "F16": (16, "float16"),
+    "BF16": (16, "bfloat16"), "F32": (32, "float32"), "F64": (64, "float64"), "C64": (64, "complex64"),
+}.items()}  # fmt: skip
 
 
 def is_floating(name: str) -> bool:
@@ -103,7 +109,7 @@ def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]]
     try:  # in offset order, as safetensors checks them (zero-size tensors may share an offset)
         for key, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
             begin, stop = entry["data_offsets"]
-            shape, bits = tuple(int(d) for d in entry["shape"]), DTYPES.get(entry["dtype"], (None,))[0]
+            shape, bits = tuple(int(d) for d in entry["shape"]), getattr(DTYPES.get(entry["dtype"]), "bits", None)
             if bits is None:
                 raise ValueError(f"tensor {key!r} has dtype {entry['dtype']!r}, unknown to safetensors")
             if begin != end or (stop - begin) * 8 != math.prod(shape) * bits:
@@ -128,7 +134,7 @@ def _read_header(file: Path) -> dict[str, tuple[TensorSpec, int]]:
 
 
 def _torch_dtype(name: str, file: Path, key: str) -> torch.dtype:
-    dtype = getattr(torch, DTYPES[name][1] or "", None)
+    dtype = getattr(torch, DTYPES[name].torch_name or "", None)
     if not isinstance(dtype, torch.dtype):
         raise SvdloraError(
             f"{str(file)!r}: tensor {key!r} is stored as {name}, which this torch cannot hold: "

@@ -39,27 +39,30 @@ def cached_checkpoint(name: str | Path) -> Path | None:
         return None
 
 
-def remote_checkpoint(name: str | Path, trust_remote_code: bool = False) -> tuple[Path, dict[str, int]] | None:
-    """A hub model not in the local cache, sized before its weights are downloaded: its side files
-    (config, index; downloaded) and the element count of its safetensors tensors per dtype, read from
-    the hub's copies of their headers (ranged reads of a few kB per file). None where ``name`` is a
-    path, the hub cannot be reached, or the model has no safetensors weights there."""
+def remote_parameters(name: str | Path, trust_remote_code: bool = False) -> tuple[Path, dict[str, int]] | None:
+    """A hub model not in the local cache, sized before its weights are downloaded: (the folder of its
+    side files: config, index, tokenizer; downloaded) and the element count of its safetensors tensors
+    per dtype, from the hub's copies of their headers (``get_safetensors_metadata``: about 100 kB read
+    per file). None where ``name`` is a path, the hub cannot be reached, or it has no safetensors there."""
     if Path(name).expanduser().exists() or looks_like_path(str(name)) or not hub_reachable():
         return None
     from huggingface_hub import get_safetensors_metadata
 
     try:
-        folder = _download(str(name), SIDE_FILES + (["*.py"] if trust_remote_code else []), None, False)
+        folder = _download(str(name), _side_files(trust_remote_code), None, False)
         counts = get_safetensors_metadata(str(name), revision=folder.name).parameter_count  # the same commit
     except Exception:  # noqa: BLE001  only an estimate: the run itself says what is wrong, if anything
         return None
     return folder, dict(counts)
 
 
+def _side_files(trust_remote_code: bool) -> list[str]:
+    return SIDE_FILES + (["*.py"] if trust_remote_code else [])
+
+
 def _snapshot(repo_id: str, trust_remote_code: bool, revision: str | None, local_only: bool) -> Path:
     """The side files first, at one commit; then exactly the weight files its index names."""
-    side = SIDE_FILES + (["*.py"] if trust_remote_code else [])
-    folder = _download(repo_id, side, revision, local_only)
+    folder = _download(repo_id, _side_files(trust_remote_code), revision, local_only)
     index = folder / INDEX_NAME
     try:
         weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None

@@ -76,18 +76,24 @@ def checkpoint_bytes(folder: str | Path, dtype: str | torch.dtype | None = None)
                 counts[name] = counts.get(name, 0) + math.prod(shape)
     except (SvdloraError, OSError, ValueError, KeyError):
         return None
-    return loaded_bytes(counts, parse_dtype(dtype) if dtype is not None else config_dtype(Path(folder)))
+    return loaded_bytes(counts, load_dtype(dtype, Path(folder)))
 
 
-def loaded_bytes(counts: dict[str, int], dtype: torch.dtype | None) -> int:
+def loaded_bytes(counts: dict[str, int], dtype: torch.dtype | None) -> int | None:
     """Bytes of tensors once loaded, from their element counts per safetensors dtype: floating ones
-    in ``dtype`` (None: as stored)."""
-    bits = {name: dtype.itemsize * 8 if dtype is not None and is_floating(name) else DTYPES[name][0] for name in counts}
+    in ``dtype`` (None: as stored). None where a dtype is not a safetensors one."""
+    if not set(counts) <= DTYPES.keys():
+        return None
+    bits = {
+        name: dtype.itemsize * 8 if dtype is not None and is_floating(name) else DTYPES[name].bits for name in counts
+    }
     return sum(count * bits[name] // 8 for name, count in counts.items())
 
 
-def config_dtype(folder: Path) -> torch.dtype | None:
-    """The dtype config.json names (what the CLI loads the model in), if any."""
+def load_dtype(dtype: str | torch.dtype | None, folder: Path) -> torch.dtype | None:
+    """The dtype the CLI loads a checkpoint in: ``dtype``, else the one its config.json names, if any."""
+    if dtype is not None:
+        return parse_dtype(dtype)
     try:
         config = json.loads((folder / "config.json").read_text())
         return parse_dtype(config.get("dtype") or config.get("torch_dtype"))

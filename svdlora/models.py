@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import pickle
 import re
 import socket
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -102,29 +102,44 @@ def model_class(config: transformers.PretrainedConfig) -> type:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co (or HF_ENDPOINT) answers at all, through the proxy the environment
-    names for it if any (HTTPS_PROXY, ALL_PROXY, unless NO_PROXY lists the host): without it, hub
-    loads retry for ~30 s before failing."""
+    """Whether huggingface.co (or HF_ENDPOINT) can be reached at all: a TCP connection to it, or to the
+    proxy the environment names for it (HTTPS_PROXY, ALL_PROXY, unless NO_PROXY lists the host), opens.
+    Without it, hub loads retry for ~30 s before failing."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    address = (endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80))
+    if not endpoint.hostname:
+        return False
+    address = (endpoint.hostname, _port(endpoint))
     proxies = urllib.request.getproxies()
     proxy = proxies.get(endpoint.scheme) or proxies.get("all")
     if proxy and not urllib.request.proxy_bypass(endpoint.hostname):
         proxied = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-        address = (proxied.hostname, proxied.port or (443 if proxied.scheme == "https" else 80))
-    return _connects(*address, timeout)
+        address = (proxied.hostname, _port(proxied))
+    return _connects(address, timeout)
 
 
-@functools.lru_cache(maxsize=8)
-def _connects(host: str, port: int, timeout: float) -> bool:
-    """Whether a TCP connection opens (asked once per process and address)."""
+def _port(url) -> int:
+    """A parsed URL's port, else its scheme's usual one (socks4, socks5, socks5h: 1080)."""
+    return url.port or (1080 if url.scheme.startswith("socks") else {"https": 443}.get(url.scheme, 80))
+
+
+_PROBES: dict[tuple, tuple[float, bool]] = {}  # address -> (when, answer)
+
+
+def _connects(address: tuple[str, int], timeout: float, ttl: float = 60.0) -> bool:
+    """Whether a TCP connection to ``address`` opens; asked again after ``ttl`` seconds, so that one
+    command asks once and a long-lived process sees the network come and go."""
+    asked = _PROBES.get(address)
+    if asked is not None and time.monotonic() - asked[0] < ttl:
+        return asked[1]
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
+        with socket.create_connection(address, timeout=timeout):
+            answer = True
     except OSError:
-        return False
+        answer = False
+    _PROBES[address] = (time.monotonic(), answer)
+    return answer
 
 
 def looks_like_path(name: str) -> bool:

@@ -4,6 +4,7 @@ CLI does with a model that would not fit (streams it where that writes the same 
 from __future__ import annotations
 
 import resource
+import shutil
 from pathlib import Path
 
 import psutil
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from svdlora import memory
 from svdlora.cli import main
+from svdlora.errors import SvdloraError
 
 from .conftest import tiny_t5, tiny_vit
 from .eval_helpers import lm_folder
@@ -200,8 +202,6 @@ def test_calibration_statistics_count_in_the_need(tmp_path, monkeypatch, capsys)
 def _fake_hub(tmp_path: Path, monkeypatch, remote: Path) -> list[list[str]]:
     """The hub, reachable, holding ``remote`` at one commit: downloads copy the files their patterns
     name into a snapshot folder (recorded), headers are read from the remote files."""
-    import shutil
-
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
@@ -213,7 +213,7 @@ def _fake_hub(tmp_path: Path, monkeypatch, remote: Path) -> list[list[str]]:
     def download(repo_id, patterns, revision, local_only):
         if local_only:  # as snapshot_download: the cached snapshot, whichever files it holds
             if not snapshot.is_dir():
-                raise OSError("not in the local cache")
+                raise SvdloraError("the model is not in the local cache")  # as hub._download says it
             return snapshot
         asked.append(list(patterns))
         snapshot.mkdir(parents=True, exist_ok=True)
@@ -246,16 +246,11 @@ def test_a_hub_id_not_in_the_cache_is_sized_before_its_weights_are_downloaded(tm
     tied_llama().save_pretrained(remote, max_shard_size="20KB")
     model = memory.checkpoint_bytes(remote)
     asked = _fake_hub(tmp_path, monkeypatch, remote)
-    assert hub.remote_checkpoint("org/tiny")[1] and not any("*.safetensors" in p for p in asked)
-    side_only = list(asked[0])
+    side, counts = hub.remote_parameters("org/tiny")
+    assert asked == [hub.SIDE_FILES] and not list(side.glob("*.safetensors"))  # the side files only
+    assert memory.loaded_bytes(counts, None) == model and memory.loaded_bytes({"F7": 1}, None) is None
     flags = ["--budget", "0.5", "--no-progress"]
-
-    # it fits: nothing but the side files fetched by the check; the in-memory run loads it as usual
-    _room(monkeypatch, model * 10)
-    monkeypatch.setattr(compress_cmd, "load_pretrained", lambda name, **k: AutoModelForCausalLM.from_pretrained(remote))
-    asked.clear()
-    assert main(["compress", "org/tiny", *flags, "--calibration", "none", "-o", str(tmp_path / "fits")]) == 0
-    assert asked == [side_only] and "streaming it instead" not in capsys.readouterr().err
+    shutil.rmtree(side)  # not in the cache again
 
     # the default recipe cannot stream a causal LM and the model alone does not fit: refused before the download
     _room(monkeypatch, model // 2)
@@ -263,33 +258,57 @@ def test_a_hub_id_not_in_the_cache_is_sized_before_its_weights_are_downloaded(tm
     assert main(["compress", "org/tiny", *flags, "-o", str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--calibration auto" in err[0] and "model alone" in err[0], err
-    assert asked == [side_only] and not (tmp_path / "refused").exists()
+    assert asked == [hub.SIDE_FILES] and not (tmp_path / "refused").exists()
+    shutil.rmtree(side)
 
-    # it does not fit and can stream: downloaded (the same files a load would fetch), then streamed
+    # it does not fit and can stream: downloaded (the files a load would fetch), then streamed
     _room(monkeypatch, model * 5 // 4)
     asked.clear()
     assert main(["compress", "org/tiny", *flags, "--calibration", "none", "-o", str(tmp_path / "streamed")]) == 0
-    assert "streaming it instead" in capsys.readouterr().err and any(
-        len(p) > 1 and "model-00001" in p[0] for p in asked
-    )
+    assert "streaming it instead" in capsys.readouterr().err
+    assert asked[0] == hub.SIDE_FILES and sorted(f.name for f in remote.glob("*.safetensors")) in asked
     assert (
         main(["compress", str(remote), *flags, "--calibration", "none", "--stream", "-o", str(tmp_path / "local")]) == 0
     )
     assert weight_bytes(tmp_path / "streamed") == weight_bytes(tmp_path / "local")
+    shutil.rmtree(side)
+
+    # it fits: downloaded all the same (the load reads these files), then compressed in memory
+    _room(monkeypatch, model * 10)
+    monkeypatch.setattr(compress_cmd, "load_pretrained", lambda name, **k: AutoModelForCausalLM.from_pretrained(side))
+    assert main(["compress", "org/tiny", *flags, "--calibration", "none", "-o", str(tmp_path / "fits")]) == 0
+    assert "streaming it instead" not in capsys.readouterr().err
+    assert weight_bytes(tmp_path / "fits") == weight_bytes(tmp_path / "local")
 
 
 def test_the_hub_is_asked_through_the_environment_s_proxy(monkeypatch):
+    import socket
+
     from svdlora import models
 
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     asked = []
-    monkeypatch.setattr(models, "_connects", lambda host, port, timeout: asked.append((host, port)) or True)
+    connects = models._connects
+    monkeypatch.setattr(models, "_connects", lambda address, timeout: asked.append(address) or True)
     assert models.hub_reachable() and asked[-1] == ("huggingface.co", 443)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
     assert models.hub_reachable() and asked[-1] == ("proxy.corp", 3128)
+    monkeypatch.setenv("ALL_PROXY", "socks5h://socks.corp")  # HTTPS_PROXY first
+    assert models.hub_reachable() and asked[-1] == ("proxy.corp", 3128)
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert models.hub_reachable() and asked[-1] == ("socks.corp", 1080)
     monkeypatch.setenv("NO_PROXY", "huggingface.co")
     assert models.hub_reachable() and asked[-1] == ("huggingface.co", 443)
+    monkeypatch.setenv("HF_ENDPOINT", "hub.internal")  # no scheme: not an address
+    assert not models.hub_reachable()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert not models.hub_reachable() and len(asked) == 3
+    assert not models.hub_reachable() and len(asked) == 5
+
+    # the probe is made once a minute per address, not once per call
+    tries = []
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: tries.append(a) or (_ for _ in ()).throw(OSError))
+    monkeypatch.setattr(models, "_PROBES", {})
+    assert not connects(("hub.test", 443), 1.0) and not connects(("hub.test", 443), 1.0) and len(tries) == 1
+    assert not connects(("hub.test", 443), 1.0, ttl=0) and len(tries) == 2

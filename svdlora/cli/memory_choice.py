@@ -17,10 +17,10 @@ from .. import blockwise, memory
 from ..calibration_data import model_kind
 from ..config import CompressionConfig
 from ..errors import SvdloraError, first_line
-from ..hub import cached_checkpoint, local_checkpoint, remote_checkpoint
-from ..models import parse_dtype
+from ..hub import cached_checkpoint, local_checkpoint, remote_parameters
 from ..plan import auto_method, resolved_allocation
 from ..streaming import Plan, check_streamable, meta_model, plan
+from ..targets import find_targets
 from .calibration_flags import AUTO, NONE, SELF
 
 STREAM_ADVICE = "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
@@ -33,7 +33,7 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> b
     reached and it is not in the local cache), or with --no-stream."""
     if args.stream is not None:
         return False
-    folder = cached_checkpoint(args.model) or _downloaded_if_too_large(args, config)
+    folder = cached_checkpoint(args.model) or _downloaded_unless_refused(args, config)
     model = memory.checkpoint_bytes(folder, args.dtype) if folder is not None else None
     if model is None:
         return False
@@ -46,7 +46,7 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> b
     limit, need, room = over
     what = "the model, its factors and its calibration statistics" if statistics else "the model and its factors"
     sizes = f"{args.model!r} needs about {memory.size(need)} in memory ({what}) and {limit} leaves {memory.size(room)}"
-    why, advice = _why_not_streamed(args, config, planned or _plan(args, config, folder)) or (None, None)
+    why, advice = _why_not_streamed(args, config, _outline(planned or _plan(args, config, folder))) or (None, None)
     if why is None:
         print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
         return True
@@ -55,25 +55,21 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> b
     return False
 
 
-def _downloaded_if_too_large(args, config: CompressionConfig) -> Path | None:
-    """A hub id not in the local cache, sized from the hub's safetensors headers before its weights
-    are downloaded: None where it fits or its size is not known. Where it does not fit, the refusal
-    comes before the download if its config already says the run cannot stream; else its snapshot
-    is downloaded (the files an in-memory run would download too) for the checks that read them."""
-    remote = remote_checkpoint(args.model, args.trust_remote_code)
+def _downloaded_unless_refused(args, config: CompressionConfig) -> Path | None:
+    """A hub id not in the local cache, sized from the hub's safetensors headers first: refused before
+    its weights are downloaded where the model alone does not fit in memory and swap and its flags or
+    config say the run cannot stream; else downloaded (the files the in-memory load would fetch too)
+    for the checks that read them. None where it cannot be sized (no hub, no safetensors there)."""
+    remote = remote_parameters(args.model, args.trust_remote_code)
     if remote is None:
         return None
     side, counts = remote
-    model = memory.loaded_bytes(counts, parse_dtype(args.dtype) or memory.config_dtype(side))
-    if memory.shortfall(model, _budget(args, config)) is None:
-        return None
-    try:
-        causal_lm = model_kind(meta_model(side, args.trust_remote_code)[1]) == "causal-lm"
-    except Exception:  # noqa: BLE001  not known before the download: the checks after it tell
-        causal_lm = False
-    why, advice = _why_not_streamed(args, config, None, causal_lm) or (None, None)
-    if why is not None:
-        _refuse_if_the_model_alone_does_not_fit(args, model, _budget(args, config), why, advice)
+    model = memory.loaded_bytes(counts, memory.load_dtype(args.dtype, side))
+    budget = _budget(args, config)
+    if model is not None and memory.shortfall(model, budget, factors=False, with_swap=True):
+        why = _why_not_streamed(args, config, _config_outline(args, config, side))
+        if why is not None:
+            _refuse_if_the_model_alone_does_not_fit(args, model, budget, *why)
     return local_checkpoint(args.model, args.trust_remote_code, revision=side.name)  # the same commit
 
 
@@ -99,6 +95,20 @@ def _plan(args, config, folder) -> Plan | SvdloraError:
         return err if isinstance(err, SvdloraError) else SvdloraError(first_line(err))
 
 
+def _outline(planned: Plan | SvdloraError) -> tuple | SvdloraError:
+    """(meta model, config, target names) of a plan, what ``blockwise.check`` reads; or why there is none."""
+    return planned if isinstance(planned, SvdloraError) else (planned.model, planned.hf_config, planned.target_names)
+
+
+def _config_outline(args, config, side: Path) -> tuple | SvdloraError:
+    """The same outline from config.json alone (the folder of a hub model's side files, no weights)."""
+    try:
+        hf_config, model = meta_model(side, args.trust_remote_code)
+        return model, hf_config, [t.name for t in find_targets(model, config)[0]]
+    except Exception as err:  # noqa: BLE001  only an estimate, as _plan
+        return err if isinstance(err, SvdloraError) else SvdloraError(first_line(err))
+
+
 def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int) -> int:
     """A lower bound on what calibrating in memory holds (0 where the run does not calibrate, or its
     targets are not known): the float64 input Gram of every distinct input and kfac's output Grams,
@@ -114,22 +124,19 @@ def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int
     return memory.statistics_bytes(planned.targets, method) + teacher
 
 
-def _why_not_streamed(args, config: CompressionConfig, planned, causal_lm: bool = False) -> tuple[str, str] | None:
-    """(why, what to do) where a streamed run cannot do what this in-memory run would; None where it
-    can. ``planned`` None: only what the flags and the config tell (before a download; ``causal_lm``)."""
+def _why_not_streamed(args, config: CompressionConfig, outline: tuple | SvdloraError) -> tuple[str, str] | None:
+    """(why, what to do) where a streamed run cannot do what this in-memory run would; None where it can."""
     calibration = None if args.calibration in (AUTO, NONE) else args.calibration
     if calibration == SELF:
         return "--calibration self generates text with the whole model", STREAM_ADVICE
     try:
         check_streamable(config, calibration)
-        if isinstance(planned, SvdloraError):
-            raise planned
-        if calibration is not None and planned is not None:
-            blockwise.check(planned)
+        if isinstance(outline, SvdloraError):
+            raise outline
+        if calibration is not None:
+            blockwise.check(*outline)
     except SvdloraError as err:
         return f"it cannot stream ({err})", "free memory, or run it on a larger machine"
-    if planned is not None:
-        causal_lm = model_kind(planned.model) == "causal-lm"
-    if args.calibration == AUTO and causal_lm:
+    if args.calibration == AUTO and model_kind(outline[0]) == "causal-lm":
         return "--calibration auto calibrates a causal LM on text the whole model generates", STREAM_ADVICE
     return None

@@ -230,7 +230,7 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
     from ..calibration_data import calibration_batches
     from ..evaluation.loading import _load_processor
 
-    blockwise.check(p)
+    blockwise.check(p.model, p.hf_config, p.target_names)
     if isinstance(calibration, list):  # model-ready batches, as compress() takes them
         batches = calibration
         if ctx.active and not all("labels" in b for b in batches):  # else labels are drawn per rank

@@ -43,6 +43,10 @@ class Plan:
     names_of: dict[str, list[str]] = field(default_factory=dict)  # parameter -> every name tied to it
     targets: list = field(default_factory=list)  # every targeted layer (a Target), dense ones included
 
+    @property
+    def target_names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
     def source_key(self, name: str) -> str | None:
         """The checkpoint's key for parameter ``name``, under any name a tied parameter has."""
         prefix = getattr(self.model, "base_model_prefix", "")
@@ -63,7 +67,8 @@ class Plan:
 
 
 def meta_model(source: str | Path, trust_remote_code: bool = False) -> tuple[object, torch.nn.Module]:
-    """(config, model) of a folder's config.json, the model built on the meta device (no memory)."""
+    """(config, model) of a folder's config.json, the model built on the meta device (no memory), its
+    tied weights tied as ``from_pretrained`` ties them."""
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
@@ -80,6 +85,8 @@ def meta_model(source: str | Path, trust_remote_code: bool = False) -> tuple[obj
             f"{str(source)!r}: {cls.__name__} cannot be built from config.json on the meta device ({first_line(err)}): "
             "compress without --stream"
         ) from None
+    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
     return hf_config, model
 
 
@@ -94,8 +101,6 @@ def plan(
     ckpt = Checkpoint(source)
     hf_config, model = meta_model(source, trust_remote_code)
     target_dtype = parse_dtype(dtype) or getattr(hf_config, "dtype", None)
-    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
     params_before = count_parameters(model)
     targets, dense = find_targets(model, config)
     if not targets:
