@@ -112,3 +112,23 @@ def test_precision_models_report_compares_stages_at_equal_bytes(tmp_path):
     assert "3 bits/w: the best multi-stage recipe (2 int8 stages, accuracy 0.7) beats one bfloat16 stage (0.6)" in text
     assert "2 bits/w: the best multi-stage recipe (2 int8 stages, accuracy 0.4) does not beat" in text
     assert [s["n"] for s in precision_models.settings(4.5)][-1] == 2 and len(precision_models.settings(3)) == 10
+
+
+def test_the_speed_figure_colours_each_row_by_its_target(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_rgba
+
+    from benchmarks import speed_plot
+
+    drawn = []
+    monkeypatch.setattr(speed_plot, "save_figure", lambda fig, path: drawn.append(fig) or path)
+    result = {
+        "budget": 0.5, "threads": 1, "date": "d",
+        "compress": {"I/O floor": {"ratio_to_floor": 1.0}, "svdlora compress": {"ratio_to_floor": 1.4}},
+        "decode": {"dense": {"ratio_to_dense": 1.0}, "pairs": {"ratio_to_dense": 1.4}, "auto": {"ratio_to_dense": 1.6}},
+    }  # fmt: skip
+    speed_plot.plot(result, tmp_path / "speed.png")
+    compress, decode = drawn[0].axes
+    colours = [[bar.get_facecolor() for bar in ax.patches] for ax in (compress, decode)]
+    gray, green, red = (to_rgba(c) for c in ("tab:gray", "tab:green", "tab:red"))
+    assert colours == [[gray, green], [gray, red, green]]
