@@ -134,6 +134,10 @@ def compressed_card(
 from transformers import {auto or "AutoModel  # or the AutoModelFor... class of the base"}
 model = {auto or "AutoModel"}.from_pretrained("<this folder>")  # factors kept
 model = svdlora.load_compressed("<this folder>", merge=True)  # or dense A·B"""
+    if config.get("stage_dtypes"):  # format 2: plain from_pretrained refuses it (integrations.hf_quantizer)
+        usage = """import svdlora  # stages in their own dtypes (--stage-dtypes): load_compressed only
+model = svdlora.load_compressed("<this folder>")  # factors kept
+model = svdlora.load_compressed("<this folder>", merge=True)  # or dense A·B"""
     return render(
         "svdlora compressed model", base_model, rows, tags=["svdlora", "compressed", "low-rank"],
         library="transformers", eval_result=eval_result, usage=usage,

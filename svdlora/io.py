@@ -109,9 +109,10 @@ def check_folder(path: str | Path) -> dict:
     return data
 
 
-def verify_values(folder) -> None:
+def verify_values(folder) -> tuple[int, int]:
     """Every floating-point tensor of the folder is finite, read one at a time (``svdlora info --verify``):
-    ``check_folder`` reads headers and shapes only, as loading does."""
+    ``check_folder`` reads headers and shapes only, as loading does. Returns (tensors, bytes) read."""
+    tensors = nbytes = 0
     for weights in weight_files(folder):
         with safe_open(str(weights), framework="pt") as f:
             for key in f.keys():
@@ -121,6 +122,8 @@ def verify_values(folder) -> None:
                         f"{str(weights)!r}: tensor {key!r} holds NaN or Inf values: the file is corrupted, "
                         "re-run `svdlora compress` (or copy the folder again)"
                     )
+                tensors, nbytes = tensors + 1, nbytes + tensor.nbytes
+    return tensors, nbytes
 
 
 def _check_model_dtype(data: dict, dtypes: dict[str, str], path: Path) -> None:
@@ -178,6 +181,14 @@ def _tied_map(metadata: dict[str, str], tensors: dict, weights: Path) -> dict[st
             f"{str(weights)!r} has a corrupted 'tied' header ({err}): re-run `svdlora compress`"
         ) from None
     return tied
+
+
+def _tie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Tie exactly as the file says (one Parameter shared), rather than through transformers'
+    tie_weights(), which would set a `weight` on a factorized head."""
+    for alias, stored in tied.items():
+        parent, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, model.get_parameter(stored))
 
 
 def _build_skeleton(path: Path, base: dict) -> nn.Module:
@@ -305,6 +316,10 @@ def load_compressed(
 
     plan = place = None
     if device_map is not None:
+        try:  # tied as the file says, so that accelerate plans a tied pair onto one device
+            _tie(model, json.loads(metadata.get("tied", "{}")))
+        except (ValueError, AttributeError, TypeError):
+            pass  # a corrupted map: _tied_map below says so
         plan = resolve_device_map(model, device_map, max_memory, target_dtype)
         place = partial(device_for, plan)
     # quantized stages are dequantized on the device, in the model's dtype (or the one asked for)
@@ -335,11 +350,7 @@ def load_compressed(
             f"{str(weights)!r} lacks tensors {missing[:3]}: the file is incomplete or belongs to another "
             "architecture; re-run `svdlora compress`"
         )
-    # Re-tie exactly as the file says (one Parameter shared), rather than through transformers'
-    # tie_weights(), which would set a `weight` on a factorized head.
-    for alias, stored in tied.items():
-        parent, _, leaf = alias.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, model.get_parameter(stored))
+    _tie(model, tied)
     if plan is None:
         model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
     else:

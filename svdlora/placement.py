@@ -59,5 +59,7 @@ def dispatch(model: nn.Module, plan: dict) -> nn.Module:
 
     devices = {str(device_for(plan, "")) if "" in plan else None, *map(str, plan.values())} - {None}
     if len(devices) == 1:  # one device: a plain .to(), no hooks
-        return model.to(next(iter(plan.values())) if "" not in plan else plan[""])
+        model = model.to(next(iter(plan.values())) if "" not in plan else plan[""])
+        model.hf_device_map = dict(plan)  # as dispatch_model and from_pretrained(device_map=...) set it
+        return model
     return dispatch_model(model, device_map=plan)

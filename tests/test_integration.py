@@ -68,3 +68,23 @@ def test_exact_svd_stays_the_default():
     args = build_parser().parse_args(["compress", "m", "-o", "x"])
     assert args.svd_method == "exact" and args.calibration == "auto"
     assert build_parser().parse_args(["compress", "m", "-o", "x", "--svd", "auto"]).svd_method == "auto"
+
+
+@pytest.mark.parametrize("stage_dtypes", [None, "full-int4,int8"])
+def test_the_card_s_loading_code_runs(tmp_path, stage_dtypes):
+    """The folder's README.md shows code that loads it: run it as written (with the folder's path)."""
+    import re
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    report = svdlora.compress(model, budget=0.5, submatrices=2, stage_dtypes=stage_dtypes, progress=False)
+    folder = svdlora.save_compressed(model, tmp_path / "c", report=report)
+    card = (folder / "README.md").read_text()
+    code = re.search(r"## Use\n\n```python\n(.*?)```", card, re.S).group(1).replace("<this folder>", str(folder))
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102  the card's own code
+    with torch.no_grad():
+        torch.testing.assert_close(
+            namespace["model"](**example_inputs("llama")).logits, model(**example_inputs("llama")).logits,
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip

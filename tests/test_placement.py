@@ -45,3 +45,14 @@ def test_bad_device_map(folder):
         load_compressed(path, device_map="everywhere")
     with pytest.raises(SvdloraError, match="places no module"):
         load_compressed(path, device_map={"lm_head": "cpu"})
+
+
+def test_a_tied_head_is_planned_tied_and_the_map_is_kept(folder, caplog):
+    kind, path = folder
+    for device_map in ("auto", {"": "cpu"}):
+        with caplog.at_level("WARNING"):
+            model = load_compressed(path, device_map=device_map)
+        assert "not tied" not in caplog.text  # accelerate warns when it plans an untied skeleton
+        assert isinstance(model.hf_device_map, dict) and set(model.hf_device_map.values()) == {"cpu"}
+        if kind == "gpt2":  # GPT-2 ties its head to the token embedding
+            assert model.lm_head.weight is model.transformer.wte.weight

@@ -180,6 +180,20 @@ def test_failed_or_interrupted_write_leaves_no_output(work, capsys, monkeypatch,
     assert_untouched(work, before)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_running_out_of_memory_is_one_line_and_leaves_no_output(work, capsys, monkeypatch, stream):
+    """A failed allocation (here: a real one, torch asked for 2**60 bytes, in the middle of the run) is
+    the environment's limit, not a bug: exit 2, one line, nothing written."""
+    for module in ("svdlora.compress", "svdlora.streaming.jobs"):  # the SVD step, in memory and streamed
+        monkeypatch.setattr(sys.modules[module], "factorize", lambda *a, **k: torch.empty(2**58))
+    before = tree_hash(work)
+    flags = ["--no-progress", "--calibration", "none", *(["--stream"] if stream else [])]
+    code, _, err = cli(capsys, "compress", work / "dense", "--output", work / "out", *flags)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "out of memory" in err and "a bug" not in err, err
+    assert not (work / "out").exists()
+    assert_untouched(work, before)
+
+
 def test_killed_runs_are_cleaned_by_the_next_run(work, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is no longer running

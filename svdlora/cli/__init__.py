@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+import torch
+
 from .. import card
 from ..errors import SvdloraError, first_line
 from ..outputs import describe
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SVDLORA_TRACEBACK"):
             raise
         print(f"svdlora {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2 if isinstance(err, SvdloraError | OSError) else 1
+        return 2 if isinstance(err, SvdloraError | OSError) or out_of_memory(err) else 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -74,9 +76,23 @@ def _exit_on_sigterm():
     return signal.signal(signal.SIGTERM, stop)
 
 
+def out_of_memory(err: Exception) -> bool:
+    """An allocation that failed (host or GPU): the environment's limit, not a bug."""
+    text = str(err)
+    return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)
+    )
+
+
 def _one_line(err: Exception) -> str:
     if isinstance(err, SvdloraError):
         return " ".join(str(err).split())
+    if out_of_memory(err):
+        detail = first_line(err).rpartition("DefaultCPUAllocator: ")[2].strip()
+        return (
+            f"out of memory ({detail or type(err).__name__}): nothing was written; free memory, or raise the "
+            "limit this process runs under (ulimit -v, the memory cgroup)"
+        )
     if isinstance(err, OSError):  # e.g. the disk filled up while writing: the output was not created
         where = f" ({err.filename})" if err.filename else ""
         return f"{describe(err)}{where}: nothing was written; free space or fix permissions and retry"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..io import check_folder, verify_values
 from ..report import CompressionReport
@@ -26,7 +27,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     data = check_folder(args.folder)  # the weights' header too: info never vouches for a broken folder
     if args.verify:
-        verify_values(args.folder)
+        tensors, nbytes = verify_values(args.folder)
+        print(f"verified: {tensors} tensors ({nbytes / 1e6:,.1f} MB) read, every value finite", file=sys.stderr)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0

@@ -45,7 +45,7 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> b
         return False
     limit, need, room = over
     what = "the model, its factors and its calibration statistics" if statistics else "the model and its factors"
-    sizes = f"{args.model!r} needs about {memory.size(need)} in memory ({what}) and {limit} leaves {memory.size(room)}"
+    sizes = f"{args.model!r} needs {_about(need, limit)} ({what}) and {limit} leaves {memory.size(room)}"
     why, advice = _why_not_streamed(args, config, _outline(planned or _plan(args, config, folder))) or (None, None)
     if why is None:
         print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
@@ -73,6 +73,12 @@ def _downloaded_unless_refused(args, config: CompressionConfig) -> Path | None:
     return local_checkpoint(args.model, args.trust_remote_code, revision=side.name)  # the same commit
 
 
+def _about(need: int, limit: str) -> str:
+    if limit == "ulimit -v":  # the address space: the mapped checkpoint and the libraries count in full
+        return f"about {memory.size(need)} of address space (the mapped checkpoint and libraries included)"
+    return f"about {memory.size(need)} in memory"
+
+
 def _budget(args, config: CompressionConfig) -> float | None:
     return None if args.rank is not None else config.budget  # a fixed rank: factors up to the model's size
 
@@ -82,7 +88,7 @@ def _refuse_if_the_model_alone_does_not_fit(args, model: int, budget, why: str, 
     if alone:
         limit, need, room = alone
         raise SvdloraError(
-            f"{args.model!r} needs about {memory.size(need)} in memory for the model alone and {limit} leaves "
+            f"{args.model!r} needs {_about(need, limit)} for the model alone and {limit} leaves "
             f"{memory.size(room)}{' (swap included)' if limit == 'available memory' else ''}, and {why}: {advice}"
         )
 
