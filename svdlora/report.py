@@ -87,6 +87,7 @@ class CompressionReport:
         after = sum(m.params_after for m in fac)
         multiple = self.config.get("rank_multiple")
         multiple = multiple if isinstance(multiple, int) else 1  # an edited config must not break info
+        quantized = bool(self.config.get("stage_dtypes"))  # a full-rank int4 stage: more values, fewer bytes
         rows = [
             (
                 "budget / submatrices",
@@ -98,7 +99,11 @@ class CompressionReport:
             ("how ranks were chosen", _ALLOCATION_WHY.get(self.allocation or "uniform", "")),
             ("calibration", _calibration_text(self.calibration)),
             ("factorized matrices", f"{len(fac)} of {len(self.modules)} Linear/Conv1D layers"),
-            ("factorized params", f"{before:,} -> {after:,} ({_ratio(after, before)})"),
+            (
+                "factorized params",
+                f"{before:,} -> {after:,} ({_ratio(after, before)})"
+                + (" (in fewer bits: the bytes below are the size)" if after > before and quantized else ""),
+            ),
             *_bytes_rows(fac),
             *(
                 [("factor form", "pivoted: R pivot rows + coefficients, R·(out+in−R) values (PIFA)")]
