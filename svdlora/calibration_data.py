@@ -227,7 +227,8 @@ def generate_text(model, tokenizer, samples: int, length: int, seed: int = 0, pr
     batches = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in tqdm(range(0, samples, 16), desc="generating calibration text", disable=not progress):
+        bar = tqdm(total=samples * (length - 1), desc="generating calibration text", unit="token", disable=not progress)
+        for start in range(0, samples, 16):
             count = min(16, samples - start)
             if bos is None:
                 prompt = torch.randint(vocab, (count, 1), device=device)
@@ -244,7 +245,25 @@ def generate_text(model, tokenizer, samples: int, length: int, seed: int = 0, pr
                     max_new_tokens=length - 1,
                     min_new_tokens=length - 1,  # full-length windows: no padding, every token counts
                     pad_token_id=pad,
+                    streamer=_TokenProgress(bar, count),
                 )
             for row in out.cpu():
                 batches.append({"input_ids": row[None], "labels": row[None]})
+        bar.close()
     return batches
+
+
+class _TokenProgress:
+    """A ``generate`` streamer that moves a progress bar by the batch's rows at every new token (the
+    first call is the prompt): minutes of generation on a CPU are not spent behind a bar at 0/1."""
+
+    def __init__(self, bar, rows: int) -> None:
+        self.bar, self.rows, self.prompt_seen = bar, rows, False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.bar.update(self.rows)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass

@@ -343,6 +343,27 @@ def test_self_generated_calibration_is_deterministic_and_full_length():
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again, strict=True))
 
 
+def test_self_generated_calibration_shows_its_progress_token_by_token(monkeypatch):
+    from svdlora import calibration_data
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(calibration_data, "tqdm", Bar)
+    generate_text(tiny_gpt2().eval(), None, samples=18, length=12, seed=1, progress=True)  # batches of 16 and 2
+    assert len(bars) == 1 and bars[0].total == bars[0].n == 18 * 11 and bars[0].closed
+
+
 def test_statistics_are_collected_once_per_shared_input():
     model = tiny_llama().eval()
     targets, _ = find_targets(model, CompressionConfig())
