@@ -21,6 +21,8 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file)
+    if gguf_file.is_dir():
+        raise SvdloraError(f"{str(gguf_file)!r} is a folder: pass the .gguf file itself")
     if not gguf_file.is_file():
         raise SvdloraError(f"GGUF file {str(gguf_file)!r} does not exist")
     try:

@@ -39,6 +39,7 @@ from .quantize import parse_format
 from .reader import read_state
 from .report import CompressionReport
 from .runtime import RUNTIMES, apply_runtime
+from .save_guard import guard_save_pretrained
 from .schema import check_factor_shapes, model_class_named, validate_config
 from .version import FORMAT_VERSION, __version__
 from .writer import (  # noqa: F401  (the file-name constants live in writer; io re-exports them)
@@ -360,6 +361,7 @@ def load_compressed(
     else:
         setattr(model, REPORT_ATTR, report)
         setattr(model, BASE_ATTR, (data.get("base_model") or {}).get("name_or_path"))
+        guard_save_pretrained(model)
         for name, parts in stored_parts.items():  # re-saving writes the same stored bits
             model.get_submodule(name).stored = parts
     if runtime in ("auto", "pairs"):

@@ -50,7 +50,8 @@ def _local_inputs(inputs: Iterable) -> list[Path]:
     return out
 
 
-def _check_not_input(target: Path, shown: str, inputs: Iterable, flag: str) -> None:
+def check_not_input(target: Path, shown: str, inputs: Iterable, flag: str) -> None:
+    """Refuse a path that is an input, inside one, or holds one (or the current folder)."""
     for inp in _local_inputs(inputs):
         if target == inp:
             raise SvdloraError(f"{flag} {shown!r} is the input {str(inp)!r}: write to another path")
@@ -94,7 +95,7 @@ def check_output_folder(output: str | Path, overwrite: bool = False, inputs: Ite
     if path.is_symlink():
         raise SvdloraError(f"{flag} {shown!r} is a symbolic link: pass a real folder path")
     target = path.resolve()
-    _check_not_input(target, shown, inputs, flag)
+    check_not_input(target, shown, inputs, flag)
     clean_leftovers(target)  # first: it may put back an output that a killed --overwrite had moved aside
     if target.exists():
         if not target.is_dir():
@@ -192,7 +193,7 @@ def check_output_file(path: str | Path, inputs: Iterable = (), flag: str = "--js
     target = file.resolve()
     if target.is_dir():
         raise SvdloraError(f"{flag} {shown!r} is a folder: pass a file name such as result.json")
-    _check_not_input(target, shown, inputs, flag)
+    check_not_input(target, shown, inputs, flag)
     if not target.parent.is_dir():
         raise SvdloraError(f"{flag} {shown!r}: folder {str(file.parent)!r} does not exist")
     if target.exists() and not _is_svdlora_result(target):

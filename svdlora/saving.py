@@ -41,8 +41,9 @@ from .writer import (
 logger = logging.getLogger(__name__)
 
 
-def check_output(output: str | Path, overwrite: bool = False, inputs=()) -> Path:
-    """Refuse an output folder that would destroy user files (see svdlora.outputs); call early."""
+def check_output(output: str | Path, overwrite: bool = False, *, inputs) -> Path:
+    """Refuse an output folder that would destroy user files (see svdlora.outputs); call early.
+    ``inputs`` (required: a command that forgot them could replace its own input with --overwrite)."""
     return check_output_folder(output, overwrite, inputs)
 
 

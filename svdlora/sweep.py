@@ -110,6 +110,8 @@ def find_budget(
     ``(budget or None when even ``high`` fails, every point measured)``; a budget too small to
     compress at (``SvdloraError``) counts as failing and is kept as ``None``.
     """
+    if not tolerance > 0:  # also NaN
+        raise SvdloraError(f"tolerance must be > 0, got {tolerance!r}")
     points: dict[float, Point | None] = dict(known or {})  # None: the budget is too small to compress at
 
     def at(budget: float) -> Point | None:
@@ -135,6 +137,8 @@ def find_budget(
         return low, points
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
+        if round(mid, 6) in (round(lo, 6), round(hi, 6)):  # budgets are measured to 6 decimals
+            break
         if ok(at(mid)):
             hi = mid
         else:

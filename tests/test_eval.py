@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -486,6 +487,11 @@ def test_bad_options(gpt, capsys):
         [gpt["dense"], "--task", "text-generation", "--data", gpt["text"], "--max-length", "8", "--stride", "9"], capsys
     )
     assert "stride must be <= max_length" in msg
+    msg = _error([gpt["dense"], "--task", "text-generation", "--data", gpt["text"], "--max-length", "1"], capsys)
+    assert "max_length must be >= 2 for text" in msg  # a one-token window scores nothing (was a ZeroDivisionError)
+    missing = str(Path(gpt["dense"]).parent / "no-such-model")
+    msg = _error([gpt["dense"], "--task", "text-generation", "--data", gpt["text"], "--baseline", missing], capsys)
+    assert "does not exist: check the path" in msg and "Repo id" not in msg
     with pytest.raises(svdlora.SvdloraError, match="unknown evaluate"):
         evaluate(gpt["dense"], task="text-generation", data=gpt["text"], beams=3)
     with pytest.raises(svdlora.SvdloraError, match="task must be one of"):

@@ -116,6 +116,7 @@ def test_card_and_record(tmp_path, capsys):
     base, tuned = _pair(tiny_llama)
     base.save_pretrained(tmp_path / "base")
     tuned.save_pretrained(tmp_path / "tuned")
+    capsys.readouterr()
     argv = ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--budget", "0.2",
             "--submatrices", "2", "--output", str(tmp_path / "adapter"), "--no-progress"]  # fmt: skip
     assert main(argv) == 0
@@ -140,6 +141,7 @@ def test_bad_inputs(tmp_path, capsys, monkeypatch):
     base = tiny_llama().eval()
     base.save_pretrained(tmp_path / "base")
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()  # transformers' progress bars, when no earlier test turned them off
     out = ["--output", str(tmp_path / "adapter"), "--rank", "2", "--no-progress"]
     err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "gpt2"), *out])
     assert "architecture" in err
@@ -148,8 +150,22 @@ def test_bad_inputs(tmp_path, capsys, monkeypatch):
     bigger = copy.deepcopy(base)
     bigger.resize_token_embeddings(100)
     bigger.save_pretrained(tmp_path / "bigger")
+    capsys.readouterr()
     err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "bigger"), *out])
     assert "vocabulary sizes (96 vs 100" in err
+    (tmp_path / "base" / ".svdlora-output").write_text("{}")  # even a folder svdlora wrote once
+    for output in (tmp_path / "base", tmp_path / "base" / "adapter"):  # --overwrite never replaces an input
+        argv = ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "bigger"), "--rank", "2"]
+        err = _cli_error(capsys, [*argv, "--output", str(output), "--overwrite", "--no-progress"])
+        assert "input" in err and (tmp_path / "base" / "model.safetensors").is_file()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight += 0.01
+    tuned.save_pretrained(tmp_path / "tuned")
+    capsys.readouterr()
+    argv = ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), *out]
+    err = _cli_error(capsys, [*argv, "--include", "no-such-layer"])  # everything changed is saved whole
+    assert "no LoRA module to write" in err and "--include/--exclude" in err
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "base"), *out])
     assert "peft is not installed" in err

@@ -175,3 +175,30 @@ def test_from_pretrained_loads_pivoted_factors(kind, merge, tmp_path):
     pivoted = [m for m in model.modules() if isinstance(m, svdlora.pivoted.PivotedLowRankLinear)]
     assert len(pivoted) == (0 if merge else len(expected.svdlora_report.factorized))
     assert torch.equal(_logits(model, kind), _logits(expected, kind))
+
+
+def test_save_pretrained_of_a_factorized_model_is_refused_and_names_save_compressed(tmp_path):
+    """transformers would write the factors under plain names: the folder would reload with every
+    factorized matrix freshly initialized. Merged models save as plain dense checkpoints."""
+    import copy
+
+    import transformers
+
+    folder = _folder("llama", tmp_path)
+    loaders = {
+        "load_compressed": lambda: svdlora.load_compressed(folder, device="cpu"),
+        "from_pretrained": lambda: transformers.AutoModelForCausalLM.from_pretrained(folder),
+    }
+    for name, load in loaders.items():
+        model = load()
+        for each in (model, copy.deepcopy(model)):
+            with pytest.raises(svdlora.SvdloraError, match="save_compressed"):
+                each.save_pretrained(tmp_path / f"{name}-resaved")
+        assert not (tmp_path / f"{name}-resaved").exists()
+        svdlora.save_compressed(model, tmp_path / f"{name}-compressed")  # the way that round-trips
+        again = svdlora.load_compressed(tmp_path / f"{name}-compressed", device="cpu")
+        assert torch.equal(_logits(again, "llama"), _logits(model, "llama"))
+    merged = svdlora.load_compressed(folder, device="cpu", runtime="merged")  # no factors left: a dense save
+    merged.save_pretrained(tmp_path / "dense")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert torch.equal(_logits(dense, "llama"), _logits(merged, "llama"))

@@ -484,3 +484,4 @@ def test_corrupt_gguf_is_one_line(tmp_path, capsys):
         capsys, "convert-gguf", tmp_path / "m.gguf", "--output", tmp_path, "--overwrite", match="contains the input"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    refused(capsys, "convert-gguf", tmp_path, "--output", tmp_path / "out", match="is a folder: pass the .gguf file")

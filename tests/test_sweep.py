@@ -57,6 +57,32 @@ def test_accuracy_drop_target():
             parse_target(bad, task)
 
 
+def test_bisection_ends_at_any_tolerance():
+    measure = fake_measure(0.4137, [])
+    dense = Point(None, 10.0, 1, 1)
+
+    def meets(p):
+        return QualityTarget("", "perplexity", "ratio", 1.5).met(p.quality, dense.quality, False)
+
+    chosen, points = find_budget(measure, meets, low=0.1, high=1.0, tolerance=1e-12)  # below the 6 decimals measured
+    assert 0.4137 <= chosen <= 0.4137 + 2e-6 and len(points) < 40
+    with pytest.raises(SvdloraError, match="tolerance"):
+        find_budget(measure, meets, tolerance=0)
+
+
+def test_sweep_refuses_to_write_into_its_input_and_a_tolerance_of_zero(tmp_path, capsys):
+    model, text = lm_folder(tmp_path)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--max-length", "16", "--limit", "2"]
+    before = sorted(p.name for p in model.iterdir())
+    for output in (model, model / "sweep"):
+        assert main([*argv, "--output", str(output), "--no-progress"]) == 2
+        assert "input" in capsys.readouterr().err and sorted(p.name for p in model.iterdir()) == before
+    with pytest.raises(SystemExit) as refused:  # argparse: usage and one line, exit 2
+        main([*argv, "--output", str(tmp_path / "s"), "--tolerance", "0"])
+    assert refused.value.code == 2 and "tolerance must be" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_outputs_table_json_plot(tmp_path):
     pytest.importorskip("matplotlib")
     record = sweep(

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         svd_method=args.svd_method,
         **calibration_options(args),
     )
-    output = check_output(args.output, args.overwrite)
+    output = check_output(args.output, args.overwrite, inputs=[args.base, args.tuned])  # before the slow loads
     check_calibration(args.calibration)
     resolve_method(config.method, None if args.calibration == NONE else args.calibration, config)  # before loading
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def budget(text: str) -> float:
@@ -37,6 +38,20 @@ def positive_int(name: str):
 
 def non_negative_int(name: str):
     return int_at_least(name, 0)
+
+
+def positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
 def add_progress_flag(parser: argparse.ArgumentParser) -> None:

@@ -44,7 +44,10 @@ def register(subparsers) -> None:
     p.add_argument("--task", choices=TASKS, help="default: from the model class (causal LM: text-generation)")
     p.add_argument("--references", help="translation: reference file")
     p.add_argument("--target", help="quality target, e.g. 'ppl<=1.5x' or 'acc-drop<=0.02'")
-    p.add_argument("--tolerance", type=float, default=0.02, help="bisection stops within this budget (default 0.02)")
+    p.add_argument(
+        "--tolerance", type=options.positive_float("tolerance"), default=0.02,
+        help="bisection stops within this budget (default 0.02)",
+    )  # fmt: skip
     p.add_argument("--submatrices", type=options.positive_int("submatrices"), default=1)
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
     options.add_pivot_flag(p)
@@ -62,14 +65,16 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.loading import _load_processor
     from ..models import load_pretrained
+    from ..outputs import check_not_input
     from ..saving import check_output, save_compressed
     from ..sweep import evaluating_measure, format_table, infer_task, parse_target, sweep, write_outputs
 
     output = Path(args.output)
+    check_not_input(output.expanduser().resolve(), str(args.output), [args.model, args.data], "--output")
     if (output / "sweep.json").exists() and not args.overwrite:
         raise SvdloraError(f"{str(output)!r} already holds a sweep: pass --overwrite or choose another folder")
     if args.target:
-        check_output(output / "model", args.overwrite)
+        check_output(output / "model", args.overwrite, inputs=[args.model, args.data])
     if args.task and args.target:
         parse_target(args.target, args.task)  # a bad target fails before the slow load
     check_calibration(args.calibration)

@@ -123,12 +123,14 @@ def _dense_skeleton(path: Path, name: str, check_dense_folder, hub_reachable) ->
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from ..models import model_class
+    from ..models import looks_like_path, model_class
 
     if path.exists():
         if not path.is_dir():
             raise SvdloraError("is a file, not a model folder: pass the folder that holds config.json")
         check_dense_folder(path, name)
+    elif looks_like_path(name):
+        raise SvdloraError("does not exist: check the path, or pass a hub id such as 'gpt2'")
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=not path.exists() and not hub_reachable())
     except (OSError, ValueError) as err:

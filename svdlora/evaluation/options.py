@@ -100,6 +100,10 @@ class EvalOptions:
                 "windows would skip tokens; pass e.g. --stride "
                 f"{self.max_length // 2 or 1}"
             )
+        if self.task == TEXT and self.max_length == 1:
+            raise SvdloraError(
+                "max_length must be >= 2 for text: a one-token window predicts nothing; pass e.g. --max-length 512"
+            )
         if self.task == TRANSLATION and self.references is None and _is_plain_file(self.data):
             raise SvdloraError(
                 f"translation from the text file {str(self.data)!r} needs --references FILE "

@@ -201,6 +201,9 @@ class SvdloraHfQuantizer(HfQuantizer):
 
                 setattr(model, REPORT_ATTR, report)
                 setattr(model, BASE_ATTR, base)
+            from ..save_guard import guard_save_pretrained
+
+            guard_save_pretrained(model)  # transformers' own refusal does not say what to use instead
         return model
 
     def is_serializable(self, **kwargs) -> bool:

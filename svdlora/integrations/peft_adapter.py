@@ -90,9 +90,11 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
     config = lora_config(extraction, tuned, base_name)
     if not extraction.lora:
         # peft needs a LoRA target; an empty-rank adapter is impossible, so say so.
+        whole = list(extraction.modules_to_save)
         raise SvdloraError(
-            "no targeted matrix changed: the fine-tune only moved "
-            f"{', '.join(list(extraction.modules_to_save)[:3])}; save those modules instead of a LoRA adapter"
+            f"no LoRA module to write: all {len(whole)} changed modules would be saved whole ({', '.join(whole[:3])}"
+            f"{', …' if len(whole) > 3 else ''}): the fine-tune moved no targeted matrix, --include/--exclude "
+            "target none of them, or --rank/--budget keeps each delta whole; lower the rank or fix the patterns"
         )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
