@@ -149,3 +149,23 @@ def test_compress_eval_goes_into_card(tmp_path):
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "perplexity" in card and "--eval" in card
     assert "calibration" in card and "self" in card  # the default for causal LMs, recorded in the card
+
+
+def test_a_target_only_budget_1_meets_says_the_model_is_dense(tmp_path, capsys, monkeypatch):
+    import svdlora.sweep
+
+    real = svdlora.sweep.sweep
+
+    def settles_on_1(*args, **kwargs):  # an untrained model meets any target early: make 1.0 the answer
+        record = real(*args, **kwargs)
+        record["points"].append({**record["points"][-1], "budget": 1.0})
+        record["target"]["budget"] = 1.0
+        return record
+
+    monkeypatch.setattr(svdlora.sweep, "sweep", settles_on_1)
+    model, text = lm_folder(tmp_path)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--max-length", "16", "--limit", "2",
+            "--target", "ppl<=100x", "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "budget 1.0" in err and "holds the dense model" in err, err

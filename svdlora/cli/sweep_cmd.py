@@ -128,5 +128,6 @@ def run(args: argparse.Namespace) -> int:
         report = compress(model, budget=chosen, progress=False, **compress_options)
         folder = save_compressed(model, output / "model", report=report, source=args.model, overwrite=args.overwrite)
         card.write(folder, card.compressed_card(report, args.model, eval_result=point["result"]))
-        print(f"wrote {folder} (budget {chosen}, meets {args.target})", file=sys.stderr)
+        dense = "" if report.factorized else "; no layer is smaller factorized at this budget: it holds the dense model"
+        print(f"wrote {folder} (budget {chosen}, meets {args.target}{dense})", file=sys.stderr)
     return 0
