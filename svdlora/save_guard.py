@@ -9,7 +9,7 @@ correct dense checkpoint and is let through.
 
 from __future__ import annotations
 
-import types
+import functools
 
 from torch import nn
 
@@ -19,16 +19,25 @@ from .layers import LowRankLinear
 
 def guard_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` (and ``push_to_hub``, which calls it) refuse while the model
-    holds low-rank layers. Bound to the model, so a deepcopy guards (and saves) the copy."""
+    holds low-rank layers. A partial of a module-level function: a deepcopy guards (and saves) its
+    copy, and the model still pickles."""
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
+        model.save_pretrained = functools.partial(_save_pretrained, model)
 
 
-def _save_pretrained(self: nn.Module, *args, **kwargs):
-    if any(isinstance(m, LowRankLinear) for m in self.modules()):
+def holds_factors(model: nn.Module) -> bool:
+    """Whether any layer still runs from svdlora factors (as stored, as pairs, or stacked siblings)."""
+    from .siblings import StackedProjection, StackedSibling
+
+    return any(isinstance(m, LowRankLinear | StackedProjection | StackedSibling) for m in model.modules())
+
+
+def _save_pretrained(model: nn.Module, *args, **kwargs):
+    # a peft adapter loaded into the model: transformers saves the adapter's weights only
+    if holds_factors(model) and not getattr(model, "_hf_peft_config_loaded", False):
         raise SvdloraError(
             "this model holds svdlora factors, which save_pretrained would write as tensors transformers "
             "cannot load back: use svdlora.save_compressed(model, folder) (or load it with merge=True for "
             "a dense checkpoint)"
         )
-    return type(self).save_pretrained(self, *args, **kwargs)
+    return type(model).save_pretrained(model, *args, **kwargs)

@@ -181,6 +181,7 @@ def test_save_pretrained_of_a_factorized_model_is_refused_and_names_save_compres
     """transformers would write the factors under plain names: the folder would reload with every
     factorized matrix freshly initialized. Merged models save as plain dense checkpoints."""
     import copy
+    import pickle
 
     import transformers
 
@@ -198,6 +199,25 @@ def test_save_pretrained_of_a_factorized_model_is_refused_and_names_save_compres
         svdlora.save_compressed(model, tmp_path / f"{name}-compressed")  # the way that round-trips
         again = svdlora.load_compressed(tmp_path / f"{name}-compressed", device="cpu")
         assert torch.equal(_logits(again, "llama"), _logits(model, "llama"))
+    for model in (svdlora.load_compressed(folder, device="cpu"), loaders["from_pretrained"]()):
+        again = pickle.loads(pickle.dumps(model))  # torch.save(model), spawned workers: still pickles
+        assert torch.equal(_logits(again, "llama"), _logits(model, "llama"))
+        with pytest.raises(svdlora.SvdloraError, match="save_compressed"):
+            again.save_pretrained(tmp_path / "pickled")
+    stacked = svdlora.load_compressed(folder, device="cpu", stack_siblings=True)
+    for name, module in list(stacked.named_modules()):  # only stacked siblings left: factors all the same
+        if isinstance(module, svdlora.LowRankLinear):
+            stacked.set_submodule(name, module.to_dense())
+    with pytest.raises(svdlora.SvdloraError, match="save_compressed"):
+        stacked.save_pretrained(tmp_path / "stacked")
+    adapted = svdlora.load_compressed(folder, device="cpu")
+    adapted._hf_peft_config_loaded = True  # transformers then writes the adapter's weights only
+    try:  # past the guard, into transformers' peft save (which has no adapter to write here)
+        adapted.save_pretrained(tmp_path / "adapter")
+    except svdlora.SvdloraError:
+        pytest.fail("the guard refused a model with a peft adapter loaded")
+    except Exception:  # noqa: BLE001, S110  transformers' own answer
+        pass
     merged = svdlora.load_compressed(folder, device="cpu", runtime="merged")  # no factors left: a dense save
     merged.save_pretrained(tmp_path / "dense")
     dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")

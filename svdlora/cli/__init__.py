@@ -88,10 +88,12 @@ def _one_line(err: Exception) -> str:
     if isinstance(err, SvdloraError):
         return " ".join(str(err).split())
     if out_of_memory(err):
-        detail = first_line(err).rpartition("DefaultCPUAllocator: ")[2].strip()
+        detail = first_line(err).rpartition("DefaultCPUAllocator: ")[2].strip() or type(err).__name__
+        if isinstance(err, torch.OutOfMemoryError):  # a GPU's memory
+            return f"out of GPU memory ({detail}): free the GPU, or run on the CPU (--device cpu)"
         return (
-            f"out of memory ({detail or type(err).__name__}): nothing was written; free memory, or raise the "
-            "limit this process runs under (ulimit -v, the memory cgroup)"
+            f"out of memory ({detail}): free memory, or raise the limit this "
+            "process runs under (ulimit -v, the memory cgroup)"
         )
     if isinstance(err, OSError):  # e.g. the disk filled up while writing: the output was not created
         where = f" ({err.filename})" if err.filename else ""
