@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import writer
 from .errors import SvdloraError
 from .writer import INDEX_NAME, WEIGHTS_NAME, TensorSpec
 
@@ -72,16 +73,13 @@ def is_floating(name: str) -> bool:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder: those its index names, else model.safetensors."""
-    index = folder / INDEX_NAME
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    raise SvdloraError(
-        f"{str(folder)!r} has no model.safetensors or {INDEX_NAME}: streaming reads safetensors "
-        "checkpoints only; compress without --stream"
-    )
+    """The safetensors files of a checkpoint folder (``writer.weight_files``), refused where it has none."""
+    if not (folder / INDEX_NAME).is_file() and not (folder / WEIGHTS_NAME).is_file():
+        raise SvdloraError(
+            f"{str(folder)!r} has no model.safetensors or {INDEX_NAME}: streaming reads safetensors "
+            "checkpoints only; compress without --stream"
+        )
+    return writer.weight_files(folder)
 
 
 def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], dict[str, str]]:

@@ -50,7 +50,7 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> b
     if why is None:
         print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
         return True
-    _refuse_if_the_model_alone_does_not_fit(args, model, budget, why, advice)
+    _refuse_if_the_model_alone_does_not_fit(args, model, why, advice)
     print(f"svdlora compress: warning: {sizes}, and {why}: it may run out of memory; {advice}", file=sys.stderr)
     return False
 
@@ -65,12 +65,11 @@ def _downloaded_unless_refused(args, config: CompressionConfig) -> Path | None:
         return None
     side, counts = remote
     model = memory.loaded_bytes(counts, memory.load_dtype(args.dtype, side))
-    budget = _budget(args, config)
-    if model is not None and memory.shortfall(model, budget, factors=False, with_swap=True):
+    if model is not None and _model_alone_does_not_fit(model):  # only then is the meta model built
         why = _why_not_streamed(args, config, _config_outline(args, config, side))
         if why is not None:
-            _refuse_if_the_model_alone_does_not_fit(args, model, budget, *why)
-    return local_checkpoint(args.model, args.trust_remote_code, revision=side.name)  # the same commit
+            _refuse_if_the_model_alone_does_not_fit(args, model, *why)
+    return local_checkpoint(args.model, args.trust_remote_code, revision=side.name, local_only=False)  # same commit
 
 
 def _about(need: int, limit: str) -> str:
@@ -83,8 +82,12 @@ def _budget(args, config: CompressionConfig) -> float | None:
     return None if args.rank is not None else config.budget  # a fixed rank: factors up to the model's size
 
 
-def _refuse_if_the_model_alone_does_not_fit(args, model: int, budget, why: str, advice: str) -> None:
-    alone = memory.shortfall(model, budget, factors=False, with_swap=True)
+def _model_alone_does_not_fit(model: int) -> tuple[str, int, int] | None:
+    return memory.shortfall(model, None, factors=False, with_swap=True)
+
+
+def _refuse_if_the_model_alone_does_not_fit(args, model: int, why: str, advice: str) -> None:
+    alone = _model_alone_does_not_fit(model)
     if alone:
         limit, need, room = alone
         raise SvdloraError(
@@ -98,7 +101,7 @@ def _plan(args, config, folder) -> Plan | SvdloraError:
     try:
         return plan(folder, config, args.dtype, args.trust_remote_code)
     except Exception as err:  # noqa: BLE001  only an estimate: the in-memory run says what is wrong, if anything
-        return err if isinstance(err, SvdloraError) else SvdloraError(first_line(err))
+        return _as_error(err)
 
 
 def _outline(planned: Plan | SvdloraError) -> tuple | SvdloraError:
@@ -112,7 +115,11 @@ def _config_outline(args, config, side: Path) -> tuple | SvdloraError:
         hf_config, model = meta_model(side, args.trust_remote_code)
         return model, hf_config, [t.name for t in find_targets(model, config)[0]]
     except Exception as err:  # noqa: BLE001  only an estimate, as _plan
-        return err if isinstance(err, SvdloraError) else SvdloraError(first_line(err))
+        return _as_error(err)
+
+
+def _as_error(err: Exception) -> SvdloraError:
+    return err if isinstance(err, SvdloraError) else SvdloraError(first_line(err))
 
 
 def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int) -> int:
