@@ -1,26 +1,60 @@
-"""svdlora: residual-SVD compression of Hugging Face and PyTorch models under a parameter budget."""
+"""svdlora: residual-SVD compression of Hugging Face and PyTorch models under a parameter budget.
 
-from . import integrations
-from .compress import compress
-from .config import CompressionConfig
-from .errors import SvdloraError
-from .evaluation import evaluate
-from .io import load_compressed
-from .layers import LowRankLinear
-from .saving import save_compressed
-from .siblings import stack_siblings
-from .version import __version__
+The names below are imported on first use, so ``import svdlora`` (and the ``svdlora`` command's
+``--help`` and flag errors) does not pay for torch and transformers (several seconds).
+"""
 
-integrations.register()  # AutoModel*.from_pretrained(svdlora folder) works after `import svdlora`
+from __future__ import annotations
 
-__all__ = [
-    "CompressionConfig",
-    "LowRankLinear",
-    "SvdloraError",
-    "__version__",
-    "compress",
-    "evaluate",
-    "load_compressed",
-    "save_compressed",
-    "stack_siblings",
-]
+import importlib
+import sys
+import types
+
+from ._import_hooks import after_import
+from .version import __version__ as __version__
+
+_EXPORTS = {
+    "CompressionConfig": "config",
+    "LowRankLinear": "layers",
+    "SvdloraError": "errors",
+    "compress": "compress",
+    "evaluate": "evaluation",
+    "load_compressed": "io",
+    "save_compressed": "saving",
+    "stack_siblings": "siblings",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'svdlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the submodule svdlora.compress binds it here; svdlora.compress stays the function.
+        if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def _register_quantizer() -> None:
+    from .integrations import register
+
+    register()
+
+
+# AutoModel*.from_pretrained(svdlora folder) works after `import svdlora`: the quantizer is registered
+# with transformers as soon as transformers' modeling_utils (which from_pretrained lives in) is imported.
+after_import("transformers.modeling_utils", _register_quantizer)

@@ -6,7 +6,6 @@ import numbers
 from dataclasses import asdict, dataclass, field
 
 from .errors import SvdloraError
-from .quantize import parse_stage_dtypes
 
 SVD_METHODS = ("auto", "exact", "randomized")
 # auto: kfac (or fisher, see plan.auto_method) with calibration data, else svd
@@ -194,6 +193,8 @@ class CompressionConfig:
             raise SvdloraError(
                 "allocation 'global' chooses ranks from the budget: drop --rank, or use --allocation uniform"
             )
+        from .quantize import parse_stage_dtypes  # torch: the CLI builds its flags from this module without it
+
         self.stage_dtypes = parse_stage_dtypes(self.stage_dtypes)
         if self.stage_dtypes and len(self.stage_dtypes) > self.submatrices:
             raise SvdloraError(

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import RUNTIMES
 from .errors import SvdloraError
 from .layers import LowRankLinear, factor_layout
 from .pivoted import PivotedLowRankLinear
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("factorized", "pairs", "merged", "auto")
 RULE_MARGIN = 0.8
 
 

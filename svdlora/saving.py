@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import card
+from .choices import DEFAULT_MAX_SHARD_SIZE
 from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
 from .errors import SvdloraError
 from .integrations import hf_quantizer
@@ -30,7 +31,6 @@ from .siblings import StackedSibling
 from .version import __version__
 from .writer import (
     CONFIG_NAME,
-    DEFAULT_MAX_SHARD_SIZE,
     ShardedWriter,
     TensorSpec,
     file_layout,

@@ -26,7 +26,6 @@ from .errors import SvdloraError
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "svdlora_config.json"  # the svdlora config; written last, it marks a finished folder
 INDEX_NAME = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 
 DTYPE_NAMES = {  # torch dtype -> safetensors header name
     torch.float64: "F64",

@@ -405,7 +405,7 @@ def test_bad_calibration_path_is_one_line_before_loading(gpt2_with_tokenizer, ca
     root = gpt2_with_tokenizer
     (root / "empty.txt").write_text("")
     (root / "emptydir").mkdir()
-    monkeypatch.setattr("svdlora.cli.compress_cmd.load_pretrained", _never_called)
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", _never_called)
     line = _one_line_error(capsys, "compress", root / "dense", "-o", root / "out", "--calibration", root / data)
     assert message in line and not (root / "out").exists()
 

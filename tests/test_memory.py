@@ -240,7 +240,7 @@ def _fake_hub(tmp_path: Path, monkeypatch, remote: Path) -> list[list[str]]:
 
 def test_a_hub_id_not_in_the_cache_is_sized_before_its_weights_are_downloaded(tmp_path, monkeypatch, capsys):
     from svdlora import hub
-    from svdlora.cli import compress_cmd
+    from svdlora.cli import compress_run
 
     remote = tmp_path / "remote"
     tied_llama().save_pretrained(remote, max_shard_size="20KB")
@@ -275,7 +275,7 @@ def test_a_hub_id_not_in_the_cache_is_sized_before_its_weights_are_downloaded(tm
 
     # it fits: downloaded all the same (the load reads these files), then compressed in memory
     _room(monkeypatch, model * 10)
-    monkeypatch.setattr(compress_cmd, "load_pretrained", lambda name, **k: AutoModelForCausalLM.from_pretrained(side))
+    monkeypatch.setattr(compress_run, "load_pretrained", lambda name, **k: AutoModelForCausalLM.from_pretrained(side))
     assert main(["compress", "org/tiny", *flags, "--calibration", "none", "-o", str(tmp_path / "fits")]) == 0
     assert "streaming it instead" not in capsys.readouterr().err
     assert weight_bytes(tmp_path / "fits") == weight_bytes(tmp_path / "local")

@@ -149,7 +149,7 @@ def test_unwritable_output_is_refused_before_loading(work, capsys):
 
 def test_unwritable_output_is_checked_first(work, capsys, monkeypatch):
     """The probe folder cannot be made (EROFS): refused before the model is even read."""
-    import svdlora.cli.compress_cmd as compress_cmd
+    import svdlora.cli.compress_run as compress_run
 
     real_mkdir = Path.mkdir
 
@@ -159,7 +159,7 @@ def test_unwritable_output_is_checked_first(work, capsys, monkeypatch):
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
-    monkeypatch.setattr(compress_cmd, "load_pretrained", lambda *a, **k: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(compress_run, "load_pretrained", lambda *a, **k: pytest.fail("loaded before the check"))
     refused(capsys, "compress", work / "dense", "--output", work / "out", match="Read-only file system")
 
 
@@ -366,11 +366,11 @@ TEXT_EVAL = ["--task", "text-generation", "--device", "cpu", "--no-progress", "-
     [("folder", "is a folder"), ("text.txt", "is the input"), ("notes.json", "is not an svdlora result")],
 )
 def test_eval_json_is_checked_before_the_evaluation(work, capsys, monkeypatch, target, match):
-    import svdlora.cli.eval_cmd as eval_cmd
+    import svdlora.evaluation
 
     (work / "folder").mkdir()
     (work / "notes.json").write_text('{"mine": 1}')
-    monkeypatch.setattr(eval_cmd, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    monkeypatch.setattr(svdlora.evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
     before = tree_hash(work)
     refused(capsys, "eval", work / "svd", "--data", work / "text.txt", *TEXT_EVAL, "--json", work / target, match=match)
     assert_untouched(work, before)
@@ -430,12 +430,12 @@ def test_broken_pipe_is_quiet(made):
 
 
 def test_unexpected_errors_are_one_line_with_traceback_on_request(work, capsys, monkeypatch):
-    import svdlora.cli.info_cmd as info_cmd
+    import svdlora.io
 
     def broken(path):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(info_cmd, "check_folder", broken)
+    monkeypatch.setattr(svdlora.io, "check_folder", broken)
     code, _, err = cli(capsys, "info", work / "svd")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "SVDLORA_TRACEBACK=1" in err
     monkeypatch.setenv("SVDLORA_TRACEBACK", "1")

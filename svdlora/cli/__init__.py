@@ -9,8 +9,6 @@ import signal
 import sys
 import threading
 
-import torch
-
 from .. import card
 from ..errors import SvdloraError, first_line
 from ..outputs import describe
@@ -79,9 +77,16 @@ def _exit_on_sigterm():
 def out_of_memory(err: Exception) -> bool:
     """An allocation that failed (host or GPU): the environment's limit, not a bug."""
     text = str(err)
-    return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)
+    return (
+        isinstance(err, MemoryError)
+        or _gpu_out_of_memory(err)
+        or (isinstance(err, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text))
     )
+
+
+def _gpu_out_of_memory(err: Exception) -> bool:
+    torch = sys.modules.get("torch")  # not imported: no GPU error either (the CLI imports torch on use)
+    return torch is not None and isinstance(err, torch.OutOfMemoryError)
 
 
 def _one_line(err: Exception) -> str:
@@ -89,7 +94,7 @@ def _one_line(err: Exception) -> str:
         return " ".join(str(err).split())
     if out_of_memory(err):
         detail = first_line(err).rpartition("DefaultCPUAllocator: ")[2].strip() or type(err).__name__
-        if isinstance(err, torch.OutOfMemoryError):  # a GPU's memory
+        if _gpu_out_of_memory(err):
             return f"out of GPU memory ({detail}): free the GPU, or run on the CPU (--device cpu)"
         return (
             f"out of memory ({detail}): free memory, or raise the limit this "

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..config import ALLOCATIONS, HEAL_LOSSES, METHODS, CompressionConfig
 from ..errors import SvdloraError
-from ..evaluation.sources import check_exists, looks_like_path
 from . import options
+
+if TYPE_CHECKING:
+    from torch import nn
 
 AUTO, NONE, SELF = "auto", "none", "self"
 DEFAULT = {f.name: f.default for f in fields(CompressionConfig)}  # one source of truth for the defaults
@@ -116,6 +116,8 @@ def check_calibration(data: str) -> None:
     """Cheap checks before the model is loaded: a calibration path must exist and hold something."""
     if data in (AUTO, NONE, SELF):
         return
+    from ..evaluation.sources import check_exists, looks_like_path
+
     if looks_like_path(data) or Path(data).expanduser().exists():
         path = check_exists(data, "--calibration")
         if path.is_file() and path.stat().st_size == 0:
@@ -124,15 +126,22 @@ def check_calibration(data: str) -> None:
             raise SvdloraError(f"--calibration {data!r} is an empty folder")
 
 
+def effective_calibration(data: str, kind: str) -> str:
+    """What --calibration means for a model of ``kind`` (``calibration_data.model_kind``): 'auto' is
+    'self' for a causal LM and 'none' for other models; anything else is itself."""
+    if data != AUTO:
+        return data
+    return SELF if kind == "causal-lm" else NONE
+
+
 def resolve_calibration(data: str, model: nn.Module, source: str) -> tuple[Any, Any]:
     """(calibration for ``compress``, the processor that reads it) for the loaded model."""
     from ..calibration_data import model_kind
     from ..evaluation.loading import _load_processor
 
     kind = model_kind(model)
-    if data == NONE or (data == AUTO and kind != "causal-lm"):
+    data = effective_calibration(data, kind)
+    if data == NONE:
         return None, None
-    if data == AUTO:
-        data = SELF
     task = "image-classification" if kind == "image" else "text-generation"
     return data, _load_processor(source, task)

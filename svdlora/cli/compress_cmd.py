@@ -1,33 +1,13 @@
-"""`svdlora compress MODEL --budget B --submatrices N --output DIR`."""
+"""`svdlora compress MODEL --budget B --submatrices N --output DIR`: its flags (the run: ``compress_run``)."""
 
 from __future__ import annotations
 
 import argparse
-import resource
-import sys
-import time
 
-import transformers
-
-from .. import blockwise, distributed
-from ..compress import compress, svd_device
-from ..config import SVD_METHODS, CompressionConfig
-from ..errors import SvdloraError
-from ..models import load_pretrained
-from ..saving import check_output, save_compressed
-from ..streaming import check_streamable, compress_checkpoint
-from ..writer import DEFAULT_MAX_SHARD_SIZE, parse_size
+from ..choices import DEFAULT_MAX_SHARD_SIZE
+from ..config import SVD_METHODS
 from . import options
-from .calibration_flags import (
-    AUTO,
-    NONE,
-    SELF,
-    add_calibration_flags,
-    calibration_options,
-    check_calibration,
-    resolve_calibration,
-)
-from .memory_choice import streams_for_memory
+from .calibration_flags import add_calibration_flags
 
 EXAMPLES = """examples:
   svdlora compress gpt2 --budget 0.5 --submatrices 3 --output out/gpt2-svd
@@ -149,107 +129,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Check everything cheap before the (possibly slow) model load.
-    if args.rank is not None and args.budget is not None:
-        raise SvdloraError("--rank and --budget exclude each other: a fixed rank ignores the budget; pass one")
-    config = CompressionConfig(
-        budget=0.5 if args.budget is None else args.budget,
-        submatrices=args.submatrices,
-        rank=args.rank,
-        include=args.include,
-        exclude=args.exclude,
-        keep_head=args.keep_head,
-        svd_method=args.svd_method,
-        svd_reference=args.svd_reference,
-        svd_device=args.svd_device,
-        stage_dtypes=args.stage_dtypes,
-        pivot=options.pivot_option(args),
-        rank_multiple=args.rank_multiple,
-        **calibration_options(args),
-    )
-    check_calibration(args.calibration)
-    output = check_output(args.output, args.overwrite, inputs=[args.model])  # before the slow model load
-    parse_size(args.max_shard_size)
-    svd_device(args.svd_device)
-    if not args.progress:
-        transformers.utils.logging.disable_progress_bar()
-    if args.stream or distributed.launched() or streams_for_memory(args, config):
-        return _run_streamed(args, config, output)
-    start = time.perf_counter()
-    model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    load_seconds = time.perf_counter() - start
-    calibration, processor = resolve_calibration(args.calibration, model, args.model)
-    report = compress(model, config, calibration=calibration, processor=processor, progress=args.progress)
-    if not report.factorized and args.rank is not None:  # the API reports it; the CLI must not write a copy
-        raise SvdloraError(
-            f"--rank {args.rank} factorizes none of the {len(report.modules)} Linear/Conv1D layers (the factors "
-            "would not be smaller than any of them): pass a smaller --rank"
-        )
-    save_compressed(
-        model, output, report=report, source=args.model, overwrite=args.overwrite, max_shard_size=args.max_shard_size
-    )
-    print(report.format())
-    if args.eval:
-        from ..card_eval import evaluate_into_card
+    from .compress_run import run  # torch and transformers: imported once the flags are known good
 
-        evaluate_into_card(model, output, report, args.model, args.eval, args.eval_limit)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(
-        f"\nwrote {output}  (load {load_seconds:.1f} s, total {time.perf_counter() - start:.1f} s, "
-        f"peak RSS {peak_mb:,.0f} MB)",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -> int:
-    start = time.perf_counter()
-    how = "--stream" if args.stream else "a distributed run"
-    ctx = distributed.context()
-    calibration = None if args.calibration in (AUTO, NONE) else args.calibration
-    if calibration == SELF:
-        raise SvdloraError(
-            f"--calibration self cannot be used with {how}: generating the calibration text needs the whole model "
-            "in memory; pass --calibration DATA (a text file: calibrated block by block), or --calibration none"
-        )
-    check_streamable(config, calibration)
-
-    def announce(calibrating: bool, gradients: bool) -> None:  # after every check: a refusal stays one line
-        if calibrating and not gradients:
-            # freed hidden states leave RSS (blockwise.pin_mmap_threshold); with gradients the pin
-            # saved 7% of the peak for 26% more time (BENCHMARKS.md), so only whitening pins
-            blockwise.pin_mmap_threshold()
-        if not calibrating and args.calibration == AUTO and ctx.is_main:
-            print(
-                f"svdlora compress: {how} compresses with plain SVD (causal LMs calibrate on self-generated text "
-                "by default, which needs the whole model in memory; --calibration DATA calibrates block by block)",
-                file=sys.stderr,
-            )
-
-    report = compress_checkpoint(
-        args.model,
-        output,
-        config,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        progress=args.progress,
-        trust_remote_code=args.trust_remote_code,
-        calibration=calibration,
-        announce=announce,
-    )
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    if ctx.is_main:
-        print(report.format())
-    if args.eval and ctx.is_main:  # the compressed folder, loaded back: the model was never in memory
-        from ..card_eval import evaluate_into_card
-        from ..io import load_compressed
-
-        evaluate_into_card(load_compressed(output), output, report, args.model, args.eval, args.eval_limit)
-    print(
-        f"\n{f'[rank {ctx.rank}/{ctx.world_size}] ' if ctx.world_size > 1 else ''}wrote {output}  "
-        f"(streamed, total {time.perf_counter() - start:.1f} s, "
-        f"peak RSS {peak_mb:,.0f} MB)",
-        file=sys.stderr,
-    )
-    return 0
+    return run(args)

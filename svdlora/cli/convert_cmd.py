@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..gguf import gguf_to_folder
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert-gguf", help="dequantize a GGUF file into a transformers folder")
@@ -16,6 +14,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..gguf import gguf_to_folder  # torch: imported once the flags are known good
+
     gguf_to_folder(args.gguf_file, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}")
     return 0

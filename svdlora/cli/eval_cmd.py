@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 
-from ..evaluation import TASKS, evaluate, format_table
+from ..choices import RUNTIMES, TASKS
 from ..outputs import check_output_file, write_file_atomic
-from ..runtime import RUNTIMES
 from . import options
 
 EXAMPLES = """examples:
@@ -96,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    from ..evaluation import evaluate, format_table  # torch: imported once the flags are known good
+
     result = evaluate(
         args.model,
         task=args.task,

@@ -7,9 +7,7 @@ from pathlib import Path
 
 from .. import card
 from ..errors import SvdloraError
-from ..io import load_compressed, read_config
 from ..outputs import atomic_folder, ensure_space
-from ..saving import check_output, copy_preprocessor_files
 from . import options
 
 
@@ -29,6 +27,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import load_compressed, read_config  # torch: imported once the flags are known good
+    from ..saving import check_output, copy_preprocessor_files
+
     check_output(args.output, args.overwrite, inputs=[args.folder])  # before the slow load
     if not args.progress:
         import transformers

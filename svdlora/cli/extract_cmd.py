@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import transformers
-
 from ..config import CompressionConfig
-from ..extract import resolve_method
-from ..saving import check_output
 from . import options
 from .calibration_flags import NONE, add_calibration_flags, calibration_options, check_calibration, resolve_calibration
 
@@ -54,8 +50,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..integrations.peft_adapter import require_peft, write_adapter  # peft: imported on use
+    import transformers  # torch, transformers and peft: imported once the flags are known good
+
+    from ..extract import resolve_method
+    from ..integrations.peft_adapter import require_peft, write_adapter
     from ..models import load_pretrained
+    from ..saving import check_output
 
     config = CompressionConfig(
         budget=args.budget if args.budget is not None else 1.0,

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 
-from ..io import check_folder, verify_values
 from ..report import CompressionReport
 
 
@@ -25,6 +24,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import check_folder, verify_values  # torch: imported once the flags are known good
+
     data = check_folder(args.folder)  # the weights' header too: info never vouches for a broken folder
     if args.verify:
         tensors, nbytes = verify_values(args.folder)

@@ -21,7 +21,7 @@ from ..hub import cached_checkpoint, local_checkpoint, remote_parameters
 from ..plan import auto_method, resolved_allocation
 from ..streaming import Plan, check_streamable, meta_model, plan
 from ..targets import find_targets
-from .calibration_flags import AUTO, NONE, SELF
+from .calibration_flags import AUTO, NONE, SELF, effective_calibration
 
 STREAM_ADVICE = "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
 
@@ -128,7 +128,7 @@ def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int
     and distillation healing's copy of the model."""
     if not isinstance(planned, Plan):
         return 0
-    if args.calibration == AUTO and model_kind(planned.model) != "causal-lm":
+    if effective_calibration(args.calibration, model_kind(planned.model)) == NONE:
         return 0  # plain SVD
     if (config.method, resolved_allocation(config)) == ("svd", "uniform") and not config.heal_steps:
         return 0  # the data is not used (healing collects the Grams all the same)
@@ -150,6 +150,6 @@ def _why_not_streamed(args, config: CompressionConfig, outline: tuple | SvdloraE
             blockwise.check(*outline)
     except SvdloraError as err:
         return f"it cannot stream ({err})", "free memory, or run it on a larger machine"
-    if args.calibration == AUTO and model_kind(outline[0]) == "causal-lm":
+    if effective_calibration(args.calibration, model_kind(outline[0])) == SELF:  # 'auto' (self returned above)
         return "--calibration auto calibrates a causal LM on text the whole model generates", STREAM_ADVICE
     return None

@@ -6,10 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import transformers
-
+from ..choices import TASKS
 from ..errors import SvdloraError
-from ..evaluation import TASKS
 from . import options
 from .calibration_flags import add_calibration_flags, calibration_options, check_calibration, resolve_calibration
 
@@ -63,6 +61,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import transformers  # torch and transformers: imported once the flags are known good
+
     from ..evaluation.loading import _load_processor
     from ..models import load_pretrained
     from ..outputs import check_not_input

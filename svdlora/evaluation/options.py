@@ -9,12 +9,9 @@ from typing import Any
 
 import torch
 
+from ..choices import IMAGES, RUNTIMES, TASKS, TEXT, TRANSLATION
 from ..errors import SvdloraError
 from ..models import default_device, parse_dtype
-from ..runtime import RUNTIMES
-
-TEXT, IMAGES, TRANSLATION = "text-generation", "image-classification", "translation"
-TASKS = (TEXT, IMAGES, TRANSLATION)
 
 # One window of max_length tokens is already a large matmul; images and sentences are small.
 DEFAULT_BATCH_SIZE = {TEXT: 1, IMAGES: 32, TRANSLATION: 16}

@@ -13,6 +13,7 @@ import torch
 from .. import block_gradients, blockwise, distributed
 from ..allocate import allocate_global
 from ..calibration_data import SELF
+from ..choices import DEFAULT_MAX_SHARD_SIZE
 from ..compress import count_parameters, svd_device
 from ..config import CompressionConfig
 from ..errors import SvdloraError
@@ -21,7 +22,7 @@ from ..outputs import atomic_folder, ensure_space
 from ..plan import CalibrationPlan, auto_method, source_name
 from ..report import CompressionReport
 from ..saving import check_output, write_side_files
-from ..writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, folder_format, header_metadata
+from ..writer import ShardedWriter, folder_format, header_metadata
 from .jobs import module_reports, run_jobs, write_factors
 from .planning import Plan, plan
 
