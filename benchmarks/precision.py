@@ -15,10 +15,10 @@ Parts (run separately, e.g. in parallel, each writes its own JSON):
             (run in the order 1, 2, 3, 5, 9, 4, 6, 7, 8)
     repair  the same at 6 bits/weight for a full-rank int4 first stage + n-1 int8 repair stages, n = 2, 3, 5
 
-Calibrated rows (``--calibration wikitext-2.valid.txt``): 64 windows of 512 tokens of WikiText-2
-valid, statistics collected ONCE on the dense model and passed to every row's ``compress``
-(method fisher, allocation global; ``--refit`` adds the refit pass through the quantized chain);
-``--statistics FILE`` keeps them on disk for the next part.
+Calibrated rows (recorded with ``--calibration /work/shared/data/text/wikitext-2.valid.txt``): 64
+windows of 512 tokens of WikiText-2 valid, statistics collected ONCE on the dense model and passed to
+every row's ``compress`` (method fisher, allocation global; ``--refit`` adds the refit pass through the
+quantized chain); ``--statistics FILE`` keeps them on disk for the next part.
 
 Usage:
     OMP_NUM_THREADS=1 python -m benchmarks.precision --part levels [--model DIR] [--data TEST.txt]
@@ -378,7 +378,8 @@ def report(results: Path = DEFAULT_RESULTS) -> str:
         "SmolLM2-135M (float32), WikiText-2 test, first 24 windows of 512 tokens, stride 512 (dense 27.44).",
         "Bits per weight = stored bytes of the targeted matrices (210 Linear layers; scales and zero",
         "points included) × 8 / their parameter count. Commands: `OMP_NUM_THREADS=1 python -m",
-        "benchmarks.precision --part {levels,rtn,repair,stages} [--calibration wikitext-2.valid.txt]`,",
+        "benchmarks.precision --part {levels,rtn,repair,stages}",
+        "[--calibration /work/shared/data/text/wikitext-2.valid.txt]`,",
         "then `--report`. Every setting runs `svdlora.compress` on a fresh copy of the model.",
         "Recipes: `one bfloat16 stage` (`--stage-dtypes bfloat16`), `n int8 stages` (`int8`, n submatrices),",
         "`full-int4 + int8 repair` (`full-int4,int8`: the whole matrix in int4 group 128, then low-rank int8",

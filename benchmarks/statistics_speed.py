@@ -2,7 +2,7 @@
 with output Grams: the default method's), optionally with torch.profiler's top operators.
 
     OMP_NUM_THREADS=1 python -m benchmarks.statistics_speed --model ~/.cache/svdlora/SmolLM2-135M \\
-        --text wikitext-2.valid.txt [--windows 3] [--profile]
+        --text /work/shared/data/text/wikitext-2.valid.txt [--windows 3] [--profile]
 
 To compare two versions of svdlora, run this file with PYTHONPATH set to each checkout in turn.
 """
