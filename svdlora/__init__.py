@@ -7,6 +7,7 @@ The names below are imported on first use, so ``import svdlora`` (and the ``svdl
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -28,11 +29,13 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'svdlora' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # svdlora.io, svdlora.integrations, ...
+    raise AttributeError(f"module 'svdlora' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -79,6 +79,9 @@ def test_the_package_exports_stay_functions_after_their_submodules_load():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True", "svdlora.compress", "True", "True"]
+    # a submodule nothing has imported yet is imported on first use, as when `import svdlora` imported all
+    result = _python("import svdlora\nprint(svdlora.integrations.SvdloraQuantizationConfig.__name__)")
+    assert result.returncode == 0 and result.stdout.split() == ["SvdloraQuantizationConfig"], result.stderr
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         svdlora.nothing  # noqa: B018
 
