@@ -53,9 +53,15 @@ sys.modules[__name__].__class__ = _Package
 
 
 def _register_quantizer() -> None:
-    from .integrations import register
+    try:
+        from .integrations import register
 
-    register()
+        register()
+    except Exception as err:  # noqa: BLE001  runs inside transformers' own import: never break that
+        import warnings
+
+        what = f"svdlora could not register its transformers quantizer ({err!r})"
+        warnings.warn(f"{what}: from_pretrained of svdlora folders fails; load_compressed works", stacklevel=2)
 
 
 # AutoModel*.from_pretrained(svdlora folder) works after `import svdlora`: the quantizer is registered

@@ -67,6 +67,26 @@ def test_import_svdlora_registers_the_quantizer_when_transformers_loads(tmp_path
     assert second.stdout.split() == [str(len(model.svdlora_report.factorized))]
 
 
+def test_a_failed_registration_warns_and_leaves_transformers_importable():
+    result = _python(
+        """
+        import sys, types, warnings
+        import svdlora
+        broken = types.ModuleType("svdlora.integrations")  # as if transformers' registry had changed
+        def register():
+            raise RuntimeError("registry changed")
+        broken.register = register
+        sys.modules["svdlora.integrations"] = broken
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import transformers.modeling_utils
+        print([str(w.message).split(":")[0] for w in caught if "svdlora" in str(w.message)])
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "svdlora could not register its transformers quantizer (RuntimeError('registry changed'))" in result.stdout
+
+
 def test_the_package_exports_stay_functions_after_their_submodules_load():
     result = _python(
         """
