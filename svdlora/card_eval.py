@@ -8,9 +8,8 @@ from torch import nn
 
 from . import card
 from .evaluation import evaluate
-from .evaluation.loading import _load_processor
+from .evaluation.loading import _load_processor, infer_task
 from .report import CompressionReport
-from .sweep import infer_task
 
 
 def evaluate_into_card(

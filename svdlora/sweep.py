@@ -59,17 +59,6 @@ class QualityTarget:
         return drop <= self.limit
 
 
-def infer_task(model: nn.Module) -> str:
-    """The evaluation task of a transformers model, from its class name."""
-    name = type(model).__name__
-    for suffix, task in (("ForCausalLM", TEXT), ("LMHeadModel", TEXT), ("ForImageClassification", IMAGES),
-                         ("MTModel", TRANSLATION), ("ForConditionalGeneration", TRANSLATION),
-                         ("ForSeq2SeqLM", TRANSLATION)):  # fmt: skip
-        if name.endswith(suffix):
-            return task
-    raise SvdloraError(f"cannot tell the task of a {name}: pass --task")
-
-
 def parse_target(text: str, task: str) -> QualityTarget:
     """``ppl<=1.5x`` / ``acc>=0.95x`` (ratio to dense) or ``acc-drop<=0.02`` / ``bleu-drop<=1`` (absolute)."""
     match = re.fullmatch(r"\s*([a-z]+)(-drop)?\s*(<=|>=)\s*([0-9.]+)\s*(x?)\s*", text.lower())

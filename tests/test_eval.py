@@ -480,6 +480,12 @@ def test_task_that_does_not_fit_the_model(gpt, vit, marian, capsys):
     assert "use --task text-generation" in msg
 
 
+def test_max_new_tokens_past_the_decoder_positions(marian, capsys):
+    args = [marian["dense"], "--task", "translation", "--data", marian["src"], "--references", marian["ref"]]
+    msg = _error(args, capsys)
+    assert "--max-new-tokens 128 reaches past the model's 64 decoder positions: pass --max-new-tokens 64" in msg
+
+
 def test_bad_options(gpt, capsys):
     msg = _error([gpt["dense"], "--task", "text-generation", "--data", gpt["text"], "--max-length", "999"], capsys)
     assert "exceeds the model's context of 64" in msg
@@ -542,3 +548,22 @@ def test_model_memory_counts_the_inner_tensors_of_wrapper_weights():
     layer = torch.nn.Linear(8, 4, bias=False)
     layer.register_buffer("packed", _Packed(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4)))
     assert model_memory_bytes(layer) == 8 * 4 * 4 + 16 + 4 * 4  # the float weight, packed data, scales
+
+
+def test_task_defaults_to_the_one_the_model_fits(gpt, vit, marian, tmp_path, capsys):
+    marian_args = [marian["svd"], "--data", marian["src"], "--references", marian["ref"], "--max-new-tokens", "6"]
+    runs = [
+        ([gpt["svd"], "--data", gpt["text"], "--max-length", "32"], "text-generation"),
+        ([vit["dense"], "--data", vit["images"]], "image-classification"),
+        (marian_args, "translation"),
+    ]
+    for args, task in runs:  # no --task
+        code, _, err = _cli([*args, "--limit", "2", "--json", str(tmp_path / "r.json")], capsys)
+        assert code == 0, err
+        assert json.loads((tmp_path / "r.json").read_text())["task"] == task
+    model = GPT2LMHeadModel.from_pretrained(gpt["dense"])  # in memory, with its tokenizer
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(gpt["dense"])
+    result = svdlora.evaluate((model, tokenizer), data=gpt["text"], limit=1, max_length=32, progress=False)
+    assert result["task"] == "text-generation"
+    with pytest.raises(svdlora.SvdloraError, match="cannot tell which task 'Linear' is for: pass --task"):
+        svdlora.evaluate(torch.nn.Linear(2, 2), data=gpt["text"])

@@ -1,4 +1,4 @@
-"""`svdlora eval MODEL --task T --data D [--baseline B]`: quality, speed and size, side by side."""
+"""`svdlora eval MODEL --data D [--task T] [--baseline B]`: quality, speed and size, side by side."""
 
 from __future__ import annotations
 
@@ -30,7 +30,12 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="svdlora folder, dense model folder or hub id")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        help="default: the one the model fits (a causal LM: text-generation, an image classifier: "
+        "image-classification, an encoder-decoder that generates: translation)",
+    )
     p.add_argument(
         "--data",
         required=True,

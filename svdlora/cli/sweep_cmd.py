@@ -63,11 +63,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
-    from ..evaluation.loading import _load_processor
+    from ..evaluation.loading import _load_processor, infer_task
     from ..models import load_pretrained
     from ..outputs import check_not_input
     from ..saving import check_output, save_compressed
-    from ..sweep import evaluating_measure, format_table, infer_task, parse_target, sweep, write_outputs
+    from ..sweep import evaluating_measure, format_table, parse_target, sweep, write_outputs
 
     output = Path(args.output)
     check_not_input(output.expanduser().resolve(), str(args.output), [args.model, args.data], "--output")

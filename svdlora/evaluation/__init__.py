@@ -56,7 +56,7 @@ from ..errors import SvdloraError
 from ..quantize import dtype_name
 from ..version import __version__
 from .images import evaluate_images, load_images
-from .loading import Candidate, preflight, prepare
+from .loading import Candidate, infer_task, preflight, prepare
 from .measure import PeakMemory, TaskRun, count_parameters, model_device, model_dtype, model_memory_bytes
 from .options import IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, build_options
 from .report import format_table, ratios
@@ -99,8 +99,8 @@ _RUNNERS = {TEXT: evaluate_text, IMAGES: evaluate_images, TRANSLATION: evaluate_
 
 def evaluate(
     model_or_path: Any,
-    task: str,
-    data: Any,
+    task: str | None = None,
+    data: Any = None,
     baseline: Any = None,
     *,
     processor: Any = None,
@@ -112,7 +112,8 @@ def evaluate(
         model_or_path: an svdlora folder, a dense model folder or hub id, an ``nn.Module``,
             or ``(nn.Module, tokenizer_or_image_processor)``.
         task: "text-generation" (perplexity), "image-classification" (top-1 accuracy) or
-            "translation" (BLEU / chrF).
+            "translation" (BLEU / chrF); None: the one the model fits (a causal LM: text-generation,
+            an image classifier: image-classification, an encoder-decoder that generates: translation).
         data: a text file, an image folder, a source-sentence file, or a ``datasets`` dataset
             (hub name, ``save_to_disk`` folder, .json/.csv/.parquet file, or a Dataset object).
         baseline: the original model, in any form ``model_or_path`` takes; measured in the same
@@ -128,7 +129,9 @@ def evaluate(
         ...                   baseline="gpt2", limit=16)
         >>> result["ratios"]["perplexity"]
     """
-    opts = build_options(task, data, options)
+    if data is None:
+        raise SvdloraError("data is required: a text file, an image folder, a source-sentence file or a dataset")
+    opts = build_options(task or infer_task(model_or_path), data, options)
     loaded = _LOADERS[opts.task](opts)  # data problems surface before any model is loaded
     if baseline is not None:
         preflight(baseline, opts, "--baseline")  # a broken baseline fails now, not after the model ran

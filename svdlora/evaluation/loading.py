@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import SvdloraError, first_line
 from ..layers import LowRankLinear
 from .measure import disk_bytes
-from .options import DEFAULT_DTYPE, IMAGES, TEXT, TRANSLATION, EvalOptions, resolve_device
+from .options import DEFAULT_DTYPE, IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -102,21 +102,37 @@ def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> None:
     the task, tokenizer / processor present. Missing tensors are found when it is loaded."""
     if not isinstance(spec, str | Path):
         return
-    from ..io import _build_skeleton, check_folder, is_compressed_folder
-    from ..models import check_dense_folder, hub_reachable
 
     name = str(spec)
-    path = Path(name).expanduser()
     try:
-        if is_compressed_folder(path):
-            data = check_folder(path)
-            skeleton = _build_skeleton(path, data.get("base_model", {}))
-        else:
-            skeleton = _dense_skeleton(path, name, check_dense_folder, hub_reachable)
-        check_task(skeleton, opts.task, name)
+        check_task(skeleton(name), opts.task, name)
         _load_processor(name, opts.task)
     except SvdloraError as err:
         raise SvdloraError(f"{flag} {name!r}: {err}") from None
+
+
+def skeleton(name: str) -> nn.Module:
+    """The model a folder (svdlora or dense) or hub id holds, built on the meta device (no weights)."""
+    from ..io import _build_skeleton, check_folder, is_compressed_folder
+    from ..models import check_dense_folder, hub_reachable
+
+    path = Path(name).expanduser()
+    if is_compressed_folder(path):
+        return _build_skeleton(path, check_folder(path).get("base_model", {}))
+    return _dense_skeleton(path, name, check_dense_folder, hub_reachable)
+
+
+def infer_task(spec: Any) -> str:
+    """The task a model fits (``fitting_task``), for a folder, a hub id, an nn.Module or (module, processor)."""
+    model = spec[0] if isinstance(spec, tuple) else spec
+    name = str(spec) if isinstance(spec, str | Path) else type(model).__name__
+    try:
+        task = fitting_task(skeleton(name) if isinstance(spec, str | Path) else model)
+    except SvdloraError as err:
+        raise SvdloraError(f"MODEL {name!r}: {err}") from None
+    if task is None:
+        raise SvdloraError(f"cannot tell which task {name!r} is for: pass --task ({', '.join(TASKS)})")
+    return task
 
 
 def _dense_skeleton(path: Path, name: str, check_dense_folder, hub_reachable) -> nn.Module:
@@ -182,25 +198,28 @@ def _adopt(model: nn.Module, opts: EvalOptions, processor: Any) -> Candidate:
     )
 
 
-def check_task(model: nn.Module, task: str, name: str) -> None:
-    """An error when ``task`` cannot run on ``model``, saying which task fits it instead."""
+def fitting_task(model: nn.Module) -> str | None:
+    """The task a transformers model can run (text-generation, image-classification, translation), or None."""
     config = getattr(model, "config", None)
-    if config is None:  # a plain nn.Module: nothing to check against, trust the caller
-        return
-    cls = type(model).__name__
+    if config is None:
+        return None
     inputs = getattr(model, "main_input_name", "input_ids")
-    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     can_generate = bool(getattr(model, "can_generate", lambda: False)())
     if inputs == "pixel_values":
-        fits = IMAGES if "ImageClassification" in cls else None
-    elif encoder_decoder:
-        fits = TRANSLATION if can_generate else None
-    elif inputs == "input_ids" and can_generate:
-        fits = TEXT
-    else:
-        fits = None
+        return IMAGES if "ImageClassification" in type(model).__name__ else None
+    if getattr(config, "is_encoder_decoder", False):
+        return TRANSLATION if can_generate else None
+    return TEXT if inputs == "input_ids" and can_generate else None
+
+
+def check_task(model: nn.Module, task: str, name: str) -> None:
+    """An error when ``task`` cannot run on ``model``, saying which task fits it instead."""
+    if getattr(model, "config", None) is None:  # a plain nn.Module: nothing to check against, trust the caller
+        return
+    fits = fitting_task(model)
     if fits == task:
         return
+    cls = type(model).__name__
     instead = f"; use --task {fits}" if fits else ""
     needs = {
         TEXT: "a causal language model (e.g. GPT2LMHeadModel, LlamaForCausalLM)",

@@ -84,6 +84,12 @@ def translate(
     model: nn.Module, tokenizer, sources: list[str], opts: EvalOptions, meter: AbstractContextManager | None = None
 ) -> tuple[list[str], float]:
     """Hypotheses for ``sources`` in their order, and the seconds spent in ``generate``."""
+    positions = getattr(model.config, "max_position_embeddings", None)  # learned / sinusoidal decoder positions
+    if isinstance(positions, int) and opts.max_new_tokens > positions:
+        raise SvdloraError(
+            f"--max-new-tokens {opts.max_new_tokens} reaches past the model's {positions} decoder positions: "
+            f"pass --max-new-tokens {positions} or less"
+        )
     device = model_device(model)
     generation_config = copy.deepcopy(model.generation_config)
     generation_config.update(**generation_settings(opts))
