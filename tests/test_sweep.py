@@ -169,3 +169,13 @@ def test_a_target_only_budget_1_meets_says_the_model_is_dense(tmp_path, capsys, 
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "budget 1.0" in err and "holds the dense model" in err, err
+
+
+def test_sweep_with_a_task_the_model_cannot_do_names_the_task(tmp_path, capsys):
+    model, text = lm_folder(tmp_path)
+    for task in ("image-classification", "translation"):
+        argv = ["sweep", str(model), "--task", task, "--data", str(text), "--output", str(tmp_path / task)]
+        assert main([*argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--task {task} needs" in err[0] and "use --task text-generation" in err[0], err
+        assert not (tmp_path / task).exists()

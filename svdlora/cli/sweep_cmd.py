@@ -63,7 +63,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
-    from ..evaluation.loading import _load_processor, infer_task
+    from ..evaluation.loading import _load_processor, check_task, infer_task
     from ..models import load_pretrained
     from ..outputs import check_not_input
     from ..saving import check_output, save_compressed
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     model = load_pretrained(args.model).eval()
     task = args.task or infer_task(model)
+    check_task(model, task, args.model)  # a wrong --task: name the task that fits, not a missing processor
     target = parse_target(args.target, task) if args.target else None
     processor = _load_processor(args.model, task)
     compress_options = {
