@@ -158,3 +158,16 @@ def test_info_verify_finds_a_nan_inside_a_factor(gpt2_folder, tmp_path, capsys):
     assert run_cli(capsys, "info", out, "--summary")[0] == 0  # the header check cannot see it
     code, _, err = run_cli(capsys, "info", out, "--verify")
     assert code == 2 and key in err and "NaN or Inf" in err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_compress_eval_with_missing_or_empty_data_fails_before_writing(gpt2_folder, tmp_path, capsys, stream):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for data, message in ((tmp_path / "missing.txt", "does not exist"), (empty, "empty")):
+        out = tmp_path / "out"
+        argv = ["compress", str(gpt2_folder), "--calibration", "none", "--eval", str(data), "--output", str(out)]
+        assert main([*argv, "--no-progress", *(["--stream"] if stream else [])]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--eval" in err[0] and message in err[0], err
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if "svdlora-tmp" in p.name]
