@@ -208,6 +208,12 @@ def extract_adapter(
         >>> extraction = extract_adapter(base, tuned, budget=0.1, calibration="train.txt", processor=tok)
         >>> save_adapter(extraction, tuned, "out/adapter", base_name="HuggingFaceTB/SmolLM2-135M")
     """
+    for role, model in (("base", base), ("tuned", tuned)):
+        if not isinstance(model, nn.Module):
+            raise SvdloraError(
+                f"{role} must be a loaded model (an nn.Module), got {type(model).__name__} {model!r}: load it first, "
+                "e.g. AutoModelForCausalLM.from_pretrained(path), or use `svdlora extract --base ... --tuned ...`"
+            )
     if config is None:
         config = CompressionConfig(**options)
     elif options:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from svdlora.cli import main
+from svdlora.errors import SvdloraError
 from svdlora.extract import extract_adapter
 from svdlora.integrations.peft_adapter import write_adapter
 
@@ -185,3 +186,11 @@ def test_method_hook_gets_each_module(monkeypatch):
     base, tuned = _pair(tiny_llama)
     extraction = extract_adapter(base, tuned, rank=2, method="recording", progress=False)
     assert sorted(seen) == sorted(m.name for m in extraction.lora) and extraction.method == "recording"
+
+
+def test_write_adapter_given_paths_says_to_load_the_models(tmp_path):
+    base = tiny_llama()
+    for pair in ((str(tmp_path), base), (base, str(tmp_path))):
+        with pytest.raises(SvdloraError, match="must be a loaded model"):
+            write_adapter(*pair, tmp_path / "adapter", budget=0.1)
+    assert not (tmp_path / "adapter").exists()
