@@ -173,6 +173,7 @@ def test_a_target_only_budget_1_meets_says_the_model_is_dense(tmp_path, capsys, 
 
 def test_sweep_with_a_task_the_model_cannot_do_names_the_task(tmp_path, capsys):
     model, text = lm_folder(tmp_path)
+    capsys.readouterr()  # the folder's own save_pretrained progress bars
     for task in ("image-classification", "translation"):
         argv = ["sweep", str(model), "--task", task, "--data", str(text), "--output", str(tmp_path / task)]
         assert main([*argv, "--no-progress"]) == 2

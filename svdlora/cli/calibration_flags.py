@@ -114,16 +114,20 @@ def calibration_options(args: argparse.Namespace) -> dict:
 
 def check_calibration(data: str) -> None:
     """Cheap checks before the model is loaded: a calibration path must exist and hold something."""
-    if data in (AUTO, NONE, SELF):
-        return
+    if data not in (AUTO, NONE, SELF):
+        check_data_path(data, "--calibration")
+
+
+def check_data_path(data: str, flag: str) -> None:
+    """A data path (not a dataset name) must exist and hold something: checked before the model loads."""
     from ..evaluation.sources import check_exists, looks_like_path
 
     if looks_like_path(data) or Path(data).expanduser().exists():
-        path = check_exists(data, "--calibration")
+        path = check_exists(data, flag)
         if path.is_file() and path.stat().st_size == 0:
-            raise SvdloraError(f"--calibration {data!r} is an empty file: pass text, sentences or an image folder")
+            raise SvdloraError(f"{flag} {data!r} is an empty file: pass text, sentences or an image folder")
         if path.is_dir() and not any(path.iterdir()):
-            raise SvdloraError(f"--calibration {data!r} is an empty folder")
+            raise SvdloraError(f"{flag} {data!r} is an empty folder")
 
 
 def effective_calibration(data: str, kind: str) -> str:

@@ -6,7 +6,6 @@ import argparse
 import resource
 import sys
 import time
-from pathlib import Path
 
 import transformers
 
@@ -19,7 +18,15 @@ from ..saving import check_output, save_compressed
 from ..streaming import check_streamable, compress_checkpoint
 from ..writer import parse_size
 from . import options
-from .calibration_flags import AUTO, NONE, SELF, calibration_options, check_calibration, resolve_calibration
+from .calibration_flags import (
+    AUTO,
+    NONE,
+    SELF,
+    calibration_options,
+    check_calibration,
+    check_data_path,
+    resolve_calibration,
+)
 from .memory_choice import streams_for_memory
 
 
@@ -43,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         **calibration_options(args),
     )
     check_calibration(args.calibration)
-    check_eval_data(args.eval)
+    if args.eval:
+        check_data_path(args.eval, "--eval")
     output = check_output(args.output, args.overwrite, inputs=[args.model])  # before the slow model load
     parse_size(args.max_shard_size)
     svd_device(args.svd_device)
@@ -76,18 +84,6 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def check_eval_data(data: str | None) -> None:
-    """A missing or empty ``--eval`` path fails before the slow work, not after the folder is written."""
-    if data is None:
-        return
-    from ..evaluation.sources import check_exists, looks_like_path
-
-    if looks_like_path(data) or Path(data).expanduser().exists():
-        path = check_exists(data, "--eval")
-        if path.is_file() and path.stat().st_size == 0:
-            raise SvdloraError(f"--eval {data!r} is an empty file: pass the evaluation text, sentences or image folder")
 
 
 def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -> int:
