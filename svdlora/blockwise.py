@@ -79,12 +79,12 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]
 def check(model, hf_config, target_names: list[str]) -> None:
     """Refuse, before any data is read, a checkpoint whose layers cannot be calibrated block by block
     (from its meta model, config and targets: a plan's, or the config's alone before a download)."""
-    from .calibration_data import model_kind
+    from .calibration_data import kind_article, model_kind
 
     kind = model_kind(model)
     if kind != "causal-lm":
         raise SvdloraError(
-            f"streamed calibration runs a causal LM's decoder block by block; this is a {kind} model: drop "
+            f"streamed calibration runs a causal LM's decoder block by block; this is {kind_article(kind)} model: drop "
             "--stream to calibrate it in memory, or pass --calibration none"
         )
     kinds = getattr(hf_config, "layer_types", None) or []

@@ -59,6 +59,11 @@ def model_kind(model: nn.Module) -> str:
     return "encoder"
 
 
+def kind_article(kind: str) -> str:
+    """'an image', 'an encoder', 'a seq2seq', 'a causal-lm': a ``model_kind`` in a sentence."""
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def calibration_batches(
     model: nn.Module,
     data: Any,
@@ -79,7 +84,7 @@ def calibration_batches(
     if data == SELF:
         if kind != "causal-lm":
             raise SvdloraError(
-                f"{FLAG} self generates text, which needs a causal language model; this is a {kind} model: "
+                f"{FLAG} self generates text, which needs a causal language model; this is {kind_article(kind)} model: "
                 f"pass {FLAG} DATA (text, sentences or an image folder) or {FLAG} none"
             )
         batches = generate_text(

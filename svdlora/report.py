@@ -192,7 +192,7 @@ _ALLOCATION_WHY = {
 
 def _calibration_text(calibration: dict | None) -> str:
     if not calibration:
-        return "none (plain truncated SVD; pass --calibration DATA or 'self' for better quality)"
+        return "none (plain truncated SVD; pass --calibration DATA, or 'self' for a causal LM, for better quality)"
     tokens = f", {calibration['tokens']:,} tokens" if calibration.get("tokens") else ""
     refit = ", refit to the compressed model's inputs" if calibration.get("refit") else ""
     return f"{calibration['source']} ({calibration['batches']} batches{tokens}{refit})"

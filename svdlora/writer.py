@@ -59,14 +59,14 @@ class TensorSpec:
 
 def parse_size(size: int | str) -> int:
     """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as transformers, binary with 'i')."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(size).upper())
-    if not match:
-        raise SvdloraError(f"max shard size must look like 5GB, 500MB or 2GiB, got {size!r}")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(unit or " "))
+    nbytes = size if isinstance(size, int) else None
+    match = None if nbytes is not None else re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(size).upper())
+    if match:
+        number, unit, binary = match.groups()
+        nbytes = int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
+    if nbytes is None or nbytes <= 0:
+        raise SvdloraError(f"max shard size must look like 5GB, 500MB or 2GiB (above 0 bytes), got {size!r}")
+    return nbytes
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int | str) -> list[list[TensorSpec]]:

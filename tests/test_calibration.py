@@ -496,3 +496,10 @@ def test_a_device_solver_that_fails_is_redone_on_the_cpu(caplog):
     assert "redone on the CPU" in caplog.text
     with pytest.raises(torch.linalg.LinAlgError):  # on the CPU itself a failure is not hidden
         on_cpu_if_it_fails(lambda m: eigh(m.T.clone()), real)
+
+
+def test_self_calibration_of_an_image_model_is_refused_in_plain_words():
+    from .conftest import TINY_MODELS
+
+    with pytest.raises(svdlora.SvdloraError, match="needs a causal language model; this is an image model"):
+        svdlora.compress(TINY_MODELS["vit"]().eval(), budget=0.5, calibration="self", progress=False)

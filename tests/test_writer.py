@@ -68,3 +68,6 @@ def test_parse_size():
     assert parse_size("500mb") == 500 * 10**6
     with pytest.raises(SvdloraError, match="max shard size"):
         parse_size("big")
+    for empty in ("0", "0GB", "0.0001KB", 0, -3):  # 0 bytes would put every tensor in its own shard
+        with pytest.raises(SvdloraError, match="above 0 bytes"):
+            parse_size(empty)
