@@ -18,18 +18,7 @@ ranks, and a rank weights and factorizes the matrices it owns: the result equals
 up to the order of the float64 sums (plain SVD stays bit for bit).
 """
 
-from .jobs import ranks_of, write_factors
-from .pipeline import SCRATCH, STREAMING_METHODS, check_streamable, compress_checkpoint
+from .pipeline import check_streamable, compress_checkpoint
 from .planning import Plan, meta_model, plan
 
-__all__ = [
-    "SCRATCH",
-    "STREAMING_METHODS",
-    "Plan",
-    "check_streamable",
-    "compress_checkpoint",
-    "meta_model",
-    "plan",
-    "ranks_of",
-    "write_factors",
-]
+__all__ = ["Plan", "check_streamable", "compress_checkpoint", "meta_model", "plan"]
