@@ -60,8 +60,8 @@ class TensorSpec:
 def parse_size(size: int | str) -> int:
     """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as transformers, binary with 'i')."""
     nbytes = size if isinstance(size, int) else None
-    match = None if nbytes is not None else re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(size).upper())
-    if match:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(size).upper())
+    if nbytes is None and match:
         number, unit, binary = match.groups()
         nbytes = int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
     if nbytes is None or nbytes <= 0:

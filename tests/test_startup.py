@@ -94,11 +94,11 @@ def test_the_package_exports_stay_functions_after_their_submodules_load():
         import svdlora
         print(callable(svdlora.compress), callable(svdlora.evaluate), svdlora.compress.__module__)
         from svdlora import compress
-        print(compress is svdlora.compress, set(svdlora.__all__) <= set(dir(svdlora)))
+        print(compress is svdlora.compress)
         """
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["True", "True", "svdlora.compress", "True", "True"]
+    assert result.stdout.split() == ["True", "True", "svdlora.compress", "True"]
     # a submodule nothing has imported yet is imported on first use, as when `import svdlora` imported all
     result = _python("import svdlora\nprint(svdlora.integrations.SvdloraQuantizationConfig.__name__)")
     assert result.returncode == 0 and result.stdout.split() == ["SvdloraQuantizationConfig"], result.stderr

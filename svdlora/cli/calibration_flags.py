@@ -138,6 +138,13 @@ def effective_calibration(data: str, kind: str) -> str:
     return SELF if kind == "causal-lm" else NONE
 
 
+def streamed_calibration(data: str) -> str | None:
+    """What a streamed run calibrates on: None for 'none' and for 'auto' (a streamed run cannot
+    generate text with the whole model, so auto streams as plain SVD); else ``data`` ('self' included,
+    which streaming refuses)."""
+    return None if data in (AUTO, NONE) else data
+
+
 def resolve_calibration(data: str, model: nn.Module, source: str) -> tuple[Any, Any]:
     """(calibration for ``compress``, the processor that reads it) for the loaded model."""
     from ..calibration_data import model_kind

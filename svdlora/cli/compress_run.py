@@ -20,12 +20,12 @@ from ..writer import parse_size
 from . import options
 from .calibration_flags import (
     AUTO,
-    NONE,
     SELF,
     calibration_options,
     check_calibration,
     check_data_path,
     resolve_calibration,
+    streamed_calibration,
 )
 from .memory_choice import streams_for_memory
 
@@ -90,7 +90,7 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
     start = time.perf_counter()
     how = "--stream" if args.stream else "a distributed run"
     ctx = distributed.context()
-    calibration = None if args.calibration in (AUTO, NONE) else args.calibration
+    calibration = streamed_calibration(args.calibration)
     if calibration == SELF:
         raise SvdloraError(
             f"--calibration self cannot be used with {how}: generating the calibration text needs the whole model "

@@ -21,7 +21,7 @@ from ..hub import cached_checkpoint, local_checkpoint, remote_parameters
 from ..plan import auto_method, resolved_allocation
 from ..streaming import Plan, check_streamable, meta_model, plan
 from ..targets import find_targets
-from .calibration_flags import AUTO, NONE, SELF, effective_calibration
+from .calibration_flags import NONE, SELF, effective_calibration, streamed_calibration
 
 STREAM_ADVICE = "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
 
@@ -139,7 +139,7 @@ def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int
 
 def _why_not_streamed(args, config: CompressionConfig, outline: tuple | SvdloraError) -> tuple[str, str] | None:
     """(why, what to do) where a streamed run cannot do what this in-memory run would; None where it can."""
-    calibration = None if args.calibration in (AUTO, NONE) else args.calibration
+    calibration = streamed_calibration(args.calibration)
     if calibration == SELF:
         return "--calibration self generates text with the whole model", STREAM_ADVICE
     try:

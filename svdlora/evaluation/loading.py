@@ -124,12 +124,16 @@ def skeleton(name: str) -> nn.Module:
 
 def infer_task(spec: Any) -> str:
     """The task a model fits (``fitting_task``), for a folder, a hub id, an nn.Module or (module, processor)."""
-    model = spec[0] if isinstance(spec, tuple) else spec
-    name = str(spec) if isinstance(spec, str | Path) else type(model).__name__
-    try:
-        task = fitting_task(skeleton(name) if isinstance(spec, str | Path) else model)
-    except SvdloraError as err:
-        raise SvdloraError(f"MODEL {name!r}: {err}") from None
+    if isinstance(spec, str | Path):
+        name = str(spec)
+        try:
+            model = skeleton(name)
+        except SvdloraError as err:
+            raise SvdloraError(f"MODEL {name!r}: {err}") from None
+    else:
+        model = spec[0] if isinstance(spec, tuple) else spec
+        name = type(model).__name__
+    task = fitting_task(model)
     if task is None:
         raise SvdloraError(f"cannot tell which task {name!r} is for: pass --task ({', '.join(TASKS)})")
     return task
