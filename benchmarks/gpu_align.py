@@ -13,10 +13,11 @@ is gone and per-token time is kernel time (``--eager``: the step uncompiled, lau
 generate()). Variants are timed in rotated order; medians.
 Motivation (gpu_rows, 2026-11-26): cuBLAS's batch-1 GEMV of an (out, R) bf16 matrix took 13.3 us at
 R = 1492 and 7.6 us at R = 1488 (rows not 16-byte aligned).
-"pivoted+pairs" / "pivoted+auto" (and the same at multiples of 8): the pivoted layers turned into plain
-pairs, or each layer's fastest layout measured on the device (svdlora.runtime), as
-load_compressed(..., runtime="pairs" / "auto") does. A "+stacked" suffix on any factorized variant
-stacks its sibling layers (q/k/v, gate/up) as load_compressed(..., stack_siblings=True) does.
+"pivoted+pairs" / "pivoted+auto" / "pivoted+auto-graphs" (and the same at multiples of 8): the pivoted
+layers turned into plain pairs, or each layer's fastest layout measured on the device (svdlora.runtime:
+eager calls, or CUDA-graph replays), as load_compressed(..., runtime="pairs" / "auto" / "auto-graphs") does.
+A "+stacked" suffix on any factorized variant stacks its sibling layers (q/k/v, gate/up) as
+load_compressed(..., stack_siblings=True) does.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def main() -> None:
     layouts = {"dense": None, "pairs": ("pairs", 1), "pairs8": ("pairs", 8), "pivoted8": ("pivoted", 8),
                "pivoted": ("pivoted", 1)}  # fmt: skip
     for name in ("pivoted", "pivoted8"):  # pivoted folders loaded with runtime="pairs" / "auto"
-        for runtime in ("pairs", "auto"):
+        for runtime in ("pairs", "auto", "auto-graphs"):
             layouts[f"{name}+{runtime}"] = (*layouts[name], runtime)
     prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 89]], device=dev) % config.vocab_size
     mode = "reduce-overhead" if cuda else "default"

@@ -4,6 +4,7 @@ so the command line builds its parser (``--help``, flag errors) without importin
 TEXT, IMAGES, TRANSLATION = "text-generation", "image-classification", "translation"
 TASKS = (TEXT, IMAGES, TRANSLATION)  # what `svdlora eval` measures
 
-RUNTIMES = ("factorized", "pairs", "merged", "auto")  # how a loaded folder computes (svdlora.runtime)
+RUNTIMES = ("factorized", "pairs", "merged", "auto", "auto-graphs")  # how a loaded folder computes (svdlora.runtime)
+AUTO_RUNTIMES = ("auto", "auto-graphs")  # measured per layer
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default

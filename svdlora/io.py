@@ -38,7 +38,7 @@ from .placement import device_for, dispatch, resolve_device_map
 from .quantize import parse_format
 from .reader import read_state
 from .report import CompressionReport
-from .runtime import RUNTIMES, apply_runtime
+from .runtime import AUTO_RUNTIMES, RUNTIMES, apply_runtime
 from .save_guard import guard_save_pretrained
 from .schema import check_factor_shapes, model_class_named, validate_config
 from .version import FORMAT_VERSION, __version__
@@ -270,7 +270,8 @@ def load_compressed(
         runtime: "factorized" (default: as stored), "pairs" (pivoted layers as plain pairs: no index
             copies, R² values more), "merged" (same as ``merge=True``), or "auto": per layer, the
             layout that measured fastest on its device for one token per call (``svdlora.runtime``;
-            decoding).
+            eager decoding); "auto-graphs": the same timed as CUDA-graph replays, for decoding under
+            CUDA graphs (``torch.compile(mode="reduce-overhead")``).
         stack_siblings: low-rank layers that read the same input (q/k/v, gate/up) compute their
             input side in one matmul (``svdlora.siblings``: fewer kernels for batch-1 decoding on a
             GPU); found by one forward pass on the model's ``dummy_inputs``. Inference only.
@@ -364,7 +365,7 @@ def load_compressed(
         guard_save_pretrained(model)
         for name, parts in stored_parts.items():  # re-saving writes the same stored bits
             model.get_submodule(name).stored = parts
-    if runtime in ("auto", "pairs"):
+    if runtime in (*AUTO_RUNTIMES, "pairs"):
         apply_runtime(model, runtime)
     if stack_siblings:
         siblings.stack_siblings(model)

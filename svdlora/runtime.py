@@ -10,6 +10,14 @@ several repeats, interleaved so noise hits all alike) and keeps the fastest: the
 A·B rebuilt on the device ("merged"). The documented fallback ``rule_prefers_factorized``
 (R·(m+n) <= 0.8·m·n: fewer bytes with a margin for the extra call) is what the measurement is
 compared against in the tests and benchmarks.
+
+``auto`` times synchronized eager calls, so a layout's second kernel launch counts: right for eager
+decoding (``generate()``), where the host's launches bound a GPU's speed at batch 1. ``auto-graphs``
+times each layout's calls captured in a CUDA graph and replayed, i.e. kernel time alone, as decoding
+runs under ``torch.compile(mode="reduce-overhead")`` or hand-captured CUDA graphs, where the
+thinner factor pairs can win what launches lose them in eager mode (an H200's 7B-shaped model, pivoted
+at ranks of multiples of 8: pairs 1.08x dense under CUDA graphs, merged 1.00x). On a device without
+CUDA graphs ``auto-graphs`` is ``auto``.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .choices import RUNTIMES
+from .choices import AUTO_RUNTIMES, RUNTIMES
 from .errors import SvdloraError
 from .layers import LowRankLinear, factor_layout
 from .pivoted import PivotedLowRankLinear
@@ -47,6 +55,23 @@ def _best_time(fn, repeats: int, inner: int) -> float:
     return best / inner
 
 
+GRAPH_CALLS = 20  # calls captured per CUDA graph: one replay's launch is shared by all of them
+
+
+def _replayed(fn, calls: int = GRAPH_CALLS):
+    """``fn``'s kernels ``calls`` times over, captured in one CUDA graph; returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up off the capture (cuBLAS workspaces, lazy init)
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
 @cache
 def measure(
     out_features: int,
@@ -56,9 +81,11 @@ def measure(
     dtype: torch.dtype,
     tokens: int = 1,
     pivoted: bool = False,
+    graphs: bool = False,
 ) -> dict[str, float]:
     """Seconds per call of a layer of this shape on a (tokens, in) input, per layout: "factorized"
-    and "merged", and for a ``pivoted`` layer (P·x, then C·(P·x), two index copies) also "pairs"."""
+    and "merged", and for a ``pivoted`` layer (P·x, then C·(P·x), two index copies) also "pairs".
+    ``graphs`` on a CUDA device: per call of a CUDA graph's replay (kernel time, no launches)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(tokens, in_features, generator=g).to(device, dtype)
     a = factor_layout(torch.randn(out_features, rank, generator=g).to(device, dtype))  # as the layers hold it
@@ -81,21 +108,26 @@ def measure(
     layouts = {"factorized": pivoted_forward if pivoted else pair_forward, "merged": lambda: F.linear(x, w)}
     if pivoted:
         layouts["pairs"] = pair_forward
+    calls = 1
     with torch.no_grad():
+        if graphs and device.startswith("cuda"):
+            layouts, calls = {name: _replayed(f) for name, f in layouts.items()}, GRAPH_CALLS
         one = sum(_best_time(lambda f=f: (f(), sync()), 1, 3) for f in layouts.values())
         inner = max(1, min(200, int(2e-3 / max(one / len(layouts), 1e-7))))  # ~2 ms per timing: above timer noise
         times = {name: [] for name in layouts}
         for _ in range(5):  # interleaved
             for name, f in layouts.items():
                 times[name].append(_best_time(lambda f=f: (f(), sync()), 1, inner))
-    return {name: min(t) for name, t in times.items()}
+    return {name: min(t) / calls for name, t in times.items()}
 
 
-def choose(layer: LowRankLinear, tokens: int = 1) -> str:
-    """The layout ("factorized", "pairs" or "merged") that measured fastest for this layer on its device."""
+def choose(layer: LowRankLinear, tokens: int = 1, graphs: bool = False) -> str:
+    """The layout ("factorized", "pairs" or "merged") that measured fastest for this layer on its
+    device (``graphs``: replayed from a CUDA graph)."""
     device, dtype = str(layer.B.device), layer.B.dtype
     pivoted = isinstance(layer, PivotedLowRankLinear)
-    times = measure(layer.out_features, layer.in_features, sum(layer.ranks), device, dtype, tokens, pivoted)
+    m, n, rank = layer.out_features, layer.in_features, sum(layer.ranks)
+    times = measure(m, n, rank, device, dtype, tokens, pivoted, graphs)
     return min(times, key=times.get)
 
 
@@ -111,8 +143,9 @@ def apply_runtime(model: nn.Module, runtime: str = "auto", tokens: int = 1) -> d
 
     Args:
         runtime: "factorized" (keep all as stored), "pairs" (pivoted layers become plain pairs; the
-            others stay), "merged" (rebuild all as dense), or "auto" (per layer, the fastest of these on
-            the layer's device for ``tokens`` tokens per call; 1 = decoding). Layers accelerate
+            others stay), "merged" (rebuild all as dense), "auto" (per layer, the fastest of these on
+            the layer's device for ``tokens`` tokens per call; 1 = decoding) or "auto-graphs" (the
+            same, timed as CUDA-graph replays: for decoding under CUDA graphs). Layers accelerate
             offloaded or hooked (``device_map``) stay as stored.
     """
     if runtime not in RUNTIMES:
@@ -124,7 +157,7 @@ def apply_runtime(model: nn.Module, runtime: str = "auto", tokens: int = 1) -> d
         if _placed_by_accelerate(module):
             layouts[name] = "factorized"  # its hook (or its parent's) moves these weights: left as stored
             continue
-        layout = runtime if runtime != "auto" else choose(module, tokens)
+        layout = choose(module, tokens, runtime == "auto-graphs") if runtime in AUTO_RUNTIMES else runtime
         if layout == "pairs" and not isinstance(module, PivotedLowRankLinear):
             layout = "factorized"  # already a pair
         if layout == "merged":

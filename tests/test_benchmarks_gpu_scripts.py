@@ -33,13 +33,15 @@ def test_gpu_fused_dry_run(tmp_path):
 
 
 def test_gpu_align_dry_run(tmp_path):
-    variants = "dense,pairs8,pivoted,pivoted+pairs,pivoted+auto,pairs8+stacked,pivoted+pairs+stacked"
+    variants = ",".join(["dense", "pairs8", "pivoted", "pivoted+pairs", "pivoted+auto", "pivoted8+auto-graphs",
+                         "pairs8+stacked", "pivoted+pairs+stacked"])  # fmt: skip
     _run("gpu_align.py", "--out", str(tmp_path), "--device", "cpu", "--small", "--eager",
          "--variants", variants, "--repeats", "1", "--tokens", "4")  # fmt: skip
     rows = json.loads((tmp_path / "gpu_align.json").read_text())["variants"]
     assert set(rows) == set(variants.split(","))
     assert rows["pivoted+pairs"]["layouts"] == {"pairs": 14}  # 2 blocks x 7 projections, all as pairs
     assert sum(rows["pivoted+auto"]["layouts"].values()) == 14
+    assert sum(rows["pivoted8+auto-graphs"]["layouts"].values()) == 14
     assert rows["pairs8+stacked"]["stacked_groups"] == 4  # q/k/v and gate/up of 2 blocks
     assert rows["pivoted+pairs+stacked"]["stacked_groups"] == 4 and rows["pairs8"]["stacked_groups"] == 0
     assert all(row["tok_s"] > 0 for row in rows.values())

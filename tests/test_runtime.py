@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from svdlora import SvdloraError, compress, load_compressed, save_compressed
+from svdlora import runtime as runtime_module
 from svdlora.layers import LowRankLinear
 from svdlora.pivoted import PivotedLowRankLinear
 from svdlora.runtime import apply_runtime, measure, rule_prefers_factorized
@@ -36,6 +37,50 @@ def test_auto_never_picks_the_slower_layout():
         times = measure(m, n, r, "cpu", torch.float32, 1)
         assert set(times) == {"factorized", "merged"}  # a pair has no "pairs" layout to try
         assert (times["factorized"] <= times["merged"]) == (picked == "factorized") == rule_prefers_factorized(m, n, r)
+
+
+def _count_captures(monkeypatch) -> list:
+    captured, real = [], runtime_module._replayed
+    monkeypatch.setattr(runtime_module, "_replayed", lambda fn, *a: captured.append(fn) or real(fn, *a))
+    return captured
+
+
+def test_auto_graphs_times_eager_calls_off_cuda(monkeypatch):
+    """CUDA graphs exist on CUDA devices only: elsewhere "auto-graphs" measures and picks as "auto"."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    model.thin = LowRankLinear.from_dense(model.thin, [16])
+    model.full = LowRankLinear.from_dense(model.full, [1000])
+    captured = _count_captures(monkeypatch)
+    measure.cache_clear()
+    assert apply_runtime(model, "auto-graphs") == {"thin": "factorized", "full": "merged"}
+    assert captured == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_auto_graphs_on_cuda_times_graph_replays(monkeypatch):
+    """On CUDA each layout is captured in a graph and its replays timed: kernel time without the
+    launches, so no layout's replayed call is slower than its eager, synchronized call; the picks
+    keep the model's outputs."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    model.thin = PivotedLowRankLinear.from_dense(model.thin, [16])
+    model.full = LowRankLinear.from_dense(model.full, [1000])
+    model = model.cuda()
+    x = torch.randn(1, 1024, device="cuda")
+    with torch.no_grad():
+        want = model(x)
+    captured = _count_captures(monkeypatch)
+    measure.cache_clear()
+    layouts = apply_runtime(model, "auto-graphs")
+    assert len(captured) == 3 + 2  # factorized, merged and pairs of the pivoted layer; 2 of the pair
+    assert layouts["full"] == "merged" and layouts["thin"] in ("factorized", "pairs")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+    device = str(x.device)
+    replayed = measure(1024, 1024, 16, device, torch.float32, 1, True, True)
+    eager = measure(1024, 1024, 16, device, torch.float32, 1, True, False)
+    assert all(replayed[k] <= eager[k] for k in eager), (replayed, eager)
 
 
 def test_runtime_at_load(tmp_path):
@@ -99,7 +144,7 @@ def test_runtime_pairs_at_load(tmp_path, kind):
     torch.testing.assert_close(output_of(pairs, kind), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("runtime", ["pairs", "merged", "auto"])
+@pytest.mark.parametrize("runtime", ["pairs", "merged", "auto", "auto-graphs"])
 def test_a_model_whose_layers_a_runtime_changed_is_not_saved(tmp_path, runtime):
     """The folder's report says how each layer is stored; a model loaded as pairs or merged no longer
     matches it, so saving it would write a folder that cannot be loaded: refused, nothing written."""

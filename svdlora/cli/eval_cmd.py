@@ -86,7 +86,7 @@ def register(subparsers) -> None:
         choices=RUNTIMES,
         help="svdlora folders (the model, and the baseline when it is one): keep factors as stored (default), "
         "pairs (pivoted layers as plain factor pairs), merge them, or auto: per layer the fastest layout measured "
-        "on the device for one token per call",
+        "on the device for one token per call (auto-graphs: timed as CUDA-graph replays, for compiled decoding)",
     )
     r.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     options.add_progress_flag(p)
