@@ -57,30 +57,32 @@ def test_auto_graphs_times_eager_calls_off_cuda(monkeypatch):
     assert captured == []
 
 
+def _random_pair(out_features: int, in_features: int, rank: int) -> LowRankLinear:
+    """A factor pair of random factors, built without an SVD (8192-wide layers: fast)."""
+    module = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False)  # its weight is not read
+    a, b = torch.randn(out_features, rank) / rank**0.5, torch.randn(rank, in_features) / in_features**0.5
+    return LowRankLinear.from_factors(module, a, b, [rank])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_auto_graphs_on_cuda_times_graph_replays(monkeypatch):
-    """On CUDA each layout is captured in a graph and its replays timed: kernel time without the
-    launches, so no layout's replayed call is slower than its eager, synchronized call; the picks
-    keep the model's outputs."""
+    """On CUDA each layout is captured in a graph and its replays timed, and the picks keep the
+    outputs. The shapes leave no doubt even at the GPU's per-kernel latency floor, where layers of
+    1024 x 1024 merge whatever their rank (H200, 2026-11-27): rank 64 of 8192 x 8192 reads 1.6% of
+    the dense values as a pair, rank 8000 reads 1.95x."""
     torch.manual_seed(0)
     model = TwoLayers()
-    model.thin = PivotedLowRankLinear.from_dense(model.thin, [16])
-    model.full = LowRankLinear.from_dense(model.full, [1000])
+    model.thin, model.full = _random_pair(8192, 8192, 64), _random_pair(8192, 8192, 8000)
     model = model.cuda()
-    x = torch.randn(1, 1024, device="cuda")
+    x = torch.randn(1, 8192, device="cuda")
     with torch.no_grad():
         want = model(x)
     captured = _count_captures(monkeypatch)
     measure.cache_clear()
-    layouts = apply_runtime(model, "auto-graphs")
-    assert len(captured) == 3 + 2  # factorized, merged and pairs of the pivoted layer; 2 of the pair
-    assert layouts["full"] == "merged" and layouts["thin"] in ("factorized", "pairs")
+    assert apply_runtime(model, "auto-graphs") == {"thin": "factorized", "full": "merged"}
+    assert len(captured) == 2 + 2  # factorized and merged of each shape
     with torch.no_grad():
-        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
-    device = str(x.device)
-    replayed = measure(1024, 1024, 16, device, torch.float32, 1, True, True)
-    eager = measure(1024, 1024, 16, device, torch.float32, 1, True, False)
-    assert all(replayed[k] <= eager[k] for k in eager), (replayed, eager)
+        torch.testing.assert_close(model(x), want, rtol=1e-3, atol=1e-3)
 
 
 def test_runtime_at_load(tmp_path):
