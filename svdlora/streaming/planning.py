@@ -49,8 +49,12 @@ class Plan:
 
     def source_key(self, name: str) -> str | None:
         """The checkpoint's key for parameter ``name``, under any name a tied parameter has."""
+        return self.first_key(self.names_of.get(name, [name]))
+
+    def first_key(self, names: list[str]) -> str | None:
+        """The checkpoint's key for the first of ``names`` it stores (with or without the model's prefix)."""
         prefix = getattr(self.model, "base_model_prefix", "")
-        return next(filter(None, (self.checkpoint.resolve(k, prefix) for k in self.names_of.get(name, [name]))), None)
+        return next(filter(None, (self.checkpoint.resolve(k, prefix) for k in names)), None)
 
     def out_dtype(self, stored: torch.dtype, name: str) -> torch.dtype:
         """The dtype ``from_pretrained(dtype=target)`` gives parameter ``name``: the model's
@@ -107,15 +111,10 @@ def plan(
         raise SvdloraError("no Linear/Conv1D layer is targeted: check --include/--exclude")
     ranks, allocator_dense = allocation or allocate_ranks(targets, config)
     dense.update(allocator_dense)
-    prefix = getattr(model, "base_model_prefix", "")
     same: dict[int, list[str]] = {}  # a checkpoint may store a tied parameter under any of its names
     for name, param in model.named_parameters(remove_duplicate=False):
         same.setdefault(id(param), []).append(name)
     names_of = {n: group for group in same.values() for n in group}
-
-    def find(names: list[str]) -> str | None:
-        return next(filter(None, (ckpt.resolve(k, prefix) for k in names)), None)
-
     out = Plan(ckpt, hf_config, model, [], {}, [], dense, params_before, target_dtype)
     out.keeps_fp32, out.names_of, out.targets = keep_in_fp32(model, target_dtype), names_of, targets
     weight_dtype = {}
@@ -151,7 +150,7 @@ def plan(
         if key in stage_owner:
             kind = tensor.dtype if not tensor.is_floating_point() else weight_dtype[stage_owner[key]]
             out.specs.append(TensorSpec(key, tuple(tensor.shape), kind))  # pivot indices stay int64
-        elif (src := find([key, *aliases.get(key, [])])) is not None:
+        elif (src := out.first_key([key, *aliases.get(key, [])])) is not None:
             out.specs.append(TensorSpec(key, ckpt.spec[src].shape, out.out_dtype(ckpt.spec[src].dtype, key)))
             out.jobs.append(("copy", src, key))
         elif key in buffers and buffers[key].device.type != "meta":  # built by the model's code
