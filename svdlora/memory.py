@@ -102,9 +102,11 @@ def load_dtype(dtype: str | torch.dtype | None, folder: Path) -> torch.dtype | N
 
 
 def statistics_bytes(targets, method: str) -> int:
-    """A lower bound on the calibration statistics an in-memory run holds at once: the float64 Gram of
-    every distinct input (layers that share an input, such as q/k/v, share its Gram: counted once per
-    parent module and width) and, for kfac, each layer's float64 output Gram."""
+    """The calibration statistics an in-memory run holds at once: the float64 Gram of every distinct
+    input (layers that share an input, such as q/k/v, share its Gram: counted once per parent module
+    and width) and, for kfac, each layer's float64 output Gram. A lower bound where the data reaches
+    every target; where it reaches only some (a vision-language model calibrated on text: its vision
+    tower sees none), the unreached targets' Grams are counted all the same, so it can be more."""
     inputs = {(t.name.rpartition(".")[0], t.in_features) for t in targets}
     return sum(8 * n * n for _, n in inputs) + (output_gram_bytes(targets) if method == "kfac" else 0)
 

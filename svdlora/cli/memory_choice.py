@@ -2,7 +2,7 @@
 
 Before an in-memory run loads anything, the need is sized from the safetensors headers (for a hub
 id not in the local cache, the hub's copies, before its weights are downloaded): the model and its
-factors, and for a calibrated run a lower bound on its statistics (every distinct input's float64
+factors, and for a calibrated run an estimate of its statistics (every distinct input's float64
 Gram, and kfac's output Grams). Where it would not fit and a streamed run does the same work, the
 CLI streams; where it cannot stream, it refuses (the model alone does not fit) or warns.
 """
@@ -123,9 +123,9 @@ def _as_error(err: Exception) -> SvdloraError:
 
 
 def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int) -> int:
-    """A lower bound on what calibrating in memory holds (0 where the run does not calibrate, or its
-    targets are not known): the float64 input Gram of every distinct input and kfac's output Grams,
-    and distillation healing's copy of the model."""
+    """What calibrating in memory holds (0 where the run does not calibrate, or its targets are not
+    known): ``memory.statistics_bytes`` (every target's Grams, reached by the data or not) and
+    distillation healing's copy of the model."""
     if not isinstance(planned, Plan):
         return 0
     if effective_calibration(args.calibration, model_kind(planned.model)) == NONE:
