@@ -39,6 +39,8 @@ try:
 except ImportError:  # the CPU machines have no triton; the GPU's torch ships it
     triton = None
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from svdlora.runtime import replayed  # noqa: E402
 
 if triton is not None:
 
@@ -133,21 +135,12 @@ def timed(fn, dev: str, calls: int = 20, replays: int = 25) -> float:
         for _ in range(calls):
             fn()
         return (time.perf_counter() - start) / calls * 1e6
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    replay = replayed(fn, calls, warmups=3)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
-        graph.replay()
+        replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / (calls * replays) * 1e3

@@ -60,12 +60,13 @@ def _best_time(fn, repeats: int, inner: int) -> float:
 GRAPH_CALLS = 20  # calls captured per CUDA graph: one replay's launch is shared by all of them
 
 
-def _replayed(fn, calls: int = GRAPH_CALLS):
+def replayed(fn, calls: int = GRAPH_CALLS, warmups: int = 1):
     """``fn``'s kernels ``calls`` times over, captured in one CUDA graph; returns its replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up off the capture (cuBLAS workspaces, lazy init)
-        fn()
+        for _ in range(warmups):
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -113,7 +114,7 @@ def measure(
     calls = 1
     with torch.no_grad():
         if graphs and device.startswith("cuda"):
-            layouts, calls = {name: _replayed(f) for name, f in layouts.items()}, GRAPH_CALLS
+            layouts, calls = {name: replayed(f) for name, f in layouts.items()}, GRAPH_CALLS
         one = sum(_best_time(lambda f=f: (f(), sync()), 1, 3) for f in layouts.values())
         inner = max(1, min(200, int(2e-3 / max(one / len(layouts), 1e-7))))  # ~2 ms per timing: above timer noise
         times = {name: [] for name in layouts}

@@ -40,8 +40,8 @@ def test_auto_never_picks_the_slower_layout():
 
 
 def _count_captures(monkeypatch) -> list:
-    captured, real = [], runtime_module._replayed
-    monkeypatch.setattr(runtime_module, "_replayed", lambda fn, *a: captured.append(fn) or real(fn, *a))
+    captured, real = [], runtime_module.replayed
+    monkeypatch.setattr(runtime_module, "replayed", lambda fn, *a: captured.append(fn) or real(fn, *a))
     return captured
 
 
