@@ -24,6 +24,7 @@ is ``auto``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from functools import cache
@@ -97,7 +98,8 @@ def measure(
     c = a[rank:]  # column-major too: a view of A's (rank, out) storage
     order = torch.randperm(out_features, generator=g).to(device)
     rows, rest = order[:rank].sort().values, order[rank:].sort().values
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cuda = device.startswith("cuda")
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)  # the layer's GPU, not the current one
 
     def pivoted_forward():  # as PivotedLowRankLinear.forward
         z = F.linear(x, b)
@@ -112,8 +114,8 @@ def measure(
     if pivoted:
         layouts["pairs"] = pair_forward
     calls = 1
-    with torch.no_grad():
-        if graphs and device.startswith("cuda"):
+    with torch.no_grad(), torch.cuda.device(device) if cuda else contextlib.nullcontext():  # capture on its GPU
+        if graphs and cuda:
             layouts, calls = {name: replayed(f) for name, f in layouts.items()}, GRAPH_CALLS
         one = sum(_best_time(lambda f=f: (f(), sync()), 1, 3) for f in layouts.values())
         inner = max(1, min(200, int(2e-3 / max(one / len(layouts), 1e-7))))  # ~2 ms per timing: above timer noise
