@@ -236,13 +236,16 @@ def test_a_failing_forward_is_reported():
         stack_siblings(ThreeHeads(), torch.randn(2, 7))
 
 
-def test_compiled_stacked_model_computes_the_same(tmp_path):
-    """Under torch.compile the kept product is a side effect dynamo replays: one graph, same logits."""
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])  # aot_eager: functionalized, as inductor compiles it
+def test_compiled_stacked_model_computes_the_same(tmp_path, backend):
+    """Under torch.compile the kept product is a side effect dynamo replays: one graph, same logits,
+    twice in a row (the second call finds the kept state cleared by the first)."""
     folder = _folder(tmp_path, tiny_llama(), pivot=True)
     want = output_of(load_compressed(folder, device="cpu"), "llama")
     model = load_compressed(folder, device="cpu", stack_siblings=True)  # pivoted: its index copies compiled too
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     with torch.no_grad():
-        got = compiled(**example_inputs("llama")).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for _ in range(2):
+            got = compiled(**example_inputs("llama")).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
