@@ -194,3 +194,33 @@ def test_write_adapter_given_paths_says_to_load_the_models(tmp_path):
         with pytest.raises(SvdloraError, match="must be a loaded model"):
             write_adapter(*pair, tmp_path / "adapter", budget=0.1)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_bad_tuned_or_base_path_fails_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    from svdlora import models
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("not a model")
+    loaded = []
+    real_load = models.load_pretrained
+    monkeypatch.setattr(models, "load_pretrained", lambda name, **kw: loaded.append(name) or real_load(name, **kw))
+    capsys.readouterr()
+    out = ["--output", str(tmp_path / "adapter"), "--rank", "2", "--no-progress"]
+    base = ["--base", str(tmp_path / "base")]
+    cases = [
+        ([*base, "--tuned", str(tmp_path / "missing")], "--tuned", "does not exist"),
+        ([*base, "--tuned", "./missing"], "--tuned", "does not exist"),
+        ([*base, "--tuned", str(tmp_path / "file.txt")], "--tuned", "is a file, not a model folder"),
+        ([*base, "--tuned", str(tmp_path / "empty")], "--tuned", "is not a model folder (no config.json)"),
+        (["--base", str(tmp_path / "missing"), "--tuned", str(tmp_path / "base")], "--base", "does not exist"),
+    ]
+    for argv, flag, message in cases:
+        err = _cli_error(capsys, ["extract", *argv, *out])
+        assert f"error: {flag} " in err and message in err, err
+    assert loaded == [], "a wrong path must be found before the base model is loaded"
+    # a name that is not a local path may be a hub id: not refused up front (offline it then fails to load)
+    err = _cli_error(capsys, ["extract", *base, "--tuned", "no-such-org/no-such-model", *out])
+    assert "neither a local folder nor downloadable" in err
+    assert loaded == [str(tmp_path / "base"), "no-such-org/no-such-model"]
+    assert not (tmp_path / "adapter").exists()

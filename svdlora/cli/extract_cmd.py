@@ -52,6 +52,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import transformers  # torch, transformers and peft: imported once the flags are known good
 
+    from ..errors import SvdloraError
+    from ..evaluation.loading import check_model_path
     from ..extract import resolve_method
     from ..integrations.peft_adapter import require_peft, write_adapter
     from ..models import load_pretrained
@@ -69,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     output = check_output(args.output, args.overwrite, inputs=[args.base, args.tuned])  # before the slow loads
     check_calibration(args.calibration)
     resolve_method(config.method, None if args.calibration == NONE else args.calibration, config)  # before loading
+    for flag, name in (("--base", args.base), ("--tuned", args.tuned)):  # both, before the base's slow load
+        try:
+            check_model_path(name)
+        except SvdloraError as err:
+            raise SvdloraError(f"{flag} {name!r}: {err}") from None
 
     require_peft()  # before the slow loads
     if not args.progress:

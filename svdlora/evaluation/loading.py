@@ -114,12 +114,12 @@ def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> None:
 def skeleton(name: str) -> nn.Module:
     """The model a folder (svdlora or dense) or hub id holds, built on the meta device (no weights)."""
     from ..io import _build_skeleton, check_folder, is_compressed_folder
-    from ..models import check_dense_folder, hub_reachable
+    from ..models import hub_reachable
 
     path = Path(name).expanduser()
     if is_compressed_folder(path):
         return _build_skeleton(path, check_folder(path).get("base_model", {}))
-    return _dense_skeleton(path, name, check_dense_folder, hub_reachable)
+    return _dense_skeleton(path, name, hub_reachable)
 
 
 def infer_task(spec: Any) -> str:
@@ -139,18 +139,29 @@ def infer_task(spec: Any) -> str:
     return task
 
 
-def _dense_skeleton(path: Path, name: str, check_dense_folder, hub_reachable) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
+def check_model_path(name: str) -> None:
+    """The checks a dense model's name gets before anything is read, as ``load_pretrained`` makes them:
+    an existing path must be a model folder; a missing one is an error where it looks like a path
+    (``models.looks_like_path``: it starts with '.', '/' or '~', or has two '/'), else it may be a hub id.
+    The message leaves the name to the caller, who knows the flag."""
+    from ..models import check_dense_folder, looks_like_path
 
-    from ..models import looks_like_path, model_class
-
+    path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise SvdloraError("is a file, not a model folder: pass the folder that holds config.json")
         check_dense_folder(path, name)
     elif looks_like_path(name):
         raise SvdloraError("does not exist: check the path, or pass a hub id such as 'gpt2'")
+
+
+def _dense_skeleton(path: Path, name: str, hub_reachable) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from ..models import model_class
+
+    check_model_path(name)
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=not path.exists() and not hub_reachable())
     except (OSError, ValueError) as err:
