@@ -441,6 +441,31 @@ def test_image_folder_without_class_folders(vit, tmp_path, capsys):
     assert "no class subfolders" in msg
 
 
+def test_data_of_the_wrong_kind_for_the_task_says_so(gpt, vit, marian, capsys):
+    # an image folder given to a text task: was "--text-column 'text' is not a column of the dataset"
+    msg = _error([gpt["dense"], "--task", "text-generation", "--data", vit["images"]], capsys)
+    assert f"--data {vit['images']!r} is an image folder, but text-generation needs a text file" in msg
+    assert "--task image-classification" in msg
+    flat = str(Path(vit["images"]) / "cat")  # images without class subfolders
+    assert "is an image folder" in _error([gpt["dense"], "--task", "text-generation", "--data", flat], capsys)
+    for extra in ([], ["--references", marian["ref"]]):  # was a --source-column error / "is a folder"
+        msg = _error([marian["dense"], "--task", "translation", "--data", vit["images"], *extra], capsys)
+        assert "is an image folder, but translation needs a source-sentence file" in msg
+        assert "--task image-classification" in msg
+    # the mirror cases already said what was given and what the task needs
+    msg = _error([vit["dense"], "--task", "image-classification", "--data", gpt["text"]], capsys)
+    assert "is a file: image-classification reads a folder with one subfolder per class" in msg
+    msg = _error([marian["dense"], "--task", "translation", "--data", marian["src"]], capsys)
+    assert f"translation from the text file {marian['src']!r} needs --references FILE" in msg
+
+
+def test_folder_of_text_files_is_still_text(gpt, tmp_path, capsys):
+    (tmp_path / "part.txt").write_text(TEXT)
+    code, out, err = _cli([gpt["dense"], "--task", "text-generation", "--data", str(tmp_path), "--limit", "1"], capsys)
+    assert code == 0, err
+    assert "perplexity" in out
+
+
 def test_source_and_reference_line_counts_differ(marian, tmp_path, capsys):
     (tmp_path / "ref.txt").write_text("one\ntwo\n")
     msg = _error(

@@ -22,11 +22,17 @@ from tqdm.auto import tqdm
 from ..errors import SvdloraError, first_line
 from .measure import TaskRun, model_device, model_dtype, timed
 from .options import EvalOptions
-from .sources import DATASET_FILE_BUILDERS, check_exists, is_dataset, is_saved_dataset, open_dataset, pick_column
+from .sources import (
+    DATASET_FILE_BUILDERS,
+    IMAGE_SUFFIXES,
+    check_exists,
+    is_dataset,
+    is_saved_dataset,
+    open_dataset,
+    pick_column,
+)
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 @dataclass

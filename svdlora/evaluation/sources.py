@@ -18,6 +18,7 @@ from ..errors import SvdloraError, first_line
 logger = logging.getLogger(__name__)
 
 DATASET_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 def looks_like_path(data: str | Path) -> bool:
@@ -52,6 +53,37 @@ def is_dataset(data: Any) -> bool:
 def is_saved_dataset(path: Path) -> bool:
     """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
     return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
+def is_image_folder(path: Path) -> bool:
+    """A folder of images, directly or in class subfolders, with no text or table files beside them
+    (those would make it a folder ``datasets`` reads as text or as a table, e.g. captions in metadata.csv)."""
+    if not path.is_dir() or is_saved_dataset(path):
+        return False
+    data_suffixes = (".txt", ".gz", *DATASET_FILE_BUILDERS)
+    images = False
+    try:
+        for folder in (path, *(p for p in path.iterdir() if p.is_dir())):
+            for file in folder.iterdir():
+                suffix = file.suffix.lower()
+                if suffix in data_suffixes:
+                    return False
+                images = images or suffix in IMAGE_SUFFIXES
+    except OSError:  # unreadable: let the reader that opens it say so
+        return False
+    return images
+
+
+def refuse_image_folder(data: Any, task: str, needs: str) -> None:
+    """An error naming what ``--data`` is when a task that reads text is given an image folder.
+
+    Without it ``datasets`` opens the folder as an image dataset and the error is about a missing
+    text column, which does not say that the data is of the wrong kind."""
+    if not is_dataset(data) and is_image_folder(Path(str(data)).expanduser()):
+        raise SvdloraError(
+            f"--data {str(data)!r} is an image folder, but {task} needs {needs}; "
+            "image folders are data for --task image-classification"
+        )
 
 
 def read_lines(path: str | Path, flag: str) -> list[str]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import SvdloraError
 from .measure import TaskRun, model_device, timed
 from .options import MAX_LENGTH_CAP, EvalOptions
-from .sources import DATASET_FILE_BUILDERS, is_dataset, open_dataset, pick_column, read_text
+from .sources import DATASET_FILE_BUILDERS, is_dataset, open_dataset, pick_column, read_text, refuse_image_folder
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def load_text(opts: EvalOptions) -> str:
         path = Path(str(data)).expanduser()
         if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
             return read_text(path)
+    refuse_image_folder(data, "text-generation", "a text file (.txt, .gz) or a dataset with a text column")
     dataset = open_dataset(data, opts.split, opts.data_config)
     column = pick_column(dataset, opts.text_column, ("text",), "--text-column")
     # "\n\n".join as in the HF guide: documents stay separated by a blank line.

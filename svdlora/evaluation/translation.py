@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 from ..errors import SvdloraError
 from .measure import TaskRun, model_device, timed
 from .options import EvalOptions
-from .sources import DATASET_FILE_BUILDERS, column_values, is_dataset, open_dataset, pick_column, read_lines
+from .sources import (
+    DATASET_FILE_BUILDERS,
+    column_values,
+    is_dataset,
+    open_dataset,
+    pick_column,
+    read_lines,
+    refuse_image_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +39,9 @@ logger = logging.getLogger(__name__)
 def load_pairs(opts: EvalOptions) -> tuple[list[str], list[str]]:
     """Parallel source and reference sentences, the first ``limit`` of them."""
     data = opts.data
+    refuse_image_folder(
+        data, "translation", "a source-sentence file with --references, or a dataset with source and target columns"
+    )
     plain = False
     if not is_dataset(data):
         path = Path(str(data)).expanduser()
