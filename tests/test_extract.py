@@ -224,3 +224,30 @@ def test_bad_tuned_or_base_path_fails_before_any_model_loads(tmp_path, capsys, m
     assert "neither a local folder nor downloadable" in err
     assert loaded == [str(tmp_path / "base"), "no-such-org/no-such-model"]
     assert not (tmp_path / "adapter").exists()
+
+
+def test_adapter_compressed_folder_and_bad_regex_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import svdlora
+    from svdlora import models
+
+    base, tuned = _pair(tiny_llama)
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    write_adapter(base, tuned, tmp_path / "lora", rank=2, progress=False)  # a LoRA fine-tune, as peft saves it
+    compressed = copy.deepcopy(tuned)
+    report = svdlora.compress(compressed, budget=0.5, progress=False)
+    svdlora.save_compressed(compressed, tmp_path / "svd", report=report, source=tmp_path / "tuned")
+    loaded = []
+    monkeypatch.setattr(models, "load_pretrained", lambda name, **kw: loaded.append(name))
+    capsys.readouterr()
+    out = ["--output", str(tmp_path / "adapter"), "--rank", "2", "--no-progress"]
+    pair = ["--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned")]
+    err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "lora"), *out])
+    assert "--tuned" in err and "is a PEFT adapter, not a model: merge it into its base" in err  # was: no config.json
+    err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "svd"), "--tuned", str(tmp_path / "tuned"), *out])
+    assert "--base" in err and "extract compares two dense models" in err  # was: "compress the original model"
+    err = _cli_error(capsys, ["extract", *pair, *out, "--include", "q_proj", "re:(("])
+    assert "--include: invalid regex pattern 're:(('" in err  # was found after both loads, without the flag
+    err = _cli_error(capsys, ["extract", *pair, *out, "--exclude", "re:[a-"])
+    assert "--exclude: invalid regex pattern" in err
+    assert loaded == [] and not (tmp_path / "adapter").exists()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..config import CompressionConfig
+from ..errors import SvdloraError
 from . import options
 from .calibration_flags import NONE, add_calibration_flags, calibration_options, check_calibration, resolve_calibration
 
@@ -52,8 +54,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import transformers  # torch, transformers and peft: imported once the flags are known good
 
-    from ..errors import SvdloraError
-    from ..evaluation.loading import check_model_path
     from ..extract import resolve_method
     from ..integrations.peft_adapter import require_peft, write_adapter
     from ..models import load_pretrained
@@ -71,11 +71,7 @@ def run(args: argparse.Namespace) -> int:
     output = check_output(args.output, args.overwrite, inputs=[args.base, args.tuned])  # before the slow loads
     check_calibration(args.calibration)
     resolve_method(config.method, None if args.calibration == NONE else args.calibration, config)  # before loading
-    for flag, name in (("--base", args.base), ("--tuned", args.tuned)):  # both, before the base's slow load
-        try:
-            check_model_path(name)
-        except SvdloraError as err:
-            raise SvdloraError(f"{flag} {name!r}: {err}") from None
+    _check_inputs(args)  # both models' paths and the patterns, before the base's slow load
 
     require_peft()  # before the slow loads
     if not args.progress:
@@ -92,3 +88,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"WARNING: left out of the adapter: {name} ({why})", file=sys.stderr)
     print(f"\nwrote {output}", file=sys.stderr)
     return 0
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """What can be checked without loading a model: --base and --tuned as ``load_pretrained`` checks a
+    name first (``check_model_path``: the same local-path-or-hub-id rule), saying what extract needs for
+    the folders it cannot take; the --include / --exclude regexes, otherwise compiled after both loads."""
+    from ..evaluation.loading import check_model_path
+    from ..io import is_compressed_folder
+    from ..targets import matches
+
+    for flag, name in (("--base", args.base), ("--tuned", args.tuned)):
+        path = Path(name).expanduser()
+        if is_compressed_folder(path):
+            raise SvdloraError(
+                f"{flag} {name!r} is compressed by svdlora: extract compares two dense models; pass the folder or "
+                "hub id it was compressed from"
+            )
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise SvdloraError(
+                f"{flag} {name!r} is a PEFT adapter, not a model: merge it into its base "
+                "(PeftModel.from_pretrained(base, folder).merge_and_unload()), save_pretrained that and pass its folder"
+            )
+        try:
+            check_model_path(name)
+        except SvdloraError as err:
+            raise SvdloraError(f"{flag} {name!r}: {err}") from None
+    for flag, patterns in (("--include", args.include or []), ("--exclude", args.exclude)):
+        for pattern in patterns:
+            try:
+                matches("", pattern)  # a glob always compiles; a bad re: pattern raises here
+            except SvdloraError as err:
+                raise SvdloraError(f"{flag}: {err}") from None
