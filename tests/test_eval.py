@@ -459,6 +459,13 @@ def test_data_of_the_wrong_kind_for_the_task_says_so(gpt, vit, marian, capsys):
     assert f"translation from the text file {marian['src']!r} needs --references FILE" in msg
 
 
+def test_model_folder_given_as_data(gpt, marian, capsys):
+    # was: "... nor a dataset folder: An error occurred while generating the dataset"
+    for model, data in ((gpt["dense"], gpt["svd"]), (marian["dense"], marian["dense"])):
+        msg = _error([model, "--data", data], capsys)
+        assert f"--data {data!r} is a model folder (config.json), not data: pass models as MODEL" in msg
+
+
 def test_folder_of_text_files_is_still_text(gpt, tmp_path, capsys):
     (tmp_path / "part.txt").write_text(TEXT)
     code, out, err = _cli([gpt["dense"], "--task", "text-generation", "--data", str(tmp_path), "--limit", "1"], capsys)

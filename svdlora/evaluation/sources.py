@@ -130,6 +130,12 @@ def open_dataset(data: Any, split: str | None, config: str | None):
         path = Path(str(data)).expanduser()
         if looks_like_path(data):
             check_exists(data)
+        if path.is_dir() and (path / "config.json").is_file() and not is_saved_dataset(path):
+            # else datasets reads the weights and says only "An error occurred while generating the dataset"
+            raise SvdloraError(
+                f"--data {str(data)!r} is a model folder (config.json), not data: pass models as MODEL or "
+                "--baseline, and --data a text file, an image folder, a sentence file or a dataset"
+            )
         try:
             if is_saved_dataset(path):
                 loaded = datasets.load_from_disk(str(path))
