@@ -146,6 +146,21 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def check_model_path(name: str) -> Path | None:
+    """The checks a dense model's name gets before anything is read: an existing path must be a model
+    folder (returned); a missing one is an error where it looks like a path (``looks_like_path``), else
+    it may be a hub id (None). The message leaves the name to the caller, who knows the flag."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SvdloraError("is a file, not a model folder: pass the folder that holds config.json")
+        check_dense_folder(path, name)
+        return path
+    if looks_like_path(name):
+        raise SvdloraError("does not exist: check the path, or pass a hub id such as 'gpt2'")
+    return None
+
+
 def load_pretrained(
     name_or_path: str | Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
 ) -> nn.Module:
@@ -155,17 +170,12 @@ def load_pretrained(
         SvdloraError: the path is missing or not a model folder, or the hub id cannot be fetched.
     """
     name = str(name_or_path)
-    path = Path(name).expanduser()
     torch_dtype = parse_dtype(dtype)
-    if path.exists():
-        if not path.is_dir():
-            raise SvdloraError(f"model {name!r} is a file, not a model folder: pass the folder that holds config.json")
-        check_dense_folder(path, name)
-        source = str(path)
-    elif looks_like_path(name):
-        raise SvdloraError(f"model path {name!r} does not exist: check the path, or pass a hub id such as 'gpt2'")
-    else:
-        source = name
+    try:
+        folder = check_model_path(name)
+    except SvdloraError as err:
+        raise SvdloraError(f"model {name!r} {err}") from None
+    source = str(folder) if folder is not None else name
     # Offline, only the local hub cache can serve a hub id; asking it directly fails fast.
     local_only = source is name and not hub_reachable()
     try:

@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_inputs(args: argparse.Namespace) -> None:
     """What can be checked without loading a model: --base and --tuned as ``load_pretrained`` checks a
-    name first (``check_model_path``: the same local-path-or-hub-id rule), saying what extract needs for
+    name first (``models.check_model_path``: the same local-path-or-hub-id rule), saying what extract needs for
     the folders it cannot take; the --include / --exclude regexes, otherwise compiled after both loads."""
-    from ..evaluation.loading import check_model_path
     from ..io import is_compressed_folder
+    from ..models import check_model_path
     from ..targets import matches
 
     for flag, name in (("--base", args.base), ("--tuned", args.tuned)):

@@ -139,27 +139,11 @@ def infer_task(spec: Any) -> str:
     return task
 
 
-def check_model_path(name: str) -> None:
-    """The checks a dense model's name gets before anything is read, as ``load_pretrained`` makes them:
-    an existing path must be a model folder; a missing one is an error where it looks like a path
-    (``models.looks_like_path``: it starts with '.', '/' or '~', or has two '/'), else it may be a hub id.
-    The message leaves the name to the caller, who knows the flag."""
-    from ..models import check_dense_folder, looks_like_path
-
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise SvdloraError("is a file, not a model folder: pass the folder that holds config.json")
-        check_dense_folder(path, name)
-    elif looks_like_path(name):
-        raise SvdloraError("does not exist: check the path, or pass a hub id such as 'gpt2'")
-
-
 def _dense_skeleton(path: Path, name: str, hub_reachable) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from ..models import model_class
+    from ..models import check_model_path, model_class
 
     check_model_path(name)
     try:
