@@ -121,7 +121,7 @@ def _read_calibration_text(data: Any) -> str:
             raise SvdloraError(f"{FLAG} {str(data)!r} is a folder: this model calibrates on a text file or dataset")
         if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
             return read_text(path, FLAG)
-    dataset = open_dataset(data, None, None)
+    dataset = open_dataset(data, None, None, FLAG)
     column = pick_column(dataset, None, ("text", "sentence", "source"), FLAG)
     text = "\n\n".join(str(t) for t in column_values(dataset, column) if t is not None)
     if not text.strip():
@@ -166,7 +166,7 @@ def _image_batches(data, image_processor, samples: int) -> list[dict]:
         fetch = images.images
         total = len(images)
     else:
-        dataset = open_dataset(data, None, None)
+        dataset = open_dataset(data, None, None, FLAG)
         column = pick_column(dataset, None, ("image", "img", "pixel_values"), FLAG)
         dataset = dataset.select(range(min(samples, len(dataset))))
         total = len(dataset)
@@ -187,7 +187,7 @@ def _image_batches(data, image_processor, samples: int) -> list[dict]:
 def _seq2seq_batches(model, data, tokenizer, samples: int, length: int, progress: bool) -> list[dict]:
     tokenizer = _need(tokenizer, "tokenizer")
     if is_dataset(data) or Path(str(data)).suffix.lower() in DATASET_FILE_BUILDERS:
-        dataset = open_dataset(data, None, None)
+        dataset = open_dataset(data, None, None, FLAG)
         column = pick_column(dataset, None, ("source", "src", "text", "sentence"), FLAG)
         sentences = [str(s) for s in column_values(dataset, column)]
     else:

@@ -503,3 +503,18 @@ def test_self_calibration_of_an_image_model_is_refused_in_plain_words():
 
     with pytest.raises(svdlora.SvdloraError, match="needs a causal language model; this is an image model"):
         svdlora.compress(TINY_MODELS["vit"]().eval(), budget=0.5, calibration="self", progress=False)
+
+
+def test_calibration_data_errors_name_the_calibration_flag(monkeypatch):
+    """Calibration data goes through the evaluation's dataset reader; its errors name --calibration,
+    the flag the user gave, not eval's --data."""
+    from svdlora.calibration_data import calibration_batches
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = "no-such-org/no-such-dataset"  # neither a local path nor a cached hub dataset
+    model, tokenizer = word_gpt2(["a", "b"])
+    with pytest.raises(SvdloraError) as err:
+        calibration_batches(model, data, tokenizer, samples=2, length=16)
+    assert str(err.value).startswith(f"--calibration {data!r}"), str(err.value)
+    assert "--data" not in str(err.value)

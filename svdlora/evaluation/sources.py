@@ -118,23 +118,25 @@ def read_text(path: str | Path, flag: str = "--data") -> str:
     return text
 
 
-def open_dataset(data: Any, split: str | None, config: str | None):
-    """A single ``datasets.Dataset`` split from any of the accepted dataset forms."""
+def open_dataset(data: Any, split: str | None, config: str | None, flag: str = "--data"):
+    """A single ``datasets.Dataset`` split from any of the accepted dataset forms (``flag``: the option
+    that gave ``data``, named in the errors)."""
     try:
         import datasets
     except ImportError:
-        raise SvdloraError(f"--data {data!r} needs the `datasets` package: pip install datasets") from None
+        raise SvdloraError(f"{flag} {data!r} needs the `datasets` package: pip install datasets") from None
     if is_dataset(data):
         loaded = data
     else:
         path = Path(str(data)).expanduser()
         if looks_like_path(data):
-            check_exists(data)
+            check_exists(data, flag)
         if path.is_dir() and (path / "config.json").is_file() and not is_saved_dataset(path):
             # else datasets reads the weights and says only "An error occurred while generating the dataset"
+            where = "pass models as MODEL or --baseline, and --data" if flag == "--data" else "pass"
             raise SvdloraError(
-                f"--data {str(data)!r} is a model folder (config.json), not data: pass models as MODEL or "
-                "--baseline, and --data a text file, an image folder, a sentence file or a dataset"
+                f"{flag} {str(data)!r} is a model folder (config.json), not data: {where} a text file, an image "
+                "folder, a sentence file or a dataset"
             )
         try:
             if is_saved_dataset(path):
@@ -145,10 +147,10 @@ def open_dataset(data: Any, split: str | None, config: str | None):
                 loaded = datasets.load_dataset(str(data), config, split=split)
         except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
             if path.exists():
-                message = f"--data {str(data)!r} is not a file or folder this task reads, nor a dataset folder"
+                message = f"{flag} {str(data)!r} is not a file or folder this task reads, nor a dataset folder"
             else:
                 message = (
-                    f"--data {str(data)!r} does not exist as a local file or folder, and `datasets` could not "
+                    f"{flag} {str(data)!r} does not exist as a local file or folder, and `datasets` could not "
                     "load it as a hub dataset (offline, or no such dataset?)"
                 )
             raise SvdloraError(f"{message}: {first_line(err)}") from None
@@ -159,7 +161,7 @@ def open_dataset(data: Any, split: str | None, config: str | None):
             raise SvdloraError(f"--split {split!r} is not a split of {str(data)!r}: pass --split one of {names}")
         loaded = loaded[chosen]
     if len(loaded) == 0:
-        raise SvdloraError(f"--data {str(data)!r} (split {split!r}) has no rows")
+        raise SvdloraError(f"{flag} {str(data)!r} (split {split!r}) has no rows")
     return loaded
 
 
