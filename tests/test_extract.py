@@ -219,11 +219,30 @@ def test_bad_tuned_or_base_path_fails_before_any_model_loads(tmp_path, capsys, m
         err = _cli_error(capsys, ["extract", *argv, *out])
         assert f"error: {flag} " in err and message in err, err
     assert loaded == [], "a wrong path must be found before the base model is loaded"
-    # a name that is not a local path may be a hub id: not refused up front (offline it then fails to load)
+    # a name that is not a local path may be a hub id: its config is asked for (offline: from the cache)
     err = _cli_error(capsys, ["extract", *base, "--tuned", "no-such-org/no-such-model", *out])
-    assert "neither a local folder nor downloadable" in err
-    assert loaded == [str(tmp_path / "base"), "no-such-org/no-such-model"]
-    assert not (tmp_path / "adapter").exists()
+    assert "error: --tuned 'no-such-org/no-such-model': cannot read its config" in err, err
+    assert loaded == [] and not (tmp_path / "adapter").exists()
+
+
+def test_mismatched_pair_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """Architecture, vocabulary and shapes are compared on the meta device, from the configs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from svdlora import models
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    wider = tiny_llama().config.to_dict() | {"intermediate_size": 80}
+    LlamaForCausalLM(LlamaConfig(**wider)).save_pretrained(tmp_path / "wider")
+    loaded = []
+    monkeypatch.setattr(models, "load_pretrained", lambda name, **kw: loaded.append(name))
+    capsys.readouterr()
+    out = ["--output", str(tmp_path / "adapter"), "--rank", "2", "--no-progress"]
+    for tuned, message in (("gpt2", "differ in architecture"), ("wider", "is (64, 32) in base and (80, 32) in tuned")):
+        err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / tuned), *out])
+        assert message in err, err
+    assert loaded == [] and not (tmp_path / "adapter").exists()
 
 
 def test_adapter_compressed_folder_and_bad_regex_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):

@@ -114,9 +114,30 @@ def _check_inputs(args: argparse.Namespace) -> None:
             check_model_path(name)
         except SvdloraError as err:
             raise SvdloraError(f"{flag} {name!r}: {err}") from None
+    if not args.trust_remote_code:  # (its own code is not run before the load)
+        _check_pair_on_meta(args)
     for flag, patterns in (("--include", args.include or []), ("--exclude", args.exclude)):
         for pattern in patterns:
             try:
                 matches("", pattern)  # a glob always compiles; a bad re: pattern raises here
             except SvdloraError as err:
                 raise SvdloraError(f"{flag}: {err}") from None
+
+
+def _check_pair_on_meta(args: argparse.Namespace) -> None:
+    """Both models built on the meta device from their configs (no weights read) and compared as the
+    loaded ones are (``extract.check_pair``): a hub id that cannot be fetched, or a pair of different
+    architectures, vocabularies or shapes, is refused before the slow loads. A model whose meta build
+    fails for another reason is left to the real load to judge."""
+    from ..evaluation.loading import skeleton
+    from ..extract import check_pair
+
+    models = []
+    for flag, name in (("--base", args.base), ("--tuned", args.tuned)):
+        try:
+            models.append(skeleton(name))
+        except SvdloraError as err:  # the config cannot be read: the load would fail the same way
+            raise SvdloraError(f"{flag} {name!r}: {err}") from None
+        except Exception:  # noqa: BLE001  only an early check: the load says what is wrong, if anything
+            return
+    check_pair(*models)
