@@ -459,6 +459,20 @@ def test_data_of_the_wrong_kind_for_the_task_says_so(gpt, vit, marian, capsys):
     assert f"translation from the text file {marian['src']!r} needs --references FILE" in msg
 
 
+def test_dataset_options_with_plain_data_are_refused(gpt, vit, marian, capsys):
+    """--split, --data-config and the column flags read a dataset; with a plain text file, sentence
+    file or image folder they would be ignored without a word: refused, naming them."""
+    msg = _error([gpt["dense"], "--data", gpt["text"], "--split", "test"], capsys)
+    want = f"--split applies to datasets, and --data {gpt['text']!r} is a plain text file, read whole: drop it"
+    assert msg.endswith(want), msg
+    msg = _error([gpt["dense"], "--data", gpt["text"], "--data-config", "x", "--text-column", "body"], capsys)
+    assert "--data-config and --text-column apply to datasets" in msg and msg.endswith("drop them")
+    msg = _error([vit["dense"], "--data", vit["images"], "--label-column", "fine_label"], capsys)
+    assert f"--label-column applies to datasets, and --data {vit['images']!r} is an image folder" in msg
+    argv = [marian["dense"], "--data", marian["src"], "--references", marian["ref"], "--source-column", "de"]
+    assert "--source-column applies to datasets" in _error(argv, capsys)
+
+
 def test_model_folder_given_as_data(gpt, marian, capsys):
     # was: "... nor a dataset folder: An error occurred while generating the dataset"
     for model, data in ((gpt["dense"], gpt["svd"]), (marian["dense"], marian["dense"])):

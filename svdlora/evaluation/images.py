@@ -30,6 +30,7 @@ from .sources import (
     is_saved_dataset,
     open_dataset,
     pick_column,
+    refuse_dataset_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ def load_images(opts: EvalOptions) -> ImageData:
     if not is_dataset(data):
         path = Path(str(data)).expanduser()
         if path.is_dir() and not is_saved_dataset(path):
+            given = {"--split": opts.split, "--data-config": opts.data_config, "--image-column": opts.image_column,
+                     "--label-column": opts.label_column}  # fmt: skip
+            refuse_dataset_options(data, given, "an image folder (one subfolder per class)")
             return image_folder(path, opts.limit)
         if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
             raise SvdloraError(

@@ -86,6 +86,17 @@ def refuse_image_folder(data: Any, task: str, needs: str) -> None:
         )
 
 
+def refuse_dataset_options(data: Any, given: dict[str, Any], what: str) -> None:
+    """Options only a dataset reads ({flag: value}, None where not given), given with plain data that
+    would ignore them: refused rather than silently ignored."""
+    named = [flag for flag, value in given.items() if value is not None]
+    if named:
+        raise SvdloraError(
+            f"{' and '.join(named)} {'apply' if len(named) > 1 else 'applies'} to datasets, and --data "
+            f"{str(data)!r} is {what}: drop {'them' if len(named) > 1 else 'it'}"
+        )
+
+
 def read_lines(path: str | Path, flag: str) -> list[str]:
     """Lines of a UTF-8 text file (gzipped when it ends in .gz), without line endings."""
     path = check_exists(path, flag)

@@ -30,7 +30,15 @@ from tqdm.auto import tqdm
 from ..errors import SvdloraError
 from .measure import TaskRun, model_device, timed
 from .options import MAX_LENGTH_CAP, EvalOptions
-from .sources import DATASET_FILE_BUILDERS, is_dataset, open_dataset, pick_column, read_text, refuse_image_folder
+from .sources import (
+    DATASET_FILE_BUILDERS,
+    is_dataset,
+    open_dataset,
+    pick_column,
+    read_text,
+    refuse_dataset_options,
+    refuse_image_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +60,9 @@ def load_text(opts: EvalOptions) -> str:
     if not is_dataset(data):
         path = Path(str(data)).expanduser()
         if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
+            column = opts.text_column if opts.text_column != "text" else None  # "text": the default
+            given = {"--split": opts.split, "--data-config": opts.data_config, "--text-column": column}
+            refuse_dataset_options(data, given, "a plain text file, read whole")
             return read_text(path)
     refuse_image_folder(data, "text-generation", "a text file (.txt, .gz) or a dataset with a text column")
     dataset = open_dataset(data, opts.split, opts.data_config)

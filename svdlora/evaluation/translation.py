@@ -30,6 +30,7 @@ from .sources import (
     open_dataset,
     pick_column,
     read_lines,
+    refuse_dataset_options,
     refuse_image_folder,
 )
 
@@ -49,6 +50,9 @@ def load_pairs(opts: EvalOptions) -> tuple[list[str], list[str]]:
     if plain or (opts.references is not None and not is_dataset(data)):
         if opts.references is None:
             raise SvdloraError(f"translation from {str(data)!r} needs --references FILE (one sentence per line)")
+        given = {"--split": opts.split, "--data-config": opts.data_config, "--source-column": opts.source_column,
+                 "--target-column": opts.target_column}  # fmt: skip
+        refuse_dataset_options(data, given, "a plain sentence file")
         sources = read_lines(data, "--data")
         references = read_lines(opts.references, "--references")
         if len(sources) != len(references):
