@@ -62,15 +62,18 @@ GRAPH_CALLS = 20  # calls captured per CUDA graph: one replay's launch is shared
 
 
 def replayed(fn, calls: int = GRAPH_CALLS, warmups: int = 1):
-    """``fn``'s kernels ``calls`` times over, captured in one CUDA graph; returns its replay."""
-    stream = torch.cuda.Stream()
+    """``fn``'s kernels ``calls`` times over, captured in one CUDA graph on the current device; returns
+    its replay."""
+    stream = torch.cuda.Stream()  # on the current device (measure sets the layer's)
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up off the capture (cuBLAS workspaces, lazy init)
         for _ in range(warmups):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # captured on the stream just warmed up: torch.cuda.graph's own default stream is made once, on
+    # whichever GPU was current at the first capture, and a second GPU's kernels would escape it
+    with torch.cuda.graph(graph, stream=stream):
         for _ in range(calls):
             fn()
     return graph.replay

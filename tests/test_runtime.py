@@ -1,5 +1,7 @@
 """--runtime auto: each layer runs in the layout that is faster, measured on its device."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -205,3 +207,35 @@ def test_pairs_larger_than_dense_are_warned_about(caplog):
         apply_runtime(model, "pairs")
     warned = [r.getMessage() for r in caplog.records if "more values as pairs than dense" in r.getMessage()]
     assert len(warned) == 1 and "1 layers" in warned[0] and "full" in warned[0]
+
+
+def test_replayed_captures_on_the_stream_it_warmed_up_on(monkeypatch):
+    """torch.cuda.graph's default capture stream is created once, on the GPU current at the first
+    capture: a layer on another GPU (device_map) would launch its kernels outside the capture. The
+    capture uses the stream made on the layer's device, the one the warm-up ran on."""
+    made, captures = [], []
+
+    class FakeStream:
+        def __init__(self):
+            made.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    class FakeGraph:
+        def replay(self):
+            pass
+
+    def fake_graph(graph, pool=None, stream=None, **kwargs):
+        captures.append(stream)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    calls = []
+    runtime_module.replayed(lambda: calls.append(1), calls=3, warmups=2)
+    assert len(calls) == 2 + 3
+    assert captures == [made[0]], "captured on torch.cuda.graph's default stream, not the warm-up's"
