@@ -154,7 +154,10 @@ def check_model_path(name: str) -> Path | None:
     if path.exists():
         if not path.is_dir():
             raise SvdloraError("is a file, not a model folder: pass the folder that holds config.json")
-        check_dense_folder(path, name)
+        try:
+            check_dense_folder(path, name)
+        except SvdloraError as err:  # its messages start with the name, which the caller adds
+            raise SvdloraError(str(err).removeprefix(f"{name!r} ")) from None
         return path
     if looks_like_path(name):
         raise SvdloraError("does not exist: check the path, or pass a hub id such as 'gpt2'")

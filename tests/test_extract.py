@@ -270,3 +270,19 @@ def test_adapter_compressed_folder_and_bad_regex_fail_before_any_model_loads(tmp
     err = _cli_error(capsys, ["extract", *pair, *out, "--exclude", "re:[a-"])
     assert "--exclude: invalid regex pattern" in err
     assert loaded == [] and not (tmp_path / "adapter").exists()
+
+
+def test_a_folder_that_is_not_a_model_is_named_once(tmp_path, capsys):
+    """check_model_path leaves the name to its caller; the folder checks it runs must not name it too."""
+    from svdlora.models import load_pretrained
+
+    empty = str(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SvdloraError) as err:
+        load_pretrained(empty)
+    assert str(err.value).startswith(f"model {empty!r} is not a model folder"), str(err.value)
+    assert str(err.value).count(repr(empty)) == 1, str(err.value)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    out = ["--output", str(tmp_path / "adapter"), "--rank", "2", "--no-progress"]
+    err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", empty, *out])
+    assert f"--tuned {empty!r}: is not a model folder" in err and err.count(repr(empty)) == 1, err
