@@ -487,6 +487,19 @@ def test_folder_of_text_files_is_still_text(gpt, tmp_path, capsys):
     assert "perplexity" in out
 
 
+def test_dataset_folder_with_pictures_beside_its_data_is_still_text(gpt, tmp_path, capsys):
+    """A hub dataset's snapshot: README, an assets/ folder of pictures, and its data two levels down
+    (data/<split>/*.jsonl). ``datasets`` reads it as text; it is not an image folder."""
+    (tmp_path / "assets").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "assets" / "logo.png")
+    (tmp_path / "README.md").write_text("a dataset card")
+    (tmp_path / "data" / "test").mkdir(parents=True)
+    (tmp_path / "data" / "test" / "part.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
+    code, out, err = _cli([gpt["dense"], "--task", "text-generation", "--data", str(tmp_path), "--limit", "1"], capsys)
+    assert code == 0, err
+    assert "perplexity" in out
+
+
 def test_source_and_reference_line_counts_differ(marian, tmp_path, capsys):
     (tmp_path / "ref.txt").write_text("one\ntwo\n")
     msg = _error(

@@ -56,19 +56,19 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def is_image_folder(path: Path) -> bool:
-    """A folder of images, directly or in class subfolders, with no text or table files beside them
-    (those would make it a folder ``datasets`` reads as text or as a table, e.g. captions in metadata.csv)."""
+    """A folder of images, directly or in class subfolders, with no text or table files anywhere below
+    it (those would make it a folder ``datasets`` reads as text or as a table, e.g. captions in
+    metadata.csv, or a hub dataset's data/<split>/*.parquet beside an assets/ folder of pictures)."""
     if not path.is_dir() or is_saved_dataset(path):
         return False
     data_suffixes = (".txt", ".gz", *DATASET_FILE_BUILDERS)
     images = False
     try:
-        for folder in (path, *(p for p in path.iterdir() if p.is_dir())):
-            for file in folder.iterdir():
-                suffix = file.suffix.lower()
-                if suffix in data_suffixes:
-                    return False
-                images = images or suffix in IMAGE_SUFFIXES
+        for file in path.rglob("*"):  # datasets reads a folder's files at any depth
+            suffix = file.suffix.lower()
+            if suffix in data_suffixes:
+                return False
+            images = images or (suffix in IMAGE_SUFFIXES and len(file.relative_to(path).parts) <= 2)
     except OSError:  # unreadable: let the reader that opens it say so
         return False
     return images
