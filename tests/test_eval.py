@@ -473,6 +473,26 @@ def test_dataset_options_with_plain_data_are_refused(gpt, vit, marian, capsys):
     assert "--source-column applies to datasets" in _error(argv, capsys)
 
 
+def test_image_dataset_folder_with_split_is_read_as_a_dataset(vit, tmp_path, capsys):
+    """A folder that is not one of class subfolders (a hub image dataset's copy: data/<split>.parquet)
+    given with --split is read by ``datasets``, with the split; a class-subfolder image folder given
+    --split is refused, since it would ignore it; a model folder as --data says so for this task too."""
+    import datasets
+
+    images = datasets.load_dataset("imagefolder", data_dir=vit["images"], split="train")
+    (tmp_path / "data").mkdir()
+    images.to_parquet(str(tmp_path / "data" / "test-00000.parquet"))
+    code, out, err = _cli(
+        [vit["dense"], "--task", "image-classification", "--data", str(tmp_path), "--split", "test"], capsys
+    )
+    assert code == 0, err
+    assert "accuracy" in out
+    msg = _error([vit["dense"], "--data", vit["images"], "--split", "test"], capsys)
+    assert "--split applies to datasets" in msg and "is an image folder" in msg
+    msg = _error([vit["dense"], "--task", "image-classification", "--data", vit["dense"]], capsys)
+    assert f"--data {vit['dense']!r} is a model folder (config.json), not data" in msg
+
+
 def test_model_folder_given_as_data(gpt, marian, capsys):
     # was: "... nor a dataset folder: An error occurred while generating the dataset"
     for model, data in ((gpt["dense"], gpt["svd"]), (marian["dense"], marian["dense"])):

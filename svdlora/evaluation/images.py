@@ -27,10 +27,12 @@ from .sources import (
     IMAGE_SUFFIXES,
     check_exists,
     is_dataset,
+    is_image_folder,
     is_saved_dataset,
     open_dataset,
     pick_column,
     refuse_dataset_options,
+    refuse_model_folder,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,10 +75,15 @@ def load_images(opts: EvalOptions) -> ImageData:
     if not is_dataset(data):
         path = Path(str(data)).expanduser()
         if path.is_dir() and not is_saved_dataset(path):
+            refuse_model_folder(data)
             given = {"--split": opts.split, "--data-config": opts.data_config, "--image-column": opts.image_column,
                      "--label-column": opts.label_column}  # fmt: skip
-            refuse_dataset_options(data, given, "an image folder (one subfolder per class)")
-            return image_folder(path, opts.limit)
+            if all(value is None for value in given.values()):
+                return image_folder(path, opts.limit)
+            # dataset options: a folder of class subfolders would ignore them; any other folder (a hub
+            # dataset's copy, data/<split>/*.parquet) is read as a dataset, with them
+            if is_image_folder(path):
+                refuse_dataset_options(data, given, "an image folder (one subfolder per class)")
         if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
             raise SvdloraError(
                 f"--data {str(data)!r} is a file: image-classification reads a folder with one subfolder "

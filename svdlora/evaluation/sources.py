@@ -86,6 +86,17 @@ def refuse_image_folder(data: Any, task: str, needs: str) -> None:
         )
 
 
+def refuse_model_folder(data: Any, flag: str = "--data") -> None:
+    """An error naming what ``data`` is when it is a model folder (config.json, not a saved dataset)."""
+    path = Path(str(data)).expanduser()
+    if not is_dataset(data) and path.is_dir() and (path / "config.json").is_file() and not is_saved_dataset(path):
+        where = "pass models as MODEL or --baseline, and --data" if flag == "--data" else "pass"
+        raise SvdloraError(
+            f"{flag} {str(data)!r} is a model folder (config.json), not data: {where} a text file, an image "
+            "folder, a sentence file or a dataset"
+        )
+
+
 def refuse_dataset_options(data: Any, given: dict[str, Any], what: str) -> None:
     """Options only a dataset reads ({flag: value}, None where not given), given with plain data that
     would ignore them: refused rather than silently ignored."""
@@ -142,13 +153,7 @@ def open_dataset(data: Any, split: str | None, config: str | None, flag: str = "
         path = Path(str(data)).expanduser()
         if looks_like_path(data):
             check_exists(data, flag)
-        if path.is_dir() and (path / "config.json").is_file() and not is_saved_dataset(path):
-            # else datasets reads the weights and says only "An error occurred while generating the dataset"
-            where = "pass models as MODEL or --baseline, and --data" if flag == "--data" else "pass"
-            raise SvdloraError(
-                f"{flag} {str(data)!r} is a model folder (config.json), not data: {where} a text file, an image "
-                "folder, a sentence file or a dataset"
-            )
+        refuse_model_folder(data, flag)  # else datasets reads the weights and says only "An error occurred ..."
         try:
             if is_saved_dataset(path):
                 loaded = datasets.load_from_disk(str(path))
