@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .choices import AUTO_RUNTIMES, RUNTIMES
-from .errors import SvdloraError
+from .errors import SvdloraError, first_line
 from .layers import LowRankLinear, factor_layout
 from .pivoted import PivotedLowRankLinear
 
@@ -119,7 +119,13 @@ def measure(
     calls = 1
     with torch.no_grad(), torch.cuda.device(device) if cuda else contextlib.nullcontext():  # capture on its GPU
         if graphs and cuda:
-            layouts, calls = {name: replayed(f) for name, f in layouts.items()}, GRAPH_CALLS
+            try:
+                layouts, calls = {name: replayed(f) for name, f in layouts.items()}, GRAPH_CALLS
+            except RuntimeError as err:  # a capture the driver or a library refuses: said, not a raw traceback
+                raise SvdloraError(
+                    f"CUDA-graph capture of a {out_features}x{in_features} rank-{rank} layer failed on {device} "
+                    f"({first_line(err)}): load with runtime='auto' (eager timing) instead"
+                ) from None
         one = sum(_best_time(lambda f=f: (f(), sync()), 1, 3) for f in layouts.values())
         inner = max(1, min(200, int(2e-3 / max(one / len(layouts), 1e-7))))  # ~2 ms per timing: above timer noise
         times = {name: [] for name in layouts}

@@ -239,3 +239,23 @@ def test_replayed_captures_on_the_stream_it_warmed_up_on(monkeypatch):
     runtime_module.replayed(lambda: calls.append(1), calls=3, warmups=2)
     assert len(calls) == 2 + 3
     assert captures == [made[0]], "captured on torch.cuda.graph's default stream, not the warm-up's"
+
+
+def test_a_failed_capture_is_one_clear_error(monkeypatch):
+    """A capture the driver refuses ends in a SvdloraError that names the way out (eager timing), not a
+    raw RuntimeError after the whole load. The CUDA path is entered with a fake device check."""
+
+    def refuse(fn, *a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(runtime_module, "replayed", refuse)
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: real_to(t, *[x for x in a if x != "cuda:7"], **k))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    measure.cache_clear()
+    with pytest.raises(
+        SvdloraError, match=r"capture of a 64x32 rank-4 layer failed on cuda:7 \(operation not permitted"
+    ):
+        measure(64, 32, 4, "cuda:7", torch.float32, 1, False, True)
+    measure.cache_clear()
