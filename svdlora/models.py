@@ -154,10 +154,7 @@ def check_model_path(name: str) -> Path | None:
     if path.exists():
         if not path.is_dir():
             raise SvdloraError("is a file, not a model folder: pass the folder that holds config.json")
-        try:
-            check_dense_folder(path, name)
-        except SvdloraError as err:  # its messages start with the name, which the caller adds
-            raise SvdloraError(str(err).removeprefix(f"{name!r} ")) from None
+        check_dense_folder(path)
         return path
     if looks_like_path(name):
         raise SvdloraError("does not exist: check the path, or pass a hub id such as 'gpt2'")
@@ -245,33 +242,37 @@ def check_loading_info(info: dict, name: str, cls_name: str) -> None:
         )
 
 
-def check_dense_folder(path: Path, name: str) -> None:
-    """Refuse svdlora folders and unfinished outputs before transformers fills gaps with random weights."""
+def check_dense_folder(path: Path, name: str | None = None) -> None:
+    """Refuse svdlora folders and unfinished outputs before transformers fills gaps with random weights.
+    The messages start with ``name`` (quoted); without it, with the verb, for a caller that names the
+    folder its own way (``check_model_path``)."""
     from .outputs import SVDLORA_CONFIG, is_incomplete
 
+    who = f"{name!r} " if name is not None else ""
     if is_incomplete(path):
         raise SvdloraError(
-            f"{name!r} is the unfinished temporary folder of an interrupted svdlora run: pass a finished folder"
+            f"{who}is the unfinished temporary folder of an interrupted svdlora run: pass a finished folder"
         )
     if (path / SVDLORA_CONFIG).is_file():
         raise SvdloraError(
-            f"{name!r} is already compressed by svdlora: compress the original model, or load this folder "
+            f"{who}is already compressed by svdlora: compress the original model, or load this folder "
             "with svdlora.load_compressed"
         )
     if not (path / "config.json").is_file():
-        raise SvdloraError(f"{name!r} is not a model folder (no config.json): pass a folder written by save_pretrained")
+        raise SvdloraError(f"{who}is not a model folder (no config.json): pass a folder written by save_pretrained")
     if not any(f.suffix in WEIGHT_SUFFIXES for f in path.iterdir()):
-        raise SvdloraError(f"{name!r} has a config.json but no weight files: the folder is incomplete")
+        raise SvdloraError(f"{who}has a config.json but no weight files: the folder is incomplete")
     for file in sorted(path.glob("*.safetensors")):
         try:
             _, metadata = read_header(file)  # not safe_open: it maps the whole file (ulimit -v)
         except (OSError, ValueError) as err:
             raise SvdloraError(
-                f"{str(file)!r} is corrupted or truncated ({first_line(err)}): restore or re-download it"
+                f"{who}has a file {file.name!r} that is corrupted or truncated ({first_line(err)}): "
+                "restore or re-download it"
             ) from None
         if "svdlora_format_version" in metadata:
             raise SvdloraError(
-                f"{name!r} holds svdlora factors but no {SVDLORA_CONFIG}: the folder is incomplete; "
+                f"{who}holds svdlora factors but no {SVDLORA_CONFIG}: the folder is incomplete; "
                 "restore that file or re-run `svdlora compress`"
             )
 

@@ -286,3 +286,18 @@ def test_a_folder_that_is_not_a_model_is_named_once(tmp_path, capsys):
     out = ["--output", str(tmp_path / "adapter"), "--rank", "2", "--no-progress"]
     err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", empty, *out])
     assert f"--tuned {empty!r}: is not a model folder" in err and err.count(repr(empty)) == 1, err
+
+
+def test_a_home_relative_folder_is_compared_on_the_meta_device(tmp_path, capsys, monkeypatch):
+    """'~/folder' (quoted, so no shell expanded it) is the same folder to the meta comparison as to the
+    load: it used to reach AutoConfig unexpanded and be refused as a malformed hub id."""
+    from svdlora import models
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    monkeypatch.setattr(models, "load_pretrained", lambda name, **kw: pytest.fail("loaded before the check"))
+    capsys.readouterr()
+    out = ["--output", str(tmp_path / "adapter"), "--rank", "2", "--no-progress"]
+    err = _cli_error(capsys, ["extract", "--base", "~/base", "--tuned", "~/gpt2", *out])
+    assert "differ in architecture" in err, err

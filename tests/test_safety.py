@@ -254,7 +254,9 @@ def test_a_stage_the_config_does_not_list_is_refused(work):
 def test_truncated_safetensors_is_one_line(work, capsys):
     weights = work / "dense" / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:1000])
-    refused(capsys, "compress", work / "dense", "--output", work / "out", match="is corrupted or truncated")
+    line = refused(capsys, "compress", work / "dense", "--output", work / "out", match="is corrupted or truncated")
+    assert line.count(str(work / "dense")) == 1, line  # the folder named once, the file by its name
+    assert f"has a file {WEIGHTS_NAME!r}" in line, line
     refused(capsys, "eval", work / "dense", "--task", "text-generation", "--data", work / "text.txt", match="corrupt")
 
 

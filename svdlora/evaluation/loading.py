@@ -114,12 +114,11 @@ def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> None:
 def skeleton(name: str) -> nn.Module:
     """The model a folder (svdlora or dense) or hub id holds, built on the meta device (no weights)."""
     from ..io import _build_skeleton, check_folder, is_compressed_folder
-    from ..models import hub_reachable
 
     path = Path(name).expanduser()
     if is_compressed_folder(path):
         return _build_skeleton(path, check_folder(path).get("base_model", {}))
-    return _dense_skeleton(path, name, hub_reachable)
+    return _dense_skeleton(name)
 
 
 def infer_task(spec: Any) -> str:
@@ -139,15 +138,16 @@ def infer_task(spec: Any) -> str:
     return task
 
 
-def _dense_skeleton(path: Path, name: str, hub_reachable) -> nn.Module:
+def _dense_skeleton(name: str) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from ..models import check_model_path, model_class
+    from ..models import check_model_path, hub_reachable, model_class
 
-    check_model_path(name)
+    folder = check_model_path(name)  # the local folder (its '~' expanded), or None for a hub id
+    source = str(folder) if folder is not None else name
     try:
-        config = AutoConfig.from_pretrained(name, local_files_only=not path.exists() and not hub_reachable())
+        config = AutoConfig.from_pretrained(source, local_files_only=folder is None and not hub_reachable())
     except (OSError, ValueError) as err:
         raise SvdloraError(f"cannot read its config ({first_line(err)})") from None
     with init_empty_weights():
