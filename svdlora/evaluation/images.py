@@ -26,6 +26,7 @@ from .sources import (
     DATASET_FILE_BUILDERS,
     IMAGE_SUFFIXES,
     check_exists,
+    dataset_options,
     is_dataset,
     is_image_folder,
     is_saved_dataset,
@@ -76,8 +77,7 @@ def load_images(opts: EvalOptions) -> ImageData:
         path = Path(str(data)).expanduser()
         if path.is_dir() and not is_saved_dataset(path):
             refuse_model_folder(data)
-            given = {"--split": opts.split, "--data-config": opts.data_config, "--image-column": opts.image_column,
-                     "--label-column": opts.label_column}  # fmt: skip
+            given = dataset_options(opts, {"--image-column": opts.image_column, "--label-column": opts.label_column})
             if all(value is None for value in given.values()):
                 return image_folder(path, opts.limit)
             # dataset options: a folder of class subfolders would ignore them; any other folder (a hub

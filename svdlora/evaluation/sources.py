@@ -97,6 +97,12 @@ def refuse_model_folder(data: Any, flag: str = "--data") -> None:
         )
 
 
+def dataset_options(opts: Any, columns: dict[str, Any]) -> dict[str, Any]:
+    """The options only a dataset reads, {flag: value} (None where not given): --split, --data-config
+    and the task's ``columns``."""
+    return {"--split": opts.split, "--data-config": opts.data_config, **columns}
+
+
 def refuse_dataset_options(data: Any, given: dict[str, Any], what: str) -> None:
     """Options only a dataset reads ({flag: value}, None where not given), given with plain data that
     would ignore them: refused rather than silently ignored."""

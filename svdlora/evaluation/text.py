@@ -32,6 +32,7 @@ from .measure import TaskRun, model_device, timed
 from .options import MAX_LENGTH_CAP, EvalOptions
 from .sources import (
     DATASET_FILE_BUILDERS,
+    dataset_options,
     is_dataset,
     open_dataset,
     pick_column,
@@ -61,7 +62,7 @@ def load_text(opts: EvalOptions) -> str:
         path = Path(str(data)).expanduser()
         if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
             column = opts.text_column if opts.text_column != "text" else None  # "text": the default
-            given = {"--split": opts.split, "--data-config": opts.data_config, "--text-column": column}
+            given = dataset_options(opts, {"--text-column": column})
             refuse_dataset_options(data, given, "a plain text file, read whole")
             return read_text(path)
     refuse_image_folder(data, "text-generation", "a text file (.txt, .gz) or a dataset with a text column")

@@ -26,6 +26,7 @@ from .options import EvalOptions
 from .sources import (
     DATASET_FILE_BUILDERS,
     column_values,
+    dataset_options,
     is_dataset,
     open_dataset,
     pick_column,
@@ -50,8 +51,7 @@ def load_pairs(opts: EvalOptions) -> tuple[list[str], list[str]]:
     if plain or (opts.references is not None and not is_dataset(data)):
         if opts.references is None:
             raise SvdloraError(f"translation from {str(data)!r} needs --references FILE (one sentence per line)")
-        given = {"--split": opts.split, "--data-config": opts.data_config, "--source-column": opts.source_column,
-                 "--target-column": opts.target_column}  # fmt: skip
+        given = dataset_options(opts, {"--source-column": opts.source_column, "--target-column": opts.target_column})
         refuse_dataset_options(data, given, "a plain sentence file")
         sources = read_lines(data, "--data")
         references = read_lines(opts.references, "--references")
