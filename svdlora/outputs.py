@@ -3,7 +3,8 @@
 - Never write into, over, or around an input: paths are compared after resolving symlinks,
   so ``--output`` equal to the input, inside it, containing it, or the current folder is refused.
 - ``--overwrite`` replaces only a folder svdlora wrote (it holds ``.svdlora-output`` or
-  ``svdlora_config.json``) or an empty one; ``--json`` replaces only an earlier svdlora result.
+  ``svdlora_config.json``) or an empty one, checked before the slow work and again before the
+  rename; ``--json`` replaces only an earlier svdlora result.
 - Writability is checked by creating (and removing) a probe before any slow work.
 - A folder is written under a temporary name and renamed into place when complete. The
   temporary name carries the host and pid (``.NAME.svdlora-tmp-HOST-PID-XXXX``) and holds
@@ -97,18 +98,26 @@ def check_output_folder(output: str | Path, overwrite: bool = False, inputs: Ite
     target = path.resolve()
     check_not_input(target, shown, inputs, flag)
     clean_leftovers(target)  # first: it may put back an output that a killed --overwrite had moved aside
-    if target.exists():
-        if not target.is_dir():
-            raise SvdloraError(f"{flag} {shown!r} is a file: pass a folder path")
-        if not overwrite:
-            raise SvdloraError(f"output folder {shown!r} already exists: pass --overwrite or choose another path")
-        if any(target.iterdir()) and not written_by_svdlora(target):
-            raise SvdloraError(
-                f"{flag} {shown!r} holds files svdlora did not write: --overwrite only replaces svdlora "
-                "outputs or empty folders; choose another path or remove it yourself"
-            )
+    check_replaceable(target, shown, overwrite, flag)
     check_writable(target.parent, flag, shown)
     return path
+
+
+def check_replaceable(target: Path, shown: str, overwrite: bool, flag: str = "--output") -> None:
+    """Refuse an existing ``target`` unless --overwrite may replace it (an svdlora output or an empty folder)."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink():
+        raise SvdloraError(f"{flag} {shown!r} is a symbolic link: pass a real folder path")
+    if not target.is_dir():
+        raise SvdloraError(f"{flag} {shown!r} is a file: pass a folder path")
+    if not overwrite:
+        raise SvdloraError(f"output folder {shown!r} already exists: pass --overwrite or choose another path")
+    if any(target.iterdir()) and not written_by_svdlora(target):
+        raise SvdloraError(
+            f"{flag} {shown!r} holds files svdlora did not write: --overwrite only replaces svdlora "
+            "outputs or empty folders; choose another path or remove it yourself"
+        )
 
 
 def _host() -> str:
@@ -165,11 +174,17 @@ def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = _leftover_name(output, TMP_TAG)
     tmp.mkdir()
+    keep = False
     try:
         (tmp / INCOMPLETE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"svdlora_version": __version__}) + "\n")
         (tmp / INCOMPLETE).unlink()
+        try:  # again: the output may have appeared (a user's folder, another run's) while this run wrote
+            check_replaceable(output, str(output), overwrite)
+        except SvdloraError as err:
+            keep = True  # finished, and maybe hours of work: left for the user to move
+            raise SvdloraError(f"{err} (it appeared during this run; the finished folder is {str(tmp)!r})") from None
         if output.exists():  # overwrite: swap only after the new folder is complete
             old = _leftover_name(output, OLD_TAG)
             os.replace(output, old)
@@ -182,7 +197,8 @@ def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable 
         else:
             os.replace(tmp, output)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- single files (eval --json)

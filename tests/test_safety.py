@@ -215,6 +215,23 @@ def test_killed_runs_are_cleaned_by_the_next_run(work, capsys):
     assert (work / "out" / CONFIG_NAME).is_file() and not old.exists()
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_appears_during_the_run_is_not_replaced(tmp_path, overwrite):
+    """The output is checked before the slow work and again before the rename: a user's folder made
+    meanwhile was deleted by the swap (even without --overwrite); now it stays, and so does the result."""
+    from svdlora.outputs import atomic_folder
+
+    out = tmp_path / "out"
+    with pytest.raises(SvdloraError, match="appeared during this run") as err:
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            (tmp / "result").write_text("finished")
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+    assert tree_hash(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    kept = Path(re.search(r"finished folder is '(.+)'", str(err.value)).group(1))
+    assert (kept / "result").read_text() == "finished" and not (kept / INCOMPLETE).exists()
+
+
 # ---------------------------------------------------------------- partial and corrupt inputs
 def _rewrite(folder: Path, change) -> None:
     path = folder / WEIGHTS_NAME
