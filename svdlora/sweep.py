@@ -228,11 +228,39 @@ def plot(record: dict, path: Path, title: str) -> Path | None:
     return path
 
 
+SWEEP_FILES = ("sweep.md", "sweep.json", "sweep.png")
+
+
+def check_sweep_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse a folder whose sweep files ``write_outputs`` would replace: without --overwrite, or
+    when they are not an earlier sweep's (its sweep.json says so), since --overwrite replaces only that."""
+    existing = [name for name in SWEEP_FILES if (folder / name).exists()]
+    if not existing:
+        return
+    if not overwrite:
+        raise SvdloraError(
+            f"{str(folder)!r} already holds {', '.join(existing)}: pass --overwrite or choose another folder"
+        )
+    if not _is_sweep_record(folder / "sweep.json"):
+        raise SvdloraError(
+            f"{str(folder)!r} holds {', '.join(existing)}, not written by an svdlora sweep (its sweep.json would "
+            "say so): --overwrite only replaces an earlier sweep; choose another folder or remove them yourself"
+        )
+
+
+def _is_sweep_record(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and {"task", "metric", "dense", "points"} <= data.keys()
+
+
 def write_outputs(record: dict, folder: Path, title: str) -> list[Path]:
-    """sweep.md, sweep.json and sweep.png in ``folder``."""
+    """sweep.md, sweep.json and sweep.png in ``folder`` (``check_sweep_folder`` first)."""
     folder.mkdir(parents=True, exist_ok=True)
     slim = {**record, "dense": _slim(record["dense"]), "points": [_slim(p) for p in record["points"]]}
-    written = [folder / "sweep.md", folder / "sweep.json"]
+    written = [folder / name for name in SWEEP_FILES[:2]]
     written[0].write_text(f"# {title}\n\n{format_table(record)}\n")
     written[1].write_text(json.dumps(slim, indent=2, sort_keys=True) + "\n")
     png = plot(record, folder / "sweep.png", title)

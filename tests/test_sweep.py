@@ -8,7 +8,15 @@ import pytest
 
 from svdlora.cli import main
 from svdlora.errors import SvdloraError
-from svdlora.sweep import Point, QualityTarget, find_budget, parse_target, sweep, write_outputs
+from svdlora.sweep import (
+    Point,
+    QualityTarget,
+    check_sweep_folder,
+    find_budget,
+    parse_target,
+    sweep,
+    write_outputs,
+)
 
 from .eval_helpers import lm_folder
 
@@ -81,6 +89,22 @@ def test_sweep_refuses_to_write_into_its_input_and_a_tolerance_of_zero(tmp_path,
         main([*argv, "--output", str(tmp_path / "s"), "--tolerance", "0"])
     assert refused.value.code == 2 and "tolerance must be" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_sweep_never_replaces_files_it_did_not_write(tmp_path, capsys, overwrite):
+    """Only sweep.json was checked: a user's own sweep.md (or .png) in --output was overwritten, and with
+    --overwrite a sweep.json that no sweep wrote too. Now refused before the load; an earlier sweep's
+    files are replaced with --overwrite."""
+    model, text = lm_folder(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "sweep.md").write_text("my notes")
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(mine), "--no-progress"]
+    assert main(argv + (["--overwrite"] if overwrite else [])) == 2
+    assert "sweep.md" in capsys.readouterr().err and (mine / "sweep.md").read_text() == "my notes"
+    write_outputs(sweep(fake_measure(0.4, []), [0.5], "text-generation"), tmp_path / "earlier", "fake")
+    check_sweep_folder(tmp_path / "earlier", overwrite=True)  # an earlier sweep's files: replaced
 
 
 def test_outputs_table_json_plot(tmp_path):

@@ -67,12 +67,11 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_pretrained
     from ..outputs import check_not_input
     from ..saving import check_output, save_compressed
-    from ..sweep import evaluating_measure, format_table, parse_target, sweep, write_outputs
+    from ..sweep import check_sweep_folder, evaluating_measure, format_table, parse_target, sweep, write_outputs
 
-    output = Path(args.output)
+    output = Path(args.output).expanduser()  # written there: checked there
     check_not_input(output.expanduser().resolve(), str(args.output), [args.model, args.data], "--output")
-    if (output / "sweep.json").exists() and not args.overwrite:
-        raise SvdloraError(f"{str(output)!r} already holds a sweep: pass --overwrite or choose another folder")
+    check_sweep_folder(output, args.overwrite)
     if args.target:
         check_output(output / "model", args.overwrite, inputs=[args.model, args.data])
     if args.task and args.target:
