@@ -177,10 +177,18 @@ def weight_files(folder: str | Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            names = set(weight_map.values())
+            # shards are files of this folder: not another folder's (``..``, an absolute path), not numbers
+            if not names or not all(isinstance(n, str) and n and _inside(n) for n in names):
+                raise ValueError("weight_map must map tensor names to shard file names in the folder")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             raise SvdloraError(f"{index} is corrupted ({err}): re-run `svdlora compress`") from None
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        return [folder / name for name in sorted(names)]
     return [folder / WEIGHTS_NAME]
+
+
+def _inside(name: str) -> bool:
+    return ".." not in Path(name).parts and not Path(name).is_absolute()
 
 
 def folder_format(model: torch.nn.Module) -> int:

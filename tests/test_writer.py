@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from svdlora import SvdloraError
-from svdlora.writer import INDEX_NAME, ShardedWriter, TensorSpec, parse_size
+from svdlora.writer import INDEX_NAME, ShardedWriter, TensorSpec, parse_size, weight_files
 
 
 def mixed_tensors():
@@ -71,3 +71,21 @@ def test_parse_size():
     for empty in ("0", "0GB", "0.0001KB", 0, -3):  # 0 bytes would put every tensor in its own shard
         with pytest.raises(SvdloraError, match="above 0 bytes"):
             parse_size(empty)
+
+
+@pytest.mark.parametrize(
+    "weight_map",
+    [
+        {"a": 1},
+        ["model-00001-of-00002.safetensors"],
+        {},
+        {"a": "../other/model.safetensors"},
+        {"a": "/abs.safetensors"},
+    ],
+)
+def test_a_broken_index_is_refused_in_one_line(tmp_path, weight_map):
+    """Numbers or a list gave a raw TypeError/AttributeError; an empty map an IndexError in load_compressed;
+    a path out of the folder read another folder's shard."""
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(SvdloraError, match="is corrupted"):
+        weight_files(tmp_path)
