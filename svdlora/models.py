@@ -294,11 +294,20 @@ def load_model(
     return model.to(default_device(device)).eval()
 
 
-def default_device(device: str | torch.device | None) -> torch.device:
-    """CUDA when available and nothing else is asked for."""
+def default_device(device: str | int | torch.device | None) -> torch.device:
+    """CUDA when available and nothing else is asked for; else the device asked for, if this machine has
+    it (torch fails later with an AssertionError or a pinned-memory error, once the load has begun)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = f"cuda:{device}" if isinstance(device, int) else device  # an int: a GPU index (device maps)
     try:
-        return torch.device(device)
-    except RuntimeError:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
         raise SvdloraError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SvdloraError(f"device {str(device)!r} asked for, but CUDA is not available here: pass --device cpu")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise SvdloraError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "meta":
+        raise SvdloraError("device 'meta' holds no values: pass 'cpu' or 'cuda'")
+    return resolved

@@ -13,11 +13,15 @@ import torch
 from torch import nn
 
 from .errors import SvdloraError
+from .models import default_device
 
 
 def resolve_device_map(
     model: nn.Module, device_map: str | dict, max_memory: dict | None, dtype: torch.dtype | None
 ) -> dict[str, str | int | torch.device]:
+    for key in max_memory or {}:  # a GPU this machine lacks: accelerate prints, then asserts
+        if key not in ("cpu", "disk", "mps"):
+            default_device(key)
     if isinstance(device_map, dict):
         plan = dict(device_map)
     elif isinstance(device_map, str):
@@ -39,6 +43,8 @@ def resolve_device_map(
         raise SvdloraError(f"device_map must be a string or a dict, got {type(device_map).__name__}")
     if any(d == "disk" for d in plan.values()):
         raise SvdloraError("device_map puts layers on 'disk': svdlora does not offload to disk; raise max_memory")
+    for device in set(plan.values()):
+        default_device(device)  # one this machine has
     return plan
 
 

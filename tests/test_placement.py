@@ -47,6 +47,21 @@ def test_bad_device_map(folder):
         load_compressed(path, device_map={"lm_head": "cpu"})
 
 
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"device": "cuda"}, "CUDA is not available"),  # was a raw pinned-memory RuntimeError
+        ({"device_map": {"": 0}}, "CUDA is not available"),  # was an AssertionError from torch
+        ({"device_map": "auto", "max_memory": {0: "1GB"}}, "CUDA is not available"),  # accelerate's assertion
+        ({"device": "meta"}, "holds no values"),  # was "cannot be read: re-run svdlora compress"
+    ],
+)
+def test_a_device_this_machine_lacks_is_one_error(folder, monkeypatch, options, match):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SvdloraError, match=match):
+        load_compressed(folder[1], **options)
+
+
 def test_a_tied_head_is_planned_tied_and_the_map_is_kept(folder, caplog):
     kind, path = folder
     for device_map in ("auto", {"": "cpu"}):

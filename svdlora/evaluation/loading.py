@@ -14,8 +14,9 @@ from torch import nn
 
 from ..errors import SvdloraError, first_line
 from ..layers import LowRankLinear
+from ..models import default_device
 from .measure import disk_bytes
-from .options import DEFAULT_DTYPE, IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, resolve_device
+from .options import DEFAULT_DTYPE, IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MO
     _preimport(name)
     start = time.perf_counter()
     model = load_model(
-        name, device=resolve_device(opts.device), dtype=opts.dtype or DEFAULT_DTYPE, runtime=opts.runtime
+        name, device=default_device(opts.device), dtype=opts.dtype or DEFAULT_DTYPE, runtime=opts.runtime
     )
     load_seconds = time.perf_counter() - start
     check_task(model, opts.task, name)
@@ -172,7 +173,7 @@ def _preimport(name: str) -> None:
 
 def _adopt(model: nn.Module, opts: EvalOptions, processor: Any) -> Candidate:
     if opts.device is not None or opts.dtype is not None:
-        model.to(device=resolve_device(opts.device) if opts.device else None, dtype=opts.dtype)
+        model.to(device=default_device(opts.device) if opts.device else None, dtype=opts.dtype)
     config = getattr(model, "config", None)
     source = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
     name = source or type(model).__name__

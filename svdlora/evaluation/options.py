@@ -112,7 +112,7 @@ class EvalOptions:
             raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         self.dtype = parse_dtype(self.dtype)
         if self.device is not None:
-            self.device = str(resolve_device(self.device))
+            self.device = str(default_device(self.device))
 
     @property
     def effective_batch_size(self) -> int:
@@ -121,14 +121,6 @@ class EvalOptions:
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """CUDA when present and nothing is asked for; a clear error for CUDA on a machine without it."""
-    resolved = default_device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise SvdloraError(f"device {str(device)!r} asked for, but CUDA is not available here: pass --device cpu")
-    return resolved
 
 
 def _is_plain_file(data: Any) -> bool:
