@@ -188,6 +188,23 @@ def test_method_hook_gets_each_module(monkeypatch):
     assert sorted(seen) == sorted(m.name for m in extraction.lora) and extraction.method == "recording"
 
 
+def test_write_adapter_never_writes_into_or_around_the_models_folders(tmp_path):
+    """Only the CLI checked --output against --base/--tuned: write_adapter put the adapter inside the tuned
+    model's folder, and with overwrite=True replaced an svdlora folder holding it (the model with it)."""
+    base, tuned = _pair(tiny_llama)
+    tuned.save_pretrained(tmp_path / "out" / "tuned")
+    (tmp_path / "out" / "svdlora_config.json").write_text("{}")  # an earlier svdlora output around it
+    tuned = type(tuned).from_pretrained(tmp_path / "out" / "tuned")  # name_or_path: its folder
+    for output, match in (("out/tuned/adapter", "inside the input"), ("out", "contains the input")):
+        with pytest.raises(SvdloraError, match=match):
+            write_adapter(base, tuned, tmp_path / output, rank=2, overwrite=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out" / "tuned").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+
+
 def test_write_adapter_given_paths_says_to_load_the_models(tmp_path):
     base = tiny_llama()
     for pair in ((str(tmp_path), base), (base, str(tmp_path))):

@@ -27,7 +27,7 @@ from ..errors import SvdloraError
 from ..extract import Extraction, extract_adapter
 from ..layers import CONV1D
 from ..models import folder_bytes
-from ..outputs import atomic_folder
+from ..outputs import atomic_folder, check_output_folder
 from ..version import __version__
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,8 @@ def write_adapter(
     require_peft()
     base_name = base_name or getattr(getattr(base, "config", None), "name_or_path", None) or None
     tuned_name = tuned_name or getattr(getattr(tuned, "config", None), "name_or_path", None) or None
+    inputs = [base_name, tuned_name]  # never into, over or around the models' folders
+    check_output_folder(output, overwrite, inputs)  # before the extraction
     extraction = extract_adapter(
         base,
         tuned,
@@ -198,7 +200,7 @@ def write_adapter(
         progress=progress,
         **options,
     )
-    with atomic_folder(output, overwrite) as tmp:
+    with atomic_folder(output, overwrite, inputs) as tmp:
         save_adapter(extraction, tuned, tmp, base_name)
         _fix_base_name(tmp, base_name)
         record = extraction_record(extraction, base_name, tuned_name)
