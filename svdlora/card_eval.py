@@ -18,5 +18,5 @@ def evaluate_into_card(
     """Evaluate the in-memory compressed model (task from its class) and rewrite the folder's card."""
     task = infer_task(model)
     result = evaluate((model, _load_processor(source, task)), task=task, data=data, limit=limit, progress=False)
-    card.write(folder, card.compressed_card(report, source, eval_result=result))
+    card.write(folder, card.compressed_card(report, source, eval_result=result, class_name=type(model).__name__))
     return result

@@ -135,6 +135,7 @@ def test_sweep_cli_end_to_end(tmp_path, capsys):
     )
     card = (tmp_path / "s" / "model" / "README.md").read_text()
     assert "svdlora sweep" in card and "## Evaluation" in card and "perplexity" in card
+    assert "GPT2LMHeadModel.from_pretrained" in card  # not AutoModel, which drops the LM head
 
 
 def test_sweep_passes_calibration_through(tmp_path, capsys):
@@ -173,6 +174,7 @@ def test_compress_eval_goes_into_card(tmp_path):
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "perplexity" in card and "--eval" in card
     assert "calibration" in card and "self" in card  # the default for causal LMs, recorded in the card
+    assert "GPT2LMHeadModel.from_pretrained" in card  # rewritten with the usage save_compressed wrote
 
 
 def test_a_target_only_budget_1_meets_says_the_model_is_dense(tmp_path, capsys, monkeypatch):

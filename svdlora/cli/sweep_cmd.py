@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         point = next(p for p in record["points"] if p["budget"] == chosen)
         report = compress(model, budget=chosen, progress=False, **compress_options)
         folder = save_compressed(model, output / "model", report=report, source=args.model, overwrite=args.overwrite)
-        card.write(folder, card.compressed_card(report, args.model, eval_result=point["result"]))
+        class_name = type(model).__name__  # the card's usage names the class, as save_compressed's does
+        card.write(folder, card.compressed_card(report, args.model, eval_result=point["result"], class_name=class_name))
         dense = "" if report.factorized else "; no layer is smaller factorized at this budget: it holds the dense model"
         print(f"wrote {folder} (budget {chosen}, meets {args.target}{dense})", file=sys.stderr)
     return 0
