@@ -21,7 +21,7 @@ import secrets
 import shutil
 import socket
 from collections.abc import Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import SvdloraError
@@ -157,7 +157,8 @@ def clean_leftovers(output: Path) -> None:
         elif path.name.startswith(old_prefix) and _dead_leftover(path, old_prefix):
             if not output.exists() and not output.is_symlink():
                 logger.warning("restoring %s from %s (a run was interrupted while replacing it)", output, path)
-                os.replace(path, output)
+                with suppress(FileNotFoundError):  # another rank of the same rerun restored it first
+                    os.replace(path, output)
             else:
                 logger.warning("removing %s, the replaced output of an interrupted run", path)
                 shutil.rmtree(path, ignore_errors=True)

@@ -215,6 +215,23 @@ def test_killed_runs_are_cleaned_by_the_next_run(work, capsys):
     assert (work / "out" / CONFIG_NAME).is_file() and not old.exists()
 
 
+def test_two_ranks_restoring_the_same_output_do_not_collide(tmp_path, monkeypatch):
+    """A killed --overwrite rerun under torchrun: every rank's clean_leftovers tries to put the old
+    output back; the rank that finds it gone (another restored it) goes on instead of raising."""
+    from svdlora import outputs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = tmp_path / f".out{OLD_TAG}{_host()}-{dead.pid}-abcd"
+    old.mkdir()
+
+    def restored_by_another_rank(src, dst):
+        raise FileNotFoundError(src)
+
+    monkeypatch.setattr(outputs.os, "replace", restored_by_another_rank)
+    outputs.clean_leftovers(tmp_path / "out")
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_folder_that_appears_during_the_run_is_not_replaced(tmp_path, overwrite):
     """The output is checked before the slow work and again before the rename: a user's folder made
