@@ -137,6 +137,20 @@ def test_overwrite_replaces_only_svdlora_outputs_or_empty_folders(work, capsys):
     assert (work / "exp" / ".svdlora-output").is_file() and not leftovers(work)
 
 
+@pytest.mark.parametrize("flag", ["--calibration", "--eval"])
+def test_overwrite_never_deletes_the_data_the_run_reads(work, capsys, flag):
+    """Data kept inside an earlier output counts as an input: --overwrite of that output would delete it."""
+    data = work / "svd" / "notes.txt"
+    data.write_text("some text to read\n")
+    before = tree_hash(work)
+    args = ("compress", work / "dense", flag, data, "--output", work / "svd", "--overwrite", "--no-progress")
+    refused(capsys, *args, match="contains the input")
+    if flag == "--calibration":
+        args = ("extract", "--base", work / "dense", "--tuned", work / "dense", flag, data, "--budget", "0.1")
+        refused(capsys, *args, "--output", work / "svd", "--overwrite", match="contains the input")
+    assert_untouched(work, before)
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
 def test_unwritable_output_is_refused_before_loading(work, capsys):
     (work / "ro").mkdir()

@@ -112,9 +112,14 @@ def calibration_options(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
+def calibration_input(data: str) -> str | None:
+    """The --calibration value where it names data (a path the output must not hold), None for a keyword."""
+    return None if data in (AUTO, NONE, SELF) else data
+
+
 def check_calibration(data: str) -> None:
     """Cheap checks before the model is loaded: a calibration path must exist and hold something."""
-    if data not in (AUTO, NONE, SELF):
+    if calibration_input(data) is not None:
         check_data_path(data, "--calibration")
 
 

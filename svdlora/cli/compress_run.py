@@ -21,6 +21,7 @@ from . import options
 from .calibration_flags import (
     AUTO,
     SELF,
+    calibration_input,
     calibration_options,
     check_calibration,
     check_data_path,
@@ -52,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     check_calibration(args.calibration)
     if args.eval:
         check_data_path(args.eval, "--eval")
-    output = check_output(args.output, args.overwrite, inputs=[args.model])  # before the slow model load
+    # before the slow model load; the data too: --overwrite must not delete a file the run reads
+    inputs = [args.model, calibration_input(args.calibration), args.eval]
+    output = check_output(args.output, args.overwrite, inputs=inputs)
     parse_size(args.max_shard_size)
     svd_device(args.svd_device)
     if not args.progress:

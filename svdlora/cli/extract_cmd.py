@@ -9,7 +9,14 @@ from pathlib import Path
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from . import options
-from .calibration_flags import NONE, add_calibration_flags, calibration_options, check_calibration, resolve_calibration
+from .calibration_flags import (
+    NONE,
+    add_calibration_flags,
+    calibration_input,
+    calibration_options,
+    check_calibration,
+    resolve_calibration,
+)
 
 EXAMPLES = """examples:
   svdlora extract --base HuggingFaceTB/SmolLM2-135M --tuned ./my-finetune --budget 0.1 --output out/adapter
@@ -68,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         svd_method=args.svd_method,
         **calibration_options(args),
     )
-    output = check_output(args.output, args.overwrite, inputs=[args.base, args.tuned])  # before the slow loads
+    inputs = [args.base, args.tuned, calibration_input(args.calibration)]
+    output = check_output(args.output, args.overwrite, inputs=inputs)  # before the slow loads
     check_calibration(args.calibration)
     resolve_method(config.method, None if args.calibration == NONE else args.calibration, config)  # before loading
     _check_inputs(args)  # both models' paths and the patterns, before the base's slow load
