@@ -12,6 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .outputs import write_file_atomic
 from .version import __version__
 
 CARD_NAME = "README.md"
@@ -106,8 +107,10 @@ def render(
 
 
 def write(folder: Path, text: str) -> Path:
+    """README.md in ``folder``, through a temporary file: a rewrite in a finished folder (after --eval)
+    killed midway leaves the old card, not half of one."""
     path = Path(folder) / CARD_NAME
-    path.write_text(text)
+    write_file_atomic(path, text)
     return path
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import SvdloraError
 from .evaluation.options import IMAGES, TEXT, TRANSLATION
+from .outputs import write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -261,8 +262,8 @@ def write_outputs(record: dict, folder: Path, title: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     slim = {**record, "dense": _slim(record["dense"]), "points": [_slim(p) for p in record["points"]]}
     written = [folder / name for name in SWEEP_FILES[:2]]
-    written[0].write_text(f"# {title}\n\n{format_table(record)}\n")
-    written[1].write_text(json.dumps(slim, indent=2, sort_keys=True) + "\n")
+    write_file_atomic(written[0], f"# {title}\n\n{format_table(record)}\n")  # a kill keeps the old file whole
+    write_file_atomic(written[1], json.dumps(slim, indent=2, sort_keys=True) + "\n")
     png = plot(record, folder / "sweep.png", title)
     return written + ([png] if png else [])
 
