@@ -8,6 +8,8 @@ compress: whole `svdlora compress` commands (fresh processes: the defaults in me
           that loads the dense checkpoint with from_pretrained and saves it with save_pretrained).
 load:     fresh processes: time from after the imports to the end of the first forward pass
           (16 tokens), dense from_pretrained vs load_compressed factorized / merged.
+load-imported: the same with the model's class imported before the clock (the import, the same
+          for all three, is most of the load part's window).
 distributed: `--stream` in 1 process vs `torchrun --nproc_per_node 2`, weight files compared.
 decode:   batch-1 greedy decoding (generate, no sampling, a fixed number of new tokens),
           tokens/s of dense vs compressed factorized / pairs / merged / auto runtimes, one process;
@@ -45,6 +47,9 @@ import transformers
 from svdlora import load_compressed
 kind, dense, compressed = sys.argv[1:4]
 transformers.utils.logging.disable_progress_bar()
+if sys.argv[4:] == ["imported"]:  # the model's class imported before the clock, as a running program has it
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(transformers.AutoConfig.from_pretrained(dense))]
 start = time.perf_counter()
 if kind == "dense":
     model = transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
@@ -147,12 +152,15 @@ def part_distributed(args, work: Path) -> dict:
     return rows
 
 
-def part_load(args, compressed: Path) -> dict:
+def part_load(args, compressed: Path, imported: bool = False) -> dict:
+    """Fresh processes; ``imported``: the model's class (modeling_llama, ~1.5 s here, the same for all
+    three) imported before the clock, which leaves the load itself and the first forward pass."""
     kinds = ["dense", "factorized", "merged"]
     times = {k: [] for k in kinds}
     for _ in range(args.repeats):
         for kind in kinds:
-            _, out = _run([sys.executable, "-c", LOAD_CHILD, kind, args.dense, str(compressed)])
+            extra = ["imported"] if imported else []
+            _, out = _run([sys.executable, "-c", LOAD_CHILD, kind, args.dense, str(compressed), *extra])
             times[kind].append(float(out.strip().splitlines()[-1]))
     dense = statistics.median(times["dense"])
     return {
@@ -345,6 +353,7 @@ def main(argv=None) -> dict:
         parts = {
             "compress": part_compress, "load": part_load, "decode": part_decode, "distributed": part_distributed,
             "layouts": part_layouts, "siblings": part_siblings, "compiled": part_compiled,
+            "load-imported": lambda a, c: part_load(a, c, imported=True),
         }  # fmt: skip
         result[part] = parts[part](args, work if part in ("compress", "distributed") else compressed)
         print(part, json.dumps(result[part], indent=1), flush=True)
