@@ -274,6 +274,10 @@ def svd_device(name: str | None) -> str | None:
     """The device the SVD runs on; under torchrun, "cuda" means this process's GPU (LOCAL_RANK)."""
     if name is None:
         return None
+    try:
+        torch.device(name)
+    except RuntimeError:  # torch's message lists every backend it knows; the user needs three
+        raise SvdloraError(f"--device must be like 'cpu', 'cuda' or 'cuda:0', got {name!r}") from None
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SvdloraError(f"--device {name}: no CUDA device is available here; drop --device to use the CPU")
     if name == "cuda" and "LOCAL_RANK" in os.environ:

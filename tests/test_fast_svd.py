@@ -119,6 +119,14 @@ def test_cuda_device_without_cuda_is_one_clear_error(tmp_path, capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_a_malformed_device_is_one_clear_error_before_the_load(tmp_path, capsys):
+    """A typo in --device was a raw RuntimeError ('a bug in svdlora') after the model had loaded."""
+    from svdlora.cli import main
+
+    assert main(["compress", "gpt2", "-o", str(tmp_path / "o"), "--device", "gpu"]) == 2
+    assert "--device must be like 'cpu', 'cuda' or 'cuda:0', got 'gpu'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", SPECTRA)
 @pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
 def test_exact_route_matches_lapack(name, shape):
