@@ -24,7 +24,7 @@ from svdlora.plan import auto_method, output_gram_bytes
 from svdlora.refit import refit_factors
 from svdlora.targets import Target, find_targets
 
-from .conftest import example_inputs, output_of, tiny_gpt2, tiny_llama
+from .conftest import example_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama
 from .eval_helpers import word_gpt2, word_text
 
 WORDS = "the a cat dog sat ran on under mat tree and then it was big small red blue".split()
@@ -418,6 +418,27 @@ def test_calibration_of_the_wrong_kind_is_one_line(gpt2_with_tokenizer, capsys):
         capsys, "compress", root / "dense", "-o", root / "out", "--calibration", root / "images", "--no-progress"
     )
     assert "folder" in line and not (root / "out").exists()
+
+
+def test_calibration_text_without_a_tokenizer_is_one_line(gpt2_with_tokenizer, tmp_path, capsys):
+    """BERT's empty transformers-5 tokenizer read every word as [UNK] and calibrated on that."""
+    torch.manual_seed(0)
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    capsys.readouterr()  # save_pretrained's progress bar
+    text = gpt2_with_tokenizer / "text.txt"
+    args = ["compress", tmp_path / "bert", "-o", tmp_path / "out", "--calibration", text, "--no-progress"]
+    line = _one_line_error(capsys, *args)
+    assert "no tokenizer files" in line and not (tmp_path / "out").exists()
+
+
+def test_self_calibration_needs_no_tokenizer(tmp_path, capsys):
+    """A Llama folder saved without its tokenizer was refused ('cannot load the tokenizer'), though the
+    model writes its own calibration text from token ids."""
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    args = ["compress", tmp_path / "llama", "-o", tmp_path / "out", "--calibration-samples", "2", "--no-progress"]
+    assert main([str(a) for a in args]) == 0
+    assert "self: text sampled from the model" in capsys.readouterr().out
 
 
 def test_cli_calibrates_and_info_shows_the_ranks_and_why(gpt2_with_tokenizer, capsys):

@@ -500,6 +500,13 @@ def test_model_folder_given_as_data(gpt, marian, capsys):
         assert f"--data {data!r} is a model folder (config.json), not data: pass models as MODEL" in msg
 
 
+def test_model_folder_without_tokenizer_files(gpt, tmp_path, capsys):
+    """transformers 5 builds an empty tokenizer from such a folder: perplexity said the text was 0 tokens."""
+    GPT2LMHeadModel.from_pretrained(gpt["dense"]).save_pretrained(tmp_path / "no-tokenizer")
+    assert main(["eval", str(tmp_path / "no-tokenizer"), "--data", str(gpt["text"]), "--no-progress"]) == 2
+    assert "no tokenizer files" in capsys.readouterr().err
+
+
 def test_folder_of_text_files_is_still_text(gpt, tmp_path, capsys):
     (tmp_path / "part.txt").write_text(TEXT)
     code, out, err = _cli([gpt["dense"], "--task", "text-generation", "--data", str(tmp_path), "--limit", "1"], capsys)

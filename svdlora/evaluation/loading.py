@@ -48,13 +48,25 @@ def _load_processor(source: str, task: str):
     auto = AutoImageProcessor if task == IMAGES else AutoTokenizer
     what = "image processor" if task == IMAGES else "tokenizer"
     try:
-        return auto.from_pretrained(source)
+        processor = auto.from_pretrained(source)
+        if _no_vocabulary(processor):
+            raise ValueError("no tokenizer files: its vocabulary holds only special tokens")
+        return processor
     except (OSError, ValueError, KeyError, TypeError) as err:
         first = first_line(err)
         raise SvdloraError(
             f"cannot load the {what} of {source!r} ({first}): save it into the model folder "
             f"(e.g. tokenizer.save_pretrained(folder)) or pass the in-memory model as (model, {what})"
         ) from None
+
+
+def _no_vocabulary(processor: Any) -> bool:
+    """transformers >= 5 builds a tokenizer with an empty vocabulary (GPT-2: no token at all; BERT:
+    every word [UNK]) from a folder without tokenizer files, where 4.x raised: perplexity then
+    said 'the text is 0 token(s) long', and calibration or BERT's eval ran on unknown tokens."""
+    if not hasattr(processor, "get_vocab"):
+        return False
+    return set(processor.get_vocab()) <= set(processor.all_special_tokens)
 
 
 def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MODEL") -> Candidate:
