@@ -187,6 +187,11 @@ class CompressionConfig:
         seconds = self.heal_seconds
         if seconds is not None and not (isinstance(seconds, numbers.Real) and seconds > 0):
             raise SvdloraError(f"heal_seconds must be a number > 0, got {self.heal_seconds!r}")
+        if seconds is not None and not steps:  # else no step runs, and nothing says so
+            raise SvdloraError(
+                "--heal-seconds only stops healing early: pass --heal-steps N as well (the learning-rate "
+                "schedule is laid out over the steps)"
+            )
         if not (isinstance(self.heal_lr, numbers.Real) and self.heal_lr > 0):
             raise SvdloraError(f"heal_lr must be a number > 0, got {self.heal_lr!r}")
         if self.rank is not None and self.allocation == "global":

@@ -310,6 +310,13 @@ def test_healing_rate_warms_up_then_decays_to_its_floor_by_either_limit():
     assert learning_rate(1e-3, 20, 100_000, 60.0, 60.0) == pytest.approx(1e-3 * FINAL_LR_FRACTION)
 
 
+def test_a_time_limit_without_steps_is_refused():
+    """--heal-seconds alone compressed without healing, and said nothing."""
+    with pytest.raises(SvdloraError, match="pass --heal-steps N as well"):
+        CompressionConfig(heal_seconds=60)
+    CompressionConfig(heal_steps=10, heal_seconds=60)
+
+
 def test_healing_lowers_the_calibration_loss():
     torch.manual_seed(0)
     dense = tiny_gpt2().eval()

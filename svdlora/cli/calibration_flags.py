@@ -92,7 +92,10 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
         "(default %(default)s)",
     )
     g.add_argument(
-        "--heal-seconds", type=float, default=DEFAULT["heal_seconds"], help="stop healing after this many seconds"
+        "--heal-seconds",
+        type=float,
+        default=DEFAULT["heal_seconds"],
+        help="stop healing after this many seconds, if --heal-steps have not run out first",
     )
     g.add_argument(
         "--heal-loss",
