@@ -417,6 +417,23 @@ def test_bad_calibration_path_is_one_line_before_loading(gpt2_with_tokenizer, ca
     assert message in line and not (root / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--refit-samples", "8"], "--refit-samples has no effect without --refit"),
+        (["--heal-loss", "lm"], "--heal-loss has no effect without --heal-steps N"),
+        (["--heal-lr", "1e-3", "--heal-steps", "0"], "--heal-lr has no effect without --heal-steps N"),
+        (["--eval-limit", "2"], "--eval-limit has no effect without --eval DATA"),
+    ],
+)
+def test_a_flag_without_the_one_it_shapes_is_refused(gpt2_with_tokenizer, capsys, monkeypatch, flags, message):
+    """Each of these compressed without a word, the flag ignored."""
+    root = gpt2_with_tokenizer
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", _never_called)
+    line = _one_line_error(capsys, "compress", root / "dense", "-o", root / "out", *flags)
+    assert message in line and not (root / "out").exists()
+
+
 def test_calibration_of_the_wrong_kind_is_one_line(gpt2_with_tokenizer, capsys):
     root = gpt2_with_tokenizer
     (root / "images" / "cat").mkdir(parents=True)

@@ -80,9 +80,8 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
     g.add_argument(
         "--refit-samples",
         type=options.positive_int("refit-samples"),
-        default=DEFAULT["refit_samples"],
-        help="calibration samples the refit pass reads, spread over all of them (default %(default)s: its statistics "
-        "cost twice the first pass's per sample)",
+        help=f"calibration samples the refit pass reads, spread over all of them (default {DEFAULT['refit_samples']}: "
+        "its statistics cost twice the first pass's per sample)",
     )
     g.add_argument(
         "--heal-steps",
@@ -100,19 +99,26 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
     g.add_argument(
         "--heal-loss",
         choices=HEAL_LOSSES,
-        default=DEFAULT["heal_loss"],
         help="'distill': match the dense model's outputs (default); 'lm': the data's own next-token loss",
     )
-    g.add_argument(
-        "--heal-lr", type=float, default=DEFAULT["heal_lr"], help="learning rate of healing (default %(default)s)"
-    )
+    g.add_argument("--heal-lr", type=float, help=f"learning rate of healing (default {DEFAULT['heal_lr']})")
+
+
+# Flags that only shape another one's work: given without it, they would be ignored without a word.
+NEEDS = {"refit_samples": ("refit", "--refit"), "heal_loss": ("heal_steps", "--heal-steps N"),
+         "heal_lr": ("heal_steps", "--heal-steps N")}  # fmt: skip
 
 
 def calibration_options(args: argparse.Namespace) -> dict:
-    """The ``CompressionConfig`` fields of the calibration flags the command has."""
+    """The ``CompressionConfig`` fields of the calibration flags the command has (those left unset
+    keep the config's defaults)."""
     names = ("method", "allocation", "calibration_samples", "calibration_length", "refit", "refit_samples",
              "heal_steps", "heal_seconds", "heal_loss", "heal_lr")  # fmt: skip
-    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    for name, (needed, flag) in NEEDS.items():
+        if name in given and not given.get(needed):
+            raise SvdloraError(f"--{name.replace('_', '-')} has no effect without {flag}: pass both, or drop it")
+    return given
 
 
 def calibration_input(data: str) -> str | None:

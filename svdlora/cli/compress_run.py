@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         **calibration_options(args),
     )
     check_calibration(args.calibration)
+    if args.eval_limit is not None and not args.eval:
+        raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
     if args.eval:
         check_data_path(args.eval, "--eval")
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
