@@ -507,6 +507,19 @@ def test_model_folder_without_tokenizer_files(gpt, tmp_path, capsys):
     assert "no tokenizer files" in capsys.readouterr().err
 
 
+def test_a_baseline_with_another_tokenizer_is_flagged(gpt, caplog):
+    """Perplexities over different tokens were divided into ratios without a word (e.g. --baseline gpt2
+    copied from the README for a compressed SmolLM2)."""
+    other = word_tokenizer(WORDS[::-1])
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(other)))
+    options = {"data": gpt["text"], "limit": 1, "max_length": 32, "progress": False}
+    svdlora.evaluate(gpt["svd"], baseline=gpt["dense"], **options)
+    assert "another tokenizer" not in caplog.text
+    svdlora.evaluate(gpt["svd"], baseline=(model, other), **options)
+    assert "the baseline GPT2LMHeadModel (in memory) has another tokenizer than the model" in caplog.text
+
+
 def test_folder_of_text_files_is_still_text(gpt, tmp_path, capsys):
     (tmp_path / "part.txt").write_text(TEXT)
     code, out, err = _cli([gpt["dense"], "--task", "text-generation", "--data", str(tmp_path), "--limit", "1"], capsys)

@@ -56,7 +56,7 @@ from ..errors import SvdloraError
 from ..quantize import dtype_name
 from ..version import __version__
 from .images import evaluate_images, load_images
-from .loading import Candidate, infer_task, preflight, prepare
+from .loading import Candidate, infer_task, preflight, prepare, same_vocabulary
 from .measure import PeakMemory, TaskRun, count_parameters, model_device, model_dtype, model_memory_bytes
 from .options import IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, build_options
 from .report import format_table, ratios
@@ -144,6 +144,14 @@ def evaluate(
             continue
         own_processor = processor if isinstance(spec, nn.Module) or role == "model" else None
         candidate = prepare(spec, opts, own_processor, flag="MODEL" if role == "model" else "--baseline")
+        if role == "model":
+            model_processor = candidate.processor
+        elif not same_vocabulary(model_processor, candidate.processor):
+            logger.warning(
+                "the baseline %s has another tokenizer than the model: each is scored on its own tokens, so "
+                "the ratios compare different things; pass the model it was compressed from",
+                candidate.name,
+            )
         try:
             logger.info("evaluating %s %s", role, candidate.name)
             entries[role], run = _measure(candidate, loaded, opts)

@@ -69,6 +69,13 @@ def _no_vocabulary(processor: Any) -> bool:
     return set(processor.get_vocab()) <= set(processor.all_special_tokens)
 
 
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map text to the same ids (image processors: always)."""
+    if not (hasattr(a, "get_vocab") and hasattr(b, "get_vocab")):
+        return True
+    return a.get_vocab() == b.get_vocab()
+
+
 def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MODEL") -> Candidate:
     """Load or adopt ``spec``: a path / hub id, an ``nn.Module``, or ``(nn.Module, processor)``.
 
