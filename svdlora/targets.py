@@ -71,13 +71,14 @@ def _head_modules(model: nn.Module) -> set[int]:
 def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Target], dict[str, str]]:
     """The layers to factorize, and for every other Linear/Conv1D the reason it stays dense."""
     heads = _head_modules(model) if config.keep_head else set()
-    targets, dense = [], {}
+    targets, dense, names = [], {}, []
     if dense_kind(model):
         raise SvdloraError("the model is a single Linear/Conv1D layer: wrap it, e.g. nn.Sequential(layer)")
     for name, module in model.named_modules():
         kind = dense_kind(module)
         if kind is None:
             continue
+        names.append(name)
         out_features, in_features = weight_out_in(module).shape
         top = name.split(".")[0]
         if config.include is not None and not any(matches(name, p) for p in config.include):
@@ -90,4 +91,17 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Targ
             dense[name] = "too small: even rank 1 would not make it smaller"
         else:
             targets.append(Target(name, module, kind, out_features, in_features))
+    if targets:  # with none, the caller's "nothing is targeted" error names the patterns already
+        _check_every_pattern_matches(names, config)
     return targets, dense
+
+
+def _check_every_pattern_matches(names: list[str], config: CompressionConfig) -> None:
+    """A pattern that matches no layer is a typo: ignored, it would factorize a layer meant to stay dense."""
+    for flag, patterns in (("--include", config.include or []), ("--exclude", config.exclude)):
+        for pattern in patterns:
+            if not any(matches(name, pattern) for name in names):
+                raise SvdloraError(
+                    f"{flag} {pattern!r} matches none of the {len(names)} Linear/Conv1D layers (e.g. "
+                    f"{', '.join(names[:3])}): fix the pattern or drop it"
+                )

@@ -88,6 +88,21 @@ def test_include_exclude_patterns():
     assert reasons["model.layers.1.mlp.up_proj"] == "matched by --exclude"
 
 
+@pytest.mark.parametrize(
+    "patterns, message",
+    [
+        ({"exclude": ["down-proj"]}, "--exclude 'down-proj' matches none of the 15"),
+        ({"include": ["q_proj", "re:.*mpl.*"]}, "--include 're:.*mpl.*' matches none of the 15"),
+    ],
+)
+def test_a_pattern_that_matches_no_layer_is_refused(patterns, message):
+    """A typo in --exclude factorized the very layers meant to stay dense, without a word."""
+    model = TINY_MODELS["llama"]()
+    with pytest.raises(SvdloraError, match=message):
+        compress(model, budget=0.5, progress=False, **patterns)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
 def test_plain_mlp_and_fixed_rank():
     model = MLP()
     x = torch.randn(4, 48)
