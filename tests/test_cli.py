@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -171,3 +172,19 @@ def test_compress_eval_with_missing_or_empty_data_fails_before_writing(gpt2_fold
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--eval" in err[0] and message in err[0], err
         assert not out.exists() and not [p for p in tmp_path.iterdir() if "svdlora-tmp" in p.name]
+
+
+def test_help_names_only_flags_the_command_has():
+    """A help text that names a flag its command lacks (sweep's --pivot help named --stage-dtypes) sends a
+    user to an error; flags of other commands are quoted with the command (`svdlora eval --data`)."""
+    import argparse
+
+    from svdlora.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in subparsers.choices.items():
+        flags = {s for action in parser._actions for s in action.option_strings}
+        for action in parser._actions:
+            text = re.sub(r"`svdlora [^`]*`", "", action.help or "")
+            missing = set(re.findall(r"--[a-z][a-z0-9-]*", text)) - flags
+            assert not missing, f"svdlora {name}: the help of {action.dest} names {sorted(missing)}"

@@ -58,15 +58,17 @@ def add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
-def add_pivot_flag(parser: argparse.ArgumentParser) -> None:
-    """--pivot / --no-pivot (default: None, read by ``pivot_option``)."""
+def add_pivot_flag(parser: argparse.ArgumentParser, stage_dtypes: bool = True) -> None:
+    """--pivot / --no-pivot (default: None, read by ``pivot_option``); ``stage_dtypes``: the command has
+    --stage-dtypes, which turns the default off."""
+    default = "on, except with --stage-dtypes (factor pairs)" if stage_dtypes else "on"
     parser.add_argument(
         "--pivot",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="store each matrix as its R pivot rows plus the coefficients of the other rows (PIFA): "
         "R·(out+in−R) values instead of R·(out+in), so the budget buys more rank (SmolLM2 at budget 0.5: "
-        "perplexity 2.25x dense instead of 2.60x). Default: on, except with --stage-dtypes (factor pairs); "
+        f"perplexity 2.25x dense instead of 2.60x). Default: {default}; "
         "--no-pivot writes the factor pairs A_j, B_j of every stage",
     )
 

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     )  # fmt: skip
     p.add_argument("--submatrices", type=options.positive_int("submatrices"), default=1)
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
-    options.add_pivot_flag(p)
+    options.add_pivot_flag(p, stage_dtypes=False)
     p.add_argument("--limit", type=options.positive_int("limit"), help="only the first N windows / images / sentences")
     p.add_argument("--max-length", type=options.positive_int("max-length"), help="text: tokens per window")
     p.add_argument("--batch-size", type=options.positive_int("batch-size"))
