@@ -601,6 +601,11 @@ def test_bad_options(gpt, capsys):
         evaluate(gpt["dense"], task="text-generation", data=gpt["text"], beams=3)
     with pytest.raises(svdlora.SvdloraError, match="task must be one of"):
         evaluate(gpt["dense"], task="summarization", data=gpt["text"])
+    # another task's settings were ignored without a word (only --references was refused)
+    msg = _error([gpt["dense"], "--task", "text-generation", "--data", gpt["text"], "--num-beams", "2"], capsys)
+    assert "num_beams is only used by --task translation, got it with --task text-generation" in msg
+    with pytest.raises(svdlora.SvdloraError, match="max_length is only used by --task text-generation"):
+        evaluate(gpt["dense"], task="image-classification", data=gpt["text"], max_length=16)
 
 
 def _write(path, text):

@@ -23,6 +23,14 @@ DEFAULT_DTYPE = torch.float32
 MAX_LENGTH_CAP = 1024
 
 
+# The options one task reads and the others ignore.
+TASK_OPTIONS = {
+    TEXT: ("text_column", "max_length", "stride"),
+    IMAGES: ("image_column", "label_column"),
+    TRANSLATION: ("references", "source_column", "target_column", "num_beams", "max_new_tokens"),
+}
+
+
 @dataclass
 class EvalOptions:
     """Everything ``evaluate`` and ``svdlora eval`` take besides the models.
@@ -106,13 +114,20 @@ class EvalOptions:
                 f"translation from the text file {str(self.data)!r} needs --references FILE "
                 "(one reference sentence per line, as many lines as the source)"
             )
-        if self.task != TRANSLATION and self.references is not None:
-            raise SvdloraError(f"references is only used by --task translation, got it with --task {self.task}")
+        self._refuse_other_tasks_options()
         if self.runtime not in (None, *RUNTIMES):
             raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         self.dtype = parse_dtype(self.dtype)
         if self.device is not None:
             self.device = str(default_device(self.device))
+
+    def _refuse_other_tasks_options(self) -> None:
+        """An option only another task reads, set away from its default: refused, not silently ignored."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for task, names in TASK_OPTIONS.items():
+            for name in names:
+                if task != self.task and getattr(self, name) != defaults[name]:
+                    raise SvdloraError(f"{name} is only used by --task {task}, got it with --task {self.task}")
 
     @property
     def effective_batch_size(self) -> int:
