@@ -206,3 +206,18 @@ def test_sweep_with_a_task_the_model_cannot_do_names_the_task(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--task {task} needs" in err[0] and "use --task text-generation" in err[0], err
         assert not (tmp_path / task).exists()
+
+
+def test_sweep_refuses_another_tasks_setting_before_compressing(tmp_path, capsys, monkeypatch):
+    import svdlora.sweep
+
+    def never(*args, **kwargs):
+        raise AssertionError("compressed before the options were checked")
+
+    monkeypatch.setattr(svdlora.sweep, "evaluating_measure", never)
+    model, text = lm_folder(tmp_path)
+    capsys.readouterr()
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--references", str(text),
+            "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    assert "references is only used by --task translation" in capsys.readouterr().err

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
     from ..evaluation.loading import _load_processor, check_task, infer_task
+    from ..evaluation.options import build_options
     from ..models import load_pretrained
     from ..outputs import check_not_input
     from ..saving import check_output, save_compressed
@@ -84,6 +85,15 @@ def run(args: argparse.Namespace) -> int:
     check_task(model, task, args.model)  # a wrong --task: name the task that fits, not a missing processor
     target = parse_target(args.target, task) if args.target else None
     processor = _load_processor(args.model, task)
+    eval_options = {
+        "references": args.references,
+        "limit": args.limit,
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "progress": False,
+    }
+    build_options(task, args.data, eval_options)  # another task's setting fails before the first compression
     compress_options = {
         "submatrices": args.submatrices,
         "exclude": args.exclude,
@@ -102,14 +112,6 @@ def run(args: argparse.Namespace) -> int:
             model, calibration, calibration_processor, config.calibration_samples, config.calibration_length,
             seed=config.seed, progress=args.progress,
         )  # fmt: skip
-    eval_options = {
-        "references": args.references,
-        "limit": args.limit,
-        "max_length": args.max_length,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "progress": False,
-    }
     measure = evaluating_measure(model, processor, task, args.data, compress_options, eval_options)
     record = sweep(measure, args.budgets, task, target=target, tolerance=args.tolerance)
     record["model"] = args.model
