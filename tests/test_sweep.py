@@ -161,6 +161,9 @@ def test_compress_card_and_info_json(tmp_path, gpt2_folder, capsys):
     assert main(["info", str(out), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["report"]["config"]["budget"] == 0.4 and data["report"]["modules"]
+    assert main(["info", str(out), "--json", "--summary"]) == 0  # --summary was ignored with --json
+    summary = json.loads(capsys.readouterr().out)["report"]
+    assert "modules" not in summary and summary["bytes_after"] == data["report"]["bytes_after"]
     assert main(["export", str(out), "--dense", "--output", str(tmp_path / "dense")]) == 0
     assert "svdlora export" in (tmp_path / "dense" / "README.md").read_text()
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())

@@ -12,7 +12,9 @@ from ..report import CompressionReport
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="show ranks, sizes and errors of a compressed folder")
     p.add_argument("folder", help="a folder written by `svdlora compress`")
-    p.add_argument("--summary", action="store_true", help="only the summary, not one line per layer")
+    p.add_argument(
+        "--summary", action="store_true", help="only the summary, not one line per layer (with --json: no 'modules')"
+    )
     p.add_argument("--json", action="store_true", help="print the folder's full record (per-module report) as JSON")
     p.add_argument(
         "--verify",
@@ -31,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         tensors, nbytes = verify_values(args.folder)
         print(f"verified: {tensors} tensors ({nbytes / 1e6:,.1f} MB) read, every value finite", file=sys.stderr)
     if args.json:
+        if args.summary:  # the per-layer list is what --summary leaves out of the table too
+            data = {**data, "report": {k: v for k, v in data["report"].items() if k != "modules"}}
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     report = CompressionReport.from_dict(data["report"])
