@@ -68,6 +68,39 @@ def test_dtype_device_map_and_base_class(tmp_path):
     assert isinstance(base.layers[0].self_attn.q_proj, svdlora.LowRankLinear)
 
 
+def test_generate_may_compile_a_static_cache_decode(tmp_path):
+    """transformers compiles generate()'s forward for a static cache unless the quantizer says it cannot
+    be compiled (the base class's default): the factorized layers can, so it must say so."""
+    import transformers
+    from transformers import CompileConfig, GenerationConfig, StaticCache
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(_folder("llama", tmp_path))
+    assert model.hf_quantizer.is_compileable
+    config = GenerationConfig(compile_config=CompileConfig())
+    config.compile_config._compile_all_devices = True  # the CPU counts as a compile device
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    assert model._valid_auto_compile_criteria({"cache": cache}, config)
+
+
+@pytest.mark.slow  # ~40 s of inductor compile on a CPU
+def test_generate_compiles_a_pivoted_folder_into_one_graph(tmp_path):
+    import transformers
+    from transformers import CompileConfig
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(_folder("llama", tmp_path, pivot=True)).eval()
+    prompt = torch.tensor([[1, 5, 7, 9]])
+    eager = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    compiled = model.generate(
+        prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation="static",
+        compile_config=compile_config,
+    )  # fmt: skip
+    assert compiled.tolist() == eager.tolist()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile, without a break
+
+
 def test_compressed_head_and_report(tmp_path):
     import transformers
 

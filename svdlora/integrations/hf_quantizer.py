@@ -213,6 +213,12 @@ class SvdloraHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return True  # the factors are ordinary parameters
 
+    @property
+    def is_compileable(self) -> bool:
+        # the layers are F.linear calls (and index copies) that torch.compile traces in one graph; False, the
+        # base class's answer, kept generate() from compiling a static-cache decode (CUDA graphs on a GPU)
+        return True
+
 
 def _factor_layouts(files: list[str]) -> dict[str, tuple[list[int], bool]]:
     """{module name in the file: (stage ranks, pivoted)}, from the safetensors headers (no tensor is read).
