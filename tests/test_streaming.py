@@ -316,3 +316,16 @@ def test_a_config_that_names_no_known_class_compresses_by_default(tmp_path):
     argv = ["compress", str(tmp_path / "m"), "--budget", "0.5", "--no-progress", "--stream", "-o", str(tmp_path / "b")]
     assert main(argv) == 0
     assert weight_bytes(tmp_path / "a") == weight_bytes(tmp_path / "b")
+
+
+def test_a_rank_that_factorizes_nothing_is_refused_as_in_memory(tmp_path, capsys):
+    """--rank too large for every layer: in memory the CLI refuses to write a copy; streamed it wrote one."""
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    capsys.readouterr()
+    for mode in ("--no-stream", "--stream"):
+        argv = ["compress", str(base), "-o", str(tmp_path / mode), "--rank", "100", "--calibration", "none", mode]
+        assert main([*argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "factorizes none" in err[0], err
+        assert not (tmp_path / mode).exists()

@@ -105,6 +105,11 @@ def compress_checkpoint(
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
     folder = _local_folder(source, trust_remote_code, ctx)  # a hub id's snapshot
     p = plan(folder, config, dtype, trust_remote_code)
+    if config.rank is not None and not any(kind == "factorize" for kind, _, _ in p.jobs):  # as the in-memory CLI
+        raise SvdloraError(
+            f"--rank {config.rank} factorizes none of the {len(p.targets)} Linear/Conv1D layers (the factors "
+            "would not be smaller than any of them): pass a smaller --rank"
+        )
     resolved = blockwise.resolve(config) if calibration is not None else None
     if calibration is not None and resolved is None:
         logger.warning("calibration data is not used by method 'svd' with uniform allocation")
