@@ -11,10 +11,13 @@ from __future__ import annotations
 import heapq
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import SvdloraError, first_line
 
 
 @dataclass
@@ -32,14 +35,16 @@ class Context:
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
+            with _peers_alive():
+                dist.barrier()
 
     def broadcast(self, obj):
         """``obj`` of rank 0, on every rank."""
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with _peers_alive():
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def gather(self, obj) -> list:
@@ -47,7 +52,8 @@ class Context:
         if not self.active:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with _peers_alive():
+            dist.all_gather_object(out, obj)
         return out
 
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
@@ -56,7 +62,8 @@ class Context:
             return
         for tensor in tensors:
             staged = tensor if tensor.device.type == "cpu" else tensor.cpu()
-            dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+            with _peers_alive():
+                dist.all_reduce(staged, op=dist.ReduceOp.SUM)
             if staged is not tensor:
                 tensor.copy_(staged)
 
@@ -65,6 +72,20 @@ class Context:
         size, extra = divmod(len(items), self.world_size)
         start = self.rank * size + min(self.rank, extra)
         return items[start : start + size + (self.rank < extra)]
+
+
+@contextmanager
+def _peers_alive():
+    """A collective that fails because another process stopped (its own error, a kill) is that
+    process's failure, not a bug here: one line that points at it (exit status 2)."""
+    try:
+        yield
+    except RuntimeError as err:  # gloo: "Connection closed by peer"; torch.distributed.DistError
+        said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ")[0]  # gloo's: "[file.cc:553] ..."
+        raise SvdloraError(
+            f"another process of this run stopped, so this one stops too ({said}): its error is above or in its "
+            "log; fix that and rerun"
+        ) from None
 
 
 def launched() -> bool:

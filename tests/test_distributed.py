@@ -175,3 +175,30 @@ def test_each_rank_gets_a_contiguous_share_of_the_windows():
     shares = [Context(rank, 3).share(list(range(8))) for rank in range(3)]
     assert shares == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert Context().share([1, 2]) == [1, 2]
+
+
+def test_a_collective_that_fails_because_a_peer_stopped_says_so(monkeypatch):
+    """A rank whose peer died (bad input it alone read, a crash) got gloo's RuntimeError, which the CLI
+    called 'a bug in svdlora'; it is one line pointing at the other process (exit status 2)."""
+    import torch.distributed as dist
+
+    from svdlora.errors import SvdloraError
+
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1. More."
+
+    def closed(*args, **kwargs):
+        raise RuntimeError(gloo)
+
+    for name in ("barrier", "broadcast_object_list", "all_gather_object", "all_reduce"):
+        monkeypatch.setattr(dist, name, closed)
+    ctx = Context(rank=1, world_size=2)
+    for call in (
+        ctx.barrier,
+        lambda: ctx.broadcast("x"),
+        lambda: ctx.gather("x"),
+        lambda: ctx.all_reduce_sum([torch.ones(1)]),
+    ):
+        with pytest.raises(
+            SvdloraError, match=r"another process of this run stopped.*\(Connection closed by peer \[127"
+        ):
+            call()
