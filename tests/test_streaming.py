@@ -54,6 +54,8 @@ def test_streamed_files_equal_in_memory_files(tmp_path, make, settings, dtype):
     memory, stream = weight_bytes(tmp_path / "memory"), weight_bytes(tmp_path / "stream")
     assert len(memory) > 2 and INDEX_NAME in memory  # several output shards and an index
     assert memory == stream  # bit for bit
+    # config.json too: its dtype is what from_pretrained(dtype="auto") loads the folder in
+    assert (tmp_path / "memory" / "config.json").read_text() == (tmp_path / "stream" / "config.json").read_text()
     a = json.loads((tmp_path / "memory" / "svdlora_config.json").read_text())
     b = json.loads((tmp_path / "stream" / "svdlora_config.json").read_text())
     for data in (a, b):
@@ -329,3 +331,24 @@ def test_a_rank_that_factorizes_nothing_is_refused_as_in_memory(tmp_path, capsys
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "factorizes none" in err[0], err
         assert not (tmp_path / mode).exists()
+
+
+def test_a_checkpoint_without_a_config_dtype_loads_in_its_first_tensor_s_dtype(tmp_path):
+    """from_pretrained(dtype="auto") without a dtype in config.json casts every floating tensor to the
+    first one's dtype (and records it in config.json); streaming kept each tensor's stored dtype."""
+    base = tmp_path / "base"
+    model = tiny_llama()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)  # the norms and the embedding stay float32
+    model.save_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (base / "config.json").write_text(json.dumps(config))
+    flags = ["--budget", "0.5", "--calibration", "none", "--no-progress"]
+    assert main(["compress", str(base), "-o", str(tmp_path / "memory"), *flags, "--no-stream"]) == 0
+    assert main(["compress", str(base), "-o", str(tmp_path / "stream"), *flags, "--stream"]) == 0
+    assert weight_bytes(tmp_path / "memory") == weight_bytes(tmp_path / "stream")
+    saved = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("memory", "stream")]
+    assert saved[0] == saved[1] and saved[1]["dtype"] == "bfloat16"

@@ -104,7 +104,7 @@ def plan(
     check_dense_folder(Path(source), str(source))  # issue 7's checks: no svdlora folder, no truncated file
     ckpt = Checkpoint(source)
     hf_config, model = meta_model(source, trust_remote_code)
-    target_dtype = parse_dtype(dtype) or getattr(hf_config, "dtype", None)
+    target_dtype = load_dtype(parse_dtype(dtype), hf_config, ckpt)
     params_before = count_parameters(model)
     targets, dense = find_targets(model, config)
     if not targets:
@@ -159,6 +159,23 @@ def plan(
         else:
             raise SvdloraError(f"{str(source)!r} has no tensor {key!r}: compress without --stream")
     return out
+
+
+def load_dtype(dtype: torch.dtype | None, hf_config, ckpt: Checkpoint) -> torch.dtype:
+    """The dtype ``from_pretrained(dtype=dtype or "auto")`` loads the model in, set on ``hf_config`` (and its
+    sub-configs) as it sets it, so config.json records it: ``dtype``, else config.json's, else the first
+    floating tensor's of the first checkpoint file (by name, as ``safe_open`` lists them); every floating
+    tensor is then cast to it (but the keep-in-float32 ones)."""
+    dtype = dtype or parse_dtype(getattr(hf_config, "dtype", None))
+    if dtype is None:
+        first = [ckpt.spec[k].dtype for k in sorted(ckpt.spec) if ckpt.file_of[k] == ckpt.files[0]]
+        floating = [d for d in first if d.is_floating_point and "float8_" not in str(d) and "float4_" not in str(d)]
+        dtype = (floating or first or [torch.float32])[0]
+    hf_config.dtype = dtype
+    for key in getattr(hf_config, "sub_configs", {}):
+        if (sub := getattr(hf_config, key, None)) is not None:
+            sub.dtype = dtype
+    return dtype
 
 
 def factor_keys(name: str, layer: LowRankLinear) -> list[str]:
