@@ -352,3 +352,21 @@ def test_a_checkpoint_without_a_config_dtype_loads_in_its_first_tensor_s_dtype(t
     assert weight_bytes(tmp_path / "memory") == weight_bytes(tmp_path / "stream")
     saved = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("memory", "stream")]
     assert saved[0] == saved[1] and saved[1]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("head", [[], ["--compress-head"]])  # the head stays dense (copied), or is factorized
+def test_weights_that_do_not_fit_config_json_are_refused_as_in_memory(tmp_path, capsys, head):
+    """Streaming copied a stored tensor in its stored shape: a complete-looking folder that did not load
+    (or, for a factorized matrix, an internal error midway); in memory it is refused, naming the tensor."""
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)  # untied head, vocabulary 96
+    config = json.loads((base / "config.json").read_text())
+    config["vocab_size"] = 100
+    (base / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    for mode in ("--no-stream", "--stream"):
+        argv = ["compress", str(base), "-o", str(tmp_path / mode), "--budget", "0.5", "--calibration", "none", mode]
+        assert main([*argv, *head, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "has shape [96, 32] but LlamaForCausalLM needs" in err and "do not match" in err, err
+        assert not (tmp_path / mode).exists()

@@ -124,6 +124,7 @@ def plan(
         key = out.source_key(f"{t.name}.weight")
         if key is None:
             raise SvdloraError(f"{str(source)!r} has no tensor for {t.name}.weight: compress without --stream")
+        _check_shape(source, key, ckpt.spec[key].shape, t.module.weight.shape, model)
         weight_dtype[t.name] = out.out_dtype(ckpt.spec[key].dtype, f"{t.name}.weight")
         layer = (PivotedLowRankLinear if config.pivot else LowRankLinear)(
             t.in_features, t.out_features, ranks[t.name], bias=t.module.bias is not None,
@@ -151,6 +152,7 @@ def plan(
             kind = tensor.dtype if not tensor.is_floating_point() else weight_dtype[stage_owner[key]]
             out.specs.append(TensorSpec(key, tuple(tensor.shape), kind))  # pivot indices stay int64
         elif (src := out.first_key([key, *aliases.get(key, [])])) is not None:
+            _check_shape(source, src, ckpt.spec[src].shape, tensor.shape, model)
             out.specs.append(TensorSpec(key, ckpt.spec[src].shape, out.out_dtype(ckpt.spec[src].dtype, key)))
             out.jobs.append(("copy", src, key))
         elif key in buffers and buffers[key].device.type != "meta":  # built by the model's code
@@ -159,6 +161,16 @@ def plan(
         else:
             raise SvdloraError(f"{str(source)!r} has no tensor {key!r}: compress without --stream")
     return out
+
+
+def _check_shape(source, key: str, stored, wanted, model) -> None:
+    """Refuse a stored tensor whose shape is not the model's, as loading it in memory does (a copy
+    would make a folder that does not load, a factorization fail midway)."""
+    if tuple(stored) != tuple(wanted):
+        raise SvdloraError(
+            f"{str(source)!r}: tensor {key!r} has shape {list(stored)} but {type(model).__name__} needs "
+            f"{list(wanted)}: config.json and the weights do not match"
+        )
 
 
 def load_dtype(dtype: torch.dtype | None, hf_config, ckpt: Checkpoint) -> torch.dtype:
