@@ -114,13 +114,13 @@ def plan_calibration(
     from .calibration_data import SELF, calibration_batches, model_kind
 
     if calibration is None:
+        hint = "needs calibration data: pass --calibration DATA (or 'self' for a causal LM)"
         for name, value in (("method", config.method), ("allocation", config.allocation)):
             if value not in ("auto", "svd", "uniform"):
-                raise SvdloraError(
-                    f"{name} {value!r} needs calibration data: pass --calibration DATA (or 'self' for a causal LM)"
-                )
-        if config.heal_steps:
-            raise SvdloraError("healing needs calibration data: pass --calibration DATA (or 'self' for a causal LM)")
+                raise SvdloraError(f"{name} {value!r} {hint}")
+        for what, given in (("healing", config.heal_steps), ("the refit pass (--refit)", config.refit)):
+            if given:
+                raise SvdloraError(f"{what} {hint}")
         return CalibrationPlan(method="svd", allocation="uniform")
     method = auto_method(targets) if config.method == "auto" else config.method
     allocation = resolved_allocation(config)
@@ -147,4 +147,6 @@ def plan_calibration(
     if method == "kfac" and not any(s.out_grad_gram is not None for s in stats.values()):
         logger.warning("method kfac: the statistics hold no output-gradient Grams; using their diagonal (fisher)")
     refit = config.refit and method != "svd"
+    if config.refit and not refit:
+        logger.warning("the refit pass is not run with method 'svd' (it refits to weighted statistics)")
     return CalibrationPlan(method, allocation, batches=batches, stats=stats, source=source, refit=refit)

@@ -383,6 +383,8 @@ def test_statistics_are_collected_once_per_shared_input():
 def test_method_that_needs_data_is_refused_without_it():
     with pytest.raises(SvdloraError, match="needs calibration data"):
         svdlora.compress(tiny_gpt2(), budget=0.5, method="whiten", progress=False)
+    with pytest.raises(SvdloraError, match=r"refit pass \(--refit\) needs calibration data"):
+        svdlora.compress(tiny_gpt2(), budget=0.5, refit=True, progress=False)  # was silently skipped
 
 
 # CLI: bad calibration input is one line and exit 2, before the model is loaded
