@@ -111,6 +111,23 @@ def test_compressed_head_and_report(tmp_path):
     assert torch.equal(_logits(model, "gpt2"), _logits(svdlora.load_compressed(folder, device="cpu"), "gpt2"))
 
 
+def test_another_class_loads_a_folder_whose_head_is_factorized(tmp_path):
+    """AutoModel (no head) or another head on a folder with a factorized lm_head: transformers leaves
+    a dense checkpoint's unused head tensors unread, so the head's factors are left unread too."""
+    import transformers
+
+    folder = _folder("llama", tmp_path, keep_head=False)
+    expected = svdlora.load_compressed(folder, device="cpu")
+    assert isinstance(expected.lm_head, svdlora.LowRankLinear)
+    base = transformers.AutoModel.from_pretrained(folder)
+    assert isinstance(base.layers[0].self_attn.q_proj, svdlora.LowRankLinear)
+    ids = example_inputs("llama")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, expected.model(ids).last_hidden_state)
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    assert isinstance(classifier.model.layers[0].mlp.up_proj, svdlora.LowRankLinear)
+
+
 def test_folder_config_entries(tmp_path):
     folder = _folder("gpt2", tmp_path)
     config = json.loads((folder / "config.json").read_text())

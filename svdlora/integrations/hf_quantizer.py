@@ -135,9 +135,16 @@ class SvdloraHfQuantizer(HfQuantizer):
         if not layouts:
             raise ValueError(f"{self._checkpoint_files} holds no svdlora factors: is this an svdlora folder?")
         prefix = getattr(model, "base_model_prefix", "")
+        # The folder's own class must have every factorized module; another class (AutoModel on a
+        # *ForCausalLM folder, another head) lacks the folder's head, whose factors transformers'
+        # rule for a dense checkpoint's unused tensors leaves unread.
+        own_class = type(model).__name__ in (getattr(model.config, "architectures", None) or [])
         missing = set()
         for file_name, (ranks, pivoted) in layouts.items():
-            name = _model_name(model, file_name, prefix)
+            name = _model_name(model, file_name, prefix, strict=own_class)
+            if name is None:
+                logger.info("svdlora: %s has no %r: its factors are not loaded", type(model).__name__, file_name)
+                continue
             module = model.get_submodule(name)
             kind = dense_kind(module)
             if kind is None:
@@ -238,8 +245,9 @@ def _factor_layouts(files: list[str]) -> dict[str, tuple[list[int], bool]]:
     return layouts | {name: ([rank], True) for name, rank in pivoted.items()}
 
 
-def _model_name(model: nn.Module, file_name: str, prefix: str) -> str:
-    """The module's name in this model: a base model (AutoModel) lacks the head class's prefix."""
+def _model_name(model: nn.Module, file_name: str, prefix: str, strict: bool = True) -> str | None:
+    """The module's name in this model: a base model (AutoModel) lacks the head class's prefix.
+    None where the model has no such module and ``strict`` is off."""
     candidates = [file_name]
     if prefix:
         candidates += [file_name.removeprefix(prefix + "."), f"{prefix}.{file_name}"]
@@ -249,6 +257,8 @@ def _model_name(model: nn.Module, file_name: str, prefix: str) -> str:
             return name
         except AttributeError:
             continue
+    if not strict:
+        return None
     raise ValueError(f"the svdlora folder factorizes {file_name!r}, which {type(model).__name__} does not have")
 
 
