@@ -113,6 +113,21 @@ def test_changed_head_is_saved_whole(tmp_path):
     assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
 
 
+def test_the_tuned_model_is_given_back_as_it_was(tmp_path):
+    """peft freezes the wrapped model and unloads modules_to_save as copies: the tuned model kept
+    neither its trainable flags nor the tie of its embedding and head."""
+    base, tuned = _pair(tiny_gpt2)
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.01)  # embedding and head (tied) saved whole
+    tuned.transformer.h[0].ln_1.weight.requires_grad_(False)  # a mix of flags, kept as they are
+    before = {n: (p, p.requires_grad) for n, p in tuned.named_parameters(remove_duplicate=False)}
+    write_adapter(base, tuned, tmp_path / "adapter", rank=2, progress=False)
+    after = {n: (p, p.requires_grad) for n, p in tuned.named_parameters(remove_duplicate=False)}
+    assert after.keys() == before.keys()
+    assert all(after[n][0] is before[n][0] and after[n][1] == before[n][1] for n in before)
+    assert tuned.lm_head.weight is tuned.transformer.wte.weight
+
+
 def test_card_and_record(tmp_path, capsys):
     base, tuned = _pair(tiny_llama)
     base.save_pretrained(tmp_path / "base")

@@ -96,6 +96,10 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
             f"{', …' if len(whole) > 3 else ''}): the fine-tune moved no targeted matrix, --include/--exclude "
             "target none of them, or --rank/--budget keeps each delta whole; lower the rank or fix the patterns"
         )
+    # peft freezes every parameter, and its unload puts copies where modules_to_save were (which unties
+    # a tied embedding and head): both are undone after saving, so the caller's model is as it was.
+    trainable = {id(p): p.requires_grad for p in tuned.parameters()}
+    originals = {name: tuned.get_submodule(name) for name in extraction.modules_to_save}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
@@ -120,7 +124,11 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
             wrapped.save_pretrained(str(output))
     finally:
-        wrapped.unload()  # the caller's tuned model, as it was
+        wrapped.unload()  # the LoRA layers' own base layers back in place
+        for name, module in originals.items():
+            tuned.set_submodule(name, module)
+        for param in tuned.parameters():
+            param.requires_grad_(trainable.get(id(param), param.requires_grad))
     return output
 
 
