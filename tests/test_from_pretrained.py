@@ -138,6 +138,22 @@ def test_folder_config_entries(tmp_path):
     assert not hasattr(model.config, "quantization_config")
 
 
+@pytest.mark.parametrize("hook", ["update_attn_implementation", "update_tp_plan", "update_ep_plan"])
+def test_each_release_s_config_hook_undoes_the_guard(hook):
+    """transformers up to 5.17 calls update_tp_plan / update_ep_plan before it resolves the weight file,
+    later releases update_attn_implementation: with only the latter, from_pretrained on 5.17 looked for
+    the guard file even after `import svdlora` (found on the GPU machine's transformers 5.17)."""
+    import transformers
+
+    from svdlora.integrations.hf_quantizer import SvdloraHfQuantizer
+
+    quantizer = SvdloraHfQuantizer(SvdloraQuantizationConfig(weights="model.safetensors.index.json"))
+    config = transformers.PretrainedConfig(transformers_weights=GUARD_WEIGHTS_NAME)
+    assert getattr(quantizer, hook)(config).transformers_weights == "model.safetensors.index.json"
+    other = transformers.PretrainedConfig(transformers_weights="custom.safetensors")  # not the guard: kept
+    assert getattr(quantizer, hook)(other).transformers_weights == "custom.safetensors"
+
+
 def test_old_folder_without_quantization_config_still_loads(tmp_path):
     folder = _folder("gpt2", tmp_path)
     expected = _logits(svdlora.load_compressed(folder, device="cpu"), "gpt2")

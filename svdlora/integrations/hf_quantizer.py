@@ -109,12 +109,27 @@ class SvdloraHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("svdlora folders cannot be offloaded to disk: give device_map CPU or GPU devices only")
 
-    def update_attn_implementation(self, config):
-        # The one hook that sees the model config before transformers resolves the weight file:
-        # undo the guard that makes loading without svdlora fail (see the module docstring).
+    def _unguard(self, config):
+        # Undo the guard that makes loading without svdlora fail (see the module docstring): from a hook
+        # that sees the model config before transformers resolves the weight file. Which hook that is
+        # depends on the release (update_tp_plan up to transformers 5.17, update_attn_implementation
+        # after), so each of them does it; it is idempotent.
         if getattr(config, "transformers_weights", None) == GUARD_WEIGHTS_NAME:
             config.transformers_weights = self.quantization_config.weights
         return config
+
+    def _hook(self, name: str, config):
+        parent = getattr(super(), name, None)  # a release may lack the hook
+        return self._unguard(parent(config) if parent is not None else config)
+
+    def update_attn_implementation(self, config):
+        return self._hook("update_attn_implementation", config)
+
+    def update_tp_plan(self, config):
+        return self._hook("update_tp_plan", config)
+
+    def update_ep_plan(self, config):
+        return self._hook("update_ep_plan", config)
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs):
         self._checkpoint_files = list(checkpoint_files or [])
