@@ -79,7 +79,8 @@ def test_generate_may_compile_a_static_cache_decode(tmp_path):
     config = GenerationConfig(compile_config=CompileConfig())
     config.compile_config._compile_all_devices = True  # the CPU counts as a compile device
     cache = StaticCache(config=model.config, max_cache_len=16)
-    assert model._valid_auto_compile_criteria({"cache": cache}, config)
+    kwargs = {"cache": cache, "past_key_values": cache}  # the key generate() uses: 5.24's, 5.17's
+    assert model._valid_auto_compile_criteria(kwargs, config)
 
 
 @pytest.mark.slow  # ~40 s of inductor compile on a CPU
