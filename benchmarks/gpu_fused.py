@@ -116,7 +116,8 @@ def variants(layers: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
         return [q, k, v, pair("o"), g, u, pair("down")]
 
     found = {"dense": dense, "pairs": pairs, "siblings": siblings, "siblings+bmm": siblings_bmm}
-    if triton is not None:
+    if triton is not None and (x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        # compiled Triton needs CUDA tensors: a CPU dry run on a GPU machine (torch ships triton) leaves it out
         buffers = {n: torch.empty(layers[n]["a"].shape[0], device=x.device, dtype=torch.float32) for n in layers}
 
         def fused():
