@@ -14,7 +14,7 @@ from svdlora.errors import SvdloraError
 from svdlora.extract import extract_adapter
 from svdlora.integrations.peft_adapter import write_adapter
 
-from .conftest import example_inputs, tiny_gpt2, tiny_llama
+from .conftest import TINY_MODELS, example_inputs, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -71,6 +71,22 @@ def test_full_rank_round_trip_is_exact(factory, tmp_path):
     assert (_logits(base) - want).abs().max() > 1e-2  # the fine-tune matters
     # the tuned model is given back unchanged (peft wrapped it while saving)
     assert not any("lora" in n for n, _ in tuned.named_modules())
+
+
+@pytest.mark.parametrize("kind", ["marian", "t5"])
+def test_a_translation_model_s_adapter_is_a_seq2seq_lm_adapter(kind, tmp_path):
+    """MarianMTModel and T5ForConditionalGeneration end in neither ForCausalLM nor ForSeq2SeqLM: their
+    adapters were written without a task type, so peft loaded them without its Seq2SeqLM wrapper."""
+    torch.manual_seed(0)
+    base = TINY_MODELS[kind]().eval()
+    tuned = fine_tune(base, norms=False)
+    write_adapter(base, tuned, tmp_path / "adapter", rank=2, progress=False)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+    model = _load(base, tmp_path / "adapter")
+    assert isinstance(model, peft.PeftModelForSeq2SeqLM)
+    with torch.no_grad():
+        got, want = model(**example_inputs(kind)).logits, tuned(**example_inputs(kind)).logits
+    assert (got - want).abs().max() < 1e-4
 
 
 def test_config_rank_pattern_and_modules_to_save(tmp_path):

@@ -47,7 +47,10 @@ def require_peft():
 
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
-    return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
+    task = next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
+    if task is None and getattr(getattr(model, "config", None), "is_encoder_decoder", False) and model.can_generate():
+        task = "SEQ_2_SEQ_LM"  # MarianMTModel, T5ForConditionalGeneration: peft's Seq2SeqLM wrapper generates
+    return task
 
 
 def lora_config(extraction: Extraction, model: nn.Module, base_name: str | None):
