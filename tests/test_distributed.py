@@ -202,3 +202,21 @@ def test_a_collective_that_fails_because_a_peer_stopped_says_so(monkeypatch):
             SvdloraError, match=r"another process of this run stopped.*\(Connection closed by peer \[127"
         ):
             call()
+
+
+@pytest.mark.parametrize(
+    "samples,advice", [(1, "--calibration-samples 2 or more"), (64, "shorter --calibration-length")]
+)
+def test_too_few_windows_for_the_processes_says_what_helps(monkeypatch, samples, advice):
+    """More samples cannot help where the text itself ran out of windows: the advice says which it is."""
+    import svdlora.calibration_data
+    from svdlora.config import CompressionConfig
+    from svdlora.errors import SvdloraError
+    from svdlora.streaming import pipeline
+
+    monkeypatch.setattr(pipeline.blockwise, "check", lambda *args: None)
+    monkeypatch.setattr(svdlora.calibration_data, "calibration_batches", lambda *args, **kwargs: [{"input_ids": 0}])
+    plan = type("Plan", (), {"model": None, "hf_config": None, "target_names": []})()
+    config = CompressionConfig(budget=0.5, calibration_samples=samples)
+    with pytest.raises(SvdloraError, match=f"1 calibration windows for 2 processes: .*{advice}"):
+        pipeline._calibration_batches(plan, "m", "text.txt", object(), config, Context(0, 2), False)

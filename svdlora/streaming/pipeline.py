@@ -250,9 +250,17 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
     if not batches:
         raise SvdloraError("calibration data is empty: pass a file with text, or batches")
     if len(batches) < ctx.world_size:  # every rank runs at least one window
+        if isinstance(calibration, list):
+            more = f"pass {ctx.world_size} or more batches"
+        elif len(batches) >= config.calibration_samples:
+            more = f"pass --calibration-samples {ctx.world_size} or more"
+        else:  # more samples cannot help where the data itself ran out of windows
+            more = (
+                f"the data holds no more windows of {config.calibration_length} tokens: pass more data or a "
+                "shorter --calibration-length"
+            )
         raise SvdloraError(
-            f"{len(batches)} calibration windows for {ctx.world_size} processes: pass --calibration-samples "
-            f"{ctx.world_size} or more, or run fewer processes"
+            f"{len(batches)} calibration windows for {ctx.world_size} processes: {more}, or run fewer processes"
         )
     return batches
 
