@@ -671,3 +671,20 @@ def test_task_defaults_to_the_one_the_model_fits(gpt, vit, marian, tmp_path, cap
     assert result["task"] == "text-generation"
     with pytest.raises(svdlora.SvdloraError, match="cannot tell which task 'Linear' is for: pass --task"):
         svdlora.evaluate(torch.nn.Linear(2, 2), data=gpt["text"])
+
+
+def test_cuda_peak_memory_leaves_out_what_else_is_on_the_device(monkeypatch):
+    # An in-memory model stays on the GPU while its baseline is measured (and the other way
+    # round): the raw max_memory_allocated counted its weights into the other model's peak.
+    from svdlora.evaluation.measure import PeakMemory, model_memory_bytes
+
+    model = torch.nn.Linear(8, 4)
+    weights, other, activations = model_memory_bytes(model), 10_000_000, 512
+    allocated = {"now": weights + other, "peak": weights + other}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    with PeakMemory(torch.device("cuda", 0), model) as peak:
+        allocated["peak"] += activations
+    assert peak.bytes == weights + activations

@@ -2,10 +2,12 @@
 
 Peak memory, as reported in ``peak_memory_bytes``:
 
-* CUDA: ``torch.cuda.max_memory_allocated`` over the evaluation, after resetting the peak
-  with the model already on the device, so it counts the weights plus the largest
-  activations / beam caches / logits held at once (tensors only, not the caching allocator's
-  reserve or the CUDA context).
+* CUDA: the model's parameter and buffer bytes plus how far ``torch.cuda.max_memory_allocated``
+  rose above ``memory_allocated`` at the start of the evaluation (the peak reset with the model
+  already on the device): the weights plus the largest activations / beam caches / logits held
+  at once (tensors only, not the caching allocator's reserve or the CUDA context). Not the raw
+  peak: that also counts whatever else lives on the device, such as the other model of an
+  ``evaluate`` call passed in memory, which stays there while its partner is measured.
 * CPU (Linux): the model's resident parameter and buffer bytes plus how far the process's
   resident set rose above its level at the start of the evaluation. The high-water mark is
   reset through ``/proc/self/clear_refs`` and read from ``VmHWM`` in ``/proc/self/status``, so
@@ -166,7 +168,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.method = "cuda max_memory_allocated"
+            self._start_bytes = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda model bytes + max_memory_allocated rise"
             return self
         self._proc = False
         try:
@@ -185,7 +188,8 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+            rise = max(0, torch.cuda.max_memory_allocated(self.device) - self._start_bytes)
+            self.bytes = self.model_bytes + int(rise)
             return
         end_kib = _read_status_kib("VmHWM") if self._proc else _maxrss_kib()
         rise = max(0, (end_kib or 0) - (self._start_kib or 0)) * 1024
