@@ -688,3 +688,17 @@ def test_cuda_peak_memory_leaves_out_what_else_is_on_the_device(monkeypatch):
     with PeakMemory(torch.device("cuda", 0), model) as peak:
         allocated["peak"] += activations
     assert peak.bytes == weights + activations
+
+
+def test_unlabeled_examples_of_a_class_label_column_are_refused(vit):
+    # Test splits often carry label -1 (no label) in a ClassLabel column: names[-1] made every
+    # such image the last class, and the accuracy the share of images predicted as that class.
+    import datasets
+
+    model = ViTForImageClassification.from_pretrained(vit["dense"])
+    processor = ViTImageProcessor.from_pretrained(vit["dense"])
+    images = [Image.open(p).convert("RGB") for p in sorted(Path(vit["images"]).rglob("*.png"))]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))})
+    unlabeled = datasets.Dataset.from_dict({"image": images, "label": [-1] * len(images)}, features=feats)
+    with pytest.raises(svdlora.SvdloraError, match=r"label column 'label' holds ids \[-1\].*unlabeled"):
+        evaluate((model, processor), "image-classification", unlabeled, progress=False)

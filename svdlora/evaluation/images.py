@@ -97,6 +97,14 @@ def load_images(opts: EvalOptions) -> ImageData:
     labels = list(dataset[label_column])
     names = getattr(dataset.features.get(label_column), "names", None)  # a ClassLabel knows its names
     if names:
+        # -1 marks an unlabeled example (the test splits of ImageNet, GLUE...): names[-1] would
+        # silently make it the last class, and the accuracy a count of that class
+        bad = sorted({i for i in labels if not (isinstance(i, int) and 0 <= i < len(names))}, key=str)
+        if bad:
+            raise SvdloraError(
+                f"--data: label column {label_column!r} holds ids {bad[:5]}, which are not among its "
+                f"{len(names)} class names (-1: unlabeled, as in many test splits): pick a labeled split (--split)"
+            )
         labels = [names[i] for i in labels]
     return ImageData(labels=labels, dataset=dataset, column=image_column)
 
