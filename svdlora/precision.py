@@ -126,22 +126,25 @@ def allocate_bytes_global(
     budget: float,
     formats: list[StageFormat],
     dtype: torch.dtype,
-) -> tuple[dict[str, tuple[list[int], list[StageFormat]]], dict[str, float]]:
+) -> tuple[dict[str, tuple[list[int], list[StageFormat]]], dict[str, str], dict[str, float]]:
     """Stage plans chosen together: greedy on the loss each byte buys, under the same exact byte budget.
 
     ``spectra[name]`` holds the weighted singular values of what the low-rank stages factorize (W, or
     W minus its full first stage), descending; one more unit of total rank of matrix t removes
     σ²_{R+1} and costs u_t bytes, u_t = n / Σ_j 1/c_j for the equal-bytes split over stages of
     per-rank cost c_j. Each matrix then gets ``plan_matrix`` of its full stage plus u_t·R_t bytes,
-    and Σ of those is what the greedy kept within budget · Σ dense bytes. Returns the plans and
-    each matrix's estimated loss left (Σ of the dropped σ²).
+    and Σ of those is what the greedy kept within budget · Σ dense bytes. As in
+    ``allocate.allocate_global``, a rank is only given while its bytes stay below the dense matrix's,
+    and keeping a matrix dense (exact) is a move of its own (gain: the whole tail; cost: the dense
+    bytes beyond its current plan). Returns the plans, the matrices kept dense (with why) and each
+    factorized matrix's estimated loss left (Σ of the dropped σ²).
     """
     import heapq
 
     allowed = math.floor(budget * sum(target_bytes(t, dtype) for t in targets) + 1e-6)
     full = formats[0] if formats[0].full else None
     low = formats[1:] if full else formats
-    fixed, unit, tails, rank = {}, {}, {}, {}
+    fixed, unit, tails, rank, dense_cost = {}, {}, {}, {}, {}
     for t in targets:
         fixed[t.name] = nbytes(full, t.out_features, t.in_features) if full else 0
         costs = [stage_bytes(f, t.out_features, t.in_features, 1) for f in low]
@@ -149,36 +152,53 @@ def allocate_bytes_global(
         squares = spectra[t.name].double().square()
         tails[t.name] = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)]).tolist()
         rank[t.name] = 0 if full else 1
-    # no low-rank stage (a full stage only): rank stays 0 and costs nothing (inf · 0 would be NaN)
-    spent = sum(fixed[t.name] + (math.ceil(unit[t.name] * rank[t.name]) if low else 0) for t in targets)
+        dense_cost[t.name] = target_bytes(t, dtype)
+
+    def cost(name: str, k: int) -> int:
+        # no low-rank stage (a full stage only): rank stays 0 and costs nothing (inf · 0 would be NaN)
+        return fixed[name] + (math.ceil(unit[name] * k) if low else 0)
+
+    spent = sum(cost(t.name, rank[t.name]) for t in targets)
     if spent > allowed:
         raise SvdloraError(
             f"budget {budget} is too small for {','.join(f.name for f in formats)} stages on every targeted "
             "matrix: raise --budget, choose cheaper stage dtypes or --exclude the smallest layers"
         )
-    heap = []
+    heap: list[tuple[float, int, str, str]] = []
+    version = {t.name: 0 for t in targets}
     by_name = {t.name: t for t in targets}
+    dense: dict[str, str] = {}
 
     def push(name: str) -> None:
         k, tail, t = rank[name], tails[name], by_name[name]
-        if low and k < min(t.out_features, t.in_features, len(tail) - 1):
-            heapq.heappush(heap, (-(tail[k] - tail[k + 1]) / unit[name], name))
+        if low and k < min(t.out_features, t.in_features, len(tail) - 1) and cost(name, k + 1) < dense_cost[name]:
+            heapq.heappush(heap, (-(tail[k] - tail[k + 1]) / unit[name], version[name], name, "rank"))
+        if tail[k] > 0:
+            extra = max(dense_cost[name] - cost(name, k), 1)
+            heapq.heappush(heap, (-tail[k] / extra, version[name], name, "dense"))
 
     for t in targets:
         push(t.name)
     while heap:
-        _, name = heapq.heappop(heap)
-        extra = math.ceil(unit[name] * (rank[name] + 1)) - math.ceil(unit[name] * rank[name])
+        _, ver, name, move = heapq.heappop(heap)
+        if ver != version[name] or name in dense:
+            continue
+        k = rank[name]
+        extra = (cost(name, k + 1) if move == "rank" else dense_cost[name]) - cost(name, k)
         if spent + extra > allowed:
             continue  # does not fit; a cheaper matrix's next rank still may
         spent += extra
-        rank[name] += 1
-        push(name)
+        version[name] += 1
+        if move == "dense":
+            dense[name] = "global allocation: kept dense (its loss per byte beats any rank it could get)"
+        else:
+            rank[name] += 1
+            push(name)
     plans = {}
     for t in targets:
-        budget_t = fixed[t.name] + (math.ceil(unit[t.name] * rank[t.name]) if low else 0)
-        plans[t.name] = plan_matrix(t, budget_t, formats, f"the global share of budget {budget}")
-    return plans, {n: tails[n][k] for n, k in rank.items()}
+        if t.name not in dense:
+            plans[t.name] = plan_matrix(t, cost(t.name, rank[t.name]), formats, f"the global share of budget {budget}")
+    return plans, dense, {n: tails[n][k] for n, k in rank.items() if n not in dense}
 
 
 def allocate_stages(
@@ -207,5 +227,4 @@ def allocate_stages(
         if formats[0].full:  # the low-rank stages see the full stage's rounding error
             weight = weight - roundtrip(weight, formats[0])
         spectra[t.name] = weighted_spectrum(weight, weighting_for(t.name))
-    plans, est_loss = allocate_bytes_global(targets, spectra, config.budget, formats, dtype)
-    return plans, {}, est_loss
+    return allocate_bytes_global(targets, spectra, config.budget, formats, dtype)

@@ -204,7 +204,7 @@ def test_global_byte_allocation_is_exact_and_follows_the_spectra(names):
     decay = {"m0": 0.5, "m1": 0.05, "m2": 0.05}  # m0's spectrum falls fast: its later ranks buy little
     spectra = {n: torch.exp(-d * torch.arange(48.0)) for n, d in decay.items()}
     formats = stage_formats(names, 3, torch.float32)
-    plans, _ = allocate_bytes_global(targets, spectra, 0.3, formats, torch.float32)
+    plans, _, _ = allocate_bytes_global(targets, spectra, 0.3, formats, torch.float32)
     stored = sum(layer_bytes(*plans[t.name], 48, 64) for t in targets)
     assert stored <= 0.3 * sum(target_bytes(t, torch.float32) for t in targets)
     assert sum(plans["m0"][0]) < sum(plans["m1"][0])
@@ -220,3 +220,24 @@ def test_factors_changed_after_compression_are_quantized_again_on_save(tmp_path)
     loaded = load_compressed(save_compressed(model, tmp_path / "out"), device="cpu")
     again = loaded.model.layers[0].mlp.up_proj
     assert torch.allclose(again.A, layer.A, rtol=0.02, atol=1e-3) and not torch.equal(again.A, layer.A / 1.5)
+
+
+@pytest.mark.parametrize("budget", [0.7, 1.0])
+def test_global_byte_allocation_never_stores_more_than_the_dense_matrix(budget):
+    """Found by review: with float stages the global byte greedy kept adding ranks past the dense
+    matrix's bytes (rank 24 of a 32x32 float32 matrix: 6144 bytes for a 4096-byte matrix, error 0.15)
+    and never kept a matrix dense, so budget 1.0 gave lossy layers where uniform keeps them exact."""
+    from svdlora.precision import allocate_bytes_global, layer_bytes, target_bytes
+
+    targets = [Target(f"m{i}", nn.Linear(32, 32), "linear", 32, 32) for i in range(3)]
+    spectra = {t.name: torch.linspace(2.0, 1.0, 32) for t in targets}  # flat: every rank buys much
+    formats = stage_formats(["float32"], 2, torch.float32)
+    plans, dense, _ = allocate_bytes_global(targets, spectra, budget, formats, torch.float32)
+    for name, plan in plans.items():
+        assert layer_bytes(*plan, 32, 32) < target_bytes(targets[0], torch.float32), (name, plan)
+    stored = sum(layer_bytes(*p, 32, 32) for p in plans.values()) + 4096 * len(dense)
+    assert stored <= budget * 3 * 4096
+    if budget == 1.0:
+        assert set(dense) == {t.name for t in targets}  # exact, at no more bytes
+    else:
+        assert dense  # one matrix dense buys more than all three at the ranks the bytes allow
