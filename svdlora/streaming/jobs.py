@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..compress import all_finite, module_report, svd_options
+from ..compress import all_finite, measure_pivoted, module_report, svd_options
 from ..config import CompressionConfig
 from ..decompose import factorize, split_rank
 from ..errors import SvdloraError
@@ -58,6 +58,7 @@ def write_factors(
     set_float_storage(line, weight.dtype)  # the bytes compress() reports (issue 9)
     if config.pivot:  # as compress() stores it: pivot rows, coefficients and the pivot indices
         rows, coefficients, pivot = pivot_factors(f.a, f.b)
+        measure_pivoted(line, w, rows, coefficients, pivot)
         for part, tensor in (("B", pivot), ("C", coefficients), ("rows", rows)):
             writer.write(f"{what.name}.pivoted.{part}", tensor)
     else:
