@@ -154,6 +154,22 @@ def read_file_tensors(
     return a, b, full, stored
 
 
+def stored_weight(layer) -> torch.Tensor:
+    """The (out, in) matrix ``file_tensors`` would write for a layer with ``stage_dtypes``, read back
+    in float32: its stored stages, or its factors quantized again when they changed (e.g. healed)."""
+    formats = [parse_format(d) for d in layer.stage_dtypes]
+    stored = layer.stored if layer.stored is not None and _matches(layer, formats) else None
+    stored = stored if stored is not None else _quantize_layer(layer, formats)
+    total = torch.zeros(layer.out_features, layer.in_features)
+    for fmt, parts in zip(formats, stored, strict=True):
+        if fmt.full:
+            total += dequantize(parts["W"], fmt, layer.in_features)
+        else:
+            a, b = load_factors(parts, fmt, layer.out_features, layer.in_features, torch.float32)
+            total += a @ b
+    return total
+
+
 def _quantize_layer(layer, formats: list[StageFormat]) -> list:
     stages = []
     a_list = [a for a, _ in layer.stages()] if layer.ranks else []

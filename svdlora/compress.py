@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate_global, allocate_ranks
-from .chain import Stage, quantized_chain
+from .chain import Stage, quantized_chain, stored_weight
 from .config import CompressionConfig
 from .decompose import factorize, relative_error
 from .errors import SvdloraError
@@ -164,6 +164,7 @@ def compress(
             progress=progress,
         )
         del teacher
+        _measure_healed(model, originals, reports)
     report = CompressionReport(
         config=config.to_dict(),
         modules=_module_reports(model, reports, dense),
@@ -178,6 +179,18 @@ def compress(
     setattr(model, REPORT_ATTR, report)
     logger.info("factorized %d layers in %.1f s", len(reports), report.seconds)
     return report
+
+
+def _measure_healed(model: nn.Module, originals: dict, reports: dict) -> None:
+    """Healing trained the factors: each line's error is measured again on what the folder will hold
+    (quantized stages are quantized again on save, so on that), and the exact-SVD reference, which was
+    of the factors before healing, is dropped (as after the refit)."""
+    for name, line in reports.items():
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            stored = stored_weight(layer) if layer.stage_dtypes else layer.dense_weight()
+            line.rel_error = relative_error(weight_out_in(originals[name]), stored)
+        line.exact_error = None
 
 
 def allocate(targets, config: CompressionConfig, plan: CalibrationPlan, progress: bool):
