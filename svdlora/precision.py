@@ -62,18 +62,49 @@ def allocate_bytes(
     """Per target: (stage ranks, stage formats) whose bytes fit ``budget`` x its dense bytes; and
     the targets kept dense (with why). Ranks of 0 are dropped with their format; a full stage has rank 0.
 
-    Σ stage bytes <= budget · Σ dense bytes holds exactly, scales and zero points included,
-    because it holds for every matrix.
+    As ``allocate.allocate_ranks`` does in parameters: a matrix whose share cannot pay its smallest plan
+    (its full stage, or rank 1 of the cheapest low-rank stage) gets that plan, and the others share
+    the rest. Σ stage bytes <= budget · Σ dense bytes holds exactly, scales and zero points included.
     """
+    total = math.floor(budget * sum(target_bytes(t, dtype) for t in targets) + 1e-6)
+    floor: set[str] = set()  # matrices held at their smallest plan because their share is smaller
+    share = budget
+    while True:
+        rest = [t for t in targets if t.name not in floor]
+        if floor:
+            left = total - sum(smallest_plan_bytes(t, formats) for t in targets if t.name in floor)
+            if left < 0 or (rest and left <= 0):
+                names = ",".join(f.name for f in formats)
+                raise SvdloraError(
+                    f"budget {budget} is too small for {names} stages: even the smallest plan of every targeted "
+                    "matrix needs more; raise --budget, choose cheaper stage dtypes or --exclude the smallest layers"
+                )
+            share = min(1.0, left / sum(target_bytes(t, dtype) for t in rest)) if rest else 0.0
+        below = {t.name for t in rest if _share_bytes(t, share, dtype) < smallest_plan_bytes(t, formats)}
+        if not below:
+            break
+        floor |= below
     plans, dense = {}, {}
     for t in targets:
-        allowed = math.floor(budget * target_bytes(t, dtype) + 1e-6)
+        allowed = smallest_plan_bytes(t, formats) if t.name in floor else _share_bytes(t, share, dtype)
         plan = plan_matrix(t, allowed, formats, f"budget {budget}")
         if layer_bytes(*plan, t.out_features, t.in_features) >= target_bytes(t, dtype):
             dense[t.name] = "the budget covers the dense matrix (kept exact)"
         else:
             plans[t.name] = plan
     return plans, dense
+
+
+def _share_bytes(t: Target, share: float, dtype: torch.dtype) -> int:
+    return math.floor(share * target_bytes(t, dtype) + 1e-6)
+
+
+def smallest_plan_bytes(t: Target, formats: list[StageFormat]) -> int:
+    """Bytes of the cheapest plan ``plan_matrix`` can make for ``t``: its full first stage alone, or
+    rank 1 in the cheapest low-rank stage."""
+    if formats[0].full:
+        return nbytes(formats[0], t.out_features, t.in_features)
+    return min(stage_bytes(f, t.out_features, t.in_features, 1) for f in formats)
 
 
 def plan_matrix(t: Target, allowed: int, formats: list[StageFormat], what: str) -> tuple[list[int], list[StageFormat]]:

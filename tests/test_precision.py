@@ -8,12 +8,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from svdlora import SvdloraError, compress, load_compressed, save_compressed
+from svdlora.allocate import allocate_ranks
 from svdlora.chain import quantized_chain
 from svdlora.cli import main
+from svdlora.config import CompressionConfig
 from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
-from svdlora.precision import allocate_bytes, stage_formats
+from svdlora.precision import allocate_bytes, layer_bytes, stage_formats, target_bytes
 from svdlora.quantize import dequantize, nbytes, parse_format, quantize
-from svdlora.targets import Target
+from svdlora.targets import Target, find_targets
 
 from .conftest import TINY_MODELS, output_of
 
@@ -241,3 +243,23 @@ def test_global_byte_allocation_never_stores_more_than_the_dense_matrix(budget):
         assert set(dense) == {t.name for t in targets}  # exact, at no more bytes
     else:
         assert dense  # one matrix dense buys more than all three at the ranks the bytes allow
+
+
+def test_byte_budget_in_the_model_dtype_is_the_parameter_budget_for_small_matrices():
+    """Found by review: README says stages in the model's dtype give exactly the parameter budget, but
+    the byte allocator refused a 200x3 matrix whose share (720 bytes at budget 0.3) is below rank 1
+    (812), where the parameter allocator holds it at rank 1 and lets the others share the rest."""
+    model = nn.Sequential(nn.Linear(3, 200), nn.Linear(64, 64), nn.Linear(64, 32))
+    targets, _ = find_targets(model, CompressionConfig())
+    for budget in (0.2, 0.3, 0.5):
+        ranks, dense = allocate_ranks(targets, CompressionConfig(budget=budget, submatrices=2))
+        for names in (["float32"], ["full-int8", "int8"], ["int8", "int4"]):
+            if names[0] == "full-int8" and budget < 0.3:
+                continue  # the int8 copy alone is over a quarter of the float32 bytes
+            formats = stage_formats(names, 2, torch.float32)
+            plans, kept = allocate_bytes(targets, budget, formats, torch.float32)
+            stored = sum(layer_bytes(*p, t.out_features, t.in_features) for t in targets if (p := plans.get(t.name)))
+            stored += sum(target_bytes(t, torch.float32) for t in targets if t.name in kept)
+            assert stored <= budget * sum(target_bytes(t, torch.float32) for t in targets), (budget, names)
+            if names == ["float32"]:
+                assert ({n: p[0] for n, p in plans.items()}, kept.keys()) == (ranks, dense.keys())
