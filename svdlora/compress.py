@@ -187,9 +187,10 @@ def _measure_healed(model: nn.Module, originals: dict, reports: dict) -> None:
     of the factors before healing, is dropped (as after the refit)."""
     for name, line in reports.items():
         layer = model.get_submodule(name)
+        weight = weight_out_in(originals[name])
         with torch.no_grad():
-            stored = stored_weight(layer) if layer.stage_dtypes else layer.dense_weight()
-            line.rel_error = relative_error(weight_out_in(originals[name]), stored)
+            stored = stored_weight(layer) if layer.stage_dtypes else layer.dense_weight()  # the former on the CPU
+            line.rel_error = relative_error(weight, stored.to(weight.device))
         line.exact_error = None
 
 
