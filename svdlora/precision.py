@@ -1,7 +1,8 @@
 """Stage dtypes and the byte budget: which formats each stage uses, and how many ranks its bytes buy.
 
 The budget is a fraction of the targeted matrices' bytes in the model's dtype. Every matrix gets
-that fraction of its own bytes (the uniform rule, in bytes); a ``full-…`` first stage takes its
+that fraction of its own bytes (the uniform rule, in bytes; one whose share cannot pay its smallest
+plan gets that plan and the others share the rest, as in parameters); a ``full-…`` first stage takes its
 fixed cost first, and the low-rank stages split the rest equally in bytes (so an int8 stage gets
 about 4x the rank of a float32 one). With every stage in the model's dtype this is the old
 parameter budget, which ``allocate.allocate_ranks`` keeps handling.
