@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoModelForImageClassification, AutoTokenizer, MarianMTModel
+from transformers import AutoModelForImageClassification, AutoTokenizer, MarianMTModel
 
 import svdlora
 from benchmarks.common import write_results
@@ -29,6 +29,7 @@ from benchmarks.data import DEFAULT_DATA
 from svdlora.calibration import collect_statistics
 from svdlora.calibration_data import calibration_batches
 from svdlora.config import CompressionConfig
+from svdlora.evaluation.loading import load_processor
 from svdlora.targets import find_targets
 
 NAME = "quality_models"
@@ -76,7 +77,7 @@ def side_by_side(name, dense, processor, calibration_data, evaluate, args, resul
 
 def vit_setup(args):
     """(dense ViT, its processor, calibration images, evaluate(model) -> {"accuracy"})."""
-    processor = AutoImageProcessor.from_pretrained(args.vit)
+    processor = load_processor(args.vit, "image-classification")
     dense = AutoModelForImageClassification.from_pretrained(args.vit).eval()
 
     def evaluate(model):

@@ -66,10 +66,9 @@ def table2(budgets: Iterable[float] = BUDGETS, submatrices: int = 3) -> list[Set
 
 
 def load_dense(model: str | Path, task: str):
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from svdlora.evaluation.loading import load_processor
 
-    auto = AutoImageProcessor if task == "image-classification" else AutoTokenizer
-    return load_model(str(model), device="cpu", dtype="float32").eval(), auto.from_pretrained(str(model))
+    return load_model(str(model), device="cpu", dtype="float32").eval(), load_processor(str(model), task)
 
 
 def _fingerprint(model: str | Path, evals: dict[str, Eval]) -> dict:

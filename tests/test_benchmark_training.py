@@ -116,7 +116,9 @@ def test_load_cifar10_decodes_once(tmp_path):
 
 
 def test_vit_quick_trains_saves_and_caches(tmp_path):
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
+
+    from svdlora.evaluation.loading import load_processor
 
     archive = _fake_cifar(tmp_path)
     cache = tmp_path / "cache"
@@ -127,7 +129,7 @@ def test_vit_quick_trains_saves_and_caches(tmp_path):
 
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.id2label[3] == "cat"
-    processor = AutoImageProcessor.from_pretrained(out)
+    processor = load_processor(str(out), "image-classification")  # transformers' loader, torchvision or not
     x, _ = load_cifar10(archive, cache, "test", 10)
     pixels = processor(images=[im.permute(1, 2, 0).numpy() for im in x[:2]], return_tensors="pt").pixel_values
     torch.testing.assert_close(pixels, train_vit.normalize(x[:2]))

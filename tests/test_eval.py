@@ -702,3 +702,18 @@ def test_unlabeled_examples_of_a_class_label_column_are_refused(vit):
     unlabeled = datasets.Dataset.from_dict({"image": images, "label": [-1] * len(images)}, features=feats)
     with pytest.raises(svdlora.SvdloraError, match=r"label column 'label' holds ids \[-1\].*unlabeled"):
         evaluate((model, processor), "image-classification", unlabeled, progress=False)
+
+
+def test_image_processor_without_torchvision_loads_the_class_the_folder_names(monkeypatch, vit):
+    """transformers 5.17 refuses AutoImageProcessor without torchvision (an 'internal error' of every
+    image eval there); the class named in preprocessor_config.json loads (and falls back to PIL there)."""
+    import transformers
+
+    from svdlora.evaluation.loading import load_processor
+
+    def refuse(*args, **kwargs):
+        raise ImportError("AutoImageProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", refuse)
+    processor = load_processor(vit["dense"], "image-classification")
+    assert type(processor).__name__.startswith("ViTImageProcessor")

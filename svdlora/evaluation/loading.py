@@ -42,13 +42,31 @@ class Candidate:
                 torch.cuda.empty_cache()
 
 
-def _load_processor(source: str, task: str):
-    from transformers import AutoImageProcessor, AutoTokenizer
+def load_processor(source: str, task: str):
+    """The model's tokenizer, or for ``task`` image-classification its image processor, as transformers
+    loads it. Without torchvision some releases (5.17) refuse ``AutoImageProcessor`` outright where
+    newer ones fall back to the PIL backend; the class the folder names is then loaded directly, which
+    falls back there too."""
+    import transformers
 
-    auto = AutoImageProcessor if task == IMAGES else AutoTokenizer
+    if task != IMAGES:
+        return transformers.AutoTokenizer.from_pretrained(source)
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(source)
+    except ImportError:
+        from transformers.image_processing_utils import ImageProcessingMixin
+
+        named = ImageProcessingMixin.get_image_processor_dict(source)[0].get("image_processor_type") or ""
+        cls = getattr(transformers, named.removesuffix("Fast"), None)
+        if cls is None:
+            raise
+        return cls.from_pretrained(source)
+
+
+def _load_processor(source: str, task: str):
     what = "image processor" if task == IMAGES else "tokenizer"
     try:
-        processor = auto.from_pretrained(source)
+        processor = load_processor(source, task)
         if _no_vocabulary(processor):
             raise ValueError("no tokenizer files: its vocabulary holds only special tokens")
         return processor
