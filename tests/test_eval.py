@@ -711,9 +711,11 @@ def test_image_processor_without_torchvision_loads_the_class_the_folder_names(mo
 
     from svdlora.evaluation.loading import load_processor
 
-    def refuse(*args, **kwargs):
-        raise ImportError("AutoImageProcessor requires the Torchvision library")
+    class Refusing:  # as 5.17's dummy AutoImageProcessor (whose attributes cannot even be patched there)
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise ImportError("AutoImageProcessor requires the Torchvision library")
 
-    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers, "AutoImageProcessor", Refusing)
     processor = load_processor(vit["dense"], "image-classification")
     assert type(processor).__name__.startswith("ViTImageProcessor")
