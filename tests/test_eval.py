@@ -390,8 +390,7 @@ def test_datasets_sources(gpt, vit, marian, tmp_path):
     r = evaluate(
         marian["dense"],
         task="translation",
-        data=str(tmp_path / "mt_ds"),
-        split="test",
+        data=str(tmp_path / "mt_ds"),  # no split given: "test" is read, and the result names it
         source_column="translation.de",
         target_column="translation.en",
         num_beams=1,
@@ -399,7 +398,7 @@ def test_datasets_sources(gpt, vit, marian, tmp_path):
         device="cpu",
         progress=False,
     )
-    assert r["model"]["metrics"]["bleu"] == pytest.approx(100.0)
+    assert r["model"]["metrics"]["bleu"] == pytest.approx(100.0) and r["data"]["split"] == "test"
 
     images = [Image.open(p).convert("RGB") for p in sorted((vit["root"] / "images" / "dog").iterdir())]
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["Dog", "Cat"])})

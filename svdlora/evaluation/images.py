@@ -30,7 +30,7 @@ from .sources import (
     is_dataset,
     is_image_folder,
     is_saved_dataset,
-    open_dataset,
+    open_eval_dataset,
     pick_column,
     refuse_dataset_options,
     refuse_model_folder,
@@ -89,7 +89,7 @@ def load_images(opts: EvalOptions) -> ImageData:
                 f"--data {str(data)!r} is a file: image-classification reads a folder with one subfolder "
                 "per class, or a dataset with image and label columns"
             )
-    dataset = open_dataset(data, opts.split, opts.data_config)
+    dataset = open_eval_dataset(opts)
     image_column = pick_column(dataset, opts.image_column, ("image", "img"), "--image-column")
     label_column = pick_column(dataset, opts.label_column, ("label", "labels", "fine_label"), "--label-column")
     if opts.limit:

@@ -149,6 +149,11 @@ def read_text(path: str | Path, flag: str = "--data") -> str:
 def open_dataset(data: Any, split: str | None, config: str | None, flag: str = "--data"):
     """A single ``datasets.Dataset`` split from any of the accepted dataset forms (``flag``: the option
     that gave ``data``, named in the errors)."""
+    return _open_split(data, split, config, flag)[0]
+
+
+def _open_split(data: Any, split: str | None, config: str | None, flag: str) -> tuple[Any, str | None]:
+    """``open_dataset``'s dataset and the name of the split it is (``split``, or the one chosen)."""
     try:
         import datasets
     except ImportError:
@@ -181,10 +186,17 @@ def open_dataset(data: Any, split: str | None, config: str | None, flag: str = "
         chosen = split or ("test" if "test" in loaded else names[0] if len(names) == 1 else None)
         if chosen not in loaded:
             raise SvdloraError(f"--split {split!r} is not a split of {str(data)!r}: pass --split one of {names}")
-        loaded = loaded[chosen]
+        loaded, split = loaded[chosen], chosen
     if len(loaded) == 0:
         raise SvdloraError(f"{flag} {str(data)!r} (split {split!r}) has no rows")
-    return loaded
+    return loaded, split
+
+
+def open_eval_dataset(opts: Any):
+    """``open_dataset`` with the eval options; where no --split was given, ``opts.split`` becomes the
+    split read (test when present, or a dataset's only one), so the result names it."""
+    dataset, opts.split = _open_split(opts.data, opts.split, opts.data_config, "--data")
+    return dataset
 
 
 def pick_column(dataset, wanted: str | None, candidates: tuple[str, ...], flag: str) -> str:

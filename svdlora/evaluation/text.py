@@ -34,7 +34,7 @@ from .sources import (
     DATASET_FILE_BUILDERS,
     dataset_options,
     is_dataset,
-    open_dataset,
+    open_eval_dataset,
     pick_column,
     read_text,
     refuse_dataset_options,
@@ -66,7 +66,7 @@ def load_text(opts: EvalOptions) -> str:
             refuse_dataset_options(data, given, "a plain text file, read whole")
             return read_text(path)
     refuse_image_folder(data, "text-generation", "a text file (.txt, .gz) or a dataset with a text column")
-    dataset = open_dataset(data, opts.split, opts.data_config)
+    dataset = open_eval_dataset(opts)
     column = pick_column(dataset, opts.text_column, ("text",), "--text-column")
     # "\n\n".join as in the HF guide: documents stay separated by a blank line.
     text = "\n\n".join(str(t) for t in dataset[column] if t is not None)

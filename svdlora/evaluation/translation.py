@@ -28,7 +28,7 @@ from .sources import (
     column_values,
     dataset_options,
     is_dataset,
-    open_dataset,
+    open_eval_dataset,
     pick_column,
     read_lines,
     refuse_dataset_options,
@@ -63,7 +63,7 @@ def load_pairs(opts: EvalOptions) -> tuple[list[str], list[str]]:
     else:
         if opts.references is not None:
             raise SvdloraError("--references goes with a plain source file; with a dataset pass --target-column")
-        dataset = open_dataset(data, opts.split, opts.data_config)
+        dataset = open_eval_dataset(opts)
         if opts.limit:
             dataset = dataset.select(range(min(opts.limit, len(dataset))))
         src = pick_column(dataset, opts.source_column, ("source", "src"), "--source-column")
