@@ -286,6 +286,14 @@ def _chain_options(config: CompressionConfig) -> dict:
     return {k: options[k] for k in ("method", "oversampling", "power_iterations", "generator_seed")}
 
 
+def rank_factorizes_nothing(rank: int, layers: int) -> SvdloraError:
+    """The CLI's refusal of a --rank that leaves every layer dense (it would write a copy of the model)."""
+    return SvdloraError(
+        f"--rank {rank} factorizes none of the {layers} Linear/Conv1D layers (the factors would not be "
+        "smaller than any of them): pass a smaller --rank"
+    )
+
+
 def svd_device(name: str | None) -> str | None:
     """The device the SVD runs on; under torchrun, "cuda" means this process's GPU (LOCAL_RANK)."""
     if name is None:

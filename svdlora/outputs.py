@@ -221,12 +221,18 @@ def check_output_file(path: str | Path, inputs: Iterable = (), flag: str = "--js
     return file
 
 
-def _is_svdlora_result(path: Path) -> bool:
+def json_keys(path: Path) -> set[str]:
+    """The top-level keys of a JSON object file; empty where it is unreadable or not an object (a file
+    svdlora wrote says so by its keys, which is what the --overwrite checks read)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "svdlora_version" in data and "schema_version" in data
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
+def _is_svdlora_result(path: Path) -> bool:
+    return {"svdlora_version", "schema_version"} <= json_keys(path)
 
 
 def write_file_atomic(path: Path, text: str) -> None:

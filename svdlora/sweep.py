@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import SvdloraError
 from .evaluation.options import IMAGES, TEXT, TRANSLATION
-from .outputs import write_file_atomic
+from .outputs import json_keys, write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -250,11 +250,7 @@ def check_sweep_folder(folder: Path, overwrite: bool) -> None:
 
 
 def _is_sweep_record(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and {"task", "metric", "dense", "points"} <= data.keys()
+    return {"task", "metric", "dense", "points"} <= json_keys(path)
 
 
 def write_outputs(record: dict, folder: Path, title: str) -> list[Path]:

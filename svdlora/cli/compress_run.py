@@ -10,7 +10,7 @@ import time
 import transformers
 
 from .. import blockwise, distributed
-from ..compress import compress, svd_device
+from ..compress import compress, rank_factorizes_nothing, svd_device
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..models import load_pretrained
@@ -70,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
     calibration, processor = resolve_calibration(args.calibration, model, args.model)
     report = compress(model, config, calibration=calibration, processor=processor, progress=args.progress)
     if not report.factorized and args.rank is not None:  # the API reports it; the CLI must not write a copy
-        raise SvdloraError(
-            f"--rank {args.rank} factorizes none of the {len(report.modules)} Linear/Conv1D layers (the factors "
-            "would not be smaller than any of them): pass a smaller --rank"
-        )
+        raise rank_factorizes_nothing(args.rank, len(report.modules))
     save_compressed(
         model, output, report=report, source=args.model, overwrite=args.overwrite, max_shard_size=args.max_shard_size
     )

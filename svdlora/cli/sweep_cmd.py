@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sweep import check_sweep_folder, evaluating_measure, format_table, parse_target, sweep, write_outputs
 
     output = Path(args.output).expanduser()  # written there: checked there
-    check_not_input(output.expanduser().resolve(), str(args.output), [args.model, args.data], "--output")
+    check_not_input(output.resolve(), str(args.output), [args.model, args.data], "--output")
     check_sweep_folder(output, args.overwrite)
     if args.target:
         check_output(output / "model", args.overwrite, inputs=[args.model, args.data])

@@ -14,7 +14,7 @@ from .. import block_gradients, blockwise, distributed
 from ..allocate import allocate_global
 from ..calibration_data import SELF
 from ..choices import DEFAULT_MAX_SHARD_SIZE
-from ..compress import count_parameters, svd_device
+from ..compress import count_parameters, rank_factorizes_nothing, svd_device
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..hub import local_checkpoint
@@ -106,10 +106,7 @@ def compress_checkpoint(
     folder = _local_folder(source, trust_remote_code, ctx)  # a hub id's snapshot
     p = plan(folder, config, dtype, trust_remote_code)
     if config.rank is not None and not any(kind == "factorize" for kind, _, _ in p.jobs):  # as the in-memory CLI
-        raise SvdloraError(
-            f"--rank {config.rank} factorizes none of the {len(p.targets)} Linear/Conv1D layers (the factors "
-            "would not be smaller than any of them): pass a smaller --rank"
-        )
+        raise rank_factorizes_nothing(config.rank, len(p.targets))
     resolved = blockwise.resolve(config) if calibration is not None else None
     if calibration is not None and resolved is None:
         logger.warning("calibration data is not used by method 'svd' with uniform allocation")
