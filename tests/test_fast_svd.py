@@ -147,6 +147,20 @@ def test_exact_route_matches_lapack(name, shape):
     assert torch.allclose(a.norm(dim=0).square(), s.float(), rtol=1e-4)  # the singular values, in order
 
 
+@pytest.mark.parametrize("shape", [(700, 301), (301, 700), (90, 40), (1, 500)])
+def test_lower_gram_is_the_gram_below_the_diagonal(shape):
+    """The blocked Gram (uneven blocks here) equals W's Gram where the eigensolvers read it."""
+    from svdlora.decompose import _lower_gram
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    side = w if shape[0] <= shape[1] else w.T
+    gram = _lower_gram(w)
+    full = side.double() @ side.double().T
+    assert gram.shape == full.shape
+    assert torch.allclose(torch.tril(gram).double(), torch.tril(full), rtol=1e-5, atol=1e-3)
+    assert torch.allclose(torch.linalg.eigvalsh(gram).double(), torch.linalg.eigvalsh(full), rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("scale", [1e20, 1e-25, 1.0])
 def test_exact_route_at_extreme_scales(scale):
     """The Gram squares W: scaled first, entries near 1e19 or 1e-26 neither overflow nor vanish."""
