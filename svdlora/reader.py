@@ -104,29 +104,32 @@ def read_state(
             where = place(f"{m.name}.weight")
             full = None
             if m.pivoted:
-                b, c, rows = _read_pivoted(tensors, m, dtype, where)
+                b, c, rows = _read_pivoted(tensors, m, None if merge else dtype, where)
                 if merge:
-                    dense = pivoted_weight(b, c, rows)
+                    dense = _cast(pivoted_weight(*_widened(dtype, b, c), rows), dtype)
                     state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense
                 else:
                     state[f"{m.name}.B"], state[f"{m.name}.C"], state[f"{m.name}.rows"] = b, factor_layout(c), rows
                 del b, c
                 continue
             if m.name in (stored_dtypes or {}):
-                a, b, full, parts = _read_stored(tensors, m, stored_dtypes[m.name], compute_dtype)
+                wide = torch.promote_types(compute_dtype, torch.float32) if merge and compute_dtype else compute_dtype
+                a, b, full, parts = _read_stored(tensors, m, stored_dtypes[m.name], wide)
                 a, b = a.to(where), b.to(where)
                 full = None if full is None else full.to(where)
                 if stored_parts is not None and not merge:
                     stored_parts[m.name] = parts
             else:
-                a = _stacked(tensors, m.name, m.ranks, "A", dtype, where)
-                b = _stacked(tensors, m.name, m.ranks, "B", dtype, where)
+                a = _stacked(tensors, m.name, m.ranks, "A", None if merge else dtype, where)
+                b = _stacked(tensors, m.name, m.ranks, "B", None if merge else dtype, where)
             if not merge:
                 state[f"{m.name}.A"], state[f"{m.name}.B"] = factor_layout(a), b
                 if full is not None:
                     state[f"{m.name}.full"] = full
             else:
-                dense = a @ b if full is None else full + a @ b
+                a, b = _widened(dtype, a, b)
+                dense = a @ b if full is None else full.to(a.dtype) + a @ b
+                dense = _cast(dense, (dtype or compute_dtype) if m.name in (stored_dtypes or {}) else dtype)
                 state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense  # Conv1D stores (in, out)
             del a, b, full  # merged: only this layer's factors are held next to the dense result
         for key, t in tensors.rest():
@@ -135,6 +138,18 @@ def read_state(
     finally:
         tensors.close()
     return state
+
+
+def _widened(dtype: torch.dtype | None, *factors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A merged load multiplies in the wider of the stored dtype and the asked one, and casts the
+    product once (``_cast``): bf16 factors multiplied in bf16 carry both factors' rounding into W."""
+    if dtype is None:
+        return factors
+    return tuple(f.to(torch.promote_types(f.dtype, dtype)) for f in factors)
+
+
+def _cast(dense: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return dense if dtype is None else dense.to(dtype)
 
 
 def _read_pivoted(tensors: FolderTensors, m, dtype, where) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

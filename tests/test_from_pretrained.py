@@ -55,6 +55,20 @@ def test_from_pretrained_equals_load_compressed(kind, merge, tmp_path):
     assert hasattr(model.config, "quantization_config") is not merge
 
 
+@pytest.mark.parametrize("pivot", [False, True], ids=["pairs", "pivoted"])
+def test_merged_bfloat16_equals_load_compressed(pivot, tmp_path):
+    """merge + dtype=bf16: both loaders multiply the stored float32 factors and round A·B once."""
+    import transformers
+
+    folder = _folder("llama", tmp_path, pivot=pivot)
+    wide = svdlora.load_compressed(folder, device="cpu", merge=True).state_dict()
+    merge = SvdloraQuantizationConfig(merge=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=merge)
+    state = model.state_dict()
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert not [k for k in state if k.endswith("proj.weight") and not torch.equal(state[k], wide[k].bfloat16())]
+
+
 def test_dtype_device_map_and_base_class(tmp_path):
     import transformers
 

@@ -35,6 +35,21 @@ def test_save_load_gives_identical_outputs(kind, tmp_path):
     assert torch.allclose(output_of(merged, kind), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [("llama", {}), ("llama", {"pivot": True}), ("gpt2", {}), ("llama", {"stage_dtypes": ["full-int4", "int8"]})],
+)
+def test_merged_load_in_a_narrower_dtype_rounds_the_product_once(kind, options, tmp_path):
+    """merge + dtype=bf16: A·B is formed from the stored float32 factors and rounded to bf16 once,
+    not multiplied from factors already rounded to bf16 (which puts both roundings into W)."""
+    _, out = compressed_folder(kind, tmp_path, **options)
+    wide = load_compressed(out, device="cpu", merge=True).state_dict()
+    narrow = load_compressed(out, device="cpu", merge=True, dtype=torch.bfloat16).state_dict()
+    merged = [k for k in narrow if k.endswith(".weight") and not torch.equal(narrow[k], wide[k].bfloat16())]
+    assert not merged
+    assert all(t.dtype == torch.bfloat16 for t in narrow.values() if t.is_floating_point())
+
+
 def test_stages_are_stored_by_name_and_header_is_checked(tmp_path):
     _, out = compressed_folder("gpt2", tmp_path)
     with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:

@@ -190,18 +190,22 @@ class SvdloraHfQuantizer(HfQuantizer):
                     if match and match["module"] in wanted:
                         stage = int(match["stage"]) if "stage" in match.groupdict() else 0
                         parts[match["module"]][match["side"]][stage] = f.get_tensor(key)
+        merge = self.quantization_config.merge
+        placed: dict[str, torch.dtype | None] = {}  # each layer's dtype as transformers placed it (None: meta)
         for file_name, name in wanted.items():
             layer = model.get_submodule(name)
             # Where transformers put this layer (device_map) and in which dtype (dtype= / config).
             like = layer.bias if layer.bias is not None else layer.B
+            placed[name] = None if like.device.type == "meta" else like.dtype
             pivoted = isinstance(layer, PivotedLowRankLinear)
             for side, dim in (("B", 0), ("C", 0)) if pivoted else (("A", 1), ("B", 0)):
                 stages = parts[file_name][side]
                 tensor = torch.cat([stages[j] for j in sorted(stages)], dim=dim)
                 if like.device.type == "meta":  # not materialized by transformers: keep the stored dtype, on CPU
                     tensor = tensor.to("cpu")
-                else:
-                    tensor = tensor.to(device=like.device, dtype=like.dtype)
+                else:  # merging: multiplied in the wider dtype, the product rounded once (svdlora.reader._widened)
+                    dtype = torch.promote_types(tensor.dtype, like.dtype) if merge else like.dtype
+                    tensor = tensor.to(device=like.device, dtype=dtype)
                 tensor = factor_layout(tensor) if side in ("A", "C") else tensor
                 setattr(layer, side, nn.Parameter(tensor, requires_grad=layer.B.requires_grad))
             if pivoted:  # the pivot indices: an integer buffer, on the layer's device
@@ -209,9 +213,10 @@ class SvdloraHfQuantizer(HfQuantizer):
                 if not valid_rows(rows, layer.out_features):
                     raise ValueError(f"{file_name}.pivoted.rows are not increasing row indices: the file is corrupted")
                 layer.rows = rows.to("cpu" if like.device.type == "meta" else like.device)
-        if self.quantization_config.merge:
+        if merge:
             for name in self._factorized:
-                model.set_submodule(name, model.get_submodule(name).to_dense())
+                dense = model.get_submodule(name).to_dense()
+                model.set_submodule(name, dense if placed[name] is None else dense.to(placed[name]))
             self.remove_quantization_config(model)
             from ..compress import MERGED_ATTR
 
