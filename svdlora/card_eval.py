@@ -8,7 +8,7 @@ from torch import nn
 
 from . import card
 from .evaluation import evaluate
-from .evaluation.loading import _load_processor, infer_task
+from .evaluation.loading import checked_processor, infer_task
 from .report import CompressionReport
 
 
@@ -17,6 +17,6 @@ def evaluate_into_card(
 ) -> dict:
     """Evaluate the in-memory compressed model (task from its class) and rewrite the folder's card."""
     task = infer_task(model)
-    result = evaluate((model, _load_processor(source, task)), task=task, data=data, limit=limit, progress=False)
+    result = evaluate((model, checked_processor(source, task)), task=task, data=data, limit=limit, progress=False)
     card.write(folder, card.compressed_card(report, source, eval_result=result, class_name=type(model).__name__))
     return result

@@ -506,6 +506,16 @@ def test_model_folder_without_tokenizer_files(gpt, tmp_path, capsys):
     assert "no tokenizer files" in capsys.readouterr().err
 
 
+def test_checked_processor_is_the_public_checked_loader(gpt, tmp_path):
+    """calibration, sweep, streaming and the card's eval import it by this name (was the private _load_processor)."""
+    from svdlora.evaluation.loading import checked_processor
+
+    assert checked_processor(gpt["dense"], "text-generation").get_vocab()
+    GPT2LMHeadModel.from_pretrained(gpt["dense"]).save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(svdlora.SvdloraError, match="cannot load the tokenizer of .*no tokenizer files"):
+        checked_processor(str(tmp_path / "no-tokenizer"), "text-generation")
+
+
 def test_a_baseline_with_another_tokenizer_is_flagged(gpt, caplog):
     """Perplexities over different tokens were divided into ratios without a word (e.g. --baseline gpt2
     copied from the README for a compressed SmolLM2)."""

@@ -162,7 +162,7 @@ def streamed_calibration(data: str) -> str | None:
 def resolve_calibration(data: str, model: nn.Module, source: str) -> tuple[Any, Any]:
     """(calibration for ``compress``, the processor that reads it) for the loaded model."""
     from ..calibration_data import model_kind
-    from ..evaluation.loading import _load_processor
+    from ..evaluation.loading import checked_processor
 
     kind = model_kind(model)
     data = effective_calibration(data, kind)
@@ -170,7 +170,7 @@ def resolve_calibration(data: str, model: nn.Module, source: str) -> tuple[Any, 
         return None, None
     task = "image-classification" if kind == "image" else "text-generation"
     try:
-        return data, _load_processor(source, task)
+        return data, checked_processor(source, task)
     except SvdloraError:
         if data != SELF:
             raise

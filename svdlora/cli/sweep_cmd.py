@@ -63,7 +63,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
-    from ..evaluation.loading import _load_processor, check_task, infer_task
+    from ..evaluation.loading import check_task, checked_processor, infer_task
     from ..evaluation.options import build_options
     from ..models import load_pretrained
     from ..outputs import check_not_input
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     task = args.task or infer_task(model)
     check_task(model, task, args.model)  # a wrong --task: name the task that fits, not a missing processor
     target = parse_target(args.target, task) if args.target else None
-    processor = _load_processor(args.model, task)
+    processor = checked_processor(args.model, task)
     eval_options = {
         "references": args.references,
         "limit": args.limit,

@@ -63,7 +63,9 @@ def load_processor(source: str, task: str):
         return cls.from_pretrained(source)
 
 
-def _load_processor(source: str, task: str):
+def checked_processor(source: str, task: str):
+    """``load_processor``, refusing what would measure or calibrate on nothing: a tokenizer without
+    a vocabulary, or a folder without processor files (one SvdloraError that says what to save)."""
     what = "image processor" if task == IMAGES else "tokenizer"
     try:
         processor = load_processor(source, task)
@@ -122,7 +124,7 @@ def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MO
     load_seconds = time.perf_counter() - start
     check_task(model, opts.task, name)
     if processor is None:
-        processor = _load_processor(name, opts.task)
+        processor = checked_processor(name, opts.task)
     return Candidate(
         model=model.eval(),
         processor=processor,
@@ -144,7 +146,7 @@ def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> None:
     name = str(spec)
     try:
         check_task(skeleton(name), opts.task, name)
-        _load_processor(name, opts.task)
+        checked_processor(name, opts.task)
     except SvdloraError as err:
         raise SvdloraError(f"{flag} {name!r}: {err}") from None
 
@@ -222,7 +224,7 @@ def _adopt(model: nn.Module, opts: EvalOptions, processor: Any) -> Candidate:
                 f"the in-memory {type(model).__name__} needs its {what}: pass processor=<{what}> "
                 f"or (model, {what}) to evaluate()"
             )
-        processor = _load_processor(source, opts.task)
+        processor = checked_processor(source, opts.task)
     compressed = any(isinstance(m, LowRankLinear) for m in model.modules())
     return Candidate(
         model=model.eval(),

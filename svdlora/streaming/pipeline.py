@@ -231,7 +231,7 @@ def _local_folder(source, trust_remote_code: bool, ctx) -> Path:
 def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, progress) -> list[dict]:
     """The tokenized calibration windows, as ``compress()`` reads them (a causal LM's text only)."""
     from ..calibration_data import calibration_batches
-    from ..evaluation.loading import _load_processor
+    from ..evaluation.loading import checked_processor
 
     blockwise.check(p.model, p.hf_config, p.target_names)
     if isinstance(calibration, list):  # model-ready batches, as compress() takes them
@@ -239,7 +239,7 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
         if ctx.active and not all("labels" in b for b in batches):  # else labels are drawn per rank
             raise SvdloraError("under torchrun, calibration batches need labels: add them, or run one process")
     else:
-        processor = processor if processor is not None else _load_processor(str(source), "text-generation")
+        processor = processor if processor is not None else checked_processor(str(source), "text-generation")
         batches = calibration_batches(
             p.model, calibration, processor, config.calibration_samples, config.calibration_length,
             seed=config.seed, progress=progress, device="cpu",
