@@ -15,15 +15,7 @@ import torch
 from .config import CompressionConfig
 from .decompose import rank_for_budget, split_rank
 from .errors import SvdloraError
-from .pivoted import pivoted_params
-from .targets import Target
-
-
-def factor_params(target: Target, total_rank: int, pivot: bool = False) -> int:
-    """Values the factors of one matrix store: R·(out+in), or R·(out+in−R) in pivoted form."""
-    if pivot:
-        return pivoted_params(target.out_features, target.in_features, total_rank)
-    return total_rank * (target.out_features + target.in_features)
+from .targets import Target, factor_params
 
 
 def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[dict[str, list[int]], dict[str, str]]:

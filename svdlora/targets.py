@@ -11,6 +11,7 @@ from torch import nn
 from .config import CompressionConfig
 from .errors import SvdloraError
 from .layers import dense_kind, weight_out_in
+from .pivoted import pivoted_params
 
 # Top-level children that produce the model's output: factorizing them costs the most
 # accuracy for the least gain, so they stay dense unless keep_head=False (--compress-head).
@@ -37,6 +38,13 @@ class Target:
     @property
     def params(self) -> int:
         return self.out_features * self.in_features
+
+
+def factor_params(target: Target, total_rank: int, pivot: bool = False) -> int:
+    """Values the factors of one matrix store: R·(out+in), or R·(out+in−R) in pivoted form."""
+    if pivot:
+        return pivoted_params(target.out_features, target.in_features, total_rank)
+    return total_rank * (target.out_features + target.in_features)
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -87,10 +95,15 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Targ
             dense[name] = "matched by --exclude"
         elif config.keep_head and (id(module) in heads or top in HEAD_NAMES):
             dense[name] = "output head or tied to an embedding (keep_head)"
-        elif out_features + in_features >= out_features * in_features:
-            dense[name] = "too small: even rank 1 would not make it smaller"
         else:
-            targets.append(Target(name, module, kind, out_features, in_features))
+            target = Target(name, module, kind, out_features, in_features)
+            # the allocators' unit (values): pivoted rank 1 of a 2x2 matrix stores 3 of its 4
+            rank_one = factor_params(target, 1, config.pivot)
+            if rank_one < target.params:
+                targets.append(target)
+            else:
+                form = "pivoted " if config.pivot else ""
+                dense[name] = f"too small: {form}rank 1 would store {rank_one} values, the dense matrix {target.params}"
     if targets:  # with none, the caller's "nothing is targeted" error names the patterns already
         _check_every_pattern_matches(names, config)
     return targets, dense

@@ -109,6 +109,40 @@ def test_allocators_respect_the_budget_in_pivoted_values():
     assert stored <= 0.5 * total
 
 
+def _tiny_shapes() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(2, 2), nn.Linear(16, 1), nn.Linear(1, 16), nn.Linear(3, 2), nn.Linear(2, 16))
+
+
+@pytest.mark.parametrize("pivot", [False, True])
+def test_tiny_layers_are_too_small_exactly_where_rank_1_stores_no_fewer_values(pivot):
+    """Rank 1 stores out+in values, pivoted out+in−1: a 2x2 matrix pivots to 3 of its 4 values (it was
+    kept dense as 'too small' either way); 1x16 and 16x1 store 17 / 16 values, no fewer than the matrix."""
+    targets, dense = find_targets(_tiny_shapes(), CompressionConfig(pivot=pivot))
+    rank_one = {"0": 3 if pivot else 4, "1": 16 if pivot else 17, "2": 16 if pivot else 17}
+    form = "pivoted " if pivot else ""
+    for name, values in rank_one.items():
+        if values < 4 and name == "0":
+            assert name in {t.name for t in targets}
+        else:
+            matrix = 4 if name == "0" else 16
+            assert dense[name] == f"too small: {form}rank 1 would store {values} values, the dense matrix {matrix}"
+    assert {"3", "4"} <= {t.name for t in targets}  # 2x3 and 16x2: smaller at rank 1 in either form
+
+
+def test_a_2x2_layer_pivoted_at_rank_1_roundtrips(tmp_path):
+    torch.manual_seed(0)
+    model = _tiny_shapes()
+    report = compress(model, budget=0.8, pivot=True, progress=False)
+    line = next(m for m in report.modules if m.name == "0")
+    assert line.ranks == [1] and line.pivoted and line.params_after == 3
+    x = torch.randn(5, 2)
+    expected = model[4](model[0](x))
+    save_compressed(model, tmp_path / "out")
+    loaded = load_compressed(tmp_path / "out", device="cpu", model=_tiny_shapes())
+    assert isinstance(loaded[0], PivotedLowRankLinear)
+    assert torch.equal(loaded[4](loaded[0](x)), expected)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_pivoted_folder_roundtrips(kind, tmp_path):
     torch.manual_seed(0)
