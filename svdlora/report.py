@@ -87,22 +87,26 @@ class CompressionReport:
         after = sum(m.params_after for m in fac)
         multiple = self.config.get("rank_multiple")
         multiple = multiple if isinstance(multiple, int) else 1  # an edited config must not break info
-        quantized = bool(self.config.get("stage_dtypes"))  # a full-rank int4 stage: more values, fewer bytes
+        in_bytes = bool(self.config.get("stage_dtypes"))  # stage dtypes: the budget counts bytes, not values
         rows = [
             (
                 "budget / submatrices",
                 f"{self.config.get('budget')} / {self.config.get('submatrices')}"
                 + (f" (fixed rank {self.config['rank']})" if self.config.get("rank") else "")
+                + (" (of the targeted matrices' bytes: --stage-dtypes)" if in_bytes else "")
                 + (f" (ranks of {multiple} or more rounded to multiples of {multiple})" if multiple > 1 else ""),
             ),
             ("method / allocation", f"{self.method or 'svd'} / {self.allocation or 'uniform'}"),
-            ("how ranks were chosen", _ALLOCATION_WHY.get(self.allocation or "uniform", "")),
+            (
+                "how ranks were chosen",
+                _allocation_why(self.allocation or "uniform", "byte" if in_bytes else "parameter"),
+            ),
             ("calibration", _calibration_text(self.calibration)),
             ("factorized matrices", f"{len(fac)} of {len(self.modules)} Linear/Conv1D layers"),
             (
                 "factorized params",
                 f"{before:,} -> {after:,} ({_ratio(after, before)})"
-                + (" (in fewer bits: the bytes below are the size)" if after > before and quantized else ""),
+                + (" (in fewer bits: the bytes below are the size)" if after > before and in_bytes else ""),
             ),
             *_bytes_rows(fac),
             *(
@@ -183,11 +187,16 @@ class CompressionReport:
 
 
 _ALLOCATION_WHY = {
-    "uniform": "every matrix keeps the same share of its parameters (the sources' rule)",
+    "uniform": "every matrix keeps the same share of its {unit}s (the sources' rule)",
     "global": "together, from the calibration loss: each matrix stops where one more rank would buy less "
-    "loss per parameter than any other; 'loss left' = its estimated loss from truncation (Σ dropped "
-    "weighted σ²); a matrix is kept dense where that is the better use of its parameters",
+    "loss per {unit} than any other; 'loss left' = its estimated loss from truncation (Σ dropped "
+    "weighted σ²); a matrix is kept dense where that is the better use of its {unit}s",
 }
+
+
+def _allocation_why(allocation: str, unit: str) -> str:
+    """How the ranks were chosen, in the budget's unit ("parameter", or "byte" with stage dtypes)."""
+    return _ALLOCATION_WHY.get(allocation, "").format(unit=unit)
 
 
 def _calibration_text(calibration: dict | None) -> str:

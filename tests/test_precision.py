@@ -15,6 +15,7 @@ from svdlora.config import CompressionConfig
 from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
 from svdlora.precision import allocate_bytes, layer_bytes, stage_formats, target_bytes
 from svdlora.quantize import dequantize, nbytes, parse_format, quantize
+from svdlora.report import CompressionReport
 from svdlora.targets import Target, find_targets
 
 from .conftest import TINY_MODELS, output_of
@@ -196,6 +197,21 @@ def test_cli_compress_and_info_report_bytes_and_bits(gpt2_folder, tmp_path, caps
     assert main(["info", str(out), "--summary"]) == 0
     text = capsys.readouterr().out
     assert "bits per weight" in text and "full-int4g32,int8" in text
+    # the budget counted bytes: compress's summary and info's both say so (they said "parameters")
+    assert text.count("of its bytes") == 2  # "how ranks were chosen", uniform or global
+    assert text.count("0.3 / 2 (of the targeted matrices' bytes: --stage-dtypes)") == 2
+    assert "parameters" not in text
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize(("stage_dtypes", "unit"), [(None, "parameter"), (["full-int4", "int8"], "byte")])
+def test_how_ranks_were_chosen_names_the_budget_unit(allocation, stage_dtypes, unit):
+    config = {"budget": 0.5, "submatrices": 2, "stage_dtypes": stage_dtypes}
+    rows = dict(CompressionReport(config, [], 0, 0, allocation=allocation).summary_rows())
+    other = {"parameter": "byte", "byte": "parameter"}[unit]
+    assert f"of its {unit}s" in rows["how ranks were chosen"]
+    assert other not in rows["how ranks were chosen"]
+    assert ("bytes" in rows["budget / submatrices"]) == (unit == "byte")
 
 
 @pytest.mark.parametrize("names", [["int8"], ["float32", "int8"], ["full-int4g32", "int8"]])

@@ -67,9 +67,9 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
         "--allocation",
         choices=ALLOCATIONS,
         default="auto",
-        help="'uniform': every matrix the same share of its parameters; 'global': ranks chosen together "
-        "from the loss each parameter buys (may keep a sensitive matrix dense). Default 'auto': global "
-        "with calibration and a budget, else uniform",
+        help="'uniform': every matrix the same share of its parameters (bytes with --stage-dtypes); 'global': "
+        "ranks chosen together from the loss each parameter (byte) buys (may keep a sensitive matrix dense). "
+        "Default 'auto': global with calibration and a budget, else uniform",
     )
     g.add_argument(
         "--refit",
