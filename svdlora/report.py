@@ -13,7 +13,9 @@ class ModuleReport:
     bias: bool
     ranks: list[int] = field(default_factory=list)  # one per stage; empty when dense
     stage_dtypes: list[str] = field(default_factory=list)
-    rel_error: float = 0.0  # ‖W − Σ A_j B_j‖_F / ‖W‖_F
+    # ‖W − Σ A_j B_j‖_F / ‖W‖_F of the stored factors; None: not measured on them (cast to another
+    # dtype after compression, e.g. loaded with dtype=torch.bfloat16 and saved again: W is not in the folder)
+    rel_error: float | None = 0.0
     dense_reason: str | None = None
     est_loss: float | None = None  # global allocation: estimated loss left by the truncation (Σ dropped σ²)
     svd_method: str | None = None  # "exact" or "randomized" (what --svd auto chose)
@@ -23,7 +25,7 @@ class ModuleReport:
     @property
     def svd_cost(self) -> float | None:
         """How much the SVD method added to the error: rel_error − exact_error (0 for exact)."""
-        return None if self.exact_error is None else self.rel_error - self.exact_error
+        return None if self.exact_error is None or self.rel_error is None else self.rel_error - self.exact_error
 
     stored_bytes: int | None = None  # the factorized matrix as stored (scales included), bias excluded
     dense_bytes: int | None = None  # the same matrix dense in the model's dtype (the byte budget's unit)
@@ -129,8 +131,7 @@ class CompressionReport:
                 )
             )
         if fac:
-            errs = [m.rel_error for m in fac]
-            rows.append(("relative Frobenius error", f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}"))
+            rows.append(("relative Frobenius error", _error_text(fac)))
         if self.heal:
             h = self.heal
             rows.append(
@@ -166,7 +167,8 @@ class CompressionReport:
                 if m.factorized:
                     ranks = "+".join("full" if r == 0 else str(r) for r in m.ranks)
                     params = f"{m.params_before:,}->{m.params_after:,}"
-                    line = f"{m.name:<{name_w}}  {shape:>11}  {ranks:<14} {params:>21}  {m.rel_error:7.4f}"
+                    error = "n/a" if m.rel_error is None else f"{m.rel_error:7.4f}"
+                    line = f"{m.name:<{name_w}}  {shape:>11}  {ranks:<14} {params:>21}  {error:>7}"
                     if exact:
                         cost = (
                             ""
@@ -205,6 +207,16 @@ def _calibration_text(calibration: dict | None) -> str:
     tokens = f", {calibration['tokens']:,} tokens" if calibration.get("tokens") else ""
     refit = ", refit to the compressed model's inputs" if calibration.get("refit") else ""
     return f"{calibration['source']} ({calibration['batches']} batches{tokens}{refit})"
+
+
+def _error_text(fac: list[ModuleReport]) -> str:
+    """Mean and max relative error over the factorized matrices whose stored factors were measured."""
+    errs = [m.rel_error for m in fac if m.rel_error is not None]
+    why = "factors cast to another dtype after compression"
+    if not errs:
+        return f"not measured ({why})"
+    text = f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}"
+    return text if len(errs) == len(fac) else f"{text}; not measured for {len(fac) - len(errs)} of {len(fac)} ({why})"
 
 
 def _bytes_rows(fac: list[ModuleReport]) -> list[tuple[str, str]]:

@@ -142,13 +142,15 @@ def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
 
 def _refresh_float_storage(model: nn.Module, report: CompressionReport) -> None:
     """A folder loaded in another dtype (``dtype=torch.bfloat16``) and saved again stores its float
-    factors in that dtype: its report lines must say so, with their bytes."""
+    factors in that dtype: its report lines must say so, with their bytes. Their errors were measured
+    on the factors before the cast and W is not at hand to measure again: they become not measured."""
     for line, module in _report_layers(model, report):
         if not isinstance(module, LowRankLinear) or module.stage_dtypes or module.full is not None:
-            continue  # quantized stages keep their stored formats
+            continue  # quantized stages keep their stored formats (and bits: their errors still hold)
         dtype = module.B.dtype
         if line.stage_dtypes != [dtype_name(dtype)] * len(line.ranks):
             set_float_storage(line, dtype)
+            line.rel_error = line.exact_error = None
 
 
 def write_side_files(

@@ -111,8 +111,8 @@ def _validate_module(m, at: str, bad) -> None:
     for key in ("stored_bytes", "dense_bytes"):
         if m.get(key) is not None and (not _is_int(m[key]) or m[key] < 0):
             raise bad(f"{at}.{key}", m[key], "an integer >= 0 or null")
-    if not _is_num(m.get("rel_error", 0.0)):
-        raise bad(f"{at}.rel_error", m.get("rel_error"), "a number")
+    if m.get("rel_error") is not None and not _is_num(m["rel_error"]):
+        raise bad(f"{at}.rel_error", m["rel_error"], "a number or null (not measured)")
     if m.get("est_loss") is not None and not _is_num(m["est_loss"]):
         raise bad(f"{at}.est_loss", m["est_loss"], "a number or null")
     if m.get("exact_error") is not None and not _is_num(m["exact_error"]):

@@ -266,3 +266,39 @@ def test_a_folder_loaded_in_bfloat16_and_saved_again_reports_bfloat16_factors(tm
     for old, new in zip(before, after, strict=True):  # half the bytes: the pivot indices (int64) excepted
         assert new.dense_bytes * 2 == old.dense_bytes
         assert new.stored_bytes < old.stored_bytes and new.bits_per_weight < old.bits_per_weight
+
+
+def test_errors_measured_before_a_cast_are_not_reported_for_the_cast_factors(tmp_path, capsys):
+    """Found by review: a folder loaded in bfloat16 and saved again kept the float32 factors' errors,
+    figures that are not those of the stored factors (W is not in the folder to measure them again)."""
+    from svdlora.cli import main
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]()
+    compress(model, budget=0.5, svd_method="randomized", progress=False)  # with exact_error: the "vs exact" column
+    save_compressed(model, tmp_path / "out")
+    assert all(m.rel_error > 0 and m.exact_error is not None for m in read_report(tmp_path / "out").factorized)
+    save_compressed(load_compressed(tmp_path / "out", device="cpu", dtype=torch.bfloat16), tmp_path / "bf16")
+    saved = json.loads((tmp_path / "bf16" / CONFIG_NAME).read_text())["report"]["modules"]
+    factorized = [m for m in saved if m.get("ranks")]
+    assert factorized and all(m["rel_error"] is None and m["exact_error"] is None for m in factorized)
+    assert main(["info", str(tmp_path / "bf16")]) == 0  # the folder loads and shows them as not measured
+    text = capsys.readouterr().out
+    assert "relative Frobenius error  not measured (factors cast to another dtype after compression)" in text
+    assert all(line.split()[4:6] == ["n/a", "n/a"] for line in text.splitlines() if line.startswith("model.layers"))
+    # saved again in the same dtype: still not measured
+    save_compressed(load_compressed(tmp_path / "bf16", device="cpu"), tmp_path / "same")
+    assert all(m.rel_error is None for m in read_report(tmp_path / "same").factorized)
+
+
+def test_the_error_summary_says_how_many_matrices_were_not_measured():
+    from svdlora.report import CompressionReport, ModuleReport
+
+    lines = [
+        ModuleReport(f"l{i}", "linear", (8, 8), False, [2], ["float32"], error)
+        for i, error in enumerate((0.1, 0.3, None))
+    ]
+    rows = dict(CompressionReport({}, lines, 0, 0).summary_rows())
+    assert rows["relative Frobenius error"] == (
+        "mean 0.2000, max 0.3000; not measured for 1 of 3 (factors cast to another dtype after compression)"
+    )
