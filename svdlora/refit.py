@@ -28,7 +28,10 @@ class _InputTap:
     def __init__(self) -> None:
         self.inputs: dict[str, torch.Tensor] = {}
         self.owner: dict[str, str] = {}  # layer -> the first layer that saw the same tensor
-        self._seen: dict[tuple, str] = {}
+        # identity -> (first layer, its input): holding the input keeps its address from being reused
+        # within the batch by a later layer's input of the same shape (in a half-precision model the
+        # kept float32 copy does not hold it), which would then pass for the same tensor
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
 
     def clear(self) -> None:
         self.inputs.clear()
@@ -38,7 +41,7 @@ class _InputTap:
         def hook(module, inputs, output):
             x = inputs[0].detach()
             identity = (x.data_ptr(), tuple(x.shape), x.dtype)
-            owner = self._seen.setdefault(identity, name)
+            owner = self._seen.setdefault(identity, (name, x))[0]
             self.owner[name] = owner
             if owner == name:
                 self.inputs[name] = x.reshape(-1, x.shape[-1]).float()

@@ -22,7 +22,7 @@ from svdlora.layers import weight_out_in
 from svdlora.methods import Weighting, factorize
 from svdlora.methods.weighting import whitening
 from svdlora.plan import auto_method, output_gram_bytes
-from svdlora.refit import refit_factors
+from svdlora.refit import collect_cross_statistics, refit_factors
 from svdlora.targets import Target, find_targets
 
 from .conftest import example_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama
@@ -586,3 +586,33 @@ def test_report_errors_after_healing_are_those_of_the_saved_layers(tmp_path, sta
         saved = relative_error(weights[line.name], loaded.get_submodule(line.name).dense_weight())
         assert line.rel_error == pytest.approx(saved, rel=1e-5), line.name
         assert line.exact_error is None  # the reference was of the factors before healing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_refit_statistics_read_each_layers_own_input(dtype):
+    # In a half-precision model the tap keeps float32 copies, so a freed input's address came back as a
+    # later layer's input of the same shape and that layer was refitted to an earlier layer's inputs.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96, max_position_embeddings=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    batch = {"input_ids": torch.randint(0, 96, (1, 16))}
+    seen = {}
+    keep = lambda n: lambda module, inputs, output: seen.update({n: inputs[0].detach()})  # noqa: E731
+    handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    stats = collect_cross_statistics(model, layers, layers, [batch], progress=False)
+    assert set(stats) == set(layers)
+    for name, (gram, cross) in stats.items():
+        x = seen[name].reshape(-1, seen[name].shape[-1]).double()
+        expected = x.T @ x / x.shape[0]
+        assert torch.allclose(gram, expected, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(cross, expected, rtol=1e-4, atol=1e-6), name  # the dense model is the same here
