@@ -198,13 +198,21 @@ class CompressionConfig:
             raise SvdloraError(
                 "allocation 'global' chooses ranks from the budget: drop --rank, or use --allocation uniform"
             )
-        from .quantize import parse_stage_dtypes  # torch: the CLI builds its flags from this module without it
+        # torch: the CLI builds its flags from this module without it
+        from .quantize import FULL_PREFIX, parse_stage_dtypes
 
         self.stage_dtypes = parse_stage_dtypes(self.stage_dtypes)
         if self.stage_dtypes and len(self.stage_dtypes) > self.submatrices:
             raise SvdloraError(
                 f"{len(self.stage_dtypes)} stage dtypes ({','.join(self.stage_dtypes)}) for {self.submatrices} "
                 f"submatrices: pass --submatrices {len(self.stage_dtypes)} or fewer dtypes"
+            )
+        full_only = self.stage_dtypes and self.submatrices == 1 and self.stage_dtypes[0].startswith(FULL_PREFIX)
+        if self.heal_steps and full_only:
+            raise SvdloraError(
+                f"healing trains the low-rank factors and --stage-dtypes {self.stage_dtypes[0]} with --submatrices 1 "
+                "stores none (the full-rank stage stays as stored): pass --submatrices 2 for a low-rank repair "
+                "stage, or drop --heal-steps"
             )
         if self.pivot and self.stage_dtypes:
             raise SvdloraError("--pivot stores float factors: it does not combine with --stage-dtypes; drop one")

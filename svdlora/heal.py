@@ -106,10 +106,15 @@ def heal(
             "this model's sibling layers are stacked (stack_siblings=True), which is for inference: heal a model "
             "loaded without stack_siblings"
         )
-    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.factor_parameters()]
+    # Empty factors (a layer whose only stage is a full-rank quantized one) take no part in the
+    # forward pass: with nothing else to train, backward() would fail on a loss without gradient.
+    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.factor_parameters() if p.numel()]
     factors = factors if parameters is None else list(parameters)
     if not factors:
-        raise SvdloraError("healing found no low-rank layer to train: compress the model first")
+        raise SvdloraError(
+            "healing found no low-rank factor to train: compress the model first (a full-… stage dtype alone "
+            "has none: add a low-rank repair stage, e.g. --submatrices 2)"
+        )
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

@@ -616,3 +616,17 @@ def test_refit_statistics_read_each_layers_own_input(dtype):
         expected = x.T @ x / x.shape[0]
         assert torch.allclose(gram, expected, rtol=1e-4, atol=1e-6), name
         assert torch.allclose(cross, expected, rtol=1e-4, atol=1e-6), name  # the dense model is the same here
+
+
+def test_healing_a_model_without_low_rank_factors_says_so_in_one_line():
+    # A full-int8 first stage alone leaves every layer with empty factors: healing crashed in
+    # backward() ("element 0 of tensors does not require grad") after the whole compression.
+    torch.manual_seed(0)
+    dense = tiny_llama().eval()
+    batches = [{"input_ids": example_inputs("llama", 0)["input_ids"]}]
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.5, stage_dtypes="full-int8", progress=False)
+    with pytest.raises(SvdloraError, match="no low-rank factor to train"):
+        heal(model, batches, steps=2, teacher=dense, progress=False)
+    with pytest.raises(SvdloraError, match="--submatrices 2"):  # and compress refuses it before any work
+        CompressionConfig(budget=0.5, stage_dtypes="full-int8", heal_steps=2)
