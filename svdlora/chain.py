@@ -100,14 +100,12 @@ def quantized_chain(
 
 
 def file_tensors(name: str, layer) -> dict[str, torch.Tensor]:
-    """The tensors a layer with ``stage_dtypes`` writes; the stored stages when they still match the
-    layer (compression, loading), else the layer's factors quantized again (e.g. after healing)."""
+    """The tensors a layer with ``stage_dtypes`` writes: each stage as stored when it still matches the
+    layer (compression, loading), else that stage quantized again (e.g. after healing)."""
     formats = [parse_format(d) for d in layer.stage_dtypes]
-    stored = layer.stored if layer.stored is not None and _matches(layer, formats) else None
-    if stored is None:
-        if layer.stored is not None:
-            logger.warning("%s changed since it was quantized (e.g. healed): its stages are quantized again", name)
-        stored = _quantize_layer(layer, formats)
+    stored, changed = _current_stages(layer, formats)
+    if changed and layer.stored is not None:
+        logger.warning("%s changed since it was quantized (e.g. healed): its stages are quantized again", name)
     out = {}
     for j, (fmt, parts) in enumerate(zip(formats, stored, strict=True)):
         for key, tensors in parts.items():
@@ -158,8 +156,7 @@ def stored_weight(layer) -> torch.Tensor:
     """The (out, in) matrix ``file_tensors`` would write for a layer with ``stage_dtypes``, read back
     in float32: its stored stages, or its factors quantized again when they changed (e.g. healed)."""
     formats = [parse_format(d) for d in layer.stage_dtypes]
-    stored = layer.stored if layer.stored is not None and _matches(layer, formats) else None
-    stored = stored if stored is not None else _quantize_layer(layer, formats)
+    stored, _ = _current_stages(layer, formats)
     total = torch.zeros(layer.out_features, layer.in_features)
     for fmt, parts in zip(formats, stored, strict=True):
         if fmt.full:
@@ -170,31 +167,29 @@ def stored_weight(layer) -> torch.Tensor:
     return total
 
 
-def _quantize_layer(layer, formats: list[StageFormat]) -> list:
-    stages = []
-    a_list = [a for a, _ in layer.stages()] if layer.ranks else []
-    b_list = [b for _, b in layer.stages()] if layer.ranks else []
-    for fmt in formats:
-        if fmt.full:
-            stages.append({"W": quantize(layer.full.detach().cpu(), fmt)})
-        else:
-            stages.append(store_factors(a_list.pop(0).detach().cpu(), b_list.pop(0).detach().cpu(), fmt))
-    return stages
-
-
-def _matches(layer, formats: list[StageFormat]) -> bool:
-    """Whether the stored stages still read back as the layer's current weights, bit for bit."""
+def _current_stages(layer, formats: list[StageFormat]) -> tuple[list, bool]:
+    """Each stage's parts to write, and whether any had to be quantized again: a stage whose stored
+    parts still read back as the layer's weights bit for bit keeps them; another (healed factors, no
+    stored parts) is quantized from the layer. Per stage, because quantizing dequantized int4 values
+    again is not the identity (the range moves to the grid's ends: another scale and zero point), so
+    an untrained full-int4 stage must keep its bits when the repair stages after it were healed."""
+    stored = layer.stored if layer.stored is not None else [None] * len(formats)
+    pairs = [(a.detach().cpu(), b.detach().cpu()) for a, b in layer.stages()] if layer.ranks else []
+    stages, changed = [], False
     with torch.no_grad():
-        a_list = [a for a, _ in layer.stages()] if layer.ranks else []
-        b_list = [b for _, b in layer.stages()] if layer.ranks else []
-        for fmt, parts in zip(formats, layer.stored, strict=True):
+        for fmt, parts in zip(formats, stored, strict=True):
             if fmt.full:
-                back = dequantize(parts["W"], fmt, layer.in_features, layer.full.dtype)
-                if not torch.equal(back, layer.full.detach().cpu()):
-                    return False
-                continue
-            a, b = a_list.pop(0), b_list.pop(0)
-            back_a, back_b = load_factors(parts, fmt, layer.out_features, layer.in_features, a.dtype)
-            if not (torch.equal(back_a, a.detach().cpu()) and torch.equal(back_b, b.detach().cpu())):
-                return False
-    return True
+                weight = layer.full.detach().cpu()
+                if parts is None or not torch.equal(
+                    dequantize(parts["W"], fmt, layer.in_features, weight.dtype), weight
+                ):
+                    parts, changed = {"W": quantize(weight, fmt)}, True
+            else:
+                a, b = pairs.pop(0)
+                back = (
+                    None if parts is None else load_factors(parts, fmt, layer.out_features, layer.in_features, a.dtype)
+                )
+                if back is None or not (torch.equal(back[0], a) and torch.equal(back[1], b)):
+                    parts, changed = store_factors(a, b, fmt), True
+            stages.append(parts)
+    return stages, changed

@@ -240,6 +240,21 @@ def test_factors_changed_after_compression_are_quantized_again_on_save(tmp_path)
     assert torch.allclose(again.A, layer.A, rtol=0.02, atol=1e-3) and not torch.equal(again.A, layer.A / 1.5)
 
 
+def test_healed_repair_stages_leave_the_full_stage_as_stored(tmp_path):
+    """Found by review: once a repair stage changed (healing), the save quantized every stage again,
+    the untrained full-int4 one from its dequantized values, which int4 does not give back (the range
+    moves to the grid's ends): up to a whole step off, under a repair fitted to the original one."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    compress(model, budget=0.5, submatrices=2, stage_dtypes="full-int4,int8", progress=False)
+    layer = model.model.layers[0].mlp.up_proj
+    full = layer.full.detach().clone()
+    with torch.no_grad():
+        layer.A.mul_(1.5)  # what healing does: the repair stage no longer matches its stored form
+    loaded = load_compressed(save_compressed(model, tmp_path / "out"), device="cpu")
+    assert torch.equal(loaded.model.layers[0].mlp.up_proj.full, full)
+
+
 @pytest.mark.parametrize("budget", [0.7, 1.0])
 def test_global_byte_allocation_never_stores_more_than_the_dense_matrix(budget):
     """Found by review: with float stages the global byte greedy kept adding ranks past the dense
