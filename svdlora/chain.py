@@ -152,19 +152,19 @@ def read_file_tensors(
     return a, b, full, stored
 
 
-def stored_weight(layer) -> torch.Tensor:
-    """The (out, in) matrix ``file_tensors`` would write for a layer with ``stage_dtypes``, read back
-    in float32: its stored stages, or its factors quantized again when they changed (e.g. healed)."""
+def requantize(layer) -> None:
+    """Make a layer with ``stage_dtypes`` hold what its folder will: stages whose factors changed
+    (healing trains them in full precision) are quantized again, and the layer takes the values they
+    read back as, so that the model in memory (``compress --eval`` measures it) is the saved one."""
     formats = [parse_format(d) for d in layer.stage_dtypes]
     stored, _ = _current_stages(layer, formats)
-    total = torch.zeros(layer.out_features, layer.in_features)
-    for fmt, parts in zip(formats, stored, strict=True):
-        if fmt.full:
-            total += dequantize(parts["W"], fmt, layer.in_features)
-        else:
-            a, b = load_factors(parts, fmt, layer.out_features, layer.in_features, torch.float32)
-            total += a @ b
-    return total
+    low = [(fmt, parts) for fmt, parts in zip(formats, stored, strict=True) if not fmt.full]
+    with torch.no_grad():
+        for (a, b), (fmt, parts) in zip(layer.stages() if layer.ranks else [], low, strict=True):
+            back_a, back_b = load_factors(parts, fmt, layer.out_features, layer.in_features, a.dtype)
+            a.copy_(back_a)
+            b.copy_(back_b)
+    layer.stored = stored
 
 
 def _current_stages(layer, formats: list[StageFormat]) -> tuple[list, bool]:

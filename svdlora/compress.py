@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate_global, allocate_ranks
-from .chain import Stage, quantized_chain, stored_weight
+from .chain import Stage, quantized_chain, requantize
 from .config import CompressionConfig
 from .decompose import factorize, relative_error
 from .errors import SvdloraError
@@ -164,6 +164,9 @@ def compress(
             progress=progress,
         )
         del teacher
+        for name in reports:
+            if model.get_submodule(name).stage_dtypes:
+                requantize(model.get_submodule(name))
         _measure_healed(model, originals, reports)
     report = CompressionReport(
         config=config.to_dict(),
@@ -182,15 +185,13 @@ def compress(
 
 
 def _measure_healed(model: nn.Module, originals: dict, reports: dict) -> None:
-    """Healing trained the factors: each line's error is measured again on what the folder will hold
-    (quantized stages are quantized again on save, so on that), and the exact-SVD reference, which was
-    of the factors before healing, is dropped (as after the refit)."""
+    """Healing trained the factors: each line's error is measured again (quantized stages were
+    quantized again, so on what the folder will hold), and the exact-SVD reference, which was of the
+    factors before healing, is dropped (as after the refit)."""
     for name, line in reports.items():
-        layer = model.get_submodule(name)
         weight = weight_out_in(originals[name])
         with torch.no_grad():
-            stored = stored_weight(layer) if layer.stage_dtypes else layer.dense_weight()  # the former on the CPU
-            line.rel_error = relative_error(weight, stored.to(weight.device))
+            line.rel_error = relative_error(weight, model.get_submodule(name).dense_weight())
         line.exact_error = None
 
 

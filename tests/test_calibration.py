@@ -630,3 +630,20 @@ def test_healing_a_model_without_low_rank_factors_says_so_in_one_line():
         heal(model, batches, steps=2, teacher=dense, progress=False)
     with pytest.raises(SvdloraError, match="--submatrices 2"):  # and compress refuses it before any work
         CompressionConfig(budget=0.5, stage_dtypes="full-int8", heal_steps=2)
+
+
+@pytest.mark.parametrize("stage_dtypes", ["int4", "full-int4,int8"])
+def test_healed_quantized_model_in_memory_is_the_saved_one(tmp_path, caplog, stage_dtypes):
+    """Found by review: healing left full-precision factors in memory that the save then quantized
+    again, so `compress --eval` measured a model the folder does not hold (int4: logits 0.18 apart)."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    batches = [example_inputs("llama", s) | {"labels": example_inputs("llama", s)["input_ids"]} for s in range(2)]
+    svdlora.compress(
+        model, budget=0.5, submatrices=2, stage_dtypes=stage_dtypes, calibration=batches, heal_steps=5,
+        heal_loss="lm", heal_lr=1e-2, progress=False,
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="svdlora.chain"):
+        loaded = svdlora.load_compressed(svdlora.save_compressed(model, tmp_path / "out"), device="cpu")
+    assert torch.allclose(output_of(model.eval(), "llama"), output_of(loaded, "llama"), rtol=0, atol=1e-5)
+    assert "quantized again" not in caplog.text  # what the folder holds is what the model held
