@@ -89,6 +89,8 @@ def test_the_card_s_loading_code_runs(tmp_path, stage_dtypes):
     exec(code, namespace)  # noqa: S102  the card's own code
     with torch.no_grad():
         torch.testing.assert_close(
-            namespace["model"](**example_inputs("llama")).logits, model(**example_inputs("llama")).logits,
+            namespace["model"](**{k: v.to(namespace["model"].device) for k, v in example_inputs("llama").items()})
+            .logits.cpu(),
+            model(**example_inputs("llama")).logits,
             rtol=1e-4, atol=1e-4,
         )  # fmt: skip

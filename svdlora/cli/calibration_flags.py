@@ -67,8 +67,8 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
         "--allocation",
         choices=ALLOCATIONS,
         default="auto",
-        help="'uniform': every matrix the same share of its parameters (bytes with --stage-dtypes); 'global': "
-        "ranks chosen together from the loss each parameter (byte) buys (may keep a sensitive matrix dense). "
+        help="'uniform': every matrix the same share of its parameters (of its bytes where stage dtypes are set); "
+        "'global': ranks chosen together from the loss each parameter (byte) buys (may keep a sensitive matrix dense). "
         "Default 'auto': global with calibration and a budget, else uniform",
     )
     g.add_argument(
