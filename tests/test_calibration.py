@@ -458,6 +458,22 @@ def test_calibration_text_without_a_tokenizer_is_one_line(gpt2_with_tokenizer, t
     assert "no tokenizer files" in line and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_calibration_text_without_a_tokenizer_is_refused_before_loading(
+    gpt2_with_tokenizer, tmp_path, capsys, monkeypatch, stream
+):
+    """A local folder without tokenizer files was refused only once the whole model was loaded (minutes for
+    a 7B model): the folder says so before, in memory and streamed alike."""
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    capsys.readouterr()  # save_pretrained's progress bar
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", _never_called)
+    monkeypatch.setattr("svdlora.cli.compress_run.compress_checkpoint", _never_called)
+    args = ["compress", tmp_path / "llama", "-o", tmp_path / "out", "--calibration", gpt2_with_tokenizer / "text.txt"]
+    line = _one_line_error(capsys, *args, *stream)
+    assert "cannot load the tokenizer" in line and not (tmp_path / "out").exists()
+
+
 def test_self_calibration_needs_no_tokenizer(tmp_path, capsys):
     """A Llama folder saved without its tokenizer was refused ('cannot load the tokenizer'), though the
     model writes its own calibration text from token ids."""

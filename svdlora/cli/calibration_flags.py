@@ -159,8 +159,29 @@ def streamed_calibration(data: str) -> str | None:
     return None if data in (AUTO, NONE) else data
 
 
-def resolve_calibration(data: str, model: nn.Module, source: str) -> tuple[Any, Any]:
-    """(calibration for ``compress``, the processor that reads it) for the loaded model."""
+def processor_before_load(data: str, source: str) -> Any:
+    """The processor that reads --calibration DATA, loaded before the model where ``source`` is a local
+    folder, so that a folder without one is refused in a second, not after minutes of loading; None
+    for a keyword ('self' needs none) and for a hub id, whose files are fetched with the model."""
+    if calibration_input(data) is None or not Path(source).expanduser().is_dir():
+        return None
+    from ..calibration_data import model_kind
+    from ..evaluation.loading import checked_processor, skeleton
+
+    try:
+        kind = model_kind(skeleton(source))  # the meta model: its class says which processor it reads
+    except SvdloraError:
+        return None  # the model's own load says what is wrong with its config
+    return checked_processor(source, _processor_task(kind))
+
+
+def _processor_task(kind: str) -> str:
+    return "image-classification" if kind == "image" else "text-generation"
+
+
+def resolve_calibration(data: str, model: nn.Module, source: str, processor: Any = None) -> tuple[Any, Any]:
+    """(calibration for ``compress``, the processor that reads it) for the loaded model; ``processor``
+    where ``processor_before_load`` loaded it already."""
     from ..calibration_data import model_kind
     from ..evaluation.loading import checked_processor
 
@@ -168,9 +189,10 @@ def resolve_calibration(data: str, model: nn.Module, source: str) -> tuple[Any, 
     data = effective_calibration(data, kind)
     if data == NONE:
         return None, None
-    task = "image-classification" if kind == "image" else "text-generation"
+    if processor is not None:
+        return data, processor
     try:
-        return data, checked_processor(source, task)
+        return data, checked_processor(source, _processor_task(kind))
     except SvdloraError:
         if data != SELF:
             raise

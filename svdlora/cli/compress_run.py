@@ -25,6 +25,7 @@ from .calibration_flags import (
     calibration_options,
     check_calibration,
     check_data_path,
+    processor_before_load,
     resolve_calibration,
     streamed_calibration,
 )
@@ -62,12 +63,13 @@ def run(args: argparse.Namespace) -> int:
     svd_device(args.svd_device)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
+    processor = processor_before_load(args.calibration, args.model)
     if args.stream or distributed.launched() or streams_for_memory(args, config):
-        return _run_streamed(args, config, output)
+        return _run_streamed(args, config, output, processor)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
-    calibration, processor = resolve_calibration(args.calibration, model, args.model)
+    calibration, processor = resolve_calibration(args.calibration, model, args.model, processor)
     report = compress(model, config, calibration=calibration, processor=processor, progress=args.progress)
     if not report.factorized and args.rank is not None:  # the API reports it; the CLI must not write a copy
         raise rank_factorizes_nothing(args.rank, len(report.modules))
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -> int:
+def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, processor) -> int:
     start = time.perf_counter()
     how = "--stream" if args.stream else "a distributed run"
     ctx = distributed.context()
@@ -122,6 +124,7 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output) -
         progress=args.progress,
         trust_remote_code=args.trust_remote_code,
         calibration=calibration,
+        processor=processor,
         announce=announce,
     )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
