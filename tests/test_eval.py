@@ -617,6 +617,25 @@ def test_bad_options(gpt, capsys):
         evaluate(gpt["dense"], task="image-classification", data=gpt["text"], max_length=16)
 
 
+def test_a_baseline_with_a_shorter_context_is_refused_before_the_first_evaluation(gpt, tmp_path, capsys, monkeypatch):
+    """The baseline reads the model's windows: one of 64 tokens failed on a 32-token baseline only after
+    the model's whole evaluation had run."""
+    tok = word_tokenizer(WORDS)
+    torch.manual_seed(0)
+    short = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=len(tok)))
+    short.save_pretrained(tmp_path / "short")
+    tok.save_pretrained(tmp_path / "short")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was evaluated before the baseline's context was checked")
+
+    monkeypatch.setattr("svdlora.evaluation._measure", never)
+    args = [gpt["svd"], "--data", gpt["text"], "--baseline", tmp_path / "short", "--device", "cpu"]
+    msg = _error([str(a) for a in args], capsys)
+    assert "--baseline's context is 32 tokens, shorter than the 64-token windows" in msg
+    assert "pass --max-length 32" in msg
+
+
 def _write(path, text):
     path.write_text(text)
     return str(path)

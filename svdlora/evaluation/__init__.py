@@ -56,12 +56,12 @@ from ..errors import SvdloraError
 from ..quantize import dtype_name
 from ..version import __version__
 from .images import evaluate_images, load_images
-from .loading import Candidate, infer_task, preflight, prepare, same_vocabulary
+from .loading import Candidate, infer_task, outline, preflight, prepare, same_vocabulary
 from .measure import PeakMemory, TaskRun, count_parameters, model_device, model_dtype, model_memory_bytes
 from .options import IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, build_options
 from .report import format_table, ratios
 from .sources import is_dataset
-from .text import evaluate_text, load_text
+from .text import check_baseline_context, evaluate_text, load_text
 from .translation import evaluate_translation, load_pairs
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,9 @@ def evaluate(
     opts = build_options(task or infer_task(model_or_path), data, options)
     loaded = _LOADERS[opts.task](opts)  # data problems surface before any model is loaded
     if baseline is not None:
-        preflight(baseline, opts, "--baseline")  # a broken baseline fails now, not after the model ran
+        base_outline = preflight(baseline, opts, "--baseline")  # a broken baseline fails now, not after the model ran
+        if opts.task == TEXT:
+            check_baseline_context(outline(model_or_path), base_outline, opts)
     entries: dict[str, dict | None] = {"model": None, "baseline": None}
     first_run: TaskRun | None = None
     for role, spec in (("model", model_or_path), ("baseline", baseline)):

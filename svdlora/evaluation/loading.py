@@ -136,19 +136,40 @@ def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MO
     )
 
 
-def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> None:
+def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> nn.Module | None:
     """Cheap checks of a model named by path or hub id, so a broken ``--baseline`` fails before
     the main evaluation rather than after it: files and headers readable, config and class fit
-    the task, tokenizer / processor present. Missing tensors are found when it is loaded."""
+    the task, tokenizer / processor present. Missing tensors are found when it is loaded.
+
+    Returns:
+        The model without weights (``skeleton``), or the in-memory module ``spec`` holds.
+    """
     if not isinstance(spec, str | Path):
-        return
+        return outline(spec)
 
     name = str(spec)
     try:
-        check_task(skeleton(name), opts.task, name)
+        model = skeleton(name)
+        check_task(model, opts.task, name)
         checked_processor(name, opts.task)
     except SvdloraError as err:
         raise SvdloraError(f"{flag} {name!r}: {err}") from None
+    return model
+
+
+def outline(spec: Any) -> nn.Module | None:
+    """The module ``spec`` holds, or for a path / hub id its ``skeleton`` (no weights); None where
+    neither is there (its load says what is wrong)."""
+    if isinstance(spec, tuple) and spec and isinstance(spec[0], nn.Module):
+        return spec[0]
+    if isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, str | Path):
+        return None
+    try:
+        return skeleton(str(spec))
+    except SvdloraError:
+        return None
 
 
 def skeleton(name: str) -> nn.Module:

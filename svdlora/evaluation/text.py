@@ -117,6 +117,23 @@ def window_settings(model: nn.Module, opts: EvalOptions) -> tuple[int, int]:
     return max_length, stride
 
 
+def check_baseline_context(model: nn.Module | None, baseline: nn.Module | None, opts: EvalOptions) -> None:
+    """The baseline reads the model's windows (the same tokens, for comparable perplexities): a window
+    longer than the baseline's context is refused before the model's evaluation, not after it."""
+    context = context_length(baseline) if baseline is not None else None
+    if model is None or context is None:
+        return
+    try:
+        max_length, _ = window_settings(model, opts)
+    except SvdloraError:
+        return  # the model's own evaluation says what is wrong with its settings
+    if max_length > context:
+        raise SvdloraError(
+            f"--baseline's context is {context} tokens, shorter than the {max_length}-token windows the model is "
+            f"read in: pass --max-length {context} (both models then read windows of {context} tokens)"
+        )
+
+
 def _accepts(model: nn.Module, argument: str) -> bool:
     try:
         return argument in inspect.signature(model.forward).parameters
