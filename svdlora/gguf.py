@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import SvdloraError, first_line
-from .outputs import atomic_folder, check_output_folder
+from .outputs import atomic_folder, check_output_folder, readable_as_umask
 
 
 def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = False) -> Path:
@@ -44,6 +44,7 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
         state.pop("lm_head.weight", None)  # re-tied from the input embedding at load time
     with atomic_folder(output, overwrite=overwrite, inputs=[gguf_file]) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        readable_as_umask(tmp / "model.safetensors")
         model.config.architectures = [type(model).__name__]  # GGUF configs lack it; loaders need it
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

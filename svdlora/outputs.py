@@ -202,6 +202,15 @@ def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def readable_as_umask(*files: Path) -> None:
+    """Give ``files`` the mode ``open()`` gives (0666 less the umask), as the rest of the output has:
+    safetensors >= 0.8 and peft write weights owner-only (0600), unreadable to a group sharing the folder."""
+    umask = os.umask(0)  # the only way to read it: set, then put back at once
+    os.umask(umask)
+    for file in files:
+        os.chmod(file, 0o666 & ~umask)
+
+
 # ---------------------------------------------------------------- single files (eval --json)
 def check_output_file(path: str | Path, inputs: Iterable = (), flag: str = "--json") -> Path:
     """Refuse a result file that is a folder, an input, or a file svdlora did not write."""

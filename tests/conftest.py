@@ -168,3 +168,16 @@ def gpt2_folder(tmp_path) -> Path:
     path = tmp_path / "gpt2-base"
     tiny_gpt2().save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def group_readable_umask():
+    """umask 022 for the test (new files then read 0644), whatever the caller's was."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def file_modes(folder: Path) -> dict[str, str]:
+    """Every file of ``folder`` by name, with its permission bits ('0o644')."""
+    return {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}

@@ -14,7 +14,7 @@ from svdlora import load_compressed
 from svdlora.cli import main
 from svdlora.io import CONFIG_NAME
 
-from .conftest import tiny_gpt2
+from .conftest import file_modes, tiny_gpt2
 
 
 def run_cli(capsys, *args):
@@ -188,3 +188,30 @@ def test_help_names_only_flags_the_command_has():
             text = re.sub(r"`svdlora [^`]*`", "", action.help or "")
             missing = set(re.findall(r"--[a-z][a-z0-9-]*", text)) - flags
             assert not missing, f"svdlora {name}: the help of {action.dest} names {sorted(missing)}"
+
+
+def test_export_writes_its_weights_as_the_umask_allows(gpt2_folder, tmp_path, capsys, group_readable_umask):
+    """safetensors 0.8 wrote the dense model.safetensors owner-only (0600), the folder's other files 0644."""
+    out, dense = tmp_path / "svd", tmp_path / "dense"
+    assert run_cli(capsys, "compress", gpt2_folder, "-o", out, "--calibration", "none", "--no-progress")[0] == 0
+    assert run_cli(capsys, "export", out, "--dense", "-o", dense, "--no-progress")[0] == 0
+    modes = file_modes(dense)
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
+def test_convert_gguf_writes_its_weights_as_the_umask_allows(tmp_path, monkeypatch, capsys, group_readable_umask):
+    """As export: the hand-written model.safetensors was 0600. The GGUF reader is stubbed with a tiny Llama."""
+    pytest.importorskip("gguf")
+    import transformers
+
+    from .conftest import tiny_llama
+    from .eval_helpers import word_tokenizer
+
+    torch.manual_seed(0)
+    model, tokenizer = tiny_llama(), word_tokenizer("a b c".split())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert run_cli(capsys, "convert-gguf", tmp_path / "m.gguf", "-o", tmp_path / "out")[0] == 0
+    modes = file_modes(tmp_path / "out")
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes

@@ -14,7 +14,7 @@ from svdlora.errors import SvdloraError
 from svdlora.extract import extract_adapter
 from svdlora.integrations.peft_adapter import write_adapter
 
-from .conftest import TINY_MODELS, example_inputs, tiny_gpt2, tiny_llama
+from .conftest import TINY_MODELS, example_inputs, file_modes, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -159,6 +159,14 @@ def test_card_and_record(tmp_path, capsys):
     assert record["config"]["budget"] == 0.2 and record["modules"]
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
+
+
+def test_the_adapter_weights_read_as_the_umask_allows(tmp_path, group_readable_umask):
+    """peft writes adapter_model.safetensors owner-only (0600); the adapter's other files read 0644."""
+    base, tuned = _pair(tiny_gpt2)
+    write_adapter(base, tuned, tmp_path / "adapter", rank=2, progress=False)
+    modes = file_modes(tmp_path / "adapter")
+    assert "adapter_model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
 
 
 def _cli_error(capsys, argv) -> str:

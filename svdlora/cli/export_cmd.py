@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import card
 from ..errors import SvdloraError
-from ..outputs import atomic_folder, ensure_space
+from ..outputs import atomic_folder, ensure_space, readable_as_umask
 from . import options
 
 
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic_folder(args.output, overwrite=args.overwrite, inputs=[args.folder]) as tmp:
         ensure_space(tmp, sum(t.numel() * t.element_size() for t in model.state_dict().values()), args.output)
         model.save_pretrained(tmp)
+        readable_as_umask(*tmp.glob("*.safetensors"))  # one file or its shards
         copy_preprocessor_files(Path(args.folder), tmp)
         card.write(tmp, card.dense_export_card(args.folder, read_config(args.folder)))
     print(f"wrote dense checkpoint {args.output}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..errors import SvdloraError
 from ..extract import Extraction, extract_adapter
 from ..layers import CONV1D
 from ..models import folder_bytes
-from ..outputs import atomic_folder, check_output_folder
+from ..outputs import atomic_folder, check_output_folder, readable_as_umask
 from ..version import __version__
 
 logger = logging.getLogger(__name__)
@@ -217,9 +216,7 @@ def write_adapter(
         record = extraction_record(extraction, base_name, tuned_name)
         (tmp / "svdlora_adapter.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         weights = tmp / ADAPTER_WEIGHTS
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(weights, 0o666 & ~umask)  # peft writes it owner-only; the folder should read like the others
+        readable_as_umask(weights)
         tuned_bytes = folder_bytes(tuned_name) if tuned_name and Path(tuned_name).is_dir() else None
         card.write(tmp, card.adapter_card(extraction, base_name, tuned_name, weights.stat().st_size, tuned_bytes))
     return extraction
