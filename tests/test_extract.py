@@ -169,6 +169,20 @@ def test_the_adapter_weights_read_as_the_umask_allows(tmp_path, group_readable_u
     assert "adapter_model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
 
 
+def test_a_relative_base_is_recorded_by_its_absolute_path(tmp_path, capsys, monkeypatch):
+    """`--base ./base` was recorded as typed: the adapter then loaded its base only from that folder."""
+    base, tuned = _pair(tiny_llama)
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", "--base", "base", "--tuned", "tuned", "--rank", "2", "-o", "adapter", "--no-progress"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    write_adapter(base, tuned, tmp_path / "hub", rank=2, base_name="org/name", progress=False)
+    config = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/name"  # a hub id: as given
+
+
 def _cli_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
