@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,19 @@ def test_two_processes_calibrate_as_one(base, tmp_path, flags):
     merged = [load_compressed(tmp_path / f, device="cpu", runtime="merged").state_dict() for f in ("one", "two")]
     for key, weight in merged[0].items():
         torch.testing.assert_close(merged[1][key], weight, rtol=1e-5, atol=1e-6 * weight.abs().max().item())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [[], ["--method", "whiten", "--allocation", "uniform"]], ids=["default", "whiten"])
+def test_two_processes_show_each_progress_bar_once(base, tmp_path, flags):
+    """Whitening's bar over the copied tensors ran on every rank: two processes drew two bars."""
+    word_tokenizer(WORDS).save_pretrained(base)
+    (tmp_path / "text.txt").write_text(word_text(WORDS, 600))
+    args = [base, "-o", tmp_path / "out", "--budget", "0.5", "--calibration", tmp_path / "text.txt"]
+    two = run([*args, "--calibration-samples", "4", "--calibration-length", "16", *flags], tmp_path, world_size=2)
+    assert two.returncode == 0, two.stderr
+    started = Counter(re.findall(r"([a-z][a-z ,:]*?):\s+0%\|", two.stderr))  # tqdm's first frame of each bar
+    assert started and set(started.values()) == {1}, started
 
 
 @pytest.mark.slow

@@ -92,6 +92,7 @@ def compress_checkpoint(
             then calibrated one decoder block at a time, with the method and allocation resolved
             as ``compress()`` resolves them (``blockwise``, ``block_gradients``).
         processor: the tokenizer of ``calibration`` (default: the one in ``source``).
+        progress: show progress bars (under torchrun, on rank 0 only).
         announce: called once every check has passed, before the slow work, with whether the
             run calibrates and whether that takes a backward pass (the CLI says there which
             method runs, and sets up the process for it); under torchrun on every rank.
@@ -101,6 +102,7 @@ def compress_checkpoint(
     config = config or CompressionConfig(**options)
     check_streamable(config, calibration)
     ctx = distributed.context()
+    progress = progress and ctx.is_main  # one bar per run, not one per process: rank 0's
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
     folder = _local_folder(source, trust_remote_code, ctx)  # a hub id's snapshot
@@ -139,7 +141,7 @@ def compress_checkpoint(
                 allocation,
                 scratch,
                 config.seed,
-                progress and ctx.is_main,
+                progress,
                 calibration_device,
                 ctx,
                 owned,
@@ -157,7 +159,7 @@ def compress_checkpoint(
             writer.create_files()
         ctx.barrier()  # files laid out before any rank writes into them
         if calibrated is None or weights is not None:
-            reports = run_jobs(mine, p, writer, config, progress and ctx.is_main, weights, est_loss)
+            reports = run_jobs(mine, p, writer, config, progress, weights, est_loss)
         else:
             reports = run_jobs([j for j in mine if j[0] != "factorize"], p, writer, config, progress)
             reports.update(
@@ -166,7 +168,7 @@ def compress_checkpoint(
                     ctx.share(batches),
                     config,
                     lambda what, weight, weighting: write_factors(writer, what, weight, config, weighting),
-                    progress and ctx.is_main,
+                    progress,
                     calibration_device,
                     ctx,
                     owned,
