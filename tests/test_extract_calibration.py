@@ -143,6 +143,23 @@ def test_cli_method_without_calibration_is_one_line_before_loading(lm_pair, caps
     assert not (lm_pair / "a").exists()
 
 
+def test_cli_calibration_without_the_tuned_tokenizer_is_one_line_before_loading(lm_pair, capsys, monkeypatch):
+    """Both models were loaded before the tuned folder was found to hold no tokenizer to read the data."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("models must not be loaded")
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (lm_pair / "tuned" / name).unlink(missing_ok=True)
+    monkeypatch.setattr("svdlora.models.load_pretrained", never)
+    argv = ["extract", "--base", str(lm_pair / "base"), "--tuned", str(lm_pair / "tuned"), "--rank", "2",
+            "--calibration", str(lm_pair / "train.txt"), "--output", str(lm_pair / "a"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load the tokenizer" in err[0], err
+    assert not (lm_pair / "a").exists()
+
+
 def test_statistics_collected_once_give_the_same_adapter():
     from svdlora.calibration import collect_statistics
     from svdlora.config import CompressionConfig

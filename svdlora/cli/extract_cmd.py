@@ -15,6 +15,7 @@ from .calibration_flags import (
     calibration_input,
     calibration_options,
     check_calibration,
+    processor_before_load,
     resolve_calibration,
 )
 
@@ -82,11 +83,12 @@ def run(args: argparse.Namespace) -> int:
     _check_inputs(args)  # both models' paths and the patterns, before the base's slow load
 
     require_peft()  # before the slow loads
+    processor = processor_before_load(args.calibration, args.tuned)  # the tuned model reads the data
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
     tuned = load_pretrained(args.tuned, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
-    calibration, processor = resolve_calibration(args.calibration, tuned, args.tuned)
+    calibration, processor = resolve_calibration(args.calibration, tuned, args.tuned, processor)
     extraction = write_adapter(
         base, tuned, output, config, calibration=calibration, processor=processor, base_name=args.base,
         tuned_name=args.tuned, overwrite=args.overwrite, progress=args.progress,
