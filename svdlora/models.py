@@ -101,6 +101,14 @@ def model_class(config: transformers.PretrainedConfig) -> type:
     return transformers.AutoModel
 
 
+def build_model(cls: type, config: transformers.PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:
+    """``cls`` (``model_class(config)``) built from ``config``, under the caller's device context (meta):
+    AutoModel, the class where the config names no known architecture, builds only through from_config."""
+    if cls is transformers.AutoModel:
+        return cls.from_config(config, trust_remote_code=trust_remote_code)
+    return cls(config)
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether huggingface.co (or HF_ENDPOINT) can be reached at all: a TCP connection to it, or to the
     proxy the environment names for it (HTTPS_PROXY, ALL_PROXY, unless NO_PROXY lists the host), opens.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -472,6 +473,34 @@ def test_calibration_text_without_a_tokenizer_is_refused_before_loading(
     args = ["compress", tmp_path / "llama", "-o", tmp_path / "out", "--calibration", gpt2_with_tokenizer / "text.txt"]
     line = _one_line_error(capsys, *args, *stream)
     assert "cannot load the tokenizer" in line and not (tmp_path / "out").exists()
+
+
+def test_a_folder_whose_config_names_no_architecture_is_checked_before_loading(tmp_path, capsys, monkeypatch):
+    """A config.json without "architectures" loads as AutoModel: the check before the load built its meta
+    model as AutoModel(config), which raises (compress then stopped with 'free space or fix permissions')."""
+    torch.manual_seed(0)
+    tiny_gpt2().save_pretrained(tmp_path / "bare")  # no tokenizer files
+    config = json.loads((tmp_path / "bare" / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "text.txt").write_text("some text to calibrate on")
+    capsys.readouterr()  # save_pretrained's progress bar
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", _never_called)
+    args = ["compress", tmp_path / "bare", "-o", tmp_path / "out", "--calibration", tmp_path / "text.txt"]
+    assert "cannot load the tokenizer" in _one_line_error(capsys, *args)
+
+
+def test_a_meta_build_that_fails_leaves_the_model_to_its_load(gpt2_with_tokenizer, capsys, monkeypatch):
+    """The check before the load is only early: a model whose meta build fails (models that need real
+    tensors in __init__) is judged by its real load, which here succeeds."""
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("needs real tensors")
+
+    monkeypatch.setattr("svdlora.models.build_model", fails)
+    root = gpt2_with_tokenizer
+    args = ["compress", root / "dense", "-o", root / "out", "--calibration", root / "text.txt", "--no-progress"]
+    assert main([str(a) for a in args]) == 0, capsys.readouterr().err
 
 
 def test_self_calibration_needs_no_tokenizer(tmp_path, capsys):

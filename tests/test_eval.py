@@ -617,6 +617,18 @@ def test_bad_options(gpt, capsys):
         evaluate(gpt["dense"], task="image-classification", data=gpt["text"], max_length=16)
 
 
+def test_a_model_whose_config_names_no_architecture_gets_the_task_error(gpt, tmp_path, capsys):
+    """Without "architectures" the model is an AutoModel (no LM head): the baseline's context check built
+    its meta model as AutoModel(config), which raises, before the one line that names the task."""
+    GPT2LMHeadModel.from_pretrained(gpt["dense"]).save_pretrained(tmp_path / "bare")
+    config = json.loads((tmp_path / "bare" / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(config))
+    args = [tmp_path / "bare", "--task", "text-generation", "--data", gpt["text"], "--baseline", gpt["dense"]]
+    msg = _error([str(a) for a in [*args, "--device", "cpu"]], capsys)
+    assert "needs a causal language model" in msg and "is a GPT2Model" in msg
+
+
 def test_a_baseline_with_a_shorter_context_is_refused_before_the_first_evaluation(gpt, tmp_path, capsys, monkeypatch):
     """The baseline reads the model's windows: one of 64 tokens failed on a 32-token baseline only after
     the model's whole evaluation had run."""

@@ -168,7 +168,7 @@ def outline(spec: Any) -> nn.Module | None:
         return None
     try:
         return skeleton(str(spec))
-    except SvdloraError:
+    except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
         return None
 
 
@@ -203,7 +203,7 @@ def _dense_skeleton(name: str) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from ..models import check_model_path, hub_reachable, model_class
+    from ..models import build_model, check_model_path, hub_reachable, model_class
 
     folder = check_model_path(name)  # the local folder (its '~' expanded), or None for a hub id
     source = str(folder) if folder is not None else name
@@ -212,7 +212,7 @@ def _dense_skeleton(name: str) -> nn.Module:
     except (OSError, ValueError) as err:
         raise SvdloraError(f"cannot read its config ({first_line(err)})") from None
     with init_empty_weights():
-        return model_class(config)(config)
+        return build_model(model_class(config), config)
 
 
 def _preimport(name: str) -> None:

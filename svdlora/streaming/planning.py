@@ -18,7 +18,7 @@ from ..config import CompressionConfig
 from ..errors import SvdloraError, first_line
 from ..io import _no_weight_init
 from ..layers import LowRankLinear
-from ..models import check_dense_folder, keep_in_fp32, model_class, parse_dtype
+from ..models import build_model, check_dense_folder, keep_in_fp32, model_class, parse_dtype
 from ..pivoted import PivotedLowRankLinear
 from ..targets import find_targets
 from ..writer import TensorSpec, file_layout
@@ -79,11 +79,7 @@ def meta_model(source: str | Path, trust_remote_code: bool = False) -> tuple[obj
     cls = model_class(hf_config)
     try:
         with init_empty_weights(), _no_weight_init():  # AutoModel (no known class named): from_config
-            model = (
-                cls.from_config(hf_config, trust_remote_code=trust_remote_code)
-                if cls is transformers.AutoModel
-                else cls(hf_config)
-            )
+            model = build_model(cls, hf_config, trust_remote_code)
     except (OSError, ValueError, TypeError, ImportError, AttributeError) as err:
         raise SvdloraError(
             f"{str(source)!r}: {cls.__name__} cannot be built from config.json on the meta device ({first_line(err)}): "
