@@ -490,6 +490,30 @@ def test_a_folder_whose_config_names_no_architecture_is_checked_before_loading(t
     assert "cannot load the tokenizer" in _one_line_error(capsys, *args)
 
 
+def test_a_folder_with_its_own_code_is_checked_before_loading_with_trust_remote_code(tmp_path, capsys, monkeypatch):
+    """The check before the load read config.json without --trust-remote-code: transformers asked on the
+    terminal whether to run the folder's code (15 s), and without a terminal the check was skipped."""
+    folder = tmp_path / "custom"
+    tiny_llama().save_pretrained(folder)  # no tokenizer files
+    (folder / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'tinycustom'\n"
+    )
+    (folder / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+        "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="tinycustom", architectures=["TinyForCausalLM"])
+    classes = {"AutoModel": "modeling_tiny.TinyForCausalLM", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    config["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig", **classes}
+    (folder / "config.json").write_text(json.dumps(config))
+    (tmp_path / "text.txt").write_text("some text to calibrate on")
+    capsys.readouterr()  # save_pretrained's progress bar
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", _never_called)
+    args = ["compress", folder, "-o", tmp_path / "out", "--calibration", tmp_path / "text.txt", "--trust-remote-code"]
+    assert "cannot load the tokenizer" in _one_line_error(capsys, *args)
+
+
 def test_a_meta_build_that_fails_leaves_the_model_to_its_load(gpt2_with_tokenizer, capsys, monkeypatch):
     """The check before the load is only early: a model whose meta build fails (models that need real
     tensors in __init__) is judged by its real load, which here succeeds."""

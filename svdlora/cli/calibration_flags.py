@@ -159,7 +159,7 @@ def streamed_calibration(data: str) -> str | None:
     return None if data in (AUTO, NONE) else data
 
 
-def processor_before_load(data: str, source: str) -> Any:
+def processor_before_load(data: str, source: str, trust_remote_code: bool = False) -> Any:
     """The processor that reads --calibration DATA, loaded before the model where ``source`` is a local
     folder, so that a folder without one is refused in a second, not after minutes of loading; None
     for a keyword ('self' needs none) and for a hub id, whose files are fetched with the model."""
@@ -169,7 +169,7 @@ def processor_before_load(data: str, source: str) -> Any:
     from ..evaluation.loading import checked_processor, skeleton
 
     try:
-        kind = model_kind(skeleton(source))  # the meta model: its class says which processor it reads
+        kind = model_kind(skeleton(source, trust_remote_code))  # the meta model's class: which processor
     except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
         return None
     return checked_processor(source, _processor_task(kind))

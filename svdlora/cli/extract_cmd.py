@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     _check_inputs(args)  # both models' paths and the patterns, before the base's slow load
 
     require_peft()  # before the slow loads
-    processor = processor_before_load(args.calibration, args.tuned)  # the tuned model reads the data
+    processor = processor_before_load(args.calibration, args.tuned, args.trust_remote_code)  # the tuned reads it
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
@@ -146,7 +146,7 @@ def _check_pair_on_meta(args: argparse.Namespace) -> None:
     models = []
     for flag, name in (("--base", args.base), ("--tuned", args.tuned)):
         try:
-            models.append(skeleton(name))
+            models.append(skeleton(name, args.trust_remote_code))
         except SvdloraError as err:  # the config cannot be read: the load would fail the same way
             raise SvdloraError(f"{flag} {name!r}: {err}") from None
         except Exception:  # noqa: BLE001  only an early check: the load says what is wrong, if anything

@@ -172,14 +172,15 @@ def outline(spec: Any) -> nn.Module | None:
         return None
 
 
-def skeleton(name: str) -> nn.Module:
-    """The model a folder (svdlora or dense) or hub id holds, built on the meta device (no weights)."""
+def skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
+    """The model a folder (svdlora or dense) or hub id holds, built on the meta device (no weights);
+    ``trust_remote_code`` as its load gets it (left unset, transformers asks on the terminal)."""
     from ..io import _build_skeleton, check_folder, is_compressed_folder
 
     path = Path(name).expanduser()
     if is_compressed_folder(path):
         return _build_skeleton(path, check_folder(path).get("base_model", {}))
-    return _dense_skeleton(name)
+    return _dense_skeleton(name, trust_remote_code)
 
 
 def infer_task(spec: Any) -> str:
@@ -199,7 +200,7 @@ def infer_task(spec: Any) -> str:
     return task
 
 
-def _dense_skeleton(name: str) -> nn.Module:
+def _dense_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -208,11 +209,12 @@ def _dense_skeleton(name: str) -> nn.Module:
     folder = check_model_path(name)  # the local folder (its '~' expanded), or None for a hub id
     source = str(folder) if folder is not None else name
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=folder is None and not hub_reachable())
+        local = folder is None and not hub_reachable()
+        config = AutoConfig.from_pretrained(source, local_files_only=local, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise SvdloraError(f"cannot read its config ({first_line(err)})") from None
     with init_empty_weights():
-        return build_model(model_class(config), config)
+        return build_model(model_class(config), config, trust_remote_code)
 
 
 def _preimport(name: str) -> None:
