@@ -94,11 +94,17 @@ def model_class(config: transformers.PretrainedConfig) -> type:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    logger.warning(
-        "config.json names no known architecture (%s): loading with AutoModel, which has no task head",
-        config.architectures,
-    )
+    key = (getattr(config, "name_or_path", ""), tuple(config.architectures or ()))
+    if key not in _WARNED_NO_ARCHITECTURE:  # the checks before a load ask too: one warning per folder
+        _WARNED_NO_ARCHITECTURE.add(key)
+        logger.warning(
+            "config.json names no known architecture (%s): loading with AutoModel, which has no task head",
+            config.architectures,
+        )
     return transformers.AutoModel
+
+
+_WARNED_NO_ARCHITECTURE: set[tuple] = set()
 
 
 def build_model(cls: type, config: transformers.PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:

@@ -302,3 +302,17 @@ def test_the_error_summary_says_how_many_matrices_were_not_measured():
     assert rows["relative Frobenius error"] == (
         "mean 0.2000, max 0.3000; not measured for 1 of 3 (factors cast to another dtype after compression)"
     )
+
+
+def test_a_config_without_architecture_is_warned_about_once_per_folder(caplog):
+    """The checks before a load and the load itself both ask for the class: one warning, not two."""
+    import transformers
+
+    from svdlora.models import model_class
+
+    for path, expected in (("/x/no-architecture", 1), ("/x/no-architecture", 1), ("/y/another", 2)):
+        config = transformers.GPT2Config(n_layer=1)
+        config.name_or_path, config.architectures = path, None
+        with caplog.at_level("WARNING", logger="svdlora.models"):
+            assert model_class(config) is transformers.AutoModel
+        assert caplog.text.count("names no known architecture") == expected
