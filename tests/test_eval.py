@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +420,17 @@ def _error(args, capsys) -> str:
 def test_missing_data_path(gpt, capsys):
     msg = _error([gpt["dense"], "--task", "text-generation", "--data", "no/such/wiki.test.txt"], capsys)
     assert "--data 'no/such/wiki.test.txt' does not exist" in msg
+
+
+def test_a_missing_path_is_said_as_such_without_datasets(monkeypatch, tmp_path):
+    """Seen on a GPU machine without `datasets`: a typo'd path was answered 'pip install datasets'."""
+    from svdlora.evaluation.sources import open_dataset
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(svdlora.SvdloraError, match="does not exist"):
+        open_dataset("no/such/wiki.test.txt", None, None)
+    with pytest.raises(svdlora.SvdloraError, match="needs the `datasets` package"):
+        open_dataset(str(tmp_path), None, None)
 
 
 def test_missing_image_folder_that_could_be_a_hub_name(vit, capsys):

@@ -154,6 +154,10 @@ def open_dataset(data: Any, split: str | None, config: str | None, flag: str = "
 
 def _open_split(data: Any, split: str | None, config: str | None, flag: str) -> tuple[Any, str | None]:
     """``open_dataset``'s dataset and the name of the split it is (``split``, or the one chosen)."""
+    if not is_dataset(data):  # a missing path or a model folder is said as such, with or without datasets
+        if looks_like_path(data):
+            check_exists(data, flag)
+        refuse_model_folder(data, flag)  # else datasets reads the weights and says only "An error occurred ..."
     try:
         import datasets
     except ImportError:
@@ -162,9 +166,6 @@ def _open_split(data: Any, split: str | None, config: str | None, flag: str) -> 
         loaded = data
     else:
         path = Path(str(data)).expanduser()
-        if looks_like_path(data):
-            check_exists(data, flag)
-        refuse_model_folder(data, flag)  # else datasets reads the weights and says only "An error occurred ..."
         try:
             if is_saved_dataset(path):
                 loaded = datasets.load_from_disk(str(path))
