@@ -366,7 +366,14 @@ def load_compressed(
         for name, parts in stored_parts.items():  # re-saving writes the same stored bits
             model.get_submodule(name).stored = parts
     if runtime in (*AUTO_RUNTIMES, "pairs"):
-        apply_runtime(model, runtime)
+        merged = {name for name, layout in apply_runtime(model, runtime).items() if layout == "merged"}
+        if merged and (target_dtype is not None or stored_dtypes):  # as merge=True: A·B from the stored factors
+            with torch.no_grad():
+                for key, weight in read_state(
+                    files, report, target_device, target_dtype, True, place,
+                    stored_dtypes=stored_dtypes, compute_dtype=compute_dtype, only=merged,
+                ).items():  # fmt: skip
+                    model.get_parameter(key).copy_(weight)
     if stack_siblings:
         siblings.stack_siblings(model)
     return model.eval()

@@ -88,6 +88,7 @@ def read_state(
     stored_dtypes: dict[str, list[str]] | None = None,
     compute_dtype: torch.dtype | None = None,
     stored_parts: dict[str, list] | None = None,
+    only: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict for ``load_state_dict(assign=True)``: ``<layer>.A/.B`` per factorized layer,
     or, with ``merge``, the dense ``<layer>.weight`` (in the layer's own layout) built on ``device``.
@@ -95,12 +96,13 @@ def read_state(
     and each tensor moved on its own, so no full copy of the model sits on the CPU.
     ``stored_dtypes[name]``: that layer's stages are stored in their own dtypes (issue 9); they are
     dequantized in ``compute_dtype`` (a full-rank first stage becomes ``<layer>.full``), and their
-    stored parts go to ``stored_parts[name]`` so that re-saving writes the same bits."""
+    stored parts go to ``stored_parts[name]`` so that re-saving writes the same bits. ``only``: read
+    these factorized layers and nothing else."""
     tensors = FolderTensors(files, device if place is None else torch.device("cpu"))
     place = place or (lambda _: device)
     state: dict[str, torch.Tensor] = {}
     try:
-        for m in report.factorized:
+        for m in report.factorized if only is None else [m for m in report.factorized if m.name in only]:
             where = place(f"{m.name}.weight")
             full = None
             if m.pivoted:
@@ -132,7 +134,7 @@ def read_state(
                 dense = _cast(dense, (dtype or compute_dtype) if m.name in (stored_dtypes or {}) else dtype)
                 state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense  # Conv1D stores (in, out)
             del a, b, full  # merged: only this layer's factors are held next to the dense result
-        for key, t in tensors.rest():
+        for key, t in tensors.rest() if only is None else ():
             t = t.to(place(key))
             state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     finally:

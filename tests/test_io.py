@@ -50,6 +50,20 @@ def test_merged_load_in_a_narrower_dtype_rounds_the_product_once(kind, options, 
     assert all(t.dtype == torch.bfloat16 for t in narrow.values() if t.is_floating_point())
 
 
+@pytest.mark.parametrize("options", [{"pivot": True}, {"stage_dtypes": ["full-int4", "int8"]}])
+def test_layers_auto_merges_in_a_narrower_dtype_are_those_of_a_merged_load(options, tmp_path, monkeypatch):
+    """runtime="auto" merged from factors already rounded to bf16; now its merged layers hold what
+    merge=True builds (A·B from the stored factors, rounded once)."""
+    import svdlora.runtime
+
+    _, out = compressed_folder("llama", tmp_path, **options)
+    monkeypatch.setattr(svdlora.runtime, "choose", lambda *args, **kwargs: "merged")
+    auto = load_compressed(out, device="cpu", dtype=torch.bfloat16, runtime="auto")
+    assert not any(isinstance(m, LowRankLinear) for m in auto.modules())
+    merged = load_compressed(out, device="cpu", dtype=torch.bfloat16, merge=True).state_dict()
+    assert all(torch.equal(t, merged[k]) for k, t in auto.state_dict().items())
+
+
 def test_stages_are_stored_by_name_and_header_is_checked(tmp_path):
     _, out = compressed_folder("gpt2", tmp_path)
     with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
