@@ -224,8 +224,11 @@ class PivotedLowRankLinear(LowRankLinear):
         if key != self._gather_key:
             # rows not loaded yet (transformers initializes a skeleton through ``weight``): any order will do
             rows = self.rows if valid_rows(self.rows, self.out_features) else torch.arange(sum(self.ranks))
-            rows = rows.to(self.rows.device)
-            self._gather = (rows, _complement(rows, self.out_features))
+            # normal tensors even when first called under inference_mode: index_copy_ saves its index
+            # for backward, and training the model later would fail on a cached inference tensor
+            with torch.inference_mode(False):
+                rows = rows.to(self.rows.device)
+                self._gather = (rows, _complement(rows, self.out_features))
             self._gather_key, self._gather_rows = key, self.rows
         return self._gather
 

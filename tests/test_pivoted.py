@@ -1,5 +1,6 @@
 """Pivoted factors (PIFA): exact, smaller, priced by the allocators, stored and loaded."""
 
+import copy
 import json
 
 import pytest
@@ -47,6 +48,22 @@ def test_pivoted_layer_computes_the_same_function():
     assert torch.allclose(layer.A @ layer.B, a @ b, atol=1e-4)
     assert sum(p.numel() for p in layer.factor_parameters()) == pivoted_params(24, 40, 10)
     assert torch.allclose(layer.to_dense()(x), expected, atol=1e-4)
+
+
+def test_a_layer_first_called_under_inference_mode_still_trains():
+    """The pivot indices cached by the first call are normal tensors: a model evaluated under
+    inference_mode can be trained (healed) afterwards, with the gradients of a fresh layer."""
+    torch.manual_seed(0)
+    dense = nn.Linear(40, 24)
+    layer = PivotedLowRankLinear.from_factors(dense, torch.randn(24, 10), torch.randn(10, 40), [10])
+    fresh = copy.deepcopy(layer)
+    with torch.inference_mode():
+        layer(torch.randn(2, 40))
+    x = torch.randn(3, 40)
+    for m in (layer, fresh):
+        m(x).square().sum().backward()
+    torch.testing.assert_close(layer.C.grad, fresh.C.grad)
+    torch.testing.assert_close(layer.B.grad, fresh.B.grad)
 
 
 def test_pivoted_layer_compiles_to_one_graph():
