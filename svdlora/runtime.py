@@ -7,7 +7,8 @@ tokens per call and the shape. ``auto`` therefore measures, once per distinct (s
 dtype, tokens), every layout the layer can take on a random input of the layer's size (best of
 several repeats, interleaved so noise hits all alike) and keeps the fastest: the layer as stored
 ("factorized"), a pivoted layer as a plain pair ("pairs", ``PivotedLowRankLinear.to_pairs``), or
-A·B rebuilt on the device ("merged"). The documented fallback ``rule_prefers_factorized``
+A·B rebuilt on the device ("merged"); a layer with a full-rank first stage (``full-int8``) is merged
+without timing, since it multiplies by a dense matrix already. The documented fallback ``rule_prefers_factorized``
 (R·(m+n) <= 0.8·m·n: fewer bytes with a margin for the extra call) is what the measurement is
 compared against in the tests and benchmarks.
 
@@ -138,6 +139,10 @@ def measure(
 def choose(layer: LowRankLinear, tokens: int = 1, graphs: bool = False) -> str:
     """The layout ("factorized", "pairs" or "merged") that measured fastest for this layer on its
     device (``graphs``: replayed from a CUDA graph)."""
+    if layer.full is not None:
+        # a full-rank first stage (full-int8/-int4) is a dense matmul already, which timing the pair
+        # alone would leave out: merged drops the pair's two matmuls and holds no more values
+        return "merged"
     device, dtype = str(layer.B.device), layer.B.dtype
     pivoted = isinstance(layer, PivotedLowRankLinear)
     m, n, rank = layer.out_features, layer.in_features, sum(layer.ranks)

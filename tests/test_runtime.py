@@ -41,6 +41,22 @@ def test_auto_never_picks_the_slower_layout():
         assert (times["factorized"] <= times["merged"]) == (picked == "factorized") == rule_prefers_factorized(m, n, r)
 
 
+def test_auto_merges_a_layer_with_a_full_rank_stage(monkeypatch):
+    """Such a layer multiplies by its dense first stage and then by the pair: merged is one dense
+    matmul of the same size, however fast the pair alone measures (here: fastest)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 96))
+    compress(model, budget=0.6, stage_dtypes=["full-int8", "float32"], submatrices=2, progress=False)
+    assert model[0].full is not None and model[0].ranks
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        want = model(x)
+    monkeypatch.setattr(runtime_module, "measure", lambda *args: {"factorized": 1e-6, "merged": 1e-3})
+    assert apply_runtime(model, "auto") == {"0": "merged"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+
+
 def _count_captures(monkeypatch) -> list:
     captured, real = [], runtime_module.replayed
     monkeypatch.setattr(runtime_module, "replayed", lambda fn, *a: captured.append(fn) or real(fn, *a))
