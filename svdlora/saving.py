@@ -58,7 +58,7 @@ def save_compressed(
     """Write a compressed model as a self-contained folder (atomically).
 
     Args:
-        model: a model returned through ``compress``.
+        model: a model returned through ``compress`` or ``load_compressed`` (or its ``torch.compile`` wrapper).
         output: the folder to create.
         report: the ``CompressionReport`` (default: the one ``compress`` left on the model).
         source: the base model's folder or hub id, to copy tokenizer/processor files from
@@ -69,6 +69,7 @@ def save_compressed(
     Returns:
         The output path.
     """
+    model = _uncompiled(model)
     report = report or getattr(model, REPORT_ATTR, None)
     if report is None and getattr(model, MERGED_ATTR, None) is not None:
         raise SvdloraError(
@@ -112,6 +113,13 @@ def save_compressed(
         )
     logger.info("saved %s (%d bytes)", output, report.bytes_after)
     return output
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped, else ``model``: the wrapper's state dict prefixes every
+    name with ``_orig_mod.``, which would write a folder that no loader finds its tensors in."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _report_layers(model: nn.Module, report: CompressionReport):

@@ -23,6 +23,19 @@ def compressed_folder(kind, tmp_path, **options):
     return model, out
 
 
+@pytest.mark.parametrize("pivot", [False, True])
+def test_a_compiled_model_saves_what_it_wraps(tmp_path, pivot):
+    """torch.compile's wrapper names every tensor ``_orig_mod.…``: the folder holds the model's own names."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["gpt2"]().eval()
+    compress(model, budget=0.5, pivot=pivot, progress=False)
+    compiled = torch.compile(model, backend="eager")
+    save_compressed(compiled, tmp_path / "out")
+    torch.testing.assert_close(
+        output_of(load_compressed(tmp_path / "out", device="cpu"), "gpt2"), output_of(model, "gpt2")
+    )
+
+
 @pytest.mark.parametrize("kind", sorted(TINY_MODELS))
 def test_save_load_gives_identical_outputs(kind, tmp_path):
     model, out = compressed_folder(kind, tmp_path)
