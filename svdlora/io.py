@@ -300,6 +300,8 @@ def load_compressed(
 
     if model is None:
         model = _build_skeleton(path, data.get("base_model", {}))
+        if stack_siblings:  # refused on the skeleton, before any tensor is read
+            siblings.example_inputs(model)
     for m in report.factorized:
         _check_replaced_layer(model, m, path)
     stored_dtypes = {m.name: d for m in report.factorized if (d := stored_stage_dtypes(m, data.get("dtype")))}

@@ -152,7 +152,9 @@ def _stackable(module: nn.Module) -> bool:
 def example_inputs(model: nn.Module) -> dict:
     """The model's ``dummy_inputs`` on its device, or a refusal that says what to pass instead."""
     dummy = getattr(model, "dummy_inputs", None)
-    if not isinstance(dummy, dict):
+    # transformers gives every model input_ids as dummy_inputs, vision models (pixel_values) included
+    main_input = getattr(model, "main_input_name", None)
+    if not isinstance(dummy, dict) or (isinstance(main_input, str) and main_input not in dummy):
         raise SvdloraError(
             f"{type(model).__name__} has no dummy_inputs to find which layers read the same input: load it "
             "without stack_siblings, then call svdlora.stack_siblings(model, inputs=...) with a small batch "

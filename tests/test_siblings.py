@@ -9,7 +9,7 @@ from svdlora.layers import LowRankLinear
 from svdlora.pivoted import PivotedLowRankLinear
 from svdlora.siblings import StackedProjection, StackedSibling, find_siblings, stack_siblings
 
-from .conftest import example_inputs, output_of, tiny_llama, tiny_marian, tiny_t5
+from .conftest import example_inputs, output_of, tiny_llama, tiny_marian, tiny_t5, tiny_vit
 
 
 def _folder(tmp_path, model, **options):
@@ -222,6 +222,22 @@ def test_a_model_without_dummy_inputs_asks_for_them(tmp_path):
         stack_siblings(ThreeHeads())
     with pytest.raises(SvdloraError, match="inputs="):  # before anything is read
         load_compressed(tmp_path / "nothing here", model=ThreeHeads(), stack_siblings=True)
+
+
+def test_a_vision_model_is_asked_for_inputs_before_its_weights_are_read(tmp_path, monkeypatch):
+    """transformers' dummy_inputs are input_ids for every model, a ViT included: the load refuses at
+    once, naming the way out, which then stacks its q/k/v and computes the same."""
+    import svdlora.io
+
+    folder = _folder(tmp_path, tiny_vit())
+    want = output_of(load_compressed(folder, device="cpu"), "vit")
+    monkeypatch.setattr(svdlora.io, "read_state", lambda *a, **k: pytest.fail("tensors read before the refusal"))
+    with pytest.raises(SvdloraError, match="no dummy_inputs.*inputs="):
+        load_compressed(folder, device="cpu", stack_siblings=True)
+    monkeypatch.undo()
+    model = load_compressed(folder, device="cpu")
+    assert len(stack_siblings(model, inputs=example_inputs("vit"))) == 2  # q/k/v of each block
+    torch.testing.assert_close(output_of(model, "vit"), want, rtol=1e-5, atol=1e-6)
 
 
 def test_stacking_a_merged_load_is_refused(tmp_path):
