@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -71,6 +72,19 @@ def test_full_rank_round_trip_is_exact(factory, tmp_path):
     assert (_logits(base) - want).abs().max() > 1e-2  # the fine-tune matters
     # the tuned model is given back unchanged (peft wrapped it while saving)
     assert not any("lora" in n for n, _ in tuned.named_modules())
+
+
+def test_changed_biases_do_not_raise_peft_s_unsharded_tensor_alarm(tmp_path):
+    """lora_bias saves a 1-D lora_B.bias, which peft (0.21) reports as a DeepSpeed ZeRO-3 / FSDP shard
+    "not gathered" (an incomplete adapter) on every extract whose biases changed: the adapter is complete."""
+    base = tiny_gpt2().eval()
+    tuned = fine_tune(base, bias=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_adapter(base, tuned, tmp_path / "adapter", rank=2, progress=False)
+    alarms = [str(w.message) for w in caught if "ZeRO-3" in str(w.message)]
+    assert not alarms, alarms
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_bias"] is True
 
 
 @pytest.mark.parametrize("kind", ["marian", "t5"])

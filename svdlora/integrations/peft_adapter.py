@@ -124,6 +124,9 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
         with warnings.catch_warnings():  # peft notes it records the tuned model's path: fixed after saving
             warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
+            # peft (0.21) takes lora_bias's 1-D lora_B.bias for an unsharded ZeRO-3 / FSDP tensor and warns
+            # that the adapter is incomplete; these factors were never sharded, so that alarm is false here
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape.*")
             wrapped.save_pretrained(str(output))
     finally:
         wrapped.unload()  # the LoRA layers' own base layers back in place
