@@ -168,9 +168,21 @@ def sweep(
     """Dense point, one point per budget, and (with ``target``) the smallest budget that meets it."""
     metric, higher_is_better = QUALITY[task]
     dense = measure(None)
-    points = {b: measure(b) for b in sorted(budgets)}
+    points: dict[float, Point | None] = {}
+    skipped: dict[str, str] = {}  # a budget too small to compress at: the others are still measured
+    for budget in sorted(budgets):
+        try:
+            points[budget] = measure(budget)
+        except SvdloraError as err:
+            logger.warning("budget %s not measured: %s", budget, err)
+            points[budget], skipped[str(budget)] = None, str(err)  # find_budget counts it as failing
+    if skipped and target is None and len(skipped) == len(points):
+        raise SvdloraError(
+            f"no budget in --budgets could be measured ({next(iter(skipped.values()))}): list larger ones"
+        )
     record: dict = {"task": task, "metric": metric, "higher_is_better": higher_is_better, "dense": asdict(dense)}
-    qualities = [points[b].quality for b in sorted(points)]
+    record["skipped"] = skipped
+    qualities = [p.quality for _, p in sorted(points.items()) if p is not None]
     order = sorted(qualities) if higher_is_better else sorted(qualities, reverse=True)
     record["monotone"] = qualities == order
     if not record["monotone"]:
@@ -193,6 +205,8 @@ def format_table(record: dict) -> str:
         ratio = p["quality"] / dense["quality"] if dense["quality"] else float("nan")
         name = "dense" if p["budget"] is None else f"{p['budget']:.4g}"
         lines.append(f"| {name} | {p['params']:,} | {p['bytes_estimate']:,} | {p['quality']:.4g} | {ratio:.3f}x |")
+    for budget, why in record.get("skipped", {}).items():
+        lines += ["", f"Budget {budget} not measured: {why}"]
     if "target" in record:
         t = record["target"]
         found = f"budget {t['budget']}" if t["budget"] is not None else "no budget up to 1.0"

@@ -13,6 +13,7 @@ from svdlora.sweep import (
     QualityTarget,
     check_sweep_folder,
     find_budget,
+    format_table,
     parse_target,
     sweep,
     write_outputs,
@@ -54,6 +55,29 @@ def test_bisection_when_nothing_or_everything_meets():
 
     assert find_budget(measure, meets(1.01), low=0.1, high=1.0)[0] is None  # even budget 1: ppl 15
     assert find_budget(measure, meets(10.0), low=0.1, high=1.0)[0] == 0.1
+
+
+def test_a_budget_too_small_to_compress_at_is_skipped_not_the_whole_sweep():
+    """A listed budget below what rank 1 everywhere needs stopped the sweep after the dense evaluation,
+    with nothing written; it is now noted as not measured, and the other budgets are."""
+    fits = fake_measure(0.2, [])
+
+    def measure(budget):
+        if budget is not None and budget < 0.05:
+            raise SvdloraError(f"budget {budget} is too small: even rank 1 for every targeted matrix needs more")
+        return fits(budget)
+
+    target = parse_target("ppl<=1.5x", "text-generation")
+    for record in (
+        sweep(measure, [0.01, 0.5], "text-generation"),
+        sweep(measure, [0.01, 0.5], "text-generation", target),
+    ):
+        assert [p["budget"] for p in record["points"]][-1] == 0.5 and record["monotone"]
+        assert "too small" in record["skipped"]["0.01"]
+        assert "Budget 0.01 not measured: budget 0.01 is too small" in format_table(record)
+    assert 0.2 <= record["target"]["budget"] <= 0.22
+    with pytest.raises(SvdloraError, match="no budget in --budgets could be measured"):
+        sweep(measure, [0.01, 0.02], "text-generation")
 
 
 def test_accuracy_drop_target():
