@@ -117,6 +117,9 @@ def find_budget(
     def ok(point: Point | None) -> bool:
         return point is not None and meets(point)
 
+    # a known point below ``low`` that meets the target (a listed budget under 0.02) is the answer's upper
+    # bound: the search must reach down to it, not return ``low`` above a budget shown to meet the target
+    low = min([low, *(b for b, p in points.items() if b <= high and ok(p))])
     passing = sorted(b for b, p in points.items() if low <= b <= high and ok(p))
     hi = passing[0] if passing else high
     if not ok(at(hi)):

@@ -80,6 +80,13 @@ def test_a_budget_too_small_to_compress_at_is_skipped_not_the_whole_sweep():
         sweep(measure, [0.01, 0.02], "text-generation")
 
 
+def test_a_listed_budget_below_the_search_s_floor_that_meets_the_target_is_chosen():
+    """Bisection searched from 0.02 up, so a listed 0.01 that met the target (as the table showed) lost to 0.02."""
+    target = parse_target("ppl<=1.5x", "text-generation")
+    record = sweep(fake_measure(0.005, []), [0.01, 0.3], "text-generation", target)
+    assert record["target"]["budget"] <= 0.01
+
+
 def test_accuracy_drop_target():
     target = parse_target("acc-drop<=0.02", "image-classification")
     assert target.met(0.90, 0.915, True) and not target.met(0.89, 0.915, True)
