@@ -144,11 +144,7 @@ def check_pair(base: nn.Module, tuned: nn.Module) -> None:
     tuned_type = getattr(getattr(tuned, "config", None), "model_type", None)
     if base_type != tuned_type:
         raise SvdloraError(f"base is a {base_type!r} model and tuned a {tuned_type!r} one: they must match")
-    vocab = []
-    for model in (base, tuned):
-        get = getattr(model, "get_input_embeddings", None)
-        emb = get() if callable(get) else None
-        vocab.append(emb.weight.shape[0] if isinstance(emb, nn.Embedding) else None)
+    vocab = [_vocabulary_size(base), _vocabulary_size(tuned)]
     if vocab[0] != vocab[1]:
         raise SvdloraError(
             f"base and tuned have different vocabulary sizes ({vocab[0]} vs {vocab[1]} tokens): a LoRA adapter "
@@ -166,6 +162,16 @@ def check_pair(base: nn.Module, tuned: nn.Module) -> None:
                 f"tensor {key!r} is {tuple(shape)} in base and {tuple(tuned_shapes[key])} in tuned: "
                 "they must be the same architecture and size"
             )
+
+
+def _vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the input embedding; None for a model without one (transformers raises NotImplementedError
+    for models such as ResNet, whose input is pixels)."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return embedding.weight.shape[0] if isinstance(embedding, nn.Embedding) else None
 
 
 def extract_adapter(

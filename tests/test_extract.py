@@ -87,6 +87,25 @@ def test_changed_biases_do_not_raise_peft_s_unsharded_tensor_alarm(tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_bias"] is True
 
 
+def tiny_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=40)
+    return ResNetForImageClassification(config)
+
+
+def test_a_model_without_input_embeddings_is_extracted():
+    """transformers raises NotImplementedError from ResNet's get_input_embeddings: the pair check, which
+    compares vocabularies, stopped extract with an internal error."""
+    torch.manual_seed(0)
+    base = tiny_resnet().eval()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.classifier[1].weight.add_(0.05 * torch.randn(40, 1) @ torch.randn(1, 32))
+    extraction = extract_adapter(base, tuned, rank=1, keep_head=False, progress=False)
+    assert [m.name for m in extraction.lora] == ["classifier.1"] and extraction.lora[0].rel_error < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["marian", "t5"])
 def test_a_translation_model_s_adapter_is_a_seq2seq_lm_adapter(kind, tmp_path):
     """MarianMTModel and T5ForConditionalGeneration end in neither ForCausalLM nor ForSeq2SeqLM: their
