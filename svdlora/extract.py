@@ -227,11 +227,13 @@ def extract_adapter(
     method = resolve_method(method or config.method, calibration, config)
     start = time.perf_counter()
     check_pair(base, tuned)
-    base_params = dict(base.named_parameters(remove_duplicate=False))
+    # parameters and persistent buffers, as the checkpoint holds them: a fine-tune moves BatchNorm's
+    # running statistics too, and base + adapter computes with them (their module is then saved whole)
+    base_state = base.state_dict(keep_vars=True)
     changed = {
-        name: param
-        for name, param in tuned.named_parameters(remove_duplicate=False)
-        if not torch.equal(param.detach(), base_params[name].detach())
+        name: tensor
+        for name, tensor in tuned.state_dict(keep_vars=True).items()
+        if not torch.equal(tensor.detach(), base_state[name].detach())
     }
     if not changed:
         raise SvdloraError("the tuned model equals the base model (no tensor differs): there is nothing to extract")

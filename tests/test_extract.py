@@ -106,6 +106,24 @@ def test_a_model_without_input_embeddings_is_extracted():
     assert [m.name for m in extraction.lora] == ["classifier.1"] and extraction.lora[0].rel_error < 1e-5
 
 
+def test_changed_running_statistics_go_into_the_adapter(tmp_path):
+    """A fine-tune moves BatchNorm's running statistics (buffers, not parameters): they were not compared,
+    so base + adapter ran with the base's statistics, silently far from the tuned model."""
+    torch.manual_seed(0)
+    base = tiny_resnet().eval()
+    tuned = copy.deepcopy(base).train()
+    with torch.no_grad():
+        tuned(pixel_values=3 * torch.randn(4, 3, 32, 32) + 1)  # a training step's forward: the statistics move
+        tuned.classifier[1].weight.add_(0.05 * torch.randn(40, 1) @ torch.randn(1, 32))
+    tuned.eval()
+    extraction = write_adapter(base, tuned, tmp_path / "adapter", rank=1, keep_head=False, progress=False)
+    assert "resnet.embedder.embedder.normalization" in extraction.modules_to_save
+    pixels = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        got, want = _load(base, tmp_path / "adapter")(**pixels).logits, tuned(**pixels).logits
+    assert (got - want).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["marian", "t5"])
 def test_a_translation_model_s_adapter_is_a_seq2seq_lm_adapter(kind, tmp_path):
     """MarianMTModel and T5ForConditionalGeneration end in neither ForCausalLM nor ForSeq2SeqLM: their
