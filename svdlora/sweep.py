@@ -278,6 +278,8 @@ def write_outputs(record: dict, folder: Path, title: str) -> list[Path]:
     write_file_atomic(written[0], f"# {title}\n\n{format_table(record)}\n")  # a kill keeps the old file whole
     write_file_atomic(written[1], json.dumps(slim, indent=2, sort_keys=True) + "\n")
     png = plot(record, folder / "sweep.png", title)
+    if png is None:  # an earlier sweep's plot (--overwrite) would show that sweep's points beside this table
+        (folder / "sweep.png").unlink(missing_ok=True)
     return written + ([png] if png else [])
 
 

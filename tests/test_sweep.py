@@ -255,3 +255,21 @@ def test_sweep_refuses_another_tasks_setting_before_compressing(tmp_path, capsys
             "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
     assert main(argv) == 2
     assert "references is only used by --task translation" in capsys.readouterr().err
+
+
+def test_overwrite_leaves_no_earlier_sweep_s_plot_or_model(tmp_path, capsys, monkeypatch):
+    """--overwrite replaced sweep.md and sweep.json but kept the earlier sweep's plot when this one drew none
+    (no matplotlib), and its DIR/model when this one picked no budget: files that showed another sweep."""
+    import svdlora.sweep
+
+    model, text = lm_folder(tmp_path)
+    out = tmp_path / "s"
+    write_outputs(sweep(fake_measure(0.4, []), [0.5], "text-generation"), out, "earlier")
+    (out / "sweep.png").write_bytes(b"the earlier sweep's plot")
+    argv = ["compress", str(model), "--budget", "0.5", "--calibration", "none", "--output", str(out / "model")]
+    assert main([*argv, "--no-progress"]) == 0  # the earlier sweep's pick
+    monkeypatch.setattr(svdlora.sweep, "evaluating_measure", lambda *args: fake_measure(0.4, []))
+    monkeypatch.setattr(svdlora.sweep, "plot", lambda *args: None)  # as without matplotlib
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(out), "--overwrite"]
+    assert main([*argv, "--no-progress", "--calibration", "none"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "sweep.md"]

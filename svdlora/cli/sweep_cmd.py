@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluation.loading import check_task, checked_processor, infer_task
     from ..evaluation.options import build_options
+    from ..io import is_compressed_folder
     from ..models import load_pretrained
     from ..outputs import check_not_input
     from ..saving import check_output, save_compressed
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser()  # written there: checked there
     check_not_input(output.resolve(), str(args.output), [args.model, args.data], "--output")
     check_sweep_folder(output, args.overwrite)
+    # DIR/model of the earlier sweep that --overwrite replaces: removed if this sweep picks no budget
+    earlier_model = args.overwrite and (output / "sweep.json").is_file() and is_compressed_folder(output / "model")
     if args.target:
         check_output(output / "model", args.overwrite, inputs=[args.model, args.data])
     if args.task and args.target:
@@ -120,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}", file=sys.stderr)
     print(format_table(record))
     chosen = record.get("target", {}).get("budget")
+    if chosen is None and earlier_model:  # it met another sweep's target, not this one's
+        shutil.rmtree(output / "model")
+        print(f"removed {output / 'model'} (the earlier sweep's pick)", file=sys.stderr)
     if target is not None and chosen is None:
         raise SvdloraError(f"no budget up to 1.0 meets {args.target!r}: relax the target")
     if chosen is not None:
