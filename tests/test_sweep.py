@@ -273,3 +273,22 @@ def test_overwrite_leaves_no_earlier_sweep_s_plot_or_model(tmp_path, capsys, mon
     argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(out), "--overwrite"]
     assert main([*argv, "--no-progress", "--calibration", "none"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "sweep.md"]
+
+
+def test_sweep_evaluates_on_the_default_device_as_eval_does(tmp_path, capsys, monkeypatch):
+    """Without --device, the sweep's in-memory models were evaluated where they were loaded (the CPU), on a
+    machine with CUDA too, where --help promised CUDA."""
+    import svdlora.sweep
+    from svdlora.models import default_device
+
+    asked = {}
+
+    def capture(model, processor, task, data, compress_options, eval_options):
+        asked.update(eval_options)
+        return fake_measure(0.4, [])
+
+    monkeypatch.setattr(svdlora.sweep, "evaluating_measure", capture)
+    model, text = lm_folder(tmp_path)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(tmp_path / "s")]
+    assert main([*argv, "--no-progress", "--calibration", "none"]) == 0
+    assert asked["device"] == str(default_device(None))

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.loading import check_task, checked_processor, infer_task
     from ..evaluation.options import build_options
     from ..io import is_compressed_folder
-    from ..models import load_pretrained
+    from ..models import default_device, load_pretrained
     from ..outputs import check_not_input
     from ..saving import check_output, save_compressed
     from ..sweep import check_sweep_folder, evaluating_measure, format_table, parse_target, sweep, write_outputs
@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "max_length": args.max_length,
         "batch_size": args.batch_size,
-        "device": args.device,
+        # as `svdlora eval`: CUDA when present (an in-memory model is otherwise evaluated where it was loaded, the CPU)
+        "device": str(default_device(args.device)),
         "progress": False,
     }
     build_options(task, args.data, eval_options)  # another task's setting fails before the first compression
