@@ -191,6 +191,44 @@ def calibration_loss(outputs, batch: dict, generator: torch.Generator) -> torch.
     return (hidden.float() * direction).sum()
 
 
+def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
+    """``batch`` as one batch per row with its padding cut off, or ``[batch]`` where nothing is padded.
+
+    The statistics are means over tokens, and a hook sees a padded position like any other: its
+    activations would enter the Gram and its zero gradient would dilute E[g²] (a quarter of the
+    tokens of a batch of translations was padding in a test). The padding is read from
+    ``attention_mask``, and for an encoder-decoder from ``decoder_attention_mask`` or the -100
+    labels after the last target token; the loss is a sum, so each real token gets the same gradient.
+    """
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    target_mask = batch.get("decoder_attention_mask")
+    if target_mask is None and encoder_decoder and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        target_mask = (labels != -100).long()
+    padded = [m for m in (mask, target_mask) if isinstance(m, torch.Tensor) and m.dim() == 2 and not m.bool().all()]
+    if not padded:
+        return [batch]
+    rows = []
+    for i in range(padded[0].shape[0]):
+        source = mask[i].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if source is not None and not source.any():
+            continue  # a row of padding only
+        # the target is cut after its last real token (positions before it stay: the decoder is causal)
+        target = int(target_mask[i].nonzero().max()) + 1 if target_mask is not None and target_mask[i].any() else 1
+        row = {}
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                row[key] = value
+            elif encoder_decoder and (key == "labels" or key.startswith("decoder_")) and value.dim() >= 2:
+                row[key] = value[i : i + 1, :target]
+            elif source is not None and value.dim() >= 2 and value.shape[:2] == mask.shape:
+                row[key] = value[i][source][None]
+            else:
+                row[key] = value[i : i + 1]
+        rows.append(row)
+    return rows
+
+
 @contextmanager
 def _hooks(targets: list[Target], accumulator: _Accumulator):
     handles = [t.module.register_forward_hook(accumulator.hook) for t in targets]
@@ -239,7 +277,8 @@ def collect_statistics(
     """
     accumulator = _Accumulator(targets, gradients, output_gram=gradients and output_gram)
     generator = torch.Generator().manual_seed(seed)
-    batches = list(batches)
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    batches = [row for batch in batches for row in unpadded_rows(batch, encoder_decoder)]
     if not batches:
         raise SvdloraError("calibration data is empty: pass a file with text, images or sentences")
     was_training = model.training

@@ -26,7 +26,7 @@ from svdlora.plan import auto_method, output_gram_bytes
 from svdlora.refit import collect_cross_statistics, refit_factors
 from svdlora.targets import Target, find_targets
 
-from .conftest import example_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama
+from .conftest import example_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama, tiny_marian
 from .eval_helpers import word_gpt2, word_text
 
 WORDS = "the a cat dog sat ran on under mat tree and then it was big small red blue".split()
@@ -716,3 +716,31 @@ def test_healed_quantized_model_in_memory_is_the_saved_one(tmp_path, caplog, sta
         loaded = svdlora.load_compressed(svdlora.save_compressed(model, tmp_path / "out"), device="cpu")
     assert torch.allclose(output_of(model.eval(), "llama"), output_of(loaded, "llama"), rtol=0, atol=1e-5)
     assert "quantized again" not in caplog.text  # what the folder holds is what the model held
+
+
+@pytest.mark.parametrize("kind", ["marian", "llama"])
+def test_padding_is_not_counted_in_the_statistics(kind):
+    # a padded batch (translations of different lengths, or Python batches with a mask) gives the
+    # statistics of its sentences run one by one: padded positions are no tokens
+    torch.manual_seed(0)
+    model = (tiny_marian if kind == "marian" else tiny_llama)().eval()
+    targets, _ = find_targets(model, CompressionConfig())
+    long, short = torch.arange(5, 13)[None], torch.tensor([[12, 13, 7]])
+    pad = model.config.pad_token_id or 0
+    mask = torch.tensor([[1] * 8, [1] * 3 + [0] * 5])
+    batch = {"input_ids": torch.cat([long, torch.cat([short, torch.full((1, 5), pad)], 1)]), "attention_mask": mask}
+    rows = [{"input_ids": long, "attention_mask": torch.ones_like(long)}]
+    rows.append({"input_ids": short, "attention_mask": torch.ones_like(short)})
+    if kind == "marian":  # the targets are padded too, with -100 after their end
+        batch["labels"] = torch.tensor([[20, 21, 22, 23, 0], [30, 0, -100, -100, -100]])
+        rows[0]["labels"], rows[1]["labels"] = batch["labels"][:1], batch["labels"][1:, :2]
+    else:
+        batch["labels"] = batch["input_ids"].masked_fill(mask == 0, -100)
+        rows[0]["labels"], rows[1]["labels"] = long, short
+    padded = collect_statistics(model, targets, [batch], progress=False)
+    one_by_one = collect_statistics(model, targets, rows, progress=False)
+    assert padded.keys() == one_by_one.keys()
+    for name, stats in one_by_one.items():
+        assert padded[name].tokens == stats.tokens
+        torch.testing.assert_close(padded[name].gram, stats.gram)
+        torch.testing.assert_close(padded[name].out_grad_sq, stats.out_grad_sq)
