@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import blockwise
-from .calibration import MAX_OUTPUT_GRAM, _Accumulator, _hooks, calibration_loss
+from .calibration import MAX_OUTPUT_GRAM, _Accumulator, _hooks, calibration_loss, unpadded
 from .distributed import Context
 from .errors import SvdloraError
 from .layers import weight_out_in
@@ -86,7 +86,7 @@ def collect(
     (those it will factorize); every rank returns every spectrum."""
     ctx = ctx if ctx is not None else Context()
     model = blockwise.meta_model(plan, device)
-    batches = blockwise.on_device(batches, device)
+    batches = blockwise.on_device(unpadded(batches), device)  # padding is no tokens, as in memory
     blocks_name, blocks = blockwise.find_blocks(model, [t.name for t in plan.targets])
     outside = (f"{blocks_name}.",)
     filled = blockwise._materialize(plan, model, "", exclude=outside, device=device)

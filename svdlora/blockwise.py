@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
-from .calibration import _Accumulator, _hooks
+from .calibration import _Accumulator, _hooks, unpadded
 from .distributed import Context
 from .errors import SvdloraError
 from .io import _no_weight_init
@@ -109,7 +109,7 @@ def calibrate_and_factorize(
     named in ``owned``."""
     ctx = ctx if ctx is not None else Context()
     model = meta_model(plan, device)
-    batches = on_device(batches, device)
+    batches = on_device(unpadded(batches), device)  # padding is no tokens, as in memory
     jobs = {what.name: what for kind, _, what in plan.jobs if kind == "factorize"}
     blocks_name, blocks = find_blocks(model, list(jobs))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

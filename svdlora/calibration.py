@@ -191,6 +191,11 @@ def calibration_loss(outputs, batch: dict, generator: torch.Generator) -> torch.
     return (hidden.float() * direction).sum()
 
 
+def unpadded(batches: Iterable[dict], encoder_decoder: bool = False) -> list[dict]:
+    """The batches with each padded one split into its rows without padding (``unpadded_rows``)."""
+    return [row for batch in batches for row in unpadded_rows(batch, encoder_decoder)]
+
+
 def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
     """``batch`` as one batch per row with its padding cut off, or ``[batch]`` where nothing is padded.
 
@@ -277,8 +282,7 @@ def collect_statistics(
     """
     accumulator = _Accumulator(targets, gradients, output_gram=gradients and output_gram)
     generator = torch.Generator().manual_seed(seed)
-    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    batches = [row for batch in batches for row in unpadded_rows(batch, encoder_decoder)]
+    batches = unpadded(batches, bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)))
     if not batches:
         raise SvdloraError("calibration data is empty: pass a file with text, images or sentences")
     was_training = model.training

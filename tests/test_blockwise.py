@@ -401,3 +401,20 @@ def test_gradient_free_allocation_benchmark_runs_on_a_tiny_model(tmp_path):
     assert set(rows) == {"uniform", "whitened spectra", "relative spectra"}
     assert all(r["perplexity"] > 1 for r in rows.values())
     assert rows["uniform"]["params_after"] != rows["relative spectra"]["params_after"]  # another allocation ran
+
+
+@pytest.mark.parametrize(("method", "allocation"), [("whiten", "uniform"), ("kfac", "global")])
+def test_padded_batches_stream_as_in_memory(base, method, allocation):
+    """Batches passed from Python with padding: in memory their padding is no tokens (run row by
+    row), and so it is block by block: the same bytes."""
+    tmp = base.parent
+    tok = word_tokenizer(WORDS)
+    ids = tok([word_text(WORDS, 20), word_text(WORDS, 9)], return_tensors="pt", padding=True)
+    batches = [{**ids, "labels": ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)}]
+    assert not ids["attention_mask"].all()
+    config = CompressionConfig(budget=0.5, method=method, allocation=allocation)
+    model = load_pretrained(str(base))
+    compress(model, config, calibration=batches, progress=False)
+    save_compressed(model, tmp / "memory", source=base)
+    compress_checkpoint(base, tmp / "stream", config, calibration=batches, progress=False)
+    assert weight_bytes(tmp / "memory") == weight_bytes(tmp / "stream")
