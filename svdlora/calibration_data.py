@@ -87,6 +87,10 @@ def calibration_batches(
                 f"{FLAG} self generates text, which needs a causal language model; this is {kind_article(kind)} model: "
                 f"pass {FLAG} DATA (text, sentences or an image folder) or {FLAG} none"
             )
+        if length < 2:  # generation needs a new token after the BOS
+            raise SvdloraError(
+                f"{FLAG} self needs --calibration-length 2 or more (BOS and a generated token), got {length}"
+            )
         batches = generate_text(
             model, processor, samples, min(SELF_LENGTH, length, _max_positions(model)), seed, progress
         )

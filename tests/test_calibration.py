@@ -622,6 +622,14 @@ def test_self_calibration_of_an_image_model_is_refused_in_plain_words():
         svdlora.compress(TINY_MODELS["vit"]().eval(), budget=0.5, calibration="self", progress=False)
 
 
+def test_self_calibration_with_one_token_windows_is_refused_in_one_line():
+    """--calibration-length 1 left generation no token to write: an 'internal error' from generate."""
+    with pytest.raises(svdlora.SvdloraError, match="self needs --calibration-length 2 or more"):
+        svdlora.compress(
+            tiny_gpt2().eval(), CompressionConfig(budget=0.5, calibration_length=1), calibration="self", progress=False
+        )
+
+
 def test_calibration_data_errors_name_the_calibration_flag(monkeypatch):
     """Calibration data goes through the evaluation's dataset reader; its errors name --calibration,
     the flag the user gave, not eval's --data."""
