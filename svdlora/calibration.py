@@ -76,6 +76,15 @@ class _Accumulator:
             self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return self._buffers[key]
 
+    def _rows(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A reused (tokens, width) buffer: the first rows of one kept per width, grown as needed, so
+        batches of many different lengths (rows of padded batches) do not keep a buffer per length."""
+        key = ("rows", like.shape[1], dtype, like.device)
+        if key not in self._buffers or self._buffers[key].shape[0] < like.shape[0]:
+            self._buffers.pop(key, None)  # freed before the larger one is allocated
+            self._buffers[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
+        return self._buffers[key][: like.shape[0]]
+
     def _gram(self, flat: torch.Tensor) -> torch.Tensor:
         """flatᵀ·flat in float32, into a reused buffer (read it before the next call)."""
         return torch.mm(flat.T, flat, out=self._buffer((flat.shape[1],) * 2, flat.dtype, flat.device))
@@ -113,7 +122,7 @@ class _Accumulator:
             if grad is None:
                 continue
             single = grad.detach().reshape(-1, grad.shape[-1])
-            wide = self._buffer(single.shape, torch.float64, single.device).copy_(single)
+            wide = self._rows(single, torch.float64).copy_(single)
             square = wide.square_().sum(0)
             self.grad_sums[name] = self.grad_sums[name] + square if name in self.grad_sums else square
             self.grad_tokens[name] = self.grad_tokens.get(name, 0) + single.shape[0]

@@ -752,3 +752,25 @@ def test_padding_is_not_counted_in_the_statistics(kind):
         assert padded[name].tokens == stats.tokens
         torch.testing.assert_close(padded[name].gram, stats.gram)
         torch.testing.assert_close(padded[name].out_grad_sq, stats.out_grad_sq)
+
+
+def test_batches_of_many_lengths_keep_one_work_buffer_per_width(monkeypatch):
+    # a gradient buffer per batch length grew with every distinct length (rows of padded batches):
+    # with batches of 2..41 tokens it held 40 of them; now what the longest batch run twice needs
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    targets, _ = find_targets(model, CompressionConfig())
+    held = []
+    result = _Accumulator.result
+
+    def spy(self):
+        held.append(sum(b.numel() * b.element_size() for b in self._buffers.values()))
+        return result(self)
+
+    monkeypatch.setattr(_Accumulator, "result", spy)
+    batches = [
+        {"input_ids": torch.randint(0, 90, (1, n)), "labels": torch.randint(0, 90, (1, n))} for n in range(2, 42)
+    ]
+    collect_statistics(model, targets, batches, progress=False, output_gram=True)
+    collect_statistics(model, targets, batches[-1:] * 2, progress=False, output_gram=True)  # the sums' buffers too
+    assert held[0] == held[1]
