@@ -81,15 +81,16 @@ def calibration_batches(
     """
     kind = model_kind(model)
     device = device or next(model.parameters()).device
+    if kind == "causal-lm" and length < 2:  # one token predicts nothing: no loss, no gradient statistics
+        raise SvdloraError(
+            f"--calibration-length {length} is too short: a causal LM's windows need 2 or more tokens, "
+            "each scored on the next"
+        )
     if data == SELF:
         if kind != "causal-lm":
             raise SvdloraError(
                 f"{FLAG} self generates text, which needs a causal language model; this is {kind_article(kind)} model: "
                 f"pass {FLAG} DATA (text, sentences or an image folder) or {FLAG} none"
-            )
-        if length < 2:  # generation needs a new token after the BOS
-            raise SvdloraError(
-                f"{FLAG} self needs --calibration-length 2 or more (BOS and a generated token), got {length}"
             )
         batches = generate_text(
             model, processor, samples, min(SELF_LENGTH, length, _max_positions(model)), seed, progress

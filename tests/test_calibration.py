@@ -622,12 +622,16 @@ def test_self_calibration_of_an_image_model_is_refused_in_plain_words():
         svdlora.compress(TINY_MODELS["vit"]().eval(), budget=0.5, calibration="self", progress=False)
 
 
-def test_self_calibration_with_one_token_windows_is_refused_in_one_line():
-    """--calibration-length 1 left generation no token to write: an 'internal error' from generate."""
-    with pytest.raises(svdlora.SvdloraError, match="self needs --calibration-length 2 or more"):
-        svdlora.compress(
-            tiny_gpt2().eval(), CompressionConfig(budget=0.5, calibration_length=1), calibration="self", progress=False
-        )
+@pytest.mark.parametrize("data", ["self", "text"])
+def test_one_token_windows_of_a_causal_lm_are_refused_in_one_line(data, tmp_path):
+    """--calibration-length 1 left self-generation no token to write (an 'internal error' from
+    generate), and text windows no next token: zero gradients, so kfac/fisher silently became whiten."""
+    model, tok = word_gpt2(WORDS)
+    (tmp_path / "text.txt").write_text(word_text(WORDS))
+    data = "self" if data == "self" else str(tmp_path / "text.txt")
+    config = CompressionConfig(budget=0.5, calibration_length=1)
+    with pytest.raises(svdlora.SvdloraError, match="--calibration-length 1 is too short"):
+        svdlora.compress(model, config, calibration=data, processor=tok, progress=False)
 
 
 def test_calibration_data_errors_name_the_calibration_flag(monkeypatch):
