@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .calibration import MAX_OUTPUT_GRAM, LayerStats, collect_statistics
@@ -60,7 +61,7 @@ class CalibrationPlan:
     def describe(self) -> dict | None:
         if self.source is None:
             return None
-        tokens = sum(int(b["input_ids"].numel()) for b in self.batches if "input_ids" in b)
+        tokens = sum(_real_tokens(b) for b in self.batches if "input_ids" in b)
         return {
             "source": self.source,
             "batches": len(self.batches),
@@ -150,3 +151,9 @@ def plan_calibration(
     if config.refit and not refit:
         logger.warning("the refit pass is not run with method 'svd' (it refits to weighted statistics)")
     return CalibrationPlan(method, allocation, batches=batches, stats=stats, source=source, refit=refit)
+
+
+def _real_tokens(batch: dict) -> int:
+    """The input tokens of a batch, without its padding (the statistics skip it: ``calibration.unpadded``)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) else int(batch["input_ids"].numel())

@@ -778,3 +778,12 @@ def test_batches_of_many_lengths_keep_one_work_buffer_per_width(monkeypatch):
     collect_statistics(model, targets, batches, progress=False, output_gram=True)
     collect_statistics(model, targets, batches[-1:] * 2, progress=False, output_gram=True)  # the sums' buffers too
     assert held[0] == held[1]
+
+
+def test_the_report_counts_the_tokens_without_padding():
+    model, tok = word_gpt2(WORDS)
+    tok.pad_token = tok.pad_token or tok.unk_token
+    ids = tok([word_text(WORDS, 20), word_text(WORDS, 9)], return_tensors="pt", padding=True)
+    batches = [{**ids, "labels": ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)}]
+    report = svdlora.compress(model, CompressionConfig(budget=0.5), calibration=batches, progress=False)
+    assert report.to_dict()["calibration"]["tokens"] == int(ids["attention_mask"].sum()) < ids["input_ids"].numel()
