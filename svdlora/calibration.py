@@ -48,6 +48,29 @@ class LayerStats:
         return self.out_grad_sq is not None
 
 
+class SharedInputs:
+    """Which layer first read each input tensor of a batch: layers fed one tensor (q/k/v) share it.
+
+    A tensor is known by its address, shape and dtype, and held until ``clear``: freed, its memory
+    could come back within the batch as a later layer's input of the same shape and pass for the
+    same tensor (in a half-precision model the kept float32 copies do not hold it).
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[tuple, tuple[str, torch.Tensor]] = {}
+
+    def first(self, x: torch.Tensor, key: str) -> tuple[str, bool]:
+        """(the key recorded for ``x``: ``key`` if ``x`` is new in this batch, and whether it was)."""
+        identity = (x.data_ptr(), tuple(x.shape), x.dtype)
+        new = identity not in self._first
+        if new:
+            self._first[identity] = (key, x)
+        return self._first[identity][0], new
+
+    def clear(self) -> None:
+        self._first.clear()
+
+
 class _Accumulator:
     """Sums of x xᵀ (shared by layers fed the same tensor) and of g² per layer."""
 
@@ -61,9 +84,7 @@ class _Accumulator:
         self.tokens: dict[str, int] = {}
         self.grad_sums: dict[str, torch.Tensor] = {}
         self.grad_tokens: dict[str, int] = {}
-        # input tensor identity -> (Gram key, the tensor): holding the tensor stops its memory from
-        # being reused by a later layer's input within the batch, which would fake an identity match
-        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._inputs = SharedInputs()  # each input tensor's Gram key in this batch
         self.outputs: list[tuple[str, torch.Tensor]] = []
         # Work buffers reused per (shape, dtype): a float32 product added into a float64 sum
         # directly casts element by element (about twice the time of a copy and an add), and a
@@ -98,22 +119,18 @@ class _Accumulator:
         sums[key] += wide.copy_(product)
 
     def new_batch(self) -> None:
-        self._seen.clear()
+        self._inputs.clear()
         self.outputs.clear()
 
     def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         name = self.targets[module].name
         x = inputs[0].detach()
-        identity = (x.data_ptr(), tuple(x.shape), x.dtype)
-        key = self._seen.get(identity, (None, None))[0]
-        if key is None:
-            key = self.gram_owner.setdefault(name, name)
+        key, new = self._inputs.first(x, self.gram_owner.get(name, name))
+        self.gram_owner.setdefault(name, key)
+        if new:
             flat = x.reshape(-1, x.shape[-1]).float()
             self._add(self.gram_sums, key, self._gram(flat))  # float32 products per batch (fast)
             self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
-            self._seen[identity] = (key, x)
-        else:
-            self.gram_owner.setdefault(name, key)
         if self.gradients and output.requires_grad:
             self.outputs.append((name, output))
 

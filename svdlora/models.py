@@ -88,6 +88,9 @@ def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype | None) -> Callable[
     return lambda name: pattern.search(name) is not None
 
 
+_WARNED_NO_ARCHITECTURE: set[tuple] = set()  # (folder, architectures) already warned about
+
+
 def model_class(config: transformers.PretrainedConfig) -> type:
     """The transformers class named by ``config.architectures`` (AutoModel when it names none)."""
     for arch in config.architectures or []:
@@ -102,9 +105,6 @@ def model_class(config: transformers.PretrainedConfig) -> type:
             config.architectures,
         )
     return transformers.AutoModel
-
-
-_WARNED_NO_ARCHITECTURE: set[tuple] = set()
 
 
 def build_model(cls: type, config: transformers.PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:

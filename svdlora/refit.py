@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import SharedInputs
 from .methods import Weighting, factorize
 from .methods.weighting import INPUT_DAMPING, whitening
 
@@ -28,20 +29,16 @@ class _InputTap:
     def __init__(self) -> None:
         self.inputs: dict[str, torch.Tensor] = {}
         self.owner: dict[str, str] = {}  # layer -> the first layer that saw the same tensor
-        # identity -> (first layer, its input): holding the input keeps its address from being reused
-        # within the batch by a later layer's input of the same shape (in a half-precision model the
-        # kept float32 copy does not hold it), which would then pass for the same tensor
-        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._shared = SharedInputs()
 
     def clear(self) -> None:
         self.inputs.clear()
-        self._seen.clear()
+        self._shared.clear()
 
     def hook_for(self, name: str):
         def hook(module, inputs, output):
             x = inputs[0].detach()
-            identity = (x.data_ptr(), tuple(x.shape), x.dtype)
-            owner = self._seen.setdefault(identity, (name, x))[0]
+            owner, _ = self._shared.first(x, name)
             self.owner[name] = owner
             if owner == name:
                 self.inputs[name] = x.reshape(-1, x.shape[-1]).float()
