@@ -343,3 +343,20 @@ def test_a_config_without_architecture_is_warned_about_once_per_folder(caplog):
         with caplog.at_level("WARNING", logger="svdlora.models"):
             assert model_class(config) is transformers.AutoModel
         assert caplog.text.count("names no known architecture") == expected
+
+
+@pytest.mark.parametrize("pivot", [False, True])
+def test_merge_precision_benchmark_measures_what_the_loader_builds(pivot, tmp_path):
+    """benchmarks.merge_precision's 'rounded once' column is the error of load_compressed's merged bf16 weight."""
+    from benchmarks import merge_precision
+
+    _, out = compressed_folder("llama", tmp_path, pivot=pivot, submatrices=1)
+    results = merge_precision.main([str(out), "--dtype", "bfloat16"])
+    exact = load_compressed(out, device="cpu", merge=True).state_dict()
+    narrow = load_compressed(out, device="cpu", merge=True, dtype=torch.bfloat16).state_dict()
+    assert results
+    for name, row in results.items():
+        w = exact[f"{name}.weight"].double()
+        measured = ((narrow[f"{name}.weight"].double() - w).norm() / w.norm()).item()
+        assert row["product_rounded_once"] == pytest.approx(measured, rel=1e-3), name
+        assert row["factors_rounded_first"] > 0
