@@ -369,7 +369,7 @@ def load_compressed(
             model.get_submodule(name).stored = parts
     if runtime in (*AUTO_RUNTIMES, "pairs"):
         merged = {name for name, layout in apply_runtime(model, runtime).items() if layout == "merged"}
-        if merged and (target_dtype is not None or stored_dtypes):  # as merge=True: A·B from the stored factors
+        if merged and _merges_narrower(target_dtype, parse_dtype(data.get("dtype")), stored_dtypes, compute_dtype):
             with torch.no_grad():
                 for key, weight in read_state(
                     files, report, target_device, target_dtype, True, place,
@@ -379,3 +379,13 @@ def load_compressed(
     if stack_siblings:
         siblings.stack_siblings(model)
     return model.eval()
+
+
+def _merges_narrower(target_dtype, folder_dtype, stored_dtypes, compute_dtype) -> bool:
+    """Whether the factors in memory are narrower than those merge=True multiplies (cast to a
+    narrower dtype, or quantized stages dequantized below float32): the layers runtime="auto"
+    merges are then rebuilt from the stored factors, as merge=True builds them (A·B rounded once)."""
+    narrower = lambda dtype, than: dtype is not None and torch.promote_types(dtype, than) != dtype  # noqa: E731
+    if stored_dtypes and narrower(compute_dtype, torch.float32):
+        return True
+    return narrower(target_dtype, folder_dtype or torch.float64)  # an unknown stored dtype: read again

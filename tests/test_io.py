@@ -77,6 +77,26 @@ def test_layers_auto_merges_in_a_narrower_dtype_are_those_of_a_merged_load(optio
     assert all(torch.equal(t, merged[k]) for k, t in auto.state_dict().items())
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+@pytest.mark.parametrize("options", [{"pivot": True}, {"stage_dtypes": ["full-int4", "int8"]}])
+def test_auto_reads_the_folder_once_when_its_factors_are_not_narrowed(options, dtype, tmp_path, monkeypatch):
+    """The rebuild above is for factors narrower than the stored ones; in the stored dtype (or a
+    wider one) the merged layers in memory are already what merge=True builds, and the folder is
+    read once."""
+    import svdlora.io
+    import svdlora.runtime
+
+    _, out = compressed_folder("llama", tmp_path, **options)
+    monkeypatch.setattr(svdlora.runtime, "choose", lambda *args, **kwargs: "merged")
+    reads = []
+    read_state = svdlora.io.read_state
+    monkeypatch.setattr(svdlora.io, "read_state", lambda *a, **k: reads.append(k.get("only")) or read_state(*a, **k))
+    auto = load_compressed(out, device="cpu", dtype=dtype, runtime="auto")
+    assert reads == [None]
+    merged = load_compressed(out, device="cpu", dtype=dtype, merge=True).state_dict()
+    assert all(torch.equal(t, merged[k]) for k, t in auto.state_dict().items())
+
+
 def test_stages_are_stored_by_name_and_header_is_checked(tmp_path):
     _, out = compressed_folder("gpt2", tmp_path)
     with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
