@@ -217,6 +217,11 @@ def calibration_loss(outputs, batch: dict, generator: torch.Generator) -> torch.
     return (hidden.float() * direction).sum()
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model``'s batches have a target side (labels, decoder inputs) padded apart from the source."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def unpadded(batches: Iterable[dict], encoder_decoder: bool = False) -> list[dict]:
     """The batches with each padded one split into its rows without padding (``unpadded_rows``)."""
     return [row for batch in batches for row in unpadded_rows(batch, encoder_decoder)]
@@ -308,7 +313,7 @@ def collect_statistics(
     """
     accumulator = _Accumulator(targets, gradients, output_gram=gradients and output_gram)
     generator = torch.Generator().manual_seed(seed)
-    batches = unpadded(batches, bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)))
+    batches = unpadded(batches, is_encoder_decoder(model))
     if not batches:
         raise SvdloraError("calibration data is empty: pass a file with text, images or sentences")
     was_training = model.training

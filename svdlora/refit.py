@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import SharedInputs
+from .calibration import SharedInputs, is_encoder_decoder, unpadded
 from .methods import Weighting, factorize
 from .methods.weighting import INPUT_DAMPING, whitening
 
@@ -72,8 +72,11 @@ def collect_cross_statistics(
     """``{layer: (G̃, C)}`` (float64 means) for every layer in ``compressed``.
 
     ``model`` holds the compressed layers; for each batch the dense layers are swapped in for
-    one forward pass (no copy of the model is needed), then swapped out again.
+    one forward pass (no copy of the model is needed), then swapped out again. A padded batch runs
+    row by row without its padding (``calibration.unpadded``): padded positions are no tokens, as in
+    the first pass's statistics.
     """
+    batches = unpadded(batches, is_encoder_decoder(model))
     dense_tap, compressed_tap = _InputTap(), _InputTap()
     grams: dict[str, torch.Tensor] = {}
     cross: dict[str, torch.Tensor] = {}

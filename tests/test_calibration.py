@@ -19,7 +19,7 @@ from svdlora.config import CompressionConfig
 from svdlora.decompose import relative_error, residual_svd
 from svdlora.errors import SvdloraError
 from svdlora.heal import FINAL_LR_FRACTION, WARMUP_STEPS, heal, learning_rate
-from svdlora.layers import weight_out_in
+from svdlora.layers import LowRankLinear, weight_out_in
 from svdlora.methods import Weighting, factorize
 from svdlora.methods.weighting import whitening
 from svdlora.plan import auto_method, output_gram_bytes
@@ -730,13 +730,8 @@ def test_healed_quantized_model_in_memory_is_the_saved_one(tmp_path, caplog, sta
     assert "quantized again" not in caplog.text  # what the folder holds is what the model held
 
 
-@pytest.mark.parametrize("kind", ["marian", "llama"])
-def test_padding_is_not_counted_in_the_statistics(kind):
-    # a padded batch (translations of different lengths, or Python batches with a mask) gives the
-    # statistics of its sentences run one by one: padded positions are no tokens
-    torch.manual_seed(0)
-    model = (tiny_marian if kind == "marian" else tiny_llama)().eval()
-    targets, _ = find_targets(model, CompressionConfig())
+def _padded_and_rows(kind: str, model) -> tuple[dict, list[dict]]:
+    """Two sentences as one padded batch (a translator's targets padded with -100 too), and one by one."""
     long, short = torch.arange(5, 13)[None], torch.tensor([[12, 13, 7]])
     pad = model.config.pad_token_id or 0
     mask = torch.tensor([[1] * 8, [1] * 3 + [0] * 5])
@@ -749,6 +744,17 @@ def test_padding_is_not_counted_in_the_statistics(kind):
     else:
         batch["labels"] = batch["input_ids"].masked_fill(mask == 0, -100)
         rows[0]["labels"], rows[1]["labels"] = long, short
+    return batch, rows
+
+
+@pytest.mark.parametrize("kind", ["marian", "llama"])
+def test_padding_is_not_counted_in_the_statistics(kind):
+    # a padded batch (translations of different lengths, or Python batches with a mask) gives the
+    # statistics of its sentences run one by one: padded positions are no tokens
+    torch.manual_seed(0)
+    model = (tiny_marian if kind == "marian" else tiny_llama)().eval()
+    targets, _ = find_targets(model, CompressionConfig())
+    batch, rows = _padded_and_rows(kind, model)
     padded = collect_statistics(model, targets, [batch], progress=False)
     one_by_one = collect_statistics(model, targets, rows, progress=False)
     assert padded.keys() == one_by_one.keys()
@@ -756,6 +762,25 @@ def test_padding_is_not_counted_in_the_statistics(kind):
         assert padded[name].tokens == stats.tokens
         torch.testing.assert_close(padded[name].gram, stats.gram)
         torch.testing.assert_close(padded[name].out_grad_sq, stats.out_grad_sq)
+
+
+@pytest.mark.parametrize("kind", ["marian", "llama"])
+def test_padding_is_not_counted_in_the_refit_statistics(kind):
+    # the refit pass ran padded batches as they were: its G̃ and C took in the padded positions'
+    # activations (the first pass's statistics already left them out)
+    torch.manual_seed(0)
+    dense = (tiny_marian if kind == "marian" else tiny_llama)().eval()
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.5, progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    originals = {n: dense.get_submodule(n) for n in layers}
+    batch, rows = _padded_and_rows(kind, model)
+    padded = collect_cross_statistics(model, originals, layers, [batch], progress=False)
+    one_by_one = collect_cross_statistics(model, originals, layers, rows, progress=False)
+    assert padded.keys() == one_by_one.keys() == layers.keys()
+    for name, (gram, cross) in one_by_one.items():
+        torch.testing.assert_close(padded[name][0], gram, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(padded[name][1], cross, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_batches_of_many_lengths_keep_one_work_buffer_per_width(monkeypatch):
