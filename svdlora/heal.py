@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import is_encoder_decoder
 from .errors import SvdloraError
 from .layers import LowRankLinear
 from .siblings import is_stacked
@@ -50,6 +51,17 @@ def _logits(outputs) -> torch.Tensor:
             raise SvdloraError("healing needs a model that returns logits or hidden states")
         return hidden
     return logits
+
+
+def _distill_inputs(model: nn.Module, batch: dict) -> dict:
+    """``batch`` without its labels (distillation needs none); an encoder-decoder's decoder is fed
+    them shifted right instead, as the model does itself when given labels, where the batch has
+    no decoder inputs (a translator's calibration batches: source, mask and labels)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch.get("labels")
+    if labels is not None and "decoder_input_ids" not in batch and is_encoder_decoder(model):
+        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    return inputs
 
 
 def _distill_loss(student_out, teacher_out, batch: dict) -> torch.Tensor:
@@ -131,9 +143,10 @@ def heal(
             if step >= steps or (seconds is not None and time.perf_counter() - start >= seconds):
                 break
             if loss == "distill":
+                inputs = _distill_inputs(model, batch)
                 with torch.no_grad():
-                    target = teacher(**{k: v for k, v in batch.items() if k != "labels"})
-                out = model(**{k: v for k, v in batch.items() if k != "labels"})
+                    target = teacher(**inputs)
+                out = model(**inputs)
                 value = _distill_loss(out, target, batch)
             else:
                 value = model(**batch).loss

@@ -783,6 +783,18 @@ def test_padding_is_not_counted_in_the_refit_statistics(kind):
         torch.testing.assert_close(padded[name][1], cross, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_distillation_heals_a_translator():
+    # distillation dropped the labels, a translator's batches' only decoder input (source, mask and
+    # labels): healing a Marian model stopped at its first step ("You cannot specify both
+    # decoder_input_ids and decoder_inputs_embeds", though neither was given)
+    torch.manual_seed(0)
+    model = tiny_marian().eval()
+    batch, _ = _padded_and_rows("marian", model)
+    report = svdlora.compress(model, budget=0.5, calibration=[batch], heal_steps=2, progress=False)
+    assert report.heal["loss"] == "distill" and report.heal["steps"] == 2
+    assert 0 < report.heal["first_loss"] < math.inf
+
+
 def test_batches_of_many_lengths_keep_one_work_buffer_per_width(monkeypatch):
     # a gradient buffer per batch length grew with every distinct length (rows of padded batches):
     # with batches of 2..41 tokens it held 40 of them; now what the longest batch run twice needs
