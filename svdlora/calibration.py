@@ -227,6 +227,22 @@ def unpadded(batches: Iterable[dict], encoder_decoder: bool = False) -> list[dic
     return [row for batch in batches for row in unpadded_rows(batch, encoder_decoder)]
 
 
+def padding_masks(batch: dict, encoder_decoder: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(source mask, target mask) of ``batch``: 2-D, 1 at real tokens, or None where it has none.
+
+    The source mask is ``attention_mask``; the target mask, for an encoder-decoder, is
+    ``decoder_attention_mask`` or else the labels that are not -100 (padding after the target).
+    """
+    mask = batch.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    labels = batch.get("labels")
+    target_mask = batch.get("decoder_attention_mask")
+    if target_mask is None and encoder_decoder and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        target_mask = (labels != -100).long()
+    target_mask = target_mask if isinstance(target_mask, torch.Tensor) and target_mask.dim() == 2 else None
+    return mask, target_mask
+
+
 def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
     """``batch`` as one batch per row with its padding cut off, or ``[batch]`` where nothing is padded.
 
@@ -236,17 +252,13 @@ def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
     ``attention_mask``, and for an encoder-decoder from ``decoder_attention_mask`` or the -100
     labels after the last target token; the loss is a sum, so each real token gets the same gradient.
     """
-    mask = batch.get("attention_mask")
-    labels = batch.get("labels")
-    target_mask = batch.get("decoder_attention_mask")
-    if target_mask is None and encoder_decoder and isinstance(labels, torch.Tensor) and labels.dim() == 2:
-        target_mask = (labels != -100).long()
-    padded = [m for m in (mask, target_mask) if isinstance(m, torch.Tensor) and m.dim() == 2 and not m.bool().all()]
+    mask, target_mask = padding_masks(batch, encoder_decoder)
+    padded = [m for m in (mask, target_mask) if m is not None and not m.bool().all()]
     if not padded:
         return [batch]
     rows = []
     for i in range(padded[0].shape[0]):
-        source = mask[i].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        source = mask[i].bool() if mask is not None else None
         if source is not None and not source.any():
             continue  # a row of padding only
         # the target is cut after its last real token (positions before it stay: the decoder is causal)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import is_encoder_decoder
+from .calibration import is_encoder_decoder, padding_masks
 from .errors import SvdloraError
 from .layers import LowRankLinear
 from .siblings import is_stacked
@@ -64,15 +64,36 @@ def _distill_inputs(model: nn.Module, batch: dict) -> dict:
     return inputs
 
 
-def _distill_loss(student_out, teacher_out, batch: dict) -> torch.Tensor:
+def _real_positions(model: nn.Module, batch: dict) -> torch.Tensor | None:
+    """1 at the real tokens of the positions the loss is taken at (a decoder's for an encoder-decoder,
+    else the input's), 0 at padding (``calibration.padding_masks``); None where nothing says."""
+    encoder_decoder = is_encoder_decoder(model)
+    source, target = padding_masks(batch, encoder_decoder)
+    return target if encoder_decoder else source
+
+
+def _distill_loss(student_out, teacher_out, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean over the real positions (``mask``, where it fits) of the per-token KL divergence, or of
+    a bare encoder's squared hidden-state error: padding is no token to match."""
     student, teacher = _logits(student_out).float(), _logits(teacher_out).float()
     if getattr(student_out, "logits", None) is None:  # bare encoder: match the hidden states
-        return F.mse_loss(student, teacher)
-    mask = batch.get("attention_mask")
-    per_token = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+        per_token = (student - teacher).square().mean(-1)
+    else:
+        log_p, log_q = student.log_softmax(-1), teacher.log_softmax(-1)
+        per_token = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
     if mask is not None and mask.shape == per_token.shape:
+        mask = mask.to(per_token.dtype)
         return (per_token * mask).sum() / mask.sum().clamp_min(1)
     return per_token.mean()
+
+
+def _lm_batch(batch: dict, mask: torch.Tensor | None) -> dict:
+    """``batch`` with its labels -100 (ignored by the model's loss) at padding, which the model
+    would otherwise predict like a token (labels that are the input ids, padding included)."""
+    labels = batch["labels"]
+    if mask is None or mask.shape != labels.shape:
+        return batch
+    return {**batch, "labels": labels.masked_fill(mask.to(labels.device) == 0, -100)}
 
 
 def learning_rate(peak: float, step: int, steps: int, elapsed: float, seconds: float | None) -> float:
@@ -147,9 +168,9 @@ def heal(
                 with torch.no_grad():
                     target = teacher(**inputs)
                 out = model(**inputs)
-                value = _distill_loss(out, target, batch)
+                value = _distill_loss(out, target, _real_positions(model, batch))
             else:
-                value = model(**batch).loss
+                value = model(**_lm_batch(batch, _real_positions(model, batch))).loss
             if not torch.isfinite(value):
                 raise SvdloraError(f"healing diverged at step {step} (loss {value.item()}): lower --heal-lr")
             optimizer.zero_grad(set_to_none=True)

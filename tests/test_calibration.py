@@ -792,7 +792,36 @@ def test_distillation_heals_a_translator():
     batch, _ = _padded_and_rows("marian", model)
     report = svdlora.compress(model, budget=0.5, calibration=[batch], heal_steps=2, progress=False)
     assert report.heal["loss"] == "distill" and report.heal["steps"] == 2
-    assert 0 < report.heal["first_loss"] < math.inf
+    assert math.isfinite(report.heal["first_loss"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "loss"),
+    [("llama", "lm"), ("llama", "distill"), ("marian", "lm"), ("marian", "distill"), ("bert", "distill")],
+)
+def test_padding_is_not_counted_in_the_healing_loss(kind, loss):
+    # healing's loss on a padded batch is the mean over its sentences' tokens, as if run one by one:
+    # the padding of labels that are the input ids (as Python batches often are), a translator's
+    # padded targets under distillation, and a bare encoder's padded hidden states counted as tokens
+    torch.manual_seed(0)
+    dense = {"llama": tiny_llama, "marian": tiny_marian, "bert": lambda: tiny_bert().bert}[kind]().eval()
+    with torch.no_grad():  # sharper outputs: at the tiny models' initial scale a translator's KL (1e-6)
+        for layer in dense.modules():  # is in float round-off
+            if isinstance(layer, nn.Linear):
+                layer.weight.mul_(4)
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.5, progress=False)
+    batch, rows = _padded_and_rows(kind, model)
+    if kind != "marian":
+        batch["labels"] = batch["input_ids"]  # padding included: the mask says which tokens are real
+
+    def first_loss(b: dict) -> float:
+        return heal(copy.deepcopy(model), [b], steps=1, teacher=dense, loss=loss, progress=False).first_loss
+
+    # the loss's positions per sentence: its targets (a causal LM's first token is predicted by none)
+    positions = [r["labels"].shape[1] - (kind == "llama" and loss == "lm") for r in rows]
+    expected = sum(n * first_loss(r) for n, r in zip(positions, rows, strict=True)) / sum(positions)
+    assert first_loss(batch) == pytest.approx(expected, rel=1e-4)  # 6e-6 apart at most, measured
 
 
 def test_batches_of_many_lengths_keep_one_work_buffer_per_width(monkeypatch):
