@@ -234,6 +234,22 @@ def test_a_relative_base_is_recorded_by_its_absolute_path(tmp_path, capsys, monk
     assert config["base_model_name_or_path"] == "org/name"  # a hub id: as given
 
 
+def test_a_relative_tuned_is_recorded_by_its_absolute_path(tmp_path, capsys, monkeypatch):
+    """`--tuned ./tuned` was recorded as typed in svdlora_adapter.json and the card, while --base was made
+    absolute: the record named a folder that exists only from that working directory."""
+    base, tuned = _pair(tiny_llama)
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", "--base", "base", "--tuned", "tuned", "--rank", "2", "-o", "adapter", "--no-progress"]) == 0
+    record = json.loads((tmp_path / "adapter" / "svdlora_adapter.json").read_text())
+    assert record["tuned_model"] == str((tmp_path / "tuned").resolve())
+    assert f"`{(tmp_path / 'tuned').resolve()}`" in (tmp_path / "adapter" / "README.md").read_text()
+    write_adapter(base, tuned, tmp_path / "hub", rank=2, tuned_name="org/tuned", progress=False)
+    record = json.loads((tmp_path / "hub" / "svdlora_adapter.json").read_text())
+    assert record["tuned_model"] == "org/tuned"  # a hub id: as given
+
+
 def _cli_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -137,9 +137,9 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
     return output
 
 
-def _base_reference(name: str | None) -> str | None:
-    """The base as the adapter records it: a local folder by its absolute path (a relative one would load
-    only from the folder it was typed in); a hub id ('gpt2', 'org/name') as given."""
+def _model_reference(name: str | None) -> str | None:
+    """A model (base or tuned) as the adapter records it: a local folder by its absolute path (a relative one
+    would be found only from the folder it was typed in); a hub id ('gpt2', 'org/name') as given."""
     if name is None:
         return None
     path = Path(name).expanduser()
@@ -207,8 +207,8 @@ def write_adapter(
         >>> write_adapter(base, tuned, "out/adapter", budget=0.1, calibration="train.txt", processor=tok)
     """
     require_peft()
-    base_name = _base_reference(base_name or getattr(getattr(base, "config", None), "name_or_path", None) or None)
-    tuned_name = tuned_name or getattr(getattr(tuned, "config", None), "name_or_path", None) or None
+    base_name = _model_reference(base_name or getattr(getattr(base, "config", None), "name_or_path", None) or None)
+    tuned_name = _model_reference(tuned_name or getattr(getattr(tuned, "config", None), "name_or_path", None) or None)
     inputs = [base_name, tuned_name]  # never into, over or around the models' folders
     check_output_folder(output, overwrite, inputs)  # before the extraction
     extraction = extract_adapter(
