@@ -164,6 +164,21 @@ def check_pair(base: nn.Module, tuned: nn.Module) -> None:
             )
 
 
+def check_dtypes(base: nn.Module, tuned: nn.Module) -> None:
+    """The loaded pair must hold each floating tensor in one dtype: a float32 base and a bfloat16 fine-tune
+    differ in every tensor by the rounding, which the delta (and whole untouched embeddings) would carry.
+    Not part of ``check_pair``, which also compares skeletons built on the meta device in a default dtype."""
+    tuned_state = tuned.state_dict()
+    for key, tensor in base.state_dict().items():
+        other = tuned_state[key]
+        if tensor.is_floating_point() and other.is_floating_point() and tensor.dtype != other.dtype:
+            raise SvdloraError(
+                f"tensor {key!r} is {tensor.dtype} in base and {other.dtype} in tuned: the delta would carry the "
+                "rounding between them; load both in one dtype (--dtype, or dtype= in from_pretrained), the one the "
+                "fine-tune ran in"
+            )
+
+
 def _vocabulary_size(model: nn.Module) -> int | None:
     """Rows of the input embedding; None for a model without one (transformers raises NotImplementedError
     for models such as ResNet, whose input is pixels)."""
@@ -227,6 +242,7 @@ def extract_adapter(
     method = resolve_method(method or config.method, calibration, config)
     start = time.perf_counter()
     check_pair(base, tuned)
+    check_dtypes(base, tuned)
     # parameters and persistent buffers, as the checkpoint holds them: a fine-tune moves BatchNorm's
     # running statistics too, and base + adapter computes with them (their module is then saved whole)
     base_state = base.state_dict(keep_vars=True)
@@ -339,4 +355,13 @@ def resolve_method(method: str, calibration: Any, config: CompressionConfig) -> 
     return method
 
 
-__all__ = ["CALIBRATED", "METHODS", "Extraction", "LoraModule", "check_pair", "extract_adapter", "resolve_method"]
+__all__ = [
+    "CALIBRATED",
+    "METHODS",
+    "Extraction",
+    "LoraModule",
+    "check_dtypes",
+    "check_pair",
+    "extract_adapter",
+    "resolve_method",
+]
