@@ -1,0 +1,125 @@
+"""`svdlora convert-gguf` on real GGUF files, written here with `gguf.GGUFWriter` the way llama.cpp's
+converter writes a Llama: its tensor names, q/k rows permuted for its rotary layout, a byte-level BPE
+tokenizer in the file's metadata, and no `output.weight` where the head is tied to the embedding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from svdlora.cli import main
+
+gguf = pytest.importorskip("gguf")
+
+TEXT = "the cat sat on the mat"
+
+
+def _llama(vocab_size: int, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab_size, max_position_embeddings=64, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+        rms_norm_eps=1e-5, tie_word_embeddings=tied,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's rotary layout for q/k rows (its converter's `permute`; transformers undoes it)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, tied: bool, quant: str) -> torch.nn.Module:
+    """A real 2-layer Llama GGUF at ``path`` (matrices in ``quant``: "F32" or "Q8_0"); returns its model."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = [*bytes_to_unicode().values(), "Ġt", "he", "<|endoftext|>"]
+    model = _llama(len(tokens), tied)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if quant == "F32" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - 1) + [gguf.TokenType.CONTROL])
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for key, tensor in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue  # llama.cpp writes no output.weight for a tied head
+        w = tensor.numpy()
+        if key.endswith("q_proj.weight"):
+            w = _permute(w, cfg.num_attention_heads)
+        elif key.endswith("k_proj.weight"):
+            w = _permute(w, cfg.num_key_value_heads)
+        name = names.get_name(key, try_suffixes=(".weight",))
+        if quant == "Q8_0" and w.ndim == 2:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(name, gguf.quants.quantize(w, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize(("tied", "quant"), [(False, "Q8_0"), (True, "F32")])
+def test_convert_gguf_of_a_real_file_loads_as_transformers_reads_it_and_compresses(tmp_path, capsys, tied, quant):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (tmp_path / "gguf").mkdir()
+    gguf_file = tmp_path / "gguf" / "tiny.gguf"
+    reference = write_gguf(gguf_file, tied, quant)
+    out = tmp_path / "out"
+    assert main(["convert-gguf", str(gguf_file), "-o", str(out)]) == 0, capsys.readouterr().err
+
+    direct = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    folder = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = gguf_tokenizer(TEXT, return_tensors="pt").input_ids
+    assert tokenizer(TEXT).input_ids == ids[0].tolist()
+    assert folder.dtype == torch.float32 and folder.config.tie_word_embeddings == tied
+    if tied:
+        # transformers 5.24 leaves lm_head of a GGUF without output.weight untied (its own
+        # initialization): the folder is compared with the model the file was written from
+        assert torch.equal(folder.lm_head.weight, folder.model.embed_tokens.weight)
+        assert torch.allclose(logits(folder, ids), logits(reference, ids), atol=1e-6)
+    else:
+        assert torch.equal(logits(folder, ids), logits(direct.eval(), ids))  # the same dequantized weights
+        assert torch.allclose(logits(folder, ids), logits(reference, ids), atol=0.05)  # Q8_0 round-off only
+
+    for name, extra in (("in-memory", []), ("streamed", ["--stream", "--max-shard-size", "20KB"])):
+        svd = tmp_path / name
+        args = ["compress", str(out), "-o", str(svd), "--calibration", "none", "--no-progress", *extra]
+        assert main(args) == 0, capsys.readouterr().err
+        assert (svd / "tokenizer.json").is_file()
+    import svdlora
+
+    streamed = svdlora.load_compressed(tmp_path / "streamed")
+    in_memory = svdlora.load_compressed(tmp_path / "in-memory")
+    assert torch.allclose(logits(streamed, ids), logits(in_memory, ids), atol=1e-5)
