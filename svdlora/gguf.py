@@ -32,7 +32,7 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
     check_output_folder(output, overwrite, inputs=[gguf_file])  # before the slow dequantization
     kwargs = {"gguf_file": gguf_file.name}
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **_unpacked(), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:
         raise SvdloraError(
@@ -40,6 +40,12 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
             "check that it is a complete GGUF checkpoint of a model transformers supports"
         ) from None
     state = model.state_dict()
+    packed = next((k for k, v in state.items() if not v.is_floating_point()), None)
+    if packed is not None:  # a folder of GGUF blocks under the dense names would load as nonsense or not at all
+        raise SvdloraError(
+            f"GGUF file {str(gguf_file)!r}: transformers kept {packed} as {state[packed].dtype} blocks instead of "
+            "float values: upgrade or downgrade transformers to one that dequantizes GGUF files"
+        )
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # re-tied from the input embedding at load time
     with atomic_folder(output, overwrite=overwrite, inputs=[gguf_file]) as tmp:
@@ -52,3 +58,14 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(output)
+
+
+def _unpacked() -> dict:
+    """``from_pretrained`` arguments that unpack every GGUF block into floats. transformers >= 5 keeps
+    quantized weights packed (uint8 blocks in ``GgufLinear``) for some architectures wherever a GGUF
+    matmul kernel is installed; older versions always dequantize and have no ``GgufConfig``."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}

@@ -123,3 +123,41 @@ def test_convert_gguf_of_a_real_file_loads_as_transformers_reads_it_and_compress
     streamed = svdlora.load_compressed(tmp_path / "streamed")
     in_memory = svdlora.load_compressed(tmp_path / "in-memory")
     assert torch.allclose(logits(streamed, ids), logits(in_memory, ids), atol=1e-5)
+
+
+def test_convert_gguf_dequantizes_where_transformers_would_keep_the_blocks_packed(tmp_path, capsys, monkeypatch):
+    """With a GGUF matmul kernel at hand (the `kernels` package and a published kernel for the device)
+    transformers keeps quantized weights as uint8 blocks in `GgufLinear`: the folder must still hold floats."""
+    quantizer = pytest.importorskip("transformers.quantizers.quantizer_gguf")
+
+    class Kernel:  # what get_gguf_kernel resolves where a kernel is published: it supports every type
+        def supports(self, ggml_type):
+            return True
+
+    monkeypatch.setattr(quantizer, "get_gguf_kernel", lambda: Kernel())
+    # transformers 5.24 packs only qwen35, qwen35moe and lfm2 so far: let it take llama's names too
+    from transformers.integrations.gguf import gguf_conversion_mapping as mapping
+
+    norms = [mapping.WeightRenaming(r"\.attn_norm\.", ".input_layernorm."),
+             mapping.WeightRenaming(r"\.ffn_norm\.", ".post_attention_layernorm."),
+             mapping.WeightRenaming(r"^output_norm\.", "model.norm.")]  # fmt: skip
+    monkeypatch.setitem(mapping.GGUF_ARCHS, "llama", lambda config: mapping.DENSE_DECODER_RENAMINGS + norms)
+    (tmp_path / "gguf").mkdir()
+    gguf_file = tmp_path / "gguf" / "tiny.gguf"
+    reference = write_gguf(gguf_file, tied=False, quant="Q8_0")
+    assert main(["convert-gguf", str(gguf_file), "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert tensors["model.layers.0.mlp.up_proj.weight"].shape == reference.model.layers[0].mlp.up_proj.weight.shape
+
+    # and a transformers that packs them regardless is refused in one line, before anything is written
+    import svdlora.gguf
+
+    monkeypatch.setattr(svdlora.gguf, "_unpacked", dict)
+    capsys.readouterr()
+    assert main(["convert-gguf", str(gguf_file), "-o", str(tmp_path / "packed")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "svdlora" in line]  # not transformers' bars
+    assert len(err) == 1 and "as torch.uint8 blocks instead of float values" in err[0], err
+    assert not (tmp_path / "packed").exists()
