@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .outputs import write_file_atomic
+from .report import budget_text
 from .version import __version__
 
 CARD_NAME = "README.md"
@@ -126,7 +127,7 @@ def compressed_card(
         ("base model", f"`{base_model}`"),
         ("method", _method_text(report)),
         ("calibration", _calibration_source(report)),
-        ("budget", f"{config.get('budget')}" + (f" (fixed rank {config['rank']})" if config.get("rank") else "")),
+        ("budget", budget_text(config)),
         ("factorized matrices", f"{len(fac)} of {len(report.modules)} Linear/Conv1D layers"),
         ("factorized params before / after", f"{before:,} / {after:,}"),
         ("model params before / after", f"{report.model_params_before:,} / {report.model_params_after:,}"),
@@ -182,7 +183,7 @@ def dense_export_card(source_folder: str, data: dict) -> str:
         ("tool", f"svdlora {__version__}"),
         ("exported from", f"`{source_folder}` (svdlora {data.get('svdlora_version')})"),
         ("base model", f"`{base}`"),
-        ("budget / submatrices", f"{config.get('budget')} / {config.get('submatrices')}"),
+        ("budget / submatrices", f"{budget_text(config)} / {config.get('submatrices')}"),
         ("model params of the factorized form", f"{report.get('model_params_after', 0):,}"),
         ("format", "dense: every A·B merged back into a plain weight (no size saving on disk)"),
     ]  # fmt: skip

@@ -93,8 +93,7 @@ class CompressionReport:
         rows = [
             (
                 "budget / submatrices",
-                f"{self.config.get('budget')} / {self.config.get('submatrices')}"
-                + (f" (fixed rank {self.config['rank']})" if self.config.get("rank") else "")
+                f"{budget_text(self.config)} / {self.config.get('submatrices')}"
                 + (" (of the targeted matrices' bytes: --stage-dtypes)" if in_bytes else "")
                 + (f" (ranks of {multiple} or more rounded to multiples of {multiple})" if multiple > 1 else ""),
             ),
@@ -186,6 +185,12 @@ class CompressionReport:
                 else:
                     lines.append(f"{m.name:<{name_w}}  {shape:>11}  dense: {m.dense_reason}")
         return "\n".join(lines)
+
+
+def budget_text(config: dict) -> str:
+    """The budget a run used: none where a fixed rank set the ranks (the budget in the config, its
+    default, was not applied: ``--rank`` and ``--budget`` exclude each other)."""
+    return f"none (fixed rank {config['rank']})" if config.get("rank") else f"{config.get('budget')}"
 
 
 _ALLOCATION_WHY = {

@@ -215,3 +215,16 @@ def test_convert_gguf_writes_its_weights_as_the_umask_allows(tmp_path, monkeypat
     assert run_cli(capsys, "convert-gguf", tmp_path / "m.gguf", "-o", tmp_path / "out")[0] == 0
     modes = file_modes(tmp_path / "out")
     assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
+def test_a_fixed_rank_is_shown_as_such_not_as_the_unused_default_budget(gpt2_folder, tmp_path, capsys):
+    """--rank ignores the budget, yet info and the card said 'budget 0.5 (fixed rank 4)' (the default, never
+    applied) and the dense export's card '0.5 / 1', the rank left out."""
+    out, dense = tmp_path / "svd", tmp_path / "dense"
+    assert run_cli(capsys, "compress", gpt2_folder, "-o", out, "--rank", "4", "--calibration", "none")[0] == 0
+    code, text, _ = run_cli(capsys, "info", out, "--summary")
+    row = next(line for line in text.splitlines() if line.startswith("budget / submatrices"))
+    assert code == 0 and row.endswith("  none (fixed rank 4) / 1"), row
+    assert "| budget | none (fixed rank 4) |" in (out / "README.md").read_text()
+    assert run_cli(capsys, "export", out, "--dense", "-o", dense, "--no-progress")[0] == 0
+    assert "| budget / submatrices | none (fixed rank 4) / 1 |" in (dense / "README.md").read_text()
