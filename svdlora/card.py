@@ -8,6 +8,7 @@ beside it (``svdlora_config.json``, ``adapter_config.json`` + ``svdlora_adapter.
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def render(
     """The card's text: YAML front matter for the Hub, then the settings table, eval and usage."""
     front = ["---", f"library_name: {library}", f"tags: [{', '.join(tags)}]"]
     if base_model:
-        front.append(f"base_model: {base_model}")
+        front.append(f"base_model: {_yaml_value(str(base_model))}")
     front.append("---")
     body = [
         f"# {title}",
@@ -105,6 +106,19 @@ def render(
     if usage:
         body += ["", "## Use", "", "```python", usage.strip(), "```"]
     return "\n".join(front + body) + "\n"
+
+
+def _yaml_value(text: str) -> str:
+    """``text`` as a YAML string: plain where it reads back as itself (a hub id, most paths), else
+    double-quoted (JSON's escapes are YAML's): a base path holding ': ' broke the whole front matter,
+    and one holding ' #' lost its end, for the Hub and every card reader."""
+    import yaml  # a dependency of transformers and huggingface_hub
+
+    try:
+        plain = yaml.safe_load(f"value: {text}") == {"value": text}
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else json.dumps(text)
 
 
 def write(folder: Path, text: str) -> Path:

@@ -228,3 +228,19 @@ def test_a_fixed_rank_is_shown_as_such_not_as_the_unused_default_budget(gpt2_fol
     assert "| budget | none (fixed rank 4) |" in (out / "README.md").read_text()
     assert run_cli(capsys, "export", out, "--dense", "-o", dense, "--no-progress")[0] == 0
     assert "| budget / submatrices | none (fixed rank 4) / 1 |" in (dense / "README.md").read_text()
+
+
+def test_the_card_front_matter_stays_yaml_whatever_the_base_path(tmp_path, capsys):
+    """base_model was written unquoted: a base folder named 'base: v2 #1' made the card's front matter
+    invalid YAML (no card reader, the Hub included, could parse it)."""
+    import yaml
+
+    base = tmp_path / "base: v2 #1"
+    torch.manual_seed(0)
+    tiny_gpt2().save_pretrained(base)
+    out, dense = tmp_path / "svd", tmp_path / "dense"
+    assert run_cli(capsys, "compress", base, "-o", out, "--calibration", "none", "--no-progress")[0] == 0
+    assert run_cli(capsys, "export", out, "--dense", "-o", dense, "--no-progress")[0] == 0
+    for folder in (out, dense):
+        front = (folder / "README.md").read_text().split("---\n")[1]
+        assert yaml.safe_load(front)["base_model"] == str(base)
