@@ -244,3 +244,36 @@ def test_the_card_front_matter_stays_yaml_whatever_the_base_path(tmp_path, capsy
     for folder in (out, dense):
         front = (folder / "README.md").read_text().split("---\n")[1]
         assert yaml.safe_load(front)["base_model"] == str(base)
+
+
+def test_dense_export_of_an_encoder_decoder_with_a_factorized_head_keeps_its_embeddings(tmp_path, capsys):
+    """With --compress-head the config says tie_word_embeddings=False, which in transformers 5 also stops
+    Marian tying encoder/decoder embed_tokens to shared: the export wrote shared only, and the dense model
+    loaded them randomly initialized. A tied model still writes its embedding once."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from svdlora import load_compressed
+
+    from .conftest import example_inputs, tiny_marian
+
+    torch.manual_seed(0)
+    tiny_marian().save_pretrained(tmp_path / "marian")
+    out, dense = tmp_path / "svd", tmp_path / "dense"
+    args = ["--calibration", "none", "--no-progress"]
+    assert run_cli(capsys, "compress", tmp_path / "marian", "-o", out, "--compress-head", *args)[0] == 0
+    assert run_cli(capsys, "export", out, "--dense", "-o", dense, "--no-progress")[0] == 0
+    inputs = example_inputs("marian")
+    with torch.no_grad():
+        want = load_compressed(out, merge=True)(**inputs).logits
+        got = AutoModelForSeq2SeqLM.from_pretrained(dense)(**inputs).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+    torch.manual_seed(0)
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    assert run_cli(capsys, "compress", tmp_path / "gpt2", "-o", tmp_path / "g", *args)[0] == 0
+    assert run_cli(capsys, "export", tmp_path / "g", "--dense", "-o", tmp_path / "gd", "--no-progress")[0] == 0
+    with safe_open(str(tmp_path / "gd" / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()  # tied to wte: written once
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gd")
+    assert model.lm_head.weight is model.transformer.wte.weight
