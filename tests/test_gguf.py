@@ -17,13 +17,26 @@ gguf = pytest.importorskip("gguf")
 TEXT = "the cat sat on the mat"
 
 
-def _llama(vocab_size: int, tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tokens() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return [*bytes_to_unicode().values(), "Ġt", "he", "<|endoftext|>"]
+
+
+def _model(arch: str, tied: bool):
+    """A tiny model of ``arch`` ("llama", or "gpt2": Conv1D layers, tied head, 1024 positions because
+    transformers maps a GPT-2 GGUF's context length to n_ctx, not n_positions)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    vocab = len(_tokens())
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=vocab, n_positions=1024,
+                            bos_token_id=vocab - 1, eos_token_id=vocab - 1)  # fmt: skip
+        return GPT2LMHeadModel(config).eval()
     config = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=vocab_size, max_position_embeddings=64, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+        vocab_size=vocab, max_position_embeddings=64, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
         rms_norm_eps=1e-5, tie_word_embeddings=tied,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
@@ -34,24 +47,37 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, tied: bool, quant: str) -> torch.nn.Module:
-    """A real 2-layer Llama GGUF at ``path`` (matrices in ``quant``: "F32" or "Q8_0"); returns its model."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+def _gguf_tensor(arch: str, key: str, w: np.ndarray, cfg) -> np.ndarray:
+    """A state-dict tensor as llama.cpp's converter stores it."""
+    if arch == "gpt2" and key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+        return w.T.copy()  # Conv1D (in, out) -> ggml's (out, in)
+    if key.endswith("q_proj.weight"):
+        return _permute(w, cfg.num_attention_heads)
+    if key.endswith("k_proj.weight"):
+        return _permute(w, cfg.num_key_value_heads)
+    return w
 
-    tokens = [*bytes_to_unicode().values(), "Ġt", "he", "<|endoftext|>"]
-    model = _llama(len(tokens), tied)
+
+def write_gguf(path: Path, tied: bool, quant: str, arch: str = "llama") -> torch.nn.Module:
+    """A real 2-layer GGUF at ``path`` (matrices in ``quant``: "F32" or "Q8_0"); returns its model."""
+    tokens = _tokens()
+    model = _model(arch, tied)
     cfg = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_rope_freq_base(10000.0)
     writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "gpt2":
+        writer.add_feed_forward_length(4 * cfg.hidden_size)
+        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    else:
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+        writer.add_rope_freq_base(10000.0)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if quant == "F32" else gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -60,16 +86,12 @@ def write_gguf(path: Path, tied: bool, quant: str) -> torch.nn.Module:
     writer.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - 1) + [gguf.TokenType.CONTROL])
     writer.add_bos_token_id(len(tokens) - 1)
     writer.add_eos_token_id(len(tokens) - 1)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2 if arch == "gpt2" else gguf.MODEL_ARCH.LLAMA, 2)
     for key, tensor in model.state_dict().items():
         if tied and key == "lm_head.weight":
             continue  # llama.cpp writes no output.weight for a tied head
-        w = tensor.numpy()
-        if key.endswith("q_proj.weight"):
-            w = _permute(w, cfg.num_attention_heads)
-        elif key.endswith("k_proj.weight"):
-            w = _permute(w, cfg.num_key_value_heads)
-        name = names.get_name(key, try_suffixes=(".weight",))
+        w = _gguf_tensor(arch, key, tensor.numpy(), cfg)
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if quant == "Q8_0" and w.ndim == 2:
             q8 = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(name, gguf.quants.quantize(w, q8), raw_dtype=q8)
@@ -87,13 +109,15 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-@pytest.mark.parametrize(("tied", "quant"), [(False, "Q8_0"), (True, "F32")])
-def test_convert_gguf_of_a_real_file_loads_as_transformers_reads_it_and_compresses(tmp_path, capsys, tied, quant):
+@pytest.mark.parametrize(
+    ("arch", "tied", "quant"), [("llama", False, "Q8_0"), ("llama", True, "F32"), ("gpt2", True, "F32")]
+)
+def test_convert_gguf_of_a_real_file_loads_as_transformers_reads_it_and_compresses(tmp_path, capsys, arch, tied, quant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     (tmp_path / "gguf").mkdir()
     gguf_file = tmp_path / "gguf" / "tiny.gguf"
-    reference = write_gguf(gguf_file, tied, quant)
+    reference = write_gguf(gguf_file, tied, quant, arch)
     out = tmp_path / "out"
     assert main(["convert-gguf", str(gguf_file), "-o", str(out)]) == 0, capsys.readouterr().err
 
@@ -104,14 +128,17 @@ def test_convert_gguf_of_a_real_file_loads_as_transformers_reads_it_and_compress
     ids = gguf_tokenizer(TEXT, return_tensors="pt").input_ids
     assert tokenizer(TEXT).input_ids == ids[0].tolist()
     assert folder.dtype == torch.float32 and folder.config.tie_word_embeddings == tied
+    if not tied or arch == "gpt2":  # as transformers reads the file (the same dequantized weights)
+        assert torch.equal(logits(folder, ids), logits(direct.eval(), ids))
     if tied:
-        # transformers 5.24 leaves lm_head of a GGUF without output.weight untied (its own
-        # initialization): the folder is compared with the model the file was written from
-        assert torch.equal(folder.lm_head.weight, folder.model.embed_tokens.weight)
+        # transformers 5.24 leaves a Llama GGUF's lm_head untied where the file has no output.weight
+        # (its own initialization): the folder is compared with the model the file was written from
+        assert folder.get_output_embeddings().weight is folder.get_input_embeddings().weight
         assert torch.allclose(logits(folder, ids), logits(reference, ids), atol=1e-6)
     else:
-        assert torch.equal(logits(folder, ids), logits(direct.eval(), ids))  # the same dequantized weights
         assert torch.allclose(logits(folder, ids), logits(reference, ids), atol=0.05)  # Q8_0 round-off only
+    if arch == "gpt2":
+        assert type(folder.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
 
     for name, extra in (("in-memory", []), ("streamed", ["--stream", "--max-shard-size", "20KB"])):
         svd = tmp_path / name
