@@ -18,5 +18,8 @@ def evaluate_into_card(
     """Evaluate the in-memory compressed model (task from its class) and rewrite the folder's card."""
     task = infer_task(model)
     result = evaluate((model, checked_processor(source, task)), task=task, data=data, limit=limit, progress=False)
+    # the in-memory model is named by its config's path, which compress leaves as the base model's:
+    # the figures are the folder's, which holds exactly this model
+    result["model"]["name"] = str(folder)
     card.write(folder, card.compressed_card(report, source, eval_result=result, class_name=type(model).__name__))
     return result

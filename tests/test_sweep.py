@@ -209,6 +209,8 @@ def test_compress_eval_goes_into_card(tmp_path):
     assert "## Evaluation" in card and "perplexity" in card and "--eval" in card
     assert "calibration" in card and "self" in card  # the default for causal LMs, recorded in the card
     assert "GPT2LMHeadModel.from_pretrained" in card  # rewritten with the usage save_compressed wrote
+    row = next(line for line in card.splitlines() if line.startswith("| model ("))
+    assert row.startswith(f"| model ({out}) |"), row  # the compressed model, not the base it was made from
 
 
 def test_a_target_only_budget_1_meets_says_the_model_is_dense(tmp_path, capsys, monkeypatch):
