@@ -126,6 +126,23 @@ def test_compressed_head_and_report(tmp_path):
     assert torch.equal(_logits(model, "gpt2"), _logits(svdlora.load_compressed(folder, device="cpu"), "gpt2"))
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
+def test_a_translator_with_a_factorized_head_keeps_its_tied_embeddings(merge, tmp_path):
+    """A factorized head sets tie_word_embeddings=False, which in transformers 5 also stops Marian tying
+    encoder/decoder embed_tokens to shared: they loaded randomly initialized (reported MISSING). They are
+    now tied as the file's header says, in the seq2seq class and in the base model (AutoModel)."""
+    import transformers
+
+    folder = _folder("marian", tmp_path, keep_head=False)
+    expected = svdlora.load_compressed(folder, device="cpu", merge=merge)
+    options = {"quantization_config": SvdloraQuantizationConfig(merge=True)} if merge else {}
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(folder, **options)
+    assert model.model.encoder.embed_tokens.weight is model.model.shared.weight
+    assert torch.equal(_logits(model, "marian"), _logits(expected, "marian"))
+    base = transformers.AutoModel.from_pretrained(folder, **options)
+    assert base.decoder.embed_tokens.weight is base.shared.weight
+
+
 def test_another_class_loads_a_folder_whose_head_is_factorized(tmp_path):
     """AutoModel (no head) or another head on a folder with a factorized lm_head: transformers leaves
     a dense checkpoint's unused head tensors unread, so the head's factors are left unread too."""

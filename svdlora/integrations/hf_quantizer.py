@@ -93,6 +93,7 @@ class SvdloraHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self._checkpoint_files: list[str] = []
         self._factorized: dict[str, str] = {}  # model module name -> file module name
+        self._tied: dict[str, str] = {}  # model parameter name -> the one it is stored as (header's "tied")
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         if not self.pre_quantized:
@@ -170,6 +171,10 @@ class SvdloraHfQuantizer(HfQuantizer):
             model.set_submodule(name, layer)
             self._factorized[name] = file_name
             missing |= {re.escape(f"{name}.{side}") for side in (("B", "C", "rows") if pivoted else "AB")}
+        # Tied as the file says: a factorized head sets tie_word_embeddings=False, which in
+        # transformers 5 also drops other ties (Marian's encoder/decoder embed_tokens -> shared).
+        self._tied = _tied_names(model, self._checkpoint_files, prefix)
+        missing |= {re.escape(alias) for alias in self._tied}
         # The factor tensors are read after loading; keep them out of transformers' load report.
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
             r"\.stage\d+\.[AB]$",
@@ -190,6 +195,10 @@ class SvdloraHfQuantizer(HfQuantizer):
                     if match and match["module"] in wanted:
                         stage = int(match["stage"]) if "stage" in match.groupdict() else 0
                         parts[match["module"]][match["side"]][stage] = f.get_tensor(key)
+        for alias, stored in self._tied.items():
+            parent, _, leaf = alias.rpartition(".")
+            if model.get_parameter(alias) is not model.get_parameter(stored):
+                setattr(model.get_submodule(parent), leaf, model.get_parameter(stored))
         merge = self.quantization_config.merge
         placed: dict[str, torch.dtype | None] = {}  # each layer's dtype as transformers placed it (None: meta)
         for file_name, name in wanted.items():
@@ -280,6 +289,28 @@ def _model_name(model: nn.Module, file_name: str, prefix: str, strict: bool = Tr
     if not strict:
         return None
     raise ValueError(f"the svdlora folder factorizes {file_name!r}, which {type(model).__name__} does not have")
+
+
+def _tied_names(model: nn.Module, files: list[str], prefix: str) -> dict[str, str]:
+    """The header's {dropped tied name: stored name}, as this model names both parameters (pairs
+    it lacks left out); an unreadable map is left to load_compressed's checks."""
+    try:
+        with safe_open(files[0], framework="pt") as f:
+            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
+    except (IndexError, OSError, ValueError):
+        return {}
+    names = {}
+    for alias, stored in tied.items() if isinstance(tied, dict) else ():
+        pair = []
+        for name in (alias, stored):
+            module, _, leaf = str(name).rpartition(".")
+            found = _model_name(model, module, prefix, strict=False) if module else None
+            if found is None or not isinstance(getattr(model.get_submodule(found), leaf, None), nn.Parameter):
+                break
+            pair.append(f"{found}.{leaf}")
+        if len(pair) == 2:
+            names[pair[0]] = pair[1]
+    return names
 
 
 def _read_report(files: list[str]):
