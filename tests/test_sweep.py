@@ -294,3 +294,24 @@ def test_sweep_evaluates_on_the_default_device_as_eval_does(tmp_path, capsys, mo
     argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(tmp_path / "s")]
     assert main([*argv, "--no-progress", "--calibration", "none"]) == 0
     assert asked["device"] == str(default_device(None))
+
+
+@pytest.mark.parametrize("calibration", ["none", "text"])
+def test_sweep_on_a_folder_without_a_tokenizer_is_refused_before_loading(tmp_path, capsys, monkeypatch, calibration):
+    """The model was loaded (minutes for a 7B model) before its folder's missing tokenizer was noticed, which
+    `compress --calibration` refuses at once: the sweep's evaluation needs the tokenizer too."""
+    from .conftest import tiny_gpt2
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before its tokenizer was checked")
+
+    _, text = lm_folder(tmp_path)
+    tiny_gpt2().save_pretrained(tmp_path / "bare")
+    capsys.readouterr()  # save_pretrained's progress bars
+    monkeypatch.setattr("svdlora.models.load_pretrained", never)
+    argv = ["sweep", str(tmp_path / "bare"), "--budgets", "0.5", "--data", str(text), "--output", str(tmp_path / "s"),
+            "--calibration", str(text) if calibration == "text" else "none", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load the tokenizer" in err[0], err
+    assert not (tmp_path / "s").exists()

@@ -6,6 +6,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..choices import TASKS
 from ..errors import SvdloraError
@@ -79,16 +80,18 @@ def run(args: argparse.Namespace) -> int:
     earlier_model = args.overwrite and (output / "sweep.json").is_file() and is_compressed_folder(output / "model")
     if args.target:
         check_output(output / "model", args.overwrite, inputs=[args.model, args.data])
-    if args.task and args.target:
-        parse_target(args.target, args.task)  # a bad target fails before the slow load
     check_calibration(args.calibration)
+    task, processor = _before_load(args)  # a local folder's task and processor: a refusal comes in a second
+    if task and args.target:
+        parse_target(args.target, task)  # a bad target fails before the slow load
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     model = load_pretrained(args.model).eval()
-    task = args.task or infer_task(model)
+    task = task or infer_task(model)
     check_task(model, task, args.model)  # a wrong --task: name the task that fits, not a missing processor
     target = parse_target(args.target, task) if args.target else None
-    processor = checked_processor(args.model, task)
+    if processor is None:
+        processor = checked_processor(args.model, task)
     eval_options = {
         "references": args.references,
         "limit": args.limit,
@@ -105,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
         "pivot": options.pivot_option(args),
         **calibration_options(args),
     }
-    calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model)
+    # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
+    # image processor, as resolve_calibration would load it)
+    calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model, processor)
     if calibration is not None:
         from ..calibration_data import calibration_batches
         from ..config import CompressionConfig
@@ -142,3 +147,21 @@ def run(args: argparse.Namespace) -> int:
         dense = "" if report.factorized else "; no layer is smaller factorized at this budget: it holds the dense model"
         print(f"wrote {folder} (budget {chosen}, meets {args.target}{dense})", file=sys.stderr)
     return 0
+
+
+def _before_load(args: argparse.Namespace) -> tuple[str | None, Any]:
+    """(task, processor) of a local model folder, read from its config on the meta device and its processor
+    files before the model is loaded, as `compress --calibration` does (``processor_before_load``): a wrong
+    --task or a folder without tokenizer files is refused in a second, not after minutes of loading.
+    (None, None) for a hub id, whose files come with the model, or a folder whose config the load judges."""
+    from ..evaluation.loading import check_task, checked_processor, infer_task, skeleton
+
+    if not Path(args.model).expanduser().is_dir():
+        return args.task, None
+    try:
+        outline = skeleton(args.model)
+    except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
+        return args.task, None
+    task = args.task or infer_task(outline)
+    check_task(outline, task, args.model)
+    return task, checked_processor(args.model, task)
