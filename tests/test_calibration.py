@@ -853,3 +853,22 @@ def test_the_report_counts_the_tokens_without_padding():
     batches = [{**ids, "labels": ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)}]
     report = svdlora.compress(model, CompressionConfig(budget=0.5), calibration=batches, progress=False)
     assert report.to_dict()["calibration"]["tokens"] == int(ids["attention_mask"].sum()) < ids["input_ids"].numel()
+
+
+@pytest.mark.parametrize("flag", ["--calibration-samples", "--calibration-length"])
+@pytest.mark.parametrize("command", ["compress", "extract", "extract-default", "sweep"])
+def test_a_calibration_size_without_calibration_is_refused(tmp_path, capsys, monkeypatch, command, flag):
+    """--calibration none (extract's default) with --calibration-samples / --calibration-length N ran without
+    a word about N, which reads nothing: refused before the model loads, naming the flag and the fix."""
+    monkeypatch.setattr("svdlora.models.load_pretrained", _never_called)
+    model, out = tmp_path / "model", tmp_path / "out"
+    extract = ["extract", "--base", model, "--tuned", model, "--budget", "0.1", "-o", out]
+    args = {
+        "compress": ["compress", model, "-o", out, "--calibration", "none"],
+        "extract": [*extract, "--calibration", "none"],
+        "extract-default": extract,
+        "sweep": ["sweep", model, "--data", tmp_path / "text.txt", "-o", out, "--calibration", "none"],
+    }[command]
+    line = _one_line_error(capsys, *args, flag, "8", "--no-progress")
+    assert f"{flag} 8 has no effect with --calibration none" in line and "--calibration DATA" in line, line
+    assert not out.exists()

@@ -41,14 +41,15 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
     g.add_argument(
         "--calibration-samples",
         type=options.positive_int("calibration-samples"),
-        default=DEFAULT["calibration_samples"],
-        help="text windows / sentences / images to calibrate on (default %(default)s; more is better, and slower)",
+        default=None,  # None: not given (refused with --calibration none), the config's default
+        help=f"text windows / sentences / images to calibrate on (default {DEFAULT['calibration_samples']}; more is "
+        "better, and slower)",
     )
     g.add_argument(
         "--calibration-length",
         type=options.positive_int("calibration-length"),
-        default=DEFAULT["calibration_length"],
-        help="tokens per calibration text window (default %(default)s)",
+        default=None,  # None: not given (refused with --calibration none), the config's default
+        help=f"tokens per calibration text window (default {DEFAULT['calibration_length']})",
     )
     g.add_argument(
         "--method",
@@ -115,6 +116,14 @@ def calibration_options(args: argparse.Namespace) -> dict:
     names = ("method", "allocation", "calibration_samples", "calibration_length", "refit", "refit_samples",
              "heal_steps", "heal_seconds", "heal_loss", "heal_lr")  # fmt: skip
     given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if getattr(args, "calibration", None) == NONE:  # before the model loads, as every check here
+        for name in ("calibration_samples", "calibration_length"):
+            if name in given:
+                flag = f"--{name.replace('_', '-')}"
+                raise SvdloraError(
+                    f"{flag} {given[name]} has no effect with --calibration none (no data is read): "
+                    f"pass --calibration DATA (or self), or drop {flag}"
+                )
     for name, (needed, flag) in NEEDS.items():
         if name in given and not given.get(needed):
             raise SvdloraError(f"--{name.replace('_', '-')} has no effect without {flag}: pass both, or drop it")

@@ -65,6 +65,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
+    from ..config import CompressionConfig
     from ..evaluation.loading import check_task, checked_processor, infer_task
     from ..evaluation.options import build_options
     from ..io import is_compressed_folder
@@ -81,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
     if args.target:
         check_output(output / "model", args.overwrite, inputs=[args.model, args.data])
     check_calibration(args.calibration)
+    compress_options = {
+        "submatrices": args.submatrices,
+        "exclude": args.exclude,
+        "pivot": options.pivot_option(args),
+        **calibration_options(args),
+    }  # the flags' checks, before the slow load
+    config = CompressionConfig(**compress_options)  # the settings' checks too (one budget: any)
     task, processor = _before_load(args)  # a local folder's task and processor: a refusal comes in a second
     if task and args.target:
         parse_target(args.target, task)  # a bad target fails before the slow load
@@ -102,22 +110,14 @@ def run(args: argparse.Namespace) -> int:
         "progress": False,
     }
     build_options(task, args.data, eval_options)  # another task's setting fails before the first compression
-    compress_options = {
-        "submatrices": args.submatrices,
-        "exclude": args.exclude,
-        "pivot": options.pivot_option(args),
-        **calibration_options(args),
-    }
     # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
     # image processor, as resolve_calibration would load it)
     calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model, processor)
     if calibration is not None:
         from ..calibration_data import calibration_batches
-        from ..config import CompressionConfig
 
         # Read (or, for 'self', generate) the calibration batches once from the dense model: every
         # budget then calibrates on the same batches, and the sweep does not repeat the slow part.
-        config = CompressionConfig(**compress_options)
         compress_options["calibration"] = calibration_batches(
             model, calibration, calibration_processor, config.calibration_samples, config.calibration_length,
             seed=config.seed, progress=args.progress,
