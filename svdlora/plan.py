@@ -101,6 +101,16 @@ def resolved_allocation(config: CompressionConfig) -> str:
     return "global" if config.rank is None else "uniform"
 
 
+# plain SVD with uniform allocation reads W only: given calibration data is then left unread (as streamed)
+UNUSED = "calibration data is not used by method 'svd' with uniform allocation (nor read)"
+
+
+def uses_calibration(config: CompressionConfig) -> bool:
+    """Whether a run given calibration data uses it: not plain SVD with uniform allocation and no healing
+    (method ``auto`` with data is kfac or fisher; --refit is not run with method 'svd')."""
+    return not (config.method == "svd" and resolved_allocation(config) == "uniform" and not config.heal_steps)
+
+
 def plan_calibration(
     model: nn.Module,
     targets: list[Target],
@@ -123,6 +133,9 @@ def plan_calibration(
             if given:
                 raise SvdloraError(f"{what} {hint}")
         return CalibrationPlan(method="svd", allocation="uniform")
+    if not uses_calibration(config):  # warned before the data is read (or, for 'self', generated): it is not used
+        logger.warning(UNUSED)
+        return CalibrationPlan(method="svd", allocation="uniform")
     method = auto_method(targets) if config.method == "auto" else config.method
     allocation = resolved_allocation(config)
     if isinstance(calibration, list):
@@ -135,9 +148,6 @@ def plan_calibration(
         source = "self-generated text (data-free)" if calibration == SELF else str(calibration)
         if calibration == SELF:
             source = f"self: text sampled from the model ({model_kind(model)}, data-free)"
-    if method == "svd" and allocation == "uniform" and not config.heal_steps:
-        logger.warning("calibration data is not used by method 'svd' with uniform allocation")
-        return CalibrationPlan(method=method, allocation=allocation, batches=batches, source=source)
     gradients = method in ("fisher", "kfac") or allocation == "global"
     stats = statistics
     if stats is None:

@@ -872,3 +872,35 @@ def test_a_calibration_size_without_calibration_is_refused(tmp_path, capsys, mon
     line = _one_line_error(capsys, *args, flag, "8", "--no-progress")
     assert f"{flag} 8 has no effect with --calibration none" in line and "--calibration DATA" in line, line
     assert not out.exists()
+
+
+def _never_read(*args, **kwargs):
+    raise AssertionError("calibration data read (or generated) that method 'svd' with uniform allocation never uses")
+
+
+def test_calibration_plain_svd_does_not_use_is_not_read(gpt2_with_tokenizer, tmp_path, capsys, caplog, monkeypatch):
+    """--method svd --allocation uniform read the calibration data (or, the CLI's default for a causal LM,
+    generated text with the model) only to warn that it was unused. As a streamed run does, it now warns
+    without reading anything and compresses as without data; the CLI's default 'auto' then means none, quietly."""
+    root = gpt2_with_tokenizer
+    monkeypatch.setattr("svdlora.calibration_data.calibration_batches", _never_read)
+    model, tok = word_gpt2(WORDS)
+    plain = copy.deepcopy(model)
+    svdlora.compress(plain, budget=0.5, progress=False)
+    report = svdlora.compress(
+        model, budget=0.5, method="svd", allocation="uniform", calibration=str(root / "text.txt"), processor=tok,
+        progress=False,
+    )  # fmt: skip
+    assert "calibration data is not used by method 'svd'" in caplog.text and report.calibration is None
+    for a, b in zip(model.state_dict().values(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    caplog.clear()
+    argv = ["compress", root / "dense", "-o", tmp_path / "out", "--method", "svd", "--allocation", "uniform"]
+    assert main([str(a) for a in [*argv, "--no-progress"]]) == 0
+    assert "not used" not in capsys.readouterr().err + caplog.text  # the default: no data given, none unused
+    sweep = ["sweep", root / "dense", "--data", root / "text.txt", "-o", tmp_path / "s", "--budgets", "0.5"]
+    sweep += ["--calibration", root / "text.txt", "--method", "svd", "--allocation", "uniform", "--no-progress"]
+    sweep += ["--max-length", "16", "--limit", "2"]
+    assert main([str(a) for a in sweep]) == 0
+    assert capsys.readouterr().err.count("calibration data is not used") == 1
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["calibration"] is None

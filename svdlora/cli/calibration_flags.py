@@ -188,12 +188,18 @@ def _processor_task(kind: str) -> str:
     return "image-classification" if kind == "image" else "text-generation"
 
 
-def resolve_calibration(data: str, model: nn.Module, source: str, processor: Any = None) -> tuple[Any, Any]:
+def resolve_calibration(
+    data: str, model: nn.Module, source: str, processor: Any = None, config: CompressionConfig | None = None
+) -> tuple[Any, Any]:
     """(calibration for ``compress``, the processor that reads it) for the loaded model; ``processor``
-    where ``processor_before_load`` loaded it already."""
+    where ``processor_before_load`` loaded it already. 'auto' is none where ``config`` uses no data
+    (``plan.uses_calibration``): the default then generates no text only to warn that it is unused."""
     from ..calibration_data import model_kind
     from ..evaluation.loading import checked_processor
+    from ..plan import uses_calibration
 
+    if data == AUTO and config is not None and not uses_calibration(config):
+        return None, None
     kind = model_kind(model)
     data = effective_calibration(data, kind)
     if data == NONE:

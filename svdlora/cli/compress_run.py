@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
-    calibration, processor = resolve_calibration(args.calibration, model, args.model, processor)
+    calibration, processor = resolve_calibration(args.calibration, model, args.model, processor, config)
     report = compress(model, config, calibration=calibration, processor=processor, progress=args.progress)
     if not report.factorized and args.rank is not None:  # the API reports it; the CLI must not write a copy
         raise rank_factorizes_nothing(args.rank, len(report.modules))

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import is_compressed_folder
     from ..models import default_device, load_pretrained
     from ..outputs import check_not_input
+    from ..plan import UNUSED, uses_calibration
     from ..saving import check_output, save_compressed
     from ..sweep import check_sweep_folder, evaluating_measure, format_table, parse_target, sweep, write_outputs
 
@@ -112,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
     build_options(task, args.data, eval_options)  # another task's setting fails before the first compression
     # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
     # image processor, as resolve_calibration would load it)
-    calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model, processor)
+    calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model, processor, config)
+    if calibration is not None and not uses_calibration(config):  # said once, not at every budget
+        print(f"svdlora sweep: {UNUSED}: --calibration {args.calibration}", file=sys.stderr)
+        calibration = None
     if calibration is not None:
         from ..calibration_data import calibration_batches
 

@@ -19,7 +19,7 @@ from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..hub import local_checkpoint
 from ..outputs import atomic_folder, ensure_space
-from ..plan import CalibrationPlan, auto_method, source_name
+from ..plan import UNUSED, CalibrationPlan, auto_method, source_name
 from ..report import CompressionReport
 from ..saving import check_output, write_side_files
 from ..writer import ShardedWriter, folder_format, header_metadata
@@ -111,7 +111,7 @@ def compress_checkpoint(
         raise rank_factorizes_nothing(config.rank, len(p.targets))
     resolved = blockwise.resolve(config) if calibration is not None else None
     if calibration is not None and resolved is None:
-        logger.warning("calibration data is not used by method 'svd' with uniform allocation")
+        logger.warning(UNUSED)
         calibration = None
     batches = None
     if calibration is not None:  # read the data before any output exists
