@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import SvdloraError
+from .errors import SvdloraError, first_line
 from .evaluation.options import IMAGES, TEXT, TRANSLATION
 from .outputs import json_keys, write_file_atomic
 
@@ -161,6 +161,22 @@ def evaluating_measure(
     return measure
 
 
+class SweepStopped(Exception):
+    """A measurement failed for a reason other than its budget (out of memory, a bug): ``record`` is the
+    sweep's record of the points measured before (``record["failed"]`` says at which budget, and why),
+    ``error`` the failure itself, for the caller to raise once the record is kept."""
+
+    def __init__(self, record: dict, error: Exception) -> None:
+        super().__init__(f"the sweep stopped at budget {record['failed']['budget']}: {record['failed']['error']}")
+        self.record, self.error = record, error
+
+
+class _Stop(Exception):  # a measurement's failure, carried past find_budget (which catches SvdloraError only)
+    def __init__(self, budget: float, error: Exception) -> None:
+        super().__init__(budget)
+        self.budget, self.error = budget, error
+
+
 def sweep(
     measure: Callable[[float | None], Point],
     budgets: list[float],
@@ -168,36 +184,66 @@ def sweep(
     target: QualityTarget | None = None,
     tolerance: float = 0.02,
 ) -> dict:
-    """Dense point, one point per budget, and (with ``target``) the smallest budget that meets it."""
+    """Dense point, one point per budget, and (with ``target``) the smallest budget that meets it.
+
+    A budget that cannot be measured (``SvdloraError``: too small to compress at) is skipped and noted;
+    any other failure stops the sweep with ``SweepStopped``, which holds the points measured before it.
+    """
     metric, higher_is_better = QUALITY[task]
-    dense = measure(None)
-    points: dict[float, Point | None] = {}
-    skipped: dict[str, str] = {}  # a budget too small to compress at: the others are still measured
-    for budget in sorted(budgets):
+    dense = measure(None)  # nothing is measured before it: its failure is the sweep's, as it is
+    measured: dict[float, Point] = {}
+
+    def guarded(budget: float) -> Point:
         try:
-            points[budget] = measure(budget)
-        except SvdloraError as err:
-            logger.warning("budget %s not measured: %s", budget, err)
-            points[budget], skipped[str(budget)] = None, str(err)  # find_budget counts it as failing
-    if skipped and target is None and len(skipped) == len(points):
-        raise SvdloraError(
-            f"no budget in --budgets could be measured ({next(iter(skipped.values()))}): list larger ones"
-        )
+            point = measure(budget)
+        except SvdloraError:
+            raise  # the budget's own problem: skipped, or counted as failing by find_budget
+        except Exception as err:  # noqa: BLE001  re-raised by the caller with the points measured before
+            raise _Stop(budget, err) from err
+        measured[budget] = point
+        return point
+
     record: dict = {"task": task, "metric": metric, "higher_is_better": higher_is_better, "dense": asdict(dense)}
+    skipped: dict[str, str] = {}  # a budget too small to compress at: the others are still measured
     record["skipped"] = skipped
-    qualities = [p.quality for _, p in sorted(points.items()) if p is not None]
-    order = sorted(qualities) if higher_is_better else sorted(qualities, reverse=True)
+    if target is not None:
+        record["target"] = {"text": target.text, "budget": None, "tolerance": tolerance}
+    points: dict[float, Point | None] = {}
+    try:
+        for budget in sorted(budgets):
+            try:
+                points[budget] = guarded(budget)
+            except SvdloraError as err:
+                logger.warning("budget %s not measured: %s", budget, err)
+                points[budget], skipped[str(budget)] = None, str(err)  # find_budget counts it as failing
+        if skipped and target is None and len(skipped) == len(points):
+            raise SvdloraError(
+                f"no budget in --budgets could be measured ({next(iter(skipped.values()))}): list larger ones"
+            )
+        _add_points(record, points)
+        if target is not None:
+            chosen, points = find_budget(
+                guarded, lambda p: target.met(p.quality, dense.quality, higher_is_better),
+                tolerance=tolerance, known=points,
+            )  # fmt: skip
+            record["target"]["budget"] = chosen
+    except _Stop as stop:
+        _add_points(record, measured)
+        record["failed"] = {"budget": stop.budget, "error": f"{type(stop.error).__name__}: {first_line(stop.error)}"}
+        raise SweepStopped(record, stop.error) from stop.error
+    record["points"] = [asdict(points[b]) for b in sorted(points) if points[b] is not None]
+    return record
+
+
+def _add_points(record: dict, points: dict[float, Point | None]) -> None:
+    """The measured points, and whether quality is monotone in the budget over them."""
+    measured = [points[b] for b in sorted(points) if points[b] is not None]
+    qualities = [p.quality for p in measured]
+    order = sorted(qualities) if record["higher_is_better"] else sorted(qualities, reverse=True)
     record["monotone"] = qualities == order
     if not record["monotone"]:
         logger.warning("quality is not monotone in the budget over %s: bisection may miss", sorted(points))
-    if target is not None:
-        chosen, points = find_budget(
-            measure, lambda p: target.met(p.quality, dense.quality, higher_is_better),
-            tolerance=tolerance, known=points,
-        )  # fmt: skip
-        record["target"] = {"text": target.text, "budget": chosen, "tolerance": tolerance}
-    record["points"] = [asdict(points[b]) for b in sorted(points) if points[b] is not None]
-    return record
+    record["points"] = [asdict(p) for p in measured]
 
 
 def format_table(record: dict) -> str:
@@ -210,9 +256,13 @@ def format_table(record: dict) -> str:
         lines.append(f"| {name} | {p['params']:,} | {p['bytes_estimate']:,} | {p['quality']:.4g} | {ratio:.3f}x |")
     for budget, why in record.get("skipped", {}).items():
         lines += ["", f"Budget {budget} not measured: {why}"]
+    failed = record.get("failed")
+    if failed:
+        lines += ["", f"Budget {failed['budget']} failed ({failed['error']}): the sweep stopped there."]
     if "target" in record:
         t = record["target"]
         found = f"budget {t['budget']}" if t["budget"] is not None else "no budget up to 1.0"
+        found = "not found, the sweep stopped" if failed else found
         lines += ["", f"Target `{t['text']}`: {found} (bisection tolerance {t['tolerance']})."]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from svdlora.errors import SvdloraError
 from svdlora.sweep import (
     Point,
     QualityTarget,
+    SweepStopped,
     check_sweep_folder,
     find_budget,
     format_table,
@@ -315,3 +316,56 @@ def test_sweep_on_a_folder_without_a_tokenizer_is_refused_before_loading(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot load the tokenizer" in err[0], err
     assert not (tmp_path / "s").exists()
+
+
+def failing_at(failure: float, error: Exception):
+    """``fake_measure`` that fails with ``error`` (not a budget's SvdloraError) at budget ``failure``."""
+    fits = fake_measure(0.4, [])
+
+    def measure(budget):
+        if budget is not None and abs(budget - failure) < 1e-9:
+            raise error
+        return fits(budget)
+
+    return measure
+
+
+def test_a_failure_that_is_not_the_budget_s_keeps_the_points_measured_before():
+    """An error at the 3rd budget (out of memory, a bug) lost the dense point and the two budgets measured before
+    it; the sweep now stops with SweepStopped, whose record holds them and says where it stopped."""
+    boom = RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+    with pytest.raises(SweepStopped) as stopped:
+        sweep(failing_at(0.8, boom), [0.3, 0.5, 0.8, 0.9], "text-generation")
+    record = stopped.value.record
+    assert stopped.value.error is boom and [p["budget"] for p in record["points"]] == [0.3, 0.5]
+    assert record["dense"]["quality"] == 10.0 and record["monotone"]
+    assert record["failed"] == {
+        "budget": 0.8,
+        "error": "RuntimeError: CUDA error: an illegal memory access was encountered",
+    }
+    assert "Budget 0.8 failed (RuntimeError: CUDA error" in format_table(record)
+    target = parse_target("ppl<=1.5x", "text-generation")  # in the bisection, after the listed budgets
+    with pytest.raises(SweepStopped) as stopped:
+        sweep(failing_at(0.65, boom), [0.3, 1.0], "text-generation", target)
+    record = stopped.value.record
+    assert [p["budget"] for p in record["points"]] == [0.3, 1.0] and record["failed"]["budget"] == 0.65
+    assert record["target"]["budget"] is None and "not found, the sweep stopped" in format_table(record)
+
+
+def test_sweep_cli_writes_the_points_before_a_failure_and_exits_with_the_error(tmp_path, capsys, monkeypatch):
+    import svdlora.sweep
+
+    boom = RuntimeError("boom")
+    monkeypatch.setattr(svdlora.sweep, "evaluating_measure", lambda *args: failing_at(0.8, boom))
+    model, text = lm_folder(tmp_path)
+    capsys.readouterr()
+    out = tmp_path / "s"
+    argv = ["sweep", str(model), "--budgets", "0.3,0.5,0.8", "--data", str(text), "--output", str(out)]
+    assert main([*argv, "--no-progress", "--calibration", "none"]) == 1  # a bug in svdlora, as main says
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2] == "svdlora sweep: kept the 2 point(s) measured before budget 0.8 failed", err
+    assert err[-1].startswith("svdlora sweep: error: internal error RuntimeError: boom"), err
+    data = json.loads((out / "sweep.json").read_text())
+    assert [p["budget"] for p in data["points"]] == [0.3, 0.5] and data["failed"]["budget"] == 0.8
+    assert "Budget 0.8 failed" in (out / "sweep.md").read_text()
+    check_sweep_folder(out, overwrite=True)  # a stopped sweep's files: replaced by the next with --overwrite

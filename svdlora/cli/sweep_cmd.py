@@ -73,7 +73,15 @@ def run(args: argparse.Namespace) -> int:
     from ..outputs import check_not_input
     from ..plan import UNUSED, uses_calibration
     from ..saving import check_output, save_compressed
-    from ..sweep import check_sweep_folder, evaluating_measure, format_table, parse_target, sweep, write_outputs
+    from ..sweep import (
+        SweepStopped,
+        check_sweep_folder,
+        evaluating_measure,
+        format_table,
+        parse_target,
+        sweep,
+        write_outputs,
+    )
 
     output = Path(args.output).expanduser()  # written there: checked there
     check_not_input(output.resolve(), str(args.output), [args.model, args.data], "--output")
@@ -127,7 +135,11 @@ def run(args: argparse.Namespace) -> int:
             seed=config.seed, progress=args.progress,
         )  # fmt: skip
     measure = evaluating_measure(model, processor, task, args.data, compress_options, eval_options)
-    record = sweep(measure, args.budgets, task, target=target, tolerance=args.tolerance)
+    failure = None
+    try:
+        record = sweep(measure, args.budgets, task, target=target, tolerance=args.tolerance)
+    except SweepStopped as stopped:  # out of memory, a bug: keep what was measured, then say what failed
+        record, failure = stopped.record, stopped.error
     record["model"] = args.model
     record["calibration"] = str(calibration) if calibration is not None else None
     for path in write_outputs(record, output, f"svdlora sweep: {args.model}"):
@@ -137,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
     if chosen is None and earlier_model:  # it met another sweep's target, not this one's
         shutil.rmtree(output / "model")
         print(f"removed {output / 'model'} (the earlier sweep's pick)", file=sys.stderr)
+    if failure is not None:  # the error itself, as main() reports it: one line, its exit status
+        kept = len(record["points"])
+        at = record["failed"]["budget"]
+        print(f"svdlora sweep: kept the {kept} point(s) measured before budget {at} failed", file=sys.stderr)
+        raise failure
     if target is not None and chosen is None:
         raise SvdloraError(f"no budget up to 1.0 meets {args.target!r}: relax the target")
     if chosen is not None:
