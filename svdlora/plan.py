@@ -111,6 +111,17 @@ def uses_calibration(config: CompressionConfig) -> bool:
     return not (config.method == "svd" and resolved_allocation(config) == "uniform" and not config.heal_steps)
 
 
+def check_without_calibration(config: CompressionConfig) -> None:
+    """Refuse the settings that need calibration data, for a run without any (the CLI: before the load)."""
+    hint = "needs calibration data: pass --calibration DATA (or 'self' for a causal LM)"
+    for name, value in (("method", config.method), ("allocation", config.allocation)):
+        if value not in ("auto", "svd", "uniform"):
+            raise SvdloraError(f"{name} {value!r} {hint}")
+    for what, given in (("healing", config.heal_steps), ("the refit pass (--refit)", config.refit)):
+        if given:
+            raise SvdloraError(f"{what} {hint}")
+
+
 def plan_calibration(
     model: nn.Module,
     targets: list[Target],
@@ -125,13 +136,7 @@ def plan_calibration(
     from .calibration_data import SELF, calibration_batches, model_kind
 
     if calibration is None:
-        hint = "needs calibration data: pass --calibration DATA (or 'self' for a causal LM)"
-        for name, value in (("method", config.method), ("allocation", config.allocation)):
-            if value not in ("auto", "svd", "uniform"):
-                raise SvdloraError(f"{name} {value!r} {hint}")
-        for what, given in (("healing", config.heal_steps), ("the refit pass (--refit)", config.refit)):
-            if given:
-                raise SvdloraError(f"{what} {hint}")
+        check_without_calibration(config)
         return CalibrationPlan(method="svd", allocation="uniform")
     if not uses_calibration(config):  # warned before the data is read (or, for 'self', generated): it is not used
         logger.warning(UNUSED)

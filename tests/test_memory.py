@@ -119,6 +119,8 @@ def test_a_run_that_cannot_stream_is_refused_or_warned(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--calibration auto" in err[0] and "--stream" in err[0], err
     assert main([*argv, "--calibration", "none", "--heal-steps", "2"]) == 2
+    assert "healing needs calibration data" in capsys.readouterr().err  # in memory or streamed
+    assert main([*argv, "--calibration", "auto", "--stream", "--heal-steps", "2"]) == 2
     assert "healing cannot stream" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     _room(monkeypatch, model + 1)  # the model fits, its factors may not: warned, then run in memory

@@ -369,3 +369,25 @@ def test_sweep_cli_writes_the_points_before_a_failure_and_exits_with_the_error(t
     assert [p["budget"] for p in data["points"]] == [0.3, 0.5] and data["failed"]["budget"] == 0.8
     assert "Budget 0.8 failed" in (out / "sweep.md").read_text()
     check_sweep_folder(out, overwrite=True)  # a stopped sweep's files: replaced by the next with --overwrite
+
+
+@pytest.mark.parametrize("flags", [["--method", "whiten"], ["--allocation", "global"], ["--heal-steps", "2"]])
+def test_settings_that_need_calibration_data_are_refused_before_loading(tmp_path, capsys, monkeypatch, flags):
+    """sweep --calibration none --method whiten loaded and evaluated the dense model, then failed alike at every
+    budget, which it took for budgets too small: with --target it ended 'no budget up to 1.0 meets ...: relax the
+    target'. Refused now before the load, as compress (in memory: after its load) now does too."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    model, text = lm_folder(tmp_path)
+    capsys.readouterr()
+    monkeypatch.setattr("svdlora.models.load_pretrained", never)
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", never)
+    sweep_argv = ["sweep", str(model), "--data", str(text), "--target", "ppl<=100x", "-o", str(tmp_path / "s")]
+    compress_argv = ["compress", str(model), "-o", str(tmp_path / "c")]
+    for argv in (sweep_argv, compress_argv):
+        assert main([*argv, "--calibration", "none", *flags, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "needs calibration data: pass --calibration DATA" in err[0], err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()

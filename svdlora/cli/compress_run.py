@@ -14,12 +14,14 @@ from ..compress import compress, rank_factorizes_nothing, svd_device
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..models import load_pretrained
+from ..plan import check_without_calibration
 from ..saving import check_output, save_compressed
 from ..streaming import check_streamable, compress_checkpoint
 from ..writer import parse_size
 from . import options
 from .calibration_flags import (
     AUTO,
+    NONE,
     SELF,
     calibration_input,
     calibration_options,
@@ -52,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         **calibration_options(args),
     )
     check_calibration(args.calibration)
+    if args.calibration == NONE:  # in memory refused only after the load (streamed: check_streamable)
+        check_without_calibration(config)
     if args.eval_limit is not None and not args.eval:
         raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
     if args.eval:

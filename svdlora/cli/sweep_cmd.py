@@ -11,7 +11,13 @@ from typing import Any
 from ..choices import TASKS
 from ..errors import SvdloraError
 from . import options
-from .calibration_flags import add_calibration_flags, calibration_options, check_calibration, resolve_calibration
+from .calibration_flags import (
+    NONE,
+    add_calibration_flags,
+    calibration_options,
+    check_calibration,
+    resolve_calibration,
+)
 
 EXAMPLES = """examples:
   svdlora sweep ./smollm2 --budgets 0.3,0.5,0.8 --data wiki.test.txt --limit 8 --output out/sweep
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import is_compressed_folder
     from ..models import default_device, load_pretrained
     from ..outputs import check_not_input
-    from ..plan import UNUSED, uses_calibration
+    from ..plan import UNUSED, check_without_calibration, uses_calibration
     from ..saving import check_output, save_compressed
     from ..sweep import (
         SweepStopped,
@@ -98,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         **calibration_options(args),
     }  # the flags' checks, before the slow load
     config = CompressionConfig(**compress_options)  # the settings' checks too (one budget: any)
+    if args.calibration == NONE:  # every budget would fail alike: once it was taken as too small a budget
+        check_without_calibration(config)
     task, processor = _before_load(args)  # a local folder's task and processor: a refusal comes in a second
     if task and args.target:
         parse_target(args.target, task)  # a bad target fails before the slow load
@@ -122,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
     # image processor, as resolve_calibration would load it)
     calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model, processor, config)
+    if calibration is None:  # 'auto' is none for models other than causal LMs
+        check_without_calibration(config)
     if calibration is not None and not uses_calibration(config):  # said once, not at every budget
         print(f"svdlora sweep: {UNUSED}: --calibration {args.calibration}", file=sys.stderr)
         calibration = None
