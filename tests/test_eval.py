@@ -518,6 +518,24 @@ def test_model_folder_without_tokenizer_files(gpt, tmp_path, capsys):
     assert "no tokenizer files" in capsys.readouterr().err
 
 
+def test_a_folder_without_tokenizer_files_is_refused_before_loading(gpt, tmp_path, capsys, monkeypatch):
+    """eval loaded the whole model (minutes for a 7B one) before noticing its folder had no tokenizer, which
+    compress --calibration and sweep refuse at once; a wrong --task still names the task that fits."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before its tokenizer was checked")
+
+    GPT2LMHeadModel.from_pretrained(gpt["dense"]).save_pretrained(tmp_path / "no-tokenizer")
+    capsys.readouterr()
+    monkeypatch.setattr("svdlora.models.load_model", never)
+    argv = ["eval", str(tmp_path / "no-tokenizer"), "--data", str(gpt["text"]), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load the tokenizer" in err[0] and "no tokenizer files" in err[0], err
+    assert main([*argv, "--task", "translation", "--references", str(gpt["text"])]) == 2
+    assert "use --task text-generation" in capsys.readouterr().err
+
+
 def test_checked_processor_is_the_public_checked_loader(gpt, tmp_path):
     """calibration, sweep, streaming and the card's eval import it by this name (was the private _load_processor)."""
     from svdlora.evaluation.loading import checked_processor

@@ -116,6 +116,11 @@ def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MO
     from ..models import load_model
 
     name = str(spec)
+    if processor is None and Path(name).expanduser().is_dir():  # refused in a second, not after the load
+        early = outline(name)  # the folder's model on the meta device: a wrong task is named before the processor
+        if early is not None:
+            check_task(early, opts.task, name)
+            processor = checked_processor(name, opts.task)
     _preimport(name)
     start = time.perf_counter()
     model = load_model(
