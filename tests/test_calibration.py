@@ -904,3 +904,27 @@ def test_calibration_plain_svd_does_not_use_is_not_read(gpt2_with_tokenizer, tmp
     assert main([str(a) for a in sweep]) == 0
     assert capsys.readouterr().err.count("calibration data is not used") == 1
     assert json.loads((tmp_path / "s" / "sweep.json").read_text())["calibration"] is None
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_compress_eval_without_a_tokenizer_is_refused_before_loading(tmp_path, capsys, monkeypatch, stream):
+    """compress --eval DATA on a folder without tokenizer files loaded, compressed and wrote the model, and only
+    then failed to evaluate it: the folder's tokenizer is now read (and refused) before the load."""
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    (tmp_path / "text.txt").write_text(word_text(WORDS))
+    capsys.readouterr()  # save_pretrained's progress bar
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", _never_called)
+    monkeypatch.setattr("svdlora.cli.compress_run.compress_checkpoint", _never_called)
+    args = [
+        "compress",
+        tmp_path / "llama",
+        "-o",
+        tmp_path / "out",
+        "--calibration",
+        "none",
+        "--eval",
+        tmp_path / "text.txt",
+    ]
+    line = _one_line_error(capsys, *args, *stream, "--no-progress")
+    assert "cannot load the tokenizer" in line and not (tmp_path / "out").exists()

@@ -6,7 +6,6 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 from ..choices import TASKS
 from ..errors import SvdloraError
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
     from ..config import CompressionConfig
-    from ..evaluation.loading import check_task, checked_processor, infer_task
+    from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task
     from ..evaluation.options import build_options
     from ..io import is_compressed_folder
     from ..models import default_device, load_pretrained
@@ -106,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     config = CompressionConfig(**compress_options)  # the settings' checks too (one budget: any)
     if args.calibration == NONE:  # every budget would fail alike: once it was taken as too small a budget
         check_without_calibration(config)
-    task, processor = _before_load(args)  # a local folder's task and processor: a refusal comes in a second
+    task, processor = early_processor(args.model, args.task)  # a local folder's: a refusal comes in a second
     if task and args.target:
         parse_target(args.target, task)  # a bad target fails before the slow load
     if not args.progress:
@@ -178,21 +177,3 @@ def run(args: argparse.Namespace) -> int:
         dense = "" if report.factorized else "; no layer is smaller factorized at this budget: it holds the dense model"
         print(f"wrote {folder} (budget {chosen}, meets {args.target}{dense})", file=sys.stderr)
     return 0
-
-
-def _before_load(args: argparse.Namespace) -> tuple[str | None, Any]:
-    """(task, processor) of a local model folder, read from its config on the meta device and its processor
-    files before the model is loaded, as `compress --calibration` does (``processor_before_load``): a wrong
-    --task or a folder without tokenizer files is refused in a second, not after minutes of loading.
-    (None, None) for a hub id, whose files come with the model, or a folder whose config the load judges."""
-    from ..evaluation.loading import check_task, checked_processor, infer_task, skeleton
-
-    if not Path(args.model).expanduser().is_dir():
-        return args.task, None
-    try:
-        outline = skeleton(args.model)
-    except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
-        return args.task, None
-    task = args.task or infer_task(outline)
-    check_task(outline, task, args.model)
-    return task, checked_processor(args.model, task)

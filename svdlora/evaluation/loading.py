@@ -116,11 +116,8 @@ def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MO
     from ..models import load_model
 
     name = str(spec)
-    if processor is None and Path(name).expanduser().is_dir():  # refused in a second, not after the load
-        early = outline(name)  # the folder's model on the meta device: a wrong task is named before the processor
-        if early is not None:
-            check_task(early, opts.task, name)
-            processor = checked_processor(name, opts.task)
+    if processor is None:  # a local folder's: refused in a second, not after the load
+        processor = early_processor(name, opts.task)[1]
     _preimport(name)
     start = time.perf_counter()
     model = load_model(
@@ -160,6 +157,21 @@ def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> nn.Modu
     except SvdloraError as err:
         raise SvdloraError(f"{flag} {name!r}: {err}") from None
     return model
+
+
+def early_processor(source: str, task: str | None = None) -> tuple[str | None, Any]:
+    """(task, processor) of a local model folder, from its config on the meta device and its processor
+    files, before the model is loaded: a wrong task or a folder without tokenizer files is refused in a
+    second, not after minutes of loading. ``(task, None)`` for a hub id, whose files come with the model,
+    and for a folder whose config only its load can judge."""
+    if not Path(source).expanduser().is_dir():
+        return task, None
+    model = outline(source)
+    if model is None:
+        return task, None
+    task = task or infer_task(model)
+    check_task(model, task, source)
+    return task, checked_processor(source, task)
 
 
 def outline(spec: Any) -> nn.Module | None:
