@@ -64,6 +64,21 @@ def kind_article(kind: str) -> str:
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
+def check_fits(kind: str, data: Any, length: int) -> None:
+    """The refusals that need only the model's ``model_kind`` (the CLI checks them on the meta model, before
+    the load): windows too short for a causal LM, 'self' for a model that does not generate text."""
+    if kind == "causal-lm" and length < 2:  # one token predicts nothing: no loss, no gradient statistics
+        raise SvdloraError(
+            f"--calibration-length {length} is too short: a causal LM's windows need 2 or more tokens, "
+            "each scored on the next"
+        )
+    if data == SELF and kind != "causal-lm":
+        raise SvdloraError(
+            f"{FLAG} self generates text, which needs a causal language model; this is {kind_article(kind)} model: "
+            f"pass {FLAG} DATA (text, sentences or an image folder) or {FLAG} none"
+        )
+
+
 def calibration_batches(
     model: nn.Module,
     data: Any,
@@ -81,17 +96,8 @@ def calibration_batches(
     """
     kind = model_kind(model)
     device = device or next(model.parameters()).device
-    if kind == "causal-lm" and length < 2:  # one token predicts nothing: no loss, no gradient statistics
-        raise SvdloraError(
-            f"--calibration-length {length} is too short: a causal LM's windows need 2 or more tokens, "
-            "each scored on the next"
-        )
+    check_fits(kind, data, length)
     if data == SELF:
-        if kind != "causal-lm":
-            raise SvdloraError(
-                f"{FLAG} self generates text, which needs a causal language model; this is {kind_article(kind)} model: "
-                f"pass {FLAG} DATA (text, sentences or an image folder) or {FLAG} none"
-            )
         batches = generate_text(
             model, processor, samples, min(SELF_LENGTH, length, _max_positions(model)), seed, progress
         )

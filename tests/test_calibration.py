@@ -928,3 +928,29 @@ def test_compress_eval_without_a_tokenizer_is_refused_before_loading(tmp_path, c
     ]
     line = _one_line_error(capsys, *args, *stream, "--no-progress")
     assert "cannot load the tokenizer" in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["compress", "sweep"])
+def test_what_the_model_kind_refuses_is_refused_before_loading(tmp_path, capsys, monkeypatch, command):
+    """--calibration self for a translation model, and --calibration-length 1 for a causal LM, were refused only
+    once the model was loaded (calibration_data.calibration_batches): the folder's config says so before."""
+    from .eval_helpers import tiny_marian, word_tokenizer
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    tok = word_tokenizer(WORDS)
+    tiny_marian(len(tok)).save_pretrained(tmp_path / "marian")
+    for folder in ("llama", "marian"):
+        tok.save_pretrained(tmp_path / folder)
+    (tmp_path / "text.txt").write_text(word_text(WORDS))
+    capsys.readouterr()  # save_pretrained's progress bars
+    monkeypatch.setattr("svdlora.models.load_pretrained", _never_called)
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", _never_called)
+    tail = {"compress": [], "sweep": ["--data", tmp_path / "text.txt", "--references", tmp_path / "text.txt"]}
+    base = [command, tmp_path / "marian", "-o", tmp_path / "out", *tail[command], "--no-progress"]
+    line = _one_line_error(capsys, *base, "--calibration", "self")
+    assert "--calibration self generates text, which needs a causal language model" in line, line
+    base = [command, tmp_path / "llama", "-o", tmp_path / "out", *tail[command][:2], "--no-progress"]
+    line = _one_line_error(capsys, *base, "--calibration-length", "1")  # --calibration auto: self here
+    assert "--calibration-length 1 is too short" in line, line
+    assert not (tmp_path / "out").exists()

@@ -168,18 +168,31 @@ def streamed_calibration(data: str) -> str | None:
     return None if data in (AUTO, NONE) else data
 
 
-def processor_before_load(data: str, source: str, trust_remote_code: bool = False) -> Any:
+def processor_before_load(
+    data: str, source: str, trust_remote_code: bool = False, config: CompressionConfig | None = None
+) -> Any:
     """The processor that reads --calibration DATA, loaded before the model where ``source`` is a local
-    folder, so that a folder without one is refused in a second, not after minutes of loading; None
+    folder, so that a folder without one is refused in a second, not after minutes of loading (and so is
+    'self', or 'auto' meaning it, for a model that cannot use it: ``calibration_data.check_fits``); None
     for a keyword ('self' needs none) and for a hub id, whose files are fetched with the model."""
-    if calibration_input(data) is None or not Path(source).expanduser().is_dir():
+    from ..plan import uses_calibration
+
+    if data == NONE or not Path(source).expanduser().is_dir():
         return None
-    from ..calibration_data import model_kind
+    if data == AUTO and config is not None and not uses_calibration(config):
+        return None  # as resolve_calibration: none
+    from ..calibration_data import check_fits, model_kind
     from ..evaluation.loading import checked_processor, skeleton
 
     try:
         kind = model_kind(skeleton(source, trust_remote_code))  # the meta model's class: which processor
     except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
+        return None
+    data = effective_calibration(data, kind)
+    if data == NONE:
+        return None
+    check_fits(kind, data, config.calibration_length if config is not None else DEFAULT["calibration_length"])
+    if calibration_input(data) is None:
         return None
     return checked_processor(source, _processor_task(kind))
 

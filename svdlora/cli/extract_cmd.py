@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     _check_inputs(args)  # both models' paths and the patterns, before the base's slow load
 
     require_peft()  # before the slow loads
-    processor = processor_before_load(args.calibration, args.tuned, args.trust_remote_code)  # the tuned reads it
+    # the tuned model reads the data
+    processor = processor_before_load(args.calibration, args.tuned, args.trust_remote_code, config)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()

@@ -15,6 +15,7 @@ from .calibration_flags import (
     add_calibration_flags,
     calibration_options,
     check_calibration,
+    processor_before_load,
     resolve_calibration,
 )
 
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration == NONE:  # every budget would fail alike: once it was taken as too small a budget
         check_without_calibration(config)
     task, processor = early_processor(args.model, args.task)  # a local folder's: a refusal comes in a second
+    processor_before_load(args.calibration, args.model, config=config)  # 'self' for a model that cannot use it
     if task and args.target:
         parse_target(args.target, task)  # a bad target fails before the slow load
     if not args.progress:
