@@ -59,12 +59,11 @@ def run(args: argparse.Namespace) -> int:
         check_without_calibration(config)
     if args.eval_limit is not None and not args.eval:
         raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
-    eval_processor = None
     if args.eval:
         check_data_path(args.eval, "--eval")
-        # a local folder's tokenizer / image processor, read before the load: a folder without one is refused
-        # now, not once the model is compressed and written
-        eval_processor = early_processor(args.model)[1]
+        # a local folder's tokenizer / image processor, checked before the load: a folder without one is
+        # refused now, not once the model is compressed and written
+        early_processor(args.model)
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
     inputs = [args.model, calibration_input(args.calibration), args.eval]
     output = check_output(args.output, args.overwrite, inputs=inputs)
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     processor = processor_before_load(args.calibration, args.model, args.trust_remote_code, config)
     if args.stream or distributed.launched() or streams_for_memory(args, config):
-        return _run_streamed(args, config, output, processor, eval_processor)
+        return _run_streamed(args, config, output, processor)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval:
         from ..card_eval import evaluate_into_card
 
-        evaluate_into_card(model, output, report, args.model, args.eval, args.eval_limit, eval_processor)
+        evaluate_into_card(model, output, report, args.model, args.eval, args.eval_limit)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(
         f"\nwrote {output}  (load {load_seconds:.1f} s, total {time.perf_counter() - start:.1f} s, "
@@ -99,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, processor, eval_processor) -> int:
+def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, processor) -> int:
     start = time.perf_counter()
     how = "--stream" if args.stream else "a distributed run"
     ctx = distributed.context()
@@ -143,9 +142,7 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, p
         from ..card_eval import evaluate_into_card
         from ..io import load_compressed
 
-        evaluate_into_card(
-            load_compressed(output), output, report, args.model, args.eval, args.eval_limit, eval_processor
-        )
+        evaluate_into_card(load_compressed(output), output, report, args.model, args.eval, args.eval_limit)
     print(
         f"\n{f'[rank {ctx.rank}/{ctx.world_size}] ' if ctx.world_size > 1 else ''}wrote {output}  "
         f"(streamed, total {time.perf_counter() - start:.1f} s, "
