@@ -60,8 +60,27 @@ def _distill_inputs(model: nn.Module, batch: dict) -> dict:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch.get("labels")
     if labels is not None and "decoder_input_ids" not in batch and is_encoder_decoder(model):
-        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        inputs["decoder_input_ids"] = _shifted_right(model, labels)
     return inputs
+
+
+def _shifted_right(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder inputs ``model`` builds from ``labels``: its own ``prepare_decoder_input_ids_from_labels``,
+    or for models that shift inside ``forward`` only (M2M100 / NLLB, Blenderbot, Whisper) the same shift:
+    the decoder start token, then the labels but the last, -100 read as padding."""
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is not None:
+        return prepare(labels=labels)
+    start, pad = (getattr(model.config, k, None) for k in ("decoder_start_token_id", "pad_token_id"))
+    if start is None or pad is None:
+        raise SvdloraError(
+            f"distillation healing of {type(model).__name__} needs decoder inputs, and its config has no "
+            "decoder_start_token_id or pad_token_id to build them from the labels: put decoder_input_ids in the "
+            'calibration batches, or pass --heal-loss lm (heal_loss="lm")'
+        )
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, pad)
+    return shifted
 
 
 def _real_positions(model: nn.Module, batch: dict) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ from svdlora.cli import main
 from svdlora.config import CompressionConfig
 from svdlora.decompose import relative_error, residual_svd
 from svdlora.errors import SvdloraError
-from svdlora.heal import FINAL_LR_FRACTION, WARMUP_STEPS, heal, learning_rate
+from svdlora.heal import FINAL_LR_FRACTION, WARMUP_STEPS, _distill_inputs, heal, learning_rate
 from svdlora.layers import LowRankLinear, weight_out_in
 from svdlora.methods import Weighting, factorize
 from svdlora.methods.weighting import whitening
@@ -793,6 +793,34 @@ def test_distillation_heals_a_translator():
     report = svdlora.compress(model, budget=0.5, calibration=[batch], heal_steps=2, progress=False)
     assert report.heal["loss"] == "distill" and report.heal["steps"] == 2
     assert math.isfinite(report.heal["first_loss"])
+
+
+def _tiny_m2m100():
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
+
+    config = M2M100Config(
+        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=1, eos_token_id=2, bos_token_id=0, decoder_start_token_id=2,
+    )  # fmt: skip
+    return M2M100ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("kind", ["marian", "m2m100"])
+def test_distillation_feeds_a_translator_s_decoder_what_the_model_does(kind):
+    # the labels shifted right came from prepare_decoder_input_ids_from_labels, which M2M100 (NLLB),
+    # Blenderbot and Whisper lack: their distillation healing stopped with an AttributeError
+    torch.manual_seed(0)
+    model = (tiny_marian if kind == "marian" else _tiny_m2m100)().eval()
+    batch, _ = _padded_and_rows("marian", model)
+    with torch.no_grad():  # the model's own decoder inputs: those it builds from the labels
+        torch.testing.assert_close(model(**_distill_inputs(model, batch)).logits, model(**batch).logits)
+    report = svdlora.compress(model, budget=0.5, calibration=[batch], heal_steps=2, progress=False)
+    assert report.heal["loss"] == "distill" and report.heal["steps"] == 2
+    if kind == "m2m100":  # nothing to build them from: the error says what to pass
+        model.config.decoder_start_token_id = None
+        with pytest.raises(SvdloraError, match="decoder_start_token_id.*decoder_input_ids.*--heal-loss lm"):
+            heal(model, [batch], steps=1, teacher=copy.deepcopy(model), progress=False)
 
 
 @pytest.mark.parametrize(
