@@ -783,6 +783,34 @@ def test_padding_is_not_counted_in_the_refit_statistics(kind):
         torch.testing.assert_close(padded[name][1], cross, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_refit_multiplies_a_padded_batch_s_inputs_once(monkeypatch):
+    # the refit ran a padded batch row by row and formed its in×in products (G̃ and C) for every row
+    # and layer: several times the padded batch's time on 8-sentence batches of translations
+    from torch.overrides import TorchFunctionMode
+
+    class CountProducts(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            CountProducts.count += func is torch.Tensor.matmul  # what `a @ b` calls
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    dense = tiny_marian().eval()
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.5, progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    originals = {n: dense.get_submodule(n) for n in layers}
+    batch, rows = _padded_and_rows("marian", model)
+    counts = []
+    for batches in ([rows[0]], [batch]):  # one sentence, then two as a padded batch
+        CountProducts.count = 0
+        with CountProducts():
+            collect_cross_statistics(model, originals, layers, batches, progress=False)
+        counts.append(CountProducts.count)
+    assert counts[0] > 0 and counts[1] == counts[0]
+
+
 def test_distillation_heals_a_translator():
     # distillation dropped the labels, a translator's batches' only decoder input (source, mask and
     # labels): healing a Marian model stopped at its first step ("You cannot specify both
