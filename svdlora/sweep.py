@@ -171,6 +171,15 @@ class SweepStopped(Exception):
         self.record, self.error = record, error
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a budget's measurement: still a KeyboardInterrupt (callers' ``except Exception`` let it by),
+    holding the record of the points measured before (``record["failed"]`` says at which budget)."""
+
+    def __init__(self, record: dict) -> None:
+        super().__init__(f"the sweep was interrupted at budget {record['failed']['budget']}")
+        self.record = record
+
+
 class _Stop(Exception):  # a measurement's failure, carried past find_budget (which catches SvdloraError only)
     def __init__(self, budget: float, error: Exception) -> None:
         super().__init__(budget)
@@ -187,13 +196,17 @@ def sweep(
     """Dense point, one point per budget, and (with ``target``) the smallest budget that meets it.
 
     A budget that cannot be measured (``SvdloraError``: too small to compress at) is skipped and noted;
-    any other failure stops the sweep with ``SweepStopped``, which holds the points measured before it.
+    any other failure stops the sweep with ``SweepStopped``, which holds the points measured before it
+    (an interruption: ``SweepInterrupted``, a KeyboardInterrupt, likewise).
     """
     metric, higher_is_better = QUALITY[task]
     dense = measure(None)  # nothing is measured before it: its failure is the sweep's, as it is
     measured: dict[float, Point] = {}
 
+    current: list[float] = []  # the budget being measured, for an interruption
+
     def guarded(budget: float) -> Point:
+        current[:] = [budget]
         try:
             point = measure(budget)
         except SvdloraError:
@@ -231,6 +244,10 @@ def sweep(
         _add_points(record, measured)
         record["failed"] = {"budget": stop.budget, "error": f"{type(stop.error).__name__}: {first_line(stop.error)}"}
         raise SweepStopped(record, stop.error) from stop.error
+    except KeyboardInterrupt:
+        _add_points(record, measured)
+        record["failed"] = {"budget": current[0] if current else None, "error": "interrupted"}
+        raise SweepInterrupted(record) from None
     record["points"] = [asdict(points[b]) for b in sorted(points) if points[b] is not None]
     return record
 

@@ -11,6 +11,7 @@ from svdlora.errors import SvdloraError
 from svdlora.sweep import (
     Point,
     QualityTarget,
+    SweepInterrupted,
     SweepStopped,
     check_sweep_folder,
     find_budget,
@@ -369,6 +370,28 @@ def test_sweep_cli_writes_the_points_before_a_failure_and_exits_with_the_error(t
     assert [p["budget"] for p in data["points"]] == [0.3, 0.5] and data["failed"]["budget"] == 0.8
     assert "Budget 0.8 failed" in (out / "sweep.md").read_text()
     check_sweep_folder(out, overwrite=True)  # a stopped sweep's files: replaced by the next with --overwrite
+
+
+def test_ctrl_c_keeps_the_points_measured_before(tmp_path, capsys, monkeypatch):
+    """Ctrl-C at the 3rd budget lost the points measured before it ('interrupted (nothing was written)'); the
+    sweep now raises SweepInterrupted (still a KeyboardInterrupt) holding them, and the CLI writes them and
+    exits 130."""
+    import svdlora.sweep
+
+    with pytest.raises(SweepInterrupted) as stopped:
+        sweep(failing_at(0.8, KeyboardInterrupt()), [0.3, 0.5, 0.8], "text-generation")
+    assert isinstance(stopped.value, KeyboardInterrupt)
+    assert [p["budget"] for p in stopped.value.record["points"]] == [0.3, 0.5]
+    assert stopped.value.record["failed"] == {"budget": 0.8, "error": "interrupted"}
+    monkeypatch.setattr(svdlora.sweep, "evaluating_measure", lambda *args: failing_at(0.8, KeyboardInterrupt()))
+    model, text = lm_folder(tmp_path)
+    capsys.readouterr()
+    out = tmp_path / "s"
+    argv = ["sweep", str(model), "--budgets", "0.3,0.5,0.8", "--data", str(text), "--output", str(out)]
+    assert main([*argv, "--no-progress", "--calibration", "none"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "svdlora sweep: interrupted at budget 0.8; kept the 2 point(s) measured before", err
+    assert [p["budget"] for p in json.loads((out / "sweep.json").read_text())["points"]] == [0.3, 0.5]
 
 
 @pytest.mark.parametrize("flags", [["--method", "whiten"], ["--allocation", "global"], ["--heal-steps", "2"]])

@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from ..plan import UNUSED, check_without_calibration, uses_calibration
     from ..saving import check_output, save_compressed
     from ..sweep import (
+        SweepInterrupted,
         SweepStopped,
         check_sweep_folder,
         evaluating_measure,
@@ -151,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         record = sweep(measure, args.budgets, task, target=target, tolerance=args.tolerance)
     except SweepStopped as stopped:  # out of memory, a bug: keep what was measured, then say what failed
         record, failure = stopped.record, stopped.error
+    except SweepInterrupted as interrupted:  # Ctrl-C: likewise, then exit as an interruption
+        record, failure = interrupted.record, interrupted
     record["model"] = args.model
     record["calibration"] = str(calibration) if calibration is not None else None
     for path in write_outputs(record, output, f"svdlora sweep: {args.model}"):
@@ -163,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
     if failure is not None:  # the error itself, as main() reports it: one line, its exit status
         kept = len(record["points"])
         at = record["failed"]["budget"]
+        if isinstance(failure, KeyboardInterrupt):
+            message = f"interrupted at budget {at}; kept the {kept} point(s) measured before"
+            print(f"svdlora sweep: {message}", file=sys.stderr)
+            return 130
         print(f"svdlora sweep: kept the {kept} point(s) measured before budget {at} failed", file=sys.stderr)
         raise failure
     if target is not None and chosen is None:
