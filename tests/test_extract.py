@@ -140,9 +140,14 @@ def test_a_translation_model_s_adapter_is_a_seq2seq_lm_adapter(kind, tmp_path):
     assert (got - want).abs().max() < 1e-4
 
 
-def test_a_pair_in_different_dtypes_is_refused(tmp_path, capsys):
+def _never_loaded(*args, **kwargs):
+    raise AssertionError("a model was loaded before the pair's dtypes were checked")
+
+
+def test_a_pair_in_different_dtypes_is_refused(tmp_path, capsys, monkeypatch):
     """A float32 base and a bfloat16 fine-tune (each loaded as stored) differed in every tensor by the
-    rounding: the untouched embedding and head were saved whole and every delta carried the rounding."""
+    rounding: the untouched embedding and head were saved whole and every delta carried the rounding. The CLI
+    refuses from the two configs' dtypes, before the loads."""
     base = tiny_llama().eval()
     tuned = fine_tune(copy.deepcopy(base).to(torch.bfloat16))  # a bf16 fine-tune of the base
     with pytest.raises(SvdloraError, match=r"float32 in base and torch\.bfloat16 in tuned.*--dtype"):
@@ -151,8 +156,10 @@ def test_a_pair_in_different_dtypes_is_refused(tmp_path, capsys):
     tuned.save_pretrained(tmp_path / "tuned")
     capsys.readouterr()
     pair = ["--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--rank", "2", "--no-progress"]
+    monkeypatch.setattr("svdlora.models.load_pretrained", _never_loaded)  # config dtypes: refused first
     err = _cli_error(capsys, ["extract", *pair, "-o", str(tmp_path / "adapter")])
-    assert "--dtype" in err and not (tmp_path / "adapter").exists()
+    assert "stored in torch.float32" in err and "--dtype" in err and not (tmp_path / "adapter").exists()
+    monkeypatch.undo()
     assert main(["extract", *pair, "-o", str(tmp_path / "adapter"), "--dtype", "bfloat16"]) == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert "model.embed_tokens" not in config["modules_to_save"]  # unchanged once both are bf16

@@ -153,3 +153,9 @@ def _check_pair_on_meta(args: argparse.Namespace) -> None:
         except Exception:  # noqa: BLE001  only an early check: the load says what is wrong, if anything
             return
     check_pair(*models)
+    stored = [getattr(m.config, "dtype", None) for m in models]  # the dtype each loads in without --dtype
+    if args.dtype is None and None not in stored and stored[0] != stored[1]:
+        raise SvdloraError(
+            f"--base {args.base!r} is stored in {stored[0]} and --tuned {args.tuned!r} in {stored[1]}: the delta "
+            "would carry the rounding between them; pass --dtype, the one the fine-tune ran in"
+        )
