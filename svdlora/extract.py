@@ -29,7 +29,7 @@ from .allocate import allocate_ranks
 from .config import CompressionConfig
 from .decompose import relative_error, residual_svd
 from .errors import SvdloraError
-from .layers import weight_out_in
+from .layers import CONV1D, weight_out_in
 from .methods import factorize
 from .methods.weighting import Weighting
 from .plan import plan_calibration
@@ -258,6 +258,7 @@ def extract_adapter(
     lora_targets = [t for t in targets if f"{t.name}.weight" in changed]
     unchanged = len(targets) - len(lora_targets)
     ranks, dense = allocate_ranks(lora_targets, config) if lora_targets else ({}, {})
+    check_one_kind([(t.name, t.kind) for t in lora_targets if t.name in ranks])  # before the slow part
     plan = None
     if method in CALIBRATED and lora_targets:
         # the tuned model's inputs: where base + adapter runs in place of the fine-tune
@@ -365,3 +366,24 @@ __all__ = [
     "extract_adapter",
     "resolve_method",
 ]
+
+
+def check_one_kind(layers: list[tuple[str, str]]) -> None:
+    """The adapter's (name, kind) layers are all Linear or all GPT-2 Conv1D: one peft LoraConfig has one
+    fan_in_fan_out, so GPT-2's Conv1D blocks and a Linear layer (its head) cannot share it. Checked before
+    the factorizations, and again on the Extraction written."""
+    linear = [name for name, kind in layers if kind != CONV1D]
+    conv1d = [name for name, kind in layers if kind == CONV1D]
+    if not linear or not conv1d:
+        return
+    fewer = min(linear, conv1d, key=len)
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f", … {len(names)} in all" if len(names) > 3 else "")
+
+    fix = f"exclude={fewer!r} (--exclude {' '.join(fewer)})" if len(fewer) <= 3 else "--exclude patterns for them"
+    raise SvdloraError(
+        f"the changed targets mix Linear ({listed(linear)}) and GPT-2 Conv1D ({listed(conv1d)}) layers, and one "
+        f"peft adapter holds one fan_in_fan_out for all: store the {'Linear' if fewer is linear else 'Conv1D'} "
+        f"ones whole, {fix}"
+    )

@@ -205,13 +205,22 @@ def test_changed_head_is_saved_whole(tmp_path):
     assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
 
 
-def test_mixed_linear_and_conv1d_targets_name_the_layers_and_the_fix(tmp_path):
-    """GPT-2's head (Linear) targeted beside its Conv1D blocks: the error named neither the layers nor a way out."""
+def test_mixed_linear_and_conv1d_targets_name_the_layers_and_the_fix(tmp_path, monkeypatch):
+    """GPT-2's head (Linear) targeted beside its Conv1D blocks: the error named neither the layers nor a way out,
+    and came once every delta was factorized; now before the first."""
+    import svdlora.extract
+
     base, tuned = _pair(tiny_gpt2)
     with torch.no_grad():
         tuned.lm_head.weight.add_(0.01)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a delta was factorized before the kinds were checked")
+
+    monkeypatch.setitem(svdlora.extract.METHODS, "svd", never)
     with pytest.raises(SvdloraError, match=r"Linear \(lm_head\).*exclude=\['lm_head'\]"):
         write_adapter(base, tuned, tmp_path / "adapter", rank=2, keep_head=False, progress=False)
+    monkeypatch.undo()
     write_adapter(base, tuned, tmp_path / "adapter", rank=2, keep_head=False, exclude=["lm_head"], progress=False)
     assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
 

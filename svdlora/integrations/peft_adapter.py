@@ -23,7 +23,7 @@ from torch import nn
 from .. import card
 from ..config import CompressionConfig
 from ..errors import SvdloraError
-from ..extract import Extraction, extract_adapter
+from ..extract import Extraction, check_one_kind, extract_adapter
 from ..layers import CONV1D
 from ..models import folder_bytes
 from ..outputs import atomic_folder, check_output_folder, readable_as_umask
@@ -58,8 +58,7 @@ def lora_config(extraction: Extraction, model: nn.Module, base_name: str | None)
     ranks = {m.name: m.rank for m in extraction.lora}
     common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     kinds = {m.kind for m in extraction.lora}
-    if len(kinds) > 1:
-        _refuse_mixed_kinds(extraction)
+    check_one_kind([(m.name, m.kind) for m in extraction.lora])
     return peft.LoraConfig(
         r=common,
         lora_alpha=common,
@@ -74,23 +73,6 @@ def lora_config(extraction: Extraction, model: nn.Module, base_name: str | None)
         task_type=_task_type(model),
         base_model_name_or_path=base_name,
         inference_mode=True,
-    )
-
-
-def _refuse_mixed_kinds(extraction: Extraction) -> None:
-    # one LoraConfig has one fan_in_fan_out: GPT-2's Conv1D blocks and a Linear layer (its head) cannot share it
-    linear = [m.name for m in extraction.lora if m.kind != CONV1D]
-    conv1d = [m.name for m in extraction.lora if m.kind == CONV1D]
-    fewer = min(linear, conv1d, key=len)
-
-    def listed(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (f", … {len(names)} in all" if len(names) > 3 else "")
-
-    fix = f"exclude={fewer!r} (--exclude {' '.join(fewer)})" if len(fewer) <= 3 else "--exclude patterns for them"
-    raise SvdloraError(
-        f"the changed targets mix Linear ({listed(linear)}) and GPT-2 Conv1D ({listed(conv1d)}) layers, and one "
-        f"peft adapter holds one fan_in_fan_out for all: store the {'Linear' if fewer is linear else 'Conv1D'} "
-        f"ones whole, {fix}"
     )
 
 
