@@ -111,13 +111,20 @@ def uses_calibration(config: CompressionConfig) -> bool:
     return not (config.method == "svd" and resolved_allocation(config) == "uniform" and not config.heal_steps)
 
 
+# --refit with method 'svd': data or none, there are no weighted statistics to refit to
+REFIT_SVD = "the refit pass is not run with method 'svd' (it refits to weighted statistics)"
+
+
 def check_without_calibration(config: CompressionConfig) -> None:
-    """Refuse the settings that need calibration data, for a run without any (the CLI: before the load)."""
+    """Refuse the settings that need calibration data, for a run without any (the CLI: before the load).
+    --refit with method 'svd' is not refused: data would not make it run (``plan_calibration`` warns), and
+    a run given data that 'svd' leaves unread (``uses_calibration``) goes on without it."""
     hint = "needs calibration data: pass --calibration DATA (or 'self' for a causal LM)"
     for name, value in (("method", config.method), ("allocation", config.allocation)):
         if value not in ("auto", "svd", "uniform"):
             raise SvdloraError(f"{name} {value!r} {hint}")
-    for what, given in (("healing", config.heal_steps), ("the refit pass (--refit)", config.refit)):
+    refit = config.refit and config.method != "svd"
+    for what, given in (("healing", config.heal_steps), ("the refit pass (--refit)", refit)):
         if given:
             raise SvdloraError(f"{what} {hint}")
 
@@ -135,6 +142,8 @@ def plan_calibration(
     # imported here: calibration_data reads data with svdlora.evaluation, which imports compress
     from .calibration_data import SELF, calibration_batches, model_kind
 
+    if config.refit and config.method == "svd":
+        logger.warning(REFIT_SVD)
     if calibration is None:
         check_without_calibration(config)
         return CalibrationPlan(method="svd", allocation="uniform")
@@ -162,9 +171,7 @@ def plan_calibration(
         )  # fmt: skip
     if method == "kfac" and not any(s.out_grad_gram is not None for s in stats.values()):
         logger.warning("method kfac: the statistics hold no output-gradient Grams; using their diagonal (fisher)")
-    refit = config.refit and method != "svd"
-    if config.refit and not refit:
-        logger.warning("the refit pass is not run with method 'svd' (it refits to weighted statistics)")
+    refit = config.refit and method != "svd"  # method 'svd': warned above
     return CalibrationPlan(method, allocation, batches=batches, stats=stats, source=source, refit=refit)
 
 

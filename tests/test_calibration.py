@@ -1010,3 +1010,21 @@ def test_what_the_model_kind_refuses_is_refused_before_loading(tmp_path, capsys,
     line = _one_line_error(capsys, *base, "--calibration-length", "1")  # --calibration auto: self here
     assert "--calibration-length 1 is too short" in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_refit_with_plain_svd_runs_as_with_data_it_leaves_unread(gpt2_with_tokenizer, tmp_path, capsys, caplog):
+    """--refit is not run with method 'svd' (a warning, data or not). Once 'svd' with uniform allocation left
+    the data unread, a sweep given --calibration DATA compressed without it, and every budget was refused as
+    'the refit pass needs calibration data' ('list larger ones'); compress's default 'auto', now none there,
+    was refused the same way after the load. Both now run, as compress given the data does, with the warning."""
+    root = gpt2_with_tokenizer
+    plain = ["--method", "svd", "--allocation", "uniform", "--refit", "--no-progress"]
+    assert main([str(a) for a in ["compress", root / "dense", "-o", tmp_path / "out", *plain]]) == 0
+    assert "refit pass is not run with method 'svd'" in caplog.text
+    sweep = ["sweep", root / "dense", "--data", root / "text.txt", "-o", tmp_path / "s", "--budgets", "0.5,0.8"]
+    sweep += ["--calibration", root / "text.txt", "--max-length", "16", "--limit", "2", *plain]
+    assert main([str(a) for a in sweep]) == 0
+    record = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [p["budget"] for p in record["points"]] == [0.5, 0.8] and not record["skipped"]
+    with pytest.raises(SvdloraError, match=r"refit pass \(--refit\) needs calibration data"):
+        svdlora.compress(tiny_gpt2(), budget=0.5, refit=True, progress=False)  # 'auto' would refit with data
