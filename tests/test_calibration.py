@@ -986,6 +986,26 @@ def test_compress_eval_without_a_tokenizer_is_refused_before_loading(tmp_path, c
     assert "cannot load the tokenizer" in line and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_compress_eval_of_a_model_no_task_fits_is_refused_before_loading(tmp_path, capsys, monkeypatch, stream):
+    """compress --eval on a model no evaluation task fits (a BERT classifier) was refused as 'cannot tell which
+    task ... pass --task', a flag compress does not have (and, before the early check, once the model was
+    compressed and written): it is now refused before the load, saying to drop --eval."""
+    from .eval_helpers import word_tokenizer
+
+    torch.manual_seed(0)
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "bert")
+    (tmp_path / "text.txt").write_text(word_text(WORDS))
+    capsys.readouterr()  # save_pretrained's progress bar
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", _never_called)
+    monkeypatch.setattr("svdlora.cli.compress_run.compress_checkpoint", _never_called)
+    args = ["compress", tmp_path / "bert", "-o", tmp_path / "out", "--eval", tmp_path / "text.txt"]
+    line = _one_line_error(capsys, *args, *stream, "--no-progress")
+    assert "BertForSequenceClassification: drop --eval" in line and "--task" not in line, line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["compress", "sweep"])
 def test_what_the_model_kind_refuses_is_refused_before_loading(tmp_path, capsys, monkeypatch, command):
     """--calibration self for a translation model, and --calibration-length 1 for a causal LM, were refused only

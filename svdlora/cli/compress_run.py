@@ -13,7 +13,6 @@ from .. import blockwise, distributed
 from ..compress import compress, rank_factorizes_nothing, svd_device
 from ..config import CompressionConfig
 from ..errors import SvdloraError
-from ..evaluation.loading import early_processor
 from ..models import load_pretrained
 from ..plan import check_without_calibration
 from ..saving import check_output, save_compressed
@@ -61,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
         raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
     if args.eval:
         check_data_path(args.eval, "--eval")
-        # a local folder's tokenizer / image processor, checked before the load: a folder without one is
-        # refused now, not once the model is compressed and written
-        early_processor(args.model)
+        from ..card_eval import check_before_load
+
+        check_before_load(args.model)  # a local folder's task and tokenizer, before the load
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
     inputs = [args.model, calibration_input(args.calibration), args.eval]
     output = check_output(args.output, args.overwrite, inputs=inputs)
