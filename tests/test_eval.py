@@ -789,3 +789,15 @@ def test_image_processor_without_torchvision_loads_the_class_the_folder_names(mo
     monkeypatch.setattr(transformers, "AutoImageProcessor", Refusing)
     processor = load_processor(vit["dense"], "image-classification")
     assert type(processor).__name__.startswith("ViTImageProcessor")
+
+
+def test_a_folder_given_with_a_tilde_loads_its_tokenizer(tmp_path, monkeypatch):
+    """'~/model' (quoted on the command line, or from Python): the model's load expands it, but its tokenizer
+    was asked of the hub as a repo id named '~/model' and refused ('cannot load the tokenizer'), now before
+    the load too (eval, sweep, compress --eval)."""
+    from .eval_helpers import lm_folder
+
+    model, text = lm_folder(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = svdlora.evaluate(f"~/{model.name}", task="text-generation", data=str(text), limit=1, progress=False)
+    assert result["model"]["metrics"]["perplexity"] > 0

@@ -49,6 +49,8 @@ def load_processor(source: str, task: str):
     falls back there too."""
     import transformers
 
+    local = Path(source).expanduser()  # '~/model' (quoted, or from Python): the model's load expands it too
+    source = str(local) if local.is_dir() else source
     if task != IMAGES:
         return transformers.AutoTokenizer.from_pretrained(source)
     try:
