@@ -30,6 +30,30 @@ class Checkpoint:
         for file in self.files:
             for key, (spec, offset) in _read_header(file).items():
                 self.file_of[key], self.spec[key], self.offset[key] = file, spec, offset
+        self.renamed: dict[str, str] = {}  # model key -> checkpoint key, where transformers renames at load
+
+    def follow_renames(self, model: torch.nn.Module) -> None:
+        """Find the tensors of a checkpoint saved in a layout transformers renames at load (its conversion
+        mapping: ViT's ``encoder.layer.N.attention.attention.query`` is ``layers.N.attention.q_proj``
+        in transformers 5) under the model's names; refuse one whose tensors it merges or splits."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, rename_source_key
+        except ImportError:  # transformers 4: checkpoints load under their own names
+            return
+        transforms = get_model_conversion_mapping(model)
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        for key in self.spec:
+            name, converted = rename_source_key(key, renamings, converters)
+            if converted is not None:
+                raise SvdloraError(
+                    f"{str(self.folder)!r} stores {key!r} in a layout transformers converts when loading "
+                    f"{type(model).__name__} (tensors merged or split), which streaming does not: compress "
+                    "without --stream"
+                )
+            if name != key:
+                self.renamed[name] = key
 
     def read(self, key: str) -> torch.Tensor:
         """One tensor, read with plain file I/O into fresh memory.
@@ -50,6 +74,8 @@ class Checkpoint:
         for candidate in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
             if candidate in self.spec:
                 return candidate
+            if candidate in self.renamed:
+                return self.renamed[candidate]
         return None
 
 

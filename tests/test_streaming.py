@@ -13,7 +13,7 @@ from svdlora.models import keep_in_fp32, load_pretrained
 from svdlora.streaming import compress_checkpoint
 from svdlora.writer import INDEX_NAME, TensorSpec, plan_shards
 
-from .conftest import example_inputs, tiny_gpt2, tiny_llama, tiny_t5
+from .conftest import example_inputs, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit
 
 
 def tied_llama():
@@ -38,6 +38,9 @@ def weight_bytes(folder: Path) -> dict[str, bytes]:
         (tiny_gpt2, {"budget": 0.5}, "bfloat16"),
         (tied_llama, {"budget": 0.5, "submatrices": 2, "pivot": True}, None),  # svdlora.pivoted
         (tiny_gpt2, {"budget": 0.6, "pivot": True}, "bfloat16"),
+        # saved in the layout transformers 5 renames at load (encoder.layer.N.attention.attention.query ->
+        # layers.N.attention.q_proj): streaming found no tensor for the model's names
+        (tiny_vit, {"budget": 0.5}, None),
     ],
 )
 def test_streamed_files_equal_in_memory_files(tmp_path, make, settings, dtype):
@@ -64,8 +67,8 @@ def test_streamed_files_equal_in_memory_files(tmp_path, make, settings, dtype):
 
     loaded = load_compressed(tmp_path / "stream", device="cpu")
     with torch.no_grad():
-        got = loaded(**example_inputs("llama")).logits
-        want = model(**example_inputs("llama")).logits
+        inputs = example_inputs("vit" if make is tiny_vit else "llama")
+        got, want = loaded(**inputs).logits, model(**inputs).logits
     assert torch.equal(got, want)
 
 
@@ -370,3 +373,22 @@ def test_weights_that_do_not_fit_config_json_are_refused_as_in_memory(tmp_path, 
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert "has shape [96, 32] but LlamaForCausalLM needs" in err and "do not match" in err, err
         assert not (tmp_path / mode).exists()
+
+
+def test_a_checkpoint_transformers_merges_at_load_is_refused_in_one_line(tmp_path, capsys):
+    """transformers 5 merges a Mixtral checkpoint's per-expert tensors into one at load (a WeightConverter), which
+    streaming cannot do tensor by tensor: refused, naming the tensor and the way out; in memory it compresses."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
+    )  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+    capsys.readouterr()
+    args = ["compress", str(tmp_path / "moe"), "--calibration", "none", "--no-progress", "-o"]
+    assert main([*args, str(tmp_path / "stream"), "--stream"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "experts.0.w1.weight' in a layout transformers converts" in err[0], err
+    assert err[0].endswith("compress without --stream") and not (tmp_path / "stream").exists()
+    assert main([*args, str(tmp_path / "memory")]) == 0

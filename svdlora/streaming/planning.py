@@ -100,6 +100,7 @@ def plan(
     check_dense_folder(Path(source), str(source))  # issue 7's checks: no svdlora folder, no truncated file
     ckpt = Checkpoint(source)
     hf_config, model = meta_model(source, trust_remote_code)
+    ckpt.follow_renames(model)
     target_dtype = load_dtype(parse_dtype(dtype), hf_config, ckpt)
     params_before = count_parameters(model)
     targets, dense = find_targets(model, config)
