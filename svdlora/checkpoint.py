@@ -70,12 +70,15 @@ class Checkpoint:
         return out
 
     def resolve(self, key: str, prefix: str) -> str | None:
-        """The checkpoint's name for a model state key (base models are often saved without their prefix)."""
+        """The checkpoint's name for a model state key (base models are often saved without their prefix).
+
+        A tensor transformers renames onto the key comes first, as it loads it: a mapping that shifts
+        names (kimi_k25's norm0 -> norm1, norm1 -> norm2) fills norm1 from the checkpoint's norm0."""
         for candidate in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
-            if candidate in self.spec:
-                return candidate
             if candidate in self.renamed:
                 return self.renamed[candidate]
+            if candidate in self.spec:
+                return candidate
         return None
 
 

@@ -392,3 +392,24 @@ def test_a_checkpoint_transformers_merges_at_load_is_refused_in_one_line(tmp_pat
     assert len(err) == 1 and "experts.0.w1.weight' in a layout transformers converts" in err[0], err
     assert err[0].endswith("compress without --stream") and not (tmp_path / "stream").exists()
     assert main([*args, str(tmp_path / "memory")]) == 0
+
+
+def test_a_rename_onto_a_name_the_checkpoint_also_holds_follows_transformers(tmp_path, monkeypatch):
+    """kimi_k25's mapping shifts names (vision blocks' norm0 -> norm1, norm1 -> norm2): transformers loads the
+    checkpoint's norm0 into the model's norm1, but streaming took the checkpoint's own norm1 (norm2's weights)."""
+    import transformers.conversion_mapping as conversion_mapping
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import GroupWeightRename
+
+    from svdlora.checkpoint import Checkpoint
+
+    shift = GroupWeightRename(
+        source_patterns=[r"blocks.(\d+).norm0", r"blocks.(\d+).norm1"],
+        target_patterns=[r"blocks.\1.norm1", r"blocks.\1.norm2"],
+    )
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", lambda model: [shift])
+    save_file({f"blocks.0.norm{i}.weight": torch.full((4,), float(i)) for i in (0, 1)}, tmp_path / "model.safetensors")
+    ckpt = Checkpoint(tmp_path)
+    ckpt.follow_renames(torch.nn.Module())
+    assert ckpt.resolve("blocks.0.norm1.weight", "") == "blocks.0.norm0.weight"
+    assert ckpt.resolve("blocks.0.norm2.weight", "") == "blocks.0.norm1.weight"
