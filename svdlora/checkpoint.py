@@ -44,7 +44,11 @@ class Checkpoint:
         transforms = get_model_conversion_mapping(model)
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-        for key in self.spec:
+        from transformers import core_model_loading
+
+        # in the order transformers renames them (a GroupWeightRename acts once its first pattern was seen),
+        # by name where this transformers lacks that order
+        for key in sorted(self.spec, key=getattr(core_model_loading, "dot_natural_key", None)):
             name, converted = rename_source_key(key, renamings, converters)
             if converted is not None:
                 raise SvdloraError(

@@ -413,3 +413,27 @@ def test_a_rename_onto_a_name_the_checkpoint_also_holds_follows_transformers(tmp
     ckpt.follow_renames(torch.nn.Module())
     assert ckpt.resolve("blocks.0.norm1.weight", "") == "blocks.0.norm0.weight"
     assert ckpt.resolve("blocks.0.norm2.weight", "") == "blocks.0.norm1.weight"
+
+
+def test_renames_follow_the_checkpoint_in_transformers_order_not_its_shards(tmp_path, monkeypatch):
+    """A GroupWeightRename renames only once its first pattern (norm0) was seen, in the order transformers
+    sorts the keys: a checkpoint whose first shard holds norm1 left norm1 unrenamed, so norm2 had no tensor."""
+    import transformers.conversion_mapping as conversion_mapping
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import GroupWeightRename
+
+    from svdlora.checkpoint import Checkpoint
+
+    shift = GroupWeightRename(
+        source_patterns=[r"blocks.(\d+).norm0", r"blocks.(\d+).norm1"],
+        target_patterns=[r"blocks.\1.norm1", r"blocks.\1.norm2"],
+    )
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", lambda model: [shift])
+    shards = {"a.safetensors": "blocks.0.norm1.weight", "b.safetensors": "blocks.0.norm0.weight"}
+    for file, key in shards.items():
+        save_file({key: torch.zeros(4)}, tmp_path / file)
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": {key: file for file, key in shards.items()}}))
+    ckpt = Checkpoint(tmp_path)
+    ckpt.follow_renames(torch.nn.Module())
+    assert ckpt.resolve("blocks.0.norm1.weight", "") == "blocks.0.norm0.weight"
+    assert ckpt.resolve("blocks.0.norm2.weight", "") == "blocks.0.norm1.weight"
