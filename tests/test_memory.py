@@ -17,7 +17,7 @@ from svdlora import memory
 from svdlora.cli import main
 from svdlora.errors import SvdloraError
 
-from .conftest import tiny_t5, tiny_vit
+from .conftest import tiny_marian, tiny_t5, tiny_vit
 from .eval_helpers import lm_folder
 from .test_streaming import tied_llama, weight_bytes
 
@@ -140,10 +140,11 @@ def test_a_streamed_run_evaluates_its_folder_for_the_card(tmp_path):
 
 
 def test_what_streams_by_itself_and_what_decides_it(tmp_path, monkeypatch, capsys):
-    llama, t5, vit = tmp_path / "llama", tmp_path / "t5", tmp_path / "vit"
+    llama, t5, vit, marian = tmp_path / "llama", tmp_path / "t5", tmp_path / "vit", tmp_path / "marian"
     tied_llama().save_pretrained(llama)
     tiny_t5().save_pretrained(t5)
     tiny_vit().save_pretrained(vit)
+    tiny_marian().save_pretrained(marian)
     capsys.readouterr()
 
     def compress(folder: Path, room: float, *flags: str) -> str:
@@ -158,8 +159,11 @@ def test_what_streams_by_itself_and_what_decides_it(tmp_path, monkeypatch, capsy
     assert "streaming it instead" not in compress(llama, 1.2, "--calibration", "none", "--no-stream")
     # --calibration auto is plain SVD for a model that is not a causal LM: it streams as it is
     assert "streaming it instead" in compress(t5, 1.2, "--budget", "0.5")
-    # a model the streamed path cannot read is warned about and compressed in memory, not refused
-    err = compress(vit, 1.2, "--budget", "0.5", "--calibration", "none")
+    # a checkpoint transformers renames at load streams under the model's names
+    assert "streaming it instead" in compress(vit, 1.2, "--budget", "0.5", "--calibration", "none")
+    # a model the streamed path cannot read (Marian's positions are built, not stored) is warned about and
+    # compressed in memory, not refused
+    err = compress(marian, 1.2, "--budget", "0.5", "--calibration", "none")
     assert "warning" in err and "it cannot stream" in err and "streaming it instead" not in err
 
 
