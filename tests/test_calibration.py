@@ -930,6 +930,21 @@ def test_a_calibration_size_without_calibration_is_refused(tmp_path, capsys, mon
     assert not out.exists()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_calibration_size_that_auto_leaves_unread_is_warned_about(tmp_path, capsys, stream):
+    """--calibration auto means none for a translator (in memory) and for a streamed causal LM: a
+    --calibration-samples / --calibration-length given with it was ignored without a word."""
+    torch.manual_seed(0)
+    (tiny_llama() if stream else tiny_marian()).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    flags = ["--stream"] if stream else []
+    args = ["compress", str(tmp_path / "model"), "-o", str(tmp_path / "out"), "--no-progress", *flags]
+    assert main([*args, "--calibration-samples", "8", "--calibration-length", "16"]) == 0
+    err = capsys.readouterr().err
+    for flag, value in (("--calibration-samples", 8), ("--calibration-length", 16)):
+        assert f"warning: {flag} {value} has no effect: --calibration auto reads no data" in err, err
+
+
 def _never_read(*args, **kwargs):
     raise AssertionError("calibration data read (or generated) that method 'svd' with uniform allocation never uses")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,23 @@ def calibration_options(args: argparse.Namespace) -> dict:
         if name in given and not given.get(needed):
             raise SvdloraError(f"--{name.replace('_', '-')} has no effect without {flag}: pass both, or drop it")
     return given
+
+
+def warn_unread_sizes(args: argparse.Namespace, calibration: Any) -> None:
+    """--calibration auto that means none here (a model other than a causal LM, plain SVD with uniform
+    allocation, a streamed run) reads no data: say so where a calibration size was given, which it ignores
+    (with an explicit --calibration none such a size is refused before the load)."""
+    if calibration is not None or getattr(args, "calibration", None) != AUTO:
+        return
+    for name in ("calibration_samples", "calibration_length"):
+        if getattr(args, name, None) is not None:
+            flag = f"--{name.replace('_', '-')}"
+            print(
+                f"svdlora {args.command}: warning: {flag} {getattr(args, name)} has no effect: --calibration auto "
+                "reads no data for this model and settings; pass --calibration DATA to calibrate, or drop "
+                f"{flag}",
+                file=sys.stderr,
+            )
 
 
 def calibration_input(data: str) -> str | None:

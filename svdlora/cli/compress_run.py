@@ -30,6 +30,7 @@ from .calibration_flags import (
     processor_before_load,
     resolve_calibration,
     streamed_calibration,
+    warn_unread_sizes,
 )
 from .memory_choice import streams_for_memory
 
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
     calibration, processor = resolve_calibration(args.calibration, model, args.model, processor, config)
+    warn_unread_sizes(args, calibration)
     report = compress(model, config, calibration=calibration, processor=processor, progress=args.progress)
     if not report.factorized and args.rank is not None:  # the API reports it; the CLI must not write a copy
         raise rank_factorizes_nothing(args.rank, len(report.modules))
@@ -120,6 +122,7 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, p
                 "by default, which needs the whole model in memory; --calibration DATA calibrates block by block)",
                 file=sys.stderr,
             )
+            warn_unread_sizes(args, None)
 
     report = compress_checkpoint(
         args.model,

@@ -17,6 +17,7 @@ from .calibration_flags import (
     check_calibration,
     processor_before_load,
     resolve_calibration,
+    warn_unread_sizes,
 )
 
 EXAMPLES = """examples:
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
     tuned = load_pretrained(args.tuned, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
     calibration, processor = resolve_calibration(args.calibration, tuned, args.tuned, processor)
+    warn_unread_sizes(args, calibration)
     extraction = write_adapter(
         base, tuned, output, config, calibration=calibration, processor=processor, base_name=args.base,
         tuned_name=args.tuned, overwrite=args.overwrite, progress=args.progress,
