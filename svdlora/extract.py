@@ -356,18 +356,6 @@ def resolve_method(method: str, calibration: Any, config: CompressionConfig) -> 
     return method
 
 
-__all__ = [
-    "CALIBRATED",
-    "METHODS",
-    "Extraction",
-    "LoraModule",
-    "check_dtypes",
-    "check_pair",
-    "extract_adapter",
-    "resolve_method",
-]
-
-
 def check_one_kind(layers: list[tuple[str, str]]) -> None:
     """The adapter's (name, kind) layers are all Linear or all GPT-2 Conv1D: one peft LoraConfig has one
     fan_in_fan_out, so GPT-2's Conv1D blocks and a Linear layer (its head) cannot share it. Checked before
@@ -387,3 +375,16 @@ def check_one_kind(layers: list[tuple[str, str]]) -> None:
         f"peft adapter holds one fan_in_fan_out for all: store the {'Linear' if fewer is linear else 'Conv1D'} "
         f"ones whole, {fix}"
     )
+
+
+__all__ = [
+    "CALIBRATED",
+    "METHODS",
+    "Extraction",
+    "LoraModule",
+    "check_dtypes",
+    "check_one_kind",
+    "check_pair",
+    "extract_adapter",
+    "resolve_method",
+]

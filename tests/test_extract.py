@@ -265,8 +265,10 @@ def test_the_adapter_weights_read_as_the_umask_allows(tmp_path, group_readable_u
     assert "adapter_model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
 
 
-def test_a_relative_base_is_recorded_by_its_absolute_path(tmp_path, capsys, monkeypatch):
-    """`--base ./base` was recorded as typed: the adapter then loaded its base only from that folder."""
+def test_relative_base_and_tuned_are_recorded_by_their_absolute_paths(tmp_path, capsys, monkeypatch):
+    """`--base ./base` was recorded as typed: the adapter then loaded its base only from that folder; and
+    `--tuned ./tuned` was recorded as typed in svdlora_adapter.json and the card once --base was made absolute.
+    Hub ids are recorded as given."""
     base, tuned = _pair(tiny_llama)
     base.save_pretrained(tmp_path / "base")
     tuned.save_pretrained(tmp_path / "tuned")
@@ -274,23 +276,12 @@ def test_a_relative_base_is_recorded_by_its_absolute_path(tmp_path, capsys, monk
     assert main(["extract", "--base", "base", "--tuned", "tuned", "--rank", "2", "-o", "adapter", "--no-progress"]) == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
-    write_adapter(base, tuned, tmp_path / "hub", rank=2, base_name="org/name", progress=False)
-    config = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "org/name"  # a hub id: as given
-
-
-def test_a_relative_tuned_is_recorded_by_its_absolute_path(tmp_path, capsys, monkeypatch):
-    """`--tuned ./tuned` was recorded as typed in svdlora_adapter.json and the card, while --base was made
-    absolute: the record named a folder that exists only from that working directory."""
-    base, tuned = _pair(tiny_llama)
-    base.save_pretrained(tmp_path / "base")
-    tuned.save_pretrained(tmp_path / "tuned")
-    monkeypatch.chdir(tmp_path)
-    assert main(["extract", "--base", "base", "--tuned", "tuned", "--rank", "2", "-o", "adapter", "--no-progress"]) == 0
     record = json.loads((tmp_path / "adapter" / "svdlora_adapter.json").read_text())
     assert record["tuned_model"] == str((tmp_path / "tuned").resolve())
     assert f"`{(tmp_path / 'tuned').resolve()}`" in (tmp_path / "adapter" / "README.md").read_text()
-    write_adapter(base, tuned, tmp_path / "hub", rank=2, tuned_name="org/tuned", progress=False)
+    write_adapter(base, tuned, tmp_path / "hub", rank=2, base_name="org/name", tuned_name="org/tuned", progress=False)
+    config = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/name"  # a hub id: as given
     record = json.loads((tmp_path / "hub" / "svdlora_adapter.json").read_text())
     assert record["tuned_model"] == "org/tuned"  # a hub id: as given
 

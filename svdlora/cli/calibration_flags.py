@@ -118,17 +118,24 @@ def calibration_options(args: argparse.Namespace) -> dict:
              "heal_steps", "heal_seconds", "heal_loss", "heal_lr")  # fmt: skip
     given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if getattr(args, "calibration", None) == NONE:  # before the model loads, as every check here
-        for name in ("calibration_samples", "calibration_length"):
+        for name in SIZES:
             if name in given:
-                flag = f"--{name.replace('_', '-')}"
                 raise SvdloraError(
-                    f"{flag} {given[name]} has no effect with --calibration none (no data is read): "
-                    f"pass --calibration DATA (or self), or drop {flag}"
+                    f"{_flag(name)} {given[name]} has no effect with --calibration none (no data is read): "
+                    f"pass --calibration DATA (or self), or drop {_flag(name)}"
                 )
     for name, (needed, flag) in NEEDS.items():
         if name in given and not given.get(needed):
-            raise SvdloraError(f"--{name.replace('_', '-')} has no effect without {flag}: pass both, or drop it")
+            raise SvdloraError(f"{_flag(name)} has no effect without {flag}: pass both, or drop it")
     return given
+
+
+# how much calibration data is read: flags that default to None, so that a given one can be told apart
+SIZES = ("calibration_samples", "calibration_length")
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 def warn_unread_sizes(args: argparse.Namespace, calibration: Any) -> None:
@@ -137,13 +144,12 @@ def warn_unread_sizes(args: argparse.Namespace, calibration: Any) -> None:
     (with an explicit --calibration none such a size is refused before the load)."""
     if calibration is not None or getattr(args, "calibration", None) != AUTO:
         return
-    for name in ("calibration_samples", "calibration_length"):
+    for name in SIZES:
         if getattr(args, name, None) is not None:
-            flag = f"--{name.replace('_', '-')}"
             print(
-                f"svdlora {args.command}: warning: {flag} {getattr(args, name)} has no effect: --calibration auto "
-                "reads no data for this model and settings; pass --calibration DATA to calibrate, or drop "
-                f"{flag}",
+                f"svdlora {args.command}: warning: {_flag(name)} {getattr(args, name)} has no effect: --calibration "
+                f"auto reads no data for this model and settings; pass --calibration DATA to calibrate, or drop "
+                f"{_flag(name)}",
                 file=sys.stderr,
             )
 
