@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import is_encoder_decoder, padding_masks
+from .calibration import is_encoder_decoder, padding_masks, unpadded_rows
 from .errors import SvdloraError
 from .layers import LowRankLinear
 from .siblings import is_stacked
@@ -91,9 +91,9 @@ def _real_positions(model: nn.Module, batch: dict) -> torch.Tensor | None:
     return target if encoder_decoder else source
 
 
-def _distill_loss(student_out, teacher_out, mask: torch.Tensor | None) -> torch.Tensor:
+def _distill_loss(student_out, teacher_out, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """The mean over the real positions (``mask``, where it fits) of the per-token KL divergence, or of
-    a bare encoder's squared hidden-state error: padding is no token to match."""
+    a bare encoder's squared hidden-state error: padding is no token to match; and their number."""
     student, teacher = _logits(student_out).float(), _logits(teacher_out).float()
     if getattr(student_out, "logits", None) is None:  # bare encoder: match the hidden states
         per_token = (student - teacher).square().mean(-1)
@@ -102,8 +102,8 @@ def _distill_loss(student_out, teacher_out, mask: torch.Tensor | None) -> torch.
         per_token = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
     if mask is not None and mask.shape == per_token.shape:
         mask = mask.to(per_token.dtype)
-        return (per_token * mask).sum() / mask.sum().clamp_min(1)
-    return per_token.mean()
+        return (per_token * mask).sum() / mask.sum().clamp_min(1), int(mask.sum())
+    return per_token.mean(), per_token.numel()
 
 
 def _lm_batch(batch: dict, mask: torch.Tensor | None) -> dict:
@@ -113,6 +113,42 @@ def _lm_batch(batch: dict, mask: torch.Tensor | None) -> dict:
     if mask is None or mask.shape != labels.shape:
         return batch
     return {**batch, "labels": labels.masked_fill(mask.to(labels.device) == 0, -100)}
+
+
+def _batch_loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
+    """The loss of one batch, a mean over its real positions, and their number."""
+    mask = _real_positions(model, batch)
+    if loss == "distill":
+        inputs = _distill_inputs(model, batch)
+        with torch.no_grad():
+            target = teacher(**inputs)
+        return _distill_loss(model(**inputs), target, mask)
+    batch = _lm_batch(batch, mask)
+    labels = batch["labels"] if is_encoder_decoder(model) else batch["labels"][:, 1:]  # t predicts t + 1
+    return model(**batch).loss, int((labels != -100).sum())
+
+
+def is_left_padded(batch: dict) -> bool:
+    """Whether a row of ``batch``'s ``attention_mask`` has padding before a real token (a tokenizer with
+    ``padding_side="left"``): models that number positions from the cache position rather than the mask
+    (Llama) shift the real tokens' positions then, and a causal LM's first real token is predicted from
+    padding."""
+    mask, _ = padding_masks(batch)
+    if mask is None:
+        return False
+    real_after = mask.flip(-1).cummax(-1).values.flip(-1)  # 1 where this or a later position is a real token
+    return bool((real_after > mask).any())
+
+
+def _loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str) -> torch.Tensor:
+    """``_batch_loss``'s mean; a left-padded batch (``is_left_padded``) runs row by row without its padding
+    (``calibration.unpadded_rows``) and the rows' means are weighted by their positions: the padded batch's
+    mean, as if it had been padded on the right."""
+    if not is_left_padded(batch):
+        return _batch_loss(model, teacher, batch, loss)[0]
+    parts = [_batch_loss(model, teacher, row, loss) for row in unpadded_rows(batch, is_encoder_decoder(model))]
+    parts = [(value, count) for value, count in parts if count]  # a one-token row predicts nothing
+    return sum(value * count for value, count in parts) / max(sum(count for _, count in parts), 1)
 
 
 def learning_rate(peak: float, step: int, steps: int, elapsed: float, seconds: float | None) -> float:
@@ -182,14 +218,7 @@ def heal(
         for step, batch in enumerate(itertools.cycle(batches)):
             if step >= steps or (seconds is not None and time.perf_counter() - start >= seconds):
                 break
-            if loss == "distill":
-                inputs = _distill_inputs(model, batch)
-                with torch.no_grad():
-                    target = teacher(**inputs)
-                out = model(**inputs)
-                value = _distill_loss(out, target, _real_positions(model, batch))
-            else:
-                value = model(**_lm_batch(batch, _real_positions(model, batch))).loss
+            value = _loss(model, teacher, batch, loss)
             if not torch.isfinite(value):
                 raise SvdloraError(f"healing diverged at step {step} (loss {value.item()}): lower --heal-lr")
             optimizer.zero_grad(set_to_none=True)

@@ -747,6 +747,14 @@ def _padded_and_rows(kind: str, model) -> tuple[dict, list[dict]]:
     return batch, rows
 
 
+def _left_padded(batch: dict) -> dict:
+    """``batch`` (a causal LM's) with its padding moved before the real tokens, as a tokenizer with
+    ``padding_side="left"`` pads (Llama's, for generation)."""
+    mask = batch["attention_mask"]
+    order = torch.sort(1 - mask, dim=-1, descending=True, stable=True).indices  # padding first, the tokens' order kept
+    return {key: value.gather(-1, order) for key, value in batch.items()}
+
+
 @pytest.mark.parametrize("kind", ["marian", "llama"])
 def test_padding_is_not_counted_in_the_statistics(kind):
     # a padded batch (translations of different lengths, or Python batches with a mask) gives the
@@ -853,14 +861,25 @@ def test_distillation_feeds_a_translator_s_decoder_what_the_model_does(kind):
 
 @pytest.mark.parametrize(
     ("kind", "loss"),
-    [("llama", "lm"), ("llama", "distill"), ("marian", "lm"), ("marian", "distill"), ("bert", "distill")],
+    [
+        *[(kind, loss) for kind in ("llama", "llama-left", "gpt2-left") for loss in ("lm", "distill")],
+        ("marian", "lm"),
+        ("marian", "distill"),
+        ("bert", "distill"),
+    ],
 )
 def test_padding_is_not_counted_in_the_healing_loss(kind, loss):
     # healing's loss on a padded batch is the mean over its sentences' tokens, as if run one by one:
     # the padding of labels that are the input ids (as Python batches often are), a translator's
-    # padded targets under distillation, and a bare encoder's padded hidden states counted as tokens
+    # padded targets under distillation, and a bare encoder's padded hidden states counted as tokens.
+    # Left padding (Python batches from a tokenizer that pads on the left) also counted the first real
+    # token's label, predicted from padding, and shifted the real tokens' positions (GPT-2 numbers them
+    # from the cache position, not the mask; Llama's rotary attention sees only their differences)
     torch.manual_seed(0)
-    dense = {"llama": tiny_llama, "marian": tiny_marian, "bert": lambda: tiny_bert().bert}[kind]().eval()
+    left = kind.endswith("-left")
+    kind = kind.removesuffix("-left")
+    models = {"llama": tiny_llama, "gpt2": tiny_gpt2, "marian": tiny_marian, "bert": lambda: tiny_bert().bert}
+    dense = models[kind]().eval()
     with torch.no_grad():  # sharper outputs: at the tiny models' initial scale a translator's KL (1e-6)
         for layer in dense.modules():  # is in float round-off
             if isinstance(layer, nn.Linear):
@@ -870,12 +889,14 @@ def test_padding_is_not_counted_in_the_healing_loss(kind, loss):
     batch, rows = _padded_and_rows(kind, model)
     if kind != "marian":
         batch["labels"] = batch["input_ids"]  # padding included: the mask says which tokens are real
+    if left:
+        batch = _left_padded(batch)
 
     def first_loss(b: dict) -> float:
         return heal(copy.deepcopy(model), [b], steps=1, teacher=dense, loss=loss, progress=False).first_loss
 
     # the loss's positions per sentence: its targets (a causal LM's first token is predicted by none)
-    positions = [r["labels"].shape[1] - (kind == "llama" and loss == "lm") for r in rows]
+    positions = [r["labels"].shape[1] - (kind != "marian" and loss == "lm") for r in rows]
     expected = sum(n * first_loss(r) for n, r in zip(positions, rows, strict=True)) / sum(positions)
     assert first_loss(batch) == pytest.approx(expected, rel=1e-4)  # 6e-6 apart at most, measured
 
