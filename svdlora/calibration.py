@@ -86,6 +86,8 @@ class _Accumulator:
         self.grad_tokens: dict[str, int] = {}
         self._inputs = SharedInputs()  # each input tensor's Gram key in this batch
         self.outputs: list[tuple[str, torch.Tensor]] = []
+        self.output_masks: list[torch.Tensor | None] = []  # each output's real positions, if masked
+        self.masks: list[torch.Tensor] = []  # a padded batch's real positions (``batched_masks``)
         # Work buffers reused per (shape, dtype): a float32 product added into a float64 sum
         # directly casts element by element (about twice the time of a copy and an add), and a
         # fresh tensor per product and batch costs page faults; the sums are the same, bit for bit.
@@ -118,9 +120,20 @@ class _Accumulator:
         wide = self._buffer(product.shape, torch.float64, product.device)
         sums[key] += wide.copy_(product)
 
-    def new_batch(self) -> None:
+    def new_batch(self, masks: list[torch.Tensor] | None = None) -> None:
         self._inputs.clear()
         self.outputs.clear()
+        self.output_masks.clear()
+        self.masks = masks or []
+
+    def _real(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The mask of ``x``'s real positions: the batch's mask of its (batch, length), if any."""
+        if x.dim() < 3:
+            return None
+        return next((m for m in self.masks if tuple(m.shape) == tuple(x.shape[:2])), None)
+
+    def _flat(self, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]) if real is None else x[real.to(x.device)]
 
     def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         name = self.targets[module].name
@@ -128,17 +141,18 @@ class _Accumulator:
         key, new = self._inputs.first(x, self.gram_owner.get(name, name))
         self.gram_owner.setdefault(name, key)
         if new:
-            flat = x.reshape(-1, x.shape[-1]).float()
+            flat = self._flat(x, self._real(x)).float()
             self._add(self.gram_sums, key, self._gram(flat))  # float32 products per batch (fast)
             self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
         if self.gradients and output.requires_grad:
             self.outputs.append((name, output))
+            self.output_masks.append(self._real(output))
 
     def add_gradients(self, grads: Iterable[torch.Tensor | None]) -> None:
-        for (name, _), grad in zip(self.outputs, grads, strict=True):
+        for (name, _), real, grad in zip(self.outputs, self.output_masks, grads, strict=True):
             if grad is None:
                 continue
-            single = grad.detach().reshape(-1, grad.shape[-1])
+            single = self._flat(grad.detach(), real)
             wide = self._rows(single, torch.float64).copy_(single)
             square = wide.square_().sum(0)
             self.grad_sums[name] = self.grad_sums[name] + square if name in self.grad_sums else square
@@ -277,6 +291,57 @@ def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
     return rows
 
 
+def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tensor] | None:
+    """The real positions of a padded ``batch`` that can run whole, exactly as its rows one by one
+    (``unpadded_rows``): the source mask, and an encoder-decoder's target up to its last real token;
+    None where it must run row by row. A layer input is told by its (batch, length), so a batch whose
+    source and target differ but are as long runs row by row; so does a left-padded one (padding
+    before a real token moves the positions of models that number them from 0, GPT-2, Marian) and one
+    without labels (its loss samples at every position, padding included). The labels at padding
+    are not counted (``_masked_labels``); padding after a token, a key no real query attends to,
+    changes nothing before it."""
+    mask, target = padding_masks(batch, encoder_decoder)
+    masks = [m.bool() for m in (mask, target) if m is not None]
+    if not masks or all(m.all() for m in masks):
+        return []  # nothing padded
+    if "labels" not in batch or is_left_padded(batch) or mask is not None and not mask.bool().any(-1).all():
+        return None  # (a row of padding only: its rows leave it out)
+    if target is not None:  # the decoder runs up to the last real target token (causal)
+        masks[-1] = masks[-1].flip(-1).cummax(-1).values.flip(-1)
+    if len(masks) == 2 and masks[0].shape == masks[1].shape and not torch.equal(*masks):
+        return None
+    return masks
+
+
+def is_left_padded(batch: dict) -> bool:
+    """Whether a row of ``batch``'s ``attention_mask`` has padding before a real token (a tokenizer with
+    ``padding_side="left"``): models that number positions from 0 rather than from the mask (GPT-2,
+    Marian) move the real tokens then, and a causal LM's first real token is predicted from padding."""
+    mask, _ = padding_masks(batch)
+    return mask is not None and bool((mask.flip(-1).cummax(-1).values.flip(-1) > mask).any())
+
+
+def _masked_labels(batch: dict, masks: list[torch.Tensor]) -> dict:
+    """``batch`` with its labels -100 where ``masks`` (``batched_masks``) say padding: the rows one by
+    one have no such labels (a causal LM's labels that are its input ids, padding included)."""
+    labels = batch["labels"]
+    real = next((m for m in reversed(masks) if m.shape == labels.shape), None)  # the target's, if any
+    return batch if real is None else {**batch, "labels": labels.masked_fill(~real.to(labels.device), -100)}
+
+
+def _runs(batches: Iterable[dict], encoder_decoder: bool) -> list[tuple[dict, list[torch.Tensor]]]:
+    """(batch, its real positions) for each forward pass: a padded batch whole where ``batched_masks``
+    allows, else its rows without padding (``unpadded_rows``)."""
+    runs = []
+    for batch in batches:
+        masks = batched_masks(batch, encoder_decoder)
+        if masks is None:
+            runs.extend((row, []) for row in unpadded_rows(batch, encoder_decoder))
+        else:
+            runs.append((_masked_labels(batch, masks) if masks else batch, masks))
+    return runs
+
+
 @contextmanager
 def _hooks(targets: list[Target], accumulator: _Accumulator):
     handles = [t.module.register_forward_hook(accumulator.hook) for t in targets]
@@ -325,7 +390,7 @@ def collect_statistics(
     """
     accumulator = _Accumulator(targets, gradients, output_gram=gradients and output_gram)
     generator = torch.Generator().manual_seed(seed)
-    batches = unpadded(batches, is_encoder_decoder(model))
+    batches = _runs(batches, is_encoder_decoder(model))
     if not batches:
         raise SvdloraError("calibration data is empty: pass a file with text, images or sentences")
     was_training = model.training
@@ -333,8 +398,8 @@ def collect_statistics(
     grad_context = _params_require_grad(model) if gradients else torch.no_grad()
     try:
         with _hooks(targets, accumulator), grad_context:
-            for batch in tqdm(batches, desc="calibrating", disable=not progress):
-                accumulator.new_batch()
+            for batch, masks in tqdm(batches, desc="calibrating", disable=not progress):
+                accumulator.new_batch(masks)
                 outputs = model(**batch)
                 if gradients:
                     outs = [out for _, out in accumulator.outputs]

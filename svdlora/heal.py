@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import is_encoder_decoder, padding_masks, unpadded_rows
+from .calibration import is_encoder_decoder, is_left_padded, padding_masks, unpadded_rows
 from .errors import SvdloraError
 from .layers import LowRankLinear
 from .siblings import is_stacked
@@ -126,18 +126,6 @@ def _batch_loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: 
     batch = _lm_batch(batch, mask)
     labels = batch["labels"] if is_encoder_decoder(model) else batch["labels"][:, 1:]  # t predicts t + 1
     return model(**batch).loss, int((labels != -100).sum())
-
-
-def is_left_padded(batch: dict) -> bool:
-    """Whether a row of ``batch``'s ``attention_mask`` has padding before a real token (a tokenizer with
-    ``padding_side="left"``): models that number positions from the cache position rather than the mask
-    (Llama) shift the real tokens' positions then, and a causal LM's first real token is predicted from
-    padding."""
-    mask, _ = padding_masks(batch)
-    if mask is None:
-        return False
-    real_after = mask.flip(-1).cummax(-1).values.flip(-1)  # 1 where this or a later position is a real token
-    return bool((real_after > mask).any())
 
 
 def _loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str) -> torch.Tensor:
