@@ -359,12 +359,12 @@ def load_compressed(
         model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
     else:
         model = dispatch(model, plan)
+    guard_save_pretrained(model)  # merged: a dense save that keeps what loading will not tie again
     if merge:
         setattr(model, MERGED_ATTR, str(path))
     else:
         setattr(model, REPORT_ATTR, report)
         setattr(model, BASE_ATTR, (data.get("base_model") or {}).get("name_or_path"))
-        guard_save_pretrained(model)
         for name, parts in stored_parts.items():  # re-saving writes the same stored bits
             model.get_submodule(name).stored = parts
     if runtime in (*AUTO_RUNTIMES, "pairs"):

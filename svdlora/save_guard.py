@@ -4,7 +4,8 @@ transformers writes such a model's factor tensors under plain names and a plain 
 folder then reloads with every factorized matrix missing and freshly initialized (a walkthrough
 saw logits off by 63). ``save_compressed`` writes what both loaders read back exactly. Once every
 low-rank layer is merged (``runtime="merged"``, ``merge=True``), ``save_pretrained`` writes a
-correct dense checkpoint and is let through.
+correct dense checkpoint and is let through, each tensor that loading it will not tie again written
+under every name that shares it (``untied_state_dict``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from .layers import LowRankLinear
 
 def guard_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` (and ``push_to_hub``, which calls it) refuse while the model
-    holds low-rank layers. A partial of a module-level function: a deepcopy guards (and saves) its
-    copy, and the model still pickles."""
+    holds low-rank layers, and write a merged one as loading will read it back. A partial of a
+    module-level function: a deepcopy guards (and saves) its copy, and the model still pickles."""
     if hasattr(model, "save_pretrained"):
         model.save_pretrained = functools.partial(_save_pretrained, model)
 
@@ -40,4 +41,26 @@ def _save_pretrained(model: nn.Module, *args, **kwargs):
             "cannot load back: use svdlora.save_compressed(model, folder) (or load it with merge=True for "
             "a dense checkpoint)"
         )
+    own = "state_dict" in kwargs or len(args) > 2  # (save_directory, is_main_process, state_dict, ...)
+    if not own and not holds_factors(model) and not getattr(model, "_hf_peft_config_loaded", False):
+        kwargs["state_dict"] = untied_state_dict(model)  # None: transformers takes the model's own
     return type(model).save_pretrained(model, *args, **kwargs)
+
+
+def untied_state_dict(model: nn.Module) -> dict | None:
+    """The state dict with its own copy of each tensor that shares a parameter but that loading the saved
+    config will not tie again; None where there is none. save_pretrained writes a shared tensor once; with
+    a factorized head the config says tie_word_embeddings=False, which in transformers >= 5 also stops it
+    tying an encoder-decoder's embed_tokens to ``shared`` (Marian, BART): they loaded randomly initialized."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if expand is None:  # transformers < 5 ties shared embeddings in the model's own tie_weights
+        return None
+    tied = expand(all_submodels=True)  # target -> source, under the config as it will be saved
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    copies = [name for names in groups.values() for name in [n for n in names if n not in tied][1:]]
+    if not copies:  # the first name is written; loading ties the others
+        return None
+    state = model.state_dict()
+    return state | {name: state[name].detach().clone() for name in copies if name in state}

@@ -320,3 +320,31 @@ def test_save_pretrained_of_a_factorized_model_is_refused_and_names_save_compres
     merged.save_pretrained(tmp_path / "dense")
     dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     assert torch.equal(_logits(dense, "llama"), _logits(merged, "llama"))
+
+
+def test_save_pretrained_of_a_merged_translator_with_a_factorized_head_keeps_its_embeddings(tmp_path):
+    """The factorized head's tie_word_embeddings=False also stops transformers 5 tying Marian's
+    encoder/decoder embed_tokens to shared, and save_pretrained wrote shared only: the dense checkpoint
+    of a merged model (either loader, or runtime="merged") reloaded them randomly initialized. The saved
+    model keeps its own ties in memory; a tied head (GPT-2, head kept) is still written once."""
+    import transformers
+    from safetensors import safe_open
+
+    folder = _folder("marian", tmp_path, keep_head=False)
+    loaders = {
+        "merge": lambda: svdlora.load_compressed(folder, device="cpu", merge=True),
+        "runtime": lambda: svdlora.load_compressed(folder, device="cpu", runtime="merged"),
+        "from_pretrained": lambda: transformers.AutoModelForSeq2SeqLM.from_pretrained(
+            folder, quantization_config=SvdloraQuantizationConfig(merge=True)
+        ),
+    }
+    for name, load in loaders.items():
+        merged = load()
+        merged.save_pretrained(tmp_path / name)
+        assert merged.model.encoder.embed_tokens.weight is merged.model.shared.weight  # saving unties nothing
+        dense = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / name)
+        assert torch.equal(_logits(dense, "marian"), _logits(merged, "marian")), name
+    gpt2 = svdlora.load_compressed(_folder("gpt2", tmp_path), device="cpu", merge=True)
+    gpt2.save_pretrained(tmp_path / "gpt2-dense")
+    with safe_open(str(tmp_path / "gpt2-dense" / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()  # tied to wte: written once

@@ -38,33 +38,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_compressed(args.folder, device="cpu", merge=True)
     if not hasattr(model, "save_pretrained"):
         raise SvdloraError("only transformers models can be exported as dense checkpoints")
-    _untie_what_loading_will_not_tie(model)
     with atomic_folder(args.output, overwrite=args.overwrite, inputs=[args.folder]) as tmp:
         ensure_space(tmp, sum(t.numel() * t.element_size() for t in model.state_dict().values()), args.output)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp)  # what loading will not tie again written under each name (save_guard)
         readable_as_umask(*tmp.glob("*.safetensors"))  # one file or its shards
         copy_preprocessor_files(Path(args.folder), tmp)
         card.write(tmp, card.dense_export_card(args.folder, read_config(args.folder)))
     print(f"wrote dense checkpoint {args.output}")
     return 0
-
-
-def _untie_what_loading_will_not_tie(model) -> None:
-    """Give its own tensor to each parameter that shares one but that loading the export will not tie
-    again. save_pretrained writes a shared tensor once; with a factorized head the config says
-    tie_word_embeddings=False, which in transformers >= 5 also stops it tying an encoder-decoder's
-    embed_tokens to ``shared`` (Marian, BART): they were left out and loaded randomly initialized."""
-    expand = getattr(model, "get_expanded_tied_weights_keys", None)
-    if expand is None:  # transformers < 5 ties shared embeddings in the model's own tie_weights
-        return
-    import torch
-
-    tied = expand(all_submodels=True)  # target -> source, under the config as it will be saved
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    for names in groups.values():
-        for name in [n for n in names if n not in tied][1:]:  # the first is written; loading ties the rest
-            module, attr = name.rsplit(".", 1)
-            param = model.get_parameter(name)
-            setattr(model.get_submodule(module), attr, torch.nn.Parameter(param.detach().clone(), requires_grad=False))

@@ -237,9 +237,11 @@ class SvdloraHfQuantizer(HfQuantizer):
 
                 setattr(model, REPORT_ATTR, report)
                 setattr(model, BASE_ATTR, base)
-            from ..save_guard import guard_save_pretrained
+        from ..save_guard import guard_save_pretrained
 
-            guard_save_pretrained(model)  # transformers' own refusal does not say what to use instead
+        # factorized: transformers' own refusal does not say what to use instead; merged: a dense save
+        # that keeps what loading will not tie again
+        guard_save_pretrained(model)
         return model
 
     def is_serializable(self, **kwargs) -> bool:
