@@ -10,6 +10,7 @@ from . import card
 from .errors import SvdloraError
 from .evaluation import evaluate
 from .evaluation.loading import checked_processor, fitting_task, outline
+from .evaluation.options import build_options
 from .report import CompressionReport
 
 
@@ -24,21 +25,31 @@ def eval_task(model: nn.Module, source: str) -> str:
     return task
 
 
-def check_before_load(source: str) -> None:
-    """compress --eval's checks of a local folder, on its model built on the meta device: a model no task fits
-    and a folder without tokenizer / image processor files are refused before the load, not once the model is
+def check_before_load(source: str, data: str, references: str | None = None) -> None:
+    """compress --eval's checks of a local folder, on its model built on the meta device: a model no task fits,
+    a folder without tokenizer / image processor files and the task's options (a translator's source-text file
+    without --references, --references for another task) are refused before the load, not once the model is
     compressed and written. A hub id (its files come with the model), or a config only the load can read: none."""
     model = outline(source) if Path(source).expanduser().is_dir() else None
     if model is not None:
-        checked_processor(source, eval_task(model, source))
+        task = eval_task(model, source)
+        build_options(task, data, {"references": references})
+        checked_processor(source, task)
 
 
 def evaluate_into_card(
-    model: nn.Module, folder: Path, report: CompressionReport, source: str, data: str, limit: int | None
+    model: nn.Module,
+    folder: Path,
+    report: CompressionReport,
+    source: str,
+    data: str,
+    limit: int | None,
+    references: str | None = None,
 ) -> dict:
     """Evaluate the in-memory compressed model (task from its class) and rewrite the folder's card."""
     task = eval_task(model, source)
-    result = evaluate((model, checked_processor(source, task)), task=task, data=data, limit=limit, progress=False)
+    processor = checked_processor(source, task)
+    result = evaluate((model, processor), task=task, data=data, references=references, limit=limit, progress=False)
     # the in-memory model is named by its config's path, which compress leaves as the base model's:
     # the figures are the folder's, which holds exactly this model
     result["model"]["name"] = str(folder)

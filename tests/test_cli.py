@@ -277,3 +277,23 @@ def test_dense_export_of_an_encoder_decoder_with_a_factorized_head_keeps_its_emb
         assert "lm_head.weight" not in f.keys()  # tied to wte: written once
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gd")
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_compress_eval_of_a_translator_takes_references_and_refuses_none_before_writing(tmp_path, capsys):
+    """compress --eval on a translator with a source-text file failed only after compressing and writing
+    ('needs --references FILE'), and compress had no --references: now it has, and without it the run is
+    refused before the load."""
+    from .eval_helpers import tiny_marian, word_tokenizer
+
+    tok = word_tokenizer(["ein", "mann", "hund", "katze", "haus", "a", "man", "dog", "cat", "house"], eos_suffix=True)
+    tiny_marian(len(tok), max_positions=256).save_pretrained(tmp_path / "marian")  # eval: 128 new tokens
+    tok.save_pretrained(tmp_path / "marian")
+    (tmp_path / "src.txt").write_text("ein mann\nein hund\n")
+    (tmp_path / "ref.txt").write_text("a man\na dog\n")
+    out = tmp_path / "out"
+    argv = ["compress", tmp_path / "marian", "-o", out, "--calibration", "none", "--eval", tmp_path / "src.txt"]
+    code, _, err = run_cli(capsys, *argv, "--no-progress")
+    assert code == 2 and "needs --references FILE" in err and not out.exists(), err
+    code, _, err = run_cli(capsys, *argv, "--references", tmp_path / "ref.txt", "--no-progress")
+    assert code == 0, err
+    assert "Task `translation`" in (out / "README.md").read_text()  # the figures are in the card

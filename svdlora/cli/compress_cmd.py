@@ -123,6 +123,11 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     p.add_argument("--eval", metavar="DATA", help="evaluate the result on DATA (as `svdlora eval`) for the card")
+    p.add_argument(
+        "--references",
+        metavar="FILE",
+        help="with --eval on a translation model: reference file, one sentence per line (as `svdlora eval`)",
+    )
     p.add_argument("--eval-limit", type=options.positive_int("eval-limit"), help="only the first N windows/examples")
     options.add_progress_flag(p)
     p.set_defaults(func=run)

@@ -59,13 +59,18 @@ def run(args: argparse.Namespace) -> int:
         check_without_calibration(config)
     if args.eval_limit is not None and not args.eval:
         raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
+    if args.references is not None and not args.eval:
+        raise SvdloraError("--references has no effect without --eval DATA: pass both, or drop it")
     if args.eval:
         check_data_path(args.eval, "--eval")
+        if args.references is not None:
+            check_data_path(args.references, "--references")
         from ..card_eval import check_before_load
 
-        check_before_load(args.model)  # a local folder's task and tokenizer, before the load
+        # a local folder's task, tokenizer and the task's options, before the load
+        check_before_load(args.model, args.eval, args.references)
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
-    inputs = [args.model, calibration_input(args.calibration), args.eval]
+    inputs = [args.model, calibration_input(args.calibration), args.eval, args.references]
     output = check_output(args.output, args.overwrite, inputs=inputs)
     parse_size(args.max_shard_size)
     svd_device(args.svd_device)
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval:
         from ..card_eval import evaluate_into_card
 
-        evaluate_into_card(model, output, report, args.model, args.eval, args.eval_limit)
+        evaluate_into_card(model, output, report, args.model, args.eval, args.eval_limit, args.references)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(
         f"\nwrote {output}  (load {load_seconds:.1f} s, total {time.perf_counter() - start:.1f} s, "
@@ -144,7 +149,9 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, p
         from ..card_eval import evaluate_into_card
         from ..io import load_compressed
 
-        evaluate_into_card(load_compressed(output), output, report, args.model, args.eval, args.eval_limit)
+        evaluate_into_card(
+            load_compressed(output), output, report, args.model, args.eval, args.eval_limit, args.references
+        )
     print(
         f"\n{f'[rank {ctx.rank}/{ctx.world_size}] ' if ctx.world_size > 1 else ''}wrote {output}  "
         f"(streamed, total {time.perf_counter() - start:.1f} s, "
