@@ -414,3 +414,26 @@ def test_settings_that_need_calibration_data_are_refused_before_loading(tmp_path
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "needs calibration data: pass --calibration DATA" in err[0], err
     assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
+
+
+def test_sweep_loads_the_tokenizer_once_before_the_model(tmp_path, capsys, monkeypatch):
+    """sweep --calibration DATA loaded the tokenizer for the early task check, then again for the calibration's
+    check, the same files: the checked one is passed on."""
+    import transformers
+
+    import svdlora.sweep
+
+    original = transformers.AutoTokenizer.from_pretrained.__func__
+    calls = []
+
+    def counting(cls, *args, **kwargs):
+        calls.append(args[0] if args else kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(counting))
+    monkeypatch.setattr(svdlora.sweep, "evaluating_measure", lambda *args: fake_measure(0.4, []))
+    model, text = lm_folder(tmp_path)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(tmp_path / "s"),
+            "--calibration", str(text), "--calibration-samples", "2", "--calibration-length", "16"]  # fmt: skip
+    assert main([*argv, "--no-progress"]) == 0
+    assert calls == [str(model)]

@@ -193,12 +193,18 @@ def streamed_calibration(data: str) -> str | None:
 
 
 def processor_before_load(
-    data: str, source: str, trust_remote_code: bool = False, config: CompressionConfig | None = None
+    data: str,
+    source: str,
+    trust_remote_code: bool = False,
+    config: CompressionConfig | None = None,
+    loaded: Any = None,
 ) -> Any:
     """The processor that reads --calibration DATA, loaded before the model where ``source`` is a local
     folder, so that a folder without one is refused in a second, not after minutes of loading (and so is
     'self', or 'auto' meaning it, for a model that cannot use it: ``calibration_data.check_fits``); None
-    for a keyword ('self' needs none) and for a hub id, whose files are fetched with the model."""
+    for a keyword ('self' needs none) and for a hub id, whose files are fetched with the model. ``loaded``:
+    the processor already loaded from ``source`` for a task its model fits (sweep's evaluation one: the same
+    tokenizer or image processor), returned after the checks instead of loading the files again."""
     from ..plan import uses_calibration
 
     if data == NONE or not Path(source).expanduser().is_dir():
@@ -218,7 +224,7 @@ def processor_before_load(
     check_fits(kind, data, config.calibration_length if config is not None else DEFAULT["calibration_length"])
     if calibration_input(data) is None:
         return None
-    return checked_processor(source, _processor_task(kind))
+    return loaded if loaded is not None else checked_processor(source, _processor_task(kind))
 
 
 def _processor_task(kind: str) -> str:

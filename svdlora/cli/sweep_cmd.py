@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration == NONE:  # every budget would fail alike: once it was taken as too small a budget
         check_without_calibration(config)
     task, processor = early_processor(args.model, args.task)  # a local folder's: a refusal comes in a second
-    processor_before_load(args.calibration, args.model, config=config)  # 'self' for a model that cannot use it
+    # 'self' for a model that cannot use it; the tokenizer / image processor checked above, not loaded again
+    processor_before_load(args.calibration, args.model, config=config, loaded=processor)
     if task and args.target:
         parse_target(args.target, task)  # a bad target fails before the slow load
     if not args.progress:
