@@ -31,11 +31,15 @@ class Checkpoint:
             for key, (spec, offset) in _read_header(file).items():
                 self.file_of[key], self.spec[key], self.offset[key] = file, spec, offset
         self.renamed: dict[str, str] = {}  # model key -> checkpoint key, where transformers renames at load
+        # model key -> why streaming cannot fill it (tensors merged or split, two tensors renamed onto it):
+        # refused by ``resolve`` when the run needs the key, so an unused tensor does not refuse the checkpoint
+        self.refused: dict[str, str] = {}
 
     def follow_renames(self, model: torch.nn.Module) -> None:
         """Find the tensors of a checkpoint saved in a layout transformers renames at load (its conversion
         mapping: ViT's ``encoder.layer.N.attention.attention.query`` is ``layers.N.attention.q_proj``
-        in transformers 5) under the model's names; refuse one whose tensors it merges or splits."""
+        in transformers 5) under the model's names; note the names it fills by merging or splitting
+        tensors, or from two checkpoint tensors, which ``resolve`` refuses."""
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
             from transformers.core_model_loading import WeightConverter, rename_source_key
@@ -51,12 +55,20 @@ class Checkpoint:
         for key in sorted(self.spec, key=getattr(core_model_loading, "dot_natural_key", None)):
             name, converted = rename_source_key(key, renamings, converters)
             if converted is not None:
-                raise SvdloraError(
+                self.refused.setdefault(
+                    name,
                     f"{str(self.folder)!r} stores {key!r} in a layout transformers converts when loading "
                     f"{type(model).__name__} (tensors merged or split), which streaming does not: compress "
-                    "without --stream"
+                    "without --stream",
                 )
-            if name != key:
+            elif name != key and name in self.renamed:  # the later one would silently win
+                self.refused.setdefault(
+                    name,
+                    f"{str(self.folder)!r} stores both {self.renamed[name]!r} and {key!r}, which transformers "
+                    f"renames to the one {type(model).__name__} weight {name!r} when loading: remove the "
+                    "tensor that does not belong from the checkpoint",
+                )
+            elif name != key:
                 self.renamed[name] = key
 
     def read(self, key: str) -> torch.Tensor:
@@ -74,11 +86,14 @@ class Checkpoint:
         return out
 
     def resolve(self, key: str, prefix: str) -> str | None:
-        """The checkpoint's name for a model state key (base models are often saved without their prefix).
+        """The checkpoint's name for a model state key (base models are often saved without their prefix);
+        refused where transformers fills the key by converting tensors or from two (``follow_renames``).
 
         A tensor transformers renames onto the key comes first, as it loads it: a mapping that shifts
         names (kimi_k25's norm0 -> norm1, norm1 -> norm2) fills norm1 from the checkpoint's norm0."""
         for candidate in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
+            if candidate in self.refused:
+                raise SvdloraError(self.refused[candidate])
             if candidate in self.renamed:
                 return self.renamed[candidate]
             if candidate in self.spec:

@@ -437,3 +437,30 @@ def test_renames_follow_the_checkpoint_in_transformers_order_not_its_shards(tmp_
     ckpt.follow_renames(torch.nn.Module())
     assert ckpt.resolve("blocks.0.norm1.weight", "") == "blocks.0.norm0.weight"
     assert ckpt.resolve("blocks.0.norm2.weight", "") == "blocks.0.norm1.weight"
+
+
+def test_a_converted_tensor_refuses_only_the_weight_it_fills_and_two_renamed_onto_one_are_refused(
+    tmp_path, monkeypatch
+):
+    """follow_renames refused the whole checkpoint if any key matched a WeightConverter, even one the model does
+    not need; and of two checkpoint tensors renamed onto one name, the later silently won. Now a weight filled
+    by converting tensors, or from two, is refused where the run needs it, naming the checkpoint's tensors."""
+    import transformers.conversion_mapping as conversion_mapping
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
+
+    from svdlora.checkpoint import Checkpoint
+    from svdlora.errors import SvdloraError
+
+    fuse = WeightConverter(["extra.w1", "extra.w3"], "extra.fused", operations=[Concatenate(dim=0)])
+    both = WeightRenaming(source_patterns=r"norm_(a|b)\.", target_patterns="norm.")
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", lambda model: [both, fuse])
+    keys = ["blocks.0.linear.weight", "extra.w1", "extra.w3", "blocks.0.norm_a.weight", "blocks.0.norm_b.weight"]
+    save_file({key: torch.full((4,), float(i)) for i, key in enumerate(keys)}, tmp_path / "model.safetensors")
+    ckpt = Checkpoint(tmp_path)
+    ckpt.follow_renames(torch.nn.Module())
+    assert ckpt.resolve("blocks.0.linear.weight", "") == "blocks.0.linear.weight"  # the checkpoint is usable
+    with pytest.raises(SvdloraError, match="stores 'extra.w1' in a layout transformers converts"):
+        ckpt.resolve("extra.fused", "")
+    with pytest.raises(SvdloraError, match="both 'blocks.0.norm_a.weight' and 'blocks.0.norm_b.weight'"):
+        ckpt.resolve("blocks.0.norm.weight", "")
