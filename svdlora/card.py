@@ -64,9 +64,14 @@ def _eval_rows(result: dict | None) -> list[str]:
         entry = result.get(role)
         if entry:
             values = [entry["metrics"][k] for k in sorted(result["model"]["metrics"])]
-            cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
-            lines.append(f"| {role} ({entry.get('name')}) | " + " | ".join(cells) + " |")
+            cells = [f"{v:.4g}" if isinstance(v, float) else _cell(v) for v in values]
+            lines.append(f"| {role} ({_cell(entry.get('name'))}) | " + " | ".join(cells) + " |")
     return lines
+
+
+def _cell(value) -> str:
+    """A table cell's text: a '|' in it (sacrebleu's signatures: 'nrefs:1|case:mixed|...') would split the cell."""
+    return str(value).replace("|", "\\|")
 
 
 def render(

@@ -437,3 +437,19 @@ def test_sweep_loads_the_tokenizer_once_before_the_model(tmp_path, capsys, monke
             "--calibration", str(text), "--calibration-samples", "2", "--calibration-length", "16"]  # fmt: skip
     assert main([*argv, "--no-progress"]) == 0
     assert calls == [str(model)]
+
+
+def test_card_eval_table_keeps_a_translation_s_signatures_in_their_cells():
+    """sacrebleu's signatures ('nrefs:1|case:mixed|...') went into the card's eval table as they are: each '|'
+    split the row into more cells than the header has."""
+    from svdlora import card
+
+    metrics = {"bleu": 12.5, "bleu_signature": "nrefs:1|case:mixed|eff:no", "sentences": 2}
+    result = {"task": "translation", "model": {"name": "out", "metrics": metrics}}
+    text = card.render("t", None, [], tags=[], library="transformers", eval_result=result)
+    header, _, row = text.split("## Evaluation")[1].strip().splitlines()[2:5]
+
+    def cells(line):
+        return len(line.replace("\\|", "").split("|"))
+
+    assert cells(row) == cells(header) and "nrefs:1\\|case:mixed\\|eff:no" in row, (header, row)
