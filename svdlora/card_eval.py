@@ -32,9 +32,14 @@ def check_before_load(source: str, data: str, references: str | None = None) -> 
     compressed and written. A hub id (its files come with the model), or a config only the load can read: none."""
     model = outline(source) if Path(source).expanduser().is_dir() else None
     if model is not None:
-        task = eval_task(model, source)
-        build_options(task, data, {"references": references})
-        checked_processor(source, task)
+        checked_processor(source, check_options(model, source, data, references))
+
+
+def check_options(model: nn.Module, source: str, data: str, references: str | None) -> str:
+    """The task --eval measures ``model`` on (a real or meta model), refusing options it cannot take."""
+    task = eval_task(model, source)
+    build_options(task, data, {"references": references})
+    return task
 
 
 def evaluate_into_card(

@@ -297,3 +297,23 @@ def test_compress_eval_of_a_translator_takes_references_and_refuses_none_before_
     code, _, err = run_cli(capsys, *argv, "--references", tmp_path / "ref.txt", "--no-progress")
     assert code == 0, err
     assert "Task `translation`" in (out / "README.md").read_text()  # the figures are in the card
+
+
+def test_compress_eval_of_a_translator_from_the_hub_refuses_missing_references_before_writing(
+    tmp_path, capsys, monkeypatch
+):
+    """A hub id is not checked before the load (its files come with the model): compress --eval without
+    --references on a translator then failed only once the model was compressed and written."""
+    import svdlora.card_eval
+
+    from .eval_helpers import tiny_marian, word_tokenizer
+
+    tok = word_tokenizer(["ein", "mann", "a", "man"], eos_suffix=True)
+    tiny_marian(len(tok), max_positions=256).save_pretrained(tmp_path / "marian")
+    tok.save_pretrained(tmp_path / "marian")
+    (tmp_path / "src.txt").write_text("ein mann\n")
+    monkeypatch.setattr(svdlora.card_eval, "outline", lambda source: None)  # as for a hub id
+    out = tmp_path / "out"
+    argv = ["compress", tmp_path / "marian", "-o", out, "--calibration", "none", "--eval", tmp_path / "src.txt"]
+    code, _, err = run_cli(capsys, *argv, "--no-progress")
+    assert code == 2 and "needs --references FILE" in err and not out.exists(), err

@@ -82,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
+    if args.eval:  # a hub id's (check_before_load sees only a local folder's): before compressing and writing
+        from ..card_eval import check_options
+
+        check_options(model, args.model, args.eval, args.references)
     calibration, processor = resolve_calibration(args.calibration, model, args.model, processor, config)
     warn_unread_sizes(args, calibration)
     report = compress(model, config, calibration=calibration, processor=processor, progress=args.progress)
