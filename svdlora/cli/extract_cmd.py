@@ -51,7 +51,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules get LoRA (glob, or re:REGEX)")
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="no LoRA for these (stored whole)")
-    p.add_argument("--svd-method", choices=("exact", "randomized"), default="exact")
+    p.add_argument(
+        "--svd-method", choices=("exact", "randomized"), default="exact",
+        help="how each delta is factorized: exact SVD (default) or randomized (faster on large matrices, "
+        "slightly larger error)",
+    )  # fmt: skip
     p.add_argument("--dtype", default=None, help="load both models in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the models' own code from the hub")

@@ -55,13 +55,23 @@ def register(subparsers) -> None:
         "--tolerance", type=options.positive_float("tolerance"), default=0.02,
         help="bisection stops within this budget (default 0.02)",
     )  # fmt: skip
-    p.add_argument("--submatrices", type=options.positive_int("submatrices"), default=1)
+    p.add_argument(
+        "--submatrices", type=options.positive_int("submatrices"), default=1,
+        help="factor pairs per matrix at every budget, as for `svdlora compress` (default 1)",
+    )  # fmt: skip
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
     options.add_pivot_flag(p, stage_dtypes=False)
     p.add_argument("--limit", type=options.positive_int("limit"), help="only the first N windows / images / sentences")
     p.add_argument("--max-length", type=options.positive_int("max-length"), help="text: tokens per window")
-    p.add_argument("--batch-size", type=options.positive_int("batch-size"))
-    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.add_argument(
+        "--batch-size", type=options.positive_int("batch-size"),
+        help="evaluation: windows / images / sentences per forward (default 1 / 32 / 16)",
+    )  # fmt: skip
+    p.add_argument(
+        "--device",
+        help="where the evaluation runs: cpu, cuda (default: cuda when available); the SVDs stay on the CPU "
+        "(unlike `compress --device`, the SVD device)",
+    )
     add_calibration_flags(p)
     p.add_argument("-o", "--output", required=True, help="folder for the table, JSON, plot (and model)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results / model in the folder")
