@@ -36,8 +36,8 @@ class HealResult:
     steps: int
     seconds: float
     loss: str
-    first_loss: float  # mean over the first steps (up to 8)
-    last_loss: float  # mean over the last steps (up to 8)
+    first_loss: float  # mean over the first steps (up to 8, at most half the run)
+    last_loss: float  # mean over the last steps (as many)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,12 +226,13 @@ def heal(
         model.train(was_training)
     if not losses:
         raise SvdloraError("healing ran no step: raise --heal-steps or --heal-seconds")
+    ends = max(1, min(8, len(losses) // 2))  # the two means share no step (in a run of 8 they were the same)
     result = HealResult(
         steps=len(losses),
         seconds=time.perf_counter() - start,
         loss=loss,
-        first_loss=sum(losses[:8]) / len(losses[:8]),
-        last_loss=sum(losses[-8:]) / len(losses[-8:]),
+        first_loss=sum(losses[:ends]) / ends,
+        last_loss=sum(losses[-ends:]) / ends,
     )
     logger.info(
         "healed %d steps in %.0f s: loss %.4f -> %.4f",

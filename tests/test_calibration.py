@@ -330,6 +330,20 @@ def test_healing_lowers_the_calibration_loss():
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
 
 
+def test_a_short_healing_run_reports_its_first_and_last_loss_not_one_mean_twice():
+    """With at most 8 steps the first and the last 8 steps were the same steps, so the summary said
+    'loss 0.2698 -> 0.2698' however the run went: the two means now never share a step."""
+    torch.manual_seed(0)
+    dense = tiny_gpt2().eval()
+    batches = [{"input_ids": example_inputs("gpt2", s)["input_ids"]} for s in range(2)]
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.3, progress=False)
+    one = heal(copy.deepcopy(model), batches, steps=1, teacher=dense, loss="distill", lr=3e-2, progress=False)
+    two = heal(model, batches, steps=2, teacher=dense, loss="distill", lr=3e-2, progress=False)
+    assert two.first_loss == one.first_loss  # the first step alone
+    assert two.last_loss != two.first_loss  # the second step alone, after one update
+
+
 def test_healing_trains_only_the_factors():
     torch.manual_seed(0)
     dense = tiny_gpt2().eval()
