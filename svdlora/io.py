@@ -250,7 +250,7 @@ def load_compressed(
     dtype: str | torch.dtype | None = None,
     merge: bool = False,
     model: nn.Module | None = None,
-    device_map: str | dict | None = None,
+    device_map: str | dict | torch.device | int | None = None,
     max_memory: dict | None = None,
     runtime: str | None = None,
     stack_siblings: bool = False,
@@ -266,7 +266,8 @@ def load_compressed(
             weights are replaced); transformers models are rebuilt from config.json.
         device_map: instead of ``device``, spread the layers over devices as accelerate does:
             "auto" / "balanced" / "sequential" (planned with the factors' sizes, or the dense
-            sizes when merging), or a dict {module name: device}; ``max_memory`` caps each device.
+            sizes when merging), a dict {module name: device}, or one device (``"cpu"``, ``"cuda:1"``, a
+            GPU index: ``{"": device}``, as transformers takes it); ``max_memory`` caps each device.
         runtime: "factorized" (default: as stored), "pairs" (pivoted layers as plain pairs: no index
             copies, R² values more), "merged" (same as ``merge=True``), or "auto": per layer, the
             layout that measured fastest on its device for one token per call (``svdlora.runtime``;

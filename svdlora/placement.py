@@ -2,9 +2,10 @@
 
 ``"auto"`` / ``"balanced"`` / ... are planned by ``accelerate.infer_auto_device_map`` on the
 meta skeleton, which already holds the low-rank layers (so it plans with factor sizes, or
-with dense sizes when merging); a dict is used as given. Tensors are then read one at a time
-onto their device, and ``accelerate.dispatch_model`` adds the hooks that move activations
-between devices.
+with dense sizes when merging); a dict is used as given, and one device (``"cpu"``,
+``"cuda:1"``, ``torch.device``, a GPU index) means ``{"": device}``, as in transformers. Tensors
+are then read one at a time onto their device, and ``accelerate.dispatch_model`` adds the hooks
+that move activations between devices.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 from .errors import SvdloraError
 from .models import default_device
 
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
 
 def resolve_device_map(
     model: nn.Module, device_map: str | dict, max_memory: dict | None, dtype: torch.dtype | None
@@ -22,7 +25,17 @@ def resolve_device_map(
     for key in max_memory or {}:  # a GPU this machine lacks: accelerate prints, then asserts
         if key not in ("cpu", "disk", "mps"):
             default_device(key)
-    if isinstance(device_map, dict):
+    if isinstance(device_map, str) and device_map not in STRATEGIES:
+        try:  # one device, as from_pretrained(device_map="cpu") takes it
+            device_map = torch.device(device_map)
+        except RuntimeError:
+            raise SvdloraError(
+                f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential', a device or a dict, "
+                f"got {device_map!r}"
+            ) from None
+    if isinstance(device_map, (torch.device, int)) and not isinstance(device_map, bool):
+        plan = {"": device_map if isinstance(device_map, int) else str(device_map)}
+    elif isinstance(device_map, dict):
         plan = dict(device_map)
     elif isinstance(device_map, str):
         from accelerate import infer_auto_device_map
@@ -34,13 +47,9 @@ def resolve_device_map(
                 model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
                 low_zero=device_map == "balanced_low_0",
             )  # fmt: skip
-        elif device_map not in ("auto", "sequential"):
-            raise SvdloraError(
-                f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential' or a dict, got {device_map!r}"
-            )
         plan = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
     else:
-        raise SvdloraError(f"device_map must be a string or a dict, got {type(device_map).__name__}")
+        raise SvdloraError(f"device_map must be a string, a device or a dict, got {type(device_map).__name__}")
     if any(d == "disk" for d in plan.values()):
         raise SvdloraError("device_map puts layers on 'disk': svdlora does not offload to disk; raise max_memory")
     for device in set(plan.values()):

@@ -28,11 +28,15 @@ def test_device_map_on_cpu_gives_the_same_logits(folder, merge):
     want = output_of(load_compressed(path, device="cpu", merge=merge), kind)
     layers = "model.layers" if kind == "llama" else "transformer.h"
     split = {"": "cpu", f"{layers}.0": "cpu", f"{layers}.1": "cpu"}
-    for device_map, max_memory in [("auto", CPU_ONLY), ("sequential", {"cpu": "1GB"}), (split, None)]:
+    maps = [("auto", CPU_ONLY), ("sequential", {"cpu": "1GB"}), (split, None)]
+    maps += [("cpu", None), (torch.device("cpu"), None)]
+    for device_map, max_memory in maps:  # one device as transformers takes it: "cpu" was refused
         model = load_compressed(path, device_map=device_map, max_memory=max_memory, merge=merge)
         assert torch.equal(output_of(model, kind), want), device_map
         lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
         assert bool(lowrank) != merge
+        if not isinstance(device_map, dict) and device_map not in ("auto", "sequential"):
+            assert model.hf_device_map == {"": "cpu"}
 
 
 def test_merged_equals_factorized_product(folder):
