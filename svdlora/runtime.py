@@ -188,10 +188,12 @@ def apply_runtime(model: nn.Module, runtime: str = "auto", tokens: int = 1) -> d
                 larger.append(name)
         layouts[name] = layout
     if larger:  # a high budget's pivoted rank: R·(m+n) > m·n
-        logger.warning(
-            "%d layers hold more values as pairs than dense (e.g. %s): runtime='merged' or 'auto' is smaller there",
-            len(larger), larger[0],
-        )  # fmt: skip
+        advice = (  # auto chose pairs as the fastest: advising auto again would say nothing
+            "timed fastest; runtime='merged' is smaller there"
+            if runtime in AUTO_RUNTIMES
+            else "runtime='merged' or 'auto' is smaller there"
+        )
+        logger.warning("%d layers hold more values as pairs than dense (e.g. %s): %s", len(larger), larger[0], advice)
     counts = {k: sum(v == k for v in layouts.values()) for k in ("factorized", "pairs", "merged")}
     logger.info("runtime %s: %s", runtime, ", ".join(f"{n} layers {k}" for k, n in counts.items()))
     return layouts

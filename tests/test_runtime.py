@@ -225,6 +225,19 @@ def test_pairs_larger_than_dense_are_warned_about(caplog):
     assert len(warned) == 1 and "1 layers" in warned[0] and "full" in warned[0]
 
 
+def test_auto_choosing_pairs_larger_than_dense_does_not_advise_auto(caplog, monkeypatch):
+    """runtime='auto' that timed such a pair fastest warned "runtime='merged' or 'auto' is smaller
+    there": auto was what the user had asked for, and the choice was auto's own."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    model.full = PivotedLowRankLinear.from_dense(model.full, [900])  # as pairs: 1.76x the dense values
+    monkeypatch.setattr(runtime_module, "measure", lambda *args: {"factorized": 2e-3, "pairs": 1e-3, "merged": 3e-3})
+    with caplog.at_level("WARNING", logger="svdlora.runtime"):
+        assert apply_runtime(model, "auto")["full"] == "pairs"
+    warned = [r.getMessage() for r in caplog.records if "more values as pairs than dense" in r.getMessage()]
+    assert len(warned) == 1 and "'auto'" not in warned[0] and "runtime='merged'" in warned[0]
+
+
 def test_replayed_captures_on_the_stream_it_warmed_up_on(monkeypatch):
     """torch.cuda.graph's default capture stream is created once, on the GPU current at the first
     capture: a layer on another GPU (device_map) would launch its kernels outside the capture. The
