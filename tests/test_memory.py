@@ -130,13 +130,14 @@ def test_a_run_that_cannot_stream_is_refused_or_warned(tmp_path, monkeypatch, ca
     assert (tmp_path / "o" / "svdlora_config.json").is_file()
 
 
-def test_a_streamed_run_evaluates_its_folder_for_the_card(tmp_path):
+def test_a_streamed_run_evaluates_its_folder_for_the_card(tmp_path, capsys):
     model, text = lm_folder(tmp_path)
     out = tmp_path / "svd"
     argv = ["compress", str(model), "--budget", "0.5", "--stream", "--eval", str(text), "--eval-limit", "2"]
     assert main([*argv, "--output", str(out), "--no-progress"]) == 0
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "perplexity" in card
+    assert "perplexity" in capsys.readouterr().out  # printed too, not only in the card
 
 
 def test_what_streams_by_itself_and_what_decides_it(tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -202,13 +203,15 @@ def test_compress_card_and_info_json(tmp_path, gpt2_folder, capsys):
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
 
 
-def test_compress_eval_goes_into_card(tmp_path):
+def test_compress_eval_goes_into_card_and_is_printed(tmp_path, capsys):
     model, text = lm_folder(tmp_path)
     out = tmp_path / "svd"
     argv = ["compress", str(model), "--budget", "0.5", "--eval", str(text), "--eval-limit", "2", "--output", str(out)]
     assert main([*argv, "--no-progress"]) == 0
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "perplexity" in card and "--eval" in card
+    printed = capsys.readouterr().out  # the figures were measured, then only written into the card
+    assert re.search(r"^perplexity +\d", printed, re.M) and "text-generation on" in printed
     assert "calibration" in card and "self" in card  # the default for causal LMs, recorded in the card
     assert "GPT2LMHeadModel.from_pretrained" in card  # rewritten with the usage save_compressed wrote
     row = next(line for line in card.splitlines() if line.startswith("| model ("))

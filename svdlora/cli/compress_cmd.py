@@ -122,7 +122,11 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="load the model in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
-    p.add_argument("--eval", metavar="DATA", help="evaluate the result on DATA (as `svdlora eval`) for the card")
+    p.add_argument(
+        "--eval",
+        metavar="DATA",
+        help="evaluate the result on DATA (as `svdlora eval`): printed, and written into the card",
+    )
     p.add_argument(
         "--references",
         metavar="FILE",

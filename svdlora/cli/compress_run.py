@@ -97,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
     print(report.format())
     if args.eval:
         from ..card_eval import evaluate_into_card
+        from ..evaluation import format_table
 
-        evaluate_into_card(model, output, report, args.model, args.eval, args.eval_limit, args.references)
+        result = evaluate_into_card(model, output, report, args.model, args.eval, args.eval_limit, args.references)
+        print("\n" + format_table(result))  # the figures, not only in the card
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(
         f"\nwrote {output}  (load {load_seconds:.1f} s, total {time.perf_counter() - start:.1f} s, "
@@ -151,11 +153,13 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, p
         print(report.format())
     if args.eval and ctx.is_main:  # the compressed folder, loaded back: the model was never in memory
         from ..card_eval import evaluate_into_card
+        from ..evaluation import format_table
         from ..io import load_compressed
 
-        evaluate_into_card(
+        result = evaluate_into_card(
             load_compressed(output), output, report, args.model, args.eval, args.eval_limit, args.references
         )
+        print("\n" + format_table(result))  # the figures, not only in the card
     print(
         f"\n{f'[rank {ctx.rank}/{ctx.world_size}] ' if ctx.world_size > 1 else ''}wrote {output}  "
         f"(streamed, total {time.perf_counter() - start:.1f} s, "
