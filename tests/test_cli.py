@@ -92,7 +92,10 @@ def test_bad_numbers(gpt2_folder, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["compress", str(gpt2_folder), "--output", str(tmp_path / "out"), *args])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    # one line naming the fix, as every input error (argparse printed the whole usage above it)
+    assert err.count("\n") == 1 and err.startswith("svdlora compress: error:") and "--help" in err
 
 
 def test_bad_model_paths(tmp_path, capsys):

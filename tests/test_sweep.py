@@ -119,7 +119,7 @@ def test_sweep_refuses_to_write_into_its_input_and_a_tolerance_of_zero(tmp_path,
     for output in (model, model / "sweep"):
         assert main([*argv, "--output", str(output), "--no-progress"]) == 2
         assert "input" in capsys.readouterr().err and sorted(p.name for p in model.iterdir()) == before
-    with pytest.raises(SystemExit) as refused:  # argparse: usage and one line, exit 2
+    with pytest.raises(SystemExit) as refused:  # argparse: one line, exit 2
         main([*argv, "--output", str(tmp_path / "s"), "--tolerance", "0"])
     assert refused.value.code == 2 and "tolerance must be" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

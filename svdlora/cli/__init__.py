@@ -18,8 +18,17 @@ from . import compress_cmd, convert_cmd, eval_cmd, export_cmd, extract_cmd, info
 COMMANDS = (compress_cmd, info_cmd, export_cmd, eval_cmd, convert_cmd, extract_cmd, sweep_cmd)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag value is one line naming it and the fix, as every other input error (argparse's
+    default prints the whole usage first: twenty lines above the one that matters). The subcommands'
+    parsers are of this class too (add_subparsers builds them with the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="svdlora",
         description="Compress Hugging Face / PyTorch checkpoints with residual truncated SVD.",
         epilog="Set SVDLORA_TRACEBACK=1 to see full tracebacks of errors.",
