@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import asdict, dataclass, field
 
 from .errors import SvdloraError
@@ -224,6 +225,22 @@ class CompressionConfig:
         self.submatrices = int(self.submatrices)
         self.include = list(self.include) if self.include else None
         self.exclude = list(self.exclude or [])
+        for flag, patterns in (("--include", self.include or []), ("--exclude", self.exclude)):
+            _check_patterns(flag, patterns)  # before the slow load, not at the first module name
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_patterns(flag: str, patterns: list[str]) -> None:
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise SvdloraError(f"{flag} takes module name patterns (strings), got {pattern!r}")
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise SvdloraError(
+                    f"{flag}: invalid regex pattern {pattern!r}: {err} (after 're:' comes a Python regex matched "
+                    r"against the whole module name, e.g. 're:.*\.mlp\..*'; or pass a glob such as '*.mlp.*')"
+                ) from None

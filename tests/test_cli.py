@@ -98,6 +98,17 @@ def test_bad_numbers(gpt2_folder, tmp_path, capsys, args, message):
     assert err.count("\n") == 1 and err.startswith("svdlora compress: error:") and "--help" in err
 
 
+def test_a_bad_regex_is_refused_before_the_load_naming_its_flag(gpt2_folder, tmp_path, capsys, monkeypatch):
+    from svdlora.cli import compress_run
+
+    loaded = []
+    monkeypatch.setattr(compress_run, "load_pretrained", lambda *a, **k: loaded.append(a))
+    for flag in ("--include", "--exclude"):
+        code, _, err = run_cli(capsys, "compress", gpt2_folder, "--output", tmp_path / "out", flag, "re:((")
+        assert code == 2 and f"{flag}: invalid regex pattern 're:(('" in err and "glob" in err
+    assert loaded == [] and not (tmp_path / "out").exists()  # was: after the load, without the flag
+
+
 def test_bad_model_paths(tmp_path, capsys):
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "compress", tmp_path / "does-not-exist", "--output", out)

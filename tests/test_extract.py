@@ -456,6 +456,7 @@ def test_a_folder_that_is_not_a_model_is_named_once(tmp_path, capsys):
     assert str(err.value).startswith(f"model {empty!r} is not a model folder"), str(err.value)
     assert str(err.value).count(repr(empty)) == 1, str(err.value)
     tiny_llama().save_pretrained(tmp_path / "base")
+    capsys.readouterr()  # save_pretrained's progress bar, shown when no earlier test turned them off
     out = ["--output", str(tmp_path / "adapter"), "--rank", "2", "--no-progress"]
     err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", empty, *out])
     assert f"--tuned {empty!r}: is not a model folder" in err and err.count(repr(empty)) == 1, err

@@ -110,11 +110,10 @@ def run(args: argparse.Namespace) -> int:
 def _check_inputs(args: argparse.Namespace) -> None:
     """What can be checked without loading a model: --base and --tuned as ``load_pretrained`` checks a
     name first (``models.check_model_path``: the same local-path-or-hub-id rule), saying what extract
-    needs for the folders it cannot take; the --include / --exclude regexes, otherwise compiled after
-    both loads; then the two models compared on the meta device."""
+    needs for the folders it cannot take; then the two models compared on the meta device (the
+    --include / --exclude regexes are checked by CompressionConfig)."""
     from ..io import is_compressed_folder
     from ..models import check_model_path
-    from ..targets import matches
 
     for flag, name in (("--base", args.base), ("--tuned", args.tuned)):
         path = Path(name).expanduser()
@@ -132,12 +131,6 @@ def _check_inputs(args: argparse.Namespace) -> None:
             check_model_path(name)
         except SvdloraError as err:
             raise SvdloraError(f"{flag} {name!r}: {err}") from None
-    for flag, patterns in (("--include", args.include or []), ("--exclude", args.exclude)):
-        for pattern in patterns:
-            try:
-                matches("", pattern)  # a glob always compiles; a bad re: pattern raises here
-            except SvdloraError as err:
-                raise SvdloraError(f"{flag}: {err}") from None
     if not args.trust_remote_code:  # (its own code is not run before the load)
         _check_pair_on_meta(args)
 
