@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import blockwise
-from .calibration import MAX_OUTPUT_GRAM, _Accumulator, _hooks, calibration_loss, unpadded
+from .calibration import MAX_OUTPUT_GRAM, _Accumulator, _hooks, calibration_loss
 from .distributed import Context
 from .errors import SvdloraError
 from .layers import weight_out_in
@@ -86,7 +86,7 @@ def collect(
     (those it will factorize); every rank returns every spectrum."""
     ctx = ctx if ctx is not None else Context()
     model = blockwise.meta_model(plan, device)
-    batches = blockwise.on_device(unpadded(batches), device)  # padding is no tokens, as in memory
+    batches, masks = blockwise.run_batches(batches, device)
     blocks_name, blocks = blockwise.find_blocks(model, [t.name for t in plan.targets])
     outside = (f"{blocks_name}.",)
     filled = blockwise._materialize(plan, model, "", exclude=outside, device=device)
@@ -118,7 +118,7 @@ def collect(
         mine = [t for t in plan.targets if t.name.startswith(prefix)]
         targets = [dataclasses.replace(t, module=model.get_submodule(t.name)) for t in mine]
         stats = _block_backward(
-            blocks[i], targets, inputs, grads, folder / f"hidden-{i}.pt", i > 0, method == "kfac", ctx
+            blocks[i], targets, inputs, masks, grads, folder / f"hidden-{i}.pt", i > 0, method == "kfac", ctx
         )
         (folder / f"hidden-{i}.pt").unlink()
         weighted = CalibrationPlan(method, allocation, stats=stats)
@@ -144,7 +144,7 @@ def collect(
 
 
 def _block_backward(
-    block, targets, inputs, grads: list, hidden_file: Path, upstream: bool, output_gram: bool, ctx: Context
+    block, targets, inputs, masks: list, grads: list, hidden_file: Path, upstream: bool, output_gram: bool, ctx: Context
 ):
     """One block's statistics (summed over the ranks of ``ctx``); ``grads`` (the gradient at its
     output, per window) becomes the gradient at its input when ``upstream`` (a block before it needs it)."""
@@ -152,7 +152,7 @@ def _block_backward(
     accumulator = _Accumulator(targets, gradients=True, output_gram=output_gram)
     with _hooks(targets, accumulator), torch.enable_grad():
         for w, entry in enumerate(inputs):
-            accumulator.new_batch()
+            accumulator.new_batch(masks[w])
             x = hidden[w].to(grads[w].device).detach().requires_grad_()  # the layers' outputs need a graph
             out = entry.call(block, x)
             outs = [o for _, o in accumulator.outputs]

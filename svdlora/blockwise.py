@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
-from .calibration import _Accumulator, _hooks, unpadded
+from .calibration import _Accumulator, _hooks, calibration_runs
 from .distributed import Context
 from .errors import SvdloraError
 from .io import _no_weight_init
@@ -109,7 +109,7 @@ def calibrate_and_factorize(
     named in ``owned``."""
     ctx = ctx if ctx is not None else Context()
     model = meta_model(plan, device)
-    batches = on_device(unpadded(batches), device)  # padding is no tokens, as in memory
+    batches, masks = run_batches(batches, device)
     jobs = {what.name: what for kind, _, what in plan.jobs if kind == "factorize"}
     blocks_name, blocks = find_blocks(model, list(jobs))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -129,8 +129,8 @@ def calibrate_and_factorize(
         ]
         accumulator = _Accumulator(targets, gradients=False)
         with _hooks(targets, accumulator), torch.no_grad():
-            for entry in inputs:
-                accumulator.new_batch()
+            for entry, real in zip(inputs, masks, strict=True):
+                accumulator.new_batch(real)
                 entry.run(block)
         accumulator.new_batch()
         accumulator.sum_over_ranks(ctx)
@@ -219,6 +219,14 @@ class _BlockInputs:
 
     def run(self, block: nn.Module) -> None:
         self.hidden = self.call(block, self.hidden)
+
+
+def run_batches(batches: list[dict], device) -> tuple[list[dict], list[list[torch.Tensor]]]:
+    """The forward passes of ``batches`` and each one's real positions, as in-memory calibration runs
+    them (``calibration.calibration_runs``: padding is no tokens), on ``device``."""
+    runs = calibration_runs(batches, encoder_decoder=False)  # the streamed passes run decoder-only LMs
+    masks = [[m if device is None else m.to(device) for m in real] for _, real in runs]
+    return on_device([batch for batch, _ in runs], device), masks
 
 
 def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[dict]) -> list[_BlockInputs]:

@@ -329,9 +329,10 @@ def _masked_labels(batch: dict, masks: list[torch.Tensor]) -> dict:
     return batch if real is None else {**batch, "labels": labels.masked_fill(~real.to(labels.device), -100)}
 
 
-def _runs(batches: Iterable[dict], encoder_decoder: bool) -> list[tuple[dict, list[torch.Tensor]]]:
+def calibration_runs(batches: Iterable[dict], encoder_decoder: bool) -> list[tuple[dict, list[torch.Tensor]]]:
     """(batch, its real positions) for each forward pass: a padded batch whole where ``batched_masks``
-    allows, else its rows without padding (``unpadded_rows``)."""
+    allows, else its rows without padding (``unpadded_rows``). The streamed passes (``blockwise``,
+    ``block_gradients``) run the same passes, so their statistics are the in-memory ones bit for bit."""
     runs = []
     for batch in batches:
         masks = batched_masks(batch, encoder_decoder)
@@ -390,7 +391,7 @@ def collect_statistics(
     """
     accumulator = _Accumulator(targets, gradients, output_gram=gradients and output_gram)
     generator = torch.Generator().manual_seed(seed)
-    batches = _runs(batches, is_encoder_decoder(model))
+    batches = calibration_runs(batches, is_encoder_decoder(model))
     if not batches:
         raise SvdloraError("calibration data is empty: pass a file with text, images or sentences")
     was_training = model.training

@@ -159,7 +159,7 @@ def test_a_failed_backward_leaves_no_output_and_no_scratch(base, monkeypatch):
     tmp = base.parent
     seen = {}
 
-    def fail(block, targets, inputs, grads, hidden_file, *rest):
+    def fail(block, targets, inputs, masks, grads, hidden_file, *rest):
         seen["scratch"] = hidden_file.parent
         assert hidden_file.exists() and len(list(hidden_file.parent.glob("hidden-*.pt"))) == 2  # both blocks' inputs
         raise SvdloraError("stopped in the backward pass")
