@@ -71,6 +71,10 @@ class SharedInputs:
         self._first.clear()
 
 
+class Unbatchable(Exception):
+    """A layer input of a padded batch run whole whose real positions no mask tells (``_Accumulator._real``)."""
+
+
 class _Accumulator:
     """Sums of x xᵀ (shared by layers fed the same tensor) and of g² per layer."""
 
@@ -127,13 +131,22 @@ class _Accumulator:
         self.masks = masks or []
 
     def _real(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The mask of ``x``'s real positions: the batch's mask of its (batch, length), if any."""
-        if x.dim() < 3:
+        """The mask of ``x``'s real positions in a padded batch run whole: the batch's mask of its
+        (batch, length), or that mask flattened for rows (batch × length, features) (a MoE block's
+        shared expert and router); None in a batch without padding. ``Unbatchable`` where no mask
+        fits (a routed expert's tokens, a model that reshapes or pads its sequence itself): its
+        padding cannot be told apart."""
+        if not self.masks:
             return None
-        return next((m for m in self.masks if tuple(m.shape) == tuple(x.shape[:2])), None)
+        for m in self.masks:
+            if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+                return m
+            if x.dim() == 2 and x.shape[0] == m.numel():
+                return m.reshape(-1)
+        raise Unbatchable
 
     def _flat(self, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]) if real is None else x[real.to(x.device)]
+        return x.reshape(-1, x.shape[-1]) if real is None else x[real.to(x.device)].reshape(-1, x.shape[-1])
 
     def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         name = self.targets[module].name
@@ -329,13 +342,16 @@ def _masked_labels(batch: dict, masks: list[torch.Tensor]) -> dict:
     return batch if real is None else {**batch, "labels": labels.masked_fill(~real.to(labels.device), -100)}
 
 
-def calibration_runs(batches: Iterable[dict], encoder_decoder: bool) -> list[tuple[dict, list[torch.Tensor]]]:
+def calibration_runs(
+    batches: Iterable[dict], encoder_decoder: bool, whole: bool = True
+) -> list[tuple[dict, list[torch.Tensor]]]:
     """(batch, its real positions) for each forward pass: a padded batch whole where ``batched_masks``
-    allows, else its rows without padding (``unpadded_rows``). The streamed passes (``blockwise``,
-    ``block_gradients``) run the same passes, so their statistics are the in-memory ones bit for bit."""
+    allows (and ``whole``), else its rows without padding (``unpadded_rows``). The streamed passes
+    (``blockwise``, ``block_gradients``) run the same passes, so their statistics are the in-memory
+    ones bit for bit."""
     runs = []
     for batch in batches:
-        masks = batched_masks(batch, encoder_decoder)
+        masks = batched_masks(batch, encoder_decoder) if whole else None
         if masks is None:
             runs.extend((row, []) for row in unpadded_rows(batch, encoder_decoder))
         else:
@@ -389,11 +405,34 @@ def collect_statistics(
     Returns:
         ``{layer name: LayerStats}`` for every target the data reached.
     """
+    batches, encoder_decoder = list(batches), is_encoder_decoder(model)
+    runs = calibration_runs(batches, encoder_decoder)
+    if not runs:
+        raise SvdloraError("calibration data is empty: pass a file with text, images or sentences")
+    try:
+        stats = _collect(model, targets, runs, gradients, progress, seed, output_gram)
+    except Unbatchable:  # a layer whose padding no mask tells (a routed expert): every sentence alone
+        logger.info("a layer input has no padding mask of its shape: the calibration runs sentence by sentence")
+        runs = calibration_runs(batches, encoder_decoder, whole=False)
+        stats = _collect(model, targets, runs, gradients, progress, seed, output_gram)
+    missing = [t.name for t in targets if t.name not in stats]
+    if missing:
+        logger.warning("%d targeted layers never ran on the calibration data (e.g. %s)", len(missing), missing[0])
+    return stats
+
+
+def _collect(
+    model: nn.Module,
+    targets: list[Target],
+    batches: list[tuple[dict, list[torch.Tensor]]],
+    gradients: bool,
+    progress: bool,
+    seed: int,
+    output_gram: bool,
+) -> dict[str, LayerStats]:
+    """``collect_statistics`` of ``batches`` (``calibration_runs``)."""
     accumulator = _Accumulator(targets, gradients, output_gram=gradients and output_gram)
     generator = torch.Generator().manual_seed(seed)
-    batches = calibration_runs(batches, is_encoder_decoder(model))
-    if not batches:
-        raise SvdloraError("calibration data is empty: pass a file with text, images or sentences")
     was_training = model.training
     model.eval()
     grad_context = _params_require_grad(model) if gradients else torch.no_grad()
@@ -411,8 +450,4 @@ def collect_statistics(
     finally:
         accumulator.new_batch()
         model.train(was_training)
-    stats = accumulator.result()
-    missing = [t.name for t in targets if t.name not in stats]
-    if missing:
-        logger.warning("%d targeted layers never ran on the calibration data (e.g. %s)", len(missing), missing[0])
-    return stats
+    return accumulator.result()

@@ -792,6 +792,49 @@ def test_padding_is_not_counted_in_the_statistics(kind):
             torch.testing.assert_close(getattr(padded[name], field), getattr(stats, field), rtol=1e-5, atol=1e-6)
 
 
+def _tiny_moe(kind: str):
+    """A MoE whose expert Linears see the tokens flattened (Qwen2-MoE's shared expert: all of them) or
+    routed (Switch Transformers' experts: some of them), not as (batch, length, features)."""
+    if kind == "qwen2-moe":
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+        config = Qwen2MoeConfig(
+            hidden_size=32, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+            num_experts=4, num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=96, pad_token_id=0,
+        )  # fmt: skip
+        return Qwen2MoeForCausalLM(config)
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    config = SwitchTransformersConfig(
+        vocab_size=96, d_model=32, d_kv=8, d_ff=64, expert_capacity=64, num_layers=2, num_sparse_encoder_layers=1,
+        num_decoder_layers=2, num_sparse_decoder_layers=1, num_heads=4, num_experts=4, pad_token_id=0,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    return SwitchTransformersForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("kind", ["qwen2-moe", "switch"])
+def test_padding_is_not_counted_in_the_statistics_of_experts(kind):
+    # found by review: a padded batch run whole kept the real positions only of layer inputs shaped
+    # (batch, length, features); an expert fed the tokens flattened or routed counted the padding
+    # (Qwen2-MoE's shared expert: 16 tokens for 11, Grams 1.04 apart); flattened ones now keep the
+    # real rows, and a batch with routed ones runs sentence by sentence
+    torch.manual_seed(0)
+    model = _tiny_moe(kind).eval()
+    targets, _ = find_targets(model, CompressionConfig())
+    batch, rows = _padded_and_rows("marian" if kind == "switch" else "llama", model)
+    if kind != "switch":
+        batch["labels"] = batch["input_ids"]
+    padded = collect_statistics(model, targets, [batch], progress=False)
+    one_by_one = collect_statistics(model, targets, rows, progress=False)
+    assert padded.keys() == one_by_one.keys()
+    for name, stats in one_by_one.items():
+        assert padded[name].tokens == stats.tokens, name
+        for field in ("gram", "out_grad_sq"):
+            torch.testing.assert_close(getattr(padded[name], field), getattr(stats, field), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["marian", "llama"])
 def test_a_padded_batch_runs_once_in_the_statistics(kind):
     # the statistics ran every padded batch row by row: one forward and backward pass per sentence
