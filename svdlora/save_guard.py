@@ -41,7 +41,8 @@ def _save_pretrained(model: nn.Module, *args, **kwargs):
             "cannot load back: use svdlora.save_compressed(model, folder) (or load it with merge=True for "
             "a dense checkpoint)"
         )
-    own = "state_dict" in kwargs or len(args) > 2  # (save_directory, is_main_process, state_dict, ...)
+    # (save_directory, is_main_process, state_dict, ...); None, as the Trainer passes it, is the model's own
+    own = kwargs.get("state_dict") is not None or len(args) > 2 and args[2] is not None
     if not own and not holds_factors(model) and not getattr(model, "_hf_peft_config_loaded", False):
         kwargs["state_dict"] = untied_state_dict(model)  # None: transformers takes the model's own
     return type(model).save_pretrained(model, *args, **kwargs)

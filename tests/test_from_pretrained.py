@@ -348,3 +348,14 @@ def test_save_pretrained_of_a_merged_translator_with_a_factorized_head_keeps_its
     gpt2.save_pretrained(tmp_path / "gpt2-dense")
     with safe_open(str(tmp_path / "gpt2-dense" / "model.safetensors"), framework="pt") as f:
         assert "lm_head.weight" not in f.keys()  # tied to wte: written once
+
+
+def test_save_pretrained_of_a_merged_translator_given_no_state_dict_keeps_its_embeddings(tmp_path):
+    """Found by review: state_dict=None passed on (as transformers' Trainer saves a model) counted as the
+    caller's own state dict, and the merged translator's encoder/decoder embed_tokens were not written."""
+    import transformers
+
+    merged = svdlora.load_compressed(_folder("marian", tmp_path, keep_head=False), device="cpu", merge=True)
+    merged.save_pretrained(tmp_path / "dense", state_dict=None)
+    dense = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dense")
+    assert torch.equal(_logits(dense, "marian"), _logits(merged, "marian"))
