@@ -308,7 +308,8 @@ def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tens
     """The real positions of a padded ``batch`` that can run whole, exactly as its rows one by one
     (``unpadded_rows``): the source mask, and an encoder-decoder's target up to its last real token;
     None where it must run row by row. A layer input is told by its (batch, length), so a batch whose
-    source and target differ but are as long runs row by row; so does a left-padded one (padding
+    source and target differ but are as long runs row by row, as does one as long as it has rows (a
+    model that runs (length, batch), FSMT, would read its mask transposed); so does a left-padded one (padding
     before a real token moves the positions of models that number them from 0, GPT-2, Marian) and one
     without labels (its loss samples at every position, padding included). The labels at padding
     are not counted (``_masked_labels``); padding after a token, a key no real query attends to,
@@ -317,6 +318,8 @@ def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tens
     masks = [m.bool() for m in (mask, target) if m is not None]
     if not masks or all(m.all() for m in masks):
         return []  # nothing padded
+    if any(m.shape[0] == m.shape[1] for m in masks):
+        return None  # as many rows as positions: a (length, batch) layer input (FSMT) would pass for (batch, length)
     if "labels" not in batch or is_left_padded(batch) or mask is not None and not mask.bool().any(-1).all():
         return None  # (a row of padding only: its rows leave it out)
     if target is not None:  # the decoder runs up to the last real target token (causal)

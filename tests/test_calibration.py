@@ -835,6 +835,31 @@ def test_padding_is_not_counted_in_the_statistics_of_experts(kind):
             torch.testing.assert_close(getattr(padded[name], field), getattr(stats, field), rtol=1e-5, atol=1e-6)
 
 
+def test_padding_is_not_counted_in_the_statistics_of_a_length_first_model():
+    # found by review: FSMT's layers run (length, batch, features); a padded batch as long as it has
+    # rows matched its (batch, length) mask by shape, read transposed (Grams 1.3 apart from the rows)
+    from transformers import FSMTConfig, FSMTForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = FSMTConfig(
+        langs=["en", "de"], src_vocab_size=96, tgt_vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=64, pad_token_id=1, decoder_start_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = FSMTForConditionalGeneration(config).eval()
+    targets, _ = find_targets(model, CompressionConfig())
+    ids = torch.tensor([[5, 6, 7], [11, 1, 1], [13, 14, 1]])  # 3 sentences of 3, 1 and 2 tokens a side
+    labels = torch.tensor([[20, 21, 22], [30, -100, -100], [40, 41, -100]])
+    decoder = torch.cat([torch.full((3, 1), 2), labels[:, :-1].clamp_min(1)], 1)
+    batch = {"input_ids": ids, "attention_mask": (ids != 1).long(), "labels": labels, "decoder_input_ids": decoder}
+    rows = [{key: value[i : i + 1, :length] for key, value in batch.items()} for i, length in enumerate([3, 1, 2])]
+    padded = collect_statistics(model, targets, [batch], progress=False)
+    one_by_one = collect_statistics(model, targets, rows, progress=False)
+    for name, stats in one_by_one.items():
+        assert padded[name].tokens == stats.tokens, name
+        torch.testing.assert_close(padded[name].gram, stats.gram, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["marian", "llama"])
 def test_a_padded_batch_runs_once_in_the_statistics(kind):
     # the statistics ran every padded batch row by row: one forward and backward pass per sentence
