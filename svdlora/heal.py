@@ -133,10 +133,19 @@ def _loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str) -
     (``calibration.unpadded_rows``) and the rows' means are weighted by their positions: the padded batch's
     mean, as if it had been padded on the right."""
     if not is_left_padded(batch):
-        return _batch_loss(model, teacher, batch, loss)[0]
-    parts = [_batch_loss(model, teacher, row, loss) for row in unpadded_rows(batch, is_encoder_decoder(model))]
-    parts = [(value, count) for value, count in parts if count]  # a one-token row predicts nothing
-    return sum(value * count for value, count in parts) / max(sum(count for _, count in parts), 1)
+        value, count = _batch_loss(model, teacher, batch, loss)
+        parts = [(value, count)] if count else []
+    else:
+        parts = [_batch_loss(model, teacher, row, loss) for row in unpadded_rows(batch, is_encoder_decoder(model))]
+        parts = [(value, count) for value, count in parts if count]  # a one-token row predicts nothing
+    if not parts:  # (the mean of no position: nan, or 0 not a tensor, once the rows were dropped)
+        raise SvdloraError(
+            "a healing batch has no position to learn from (its rows one token long, or padding only): "
+            "drop it or pass longer texts"
+        )
+    if not is_left_padded(batch):
+        return parts[0][0]
+    return sum(value * count for value, count in parts) / sum(count for _, count in parts)
 
 
 def learning_rate(peak: float, step: int, steps: int, elapsed: float, seconds: float | None) -> float:

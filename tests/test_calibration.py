@@ -1187,3 +1187,21 @@ def test_refit_with_plain_svd_runs_as_with_data_it_leaves_unread(gpt2_with_token
     assert [p["budget"] for p in record["points"]] == [0.5, 0.8] and not record["skipped"]
     with pytest.raises(SvdloraError, match=r"refit pass \(--refit\) needs calibration data"):
         svdlora.compress(tiny_gpt2(), budget=0.5, refit=True, progress=False)  # 'auto' would refit with data
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_a_healing_batch_with_nothing_to_predict_says_so(left):
+    # found by review: a left-padded batch whose rows are one token each (nothing to predict) crashed in
+    # torch.isfinite on a float 0 (c309bd1); right-padded, its nan loss said "healing diverged: lower --heal-lr"
+    torch.manual_seed(0)
+    dense = tiny_llama().eval()
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.5, progress=False)
+    ids, mask = torch.tensor([[5, 0], [6, 0]]), torch.tensor([[1, 0], [1, 0]])
+    batch = (
+        {"input_ids": ids.flip(-1), "attention_mask": mask.flip(-1)}
+        if left
+        else {"input_ids": ids, "attention_mask": mask}
+    )
+    with pytest.raises(SvdloraError, match="no position to learn from"):
+        heal(model, [batch | {"labels": batch["input_ids"]}], steps=1, loss="lm", progress=False)
