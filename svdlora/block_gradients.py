@@ -75,6 +75,7 @@ def collect(
     device=None,
     ctx=None,
     owned=None,
+    whole: bool = True,
 ):
     """Run the three passes over the checkpoint of ``plan`` (a ``streaming.Plan``) for every
     target in ``plan.targets``; scratch files live in ``folder`` (created here). ``device`` (e.g.
@@ -83,10 +84,11 @@ def collect(
     Under torchrun (``ctx``, a ``distributed.Context``) each rank passes its own windows and its
     own scratch ``folder``: the passes run on that rank's windows, each block's statistic sums
     are added over the ranks, and a rank stores the weightings of the layers named in ``owned``
-    (those it will factorize); every rank returns every spectrum."""
+    (those it will factorize); every rank returns every spectrum. ``whole``: a padded batch runs in
+    one pass where it can (``blockwise.run_batches``)."""
     ctx = ctx if ctx is not None else Context()
     model = blockwise.meta_model(plan, device)
-    batches, masks = blockwise.run_batches(batches, device)
+    batches, masks = blockwise.run_batches(batches, device, whole)
     blocks_name, blocks = blockwise.find_blocks(model, [t.name for t in plan.targets])
     outside = (f"{blocks_name}.",)
     filled = blockwise._materialize(plan, model, "", exclude=outside, device=device)

@@ -97,7 +97,15 @@ def check(model, hf_config, target_names: list[str]) -> None:
 
 
 def calibrate_and_factorize(
-    plan, batches: list[dict], config, factorize_into, progress: bool, device=None, ctx=None, owned=None
+    plan,
+    batches: list[dict],
+    config,
+    factorize_into,
+    progress: bool,
+    device=None,
+    ctx=None,
+    owned=None,
+    whole: bool = True,
 ) -> dict:
     """Whiten (method "whiten", uniform allocation): run ``batches`` block by block through the
     checkpoint of ``plan`` (a ``streaming.Plan``) and call ``factorize_into(target, weight,
@@ -106,10 +114,10 @@ def calibrate_and_factorize(
 
     Under torchrun (``ctx``, a ``distributed.Context``) each rank passes its own windows: the
     Gram sums are added over the ranks block by block, and a rank factorizes only the layers
-    named in ``owned``."""
+    named in ``owned``. ``whole``: a padded batch runs in one pass where it can (``run_batches``)."""
     ctx = ctx if ctx is not None else Context()
     model = meta_model(plan, device)
-    batches, masks = run_batches(batches, device)
+    batches, masks = run_batches(batches, device, whole)
     jobs = {what.name: what for kind, _, what in plan.jobs if kind == "factorize"}
     blocks_name, blocks = find_blocks(model, list(jobs))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -221,10 +229,10 @@ class _BlockInputs:
         self.hidden = self.call(block, self.hidden)
 
 
-def run_batches(batches: list[dict], device) -> tuple[list[dict], list[list[torch.Tensor]]]:
+def run_batches(batches: list[dict], device, whole: bool = True) -> tuple[list[dict], list[list[torch.Tensor]]]:
     """The forward passes of ``batches`` and each one's real positions, as in-memory calibration runs
     them (``calibration.calibration_runs``: padding is no tokens), on ``device``."""
-    runs = calibration_runs(batches, encoder_decoder=False)  # the streamed passes run decoder-only LMs
+    runs = calibration_runs(batches, encoder_decoder=False, whole=whole)  # the streamed passes run decoder-only LMs
     masks = [[m if device is None else m.to(device) for m in real] for _, real in runs]
     return on_device([batch for batch, _ in runs], device), masks
 

@@ -403,10 +403,21 @@ def test_gradient_free_allocation_benchmark_runs_on_a_tiny_model(tmp_path):
     assert rows["uniform"]["params_after"] != rows["relative spectra"]["params_after"]  # another allocation ran
 
 
+@pytest.mark.parametrize("by_row", [False, True], ids=["whole", "by-row"])
 @pytest.mark.parametrize(("method", "allocation"), [("whiten", "uniform"), ("kfac", "global")])
-def test_padded_batches_stream_as_in_memory(base, method, allocation):
-    """Batches passed from Python with padding: in memory their padding is no tokens (run row by
-    row), and so it is block by block: the same bytes."""
+def test_padded_batches_stream_as_in_memory(base, method, allocation, by_row, monkeypatch):
+    """Batches passed from Python with padding: in memory their padding is no tokens (a batch in one
+    pass, or row by row where a layer's padding cannot be told in one pass: ``Unbatchable``, forced
+    here), and so it is block by block: the same bytes."""
+    if by_row:
+        from svdlora import calibration
+
+        def unbatchable(self, x):
+            if self.masks:
+                raise calibration.Unbatchable
+            return None
+
+        monkeypatch.setattr(calibration._Accumulator, "_real", unbatchable)
     tmp = base.parent
     tok = word_tokenizer(WORDS)
     ids = tok([word_text(WORDS, 20), word_text(WORDS, 9)], return_tensors="pt", padding=True)

@@ -12,6 +12,7 @@ import torch
 
 from .. import block_gradients, blockwise, distributed
 from ..allocate import allocate_global
+from ..calibration import Unbatchable
 from ..calibration_data import SELF
 from ..choices import DEFAULT_MAX_SHARD_SIZE
 from ..compress import count_parameters, rank_factorizes_nothing, svd_device
@@ -134,18 +135,14 @@ def compress_checkpoint(
             calibrated = CalibrationPlan(method, allocation, batches, source=source_named, gradients=gradients)
         if calibrated is not None and calibrated.gradients:  # the backward runs before any rank is known
             scratch = tmp / SCRATCH / f"rank-{ctx.rank}" if ctx.active else tmp / SCRATCH
-            weights = block_gradients.collect(
-                p,
-                ctx.share(batches),
-                method,
-                allocation,
-                scratch,
-                config.seed,
-                progress,
-                calibration_device,
+            weights = _whole_or_by_row(
                 ctx,
-                owned,
-            )
+                lambda whole: block_gradients.collect(
+                    p, ctx.share(batches), method, allocation, scratch, config.seed, progress,
+                    calibration_device, ctx, owned, whole=whole,
+                ),
+                lambda: shutil.rmtree(scratch, ignore_errors=True),
+            )  # fmt: skip
             if allocation == "global":
                 ranks, dense, est_loss = allocate_global(
                     p.targets, weights.spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple
@@ -163,17 +160,15 @@ def compress_checkpoint(
         else:
             reports = run_jobs([j for j in mine if j[0] != "factorize"], p, writer, config, progress)
             reports.update(
-                blockwise.calibrate_and_factorize(
-                    p,
-                    ctx.share(batches),
-                    config,
-                    lambda what, weight, weighting: write_factors(writer, what, weight, config, weighting),
-                    progress,
-                    calibration_device,
+                _whole_or_by_row(
                     ctx,
-                    owned,
-                )  # fmt: skip
-            )
+                    lambda whole: blockwise.calibrate_and_factorize(
+                        p, ctx.share(batches), config,
+                        lambda what, weight, weighting: write_factors(writer, what, weight, config, weighting),
+                        progress, calibration_device, ctx, owned, whole=whole,
+                    ),
+                )
+            )  # fmt: skip
         if weights is not None:
             shutil.rmtree(weights.folder)  # not part of the output
         writer.close()
@@ -278,3 +273,17 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def _whole_or_by_row(ctx, run, restart=lambda: None):
+    """``run(whole)``: padded batches in one pass each, as in-memory calibration runs them; where a layer's
+    padding cannot be told in one pass (``calibration.Unbatchable``: a routed expert) all of it again, row
+    by row, as in memory (what the first try wrote is written again: the writer's slots are fixed). Under
+    torchrun row by row from the start: a rank's windows alone cannot tell the others to start again."""
+    if ctx.active:
+        return run(False)
+    try:
+        return run(True)
+    except Unbatchable:
+        restart()
+        return run(False)
