@@ -216,13 +216,14 @@ def calibration_loss(outputs, batch: dict, generator: torch.Generator) -> torch.
     """A loss whose gradient statistics approximate the Fisher information of the model's output.
 
     With labels in the batch (causal LM text, seq2seq targets) it is the summed token loss; for a
-    classifier, the cross-entropy against labels sampled from the model's own prediction (an unbiased
-    Fisher estimate, no labels needed); for a bare encoder, a random projection of its hidden states
-    (whose squared gradient estimates the Gauss-Newton matrix of ‖δh‖²).
+    classifier (logits (batch, classes)), the cross-entropy against labels sampled from the model's own
+    prediction (an unbiased Fisher estimate: class labels in the batch are not read); for a bare
+    encoder, a random projection of its hidden states (whose squared gradient estimates the
+    Gauss-Newton matrix of ‖δh‖²).
     """
     logits = getattr(outputs, "logits", None)
     labels = batch.get("labels")
-    if logits is not None and labels is not None:
+    if logits is not None and labels is not None and logits.dim() > 2:  # per token (a classifier's: sampled)
         if "decoder_input_ids" in batch or getattr(outputs, "encoder_last_hidden_state", None) is not None:
             flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         else:  # causal LM: token t predicts t+1

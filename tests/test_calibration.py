@@ -1205,3 +1205,20 @@ def test_a_healing_batch_with_nothing_to_predict_says_so(left):
     )
     with pytest.raises(SvdloraError, match="no position to learn from"):
         heal(model, [batch | {"labels": batch["input_ids"]}], steps=1, loss="lm", progress=False)
+
+
+def test_a_classifier_batch_with_class_labels_calibrates_as_without_them():
+    """Class labels (batch,) beside a classifier's logits (batch, classes) were read as a causal LM's
+    token labels: logits[:, :-1] reshaped to (-1, classes) failed. The Fisher samples the model's own
+    prediction, so the labels change nothing."""
+    torch.manual_seed(0)
+    model = tiny_bert().eval()
+    targets, _ = find_targets(model, CompressionConfig(budget=0.5))
+    ids = torch.randint(0, 96, (3, 10))
+    plain = collect_statistics(model, targets, [{"input_ids": ids}], progress=False)
+    labels = torch.tensor([0, 2, 1])
+    labelled = collect_statistics(model, targets, [{"input_ids": ids, "labels": labels}], progress=False)
+    assert plain.keys() == labelled.keys() and plain
+    for name, stats in plain.items():
+        assert torch.equal(stats.gram, labelled[name].gram)
+        assert torch.equal(stats.out_grad_sq, labelled[name].out_grad_sq)
