@@ -72,7 +72,7 @@ class SharedInputs:
 
 
 class Unbatchable(Exception):
-    """A layer input of a padded batch run whole whose real positions no mask tells (``_Accumulator._real``)."""
+    """A layer input of a padded batch run whole whose real positions no mask tells (``mask_for``)."""
 
 
 class _Accumulator:
@@ -130,42 +130,24 @@ class _Accumulator:
         self.output_masks.clear()
         self.masks = masks or []
 
-    def _real(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The mask of ``x``'s real positions in a padded batch run whole: the batch's mask of its
-        (batch, length), or that mask flattened for rows (batch × length, features) (a MoE block's
-        shared expert and router); None in a batch without padding. ``Unbatchable`` where no mask
-        fits (a routed expert's tokens, a model that reshapes or pads its sequence itself): its
-        padding cannot be told apart."""
-        if not self.masks:
-            return None
-        for m in self.masks:
-            if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
-                return m
-            if x.dim() == 2 and x.shape[0] == m.numel():
-                return m.reshape(-1)
-        raise Unbatchable
-
-    def _flat(self, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]) if real is None else x[real.to(x.device)].reshape(-1, x.shape[-1])
-
     def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         name = self.targets[module].name
         x = inputs[0].detach()
         key, new = self._inputs.first(x, self.gram_owner.get(name, name))
         self.gram_owner.setdefault(name, key)
         if new:
-            flat = self._flat(x, self._real(x)).float()
+            flat = flat_tokens(x, mask_for(x, self.masks)).float()
             self._add(self.gram_sums, key, self._gram(flat))  # float32 products per batch (fast)
             self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
         if self.gradients and output.requires_grad:
             self.outputs.append((name, output))
-            self.output_masks.append(self._real(output))
+            self.output_masks.append(mask_for(output, self.masks))
 
     def add_gradients(self, grads: Iterable[torch.Tensor | None]) -> None:
         for (name, _), real, grad in zip(self.outputs, self.output_masks, grads, strict=True):
             if grad is None:
                 continue
-            single = self._flat(grad.detach(), real)
+            single = flat_tokens(grad.detach(), real)
             wide = self._rows(single, torch.float64).copy_(single)
             square = wide.square_().sum(0)
             self.grad_sums[name] = self.grad_sums[name] + square if name in self.grad_sums else square
@@ -328,6 +310,27 @@ def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tens
     if len(masks) == 2 and masks[0].shape == masks[1].shape and not torch.equal(*masks):
         return None
     return masks
+
+
+def mask_for(x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor | None:
+    """The mask of ``x``'s real positions in a padded batch run whole: the one of the batch's ``masks``
+    (``batched_masks``) of its (batch, length), or that mask flattened for rows (batch × length,
+    features) (a MoE block's shared expert and router); None in a batch without padding.
+    ``Unbatchable`` where no mask fits (a routed expert's tokens, a model that reshapes or pads its
+    sequence itself): its padding cannot be told apart."""
+    if not masks:
+        return None
+    for m in masks:
+        if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+            return m
+        if x.dim() == 2 and x.shape[0] == m.numel():
+            return m.reshape(-1)
+    raise Unbatchable
+
+
+def flat_tokens(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as (tokens, width): every position, or those ``real`` (``mask_for``) marks."""
+    return x.reshape(-1, x.shape[-1]) if real is None else x[real.to(x.device)].reshape(-1, x.shape[-1])
 
 
 def is_left_padded(batch: dict) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import SharedInputs, is_encoder_decoder, unpadded_rows
+from .calibration import SharedInputs, Unbatchable, calibration_runs, flat_tokens, is_encoder_decoder, mask_for
 from .methods import Weighting, factorize
 from .methods.weighting import INPUT_DAMPING, whitening
 
@@ -30,6 +30,7 @@ class _InputTap:
         self.inputs: dict[str, torch.Tensor] = {}
         self.owner: dict[str, str] = {}  # layer -> the first layer that saw the same tensor
         self._shared = SharedInputs()
+        self.masks: list[torch.Tensor] = []  # the run's real positions (``calibration.batched_masks``)
 
     def clear(self) -> None:
         self.inputs.clear()
@@ -41,7 +42,7 @@ class _InputTap:
             owner, _ = self._shared.first(x, name)
             self.owner[name] = owner
             if owner == name:
-                self.inputs[name] = x.reshape(-1, x.shape[-1]).float()
+                self.inputs[name] = flat_tokens(x, mask_for(x, self.masks)).float()
 
         return hook
 
@@ -72,10 +73,11 @@ def collect_cross_statistics(
     """``{layer: (G̃, C)}`` (float64 means) for every layer in ``compressed``.
 
     ``model`` holds the compressed layers; for each batch the dense layers are swapped in for
-    one forward pass (no copy of the model is needed), then swapped out again. A padded batch runs
-    row by row without its padding (``calibration.unpadded_rows``): padded positions are no tokens, as
-    in the first pass's statistics. Its rows' inputs are gathered and multiplied once per batch: two
-    in×in products per row and layer made the pass several times slower than the padded batch's one.
+    one forward pass (no copy of the model is needed), then swapped out again. Padded positions are no
+    tokens, as in the first pass's statistics: a right-padded labelled batch runs whole and each input
+    keeps its real positions (``calibration.batched_masks``), another runs row by row without its
+    padding (``calibration.unpadded_rows``), its rows' inputs gathered and multiplied once per batch:
+    two in×in products per row and layer made the pass several times slower than the batch's one.
     """
     encoder_decoder = is_encoder_decoder(model)
     dense_tap, compressed_tap = _InputTap(), _InputTap()
@@ -86,20 +88,13 @@ def collect_cross_statistics(
     model.eval()
     try:
         for batch in tqdm(batches, desc="refit statistics", disable=not progress):
-            inputs: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-            for row in unpadded_rows(batch, encoder_decoder):
-                _swap(model, dense)
-                with _tapped(dense, dense_tap):
-                    model(**row)
-                _swap(model, compressed)
-                with _tapped(compressed, compressed_tap):
-                    model(**row)
-                for name, x_tilde in compressed_tap.inputs.items():
-                    xs, x_tildes = inputs.setdefault(name, ([], []))
-                    xs.append(dense_tap.inputs[dense_tap.owner[name]])
-                    x_tildes.append(x_tilde)
+            taps = (model, dense, compressed, dense_tap, compressed_tap)
+            try:
+                inputs = _batch_inputs(*taps, batch, encoder_decoder)
+            except Unbatchable:  # a layer input no mask tells (a routed expert): this batch row by row
                 dense_tap.clear()
                 compressed_tap.clear()
+                inputs = _batch_inputs(*taps, batch, encoder_decoder, whole=False)
             for name, (xs, x_tildes) in inputs.items():
                 x, x_tilde = torch.cat(xs), torch.cat(x_tildes)
                 gram, product = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()
@@ -112,6 +107,29 @@ def collect_cross_statistics(
     means = {owner: (grams[owner] / max(tokens[owner], 1), cross[owner] / max(tokens[owner], 1)) for owner in grams}
     # layers fed the same input share one (G̃, C) object, so ``refit_factors`` callers can cache per input
     return {name: means[compressed_tap.owner[name]] for name in compressed if compressed_tap.owner.get(name) in means}
+
+
+def _batch_inputs(
+    model, dense, compressed, dense_tap, compressed_tap, batch: dict, encoder_decoder: bool, whole: bool = True
+) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """{layer: (dense inputs, compressed inputs)} of ``batch``'s real tokens: its forward passes
+    (``calibration_runs``) through the dense layers, then the compressed ones."""
+    inputs: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for run, masks in calibration_runs([batch], encoder_decoder, whole):
+        dense_tap.masks = compressed_tap.masks = masks
+        _swap(model, dense)
+        with _tapped(dense, dense_tap):
+            model(**run)
+        _swap(model, compressed)
+        with _tapped(compressed, compressed_tap):
+            model(**run)
+        for name, x_tilde in compressed_tap.inputs.items():
+            xs, x_tildes = inputs.setdefault(name, ([], []))
+            xs.append(dense_tap.inputs[dense_tap.owner[name]])
+            x_tildes.append(x_tilde)
+        dense_tap.clear()
+        compressed_tap.clear()
+    return inputs
 
 
 def refit_target(

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import svdlora
+from svdlora import calibration
 from svdlora.allocate import allocate_global
 from svdlora.calibration import LayerStats, _Accumulator, _hooks, collect_statistics
 from svdlora.calibration_data import generate_text
@@ -875,23 +876,71 @@ def test_a_padded_batch_runs_once_in_the_statistics(kind):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("kind", ["marian", "llama"])
-def test_padding_is_not_counted_in_the_refit_statistics(kind):
-    # the refit pass ran padded batches as they were: its G̃ and C took in the padded positions'
-    # activations (the first pass's statistics already left them out)
+def _compressed_and_dense_layers(kind: str) -> tuple[nn.Module, dict, dict]:
+    """A tiny model compressed (budget 0.5), its dense layers, its low-rank ones: the refit's inputs."""
     torch.manual_seed(0)
     dense = (tiny_marian if kind == "marian" else tiny_llama)().eval()
     model = copy.deepcopy(dense)
     svdlora.compress(model, budget=0.5, progress=False)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    originals = {n: dense.get_submodule(n) for n in layers}
+    return model, {n: dense.get_submodule(n) for n in layers}, layers
+
+
+@pytest.mark.parametrize("kind", ["marian", "llama"])
+def test_padding_is_not_counted_in_the_refit_statistics(kind):
+    # the refit pass ran padded batches as they were: its G̃ and C took in the padded positions'
+    # activations (the first pass's statistics already left them out)
+    model, originals, layers = _compressed_and_dense_layers(kind)
     batch, rows = _padded_and_rows(kind, model)
-    padded = collect_cross_statistics(model, originals, layers, [batch], progress=False)
-    one_by_one = collect_cross_statistics(model, originals, layers, rows, progress=False)
+    # a second batch: a translator's rows the other way round, a causal LM's left-padded (run row by row)
+    other = {k: v.flip(0) for k, v in batch.items()} if kind == "marian" else _left_padded(batch)
+    padded = collect_cross_statistics(model, originals, layers, [batch, other], progress=False)
+    one_by_one = collect_cross_statistics(model, originals, layers, rows + rows, progress=False)
     assert padded.keys() == one_by_one.keys() == layers.keys()
-    for name, (gram, cross) in one_by_one.items():
-        torch.testing.assert_close(padded[name][0], gram, msg=lambda m, name=name: f"{name}: {m}")
-        torch.testing.assert_close(padded[name][1], cross, msg=lambda m, name=name: f"{name}: {m}")
+    for name, (gram, cross) in one_by_one.items():  # float32 products of other sizes: round-off apart
+        for got, expected in zip(padded[name], (gram, cross), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["marian", "llama"])
+def test_a_padded_batch_runs_once_in_the_refit_statistics(kind):
+    # the refit pass ran every padded batch row by row: two forward passes (dense, compressed) per
+    # sentence; a right-padded labelled batch now runs whole, as in the first pass's statistics
+    model, originals, layers = _compressed_and_dense_layers(kind)
+    batch, _ = _padded_and_rows(kind, model)
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    left = [_left_padded(batch)] if kind == "llama" else []  # still row by row (batched_masks: None)
+    collect_cross_statistics(model, originals, layers, [batch, *left], progress=False)
+    handle.remove()
+    assert len(calls) == 2 + 4 * len(left)
+
+
+def test_a_batch_with_a_layer_no_mask_tells_runs_row_by_row_in_the_refit(monkeypatch):
+    """A layer input of a batch run whole that no padding mask fits (``Unbatchable``: a routed expert's
+    tokens; forced here) stopped the refit pass with that internal exception; that batch now runs row
+    by row, as the first pass's statistics do."""
+    from svdlora import refit
+
+    model, originals, layers = _compressed_and_dense_layers("marian")
+    batch, rows = _padded_and_rows("marian", model)
+
+    def unbatchable(x, masks):
+        if masks:
+            raise calibration.Unbatchable
+        return None
+
+    monkeypatch.setattr(refit, "mask_for", unbatchable)
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    got = collect_cross_statistics(model, originals, layers, [batch], progress=False)
+    handle.remove()
+    assert len(calls) == 2 * len(rows)  # the whole pass stopped inside its dense run (no hook), then the rows
+    expected = collect_cross_statistics(model, originals, layers, rows, progress=False)
+    assert got.keys() == expected.keys() == layers.keys()
+    for name, pair in expected.items():
+        for g, e in zip(got[name], pair, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 def test_refit_multiplies_a_padded_batch_s_inputs_once(monkeypatch):
