@@ -29,11 +29,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
-from .calibration import _Accumulator, _hooks, calibration_runs
+from .calibration import _Accumulator, _hooks
 from .distributed import Context
 from .errors import SvdloraError
 from .io import _no_weight_init
 from .models import model_class
+from .padding import calibration_runs
 from .plan import CalibrationPlan, resolved_allocation
 
 logger = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class _BlockInputs:
 
 def run_batches(batches: list[dict], device, whole: bool = True) -> tuple[list[dict], list[list[torch.Tensor]]]:
     """The forward passes of ``batches`` and each one's real positions, as in-memory calibration runs
-    them (``calibration.calibration_runs``: padding is no tokens), on ``device``."""
+    them (``padding.calibration_runs``: padding is no tokens), on ``device``."""
     runs = calibration_runs(batches, encoder_decoder=False, whole=whole)  # the streamed passes run decoder-only LMs
     masks = [[m if device is None else m.to(device) for m in real] for _, real in runs]
     return on_device([batch for batch, _ in runs], device), masks

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import is_encoder_decoder, is_left_padded, padding_masks, unpadded_rows
 from .errors import SvdloraError
 from .layers import LowRankLinear
+from .padding import is_encoder_decoder, is_left_padded, padding_masks, unpadded_rows
 from .siblings import is_stacked
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _shifted_right(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
 
 def _real_positions(model: nn.Module, batch: dict) -> torch.Tensor | None:
     """1 at the real tokens of the positions the loss is taken at (a decoder's for an encoder-decoder,
-    else the input's), 0 at padding (``calibration.padding_masks``); None where nothing says."""
+    else the input's), 0 at padding (``padding.padding_masks``); None where nothing says."""
     encoder_decoder = is_encoder_decoder(model)
     source, target = padding_masks(batch, encoder_decoder)
     return target if encoder_decoder else source
@@ -130,7 +130,7 @@ def _batch_loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: 
 
 def _loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str) -> torch.Tensor:
     """``_batch_loss``'s mean; a left-padded batch (``is_left_padded``) runs row by row without its padding
-    (``calibration.unpadded_rows``) and the rows' means are weighted by their positions: the padded batch's
+    (``padding.unpadded_rows``) and the rows' means are weighted by their positions: the padded batch's
     mean, as if it had been padded on the right."""
     if not is_left_padded(batch):
         value, count = _batch_loss(model, teacher, batch, loss)

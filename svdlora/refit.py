@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import SharedInputs, Unbatchable, calibration_runs, flat_tokens, is_encoder_decoder, mask_for
+from .calibration import SharedInputs
 from .methods import Weighting, factorize
 from .methods.weighting import INPUT_DAMPING, whitening
+from .padding import Unbatchable, calibration_runs, flat_tokens, is_encoder_decoder, mask_for
 
 
 class _InputTap:
@@ -30,7 +31,7 @@ class _InputTap:
         self.inputs: dict[str, torch.Tensor] = {}
         self.owner: dict[str, str] = {}  # layer -> the first layer that saw the same tensor
         self._shared = SharedInputs()
-        self.masks: list[torch.Tensor] = []  # the run's real positions (``calibration.batched_masks``)
+        self.masks: list[torch.Tensor] = []  # the run's real positions (``padding.batched_masks``)
 
     def clear(self) -> None:
         self.inputs.clear()
@@ -75,8 +76,8 @@ def collect_cross_statistics(
     ``model`` holds the compressed layers; for each batch the dense layers are swapped in for
     one forward pass (no copy of the model is needed), then swapped out again. Padded positions are no
     tokens, as in the first pass's statistics: a right-padded labelled batch runs whole and each input
-    keeps its real positions (``calibration.batched_masks``), another runs row by row without its
-    padding (``calibration.unpadded_rows``), its rows' inputs gathered and multiplied once per batch:
+    keeps its real positions (``padding.batched_masks``), another runs row by row without its
+    padding (``padding.unpadded_rows``), its rows' inputs gathered and multiplied once per batch:
     two in×in products per row and layer made the pass several times slower than the batch's one.
     """
     encoder_decoder = is_encoder_decoder(model)

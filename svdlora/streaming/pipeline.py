@@ -12,7 +12,6 @@ import torch
 
 from .. import block_gradients, blockwise, distributed
 from ..allocate import allocate_global
-from ..calibration import Unbatchable
 from ..calibration_data import SELF
 from ..choices import DEFAULT_MAX_SHARD_SIZE
 from ..compress import count_parameters, rank_factorizes_nothing, svd_device
@@ -20,6 +19,7 @@ from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..hub import local_checkpoint
 from ..outputs import atomic_folder, ensure_space
+from ..padding import Unbatchable
 from ..plan import UNUSED, CalibrationPlan, auto_method, source_name
 from ..report import CompressionReport
 from ..saving import check_output, write_side_files
@@ -277,7 +277,7 @@ class _nothing:
 
 def _whole_or_by_row(ctx, run, restart=lambda: None):
     """``run(whole)``: padded batches in one pass each, as in-memory calibration runs them; where a layer's
-    padding cannot be told in one pass (``calibration.Unbatchable``: a routed expert) all of it again, row
+    padding cannot be told in one pass (``padding.Unbatchable``: a routed expert) all of it again, row
     by row, as in memory (what the first try wrote is written again: the writer's slots are fixed). Under
     torchrun row by row from the start: a rank's windows alone cannot tell the others to start again."""
     if ctx.active:

@@ -1,0 +1,157 @@
+"""Padding in calibration batches: which positions are real tokens, and how a padded batch runs.
+
+The statistics, the refit pass and healing are means over real tokens. A padded batch runs whole
+where that is exact (``batched_masks``: right-padded, labelled; each layer input keeps its real
+positions, ``mask_for``), else row by row without its padding (``unpadded_rows``); the streamed
+passes run the same passes (``calibration_runs``), so their files equal the in-memory ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class Unbatchable(Exception):
+    """A layer input of a padded batch run whole whose real positions no mask tells (``mask_for``)."""
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model``'s batches have a target side (labels, decoder inputs) padded apart from the source."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def unpadded(batches: Iterable[dict], encoder_decoder: bool = False) -> list[dict]:
+    """The batches with each padded one split into its rows without padding (``unpadded_rows``)."""
+    return [row for batch in batches for row in unpadded_rows(batch, encoder_decoder)]
+
+
+def padding_masks(batch: dict, encoder_decoder: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(source mask, target mask) of ``batch``: 2-D, 1 at real tokens, or None where it has none.
+
+    The source mask is ``attention_mask``; the target mask, for an encoder-decoder, is
+    ``decoder_attention_mask`` or else the labels that are not -100 (padding after the target).
+    """
+    mask = batch.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    labels = batch.get("labels")
+    target_mask = batch.get("decoder_attention_mask")
+    if target_mask is None and encoder_decoder and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        target_mask = (labels != -100).long()
+    target_mask = target_mask if isinstance(target_mask, torch.Tensor) and target_mask.dim() == 2 else None
+    return mask, target_mask
+
+
+def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
+    """``batch`` as one batch per row with its padding cut off, or ``[batch]`` where nothing is padded.
+
+    The statistics are means over tokens, and a hook sees a padded position like any other: its
+    activations would enter the Gram and its zero gradient would dilute E[g²] (a quarter of the
+    tokens of a batch of translations was padding in a test). The padding is read from
+    ``attention_mask``, and for an encoder-decoder from ``decoder_attention_mask`` or the -100
+    labels after the last target token; the loss is a sum, so each real token gets the same gradient.
+    """
+    mask, target_mask = padding_masks(batch, encoder_decoder)
+    padded = [m for m in (mask, target_mask) if m is not None and not m.bool().all()]
+    if not padded:
+        return [batch]
+    rows = []
+    for i in range(padded[0].shape[0]):
+        source = mask[i].bool() if mask is not None else None
+        if source is not None and not source.any():
+            continue  # a row of padding only
+        # the target is cut after its last real token (positions before it stay: the decoder is causal)
+        target = int(target_mask[i].nonzero().max()) + 1 if target_mask is not None and target_mask[i].any() else 1
+        row = {}
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                row[key] = value
+            elif encoder_decoder and (key == "labels" or key.startswith("decoder_")) and value.dim() >= 2:
+                row[key] = value[i : i + 1, :target]
+            elif source is not None and value.dim() >= 2 and value.shape[:2] == mask.shape:
+                row[key] = value[i][source][None]
+            else:
+                row[key] = value[i : i + 1]
+        rows.append(row)
+    return rows
+
+
+def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tensor] | None:
+    """The real positions of a padded ``batch`` that can run whole, exactly as its rows one by one
+    (``unpadded_rows``): the source mask, and an encoder-decoder's target up to its last real token;
+    None where it must run row by row. A layer input is told by its (batch, length), so a batch whose
+    source and target differ but are as long runs row by row, as does one as long as it has rows (a
+    model that runs (length, batch), FSMT, would read its mask transposed); so does a left-padded one (padding
+    before a real token moves the positions of models that number them from 0, GPT-2, Marian) and one
+    without labels (its loss samples at every position, padding included). The labels at padding
+    are not counted (``_masked_labels``); padding after a token, a key no real query attends to,
+    changes nothing before it."""
+    mask, target = padding_masks(batch, encoder_decoder)
+    masks = [m.bool() for m in (mask, target) if m is not None]
+    if not masks or all(m.all() for m in masks):
+        return []  # nothing padded
+    if any(m.shape[0] == m.shape[1] for m in masks):
+        return None  # as many rows as positions: a (length, batch) layer input (FSMT) would pass for (batch, length)
+    if "labels" not in batch or is_left_padded(batch) or mask is not None and not mask.bool().any(-1).all():
+        return None  # (a row of padding only: its rows leave it out)
+    if target is not None:  # the decoder runs up to the last real target token (causal)
+        masks[-1] = masks[-1].flip(-1).cummax(-1).values.flip(-1)
+    if len(masks) == 2 and masks[0].shape == masks[1].shape and not torch.equal(*masks):
+        return None
+    return masks
+
+
+def mask_for(x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor | None:
+    """The mask of ``x``'s real positions in a padded batch run whole: the one of the batch's ``masks``
+    (``batched_masks``) of its (batch, length), or that mask flattened for rows (batch × length,
+    features) (a MoE block's shared expert and router); None in a batch without padding.
+    ``Unbatchable`` where no mask fits (a routed expert's tokens, a model that reshapes or pads its
+    sequence itself): its padding cannot be told apart."""
+    if not masks:
+        return None
+    for m in masks:
+        if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+            return m
+        if x.dim() == 2 and x.shape[0] == m.numel():
+            return m.reshape(-1)
+    raise Unbatchable
+
+
+def flat_tokens(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as (tokens, width): every position, or those ``real`` (``mask_for``) marks."""
+    return x.reshape(-1, x.shape[-1]) if real is None else x[real.to(x.device)].reshape(-1, x.shape[-1])
+
+
+def is_left_padded(batch: dict) -> bool:
+    """Whether a row of ``batch``'s ``attention_mask`` has padding before a real token (a tokenizer with
+    ``padding_side="left"``): models that number positions from 0 rather than from the mask (GPT-2,
+    Marian) move the real tokens then, and a causal LM's first real token is predicted from padding."""
+    mask, _ = padding_masks(batch)
+    return mask is not None and bool((mask.flip(-1).cummax(-1).values.flip(-1) > mask).any())
+
+
+def _masked_labels(batch: dict, masks: list[torch.Tensor]) -> dict:
+    """``batch`` with its labels -100 where ``masks`` (``batched_masks``) say padding: the rows one by
+    one have no such labels (a causal LM's labels that are its input ids, padding included)."""
+    labels = batch["labels"]
+    real = next((m for m in reversed(masks) if m.shape == labels.shape), None)  # the target's, if any
+    return batch if real is None else {**batch, "labels": labels.masked_fill(~real.to(labels.device), -100)}
+
+
+def calibration_runs(
+    batches: Iterable[dict], encoder_decoder: bool, whole: bool = True
+) -> list[tuple[dict, list[torch.Tensor]]]:
+    """(batch, its real positions) for each forward pass: a padded batch whole where ``batched_masks``
+    allows (and ``whole``), else its rows without padding (``unpadded_rows``). The streamed passes
+    (``blockwise``, ``block_gradients``) run the same passes, so their statistics are the in-memory
+    ones bit for bit."""
+    runs = []
+    for batch in batches:
+        masks = batched_masks(batch, encoder_decoder) if whole else None
+        if masks is None:
+            runs.extend((row, []) for row in unpadded_rows(batch, encoder_decoder))
+        else:
+            runs.append((_masked_labels(batch, masks) if masks else batch, masks))
+    return runs
