@@ -132,18 +132,15 @@ def _loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str) -
     """``_batch_loss``'s mean; a left-padded batch (``is_left_padded``) runs row by row without its padding
     (``padding.unpadded_rows``) and the rows' means are weighted by their positions: the padded batch's
     mean, as if it had been padded on the right."""
-    if not is_left_padded(batch):
-        value, count = _batch_loss(model, teacher, batch, loss)
-        parts = [(value, count)] if count else []
-    else:
-        parts = [_batch_loss(model, teacher, row, loss) for row in unpadded_rows(batch, is_encoder_decoder(model))]
-        parts = [(value, count) for value, count in parts if count]  # a one-token row predicts nothing
-    if not parts:  # (the mean of no position: nan, or 0 not a tensor, once the rows were dropped)
+    left = is_left_padded(batch)
+    rows = unpadded_rows(batch, is_encoder_decoder(model)) if left else [batch]
+    parts = [(value, count) for value, count in (_batch_loss(model, teacher, r, loss) for r in rows) if count]
+    if not parts:  # no position (a one-token row predicts nothing): the mean would be nan, or 0 not a tensor
         raise SvdloraError(
             "a healing batch has no position to learn from (its rows one token long, or padding only): "
             "drop it or pass longer texts"
         )
-    if not is_left_padded(batch):
+    if not left:
         return parts[0][0]
     return sum(value * count for value, count in parts) / sum(count for _, count in parts)
 

@@ -23,11 +23,6 @@ def is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def unpadded(batches: Iterable[dict], encoder_decoder: bool = False) -> list[dict]:
-    """The batches with each padded one split into its rows without padding (``unpadded_rows``)."""
-    return [row for batch in batches for row in unpadded_rows(batch, encoder_decoder)]
-
-
 def padding_masks(batch: dict, encoder_decoder: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(source mask, target mask) of ``batch``: 2-D, 1 at real tokens, or None where it has none.
 

@@ -176,6 +176,6 @@ def plan_calibration(
 
 
 def _real_tokens(batch: dict) -> int:
-    """The input tokens of a batch, without its padding (the statistics skip it: ``padding.unpadded``)."""
+    """The input tokens of a batch, without its padding (the statistics skip it: ``padding.unpadded_rows``)."""
     mask = batch.get("attention_mask")
     return int(mask.sum()) if isinstance(mask, torch.Tensor) else int(batch["input_ids"].numel())
