@@ -35,16 +35,23 @@ def holds_factors(model: nn.Module) -> bool:
 
 def _save_pretrained(model: nn.Module, *args, **kwargs):
     # a peft adapter loaded into the model: transformers saves the adapter's weights only
-    if holds_factors(model) and not getattr(model, "_hf_peft_config_loaded", False):
+    adapter = getattr(model, "_hf_peft_config_loaded", False)
+    factors = holds_factors(model)
+    if factors and not adapter:
         raise SvdloraError(
             "this model holds svdlora factors, which save_pretrained would write as tensors transformers "
             "cannot load back: use svdlora.save_compressed(model, folder) (or load it with merge=True for "
             "a dense checkpoint)"
         )
     # (save_directory, is_main_process, state_dict, ...); None, as the Trainer passes it, is the model's own
-    own = kwargs.get("state_dict") is not None or len(args) > 2 and args[2] is not None
-    if not own and not holds_factors(model) and not getattr(model, "_hf_peft_config_loaded", False):
-        kwargs["state_dict"] = untied_state_dict(model)  # None: transformers takes the model's own
+    positional = len(args) > 2
+    given = args[2] if positional else kwargs.get("state_dict")
+    if given is None and not factors and not adapter:
+        state = untied_state_dict(model)  # None: transformers takes the model's own
+        if positional:
+            args = (*args[:2], state, *args[3:])
+        else:
+            kwargs["state_dict"] = state
     return type(model).save_pretrained(model, *args, **kwargs)
 
 

@@ -357,5 +357,7 @@ def test_save_pretrained_of_a_merged_translator_given_no_state_dict_keeps_its_em
 
     merged = svdlora.load_compressed(_folder("marian", tmp_path, keep_head=False), device="cpu", merge=True)
     merged.save_pretrained(tmp_path / "dense", state_dict=None)
-    dense = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dense")
-    assert torch.equal(_logits(dense, "marian"), _logits(merged, "marian"))
+    merged.save_pretrained(tmp_path / "positional", True, None)  # (was: state_dict given twice, TypeError)
+    for name in ("dense", "positional"):
+        dense = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / name)
+        assert torch.equal(_logits(dense, "marian"), _logits(merged, "marian")), name
