@@ -184,7 +184,7 @@ def _tied_map(metadata: dict[str, str], tensors: dict, weights: Path) -> dict[st
     return tied
 
 
-def _tie(model: nn.Module, tied: dict[str, str]) -> None:
+def tie_as_stored(model: nn.Module, tied: dict[str, str]) -> None:
     """Tie exactly as the file says (one Parameter shared), rather than through transformers'
     tie_weights(), which would set a `weight` on a factorized head."""
     for alias, stored in tied.items():
@@ -322,7 +322,7 @@ def load_compressed(
     plan = place = None
     if device_map is not None:
         try:  # tied as the file says, so that accelerate plans a tied pair onto one device
-            _tie(model, json.loads(metadata.get("tied", "{}")))
+            tie_as_stored(model, json.loads(metadata.get("tied", "{}")))
         except (ValueError, AttributeError, TypeError):
             pass  # a corrupted map: _tied_map below says so
         plan = resolve_device_map(model, device_map, max_memory, target_dtype)
@@ -355,7 +355,7 @@ def load_compressed(
             f"{str(weights)!r} lacks tensors {missing[:3]}: the file is incomplete or belongs to another "
             "architecture; re-run `svdlora compress`"
         )
-    _tie(model, tied)
+    tie_as_stored(model, tied)
     if plan is None:
         model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
     else:

@@ -195,10 +195,9 @@ class SvdloraHfQuantizer(HfQuantizer):
                     if match and match["module"] in wanted:
                         stage = int(match["stage"]) if "stage" in match.groupdict() else 0
                         parts[match["module"]][match["side"]][stage] = f.get_tensor(key)
-        for alias, stored in self._tied.items():
-            parent, _, leaf = alias.rpartition(".")
-            if model.get_parameter(alias) is not model.get_parameter(stored):
-                setattr(model.get_submodule(parent), leaf, model.get_parameter(stored))
+        from ..io import tie_as_stored  # io imports this module
+
+        tie_as_stored(model, self._tied)
         merge = self.quantization_config.merge
         placed: dict[str, torch.dtype | None] = {}  # each layer's dtype as transformers placed it (None: meta)
         for file_name, name in wanted.items():
