@@ -464,3 +464,29 @@ def test_a_converted_tensor_refuses_only_the_weight_it_fills_and_two_renamed_ont
         ckpt.resolve("extra.fused", "")
     with pytest.raises(SvdloraError, match="both 'blocks.0.norm_a.weight' and 'blocks.0.norm_b.weight'"):
         ckpt.resolve("blocks.0.norm.weight", "")
+
+
+def test_a_refused_tied_name_gives_way_to_a_later_one_the_checkpoint_stores(tmp_path, monkeypatch):
+    """A tied weight is read under any of its names; where the first (the embedding, here stored as two
+    tensors transformers renames onto it: refused) could not be read, the run stopped there, though the
+    checkpoint also stores the weight under a later name (the head): it is now read from that one."""
+    import transformers.conversion_mapping as conversion_mapping
+    from safetensors.torch import load_file, save_file
+    from transformers.core_model_loading import WeightRenaming
+
+    config = CompressionConfig(budget=0.5)
+    tied_llama().save_pretrained(tmp_path / "base")
+    compress_checkpoint(tmp_path / "base", tmp_path / "plain", config, progress=False)
+    both = WeightRenaming(source_patterns=r"embed_(a|b)\.", target_patterns="embed_tokens.")
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", lambda model: [both])
+    tensors = load_file(tmp_path / "base" / "model.safetensors")
+    embedding = tensors.pop("model.embed_tokens.weight")
+    tensors |= {name: embedding.clone() for name in ("model.embed_a.weight", "model.embed_b.weight", "lm_head.weight")}
+    save_file(tensors, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    compress_checkpoint(tmp_path / "base", tmp_path / "renamed", config, progress=False)
+    assert weight_bytes(tmp_path / "renamed") == weight_bytes(tmp_path / "plain")
+
+    del tensors["lm_head.weight"]  # no other name: the refusal stands
+    save_file(tensors, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SvdloraError, match="both 'model.embed_a.weight' and 'model.embed_b.weight'"):
+        compress_checkpoint(tmp_path / "base", tmp_path / "none", config, progress=False)

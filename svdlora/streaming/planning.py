@@ -52,9 +52,22 @@ class Plan:
         return self.first_key(self.names_of.get(name, [name]))
 
     def first_key(self, names: list[str]) -> str | None:
-        """The checkpoint's key for the first of ``names`` it stores (with or without the model's prefix)."""
+        """The checkpoint's key for the first of ``names`` it stores (with or without the model's prefix).
+        A name ``Checkpoint.resolve`` refuses (filled by converting tensors, or from two) gives way to a
+        later name of the tied group that the checkpoint stores as it is; its refusal stands where none does."""
         prefix = getattr(self.model, "base_model_prefix", "")
-        return next(filter(None, (self.checkpoint.resolve(k, prefix) for k in names)), None)
+        refused = None
+        for name in names:
+            try:
+                key = self.checkpoint.resolve(name, prefix)
+            except SvdloraError as err:
+                refused = refused or err
+                continue
+            if key is not None:
+                return key
+        if refused is not None:
+            raise refused
+        return None
 
     def out_dtype(self, stored: torch.dtype, name: str) -> torch.dtype:
         """The dtype ``from_pretrained(dtype=target)`` gives parameter ``name``: the model's
