@@ -40,6 +40,7 @@ from .distributed import Context
 from .errors import SvdloraError
 from .layers import weight_out_in
 from .methods import Weighting, weighted_spectrum
+from .padding import mask_for
 from .plan import CalibrationPlan
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,10 @@ def collect(
     for i, block in enumerate(tqdm(blocks, desc="calibration: forward, block by block", disable=not progress)):
         torch.save([entry.hidden.cpu() for entry in inputs], folder / f"hidden-{i}.pt")
         filled = blockwise._materialize(plan, block, prefixes[i], device=device)
-        with torch.no_grad():
-            for entry in inputs:
+        mine = [model.get_submodule(t.name) for t in plan.targets if t.name.startswith(prefixes[i])]
+        with _padding_told(mine if any(masks) else []) as batch_masks, torch.no_grad():
+            for entry, real in zip(inputs, masks, strict=True):
+                batch_masks[:] = real
                 entry.run(block)
         blockwise._release(filled)
 
@@ -143,6 +146,26 @@ def collect(
             every.update(part)
         result.spectra = {t.name: every[t.name] for t in plan.targets if t.name in every}
     return result
+
+
+@contextmanager
+def _padding_told(layers):
+    """Raise ``padding.Unbatchable`` in the forward pass, at the first input of ``layers`` whose real
+    positions no mask of the batch (the list yielded, set per batch) tells: the backward pass's
+    statistics would raise it only after the head and every later block, and the run starts again
+    row by row (``streaming.pipeline``) after fewer block reads. It only raises: the decision, and the
+    bytes, stay those of the whole model's statistics."""
+    current: list[torch.Tensor] = []
+
+    def check(module, args, output):
+        mask_for(args[0], current)  # a Linear's output has its input's (batch, length): inputs suffice
+
+    handles = [layer.register_forward_hook(check) for layer in layers]
+    try:
+        yield current
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _block_backward(

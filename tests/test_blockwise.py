@@ -429,3 +429,38 @@ def test_padded_batches_stream_as_in_memory(base, method, allocation, by_row, mo
     save_compressed(model, tmp / "memory", source=base)
     compress_checkpoint(base, tmp / "stream", config, calibration=batches, progress=False)
     assert weight_bytes(tmp / "memory") == weight_bytes(tmp / "stream")
+
+
+def test_an_unbatchable_layer_restarts_the_backward_passes_before_the_head(base, monkeypatch):
+    """With gradients, a layer input whose padding no mask tells (``Unbatchable``, forced here) was found
+    only by the backward pass: every block was read forwards, the embeddings and head again, and the last
+    block backwards before the run started again row by row. The forward pass now finds it, at the first
+    such block; the bytes stay in-memory's."""
+    from svdlora import calibration
+
+    def unbatchable(x, masks):
+        if masks:
+            raise calibration.Unbatchable
+        return None
+
+    monkeypatch.setattr(calibration, "mask_for", unbatchable)
+    monkeypatch.setattr(block_gradients, "mask_for", unbatchable, raising=False)  # the forward pass's check
+    reads, materialize = [], blockwise._materialize
+
+    def counted(plan, module, prefix, **kw):
+        reads.append(prefix.rstrip(".").rpartition(".")[2])  # a block's index, or "" outside the blocks
+        return materialize(plan, module, prefix, **kw)
+
+    monkeypatch.setattr(blockwise, "_materialize", counted)
+    tmp = base.parent
+    tok = word_tokenizer(WORDS)
+    ids = tok([word_text(WORDS, 20), word_text(WORDS, 9)], return_tensors="pt", padding=True)
+    batches = [{**ids, "labels": ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)}]
+    config = CompressionConfig(budget=0.5, method="kfac", allocation="global")
+    model = load_pretrained(str(base))
+    compress(model, config, calibration=batches, progress=False)
+    save_compressed(model, tmp / "memory", source=base)
+    compress_checkpoint(base, tmp / "stream", config, calibration=batches, progress=False)
+    assert weight_bytes(tmp / "memory") == weight_bytes(tmp / "stream")
+    first_try = ["", "0"]  # was ["", "0", "1", "", "1"]: forwards, the head, the last block backwards
+    assert reads == [*first_try, "", "0", "1", "", "1", "0"]
