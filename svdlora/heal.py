@@ -53,13 +53,13 @@ def _logits(outputs) -> torch.Tensor:
     return logits
 
 
-def _distill_inputs(model: nn.Module, batch: dict) -> dict:
+def _distill_inputs(model: nn.Module, batch: dict, encoder_decoder: bool) -> dict:
     """``batch`` without its labels (distillation needs none); an encoder-decoder's decoder is fed
     them shifted right instead, as the model does itself when given labels, where the batch has
     no decoder inputs (a translator's calibration batches: source, mask and labels)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch.get("labels")
-    if labels is not None and "decoder_input_ids" not in batch and is_encoder_decoder(model):
+    if labels is not None and "decoder_input_ids" not in batch and encoder_decoder:
         inputs["decoder_input_ids"] = _shifted_right(model, labels)
     return inputs
 
@@ -83,10 +83,9 @@ def _shifted_right(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-def _real_positions(model: nn.Module, batch: dict) -> torch.Tensor | None:
+def _real_positions(batch: dict, encoder_decoder: bool) -> torch.Tensor | None:
     """1 at the real tokens of the positions the loss is taken at (a decoder's for an encoder-decoder,
     else the input's), 0 at padding (``padding.padding_masks``); None where nothing says."""
-    encoder_decoder = is_encoder_decoder(model)
     source, target = padding_masks(batch, encoder_decoder)
     return target if encoder_decoder else source
 
@@ -115,26 +114,30 @@ def _lm_batch(batch: dict, mask: torch.Tensor | None) -> dict:
     return {**batch, "labels": labels.masked_fill(mask.to(labels.device) == 0, -100)}
 
 
-def _batch_loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
+def _batch_loss(
+    model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str, encoder_decoder: bool
+) -> tuple[torch.Tensor, int]:
     """The loss of one batch, a mean over its real positions, and their number."""
-    mask = _real_positions(model, batch)
+    mask = _real_positions(batch, encoder_decoder)
     if loss == "distill":
-        inputs = _distill_inputs(model, batch)
+        inputs = _distill_inputs(model, batch, encoder_decoder)
         with torch.no_grad():
             target = teacher(**inputs)
         return _distill_loss(model(**inputs), target, mask)
     batch = _lm_batch(batch, mask)
-    labels = batch["labels"] if is_encoder_decoder(model) else batch["labels"][:, 1:]  # t predicts t + 1
+    labels = batch["labels"] if encoder_decoder else batch["labels"][:, 1:]  # t predicts t + 1
     return model(**batch).loss, int((labels != -100).sum())
 
 
-def _loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str) -> torch.Tensor:
+def _loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str, encoder_decoder: bool) -> torch.Tensor:
     """``_batch_loss``'s mean; a left-padded batch (``is_left_padded``) runs row by row without its padding
     (``padding.unpadded_rows``) and the rows' means are weighted by their positions: the padded batch's
-    mean, as if it had been padded on the right."""
+    mean, as if it had been padded on the right. ``encoder_decoder``: ``padding.is_encoder_decoder(model)``,
+    asked once a run."""
     left = is_left_padded(batch)
-    rows = unpadded_rows(batch, is_encoder_decoder(model)) if left else [batch]
-    parts = [(value, count) for value, count in (_batch_loss(model, teacher, r, loss) for r in rows) if count]
+    rows = unpadded_rows(batch, encoder_decoder) if left else [batch]
+    runs = (_batch_loss(model, teacher, r, loss, encoder_decoder) for r in rows)
+    parts = [(value, count) for value, count in runs if count]
     if not parts:  # no position (a one-token row predicts nothing): the mean would be nan, or 0 not a tensor
         raise SvdloraError(
             "a healing batch has no position to learn from (its rows one token long, or padding only): "
@@ -203,6 +206,7 @@ def heal(
     for p in factors:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(factors, lr=lr)
+    encoder_decoder = is_encoder_decoder(model)  # the model's kind does not change between steps
     losses: list[float] = []
     start = time.perf_counter()
     was_training = model.training
@@ -212,7 +216,7 @@ def heal(
         for step, batch in enumerate(itertools.cycle(batches)):
             if step >= steps or (seconds is not None and time.perf_counter() - start >= seconds):
                 break
-            value = _loss(model, teacher, batch, loss)
+            value = _loss(model, teacher, batch, loss, encoder_decoder)
             if not torch.isfinite(value):
                 raise SvdloraError(f"healing diverged at step {step} (loss {value.item()}): lower --heal-lr")
             optimizer.zero_grad(set_to_none=True)

@@ -12,6 +12,7 @@ from torch import nn
 
 import svdlora
 from svdlora import calibration
+from svdlora import heal as heal_module
 from svdlora.allocate import allocate_global
 from svdlora.calibration import LayerStats, _Accumulator, _hooks, collect_statistics
 from svdlora.calibration_data import generate_text
@@ -356,6 +357,24 @@ def test_healing_trains_only_the_factors():
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
+
+
+@pytest.mark.parametrize("loss", ["distill", "lm"])
+def test_healing_asks_whether_the_model_is_an_encoder_decoder_once_a_run(monkeypatch, loss):
+    # found by review: each step asked the model's config 3 times (once more per row of a left-padded batch)
+    torch.manual_seed(0)
+    dense = tiny_gpt2().eval()
+    ids = example_inputs("gpt2", 0)["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left-padded: runs row by row
+    batches = [{"input_ids": ids, "attention_mask": mask, "labels": ids}]
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.3, progress=False)
+    asked = []
+    real = heal_module.is_encoder_decoder
+    monkeypatch.setattr(heal_module, "is_encoder_decoder", lambda m: asked.append(m) or real(m))
+    heal(model, batches, steps=3, teacher=dense, loss=loss, progress=False)
+    assert len(asked) == 1
 
 
 def test_self_generated_calibration_is_deterministic_and_full_length():
@@ -1002,7 +1021,7 @@ def test_distillation_feeds_a_translator_s_decoder_what_the_model_does(kind):
     model = (tiny_marian if kind == "marian" else _tiny_m2m100)().eval()
     batch, _ = _padded_and_rows("marian", model)
     with torch.no_grad():  # the model's own decoder inputs: those it builds from the labels
-        torch.testing.assert_close(model(**_distill_inputs(model, batch)).logits, model(**batch).logits)
+        torch.testing.assert_close(model(**_distill_inputs(model, batch, True)).logits, model(**batch).logits)
     report = svdlora.compress(model, budget=0.5, calibration=[batch], heal_steps=2, progress=False)
     assert report.heal["loss"] == "distill" and report.heal["steps"] == 2
     if kind == "m2m100":  # nothing to build them from: the error says what to pass
