@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import SvdloraError
 from .layers import LowRankLinear
-from .padding import is_encoder_decoder, is_left_padded, padding_masks, unpadded_rows
+from .padding import is_encoder_decoder, is_left_padded, masked_labels, padding_masks, unpadded_rows
 from .siblings import is_stacked
 
 logger = logging.getLogger(__name__)
@@ -105,15 +105,6 @@ def _distill_loss(student_out, teacher_out, mask: torch.Tensor | None) -> tuple[
     return per_token.mean(), per_token.numel()
 
 
-def _lm_batch(batch: dict, mask: torch.Tensor | None) -> dict:
-    """``batch`` with its labels -100 (ignored by the model's loss) at padding, which the model
-    would otherwise predict like a token (labels that are the input ids, padding included)."""
-    labels = batch["labels"]
-    if mask is None or mask.shape != labels.shape:
-        return batch
-    return {**batch, "labels": labels.masked_fill(mask.to(labels.device) == 0, -100)}
-
-
 def _batch_loss(
     model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str, encoder_decoder: bool
 ) -> tuple[torch.Tensor, int]:
@@ -124,7 +115,7 @@ def _batch_loss(
         with torch.no_grad():
             target = teacher(**inputs)
         return _distill_loss(model(**inputs), target, mask)
-    batch = _lm_batch(batch, mask)
+    batch = masked_labels(batch, [mask])
     labels = batch["labels"] if encoder_decoder else batch["labels"][:, 1:]  # t predicts t + 1
     return model(**batch).loss, int((labels != -100).sum())
 

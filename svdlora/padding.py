@@ -81,7 +81,7 @@ def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tens
     model that runs (length, batch), FSMT, would read its mask transposed); so does a left-padded one (padding
     before a real token moves the positions of models that number them from 0, GPT-2, Marian) and one
     without labels (its loss samples at every position, padding included). The labels at padding
-    are not counted (``_masked_labels``); padding after a token, a key no real query attends to,
+    are not counted (``masked_labels``); padding after a token, a key no real query attends to,
     changes nothing before it."""
     mask, target = padding_masks(batch, encoder_decoder)
     masks = [m.bool() for m in (mask, target) if m is not None]
@@ -127,12 +127,14 @@ def is_left_padded(batch: dict) -> bool:
     return mask is not None and bool((mask.flip(-1).cummax(-1).values.flip(-1) > mask).any())
 
 
-def _masked_labels(batch: dict, masks: list[torch.Tensor]) -> dict:
-    """``batch`` with its labels -100 where ``masks`` (``batched_masks``) say padding: the rows one by
-    one have no such labels (a causal LM's labels that are its input ids, padding included)."""
+def masked_labels(batch: dict, masks: list[torch.Tensor | None]) -> dict:
+    """``batch`` with its labels -100 (ignored by the model's loss) where the last of ``masks`` (1 or True
+    at real tokens; ``batched_masks``, ``padding_masks``) of the labels' shape says padding; ``batch`` where
+    none has it. The rows one by one have no such labels, and a model would otherwise predict padding like
+    a token (a causal LM's labels that are its input ids, padding included)."""
     labels = batch["labels"]
-    real = next((m for m in reversed(masks) if m.shape == labels.shape), None)  # the target's, if any
-    return batch if real is None else {**batch, "labels": labels.masked_fill(~real.to(labels.device), -100)}
+    real = next((m for m in reversed(masks) if m is not None and m.shape == labels.shape), None)  # the target's
+    return batch if real is None else {**batch, "labels": labels.masked_fill(real.to(labels.device) == 0, -100)}
 
 
 def calibration_runs(
@@ -148,5 +150,5 @@ def calibration_runs(
         if masks is None:
             runs.extend((row, []) for row in unpadded_rows(batch, encoder_decoder))
         else:
-            runs.append((_masked_labels(batch, masks) if masks else batch, masks))
+            runs.append((masked_labels(batch, masks) if masks else batch, masks))
     return runs

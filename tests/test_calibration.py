@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import svdlora
-from svdlora import calibration
+from svdlora import calibration, padding
 from svdlora import heal as heal_module
 from svdlora.allocate import allocate_global
 from svdlora.calibration import LayerStats, _Accumulator, _hooks, collect_statistics
@@ -1028,6 +1028,21 @@ def test_distillation_feeds_a_translator_s_decoder_what_the_model_does(kind):
         model.config.decoder_start_token_id = None
         with pytest.raises(SvdloraError, match="decoder_start_token_id.*decoder_input_ids.*--heal-loss lm"):
             heal(model, [batch], steps=1, teacher=copy.deepcopy(model), progress=False)
+
+
+def test_healing_and_the_batched_statistics_mask_labels_at_padding_with_one_function():
+    # found by review: heal._lm_batch (an attention mask of 0/1) repeated padding._masked_labels (bool masks)
+    labels = torch.arange(8).reshape(2, 4)
+    source = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    expected = torch.tensor([[0, 1, 2, -100], [4, 5, -100, -100]])
+    assert torch.equal(padding.masked_labels({"labels": labels}, [source])["labels"], expected)  # healing's
+    assert torch.equal(padding.masked_labels({"labels": labels}, [source.bool()])["labels"], expected)  # statistics'
+    # the last mask of the labels' shape (an encoder-decoder's target) decides; none of it: the batch as it was
+    target = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    both = padding.masked_labels({"labels": labels}, [source.bool(), target, None])["labels"]
+    assert torch.equal(both, labels.masked_fill(~target, -100))
+    batch = {"labels": labels}
+    assert padding.masked_labels(batch, [torch.ones(2, 6), None]) is batch
 
 
 @pytest.mark.parametrize(
