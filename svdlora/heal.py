@@ -27,7 +27,7 @@ from .siblings import is_stacked
 
 logger = logging.getLogger(__name__)
 
-WARMUP_STEPS = 10  # Adam's first steps are its noisiest: ramp the rate up over these
+WARMUP_STEPS = 10  # Adam's first steps are its noisiest: ramp the rate up over these (a tenth of a shorter run)
 FINAL_LR_FRACTION = 0.1  # cosine decay to this fraction of the peak by the end of the run
 
 
@@ -140,13 +140,15 @@ def _loss(model: nn.Module, teacher: nn.Module | None, batch: dict, loss: str, e
 
 
 def learning_rate(peak: float, step: int, steps: int, elapsed: float, seconds: float | None) -> float:
-    """Linear warm-up, then cosine decay to ``FINAL_LR_FRACTION`` of ``peak`` at the end of the run,
-    whichever of the step limit or the time limit ends it first."""
+    """Linear warm-up over ``WARMUP_STEPS``, or a tenth of a run of fewer than 10 times as many steps
+    (at least one: a run of 3 steps starts at ``peak``), then cosine decay to ``FINAL_LR_FRACTION`` of
+    ``peak`` at the end of the run, whichever of the step limit or the time limit ends it first."""
     progress = step / steps if steps else 0.0
     if seconds:
         progress = max(progress, elapsed / seconds)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return peak * min(1.0, (step + 1) / WARMUP_STEPS) * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * cosine)
+    warmup = min(WARMUP_STEPS, max(1, steps // 10))
+    return peak * min(1.0, (step + 1) / warmup) * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * cosine)
 
 
 def heal(

@@ -314,6 +314,17 @@ def test_healing_rate_warms_up_then_decays_to_its_floor_by_either_limit():
     assert learning_rate(1e-3, 20, 100_000, 60.0, 60.0) == pytest.approx(1e-3 * FINAL_LR_FRACTION)
 
 
+@pytest.mark.parametrize("steps", [1, 3, 9, 25])
+def test_a_short_healing_run_reaches_its_peak_rate(steps):
+    # found by review: the warm-up was 10 steps whatever the run, so --heal-steps 3 peaked at 0.155 x --heal-lr
+    rates = [learning_rate(1e-3, step, steps, 0.0, None) for step in range(steps)]
+    assert max(rates) == pytest.approx(1e-3, rel=0.03)
+    peak = rates.index(max(rates))
+    assert peak <= steps // 10 and all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :], strict=False))
+    # a run of 100 steps or more (or one the time limit ends) still warms up over WARMUP_STEPS
+    assert learning_rate(1e-3, 0, 100_000, 0.0, 60.0) == pytest.approx(1e-3 / WARMUP_STEPS)
+
+
 def test_a_time_limit_without_steps_is_refused():
     """--heal-seconds alone compressed without healing, and said nothing."""
     with pytest.raises(SvdloraError, match="pass --heal-steps N as well"):
