@@ -233,7 +233,7 @@ def sweep(
             raise SvdloraError(
                 f"no budget in --budgets could be measured ({next(iter(skipped.values()))}): list larger ones"
             )
-        _add_points(record, points)
+        _note_monotone(record, points)  # over the listed budgets: the bisection below assumes it
         if target is not None:
             chosen, points = find_budget(
                 guarded, lambda p: target.met(p.quality, dense.quality, higher_is_better),
@@ -248,19 +248,27 @@ def sweep(
         _add_points(record, measured)
         record["failed"] = {"budget": current[0] if current else None, "error": "interrupted"}
         raise SweepInterrupted(record) from None
-    record["points"] = [asdict(points[b]) for b in sorted(points) if points[b] is not None]
+    record["points"] = _measured(points)
     return record
 
 
-def _add_points(record: dict, points: dict[float, Point | None]) -> None:
-    """The measured points, and whether quality is monotone in the budget over them."""
-    measured = [points[b] for b in sorted(points) if points[b] is not None]
-    qualities = [p.quality for p in measured]
+def _measured(points: dict[float, Point | None]) -> list[dict]:
+    return [asdict(points[b]) for b in sorted(points) if points[b] is not None]
+
+
+def _note_monotone(record: dict, points: dict[float, Point | None]) -> None:
+    """Whether quality is monotone in the budget over the measured points (a warning when not)."""
+    qualities = [points[b].quality for b in sorted(points) if points[b] is not None]
     order = sorted(qualities) if record["higher_is_better"] else sorted(qualities, reverse=True)
     record["monotone"] = qualities == order
     if not record["monotone"]:
         logger.warning("quality is not monotone in the budget over %s: bisection may miss", sorted(points))
-    record["points"] = [asdict(p) for p in measured]
+
+
+def _add_points(record: dict, points: dict[float, Point | None]) -> None:
+    """The points measured before a failure, and whether they are monotone."""
+    _note_monotone(record, points)
+    record["points"] = _measured(points)
 
 
 def format_table(record: dict) -> str:
