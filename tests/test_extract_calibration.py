@@ -176,3 +176,22 @@ def test_statistics_collected_once_give_the_same_adapter():
         torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
         for a, b in zip(once.lora, fresh.lora, strict=True)
     )
+
+
+def test_cli_calibration_auto_with_plain_svd_is_none_as_in_compress(lm_pair, capsys, caplog, monkeypatch):
+    """extract called resolve_calibration without the config, so --calibration auto with plain SVD under a
+    fixed rank meant 'self' once the models were loaded (compress and sweep: none, as processor_before_load
+    said for extract too), handed to write_adapter, which warned a second time that it was not used. It now
+    resolves to none, as in compress and sweep."""
+    import svdlora.calibration_data
+
+    def never(*args, **kwargs):
+        raise AssertionError("no calibration text may be generated for plain SVD")
+
+    monkeypatch.setattr(svdlora.calibration_data, "calibration_batches", never)
+    argv = ["extract", "--base", str(lm_pair / "base"), "--tuned", str(lm_pair / "tuned"), "--rank", "2",
+            "--calibration", "auto", "--method", "svd", "--output", str(lm_pair / "a"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((lm_pair / "a" / "svdlora_adapter.json").read_text())
+    assert record["method"] == "svd" and record["calibration"] is None
+    assert caplog.text.count("calibration data is not used") == 1, caplog.text  # said once, before the load

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
     tuned = load_pretrained(args.tuned, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
-    calibration, processor = resolve_calibration(args.calibration, tuned, args.tuned, processor)
+    calibration, processor = resolve_calibration(args.calibration, tuned, args.tuned, processor, config)
     warn_unread_sizes(args, calibration)
     extraction = write_adapter(
         base, tuned, output, config, calibration=calibration, processor=processor, base_name=args.base,
