@@ -475,3 +475,16 @@ def test_a_home_relative_folder_is_compared_on_the_meta_device(tmp_path, capsys,
     out = ["--output", str(tmp_path / "adapter"), "--rank", "2", "--no-progress"]
     err = _cli_error(capsys, ["extract", "--base", "~/base", "--tuned", "~/gpt2", *out])
     assert "differ in architecture" in err, err
+
+
+def test_svd_is_declared_as_in_compress(capsys):
+    """compress's flag is --svd (--svd-method the old spelling); extract declared --svd-method only, so --svd
+    worked by argparse's prefix matching alone and its help did not show it."""
+    from svdlora.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["extract", "--base", "b", "--tuned", "t", "--rank", "2", "-o", "x",
+                              "--svd", "randomized"]).svd_method == "randomized"  # fmt: skip
+    with pytest.raises(SystemExit):
+        parser.parse_args(["extract", "--help"])
+    assert "--svd {exact,randomized}, --svd-method" in capsys.readouterr().out

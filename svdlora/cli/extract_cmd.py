@@ -52,9 +52,9 @@ def register(subparsers) -> None:
     p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules get LoRA (glob, or re:REGEX)")
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="no LoRA for these (stored whole)")
     p.add_argument(
-        "--svd-method", choices=("exact", "randomized"), default="exact",
+        "--svd", "--svd-method", dest="svd_method", choices=("exact", "randomized"), default="exact",
         help="how each delta is factorized: exact SVD (default) or randomized (faster on large matrices, "
-        "slightly larger error)",
+        "slightly larger error); --svd-method is the older spelling, as in compress",
     )  # fmt: skip
     p.add_argument("--dtype", default=None, help="load both models in this dtype (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
