@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from . import card
 from .errors import SvdloraError
 from .evaluation import evaluate
-from .evaluation.loading import checked_processor, fitting_task, outline
+from .evaluation.loading import checked_processor, early_processor, fitting_task
 from .evaluation.options import build_options
 from .report import CompressionReport
 
@@ -25,14 +26,16 @@ def eval_task(model: nn.Module, source: str) -> str:
     return task
 
 
-def check_before_load(source: str, data: str, references: str | None = None) -> None:
-    """compress --eval's checks of a local folder, on its model built on the meta device: a model no task fits,
-    a folder without tokenizer / image processor files and the task's options (a translator's source-text file
-    without --references, --references for another task) are refused before the load, not once the model is
-    compressed and written. A hub id (its files come with the model), or a config only the load can read: none."""
-    model = outline(source) if Path(source).expanduser().is_dir() else None
-    if model is not None:
-        checked_processor(source, check_options(model, source, data, references))
+def check_before_load(
+    source: str, data: str, references: str | None = None, model: nn.Module | None = None
+) -> tuple[str | None, Any]:
+    """compress --eval's checks of a local folder, on its model built on the meta device (``model``, where the
+    caller built it already): a model no task fits, a folder without tokenizer / image processor files and the
+    task's options (a translator's source-text file without --references, --references for another task) are
+    refused before the load, not once the model is compressed and written. A hub id (its files come with the
+    model), or a config only the load can read: none. Returns ``early_processor``'s (task, processor), the
+    processor for ``evaluate_into_card`` to take rather than load again."""
+    return early_processor(source, find_task=lambda meta: check_options(meta, source, data, references), model=model)
 
 
 def check_options(model: nn.Module, source: str, data: str, references: str | None) -> str:
@@ -50,10 +53,13 @@ def evaluate_into_card(
     data: str,
     limit: int | None,
     references: str | None = None,
+    processor: Any = None,
 ) -> dict:
-    """Evaluate the in-memory compressed model (task from its class) and rewrite the folder's card."""
+    """Evaluate the in-memory compressed model (task from its class) and rewrite the folder's card;
+    ``processor``: the source's tokenizer / image processor already loaded (None: loaded here)."""
     task = eval_task(model, source)
-    processor = checked_processor(source, task)
+    if processor is None:
+        processor = checked_processor(source, task)
     result = evaluate((model, processor), task=task, data=data, references=references, limit=limit, progress=False)
     # the in-memory model is named by its config's path, which compress leaves as the base model's:
     # the figures are the folder's, which holds exactly this model

@@ -83,3 +83,25 @@ def lm_folder(tmp_path):
     tok.save_pretrained(tmp_path / "m")
     (tmp_path / "text.txt").write_text(" ".join(words * 20))
     return tmp_path / "m", tmp_path / "text.txt"
+
+
+def count_loads(monkeypatch) -> dict[str, list]:
+    """Every tokenizer load (AutoTokenizer.from_pretrained) and meta model build (evaluation.loading.skeleton)."""
+    import transformers
+
+    import svdlora.evaluation.loading as loading
+
+    calls: dict[str, list] = {"tokenizer": [], "skeleton": []}
+    from_pretrained, skeleton = transformers.AutoTokenizer.from_pretrained.__func__, loading.skeleton
+
+    def tokenizer(cls, *args, **kwargs):
+        calls["tokenizer"].append(str(args[0]) if args else kwargs)
+        return from_pretrained(cls, *args, **kwargs)
+
+    def counted_skeleton(name, *args, **kwargs):
+        calls["skeleton"].append(str(name))
+        return skeleton(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(tokenizer))
+    monkeypatch.setattr(loading, "skeleton", counted_skeleton)
+    return calls

@@ -318,7 +318,7 @@ def test_compress_eval_of_a_translator_from_the_hub_refuses_missing_references_b
 ):
     """A hub id is not checked before the load (its files come with the model): compress --eval without
     --references on a translator then failed only once the model was compressed and written."""
-    import svdlora.card_eval
+    import svdlora.evaluation.loading
 
     from .eval_helpers import tiny_marian, word_tokenizer
 
@@ -326,8 +326,21 @@ def test_compress_eval_of_a_translator_from_the_hub_refuses_missing_references_b
     tiny_marian(len(tok), max_positions=256).save_pretrained(tmp_path / "marian")
     tok.save_pretrained(tmp_path / "marian")
     (tmp_path / "src.txt").write_text("ein mann\n")
-    monkeypatch.setattr(svdlora.card_eval, "outline", lambda source: None)  # as for a hub id
+    monkeypatch.setattr(svdlora.evaluation.loading, "local_folder", lambda spec: False)  # as for a hub id
     out = tmp_path / "out"
     argv = ["compress", tmp_path / "marian", "-o", out, "--calibration", "none", "--eval", tmp_path / "src.txt"]
     code, _, err = run_cli(capsys, *argv, "--no-progress")
     assert code == 2 and "needs --references FILE" in err and not out.exists(), err
+
+
+def test_compress_with_calibration_and_eval_reads_the_tokenizer_and_builds_the_meta_model_once(tmp_path, monkeypatch):
+    """compress DIR --calibration TEXT --eval TEXT loaded the tokenizer three times (the --eval check, the calibration
+    check, the evaluation) and built the meta model twice (the --eval check, the calibration check): once each."""
+    from .eval_helpers import count_loads, lm_folder
+
+    model, text = lm_folder(tmp_path)
+    calls = count_loads(monkeypatch)
+    argv = ["compress", str(model), "-o", str(tmp_path / "out"), "--calibration", str(text), "--calibration-samples",
+            "2", "--calibration-length", "16", "--eval", str(text), "--eval-limit", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert calls == {"tokenizer": [str(model)], "skeleton": [str(model)]}

@@ -801,3 +801,15 @@ def test_a_folder_given_with_a_tilde_loads_its_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     result = svdlora.evaluate(f"~/{model.name}", task="text-generation", data=str(text), limit=1, progress=False)
     assert result["model"]["metrics"]["perplexity"] > 0
+
+
+def test_evaluate_with_a_baseline_reads_each_folder_once_before_its_load(tmp_path, monkeypatch):
+    """evaluate(dir, baseline=dir) built the meta model four times (the baseline's preflight, the context check's
+    outline of the model, each prepare's early check) and loaded the baseline's tokenizer twice: once per folder."""
+    from .eval_helpers import count_loads, lm_folder
+
+    model, text = lm_folder(tmp_path / "a")
+    baseline, _ = lm_folder(tmp_path / "b")
+    calls = count_loads(monkeypatch)
+    svdlora.evaluate(str(model), data=str(text), baseline=str(baseline), limit=2, max_length=16, progress=False)
+    assert sorted(calls["skeleton"]) == sorted(calls["tokenizer"]) == sorted([str(model), str(baseline)])

@@ -195,3 +195,16 @@ def test_cli_calibration_auto_with_plain_svd_is_none_as_in_compress(lm_pair, cap
     record = json.loads((lm_pair / "a" / "svdlora_adapter.json").read_text())
     assert record["method"] == "svd" and record["calibration"] is None
     assert caplog.text.count("calibration data is not used") == 1, caplog.text  # said once, before the load
+
+
+def test_cli_builds_the_tuned_meta_model_once(lm_pair, monkeypatch):
+    """extract --calibration DATA built the tuned folder's meta model twice before the load (the pair's comparison,
+    then the calibration's check): the comparison's is passed on."""
+    from .eval_helpers import count_loads
+
+    calls = count_loads(monkeypatch)
+    argv = ["extract", "--base", str(lm_pair / "base"), "--tuned", str(lm_pair / "tuned"), "--rank", "2",
+            "--calibration", str(lm_pair / "train.txt"), "--calibration-samples", "2", "--calibration-length", "16",
+            "--output", str(lm_pair / "a"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert calls["skeleton"] == [str(lm_pair / "base"), str(lm_pair / "tuned")]

@@ -456,3 +456,19 @@ def test_card_eval_table_keeps_a_translation_s_signatures_in_their_cells():
         return len(line.replace("\\|", "").split("|"))
 
     assert cells(row) == cells(header) and "nrefs:1\\|case:mixed\\|eff:no" in row, (header, row)
+
+
+def test_sweep_builds_the_meta_model_once_before_the_model(tmp_path, monkeypatch):
+    """sweep --calibration DATA built the local folder's meta model twice (the early task check, then the
+    calibration's check): the first is passed on."""
+    import svdlora.sweep
+
+    from .eval_helpers import count_loads
+
+    monkeypatch.setattr(svdlora.sweep, "evaluating_measure", lambda *args: fake_measure(0.4, []))
+    model, text = lm_folder(tmp_path)
+    calls = count_loads(monkeypatch)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(tmp_path / "s"),
+            "--calibration", str(text), "--calibration-samples", "2", "--calibration-length", "16"]  # fmt: skip
+    assert main([*argv, "--no-progress"]) == 0
+    assert calls == {"tokenizer": [str(model)], "skeleton": [str(model)]}

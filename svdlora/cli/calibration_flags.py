@@ -198,13 +198,15 @@ def processor_before_load(
     trust_remote_code: bool = False,
     config: CompressionConfig | None = None,
     loaded: Any = None,
+    meta: nn.Module | None = None,
 ) -> Any:
     """The processor that reads --calibration DATA, loaded before the model where ``source`` is a local
     folder, so that a folder without one is refused in a second, not after minutes of loading (and so is
     'self', or 'auto' meaning it, for a model that cannot use it: ``calibration_data.check_fits``); None
     for a keyword ('self' needs none) and for a hub id, whose files are fetched with the model. ``loaded``:
     the processor already loaded from ``source`` for a task its model fits (sweep's evaluation one: the same
-    tokenizer or image processor), returned after the checks instead of loading the files again."""
+    tokenizer or image processor), returned after the checks instead of loading the files again; ``meta``:
+    the model ``skeleton`` built from ``source`` already (``evaluation.loading.local_outline``), not built again."""
     from ..plan import uses_calibration
 
     if data == NONE or not Path(source).expanduser().is_dir():
@@ -215,7 +217,7 @@ def processor_before_load(
     from ..evaluation.loading import checked_processor, skeleton
 
     try:
-        kind = model_kind(skeleton(source, trust_remote_code))  # the meta model's class: which processor
+        kind = model_kind(meta if meta is not None else skeleton(source, trust_remote_code))  # which processor
     except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
         return None
     data = effective_calibration(data, kind)

@@ -13,6 +13,7 @@ from .. import blockwise, distributed
 from ..compress import compress, rank_factorizes_nothing, svd_device
 from ..config import CompressionConfig
 from ..errors import SvdloraError
+from ..evaluation.loading import local_outline
 from ..models import load_pretrained
 from ..plan import check_without_calibration
 from ..saving import check_output, save_compressed
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
     if args.references is not None and not args.eval:
         raise SvdloraError("--references has no effect without --eval DATA: pass both, or drop it")
+    meta = local_outline(args.model, args.trust_remote_code)  # a local folder's, built once for the checks below
+    eval_processor = None  # the tokenizer / image processor checked for --eval: also the calibration's
     if args.eval:
         check_data_path(args.eval, "--eval")
         if args.references is not None:
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         from ..card_eval import check_before_load
 
         # a local folder's task, tokenizer and the task's options, before the load
-        check_before_load(args.model, args.eval, args.references)
+        eval_processor = check_before_load(args.model, args.eval, args.references, meta)[1]
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
     inputs = [args.model, calibration_input(args.calibration), args.eval, args.references]
     output = check_output(args.output, args.overwrite, inputs=inputs)
@@ -76,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     svd_device(args.svd_device)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
-    processor = processor_before_load(args.calibration, args.model, args.trust_remote_code, config)
+    processor = processor_before_load(
+        args.calibration, args.model, args.trust_remote_code, config, loaded=eval_processor, meta=meta
+    )
     if args.stream or distributed.launched() or streams_for_memory(args, config):
-        return _run_streamed(args, config, output, processor)
+        return _run_streamed(args, config, output, processor, eval_processor)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
@@ -86,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         from ..card_eval import check_options
 
         check_options(model, args.model, args.eval, args.references)
+    if processor is None:  # a keyword ('self' reads the same tokenizer): --eval's, where it was loaded
+        processor = eval_processor
     calibration, processor = resolve_calibration(args.calibration, model, args.model, processor, config)
     warn_unread_sizes(args, calibration)
     report = compress(model, config, calibration=calibration, processor=processor, progress=args.progress)
@@ -99,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
         from ..card_eval import evaluate_into_card
         from ..evaluation import format_table
 
-        result = evaluate_into_card(model, output, report, args.model, args.eval, args.eval_limit, args.references)
+        result = evaluate_into_card(
+            model, output, report, args.model, args.eval, args.eval_limit, args.references,
+            processor=eval_processor if eval_processor is not None else processor,  # a hub id's: the calibration's
+        )  # fmt: skip
         print("\n" + format_table(result))  # the figures, not only in the card
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(
@@ -110,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, processor) -> int:
+def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, processor, eval_processor) -> int:
     start = time.perf_counter()
     how = "--stream" if args.stream else "a distributed run"
     ctx = distributed.context()
@@ -157,8 +167,9 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, p
         from ..io import load_compressed
 
         result = evaluate_into_card(
-            load_compressed(output), output, report, args.model, args.eval, args.eval_limit, args.references
-        )
+            load_compressed(output), output, report, args.model, args.eval, args.eval_limit, args.references,
+            processor=eval_processor,
+        )  # fmt: skip
         print("\n" + format_table(result))  # the figures, not only in the card
     print(
         f"\n{f'[rank {ctx.rank}/{ctx.world_size}] ' if ctx.world_size > 1 else ''}wrote {output}  "

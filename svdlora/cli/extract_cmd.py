@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import CompressionConfig
 from ..errors import SvdloraError
@@ -19,6 +20,9 @@ from .calibration_flags import (
     resolve_calibration,
     warn_unread_sizes,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 EXAMPLES = """examples:
   svdlora extract --base HuggingFaceTB/SmolLM2-135M --tuned ./my-finetune --budget 0.1 --output out/adapter
@@ -85,11 +89,11 @@ def run(args: argparse.Namespace) -> int:
     output = check_output(args.output, args.overwrite, inputs=inputs)  # before the slow loads
     check_calibration(args.calibration)
     resolve_method(config.method, None if args.calibration == NONE else args.calibration, config)  # before loading
-    _check_inputs(args)  # both models' paths and the patterns, before the base's slow load
+    tuned_meta = _check_inputs(args)  # both models' paths and the patterns, before the base's slow load
 
     require_peft()  # before the slow loads
-    # the tuned model reads the data
-    processor = processor_before_load(args.calibration, args.tuned, args.trust_remote_code, config)
+    # the tuned model reads the data (its meta model, built by the check above, not built again)
+    processor = processor_before_load(args.calibration, args.tuned, args.trust_remote_code, config, meta=tuned_meta)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
@@ -107,11 +111,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_inputs(args: argparse.Namespace) -> None:
+def _check_inputs(args: argparse.Namespace) -> nn.Module | None:
     """What can be checked without loading a model: --base and --tuned as ``load_pretrained`` checks a
     name first (``models.check_model_path``: the same local-path-or-hub-id rule), saying what extract
     needs for the folders it cannot take; then the two models compared on the meta device (the
-    --include / --exclude regexes are checked by CompressionConfig)."""
+    --include / --exclude regexes are checked by CompressionConfig). Returns the tuned model's meta
+    model where it was built."""
     from ..io import is_compressed_folder
     from ..models import check_model_path
 
@@ -131,15 +136,16 @@ def _check_inputs(args: argparse.Namespace) -> None:
             check_model_path(name)
         except SvdloraError as err:
             raise SvdloraError(f"{flag} {name!r}: {err}") from None
-    if not args.trust_remote_code:  # (its own code is not run before the load)
-        _check_pair_on_meta(args)
+    if args.trust_remote_code:  # (its own code is not run before the load)
+        return None
+    return _check_pair_on_meta(args)
 
 
-def _check_pair_on_meta(args: argparse.Namespace) -> None:
+def _check_pair_on_meta(args: argparse.Namespace) -> nn.Module | None:
     """Both models built on the meta device from their configs (no weights read) and compared as the
     loaded ones are (``extract.check_pair``): a hub id that cannot be fetched, or a pair of different
     architectures, vocabularies or shapes, is refused before the slow loads. A model whose meta build
-    fails for another reason is left to the real load to judge."""
+    fails for another reason is left to the real load to judge. Returns the tuned one (None where not built)."""
     from ..evaluation.loading import skeleton
     from ..extract import check_pair
 
@@ -150,7 +156,7 @@ def _check_pair_on_meta(args: argparse.Namespace) -> None:
         except SvdloraError as err:  # the config cannot be read: the load would fail the same way
             raise SvdloraError(f"{flag} {name!r}: {err}") from None
         except Exception:  # noqa: BLE001  only an early check: the load says what is wrong, if anything
-            return
+            return None
     check_pair(*models)
     stored = [getattr(m.config, "dtype", None) for m in models]  # the dtype each loads in without --dtype
     if args.dtype is None and None not in stored and stored[0] != stored[1]:
@@ -158,3 +164,4 @@ def _check_pair_on_meta(args: argparse.Namespace) -> None:
             f"--base {args.base!r} is stored in {stored[0]} and --tuned {args.tuned!r} in {stored[1]}: the delta "
             "would carry the rounding between them; pass --dtype, the one the fine-tune ran in"
         )
+    return models[1]

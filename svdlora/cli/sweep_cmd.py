@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
     from ..config import CompressionConfig
-    from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task
+    from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task, local_outline
     from ..evaluation.options import build_options
     from ..io import is_compressed_folder
     from ..models import default_device, load_pretrained
@@ -118,9 +118,10 @@ def run(args: argparse.Namespace) -> int:
     config = CompressionConfig(**compress_options)  # the settings' checks too (one budget: any)
     if args.calibration == NONE:  # every budget would fail alike: once it was taken as too small a budget
         check_without_calibration(config)
-    task, processor = early_processor(args.model, args.task)  # a local folder's: a refusal comes in a second
+    meta = local_outline(args.model)  # a local folder's meta model, built once for both checks
+    task, processor = early_processor(args.model, args.task, model=meta)  # a local folder's: a refusal in a second
     # 'self' for a model that cannot use it; the tokenizer / image processor checked above, not loaded again
-    processor_before_load(args.calibration, args.model, config=config, loaded=processor)
+    processor_before_load(args.calibration, args.model, config=config, loaded=processor, meta=meta)
     if task and args.target:
         parse_target(args.target, task)  # a bad target fails before the slow load
     if not args.progress:

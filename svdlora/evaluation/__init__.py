@@ -45,6 +45,7 @@ size); a ratio is null when either side is null or the baseline's figure is 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ from ..errors import SvdloraError
 from ..quantize import dtype_name
 from ..version import __version__
 from .images import evaluate_images, load_images
-from .loading import Candidate, infer_task, outline, preflight, prepare, same_vocabulary
+from .loading import Candidate, infer_task, local_folder, outline, preflight, prepare, same_vocabulary
 from .measure import PeakMemory, TaskRun, count_parameters, model_device, model_dtype, model_memory_bytes
 from .options import IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, build_options
 from .report import format_table, ratios
@@ -131,12 +132,16 @@ def evaluate(
     """
     if data is None:
         raise SvdloraError("data is required: a text file, an image folder, a source-sentence file or a dataset")
-    opts = build_options(task or infer_task(model_or_path), data, options)
+    # the model's skeleton, built once where the task, the context check or the early processor read it
+    model_outline = functools.cache(lambda: outline(model_or_path))
+    opts = build_options(task or infer_task(model_or_path, model_outline()), data, options)
     loaded = _LOADERS[opts.task](opts)  # data problems surface before any model is loaded
+    base_processor = None  # the baseline's, checked by preflight: not loaded again
     if baseline is not None:
-        base_outline = preflight(baseline, opts, "--baseline")  # a broken baseline fails now, not after the model ran
+        # a broken baseline fails now, not after the model ran
+        base_outline, base_processor = preflight(baseline, opts, "--baseline")
         if opts.task == TEXT:
-            check_baseline_context(outline(model_or_path), base_outline, opts)
+            check_baseline_context(model_outline(), base_outline, opts)
     entries: dict[str, dict | None] = {"model": None, "baseline": None}
     first_run: TaskRun | None = None
     for role, spec in (("model", model_or_path), ("baseline", baseline)):
@@ -144,8 +149,9 @@ def evaluate(
             if role == "model":
                 raise SvdloraError("MODEL is required: pass a folder, a hub id or an nn.Module")
             continue
-        own_processor = processor if isinstance(spec, nn.Module) or role == "model" else None
-        candidate = prepare(spec, opts, own_processor, flag="MODEL" if role == "model" else "--baseline")
+        own_processor = processor if isinstance(spec, nn.Module) or role == "model" else base_processor
+        meta = model_outline() if role == "model" and local_folder(spec) else None
+        candidate = prepare(spec, opts, own_processor, flag="MODEL" if role == "model" else "--baseline", meta=meta)
         if role == "model":
             model_processor = candidate.processor
         elif not same_vocabulary(model_processor, candidate.processor):

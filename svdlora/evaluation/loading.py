@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,12 +99,15 @@ def same_vocabulary(a: Any, b: Any) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
-def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MODEL") -> Candidate:
+def prepare(
+    spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MODEL", meta: nn.Module | None = None
+) -> Candidate:
     """Load or adopt ``spec``: a path / hub id, an ``nn.Module``, or ``(nn.Module, processor)``.
 
     Loaded models go to ``opts.device`` (default: CUDA when present) in ``opts.dtype``
     (default float32). In-memory models are evaluated where they are, in their dtype, unless
-    ``device`` / ``dtype`` is given, in which case they are moved in place.
+    ``device`` / ``dtype`` is given, in which case they are moved in place. ``meta``: the
+    ``skeleton`` of a local folder already built, for the checks before its load.
     """
     if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], nn.Module):
         spec, processor = spec
@@ -119,7 +123,7 @@ def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MO
 
     name = str(spec)
     if processor is None:  # a local folder's: refused in a second, not after the load
-        processor = early_processor(name, opts.task)[1]
+        processor = early_processor(name, opts.task, model=meta)[1]
     _preimport(name)
     start = time.perf_counter()
     model = load_model(
@@ -140,40 +144,68 @@ def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MO
     )
 
 
-def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> nn.Module | None:
+def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> tuple[nn.Module | None, Any]:
     """Cheap checks of a model named by path or hub id, so a broken ``--baseline`` fails before
     the main evaluation rather than after it: files and headers readable, config and class fit
     the task, tokenizer / processor present. Missing tensors are found when it is loaded.
 
     Returns:
-        The model without weights (``skeleton``), or the in-memory module ``spec`` holds.
+        (the model without weights (``skeleton``), or the in-memory module ``spec`` holds; the
+        processor checked, for ``prepare`` to take rather than load again: None for a module).
     """
     if not isinstance(spec, str | Path):
-        return outline(spec)
+        return outline(spec), None
 
     name = str(spec)
     try:
         model = skeleton(name)
         check_task(model, opts.task, name)
-        checked_processor(name, opts.task)
+        processor = checked_processor(name, opts.task)
     except SvdloraError as err:
         raise SvdloraError(f"{flag} {name!r}: {err}") from None
-    return model
+    return model, processor
 
 
-def early_processor(source: str, task: str | None = None) -> tuple[str | None, Any]:
+def early_processor(
+    source: str,
+    task: str | None = None,
+    find_task: Callable[[nn.Module], str] | None = None,
+    model: nn.Module | None = None,
+) -> tuple[str | None, Any]:
     """(task, processor) of a local model folder, from its config on the meta device and its processor
     files, before the model is loaded: a wrong task or a folder without tokenizer files is refused in a
     second, not after minutes of loading. ``(task, None)`` for a hub id, whose files come with the model,
-    and for a folder whose config only its load can judge."""
-    if not Path(source).expanduser().is_dir():
+    and for a folder whose config only its load can judge.
+
+    Args:
+        find_task: the task of the meta model where ``task`` is None (default ``infer_task``; compress
+            --eval's refuses the options its task cannot take).
+        model: the folder's ``skeleton`` already built (None: built here).
+    """
+    if not local_folder(source):
         return task, None
-    model = outline(source)
+    model = model if model is not None else outline(source)
     if model is None:
         return task, None
-    task = task or infer_task(model)
+    task = task or (find_task or infer_task)(model)
     check_task(model, task, source)
     return task, checked_processor(source, task)
+
+
+def local_folder(spec: Any) -> bool:
+    """Whether ``spec`` names a local folder (rather than a hub id or an in-memory model)."""
+    return isinstance(spec, str | Path) and Path(spec).expanduser().is_dir()
+
+
+def local_outline(source: str, trust_remote_code: bool = False) -> nn.Module | None:
+    """The ``skeleton`` of a local folder, built once for the checks before its load; None for a hub id
+    (its files come with the model) and for a config only its load can judge."""
+    if not local_folder(source):
+        return None
+    try:
+        return skeleton(source, trust_remote_code)
+    except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
+        return None
 
 
 def outline(spec: Any) -> nn.Module | None:
@@ -202,12 +234,13 @@ def skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
     return _dense_skeleton(name, trust_remote_code)
 
 
-def infer_task(spec: Any) -> str:
-    """The task a model fits (``fitting_task``), for a folder, a hub id, an nn.Module or (module, processor)."""
+def infer_task(spec: Any, model: nn.Module | None = None) -> str:
+    """The task a model fits (``fitting_task``), for a folder, a hub id, an nn.Module or (module, processor);
+    ``model``: a folder's or hub id's ``skeleton`` already built."""
     if isinstance(spec, str | Path):
         name = str(spec)
         try:
-            model = skeleton(name)
+            model = model if model is not None else skeleton(name)
         except SvdloraError as err:
             raise SvdloraError(f"MODEL {name!r}: {err}") from None
     else:
