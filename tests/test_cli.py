@@ -344,3 +344,26 @@ def test_compress_with_calibration_and_eval_reads_the_tokenizer_and_builds_the_m
             "2", "--calibration-length", "16", "--eval", str(text), "--eval-limit", "2", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert calls == {"tokenizer": [str(model)], "skeleton": [str(model)]}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--include", "nothing.*"], "--include 'nothing.*' matches none of the"),
+        (["--include", "*attn*", "re:.*mpl.*"], "--include 're:.*mpl.*' matches none of the"),
+        (["--exclude", "down-proj"], "--exclude 'down-proj' matches none of the"),
+    ],
+)
+def test_a_pattern_that_matches_no_layer_is_refused_before_the_load(gpt2_folder, tmp_path, capsys, monkeypatch,
+                                                                   flags, message):  # fmt: skip
+    """compress --include / --exclude with a pattern no layer matches was refused only once the model was loaded
+    (find_targets); a local folder's patterns are now checked on its meta model, before the load."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", never)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "compress", gpt2_folder, "-o", out, "--calibration", "none", *flags, "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not out.exists()

@@ -398,7 +398,7 @@ def test_nan_or_inf_anywhere_is_refused(work, capsys, where, stream):
     [
         (["--rank", "100000"], "factorizes none of the"),
         (["--rank", "4", "--budget", "0.3"], "--rank and --budget exclude each other"),
-        (["--include", "nothing.*"], "no Linear/Conv1D layer is targeted"),
+        (["--include", "nothing.*"], "--include 'nothing.*' matches none of the"),  # before the load
         (["--dtype", "flaot16"], "dtype must be one of"),
     ],
 )

@@ -6,6 +6,7 @@ import argparse
 import resource
 import sys
 import time
+from pathlib import Path
 
 import transformers
 
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if args.references is not None and not args.eval:
         raise SvdloraError("--references has no effect without --eval DATA: pass both, or drop it")
     meta = local_outline(args.model, args.trust_remote_code)  # a local folder's, built once for the checks below
+    if meta is not None:
+        _check_patterns(meta, config, args.model)
     eval_processor = None  # the tokenizer / image processor checked for --eval: also the calibration's
     if args.eval:
         check_data_path(args.eval, "--eval")
@@ -118,6 +121,17 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_patterns(meta, config: CompressionConfig, source: str) -> None:
+    """--include / --exclude on the meta model: a pattern that matches no layer is refused before the load,
+    as ``find_targets`` refuses it after. An svdlora folder (its layers are factors) is left to the load."""
+    from ..io import is_compressed_folder
+    from ..targets import _check_every_pattern_matches, dense_kind
+
+    names = [name for name, module in meta.named_modules() if dense_kind(module)]
+    if names and not is_compressed_folder(Path(source).expanduser()):
+        _check_every_pattern_matches(names, config)
 
 
 def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, processor, eval_processor) -> int:
