@@ -105,11 +105,11 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Targ
                 form = "pivoted " if config.pivot else ""
                 dense[name] = f"too small: {form}rank 1 would store {rank_one} values, the dense matrix {target.params}"
     if targets:  # with none, the caller's "nothing is targeted" error names the patterns already
-        _check_every_pattern_matches(names, config)
+        check_every_pattern_matches(names, config)
     return targets, dense
 
 
-def _check_every_pattern_matches(names: list[str], config: CompressionConfig) -> None:
+def check_every_pattern_matches(names: list[str], config: CompressionConfig) -> None:
     """A pattern that matches no layer is a typo: ignored, it would factorize a layer meant to stay dense."""
     for flag, patterns in (("--include", config.include or []), ("--exclude", config.exclude)):
         for pattern in patterns:

@@ -367,3 +367,20 @@ def test_a_pattern_that_matches_no_layer_is_refused_before_the_load(gpt2_folder,
     code, _, err = run_cli(capsys, "compress", gpt2_folder, "-o", out, "--calibration", "none", *flags, "--no-progress")
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+def test_plain_svd_without_patterns_or_eval_builds_no_meta_model(gpt2_folder, tmp_path, capsys, monkeypatch):
+    """The early meta model serves --eval, --include/--exclude and calibration; a plain-SVD run needs none
+    (the speed benchmark's command), so it does not pay for one."""
+    import svdlora.cli.compress_run as compress_run
+
+    built = []
+    real = compress_run.local_outline
+    monkeypatch.setattr(compress_run, "local_outline", lambda *a: built.append(a) or real(*a))
+    code, _, err = run_cli(capsys, "compress", gpt2_folder, "-o", tmp_path / "out", "--calibration", "none",
+                           "--budget", "0.5", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert built == []
+    run_cli(capsys, "compress", gpt2_folder, "-o", tmp_path / "out2", "--calibration", "none", "--budget", "0.5",
+            "--exclude", "*c_fc*", "--no-progress")  # fmt: skip
+    assert len(built) == 1

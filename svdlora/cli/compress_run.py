@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
         raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
     if args.references is not None and not args.eval:
         raise SvdloraError("--references has no effect without --eval DATA: pass both, or drop it")
-    meta = local_outline(args.model, args.trust_remote_code)  # a local folder's, built once for the checks below
+    # a local folder's meta model, built once for the checks below; not where none needs it (plain SVD, no
+    # patterns, no --eval: the speed benchmark's command), as it takes ~0.1 s on SmolLM2
+    checks = args.eval or config.include or config.exclude or args.calibration != NONE
+    meta = local_outline(args.model, args.trust_remote_code) if checks else None
     if meta is not None:
         _check_patterns(meta, config, args.model)
     eval_processor = None  # the tokenizer / image processor checked for --eval: also the calibration's
@@ -127,11 +130,11 @@ def _check_patterns(meta, config: CompressionConfig, source: str) -> None:
     """--include / --exclude on the meta model: a pattern that matches no layer is refused before the load,
     as ``find_targets`` refuses it after. An svdlora folder (its layers are factors) is left to the load."""
     from ..io import is_compressed_folder
-    from ..targets import _check_every_pattern_matches, dense_kind
+    from ..targets import check_every_pattern_matches, dense_kind
 
     names = [name for name, module in meta.named_modules() if dense_kind(module)]
     if names and not is_compressed_folder(Path(source).expanduser()):
-        _check_every_pattern_matches(names, config)
+        check_every_pattern_matches(names, config)
 
 
 def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, processor, eval_processor) -> int:
