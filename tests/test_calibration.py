@@ -973,27 +973,26 @@ def test_a_batch_with_a_layer_no_mask_tells_runs_row_by_row_in_the_refit(monkeyp
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
-def test_refit_multiplies_a_padded_batch_s_inputs_once(monkeypatch):
+def test_refit_multiplies_a_padded_batch_s_inputs_once():
     # the refit ran a padded batch row by row and formed its in×in products (G̃ and C) for every row
-    # and layer: several times the padded batch's time on 8-sentence batches of translations
+    # and layer: several times the padded batch's time on 8-sentence batches of translations; a batch
+    # that still runs row by row (left-padded: its positions would move) gathers its rows' inputs first
     from torch.overrides import TorchFunctionMode
 
     class CountProducts(TorchFunctionMode):
         count = 0
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            CountProducts.count += func is torch.Tensor.matmul  # what `a @ b` calls
+            # what `a @ b` calls, on (tokens, in) inputs: not the model's own (batched rotary) products
+            CountProducts.count += func is torch.Tensor.matmul and all(a.dim() == 2 for a in args[:2])
             return func(*args, **(kwargs or {}))
 
-    torch.manual_seed(0)
-    dense = tiny_marian().eval()
-    model = copy.deepcopy(dense)
-    svdlora.compress(model, budget=0.5, progress=False)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    originals = {n: dense.get_submodule(n) for n in layers}
-    batch, rows = _padded_and_rows("marian", model)
+    model, originals, layers = _compressed_and_dense_layers("llama")
+    batch, rows = _padded_and_rows("llama", model)
+    left = _left_padded(batch)
+    assert padding.batched_masks(left) is None  # run row by row
     counts = []
-    for batches in ([rows[0]], [batch]):  # one sentence, then two as a padded batch
+    for batches in ([rows[0]], [left]):  # one sentence, then two as a left-padded batch
         CountProducts.count = 0
         with CountProducts():
             collect_cross_statistics(model, originals, layers, batches, progress=False)
