@@ -87,15 +87,17 @@ def collect_cross_statistics(
     tokens: dict[str, int] = {}
     was_training = model.training
     model.eval()
+    whole = True  # padded batches run whole until one raises Unbatchable (as in ``collect_statistics``)
     try:
         for batch in tqdm(batches, desc="refit statistics", disable=not progress):
             taps = (model, dense, compressed, dense_tap, compressed_tap)
             try:
-                inputs = _batch_inputs(*taps, batch, encoder_decoder)
-            except Unbatchable:  # a layer input no mask tells (a routed expert): this batch row by row
+                inputs = _batch_inputs(*taps, batch, encoder_decoder, whole)
+            except Unbatchable:  # a layer input no mask tells (a routed expert): this batch and the rest row by row
                 dense_tap.clear()
                 compressed_tap.clear()
-                inputs = _batch_inputs(*taps, batch, encoder_decoder, whole=False)
+                whole = False
+                inputs = _batch_inputs(*taps, batch, encoder_decoder, whole)
             for name, (xs, x_tildes) in inputs.items():
                 x, x_tilde = torch.cat(xs), torch.cat(x_tildes)
                 gram, product = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()

@@ -973,6 +973,27 @@ def test_a_batch_with_a_layer_no_mask_tells_runs_row_by_row_in_the_refit(monkeyp
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
+def test_after_a_batch_no_mask_tells_the_refit_runs_every_batch_row_by_row(monkeypatch):
+    # found by review: after one batch raised Unbatchable (a routed expert's input), every later batch
+    # was tried whole again, its dense pass run up to that layer for nothing; it now switches once for
+    # all, as collect_statistics does
+    from svdlora import refit
+
+    model, originals, layers = _compressed_and_dense_layers("marian")
+    batch, _ = _padded_and_rows("marian", model)
+    attempts = []
+
+    def unbatchable(x, masks):
+        if masks:
+            attempts.append(1)
+            raise padding.Unbatchable
+        return None
+
+    monkeypatch.setattr(refit, "mask_for", unbatchable)
+    collect_cross_statistics(model, originals, layers, [batch, batch, batch], progress=False)
+    assert len(attempts) == 1
+
+
 def test_refit_multiplies_a_padded_batch_s_inputs_once():
     # the refit ran a padded batch row by row and formed its in×in products (G̃ and C) for every row
     # and layer: several times the padded batch's time on 8-sentence batches of translations; a batch
