@@ -92,7 +92,7 @@ def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tens
     if "labels" not in batch or is_left_padded(batch) or mask is not None and not mask.bool().any(-1).all():
         return None  # (a row of padding only: its rows leave it out)
     if target is not None:  # the decoder runs up to the last real target token (causal)
-        masks[-1] = masks[-1].flip(-1).cummax(-1).values.flip(-1)
+        masks[-1] = _through_last_token(masks[-1])
     if len(masks) == 2 and masks[0].shape == masks[1].shape and not torch.equal(*masks):
         return None
     return masks
@@ -124,7 +124,13 @@ def is_left_padded(batch: dict) -> bool:
     ``padding_side="left"``): models that number positions from 0 rather than from the mask (GPT-2,
     Marian) move the real tokens then, and a causal LM's first real token is predicted from padding."""
     mask, _ = padding_masks(batch)
-    return mask is not None and bool((mask.flip(-1).cummax(-1).values.flip(-1) > mask).any())
+    return mask is not None and bool((_through_last_token(mask) > mask).any())
+
+
+def _through_last_token(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` (2-D) set at every position up to each row's last real token: the span a causal decoder
+    runs, which differs from ``mask`` where a row has padding before a real token."""
+    return mask.flip(-1).cummax(-1).values.flip(-1)
 
 
 def masked_labels(batch: dict, masks: list[torch.Tensor | None]) -> dict:
