@@ -180,7 +180,7 @@ def _block_backward(
             accumulator.new_batch(masks[w])
             x = hidden[w].to(grads[w].device).detach().requires_grad_()  # the layers' outputs need a graph
             out = entry.call(block, x)
-            outs = [o for _, o in accumulator.outputs]
+            outs = [o for _, o, _ in accumulator.outputs]
             got = torch.autograd.grad(out, [*outs, x] if upstream else outs, grad_outputs=grads[w], allow_unused=True)
             accumulator.add_gradients(got[: len(outs)])
             if upstream:

@@ -86,8 +86,8 @@ class _Accumulator:
         self.grad_sums: dict[str, torch.Tensor] = {}
         self.grad_tokens: dict[str, int] = {}
         self._inputs = SharedInputs()  # each input tensor's Gram key in this batch
-        self.outputs: list[tuple[str, torch.Tensor]] = []
-        self.output_masks: list[torch.Tensor | None] = []  # each output's real positions, if masked
+        # (layer, output, its real positions or None) of this batch, for ``add_gradients``
+        self.outputs: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         self.masks: list[torch.Tensor] = []  # a padded batch's real positions (``batched_masks``)
         # Work buffers reused per (shape, dtype): a float32 product added into a float64 sum
         # directly casts element by element (about twice the time of a copy and an add), and a
@@ -124,7 +124,6 @@ class _Accumulator:
     def new_batch(self, masks: list[torch.Tensor] | None = None) -> None:
         self._inputs.clear()
         self.outputs.clear()
-        self.output_masks.clear()
         self.masks = masks or []
 
     def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -137,11 +136,10 @@ class _Accumulator:
             self._add(self.gram_sums, key, self._gram(flat))  # float32 products per batch (fast)
             self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
         if self.gradients and output.requires_grad:
-            self.outputs.append((name, output))
-            self.output_masks.append(mask_for(output, self.masks))
+            self.outputs.append((name, output, mask_for(output, self.masks)))
 
     def add_gradients(self, grads: Iterable[torch.Tensor | None]) -> None:
-        for (name, _), real, grad in zip(self.outputs, self.output_masks, grads, strict=True):
+        for (name, _, real), grad in zip(self.outputs, grads, strict=True):
             if grad is None:
                 continue
             single = flat_tokens(grad.detach(), real)
@@ -307,7 +305,7 @@ def _collect(
                 accumulator.new_batch(masks)
                 outputs = model(**batch)
                 if gradients:
-                    outs = [out for _, out in accumulator.outputs]
+                    outs = [out for _, out, _ in accumulator.outputs]
                     if outs:
                         loss = calibration_loss(outputs, batch, generator)
                         accumulator.add_gradients(torch.autograd.grad(loss, outs, allow_unused=True))

@@ -111,10 +111,6 @@ def uses_calibration(config: CompressionConfig) -> bool:
     return not (config.method == "svd" and resolved_allocation(config) == "uniform" and not config.heal_steps)
 
 
-# --refit with method 'svd': data or none, there are no weighted statistics to refit to
-REFIT_SVD = "the refit pass is not run with method 'svd' (it refits to weighted statistics)"
-
-
 def check_without_calibration(config: CompressionConfig) -> None:
     """Refuse the settings that need calibration data, for a run without any (the CLI: before the load).
     --refit with method 'svd' is not refused: data would not make it run (``plan_calibration`` warns), and
@@ -142,8 +138,8 @@ def plan_calibration(
     # imported here: calibration_data reads data with svdlora.evaluation, which imports compress
     from .calibration_data import SELF, calibration_batches, model_kind
 
-    if config.refit and config.method == "svd":
-        logger.warning(REFIT_SVD)
+    if config.refit and config.method == "svd":  # data or none: there are no weighted statistics to refit to
+        logger.warning("the refit pass is not run with method 'svd' (it refits to weighted statistics)")
     if calibration is None:
         check_without_calibration(config)
         return CalibrationPlan(method="svd", allocation="uniform")

@@ -135,7 +135,7 @@ def _accumulate(targets, model, batches) -> _Accumulator:
         for x in batches:
             accumulator.new_batch()
             out = model(x)
-            accumulator.add_gradients(torch.autograd.grad(out.square().sum(), [o for _, o in accumulator.outputs]))
+            accumulator.add_gradients(torch.autograd.grad(out.square().sum(), [o for _, o, _ in accumulator.outputs]))
     accumulator.new_batch()
     return accumulator
 
