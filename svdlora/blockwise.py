@@ -35,7 +35,7 @@ from .errors import SvdloraError
 from .io import _no_weight_init
 from .models import model_class
 from .padding import calibration_runs
-from .plan import CalibrationPlan, resolved_allocation
+from .plan import CalibrationPlan, resolved_allocation, uses_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,9 @@ def resolve(config) -> tuple[str, str] | None:
         raise SvdloraError(
             "healing, --refit and --stage-dtypes cannot stream with calibration: drop them, or drop --stream"
         )
-    allocation = resolved_allocation(config)
-    if (config.method, allocation) == ("svd", "uniform"):
+    if not uses_calibration(config):  # (healing is refused above) plain SVD with uniform allocation
         return None
-    return config.method, allocation
+    return config.method, resolved_allocation(config)
 
 
 def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]:
