@@ -11,7 +11,8 @@ from . import card
 from .errors import SvdloraError
 from .evaluation import evaluate
 from .evaluation.loading import checked_processor, early_processor, fitting_task
-from .evaluation.options import build_options
+from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, TRANSLATION, build_options
+from .evaluation.translation import decoder_positions
 from .report import CompressionReport
 
 
@@ -45,6 +46,14 @@ def check_options(model: nn.Module, source: str, data: str, references: str | No
     return task
 
 
+def fitted_options(model: nn.Module, task: str) -> dict:
+    """The evaluation options compress --eval sets from ``model``, having no flag for them: a translator with
+    fewer decoder positions than the default longest sentence generates up to its positions (as text windows
+    take the model's context), where 128 new tokens were refused once the folder was written."""
+    positions = decoder_positions(model) if task == TRANSLATION else None
+    return {} if positions is None else {"max_new_tokens": min(positions, DEFAULT_MAX_NEW_TOKENS)}
+
+
 def evaluate_into_card(
     model: nn.Module,
     folder: Path,
@@ -60,7 +69,10 @@ def evaluate_into_card(
     task = eval_task(model, source)
     if processor is None:
         processor = checked_processor(source, task)
-    result = evaluate((model, processor), task=task, data=data, references=references, limit=limit, progress=False)
+    result = evaluate(
+        (model, processor), task=task, data=data, references=references, limit=limit, progress=False,
+        **fitted_options(model, task),
+    )  # fmt: skip
     # the in-memory model is named by its config's path, which compress leaves as the base model's:
     # the figures are the folder's, which holds exactly this model
     result["model"]["name"] = str(folder)

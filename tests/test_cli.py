@@ -313,6 +313,24 @@ def test_compress_eval_of_a_translator_takes_references_and_refuses_none_before_
     assert "Task `translation`" in (out / "README.md").read_text()  # the figures are in the card
 
 
+def test_compress_eval_of_a_translator_with_fewer_than_128_decoder_positions_generates_up_to_them(tmp_path, capsys):
+    """compress --eval on a translator with 64 decoder positions compressed and wrote the folder, then failed
+    ('--max-new-tokens 128 reaches past the model's 64 decoder positions', a flag compress lacks): it now
+    generates at most 64 new tokens, as text windows take a causal LM's context."""
+    from .eval_helpers import tiny_marian, word_tokenizer
+
+    tok = word_tokenizer(["ein", "mann", "a", "man"], eos_suffix=True)
+    tiny_marian(len(tok), max_positions=64).save_pretrained(tmp_path / "marian")
+    tok.save_pretrained(tmp_path / "marian")
+    (tmp_path / "src.txt").write_text("ein mann\n")
+    (tmp_path / "ref.txt").write_text("a man\n")
+    out = tmp_path / "out"
+    argv = ["compress", tmp_path / "marian", "-o", out, "--calibration", "none", "--eval", tmp_path / "src.txt"]
+    code, _, err = run_cli(capsys, *argv, "--references", tmp_path / "ref.txt", "--no-progress")
+    assert code == 0, err
+    assert "Task `translation`" in (out / "README.md").read_text()
+
+
 def test_compress_eval_of_a_translator_from_the_hub_refuses_missing_references_before_writing(
     tmp_path, capsys, monkeypatch
 ):

@@ -21,6 +21,9 @@ DEFAULT_DTYPE = torch.float32
 # The HF perplexity guide uses GPT-2's full context (1024) and stride 512; longer contexts are
 # capped so a model with an 8k context does not turn a quick check into minutes per window.
 MAX_LENGTH_CAP = 1024
+# translation: the longest generated sentence (compress --eval, which has no --max-new-tokens, takes a
+# model's decoder positions where they are fewer)
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 # The options one task reads and the others ignore.
@@ -63,7 +66,9 @@ class EvalOptions:
     )
     stride: int | None = field(default=None, metadata={"help": "Window step (default: max_length // 2)."})
     num_beams: int = field(default=4, metadata={"help": "translation: beam width."})
-    max_new_tokens: int = field(default=128, metadata={"help": "translation: longest generated sentence."})
+    max_new_tokens: int = field(
+        default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "translation: longest generated sentence."}
+    )
     batch_size: int | None = field(
         default=None, metadata={"help": "Windows / images / sentences per forward (default per task)."}
     )

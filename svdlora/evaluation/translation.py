@@ -84,6 +84,12 @@ def generation_settings(opts: EvalOptions) -> dict:
     }
 
 
+def decoder_positions(model: nn.Module) -> int | None:
+    """The decoder's learned / sinusoidal positions, where its config gives them: no generation goes past them."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
+
+
 def _input_limit(model: nn.Module, tokenizer) -> int | None:
     limits = [getattr(tokenizer, "model_max_length", None), getattr(model.config, "max_position_embeddings", None)]
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
@@ -99,8 +105,8 @@ def translate(
     model: nn.Module, tokenizer, sources: list[str], opts: EvalOptions, meter: AbstractContextManager | None = None
 ) -> tuple[list[str], float]:
     """Hypotheses for ``sources`` in their order, and the seconds spent in ``generate``."""
-    positions = getattr(model.config, "max_position_embeddings", None)  # learned / sinusoidal decoder positions
-    if isinstance(positions, int) and opts.max_new_tokens > positions:
+    positions = decoder_positions(model)
+    if positions is not None and opts.max_new_tokens > positions:
         raise SvdloraError(
             f"--max-new-tokens {opts.max_new_tokens} reaches past the model's {positions} decoder positions: "
             f"pass --max-new-tokens {positions} or less"
