@@ -30,12 +30,13 @@ def eval_task(model: nn.Module, source: str) -> str:
 def check_before_load(
     source: str, data: str, references: str | None = None, model: nn.Module | None = None
 ) -> tuple[str | None, Any]:
-    """compress --eval's checks of a local folder, on its model built on the meta device (``model``, where the
-    caller built it already): a model no task fits, a folder without tokenizer / image processor files and the
-    task's options (a translator's source-text file without --references, --references for another task) are
-    refused before the load, not once the model is compressed and written. A hub id (its files come with the
-    model), or a config only the load can read: none. Returns ``early_processor``'s (task, processor), the
-    processor for ``evaluate_into_card`` to take rather than load again."""
+    """compress --eval's checks of a local folder or, given its ``model``, a hub id, on its model built on the
+    meta device (``model``, where the caller built it already): a model no task fits, a folder without
+    tokenizer / image processor files and the task's options (a translator's source-text file without
+    --references, --references for another task) are refused before the load, not once the model is
+    compressed and written. A hub id without ``model``, or a config only the load can read: none. Returns
+    ``early_processor``'s (task, processor), the processor for ``evaluate_into_card`` to take rather than
+    load again."""
     return early_processor(source, find_task=lambda meta: check_options(meta, source, data, references), model=model)
 
 

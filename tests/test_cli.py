@@ -351,6 +351,36 @@ def test_compress_eval_of_a_translator_from_the_hub_refuses_missing_references_b
     assert code == 2 and "needs --references FILE" in err and not out.exists(), err
 
 
+@pytest.mark.parametrize(
+    "model, flags, message",
+    [
+        ("bert", ["--stream"], "drop --eval"),  # no task fits it
+        ("lm", ["--stream", "--references", "text"], "references is only used by --task translation"),
+        ("no-tokenizer", ["--stream"], "cannot load the tokenizer"),
+        ("no-tokenizer", [], "cannot load the tokenizer"),  # in memory the load checked all but the tokenizer
+    ],
+)
+def test_compress_eval_of_a_hub_id_is_checked_before_writing(tmp_path, capsys, monkeypatch, model, flags, message):
+    """A hub id's --eval was checked only on the loaded model: compress --stream (which loads none) compressed
+    and wrote the folder, then refused its options, its task or its missing tokenizer (in memory the missing
+    tokenizer too); its config and tokenizer are now read, from the hub or the cache, before anything is written."""
+    import svdlora.evaluation.loading
+
+    from .conftest import tiny_bert
+    from .eval_helpers import lm_folder
+
+    folder, text = lm_folder(tmp_path)
+    folders = {"lm": folder, "bert": tmp_path / "bert", "no-tokenizer": tmp_path / "no-tokenizer"}
+    tiny_bert().save_pretrained(folders["bert"])
+    tiny_gpt2().save_pretrained(folders["no-tokenizer"])
+    monkeypatch.setattr(svdlora.evaluation.loading, "local_folder", lambda spec: False)  # as for a hub id
+    out = tmp_path / "out"
+    flags = [text if flag == "text" else flag for flag in flags]
+    argv = ["compress", folders[model], "-o", out, "--calibration", "none", "--eval", text, *flags, "--no-progress"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err and not out.exists(), err
+
+
 def test_compress_with_calibration_and_eval_reads_the_tokenizer_and_builds_the_meta_model_once(tmp_path, monkeypatch):
     """compress DIR --calibration TEXT --eval TEXT loaded the tokenizer three times (the --eval check, the calibration
     check, the evaluation) and built the meta model twice (the --eval check, the calibration check): once each."""

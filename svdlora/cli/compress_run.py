@@ -14,7 +14,7 @@ from .. import blockwise, distributed
 from ..compress import compress, rank_factorizes_nothing, svd_device
 from ..config import CompressionConfig
 from ..errors import SvdloraError
-from ..evaluation.loading import local_outline
+from ..evaluation.loading import local_outline, outline
 from ..models import load_pretrained
 from ..plan import check_without_calibration
 from ..saving import check_output, save_compressed
@@ -76,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
             check_data_path(args.references, "--references")
         from ..card_eval import check_before_load
 
-        # a local folder's task, tokenizer and the task's options, before the load
-        eval_processor = check_before_load(args.model, args.eval, args.references, meta)[1]
+        # the task, tokenizer and the task's options before the load; a hub id's too, on its config and tokenizer
+        # (fetched, or read from the cache): a streamed run loads no model before it writes the folder
+        eval_meta = meta if meta is not None else outline(args.model, args.trust_remote_code)
+        eval_processor = check_before_load(args.model, args.eval, args.references, eval_meta)[1]
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
     inputs = [args.model, calibration_input(args.calibration), args.eval, args.references]
     output = check_output(args.output, args.overwrite, inputs=inputs)
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
-    if args.eval:  # a hub id's (check_before_load sees only a local folder's): before compressing and writing
+    if args.eval and eval_processor is None:  # a config only the load reads: before compressing and writing
         from ..card_eval import check_options
 
         check_options(model, args.model, args.eval, args.references)

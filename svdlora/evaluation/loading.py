@@ -174,15 +174,16 @@ def early_processor(
 ) -> tuple[str | None, Any]:
     """(task, processor) of a local model folder, from its config on the meta device and its processor
     files, before the model is loaded: a wrong task or a folder without tokenizer files is refused in a
-    second, not after minutes of loading. ``(task, None)`` for a hub id, whose files come with the model,
-    and for a folder whose config only its load can judge.
+    second, not after minutes of loading. ``(task, None)`` for a hub id, whose files come with the model
+    (unless ``model`` is given: its processor is then fetched, or read from the cache), and for a folder
+    whose config only its load can judge.
 
     Args:
         find_task: the task of the meta model where ``task`` is None (default ``infer_task``; compress
             --eval's refuses the options its task cannot take).
-        model: the folder's ``skeleton`` already built (None: built here).
+        model: the folder's or hub id's ``skeleton`` already built (None: a folder's built here).
     """
-    if not local_folder(source):
+    if model is None and not local_folder(source):
         return task, None
     model = model if model is not None else outline(source)
     if model is None:
@@ -200,15 +201,10 @@ def local_folder(spec: Any) -> bool:
 def local_outline(source: str, trust_remote_code: bool = False) -> nn.Module | None:
     """The ``skeleton`` of a local folder, built once for the checks before its load; None for a hub id
     (its files come with the model) and for a config only its load can judge."""
-    if not local_folder(source):
-        return None
-    try:
-        return skeleton(source, trust_remote_code)
-    except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
-        return None
+    return outline(source, trust_remote_code) if local_folder(source) else None
 
 
-def outline(spec: Any) -> nn.Module | None:
+def outline(spec: Any, trust_remote_code: bool = False) -> nn.Module | None:
     """The module ``spec`` holds, or for a path / hub id its ``skeleton`` (no weights); None where
     neither is there (its load says what is wrong)."""
     if isinstance(spec, tuple) and spec and isinstance(spec[0], nn.Module):
@@ -218,7 +214,7 @@ def outline(spec: Any) -> nn.Module | None:
     if not isinstance(spec, str | Path):
         return None
     try:
-        return skeleton(str(spec))
+        return skeleton(str(spec), trust_remote_code)
     except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
         return None
 
