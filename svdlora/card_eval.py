@@ -9,7 +9,7 @@ from torch import nn
 
 from . import card
 from .errors import SvdloraError
-from .evaluation import evaluate
+from .evaluation import evaluate, load_data
 from .evaluation.loading import checked_processor, early_processor, fitting_task
 from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, TRANSLATION, build_options
 from .evaluation.translation import decoder_positions
@@ -28,22 +28,25 @@ def eval_task(model: nn.Module, source: str) -> str:
 
 
 def check_before_load(
-    source: str, data: str, references: str | None = None, model: nn.Module | None = None
+    source: str, data: str, references: str | None = None, model: nn.Module | None = None, limit: int | None = None
 ) -> tuple[str | None, Any]:
     """compress --eval's checks of a local folder or, given its ``model``, a hub id, on its model built on the
     meta device (``model``, where the caller built it already): a model no task fits, a folder without
-    tokenizer / image processor files and the task's options (a translator's source-text file without
-    --references, --references for another task) are refused before the load, not once the model is
-    compressed and written. A hub id without ``model``, or a config only the load can read: none. Returns
-    ``early_processor``'s (task, processor), the processor for ``evaluate_into_card`` to take rather than
-    load again."""
-    return early_processor(source, find_task=lambda meta: check_options(meta, source, data, references), model=model)
+    tokenizer / image processor files, the task's options (a translator's source-text file without
+    --references, --references for another task) and data the task cannot read (an image folder for a causal
+    LM) are refused before the load, not once the model is compressed and written. A hub id without
+    ``model``, or a config only the load can read: none. Returns ``early_processor``'s (task, processor), the
+    processor for ``evaluate_into_card`` to take rather than load again."""
+    return early_processor(
+        source, find_task=lambda meta: check_options(meta, source, data, references, limit), model=model
+    )
 
 
-def check_options(model: nn.Module, source: str, data: str, references: str | None) -> str:
-    """The task --eval measures ``model`` on (a real or meta model), refusing options it cannot take."""
+def check_options(model: nn.Module, source: str, data: str, references: str | None, limit: int | None = None) -> str:
+    """The task --eval measures ``model`` on (a real or meta model), refusing options it cannot take and data it
+    cannot read: the data is read here, and again by the evaluation (a text file, or a dataset's handle)."""
     task = eval_task(model, source)
-    build_options(task, data, {"references": references})
+    load_data(build_options(task, data, {"references": references, "limit": limit}))
     return task
 
 

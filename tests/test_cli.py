@@ -188,6 +188,24 @@ def test_compress_eval_with_missing_or_empty_data_fails_before_writing(gpt2_fold
         assert not out.exists() and not [p for p in tmp_path.iterdir() if "svdlora-tmp" in p.name]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_compress_eval_with_data_its_task_cannot_read_fails_before_writing(tmp_path, capsys, stream):
+    """compress --eval DATA with data the model's task cannot read (an image folder for a causal LM) compressed and
+    wrote the folder, then refused it: the data is now read with the task's loader before anything is written."""
+    from PIL import Image
+
+    from .eval_helpers import lm_folder
+
+    folder, _ = lm_folder(tmp_path)
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "cat" / "0.png")
+    out = tmp_path / "out"
+    argv = ["compress", folder, "-o", out, "--calibration", "none", "--eval", tmp_path / "images", "--no-progress"]
+    code, _, err = run_cli(capsys, *argv, *(["--stream"] if stream else []))
+    assert code == 2 and "is an image folder, but text-generation needs a text file" in err, err
+    assert not out.exists()
+
+
 def test_help_names_only_flags_the_command_has():
     """A help text that names a flag its command lacks (sweep's --pivot help named --stage-dtypes) sends a
     user to an error; flags of other commands are quoted with the command (`svdlora eval --data`)."""

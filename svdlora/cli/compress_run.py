@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         # the task, tokenizer and the task's options before the load; a hub id's too, on its config and tokenizer
         # (fetched, or read from the cache): a streamed run loads no model before it writes the folder
         eval_meta = meta if meta is not None else outline(args.model, args.trust_remote_code)
-        eval_processor = check_before_load(args.model, args.eval, args.references, eval_meta)[1]
+        eval_processor = check_before_load(args.model, args.eval, args.references, eval_meta, args.eval_limit)[1]
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
     inputs = [args.model, calibration_input(args.calibration), args.eval, args.references]
     output = check_output(args.output, args.overwrite, inputs=inputs)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval and eval_processor is None:  # a config only the load reads: before compressing and writing
         from ..card_eval import check_options
 
-        check_options(model, args.model, args.eval, args.references)
+        check_options(model, args.model, args.eval, args.references, args.eval_limit)
     if processor is None:  # a keyword ('self' reads the same tokenizer): --eval's, where it was loaded
         processor = eval_processor
     calibration, processor = resolve_calibration(args.calibration, model, args.model, processor, config)

@@ -135,7 +135,7 @@ def evaluate(
     # the model's skeleton, built once where the task, the context check or the early processor read it
     model_outline = functools.cache(lambda: outline(model_or_path))
     opts = build_options(task or infer_task(model_or_path, model_outline()), data, options)
-    loaded = _LOADERS[opts.task](opts)  # data problems surface before any model is loaded
+    loaded = load_data(opts)  # data problems surface before any model is loaded
     base_processor = None  # the baseline's, checked by preflight: not loaded again
     if baseline is not None:
         # a broken baseline fails now, not after the model ran
@@ -188,6 +188,12 @@ def evaluate(
         "baseline": base,
         "ratios": ratios(model, base) if base else None,
     }
+
+
+def load_data(opts: EvalOptions) -> Any:
+    """The data of ``opts`` as its task reads it (text, image list or dataset, sentence pairs), its first
+    ``limit`` examples: an error for data the task cannot read."""
+    return _LOADERS[opts.task](opts)
 
 
 def _measure(candidate: Candidate, loaded: Any, opts: EvalOptions) -> tuple[dict, TaskRun]:
