@@ -10,8 +10,9 @@ from torch import nn
 from . import card
 from .errors import SvdloraError
 from .evaluation import evaluate, load_data
+from .evaluation.images import label_ids
 from .evaluation.loading import checked_processor, early_processor, fitting_task
-from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, TRANSLATION, build_options
+from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, TRANSLATION, build_options
 from .evaluation.translation import decoder_positions
 from .report import CompressionReport
 
@@ -43,10 +44,13 @@ def check_before_load(
 
 
 def check_options(model: nn.Module, source: str, data: str, references: str | None, limit: int | None = None) -> str:
-    """The task --eval measures ``model`` on (a real or meta model), refusing options it cannot take and data it
-    cannot read: the data is read here, and again by the evaluation (a text file, or a dataset's handle)."""
+    """The task --eval measures ``model`` on (a real or meta model), refusing options it cannot take, data it
+    cannot read and images of classes its config does not name: the data is read here, and again by the
+    evaluation (a text file, an image list, or a dataset's handle)."""
     task = eval_task(model, source)
-    load_data(build_options(task, data, {"references": references, "limit": limit}))
+    loaded = load_data(build_options(task, data, {"references": references, "limit": limit}))
+    if task == IMAGES:
+        label_ids(loaded.labels, model, data)
     return task
 
 

@@ -206,6 +206,26 @@ def test_compress_eval_with_data_its_task_cannot_read_fails_before_writing(tmp_p
     assert not out.exists()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_compress_eval_of_images_whose_classes_the_model_does_not_name_fails_before_writing(tmp_path, capsys, stream):
+    """compress --eval IMAGES on an image classifier whose labels do not name the class folders compressed and wrote
+    the folder, then refused the classes: they are now checked against the meta model's labels before writing."""
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from .conftest import tiny_vit
+
+    tiny_vit().save_pretrained(tmp_path / "vit")  # labels LABEL_0 .. LABEL_3
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "cat" / "0.png")
+    out = tmp_path / "out"
+    argv = ["compress", tmp_path / "vit", "-o", out, "--calibration", "none", "--eval", tmp_path / "images"]
+    code, _, err = run_cli(capsys, *argv, "--no-progress", *(["--stream"] if stream else []))
+    assert code == 2 and "classes ['cat'] of --data" in err and "are not labels of the model" in err, err
+    assert not out.exists()
+
+
 def test_help_names_only_flags_the_command_has():
     """A help text that names a flag its command lacks (sweep's --pivot help named --stage-dtypes) sends a
     user to an error; flags of other commands are quoted with the command (`svdlora eval --data`)."""
