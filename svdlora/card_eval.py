@@ -12,7 +12,8 @@ from .errors import SvdloraError
 from .evaluation import evaluate, load_data
 from .evaluation.images import label_ids
 from .evaluation.loading import checked_processor, early_processor, fitting_task
-from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, TRANSLATION, build_options
+from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, MAX_LENGTH_CAP, TEXT, TRANSLATION, build_options
+from .evaluation.text import context_length
 from .evaluation.translation import decoder_positions
 from .report import CompressionReport
 
@@ -55,11 +56,16 @@ def check_options(model: nn.Module, source: str, data: str, references: str | No
 
 
 def fitted_options(model: nn.Module, task: str) -> dict:
-    """The evaluation options compress --eval sets from ``model``, having no flag for them: a translator with
-    fewer decoder positions than the default longest sentence generates up to its positions (as text windows
-    take the model's context), where 128 new tokens were refused once the folder was written."""
-    positions = decoder_positions(model) if task == TRANSLATION else None
-    return {} if positions is None else {"max_new_tokens": min(positions, DEFAULT_MAX_NEW_TOKENS)}
+    """The evaluation options compress --eval sets from ``model``, having no flag for them, where the defaults
+    were refused once the folder was written: a translator with fewer decoder positions than the default
+    longest sentence generates up to its positions (as text windows take the model's context), and a causal
+    LM whose config gives no context length (a state-space model: no position limit) takes windows of
+    the cap on long contexts."""
+    if task == TEXT and context_length(model) is None:
+        return {"max_length": MAX_LENGTH_CAP}
+    if task == TRANSLATION and (positions := decoder_positions(model)) is not None:
+        return {"max_new_tokens": min(positions, DEFAULT_MAX_NEW_TOKENS)}
+    return {}
 
 
 def evaluate_into_card(

@@ -369,6 +369,27 @@ def test_compress_eval_of_a_translator_with_fewer_than_128_decoder_positions_gen
     assert "Task `translation`" in (out / "README.md").read_text()
 
 
+def test_compress_eval_of_a_causal_lm_without_a_context_length_takes_the_capped_windows(tmp_path, capsys):
+    """compress --eval on a causal LM whose config gives no context length (Mamba) compressed and wrote the folder,
+    then failed ('pass --max-length', a flag compress does not have): it now takes windows of MAX_LENGTH_CAP tokens,
+    as for a model whose context is longer."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from .eval_helpers import word_text, word_tokenizer
+
+    words = "the cat sat on a mat and the dog ran to it".split()
+    tok = word_tokenizer(words)
+    config = MambaConfig(vocab_size=len(tok), hidden_size=16, state_size=4, num_hidden_layers=1, conv_kernel=4)
+    MambaForCausalLM(config).save_pretrained(tmp_path / "mamba")
+    tok.save_pretrained(tmp_path / "mamba")
+    (tmp_path / "text.txt").write_text(word_text(words, 40))
+    out = tmp_path / "out"
+    argv = ["compress", tmp_path / "mamba", "-o", out, "--calibration", "none", "--eval", tmp_path / "text.txt"]
+    code, _, err = run_cli(capsys, *argv, "--no-progress")
+    assert code == 0, err
+    assert "Task `text-generation`" in (out / "README.md").read_text()
+
+
 def test_compress_eval_of_a_translator_from_the_hub_refuses_missing_references_before_writing(
     tmp_path, capsys, monkeypatch
 ):
