@@ -57,8 +57,9 @@ def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
         source = mask[i].bool() if mask is not None else None
         if source is not None and not source.any():
             continue  # a row of padding only
-        # the target is cut after its last real token (positions before it stay: the decoder is causal)
-        target = int(target_mask[i].nonzero().max()) + 1 if target_mask is not None and target_mask[i].any() else 1
+        target = None  # decoder inputs without labels or decoder_attention_mask tell no padding: kept whole
+        if target_mask is not None:  # cut after its last real token (positions before it stay: the decoder is causal)
+            target = int(target_mask[i].nonzero().max()) + 1 if target_mask[i].any() else 1
         row = {}
         for key, value in batch.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0:

@@ -1076,6 +1076,16 @@ def test_healing_and_the_batched_statistics_mask_labels_at_padding_with_one_func
     assert padding.masked_labels(batch, [torch.ones(2, 6), None]) is batch
 
 
+def _sharpened(model: nn.Module) -> nn.Module:
+    """``model`` with its Linear weights 4 times larger, in place: sharper outputs, as at the tiny models'
+    initial scale a translator's distillation loss (a KL of 1e-6) is in float round-off."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, nn.Linear):
+                layer.weight.mul_(4)
+    return model
+
+
 @pytest.mark.parametrize(
     ("kind", "loss"),
     [
@@ -1096,11 +1106,7 @@ def test_padding_is_not_counted_in_the_healing_loss(kind, loss):
     left = kind.endswith("-left")
     kind = kind.removesuffix("-left")
     models = {"llama": tiny_llama, "gpt2": tiny_gpt2, "marian": tiny_marian, "bert": lambda: tiny_bert().bert}
-    dense = models[kind]().eval()
-    with torch.no_grad():  # sharper outputs: at the tiny models' initial scale a translator's KL (1e-6)
-        for layer in dense.modules():  # is in float round-off
-            if isinstance(layer, nn.Linear):
-                layer.weight.mul_(4)
+    dense = _sharpened(models[kind]().eval())
     model = copy.deepcopy(dense)
     svdlora.compress(model, budget=0.5, progress=False)
     batch, rows = _padded_and_rows(kind, model)
@@ -1116,6 +1122,60 @@ def test_padding_is_not_counted_in_the_healing_loss(kind, loss):
     positions = [r["labels"].shape[1] - (kind != "marian" and loss == "lm") for r in rows]
     expected = sum(n * first_loss(r) for n, r in zip(positions, rows, strict=True)) / sum(positions)
     assert first_loss(batch) == pytest.approx(expected, rel=1e-4)  # 6e-6 apart at most, measured
+
+
+def _unlabelled_translations(model, left: bool = False) -> tuple[dict, list[dict]]:
+    """Two sources of 8 and 3 tokens padded into one batch (the short one's padding after it, or before it:
+    ``left``) with decoder inputs and no labels (nothing tells where a target ends); and one by one."""
+    long, short = torch.arange(5, 13)[None], torch.tensor([[12, 13, 7]])
+    pad = torch.full((1, 5), model.config.pad_token_id)
+    ids = torch.cat([long, torch.cat([pad, short] if left else [short, pad], 1)])
+    start = model.config.decoder_start_token_id
+    decoder = torch.tensor([[start, 20, 21, 22], [start, 30, 31, 32]])
+    batch = {
+        "input_ids": ids,
+        "attention_mask": (ids != model.config.pad_token_id).long(),
+        "decoder_input_ids": decoder,
+    }
+    rows = [
+        {"input_ids": x, "attention_mask": torch.ones_like(x), "decoder_input_ids": decoder[i : i + 1]}
+        for i, x in enumerate((long, short))
+    ]
+    return batch, rows
+
+
+@pytest.mark.parametrize("stage", ["statistics", "refit", "heal"])
+def test_an_unlabelled_translator_batch_keeps_its_whole_decoder_inputs(stage):
+    # found by review: padding.unpadded_rows cut each row of an encoder-decoder batch after its last
+    # real target token, and with neither labels nor decoder_attention_mask to tell it, after the
+    # first: a padded batch with decoder inputs ran its decoder on one of their 4 tokens (statistics,
+    # refit; healing where the source is left-padded); decoder inputs that tell no padding stay whole
+    torch.manual_seed(0)
+    if stage == "statistics":
+        model = tiny_marian().eval()
+        targets, _ = find_targets(model, CompressionConfig())
+        batch, rows = _unlabelled_translations(model)
+        got, expected = (
+            {
+                n: (s.tokens, s.gram, s.out_grad_sq)
+                for n, s in collect_statistics(model, targets, b, progress=False).items()
+            }
+            for b in ([batch], rows)
+        )
+    elif stage == "refit":
+        model, originals, layers = _compressed_and_dense_layers("marian")
+        batch, rows = _unlabelled_translations(model)
+        got, expected = (collect_cross_statistics(model, originals, layers, b, progress=False) for b in ([batch], rows))
+    else:  # healing runs a left-padded batch row by row; the rows' means weighted by their 4 positions each
+        dense = _sharpened(tiny_marian().eval())
+        model = copy.deepcopy(dense)
+        svdlora.compress(model, budget=0.5, progress=False)
+        batch, rows = _unlabelled_translations(model, left=True)
+        losses = [
+            heal(copy.deepcopy(model), [b], steps=1, teacher=dense, progress=False).first_loss for b in [batch, *rows]
+        ]
+        got, expected = losses[0], sum(losses[1:]) / len(rows)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_batches_of_many_lengths_keep_one_work_buffer_per_width(monkeypatch):
