@@ -81,7 +81,9 @@ def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tens
     source and target differ but are as long runs row by row, as does one as long as it has rows (a
     model that runs (length, batch), FSMT, would read its mask transposed); so does a left-padded one (padding
     before a real token moves the positions of models that number them from 0, GPT-2, Marian) and one
-    without labels (its loss samples at every position, padding included). The labels at padding
+    without labels (its loss samples at every position, padding included), and one with inputs besides its
+    text (a vision-language model's pixel_values: a layer they feed is told from the text by its shape
+    alone, Gemma 3's vision tower of 4096 patches from a text of 4096 positions). The labels at padding
     are not counted (``masked_labels``); padding after a token, a key no real query attends to,
     changes nothing before it."""
     mask, target = padding_masks(batch, encoder_decoder)
@@ -92,11 +94,20 @@ def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tens
         return None  # as many rows as positions: a (length, batch) layer input (FSMT) would pass for (batch, length)
     if "labels" not in batch or is_left_padded(batch) or mask is not None and not mask.bool().any(-1).all():
         return None  # (a row of padding only: its rows leave it out)
+    if not all(_is_text_input(key) for key, value in batch.items() if isinstance(value, torch.Tensor)):
+        return None  # an image's pixels: a vision tower with as many patches as text positions would take its mask
     if target is not None:  # the decoder runs up to the last real target token (causal)
         masks[-1] = _through_last_token(masks[-1])
     if len(masks) == 2 and masks[0].shape == masks[1].shape and not torch.equal(*masks):
         return None
     return masks
+
+
+def _is_text_input(key: str) -> bool:
+    """Whether a batch's input ``key`` is its text (a source's or an encoder-decoder's target), whose layers'
+    (batch, length) are the masks' of ``batched_masks``; not an image's, an audio clip's or one unknown."""
+    text = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels")
+    return key in text or key.startswith("decoder_")
 
 
 def mask_for(x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor | None:

@@ -891,6 +891,51 @@ def test_padding_is_not_counted_in_the_statistics_of_a_length_first_model():
         torch.testing.assert_close(padded[name].gram, stats.gram, rtol=1e-5, atol=1e-6)
 
 
+def _tiny_gemma3():
+    """A vision-language model whose vision tower runs (images, 16 patches) and whose projector pools them
+    into 4 image tokens with no Linear (Gemma 3's, as at 4096 patches and 256 tokens)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, vocab_size=96, max_position_embeddings=64, sliding_window=64,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4,
+        vision_use_head=False,
+    )  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=90, boi_token_index=91,
+        eoi_token_index=92, pad_token_id=0,
+    )  # fmt: skip
+    return Gemma3ForConditionalGeneration(config)
+
+
+def test_padding_is_not_counted_in_the_statistics_of_a_vision_language_model():
+    # found by review: a padded batch run whole gave each layer input the text mask of its (batch, length);
+    # Gemma 3's vision tower, as many patches (16) as the text positions, was masked by the text: the
+    # second image's last 6 patches left out (26 tokens for 32). A batch with inputs besides its text
+    # (pixel_values) now runs row by row, where no mask is applied
+    torch.manual_seed(0)
+    model = _tiny_gemma3().eval()
+    targets, _ = find_targets(model, CompressionConfig())
+    image = [2, 91, 90, 90, 90, 90, 92]  # BOS, start of image, its 4 tokens, end of image
+    ids = torch.tensor([image + list(range(10, 19)), image + [20, 21, 22] + [0] * 6])
+    mask, pixels = (ids != 0).long(), torch.randn(2, 3, 16, 16)
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": (ids == 90).long(), "labels": ids}
+    rows = [{k: v[i : i + 1, :n] for k, v in batch.items()} for i, n in enumerate((16, 10))]
+    batch, rows = (
+        batch | {"pixel_values": pixels},
+        [r | {"pixel_values": pixels[i : i + 1]} for i, r in enumerate(rows)],
+    )
+    padded, one_by_one = (collect_statistics(model, targets, b, progress=False) for b in ([batch], rows))
+    assert padded.keys() == one_by_one.keys() == {t.name for t in targets}
+    for name, stats in one_by_one.items():
+        assert padded[name].tokens == stats.tokens, name
+        torch.testing.assert_close(padded[name].gram, stats.gram, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(padded[name].out_grad_sq, stats.out_grad_sq, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["marian", "llama"])
 def test_a_padded_batch_runs_once_in_the_statistics(kind):
     # the statistics ran every padded batch row by row: one forward and backward pass per sentence
