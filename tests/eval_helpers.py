@@ -86,13 +86,19 @@ def lm_folder(tmp_path):
 
 
 def count_loads(monkeypatch) -> dict[str, list]:
-    """Every tokenizer load (AutoTokenizer.from_pretrained) and meta model build (evaluation.loading.skeleton)."""
+    """Every tokenizer load (AutoTokenizer.from_pretrained) and meta model build, by either builder: the early
+    checks' (evaluation.loading.skeleton) and the streamed plan's (streaming.planning._build), under 'skeleton'."""
     import transformers
 
     import svdlora.evaluation.loading as loading
+    import svdlora.streaming.planning as planning
 
     calls: dict[str, list] = {"tokenizer": [], "skeleton": []}
-    from_pretrained, skeleton = transformers.AutoTokenizer.from_pretrained.__func__, loading.skeleton
+    from_pretrained, skeleton, build = (
+        transformers.AutoTokenizer.from_pretrained.__func__,
+        loading.skeleton,
+        planning._build,
+    )
 
     def tokenizer(cls, *args, **kwargs):
         calls["tokenizer"].append(str(args[0]) if args else kwargs)
@@ -102,6 +108,11 @@ def count_loads(monkeypatch) -> dict[str, list]:
         calls["skeleton"].append(str(name))
         return skeleton(name, *args, **kwargs)
 
+    def counted_build(source, *args, **kwargs):
+        calls["skeleton"].append(str(source))
+        return build(source, *args, **kwargs)
+
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(tokenizer))
     monkeypatch.setattr(loading, "skeleton", counted_skeleton)
+    monkeypatch.setattr(planning, "_build", counted_build)
     return calls

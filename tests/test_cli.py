@@ -442,7 +442,8 @@ def test_compress_eval_of_a_hub_id_is_checked_before_writing(tmp_path, capsys, m
 
 def test_compress_with_calibration_and_eval_reads_the_tokenizer_and_builds_the_meta_model_once(tmp_path, monkeypatch):
     """compress DIR --calibration TEXT --eval TEXT loaded the tokenizer three times (the --eval check, the calibration
-    check, the evaluation) and built the meta model twice (the --eval check, the calibration check): once each."""
+    check, the evaluation) and built the meta model twice (the --eval check, the calibration check), then once more
+    for the memory check's plan (memory_choice._plan): once each."""
     from .eval_helpers import count_loads, lm_folder
 
     model, text = lm_folder(tmp_path)

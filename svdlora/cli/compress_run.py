@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     processor = processor_before_load(
         args.calibration, args.model, args.trust_remote_code, config, loaded=eval_processor, meta=meta
     )
-    if args.stream or distributed.launched() or streams_for_memory(args, config):
+    if args.stream or distributed.launched() or streams_for_memory(args, config, meta):
         return _run_streamed(args, config, output, processor, eval_processor)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import blockwise, memory
 from ..calibration_data import model_kind
@@ -23,14 +24,19 @@ from ..streaming import Plan, check_streamable, meta_model, plan
 from ..targets import find_targets
 from .calibration_flags import NONE, SELF, effective_calibration, streamed_calibration
 
+if TYPE_CHECKING:
+    from torch import nn
+
 STREAM_ADVICE = "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
 
 
-def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> bool:
+def streams_for_memory(args: argparse.Namespace, config: CompressionConfig, meta: nn.Module | None = None) -> bool:
     """True where the run would not fit in memory and a streamed run does the same (said on stderr).
     Where it cannot: a refusal if the model alone does not fit in memory and swap, else a warning.
     False where it fits, its size is not known (.bin weights; a hub id when the hub cannot be
-    reached and it is not in the local cache), or with --no-stream."""
+    reached and it is not in the local cache), or with --no-stream. ``meta``: the local folder's
+    meta model compress built for its early checks (``evaluation.loading.local_outline``), which the
+    plan takes over rather than building another; the caller reads it no more."""
     if args.stream is not None:
         return False
     folder = cached_checkpoint(args.model) or _downloaded_unless_refused(args, config)
@@ -38,7 +44,7 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> b
     if model is None:
         return False
     budget = _budget(args, config)
-    planned = _plan(args, config, folder) if args.calibration != NONE else None
+    planned = _plan(args, config, folder, meta) if args.calibration != NONE else None
     statistics = _statistics_bytes(args, config, planned, model)
     over = memory.shortfall(model, budget, extra=statistics)
     if over is None:
@@ -46,7 +52,8 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig) -> b
     limit, need, room = over
     what = "the model, its factors and its calibration statistics" if statistics else "the model and its factors"
     sizes = f"{args.model!r} needs {_about(need, limit)} ({what}) and {limit} leaves {memory.size(room)}"
-    why, advice = _why_not_streamed(args, config, _outline(planned or _plan(args, config, folder))) or (None, None)
+    outline = _outline(planned or _plan(args, config, folder, meta))
+    why, advice = _why_not_streamed(args, config, outline) or (None, None)
     if why is None:
         print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
         return True
@@ -96,10 +103,10 @@ def _refuse_if_the_model_alone_does_not_fit(args, model: int, why: str, advice: 
         )
 
 
-def _plan(args, config, folder) -> Plan | SvdloraError:
-    """The streamed plan (the meta model, no weights read), or why there is none."""
+def _plan(args, config, folder, meta) -> Plan | SvdloraError:
+    """The streamed plan (the meta model, no weights read; ``meta`` where built already), or why there is none."""
     try:
-        return plan(folder, config, args.dtype, args.trust_remote_code)
+        return plan(folder, config, args.dtype, args.trust_remote_code, model=meta)
     except Exception as err:  # noqa: BLE001  only an estimate: the in-memory run says what is wrong, if anything
         return _as_error(err)
 

@@ -83,36 +83,53 @@ class Plan:
         return float(self.checkpoint.spec[src].nbytes) if kind == "copy" else 0.0
 
 
-def meta_model(source: str | Path, trust_remote_code: bool = False) -> tuple[object, torch.nn.Module]:
+def meta_model(
+    source: str | Path, trust_remote_code: bool = False, built: torch.nn.Module | None = None
+) -> tuple[object, torch.nn.Module]:
     """(config, model) of a folder's config.json, the model built on the meta device (no memory), its
-    tied weights tied as ``from_pretrained`` ties them."""
+    tied weights tied as ``from_pretrained`` ties them. ``built``: the model already built from it
+    (``evaluation.loading.local_outline``, untied), tied here rather than built again."""
+    if built is not None:
+        hf_config, model = built.config, built
+    else:
+        hf_config, model = _build(source, trust_remote_code)
+    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
+    return hf_config, model
+
+
+def _build(source: str | Path, trust_remote_code: bool) -> tuple[object, torch.nn.Module]:
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     cls = model_class(hf_config)
     try:
         with init_empty_weights(), _no_weight_init():  # AutoModel (no known class named): from_config
-            model = build_model(cls, hf_config, trust_remote_code)
+            return hf_config, build_model(cls, hf_config, trust_remote_code)
     except (OSError, ValueError, TypeError, ImportError, AttributeError) as err:
         raise SvdloraError(
             f"{str(source)!r}: {cls.__name__} cannot be built from config.json on the meta device ({first_line(err)}): "
             "compress without --stream"
         ) from None
-    if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
-    return hf_config, model
 
 
 def plan(
-    source: str | Path, config: CompressionConfig, dtype=None, trust_remote_code: bool = False, allocation=None
+    source: str | Path,
+    config: CompressionConfig,
+    dtype=None,
+    trust_remote_code: bool = False,
+    allocation=None,
+    model: torch.nn.Module | None = None,
 ) -> Plan:
     """Targets, ranks and the output layout of a checkpoint, from its config and headers alone
-    (or from ``allocation``, the (ranks, dense) a global allocation chose)."""
+    (or from ``allocation``, the (ranks, dense) a global allocation chose). ``model``: the folder's
+    meta model already built (``evaluation.loading.local_outline``), taken over (its targets are
+    swapped for low-rank layers) rather than built again."""
     if not Path(source).is_dir():
         raise SvdloraError(f"streaming needs a local folder, got {str(source)!r}: see hub.local_checkpoint")
     check_dense_folder(Path(source), str(source))  # issue 7's checks: no svdlora folder, no truncated file
     ckpt = Checkpoint(source)
-    hf_config, model = meta_model(source, trust_remote_code)
+    hf_config, model = meta_model(source, trust_remote_code, built=model)
     ckpt.follow_renames(model)
     target_dtype = load_dtype(parse_dtype(dtype), hf_config, ckpt)
     params_before = count_parameters(model)
