@@ -195,7 +195,6 @@ def streamed_calibration(data: str) -> str | None:
 def processor_before_load(
     data: str,
     source: str,
-    trust_remote_code: bool = False,
     config: CompressionConfig | None = None,
     loaded: Any = None,
     meta: nn.Module | None = None,
@@ -206,20 +205,18 @@ def processor_before_load(
     for a keyword ('self' needs none) and for a hub id, whose files are fetched with the model. ``loaded``:
     the processor already loaded from ``source`` for a task its model fits (sweep's evaluation one: the same
     tokenizer or image processor), returned after the checks instead of loading the files again; ``meta``:
-    the model ``skeleton`` built from ``source`` already (``evaluation.loading.local_outline``), not built again."""
+    the model ``skeleton`` the caller built from ``source`` (``evaluation.loading.local_outline``); None where
+    none could be built, which is not tried again: the model's load says what is wrong, if anything."""
     from ..plan import uses_calibration
 
-    if data == NONE or not Path(source).expanduser().is_dir():
+    if data == NONE or meta is None or not Path(source).expanduser().is_dir():
         return None
     if data == AUTO and config is not None and not uses_calibration(config):
         return None  # as resolve_calibration: none
     from ..calibration_data import check_fits, model_kind
-    from ..evaluation.loading import checked_processor, skeleton
+    from ..evaluation.loading import checked_processor
 
-    try:
-        kind = model_kind(meta if meta is not None else skeleton(source, trust_remote_code))  # which processor
-    except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
-        return None
+    kind = model_kind(meta)  # which processor
     data = effective_calibration(data, kind)
     if data == NONE:
         return None

@@ -87,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
     svd_device(args.svd_device)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
-    processor = processor_before_load(
-        args.calibration, args.model, args.trust_remote_code, config, loaded=eval_processor, meta=meta
-    )
+    processor = processor_before_load(args.calibration, args.model, config, loaded=eval_processor, meta=meta)
     if args.stream or distributed.launched() or streams_for_memory(args, config, meta):
         return _run_streamed(args, config, output, processor, eval_processor)
     start = time.perf_counter()

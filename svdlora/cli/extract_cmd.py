@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     require_peft()  # before the slow loads
     # the tuned model reads the data (its meta model, built by the check above, not built again)
-    processor = processor_before_load(args.calibration, args.tuned, args.trust_remote_code, config, meta=tuned_meta)
+    processor = processor_before_load(args.calibration, args.tuned, config, meta=tuned_meta)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
@@ -136,8 +136,11 @@ def _check_inputs(args: argparse.Namespace) -> nn.Module | None:
             check_model_path(name)
         except SvdloraError as err:
             raise SvdloraError(f"{flag} {name!r}: {err}") from None
-    if args.trust_remote_code:  # (its own code is not run before the load)
-        return None
+    if args.trust_remote_code:  # the pair is not compared before the load (its own code would run for both);
+        # the calibration's checks read the tuned one all the same, as compress builds its model's
+        from ..evaluation.loading import local_outline
+
+        return local_outline(args.tuned, True) if args.calibration != NONE else None
     return _check_pair_on_meta(args)
 
 

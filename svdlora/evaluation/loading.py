@@ -181,11 +181,9 @@ def early_processor(
     Args:
         find_task: the task of the meta model where ``task`` is None (default ``infer_task``; compress
             --eval's refuses the options its task cannot take).
-        model: the folder's or hub id's ``skeleton`` already built (None: a folder's built here).
+        model: the folder's or hub id's ``skeleton``, built by the caller (``outline``); None where none
+            could be built, which is not tried again: the checks are left to the load.
     """
-    if model is None and not local_folder(source):
-        return task, None
-    model = model if model is not None else outline(source)
     if model is None:
         return task, None
     task = task or (find_task or infer_task)(model)
