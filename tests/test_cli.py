@@ -154,16 +154,19 @@ def test_info_on_damaged_folders(gpt2_folder, tmp_path, capsys):
 
 
 def test_info_verify_finds_a_nan_inside_a_factor(gpt2_folder, tmp_path, capsys):
-    """Loading reads headers and shapes only; `info --verify` reads every value."""
+    """Loading reads headers and shapes only; `info --verify` reads every value. What it read is part of the report
+    (stdout: `info DIR --verify > report.txt` lost it on stderr); with --json, stdout stays the record."""
     from safetensors import safe_open
 
     out = tmp_path / "svd"
     run_cli(capsys, "compress", gpt2_folder, "--output", out, "--no-progress")
-    code, _, err = run_cli(capsys, "info", out, "--verify", "--summary")
+    code, report, err = run_cli(capsys, "info", out, "--verify", "--summary")
     weights = out / "model.safetensors"
     with safe_open(str(weights), framework="pt") as f:
         count = len(list(f.keys()))
-    assert code == 0 and f"verified: {count} tensors" in err, err
+    assert code == 0 and f"verified: {count} tensors" in report.splitlines()[-1] and not err, (report, err)
+    code, record, err = run_cli(capsys, "info", out, "--verify", "--json")
+    assert code == 0 and json.loads(record)["report"] and f"verified: {count} tensors" in err, err
     with safe_open(str(weights), framework="pt") as f:
         metadata = f.metadata()
     tensors = load_file(weights)

@@ -20,7 +20,8 @@ def register(subparsers) -> None:
         "--verify",
         action="store_true",
         help="also read every tensor and refuse NaN/Inf values (loading checks headers and shapes only, as "
-        "transformers does; this finds a corrupted byte inside a factor)",
+        "transformers does; this finds a corrupted byte inside a factor): what was read is the report's last line "
+        "(with --json on stderr, so that stdout stays the record)",
     )
     p.set_defaults(func=run)
 
@@ -29,13 +30,16 @@ def run(args: argparse.Namespace) -> int:
     from ..io import check_folder, verify_values  # torch: imported once the flags are known good
 
     data = check_folder(args.folder)  # the weights' header too: info never vouches for a broken folder
-    if args.verify:
+    verified = None
+    if args.verify:  # before anything is printed: a corrupted folder is one error line (stderr)
         tensors, nbytes = verify_values(args.folder)
-        print(f"verified: {tensors} tensors ({nbytes / 1e6:,.1f} MB) read, every value finite", file=sys.stderr)
+        verified = f"verified: {tensors} tensors ({nbytes / 1e6:,.1f} MB) read, every value finite"
     if args.json:
         if args.summary:  # the per-layer list is what --summary leaves out of the table too
             data = {**data, "report": {k: v for k, v in data["report"].items() if k != "modules"}}
         print(json.dumps(data, indent=2, sort_keys=True))
+        if verified:  # stdout is the folder's record, one JSON document
+            print(verified, file=sys.stderr)
         return 0
     report = CompressionReport.from_dict(data["report"])
     base = data.get("base_model", {})
@@ -44,4 +48,6 @@ def run(args: argparse.Namespace) -> int:
     if data.get("world_size", 1) > 1:
         print(f"written by {data['world_size']} processes (torch.distributed)")
     print(report.format(modules=not args.summary))
+    if verified:  # part of the report: `info DIR --verify > report.txt` keeps it
+        print(verified)
     return 0
