@@ -197,6 +197,22 @@ def test_cli_calibration_auto_with_plain_svd_is_none_as_in_compress(lm_pair, cap
     assert caplog.text.count("calibration data is not used") == 1, caplog.text  # said once, before the load
 
 
+@pytest.mark.parametrize("calibration", ["train.txt", "self"])
+def test_cli_data_that_plain_svd_leaves_unread_is_said_once_and_not_loaded(lm_pair, caplog, monkeypatch, calibration):
+    """extract --calibration DATA (or self) --method svd warned that the data is not used twice, before the load
+    (resolve_method) and again in write_adapter, and loaded the tuned model's tokenizer for it: once, none."""
+    from .eval_helpers import count_loads
+
+    data = str(lm_pair / calibration) if calibration.endswith(".txt") else calibration
+    calls = count_loads(monkeypatch)
+    argv = ["extract", "--base", str(lm_pair / "base"), "--tuned", str(lm_pair / "tuned"), "--rank", "2",
+            "--calibration", data, "--method", "svd", "--output", str(lm_pair / "a"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((lm_pair / "a" / "svdlora_adapter.json").read_text())["calibration"] is None
+    assert caplog.text.count("calibration data is not used") == 1, caplog.text
+    assert calls["tokenizer"] == []
+
+
 def test_cli_builds_the_tuned_meta_model_once(lm_pair, monkeypatch):
     """extract --calibration DATA built the tuned folder's meta model twice before the load (the pair's comparison,
     then the calibration's check): the comparison's is passed on."""

@@ -71,7 +71,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import transformers  # torch, transformers and peft: imported once the flags are known good
 
-    from ..extract import resolve_method
+    from ..extract import CALIBRATED, resolve_method
     from ..integrations.peft_adapter import require_peft, write_adapter
     from ..models import load_pretrained
     from ..saving import check_output
@@ -88,17 +88,19 @@ def run(args: argparse.Namespace) -> int:
     inputs = [args.base, args.tuned, calibration_input(args.calibration)]
     output = check_output(args.output, args.overwrite, inputs=inputs)  # before the slow loads
     check_calibration(args.calibration)
-    resolve_method(config.method, None if args.calibration == NONE else args.calibration, config)  # before loading
+    method = resolve_method(config.method, None if args.calibration == NONE else args.calibration, config)  # early
+    # data the method leaves unread (said just above): not loaded nor passed on, so not said again
+    data = args.calibration if method in CALIBRATED else NONE
     tuned_meta = _check_inputs(args)  # both models' paths and the patterns, before the base's slow load
 
     require_peft()  # before the slow loads
     # the tuned model reads the data (its meta model, built by the check above, not built again)
-    processor = processor_before_load(args.calibration, args.tuned, config, meta=tuned_meta)
+    processor = processor_before_load(data, args.tuned, config, meta=tuned_meta)
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
     tuned = load_pretrained(args.tuned, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
-    calibration, processor = resolve_calibration(args.calibration, tuned, args.tuned, processor, config)
+    calibration, processor = resolve_calibration(data, tuned, args.tuned, processor, config)
     warn_unread_sizes(args, calibration)
     extraction = write_adapter(
         base, tuned, output, config, calibration=calibration, processor=processor, base_name=args.base,
