@@ -457,6 +457,20 @@ def test_compress_with_calibration_and_eval_reads_the_tokenizer_and_builds_the_m
     assert calls == {"tokenizer": [str(model)], "skeleton": [str(model)]}
 
 
+def test_compress_stream_with_calibration_builds_the_meta_model_once(tmp_path, monkeypatch):
+    """compress DIR --stream --calibration DATA built the folder's meta model twice: for the early checks
+    (local_outline), then for the streamed plan (compress_checkpoint): the plan takes the first over."""
+    from .eval_helpers import count_loads, lm_folder
+
+    model, text = lm_folder(tmp_path)
+    calls = count_loads(monkeypatch)
+    argv = ["compress", str(model), "-o", str(tmp_path / "out"), "--stream", "--calibration", str(text),
+            "--method", "whiten", "--allocation", "uniform", "--calibration-samples", "2", "--calibration-length", "16",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert calls["skeleton"] == [str(model)]
+
+
 def test_a_meta_model_that_cannot_be_built_is_tried_once(tmp_path, monkeypatch):
     """A folder whose meta model cannot be built (a config only its load can judge) was tried three times before the
     load: compress's early outline, then again by the --eval check (early_processor) and the calibration check

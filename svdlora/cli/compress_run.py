@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import transformers
+from torch import nn
 
 from .. import blockwise, distributed
 from ..compress import compress, rank_factorizes_nothing, svd_device
@@ -88,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     processor = processor_before_load(args.calibration, args.model, config, loaded=eval_processor, meta=meta)
-    if args.stream or distributed.launched() or streams_for_memory(args, config, meta):
-        return _run_streamed(args, config, output, processor, eval_processor)
+    if args.stream or distributed.launched():
+        return _run_streamed(args, config, output, processor, eval_processor, meta)
+    if streams_for_memory(args, config, meta):  # its estimate's plan took the meta model over
+        return _run_streamed(args, config, output, processor, eval_processor, None)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
@@ -137,7 +140,9 @@ def _check_patterns(meta, config: CompressionConfig, source: str) -> None:
         check_every_pattern_matches(names, config)
 
 
-def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, processor, eval_processor) -> int:
+def _run_streamed(
+    args: argparse.Namespace, config: CompressionConfig, output, processor, eval_processor, meta: nn.Module | None
+) -> int:
     start = time.perf_counter()
     how = "--stream" if args.stream else "a distributed run"
     ctx = distributed.context()
@@ -174,6 +179,7 @@ def _run_streamed(args: argparse.Namespace, config: CompressionConfig, output, p
         calibration=calibration,
         processor=processor,
         announce=announce,
+        meta=meta,
     )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if ctx.is_main:

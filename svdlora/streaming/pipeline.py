@@ -74,6 +74,7 @@ def compress_checkpoint(
     calibration=None,
     processor=None,
     announce: Callable[[bool, bool], None] | None = None,
+    meta: torch.nn.Module | None = None,
     **options,
 ) -> CompressionReport:
     """Compress a local safetensors checkpoint without loading the model into memory.
@@ -97,6 +98,8 @@ def compress_checkpoint(
         announce: called once every check has passed, before the slow work, with whether the
             run calibrates and whether that takes a backward pass (the CLI says there which
             method runs, and sets up the process for it); under torchrun on every rank.
+        meta: ``source``'s model already built on the meta device (``evaluation.loading.local_outline``),
+            which the plan takes over (its targets swapped) rather than building another.
     Returns:
         The ``CompressionReport`` (the same on every rank).
     """
@@ -107,7 +110,7 @@ def compress_checkpoint(
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
     folder = _local_folder(source, trust_remote_code, ctx)  # a hub id's snapshot
-    p = plan(folder, config, dtype, trust_remote_code)
+    p = plan(folder, config, dtype, trust_remote_code, model=meta)
     if config.rank is not None and not any(kind == "factorize" for kind, _, _ in p.jobs):  # as the in-memory CLI
         raise rank_factorizes_nothing(config.rank, len(p.targets))
     resolved = blockwise.resolve(config) if calibration is not None else None
