@@ -76,6 +76,7 @@ def read_config(path: str | Path) -> dict:
         )
     try:
         data = json.loads((path / CONFIG_NAME).read_text())
+        _check_format_version(data, path)  # first: a newer format may lay out the rest otherwise
         data["report"]["modules"]
     except KeyError as err:
         raise SvdloraError(f"{path / CONFIG_NAME} is corrupted (no {err} entry): re-run `svdlora compress`") from None
@@ -83,6 +84,14 @@ def read_config(path: str | Path) -> dict:
         raise SvdloraError(f"{path / CONFIG_NAME} is corrupted ({err}): re-run `svdlora compress`") from None
     except OSError as err:
         raise SvdloraError(f"{path / CONFIG_NAME} cannot be read ({describe(err)})") from None
+    validate_config(data, path / CONFIG_NAME)
+    return data
+
+
+def _check_format_version(data, path: Path) -> None:
+    """Refuse a format this svdlora does not read, before any other field is looked up."""
+    if not isinstance(data, dict):
+        raise TypeError(f"the top level is a {type(data).__name__}, not an object")
     if data.get("format_version") not in READABLE_FORMATS:
         raise SvdloraError(
             f"{str(path)!r} uses svdlora format {data.get('format_version')!r} (written by svdlora "
@@ -90,8 +99,6 @@ def read_config(path: str | Path) -> dict:
             f"{', '.join(map(str, READABLE_FORMATS))}: install the matching svdlora version "
             "or re-run `svdlora compress`"
         )
-    validate_config(data, path / CONFIG_NAME)
-    return data
 
 
 def check_folder(path: str | Path) -> dict:

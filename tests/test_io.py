@@ -214,6 +214,17 @@ def test_other_format_version(tmp_path):
         load_compressed(out, device="cpu")
 
 
+def test_a_newer_format_is_named_before_its_other_fields_are_read(tmp_path):
+    """A newer format may lay out svdlora_config.json otherwise: its version is what to report,
+    not a missing 'report' entry (which said the folder was corrupted)."""
+    _, out = compressed_folder("gpt2", tmp_path)
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config.update(format_version=99, svdlora_version="9.0.0", layers=config.pop("report"))
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SvdloraError, match="format 99 .*svdlora 9.0.0"):
+        load_compressed(out, device="cpu")
+
+
 def test_report_survives_the_roundtrip(tmp_path):
     model, out = compressed_folder("bert", tmp_path)
     report = read_report(out)
