@@ -51,7 +51,8 @@ from .writer import (  # noqa: F401  (the file-name constants live in writer; io
 
 logger = logging.getLogger(__name__)
 
-# 1: float stages only; 2 adds stage dtypes (quantized stages, a full-rank first stage).
+# 1: float stages only; 2 adds stage dtypes (quantized stages, a full-rank first stage); 3 pivoted
+# factors; 4 relative errors that were not measured (null).
 READABLE_FORMATS = tuple(range(1, FORMAT_VERSION + 1))
 
 

@@ -85,7 +85,7 @@ def save_compressed(
     source = source if source is not None else getattr(config, "name_or_path", None) or None
     output = Path(output)
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
-    format_version = folder_format(model)
+    format_version = folder_format(model, report)  # after the refresh: it may null errors
     with atomic_folder(output, overwrite, inputs=[source]) as tmp:
         tensors, tied = file_layout(model)
         specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors]

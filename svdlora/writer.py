@@ -191,16 +191,22 @@ def _inside(name: str) -> bool:
     return ".." not in Path(name).parts and not Path(name).is_absolute()
 
 
-def folder_format(model: torch.nn.Module) -> int:
-    """The format a folder of ``model`` is written in: 2 with stage dtypes, 3 with pivoted factors, else
-    1, which older svdlora reads too. Works on the meta skeleton of streamed compression alike."""
+def folder_format(model: torch.nn.Module, report=None) -> int:
+    """The format a folder of ``model`` is written in: the highest its contents need (2: stage dtypes,
+    3: pivoted factors, 4: a ``report`` line whose error was not measured), else 1, which older svdlora
+    reads too. Works on the meta skeleton of streamed compression alike (its errors are all measured)."""
     from .layers import LowRankLinear
     from .pivoted import PivotedLowRankLinear
 
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    needs = [1]
     if any(m.stage_dtypes for m in layers):
-        return 2
-    return 3 if any(isinstance(m, PivotedLowRankLinear) for m in layers) else 1
+        needs.append(2)
+    if any(isinstance(m, PivotedLowRankLinear) for m in layers):
+        needs.append(3)
+    if report is not None and any(m.rel_error is None for m in report.factorized):
+        needs.append(4)  # null rel_error: svdlora before format 4 refused it as an edited file
+    return max(needs)
 
 
 def header_metadata(tied: dict[str, str], format_version: int = 1) -> dict[str, str]:

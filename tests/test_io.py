@@ -349,6 +349,28 @@ def test_errors_measured_before_a_cast_are_not_reported_for_the_cast_factors(tmp
     assert all(m.rel_error is None for m in read_report(tmp_path / "same").factorized)
 
 
+def test_a_folder_with_errors_not_measured_is_written_in_the_format_that_allows_them(tmp_path):
+    """svdlora before format 4 refuses a null rel_error as an edited file: such a folder says format 4,
+    which an older svdlora refuses by its version ("uses svdlora format 4"); others keep their format."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    compress(model, budget=0.5, progress=False)
+    save_compressed(model, tmp_path / "out")
+    save_compressed(load_compressed(tmp_path / "out", device="cpu", dtype=torch.bfloat16), tmp_path / "bf16")
+    for folder, version in (("out", 1), ("bf16", 4)):
+        with safe_open(str(tmp_path / folder / WEIGHTS_NAME), framework="pt") as f:
+            header = f.metadata()["svdlora_format_version"]
+        config = json.loads((tmp_path / folder / "config.json").read_text())["quantization_config"]
+        svd_config = json.loads((tmp_path / folder / CONFIG_NAME).read_text())
+        assert (svd_config["format_version"], header, config["format_version"]) == (version, str(version), version)
+    ids = example_inputs("llama")["input_ids"]
+    with torch.no_grad():
+        want = load_compressed(tmp_path / "bf16", device="cpu")(ids).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")(ids).logits, want)
+
+
 def test_the_error_summary_says_how_many_matrices_were_not_measured():
     from svdlora.report import CompressionReport, ModuleReport
 

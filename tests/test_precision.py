@@ -168,9 +168,9 @@ def test_plain_folders_stay_format_1_and_newer_formats_are_refused(tmp_path):
     config = json.loads((out / CONFIG_NAME).read_text())
     assert config["format_version"] == 1  # older svdlora still reads it
     assert torch.equal(output_of(load_compressed(out, device="cpu"), "gpt2"), output_of(model, "gpt2"))
-    config["format_version"] = 4
+    config["format_version"] = 5
     (out / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(SvdloraError, match="format 4 .*reading formats 1, 2, 3"):
+    with pytest.raises(SvdloraError, match="format 5 .*reading formats 1, 2, 3, 4"):
         load_compressed(out, device="cpu")
 
 
