@@ -41,7 +41,7 @@ from .report import CompressionReport
 from .runtime import AUTO_RUNTIMES, RUNTIMES, apply_runtime
 from .save_guard import guard_save_pretrained
 from .schema import check_factor_shapes, model_class_named, validate_config
-from .version import FORMAT_VERSION, __version__
+from .version import READABLE_FORMATS, format_refusal
 from .writer import (  # noqa: F401  (the file-name constants live in writer; io re-exports them)
     CONFIG_NAME,
     DTYPE_NAMES,
@@ -50,10 +50,6 @@ from .writer import (  # noqa: F401  (the file-name constants live in writer; io
 )
 
 logger = logging.getLogger(__name__)
-
-# 1: float stages only; 2 adds stage dtypes (quantized stages, a full-rank first stage); 3 pivoted
-# factors; 4 relative errors that were not measured (null).
-READABLE_FORMATS = tuple(range(1, FORMAT_VERSION + 1))
 
 
 def is_compressed_folder(path: str | Path) -> bool:
@@ -96,9 +92,7 @@ def _check_format_version(data, path: Path) -> None:
     if data.get("format_version") not in READABLE_FORMATS:
         raise SvdloraError(
             f"{str(path)!r} uses svdlora format {data.get('format_version')!r} (written by svdlora "
-            f"{data.get('svdlora_version')}), this is svdlora {__version__} reading formats "
-            f"{', '.join(map(str, READABLE_FORMATS))}: install the matching svdlora version "
-            "or re-run `svdlora compress`"
+            f"{data.get('svdlora_version')}), {format_refusal(data.get('format_version'))}"
         )
 
 
@@ -166,8 +160,7 @@ def _check_header(weights: Path) -> dict[str, str]:
     if metadata.get("svdlora_format_version") not in map(str, READABLE_FORMATS):
         raise SvdloraError(
             f"{str(weights)!r} was written by svdlora {metadata.get('svdlora_version')!r} in format "
-            f"{metadata.get('svdlora_format_version')!r}; this svdlora {__version__} reads formats "
-            f"{', '.join(map(str, READABLE_FORMATS))}: re-run `svdlora compress`"
+            f"{metadata.get('svdlora_format_version')!r}; {format_refusal(metadata.get('svdlora_format_version'))}"
         )
     return metadata
 

@@ -225,6 +225,35 @@ def test_a_newer_format_is_named_before_its_other_fields_are_read(tmp_path):
         load_compressed(out, device="cpu")
 
 
+def test_a_folder_of_a_newer_format_asks_for_a_newer_svdlora(tmp_path):
+    """Each loader's refusal of a format above this one says to upgrade (it said: install the matching
+    version or re-run compress; from_pretrained named only the highest format it reads)."""
+    from transformers import AutoModelForCausalLM
+
+    from svdlora.version import FORMAT_VERSION
+
+    _, out = compressed_folder("gpt2", tmp_path)
+    newer = FORMAT_VERSION + 1
+    hf_config = json.loads((out / "config.json").read_text())
+    hf_config["quantization_config"]["format_version"] = newer
+    (out / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(ValueError, match=f"uses format {newer} .*reading formats 1, .*: upgrade svdlora"):
+        AutoModelForCausalLM.from_pretrained(out)
+    path = out / WEIGHTS_NAME
+    save_file(load_file(path), path, metadata={"format": "pt", "svdlora_format_version": str(newer)})
+    with pytest.raises(SvdloraError, match=f"in format '{newer}'; .*: upgrade svdlora"):
+        load_compressed(out, device="cpu")
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config["format_version"] = newer
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SvdloraError, match=f"format {newer} .*: upgrade svdlora"):
+        load_compressed(out, device="cpu")
+    config["format_version"] = 0  # not a newer format: damaged
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SvdloraError, match="format 0 .*re-run `svdlora compress`"):
+        load_compressed(out, device="cpu")
+
+
 def test_report_survives_the_roundtrip(tmp_path):
     model, out = compressed_folder("bert", tmp_path)
     report = read_report(out)

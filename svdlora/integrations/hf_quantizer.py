@@ -39,7 +39,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..layers import LowRankLinear, dense_kind, factor_layout, weight_out_in
 from ..pivoted import PivotedLowRankLinear, valid_rows
-from ..version import FORMAT_VERSION, __version__
+from ..version import FORMAT_VERSION, READABLE_FORMATS, __version__, format_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,11 @@ class SvdloraHfQuantizer(HfQuantizer):
                 "svdlora cannot compress inside from_pretrained: load the dense model, then call "
                 "svdlora.compress(model, budget=...) and svdlora.save_compressed(model, folder)"
             )
-        if self.quantization_config.format_version not in range(1, FORMAT_VERSION + 1):
+        found = self.quantization_config.format_version
+        if found not in READABLE_FORMATS:
             raise ValueError(
-                f"this svdlora folder uses format {self.quantization_config.format_version!r} (written by svdlora "
-                f"{self.quantization_config.svdlora_version}); svdlora {__version__} reads format {FORMAT_VERSION}: "
-                "install the matching svdlora version or re-run `svdlora compress`"
+                f"this svdlora folder uses format {found!r} (written by svdlora "
+                f"{self.quantization_config.svdlora_version}); {format_refusal(found)}"
             )
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("svdlora folders cannot be offloaded to disk: give device_map CPU or GPU devices only")
