@@ -76,10 +76,13 @@ def run(args: argparse.Namespace) -> int:
         if args.references is not None:
             check_data_path(args.references, "--references")
         from ..card_eval import check_before_load
+        from ..evaluation.loading import local_folder
 
         # the task, tokenizer and the task's options before the load; a hub id's too, on its config and tokenizer
-        # (fetched, or read from the cache): a streamed run loads no model before it writes the folder
-        eval_meta = meta if meta is not None else outline(args.model, args.trust_remote_code)
+        # (fetched, or read from the cache): a streamed run loads no model before it writes the folder. A local
+        # folder's was tried above: one that could not be built is not tried again
+        hub_id = not local_folder(args.model)
+        eval_meta = outline(args.model, args.trust_remote_code) if meta is None and hub_id else meta
         eval_processor = check_before_load(args.model, args.eval, args.references, eval_meta, args.eval_limit)[1]
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
     inputs = [args.model, calibration_input(args.calibration), args.eval, args.references]
