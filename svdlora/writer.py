@@ -43,6 +43,9 @@ DTYPE_NAMES = {  # torch dtype -> safetensors header name
 }
 
 
+MAX_OPEN_FILES = 64  # shard files a writer keeps open at once (far below a usual ulimit -n of 1024)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -142,13 +145,20 @@ class ShardedWriter:
         shard, offset, spec = self.where[name]
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise RuntimeError(f"{name}: planned {spec.shape} {spec.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
-        handle = self._handles.get(shard)
+        handle = self._handles.pop(shard, None)  # re-inserted last: the dict is least recently used first
         if handle is None:
-            handle = self._handles[shard] = open(self.folder / self.files[shard], "r+b")
+            if len(self._handles) >= MAX_OPEN_FILES:  # thousands of shards: not one descriptor each
+                self._handles.pop(next(iter(self._handles))).close()
+            handle = open(self.folder / self.files[shard], "r+b")
+        self._handles[shard] = handle
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         handle.seek(offset)
         handle.write(memoryview(data.numpy()))
         self.written.add(name)
+
+    def unwritten(self, written: set[str]) -> list[str]:
+        """The planned tensors not in ``written`` (every rank's ``self.written``): a slot left zero."""
+        return sorted(set(self.where) - written)
 
     def close(self) -> None:
         for handle in self._handles.values():

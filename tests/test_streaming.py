@@ -490,3 +490,27 @@ def test_a_refused_tied_name_gives_way_to_a_later_one_the_checkpoint_stores(tmp_
     save_file(tensors, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SvdloraError, match="both 'model.embed_a.weight' and 'model.embed_b.weight'"):
         compress_checkpoint(tmp_path / "base", tmp_path / "none", config, progress=False)
+
+
+def test_a_bad_shard_size_is_refused_before_the_calibration_is_read(tmp_path, monkeypatch):
+    import svdlora.streaming.pipeline as pipeline
+
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    monkeypatch.setattr(pipeline, "_calibration_batches", lambda *a, **k: pytest.fail("calibration read first"))
+    config = CompressionConfig(budget=0.5, method="whiten")
+    with pytest.raises(SvdloraError, match="max shard size"):
+        compress_checkpoint(base, tmp_path / "out", config, calibration="text.txt", max_shard_size="lots")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_planned_tensor_left_unwritten_fails_the_run_and_leaves_nothing(tmp_path, monkeypatch):
+    import svdlora.streaming.pipeline as pipeline
+
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    run_jobs = pipeline.run_jobs
+    monkeypatch.setattr(pipeline, "run_jobs", lambda jobs, *a, **k: run_jobs(jobs[1:], *a, **k))  # one job lost
+    with pytest.raises(RuntimeError, match="never written"):
+        compress_checkpoint(base, tmp_path / "out", budget=0.5, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # neither the folder nor its temporary copy

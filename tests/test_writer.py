@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from svdlora import SvdloraError
+from svdlora import writer as writer_module
 from svdlora.writer import INDEX_NAME, ShardedWriter, TensorSpec, parse_size, weight_files
 
 
@@ -89,3 +90,18 @@ def test_a_broken_index_is_refused_in_one_line(tmp_path, weight_map):
     (tmp_path / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     with pytest.raises(SvdloraError, match="is corrupted"):
         weight_files(tmp_path)
+
+
+def test_a_writer_keeps_a_bounded_number_of_shard_files_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_module, "MAX_OPEN_FILES", 2)  # thousands of shards against ulimit -n, in small
+    tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(6)}
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    writer = ShardedWriter(tmp_path, specs, {"format": "pt"}, 16)  # one tensor per shard
+    writer.create_files()
+    for name in [*tensors, *reversed(tensors), "t0"]:
+        writer.write(name, tensors[name])
+        assert len(writer._handles) <= 2
+    writer.close()
+    writer.write_index()
+    loaded = {k: v for f in weight_files(tmp_path) for k, v in load_file(str(f)).items()}
+    assert len(weight_files(tmp_path)) == 6 and all(torch.equal(loaded[k], v) for k, v in tensors.items())

@@ -23,7 +23,7 @@ from ..padding import Unbatchable
 from ..plan import UNUSED, CalibrationPlan, auto_method, source_name
 from ..report import CompressionReport
 from ..saving import check_output, write_side_files
-from ..writer import ShardedWriter, folder_format, header_metadata
+from ..writer import ShardedWriter, folder_format, header_metadata, parse_size
 from .jobs import module_reports, run_jobs, write_factors
 from .planning import Plan, plan
 
@@ -109,6 +109,7 @@ def compress_checkpoint(
     progress = progress and ctx.is_main  # one bar per run, not one per process: rank 0's
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
+    parse_size(max_shard_size)  # a bad size refused now, not after the calibration's passes
     folder = _local_folder(source, trust_remote_code, ctx)  # a hub id's snapshot
     p = plan(folder, config, dtype, trust_remote_code, model=meta)
     if config.rank is not None and not any(kind == "factorize" for kind, _, _ in p.jobs):  # as the in-memory CLI
@@ -175,6 +176,9 @@ def compress_checkpoint(
         if weights is not None:
             shutil.rmtree(weights.folder)  # not part of the output
         writer.close()
+        unwritten = writer.unwritten(set().union(*ctx.gather(writer.written)))
+        if unwritten:  # on every rank: the folder is not finished with a slot left zero
+            raise RuntimeError(f"{len(unwritten)} planned tensors were never written ({unwritten[0]}, ...): a bug")
         ctx.barrier()  # every shard complete before rank 0 finishes the folder
         if ctx.is_main:
             shutil.rmtree(tmp / SCRATCH, ignore_errors=True)  # the ranks' empty scratch parent
