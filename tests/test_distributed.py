@@ -24,13 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Runs the CLI with factorize() patched to SIGKILL its own process at the 3rd matrix (on rank
 # DIE_RANK only): a crash no cleanup code can catch, as an OOM kill or a lost node would be.
+# Each process that exits writes how many matrices it factorized to rank-N in COUNT_DIR.
 DYING = """
-import os, signal, sys
+import atexit, os, signal, sys
+from pathlib import Path
 import svdlora.streaming.jobs as jobs
 original, calls = jobs.factorize, []
+rank = os.environ.get("RANK", "0")
+atexit.register(lambda: Path(os.environ["COUNT_DIR"], f"rank-{rank}").write_text(str(len(calls))))
 def dying(*args, **kwargs):
     calls.append(1)
-    if len(calls) == 3 and os.environ.get("RANK", "0") == os.environ["DIE_RANK"]:
+    if len(calls) == 3 and rank == os.environ["DIE_RANK"]:
         os.kill(os.getpid(), signal.SIGKILL)
     return original(*args, **kwargs)
 jobs.factorize = dying
@@ -40,7 +44,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def run(args, tmp_path, world_size=1, die_rank=None):
+    """The CLI's compress (under the DYING script where ``die_rank`` is given; -1: no rank dies)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIE_RANK": str(die_rank)}
+    env["COUNT_DIR"] = str(tmp_path)
     script = tmp_path / "dying.py"
     script.write_text(DYING)
     launcher = [sys.executable]
@@ -68,10 +74,13 @@ def base(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_write_the_single_process_bytes(base, tmp_path):
-    one = run([*compress_args(base, tmp_path / "one"), "--stream"], tmp_path)
+    one = run([*compress_args(base, tmp_path / "one"), "--stream"], tmp_path, die_rank=-1)
     assert one.returncode == 0, one.stderr
-    two = run(compress_args(base, tmp_path / "two"), tmp_path, world_size=2)
+    matrices = int((tmp_path / "rank-0").read_text())
+    two = run(compress_args(base, tmp_path / "two"), tmp_path, world_size=2, die_rank=-1)
     assert two.returncode == 0, two.stderr
+    shares = [int((tmp_path / f"rank-{r}").read_text()) for r in (0, 1)]  # the work is split, not repeated
+    assert min(shares) > 0 and sum(shares) == matrices, (shares, matrices)
     assert weight_bytes(tmp_path / "one") == weight_bytes(tmp_path / "two")
     assert json.loads((tmp_path / "two" / "svdlora_config.json").read_text())["world_size"] == 2
     load_compressed(tmp_path / "two", device="cpu")
@@ -235,3 +244,17 @@ def test_too_few_windows_for_the_processes_says_what_helps(monkeypatch, samples,
     config = CompressionConfig(budget=0.5, calibration_samples=samples)
     with pytest.raises(SvdloraError, match=f"1 calibration windows for 2 processes: .*{advice}"):
         pipeline._calibration_batches(plan, "m", "text.txt", object(), config, Context(0, 2), False)
+
+
+def test_each_rank_takes_its_own_share_of_the_jobs_and_together_all_of_them(base):
+    from svdlora import CompressionConfig
+    from svdlora.distributed import job_key, jobs_of, owners
+    from svdlora.streaming import plan
+
+    p = plan(base, CompressionConfig(budget=0.5, submatrices=2))
+    owner = owners(p, 2)
+    shares = [jobs_of(p, rank, owner) for rank in (0, 1)]
+    keys = [{job_key(j) for j in share} for share in shares]
+    assert not keys[0] & keys[1] and keys[0] | keys[1] == {job_key(j) for j in p.jobs}
+    factorized = [sum(kind == "factorize" for kind, _, _ in share) for share in shares]
+    assert min(factorized) > 0 and sum(factorized) == sum(kind == "factorize" for kind, _, _ in p.jobs)
