@@ -85,6 +85,16 @@ def lm_folder(tmp_path):
     return tmp_path / "m", tmp_path / "text.txt"
 
 
+def unbuildable_meta_model(monkeypatch) -> None:
+    """The early checks' meta model cannot be built (a config only its load can judge)."""
+    import svdlora.evaluation.loading as loading
+
+    def unbuildable(*args, **kwargs):
+        raise RuntimeError("cannot be built on the meta device")
+
+    monkeypatch.setattr(loading, "_dense_skeleton", unbuildable)
+
+
 def count_loads(monkeypatch) -> dict[str, list]:
     """Every tokenizer load (AutoTokenizer.from_pretrained) and meta model build, by either builder: the early
     checks' (evaluation.loading.skeleton) and the streamed plan's (streaming.planning._build), under 'skeleton'."""

@@ -475,16 +475,11 @@ def test_a_meta_model_that_cannot_be_built_is_tried_once(tmp_path, monkeypatch):
     """A folder whose meta model cannot be built (a config only its load can judge) was tried three times before the
     load: compress's early outline, then again by the --eval check (early_processor) and the calibration check
     (processor_before_load). The failure now stands: the checks are left to the load."""
-    import svdlora.evaluation.loading
-
-    from .eval_helpers import count_loads, lm_folder
-
-    def unbuildable(*args, **kwargs):
-        raise RuntimeError("cannot be built on the meta device")
+    from .eval_helpers import count_loads, lm_folder, unbuildable_meta_model
 
     model, text = lm_folder(tmp_path)
     calls = count_loads(monkeypatch)
-    monkeypatch.setattr(svdlora.evaluation.loading, "_dense_skeleton", unbuildable)  # the early checks' builder
+    unbuildable_meta_model(monkeypatch)  # the early checks' builder
     argv = ["compress", str(model), "-o", str(tmp_path / "out"), "--calibration", str(text), "--calibration-samples",
             "2", "--calibration-length", "16", "--eval", str(text), "--eval-limit", "2", "--no-progress"]  # fmt: skip
     assert main(argv) == 0

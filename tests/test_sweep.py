@@ -477,18 +477,14 @@ def test_sweep_builds_the_meta_model_once_before_the_model(tmp_path, monkeypatch
 def test_sweep_tries_a_meta_model_that_cannot_be_built_once(tmp_path, monkeypatch):
     """sweep --calibration DATA tried a folder's meta model that cannot be built three times (the early outline,
     then early_processor and processor_before_load again): the failure now stands, the checks are left to the load."""
-    import svdlora.evaluation.loading
     import svdlora.sweep
 
-    from .eval_helpers import count_loads
-
-    def unbuildable(*args, **kwargs):
-        raise RuntimeError("cannot be built on the meta device")
+    from .eval_helpers import count_loads, unbuildable_meta_model
 
     monkeypatch.setattr(svdlora.sweep, "evaluating_measure", lambda *args: fake_measure(0.4, []))
     model, text = lm_folder(tmp_path)
     calls = count_loads(monkeypatch)
-    monkeypatch.setattr(svdlora.evaluation.loading, "_dense_skeleton", unbuildable)
+    unbuildable_meta_model(monkeypatch)
     argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(tmp_path / "s"),
             "--calibration", str(text), "--calibration-samples", "2", "--calibration-length", "16"]  # fmt: skip
     assert main([*argv, "--no-progress"]) == 0
