@@ -63,7 +63,8 @@ class TensorSpec:
 def parse_size(size: int | str) -> int:
     """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as transformers, binary with 'i')."""
     nbytes = size if isinstance(size, int) else None
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(size).upper())
+    # 'i' only after a unit: "5iB" is no size (it was read as 5 bytes)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I?))?B?\s*", str(size).upper())
     if nbytes is None and match:
         number, unit, binary = match.groups()
         nbytes = int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
