@@ -34,7 +34,7 @@ from .layers import LowRankLinear, dense_kind, weight_out_in
 from .models import default_device, model_class, parse_dtype
 from .outputs import describe, is_incomplete
 from .pivoted import PivotedLowRankLinear
-from .placement import device_for, dispatch, resolve_device_map
+from .placement import device_for, dispatch, parse_max_memory, resolve_device_map
 from .quantize import parse_format
 from .reader import read_state
 from .report import CompressionReport
@@ -268,7 +268,8 @@ def load_compressed(
         device_map: instead of ``device``, spread the layers over devices as accelerate does:
             "auto" / "balanced" / "sequential" (planned with the factors' sizes, or the dense
             sizes when merging), a dict {module name: device}, or one device (``"cpu"``, ``"cuda:1"``, a
-            GPU index: ``{"": device}``, as transformers takes it); ``max_memory`` caps each device.
+            GPU index: ``{"": device}``, as transformers takes it); ``max_memory`` caps each device
+            (``{0: "20GiB", "cpu": 60 * 10**9}``: bytes, or sizes as ``max_shard_size`` reads them).
         runtime: "factorized" (default: as stored), "pairs" (pivoted layers as plain pairs: no index
             copies, R² values more), "merged" (same as ``merge=True``), or "auto": per layer, the
             layout that measured fastest on its device for one token per call (``svdlora.runtime``;
@@ -285,6 +286,7 @@ def load_compressed(
     if merge and runtime not in (None, "merged"):
         raise SvdloraError(f"merge=True and runtime={runtime!r} contradict each other: pass one of them")
     merge = merge or runtime == "merged"
+    max_memory = parse_max_memory(max_memory)
     if stack_siblings and merge:
         raise SvdloraError("stack_siblings=True stacks low-rank layers and a merged load leaves none: pass one of them")
     if stack_siblings and model is not None:

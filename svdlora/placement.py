@@ -15,16 +15,32 @@ from torch import nn
 
 from .errors import SvdloraError
 from .models import default_device
+from .writer import parse_size
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICES = ("cpu", "mps", "disk")  # the max_memory keys accelerate takes besides GPU indices
+
+
+def parse_max_memory(max_memory: dict | None) -> dict[int | str, int] | None:
+    """``max_memory`` checked before the load, as a new dict in bytes: accelerate raised its own
+    ValueError on a size or device it cannot read (and rewrote the caller's dict in place). Sizes
+    read as --max-shard-size reads them ('500mb' is 500e6 bytes, as everywhere in svdlora)."""
+    if max_memory is None:
+        return None
+    if not isinstance(max_memory, dict):
+        raise SvdloraError(f"max_memory must be a dict such as {{0: '20GiB', 'cpu': '60GB'}}, got {max_memory!r}")
+    for key in max_memory:
+        if isinstance(key, int) and not isinstance(key, bool):
+            default_device(key)  # a GPU this machine lacks: accelerate prints, then asserts
+        elif key not in DEVICES:  # "cuda:0" too: accelerate wants the index
+            raise SvdloraError(f"max_memory keys must be GPU indices or {', '.join(map(repr, DEVICES))}, got {key!r}")
+    return {key: parse_size(size, f"max_memory[{key!r}]") for key, size in max_memory.items()}
 
 
 def resolve_device_map(
     model: nn.Module, device_map: str | dict, max_memory: dict | None, dtype: torch.dtype | None
 ) -> dict[str, str | int | torch.device]:
-    for key in max_memory or {}:  # a GPU this machine lacks: accelerate prints, then asserts
-        if key not in ("cpu", "disk", "mps"):
-            default_device(key)
+    """The device of each module; ``max_memory`` as ``parse_max_memory`` returns it."""
     if isinstance(device_map, str) and device_map not in STRATEGIES:
         try:  # one device, as from_pretrained(device_map="cpu") takes it
             device_map = torch.device(device_map)

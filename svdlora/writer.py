@@ -60,8 +60,9 @@ class TensorSpec:
         return n * self.dtype.itemsize
 
 
-def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as transformers, binary with 'i')."""
+def parse_size(size: int | str, name: str = "max shard size") -> int:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as transformers, binary with 'i');
+    ``name`` is the option the error names."""
     nbytes = size if isinstance(size, int) else None
     # 'i' only after a unit: "5iB" is no size (it was read as 5 bytes)
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I?))?B?\s*", str(size).upper())
@@ -69,7 +70,7 @@ def parse_size(size: int | str) -> int:
         number, unit, binary = match.groups()
         nbytes = int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
     if nbytes is None or nbytes <= 0:
-        raise SvdloraError(f"max shard size must look like 5GB, 500MB or 2GiB (above 0 bytes), got {size!r}")
+        raise SvdloraError(f"{name} must look like 5GB, 500MB or 2GiB (above 0 bytes), got {size!r}")
     return nbytes
 
 

@@ -1,5 +1,7 @@
 """load_compressed with a device_map (accelerate) and the per-layer merged rebuild."""
 
+import re
+
 import pytest
 import torch
 
@@ -68,6 +70,27 @@ def test_a_device_this_machine_lacks_is_one_error(folder, monkeypatch, options, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SvdloraError, match=match):
         load_compressed(folder[1], **options)
+
+
+@pytest.mark.parametrize(
+    "max_memory, match",
+    [
+        ({"cpu": "lots"}, "max_memory['cpu'] must look like 5GB"),  # was accelerate's ValueError
+        ({"cpu": "5T"}, None),  # read by svdlora (accelerate's ValueError before)
+        ({"cpu": -5}, "above 0 bytes"),  # was 'device_map puts layers on disk'
+        ({"cpu": "0GB"}, "above 0 bytes"),
+        ({"cuda:0": "1GB"}, "max_memory keys must be GPU indices or 'cpu'"),  # accelerate's ValueError on a GPU
+        (["cpu"], "max_memory must be a dict"),  # was a TypeError
+    ],
+)
+def test_a_bad_max_memory_is_refused_before_the_load(folder, max_memory, match):
+    given = {**max_memory} if isinstance(max_memory, dict) else max_memory
+    if match is None:
+        load_compressed(folder[1], device_map="auto", max_memory=max_memory)
+    else:
+        with pytest.raises(SvdloraError, match=re.escape(match)):
+            load_compressed(folder[1], device_map="auto", max_memory=max_memory)
+    assert max_memory == given  # accelerate rewrote the caller's sizes in place (as bytes)
 
 
 def test_a_tied_head_is_planned_tied_and_the_map_is_kept(folder, caplog):
