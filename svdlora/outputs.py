@@ -9,7 +9,9 @@
 - A folder is written under a temporary name and renamed into place when complete. The
   temporary name carries the host and pid (``.NAME.svdlora-tmp-HOST-PID-XXXX``) and holds
   ``.svdlora-incomplete``, so svdlora refuses to read it, and the next run for the same output
-  removes what a killed run left (or puts back an output that a kill caught mid-swap).
+  removes what a killed run left, finished or not (or puts back an output that a kill caught mid-swap).
+  A finished folder that cannot be renamed into place (the output appeared meanwhile) is kept for
+  the user under a visible name, ``NAME.svdlora-finished-XXXX``, that no clean-up touches.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ MARKER = ".svdlora-output"  # in every folder svdlora completes: --overwrite may
 INCOMPLETE = ".svdlora-incomplete"  # in a temporary folder until it is renamed into place
 SVDLORA_CONFIG = "svdlora_config.json"  # io.CONFIG_NAME (io imports this module)
 TMP_TAG, OLD_TAG = ".svdlora-tmp-", ".svdlora-old-"
+KEPT_TAG = ".svdlora-finished-"  # a finished folder left for the user (atomic_folder)
 
 
 def _resolve(path: str | Path) -> Path:
@@ -151,7 +154,8 @@ def clean_leftovers(output: Path) -> None:
         return
     tmp_prefix, old_prefix = f".{output.name}{TMP_TAG}", f".{output.name}{OLD_TAG}"
     for path in sorted(parent.iterdir()):
-        if path.name.startswith(tmp_prefix) and is_incomplete(path) and _dead_leftover(path, tmp_prefix):
+        # finished or not: a kill between the INCOMPLETE unlink and the rename leaves a finished one
+        if path.name.startswith(tmp_prefix) and _dead_leftover(path, tmp_prefix):
             logger.warning("removing %s, left by an interrupted run", path)
             shutil.rmtree(path, ignore_errors=True)
         elif path.name.startswith(old_prefix) and _dead_leftover(path, old_prefix):
@@ -185,7 +189,11 @@ def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable 
             check_replaceable(output, str(output), overwrite)
         except SvdloraError as err:
             keep = True  # finished, and maybe hours of work: left for the user to move
-            raise SvdloraError(f"{err} (it appeared during this run; the finished folder is {str(tmp)!r})") from None
+            # renamed: a visible name is seen in a listing, and no later run's clean_leftovers (which
+            # removes the hidden temporary folders of dead runs) takes it for a killed run's
+            kept = output.parent / f"{output.name}{KEPT_TAG}{secrets.token_hex(4)}"
+            os.replace(tmp, kept)
+            raise SvdloraError(f"{err} (it appeared during this run; the finished folder is {str(kept)!r})") from None
         if output.exists():  # overwrite: swap only after the new folder is complete
             old = _leftover_name(output, OLD_TAG)
             os.replace(output, old)

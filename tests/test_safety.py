@@ -24,7 +24,7 @@ import svdlora
 from svdlora.cli import main
 from svdlora.errors import SvdloraError
 from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
-from svdlora.outputs import INCOMPLETE, OLD_TAG, TMP_TAG, _host
+from svdlora.outputs import INCOMPLETE, KEPT_TAG, MARKER, OLD_TAG, TMP_TAG, _host
 
 from .eval_helpers import word_tokenizer
 
@@ -261,6 +261,32 @@ def test_a_folder_that_appears_during_the_run_is_not_replaced(tmp_path, overwrit
     assert tree_hash(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
     kept = Path(re.search(r"finished folder is '(.+)'", str(err.value)).group(1))
     assert (kept / "result").read_text() == "finished" and not (kept / INCOMPLETE).exists()
+    assert kept.parent == tmp_path and kept.name.startswith(f"out{KEPT_TAG}")  # visible, beside the output
+
+
+def test_a_killed_runs_finished_temporary_folder_is_removed_and_a_kept_one_stays(tmp_path, monkeypatch):
+    """A kill between the INCOMPLETE unlink and the rename left a finished hidden folder (a whole
+    output's size) that no later run removed; a folder kept for the user must stay all the same."""
+    from svdlora import outputs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    finished = tmp_path / f".out{TMP_TAG}{_host()}-{dead.pid}-abcd"  # as the killed run left it
+    live = tmp_path / f".out{TMP_TAG}{_host()}-1-abcd"  # pid 1 runs: maybe another run about to rename
+    for folder in (finished, live):
+        folder.mkdir()
+        (folder / MARKER).write_text("{}")
+        (folder / WEIGHTS_NAME).write_bytes(b"weights")
+    outputs.clean_leftovers(tmp_path / "out")
+    assert not finished.exists() and live.exists()
+    with pytest.raises(SvdloraError, match="appeared during this run") as err:
+        with outputs.atomic_folder(tmp_path / "out") as tmp:
+            (tmp / "result").write_text("finished")
+            (tmp_path / "out").mkdir()
+    kept = Path(re.search(r"finished folder is '(.+)'", str(err.value)).group(1))
+    monkeypatch.setattr(outputs, "_dead_leftover", lambda path, prefix: True)  # that run has ended too
+    outputs.clean_leftovers(tmp_path / "out")
+    assert (kept / "result").read_text() == "finished"
 
 
 # ---------------------------------------------------------------- partial and corrupt inputs
