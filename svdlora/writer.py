@@ -63,7 +63,7 @@ class TensorSpec:
 def parse_size(size: int | str, name: str = "max shard size") -> int:
     """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as transformers, binary with 'i');
     ``name`` is the option the error names."""
-    nbytes = size if isinstance(size, int) else None
+    nbytes = size if isinstance(size, int) and not isinstance(size, bool) else None  # True is no size
     # 'i' only after a unit: "5iB" is no size (it was read as 5 bytes)
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I?))?B?\s*", str(size).upper())
     if nbytes is None and match:

@@ -68,7 +68,7 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 1024**3 and parse_size(100) == 100
     assert parse_size("500mb") == 500 * 10**6
     assert parse_size("5KiB") == 5 * 1024 and parse_size("5B") == parse_size("5") == 5
-    for bad in ("big", "5IB", "5I", "5iB"):  # a binary 'i' with no unit was read as 5 bytes
+    for bad in ("big", "5IB", "5I", "5iB", True):  # a binary 'i' with no unit was read as 5 bytes; True as 1
         with pytest.raises(SvdloraError, match="max shard size"):
             parse_size(bad)
     for empty in ("0", "0GB", "0.0001KB", 0, -3):  # 0 bytes would put every tensor in its own shard
