@@ -286,7 +286,7 @@ def load_compressed(
     if merge and runtime not in (None, "merged"):
         raise SvdloraError(f"merge=True and runtime={runtime!r} contradict each other: pass one of them")
     merge = merge or runtime == "merged"
-    max_memory = parse_max_memory(max_memory)
+    max_memory = parse_max_memory(max_memory, device_map)
     if stack_siblings and merge:
         raise SvdloraError("stack_siblings=True stacks low-rank layers and a merged load leaves none: pass one of them")
     if stack_siblings and model is not None:

@@ -21,12 +21,17 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 DEVICES = ("cpu", "mps", "disk")  # the max_memory keys accelerate takes besides GPU indices
 
 
-def parse_max_memory(max_memory: dict | None) -> dict[int | str, int] | None:
+def parse_max_memory(max_memory: dict | None, device_map=None) -> dict[int | str, int] | None:
     """``max_memory`` checked before the load, as a new dict in bytes: accelerate raised its own
     ValueError on a size or device it cannot read (and rewrote the caller's dict in place). Sizes
     read as --max-shard-size reads them ('500mb' is 500e6 bytes, as everywhere in svdlora)."""
     if max_memory is None:
         return None
+    if not (isinstance(device_map, str) and device_map in STRATEGIES):  # was ignored without a word
+        raise SvdloraError(
+            f"max_memory caps what a device_map strategy ({', '.join(STRATEGIES)}) puts on each device; "
+            f"device_map={device_map!r} places the layers itself: pass device_map='auto' or drop max_memory"
+        )
     if not isinstance(max_memory, dict):
         raise SvdloraError(f"max_memory must be a dict such as {{0: '20GiB', 'cpu': '60GB'}}, got {max_memory!r}")
     for key in max_memory:

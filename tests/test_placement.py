@@ -93,6 +93,13 @@ def test_a_bad_max_memory_is_refused_before_the_load(folder, max_memory, match):
     assert max_memory == given  # accelerate rewrote the caller's sizes in place (as bytes)
 
 
+@pytest.mark.parametrize("device_map", [None, "cpu", {"": "cpu"}])
+def test_max_memory_without_a_device_map_strategy_is_refused(folder, device_map):
+    """It was ignored without a word: the model loaded whole onto one device, whatever the caps."""
+    with pytest.raises(SvdloraError, match="max_memory caps what a device_map strategy"):
+        load_compressed(folder[1], device_map=device_map, max_memory={"cpu": "1GB"})
+
+
 def test_a_tied_head_is_planned_tied_and_the_map_is_kept(folder, caplog):
     kind, path = folder
     for device_map in ("auto", {"": "cpu"}):
