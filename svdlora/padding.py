@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .errors import SvdloraError
+
 
 class Unbatchable(Exception):
     """A layer input of a padded batch run whole whose real positions no mask tells (``mask_for``)."""
@@ -47,11 +49,13 @@ def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
     tokens of a batch of translations was padding in a test). The padding is read from
     ``attention_mask``, and for an encoder-decoder from ``decoder_attention_mask`` or the -100
     labels after the last target token; the loss is a sum, so each real token gets the same gradient.
+    A batch with a tensor that is not one per row (``_check_one_per_row``) is refused.
     """
     mask, target_mask = padding_masks(batch, encoder_decoder)
     padded = [m for m in (mask, target_mask) if m is not None and not m.bool().all()]
     if not padded:
         return [batch]
+    _check_one_per_row(batch, padded[0].shape[0])
     rows = []
     for i in range(padded[0].shape[0]):
         source = mask[i].bool() if mask is not None else None
@@ -72,6 +76,19 @@ def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
                 row[key] = value[i : i + 1]
         rows.append(row)
     return rows
+
+
+def _check_one_per_row(batch: dict, rows: int) -> None:
+    """Refuse a padded ``batch`` that cannot be split by row: a tensor whose first dimension is not its
+    ``rows`` (several images to a text, (images, C, H, W): row i's are not the i-th). Run whole, its
+    padding would enter the statistics."""
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] != rows:
+            raise SvdloraError(
+                f"a padded calibration batch runs row by row without its padding, and its {key!r} has "
+                f"{value.shape[0]} entries for {rows} rows (several images to a text?), which cannot be split "
+                "by row: pass such batches one text each (batch size 1), or without padding"
+            )
 
 
 def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tensor] | None:

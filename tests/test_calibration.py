@@ -1223,6 +1223,24 @@ def test_an_unlabelled_translator_batch_keeps_its_whole_decoder_inputs(stage):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_a_padded_batch_with_several_images_to_a_text_row_is_refused_naming_the_tensor():
+    # found by review: a padded batch with inputs besides its text runs row by row (827f044), each row taking
+    # pixel_values[i : i + 1]; with 3 images for 2 texts (Gemma 3, LLaVA: (images, C, H, W)) the first row got
+    # one of its two images and the second the first row's second (Gemma 3: "Image features and image tokens
+    # do not match"): such a batch cannot be split by row, and is refused in one line naming the tensor
+    torch.manual_seed(0)
+    model = _tiny_gemma3().eval()
+    targets, _ = find_targets(model, CompressionConfig())
+    image = [91, 90, 90, 90, 90, 92]
+    ids = torch.tensor([[2, *image, *image, 10, 11], [2, *image, 20, 21, 0, 0, 0, 0, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": (ids == 90).long()}
+    batch |= {"labels": ids, "pixel_values": torch.randn(3, 3, 16, 16)}
+    with pytest.raises(SvdloraError, match=r"'pixel_values' has 3 entries for 2 rows.*one text each"):
+        collect_statistics(model, targets, [batch], progress=False)
+    unpadded = {k: v[:1] if k != "pixel_values" else v[:2] for k, v in batch.items()}  # nothing to split: runs whole
+    assert collect_statistics(model, targets, [unpadded], progress=False)
+
+
 def test_batches_of_many_lengths_keep_one_work_buffer_per_width(monkeypatch):
     # a gradient buffer per batch length grew with every distinct length (rows of padded batches):
     # with batches of 2..41 tokens it held 40 of them; now what the longest batch run twice needs
