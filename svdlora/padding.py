@@ -49,7 +49,8 @@ def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
     tokens of a batch of translations was padding in a test). The padding is read from
     ``attention_mask``, and for an encoder-decoder from ``decoder_attention_mask`` or the -100
     labels after the last target token; the loss is a sum, so each real token gets the same gradient.
-    A batch with a tensor that is not one per row (``_check_one_per_row``) is refused.
+    A row whose source or target is padding only is left out; a batch with a tensor that is not one
+    per row (``_check_one_per_row``) is refused.
     """
     mask, target_mask = padding_masks(batch, encoder_decoder)
     padded = [m for m in (mask, target_mask) if m is not None and not m.bool().all()]
@@ -59,11 +60,11 @@ def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
     rows = []
     for i in range(padded[0].shape[0]):
         source = mask[i].bool() if mask is not None else None
-        if source is not None and not source.any():
-            continue  # a row of padding only
         target = None  # decoder inputs without labels or decoder_attention_mask tell no padding: kept whole
         if target_mask is not None:  # cut after its last real token (positions before it stay: the decoder is causal)
-            target = int(target_mask[i].nonzero().max()) + 1 if target_mask[i].any() else 1
+            target = int(target_mask[i].nonzero().max()) + 1 if target_mask[i].any() else 0
+        if source is not None and not source.any() or target == 0:
+            continue  # a source or a target of padding only: no loss, nothing for one side; the row is left out
         row = {}
         for key, value in batch.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -109,8 +110,8 @@ def batched_masks(batch: dict, encoder_decoder: bool = False) -> list[torch.Tens
         return []  # nothing padded
     if any(m.shape[0] == m.shape[1] for m in masks):
         return None  # as many rows as positions: a (length, batch) layer input (FSMT) would pass for (batch, length)
-    if "labels" not in batch or is_left_padded(batch) or mask is not None and not mask.bool().any(-1).all():
-        return None  # (a row of padding only: its rows leave it out)
+    if "labels" not in batch or is_left_padded(batch) or not all(m.any(-1).all() for m in masks):
+        return None  # (a row whose source or target is padding only: its rows leave it out)
     if not all(_is_text_input(key) for key, value in batch.items() if isinstance(value, torch.Tensor)):
         return None  # an image's pixels: a vision tower with as many patches as text positions would take its mask
     if target is not None:  # the decoder runs up to the last real target token (causal)

@@ -1241,6 +1241,30 @@ def test_a_padded_batch_with_several_images_to_a_text_row_is_refused_naming_the_
     assert collect_statistics(model, targets, [unpadded], progress=False)
 
 
+@pytest.mark.parametrize("left", [False, True])
+def test_a_translation_without_a_real_target_token_is_left_out_as_a_whole(left):
+    # found by review: a row whose labels are all -100 kept one decoder token when run row by row (a
+    # left-padded source), its activations in the decoder's Gram; run whole, its decoder was masked but
+    # its source counted: the two passes differed. Such a row, no loss and nothing for the decoder, is
+    # left out as a whole, as a row whose source is padding only is
+    torch.manual_seed(0)
+    model = tiny_marian().eval()
+    targets, _ = find_targets(model, CompressionConfig())
+    batch, rows = _padded_and_rows("marian", model)
+    batch["labels"][1] = -100
+    if left:  # the short source's padding before it
+        batch = batch | {k: batch[k].clone() for k in ("input_ids", "attention_mask")}
+        for key in ("input_ids", "attention_mask"):
+            batch[key][1] = batch[key][1].roll(5)
+    padded = collect_statistics(model, targets, [batch], progress=False)
+    first = collect_statistics(model, targets, rows[:1], progress=False)
+    assert padded.keys() == first.keys()
+    for name, stats in first.items():
+        assert padded[name].tokens == stats.tokens, name
+        torch.testing.assert_close(padded[name].gram, stats.gram, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(padded[name].out_grad_sq, stats.out_grad_sq, rtol=1e-5, atol=1e-6)
+
+
 def test_batches_of_many_lengths_keep_one_work_buffer_per_width(monkeypatch):
     # a gradient buffer per batch length grew with every distinct length (rows of padded batches):
     # with batches of 2..41 tokens it held 40 of them; now what the longest batch run twice needs
