@@ -60,23 +60,31 @@ def unpadded_rows(batch: dict, encoder_decoder: bool = False) -> list[dict]:
     rows = []
     for i in range(padded[0].shape[0]):
         source = mask[i].bool() if mask is not None else None
-        target = None  # decoder inputs without labels or decoder_attention_mask tell no padding: kept whole
-        if target_mask is not None:  # cut after its last real token (positions before it stay: the decoder is causal)
-            target = int(target_mask[i].nonzero().max()) + 1 if target_mask[i].any() else 0
-        if source is not None and not source.any() or target == 0:
+        target = _target_positions(batch, target_mask[i]) if target_mask is not None else None
+        if source is not None and not source.any() or target is not None and not target.any():
             continue  # a source or a target of padding only: no loss, nothing for one side; the row is left out
         row = {}
         for key, value in batch.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 row[key] = value
             elif encoder_decoder and (key == "labels" or key.startswith("decoder_")) and value.dim() >= 2:
-                row[key] = value[i : i + 1, :target]
+                # decoder inputs without labels or decoder_attention_mask tell no padding: kept whole
+                row[key] = value[i : i + 1] if target is None else value[i : i + 1, target]
             elif source is not None and value.dim() >= 2 and value.shape[:2] == mask.shape:
                 row[key] = value[i][source][None]
             else:
                 row[key] = value[i : i + 1]
         rows.append(row)
     return rows
+
+
+def _target_positions(batch: dict, real: torch.Tensor) -> torch.Tensor:
+    """The positions of one target row (``real``: its row of ``padding_masks``'s target mask) that its row
+    keeps: those ``decoder_attention_mask`` marks (its padding before and after the tokens cut off), or,
+    where the -100 labels tell the padding, every one up to the last real token (a -100 before it may be a
+    real decoder input whose label is ignored; the decoder is causal, so those after it change nothing)."""
+    real = real.bool()
+    return real if "decoder_attention_mask" in batch else _through_last_token(real[None])[0]
 
 
 def _check_one_per_row(batch: dict, rows: int) -> None:
@@ -152,9 +160,9 @@ def flat_tokens(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
 def is_left_padded(batch: dict) -> bool:
     """Whether a row of ``batch``'s ``attention_mask`` has padding before a real token (a tokenizer with
     ``padding_side="left"``): models that number positions from 0 rather than from the mask (GPT-2,
-    Marian) move the real tokens then, and a causal LM's first real token is predicted from padding."""
-    mask, _ = padding_masks(batch)
-    return mask is not None and bool((_through_last_token(mask) > mask).any())
+    Marian) move the real tokens then, and a causal LM's first real token is predicted from padding. So
+    does an encoder-decoder's ``decoder_attention_mask`` (its decoder inputs padded on the left)."""
+    return any(m is not None and bool((_through_last_token(m) > m).any()) for m in padding_masks(batch))
 
 
 def _through_last_token(mask: torch.Tensor) -> torch.Tensor:

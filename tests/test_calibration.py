@@ -1197,30 +1197,40 @@ def test_an_unlabelled_translator_batch_keeps_its_whole_decoder_inputs(stage):
     # refit; healing where the source is left-padded); decoder inputs that tell no padding stay whole
     torch.manual_seed(0)
     if stage == "statistics":
-        model = tiny_marian().eval()
-        targets, _ = find_targets(model, CompressionConfig())
-        batch, rows = _unlabelled_translations(model)
-        got, expected = (
-            {
-                n: (s.tokens, s.gram, s.out_grad_sq)
-                for n, s in collect_statistics(model, targets, b, progress=False).items()
-            }
-            for b in ([batch], rows)
-        )
+        got, expected = _statistics_of_batch_and_rows(_unlabelled_translations)
     elif stage == "refit":
         model, originals, layers = _compressed_and_dense_layers("marian")
         batch, rows = _unlabelled_translations(model)
         got, expected = (collect_cross_statistics(model, originals, layers, b, progress=False) for b in ([batch], rows))
     else:  # healing runs a left-padded batch row by row; the rows' means weighted by their 4 positions each
-        dense = _sharpened(tiny_marian().eval())
-        model = copy.deepcopy(dense)
-        svdlora.compress(model, budget=0.5, progress=False)
-        batch, rows = _unlabelled_translations(model, left=True)
-        losses = [
-            heal(copy.deepcopy(model), [b], steps=1, teacher=dense, progress=False).first_loss for b in [batch, *rows]
-        ]
-        got, expected = losses[0], sum(losses[1:]) / len(rows)
+        losses = _first_healing_losses(lambda model: _unlabelled_translations(model, left=True))
+        got, expected = losses[0], sum(losses[1:]) / (len(losses) - 1)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def _statistics_of_batch_and_rows(make_batches) -> list[dict]:
+    """{layer: (tokens, Gram, E[g²])} of a tiny Marian's statistics on the padded batch, then on its rows one
+    by one, that ``make_batches(model)`` gives."""
+    model = tiny_marian().eval()
+    targets, _ = find_targets(model, CompressionConfig())
+    batch, rows = make_batches(model)
+    return [
+        {n: (s.tokens, s.gram, s.out_grad_sq) for n, s in collect_statistics(model, targets, b, progress=False).items()}
+        for b in ([batch], rows)
+    ]
+
+
+def _first_healing_losses(make_batches, loss: str = "distill") -> list[float]:
+    """The first healing loss of a tiny Marian compressed (budget 0.5; its dense teacher ``_sharpened``) on the
+    padded batch, then on each of the rows, that ``make_batches(model)`` gives."""
+    dense = _sharpened(tiny_marian().eval())
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.5, progress=False)
+    batch, rows = make_batches(model)
+    return [
+        heal(copy.deepcopy(model), [b], steps=1, teacher=dense, loss=loss, progress=False).first_loss
+        for b in [batch, *rows]
+    ]
 
 
 def test_a_padded_batch_with_several_images_to_a_text_row_is_refused_naming_the_tensor():
@@ -1263,6 +1273,39 @@ def test_a_translation_without_a_real_target_token_is_left_out_as_a_whole(left):
         assert padded[name].tokens == stats.tokens, name
         torch.testing.assert_close(padded[name].gram, stats.gram, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(padded[name].out_grad_sq, stats.out_grad_sq, rtol=1e-5, atol=1e-6)
+
+
+def _left_padded_targets(model) -> tuple[dict, list[dict]]:
+    """Two translations padded into one batch, the short target's padding before it (a decoder_attention_mask
+    with 0 before a real token, as a tokenizer with ``padding_side="left"`` pads); and one by one."""
+    ids = torch.tensor([list(range(5, 13)), [12, 13, 7] + [model.config.pad_token_id] * 5])
+    start, pad = model.config.decoder_start_token_id, model.config.pad_token_id
+    batch = {
+        "input_ids": ids,
+        "attention_mask": (ids != pad).long(),
+        "decoder_input_ids": torch.tensor([[start, 20, 21, 22], [pad, pad, start, 30]]),
+        "decoder_attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]),
+        "labels": torch.tensor([[20, 21, 22, 23], [-100, -100, 30, 31]]),
+    }
+    source, target = (slice(None), slice(0, 3)), (slice(None), slice(2, None))
+    rows = [{k: v[:1] for k, v in batch.items()}]
+    rows.append({k: v[1:][source if k in ("input_ids", "attention_mask") else target] for k, v in batch.items()})
+    return batch, rows
+
+
+@pytest.mark.parametrize("stage", ["statistics", "heal-distill", "heal-lm"])
+def test_a_target_padded_before_its_tokens_is_run_without_its_padding(stage):
+    # found by review: only the source's attention_mask was read for padding before a real token; a target
+    # padded on the left (decoder_attention_mask) ran whole, its real tokens at moved positions (Marian numbers
+    # them from 0), and the statistics counted its padding (through the last real token): such a batch now
+    # runs row by row, each target without its padding
+    torch.manual_seed(0)
+    if stage == "statistics":
+        got, expected = _statistics_of_batch_and_rows(_left_padded_targets)
+    else:  # the rows' means weighted by their 4 and 2 target positions
+        first = _first_healing_losses(_left_padded_targets, stage.removeprefix("heal-"))
+        got, expected = first[0], (4 * first[1] + 2 * first[2]) / 6
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_batches_of_many_lengths_keep_one_work_buffer_per_width(monkeypatch):
