@@ -361,3 +361,28 @@ def test_save_pretrained_of_a_merged_translator_given_no_state_dict_keeps_its_em
     for name in ("dense", "positional"):
         dense = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / name)
         assert torch.equal(_logits(dense, "marian"), _logits(merged, "marian")), name
+
+
+@pytest.mark.parametrize(
+    "stage_dtypes, version",
+    [("full-int4,int8", 2), ("full-int4,int8", 3), ("full-int4,int8", 4), ("float16", 4), (None, 4), ("float32", 2)],
+)
+def test_from_pretrained_refuses_stages_in_their_own_dtypes_at_any_format(stage_dtypes, version, tmp_path, monkeypatch):
+    """What the folder holds decides, not its format number: format 2 is only the lowest that carries stage
+    dtypes (3, pivoted factors beside them, and 4, an error not measured, carry them too). A folder whose
+    stages are all in the model's dtype is stored as a plain one and loads at any format."""
+    import transformers
+
+    from svdlora import saving
+
+    real = saving.folder_format
+    monkeypatch.setattr(saving, "folder_format", lambda model, report=None: max(real(model, report), version))
+    options = {"stage_dtypes": stage_dtypes, "submatrices": len(stage_dtypes.split(","))} if stage_dtypes else {}
+    folder = _folder("llama", tmp_path, **options)
+    assert json.loads((folder / "svdlora_config.json").read_text())["format_version"] == version
+    if stage_dtypes in (None, "float32"):  # the tiny model's dtype
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        assert torch.equal(_logits(loaded, "llama"), _logits(svdlora.load_compressed(folder, device="cpu"), "llama"))
+        return
+    with pytest.raises(ValueError, match="stores its stages in their own dtypes.*load_compressed"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)

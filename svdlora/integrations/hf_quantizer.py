@@ -39,6 +39,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..layers import LowRankLinear, dense_kind, factor_layout, weight_out_in
 from ..pivoted import PivotedLowRankLinear, valid_rows
+from ..report import CompressionReport
 from ..version import FORMAT_VERSION, READABLE_FORMATS, __version__, format_refusal
 
 logger = logging.getLogger(__name__)
@@ -135,16 +136,18 @@ class SvdloraHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs):
         self._checkpoint_files = list(checkpoint_files or [])
         if self._checkpoint_files:
-            from ..io import check_folder  # io imports this module
+            from ..io import check_folder, stored_stage_dtypes  # io imports this module
 
             # The same strict checks as load_compressed (issue 7): config fields, every shard's
             # header and factor shapes, before transformers reads a tensor.
             data = check_folder(Path(self._checkpoint_files[0]).parent)
-            if data.get("format_version", 1) == 2:
-                # Stages stored in their own dtypes (quantized, a full-rank first stage) are not
-                # wired into the quantizer: refuse rather than load something else.
+            # Stages stored in their own dtypes (quantized, a full-rank first stage) are not wired into the
+            # quantizer: refuse rather than load something else. Asked of the layers as load_compressed
+            # asks, not of the format number: formats above 2 carry stage dtypes too.
+            report = CompressionReport.from_dict(data["report"])
+            if any(stored_stage_dtypes(m, data.get("dtype")) for m in report.factorized):
                 raise ValueError(
-                    "this svdlora folder stores its stages in their own dtypes (--stage-dtypes, format 2), which "
+                    "this svdlora folder stores its stages in their own dtypes (--stage-dtypes), which "
                     "plain from_pretrained does not load yet: use svdlora.load_compressed(folder)"
                 )
         layouts = _factor_layouts(self._checkpoint_files)
@@ -316,8 +319,6 @@ def _tied_names(model: nn.Module, files: list[str], prefix: str) -> dict[str, st
 
 def _read_report(files: list[str]):
     """(the folder's CompressionReport, its base model's name or path); (None, None) when unreadable."""
-    from ..report import CompressionReport
-
     config = Path(files[0]).parent / "svdlora_config.json" if files else None
     if config is None or not config.is_file():
         return None, None
