@@ -471,6 +471,29 @@ def test_compress_stream_with_calibration_builds_the_meta_model_once(tmp_path, m
     assert calls["skeleton"] == [str(model)]
 
 
+@pytest.mark.parametrize("how", ["--stream", "for memory"])
+def test_a_streamed_global_allocation_builds_the_meta_model_once(tmp_path, monkeypatch, capsys, how):
+    """A streamed run with a global allocation (the calibrated default) plans again with the chosen ranks: that plan
+    built a second meta model, the first one's targets being swapped; and a run streamed for memory built one more
+    (its estimate's plan took the early one over). Each plan hands the model back as built for the next."""
+    from svdlora import memory
+
+    from .eval_helpers import count_loads, lm_folder
+
+    model, text = lm_folder(tmp_path)
+    calls = count_loads(monkeypatch)
+    room = {"available memory": memory.checkpoint_bytes(model)}  # the model fits, not with its factors
+    if how == "for memory":
+        monkeypatch.setattr(memory, "limits", lambda with_swap=False: room)
+    argv = ["compress", str(model), "-o", str(tmp_path / "out"), "--calibration", str(text), "--calibration-samples",
+            "2", "--calibration-length", "16", "--no-progress", *([how] if how == "--stream" else [])]  # fmt: skip
+    assert main(argv) == 0
+    assert "(streamed" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "svdlora_config.json").read_text())["report"]
+    assert report["allocation"] == "global" and report["modules"]
+    assert calls["skeleton"] == [str(model)]
+
+
 def test_a_meta_model_that_cannot_be_built_is_tried_once(tmp_path, monkeypatch):
     """A folder whose meta model cannot be built (a config only its load can judge) was tried three times before the
     load: compress's early outline, then again by the --eval check (early_processor) and the calibration check

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from svdlora import CompressionConfig, SvdloraError, compress, load_compressed, save_compressed
+from svdlora import CompressionConfig, LowRankLinear, SvdloraError, compress, load_compressed, save_compressed
 from svdlora.cli import main
 from svdlora.models import keep_in_fp32, load_pretrained
 from svdlora.streaming import compress_checkpoint
@@ -514,3 +514,22 @@ def test_a_planned_tensor_left_unwritten_fails_the_run_and_leaves_nothing(tmp_pa
     with pytest.raises(RuntimeError, match="never written"):
         compress_checkpoint(base, tmp_path / "out", budget=0.5, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # neither the folder nor its temporary copy
+
+
+def test_a_plan_hands_its_meta_model_back_as_built_for_another_allocation(tmp_path):
+    """A global allocation plans again with its ranks, on the first plan's meta model (Plan.unswapped) rather than a
+    new one: the dense layers are back and a factorized head is tied again in the config, so a re-plan that keeps
+    the head dense writes it tied, as a plan on a fresh build does."""
+    from svdlora.streaming import plan
+
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    config = CompressionConfig(budget=0.5, keep_head=False)
+    first = plan(base, config)
+    assert isinstance(first.model.lm_head, LowRankLinear) and not first.hf_config.tie_word_embeddings
+    allocation = ({t.name: [2] for t in first.targets if t.name != "lm_head"}, {"lm_head": "kept dense"})
+    fresh = plan(base, config, allocation=allocation)
+    again = plan(base, config, allocation=allocation, model=first.unswapped())
+    assert again.model is first.model and again.hf_config.tie_word_embeddings
+    assert (again.specs, again.tied, str(again.model)) == (fresh.specs, fresh.tied, str(fresh.model))
+    assert [j[:2] for j in again.jobs] == [j[:2] for j in fresh.jobs]

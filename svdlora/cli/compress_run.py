@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     processor = processor_before_load(args.calibration, args.model, config, loaded=eval_processor, meta=meta)
     if args.stream or distributed.launched():
         return _run_streamed(args, config, output, processor, eval_processor, meta)
-    if streams_for_memory(args, config, meta):  # its estimate's plan took the meta model over
-        return _run_streamed(args, config, output, processor, eval_processor, None)
+    if streams_for_memory(args, config, meta):  # its estimate's plan took the meta model over and handed it back
+        return _run_streamed(args, config, output, processor, eval_processor, meta)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start

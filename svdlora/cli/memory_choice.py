@@ -36,7 +36,8 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig, meta
     False where it fits, its size is not known (.bin weights; a hub id when the hub cannot be
     reached and it is not in the local cache), or with --no-stream. ``meta``: the local folder's
     meta model compress built for its early checks (``evaluation.loading.local_outline``), which the
-    plan takes over rather than building another; the caller reads it no more."""
+    plan takes over rather than building another, and hands back as built where the run streams (for
+    the streamed run's plan to take over in turn); where it does not, the caller reads it no more."""
     if args.stream is not None:
         return False
     folder = cached_checkpoint(args.model) or _downloaded_unless_refused(args, config)
@@ -52,9 +53,11 @@ def streams_for_memory(args: argparse.Namespace, config: CompressionConfig, meta
     limit, need, room = over
     what = "the model, its factors and its calibration statistics" if statistics else "the model and its factors"
     sizes = f"{args.model!r} needs {_about(need, limit)} ({what}) and {limit} leaves {memory.size(room)}"
-    outline = _outline(planned or _plan(args, config, folder, meta))
-    why, advice = _why_not_streamed(args, config, outline) or (None, None)
-    if why is None:
+    planned = planned or _plan(args, config, folder, meta)
+    why, advice = _why_not_streamed(args, config, _outline(planned)) or (None, None)
+    if why is None:  # planned is a Plan: one that could not be made is a reason not to stream
+        if meta is not None:
+            planned.unswapped()
         print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
         return True
     _refuse_if_the_model_alone_does_not_fit(args, model, why, advice)

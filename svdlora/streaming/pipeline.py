@@ -151,7 +151,7 @@ def compress_checkpoint(
                 ranks, dense, est_loss = allocate_global(
                     p.targets, weights.spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple
                 )
-                p = plan(folder, config, dtype, trust_remote_code, allocation=(ranks, dense))
+                p = plan(folder, config, dtype, trust_remote_code, allocation=(ranks, dense), model=p.unswapped())
         mine = distributed.jobs_of(p, ctx.rank, owners)
         format_version = folder_format(p.model)  # as save_compressed writes it
         writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied, format_version), max_shard_size)

@@ -42,6 +42,17 @@ class Plan:
     keeps_fp32: Callable[[str], bool] = lambda name: False
     names_of: dict[str, list[str]] = field(default_factory=dict)  # parameter -> every name tied to it
     targets: list = field(default_factory=list)  # every targeted layer (a Target), dense ones included
+    untied_head: bool = False  # the config's tie_word_embeddings was turned off: the head is factorized
+
+    def unswapped(self) -> torch.nn.Module:
+        """The meta model as it was built: each target's dense layer back in place, the config's head tied
+        again where the plan untied it. For another plan of the same checkpoint (another allocation's),
+        which takes it over rather than building one; this plan is read no more."""
+        for t in self.targets:
+            self.model.set_submodule(t.name, t.module)
+        if self.untied_head:
+            self.hf_config.tie_word_embeddings = True
+        return self.model
 
     @property
     def target_names(self) -> list[str]:
@@ -163,6 +174,7 @@ def plan(
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, LowRankLinear):  # as compress() does: a factorized head is no longer tied
             hf_config.tie_word_embeddings = False
+            out.untied_head = True
     layout, out.tied = file_layout(model)
     buffers = out.buffers = dict(model.named_buffers())
     stage_owner = {  # factor tensors -> their layer: written by the factorize jobs
