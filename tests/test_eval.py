@@ -813,3 +813,22 @@ def test_evaluate_with_a_baseline_reads_each_folder_once_before_its_load(tmp_pat
     calls = count_loads(monkeypatch)
     svdlora.evaluate(str(model), data=str(text), baseline=str(baseline), limit=2, max_length=16, progress=False)
     assert sorted(calls["skeleton"]) == sorted(calls["tokenizer"]) == sorted([str(model), str(baseline)])
+
+
+def test_a_meta_model_that_cannot_be_built_is_tried_once_by_evaluate(tmp_path, monkeypatch):
+    """evaluate(dir) without a task: the outline that could not be built (None) made infer_task build it again, to
+    say why. The first failure is now the error; with a task it is left to the load, which runs."""
+    from .eval_helpers import count_loads, lm_folder, unbuildable_meta_model
+
+    model, text = lm_folder(tmp_path)
+    calls = count_loads(monkeypatch)
+    (model / "config.json").write_text("{")  # its config cannot be read: the error names MODEL
+    with pytest.raises(svdlora.SvdloraError, match="MODEL .*cannot read its config"):
+        svdlora.evaluate(str(model), data=str(text), limit=2, progress=False)
+    assert calls["skeleton"] == [str(model)]
+
+    model, text = lm_folder(tmp_path / "b")
+    calls["skeleton"].clear()
+    unbuildable_meta_model(monkeypatch)
+    result = svdlora.evaluate(str(model), task="text-generation", data=str(text), limit=2, progress=False)
+    assert result["model"]["metrics"]["perplexity"] > 0 and calls["skeleton"] == [str(model)]

@@ -132,8 +132,9 @@ def evaluate(
     """
     if data is None:
         raise SvdloraError("data is required: a text file, an image folder, a source-sentence file or a dataset")
-    # the model's skeleton, built once where the task, the context check or the early processor read it
-    model_outline = functools.cache(lambda: outline(model_or_path))
+    # the model's skeleton, built once where the task, the context check or the early processor read it; tried
+    # once: without a task a failure is the error (infer_task's), with one a None is kept and left to the load
+    model_outline = functools.cache(lambda: outline(model_or_path, required=task is None))
     opts = build_options(task or infer_task(model_or_path, model_outline()), data, options)
     loaded = load_data(opts)  # data problems surface before any model is loaded
     base_processor = None  # the baseline's, checked by preflight: not loaded again

@@ -202,15 +202,18 @@ def local_outline(source: str, trust_remote_code: bool = False) -> nn.Module | N
     return outline(source, trust_remote_code) if local_folder(source) else None
 
 
-def outline(spec: Any, trust_remote_code: bool = False) -> nn.Module | None:
+def outline(spec: Any, trust_remote_code: bool = False, required: bool = False) -> nn.Module | None:
     """The module ``spec`` holds, or for a path / hub id its ``skeleton`` (no weights); None where
-    neither is there (its load says what is wrong)."""
+    neither is there (its load says what is wrong). ``required``: the task cannot be told without it,
+    so a path's or hub id's failure to build it is raised (as ``infer_task`` raises it), not None."""
     if isinstance(spec, tuple) and spec and isinstance(spec[0], nn.Module):
         return spec[0]
     if isinstance(spec, nn.Module):
         return spec
     if not isinstance(spec, str | Path):
         return None
+    if required:
+        return _model_skeleton(str(spec), trust_remote_code)
     try:
         return skeleton(str(spec), trust_remote_code)
     except Exception:  # noqa: BLE001  only an early check: the model's load says what is wrong, if anything
@@ -233,10 +236,7 @@ def infer_task(spec: Any, model: nn.Module | None = None) -> str:
     ``model``: a folder's or hub id's ``skeleton`` already built."""
     if isinstance(spec, str | Path):
         name = str(spec)
-        try:
-            model = model if model is not None else skeleton(name)
-        except SvdloraError as err:
-            raise SvdloraError(f"MODEL {name!r}: {err}") from None
+        model = model if model is not None else _model_skeleton(name)
     else:
         model = spec[0] if isinstance(spec, tuple) else spec
         name = type(model).__name__
@@ -244,6 +244,14 @@ def infer_task(spec: Any, model: nn.Module | None = None) -> str:
     if task is None:
         raise SvdloraError(f"cannot tell which task {name!r} is for: pass --task ({', '.join(TASKS)})")
     return task
+
+
+def _model_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
+    """``skeleton``, its refusal naming MODEL."""
+    try:
+        return skeleton(name, trust_remote_code)
+    except SvdloraError as err:
+        raise SvdloraError(f"MODEL {name!r}: {err}") from None
 
 
 def _dense_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
