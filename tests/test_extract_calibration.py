@@ -213,6 +213,21 @@ def test_cli_data_that_plain_svd_leaves_unread_is_said_once_and_not_loaded(lm_pa
     assert calls["tokenizer"] == []
 
 
+@pytest.mark.parametrize(("method", "built"), [("svd", 0), ("whiten", 1)])
+def test_trust_remote_code_builds_the_tuned_meta_model_only_for_read_data(lm_pair, monkeypatch, method, built):
+    """extract --trust-remote-code compares no pair before the load, but builds the tuned meta model (running its own
+    code) for the calibration's checks: it did so for --calibration DATA --method svd too, whose data is not read and
+    not checked; only where the method reads the data now."""
+    from .eval_helpers import count_loads
+
+    calls = count_loads(monkeypatch)
+    argv = ["extract", "--base", str(lm_pair / "base"), "--tuned", str(lm_pair / "tuned"), "--rank", "2",
+            "--calibration", str(lm_pair / "train.txt"), "--calibration-samples", "2", "--calibration-length", "16",
+            "--method", method, "--trust-remote-code", "--output", str(lm_pair / "a"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert calls["skeleton"] == [str(lm_pair / "tuned")] * built
+
+
 def test_cli_builds_the_tuned_meta_model_once(lm_pair, monkeypatch):
     """extract --calibration DATA built the tuned folder's meta model twice before the load (the pair's comparison,
     then the calibration's check): the comparison's is passed on."""

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     method = resolve_method(config.method, None if args.calibration == NONE else args.calibration, config)  # early
     # data the method leaves unread (said just above): not loaded nor passed on, so not said again
     data = args.calibration if method in CALIBRATED else NONE
-    tuned_meta = _check_inputs(args)  # both models' paths and the patterns, before the base's slow load
+    tuned_meta = _check_inputs(args, data)  # both models' paths and the patterns, before the base's slow load
 
     require_peft()  # before the slow loads
     # the tuned model reads the data (its meta model, built by the check above, not built again)
@@ -113,12 +113,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_inputs(args: argparse.Namespace) -> nn.Module | None:
+def _check_inputs(args: argparse.Namespace, data: str) -> nn.Module | None:
     """What can be checked without loading a model: --base and --tuned as ``load_pretrained`` checks a
     name first (``models.check_model_path``: the same local-path-or-hub-id rule), saying what extract
     needs for the folders it cannot take; then the two models compared on the meta device (the
-    --include / --exclude regexes are checked by CompressionConfig). Returns the tuned model's meta
-    model where it was built."""
+    --include / --exclude regexes are checked by CompressionConfig). ``data``: the calibration the method
+    reads (NONE where it reads none). Returns the tuned model's meta model where it was built."""
     from ..io import is_compressed_folder
     from ..models import check_model_path
 
@@ -139,10 +139,11 @@ def _check_inputs(args: argparse.Namespace) -> nn.Module | None:
         except SvdloraError as err:
             raise SvdloraError(f"{flag} {name!r}: {err}") from None
     if args.trust_remote_code:  # the pair is not compared before the load (its own code would run for both);
-        # the calibration's checks read the tuned one all the same, as compress builds its model's
+        # the calibration's checks read the tuned one all the same, as compress builds its model's: where the
+        # method reads the data (--calibration DATA --method svd leaves it unread: nothing to check)
         from ..evaluation.loading import local_outline
 
-        return local_outline(args.tuned, True) if args.calibration != NONE else None
+        return local_outline(args.tuned, True) if data != NONE else None
     return _check_pair_on_meta(args)
 
 
