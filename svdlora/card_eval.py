@@ -58,9 +58,9 @@ def check_options(model: nn.Module, source: str, data: str, references: str | No
 def fitted_options(model: nn.Module, task: str) -> dict:
     """The evaluation options compress --eval sets from ``model``, having no flag for them, where the defaults
     were refused once the folder was written: a translator with fewer decoder positions than the default
-    longest sentence generates up to its positions (as text windows take the model's context), and a causal
-    LM whose config gives no context length (a state-space model: no position limit) takes windows of
-    the cap on long contexts."""
+    longest sentence generates up to its positions (as text windows take the model's context; sweep, which
+    has no --max-new-tokens either, takes this one), and a causal LM whose config gives no context length
+    (a state-space model: no position limit) takes windows of the cap on long contexts."""
     if task == TEXT and context_length(model) is None:
         return {"max_length": MAX_LENGTH_CAP}
     if task == TRANSLATION and (positions := decoder_positions(model)) is not None:

@@ -489,3 +489,22 @@ def test_sweep_tries_a_meta_model_that_cannot_be_built_once(tmp_path, monkeypatc
             "--calibration", str(text), "--calibration-samples", "2", "--calibration-length", "16"]  # fmt: skip
     assert main([*argv, "--no-progress"]) == 0
     assert calls["skeleton"] == [str(model)]
+
+
+def test_sweep_of_a_translator_with_fewer_than_128_decoder_positions_generates_up_to_them(tmp_path, capsys):
+    """sweep on a translator with 64 decoder positions failed at the dense model's evaluation with
+    '--max-new-tokens 128 reaches past the model's 64 decoder positions: pass --max-new-tokens 64', a flag sweep
+    lacks: as compress --eval, it now generates at most the model's positions."""
+    from .eval_helpers import tiny_marian, word_tokenizer
+
+    tok = word_tokenizer(["ein", "mann", "a", "man"], eos_suffix=True)
+    tiny_marian(len(tok), max_positions=64).save_pretrained(tmp_path / "marian")
+    tok.save_pretrained(tmp_path / "marian")
+    (tmp_path / "src.txt").write_text("ein mann\n")
+    (tmp_path / "ref.txt").write_text("a man\n")
+    argv = ["sweep", str(tmp_path / "marian"), "--budgets", "0.5", "--data", str(tmp_path / "src.txt"),
+            "--references", str(tmp_path / "ref.txt"), "--calibration", "none", "--output", str(tmp_path / "s"),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert record["dense"]["settings"]["max_new_tokens"] == 64

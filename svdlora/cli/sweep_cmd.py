@@ -82,9 +82,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
+    from ..card_eval import fitted_options
     from ..config import CompressionConfig
     from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task, local_outline
-    from ..evaluation.options import build_options
+    from ..evaluation.options import TRANSLATION, build_options
     from ..io import is_compressed_folder
     from ..models import default_device, load_pretrained
     from ..outputs import check_not_input
@@ -141,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         "device": str(default_device(args.device)),
         "progress": False,
     }
+    if task == TRANSLATION:  # sweep has no --max-new-tokens: up to the model's decoder positions, as compress --eval
+        eval_options.update(fitted_options(model, task))
     build_options(task, args.data, eval_options)  # another task's setting fails before the first compression
     # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
     # image processor, as resolve_calibration would load it)

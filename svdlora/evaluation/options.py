@@ -21,8 +21,8 @@ DEFAULT_DTYPE = torch.float32
 # The HF perplexity guide uses GPT-2's full context (1024) and stride 512; longer contexts are
 # capped so a model with an 8k context does not turn a quick check into minutes per window.
 MAX_LENGTH_CAP = 1024
-# translation: the longest generated sentence (compress --eval, which has no --max-new-tokens, takes a
-# model's decoder positions where they are fewer)
+# translation: the longest generated sentence (compress --eval and sweep, which have no --max-new-tokens, take
+# a model's decoder positions where they are fewer)
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
