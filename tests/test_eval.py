@@ -832,3 +832,27 @@ def test_a_meta_model_that_cannot_be_built_is_tried_once_by_evaluate(tmp_path, m
     unbuildable_meta_model(monkeypatch)
     result = svdlora.evaluate(str(model), task="text-generation", data=str(text), limit=2, progress=False)
     assert result["model"]["metrics"]["perplexity"] > 0 and calls["skeleton"] == [str(model)]
+
+
+@pytest.mark.parametrize(
+    "config_class, settings, context",
+    [
+        ("MptConfig", {"max_seq_len": 24}, 24),  # MPT names its context max_seq_len
+        ("Gemma3Config", {"text_config": {"max_position_embeddings": 40}}, 40),  # a vision-language model's text
+        ("LlavaConfig", {"text_config": {"model_type": "llama", "max_position_embeddings": 48}}, 48),
+        ("GPT2Config", {"n_positions": 32}, 32),
+        ("MambaConfig", {}, None),  # no position limit
+    ],
+)
+def test_the_context_length_of_a_causal_lm_is_read_where_its_config_keeps_it(config_class, settings, context):
+    """context_length read n_positions / max_position_embeddings / n_ctx / seq_length of the config itself: MPT's
+    max_seq_len and a vision-language model's (Gemma 3, Llava) text_config were not read, so `svdlora eval` asked
+    for --max-length and compress --eval read windows of 1024 tokens past a shorter context."""
+    import types
+
+    import transformers
+
+    from svdlora.evaluation.text import context_length
+
+    model = types.SimpleNamespace(config=getattr(transformers, config_class)(**settings))
+    assert context_length(model) == context

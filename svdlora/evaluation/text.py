@@ -87,10 +87,17 @@ def sliding_windows(seq_len: int, max_length: int, stride: int) -> list[Window]:
     return windows
 
 
+# the config keys of the longest input, as transformers' causal LMs name it (max_seq_len: MPT)
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length", "max_seq_len")
+
+
 def context_length(model: nn.Module) -> int | None:
-    """The longest input the model's position embeddings allow, when its config says."""
+    """The longest input the model's position embeddings allow, when its config says: a vision-language
+    model's (Gemma 3, Llava) in its text config, the language model's that reads the text."""
     config = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+    text_config = getattr(config, "text_config", None)
+    config = text_config if text_config is not None else config
+    for name in CONTEXT_KEYS:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
