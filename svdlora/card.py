@@ -48,12 +48,17 @@ def _size(n: int | None) -> str:
 def _eval_rows(result: dict | None) -> list[str]:
     if not result:
         return []
+    from .evaluation.report import measured_with  # torch is loaded where a model was evaluated
+
+    settings = result.get("settings") or {}
+    # the windows / generation length too: without them a reader cannot measure the figures again
+    details = "".join(f"; {detail}" for detail in measured_with(settings))
     lines = [
         "",
         "## Evaluation",
         "",
         f"Task `{result.get('task')}` on `{result.get('data', {}).get('source')}` "
-        f"({result.get('data', {}).get('examples')} examples, limit {result.get('settings', {}).get('limit')}).",
+        f"({result.get('data', {}).get('examples')} examples, limit {settings.get('limit')}{details}).",
         "",
     ]
     lines += [

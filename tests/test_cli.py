@@ -548,3 +548,29 @@ def test_plain_svd_without_patterns_or_eval_builds_no_meta_model(gpt2_folder, tm
     run_cli(capsys, "compress", gpt2_folder, "-o", tmp_path / "out2", "--calibration", "none", "--budget", "0.5",
             "--exclude", "*c_fc*", "--no-progress")  # fmt: skip
     assert len(built) == 1
+
+
+@pytest.mark.parametrize("task", ["text-generation", "translation"])
+def test_the_card_says_which_windows_or_generation_length_its_figures_were_measured_with(tmp_path, capsys, task):
+    """The card's evaluation named the task, the data and the limit, but not the windows' length and stride
+    (perplexity) or the beams and longest generation (translation) the figures depend on: a reader could not
+    measure them again. They are in the evaluation's line now, as in the printed table."""
+    from .eval_helpers import lm_folder, tiny_marian, word_tokenizer
+
+    if task == "text-generation":
+        model, data = lm_folder(tmp_path)  # a GPT-2 of 64 positions: windows of 64 every 32
+        flags, want = [], "windows of 64 every 32 tokens"
+    else:
+        tok = word_tokenizer(["ein", "mann", "a", "man"], eos_suffix=True)
+        model, data = tmp_path / "marian", tmp_path / "src.txt"
+        tiny_marian(len(tok), max_positions=64).save_pretrained(model)
+        tok.save_pretrained(model)
+        data.write_text("ein mann\n")
+        (tmp_path / "ref.txt").write_text("a man\n")
+        flags, want = ["--references", tmp_path / "ref.txt"], "4 beams, <= 64 new tokens"
+    out = tmp_path / "out"
+    argv = ["compress", model, "-o", out, "--calibration", "none", "--eval", data, *flags, "--eval-limit", "2"]
+    code, _, err = run_cli(capsys, *argv, "--no-progress")
+    assert code == 0, err
+    line = next(line for line in (out / "README.md").read_text().splitlines() if line.startswith("Task `"))
+    assert want in line, line

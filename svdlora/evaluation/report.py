@@ -75,15 +75,22 @@ def _rows(entry: dict) -> list[tuple[str, str, str | None]]:
     return rows
 
 
+def measured_with(settings: dict) -> list[str]:
+    """The settings a task's figures depend on, in words (the table's heading and the model card's): the
+    text windows' length and stride, the translator's beams and longest generation."""
+    details = []
+    if settings.get("max_length"):
+        details.append(f"windows of {settings['max_length']} every {settings['stride']} tokens")
+    if settings.get("num_beams"):
+        details.append(f"{settings['num_beams']} beams, <= {settings['max_new_tokens']} new tokens")
+    return details
+
+
 def format_table(result: dict) -> str:
     """The result as a readable table: one column per model, plus the ratio when there is a baseline."""
     model, baseline, task_ratios = result["model"], result["baseline"], result["ratios"]
     settings, data = result["settings"], result["data"]
-    details = [f"batch {settings['batch_size']}"]
-    if settings["max_length"]:
-        details.append(f"windows of {settings['max_length']} every {settings['stride']} tokens")
-    if settings["num_beams"]:
-        details.append(f"{settings['num_beams']} beams, <= {settings['max_new_tokens']} new tokens")
+    details = [f"batch {settings['batch_size']}", *measured_with(settings)]
     if settings["limit"]:
         details.append(f"limit {settings['limit']}")
     if settings.get("runtime"):
