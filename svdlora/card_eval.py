@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from . import card
 from .errors import SvdloraError
 from .evaluation import evaluate, load_data
 from .evaluation.images import label_ids
-from .evaluation.loading import checked_processor, early_processor, fitting_task
+from .evaluation.loading import checked_processor, fitting_task
 from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, MAX_LENGTH_CAP, TEXT, TRANSLATION, build_options
 from .evaluation.text import context_length
 from .evaluation.translation import decoder_positions
@@ -29,30 +30,31 @@ def eval_task(model: nn.Module, source: str) -> str:
     return task
 
 
-def check_before_load(
+@dataclass(frozen=True)
+class CheckedEval:
+    """What compress --eval's checks before compressing read, for the evaluation to take rather than read again."""
+
+    processor: Any  # the source's tokenizer / image processor
+    data: Any  # the data as its task reads it (load_data): a text, images by position, sentence pairs
+
+
+def check_before_compressing(
     source: str, data: str, references: str | None = None, model: nn.Module | None = None, limit: int | None = None
-) -> tuple[str | None, Any]:
-    """compress --eval's checks of a local folder or, given its ``model``, a hub id, on its model built on the
-    meta device (``model``, where the caller built it already): a model no task fits, a folder without
-    tokenizer / image processor files, the task's options (a translator's source-text file without
-    --references, --references for another task) and data the task cannot read (an image folder for a causal
-    LM) are refused before the load, not once the model is compressed and written. A hub id without
-    ``model``, or a config only the load can read: none. Returns ``early_processor``'s (task, processor), the
-    processor for ``evaluate_into_card`` to take rather than load again."""
-    return early_processor(
-        source, find_task=lambda meta: check_options(meta, source, data, references, limit), model=model
-    )
-
-
-def check_options(model: nn.Module, source: str, data: str, references: str | None, limit: int | None = None) -> str:
-    """The task --eval measures ``model`` on (a real or meta model), refusing options it cannot take, data it
-    cannot read and images of classes its config does not name: the data is read here, and again by the
-    evaluation (a text file, an image list, or a dataset's handle)."""
+) -> CheckedEval | None:
+    """compress --eval's checks on ``model``: a local folder's or, where it could be built, a hub id's, on the
+    meta device (before the load), or the loaded model (a config only the load reads). A model no task fits, a
+    folder without tokenizer / image processor files, the task's options (a translator's source-text file
+    without --references, --references for another task), data the task cannot read (an image folder for a
+    causal LM), and images of classes its config does not name are refused before the model
+    is compressed and written. ``model`` None (none could be built): no check, None."""
+    if model is None:
+        return None
     task = eval_task(model, source)
     loaded = load_data(build_options(task, data, {"references": references, "limit": limit}))
     if task == IMAGES:
         label_ids(loaded.labels, model, data)
-    return task
+    processor = checked_processor(source, task)
+    return CheckedEval(processor, loaded)
 
 
 def fitted_options(model: nn.Module, task: str) -> dict:
@@ -76,16 +78,15 @@ def evaluate_into_card(
     data: str,
     limit: int | None,
     references: str | None = None,
-    processor: Any = None,
+    checked: CheckedEval | None = None,
 ) -> dict:
     """Evaluate the in-memory compressed model (task from its class) and rewrite the folder's card;
-    ``processor``: the source's tokenizer / image processor already loaded (None: loaded here)."""
+    ``checked``: the processor and data ``check_before_compressing`` read (None: read here)."""
     task = eval_task(model, source)
-    if processor is None:
-        processor = checked_processor(source, task)
+    processor = checked.processor if checked is not None else checked_processor(source, task)
     result = evaluate(
         (model, processor), task=task, data=data, references=references, limit=limit, progress=False,
-        **fitted_options(model, task),
+        data_read=checked.data if checked is not None else None, **fitted_options(model, task),
     )  # fmt: skip
     # the in-memory model is named by its config's path, which compress leaves as the base model's:
     # the figures are the folder's, which holds exactly this model

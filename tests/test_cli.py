@@ -574,3 +574,20 @@ def test_the_card_says_which_windows_or_generation_length_its_figures_were_measu
     assert code == 0, err
     line = next(line for line in (out / "README.md").read_text().splitlines() if line.startswith("Task `"))
     assert want in line, line
+
+
+@pytest.mark.parametrize("flags", [[], ["--stream"]])
+def test_compress_eval_reads_its_data_once(tmp_path, monkeypatch, flags):
+    """compress --eval DATA read DATA for its checks before the load, then again for the evaluation after writing:
+    the evaluation now takes what the checks read."""
+    import svdlora.evaluation
+
+    from .eval_helpers import lm_folder
+
+    model, text = lm_folder(tmp_path)
+    reads, load_text = [], svdlora.evaluation._LOADERS["text-generation"]
+    monkeypatch.setitem(svdlora.evaluation._LOADERS, "text-generation", lambda opts: reads.append(1) or load_text(opts))
+    argv = ["compress", str(model), "-o", str(tmp_path / "out"), "--calibration", "none", "--eval", str(text),
+            "--eval-limit", "2", *flags, "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert len(reads) == 1

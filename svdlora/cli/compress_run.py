@@ -70,12 +70,12 @@ def run(args: argparse.Namespace) -> int:
     meta = local_outline(args.model, args.trust_remote_code) if checks else None
     if meta is not None:
         _check_patterns(meta, config, args.model)
-    eval_processor = None  # the tokenizer / image processor checked for --eval: also the calibration's
+    checked_eval = None  # what the --eval checks read: the data, the tokenizer / image processor (the calibration's)
     if args.eval:
         check_data_path(args.eval, "--eval")
         if args.references is not None:
             check_data_path(args.references, "--references")
-        from ..card_eval import check_before_load
+        from ..card_eval import check_before_compressing
         from ..evaluation.loading import local_folder
 
         # the task, tokenizer and the task's options before the load; a hub id's too, on its config and tokenizer
@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         # folder's was tried above: one that could not be built is not tried again
         hub_id = not local_folder(args.model)
         eval_meta = outline(args.model, args.trust_remote_code) if meta is None and hub_id else meta
-        eval_processor = check_before_load(args.model, args.eval, args.references, eval_meta, args.eval_limit)[1]
+        checked_eval = check_before_compressing(args.model, args.eval, args.references, eval_meta, args.eval_limit)
+    eval_processor = checked_eval.processor if checked_eval is not None else None
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
     inputs = [args.model, calibration_input(args.calibration), args.eval, args.references]
     output = check_output(args.output, args.overwrite, inputs=inputs)
@@ -93,16 +94,17 @@ def run(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     processor = processor_before_load(args.calibration, args.model, config, loaded=eval_processor, meta=meta)
     if args.stream or distributed.launched():
-        return _run_streamed(args, config, output, processor, eval_processor, meta)
+        return _run_streamed(args, config, output, processor, checked_eval, meta)
     if streams_for_memory(args, config, meta):  # its estimate's plan took the meta model over and handed it back
-        return _run_streamed(args, config, output, processor, eval_processor, meta)
+        return _run_streamed(args, config, output, processor, checked_eval, meta)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - start
-    if args.eval and eval_processor is None:  # a config only the load reads: before compressing and writing
-        from ..card_eval import check_options
+    if args.eval and checked_eval is None:  # a config only the load reads: before compressing and writing
+        from ..card_eval import check_before_compressing
 
-        check_options(model, args.model, args.eval, args.references, args.eval_limit)
+        checked_eval = check_before_compressing(args.model, args.eval, args.references, model, args.eval_limit)
+        eval_processor = checked_eval.processor
     if processor is None:  # a keyword ('self' reads the same tokenizer): --eval's, where it was loaded
         processor = eval_processor
     calibration, processor = resolve_calibration(args.calibration, model, args.model, processor, config)
@@ -119,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
         from ..evaluation import format_table
 
         result = evaluate_into_card(
-            model, output, report, args.model, args.eval, args.eval_limit, args.references,
-            processor=eval_processor if eval_processor is not None else processor,  # a hub id's: the calibration's
+            model, output, report, args.model, args.eval, args.eval_limit, args.references, checked=checked_eval
         )  # fmt: skip
         print("\n" + format_table(result))  # the figures, not only in the card
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -144,7 +145,7 @@ def _check_patterns(meta, config: CompressionConfig, source: str) -> None:
 
 
 def _run_streamed(
-    args: argparse.Namespace, config: CompressionConfig, output, processor, eval_processor, meta: nn.Module | None
+    args: argparse.Namespace, config: CompressionConfig, output, processor, checked_eval, meta: nn.Module | None
 ) -> int:
     start = time.perf_counter()
     how = "--stream" if args.stream else "a distributed run"
@@ -194,7 +195,7 @@ def _run_streamed(
 
         result = evaluate_into_card(
             load_compressed(output), output, report, args.model, args.eval, args.eval_limit, args.references,
-            processor=eval_processor,
+            checked=checked_eval,
         )  # fmt: skip
         print("\n" + format_table(result))  # the figures, not only in the card
     print(

@@ -105,6 +105,7 @@ def evaluate(
     baseline: Any = None,
     *,
     processor: Any = None,
+    data_read: Any = None,
     **options: Any,
 ) -> dict:
     """Evaluate a model (and optionally its baseline) on one task; the dict of ``--json``.
@@ -120,6 +121,8 @@ def evaluate(
         baseline: the original model, in any form ``model_or_path`` takes; measured in the same
             run, with the same data and settings, and compared figure by figure.
         processor: tokenizer or image processor for in-memory models that do not carry one.
+        data_read: ``data`` as the task reads it with these options (``load_data``), where the caller read
+            it already (compress --eval, for its checks before compressing): not read again.
         **options: any field of ``EvalOptions`` (references, split, limit, batch_size, device,
             dtype, max_length, stride, num_beams, max_new_tokens, the column names, progress).
     Returns:
@@ -136,7 +139,7 @@ def evaluate(
     # once: without a task a failure is the error (infer_task's), with one a None is kept and left to the load
     model_outline = functools.cache(lambda: outline(model_or_path, required=task is None))
     opts = build_options(task or infer_task(model_or_path, model_outline()), data, options)
-    loaded = load_data(opts)  # data problems surface before any model is loaded
+    loaded = load_data(opts) if data_read is None else data_read  # data problems surface before any model is loaded
     base_processor = None  # the baseline's, checked by preflight: not loaded again
     if baseline is not None:
         # a broken baseline fails now, not after the model ran

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,12 +165,7 @@ def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> tuple[n
     return model, processor
 
 
-def early_processor(
-    source: str,
-    task: str | None = None,
-    find_task: Callable[[nn.Module], str] | None = None,
-    model: nn.Module | None = None,
-) -> tuple[str | None, Any]:
+def early_processor(source: str, task: str | None = None, model: nn.Module | None = None) -> tuple[str | None, Any]:
     """(task, processor) of a local model folder, from its config on the meta device and its processor
     files, before the model is loaded: a wrong task or a folder without tokenizer files is refused in a
     second, not after minutes of loading. ``(task, None)`` for a hub id, whose files come with the model
@@ -179,14 +173,13 @@ def early_processor(
     whose config only its load can judge.
 
     Args:
-        find_task: the task of the meta model where ``task`` is None (default ``infer_task``; compress
-            --eval's refuses the options its task cannot take).
+        task: the task, where the caller knows it (None: the one the meta model fits, ``infer_task``).
         model: the folder's or hub id's ``skeleton``, built by the caller (``outline``); None where none
             could be built, which is not tried again: the checks are left to the load.
     """
     if model is None:
         return task, None
-    task = task or (find_task or infer_task)(model)
+    task = task or infer_task(model)
     check_task(model, task, source)
     return task, checked_processor(source, task)
 
