@@ -14,7 +14,7 @@ from .evaluation import evaluate, load_data
 from .evaluation.images import label_ids
 from .evaluation.loading import checked_processor, fitting_task
 from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, MAX_LENGTH_CAP, TEXT, TRANSLATION, build_options
-from .evaluation.text import context_length
+from .evaluation.text import check_scorable, context_length
 from .evaluation.translation import decoder_positions
 from .report import CompressionReport
 
@@ -45,8 +45,8 @@ def check_before_compressing(
     meta device (before the load), or the loaded model (a config only the load reads). A model no task fits, a
     folder without tokenizer / image processor files, the task's options (a translator's source-text file
     without --references, --references for another task), data the task cannot read (an image folder for a
-    causal LM), and images of classes its config does not name are refused before the model
-    is compressed and written. ``model`` None (none could be built): no check, None."""
+    causal LM), images of classes its config does not name and a text too short to score are refused before
+    the model is compressed and written. ``model`` None (none could be built): no check, None."""
     if model is None:
         return None
     task = eval_task(model, source)
@@ -54,6 +54,8 @@ def check_before_compressing(
     if task == IMAGES:
         label_ids(loaded.labels, model, data)
     processor = checked_processor(source, task)
+    if task == TEXT:
+        check_scorable(processor, loaded)
     return CheckedEval(processor, loaded)
 
 

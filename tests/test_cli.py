@@ -577,6 +577,20 @@ def test_the_card_says_which_windows_or_generation_length_its_figures_were_measu
 
 
 @pytest.mark.parametrize("flags", [[], ["--stream"]])
+def test_compress_eval_of_a_text_too_short_to_score_is_refused_before_writing(tmp_path, capsys, flags):
+    """compress --eval TEXT where TEXT is one token compressed and wrote the folder, then the perplexity said 'the
+    text is 1 token(s) long': the text is now tokenized for the checks before the load."""
+    from .eval_helpers import lm_folder
+
+    model, _ = lm_folder(tmp_path)
+    (tmp_path / "one.txt").write_text("the\n")
+    out = tmp_path / "out"
+    argv = ["compress", model, "-o", out, "--calibration", "none", "--eval", tmp_path / "one.txt", *flags]
+    code, _, err = run_cli(capsys, *argv, "--no-progress")
+    assert code == 2 and "the text is 1 token(s) long" in err and not out.exists(), err
+
+
+@pytest.mark.parametrize("flags", [[], ["--stream"]])
 def test_compress_eval_reads_its_data_once(tmp_path, monkeypatch, flags):
     """compress --eval DATA read DATA for its checks before the load, then again for the evaluation after writing:
     the evaluation now takes what the checks read."""

@@ -856,3 +856,17 @@ def test_the_context_length_of_a_causal_lm_is_read_where_its_config_keeps_it(con
 
     model = types.SimpleNamespace(config=getattr(transformers, config_class)(**settings))
     assert context_length(model) == context
+
+
+def test_a_text_too_short_to_score_is_found_from_its_head_or_else_from_the_whole_text():
+    """check_scorable tokenizes the first HEAD_CHARACTERS only where they hold 2 tokens; a head of fewer (blank
+    lines before the text, or a text that ends there) leaves the count to the whole text."""
+    from svdlora.evaluation.text import HEAD_CHARACTERS, check_scorable
+
+    tok = word_tokenizer(["the", "cat"])
+    blank = " " * (2 * HEAD_CHARACTERS)
+    check_scorable(tok, "the cat" + blank)
+    check_scorable(tok, blank + "the cat")  # the head holds no token: the whole text has 2
+    for short in ("the", blank + "the", "the" + blank):
+        with pytest.raises(svdlora.SvdloraError, match="1 token"):
+            check_scorable(tok, short)

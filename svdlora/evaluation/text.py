@@ -44,6 +44,10 @@ from .sources import (
 logger = logging.getLogger(__name__)
 
 
+# check_scorable's prefix of the text
+HEAD_CHARACTERS = 1000
+
+
 @dataclass(frozen=True)
 class Window:
     begin: int  # first token of the window
@@ -141,6 +145,24 @@ def check_baseline_context(model: nn.Module | None, baseline: nn.Module | None, 
         )
 
 
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    """The text's token ids, 1-D (verbose=False: the whole text is longer than model_max_length on purpose)."""
+    return tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+
+
+def _refuse_short(tokens: int) -> None:
+    if tokens < 2:  # the first token is never scored
+        raise SvdloraError(f"the text is {tokens} token(s) long: perplexity needs at least 2 tokens")
+
+
+def check_scorable(tokenizer, text: str) -> None:
+    """A text too short for a perplexity, refused before the evaluation (compress --eval: before compressing).
+    Its first HEAD_CHARACTERS decide where they are 2 tokens (no vocabulary entry is that long, so the whole
+    text is too): tokenizing all of it is left to the evaluation (wikitext-2's test text: 2.7 s on SmolLM2's)."""
+    head = token_ids(tokenizer, text[:HEAD_CHARACTERS]).numel()
+    _refuse_short(head if head >= 2 or len(text) <= HEAD_CHARACTERS else token_ids(tokenizer, text).numel())
+
+
 def _accepts(model: nn.Module, argument: str) -> bool:
     try:
         return argument in inspect.signature(model.forward).parameters
@@ -214,8 +236,7 @@ def perplexity(
     """
     device = torch.device(device)
     ids = input_ids.reshape(-1)
-    if ids.numel() < 2:
-        raise SvdloraError(f"the text is {ids.numel()} token(s) long: perplexity needs at least 2 tokens")
+    _refuse_short(ids.numel())
     windows = sliding_windows(ids.numel(), max_length, stride)[:limit]
     batches = _batches(windows, batch_size)
     # The first batch once, untimed and unmetered: first-call costs (thread pools, kernel
@@ -248,8 +269,7 @@ def evaluate_text(
             "text-generation needs the model's tokenizer: save it in the model folder or pass processor="
         )
     max_length, stride = window_settings(model, opts)
-    # verbose=False: the whole text is longer than model_max_length on purpose.
-    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+    ids = token_ids(tokenizer, text)
     logger.info("%d tokens, windows of %d every %d", ids.numel(), max_length, stride)
     run = perplexity(
         model,
