@@ -508,3 +508,19 @@ def test_sweep_of_a_translator_with_fewer_than_128_decoder_positions_generates_u
     assert main(argv) == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert record["dense"]["settings"]["max_new_tokens"] == 64
+
+
+def test_sweep_reads_a_dataset_s_split_and_column_as_eval_does(tmp_path, capsys):
+    """sweep took --data 'as for svdlora eval' but had none of its dataset flags: a dataset whose text is in
+    another column was refused with "pass --text-column", a flag sweep did not have."""
+    model, text = lm_folder(tmp_path)
+    rows = [{"content": line} for line in text.read_text().splitlines() if line.strip()]
+    data = tmp_path / "data.json"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(data), "--max-length", "16", "--limit", "2",
+            "--calibration", "none", "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    assert "pass --text-column one of ['content']" in capsys.readouterr().err
+    assert main([*argv, "--text-column", "content", "--split", "train", "--overwrite"]) == 0
+    record = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [p["budget"] for p in record["points"]] == [0.5]

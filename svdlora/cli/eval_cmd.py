@@ -44,14 +44,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--baseline", help="the original model to compare with (folder or hub id)")
     p.add_argument("--references", help="translation: reference file, one sentence per line")
-    d = p.add_argument_group("dataset options")
-    d.add_argument("--split", help="dataset split (default: test when present)")
-    d.add_argument("--data-config", help="dataset configuration name, e.g. wikitext-2-raw-v1")
-    d.add_argument("--text-column", default="text", help="text-generation column (default: text)")
-    d.add_argument("--image-column", help="image column (default: image or img)")
-    d.add_argument("--label-column", help="label column (default: label or labels)")
-    d.add_argument("--source-column", help="translation source column; translation.de reads a dict column")
-    d.add_argument("--target-column", help="translation reference column, e.g. translation.en")
+    options.add_dataset_flags(p)
     t = p.add_argument_group("task settings")
     t.add_argument(
         "--max-length",
@@ -108,13 +101,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         baseline=args.baseline,
         references=args.references,
-        split=args.split,
-        data_config=args.data_config,
-        text_column=args.text_column,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        source_column=args.source_column,
-        target_column=args.target_column,
+        **options.dataset_options(args),
         max_length=args.max_length,
         stride=args.stride,
         num_beams=args.num_beams,

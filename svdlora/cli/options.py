@@ -54,6 +54,34 @@ def positive_float(name: str):
     return parse
 
 
+DATASET_FLAGS = (
+    "split",
+    "data_config",
+    "text_column",
+    "image_column",
+    "label_column",
+    "source_column",
+    "target_column",
+)
+
+
+def add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    """How a datasets dataset given as --data is read: the flags the evaluation's errors name."""
+    d = parser.add_argument_group("dataset options")
+    d.add_argument("--split", help="dataset split (default: test when present)")
+    d.add_argument("--data-config", help="dataset configuration name, e.g. wikitext-2-raw-v1")
+    d.add_argument("--text-column", default="text", help="text-generation column (default: text)")
+    d.add_argument("--image-column", help="image column (default: image or img)")
+    d.add_argument("--label-column", help="label column (default: label or labels)")
+    d.add_argument("--source-column", help="translation source column; translation.de reads a dict column")
+    d.add_argument("--target-column", help="translation reference column, e.g. translation.en")
+
+
+def dataset_options(args: argparse.Namespace) -> dict:
+    """The evaluation options ``add_dataset_flags`` set, as ``evaluate`` takes them."""
+    return {name: getattr(args, name) for name in DATASET_FLAGS}
+
+
 def add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 

@@ -50,6 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="evaluation data, as for `svdlora eval`")
     p.add_argument("--task", choices=TASKS, help="default: from the model class (causal LM: text-generation)")
     p.add_argument("--references", help="translation: reference file")
+    options.add_dataset_flags(p)
     p.add_argument("--target", help="quality target, e.g. 'ppl<=1.5x' or 'acc-drop<=0.02'")
     p.add_argument(
         "--tolerance", type=options.positive_float("tolerance"), default=0.02,
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         processor = checked_processor(args.model, task)
     eval_options = {
         "references": args.references,
+        **options.dataset_options(args),
         "limit": args.limit,
         "max_length": args.max_length,
         "batch_size": args.batch_size,
