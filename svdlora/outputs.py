@@ -148,7 +148,8 @@ def _dead_leftover(path: Path, prefix: str) -> bool:
 
 
 def clean_leftovers(output: Path) -> None:
-    """Remove the temporary folders of killed runs for ``output``; restore an output caught mid-swap."""
+    """Remove the temporary folders (or result files) of killed runs for ``output``; restore an output
+    caught mid-swap."""
     parent = output.parent
     if not parent.is_dir():
         return
@@ -157,7 +158,10 @@ def clean_leftovers(output: Path) -> None:
         # finished or not: a kill between the INCOMPLETE unlink and the rename leaves a finished one
         if path.name.startswith(tmp_prefix) and _dead_leftover(path, tmp_prefix):
             logger.warning("removing %s, left by an interrupted run", path)
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:  # a result file's (write_file_atomic)
+                path.unlink(missing_ok=True)
         elif path.name.startswith(old_prefix) and _dead_leftover(path, old_prefix):
             if not output.exists() and not output.is_symlink():
                 logger.warning("restoring %s from %s (a run was interrupted while replacing it)", output, path)
@@ -254,6 +258,7 @@ def _is_svdlora_result(path: Path) -> bool:
 
 def write_file_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, so a failure leaves the old file."""
+    clean_leftovers(Path(path).absolute())  # a killed writer's temporary file
     tmp = _leftover_name(path, TMP_TAG)
     try:
         tmp.write_text(text)

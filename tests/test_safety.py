@@ -289,6 +289,21 @@ def test_a_killed_runs_finished_temporary_folder_is_removed_and_a_kept_one_stays
     assert (kept / "result").read_text() == "finished"
 
 
+def test_a_killed_writers_temporary_result_file_is_removed_by_the_next_write(tmp_path):
+    """write_file_atomic (eval --json, sweep's files) killed between its write and its rename left a hidden
+    temporary file beside the result that nothing removed."""
+    from svdlora.outputs import write_file_atomic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".result.json{TMP_TAG}{_host()}-{dead.pid}-abcd"
+    live = tmp_path / f".result.json{TMP_TAG}{_host()}-1-abcd"  # pid 1 runs: maybe another writer's
+    left.write_text('{"half": ')
+    live.write_text("{}")
+    write_file_atomic(tmp_path / "result.json", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "result.json"])
+
+
 # ---------------------------------------------------------------- partial and corrupt inputs
 def _rewrite(folder: Path, change) -> None:
     path = folder / WEIGHTS_NAME
