@@ -133,7 +133,7 @@ def _read_calibration_text(data: Any) -> str:
         if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
             return read_text(path, FLAG)
     dataset = open_dataset(data, None, None, FLAG)
-    column = pick_column(dataset, None, ("text", "sentence", "source"), FLAG)
+    column = pick_column(dataset, None, ("text", "sentence", "source"), None)  # no flag picks a column
     text = "\n\n".join(str(t) for t in column_values(dataset, column) if t is not None)
     if not text.strip():
         raise SvdloraError(f"{FLAG} {str(data)!r}: column {column!r} holds no text")
@@ -178,7 +178,7 @@ def _image_batches(data, image_processor, samples: int) -> list[dict]:
         total = len(images)
     else:
         dataset = open_dataset(data, None, None, FLAG)
-        column = pick_column(dataset, None, ("image", "img", "pixel_values"), FLAG)
+        column = pick_column(dataset, None, ("image", "img", "pixel_values"), None)
         dataset = dataset.select(range(min(samples, len(dataset))))
         total = len(dataset)
 
@@ -199,7 +199,7 @@ def _seq2seq_batches(model, data, tokenizer, samples: int, length: int, progress
     tokenizer = _need(tokenizer, "tokenizer")
     if is_dataset(data) or Path(str(data)).suffix.lower() in DATASET_FILE_BUILDERS:
         dataset = open_dataset(data, None, None, FLAG)
-        column = pick_column(dataset, None, ("source", "src", "text", "sentence"), FLAG)
+        column = pick_column(dataset, None, ("source", "src", "text", "sentence"), None)
         sentences = [str(s) for s in column_values(dataset, column)]
     else:
         sentences = read_lines(data, FLAG)

@@ -694,6 +694,18 @@ def test_calibration_data_errors_name_the_calibration_flag(monkeypatch):
     assert "--data" not in str(err.value)
 
 
+def test_a_calibration_dataset_without_a_known_column_says_how_to_read_it(tmp_path):
+    """The refusal said "pass --calibration one of ['content']": --calibration takes data, not a column."""
+    from svdlora.calibration_data import calibration_batches
+
+    data = tmp_path / "data.json"
+    data.write_text("".join(json.dumps({"content": f"a b a b {i}"}) + "\n" for i in range(8)))
+    model, tokenizer = word_gpt2(["a", "b"])
+    with pytest.raises(SvdloraError, match=r"none of the columns .* \(it has \['content'\]\): rename") as err:
+        calibration_batches(model, str(data), tokenizer, samples=2, length=4)
+    assert "pass --calibration one of" not in str(err.value)
+
+
 @pytest.mark.parametrize("stage_dtypes", [None, ["int8"]])
 def test_report_errors_after_healing_are_those_of_the_saved_layers(tmp_path, stage_dtypes):
     """Found by review: the report kept each layer's error from before healing, though healing trains

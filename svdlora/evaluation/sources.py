@@ -200,8 +200,9 @@ def open_eval_dataset(opts: Any):
     return dataset
 
 
-def pick_column(dataset, wanted: str | None, candidates: tuple[str, ...], flag: str) -> str:
-    """``wanted`` when the dataset has it, else the first of ``candidates`` that it has."""
+def pick_column(dataset, wanted: str | None, candidates: tuple[str, ...], flag: str | None) -> str:
+    """``wanted`` when the dataset has it, else the first of ``candidates`` that it has; ``flag`` is the
+    option that names a column, None where there is none (calibration data)."""
     columns = list(dataset.column_names)
     if wanted is not None:
         root = wanted.split(".", 1)[0]
@@ -211,6 +212,11 @@ def pick_column(dataset, wanted: str | None, candidates: tuple[str, ...], flag: 
     for name in candidates:
         if name in columns:
             return name
+    if flag is None:
+        raise SvdloraError(
+            f"the dataset has none of the columns {list(candidates)} (it has {columns}): rename the one to read "
+            f"(datasets' rename_column, then save_to_disk) or pass a file"
+        )
     raise SvdloraError(f"the dataset has none of the columns {list(candidates)}: pass {flag} one of {columns}")
 
 
