@@ -31,7 +31,7 @@ from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR, all_finite
 from .errors import SvdloraError, first_line
 from .integrations import hf_quantizer
 from .layers import LowRankLinear, dense_kind, weight_out_in
-from .models import default_device, model_class, parse_dtype
+from .models import default_device, keep_in_fp32, model_class, parse_dtype
 from .outputs import describe, is_incomplete
 from .pivoted import PivotedLowRankLinear
 from .placement import device_for, dispatch, parse_max_memory, resolve_device_map
@@ -333,9 +333,10 @@ def load_compressed(
     # quantized stages are dequantized on the device, in the model's dtype (or the one asked for)
     compute_dtype = target_dtype or parse_dtype(data.get("dtype")) or torch.float32
     stored_parts: dict[str, list] = {}
+    keeps_fp32 = keep_in_fp32(model, compute_dtype)  # as from_pretrained(dtype=...) keeps them (T5's wo)
     tensors = read_state(
         files, report, target_device, target_dtype, merge, place,
-        stored_dtypes=stored_dtypes, compute_dtype=compute_dtype, stored_parts=stored_parts,
+        stored_dtypes=stored_dtypes, compute_dtype=compute_dtype, stored_parts=stored_parts, keeps_fp32=keeps_fp32,
     )  # fmt: skip
     tied = _tied_map(metadata, tensors, weights)
 
@@ -377,7 +378,7 @@ def load_compressed(
             with torch.no_grad():
                 for key, weight in read_state(
                     files, report, target_device, target_dtype, True, place,
-                    stored_dtypes=stored_dtypes, compute_dtype=compute_dtype, only=merged,
+                    stored_dtypes=stored_dtypes, compute_dtype=compute_dtype, only=merged, keeps_fp32=keeps_fp32,
                 ).items():  # fmt: skip
                     model.get_parameter(key).copy_(weight)
     if stack_siblings:

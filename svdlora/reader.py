@@ -89,6 +89,7 @@ def read_state(
     compute_dtype: torch.dtype | None = None,
     stored_parts: dict[str, list] | None = None,
     only: set[str] | None = None,
+    keeps_fp32: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict for ``load_state_dict(assign=True)``: ``<layer>.A/.B`` per factorized layer,
     or, with ``merge``, the dense ``<layer>.weight`` (in the layer's own layout) built on ``device``.
@@ -97,13 +98,17 @@ def read_state(
     ``stored_dtypes[name]``: that layer's stages are stored in their own dtypes (issue 9); they are
     dequantized in ``compute_dtype`` (a full-rank first stage becomes ``<layer>.full``), and their
     stored parts go to ``stored_parts[name]`` so that re-saving writes the same bits. ``only``: read
-    these factorized layers and nothing else."""
+    these factorized layers and nothing else. ``keeps_fp32(name)``: that tensor is cast (its stages
+    dequantized) in float32, not ``dtype`` (``models.keep_in_fp32``: T5's ``wo`` under float16, as
+    ``from_pretrained`` keeps it)."""
+    asked, asked_compute = dtype, compute_dtype  # dtype and compute_dtype are rebound per tensor (_kept)
     tensors = FolderTensors(files, device if place is None else torch.device("cpu"))
     place = place or (lambda _: device)
     state: dict[str, torch.Tensor] = {}
     try:
         for m in report.factorized if only is None else [m for m in report.factorized if m.name in only]:
             where = place(f"{m.name}.weight")
+            dtype, compute_dtype = _kept(keeps_fp32, f"{m.name}.weight", asked, asked_compute)
             full = None
             if m.pivoted:
                 b, c, rows = _read_pivoted(tensors, m, None if merge else dtype, where)
@@ -135,11 +140,19 @@ def read_state(
                 state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense  # Conv1D stores (in, out)
             del a, b, full  # merged: only this layer's factors are held next to the dense result
         for key, t in tensors.rest() if only is None else ():
-            t = t.to(place(key))
+            t, dtype = t.to(place(key)), _kept(keeps_fp32, key, asked, None)[0]
             state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     finally:
         tensors.close()
     return state
+
+
+def _kept(keeps_fp32, name: str, dtype, compute_dtype) -> tuple:
+    """(dtype, compute dtype) of tensor ``name``: float32 for a module the model keeps in float32
+    (None, as stored, stays None: such a module was stored in float32); as asked otherwise."""
+    if keeps_fp32 is not None and keeps_fp32(name):
+        return (None if dtype is None else torch.float32), torch.float32
+    return dtype, compute_dtype
 
 
 def _widened(dtype: torch.dtype | None, *factors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -69,6 +69,22 @@ def test_merged_bfloat16_equals_load_compressed(pivot, tmp_path):
     assert not [k for k in state if k.endswith("proj.weight") and not torch.equal(state[k], wide[k].bfloat16())]
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
+def test_float16_keeps_t5_wo_in_float32_as_load_compressed_does(merge, tmp_path):
+    """Found by review: T5's ``wo`` (``_keep_in_fp32_modules``) is kept in float32 under float16 by
+    transformers for the tensors it loads, but the quantizer filled its factors in float16."""
+    import transformers
+
+    folder = _folder("t5", tmp_path)
+    options = {"quantization_config": SvdloraQuantizationConfig(merge=True)} if merge else {}
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float16, **options)
+    expected = svdlora.load_compressed(folder, device="cpu", dtype=torch.float16, merge=merge)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes == {name: p.dtype for name, p in expected.named_parameters()}
+    assert dtypes["encoder.block.0.layer.1.DenseReluDense.wo." + ("weight" if merge else "A")] == torch.float32
+    assert torch.equal(_logits(model, "t5"), _logits(expected, "t5"))
+
+
 def test_dtype_device_map_and_base_class(tmp_path):
     import transformers
 

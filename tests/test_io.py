@@ -442,3 +442,27 @@ def test_merge_precision_benchmark_measures_what_the_loader_builds(pivot, tmp_pa
         measured = ((narrow[f"{name}.weight"].double() - w).norm() / w.norm()).item()
         assert row["product_rounded_once"] == pytest.approx(measured, rel=1e-3), name
         assert row["factors_rounded_first"] > 0
+
+
+@pytest.mark.parametrize("stored", ["float32", "float16"])
+@pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
+def test_float16_keeps_in_float32_the_layers_from_pretrained_keeps_there(merge, stored, tmp_path):
+    """Found by review: T5's ``wo`` (``_keep_in_fp32_modules``: it overflows in float16) was loaded in
+    float16 from a float32 folder with dtype=float16, and from a float16 folder (which stores it in
+    float32, as compression in memory found it) as stored; from_pretrained of the dense model keeps it
+    in float32."""
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    TINY_MODELS["t5"]().save_pretrained(tmp_path / "base")
+    dense = T5ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float16)
+    source = T5ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=getattr(torch, stored))
+    compress(source, budget=0.5, submatrices=2, progress=False)
+    out = save_compressed(source, tmp_path / "out")
+    loaded = load_compressed(out, device="cpu", dtype=torch.float16 if stored == "float32" else None, merge=merge)
+
+    def in_float32(model):
+        return {n.rpartition(".")[0] for n, p in model.named_parameters() if p.dtype == torch.float32}
+
+    assert in_float32(loaded) == in_float32(dense) != set()
+    assert isinstance(loaded.encoder.block[0].layer[1].DenseReluDense.wo, LowRankLinear) is not merge

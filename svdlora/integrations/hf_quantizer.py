@@ -38,6 +38,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..layers import LowRankLinear, dense_kind, factor_layout, weight_out_in
+from ..models import keep_in_fp32
 from ..pivoted import PivotedLowRankLinear, valid_rows
 from ..report import CompressionReport
 from ..version import FORMAT_VERSION, READABLE_FORMATS, __version__, format_refusal
@@ -95,6 +96,7 @@ class SvdloraHfQuantizer(HfQuantizer):
         self._checkpoint_files: list[str] = []
         self._factorized: dict[str, str] = {}  # model module name -> file module name
         self._tied: dict[str, str] = {}  # model parameter name -> the one it is stored as (header's "tied")
+        self._dtype: torch.dtype | None = None  # the dtype transformers loads in (preprocess_model)
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         if not self.pre_quantized:
@@ -132,6 +134,12 @@ class SvdloraHfQuantizer(HfQuantizer):
 
     def update_ep_plan(self, config):
         return self._hook("update_ep_plan", config)
+
+    def preprocess_model(self, model: nn.Module, dtype=None, **kwargs):
+        # the factors are not among the tensors transformers loads, so its keep-in-float32 plan (T5's wo
+        # under float16) does not reach them: _process_model_after_weight_loading applies it
+        self._dtype = dtype
+        return super().preprocess_model(model, dtype=dtype, **kwargs)
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs):
         self._checkpoint_files = list(checkpoint_files or [])
@@ -203,11 +211,13 @@ class SvdloraHfQuantizer(HfQuantizer):
         tie_as_stored(model, self._tied)
         merge = self.quantization_config.merge
         placed: dict[str, torch.dtype | None] = {}  # each layer's dtype as transformers placed it (None: meta)
+        keeps_fp32 = keep_in_fp32(model, self._dtype)
         for file_name, name in wanted.items():
             layer = model.get_submodule(name)
             # Where transformers put this layer (device_map) and in which dtype (dtype= / config).
             like = layer.bias if layer.bias is not None else layer.B
-            placed[name] = None if like.device.type == "meta" else like.dtype
+            kept = torch.float32 if keeps_fp32(f"{name}.weight") else like.dtype
+            placed[name] = None if like.device.type == "meta" else kept
             pivoted = isinstance(layer, PivotedLowRankLinear)
             for side, dim in (("B", 0), ("C", 0)) if pivoted else (("A", 1), ("B", 0)):
                 stages = parts[file_name][side]
@@ -215,7 +225,7 @@ class SvdloraHfQuantizer(HfQuantizer):
                 if like.device.type == "meta":  # not materialized by transformers: keep the stored dtype, on CPU
                     tensor = tensor.to("cpu")
                 else:  # merging: multiplied in the wider dtype, the product rounded once (svdlora.reader._widened)
-                    dtype = torch.promote_types(tensor.dtype, like.dtype) if merge else like.dtype
+                    dtype = torch.promote_types(tensor.dtype, placed[name]) if merge else placed[name]
                     tensor = tensor.to(device=like.device, dtype=dtype)
                 tensor = factor_layout(tensor) if side in ("A", "C") else tensor
                 setattr(layer, side, nn.Parameter(tensor, requires_grad=layer.B.requires_grad))
