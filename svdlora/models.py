@@ -64,11 +64,12 @@ def folder_bytes(path: str | Path) -> int:
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """'float16' / 'bf16' / torch.float32 / None -> a torch dtype (None keeps the stored one)."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
+    if name is None:
+        return None
     aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
-    dtype = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    dtype = name if isinstance(name, torch.dtype) else getattr(torch, aliases.get(name, name), None)
+    # a torch.dtype too: an integer one failed the load as 'the folder was edited', a float8 one the forward
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise SvdloraError(f"dtype must be one of float32, float16, bfloat16, float64; got {name!r}")
     return dtype
 

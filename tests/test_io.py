@@ -466,3 +466,11 @@ def test_float16_keeps_in_float32_the_layers_from_pretrained_keeps_there(merge, 
 
     assert in_float32(loaded) == in_float32(dense) != set()
     assert isinstance(loaded.encoder.block[0].layer[1].DenseReluDense.wo, LowRankLinear) is not merge
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "float8"])
+def test_a_dtype_it_cannot_compute_in_is_refused_by_name(dtype, tmp_path):
+    """Found by review: a torch.dtype was taken unchecked (the strings were checked): torch.int8 failed the
+    load as 'the folder was edited or mixed with another; re-run svdlora compress', float8 the first forward."""
+    with pytest.raises(SvdloraError, match=r"dtype must be one of float32, float16, bfloat16, float64; got torch\."):
+        load_compressed(compressed_folder("gpt2", tmp_path)[1], device="cpu", dtype=dtype)
