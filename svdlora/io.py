@@ -39,7 +39,7 @@ from .quantize import parse_format
 from .reader import read_state
 from .report import CompressionReport
 from .runtime import AUTO_RUNTIMES, RUNTIMES, apply_runtime
-from .save_guard import guard_save_pretrained
+from .save_guard import guard_save_pretrained, holds_factors
 from .schema import check_factor_shapes, model_class_named, validate_config
 from .version import READABLE_FORMATS, format_refusal
 from .writer import (  # noqa: F401  (the file-name constants live in writer; io re-exports them)
@@ -291,6 +291,11 @@ def load_compressed(
         raise SvdloraError("stack_siblings=True stacks low-rank layers and a merged load leaves none: pass one of them")
     if stack_siblings and model is not None:
         siblings.example_inputs(model)  # a model without dummy inputs is refused before the load
+    if model is not None and holds_factors(model):  # else its low-rank layers were refused as 'the folder was edited'
+        raise SvdloraError(
+            f"model= is a {type(model).__name__} that already holds svdlora low-rank layers (it was compressed "
+            f"or loaded before): pass a freshly built {type(model).__name__} with its original dense layers"
+        )
     path = Path(path)
     data = check_folder(path)  # every shard's header and factor shapes
     files = weight_files(path)

@@ -139,6 +139,10 @@ def test_plain_pytorch_model_roundtrip(tmp_path):
     assert torch.equal(loaded(x), model(x))
     with pytest.raises(SvdloraError, match="model=<an instance of its class>"):
         load_compressed(out, device="cpu")
+    # found by review: passing the loaded (or compressed) instance again said 'the folder was edited; re-run compress'
+    for again in (loaded, model):
+        with pytest.raises(SvdloraError, match="MLP that already holds svdlora low-rank layers .* freshly built MLP"):
+            load_compressed(out, device="cpu", model=again)
 
 
 def test_existing_output_is_refused_then_overwritten(tmp_path):
