@@ -143,6 +143,21 @@ def test_compressed_head_and_report(tmp_path):
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
+def test_a_t5_with_a_factorized_head_loads(merge, tmp_path):
+    """Found by review: T5's config ties lm_head to shared whatever tie_word_embeddings says (transformers 5),
+    and transformers then marked the factorized head's weight as tied: AttributeError "`weight` is not an
+    nn.Parameter" inside from_pretrained."""
+    import transformers
+
+    folder = _folder("t5", tmp_path, keep_head=False)
+    options = {"quantization_config": SvdloraQuantizationConfig(merge=True)} if merge else {}
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(folder, **options)
+    expected = svdlora.load_compressed(folder, device="cpu", merge=merge)
+    assert isinstance(model.lm_head, svdlora.LowRankLinear) is not merge
+    assert torch.equal(_logits(model, "t5"), _logits(expected, "t5"))
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
 def test_a_translator_with_a_factorized_head_keeps_its_tied_embeddings(merge, tmp_path):
     """A factorized head sets tie_word_embeddings=False, which in transformers 5 also stops Marian tying
     encoder/decoder embed_tokens to shared: they loaded randomly initialized (reported MISSING). They are

@@ -185,6 +185,7 @@ class SvdloraHfQuantizer(HfQuantizer):
         # Tied as the file says: a factorized head sets tie_word_embeddings=False, which in
         # transformers 5 also drops other ties (Marian's encoder/decoder embed_tokens -> shared).
         self._tied = _tied_names(model, self._checkpoint_files, prefix)
+        _untie_factorized(model, set(self._factorized))
         missing |= {re.escape(alias) for alias in self._tied}
         # The factor tensors are read after loading; keep them out of transformers' load report.
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
@@ -303,6 +304,19 @@ def _model_name(model: nn.Module, file_name: str, prefix: str, strict: bool = Tr
     if not strict:
         return None
     raise ValueError(f"the svdlora folder factorizes {file_name!r}, which {type(model).__name__} does not have")
+
+
+def _untie_factorized(model: nn.Module, factorized: set[str]) -> None:
+    """Drop from transformers' tie map (``all_tied_weights_keys``, transformers >= 5) every pair with a
+    factorized side, which has no ``weight`` parameter to tie: T5's config ties lm_head to shared whatever
+    tie_word_embeddings says. The file's own ties are applied after loading (``tie_as_stored``)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        model.all_tied_weights_keys = {
+            target: source
+            for target, source in tied.items()
+            if not {target.rpartition(".")[0], source.rpartition(".")[0]} & factorized
+        }
 
 
 def _tied_names(model: nn.Module, files: list[str], prefix: str) -> dict[str, str]:
