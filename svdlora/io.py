@@ -213,12 +213,29 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
         )
     try:
         with init_empty_weights(), _no_weight_init():  # parameters on meta, buffers (e.g. rotary tables) real
-            return cls(config)
+            model = cls(config)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as err:
         raise SvdloraError(
             f"{str(path)!r}: config.json does not build a {cls.__name__} ({first_line(err)}): "
             "the folder was edited or corrupted; re-run `svdlora compress`"
         ) from None
+    _read_generation_config(model, path)
+    return model
+
+
+def _read_generation_config(model: nn.Module, path: Path) -> None:
+    """The folder's generation_config.json, as from_pretrained reads it: cls(config) derives one from
+    config.json alone, without the base model's other end-of-turn tokens, sampling defaults, beams or
+    banned words, so generate() ran otherwise than the base model's."""
+    from transformers import GenerationConfig
+    from transformers.utils import GENERATION_CONFIG_NAME
+
+    if not (path / GENERATION_CONFIG_NAME).is_file() or not model.can_generate():
+        return
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:  # as from_pretrained: the one config.json gives stands
+        logger.warning("%s is not used (%s): generation follows config.json", path / GENERATION_CONFIG_NAME, err)
 
 
 def _check_replaced_layer(model: nn.Module, m, path: Path) -> None:

@@ -478,3 +478,25 @@ def test_a_dtype_it_cannot_compute_in_is_refused_by_name(dtype, tmp_path):
     load as 'the folder was edited or mixed with another; re-run svdlora compress', float8 the first forward."""
     with pytest.raises(SvdloraError, match=r"dtype must be one of float32, float16, bfloat16, float64; got torch\."):
         load_compressed(compressed_folder("gpt2", tmp_path)[1], device="cpu", dtype=dtype)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
+def test_the_folder_s_generation_config_is_the_one_generate_follows(merge, tmp_path):
+    """Found by review: load_compressed built the model from config.json alone, so generate() ignored the
+    folder's generation_config.json (a chat model's second end-of-turn token, its sampling defaults, a
+    translator's beams and banned words), which from_pretrained of the same folder follows, and a folder
+    loaded and saved again wrote the config.json-derived one."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    model.generation_config.update(eos_token_id=[0, 7], do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=11)
+    compress(model, budget=0.5, progress=False)
+    out = save_compressed(model, tmp_path / "out")
+    loaded = load_compressed(out, device="cpu", merge=merge)
+    assert loaded.generation_config.eos_token_id == [0, 7] and loaded.generation_config.temperature == 0.6
+    expected = transformers.AutoModelForCausalLM.from_pretrained(out).generation_config
+    assert loaded.generation_config.to_diff_dict() == expected.to_diff_dict()
+    if not merge:  # and a folder saved again keeps it (it wrote the one config.json gave)
+        again = save_compressed(loaded, tmp_path / "again")
+        assert load_compressed(again, device="cpu").generation_config.eos_token_id == [0, 7]
