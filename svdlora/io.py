@@ -25,13 +25,14 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from transformers import PretrainedConfig
 
 from . import siblings
 from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR, all_finite
 from .errors import SvdloraError, first_line
 from .integrations import hf_quantizer
 from .layers import LowRankLinear, dense_kind, weight_out_in
-from .models import default_device, keep_in_fp32, model_class, parse_dtype
+from .models import default_device, keep_in_fp32, model_class, parse_dtype, set_config_dtype
 from .outputs import describe, is_incomplete
 from .pivoted import PivotedLowRankLinear
 from .placement import device_for, dispatch, parse_max_memory, resolve_device_map
@@ -382,6 +383,8 @@ def load_compressed(
             "architecture; re-run `svdlora compress`"
         )
     tie_as_stored(model, tied)
+    if target_dtype is not None and isinstance(getattr(model, "config", None), PretrainedConfig):
+        set_config_dtype(model.config, target_dtype)  # a folder saved from it says what its weights are
     if plan is None:
         model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
     else:

@@ -74,6 +74,15 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
+def set_config_dtype(config, dtype: torch.dtype) -> None:
+    """Record ``dtype`` on a transformers config and its sub-configs, as from_pretrained(dtype=...) does:
+    config.json then says what the weights are (from_pretrained's default "auto" reads it back)."""
+    config.dtype = dtype
+    for key in getattr(config, "sub_configs", {}):
+        if (sub := getattr(config, key, None)) is not None:
+            sub.dtype = dtype
+
+
 def keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype | None) -> Callable[[str], bool]:
     """Which parameters ``from_pretrained(dtype=dtype)`` keeps in float32: the model's
     ``_keep_in_fp32_modules`` under float16, ``_keep_in_fp32_modules_strict`` under float16 and

@@ -500,3 +500,16 @@ def test_the_folder_s_generation_config_is_the_one_generate_follows(merge, tmp_p
     if not merge:  # and a folder saved again keeps it (it wrote the one config.json gave)
         again = save_compressed(loaded, tmp_path / "again")
         assert load_compressed(again, device="cpu").generation_config.eos_token_id == [0, 7]
+
+
+def test_a_folder_loaded_in_bfloat16_says_so_in_its_config(tmp_path):
+    """Found by review: load_compressed(dtype=bfloat16) left config.dtype float32 (from_pretrained sets the
+    dtype it loads in), so a folder saved from it said float32 in config.json and from_pretrained's default
+    dtype="auto" loaded its bfloat16 weights as float32."""
+    import transformers
+
+    _, out = compressed_folder("llama", tmp_path)
+    loaded = load_compressed(out, device="cpu", dtype=torch.bfloat16)
+    assert loaded.config.dtype == torch.bfloat16
+    again = save_compressed(loaded, tmp_path / "again")
+    assert transformers.AutoModelForCausalLM.from_pretrained(again).dtype == torch.bfloat16

@@ -18,7 +18,7 @@ from ..config import CompressionConfig
 from ..errors import SvdloraError, first_line
 from ..io import _no_weight_init
 from ..layers import LowRankLinear
-from ..models import build_model, check_dense_folder, keep_in_fp32, model_class, parse_dtype
+from ..models import build_model, check_dense_folder, keep_in_fp32, model_class, parse_dtype, set_config_dtype
 from ..pivoted import PivotedLowRankLinear
 from ..targets import find_targets
 from ..writer import TensorSpec, file_layout
@@ -222,10 +222,7 @@ def load_dtype(dtype: torch.dtype | None, hf_config, ckpt: Checkpoint) -> torch.
         first = [ckpt.spec[k].dtype for k in sorted(ckpt.spec) if ckpt.file_of[k] == ckpt.files[0]]
         floating = [d for d in first if d.is_floating_point and "float8_" not in str(d) and "float4_" not in str(d)]
         dtype = (floating or first or [torch.float32])[0]
-    hf_config.dtype = dtype
-    for key in getattr(hf_config, "sub_configs", {}):
-        if (sub := getattr(hf_config, key, None)) is not None:
-            sub.dtype = dtype
+    set_config_dtype(hf_config, dtype)
     return dtype
 
 
