@@ -166,6 +166,15 @@ def _check_header(weights: Path) -> dict[str, str]:
     return metadata
 
 
+def stored_layers(model: nn.Module, data: dict, report: CompressionReport) -> dict[str, list[str]]:
+    """{layer: its stage dtypes} of the layers whose stages are stored in their own dtypes (format 2). A
+    layer the model keeps in float32 is plain in float32: T5's wo in a float16 folder, as compression
+    found it (``models.keep_in_fp32``)."""
+    keeps = keep_in_fp32(model, parse_dtype(data.get("dtype")))
+    own = {m.name: "float32" if keeps(f"{m.name}.weight") else data.get("dtype") for m in report.factorized}
+    return {m.name: d for m in report.factorized if (d := stored_stage_dtypes(m, own[m.name]))}
+
+
 def stored_stage_dtypes(m, model_dtype: str | None) -> list[str] | None:
     """A module's stage dtypes when some stage is not simply in the model's dtype (format 2), else None."""
     if any(parse_format(d).quantized or d != model_dtype for d in m.stage_dtypes):
@@ -331,7 +340,7 @@ def load_compressed(
             siblings.example_inputs(model)
     for m in report.factorized:
         _check_replaced_layer(model, m, path)
-    stored_dtypes = {m.name: d for m in report.factorized if (d := stored_stage_dtypes(m, data.get("dtype")))}
+    stored_dtypes = stored_layers(model, data, report)
     for m in report.factorized if not merge else []:  # merged: the dense skeleton layers get A·B
         # Factors are allocated on meta; load_state_dict(assign=True) drops the real tensors in.
         ranks = [r for r in m.ranks if r > 0]  # a full-rank first stage has rank 0 in the report

@@ -85,6 +85,25 @@ def test_float16_keeps_t5_wo_in_float32_as_load_compressed_does(merge, tmp_path)
     assert torch.equal(_logits(model, "t5"), _logits(expected, "t5"))
 
 
+def test_a_float16_t5_folder_loads_with_its_wo_in_float32(tmp_path):
+    """Found by review: compressing a T5 loaded in float16 keeps its wo in float32, as from_pretrained gives
+    it; both loaders took that layer for stages stored in their own dtypes: the quantizer refused the
+    folder, and a folder load_compressed loaded and saved again was written as format 2."""
+    import transformers
+
+    torch.manual_seed(0)
+    TINY_MODELS["t5"]().save_pretrained(tmp_path / "base")
+    model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float16)
+    svdlora.compress(model, budget=0.5, submatrices=2, progress=False)
+    folder = svdlora.save_compressed(model, tmp_path / "out")
+    loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(folder)
+    expected = svdlora.load_compressed(folder, device="cpu")
+    assert loaded.encoder.block[0].layer[1].DenseReluDense.wo.A.dtype == torch.float32
+    assert torch.equal(_logits(loaded, "t5"), _logits(expected, "t5"))
+    again = svdlora.save_compressed(expected, tmp_path / "again")
+    assert json.loads((again / "svdlora_config.json").read_text())["format_version"] == 1
+
+
 def test_dtype_device_map_and_base_class(tmp_path):
     import transformers
 

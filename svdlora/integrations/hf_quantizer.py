@@ -144,7 +144,7 @@ class SvdloraHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs):
         self._checkpoint_files = list(checkpoint_files or [])
         if self._checkpoint_files:
-            from ..io import check_folder, stored_stage_dtypes  # io imports this module
+            from ..io import check_folder, stored_layers  # io imports this module
 
             # The same strict checks as load_compressed (issue 7): config fields, every shard's
             # header and factor shapes, before transformers reads a tensor.
@@ -152,8 +152,7 @@ class SvdloraHfQuantizer(HfQuantizer):
             # Stages stored in their own dtypes (quantized, a full-rank first stage) are not wired into the
             # quantizer: refuse rather than load something else. Asked of the layers as load_compressed
             # asks, not of the format number: formats above 2 carry stage dtypes too.
-            report = CompressionReport.from_dict(data["report"])
-            if any(stored_stage_dtypes(m, data.get("dtype")) for m in report.factorized):
+            if stored_layers(model, data, CompressionReport.from_dict(data["report"])):
                 raise ValueError(
                     "this svdlora folder stores its stages in their own dtypes (--stage-dtypes), which "
                     "plain from_pretrained does not load yet: use svdlora.load_compressed(folder)"
