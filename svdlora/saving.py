@@ -21,7 +21,7 @@ from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
 from .errors import SvdloraError
 from .integrations import hf_quantizer
 from .layers import LowRankLinear
-from .models import PREPROCESSOR_FILES, folder_bytes
+from .models import PREPROCESSOR_FILES, folder_bytes, set_config_dtype
 from .outputs import atomic_folder, check_output_folder, ensure_space
 from .pivoted import PivotedLowRankLinear
 from .precision import set_float_storage
@@ -100,6 +100,9 @@ def save_compressed(
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and not getattr(model, "can_generate", lambda: False)():
             generation_config = None
+        dtype = layers[0].B.dtype if layers else specs[0].dtype if specs else None  # the model's, not int8
+        if dtype is not None and hasattr(config, "save_pretrained"):  # as save_pretrained: a model cast
+            set_config_dtype(config, dtype)  # after loading says what its weights now are
         write_side_files(
             tmp,
             report,
@@ -107,7 +110,7 @@ def save_compressed(
             config=config,
             generation_config=generation_config,
             class_name=type(model).__name__,
-            dtype=layers[0].B.dtype if layers else specs[0].dtype if specs else None,  # the model's, not int8
+            dtype=dtype,
             format_version=format_version,
             base_model=base_model,
         )

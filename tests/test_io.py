@@ -513,3 +513,16 @@ def test_a_folder_loaded_in_bfloat16_says_so_in_its_config(tmp_path):
     assert loaded.config.dtype == torch.bfloat16
     again = save_compressed(loaded, tmp_path / "again")
     assert transformers.AutoModelForCausalLM.from_pretrained(again).dtype == torch.bfloat16
+
+
+def test_a_model_cast_after_loading_is_saved_with_its_dtype_in_its_config(tmp_path):
+    """Found by review: load_compressed(folder).to(torch.bfloat16), saved, wrote bfloat16 factors under a
+    config.json that still said float32, so from_pretrained loaded them back as float32 (save_pretrained
+    records the dtype the weights have)."""
+    import transformers
+
+    _, out = compressed_folder("llama", tmp_path)
+    cast = load_compressed(out, device="cpu").to(torch.bfloat16)
+    again = save_compressed(cast, tmp_path / "again")
+    assert json.loads((again / "config.json").read_text())["dtype"] == "bfloat16"
+    assert transformers.AutoModelForCausalLM.from_pretrained(again).dtype == torch.bfloat16
