@@ -526,3 +526,11 @@ def test_a_model_cast_after_loading_is_saved_with_its_dtype_in_its_config(tmp_pa
     again = save_compressed(cast, tmp_path / "again")
     assert json.loads((again / "config.json").read_text())["dtype"] == "bfloat16"
     assert transformers.AutoModelForCausalLM.from_pretrained(again).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("merge", ["no", 0, None])
+def test_merge_must_be_a_bool(tmp_path, merge):
+    """merge="no" is truthy, so it merged; 0 and None pass as False unnoticed."""
+    _, out = compressed_folder("llama", tmp_path)
+    with pytest.raises(SvdloraError, match="merge must be True or False"):
+        load_compressed(out, device="cpu", merge=merge)
