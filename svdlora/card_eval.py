@@ -39,18 +39,19 @@ class CheckedEval:
 
 
 def check_before_compressing(
-    source: str, data: str, references: str | None = None, model: nn.Module | None = None, limit: int | None = None
+    source: str, data: str, eval_options: dict, model: nn.Module | None = None
 ) -> CheckedEval | None:
     """compress --eval's checks on ``model``: a local folder's or, where it could be built, a hub id's, on the
     meta device (before the load), or the loaded model (a config only the load reads). A model no task fits, a
     folder without tokenizer / image processor files, the task's options (a translator's source-text file
     without --references, --references for another task), data the task cannot read (an image folder for a
     causal LM), images of classes its config does not name and a text too short to score are refused before
-    the model is compressed and written. ``model`` None (none could be built): no check, None."""
+    the model is compressed and written. ``eval_options``: --references, --eval-limit (``limit``) and the
+    dataset flags, as ``evaluate`` takes them. ``model`` None (none could be built): no check, None."""
     if model is None:
         return None
     task = eval_task(model, source)
-    loaded = load_data(build_options(task, data, {"references": references, "limit": limit}))
+    loaded = load_data(build_options(task, data, eval_options))
     if task == IMAGES:
         label_ids(loaded.labels, model, data)
     processor = checked_processor(source, task)
@@ -78,8 +79,7 @@ def evaluate_into_card(
     report: CompressionReport,
     source: str,
     data: str,
-    limit: int | None,
-    references: str | None = None,
+    eval_options: dict,
     checked: CheckedEval | None = None,
 ) -> dict:
     """Evaluate the in-memory compressed model (task from its class) and rewrite the folder's card;
@@ -87,8 +87,8 @@ def evaluate_into_card(
     task = eval_task(model, source)
     processor = checked.processor if checked is not None else checked_processor(source, task)
     result = evaluate(
-        (model, processor), task=task, data=data, references=references, limit=limit, progress=False,
-        data_read=checked.data if checked is not None else None, **fitted_options(model, task),
+        (model, processor), task=task, data=data, progress=False, data_read=checked.data if checked else None,
+        **eval_options, **fitted_options(model, task),
     )  # fmt: skip
     # the in-memory model is named by its config's path, which compress leaves as the base model's:
     # the figures are the folder's, which holds exactly this model

@@ -605,3 +605,25 @@ def test_compress_eval_reads_its_data_once(tmp_path, monkeypatch, flags):
             "--eval-limit", "2", *flags, "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize("flags", [[], ["--stream"]])
+def test_compress_eval_reads_a_dataset_s_split_and_column_as_eval_does(tmp_path, capsys, flags):
+    """compress --eval took a dataset but none of eval's dataset flags: a dataset whose text sits in another
+    column was refused with "pass --text-column", a flag compress lacked, and a hub dataset's config (wikitext's
+    wikitext-2-raw-v1) or split could not be named."""
+    from .eval_helpers import lm_folder
+
+    model, text = lm_folder(tmp_path)
+    data = tmp_path / "data.json"
+    data.write_text("".join(json.dumps({"content": line}) + "\n" for line in text.read_text().splitlines() if line))
+    argv = ["compress", str(model), "-o", str(tmp_path / "out"), "--calibration", "none", "--eval", str(data),
+            "--eval-limit", "2", *flags, "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    assert "pass --text-column one of ['content']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before compressing
+    assert main([*argv, "--text-column", "content", "--split", "train"]) == 0
+    assert "perplexity" in (tmp_path / "out" / "README.md").read_text()
+    argv = ["compress", str(model), "-o", str(tmp_path / "out2"), "--calibration", "none", "--split", "test"]
+    assert main(argv) == 2
+    assert "--split read the --eval dataset: pass --eval DATA, or drop them" in capsys.readouterr().err

@@ -133,6 +133,7 @@ def register(subparsers) -> None:
         help="with --eval on a translation model: reference file, one sentence per line (as `svdlora eval`)",
     )
     p.add_argument("--eval-limit", type=options.positive_int("eval-limit"), help="only the first N windows/examples")
+    options.add_dataset_flags(p, "dataset options of --eval DATA (as `svdlora eval`; calibration data reads none)")
     options.add_progress_flag(p)
     p.set_defaults(func=run)
 

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
     if args.references is not None and not args.eval:
         raise SvdloraError("--references has no effect without --eval DATA: pass both, or drop it")
+    given = [f"--{k.replace('_', '-')}" for k, v in options.dataset_options(args).items() if v not in (None, "text")]
+    if given and not args.eval:
+        raise SvdloraError(f"{', '.join(given)} read the --eval dataset: pass --eval DATA, or drop them")
     # a local folder's meta model, built once for the checks below; not where none needs it (plain SVD, no
     # patterns, no --eval: the speed benchmark's command), as it takes ~0.1 s on SmolLM2
     checks = args.eval or config.include or config.exclude or args.calibration != NONE
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         # folder's was tried above: one that could not be built is not tried again
         hub_id = not local_folder(args.model)
         eval_meta = outline(args.model, args.trust_remote_code) if meta is None and hub_id else meta
-        checked_eval = check_before_compressing(args.model, args.eval, args.references, eval_meta, args.eval_limit)
+        checked_eval = check_before_compressing(args.model, args.eval, eval_options(args), eval_meta)
     eval_processor = checked_eval.processor if checked_eval is not None else None
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
     inputs = [args.model, calibration_input(args.calibration), args.eval, args.references]
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval and checked_eval is None:  # a config only the load reads: before compressing and writing
         from ..card_eval import check_before_compressing
 
-        checked_eval = check_before_compressing(args.model, args.eval, args.references, model, args.eval_limit)
+        checked_eval = check_before_compressing(args.model, args.eval, eval_options(args), model)
         eval_processor = checked_eval.processor
     if processor is None:  # a keyword ('self' reads the same tokenizer): --eval's, where it was loaded
         processor = eval_processor
@@ -121,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         from ..evaluation import format_table
 
         result = evaluate_into_card(
-            model, output, report, args.model, args.eval, args.eval_limit, args.references, checked=checked_eval
+            model, output, report, args.model, args.eval, eval_options(args), checked=checked_eval
         )  # fmt: skip
         print("\n" + format_table(result))  # the figures, not only in the card
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -194,8 +197,7 @@ def _run_streamed(
         from ..io import load_compressed
 
         result = evaluate_into_card(
-            load_compressed(output), output, report, args.model, args.eval, args.eval_limit, args.references,
-            checked=checked_eval,
+            load_compressed(output), output, report, args.model, args.eval, eval_options(args), checked=checked_eval
         )  # fmt: skip
         print("\n" + format_table(result))  # the figures, not only in the card
     print(
@@ -205,3 +207,8 @@ def _run_streamed(
         file=sys.stderr,
     )
     return 0
+
+
+def eval_options(args: argparse.Namespace) -> dict:
+    """--eval's options as ``evaluate`` takes them: --references, --eval-limit and the dataset flags."""
+    return {"references": args.references, "limit": args.eval_limit, **options.dataset_options(args)}

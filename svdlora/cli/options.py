@@ -65,9 +65,9 @@ DATASET_FLAGS = (
 )
 
 
-def add_dataset_flags(parser: argparse.ArgumentParser) -> None:
-    """How a datasets dataset given as --data is read: the flags the evaluation's errors name."""
-    d = parser.add_argument_group("dataset options")
+def add_dataset_flags(parser: argparse.ArgumentParser, title: str = "dataset options") -> None:
+    """How a datasets dataset given as evaluation data is read: the flags the evaluation's errors name."""
+    d = parser.add_argument_group(title)
     d.add_argument("--split", help="dataset split (default: test when present)")
     d.add_argument("--data-config", help="dataset configuration name, e.g. wikitext-2-raw-v1")
     d.add_argument("--text-column", default="text", help="text-generation column (default: text)")
