@@ -254,6 +254,41 @@ def test_export_writes_its_weights_as_the_umask_allows(gpt2_folder, tmp_path, ca
     assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
 
 
+def test_a_loaded_or_exported_folder_keeps_its_generation_config(tmp_path, capsys):
+    """load_compressed built the model from config.json alone: generate() lost the folder's generation_config.json
+    (an instruct model's list of end tokens, its sampling defaults), and export --dense wrote the defaults."""
+    from transformers import GenerationConfig
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    model.generation_config.update(eos_token_id=[0, 2], do_sample=True, temperature=0.6)
+    model.save_pretrained(tmp_path / "base")
+    out, dense = tmp_path / "svd", tmp_path / "dense"
+    assert run_cli(capsys, "compress", tmp_path / "base", "-o", out, "--calibration", "none", "--no-progress")[0] == 0
+    assert run_cli(capsys, "export", out, "--dense", "-o", dense, "--no-progress")[0] == 0
+    for generation in (
+        load_compressed(out, device="cpu").generation_config,
+        load_compressed(out, device="cpu", merge=True).generation_config,
+        GenerationConfig.from_pretrained(dense),
+    ):
+        assert (generation.eos_token_id, generation.do_sample, generation.temperature) == ([0, 2], True, 0.6)
+
+
+def test_export_of_a_plain_pytorch_folder_says_only_transformers_models_export(tmp_path, capsys):
+    """export loaded the folder first, which failed on its missing config.json with 'Unrecognized model ...; pass
+    load_compressed(path, model=...)', an argument the command line does not have; now before the load."""
+    from svdlora import compress, save_compressed
+
+    from .conftest import MLP
+
+    model = MLP()
+    compress(model, budget=0.5, progress=False)
+    save_compressed(model, tmp_path / "mlp")
+    code, _, err = run_cli(capsys, "export", tmp_path / "mlp", "--dense", "-o", tmp_path / "dense")
+    assert code == 2 and "plain PyTorch model (MLP, no config.json): only transformers models" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "dense").exists()
+
+
 def test_convert_gguf_writes_its_weights_as_the_umask_allows(tmp_path, monkeypatch, capsys, group_readable_umask):
     """As export: the hand-written model.safetensors was 0600. The GGUF reader is stubbed with a tiny Llama."""
     pytest.importorskip("gguf")

@@ -31,18 +31,30 @@ def run(args: argparse.Namespace) -> int:
     from ..saving import check_output, copy_preprocessor_files
 
     check_output(args.output, args.overwrite, inputs=[args.folder])  # before the slow load
+    data = read_config(args.folder)
+    _check_transformers_folder(Path(args.folder), data)
     if not args.progress:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bars
     model = load_compressed(args.folder, device="cpu", merge=True)
-    if not hasattr(model, "save_pretrained"):
-        raise SvdloraError("only transformers models can be exported as dense checkpoints")
     with atomic_folder(args.output, overwrite=args.overwrite, inputs=[args.folder]) as tmp:
         ensure_space(tmp, sum(t.numel() * t.element_size() for t in model.state_dict().values()), args.output)
         model.save_pretrained(tmp)  # what loading will not tie again written under each name (save_guard)
         readable_as_umask(*tmp.glob("*.safetensors"))  # one file or its shards
         copy_preprocessor_files(Path(args.folder), tmp)
-        card.write(tmp, card.dense_export_card(args.folder, read_config(args.folder)))
+        card.write(tmp, card.dense_export_card(args.folder, data))
     print(f"wrote dense checkpoint {args.output}")
     return 0
+
+
+def _check_transformers_folder(folder: Path, data: dict) -> None:
+    """A plain PyTorch model's folder has no config.json to rebuild it from (load_compressed then needs
+    its instance, ``model=``, which the command line cannot pass), nor a save_pretrained to write it."""
+    if not (folder / "config.json").is_file():
+        cls = (data.get("base_model") or {}).get("class") or "its class"
+        raise SvdloraError(
+            f"{str(folder)!r} holds a plain PyTorch model ({cls}, no config.json): only transformers models can be "
+            f"exported as dense checkpoints; in Python, load_compressed(folder, model=<a {cls}>, merge=True) gives "
+            "it with dense weights (save its state_dict)"
+        )
