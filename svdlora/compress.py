@@ -92,7 +92,7 @@ def compress(
             "no Linear/Conv1D layer is targeted: check --include/--exclude "
             f"(layers seen: {', '.join(list(dense)[:5]) or 'none'})"
         )
-    _check_finite(model)
+    check_finite(model)
     plan = plan_calibration(model, targets, config, calibration, processor, progress, statistics)
     teacher = copy.deepcopy(model) if config.heal_steps and config.heal_loss == "distill" else None
     dtype = weight_out_in(targets[0].module).dtype
@@ -342,11 +342,12 @@ def measure_pivoted(line: ModuleReport, weight: torch.Tensor, rows, coefficients
         line.exact_error = line.rel_error
 
 
-def _check_finite(model: nn.Module) -> None:
-    """Every stored tensor, not only the targets: a NaN bias or an Inf embedding ruins the output too."""
+def check_finite(model: nn.Module, role: str = "the model") -> None:
+    """Every stored tensor, not only the targets: a NaN bias or an Inf embedding ruins the output too.
+    ``role`` names the model in the message ("the tuned model" where extract reads two)."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and tensor.device.type != "meta" and not all_finite(tensor):
-            raise SvdloraError(f"tensor {name!r} of the model contains NaN or Inf: fix or replace the checkpoint")
+            raise SvdloraError(f"tensor {name!r} of {role} contains NaN or Inf: fix or replace the checkpoint")
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate_ranks
+from .compress import check_finite
 from .config import CompressionConfig
 from .decompose import relative_error, residual_svd
 from .errors import SvdloraError
@@ -243,6 +244,8 @@ def extract_adapter(
     start = time.perf_counter()
     check_pair(base, tuned)
     check_dtypes(base, tuned)
+    for role, model in (("base", base), ("tuned", tuned)):  # a NaN would fail the SVD, or be saved whole
+        check_finite(model, f"the {role} model")
     # parameters and persistent buffers, as the checkpoint holds them: a fine-tune moves BatchNorm's
     # running statistics too, and base + adapter computes with them (their module is then saved whole)
     base_state = base.state_dict(keep_vars=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 import warnings
 
@@ -142,6 +143,22 @@ def test_a_translation_model_s_adapter_is_a_seq2seq_lm_adapter(kind, tmp_path):
 
 def _never_loaded(*args, **kwargs):
     raise AssertionError("a model was loaded before the pair's dtypes were checked")
+
+
+@pytest.mark.parametrize(
+    ("role", "tensor"),
+    [("tuned", "model.layers.0.self_attn.q_proj.weight"), ("base", "model.layers.0.mlp.up_proj.weight"),
+     ("tuned", "model.norm.weight")],
+)  # fmt: skip
+def test_a_nan_in_either_model_is_refused_naming_the_tensor(role, tensor, tmp_path):
+    """A NaN in a targeted matrix failed the SVD with 'internal error _LinAlgError ... a bug in svdlora' (exit 1);
+    one in a norm was written into the adapter's modules_to_save without a word."""
+    pair = dict(zip(("base", "tuned"), _pair(tiny_llama), strict=True))
+    with torch.no_grad():
+        pair[role].get_parameter(tensor)[0].fill_(float("nan"))
+    with pytest.raises(SvdloraError, match=rf"tensor '{re.escape(tensor)}' of the {role} model contains NaN or Inf"):
+        write_adapter(pair["base"], pair["tuned"], tmp_path / "adapter", rank=2, progress=False)
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_a_pair_in_different_dtypes_is_refused(tmp_path, capsys, monkeypatch):
