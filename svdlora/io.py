@@ -58,6 +58,18 @@ def is_compressed_folder(path: str | Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file()
 
 
+# what to do with a PEFT adapter folder where a model is wanted (extract's --base / --tuned, export, info)
+MERGE_ADAPTER = (
+    "merge it into its base (PeftModel.from_pretrained(base, folder).merge_and_unload()), save_pretrained that"
+)
+
+
+def is_peft_adapter(path: str | Path) -> bool:
+    """A PEFT adapter folder (``svdlora extract`` writes one): adapter_config.json and no model config."""
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
 def read_config(path: str | Path) -> dict:
     """The svdlora_config.json of a compressed folder, checked."""
     path = Path(path)
@@ -67,6 +79,11 @@ def read_config(path: str | Path) -> dict:
         raise SvdloraError(
             f"{str(path)!r} is the unfinished temporary folder of an interrupted run: it is removed by the "
             "next run for the same output; pass the finished output folder"
+        )
+    if not is_compressed_folder(path) and is_peft_adapter(path):
+        raise SvdloraError(
+            f"{str(path)!r} is a PEFT adapter, not an svdlora folder (no {CONFIG_NAME}; `svdlora extract` records "
+            f"its ranks and errors in svdlora_adapter.json): for a dense model {MERGE_ADAPTER}"
         )
     if not is_compressed_folder(path):
         raise SvdloraError(

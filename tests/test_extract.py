@@ -257,6 +257,17 @@ def test_the_tuned_model_is_given_back_as_it_was(tmp_path):
     assert tuned.lm_head.weight is tuned.transformer.wte.weight
 
 
+def test_an_adapter_given_to_info_or_export_is_named_as_such(tmp_path, capsys):
+    """svdlora info / export --dense of the folder extract wrote said 'not an svdlora folder: create one with
+    `svdlora compress`'; they say now that it is a PEFT adapter, and how to merge it for a dense model."""
+    base, tuned = _pair(tiny_llama)
+    write_adapter(base, tuned, tmp_path / "adapter", rank=2, progress=False)
+    for command in (["info"], ["export", "--dense", "-o", str(tmp_path / "dense")]):
+        err = _cli_error(capsys, [command[0], str(tmp_path / "adapter"), *command[1:]])
+        assert "is a PEFT adapter" in err and "merge_and_unload()" in err, err
+    assert not (tmp_path / "dense").exists()
+
+
 def test_card_and_record(tmp_path, capsys):
     base, tuned = _pair(tiny_llama)
     base.save_pretrained(tmp_path / "base")

@@ -119,7 +119,7 @@ def _check_inputs(args: argparse.Namespace, data: str) -> nn.Module | None:
     needs for the folders it cannot take; then the two models compared on the meta device (the
     --include / --exclude regexes are checked by CompressionConfig). ``data``: the calibration the method
     reads (NONE where it reads none). Returns the tuned model's meta model where it was built."""
-    from ..io import is_compressed_folder
+    from ..io import MERGE_ADAPTER, is_compressed_folder, is_peft_adapter
     from ..models import check_model_path
 
     for flag, name in (("--base", args.base), ("--tuned", args.tuned)):
@@ -129,11 +129,8 @@ def _check_inputs(args: argparse.Namespace, data: str) -> nn.Module | None:
                 f"{flag} {name!r} is compressed by svdlora: extract compares two dense models; pass the folder or "
                 "hub id it was compressed from"
             )
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            raise SvdloraError(
-                f"{flag} {name!r} is a PEFT adapter, not a model: merge it into its base "
-                "(PeftModel.from_pretrained(base, folder).merge_and_unload()), save_pretrained that and pass its folder"
-            )
+        if is_peft_adapter(path):
+            raise SvdloraError(f"{flag} {name!r} is a PEFT adapter, not a model: {MERGE_ADAPTER} and pass its folder")
         try:
             check_model_path(name)
         except SvdloraError as err:
