@@ -532,6 +532,7 @@ def test_a_folder_without_tokenizer_files_is_refused_before_loading(gpt, tmp_pat
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot load the tokenizer" in err[0] and "no tokenizer files" in err[0], err
+    assert "; in Python, a model in memory can be passed as (model, tokenizer)" in err[0]  # no CLI flag does that
     assert main([*argv, "--task", "translation", "--references", str(gpt["text"])]) == 2
     assert "use --task text-generation" in capsys.readouterr().err
 

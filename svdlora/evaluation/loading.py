@@ -78,7 +78,7 @@ def checked_processor(source: str, task: str):
         first = first_line(err)
         raise SvdloraError(
             f"cannot load the {what} of {source!r} ({first}): save it into the model folder "
-            f"(e.g. tokenizer.save_pretrained(folder)) or pass the in-memory model as (model, {what})"
+            f"(e.g. tokenizer.save_pretrained(folder)); in Python, a model in memory can be passed as (model, {what})"
         ) from None
 
 
