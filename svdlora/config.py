@@ -35,13 +35,16 @@ class CompressionConfig:
         default=None,
         metadata={"help": "Fixed total rank per matrix (split over the stages); overrides the budget."},
     )
-    include: list[str] | None = field(
+    include: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Module-name patterns to target (glob, or 're:<regex>'); default: every Linear/Conv1D."},
+        metadata={
+            "help": "Module-name patterns to target (glob, or 're:<regex>'; a string is one pattern); default: "
+            "every Linear/Conv1D."
+        },
     )
-    exclude: list[str] = field(
+    exclude: list[str] | str = field(
         default_factory=list,
-        metadata={"help": "Module-name patterns to leave dense, on top of the default exclusions."},
+        metadata={"help": "Module-name patterns to leave dense, on top of the default exclusions (a string is one)."},
     )
     keep_head: bool = field(
         default=True,
@@ -223,13 +226,18 @@ class CompressionConfig:
             raise SvdloraError("--stage-dtypes works with a byte --budget, not a fixed --rank: drop one of them")
         self.budget = float(self.budget)
         self.submatrices = int(self.submatrices)
-        self.include = list(self.include) if self.include else None
-        self.exclude = list(self.exclude or [])
+        self.include = _pattern_list(self.include) or None
+        self.exclude = _pattern_list(self.exclude)
         for flag, patterns in (("--include", self.include or []), ("--exclude", self.exclude)):
             _check_patterns(flag, patterns)  # before the slow load, not at the first module name
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _pattern_list(patterns) -> list:
+    """A lone string is one pattern (``include="*.mlp.*"``): list() of it would give one pattern per character."""
+    return [patterns] if isinstance(patterns, str) else list(patterns or [])
 
 
 def _check_patterns(flag: str, patterns: list[str]) -> None:

@@ -88,6 +88,16 @@ def test_include_exclude_patterns():
     assert reasons["model.layers.1.mlp.up_proj"] == "matched by --exclude"
 
 
+def test_a_single_pattern_string_is_one_pattern():
+    """include="*.mlp.*" was read one character per pattern ('*', '.', 'm', ...) and refused or misapplied."""
+    report = compress(
+        TINY_MODELS["llama"](), budget=0.5, include="*.mlp.*", exclude="re:.*layers\\.1\\..*", progress=False
+    )
+    names = {m.name for m in report.factorized}
+    assert names == {f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert report.config["include"] == ["*.mlp.*"] and report.config["exclude"] == ["re:.*layers\\.1\\..*"]
+
+
 @pytest.mark.parametrize(
     "patterns, message",
     [
