@@ -9,6 +9,7 @@ distinct layer input (q/k/v share one whitening).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +150,7 @@ def plan_calibration(
     method = auto_method(targets) if config.method == "auto" else config.method
     allocation = resolved_allocation(config)
     if isinstance(calibration, list):
-        batches, source = calibration, source_name(calibration)
+        batches, source = model_batches(calibration), source_name(calibration)
     else:
         batches = calibration_batches(
             model, calibration, processor, config.calibration_samples, config.calibration_length,
@@ -169,6 +170,18 @@ def plan_calibration(
         logger.warning("method kfac: the statistics hold no output-gradient Grams; using their diagonal (fisher)")
     refit = config.refit and method != "svd"  # method 'svd': warned above
     return CalibrationPlan(method, allocation, batches=batches, stats=stats, source=source, refit=refit)
+
+
+def model_batches(calibration: list) -> list[dict]:
+    """A list given as calibration data: the model's keyword inputs, one dict per batch (``model(**batch)``)."""
+    for i, batch in enumerate(calibration):
+        if not isinstance(batch, Mapping):
+            raise SvdloraError(
+                f"calibration given as a list must hold model batches, dicts of keyword inputs such as "
+                f"{{'input_ids': tensor}}; item {i} is a {type(batch).__name__}: tokenize it first, or pass a text "
+                "file or dataset (with processor=) instead of a list"
+            )
+    return calibration
 
 
 def _real_tokens(batch: dict) -> int:

@@ -1538,3 +1538,12 @@ def test_a_classifier_batch_with_class_labels_calibrates_as_without_them():
     for name, stats in plain.items():
         assert torch.equal(stats.gram, labelled[name].gram)
         assert torch.equal(stats.out_grad_sq, labelled[name].out_grad_sq)
+
+
+@pytest.mark.parametrize("item", ["the cat sat on the mat", torch.tensor([[1, 2, 3]])], ids=["text", "tensor"])
+def test_a_calibration_list_of_other_than_batches_is_a_clear_error(item):
+    """A list of texts (or of bare input_ids) crashed in the statistics (AttributeError: ... has no attribute 'get')."""
+    model = tiny_gpt2().eval()
+    with pytest.raises(SvdloraError, match="item 0 is a (str|Tensor): tokenize it first"):
+        svdlora.compress(model, budget=0.5, method="kfac", calibration=[item], progress=False)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
