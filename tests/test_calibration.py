@@ -473,10 +473,11 @@ def test_bad_calibration_path_is_one_line_before_loading(gpt2_with_tokenizer, ca
         (["--heal-loss", "lm"], "--heal-loss has no effect without --heal-steps N"),
         (["--heal-lr", "1e-3", "--heal-steps", "0"], "--heal-lr has no effect without --heal-steps N"),
         (["--eval-limit", "2"], "--eval-limit has no effect without --eval DATA"),
+        (["--refit", "--stage-dtypes", "int8", "--submatrices", "2"], "--refit has no effect with --stage-dtypes"),
     ],
 )
 def test_a_flag_without_the_one_it_shapes_is_refused(gpt2_with_tokenizer, capsys, monkeypatch, flags, message):
-    """Each of these compressed without a word, the flag ignored."""
+    """Each of these compressed without a word, the flag ignored (--refit: compress skips it with stage dtypes)."""
     root = gpt2_with_tokenizer
     monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", _never_called)
     line = _one_line_error(capsys, "compress", root / "dense", "-o", root / "out", *flags)

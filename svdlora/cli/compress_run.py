@@ -58,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
         **calibration_options(args),
     )
     check_calibration(args.calibration)
+    if config.refit and config.stage_dtypes:  # compress skips it there (refit_stages, an API option, runs it)
+        raise SvdloraError(
+            "--refit has no effect with --stage-dtypes (the refit through the quantized stages measured worse: "
+            "refit_stages=True in the Python API runs it): drop one of them"
+        )
     if args.calibration == NONE:  # in memory refused only after the load (streamed: check_streamable)
         check_without_calibration(config)
     if args.eval_limit is not None and not args.eval:
