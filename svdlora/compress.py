@@ -6,6 +6,8 @@ import copy
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -106,68 +108,71 @@ def compress(
     dense.update(allocator_dense)
 
     originals = {t.name: t.module for t in targets if t.name in ranks}
-    layers, reports = {}, {}
-    for target in tqdm([t for t in targets if t.name in ranks], desc="factorizing", disable=not progress):
-        weighting = plan.weighting(target.name)
-        shape = (target.out_features, target.in_features)
-        if config.stage_dtypes:
-            # Each stage factorizes the residual of the stages before it as stored (quantized), in
-            # the calibration metric when there is one.
-            formats = plans[target.name][1]
-            weight = weight_out_in(target.module)
-            chain = quantized_chain(weight, ranks[target.name], formats, weighting, **_chain_options(config))
-            layer = LowRankLinear.from_chain(target.module, chain)
-            with torch.no_grad():
-                error = relative_error(weight, layer.dense_weight())
-            line = ModuleReport(
-                target.name, target.kind, shape, bias=layer.bias is not None, ranks=ranks[target.name],
-                stage_dtypes=[f.name for f in formats], rel_error=error, est_loss=est_loss.get(target.name),
-            )  # fmt: skip
-            line.stored_bytes = layer_bytes(ranks[target.name], formats, *shape)
-            line.dense_bytes = target_bytes(target, dtype)
-        else:
-            f = factorize(weight_out_in(target.module), ranks[target.name], weighting=weighting, **svd_options(config))
-            layer = _layer_class(config).from_factors(target.module, f.a, f.b, f.ranks)
-            line = module_report(
-                target.name, target.kind, *shape, layer.bias is not None, f, est_loss=est_loss.get(target.name)
+    with _restored_on_error(model, originals):  # a failure after the first swap undoes the swaps
+        layers, reports = {}, {}
+        for target in tqdm([t for t in targets if t.name in ranks], desc="factorizing", disable=not progress):
+            weighting = plan.weighting(target.name)
+            shape = (target.out_features, target.in_features)
+            if config.stage_dtypes:
+                # Each stage factorizes the residual of the stages before it as stored (quantized), in
+                # the calibration metric when there is one.
+                formats = plans[target.name][1]
+                weight = weight_out_in(target.module)
+                chain = quantized_chain(weight, ranks[target.name], formats, weighting, **_chain_options(config))
+                layer = LowRankLinear.from_chain(target.module, chain)
+                with torch.no_grad():
+                    error = relative_error(weight, layer.dense_weight())
+                line = ModuleReport(
+                    target.name, target.kind, shape, bias=layer.bias is not None, ranks=ranks[target.name],
+                    stage_dtypes=[f.name for f in formats], rel_error=error, est_loss=est_loss.get(target.name),
+                )  # fmt: skip
+                line.stored_bytes = layer_bytes(ranks[target.name], formats, *shape)
+                line.dense_bytes = target_bytes(target, dtype)
+            else:
+                f = factorize(
+                    weight_out_in(target.module), ranks[target.name], weighting=weighting, **svd_options(config)
+                )
+                layer = _layer_class(config).from_factors(target.module, f.a, f.b, f.ranks)
+                line = module_report(
+                    target.name, target.kind, *shape, layer.bias is not None, f, est_loss=est_loss.get(target.name)
+                )
+                line.pivoted = config.pivot
+                if config.pivot:
+                    measure_pivoted(line, weight_out_in(target.module), layer.rows, layer.C, layer.B)
+                set_float_storage(line, f.a.dtype)
+            layers[target.name] = layer
+            model.set_submodule(target.name, layer)
+            reports[target.name] = line
+        if plan.refit and config.stage_dtypes and not config.refit_stages:
+            # Measured on SmolLM2 (4.5 bits/w, full-int4 + int8): the refit through the quantized chain
+            # gives 31.70 against 29.67 without it, so it is opt-in (refit_stages); the report says no refit ran.
+            logger.info("the refit pass is skipped with --stage-dtypes (refit_stages=True runs it)")
+            plan.refit = False
+        if plan.refit:
+            formats = {name: plans[name][1] for name in layers} if config.stage_dtypes else None
+            for name in _refit(model, originals, layers, ranks, formats, plan, config, progress):
+                line = reports[name]
+                with torch.no_grad():
+                    line.rel_error = relative_error(weight_out_in(originals[name]), layers[name].dense_weight())
+                line.exact_error = None  # the exact-SVD reference was of the factors before the refit
+        _untie_factorized_head(model, config)
+        healed = None
+        if config.heal_steps:
+            healed = heal(
+                model,
+                plan.batches,
+                config.heal_steps,
+                teacher=teacher,
+                loss=config.heal_loss,
+                seconds=config.heal_seconds,
+                lr=config.heal_lr,
+                progress=progress,
             )
-            line.pivoted = config.pivot
-            if config.pivot:
-                measure_pivoted(line, weight_out_in(target.module), layer.rows, layer.C, layer.B)
-            set_float_storage(line, f.a.dtype)
-        layers[target.name] = layer
-        model.set_submodule(target.name, layer)
-        reports[target.name] = line
-    if plan.refit and config.stage_dtypes and not config.refit_stages:
-        # Measured on SmolLM2 (4.5 bits/w, full-int4 + int8): the refit through the quantized chain
-        # gives 31.70 against 29.67 without it, so it is opt-in (refit_stages); the report says no refit ran.
-        logger.info("the refit pass is skipped with --stage-dtypes (refit_stages=True runs it)")
-        plan.refit = False
-    if plan.refit:
-        formats = {name: plans[name][1] for name in layers} if config.stage_dtypes else None
-        for name in _refit(model, originals, layers, ranks, formats, plan, config, progress):
-            line = reports[name]
-            with torch.no_grad():
-                line.rel_error = relative_error(weight_out_in(originals[name]), layers[name].dense_weight())
-            line.exact_error = None  # the exact-SVD reference was of the factors before the refit
-    _untie_factorized_head(model, config)
-    healed = None
-    if config.heal_steps:
-        healed = heal(
-            model,
-            plan.batches,
-            config.heal_steps,
-            teacher=teacher,
-            loss=config.heal_loss,
-            seconds=config.heal_seconds,
-            lr=config.heal_lr,
-            progress=progress,
-        )
-        del teacher
-        for name in reports:
-            if model.get_submodule(name).stage_dtypes:
-                requantize(model.get_submodule(name))
-        _measure_healed(model, originals, reports)
+            del teacher
+            for name in reports:
+                if model.get_submodule(name).stage_dtypes:
+                    requantize(model.get_submodule(name))
+            _measure_healed(model, originals, reports)
     report = CompressionReport(
         config=config.to_dict(),
         modules=_module_reports(model, reports, dense),
@@ -182,6 +187,23 @@ def compress(
     setattr(model, REPORT_ATTR, report)
     logger.info("factorized %d layers in %.1f s", len(reports), report.seconds)
     return report
+
+
+@contextmanager
+def _restored_on_error(model: nn.Module, originals: dict[str, nn.Module]) -> Iterator[None]:
+    """Put the dense ``originals`` (and the head's tie) back if anything fails once layers are swapped:
+    healing refused after the factorization, Ctrl-C, ... must not leave a half-compressed model, which
+    carries no report and would be compressed again on a retry."""
+    config_obj = getattr(model, "config", None)
+    tied = getattr(config_obj, "tie_word_embeddings", None)
+    try:
+        yield
+    except BaseException:
+        for name, module in originals.items():
+            model.set_submodule(name, module)
+        if tied is not None:
+            config_obj.tie_word_embeddings = tied
+        raise
 
 
 def _measure_healed(model: nn.Module, originals: dict, reports: dict) -> None:

@@ -9,7 +9,7 @@ from svdlora import CompressionConfig, LowRankLinear, SvdloraError, compress
 from svdlora.decompose import split_rank
 from svdlora.layers import dense_kind, weight_out_in
 
-from .conftest import MLP, TINY_MODELS, output_of
+from .conftest import MLP, TINY_MODELS, example_inputs, output_of
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 0.8, 1.0])
@@ -214,3 +214,18 @@ def test_randomized_svd_leaves_the_global_rng_alone():
 def test_single_layer_model_is_a_clear_error():
     with pytest.raises(SvdloraError, match="single Linear/Conv1D layer"):
         compress(nn.Linear(64, 64), rank=4, progress=False)
+
+
+@pytest.mark.parametrize(
+    "options", [{"heal_loss": "lm"}, {"heal_seconds": 1e-9}], ids=["lm without labels", "no step in time"]
+)
+def test_a_failure_after_the_factorization_leaves_the_model_as_it_was(options):
+    """Healing refused after the swaps left the layers factorized, with no report: a retry compressed it again."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["gpt2"]().eval()
+    before = output_of(model, "gpt2")
+    batches = [example_inputs("gpt2", seed) for seed in range(2)]  # no labels
+    with pytest.raises(SvdloraError, match="healing"):
+        compress(model, budget=0.5, keep_head=False, calibration=batches, heal_steps=2, progress=False, **options)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert torch.equal(output_of(model, "gpt2"), before) and model.config.tie_word_embeddings
