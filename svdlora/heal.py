@@ -43,6 +43,12 @@ class HealResult:
         return asdict(self)
 
 
+def check_heal_batches(batches: list[dict], loss: str) -> None:
+    """Refuse batches the ``loss`` cannot train on (compress asks before its calibration, not after it)."""
+    if loss == "lm" and not all("labels" in b for b in batches):
+        raise SvdloraError("healing with loss 'lm' needs labelled batches (text for a causal LM)")
+
+
 def _logits(outputs) -> torch.Tensor:
     logits = getattr(outputs, "logits", None)
     if logits is None:
@@ -177,8 +183,7 @@ def heal(
     """
     if loss == "distill" and teacher is None:
         raise SvdloraError("distillation healing needs the dense model as teacher")
-    if loss == "lm" and not all("labels" in b for b in batches):
-        raise SvdloraError("healing with loss 'lm' needs labelled batches (text for a causal LM)")
+    check_heal_batches(batches, loss)
     if is_stacked(model):
         raise SvdloraError(
             "this model's sibling layers are stacked (stack_siblings=True), which is for inference: heal a model "

@@ -19,6 +19,7 @@ from torch import nn
 from .calibration import MAX_OUTPUT_GRAM, LayerStats, collect_statistics
 from .config import CompressionConfig
 from .errors import SvdloraError
+from .heal import check_heal_batches
 from .methods.weighting import INPUT_DAMPING, OUTPUT_DAMPING, Weighting, output_weights, whitening
 from .targets import Target
 
@@ -159,6 +160,8 @@ def plan_calibration(
         source = "self-generated text (data-free)" if calibration == SELF else str(calibration)
         if calibration == SELF:
             source = f"self: text sampled from the model ({model_kind(model)}, data-free)"
+    if config.heal_steps:  # before the statistics and the factorization, which healing would follow
+        check_heal_batches(batches, config.heal_loss)
     gradients = method in ("fisher", "kfac") or allocation == "global"
     stats = statistics
     if stats is None:

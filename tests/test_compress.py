@@ -229,3 +229,15 @@ def test_a_failure_after_the_factorization_leaves_the_model_as_it_was(options):
         compress(model, budget=0.5, keep_head=False, calibration=batches, heal_steps=2, progress=False, **options)
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
     assert torch.equal(output_of(model, "gpt2"), before) and model.config.tie_word_embeddings
+
+
+def test_healing_that_cannot_run_on_the_batches_is_refused_before_the_calibration(monkeypatch):
+    """heal_loss='lm' on batches without labels was refused only after the statistics and the factorization."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the statistics were collected before the refusal")
+
+    monkeypatch.setattr("svdlora.plan.collect_statistics", never)
+    batches = [example_inputs("gpt2", seed) for seed in range(2)]  # no labels
+    with pytest.raises(SvdloraError, match="healing with loss 'lm' needs labelled batches"):
+        compress(TINY_MODELS["gpt2"](), calibration=batches, heal_steps=2, heal_loss="lm", progress=False)
