@@ -28,7 +28,7 @@ from .precision import allocate_stages, layer_bytes, set_float_storage, target_b
 from .quantize import dtype_name
 from .refit import collect_cross_statistics, refit_factors, refit_target
 from .report import CompressionReport, ModuleReport
-from .targets import find_targets
+from .targets import find_targets, nothing_targeted
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ def compress(
     params_before = count_parameters(model)
     targets, dense = find_targets(model, config)
     if not targets:
-        raise SvdloraError(
-            "no Linear/Conv1D layer is targeted: check --include/--exclude "
-            f"(layers seen: {', '.join(list(dense)[:5]) or 'none'})"
-        )
+        raise nothing_targeted(dense)
     check_finite(model)
     plan = plan_calibration(model, targets, config, calibration, processor, progress, statistics)
     teacher = copy.deepcopy(model) if config.heal_steps and config.heal_loss == "distill" else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from torch import nn
@@ -25,6 +26,7 @@ HEAD_NAMES = (
     "cls_classifier",
     "distillation_classifier",
 )
+HEAD_REASON = "output head or tied to an embedding (keep_head)"
 
 
 @dataclass
@@ -94,7 +96,7 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Targ
         elif any(matches(name, p) for p in config.exclude):
             dense[name] = "matched by --exclude"
         elif config.keep_head and (id(module) in heads or top in HEAD_NAMES):
-            dense[name] = "output head or tied to an embedding (keep_head)"
+            dense[name] = HEAD_REASON
         else:
             target = Target(name, module, kind, out_features, in_features)
             # the allocators' unit (values): pivoted rank 1 of a 2x2 matrix stores 3 of its 4
@@ -107,6 +109,19 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Targ
     if targets:  # with none, the caller's "nothing is targeted" error names the patterns already
         check_every_pattern_matches(names, config)
     return targets, dense
+
+
+def nothing_targeted(dense: dict[str, str]) -> SvdloraError:
+    """The error for a model none of whose Linear/Conv1D layers is targeted, counting why they stay dense:
+    a layer only the head rule keeps (``--include lm_head``) needs --compress-head, not another pattern."""
+    why = Counter(reason.split(":")[0] for reason in dense.values())  # "too small: rank 1 ..." -> "too small"
+    summary = ", ".join(f"{count} {reason}" for reason, count in why.items()) or "the model has none"
+    if dense:
+        summary += f"; layers seen: {', '.join(list(dense)[:5])}"
+    hint = "check --include/--exclude"
+    if HEAD_REASON in why:
+        hint += ", or pass --compress-head (keep_head=False) to factorize the output head"
+    return SvdloraError(f"no Linear/Conv1D layer is targeted ({summary}): {hint}")
 
 
 def check_every_pattern_matches(names: list[str], config: CompressionConfig) -> None:

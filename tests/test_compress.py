@@ -6,6 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from svdlora import CompressionConfig, LowRankLinear, SvdloraError, compress
+from svdlora.cli import main
 from svdlora.decompose import split_rank
 from svdlora.layers import dense_kind, weight_out_in
 
@@ -241,3 +242,17 @@ def test_healing_that_cannot_run_on_the_batches_is_refused_before_the_calibratio
     batches = [example_inputs("gpt2", seed) for seed in range(2)]  # no labels
     with pytest.raises(SvdloraError, match="healing with loss 'lm' needs labelled batches"):
         compress(TINY_MODELS["gpt2"](), calibration=batches, heal_steps=2, heal_loss="lm", progress=False)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["in memory", "--stream"])
+def test_including_only_the_head_says_it_needs_compress_head(tmp_path, capsys, stream):
+    """--include lm_head was refused with 'check --include/--exclude', though it matched: the head rule kept it."""
+    torch.manual_seed(0)
+    TINY_MODELS["llama"]().save_pretrained(tmp_path / "dense")
+    flags = ["--stream"] if stream else []
+    code = main(["compress", str(tmp_path / "dense"), "-o", str(tmp_path / "out"), "--include", "lm_head",
+                 "--calibration", "none", "--no-progress", *flags])  # fmt: skip
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert "(14 not matched by --include, 1 output head or tied to an embedding (keep_head); layers seen: " in line
+    assert "pass --compress-head" in line

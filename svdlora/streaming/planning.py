@@ -20,7 +20,7 @@ from ..io import _no_weight_init
 from ..layers import LowRankLinear
 from ..models import build_model, check_dense_folder, keep_in_fp32, model_class, parse_dtype, set_config_dtype
 from ..pivoted import PivotedLowRankLinear
-from ..targets import find_targets
+from ..targets import find_targets, nothing_targeted
 from ..writer import TensorSpec, file_layout
 
 
@@ -146,7 +146,7 @@ def plan(
     params_before = count_parameters(model)
     targets, dense = find_targets(model, config)
     if not targets:
-        raise SvdloraError("no Linear/Conv1D layer is targeted: check --include/--exclude")
+        raise nothing_targeted(dense)
     ranks, allocator_dense = allocation or allocate_ranks(targets, config)
     dense.update(allocator_dense)
     same: dict[int, list[str]] = {}  # a checkpoint may store a tied parameter under any of its names
