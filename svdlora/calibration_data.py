@@ -122,6 +122,12 @@ def _need(processor: Any, what: str) -> Any:
             f"calibration needs the model's {what}: save it into the model folder, or pass processor=... "
             "to svdlora.compress"
         )
+    # a name or path (processor="gpt2") failed deep inside: "'str' object is not callable"
+    if not callable(processor):
+        raise SvdloraError(
+            f"processor= takes the model's {what} itself, loaded (e.g. transformers.AutoTokenizer.from_pretrained"
+            f"(name) or AutoImageProcessor.from_pretrained(name)), got {type(processor).__name__} {processor!r}"[:300]
+        )
     return processor
 
 

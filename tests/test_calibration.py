@@ -1548,3 +1548,11 @@ def test_a_calibration_list_of_other_than_batches_is_a_clear_error(item):
     with pytest.raises(SvdloraError, match="item 0 is a (str|Tensor): tokenize it first"):
         svdlora.compress(model, budget=0.5, method="kfac", calibration=[item], progress=False)
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_a_processor_given_by_name_is_a_clear_error(tmp_path):
+    """processor="gpt2" (a name, not the loaded tokenizer) crashed: TypeError: 'str' object is not callable."""
+    (tmp_path / "text.txt").write_text("the cat sat on the mat " * 20)
+    model = tiny_gpt2().eval()
+    with pytest.raises(SvdloraError, match="processor= takes the model's tokenizer itself, loaded .* got str 'gpt2'"):
+        svdlora.compress(model, calibration=tmp_path / "text.txt", processor="gpt2", progress=False)
