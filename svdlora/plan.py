@@ -150,6 +150,9 @@ def plan_calibration(
         return CalibrationPlan(method="svd", allocation="uniform")
     method = auto_method(targets) if config.method == "auto" else config.method
     allocation = resolved_allocation(config)
+    if isinstance(calibration, Mapping) and all(isinstance(v, torch.Tensor) for v in calibration.values()):
+        # not a DatasetDict (datasets by split): one batch of model inputs, read as a path before
+        raise SvdloraError("calibration is one batch (a dict of model inputs): pass a list of batches, [batch]")
     if isinstance(calibration, list):
         batches, source = model_batches(calibration), source_name(calibration)
     else:

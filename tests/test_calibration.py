@@ -1550,6 +1550,12 @@ def test_a_calibration_list_of_other_than_batches_is_a_clear_error(item):
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
 
 
+def test_one_batch_given_without_its_list_is_a_clear_error():
+    """calibration={"input_ids": ...} (one batch, no list) was read as a path: "needs the model's tokenizer"."""
+    with pytest.raises(SvdloraError, match=r"calibration is one batch .*: pass a list of batches, \[batch\]"):
+        svdlora.compress(tiny_gpt2().eval(), calibration=example_inputs("gpt2"), method="kfac", progress=False)
+
+
 def test_a_processor_given_by_name_is_a_clear_error(tmp_path):
     """processor="gpt2" (a name, not the loaded tokenizer) crashed: TypeError: 'str' object is not callable."""
     (tmp_path / "text.txt").write_text("the cat sat on the mat " * 20)
