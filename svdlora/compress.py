@@ -152,7 +152,7 @@ def compress(
                 with torch.no_grad():
                     line.rel_error = relative_error(weight_out_in(originals[name]), layers[name].dense_weight())
                 line.exact_error = None  # the exact-SVD reference was of the factors before the refit
-        _untie_factorized_head(model, config)
+        untie_factorized_head(model, config)
         healed = None
         if config.heal_steps:
             healed = heal(
@@ -263,13 +263,24 @@ def _layer_class(config: CompressionConfig) -> type[LowRankLinear]:
     return PivotedLowRankLinear if config.pivot else LowRankLinear
 
 
-def _untie_factorized_head(model: nn.Module, config: CompressionConfig) -> None:
-    config_obj = getattr(model, "config", None)
-    if not config.keep_head and getattr(config_obj, "tie_word_embeddings", False):
-        # A factorized head is no longer the embedding: stop transformers from re-tying it.
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(head, LowRankLinear):
-            config_obj.tie_word_embeddings = False
+def untie_factorized_head(model: nn.Module, config: CompressionConfig, hf_config=None) -> bool:
+    """Turn the (transformers) config's ``tie_word_embeddings`` off where the head was factorized, so that
+    transformers does not re-tie it; whether it did. A tied head was stored once, as the embedding: its factors
+    are stored beside it, so the model grows (said once: the report counts the head's share as saved)."""
+    hf_config = hf_config if hf_config is not None else getattr(model, "config", None)
+    if config.keep_head or not getattr(hf_config, "tie_word_embeddings", False):
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, LowRankLinear):
+        return False
+    hf_config.tie_word_embeddings = False
+    logger.warning(
+        "--compress-head: the output head shared its weights with the input embedding, which stays dense; its "
+        "factors (%s parameters) are stored beside it, so the model grows by them: decoding reads fewer bytes "
+        "per token, the folder does not get smaller",
+        f"{sum(p.numel() for p in head.parameters() if p is not head.bias):,}",
+    )
+    return True
 
 
 def _module_reports(model: nn.Module, reports: dict, dense: dict) -> list[ModuleReport]:

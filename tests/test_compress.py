@@ -262,3 +262,26 @@ def test_including_only_the_head_says_it_needs_compress_head(tmp_path, capsys, s
     assert code == 2 and not (tmp_path / "out").exists()
     assert "(14 not matched by --include, 1 output head or tied to an embedding (keep_head); layers seen: " in line
     assert "pass --compress-head" in line
+
+
+def test_factorizing_a_tied_head_says_the_model_grows(caplog):
+    """--compress-head on a head tied to the embedding: the report counted the head's share as saved, but the
+    embedding stays and the head's factors are stored beside it (tiny GPT-2: model 10,796 -> 10,996 parameters
+    with the flag at budget 0.3), and nothing said so."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["gpt2"]()
+    assert model.config.tie_word_embeddings
+    with caplog.at_level("WARNING", logger="svdlora.compress"):
+        compress(model, budget=0.9, keep_head=False, progress=False)
+    head = model.get_output_embeddings()
+    assert isinstance(head, LowRankLinear) and not model.config.tie_word_embeddings
+    grown = sum(p.numel() for p in head.parameters() if p is not head.bias)
+    assert [r.getMessage() for r in caplog.records if "model grows" in r.getMessage()] == [
+        f"--compress-head: the output head shared its weights with the input embedding, which stays dense; its "
+        f"factors ({grown:,} parameters) are stored beside it, so the model grows by them: decoding reads fewer "
+        "bytes per token, the folder does not get smaller"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="svdlora.compress"):
+        compress(TINY_MODELS["gpt2"](), budget=0.9, progress=False)  # the head kept: nothing to say
+    assert not [r for r in caplog.records if "model grows" in r.getMessage()]

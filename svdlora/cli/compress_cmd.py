@@ -68,7 +68,8 @@ def register(subparsers) -> None:
         "--compress-head",
         dest="keep_head",
         action="store_false",
-        help="also factorize the output head / layers tied to embeddings",
+        help="also factorize the output head / layers tied to embeddings (a head tied to the input embedding: "
+        "the folder grows by its factors, decoding reads fewer bytes)",
     )
     p.add_argument(
         "--svd",

@@ -13,7 +13,7 @@ from accelerate import init_empty_weights
 from .. import distributed
 from ..allocate import allocate_ranks
 from ..checkpoint import Checkpoint
-from ..compress import count_parameters
+from ..compress import count_parameters, untie_factorized_head
 from ..config import CompressionConfig
 from ..errors import SvdloraError, first_line
 from ..io import _no_weight_init
@@ -170,11 +170,7 @@ def plan(
         )  # fmt: skip
         model.set_submodule(t.name, layer)
         out.jobs.append(("factorize", key, t))
-    if not config.keep_head and getattr(hf_config, "tie_word_embeddings", False):
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(head, LowRankLinear):  # as compress() does: a factorized head is no longer tied
-            hf_config.tie_word_embeddings = False
-            out.untied_head = True
+    out.untied_head = untie_factorized_head(model, config, hf_config)  # as compress() does
     layout, out.tied = file_layout(model)
     buffers = out.buffers = dict(model.named_buffers())
     stage_owner = {  # factor tensors -> their layer: written by the factorize jobs
