@@ -95,6 +95,11 @@ def compress(
     plan = plan_calibration(model, targets, config, calibration, processor, progress, statistics)
     teacher = copy.deepcopy(model) if config.heal_steps and config.heal_loss == "distill" else None
     dtype = weight_out_in(targets[0].module).dtype
+    if config.stage_dtypes and config.svd_device is not None:
+        logger.warning(
+            "--device %s is not used with --stage-dtypes: each stage factorizes the residual of the stages before "
+            "it as stored, where the weights are (the CPU)", config.svd_device,
+        )  # fmt: skip
     if config.stage_dtypes:  # the budget counts bytes: ranks and storage formats per stage (issue 9)
         plans, allocator_dense, est_loss = allocate_stages(
             targets, config, dtype, lambda n: plan.weighting(n, for_allocation=True), plan.allocation, progress

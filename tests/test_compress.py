@@ -285,3 +285,12 @@ def test_factorizing_a_tied_head_says_the_model_grows(caplog):
     with caplog.at_level("WARNING", logger="svdlora.compress"):
         compress(TINY_MODELS["gpt2"](), budget=0.9, progress=False)  # the head kept: nothing to say
     assert not [r for r in caplog.records if "model grows" in r.getMessage()]
+
+
+def test_an_svd_device_with_stage_dtypes_is_said_to_be_unused(caplog):
+    """--device with --stage-dtypes ran every stage's SVD on the CPU without a word (the stage-list
+    factorizations run where the weights are)."""
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="svdlora.compress"):
+        compress(TINY_MODELS["llama"](), budget=0.5, stage_dtypes=["int8"], svd_device="cpu", progress=False)
+    assert any("--device cpu is not used with --stage-dtypes" in r.getMessage() for r in caplog.records)

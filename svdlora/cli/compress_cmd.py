@@ -88,7 +88,8 @@ def register(subparsers) -> None:
         help="run the SVD on this device, e.g. cuda (a matrix whose GPU solver fails is redone on the CPU). In "
         "memory the model and its calibration stay on the CPU; with --stream --calibration DATA the calibration's "
         "block passes run on the device too, one block there at a time. Under torchrun, cuda means each "
-        "process's own GPU (LOCAL_RANK)",
+        "process's own GPU (LOCAL_RANK). Not used with --stage-dtypes (its stages are factorized where the "
+        "weights are)",
     )
     p.add_argument(
         "--no-svd-reference",
