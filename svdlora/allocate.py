@@ -47,9 +47,7 @@ def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[di
     for t in targets:
         total = 1 if t.name in floor else rank_for_budget(t.out_features, t.in_features, share, pivot)
         total = min(total, t.out_features, t.in_features)
-        # dense where the share covers it: a share of 1 holds the whole matrix (factors at the floored rank
-        # of a rectangular one would be a little smaller and far from exact), else by the factors' size
-        if share >= 1 or factor_params(t, total, pivot) >= t.params:
+        if factor_params(t, total, pivot) >= t.params:  # before rounding: dense if the share covers it
             dense[t.name] = f"budget share {share:.3g} covers the dense matrix (kept exact)"
         else:
             ranks[t.name] = split_rank(aligned(total, config.rank_multiple), config.submatrices)
