@@ -253,6 +253,31 @@ def test_translation_compressed_model_runs_with_beam_search(marian):
     assert result["settings"]["num_beams"] == 2
 
 
+def test_translation_list_column_is_scored_as_several_references(marian):
+    """A target column of reference lists (several references per sentence) was scored against its str(),
+    brackets and quotes included; a dict or None was translated / scored as "{'de': ...}" / "None"."""
+    import datasets
+    import sacrebleu
+
+    wrong = ["x y z"] * len(marian["sources"])  # a second reference that matches nothing
+    lists = [[ref, other] for ref, other in zip(marian["references"], wrong, strict=True)]
+    lists[0] = lists[0][:1]  # a sentence with fewer references
+    pairs = datasets.Dataset.from_dict({"source": marian["sources"], "target": lists})
+    opts = {"num_beams": 1, "max_new_tokens": 6, "device": "cpu", "progress": False}
+    metrics = evaluate(marian["dense"], task="translation", data=pairs, **opts)["model"]["metrics"]
+    assert metrics["bleu"] == pytest.approx(100.0) and metrics["chrf"] == pytest.approx(100.0)
+    streams = [marian["references"], [None, *wrong[1:]]]
+    expected = sacrebleu.corpus_bleu(marian["references"], streams).score
+    assert metrics["bleu"] == pytest.approx(expected)
+
+    nested = datasets.Dataset.from_dict({"translation": [{"de": s} for s in marian["sources"]], "target": lists})
+    with pytest.raises(svdlora.SvdloraError, match=r"--source-column 'translation' holds a dict .*translation\.<key>"):
+        evaluate(marian["dense"], task="translation", data=nested, source_column="translation", **opts)
+    missing = datasets.Dataset.from_dict({"source": marian["sources"], "target": [None, *marian["references"][1:]]})
+    with pytest.raises(svdlora.SvdloraError, match=r"--target-column 'target' holds None \(row 0\)"):
+        evaluate(marian["dense"], task="translation", data=missing, **opts)
+
+
 # ------------------------------------------------------------------ perplexity by hand
 def _ids(tok, text):
     return tok(text, return_tensors="pt")["input_ids"][0]

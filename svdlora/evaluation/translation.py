@@ -5,8 +5,9 @@ ship with), ``max_new_tokens`` (default 128), ``length_penalty`` 1.0, ``early_st
 no sampling; any other setting (forced EOS, bad words, ...) comes from the model's own
 ``generation_config``. Sentences are batched longest first (less padding), and scored in their
 original order with sacrebleu's default BLEU (13a tokenization, exp smoothing) and chrF2, on
-detokenized text as the model's tokenizer decodes it; the signatures are reported with the
-scores so the numbers can be compared with published ones.
+detokenized text as the model's tokenizer decodes it, against every reference of a sentence (a
+dataset's list column holds several); the signatures are reported with the scores so the numbers
+can be compared with published ones.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ from .sources import (
 logger = logging.getLogger(__name__)
 
 
-def load_pairs(opts: EvalOptions) -> tuple[list[str], list[str]]:
+# a sentence's references: one, or several (a dataset's list column; sacrebleu's multi-reference scores)
+References = list[str | list[str]]
+
+
+def load_pairs(opts: EvalOptions) -> tuple[list[str], References]:
     """Parallel source and reference sentences, the first ``limit`` of them."""
     data = opts.data
     refuse_image_folder(
@@ -68,9 +73,21 @@ def load_pairs(opts: EvalOptions) -> tuple[list[str], list[str]]:
             dataset = dataset.select(range(min(opts.limit, len(dataset))))
         src = pick_column(dataset, opts.source_column, ("source", "src"), "--source-column")
         tgt = pick_column(dataset, opts.target_column, ("target", "tgt", "reference"), "--target-column")
-        sources = [str(s) for s in column_values(dataset, src)]
-        references = [str(t) for t in column_values(dataset, tgt)]
+        sources = _sentences(column_values(dataset, src), src, "--source-column")
+        references = _sentences(column_values(dataset, tgt), tgt, "--target-column", several=True)
     return sources[: opts.limit], references[: opts.limit]
+
+
+def _sentences(values: list, column: str, flag: str, several: bool = False) -> list:
+    """The column's sentences (a reference column's lists of them too): anything else is refused, not scored as
+    its str() ("['a', 'b']", "{'de': ...}", "None")."""
+    for row, value in enumerate(values):
+        listed = several and isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value)
+        if not (isinstance(value, str) or listed):
+            shown = "None" if value is None else f"a {type(value).__name__}"
+            hint = f" (a dict column: name its key, {column}.<key>)" if isinstance(value, dict) else ""
+            raise SvdloraError(f"{flag} {column!r} holds {shown} (row {row}), not a sentence{hint}")
+    return [v if isinstance(v, str) else list(v) for v in values]
 
 
 def generation_settings(opts: EvalOptions) -> dict:
@@ -152,14 +169,21 @@ def translate(
     return hypotheses, clock[0]
 
 
-def score(hypotheses: list[str], references: list[str]) -> dict:
+def reference_streams(references: References) -> list[list[str | None]]:
+    """sacrebleu's reference streams: stream k holds each sentence's k-th reference, None where it has fewer."""
+    per_sentence = [[r] if isinstance(r, str) else r for r in references]
+    depth = max(len(r) for r in per_sentence)
+    return [[r[k] if k < len(r) else None for r in per_sentence] for k in range(depth)]
+
+
+def score(hypotheses: list[str], references: References) -> dict:
     """Corpus BLEU and chrF with sacrebleu's defaults, with their signatures."""
     from sacrebleu.metrics import BLEU, CHRF
 
-    bleu, chrf = BLEU(), CHRF()
+    bleu, chrf, streams = BLEU(), CHRF(), reference_streams(references)
     return {
-        "bleu": bleu.corpus_score(hypotheses, [references]).score,
-        "chrf": chrf.corpus_score(hypotheses, [references]).score,
+        "bleu": bleu.corpus_score(hypotheses, streams).score,
+        "chrf": chrf.corpus_score(hypotheses, streams).score,
         "sentences": len(hypotheses),
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
@@ -169,7 +193,7 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
 def evaluate_translation(
     model: nn.Module,
     tokenizer,
-    pairs: tuple[list[str], list[str]],
+    pairs: tuple[list[str], References],
     opts: EvalOptions,
     meter: AbstractContextManager | None = None,
 ) -> TaskRun:
