@@ -53,7 +53,7 @@ def check_before_compressing(
     task = eval_task(model, source)
     loaded = load_data(build_options(task, data, eval_options))
     if task == IMAGES:
-        label_ids(loaded.labels, model, data)
+        label_ids(loaded.labels, model, data, loaded.class_ids)
     processor = checked_processor(source, task)
     if task == TEXT:
         check_scorable(processor, loaded)

@@ -382,6 +382,31 @@ def test_class_names_match_model_labels_by_name(vit):
         label_ids([0, 7], model, "ds")
 
 
+def test_a_class_name_the_model_gives_twice_is_not_mapped_to_the_last(vit):
+    """ImageNet's labels name two classes "crane" (134: the bird, 517: the machine): a class "crane" of the data
+    was scored against the last of them, so every crane bird counted wrong."""
+    import datasets
+
+    model = ViTForImageClassification.from_pretrained(vit["dense"])
+    model.config.id2label = {0: "crane", 1: "cat", 2: "crane"}
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([100.0, 0.0, 0.0]))  # predicts class 0 for every image
+    processor = ViTImageProcessor.from_pretrained(vit["dense"])
+    images = [Image.new("RGB", (16, 16), (i * 40, 0, 0)) for i in range(4)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["crane", "cat"])})
+    data = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 0]}, features=feats)
+    opts = {"device": "cpu", "progress": False, "batch_size": 3}
+    result = evaluate((model, processor), task="image-classification", data=data, **opts)
+    assert result["model"]["metrics"]["correct"] == 3  # the dataset's id 0 is the model's crane 0
+    # a class name alone (a folder's, or a class id the model gives another label) cannot say which crane
+    with pytest.raises(svdlora.SvdloraError, match=r"'crane' names the model's labels \[0, 2\]"):
+        label_ids(["cat", "crane"], model, "ds")
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "crane"])})
+    other = datasets.Dataset.from_dict({"image": images[:2], "label": [0, 1]}, features=feats)
+    with pytest.raises(svdlora.SvdloraError, match=r"'crane' names the model's labels \[0, 2\]"):
+        evaluate((model, processor), task="image-classification", data=other, **opts)
+
+
 def test_limit_counts_windows_and_images(gpt, vit):
     text = evaluate(
         gpt["dense"], task="text-generation", data=gpt["text"], limit=3, max_length=32, device="cpu", progress=False

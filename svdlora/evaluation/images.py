@@ -47,6 +47,7 @@ class ImageData:
     paths: list[Path] | None = None  # an image folder
     dataset: Any = None  # or a datasets.Dataset with an image column
     column: str | None = None
+    class_ids: list[int] | None = None  # a ClassLabel column's ids, beside its names in labels
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -105,7 +106,7 @@ def load_images(opts: EvalOptions) -> ImageData:
                 f"--data: label column {label_column!r} holds ids {bad[:5]}, which are not among its "
                 f"{len(names)} class names (-1: unlabeled, as in many test splits): pick a labeled split (--split)"
             )
-        labels = [names[i] for i in labels]
+        return ImageData([names[i] for i in labels], dataset=dataset, column=image_column, class_ids=labels)
     return ImageData(labels=labels, dataset=dataset, column=image_column)
 
 
@@ -138,8 +139,11 @@ def _normalize(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", str(name)).strip().lower()
 
 
-def label_ids(labels: list[str | int], model: nn.Module, data_name: str = "") -> torch.Tensor:
-    """Model label ids of ``labels``, or an error listing the classes the model does not know."""
+def label_ids(
+    labels: list[str | int], model: nn.Module, data_name: str = "", class_ids: list[int] | None = None
+) -> torch.Tensor:
+    """Model label ids of ``labels``, or an error listing the classes the model does not know. A name the model
+    gives several labels (ImageNet's two "crane"s) is the one of them that ``class_ids`` (a ClassLabel's) gives."""
     config = getattr(model, "config", None)
     id2label = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
     num_labels = len(id2label)
@@ -151,7 +155,9 @@ def label_ids(labels: list[str | int], model: nn.Module, data_name: str = "") ->
                 "pass a dataset whose label ids are the model's"
             )
         return torch.tensor(labels, dtype=torch.long)
-    by_name = {_normalize(v): k for k, v in id2label.items()}
+    by_name: dict[str, list[int]] = {}
+    for k in sorted(id2label):
+        by_name.setdefault(_normalize(id2label[k]), []).append(k)
     unknown = sorted({str(label) for label in labels if _normalize(label) not in by_name})
     if unknown:
         shown = [id2label[i] for i in sorted(id2label)][:20]
@@ -164,7 +170,23 @@ def label_ids(labels: list[str | int], model: nn.Module, data_name: str = "") ->
             f"classes {unknown[:10]} of --data {data_name!r} are not labels of the model, whose labels are "
             f"{shown}{hint}: name the class folders (or the dataset's label names) after the model's labels"
         )
-    return torch.tensor([by_name[_normalize(label)] for label in labels], dtype=torch.long)
+    own = class_ids or [None] * len(labels)
+    return torch.tensor(
+        [_one_label(label, by_name[_normalize(label)], i, data_name) for label, i in zip(labels, own, strict=True)],
+        dtype=torch.long,
+    )
+
+
+def _one_label(label: str, candidates: list[int], class_id: int | None, data_name: str) -> int:
+    """The model's label id named ``label``: the only one, or among several the data's own id."""
+    if len(candidates) == 1:
+        return candidates[0]
+    if class_id in candidates:
+        return class_id
+    raise SvdloraError(
+        f"the class {str(label)!r} of --data {data_name!r} is ambiguous: {str(label)!r} names the model's labels "
+        f"{candidates}; a dataset whose label column is a ClassLabel with the model's ids says which"
+    )
 
 
 @torch.no_grad()
@@ -178,7 +200,7 @@ def evaluate_images(
             "model folder or pass processor="
         )
     device, dtype = model_device(model), model_dtype(model)
-    targets = label_ids(data.labels, model, str(opts.data))
+    targets = label_ids(data.labels, model, str(opts.data), data.class_ids)
     batch_size = opts.effective_batch_size
     correct, clock = 0, [0.0]
     # The first batch once, untimed and unmetered: first-call costs (thread pools, kernel choice,
