@@ -407,6 +407,23 @@ def test_a_class_name_the_model_gives_twice_is_not_mapped_to_the_last(vit):
         evaluate((model, processor), task="image-classification", data=other, **opts)
 
 
+def test_a_dict_columns_key_names_the_text_and_the_labels(gpt, vit):
+    """--text-column / --label-column 'doc.text' passed the column check (which takes a dict column's key, as the
+    translation columns do) and then crashed: ValueError: Column 'doc.text' doesn't exist."""
+    import datasets
+
+    opts = {"max_length": 32, "device": "cpu", "progress": False}
+    plain = evaluate(gpt["dense"], task="text-generation", data=datasets.Dataset.from_dict({"text": [TEXT]}), **opts)
+    nested = datasets.Dataset.from_dict({"doc": [{"text": TEXT}]})
+    keyed = evaluate(gpt["dense"], task="text-generation", data=nested, text_column="doc.text", **opts)
+    assert keyed["model"]["metrics"] == plain["model"]["metrics"]
+
+    images = [Image.new("RGB", (16, 16)) for _ in CLASSES]
+    data = datasets.Dataset.from_dict({"image": images, "meta": [{"label": name} for name in CLASSES]})
+    result = evaluate(vit["dense"], task="image-classification", data=data, label_column="meta.label", device="cpu")
+    assert result["model"]["metrics"]["total"] == len(CLASSES)
+
+
 def test_limit_counts_windows_and_images(gpt, vit):
     text = evaluate(
         gpt["dense"], task="text-generation", data=gpt["text"], limit=3, max_length=32, device="cpu", progress=False

@@ -26,6 +26,7 @@ from .sources import (
     DATASET_FILE_BUILDERS,
     IMAGE_SUFFIXES,
     check_exists,
+    column_values,
     dataset_options,
     is_dataset,
     is_image_folder,
@@ -95,7 +96,7 @@ def load_images(opts: EvalOptions) -> ImageData:
     label_column = pick_column(dataset, opts.label_column, ("label", "labels", "fine_label"), "--label-column")
     if opts.limit:
         dataset = dataset.select(range(min(opts.limit, len(dataset))))
-    labels = list(dataset[label_column])
+    labels = column_values(dataset, label_column)
     names = getattr(dataset.features.get(label_column), "names", None)  # a ClassLabel knows its names
     if names:
         # -1 marks an unlabeled example (the test splits of ImageNet, GLUE...): names[-1] would

@@ -32,6 +32,7 @@ from .measure import TaskRun, model_device, timed
 from .options import MAX_LENGTH_CAP, EvalOptions
 from .sources import (
     DATASET_FILE_BUILDERS,
+    column_values,
     dataset_options,
     is_dataset,
     open_eval_dataset,
@@ -73,7 +74,7 @@ def load_text(opts: EvalOptions) -> str:
     dataset = open_eval_dataset(opts)
     column = pick_column(dataset, opts.text_column, ("text",), "--text-column")
     # "\n\n".join as in the HF guide: documents stay separated by a blank line.
-    text = "\n\n".join(str(t) for t in dataset[column] if t is not None)
+    text = "\n\n".join(str(t) for t in column_values(dataset, column) if t is not None)
     if not text.strip():
         raise SvdloraError(f"--data {str(data)!r}: column {column!r} holds no text")
     return text
