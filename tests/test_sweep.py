@@ -185,6 +185,23 @@ def test_sweep_passes_calibration_through(tmp_path, capsys):
     assert "whitened SVD" in (tmp_path / "s" / "model" / "README.md").read_text()
 
 
+@pytest.mark.parametrize("calibration", ["self", "text"])
+def test_the_picked_model_names_its_calibration_data_as_compress_does(tmp_path, capsys, calibration):
+    """The sweep reads the calibration batches once and hands them to every compression, so the picked model's
+    card and record said '2 batches given in memory' (and not data-free for 'self'); they name the data as
+    `svdlora compress` does."""
+    model, text = lm_folder(tmp_path)
+    given = "self" if calibration == "self" else str(text)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--max-length", "16", "--limit", "2",
+            "--calibration", given, "--calibration-samples", "2", "--calibration-length", "16",
+            "--target", "ppl<=100x", "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    source = "self: text sampled from the model (causal-lm, data-free)" if calibration == "self" else str(text)
+    report = json.loads((tmp_path / "s" / "model" / "svdlora_config.json").read_text())["report"]
+    assert report["calibration"]["source"] == source and report["calibration"]["data_free"] == (given == "self")
+    assert f"| calibration | {source} |" in (tmp_path / "s" / "model" / "README.md").read_text()
+
+
 def test_compress_card_and_info_json(tmp_path, gpt2_folder, capsys):
     out = tmp_path / "svd"
     assert main(["compress", str(gpt2_folder), "--budget", "0.4", "--output", str(out), "--no-progress"]) == 0

@@ -12,6 +12,7 @@ from ..errors import SvdloraError
 from . import options
 from .calibration_flags import (
     NONE,
+    SELF,
     add_calibration_flags,
     calibration_options,
     check_calibration,
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import is_compressed_folder
     from ..models import default_device, load_pretrained
     from ..outputs import check_not_input
-    from ..plan import UNUSED, check_without_calibration, uses_calibration
+    from ..plan import UNUSED, check_without_calibration, data_source, uses_calibration
     from ..saving import check_output, save_compressed
     from ..sweep import (
         SweepInterrupted,
@@ -199,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
 
         point = next(p for p in record["points"] if p["budget"] == chosen)
         report = compress(model, budget=chosen, progress=False, **compress_options)
+        if report.calibration is not None:  # compress saw the batches read above: name what they were read from
+            source = data_source(model, calibration)
+            report.calibration = {**report.calibration, "source": source, "data_free": calibration == SELF}
         folder = save_compressed(model, output / "model", report=report, source=args.model, overwrite=args.overwrite)
         class_name = type(model).__name__  # the card's usage names the class, as save_compressed's does
         card.write(folder, card.compressed_card(report, args.model, eval_result=point["result"], class_name=class_name))
