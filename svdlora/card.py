@@ -92,7 +92,7 @@ def render(
 ) -> str:
     """The card's text: YAML front matter for the Hub, then the settings table, eval and usage."""
     front = ["---", f"library_name: {library}", f"tags: [{', '.join(tags)}]"]
-    if base_model:
+    if base_model and _is_hub_id(str(base_model)):
         front.append(f"base_model: {_yaml_value(str(base_model))}")
     front.append("---")
     body = [
@@ -116,6 +116,21 @@ def render(
     if usage:
         body += ["", "## Use", "", "```python", usage.strip(), "```"]
     return "\n".join(front + body) + "\n"
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` may be the front matter's base_model, which the Hub takes as a model id: it refuses
+    to upload a folder whose card names a local folder there (400, '"base_model" ... is not valid. Use a
+    model id'); the card's text still names the folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).expanduser().exists():  # 'gpt2' can be a local folder too
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _yaml_value(text: str) -> str:

@@ -333,7 +333,25 @@ def test_the_card_front_matter_stays_yaml_whatever_the_base_path(tmp_path, capsy
     assert run_cli(capsys, "export", out, "--dense", "-o", dense, "--no-progress")[0] == 0
     for folder in (out, dense):
         front = (folder / "README.md").read_text().split("---\n")[1]
-        assert yaml.safe_load(front)["base_model"] == str(base)
+        assert "base_model" not in yaml.safe_load(front)  # a local folder (see the test below)
+
+
+def test_the_card_front_matter_names_a_hub_id_as_base_model_never_a_local_folder(tmp_path, capsys):
+    """The front matter's base_model was the local base folder: the Hub takes it as a model id and refused
+    to upload the folder (400, '"base_model" ... is not valid'). A hub id is kept; a folder is named in the text."""
+    import yaml
+
+    from svdlora import card
+
+    base = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    tiny_gpt2().save_pretrained(base)
+    out = tmp_path / "svd"
+    assert run_cli(capsys, "compress", base, "-o", out, "--calibration", "none", "--no-progress")[0] == 0
+    text = (out / "README.md").read_text()
+    assert "base_model" not in yaml.safe_load(text.split("---\n")[1]) and f"from `{base}`" in text
+    hub = card.render("t", "HuggingFaceTB/SmolLM2-135M", [], tags=["svdlora"], library="transformers")
+    assert yaml.safe_load(hub.split("---\n")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M"
 
 
 def test_dense_export_of_an_encoder_decoder_with_a_factorized_head_keeps_its_embeddings(tmp_path, capsys):
