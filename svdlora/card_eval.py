@@ -90,8 +90,13 @@ def evaluate_into_card(
         (model, processor), task=task, data=data, progress=False, data_read=checked.data if checked else None,
         **eval_options, **fitted_options(model, task),
     )  # fmt: skip
+    write_card(folder, report, source, result, type(model).__name__)
+    return result
+
+
+def write_card(folder: Path, report: CompressionReport, source: str, result: dict, class_name: str) -> None:
+    """The folder's card with ``result``, the figures of the in-memory model saved there (compress --eval, sweep)."""
     # the in-memory model is named by its config's path, which compress leaves as the base model's:
     # the figures are the folder's, which holds exactly this model
     result["model"]["name"] = str(folder)
-    card.write(folder, card.compressed_card(report, source, eval_result=result, class_name=type(model).__name__))
-    return result
+    card.write(folder, card.compressed_card(report, source, eval_result=result, class_name=class_name))

@@ -169,6 +169,8 @@ def test_sweep_cli_end_to_end(tmp_path, capsys):
     )
     card = (tmp_path / "s" / "model" / "README.md").read_text()
     assert "svdlora sweep" in card and "## Evaluation" in card and "perplexity" in card
+    # the figures are the picked folder's, as compress --eval names them (it said 'model (<dense model> (in memory))')
+    assert f"| model ({tmp_path / 's' / 'model'}) |" in card
     assert "GPT2LMHeadModel.from_pretrained" in card  # not AutoModel, which drops the LM head
 
 

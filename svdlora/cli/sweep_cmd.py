@@ -84,7 +84,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
-    from ..card_eval import fitted_options
+    from ..card_eval import fitted_options, write_card
     from ..config import CompressionConfig
     from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task, local_outline
     from ..evaluation.options import TRANSLATION, build_options
@@ -195,7 +195,6 @@ def run(args: argparse.Namespace) -> int:
     if target is not None and chosen is None:
         raise SvdloraError(f"no budget up to 1.0 meets {args.target!r}: relax the target")
     if chosen is not None:
-        from .. import card
         from ..compress import compress
 
         point = next(p for p in record["points"] if p["budget"] == chosen)
@@ -204,8 +203,8 @@ def run(args: argparse.Namespace) -> int:
             source = data_source(model, calibration)
             report.calibration = {**report.calibration, "source": source, "data_free": calibration == SELF}
         folder = save_compressed(model, output / "model", report=report, source=args.model, overwrite=args.overwrite)
-        class_name = type(model).__name__  # the card's usage names the class, as save_compressed's does
-        card.write(folder, card.compressed_card(report, args.model, eval_result=point["result"], class_name=class_name))
+        # the card's usage names the class, as save_compressed's does
+        write_card(folder, report, args.model, point["result"], type(model).__name__)
         dense = "" if report.factorized else "; no layer is smaller factorized at this budget: it holds the dense model"
         print(f"wrote {folder} (budget {chosen}, meets {args.target}{dense})", file=sys.stderr)
     return 0
