@@ -281,6 +281,8 @@ def format_table(record: dict) -> str:
         lines.append(f"| {name} | {p['params']:,} | {p['bytes_estimate']:,} | {p['quality']:.4g} | {ratio:.3f}x |")
     for budget, why in record.get("skipped", {}).items():
         lines += ["", f"Budget {budget} not measured: {why}"]
+    if record.get("monotone") is False:  # said in the log only, and the reader of sweep.md never saw it
+        lines += ["", f"{metric} is not monotone in the budget over these points: a bisection may miss."]
     failed = record.get("failed")
     if failed:
         lines += ["", f"Budget {failed['budget']} failed ({failed['error']}): the sweep stopped there."]

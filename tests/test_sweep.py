@@ -153,6 +153,20 @@ def test_outputs_table_json_plot(tmp_path):
     assert data["target"]["budget"] >= 0.4 and len(data["points"]) >= 2
 
 
+def test_the_table_says_when_quality_is_not_monotone_in_the_budget():
+    """sweep.json had monotone: false and the log a warning, but sweep.md, what people read, said nothing."""
+
+    def measure(budget):
+        ppl = {None: 10.0, 0.3: 20.0, 0.5: 25.0, 0.8: 12.0}[budget]  # 0.5 worse than 0.3
+        return Point(budget, ppl, 1000, 4000)
+
+    record = sweep(measure, [0.3, 0.5, 0.8], "text-generation")
+    assert record["monotone"] is False
+    assert "perplexity is not monotone in the budget over these points" in format_table(record)
+    monotone = sweep(fake_measure(0.4, []), [0.3, 0.5], "text-generation")
+    assert "not monotone" not in format_table(monotone)
+
+
 def test_sweep_cli_end_to_end(tmp_path, capsys):
     model, text = lm_folder(tmp_path)
     tmp_path_m, text_path = model, text
