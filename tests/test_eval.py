@@ -424,6 +424,22 @@ def test_a_dict_columns_key_names_the_text_and_the_labels(gpt, vit):
     assert result["model"]["metrics"]["total"] == len(CLASSES)
 
 
+def test_a_split_of_a_dataset_that_is_one_split_is_refused(gpt, tmp_path):
+    """--split on a Dataset in memory (or a save_to_disk of one split) was ignored, and the result named the
+    split given as the one read."""
+    import datasets
+
+    opts = {"task": "text-generation", "max_length": 32, "device": "cpu", "progress": False}
+    one = datasets.Dataset.from_dict({"text": [TEXT]})
+    with pytest.raises(svdlora.SvdloraError, match="--split 'validation': --data is one split of a dataset"):
+        evaluate(gpt["dense"], data=one, split="validation", **opts)
+    one.save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(svdlora.SvdloraError, match="--split 'validation': --data is one split"):
+        evaluate(gpt["dense"], data=str(tmp_path / "saved"), split="validation", **opts)
+    both = datasets.DatasetDict({"train": one, "validation": one})  # a set of splits: the split is read
+    assert evaluate(gpt["dense"], data=both, split="validation", **opts)["data"]["split"] == "validation"
+
+
 def test_limit_counts_windows_and_images(gpt, vit):
     text = evaluate(
         gpt["dense"], task="text-generation", data=gpt["text"], limit=3, max_length=32, device="cpu", progress=False

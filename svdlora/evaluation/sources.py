@@ -162,6 +162,7 @@ def _open_split(data: Any, split: str | None, config: str | None, flag: str) -> 
         import datasets
     except ImportError:
         raise SvdloraError(f"{flag} {data!r} needs the `datasets` package: pip install datasets") from None
+    split_read = False  # whether the loader itself took ``split`` (a hub dataset's)
     if is_dataset(data):
         loaded = data
     else:
@@ -172,7 +173,7 @@ def _open_split(data: Any, split: str | None, config: str | None, flag: str) -> 
             elif path.is_file() and path.suffix.lower() in DATASET_FILE_BUILDERS:
                 loaded = datasets.load_dataset(DATASET_FILE_BUILDERS[path.suffix.lower()], data_files=str(path))
             else:
-                loaded = datasets.load_dataset(str(data), config, split=split)
+                loaded, split_read = datasets.load_dataset(str(data), config, split=split), True
         except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
             if path.exists():
                 message = f"{flag} {str(data)!r} is not a file or folder this task reads, nor a dataset folder"
@@ -188,6 +189,10 @@ def _open_split(data: Any, split: str | None, config: str | None, flag: str) -> 
         if chosen not in loaded:
             raise SvdloraError(f"--split {split!r} is not a split of {str(data)!r}: pass --split one of {names}")
         loaded, split = loaded[chosen], chosen
+    elif split is not None and not split_read and str(getattr(loaded, "split", None)) != split:
+        # one split already (a Dataset in memory, a save_to_disk of one split): --split was ignored, and
+        # the result named a split that was not read
+        raise SvdloraError(f"--split {split!r}: {flag} is one split of a dataset, not a set of splits: drop --split")
     if len(loaded) == 0:
         raise SvdloraError(f"{flag} {str(data)!r} (split {split!r}) has no rows")
     return loaded, split
