@@ -422,6 +422,10 @@ def test_a_dict_columns_key_names_the_text_and_the_labels(gpt, vit):
     data = datasets.Dataset.from_dict({"image": images, "meta": [{"label": name} for name in CLASSES]})
     result = evaluate(vit["dense"], task="image-classification", data=data, label_column="meta.label", device="cpu")
     assert result["model"]["metrics"]["total"] == len(CLASSES)
+    features = datasets.Features({"sample": {"img": datasets.Image()}, "label": datasets.Value("string")})
+    nested = datasets.Dataset.from_dict({"sample": [{"img": im} for im in images], "label": list(CLASSES)}, features)
+    by_key = evaluate(vit["dense"], task="image-classification", data=nested, image_column="sample.img", device="cpu")
+    assert by_key["model"]["metrics"] == result["model"]["metrics"]  # was KeyError 'sample.img' in the batches
 
 
 def test_a_split_of_a_dataset_that_is_one_split_is_refused(gpt, tmp_path):

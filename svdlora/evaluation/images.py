@@ -68,7 +68,7 @@ class ImageData:
                         "remove or replace it"
                     ) from None
             return out
-        rows = self.dataset[start:end][self.column]
+        rows = column_values(self.dataset[start:end], self.column)  # 'sample.img': a dict column's key
         return [im.convert("RGB") if isinstance(im, Image.Image) else im for im in rows]
 
 
