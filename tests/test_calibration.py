@@ -707,6 +707,22 @@ def test_a_calibration_dataset_without_a_known_column_says_how_to_read_it(tmp_pa
     assert "pass --calibration one of" not in str(err.value)
 
 
+def test_a_calibration_column_that_is_not_text_is_refused_not_read_as_its_str(tmp_path):
+    """A text column of dicts (or lists, numbers) was calibrated on as each value's str(): "{'de': 'a b'}"."""
+    import datasets
+
+    from svdlora.calibration_data import calibration_batches
+
+    model, tokenizer = word_gpt2(["a", "b"])
+    data = tmp_path / "data"
+    datasets.Dataset.from_dict({"text": [{"de": "a b a b"}] * 8}).save_to_disk(str(data))
+    with pytest.raises(SvdloraError, match=r"column 'text', which holds a dict \(row 0\), not text"):
+        calibration_batches(model, str(data), tokenizer, samples=2, length=4)
+    ok = tmp_path / "ok"
+    datasets.Dataset.from_dict({"text": ["a b a b a b", None] * 4}).save_to_disk(str(ok))  # empty rows: skipped
+    assert calibration_batches(model, str(ok), tokenizer, samples=2, length=4)
+
+
 @pytest.mark.parametrize("stage_dtypes", [None, ["int8"]])
 def test_report_errors_after_healing_are_those_of_the_saved_layers(tmp_path, stage_dtypes):
     """Found by review: the report kept each layer's error from before healing, though healing trains
