@@ -157,7 +157,8 @@ def compress(
                 with torch.no_grad():
                     line.rel_error = relative_error(weight_out_in(originals[name]), layers[name].dense_weight())
                 line.exact_error = None  # the exact-SVD reference was of the factors before the refit
-        untie_factorized_head(model, config)
+        if untie_factorized_head(model, config):
+            warn_untied_head(model)
         healed = None
         if config.heal_steps:
             healed = heal(
@@ -270,8 +271,7 @@ def _layer_class(config: CompressionConfig) -> type[LowRankLinear]:
 
 def untie_factorized_head(model: nn.Module, config: CompressionConfig, hf_config=None) -> bool:
     """Turn the (transformers) config's ``tie_word_embeddings`` off where the head was factorized, so that
-    transformers does not re-tie it; whether it did. A tied head was stored once, as the embedding: its factors
-    are stored beside it, so the model grows (said once: the report counts the head's share as saved)."""
+    transformers does not re-tie it; whether it did (``warn_untied_head`` says what that costs, once per run)."""
     hf_config = hf_config if hf_config is not None else getattr(model, "config", None)
     if config.keep_head or not getattr(hf_config, "tie_word_embeddings", False):
         return False
@@ -279,13 +279,19 @@ def untie_factorized_head(model: nn.Module, config: CompressionConfig, hf_config
     if not isinstance(head, LowRankLinear):
         return False
     hf_config.tie_word_embeddings = False
+    return True
+
+
+def warn_untied_head(model: nn.Module) -> None:
+    """A tied head was stored once, as the embedding: its factors are stored beside it and the model grows
+    (said where the run compresses, not where a plan is only estimated: the report counts the share as saved)."""
+    head = model.get_output_embeddings()
     logger.warning(
         "--compress-head: the output head shared its weights with the input embedding, which stays dense; its "
         "factors (%s parameters) are stored beside it, so the model grows by them: decoding reads fewer bytes "
         "per token, the folder does not get smaller",
         f"{sum(p.numel() for p in head.parameters() if p is not head.bias):,}",
     )
-    return True
 
 
 def _module_reports(model: nn.Module, reports: dict, dense: dict) -> list[ModuleReport]:

@@ -680,3 +680,23 @@ def test_compress_eval_reads_a_dataset_s_split_and_column_as_eval_does(tmp_path,
     argv = ["compress", str(model), "-o", str(tmp_path / "out2"), "--calibration", "none", "--split", "test"]
     assert main(argv) == 2
     assert "--split read the --eval dataset: pass --eval DATA, or drop them" in capsys.readouterr().err
+
+
+def test_a_factorized_tied_head_is_said_once_and_only_where_the_run_factorizes_it(tmp_path, caplog):
+    """The warning came from the streamed plan, which a memory estimate also builds: an in-memory calibrated run
+    whose global allocation then kept the head dense was told its model grew."""
+    from .eval_helpers import lm_folder
+
+    model, text = lm_folder(tmp_path)
+    runs = {"--stream": ["--stream", "--calibration", "none"], "in memory": ["--calibration", "none"]}
+    runs["calibrated, head kept"] = ["--calibration", str(text)]
+    said = {}
+    for name, flags in runs.items():
+        caplog.clear()
+        out = tmp_path / name.replace(" ", "-").replace(",", "")
+        assert main(["compress", str(model), "-o", str(out), "--compress-head", *flags, "--no-progress"]) == 0
+        said[name] = sum("the model grows by them" in r.getMessage() for r in caplog.records)
+        modules = json.loads((out / CONFIG_NAME).read_text())["report"]["modules"]
+        head = next(m for m in modules if m["name"] == "lm_head")
+        assert bool(head["ranks"]) == (said[name] == 1), (name, head)
+    assert said == {"--stream": 1, "in memory": 1, "calibrated, head kept": 0}

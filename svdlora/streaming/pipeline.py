@@ -14,7 +14,7 @@ from .. import block_gradients, blockwise, distributed
 from ..allocate import allocate_global
 from ..calibration_data import SELF
 from ..choices import DEFAULT_MAX_SHARD_SIZE
-from ..compress import count_parameters, rank_factorizes_nothing, svd_device
+from ..compress import count_parameters, rank_factorizes_nothing, svd_device, warn_untied_head
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..hub import local_checkpoint
@@ -153,6 +153,8 @@ def compress_checkpoint(
                 )
                 p = plan(folder, config, dtype, trust_remote_code, allocation=(ranks, dense), model=p.unswapped())
         mine = distributed.jobs_of(p, ctx.rank, owners)
+        if p.untied_head and ctx.is_main:  # the plan the run writes (not a memory estimate's, nor a re-planned one's)
+            warn_untied_head(p.model)
         format_version = folder_format(p.model)  # as save_compressed writes it
         writer = ShardedWriter(tmp, p.specs, header_metadata(p.tied, format_version), max_shard_size)
         if ctx.is_main:
