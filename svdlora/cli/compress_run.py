@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         # (fetched, or read from the cache): a streamed run loads no model before it writes the folder. A local
         # folder's was tried above: one that could not be built is not tried again
         hub_id = not local_folder(args.model)
-        eval_meta = outline(args.model, args.trust_remote_code) if meta is None and hub_id else meta
+        eval_meta = outline(args.model, args.trust_remote_code) if hub_id else meta  # a hub id has no local outline
         checked_eval = check_before_compressing(args.model, args.eval, eval_options(args), eval_meta)
     eval_processor = checked_eval.processor if checked_eval is not None else None
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
@@ -101,9 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     processor = processor_before_load(args.calibration, args.model, config, loaded=eval_processor, meta=meta)
-    if args.stream or distributed.launched():
-        return _run_streamed(args, config, output, processor, checked_eval, meta)
-    if streams_for_memory(args, config, meta):  # its estimate's plan took the meta model over and handed it back
+    # (a memory estimate's plan takes the meta model over, and hands it back where the run streams)
+    if args.stream or distributed.launched() or streams_for_memory(args, config, meta):
         return _run_streamed(args, config, output, processor, checked_eval, meta)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)

@@ -12,7 +12,6 @@ from ..errors import SvdloraError
 from . import options
 from .calibration_flags import (
     NONE,
-    SELF,
     add_calibration_flags,
     calibration_options,
     check_calibration,
@@ -201,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         report = compress(model, budget=chosen, progress=False, **compress_options)
         if report.calibration is not None:  # compress saw the batches read above: name what they were read from
             source = data_source(model, calibration)
-            report.calibration = {**report.calibration, "source": source, "data_free": calibration == SELF}
+            report.calibration = {**report.calibration, "source": source, "data_free": source.startswith("self")}
         folder = save_compressed(model, output / "model", report=report, source=args.model, overwrite=args.overwrite)
         # the card's usage names the class, as save_compressed's does
         write_card(folder, report, args.model, point["result"], type(model).__name__)
