@@ -10,10 +10,10 @@ from torch import nn
 
 from . import card
 from .errors import SvdloraError
-from .evaluation import evaluate, load_data
+from .evaluation import DataRead, evaluate, read_data
 from .evaluation.images import label_ids
 from .evaluation.loading import checked_processor, fitting_task
-from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, MAX_LENGTH_CAP, TEXT, TRANSLATION, build_options
+from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, MAX_LENGTH_CAP, TEXT, TRANSLATION
 from .evaluation.text import check_scorable, context_length
 from .evaluation.translation import decoder_positions
 from .report import CompressionReport
@@ -35,7 +35,7 @@ class CheckedEval:
     """What compress --eval's checks before compressing read, for the evaluation to take rather than read again."""
 
     processor: Any  # the source's tokenizer / image processor
-    data: Any  # the data as its task reads it (load_data): a text, images by position, sentence pairs
+    data: DataRead  # the data as its task reads it: a text, images by position, sentence pairs
 
 
 def check_before_compressing(
@@ -51,13 +51,13 @@ def check_before_compressing(
     if model is None:
         return None
     task = eval_task(model, source)
-    loaded = load_data(build_options(task, data, eval_options))
+    read = read_data(task, data, eval_options)
     if task == IMAGES:
-        label_ids(loaded.labels, model, data, loaded.class_ids)
+        label_ids(read.data.labels, model, data, read.data.class_ids)
     processor = checked_processor(source, task)
     if task == TEXT:
-        check_scorable(processor, loaded)
-    return CheckedEval(processor, loaded)
+        check_scorable(processor, read.data)
+    return CheckedEval(processor, read)
 
 
 def fitted_options(model: nn.Module, task: str) -> dict:

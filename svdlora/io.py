@@ -412,7 +412,7 @@ def load_compressed(
         )
     tie_as_stored(model, tied)
     if target_dtype is not None and isinstance(getattr(model, "config", None), PretrainedConfig):
-        set_config_dtype(model.config, target_dtype)  # a folder saved from it says what its weights are
+        set_config_dtype(model.config, target_dtype)  # as from_pretrained(dtype=...) records it
     if plan is None:
         model.to(target_device)  # buffers built at construction (e.g. rotary tables) stay in their dtype
     else:

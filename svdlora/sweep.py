@@ -140,9 +140,16 @@ def find_budget(
 
 
 def evaluating_measure(
-    model: nn.Module, processor: Any, task: str, data: Any, compress_options: dict, eval_options: dict
+    model: nn.Module,
+    processor: Any,
+    task: str,
+    data: Any,
+    compress_options: dict,
+    eval_options: dict,
+    data_read: Any = None,
 ):
-    """The default ``measure``: compress a copy of ``model`` at the budget and evaluate it in memory."""
+    """The default ``measure``: compress a copy of ``model`` at the budget and evaluate it in memory;
+    ``data_read``: ``data`` as ``evaluation.read_data`` read it, once for every point (None: read by each)."""
     from .compress import compress, count_parameters
     from .evaluation import evaluate
 
@@ -152,7 +159,7 @@ def evaluating_measure(
         candidate = model if budget is None else copy.deepcopy(model)
         if budget is not None:
             compress(candidate, budget=budget, progress=False, **compress_options)
-        result = evaluate((candidate, processor), task=task, data=data, **eval_options)
+        result = evaluate((candidate, processor), task=task, data=data, data_read=data_read, **eval_options)
         params = count_parameters(candidate)
         element = next(candidate.parameters()).element_size()
         logger.info("budget %s: %s %.4g", budget, metric, result["model"]["metrics"][metric])

@@ -444,6 +444,24 @@ def test_a_split_of_a_dataset_that_is_one_split_is_refused(gpt, tmp_path):
     assert evaluate(gpt["dense"], data=both, split="validation", **opts)["data"]["split"] == "validation"
 
 
+def test_data_read_once_is_named_by_the_split_it_read(gpt, tmp_path):
+    """compress --eval passed the data its checks had read to evaluate, which then named no split (the read had
+    chosen 'test' on options evaluate never saw): the result said split None where a read of its own said test."""
+    import datasets
+
+    from svdlora.evaluation import read_data
+
+    one = datasets.Dataset.from_dict({"text": [TEXT]})
+    datasets.DatasetDict({"train": one, "test": one}).save_to_disk(str(tmp_path / "ds"))
+    opts = {"max_length": 32, "device": "cpu", "progress": False}
+    data = str(tmp_path / "ds")
+    own = evaluate(gpt["dense"], task="text-generation", data=data, **opts)
+    read = read_data("text-generation", data, opts)
+    given = evaluate(gpt["dense"], task="text-generation", data=data, data_read=read, **opts)
+    assert own["data"] == given["data"] and given["data"]["split"] == "test"
+    assert own["model"]["metrics"] == given["model"]["metrics"]
+
+
 def test_limit_counts_windows_and_images(gpt, vit):
     text = evaluate(
         gpt["dense"], task="text-generation", data=gpt["text"], limit=3, max_length=32, device="cpu", progress=False

@@ -323,7 +323,7 @@ def test_sweep_evaluates_on_the_default_device_as_eval_does(tmp_path, capsys, mo
 
     asked = {}
 
-    def capture(model, processor, task, data, compress_options, eval_options):
+    def capture(model, processor, task, data, compress_options, eval_options, data_read=None):
         asked.update(eval_options)
         return fake_measure(0.4, [])
 
@@ -557,3 +557,17 @@ def test_sweep_reads_a_dataset_s_split_and_column_as_eval_does(tmp_path, capsys)
     assert main([*argv, "--text-column", "content", "--split", "train", "--overwrite"]) == 0
     record = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert [p["budget"] for p in record["points"]] == [0.5]
+
+
+def test_sweep_reads_its_data_once_for_every_point(tmp_path, monkeypatch):
+    """Each point (the dense model's, each budget's) read --data again; it is read once, before the first
+    compression, as compress --eval reads it."""
+    import svdlora.evaluation
+
+    model, text = lm_folder(tmp_path)
+    reads, load_text = [], svdlora.evaluation._LOADERS["text-generation"]
+    monkeypatch.setitem(svdlora.evaluation._LOADERS, "text-generation", lambda opts: reads.append(1) or load_text(opts))
+    argv = ["sweep", str(model), "--budgets", "0.3,0.8", "--data", str(text), "--max-length", "16", "--limit", "2",
+            "--calibration", "none", "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert len(reads) == 1 and len(json.loads((tmp_path / "s" / "sweep.json").read_text())["points"]) == 2

@@ -85,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..card_eval import fitted_options, write_card
     from ..config import CompressionConfig
+    from ..evaluation import read_data
     from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task, local_outline
-    from ..evaluation.options import TRANSLATION, build_options
+    from ..evaluation.options import TRANSLATION
     from ..io import is_compressed_folder
     from ..models import default_device, load_pretrained
     from ..outputs import check_not_input
@@ -146,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if task == TRANSLATION:  # sweep has no --max-new-tokens: up to the model's decoder positions, as compress --eval
         eval_options.update(fitted_options(model, task))
-    build_options(task, args.data, eval_options)  # another task's setting fails before the first compression
+    # read once for every point (another task's setting, unreadable data: refused before the first compression)
+    data_read = read_data(task, args.data, eval_options)
     # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
     # image processor, as resolve_calibration would load it)
     calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model, processor, config)
@@ -165,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             model, calibration, calibration_processor, config.calibration_samples, config.calibration_length,
             seed=config.seed, progress=args.progress,
         )  # fmt: skip
-    measure = evaluating_measure(model, processor, task, args.data, compress_options, eval_options)
+    measure = evaluating_measure(model, processor, task, args.data, compress_options, eval_options, data_read)
     failure = None
     try:
         record = sweep(measure, args.budgets, task, target=target, tolerance=args.tolerance)

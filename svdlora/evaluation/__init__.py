@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def evaluate(
     baseline: Any = None,
     *,
     processor: Any = None,
-    data_read: Any = None,
+    data_read: DataRead | None = None,
     **options: Any,
 ) -> dict:
     """Evaluate a model (and optionally its baseline) on one task; the dict of ``--json``.
@@ -121,8 +122,8 @@ def evaluate(
         baseline: the original model, in any form ``model_or_path`` takes; measured in the same
             run, with the same data and settings, and compared figure by figure.
         processor: tokenizer or image processor for in-memory models that do not carry one.
-        data_read: ``data`` as the task reads it with these options (``load_data``), where the caller read
-            it already (compress --eval, for its checks before compressing): not read again.
+        data_read: ``data`` as ``read_data`` read it with these options, where the caller read it already
+            (compress --eval, for its checks before compressing; sweep, for its points): not read again.
         **options: any field of ``EvalOptions`` (references, split, limit, batch_size, device,
             dtype, max_length, stride, num_beams, max_new_tokens, the column names, progress).
     Returns:
@@ -139,7 +140,10 @@ def evaluate(
     # once: without a task a failure is the error (infer_task's), with one a None is kept and left to the load
     model_outline = functools.cache(lambda: outline(model_or_path, required=task is None))
     opts = build_options(task or infer_task(model_or_path, model_outline()), data, options)
-    loaded = load_data(opts) if data_read is None else data_read  # data problems surface before any model is loaded
+    if data_read is None:
+        loaded = load_data(opts)  # data problems surface before any model is loaded
+    else:
+        loaded, opts.split = data_read.data, data_read.split
     base_processor = None  # the baseline's, checked by preflight: not loaded again
     if baseline is not None:
         # a broken baseline fails now, not after the model ran
@@ -196,8 +200,23 @@ def evaluate(
 
 def load_data(opts: EvalOptions) -> Any:
     """The data of ``opts`` as its task reads it (text, image list or dataset, sentence pairs), its first
-    ``limit`` examples: an error for data the task cannot read."""
+    ``limit`` examples: an error for data the task cannot read. A dataset's split read is set on ``opts``."""
     return _LOADERS[opts.task](opts)
+
+
+@dataclass(frozen=True)
+class DataRead:
+    """Evaluation data read once for several ``evaluate`` calls (compress --eval's checks and evaluation,
+    sweep's points): what the task reads, and the dataset split it read (the result names it)."""
+
+    data: Any
+    split: str | None
+
+
+def read_data(task: str, data: Any, options: dict) -> DataRead:
+    """``data`` read as ``evaluate(task=task, data=data, **options)`` reads it."""
+    opts = build_options(task, data, options)
+    return DataRead(load_data(opts), opts.split)
 
 
 def _measure(candidate: Candidate, loaded: Any, opts: EvalOptions) -> tuple[dict, TaskRun]:

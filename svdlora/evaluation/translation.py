@@ -108,7 +108,7 @@ def decoder_positions(model: nn.Module) -> int | None:
 
 
 def _input_limit(model: nn.Module, tokenizer) -> int | None:
-    limits = [getattr(tokenizer, "model_max_length", None), getattr(model.config, "max_position_embeddings", None)]
+    limits = [getattr(tokenizer, "model_max_length", None), decoder_positions(model)]
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
     return min(limits) if limits else None
 
