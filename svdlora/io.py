@@ -246,7 +246,6 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
             f"{str(path)!r}: config.json does not build a {cls.__name__} ({first_line(err)}): "
             "the folder was edited or corrupted; re-run `svdlora compress`"
         ) from None
-    _read_generation_config(model, path)
     return model
 
 
@@ -355,6 +354,7 @@ def load_compressed(
 
     if model is None:
         model = _build_skeleton(path, data.get("base_model", {}))
+        _read_generation_config(model, path)  # here, not in the skeleton: the early checks' outlines never generate
         if stack_siblings:  # refused on the skeleton, before any tensor is read
             siblings.example_inputs(model)
     for m in report.factorized:
