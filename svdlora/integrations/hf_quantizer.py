@@ -96,6 +96,7 @@ class SvdloraHfQuantizer(HfQuantizer):
         self._checkpoint_files: list[str] = []
         self._factorized: dict[str, str] = {}  # model module name -> file module name
         self._tied: dict[str, str] = {}  # model parameter name -> the one it is stored as (header's "tied")
+        self._report, self._base = None, None  # svdlora_config.json's, read once by the folder check
         self._dtype: torch.dtype | None = None  # the dtype transformers loads in (preprocess_model)
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
@@ -152,7 +153,9 @@ class SvdloraHfQuantizer(HfQuantizer):
             # Stages stored in their own dtypes (quantized, a full-rank first stage) are not wired into the
             # quantizer: refuse rather than load something else. Asked of the layers as load_compressed
             # asks, not of the format number: formats above 2 carry stage dtypes too.
-            if stored_layers(model, data, CompressionReport.from_dict(data["report"])):
+            self._report = CompressionReport.from_dict(data["report"])
+            self._base = (data.get("base_model") or {}).get("name_or_path")
+            if stored_layers(model, data, self._report):
                 raise ValueError(
                     "this svdlora folder stores its stages in their own dtypes (--stage-dtypes), which "
                     "plain from_pretrained does not load yet: use svdlora.load_compressed(folder)"
@@ -243,12 +246,11 @@ class SvdloraHfQuantizer(HfQuantizer):
 
             setattr(model, MERGED_ATTR, str(Path(self._checkpoint_files[0]).parent) if self._checkpoint_files else "")
         else:
-            report, base = _read_report(self._checkpoint_files)
-            if report is not None:
+            if self._report is not None:
                 from ..compress import BASE_ATTR, REPORT_ATTR
 
-                setattr(model, REPORT_ATTR, report)
-                setattr(model, BASE_ATTR, base)
+                setattr(model, REPORT_ATTR, self._report)
+                setattr(model, BASE_ATTR, self._base)
         from ..save_guard import guard_save_pretrained
 
         # factorized: transformers' own refusal does not say what to use instead; merged: a dense save
@@ -338,18 +340,6 @@ def _tied_names(model: nn.Module, files: list[str], prefix: str) -> dict[str, st
         if len(pair) == 2:
             names[pair[0]] = pair[1]
     return names
-
-
-def _read_report(files: list[str]):
-    """(the folder's CompressionReport, its base model's name or path); (None, None) when unreadable."""
-    config = Path(files[0]).parent / "svdlora_config.json" if files else None
-    if config is None or not config.is_file():
-        return None, None
-    try:
-        data = json.loads(config.read_text())
-        return CompressionReport.from_dict(data["report"]), (data.get("base_model") or {}).get("name_or_path")
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        return None, None
 
 
 def folder_config_entries(weights: str = WEIGHTS_NAME, format_version: int = FORMAT_VERSION) -> dict:
