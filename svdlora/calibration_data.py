@@ -35,6 +35,7 @@ from .evaluation.sources import (
     pick_column,
     read_lines,
     read_text,
+    text_values,
 )
 
 logger = logging.getLogger(__name__)
@@ -131,18 +132,6 @@ def _need(processor: Any, what: str) -> Any:
     return processor
 
 
-def _texts(values: list, column: str) -> list[str]:
-    """A text column's strings, empty rows (None) left out: any other value was calibrated on as its str()
-    ("{'de': ...}", "['a', 'b']", "3")."""
-    for row, value in enumerate(values):
-        if value is not None and not isinstance(value, str):
-            raise SvdloraError(
-                f"{FLAG} reads the dataset's column {column!r}, which holds a {type(value).__name__} (row {row}), "
-                "not text: pass a dataset whose text column holds strings, or a text file"
-            )
-    return [value for value in values if value is not None]
-
-
 def _read_calibration_text(data: Any) -> str:
     if not is_dataset(data):
         path = Path(str(data)).expanduser()
@@ -152,7 +141,7 @@ def _read_calibration_text(data: Any) -> str:
             return read_text(path, FLAG)
     dataset = open_dataset(data, None, None, FLAG)
     column = pick_column(dataset, None, ("text", "sentence", "source"), None)  # no flag picks a column
-    text = "\n\n".join(_texts(column_values(dataset, column), column))
+    text = "\n\n".join(text_values(column_values(dataset, column), column, FLAG))
     if not text.strip():
         raise SvdloraError(f"{FLAG} {str(data)!r}: column {column!r} holds no text")
     return text
@@ -218,7 +207,7 @@ def _seq2seq_batches(model, data, tokenizer, samples: int, length: int, progress
     if is_dataset(data) or Path(str(data)).suffix.lower() in DATASET_FILE_BUILDERS:
         dataset = open_dataset(data, None, None, FLAG)
         column = pick_column(dataset, None, ("source", "src", "text", "sentence"), None)
-        sentences = _texts(column_values(dataset, column), column)
+        sentences = text_values(column_values(dataset, column), column, FLAG)
     else:
         sentences = read_lines(data, FLAG)
     sentences = [s for s in sentences if s.strip()][:samples]

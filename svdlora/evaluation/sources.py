@@ -225,6 +225,18 @@ def pick_column(dataset, wanted: str | None, candidates: tuple[str, ...], flag: 
     raise SvdloraError(f"the dataset has none of the columns {list(candidates)}: pass {flag} one of {columns}")
 
 
+def text_values(values: list, column: str, flag: str) -> list[str]:
+    """A text column's strings, empty rows (None) left out; any other value was read as its str() ("{'de': ...}",
+    "['a', 'b']", "3"): refused, naming the column and the row (``flag``: the option that gave the data)."""
+    for row, value in enumerate(values):
+        if value is not None and not isinstance(value, str):
+            raise SvdloraError(
+                f"{flag} reads the dataset's column {column!r}, which holds a {type(value).__name__} (row {row}), "
+                "not text: pass a dataset whose text column holds strings, or a text file"
+            )
+    return [value for value in values if value is not None]
+
+
 def column_values(dataset, column: str) -> list:
     """Values of ``column``; ``'translation.de'`` reads key ``de`` of a dict column."""
     root, _, key = column.partition(".")
