@@ -976,3 +976,13 @@ def test_a_text_too_short_to_score_is_found_from_its_head_or_else_from_the_whole
     for short in ("the", blank + "the", "the" + blank):
         with pytest.raises(svdlora.SvdloraError, match="1 token"):
             check_scorable(tok, short)
+
+
+def test_a_text_column_that_is_not_text_is_refused_not_scored_as_its_str(gpt):
+    """The evaluation joined str() of every value of the text column: a column of dicts was scored as
+    "{'doc': ...}" text (the calibration's reader refused it since 393addd; they share text_values now)."""
+    import datasets
+
+    data = datasets.Dataset.from_dict({"text": [{"doc": TEXT}]})
+    with pytest.raises(svdlora.SvdloraError, match=r"--data reads the dataset's column 'text', which holds a dict"):
+        evaluate(gpt["dense"], task="text-generation", data=data, max_length=32, device="cpu", progress=False)
