@@ -197,16 +197,22 @@ def _restored_on_error(model: nn.Module, originals: dict[str, nn.Module]) -> Ite
     """Put the dense ``originals`` (and the head's tie) back if anything fails once layers are swapped:
     healing refused after the factorization, Ctrl-C, ... must not leave a half-compressed model, which
     carries no report and would be compressed again on a retry."""
-    config_obj = getattr(model, "config", None)
-    tied = getattr(config_obj, "tie_word_embeddings", None)
+    hf_config = getattr(model, "config", None)
+    tied = getattr(hf_config, "tie_word_embeddings", None)
     try:
         yield
     except BaseException:
-        for name, module in originals.items():
-            model.set_submodule(name, module)
-        if tied is not None:
-            config_obj.tie_word_embeddings = tied
+        restore_dense(model, originals, hf_config, tied)
         raise
+
+
+def restore_dense(model: nn.Module, originals: dict[str, nn.Module], hf_config=None, tied: bool | None = None) -> None:
+    """Put the dense ``originals`` back in place of their low-rank layers, and the config's head tie as it was
+    (``tied``; None: left as it is), which ``untie_factorized_head`` turned off."""
+    for name, module in originals.items():
+        model.set_submodule(name, module)
+    if tied is not None:
+        hf_config.tie_word_embeddings = tied
 
 
 def _measure_healed(model: nn.Module, originals: dict, reports: dict) -> None:

@@ -13,7 +13,7 @@ from accelerate import init_empty_weights
 from .. import distributed
 from ..allocate import allocate_ranks
 from ..checkpoint import Checkpoint
-from ..compress import count_parameters, untie_factorized_head
+from ..compress import count_parameters, restore_dense, untie_factorized_head
 from ..config import CompressionConfig
 from ..errors import SvdloraError, first_line
 from ..io import _no_weight_init
@@ -48,10 +48,8 @@ class Plan:
         """The meta model as it was built: each target's dense layer back in place, the config's head tied
         again where the plan untied it. For another plan of the same checkpoint (another allocation's),
         which takes it over rather than building one; this plan is read no more."""
-        for t in self.targets:
-            self.model.set_submodule(t.name, t.module)
-        if self.untied_head:
-            self.hf_config.tie_word_embeddings = True
+        originals = {t.name: t.module for t in self.targets}
+        restore_dense(self.model, originals, self.hf_config, tied=True if self.untied_head else None)
         return self.model
 
     @property
