@@ -271,10 +271,12 @@ def test_translation_list_column_is_scored_as_several_references(marian):
     assert metrics["bleu"] == pytest.approx(expected)
 
     nested = datasets.Dataset.from_dict({"translation": [{"de": s} for s in marian["sources"]], "target": lists})
-    with pytest.raises(svdlora.SvdloraError, match=r"--source-column 'translation' holds a dict .*translation\.<key>"):
+    with pytest.raises(
+        svdlora.SvdloraError, match=r"column 'translation', which holds a dict .*--source-column translation\.<key>"
+    ):
         evaluate(marian["dense"], task="translation", data=nested, source_column="translation", **opts)
     missing = datasets.Dataset.from_dict({"source": marian["sources"], "target": [None, *marian["references"][1:]]})
-    with pytest.raises(svdlora.SvdloraError, match=r"--target-column 'target' holds None \(row 0\)"):
+    with pytest.raises(svdlora.SvdloraError, match=r"column 'target', which holds None \(row 0\)"):
         evaluate(marian["dense"], task="translation", data=missing, **opts)
 
 

@@ -225,16 +225,36 @@ def pick_column(dataset, wanted: str | None, candidates: tuple[str, ...], flag: 
     raise SvdloraError(f"the dataset has none of the columns {list(candidates)}: pass {flag} one of {columns}")
 
 
-def text_values(values: list, column: str, flag: str) -> list[str]:
+def text_values(
+    values: list,
+    column: str,
+    flag: str,
+    *,
+    parallel: bool = False,
+    several: bool = False,
+    column_flag: str | None = None,
+) -> list:
     """A text column's strings, empty rows (None) left out; any other value was read as its str() ("{'de': ...}",
-    "['a', 'b']", "3"): refused, naming the column and the row (``flag``: the option that gave the data)."""
+    "['a', 'b']", "3"): refused, naming the column and the row (``flag``: the option that gave the data).
+
+    ``parallel``: the rows pair up with another column's (a translation's sources and references), so an empty
+    row is refused rather than left out. ``several``: a row may hold a list of strings (a reference column's
+    references). ``column_flag``: the option that names the column, offered for a dict column's key."""
     for row, value in enumerate(values):
-        if value is not None and not isinstance(value, str):
-            raise SvdloraError(
-                f"{flag} reads the dataset's column {column!r}, which holds a {type(value).__name__} (row {row}), "
-                "not text: pass a dataset whose text column holds strings, or a text file"
-            )
-    return [value for value in values if value is not None]
+        listed = several and isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value)
+        if isinstance(value, str) or listed or (value is None and not parallel):
+            continue
+        shown = "None" if value is None else f"a {type(value).__name__}"
+        if isinstance(value, dict) and column_flag:
+            fix = f"name its key, {column_flag} {column}.<key>"
+        elif value is None:
+            fix = "its rows pair up with the other column's, so every row needs text"
+        else:
+            fix = "pass a dataset whose text column holds strings, or a text file"
+        raise SvdloraError(
+            f"{flag} reads the dataset's column {column!r}, which holds {shown} (row {row}), not text: {fix}"
+        )
+    return [value if isinstance(value, str) else list(value) for value in values if value is not None]
 
 
 def column_values(dataset, column: str) -> list:

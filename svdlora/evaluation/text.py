@@ -75,7 +75,7 @@ def load_text(opts: EvalOptions) -> str:
     dataset = open_eval_dataset(opts)
     column = pick_column(dataset, opts.text_column, ("text",), "--text-column")
     # "\n\n".join as in the HF guide: documents stay separated by a blank line.
-    text = "\n\n".join(text_values(column_values(dataset, column), column, "--data"))
+    text = "\n\n".join(text_values(column_values(dataset, column), column, "--data", column_flag="--text-column"))
     if not text.strip():
         raise SvdloraError(f"--data {str(data)!r}: column {column!r} holds no text")
     return text

@@ -34,6 +34,7 @@ from .sources import (
     read_lines,
     refuse_dataset_options,
     refuse_image_folder,
+    text_values,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,21 +74,11 @@ def load_pairs(opts: EvalOptions) -> tuple[list[str], References]:
             dataset = dataset.select(range(min(opts.limit, len(dataset))))
         src = pick_column(dataset, opts.source_column, ("source", "src"), "--source-column")
         tgt = pick_column(dataset, opts.target_column, ("target", "tgt", "reference"), "--target-column")
-        sources = _sentences(column_values(dataset, src), src, "--source-column")
-        references = _sentences(column_values(dataset, tgt), tgt, "--target-column", several=True)
+        sources = text_values(column_values(dataset, src), src, "--data", parallel=True, column_flag="--source-column")
+        references = text_values(
+            column_values(dataset, tgt), tgt, "--data", parallel=True, several=True, column_flag="--target-column"
+        )
     return sources[: opts.limit], references[: opts.limit]
-
-
-def _sentences(values: list, column: str, flag: str, several: bool = False) -> list:
-    """The column's sentences (a reference column's lists of them too): anything else is refused, not scored as
-    its str() ("['a', 'b']", "{'de': ...}", "None")."""
-    for row, value in enumerate(values):
-        listed = several and isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value)
-        if not (isinstance(value, str) or listed):
-            shown = "None" if value is None else f"a {type(value).__name__}"
-            hint = f" (a dict column: name its key, {column}.<key>)" if isinstance(value, dict) else ""
-            raise SvdloraError(f"{flag} {column!r} holds {shown} (row {row}), not a sentence{hint}")
-    return [v if isinstance(v, str) else list(v) for v in values]
 
 
 def generation_settings(opts: EvalOptions) -> dict:
