@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
     if args.references is not None and not args.eval:
         raise SvdloraError("--references has no effect without --eval DATA: pass both, or drop it")
-    given = [f"--{k.replace('_', '-')}" for k, v in options.dataset_options(args).items() if v not in (None, "text")]
+    given = options.given_dataset_flags(args)
     if given and not args.eval:
         raise SvdloraError(f"{', '.join(given)} read the --eval dataset: pass --eval DATA, or drop them")
     # a local folder's meta model, built once for the checks below; not where none needs it (plain SVD, no

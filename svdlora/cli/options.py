@@ -54,32 +54,38 @@ def positive_float(name: str):
     return parse
 
 
-DATASET_FLAGS = (
-    "split",
-    "data_config",
-    "text_column",
-    "image_column",
-    "label_column",
-    "source_column",
-    "target_column",
-)
+# How a datasets dataset given as evaluation data is read: the flags the evaluation's errors name, each setting
+# the evaluation option argparse names it by (--text-column: text_column).
+DATASET_FLAGS = {
+    "--split": {"help": "dataset split (default: test when present)"},
+    "--data-config": {"help": "dataset configuration name, e.g. wikitext-2-raw-v1"},
+    "--text-column": {"default": "text", "help": "text-generation column (default: text)"},
+    "--image-column": {"help": "image column (default: image or img)"},
+    "--label-column": {"help": "label column (default: label or labels)"},
+    "--source-column": {"help": "translation source column; translation.de reads a dict column"},
+    "--target-column": {"help": "translation reference column, e.g. translation.en"},
+}
 
 
 def add_dataset_flags(parser: argparse.ArgumentParser, title: str = "dataset options") -> None:
-    """How a datasets dataset given as evaluation data is read: the flags the evaluation's errors name."""
-    d = parser.add_argument_group(title)
-    d.add_argument("--split", help="dataset split (default: test when present)")
-    d.add_argument("--data-config", help="dataset configuration name, e.g. wikitext-2-raw-v1")
-    d.add_argument("--text-column", default="text", help="text-generation column (default: text)")
-    d.add_argument("--image-column", help="image column (default: image or img)")
-    d.add_argument("--label-column", help="label column (default: label or labels)")
-    d.add_argument("--source-column", help="translation source column; translation.de reads a dict column")
-    d.add_argument("--target-column", help="translation reference column, e.g. translation.en")
+    """``DATASET_FLAGS``, in a group of the help headed ``title``."""
+    group = parser.add_argument_group(title)
+    for flag, settings in DATASET_FLAGS.items():
+        group.add_argument(flag, **settings)
 
 
 def dataset_options(args: argparse.Namespace) -> dict:
     """The evaluation options ``add_dataset_flags`` set, as ``evaluate`` takes them."""
-    return {name: getattr(args, name) for name in DATASET_FLAGS}
+    return {_dest(flag): getattr(args, _dest(flag)) for flag in DATASET_FLAGS}
+
+
+def given_dataset_flags(args: argparse.Namespace) -> list[str]:
+    """The dataset flags given a value other than their default."""
+    return [flag for flag, settings in DATASET_FLAGS.items() if getattr(args, _dest(flag)) != settings.get("default")]
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")  # as argparse names it
 
 
 def add_progress_flag(parser: argparse.ArgumentParser) -> None:
