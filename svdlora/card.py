@@ -134,9 +134,9 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _yaml_value(text: str) -> str:
-    """``text`` as a YAML string: plain where it reads back as itself (a hub id, most paths), else
-    double-quoted (JSON's escapes are YAML's): a base path holding ': ' broke the whole front matter,
-    and one holding ' #' lost its end, for the Hub and every card reader."""
+    """``text`` (the front matter's base_model, a hub id: ``_is_hub_id``) as a YAML string: plain where it
+    reads back as itself ('gpt2', 'org/name'), else double-quoted (JSON's escapes are YAML's): a valid id
+    such as 'true', 'null' or '1.0' would read back as a bool, None or number."""
     import yaml  # a dependency of transformers and huggingface_hub
 
     try:
