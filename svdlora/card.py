@@ -146,6 +146,11 @@ def _yaml_value(text: str) -> str:
     return text if plain else json.dumps(text)
 
 
+def _model_cell(name: str | None) -> str:
+    """A model's table cell: a model given through the Python API may have no name (rather than `None`)."""
+    return f"`{name}`" if name else "unknown"
+
+
 def write(folder: Path, text: str) -> Path:
     """README.md in ``folder``, through a temporary file: a rewrite in a finished folder (after --eval)
     killed midway leaves the old card, not half of one."""
@@ -163,7 +168,7 @@ def compressed_card(
     config = report.config
     rows = [
         ("tool", f"svdlora {__version__}"),
-        ("base model", f"`{base_model}`"),
+        ("base model", _model_cell(base_model)),
         ("method", _method_text(report)),
         ("calibration", _calibration_source(report)),
         ("budget", budget_text(config)),
@@ -221,7 +226,7 @@ def dense_export_card(source_folder: str, data: dict) -> str:
     rows = [
         ("tool", f"svdlora {__version__}"),
         ("exported from", f"`{source_folder}` (svdlora {data.get('svdlora_version')})"),
-        ("base model", f"`{base}`"),
+        ("base model", _model_cell(base)),
         ("budget / submatrices", f"{budget_text(config)} / {config.get('submatrices')}"),
         ("model params of the factorized form", f"{report.get('model_params_after', 0):,}"),
         ("format", "dense: every A·B merged back into a plain weight (no size saving on disk)"),
@@ -239,15 +244,16 @@ def adapter_card(
     """The card of ``svdlora extract``'s PEFT folder."""
     rows = [
         ("tool", f"svdlora {__version__}"),
-        ("base model", f"`{base_model}`"),
-        ("fine-tuned model", f"`{tuned_model}`"),
+        ("base model", _model_cell(base_model)),
+        ("fine-tuned model", _model_cell(tuned_model)),
         *extraction.summary_rows(),
         ("weight bytes: fine-tuned model / adapter", f"{_size(tuned_bytes)} / {_size(adapter_bytes)}"),
     ]
     notes = [f"left out: `{name}` ({why})" for name, why in extraction.left_out.items()]
+    base_ref = base_model or "<the base model>"  # a model given through the Python API may have no name
     usage = f"""from peft import PeftModel
 from transformers import AutoModelForCausalLM  # or the AutoModelFor... class of the base
-base = AutoModelForCausalLM.from_pretrained("{base_model}")
+base = AutoModelForCausalLM.from_pretrained("{base_ref}")
 model = PeftModel.from_pretrained(base, "<this folder>")"""
     return render(
         "LoRA adapter extracted with svdlora", base_model, rows, tags=["svdlora", "lora", "peft"],

@@ -354,6 +354,27 @@ def test_the_card_front_matter_names_a_hub_id_as_base_model_never_a_local_folder
     assert yaml.safe_load(hub.split("---\n")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M"
 
 
+def test_a_card_without_a_base_model_says_unknown_not_none(tmp_path):
+    """A model compressed and saved through the Python API, built from a config, has no name: its card's table
+    said 'base model | `None`' (the dense export's and an adapter's card too, and the adapter's code
+    from_pretrained("None"))."""
+    from types import SimpleNamespace
+
+    from svdlora import card, compress, save_compressed
+
+    model = tiny_gpt2()
+    compress(model, budget=0.5, progress=False)
+    save_compressed(model, tmp_path / "svd")
+    data = json.loads((tmp_path / "svd" / CONFIG_NAME).read_text())
+    extraction = SimpleNamespace(summary_rows=lambda: [], left_out={})
+    for text in (
+        (tmp_path / "svd" / "README.md").read_text(),
+        card.dense_export_card(str(tmp_path / "svd"), data),
+        card.adapter_card(extraction, None, None, None),
+    ):
+        assert "None" not in text and "| base model | unknown |" in text
+
+
 def test_dense_export_of_an_encoder_decoder_with_a_factorized_head_keeps_its_embeddings(tmp_path, capsys):
     """With --compress-head the config says tie_word_embeddings=False, which in transformers 5 also stops
     Marian tying encoder/decoder embed_tokens to shared: the export wrote shared only, and the dense model
