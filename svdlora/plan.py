@@ -174,6 +174,11 @@ def plan_calibration(
         check_heal_batches(batches, config.heal_loss)
     gradients = method in ("fisher", "kfac") or allocation == "global"
     stats = statistics
+    if stats is not None and not any(t.name in stats for t in targets):  # else every layer would get plain SVD
+        raise SvdloraError(
+            f"statistics holds none of the {len(targets)} targeted layers ({len(stats)} entries): pass "
+            "calibration.collect_statistics(model, targets, batches) of this model, or statistics=None to collect them"
+        )
     if stats is None:
         stats = collect_statistics(
             model, targets, batches, gradients=gradients, progress=progress, seed=config.seed,

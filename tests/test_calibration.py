@@ -707,6 +707,14 @@ def test_a_calibration_dataset_without_a_known_column_says_how_to_read_it(tmp_pa
     assert "pass --calibration one of" not in str(err.value)
 
 
+@pytest.mark.parametrize("statistics", [{}, {"transformer.h.9.mlp.c_fc": None}], ids=["empty", "another model's"])
+def test_statistics_that_hold_no_targeted_layer_are_refused(statistics):
+    """statistics={} (or of another model's layers) gave every layer plain SVD while the report said 'kfac'."""
+    batches = [example_inputs("gpt2", seed) for seed in range(2)]
+    with pytest.raises(SvdloraError, match=r"statistics holds none of the 8 targeted layers"):
+        svdlora.compress(tiny_gpt2(), budget=0.5, calibration=batches, statistics=statistics, progress=False)
+
+
 def test_a_calibration_column_that_is_not_text_is_refused_not_read_as_its_str(tmp_path):
     """A text column of dicts (or lists, numbers) was calibrated on as each value's str(): "{'de': 'a b'}"."""
     import datasets
