@@ -226,6 +226,11 @@ class CompressionConfig:
             raise SvdloraError("--stage-dtypes works with a byte --budget, not a fixed --rank: drop one of them")
         self.budget = float(self.budget)
         self.submatrices = int(self.submatrices)
+        if self.include is not None and not _pattern_list(self.include):  # not "no filter": every layer
+            raise SvdloraError(
+                f"include={self.include!r} names no layer: pass module name patterns (e.g. include=['*.mlp.*']), "
+                "or include=None to target every Linear/Conv1D"
+            )
         self.include = _pattern_list(self.include) or None
         self.exclude = _pattern_list(self.exclude)
         for flag, patterns in (("--include", self.include or []), ("--exclude", self.exclude)):

@@ -99,6 +99,14 @@ def test_a_single_pattern_string_is_one_pattern():
     assert report.config["include"] == ["*.mlp.*"] and report.config["exclude"] == ["re:.*layers\\.1\\..*"]
 
 
+@pytest.mark.parametrize("include", [[], ()])
+def test_an_empty_include_list_is_refused_not_read_as_every_layer(include):
+    """include=[] (a pattern list left empty) compressed every layer, as include=None does; the CLI's --include
+    takes one pattern or more, so only the Python API can pass it."""
+    with pytest.raises(SvdloraError, match=r"include=\[\]|include=\(\)"):
+        compress(TINY_MODELS["llama"](), budget=0.5, include=include, progress=False)
+
+
 @pytest.mark.parametrize(
     "patterns, message",
     [
