@@ -16,6 +16,7 @@ model itself, starting at its BOS token.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ def calibration_batches(
     Raises:
         SvdloraError: data missing, empty, or of the wrong kind for the model (before any slow work).
     """
+    _check_data(data)
     kind = model_kind(model)
     device = device or next(model.parameters()).device
     check_fits(kind, data, length)
@@ -109,6 +111,16 @@ def calibration_batches(
     else:
         batches = _text_windows(model, data, processor, samples, length, labels=kind == "causal-lm")
     return [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+
+
+def _check_data(data: Any) -> None:
+    """Data the readers below can take; anything else reached them as a path and was refused for the tokenizer
+    (calibration=123: "calibration needs the model's tokenizer") or its str() read as a dataset name."""
+    if not isinstance(data, str | os.PathLike) and not is_dataset(data):
+        raise SvdloraError(
+            "calibration must be a text or sentence file, an image folder, a dataset (a folder, a hub name or a "
+            f"datasets.Dataset), 'self', or a list of model batches; got {type(data).__name__} {data!r}"[:300]
+        )
 
 
 def _max_positions(model: nn.Module) -> int:

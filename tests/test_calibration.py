@@ -707,6 +707,14 @@ def test_a_calibration_dataset_without_a_known_column_says_how_to_read_it(tmp_pa
     assert "pass --calibration one of" not in str(err.value)
 
 
+@pytest.mark.parametrize("data", [123, {"text": "a b"}, ({"input_ids": torch.ones(1, 4, dtype=torch.long)},)])
+def test_calibration_that_is_no_data_is_refused_for_what_it_is(data):
+    """calibration=123 was refused with "calibration needs the model's tokenizer" (and, given one, read as a path):
+    the message says what calibration takes."""
+    with pytest.raises(SvdloraError, match=r"calibration must be a text or sentence file, .* list of model batches"):
+        svdlora.compress(tiny_gpt2(), budget=0.5, calibration=data, progress=False)
+
+
 @pytest.mark.parametrize("statistics", [{}, {"transformer.h.9.mlp.c_fc": None}], ids=["empty", "another model's"])
 def test_statistics_that_hold_no_targeted_layer_are_refused(statistics):
     """statistics={} (or of another model's layers) gave every layer plain SVD while the report said 'kfac'."""
