@@ -60,8 +60,10 @@ def aligned(rank: int, multiple: int) -> int:
 
 
 def _next_rank(rank: int, multiple: int, limit: int) -> int:
-    """The next rank the global allocator may give: the next multiple of ``multiple`` (capped at ``limit``)."""
-    return min(limit, (rank // multiple + 1) * multiple)
+    """The next rank the global allocator may give (capped at ``limit``): one more below ``multiple``, as
+    ``aligned`` keeps the ranks below it, else the next multiple. Stepping 1 → ``multiple`` left a matrix
+    that could not afford (or hold) a rank of ``multiple`` at rank 1 or dense, where uniform gives it more."""
+    return min(limit, rank + 1 if rank + 1 < multiple else (rank // multiple + 1) * multiple)
 
 
 def _fixed_rank(targets: list[Target], config: CompressionConfig) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -92,7 +94,8 @@ def allocate_global(
     the dense matrix costs beyond the current factors). Gains per rank only fall, so with the
     pair's constant cost per rank this greedy is the optimum of the relaxed problem up to one
     step; pivoted factors (``pivot``) cost out+in−2R−1 for rank R+1, and the greedy is a heuristic.
-    With ``multiple`` > 1 a rank move goes to the next multiple of it (rank 1 → 8 → 16 ...).
+    With ``multiple`` > 1 a rank move below it adds one, and from it goes to the next multiple (rank
+    1 → 2 → ... → 8 → 16 ...): the ranks ``aligned`` gives the uniform allocation.
     Returns stage ranks, the matrices kept dense (with why), and each factorized matrix's estimated
     loss left (Σ of the dropped σ²).
     """

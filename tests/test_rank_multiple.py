@@ -49,10 +49,25 @@ def test_global_ranks_are_multiples_within_the_budget(pivot):
     }
     ranks, dense, _ = allocate_global(ts, spectra, 0.5, 2, pivot=pivot, multiple=8)
     limits = {t.name: min(t.out_features, t.in_features) for t in ts}
-    assert ranks and all(sum(r) in (1, limits[n]) or sum(r) % 8 == 0 for n, r in ranks.items())
+    assert ranks and all(sum(r) < 8 or sum(r) == limits[n] or sum(r) % 8 == 0 for n, r in ranks.items())
     assert stored(ts, ranks, dense, pivot) <= 0.5 * sum(t.params for t in ts)
     plain, _, _ = allocate_global(ts, spectra, 0.5, 2, pivot=pivot)
     assert any(sum(r) % 8 for r in plain.values())  # unaligned without the option
+
+
+@pytest.mark.parametrize("pivot", [False, True])
+def test_a_multiple_no_matrix_can_hold_leaves_the_global_ranks_as_without_it(pivot):
+    """The global allocator stepped a rank from 1 straight to the multiple: with a multiple larger than a matrix
+    (128 here, every matrix's smaller side is below it) each matrix got rank 1 or stayed dense, where uniform
+    keeps the ranks below the multiple. Below the multiple a rank now grows one at a time."""
+    ts = targets()
+    g = torch.Generator().manual_seed(0)
+    spectra = {
+        t.name: torch.rand(min(t.out_features, t.in_features), generator=g).sort(descending=True).values for t in ts
+    }
+    plain = allocate_global(ts, spectra, 0.5, 2, pivot=pivot)
+    assert allocate_global(ts, spectra, 0.5, 2, pivot=pivot, multiple=128) == plain
+    assert any(sum(r) > 1 for r in plain[0].values())
 
 
 def test_rank_multiple_through_the_api_and_the_cli(tmp_path, capsys):
