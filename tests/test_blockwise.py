@@ -328,6 +328,27 @@ def test_calibration_the_method_does_not_use_streams_plain_svd(base, caplog):
     assert not (tmp / "c").exists()
 
 
+@pytest.mark.parametrize(
+    "given,refusal",
+    [
+        (["the cat sat on the mat"], "item 0 is a str: tokenize it first"),
+        ([torch.tensor([[1, 2, 3]])], "item 0 is a Tensor: tokenize it first"),
+        ({"input_ids": torch.tensor([[1, 2, 3]])}, r"calibration is one batch .*: pass a list of batches, \[batch\]"),
+    ],
+    ids=["text", "tensor", "one-batch"],
+)
+def test_streamed_calibration_other_than_batches_is_refused_as_in_memory(base, given, refusal):
+    """compress_checkpoint(calibration=[text]) crashed in the block passes (AttributeError: 'str' object has no
+    attribute 'get') where compress() refuses it: both read the data through plan.read_calibration."""
+    tmp = base.parent
+    config = CompressionConfig(budget=0.5, method="kfac")
+    with pytest.raises(SvdloraError, match=refusal):
+        compress(load_pretrained(str(base)), config, calibration=given, progress=False)
+    with pytest.raises(SvdloraError, match=refusal):
+        compress_checkpoint(base, tmp / "o", config, calibration=given, progress=False)
+    assert not (tmp / "o").exists()
+
+
 def test_targets_outside_the_block_stack_are_refused(base):
     model = tiny_llama()
     assert find_blocks(model, ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"])[0] == "model.layers"

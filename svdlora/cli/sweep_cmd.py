@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import is_compressed_folder
     from ..models import default_device, load_pretrained
     from ..outputs import check_not_input
-    from ..plan import UNUSED, check_without_calibration, data_source, uses_calibration
+    from ..plan import UNUSED, check_without_calibration, read_calibration, uses_calibration
     from ..saving import check_output, save_compressed
     from ..sweep import (
         SweepInterrupted,
@@ -158,15 +158,13 @@ def run(args: argparse.Namespace) -> int:
     if calibration is not None and not uses_calibration(config):  # said once, not at every budget
         print(f"svdlora sweep: {UNUSED}: --calibration {args.calibration}", file=sys.stderr)
         calibration = None
+    source = None  # how the picked model's report names the calibration data (compress sees batches)
     if calibration is not None:
-        from ..calibration_data import calibration_batches
-
         # Read (or, for 'self', generate) the calibration batches once from the dense model: every
         # budget then calibrates on the same batches, and the sweep does not repeat the slow part.
-        compress_options["calibration"] = calibration_batches(
-            model, calibration, calibration_processor, config.calibration_samples, config.calibration_length,
-            seed=config.seed, progress=args.progress,
-        )  # fmt: skip
+        compress_options["calibration"], source = read_calibration(
+            model, calibration, calibration_processor, config, args.progress
+        )
     measure = evaluating_measure(model, processor, task, args.data, compress_options, eval_options, data_read)
     failure = None
     try:
@@ -201,7 +199,6 @@ def run(args: argparse.Namespace) -> int:
         point = next(p for p in record["points"] if p["budget"] == chosen)
         report = compress(model, budget=chosen, progress=False, **compress_options)
         if report.calibration is not None:  # compress saw the batches read above: name what they were read from
-            source = data_source(model, calibration)
             report.calibration = {**report.calibration, "source": source, "data_free": source.startswith("self")}
         folder = save_compressed(model, output / "model", report=report, source=args.model, overwrite=args.overwrite)
         # the card's usage names the class, as save_compressed's does

@@ -20,7 +20,7 @@ from ..errors import SvdloraError
 from ..hub import local_checkpoint
 from ..outputs import atomic_folder, ensure_space
 from ..padding import Unbatchable
-from ..plan import UNUSED, CalibrationPlan, auto_method, source_name
+from ..plan import UNUSED, CalibrationPlan, auto_method, read_calibration
 from ..report import CompressionReport
 from ..saving import check_output, write_side_files
 from ..writer import ShardedWriter, folder_format, header_metadata, parse_size
@@ -118,9 +118,9 @@ def compress_checkpoint(
     if calibration is not None and resolved is None:
         logger.warning(UNUSED)
         calibration = None
-    batches = None
+    batches, source_named = None, None
     if calibration is not None:  # read the data before any output exists
-        batches = _calibration_batches(p, folder, calibration, processor, config, ctx, progress)
+        batches, source_named = _calibration_batches(p, folder, calibration, processor, config, ctx, progress)
     owners = distributed.owners(p, ctx.world_size)  # fixed before a global allocation re-plans
     # every target by its weight's key: one the uniform plan keeps dense (a copy job) may be factorized
     # after the global allocation, and its spectrum is needed before that
@@ -135,7 +135,6 @@ def compress_checkpoint(
         tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
         calibrated, weights, est_loss = None, None, {}
         if batches is not None:
-            source_named = source_name(calibration)
             calibrated = CalibrationPlan(method, allocation, batches, source=source_named, gradients=gradients)
         if calibrated is not None and calibrated.gradients:  # the backward runs before any rank is known
             scratch = tmp / SCRATCH / f"rank-{ctx.rank}" if ctx.active else tmp / SCRATCH
@@ -234,22 +233,18 @@ def _local_folder(source, trust_remote_code: bool, ctx) -> Path:
     return local_checkpoint(source, trust_remote_code, revision=folder.name)
 
 
-def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, progress) -> list[dict]:
-    """The tokenized calibration windows, as ``compress()`` reads them (a causal LM's text only)."""
-    from ..calibration_data import calibration_batches
+def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, progress) -> tuple[list[dict], str]:
+    """The tokenized calibration windows, as ``compress()`` reads them (a causal LM's text only), and how
+    the report names them."""
     from ..evaluation.loading import checked_processor
 
     blockwise.check(p.model, p.hf_config, p.target_names)
-    if isinstance(calibration, list):  # model-ready batches, as compress() takes them
-        batches = calibration
-        if ctx.active and not all("labels" in b for b in batches):  # else labels are drawn per rank
-            raise SvdloraError("under torchrun, calibration batches need labels: add them, or run one process")
-    else:
-        processor = processor if processor is not None else checked_processor(str(source), "text-generation")
-        batches = calibration_batches(
-            p.model, calibration, processor, config.calibration_samples, config.calibration_length,
-            seed=config.seed, progress=progress, device="cpu",
-        )  # fmt: skip
+    if processor is None and not isinstance(calibration, list):  # a list holds model-ready batches
+        processor = checked_processor(str(source), "text-generation")
+    batches, source_named = read_calibration(p.model, calibration, processor, config, progress, device="cpu")
+    # read windows have labels; given batches without them would have their labels drawn per rank
+    if isinstance(calibration, list) and ctx.active and not all("labels" in b for b in batches):
+        raise SvdloraError("under torchrun, calibration batches need labels: add them, or run one process")
     if not batches:
         raise SvdloraError("calibration data is empty: pass a file with text, or batches")
     if len(batches) < ctx.world_size:  # every rank runs at least one window
@@ -265,7 +260,7 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
         raise SvdloraError(
             f"{len(batches)} calibration windows for {ctx.world_size} processes: {more}, or run fewer processes"
         )
-    return batches
+    return batches, source_named
 
 
 def _generation_config(source):
