@@ -8,3 +8,4 @@ RUNTIMES = ("factorized", "pairs", "merged", "auto", "auto-graphs")  # how a loa
 AUTO_RUNTIMES = ("auto", "auto-graphs")  # measured per layer
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
+DEFAULT_TEXT_COLUMN = "text"  # the text-generation dataset column --text-column (text_column=) reads by default

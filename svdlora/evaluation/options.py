@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..choices import IMAGES, RUNTIMES, TASKS, TEXT, TRANSLATION
+from ..choices import DEFAULT_TEXT_COLUMN, IMAGES, RUNTIMES, TASKS, TEXT, TRANSLATION
 from ..errors import SvdloraError
 from ..models import default_device, parse_dtype
 
@@ -54,7 +54,9 @@ class EvalOptions:
     )
     split: str | None = field(default=None, metadata={"help": "Dataset split (default: test when present)."})
     data_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    text_column: str = field(default="text", metadata={"help": "text-generation: column joined with blank lines."})
+    text_column: str = field(
+        default=DEFAULT_TEXT_COLUMN, metadata={"help": "text-generation: column joined with blank lines."}
+    )
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: image or img)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (default: label or labels)."})
     source_column: str | None = field(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..choices import DEFAULT_TEXT_COLUMN
 from ..errors import SvdloraError
 from .measure import TaskRun, model_device, timed
 from .options import MAX_LENGTH_CAP, EvalOptions
@@ -67,13 +68,13 @@ def load_text(opts: EvalOptions) -> str:
     if not is_dataset(data):
         path = Path(str(data)).expanduser()
         if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
-            column = opts.text_column if opts.text_column != "text" else None  # "text": the default
+            column = opts.text_column if opts.text_column != DEFAULT_TEXT_COLUMN else None  # a column given
             given = dataset_options(opts, {"--text-column": column})
             refuse_dataset_options(data, given, "a plain text file, read whole")
             return read_text(path)
     refuse_image_folder(data, "text-generation", "a text file (.txt, .gz) or a dataset with a text column")
     dataset = open_eval_dataset(opts)
-    column = pick_column(dataset, opts.text_column, ("text",), "--text-column")
+    column = pick_column(dataset, opts.text_column, (DEFAULT_TEXT_COLUMN,), "--text-column")
     # "\n\n".join as in the HF guide: documents stay separated by a blank line.
     text = "\n\n".join(text_values(column_values(dataset, column), column, "--data", column_flag="--text-column"))
     if not text.strip():
