@@ -319,3 +319,23 @@ def test_the_hub_is_asked_through_the_environment_s_proxy(monkeypatch):
     monkeypatch.setattr(models, "_PROBES", {})
     assert not connects(("hub.test", 443), 1.0) and not connects(("hub.test", 443), 1.0) and len(tries) == 1
     assert not connects(("hub.test", 443), 1.0, ttl=0) and len(tries) == 2
+
+
+@pytest.mark.parametrize("calibration", ["none", "text"])
+def test_a_hub_id_streamed_for_memory_builds_its_meta_model_once(tmp_path, monkeypatch, capsys, calibration):
+    """A hub id has no early outline (local_outline): the memory check's plan built its meta model, then the streamed
+    plan built another. The memory check's is handed, as built, to the streamed plan, as a local folder's is."""
+    from .eval_helpers import count_loads
+
+    remote, text = lm_folder(tmp_path)
+    _fake_hub(tmp_path, monkeypatch, remote)
+    calls = count_loads(monkeypatch)
+    _room(monkeypatch, memory.checkpoint_bytes(remote) * 5 // 4)  # the model fits, not with its factors
+    data = ["--calibration", str(text), "--method", "whiten", "--allocation", "uniform", "--calibration-samples", "2",
+            "--calibration-length", "16"] if calibration == "text" else ["--calibration", "none"]  # fmt: skip
+    assert main(["compress", "org/tiny", "--budget", "0.5", "--no-progress", *data, "-o", str(tmp_path / "out")]) == 0
+    assert "streaming it instead" in capsys.readouterr().err
+    assert len(calls["skeleton"]) == 1, calls["skeleton"]
+    assert main(["compress", str(remote), "--budget", "0.5", "--no-progress", *data, "--stream", "-o",
+                 str(tmp_path / "local")]) == 0  # fmt: skip
+    assert weight_bytes(tmp_path / "out") == weight_bytes(tmp_path / "local")

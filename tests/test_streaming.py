@@ -533,3 +533,20 @@ def test_a_plan_hands_its_meta_model_back_as_built_for_another_allocation(tmp_pa
     assert again.model is first.model and again.hf_config.tie_word_embeddings
     assert (again.specs, again.tied, str(again.model)) == (fresh.specs, fresh.tied, str(fresh.model))
     assert [j[:2] for j in again.jobs] == [j[:2] for j in fresh.jobs]
+
+
+def test_a_meta_model_built_from_another_folder_is_not_taken_over(tmp_path):
+    """A plan takes a meta model already built over (model=) only where it was built from the folder it plans: a hub
+    id's memory check may have read an older cached snapshot, whose config the streamed run would have written."""
+    from svdlora.streaming import plan
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "old")
+    newer = tiny_llama()
+    newer.config.rms_norm_eps = 1e-3  # the same shapes, another config
+    newer.save_pretrained(tmp_path / "new")
+    config = CompressionConfig(budget=0.5)
+    old = plan(tmp_path / "old", config).unswapped()
+    p = plan(tmp_path / "new", config, model=old)
+    assert p.model is not old and p.hf_config.rms_norm_eps == 1e-3
+    assert plan(tmp_path / "old", config, model=old).model is old  # its own folder's: taken over

@@ -101,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     processor = processor_before_load(args.calibration, args.model, config, loaded=eval_processor, meta=meta)
-    # (a memory estimate's plan takes the meta model over, and hands it back where the run streams)
-    if args.stream or distributed.launched() or streams_for_memory(args, config, meta):
+    streams = args.stream or distributed.launched()
+    if not streams:  # a memory estimate's plan takes the meta model over, and hands it (a hub id's: its own) back
+        streams, meta = streams_for_memory(args, config, meta)
+    if streams:
         return _run_streamed(args, config, output, processor, checked_eval, meta)
     start = time.perf_counter()
     model = load_pretrained(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)

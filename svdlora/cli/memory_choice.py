@@ -30,39 +30,42 @@ if TYPE_CHECKING:
 STREAM_ADVICE = "pass --stream with --calibration DATA (a text file, calibrated block by block) or --calibration none"
 
 
-def streams_for_memory(args: argparse.Namespace, config: CompressionConfig, meta: nn.Module | None = None) -> bool:
-    """True where the run would not fit in memory and a streamed run does the same (said on stderr).
-    Where it cannot: a refusal if the model alone does not fit in memory and swap, else a warning.
-    False where it fits, its size is not known (.bin weights; a hub id when the hub cannot be
-    reached and it is not in the local cache), or with --no-stream. ``meta``: the local folder's
-    meta model compress built for its early checks (``evaluation.loading.local_outline``), which the
-    plan takes over rather than building another, and hands back as built where the run streams (for
-    the streamed run's plan to take over in turn); where it does not, the caller reads it no more."""
+def streams_for_memory(
+    args: argparse.Namespace, config: CompressionConfig, meta: nn.Module | None = None
+) -> tuple[bool, nn.Module | None]:
+    """Whether the run streams, and the meta model its streamed plan takes over: True where the run
+    would not fit in memory and a streamed run does the same (said on stderr). Where it cannot: a
+    refusal if the model alone does not fit in memory and swap, else a warning. False where it fits,
+    its size is not known (.bin weights; a hub id when the hub cannot be reached and it is not in the
+    local cache), or with --no-stream. ``meta``: the local folder's meta model compress built for its
+    early checks (``evaluation.loading.local_outline``), which the plan takes over rather than
+    building another; where the run streams, that model (a hub id's: the one the plan built) is
+    handed back as built, for the streamed run's plan to take over in turn; else None (the plan may
+    have swapped its layers: the caller reads it no more)."""
     if args.stream is not None:
-        return False
+        return False, None
     folder = cached_checkpoint(args.model) or _downloaded_unless_refused(args, config)
     model = memory.checkpoint_bytes(folder, args.dtype) if folder is not None else None
     if model is None:
-        return False
+        return False, None
     budget = _budget(args, config)
     planned = _plan(args, config, folder, meta) if args.calibration != NONE else None
     statistics = _statistics_bytes(args, config, planned, model)
     over = memory.shortfall(model, budget, extra=statistics)
     if over is None:
-        return False
+        return False, None
     limit, need, room = over
     what = "the model, its factors and its calibration statistics" if statistics else "the model and its factors"
     sizes = f"{args.model!r} needs {_about(need, limit)} ({what}) and {limit} leaves {memory.size(room)}"
-    planned = planned or _plan(args, config, folder, meta)
+    if planned is None:  # not made for the statistics (--calibration none): made now, once
+        planned = _plan(args, config, folder, meta)
     why, advice = _why_not_streamed(args, config, _outline(planned)) or (None, None)
     if why is None:  # planned is a Plan: one that could not be made is a reason not to stream
-        if meta is not None:
-            planned.unswapped()
         print(f"svdlora compress: {sizes}: streaming it instead (as --stream; --no-stream loads it)", file=sys.stderr)
-        return True
+        return True, planned.unswapped()
     _refuse_if_the_model_alone_does_not_fit(args, model, why, advice)
     print(f"svdlora compress: warning: {sizes}, and {why}: it may run out of memory; {advice}", file=sys.stderr)
-    return False
+    return False, None
 
 
 def _downloaded_unless_refused(args, config: CompressionConfig) -> Path | None:

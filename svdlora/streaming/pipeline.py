@@ -98,8 +98,9 @@ def compress_checkpoint(
         announce: called once every check has passed, before the slow work, with whether the
             run calibrates and whether that takes a backward pass (the CLI says there which
             method runs, and sets up the process for it); under torchrun on every rank.
-        meta: ``source``'s model already built on the meta device (``evaluation.loading.local_outline``),
-            which the plan takes over (its targets swapped) rather than building another.
+        meta: ``source``'s model already built on the meta device (``evaluation.loading.local_outline``, or the
+            CLI's memory check's plan), which the plan takes over (its targets swapped) rather than building
+            another, where it was built from the folder read (``planning.meta_model``).
     Returns:
         The ``CompressionReport`` (the same on every rank).
     """

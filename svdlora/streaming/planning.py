@@ -97,14 +97,21 @@ def meta_model(
 ) -> tuple[object, torch.nn.Module]:
     """(config, model) of a folder's config.json, the model built on the meta device (no memory), its
     tied weights tied as ``from_pretrained`` ties them. ``built``: the model already built from it
-    (``evaluation.loading.local_outline``, untied), tied here rather than built again."""
-    if built is not None:
+    (``evaluation.loading.local_outline``, untied), tied here rather than built again where it was built
+    from ``source`` (a hub id's cached snapshot that the memory check read may be older than the one read now)."""
+    if built is not None and _built_from(built, source):
         hf_config, model = built.config, built
     else:
         hf_config, model = _build(source, trust_remote_code)
     if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()  # as from_pretrained does: find_targets and the layout see the tie
     return hf_config, model
+
+
+def _built_from(model: torch.nn.Module, source: str | Path) -> bool:
+    """Whether ``model`` was built from the folder ``source`` (its config names the path it was read from)."""
+    read = getattr(model.config, "name_or_path", None)
+    return bool(read) and Path(read).expanduser().resolve() == Path(source).expanduser().resolve()
 
 
 def _build(source: str | Path, trust_remote_code: bool) -> tuple[object, torch.nn.Module]:
