@@ -339,3 +339,21 @@ def test_a_hub_id_streamed_for_memory_builds_its_meta_model_once(tmp_path, monke
     assert main(["compress", str(remote), "--budget", "0.5", "--no-progress", *data, "--stream", "-o",
                  str(tmp_path / "local")]) == 0  # fmt: skip
     assert weight_bytes(tmp_path / "out") == weight_bytes(tmp_path / "local")
+
+
+def test_a_hub_id_too_large_for_memory_alone_builds_its_meta_model_once(tmp_path, monkeypatch, capsys):
+    """A hub id not in the cache whose model alone does not fit is checked on config.json before its weights are
+    downloaded (_downloaded_unless_refused): that meta model was built, then the memory check's plan built another
+    (and before 575bfe5 the streamed plan a third). The first is taken over by the plan, then by the streamed run."""
+    from .eval_helpers import count_loads
+
+    remote, _ = lm_folder(tmp_path)
+    _fake_hub(tmp_path, monkeypatch, remote)
+    calls = count_loads(monkeypatch)
+    _room(monkeypatch, memory.checkpoint_bytes(remote) // 2)  # the model alone does not fit: it must stream
+    argv = ["compress", "org/tiny", "--budget", "0.5", "--no-progress", "--calibration", "none"]
+    assert main([*argv, "-o", str(tmp_path / "out")]) == 0
+    assert "streaming it instead" in capsys.readouterr().err
+    assert len(calls["skeleton"]) == 1, calls["skeleton"]
+    assert main(["compress", str(remote), *argv[2:], "--stream", "-o", str(tmp_path / "local")]) == 0
+    assert weight_bytes(tmp_path / "out") == weight_bytes(tmp_path / "local")

@@ -39,12 +39,14 @@ def streams_for_memory(
     its size is not known (.bin weights; a hub id when the hub cannot be reached and it is not in the
     local cache), or with --no-stream. ``meta``: the local folder's meta model compress built for its
     early checks (``evaluation.loading.local_outline``), which the plan takes over rather than
-    building another; where the run streams, that model (a hub id's: the one the plan built) is
+    building another; where the run streams, that model (a hub id's: the one its checks built) is
     handed back as built, for the streamed run's plan to take over in turn; else None (the plan may
     have swapped its layers: the caller reads it no more)."""
     if args.stream is not None:
         return False, None
-    folder = cached_checkpoint(args.model) or _downloaded_unless_refused(args, config)
+    folder = cached_checkpoint(args.model)
+    if folder is None:  # a hub id not in the cache (no early outline): its config's, where the check built one
+        folder, meta = _downloaded_unless_refused(args, config)
     model = memory.checkpoint_bytes(folder, args.dtype) if folder is not None else None
     if model is None:
         return False, None
@@ -68,21 +70,26 @@ def streams_for_memory(
     return False, None
 
 
-def _downloaded_unless_refused(args, config: CompressionConfig) -> Path | None:
+def _downloaded_unless_refused(args, config: CompressionConfig) -> tuple[Path | None, nn.Module | None]:
     """A hub id not in the local cache, sized from the hub's safetensors headers first: refused before
     its weights are downloaded where the model alone does not fit in memory and swap and its flags or
     config say the run cannot stream; else downloaded (the files the in-memory load would fetch too)
-    for the checks that read them. None where it cannot be sized (no hub, no safetensors there)."""
+    for the checks that read them. None where it cannot be sized (no hub, no safetensors there). With
+    the folder, the meta model the check built (unswapped: the plan takes it over), else None."""
     remote = remote_parameters(args.model, args.trust_remote_code)
     if remote is None:
-        return None
+        return None, None
     side, counts = remote
     model = memory.loaded_bytes(counts, memory.load_dtype(args.dtype, side))
+    built = None
     if model is not None and _model_alone_does_not_fit(model):  # only then is the meta model built
-        why = _why_not_streamed(args, config, _config_outline(args, config, side))
+        outline = _config_outline(args, config, side)
+        why = _why_not_streamed(args, config, outline)
         if why is not None:
             _refuse_if_the_model_alone_does_not_fit(args, model, *why)
-    return local_checkpoint(args.model, args.trust_remote_code, revision=side.name, local_only=False)  # same commit
+        built = None if isinstance(outline, SvdloraError) else outline[0]
+    # the same commit as the side files
+    return local_checkpoint(args.model, args.trust_remote_code, revision=side.name, local_only=False), built
 
 
 def _about(need: int, limit: str) -> str:
