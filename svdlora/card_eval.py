@@ -10,11 +10,11 @@ from torch import nn
 
 from . import card
 from .errors import SvdloraError
-from .evaluation import DataRead, evaluate, read_data
+from .evaluation import DataRead, check_measurable, evaluate, read_data
 from .evaluation.images import label_ids
 from .evaluation.loading import checked_processor, fitting_task
 from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, MAX_LENGTH_CAP, TEXT, TRANSLATION
-from .evaluation.text import check_scorable, context_length
+from .evaluation.text import context_length
 from .evaluation.translation import decoder_positions
 from .report import CompressionReport
 
@@ -55,8 +55,7 @@ def check_before_compressing(
     if task == IMAGES:
         label_ids(read.data.labels, model, data, read.data.class_ids)
     processor = checked_processor(source, task)
-    if task == TEXT:
-        check_scorable(processor, read.data)
+    check_measurable(task, read.data, processor)
     return CheckedEval(processor, read)
 
 

@@ -644,6 +644,21 @@ def test_a_folder_without_tokenizer_files_is_refused_before_loading(gpt, tmp_pat
     assert "use --task text-generation" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("model", ["dense", "svd"])
+def test_a_text_too_short_to_score_is_refused_before_the_model_is_loaded(gpt, tmp_path, capsys, monkeypatch, model):
+    """eval of data whose every row is 1 token (one row here) loaded the model (minutes for a 7B one) before the
+    perplexity said 'the text is 1 token(s) long'; the tokenizer read before the load refuses it now, as compress
+    --eval does."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before its text was checked")
+
+    monkeypatch.setattr("svdlora.models.load_model", never)
+    (tmp_path / "one.json").write_text(json.dumps({"text": "the"}) + "\n")
+    code, _, err = _cli([gpt[model], "--data", str(tmp_path / "one.json"), "--baseline", gpt["dense"]], capsys)
+    assert code == 2 and "the text is 1 token(s) long" in err, err
+
+
 def test_checked_processor_is_the_public_checked_loader(gpt, tmp_path):
     """calibration, sweep, streaming and the card's eval import it by this name (was the private _load_processor)."""
     from svdlora.evaluation.loading import checked_processor

@@ -355,6 +355,25 @@ def test_sweep_on_a_folder_without_a_tokenizer_is_refused_before_loading(tmp_pat
     assert not (tmp_path / "s").exists()
 
 
+def test_sweep_of_a_text_too_short_to_score_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """The sweep loaded the model (minutes for a 7B one), then read --data and measured the dense model, whose
+    perplexity said 'the text is 1 token(s) long': a local folder's data is read and checked before its load."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before its text was checked")
+
+    model, _ = lm_folder(tmp_path)
+    (tmp_path / "one.txt").write_text("the\n")
+    capsys.readouterr()  # save_pretrained's progress bars
+    monkeypatch.setattr("svdlora.models.load_pretrained", never)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(tmp_path / "one.txt"), "--calibration", "none",
+            "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the text is 1 token(s) long" in err[0], err
+    assert not (tmp_path / "s").exists()
+
+
 def failing_at(failure: float, error: Exception):
     """``fake_measure`` that fails with ``error`` (not a budget's SvdloraError) at budget ``failure``."""
     fits = fake_measure(0.4, [])

@@ -85,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..card_eval import fitted_options, write_card
     from ..config import CompressionConfig
-    from ..evaluation import read_data
     from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task, local_outline
     from ..evaluation.options import TRANSLATION
     from ..io import is_compressed_folder
@@ -127,14 +126,6 @@ def run(args: argparse.Namespace) -> int:
     processor_before_load(args.calibration, args.model, config=config, loaded=processor, meta=meta)
     if task and args.target:
         parse_target(args.target, task)  # a bad target fails before the slow load
-    if not args.progress:
-        transformers.utils.logging.disable_progress_bar()
-    model = load_pretrained(args.model).eval()
-    task = task or infer_task(model)
-    check_task(model, task, args.model)  # a wrong --task: name the task that fits, not a missing processor
-    target = parse_target(args.target, task) if args.target else None
-    if processor is None:
-        processor = checked_processor(args.model, task)
     eval_options = {
         "references": args.references,
         **options.dataset_options(args),
@@ -145,10 +136,20 @@ def run(args: argparse.Namespace) -> int:
         "device": str(default_device(args.device)),
         "progress": False,
     }
+    # the data, read once for every point: refused (another task's setting, unreadable data, a text too short to
+    # score) before the load where the task and processor are known (a local folder's), else before compressing
+    data_read = _checked_data(task, args.data, eval_options, processor) if processor is not None else None
+    if not args.progress:
+        transformers.utils.logging.disable_progress_bar()
+    model = load_pretrained(args.model).eval()
+    task = task or infer_task(model)
+    check_task(model, task, args.model)  # a wrong --task: name the task that fits, not a missing processor
+    target = parse_target(args.target, task) if args.target else None
+    if processor is None:
+        processor = checked_processor(args.model, task)
     if task == TRANSLATION:  # sweep has no --max-new-tokens: up to the model's decoder positions, as compress --eval
         eval_options.update(fitted_options(model, task))
-    # read once for every point (another task's setting, unreadable data: refused before the first compression)
-    data_read = read_data(task, args.data, eval_options)
+    data_read = data_read or _checked_data(task, args.data, eval_options, processor)
     # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
     # image processor, as resolve_calibration would load it)
     calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model, processor, config)
@@ -206,3 +207,12 @@ def run(args: argparse.Namespace) -> int:
         dense = "" if report.factorized else "; no layer is smaller factorized at this budget: it holds the dense model"
         print(f"wrote {folder} (budget {chosen}, meets {args.target}{dense})", file=sys.stderr)
     return 0
+
+
+def _checked_data(task: str, data: str, eval_options: dict, processor):
+    """``data`` as every point reads it, refused where the model's ``processor`` cannot measure on it."""
+    from ..evaluation import check_measurable, read_data
+
+    read = read_data(task, data, eval_options)
+    check_measurable(task, read.data, processor)
+    return read

@@ -58,12 +58,21 @@ from ..errors import SvdloraError
 from ..quantize import dtype_name
 from ..version import __version__
 from .images import evaluate_images, load_images
-from .loading import Candidate, infer_task, local_folder, outline, preflight, prepare, same_vocabulary
+from .loading import (
+    Candidate,
+    early_processor,
+    infer_task,
+    local_folder,
+    outline,
+    preflight,
+    prepare,
+    same_vocabulary,
+)
 from .measure import PeakMemory, TaskRun, count_parameters, model_device, model_dtype, model_memory_bytes
 from .options import IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, build_options
 from .report import format_table, ratios
 from .sources import is_dataset
-from .text import check_baseline_context, evaluate_text, load_text
+from .text import check_baseline_context, check_scorable, evaluate_text, load_text
 from .translation import evaluate_translation, load_pairs
 
 logger = logging.getLogger(__name__)
@@ -150,6 +159,13 @@ def evaluate(
         base_outline, base_processor = preflight(baseline, opts, "--baseline")
         if opts.task == TEXT:
             check_baseline_context(model_outline(), base_outline, opts)
+    # a local folder's processor, read from its meta model and files: a wrong task, no tokenizer files or data
+    # too short to score are refused in a second, not after the model's load
+    model_processor = processor
+    if processor is None and local_folder(model_or_path):
+        model_processor = early_processor(str(model_or_path), opts.task, model=model_outline())[1]
+    for known in (model_processor, base_processor):
+        check_measurable(opts.task, loaded, known)
     entries: dict[str, dict | None] = {"model": None, "baseline": None}
     first_run: TaskRun | None = None
     for role, spec in (("model", model_or_path), ("baseline", baseline)):
@@ -157,9 +173,10 @@ def evaluate(
             if role == "model":
                 raise SvdloraError("MODEL is required: pass a folder, a hub id or an nn.Module")
             continue
-        own_processor = processor if isinstance(spec, nn.Module) or role == "model" else base_processor
-        meta = model_outline() if role == "model" and local_folder(spec) else None
-        candidate = prepare(spec, opts, own_processor, flag="MODEL" if role == "model" else "--baseline", meta=meta)
+        own_processor = (
+            model_processor if role == "model" else processor if isinstance(spec, nn.Module) else base_processor
+        )
+        candidate = prepare(spec, opts, own_processor, flag="MODEL" if role == "model" else "--baseline")
         if role == "model":
             model_processor = candidate.processor
         elif not same_vocabulary(model_processor, candidate.processor):
@@ -202,6 +219,13 @@ def load_data(opts: EvalOptions) -> Any:
     """The data of ``opts`` as its task reads it (text, image list or dataset, sentence pairs), its first
     ``limit`` examples: an error for data the task cannot read. A dataset's split read is set on ``opts``."""
     return _LOADERS[opts.task](opts)
+
+
+def check_measurable(task: str, loaded: Any, processor: Any) -> None:
+    """Data read for ``task`` that the model's ``processor`` cannot measure on, refused before the model is loaded
+    (or compressed): a text too short to score. ``processor`` None (not known before the load): left to the run."""
+    if task == TEXT and processor is not None:
+        check_scorable(processor, loaded)
 
 
 @dataclass(frozen=True)

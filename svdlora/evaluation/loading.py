@@ -98,15 +98,13 @@ def same_vocabulary(a: Any, b: Any) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
-def prepare(
-    spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MODEL", meta: nn.Module | None = None
-) -> Candidate:
+def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MODEL") -> Candidate:
     """Load or adopt ``spec``: a path / hub id, an ``nn.Module``, or ``(nn.Module, processor)``.
 
     Loaded models go to ``opts.device`` (default: CUDA when present) in ``opts.dtype``
     (default float32). In-memory models are evaluated where they are, in their dtype, unless
-    ``device`` / ``dtype`` is given, in which case they are moved in place. ``meta``: the
-    ``skeleton`` of a local folder already built, for the checks before its load.
+    ``device`` / ``dtype`` is given, in which case they are moved in place. ``processor``: the one
+    checked before the load (a local folder's, ``early_processor``), or None: loaded after it.
     """
     if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], nn.Module):
         spec, processor = spec
@@ -121,8 +119,6 @@ def prepare(
     from ..models import load_model
 
     name = str(spec)
-    if processor is None:  # a local folder's: refused in a second, not after the load
-        processor = early_processor(name, opts.task, model=meta)[1]
     _preimport(name)
     start = time.perf_counter()
     model = load_model(
