@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -657,6 +658,21 @@ def test_a_text_too_short_to_score_is_refused_before_the_model_is_loaded(gpt, tm
     (tmp_path / "one.json").write_text(json.dumps({"text": "the"}) + "\n")
     code, _, err = _cli([gpt[model], "--data", str(tmp_path / "one.json"), "--baseline", gpt["dense"]], capsys)
     assert code == 2 and "the text is 1 token(s) long" in err, err
+
+
+@pytest.mark.parametrize("role", ["MODEL", "--baseline"])
+def test_a_config_that_builds_no_model_is_one_clean_error(gpt, tmp_path, capsys, role):
+    """Without --task (or as --baseline) the folder's model is built on the meta device first, and transformers'
+    ValueError for a config it cannot build (heads that do not divide the width, a config class AutoModel has no
+    model for) escaped as an internal error; it is a refusal naming the folder and what to fix."""
+    folder = tmp_path / "bad"
+    shutil.copytree(gpt["dense"], folder)
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "n_head": 3}))  # 32 wide: GPT-2 refuses to build it
+    args = [str(folder)] if role == "MODEL" else [gpt["dense"], "--baseline", str(folder)]
+    code, _, err = _cli([*args, "--data", gpt["text"]], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{role} {str(folder)!r}: its config.json builds no " in err and "fix config.json" in err, err
 
 
 def test_checked_processor_is_the_public_checked_loader(gpt, tmp_path):

@@ -256,8 +256,16 @@ def _dense_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
         config = AutoConfig.from_pretrained(source, local_files_only=local, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise SvdloraError(f"cannot read its config ({first_line(err)})") from None
-    with init_empty_weights():
-        return build_model(model_class(config), config, trust_remote_code)
+    cls = model_class(config)
+    try:
+        with init_empty_weights():
+            return build_model(cls, config, trust_remote_code)
+    except ValueError as err:  # transformers' refusal of a config: heads that do not divide the width, a class
+        # AutoModel has no model for; its load says the same (load_pretrained), but the task is told from this build
+        raise SvdloraError(
+            f"its config.json builds no {cls.__name__} ({first_line(err).rstrip('.')}): fix config.json, or save "
+            "the model again with save_pretrained"
+        ) from None
 
 
 def _preimport(name: str) -> None:
