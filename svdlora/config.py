@@ -167,6 +167,13 @@ class CompressionConfig:
             isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank < 1
         ):
             raise SvdloraError(f"rank must be an integer >= 1, got {self.rank!r}")
+        # split_rank drops stages of rank 0: a fixed rank below the stage count would drop them in every matrix
+        # (a budget's ranks differ per matrix: only the small ones hold fewer stages, which the report shows)
+        if self.rank is not None and self.rank < self.submatrices:
+            raise SvdloraError(
+                f"rank {self.rank} cannot be split into {self.submatrices} submatrices (each stage holds rank 1 or "
+                f"more): pass --submatrices {self.rank} or fewer, or --rank {self.submatrices} or more"
+            )
         multiple = self.rank_multiple
         if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
             raise SvdloraError(f"rank_multiple must be an integer >= 1, got {multiple!r}")

@@ -320,6 +320,17 @@ def test_a_fixed_rank_is_shown_as_such_not_as_the_unused_default_budget(gpt2_fol
     assert "| budget / submatrices | none (fixed rank 4) / 1 |" in (dense / "README.md").read_text()
 
 
+@pytest.mark.parametrize("command", ["compress", "extract"])
+def test_a_fixed_rank_below_the_submatrices_is_refused_naming_both_flags(tmp_path, capsys, command):
+    """--rank 2 --submatrices 3 wrote 2 stages in every matrix (split_rank drops stages of rank 0), the flag
+    ignored without a word (refused now before the paths are looked at); a budget's ranks differ per matrix, and
+    a small matrix may still hold fewer stages (compress's table shows them)."""
+    models = ["--base", tmp_path / "base", "--tuned", tmp_path / "tuned"] if command == "extract" else [tmp_path / "m"]
+    code, _, err = run_cli(capsys, command, *models, "--rank", "2", "--submatrices", "3", "-o", tmp_path / "out")
+    assert code == 2 and "rank 2 cannot be split into 3 submatrices" in err, err
+    assert "pass --submatrices 2 or fewer, or --rank 3 or more" in err and not (tmp_path / "out").exists()
+
+
 def test_the_card_front_matter_stays_yaml_whatever_the_base_path(tmp_path, capsys):
     """base_model was written unquoted: a base folder named 'base: v2 #1' made the card's front matter
     invalid YAML (no card reader, the Hub included, could parse it)."""
