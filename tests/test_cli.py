@@ -331,6 +331,19 @@ def test_a_fixed_rank_below_the_submatrices_is_refused_naming_both_flags(tmp_pat
     assert "pass --submatrices 2 or fewer, or --rank 3 or more" in err and not (tmp_path / "out").exists()
 
 
+def test_a_name_too_long_for_the_filesystem_is_said_so_not_blamed_on_space(tmp_path, capsys):
+    """eval --data NAME (and --json NAME) with a name past the filesystem's limit (255 bytes) answered 'File name too
+    long (NAME): nothing was written; free space or fix permissions and retry': neither makes it fit."""
+    from .eval_helpers import lm_folder
+
+    model, text = lm_folder(tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bars
+    for flags in (["--data", "a" * 300], ["--data", text, "--json", tmp_path / ("b" * 300 + ".json")]):
+        code, _, err = run_cli(capsys, "eval", model, *flags, "--no-progress")
+        assert code == 2 and "File name too long" in err and "longer than the filesystem allows: shorten it" in err
+        assert "free space" not in err and "nothing was written" not in err, err
+
+
 def test_the_card_front_matter_stays_yaml_whatever_the_base_path(tmp_path, capsys):
     """base_model was written unquoted: a base folder named 'base: v2 #1' made the card's front matter
     invalid YAML (no card reader, the Hub included, could parse it)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -111,6 +112,8 @@ def _one_line(err: Exception) -> str:
         )
     if isinstance(err, OSError):  # e.g. the disk filled up while writing: the output was not created
         where = f" ({err.filename})" if err.filename else ""
+        if err.errno == errno.ENAMETOOLONG:  # read or written: neither space nor permissions make it fit
+            return f"{describe(err)}{where}: a name in this path is longer than the filesystem allows: shorten it"
         return f"{describe(err)}{where}: nothing was written; free space or fix permissions and retry"
     return (
         f"internal error {type(err).__name__}: {first_line(err)} - a bug in svdlora; "
