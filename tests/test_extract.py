@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import sys
@@ -220,6 +221,42 @@ def test_changed_head_is_saved_whole(tmp_path):
     extraction = write_adapter(base, tuned, tmp_path / "adapter", rank=2, progress=False)
     assert {"lm_head", "transformer.wte"} <= set(extraction.modules_to_save)
     assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
+
+
+def test_a_tied_embedding_saved_whole_stays_tied_without_peft_s_warning(tmp_path):
+    """A fine-tune that moved a tied embedding and head: peft warned on writing and on every load that
+    `ensure_weight_tying` was not set (peft issue 2777), and merge_and_unload untied the two; the adapter sets it
+    where peft can tie them on load: an embedding it knows by name (Llama's embed_tokens; GPT-2's wte it does not,
+    and warns then that nothing is tied), and only where the embedding is saved (else: nothing to tie either)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if "ensure_weight_tying" not in {f.name for f in dataclasses.fields(peft.LoraConfig)}:
+        pytest.skip("this peft has no ensure_weight_tying")
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True)  # fmt: skip
+    base, tuned = _pair(lambda: LlamaForCausalLM(config))
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.01)  # tied to the embedding: both modules move
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_adapter(base, tuned, tmp_path / "adapter", rank=2, progress=False)
+        model = _load(base, tmp_path / "adapter")
+    assert not [str(w.message) for w in caught if "tie" in str(w.message)]
+    merged = model.merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert (_logits(merged) - _logits(tuned)).abs().max() < 1e-4
+
+    def tying(folder):
+        return json.loads((folder / "adapter_config.json").read_text())["ensure_weight_tying"]
+
+    assert tying(tmp_path / "adapter")
+    base, tuned = _pair(lambda: LlamaForCausalLM(config))  # the embedding unchanged: nothing to tie
+    write_adapter(base, tuned, tmp_path / "unchanged", rank=2, progress=False)
+    base, tuned = _pair(tiny_gpt2)
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.01)
+    write_adapter(base, tuned, tmp_path / "gpt2", rank=2, progress=False)
+    assert not tying(tmp_path / "unchanged") and not tying(tmp_path / "gpt2")
 
 
 def test_mixed_linear_and_conv1d_targets_name_the_layers_and_the_fix(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ format of the installed peft release.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -73,7 +74,32 @@ def lora_config(extraction: Extraction, model: nn.Module, base_name: str | None)
         task_type=_task_type(model),
         base_model_name_or_path=base_name,
         inference_mode=True,
+        **_weight_tying(extraction, model),
     )
+
+
+def _weight_tying(extraction: Extraction, model: nn.Module) -> dict:
+    """``ensure_weight_tying`` where ``model`` ties its head to an input embedding the adapter saves whole (a
+    fine-tune that moved them): peft then saves and loads them as one module and keeps them tied when merged, where
+    it otherwise warns, on writing and on every load, that they are not (peft issue 2777), and merging unties them.
+    Left unset where peft (0.21) cannot tie them: an embedding it does not know by name on load (EMBEDDING_LAYER_NAMES:
+    Llama's embed_tokens, not GPT-2's wte; it warns then that nothing is tied), a weight more than the two modules
+    share (an encoder-decoder's shared, encoder and decoder embeddings: get_peft_model fails), a peft without it."""
+    peft = require_peft()
+    if "ensure_weight_tying" not in {f.name for f in dataclasses.fields(peft.LoraConfig)}:
+        return {}
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    try:
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model: nothing it ties
+        return {}
+    if embedding is None or head is None or head.weight is not embedding.weight:
+        return {}
+    sharing = [n for n, m in model.named_modules() if getattr(m, "weight", None) is embedding.weight]
+    name = next((n for n, m in model.named_modules() if m is embedding), "")
+    known = name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES
+    return {"ensure_weight_tying": True} if len(sharing) == 2 and known and name in extraction.modules_to_save else {}
 
 
 def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_name: str | None = None) -> Path:
