@@ -21,6 +21,19 @@ from torch import nn
 from .checkpoint import read_header
 from .errors import SvdloraError, first_line
 
+try:  # transformers 5's configs are strict dataclasses: a field of the wrong type ('n_layer': "two") raises this
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub, whose configs check their fields with ValueError
+    StrictDataclassError = ValueError
+# what AutoConfig.from_pretrained raises for a config.json it reads but refuses (OSError: a missing or unreachable one)
+CONFIG_ERRORS = (ValueError, StrictDataclassError)
+
+
+def config_refusal(err: Exception) -> str:
+    """One of ``CONFIG_ERRORS`` in a line: a strict field's is two, the field's name and then what it holds."""
+    return " ".join(str(err).split()) if isinstance(err, StrictDataclassError) else first_line(err)
+
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -215,8 +228,8 @@ def load_pretrained(
                 "(HF_HUB_OFFLINE must be unset)."
             ) from None
         raise SvdloraError(f"cannot read the config of {name!r}: {first_line(err)}") from None
-    except ValueError as err:
-        raise SvdloraError(f"cannot read the config of {name!r}: {first_line(err)}") from None
+    except CONFIG_ERRORS as err:
+        raise SvdloraError(f"cannot read the config of {name!r}: {config_refusal(err)}") from None
     cls = model_class(config)
     try:
         # Mismatched shapes are reported below, naming the tensor, rather than as transformers' RuntimeError.

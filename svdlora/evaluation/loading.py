@@ -247,15 +247,15 @@ def _dense_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from ..models import build_model, check_model_path, hub_reachable, model_class
+    from ..models import CONFIG_ERRORS, build_model, check_model_path, config_refusal, hub_reachable, model_class
 
     folder = check_model_path(name)  # the local folder (its '~' expanded), or None for a hub id
     source = str(folder) if folder is not None else name
     try:
         local = folder is None and not hub_reachable()
         config = AutoConfig.from_pretrained(source, local_files_only=local, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise SvdloraError(f"cannot read its config ({first_line(err)})") from None
+    except (OSError, *CONFIG_ERRORS) as err:
+        raise SvdloraError(f"cannot read its config ({config_refusal(err)})") from None
     cls = model_class(config)
     try:
         with init_empty_weights():

@@ -18,7 +18,16 @@ from ..config import CompressionConfig
 from ..errors import SvdloraError, first_line
 from ..io import _no_weight_init
 from ..layers import LowRankLinear
-from ..models import build_model, check_dense_folder, keep_in_fp32, model_class, parse_dtype, set_config_dtype
+from ..models import (
+    CONFIG_ERRORS,
+    build_model,
+    check_dense_folder,
+    config_refusal,
+    keep_in_fp32,
+    model_class,
+    parse_dtype,
+    set_config_dtype,
+)
 from ..pivoted import PivotedLowRankLinear
 from ..targets import find_targets, nothing_targeted
 from ..writer import TensorSpec, file_layout
@@ -117,7 +126,10 @@ def _built_from(model: torch.nn.Module, source: str | Path) -> bool:
 def _build(source: str | Path, trust_remote_code: bool) -> tuple[object, torch.nn.Module]:
     import transformers
 
-    hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except CONFIG_ERRORS as err:
+        raise SvdloraError(f"cannot read the config of {str(source)!r}: {config_refusal(err)}") from None
     cls = model_class(hf_config)
     try:
         with init_empty_weights(), _no_weight_init():  # AutoModel (no known class named): from_config
