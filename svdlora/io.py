@@ -249,19 +249,25 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
     return model
 
 
-def _read_generation_config(model: nn.Module, path: Path) -> None:
-    """The folder's generation_config.json, as from_pretrained reads it: cls(config) derives one from
-    config.json alone, without the base model's other end-of-turn tokens, sampling defaults, beams or
-    banned words, so generate() ran otherwise than the base model's."""
+def generation_config(model: nn.Module, path: Path):
+    """The GenerationConfig generate() follows, as from_pretrained reads it: the folder's
+    generation_config.json, else one derived from config.json (cls(config)'s where the file is missing);
+    None for a model that does not generate. The derived one lacks the base model's other end-of-turn
+    tokens, sampling defaults, beams and banned words. Loading reads a compressed folder's, streamed
+    compression the checkpoint's (which it writes, as save_compressed writes the model's)."""
     from transformers import GenerationConfig
     from transformers.utils import GENERATION_CONFIG_NAME
 
-    if not (path / GENERATION_CONFIG_NAME).is_file() or not model.can_generate():
-        return
+    if not getattr(model, "can_generate", lambda: False)():
+        return None
+    if not (path / GENERATION_CONFIG_NAME).is_file():
+        return model.generation_config
     try:
-        model.generation_config = GenerationConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as err:  # as from_pretrained: the one config.json gives stands
+        return GenerationConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
         logger.warning("%s is not used (%s): generation follows config.json", path / GENERATION_CONFIG_NAME, err)
+    # as from_pretrained falls back (transformers.generation.utils), so a streamed run writes what one in memory does
+    return GenerationConfig.from_pretrained(str(path), config_file_name="config.json", _from_model_config=True)
 
 
 def _check_replaced_layer(model: nn.Module, m, path: Path) -> None:
@@ -354,7 +360,9 @@ def load_compressed(
 
     if model is None:
         model = _build_skeleton(path, data.get("base_model", {}))
-        _read_generation_config(model, path)  # here, not in the skeleton: the early checks' outlines never generate
+        # here, not in the skeleton: the early checks' outlines never generate
+        if (generation := generation_config(model, path)) is not None:
+            model.generation_config = generation
         if stack_siblings:  # refused on the skeleton, before any tensor is read
             siblings.example_inputs(model)
     for m in report.factorized:

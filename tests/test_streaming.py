@@ -550,3 +550,18 @@ def test_a_meta_model_built_from_another_folder_is_not_taken_over(tmp_path):
     p = plan(tmp_path / "new", config, model=old)
     assert p.model is not old and p.hf_config.rms_norm_eps == 1e-3
     assert plan(tmp_path / "old", config, model=old).model is old  # its own folder's: taken over
+
+
+def test_an_unreadable_generation_config_streams_as_in_memory(tmp_path, capsys):
+    """The streamed run read the checkpoint's generation_config.json with its own copy of io's reader, which
+    raised on a bad file: the run failed after every matrix was written ('... is not a valid JSON file.:
+    nothing was written'); it reads through io.generation_config and writes the config.json-derived one that
+    from_pretrained, and so the in-memory run, falls back to."""
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    (base / "generation_config.json").write_text("{not json")
+    for mode in ("--no-stream", "--stream"):
+        argv = ["compress", str(base), "-o", str(tmp_path / mode), "--budget", "0.5", "--calibration", "none", mode]
+        assert main([*argv, "--no-progress"]) == 0, capsys.readouterr().err
+    memory, stream = ((tmp_path / m / "generation_config.json").read_text() for m in ("--no-stream", "--stream"))
+    assert memory == stream and '"_from_model_config": true' in stream

@@ -18,6 +18,7 @@ from ..compress import count_parameters, rank_factorizes_nothing, svd_device, wa
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..hub import local_checkpoint
+from ..io import generation_config
 from ..outputs import atomic_folder, ensure_space
 from ..padding import Unbatchable
 from ..plan import UNUSED, CalibrationPlan, auto_method, read_calibration
@@ -205,7 +206,7 @@ def compress_checkpoint(
                 source=folder,
                 base_model=str(source),  # the folder, or the hub id
                 config=p.hf_config,
-                generation_config=_generation_config(folder),
+                generation_config=generation_config(p.model, folder),
                 class_name=type(p.model).__name__,
                 dtype=p.specs[0].dtype if p.specs else None,
                 world_size=ctx.world_size,
@@ -262,14 +263,6 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
             f"{len(batches)} calibration windows for {ctx.world_size} processes: {more}, or run fewer processes"
         )
     return batches, source_named
-
-
-def _generation_config(source):
-    import transformers
-
-    if (Path(source) / "generation_config.json").is_file():
-        return transformers.GenerationConfig.from_pretrained(str(source))
-    return None
 
 
 class _nothing:
