@@ -116,18 +116,24 @@ def _check_format_version(data, path: Path) -> None:
 
 def check_folder(path: str | Path) -> dict:
     """read_config plus every shard's safetensors header: factor shapes against the ranks, no tensor loaded."""
+    return _checked_folder(path)[0]
+
+
+def _checked_folder(path: str | Path) -> tuple[dict, list[Path], dict[str, str]]:
+    """``check_folder``'s checks, handing back (config, shard files, the first shard's header metadata)
+    for load_compressed, which would otherwise read every header again."""
     data = read_config(path)
     files = weight_files(path)
-    shapes, dtypes = {}, {}
+    shapes, dtypes, metadata = {}, {}, []
     for weights in files:
-        _check_header(weights)
+        metadata.append(_check_header(weights))
         with safe_open(str(weights), framework="pt") as f:
             for k in f.keys():
                 header = f.get_slice(k)
                 shapes[k], dtypes[k] = header.get_shape(), header.get_dtype()
     check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes, files[0])
     _check_model_dtype(data, dtypes, path)
-    return data
+    return data, files, metadata[0]
 
 
 def verify_values(folder) -> tuple[int, int]:
@@ -348,12 +354,8 @@ def load_compressed(
             f"or loaded before): pass a freshly built {type(model).__name__} with its original dense layers"
         )
     path = Path(path)
-    data = check_folder(path)  # every shard's header and factor shapes
-    files = weight_files(path)
+    data, files, metadata = _checked_folder(path)  # every shard's header and factor shapes
     weights = files[0]
-    metadata = _check_header(weights)
-    for shard in files[1:]:
-        _check_header(shard)
     report = CompressionReport.from_dict(data["report"])
     target_device = default_device(device)
     target_dtype = parse_dtype(dtype)

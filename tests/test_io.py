@@ -97,6 +97,22 @@ def test_auto_reads_the_folder_once_when_its_factors_are_not_narrowed(options, d
     assert all(torch.equal(t, merged[k]) for k, t in auto.state_dict().items())
 
 
+def test_a_load_reads_each_shard_s_header_once(tmp_path, monkeypatch):
+    """load_compressed checked every shard's header again right after check_folder had checked them all."""
+    import svdlora.io
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    compress(model, progress=False, budget=0.5)
+    out = save_compressed(model, tmp_path / "svd", max_shard_size="30KB")
+    shards = svdlora.io.weight_files(out)
+    checked = []
+    check_header = svdlora.io._check_header
+    monkeypatch.setattr(svdlora.io, "_check_header", lambda f: checked.append(f.name) or check_header(f))
+    load_compressed(out, device="cpu")
+    assert len(shards) > 1 and sorted(checked) == sorted(f.name for f in shards)
+
+
 def test_stages_are_stored_by_name_and_header_is_checked(tmp_path):
     _, out = compressed_folder("gpt2", tmp_path)
     with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
