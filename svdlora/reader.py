@@ -101,47 +101,47 @@ def read_state(
     these factorized layers and nothing else. ``keeps_fp32(name)``: that tensor is cast (its stages
     dequantized) in float32, not ``dtype`` (``models.keep_in_fp32``: T5's ``wo`` under float16, as
     ``from_pretrained`` keeps it)."""
-    asked, asked_compute = dtype, compute_dtype  # dtype and compute_dtype are rebound per tensor (_kept)
+    stored_dtypes = stored_dtypes or {}
     tensors = FolderTensors(files, device if place is None else torch.device("cpu"))
     place = place or (lambda _: device)
     state: dict[str, torch.Tensor] = {}
     try:
         for m in report.factorized if only is None else [m for m in report.factorized if m.name in only]:
             where = place(f"{m.name}.weight")
-            dtype, compute_dtype = _kept(keeps_fp32, f"{m.name}.weight", asked, asked_compute)
+            cast, compute = _kept(keeps_fp32, f"{m.name}.weight", dtype, compute_dtype)  # this layer's
             full = None
             if m.pivoted:
-                b, c, rows = _read_pivoted(tensors, m, None if merge else dtype, where)
+                b, c, rows = _read_pivoted(tensors, m, None if merge else cast, where)
                 if merge:
-                    dense = _cast(pivoted_weight(*_widened(dtype, b, c), rows), dtype)
+                    dense = _cast(pivoted_weight(*_widened(cast, b, c), rows), cast)
                     state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense
                 else:
                     state[f"{m.name}.B"], state[f"{m.name}.C"], state[f"{m.name}.rows"] = b, factor_layout(c), rows
                 del b, c
                 continue
-            if m.name in (stored_dtypes or {}):
-                wide = torch.promote_types(compute_dtype, torch.float32) if merge and compute_dtype else compute_dtype
+            if m.name in stored_dtypes:
+                wide = torch.promote_types(compute, torch.float32) if merge and compute else compute
                 a, b, full, parts = _read_stored(tensors, m, stored_dtypes[m.name], wide)
                 a, b = a.to(where), b.to(where)
                 full = None if full is None else full.to(where)
                 if stored_parts is not None and not merge:
                     stored_parts[m.name] = parts
             else:
-                a = _stacked(tensors, m.name, m.ranks, "A", None if merge else dtype, where)
-                b = _stacked(tensors, m.name, m.ranks, "B", None if merge else dtype, where)
+                a = _stacked(tensors, m.name, m.ranks, "A", None if merge else cast, where)
+                b = _stacked(tensors, m.name, m.ranks, "B", None if merge else cast, where)
             if not merge:
                 state[f"{m.name}.A"], state[f"{m.name}.B"] = factor_layout(a), b
                 if full is not None:
                     state[f"{m.name}.full"] = full
             else:
-                a, b = _widened(dtype, a, b)
+                a, b = _widened(cast, a, b)
                 dense = a @ b if full is None else full.to(a.dtype) + a @ b
-                dense = _cast(dense, (dtype or compute_dtype) if m.name in (stored_dtypes or {}) else dtype)
+                dense = _cast(dense, (cast or compute) if m.name in stored_dtypes else cast)
                 state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense  # Conv1D stores (in, out)
             del a, b, full  # merged: only this layer's factors are held next to the dense result
         for key, t in tensors.rest() if only is None else ():
-            t, dtype = t.to(place(key)), _kept(keeps_fp32, key, asked, None)[0]
-            state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            t, cast = t.to(place(key)), _kept(keeps_fp32, key, dtype, None)[0]
+            state[key] = t.to(cast) if cast is not None and t.is_floating_point() else t
     finally:
         tensors.close()
     return state
