@@ -12,8 +12,8 @@ import argparse
 import torch
 
 from svdlora.io import read_report, weight_files
+from svdlora.io.reader import FolderTensors
 from svdlora.pivoted import pivoted_weight
-from svdlora.reader import FolderTensors
 
 
 def _factors(tensors: FolderTensors, line) -> tuple:

@@ -21,7 +21,7 @@ _EXPORTS = {
     "compress": "compress",
     "evaluate": "evaluation",
     "load_compressed": "io",
-    "save_compressed": "saving",
+    "save_compressed": "io",
     "stack_siblings": "siblings",
 }
 

@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache
 from .calibration import _Accumulator, _hooks
 from .distributed import Context
 from .errors import SvdloraError
-from .io import _no_weight_init
+from .io.load import _no_weight_init
 from .models import model_class
 from .padding import calibration_runs
 from .plan import CalibrationPlan, resolved_allocation, uses_calibration

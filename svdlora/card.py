@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .outputs import write_file_atomic
+from .io.outputs import write_file_atomic
 from .report import budget_text
 from .version import __version__
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import SvdloraError, first_line
-from .outputs import atomic_folder, check_output_folder, readable_as_umask
+from .io.outputs import atomic_folder, check_output_folder, readable_as_umask
 
 
 def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = False) -> Path:

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 from .errors import SvdloraError, first_line
+from .io.writer import INDEX_NAME, WEIGHTS_NAME
 from .models import PREPROCESSOR_FILES, hub_reachable, looks_like_path
-from .writer import INDEX_NAME, WEIGHTS_NAME
 
 # What a streamed run reads besides the weights, by exact top-level name (a pattern such as
 # "*.json" would also match "onnx/config.json" or "original/params.json").

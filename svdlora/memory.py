@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from .checkpoint import DTYPES, is_floating, read_header, weight_files
 from .errors import SvdloraError
+from .io.checkpoint import DTYPES, is_floating, read_header, weight_files
 from .models import parse_dtype
 from .plan import output_gram_bytes
 

@@ -18,8 +18,8 @@ import transformers
 from safetensors import SafetensorError
 from torch import nn
 
-from .checkpoint import read_header
 from .errors import SvdloraError, first_line
+from .io.checkpoint import read_header
 
 try:  # transformers 5's configs are strict dataclasses: a field of the wrong type ('n_layer': "two") raises this
     from huggingface_hub.errors import StrictDataclassError
@@ -283,7 +283,7 @@ def check_dense_folder(path: Path, name: str | None = None) -> None:
     """Refuse svdlora folders and unfinished outputs before transformers fills gaps with random weights.
     The messages start with ``name`` (quoted); without it, with the verb, for a caller that names the
     folder its own way (``check_model_path``)."""
-    from .outputs import SVDLORA_CONFIG, is_incomplete
+    from .io.outputs import SVDLORA_CONFIG, is_incomplete
 
     who = f"{name!r} " if name is not None else ""
     if is_incomplete(path):
@@ -323,7 +323,8 @@ def load_model(
     runtime: str | None = None,
 ) -> nn.Module:
     """Any model svdlora can take: a compressed folder, a dense folder, or a hub id; in eval mode."""
-    from .io import is_compressed_folder, load_compressed  # io imports this module
+    from .io.folder import is_compressed_folder  # io imports this module
+    from .io.load import load_compressed
 
     if is_compressed_folder(name_or_path):
         return load_compressed(name_or_path, device=device, dtype=dtype, merge=merge, runtime=runtime)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .errors import SvdloraError
+from .io.writer import parse_size
 from .models import default_device
-from .writer import parse_size
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 DEVICES = ("cpu", "mps", "disk")  # the max_memory keys accelerate takes besides GPU indices

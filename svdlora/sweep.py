@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import SvdloraError, first_line
 from .evaluation.options import IMAGES, TEXT, TRANSLATION
-from .outputs import json_keys, write_file_atomic
+from .io.outputs import json_keys, write_file_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 
 from svdlora import load_compressed
 from svdlora.distributed import Context, assign
-from svdlora.outputs import TMP_TAG
+from svdlora.io.outputs import TMP_TAG
 
 from .eval_helpers import word_text, word_tokenizer
 from .test_blockwise import WORDS, tiny_benchmark_inputs

@@ -423,7 +423,7 @@ def test_from_pretrained_refuses_stages_in_their_own_dtypes_at_any_format(stage_
     stages are all in the model's dtype is stored as a plain one and loads at any format."""
     import transformers
 
-    from svdlora import saving
+    from svdlora.io import saving
 
     real = saving.folder_format
     monkeypatch.setattr(saving, "folder_format", lambda model, report=None: max(real(model, report), version))

@@ -83,14 +83,16 @@ def test_auto_reads_the_folder_once_when_its_factors_are_not_narrowed(options, d
     """The rebuild above is for factors narrower than the stored ones; in the stored dtype (or a
     wider one) the merged layers in memory are already what merge=True builds, and the folder is
     read once."""
-    import svdlora.io
+    import svdlora.io.load
     import svdlora.runtime
 
     _, out = compressed_folder("llama", tmp_path, **options)
     monkeypatch.setattr(svdlora.runtime, "choose", lambda *args, **kwargs: "merged")
     reads = []
-    read_state = svdlora.io.read_state
-    monkeypatch.setattr(svdlora.io, "read_state", lambda *a, **k: reads.append(k.get("only")) or read_state(*a, **k))
+    read_state = svdlora.io.load.read_state
+    monkeypatch.setattr(
+        svdlora.io.load, "read_state", lambda *a, **k: reads.append(k.get("only")) or read_state(*a, **k)
+    )
     auto = load_compressed(out, device="cpu", dtype=dtype, runtime="auto")
     assert reads == [None]
     merged = load_compressed(out, device="cpu", dtype=dtype, merge=True).state_dict()
@@ -99,7 +101,7 @@ def test_auto_reads_the_folder_once_when_its_factors_are_not_narrowed(options, d
 
 def test_a_load_reads_each_shard_s_header_once(tmp_path, monkeypatch):
     """load_compressed checked every shard's header again right after check_folder had checked them all."""
-    import svdlora.io
+    import svdlora.io.folder
 
     torch.manual_seed(0)
     model = TINY_MODELS["llama"]().eval()
@@ -107,8 +109,8 @@ def test_a_load_reads_each_shard_s_header_once(tmp_path, monkeypatch):
     out = save_compressed(model, tmp_path / "svd", max_shard_size="30KB")
     shards = svdlora.io.weight_files(out)
     checked = []
-    check_header = svdlora.io._check_header
-    monkeypatch.setattr(svdlora.io, "_check_header", lambda f: checked.append(f.name) or check_header(f))
+    check_header = svdlora.io.folder._check_header
+    monkeypatch.setattr(svdlora.io.folder, "_check_header", lambda f: checked.append(f.name) or check_header(f))
     load_compressed(out, device="cpu")
     assert len(shards) > 1 and sorted(checked) == sorted(f.name for f in shards)
 
@@ -178,7 +180,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("svdlora.writer.ShardedWriter.write", boom)
+    monkeypatch.setattr("svdlora.io.writer.ShardedWriter.write", boom)
     with pytest.raises(OSError):
         save_compressed(model, tmp_path / "never")
     assert not (tmp_path / "never").exists()

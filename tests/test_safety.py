@@ -24,7 +24,7 @@ import svdlora
 from svdlora.cli import main
 from svdlora.errors import SvdloraError
 from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
-from svdlora.outputs import INCOMPLETE, KEPT_TAG, MARKER, OLD_TAG, TMP_TAG, _host
+from svdlora.io.outputs import INCOMPLETE, KEPT_TAG, MARKER, OLD_TAG, TMP_TAG, _host
 
 from .eval_helpers import word_tokenizer
 
@@ -182,7 +182,7 @@ def test_failed_or_interrupted_write_leaves_no_output(work, capsys, monkeypatch,
     def write(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("svdlora.writer.ShardedWriter.write", write)  # every save goes through the writer
+    monkeypatch.setattr("svdlora.io.writer.ShardedWriter.write", write)  # every save goes through the writer
     before = tree_hash(work)
     code, _, err = cli(capsys, "compress", work / "dense", "--output", work / "out", "--no-progress")
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -232,7 +232,7 @@ def test_killed_runs_are_cleaned_by_the_next_run(work, capsys):
 def test_two_ranks_restoring_the_same_output_do_not_collide(tmp_path, monkeypatch):
     """A killed --overwrite rerun under torchrun: every rank's clean_leftovers tries to put the old
     output back; the rank that finds it gone (another restored it) goes on instead of raising."""
-    from svdlora import outputs
+    from svdlora.io import outputs
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -250,7 +250,7 @@ def test_two_ranks_restoring_the_same_output_do_not_collide(tmp_path, monkeypatc
 def test_a_folder_that_appears_during_the_run_is_not_replaced(tmp_path, overwrite):
     """The output is checked before the slow work and again before the rename: a user's folder made
     meanwhile was deleted by the swap (even without --overwrite); now it stays, and so does the result."""
-    from svdlora.outputs import atomic_folder
+    from svdlora.io.outputs import atomic_folder
 
     out = tmp_path / "out"
     with pytest.raises(SvdloraError, match="appeared during this run") as err:
@@ -267,7 +267,7 @@ def test_a_folder_that_appears_during_the_run_is_not_replaced(tmp_path, overwrit
 def test_a_killed_runs_finished_temporary_folder_is_removed_and_a_kept_one_stays(tmp_path, monkeypatch):
     """A kill between the INCOMPLETE unlink and the rename left a finished hidden folder (a whole
     output's size) that no later run removed; a folder kept for the user must stay all the same."""
-    from svdlora import outputs
+    from svdlora.io import outputs
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -292,7 +292,7 @@ def test_a_killed_runs_finished_temporary_folder_is_removed_and_a_kept_one_stays
 def test_a_killed_writers_temporary_result_file_is_removed_by_the_next_write(tmp_path):
     """write_file_atomic (eval --json, sweep's files) killed between its write and its rename left a hidden
     temporary file beside the result that nothing removed."""
-    from svdlora.outputs import write_file_atomic
+    from svdlora.io.outputs import write_file_atomic
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -521,12 +521,12 @@ def test_broken_pipe_is_quiet(made):
 
 
 def test_unexpected_errors_are_one_line_with_traceback_on_request(work, capsys, monkeypatch):
-    import svdlora.io
+    import svdlora.io.folder
 
     def broken(path):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(svdlora.io, "check_folder", broken)
+    monkeypatch.setattr(svdlora.io.folder, "check_folder", broken)
     code, _, err = cli(capsys, "info", work / "svd")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "SVDLORA_TRACEBACK=1" in err
     monkeypatch.setenv("SVDLORA_TRACEBACK", "1")
@@ -541,7 +541,7 @@ def test_unicode_and_space_paths(work, capsys):
 
 
 def test_full_disk_is_refused_before_writing(work, capsys, monkeypatch):
-    import svdlora.outputs as outputs
+    import svdlora.io.outputs as outputs
 
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6, 0))
     before = tree_hash(work)
@@ -558,7 +558,7 @@ def test_sigterm_unwinds_and_removes_the_temporary_folder(work, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this returns
 
-    monkeypatch.setattr("svdlora.writer.ShardedWriter.write", write)
+    monkeypatch.setattr("svdlora.io.writer.ShardedWriter.write", write)
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
         main(["compress", str(work / "dense"), "--output", str(work / "out"), "--no-progress"])

@@ -227,11 +227,11 @@ def test_a_model_without_dummy_inputs_asks_for_them(tmp_path):
 def test_a_vision_model_is_asked_for_inputs_before_its_weights_are_read(tmp_path, monkeypatch):
     """transformers' dummy_inputs are input_ids for every model, a ViT included: the load refuses at
     once, naming the way out, which then stacks its q/k/v and computes the same."""
-    import svdlora.io
+    import svdlora.io.load
 
     folder = _folder(tmp_path, tiny_vit())
     want = output_of(load_compressed(folder, device="cpu"), "vit")
-    monkeypatch.setattr(svdlora.io, "read_state", lambda *a, **k: pytest.fail("tensors read before the refusal"))
+    monkeypatch.setattr(svdlora.io.load, "read_state", lambda *a, **k: pytest.fail("tensors read before the refusal"))
     with pytest.raises(SvdloraError, match="no dummy_inputs.*inputs="):
         load_compressed(folder, device="cpu", stack_siblings=True)
     monkeypatch.undo()

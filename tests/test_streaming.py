@@ -9,9 +9,9 @@ from safetensors import safe_open
 
 from svdlora import CompressionConfig, LowRankLinear, SvdloraError, compress, load_compressed, save_compressed
 from svdlora.cli import main
+from svdlora.io.writer import INDEX_NAME, TensorSpec, plan_shards
 from svdlora.models import keep_in_fp32, load_pretrained
 from svdlora.streaming import compress_checkpoint
-from svdlora.writer import INDEX_NAME, TensorSpec, plan_shards
 
 from .conftest import example_inputs, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit
 
@@ -205,7 +205,7 @@ def _damaged(data: bytes) -> dict[str, bytes]:
 def test_headers_are_checked_as_safe_open_checks_them_without_a_memory_map(tmp_path, damage):
     from safetensors.torch import save_file
 
-    from svdlora.checkpoint import read_header
+    from svdlora.io.checkpoint import read_header
 
     file = tmp_path / "ok.safetensors"
     save_file({"a": torch.ones(3, 2), "b": torch.arange(5), "c": torch.zeros(0)}, str(file), metadata={"k": "v"})
@@ -224,7 +224,7 @@ def test_valid_headers_that_torch_or_the_order_could_trip_on(tmp_path):
     """Dtypes beyond torch's common ones and zero-size tensors sharing an offset are valid files."""
     from safetensors.torch import save_file
 
-    from svdlora.checkpoint import read_header
+    from svdlora.io.checkpoint import read_header
     from svdlora.models import check_dense_folder
 
     file = tmp_path / "model.safetensors"
@@ -401,7 +401,7 @@ def test_a_rename_onto_a_name_the_checkpoint_also_holds_follows_transformers(tmp
     from safetensors.torch import save_file
     from transformers.core_model_loading import GroupWeightRename
 
-    from svdlora.checkpoint import Checkpoint
+    from svdlora.io.checkpoint import Checkpoint
 
     shift = GroupWeightRename(
         source_patterns=[r"blocks.(\d+).norm0", r"blocks.(\d+).norm1"],
@@ -422,7 +422,7 @@ def test_renames_follow_the_checkpoint_in_transformers_order_not_its_shards(tmp_
     from safetensors.torch import save_file
     from transformers.core_model_loading import GroupWeightRename
 
-    from svdlora.checkpoint import Checkpoint
+    from svdlora.io.checkpoint import Checkpoint
 
     shift = GroupWeightRename(
         source_patterns=[r"blocks.(\d+).norm0", r"blocks.(\d+).norm1"],
@@ -449,8 +449,8 @@ def test_a_converted_tensor_refuses_only_the_weight_it_fills_and_two_renamed_ont
     from safetensors.torch import save_file
     from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
 
-    from svdlora.checkpoint import Checkpoint
     from svdlora.errors import SvdloraError
+    from svdlora.io.checkpoint import Checkpoint
 
     fuse = WeightConverter(["extra.w1", "extra.w3"], "extra.fused", operations=[Concatenate(dim=0)])
     both = WeightRenaming(source_patterns=r"norm_(a|b)\.", target_patterns="norm.")

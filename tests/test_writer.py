@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from svdlora import SvdloraError
-from svdlora import writer as writer_module
-from svdlora.writer import INDEX_NAME, ShardedWriter, TensorSpec, parse_size, weight_files
+from svdlora.io import writer as writer_module
+from svdlora.io.writer import INDEX_NAME, ShardedWriter, TensorSpec, parse_size, weight_files
 
 
 def mixed_tensors():

@@ -12,7 +12,7 @@ import threading
 
 from .. import card
 from ..errors import SvdloraError, first_line
-from ..outputs import describe
+from ..io.outputs import describe
 from ..version import __version__
 from . import compress_cmd, convert_cmd, eval_cmd, export_cmd, extract_cmd, info_cmd, sweep_cmd
 

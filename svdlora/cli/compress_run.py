@@ -16,11 +16,11 @@ from ..compress import compress, rank_factorizes_nothing, svd_device
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..evaluation.loading import local_outline, outline
+from ..io.saving import check_output, save_compressed
+from ..io.writer import parse_size
 from ..models import load_pretrained
 from ..plan import check_without_calibration
-from ..saving import check_output, save_compressed
 from ..streaming import check_streamable, compress_checkpoint
-from ..writer import parse_size
 from . import options
 from .calibration_flags import (
     AUTO,
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_patterns(meta, config: CompressionConfig, source: str) -> None:
     """--include / --exclude on the meta model: a pattern that matches no layer is refused before the load,
     as ``find_targets`` refuses it after. An svdlora folder (its layers are factors) is left to the load."""
-    from ..io import is_compressed_folder
+    from ..io.folder import is_compressed_folder
     from ..targets import check_every_pattern_matches, dense_kind
 
     names = [name for name, module in meta.named_modules() if dense_kind(module)]
@@ -200,7 +200,7 @@ def _run_streamed(
     if args.eval and ctx.is_main:  # the compressed folder, loaded back: the model was never in memory
         from ..card_eval import evaluate_into_card
         from ..evaluation import format_table
-        from ..io import load_compressed
+        from ..io.load import load_compressed
 
         result = evaluate_into_card(
             load_compressed(output), output, report, args.model, args.eval, eval_options(args), checked=checked_eval

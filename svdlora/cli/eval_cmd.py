@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..choices import RUNTIMES, TASKS
-from ..outputs import check_output_file, write_file_atomic
+from ..io.outputs import check_output_file, write_file_atomic
 from . import options
 
 EXAMPLES = """examples:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import card
 from ..errors import SvdloraError
-from ..outputs import atomic_folder, ensure_space, readable_as_umask
+from ..io.outputs import atomic_folder, ensure_space, readable_as_umask
 from . import options
 
 
@@ -27,8 +27,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import load_compressed, read_config  # torch: imported once the flags are known good
-    from ..saving import check_output, copy_preprocessor_files
+    from ..io.folder import read_config  # torch: imported once the flags are known good
+    from ..io.load import load_compressed
+    from ..io.saving import check_output, copy_preprocessor_files
 
     check_output(args.output, args.overwrite, inputs=[args.folder])  # before the slow load
     data = read_config(args.folder)

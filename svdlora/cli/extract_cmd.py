@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..extract import CALIBRATED, resolve_method
     from ..integrations.peft_adapter import require_peft, write_adapter
+    from ..io.saving import check_output
     from ..models import load_pretrained
-    from ..saving import check_output
 
     config = CompressionConfig(
         budget=args.budget if args.budget is not None else 1.0,
@@ -119,7 +119,7 @@ def _check_inputs(args: argparse.Namespace, data: str) -> nn.Module | None:
     needs for the folders it cannot take; then the two models compared on the meta device (the
     --include / --exclude regexes are checked by CompressionConfig). ``data``: the calibration the method
     reads (NONE where it reads none). Returns the tuned model's meta model where it was built."""
-    from ..io import MERGE_ADAPTER, is_compressed_folder, is_peft_adapter
+    from ..io.folder import MERGE_ADAPTER, is_compressed_folder, is_peft_adapter
     from ..models import check_model_path
 
     for flag, name in (("--base", args.base), ("--tuned", args.tuned)):

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import check_folder, verify_values  # torch: imported once the flags are known good
+    from ..io.folder import check_folder, verify_values  # torch: imported once the flags are known good
 
     data = check_folder(args.folder)  # the weights' header too: info never vouches for a broken folder
     verified = None

@@ -87,11 +87,11 @@ def run(args: argparse.Namespace) -> int:
     from ..config import CompressionConfig
     from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task, local_outline
     from ..evaluation.options import TRANSLATION
-    from ..io import is_compressed_folder
+    from ..io.folder import is_compressed_folder
+    from ..io.outputs import check_not_input
+    from ..io.saving import check_output, save_compressed
     from ..models import default_device, load_pretrained
-    from ..outputs import check_not_input
     from ..plan import UNUSED, check_without_calibration, read_calibration, uses_calibration
-    from ..saving import check_output, save_compressed
     from ..sweep import (
         SweepInterrupted,
         SweepStopped,

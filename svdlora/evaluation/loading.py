@@ -115,7 +115,7 @@ def prepare(spec: Any, opts: EvalOptions, processor: Any = None, flag: str = "MO
             f"{flag} must be a folder, a hub id, an nn.Module or (nn.Module, tokenizer/processor); "
             f"got {type(spec).__name__}"
         )
-    from ..io import is_compressed_folder
+    from ..io.folder import is_compressed_folder
     from ..models import load_model
 
     name = str(spec)
@@ -212,7 +212,8 @@ def outline(spec: Any, trust_remote_code: bool = False, required: bool = False) 
 def skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
     """The model a folder (svdlora or dense) or hub id holds, built on the meta device (no weights);
     ``trust_remote_code`` as its load gets it (left unset, transformers asks on the terminal)."""
-    from ..io import _build_skeleton, check_folder, is_compressed_folder
+    from ..io.folder import check_folder, is_compressed_folder
+    from ..io.load import _build_skeleton
 
     path = Path(name).expanduser()
     if is_compressed_folder(path):

@@ -145,7 +145,7 @@ class SvdloraHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs):
         self._checkpoint_files = list(checkpoint_files or [])
         if self._checkpoint_files:
-            from ..io import check_folder, stored_layers  # io imports this module
+            from ..io.folder import check_folder, stored_layers  # io imports this module
 
             # The same strict checks as load_compressed (issue 7): config fields, every shard's
             # header and factor shapes, before transformers reads a tensor.
@@ -209,7 +209,7 @@ class SvdloraHfQuantizer(HfQuantizer):
                     if match and match["module"] in wanted:
                         stage = int(match["stage"]) if "stage" in match.groupdict() else 0
                         parts[match["module"]][match["side"]][stage] = f.get_tensor(key)
-        from ..io import tie_as_stored  # io imports this module
+        from ..io.load import tie_as_stored  # io imports this module
 
         tie_as_stored(model, self._tied)
         merge = self.quantization_config.merge
@@ -227,7 +227,7 @@ class SvdloraHfQuantizer(HfQuantizer):
                 tensor = torch.cat([stages[j] for j in sorted(stages)], dim=dim)
                 if like.device.type == "meta":  # not materialized by transformers: keep the stored dtype, on CPU
                     tensor = tensor.to("cpu")
-                else:  # merging: multiplied in the wider dtype, the product rounded once (svdlora.reader._widened)
+                else:  # merging: multiplied in the wider dtype, the product rounded once (svdlora.io.reader._widened)
                     dtype = torch.promote_types(tensor.dtype, placed[name]) if merge else placed[name]
                     tensor = tensor.to(device=like.device, dtype=dtype)
                 tensor = factor_layout(tensor) if side in ("A", "C") else tensor

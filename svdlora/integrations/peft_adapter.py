@@ -25,9 +25,9 @@ from .. import card
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..extract import Extraction, check_one_kind, extract_adapter
+from ..io.outputs import atomic_folder, check_output_folder, readable_as_umask
 from ..layers import CONV1D
 from ..models import folder_bytes
-from ..outputs import atomic_folder, check_output_folder, readable_as_umask
 from ..version import __version__
 
 logger = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ from ..compress import all_finite, measure_pivoted, module_report, svd_options
 from ..config import CompressionConfig
 from ..decompose import factorize, split_rank
 from ..errors import SvdloraError
+from ..io.writer import ShardedWriter
 from ..layers import CONV1D, dense_kind, weight_out_in
 from ..pivoted import pivot_factors
 from ..precision import set_float_storage
 from ..report import ModuleReport
-from ..writer import ShardedWriter
 from .planning import Plan
 
 

@@ -18,13 +18,13 @@ from ..compress import count_parameters, rank_factorizes_nothing, svd_device, wa
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..hub import local_checkpoint
-from ..io import generation_config
-from ..outputs import atomic_folder, ensure_space
+from ..io.load import generation_config
+from ..io.outputs import atomic_folder, ensure_space
+from ..io.saving import check_output, write_side_files
+from ..io.writer import ShardedWriter, folder_format, header_metadata, parse_size
 from ..padding import Unbatchable
 from ..plan import UNUSED, CalibrationPlan, auto_method, read_calibration
 from ..report import CompressionReport
-from ..saving import check_output, write_side_files
-from ..writer import ShardedWriter, folder_format, header_metadata, parse_size
 from .jobs import module_reports, run_jobs, write_factors
 from .planning import Plan, plan
 

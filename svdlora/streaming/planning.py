@@ -12,11 +12,12 @@ from accelerate import init_empty_weights
 
 from .. import distributed
 from ..allocate import allocate_ranks
-from ..checkpoint import Checkpoint
 from ..compress import count_parameters, restore_dense, untie_factorized_head
 from ..config import CompressionConfig
 from ..errors import SvdloraError, first_line
-from ..io import _no_weight_init
+from ..io.checkpoint import Checkpoint
+from ..io.load import _no_weight_init
+from ..io.writer import TensorSpec, file_layout
 from ..layers import LowRankLinear
 from ..models import (
     CONFIG_ERRORS,
@@ -30,7 +31,6 @@ from ..models import (
 )
 from ..pivoted import PivotedLowRankLinear
 from ..targets import find_targets, nothing_targeted
-from ..writer import TensorSpec, file_layout
 
 
 @dataclass

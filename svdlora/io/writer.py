@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SvdloraError
+from ..errors import SvdloraError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "svdlora_config.json"  # the svdlora config; written last, it marks a finished folder
@@ -207,8 +207,8 @@ def folder_format(model: torch.nn.Module, report=None) -> int:
     """The format a folder of ``model`` is written in: the highest its contents need (2: stage dtypes,
     3: pivoted factors, 4: a ``report`` line whose error was not measured), else 1, which older svdlora
     reads too. Works on the meta skeleton of streamed compression alike (its errors are all measured)."""
-    from .layers import LowRankLinear
-    from .pivoted import PivotedLowRankLinear
+    from ..layers import LowRankLinear
+    from ..pivoted import PivotedLowRankLinear
 
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     needs = [1]
@@ -223,7 +223,7 @@ def folder_format(model: torch.nn.Module, report=None) -> int:
 
 def header_metadata(tied: dict[str, str], format_version: int = 1) -> dict[str, str]:
     """The header of every shard; format 1 unless some stage is stored in its own dtype (2)."""
-    from .version import __version__
+    from ..version import __version__
 
     return {
         "format": "pt",
@@ -240,8 +240,8 @@ def file_layout(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
     real model and on its meta-device skeleton alike (ties are then found by object identity),
     which is how streamed compression lays out the same file as the in-memory path.
     """
-    from .layers import LowRankLinear
-    from .pivoted import PivotedLowRankLinear
+    from ..layers import LowRankLinear
+    from ..pivoted import PivotedLowRankLinear
 
     tensors: list[tuple[str, torch.Tensor]] = []
     lowrank = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
@@ -250,7 +250,7 @@ def file_layout(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
             tensors += [(f"{name}.pivoted.{key}", getattr(module, key)) for key in ("B", "C", "rows")]
             continue
         if module.stage_dtypes:  # stages in their own dtypes, quantized ones as q/scales/zeros (issue 9)
-            from .chain import file_tensors
+            from ..chain import file_tensors
 
             tensors += list(file_tensors(name, module).items())
             continue

@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import SvdloraError
 from . import writer
-from .errors import SvdloraError
 from .writer import INDEX_NAME, WEIGHTS_NAME, TensorSpec
 
 

@@ -1,17 +1,6 @@
-"""The on-disk format: one safetensors file, one small JSON config, the base model's own files.
-
-Layout of a compressed folder::
-
-    model.safetensors       factor stages "<module>.stage<j>.A|B", the bias "<module>.bias",
-                            and every tensor that was not factorized, under its usual name
-    svdlora_config.json     tool/format version, compression settings, per-module ranks and
-                            stage dtypes, the base model's id and class, summary figures
-    config.json, tokenizer / image-processor files, generation_config.json   (from the base)
-
-The safetensors header metadata holds ``format: pt``, the tool version, the format version,
-and ``tied``: a JSON map from each dropped tied tensor name to the name that is stored.
-This module checks and loads such folders; ``svdlora.saving`` writes them.
-"""
+"""Loading a compressed folder (``svdlora.io.folder`` says what one is): the base architecture built
+on the meta device, its factorized layers swapped for low-rank ones, the tensors read onto their
+devices (``svdlora.io.reader``) and assigned, ties restored as the file records them."""
 
 from __future__ import annotations
 
@@ -23,199 +12,26 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PretrainedConfig
 
-from . import siblings
-from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR, all_finite
-from .errors import SvdloraError, first_line
-from .integrations import hf_quantizer
-from .layers import LowRankLinear, dense_kind, weight_out_in
-from .models import default_device, keep_in_fp32, model_class, parse_dtype, set_config_dtype
-from .outputs import describe, is_incomplete
-from .pivoted import PivotedLowRankLinear
-from .placement import device_for, dispatch, parse_max_memory, resolve_device_map
-from .quantize import parse_format
+from .. import siblings
+from ..compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
+from ..errors import SvdloraError, first_line
+from ..integrations import hf_quantizer
+from ..layers import LowRankLinear, dense_kind, weight_out_in
+from ..models import default_device, keep_in_fp32, model_class, parse_dtype, set_config_dtype
+from ..pivoted import PivotedLowRankLinear
+from ..placement import device_for, dispatch, parse_max_memory, resolve_device_map
+from ..report import CompressionReport
+from ..runtime import AUTO_RUNTIMES, RUNTIMES, apply_runtime
+from ..save_guard import guard_save_pretrained, holds_factors
+from .folder import _checked_folder, _tied_map, stored_layers
 from .reader import read_state
-from .report import CompressionReport
-from .runtime import AUTO_RUNTIMES, RUNTIMES, apply_runtime
-from .save_guard import guard_save_pretrained, holds_factors
-from .schema import check_factor_shapes, model_class_named, validate_config
-from .version import READABLE_FORMATS, format_refusal
-from .writer import (  # noqa: F401  (the file-name constants live in writer; io re-exports them)
-    CONFIG_NAME,
-    DTYPE_NAMES,
-    WEIGHTS_NAME,
-    weight_files,
-)
+from .schema import model_class_named
+from .writer import CONFIG_NAME
 
 logger = logging.getLogger(__name__)
-
-
-def is_compressed_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG_NAME).is_file()
-
-
-# what to do with a PEFT adapter folder where a model is wanted (extract's --base / --tuned, export, info)
-MERGE_ADAPTER = (
-    "merge it into its base (PeftModel.from_pretrained(base, folder).merge_and_unload()), save_pretrained that"
-)
-
-
-def is_peft_adapter(path: str | Path) -> bool:
-    """A PEFT adapter folder (``svdlora extract`` writes one): adapter_config.json and no model config."""
-    path = Path(path)
-    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
-
-
-def read_config(path: str | Path) -> dict:
-    """The svdlora_config.json of a compressed folder, checked."""
-    path = Path(path)
-    if not path.exists():
-        raise SvdloraError(f"compressed folder {str(path)!r} does not exist")
-    if is_incomplete(path):
-        raise SvdloraError(
-            f"{str(path)!r} is the unfinished temporary folder of an interrupted run: it is removed by the "
-            "next run for the same output; pass the finished output folder"
-        )
-    if not is_compressed_folder(path) and is_peft_adapter(path):
-        raise SvdloraError(
-            f"{str(path)!r} is a PEFT adapter, not an svdlora folder (no {CONFIG_NAME}; `svdlora extract` records "
-            f"its ranks and errors in svdlora_adapter.json): for a dense model {MERGE_ADAPTER}"
-        )
-    if not is_compressed_folder(path):
-        raise SvdloraError(
-            f"{str(path)!r} is not an svdlora folder (no {CONFIG_NAME}): create one with `svdlora compress`"
-        )
-    try:
-        data = json.loads((path / CONFIG_NAME).read_text())
-        _check_format_version(data, path)  # first: a newer format may lay out the rest otherwise
-        data["report"]["modules"]
-    except KeyError as err:
-        raise SvdloraError(f"{path / CONFIG_NAME} is corrupted (no {err} entry): re-run `svdlora compress`") from None
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
-        raise SvdloraError(f"{path / CONFIG_NAME} is corrupted ({err}): re-run `svdlora compress`") from None
-    except OSError as err:
-        raise SvdloraError(f"{path / CONFIG_NAME} cannot be read ({describe(err)})") from None
-    validate_config(data, path / CONFIG_NAME)
-    return data
-
-
-def _check_format_version(data, path: Path) -> None:
-    """Refuse a format this svdlora does not read, before any other field is looked up."""
-    if not isinstance(data, dict):
-        raise TypeError(f"the top level is a {type(data).__name__}, not an object")
-    if data.get("format_version") not in READABLE_FORMATS:
-        raise SvdloraError(
-            f"{str(path)!r} uses svdlora format {data.get('format_version')!r} (written by svdlora "
-            f"{data.get('svdlora_version')}), {format_refusal(data.get('format_version'))}"
-        )
-
-
-def check_folder(path: str | Path) -> dict:
-    """read_config plus every shard's safetensors header: factor shapes against the ranks, no tensor loaded."""
-    return _checked_folder(path)[0]
-
-
-def _checked_folder(path: str | Path) -> tuple[dict, list[Path], dict[str, str]]:
-    """``check_folder``'s checks, handing back (config, shard files, the first shard's header metadata)
-    for load_compressed, which would otherwise read every header again."""
-    data = read_config(path)
-    files = weight_files(path)
-    shapes, dtypes, metadata = {}, {}, []
-    for weights in files:
-        metadata.append(_check_header(weights))
-        with safe_open(str(weights), framework="pt") as f:
-            for k in f.keys():
-                header = f.get_slice(k)
-                shapes[k], dtypes[k] = header.get_shape(), header.get_dtype()
-    check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes, files[0])
-    _check_model_dtype(data, dtypes, path)
-    return data, files, metadata[0]
-
-
-def verify_values(folder) -> tuple[int, int]:
-    """Every floating-point tensor of the folder is finite, read one at a time (``svdlora info --verify``):
-    ``check_folder`` reads headers and shapes only, as loading does. Returns (tensors, bytes) read."""
-    tensors = nbytes = 0
-    for weights in weight_files(folder):
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if tensor.is_floating_point() and not all_finite(tensor):
-                    raise SvdloraError(
-                        f"{str(weights)!r}: tensor {key!r} holds NaN or Inf values: the file is corrupted, "
-                        "re-run `svdlora compress` (or copy the folder again)"
-                    )
-                tensors, nbytes = tensors + 1, nbytes + tensor.nbytes
-    return tensors, nbytes
-
-
-def _check_model_dtype(data: dict, dtypes: dict[str, str], path: Path) -> None:
-    """The config's ``dtype`` must be one the weights are stored in: an edited config is refused here
-    rather than failing in the first forward. Loose on purpose: a model may keep some modules in
-    float32 (T5 in float16), and the config records the dtype of the first factorized layer."""
-    name = data.get("dtype")
-    want = DTYPE_NAMES.get(parse_dtype(name)) if isinstance(name, str) and name else None
-    floats = {stored for stored in dtypes.values() if stored in ("F64", "F32", "F16", "BF16")}
-    if want is not None and floats and want not in floats:
-        raise SvdloraError(
-            f"{path / CONFIG_NAME} says dtype {name!r} but the weights are stored as {', '.join(sorted(floats))}: "
-            "the config was edited or belongs to another folder; re-run `svdlora compress`"
-        )
-
-
-def read_report(path: str | Path) -> CompressionReport:
-    return CompressionReport.from_dict(read_config(path)["report"])
-
-
-def _check_header(weights: Path) -> dict[str, str]:
-    if not weights.is_file():
-        raise SvdloraError(f"{str(weights)!r} is missing: the folder is incomplete, re-run `svdlora compress`")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise SvdloraError(f"{str(weights)!r} is corrupted ({err}): re-run `svdlora compress`") from None
-    if metadata.get("format") != "pt":
-        raise SvdloraError(f"{str(weights)!r} has format {metadata.get('format')!r}, expected 'pt' (PyTorch tensors)")
-    if metadata.get("svdlora_format_version") not in map(str, READABLE_FORMATS):
-        raise SvdloraError(
-            f"{str(weights)!r} was written by svdlora {metadata.get('svdlora_version')!r} in format "
-            f"{metadata.get('svdlora_format_version')!r}; {format_refusal(metadata.get('svdlora_format_version'))}"
-        )
-    return metadata
-
-
-def stored_layers(model: nn.Module, data: dict, report: CompressionReport) -> dict[str, list[str]]:
-    """{layer: its stage dtypes} of the layers whose stages are stored in their own dtypes (format 2). A
-    layer the model keeps in float32 is plain in float32: T5's wo in a float16 folder, as compression
-    found it (``models.keep_in_fp32``)."""
-    keeps = keep_in_fp32(model, parse_dtype(data.get("dtype")))
-    own = {m.name: "float32" if keeps(f"{m.name}.weight") else data.get("dtype") for m in report.factorized}
-    return {m.name: d for m in report.factorized if (d := stored_stage_dtypes(m, own[m.name]))}
-
-
-def stored_stage_dtypes(m, model_dtype: str | None) -> list[str] | None:
-    """A module's stage dtypes when some stage is not simply in the model's dtype (format 2), else None."""
-    if any(parse_format(d).quantized or d != model_dtype for d in m.stage_dtypes):
-        return list(m.stage_dtypes)
-    return None
-
-
-def _tied_map(metadata: dict[str, str], tensors: dict, weights: Path) -> dict[str, str]:
-    """{dropped name: stored name} from the header, checked against the stored tensors."""
-    try:
-        tied = json.loads(metadata.get("tied", "{}"))
-        if not all(isinstance(v, str) and v in tensors for v in tied.values()):
-            raise ValueError("a tied name points at no stored tensor")
-    except (json.JSONDecodeError, ValueError, AttributeError) as err:
-        raise SvdloraError(
-            f"{str(weights)!r} has a corrupted 'tied' header ({err}): re-run `svdlora compress`"
-        ) from None
-    return tied
 
 
 def tie_as_stored(model: nn.Module, tied: dict[str, str]) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import SvdloraError
-from .layers import CONV1D, factor_layout
-from .pivoted import pivoted_weight, valid_rows
-from .report import CompressionReport
+from ..errors import SvdloraError
+from ..layers import CONV1D, factor_layout
+from ..pivoted import pivoted_weight, valid_rows
+from ..report import CompressionReport
 
 
 class FolderTensors:
@@ -180,7 +180,7 @@ def _read_pivoted(tensors: FolderTensors, m, dtype, where) -> tuple[torch.Tensor
 
 
 def _read_stored(tensors: FolderTensors, m, stage_dtypes: list[str], dtype):
-    from .chain import read_file_tensors
+    from ..chain import read_file_tensors
 
     try:
         return read_file_tensors(tensors, m.name, m.ranks, stage_dtypes, m.shape, dtype)

@@ -2,7 +2,7 @@
 
 ``save_compressed`` writes the factor tensors one at a time (``writer.ShardedWriter``), then the
 side files; ``write_side_files`` (shared with streaming compression) writes ``svdlora_config.json``
-last, so a folder without it is an unfinished run. The layout is described in ``svdlora.io``.
+last, so a folder without it is an unfinished run. The layout is described in ``svdlora.io.folder``.
 """
 
 from __future__ import annotations
@@ -15,20 +15,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import card
-from .choices import DEFAULT_MAX_SHARD_SIZE
-from .compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
-from .errors import SvdloraError
-from .integrations import hf_quantizer
-from .layers import LowRankLinear
-from .models import PREPROCESSOR_FILES, folder_bytes, set_config_dtype
+from .. import card
+from ..choices import DEFAULT_MAX_SHARD_SIZE
+from ..compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
+from ..errors import SvdloraError
+from ..integrations import hf_quantizer
+from ..layers import LowRankLinear
+from ..models import PREPROCESSOR_FILES, folder_bytes, set_config_dtype
+from ..pivoted import PivotedLowRankLinear
+from ..precision import set_float_storage
+from ..quantize import dtype_name
+from ..report import CompressionReport
+from ..siblings import StackedSibling
+from ..version import __version__
 from .outputs import atomic_folder, check_output_folder, ensure_space
-from .pivoted import PivotedLowRankLinear
-from .precision import set_float_storage
-from .quantize import dtype_name
-from .report import CompressionReport
-from .siblings import StackedSibling
-from .version import __version__
 from .writer import (
     CONFIG_NAME,
     ShardedWriter,
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 def check_output(output: str | Path, overwrite: bool = False, *, inputs) -> Path:
-    """Refuse an output folder that would destroy user files (see svdlora.outputs); call early.
+    """Refuse an output folder that would destroy user files (see svdlora.io.outputs); call early.
     ``inputs`` (required: a command that forgot them could replace its own input with --overwrite)."""
     return check_output_folder(output, overwrite, inputs)
 

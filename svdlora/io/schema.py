@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 from pathlib import Path
 
-from .errors import SvdloraError
+from ..errors import SvdloraError
 
 KINDS = ("linear", "conv1d")
 

@@ -26,14 +26,14 @@ from collections.abc import Iterable
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from .errors import SvdloraError
-from .version import __version__
+from ..errors import SvdloraError
+from ..version import __version__
 
 logger = logging.getLogger(__name__)
 
 MARKER = ".svdlora-output"  # in every folder svdlora completes: --overwrite may replace it
 INCOMPLETE = ".svdlora-incomplete"  # in a temporary folder until it is renamed into place
-SVDLORA_CONFIG = "svdlora_config.json"  # io.CONFIG_NAME (io imports this module)
+SVDLORA_CONFIG = "svdlora_config.json"  # writer.CONFIG_NAME; writer imports torch, the CLI this module
 TMP_TAG, OLD_TAG = ".svdlora-tmp-", ".svdlora-old-"
 KEPT_TAG = ".svdlora-finished-"  # a finished folder left for the user (atomic_folder)
 
