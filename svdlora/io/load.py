@@ -20,7 +20,15 @@ from ..compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
 from ..errors import SvdloraError, first_line
 from ..integrations import hf_quantizer
 from ..layers import LowRankLinear, dense_kind, weight_out_in
-from ..models import default_device, keep_in_fp32, model_class, parse_dtype, set_config_dtype
+from ..models import (
+    CONFIG_ERRORS,
+    config_refusal,
+    default_device,
+    keep_in_fp32,
+    model_class,
+    parse_dtype,
+    set_config_dtype,
+)
 from ..pivoted import PivotedLowRankLinear
 from ..placement import device_for, dispatch, parse_max_memory, resolve_device_map
 from ..report import CompressionReport
@@ -48,9 +56,9 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
+    except (OSError, *CONFIG_ERRORS) as err:  # transformers 5: a field of the wrong type is not a ValueError
         raise SvdloraError(
-            f"{str(path)!r} has no usable config.json ({err}); for a plain PyTorch model pass "
+            f"{str(path)!r} has no usable config.json ({config_refusal(err)}); for a plain PyTorch model pass "
             "load_compressed(path, model=<an instance of its class>)"
         ) from None
     hf_quantizer.strip_config(config)  # built here, not through transformers' quantizer
