@@ -245,6 +245,21 @@ def test_help_names_only_flags_the_command_has():
             assert not missing, f"svdlora {name}: the help of {action.dest} names {sorted(missing)}"
 
 
+def test_sweep_submatrices_help_says_what_compress_does():
+    """sweep's --submatrices help said 'factor pairs per matrix', which its default (pivoted factors: the
+    stages summed into one pivoted pair) does not store; it reads as compress's: residual SVD stages."""
+    import argparse
+
+    from svdlora.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {
+        name: next(a.help for a in subparsers.choices[name]._actions if a.dest == "submatrices")
+        for name in ("compress", "sweep")
+    }
+    assert helps["sweep"].startswith(helps["compress"].removesuffix(" (default 1)")), helps
+
+
 def test_export_writes_its_weights_as_the_umask_allows(gpt2_folder, tmp_path, capsys, group_readable_umask):
     """safetensors 0.8 wrote the dense model.safetensors owner-only (0600), the folder's other files 0644."""
     out, dense = tmp_path / "svd", tmp_path / "dense"

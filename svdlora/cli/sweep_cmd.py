@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     )  # fmt: skip
     p.add_argument(
         "--submatrices", type=options.positive_int("submatrices"), default=1,
-        help="factor pairs per matrix at every budget, as for `svdlora compress` (default 1)",
+        help="residual SVD stages per matrix at every budget, as for `svdlora compress` (default 1)",
     )  # fmt: skip
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
     options.add_pivot_flag(p, stage_dtypes=False)
