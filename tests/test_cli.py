@@ -260,6 +260,25 @@ def test_sweep_submatrices_help_says_what_compress_does():
     assert helps["sweep"].startswith(helps["compress"].removesuffix(" (default 1)")), helps
 
 
+def test_overwrite_help_says_only_svdlora_outputs_are_replaced(gpt2_folder, tmp_path, capsys):
+    """--overwrite's help said 'replace an existing output folder', but any folder svdlora did not write
+    (and that is not empty) is refused: the help of every command that writes a folder says so."""
+    import argparse
+
+    from svdlora.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("compress", "export", "extract", "convert-gguf"):
+        text = next(a.help for a in subparsers.choices[name]._actions if a.dest == "overwrite")
+        assert "svdlora wrote, or an empty one" in text, (name, text)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    argv = ["compress", gpt2_folder, "-o", other, "--overwrite", "--calibration", "none", "--no-progress"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "holds files svdlora did not write" in err, err
+
+
 def test_export_writes_its_weights_as_the_umask_allows(gpt2_folder, tmp_path, capsys, group_readable_umask):
     """safetensors 0.8 wrote the dense model.safetensors owner-only (0600), the folder's other files 0644."""
     out, dense = tmp_path / "svd", tmp_path / "dense"

@@ -122,7 +122,7 @@ def register(subparsers) -> None:
     )
     add_calibration_flags(p)
     p.add_argument("--dtype", default=None, help="load the model in this dtype (default: as stored)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    options.add_overwrite_flag(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     p.add_argument(
         "--eval",

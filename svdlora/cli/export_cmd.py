@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         help="merge the factors into dense weights (the only export format)",
     )
     p.add_argument("-o", "--output", required=True, help="folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    options.add_overwrite_flag(p)
     options.add_progress_flag(p)
     p.set_defaults(func=run)
 

@@ -61,7 +61,7 @@ def register(subparsers) -> None:
         "slightly larger error); --svd-method is the older spelling, as in compress",
     )  # fmt: skip
     p.add_argument("--dtype", default=None, help="load both models in this dtype (default: as stored)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    options.add_overwrite_flag(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the models' own code from the hub")
     add_calibration_flags(p, compress=False)
     options.add_progress_flag(p)

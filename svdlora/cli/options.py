@@ -93,6 +93,15 @@ def _dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")  # as argparse names it
 
 
+def add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
+    """--overwrite as ``outputs`` applies it: only a folder svdlora wrote, or an empty one, is replaced."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder that svdlora wrote, or an empty one (any other is refused)",
+    )
+
+
 def add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
