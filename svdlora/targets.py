@@ -6,6 +6,7 @@ import fnmatch
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -133,3 +134,15 @@ def check_every_pattern_matches(names: list[str], config: CompressionConfig) -> 
                     f"{flag} {pattern!r} matches none of the {len(names)} Linear/Conv1D layers (e.g. "
                     f"{', '.join(names[:3])}): fix the pattern or drop it"
                 )
+
+
+def check_patterns_before_load(outline: nn.Module, config: CompressionConfig, source: str) -> None:
+    """--include / --exclude on the model ``source`` names, built before its load (its meta outline): a
+    pattern that matches no layer is refused in a second, as ``find_targets`` refuses it after the load (and
+    a sweep would take that refusal for too small a budget). An svdlora folder (its layers are factors) is
+    left to the load."""
+    from .io.folder import is_compressed_folder  # io imports the layers this module does: on use
+
+    names = [name for name, module in outline.named_modules() if dense_kind(module)]
+    if names and not is_compressed_folder(Path(source).expanduser()):
+        check_every_pattern_matches(names, config)

@@ -590,3 +590,22 @@ def test_sweep_reads_its_data_once_for_every_point(tmp_path, monkeypatch):
             "--calibration", "none", "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert len(reads) == 1 and len(json.loads((tmp_path / "s" / "sweep.json").read_text())["points"]) == 2
+
+
+def test_an_exclude_pattern_that_matches_no_layer_is_refused_before_the_sweep(tmp_path, monkeypatch, capsys):
+    """sweep --exclude with a typo loaded and measured the dense model, then took every budget as too small
+    ('no budget in --budgets could be measured (...): list larger ones'); it is refused as compress refuses
+    it, before the model loads."""
+    import svdlora.models
+
+    model, text = lm_folder(tmp_path)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(svdlora.models, "load_pretrained", no_load)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--exclude", "nosuch",
+            "--calibration", "none", "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
+    code, err = main(argv), capsys.readouterr().err
+    assert code == 2 and "--exclude 'nosuch' matches none of the" in err, err
+    assert not (tmp_path / "s").exists()

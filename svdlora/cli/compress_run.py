@@ -6,7 +6,6 @@ import argparse
 import resource
 import sys
 import time
-from pathlib import Path
 
 import transformers
 from torch import nn
@@ -21,6 +20,7 @@ from ..io.writer import parse_size
 from ..models import load_pretrained
 from ..plan import check_without_calibration
 from ..streaming import check_streamable, compress_checkpoint
+from ..targets import check_patterns_before_load
 from . import options
 from .calibration_flags import (
     AUTO,
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     checks = args.eval or config.include or config.exclude or args.calibration != NONE
     meta = local_outline(args.model, args.trust_remote_code) if checks else None
     if meta is not None:
-        _check_patterns(meta, config, args.model)
+        check_patterns_before_load(meta, config, args.model)
     checked_eval = None  # what the --eval checks read: the data, the tokenizer / image processor (the calibration's)
     if args.eval:
         check_data_path(args.eval, "--eval")
@@ -140,17 +140,6 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _check_patterns(meta, config: CompressionConfig, source: str) -> None:
-    """--include / --exclude on the meta model: a pattern that matches no layer is refused before the load,
-    as ``find_targets`` refuses it after. An svdlora folder (its layers are factors) is left to the load."""
-    from ..io.folder import is_compressed_folder
-    from ..targets import check_every_pattern_matches, dense_kind
-
-    names = [name for name, module in meta.named_modules() if dense_kind(module)]
-    if names and not is_compressed_folder(Path(source).expanduser()):
-        check_every_pattern_matches(names, config)
 
 
 def _run_streamed(

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         sweep,
         write_outputs,
     )
+    from ..targets import check_patterns_before_load
 
     output = Path(args.output).expanduser()  # written there: checked there
     check_not_input(output.resolve(), str(args.output), [args.model, args.data], "--output")
@@ -120,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     config = CompressionConfig(**compress_options)  # the settings' checks too (one budget: any)
     if args.calibration == NONE:  # every budget would fail alike: once it was taken as too small a budget
         check_without_calibration(config)
-    meta = local_outline(args.model)  # a local folder's meta model, built once for both checks
+    meta = local_outline(args.model)  # a local folder's meta model, built once for the checks below
+    if meta is not None:  # a typo in --exclude: refused here, not taken at every budget for too small a one
+        check_patterns_before_load(meta, config, args.model)
     task, processor = early_processor(args.model, args.task, model=meta)  # a local folder's: a refusal in a second
     # 'self' for a model that cannot use it; the tokenizer / image processor checked above, not loaded again
     processor_before_load(args.calibration, args.model, config=config, loaded=processor, meta=meta)
@@ -142,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     model = load_pretrained(args.model).eval()
+    if meta is None:  # a hub id (or a folder without an outline): its layers are known now
+        check_patterns_before_load(model, config, args.model)
     task = task or infer_task(model)
     check_task(model, task, args.model)  # a wrong --task: name the task that fits, not a missing processor
     target = parse_target(args.target, task) if args.target else None
