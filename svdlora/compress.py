@@ -108,6 +108,8 @@ def compress(
     else:
         ranks, allocator_dense, est_loss = allocate(targets, config, plan, progress)
     dense.update(allocator_dense)
+    if config.heal_steps and not any(sum(r) for r in ranks.values()):
+        raise _nothing_to_heal(config, ranks)
 
     originals = {t.name: t.module for t in targets if t.name in ranks}
     with _restored_on_error(model, originals):  # a failure after the first swap undoes the swaps
@@ -190,6 +192,18 @@ def compress(
     setattr(model, REPORT_ATTR, report)
     logger.info("factorized %d layers in %.1f s", len(reports), report.seconds)
     return report
+
+
+def _nothing_to_heal(config: CompressionConfig, ranks: dict[str, list[int]]) -> SvdloraError:
+    """Healing asked for where the budget left no low-rank factor: said before the factorization, not by
+    ``heal`` after it (whose 'compress the model first' is for a model never compressed)."""
+    if ranks:  # every plan is a full-… first stage alone: the budget paid for no repair stage
+        why, fix = f"buys only the {config.stage_dtypes[0]} first stage of each matrix", "raise --budget"
+    else:
+        why, fix = "keeps every targeted matrix dense (exact)", "lower --budget"
+    return SvdloraError(
+        f"healing has nothing to train: budget {config.budget} {why}, no low-rank factor: {fix}, or drop --heal-steps"
+    )
 
 
 @contextmanager

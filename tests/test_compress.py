@@ -252,6 +252,29 @@ def test_healing_that_cannot_run_on_the_batches_is_refused_before_the_calibratio
         compress(TINY_MODELS["gpt2"](), calibration=batches, heal_steps=2, heal_loss="lm", progress=False)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"budget": 1.0}, "budget 1.0 keeps every targeted matrix dense (exact), no low-rank factor: lower --budget"),
+        (
+            {"budget": 0.262, "submatrices": 2, "stage_dtypes": "full-int8"},
+            "budget 0.262 buys only the full-int8 first stage of each matrix, no low-rank factor: raise --budget",
+        ),
+    ],
+    ids=["all dense", "full stage only"],
+)
+def test_healing_with_no_low_rank_factor_left_by_the_budget_says_why(options, message):
+    """Found by review: heal() refused it after the factorization with 'compress the model first (... add a
+    low-rank repair stage, e.g. --submatrices 2)', to a user who had compressed, with --submatrices 2."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["gpt2"]().eval()
+    batches = [example_inputs("gpt2", seed) for seed in range(2)]
+    with pytest.raises(SvdloraError) as error:
+        compress(model, calibration=batches, heal_steps=2, progress=False, **options)
+    assert f"healing has nothing to train: {message}, or drop --heal-steps" == str(error.value)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["in memory", "--stream"])
 def test_including_only_the_head_says_it_needs_compress_head(tmp_path, capsys, stream):
     """--include lm_head was refused with 'check --include/--exclude', though it matched: the head rule kept it."""
