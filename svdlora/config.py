@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from dataclasses import asdict, dataclass, field
@@ -203,8 +204,9 @@ class CompressionConfig:
                 "--heal-seconds only stops healing early: pass --heal-steps N as well (the learning-rate "
                 "schedule is laid out over the steps)"
             )
-        if not (isinstance(self.heal_lr, numbers.Real) and self.heal_lr > 0):
-            raise SvdloraError(f"heal_lr must be a number > 0, got {self.heal_lr!r}")
+        # inf passed '> 0' and diverged at healing's second step, after the whole compression
+        if not (isinstance(self.heal_lr, numbers.Real) and 0 < self.heal_lr < math.inf):
+            raise SvdloraError(f"heal_lr must be a finite number > 0, got {self.heal_lr!r}")
         if self.rank is not None and self.allocation == "global":
             raise SvdloraError(
                 "allocation 'global' chooses ranks from the budget: drop --rank, or use --allocation uniform"

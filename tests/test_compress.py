@@ -147,6 +147,13 @@ def test_bad_config(kwargs, message):
         CompressionConfig(**kwargs)
 
 
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0])
+def test_a_heal_lr_that_is_not_finite_is_refused_before_compressing(lr):
+    """Found by review: heal_lr=inf passed the check and healing diverged at its second step, after the work."""
+    with pytest.raises(SvdloraError, match=f"heal_lr must be a finite number > 0, got {lr}"):
+        CompressionConfig(heal_steps=2, heal_lr=lr)
+
+
 def test_nan_weights_are_refused():
     model = MLP()
     with torch.no_grad():
