@@ -27,7 +27,13 @@ import torch
 
 from .errors import SvdloraError
 
-FLOAT_FORMATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# float64: a model loaded so (``--dtype float64``) stores its factors so; not a format worth choosing
+FLOAT_FORMATS = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 SCALE_DTYPE = torch.bfloat16
 DEFAULT_INT4_GROUP = 128
 FULL_PREFIX = "full-"

@@ -294,3 +294,16 @@ def test_byte_budget_in_the_model_dtype_is_the_parameter_budget_for_small_matric
             assert stored <= budget * sum(target_bytes(t, torch.float32) for t in targets), (budget, names)
             if names == ["float32"]:
                 assert ({n: p[0] for n, p in plans.items()}, kept.keys()) == (ranks, dense.keys())
+
+
+@pytest.mark.parametrize("pivot", [False, True], ids=["pairs", "pivoted"])
+def test_a_float64_model_compresses_and_loads_back(pivot, tmp_path):
+    """Found by review: a model in float64 (--dtype float64, which loading accepts) was refused mid-run
+    as pairs ('model dtype float64 cannot hold factors'), and pivoted it wrote a folder load_compressed
+    refused ("unknown stage dtype 'float64'")."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["gpt2"]().eval().double()
+    compress(model, budget=0.5, pivot=pivot, progress=False)
+    loaded = load_compressed(save_compressed(model, tmp_path / "out"), device="cpu")
+    assert next(loaded.parameters()).dtype == torch.float64
+    assert torch.equal(output_of(loaded, "gpt2"), output_of(model, "gpt2"))
