@@ -161,7 +161,9 @@ def example_inputs(model: nn.Module) -> dict:
             "its forward takes"
         )
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in dummy.items()}
+    # a skeleton on the meta device (load_compressed asks before reading weights) builds them there
+    # (Marian's: device=self.device): they hold no data to move, and only their presence is asked then
+    return {k: v.to(device) if torch.is_tensor(v) and not v.is_meta else v for k, v in dummy.items()}
 
 
 def find_siblings(model: nn.Module, inputs=None) -> list[list[str]]:

@@ -130,6 +130,17 @@ def test_cross_attention_keys_and_values_are_grouped_apart_from_queries(tmp_path
     torch.testing.assert_close(output_of(model, "marian"), want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_marian_folder_loads_stacked(tmp_path):
+    """Found by review: load_compressed(stack_siblings=True) asks the meta skeleton for its dummy_inputs,
+    which Marian builds on its own (meta) device, and moving them failed: 'NotImplementedError: Cannot copy
+    out of meta tensor; no data!'."""
+    folder = _folder(tmp_path, tiny_marian())
+    want = output_of(load_compressed(folder, device="cpu"), "marian")
+    model = load_compressed(folder, device="cpu", stack_siblings=True)
+    assert any(isinstance(m, StackedSibling) for m in model.modules())
+    torch.testing.assert_close(output_of(model, "marian"), want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_gated_t5_stacks_its_two_input_projections(tmp_path):
     """T5 with a gated feed-forward: wi_0 and wi_1 read the same input."""
     torch.manual_seed(0)
