@@ -128,7 +128,7 @@ def quantize(x: torch.Tensor, fmt: StageFormat) -> dict[str, torch.Tensor]:
         q = (work / s).round().clamp(-127, 127).to(torch.int8)
         return {"q": q, "scales": scales}
     rows, cols = work.shape
-    g = fmt.group_size
+    g = _group(fmt, cols)
     groups = math.ceil(cols / g)
     padded = torch.nn.functional.pad(work, (0, groups * g - cols)).view(rows, groups, g)
     if cols % g:  # padding zeros must not widen the last group's range
@@ -159,7 +159,7 @@ def dequantize(
     packed = parts["q"]
     rows = packed.shape[0]
     q = torch.stack([packed & 0x0F, packed >> 4], dim=2).view(rows, -1)[:, :cols].float()
-    g = fmt.group_size
+    g = _group(fmt, cols)
     groups = scales.shape[1]
     q = torch.nn.functional.pad(q, (0, groups * g - cols)).view(rows, groups, g)
     values = (q - parts["zeros"].float()[..., None]) * scales[..., None]
@@ -170,6 +170,12 @@ def roundtrip(x: torch.Tensor, fmt: StageFormat) -> torch.Tensor:
     """``x`` as it reads back after storage in ``fmt`` (float32 for quantized formats)."""
     dtype = fmt.dtype if fmt.kind == "float" else torch.float32
     return dequantize(quantize(x, fmt), fmt, x.shape[1], dtype)
+
+
+def _group(fmt: StageFormat, cols: int) -> int:
+    # A group longer than the row is the row: the same scales and values, without padding every row
+    # to the group's length (int4g1048576 on a 576-wide factor took 1 GB; a larger one, all memory).
+    return min(fmt.group_size, max(cols, 1))
 
 
 def _nonzero(scales: torch.Tensor) -> torch.Tensor:

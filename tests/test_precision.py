@@ -307,3 +307,14 @@ def test_a_float64_model_compresses_and_loads_back(pivot, tmp_path):
     loaded = load_compressed(save_compressed(model, tmp_path / "out"), device="cpu")
     assert next(loaded.parameters()).dtype == torch.float64
     assert torch.equal(output_of(loaded, "gpt2"), output_of(model, "gpt2"))
+
+
+def test_a_group_longer_than_the_rows_costs_no_padding_to_its_length():
+    """Found by review: int4 padded every row to the group size, so --stage-dtypes int4g1048576 took 1 GB
+    on a 64x576 factor and a larger group all memory; a group longer than the row is that row."""
+    x = torch.randn(3, 6)
+    huge, row = parse_format(f"int4g{2**40}"), parse_format("int4g8")  # 2**40 columns: 8 TB per row
+    parts, expected = quantize(x, huge), quantize(x, row)
+    assert parts.keys() == expected.keys() and all(torch.equal(parts[k], expected[k]) for k in parts)
+    assert torch.equal(dequantize(parts, huge, 6), dequantize(expected, row, 6))
+    assert nbytes(huge, 3, 6) == sum(t.numel() * t.element_size() for t in parts.values())
