@@ -208,7 +208,10 @@ def heal(
     losses: list[float] = []
     start = time.perf_counter()
     was_training = model.training
+    teacher_training = teacher is not None and teacher.training
     model.eval()  # no dropout: the target is the deterministic dense model
+    if teacher is not None:
+        teacher.eval()  # nor in the target: a teacher in training mode (compress copies the model) drew dropout
     bar = tqdm(total=steps, desc=f"healing ({loss})", disable=not progress)
     try:
         for step, batch in enumerate(itertools.cycle(batches)):
@@ -232,6 +235,8 @@ def heal(
         for p in factors:
             p.grad = None
         model.train(was_training)
+        if teacher is not None:
+            teacher.train(teacher_training)
     if not losses:
         raise SvdloraError("healing ran no step: raise --heal-steps or --heal-seconds")
     ends = max(1, min(8, len(losses) // 2))  # the two means share no step (in a run of 8 they were the same)

@@ -370,6 +370,20 @@ def test_healing_trains_only_the_factors():
             assert torch.equal(p, frozen[name]), name
 
 
+def test_a_teacher_in_training_mode_gives_a_target_without_dropout():
+    """Found by review: heal put the student in eval mode but ran the teacher as it came, and compress's
+    teacher is a copy of the model as given: one in training mode drew dropout into every target (GPT-2's
+    0.1), so even the dense model distilled into itself had a loss. The teacher's mode is restored after."""
+    torch.manual_seed(0)
+    teacher = tiny_gpt2().train()
+    student = copy.deepcopy(teacher).eval()
+    batches = [{"input_ids": example_inputs("gpt2", 0)["input_ids"]}]
+    parameters = list(student.parameters())
+    result = heal(student, batches, steps=1, teacher=teacher, parameters=parameters, progress=False)
+    assert result.first_loss == 0.0  # step 0 reads the loss before any update: the same model, no dropout
+    assert teacher.training and all(m.training for m in teacher.modules())
+
+
 @pytest.mark.parametrize("loss", ["distill", "lm"])
 def test_healing_asks_whether_the_model_is_an_encoder_decoder_once_a_run(monkeypatch, loss):
     # found by review: each step asked the model's config 3 times (once more per row of a left-padded batch)
