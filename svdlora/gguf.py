@@ -7,6 +7,7 @@ the config without its GGUF ``quantization_config``, and the tokenizer.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import torch
@@ -34,6 +35,11 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **_unpacked(), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    except struct.error as err:  # transformers' metadata reader unpacked past the end of the file
+        raise SvdloraError(
+            f"GGUF file {str(gguf_file)!r} ends inside its metadata ({first_line(err)}): the file is incomplete; "
+            "download or copy it again"
+        ) from None
     except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:
         raise SvdloraError(
             f"GGUF file {str(gguf_file)!r} cannot be read ({type(err).__name__}: {first_line(err)}): "

@@ -188,3 +188,16 @@ def test_convert_gguf_dequantizes_where_transformers_would_keep_the_blocks_packe
     err = [line for line in capsys.readouterr().err.splitlines() if "svdlora" in line]  # not transformers' bars
     assert len(err) == 1 and "as torch.uint8 blocks instead of float values" in err[0], err
     assert not (tmp_path / "packed").exists()
+
+
+@pytest.mark.parametrize("size", [10, 3000])
+def test_a_gguf_file_cut_off_in_its_metadata_is_one_clean_error(tmp_path, capsys, size):
+    """transformers' reader unpacks past the end of a truncated file: struct.error, which the CLI called a bug."""
+    whole = tmp_path / "whole.gguf"
+    write_gguf(whole, tied=True, quant="F32")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:size])
+    assert main(["convert-gguf", str(cut), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "ends inside its metadata" in err and "download or copy it again" in err and "a bug" not in err, err
+    assert not (tmp_path / "out").exists()
