@@ -8,6 +8,9 @@ the config without its GGUF ``quantization_config``, and the tokenizer.
 from __future__ import annotations
 
 import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,8 +36,9 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
     check_output_folder(output, overwrite, inputs=[gguf_file])  # before the slow dequantization
     kwargs = {"gguf_file": gguf_file.name}
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **_unpacked(), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+        with _alone(gguf_file) as folder:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **_unpacked(), **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except struct.error as err:  # transformers' metadata reader unpacked past the end of the file
         raise SvdloraError(
             f"GGUF file {str(gguf_file)!r} ends inside its metadata ({first_line(err)}): the file is incomplete; "
@@ -64,6 +68,16 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(output)
+
+
+@contextmanager
+def _alone(gguf_file: Path) -> Iterator[Path]:
+    """A folder holding only ``gguf_file`` (a link to it), for transformers to read it from: given the
+    file's own folder, it takes a tokenizer.json there over the GGUF's tokenizer, so another model's
+    files next to it (the original checkpoint's) would be written with these weights."""
+    with tempfile.TemporaryDirectory(prefix="svdlora-gguf-") as folder:
+        (Path(folder) / gguf_file.name).symlink_to(gguf_file.resolve())
+        yield Path(folder)
 
 
 def _unpacked() -> dict:

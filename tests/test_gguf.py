@@ -201,3 +201,21 @@ def test_a_gguf_file_cut_off_in_its_metadata_is_one_clean_error(tmp_path, capsys
     err = capsys.readouterr().err
     assert "ends inside its metadata" in err and "download or copy it again" in err and "a bug" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_tokenizer_is_the_gguf_files_even_next_to_another_models_files(tmp_path, capsys):
+    """A GGUF saved in a folder with another tokenizer.json (the original checkpoint's, say): transformers
+    takes that file over the GGUF's own tokenizer, and the folder held a tokenizer that does not fit the weights."""
+    from transformers import AutoTokenizer
+
+    from .eval_helpers import word_tokenizer
+
+    (tmp_path / "gguf").mkdir()
+    gguf_file = tmp_path / "gguf" / "tiny.gguf"
+    write_gguf(gguf_file, tied=True, quant="F32")
+    expected = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    word_tokenizer(["cat", "mat"]).save_pretrained(gguf_file.parent)  # another model's tokenizer files
+    assert main(["convert-gguf", str(gguf_file), "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    written = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert written.get_vocab() == expected.get_vocab() and len(written) == len(_tokens())
+    assert written(TEXT).input_ids == expected(TEXT).input_ids
