@@ -258,3 +258,25 @@ def test_each_rank_takes_its_own_share_of_the_jobs_and_together_all_of_them(base
     assert not keys[0] & keys[1] and keys[0] | keys[1] == {job_key(j) for j in p.jobs}
     factorized = [sum(kind == "factorize" for kind, _, _ in share) for share in shares]
     assert min(factorized) > 0 and sum(factorized) == sum(kind == "factorize" for kind, _, _ in p.jobs)
+
+
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [(["--heal-steps", "10"], "healing cannot stream"), (["--stage-dtypes", "int8"], "--stage-dtypes cannot stream")],
+    ids=["heal", "stage-dtypes"],
+)
+def test_under_a_launcher_the_way_to_memory_is_one_process_not_dropping_stream(
+    base, tmp_path, monkeypatch, capsys, flags, refused
+):
+    """A launcher's run streams without --stream: a refusal that said 'drop --stream' named a flag not given."""
+    from svdlora import distributed
+    from svdlora.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "context", lambda: Context(0, 2))  # rank 0 of torchrun's two
+    assert main(["compress", str(base), "-o", str(tmp_path / "out"), *flags, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert refused in err and "run one process, without torchrun" in err and "--stream" not in err, err
+    assert main(["compress", str(base), "-o", str(tmp_path / "out"), *flags, "--stream", "--no-progress"]) == 2
+    assert "drop --stream" in capsys.readouterr().err  # the flag given: dropping it is the way

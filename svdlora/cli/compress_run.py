@@ -6,6 +6,7 @@ import argparse
 import resource
 import sys
 import time
+from contextlib import contextmanager
 
 import transformers
 from torch import nn
@@ -154,7 +155,6 @@ def _run_streamed(
             f"--calibration self cannot be used with {how}: generating the calibration text needs the whole model "
             "in memory; pass --calibration DATA (a text file: calibrated block by block), or --calibration none"
         )
-    check_streamable(config, calibration)
 
     def announce(calibrating: bool, gradients: bool) -> None:  # after every check: a refusal stays one line
         if calibrating and not gradients:
@@ -169,20 +169,22 @@ def _run_streamed(
             )
             warn_unread_sizes(args, None)
 
-    report = compress_checkpoint(
-        args.model,
-        output,
-        config,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        progress=args.progress,
-        trust_remote_code=args.trust_remote_code,
-        calibration=calibration,
-        processor=processor,
-        announce=announce,
-        meta=meta,
-    )
+    with _in_memory_advice(args.stream):  # a refusal's advice, for the way this run streams
+        check_streamable(config, calibration)
+        report = compress_checkpoint(
+            args.model,
+            output,
+            config,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=args.progress,
+            trust_remote_code=args.trust_remote_code,
+            calibration=calibration,
+            processor=processor,
+            announce=announce,
+            meta=meta,
+        )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if ctx.is_main:
         print(report.format())
@@ -202,6 +204,18 @@ def _run_streamed(
         file=sys.stderr,
     )
     return 0
+
+
+@contextmanager
+def _in_memory_advice(stream_flag: bool):
+    """A streamed refusal says 'drop --stream' to compress in memory; a launcher's run streams without the
+    flag, and compresses in memory as one process started without the launcher."""
+    try:
+        yield
+    except SvdloraError as err:
+        if stream_flag or "drop --stream" not in str(err):
+            raise
+        raise SvdloraError(str(err).replace("drop --stream", "run one process, without torchrun")) from None
 
 
 def eval_options(args: argparse.Namespace) -> dict:

@@ -41,8 +41,8 @@ def check_streamable(config: CompressionConfig, calibration=None) -> None:
     what to do instead."""
     if getattr(config, "stage_dtypes", None):
         raise SvdloraError(
-            "--stage-dtypes cannot stream yet (the quantized stage chain is built in memory): drop --stream "
-            "(and run without torchrun), or drop --stage-dtypes"
+            "--stage-dtypes cannot stream yet (the quantized stage chain is built in memory): drop --stream, or "
+            "drop --stage-dtypes"
         )
     if calibration is not None:
         blockwise.resolve(config)  # every method streams block by block; healing, refit, stage dtypes do not
@@ -53,7 +53,9 @@ def check_streamable(config: CompressionConfig, calibration=None) -> None:
             )
         return
     if getattr(config, "heal_steps", 0):
-        raise SvdloraError("healing cannot stream (it trains the whole model in memory): drop --heal-steps or --stream")
+        raise SvdloraError(
+            "healing cannot stream (it trains the whole model in memory): drop --stream, or drop --heal-steps"
+        )
     method = getattr(config, "method", "svd")
     if method not in STREAMING_METHODS or getattr(config, "allocation", "uniform") == "global":
         raise SvdloraError(
