@@ -146,11 +146,13 @@ def uses_calibration(config: CompressionConfig) -> bool:
     return not (config.method == "svd" and resolved_allocation(config) == "uniform" and not config.heal_steps)
 
 
-def check_without_calibration(config: CompressionConfig) -> None:
+def check_without_calibration(config: CompressionConfig, streamed: bool = False) -> None:
     """Refuse the settings that need calibration data, for a run without any (the CLI: before the load).
     --refit with method 'svd' is not refused: data would not make it run (``plan_calibration`` warns), and
-    a run given data that 'svd' leaves unread (``uses_calibration``) goes on without it."""
-    hint = "needs calibration data: pass --calibration DATA (or 'self' for a causal LM)"
+    a run given data that 'svd' leaves unread (``uses_calibration``) goes on without it. A ``streamed`` run
+    (--stream, torchrun) is not pointed at 'self': generating the text needs the whole model in memory."""
+    data = "a causal LM's text: streamed, it calibrates block by block" if streamed else "or 'self' for a causal LM"
+    hint = f"needs calibration data: pass --calibration DATA ({data})"
     for name, value in (("method", config.method), ("allocation", config.allocation)):
         if value not in ("auto", "svd", "uniform"):
             raise SvdloraError(f"{name} {value!r} {hint}")

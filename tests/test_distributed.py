@@ -260,23 +260,43 @@ def test_each_rank_takes_its_own_share_of_the_jobs_and_together_all_of_them(base
     assert min(factorized) > 0 and sum(factorized) == sum(kind == "factorize" for kind, _, _ in p.jobs)
 
 
+@pytest.fixture
+def rank_0_of_two(monkeypatch):
+    """This process as rank 0 of torchrun's two (no process group: for refusals before any collective)."""
+    from svdlora import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "context", lambda: Context(0, 2))
+
+
 @pytest.mark.parametrize(
     ("flags", "refused"),
     [(["--heal-steps", "10"], "healing cannot stream"), (["--stage-dtypes", "int8"], "--stage-dtypes cannot stream")],
     ids=["heal", "stage-dtypes"],
 )
 def test_under_a_launcher_the_way_to_memory_is_one_process_not_dropping_stream(
-    base, tmp_path, monkeypatch, capsys, flags, refused
+    base, tmp_path, capsys, rank_0_of_two, flags, refused
 ):
     """A launcher's run streams without --stream: a refusal that said 'drop --stream' named a flag not given."""
-    from svdlora import distributed
     from svdlora.cli import main
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(distributed, "context", lambda: Context(0, 2))  # rank 0 of torchrun's two
     assert main(["compress", str(base), "-o", str(tmp_path / "out"), *flags, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert refused in err and "run one process, without torchrun" in err and "--stream" not in err, err
     assert main(["compress", str(base), "-o", str(tmp_path / "out"), *flags, "--stream", "--no-progress"]) == 2
     assert "drop --stream" in capsys.readouterr().err  # the flag given: dropping it is the way
+
+
+@pytest.mark.parametrize("launcher", ["--stream", "torchrun"])
+def test_a_streamed_run_without_data_is_not_pointed_at_calibration_self(base, tmp_path, capsys, request, launcher):
+    """'needs calibration data: pass --calibration DATA (or 'self' ...)', and 'self' was then refused."""
+    from svdlora.cli import main
+
+    if launcher == "torchrun":
+        request.getfixturevalue("rank_0_of_two")
+    stream = ["--stream"] if launcher == "--stream" else []
+    args = ["compress", str(base), "-o", str(tmp_path / "out"), "--method", "whiten", "--calibration", "none"]
+    assert main([*args, *stream]) == 2
+    err = capsys.readouterr().err
+    assert "needs calibration data: pass --calibration DATA" in err and "self" not in err, err

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             "refit_stages=True in the Python API runs it): drop one of them"
         )
     if args.calibration == NONE:  # in memory refused only after the load (streamed: check_streamable)
-        check_without_calibration(config)
+        check_without_calibration(config, streamed=args.stream or distributed.launched())
     if args.eval_limit is not None and not args.eval:
         raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
     if args.references is not None and not args.eval:
