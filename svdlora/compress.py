@@ -367,7 +367,15 @@ def svd_device(name: str | None) -> str | None:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SvdloraError(f"--device {name}: no CUDA device is available here; drop --device to use the CPU")
     if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+        if int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():  # more processes than GPUs on this node
+            raise SvdloraError(
+                f"--device cuda: this process (LOCAL_RANK {os.environ['LOCAL_RANK']}) would take {name}, and this "
+                f"machine has {torch.cuda.device_count()} CUDA device(s): start one process per GPU "
+                "(--nproc_per_node), or pass --device cuda:0 to share one"
+            )
+    if name.startswith("cuda") and (torch.device(name).index or 0) >= torch.cuda.device_count():
+        raise SvdloraError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 

@@ -1,6 +1,7 @@
 """--svd auto|exact|randomized: the rule, the error bound on known spectra, the reported cost."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -269,3 +270,28 @@ def test_projection_error_on_float32_matrices(method, explicit):
     identity = projection_error(w, a, b)
     assert identity is not None
     assert identity == pytest.approx(relative_error(w, (a, b)), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "local_rank", "refused"),
+    [
+        ("cuda", "1", "LOCAL_RANK 1) would take cuda:1, and this machine has 1 CUDA device(s): start one process"),
+        ("cuda:1", None, "--device cuda:1: this machine has 1 CUDA device(s)"),
+    ],
+    ids=["torchrun-rank-without-a-gpu", "index"],
+)
+def test_a_gpu_this_machine_lacks_is_refused_before_the_load(monkeypatch, name, local_rank, refused):
+    """torchrun --nproc_per_node 2 --device cuda on one GPU: rank 1 took cuda:1, which torch refuses only
+    once the SVD (or the block pass) runs there, after the reads."""
+    from svdlora.compress import svd_device
+    from svdlora.errors import SvdloraError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    if local_rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with pytest.raises(SvdloraError, match=re.escape(refused)):
+        svd_device(name)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert svd_device("cuda") == "cuda:0" and svd_device("cuda:0") == "cuda:0"
