@@ -82,10 +82,15 @@ def _peers_alive():
         yield
     except RuntimeError as err:  # gloo: "Connection closed by peer"; torch.distributed.DistError
         said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ")[0]  # gloo's: "[file.cc:553] ..."
-        raise SvdloraError(
-            f"another process of this run stopped, so this one stops too ({said}): its error is above or in its "
-            "log; fix that and rerun"
-        ) from None
+        raise peer_stopped(said) from None
+
+
+def peer_stopped(said: str) -> SvdloraError:
+    """This process's error where another one of the run stopped first (``said``: how this one noticed)."""
+    return SvdloraError(
+        f"another process of this run stopped, so this one stops too ({said}): its error is above or in its "
+        "log; fix that and rerun"
+    )
 
 
 def launched() -> bool:

@@ -300,3 +300,54 @@ def test_a_streamed_run_without_data_is_not_pointed_at_calibration_self(base, tm
     assert main([*args, *stream]) == 2
     err = capsys.readouterr().err
     assert "needs calibration data: pass --calibration DATA" in err and "self" not in err, err
+
+
+# Rank 0 fails at its first matrix; rank 1 writes its first tensor only once rank 0's cleanup removed the
+# temporary folder, and rank 0 exits only after rank 1 (else torchrun could stop rank 1 before it writes).
+FAILING_FIRST = """
+import atexit, glob, os, sys, time
+from pathlib import Path
+import svdlora.streaming.jobs as jobs
+from svdlora.errors import SvdloraError
+from svdlora.streaming.pipeline import ShardedWriter
+original, output = ShardedWriter.write, sys.argv[3]
+marker = Path(os.path.dirname(output), "rank-1-exited")
+def wait_for_rank_1():
+    for _ in range(400):
+        if marker.exists():
+            return
+        time.sleep(0.05)
+atexit.register(wait_for_rank_1 if os.environ["RANK"] == "0" else marker.touch)
+def fail(*args, **kwargs):
+    raise SvdloraError("rank 0's own error")
+def write(*args, **kwargs):
+    while glob.glob(f"{os.path.dirname(output)}/.{os.path.basename(output)}.svdlora-tmp-*"):
+        time.sleep(0.05)
+    return original(*args, **kwargs)
+if os.environ["RANK"] == "0":
+    jobs.factorize = fail
+else:
+    ShardedWriter.write = write
+from svdlora.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # ~11 s (two processes starting on two cores)
+def test_a_rank_whose_folder_rank_0_removed_points_at_rank_0_not_at_the_disk(base, tmp_path):
+    """Rank 0 stops, and its cleanup removes the temporary folder the other ranks write into: their write
+    failed on a missing file, said as 'nothing was written; free space or fix permissions and retry'."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_FIRST)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [*launch, "compress", str(base), "-o", str(out), "--budget", "0.5", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if line.startswith("svdlora compress: error:")]
+    assert len(errors) == 2 and sum("rank 0's own error" in line for line in errors) == 1, done.stderr
+    rank_1 = next(line for line in errors if "rank 0's own error" not in line)  # the processes print in any order
+    assert "another process of this run stopped" in rank_1 and "free space" not in rank_1, errors
+    assert not out.exists() and not list(tmp_path.glob(f".out{TMP_TAG}*"))

@@ -19,7 +19,7 @@ from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..hub import local_checkpoint
 from ..io.load import generation_config
-from ..io.outputs import atomic_folder, ensure_space
+from ..io.outputs import TMP_TAG, atomic_folder, ensure_space
 from ..io.saving import check_output, write_side_files
 from ..io.writer import ShardedWriter, folder_format, header_metadata, parse_size
 from ..padding import Unbatchable
@@ -135,7 +135,7 @@ def compress_checkpoint(
     if announce is not None:  # every check passed: the slow work starts (on every rank: each sets itself up)
         announce(batches is not None, gradients)
     calibration_device = svd_device(config.svd_device)  # --device runs the block passes there too
-    with atomic_folder(output, overwrite, inputs=[source]) if ctx.is_main else _nothing() as tmp:
+    with atomic_folder(output, overwrite, inputs=[source]) if ctx.is_main else _rank_0s_folder() as tmp:
         tmp = Path(ctx.broadcast(str(tmp) if tmp else None))
         calibrated, weights, est_loss = None, None, {}
         if batches is not None:
@@ -267,11 +267,17 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
     return batches, source_named
 
 
-class _nothing:
+class _rank_0s_folder:
+    """Another rank's side of rank 0's temporary folder (``atomic_folder``), which it writes into. Rank 0's
+    cleanup removes the folder when rank 0 stops: a write here then fails on a missing file, rank 0's failure,
+    not this disk's ('nothing was written; free space or fix permissions')."""
+
     def __enter__(self):
         return None
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, err, traceback):
+        if isinstance(err, FileNotFoundError) and TMP_TAG in str(err.filename):
+            raise distributed.peer_stopped(f"{err.strerror}: {err.filename}") from None
         return False
 
 
