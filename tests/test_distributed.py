@@ -351,3 +351,26 @@ def test_a_rank_whose_folder_rank_0_removed_points_at_rank_0_not_at_the_disk(bas
     rank_1 = next(line for line in errors if "rank 0's own error" not in line)  # the processes print in any order
     assert "another process of this run stopped" in rank_1 and "free space" not in rank_1, errors
     assert not out.exists() and not list(tmp_path.glob(f".out{TMP_TAG}*"))
+
+
+@pytest.mark.parametrize("command", ["export", "eval", "convert-gguf", "extract", "sweep", "info"])
+def test_a_command_that_does_not_split_its_work_is_refused_under_a_launcher(tmp_path, monkeypatch, capsys, command):
+    """torchrun --nproc_per_node 2 svdlora export ...: both processes exported, one wrote the folder and
+    the other failed on it, leaving an 'exp.svdlora-finished-...' folder beside it."""
+    from svdlora.cli import build_parser, main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    required = {
+        "export": ["x", "--dense", "-o", "o"],
+        "eval": ["x", "--data", "d"],
+        "convert-gguf": ["x.gguf", "-o", "o"],
+        "extract": ["--base", "b", "--tuned", "t", "-o", "o", "--rank", "2"],
+        "sweep": ["x", "--data", "d", "-o", "o"],
+        "info": ["x"],
+    }
+    build_parser().parse_args([command, *required[command]])  # the flags parse: the launcher is what is refused
+    monkeypatch.chdir(tmp_path)
+    assert main([command, *required[command]]) == 2
+    err = capsys.readouterr().err
+    assert f"svdlora {command} runs as one process" in err and "without torchrun" in err, err

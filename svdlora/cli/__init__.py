@@ -17,6 +17,7 @@ from ..version import __version__
 from . import compress_cmd, convert_cmd, eval_cmd, export_cmd, extract_cmd, info_cmd, sweep_cmd
 
 COMMANDS = (compress_cmd, info_cmd, export_cmd, eval_cmd, convert_cmd, extract_cmd, sweep_cmd)
+DISTRIBUTED = ("compress",)  # the commands that split their work over a launcher's processes
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     previous = _exit_on_sigterm()
     try:
+        _check_launcher(args.command)
         return args.func(args) or 0
     except BrokenPipeError:
         # `svdlora info X | head -1`: the reader left, which is no error. Point stdout at devnull so
@@ -70,6 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _check_launcher(command: str) -> None:
+    """Under torchrun / accelerate launch every process runs the command: one that does not split its work
+    would run it once per process, each writing the same output (export: one wrote it, the others failed)."""
+    if command in DISTRIBUTED or "WORLD_SIZE" not in os.environ:  # no launcher: torch is not imported for it
+        return
+    from ..distributed import launched
+
+    if launched():
+        raise SvdloraError(
+            f"svdlora {command} runs as one process (only compress splits its work over a launcher's processes): "
+            "run it without torchrun / accelerate launch"
+        )
 
 
 def _exit_on_sigterm():
