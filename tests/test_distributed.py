@@ -374,3 +374,34 @@ def test_a_command_that_does_not_split_its_work_is_refused_under_a_launcher(tmp_
     assert main([command, *required[command]]) == 2
     err = capsys.readouterr().err
     assert f"svdlora {command} runs as one process" in err and "without torchrun" in err, err
+
+
+# Rank 1 refuses its own setting (as a rank whose LOCAL_RANK has no GPU does) before any work.
+REFUSING_EARLY = """
+import os, sys
+import svdlora.cli.compress_run as compress_run
+from svdlora.errors import SvdloraError
+def refuse(name):
+    raise SvdloraError("rank 1's own refusal")
+if os.environ["RANK"] == "1":
+    compress_run.svd_device = refuse
+from svdlora.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_refuses_before_the_others_joined_stops_them_at_once(base, tmp_path):
+    """Rank 0 went on to join the process group and waited there for rank 1, which had stopped: deaf to
+    torchrun's SIGTERM in that call, it was killed after 30 s without a word of its own (~7 s here, two
+    processes starting; 40 s before)."""
+    script = tmp_path / "refusing.py"
+    script.write_text(REFUSING_EARLY)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(
+        [*launch, "compress", str(base), "-o", str(tmp_path / "out"), "--budget", "0.5", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    errors = sorted(line for line in done.stderr.splitlines() if line.startswith("svdlora compress: error:"))
+    assert len(errors) == 2 and "another process of this run stopped" in errors[0], done.stderr
+    assert "rank 1's own refusal" in errors[1] and "forcefully" not in done.stderr

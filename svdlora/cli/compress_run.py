@@ -40,6 +40,8 @@ from .memory_choice import streams_for_memory
 
 
 def run(args: argparse.Namespace) -> int:
+    if distributed.launched():  # joined first: a process that stops on a check below (its GPU, its disk) is then
+        distributed.context()  # seen at once by the others, which would otherwise wait to join, deaf to SIGTERM
     # Check everything cheap before the (possibly slow) model load.
     if args.rank is not None and args.budget is not None:
         raise SvdloraError("--rank and --budget exclude each other: a fixed rank ignores the budget; pass one")
