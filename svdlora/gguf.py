@@ -24,7 +24,7 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
     """Dequantize ``gguf_file`` to float32 and save it as a transformers folder at ``output``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_file = Path(gguf_file)
+    gguf_file = Path(gguf_file).expanduser()  # as the output and every other command's paths
     if gguf_file.is_dir():
         raise SvdloraError(f"{str(gguf_file)!r} is a folder: pass the .gguf file itself")
     if not gguf_file.is_file():

@@ -219,3 +219,12 @@ def test_the_tokenizer_is_the_gguf_files_even_next_to_another_models_files(tmp_p
     written = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert written.get_vocab() == expected.get_vocab() and len(written) == len(_tokens())
     assert written(TEXT).input_ids == expected(TEXT).input_ids
+
+
+def test_a_home_relative_gguf_path_is_read(tmp_path, capsys, monkeypatch):
+    """'~/x.gguf' (quoted, or from a script) was 'GGUF file '~/x.gguf' does not exist', though the output's
+    '~' was expanded, as every other command's paths are."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_gguf(tmp_path / "tiny.gguf", tied=True, quant="F32")
+    assert main(["convert-gguf", "~/tiny.gguf", "-o", "~/out"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
