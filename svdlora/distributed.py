@@ -13,11 +13,17 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .errors import SvdloraError, first_line
+
+# How long a process waits for the others at a collective: rank 0's download of a hub checkpoint, or the
+# slowest process's share of the matrices, may take hours (torch's default gave up after 30 minutes). A
+# process that stops is seen at once (its connections close): the limit only ends a process that hangs.
+WAIT = timedelta(hours=24)
 
 
 @dataclass
@@ -82,6 +88,12 @@ def _peers_alive():
         yield
     except RuntimeError as err:  # gloo: "Connection closed by peer"; torch.distributed.DistError
         said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ")[0]  # gloo's: "[file.cc:553] ..."
+        if "Timed out" in said:  # alive, maybe, but silent for WAIT
+            hours = WAIT.total_seconds() / 3600
+            raise SvdloraError(
+                f"the other processes of this run did not answer within {hours:.0f} h ({said}): one of them hangs; "
+                "see their logs"
+            ) from None
         raise peer_stopped(said) from None
 
 
@@ -104,7 +116,7 @@ def context() -> Context:
         return Context(dist.get_rank(), dist.get_world_size())
     if not launched():
         return Context()
-    dist.init_process_group(backend="gloo")
+    dist.init_process_group(backend="gloo", timeout=WAIT)
     return Context(dist.get_rank(), dist.get_world_size())
 
 

@@ -405,3 +405,32 @@ def test_a_rank_that_refuses_before_the_others_joined_stops_them_at_once(base, t
     errors = sorted(line for line in done.stderr.splitlines() if line.startswith("svdlora compress: error:"))
     assert len(errors) == 2 and "another process of this run stopped" in errors[0], done.stderr
     assert "rank 1's own refusal" in errors[1] and "forcefully" not in done.stderr
+
+
+def test_a_process_waits_hours_for_the_others_and_a_timeout_is_not_called_a_stop(monkeypatch):
+    """torch's default let a process wait 30 minutes at a collective: the others gave up while rank 0
+    downloaded a large hub checkpoint, or finished a longer share, saying 'another process ... stopped'."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from svdlora import distributed
+    from svdlora.errors import SvdloraError
+
+    joined = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.update(kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert distributed.context() == Context(1, 2)
+    assert joined["timeout"] >= timedelta(hours=12), joined
+
+    def silent(*args, **kwargs):
+        raise RuntimeError("[/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 86400000ms for recv")
+
+    monkeypatch.setattr(dist, "barrier", silent)
+    with pytest.raises(SvdloraError, match=r"did not answer within 24 h \(Timed out waiting") as refused:
+        Context(1, 2).barrier()
+    assert "stopped" not in str(refused.value)
