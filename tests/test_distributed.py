@@ -310,7 +310,7 @@ from pathlib import Path
 import svdlora.streaming.jobs as jobs
 from svdlora.errors import SvdloraError
 from svdlora.streaming.pipeline import ShardedWriter
-original, output = ShardedWriter.write, sys.argv[3]
+original, output = ShardedWriter.write, sys.argv[sys.argv.index("-o") + 1]
 marker = Path(os.path.dirname(output), "rank-1-exited")
 def wait_for_rank_1():
     for _ in range(400):
