@@ -96,7 +96,7 @@ def calibration_batches(
     Raises:
         SvdloraError: data missing, empty, or of the wrong kind for the model (before any slow work).
     """
-    _check_data(data)
+    check_data(data)
     kind = model_kind(model)
     device = device or next(model.parameters()).device
     check_fits(kind, data, length)
@@ -113,7 +113,7 @@ def calibration_batches(
     return [{k: v.to(device) for k, v in batch.items()} for batch in batches]
 
 
-def _check_data(data: Any) -> None:
+def check_data(data: Any) -> None:
     """Data the readers below can take; anything else reached them as a path and was refused for the tokenizer
     (calibration=123: "calibration needs the model's tokenizer") or its str() read as a dataset name."""
     if not isinstance(data, str | os.PathLike) and not is_dataset(data):

@@ -88,6 +88,19 @@ def data_source(model: nn.Module, calibration: Any) -> str:
     return str(calibration)
 
 
+def check_calibration(calibration: Any) -> None:
+    """Refuse calibration that is no data (one batch without its list, a number, a tuple of batches) before
+    anything is read for it: streaming loads the checkpoint's tokenizer first, whose refusal for a folder
+    without one would otherwise name the tokenizer, not the value. A list is checked as it is read."""
+    from .calibration_data import check_data  # reads data with svdlora.evaluation, which imports compress
+
+    if isinstance(calibration, Mapping) and all(isinstance(v, torch.Tensor) for v in calibration.values()):
+        # not a DatasetDict (datasets by split): one batch of model inputs, read as a path before
+        raise SvdloraError("calibration is one batch (a dict of model inputs): pass a list of batches, [batch]")
+    if not isinstance(calibration, list):
+        check_data(calibration)
+
+
 def read_calibration(
     model: nn.Module,
     calibration: Any,
@@ -101,9 +114,7 @@ def read_calibration(
     ``device`` (default: the model's; ``calibration_data.calibration_batches``)."""
     from .calibration_data import calibration_batches  # reads data with svdlora.evaluation, which imports compress
 
-    if isinstance(calibration, Mapping) and all(isinstance(v, torch.Tensor) for v in calibration.values()):
-        # not a DatasetDict (datasets by split): one batch of model inputs, read as a path before
-        raise SvdloraError("calibration is one batch (a dict of model inputs): pass a list of batches, [batch]")
+    check_calibration(calibration)
     if isinstance(calibration, list):
         batches = model_batches(calibration)
     else:

@@ -349,6 +349,25 @@ def test_streamed_calibration_other_than_batches_is_refused_as_in_memory(base, g
     assert not (tmp / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "given,refusal",
+    [
+        (123, "calibration must be a text or sentence file.*got int 123"),
+        (({"input_ids": torch.tensor([[1, 2, 3]])},), "calibration must be .*got tuple"),
+        ({"input_ids": torch.tensor([[1, 2, 3]])}, "calibration is one batch"),
+    ],
+    ids=["number", "tuple-of-batches", "one-batch"],
+)
+def test_streamed_calibration_that_is_no_data_is_refused_for_it_not_for_the_missing_tokenizer(tmp_path, given, refusal):
+    """A checkpoint without tokenizer files, given calibration that is no data, was told to save a tokenizer (the
+    streamed run loaded it before reading the data), where compress() names the value."""
+    tiny_llama().save_pretrained(tmp_path / "base")  # no tokenizer files
+    config = CompressionConfig(budget=0.5, method="kfac")
+    with pytest.raises(SvdloraError, match=refusal):
+        compress_checkpoint(tmp_path / "base", tmp_path / "o", config, calibration=given, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_targets_outside_the_block_stack_are_refused(base):
     model = tiny_llama()
     assert find_blocks(model, ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"])[0] == "model.layers"

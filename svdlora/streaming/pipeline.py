@@ -23,7 +23,7 @@ from ..io.outputs import TMP_TAG, atomic_folder, ensure_space
 from ..io.saving import check_output, write_side_files
 from ..io.writer import ShardedWriter, folder_format, header_metadata, parse_size
 from ..padding import Unbatchable
-from ..plan import UNUSED, CalibrationPlan, auto_method, read_calibration
+from ..plan import UNUSED, CalibrationPlan, auto_method, check_calibration, read_calibration
 from ..report import CompressionReport
 from .jobs import module_reports, run_jobs, write_factors
 from .planning import Plan, plan
@@ -243,6 +243,7 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
     from ..evaluation.loading import checked_processor
 
     blockwise.check(p.model, p.hf_config, p.target_names)
+    check_calibration(calibration)  # before the tokenizer: a folder without one would be blamed for no data
     if processor is None and not isinstance(calibration, list):  # a list holds model-ready batches
         processor = checked_processor(str(source), "text-generation")
     batches, source_named = read_calibration(p.model, calibration, processor, config, progress, device="cpu")
