@@ -103,7 +103,7 @@ def _weight_tying(extraction: Extraction, model: nn.Module) -> dict:
 
 
 def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_name: str | None = None) -> Path:
-    """Write the adapter folder into ``output`` (an existing, empty folder: see ``io.atomic_folder``).
+    """Write the adapter folder into ``output`` (an existing, empty folder: see ``svdlora.io.outputs.atomic_folder``).
 
     Args:
         extraction: what ``extract_adapter`` returned.
