@@ -115,6 +115,20 @@ def test_a_load_reads_each_shard_s_header_once(tmp_path, monkeypatch):
     assert len(shards) > 1 and sorted(checked) == sorted(f.name for f in shards)
 
 
+def test_check_folder_opens_each_shard_once(tmp_path, monkeypatch):
+    """check_folder opened every shard twice: once for the metadata, once for the shapes."""
+    import svdlora.io.folder
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    compress(model, progress=False, budget=0.5)
+    out = save_compressed(model, tmp_path / "svd", max_shard_size="30KB")
+    opened = []
+    monkeypatch.setattr(svdlora.io.folder, "safe_open", lambda f, **kw: opened.append(f) or safe_open(f, **kw))
+    svdlora.io.check_folder(out)
+    assert len(opened) > 1 and sorted(opened) == sorted(str(f) for f in svdlora.io.weight_files(out))
+
+
 def test_stages_are_stored_by_name_and_header_is_checked(tmp_path):
     _, out = compressed_folder("gpt2", tmp_path)
     with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:

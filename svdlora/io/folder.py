@@ -106,11 +106,10 @@ def _checked_folder(path: str | Path) -> tuple[dict, list[Path], dict[str, str]]
     files = weight_files(path)
     shapes, dtypes, metadata = {}, {}, []
     for weights in files:
-        metadata.append(_check_header(weights))
-        with safe_open(str(weights), framework="pt") as f:
-            for k in f.keys():
-                header = f.get_slice(k)
-                shapes[k], dtypes[k] = header.get_shape(), header.get_dtype()
+        meta, shard_shapes, shard_dtypes = _check_header(weights)
+        metadata.append(meta)
+        shapes.update(shard_shapes)
+        dtypes.update(shard_dtypes)
     check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes, files[0])
     _check_model_dtype(data, dtypes, path)
     return data, files, metadata[0]
@@ -151,12 +150,17 @@ def read_report(path: str | Path) -> CompressionReport:
     return CompressionReport.from_dict(read_config(path)["report"])
 
 
-def _check_header(weights: Path) -> dict[str, str]:
+def _check_header(weights: Path) -> tuple[dict[str, str], dict[str, list[int]], dict[str, str]]:
+    """(metadata, {tensor: shape}, {tensor: dtype}) of one shard, its header read once."""
     if not weights.is_file():
         raise SvdloraError(f"{str(weights)!r} is missing: the folder is incomplete, re-run `svdlora compress`")
+    shapes, dtypes = {}, {}
     try:
         with safe_open(str(weights), framework="pt") as f:
             metadata = f.metadata() or {}
+            for k in f.keys():
+                header = f.get_slice(k)
+                shapes[k], dtypes[k] = header.get_shape(), header.get_dtype()
     except (SafetensorError, OSError, ValueError) as err:
         raise SvdloraError(f"{str(weights)!r} is corrupted ({err}): re-run `svdlora compress`") from None
     if metadata.get("format") != "pt":
@@ -166,7 +170,7 @@ def _check_header(weights: Path) -> dict[str, str]:
             f"{str(weights)!r} was written by svdlora {metadata.get('svdlora_version')!r} in format "
             f"{metadata.get('svdlora_format_version')!r}; {format_refusal(metadata.get('svdlora_format_version'))}"
         )
-    return metadata
+    return metadata, shapes, dtypes
 
 
 def stored_layers(model: nn.Module, data: dict, report: CompressionReport) -> dict[str, list[str]]:
