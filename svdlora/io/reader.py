@@ -107,44 +107,49 @@ def read_state(
     state: dict[str, torch.Tensor] = {}
     try:
         for m in report.factorized if only is None else [m for m in report.factorized if m.name in only]:
-            where = place(f"{m.name}.weight")
             cast, compute = _kept(keeps_fp32, f"{m.name}.weight", dtype, compute_dtype)  # this layer's
-            full = None
-            if m.pivoted:
-                b, c, rows = _read_pivoted(tensors, m, None if merge else cast, where)
-                if merge:
-                    dense = _cast(pivoted_weight(*_widened(cast, b, c), rows), cast)
-                    state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense
-                else:
-                    state[f"{m.name}.B"], state[f"{m.name}.C"], state[f"{m.name}.rows"] = b, factor_layout(c), rows
-                del b, c
-                continue
-            if m.name in stored_dtypes:
-                wide = torch.promote_types(compute, torch.float32) if merge and compute else compute
-                a, b, full, parts = _read_stored(tensors, m, stored_dtypes[m.name], wide)
-                a, b = a.to(where), b.to(where)
-                full = None if full is None else full.to(where)
-                if stored_parts is not None and not merge:
-                    stored_parts[m.name] = parts
-            else:
-                a = _stacked(tensors, m.name, m.ranks, "A", None if merge else cast, where)
-                b = _stacked(tensors, m.name, m.ranks, "B", None if merge else cast, where)
-            if not merge:
-                state[f"{m.name}.A"], state[f"{m.name}.B"] = factor_layout(a), b
-                if full is not None:
-                    state[f"{m.name}.full"] = full
-            else:
-                a, b = _widened(cast, a, b)
-                dense = a @ b if full is None else full.to(a.dtype) + a @ b
-                dense = _cast(dense, (cast or compute) if m.name in stored_dtypes else cast)
-                state[f"{m.name}.weight"] = dense.T if m.kind == CONV1D else dense  # Conv1D stores (in, out)
-            del a, b, full  # merged: only this layer's factors are held next to the dense result
+            where = place(f"{m.name}.weight")
+            state.update(_read_layer(tensors, m, where, cast, compute, merge, stored_dtypes.get(m.name), stored_parts))
         for key, t in tensors.rest() if only is None else ():
             t, cast = t.to(place(key)), _kept(keeps_fp32, key, dtype, None)[0]
             state[key] = t.to(cast) if cast is not None and t.is_floating_point() else t
     finally:
         tensors.close()
     return state
+
+
+def _read_layer(tensors, m, where, cast, compute, merge, stage_dtypes, stored_parts) -> dict[str, torch.Tensor]:
+    """read_state's entries for factorized layer ``m``: its factors, or with ``merge`` its dense weight.
+    Returning frees this layer's factors, so a merged load holds one layer's next to the result."""
+    if m.pivoted:
+        b, c, rows = _read_pivoted(tensors, m, None if merge else cast, where)
+        if merge:
+            return _dense(m, _cast(pivoted_weight(*_widened(cast, b, c), rows), cast))
+        return {f"{m.name}.B": b, f"{m.name}.C": factor_layout(c), f"{m.name}.rows": rows}
+    a, b, full = _read_factors(tensors, m, where, cast, compute, merge, stage_dtypes, stored_parts)
+    if not merge:
+        return {f"{m.name}.A": factor_layout(a), f"{m.name}.B": b} | ({} if full is None else {f"{m.name}.full": full})
+    a, b = _widened(cast, a, b)
+    dense = a @ b if full is None else full.to(a.dtype) + a @ b
+    return _dense(m, _cast(dense, (cast or compute) if stage_dtypes is not None else cast))
+
+
+def _read_factors(tensors, m, where, cast, compute, merge, stage_dtypes, stored_parts) -> tuple:
+    """(A, B, full-rank first stage or None) of ``m`` on ``where``: stages stored in their own dtypes
+    (``stage_dtypes``) are dequantized in ``compute``, widened to float32 at least when merging."""
+    if stage_dtypes is None:
+        cast = None if merge else cast
+        a, b = (_stacked(tensors, m.name, m.ranks, part, cast, where) for part in "AB")
+        return a, b, None
+    wide = torch.promote_types(compute, torch.float32) if merge and compute else compute
+    a, b, full, parts = _read_stored(tensors, m, stage_dtypes, wide)
+    if stored_parts is not None and not merge:
+        stored_parts[m.name] = parts
+    return a.to(where), b.to(where), None if full is None else full.to(where)
+
+
+def _dense(m, dense: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{m.name}.weight": dense.T if m.kind == CONV1D else dense}  # Conv1D stores (in, out)
 
 
 def _kept(keeps_fp32, name: str, dtype, compute_dtype) -> tuple:
