@@ -207,8 +207,11 @@ def _allocation_why(allocation: str, unit: str) -> str:
 
 
 def _calibration_text(calibration: dict | None) -> str:
-    if not calibration:
-        return "none (plain truncated SVD; pass --calibration DATA, or 'self' for a causal LM, for better quality)"
+    if not calibration:  # the report does not record whether the run streamed: the hint fits both kinds
+        return (
+            "none (plain truncated SVD; pass --calibration DATA for better quality, or 'self' for a causal LM "
+            "compressed in memory: --stream and torchrun refuse 'self')"
+        )
     tokens = f", {calibration['tokens']:,} tokens" if calibration.get("tokens") else ""
     refit = ", refit to the compressed model's inputs" if calibration.get("refit") else ""
     return f"{calibration['source']} ({calibration['batches']} batches{tokens}{refit})"

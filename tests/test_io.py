@@ -566,3 +566,12 @@ def test_merge_must_be_a_bool(tmp_path, merge):
     _, out = compressed_folder("llama", tmp_path)
     with pytest.raises(SvdloraError, match="merge must be True or False"):
         load_compressed(out, device="cpu", merge=merge)
+
+
+def test_the_report_without_calibration_does_not_point_a_streamed_run_at_self():
+    """The report does not know whether the run streamed; --stream and torchrun refuse 'self' (7594447)."""
+    from svdlora.report import CompressionReport, ModuleReport
+
+    line = ModuleReport("l", "linear", (8, 8), False, [2], ["float32"], 0.1)
+    text = dict(CompressionReport({}, [line], 0, 0).summary_rows())["calibration"]
+    assert "--calibration DATA" in text and "--stream and torchrun refuse 'self'" in text
