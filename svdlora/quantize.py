@@ -71,8 +71,8 @@ def parse_format(name: str) -> StageFormat:
             raise SvdloraError(f"int4 group size must be an even number >= 2, got {group} in {name!r}")
         return StageFormat(text, "int4", group_size=group, full=full)
     raise SvdloraError(
-        f"unknown stage dtype {name!r}: use float32, float16, bfloat16, int8, int4 (group 128), int4g64, int4g32, "
-        "or full-int8 / full-int4 for a full-rank quantized first stage"
+        f"unknown stage dtype {name!r}: use {', '.join(FLOAT_FORMATS)}, int8, int4 (group {DEFAULT_INT4_GROUP}), "
+        "int4g64, int4g32, or full-int8 / full-int4 for a full-rank quantized first stage"
     )
 
 
@@ -98,7 +98,7 @@ def float_format(dtype: torch.dtype) -> StageFormat:
     """The plain-cast format of a model dtype (what a stage costs without ``--stage-dtypes``)."""
     name = dtype_name(dtype)
     if name not in FLOAT_FORMATS:
-        raise SvdloraError(f"model dtype {name} cannot hold factors: load the model in float32, float16 or bfloat16")
+        raise SvdloraError(f"model dtype {name} cannot hold factors: load the model in {' or '.join(FLOAT_FORMATS)}")
     return StageFormat(name, "float", dtype=dtype)
 
 
