@@ -803,3 +803,14 @@ def test_a_factorized_tied_head_is_said_once_and_only_where_the_run_factorizes_i
         head = next(m for m in modules if m["name"] == "lm_head")
         assert bool(head["ranks"]) == (said[name] == 1), (name, head)
     assert said == {"--stream": 1, "in memory": 1, "calibrated, head kept": 0}
+
+
+@pytest.mark.parametrize("command", ["compress", "extract", "sweep"])
+def test_the_pattern_help_names_the_bare_last_name_form(command, capsys):
+    """README: 'glob on the full name (*.mlp.*), a bare last name (q_proj), or re:<regex>' (targets.matches)."""
+    from svdlora.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a bare last name (q_proj)" in text and "re:REGEX" in text

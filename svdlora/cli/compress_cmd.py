@@ -62,8 +62,14 @@ def register(subparsers) -> None:
         help="round each matrix's rank down to a multiple of N; a rank below N is kept as it is (8 for GPU "
         "inference: aligned factors decode faster with cuBLAS; the budget still holds)",
     )
-    p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules (glob, or re:REGEX)")
-    p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="leave these modules dense")
+    p.add_argument("--include", nargs="+", metavar="PATTERN", help=f"only these modules: {options.MODULE_PATTERNS}")
+    p.add_argument(
+        "--exclude",
+        nargs="+",
+        metavar="PATTERN",
+        default=[],
+        help="leave these modules dense (patterns as in --include)",
+    )
     p.add_argument(
         "--compress-head",
         dest="keep_head",

@@ -53,8 +53,16 @@ def register(subparsers) -> None:
     p.add_argument(
         "--submatrices", type=options.positive_int("submatrices"), default=1, help="residual SVD stages (default 1)"
     )
-    p.add_argument("--include", nargs="+", metavar="PATTERN", help="only these modules get LoRA (glob, or re:REGEX)")
-    p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=[], help="no LoRA for these (stored whole)")
+    p.add_argument(
+        "--include", nargs="+", metavar="PATTERN", help=f"only these modules get LoRA: {options.MODULE_PATTERNS}"
+    )
+    p.add_argument(
+        "--exclude",
+        nargs="+",
+        metavar="PATTERN",
+        default=[],
+        help="no LoRA for these, stored whole (patterns as in --include)",
+    )
     p.add_argument(
         "--svd", "--svd-method", dest="svd_method", choices=("exact", "randomized"), default="exact",
         help="how each delta is factorized: exact SVD (default) or randomized (faster on large matrices, "

@@ -93,6 +93,10 @@ def _dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")  # as argparse names it
 
 
+# how targets.matches reads --include / --exclude (README's options table says the same)
+MODULE_PATTERNS = "glob on the full name (*.mlp.*), a bare last name (q_proj), or re:REGEX"
+
+
 def add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
     """--overwrite as ``outputs`` applies it: only a folder svdlora wrote, or an empty one, is replaced."""
     parser.add_argument(
