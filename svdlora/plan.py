@@ -94,6 +94,11 @@ def check_calibration(calibration: Any) -> None:
     without one would otherwise name the tokenizer, not the value. A list is checked as it is read."""
     from .calibration_data import check_data  # reads data with svdlora.evaluation, which imports compress
 
+    if isinstance(calibration, Mapping) and not calibration:  # all() below holds for it too
+        raise SvdloraError(
+            f"calibration is empty ({type(calibration).__name__} with no splits or inputs): pass a file, a dataset "
+            "with rows, or a list of model batches"
+        )
     if isinstance(calibration, Mapping) and all(isinstance(v, torch.Tensor) for v in calibration.values()):
         # not a DatasetDict (datasets by split): one batch of model inputs, read as a path before
         raise SvdloraError("calibration is one batch (a dict of model inputs): pass a list of batches, [batch]")

@@ -1608,3 +1608,13 @@ def test_a_processor_given_by_name_is_a_clear_error(tmp_path):
     model = tiny_gpt2().eval()
     with pytest.raises(SvdloraError, match="processor= takes the model's tokenizer itself, loaded .* got str 'gpt2'"):
         svdlora.compress(model, calibration=tmp_path / "text.txt", processor="gpt2", progress=False)
+
+
+@pytest.mark.parametrize("empty", [{}, "datasetdict"])
+def test_empty_calibration_mapping_is_called_empty_not_one_batch(empty):
+    """{} (or a DatasetDict with no splits) passed the one-batch check, all() of nothing being True."""
+    import datasets
+
+    data = datasets.DatasetDict() if empty == "datasetdict" else empty
+    with pytest.raises(SvdloraError, match="calibration is empty"):
+        svdlora.compress(tiny_gpt2().eval(), calibration=data, method="kfac", progress=False)
