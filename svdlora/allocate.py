@@ -14,7 +14,7 @@ import torch
 
 from .config import CompressionConfig
 from .decompose import rank_for_budget, split_rank
-from .errors import SvdloraError
+from .errors import BudgetError
 from .targets import Target, factor_params
 
 
@@ -34,7 +34,7 @@ def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[di
         rest = [t for t in targets if t.name not in floor]
         left = allowed - sum(factor_params(t, 1, pivot) for t in targets if t.name in floor)
         if left < 0 or (rest and left <= 0):
-            raise SvdloraError(
+            raise BudgetError(
                 f"budget {config.budget} is too small: even rank 1 for every targeted matrix needs more; "
                 "raise --budget or --exclude the smallest layers"
             )
@@ -102,7 +102,7 @@ def allocate_global(
     allowed = budget * sum(t.params for t in targets)
     spent = sum(factor_params(t, 1, pivot) for t in targets)
     if spent > allowed:
-        raise SvdloraError(
+        raise BudgetError(
             f"budget {budget} is too small: even rank 1 for every targeted matrix needs more; "
             "raise --budget or --exclude the smallest layers"
         )

@@ -18,7 +18,7 @@ from .allocate import allocate_global, allocate_ranks
 from .chain import Stage, quantized_chain, requantize
 from .config import CompressionConfig
 from .decompose import factorize, relative_error
-from .errors import SvdloraError
+from .errors import BudgetError, SvdloraError
 from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .methods import weighted_spectrum
@@ -194,14 +194,14 @@ def compress(
     return report
 
 
-def _nothing_to_heal(config: CompressionConfig, ranks: dict[str, list[int]]) -> SvdloraError:
+def _nothing_to_heal(config: CompressionConfig, ranks: dict[str, list[int]]) -> BudgetError:
     """Healing asked for where the budget left no low-rank factor: said before the factorization, not by
     ``heal`` after it (whose 'compress the model first' is for a model never compressed)."""
     if ranks:  # every plan is a full-… first stage alone: the budget paid for no repair stage
         why, fix = f"buys only the {config.stage_dtypes[0]} first stage of each matrix", "raise --budget"
     else:
         why, fix = "keeps every targeted matrix dense (exact)", "lower --budget"
-    return SvdloraError(
+    return BudgetError(
         f"healing has nothing to train: budget {config.budget} {why}, no low-rank factor: {fix}, or drop --heal-steps"
     )
 

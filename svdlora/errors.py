@@ -9,3 +9,9 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (library errors can be pages long)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+class BudgetError(SvdloraError):
+    """A budget this model cannot be compressed at (too small for the targeted matrices, or leaving healing
+    nothing to train), where another budget can: a sweep skips it and goes on; any other SvdloraError
+    (bad calibration data, a refused setting) fails at every budget alike and stops the sweep."""

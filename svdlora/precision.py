@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .errors import SvdloraError
+from .errors import BudgetError, SvdloraError
 from .quantize import FULL_PREFIX, StageFormat, dtype_name, float_format, nbytes, parse_format, stage_bytes
 from .targets import Target
 
@@ -76,7 +76,7 @@ def allocate_bytes(
             left = total - sum(smallest_plan_bytes(t, formats) for t in targets if t.name in floor)
             if left < 0 or (rest and left <= 0):
                 names = ",".join(f.name for f in formats)
-                raise SvdloraError(
+                raise BudgetError(
                     f"budget {budget} is too small for {names} stages: even the smallest plan of every targeted "
                     "matrix needs more; raise --budget, choose cheaper stage dtypes or --exclude the smallest layers"
                 )
@@ -116,7 +116,7 @@ def plan_matrix(t: Target, allowed: int, formats: list[StageFormat], what: str) 
     low = formats[1:] if full else formats
     left = allowed - (nbytes(full, out_f, in_f) if full else 0)
     if left < 0:
-        raise SvdloraError(
+        raise BudgetError(
             f"{what} is too small for a {full.name} first stage of {t.name!r} "
             f"({nbytes(full, out_f, in_f)} bytes of {allowed} allowed): raise --budget or use another first stage"
         )
@@ -137,7 +137,7 @@ def plan_matrix(t: Target, allowed: int, formats: list[StageFormat], what: str) 
         ranks[j] -= 1
     kept = [(r, f) for r, f in zip(ranks, low, strict=True) if r > 0]
     if not kept and not full:
-        raise SvdloraError(
+        raise BudgetError(
             f"{what} is too small for {t.name!r}: even rank 1 in {low[0].name} needs "
             f"{costs[0]} bytes of {allowed}; raise --budget or --exclude it"
         )
@@ -192,7 +192,7 @@ def allocate_bytes_global(
 
     spent = sum(cost(t.name, rank[t.name]) for t in targets)
     if spent > allowed:
-        raise SvdloraError(
+        raise BudgetError(
             f"budget {budget} is too small for {','.join(f.name for f in formats)} stages on every targeted "
             "matrix: raise --budget, choose cheaper stage dtypes or --exclude the smallest layers"
         )

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import SvdloraError, first_line
+from .errors import BudgetError, SvdloraError, first_line
 from .evaluation.options import IMAGES, TEXT, TRANSLATION
 from .io.outputs import json_keys, write_file_atomic
 
@@ -97,8 +97,8 @@ def find_budget(
     """Smallest budget in [low, high] (to ``tolerance``) whose point meets the target, by bisection.
 
     Points already measured (``known``, e.g. the sweep's) narrow the bracket first. Returns
-    ``(budget or None when even ``high`` fails, every point measured)``; a budget too small to
-    compress at (``SvdloraError``) counts as failing and is kept as ``None``.
+    ``(budget or None when even ``high`` fails, every point measured)``; a budget the model cannot be
+    compressed at (``BudgetError``) counts as failing and is kept as ``None``.
     """
     if not tolerance > 0:  # also NaN
         raise SvdloraError(f"tolerance must be > 0, got {tolerance!r}")
@@ -109,7 +109,7 @@ def find_budget(
         if budget not in points:
             try:
                 points[budget] = measure(budget)
-            except SvdloraError as err:
+            except BudgetError as err:
                 logger.info("budget %s cannot be measured (%s): counted as failing", budget, err)
                 points[budget] = None
         return points[budget]
@@ -187,7 +187,7 @@ class SweepInterrupted(KeyboardInterrupt):
         self.record = record
 
 
-class _Stop(Exception):  # a measurement's failure, carried past find_budget (which catches SvdloraError only)
+class _Stop(Exception):  # a measurement's failure, carried past find_budget (which catches BudgetError only)
     def __init__(self, budget: float, error: Exception) -> None:
         super().__init__(budget)
         self.budget, self.error = budget, error
@@ -202,8 +202,9 @@ def sweep(
 ) -> dict:
     """Dense point, one point per budget, and (with ``target``) the smallest budget that meets it.
 
-    A budget that cannot be measured (``SvdloraError``: too small to compress at) is skipped and noted;
-    any other failure stops the sweep with ``SweepStopped``, which holds the points measured before it
+    A budget the model cannot be compressed at (``BudgetError``: too small) is skipped and noted; any other
+    failure (another SvdloraError too: bad calibration data, a refused setting, which every budget would
+    meet) stops the sweep with ``SweepStopped``, which holds the points measured before it
     (an interruption: ``SweepInterrupted``, a KeyboardInterrupt, likewise).
     """
     metric, higher_is_better = QUALITY[task]
@@ -216,7 +217,7 @@ def sweep(
         current[:] = [budget]
         try:
             point = measure(budget)
-        except SvdloraError:
+        except BudgetError:
             raise  # the budget's own problem: skipped, or counted as failing by find_budget
         except Exception as err:  # noqa: BLE001  re-raised by the caller with the points measured before
             raise _Stop(budget, err) from err
@@ -233,7 +234,7 @@ def sweep(
         for budget in sorted(budgets):
             try:
                 points[budget] = guarded(budget)
-            except SvdloraError as err:
+            except BudgetError as err:
                 logger.warning("budget %s not measured: %s", budget, err)
                 points[budget], skipped[str(budget)] = None, str(err)  # find_budget counts it as failing
         if skipped and target is None and len(skipped) == len(points):

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from svdlora.cli import main
-from svdlora.errors import SvdloraError
+from svdlora.errors import BudgetError, SvdloraError
 from svdlora.sweep import (
     Point,
     QualityTarget,
@@ -67,7 +67,7 @@ def test_a_budget_too_small_to_compress_at_is_skipped_not_the_whole_sweep():
 
     def measure(budget):
         if budget is not None and budget < 0.05:
-            raise SvdloraError(f"budget {budget} is too small: even rank 1 for every targeted matrix needs more")
+            raise BudgetError(f"budget {budget} is too small: even rank 1 for every targeted matrix needs more")
         return fits(budget)
 
     target = parse_target("ppl<=1.5x", "text-generation")
@@ -609,3 +609,29 @@ def test_an_exclude_pattern_that_matches_no_layer_is_refused_before_the_sweep(tm
     code, err = main(argv), capsys.readouterr().err
     assert code == 2 and "--exclude 'nosuch' matches none of the" in err, err
     assert not (tmp_path / "s").exists()
+
+
+def test_an_error_that_is_not_the_budget_s_stops_the_sweep_with_its_own_message(tmp_path):
+    """Every SvdloraError at a budget was taken for too small a budget: calibration that is no data (met at every
+    budget alike) ended with --target as 'no budget meets the target', and without one as 'list larger budgets'.
+    Only a BudgetError (allocate / precision: too small) is skipped now; the real too-small budget still is."""
+    import transformers
+
+    from svdlora.sweep import evaluating_measure
+
+    model_dir, text = lm_folder(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    processor = transformers.AutoTokenizer.from_pretrained(model_dir)
+
+    def measure(calibration):
+        options = {"method": "whiten", "calibration": calibration}
+        return evaluating_measure(model, processor, "text-generation", str(text), options, {"progress": False})
+
+    ids = processor("the cat sat on the mat", return_tensors="pt")
+    record = sweep(measure([dict(ids)]), [0.001, 0.5], "text-generation")
+    assert "too small" in record["skipped"]["0.001"] and [p["budget"] for p in record["points"]] == [0.5]
+    target = parse_target("ppl<=100x", "text-generation")
+    with pytest.raises(SweepStopped) as stopped:
+        sweep(measure(["the cat sat on the mat"]), [0.001, 0.5], "text-generation", target)
+    assert isinstance(stopped.value.error, SvdloraError) and "tokenize it first" in str(stopped.value.error)
+    assert stopped.value.record["failed"]["budget"] == 0.001  # the data is refused before the allocation
