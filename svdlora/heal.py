@@ -45,6 +45,8 @@ class HealResult:
 
 def check_heal_batches(batches: list[dict], loss: str) -> None:
     """Refuse batches the ``loss`` cannot train on (compress asks before its calibration, not after it)."""
+    if not batches:  # else no step runs, and "raise --heal-steps" would be the advice
+        raise SvdloraError("healing has no data: the list of batches is empty; pass calibration batches")
     if loss == "lm" and not all("labels" in b for b in batches):
         raise SvdloraError("healing with loss 'lm' needs labelled batches (text for a causal LM)")
 
@@ -57,6 +59,22 @@ def _logits(outputs) -> torch.Tensor:
             raise SvdloraError("healing needs a model that returns logits or hidden states")
         return hidden
     return logits
+
+
+def check_heal_outputs(model: nn.Module, batch: dict, loss: str) -> None:
+    """Refuse a model whose outputs the ``loss`` cannot read (a plain module returning a bare tensor) from one
+    forward on ``batch``, in eval mode and without gradients: compress asks before its calibration and
+    factorization, which healing follows; the healing's own steps are forwards and backwards, many more."""
+    was_training = model.training
+    model.eval()  # no dropout, no BatchNorm statistics updated by the check
+    try:
+        with torch.no_grad():
+            if loss == "distill":
+                _logits(model(**_distill_inputs(model, batch, is_encoder_decoder(model))))
+            elif getattr(model(**batch), "loss", None) is None:
+                raise SvdloraError("healing with loss 'lm' needs a model that returns a loss from labels")
+    finally:
+        model.train(was_training)
 
 
 def _distill_inputs(model: nn.Module, batch: dict, encoder_decoder: bool) -> dict:

@@ -19,7 +19,7 @@ from torch import nn
 from .calibration import MAX_OUTPUT_GRAM, LayerStats, collect_statistics
 from .config import CompressionConfig
 from .errors import SvdloraError
-from .heal import check_heal_batches
+from .heal import check_heal_batches, check_heal_outputs
 from .methods.weighting import INPUT_DAMPING, OUTPUT_DAMPING, Weighting, output_weights, whitening
 from .targets import Target
 
@@ -201,6 +201,7 @@ def plan_calibration(
     batches, source = read_calibration(model, calibration, processor, config, progress)
     if config.heal_steps:  # before the statistics and the factorization, which healing would follow
         check_heal_batches(batches, config.heal_loss)
+        check_heal_outputs(model, batches[0], config.heal_loss)
     gradients = method in ("fisher", "kfac") or allocation == "global"
     stats = statistics
     if stats is not None and not any(t.name in stats for t in targets):  # else every layer would get plain SVD

@@ -1618,3 +1618,37 @@ def test_empty_calibration_mapping_is_called_empty_not_one_batch(empty):
     data = datasets.DatasetDict() if empty == "datasetdict" else empty
     with pytest.raises(SvdloraError, match="calibration is empty"):
         svdlora.compress(tiny_gpt2().eval(), calibration=data, method="kfac", progress=False)
+
+
+def test_healing_on_an_empty_batch_list_says_there_is_no_data():
+    """heal(model, [], n) ran no step and said 'healing ran no step: raise --heal-steps or --heal-seconds'."""
+    model = tiny_gpt2().eval()
+    svdlora.compress(model, budget=0.5, progress=False)
+    with pytest.raises(SvdloraError, match="healing has no data: the list of batches is empty"):
+        heal(model, [], 3, teacher=tiny_gpt2().eval(), progress=False)
+
+
+class _BareTensorModel(nn.Module):
+    """A plain module whose forward returns a bare tensor: no logits, no hidden states to distill."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_healing_a_model_without_logits_is_refused_before_the_statistics(monkeypatch):
+    """compress(heal_steps=N) of a module returning a bare tensor collected the statistics and factorized every
+    layer before heal() refused its outputs; one forward on the first batch refuses it first."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the statistics were collected before the model's outputs were checked")
+
+    monkeypatch.setattr("svdlora.plan.collect_statistics", never)
+    model = _BareTensorModel()
+    with pytest.raises(SvdloraError, match="healing needs a model that returns logits or hidden states"):
+        svdlora.compress(model, budget=0.5, method="whiten", calibration=[{"x": torch.randn(4, 32)}],
+                         heal_steps=2, progress=False)  # fmt: skip
+    assert model.training  # the check's eval() is undone
