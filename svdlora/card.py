@@ -28,11 +28,20 @@ def set_cli_argv(argv: list[str]) -> None:
     _cli_argv = list(argv)
 
 
-def current_command() -> str:
-    """The exact command: `svdlora <args>` under the CLI, else the Python process's own argv."""
-    if _cli_argv is not None:
-        return shlex.join(["svdlora", *_cli_argv])
-    return shlex.join(["python", *sys.argv]) + "  # Python API"
+def current_command(world_size: int = 1) -> str:
+    """The exact command: `svdlora <args>` under the CLI, else the Python process's own argv. A run of
+    ``world_size`` processes (svdlora_config.json records it) is shown under torchrun: the argv alone would
+    run one process, not the launcher's (whose other flags, a rendezvous across nodes, are not known here)."""
+    if world_size <= 1:
+        if _cli_argv is not None:
+            return shlex.join(["svdlora", *_cli_argv])
+        return shlex.join(["python", *sys.argv]) + "  # Python API"
+    # $(which svdlora): torchrun runs a script (README, Several processes); left unquoted for the shell
+    program = "$(which svdlora) " + shlex.join(_cli_argv) if _cli_argv is not None else shlex.join(sys.argv)
+    return (
+        f"torchrun --nproc_per_node {world_size} {program}  # {world_size} processes in all (or accelerate "
+        f"launch --num_processes {world_size}; over several nodes: --nnodes and its rendezvous flags)"
+    )
 
 
 def _size(n: int | None) -> str:
@@ -89,8 +98,10 @@ def render(
     eval_result: dict | None = None,
     notes: list[str] | None = None,
     usage: str | None = None,
+    world_size: int = 1,
 ) -> str:
-    """The card's text: YAML front matter for the Hub, then the settings table, eval and usage."""
+    """The card's text: YAML front matter for the Hub, then the settings table, eval and usage;
+    ``world_size``: the processes the run was launched as (``current_command``)."""
     front = ["---", f"library_name: {library}", f"tags: [{', '.join(tags)}]"]
     if base_model and _is_hub_id(str(base_model)):
         front.append(f"base_model: {_yaml_value(str(base_model))}")
@@ -103,7 +114,7 @@ def render(
         "Command:",
         "",
         "```bash",
-        current_command(),
+        current_command(world_size),
         "```",
         "",
         "| | |",
@@ -160,9 +171,14 @@ def write(folder: Path, text: str) -> Path:
 
 
 def compressed_card(
-    report, base_model: str | None, eval_result: dict | None = None, class_name: str | None = None
+    report,
+    base_model: str | None,
+    eval_result: dict | None = None,
+    class_name: str | None = None,
+    world_size: int = 1,
 ) -> str:
-    """The card of a folder written by ``save_compressed``; ``class_name``: the model's transformers class."""
+    """The card of a folder written by ``save_compressed``; ``class_name``: the model's transformers class;
+    ``world_size``: the processes that wrote it (torchrun)."""
     fac = report.factorized
     before, after = sum(m.params_before for m in fac), sum(m.params_after for m in fac)
     config = report.config
@@ -188,7 +204,7 @@ model = svdlora.load_compressed("<this folder>")  # factors kept
 model = svdlora.load_compressed("<this folder>", merge=True)  # or dense A·B"""
     return render(
         "svdlora compressed model", base_model, rows, tags=["svdlora", "compressed", "low-rank"],
-        library="transformers", eval_result=eval_result, usage=usage,
+        library="transformers", eval_result=eval_result, usage=usage, world_size=world_size,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from .evaluation.loading import checked_processor, fitting_task
 from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, MAX_LENGTH_CAP, TEXT, TRANSLATION
 from .evaluation.text import context_length
 from .evaluation.translation import decoder_positions
+from .io.folder import read_config
 from .report import CompressionReport
 
 
@@ -98,4 +99,7 @@ def write_card(folder: Path, report: CompressionReport, source: str, result: dic
     # the in-memory model is named by its config's path, which compress leaves as the base model's:
     # the figures are the folder's, which holds exactly this model
     result["model"]["name"] = str(folder)
-    card.write(folder, card.compressed_card(report, source, eval_result=result, class_name=class_name))
+    world_size = read_config(folder).get("world_size", 1)  # a distributed run's card keeps its launcher
+    card.write(
+        folder, card.compressed_card(report, source, eval_result=result, class_name=class_name, world_size=world_size)
+    )

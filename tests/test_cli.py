@@ -814,3 +814,23 @@ def test_the_pattern_help_names_the_bare_last_name_form(command, capsys):
         build_parser().parse_args([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "a bare last name (q_proj)" in text and "re:REGEX" in text
+
+
+def test_the_card_of_a_distributed_run_shows_its_launcher(tmp_path, monkeypatch):
+    """Under torchrun the card showed `svdlora compress ...`, which runs one process, not the run's world_size
+    (recorded in svdlora_config.json); the card written with the folder and the one --eval rewrites show it."""
+    from svdlora import card, compress
+    from svdlora.card_eval import write_card
+    from svdlora.io.saving import write_side_files
+
+    monkeypatch.setattr(card, "_cli_argv", ["compress", "m", "-o", "out"])
+    model = tiny_gpt2()
+    report = compress(model, budget=0.5, progress=False)
+    command = "torchrun --nproc_per_node 4 $(which svdlora) compress m -o out  # 4 processes in all"
+    write_side_files(tmp_path, report, source=None, config=None, generation_config=None, class_name="X", dtype=None,
+                     world_size=4)  # fmt: skip
+    assert command in (tmp_path / "README.md").read_text()
+    result = {"task": "text-generation", "model": {"name": "m", "metrics": {"perplexity": 2.0}}, "settings": {}}
+    write_card(tmp_path, report, "m", result, "X")
+    assert command in (tmp_path / "README.md").read_text()
+    assert "svdlora compress m -o out" in card.compressed_card(report, "m")  # one process: as before

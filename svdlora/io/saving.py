@@ -201,7 +201,8 @@ def write_side_files(
         "world_size": world_size,
         "report": report.to_dict(),
     }
-    card.write(tmp, card.compressed_card(report, svd_config["base_model"]["name_or_path"], class_name=class_name))
+    base = svd_config["base_model"]["name_or_path"]
+    card.write(tmp, card.compressed_card(report, base, class_name=class_name, world_size=world_size))
     # Written last: a folder without it is not an svdlora folder (a killed run looks incomplete).
     (tmp / CONFIG_NAME).write_text(json.dumps(svd_config, indent=2, sort_keys=True) + "\n")
 
