@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import SvdloraError
+from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
 from .padding import is_encoder_decoder, is_left_padded, masked_labels, padding_masks, unpadded_rows
 from .siblings import is_stacked
@@ -65,13 +65,21 @@ def check_heal_outputs(model: nn.Module, batch: dict, loss: str) -> None:
     """Refuse a model whose outputs the ``loss`` cannot read (a plain module returning a bare tensor) from one
     forward on ``batch``, in eval mode and without gradients: compress asks before its calibration and
     factorization, which healing follows; the healing's own steps are forwards and backwards, many more."""
+    inputs = _distill_inputs(model, batch, is_encoder_decoder(model)) if loss == "distill" else batch
     was_training = model.training
     model.eval()  # no dropout, no BatchNorm statistics updated by the check
     try:
         with torch.no_grad():
+            try:
+                outputs = model(**inputs)
+            except TypeError as err:  # a plain forward(x) given labels: its signature, not a bug in the model
+                raise SvdloraError(
+                    f"healing with loss {loss!r} calls the model with {sorted(inputs)}, which its forward does not "
+                    f"take ({first_line(err)}): use --heal-loss distill, or batches that fit its forward"
+                ) from None
             if loss == "distill":
-                _logits(model(**_distill_inputs(model, batch, is_encoder_decoder(model))))
-            elif getattr(model(**batch), "loss", None) is None:
+                _logits(outputs)
+            elif getattr(outputs, "loss", None) is None:
                 raise SvdloraError("healing with loss 'lm' needs a model that returns a loss from labels")
     finally:
         model.train(was_training)

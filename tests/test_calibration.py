@@ -1652,3 +1652,14 @@ def test_healing_a_model_without_logits_is_refused_before_the_statistics(monkeyp
         svdlora.compress(model, budget=0.5, method="whiten", calibration=[{"x": torch.randn(4, 32)}],
                          heal_steps=2, progress=False)  # fmt: skip
     assert model.training  # the check's eval() is undone
+
+
+def test_lm_healing_of_a_module_whose_forward_takes_no_labels_is_one_clean_refusal():
+    """heal_loss='lm' on a plain forward(x): the early check's model(**batch) passed labels=, and the
+    TypeError escaped raw (an 'internal error' in the CLI); it is refused, naming the inputs and the way out."""
+    model = _BareTensorModel()
+    batch = {"x": torch.randn(4, 32), "labels": torch.randn(4, 32)}
+    with pytest.raises(SvdloraError, match=r"calls the model with \['labels', 'x'\].*--heal-loss distill"):
+        svdlora.compress(model, budget=0.5, method="whiten", calibration=[batch], heal_steps=2, heal_loss="lm",
+                         progress=False)  # fmt: skip
+    assert model.training
