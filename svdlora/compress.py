@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,15 +16,16 @@ from .chain import Stage, quantized_chain, requantize
 from .config import CompressionConfig
 from .decompose import factorize, relative_error
 from .errors import BudgetError, SvdloraError
+from .factoring import chain_options, check_finite, measure_pivoted, module_report, svd_options
 from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .methods import weighted_spectrum
-from .pivoted import PivotedLowRankLinear, pivoted_a
+from .pivoted import PivotedLowRankLinear
 from .plan import CalibrationPlan, plan_calibration
 from .precision import allocate_stages, layer_bytes, set_float_storage, target_bytes
-from .quantize import dtype_name
 from .refit import collect_cross_statistics, refit_factors, refit_target
 from .report import CompressionReport, ModuleReport
+from .swap import restored_on_error, untie_factorized_head, warn_untied_head
 from .targets import find_targets, nothing_targeted
 
 logger = logging.getLogger(__name__)
@@ -112,7 +110,7 @@ def compress(
         raise _nothing_to_heal(config, ranks)
 
     originals = {t.name: t.module for t in targets if t.name in ranks}
-    with _restored_on_error(model, originals):  # a failure after the first swap undoes the swaps
+    with restored_on_error(model, originals):  # a failure after the first swap undoes the swaps
         layers, reports = {}, {}
         for target in tqdm([t for t in targets if t.name in ranks], desc="factorizing", disable=not progress):
             weighting = plan.weighting(target.name)
@@ -122,7 +120,7 @@ def compress(
                 # the calibration metric when there is one.
                 formats = plans[target.name][1]
                 weight = weight_out_in(target.module)
-                chain = quantized_chain(weight, ranks[target.name], formats, weighting, **_chain_options(config))
+                chain = quantized_chain(weight, ranks[target.name], formats, weighting, **chain_options(config))
                 layer = LowRankLinear.from_chain(target.module, chain)
                 with torch.no_grad():
                     error = relative_error(weight, layer.dense_weight())
@@ -206,29 +204,6 @@ def _nothing_to_heal(config: CompressionConfig, ranks: dict[str, list[int]]) -> 
     )
 
 
-@contextmanager
-def _restored_on_error(model: nn.Module, originals: dict[str, nn.Module]) -> Iterator[None]:
-    """Put the dense ``originals`` (and the head's tie) back if anything fails once layers are swapped:
-    healing refused after the factorization, Ctrl-C, ... must not leave a half-compressed model, which
-    carries no report and would be compressed again on a retry."""
-    hf_config = getattr(model, "config", None)
-    tied = getattr(hf_config, "tie_word_embeddings", None)
-    try:
-        yield
-    except BaseException:
-        restore_dense(model, originals, hf_config, tied)
-        raise
-
-
-def restore_dense(model: nn.Module, originals: dict[str, nn.Module], hf_config=None, tied: bool | None = None) -> None:
-    """Put the dense ``originals`` back in place of their low-rank layers, and the config's head tie as it was
-    (``tied``; None: left as it is), which ``untie_factorized_head`` turned off."""
-    for name, module in originals.items():
-        model.set_submodule(name, module)
-    if tied is not None:
-        hf_config.tie_word_embeddings = tied
-
-
 def _measure_healed(model: nn.Module, originals: dict, reports: dict) -> None:
     """Healing trained the factors: each line's error is measured again (quantized stages were
     quantized again, so on what the folder will hold), and the exact-SVD reference, which was of the
@@ -273,10 +248,10 @@ def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, conf
             # refit target was measured worse); the low-rank stages repair the refit target.
             layer, fmt = layers[name], formats[name][0]
             base = Stage(fmt, layer.stored[0], full=layer.full.detach()) if fmt.full else None
-            chain = quantized_chain(target, ranks[name], formats[name], metric, base=base, **_chain_options(config))
+            chain = quantized_chain(target, ranks[name], formats[name], metric, base=base, **chain_options(config))
             layers[name] = LowRankLinear.from_chain(originals[name], chain)
         else:
-            stages = refit_factors(weight, ranks[name], gram, product, left, roots=roots, **_chain_options(config))
+            stages = refit_factors(weight, ranks[name], gram, product, left, roots=roots, **chain_options(config))
             if stages is None:
                 continue
             layers[name] = _layer_class(config).from_stages(originals[name], stages)
@@ -287,31 +262,6 @@ def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, conf
 
 def _layer_class(config: CompressionConfig) -> type[LowRankLinear]:
     return PivotedLowRankLinear if config.pivot else LowRankLinear
-
-
-def untie_factorized_head(model: nn.Module, config: CompressionConfig, hf_config=None) -> bool:
-    """Turn the (transformers) config's ``tie_word_embeddings`` off where the head was factorized, so that
-    transformers does not re-tie it; whether it did (``warn_untied_head`` says what that costs, once per run)."""
-    hf_config = hf_config if hf_config is not None else getattr(model, "config", None)
-    if config.keep_head or not getattr(hf_config, "tie_word_embeddings", False):
-        return False
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, LowRankLinear):
-        return False
-    hf_config.tie_word_embeddings = False
-    return True
-
-
-def warn_untied_head(model: nn.Module) -> None:
-    """A tied head was stored once, as the embedding: its factors are stored beside it and the model grows
-    (said where the run compresses, not where a plan is only estimated: the report counts the share as saved)."""
-    head = model.get_output_embeddings()
-    logger.warning(
-        "--compress-head: the output head shared its weights with the input embedding, which stays dense; its "
-        "factors (%s parameters) are stored beside it, so the model grows by them: decoding reads fewer bytes "
-        "per token, the folder does not get smaller",
-        f"{sum(p.numel() for p in head.parameters() if p is not head.bias):,}",
-    )
 
 
 def _module_reports(model: nn.Module, reports: dict, dense: dict) -> list[ModuleReport]:
@@ -327,104 +277,3 @@ def _module_reports(model: nn.Module, reports: dict, dense: dict) -> list[Module
                 )
             )
     return modules
-
-
-def svd_options(config: CompressionConfig) -> dict:
-    """The keyword arguments of ``decompose.factorize`` for a config."""
-    return {
-        "method": config.svd_method,
-        "reference": config.svd_reference,
-        "oversampling": config.oversampling,
-        "power_iterations": config.power_iterations,
-        "generator_seed": config.seed,
-        "device": svd_device(config.svd_device),
-    }
-
-
-def _chain_options(config: CompressionConfig) -> dict:
-    """``svd_options`` for the stage-list factorizations (``chain.quantized_chain``, the refit's
-    ``methods.factorize``): no exact-error reference, the SVD runs where the weight is."""
-    options = svd_options(config)
-    return {k: options[k] for k in ("method", "oversampling", "power_iterations", "generator_seed")}
-
-
-def rank_factorizes_nothing(rank: int, layers: int) -> SvdloraError:
-    """The CLI's refusal of a --rank that leaves every layer dense (it would write a copy of the model)."""
-    return SvdloraError(
-        f"--rank {rank} factorizes none of the {layers} Linear/Conv1D layers (the factors would not be "
-        "smaller than any of them): pass a smaller --rank"
-    )
-
-
-def svd_device(name: str | None) -> str | None:
-    """The device the SVD runs on; under torchrun, "cuda" means this process's GPU (LOCAL_RANK)."""
-    if name is None:
-        return None
-    try:
-        torch.device(name)
-    except RuntimeError:  # torch's message lists every backend it knows; the user needs three
-        raise SvdloraError(f"--device must be like 'cpu', 'cuda' or 'cuda:0', got {name!r}") from None
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SvdloraError(f"--device {name}: no CUDA device is available here; drop --device to use the CPU")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-        if int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():  # more processes than GPUs on this node
-            raise SvdloraError(
-                f"--device cuda: this process (LOCAL_RANK {os.environ['LOCAL_RANK']}) would take {name}, and this "
-                f"machine has {torch.cuda.device_count()} CUDA device(s): start one process per GPU "
-                "(--nproc_per_node), or pass --device cuda:0 to share one"
-            )
-    if name.startswith("cuda") and (torch.device(name).index or 0) >= torch.cuda.device_count():
-        raise SvdloraError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return name
-
-
-def module_report(
-    name: str, kind: str, out_features: int, in_features: int, bias: bool, f, est_loss: float | None = None
-) -> ModuleReport:
-    """The report line of one factorized matrix (``f`` a ``decompose.Factorization``)."""
-    return ModuleReport(
-        name,
-        kind,
-        (out_features, in_features),
-        bias=bias,
-        ranks=f.ranks,
-        stage_dtypes=[dtype_name(f.a.dtype)] * len(f.ranks),
-        rel_error=f.rel_error,
-        svd_method=f.method,
-        exact_error=f.exact_error,
-        est_loss=est_loss,
-    )
-
-
-def measure_pivoted(line: ModuleReport, weight: torch.Tensor, rows, coefficients, pivot) -> None:
-    """Set a pivoted line's error to that of what is stored: the pivot rows P and coefficients C.
-
-    They are rounded from float64 to the weight's dtype separately from the pair (A, B) the error was
-    measured on: the same matrix in float32 (round-off), but in bfloat16 at rank 100 of 128x256 the
-    pair's error was 0.0026 and the stored P, C's 0.0049. Measured there only (an m·n·R product)."""
-    if pivot.dtype in (torch.float32, torch.float64):
-        return
-    with torch.no_grad():
-        line.rel_error = relative_error(weight, (pivoted_a(coefficients, rows, weight.shape[0]), pivot))
-    if line.svd_method == "exact":  # the exact SVD's factors, as stored: no SVD cost on top
-        line.exact_error = line.rel_error
-
-
-def check_finite(model: nn.Module, role: str = "the model") -> None:
-    """Every stored tensor, not only the targets: a NaN bias or an Inf embedding ruins the output too.
-    ``role`` names the model in the message ("the tuned model" where extract reads two)."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not all_finite(tensor):
-            raise SvdloraError(f"tensor {name!r} of {role} contains NaN or Inf: fix or replace the checkpoint")
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf: min and max propagate both, read in one pass without a boolean copy of the tensor."""
-    if not tensor.numel():
-        return True
-    try:
-        low, high = torch.aminmax(tensor.detach())
-    except (NotImplementedError, RuntimeError):  # dtypes without aminmax (float8 variants)
-        return bool(torch.isfinite(tensor.detach().float()).all())
-    return bool(torch.isfinite(low) & torch.isfinite(high))

@@ -26,10 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate_ranks
-from .compress import check_finite
 from .config import CompressionConfig
 from .decompose import relative_error, residual_svd
 from .errors import SvdloraError
+from .factoring import check_finite
 from .layers import CONV1D, weight_out_in
 from .methods import factorize
 from .methods.weighting import Weighting

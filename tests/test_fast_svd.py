@@ -283,8 +283,8 @@ def test_projection_error_on_float32_matrices(method, explicit):
 def test_a_gpu_this_machine_lacks_is_refused_before_the_load(monkeypatch, name, local_rank, refused):
     """torchrun --nproc_per_node 2 --device cuda on one GPU: rank 1 took cuda:1, which torch refuses only
     once the SVD (or the block pass) runs there, after the reads."""
-    from svdlora.compress import svd_device
     from svdlora.errors import SvdloraError
+    from svdlora.factoring import svd_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -12,10 +12,11 @@ import transformers
 from torch import nn
 
 from .. import blockwise, distributed
-from ..compress import compress, rank_factorizes_nothing, svd_device
+from ..compress import compress
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..evaluation.loading import local_outline, outline
+from ..factoring import rank_factorizes_nothing, svd_device
 from ..io.saving import check_output, save_compressed
 from ..io.writer import parse_size
 from ..models import load_pretrained

@@ -22,8 +22,8 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..compress import all_finite
 from ..errors import SvdloraError
+from ..factoring import all_finite
 from ..models import keep_in_fp32, parse_dtype
 from ..quantize import parse_format
 from ..report import CompressionReport

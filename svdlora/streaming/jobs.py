@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..compress import all_finite, measure_pivoted, module_report, svd_options
 from ..config import CompressionConfig
 from ..decompose import factorize, split_rank
 from ..errors import SvdloraError
+from ..factoring import all_finite, measure_pivoted, module_report, svd_options
 from ..io.writer import ShardedWriter
 from ..layers import CONV1D, dense_kind, weight_out_in
 from ..pivoted import pivot_factors

@@ -14,9 +14,10 @@ from .. import block_gradients, blockwise, distributed
 from ..allocate import allocate_global
 from ..calibration_data import SELF
 from ..choices import DEFAULT_MAX_SHARD_SIZE
-from ..compress import count_parameters, rank_factorizes_nothing, svd_device, warn_untied_head
+from ..compress import count_parameters
 from ..config import CompressionConfig
 from ..errors import SvdloraError
+from ..factoring import rank_factorizes_nothing, svd_device
 from ..hub import local_checkpoint
 from ..io.load import generation_config
 from ..io.outputs import TMP_TAG, atomic_folder, ensure_space
@@ -25,6 +26,7 @@ from ..io.writer import ShardedWriter, folder_format, header_metadata, parse_siz
 from ..padding import Unbatchable
 from ..plan import UNUSED, CalibrationPlan, auto_method, check_calibration, read_calibration
 from ..report import CompressionReport
+from ..swap import warn_untied_head
 from .jobs import module_reports, run_jobs, write_factors
 from .planning import Plan, plan
 

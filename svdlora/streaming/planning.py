@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 
 from .. import distributed
 from ..allocate import allocate_ranks
-from ..compress import count_parameters, restore_dense, untie_factorized_head
+from ..compress import count_parameters
 from ..config import CompressionConfig
 from ..errors import SvdloraError, first_line
 from ..io.checkpoint import Checkpoint
@@ -30,6 +30,7 @@ from ..models import (
     set_config_dtype,
 )
 from ..pivoted import PivotedLowRankLinear
+from ..swap import restore_dense, untie_factorized_head
 from ..targets import find_targets, nothing_targeted
 
 
