@@ -183,6 +183,12 @@ def learning_rate(peak: float, step: int, steps: int, elapsed: float, seconds: f
     return peak * min(1.0, (step + 1) / warmup) * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * cosine)
 
 
+def _restore(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, value in zip(params, values, strict=True):
+            p.copy_(value)
+
+
 def heal(
     model: nn.Module,
     batches: list[dict],
@@ -206,6 +212,9 @@ def heal(
             control that a healed model is compared with).
     Returns:
         A ``HealResult`` with the loss at the start and at the end.
+    Raises:
+        SvdloraError: the loss diverged (not finite); the trained parameters are put back as they were
+            before healing (a copy kept on the CPU).
     """
     if loss == "distill" and teacher is None:
         raise SvdloraError("distillation healing needs the dense model as teacher")
@@ -238,13 +247,15 @@ def heal(
     model.eval()  # no dropout: the target is the deterministic dense model
     if teacher is not None:
         teacher.eval()  # nor in the target: a teacher in training mode (compress copies the model) drew dropout
+    before = [p.detach().to("cpu", copy=True) for p in factors]  # put back if it diverges; not on the accelerator
     bar = tqdm(total=steps, desc=f"healing ({loss})", disable=not progress)
     try:
         for step, batch in enumerate(itertools.cycle(batches)):
             if step >= steps or (seconds is not None and time.perf_counter() - start >= seconds):
                 break
             value = _loss(model, teacher, batch, loss, encoder_decoder)
-            if not torch.isfinite(value):
+            if not torch.isfinite(value):  # the last update wrecked the factors: the caller gets them back
+                _restore(factors, before)
                 raise SvdloraError(f"healing diverged at step {step} (loss {value.item()}): lower --heal-lr")
             optimizer.zero_grad(set_to_none=True)
             value.backward()

@@ -357,6 +357,20 @@ def test_a_short_healing_run_reports_its_first_and_last_loss_not_one_mean_twice(
     assert two.last_loss != two.first_loss  # the second step alone, after one update
 
 
+def test_a_diverged_healing_leaves_the_factors_as_before_healing():
+    """Review: heal() called directly raised on a non-finite loss but left the factors of the update that
+    diverged (compress restores the dense model; heal alone did not)."""
+    torch.manual_seed(0)
+    dense = tiny_gpt2().eval()
+    batches = [{"input_ids": example_inputs("gpt2", s)["input_ids"]} for s in range(2)]
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.3, progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(SvdloraError, match="healing diverged at step 1"):
+        heal(model, batches, steps=5, teacher=dense, lr=1e30, progress=False)
+    assert [n for n, p in model.named_parameters() if not torch.equal(p, before[n])] == []
+
+
 def test_healing_trains_only_the_factors():
     torch.manual_seed(0)
     dense = tiny_gpt2().eval()
