@@ -170,6 +170,7 @@ def compress(
                 seconds=config.heal_seconds,
                 lr=config.heal_lr,
                 progress=progress,
+                restore_on_divergence=False,  # a failure here restores the dense layers (restored_on_error)
             )
             del teacher
             for name in reports:

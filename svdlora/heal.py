@@ -200,6 +200,7 @@ def heal(
     lr: float = 1e-4,
     parameters: list[nn.Parameter] | None = None,
     progress: bool = True,
+    restore_on_divergence: bool = True,
 ) -> HealResult:
     """Fine-tune the factors of ``model`` in place for ``steps`` steps (or ``seconds``), one batch a step,
     with Adam at peak rate ``lr`` (``learning_rate``: warm-up, then cosine decay).
@@ -210,11 +211,14 @@ def heal(
         teacher: the dense model, for ``loss="distill"``.
         parameters: what to train instead of the factors (e.g. all of a dense model, as the
             control that a healed model is compared with).
+        restore_on_divergence: keep a CPU copy of the trained parameters, put back if the loss
+            diverges; ``compress`` turns it off (it puts the dense layers back itself), since the copy
+            costs host memory the size of the factors.
     Returns:
         A ``HealResult`` with the loss at the start and at the end.
     Raises:
-        SvdloraError: the loss diverged (not finite); the trained parameters are put back as they were
-            before healing (a copy kept on the CPU).
+        SvdloraError: the loss diverged (not finite); with ``restore_on_divergence`` the trained
+            parameters are first put back as they were before healing.
     """
     if loss == "distill" and teacher is None:
         raise SvdloraError("distillation healing needs the dense model as teacher")
@@ -247,7 +251,7 @@ def heal(
     model.eval()  # no dropout: the target is the deterministic dense model
     if teacher is not None:
         teacher.eval()  # nor in the target: a teacher in training mode (compress copies the model) drew dropout
-    before = [p.detach().to("cpu", copy=True) for p in factors]  # put back if it diverges; not on the accelerator
+    before = [p.detach().to("cpu", copy=True) for p in factors] if restore_on_divergence else None  # host memory
     bar = tqdm(total=steps, desc=f"healing ({loss})", disable=not progress)
     try:
         for step, batch in enumerate(itertools.cycle(batches)):
@@ -255,7 +259,8 @@ def heal(
                 break
             value = _loss(model, teacher, batch, loss, encoder_decoder)
             if not torch.isfinite(value):  # the last update wrecked the factors: the caller gets them back
-                _restore(factors, before)
+                if before is not None:
+                    _restore(factors, before)
                 raise SvdloraError(f"healing diverged at step {step} (loss {value.item()}): lower --heal-lr")
             optimizer.zero_grad(set_to_none=True)
             value.backward()

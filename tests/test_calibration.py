@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -369,6 +370,19 @@ def test_a_diverged_healing_leaves_the_factors_as_before_healing():
     with pytest.raises(SvdloraError, match="healing diverged at step 1"):
         heal(model, batches, steps=5, teacher=dense, lr=1e30, progress=False)
     assert [n for n, p in model.named_parameters() if not torch.equal(p, before[n])] == []
+
+
+def test_compress_heals_without_the_host_copy_it_does_not_need(monkeypatch):
+    """heal() keeps a CPU copy of the factors to put back on divergence (the size of the factors: ~14 GB
+    for a 7B model's at 0.5); compress restores the dense layers itself, so it asks heal for no copy."""
+    compress_module = sys.modules["svdlora.compress"]  # svdlora.compress is the function
+    seen = []
+    real = compress_module.heal
+    monkeypatch.setattr(compress_module, "heal", lambda *a, **k: seen.append(k) or real(*a, **k))
+    torch.manual_seed(0)
+    batches = [{"input_ids": example_inputs("gpt2", s)["input_ids"]} for s in range(2)]
+    svdlora.compress(tiny_gpt2().eval(), budget=0.3, calibration=batches, heal_steps=1, progress=False)
+    assert [k.get("restore_on_divergence") for k in seen] == [False]
 
 
 def test_healing_trains_only_the_factors():
