@@ -95,7 +95,8 @@ def compress_checkpoint(
         config: a ``CompressionConfig``, or its fields as keyword ``options``.
         dtype: cast floating tensors to this dtype (default: config.json's ``dtype``, else as stored).
         max_shard_size: shard the output as transformers does (default "50GB").
-        calibration: calibration data (a text file or dataset) for a causal LM: the checkpoint is
+        calibration: calibration data (a text file, a dataset, or a list of model batches as
+            ``compress()`` takes them) for a causal LM: the checkpoint is
             then calibrated one decoder block at a time, with the method and allocation resolved
             as ``compress()`` resolves them (``blockwise``, ``block_gradients``).
         processor: the tokenizer of ``calibration`` (default: the one in ``source``).
