@@ -552,14 +552,21 @@ def test_a_meta_model_built_from_another_folder_is_not_taken_over(tmp_path):
     assert plan(tmp_path / "old", config, model=old).model is old  # its own folder's: taken over
 
 
-def test_an_unreadable_generation_config_streams_as_in_memory(tmp_path, capsys):
+@pytest.mark.parametrize("file", ["unreadable", "missing"])
+def test_an_unreadable_generation_config_streams_as_in_memory(tmp_path, capsys, file):
     """The streamed run read the checkpoint's generation_config.json with its own copy of io's reader, which
     raised on a bad file: the run failed after every matrix was written ('... is not a valid JSON file.:
     nothing was written'); it reads through io.generation_config and writes the config.json-derived one that
-    from_pretrained, and so the in-memory run, falls back to."""
+    from_pretrained, and so the in-memory run, falls back to. A missing file falls back alike: generation
+    settings kept in config.json (older checkpoints: num_beams, max_length) were dropped when streamed."""
     base = tmp_path / "base"
     tied_llama().save_pretrained(base)
-    (base / "generation_config.json").write_text("{not json")
+    if file == "unreadable":
+        (base / "generation_config.json").write_text("{not json")
+    else:
+        (base / "generation_config.json").unlink()
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps({**config, "num_beams": 4, "max_length": 77}))
     for mode in ("--no-stream", "--stream"):
         argv = ["compress", str(base), "-o", str(tmp_path / mode), "--budget", "0.5", "--calibration", "none", mode]
         assert main([*argv, "--no-progress"]) == 0, capsys.readouterr().err

@@ -81,8 +81,8 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
 
 def generation_config(model: nn.Module, path: Path):
     """The GenerationConfig generate() follows, as from_pretrained reads it: the folder's
-    generation_config.json, else one derived from config.json (cls(config)'s where the file is missing);
-    None for a model that does not generate. The derived one lacks the base model's other end-of-turn
+    generation_config.json, else (missing or unreadable) one derived from config.json, with the generation
+    settings older checkpoints keep there; None for a model that does not generate. The derived one lacks the base model's other end-of-turn
     tokens, sampling defaults, beams and banned words. Loading reads a compressed folder's, streamed
     compression the checkpoint's (which it writes, as save_compressed writes the model's)."""
     from transformers import GenerationConfig
@@ -90,12 +90,11 @@ def generation_config(model: nn.Module, path: Path):
 
     if not getattr(model, "can_generate", lambda: False)():
         return None
-    if not (path / GENERATION_CONFIG_NAME).is_file():
-        return model.generation_config
-    try:
-        return GenerationConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        logger.warning("%s is not used (%s): generation follows config.json", path / GENERATION_CONFIG_NAME, err)
+    if (path / GENERATION_CONFIG_NAME).is_file():
+        try:
+            return GenerationConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as err:
+            logger.warning("%s is not used (%s): generation follows config.json", path / GENERATION_CONFIG_NAME, err)
     # as from_pretrained falls back (transformers.generation.utils), so a streamed run writes what one in memory does
     return GenerationConfig.from_pretrained(str(path), config_file_name="config.json", _from_model_config=True)
 
