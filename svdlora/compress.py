@@ -91,7 +91,6 @@ def compress(
         raise nothing_targeted(dense)
     check_finite(model)
     plan = plan_calibration(model, targets, config, calibration, processor, progress, statistics)
-    teacher = copy.deepcopy(model) if config.heal_steps and config.heal_loss == "distill" else None
     dtype = weight_out_in(targets[0].module).dtype
     if config.stage_dtypes and config.svd_device is not None:
         logger.warning(
@@ -108,6 +107,8 @@ def compress(
     dense.update(allocator_dense)
     if config.heal_steps and not any(sum(r) for r in ranks.values()):
         raise _nothing_to_heal(config, ranks)
+    # the dense model as the healing's target, copied once the run is known to heal (the model is still dense)
+    teacher = copy.deepcopy(model) if config.heal_steps and config.heal_loss == "distill" else None
 
     originals = {t.name: t.module for t in targets if t.name in ranks}
     with restored_on_error(model, originals):  # a failure after the first swap undoes the swaps
