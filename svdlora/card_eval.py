@@ -16,7 +16,6 @@ from .evaluation.loading import checked_processor, fitting_task
 from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, MAX_LENGTH_CAP, TEXT, TRANSLATION
 from .evaluation.text import context_length
 from .evaluation.translation import decoder_positions
-from .io.folder import read_config
 from .report import CompressionReport
 
 
@@ -81,25 +80,28 @@ def evaluate_into_card(
     data: str,
     eval_options: dict,
     checked: CheckedEval | None = None,
+    world_size: int = 1,
 ) -> dict:
     """Evaluate the in-memory compressed model (task from its class) and rewrite the folder's card;
-    ``checked``: the processor and data ``check_before_compressing`` read (None: read here)."""
+    ``checked``: the processor and data ``check_before_compressing`` read (None: read here); ``world_size``:
+    the processes of the run that wrote the folder (a distributed run's card keeps its launcher)."""
     task = eval_task(model, source)
     processor = checked.processor if checked is not None else checked_processor(source, task)
     result = evaluate(
         (model, processor), task=task, data=data, progress=False, data_read=checked.data if checked else None,
         **eval_options, **fitted_options(model, task),
     )  # fmt: skip
-    write_card(folder, report, source, result, type(model).__name__)
+    write_card(folder, report, source, result, type(model).__name__, world_size)
     return result
 
 
-def write_card(folder: Path, report: CompressionReport, source: str, result: dict, class_name: str) -> None:
+def write_card(
+    folder: Path, report: CompressionReport, source: str, result: dict, class_name: str, world_size: int = 1
+) -> None:
     """The folder's card with ``result``, the figures of the in-memory model saved there (compress --eval, sweep)."""
     # the in-memory model is named by its config's path, which compress leaves as the base model's:
     # the figures are the folder's, which holds exactly this model
     result["model"]["name"] = str(folder)
-    world_size = read_config(folder).get("world_size", 1)  # a distributed run's card keeps its launcher
     card.write(
         folder, card.compressed_card(report, source, eval_result=result, class_name=class_name, world_size=world_size)
     )

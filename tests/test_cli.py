@@ -831,6 +831,6 @@ def test_the_card_of_a_distributed_run_shows_its_launcher(tmp_path, monkeypatch)
                      world_size=4)  # fmt: skip
     assert command in (tmp_path / "README.md").read_text()
     result = {"task": "text-generation", "model": {"name": "m", "metrics": {"perplexity": 2.0}}, "settings": {}}
-    write_card(tmp_path, report, "m", result, "X")
+    write_card(tmp_path, report, "m", result, "X", world_size=4)  # the streamed run passes its ctx.world_size
     assert command in (tmp_path / "README.md").read_text()
     assert "svdlora compress m -o out" in card.compressed_card(report, "m")  # one process: as before

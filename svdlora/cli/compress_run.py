@@ -197,7 +197,8 @@ def _run_streamed(
         from ..io.load import load_compressed
 
         result = evaluate_into_card(
-            load_compressed(output), output, report, args.model, args.eval, eval_options(args), checked=checked_eval
+            load_compressed(output), output, report, args.model, args.eval, eval_options(args), checked=checked_eval,
+            world_size=ctx.world_size,
         )  # fmt: skip
         print("\n" + format_table(result))  # the figures, not only in the card
     print(

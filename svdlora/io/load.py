@@ -82,9 +82,10 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
 def generation_config(model: nn.Module, path: Path):
     """The GenerationConfig generate() follows, as from_pretrained reads it: the folder's
     generation_config.json, else (missing or unreadable) one derived from config.json, with the generation
-    settings older checkpoints keep there; None for a model that does not generate. The derived one lacks the base model's other end-of-turn
-    tokens, sampling defaults, beams and banned words. Loading reads a compressed folder's, streamed
-    compression the checkpoint's (which it writes, as save_compressed writes the model's)."""
+    settings older checkpoints keep there; None for a model that does not generate. The derived one lacks
+    the base model's other end-of-turn tokens, sampling defaults, beams and banned words. Loading reads a
+    compressed folder's, streamed compression the checkpoint's (which it writes, as save_compressed writes
+    the model's)."""
     from transformers import GenerationConfig
     from transformers.utils import GENERATION_CONFIG_NAME
 
