@@ -41,8 +41,10 @@ from .memory_choice import streams_for_memory
 
 
 def run(args: argparse.Namespace) -> int:
-    if distributed.launched():  # joined first: a process that stops on a check below (its GPU, its disk) is then
-        distributed.context()  # seen at once by the others, which would otherwise wait to join, deaf to SIGTERM
+    # Joined first: a process that stops on a check below (its GPU, its disk) is then seen at once by the others,
+    # which would otherwise wait to join, deaf to SIGTERM. A launched run streams, --stream or not.
+    distributed.context()
+    streams = args.stream or distributed.launched()  # the memory check below may add a reason
     # Check everything cheap before the (possibly slow) model load.
     if args.rank is not None and args.budget is not None:
         raise SvdloraError("--rank and --budget exclude each other: a fixed rank ignores the budget; pass one")
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             "refit_stages=True in the Python API runs it): drop one of them"
         )
     if args.calibration == NONE:  # in memory refused only after the load (streamed: check_streamable)
-        check_without_calibration(config, streamed=args.stream or distributed.launched())
+        check_without_calibration(config, streamed=streams)
     if args.eval_limit is not None and not args.eval:
         raise SvdloraError("--eval-limit has no effect without --eval DATA: pass both, or drop it")
     if args.references is not None and not args.eval:
@@ -105,7 +107,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.progress:
         transformers.utils.logging.disable_progress_bar()
     processor = processor_before_load(args.calibration, args.model, config, loaded=eval_processor, meta=meta)
-    streams = args.stream or distributed.launched()
     if not streams:  # a memory estimate's plan takes the meta model over, and hands it (a hub id's: its own) back
         streams, meta = streams_for_memory(args, config, meta)
     if streams:
