@@ -190,7 +190,7 @@ def _block_backward(
     stats = accumulator.result()
     for t in targets:
         if t.name not in stats:
-            raise SvdloraError(f"{t.name!r} never ran on the calibration data: --exclude it, or drop --stream")
+            raise blockwise.never_ran(t.name)
     return stats
 
 

@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache
 
 from .calibration import _Accumulator, _hooks
 from .distributed import Context
-from .errors import SvdloraError
+from .errors import StreamingRefusal
 from .io.load import _no_weight_init
 from .models import model_class
 from .padding import calibration_runs
@@ -51,8 +51,8 @@ def resolve(config) -> tuple[str, str] | None:
     ``auto`` is resolved once the targets are known: ``plan.auto_method``); None: plain SVD, which
     does not use the data. Settings built in memory only raise an SvdloraError that says so."""
     if config.heal_steps or config.refit or config.stage_dtypes:
-        raise SvdloraError(
-            "healing, --refit and --stage-dtypes cannot stream with calibration: drop them, or drop --stream"
+        raise StreamingRefusal(
+            "healing, --refit and --stage-dtypes cannot stream with calibration: drop them, or {in_memory}"
         )
     if not uses_calibration(config):  # (healing is refused above) plain SVD with uniform allocation
         return None
@@ -69,9 +69,10 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]
                 best, holds = (name, module), count
     if best is None or holds < len(names):
         outside = [n for n in names if best is None or not n.startswith(f"{best[0]}.")]
-        raise SvdloraError(
-            f"streamed calibration runs one stack of blocks at a time; {outside[0]!r} is outside it: drop "
-            "--compress-head if it is the head, else --exclude it; or drop --stream"
+        raise StreamingRefusal(
+            "streamed calibration runs one stack of blocks at a time; {outside!r} is outside it: drop "
+            "--compress-head if it is the head, else --exclude it; or {in_memory}",
+            outside=outside[0],
         )
     return best
 
@@ -83,17 +84,24 @@ def check(model, hf_config, target_names: list[str]) -> None:
 
     kind = model_kind(model)
     if kind != "causal-lm":
-        raise SvdloraError(
-            f"streamed calibration runs a causal LM's decoder block by block; this is {kind_article(kind)} model: drop "
-            "--stream to calibrate it in memory, or pass --calibration none"
+        raise StreamingRefusal(
+            "streamed calibration runs a causal LM's decoder block by block; this is {kind} model: calibrate it in "
+            "memory ({in_memory}), or pass --calibration none",
+            kind=kind_article(kind),
         )
     kinds = getattr(hf_config, "layer_types", None) or []
     if len(set(kinds)) > 1:  # every block is fed the keyword arguments captured at the first one
-        raise SvdloraError(
-            f"this model's decoder blocks differ in attention type ({', '.join(sorted(set(kinds)))}: their masks "
-            "differ), which streamed calibration does not handle yet: drop --stream, or pass --calibration none"
+        raise StreamingRefusal(
+            "this model's decoder blocks differ in attention type ({kinds}: their masks differ), which streamed "
+            "calibration does not handle yet: {in_memory}, or pass --calibration none",
+            kinds=", ".join(sorted(set(kinds))),
         )
     find_blocks(model, target_names)
+
+
+def never_ran(name: str) -> StreamingRefusal:
+    """A target the calibration's forward passes never reached (whitening's or the gradients' pass)."""
+    return StreamingRefusal("{name!r} never ran on the calibration data: --exclude it, or {in_memory}", name=name)
 
 
 def calibrate_and_factorize(
@@ -146,7 +154,7 @@ def calibrate_and_factorize(
         moved = {}  # q/k/v's S and S⁻¹ copied to the CPU once
         for target in targets:
             if target.name not in stats.stats:
-                raise SvdloraError(f"{target.name!r} never ran on the calibration data: --exclude it, or drop --stream")
+                raise never_ran(target.name)
             if owned is not None and target.name not in owned:
                 continue  # another rank's
             weighting = on_cpu(stats.weighting(target.name), moved)
@@ -259,7 +267,7 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[dict]) -> 
                 except _Captured:
                     pass
                 else:
-                    raise SvdloraError("the model's forward never reached its first block: drop --stream")
+                    raise StreamingRefusal("the model's forward never reached its first block: {in_memory}")
     finally:
         handle.remove()
     return captured
@@ -282,7 +290,7 @@ def _materialize(
             continue
         key = plan.source_key(name)
         if key is None:
-            raise SvdloraError(f"the checkpoint has no tensor for {name!r}: drop --stream")
+            raise StreamingRefusal("the checkpoint has no tensor for {name!r}: {in_memory}", name=name)
         value = plan.checkpoint.read(key)
         owner, _, attr = local.rpartition(".")
         parent = module.get_submodule(owner) if owner else module

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import SvdloraError, first_line
+from .errors import StreamingRefusal, SvdloraError, first_line
 from .io.writer import INDEX_NAME, WEIGHTS_NAME
 from .models import PREPROCESSOR_FILES, hub_reachable, looks_like_path
 
@@ -72,10 +72,11 @@ def _snapshot(repo_id: str, trust_remote_code: bool, revision: str | None, local
     missing = [w for w in weights or [WEIGHTS_NAME] if not (folder / w).is_file()]
     if missing:
         where = "the local cache (the hub is unreachable)" if local_only else "the hub"
-        raise SvdloraError(
-            f"model {repo_id!r} has no {missing[0]} in {where}: streaming reads safetensors only; "
-            "compress without --stream" + ("" if not local_only else ", or download it while online")
-        )
+        raise StreamingRefusal(
+            "model {repo_id!r} has no {file} in {where}: streaming reads safetensors only; {in_memory}"
+            + ("" if not local_only else ", or download it while online"),
+            repo_id=repo_id, file=missing[0], where=where,
+        )  # fmt: skip
     return folder
 
 

@@ -1,5 +1,6 @@
 """torchrun splits the matrices over processes; killed runs leave no folder that looks complete."""
 
+import ast
 import json
 import os
 import re
@@ -286,6 +287,55 @@ def test_under_a_launcher_the_way_to_memory_is_one_process_not_dropping_stream(
     assert refused in err and "run one process, without torchrun" in err and "--stream" not in err, err
     assert main(["compress", str(base), "-o", str(tmp_path / "out"), *flags, "--stream", "--no-progress"]) == 2
     assert "drop --stream" in capsys.readouterr().err  # the flag given: dropping it is the way
+
+
+def _checkpoint_without_safetensors(base: Path) -> None:
+    for weights in base.glob("*.safetensors*"):
+        weights.unlink()
+    torch.save({}, base / "pytorch_model.bin")
+
+
+def _layers_out_of_the_checkpoint(base: Path) -> None:
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("model.layers.")}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    ("damage", "refused"),
+    [
+        (_checkpoint_without_safetensors, "streaming reads safetensors checkpoints only"),
+        (_layers_out_of_the_checkpoint, "has no tensor for model.layers.0"),
+    ],
+    ids=["no-safetensors", "missing-weight"],
+)
+def test_under_a_launcher_a_checkpoint_streaming_cannot_read_points_to_one_process(
+    base, tmp_path, capsys, rank_0_of_two, monkeypatch, damage, refused
+):
+    """Refusals worded 'compress without --stream' kept that wording under a launcher, where the run streams
+    without the flag (only 'drop --stream' was reworded)."""
+    from svdlora.cli import main
+
+    monkeypatch.setattr(Context, "broadcast", lambda self, obj: obj)  # rank 0's folder: to the plan's refusals
+    damage(base)
+    args = ["compress", str(base), "-o", str(tmp_path / "out"), "--calibration", "none", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert refused in err and "run one process, without torchrun" in err and "--stream" not in err, err
+
+
+def test_every_refusal_points_to_memory_in_the_one_wording_a_launched_run_rewords():
+    """A refusal that wrote its own way to memory ('compress without --stream') escaped the launcher's wording:
+    no literal in svdlora/ says it but errors.IN_MEMORY, which every StreamingRefusal fills in."""
+    from svdlora.errors import IN_MEMORY
+
+    own = re.compile(r"(drop|without|compress in memory)\W+--stream", re.IGNORECASE)
+    found = []
+    for path in sorted((ROOT / "svdlora").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and own.search(node.value):
+                found.append((f"{path.relative_to(ROOT)}:{node.lineno}", node.value))
+    assert [value for _, value in found] == [IN_MEMORY] and found[0][0].startswith("svdlora/errors.py:"), found
 
 
 @pytest.mark.parametrize("launcher", ["--stream", "torchrun"])

@@ -1,6 +1,7 @@
 """Streamed compression: the same bytes as in-memory compression, shard by shard, with tied weights."""
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors import safe_open
 
 from svdlora import CompressionConfig, LowRankLinear, SvdloraError, compress, load_compressed, save_compressed
 from svdlora.cli import main
+from svdlora.errors import StreamingRefusal
 from svdlora.io.writer import INDEX_NAME, TensorSpec, plan_shards
 from svdlora.models import keep_in_fp32, load_pretrained
 from svdlora.streaming import compress_checkpoint
@@ -299,7 +301,11 @@ def test_under_torchrun_rank_0_resolves_a_hub_id_and_the_others_take_its_commit(
     asked = []
     monkeypatch.setattr(pipeline, "local_checkpoint", lambda *a, **k: asked.append(k) or tmp_path)
     with pytest.raises(SvdloraError, match="no such model"):  # rank 0's refusal, on every rank
-        pipeline._local_folder("org/m", False, Rank1(("refused", "no such model")))
+        pipeline._local_folder("org/m", False, Rank1(("refused", SvdloraError("no such model"))))
+    sent = pickle.loads(pickle.dumps(StreamingRefusal("{repo!r} has no model.safetensors: {in_memory}", repo="{m}")))
+    with pytest.raises(StreamingRefusal) as refused:  # as a broadcast pickles it: still the CLI's to reword
+        pipeline._local_folder("org/m", False, Rank1(("refused", sent)))
+    assert str(refused.value.reworded("one way")) == "'{m}' has no model.safetensors: one way"
     assert pipeline._local_folder("org/m", False, Rank1(("folder", str(tmp_path)))) == tmp_path and not asked
     other_node = str(tmp_path / "not-here" / "snapshots" / "0123abc")  # rank 0's cache is not on this node
     assert pipeline._local_folder("org/m", False, Rank1(("folder", other_node))) == tmp_path
@@ -390,7 +396,7 @@ def test_a_checkpoint_transformers_merges_at_load_is_refused_in_one_line(tmp_pat
     assert main([*args, str(tmp_path / "stream"), "--stream"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "experts.0.w1.weight' in a layout transformers converts" in err[0], err
-    assert err[0].endswith("compress without --stream") and not (tmp_path / "stream").exists()
+    assert err[0].endswith(": drop --stream") and not (tmp_path / "stream").exists()
     assert main([*args, str(tmp_path / "memory")]) == 0
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from .. import blockwise, distributed
 from ..compress import compress
 from ..config import CompressionConfig
-from ..errors import SvdloraError
+from ..errors import IN_MEMORY_LAUNCHED, StreamingRefusal, SvdloraError
 from ..evaluation.loading import local_outline, outline
 from ..factoring import rank_factorizes_nothing, svd_device
 from ..io.saving import check_output, save_compressed
@@ -213,14 +213,14 @@ def _run_streamed(
 
 @contextmanager
 def _in_memory_advice(stream_flag: bool):
-    """A streamed refusal says 'drop --stream' to compress in memory; a launcher's run streams without the
-    flag, and compresses in memory as one process started without the launcher."""
+    """A streamed refusal's way to compress in memory is worded for --stream; a launcher's run streams without
+    the flag, and compresses in memory as one process started without the launcher."""
     try:
         yield
-    except SvdloraError as err:
-        if stream_flag or "drop --stream" not in str(err):
+    except StreamingRefusal as err:
+        if stream_flag:
             raise
-        raise SvdloraError(str(err).replace("drop --stream", "run one process, without torchrun")) from None
+        raise err.reworded(IN_MEMORY_LAUNCHED) from None
 
 
 def eval_options(args: argparse.Namespace) -> dict:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import SvdloraError
+from ..errors import StreamingRefusal, SvdloraError
 from . import writer
 from .writer import INDEX_NAME, WEIGHTS_NAME, TensorSpec
 
@@ -33,7 +33,7 @@ class Checkpoint:
         self.renamed: dict[str, str] = {}  # model key -> checkpoint key, where transformers renames at load
         # model key -> why streaming cannot fill it (tensors merged or split, two tensors renamed onto it):
         # refused by ``resolve`` when the run needs the key, so an unused tensor does not refuse the checkpoint
-        self.refused: dict[str, str] = {}
+        self.refused: dict[str, SvdloraError] = {}
 
     def follow_renames(self, model: torch.nn.Module) -> None:
         """Find the tensors of a checkpoint saved in a layout transformers renames at load (its conversion
@@ -57,16 +57,20 @@ class Checkpoint:
             if converted is not None:
                 self.refused.setdefault(
                     name,
-                    f"{str(self.folder)!r} stores {key!r} in a layout transformers converts when loading "
-                    f"{type(model).__name__} (tensors merged or split), which streaming does not: compress "
-                    "without --stream",
-                )
+                    StreamingRefusal(
+                        "{folder!r} stores {key!r} in a layout transformers converts when loading {cls} (tensors "
+                        "merged or split), which streaming does not: {in_memory}",
+                        folder=str(self.folder), key=key, cls=type(model).__name__,
+                    ),
+                )  # fmt: skip
             elif name != key and name in self.renamed:  # the later one would silently win
                 self.refused.setdefault(
                     name,
-                    f"{str(self.folder)!r} stores both {self.renamed[name]!r} and {key!r}, which transformers "
-                    f"renames to the one {type(model).__name__} weight {name!r} when loading: remove the "
-                    "tensor that does not belong from the checkpoint",
+                    SvdloraError(
+                        f"{str(self.folder)!r} stores both {self.renamed[name]!r} and {key!r}, which transformers "
+                        f"renames to the one {type(model).__name__} weight {name!r} when loading: remove the "
+                        "tensor that does not belong from the checkpoint"
+                    ),
                 )
             elif name != key:
                 self.renamed[name] = key
@@ -93,7 +97,7 @@ class Checkpoint:
         names (kimi_k25's norm0 -> norm1, norm1 -> norm2) fills norm1 from the checkpoint's norm0."""
         for candidate in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
             if candidate in self.refused:
-                raise SvdloraError(self.refused[candidate])
+                raise self.refused[candidate]
             if candidate in self.renamed:
                 return self.renamed[candidate]
             if candidate in self.spec:
@@ -123,10 +127,11 @@ def is_floating(name: str) -> bool:
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder (``writer.weight_files``), refused where it has none."""
     if not (folder / INDEX_NAME).is_file() and not (folder / WEIGHTS_NAME).is_file():
-        raise SvdloraError(
-            f"{str(folder)!r} has no model.safetensors or {INDEX_NAME}: streaming reads safetensors "
-            "checkpoints only; compress without --stream"
-        )
+        raise StreamingRefusal(
+            "{folder!r} has no model.safetensors or {index}: streaming reads safetensors checkpoints only; "
+            "{in_memory}",
+            folder=str(folder), index=INDEX_NAME,
+        )  # fmt: skip
     return writer.weight_files(folder)
 
 
@@ -182,8 +187,9 @@ def _read_header(file: Path) -> dict[str, tuple[TensorSpec, int]]:
 def _torch_dtype(name: str, file: Path, key: str) -> torch.dtype:
     dtype = getattr(torch, DTYPES[name].torch_name or "", None)
     if not isinstance(dtype, torch.dtype):
-        raise SvdloraError(
-            f"{str(file)!r}: tensor {key!r} is stored as {name}, which this torch cannot hold: "
-            f"compress without --stream, or convert the checkpoint"
-        )
+        raise StreamingRefusal(
+            "{file!r}: tensor {key!r} is stored as {name}, which this torch cannot hold: {in_memory}, or convert "
+            "the checkpoint",
+            file=str(file), key=key, name=name,
+        )  # fmt: skip
     return dtype

@@ -16,7 +16,7 @@ from ..calibration_data import SELF
 from ..choices import DEFAULT_MAX_SHARD_SIZE
 from ..compress import count_parameters
 from ..config import CompressionConfig
-from ..errors import SvdloraError
+from ..errors import StreamingRefusal, SvdloraError
 from ..factoring import rank_factorizes_nothing, svd_device
 from ..hub import local_checkpoint
 from ..io.load import generation_config
@@ -42,21 +42,21 @@ def check_streamable(config: CompressionConfig, calibration=None) -> None:
     """Refuse settings that cannot stream (built in memory only, or a method without its data), with
     what to do instead."""
     if getattr(config, "stage_dtypes", None):
-        raise SvdloraError(
-            "--stage-dtypes cannot stream yet (the quantized stage chain is built in memory): drop --stream, or "
+        raise StreamingRefusal(
+            "--stage-dtypes cannot stream yet (the quantized stage chain is built in memory): {in_memory}, or "
             "drop --stage-dtypes"
         )
     if calibration is not None:
         blockwise.resolve(config)  # every method streams block by block; healing, refit, stage dtypes do not
         if calibration == SELF:
-            raise SvdloraError(
+            raise StreamingRefusal(
                 "--calibration self cannot stream: generating the calibration text needs the whole model; pass "
-                "--calibration DATA (a text file or dataset), or drop --stream"
+                "--calibration DATA (a text file or dataset), or {in_memory}"
             )
         return
     if getattr(config, "heal_steps", 0):
-        raise SvdloraError(
-            "healing cannot stream (it trains the whole model in memory): drop --stream, or drop --heal-steps"
+        raise StreamingRefusal(
+            "healing cannot stream (it trains the whole model in memory): {in_memory}, or drop --heal-steps"
         )
     method = getattr(config, "method", "svd")
     if method not in STREAMING_METHODS or getattr(config, "allocation", "uniform") == "global":
@@ -229,11 +229,11 @@ def _local_folder(source, trust_remote_code: bool, ctx) -> Path:
     if ctx.is_main:
         try:
             answer = ("folder", str(local_checkpoint(source, trust_remote_code)))
-        except SvdloraError as err:
-            answer = ("refused", str(err))
+        except SvdloraError as err:  # sent whole: a StreamingRefusal stays one (reworded by the CLI)
+            answer = ("refused", err)
     kind, value = ctx.broadcast(answer)
     if kind == "refused":
-        raise SvdloraError(value)
+        raise value
     folder = Path(value)
     if ctx.is_main or folder.is_dir():
         return folder

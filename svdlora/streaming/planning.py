@@ -14,7 +14,7 @@ from .. import distributed
 from ..allocate import allocate_ranks
 from ..compress import count_parameters
 from ..config import CompressionConfig
-from ..errors import SvdloraError, first_line
+from ..errors import StreamingRefusal, SvdloraError, first_line
 from ..io.checkpoint import Checkpoint
 from ..io.load import _no_weight_init
 from ..io.writer import TensorSpec, file_layout
@@ -136,10 +136,10 @@ def _build(source: str | Path, trust_remote_code: bool) -> tuple[object, torch.n
         with init_empty_weights(), _no_weight_init():  # AutoModel (no known class named): from_config
             return hf_config, build_model(cls, hf_config, trust_remote_code)
     except (OSError, ValueError, TypeError, ImportError, AttributeError) as err:
-        raise SvdloraError(
-            f"{str(source)!r}: {cls.__name__} cannot be built from config.json on the meta device ({first_line(err)}): "
-            "compress without --stream"
-        ) from None
+        raise StreamingRefusal(
+            "{source!r}: {cls} cannot be built from config.json on the meta device ({why}): {in_memory}",
+            source=str(source), cls=cls.__name__, why=first_line(err),
+        ) from None  # fmt: skip
 
 
 def plan(
@@ -179,7 +179,9 @@ def plan(
             continue
         key = out.source_key(f"{t.name}.weight")
         if key is None:
-            raise SvdloraError(f"{str(source)!r} has no tensor for {t.name}.weight: compress without --stream")
+            raise StreamingRefusal(
+                "{source!r} has no tensor for {key}: {in_memory}", source=str(source), key=f"{t.name}.weight"
+            )
         _check_shape(source, key, ckpt.spec[key].shape, t.module.weight.shape, model)
         weight_dtype[t.name] = out.out_dtype(ckpt.spec[key].dtype, f"{t.name}.weight")
         layer = (PivotedLowRankLinear if config.pivot else LowRankLinear)(
@@ -212,7 +214,7 @@ def plan(
             out.specs.append(TensorSpec(key, tuple(tensor.shape), tensor.dtype))
             out.jobs.append(("buffer", None, key))
         else:
-            raise SvdloraError(f"{str(source)!r} has no tensor {key!r}: compress without --stream")
+            raise StreamingRefusal("{source!r} has no tensor {key!r}: {in_memory}", source=str(source), key=key)
     return out
 
 
