@@ -9,6 +9,7 @@ tensors on a GPU go through the CPU, so no GPU backend is needed.
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -24,6 +25,10 @@ from .errors import SvdloraError, first_line
 # slowest process's share of the matrices, may take hours (torch's default gave up after 30 minutes). A
 # process that stops is seen at once (its connections close): the limit only ends a process that hangs.
 WAIT = timedelta(hours=24)
+# Seconds that replace WAIT (torch and accelerate read no variable for init_process_group's timeout), up to
+# ~31 years: torch counts the wait in int64 nanoseconds, and 9.3e9 s (past ~292 years) timed out at once
+WAIT_VARIABLE = "SVDLORA_DISTRIBUTED_TIMEOUT"
+MAX_WAIT_SECONDS = 1e9
 
 
 @dataclass
@@ -88,11 +93,10 @@ def _peers_alive():
         yield
     except RuntimeError as err:  # gloo: "Connection closed by peer"; torch.distributed.DistError
         said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ")[0]  # gloo's: "[file.cc:553] ..."
-        if "Timed out" in said:  # alive, maybe, but silent for WAIT
-            hours = WAIT.total_seconds() / 3600
+        if "Timed out" in said:  # alive, maybe, but silent for the wait
             raise SvdloraError(
-                f"the other processes of this run did not answer within {hours:.0f} h ({said}): one of them hangs; "
-                "see their logs"
+                f"the other processes of this run did not answer within {_duration(wait())} ({said}): one of them "
+                f"hangs; see their logs ({WAIT_VARIABLE} sets the wait, in seconds)"
             ) from None
         raise peer_stopped(said) from None
 
@@ -103,6 +107,28 @@ def peer_stopped(said: str) -> SvdloraError:
         f"another process of this run stopped, so this one stops too ({said}): its error is above or in its "
         "log; fix that and rerun"
     )
+
+
+def wait() -> timedelta:
+    """How long a process waits for the others at a collective: WAIT, or ``SVDLORA_DISTRIBUTED_TIMEOUT`` seconds."""
+    given = os.environ.get(WAIT_VARIABLE)
+    if given is None:
+        return WAIT
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_WAIT_SECONDS:  # nan and inf too
+        raise SvdloraError(
+            f"{WAIT_VARIABLE} must be a wait in seconds in (0, {MAX_WAIT_SECONDS:g}] (e.g. 3600 for 1 h), got "
+            f"{given!r}: fix it, or unset it for the default {_duration(WAIT)}"
+        )
+    return timedelta(seconds=seconds)
+
+
+def _duration(wait: timedelta) -> str:
+    seconds = wait.total_seconds()
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
 
 
 def launched() -> bool:
@@ -116,7 +142,7 @@ def context() -> Context:
         return Context(dist.get_rank(), dist.get_world_size())
     if not launched():
         return Context()
-    dist.init_process_group(backend="gloo", timeout=WAIT)
+    dist.init_process_group(backend="gloo", timeout=wait())
     return Context(dist.get_rank(), dist.get_world_size())
 
 

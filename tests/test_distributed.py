@@ -457,15 +457,10 @@ def test_a_rank_that_refuses_before_the_others_joined_stops_them_at_once(base, t
     assert "rank 1's own refusal" in errors[1] and "forcefully" not in done.stderr
 
 
-def test_a_process_waits_hours_for_the_others_and_a_timeout_is_not_called_a_stop(monkeypatch):
-    """torch's default let a process wait 30 minutes at a collective: the others gave up while rank 0
-    downloaded a large hub checkpoint, or finished a longer share, saying 'another process ... stopped'."""
-    from datetime import timedelta
-
+@pytest.fixture
+def joining_as_rank_1(monkeypatch):
+    """What this process, as rank 1 of two, passes init_process_group (which is not called)."""
     import torch.distributed as dist
-
-    from svdlora import distributed
-    from svdlora.errors import SvdloraError
 
     joined = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -474,13 +469,60 @@ def test_a_process_waits_hours_for_the_others_and_a_timeout_is_not_called_a_stop
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.update(kwargs))
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    assert distributed.context() == Context(1, 2)
-    assert joined["timeout"] >= timedelta(hours=12), joined
+    return joined
+
+
+def _timing_out(monkeypatch) -> None:
+    """Collectives (a barrier) that gloo ends for the wait it was given."""
+    import torch.distributed as dist
 
     def silent(*args, **kwargs):
         raise RuntimeError("[/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 86400000ms for recv")
 
     monkeypatch.setattr(dist, "barrier", silent)
+
+
+def test_a_process_waits_hours_for_the_others_and_a_timeout_is_not_called_a_stop(monkeypatch, joining_as_rank_1):
+    """torch's default let a process wait 30 minutes at a collective: the others gave up while rank 0
+    downloaded a large hub checkpoint, or finished a longer share, saying 'another process ... stopped'."""
+    from datetime import timedelta
+
+    from svdlora import distributed
+    from svdlora.errors import SvdloraError
+
+    assert distributed.context() == Context(1, 2)
+    assert joining_as_rank_1["timeout"] >= timedelta(hours=12), joining_as_rank_1
+    _timing_out(monkeypatch)
     with pytest.raises(SvdloraError, match=r"did not answer within 24 h \(Timed out waiting") as refused:
         Context(1, 2).barrier()
     assert "stopped" not in str(refused.value)
+
+
+def test_the_wait_for_the_other_processes_is_set_in_seconds_by_an_environment_variable(monkeypatch, joining_as_rank_1):
+    """The 24 h wait had no override: a run whose rank 0 downloads for longer, or a cluster that wants a hung
+    process ended sooner, could not change it."""
+    from datetime import timedelta
+
+    from svdlora import distributed
+    from svdlora.errors import SvdloraError
+
+    monkeypatch.setenv("SVDLORA_DISTRIBUTED_TIMEOUT", "90")
+    assert distributed.context() == Context(1, 2) and joining_as_rank_1["timeout"] == timedelta(seconds=90)
+    _timing_out(monkeypatch)
+    with pytest.raises(SvdloraError, match=r"within 90 s .*SVDLORA_DISTRIBUTED_TIMEOUT sets the wait"):
+        Context(1, 2).barrier()
+    monkeypatch.setenv("SVDLORA_DISTRIBUTED_TIMEOUT", "5400")
+    assert distributed.wait() == timedelta(hours=1.5)
+
+
+@pytest.mark.parametrize("given", ["ten", "", "0", "-60", "nan", "inf", "1e10"])
+def test_a_wait_that_is_no_number_of_seconds_is_refused_before_joining(monkeypatch, joining_as_rank_1, given):
+    """A bad value must not reach init_process_group: 0 or less, or past torch's int64 nanoseconds, ends
+    every collective at once; text would fail inside torch."""
+    from svdlora import distributed
+    from svdlora.errors import SvdloraError
+
+    monkeypatch.setenv("SVDLORA_DISTRIBUTED_TIMEOUT", given)
+    with pytest.raises(SvdloraError, match=rf"SVDLORA_DISTRIBUTED_TIMEOUT must be a wait in seconds .* got {given!r}"):
+        distributed.context()
+    assert not joining_as_rank_1
