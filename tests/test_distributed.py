@@ -22,6 +22,7 @@ from .test_blockwise import WORDS, tiny_benchmark_inputs
 from .test_streaming import tied_llama, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
+ERROR_LINE = re.compile(r"svdlora compress \[rank \d/2\]: error: ")  # a launched process's error, its rank named
 
 # Runs the CLI with factorize() patched to SIGKILL its own process at the 3rd matrix (on rank
 # DIE_RANK only): a crash no cleanup code can catch, as an OOM kill or a lost node would be.
@@ -396,7 +397,7 @@ def test_a_rank_whose_folder_rank_0_removed_points_at_rank_0_not_at_the_disk(bas
         [*launch, "compress", str(base), "-o", str(out), "--budget", "0.5", "--no-progress"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    errors = [line for line in done.stderr.splitlines() if line.startswith("svdlora compress: error:")]
+    errors = [line for line in done.stderr.splitlines() if ERROR_LINE.match(line)]
     assert len(errors) == 2 and sum("rank 0's own error" in line for line in errors) == 1, done.stderr
     rank_1 = next(line for line in errors if "rank 0's own error" not in line)  # the processes print in any order
     assert "another process of this run stopped" in rank_1 and "free space" not in rank_1, errors
@@ -426,6 +427,24 @@ def test_a_command_that_does_not_split_its_work_is_refused_under_a_launcher(tmp_
     assert f"svdlora {command} runs as one process" in err and "without torchrun" in err, err
 
 
+def test_under_a_launcher_each_error_line_names_its_rank(tmp_path, monkeypatch, capsys):
+    """An error every process hits was printed once per process in the same words: each line now says whose it
+    is (an error of one rank only stays its own line); a single process's line is as before."""
+    from svdlora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["info", "x"]) == 2
+    assert capsys.readouterr().err.startswith("svdlora info [rank 1/2]: error: svdlora info runs as one process")
+    with pytest.raises(SystemExit):  # a bad flag: argparse's line
+        main(["compress", "x", "-o", "o", "--budget", "half"])
+    assert capsys.readouterr().err.startswith("svdlora compress [rank 1/2]: error: argument --budget")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["info", "missing"]) == 2
+    assert capsys.readouterr().err.startswith("svdlora info: error: ")
+
+
 # Rank 1 refuses its own setting (as a rank whose LOCAL_RANK has no GPU does) before any work.
 REFUSING_EARLY = """
 import os, sys
@@ -452,9 +471,12 @@ def test_a_rank_that_refuses_before_the_others_joined_stops_them_at_once(base, t
         [*launch, "compress", str(base), "-o", str(tmp_path / "out"), "--budget", "0.5", "--no-progress"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    errors = sorted(line for line in done.stderr.splitlines() if line.startswith("svdlora compress: error:"))
-    assert len(errors) == 2 and "another process of this run stopped" in errors[0], done.stderr
-    assert "rank 1's own refusal" in errors[1] and "forcefully" not in done.stderr
+    errors = sorted(line for line in done.stderr.splitlines() if ERROR_LINE.match(line))  # rank 0's line first
+    assert len(errors) == 2 and errors[0].startswith(
+        "svdlora compress [rank 0/2]: error: another process of this run stopped"
+    ), done.stderr
+    assert errors[1].startswith("svdlora compress [rank 1/2]: error: rank 1's own refusal"), done.stderr
+    assert "forcefully" not in done.stderr
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ class _OneLineParser(argparse.ArgumentParser):
     parsers are of this class too (add_subparsers builds them with the parent's class)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{_speaker(self.prog)}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,16 +62,25 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        print(f"svdlora {args.command}: interrupted (nothing was written)", file=sys.stderr)
+        print(f"{_speaker(f'svdlora {args.command}')}: interrupted (nothing was written)", file=sys.stderr)
         return 130
     except Exception as err:
         if os.environ.get("SVDLORA_TRACEBACK"):
             raise
-        print(f"svdlora {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{_speaker(f'svdlora {args.command}')}: error: {_one_line(err)}", file=sys.stderr)
         return 2 if isinstance(err, SvdloraError | OSError) or out_of_memory(err) else 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _speaker(prog: str) -> str:
+    """``prog`` ('svdlora compress'), and this process's rank where a launcher runs several: each prints its own
+    error, so one that every rank hits is repeated, each line telling whose it is."""
+    rank, size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "")
+    if rank is None or not size.isdigit() or int(size) < 2:  # distributed.launched(), without importing torch
+        return prog
+    return f"{prog} [rank {rank}/{size}]"
 
 
 def _check_launcher(command: str) -> None:
