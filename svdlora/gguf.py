@@ -1,8 +1,9 @@
 """Turn a GGUF checkpoint into a normal transformers folder that svdlora (and anyone) can load.
 
 transformers reads GGUF (dequantizing to float) but refuses ``save_pretrained`` on such a
-model, so the folder is written by hand: safetensors weights (tied tensors stored once),
-the config without its GGUF ``quantization_config``, and the tokenizer.
+model, so the folder is written by hand: safetensors shards of ``max_shard_size`` (tied tensors
+stored once; svdlora's shard writer), the config without its GGUF ``quantization_config``, and
+the tokenizer.
 """
 
 from __future__ import annotations
@@ -14,14 +15,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from .choices import DEFAULT_MAX_SHARD_SIZE
 from .errors import SvdloraError, first_line
-from .io.outputs import atomic_folder, check_output_folder, readable_as_umask
+from .io.outputs import atomic_folder, check_output_folder
+from .io.writer import parse_size, write_tensors
 
 
-def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = False) -> Path:
-    """Dequantize ``gguf_file`` to float32 and save it as a transformers folder at ``output``."""
+def gguf_to_folder(
+    gguf_file: str | Path,
+    output: str | Path,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Dequantize ``gguf_file`` to float32 and save it as a transformers folder at ``output``, its weights in
+    shards of at most ``max_shard_size`` ("5GB", bytes) with a ``model.safetensors.index.json`` when several."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file).expanduser()  # as the output and every other command's paths
@@ -34,6 +42,7 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
     except ImportError:
         raise SvdloraError("reading GGUF needs the `gguf` package: pip install gguf") from None
     check_output_folder(output, overwrite, inputs=[gguf_file])  # before the slow dequantization
+    parse_size(max_shard_size)
     kwargs = {"gguf_file": gguf_file.name}
     try:
         with _alone(gguf_file) as folder:
@@ -59,8 +68,7 @@ def gguf_to_folder(gguf_file: str | Path, output: str | Path, overwrite: bool = 
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # re-tied from the input embedding at load time
     with atomic_folder(output, overwrite=overwrite, inputs=[gguf_file]) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        readable_as_umask(tmp / "model.safetensors")
+        write_tensors(tmp, list(state.items()), {"format": "pt"}, max_shard_size, str(output))
         model.config.architectures = [type(model).__name__]  # GGUF configs lack it; loaders need it
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

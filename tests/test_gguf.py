@@ -4,6 +4,7 @@ tokenizer in the file's metadata, and no `output.weight` where the head is tied 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +229,34 @@ def test_a_home_relative_gguf_path_is_read(tmp_path, capsys, monkeypatch):
     write_gguf(tmp_path / "tiny.gguf", tied=True, quant="F32")
     assert main(["convert-gguf", "~/tiny.gguf", "-o", "~/out"]) == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_convert_gguf_writes_shards_of_max_shard_size_with_the_tensors_of_one_file(tmp_path, capsys):
+    """convert-gguf wrote one unsharded model.safetensors whatever the model's size (28 GB for a 7B): it splits
+    it as `compress --max-shard-size` does, with the index, tied tensors stored once, the same tensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from svdlora.io import weight_files
+
+    gguf_file = tmp_path / "tiny.gguf"
+    write_gguf(gguf_file, tied=True, quant="Q8_0")
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert main(["convert-gguf", str(gguf_file), "-o", str(whole)]) == 0, capsys.readouterr().err
+    args = ["convert-gguf", str(gguf_file), "-o", str(sharded), "--max-shard-size", "20KB"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert [p.name for p in weight_files(whole)] == ["model.safetensors"]
+    files = weight_files(sharded)
+    assert len(files) > 2 and not (sharded / "model.safetensors").exists(), files
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    tensors = {k: v for f in files for k, v in load_file(f).items()}
+    assert set(index["weight_map"]) == set(tensors) and "lm_head.weight" not in tensors  # tied: stored once
+    expected = load_file(whole / "model.safetensors")
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in expected)
+    model = AutoModelForCausalLM.from_pretrained(sharded).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(logits(model, ids), logits(AutoModelForCausalLM.from_pretrained(whole).eval(), ids))
+
+    capsys.readouterr()
+    assert main([*args[:3], str(tmp_path / "bad"), "--max-shard-size", "5XB"]) == 2  # before the slow load
+    assert "max shard size must look like 5GB" in capsys.readouterr().err and not (tmp_path / "bad").exists()

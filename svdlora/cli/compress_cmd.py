@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..choices import DEFAULT_MAX_SHARD_SIZE
 from ..config import SVD_METHODS
 from . import options
 from .calibration_flags import add_calibration_flags
@@ -120,12 +119,7 @@ def register(subparsers) -> None:
         "over the processes); the default --calibration auto falls back to plain SVD (said on stderr), "
         "--calibration self is refused",
     )
-    p.add_argument(
-        "--max-shard-size",
-        default=DEFAULT_MAX_SHARD_SIZE,
-        help=f"split the output weights into shards of at most this size, e.g. 5GB (default {DEFAULT_MAX_SHARD_SIZE}, "
-        "as transformers)",
-    )
+    options.add_max_shard_size_flag(p)
     add_calibration_flags(p)
     p.add_argument("--dtype", default=None, help="load the model in this dtype (default: as stored)")
     options.add_overwrite_flag(p)

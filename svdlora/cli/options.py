@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..choices import DEFAULT_TEXT_COLUMN
+from ..choices import DEFAULT_MAX_SHARD_SIZE, DEFAULT_TEXT_COLUMN
 
 
 def budget(text: str) -> float:
@@ -103,6 +103,16 @@ def add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="replace an existing output folder that svdlora wrote, or an empty one (any other is refused)",
+    )
+
+
+def add_max_shard_size_flag(parser: argparse.ArgumentParser) -> None:
+    """--max-shard-size of the commands that write weights shard by shard (``writer.parse_size`` reads it)."""
+    parser.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"split the output weights into shards of at most this size, e.g. 5GB (default {DEFAULT_MAX_SHARD_SIZE}, "
+        "as transformers)",
     )
 
 

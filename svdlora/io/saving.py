@@ -28,14 +28,13 @@ from ..quantize import dtype_name
 from ..report import CompressionReport
 from ..siblings import StackedSibling
 from ..version import __version__
-from .outputs import atomic_folder, check_output_folder, ensure_space
+from .outputs import atomic_folder, check_output_folder
 from .writer import (
     CONFIG_NAME,
-    ShardedWriter,
-    TensorSpec,
     file_layout,
     folder_format,
     header_metadata,
+    write_tensors,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,19 +87,12 @@ def save_compressed(
     format_version = folder_format(model, report)  # after the refresh: it may null errors
     with atomic_folder(output, overwrite, inputs=[source]) as tmp:
         tensors, tied = file_layout(model)
-        specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors]
-        writer = ShardedWriter(tmp, specs, header_metadata(tied, format_version), max_shard_size)
-        ensure_space(tmp, writer.total_size, str(output))
-        writer.create_files()
-        for key, tensor in tensors:  # one tensor copied at a time, not the whole model
-            writer.write(key, tensor)
-        writer.close()
-        writer.write_index()
+        writer = write_tensors(tmp, tensors, header_metadata(tied, format_version), max_shard_size, str(output))
         report.bytes_after = writer.bytes_on_disk()
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and not getattr(model, "can_generate", lambda: False)():
             generation_config = None
-        dtype = layers[0].B.dtype if layers else specs[0].dtype if specs else None  # the model's, not int8
+        dtype = layers[0].B.dtype if layers else tensors[0][1].dtype if tensors else None  # the model's, not int8
         if dtype is not None and hasattr(config, "save_pretrained"):  # as save_pretrained: a model cast
             set_config_dtype(config, dtype)  # after loading says what its weights now are
         write_side_files(

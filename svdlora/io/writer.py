@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SvdloraError
+from .outputs import ensure_space
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "svdlora_config.json"  # the svdlora config; written last, it marks a finished folder
@@ -180,6 +181,22 @@ class ShardedWriter:
 
     def bytes_on_disk(self) -> int:
         return sum(self.sizes)
+
+
+def write_tensors(
+    folder: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str], max_shard_size, shown: str
+) -> ShardedWriter:
+    """Write ``tensors`` (name, tensor; in file order) into shards of ``folder``, one tensor at a time, with the
+    index where there are several; refused before any byte is written when the disk of ``shown`` lacks room."""
+    specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in tensors]
+    writer = ShardedWriter(folder, specs, metadata, max_shard_size)
+    ensure_space(folder, writer.total_size, shown)
+    writer.create_files()
+    for key, tensor in tensors:  # one tensor copied at a time, not the whole model
+        writer.write(key, tensor)
+    writer.close()
+    writer.write_index()
+    return writer
 
 
 def weight_files(folder: str | Path) -> list[Path]:
