@@ -14,7 +14,7 @@ from torch import nn
 from .. import blockwise, distributed
 from ..compress import compress
 from ..config import CompressionConfig
-from ..errors import IN_MEMORY_LAUNCHED, StreamingRefusal, SvdloraError
+from ..errors import IN_MEMORY, IN_MEMORY_LAUNCHED, StreamingRefusal, SvdloraError
 from ..evaluation.loading import local_outline, outline
 from ..factoring import rank_factorizes_nothing, svd_device
 from ..io.saving import check_output, save_compressed
@@ -173,7 +173,7 @@ def _run_streamed(
             )
             warn_unread_sizes(args, None)
 
-    with _in_memory_advice(args.stream):  # a refusal's advice, for the way this run streams
+    with _in_memory_advice(args.stream, distributed.launched()):  # a refusal's advice, for how this run streams
         check_streamable(config, calibration)
         report = compress_checkpoint(
             args.model,
@@ -212,15 +212,15 @@ def _run_streamed(
 
 
 @contextmanager
-def _in_memory_advice(stream_flag: bool):
-    """A streamed refusal's way to compress in memory is worded for --stream; a launcher's run streams without
-    the flag, and compresses in memory as one process started without the launcher."""
+def _in_memory_advice(stream_flag: bool, launched: bool):
+    """A streamed refusal's way to compress in memory is worded for --stream; a launcher's run streams with or
+    without the flag, and compresses in memory only as one process started without the launcher."""
     try:
         yield
     except StreamingRefusal as err:
-        if stream_flag:
+        if not launched:
             raise
-        raise err.reworded(IN_MEMORY_LAUNCHED) from None
+        raise err.reworded(f"{IN_MEMORY} and {IN_MEMORY_LAUNCHED}" if stream_flag else IN_MEMORY_LAUNCHED) from None
 
 
 def eval_options(args: argparse.Namespace) -> dict:
