@@ -49,7 +49,7 @@ def gguf_to_folder(
     try:
         with _alone(gguf_file) as folder:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **_unpacked(), **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            tokenizer = _tokenizer(AutoTokenizer, folder, gguf_file, kwargs)
     except struct.error as err:  # transformers' metadata reader unpacked past the end of the file
         raise SvdloraError(
             f"GGUF file {str(gguf_file)!r} ends inside its metadata ({first_line(err)}): the file is incomplete; "
@@ -78,6 +78,20 @@ def gguf_to_folder(
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(output)
+
+
+def _tokenizer(auto, folder: Path, gguf_file: Path, kwargs: dict):
+    """The GGUF's own tokenizer; the ``tokenizers`` library raises a bare Exception for a vocabulary it cannot
+    build (a merge whose result is no token), a fault of the file, not of svdlora."""
+    try:
+        return auto.from_pretrained(folder, **kwargs)
+    except Exception as err:  # noqa: BLE001  (tokenizers' Rust errors are plain Exception)
+        if type(err) is not Exception:
+            raise  # a subclass: the caller's read errors, or a bug
+        raise SvdloraError(
+            f"GGUF file {str(gguf_file)!r}: its tokenizer cannot be built ({first_line(err)}): the file's vocabulary "
+            "is damaged or not one transformers reads"
+        ) from None
 
 
 @contextmanager

@@ -59,8 +59,11 @@ def _gguf_tensor(arch: str, key: str, w: np.ndarray, cfg) -> np.ndarray:
     return w
 
 
-def write_gguf(path: Path, tied: bool, quant: str, arch: str = "llama") -> torch.nn.Module:
-    """A real 2-layer GGUF at ``path`` (matrices in ``quant``: "F32" or "Q8_0"); returns its model."""
+def write_gguf(
+    path: Path, tied: bool, quant: str, arch: str = "llama", merges: tuple[str, ...] = ("Ġ t", "h e")
+) -> torch.nn.Module:
+    """A real 2-layer GGUF at ``path`` (matrices in ``quant``: "F32" or "Q8_0"; its tokenizer's BPE ``merges``);
+    returns its model."""
     tokens = _tokens()
     model = _model(arch, tied)
     cfg = model.config
@@ -83,7 +86,7 @@ def write_gguf(path: Path, tied: bool, quant: str, arch: str = "llama") -> torch
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_token_merges(list(merges))
     writer.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - 1) + [gguf.TokenType.CONTROL])
     writer.add_bos_token_id(len(tokens) - 1)
     writer.add_eos_token_id(len(tokens) - 1)
@@ -201,6 +204,17 @@ def test_a_gguf_file_cut_off_in_its_metadata_is_one_clean_error(tmp_path, capsys
     assert main(["convert-gguf", str(cut), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "ends inside its metadata" in err and "download or copy it again" in err and "a bug" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_file_whose_tokenizer_cannot_be_built_is_one_clean_error(tmp_path, capsys):
+    """tokenizers raises a bare Exception for a merge whose result is not in the vocabulary, which the
+    CLI called a bug, with a traceback."""
+    gguf_file = tmp_path / "bad.gguf"
+    write_gguf(gguf_file, tied=True, quant="F32", merges=("Ġ t", "h e", "c a"))  # 'ca' is no token
+    assert main(["convert-gguf", str(gguf_file), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "its tokenizer cannot be built" in err and "out of vocabulary" in err and "a bug" not in err, err
     assert not (tmp_path / "out").exists()
 
 
