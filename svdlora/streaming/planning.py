@@ -129,7 +129,7 @@ def _build(source: str | Path, trust_remote_code: bool) -> tuple[object, torch.n
 
     try:
         hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    except CONFIG_ERRORS as err:
+    except (OSError, *CONFIG_ERRORS) as err:  # OSError: not JSON, or unreadable
         raise SvdloraError(f"cannot read the config of {str(source)!r}: {config_refusal(err)}") from None
     cls = model_class(hf_config)
     try:
