@@ -25,12 +25,30 @@ try:  # transformers 5's configs are strict dataclasses: a field of the wrong ty
     from huggingface_hub.errors import StrictDataclassError
 except ImportError:  # an older huggingface_hub, whose configs check their fields with ValueError
     StrictDataclassError = ValueError
-# what AutoConfig.from_pretrained raises for a config.json it reads but refuses (OSError: a missing or unreachable one)
-CONFIG_ERRORS = (ValueError, StrictDataclassError)
+# what AutoConfig.from_pretrained raises for a config.json it cannot read (OSError: none there, not JSON,
+# unreadable, a hub id neither cached nor downloadable) or refuses (an unknown model_type, a wrong field)
+_CONFIG_ERRORS = (OSError, ValueError, StrictDataclassError)
 
 
-def config_refusal(err: Exception) -> str:
-    """One of ``CONFIG_ERRORS`` in a line: a strict field's is two, the field's name and then what it holds."""
+def read_hf_config(
+    source: str | Path,
+    refusal: Callable[[str], str] | None = None,
+    missing: Callable[[str], str] | None = None,
+    **kwargs,
+) -> transformers.PretrainedConfig:
+    """``AutoConfig.from_pretrained(source, **kwargs)``; a config it cannot read or refuses is one
+    SvdloraError line: ``refusal(why)`` (by default 'cannot read the config of SOURCE: why'), or
+    ``missing(why)`` for an OSError (no config.json there), where the caller says more of that."""
+    try:
+        return transformers.AutoConfig.from_pretrained(str(source), **kwargs)
+    except _CONFIG_ERRORS as err:
+        say = missing if missing is not None and isinstance(err, OSError) else refusal
+        why = _config_refusal(err)
+        raise SvdloraError(say(why) if say else f"cannot read the config of {str(source)!r}: {why}") from None
+
+
+def _config_refusal(err: Exception) -> str:
+    """A config's refusal in a line: a strict field's is two, the field's name and then what it holds."""
     return " ".join(str(err).split()) if isinstance(err, StrictDataclassError) else first_line(err)
 
 
@@ -215,21 +233,13 @@ def load_pretrained(
     source = str(folder) if folder is not None else name
     # Offline, only the local hub cache can serve a hub id; asking it directly fails fast.
     local_only = source is name and not hub_reachable()
-    try:
-        config = transformers.AutoConfig.from_pretrained(
-            source, trust_remote_code=trust_remote_code, local_files_only=local_only
-        )
-    except OSError as err:
-        if source is name:
-            why = "hub unreachable and not in the local cache" if local_only else first_line(err)
-            raise SvdloraError(
-                f"model {name!r} is neither a local folder nor downloadable from the Hugging Face hub ({why}). "
-                "Pass a local folder saved with save_pretrained, or check the id and your network "
-                "(HF_HUB_OFFLINE must be unset)."
-            ) from None
-        raise SvdloraError(f"cannot read the config of {name!r}: {first_line(err)}") from None
-    except CONFIG_ERRORS as err:
-        raise SvdloraError(f"cannot read the config of {name!r}: {config_refusal(err)}") from None
+    config = read_hf_config(
+        source,
+        lambda why: f"cannot read the config of {name!r}: {why}",
+        _not_on_the_hub(name, local_only) if source is name else None,
+        trust_remote_code=trust_remote_code,
+        local_files_only=local_only,
+    )
     cls = model_class(config)
     try:
         # Mismatched shapes are reported below, naming the tensor, rather than as transformers' RuntimeError.
@@ -250,6 +260,15 @@ def load_pretrained(
         raise SvdloraError(f"cannot load the weights of {name!r} as {cls.__name__}: {_clean(err)}") from None
     check_loading_info(info, name, cls.__name__)
     return model
+
+
+def _not_on_the_hub(name: str, local_only: bool) -> Callable[[str], str]:
+    """The refusal of a hub id whose config.json cannot be fetched (``read_hf_config``'s ``missing``)."""
+    return lambda why: (
+        f"model {name!r} is neither a local folder nor downloadable from the Hugging Face hub "
+        f"({'hub unreachable and not in the local cache' if local_only else why}). Pass a local folder saved "
+        "with save_pretrained, or check the id and your network (HF_HUB_OFFLINE must be unset)."
+    )
 
 
 def _clean(err: BaseException) -> str:

@@ -85,6 +85,31 @@ def lm_folder(tmp_path):
     return tmp_path / "m", tmp_path / "text.txt"
 
 
+# config.json damaged three ways (the fields written over it; None: not JSON), and what its one-line refusal says
+CONFIG_DAMAGE = {
+    "a field of the wrong type": ({"n_layer": "two"}, ["'n_layer'", "got str (value: 'two')"]),
+    "an unknown model_type": ({"model_type": "nosuchtype"}, ["model type `nosuchtype`"]),
+    "not JSON": (None, ["is not a valid JSON file"]),
+}
+
+
+def damage_config(folder: Path, damage: str) -> list[str]:
+    """``CONFIG_DAMAGE[damage]`` done to FOLDER's config.json (a GPT-2's); what the refusal must say. A wrong
+    field type is skipped where huggingface_hub checks none (before transformers 5's strict configs)."""
+    import json
+
+    import pytest
+
+    from svdlora.models import StrictDataclassError
+
+    fields, says = CONFIG_DAMAGE[damage]
+    if StrictDataclassError is ValueError and "n_layer" in (fields or {}):
+        pytest.skip("this huggingface_hub checks no config field types")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **fields}) if fields else "{")
+    return says
+
+
 def unbuildable_meta_model(monkeypatch) -> None:
     """The early checks' meta model cannot be built (a config only its load can judge)."""
     import svdlora.evaluation.loading as loading

@@ -21,6 +21,7 @@ from svdlora.cli import main
 from svdlora.errors import SvdloraError
 from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
 
+from .eval_helpers import CONFIG_DAMAGE, damage_config
 from .test_safety import made  # noqa: F401  (the shared module fixture)
 
 CASES = 40
@@ -148,19 +149,17 @@ def test_damaged_folders_work_exactly_or_fail_in_one_line(made, intact, tmp_path
     assert outcomes["works"] >= 3 and outcomes["refused"] >= 10, outcomes
 
 
-def test_a_config_field_of_the_wrong_type_is_refused_on_load(made, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize("damage", CONFIG_DAMAGE)
+def test_a_config_it_cannot_read_is_refused_on_load(made, tmp_path, capsys, damage):  # noqa: F811
     """transformers 5 checks config field types with huggingface_hub's own error, not a ValueError:
     load_compressed of a folder whose config.json holds "n_layer": "two" raised it raw, and info/eval said
-    'internal error'; it is the folder's refusal, naming the field."""
-    from svdlora.models import StrictDataclassError
-
-    if StrictDataclassError is ValueError:
-        pytest.skip("this huggingface_hub checks no config field types")
+    'internal error'; it is the folder's refusal, naming the field. So are an unknown model_type and a
+    config.json that is not JSON (the dense model's builders: test_cli's test_a_config_it_cannot_read_...)."""
     folder = tmp_path / "svd"
     shutil.copytree(made / "svd", folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "n_layer": "two"}))
-    with pytest.raises(SvdloraError, match="no usable config.json.*'n_layer'.*got str"):
+    says = damage_config(folder, damage)
+    with pytest.raises(SvdloraError, match="no usable config.json") as refused:
         svdlora.load_compressed(folder, device="cpu")
+    assert len(str(refused.value).splitlines()) == 1 and all(said in str(refused.value) for said in says), refused
     code, err = cli(capsys, "eval", folder, "--data", made / "text.txt", *EVAL)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "'n_layer'" in err, err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and all(said in err for said in says), err

@@ -246,17 +246,18 @@ def _model_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
 
 def _dense_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
-    from ..models import CONFIG_ERRORS, build_model, check_model_path, config_refusal, hub_reachable, model_class
+    from ..models import build_model, check_model_path, hub_reachable, model_class, read_hf_config
 
     folder = check_model_path(name)  # the local folder (its '~' expanded), or None for a hub id
     source = str(folder) if folder is not None else name
-    try:
-        local = folder is None and not hub_reachable()
-        config = AutoConfig.from_pretrained(source, local_files_only=local, trust_remote_code=trust_remote_code)
-    except (OSError, *CONFIG_ERRORS) as err:
-        raise SvdloraError(f"cannot read its config ({config_refusal(err)})") from None
+    local = folder is None and not hub_reachable()
+    config = read_hf_config(
+        source,
+        lambda why: f"cannot read its config ({why})",
+        local_files_only=local,
+        trust_remote_code=trust_remote_code,
+    )
     cls = model_class(config)
     try:
         with init_empty_weights():

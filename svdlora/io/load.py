@@ -21,12 +21,11 @@ from ..errors import SvdloraError, first_line
 from ..integrations import hf_quantizer
 from ..layers import LowRankLinear, dense_kind, weight_out_in
 from ..models import (
-    CONFIG_ERRORS,
-    config_refusal,
     default_device,
     keep_in_fp32,
     model_class,
     parse_dtype,
+    read_hf_config,
     set_config_dtype,
 )
 from ..pivoted import PivotedLowRankLinear
@@ -52,15 +51,13 @@ def tie_as_stored(model: nn.Module, tied: dict[str, str]) -> None:
 
 def _build_skeleton(path: Path, base: dict) -> nn.Module:
     """The base architecture with parameters on the meta device (no memory, no init)."""
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path))
-    except (OSError, *CONFIG_ERRORS) as err:  # transformers 5: a field of the wrong type is not a ValueError
-        raise SvdloraError(
-            f"{str(path)!r} has no usable config.json ({config_refusal(err)}); for a plain PyTorch model pass "
+    config = read_hf_config(
+        path,
+        lambda why: (
+            f"{str(path)!r} has no usable config.json ({why}); for a plain PyTorch model pass "
             "load_compressed(path, model=<an instance of its class>)"
-        ) from None
+        ),
+    )
     hf_quantizer.strip_config(config)  # built here, not through transformers' quantizer
     cls = model_class_named(base.get("class"), path / CONFIG_NAME) or model_class(config)
     if cls.config_class is not None and not isinstance(config, cls.config_class):

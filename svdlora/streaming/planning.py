@@ -20,13 +20,12 @@ from ..io.load import _no_weight_init
 from ..io.writer import TensorSpec, file_layout
 from ..layers import LowRankLinear
 from ..models import (
-    CONFIG_ERRORS,
     build_model,
     check_dense_folder,
-    config_refusal,
     keep_in_fp32,
     model_class,
     parse_dtype,
+    read_hf_config,
     set_config_dtype,
 )
 from ..pivoted import PivotedLowRankLinear
@@ -125,12 +124,7 @@ def _built_from(model: torch.nn.Module, source: str | Path) -> bool:
 
 
 def _build(source: str | Path, trust_remote_code: bool) -> tuple[object, torch.nn.Module]:
-    import transformers
-
-    try:
-        hf_config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    except (OSError, *CONFIG_ERRORS) as err:  # OSError: not JSON, or unreadable
-        raise SvdloraError(f"cannot read the config of {str(source)!r}: {config_refusal(err)}") from None
+    hf_config = read_hf_config(source, trust_remote_code=trust_remote_code)
     cls = model_class(hf_config)
     try:
         with init_empty_weights(), _no_weight_init():  # AutoModel (no known class named): from_config
