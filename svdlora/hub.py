@@ -39,6 +39,21 @@ def cached_checkpoint(name: str | Path) -> Path | None:
         return None
 
 
+def side_folder(name: str | Path, trust_remote_code: bool = False) -> Path | None:
+    """The folder of ``name``'s side files (config, tokenizer, index): itself, or a hub id's snapshot at
+    one commit (the hub's latest, or offline the cache's), downloaded or from the cache: the folder a
+    streamed run reads, its weights added to it; None for another path and where neither serves them."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or looks_like_path(str(name)):
+        return None
+    try:
+        return _download(str(name), _side_files(trust_remote_code), None, not hub_reachable())
+    except SvdloraError:
+        return None
+
+
 def remote_parameters(name: str | Path, trust_remote_code: bool = False) -> tuple[Path, dict[str, int]] | None:
     """A hub model not in the local cache, sized before its weights are downloaded: (the folder of its
     side files: config, index, tokenizer; downloaded) and the element count of its safetensors tensors
@@ -63,13 +78,9 @@ def _side_files(trust_remote_code: bool) -> list[str]:
 def _snapshot(repo_id: str, trust_remote_code: bool, revision: str | None, local_only: bool) -> Path:
     """The side files first, at one commit; then exactly the weight files its index names."""
     folder = _download(repo_id, _side_files(trust_remote_code), revision, local_only)
-    index = folder / INDEX_NAME
-    try:
-        weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
-    except (OSError, ValueError, KeyError, AttributeError) as err:
-        raise SvdloraError(f"model {repo_id!r}: {INDEX_NAME} cannot be read ({first_line(err)})") from None
-    folder = _download(repo_id, weights or [WEIGHTS_NAME], folder.name, local_only)  # the same commit
-    missing = [w for w in weights or [WEIGHTS_NAME] if not (folder / w).is_file()]
+    weights = _weight_files(folder, repo_id)
+    folder = _download(repo_id, weights, folder.name, local_only)  # the same commit
+    missing = [w for w in weights if not (folder / w).is_file()]
     if missing:
         where = "the local cache (the hub is unreachable)" if local_only else "the hub"
         raise StreamingRefusal(
@@ -78,6 +89,23 @@ def _snapshot(repo_id: str, trust_remote_code: bool, revision: str | None, local
             repo_id=repo_id, file=missing[0], where=where,
         )  # fmt: skip
     return folder
+
+
+def _weight_files(folder: Path, repo_id: str) -> list[str]:
+    """The safetensors files of a snapshot: those its index names, else the one model.safetensors."""
+    index = folder / INDEX_NAME
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_NAME]
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise SvdloraError(f"model {repo_id!r}: {INDEX_NAME} cannot be read ({first_line(err)})") from None
+
+
+def holds_weights(folder: Path) -> bool:
+    """Whether a snapshot folder (``side_folder``'s) holds its safetensors files, all of them."""
+    try:
+        return all((folder / w).is_file() for w in _weight_files(folder, folder.name))
+    except SvdloraError:
+        return False
 
 
 def _download(repo_id: str, patterns: list[str], revision: str | None, local_only: bool) -> Path:

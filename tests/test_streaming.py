@@ -243,23 +243,29 @@ def test_valid_headers_that_torch_or_the_order_could_trip_on(tmp_path):
     assert set(read_header(file)[0]) == {"a", "b"}
 
 
-def test_a_hub_id_streams_from_its_snapshot(tmp_path, monkeypatch, capsys):
-    """A hub id is read from its snapshot in the Hugging Face cache (offline here; online it is
-    downloaded first), recorded as the base model, and sized for the memory check when cached."""
+def cached_as_hub_id(folder: Path, tmp_path: Path, monkeypatch) -> str:
+    """``folder`` put in a Hugging Face cache (under ``tmp_path``, offline) as the hub id 'org/tiny'."""
     import shutil
 
     import huggingface_hub.constants
 
-    from svdlora import memory
-
-    base = tmp_path / "base"
-    tied_llama().save_pretrained(base, max_shard_size="20KB")
     commit, repo = "0123456789abcdef0123456789abcdef01234567", tmp_path / "hub" / "models--org--tiny"
-    shutil.copytree(base, repo / "snapshots" / commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return "org/tiny"
+
+
+def test_a_hub_id_streams_from_its_snapshot(tmp_path, monkeypatch, capsys):
+    """A hub id is read from its snapshot in the Hugging Face cache (offline here; online it is
+    downloaded first), recorded as the base model, and sized for the memory check when cached."""
+    from svdlora import memory
+
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base, max_shard_size="20KB")
+    cached_as_hub_id(base, tmp_path, monkeypatch)
     flags = ["--budget", "0.5", "--calibration", "none", "--no-progress"]
     assert main(["compress", str(base), *flags, "--stream", "-o", str(tmp_path / "local")]) == 0
     assert main(["compress", "org/tiny", *flags, "--stream", "-o", str(tmp_path / "hub-id")]) == 0
@@ -273,6 +279,53 @@ def test_a_hub_id_streams_from_its_snapshot(tmp_path, monkeypatch, capsys):
     assert main(["compress", "org/not-cached", *flags, "--stream", "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not in the local cache" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--stream", "--calibration", "none"],
+        [
+            "--calibration",
+            "text",
+            "--calibration-samples",
+            "2",
+            "--calibration-length",
+            "16",
+        ],  # the memory check's plan
+    ],
+)
+def test_compress_eval_of_a_hub_id_builds_its_meta_model_once(tmp_path, monkeypatch, flags):
+    """compress HUB_ID --eval built the hub id's meta model for the --eval checks (from the id), then the plan
+    (streamed, or the memory check's with a calibration) built another from the snapshot folder, as the first was
+    not built from the folder it reads: the first is built from the snapshot of its side files, and taken over."""
+    from .eval_helpers import count_loads, lm_folder
+
+    remote, text = lm_folder(tmp_path)
+    name = cached_as_hub_id(remote, tmp_path, monkeypatch)
+    calls = count_loads(monkeypatch)
+    flags = [str(text) if flag == "text" else flag for flag in flags]
+    out = tmp_path / "out"
+    argv = ["compress", name, "-o", str(out), "--eval", str(text), "--eval-limit", "2", "--no-progress", *flags]
+    assert main(argv) == 0
+    assert len(calls["skeleton"]) == 1, calls["skeleton"]
+    assert "perplexity" in (out / "README.md").read_text()
+
+
+def test_compress_eval_of_a_hub_id_without_its_weights_in_the_cache_is_checked_on_its_config(
+    tmp_path, monkeypatch, capsys
+):
+    """A hub id whose snapshot lacks the weights (a cache with its config only) has its --eval checked on its
+    config alone, not skipped for want of a whole snapshot: a BERT is refused ('drop --eval') before the run."""
+    from .conftest import tiny_bert
+
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    (tmp_path / "bert" / "model.safetensors").unlink()
+    (tmp_path / "text.txt").write_text("a b c " * 20)
+    name = cached_as_hub_id(tmp_path / "bert", tmp_path, monkeypatch)
+    argv = ["compress", name, "--stream", "--calibration", "none", "--eval", str(tmp_path / "text.txt")]
+    assert main([*argv, "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "drop --eval" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_the_hub_snapshot_takes_top_level_side_files_and_the_index_s_shards():

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import transformers
 from torch import nn
 
-from .. import blockwise, distributed
+from .. import blockwise, distributed, hub
 from ..compress import compress
 from ..config import CompressionConfig
 from ..errors import IN_MEMORY, IN_MEMORY_LAUNCHED, StreamingRefusal, SvdloraError
@@ -95,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
         # the task, tokenizer and the task's options before the load; a hub id's too, on its config and tokenizer
         # (fetched, or read from the cache): a streamed run loads no model before it writes the folder. A local
         # folder's was tried above: one that could not be built is not tried again
-        hub_id = not local_folder(args.model)
-        eval_meta = outline(args.model, args.trust_remote_code) if hub_id else meta  # a hub id has no local outline
-        checked_eval = check_before_compressing(args.model, args.eval, eval_options(args), eval_meta)
+        if not local_folder(args.model):
+            meta = _hub_outline(args.model, args.trust_remote_code)
+        checked_eval = check_before_compressing(args.model, args.eval, eval_options(args), meta)
     eval_processor = checked_eval.processor if checked_eval is not None else None
     # before the slow model load; the data too: --overwrite must not delete a file the run reads
     inputs = [args.model, calibration_input(args.calibration), args.eval, args.references]
@@ -145,6 +145,15 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _hub_outline(name: str, trust_remote_code: bool) -> nn.Module | None:
+    """A hub id's meta model for the --eval checks: built from its snapshot where that holds the weights
+    too (the folder its plan reads, streamed or the memory check's, which then takes this model over rather
+    than building another), else from its config alone; None where it cannot be built (the load says why)."""
+    side = hub.side_folder(name, trust_remote_code)
+    whole = side is not None and hub.holds_weights(side)
+    return outline(str(side) if whole else name, trust_remote_code)
 
 
 def _run_streamed(

@@ -37,11 +37,11 @@ def streams_for_memory(
     would not fit in memory and a streamed run does the same (said on stderr). Where it cannot: a
     refusal if the model alone does not fit in memory and swap, else a warning. False where it fits,
     its size is not known (.bin weights; a hub id when the hub cannot be reached and it is not in the
-    local cache), or with --no-stream. ``meta``: the local folder's meta model compress built for its
-    early checks (``evaluation.loading.local_outline``), which the plan takes over rather than
-    building another; where the run streams, that model (a hub id's: the one its checks built) is
-    handed back as built, for the streamed run's plan to take over in turn; else None (the plan may
-    have swapped its layers: the caller reads it no more)."""
+    local cache), or with --no-stream. ``meta``: the meta model compress built for its early checks
+    (a local folder's ``evaluation.loading.local_outline``, a hub id's for --eval), which the plan takes
+    over rather than building another, where built from the folder it plans; where the run streams,
+    that model (a hub id's: the one its checks built) is handed back as built, for the streamed run's
+    plan to take over in turn; else None (the plan may have swapped its layers: the caller reads it no more)."""
     if args.stream is not None:
         return False, None
     folder = cached_checkpoint(args.model)
