@@ -104,6 +104,29 @@ def test_a_float16_t5_folder_loads_with_its_wo_in_float32(tmp_path):
     assert json.loads((again / "svdlora_config.json").read_text())["format_version"] == 1
 
 
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [("gpt2", {}), ("llama", {"pivot": True}), ("marian", {"keep_head": False})],
+    ids=["gpt2-conv1d", "llama-pivoted", "marian-factorized-head"],
+)
+def test_dequantize_merges_the_factors_as_merge_at_load_does(kind, options, tmp_path):
+    """transformers' model.dequantize() raised NotImplementedError ('svdlora has no implementation of
+    `dequantize`'): it merges every low-rank layer as merge=True at load does, into a plain dense model."""
+    import transformers
+
+    folder = _folder(kind, tmp_path, **options)
+    cls = getattr(transformers, AUTO[kind])
+    dense = cls.from_pretrained(folder).dequantize()
+    expected = svdlora.load_compressed(folder, device="cpu", merge=True)
+    assert not [m for m in dense.modules() if isinstance(m, svdlora.LowRankLinear)]
+    assert torch.equal(_logits(dense, kind), _logits(expected, kind))
+    assert not hasattr(dense.config, "quantization_config") and not hasattr(dense, "svdlora_report")
+    with pytest.raises(svdlora.SvdloraError, match="loaded merged"):
+        svdlora.save_compressed(dense, tmp_path / "again")
+    dense.save_pretrained(tmp_path / "dense")
+    assert torch.equal(_logits(cls.from_pretrained(tmp_path / "dense"), kind), _logits(expected, kind))
+
+
 def test_dtype_device_map_and_base_class(tmp_path):
     import transformers
 

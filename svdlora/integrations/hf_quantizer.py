@@ -19,7 +19,8 @@ file that does not exist and fails with ``No such file or directory: .../svdlora
 before-from_pretrained.safetensors``, an error that names the fix.
 
 Options: ``from_pretrained(folder, quantization_config=SvdloraQuantizationConfig(merge=True))``
-merges A·B into plain dense layers (and drops the quantization config, as a dequantized model).
+merges A·B into plain dense layers (and drops the quantization config, as a dequantized model);
+``model.dequantize()`` merges a model loaded factorized the same way.
 """
 
 from __future__ import annotations
@@ -238,13 +239,8 @@ class SvdloraHfQuantizer(HfQuantizer):
                     raise ValueError(f"{file_name}.pivoted.rows are not increasing row indices: the file is corrupted")
                 layer.rows = rows.to("cpu" if like.device.type == "meta" else like.device)
         if merge:
-            for name in self._factorized:
-                dense = model.get_submodule(name).to_dense()
-                model.set_submodule(name, dense if placed[name] is None else dense.to(placed[name]))
+            self._merge(model, placed)
             self.remove_quantization_config(model)
-            from ..compress import MERGED_ATTR
-
-            setattr(model, MERGED_ATTR, str(Path(self._checkpoint_files[0]).parent) if self._checkpoint_files else "")
         else:
             if self._report is not None:
                 from ..compress import BASE_ATTR, REPORT_ATTR
@@ -257,6 +253,26 @@ class SvdloraHfQuantizer(HfQuantizer):
         # that keeps what loading will not tie again
         guard_save_pretrained(model)
         return model
+
+    def _dequantize(self, model: nn.Module, dtype=None) -> nn.Module:
+        """``model.dequantize()``: the layers merged as ``merge=True`` merges them at load, each in the dtype it was
+        loaded in (``dtype``, the config's by default, is not applied: T5's ``wo`` kept in float32 stays so);
+        transformers then drops the quantization config."""
+        self._merge(model, dict.fromkeys(self._factorized))
+        return model
+
+    def _merge(self, model: nn.Module, dtypes: dict[str, torch.dtype | None]) -> None:
+        """Each factorized layer replaced by the dense layer holding A·B, cast to ``dtypes[name]`` (None: as is);
+        the model is then a merged one, as ``load_compressed(merge=True)`` gives (save_compressed says so)."""
+        from ..compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
+
+        for name, dtype in dtypes.items():
+            dense = model.get_submodule(name).to_dense()
+            model.set_submodule(name, dense if dtype is None else dense.to(dtype))
+        for attr in (REPORT_ATTR, BASE_ATTR):  # set where the model was loaded factorized: it no longer is
+            if hasattr(model, attr):
+                delattr(model, attr)
+        setattr(model, MERGED_ATTR, str(Path(self._checkpoint_files[0]).parent) if self._checkpoint_files else "")
 
     def is_serializable(self, **kwargs) -> bool:
         return False  # save with svdlora.save_compressed; save_pretrained would lose the stage layout
