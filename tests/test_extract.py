@@ -386,7 +386,7 @@ def test_bad_inputs(tmp_path, capsys, monkeypatch):
     tuned.save_pretrained(tmp_path / "tuned")
     capsys.readouterr()
     argv = ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), *out]
-    err = _cli_error(capsys, [*argv, "--include", "no-such-layer"])  # everything changed is saved whole
+    err = _cli_error(capsys, [*argv, "--include", "k_proj"])  # unchanged layers only: the changed one is saved whole
     assert "no LoRA module to write" in err and "--include/--exclude" in err
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     err = _cli_error(capsys, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "base"), *out])
@@ -508,6 +508,24 @@ def test_adapter_compressed_folder_and_bad_regex_fail_before_any_model_loads(tmp
     err = _cli_error(capsys, ["extract", *pair, *out, "--exclude", "re:[a-"])
     assert "--exclude: invalid regex pattern" in err
     assert loaded == [] and not (tmp_path / "adapter").exists()
+
+
+def test_a_pattern_that_matches_no_layer_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """A typo in --include / --exclude was refused only after both models were loaded and checked
+    (find_targets), where compress refuses it on the meta model before its load."""
+    from svdlora import models
+
+    base, tuned = _pair(tiny_llama)
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    monkeypatch.setattr(models, "load_pretrained", lambda name, **kw: pytest.fail(f"loaded {name} before the check"))
+    capsys.readouterr()
+    argv = ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--rank", "2"]
+    argv += ["--output", str(tmp_path / "adapter"), "--no-progress"]
+    for flag in ("--include", "--exclude"):
+        err = _cli_error(capsys, [*argv, flag, "q_prj"])
+        assert f"{flag} 'q_prj' matches none of the 15 Linear/Conv1D layers" in err, err
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_a_folder_that_is_not_a_model_is_named_once(tmp_path, capsys):

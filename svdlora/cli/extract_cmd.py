@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     method = resolve_method(config.method, None if args.calibration == NONE else args.calibration, config)  # early
     # data the method leaves unread (said just above): not loaded nor passed on, so not said again
     data = args.calibration if method in CALIBRATED else NONE
-    tuned_meta = _check_inputs(args, data)  # both models' paths and the patterns, before the base's slow load
+    tuned_meta = _check_inputs(args, config, data)  # both models' paths and the patterns, before the slow loads
 
     require_peft()  # before the slow loads
     # the tuned model reads the data (its meta model, built by the check above, not built again)
@@ -121,11 +121,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_inputs(args: argparse.Namespace, data: str) -> nn.Module | None:
+def _check_inputs(args: argparse.Namespace, config: CompressionConfig, data: str) -> nn.Module | None:
     """What can be checked without loading a model: --base and --tuned as ``load_pretrained`` checks a
     name first (``models.check_model_path``: the same local-path-or-hub-id rule), saying what extract
-    needs for the folders it cannot take; then the two models compared on the meta device (the
-    --include / --exclude regexes are checked by CompressionConfig). ``data``: the calibration the method
+    needs for the folders it cannot take; then the two models compared on the meta device, and the
+    --include / --exclude patterns matched on the tuned one's layers (their regexes are checked by
+    CompressionConfig). ``data``: the calibration the method
     reads (NONE where it reads none). Returns the tuned model's meta model where it was built."""
     from ..io.folder import MERGE_ADAPTER, is_compressed_folder, is_peft_adapter
     from ..models import check_model_path
@@ -149,16 +150,17 @@ def _check_inputs(args: argparse.Namespace, data: str) -> nn.Module | None:
         from ..evaluation.loading import local_outline
 
         return local_outline(args.tuned, True) if data != NONE else None
-    return _check_pair_on_meta(args)
+    return _check_pair_on_meta(args, config)
 
 
-def _check_pair_on_meta(args: argparse.Namespace) -> nn.Module | None:
+def _check_pair_on_meta(args: argparse.Namespace, config: CompressionConfig) -> nn.Module | None:
     """Both models built on the meta device from their configs (no weights read) and compared as the
     loaded ones are (``extract.check_pair``): a hub id that cannot be fetched, or a pair of different
     architectures, vocabularies or shapes, is refused before the slow loads. A model whose meta build
     fails for another reason is left to the real load to judge. Returns the tuned one (None where not built)."""
     from ..evaluation.loading import skeleton
     from ..extract import check_pair
+    from ..targets import check_patterns_before_load
 
     models = []
     for flag, name in (("--base", args.base), ("--tuned", args.tuned)):
@@ -169,6 +171,7 @@ def _check_pair_on_meta(args: argparse.Namespace) -> nn.Module | None:
         except Exception:  # noqa: BLE001  only an early check: the load says what is wrong, if anything
             return None
     check_pair(*models)
+    check_patterns_before_load(models[1], config, args.tuned)  # a typo, refused after the loads otherwise
     stored = [getattr(m.config, "dtype", None) for m in models]  # the dtype each loads in without --dtype
     if args.dtype is None and None not in stored and stored[0] != stored[1]:
         raise SvdloraError(
