@@ -334,6 +334,20 @@ def test_sharded_folder_and_strict_checks(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(folder)
 
 
+def test_a_corrupted_shard_index_is_named_as_load_compressed_names_it(tmp_path):
+    """transformers reads a sharded folder's index before the quantizer's folder checks: a corrupted one
+    gave a bare 'JSONDecodeError: Expecting property name ...' that named no file."""
+    import transformers
+
+    model = TINY_MODELS["llama"]().eval()
+    svdlora.compress(model, progress=False, budget=0.5)
+    folder = svdlora.save_compressed(model, tmp_path / "sharded", max_shard_size="20KB")
+    (folder / "model.safetensors.index.json").write_text("{oops")
+    for load in (svdlora.load_compressed, transformers.AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(svdlora.SvdloraError, match=r"index\.json is corrupted \(.*\): re-run `svdlora compress`"):
+            load(folder)
+
+
 @pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_from_pretrained_loads_pivoted_factors(kind, merge, tmp_path):

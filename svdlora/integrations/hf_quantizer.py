@@ -122,7 +122,17 @@ class SvdloraHfQuantizer(HfQuantizer):
         # after), so each of them does it; it is idempotent.
         if getattr(config, "transformers_weights", None) == GUARD_WEIGHTS_NAME:
             config.transformers_weights = self.quantization_config.weights
+            self._check_index(getattr(config, "name_or_path", None))
         return config
+
+    def _check_index(self, folder: str | None) -> None:
+        # transformers reads a sharded folder's index next, before _process_model_before_weight_loading's checks,
+        # and says of a corrupted one only 'JSONDecodeError: Expecting ...': a local one is read first, as
+        # load_compressed reads it (a hub snapshot's is left to transformers)
+        if self.quantization_config.weights == INDEX_NAME and folder and Path(folder).is_dir():
+            from ..io.writer import weight_files  # io imports this module
+
+            weight_files(folder)
 
     def _hook(self, name: str, config):
         parent = getattr(super(), name, None)  # a release may lack the hook
