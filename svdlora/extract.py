@@ -309,7 +309,7 @@ def extract_adapter(
                 )
             )
 
-    lora_names = {m.name for m in lora}
+    lora_names, target_names = {m.name for m in lora}, {t.name for t in targets}
     to_save: dict[str, str] = {name: f"delta kept whole: {why}" for name, why in dense.items()}
     left_out: dict[str, str] = {}
     for pname in changed:
@@ -320,6 +320,8 @@ def extract_adapter(
             left_out[pname] = "a parameter of the model itself, not of a submodule"
         elif any(n.startswith(owner + ".") for n in lora_names):
             left_out[pname] = f"its module {owner!r} contains LoRA layers, so it cannot be stored whole"
+        elif owner in target_names:  # LoRA carries a bias (lora_bias) only beside a weight delta
+            to_save[owner] = f"its {leaf} changed, its weight did not: no delta for LoRA to carry"
         else:
             to_save[owner] = "changed, not a LoRA target (norm, embedding, head, excluded or small layer)"
     for pname, why in left_out.items():

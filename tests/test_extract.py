@@ -223,6 +223,17 @@ def test_changed_head_is_saved_whole(tmp_path):
     assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
 
 
+def test_a_target_whose_bias_alone_changed_is_saved_whole_for_that_reason(tmp_path):
+    """Its reason read 'changed, not a LoRA target (norm, embedding, head, excluded or small layer)', which it is."""
+    base, tuned = _pair(tiny_gpt2)
+    with torch.no_grad():
+        tuned.transformer.h[0].attn.c_attn.weight.copy_(base.transformer.h[0].attn.c_attn.weight)
+        tuned.transformer.h[0].attn.c_attn.bias.add_(0.1)
+    extraction = write_adapter(base, tuned, tmp_path / "adapter", rank=2, progress=False)
+    assert "its bias changed, its weight did not" in extraction.modules_to_save["transformer.h.0.attn.c_attn"]
+    assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
+
+
 def test_a_tied_embedding_saved_whole_stays_tied_without_peft_s_warning(tmp_path):
     """A fine-tune that moved a tied embedding and head: peft warned on writing and on every load that
     `ensure_weight_tying` was not set (peft issue 2777), and merge_and_unload untied the two; the adapter sets it
