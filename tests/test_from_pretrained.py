@@ -334,6 +334,27 @@ def test_sharded_folder_and_strict_checks(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(folder)
 
 
+def test_a_hub_snapshot_without_the_svdlora_config_says_to_download_the_repository(tmp_path):
+    """from_pretrained(HUB_ID) fetches config.json and the weights, not svdlora_config.json: the folder check said
+    "is not an svdlora folder (no svdlora_config.json): create one with `svdlora compress`" of the cache's snapshot."""
+    import shutil
+
+    import transformers
+
+    folder = _folder("llama", tmp_path)
+    snapshot = tmp_path / "cache" / "models--me--tiny-svd" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):  # what from_pretrained downloads
+        shutil.copy(folder / name, snapshot / name)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+    with pytest.raises(svdlora.SvdloraError, match=r"snapshot_download\('me/tiny-svd'\)"):
+        transformers.AutoModelForCausalLM.from_pretrained("me/tiny-svd", cache_dir=tmp_path / "cache")
+    shutil.copy(folder / "svdlora_config.json", snapshot / "svdlora_config.json")  # as snapshot_download fetches it
+    loaded = transformers.AutoModelForCausalLM.from_pretrained("me/tiny-svd", cache_dir=tmp_path / "cache")
+    assert torch.equal(_logits(loaded, "llama"), _logits(svdlora.load_compressed(folder, device="cpu"), "llama"))
+
+
 def test_a_corrupted_shard_index_is_named_as_load_compressed_names_it(tmp_path):
     """transformers reads a sharded folder's index before the quantizer's folder checks: a corrupted one
     gave a bare 'JSONDecodeError: Expecting property name ...' that named no file."""

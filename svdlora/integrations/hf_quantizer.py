@@ -38,6 +38,7 @@ from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..errors import SvdloraError
 from ..layers import LowRankLinear, dense_kind, factor_layout, weight_out_in
 from ..models import keep_in_fp32
 from ..pivoted import PivotedLowRankLinear, valid_rows
@@ -160,7 +161,9 @@ class SvdloraHfQuantizer(HfQuantizer):
 
             # The same strict checks as load_compressed (issue 7): config fields, every shard's
             # header and factor shapes, before transformers reads a tensor.
-            data = check_folder(Path(self._checkpoint_files[0]).parent)
+            folder = Path(self._checkpoint_files[0]).parent
+            _check_hub_snapshot(folder)
+            data = check_folder(folder)
             # Stages stored in their own dtypes (quantized, a full-rank first stage) are not wired into the
             # quantizer: refuse rather than load something else. Asked of the layers as load_compressed
             # asks, not of the format number: formats above 2 carry stage dtypes too.
@@ -296,6 +299,21 @@ class SvdloraHfQuantizer(HfQuantizer):
         # the layers are F.linear calls (and index copies) that torch.compile traces in one graph; False, the
         # base class's answer, kept generate() from compiling a static-cache decode (CUDA graphs on a GPU)
         return True
+
+
+def _check_hub_snapshot(folder: Path) -> None:
+    """A hub id's snapshot in the Hugging Face cache (``models--ORG--NAME/snapshots/COMMIT``) holds the files
+    from_pretrained downloaded: config.json and the weights, not svdlora_config.json, which the checks read."""
+    from ..io.writer import CONFIG_NAME  # io imports this module
+
+    repo = folder.parents[1].name if len(folder.parents) > 1 else ""
+    if folder.parent.name == "snapshots" and repo.startswith("models--") and not (folder / CONFIG_NAME).is_file():
+        repo_id = repo.removeprefix("models--").replace("--", "/")
+        raise SvdloraError(
+            f"{repo_id!r} from the hub: from_pretrained downloads its weights and config.json but not {CONFIG_NAME}, "
+            f"which svdlora reads; download the whole repository first (huggingface_hub.snapshot_download("
+            f"{repo_id!r}), or `hf download {repo_id}`), then load it again"
+        )
 
 
 def _factor_layouts(files: list[str]) -> dict[str, tuple[list[int], bool]]:
