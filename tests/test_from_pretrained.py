@@ -369,6 +369,25 @@ def test_a_corrupted_shard_index_is_named_as_load_compressed_names_it(tmp_path):
             load(folder)
 
 
+def test_a_shard_the_index_leaves_out_is_refused_not_loaded_as_random_weights(tmp_path):
+    """An index that names no tensor of one shard (the norms and the embedding, here): load_compressed blamed
+    another shard, and from_pretrained loaded the model with those weights randomly initialized."""
+    import json
+
+    import transformers
+
+    model = TINY_MODELS["llama"]().eval()
+    svdlora.compress(model, progress=False, budget=0.5)
+    folder = svdlora.save_compressed(model, tmp_path / "sharded", max_shard_size="20KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    left_out = index["weight_map"]["model.embed_tokens.weight"]
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != left_out}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    for load in (svdlora.load_compressed, transformers.AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(svdlora.SvdloraError, match=rf"names no tensor of \['{left_out}'\].*incomplete"):
+            load(folder)
+
+
 @pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_from_pretrained_loads_pivoted_factors(kind, merge, tmp_path):

@@ -212,8 +212,28 @@ def weight_files(folder: str | Path) -> list[Path]:
                 raise ValueError("weight_map must map tensor names to shard file names in the folder")
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             raise SvdloraError(f"{index} is corrupted ({err}): re-run `svdlora compress`") from None
+        unlisted = _unlisted_shards(names)
+        if unlisted:  # transformers would load the model without that shard's tensors: randomly initialized
+            raise SvdloraError(
+                f"{index} names no tensor of {unlisted}, though its shard names count it: the index is incomplete "
+                "or was edited; re-run `svdlora compress`"
+            )
         return [folder / name for name in sorted(names)]
     return [folder / WEIGHTS_NAME]
+
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
+
+
+def _unlisted_shards(names: set[str]) -> list[str]:
+    """Shards of the ``stem-0000i-of-0000n`` naming (``shard_file_names``, transformers') that an index
+    names no tensor of: a shard left out of it, whose tensors no loader would read."""
+    parts = [_SHARD_NAME.match(name) for name in names]
+    if not all(parts) or len({(p["stem"], p["count"]) for p in parts}) != 1:
+        return []  # another naming: nothing says how many shards there are
+    stem, count = parts[0]["stem"], int(parts[0]["count"])
+    expected = [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    return [name for name in expected if name not in names]
 
 
 def _inside(name: str) -> bool:
