@@ -26,7 +26,7 @@ from .precision import allocate_stages, layer_bytes, set_float_storage, target_b
 from .refit import collect_cross_statistics, refit_factors, refit_target
 from .report import CompressionReport, ModuleReport
 from .swap import restored_on_error, untie_factorized_head, warn_untied_head
-from .targets import find_targets, nothing_targeted
+from .targets import Target, find_targets, nothing_targeted
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +78,10 @@ def compress(
         >>> report = compress(model, budget=0.5, submatrices=3, calibration="wiki.valid.txt", processor=tok)
         >>> print(report.format())
     """
-    if config is None:
-        config = CompressionConfig(**options)
-    elif options:
-        raise SvdloraError(f"pass either a config or keyword options, not both (got {sorted(options)})")
-    if getattr(model, REPORT_ATTR, None) is not None:
-        raise SvdloraError("this model is already compressed: compress the original model instead")
+    config = _config(config, options)
     start = time.perf_counter()
     params_before = count_parameters(model)
-    targets, dense = find_targets(model, config)
-    if not targets:
-        raise nothing_targeted(dense)
-    check_finite(model)
+    targets, dense = _dense_targets(model, config)
     plan = plan_calibration(model, targets, config, calibration, processor, progress, statistics)
     dtype = weight_out_in(targets[0].module).dtype
     if config.stage_dtypes and config.svd_device is not None:
@@ -192,6 +184,50 @@ def compress(
     setattr(model, REPORT_ATTR, report)
     logger.info("factorized %d layers in %.1f s", len(reports), report.seconds)
     return report
+
+
+def calibration_plan(
+    model: nn.Module,
+    config: CompressionConfig | None = None,
+    *,
+    calibration: Any = None,
+    processor: Any = None,
+    progress: bool = True,
+    **options,
+) -> CalibrationPlan:
+    """The calibration ``compress`` would run on ``model`` with these settings: ``plan.batches`` (the data read,
+    for 'self' generated), ``plan.stats`` and ``plan.source`` (None: no data, or none the settings read). Neither
+    depends on the budget: pass ``calibration=plan.batches, statistics=plan.stats`` to several compressions of
+    copies of the dense model (a sweep's budgets) to read and collect them once.
+
+    Example:
+        >>> plan = calibration_plan(model, calibration="wiki.valid.txt", processor=tok, method="kfac")
+        >>> for budget in (0.5, 0.8):
+        ...     dense = copy.deepcopy(model)
+        ...     compress(dense, budget=budget, method="kfac", calibration=plan.batches, statistics=plan.stats)
+    """
+    config = _config(config, options)
+    targets, _ = _dense_targets(model, config)
+    return plan_calibration(model, targets, config, calibration, processor, progress)
+
+
+def _config(config: CompressionConfig | None, options: dict) -> CompressionConfig:
+    if config is None:
+        return CompressionConfig(**options)
+    if options:
+        raise SvdloraError(f"pass either a config or keyword options, not both (got {sorted(options)})")
+    return config
+
+
+def _dense_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Target], dict[str, str]]:
+    """The layers ``config`` targets in ``model``, which must be dense (never compressed) and finite."""
+    if getattr(model, REPORT_ATTR, None) is not None:
+        raise SvdloraError("this model is already compressed: compress the original model instead")
+    targets, dense = find_targets(model, config)
+    if not targets:
+        raise nothing_targeted(dense)
+    check_finite(model)
+    return targets, dense
 
 
 def _nothing_to_heal(config: CompressionConfig, ranks: dict[str, list[int]]) -> BudgetError:

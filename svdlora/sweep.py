@@ -149,16 +149,22 @@ def evaluating_measure(
     data_read: Any = None,
 ):
     """The default ``measure``: compress a copy of ``model`` at the budget and evaluate it in memory;
-    ``data_read``: ``data`` as ``evaluation.read_data`` read it, once for every point (None: read by each)."""
+    ``data_read``: ``data`` as ``evaluation.read_data`` read it, once for every point (None: read by each).
+    The calibration (``shared_calibration``) is run at the first budget, once for every budget, unless
+    ``compress_options`` hold its ``statistics`` already."""
     from .compress import compress, count_parameters
     from .evaluation import evaluate
 
     metric, _ = QUALITY[task]
+    options = compress_options  # replaced by the shared calibration's at the first budget
 
     def measure(budget: float | None) -> Point:
+        nonlocal options
         candidate = model if budget is None else copy.deepcopy(model)
         if budget is not None:
-            compress(candidate, budget=budget, progress=False, **compress_options)
+            if "statistics" not in options:  # at the first budget: a failure is that budget's, as it was
+                options, _ = shared_calibration(model, options)
+            compress(candidate, budget=budget, progress=False, **options)
         result = evaluate((candidate, processor), task=task, data=data, data_read=data_read, **eval_options)
         params = count_parameters(candidate)
         element = next(candidate.parameters()).element_size()
@@ -166,6 +172,18 @@ def evaluating_measure(
         return Point(budget, float(result["model"]["metrics"][metric]), params, params * element, result)
 
     return measure
+
+
+def shared_calibration(model: nn.Module, compress_options: dict, progress: bool = False) -> tuple[dict, str | None]:
+    """``compress_options`` with their calibration data read into batches and its statistics collected on the
+    dense ``model``, once for every budget (neither depends on it), and how a report names that data (None:
+    no data, or none these options read). A model compressed with them must be a copy of the dense ``model``."""
+    from .compress import calibration_plan
+
+    plan = calibration_plan(model, progress=progress, **compress_options)
+    if plan.source is None:  # nothing read: compress reads nothing either (and says so)
+        return {**compress_options, "statistics": None}, None
+    return {**compress_options, "calibration": plan.batches, "statistics": plan.stats}, plan.source
 
 
 class SweepStopped(Exception):

@@ -635,3 +635,75 @@ def test_an_error_that_is_not_the_budget_s_stops_the_sweep_with_its_own_message(
         sweep(measure(["the cat sat on the mat"]), [0.001, 0.5], "text-generation", target)
     assert isinstance(stopped.value.error, SvdloraError) and "tokenize it first" in str(stopped.value.error)
     assert stopped.value.record["failed"]["budget"] == 0.001  # the data is refused before the allocation
+
+
+def counting_collections(monkeypatch) -> list:
+    """Each call of the calibration statistics' collection (a forward and, for kfac, a backward per batch)."""
+    import svdlora.plan
+
+    calls, collect = [], svdlora.plan.collect_statistics
+    monkeypatch.setattr(svdlora.plan, "collect_statistics", lambda *a, **k: calls.append(1) or collect(*a, **k))
+    return calls
+
+
+def test_a_sweep_collects_the_calibration_statistics_once_for_every_budget(tmp_path, monkeypatch):
+    """evaluating_measure's compression at each budget collected the calibration statistics again (method kfac:
+    a forward and a backward per batch), though they do not depend on the budget; they are collected once, on the
+    dense model, and every budget's factors and perplexity are those of a compression that collects its own."""
+    import copy
+    import sys
+
+    import torch
+
+    from svdlora.evaluation import evaluate
+    from svdlora.sweep import evaluating_measure
+
+    from .conftest import tiny_llama
+    from .eval_helpers import word_text, word_tokenizer
+
+    words = "the cat sat on a mat and the dog ran to it".split()
+    tok, text = word_tokenizer(words), tmp_path / "text.txt"
+    text.write_text(word_text(words))
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    options = {"method": "kfac", "calibration": str(text), "processor": tok, "calibration_samples": 3,
+               "calibration_length": 16}  # fmt: skip
+    eval_options = {"max_length": 16, "limit": 2, "progress": False}
+    compress_module = sys.modules["svdlora.compress"]
+    expected = {}
+    for budget in (0.5, 0.8):  # each budget's own collection, as before
+        alone = copy.deepcopy(model)
+        compress_module.compress(alone, budget=budget, progress=False, **options)
+        ppl = evaluate((alone, tok), task="text-generation", data=str(text), **eval_options)["model"]["metrics"]
+        expected[budget] = (alone.state_dict(), ppl["perplexity"])
+
+    swept, compress = {}, compress_module.compress
+
+    def keeping(candidate, budget, **kwargs):
+        report = compress(candidate, budget=budget, **kwargs)
+        swept[budget] = candidate.state_dict()
+        return report
+
+    monkeypatch.setattr(compress_module, "compress", keeping)
+    calls = counting_collections(monkeypatch)
+    measure = evaluating_measure(model, tok, "text-generation", str(text), options, eval_options)
+    record = sweep(measure, [0.5, 0.8], "text-generation")
+    assert len(calls) == 1
+    assert {p["budget"]: p["quality"] for p in record["points"]} == {b: ppl for b, (_, ppl) in expected.items()}
+    for budget, (state, _) in expected.items():
+        assert swept[budget].keys() == state.keys()
+        assert all(torch.equal(swept[budget][k], state[k]) for k in state), budget
+
+
+def test_the_sweep_command_collects_the_calibration_statistics_once(tmp_path, capsys, monkeypatch):
+    """The sweep's budgets, its bisection and the picked budget's compression each collected the statistics."""
+    model, text = lm_folder(tmp_path)
+    calls = counting_collections(monkeypatch)
+    argv = ["sweep", str(model), "--budgets", "0.3,0.8", "--data", str(text), "--max-length", "16", "--limit", "2",
+            "--calibration", str(text), "--calibration-samples", "2", "--calibration-length", "16",
+            "--target", "ppl<=1.01x", "--output", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert len(record["points"]) > 2 and len(calls) == 1  # the bisection measured more budgets
+    report = json.loads((tmp_path / "s" / "model" / "svdlora_config.json").read_text())["report"]
+    assert report["method"] == "kfac" and report["calibration"]["batches"] == 2

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
     from ..card_eval import fitted_options, write_card
+    from ..compress import compress
     from ..config import CompressionConfig
     from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task, local_outline
     from ..evaluation.options import TRANSLATION
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io.outputs import check_not_input
     from ..io.saving import check_output, save_compressed
     from ..models import default_device, load_pretrained
-    from ..plan import UNUSED, check_without_calibration, read_calibration, uses_calibration
+    from ..plan import UNUSED, check_without_calibration, uses_calibration
     from ..sweep import (
         SweepInterrupted,
         SweepStopped,
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         evaluating_measure,
         format_table,
         parse_target,
+        shared_calibration,
         sweep,
         write_outputs,
     )
@@ -172,11 +174,10 @@ def run(args: argparse.Namespace) -> int:
         calibration = None
     source = None  # how the picked model's report names the calibration data (compress sees batches)
     if calibration is not None:
-        # Read (or, for 'self', generate) the calibration batches once from the dense model: every
-        # budget then calibrates on the same batches, and the sweep does not repeat the slow part.
-        compress_options["calibration"], source = read_calibration(
-            model, calibration, calibration_processor, config, args.progress
-        )
+        # Read (or, for 'self', generate) the calibration batches and collect their statistics once on the dense
+        # model: every budget, and the picked one, calibrates on them, and the sweep does not repeat the slow part.
+        given = {**compress_options, "calibration": calibration, "processor": calibration_processor}
+        compress_options, source = shared_calibration(model, given, args.progress)
     measure = evaluating_measure(model, processor, task, args.data, compress_options, eval_options, data_read)
     failure = None
     try:
@@ -206,8 +207,6 @@ def run(args: argparse.Namespace) -> int:
     if target is not None and chosen is None:
         raise SvdloraError(f"no budget up to 1.0 meets {args.target!r}: relax the target")
     if chosen is not None:
-        from ..compress import compress
-
         point = next(p for p in record["points"] if p["budget"] == chosen)
         report = compress(model, budget=chosen, progress=False, **compress_options)
         if report.calibration is not None:  # compress saw the batches read above: name what they were read from
