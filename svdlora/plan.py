@@ -65,15 +65,17 @@ class CalibrationPlan:
             return None
         tokens = sum(_real_tokens(b) for b in self.batches if "input_ids" in b)
         return {
-            "source": self.source,
+            **source_description(self.source),
             "batches": len(self.batches),
             "tokens": tokens or None,
-            "data_free": self.source.startswith("self"),
             "gradients": self.gradients
             if self.gradients is not None
             else bool(self.stats) and any(s.has_gradients for s in self.stats.values()),
             "refit": self.refit,
         }
+
+
+SELF_SOURCE = "self: text sampled from the model"  # how data_source names 'self' (a file may be named self…)
 
 
 def data_source(model: nn.Module, calibration: Any) -> str:
@@ -84,8 +86,13 @@ def data_source(model: nn.Module, calibration: Any) -> str:
     if isinstance(calibration, list):
         return f"{len(calibration)} batches given in memory"
     if calibration == SELF:
-        return f"self: text sampled from the model ({model_kind(model)}, data-free)"
+        return f"{SELF_SOURCE} ({model_kind(model)}, data-free)"
     return str(calibration)
+
+
+def source_description(source: str) -> dict:
+    """A report's name for its calibration data (``data_source``'s) and whether it is data-free ('self')."""
+    return {"source": source, "data_free": source.startswith(SELF_SOURCE)}
 
 
 def check_calibration(calibration: Any) -> None:

@@ -1691,3 +1691,16 @@ def test_lm_healing_of_a_module_whose_forward_takes_no_labels_is_one_clean_refus
         svdlora.compress(model, budget=0.5, method="whiten", calibration=[batch], heal_steps=2, heal_loss="lm",
                          progress=False)  # fmt: skip
     assert model.training
+
+
+def test_a_calibration_file_whose_name_begins_with_self_is_not_data_free(tmp_path, monkeypatch):
+    """The report took every source named 'self…' for text the model generated: a file 'selfies.txt' given by
+    a relative path was recorded data-free (the rule lived in the plan's description and again in the sweep's)."""
+    monkeypatch.chdir(tmp_path)
+    model, tok = word_gpt2(WORDS)
+    (tmp_path / "selfies.txt").write_text(word_text(WORDS))
+    report = svdlora.compress(
+        model, budget=0.5, method="whiten", allocation="uniform", calibration="selfies.txt", processor=tok,
+        calibration_samples=2, calibration_length=16, progress=False,
+    )  # fmt: skip
+    assert report.calibration["source"] == "selfies.txt" and report.calibration["data_free"] is False

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io.outputs import check_not_input
     from ..io.saving import check_output, save_compressed
     from ..models import default_device, load_pretrained
-    from ..plan import UNUSED, check_without_calibration, uses_calibration
+    from ..plan import UNUSED, check_without_calibration, source_description, uses_calibration
     from ..sweep import (
         SweepInterrupted,
         SweepStopped,
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         point = next(p for p in record["points"] if p["budget"] == chosen)
         report = compress(model, budget=chosen, progress=False, **compress_options)
         if report.calibration is not None:  # compress saw the batches read above: name what they were read from
-            report.calibration = {**report.calibration, "source": source, "data_free": source.startswith("self")}
+            report.calibration = {**report.calibration, **source_description(source)}
         folder = save_compressed(model, output / "model", report=report, source=args.model, overwrite=args.overwrite)
         # the card's usage names the class, as save_compressed's does
         write_card(folder, report, args.model, point["result"], type(model).__name__)
