@@ -69,7 +69,8 @@ def compress(
             ready model batches; ``None`` for plain SVD.
         processor: the tokenizer / image processor that turns ``calibration`` into batches.
         statistics: ``calibration.collect_statistics`` output for these batches, to reuse it
-            across several compressions of the same model (benchmarks, sweeps).
+            across several compressions of the same model (benchmarks, sweeps: ``calibration_plan``);
+            given with ``calibration`` only.
         progress: show progress bars.
     Returns:
         A ``CompressionReport`` (also stored on ``model.svdlora_report``).

@@ -198,6 +198,11 @@ def plan_calibration(
     if config.refit and config.method == "svd":  # data or none: there are no weighted statistics to refit to
         logger.warning("the refit pass is not run with method 'svd' (it refits to weighted statistics)")
     if calibration is None:
+        if statistics is not None:  # else ignored: plain SVD, while the caller meant its statistics to weigh the layers
+            raise SvdloraError(
+                "statistics were given without calibration: pass calibration= the batches they were collected on "
+                "too (the report counts them; healing and the refit run on them), or statistics=None for plain SVD"
+            )
         check_without_calibration(config)
         return CalibrationPlan(method="svd", allocation="uniform")
     if not uses_calibration(config):  # warned before the data is read (or, for 'self', generated): it is not used

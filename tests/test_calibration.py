@@ -765,6 +765,17 @@ def test_statistics_that_hold_no_targeted_layer_are_refused(statistics):
         svdlora.compress(tiny_gpt2(), budget=0.5, calibration=batches, statistics=statistics, progress=False)
 
 
+@pytest.mark.parametrize("method", ["auto", "kfac"])
+def test_statistics_without_calibration_are_refused(method):
+    """statistics= without calibration= was ignored: plain SVD, reported as method 'svd' with uniform allocation
+    (method 'kfac': refused as needing calibration data, which the statistics are collected from)."""
+    model = tiny_gpt2()
+    batches = [example_inputs("gpt2", seed) for seed in range(2)]
+    stats = collect_statistics(model, find_targets(model, CompressionConfig())[0], batches, progress=False)
+    with pytest.raises(SvdloraError, match=r"statistics were given without calibration: pass calibration= the batch"):
+        svdlora.compress(model, budget=0.5, method=method, statistics=stats, progress=False)
+
+
 def test_a_calibration_column_that_is_not_text_is_refused_not_read_as_its_str(tmp_path):
     """A text column of dicts (or lists, numbers) was calibrated on as each value's str(): "{'de': 'a b'}"."""
     import datasets
