@@ -13,19 +13,16 @@ tests and other callers can inject their own.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .errors import BudgetError, SvdloraError, first_line
 from .evaluation.options import IMAGES, TEXT, TRANSLATION
-from .io.outputs import json_keys, write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -295,103 +292,3 @@ def _add_points(record: dict, points: dict[float, Point | None]) -> None:
     """The points measured before a failure, and whether they are monotone."""
     _note_monotone(record, points)
     record["points"] = _measured(points)
-
-
-def format_table(record: dict) -> str:
-    """Markdown: one row per budget and the dense model."""
-    metric, dense = record["metric"], record["dense"]
-    lines = [f"| budget | params | est. bytes | {metric} | vs dense |", "|---|---|---|---|---|"]
-    for p in [*record["points"], dense]:
-        ratio = p["quality"] / dense["quality"] if dense["quality"] else float("nan")
-        name = "dense" if p["budget"] is None else f"{p['budget']:.4g}"
-        lines.append(f"| {name} | {p['params']:,} | {p['bytes_estimate']:,} | {p['quality']:.4g} | {ratio:.3f}x |")
-    for budget, why in record.get("skipped", {}).items():
-        lines += ["", f"Budget {budget} not measured: {why}"]
-    if record.get("monotone") is False:  # said in the log only, and the reader of sweep.md never saw it
-        lines += ["", f"{metric} is not monotone in the budget over these points: a bisection may miss."]
-    failed = record.get("failed")
-    if failed:
-        lines += ["", f"Budget {failed['budget']} failed ({failed['error']}): the sweep stopped there."]
-    if "target" in record:
-        t = record["target"]
-        found = f"budget {t['budget']}" if t["budget"] is not None else "no budget up to 1.0"
-        found = "not found, the sweep stopped" if failed else found
-        lines += ["", f"Target `{t['text']}`: {found} (bisection tolerance {t['tolerance']})."]
-    return "\n".join(lines)
-
-
-def plot(record: dict, path: Path, title: str) -> Path | None:
-    """Quality against parameters, with the dense model as a line; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
-    points, dense = record["points"], record["dense"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [p["params"] / 1e6 for p in points]
-    ax.plot(xs, [p["quality"] for p in points], "o-", label="svdlora")
-    for p, x in zip(points, xs, strict=True):
-        ax.annotate(f"{p['budget']:.3g}", (x, p["quality"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axhline(dense["quality"], color="gray", linestyle="--", label=f"dense ({dense['params'] / 1e6:.1f}M params)")
-    if record["metric"] == "perplexity":  # spans orders of magnitude once compression hurts
-        ax.set_yscale("log")
-    ax.set_xlabel("parameters (millions)")
-    ax.set_ylabel(record["metric"])
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-SWEEP_FILES = ("sweep.md", "sweep.json", "sweep.png")
-
-
-def check_sweep_folder(folder: Path, overwrite: bool) -> None:
-    """Refuse a folder whose sweep files ``write_outputs`` would replace: without --overwrite, or
-    when they are not an earlier sweep's (its sweep.json says so), since --overwrite replaces only that."""
-    existing = [name for name in SWEEP_FILES if (folder / name).exists()]
-    if not existing:
-        return
-    if not overwrite:
-        raise SvdloraError(
-            f"{str(folder)!r} already holds {', '.join(existing)}: pass --overwrite or choose another folder"
-        )
-    if not _is_sweep_record(folder / "sweep.json"):
-        raise SvdloraError(
-            f"{str(folder)!r} holds {', '.join(existing)}, not written by an svdlora sweep (its sweep.json would "
-            "say so): --overwrite only replaces an earlier sweep; choose another folder or remove them yourself"
-        )
-
-
-def _is_sweep_record(path: Path) -> bool:
-    return {"task", "metric", "dense", "points"} <= json_keys(path)
-
-
-def write_outputs(record: dict, folder: Path, title: str) -> list[Path]:
-    """sweep.md, sweep.json and sweep.png in ``folder`` (``check_sweep_folder`` first)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    slim = {**record, "dense": _slim(record["dense"]), "points": [_slim(p) for p in record["points"]]}
-    written = [folder / name for name in SWEEP_FILES[:2]]
-    write_file_atomic(written[0], f"# {title}\n\n{format_table(record)}\n")  # a kill keeps the old file whole
-    write_file_atomic(written[1], json.dumps(slim, indent=2, sort_keys=True) + "\n")
-    png = plot(record, folder / "sweep.png", title)
-    if png is None:  # an earlier sweep's plot (--overwrite) would show that sweep's points beside this table
-        (folder / "sweep.png").unlink(missing_ok=True)
-    return written + ([png] if png else [])
-
-
-def _slim(point: dict) -> dict:
-    """A point with its evaluate() result cut to the figures (no per-model timing noise)."""
-    result = point.get("result") or {}
-    model = result.get("model") or {}
-    return {
-        **{k: v for k, v in point.items() if k != "result"},
-        "metrics": model.get("metrics"),
-        "settings": result.get("settings"),
-    }

@@ -9,18 +9,8 @@ import pytest
 
 from svdlora.cli import main
 from svdlora.errors import BudgetError, SvdloraError
-from svdlora.sweep import (
-    Point,
-    QualityTarget,
-    SweepInterrupted,
-    SweepStopped,
-    check_sweep_folder,
-    find_budget,
-    format_table,
-    parse_target,
-    sweep,
-    write_outputs,
-)
+from svdlora.sweep import Point, QualityTarget, SweepInterrupted, SweepStopped, find_budget, parse_target, sweep
+from svdlora.sweep_outputs import check_sweep_folder, format_table, write_outputs
 
 from .eval_helpers import lm_folder
 
@@ -301,6 +291,7 @@ def test_overwrite_leaves_no_earlier_sweep_s_plot_or_model(tmp_path, capsys, mon
     """--overwrite replaced sweep.md and sweep.json but kept the earlier sweep's plot when this one drew none
     (no matplotlib), and its DIR/model when this one picked no budget: files that showed another sweep."""
     import svdlora.sweep
+    import svdlora.sweep_outputs
 
     model, text = lm_folder(tmp_path)
     out = tmp_path / "s"
@@ -309,7 +300,7 @@ def test_overwrite_leaves_no_earlier_sweep_s_plot_or_model(tmp_path, capsys, mon
     argv = ["compress", str(model), "--budget", "0.5", "--calibration", "none", "--output", str(out / "model")]
     assert main([*argv, "--no-progress"]) == 0  # the earlier sweep's pick
     monkeypatch.setattr(svdlora.sweep, "evaluating_measure", lambda *args: fake_measure(0.4, []))
-    monkeypatch.setattr(svdlora.sweep, "plot", lambda *args: None)  # as without matplotlib
+    monkeypatch.setattr(svdlora.sweep_outputs, "plot", lambda *args: None)  # as without matplotlib
     argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(out), "--overwrite"]
     assert main([*argv, "--no-progress", "--calibration", "none"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "sweep.md"]

@@ -99,17 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from ..io.saving import check_output, save_compressed
     from ..models import default_device, load_pretrained
     from ..plan import UNUSED, check_without_calibration, source_description, uses_calibration
-    from ..sweep import (
-        SweepInterrupted,
-        SweepStopped,
-        check_sweep_folder,
-        evaluating_measure,
-        format_table,
-        parse_target,
-        shared_calibration,
-        sweep,
-        write_outputs,
-    )
+    from ..sweep import SweepInterrupted, SweepStopped, evaluating_measure, parse_target, shared_calibration, sweep
+    from ..sweep_outputs import check_sweep_folder, format_table, write_outputs
     from ..targets import check_patterns_before_load
 
     output = Path(args.output).expanduser()  # written there: checked there
