@@ -12,7 +12,7 @@ import torch
 
 import svdlora
 from svdlora.integrations import SvdloraQuantizationConfig
-from svdlora.integrations.hf_quantizer import GUARD_WEIGHTS_NAME
+from svdlora.integrations.quantization_config import GUARD_WEIGHTS_NAME
 
 from .conftest import TINY_MODELS, example_inputs
 

@@ -4,6 +4,7 @@
 ``AutoModelFor*.from_pretrained(folder)``. The peft writer is imported on use only (peft is heavy).
 """
 
-from .hf_quantizer import QUANT_METHOD, SvdloraQuantizationConfig, register
+from .hf_quantizer import register
+from .quantization_config import QUANT_METHOD, SvdloraQuantizationConfig
 
 __all__ = ["QUANT_METHOD", "SvdloraQuantizationConfig", "register"]

@@ -25,7 +25,6 @@ merges A·B into plain dense layers (and drops the quantization config, as a deq
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import defaultdict
@@ -36,56 +35,24 @@ from safetensors import safe_open
 from torch import nn
 from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..errors import SvdloraError
 from ..layers import LowRankLinear, dense_kind, factor_layout, weight_out_in
 from ..models import keep_in_fp32
 from ..pivoted import PivotedLowRankLinear, valid_rows
 from ..report import CompressionReport
-from ..version import FORMAT_VERSION, READABLE_FORMATS, __version__, format_refusal
+from ..version import READABLE_FORMATS, format_refusal
+from .folder_layout import (
+    _PIVOT_KEY,
+    _STAGE_KEY,
+    _check_hub_snapshot,
+    _factor_layouts,
+    _model_name,
+    _tied_names,
+    _untie_factorized,
+)
+from .quantization_config import GUARD_WEIGHTS_NAME, INDEX_NAME, QUANT_METHOD, SvdloraQuantizationConfig
 
 logger = logging.getLogger(__name__)
-
-QUANT_METHOD = "svdlora"
-WEIGHTS_NAME = "model.safetensors"  # io.WEIGHTS_NAME; io imports this module, not the reverse
-INDEX_NAME = "model.safetensors.index.json"  # writer.INDEX_NAME: a sharded folder
-# A file that never exists: transformers without svdlora fails on it instead of loading random layers.
-GUARD_WEIGHTS_NAME = "svdlora--import-svdlora-before-from_pretrained.safetensors"
-_STAGE_KEY = re.compile(r"^(?P<module>.+)\.stage(?P<stage>\d+)\.(?P<side>[AB])$")
-_PIVOT_KEY = re.compile(r"^(?P<module>.+)\.pivoted\.(?P<side>B|C|rows)$")  # svdlora.pivoted (format 3)
-
-
-class SvdloraQuantizationConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of an svdlora folder, and the loading options of ``from_pretrained``.
-
-    Args:
-        merge: rebuild dense layers holding A·B instead of keeping the low-rank layers.
-        format_version: the svdlora folder format (checked on load).
-        svdlora_version: the svdlora release that wrote the folder (informational).
-
-    Example:
-        >>> AutoModelForCausalLM.from_pretrained(folder, quantization_config=SvdloraQuantizationConfig(merge=True))
-    """
-
-    def __init__(
-        self,
-        merge: bool = False,
-        format_version: int = FORMAT_VERSION,
-        svdlora_version: str | None = None,
-        weights: str = WEIGHTS_NAME,
-        **kwargs,
-    ):
-        self.quant_method = QUANT_METHOD
-        self.merge = bool(merge)
-        # the real weight file (the index of a sharded folder) that the guard stands in for
-        self.weights = weights if weights in (WEIGHTS_NAME, INDEX_NAME) else WEIGHTS_NAME
-        self.format_version = format_version
-        self.svdlora_version = svdlora_version or __version__
-
-    def get_loading_attributes(self) -> dict:
-        """What a config passed to ``from_pretrained`` may override in the folder's config."""
-        return {"merge": self.merge}
 
 
 class SvdloraHfQuantizer(HfQuantizer):
@@ -299,115 +266,6 @@ class SvdloraHfQuantizer(HfQuantizer):
         # the layers are F.linear calls (and index copies) that torch.compile traces in one graph; False, the
         # base class's answer, kept generate() from compiling a static-cache decode (CUDA graphs on a GPU)
         return True
-
-
-def _check_hub_snapshot(folder: Path) -> None:
-    """A hub id's snapshot in the Hugging Face cache (``models--ORG--NAME/snapshots/COMMIT``) holds the files
-    from_pretrained downloaded: config.json and the weights, not svdlora_config.json, which the checks read."""
-    from ..io.writer import CONFIG_NAME  # io imports this module
-
-    repo = folder.parents[1].name if len(folder.parents) > 1 else ""
-    if folder.parent.name == "snapshots" and repo.startswith("models--") and not (folder / CONFIG_NAME).is_file():
-        repo_id = repo.removeprefix("models--").replace("--", "/")
-        raise SvdloraError(
-            f"{repo_id!r} from the hub: from_pretrained downloads its weights and config.json but not {CONFIG_NAME}, "
-            f"which svdlora reads; download the whole repository first (huggingface_hub.snapshot_download("
-            f"{repo_id!r}), or `hf download {repo_id}`), then load it again"
-        )
-
-
-def _factor_layouts(files: list[str]) -> dict[str, tuple[list[int], bool]]:
-    """{module name in the file: (stage ranks, pivoted)}, from the safetensors headers (no tensor is read).
-    A pivoted module stores its stages summed: one rank, the pivot rows' count."""
-    ranks: dict[str, dict[int, int]] = defaultdict(dict)
-    pivoted: dict[str, int] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                match = _STAGE_KEY.match(key)
-                if match and match["side"] == "A":
-                    ranks[match["module"]][int(match["stage"])] = f.get_slice(key).get_shape()[1]
-                match = _PIVOT_KEY.match(key)
-                if match and match["side"] == "B":
-                    pivoted[match["module"]] = f.get_slice(key).get_shape()[0]
-    layouts = {name: ([stages[j] for j in sorted(stages)], False) for name, stages in ranks.items()}
-    return layouts | {name: ([rank], True) for name, rank in pivoted.items()}
-
-
-def _model_name(model: nn.Module, file_name: str, prefix: str, strict: bool = True) -> str | None:
-    """The module's name in this model: a base model (AutoModel) lacks the head class's prefix.
-    None where the model has no such module and ``strict`` is off."""
-    candidates = [file_name]
-    if prefix:
-        candidates += [file_name.removeprefix(prefix + "."), f"{prefix}.{file_name}"]
-    for name in candidates:
-        try:
-            model.get_submodule(name)
-            return name
-        except AttributeError:
-            continue
-    if not strict:
-        return None
-    raise ValueError(f"the svdlora folder factorizes {file_name!r}, which {type(model).__name__} does not have")
-
-
-def _untie_factorized(model: nn.Module, factorized: set[str]) -> None:
-    """Drop from transformers' tie map (``all_tied_weights_keys``, transformers >= 5) every pair with a
-    factorized side, which has no ``weight`` parameter to tie: T5's config ties lm_head to shared whatever
-    tie_word_embeddings says. The file's own ties are applied after loading (``tie_as_stored``)."""
-    tied = getattr(model, "all_tied_weights_keys", None)
-    if isinstance(tied, dict):
-        model.all_tied_weights_keys = {
-            target: source
-            for target, source in tied.items()
-            if not {target.rpartition(".")[0], source.rpartition(".")[0]} & factorized
-        }
-
-
-def _tied_names(model: nn.Module, files: list[str], prefix: str) -> dict[str, str]:
-    """The header's {dropped tied name: stored name}, as this model names both parameters (pairs
-    it lacks left out); an unreadable map is left to load_compressed's checks."""
-    try:
-        with safe_open(files[0], framework="pt") as f:
-            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
-    except (IndexError, OSError, ValueError):
-        return {}
-    names = {}
-    for alias, stored in tied.items() if isinstance(tied, dict) else ():
-        pair = []
-        for name in (alias, stored):
-            module, _, leaf = str(name).rpartition(".")
-            found = _model_name(model, module, prefix, strict=False) if module else None
-            if found is None or not isinstance(getattr(model.get_submodule(found), leaf, None), nn.Parameter):
-                break
-            pair.append(f"{found}.{leaf}")
-        if len(pair) == 2:
-            names[pair[0]] = pair[1]
-    return names
-
-
-def folder_config_entries(weights: str = WEIGHTS_NAME, format_version: int = FORMAT_VERSION) -> dict:
-    """The entries ``save_compressed`` adds to the folder's ``config.json``."""
-    return {
-        "quantization_config": SvdloraQuantizationConfig(weights=weights, format_version=format_version).to_dict(),
-        "transformers_weights": GUARD_WEIGHTS_NAME,
-    }
-
-
-def mark_folder(config_json: Path, format_version: int = 1) -> None:
-    """Add the quantization config (and the guard) to a written ``config.json``."""
-    data = json.loads(config_json.read_text())
-    sharded = (config_json.parent / INDEX_NAME).is_file()  # the index is written before config.json
-    data.update(folder_config_entries(INDEX_NAME if sharded else WEIGHTS_NAME, format_version))
-    config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def strip_config(config) -> None:
-    """Drop the entries of ``folder_config_entries`` from a loaded config: a model rebuilt by
-    ``load_compressed`` is not loaded through the quantizer, and a dense export must not claim to be svdlora."""
-    for key in folder_config_entries():
-        if hasattr(config, key):
-            delattr(config, key)
 
 
 def register() -> None:

@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from .. import siblings
 from ..compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
 from ..errors import SvdloraError, first_line
-from ..integrations import hf_quantizer
+from ..integrations.quantization_config import strip_config
 from ..layers import LowRankLinear, dense_kind, weight_out_in
 from ..models import (
     default_device,
@@ -58,7 +58,7 @@ def _build_skeleton(path: Path, base: dict) -> nn.Module:
             "load_compressed(path, model=<an instance of its class>)"
         ),
     )
-    hf_quantizer.strip_config(config)  # built here, not through transformers' quantizer
+    strip_config(config)  # built here, not through transformers' quantizer
     cls = model_class_named(base.get("class"), path / CONFIG_NAME) or model_class(config)
     if cls.config_class is not None and not isinstance(config, cls.config_class):
         raise SvdloraError(

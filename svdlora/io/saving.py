@@ -19,7 +19,7 @@ from .. import card
 from ..choices import DEFAULT_MAX_SHARD_SIZE
 from ..compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
 from ..errors import SvdloraError
-from ..integrations import hf_quantizer
+from ..integrations.quantization_config import mark_folder
 from ..layers import LowRankLinear
 from ..models import PREPROCESSOR_FILES, folder_bytes, set_config_dtype
 from ..pivoted import PivotedLowRankLinear
@@ -176,7 +176,7 @@ def write_side_files(
         report.bytes_before = folder_bytes(source)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(tmp)
-        hf_quantizer.mark_folder(tmp / "config.json", format_version)  # from_pretrained after `import svdlora`
+        mark_folder(tmp / "config.json", format_version)  # from_pretrained after `import svdlora`
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
     if source:
