@@ -13,11 +13,11 @@ from torch import nn
 
 from ..errors import SvdloraError
 
-_STAGE_KEY = re.compile(r"^(?P<module>.+)\.stage(?P<stage>\d+)\.(?P<side>[AB])$")
-_PIVOT_KEY = re.compile(r"^(?P<module>.+)\.pivoted\.(?P<side>B|C|rows)$")  # svdlora.pivoted (format 3)
+STAGE_KEY = re.compile(r"^(?P<module>.+)\.stage(?P<stage>\d+)\.(?P<side>[AB])$")
+PIVOT_KEY = re.compile(r"^(?P<module>.+)\.pivoted\.(?P<side>B|C|rows)$")  # svdlora.pivoted (format 3)
 
 
-def _check_hub_snapshot(folder: Path) -> None:
+def check_hub_snapshot(folder: Path) -> None:
     """A hub id's snapshot in the Hugging Face cache (``models--ORG--NAME/snapshots/COMMIT``) holds the files
     from_pretrained downloaded: config.json and the weights, not svdlora_config.json, which the checks read."""
     from ..io.writer import CONFIG_NAME  # io imports this module
@@ -32,7 +32,7 @@ def _check_hub_snapshot(folder: Path) -> None:
         )
 
 
-def _factor_layouts(files: list[str]) -> dict[str, tuple[list[int], bool]]:
+def factor_layouts(files: list[str]) -> dict[str, tuple[list[int], bool]]:
     """{module name in the file: (stage ranks, pivoted)}, from the safetensors headers (no tensor is read).
     A pivoted module stores its stages summed: one rank, the pivot rows' count."""
     ranks: dict[str, dict[int, int]] = defaultdict(dict)
@@ -40,17 +40,17 @@ def _factor_layouts(files: list[str]) -> dict[str, tuple[list[int], bool]]:
     for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                match = _STAGE_KEY.match(key)
+                match = STAGE_KEY.match(key)
                 if match and match["side"] == "A":
                     ranks[match["module"]][int(match["stage"])] = f.get_slice(key).get_shape()[1]
-                match = _PIVOT_KEY.match(key)
+                match = PIVOT_KEY.match(key)
                 if match and match["side"] == "B":
                     pivoted[match["module"]] = f.get_slice(key).get_shape()[0]
     layouts = {name: ([stages[j] for j in sorted(stages)], False) for name, stages in ranks.items()}
     return layouts | {name: ([rank], True) for name, rank in pivoted.items()}
 
 
-def _model_name(model: nn.Module, file_name: str, prefix: str, strict: bool = True) -> str | None:
+def model_name(model: nn.Module, file_name: str, prefix: str, strict: bool = True) -> str | None:
     """The module's name in this model: a base model (AutoModel) lacks the head class's prefix.
     None where the model has no such module and ``strict`` is off."""
     candidates = [file_name]
@@ -67,7 +67,7 @@ def _model_name(model: nn.Module, file_name: str, prefix: str, strict: bool = Tr
     raise ValueError(f"the svdlora folder factorizes {file_name!r}, which {type(model).__name__} does not have")
 
 
-def _untie_factorized(model: nn.Module, factorized: set[str]) -> None:
+def untie_factorized(model: nn.Module, factorized: set[str]) -> None:
     """Drop from transformers' tie map (``all_tied_weights_keys``, transformers >= 5) every pair with a
     factorized side, which has no ``weight`` parameter to tie: T5's config ties lm_head to shared whatever
     tie_word_embeddings says. The file's own ties are applied after loading (``tie_as_stored``)."""
@@ -80,7 +80,7 @@ def _untie_factorized(model: nn.Module, factorized: set[str]) -> None:
         }
 
 
-def _tied_names(model: nn.Module, files: list[str], prefix: str) -> dict[str, str]:
+def tied_names(model: nn.Module, files: list[str], prefix: str) -> dict[str, str]:
     """The header's {dropped tied name: stored name}, as this model names both parameters (pairs
     it lacks left out); an unreadable map is left to load_compressed's checks."""
     try:
@@ -93,7 +93,7 @@ def _tied_names(model: nn.Module, files: list[str], prefix: str) -> dict[str, st
         pair = []
         for name in (alias, stored):
             module, _, leaf = str(name).rpartition(".")
-            found = _model_name(model, module, prefix, strict=False) if module else None
+            found = model_name(model, module, prefix, strict=False) if module else None
             if found is None or not isinstance(getattr(model.get_submodule(found), leaf, None), nn.Parameter):
                 break
             pair.append(f"{found}.{leaf}")

@@ -42,13 +42,13 @@ from ..pivoted import PivotedLowRankLinear, valid_rows
 from ..report import CompressionReport
 from ..version import READABLE_FORMATS, format_refusal
 from .folder_layout import (
-    _PIVOT_KEY,
-    _STAGE_KEY,
-    _check_hub_snapshot,
-    _factor_layouts,
-    _model_name,
-    _tied_names,
-    _untie_factorized,
+    PIVOT_KEY,
+    STAGE_KEY,
+    check_hub_snapshot,
+    factor_layouts,
+    model_name,
+    tied_names,
+    untie_factorized,
 )
 from .quantization_config import GUARD_WEIGHTS_NAME, INDEX_NAME, QUANT_METHOD, SvdloraQuantizationConfig
 
@@ -129,7 +129,7 @@ class SvdloraHfQuantizer(HfQuantizer):
             # The same strict checks as load_compressed (issue 7): config fields, every shard's
             # header and factor shapes, before transformers reads a tensor.
             folder = Path(self._checkpoint_files[0]).parent
-            _check_hub_snapshot(folder)
+            check_hub_snapshot(folder)
             data = check_folder(folder)
             # Stages stored in their own dtypes (quantized, a full-rank first stage) are not wired into the
             # quantizer: refuse rather than load something else. Asked of the layers as load_compressed
@@ -141,7 +141,7 @@ class SvdloraHfQuantizer(HfQuantizer):
                     "this svdlora folder stores its stages in their own dtypes (--stage-dtypes), which "
                     "plain from_pretrained does not load yet: use svdlora.load_compressed(folder)"
                 )
-        layouts = _factor_layouts(self._checkpoint_files)
+        layouts = factor_layouts(self._checkpoint_files)
         if not layouts:
             raise ValueError(f"{self._checkpoint_files} holds no svdlora factors: is this an svdlora folder?")
         prefix = getattr(model, "base_model_prefix", "")
@@ -151,7 +151,7 @@ class SvdloraHfQuantizer(HfQuantizer):
         own_class = type(model).__name__ in (getattr(model.config, "architectures", None) or [])
         missing = set()
         for file_name, (ranks, pivoted) in layouts.items():
-            name = _model_name(model, file_name, prefix, strict=own_class)
+            name = model_name(model, file_name, prefix, strict=own_class)
             if name is None:
                 logger.info("svdlora: %s has no %r: its factors are not loaded", type(model).__name__, file_name)
                 continue
@@ -167,8 +167,8 @@ class SvdloraHfQuantizer(HfQuantizer):
             missing |= {re.escape(f"{name}.{side}") for side in (("B", "C", "rows") if pivoted else "AB")}
         # Tied as the file says: a factorized head sets tie_word_embeddings=False, which in
         # transformers 5 also drops other ties (Marian's encoder/decoder embed_tokens -> shared).
-        self._tied = _tied_names(model, self._checkpoint_files, prefix)
-        _untie_factorized(model, set(self._factorized))
+        self._tied = tied_names(model, self._checkpoint_files, prefix)
+        untie_factorized(model, set(self._factorized))
         missing |= {re.escape(alias) for alias in self._tied}
         # The factor tensors are read after loading; keep them out of transformers' load report.
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
@@ -186,7 +186,7 @@ class SvdloraHfQuantizer(HfQuantizer):
         for path in self._checkpoint_files:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
-                    match = _STAGE_KEY.match(key) or _PIVOT_KEY.match(key)
+                    match = STAGE_KEY.match(key) or PIVOT_KEY.match(key)
                     if match and match["module"] in wanted:
                         stage = int(match["stage"]) if "stage" in match.groupdict() else 0
                         parts[match["module"]][match["side"]][stage] = f.get_tensor(key)
