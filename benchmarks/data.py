@@ -83,6 +83,18 @@ def load_cifar10(
     return x, y
 
 
+def require(paths: dict[str, Path]) -> None:
+    """Stop, naming the flag to pass, where an input path does not exist.
+
+    The defaults point at the shared data folder next to the repository (``DEFAULT_DATA``) and at
+    ``~/.cache/svdlora``, which a user's machine need not have; without this check a run ends in a
+    traceback (or transformers' "Repo id must be in the form ...") that names no flag.
+    """
+    for flag, path in paths.items():
+        if not Path(path).exists():
+            raise SystemExit(f"{flag} {path}: no such file or folder; pass {flag} with its location")
+
+
 def read_lines(path: Path) -> list[str]:
     """Lines of a text file, gzipped or not, without their line endings."""
     path = Path(path)

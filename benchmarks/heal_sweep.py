@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import svdlora
 from benchmarks.common import machine_info, write_results
-from benchmarks.quality import calibration_source, quality_arguments
+from benchmarks.quality import calibration_source, quality_arguments, require_quality_inputs
 from svdlora.heal import heal
 
 NAME = "heal_sweep"
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", type=int, default=8, help="valid windows held out, between the calibration windows")
     p.set_defaults(name=NAME)
     args = p.parse_args(argv)
+    require_quality_inputs(args)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

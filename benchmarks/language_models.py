@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks import sweep, train_gpt2
 from benchmarks.common import machine_info, stopwatch, write_results
-from benchmarks.data import DEFAULT_DATA, read_text
+from benchmarks.data import DEFAULT_DATA, read_text, require
 from benchmarks.sweep import Eval, Setting, compression_cells, markdown_table
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,9 @@ def run_gpt2(args) -> dict:
     if trained_here:
         model, log = sweep.trained(train_gpt2, args, [
             "--tokenizer", str(args.gpt2_tokenizer), "--wikitext-test", str(args.wikitext_test),
-            "--wikitext-train", str(args.wikitext_train), "--shakespeare", str(args.shakespeare)])  # fmt: skip
+            "--wikitext-train", str(args.wikitext_train), "--shakespeare", str(args.shakespeare)],
+            inputs={"--gpt2-tokenizer": args.gpt2_tokenizer, "--wikitext-train": args.wikitext_train,
+                    "--shakespeare": args.shakespeare})  # fmt: skip
         context = log["context"]
     else:
         from transformers import AutoConfig
@@ -337,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: %(default)s")  # fmt: skip
     sweep.add_args(parser, "windows per evaluation (default: 24 for SmolLM2, 100 for GPT-2)")
     args = parser.parse_args(argv)
+    require({"--wikitext-test": args.wikitext_test} | ({} if args.skip_smollm2 else {"--smollm2": args.smollm2}))
     sweep.setup(args)
     if args.quick:
         args.wikitext_test = quick_slice(args.wikitext_test, args.cache_dir)

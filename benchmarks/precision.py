@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import DEFAULT_RESULTS, write_results
+from benchmarks.data import require
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +271,9 @@ def main(argv=None) -> None:
         (args.results / "precision.md").write_text(text)
         print(text)
         return
+    require(
+        {"--model": args.model, "--data": args.data} | ({"--calibration": args.calibration} if args.calibration else {})
+    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)

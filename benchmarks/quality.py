@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import svdlora
 from benchmarks.common import DEFAULT_CACHE, machine_info, targeted_bits_per_weight, write_results
-from benchmarks.data import DEFAULT_DATA
+from benchmarks.data import DEFAULT_DATA, require
 from svdlora.calibration import collect_statistics
 from svdlora.calibration_data import SELF, calibration_batches
 from svdlora.config import CompressionConfig
@@ -151,6 +151,11 @@ def quality_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE / "quality", help="statistics cache")
 
 
+def require_quality_inputs(args: argparse.Namespace) -> None:
+    """The model and text folders of ``quality_arguments``, refused by flag where they do not exist."""
+    require({"--model": args.model, "--wikitext": args.wikitext})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     quality_arguments(p)
@@ -164,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    require_quality_inputs(args)
     if args.quick:
         args.samples, args.limit, args.budgets, args.heal_seconds, args.heal_budget = 8, 4, [0.8], 30, 0.8
     logging.basicConfig(level=logging.WARNING)

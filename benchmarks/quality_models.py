@@ -25,7 +25,7 @@ from transformers import AutoModelForImageClassification, AutoTokenizer, MarianM
 
 import svdlora
 from benchmarks.common import write_results
-from benchmarks.data import DEFAULT_DATA
+from benchmarks.data import DEFAULT_DATA, require
 from svdlora.calibration import collect_statistics
 from svdlora.calibration_data import calibration_batches
 from svdlora.config import CompressionConfig
@@ -90,6 +90,7 @@ def vit_setup(args):
 
 def marian_setup(args):
     """(dense Marian, its tokenizer, calibration sources, evaluate(model) -> {"bleu", "chrf"})."""
+    require({"--train-src": args.train_src, "--test-src": args.test_src, "--test-tgt": args.test_tgt})
     tokenizer = AutoTokenizer.from_pretrained(args.marian)
     dense = MarianMTModel.from_pretrained(args.marian).eval()
 

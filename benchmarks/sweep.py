@@ -283,15 +283,21 @@ def setup(args) -> None:
     torch.set_num_threads(args.threads)
 
 
-def trained(trainer, args, extra: list[str] | None = None) -> tuple[Path, dict]:
-    """The trainer's model folder and log: loaded when trained, else trained now (unless --no-train)."""
+def trained(trainer, args, extra: list[str] | None = None, inputs: dict[str, Path] | None = None) -> tuple[Path, dict]:
+    """The trainer's model folder and log: loaded when trained, else trained now (unless --no-train).
+
+    ``inputs`` maps the caller's flags to the data the trainer reads, checked only when it trains (so
+    that a missing file names the caller's flag, not the trainer's).
+    """
     from benchmarks import training
+    from benchmarks.data import require
 
     folder = Path(args.cache_dir) / (f"{trainer.NAME}-quick" if args.quick else trainer.NAME)
     log = training.finished_log(folder)
     if log is None:
         if args.no_train:
             raise SystemExit(f"{folder} holds no finished training: run python -m {trainer.__name__} first")
+        require(inputs or {})
         argv = ["--cache-dir", str(args.cache_dir), "--threads", str(args.threads), "--no-progress", *(extra or [])]
         trainer.main(argv + (["--quick"] if args.quick else []))
         setup(args)  # the trainer's setup changed the thread count and logging

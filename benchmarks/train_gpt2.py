@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import training
-from benchmarks.data import DEFAULT_DATA, read_text
+from benchmarks.data import DEFAULT_DATA, read_text, require
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.force and (log := training.finished_log(out)):
         logger.info("%s already trained (WikiText-2 test ppl %.1f); skipping", out, log["wikitext2_test_ppl"])
         return log
+    require({"--tokenizer": args.tokenizer, "--wikitext-train": args.wikitext_train,
+             "--wikitext-test": args.wikitext_test, "--shakespeare": args.shakespeare})  # fmt: skip
 
     from transformers import GPT2TokenizerFast
 

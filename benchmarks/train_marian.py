@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import training
-from benchmarks.data import DEFAULT_DATA, read_lines
+from benchmarks.data import DEFAULT_DATA, read_lines, require
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.force and (log := training.finished_log(out)):
         logger.info("%s already trained (BLEU %.2f); skipping", out, log["bleu"])
         return log
+    require({"--train-src": args.train_src, "--train-tgt": args.train_tgt,
+             "--test-src": args.test_src, "--test-tgt": args.test_tgt})  # fmt: skip
 
     import sacrebleu
 

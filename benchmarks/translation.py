@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks import sweep, train_marian
 from benchmarks.common import machine_info, stopwatch, write_results
-from benchmarks.data import DEFAULT_DATA, read_lines
+from benchmarks.data import DEFAULT_DATA, read_lines, require
 from benchmarks.sweep import Eval, compression_cells, markdown_table
 from svdlora.decompose import rank_for_budget
 
@@ -288,10 +288,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.render_only:
         return sweep.render_saved(f"{NAME}_quick" if args.quick else NAME, args.results_dir, plot, markdown)
+    require({"--test-src": args.test_src, "--test-tgt": args.test_tgt})
     sweep.setup(args)
     folder, log = sweep.trained(train_marian, args, [
         "--train-src", str(args.train_src), "--train-tgt", str(args.train_tgt),
-        "--test-src", str(args.test_src), "--test-tgt", str(args.test_tgt)])  # fmt: skip
+        "--test-src", str(args.test_src), "--test-tgt", str(args.test_tgt)],
+        inputs={"--train-src": args.train_src, "--train-tgt": args.train_tgt})  # fmt: skip
     limit = args.limit or (8 if args.quick else 300)
     options = {"references": args.test_tgt, "limit": limit, "num_beams": 4, "max_new_tokens": 64, "batch_size": 50}
     evals = {"test": Eval("translation", args.test_src, options)}

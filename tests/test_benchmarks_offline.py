@@ -1,0 +1,72 @@
+"""The benchmarks on a machine without the shared data folder or ~/.cache/svdlora.
+
+Their data defaults point at ../shared/data (next to the repository) and at ~/.cache/svdlora, which only
+this project's machines have; each default is redirected here to a missing path, as a user's checkout
+would see it, and the run must stop at once naming the flag to pass, not in a traceback.
+"""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+from benchmarks import (
+    heal_sweep,
+    language_models,
+    precision,
+    quality,
+    quality_models,
+    train_gpt2,
+    train_marian,
+    translation,
+)
+
+CASES = ("translation test files", "translation training files", "train_marian", "train_gpt2",
+         "language_models text", "language_models smollm2", "language_models gpt2 training", "quality", "heal_sweep",
+         "precision", "quality_models marian")  # fmt: skip
+
+
+def _gz(path, lines):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _cases(tmp_path):
+    """(main, argv, flag the error must name, module attributes to point at a missing path)."""
+    run = ["--quick", "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")]
+    text = tmp_path / "wiki.txt"
+    text.write_text("some text\n")
+    tests = ["--test-src", _gz(tmp_path / "t.de.gz", ["ein Hund"]), "--test-tgt", _gz(tmp_path / "t.en.gz", ["a dog"])]
+    (tmp_path / "marian").mkdir()
+    return {
+        "translation test files": (translation.main, run, "--test-src", [(translation, "DEFAULT_DATA")]),
+        "translation training files": (translation.main, run + tests, "--train-src", [(translation, "DEFAULT_DATA")]),
+        "train_marian": (train_marian.main, run[:3], "--train-src", [(train_marian, "DEFAULT_DATA")]),
+        "train_gpt2": (train_gpt2.main, run[:3], "--tokenizer", [(train_gpt2, "DEFAULT_DATA")]),
+        "language_models text": (language_models.main, run, "--wikitext-test",
+                                 [(language_models, "DEFAULT_DATA"), (language_models, "SMOLLM2")]),
+        "language_models smollm2": (language_models.main, [*run, "--wikitext-test", str(text), "--skip-gpt2"],
+                                    "--smollm2", [(language_models, "SMOLLM2")]),
+        "language_models gpt2 training": (language_models.main, [*run, "--wikitext-test", str(text), "--skip-smollm2"],
+                                          "--gpt2-tokenizer", [(language_models, "DEFAULT_DATA")]),
+        "quality": (quality.main, ["--quick"], "--model", [(quality, "SMOLLM2"), (quality, "DEFAULT_DATA")]),
+        "heal_sweep": (heal_sweep.main, [], "--model", [(quality, "SMOLLM2"), (quality, "DEFAULT_DATA")]),
+        "precision": (precision.main, ["--part", "levels", "--results", str(tmp_path)], "--model",
+                      [(precision, "SMOLLM2"), (precision, "TEST")]),
+        "quality_models marian": (quality_models.main, ["--marian", str(tmp_path / "marian")], "--train-src",
+                                  [(quality_models, "DEFAULT_DATA")]),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_missing_default_data_path_stops_naming_its_flag(case, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    main, argv, flag, defaults = _cases(tmp_path)[case]
+    for module, name in defaults:
+        monkeypatch.setattr(module, name, tmp_path / "absent" / name)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    message = str(exc.value.code)
+    assert message.startswith(f"{flag} {tmp_path / 'absent'}") and f"pass {flag}" in message, message
