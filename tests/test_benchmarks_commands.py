@@ -1,0 +1,132 @@
+"""Every benchmark command BENCHMARKS.md and README.md quote still parses with its script's flags.
+
+A flag renamed or removed in a script leaves the recorded commands (the reproduction recipe of each
+figure) unrunnable without anything failing; this parses each one against its script's parser, stopping
+right after parsing, so nothing is measured. BENCHMARKS.md holds every benchmarks/results/*.md fragment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("BENCHMARKS.md", "README.md")
+# `python -m benchmarks.NAME`, `python -m benchmarks NAME` and `[python3|bash] benchmarks/NAME.py|.sh`.
+COMMAND = re.compile(r"python3?\s+-m\s+benchmarks(?:\.(\w+)|\s+(\w+))|benchmarks/(\w+)\.(py|sh)")
+
+
+def code_spans(text: str):
+    """(line, code) of each fenced-block line (backslash continuations joined) and inline code span."""
+    line = 1
+    for k, part in enumerate(re.split(r"^```.*$", text, flags=re.M)):
+        if k % 2:
+            lines, i = part.split("\n"), 0
+            while i < len(lines):
+                start, code = i, lines[i]
+                while code.rstrip().endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                    code = code.rstrip()[:-1] + " " + lines[i].strip()
+                yield line + start, code
+                i += 1
+        else:
+            for m in re.finditer(r"`([^`]+)`", part):  # an inline span may wrap over lines
+                yield line + part[: m.start()].count("\n"), m.group(1).replace("\n", " ")
+        line += part.count("\n")
+
+
+def argv_variants(rest: str) -> list[list[str]]:
+    """The flags after the command: ``[optional]`` kept, ``{a,b}`` each choice."""
+    rest = re.sub(r"\[([^\]]*)\]", r"\1", rest)
+    choice = re.search(r"\{([^}]*)\}", rest)
+    if choice is None:
+        return [shlex.split(rest)]
+    return [v for c in choice.group(1).split(",") for v in argv_variants(rest.replace(choice.group(0), c, 1))]
+
+
+def recorded_commands() -> list[tuple[str, str, str, list[str]]]:
+    """(where, script name, kind, argv) of every quoted command with arguments; kind "elided" where the
+    quote leaves arguments out (``...``), so that only its flags' names can be checked."""
+    found = []
+    for doc in DOCS:
+        for line, code in code_spans((ROOT / doc).read_text()):
+            for m in COMMAND.finditer(code):
+                name, kind = m.group(1) or m.group(2) or m.group(3), m.group(4) or "module"
+                rest = re.split(r"\s#|;|&&|\||>", code[m.end() :])[0].strip()
+                if kind != "sh" and re.search(r"\.\.\.|…", rest):
+                    kind, rest = "elided", re.sub(r"\.\.\.|…", " ", rest)
+                found += [(f"{doc}:{line}", name, kind, argv) for argv in argv_variants(rest) if argv or kind == "sh"]
+    return found
+
+
+class Parsed(Exception):
+    """Raised by the patched parser instead of parsing: the script stops before doing anything."""
+
+
+def script_parser(name: str, argv: list[str], monkeypatch) -> argparse.ArgumentParser | None:
+    """The parser the script ``name`` builds, caught at its parse call; None for a file without ``main``
+    (gpu_gemv, a snippet file dispatching on sys.argv[1]) or one that parses nothing."""
+    module = importlib.import_module("benchmarks.__main__" if name == "all" else f"benchmarks.{name}")
+    if not hasattr(module, "main"):
+        return None
+
+    def stop(self, args=None, namespace=None):
+        raise Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", stop)
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{name}.py", *argv])  # the GPU scripts parse sys.argv
+    try:
+        module.run_all(argv) if name == "all" else module.main() if name.startswith("gpu_") else module.main(argv)
+    except Parsed as caught:
+        return caught.args[0]
+    finally:
+        monkeypatch.undo()
+    return None
+
+
+def parse_error(name: str, kind: str, argv: list[str], monkeypatch) -> str | None:
+    """Why ``argv`` does not parse with the script ``name``'s own parser, or None."""
+    if kind == "sh":
+        return None if (ROOT / "benchmarks" / f"{name}.sh").is_file() else "no such script"
+    parser = script_parser(name, argv, monkeypatch)
+    if parser is None:
+        return None
+    if kind == "elided":
+        flags = [a.split("=")[0] for a in argv if a.startswith("--")]
+        unknown = [f for f in flags if f not in parser._option_string_actions]
+    else:
+        try:
+            _, unknown = parser.parse_known_args(argv)
+        except SystemExit as e:  # argparse's error: a required flag missing, a value missing, a wrong choice
+            return f"exit {e.code}"
+    return f"unrecognized {unknown}" if unknown else None
+
+
+def test_the_recorded_commands_are_found():
+    names = {name for _, name, _, _ in recorded_commands()}
+    assert {"mnist_blog", "nnsvd", "vit_cifar", "translation", "language_models", "speed", "all", "gpu_align"} <= names
+    assert "memory_choice" in names  # the shell script
+
+
+def test_every_recorded_benchmark_command_parses(monkeypatch, capsys):
+    failures = [
+        f"{where}: {name} {shlex.join(argv)}: {error}"
+        for where, name, kind, argv in recorded_commands()
+        if (error := parse_error(name, kind, argv, monkeypatch))
+    ]
+    assert not failures, "\n".join(failures) + "\n" + capsys.readouterr().err[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("kind", "argv", "error"),
+    [("module", ["--quick"], None), ("module", ["--quik"], "unrecognized ['--quik']"), ("module", ["--data"], "exit 2"),
+     ("elided", ["--data"], None), ("elided", ["--quik"], "unrecognized ['--quik']")],
+)  # fmt: skip
+def test_a_flag_the_parser_does_not_take_is_reported(kind, argv, error, monkeypatch):
+    assert parse_error("mnist_blog", kind, argv, monkeypatch) == error
