@@ -40,6 +40,7 @@ figure is missing we say so instead of guessing it.
 ```
 python -m benchmarks all            # every section, then this file (trains what is not cached)
 python -m benchmarks all --quick    # smoke run: tiny models and slices, a few minutes
+python -m benchmarks all --data DIR # data folder laid out as ../shared/data (mnist/, text/, ...)
 python -m benchmarks <name> [...]   # one of: {names}
 python -m benchmarks report         # reassemble this file from benchmarks/results/*.md
 ```

@@ -8,9 +8,12 @@ would see it, and the run must stop at once naming the flag to pass, not in a tr
 from __future__ import annotations
 
 import gzip
+import importlib
+from pathlib import Path
 
 import pytest
 
+from benchmarks import __main__ as bench
 from benchmarks import (
     heal_sweep,
     language_models,
@@ -21,6 +24,8 @@ from benchmarks import (
     train_marian,
     translation,
 )
+from benchmarks.report import SECTIONS
+from tests.test_benchmarks_commands import script_parser
 
 CASES = ("translation test files", "translation training files", "train_marian", "train_gpt2",
          "language_models text", "language_models smollm2", "language_models gpt2 training", "quality", "heal_sweep",
@@ -70,3 +75,20 @@ def test_a_missing_default_data_path_stops_naming_its_flag(case, tmp_path, monke
         main(argv)
     message = str(exc.value.code)
     assert message.startswith(f"{flag} {tmp_path / 'absent'}") and f"pass {flag}" in message, message
+
+
+def test_all_data_points_each_section_where_its_defaults_point(tmp_path, monkeypatch):
+    """`benchmarks all --data DIR` (the sections' own --data flags are not `all`'s) gives each section
+    the files its defaults name under ../shared/data, moved to DIR."""
+    calls = {}
+    monkeypatch.setattr(bench, "run", lambda name, argv: calls.setdefault(name, argv))
+    bench.run_all(["--quick", "--data", str(tmp_path)])
+    for name in SECTIONS:
+        module = importlib.import_module(f"benchmarks.{name}")
+        for attr, value in (("DEFAULT_DATA", tmp_path), ("DEFAULT_MNIST", tmp_path / "mnist")):
+            if hasattr(module, attr):
+                monkeypatch.setattr(module, attr, value)
+        parser = script_parser(name, [], monkeypatch)  # built with the defaults moved to tmp_path
+        defaults, given = vars(parser.parse_args([])), vars(parser.parse_args(calls[name]))
+        paths = {k: v for k, v in defaults.items() if isinstance(v, Path) and tmp_path in v.parents}
+        assert paths and {k: given[k] for k in paths} == paths, name
