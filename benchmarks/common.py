@@ -18,6 +18,11 @@ DEFAULT_CACHE = Path(os.environ.get("SVDLORA_BENCH_CACHE", ".cache/benchmarks"))
 DEFAULT_RESULTS = Path("benchmarks/results")
 
 
+def smollm2_folder() -> Path:
+    """Where scripts/fetch_smollm2.sh puts SmolLM2-135M: under $SVDLORA_HOME, default ~/.cache/svdlora."""
+    return Path(os.environ.get("SVDLORA_HOME", Path.home() / ".cache" / "svdlora")) / "SmolLM2-135M"
+
+
 def machine_info() -> dict:
     """What the figures were measured on; stored next to every result."""
     info = {

@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 from benchmarks import sweep, train_gpt2
-from benchmarks.common import machine_info, stopwatch, write_results
+from benchmarks.common import machine_info, smollm2_folder, stopwatch, write_results
 from benchmarks.data import DEFAULT_DATA, read_text, require
 from benchmarks.sweep import Eval, Setting, compression_cells, markdown_table
 
 logger = logging.getLogger(__name__)
 
 NAME = "language_models"
-SMOLLM2 = Path(os.environ.get("SVDLORA_HOME", Path.home() / ".cache" / "svdlora")) / "SmolLM2-135M"
 LM_BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 LM_SUBMATRICES = (1, 2, 3, 4, 5)
 TEXT = "text-generation"
@@ -320,7 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="example: python -m benchmarks.language_models --limit 24")  # fmt: skip
-    parser.add_argument("--smollm2", type=Path, default=SMOLLM2, help="SmolLM2-135M folder (default: %(default)s)")
+    parser.add_argument(
+        "--smollm2", type=Path, default=smollm2_folder(), help="SmolLM2-135M folder (default: %(default)s)"
+    )
     parser.add_argument("--skip-smollm2", action="store_true", help="only the GPT-2 part")
     parser.add_argument("--skip-gpt2", action="store_true", help="only the SmolLM2 part")
     parser.add_argument("--model", default="trained",

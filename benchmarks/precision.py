@@ -33,19 +33,17 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEFAULT_RESULTS, write_results
+from benchmarks.common import DEFAULT_RESULTS, smollm2_folder, write_results
 from benchmarks.data import require
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2 = Path(os.environ.get("SVDLORA_HOME", Path.home() / ".cache" / "svdlora")) / "SmolLM2-135M"
 TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "wikitext-2.test.txt"
 BITS = (16, 8, 6, 4.5, 3)
 MODEL_BITS = 32  # SmolLM2 folder is float32: budget = bits / 32
@@ -242,7 +240,7 @@ def run_setting(
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=sorted(PARTS))
-    parser.add_argument("--model", type=Path, default=SMOLLM2)
+    parser.add_argument("--model", type=Path, default=smollm2_folder())
     parser.add_argument("--data", type=Path, default=TEST)
     parser.add_argument("--only", type=int, nargs="*", help="indices of the part's settings to run")
     parser.add_argument("--bits", type=float, nargs="*", help="only the settings at these target bits/weight")

@@ -32,7 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import svdlora
-from benchmarks.common import DEFAULT_CACHE, machine_info, targeted_bits_per_weight, write_results
+from benchmarks.common import DEFAULT_CACHE, machine_info, smollm2_folder, targeted_bits_per_weight, write_results
 from benchmarks.data import DEFAULT_DATA, require
 from svdlora.calibration import collect_statistics
 from svdlora.calibration_data import SELF, calibration_batches
@@ -42,7 +42,6 @@ from svdlora.targets import find_targets
 
 NAME = "quality"
 PROMPT = "What is the capital of France?"  # the README demo's question
-SMOLLM2 = Path.home() / ".cache" / "svdlora" / "SmolLM2-135M"
 # (row label, method, allocation, refit, calibration source, more compress options)
 DEFAULT_ROW = "kfac + global + pivoted factors (PIFA)"  # svdlora's default with calibration data
 PIVOT = {"pivot": True}
@@ -144,7 +143,9 @@ def compress_row(dense, tokenizer, budget, method, allocation, refit, source, ar
 
 def quality_arguments(p: argparse.ArgumentParser) -> None:
     """The protocol's model, data and statistics cache (shared with ``benchmarks.heal_sweep``)."""
-    p.add_argument("--model", type=Path, default=SMOLLM2, help="SmolLM2-135M folder (scripts/fetch_smollm2.sh)")
+    p.add_argument(
+        "--model", type=Path, default=smollm2_folder(), help="SmolLM2-135M folder (scripts/fetch_smollm2.sh)"
+    )
     p.add_argument("--wikitext", type=Path, default=DEFAULT_DATA / "text", help="folder of wikitext-2.{valid,test}.txt")
     p.add_argument("--samples", type=int, default=64, help="calibration windows / self-generated samples")
     p.add_argument("--name", default=NAME, help="results file name (benchmarks/results/NAME.json)")

@@ -39,7 +39,8 @@ def _gz(path, lines):
 
 
 def _cases(tmp_path):
-    """(main, argv, flag the error must name, module attributes to point at a missing path)."""
+    """(main, argv, flag the error must name, module attributes to point at a missing path; SmolLM2's
+    folder, $SVDLORA_HOME/SmolLM2-135M, is missing in every case)."""
     run = ["--quick", "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")]
     text = tmp_path / "wiki.txt"
     text.write_text("some text\n")
@@ -51,15 +52,15 @@ def _cases(tmp_path):
         "train_marian": (train_marian.main, run[:3], "--train-src", [(train_marian, "DEFAULT_DATA")]),
         "train_gpt2": (train_gpt2.main, run[:3], "--tokenizer", [(train_gpt2, "DEFAULT_DATA")]),
         "language_models text": (language_models.main, run, "--wikitext-test",
-                                 [(language_models, "DEFAULT_DATA"), (language_models, "SMOLLM2")]),
+                                 [(language_models, "DEFAULT_DATA")]),
         "language_models smollm2": (language_models.main, [*run, "--wikitext-test", str(text), "--skip-gpt2"],
-                                    "--smollm2", [(language_models, "SMOLLM2")]),
+                                    "--smollm2", []),
         "language_models gpt2 training": (language_models.main, [*run, "--wikitext-test", str(text), "--skip-smollm2"],
                                           "--gpt2-tokenizer", [(language_models, "DEFAULT_DATA")]),
-        "quality": (quality.main, ["--quick"], "--model", [(quality, "SMOLLM2"), (quality, "DEFAULT_DATA")]),
-        "heal_sweep": (heal_sweep.main, [], "--model", [(quality, "SMOLLM2"), (quality, "DEFAULT_DATA")]),
+        "quality": (quality.main, ["--quick"], "--model", [(quality, "DEFAULT_DATA")]),
+        "heal_sweep": (heal_sweep.main, [], "--model", [(quality, "DEFAULT_DATA")]),
         "precision": (precision.main, ["--part", "levels", "--results", str(tmp_path)], "--model",
-                      [(precision, "SMOLLM2"), (precision, "TEST")]),
+                      [(precision, "TEST")]),
         "quality_models marian": (quality_models.main, ["--marian", str(tmp_path / "marian")], "--train-src",
                                   [(quality_models, "DEFAULT_DATA")]),
     }  # fmt: skip
@@ -68,6 +69,7 @@ def _cases(tmp_path):
 @pytest.mark.parametrize("case", CASES)
 def test_a_missing_default_data_path_stops_naming_its_flag(case, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SVDLORA_HOME", str(tmp_path / "absent" / "SVDLORA_HOME"))
     main, argv, flag, defaults = _cases(tmp_path)[case]
     for module, name in defaults:
         monkeypatch.setattr(module, name, tmp_path / "absent" / name)
@@ -92,3 +94,12 @@ def test_all_data_points_each_section_where_its_defaults_point(tmp_path, monkeyp
         defaults, given = vars(parser.parse_args([])), vars(parser.parse_args(calls[name]))
         paths = {k: v for k, v in defaults.items() if isinstance(v, Path) and tmp_path in v.parents}
         assert paths and {k: given[k] for k in paths} == paths, name
+
+
+@pytest.mark.parametrize(("name", "dest"), [("quality", "model"), ("heal_sweep", "model"), ("precision", "model"),
+                                            ("language_models", "smollm2")])  # fmt: skip
+def test_the_smollm2_default_follows_svdlora_home(name, dest, tmp_path, monkeypatch):
+    """scripts/fetch_smollm2.sh puts the model under $SVDLORA_HOME: every benchmark's default looks there."""
+    monkeypatch.setenv("SVDLORA_HOME", str(tmp_path))
+    parser = script_parser(name, [], monkeypatch)
+    assert getattr(parser.parse_args([]), dest) == tmp_path / "SmolLM2-135M"
