@@ -269,6 +269,8 @@ def main(argv=None) -> None:
         (args.results / "precision.md").write_text(text)
         print(text)
         return
+    if args.part is None:  # else the model loads before PARTS[None] fails
+        parser.error("--part is required (or --report)")
     require(
         {"--model": args.model, "--data": args.data} | ({"--calibration": args.calibration} if args.calibration else {})
     )

@@ -61,3 +61,9 @@ def test_calibrated_rows_collect_the_statistics_once(folder, monkeypatch):
     text = (results / "precision.md").read_text()
     assert "Calibrated, plain SVD and round-to-nearest side by side" in text
     assert "full-int4 + int8 repair" in text
+
+
+def test_a_run_without_part_is_refused_before_the_model_loads(folder, capsys):
+    with pytest.raises(SystemExit) as exc:
+        precision.main(["--model", str(folder / "model"), "--data", str(folder / "test.txt"), "--results", str(folder)])
+    assert exc.value.code == 2 and "--part is required (or --report)" in capsys.readouterr().err
