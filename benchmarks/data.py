@@ -83,14 +83,16 @@ def load_cifar10(
     return x, y
 
 
-def require(paths: dict[str, Path]) -> None:
-    """Stop, naming the flag to pass, where an input path does not exist.
+def require(paths: dict[str, Path | None]) -> None:
+    """Stop, naming the flag to pass, where an input path is not given (None) or does not exist.
 
     The defaults point at the shared data folder next to the repository (``DEFAULT_DATA``) and at
     ``~/.cache/svdlora``, which a user's machine need not have; without this check a run ends in a
     traceback (or transformers' "Repo id must be in the form ...") that names no flag.
     """
     for flag, path in paths.items():
+        if path is None:
+            raise SystemExit(f"{flag} is missing; pass it with its location")
         if not Path(path).exists():
             raise SystemExit(f"{flag} {path}: no such file or folder; pass {flag} with its location")
 

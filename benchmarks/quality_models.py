@@ -77,6 +77,7 @@ def side_by_side(name, dense, processor, calibration_data, evaluate, args, resul
 
 def vit_setup(args):
     """(dense ViT, its processor, calibration images, evaluate(model) -> {"accuracy"})."""
+    require({"--cifar-test": args.cifar_test})  # no default: the extracted folder is not in ../shared/data
     processor = load_processor(args.vit, "image-classification")
     dense = AutoModelForImageClassification.from_pretrained(args.vit).eval()
 
@@ -90,7 +91,7 @@ def vit_setup(args):
 
 def marian_setup(args):
     """(dense Marian, its tokenizer, calibration sources, evaluate(model) -> {"bleu", "chrf"})."""
-    require({"--train-src": args.train_src, "--test-src": args.test_src, "--test-tgt": args.test_tgt})
+    require({"--test-src": args.test_src, "--test-tgt": args.test_tgt})
     tokenizer = AutoTokenizer.from_pretrained(args.marian)
     dense = MarianMTModel.from_pretrained(args.marian).eval()
 
@@ -128,6 +129,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     results = {"command": "python -m benchmarks.quality_models " + " ".join(sys.argv[1:] if argv is None else argv)}
+    # The calibration sources: precision_models, plain SVD, shares the setups but not these.
+    require(
+        ({"--cifar-train": args.cifar_train} if args.vit else {})
+        | ({"--train-src": args.train_src} if args.marian else {})
+    )
     if args.vit:
         side_by_side("vit", *vit_setup(args), args, results)
     if args.marian:

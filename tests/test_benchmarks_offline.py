@@ -18,6 +18,7 @@ from benchmarks import (
     heal_sweep,
     language_models,
     precision,
+    precision_models,
     quality,
     quality_models,
     train_gpt2,
@@ -25,11 +26,12 @@ from benchmarks import (
     translation,
 )
 from benchmarks.report import SECTIONS
+from tests.conftest import tiny_vit
 from tests.test_benchmarks_commands import script_parser
 
 CASES = ("translation test files", "translation training files", "train_marian", "train_gpt2",
          "language_models text", "language_models smollm2", "language_models gpt2 training", "quality", "heal_sweep",
-         "precision", "quality_models marian")  # fmt: skip
+         "precision", "quality_models marian", "precision_models marian")  # fmt: skip
 
 
 def _gz(path, lines):
@@ -63,6 +65,8 @@ def _cases(tmp_path):
                       [(precision, "TEST")]),
         "quality_models marian": (quality_models.main, ["--marian", str(tmp_path / "marian")], "--train-src",
                                   [(quality_models, "DEFAULT_DATA")]),
+        "precision_models marian": (precision_models.main, ["--marian", str(tmp_path / "marian")], "--test-src",
+                                    [(quality_models, "DEFAULT_DATA")]),
     }  # fmt: skip
 
 
@@ -103,3 +107,18 @@ def test_the_smollm2_default_follows_svdlora_home(name, dest, tmp_path, monkeypa
     monkeypatch.setenv("SVDLORA_HOME", str(tmp_path))
     parser = script_parser(name, [], monkeypatch)
     assert getattr(parser.parse_args([]), dest) == tmp_path / "SmolLM2-135M"
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "flag"),
+    [(quality_models.main, ["--cifar-test", "."], "--cifar-train"), (precision_models.main, [], "--cifar-test")],
+)
+def test_a_vit_run_without_its_image_folders_stops_naming_the_flag(main, argv, flag, tmp_path):
+    """precision_models (plain SVD) needs no calibration images; quality_models does."""
+    from transformers import ViTImageProcessor
+
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    with pytest.raises(SystemExit) as exc:
+        main(["--vit", str(tmp_path / "vit"), *argv])
+    assert exc.value.code == f"{flag} is missing; pass it with its location"
