@@ -29,12 +29,13 @@ from .allocate import allocate_ranks
 from .config import CompressionConfig
 from .decompose import relative_error, residual_svd
 from .errors import SvdloraError
+from .extract_checks import check_dtypes, check_one_kind, check_pair
 from .factoring import check_finite
-from .layers import CONV1D, weight_out_in
+from .layers import weight_out_in
 from .methods import factorize
 from .methods.weighting import Weighting
-from .plan import plan_calibration
-from .targets import find_targets
+from .plan import CalibrationPlan, plan_calibration
+from .targets import Target, find_targets
 
 logger = logging.getLogger(__name__)
 
@@ -134,62 +135,6 @@ class Extraction:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in self.summary_rows())
 
 
-def check_pair(base: nn.Module, tuned: nn.Module) -> None:
-    """Base and tuned must be the same architecture with the same tensor shapes."""
-    if type(base) is not type(tuned):
-        raise SvdloraError(
-            f"base and tuned models differ in architecture ({type(base).__name__} vs {type(tuned).__name__}): "
-            "pass the model the fine-tune started from as --base"
-        )
-    base_type = getattr(getattr(base, "config", None), "model_type", None)
-    tuned_type = getattr(getattr(tuned, "config", None), "model_type", None)
-    if base_type != tuned_type:
-        raise SvdloraError(f"base is a {base_type!r} model and tuned a {tuned_type!r} one: they must match")
-    vocab = [_vocabulary_size(base), _vocabulary_size(tuned)]
-    if vocab[0] != vocab[1]:
-        raise SvdloraError(
-            f"base and tuned have different vocabulary sizes ({vocab[0]} vs {vocab[1]} tokens): a LoRA adapter "
-            "cannot add tokens; resize the base first (base.resize_token_embeddings) and save it, or pass the "
-            "matching base"
-        )
-    base_shapes = {k: v.shape for k, v in base.state_dict().items()}
-    tuned_shapes = {k: v.shape for k, v in tuned.state_dict().items()}
-    if base_shapes.keys() != tuned_shapes.keys():
-        extra = sorted(base_shapes.keys() ^ tuned_shapes.keys())[:3]
-        raise SvdloraError(f"base and tuned hold different tensors (e.g. {extra}): they must be the same architecture")
-    for key, shape in base_shapes.items():
-        if tuned_shapes[key] != shape:
-            raise SvdloraError(
-                f"tensor {key!r} is {tuple(shape)} in base and {tuple(tuned_shapes[key])} in tuned: "
-                "they must be the same architecture and size"
-            )
-
-
-def check_dtypes(base: nn.Module, tuned: nn.Module) -> None:
-    """The loaded pair must hold each floating tensor in one dtype: a float32 base and a bfloat16 fine-tune
-    differ in every tensor by the rounding, which the delta (and whole untouched embeddings) would carry.
-    Not part of ``check_pair``, which also compares skeletons built on the meta device in a default dtype."""
-    tuned_state = tuned.state_dict()
-    for key, tensor in base.state_dict().items():
-        other = tuned_state[key]
-        if tensor.is_floating_point() and other.is_floating_point() and tensor.dtype != other.dtype:
-            raise SvdloraError(
-                f"tensor {key!r} is {tensor.dtype} in base and {other.dtype} in tuned: the delta would carry the "
-                "rounding between them; load both in one dtype (--dtype, or dtype= in from_pretrained), the one the "
-                "fine-tune ran in"
-            )
-
-
-def _vocabulary_size(model: nn.Module) -> int | None:
-    """Rows of the input embedding; None for a model without one (transformers raises NotImplementedError
-    for models such as ResNet, whose input is pixels)."""
-    try:
-        embedding = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return embedding.weight.shape[0] if isinstance(embedding, nn.Embedding) else None
-
-
 def extract_adapter(
     base: nn.Module,
     tuned: nn.Module,
@@ -230,22 +175,57 @@ def extract_adapter(
         >>> extraction = extract_adapter(base, tuned, budget=0.1, calibration="train.txt", processor=tok)
         >>> save_adapter(extraction, tuned, "out/adapter", base_name="HuggingFaceTB/SmolLM2-135M")
     """
-    for role, model in (("base", base), ("tuned", tuned)):
-        if not isinstance(model, nn.Module):
-            raise SvdloraError(
-                f"{role} must be a loaded model (an nn.Module), got {type(model).__name__} {model!r}: load it first, "
-                "e.g. AutoModelForCausalLM.from_pretrained(path), or use `svdlora extract --base ... --tuned ...`"
-            )
+    _check_loaded(base, tuned)
     if config is None:
         config = CompressionConfig(**options)
     elif options:
         raise SvdloraError(f"pass either a config or keyword options, not both (got {sorted(options)})")
     method = resolve_method(method or config.method, calibration, config)
     start = time.perf_counter()
+    _check_models(base, tuned)
+    changed = _changed_tensors(base, tuned)
+    targets, _ = find_targets(tuned, config)
+    lora_targets = [t for t in targets if f"{t.name}.weight" in changed]
+    ranks, dense = allocate_ranks(lora_targets, config) if lora_targets else ({}, {})
+    factorized = [t for t in lora_targets if t.name in ranks]
+    check_one_kind([(t.name, t.kind) for t in factorized])  # before the slow part
+    plan = _calibration_plan(tuned, lora_targets, config, method, calibration, processor, progress, statistics)
+    lora = _factorize_deltas(base, factorized, ranks, changed, method, plan, config, progress)
+    to_save, left_out = _stored_whole(changed, lora, targets, dense)
+    saved_params = sum(p.numel() for n, p in tuned.named_parameters() if n.rpartition(".")[0] in to_save)
+    return Extraction(
+        config=config.to_dict(),
+        method=method,
+        lora=lora,
+        modules_to_save=dict(sorted(to_save.items())),
+        left_out=left_out,
+        unchanged=len(targets) - len(lora_targets),
+        delta_params=sum(t.params for t in lora_targets),
+        modules_to_save_params=saved_params,
+        seconds=time.perf_counter() - start,
+        calibration=plan.describe() if plan is not None else None,
+    )
+
+
+def _check_loaded(base: nn.Module, tuned: nn.Module) -> None:
+    for role, model in (("base", base), ("tuned", tuned)):
+        if not isinstance(model, nn.Module):
+            raise SvdloraError(
+                f"{role} must be a loaded model (an nn.Module), got {type(model).__name__} {model!r}: load it first, "
+                "e.g. AutoModelForCausalLM.from_pretrained(path), or use `svdlora extract --base ... --tuned ...`"
+            )
+
+
+def _check_models(base: nn.Module, tuned: nn.Module) -> None:
+    """One model before and after fine-tuning, in one dtype, finite."""
     check_pair(base, tuned)
     check_dtypes(base, tuned)
     for role, model in (("base", base), ("tuned", tuned)):  # a NaN would fail the SVD, or be saved whole
         check_finite(model, f"the {role} model")
+
+
+def _changed_tensors(base: nn.Module, tuned: nn.Module) -> dict[str, torch.Tensor]:
+    """The tuned model's tensors that differ from the base's, by state-dict name."""
     # parameters and persistent buffers, as the checkpoint holds them: a fine-tune moves BatchNorm's
     # running statistics too, and base + adapter computes with them (their module is then saved whole)
     base_state = base.state_dict(keep_vars=True)
@@ -256,17 +236,38 @@ def extract_adapter(
     }
     if not changed:
         raise SvdloraError("the tuned model equals the base model (no tensor differs): there is nothing to extract")
+    return changed
 
-    targets, _ = find_targets(tuned, config)
-    lora_targets = [t for t in targets if f"{t.name}.weight" in changed]
-    unchanged = len(targets) - len(lora_targets)
-    ranks, dense = allocate_ranks(lora_targets, config) if lora_targets else ({}, {})
-    check_one_kind([(t.name, t.kind) for t in lora_targets if t.name in ranks])  # before the slow part
-    plan = None
-    if method in CALIBRATED and lora_targets:
-        # the tuned model's inputs: where base + adapter runs in place of the fine-tune
-        plan_config = replace(config, method=method, allocation="uniform", refit=False, heal_steps=0)
-        plan = plan_calibration(tuned, lora_targets, plan_config, calibration, processor, progress, statistics)
+
+def _calibration_plan(
+    tuned: nn.Module,
+    lora_targets: list[Target],
+    config: CompressionConfig,
+    method: str,
+    calibration: Any,
+    processor: Any,
+    progress: bool,
+    statistics: dict | None,
+) -> CalibrationPlan | None:
+    """The metric of a calibrated method over the changed targets; None for plain SVD."""
+    if method not in CALIBRATED or not lora_targets:
+        return None
+    # the tuned model's inputs: where base + adapter runs in place of the fine-tune
+    plan_config = replace(config, method=method, allocation="uniform", refit=False, heal_steps=0)
+    return plan_calibration(tuned, lora_targets, plan_config, calibration, processor, progress, statistics)
+
+
+def _factorize_deltas(
+    base: nn.Module,
+    targets: list[Target],
+    ranks: dict[str, list[int]],
+    changed: dict[str, torch.Tensor],
+    method: str,
+    plan: CalibrationPlan | None,
+    config: CompressionConfig,
+    progress: bool,
+) -> list[LoraModule]:
+    """One ``LoraModule`` per target: its delta's residual stages at its ranks, stacked."""
     svd_options = {
         "method": config.svd_method,
         "oversampling": config.oversampling,
@@ -274,7 +275,7 @@ def extract_adapter(
         "generator_seed": config.seed,  # also under "auto", which may pick randomized
     }
     lora = []
-    for target in tqdm([t for t in lora_targets if t.name in ranks], desc="factorizing deltas", disable=not progress):
+    for target in tqdm(targets, desc="factorizing deltas", disable=not progress):
         base_module = base.get_submodule(target.name)
         with torch.no_grad():
             delta = weight_out_in(target.module).detach() - weight_out_in(base_module).detach()
@@ -308,7 +309,13 @@ def extract_adapter(
                     weighted_error,
                 )
             )
+    return lora
 
+
+def _stored_whole(
+    changed: dict[str, torch.Tensor], lora: list[LoraModule], targets: list[Target], dense: dict[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """What LoRA does not carry: modules to save whole and parameters left out (warned), each with why."""
     lora_names, target_names = {m.name for m in lora}, {t.name for t in targets}
     to_save: dict[str, str] = {name: f"delta kept whole: {why}" for name, why in dense.items()}
     left_out: dict[str, str] = {}
@@ -326,19 +333,7 @@ def extract_adapter(
             to_save[owner] = "changed, not a LoRA target (norm, embedding, head, excluded or small layer)"
     for pname, why in left_out.items():
         logger.warning("LEFT OUT of the adapter: %s changed but %s; base + adapter will differ from tuned", pname, why)
-    saved_params = sum(p.numel() for n, p in tuned.named_parameters() if n.rpartition(".")[0] in to_save)
-    return Extraction(
-        config=config.to_dict(),
-        method=method,
-        lora=lora,
-        modules_to_save=dict(sorted(to_save.items())),
-        left_out=left_out,
-        unchanged=unchanged,
-        delta_params=sum(t.params for t in lora_targets),
-        modules_to_save_params=saved_params,
-        seconds=time.perf_counter() - start,
-        calibration=plan.describe() if plan is not None else None,
-    )
+    return to_save, left_out
 
 
 def resolve_method(method: str, calibration: Any, config: CompressionConfig) -> str:
@@ -361,35 +356,11 @@ def resolve_method(method: str, calibration: Any, config: CompressionConfig) -> 
     return method
 
 
-def check_one_kind(layers: list[tuple[str, str]]) -> None:
-    """The adapter's (name, kind) layers are all Linear or all GPT-2 Conv1D: one peft LoraConfig has one
-    fan_in_fan_out, so GPT-2's Conv1D blocks and a Linear layer (its head) cannot share it. Checked before
-    the factorizations, and again on the Extraction written."""
-    linear = [name for name, kind in layers if kind != CONV1D]
-    conv1d = [name for name, kind in layers if kind == CONV1D]
-    if not linear or not conv1d:
-        return
-    fewer = min(linear, conv1d, key=len)
-
-    def listed(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (f", … {len(names)} in all" if len(names) > 3 else "")
-
-    fix = f"exclude={fewer!r} (--exclude {' '.join(fewer)})" if len(fewer) <= 3 else "--exclude patterns for them"
-    raise SvdloraError(
-        f"the changed targets mix Linear ({listed(linear)}) and GPT-2 Conv1D ({listed(conv1d)}) layers, and one "
-        f"peft adapter holds one fan_in_fan_out for all: store the {'Linear' if fewer is linear else 'Conv1D'} "
-        f"ones whole, {fix}"
-    )
-
-
 __all__ = [
     "CALIBRATED",
     "METHODS",
     "Extraction",
     "LoraModule",
-    "check_dtypes",
-    "check_one_kind",
-    "check_pair",
     "extract_adapter",
     "resolve_method",
 ]

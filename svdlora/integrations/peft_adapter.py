@@ -24,7 +24,8 @@ from torch import nn
 from .. import card
 from ..config import CompressionConfig
 from ..errors import SvdloraError
-from ..extract import Extraction, check_one_kind, extract_adapter
+from ..extract import Extraction, extract_adapter
+from ..extract_checks import check_one_kind
 from ..io.outputs import atomic_folder, check_output_folder, readable_as_umask
 from ..layers import CONV1D
 from ..models import folder_bytes
