@@ -24,8 +24,9 @@ from torch import nn
 from .. import card
 from ..config import CompressionConfig
 from ..errors import SvdloraError
-from ..extract import Extraction, extract_adapter
+from ..extract import extract_adapter
 from ..extract_checks import check_one_kind
+from ..extraction import Extraction
 from ..io.outputs import atomic_folder, check_output_folder, readable_as_umask
 from ..layers import CONV1D
 from ..models import folder_bytes
