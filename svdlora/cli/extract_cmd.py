@@ -155,11 +155,11 @@ def _check_inputs(args: argparse.Namespace, config: CompressionConfig, data: str
 
 def _check_pair_on_meta(args: argparse.Namespace, config: CompressionConfig) -> nn.Module | None:
     """Both models built on the meta device from their configs (no weights read) and compared as the
-    loaded ones are (``extract_checks.check_pair``): a hub id that cannot be fetched, or a pair of different
+    loaded ones are (``extract.checks.check_pair``): a hub id that cannot be fetched, or a pair of different
     architectures, vocabularies or shapes, is refused before the slow loads. A model whose meta build
     fails for another reason is left to the real load to judge. Returns the tuned one (None where not built)."""
     from ..evaluation.loading import skeleton
-    from ..extract_checks import check_pair
+    from ..extract.checks import check_pair
     from ..targets import check_patterns_before_load
 
     models = []

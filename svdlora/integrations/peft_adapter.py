@@ -25,8 +25,8 @@ from .. import card
 from ..config import CompressionConfig
 from ..errors import SvdloraError
 from ..extract import extract_adapter
-from ..extract_checks import check_one_kind
-from ..extraction import Extraction
+from ..extract.checks import check_one_kind
+from ..extract.records import Extraction
 from ..io.outputs import atomic_folder, check_output_folder, readable_as_umask
 from ..layers import CONV1D
 from ..models import folder_bytes

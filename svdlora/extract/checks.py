@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import SvdloraError
-from .layers import CONV1D
+from ..errors import SvdloraError
+from ..layers import CONV1D
 
 
 def check_pair(base: nn.Module, tuned: nn.Module) -> None:

@@ -25,18 +25,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import allocate_ranks
-from .config import CompressionConfig
-from .decompose import relative_error, residual_svd
-from .errors import SvdloraError
-from .extract_checks import check_dtypes, check_one_kind, check_pair
-from .extraction import Extraction, LoraModule
-from .factoring import check_finite
-from .layers import weight_out_in
-from .methods import factorize
-from .methods.weighting import Weighting
-from .plan import CalibrationPlan, plan_calibration
-from .targets import Target, find_targets
+from ..allocate import allocate_ranks
+from ..config import CompressionConfig
+from ..decompose import relative_error, residual_svd
+from ..errors import SvdloraError
+from ..factoring import check_finite
+from ..layers import weight_out_in
+from ..methods import factorize
+from ..methods.weighting import Weighting
+from ..plan import CalibrationPlan, plan_calibration
+from ..targets import Target, find_targets
+from .checks import check_dtypes, check_one_kind, check_pair
+from .records import Extraction, LoraModule
 
 logger = logging.getLogger(__name__)
 
