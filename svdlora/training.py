@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CompressionConfig
 from .errors import SvdloraError
-from .layers import LINEAR, LowRankLinear, make_dense
-from .targets import matches
+from .layers import LINEAR, LowRankLinear, make_dense, weight_out_in
+from .targets import find_targets
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +113,13 @@ class SymmetricLinear(nn.Module):
                 nn.init.uniform_(self.bias, -1 / math.sqrt(self.rank), 1 / math.sqrt(self.rank))
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, rank: int) -> SymmetricLinear:
-        """The rank-``rank`` PSD matrix nearest (Frobenius) to a square layer's weight.
+    def from_dense(cls, module: nn.Module, rank: int) -> SymmetricLinear:
+        """The rank-``rank`` PSD matrix nearest (Frobenius) to a square layer's weight (a Linear or Conv1D).
 
         That is the top of the eigendecomposition of the symmetric part (W + Wᵀ)/2 with
         negative eigenvalues dropped: ``A = diag(√λ) Vᵀ``.
         """
-        weight = module.weight.detach()
+        weight = weight_out_in(module).detach()
         if weight.shape[0] != weight.shape[1]:
             raise SvdloraError(
                 f"a symmetric layer needs a square weight, got {tuple(weight.shape)}: "
@@ -162,36 +163,36 @@ def rank_constrained(
     from_weights: bool = False,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    keep_head: bool = True,
 ) -> list[str]:
-    """Replace (in place) every matching ``nn.Linear`` by a rank-``rank`` trainable layer.
+    """Replace (in place) every targeted Linear/Conv1D by a rank-``rank`` trainable layer.
 
-    A layer is replaced only when its factors are smaller than its dense weight, the rule
-    :func:`svdlora.compress` applies with a fixed rank (``rank·(in+out) < in·out``); the others
-    stay ``nn.Linear`` and are logged. With ``symmetric=True``, square layers become
+    The layers are those :func:`svdlora.compress` targets (``targets.find_targets``): every
+    ``nn.Linear`` and GPT-2 ``Conv1D``, but the output head and any layer tied to an embedding,
+    which stay dense unless ``keep_head=False`` (a tied head replaced alone would no longer be the
+    embedding's transpose). A layer is replaced only when its factors are smaller than its dense
+    weight, the rule compress applies with a fixed rank (``rank·(in+out) < in·out``); the others
+    stay dense and are logged. With ``symmetric=True``, square layers become
     :class:`SymmetricLinear` and non-square ones :class:`FactorizedLinear`, as in the NN-SVD
     code (``W = AᵀA`` cannot map between spaces of different sizes).
 
     Args:
-        model: any module; only ``nn.Linear`` children are touched.
+        model: any module; only its Linear/Conv1D layers are touched.
         rank: the rank bound, >= 1.
         symmetric: use ``W = AᵀA`` on square layers.
         from_weights: start from the current weights (truncated SVD, or the nearest PSD matrix
             for symmetric layers) instead of a random initialisation.
         include, exclude: module-name patterns (glob, or ``re:<regex>``), as in ``compress``.
+        keep_head: leave the output head (and layers tied to an embedding) dense, as ``compress``.
 
     Returns:
         The names of the replaced layers, in model order.
     """
     _check_rank(rank)
+    config = CompressionConfig(include=include, exclude=exclude or [], keep_head=keep_head)
     replaced = []
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
-            continue
-        if include is not None and not any(matches(name, p) for p in include):
-            continue
-        if exclude and any(matches(name, p) for p in exclude):
-            continue
-        out_features, in_features = module.weight.shape
+    for target in find_targets(model, config)[0]:
+        name, module, out_features, in_features = target.name, target.module, target.out_features, target.in_features
         if rank * (in_features + out_features) >= in_features * out_features:
             logger.info(
                 "%s (%dx%d) stays dense: rank-%d factors would not be smaller", name, out_features, in_features, rank
@@ -207,7 +208,9 @@ def rank_constrained(
         elif from_weights:
             layer = FactorizedLinear.from_dense(module, [rank])
         else:
-            layer = FactorizedLinear(in_features, out_features, rank, module.bias is not None, **factory)
+            layer = FactorizedLinear(
+                in_features, out_features, rank, module.bias is not None, base_kind=target.kind, **factory
+            )
         model.set_submodule(name, layer)
         replaced.append(name)
     return replaced

@@ -150,3 +150,35 @@ def test_factorized_linear_factors_are_contiguous(tmp_path):
     layer = FactorizedLinear(32, 16, rank=4)
     torch.nn.utils.parameters_to_vector(layer.parameters())
     save_file(layer.state_dict(), tmp_path / "x.safetensors")
+
+
+def test_rank_constrained_targets_the_layers_compress_does_gpt2_conv1d_not_the_tied_head():
+    """Found by review: only nn.Linear was touched, so on GPT-2 (Conv1D layers, head tied to the embedding)
+    rank_constrained replaced the tied lm_head alone, untying it, and left every transformer layer dense."""
+    from tests.conftest import tiny_gpt2, tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    square = model.transformer.h[0].attn.c_proj  # Conv1D 32x32, stored (in, out)
+    psd = SymmetricLinear.from_dense(_as_linear(square), 2)  # the nearest PSD of its (out, in) weight
+    replaced = rank_constrained(model, rank=2, symmetric=True, from_weights=True)
+    assert replaced == [
+        f"transformer.h.{i}.{n}" for i in (0, 1) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied, still dense
+    assert isinstance(model.transformer.h[0].mlp.c_fc, FactorizedLinear)
+    assert torch.allclose(model.transformer.h[0].attn.c_proj.dense_weight(), psd.dense_weight(), atol=1e-6)
+    ids = torch.randint(0, 96, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.transformer.h[1].mlp.c_proj.A.grad is not None
+    llama = tiny_llama()
+    assert "lm_head" not in rank_constrained(llama, rank=2)
+    assert rank_constrained(tiny_llama(), rank=2, keep_head=False)[-1] == "lm_head"
+
+
+def _as_linear(conv1d) -> nn.Linear:
+    linear = nn.Linear(conv1d.weight.shape[0], conv1d.weight.shape[1])
+    with torch.no_grad():
+        linear.weight.copy_(conv1d.weight.T)
+        linear.bias.copy_(conv1d.bias)
+    return linear
