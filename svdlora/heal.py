@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
 from .padding import is_encoder_decoder, is_left_padded, masked_labels, padding_masks, unpadded_rows
-from .siblings import is_stacked
+from .siblings import check_unstacked
 
 logger = logging.getLogger(__name__)
 
@@ -223,11 +223,7 @@ def heal(
     if loss == "distill" and teacher is None:
         raise SvdloraError("distillation healing needs the dense model as teacher")
     check_heal_batches(batches, loss)
-    if is_stacked(model):
-        raise SvdloraError(
-            "this model's sibling layers are stacked (stack_siblings=True), which is for inference: heal a model "
-            "loaded without stack_siblings"
-        )
+    check_unstacked(model, "heal")
     # Empty factors (a layer whose only stage is a full-rank quantized one) take no part in the
     # forward pass: with nothing else to train, backward() would fail on a loss without gradient.
     factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.factor_parameters() if p.numel()]

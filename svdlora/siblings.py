@@ -17,7 +17,7 @@ siblings' calls is not seen there (transformers' models do not make one). The pr
 once every sibling has read it (or by ``reset()``). Which layers are siblings is found by one
 forward pass on a small input, in eval mode, recording which layers of one parent module receive
 the same tensor object. Inference only: not for concurrent forward passes of one model from
-several threads; ``save_compressed`` and ``heal`` refuse a stacked model.
+several threads; ``save_compressed``, ``heal`` and ``training.dso_penalty`` refuse a stacked model.
 """
 
 from __future__ import annotations
@@ -140,6 +140,16 @@ class StackedSibling(nn.Module):
 
 def is_stacked(model: nn.Module) -> bool:
     return any(isinstance(m, StackedSibling) for m in model.modules())
+
+
+def check_unstacked(model: nn.Module, verb: str) -> None:
+    """Refuse a stacked model for code that walks the low-rank layers to train them (``heal``,
+    ``dso_penalty``): a stacked sibling is not one, so it would be left out without a word."""
+    if is_stacked(model):
+        raise SvdloraError(
+            "this model's sibling layers are stacked (stack_siblings=True), which is for inference: "
+            f"{verb} a model loaded without stack_siblings"
+        )
 
 
 def _stackable(module: nn.Module) -> bool:

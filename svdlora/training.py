@@ -25,6 +25,7 @@ from torch import nn
 from .config import CompressionConfig
 from .errors import SvdloraError
 from .layers import LINEAR, LowRankLinear, make_dense, weight_out_in
+from .siblings import check_unstacked
 from .targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ def dso_penalty(model: nn.Module) -> torch.Tensor:
     factor of a symmetric layer is used twice in AᵀA and so counts twice, as there. Factors
     are those of :class:`LowRankLinear` (including :class:`FactorizedLinear`) and
     :class:`SymmetricLinear` layers; dense layers are not penalized. Multiply by the
-    strength λ (the paper's α) yourself.
+    strength λ (the paper's α) yourself. A model whose sibling layers are stacked
+    (``stack_siblings=True``) is refused: their factors are not ``LowRankLinear`` layers.
 
     For a k×n factor both Gram matrices share their nonzero spectrum, so the sum equals
     ``2‖G − I‖_F² + |n − k|`` with G the smaller Gram matrix. It is 0 exactly for square
@@ -235,6 +237,7 @@ def dso_penalty(model: nn.Module) -> torch.Tensor:
     Returns:
         A scalar tensor (0 if the model has no factor), differentiable in the factors.
     """
+    check_unstacked(model, "train")
     total = None
     for module in model.modules():
         if isinstance(module, LowRankLinear):

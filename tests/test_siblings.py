@@ -112,6 +112,16 @@ def test_walks_over_low_rank_layers_leave_stacked_siblings_alone(tmp_path):
         heal(model, [example_inputs("llama")], steps=1, teacher=load_compressed(folder, device="cpu"))
 
 
+def test_the_dso_penalty_of_a_stacked_model_is_refused_not_partial(tmp_path):
+    """Found by review: a stacked model trains (its gradients are tested above), but dso_penalty walks the
+    LowRankLinear layers, so it left out every stacked sibling's factors without a word."""
+    from svdlora.training import dso_penalty
+
+    model = load_compressed(_folder(tmp_path, tiny_llama()), device="cpu", stack_siblings=True)
+    with pytest.raises(SvdloraError, match="stacked .*: train a model loaded without stack_siblings"):
+        dso_penalty(model)
+
+
 def test_cross_attention_keys_and_values_are_grouped_apart_from_queries(tmp_path):
     """In a decoder's cross-attention, k and v read the encoder's output and q the decoder's state:
     k/v are siblings, q is not one of them. Every decoder layer reads the same encoder output, but a
