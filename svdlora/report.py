@@ -100,7 +100,8 @@ class CompressionReport:
             ("method / allocation", f"{self.method or 'svd'} / {self.allocation or 'uniform'}"),
             (
                 "how ranks were chosen",
-                _allocation_why(self.allocation or "uniform", "byte" if in_bytes else "parameter"),
+                _allocation_why(self.allocation or "uniform", "byte" if in_bytes else "parameter")
+                + self._loss_left_note(),
             ),
             ("calibration", _calibration_text(self.calibration)),
             ("factorized matrices", f"{len(fac)} of {len(self.modules)} Linear/Conv1D layers"),
@@ -148,6 +149,17 @@ class CompressionReport:
                 rows.append(("randomized SVD", f"{len(rand)} of {len(fac)} matrices{cost}"))
         rows.append(("compress time", f"{self.seconds:.1f} s"))
         return rows
+
+    def _loss_left_note(self) -> str:
+        """'loss left' is the allocation's estimate for the truncated SVD; a refit or healing then changed the
+        factors (rel.err is measured again after them, the estimate is not): said where the column is shown."""
+        after = [
+            what for what, ran in (("the refit", (self.calibration or {}).get("refit")), ("healing", self.heal)) if ran
+        ]
+        if not after or all(m.est_loss is None for m in self.modules):
+            return ""
+        changed = " and ".join(after)
+        return f"; 'loss left' is that of the truncation, before {changed} changed the factors (rel.err is after)"
 
     def format(self, modules: bool = True) -> str:
         """A plain-text summary, then one line per layer."""

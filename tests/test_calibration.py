@@ -812,6 +812,22 @@ def test_report_errors_after_healing_are_those_of_the_saved_layers(tmp_path, sta
         assert line.exact_error is None  # the reference was of the factors before healing
 
 
+def test_the_report_says_loss_left_is_of_the_truncation_once_healing_changed_the_factors():
+    """Found by review: after healing the 'loss left' column kept the allocation's estimate for the truncated
+    SVD beside rel.err measured on the healed factors, and nothing said so (int8 stages: 0 beside 0.24)."""
+    batches = [example_inputs("llama", s) | {"labels": example_inputs("llama", s)["input_ids"]} for s in range(2)]
+
+    def why(**options) -> str:
+        torch.manual_seed(0)
+        report = svdlora.compress(tiny_llama(), budget=0.5, calibration=batches, progress=False, **options)
+        assert any(m.est_loss is not None for m in report.modules)  # the column is shown
+        return dict(report.summary_rows())["how ranks were chosen"]
+
+    note = "'loss left' is that of the truncation, before healing changed the factors (rel.err is after)"
+    assert why(heal_steps=2).endswith(note)
+    assert "before" not in why()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_refit_statistics_read_each_layers_own_input(dtype):
     # In a half-precision model the tap keeps float32 copies, so a freed input's address came back as a
