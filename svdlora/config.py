@@ -204,9 +204,7 @@ class CompressionConfig:
                 "--heal-seconds only stops healing early: pass --heal-steps N as well (the learning-rate "
                 "schedule is laid out over the steps)"
             )
-        # inf passed '> 0' and diverged at healing's second step, after the whole compression
-        if not (isinstance(self.heal_lr, numbers.Real) and 0 < self.heal_lr < math.inf):
-            raise SvdloraError(f"heal_lr must be a finite number > 0, got {self.heal_lr!r}")
+        check_heal_lr(self.heal_lr)
         if self.rank is not None and self.allocation == "global":
             raise SvdloraError(
                 "allocation 'global' chooses ranks from the budget: drop --rank, or use --allocation uniform"
@@ -247,6 +245,13 @@ class CompressionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_heal_lr(lr) -> None:
+    """Healing's peak rate (``heal_lr``, ``heal.heal(lr=)``): 0 trains nothing, and inf passed '> 0' and
+    diverged at healing's second step, after the whole compression."""
+    if not (isinstance(lr, numbers.Real) and 0 < lr < math.inf):
+        raise SvdloraError(f"heal_lr must be a finite number > 0, got {lr!r}")
 
 
 def _pattern_list(patterns) -> list:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import HEAL_LOSSES, check_heal_lr
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
 from .padding import is_encoder_decoder, is_left_padded, masked_labels, padding_masks, unpadded_rows
@@ -220,6 +221,9 @@ def heal(
         SvdloraError: the loss diverged (not finite); with ``restore_on_divergence`` the trained
             parameters are first put back as they were before healing.
     """
+    if loss not in HEAL_LOSSES:  # else any other name trained on the labels as "lm"
+        raise SvdloraError(f"heal_loss must be one of {HEAL_LOSSES}, got {loss!r}")
+    check_heal_lr(lr)
     if loss == "distill" and teacher is None:
         raise SvdloraError("distillation healing needs the dense model as teacher")
     check_heal_batches(batches, loss)

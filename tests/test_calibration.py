@@ -344,6 +344,22 @@ def test_healing_lowers_the_calibration_loss():
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"loss": "distil"}, "heal_loss must be one of \\('distill', 'lm'\\), got 'distil'"),
+    ({"lr": 0}, "heal_lr must be a finite number > 0, got 0"),
+])  # fmt: skip
+def test_heal_refuses_a_loss_it_does_not_know_and_a_rate_that_trains_nothing(options, message):
+    """Found by review: heal() itself did not check what CompressionConfig checks, so a misspelt loss with
+    labelled batches trained the labels' loss ('lm') under the misspelt name, and lr=0 ran every step unchanged."""
+    torch.manual_seed(0)
+    dense = tiny_gpt2().eval()
+    batch = example_inputs("gpt2", 0) | {"labels": example_inputs("gpt2", 0)["input_ids"]}
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.3, progress=False)
+    with pytest.raises(SvdloraError, match=message):
+        heal(model, [batch], steps=2, teacher=dense, progress=False, **options)
+
+
 def test_a_short_healing_run_reports_its_first_and_last_loss_not_one_mean_twice():
     """With at most 8 steps the first and the last 8 steps were the same steps, so the summary said
     'loss 0.2698 -> 0.2698' however the run went: the two means now never share a step."""
