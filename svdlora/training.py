@@ -241,7 +241,9 @@ def dso_penalty(model: nn.Module) -> torch.Tensor:
     total = None
     for module in model.modules():
         if isinstance(module, LowRankLinear):
-            terms = [_dso(module.A), _dso(module.B)]
+            # a layer whose only stage is a full-rank quantized one has empty factors: no factor, no
+            # term (its formula would add the constant in + out)
+            terms = [_dso(f) for f in (module.A, module.B) if f.numel()]
         elif isinstance(module, SymmetricLinear):
             terms = [2 * _dso(module.A)]
         else:

@@ -4,8 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+import svdlora
 from svdlora import LowRankLinear, SvdloraError
 from svdlora.training import FactorizedLinear, SymmetricLinear, dso_penalty, rank_constrained
+
+from .conftest import tiny_gpt2, tiny_llama
 
 
 def rank_of(w: torch.Tensor) -> int:
@@ -105,6 +108,15 @@ def test_dso_penalty_matches_definition_and_floor_for_non_square_factors():
     assert dso_penalty(nn.Sequential(nn.Linear(3, 3))).item() == 0.0
 
 
+def test_dso_penalty_of_layers_without_low_rank_factors_is_zero():
+    """Found by review: a full-int8 stage alone leaves a layer's A (out, 0) and B (0, in) empty, and each
+    empty factor counted its |n - k| floor: a model with no factor to train had penalty Σ(in + out)."""
+    model = tiny_llama()
+    svdlora.compress(model, budget=0.9, stage_dtypes="full-int8", progress=False)
+    assert all(m.A.numel() == 0 for m in model.modules() if isinstance(m, LowRankLinear))
+    assert dso_penalty(model).item() == 0.0
+
+
 def test_gradients_flow_through_factors_and_penalty():
     model = mlp()
     rank_constrained(model, rank=2, symmetric=True)
@@ -155,8 +167,6 @@ def test_factorized_linear_factors_are_contiguous(tmp_path):
 def test_rank_constrained_targets_the_layers_compress_does_gpt2_conv1d_not_the_tied_head():
     """Found by review: only nn.Linear was touched, so on GPT-2 (Conv1D layers, head tied to the embedding)
     rank_constrained replaced the tied lm_head alone, untying it, and left every transformer layer dense."""
-    from tests.conftest import tiny_gpt2, tiny_llama
-
     torch.manual_seed(0)
     model = tiny_gpt2()
     square = model.transformer.h[0].attn.c_proj  # Conv1D 32x32, stored (in, out)
