@@ -28,6 +28,7 @@ from .siblings import check_unstacked
 
 logger = logging.getLogger(__name__)
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # trained through float32 masters (``_step``)
 WARMUP_STEPS = 10  # Adam's first steps are its noisiest: ramp the rate up over these (a tenth of a shorter run)
 FINAL_LR_FRACTION = 0.1  # cosine decay to this fraction of the peak by the end of the run
 
@@ -190,6 +191,21 @@ def _restore(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
             p.copy_(value)
 
 
+def _step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], masters: list[torch.Tensor]) -> None:
+    """One optimizer step on ``masters``: half-precision ``params`` take their gradient into their float32
+    master and its updated value back; the others are their own masters. Adam on float16 tensors divides
+    0 by 0 at its first step (its second moment underflows and its eps, 1e-8, rounds to 0: nan whatever
+    the rate), and in bfloat16 most updates of the default rate round away."""
+    for p, master in zip(params, masters, strict=True):
+        if master is not p:
+            master.grad = None if p.grad is None else p.grad.float()
+    optimizer.step()
+    with torch.no_grad():
+        for p, master in zip(params, masters, strict=True):
+            if master is not p:
+                p.copy_(master)
+
+
 def heal(
     model: nn.Module,
     batches: list[dict],
@@ -242,7 +258,8 @@ def heal(
         p.requires_grad_(False)
     for p in factors:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(factors, lr=lr)
+    masters = [p.detach().float() if p.dtype in HALF_DTYPES else p for p in factors]
+    optimizer = torch.optim.Adam(masters, lr=lr)
     encoder_decoder = is_encoder_decoder(model)  # the model's kind does not change between steps
     losses: list[float] = []
     start = time.perf_counter()
@@ -262,11 +279,12 @@ def heal(
                 if before is not None:
                     _restore(factors, before)
                 raise SvdloraError(f"healing diverged at step {step} (loss {value.item()}): lower --heal-lr")
-            optimizer.zero_grad(set_to_none=True)
+            for p in factors:
+                p.grad = None
             value.backward()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(lr, step, steps, time.perf_counter() - start, seconds)
-            optimizer.step()
+            _step(optimizer, factors, masters)
             losses.append(value.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
