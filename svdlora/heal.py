@@ -197,13 +197,14 @@ def _step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], masters:
     0 by 0 at its first step (its second moment underflows and its eps, 1e-8, rounds to 0: nan whatever
     the rate), and in bfloat16 most updates of the default rate round away."""
     for p, master in zip(params, masters, strict=True):
-        if master is not p:
-            master.grad = None if p.grad is None else p.grad.float()
+        if master is not p:  # one gradient held at a time: the half one is dropped once copied
+            master.grad, p.grad = (None if p.grad is None else p.grad.float()), None
     optimizer.step()
     with torch.no_grad():
         for p, master in zip(params, masters, strict=True):
             if master is not p:
                 p.copy_(master)
+                master.grad = None
 
 
 def _loss_after(model: nn.Module, teacher: nn.Module | None, batches: list[dict], loss: str, enc_dec: bool) -> float:
