@@ -150,7 +150,9 @@ def _batch_loss(
             target = teacher(**inputs)
         return _distill_loss(model(**inputs), target, mask)
     batch = masked_labels(batch, [mask])
-    labels = batch["labels"] if encoder_decoder else batch["labels"][:, 1:]  # t predicts t + 1
+    labels = batch["labels"]
+    if labels.dim() > 1 and not encoder_decoder:  # a causal LM's token labels: t predicts t + 1
+        labels = labels[:, 1:]  # (a sequence classifier's are one per row)
     return model(**batch).loss, int((labels != -100).sum())
 
 

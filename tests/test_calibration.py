@@ -395,6 +395,19 @@ def test_healing_reports_the_healed_models_loss_on_the_batches_of_its_first_step
     assert result.first_loss != result.last_loss
 
 
+def test_a_sequence_classifier_heals_on_its_class_labels():
+    """Found by review: healing with loss 'lm' took the labels as a causal LM's tokens (labels[:, 1:]), so a
+    classifier calibrated on its class labels passed every check, was compressed, then stopped at healing's
+    first step: IndexError 'too many indices for tensor of dimension 1'."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 90, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+    report = svdlora.compress(
+        tiny_bert().eval(), budget=0.5, calibration=[batch], heal_steps=2, heal_loss="lm", progress=False
+    )
+    assert report.heal["steps"] == 2 and math.isfinite(report.heal["last_loss"])
+
+
 def test_a_diverged_healing_leaves_the_factors_as_before_healing():
     """Review: heal() called directly raised on a non-finite loss but left the factors of the update that
     diverged (compress restores the dense model; heal alone did not)."""
