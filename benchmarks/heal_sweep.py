@@ -3,8 +3,9 @@
 The healing rows of ``benchmarks.quality`` report test perplexity; picking their learning rate
 on those figures would fit the test set. This sweep compresses SmolLM2-135M once (the quality
 protocol's calibration statistics, from its cache), heals a copy for ``--seconds`` at each peak
-rate, and records only the distillation loss on the calibration batches (first and last 8
-steps) and on ``--holdout`` WikiText-2 *valid* windows that calibration did not use.
+rate, and records only the distillation loss on the calibration batches (of the first 8 steps as
+trained, then of the healed model on the same batches; the recorded results before 2026-11-29 hold
+the last 8 steps' own) and on ``--holdout`` WikiText-2 *valid* windows that calibration did not use.
 
 Usage:
     python -m benchmarks.heal_sweep --budget 0.5 --method kfac --lrs 1e-4 3e-4 1e-3 --seconds 120
