@@ -327,4 +327,11 @@ def heal(
         result.first_loss,
         result.last_loss,
     )
+    if result.last_loss > result.first_loss:  # the same batches: healing made the model worse on its own data
+        logger.warning(
+            "healing raised the loss on its first batches (%.4f -> %.4f): the healed model is worse there; "
+            "lower --heal-lr (heal_lr) or raise --heal-steps",
+            result.first_loss,
+            result.last_loss,
+        )
     return result
