@@ -36,9 +36,11 @@ __all__ = ["FactorizedLinear", "SymmetricLinear", "dso_penalty", "rank_constrain
 class FactorizedLinear(LowRankLinear):
     """A trainable ``y = x (A B)ᵀ + b`` with A (out, rank), B (rank, in): rank(AB) <= rank.
 
-    The same module as :class:`svdlora.layers.LowRankLinear` (so a model trained with it can be
-    saved like a compressed one), plus a random initialisation for training from scratch.
-    ``FactorizedLinear.from_dense(linear, [rank])`` starts from the truncated SVD instead.
+    The same module as :class:`svdlora.layers.LowRankLinear` (its forward, and its factors ``A``, ``B`` in
+    the state dict), plus a random initialisation for training from scratch.
+    ``FactorizedLinear.from_dense(linear, [rank])`` starts from the truncated SVD instead. ``save_compressed``
+    writes only what ``svdlora.compress`` made (its folder records the compression); save a model trained
+    with these layers by its state dict, and load it into the same model after the same ``rank_constrained``.
 
     Args:
         in_features, out_features: shape of the map.

@@ -192,3 +192,20 @@ def _as_linear(conv1d) -> nn.Linear:
         linear.weight.copy_(conv1d.weight.T)
         linear.bias.copy_(conv1d.bias)
     return linear
+
+
+def test_a_trained_rank_constrained_model_saves_by_its_state_dict_not_save_compressed():
+    """FactorizedLinear's docstring said a model trained with it 'can be saved like a compressed one', and
+    save_compressed refuses it (no compression report): the route it now names restores the same outputs."""
+    model = tiny_llama().eval()
+    rank_constrained(model, 4)
+    with pytest.raises(SvdloraError, match="not compressed"):
+        svdlora.save_compressed(model, "unused")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rebuilt = tiny_llama().eval()
+    rank_constrained(rebuilt, 4)
+    rebuilt.load_state_dict(state)
+    ids = torch.arange(1, 9).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, rebuilt(ids).logits)
+    assert "can be saved like a compressed one" not in FactorizedLinear.__doc__
