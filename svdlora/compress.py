@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate_global, allocate_ranks
-from .chain import Stage, quantized_chain, requantize
+from .chain import Stage, quantized_chain
 from .config import CompressionConfig
 from .decompose import factorize, relative_error
 from .errors import BudgetError, SvdloraError
@@ -167,10 +167,7 @@ def compress(
                 restore_on_divergence=False,  # a failure here restores the dense layers (restored_on_error)
             )
             del teacher
-            for name in reports:
-                if model.get_submodule(name).stage_dtypes:
-                    requantize(model.get_submodule(name))
-            _measure_healed(model, originals, reports)
+            _measure_healed(model, originals, reports)  # heal left stage-dtype layers as they will be stored
     report = CompressionReport(
         config=config.to_dict(),
         modules=_module_reports(model, reports, dense),

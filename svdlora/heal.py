@@ -299,6 +299,8 @@ def heal(
             losses.append(value.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if parameters is None and losses:
+            _requantize_stages(model)  # the model in memory is then the one its folder will hold
         ends = min(8, len(losses))
         seen = list(itertools.islice(itertools.cycle(batches), ends))  # the first steps' batches
         after = _loss_after(model, teacher, seen, loss, encoder_decoder) if losses else None
@@ -335,3 +337,13 @@ def heal(
             result.last_loss,
         )
     return result
+
+
+def _requantize_stages(model: nn.Module) -> None:
+    """Layers with stage dtypes were trained in full precision: their stages take the values they will be
+    stored as (``chain.requantize``), so what is measured after healing, and any output, is what a save keeps."""
+    from .chain import requantize
+
+    for layer in model.modules():
+        if isinstance(layer, LowRankLinear) and layer.stage_dtypes:
+            requantize(layer)
