@@ -137,6 +137,22 @@ def test_stream_refuses_what_it_cannot_read(tmp_path):
         compress_checkpoint(tmp_path / "empty", tmp_path / "out", budget=0.5)
 
 
+def test_a_checkpoint_index_that_leaves_out_a_shard_is_refused_as_incomplete(tmp_path, capsys):
+    """A dense checkpoint's index that names no tensor of one of its shards: its norms and embedding would be
+    missing (in memory, transformers would initialize them at random); refused as incomplete, with the advice
+    for a checkpoint, not a compressed folder's 're-run svdlora compress'."""
+    tied_llama().save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    index = json.loads((tmp_path / "dense" / INDEX_NAME).read_text())
+    left_out = index["weight_map"]["model.embed_tokens.weight"]
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != left_out}
+    (tmp_path / "dense" / INDEX_NAME).write_text(json.dumps(index))
+    argv = ["compress", str(tmp_path / "dense"), "-o", str(tmp_path / "out"), "--stream", "--calibration", "none"]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"names no tensor of ['{left_out}']" in err and "copy or download the checkpoint again" in err, err
+    assert "svdlora compress`" not in err and not (tmp_path / "out").exists()
+
+
 def test_shard_plan_follows_transformers_rule():
     specs = [TensorSpec(str(i), (n,), torch.float32) for i, n in enumerate([10, 10, 30, 5])]  # 40, 40, 120, 20 bytes
     assert [[s.name for s in shard] for shard in plan_shards(specs, 80)] == [["0", "1"], ["2"], ["3"]]

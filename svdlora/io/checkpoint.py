@@ -132,7 +132,7 @@ def weight_files(folder: Path) -> list[Path]:
             "{in_memory}",
             folder=str(folder), index=INDEX_NAME,
         )  # fmt: skip
-    return writer.weight_files(folder)
+    return writer.weight_files(folder, remedy="copy or download the checkpoint again")
 
 
 def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], dict[str, str]]:

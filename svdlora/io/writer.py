@@ -199,8 +199,9 @@ def write_tensors(
     return writer
 
 
-def weight_files(folder: str | Path) -> list[Path]:
-    """The safetensors files of a folder: the shards its index names, or the single file."""
+def weight_files(folder: str | Path, remedy: str = "re-run `svdlora compress`") -> list[Path]:
+    """The safetensors files of a folder: the shards its index names, or the single file; a corrupted or
+    incomplete index is refused with ``remedy`` (a compressed folder's, unless the caller reads another)."""
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.is_file():
@@ -211,12 +212,12 @@ def weight_files(folder: str | Path) -> list[Path]:
             if not names or not all(isinstance(n, str) and n and _inside(n) for n in names):
                 raise ValueError("weight_map must map tensor names to shard file names in the folder")
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
-            raise SvdloraError(f"{index} is corrupted ({err}): re-run `svdlora compress`") from None
+            raise SvdloraError(f"{index} is corrupted ({err}): {remedy}") from None
         unlisted = _unlisted_shards(names)
         if unlisted:  # transformers would load the model without that shard's tensors: randomly initialized
             raise SvdloraError(
                 f"{index} names no tensor of {unlisted}, though its shard names count it: the index is incomplete "
-                "or was edited; re-run `svdlora compress`"
+                f"or was edited; {remedy}"
             )
         return [folder / name for name in sorted(names)]
     return [folder / WEIGHTS_NAME]
