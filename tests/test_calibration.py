@@ -377,6 +377,27 @@ def test_healing_a_half_precision_model_trains_through_float32_masters(dtype, ch
     assert moved > changed and all(p.dtype == dtype for p in factors)
 
 
+def test_healing_through_float32_masters_holds_one_gradient_at_a_time(monkeypatch):
+    """Found by review: the half-precision gradient stayed beside its float32 copy through Adam's step, and the
+    masters kept theirs after it (a float32 gradient, twice the factors' size, held between steps)."""
+    torch.manual_seed(0)
+    dense = tiny_llama().to(torch.float16).eval()
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.5, progress=False)
+    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
+    optimizers, step = [], torch.optim.Adam.step
+
+    def watched(self, *args, **kwargs):  # during the step: the half gradients already dropped
+        optimizers.append(self)
+        assert all(p.grad is None for p in factors), "a half-precision gradient is held beside its master's"
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", watched)
+    heal(model, [{"input_ids": torch.randint(1, 96, (2, 12))}], steps=2, teacher=dense, progress=False)
+    masters = [p for group in optimizers[-1].param_groups for p in group["params"]]
+    assert len(optimizers) == 2 and all(m.dtype == torch.float32 and m.grad is None for m in masters)
+
+
 def test_healing_reports_the_healed_models_loss_on_the_batches_of_its_first_steps():
     """Found by review: the report's 'loss A -> B' compared the first steps' losses with the last steps' own,
     of other batches and one update before the end: on SmolLM2 (4 batches, 3 steps at 1e-5) it said
