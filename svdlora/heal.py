@@ -243,7 +243,7 @@ def heal(
             diverges; ``compress`` turns it off (it puts the dense layers back itself), since the copy
             costs host memory the size of the factors.
     Returns:
-        A ``HealResult`` with the loss at the start and at the end.
+        A ``HealResult``: the loss of the first steps (up to 8) as trained, and the healed model's on their batches.
     Raises:
         SvdloraError: the loss diverged (not finite); with ``restore_on_divergence`` the trained
             parameters are first put back as they were before healing.
