@@ -209,6 +209,16 @@ def _step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], masters:
                 master.grad = None
 
 
+def _check_finite(value: float, step: int, factors: list[nn.Parameter], before: list[torch.Tensor] | None) -> None:
+    """Refuse a loss that is not finite: the update before ``step`` wrecked the factors, so the caller gets
+    them back as they were before healing (``before``, where kept)."""
+    if math.isfinite(value):
+        return
+    if before is not None:
+        _restore(factors, before)
+    raise SvdloraError(f"healing diverged at step {step} (loss {value}): lower --heal-lr")
+
+
 def _loss_after(model: nn.Module, teacher: nn.Module | None, batches: list[dict], loss: str, enc_dec: bool) -> float:
     """The healed model's mean loss on ``batches``, those of the first steps: compared with their losses it
     tells what healing did. The last steps' own losses were of other batches (on SmolLM2 '0.0198 -> 0.0162'
@@ -286,17 +296,15 @@ def heal(
             if step >= steps or (seconds is not None and time.perf_counter() - start >= seconds):
                 break
             value = _loss(model, teacher, batch, loss, encoder_decoder)
-            if not torch.isfinite(value):  # the last update wrecked the factors: the caller gets them back
-                if before is not None:
-                    _restore(factors, before)
-                raise SvdloraError(f"healing diverged at step {step} (loss {value.item()}): lower --heal-lr")
+            current = value.item()
+            _check_finite(current, step, factors, before)
             for p in factors:
                 p.grad = None
             value.backward()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(lr, step, steps, time.perf_counter() - start, seconds)
             _step(optimizer, factors, masters)
-            losses.append(value.item())
+            losses.append(current)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if parameters is None and losses:
@@ -304,6 +312,8 @@ def heal(
         ends = min(8, len(losses))
         seen = list(itertools.islice(itertools.cycle(batches), ends))  # the first steps' batches
         after = _loss_after(model, teacher, seen, loss, encoder_decoder) if losses else None
+        if after is not None:  # the last update, which no step's loss checked, may have wrecked them too
+            _check_finite(after, len(losses), factors, before)
     finally:
         bar.close()
         for p, flag in saved.items():

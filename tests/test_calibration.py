@@ -443,9 +443,12 @@ def test_a_sequence_classifier_heals_on_its_class_labels():
     assert report.heal["steps"] == 2 and math.isfinite(report.heal["last_loss"])
 
 
-def test_a_diverged_healing_leaves_the_factors_as_before_healing():
+@pytest.mark.parametrize("steps", [5, 1])
+def test_a_diverged_healing_leaves_the_factors_as_before_healing(steps):
     """Review: heal() called directly raised on a non-finite loss but left the factors of the update that
-    diverged (compress restores the dense model; heal alone did not)."""
+    diverged (compress restores the dense model; heal alone did not). Found by review: each step checked the
+    loss of the update before it, so the last update went unchecked: one step at lr=1e30 returned a model whose
+    every output was nan, with last_loss nan and no warning (nan > A is false), and compress kept it."""
     torch.manual_seed(0)
     dense = tiny_gpt2().eval()
     batches = [{"input_ids": example_inputs("gpt2", s)["input_ids"]} for s in range(2)]
@@ -453,7 +456,7 @@ def test_a_diverged_healing_leaves_the_factors_as_before_healing():
     svdlora.compress(model, budget=0.3, progress=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(SvdloraError, match="healing diverged at step 1"):
-        heal(model, batches, steps=5, teacher=dense, lr=1e30, progress=False)
+        heal(model, batches, steps=steps, teacher=dense, lr=1e30, progress=False)
     assert [n for n, p in model.named_parameters() if not torch.equal(p, before[n])] == []
 
 
