@@ -25,6 +25,7 @@ class BudgetError(SvdloraError):
 # streams without the flag, and compresses in memory as one process started without the launcher
 IN_MEMORY = "drop --stream"
 IN_MEMORY_LAUNCHED = "run one process, without torchrun"
+IN_MEMORY_FORCED = "pass --no-stream to load it in memory, which may not fit"  # streamed for memory, no flag given
 
 
 class StreamingRefusal(SvdloraError):

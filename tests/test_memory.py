@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from svdlora import memory
 from svdlora.cli import main
-from svdlora.errors import SvdloraError
+from svdlora.errors import StreamingRefusal, SvdloraError
 
 from .conftest import tiny_marian, tiny_t5, tiny_vit
 from .eval_helpers import lm_folder
@@ -106,6 +106,25 @@ def test_a_model_too_large_for_memory_is_streamed_to_the_same_files(tmp_path, mo
     err = capsys.readouterr().err
     assert "streaming it instead" in err and "(streamed" in err
     assert weight_bytes(tmp_path / "streamed") == weight_bytes(tmp_path / "in-memory")
+
+
+def test_a_run_streamed_for_memory_points_to_memory_by_no_stream(tmp_path, monkeypatch, capsys):
+    """Found by review: a run streamed because the model would not fit, without --stream, said of a streamed
+    refusal 'drop --stream' (before cfbd933: 'run one process, without torchrun'), a flag not given."""
+    import svdlora.cli.compress_run as compress_run
+
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    _room(monkeypatch, memory.checkpoint_bytes(base) * 5 // 4)  # the model fits, not with its factors: streamed
+
+    def refuse(*args, **kwargs):
+        raise StreamingRefusal("'x' never ran on the calibration data: --exclude it, or {in_memory}")
+
+    monkeypatch.setattr(compress_run, "compress_checkpoint", refuse)
+    argv = ["compress", str(base), "--budget", "0.5", "--calibration", "none", "--no-progress"]
+    assert main([*argv, "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "streaming it instead" in err and "--exclude it, or pass --no-stream to load it in memory" in err, err
 
 
 def test_a_run_that_cannot_stream_is_refused_or_warned(tmp_path, monkeypatch, capsys):

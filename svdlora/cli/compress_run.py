@@ -14,7 +14,7 @@ from torch import nn
 from .. import blockwise, distributed, hub
 from ..compress import compress
 from ..config import CompressionConfig
-from ..errors import IN_MEMORY, IN_MEMORY_LAUNCHED, StreamingRefusal, SvdloraError
+from ..errors import IN_MEMORY, IN_MEMORY_FORCED, IN_MEMORY_LAUNCHED, StreamingRefusal, SvdloraError
 from ..evaluation.loading import local_outline, outline
 from ..factoring import rank_factorizes_nothing, svd_device
 from ..io.saving import check_output, save_compressed
@@ -221,15 +221,18 @@ def _run_streamed(
 
 
 @contextmanager
-def _in_memory_advice(stream_flag: bool, launched: bool):
+def _in_memory_advice(stream_flag: bool | None, launched: bool):
     """A streamed refusal's way to compress in memory is worded for --stream; a launcher's run streams with or
-    without the flag, and compresses in memory only as one process started without the launcher."""
+    without the flag, and compresses in memory only as one process started without the launcher; a run that
+    streams, without the flag, because the model would not fit (``streams_for_memory``) is loaded by --no-stream."""
     try:
         yield
     except StreamingRefusal as err:
-        if not launched:
-            raise
-        raise err.reworded(f"{IN_MEMORY} and {IN_MEMORY_LAUNCHED}" if stream_flag else IN_MEMORY_LAUNCHED) from None
+        if launched:
+            raise err.reworded(f"{IN_MEMORY} and {IN_MEMORY_LAUNCHED}" if stream_flag else IN_MEMORY_LAUNCHED) from None
+        if not stream_flag:
+            raise err.reworded(IN_MEMORY_FORCED) from None
+        raise
 
 
 def eval_options(args: argparse.Namespace) -> dict:
