@@ -521,9 +521,11 @@ def test_adapter_compressed_folder_and_bad_regex_fail_before_any_model_loads(tmp
     assert loaded == [] and not (tmp_path / "adapter").exists()
 
 
-def test_a_pattern_that_matches_no_layer_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("trusted", [[], ["--trust-remote-code"]], ids=["plain", "trust-remote-code"])
+def test_a_pattern_that_matches_no_layer_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch, trusted):
     """A typo in --include / --exclude was refused only after both models were loaded and checked
-    (find_targets), where compress refuses it on the meta model before its load."""
+    (find_targets), where compress refuses it on the meta model before its load. Found by review: with
+    --trust-remote-code (the pair not compared on the meta device) the typo still waited for the loads."""
     from svdlora import models
 
     base, tuned = _pair(tiny_llama)
@@ -532,7 +534,7 @@ def test_a_pattern_that_matches_no_layer_is_refused_before_any_model_loads(tmp_p
     monkeypatch.setattr(models, "load_pretrained", lambda name, **kw: pytest.fail(f"loaded {name} before the check"))
     capsys.readouterr()
     argv = ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--rank", "2"]
-    argv += ["--output", str(tmp_path / "adapter"), "--no-progress"]
+    argv += ["--output", str(tmp_path / "adapter"), "--no-progress", *trusted]
     for flag in ("--include", "--exclude"):
         err = _cli_error(capsys, [*argv, flag, "q_prj"])
         assert f"{flag} 'q_prj' matches none of the 15 Linear/Conv1D layers" in err, err

@@ -145,11 +145,17 @@ def _check_inputs(args: argparse.Namespace, config: CompressionConfig, data: str
         except SvdloraError as err:
             raise SvdloraError(f"{flag} {name!r}: {err}") from None
     if args.trust_remote_code:  # the pair is not compared before the load (its own code would run for both);
-        # the calibration's checks read the tuned one all the same, as compress builds its model's: where the
-        # method reads the data (--calibration DATA --method svd leaves it unread: nothing to check)
+        # the calibration's checks and the patterns read the tuned one all the same, as compress builds its
+        # model's: where the method reads the data (--calibration DATA --method svd leaves it unread) or
+        # patterns are given
         from ..evaluation.loading import local_outline
+        from ..targets import check_patterns_before_load
 
-        return local_outline(args.tuned, True) if data != NONE else None
+        needed = data != NONE or config.include or config.exclude
+        tuned = local_outline(args.tuned, True) if needed else None
+        if tuned is not None:
+            check_patterns_before_load(tuned, config, args.tuned)
+        return tuned if data != NONE else None
     return _check_pair_on_meta(args, config)
 
 
