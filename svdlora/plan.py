@@ -95,6 +95,17 @@ def source_description(source: str) -> dict:
     return {"source": source, "data_free": source.startswith(SELF_SOURCE)}
 
 
+def check_statistics_calibrated(statistics: dict | None, calibration: Any, why: str) -> None:
+    """Refuse ``statistics`` without the ``calibration`` they were collected on: without data the method is
+    plain SVD, which would ignore them, while the caller meant them to weigh the layers. ``why``: what else
+    reads the batches."""
+    if statistics is not None and calibration is None:
+        raise SvdloraError(
+            f"statistics were given without calibration: pass calibration= the batches they were collected on "
+            f"too ({why}), or statistics=None for plain SVD"
+        )
+
+
 def check_calibration(calibration: Any) -> None:
     """Refuse calibration that is no data (one batch without its list, a number, a tuple of batches) before
     anything is read for it: streaming loads the checkpoint's tokenizer first, whose refusal for a folder
@@ -198,11 +209,9 @@ def plan_calibration(
     if config.refit and config.method == "svd":  # data or none: there are no weighted statistics to refit to
         logger.warning("the refit pass is not run with method 'svd' (it refits to weighted statistics)")
     if calibration is None:
-        if statistics is not None:  # else ignored: plain SVD, while the caller meant its statistics to weigh the layers
-            raise SvdloraError(
-                "statistics were given without calibration: pass calibration= the batches they were collected on "
-                "too (the report counts them; healing and the refit run on them), or statistics=None for plain SVD"
-            )
+        check_statistics_calibrated(
+            statistics, calibration, "the report counts them; healing and the refit run on them"
+        )
         check_without_calibration(config)
         return CalibrationPlan(method="svd", allocation="uniform")
     if not uses_calibration(config):  # warned before the data is read (or, for 'self', generated): it is not used

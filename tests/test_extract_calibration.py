@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from svdlora.cli import main
+from svdlora.errors import SvdloraError
 from svdlora.extract import extract_adapter
 from svdlora.integrations.peft_adapter import write_adapter
 from svdlora.layers import weight_out_in
@@ -161,6 +162,8 @@ def test_cli_calibration_without_the_tuned_tokenizer_is_one_line_before_loading(
 
 
 def test_statistics_collected_once_give_the_same_adapter():
+    """Found by review: statistics= without calibration= was ignored (method 'auto': plain SVD), as compress
+    ignored them before 684ddd3; now refused as there."""
     from svdlora.calibration import collect_statistics
     from svdlora.config import CompressionConfig
     from svdlora.targets import find_targets
@@ -172,6 +175,8 @@ def test_statistics_collected_once_give_the_same_adapter():
     stats = collect_statistics(tuned, find_targets(tuned, CompressionConfig())[0], batches, False, False)
     once = extract_adapter(base, tuned, budget=0.3, calibration=batches, statistics=stats, progress=False)
     fresh = extract_adapter(base, tuned, budget=0.3, calibration=batches, progress=False)
+    with pytest.raises(SvdloraError, match=r"statistics were given without calibration: .*'auto' is whiten with"):
+        extract_adapter(base, tuned, budget=0.3, statistics=stats, progress=False)
     assert all(
         torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
         for a, b in zip(once.lora, fresh.lora, strict=True)

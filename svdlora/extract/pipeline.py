@@ -33,7 +33,7 @@ from ..factoring import check_finite
 from ..layers import weight_out_in
 from ..methods import factorize
 from ..methods.weighting import Weighting
-from ..plan import CalibrationPlan, plan_calibration
+from ..plan import CalibrationPlan, check_statistics_calibrated, plan_calibration
 from ..targets import Target, find_targets
 from .checks import check_dtypes, check_one_kind, check_pair
 from .records import Extraction, LoraModule
@@ -115,6 +115,7 @@ def extract_adapter(
         config = CompressionConfig(**options)
     elif options:
         raise SvdloraError(f"pass either a config or keyword options, not both (got {sorted(options)})")
+    check_statistics_calibrated(statistics, calibration, "method 'auto' is whiten with them, plain SVD without")
     method = resolve_method(method or config.method, calibration, config)
     start = time.perf_counter()
     _check_models(base, tuned)
