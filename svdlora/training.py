@@ -26,6 +26,7 @@ from .config import CompressionConfig
 from .errors import SvdloraError
 from .layers import LINEAR, LowRankLinear, make_dense, weight_out_in
 from .siblings import check_unstacked
+from .swap import untie_factorized_head
 from .targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def rank_constrained(
             )
         model.set_submodule(name, layer)
         replaced.append(name)
+    untie_factorized_head(model, config)  # keep_head=False: else transformers' tie_weights() fails on its factors
     return replaced
 
 

@@ -186,6 +186,16 @@ def test_rank_constrained_targets_the_layers_compress_does_gpt2_conv1d_not_the_t
     assert rank_constrained(tiny_llama(), rank=2, keep_head=False)[-1] == "lm_head"
 
 
+def test_a_tied_head_rank_constrained_with_keep_head_false_is_untied_in_the_config():
+    """Found by review: keep_head=False replaced GPT-2's tied lm_head and left tie_word_embeddings on, so
+    transformers' tie_weights() (resize_token_embeddings calls it) failed: KeyError "attribute 'weight' already
+    exists"; the config is now untied, as compress unties a factorized head (swap.untie_factorized_head)."""
+    model = tiny_gpt2()
+    assert rank_constrained(model, rank=2, keep_head=False)[-1] == "lm_head"
+    model.tie_weights()
+    assert not model.config.tie_word_embeddings and isinstance(model.lm_head, FactorizedLinear)
+
+
 def _as_linear(conv1d) -> nn.Linear:
     linear = nn.Linear(conv1d.weight.shape[0], conv1d.weight.shape[1])
     with torch.no_grad():
