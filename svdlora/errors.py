@@ -26,6 +26,7 @@ class BudgetError(SvdloraError):
 IN_MEMORY = "drop --stream"
 IN_MEMORY_LAUNCHED = "run one process, without torchrun"
 IN_MEMORY_FORCED = "pass --no-stream to load it in memory, which may not fit"  # streamed for memory, no flag given
+IN_MEMORY_PLAIN = "compress in memory"  # a run without --stream that chose memory, where it cannot stream
 
 
 class StreamingRefusal(SvdloraError):

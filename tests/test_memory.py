@@ -128,6 +128,8 @@ def test_a_run_streamed_for_memory_points_to_memory_by_no_stream(tmp_path, monke
 
 
 def test_a_run_that_cannot_stream_is_refused_or_warned(tmp_path, monkeypatch, capsys):
+    """Found by review: the warning quoted the streamed refusal's 'drop --stream', a flag not given (the run is
+    in memory already)."""
     base = tmp_path / "base"
     tied_llama().save_pretrained(base)
     model = memory.checkpoint_bytes(base)
@@ -146,6 +148,7 @@ def test_a_run_that_cannot_stream_is_refused_or_warned(tmp_path, monkeypatch, ca
     assert main([*argv, "--calibration", "none", "--stage-dtypes", "float32"]) == 0
     err = capsys.readouterr().err
     assert "warning" in err and "--stage-dtypes cannot stream" in err and "(streamed" not in err
+    assert "built in memory): compress in memory, or drop --stage-dtypes" in err and "--stream" not in err, err
     assert (tmp_path / "o" / "svdlora_config.json").is_file()
 
 

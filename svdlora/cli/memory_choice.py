@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .. import blockwise, memory
 from ..calibration_data import model_kind
 from ..config import CompressionConfig
-from ..errors import SvdloraError, first_line
+from ..errors import IN_MEMORY_PLAIN, StreamingRefusal, SvdloraError, first_line
 from ..hub import cached_checkpoint, local_checkpoint, remote_parameters
 from ..plan import auto_method, resolved_allocation
 from ..streaming import Plan, check_streamable, meta_model, plan
@@ -168,8 +168,9 @@ def _why_not_streamed(args, config: CompressionConfig, outline: tuple | SvdloraE
             raise outline
         if calibration is not None:
             blockwise.check(*outline)
-    except SvdloraError as err:
-        return f"it cannot stream ({err})", "free memory, or run it on a larger machine"
+    except SvdloraError as err:  # a streamed refusal's 'drop --stream' names a flag this run was not given
+        shown = err.reworded(IN_MEMORY_PLAIN) if isinstance(err, StreamingRefusal) else err
+        return f"it cannot stream ({shown})", "free memory, or run it on a larger machine"
     if effective_calibration(args.calibration, model_kind(outline[0])) == SELF:  # 'auto' (self returned above)
         return "--calibration auto calibrates a causal LM on text the whole model generates", STREAM_ADVICE
     return None
