@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .allocate import allocate_global, allocate_ranks
 from .chain import Stage, quantized_chain
-from .config import CompressionConfig
+from .config import CompressionConfig, config_or_options
 from .decompose import factorize, relative_error
 from .errors import BudgetError, SvdloraError
 from .factoring import chain_options, check_finite, measure_pivoted, module_report, svd_options
@@ -79,7 +79,7 @@ def compress(
         >>> report = compress(model, budget=0.5, submatrices=3, calibration="wiki.valid.txt", processor=tok)
         >>> print(report.format())
     """
-    config = _config(config, options)
+    config = config_or_options(config, options)
     start = time.perf_counter()
     params_before = count_parameters(model)
     targets, dense = _dense_targets(model, config)
@@ -204,17 +204,9 @@ def calibration_plan(
         ...     dense = copy.deepcopy(model)
         ...     compress(dense, budget=budget, method="kfac", calibration=plan.batches, statistics=plan.stats)
     """
-    config = _config(config, options)
+    config = config_or_options(config, options)
     targets, _ = _dense_targets(model, config)
     return plan_calibration(model, targets, config, calibration, processor, progress)
-
-
-def _config(config: CompressionConfig | None, options: dict) -> CompressionConfig:
-    if config is None:
-        return CompressionConfig(**options)
-    if options:
-        raise SvdloraError(f"pass either a config or keyword options, not both (got {sorted(options)})")
-    return config
 
 
 def _dense_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Target], dict[str, str]]:

@@ -247,6 +247,15 @@ class CompressionConfig:
         return asdict(self)
 
 
+def config_or_options(config: CompressionConfig | None, options: dict) -> CompressionConfig:
+    """The run's config, given whole (``config=``) or as keyword options (compress, extract), not both."""
+    if config is None:
+        return CompressionConfig(**options)
+    if options:
+        raise SvdloraError(f"pass either a config or keyword options, not both (got {sorted(options)})")
+    return config
+
+
 def check_heal_lr(lr) -> None:
     """Healing's peak rate (``heal_lr``, ``heal.heal(lr=)``): 0 trains nothing, and inf passed '> 0' and
     diverged at healing's second step, after the whole compression."""

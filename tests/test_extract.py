@@ -584,3 +584,16 @@ def test_svd_is_declared_as_in_compress(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["extract", "--help"])
     assert "--svd {exact,randomized}, --svd-method" in capsys.readouterr().out
+
+
+def test_a_config_and_keyword_options_together_are_refused_alike_by_compress_and_extract():
+    """Both take the run's settings as config= or as keyword options: given both, each refuses in the same words
+    (one config.config_or_options, no longer a copy in each)."""
+    from svdlora import CompressionConfig, compress
+
+    base, tuned = _pair(tiny_llama)
+    both = r"pass either a config or keyword options, not both \(got \['budget'\]\)"
+    with pytest.raises(SvdloraError, match=both):
+        compress(copy.deepcopy(base), config=CompressionConfig(), budget=0.5, progress=False)
+    with pytest.raises(SvdloraError, match=both):
+        extract_adapter(base, tuned, config=CompressionConfig(), budget=0.5, progress=False)

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..allocate import allocate_ranks
-from ..config import CompressionConfig
+from ..config import CompressionConfig, config_or_options
 from ..decompose import relative_error, residual_svd
 from ..errors import SvdloraError
 from ..factoring import check_finite
@@ -111,10 +111,7 @@ def extract_adapter(
         >>> save_adapter(extraction, tuned, "out/adapter", base_name="HuggingFaceTB/SmolLM2-135M")
     """
     _check_loaded(base, tuned)
-    if config is None:
-        config = CompressionConfig(**options)
-    elif options:
-        raise SvdloraError(f"pass either a config or keyword options, not both (got {sorted(options)})")
+    config = config_or_options(config, options)
     check_statistics_calibrated(statistics, calibration, "method 'auto' is whiten with them, plain SVD without")
     method = resolve_method(method or config.method, calibration, config)
     start = time.perf_counter()
