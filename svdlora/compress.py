@@ -69,8 +69,8 @@ def compress(
             ready model batches; ``None`` for plain SVD.
         processor: the tokenizer / image processor that turns ``calibration`` into batches.
         statistics: ``calibration.collect_statistics`` output for these batches, to reuse it
-            across several compressions of the same model (benchmarks, sweeps: ``calibration_plan``);
-            given with ``calibration`` only.
+            across several compressions of the same model (benchmarks, sweeps: ``calibration_plan``,
+            whose ``plan.stats`` also keep the weightings computed from them); given with ``calibration`` only.
         progress: show progress bars.
     Returns:
         A ``CompressionReport`` (also stored on ``model.svdlora_report``).
@@ -196,7 +196,8 @@ def calibration_plan(
     """The calibration ``compress`` would run on ``model`` with these settings: ``plan.batches`` (the data read,
     for 'self' generated), ``plan.stats`` and ``plan.source`` (None: no data, or none the settings read). Neither
     depends on the budget: pass ``calibration=plan.batches, statistics=plan.stats`` to several compressions of
-    copies of the dense model (a sweep's budgets) to read and collect them once.
+    copies of the dense model (a sweep's budgets) to read and collect them, and compute the layers' weightings
+    from them (``plan.Statistics``), once.
 
     Example:
         >>> plan = calibration_plan(model, calibration="wiki.valid.txt", processor=tok, method="kfac")

@@ -173,7 +173,8 @@ def evaluating_measure(
 
 def shared_calibration(model: nn.Module, compress_options: dict, progress: bool = False) -> tuple[dict, str | None]:
     """``compress_options`` with their calibration data read into batches and its statistics collected on the
-    dense ``model``, once for every budget (neither depends on it), and how a report names that data (None:
+    dense ``model`` (which keep the layers' weightings once computed: ``plan.Statistics``), once for every
+    budget (none depends on it), and how a report names that data (None:
     no data, or none these options read). A model compressed with them must be a copy of the dense ``model``."""
     from .compress import calibration_plan
 

@@ -628,19 +628,27 @@ def test_an_error_that_is_not_the_budget_s_stops_the_sweep_with_its_own_message(
     assert stopped.value.record["failed"]["budget"] == 0.001  # the data is refused before the allocation
 
 
-def counting_collections(monkeypatch) -> list:
-    """Each call of the calibration statistics' collection (a forward and, for kfac, a backward per batch)."""
+def counting_plan_calls(monkeypatch, *names: str) -> list:
+    """The name of each call of svdlora.plan's functions ``names``, in order."""
     import svdlora.plan
 
-    calls, collect = [], svdlora.plan.collect_statistics
-    monkeypatch.setattr(svdlora.plan, "collect_statistics", lambda *a, **k: calls.append(1) or collect(*a, **k))
+    calls = []
+    for name in names:
+        function = getattr(svdlora.plan, name)
+        monkeypatch.setattr(svdlora.plan, name, lambda *a, _f=function, _n=name, **k: calls.append(_n) or _f(*a, **k))
     return calls
+
+
+def counting_collections(monkeypatch) -> list:
+    """Each call of the calibration statistics' collection (a forward and, for kfac, a backward per batch)."""
+    return counting_plan_calls(monkeypatch, "collect_statistics")
 
 
 def test_a_sweep_collects_the_calibration_statistics_once_for_every_budget(tmp_path, monkeypatch):
     """evaluating_measure's compression at each budget collected the calibration statistics again (method kfac:
     a forward and a backward per batch), though they do not depend on the budget; they are collected once, on the
-    dense model, and every budget's factors and perplexity are those of a compression that collects its own."""
+    dense model, and every budget's factors and perplexity are those of a compression that collects its own.
+    The weightings computed from them (input whitenings, kfac's output factors) are computed once too."""
     import copy
     import sys
 
@@ -661,10 +669,12 @@ def test_a_sweep_collects_the_calibration_statistics_once_for_every_budget(tmp_p
                "calibration_length": 16}  # fmt: skip
     eval_options = {"max_length": 16, "limit": 2, "progress": False}
     compress_module = sys.modules["svdlora.compress"]
-    expected = {}
+    expected, fills, alone_fills = {}, counting_plan_calls(monkeypatch, "whitening", "output_weights"), []
     for budget in (0.5, 0.8):  # each budget's own collection, as before
         alone = copy.deepcopy(model)
         compress_module.compress(alone, budget=budget, progress=False, **options)
+        alone_fills.append(fills[:])
+        fills.clear()
         ppl = evaluate((alone, tok), task="text-generation", data=str(text), **eval_options)["model"]["metrics"]
         expected[budget] = (alone.state_dict(), ppl["perplexity"])
 
@@ -677,9 +687,11 @@ def test_a_sweep_collects_the_calibration_statistics_once_for_every_budget(tmp_p
 
     monkeypatch.setattr(compress_module, "compress", keeping)
     calls = counting_collections(monkeypatch)
+    once = alone_fills[0]  # global allocation weighs every layer: the same fills at each budget
+    assert alone_fills[1] == once and "output_weights" in once
     measure = evaluating_measure(model, tok, "text-generation", str(text), options, eval_options)
     record = sweep(measure, [0.5, 0.8], "text-generation")
-    assert len(calls) == 1
+    assert len(calls) == 1 and fills == once
     assert {p["budget"]: p["quality"] for p in record["points"]} == {b: ppl for b, (_, ppl) in expected.items()}
     for budget, (state, _) in expected.items():
         assert swept[budget].keys() == state.keys()
