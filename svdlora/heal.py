@@ -45,6 +45,19 @@ class HealResult:
         return asdict(self)
 
 
+def trained_factors(model: nn.Module) -> list[nn.Parameter]:
+    """The factors healing trains. Empty ones (a layer whose only stage is a full-rank quantized one) take
+    no part in the forward pass: with nothing else to train, backward() would fail on a loss without gradient."""
+    return [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.factor_parameters() if p.numel()]
+
+
+def state_bytes(factors: list[nn.Parameter]) -> int:
+    """What healing holds beside ``factors`` during a step: per value, Adam's two float32 moments and the
+    float32 gradient, and for a half-precision factor its float32 master (``_step``): 12 bytes a float32
+    value, 16 a half one (8x its 2 bytes). Works on meta tensors (the CLI's estimate before loading)."""
+    return sum(p.numel() * torch.float32.itemsize * (3 + (p.dtype in HALF_DTYPES)) for p in factors)
+
+
 def check_heal_batches(batches: list[dict], loss: str) -> None:
     """Refuse batches the ``loss`` cannot train on (compress asks before its calibration, not after it)."""
     if not batches:  # else no step runs, and "raise --heal-steps" would be the advice
@@ -265,10 +278,7 @@ def heal(
         raise SvdloraError("distillation healing needs the dense model as teacher")
     check_heal_batches(batches, loss)
     check_unstacked(model, "heal")
-    # Empty factors (a layer whose only stage is a full-rank quantized one) take no part in the
-    # forward pass: with nothing else to train, backward() would fail on a loss without gradient.
-    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.factor_parameters() if p.numel()]
-    factors = factors if parameters is None else list(parameters)
+    factors = trained_factors(model) if parameters is None else list(parameters)
     if not factors:
         raise SvdloraError(
             "healing found no low-rank factor to train: compress the model first (a full-… stage dtype alone "

@@ -228,6 +228,32 @@ def test_calibration_statistics_count_in_the_need(tmp_path, monkeypatch, capsys)
     assert "streaming it instead" not in capsys.readouterr().err  # plain SVD: no statistics
 
 
+def test_healing_counts_its_optimizer_state_and_masters_in_the_need(tmp_path, monkeypatch):
+    from svdlora.cli import memory_choice
+    from svdlora.config import CompressionConfig
+    from svdlora.layers import LowRankLinear
+    from svdlora.streaming import plan
+
+    model, text = lm_folder(tmp_path)
+    needs: list[int] = []
+
+    def shortfall(model_bytes, budget, extra=0, **_):  # records the estimate, then stops the run
+        needs.append(extra)
+        raise SvdloraError("estimated")
+
+    monkeypatch.setattr(memory_choice.memory, "shortfall", shortfall)
+    argv = ["compress", str(model), "--budget", "0.5", "--calibration", str(text), "-o", str(tmp_path / "o")]
+    for dtype in ("float32", "float16"):
+        for heal in ([], ["--heal-steps", "2", "--heal-loss", "lm"]):  # lm: no teacher copy of the model
+            assert main([*argv, "--dtype", dtype, *heal]) == 2
+    planned = plan(model, CompressionConfig(budget=0.5, pivot=True))  # the CLI stores pivoted factors
+    factors = sum(
+        p.numel() for m in planned.model.modules() if isinstance(m, LowRankLinear) for p in m.factor_parameters()
+    )
+    # Adam's two float32 moments and the float32 gradient; in float16 the float32 masters too (8x 2 bytes)
+    assert [needs[1] - needs[0], needs[3] - needs[2]] == [12 * factors, 16 * factors]
+
+
 def _fake_hub(tmp_path: Path, monkeypatch, remote: Path) -> list[list[str]]:
     """The hub, reachable, holding ``remote`` at one commit: downloads copy the files their patterns
     name into a snapshot folder (recorded), headers are read from the remote files."""

@@ -18,6 +18,7 @@ from .. import blockwise, memory
 from ..calibration_data import model_kind
 from ..config import CompressionConfig
 from ..errors import IN_MEMORY_PLAIN, StreamingRefusal, SvdloraError, first_line
+from ..heal import state_bytes, trained_factors
 from ..hub import cached_checkpoint, local_checkpoint, remote_parameters
 from ..plan import auto_method, resolved_allocation
 from ..streaming import Plan, check_streamable, meta_model, plan
@@ -57,7 +58,9 @@ def streams_for_memory(
     if over is None:
         return False, None
     limit, need, room = over
-    what = "the model, its factors and its calibration statistics" if statistics else "the model and its factors"
+    what = "the model and its factors"
+    if statistics:
+        what = f"the model, its factors{', healing' if config.heal_steps else ''} and its calibration statistics"
     sizes = f"{args.model!r} needs {_about(need, limit)} ({what}) and {limit} leaves {memory.size(room)}"
     if planned is None:  # not made for the statistics (--calibration none): made now, once
         planned = _plan(args, config, folder, meta)
@@ -144,8 +147,10 @@ def _as_error(err: Exception) -> SvdloraError:
 
 def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int) -> int:
     """What calibrating in memory holds (0 where the run does not calibrate, or its targets are not
-    known): ``memory.statistics_bytes`` (every target's Grams, reached by the data or not) and
-    distillation healing's copy of the model."""
+    known): ``memory.statistics_bytes`` (every target's Grams, reached by the data or not) and, for
+    healing, its optimizer state (``heal.state_bytes`` of the plan's factors, in the dtype they load
+    in; its uniform ranks, where a global allocation spends the same budget otherwise) and
+    distillation's copy of the model."""
     if not isinstance(planned, Plan):
         return 0
     if effective_calibration(args.calibration, model_kind(planned.model)) == NONE:
@@ -153,8 +158,11 @@ def _statistics_bytes(args, config: CompressionConfig, planned, model_bytes: int
     if (config.method, resolved_allocation(config)) == ("svd", "uniform") and not config.heal_steps:
         return 0  # the data is not used (healing collects the Grams all the same)
     method = auto_method(planned.targets) if config.method == "auto" else config.method
-    teacher = model_bytes if config.heal_steps and config.heal_loss == "distill" else 0  # healing's copy
-    return memory.statistics_bytes(planned.targets, method) + teacher
+    statistics = memory.statistics_bytes(planned.targets, method)
+    if not config.heal_steps:
+        return statistics
+    teacher = model_bytes if config.heal_loss == "distill" else 0  # healing's copy
+    return statistics + state_bytes(trained_factors(planned.model)) + teacher
 
 
 def _why_not_streamed(args, config: CompressionConfig, outline: tuple | SvdloraError) -> tuple[str, str] | None:
