@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import SvdloraError
+from .errors import SvdloraError, first_line
 from .padding import Unbatchable, calibration_runs, flat_tokens, is_encoder_decoder, mask_for
 from .targets import Target
 
@@ -222,6 +222,23 @@ def calibration_loss(outputs, batch: dict, generator: torch.Generator) -> torch.
     return (hidden.float() * direction).sum()
 
 
+def labelled_forward(model: nn.Module, batch: dict):
+    """``model(**batch)``. A ValueError where the batch holds labels is the model's own loss refusing them (a
+    sequence classifier given one per token: "Expected input batch_size (2) to match target batch_size (16)"):
+    a user error, said as one at the first batch rather than as a traceback."""
+    try:
+        return model(**batch)
+    except ValueError as err:
+        if "labels" not in batch:
+            raise
+        why = first_line(err).rstrip(".")
+        raise SvdloraError(
+            f"{type(model).__name__} refused the batches' labels ({why}): give labels that fit its head "
+            "(one per row for a sequence classifier, one per token for a token classifier or a causal LM), or none "
+            "(a sequence classifier's calibration and distillation healing do not read them)"
+        ) from err
+
+
 @contextmanager
 def _hooks(targets: list[Target], accumulator: _Accumulator):
     handles = [t.module.register_forward_hook(accumulator.hook) for t in targets]
@@ -303,7 +320,7 @@ def _collect(
         with _hooks(targets, accumulator), grad_context:
             for batch, masks in tqdm(batches, desc="calibrating", disable=not progress):
                 accumulator.new_batch(masks)
-                outputs = model(**batch)
+                outputs = labelled_forward(model, batch)
                 if gradients:
                     outs = [out for _, out, _ in accumulator.outputs]
                     if outs:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import labelled_forward
 from .config import HEAL_LOSSES, check_heal_lr
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
@@ -86,7 +87,7 @@ def check_heal_outputs(model: nn.Module, batch: dict, loss: str) -> None:
     try:
         with torch.no_grad():
             try:
-                outputs = model(**inputs)
+                outputs = labelled_forward(model, inputs)
             except TypeError as err:  # a plain forward(x) given labels: its signature, not a bug in the model
                 raise SvdloraError(
                     f"healing with loss {loss!r} calls the model with {sorted(inputs)}, which its forward does not "

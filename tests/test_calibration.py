@@ -443,6 +443,19 @@ def test_a_sequence_classifier_heals_on_its_class_labels():
     assert report.heal["steps"] == 2 and math.isfinite(report.heal["last_loss"])
 
 
+@pytest.mark.parametrize("heal_loss", [None, "distill", "lm"])
+def test_a_sequence_classifier_given_token_labels_is_refused_at_its_first_batch(heal_loss):
+    """Found by review: labels one per token given to a sequence classifier stopped the calibration statistics
+    (or healing's check of its batches) with the model's raw ValueError "Expected input batch_size (2) to match
+    target batch_size (24)"."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 90, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    heal = {"heal_steps": 2, "heal_loss": heal_loss} if heal_loss else {}
+    with pytest.raises(SvdloraError, match="BertForSequenceClassification refused the batches' labels .*one per row"):
+        svdlora.compress(tiny_bert().eval(), budget=0.5, calibration=[batch], progress=False, **heal)
+
+
 @pytest.mark.parametrize("steps", [5, 1])
 def test_a_diverged_healing_leaves_the_factors_as_before_healing(steps):
     """Review: heal() called directly raised on a non-finite loss but left the factors of the update that
