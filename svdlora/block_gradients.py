@@ -40,7 +40,7 @@ from .distributed import Context
 from .errors import SvdloraError
 from .layers import weight_out_in
 from .methods import Weighting, weighted_spectrum
-from .padding import mask_for
+from .padding import is_causal_lm, mask_for
 from .plan import CalibrationPlan
 
 logger = logging.getLogger(__name__)
@@ -197,12 +197,12 @@ def _block_backward(
 def _head_gradients(model, blocks, inputs, batches: list[dict], seed: int) -> list[torch.Tensor]:
     """The loss gradient at the last block's output, per window, through the model's own head."""
     generator = torch.Generator().manual_seed(seed)  # as collect_statistics draws it, window by window
-    grads = []
+    causal, grads = is_causal_lm(model), []
     for entry, batch in zip(inputs, batches, strict=True):
         final = entry.hidden.detach().requires_grad_()
         with _blocks_skipped(blocks, final, entry.tuple_output):
             outputs = model(**batch)
-        loss = calibration_loss(outputs, batch, generator)
+        loss = calibration_loss(outputs, batch, generator, causal)
         grads.append(torch.autograd.grad(loss, final)[0])
         del outputs, loss
     return grads

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import SvdloraError, first_line
-from .padding import Unbatchable, calibration_runs, flat_tokens, is_encoder_decoder, mask_for
+from .padding import Unbatchable, calibration_runs, flat_tokens, is_causal_lm, is_encoder_decoder, mask_for
 from .targets import Target
 
 logger = logging.getLogger(__name__)
@@ -189,10 +189,11 @@ class _Accumulator:
         return stats
 
 
-def calibration_loss(outputs, batch: dict, generator: torch.Generator) -> torch.Tensor:
+def calibration_loss(outputs, batch: dict, generator: torch.Generator, causal: bool) -> torch.Tensor:
     """A loss whose gradient statistics approximate the Fisher information of the model's output.
 
-    With labels in the batch (causal LM text, seq2seq targets) it is the summed token loss; for a
+    With labels in the batch (causal LM text, ``causal``: ``padding.is_causal_lm``, scored on the next token;
+    seq2seq targets, a token classifier's tags, as they stand) it is the summed token loss; for a
     classifier (logits (batch, classes)), the cross-entropy against labels sampled from the model's own
     prediction (an unbiased Fisher estimate: class labels in the batch are not read); for a bare
     encoder, a random projection of its hidden states (whose squared gradient estimates the
@@ -201,11 +202,11 @@ def calibration_loss(outputs, batch: dict, generator: torch.Generator) -> torch.
     logits = getattr(outputs, "logits", None)
     labels = batch.get("labels")
     if logits is not None and labels is not None and logits.dim() > 2:  # per token (a classifier's: sampled)
-        if "decoder_input_ids" in batch or getattr(outputs, "encoder_last_hidden_state", None) is not None:
-            flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-        else:  # causal LM: token t predicts t+1
+        if causal:  # token t predicts t+1
             flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
             flat_labels = labels[:, 1:].reshape(-1)
+        else:  # a label per position: a decoder's targets, a token classifier's or masked LM's
+            flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=-100, reduction="sum")
     if logits is not None:
         flat = logits.reshape(-1, logits.shape[-1]).float()
@@ -312,7 +313,7 @@ def _collect(
 ) -> dict[str, LayerStats]:
     """``collect_statistics`` of ``batches`` (``calibration_runs``)."""
     accumulator = _Accumulator(targets, gradients, output_gram=gradients and output_gram)
-    generator = torch.Generator().manual_seed(seed)
+    generator, causal = torch.Generator().manual_seed(seed), is_causal_lm(model)
     was_training = model.training
     model.eval()
     grad_context = _params_require_grad(model) if gradients else torch.no_grad()
@@ -324,7 +325,7 @@ def _collect(
                 if gradients:
                     outs = [out for _, out, _ in accumulator.outputs]
                     if outs:
-                        loss = calibration_loss(outputs, batch, generator)
+                        loss = calibration_loss(outputs, batch, generator, causal)
                         accumulator.add_gradients(torch.autograd.grad(loss, outs, allow_unused=True))
                 del outputs
     finally:

@@ -38,6 +38,7 @@ from .evaluation.sources import (
     read_text,
     text_values,
 )
+from .padding import is_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,7 @@ def model_kind(model: nn.Module) -> str:
         return "image"
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
-    can_generate = getattr(model, "can_generate", lambda: False)
-    if can_generate() and getattr(model, "get_output_embeddings", lambda: None)() is not None:
+    if is_causal_lm(model) and getattr(model, "get_output_embeddings", lambda: None)() is not None:
         return "causal-lm"
     return "encoder"
 

@@ -24,7 +24,7 @@ from .calibration import labelled_forward
 from .config import HEAL_LOSSES, check_heal_lr
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
-from .padding import is_encoder_decoder, is_left_padded, masked_labels, padding_masks, unpadded_rows
+from .padding import is_causal_lm, is_encoder_decoder, is_left_padded, masked_labels, padding_masks, unpadded_rows
 from .siblings import check_unstacked
 
 logger = logging.getLogger(__name__)
@@ -165,8 +165,8 @@ def _batch_loss(
         return _distill_loss(model(**inputs), target, mask)
     batch = masked_labels(batch, [mask])
     labels = batch["labels"]
-    if labels.dim() > 1 and not encoder_decoder:  # a causal LM's token labels: t predicts t + 1
-        labels = labels[:, 1:]  # (a sequence classifier's are one per row)
+    if labels.dim() > 1 and is_causal_lm(model):  # a causal LM's token labels: t predicts t + 1
+        labels = labels[:, 1:]  # (a sequence classifier's are one per row, a token classifier's one per token)
     return model(**batch).loss, int((labels != -100).sum())
 
 

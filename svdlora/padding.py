@@ -25,6 +25,12 @@ def is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model``'s token labels are scored on the next token (t predicts t + 1): it generates and is no
+    encoder-decoder. Not a token classifier's or masked LM's, nor a plain module's: a label per position."""
+    return bool(getattr(model, "can_generate", lambda: False)()) and not is_encoder_decoder(model)
+
+
 def padding_masks(batch: dict, encoder_decoder: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(source mask, target mask) of ``batch``: 2-D, 1 at real tokens, or None where it has none.
 

@@ -443,6 +443,22 @@ def test_a_sequence_classifier_heals_on_its_class_labels():
     assert report.heal["steps"] == 2 and math.isfinite(report.heal["last_loss"])
 
 
+def test_the_calibration_loss_is_the_models_own_token_loss_summed():
+    """Found by review: every model with per-token logits but an encoder-decoder was scored as a causal LM (token
+    t against label t + 1), so a token classifier's (or masked LM's) Fisher statistics paired each position with
+    its neighbour's tag."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    tagger = BertForTokenClassification(BertConfig(**{**tiny_bert().config.to_dict(), "num_labels": 3})).eval()
+    ids = torch.randint(1, 90, (2, 8))
+    for model, labels, positions in ((tagger, torch.randint(0, 3, (2, 8)), 16), (tiny_gpt2().eval(), ids, 14)):
+        batch = {"input_ids": ids, "labels": labels}
+        outputs = model(**batch)
+        loss = calibration.calibration_loss(outputs, batch, torch.Generator(), padding.is_causal_lm(model))
+        assert loss.item() == pytest.approx(outputs.loss.item() * positions, rel=1e-5)
+
+
 @pytest.mark.parametrize("heal_loss", [None, "distill", "lm"])
 def test_a_sequence_classifier_given_token_labels_is_refused_at_its_first_batch(heal_loss):
     """Found by review: labels one per token given to a sequence classifier stopped the calibration statistics
