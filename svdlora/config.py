@@ -194,8 +194,7 @@ class CompressionConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise SvdloraError(f"{name} must be an integer >= 1, got {value!r}")
         steps = self.heal_steps
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-            raise SvdloraError(f"heal_steps must be an integer >= 0, got {self.heal_steps!r}")
+        check_heal_steps(steps, minimum=0)  # 0: no healing
         seconds = self.heal_seconds
         if seconds is not None and not (isinstance(seconds, numbers.Real) and seconds > 0):
             raise SvdloraError(f"heal_seconds must be a number > 0, got {self.heal_seconds!r}")
@@ -254,6 +253,12 @@ def config_or_options(config: CompressionConfig | None, options: dict) -> Compre
     if options:
         raise SvdloraError(f"pass either a config or keyword options, not both (got {sorted(options)})")
     return config
+
+
+def check_heal_steps(steps, minimum: int) -> None:
+    """Healing's step count (``heal_steps``, ``heal.heal(steps=)``, which needs one: 2.5 ran 3 steps)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
+        raise SvdloraError(f"heal_steps must be an integer >= {minimum}, got {steps!r}")
 
 
 def check_heal_lr(lr) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import labelled_forward
-from .config import HEAL_LOSSES, check_heal_lr
+from .config import HEAL_LOSSES, check_heal_lr, check_heal_steps
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
 from .padding import is_causal_lm, is_encoder_decoder, is_left_padded, masked_labels, padding_masks, unpadded_rows
@@ -274,6 +274,7 @@ def heal(
     """
     if loss not in HEAL_LOSSES:  # else any other name trained on the labels as "lm"
         raise SvdloraError(f"heal_loss must be one of {HEAL_LOSSES}, got {loss!r}")
+    check_heal_steps(steps, minimum=1)
     check_heal_lr(lr)
     if loss == "distill" and teacher is None:
         raise SvdloraError("distillation healing needs the dense model as teacher")

@@ -347,6 +347,7 @@ def test_healing_lowers_the_calibration_loss():
 @pytest.mark.parametrize("options, message", [
     ({"loss": "distil"}, "heal_loss must be one of \\('distill', 'lm'\\), got 'distil'"),
     ({"lr": 0}, "heal_lr must be a finite number > 0, got 0"),
+    ({"steps": 2.5}, "heal_steps must be an integer >= 1, got 2.5"),  # ran 3 steps
 ])  # fmt: skip
 def test_heal_refuses_a_loss_it_does_not_know_and_a_rate_that_trains_nothing(options, message):
     """Found by review: heal() itself did not check what CompressionConfig checks, so a misspelt loss with
@@ -357,7 +358,7 @@ def test_heal_refuses_a_loss_it_does_not_know_and_a_rate_that_trains_nothing(opt
     model = copy.deepcopy(dense)
     svdlora.compress(model, budget=0.3, progress=False)
     with pytest.raises(SvdloraError, match=message):
-        heal(model, [batch], steps=2, teacher=dense, progress=False, **options)
+        heal(model, [batch], teacher=dense, progress=False, **({"steps": 2} | options))
 
 
 @pytest.mark.parametrize("dtype, changed", [(torch.float16, 0.9), (torch.bfloat16, 0.5)])
