@@ -6,6 +6,10 @@
 #   bash benchmarks/memory_choice.sh MODEL_FOLDER CALIBRATION_TEXT WORKDIR [LIMIT_KB]
 #   e.g. bash benchmarks/memory_choice.sh ~/.cache/svdlora/SmolLM2-135M wikitext-2.valid.txt /tmp/mc 3500000
 set -u
+if [ $# -lt 3 ]; then
+    echo "usage: bash benchmarks/memory_choice.sh MODEL_FOLDER CALIBRATION_TEXT WORKDIR [LIMIT_KB]" >&2
+    exit 2
+fi
 MODEL=$1 DATA=$2 WORK=$3 LIMIT=${4:-3500000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH=$ROOT HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

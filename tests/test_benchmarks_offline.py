@@ -122,3 +122,12 @@ def test_a_vit_run_without_its_image_folders_stops_naming_the_flag(main, argv, f
     with pytest.raises(SystemExit) as exc:
         main(["--vit", str(tmp_path / "vit"), *argv])
     assert exc.value.code == f"{flag} is missing; pass it with its location"
+
+
+def test_the_memory_choice_script_without_its_arguments_prints_its_usage():
+    """benchmarks/memory_choice.sh run bare stopped on bash's '$1: unbound variable' (set -u)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_choice.sh"
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2 and run.stderr.startswith("usage: bash benchmarks/memory_choice.sh MODEL_FOLDER"), run
