@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
     p.add_argument("--seconds", type=float, default=120, help="healing time per rate")
     p.add_argument("--holdout", type=int, default=8, help="valid windows held out, between the calibration windows")
+    p.add_argument("--pivot", action="store_true", help="pivoted factors, as `svdlora compress` stores them by default")
     p.set_defaults(name=NAME)
     args = p.parse_args(argv)
     require_quality_inputs(args)
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     holdout = holdout_windows(tokenizer, args.wikitext / "wikitext-2.valid.txt", args.samples, args.holdout)
     compressed = copy.deepcopy(dense)
     svdlora.compress(compressed, budget=args.budget, method=args.method, calibration=batches, statistics=stats,
-                     progress=False)  # fmt: skip
+                     pivot=args.pivot, progress=False)  # fmt: skip
     results = {"protocol": {k: str(v) for k, v in vars(args).items()}, "holdout_windows": len(holdout), "rows": []}
     results["holdout_kl_before"] = holdout_loss(compressed, dense, holdout)
     print(f"held-out KL before healing {results['holdout_kl_before']:.4f}", flush=True)
