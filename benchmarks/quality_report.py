@@ -221,12 +221,15 @@ def other_models(data: dict, note: str = "") -> list[str]:
 def heal_rate(data: dict) -> list[str]:
     """The healing learning rate, chosen on held-out valid text (``benchmarks.heal_sweep``)."""
     p = data["protocol"]
+    pivot = p.get("pivot") == "True"  # pivoted factors (svdlora compress's default); the first sweep's are pairs
+    threads = data["machine"]["torch_threads"]
     out = [
         "",
         f"Healing's learning rate, chosen without the test text (`python -m benchmarks.heal_sweep --budget "
-        f"{p['budget']} --method {p['method']} --seconds {float(p['seconds']):.0f}`): distillation KL on "
+        f"{p['budget']} --method {p['method']}{' --pivot' if pivot else ''} --seconds {float(p['seconds']):.0f}`"
+        f"{', pivoted factors' if pivot else ''}): distillation KL on "
         f"{data['holdout_windows']} held-out WikiText-2 valid windows, {data['holdout_kl_before']:.3f} before healing "
-        f"({data['machine']['torch_threads']} thread, {data['machine']['date']}):",
+        f"({threads} thread{'s' if threads > 1 else ''}, {data['machine']['date']}):",
         "",
         "| peak rate | steps | train KL first → last | held-out KL |",
         "| --- | --- | --- | --- |",
@@ -269,9 +272,10 @@ def render(results: Path = DEFAULT_RESULTS) -> Path:
                 f"{more['protocol']['samples']}`, {extra.name}): {r['setting']} at budget {r['budget']}: "
                 f"{r['perplexity']:.2f} ({r['x_dense']:.3f}× dense), answer {r['answer']!r}."
             )
-    sweep = _load(results, "heal_sweep")
-    if sweep:
-        lines += heal_rate(sweep)
+    for name in ("heal_sweep", "heal_sweep-pivot"):
+        sweep = _load(results, name)
+        if sweep:
+            lines += heal_rate(sweep)
     notes = {"quality_marian": "; the first 300 test sentences", "quality_marian_1000": "; all 1,000 test sentences"}
     for name in ("quality_vit", "quality_marian", "quality_marian_1000"):
         other = _load(results, name)
