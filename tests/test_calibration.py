@@ -333,12 +333,18 @@ def test_a_time_limit_without_steps_is_refused():
     CompressionConfig(heal_steps=10, heal_seconds=60)
 
 
-def test_healing_lowers_the_calibration_loss():
+def _compressed_gpt2(batch_count: int):
+    """(the dense tiny GPT-2, a copy compressed at budget 0.3, ``batch_count`` batches of its inputs)."""
     torch.manual_seed(0)
     dense = tiny_gpt2().eval()
-    batches = [{"input_ids": example_inputs("gpt2", s)["input_ids"]} for s in range(4)]
+    batches = [{"input_ids": example_inputs("gpt2", s)["input_ids"]} for s in range(batch_count)]
     model = copy.deepcopy(dense)
     svdlora.compress(model, budget=0.3, progress=False)
+    return dense, model, batches
+
+
+def test_healing_lowers_the_calibration_loss():
+    dense, model, batches = _compressed_gpt2(4)
     result = heal(model, batches, steps=40, teacher=dense, loss="distill", lr=3e-3, progress=False)
     assert result.steps == 40 and result.last_loss < 0.7 * result.first_loss
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
@@ -405,11 +411,7 @@ def test_healing_reports_the_healed_models_loss_on_the_batches_of_its_first_step
     '0.0198 -> 0.0162' where the batches' mean KL had gone from 0.018 to 0.148. B is now the healed model's
     loss on the batches of the first steps (cycled: 3 steps over 2 batches), A their losses as trained on.
     (Earlier, in a run of up to 8 steps, the two means were of the same steps and always equal.)"""
-    torch.manual_seed(0)
-    dense = tiny_gpt2().eval()
-    batches = [{"input_ids": example_inputs("gpt2", s)["input_ids"]} for s in range(2)]
-    model = copy.deepcopy(dense)
-    svdlora.compress(model, budget=0.3, progress=False)
+    dense, model, batches = _compressed_gpt2(2)
     result = heal(model, batches, steps=3, teacher=dense, loss="distill", lr=3e-2, progress=False)
     with torch.no_grad():
         after = [heal_module._loss(model.eval(), dense, b, "distill", False).item() for b in batches]
@@ -420,11 +422,7 @@ def test_healing_reports_the_healed_models_loss_on_the_batches_of_its_first_step
 def test_healing_that_raised_the_loss_on_its_batches_says_so(caplog):
     """Found by review: on SmolLM2 3 steps at the default rate took the first batch's KL from 0.0198 to 2.65 and
     compress kept the healed model without a word; the rate here is too high for the tiny GPT-2."""
-    torch.manual_seed(0)
-    dense = tiny_gpt2().eval()
-    batches = [{"input_ids": example_inputs("gpt2", 0)["input_ids"]}]
-    model = copy.deepcopy(dense)
-    svdlora.compress(model, budget=0.3, progress=False)
+    dense, model, batches = _compressed_gpt2(1)
     with caplog.at_level("WARNING", logger="svdlora.heal"):
         result = heal(model, batches, steps=1, teacher=dense, lr=3e-2, progress=False)
     assert result.last_loss > result.first_loss
@@ -479,11 +477,7 @@ def test_a_diverged_healing_leaves_the_factors_as_before_healing(steps):
     diverged (compress restores the dense model; heal alone did not). Found by review: each step checked the
     loss of the update before it, so the last update went unchecked: one step at lr=1e30 returned a model whose
     every output was nan, with last_loss nan and no warning (nan > A is false), and compress kept it."""
-    torch.manual_seed(0)
-    dense = tiny_gpt2().eval()
-    batches = [{"input_ids": example_inputs("gpt2", s)["input_ids"]} for s in range(2)]
-    model = copy.deepcopy(dense)
-    svdlora.compress(model, budget=0.3, progress=False)
+    dense, model, batches = _compressed_gpt2(2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(SvdloraError, match="healing diverged at step 1"):
         heal(model, batches, steps=steps, teacher=dense, lr=1e30, progress=False)
@@ -504,11 +498,7 @@ def test_compress_heals_without_the_host_copy_it_does_not_need(monkeypatch):
 
 
 def test_healing_trains_only_the_factors():
-    torch.manual_seed(0)
-    dense = tiny_gpt2().eval()
-    batches = [{"input_ids": example_inputs("gpt2", 0)["input_ids"]}]
-    model = copy.deepcopy(dense)
-    svdlora.compress(model, budget=0.3, progress=False)
+    dense, model, batches = _compressed_gpt2(1)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith((".A", ".B"))}
     heal(model, batches, steps=3, teacher=dense, progress=False)
     for name, p in model.named_parameters():
