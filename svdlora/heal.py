@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import labelled_forward
+from .chain import requantize
 from .config import HEAL_LOSSES, check_heal_lr, check_heal_steps
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
@@ -364,8 +365,6 @@ def heal(
 def _requantize_stages(model: nn.Module) -> None:
     """Layers with stage dtypes were trained in full precision: their stages take the values they will be
     stored as (``chain.requantize``), so what is measured after healing, and any output, is what a save keeps."""
-    from .chain import requantize
-
     for layer in model.modules():
         if isinstance(layer, LowRankLinear) and layer.stage_dtypes:
             requantize(layer)
