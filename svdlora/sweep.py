@@ -148,7 +148,7 @@ def evaluating_measure(
     """The default ``measure``: compress a copy of ``model`` at the budget and evaluate it in memory;
     ``data_read``: ``data`` as ``evaluation.read_data`` read it, once for every point (None: read by each).
     The calibration (``shared_calibration``) is run at the first budget, once for every budget, unless
-    ``compress_options`` hold its ``statistics`` already."""
+    ``compress_options`` hold its ``statistics`` already or no ``calibration``."""
     from .compress import compress, count_parameters
     from .evaluation import evaluate
 
@@ -159,7 +159,8 @@ def evaluating_measure(
         nonlocal options
         candidate = model if budget is None else copy.deepcopy(model)
         if budget is not None:
-            if "statistics" not in options:  # at the first budget: a failure is that budget's, as it was
+            if "statistics" not in options and options.get("calibration") is not None:
+                # at the first budget (a failure is that budget's, as it was); without data there is none to share
                 options, _ = shared_calibration(model, options)
             compress(candidate, budget=budget, progress=False, **options)
         result = evaluate((candidate, processor), task=task, data=data, data_read=data_read, **eval_options)
