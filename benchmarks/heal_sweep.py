@@ -30,6 +30,9 @@ from svdlora.heal import heal
 NAME = "heal_sweep"
 
 
+DEFAULT_LRS = [1e-4, 3e-4, 1e-3]  # peak healing rates tried
+
+
 def holdout_loss(student, teacher, batches) -> float:
     """Mean per-token KL(teacher ‖ student) on batches healing never saw."""
     total, tokens = 0.0, 0
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     quality_arguments(p)
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--method", default="fisher", choices=["fisher", "kfac"])
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--lrs", type=float, nargs="+", default=DEFAULT_LRS)
     p.add_argument("--seconds", type=float, default=120, help="healing time per rate")
     p.add_argument("--holdout", type=int, default=8, help="valid windows held out, between the calibration windows")
     p.add_argument("--pivot", action="store_true", help="pivoted factors, as `svdlora compress` stores them by default")

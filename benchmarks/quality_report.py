@@ -218,6 +218,14 @@ def other_models(data: dict, note: str = "") -> list[str]:
     return out
 
 
+def _rates_flag(protocol: dict) -> str:
+    """heal_sweep's --lrs as run, where it was not the default (the quoted command must measure the table's rates)."""
+    from benchmarks.heal_sweep import DEFAULT_LRS
+
+    rates = json.loads(protocol.get("lrs", "null") or "null")
+    return "" if rates in (None, DEFAULT_LRS) else " --lrs " + " ".join(f"{r:g}" for r in rates)
+
+
 def heal_rate(data: dict) -> list[str]:
     """The healing learning rate, chosen on held-out valid text (``benchmarks.heal_sweep``)."""
     p = data["protocol"]
@@ -226,7 +234,8 @@ def heal_rate(data: dict) -> list[str]:
     out = [
         "",
         f"Healing's learning rate, chosen without the test text (`python -m benchmarks.heal_sweep --budget "
-        f"{p['budget']} --method {p['method']}{' --pivot' if pivot else ''} --seconds {float(p['seconds']):.0f}`"
+        f"{p['budget']} --method {p['method']}{' --pivot' if pivot else ''}{_rates_flag(p)} "
+        f"--seconds {float(p['seconds']):.0f}`"
         f"{', pivoted factors' if pivot else ''}): distillation KL on "
         f"{data['holdout_windows']} held-out WikiText-2 valid windows, {data['holdout_kl_before']:.3f} before healing "
         f"({threads} thread{'s' if threads > 1 else ''}, {data['machine']['date']}):",

@@ -142,7 +142,9 @@ def test_a_healing_rate_sweep_on_pivoted_factors_is_rendered_as_such():
     row = {"lr": 1e-4, "heal": {"steps": 24, "first_loss": 0.79, "last_loss": 0.56}, "holdout_kl": 0.70}
     data = {"holdout_windows": 8, "holdout_kl_before": 0.91, "rows": [row],
             "machine": {"torch_threads": 2, "date": "2026-11-29"}}  # fmt: skip
-    pivoted = heal_rate({**data, "protocol": {"budget": "0.5", "method": "kfac", "seconds": "100", "pivot": "True"}})
+    pivoted = heal_rate({**data, "protocol": {"budget": "0.5", "method": "kfac", "seconds": "100", "pivot": "True",
+                                              "lrs": "[1e-05, 3e-05, 0.0001]"}})  # fmt: skip
     pairs = heal_rate({**data, "protocol": {"budget": "0.5", "method": "kfac", "seconds": "100"}})
-    assert "--method kfac --pivot --seconds 100`, pivoted factors" in pivoted[1] and "2 threads" in pivoted[1]
+    assert "--method kfac --pivot --lrs 1e-05 3e-05 0.0001 --seconds 100`, pivoted factors" in pivoted[1]
+    assert "2 threads" in pivoted[1]
     assert "--method kfac --seconds 100`):" in pairs[1] and "| 0.0001 | 24 | 0.790 → 0.560 | 0.700 |" in pairs[-1]
