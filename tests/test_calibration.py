@@ -358,11 +358,8 @@ def test_healing_lowers_the_calibration_loss():
 def test_heal_refuses_a_loss_it_does_not_know_and_a_rate_that_trains_nothing(options, message):
     """Found by review: heal() itself did not check what CompressionConfig checks, so a misspelt loss with
     labelled batches trained the labels' loss ('lm') under the misspelt name, and lr=0 ran every step unchanged."""
-    torch.manual_seed(0)
-    dense = tiny_gpt2().eval()
-    batch = example_inputs("gpt2", 0) | {"labels": example_inputs("gpt2", 0)["input_ids"]}
-    model = copy.deepcopy(dense)
-    svdlora.compress(model, budget=0.3, progress=False)
+    dense, model, [batch] = _compressed_gpt2(1)
+    batch["labels"] = batch["input_ids"]  # labelled: a misspelt loss trained them as 'lm'
     with pytest.raises(SvdloraError, match=message):
         heal(model, [batch], teacher=dense, progress=False, **({"steps": 2} | options))
 
