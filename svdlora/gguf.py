@@ -32,7 +32,7 @@ def gguf_to_folder(
     shards of at most ``max_shard_size`` ("5GB", bytes) with a ``model.safetensors.index.json`` when several.
 
     Memory: one float32 copy of the model (transformers dequantizes it whole), written without a second one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf_file = Path(gguf_file).expanduser()  # as the output and every other command's paths
     if gguf_file.is_dir():
@@ -49,7 +49,7 @@ def gguf_to_folder(
     try:
         with _alone(gguf_file) as folder:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **_unpacked(), **kwargs)
-            tokenizer = _tokenizer(AutoTokenizer, folder, gguf_file, kwargs)
+            tokenizer = _tokenizer(folder, gguf_file, kwargs)
     except struct.error as err:  # transformers' metadata reader unpacked past the end of the file
         raise SvdloraError(
             f"GGUF file {str(gguf_file)!r} ends inside its metadata ({first_line(err)}): the file is incomplete; "
@@ -80,11 +80,13 @@ def gguf_to_folder(
     return Path(output)
 
 
-def _tokenizer(auto, folder: Path, gguf_file: Path, kwargs: dict):
+def _tokenizer(folder: Path, gguf_file: Path, kwargs: dict):
     """The GGUF's own tokenizer; the ``tokenizers`` library raises a bare Exception for a vocabulary it cannot
     build (a merge whose result is no token), a fault of the file, not of svdlora."""
+    from transformers import AutoTokenizer
+
     try:
-        return auto.from_pretrained(folder, **kwargs)
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception as err:  # noqa: BLE001  (tokenizers' Rust errors are plain Exception)
         if type(err) is not Exception:
             raise  # a subclass: the caller's read errors, or a bug

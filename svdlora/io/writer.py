@@ -91,9 +91,12 @@ def plan_shards(specs: list[TensorSpec], max_shard_size: int | str) -> list[list
 
 
 def shard_file_names(count: int) -> list[str]:
-    if count == 1:
-        return [WEIGHTS_NAME]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    return [WEIGHTS_NAME] if count == 1 else _numbered_shards("model", count)
+
+
+def _numbered_shards(stem: str, count: int) -> list[str]:
+    """``stem-00001-of-0000n.safetensors`` .. ``stem-0000n-of-0000n.safetensors`` (transformers' naming)."""
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 class ShardedWriter:
@@ -232,9 +235,7 @@ def _unlisted_shards(names: set[str]) -> list[str]:
     parts = [_SHARD_NAME.match(name) for name in names]
     if not all(parts) or len({(p["stem"], p["count"]) for p in parts}) != 1:
         return []  # another naming: nothing says how many shards there are
-    stem, count = parts[0]["stem"], int(parts[0]["count"])
-    expected = [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-    return [name for name in expected if name not in names]
+    return [name for name in _numbered_shards(parts[0]["stem"], int(parts[0]["count"])) if name not in names]
 
 
 def _inside(name: str) -> bool:
