@@ -388,6 +388,45 @@ def test_a_shard_the_index_leaves_out_is_refused_not_loaded_as_random_weights(tm
             load(folder)
 
 
+def test_from_pretrained_reads_the_index_and_each_shard_s_header_once(tmp_path, monkeypatch):
+    """The quantizer read the index twice and every shard's header three times (the folder check, the factor
+    layouts, again to read the factors even where it held none), the first shard's a fourth (the ties): on a
+    network file system, for each of a 70B checkpoint's ~30 shards. Now the folder check's one pass serves all,
+    and only the shards holding factors are opened again, to read them."""
+    from collections import Counter
+    from pathlib import Path
+
+    import transformers
+    from safetensors import safe_open
+
+    import svdlora.integrations.folder_layout  # imported before their safe_open is patched below
+    import svdlora.integrations.hf_quantizer
+    import svdlora.io.folder
+    import svdlora.io.writer
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    svdlora.compress(model, progress=False, budget=0.5, submatrices=2)
+    folder = svdlora.save_compressed(model, tmp_path / "sharded", max_shard_size="20KB")
+    expected = _logits(svdlora.load_compressed(folder, device="cpu"), "llama")
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    with_factors = {shard for key, shard in weight_map.items() if ".stage" in key or ".pivoted." in key}
+    assert set(weight_map.values()) - with_factors  # a shard without factors: read for its header only
+    opened, indexes = Counter(), []  # svdlora's reads only: transformers opens the shards itself too
+    weight_files = svdlora.io.writer.weight_files
+    for module in [m for name, m in sys.modules.items() if name.startswith("svdlora")]:
+        if vars(module).get("safe_open") is safe_open:  # vars: svdlora.io's lazy names stay uncached
+            monkeypatch.setattr(
+                module, "safe_open", lambda f, **kw: opened.update([Path(f).name]) or safe_open(f, **kw)
+            )
+        if vars(module).get("weight_files") is weight_files:
+            monkeypatch.setattr(module, "weight_files", lambda f, **kw: indexes.append(f) or weight_files(f, **kw))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert len(indexes) == 1
+    assert opened == Counter({shard: 1 + (shard in with_factors) for shard in weight_map.values()})
+    assert torch.equal(_logits(loaded, "llama"), expected)
+
+
 @pytest.mark.parametrize("merge", [False, True], ids=["factorized", "merged"])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_from_pretrained_loads_pivoted_factors(kind, merge, tmp_path):

@@ -8,7 +8,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import SvdloraError
@@ -32,22 +31,25 @@ def check_hub_snapshot(folder: Path) -> None:
         )
 
 
-def factor_layouts(files: list[str]) -> dict[str, tuple[list[int], bool]]:
-    """{module name in the file: (stage ranks, pivoted)}, from the safetensors headers (no tensor is read).
-    A pivoted module stores its stages summed: one rank, the pivot rows' count."""
+def factor_layouts(shapes: dict[str, list[int]]) -> dict[str, tuple[list[int], bool]]:
+    """{module name in the file: (stage ranks, pivoted)}, from the safetensors headers' {tensor: shape} (no
+    tensor is read). A pivoted module stores its stages summed: one rank, the pivot rows' count."""
     ranks: dict[str, dict[int, int]] = defaultdict(dict)
     pivoted: dict[str, int] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                match = STAGE_KEY.match(key)
-                if match and match["side"] == "A":
-                    ranks[match["module"]][int(match["stage"])] = f.get_slice(key).get_shape()[1]
-                match = PIVOT_KEY.match(key)
-                if match and match["side"] == "B":
-                    pivoted[match["module"]] = f.get_slice(key).get_shape()[0]
+    for key, shape in shapes.items():
+        match = STAGE_KEY.match(key)
+        if match and match["side"] == "A":
+            ranks[match["module"]][int(match["stage"])] = shape[1]
+        match = PIVOT_KEY.match(key)
+        if match and match["side"] == "B":
+            pivoted[match["module"]] = shape[0]
     layouts = {name: ([stages[j] for j in sorted(stages)], False) for name, stages in ranks.items()}
     return layouts | {name: ([rank], True) for name, rank in pivoted.items()}
+
+
+def stores_factors(keys) -> bool:
+    """Whether a shard with these tensors stores factors: the quantizer reads only such shards again."""
+    return any(STAGE_KEY.match(key) or PIVOT_KEY.match(key) for key in keys)
 
 
 def model_name(model: nn.Module, file_name: str, prefix: str, strict: bool = True) -> str | None:
@@ -80,13 +82,12 @@ def untie_factorized(model: nn.Module, factorized: set[str]) -> None:
         }
 
 
-def tied_names(model: nn.Module, files: list[str], prefix: str) -> dict[str, str]:
-    """The header's {dropped tied name: stored name}, as this model names both parameters (pairs
-    it lacks left out); an unreadable map is left to load_compressed's checks."""
+def tied_names(model: nn.Module, metadata: dict[str, str], prefix: str) -> dict[str, str]:
+    """The first shard's header ``metadata``'s {dropped tied name: stored name}, as this model names both
+    parameters (pairs it lacks left out); an unreadable map is left to load_compressed's checks."""
     try:
-        with safe_open(files[0], framework="pt") as f:
-            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
-    except (IndexError, OSError, ValueError):
+        tied = json.loads(metadata.get("tied", "{}"))
+    except ValueError:
         return {}
     names = {}
     for alias, stored in tied.items() if isinstance(tied, dict) else ():

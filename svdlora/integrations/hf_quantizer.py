@@ -29,6 +29,7 @@ import logging
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -47,10 +48,14 @@ from .folder_layout import (
     check_hub_snapshot,
     factor_layouts,
     model_name,
+    stores_factors,
     tied_names,
     untie_factorized,
 )
 from .quantization_config import GUARD_WEIGHTS_NAME, INDEX_NAME, QUANT_METHOD, SvdloraQuantizationConfig
+
+if TYPE_CHECKING:
+    from ..io.folder import ShardHeader
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,8 @@ class SvdloraHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: SvdloraQuantizationConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self._checkpoint_files: list[str] = []
+        self._indexed: tuple[Path, list[Path]] | None = None  # (folder, its shards) as _check_index read the index
+        self._factor_files: list[Path] = []  # the shards holding factors, read after transformers' load
         self._factorized: dict[str, str] = {}  # model module name -> file module name
         self._tied: dict[str, str] = {}  # model parameter name -> the one it is stored as (header's "tied")
         self._report, self._base = None, None  # svdlora_config.json's, read once by the folder check
@@ -100,7 +107,27 @@ class SvdloraHfQuantizer(HfQuantizer):
         if self.quantization_config.weights == INDEX_NAME and folder and Path(folder).is_dir():
             from ..io.writer import weight_files  # io imports this module
 
-            weight_files(folder)
+            self._indexed = (Path(folder).resolve(), weight_files(folder))  # the folder check reads it no more
+
+    def _check_folder(self, model: nn.Module, folder: Path) -> list[ShardHeader]:
+        """The same strict checks as load_compressed (issue 7): config fields, every shard's header and factor
+        shapes, before transformers reads a tensor. Returns the headers, read once for all the quantizer does."""
+        from ..io.folder import checked_folder, stored_layers  # io imports this module
+
+        check_hub_snapshot(folder)
+        indexed = self._indexed[1] if self._indexed and self._indexed[0] == folder.resolve() else None
+        data, headers = checked_folder(folder, files=indexed)
+        # Stages stored in their own dtypes (quantized, a full-rank first stage) are not wired into the
+        # quantizer: refuse rather than load something else. Asked of the layers as load_compressed
+        # asks, not of the format number: formats above 2 carry stage dtypes too.
+        self._report = CompressionReport.from_dict(data["report"])
+        self._base = (data.get("base_model") or {}).get("name_or_path")
+        if stored_layers(model, data, self._report):
+            raise ValueError(
+                "this svdlora folder stores its stages in their own dtypes (--stage-dtypes), which "
+                "plain from_pretrained does not load yet: use svdlora.load_compressed(folder)"
+            )
+        return headers
 
     def _hook(self, name: str, config):
         parent = getattr(super(), name, None)  # a release may lack the hook
@@ -122,26 +149,12 @@ class SvdloraHfQuantizer(HfQuantizer):
         return super().preprocess_model(model, dtype=dtype, **kwargs)
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs):
-        self._checkpoint_files = list(checkpoint_files or [])
-        if self._checkpoint_files:
-            from ..io.folder import check_folder, stored_layers  # io imports this module
+        from ..io.folder import shapes_of  # io imports this module
 
-            # The same strict checks as load_compressed (issue 7): config fields, every shard's
-            # header and factor shapes, before transformers reads a tensor.
-            folder = Path(self._checkpoint_files[0]).parent
-            check_hub_snapshot(folder)
-            data = check_folder(folder)
-            # Stages stored in their own dtypes (quantized, a full-rank first stage) are not wired into the
-            # quantizer: refuse rather than load something else. Asked of the layers as load_compressed
-            # asks, not of the format number: formats above 2 carry stage dtypes too.
-            self._report = CompressionReport.from_dict(data["report"])
-            self._base = (data.get("base_model") or {}).get("name_or_path")
-            if stored_layers(model, data, self._report):
-                raise ValueError(
-                    "this svdlora folder stores its stages in their own dtypes (--stage-dtypes), which "
-                    "plain from_pretrained does not load yet: use svdlora.load_compressed(folder)"
-                )
-        layouts = factor_layouts(self._checkpoint_files)
+        self._checkpoint_files = list(checkpoint_files or [])
+        headers = self._check_folder(model, Path(self._checkpoint_files[0]).parent) if self._checkpoint_files else []
+        self._factor_files = [header.path for header in headers if stores_factors(header.shapes)]
+        layouts = factor_layouts(shapes_of(headers))
         if not layouts:
             raise ValueError(f"{self._checkpoint_files} holds no svdlora factors: is this an svdlora folder?")
         prefix = getattr(model, "base_model_prefix", "")
@@ -167,7 +180,7 @@ class SvdloraHfQuantizer(HfQuantizer):
             missing |= {re.escape(f"{name}.{side}") for side in (("B", "C", "rows") if pivoted else "AB")}
         # Tied as the file says: a factorized head sets tie_word_embeddings=False, which in
         # transformers 5 also drops other ties (Marian's encoder/decoder embed_tokens -> shared).
-        self._tied = tied_names(model, self._checkpoint_files, prefix)
+        self._tied = tied_names(model, headers[0].metadata, prefix)  # headers[0]: there are factors, so headers
         untie_factorized(model, set(self._factorized))
         missing |= {re.escape(alias) for alias in self._tied}
         # The factor tensors are read after loading; keep them out of transformers' load report.
@@ -183,8 +196,8 @@ class SvdloraHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs):
         wanted = {file_name: name for name, file_name in self._factorized.items()}
         parts: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
-        for path in self._checkpoint_files:
-            with safe_open(path, framework="pt") as f:
+        for path in self._factor_files:
+            with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     match = STAGE_KEY.match(key) or PIVOT_KEY.match(key)
                     if match and match["module"] in wanted:

@@ -17,6 +17,7 @@ This module says what such a folder is and checks it, headers and shapes, withou
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -96,23 +97,33 @@ def _check_format_version(data, path: Path) -> None:
 
 def check_folder(path: str | Path) -> dict:
     """read_config plus every shard's safetensors header: factor shapes against the ranks, no tensor loaded."""
-    return _checked_folder(path)[0]
+    return checked_folder(path)[0]
 
 
-def _checked_folder(path: str | Path) -> tuple[dict, list[Path], dict[str, str]]:
-    """``check_folder``'s checks, handing back (config, shard files, the first shard's header metadata)
-    for load_compressed, which would otherwise read every header again."""
+@dataclass(frozen=True)
+class ShardHeader:
+    """One shard's safetensors header as the folder check read it: the loaders take it from there."""
+
+    path: Path
+    metadata: dict[str, str]
+    shapes: dict[str, list[int]]  # {tensor: shape}
+    dtypes: dict[str, str]  # {tensor: safetensors dtype name}
+
+
+def checked_folder(path: str | Path, files: list[Path] | None = None) -> tuple[dict, list[ShardHeader]]:
+    """``check_folder``'s checks, handing back (config, every shard's header) to the loaders (load_compressed,
+    the from_pretrained quantizer), which would otherwise read every header again. ``files``: the shards as the
+    caller already read them from the folder's index (``weight_files``), which is then not read again."""
     data = read_config(path)
-    files = weight_files(path)
-    shapes, dtypes, metadata = {}, {}, []
-    for weights in files:
-        meta, shard_shapes, shard_dtypes = _check_header(weights)
-        metadata.append(meta)
-        shapes.update(shard_shapes)
-        dtypes.update(shard_dtypes)
-    check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes, files[0])
-    _check_model_dtype(data, dtypes, path)
-    return data, files, metadata[0]
+    headers = [_check_header(weights) for weights in (weight_files(path) if files is None else files)]
+    check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes_of(headers), headers[0].path)
+    _check_model_dtype(data, {key: dtype for header in headers for key, dtype in header.dtypes.items()}, path)
+    return data, headers
+
+
+def shapes_of(headers: list[ShardHeader]) -> dict[str, list[int]]:
+    """{tensor: shape} over every shard."""
+    return {key: shape for header in headers for key, shape in header.shapes.items()}
 
 
 def verify_values(folder) -> tuple[int, int]:
@@ -150,8 +161,8 @@ def read_report(path: str | Path) -> CompressionReport:
     return CompressionReport.from_dict(read_config(path)["report"])
 
 
-def _check_header(weights: Path) -> tuple[dict[str, str], dict[str, list[int]], dict[str, str]]:
-    """(metadata, {tensor: shape}, {tensor: dtype}) of one shard, its header read once."""
+def _check_header(weights: Path) -> ShardHeader:
+    """One shard's header, checked and read once."""
     if not weights.is_file():
         raise SvdloraError(f"{str(weights)!r} is missing: the folder is incomplete, re-run `svdlora compress`")
     shapes, dtypes = {}, {}
@@ -170,7 +181,7 @@ def _check_header(weights: Path) -> tuple[dict[str, str], dict[str, list[int]], 
             f"{str(weights)!r} was written by svdlora {metadata.get('svdlora_version')!r} in format "
             f"{metadata.get('svdlora_format_version')!r}; {format_refusal(metadata.get('svdlora_format_version'))}"
         )
-    return metadata, shapes, dtypes
+    return ShardHeader(weights, metadata, shapes, dtypes)
 
 
 def stored_layers(model: nn.Module, data: dict, report: CompressionReport) -> dict[str, list[str]]:

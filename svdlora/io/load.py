@@ -33,7 +33,7 @@ from ..placement import device_for, dispatch, parse_max_memory, resolve_device_m
 from ..report import CompressionReport
 from ..runtime import AUTO_RUNTIMES, RUNTIMES, apply_runtime
 from ..save_guard import guard_save_pretrained, holds_factors
-from .folder import _checked_folder, _tied_map, stored_layers
+from .folder import _tied_map, checked_folder, stored_layers
 from .reader import read_state
 from .schema import model_class_named
 from .writer import CONFIG_NAME
@@ -175,7 +175,8 @@ def load_compressed(
             f"or loaded before): pass a freshly built {type(model).__name__} with its original dense layers"
         )
     path = Path(path)
-    data, files, metadata = _checked_folder(path)  # every shard's header and factor shapes
+    data, headers = checked_folder(path)  # every shard's header and factor shapes
+    files, metadata = [header.path for header in headers], headers[0].metadata
     weights = files[0]
     report = CompressionReport.from_dict(data["report"])
     target_device = default_device(device)
