@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import SvdloraError, first_line
+from .modes import eval_mode
 from .padding import Unbatchable, calibration_runs, flat_tokens, is_causal_lm, is_encoder_decoder, mask_for
 from .targets import Target
 
@@ -314,11 +315,9 @@ def _collect(
     """``collect_statistics`` of ``batches`` (``calibration_runs``)."""
     accumulator = _Accumulator(targets, gradients, output_gram=gradients and output_gram)
     generator, causal = torch.Generator().manual_seed(seed), is_causal_lm(model)
-    was_training = model.training
-    model.eval()
     grad_context = _params_require_grad(model) if gradients else torch.no_grad()
     try:
-        with _hooks(targets, accumulator), grad_context:
+        with eval_mode(model), _hooks(targets, accumulator), grad_context:
             for batch, masks in tqdm(batches, desc="calibrating", disable=not progress):
                 accumulator.new_batch(masks)
                 outputs = labelled_forward(model, batch)
@@ -330,5 +329,4 @@ def _collect(
                 del outputs
     finally:
         accumulator.new_batch()
-        model.train(was_training)
     return accumulator.result()

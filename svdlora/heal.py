@@ -25,6 +25,7 @@ from .chain import requantize
 from .config import HEAL_LOSSES, check_heal_lr, check_heal_steps
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
+from .modes import eval_mode
 from .padding import is_causal_lm, is_encoder_decoder, is_left_padded, masked_labels, padding_masks, unpadded_rows
 from .siblings import check_unstacked
 
@@ -83,23 +84,18 @@ def check_heal_outputs(model: nn.Module, batch: dict, loss: str) -> None:
     forward on ``batch``, in eval mode and without gradients: compress asks before its calibration and
     factorization, which healing follows; the healing's own steps are forwards and backwards, many more."""
     inputs = _distill_inputs(model, batch, is_encoder_decoder(model)) if loss == "distill" else batch
-    was_training = model.training
-    model.eval()  # no dropout, no BatchNorm statistics updated by the check
-    try:
-        with torch.no_grad():
-            try:
-                outputs = labelled_forward(model, inputs)
-            except TypeError as err:  # a plain forward(x) given labels: its signature, not a bug in the model
-                raise SvdloraError(
-                    f"healing with loss {loss!r} calls the model with {sorted(inputs)}, which its forward does not "
-                    f"take ({first_line(err)}): use --heal-loss distill, or batches that fit its forward"
-                ) from None
-            if loss == "distill":
-                _logits(outputs)
-            elif getattr(outputs, "loss", None) is None:
-                raise SvdloraError("healing with loss 'lm' needs a model that returns a loss from labels")
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():  # no dropout, no BatchNorm statistics updated by the check
+        try:
+            outputs = labelled_forward(model, inputs)
+        except TypeError as err:  # a plain forward(x) given labels: its signature, not a bug in the model
+            raise SvdloraError(
+                f"healing with loss {loss!r} calls the model with {sorted(inputs)}, which its forward does not "
+                f"take ({first_line(err)}): use --heal-loss distill, or batches that fit its forward"
+            ) from None
+        if loss == "distill":
+            _logits(outputs)
+        elif getattr(outputs, "loss", None) is None:
+            raise SvdloraError("healing with loss 'lm' needs a model that returns a loss from labels")
 
 
 def _distill_inputs(model: nn.Module, batch: dict, encoder_decoder: bool) -> dict:
@@ -297,45 +293,38 @@ def heal(
     encoder_decoder = is_encoder_decoder(model)  # the model's kind does not change between steps
     losses: list[float] = []
     start = time.perf_counter()
-    was_training = model.training
-    teacher_training = teacher is not None and teacher.training
-    model.eval()  # no dropout: the target is the deterministic dense model
-    if teacher is not None:
-        teacher.eval()  # nor in the target: a teacher in training mode (compress copies the model) drew dropout
     before = [p.detach().to("cpu", copy=True) for p in factors] if restore_on_divergence else None  # host memory
-    bar = tqdm(total=steps, desc=f"healing ({loss})", disable=not progress)
-    try:
-        for step, batch in enumerate(itertools.cycle(batches)):
-            if step >= steps or (seconds is not None and time.perf_counter() - start >= seconds):
-                break
-            value = _loss(model, teacher, batch, loss, encoder_decoder)
-            current = value.item()
-            _check_finite(current, step, factors, before)
+    # no dropout in the student (the target is the deterministic dense model) nor in the teacher: one in training
+    # mode (compress copies the model as given) drew dropout into every target
+    with eval_mode(model, teacher), tqdm(total=steps, desc=f"healing ({loss})", disable=not progress) as bar:
+        try:
+            for step, batch in enumerate(itertools.cycle(batches)):
+                if step >= steps or (seconds is not None and time.perf_counter() - start >= seconds):
+                    break
+                value = _loss(model, teacher, batch, loss, encoder_decoder)
+                current = value.item()
+                _check_finite(current, step, factors, before)
+                for p in factors:
+                    p.grad = None
+                value.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(lr, step, steps, time.perf_counter() - start, seconds)
+                _step(optimizer, factors, masters)
+                losses.append(current)
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if parameters is None and losses:
+                _requantize_stages(model)  # the model in memory is then the one its folder will hold
+            ends = min(8, len(losses))
+            seen = list(itertools.islice(itertools.cycle(batches), ends))  # the first steps' batches
+            after = _loss_after(model, teacher, seen, loss, encoder_decoder) if losses else None
+            if after is not None:  # the last update, which no step's loss checked, may have wrecked them too
+                _check_finite(after, len(losses), factors, before)
+        finally:
+            for p, flag in saved.items():
+                p.requires_grad_(flag)
             for p in factors:
                 p.grad = None
-            value.backward()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(lr, step, steps, time.perf_counter() - start, seconds)
-            _step(optimizer, factors, masters)
-            losses.append(current)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if parameters is None and losses:
-            _requantize_stages(model)  # the model in memory is then the one its folder will hold
-        ends = min(8, len(losses))
-        seen = list(itertools.islice(itertools.cycle(batches), ends))  # the first steps' batches
-        after = _loss_after(model, teacher, seen, loss, encoder_decoder) if losses else None
-        if after is not None:  # the last update, which no step's loss checked, may have wrecked them too
-            _check_finite(after, len(losses), factors, before)
-    finally:
-        bar.close()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-        for p in factors:
-            p.grad = None
-        model.train(was_training)
-        if teacher is not None:
-            teacher.train(teacher_training)
     if not losses:
         raise SvdloraError("healing ran no step: raise --heal-steps or --heal-seconds")
     result = HealResult(

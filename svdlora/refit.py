@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .calibration import SharedInputs
 from .methods import Weighting, factorize
 from .methods.weighting import INPUT_DAMPING, whitening
+from .modes import eval_mode
 from .padding import Unbatchable, calibration_runs, flat_tokens, is_encoder_decoder, mask_for
 
 
@@ -85,28 +86,26 @@ def collect_cross_statistics(
     grams: dict[str, torch.Tensor] = {}
     cross: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
-    was_training = model.training
-    model.eval()
     whole = True  # padded batches run whole until one raises Unbatchable (as in ``collect_statistics``)
-    try:
-        for batch in tqdm(batches, desc="refit statistics", disable=not progress):
-            taps = (model, dense, compressed, dense_tap, compressed_tap)
-            try:
-                inputs = _batch_inputs(*taps, batch, encoder_decoder, whole)
-            except Unbatchable:  # a layer input no mask tells (a routed expert): this batch and the rest row by row
-                dense_tap.clear()
-                compressed_tap.clear()
-                whole = False
-                inputs = _batch_inputs(*taps, batch, encoder_decoder, whole)
-            for name, (xs, x_tildes) in inputs.items():
-                x, x_tilde = torch.cat(xs), torch.cat(x_tildes)
-                gram, product = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()
-                grams[name] = grams[name] + gram if name in grams else gram
-                cross[name] = cross[name] + product if name in cross else product
-                tokens[name] = tokens.get(name, 0) + x_tilde.shape[0]
-    finally:
-        _swap(model, compressed)
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for batch in tqdm(batches, desc="refit statistics", disable=not progress):
+                taps = (model, dense, compressed, dense_tap, compressed_tap)
+                try:
+                    inputs = _batch_inputs(*taps, batch, encoder_decoder, whole)
+                except Unbatchable:  # a layer input no mask tells (a routed expert): this batch and the rest row by row
+                    dense_tap.clear()
+                    compressed_tap.clear()
+                    whole = False
+                    inputs = _batch_inputs(*taps, batch, encoder_decoder, whole)
+                for name, (xs, x_tildes) in inputs.items():
+                    x, x_tilde = torch.cat(xs), torch.cat(x_tildes)
+                    gram, product = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()
+                    grams[name] = grams[name] + gram if name in grams else gram
+                    cross[name] = cross[name] + product if name in cross else product
+                    tokens[name] = tokens.get(name, 0) + x_tilde.shape[0]
+        finally:
+            _swap(model, compressed)
     means = {owner: (grams[owner] / max(tokens[owner], 1), cross[owner] / max(tokens[owner], 1)) for owner in grams}
     # layers fed the same input share one (G̃, C) object, so ``refit_factors`` callers can cache per input
     return {name: means[compressed_tap.owner[name]] for name in compressed if compressed_tap.owner.get(name) in means}

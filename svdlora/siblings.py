@@ -31,6 +31,7 @@ from torch import nn
 
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
+from .modes import eval_mode
 from .pivoted import PivotedLowRankLinear, pivoted_outputs, pivoted_weight
 
 logger = logging.getLogger(__name__)
@@ -195,10 +196,8 @@ def find_siblings(model: nn.Module, inputs=None) -> list[list[str]]:
 
     layers = {name: m for name, m in model.named_modules() if _stackable(m)}
     handles = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()  # no dropout, no layer drop: every layer runs
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():  # no dropout, no layer drop: every layer runs
             if isinstance(inputs, dict):
                 model(**inputs)
             elif isinstance(inputs, tuple | list):
@@ -215,8 +214,6 @@ def find_siblings(model: nn.Module, inputs=None) -> list[list[str]]:
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     groups: dict[tuple, list[str]] = {}
     for name, ids in calls.items():
         if len(set(ids)) == 1:

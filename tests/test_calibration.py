@@ -517,6 +517,26 @@ def test_a_teacher_in_training_mode_gives_a_target_without_dropout():
     assert teacher.training and all(m.training for m in teacher.modules())
 
 
+@pytest.mark.parametrize("run", ["statistics", "refit statistics", "heal check", "heal"])
+def test_each_pass_in_eval_mode_gives_every_module_back_its_own_mode(run):
+    """Found by review: the passes undid their eval() with model.train(was_training), which sets every submodule
+    to the model's mode: a block the caller had put in eval mode in a model being trained came back training."""
+    dense, model, batches = _compressed_gpt2(1)
+    for m in (dense, model):
+        m.train().transformer.h[0].eval()  # one block frozen, the rest training
+    modes = [(n, m.training) for part in (dense, model) for n, m in part.named_modules()]
+    if run == "statistics":
+        collect_statistics(dense, find_targets(dense, CompressionConfig())[0], batches, progress=False)
+    elif run == "refit statistics":
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+        collect_cross_statistics(model, {n: dense.get_submodule(n) for n in layers}, layers, batches, progress=False)
+    elif run == "heal check":
+        heal_module.check_heal_outputs(model, batches[0], "distill")
+    else:
+        heal(model, batches, steps=1, teacher=dense, progress=False)
+    assert [(n, m.training) for part in (dense, model) for n, m in part.named_modules()] == modes
+
+
 @pytest.mark.parametrize("loss", ["distill", "lm"])
 def test_healing_asks_whether_the_model_is_an_encoder_decoder_once_a_run(monkeypatch, loss):
     # found by review: each step asked the model's config 3 times (once more per row of a left-padded batch)
