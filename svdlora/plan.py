@@ -229,10 +229,8 @@ def plan_calibration(
     """Resolve method and allocation, read the calibration data, collect the statistics."""
     if config.refit and config.method == "svd":  # data or none: there are no weighted statistics to refit to
         logger.warning("the refit pass is not run with method 'svd' (it refits to weighted statistics)")
+    check_statistics_calibrated(statistics, calibration, "the report counts them; healing and the refit run on them")
     if calibration is None:
-        check_statistics_calibrated(
-            statistics, calibration, "the report counts them; healing and the refit run on them"
-        )
         check_without_calibration(config)
         return CalibrationPlan(method="svd", allocation="uniform")
     if not uses_calibration(config):  # warned before the data is read (or, for 'self', generated): it is not used
