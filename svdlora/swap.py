@@ -29,7 +29,7 @@ def restored_on_error(model: nn.Module, originals: dict[str, nn.Module]) -> Iter
         raise
 
 
-def restore_dense(model: nn.Module, originals: dict[str, nn.Module], hf_config=None, tied: bool | None = None) -> None:
+def restore_dense(model: nn.Module, originals: dict[str, nn.Module], hf_config, tied: bool | None) -> None:
     """Put the dense ``originals`` back in place of their low-rank layers, and the config's head tie as it was
     (``tied``; None: left as it is), which ``untie_factorized_head`` turned off."""
     for name, module in originals.items():

@@ -193,7 +193,7 @@ def rank_constrained(
         The names of the replaced layers, in model order.
     """
     _check_rank(rank)
-    config = CompressionConfig(include=include, exclude=exclude or [], keep_head=keep_head)
+    config = CompressionConfig(include=include, exclude=exclude, keep_head=keep_head)
     replaced = []
     for target in find_targets(model, config)[0]:
         name, module, out_features, in_features = target.name, target.module, target.out_features, target.in_features
