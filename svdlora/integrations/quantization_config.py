@@ -9,11 +9,10 @@ from pathlib import Path
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..io.writer import INDEX_NAME, WEIGHTS_NAME
 from ..version import FORMAT_VERSION, __version__
 
 QUANT_METHOD = "svdlora"
-WEIGHTS_NAME = "model.safetensors"  # io.WEIGHTS_NAME; io imports this module, not the reverse
-INDEX_NAME = "model.safetensors.index.json"  # writer.INDEX_NAME: a sharded folder
 # A file that never exists: transformers without svdlora fails on it instead of loading random layers.
 GUARD_WEIGHTS_NAME = "svdlora--import-svdlora-before-from_pretrained.safetensors"
 
