@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import SvdloraError, first_line
+from .launcher import launched
 
 # How long a process waits for the others at a collective: rank 0's download of a hub checkpoint, or the
 # slowest process's share of the matrices, may take hours (torch's default gave up after 30 minutes). A
@@ -129,11 +130,6 @@ def wait() -> timedelta:
 def _duration(wait: timedelta) -> str:
     seconds = wait.total_seconds()
     return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
-
-
-def launched() -> bool:
-    """True under torchrun / accelerate launch with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
 def context() -> Context:

@@ -454,6 +454,21 @@ def test_under_a_launcher_each_error_line_names_its_rank(tmp_path, monkeypatch, 
     assert capsys.readouterr().err.startswith("svdlora info: error: ")
 
 
+@pytest.mark.parametrize("size", ["two", ""])
+def test_a_world_size_that_is_no_count_is_no_launcher(tmp_path, monkeypatch, capsys, size):
+    """distributed.launched() read WORLD_SIZE with int() and the CLI's error lines with isdigit(): a value that is
+    no count failed every command on int()'s ValueError, as a bug in svdlora (exit 1). One launched() serves both."""
+    from svdlora import distributed
+    from svdlora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", size)
+    monkeypatch.setenv("RANK", "0")
+    assert not distributed.launched()
+    assert main(["info", "missing"]) == 2
+    assert capsys.readouterr().err.startswith("svdlora info: error: ")
+
+
 # Rank 1 refuses its own setting (as a rank whose LOCAL_RANK has no GPU does) before any work.
 REFUSING_EARLY = """
 import os, sys

@@ -13,6 +13,7 @@ import threading
 from .. import card
 from ..errors import SvdloraError, first_line
 from ..io.outputs import describe
+from ..launcher import launched
 from ..version import __version__
 from . import compress_cmd, convert_cmd, eval_cmd, export_cmd, extract_cmd, info_cmd, sweep_cmd
 
@@ -77,20 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 def _speaker(prog: str) -> str:
     """``prog`` ('svdlora compress'), and this process's rank where a launcher runs several: each prints its own
     error, so one that every rank hits is repeated, each line telling whose it is."""
-    rank, size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "")
-    if rank is None or not size.isdigit() or int(size) < 2:  # distributed.launched(), without importing torch
-        return prog
-    return f"{prog} [rank {rank}/{size}]"
+    return f"{prog} [rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}]" if launched() else prog
 
 
 def _check_launcher(command: str) -> None:
     """Under torchrun / accelerate launch every process runs the command: one that does not split its work
     would run it once per process, each writing the same output (export: one wrote it, the others failed)."""
-    if command in DISTRIBUTED or "WORLD_SIZE" not in os.environ:  # no launcher: torch is not imported for it
-        return
-    from ..distributed import launched
-
-    if launched():
+    if command not in DISTRIBUTED and launched():
         raise SvdloraError(
             f"svdlora {command} runs as one process (only compress splits its work over a launcher's processes): "
             "run it without torchrun / accelerate launch"
