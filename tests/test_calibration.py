@@ -364,17 +364,22 @@ def test_heal_refuses_a_loss_it_does_not_know_and_a_rate_that_trains_nothing(opt
         heal(model, [batch], teacher=dense, progress=False, **({"steps": 2} | options))
 
 
+def _compressed_half_llama(dtype: torch.dtype) -> tuple[nn.Module, nn.Module, list[nn.Parameter]]:
+    """(the dense tiny Llama in ``dtype``, a copy compressed at budget 0.5, the copy's factors)."""
+    torch.manual_seed(0)
+    dense = tiny_llama().to(dtype).eval()
+    model = copy.deepcopy(dense)
+    svdlora.compress(model, budget=0.5, progress=False)
+    return dense, model, [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
+
+
 @pytest.mark.parametrize("dtype, changed", [(torch.float16, 0.9), (torch.bfloat16, 0.5)])
 def test_healing_a_half_precision_model_trains_through_float32_masters(dtype, changed):
     """Found by review: Adam on float16 factors divided 0 by 0 at its first step (its second moment underflows,
     its eps rounds to 0), so healing a float16 model always 'diverged at step 1 (loss nan): lower --heal-lr',
     whatever the rate; on bfloat16 factors 10 steps at 1e-4 changed a third of their values, the rest rounded away."""
-    torch.manual_seed(0)
-    dense = tiny_llama().to(dtype).eval()
+    dense, model, factors = _compressed_half_llama(dtype)
     batches = [{"input_ids": torch.randint(1, 96, (2, 12))} for _ in range(3)]
-    model = copy.deepcopy(dense)
-    svdlora.compress(model, budget=0.5, progress=False)
-    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
     before = [p.detach().clone() for p in factors]
     heal(model, batches, steps=10, teacher=dense, progress=False)
     moved = sum(int((p != b).sum()) for p, b in zip(factors, before, strict=True)) / sum(p.numel() for p in factors)
@@ -384,11 +389,7 @@ def test_healing_a_half_precision_model_trains_through_float32_masters(dtype, ch
 def test_healing_through_float32_masters_holds_one_gradient_at_a_time(monkeypatch):
     """Found by review: the half-precision gradient stayed beside its float32 copy through Adam's step, and the
     masters kept theirs after it (a float32 gradient, twice the factors' size, held between steps)."""
-    torch.manual_seed(0)
-    dense = tiny_llama().to(torch.float16).eval()
-    model = copy.deepcopy(dense)
-    svdlora.compress(model, budget=0.5, progress=False)
-    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
+    dense, model, factors = _compressed_half_llama(torch.float16)
     optimizers, step = [], torch.optim.Adam.step
 
     def watched(self, *args, **kwargs):  # during the step: the half gradients already dropped

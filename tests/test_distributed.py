@@ -414,13 +414,13 @@ def test_a_rank_whose_folder_rank_0_removed_points_at_rank_0_not_at_the_disk(bas
 
 
 @pytest.mark.parametrize("command", ["export", "eval", "convert-gguf", "extract", "sweep", "info"])
-def test_a_command_that_does_not_split_its_work_is_refused_under_a_launcher(tmp_path, monkeypatch, capsys, command):
+def test_a_command_that_does_not_split_its_work_is_refused_under_a_launcher(
+    tmp_path, monkeypatch, capsys, joining_as_rank_1, command
+):
     """torchrun --nproc_per_node 2 svdlora export ...: both processes exported, one wrote the folder and
     the other failed on it, leaving an 'exp.svdlora-finished-...' folder beside it."""
     from svdlora.cli import build_parser, main
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
     required = {
         "export": ["x", "--dense", "-o", "o"],
         "eval": ["x", "--data", "d"],
@@ -436,14 +436,12 @@ def test_a_command_that_does_not_split_its_work_is_refused_under_a_launcher(tmp_
     assert f"svdlora {command} runs as one process" in err and "without torchrun" in err, err
 
 
-def test_under_a_launcher_each_error_line_names_its_rank(tmp_path, monkeypatch, capsys):
+def test_under_a_launcher_each_error_line_names_its_rank(tmp_path, monkeypatch, capsys, joining_as_rank_1):
     """An error every process hits was printed once per process in the same words: each line now says whose it
     is (an error of one rank only stays its own line); a single process's line is as before."""
     from svdlora.cli import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
     assert main(["info", "x"]) == 2
     assert capsys.readouterr().err.startswith("svdlora info [rank 1/2]: error: svdlora info runs as one process")
     with pytest.raises(SystemExit):  # a bad flag: argparse's line
