@@ -369,6 +369,42 @@ def test_a_corrupted_shard_index_is_named_as_load_compressed_names_it(tmp_path):
             load(folder)
 
 
+@pytest.mark.parametrize("top_index", [False, True], ids=["top-without-index", "top-with-corrupted-index"])
+def test_from_pretrained_with_a_subfolder_checks_the_subfolder_s_index(top_index, tmp_path):
+    """from_pretrained(parent, subfolder="sub") loads parent/sub, but the quantizer checked the index of parent (the
+    config's name_or_path): a corrupted one in sub gave transformers' bare JSONDecodeError, and one in parent
+    refused a sound parent/sub."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    svdlora.compress(model, progress=False, budget=0.5, submatrices=2)
+    folder = svdlora.save_compressed(model, tmp_path / "parent" / "sub", max_shard_size="20KB")
+    if top_index:  # another folder's index, which this load does not read
+        (folder.parent / "model.safetensors.index.json").write_text("{oops")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder.parent, subfolder="sub")
+    assert torch.equal(_logits(loaded, "llama"), _logits(svdlora.load_compressed(folder, device="cpu"), "llama"))
+    (folder / "model.safetensors.index.json").write_text("{oops")
+    with pytest.raises(svdlora.SvdloraError, match=r"sub/model\.safetensors\.index\.json is corrupted \("):
+        transformers.AutoModelForCausalLM.from_pretrained(folder.parent, subfolder="sub")
+
+
+def test_from_pretrained_given_another_folder_s_config_checks_the_loaded_folder_s_index(tmp_path):
+    """config=AutoConfig.from_pretrained(other): the config's name_or_path is the other folder, whose index the
+    quantizer checked, refusing a sound folder for the other's corrupted index."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    svdlora.compress(model, progress=False, budget=0.5, submatrices=2)
+    folder = svdlora.save_compressed(model, tmp_path / "sharded", max_shard_size="20KB")
+    other = svdlora.save_compressed(model, tmp_path / "other", max_shard_size="20KB")
+    (other / "model.safetensors.index.json").write_text("{oops")
+    config = transformers.AutoConfig.from_pretrained(other)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, config=config)
+    assert torch.equal(_logits(loaded, "llama"), _logits(svdlora.load_compressed(folder, device="cpu"), "llama"))
+
+
 def test_a_shard_the_index_leaves_out_is_refused_not_loaded_as_random_weights(tmp_path):
     """An index that names no tensor of one shard (the norms and the embedding, here): load_compressed blamed
     another shard, and from_pretrained loaded the model with those weights randomly initialized."""

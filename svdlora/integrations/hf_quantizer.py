@@ -25,8 +25,11 @@ merges A·B into plain dense layers (and drops the quantization config, as a deq
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +61,23 @@ if TYPE_CHECKING:
     from ..io.folder import ShardHeader
 
 logger = logging.getLogger(__name__)
+
+
+def _weights_folder(config) -> str | None:
+    """The folder from_pretrained reads the weights (and a sharded folder's index) from: its argument joined with
+    its ``subfolder=``. Neither reaches the quantizer before transformers reads the index (the config's
+    name_or_path is the argument alone, or the folder a passed config came from), so they are read off
+    from_pretrained's frame; name_or_path where there is none."""
+    from transformers.modeling_utils import PreTrainedModel  # loaded by now: this runs inside from_pretrained
+
+    code = inspect.unwrap(PreTrainedModel.from_pretrained.__func__).__code__  # 4.x wraps it (restore_default_dtype)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    if frame is None:
+        return getattr(config, "name_or_path", None)
+    folder, subfolder = frame.f_locals.get("pretrained_model_name_or_path"), frame.f_locals.get("subfolder")
+    return os.path.join(folder, subfolder or "") if folder is not None else None
 
 
 class SvdloraHfQuantizer(HfQuantizer):
@@ -97,7 +117,7 @@ class SvdloraHfQuantizer(HfQuantizer):
         # after), so each of them does it; it is idempotent.
         if getattr(config, "transformers_weights", None) == GUARD_WEIGHTS_NAME:
             config.transformers_weights = self.quantization_config.weights
-            self._check_index(getattr(config, "name_or_path", None))
+            self._check_index(_weights_folder(config))
         return config
 
     def _check_index(self, folder: str | None) -> None:
