@@ -334,24 +334,27 @@ def test_sharded_folder_and_strict_checks(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(folder)
 
 
-def test_a_hub_snapshot_without_the_svdlora_config_says_to_download_the_repository(tmp_path):
+@pytest.mark.parametrize("subfolder", ["", "sub"])
+def test_a_hub_snapshot_without_the_svdlora_config_says_to_download_the_repository(subfolder, tmp_path):
     """from_pretrained(HUB_ID) fetches config.json and the weights, not svdlora_config.json: the folder check said
-    "is not an svdlora folder (no svdlora_config.json): create one with `svdlora compress`" of the cache's snapshot."""
+    "is not an svdlora folder (no svdlora_config.json): create one with `svdlora compress`" of the cache's snapshot
+    (and still did with subfolder=, whose files lie below the snapshot)."""
     import shutil
 
     import transformers
 
     folder = _folder("llama", tmp_path)
     snapshot = tmp_path / "cache" / "models--me--tiny-svd" / "snapshots" / "0123abcd"
-    snapshot.mkdir(parents=True)
+    (snapshot / subfolder).mkdir(parents=True)
     for name in ("config.json", "model.safetensors"):  # what from_pretrained downloads
-        shutil.copy(folder / name, snapshot / name)
+        shutil.copy(folder / name, snapshot / subfolder / name)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+    hub = {"cache_dir": tmp_path / "cache", "subfolder": subfolder}
     with pytest.raises(svdlora.SvdloraError, match=r"snapshot_download\('me/tiny-svd'\)"):
-        transformers.AutoModelForCausalLM.from_pretrained("me/tiny-svd", cache_dir=tmp_path / "cache")
-    shutil.copy(folder / "svdlora_config.json", snapshot / "svdlora_config.json")  # as snapshot_download fetches it
-    loaded = transformers.AutoModelForCausalLM.from_pretrained("me/tiny-svd", cache_dir=tmp_path / "cache")
+        transformers.AutoModelForCausalLM.from_pretrained("me/tiny-svd", **hub)
+    shutil.copy(folder / "svdlora_config.json", snapshot / subfolder / "svdlora_config.json")  # as snapshot_download
+    loaded = transformers.AutoModelForCausalLM.from_pretrained("me/tiny-svd", **hub)
     assert torch.equal(_logits(loaded, "llama"), _logits(svdlora.load_compressed(folder, device="cpu"), "llama"))
 
 

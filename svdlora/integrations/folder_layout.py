@@ -18,11 +18,13 @@ PIVOT_KEY = re.compile(r"^(?P<module>.+)\.pivoted\.(?P<side>B|C|rows)$")  # svdl
 
 def check_hub_snapshot(folder: Path) -> None:
     """A hub id's snapshot in the Hugging Face cache (``models--ORG--NAME/snapshots/COMMIT``) holds the files
-    from_pretrained downloaded: config.json and the weights, not svdlora_config.json, which the checks read."""
+    from_pretrained downloaded: config.json and the weights, not svdlora_config.json, which the checks read. With
+    ``subfolder=``, ``folder`` lies below the snapshot."""
     from ..io.writer import CONFIG_NAME  # io imports this module
 
-    repo = folder.parents[1].name if len(folder.parents) > 1 else ""
-    if folder.parent.name == "snapshots" and repo.startswith("models--") and not (folder / CONFIG_NAME).is_file():
+    snapshot = next((path for path in (folder, *folder.parents) if path.parent.name == "snapshots"), None)
+    repo = snapshot.parent.parent.name if snapshot is not None else ""
+    if repo.startswith("models--") and not (folder / CONFIG_NAME).is_file():
         repo_id = repo.removeprefix("models--").replace("--", "/")
         raise SvdloraError(
             f"{repo_id!r} from the hub: from_pretrained downloads its weights and config.json but not {CONFIG_NAME}, "
