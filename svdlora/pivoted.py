@@ -97,6 +97,12 @@ def pivoted_outputs(z, coefficients, rows, rest, bias, out_features: int) -> tor
     return out if bias is None else out + bias
 
 
+def version_stamp(t: torch.Tensor) -> int | None:
+    """A tensor's version counter (bumped by every in-place write), or None where it has none
+    (an inference tensor: made under ``inference_mode``, a folder loaded there, say)."""
+    return None if t.is_inference() else t._version
+
+
 def valid_rows(rows: torch.Tensor, out_features: int) -> bool:
     """Whether ``rows`` can be pivot indices: strictly increasing, within [0, out_features)."""
     if rows.device.type == "meta" or rows.dtype != torch.long or rows.dim() != 1 or rows.numel() > out_features:
@@ -220,7 +226,7 @@ class PivotedLowRankLinear(LowRankLinear):
 
     def _indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(pivot rows, other rows), cached until the ``rows`` buffer changes."""
-        key = (self.rows.data_ptr(), self.rows._version, self.rows.device)
+        key = (self.rows.data_ptr(), version_stamp(self.rows), self.rows.device)
         if key != self._gather_key:
             # rows not loaded yet (transformers initializes a skeleton through ``weight``): any order will do
             rows = self.rows if valid_rows(self.rows, self.out_features) else torch.arange(sum(self.ranks))

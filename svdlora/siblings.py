@@ -32,14 +32,9 @@ from torch import nn
 from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
 from .modes import eval_mode
-from .pivoted import PivotedLowRankLinear, pivoted_outputs, pivoted_weight
+from .pivoted import PivotedLowRankLinear, pivoted_outputs, pivoted_weight, version_stamp
 
 logger = logging.getLogger(__name__)
-
-
-def _stamp(t: torch.Tensor):
-    """A tensor's version counter (bumped by every in-place write), or None where it has none."""
-    return None if t.is_inference() else t._version
 
 
 class _Kept:
@@ -77,7 +72,8 @@ class StackedProjection(nn.Module):
         """Sibling ``index``'s z = x·Bᵀ: from the kept product when it is of this very input, unchanged,
         and that sibling has not read it yet; else from a new product of all siblings."""
         kept, weight = self.kept, self._parameters["weight"]
-        stamps = None if torch.compiler.is_compiling() else (_stamp(x), _stamp(weight))  # dynamo guards its own
+        # dynamo guards its own
+        stamps = None if torch.compiler.is_compiling() else (version_stamp(x), version_stamp(weight))
         if kept.input is not x or not kept.unread[index] or stamps != kept.stamps:
             kept.input, kept.product, kept.stamps = x, F.linear(x, weight), stamps
             kept.unread = [True] * len(self.bounds)

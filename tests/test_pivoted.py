@@ -66,6 +66,21 @@ def test_a_layer_first_called_under_inference_mode_still_trains():
     torch.testing.assert_close(layer.B.grad, fresh.B.grad)
 
 
+def test_a_folder_loaded_under_inference_mode_runs(tmp_path):
+    """Loaded under inference_mode, the pivot indices are inference tensors, which keep no version
+    counter: the index cache must not ask for one (it raised 'Inference tensors do not track version
+    counter' on every call, inside inference_mode and after it)."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    compress(model, budget=0.5, pivot=True, progress=False)
+    expected = output_of(model, "llama")
+    save_compressed(model, tmp_path / "out")
+    with torch.inference_mode():
+        loaded = load_compressed(tmp_path / "out", device="cpu")
+        assert torch.equal(output_of(loaded, "llama"), expected)
+    assert torch.equal(output_of(loaded, "llama"), expected)
+
+
 def test_pivoted_layer_compiles_to_one_graph():
     """torch.compile traces the whole forward (no break), so CUDA graphs can capture a decode step:
     from the eager cache where a call made one, else with the complement sorted in the graph."""
