@@ -94,7 +94,8 @@ def pivoted_outputs(z, coefficients, rows, rest, bias, out_features: int) -> tor
     out = z.new_empty(*z.shape[:-1], out_features)
     out.index_copy_(-1, rows, z)
     out.index_copy_(-1, rest, F.linear(z, coefficients))
-    return out if bias is None else out + bias
+    # in out's dtype, as F.linear adds it: under autocast a float32 bias would promote the outputs
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def version_stamp(t: torch.Tensor) -> int | None:

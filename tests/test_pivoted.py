@@ -81,6 +81,20 @@ def test_a_folder_loaded_under_inference_mode_runs(tmp_path):
     assert torch.equal(output_of(loaded, "llama"), expected)
 
 
+def test_under_autocast_a_pivoted_layer_outputs_what_a_dense_one_does():
+    """Under autocast F.linear casts its bias to the compute dtype; the pivoted layer adds its bias
+    itself, and a float32 bias promoted the outputs back to float32 (a GPT-2's activations and
+    KV cache in float32 beside a dense or pair layer's bfloat16)."""
+    torch.manual_seed(0)
+    layer = PivotedLowRankLinear.from_dense(nn.Linear(40, 24), [6])
+    dense = layer.to_dense()
+    x = torch.randn(3, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = dense(x), layer(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
 def test_pivoted_layer_compiles_to_one_graph():
     """torch.compile traces the whole forward (no break), so CUDA graphs can capture a decode step:
     from the eager cache where a call made one, else with the complement sorted in the graph."""
