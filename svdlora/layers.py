@@ -193,10 +193,13 @@ class LowRankLinear(nn.Module):
         return self.dense_weight()
 
     def to_dense(self) -> nn.Module:
-        """A plain layer of the original kind (Linear or Conv1D) holding A·B."""
+        """A plain layer of the original kind (Linear or Conv1D) holding A·B, frozen where this layer
+        is (a model prepared for adapter training stays so) and in its train/eval mode."""
         with torch.no_grad():
             bias = None if self.bias is None else self.bias.detach().clone()
-            return make_dense(self.base_kind, self.dense_weight().detach(), bias)
+            dense = make_dense(self.base_kind, self.dense_weight().detach(), bias)
+        dense.requires_grad_(any(p.requires_grad for p in self.parameters()))
+        return dense.train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.full is not None:

@@ -288,3 +288,18 @@ def test_a_failed_capture_is_one_clear_error(monkeypatch):
     ):
         measure(64, 32, 4, "cuda:7", torch.float32, 1, False, True)
     measure.cache_clear()
+
+
+@pytest.mark.parametrize("runtime", ["merged", "pairs"])
+def test_a_runtime_keeps_frozen_layers_frozen_and_the_mode(runtime):
+    """A layer rebuilt as dense (or as a pair) keeps the layer's requires_grad and train/eval mode:
+    merged turned the frozen factors of a model prepared for adapter training into a trainable
+    dense weight (nn.Linear's default), while pairs kept them frozen."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 16), nn.Linear(16, 8))
+    model[0] = LowRankLinear.from_dense(model[0], [4])
+    model[1] = PivotedLowRankLinear.from_dense(model[1], [4])
+    model.eval().requires_grad_(False)
+    apply_runtime(model, runtime)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(m.training for m in model.modules())
