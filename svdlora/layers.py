@@ -194,8 +194,9 @@ class LowRankLinear(nn.Module):
 
     def to_dense(self) -> nn.Module:
         """A plain layer of the original kind (Linear or Conv1D) holding A·B, frozen where this layer
-        is (a model prepared for adapter training stays so) and in its train/eval mode."""
-        with torch.no_grad():
+        is (a model prepared for adapter training stays so) and in its train/eval mode; normal tensors
+        even when converted under inference_mode (as ``to_pairs``), so the model can train later."""
+        with torch.inference_mode(False), torch.no_grad():  # no_grad inside: inference_mode(False) enables grad
             bias = None if self.bias is None else self.bias.detach().clone()
             dense = make_dense(self.base_kind, self.dense_weight().detach(), bias)
         dense.requires_grad_(any(p.requires_grad for p in self.parameters()))

@@ -303,3 +303,23 @@ def test_a_runtime_keeps_frozen_layers_frozen_and_the_mode(runtime):
     apply_runtime(model, runtime)
     assert not any(p.requires_grad for p in model.parameters())
     assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("runtime", ["merged", "pairs"])
+def test_layers_converted_under_inference_mode_still_train(runtime):
+    """A runtime applied under inference_mode (an evaluation before fine-tuning) leaves normal
+    tensors: merged layers held inference tensors, and the first backward raised 'Inference tensors
+    cannot be saved for backward' (pairs already made normal ones)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 16), nn.Linear(16, 8))
+    model[0] = LowRankLinear.from_dense(model[0], [4])
+    model[1] = PivotedLowRankLinear.from_dense(model[1], [4])
+    with torch.inference_mode():
+        apply_runtime(model, runtime)
+    model(torch.randn(3, 24)).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.inference_mode():  # layers made of inference tensors (a folder loaded there) convert too
+        model = nn.Sequential(PivotedLowRankLinear.from_dense(nn.Linear(24, 16), [4]))
+        want = model(torch.ones(1, 24))
+        apply_runtime(model, runtime)
+        torch.testing.assert_close(model(torch.ones(1, 24)), want)
