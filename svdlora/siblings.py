@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -175,9 +176,9 @@ def example_inputs(model: nn.Module) -> dict:
 
 def find_siblings(model: nn.Module, inputs=None) -> list[list[str]]:
     """Groups of stackable low-rank layers of one parent module that receive the same input tensor in
-    one forward pass, in eval mode (``inputs``: a dict of keyword arguments, a tuple of positional
-    ones, or one tensor; default the model's ``dummy_inputs``). A layer called more than once, on
-    different inputs, is in none."""
+    one forward pass, in eval mode (``inputs``: a dict or other mapping of keyword arguments, such as a
+    tokenizer's output, a tuple of positional ones, or one tensor; default the model's ``dummy_inputs``).
+    A layer called more than once, on different inputs, is in none."""
     inputs = example_inputs(model) if inputs is None else inputs
     calls: dict[str, list[int]] = {}
     kept = []  # the inputs stay alive while tracing, so no id is reused
@@ -194,7 +195,7 @@ def find_siblings(model: nn.Module, inputs=None) -> list[list[str]]:
     handles = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
     try:
         with eval_mode(model), torch.no_grad():  # no dropout, no layer drop: every layer runs
-            if isinstance(inputs, dict):
+            if isinstance(inputs, Mapping):  # a tokenizer's BatchEncoding too (not a dict)
                 model(**inputs)
             elif isinstance(inputs, tuple | list):
                 model(*inputs)

@@ -268,6 +268,18 @@ def test_stacking_a_merged_load_is_refused(tmp_path):
             load_compressed(folder, device="cpu", stack_siblings=True, **options)
 
 
+def test_a_tokenizers_batch_is_taken_as_keyword_arguments():
+    """What a tokenizer returns (a BatchEncoding: a Mapping, not a dict) is passed as keyword
+    arguments, as a dict is: it was passed whole as the first argument, and the forward failed."""
+    from transformers import BatchEncoding
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, budget=0.5, progress=False)
+    inputs = example_inputs("llama")
+    assert find_siblings(model, BatchEncoding(inputs)) == find_siblings(model, inputs)
+
+
 def test_a_failing_forward_is_reported():
     with pytest.raises(SvdloraError, match="forward pass that finds sibling layers failed"):
         stack_siblings(ThreeHeads(), torch.randn(2, 7))
