@@ -113,16 +113,11 @@ def valid_rows(rows: torch.Tensor, out_features: int) -> bool:
     return int(rows[0]) >= 0 and int(rows[-1]) < out_features and bool((rows[1:] > rows[:-1]).all())
 
 
-def _complement_sorted(rows: torch.Tensor, size: int) -> torch.Tensor:
-    """``_complement`` with a static shape (size − len(rows)), which torch.compile traces."""
+def _complement(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """The indices in [0, size) not in ``rows``, increasing. Of a static shape (size − len(rows)), not
+    found by nonzero(): torch.compile traces it, and it runs on the meta device."""
     mask = torch.ones(size, dtype=torch.int8, device=rows.device).index_fill(0, rows, 0)
     return torch.argsort(mask, stable=True)[rows.numel() :]
-
-
-def _complement(rows: torch.Tensor, size: int) -> torch.Tensor:
-    keep = torch.ones(size, dtype=torch.bool, device=rows.device)
-    keep[rows] = False
-    return keep.nonzero().flatten()
 
 
 class PivotedLowRankLinear(LowRankLinear):
@@ -223,7 +218,7 @@ class PivotedLowRankLinear(LowRankLinear):
         """
         if self._gather is not None and self._gather_rows is self.rows:
             return self._gather
-        return self.rows, _complement_sorted(self.rows, self.out_features)
+        return self.rows, _complement(self.rows, self.out_features)
 
     def _indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(pivot rows, other rows), cached until the ``rows`` buffer changes."""

@@ -95,6 +95,14 @@ def test_under_autocast_a_pivoted_layer_outputs_what_a_dense_one_does():
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
 
 
+def test_a_pivoted_layer_runs_on_the_meta_device():
+    """Shapes and FLOPs are counted on the meta device (``model.to("meta")``), where a pair runs: the
+    pivoted layer's other rows were found by nonzero(), which has no meta kernel (NotImplementedError)."""
+    layer = PivotedLowRankLinear.from_dense(nn.Linear(40, 24), [6]).to("meta")
+    assert layer(torch.empty(3, 5, 40, device="meta")).shape == (3, 5, 24)
+    assert layer.to_pairs().A.shape == (24, 6)
+
+
 def test_pivoted_layer_compiles_to_one_graph():
     """torch.compile traces the whole forward (no break), so CUDA graphs can capture a decode step:
     from the eager cache where a call made one, else with the complement sorted in the graph."""
