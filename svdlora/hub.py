@@ -4,11 +4,11 @@ and, for the memory check, its size before the download."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import StreamingRefusal, SvdloraError, first_line
-from .io.writer import INDEX_NAME, WEIGHTS_NAME
+from .io.checkpoint import CHECKPOINT_REMEDY
+from .io.writer import INDEX_NAME, weight_files
 from .models import PREPROCESSOR_FILES, hub_reachable, looks_like_path
 
 # What a streamed run reads besides the weights, by exact top-level name (a pattern such as
@@ -78,7 +78,7 @@ def _side_files(trust_remote_code: bool) -> list[str]:
 def _snapshot(repo_id: str, trust_remote_code: bool, revision: str | None, local_only: bool) -> Path:
     """The side files first, at one commit; then exactly the weight files its index names."""
     folder = _download(repo_id, _side_files(trust_remote_code), revision, local_only)
-    weights = _weight_files(folder, repo_id)
+    weights = _weight_files(folder)
     folder = _download(repo_id, weights, folder.name, local_only)  # the same commit
     missing = [w for w in weights if not (folder / w).is_file()]
     if missing:
@@ -91,19 +91,16 @@ def _snapshot(repo_id: str, trust_remote_code: bool, revision: str | None, local
     return folder
 
 
-def _weight_files(folder: Path, repo_id: str) -> list[str]:
-    """The safetensors files of a snapshot: those its index names, else the one model.safetensors."""
-    index = folder / INDEX_NAME
-    try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_NAME]
-    except (OSError, ValueError, KeyError, AttributeError) as err:
-        raise SvdloraError(f"model {repo_id!r}: {INDEX_NAME} cannot be read ({first_line(err)})") from None
+def _weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a snapshot: those its index names, else the one model.safetensors; its index
+    checked and refused as a local folder's is (``io.checkpoint``), before any weight is downloaded."""
+    return [str(file.relative_to(folder)) for file in weight_files(folder, remedy=CHECKPOINT_REMEDY)]
 
 
 def holds_weights(folder: Path) -> bool:
     """Whether a snapshot folder (``side_folder``'s) holds its safetensors files, all of them."""
     try:
-        return all((folder / w).is_file() for w in _weight_files(folder, folder.name))
+        return all((folder / w).is_file() for w in _weight_files(folder))
     except SvdloraError:
         return False
 

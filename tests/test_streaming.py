@@ -344,6 +344,38 @@ def test_compress_eval_of_a_hub_id_without_its_weights_in_the_cache_is_checked_o
     assert "drop --eval" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda index: "{",  # not JSON: 'cannot be read', without the local folder's remedy
+        lambda index: {"weight_map": {key: [shard] for key, shard in index["weight_map"].items()}},  # TypeError
+        lambda index: {"weight_map": {key: f"../{shard}" for key, shard in index["weight_map"].items()}},  # 'has no'
+    ],
+    ids=["not JSON", "lists for shard names", "shards outside the folder"],
+)
+def test_a_hub_snapshot_s_damaged_index_is_refused_as_a_local_folder_s(tmp_path, monkeypatch, capsys, damage):
+    """The hub snapshot's index was parsed apart from the local folder's checks (``io.writer.weight_files``): it
+    said 'cannot be read' without the remedy, crashed on a list where a shard name goes, and asked the cache for a
+    shard outside the snapshot. Both are now refused in the same line, before any weight is downloaded."""
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base, max_shard_size="20KB")
+    index = base / INDEX_NAME
+    damaged = damage(json.loads(index.read_text()))
+    index.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    name = cached_as_hub_id(base, tmp_path, monkeypatch)
+    snapshot = next((tmp_path / "hub" / "models--org--tiny" / "snapshots").iterdir())
+    capsys.readouterr()
+    refusals = []
+    for model, folder in ((str(base), base), (name, snapshot)):
+        argv = ["compress", model, "--stream", "--calibration", "none", "--no-progress", "-o", str(tmp_path / "out")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        refusals.append(err[0].replace(str(folder), "FOLDER"))
+    assert refusals[0] == refusals[1] and "FOLDER/model.safetensors.index.json is corrupted" in refusals[0]
+    assert refusals[0].endswith("copy or download the checkpoint again")
+
+
 def test_the_hub_snapshot_takes_top_level_side_files_and_the_index_s_shards():
     from huggingface_hub.utils import filter_repo_objects
 

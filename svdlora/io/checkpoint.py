@@ -17,6 +17,9 @@ from ..errors import StreamingRefusal, SvdloraError
 from . import writer
 from .writer import INDEX_NAME, WEIGHTS_NAME, TensorSpec
 
+# a dense checkpoint's corrupted or incomplete index (``writer.weight_files``): a local folder's or a hub snapshot's
+CHECKPOINT_REMEDY = "copy or download the checkpoint again"
+
 
 class Checkpoint:
     """A local safetensors checkpoint (single file or sharded index): key -> file, shape, dtype."""
@@ -132,7 +135,7 @@ def weight_files(folder: Path) -> list[Path]:
             "{in_memory}",
             folder=str(folder), index=INDEX_NAME,
         )  # fmt: skip
-    return writer.weight_files(folder, remedy="copy or download the checkpoint again")
+    return writer.weight_files(folder, remedy=CHECKPOINT_REMEDY)
 
 
 def read_header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], dict[str, str]]:
