@@ -22,13 +22,13 @@ def local_checkpoint(
     """The local folder of ``name``: itself, or the snapshot of a hub model id at ``revision``
     (default: main), downloaded, or from the local Hugging Face cache (``local_only``; by default
     when the hub cannot be reached)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or looks_like_path(str(name)):
+    folder, repo_id = _folder_or_hub_id(name)
+    if folder is not None:
+        return folder
+    if repo_id is None:
         raise SvdloraError(f"model {str(name)!r} is not a folder: pass a model folder or a hub id")
     local_only = not hub_reachable() if local_only is None else local_only
-    return _snapshot(str(name), trust_remote_code, revision, local_only)
+    return _snapshot(repo_id, trust_remote_code, revision, local_only)
 
 
 def cached_checkpoint(name: str | Path) -> Path | None:
@@ -43,13 +43,11 @@ def side_folder(name: str | Path, trust_remote_code: bool = False) -> Path | Non
     """The folder of ``name``'s side files (config, tokenizer, index): itself, or a hub id's snapshot at
     one commit (the hub's latest, or offline the cache's), downloaded or from the cache: the folder a
     streamed run reads, its weights added to it; None for another path and where neither serves them."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or looks_like_path(str(name)):
-        return None
+    folder, repo_id = _folder_or_hub_id(name)
+    if repo_id is None:
+        return folder
     try:
-        return _download(str(name), _side_files(trust_remote_code), None, not hub_reachable())
+        return _download(repo_id, _side_files(trust_remote_code), None, not hub_reachable())
     except SvdloraError:
         return None
 
@@ -59,16 +57,26 @@ def remote_parameters(name: str | Path, trust_remote_code: bool = False) -> tupl
     side files: config, index, tokenizer; downloaded) and the element count of its safetensors tensors
     per dtype, from the hub's copies of their headers (``get_safetensors_metadata``: about 100 kB read
     per file). None where ``name`` is a path, the hub cannot be reached, or it has no safetensors there."""
-    if Path(name).expanduser().exists() or looks_like_path(str(name)) or not hub_reachable():
+    repo_id = _folder_or_hub_id(name)[1]
+    if repo_id is None or not hub_reachable():
         return None
     from huggingface_hub import get_safetensors_metadata
 
     try:
-        folder = _download(str(name), _side_files(trust_remote_code), None, False)
-        counts = get_safetensors_metadata(str(name), revision=folder.name).parameter_count  # the same commit
+        folder = _download(repo_id, _side_files(trust_remote_code), None, False)
+        counts = get_safetensors_metadata(repo_id, revision=folder.name).parameter_count  # the same commit
     except Exception:  # noqa: BLE001  only an estimate: the run itself says what is wrong, if anything
         return None
     return folder, dict(counts)
+
+
+def _folder_or_hub_id(name: str | Path) -> tuple[Path | None, str | None]:
+    """(the local folder, None) where ``name`` is one; (None, the hub id) where it names no existing path and is
+    not written as one (``models.looks_like_path``); (None, None) for another path: a file, or a missing folder."""
+    path = Path(name).expanduser()
+    if path.exists() or looks_like_path(str(name)):
+        return (path if path.is_dir() else None), None
+    return None, str(name)
 
 
 def _side_files(trust_remote_code: bool) -> list[str]:

@@ -376,6 +376,32 @@ def test_a_hub_snapshot_s_damaged_index_is_refused_as_a_local_folder_s(tmp_path,
     assert refusals[0].endswith("copy or download the checkpoint again")
 
 
+def test_the_hub_functions_tell_a_folder_another_path_and_a_hub_id_alike(tmp_path, monkeypatch):
+    """local_checkpoint, side_folder and remote_parameters each wrote the folder / path / hub id test (one now)."""
+    import huggingface_hub
+
+    from svdlora import hub
+
+    asked: list[str] = []
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hub, "_snapshot", lambda repo_id, *args: asked.append(repo_id) or tmp_path)
+    monkeypatch.setattr(hub, "_download", lambda repo_id, *args: asked.append(repo_id) or tmp_path)
+    monkeypatch.setattr(
+        huggingface_hub, "get_safetensors_metadata", lambda *a, **k: type("M", (), {"parameter_count": {}})
+    )
+    (tmp_path / "file").write_text("")
+    assert hub.local_checkpoint(tmp_path) == hub.side_folder(tmp_path) == tmp_path
+    for path in (tmp_path / "file", "./missing", "~/missing"):
+        with pytest.raises(SvdloraError, match="is not a folder"):
+            hub.local_checkpoint(path)
+        assert hub.side_folder(path) is None
+    for path in (tmp_path, tmp_path / "file", "./missing"):
+        assert hub.remote_parameters(path) is None
+    assert not asked
+    assert hub.local_checkpoint("org/m") == hub.side_folder("org/m") == hub.remote_parameters("org/m")[0] == tmp_path
+    assert asked == ["org/m"] * 3
+
+
 def test_the_hub_snapshot_takes_top_level_side_files_and_the_index_s_shards():
     from huggingface_hub.utils import filter_repo_objects
 
