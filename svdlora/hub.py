@@ -4,6 +4,8 @@ and, for the memory check, its size before the download."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from .errors import StreamingRefusal, SvdloraError, first_line
@@ -113,7 +115,34 @@ def holds_weights(folder: Path) -> bool:
         return False
 
 
+@contextmanager
+def one_download_each():
+    """Within it, each set of a hub id's files is asked of the hub (or of the cache, offline) once: the steps of
+    one run (compress's --eval check, memory check, load or streamed run) take the snapshot folder the first
+    answer named, at its commit, rather than asking again (a round trip to the hub each). Outside it, every
+    call asks (a library caller's next call may want the hub's newer commit)."""
+    token = _DOWNLOADED.set({})
+    try:
+        yield
+    finally:
+        _DOWNLOADED.reset(token)
+
+
+# (repo id, patterns, local only, revision) -> the snapshot folder, within ``one_download_each``
+_DOWNLOADED: ContextVar[dict[tuple, Path] | None] = ContextVar("svdlora_hub_downloaded", default=None)
+
+
 def _download(repo_id: str, patterns: list[str], revision: str | None, local_only: bool) -> Path:
+    downloaded, asked = _DOWNLOADED.get(), (repo_id, tuple(patterns), local_only)
+    if downloaded is not None and (*asked, revision) in downloaded:
+        return downloaded[(*asked, revision)]
+    folder = _snapshot_download(repo_id, patterns, revision, local_only)
+    if downloaded is not None:  # the same answer when asked again at its commit (revision=folder.name)
+        downloaded[(*asked, revision)] = downloaded[(*asked, folder.name)] = folder
+    return folder
+
+
+def _snapshot_download(repo_id: str, patterns: list[str], revision: str | None, local_only: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     try:

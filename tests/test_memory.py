@@ -255,26 +255,33 @@ def test_healing_counts_its_optimizer_state_and_masters_in_the_need(tmp_path, mo
 
 
 def _fake_hub(tmp_path: Path, monkeypatch, remote: Path) -> list[list[str]]:
-    """The hub, reachable, holding ``remote`` at one commit: downloads copy the files their patterns
-    name into a snapshot folder (recorded), headers are read from the remote files."""
+    """The hub, reachable, holding ``remote`` at one commit as 'org/tiny': downloads (``snapshot_download``, as
+    ``hub`` calls it) copy the files their patterns name into that commit's snapshot in a Hugging Face cache under
+    ``tmp_path``, which transformers reads offline; each download is recorded (its patterns), the cache's answers
+    are not. Headers are read from the remote files."""
     import huggingface_hub
+    import huggingface_hub.constants
     from huggingface_hub.utils import filter_repo_objects
 
     from svdlora import hub
 
     asked: list[list[str]] = []
-    snapshot = tmp_path / "cache" / "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
 
-    def download(repo_id, patterns, revision, local_only):
-        if local_only:  # as snapshot_download: the cached snapshot, whichever files it holds
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
+        assert repo_id == "org/tiny" and revision in (None, snapshot.name)
+        if local_files_only:  # the cached snapshot, whichever files it holds
             if not snapshot.is_dir():
-                raise SvdloraError("the model is not in the local cache")  # as hub._download says it
-            return snapshot
-        asked.append(list(patterns))
+                raise FileNotFoundError("the model is not in the local cache")
+            return str(snapshot)
+        asked.append(list(allow_patterns))
         snapshot.mkdir(parents=True, exist_ok=True)
-        for name in filter_repo_objects([f.name for f in remote.iterdir()], allow_patterns=patterns):
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(snapshot.name)
+        for name in filter_repo_objects([f.name for f in remote.iterdir()], allow_patterns=allow_patterns):
             shutil.copy(remote / name, snapshot / name)
-        return snapshot
+        return str(snapshot)
 
     def metadata(repo_id, revision=None):
         assert revision == snapshot.name  # the side files' commit
@@ -287,7 +294,9 @@ def _fake_hub(tmp_path: Path, monkeypatch, remote: Path) -> list[list[str]]:
                     counts[name] = counts.get(name, 0) + tensor.numel()
         return type("Metadata", (), {"parameter_count": counts})()
 
-    monkeypatch.setattr(hub, "_download", download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers' own reads: from that cache
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", metadata)
     return asked
@@ -405,3 +414,26 @@ def test_a_hub_id_too_large_for_memory_alone_builds_its_meta_model_once(tmp_path
     assert len(calls["skeleton"]) == 1, calls["skeleton"]
     assert main(["compress", str(remote), *argv[2:], "--stream", "-o", str(tmp_path / "local")]) == 0
     assert weight_bytes(tmp_path / "out") == weight_bytes(tmp_path / "local")
+
+
+def _compress_eval_of_a_hub_id_not_in_the_cache(tmp_path: Path, monkeypatch) -> tuple[list[list[str]], dict]:
+    """``compress org/tiny --calibration TEXT --eval TEXT`` of a tiny GPT-2 on the fake hub, not in its cache: the
+    hub's downloads (``_fake_hub``) and the tokenizer loads and meta model builds (``count_loads``)."""
+    from .eval_helpers import count_loads
+
+    remote, text = lm_folder(tmp_path)
+    asked = _fake_hub(tmp_path, monkeypatch, remote)
+    calls = count_loads(monkeypatch)
+    argv = ["compress", "org/tiny", "-o", str(tmp_path / "out"), "--calibration", str(text), "--calibration-samples",
+            "2", "--calibration-length", "16", "--eval", str(text), "--eval-limit", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    return asked, calls
+
+
+def test_compress_eval_of_a_hub_id_asks_the_hub_for_each_file_set_once(tmp_path, monkeypatch):
+    """compress HUB_ID --eval asked the hub for the side files three times: the --eval check (side_folder), the
+    memory check (remote_parameters), then its download at that commit (local_checkpoint). Once now, in one run."""
+    from svdlora import hub
+
+    asked, _ = _compress_eval_of_a_hub_id_not_in_the_cache(tmp_path, monkeypatch)
+    assert asked == [hub.SIDE_FILES, ["model.safetensors"]]

@@ -41,6 +41,11 @@ from .memory_choice import streams_for_memory
 
 
 def run(args: argparse.Namespace) -> int:
+    with hub.one_download_each():  # a hub id's checks, memory check and load read one snapshot
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     # Joined first: a process that stops on a check below (its GPU, its disk) is then seen at once by the others,
     # which would otherwise wait to join, deaf to SIGTERM. A launched run streams, --stream or not.
     distributed.context()
