@@ -417,17 +417,23 @@ def test_a_hub_id_too_large_for_memory_alone_builds_its_meta_model_once(tmp_path
     assert weight_bytes(tmp_path / "out") == weight_bytes(tmp_path / "local")
 
 
-def _compress_eval_of_a_hub_id_not_in_the_cache(tmp_path: Path, monkeypatch) -> tuple[list[list[str]], dict]:
-    """``compress org/tiny --calibration TEXT --eval TEXT`` of a tiny GPT-2 on the fake hub, not in its cache: the
-    hub's downloads (``_fake_hub``) and the tokenizer loads and meta model builds (``count_loads``)."""
+def _compress_eval_of_a_hub_id_not_in_the_cache(
+    tmp_path: Path, monkeypatch, fits: bool = True
+) -> tuple[list[list[str]], dict]:
+    """``compress org/tiny --eval TEXT`` of a tiny GPT-2 on the fake hub, not in its cache: calibrated on TEXT
+    where it ``fits`` in memory, else streamed uncalibrated (the model alone does not fit). The hub's downloads
+    (``_fake_hub``), and the tokenizer loads and meta model builds (``count_loads``)."""
     from .eval_helpers import count_loads
 
     remote, text = lm_folder(tmp_path)
     asked = _fake_hub(tmp_path, monkeypatch, remote)
     calls = count_loads(monkeypatch)
-    argv = ["compress", "org/tiny", "-o", str(tmp_path / "out"), "--calibration", str(text), "--calibration-samples",
-            "2", "--calibration-length", "16", "--eval", str(text), "--eval-limit", "2", "--no-progress"]  # fmt: skip
-    assert main(argv) == 0
+    data = ["--calibration", str(text), "--calibration-samples", "2", "--calibration-length", "16"]
+    if not fits:
+        _room(monkeypatch, memory.checkpoint_bytes(remote) // 2)
+        data = ["--calibration", "none"]
+    argv = ["compress", "org/tiny", "-o", str(tmp_path / "out"), *data, "--eval", str(text), "--eval-limit", "2"]
+    assert main([*argv, "--no-progress"]) == 0
     return asked, calls
 
 
@@ -438,3 +444,14 @@ def test_compress_eval_of_a_hub_id_asks_the_hub_for_each_file_set_once(tmp_path,
 
     asked, _ = _compress_eval_of_a_hub_id_not_in_the_cache(tmp_path, monkeypatch)
     assert asked == [hub.SIDE_FILES, ["model.safetensors"]]
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["fits", "too large for memory alone"])
+def test_compress_eval_of_a_hub_id_not_in_the_cache_builds_its_meta_model_once(tmp_path, monkeypatch, fits):
+    """The --eval check built a hub id's meta model from the id (its snapshot holding no weights yet), which the
+    memory check's plan of the downloaded snapshot could not take over: it built another. The check builds it from
+    the snapshot's config.json, and the memory check hands it to the plan (memory_choice._downloaded_unless_refused;
+    too large for memory alone, the size check on config.json built one more before the plan took it over)."""
+    asked, calls = _compress_eval_of_a_hub_id_not_in_the_cache(tmp_path, monkeypatch, fits)
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    assert calls["skeleton"] == [str(snapshot)]

@@ -21,7 +21,7 @@ from ..io.saving import check_output, save_compressed
 from ..io.writer import parse_size
 from ..models import load_pretrained
 from ..plan import check_without_calibration
-from ..streaming import check_streamable, compress_checkpoint
+from ..streaming import check_streamable, compress_checkpoint, meta_model
 from ..targets import check_patterns_before_load
 from . import options
 from .calibration_flags import (
@@ -153,12 +153,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _hub_outline(name: str, trust_remote_code: bool) -> nn.Module | None:
-    """A hub id's meta model for the --eval checks: built from its snapshot where that holds the weights
-    too (the folder its plan reads, streamed or the memory check's, which then takes this model over rather
-    than building another), else from its config alone; None where it cannot be built (the load says why)."""
+    """A hub id's meta model for the --eval checks, built from its snapshot folder: the folder its plan reads,
+    streamed or the memory check's, which then takes this model over rather than building another. From the
+    weights' folder where the snapshot holds them, else from its config.json alone (a hub id not in the cache,
+    sized before its weights are downloaded); from the id where neither the hub nor the cache serves the
+    snapshot; None where it cannot be built (the load says why)."""
     side = hub.side_folder(name, trust_remote_code)
-    whole = side is not None and hub.holds_weights(side)
-    return outline(str(side) if whole else name, trust_remote_code)
+    if side is None or hub.holds_weights(side):
+        return outline(name if side is None else str(side), trust_remote_code)
+    try:
+        return meta_model(side, trust_remote_code)[1]
+    except Exception:  # noqa: BLE001  only an early check, as outline's: the load says what is wrong, if anything
+        return None
 
 
 def _run_streamed(

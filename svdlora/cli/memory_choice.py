@@ -46,8 +46,8 @@ def streams_for_memory(
     if args.stream is not None:
         return False, None
     folder = cached_checkpoint(args.model)
-    if folder is None:  # a hub id not in the cache (no early outline): its config's, where the check built one
-        folder, meta = _downloaded_unless_refused(args, config)
+    if folder is None:  # a hub id not in the cache: --eval's outline of its config, or the size check's
+        folder, meta = _downloaded_unless_refused(args, config, meta)
     model = memory.checkpoint_bytes(folder, args.dtype) if folder is not None else None
     if model is None:
         return False, None
@@ -73,26 +73,28 @@ def streams_for_memory(
     return False, None
 
 
-def _downloaded_unless_refused(args, config: CompressionConfig) -> tuple[Path | None, nn.Module | None]:
+def _downloaded_unless_refused(
+    args, config: CompressionConfig, meta: nn.Module | None = None
+) -> tuple[Path | None, nn.Module | None]:
     """A hub id not in the local cache, sized from the hub's safetensors headers first: refused before
     its weights are downloaded where the model alone does not fit in memory and swap and its flags or
     config say the run cannot stream; else downloaded (the files the in-memory load would fetch too)
     for the checks that read them. None where it cannot be sized (no hub, no safetensors there). With
-    the folder, the meta model the check built (unswapped: the plan takes it over), else None."""
+    the folder, the meta model built from its config (unswapped: the plan takes it over): ``meta`` (the
+    --eval check's, ``compress_run._hub_outline``), or the one this check built where none was; else None."""
     remote = remote_parameters(args.model, args.trust_remote_code)
     if remote is None:
         return None, None
     side, counts = remote
     model = memory.loaded_bytes(counts, memory.load_dtype(args.dtype, side))
-    built = None
-    if model is not None and _model_alone_does_not_fit(model):  # only then is the meta model built
-        outline = _config_outline(args, config, side)
+    if model is not None and _model_alone_does_not_fit(model):  # only then is the meta model needed
+        outline = _config_outline(args, config, side, meta)
         why = _why_not_streamed(args, config, outline)
         if why is not None:
             _refuse_if_the_model_alone_does_not_fit(args, model, *why)
-        built = None if isinstance(outline, SvdloraError) else outline[0]
+        meta = None if isinstance(outline, SvdloraError) else outline[0]
     # the same commit as the side files
-    return local_checkpoint(args.model, args.trust_remote_code, revision=side.name, local_only=False), built
+    return local_checkpoint(args.model, args.trust_remote_code, revision=side.name, local_only=False), meta
 
 
 def _about(need: int, limit: str) -> str:
@@ -132,10 +134,11 @@ def _outline(planned: Plan | SvdloraError) -> tuple | SvdloraError:
     return planned if isinstance(planned, SvdloraError) else (planned.model, planned.hf_config, planned.target_names)
 
 
-def _config_outline(args, config, side: Path) -> tuple | SvdloraError:
-    """The same outline from config.json alone (the folder of a hub model's side files, no weights)."""
+def _config_outline(args, config, side: Path, meta: nn.Module | None = None) -> tuple | SvdloraError:
+    """The same outline from config.json alone (the folder of a hub model's side files, no weights); its
+    meta model ``meta`` where that was built from this folder."""
     try:
-        hf_config, model = meta_model(side, args.trust_remote_code)
+        hf_config, model = meta_model(side, args.trust_remote_code, built=meta)
         return model, hf_config, [t.name for t in find_targets(model, config)[0]]
     except Exception as err:  # noqa: BLE001  only an estimate, as _plan
         return _as_error(err)
