@@ -19,7 +19,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .errors import SvdloraError, first_line
-from .io.checkpoint import read_header
+from .io.checkpoint import CHECKPOINT_REMEDY, read_header
+from .io.writer import weight_files
 
 try:  # transformers 5's configs are strict dataclasses: a field of the wrong type ('n_layer': "two") raises this
     from huggingface_hub.errors import StrictDataclassError
@@ -231,6 +232,8 @@ def load_pretrained(
     except SvdloraError as err:
         raise SvdloraError(f"model {name!r} {err}") from None
     source = str(folder) if folder is not None else name
+    if folder is not None:  # a damaged index, refused as a streamed run refuses it, not transformers' TypeError
+        weight_files(folder, remedy=CHECKPOINT_REMEDY)
     # Offline, only the local hub cache can serve a hub id; asking it directly fails fast.
     local_only = source is name and not hub_reachable()
     config = read_hf_config(

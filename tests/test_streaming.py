@@ -344,15 +344,15 @@ def test_compress_eval_of_a_hub_id_without_its_weights_in_the_cache_is_checked_o
     assert "drop --eval" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [
-        lambda index: "{",  # not JSON: 'cannot be read', without the local folder's remedy
-        lambda index: {"weight_map": {key: [shard] for key, shard in index["weight_map"].items()}},  # TypeError
-        lambda index: {"weight_map": {key: f"../{shard}" for key, shard in index["weight_map"].items()}},  # 'has no'
-    ],
-    ids=["not JSON", "lists for shard names", "shards outside the folder"],
-)
+DAMAGED_INDEXES = [
+    lambda index: "{",  # not JSON: 'cannot be read', without the local folder's remedy
+    lambda index: {"weight_map": {key: [shard] for key, shard in index["weight_map"].items()}},  # TypeError
+    lambda index: {"weight_map": {key: f"../{shard}" for key, shard in index["weight_map"].items()}},  # 'has no'
+]
+DAMAGE_IDS = ["not JSON", "lists for shard names", "shards outside the folder"]
+
+
+@pytest.mark.parametrize("damage", DAMAGED_INDEXES, ids=DAMAGE_IDS)
 def test_a_hub_snapshot_s_damaged_index_is_refused_as_a_local_folder_s(tmp_path, monkeypatch, capsys, damage):
     """The hub snapshot's index was parsed apart from the local folder's checks (``io.writer.weight_files``): it
     said 'cannot be read' without the remedy, crashed on a list where a shard name goes, and asked the cache for a
@@ -374,6 +374,27 @@ def test_a_hub_snapshot_s_damaged_index_is_refused_as_a_local_folder_s(tmp_path,
         refusals.append(err[0].replace(str(folder), "FOLDER"))
     assert refusals[0] == refusals[1] and "FOLDER/model.safetensors.index.json is corrupted" in refusals[0]
     assert refusals[0].endswith("copy or download the checkpoint again")
+
+
+@pytest.mark.parametrize("damage", DAMAGED_INDEXES, ids=DAMAGE_IDS)
+def test_a_damaged_index_is_refused_in_memory_as_streamed(tmp_path, capsys, damage):
+    """The in-memory load (``models.load_pretrained``) left a local folder's index to transformers, which crashed
+    on a list where a shard name goes (an internal TypeError, exit 1) and said only 'cannot load the weights'
+    of the others: it is now refused in the line a streamed run gives."""
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base, max_shard_size="20KB")
+    index = base / INDEX_NAME
+    damaged = damage(json.loads(index.read_text()))
+    index.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    capsys.readouterr()
+    refusals = []
+    for mode in ("--no-stream", "--stream"):
+        argv = ["compress", str(base), mode, "--calibration", "none", "--no-progress", "-o", str(tmp_path / "out")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        refusals.append(err[0])
+    assert refusals[0] == refusals[1] and "model.safetensors.index.json is corrupted" in refusals[0]
 
 
 def test_the_hub_functions_tell_a_folder_another_path_and_a_hub_id_alike(tmp_path, monkeypatch):
