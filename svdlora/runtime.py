@@ -7,10 +7,13 @@ tokens per call and the shape. ``auto`` therefore measures, once per distinct (s
 dtype, tokens), every layout the layer can take on a random input of the layer's size (best of
 several repeats, interleaved so noise hits all alike) and keeps the fastest: the layer as stored
 ("factorized"), a pivoted layer as a plain pair ("pairs", ``PivotedLowRankLinear.to_pairs``), or
-A·B rebuilt on the device ("merged"); a layer with a full-rank first stage (``full-int8``) is merged
-without timing, since it multiplies by a dense matrix already. The documented fallback ``rule_prefers_factorized``
-(R·(m+n) <= 0.8·m·n: fewer bytes with a margin for the extra call) is what the measurement is
-compared against in the tests and benchmarks.
+A·B rebuilt on the device ("merged"). Two kinds are merged without timing, for a cost that timing
+the layer alone leaves out: a layer with a full-rank first stage (``full-int8``), which multiplies by a
+dense matrix already, and a layer whose ``.weight`` its parent's forward reads (T5's
+``self.wo.weight.dtype``, ``nn.MultiheadAttention``'s ``out_proj``: ``read_as_weight``), which
+multiplies A·B on every read. The documented fallback ``rule_prefers_factorized`` (R·(m+n) <= 0.8·m·n:
+fewer bytes with a margin for the extra call) is what the measurement is compared against in the
+tests and benchmarks.
 
 ``auto`` times synchronized eager calls, so a layout's second kernel launch counts: right for eager
 decoding (``generate()``), where the host's launches bound a GPU's speed at batch 1. ``auto-graphs``
@@ -26,7 +29,9 @@ is ``auto``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import re
 import time
 from functools import cache
 
@@ -136,18 +141,63 @@ def measure(
     return {name: min(t) / calls for name, t in times.items()}
 
 
-def choose(layer: LowRankLinear, tokens: int = 1, graphs: bool = False) -> str:
+def choose(layer: LowRankLinear, tokens: int = 1, graphs: bool = False, weight_read: bool = False) -> str:
     """The layout ("factorized", "pairs" or "merged") that measured fastest for this layer on its
-    device (``graphs``: replayed from a CUDA graph)."""
-    if layer.full is not None:
-        # a full-rank first stage (full-int8/-int4) is a dense matmul already, which timing the pair
-        # alone would leave out: merged drops the pair's two matmuls and holds no more values
+    device (``graphs``: replayed from a CUDA graph); ``weight_read``: its model reads its ``.weight``."""
+    if layer.full is not None or weight_read:
+        # a full-rank first stage (full-int8/-int4) is a dense matmul already, and a .weight read
+        # multiplies A·B on every call, which timing the pair alone would leave out: merged drops
+        # the pair's two matmuls (and the product) and holds no more values than that stage
         return "merged"
     device, dtype = str(layer.B.device), layer.B.dtype
     pivoted = isinstance(layer, PivotedLowRankLinear)
     m, n, rank = layer.out_features, layer.in_features, sum(layer.ranks)
     times = measure(m, n, rank, device, dtype, tokens, pivoted, graphs)
     return min(times, key=times.get)
+
+
+_WEIGHT_READ = re.compile(r"\bself\.(\w+)\.weight\b")
+
+
+@cache
+def _children_read_as_weight(cls: type) -> frozenset[str]:
+    """The child modules whose ``.weight`` ``cls.forward`` reads, found in its source; none where
+    the source is not available (a class built at runtime, a compiled extension)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return frozenset()
+    return frozenset(_WEIGHT_READ.findall(source))
+
+
+def read_as_weight(model: nn.Module) -> list[str]:
+    """The low-rank layers of ``model`` whose ``.weight`` their parent's forward reads (T5-family
+    feed-forwards read ``self.wo.weight.dtype``, ``nn.MultiheadAttention`` passes
+    ``self.out_proj.weight`` on): ``LowRankLinear.weight`` computes A·B on every read, which costs
+    more than the dense layer. Found statically, so a read in a helper the forward calls is missed."""
+    return [
+        f"{parent_name}.{child}" if parent_name else child
+        for parent_name, parent in model.named_modules()
+        for child in sorted(_children_read_as_weight(type(parent)))
+        if isinstance(parent._modules.get(child), LowRankLinear)
+    ]
+
+
+def _report_weight_reads(read: list[str], layouts: dict[str, str], runtime: str) -> None:
+    """Auto's merges of such layers at info level; a warning where a runtime kept them factorized."""
+    merged = [name for name in read if layouts.get(name) == "merged"]
+    if runtime in AUTO_RUNTIMES and merged:
+        logger.info(
+            "runtime %s merged %d layers without timing: the model's forward reads their .weight", runtime, len(merged)
+        )
+    kept = [name for name in read if layouts.get(name, "merged") != "merged"]
+    if runtime in ("factorized", "pairs") and kept:
+        examples = ", ".join(kept[:2]) + (", ..." if len(kept) > 2 else "")
+        logger.warning(
+            "%d layers (%s) are read as .weight by the model's forward, which multiplies their factors on every "
+            "call: load with runtime='auto' or 'merged'",
+            len(kept), examples,
+        )  # fmt: skip
 
 
 def _placed_by_accelerate(module: nn.Module) -> bool:
@@ -169,14 +219,15 @@ def apply_runtime(model: nn.Module, runtime: str = "auto", tokens: int = 1) -> d
     """
     if runtime not in RUNTIMES:
         raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    layouts, larger = {}, []
+    layouts, larger, read = {}, [], read_as_weight(model)
     for name, module in list(model.named_modules()):
         if not isinstance(module, LowRankLinear):
             continue
         if _placed_by_accelerate(module):
             layouts[name] = "factorized"  # its hook (or its parent's) moves these weights: left as stored
             continue
-        layout = choose(module, tokens, runtime == "auto-graphs") if runtime in AUTO_RUNTIMES else runtime
+        graphs, weight_read = runtime == "auto-graphs", name in read
+        layout = choose(module, tokens, graphs, weight_read) if runtime in AUTO_RUNTIMES else runtime
         if layout == "pairs" and not isinstance(module, PivotedLowRankLinear):
             layout = "factorized"  # already a pair
         if layout == "merged":
@@ -194,6 +245,7 @@ def apply_runtime(model: nn.Module, runtime: str = "auto", tokens: int = 1) -> d
             else "runtime='merged' or 'auto' is smaller there"
         )
         logger.warning("%d layers hold more values as pairs than dense (e.g. %s): %s", len(larger), larger[0], advice)
+    _report_weight_reads(read, layouts, runtime)
     counts = {k: sum(v == k for v in layouts.values()) for k in ("factorized", "pairs", "merged")}
     logger.info("runtime %s: %s", runtime, ", ".join(f"{n} layers {k}" for k, n in counts.items()))
     return layouts

@@ -10,9 +10,9 @@ from svdlora import SvdloraError, compress, load_compressed, save_compressed
 from svdlora import runtime as runtime_module
 from svdlora.layers import LowRankLinear
 from svdlora.pivoted import PivotedLowRankLinear
-from svdlora.runtime import apply_runtime, measure, rule_prefers_factorized
+from svdlora.runtime import apply_runtime, measure, read_as_weight, rule_prefers_factorized
 
-from .conftest import TINY_MODELS, output_of, tiny_llama
+from .conftest import TINY_MODELS, output_of, tiny_llama, tiny_t5
 
 
 class TwoLayers(nn.Module):
@@ -323,3 +323,54 @@ def test_layers_converted_under_inference_mode_still_train(runtime):
         want = model(torch.ones(1, 24))
         apply_runtime(model, runtime)
         torch.testing.assert_close(model(torch.ones(1, 24)), want)
+
+
+def _saved(tmp_path, build) -> str:
+    torch.manual_seed(0)
+    model = build()
+    compress(model, budget=0.5, progress=False)
+    save_compressed(model, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_auto_merges_the_layers_a_models_forward_reads_as_weight(tmp_path, monkeypatch):
+    """T5's feed-forward reads self.wo.weight.dtype on every call, which multiplies a low-rank wo's
+    A·B: auto merges the wo layers without timing them and leaves the others to timing (here timed
+    as factorized), with the outputs unchanged."""
+    folder = _saved(tmp_path, tiny_t5)
+    factorized = load_compressed(folder, device="cpu", runtime="factorized")
+    stored = {name for name, m in factorized.named_modules() if isinstance(m, LowRankLinear)}
+    monkeypatch.setattr(runtime_module, "measure", lambda *args: {"factorized": 1e-6, "merged": 1e-3})
+    auto = load_compressed(folder, device="cpu", runtime="auto")
+    wo = {name for name in stored if name.endswith(".wo")}
+    assert len(wo) == 4 and all(type(auto.get_submodule(name)) is nn.Linear for name in wo)
+    assert all(isinstance(auto.get_submodule(name), LowRankLinear) for name in stored - wo)
+    want = output_of(factorized, "t5")
+    torch.testing.assert_close(output_of(auto, "t5"), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("build", "runtime", "warned"), [(tiny_t5, "factorized", 4), (tiny_t5, "pairs", 4), (tiny_llama, "factorized", 0)]
+)
+def test_a_runtime_keeping_layers_read_as_weight_warns(tmp_path, caplog, build, runtime, warned):
+    folder = _saved(tmp_path, build)
+    with caplog.at_level("WARNING", logger="svdlora.runtime"):
+        load_compressed(folder, device="cpu", runtime=runtime)
+    messages = [r.getMessage() for r in caplog.records if "read as .weight" in r.getMessage()]
+    assert len(messages) == (1 if warned else 0)
+    if warned:
+        assert messages[0].startswith(f"{warned} layers (encoder.block.0.layer.1.DenseReluDense.wo, ")
+        assert "runtime='auto' or 'merged'" in messages[0]
+
+
+def test_layers_read_as_weight_are_found_in_the_parents_forward_source():
+    """nn.MultiheadAttention passes self.out_proj.weight to its functional forward; a class whose
+    forward has no source (built at runtime) is not detected rather than failing."""
+    attention = nn.MultiheadAttention(16, 2)
+    attention.out_proj = LowRankLinear.from_dense(attention.out_proj, [4])
+    assert read_as_weight(attention) == ["out_proj"]
+    namespace = {}
+    exec("def forward(self, x):\n    return x @ self.fc.weight.T", namespace)  # no file to read the source from
+    parent = type("Built", (nn.Module,), {"forward": namespace["forward"]})()
+    parent.fc = LowRankLinear.from_dense(nn.Linear(8, 8), [2])
+    assert read_as_weight(nn.Sequential(parent)) == []

@@ -150,7 +150,9 @@ def load_compressed(
             copies, R² values more), "merged" (same as ``merge=True``), or "auto": per layer, the
             layout that measured fastest on its device for one token per call (``svdlora.runtime``;
             eager decoding); "auto-graphs": the same timed as CUDA-graph replays, for decoding under
-            CUDA graphs (``torch.compile(mode="reduce-overhead")``).
+            CUDA graphs (``torch.compile(mode="reduce-overhead")``). Both merge, untimed, the layers
+            whose ``.weight`` the model's forward reads (T5's ``wo``), which a given "factorized" or
+            "pairs" warns of.
         stack_siblings: low-rank layers that read the same input (q/k/v, gate/up) compute their
             input side in one matmul (``svdlora.siblings``: fewer kernels for batch-1 decoding on a
             GPU); found by one forward pass on the model's ``dummy_inputs``. Inference only.
@@ -257,7 +259,7 @@ def load_compressed(
         setattr(model, BASE_ATTR, (data.get("base_model") or {}).get("name_or_path"))
         for name, parts in stored_parts.items():  # re-saving writes the same stored bits
             model.get_submodule(name).stored = parts
-    if runtime in (*AUTO_RUNTIMES, "pairs"):
+    if runtime in (*AUTO_RUNTIMES, "pairs", "factorized"):  # factorized: warned of layers read as .weight
         merged = {name for name, layout in apply_runtime(model, runtime).items() if layout == "merged"}
         if merged and _merges_narrower(target_dtype, parse_dtype(data.get("dtype")), stored_dtypes, compute_dtype):
             with torch.no_grad():
