@@ -350,9 +350,11 @@ def test_auto_merges_the_layers_a_models_forward_reads_as_weight(tmp_path, monke
 
 
 @pytest.mark.parametrize(
-    ("build", "runtime", "warned"), [(tiny_t5, "factorized", 4), (tiny_t5, "pairs", 4), (tiny_llama, "factorized", 0)]
+    ("build", "runtime", "warned"),
+    [(tiny_t5, "factorized", 4), (tiny_t5, "pairs", 4), (tiny_t5, None, 4), (tiny_llama, "factorized", 0)],
 )
 def test_a_runtime_keeping_layers_read_as_weight_warns(tmp_path, caplog, build, runtime, warned):
+    """Also the default (None: as stored), which a user who never heard of runtimes loads with."""
     folder = _saved(tmp_path, build)
     with caplog.at_level("WARNING", logger="svdlora.runtime"):
         load_compressed(folder, device="cpu", runtime=runtime)

@@ -31,7 +31,7 @@ from ..models import (
 from ..pivoted import PivotedLowRankLinear
 from ..placement import device_for, dispatch, parse_max_memory, resolve_device_map
 from ..report import CompressionReport
-from ..runtime import AUTO_RUNTIMES, RUNTIMES, apply_runtime
+from ..runtime import RUNTIMES, apply_runtime
 from ..save_guard import guard_save_pretrained, holds_factors
 from .folder import _tied_map, checked_folder, stored_layers
 from .reader import read_state
@@ -259,8 +259,8 @@ def load_compressed(
         setattr(model, BASE_ATTR, (data.get("base_model") or {}).get("name_or_path"))
         for name, parts in stored_parts.items():  # re-saving writes the same stored bits
             model.get_submodule(name).stored = parts
-    if runtime in (*AUTO_RUNTIMES, "pairs", "factorized"):  # factorized: warned of layers read as .weight
-        merged = {name for name, layout in apply_runtime(model, runtime).items() if layout == "merged"}
+    if not merge:  # "factorized" (the default) changes nothing: it warns of layers read as .weight
+        merged = {name for name, layout in apply_runtime(model, runtime or "factorized").items() if layout == "merged"}
         if merged and _merges_narrower(target_dtype, parse_dtype(data.get("dtype")), stored_dtypes, compute_dtype):
             with torch.no_grad():
                 for key, weight in read_state(
