@@ -38,7 +38,10 @@ def plot(result: dict, out: Path) -> Path:
         ax.set_title(f"{title}\n(target {'≤' if lower else '≥'} {target}: dashed; green met, red missed)", fontsize=9)
         ax.set_xlabel("ratio to the anchor (gray)")
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"SmolLM2-135M, budget {result.get('budget')}, {result.get('threads')} thread, {result.get('date')}")
+    threads = result.get("threads")
+    fig.suptitle(
+        f"SmolLM2-135M, budget {result.get('budget')}, {threads} thread{'s' * (threads != 1)}, {result.get('date')}"
+    )
     return save_figure(fig, out)
 
 
