@@ -173,11 +173,14 @@ def residual_svd(
     also computed once, for the total rank (one sketch of rank Σr_j spans at least as much
     of W as n sketches of rank r_j, at 1/n of the sketching cost), and split the same way.
     ``explicit=True`` runs the loop, where each stage sees the previous stages' error.
+    Ranks past min(out, in) in total are cut from the last stages (a stage left at 0 is dropped), as
+    ``truncated_svd`` clips its rank: both routes give the same stages, none of them empty.
     """
+    ranks = _clipped_ranks(ranks, min(weight.shape))
     if not explicit:
         a, b = truncated_svd(weight, sum(ranks), method=method, **svd_options)
         bounds = torch.tensor([0, *ranks]).cumsum(0).tolist()
-        return [(a[:, i:j], b[i:j]) for i, j in zip(bounds[:-1], bounds[1:], strict=True) if j > i]
+        return [(a[:, i:j], b[i:j]) for i, j in itertools.pairwise(bounds)]
     residual = weight.detach().to(_svd_dtype(weight)).clone()
     stages = []
     for rank in ranks:
@@ -185,6 +188,12 @@ def residual_svd(
         stages.append((a, b))
         residual -= a @ b
     return stages
+
+
+def _clipped_ranks(ranks: list[int], limit: int) -> list[int]:
+    """Stage ranks whose total is at most ``limit``: later stages cut first, stages left at 0 dropped."""
+    bounds = [min(limit, total) for total in itertools.accumulate(ranks)]
+    return [j - i for i, j in itertools.pairwise([0, *bounds]) if j > i]
 
 
 def optimal_relative_error(weight: torch.Tensor, rank: int) -> float:

@@ -37,6 +37,22 @@ def test_stages_equal_one_svd_of_total_rank(ranks):
         assert torch.allclose(total, a @ b, atol=1e-9), explicit
 
 
+@pytest.mark.parametrize(("ranks", "cut"), [([5, 1], [4]), ([3, 3], [3, 1]), ([2, 2, 2], [2, 2])])
+def test_stage_ranks_past_the_matrix_rank_are_cut_not_left_empty(ranks, cut):
+    """A 4x6 matrix holds rank 4 at most: both routes cut the last stages there and drop a stage left at 0,
+    so a layer can be built from them."""
+    from torch import nn
+
+    from svdlora.layers import LowRankLinear
+
+    w = low_rank_plus_noise(out_f=4, in_f=6, rank=4, seed=5)
+    for explicit in (True, False):
+        stages = residual_svd(w, ranks, explicit=explicit)
+        assert [a.shape[1] for a, _ in stages] == cut, explicit
+        assert torch.allclose(sum(a @ b for a, b in stages), w.double(), atol=1e-9), explicit
+    assert LowRankLinear.from_dense(nn.Linear(6, 4), ranks).ranks == cut
+
+
 def test_explicit_loop_matches_one_decomposition_stage_by_stage():
     w = low_rank_plus_noise(seed=2)
     fast = residual_svd(w, [4, 4, 4])
