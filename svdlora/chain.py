@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decompose import _svd_dtype, truncated_svd
+from .decompose import _svd_dtype, stage_options, truncated_svd
 from .quantize import StageFormat, dequantize, parse_format, quantize
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def quantized_chain(
     residual = weight.detach().to(_svd_dtype(weight)).clone()
     whiten = weighting is not None and not weighting.is_identity
     stages = []
-    for rank, fmt in zip(ranks, formats, strict=True):
+    for stage, (rank, fmt) in enumerate(zip(ranks, formats, strict=True)):
         if fmt.full:
             if base is not None:
                 parts, full = base.parts, base.full.to(residual.dtype)
@@ -82,7 +82,7 @@ def quantized_chain(
             residual -= full
             continue
         target = weighting.whiten(residual) if whiten else residual
-        a, b = truncated_svd(target, rank, method=method, **svd_options)
+        a, b = truncated_svd(target, rank, method=method, **stage_options(svd_options, stage))
         if whiten:
             a, b = weighting.unwhiten(a, b)
         parts = store_factors(a, b, fmt)
