@@ -124,7 +124,7 @@ def allocate_global(
             step = factor_params(t, up, pivot) - factor_params(t, k, pivot)
             heapq.heappush(heap, (-(tail[k] - tail[up]) / step, version[t.name], t.name, "rank"))
         extra = t.params - factor_params(t, k, pivot)
-        if tail[k] > 0:
+        if tail[k] > 0 or extra <= 0:  # dense at no extra cost (a 1xN matrix: rank 1 is exact and dearer) is taken
             heapq.heappush(heap, (-tail[k] / max(extra, 1), version[t.name], t.name, "dense"))
 
     for t in targets:

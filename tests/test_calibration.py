@@ -273,6 +273,16 @@ def test_global_allocation_keeps_a_sensitive_matrix_dense_when_that_is_cheaper()
     assert "small" in dense and "small" not in ranks and "big" in ranks
 
 
+@pytest.mark.parametrize("pivot", [False, True])
+def test_global_allocation_keeps_dense_a_matrix_whose_factors_would_not_be_smaller(pivot):
+    """A 1x64 gate (Qwen2-MoE's shared_expert_gate is one): rank 1 is exact, so the dense move gained nothing and
+    was never offered, and the 65 values of its rank-1 factors (64 pivoted) stayed against 64 dense ones."""
+    targets = [Target("gate", nn.Linear(64, 1), "linear", 1, 64), Target("big", nn.Linear(64, 64), "linear", 64, 64)]
+    spectra = {"gate": torch.tensor([3.0], dtype=torch.float64), "big": torch.linspace(1, 0.01, 64).double()}
+    ranks, dense, _ = allocate_global(targets, spectra, 0.6, submatrices=1, pivot=pivot)
+    assert "gate" in dense and "gate" not in ranks and "big" in ranks
+
+
 def test_calibrated_global_model_saves_and_loads_with_the_same_logits(tmp_path):
     torch.manual_seed(0)
     model = tiny_llama().eval()  # grouped-query attention: k/v smaller than q
