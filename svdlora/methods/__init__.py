@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..decompose import residual_svd
+from ..decompose import _svd_dtype, residual_svd
 from .weighting import Weighting, on_cpu_if_it_fails
 
 METHODS = ("svd", "whiten", "fisher", "kfac")
@@ -27,7 +27,7 @@ def factorize(
     """
     if weighting is None or weighting.is_identity:
         return residual_svd(weight, ranks, **svd_options)
-    whitened = weighting.whiten(weight.detach().to(torch.float64 if weight.numel() <= 1 << 16 else torch.float32))
+    whitened = weighting.whiten(weight.detach().to(_svd_dtype(weight)))  # float64 weights stay float64
     stages = [weighting.unwhiten(a, b) for a, b in residual_svd(whitened, ranks, **svd_options)]
     return [(a.to(weight.dtype), b.to(weight.dtype)) for a, b in stages]
 
