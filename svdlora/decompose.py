@@ -260,8 +260,10 @@ def split_rank(total_rank: int, submatrices: int) -> list[int]:
 
 def rank_for_budget(out_features: int, in_features: int, budget: float, pivot: bool = False) -> int:
     """Largest total rank R whose factors, R·(out+in) values (R·(out+in−R) pivoted), fit in budget·out·in."""
-    # The epsilon keeps e.g. 0.3·n exactly representable budgets from losing a rank to round-off.
-    allowed = budget * out_features * in_features + 1e-9
+    # The slack keeps a budget·out·in that is a whole number (0.7·1536·7680 = 896·9216) from losing the rank
+    # that fits it exactly to round-off (0.7 is 0.69999999999999996 in binary). It is relative: the product's
+    # round-off grows with it, and an absolute 1e-9 gave 1536x7680 rank 895 at budget 0.7.
+    allowed = budget * out_features * in_features * (1 + 1e-12)
     if not pivot:
         return int(allowed / (out_features + in_features))
     s = out_features + in_features  # the smaller root of R² − s·R + allowed = 0

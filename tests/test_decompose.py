@@ -109,6 +109,16 @@ def test_rank_for_budget_fits(budget):
         assert (r + 1) * (out_f + in_f) > budget * out_f * in_f
 
 
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "budget", "pivot", "rank"),
+    [(1536, 7680, 0.7, False, 896), (768, 15360, 0.7, False, 512), (1792, 18240, 0.7, True, 1216)],
+)
+def test_a_budget_that_fits_a_rank_exactly_gets_it_on_large_matrices(out_f, in_f, budget, pivot, rank):
+    """budget·out·in equals the rank's cost exactly (0.7·1536·7680 = 896·9216): its float product fell below
+    that by more than the absolute 1e-9 slack, and the rank was lost (895, 511, 1215)."""
+    assert rank_for_budget(out_f, in_f, budget, pivot) == rank
+
+
 def test_large_matrices_use_float32_and_keep_accuracy():
     w = torch.randn(600, 300)
     a, b = truncated_svd(w, rank=300)
