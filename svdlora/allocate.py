@@ -13,7 +13,7 @@ import heapq
 import torch
 
 from .config import CompressionConfig
-from .decompose import rank_for_budget, split_rank
+from .decompose import budget_values, rank_for_budget, split_rank
 from .errors import BudgetError
 from .targets import Target, factor_params
 
@@ -99,7 +99,7 @@ def allocate_global(
     Returns stage ranks, the matrices kept dense (with why), and each factorized matrix's estimated
     loss left (Σ of the dropped σ²).
     """
-    allowed = budget * sum(t.params for t in targets)
+    allowed = budget_values(budget, sum(t.params for t in targets))
     spent = sum(factor_params(t, 1, pivot) for t in targets)
     if spent > allowed:
         raise BudgetError(

@@ -258,12 +258,17 @@ def split_rank(total_rank: int, submatrices: int) -> list[int]:
     return [r for r in ranks if r > 0]
 
 
+def budget_values(budget: float, values: int) -> float:
+    """The values ``budget`` allows of ``values``: budget·values, with a slack that keeps a product that is a
+    whole number (0.7·1536·7680 = 896·9216) from losing what fits it exactly to round-off (0.7 is
+    0.69999999999999996 in binary). It is relative: the round-off grows with the product, and an absolute 1e-9
+    gave 1536x7680 rank 895 at budget 0.7."""
+    return budget * values * (1 + 1e-12)
+
+
 def rank_for_budget(out_features: int, in_features: int, budget: float, pivot: bool = False) -> int:
     """Largest total rank R whose factors, R·(out+in) values (R·(out+in−R) pivoted), fit in budget·out·in."""
-    # The slack keeps a budget·out·in that is a whole number (0.7·1536·7680 = 896·9216) from losing the rank
-    # that fits it exactly to round-off (0.7 is 0.69999999999999996 in binary). It is relative: the product's
-    # round-off grows with it, and an absolute 1e-9 gave 1536x7680 rank 895 at budget 0.7.
-    allowed = budget * out_features * in_features * (1 + 1e-12)
+    allowed = budget_values(budget, out_features * in_features)
     if not pivot:
         return int(allowed / (out_features + in_features))
     s = out_features + in_features  # the smaller root of R² − s·R + allowed = 0

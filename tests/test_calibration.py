@@ -293,6 +293,14 @@ def test_global_allocation_keeps_dense_a_matrix_whose_factors_would_not_be_small
     assert "gate" in dense and "gate" not in ranks and "big" in ranks
 
 
+def test_global_allocation_spends_a_budget_that_fits_a_rank_exactly():
+    """0.7·1536·7680 = 896·9216 values, which the float product falls short of: the last rank did not fit (895),
+    where the uniform allocation gives 896."""
+    targets = [Target("w", nn.Linear(7680, 1536, device="meta"), "linear", 1536, 7680)]
+    ranks, _, _ = allocate_global(targets, {"w": torch.linspace(1, 0.5, 1536).double()}, 0.7, submatrices=1)
+    assert ranks == {"w": [896]}
+
+
 def test_calibrated_global_model_saves_and_loads_with_the_same_logits(tmp_path):
     torch.manual_seed(0)
     model = tiny_llama().eval()  # grouped-query attention: k/v smaller than q
