@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import first_line
+
 logger = logging.getLogger(__name__)
 
 # float64 for small matrices removes float32 round-off at no cost; large ones use float32, which
@@ -80,21 +82,37 @@ def truncated_svd(
     work = weight.detach().to(_svd_dtype(weight))
     rank = min(rank, *work.shape)
     method = choose_method(tuple(work.shape), rank, method, oversampling)
+    triplets = None
     if method == "randomized":
-        q = min(rank + oversampling, *work.shape)
-        devices = [work.device] if work.is_cuda else []
-        with torch.random.fork_rng(devices=devices, enabled=generator_seed is not None):  # leave the caller's RNG alone
-            if generator_seed is not None:
-                torch.manual_seed(generator_seed)
-            u, s, v = torch.svd_lowrank(work, q=q, niter=power_iterations)
-        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
-    else:
+        triplets = _randomized_svd(work, rank, oversampling, power_iterations, generator_seed)
+    if triplets is None:
         factors = _gram_svd(work, rank)
         if factors is not None:
             return factors
-        u, s, vh = _lapack_svd(work, rank)
+        triplets = _lapack_svd(work, rank)
+    u, s, vh = triplets
     root = s.sqrt()
     return u * root, root[:, None] * vh
+
+
+def _randomized_svd(
+    work: torch.Tensor, rank: int, oversampling: int, power_iterations: int, generator_seed: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The top-``rank`` (U, S, Vᵀ) from ``torch.svd_lowrank``; None where its small inner SVD does not converge
+    (seen on a matrix with exactly repeated singular values), which the caller then takes exactly."""
+    q = min(rank + oversampling, *work.shape)
+    devices = [work.device] if work.is_cuda else []
+    with torch.random.fork_rng(devices=devices, enabled=generator_seed is not None):  # leave the caller's RNG alone
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        try:
+            u, s, v = torch.svd_lowrank(work, q=q, niter=power_iterations)
+        except torch.linalg.LinAlgError as err:
+            logger.warning(
+                "randomized SVD of a %s matrix failed (%s): taken exactly", tuple(work.shape), first_line(err)
+            )
+            return None
+    return u[:, :rank], s[:rank], v[:, :rank].T
 
 
 def _lapack_svd(work: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

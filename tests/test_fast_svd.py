@@ -295,3 +295,19 @@ def test_a_gpu_this_machine_lacks_is_refused_before_the_load(monkeypatch, name, 
         svd_device(name)
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert svd_device("cuda") == "cuda:0" and svd_device("cuda:0") == "cuda:0"
+
+
+def test_a_randomized_svd_that_does_not_converge_is_taken_exactly(monkeypatch, caplog):
+    """torch.svd_lowrank's inner SVD can fail to converge (seen on exactly repeated singular values): the
+    matrix is then factorized exactly, with a warning, instead of the whole run failing."""
+
+    def fails(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    weight = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    want = truncated_svd(weight, 5, method="exact")
+    monkeypatch.setattr(torch, "svd_lowrank", fails)
+    with caplog.at_level("WARNING", logger="svdlora.decompose"):
+        got = truncated_svd(weight, 5, method="randomized", generator_seed=0)
+    torch.testing.assert_close(got[0] @ got[1], want[0] @ want[1])
+    assert "randomized SVD of a (40, 30) matrix failed (linalg.svd: The algorithm failed to converge)" in caplog.text
