@@ -223,6 +223,23 @@ def test_changed_head_is_saved_whole(tmp_path):
     assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "marian"])
+def test_modules_to_save_params_count_what_the_adapter_holds(kind, tmp_path):
+    """A changed tied embedding is saved by peft once per module that holds it (GPT-2's wte and head, Marian's
+    shared, encoder and decoder embeddings and head): the summary and record counted it once."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    base = TINY_MODELS[kind]().eval()
+    tuned = fine_tune(base, norms=False)
+    with torch.no_grad():
+        tuned.get_output_embeddings().weight.add_(0.01)  # tied: every module sharing it moves
+    extraction = write_adapter(base, tuned, tmp_path / "adapter", rank=2, progress=False)
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as weights:
+        whole = sum(torch.Size(weights.get_slice(k).get_shape()).numel() for k in weights.keys() if ".lora_" not in k)
+    assert extraction.modules_to_save_params == whole
+
+
 def test_a_target_whose_bias_alone_changed_is_saved_whole_for_that_reason(tmp_path):
     """Its reason read 'changed, not a LoRA target (norm, embedding, head, excluded or small layer)', which it is."""
     base, tuned = _pair(tiny_gpt2)

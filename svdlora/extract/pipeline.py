@@ -125,7 +125,6 @@ def extract_adapter(
     plan = _calibration_plan(tuned, lora_targets, config, method, calibration, processor, progress, statistics)
     lora = _factorize_deltas(base, factorized, ranks, changed, method, plan, config, progress)
     to_save, left_out = _stored_whole(changed, lora, targets, dense)
-    saved_params = sum(p.numel() for n, p in tuned.named_parameters() if n.rpartition(".")[0] in to_save)
     return Extraction(
         config=config.to_dict(),
         method=method,
@@ -134,7 +133,7 @@ def extract_adapter(
         left_out=left_out,
         unchanged=len(targets) - len(lora_targets),
         delta_params=sum(t.params for t in lora_targets),
-        modules_to_save_params=saved_params,
+        modules_to_save_params=_stored_values(tuned, to_save),
         seconds=time.perf_counter() - start,
         calibration=plan.describe() if plan is not None else None,
     )
@@ -267,6 +266,13 @@ def _stored_whole(
     for pname, why in left_out.items():
         logger.warning("LEFT OUT of the adapter: %s changed but %s; base + adapter will differ from tuned", pname, why)
     return to_save, left_out
+
+
+def _stored_values(tuned: nn.Module, names: dict[str, str]) -> int:
+    """The values peft writes for ``modules_to_save``: each module's own copy, whole (its state dict), so a
+    weight that tied modules share (GPT-2's wte and head; Marian's shared, encoder, decoder embeddings and head)
+    is counted once per module, as the adapter file holds it."""
+    return sum(t.numel() for name in names for t in tuned.get_submodule(name).state_dict().values())
 
 
 def resolve_method(method: str, calibration: Any, config: CompressionConfig) -> str:
