@@ -287,6 +287,21 @@ def test_a_tied_embedding_saved_whole_stays_tied_without_peft_s_warning(tmp_path
     assert not tying(tmp_path / "unchanged") and not tying(tmp_path / "gpt2")
 
 
+def test_a_factorized_head_s_base_weight_is_not_saved_over_the_base_s(tmp_path):
+    """keep_head=False: peft took the LoRA'd lm_head for an embedding layer (save_embedding_layers="auto") and saved
+    its base weight, the tuned head's, which loading put over the base's: the delta counted twice."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)  # fmt: skip
+    base, tuned = _pair(lambda: LlamaForCausalLM(config))
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.05 * torch.randn(96, 1) @ torch.randn(1, 32))
+    extraction = write_adapter(base, tuned, tmp_path / "adapter", rank=2, keep_head=False, progress=False)
+    assert "lm_head" in {m.name for m in extraction.lora}
+    assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
+
+
 def test_mixed_linear_and_conv1d_targets_name_the_layers_and_the_fix(tmp_path, monkeypatch):
     """GPT-2's head (Linear) targeted beside its Conv1D blocks: the error named neither the layers nor a way out,
     and came once every delta was factorized; now before the first."""

@@ -154,7 +154,9 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
             # peft (0.21) takes lora_bias's 1-D lora_B.bias for an unsharded ZeRO-3 / FSDP tensor and warns
             # that the adapter is incomplete; these factors were never sharded, so that alarm is false here
             warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape.*")
-            wrapped.save_pretrained(str(output))
+            # peft's "auto" also saves the base weight of a LoRA layer it takes for an embedding (lm_head, with
+            # keep_head=False) and loads it over the base's: the tuned head's, so the delta would count twice
+            wrapped.save_pretrained(str(output), save_embedding_layers=False)
     finally:
         wrapped.unload()  # the LoRA layers' own base layers back in place
         for name, module in originals.items():
