@@ -302,6 +302,24 @@ def test_a_factorized_head_s_base_weight_is_not_saved_over_the_base_s(tmp_path):
     assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
 
 
+def test_a_factorized_head_tied_to_a_changed_embedding_is_written(tmp_path):
+    """keep_head=False on a Llama whose head is tied to the embedding: ensure_weight_tying (set for the embedding
+    saved whole) made peft wrap the head's LoRA layer as a module to save, and write_adapter failed with peft's
+    TypeError. The head is a LoRA layer beside the embedding saved whole, and merges as the fine-tune."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True)  # fmt: skip
+    base, tuned = _pair(lambda: LlamaForCausalLM(config))
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.05 * torch.randn(96, 1) @ torch.randn(1, 32))  # and the embedding, tied
+    extraction = write_adapter(base, tuned, tmp_path / "adapter", rank=2, keep_head=False, progress=False)
+    assert "lm_head" in {m.name for m in extraction.lora} and "model.embed_tokens" in extraction.modules_to_save
+    model = _load(base, tmp_path / "adapter")
+    assert (_logits(model) - _logits(tuned)).abs().max() < 1e-4
+    assert (_logits(model.merge_and_unload()) - _logits(tuned)).abs().max() < 1e-4
+
+
 def test_mixed_linear_and_conv1d_targets_name_the_layers_and_the_fix(tmp_path, monkeypatch):
     """GPT-2's head (Linear) targeted beside its Conv1D blocks: the error named neither the layers nor a way out,
     and came once every delta was factorized; now before the first."""

@@ -86,7 +86,8 @@ def _weight_tying(extraction: Extraction, model: nn.Module) -> dict:
     it otherwise warns, on writing and on every load, that they are not (peft issue 2777), and merging unties them.
     Left unset where peft (0.21) cannot tie them: an embedding it does not know by name on load (EMBEDDING_LAYER_NAMES:
     Llama's embed_tokens, not GPT-2's wte; it warns then that nothing is tied), a weight more than the two modules
-    share (an encoder-decoder's shared, encoder and decoder embeddings: get_peft_model fails), a peft without it."""
+    share (an encoder-decoder's shared, encoder and decoder embeddings: get_peft_model fails), a peft without it, and a
+    head that holds LoRA layers (keep_head=False): peft would wrap that LoRA layer as a module to save, and fail."""
     peft = require_peft()
     if "ensure_weight_tying" not in {f.name for f in dataclasses.fields(peft.LoraConfig)}:
         return {}
@@ -101,7 +102,8 @@ def _weight_tying(extraction: Extraction, model: nn.Module) -> dict:
     sharing = [n for n, m in model.named_modules() if getattr(m, "weight", None) is embedding.weight]
     name = next((n for n, m in model.named_modules() if m is embedding), "")
     known = name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES
-    return {"ensure_weight_tying": True} if len(sharing) == 2 and known and name in extraction.modules_to_save else {}
+    saved = all(n in extraction.modules_to_save for n in sharing)  # the embedding and the head both whole
+    return {"ensure_weight_tying": True} if len(sharing) == 2 and known and saved else {}
 
 
 def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_name: str | None = None) -> Path:
