@@ -302,6 +302,28 @@ def test_a_factorized_head_s_base_weight_is_not_saved_over_the_base_s(tmp_path):
     assert (_logits(_load(base, tmp_path / "adapter")) - _logits(tuned)).abs().max() < 1e-4
 
 
+def test_extract_compress_head_gives_the_head_lora_on_the_command_line(tmp_path, capsys):
+    """keep_head=False had no flag: `--include lm_head` was refused as 'fix the patterns'. --compress-head (as
+    compress's) gives a changed head LoRA; without it the head is saved whole."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)  # fmt: skip
+    base, tuned = _pair(lambda: LlamaForCausalLM(config))
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.05 * torch.randn(96, 1) @ torch.randn(1, 32))
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    pair = ["--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--rank", "2", "--no-progress"]
+    for flags, name in (([], "whole"), (["--compress-head"], "lora")):
+        assert main(["extract", *pair, *flags, "-o", str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    whole, lora = (json.loads((tmp_path / n / "adapter_config.json").read_text()) for n in ("whole", "lora"))
+    assert "lm_head" in whole["modules_to_save"] and "lm_head" not in whole["target_modules"]
+    assert "lm_head" in lora["target_modules"] and "lm_head" not in (lora["modules_to_save"] or [])
+    assert (_logits(_load(base, tmp_path / "lora")) - _logits(tuned)).abs().max() < 1e-4
+
+
 def test_a_factorized_head_tied_to_a_changed_embedding_is_written(tmp_path):
     """keep_head=False on a Llama whose head is tied to the embedding: ensure_weight_tying (set for the embedding
     saved whole) made peft wrap the head's LoRA layer as a module to save, and write_adapter failed with peft's

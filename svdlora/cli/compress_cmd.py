@@ -69,11 +69,9 @@ def register(subparsers) -> None:
         default=[],
         help="leave these modules dense (patterns as in --include)",
     )
-    p.add_argument(
-        "--compress-head",
-        dest="keep_head",
-        action="store_false",
-        help="also factorize the output head / layers tied to embeddings (a head tied to the input embedding: "
+    options.add_compress_head_flag(
+        p,
+        "also factorize the output head / layers tied to embeddings (a head tied to the input embedding: "
         "the folder grows by its factors, decoding reads fewer bytes)",
     )
     p.add_argument(

@@ -63,6 +63,9 @@ def register(subparsers) -> None:
         default=[],
         help="no LoRA for these, stored whole (patterns as in --include)",
     )
+    options.add_compress_head_flag(
+        p, "also give the output head (and layers tied to embeddings) LoRA: a changed head is saved whole otherwise"
+    )
     p.add_argument(
         "--svd", "--svd-method", dest="svd_method", choices=("exact", "randomized"), default="exact",
         help="how each delta is factorized: exact SVD (default) or randomized (faster on large matrices, "
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         submatrices=args.submatrices,
         include=args.include,
         exclude=args.exclude,
+        keep_head=args.keep_head,
         svd_method=args.svd_method,
         **calibration_options(args),
     )

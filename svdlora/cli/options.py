@@ -116,6 +116,11 @@ def add_max_shard_size_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_compress_head_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    """--compress-head: ``keep_head`` off (the output head and layers tied to embeddings are targets too)."""
+    parser.add_argument("--compress-head", dest="keep_head", action="store_false", help=help)
+
+
 def add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
