@@ -10,4 +10,4 @@ def launched() -> bool:
     """True under torchrun / accelerate launch with more than one process: RANK set and WORLD_SIZE a count
     above 1 (one that is no count is no launcher's)."""
     size = os.environ.get("WORLD_SIZE", "")
-    return "RANK" in os.environ and size.isdigit() and int(size) > 1
+    return "RANK" in os.environ and size.isdecimal() and int(size) > 1

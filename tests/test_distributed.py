@@ -452,7 +452,7 @@ def test_under_a_launcher_each_error_line_names_its_rank(tmp_path, monkeypatch, 
     assert capsys.readouterr().err.startswith("svdlora info: error: ")
 
 
-@pytest.mark.parametrize("size", ["two", ""])
+@pytest.mark.parametrize("size", ["two", "", "²"])  # "²": isdigit() but not int()
 def test_a_world_size_that_is_no_count_is_no_launcher(tmp_path, monkeypatch, capsys, size):
     """distributed.launched() read WORLD_SIZE with int() and the CLI's error lines with isdigit(): a value that is
     no count failed every command on int()'s ValueError, as a bug in svdlora (exit 1). One launched() serves both."""
