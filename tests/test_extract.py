@@ -318,6 +318,8 @@ def test_extract_compress_head_gives_the_head_lora_on_the_command_line(tmp_path,
     for flags, name in (([], "whole"), (["--compress-head"], "lora")):
         assert main(["extract", *pair, *flags, "-o", str(tmp_path / name)]) == 0
     capsys.readouterr()
+    err = _cli_error(capsys, ["extract", *pair, "--include", "lm_head", "-o", str(tmp_path / "head")])
+    assert "the output head lm_head is saved whole by default: --compress-head" in err, err
     whole, lora = (json.loads((tmp_path / n / "adapter_config.json").read_text()) for n in ("whole", "lora"))
     assert "lm_head" in whole["modules_to_save"] and "lm_head" not in whole["target_modules"]
     assert "lm_head" in lora["target_modules"] and "lm_head" not in (lora["modules_to_save"] or [])

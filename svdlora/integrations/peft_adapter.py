@@ -106,6 +106,15 @@ def _weight_tying(extraction: Extraction, model: nn.Module) -> dict:
     return {"ensure_weight_tying": True} if len(sharing) == 2 and known and saved else {}
 
 
+def _head_hint(extraction: Extraction, tuned: nn.Module) -> str:
+    """Where the output head is among the modules saved whole because keep_head left it out of the targets."""
+    head = tuned.get_output_embeddings() if hasattr(tuned, "get_output_embeddings") else None
+    name = next((n for n, m in tuned.named_modules() if m is head), None) if head is not None else None
+    if not extraction.config.get("keep_head", True) or name not in extraction.modules_to_save:
+        return ""
+    return f" (the output head {name} is saved whole by default: --compress-head, keep_head=False, gives it LoRA)"
+
+
 def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_name: str | None = None) -> Path:
     """Write the adapter folder into ``output`` (an existing, empty folder: see ``svdlora.io.outputs.atomic_folder``).
 
@@ -126,6 +135,7 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
             f"no LoRA module to write: all {len(whole)} changed modules would be saved whole ({', '.join(whole[:3])}"
             f"{', …' if len(whole) > 3 else ''}): the fine-tune moved no targeted matrix, --include/--exclude "
             "target none of them, or --rank/--budget keeps each delta whole; lower the rank or fix the patterns"
+            + _head_hint(extraction, tuned)
         )
     # peft freezes every parameter, and its unload puts copies where modules_to_save were (which unties
     # a tied embedding and head): both are undone after saving, so the caller's model is as it was.
