@@ -64,7 +64,8 @@ class Extraction:
             ("budget / submatrices / method", f"{budget} / {self.config.get('submatrices')} / {self.method}"),
             ("LoRA modules", f"{len(self.lora)} (rank {rank_text}); {self.unchanged} targeted matrices unchanged"),
             ("LoRA params", f"{self.lora_params:,} for a delta of {self.delta_params:,} ({share:.1%})"),
-            ("modules_to_save", f"{len(self.modules_to_save)} ({self.modules_to_save_params:,} params)"),
+            # what peft's file holds for them: a tied one per module, buffers (BatchNorm statistics) too
+            ("modules_to_save", f"{len(self.modules_to_save)} ({self.modules_to_save_params:,} values stored)"),
             ("calibration", (self.calibration or {}).get("source") or "none (plain SVD of the delta)"),
             ("left out", f"{len(self.left_out)}" + (" (see warnings)" if self.left_out else "")),
             ("extract time", f"{self.seconds:.1f} s"),
