@@ -9,6 +9,7 @@ may keep a sensitive matrix dense.
 from __future__ import annotations
 
 import heapq
+import math
 
 import torch
 
@@ -124,8 +125,10 @@ def allocate_global(
             step = factor_params(t, up, pivot) - factor_params(t, k, pivot)
             heapq.heappush(heap, (-(tail[k] - tail[up]) / step, version[t.name], t.name, "rank"))
         extra = t.params - factor_params(t, k, pivot)
-        if tail[k] > 0 or extra <= 0:  # dense at no extra cost (a 1xN matrix: rank 1 is exact and dearer) is taken
-            heapq.heappush(heap, (-tail[k] / max(extra, 1), version[t.name], t.name, "dense"))
+        if extra <= 0:  # dense at no extra cost (a 1xN matrix: rank 1 is exact and dearer): first, so what it frees
+            heapq.heappush(heap, (-math.inf, version[t.name], t.name, "dense"))  # is there for the other moves
+        elif tail[k] > 0:
+            heapq.heappush(heap, (-tail[k] / extra, version[t.name], t.name, "dense"))
 
     for t in targets:
         push(t)
@@ -144,7 +147,11 @@ def allocate_global(
         spent += cost
         version[name] += 1
         if move == "dense":
-            dense[name] = "global allocation: kept dense (its loss per parameter beats any rank it could get)"
+            dense[name] = (
+                "global allocation: kept dense (its loss per parameter beats any rank it could get)"
+                if cost > 0
+                else "global allocation: kept dense (its factors would hold as many values as the matrix)"
+            )
         else:
             rank[name] = up
             push(t)

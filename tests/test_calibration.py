@@ -293,6 +293,15 @@ def test_global_allocation_keeps_dense_a_matrix_whose_factors_would_not_be_small
     assert "gate" in dense and "gate" not in ranks and "big" in ranks
 
 
+def test_global_allocation_spends_what_a_free_dense_move_frees():
+    """The free dense move (the 1x3 gate: rank 1 holds 4 values, dense 3) was keyed 0 and so taken last, after the
+    moves that did not fit had been dropped: the value it frees went unspent (w stayed at rank 1, loss 5)."""
+    targets = [Target("gate", nn.Linear(3, 1), "linear", 1, 3), Target("w", nn.Linear(13, 3), "linear", 3, 13)]
+    spectra = {"gate": torch.tensor([1.0], dtype=torch.float64), "w": torch.tensor([3.0, 2.0, 1.0]).double()}
+    ranks, dense, _ = allocate_global(targets, spectra, 0.84, submatrices=1)
+    assert "as many values as the matrix" in dense["gate"] and ranks == {"w": [2]}
+
+
 def test_global_allocation_spends_a_budget_that_fits_a_rank_exactly():
     """0.7·1536·7680 = 896·9216 values, which the float product falls short of: the last rank did not fit (895),
     where the uniform allocation gives 896."""
