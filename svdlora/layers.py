@@ -199,7 +199,10 @@ class LowRankLinear(nn.Module):
         with torch.inference_mode(False), torch.no_grad():  # no_grad inside: inference_mode(False) enables grad
             bias = None if self.bias is None else self.bias.detach().clone()
             dense = make_dense(self.base_kind, self.dense_weight().detach(), bias)
-        dense.requires_grad_(any(p.requires_grad for p in self.parameters()))
+        factors = [p for name, p in self.named_parameters(recurse=False) if name != "bias"]
+        dense.weight.requires_grad_(any(p.requires_grad for p in factors))  # per parameter, as ``to_pairs``
+        if self.bias is not None:
+            dense.bias.requires_grad_(self.bias.requires_grad)
         return dense.train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

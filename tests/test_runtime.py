@@ -306,6 +306,22 @@ def test_a_runtime_keeps_frozen_layers_frozen_and_the_mode(runtime):
 
 
 @pytest.mark.parametrize("runtime", ["merged", "pairs"])
+def test_a_runtime_keeps_each_parameter_s_requires_grad(runtime):
+    """Bias-only training (factors frozen, bias trainable) and the reverse: merged collapsed the layer's flags into
+    one, so the frozen factors' dense weight trained (or a frozen bias did); pairs keep each parameter's."""
+    torch.manual_seed(0)
+    for trained in ("bias", "factors"):
+        model = nn.Sequential(nn.Linear(24, 16), nn.Linear(16, 8))
+        model[0] = LowRankLinear.from_dense(model[0], [4])
+        model[1] = PivotedLowRankLinear.from_dense(model[1], [4])
+        for name, p in model.named_parameters():
+            p.requires_grad_((name.endswith("bias")) == (trained == "bias"))
+        apply_runtime(model, runtime)
+        flags = {name.rpartition(".")[2]: p.requires_grad for name, p in model.named_parameters()}
+        assert flags.pop("bias") == (trained == "bias") and set(flags.values()) == {trained == "factors"}, flags
+
+
+@pytest.mark.parametrize("runtime", ["merged", "pairs"])
 def test_layers_converted_under_inference_mode_still_train(runtime):
     """A runtime applied under inference_mode (an evaluation before fine-tuning) leaves normal
     tensors: merged layers held inference tensors, and the first backward raised 'Inference tensors
