@@ -145,9 +145,9 @@ def choose(layer: LowRankLinear, tokens: int = 1, graphs: bool = False, weight_r
     """The layout ("factorized", "pairs" or "merged") that measured fastest for this layer on its
     device (``graphs``: replayed from a CUDA graph); ``weight_read``: its model reads its ``.weight``."""
     if layer.full is not None or weight_read:
-        # a full-rank first stage (full-int8/-int4) is a dense matmul already, and a .weight read
-        # multiplies A·B on every call, which timing the pair alone would leave out: merged drops
-        # the pair's two matmuls (and the product) and holds no more values than that stage
+        # a full-rank first stage (full-int8/-int4) is a dense matmul already (merged drops the pair's two
+        # matmuls and holds no more values than that stage); a .weight read multiplies A·B on every call,
+        # which timing the pair alone would leave out (merged holds m·n values instead of R·(m+n))
         return "merged"
     device, dtype = str(layer.B.device), layer.B.dtype
     pivoted = isinstance(layer, PivotedLowRankLinear)
@@ -190,13 +190,21 @@ def _report_weight_reads(read: list[str], layouts: dict[str, str], runtime: str)
         logger.info(
             "runtime %s merged %d layers without timing: the model's forward reads their .weight", runtime, len(merged)
         )
-    kept = [name for name in read if layouts.get(name, "merged") != "merged"]
-    if runtime in ("factorized", "pairs") and kept:
+    if runtime in ("factorized", "pairs"):
+        warn_weight_reads(
+            [name for name in read if layouts.get(name, "merged") != "merged"],
+            "load with runtime='auto' or 'merged' (svdlora eval: --runtime auto)",
+        )
+
+
+def warn_weight_reads(kept: list[str], advice: str) -> None:
+    """One warning naming the factorized layers ``kept`` whose ``.weight`` their model's forward reads."""
+    if kept:
         examples = ", ".join(kept[:2]) + (", ..." if len(kept) > 2 else "")
         logger.warning(
             "%d layers (%s) are read as .weight by the model's forward, which multiplies their factors on every "
-            "call: load with runtime='auto' or 'merged'",
-            len(kept), examples,
+            "call: %s",
+            len(kept), examples, advice,
         )  # fmt: skip
 
 

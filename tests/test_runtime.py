@@ -381,6 +381,24 @@ def test_a_runtime_keeping_layers_read_as_weight_warns(tmp_path, caplog, build, 
         assert "runtime='auto' or 'merged'" in messages[0]
 
 
+@pytest.mark.parametrize("merge", [False, True])
+def test_from_pretrained_warns_of_layers_read_as_weight_unless_merged(tmp_path, caplog, merge):
+    """Plain from_pretrained keeps every layer factorized (T5's wo too, ~4x dense per decoder step) and said nothing,
+    where load_compressed warns: it warns with its own way out, and not when merging."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from svdlora.integrations import SvdloraQuantizationConfig
+
+    folder = _saved(tmp_path, tiny_t5)
+    options = {"quantization_config": SvdloraQuantizationConfig(merge=True)} if merge else {}
+    with caplog.at_level("WARNING", logger="svdlora.runtime"):
+        AutoModelForSeq2SeqLM.from_pretrained(folder, **options)
+    messages = [r.getMessage() for r in caplog.records if "read as .weight" in r.getMessage()]
+    assert len(messages) == (0 if merge else 1), messages
+    if not merge:
+        assert messages[0].startswith("4 layers (") and "SvdloraQuantizationConfig(merge=True)" in messages[0]
+
+
 def test_layers_read_as_weight_are_found_in_the_parents_forward_source():
     """nn.MultiheadAttention passes self.out_proj.weight to its functional forward; a class whose
     forward has no source (built at runtime) is not detected rather than failing."""

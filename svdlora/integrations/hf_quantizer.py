@@ -44,6 +44,7 @@ from ..layers import LowRankLinear, dense_kind, factor_layout, weight_out_in
 from ..models import keep_in_fp32
 from ..pivoted import PivotedLowRankLinear, valid_rows
 from ..report import CompressionReport
+from ..runtime import read_as_weight, warn_weight_reads
 from ..version import READABLE_FORMATS, format_refusal
 from .folder_layout import (
     PIVOT_KEY,
@@ -260,6 +261,11 @@ class SvdloraHfQuantizer(HfQuantizer):
 
                 setattr(model, REPORT_ATTR, self._report)
                 setattr(model, BASE_ATTR, self._base)
+            warn_weight_reads(
+                read_as_weight(model),
+                "load with from_pretrained(..., quantization_config=SvdloraQuantizationConfig(merge=True)) or "
+                "svdlora.load_compressed(folder, runtime='auto')",
+            )
         from ..save_guard import guard_save_pretrained
 
         # factorized: transformers' own refusal does not say what to use instead; merged: a dense save

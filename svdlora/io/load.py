@@ -151,8 +151,8 @@ def load_compressed(
             layout that measured fastest on its device for one token per call (``svdlora.runtime``;
             eager decoding); "auto-graphs": the same timed as CUDA-graph replays, for decoding under
             CUDA graphs (``torch.compile(mode="reduce-overhead")``). Both merge, untimed, the layers
-            whose ``.weight`` the model's forward reads (T5's ``wo``), which a given "factorized" or
-            "pairs" warns of.
+            whose ``.weight`` the model's forward reads (T5's ``wo``), which "factorized" (the
+            default) and "pairs" warn of.
         stack_siblings: low-rank layers that read the same input (q/k/v, gate/up) compute their
             input side in one matmul (``svdlora.siblings``: fewer kernels for batch-1 decoding on a
             GPU); found by one forward pass on the model's ``dummy_inputs``. Inference only.
@@ -259,7 +259,7 @@ def load_compressed(
         setattr(model, BASE_ATTR, (data.get("base_model") or {}).get("name_or_path"))
         for name, parts in stored_parts.items():  # re-saving writes the same stored bits
             model.get_submodule(name).stored = parts
-    if not merge:  # "factorized" (the default) changes nothing: it warns of layers read as .weight
+        # "factorized" (the default) changes nothing: it warns of layers read as .weight
         merged = {name for name, layout in apply_runtime(model, runtime or "factorized").items() if layout == "merged"}
         if merged and _merges_narrower(target_dtype, parse_dtype(data.get("dtype")), stored_dtypes, compute_dtype):
             with torch.no_grad():
