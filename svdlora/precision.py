@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .decompose import budget_values
 from .errors import BudgetError, SvdloraError
 from .quantize import FULL_PREFIX, StageFormat, dtype_name, float_format, nbytes, parse_format, stage_bytes
 from .targets import Target
@@ -67,7 +68,7 @@ def allocate_bytes(
     (its full stage, or rank 1 of the cheapest low-rank stage) gets that plan, and the others share
     the rest. Σ stage bytes <= budget · Σ dense bytes holds exactly, scales and zero points included.
     """
-    total = math.floor(budget * sum(target_bytes(t, dtype) for t in targets) + 1e-6)
+    total = allowed_bytes(budget, sum(target_bytes(t, dtype) for t in targets))
     floor: set[str] = set()  # matrices held at their smallest plan because their share is smaller
     share = budget
     while True:
@@ -96,8 +97,14 @@ def allocate_bytes(
     return plans, dense
 
 
+def allowed_bytes(budget: float, dense_bytes: int) -> int:
+    """The whole bytes ``budget`` allows of ``dense_bytes`` (``decompose.budget_values``' relative slack: an
+    absolute 1e-6 lost the last byte of 0.568 x 55,640,146,500 to round-off)."""
+    return math.floor(budget_values(budget, dense_bytes))
+
+
 def _share_bytes(t: Target, share: float, dtype: torch.dtype) -> int:
-    return math.floor(share * target_bytes(t, dtype) + 1e-6)
+    return allowed_bytes(share, target_bytes(t, dtype))
 
 
 def smallest_plan_bytes(t: Target, formats: list[StageFormat]) -> int:
@@ -173,7 +180,7 @@ def allocate_bytes_global(
     """
     import heapq
 
-    allowed = math.floor(budget * sum(target_bytes(t, dtype) for t in targets) + 1e-6)
+    allowed = allowed_bytes(budget, sum(target_bytes(t, dtype) for t in targets))
     full = formats[0] if formats[0].full else None
     low = formats[1:] if full else formats
     fixed, unit, tails, rank, dense_cost = {}, {}, {}, {}, {}

@@ -14,7 +14,7 @@ from svdlora.chain import quantized_chain
 from svdlora.cli import main
 from svdlora.config import CompressionConfig
 from svdlora.io import CONFIG_NAME, WEIGHTS_NAME
-from svdlora.precision import allocate_bytes, layer_bytes, stage_formats, target_bytes
+from svdlora.precision import allocate_bytes, allowed_bytes, layer_bytes, stage_formats, target_bytes
 from svdlora.quantize import dequantize, nbytes, parse_format, quantize
 from svdlora.report import CompressionReport
 from svdlora.targets import Target, find_targets
@@ -365,3 +365,10 @@ def test_the_unknown_stage_dtype_message_names_every_float_format_it_accepts():
     named = set(re.findall(r"\b(?:b?float\d+)\b", str(err.value)))  # whole names: 'bfloat16' holds 'float16'
     assert named >= {"float32", "float16", "bfloat16", "float64"} and set(FLOAT_FORMATS) <= named
     assert {parse_format(name).kind for name in FLOAT_FORMATS} == {"float"}
+
+
+def test_a_byte_budget_that_fits_to_the_byte_keeps_its_last_byte():
+    """0.568 x 55,640,146,500 bytes is 31,603,603,212 exactly; floor(budget·total + 1e-6) gave ...211 (the float
+    product is ...211.999996): byte plans of models above ~5B float16 parameters lost the byte that fits."""
+    assert allowed_bytes(0.568, 55_640_146_500) == 31_603_603_212
+    assert allowed_bytes(0.5, 10) == 5 and allowed_bytes(0.33, 100) == 33
