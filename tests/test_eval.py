@@ -786,6 +786,17 @@ def test_bad_options(gpt, capsys):
         evaluate(gpt["dense"], task="image-classification", data=gpt["text"], max_length=16)
 
 
+@pytest.mark.parametrize(("flag", "name"), [("--num-beams", "num_beams"), ("--max-new-tokens", "max_new_tokens")])
+def test_a_translation_setting_given_at_its_default_value_is_refused_for_text(gpt, capsys, flag, name):
+    """`--num-beams 4` (or `--max-new-tokens 128`, translation's defaults) with text-generation was taken for
+    not given and ignored in silence, where any other value is refused: the whole text was then evaluated."""
+    value = {"num_beams": "4", "max_new_tokens": "128"}[name]
+    msg = _error([gpt["dense"], "--task", "text-generation", "--data", gpt["text"], flag, value], capsys)
+    assert f"{name} is only used by --task translation, got it with --task text-generation: drop {flag}" in msg
+    with pytest.raises(svdlora.SvdloraError, match=f"{name} is only used by --task translation"):
+        evaluate(gpt["dense"], task="text-generation", data=gpt["text"], **{name: int(value)})
+
+
 def test_a_model_whose_config_names_no_architecture_gets_the_task_error(gpt, tmp_path, capsys):
     """Without "architectures" the model is an AutoModel (no LM head): the baseline's context check built
     its meta model as AutoModel(config), which raises, before the one line that names the task."""

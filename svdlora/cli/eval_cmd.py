@@ -52,13 +52,10 @@ def register(subparsers) -> None:
         help="text: tokens per window (default: the model's context, at most 1024)",
     )
     t.add_argument("--stride", type=options.positive_int("stride"), help="text: window step (default: max-length/2)")
-    t.add_argument(
-        "--num-beams", type=options.positive_int("num-beams"), default=4, help="translation: beam width (default 4)"
-    )
+    t.add_argument("--num-beams", type=options.positive_int("num-beams"), help="translation: beam width (default 4)")
     t.add_argument(
         "--max-new-tokens",
         type=options.positive_int("max-new-tokens"),
-        default=128,
         help="translation: longest output (default 128)",
     )
     r = p.add_argument_group("run")

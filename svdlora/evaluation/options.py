@@ -24,6 +24,7 @@ MAX_LENGTH_CAP = 1024
 # translation: the longest generated sentence (compress --eval and sweep, which have no --max-new-tokens, take
 # a model's decoder positions where they are fewer)
 DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_NUM_BEAMS = 4  # what Marian / OPUS-MT models ship with
 
 
 # The options one task reads and the others ignore.
@@ -67,9 +68,12 @@ class EvalOptions:
         default=None, metadata={"help": f"Window length (default: the model's context, at most {MAX_LENGTH_CAP})."}
     )
     stride: int | None = field(default=None, metadata={"help": "Window step (default: max_length // 2)."})
-    num_beams: int = field(default=4, metadata={"help": "translation: beam width."})
-    max_new_tokens: int = field(
-        default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "translation: longest generated sentence."}
+    # None: not given (another task's run refuses any value given, its default included), translation's default
+    num_beams: int | None = field(
+        default=None, metadata={"help": f"translation: beam width (default {DEFAULT_NUM_BEAMS})."}
+    )
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": f"translation: longest generated sentence (default {DEFAULT_MAX_NEW_TOKENS})."}
     )
     batch_size: int | None = field(
         default=None, metadata={"help": "Windows / images / sentences per forward (default per task)."}
@@ -122,6 +126,9 @@ class EvalOptions:
                 "(one reference sentence per line, as many lines as the source)"
             )
         self._refuse_other_tasks_options()
+        if self.task == TRANSLATION:
+            self.num_beams = self.num_beams or DEFAULT_NUM_BEAMS
+            self.max_new_tokens = self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         if self.runtime not in (None, *RUNTIMES):
             raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         self.dtype = parse_dtype(self.dtype)
@@ -134,7 +141,10 @@ class EvalOptions:
         for task, names in TASK_OPTIONS.items():
             for name in names:
                 if task != self.task and getattr(self, name) != defaults[name]:
-                    raise SvdloraError(f"{name} is only used by --task {task}, got it with --task {self.task}")
+                    flag = "--" + name.replace("_", "-")
+                    raise SvdloraError(
+                        f"{name} is only used by --task {task}, got it with --task {self.task}: drop {flag}"
+                    )
 
     @property
     def effective_batch_size(self) -> int:
