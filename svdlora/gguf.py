@@ -21,6 +21,8 @@ from .errors import SvdloraError, first_line
 from .io.outputs import atomic_folder, check_output_folder
 from .io.writer import parse_size, write_tensors
 
+GGUF_MAGIC = b"GGUF"  # every GGUF file's first four bytes
+
 
 def gguf_to_folder(
     gguf_file: str | Path,
@@ -39,6 +41,7 @@ def gguf_to_folder(
         raise SvdloraError(f"{str(gguf_file)!r} is a folder: pass the .gguf file itself")
     if not gguf_file.is_file():
         raise SvdloraError(f"GGUF file {str(gguf_file)!r} does not exist")
+    _check_magic(gguf_file)
     try:
         import gguf  # noqa: F401  (transformers needs it to parse the file)
     except ImportError:
@@ -78,6 +81,16 @@ def gguf_to_folder(
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(output)
+
+
+def _check_magic(gguf_file: Path) -> None:
+    """Another file given as the GGUF, refused here: transformers' error names the link it reads in
+    ``_alone``'s temporary folder, not the user's file."""
+    with gguf_file.open("rb") as f:
+        start = f.read(len(GGUF_MAGIC))
+    if start != GGUF_MAGIC:
+        found = f"it starts with {start!r}, not {GGUF_MAGIC!r}" if start else "it is empty"
+        raise SvdloraError(f"{str(gguf_file)!r} is not a GGUF file ({found}): pass the .gguf checkpoint itself")
 
 
 def _tokenizer(folder: Path, gguf_file: Path, kwargs: dict):

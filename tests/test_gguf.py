@@ -207,6 +207,20 @@ def test_a_gguf_file_cut_off_in_its_metadata_is_one_clean_error(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["wiki.test.txt", "model.safetensors"])
+def test_a_file_that_is_not_gguf_is_refused_in_the_users_own_terms(tmp_path, capsys, name):
+    """Another file given as the GGUF (a text file, the model's safetensors) was refused with transformers' own
+    ValueError, which names the link in svdlora's temporary folder (/tmp/svdlora-gguf-XXXX/NAME), not the file
+    the user gave."""
+    wrong = tmp_path / name
+    wrong.write_bytes(b"= Robert Boulter =\n" * 50)
+    assert main(["convert-gguf", str(wrong), "-o", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{str(wrong)!r} is not a GGUF file" in lines[0], lines
+    assert "svdlora-gguf-" not in lines[0] and "a bug" not in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_gguf_file_whose_tokenizer_cannot_be_built_is_one_clean_error(tmp_path, capsys):
     """tokenizers raises a bare Exception for a merge whose result is not in the vocabulary, which the
     CLI called a bug, with a traceback."""
