@@ -18,6 +18,7 @@ import transformers
 from safetensors import SafetensorError
 from torch import nn
 
+from .choices import DTYPE_ALIASES, DTYPE_ERROR, DTYPES
 from .errors import SvdloraError, first_line
 from .io.checkpoint import CHECKPOINT_REMEDY, read_header
 from .io.writer import weight_files
@@ -98,11 +99,10 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """'float16' / 'bf16' / torch.float32 / None -> a torch dtype (None keeps the stored one)."""
     if name is None:
         return None
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
-    dtype = name if isinstance(name, torch.dtype) else getattr(torch, aliases.get(name, name), None)
+    dtype = name if isinstance(name, torch.dtype) else getattr(torch, DTYPE_ALIASES.get(name, name), None)
     # a torch.dtype too: an integer one failed the load as 'the folder was edited', a float8 one the forward
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise SvdloraError(f"dtype must be one of float32, float16, bfloat16, float64; got {name!r}")
+    if dtype not in tuple(getattr(torch, n) for n in DTYPES):
+        raise SvdloraError(DTYPE_ERROR.format(name))
     return dtype
 
 

@@ -46,7 +46,10 @@ def leftovers(root: Path) -> list[str]:
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:  # a flag value the parser refuses
+        code = stop.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

@@ -48,6 +48,33 @@ def test_help_and_flag_errors_import_nothing_heavy():
     assert result.stdout.strip() == "[]", result.stdout
 
 
+def test_a_mistyped_dtype_is_a_flag_error_before_torch_is_imported():
+    """--dtype was checked only once torch and transformers had loaded (5 s here), in a line that named no flag
+    ("dtype must be one of ...; got 'float8'"), where every other mistyped value is refused by the parser."""
+    result = _python(
+        f"""
+        import contextlib, io, sys
+        from svdlora.cli import main
+        for argv in (["compress", "m", "-o", "x", "--dtype", "float8"], ["eval", "m", "--data", "d", "--dtype", "fp8"],
+                     ["extract", "--base", "b", "--tuned", "t", "--rank", "4", "-o", "x", "--dtype", "int8"]):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                try:
+                    code = main(argv)
+                except SystemExit as stop:
+                    code = stop.code
+            assert code == 2, (argv, code)
+            print(err.getvalue().strip().splitlines()[-1])
+        print(sorted({HEAVY}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    *lines, heavy = result.stdout.strip().splitlines()
+    assert heavy == "[]", result.stdout
+    for line, name in zip(lines, ("float8", "fp8", "int8"), strict=True):
+        assert f"argument --dtype: dtype must be one of float32, float16, bfloat16, float64; got {name!r}" in line
+
+
 def test_import_svdlora_registers_the_quantizer_when_transformers_loads(tmp_path):
     torch.manual_seed(0)
     model = TINY_MODELS["llama"]().eval()

@@ -119,7 +119,9 @@ def register(subparsers) -> None:
     )
     options.add_max_shard_size_flag(p)
     add_calibration_flags(p)
-    p.add_argument("--dtype", default=None, help="load the model in this dtype (default: as stored)")
+    p.add_argument(
+        "--dtype", type=options.dtype_name, default=None, help="load the model in this dtype (default: as stored)"
+    )
     options.add_overwrite_flag(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     p.add_argument(

@@ -70,7 +70,7 @@ def register(subparsers) -> None:
         help="windows / images / sentences per forward (default 1 / 32 / 16)",
     )
     r.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    r.add_argument("--dtype", help="float32 (default), bfloat16 or float16, for both models")
+    r.add_argument("--dtype", type=options.dtype_name, help="float32 (default), bfloat16 or float16, for both models")
     r.add_argument(
         "--runtime",
         choices=RUNTIMES,

@@ -71,7 +71,9 @@ def register(subparsers) -> None:
         help="how each delta is factorized: exact SVD (default) or randomized (faster on large matrices, "
         "slightly larger error); --svd-method is the older spelling, as in compress",
     )  # fmt: skip
-    p.add_argument("--dtype", default=None, help="load both models in this dtype (default: as stored)")
+    p.add_argument(
+        "--dtype", type=options.dtype_name, default=None, help="load both models in this dtype (default: as stored)"
+    )
     options.add_overwrite_flag(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the models' own code from the hub")
     add_calibration_flags(p, compress=False)

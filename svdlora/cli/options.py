@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..choices import DEFAULT_MAX_SHARD_SIZE, DEFAULT_TEXT_COLUMN
+from ..choices import DEFAULT_MAX_SHARD_SIZE, DEFAULT_TEXT_COLUMN, DTYPE_ALIASES, DTYPE_ERROR, DTYPES
 
 
 def budget(text: str) -> float:
@@ -32,6 +32,13 @@ def int_at_least(name: str, low: int):
 
     parse.__name__ = name
     return parse
+
+
+def dtype_name(text: str) -> str:
+    """A --dtype value, refused by the parser (before torch loads); models.parse_dtype turns it into a dtype."""
+    if text not in DTYPES and text not in DTYPE_ALIASES:
+        raise argparse.ArgumentTypeError(DTYPE_ERROR.format(text))
+    return text
 
 
 def positive_int(name: str):
