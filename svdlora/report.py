@@ -100,7 +100,7 @@ class CompressionReport:
             ("method / allocation", f"{self.method or 'svd'} / {self.allocation or 'uniform'}"),
             (
                 "how ranks were chosen",
-                _allocation_why(self.allocation or "uniform", "byte" if in_bytes else "parameter")
+                _allocation_why(self.allocation or "uniform", "byte" if in_bytes else "parameter", self.config)
                 + self._loss_left_note(),
             ),
             ("calibration", _calibration_text(self.calibration)),
@@ -213,8 +213,12 @@ _ALLOCATION_WHY = {
 }
 
 
-def _allocation_why(allocation: str, unit: str) -> str:
-    """How the ranks were chosen, in the budget's unit ("parameter", or "byte" with stage dtypes)."""
+def _allocation_why(allocation: str, unit: str, config: dict) -> str:
+    """How the ranks were chosen, in the budget's unit ("parameter", or "byte" with stage dtypes); a fixed
+    rank (--rank) chose them without a budget."""
+    if config.get("rank"):
+        rank = config["rank"]
+        return f"the fixed rank {rank} for every matrix (--rank); one whose factors would not be smaller stays dense"
     return _ALLOCATION_WHY.get(allocation, "").format(unit=unit)
 
 

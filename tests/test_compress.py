@@ -326,3 +326,14 @@ def test_an_svd_device_with_stage_dtypes_is_said_to_be_unused(caplog):
     with caplog.at_level("WARNING", logger="svdlora.compress"):
         compress(TINY_MODELS["llama"](), budget=0.5, stage_dtypes=["int8"], svd_device="cpu", progress=False)
     assert any("--device cpu is not used with --stage-dtypes" in r.getMessage() for r in caplog.records)
+
+
+def test_the_summary_says_a_fixed_rank_chose_the_ranks():
+    """With --rank the summary's 'how ranks were chosen' said 'every matrix keeps the same share of its
+    parameters (the sources' rule)', the budget's rule, which did not choose them (SmolLM2 at --rank 4: 1.1% of
+    the parameters, the same rank everywhere)."""
+    torch.manual_seed(0)
+    rows = dict(compress(MLP(), rank=3, progress=False).summary_rows())
+    assert rows["how ranks were chosen"].startswith("the fixed rank 3 for every matrix (--rank)"), rows
+    assert "same share" not in rows["how ranks were chosen"]
+    assert "same share" in dict(compress(MLP(), budget=0.5, progress=False).summary_rows())["how ranks were chosen"]
