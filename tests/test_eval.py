@@ -797,6 +797,14 @@ def test_a_translation_setting_given_at_its_default_value_is_refused_for_text(gp
         evaluate(gpt["dense"], task="text-generation", data=gpt["text"], **{name: int(value)})
 
 
+def test_the_text_column_given_at_its_default_name_is_refused_for_images(vit, capsys):
+    """`--text-column text` (its default name) with an image task was taken for not given and ignored in silence,
+    where any other name is refused, as --num-beams 4 was with text."""
+    args = [vit["dense"], "--task", "image-classification", "--data", vit["images"], "--text-column", "text"]
+    msg = _error(args, capsys)
+    assert "text_column is only used by --task text-generation" in msg and msg.endswith("drop --text-column"), msg
+
+
 def test_a_model_whose_config_names_no_architecture_gets_the_task_error(gpt, tmp_path, capsys):
     """Without "architectures" the model is an AutoModel (no LM head): the baseline's context check built
     its meta model as AutoModel(config), which raises, before the one line that names the task."""

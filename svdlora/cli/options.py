@@ -68,10 +68,7 @@ def positive_float(name: str):
 DATASET_FLAGS = {
     "--split": {"help": "dataset split (default: test when present)"},
     "--data-config": {"help": "dataset configuration name, e.g. wikitext-2-raw-v1"},
-    "--text-column": {
-        "default": DEFAULT_TEXT_COLUMN,
-        "help": f"text-generation column (default: {DEFAULT_TEXT_COLUMN})",
-    },
+    "--text-column": {"help": f"text-generation column (default: {DEFAULT_TEXT_COLUMN})"},
     "--image-column": {"help": "image column (default: image or img)"},
     "--label-column": {"help": "label column (default: label or labels)"},
     "--source-column": {"help": "translation source column; translation.de reads a dict column"},

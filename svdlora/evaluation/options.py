@@ -55,8 +55,9 @@ class EvalOptions:
     )
     split: str | None = field(default=None, metadata={"help": "Dataset split (default: test when present)."})
     data_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    text_column: str = field(
-        default=DEFAULT_TEXT_COLUMN, metadata={"help": "text-generation: column joined with blank lines."}
+    text_column: str | None = field(  # None: not given (read: the "text" column), as translation's settings
+        default=None,
+        metadata={"help": f"text-generation: column joined with blank lines (default: {DEFAULT_TEXT_COLUMN})."},
     )
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: image or img)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (default: label or labels)."})

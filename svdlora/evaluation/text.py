@@ -68,8 +68,7 @@ def load_text(opts: EvalOptions) -> str:
     if not is_dataset(data):
         path = Path(str(data)).expanduser()
         if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
-            column = opts.text_column if opts.text_column != DEFAULT_TEXT_COLUMN else None  # a column given
-            given = dataset_options(opts, {"--text-column": column})
+            given = dataset_options(opts, {"--text-column": opts.text_column})
             refuse_dataset_options(data, given, "a plain text file, read whole")
             return read_text(path)
     refuse_image_folder(data, "text-generation", "a text file (.txt, .gz) or a dataset with a text column")
