@@ -239,7 +239,7 @@ def load_pretrained(
     config = read_hf_config(
         source,
         lambda why: f"cannot read the config of {name!r}: {why}",
-        _not_on_the_hub(name, local_only) if source is name else None,
+        not_on_the_hub(name, local_only) if source is name else None,
         trust_remote_code=trust_remote_code,
         local_files_only=local_only,
     )
@@ -265,10 +265,11 @@ def load_pretrained(
     return model
 
 
-def _not_on_the_hub(name: str, local_only: bool) -> Callable[[str], str]:
-    """The refusal of a hub id whose config.json cannot be fetched (``read_hf_config``'s ``missing``)."""
+def not_on_the_hub(name: str, local_only: bool, subject: str | None = None) -> Callable[[str], str]:
+    """The refusal of a hub id whose config.json cannot be fetched (``read_hf_config``'s ``missing``); ``subject``
+    names it where a flag already does ("it")."""
     return lambda why: (
-        f"model {name!r} is neither a local folder nor downloadable from the Hugging Face hub "
+        f"{subject or f'model {name!r}'} is neither a local folder nor downloadable from the Hugging Face hub "
         f"({'hub unreachable and not in the local cache' if local_only else why}). Pass a local folder saved "
         "with save_pretrained, or check the id and your network (HF_HUB_OFFLINE must be unset)."
     )

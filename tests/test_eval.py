@@ -805,6 +805,15 @@ def test_the_text_column_given_at_its_default_name_is_refused_for_images(vit, ca
     assert "text_column is only used by --task text-generation" in msg and msg.endswith("drop --text-column"), msg
 
 
+def test_a_hub_id_that_cannot_be_fetched_is_refused_as_compress_refuses_it(gpt, capsys):
+    """Offline, `eval --baseline gpt2` said "cannot read its config (We couldn't connect to 'https://huggingface.co'
+    ...)", where compress says the id is not in the cache and that HF_HUB_OFFLINE must be unset."""
+    args = [gpt["svd"], "--task", "text-generation", "--data", gpt["text"], "--baseline", "no-such-org/no-such-model"]
+    msg = _error(args, capsys)
+    assert msg.startswith("svdlora eval: error: --baseline 'no-such-org/no-such-model': ") and "couldn't" not in msg
+    assert "neither a local folder nor downloadable from the Hugging Face hub" in msg and "HF_HUB_OFFLINE" in msg
+
+
 def test_a_model_whose_config_names_no_architecture_gets_the_task_error(gpt, tmp_path, capsys):
     """Without "architectures" the model is an AutoModel (no LM head): the baseline's context check built
     its meta model as AutoModel(config), which raises, before the one line that names the task."""

@@ -544,7 +544,7 @@ def test_bad_tuned_or_base_path_fails_before_any_model_loads(tmp_path, capsys, m
     assert loaded == [], "a wrong path must be found before the base model is loaded"
     # a name that is not a local path may be a hub id: its config is asked for (offline: from the cache)
     err = _cli_error(capsys, ["extract", *base, "--tuned", "no-such-org/no-such-model", *out])
-    assert "error: --tuned 'no-such-org/no-such-model': cannot read its config" in err, err
+    assert "error: --tuned 'no-such-org/no-such-model': it is neither a local folder nor downloadable" in err, err
     assert loaded == [] and not (tmp_path / "adapter").exists()
 
 

@@ -247,7 +247,7 @@ def _model_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
 def _dense_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
     from accelerate import init_empty_weights
 
-    from ..models import build_model, check_model_path, hub_reachable, model_class, read_hf_config
+    from ..models import build_model, check_model_path, hub_reachable, model_class, not_on_the_hub, read_hf_config
 
     folder = check_model_path(name)  # the local folder (its '~' expanded), or None for a hub id
     source = str(folder) if folder is not None else name
@@ -255,6 +255,7 @@ def _dense_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
     config = read_hf_config(
         source,
         lambda why: f"cannot read its config ({why})",
+        not_on_the_hub(name, local, subject="it") if folder is None else None,
         local_files_only=local,
         trust_remote_code=trust_remote_code,
     )
