@@ -228,7 +228,7 @@ def _calibration_text(calibration: dict | None) -> str:
             "none (plain truncated SVD; pass --calibration DATA for better quality, or 'self' for a causal LM "
             "compressed in memory: --stream and torchrun refuse 'self')"
         )
-    tokens = f", {calibration['tokens']:,} tokens" if calibration.get("tokens") else ""
+    tokens = f", {calibration['tokens']:,} tokens in all" if calibration.get("tokens") else ""
     refit = ", refit to the compressed model's inputs" if calibration.get("refit") else ""
     return f"{calibration['source']} ({calibration['batches']} batches{tokens}{refit})"
 
