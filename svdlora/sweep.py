@@ -258,13 +258,14 @@ def sweep(
             raise SvdloraError(
                 f"no budget in --budgets could be measured ({next(iter(skipped.values()))}): list larger ones"
             )
-        _note_monotone(record, points)  # over the listed budgets: the bisection below assumes it
         if target is not None:
             chosen, points = find_budget(
                 guarded, lambda p: target.met(p.quality, dense.quality, higher_is_better),
                 tolerance=tolerance, known=points,
             )  # fmt: skip
             record["target"]["budget"] = chosen
+        # over every point the record lists, the bisection's too: they may show a dip the listed ones do not
+        _note_monotone(record, points)
     except _Stop as stop:
         _add_points(record, measured)
         record["failed"] = {"budget": stop.budget, "error": f"{type(stop.error).__name__}: {first_line(stop.error)}"}
