@@ -19,7 +19,8 @@ def format_table(record: dict) -> str:
     lines = [f"| budget | params | est. bytes | {metric} | vs dense |", "|---|---|---|---|---|"]
     for p in [*record["points"], dense]:
         ratio = p["quality"] / dense["quality"] if dense["quality"] else float("nan")
-        name = "dense" if p["budget"] is None else f"{p['budget']:.4g}"
+        # the budget as sweep.json and the target line give it: a bisection's 0.137031 read 0.137 (4 digits)
+        name = "dense" if p["budget"] is None else str(p["budget"])
         lines.append(f"| {name} | {p['params']:,} | {p['bytes_estimate']:,} | {p['quality']:.4g} | {ratio:.3f}x |")
     for budget, why in record.get("skipped", {}).items():
         lines += ["", f"Budget {budget} not measured: {why}"]

@@ -173,6 +173,16 @@ def test_monotone_covers_the_points_the_bisection_measured():
     assert "not monotone" in format_table(record)
 
 
+def test_the_table_names_the_picked_budget_as_the_target_line_does():
+    """The table's budget column had 4 significant digits: a bisection to tolerance 0.001 picked 0.137031
+    (the target line, sweep.json, the model's card), whose row read 0.137."""
+    target = parse_target("ppl<=1.5x", "text-generation")
+    record = sweep(fake_measure(0.137, []), [0.3, 0.5], "text-generation", target=target, tolerance=0.001)
+    chosen = record["target"]["budget"]
+    table = format_table(record)
+    assert f"budget {chosen} " in table and f"| {chosen} |" in table
+
+
 def test_sweep_cli_end_to_end(tmp_path, capsys):
     model, text = lm_folder(tmp_path)
     tmp_path_m, text_path = model, text
