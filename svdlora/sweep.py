@@ -248,7 +248,8 @@ def sweep(
         record["target"] = {"text": target.text, "budget": None, "tolerance": tolerance}
     points: dict[float, Point | None] = {}
     try:
-        for budget in sorted(budgets):
+        # to find_budget's 6 decimals: a listed 0.1234567 was measured again there as 0.123457
+        for budget in sorted({round(b, 6) for b in budgets}):
             try:
                 points[budget] = guarded(budget)
             except BudgetError as err:

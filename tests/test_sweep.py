@@ -183,6 +183,16 @@ def test_the_table_names_the_picked_budget_as_the_target_line_does():
     assert f"budget {chosen} " in table and f"| {chosen} |" in table
 
 
+def test_a_listed_budget_finer_than_the_bisection_is_measured_once():
+    """The bisection keys budgets to 6 decimals: a listed 0.1234567, the smallest meeting the target, was
+    measured a second time as 0.123457, and the record held both points."""
+    calls = []
+    target = parse_target("ppl<=1.5x", "text-generation")
+    record = sweep(fake_measure(0.1, calls), [0.1234567, 0.5], "text-generation", target=target, tolerance=0.05)
+    budgets = [p["budget"] for p in record["points"]]
+    assert len({round(b, 6) for b in budgets}) == len(budgets) == len(calls) - 1  # dense: the other call
+
+
 def test_sweep_cli_end_to_end(tmp_path, capsys):
     model, text = lm_folder(tmp_path)
     tmp_path_m, text_path = model, text
