@@ -59,15 +59,18 @@ def _eval_rows(result: dict | None) -> list[str]:
         return []
     from .evaluation.report import measured_with  # torch is loaded where a model was evaluated
 
-    settings = result.get("settings") or {}
+    settings, data = result.get("settings") or {}, result.get("data") or {}
     # the windows / generation length too: without them a reader cannot measure the figures again
     details = "".join(f"; {detail}" for detail in measured_with(settings))
+    # the split read (a dataset's test split when --split was not given), as `svdlora eval`'s table names it
+    split = f" [{data['split']}]" if data.get("split") else ""
+    limit = f"limit {settings['limit']}" if settings.get("limit") else "no limit"
     lines = [
         "",
         "## Evaluation",
         "",
-        f"Task `{result.get('task')}` on `{result.get('data', {}).get('source')}` "
-        f"({result.get('data', {}).get('examples')} examples, limit {settings.get('limit')}{details}).",
+        f"Task `{result.get('task')}` on `{data.get('source')}`{split} "
+        f"({data.get('examples')} examples, {limit}{details}).",
         "",
     ]
     lines += [

@@ -537,6 +537,19 @@ def test_card_eval_table_keeps_a_translation_s_signatures_in_their_cells():
     assert cells(row) == cells(header) and "nrefs:1\\|case:mixed\\|eff:no" in row, (header, row)
 
 
+def test_card_eval_names_the_split_read_and_no_limit():
+    """The card's eval line dropped the dataset split the figures were measured on (the test split where
+    --split was not given, which `svdlora eval`'s table names) and read 'limit None' without --eval-limit."""
+    from svdlora import card
+
+    result = {
+        "task": "text-generation", "data": {"source": "wikitext", "split": "test", "examples": 4},
+        "settings": {"limit": None}, "model": {"name": "out", "metrics": {"perplexity": 20.0}},
+    }  # fmt: skip
+    text = card.render("t", None, [], tags=[], library="transformers", eval_result=result)
+    assert "on `wikitext` [test] (4 examples, no limit)" in text, text
+
+
 def test_sweep_builds_the_meta_model_once_before_the_model(tmp_path, monkeypatch):
     """sweep --calibration DATA built the local folder's meta model twice (the early task check, then the
     calibration's check): the first is passed on."""
