@@ -102,11 +102,15 @@ def render(
     notes: list[str] | None = None,
     usage: str | None = None,
     world_size: int = 1,
+    hub_base: bool | None = None,
 ) -> str:
     """The card's text: YAML front matter for the Hub, then the settings table, eval and usage;
-    ``world_size``: the processes the run was launched as (``current_command``)."""
+    ``world_size``: the processes the run was launched as (``current_command``); ``hub_base``: whether
+    ``base_model`` is a hub id (None: ``_is_hub_id`` judges it here)."""
     front = ["---", f"library_name: {library}", f"tags: [{', '.join(tags)}]"]
-    if base_model and _is_hub_id(str(base_model)):
+    if hub_base is None:
+        hub_base = bool(base_model) and _is_hub_id(str(base_model))
+    if base_model and hub_base:
         front.append(f"base_model: {_yaml_value(str(base_model))}")
     front.append("---")
     body = [
@@ -250,7 +254,24 @@ def dense_export_card(source_folder: str, data: dict) -> str:
         ("model params of the factorized form", f"{report.get('model_params_after', 0):,}"),
         ("format", "dense: every A·B merged back into a plain weight (no size saving on disk)"),
     ]  # fmt: skip
-    return render("svdlora dense export", base, rows, tags=["svdlora", "dense-export"], library="transformers")
+    return render(
+        "svdlora dense export", base, rows, tags=["svdlora", "dense-export"], library="transformers",
+        hub_base=_card_names_hub_base(Path(source_folder)),
+    )  # fmt: skip
+
+
+def _card_names_hub_base(folder: Path) -> bool:
+    """Whether ``folder``'s own card named its base as a hub id: judged where compress ran, since a relative
+    base folder ('models/gpt2', recorded as given) is not found from another directory and reads as an id."""
+    import yaml
+
+    text = (folder / CARD_NAME).read_text(encoding="utf-8") if (folder / CARD_NAME).is_file() else ""
+    parts = text.split("---\n")
+    try:
+        front = yaml.safe_load(parts[1]) if text.startswith("---\n") and len(parts) > 2 else None
+    except yaml.YAMLError:
+        return False
+    return isinstance(front, dict) and "base_model" in front
 
 
 def adapter_card(

@@ -435,6 +435,29 @@ def test_the_card_front_matter_names_a_hub_id_as_base_model_never_a_local_folder
     assert yaml.safe_load(hub.split("---\n")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M"
 
 
+def test_an_export_from_another_directory_names_no_relative_base_folder_as_a_hub_id(tmp_path, capsys, monkeypatch):
+    """A base folder given relative ('models/gpt2', recorded as given) was left out of the compressed card's front
+    matter, but `export` run from another directory did not find it and wrote 'base_model: models/gpt2', a hub
+    id the Hub would link to; the compressed folder's own card, judged where compress ran, decides."""
+    import yaml
+
+    from svdlora import card
+
+    torch.manual_seed(0)
+    tiny_gpt2().save_pretrained(tmp_path / "models" / "gpt2")
+    monkeypatch.chdir(tmp_path)
+    argv = ["compress", "models/gpt2", "-o", "svd", "--calibration", "none", "--no-progress"]
+    assert run_cli(capsys, *argv)[0] == 0
+    monkeypatch.chdir(tmp_path / "models")
+    assert run_cli(capsys, "export", "../svd", "--dense", "-o", "../dense", "--no-progress")[0] == 0
+    front = (tmp_path / "dense" / "README.md").read_text().split("---\n")[1]
+    assert "base_model" not in yaml.safe_load(front), front
+    # a hub id its card named is kept
+    (tmp_path / "svd" / "README.md").write_text(card.render("t", "org/gpt2", [], tags=[], library="transformers"))
+    data = {"base_model": {"name_or_path": "org/gpt2"}, "report": {}}
+    assert yaml.safe_load(card.dense_export_card("../svd", data).split("---\n")[1])["base_model"] == "org/gpt2"
+
+
 def test_a_card_without_a_base_model_says_unknown_not_none(tmp_path):
     """A model compressed and saved through the Python API, built from a config, has no name: its card's table
     said 'base model | `None`' (the dense export's and an adapter's card too, and the adapter's code
