@@ -83,6 +83,12 @@ def parse_target(text: str, task: str) -> QualityTarget:
     return QualityTarget(text, metric, "drop" if drop else "ratio", value)
 
 
+def measured_budget(budget: float) -> float:
+    """A budget as the sweep measures and records it: to 6 decimals, so the bisection's points and the listed
+    budgets meet (and a bisection stops where its midpoint rounds onto a bound)."""
+    return round(budget, 6)
+
+
 def find_budget(
     measure: Callable[[float], Point],
     meets: Callable[[Point], bool],
@@ -102,7 +108,7 @@ def find_budget(
     points: dict[float, Point | None] = dict(known or {})  # None: the budget is too small to compress at
 
     def at(budget: float) -> Point | None:
-        budget = round(budget, 6)
+        budget = measured_budget(budget)
         if budget not in points:
             try:
                 points[budget] = measure(budget)
@@ -127,13 +133,13 @@ def find_budget(
         return low, points
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
-        if round(mid, 6) in (round(lo, 6), round(hi, 6)):  # budgets are measured to 6 decimals
+        if measured_budget(mid) in (measured_budget(lo), measured_budget(hi)):
             break
         if ok(at(mid)):
             hi = mid
         else:
             lo = mid
-    return round(hi, 6), points
+    return measured_budget(hi), points
 
 
 def evaluating_measure(
@@ -248,8 +254,8 @@ def sweep(
         record["target"] = {"text": target.text, "budget": None, "tolerance": tolerance}
     points: dict[float, Point | None] = {}
     try:
-        # to find_budget's 6 decimals: a listed 0.1234567 was measured again there as 0.123457
-        for budget in sorted({round(b, 6) for b in budgets}):
+        # as find_budget measures them: a listed 0.1234567 was measured again there as 0.123457
+        for budget in sorted({measured_budget(b) for b in budgets}):
             try:
                 points[budget] = guarded(budget)
             except BudgetError as err:
