@@ -26,7 +26,7 @@ from .precision import allocate_stages, layer_bytes, set_float_storage, target_b
 from .refit import collect_cross_statistics, refit_factors, refit_target
 from .report import CompressionReport, ModuleReport
 from .swap import restored_on_error, untie_factorized_head, warn_untied_head
-from .targets import Target, find_targets, nothing_targeted
+from .targets import Target, find_targets, nothing_targeted, stacked_matrices_note
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ def compress(
     start = time.perf_counter()
     params_before = count_parameters(model)
     targets, dense = _dense_targets(model, config)
+    if note := stacked_matrices_note(model, params_before):
+        logger.warning(note)
     plan = plan_calibration(model, targets, config, calibration, processor, progress, statistics)
     dtype = weight_out_in(targets[0].module).dtype
     if config.stage_dtypes and config.svd_device is not None:

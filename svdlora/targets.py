@@ -146,3 +146,30 @@ def check_patterns_before_load(outline: nn.Module, config: CompressionConfig, so
     names = [name for name, module in outline.named_modules() if dense_kind(module)]
     if names and not is_compressed_folder(Path(source).expanduser()):
         check_every_pattern_matches(names, config)
+
+
+def stacked_matrices(model: nn.Module) -> dict[str, int]:
+    """Parameters that hold a stack of matrices outside any Linear/Conv1D (name -> values): the fused
+    experts of transformers 5's MoE models (``mlp.experts.gate_up_proj``, (experts, out, in)). None of
+    them is targeted, so a budget leaves most of such a model as it was; a Conv1d's 3-d kernel is not one."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                found[f"{module_name}.{name}" if module_name else name] = param.numel()
+    return found
+
+
+def stacked_matrices_note(model: nn.Module, params: int) -> str | None:
+    """What a compress run says where ``stacked_matrices`` finds any: their share of the model's ``params``."""
+    stacked = stacked_matrices(model)
+    if not stacked:
+        return None
+    total = sum(stacked.values())
+    return (
+        f"{total:,} parameters ({total / params:.0%} of the model) sit in {len(stacked)} stacked expert tensors "
+        f"(e.g. {next(iter(stacked))}), which svdlora does not factorize: it targets Linear/Conv1D layers, and "
+        "the budget applies to those alone"
+    )

@@ -337,3 +337,27 @@ def test_the_summary_says_a_fixed_rank_chose_the_ranks():
     assert rows["how ranks were chosen"].startswith("the fixed rank 3 for every matrix (--rank)"), rows
     assert "same share" not in rows["how ranks were chosen"]
     assert "same share" in dict(compress(MLP(), budget=0.5, progress=False).summary_rows())["how ranks were chosen"]
+
+
+def test_stacked_expert_tensors_are_said_to_stay_outside_the_budget(caplog):
+    # transformers 5 keeps an MoE's experts as (experts, out, in) parameters, not Linear layers: a budget of
+    # 0.5 then leaves ~95% of this model, which the run must say rather than let pass for a working budget
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="svdlora.compress"):
+        compress(MixtralForCausalLM(config), budget=0.5)
+    said = [r.getMessage() for r in caplog.records if "stacked expert tensors" in r.getMessage()]
+    assert len(said) == 1
+    assert said[0].startswith("24,576 parameters (")  # gate_up 4·128·32 + down 4·32·64
+    assert "model.layers.0.mlp.experts.gate_up_proj" in said[0]
+
+
+def test_a_conv1d_kernel_is_not_a_stacked_matrix():
+    from svdlora.targets import stacked_matrices
+
+    assert stacked_matrices(nn.Sequential(nn.Conv1d(4, 8, 3), nn.Linear(8, 8))) == {}

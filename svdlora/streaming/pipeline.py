@@ -27,6 +27,7 @@ from ..padding import Unbatchable
 from ..plan import UNUSED, CalibrationPlan, auto_method, check_calibration, read_calibration
 from ..report import CompressionReport
 from ..swap import warn_untied_head
+from ..targets import stacked_matrices_note
 from .jobs import module_reports, run_jobs, write_factors
 from .planning import Plan, plan
 
@@ -119,6 +120,8 @@ def compress_checkpoint(
     parse_size(max_shard_size)  # a bad size refused now, not after the calibration's passes
     folder = _local_folder(source, trust_remote_code, ctx)  # a hub id's snapshot
     p = plan(folder, config, dtype, trust_remote_code, model=meta)
+    if ctx.is_main and (note := stacked_matrices_note(p.model, p.params_before)):
+        logger.warning(note)
     if config.rank is not None and not any(kind == "factorize" for kind, _, _ in p.jobs):  # as the in-memory CLI
         raise rank_factorizes_nothing(config.rank, len(p.targets))
     resolved = blockwise.resolve(config) if calibration is not None else None
