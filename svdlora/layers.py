@@ -53,6 +53,11 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D layer")
 
 
+def as_stored_by(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    """A (out, in) weight as a layer of ``kind`` holds it: transposed for a Conv1D; ``weight_out_in``'s inverse."""
+    return weight.T if kind == CONV1D else weight
+
+
 def make_dense(kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """Rebuild a layer of ``kind`` from a (out, in) weight; the inverse of ``weight_out_in``."""
     out_features, in_features = weight.shape
@@ -187,10 +192,11 @@ class LowRankLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A·B in ``nn.Linear``'s (out, in) layout, for code that reads ``layer.weight`` directly
-        (``nn.MultiheadAttention.out_proj``, T5's dtype check). It is computed on every access:
-        such callers get correct results but not the low-rank speed-up."""
-        return self.dense_weight()
+        """A·B laid out as the replaced layer held its weight (``nn.Linear``'s (out, in), GPT-2
+        ``Conv1D``'s (in, out)), for code that reads ``layer.weight`` directly (``nn.MultiheadAttention
+        .out_proj``, T5's dtype check, a Conv1D's ``x @ weight + bias``). It is computed on every
+        access: such callers get correct results but not the low-rank speed-up."""
+        return as_stored_by(self.base_kind, self.dense_weight())
 
     def to_dense(self) -> nn.Module:
         """A plain layer of the original kind (Linear or Conv1D) holding A·B, frozen where this layer

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SvdloraError, first_line
-from .layers import LowRankLinear
+from .layers import LowRankLinear, as_stored_by
 from .modes import eval_mode
 from .pivoted import PivotedLowRankLinear, pivoted_outputs, pivoted_weight, version_stamp
 
@@ -126,8 +126,8 @@ class StackedSibling(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A·B, for code that reads ``.weight`` (its dtype, say); computed on every access."""
-        return self.dense_weight()
+        """A·B as the replaced layer held it (``LowRankLinear.weight``); computed on every access."""
+        return as_stored_by(self.base_kind, self.dense_weight())
 
     def extra_repr(self) -> str:
         return (

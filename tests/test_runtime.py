@@ -164,6 +164,24 @@ def test_runtime_pairs_at_load(tmp_path, kind):
     torch.testing.assert_close(output_of(pairs, kind), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("runtime", ["factorized", "pairs", "merged", "auto"])
+def test_a_gpt2_layer_s_weight_reads_as_its_conv1d_s_whatever_the_runtime(tmp_path, runtime):
+    """GPT-2's Conv1D holds its weight as (in, out) and computes x @ weight + bias; a low-rank layer
+    replacing one shows its weight the same way, as the merged Conv1D does (c_proj is square: a
+    transposed weight there would give wrong numbers, not an error)."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["gpt2"]()
+    dense = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc"))}
+    compress(model, budget=0.5, pivot=True, progress=False)
+    save_compressed(model, tmp_path / "out")
+    loaded = load_compressed(tmp_path / "out", device="cpu", runtime=runtime)
+    with torch.no_grad():
+        for name, shape in dense.items():
+            layer, x = loaded.get_submodule(name), torch.randn(3, shape[0])
+            assert tuple(layer.weight.shape) == shape, name
+            torch.testing.assert_close(x @ layer.weight + layer.bias, layer(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("runtime", ["pairs", "merged", "auto", "auto-graphs"])
 def test_a_model_whose_layers_a_runtime_changed_is_not_saved(tmp_path, runtime):
     """The folder's report says how each layer is stored; a model loaded as pairs or merged no longer

@@ -238,6 +238,31 @@ def test_a_stacked_model_is_not_saved_and_converts_with_to(tmp_path):
     assert q.weight.shape == (q.out_features, q.in_features)
 
 
+def test_a_stacked_conv1d_s_weight_reads_as_the_conv1d_s():
+    """A stacked sibling that replaced a GPT-2 Conv1D shows its weight as the Conv1D held it, (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    class TwoConv1D(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Conv1D(24, 16), Conv1D(16, 16)
+
+        def forward(self, x):
+            return self.a(x).sum(-1) + self.b(x).sum(-1)
+
+    torch.manual_seed(0)
+    model = TwoConv1D()
+    shapes = {name: tuple(getattr(model, name).weight.shape) for name in "ab"}
+    model.a, model.b = LowRankLinear.from_dense(model.a, [4]), LowRankLinear.from_dense(model.b, [4])
+    x = torch.randn(3, 16)
+    assert stack_siblings(model, inputs=x) == [["a", "b"]]
+    with torch.no_grad():
+        for name, shape in shapes.items():
+            layer = getattr(model, name)
+            assert isinstance(layer, StackedSibling) and tuple(layer.weight.shape) == shape, name
+            torch.testing.assert_close(x @ layer.weight + layer.bias, layer(x), rtol=1e-5, atol=1e-6)
+
+
 def test_a_model_without_dummy_inputs_asks_for_them(tmp_path):
     with pytest.raises(SvdloraError, match="inputs="):
         stack_siblings(ThreeHeads())

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import SvdloraError
-from ..layers import CONV1D, factor_layout
+from ..layers import as_stored_by, factor_layout
 from ..pivoted import pivoted_weight, valid_rows
 from ..report import CompressionReport
 
@@ -149,7 +149,7 @@ def _read_factors(tensors, m, where, cast, compute, merge, stage_dtypes, stored_
 
 
 def _dense(m, dense: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {f"{m.name}.weight": dense.T if m.kind == CONV1D else dense}  # Conv1D stores (in, out)
+    return {f"{m.name}.weight": as_stored_by(m.kind, dense)}
 
 
 def _kept(keeps_fp32, name: str, dtype, compute_dtype) -> tuple:
