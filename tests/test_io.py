@@ -48,6 +48,16 @@ def test_save_load_gives_identical_outputs(kind, tmp_path):
     assert torch.allclose(output_of(merged, kind), expected, atol=1e-5)
 
 
+def test_a_merged_gpt2_s_state_dict_saves_as_a_dense_one_does(tmp_path):
+    """merge=True gives a dense GPT-2 whose Conv1D weights are contiguous (in, out) tensors, as
+    from_pretrained's are, so safetensors saves its state dict (the tied head left out, as for any GPT-2)."""
+    _, out = compressed_folder("gpt2", tmp_path)
+    state = load_compressed(out, device="cpu", merge=True).state_dict()
+    del state["lm_head.weight"]  # tied to wte: safetensors refuses a shared tensor twice
+    assert [k for k, t in state.items() if not t.is_contiguous()] == []
+    save_file(state, tmp_path / "dense.safetensors")
+
+
 @pytest.mark.parametrize(
     ("kind", "options"),
     [("llama", {}), ("llama", {"pivot": True}), ("gpt2", {}), ("llama", {"stage_dtypes": ["full-int4", "int8"]})],

@@ -149,7 +149,8 @@ def _read_factors(tensors, m, where, cast, compute, merge, stage_dtypes, stored_
 
 
 def _dense(m, dense: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {f"{m.name}.weight": as_stored_by(m.kind, dense)}
+    # contiguous, as the dense model's own weights (a Conv1D's transpose would not be): its state dict saves as one
+    return {f"{m.name}.weight": as_stored_by(m.kind, dense).contiguous()}
 
 
 def _kept(keeps_fp32, name: str, dtype, compute_dtype) -> tuple:
