@@ -15,7 +15,7 @@ the global allocator compare them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -59,9 +59,9 @@ class SharedInputs:
     """
 
     def __init__(self) -> None:
-        self._first: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._first: dict[tuple, tuple[Hashable, torch.Tensor]] = {}
 
-    def first(self, x: torch.Tensor, key: str) -> tuple[str, bool]:
+    def first(self, x: torch.Tensor, key: Hashable) -> tuple[Hashable, bool]:
         """(the key recorded for ``x``: ``key`` if ``x`` is new in this batch, and whether it was)."""
         identity = (x.data_ptr(), tuple(x.shape), x.dtype)
         new = identity not in self._first
@@ -74,19 +74,25 @@ class SharedInputs:
 
 
 class _Accumulator:
-    """Sums of x xᵀ (shared by layers fed the same tensor) and of g² per layer."""
+    """Sums of x xᵀ (shared by layers fed the same tensors) and of g² per layer.
+
+    An input tensor's x xᵀ is added, at the end of its batch, to the sum kept for the set of layers that read
+    it (q/k/v: one); a layer's Gram is the sum of the sums whose sets hold it. Keyed by the layer that read it
+    first, a tensor another layer read too went into that layer's Gram whatever else it read: DeBERTa-v2's
+    value_proj took in the position embeddings its query_proj and key_proj project.
+    """
 
     def __init__(self, targets: list[Target], gradients: bool, output_gram: bool = False) -> None:
         self.targets = {t.module: t for t in targets}
         self.gradients = gradients
         self.output_gram = output_gram
         self.grad_grams: dict[str, torch.Tensor] = {}
-        self.gram_sums: dict[str, torch.Tensor] = {}  # keyed by the first layer that saw the input
-        self.gram_owner: dict[str, str] = {}  # layer -> key of its Gram
-        self.tokens: dict[str, int] = {}
+        self.gram_sums: dict[tuple[str, ...], torch.Tensor] = {}  # keyed by the sorted names of their readers
+        self.tokens: dict[tuple[str, ...], int] = {}
         self.grad_sums: dict[str, torch.Tensor] = {}
         self.grad_tokens: dict[str, int] = {}
-        self._inputs = SharedInputs()  # each input tensor's Gram key in this batch
+        self._inputs = SharedInputs()  # each input tensor's index in ``_pending`` in this batch
+        self._pending: list[tuple[torch.Tensor, torch.Tensor | None, set[str]]] = []  # (x, real positions, readers)
         # (layer, output, its real positions or None) of this batch, for ``add_gradients``
         self.outputs: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         self.masks: list[torch.Tensor] = []  # a padded batch's real positions (``batched_masks``)
@@ -123,19 +129,27 @@ class _Accumulator:
         sums[key] += wide.copy_(product)
 
     def new_batch(self, masks: list[torch.Tensor] | None = None) -> None:
+        """Add the batch before (its readers are known once it ran) and start one with ``masks``."""
+        self._add_inputs()
         self._inputs.clear()
         self.outputs.clear()
         self.masks = masks or []
 
+    def _add_inputs(self) -> None:
+        for x, real, readers in self._pending:
+            flat = flat_tokens(x, real).float()
+            key = tuple(sorted(readers))
+            self._add(self.gram_sums, key, self._gram(flat))  # float32 products per batch (fast)
+            self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
+        self._pending.clear()
+
     def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         name = self.targets[module].name
         x = inputs[0].detach()
-        key, new = self._inputs.first(x, self.gram_owner.get(name, name))
-        self.gram_owner.setdefault(name, key)
-        if new:
-            flat = flat_tokens(x, mask_for(x, self.masks)).float()
-            self._add(self.gram_sums, key, self._gram(flat))  # float32 products per batch (fast)
-            self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
+        index, new = self._inputs.first(x, len(self._pending))
+        if new:  # its positions now: a layer input no mask tells raises Unbatchable in the forward pass
+            self._pending.append((x, mask_for(x, self.masks), set()))
+        self._pending[index][2].add(name)
         if self.gradients and output.requires_grad:
             self.outputs.append((name, output, mask_for(output, self.masks)))
 
@@ -155,6 +169,7 @@ class _Accumulator:
         """Add the other processes' sums and token counts to this one's (``distributed.Context``;
         each rank ran its own windows), before ``result``. float64 sums added in another order than
         one process adds its windows: equal to it up to round-off, not bit for bit."""
+        self._add_inputs()
         if not ctx.active:
             return
         keys = (sorted(self.gram_sums), sorted(self.grad_grams), sorted(self.grad_sums))
@@ -171,18 +186,25 @@ class _Accumulator:
     def result(self) -> dict[str, LayerStats]:
         """The means, once: the sums become them in place (a new (n, n) float64 tensor per layer
         cost page faults worth seconds on a large model)."""
+        self._add_inputs()
         self._buffers.clear()
-        means = {key: total.div_(max(self.tokens[key], 1)) for key, total in self.gram_sums.items()}
+        keys = sorted(self.gram_sums)
+        read = {t.name: tuple(k for k in keys if t.name in k) for t in self.targets.values()}
+        means = {}  # one per distinct set of sums, shared by its layers; sets of several first (they read sums)
+        for sums in sorted({sums for sums in read.values() if sums}, key=len, reverse=True):
+            total = self.gram_sums[sums[0]] if len(sums) == 1 else sum(self.gram_sums[k] for k in sums)
+            tokens = sum(self.tokens[k] for k in sums)
+            means[sums] = (total.div_(max(tokens, 1)), tokens)
         stats = {}
         for target in self.targets.values():
-            key = self.gram_owner.get(target.name)
-            if key is None:
+            if not read[target.name]:
                 continue  # never called on the calibration data
+            gram, tokens = means[read[target.name]]
             grad, grad_gram = self.grad_sums.get(target.name), self.grad_grams.get(target.name)
             grad_tokens = max(self.grad_tokens.get(target.name, 0), 1)
             stats[target.name] = LayerStats(
-                gram=means[key],
-                tokens=self.tokens[key],
+                gram=gram,
+                tokens=tokens,
                 out_grad_sq=None if grad is None else grad / grad_tokens,
                 out_grad_gram=None if grad_gram is None else grad_gram.div_(grad_tokens),
             )

@@ -632,6 +632,44 @@ def test_statistics_are_collected_once_per_shared_input():
     assert all(torch.isfinite(s.gram).all() and s.has_gradients for s in stats.values())
 
 
+def test_a_layer_called_again_on_another_input_keeps_each_layers_gram_its_own():
+    """Found by review: a layer's Gram was kept under the first layer that read its first input (q/k/v share
+    one), so a tensor only one of them read went into both. DeBERTa-v2/v3 (share_att_key) also projects the
+    relative position embeddings, one tensor for every block, with query_proj and key_proj: value_proj's Gram
+    held them (31% off), and the query/key Grams of the blocks after the first missed them (35% off)."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    torch.manual_seed(0)
+    model = DebertaV2Model(
+        DebertaV2Config(
+            vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            relative_attention=True, position_buckets=8, share_att_key=True, pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm", position_biased_input=False,
+        )
+    ).eval()  # fmt: skip
+    targets, _ = find_targets(model, CompressionConfig())
+    sums = {t.name: [0, 0] for t in targets}  # every call's inputs, layer by layer
+
+    def hook(module, inputs, output, name):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+        sums[name][0] += x.T @ x
+        sums[name][1] += x.shape[0]
+
+    batches = [{"input_ids": torch.randint(0, 96, (2, 8))} for _ in range(2)]
+    stats = collect_statistics(model, targets, batches, gradients=False, progress=False)
+    handles = [t.module.register_forward_hook(lambda m, i, o, n=t.name: hook(m, i, o, n)) for t in targets]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    for name, (total, tokens) in sums.items():
+        torch.testing.assert_close(stats[name].gram, total / tokens, rtol=1e-5, atol=1e-7, msg=name)
+        assert stats[name].tokens == tokens, name
+    q, k, v = (stats[f"encoder.layer.1.attention.self.{p}_proj"] for p in ("query", "key", "value"))
+    assert q.gram is k.gram and v.gram is not q.gram  # one Gram per distinct set of inputs
+
+
 def test_method_that_needs_data_is_refused_without_it():
     with pytest.raises(SvdloraError, match="needs calibration data"):
         svdlora.compress(tiny_gpt2(), budget=0.5, method="whiten", progress=False)
