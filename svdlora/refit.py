@@ -26,27 +26,39 @@ from .padding import Unbatchable, calibration_runs, flat_tokens, is_encoder_deco
 
 
 class _InputTap:
-    """Forward hooks that keep each layer's input (deduplicated: q/k/v share one tensor)."""
+    """Forward hooks that keep every input of each layer in a run, each tensor once (q/k/v share one).
+
+    A tensor is named by the layer that read it first and that layer's call, so a layer called again (DeBERTa's
+    query_proj on the position embeddings) keeps both inputs, and a layer that reads only one of them (its
+    value_proj) only that one: kept as one input per layer under its first reader, the last call replaced the
+    first and value_proj was refitted to position embeddings it never reads."""
 
     def __init__(self) -> None:
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.owner: dict[str, str] = {}  # layer -> the first layer that saw the same tensor
+        self.tensors: dict[tuple[str, int], torch.Tensor] = {}  # (first reader, its call) -> real tokens
+        self.reads: dict[str, list[tuple[str, int]]] = {}  # layer -> the tensors it read, in call order
         self._shared = SharedInputs()
         self.masks: list[torch.Tensor] = []  # the run's real positions (``padding.batched_masks``)
 
     def clear(self) -> None:
-        self.inputs.clear()
+        self.tensors.clear()
+        self.reads.clear()
         self._shared.clear()
 
     def hook_for(self, name: str):
         def hook(module, inputs, output):
             x = inputs[0].detach()
-            owner, _ = self._shared.first(x, name)
-            self.owner[name] = owner
-            if owner == name:
-                self.inputs[name] = flat_tokens(x, mask_for(x, self.masks)).float()
+            reads = self.reads.setdefault(name, [])
+            key, new = self._shared.first(x, (name, len(reads)))
+            if new:
+                self.tensors[key] = flat_tokens(x, mask_for(x, self.masks)).float()
+            reads.append(key)
 
         return hook
+
+    def inputs_of(self, name: str) -> torch.Tensor:
+        """The real tokens of every input layer ``name`` read in the run, in call order."""
+        parts = [self.tensors[key] for key in self.reads[name]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @contextmanager
@@ -83,40 +95,42 @@ def collect_cross_statistics(
     """
     encoder_decoder = is_encoder_decoder(model)
     dense_tap, compressed_tap = _InputTap(), _InputTap()
-    grams: dict[str, torch.Tensor] = {}
-    cross: dict[str, torch.Tensor] = {}
-    tokens: dict[str, int] = {}
+    grams: dict[tuple, torch.Tensor] = {}  # keyed by what the layers read (``_batch_inputs``)
+    cross: dict[tuple, torch.Tensor] = {}
+    tokens: dict[tuple, int] = {}
+    read: dict[str, tuple] = {}  # layer -> its key
     whole = True  # padded batches run whole until one raises Unbatchable (as in ``collect_statistics``)
     with eval_mode(model):
         try:
             for batch in tqdm(batches, desc="refit statistics", disable=not progress):
                 taps = (model, dense, compressed, dense_tap, compressed_tap)
                 try:
-                    inputs = _batch_inputs(*taps, batch, encoder_decoder, whole)
+                    inputs = _batch_inputs(*taps, batch, encoder_decoder, whole, read)
                 except Unbatchable:  # a layer input no mask tells (a routed expert): this batch and the rest row by row
                     dense_tap.clear()
                     compressed_tap.clear()
                     whole = False
-                    inputs = _batch_inputs(*taps, batch, encoder_decoder, whole)
-                for name, (xs, x_tildes) in inputs.items():
+                    inputs = _batch_inputs(*taps, batch, encoder_decoder, whole, read)
+                for key, (xs, x_tildes) in inputs.items():
                     x, x_tilde = torch.cat(xs), torch.cat(x_tildes)
                     gram, product = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()
-                    grams[name] = grams[name] + gram if name in grams else gram
-                    cross[name] = cross[name] + product if name in cross else product
-                    tokens[name] = tokens.get(name, 0) + x_tilde.shape[0]
+                    grams[key] = grams[key] + gram if key in grams else gram
+                    cross[key] = cross[key] + product if key in cross else product
+                    tokens[key] = tokens.get(key, 0) + x_tilde.shape[0]
         finally:
             _swap(model, compressed)
-    means = {owner: (grams[owner] / max(tokens[owner], 1), cross[owner] / max(tokens[owner], 1)) for owner in grams}
-    # layers fed the same input share one (G̃, C) object, so ``refit_factors`` callers can cache per input
-    return {name: means[compressed_tap.owner[name]] for name in compressed if compressed_tap.owner.get(name) in means}
+    means = {key: (grams[key] / max(tokens[key], 1), cross[key] / max(tokens[key], 1)) for key in grams}
+    # layers fed the same inputs share one (G̃, C) object, so ``refit_factors`` callers can cache per input
+    return {name: means[read[name]] for name in compressed if read.get(name) in means}
 
 
 def _batch_inputs(
-    model, dense, compressed, dense_tap, compressed_tap, batch: dict, encoder_decoder: bool, whole: bool = True
-) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """{layer: (dense inputs, compressed inputs)} of ``batch``'s real tokens: its forward passes
-    (``calibration_runs``) through the dense layers, then the compressed ones."""
-    inputs: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    model, dense, compressed, dense_tap, compressed_tap, batch: dict, encoder_decoder: bool, whole: bool, read: dict
+) -> dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """{key: (dense inputs, compressed inputs)} of ``batch``'s real tokens: its forward passes
+    (``calibration_runs``) through the dense layers, then the compressed ones. A key is the tensors a layer
+    read in both passes (``_InputTap``), shared by layers that read the same ones; ``read`` gets each layer's."""
+    inputs: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for run, masks in calibration_runs([batch], encoder_decoder, whole):
         dense_tap.masks = compressed_tap.masks = masks
         _swap(model, dense)
@@ -125,10 +139,14 @@ def _batch_inputs(
         _swap(model, compressed)
         with _tapped(compressed, compressed_tap):
             model(**run)
-        for name, x_tilde in compressed_tap.inputs.items():
-            xs, x_tildes = inputs.setdefault(name, ([], []))
-            xs.append(dense_tap.inputs[dense_tap.owner[name]])
-            x_tildes.append(x_tilde)
+        done = set()
+        for name in compressed_tap.reads:
+            key = read[name] = (tuple(dense_tap.reads[name]), tuple(compressed_tap.reads[name]))
+            if key not in done:  # once per run: its layers read the same tensors
+                done.add(key)
+                xs, x_tildes = inputs.setdefault(key, ([], []))
+                xs.append(dense_tap.inputs_of(name))
+                x_tildes.append(compressed_tap.inputs_of(name))
         dense_tap.clear()
         compressed_tap.clear()
     return inputs

@@ -632,42 +632,72 @@ def test_statistics_are_collected_once_per_shared_input():
     assert all(torch.isfinite(s.gram).all() and s.has_gradients for s in stats.values())
 
 
-def test_a_layer_called_again_on_another_input_keeps_each_layers_gram_its_own():
-    """Found by review: a layer's Gram was kept under the first layer that read its first input (q/k/v share
-    one), so a tensor only one of them read went into both. DeBERTa-v2/v3 (share_att_key) also projects the
-    relative position embeddings, one tensor for every block, with query_proj and key_proj: value_proj's Gram
-    held them (31% off), and the query/key Grams of the blocks after the first missed them (35% off)."""
+def tiny_shared_key_deberta() -> nn.Module:
+    """DeBERTa-v2/v3 as released (share_att_key): query_proj and key_proj also project the relative position
+    embeddings, one tensor for every block; value_proj does not."""
     from transformers import DebertaV2Config, DebertaV2Model
 
     torch.manual_seed(0)
-    model = DebertaV2Model(
+    return DebertaV2Model(
         DebertaV2Config(
             vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             relative_attention=True, position_buckets=8, share_att_key=True, pos_att_type=["p2c", "c2p"],
             norm_rel_ebd="layer_norm", position_biased_input=False,
         )
     ).eval()  # fmt: skip
-    targets, _ = find_targets(model, CompressionConfig())
-    sums = {t.name: [0, 0] for t in targets}  # every call's inputs, layer by layer
+
+
+def grams_of_every_call(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict]) -> dict:
+    """{layer: (Σ x xᵀ / tokens, tokens)} over every call of each of ``modules``, in float64."""
+    sums = {name: [0, 0] for name in modules}
 
     def hook(module, inputs, output, name):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
         sums[name][0] += x.T @ x
         sums[name][1] += x.shape[0]
 
-    batches = [{"input_ids": torch.randint(0, 96, (2, 8))} for _ in range(2)]
-    stats = collect_statistics(model, targets, batches, gradients=False, progress=False)
-    handles = [t.module.register_forward_hook(lambda m, i, o, n=t.name: hook(m, i, o, n)) for t in targets]
+    handles = [m.register_forward_hook(lambda m, i, o, n=name: hook(m, i, o, n)) for name, m in modules.items()]
     with torch.no_grad():
         for batch in batches:
             model(**batch)
     for handle in handles:
         handle.remove()
-    for name, (total, tokens) in sums.items():
-        torch.testing.assert_close(stats[name].gram, total / tokens, rtol=1e-5, atol=1e-7, msg=name)
+    return {name: (total / tokens, tokens) for name, (total, tokens) in sums.items()}
+
+
+def test_a_layer_called_again_on_another_input_keeps_each_layers_gram_its_own():
+    """Found by review: a layer's Gram was kept under the first layer that read its first input (q/k/v share
+    one), so a tensor only one of them read went into both: in DeBERTa-v2/v3 value_proj's Gram held the
+    position embeddings (31% off), and the query/key Grams of the blocks after the first missed them (35% off)."""
+    model = tiny_shared_key_deberta()
+    targets, _ = find_targets(model, CompressionConfig())
+    batches = [{"input_ids": torch.randint(0, 96, (2, 8))} for _ in range(2)]
+    stats = collect_statistics(model, targets, batches, gradients=False, progress=False)
+    for name, (gram, tokens) in grams_of_every_call(model, {t.name: t.module for t in targets}, batches).items():
+        torch.testing.assert_close(stats[name].gram, gram, rtol=1e-5, atol=1e-7, msg=name)
         assert stats[name].tokens == tokens, name
     q, k, v = (stats[f"encoder.layer.1.attention.self.{p}_proj"] for p in ("query", "key", "value"))
     assert q.gram is k.gram and v.gram is not q.gram  # one Gram per distinct set of inputs
+
+
+def test_the_refit_statistics_hold_every_call_of_a_layer_and_only_its_own():
+    """Found by review: the refit kept one input per layer, the last call's, under the layer that read it
+    first, so DeBERTa-v2/v3's query_proj and key_proj were refitted to the position embeddings alone (41% off)
+    and value_proj, which never reads them, to them too (87% off). With compressed layers equal to the
+    dense ones, G̃ and C are each layer's Gram over all its calls."""
+    model = tiny_shared_key_deberta()
+    targets, _ = find_targets(model, CompressionConfig())
+    dense = {t.name: t.module for t in targets}
+    compressed = {name: copy.deepcopy(m) for name, m in dense.items()}
+    for name, m in compressed.items():
+        model.set_submodule(name, m)
+    batches = [{"input_ids": torch.randint(0, 96, (2, 8))} for _ in range(2)]
+    cross = collect_cross_statistics(model, dense, compressed, batches, progress=False)
+    for name, (gram, _) in grams_of_every_call(model, compressed, batches).items():
+        torch.testing.assert_close(cross[name][0], gram, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(cross[name][1], gram, rtol=1e-5, atol=1e-7, msg=name)
+    q, k, v = (cross[f"encoder.layer.1.attention.self.{p}_proj"] for p in ("query", "key", "value"))
+    assert q is k and v is not q  # layers that read the same tensors share one (G̃, C): one root each
 
 
 def test_method_that_needs_data_is_refused_without_it():
