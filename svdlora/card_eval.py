@@ -13,9 +13,8 @@ from .errors import SvdloraError
 from .evaluation import DataRead, check_measurable, evaluate, read_data
 from .evaluation.images import label_ids
 from .evaluation.loading import checked_processor, fitting_task
-from .evaluation.options import DEFAULT_MAX_NEW_TOKENS, IMAGES, MAX_LENGTH_CAP, TEXT, TRANSLATION
+from .evaluation.options import IMAGES, MAX_LENGTH_CAP, TEXT
 from .evaluation.text import context_length
-from .evaluation.translation import decoder_positions
 from .report import CompressionReport
 
 
@@ -61,14 +60,11 @@ def check_before_compressing(
 
 def fitted_options(model: nn.Module, task: str) -> dict:
     """The evaluation options compress --eval sets from ``model``, having no flag for them, where the defaults
-    were refused once the folder was written: a translator with fewer decoder positions than the default
-    longest sentence generates up to its positions (as text windows take the model's context; sweep, which
-    has no --max-new-tokens either, takes this one), and a causal LM whose config gives no context length
-    (a state-space model: no position limit) takes windows of the cap on long contexts."""
+    were refused once the folder was written: a causal LM whose config gives no context length (a state-space
+    model: no position limit) takes windows of the cap on long contexts. (A translator's longest sentence is
+    fitted to its decoder positions by ``evaluate`` itself, as for svdlora eval.)"""
     if task == TEXT and context_length(model) is None:
         return {"max_length": MAX_LENGTH_CAP}
-    if task == TRANSLATION and (positions := decoder_positions(model)) is not None:
-        return {"max_new_tokens": min(positions, DEFAULT_MAX_NEW_TOKENS)}
     return {}
 
 

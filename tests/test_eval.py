@@ -757,9 +757,18 @@ def test_task_that_does_not_fit_the_model(gpt, vit, marian, capsys):
     assert "use --task text-generation" in msg
 
 
-def test_max_new_tokens_past_the_decoder_positions(marian, capsys):
-    args = [marian["dense"], "--task", "translation", "--data", marian["src"], "--references", marian["ref"]]
-    msg = _error(args, capsys)
+def test_max_new_tokens_not_given_is_fitted_to_the_decoder_positions_and_refused_past_them_when_given(
+    marian, tmp_path, capsys
+):
+    """svdlora eval refused its own --max-new-tokens default (128) for a translator of 64 decoder positions ('pass
+    --max-new-tokens 64'), where compress --eval and sweep fitted it: not given, both models now generate up to
+    their positions; a value given past them is still refused."""
+    args = [marian["svd"], "--task", "translation", "--data", marian["src"], "--references", marian["ref"]]
+    code, out, err = _cli([*args, "--baseline", marian["dense"], "--json", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["max_new_tokens"] == 64
+    assert "<= 64 new tokens" in out
+    msg = _error([*args, "--max-new-tokens", "128"], capsys)
     assert "--max-new-tokens 128 reaches past the model's 64 decoder positions: pass --max-new-tokens 64" in msg
 
 

@@ -18,7 +18,8 @@ EXAMPLES = """examples:
 
 defaults: float32; device cuda when present else cpu; batch size 1 window (text), 32 images,
 16 sentences (translation); windows of the model's context (at most 1024) every max-length/2
-tokens; beam search with 4 beams and at most 128 new tokens.
+tokens; beam search with 4 beams and at most 128 new tokens (fewer where the models have fewer decoder
+positions).
 """
 
 
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
     t.add_argument(
         "--max-new-tokens",
         type=options.positive_int("max-new-tokens"),
-        help="translation: longest output (default 128)",
+        help="translation: longest output (default 128, or the models' decoder positions where fewer)",
     )
     r = p.add_argument_group("run")
     r.add_argument(

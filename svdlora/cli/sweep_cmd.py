@@ -89,11 +89,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import transformers  # torch and transformers: imported once the flags are known good
 
-    from ..card_eval import fitted_options, write_card
+    from ..card_eval import write_card
     from ..compress import compress
     from ..config import CompressionConfig
     from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task, local_outline
-    from ..evaluation.options import TRANSLATION
     from ..io.folder import is_compressed_folder
     from ..io.outputs import check_not_input
     from ..io.saving import check_output, save_compressed
@@ -151,8 +150,6 @@ def run(args: argparse.Namespace) -> int:
     target = parse_target(args.target, task) if args.target else None
     if processor is None:
         processor = checked_processor(args.model, task)
-    if task == TRANSLATION:  # sweep has no --max-new-tokens: up to the model's decoder positions, as compress --eval
-        eval_options.update(fitted_options(model, task))
     data_read = data_read or _checked_data(task, args.data, eval_options, processor)
     # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
     # image processor, as resolve_calibration would load it)

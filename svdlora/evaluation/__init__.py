@@ -73,7 +73,7 @@ from .options import IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, build_option
 from .report import format_table, ratios
 from .sources import is_dataset
 from .text import check_baseline_context, check_scorable, evaluate_text, load_text
-from .translation import evaluate_translation, load_pairs
+from .translation import evaluate_translation, fitted_max_new_tokens, load_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -153,12 +153,14 @@ def evaluate(
         loaded = load_data(opts)  # data problems surface before any model is loaded
     else:
         loaded, opts.split = data_read.data, data_read.split
-    base_processor = None  # the baseline's, checked by preflight: not loaded again
+    base_outline = base_processor = None  # the baseline's, checked by preflight: not loaded again
     if baseline is not None:
         # a broken baseline fails now, not after the model ran
         base_outline, base_processor = preflight(baseline, opts, "--baseline")
         if opts.task == TEXT:
             check_baseline_context(model_outline(), base_outline, opts)
+    if opts.task == TRANSLATION and opts.max_new_tokens is None:  # one fitted value, both models generate alike
+        opts.max_new_tokens = fitted_max_new_tokens(model_outline(), base_outline)
     # a local folder's processor, read from its meta model and files: a wrong task, no tokenizer files or data
     # too short to score are refused in a second, not after the model's load
     model_processor = processor

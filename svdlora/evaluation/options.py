@@ -21,8 +21,8 @@ DEFAULT_DTYPE = torch.float32
 # The HF perplexity guide uses GPT-2's full context (1024) and stride 512; longer contexts are
 # capped so a model with an 8k context does not turn a quick check into minutes per window.
 MAX_LENGTH_CAP = 1024
-# translation: the longest generated sentence (compress --eval and sweep, which have no --max-new-tokens, take
-# a model's decoder positions where they are fewer)
+# translation: the longest generated sentence, where --max-new-tokens is not given (evaluate takes the models'
+# decoder positions where they are fewer: translation.fitted_max_new_tokens)
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_NUM_BEAMS = 4  # what Marian / OPUS-MT models ship with
 
@@ -74,7 +74,11 @@ class EvalOptions:
         default=None, metadata={"help": f"translation: beam width (default {DEFAULT_NUM_BEAMS})."}
     )
     max_new_tokens: int | None = field(
-        default=None, metadata={"help": f"translation: longest generated sentence (default {DEFAULT_MAX_NEW_TOKENS})."}
+        default=None,
+        metadata={
+            "help": f"translation: longest generated sentence (default {DEFAULT_MAX_NEW_TOKENS}, at most the "
+            "models' decoder positions)."
+        },
     )
     batch_size: int | None = field(
         default=None, metadata={"help": "Windows / images / sentences per forward (default per task)."}
@@ -128,8 +132,7 @@ class EvalOptions:
             )
         self._refuse_other_tasks_options()
         if self.task == TRANSLATION:
-            self.num_beams = self.num_beams or DEFAULT_NUM_BEAMS
-            self.max_new_tokens = self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+            self.num_beams = self.num_beams or DEFAULT_NUM_BEAMS  # max_new_tokens: None is fitted to the models
         if self.runtime not in (None, *RUNTIMES):
             raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         self.dtype = parse_dtype(self.dtype)

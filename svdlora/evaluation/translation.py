@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SvdloraError
 from .measure import TaskRun, model_device, timed
-from .options import EvalOptions
+from .options import DEFAULT_MAX_NEW_TOKENS, EvalOptions
 from .sources import (
     DATASET_FILE_BUILDERS,
     column_values,
@@ -96,6 +96,13 @@ def decoder_positions(model: nn.Module) -> int | None:
     """The decoder's learned / sinusoidal positions, where its config gives them: no generation goes past them."""
     positions = getattr(model.config, "max_position_embeddings", None)
     return positions if isinstance(positions, int) else None
+
+
+def fitted_max_new_tokens(*models: nn.Module | None) -> int:
+    """--max-new-tokens not given: the default, at most the decoder positions of each model (None: not known
+    before its load), so a translator with fewer positions generates up to them, the baseline alike."""
+    positions = [p for m in models if m is not None and (p := decoder_positions(m)) is not None]
+    return min([DEFAULT_MAX_NEW_TOKENS, *positions])
 
 
 def _input_limit(model: nn.Module, tokenizer) -> int | None:
