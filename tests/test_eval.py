@@ -592,6 +592,33 @@ def test_dataset_options_with_plain_data_are_refused(gpt, vit, marian, capsys):
     assert "--source-column applies to datasets" in _error(argv, capsys)
 
 
+def test_the_dataset_configuration_read_is_named_in_the_result_and_the_table(gpt, tmp_path, capsys):
+    """--data-config picks other data under the same dataset name (wikitext-2-raw-v1 or wikitext-2-v1), and
+    the result named only the source and split: two configurations' different perplexities read as one data's."""
+    from svdlora import card
+
+    configs = {"one": TEXT, "two": " ".join(reversed(TEXT.split()))}
+    yaml = ["---", "configs:"]
+    for name, text in configs.items():
+        (tmp_path / "ds" / name).mkdir(parents=True)
+        (tmp_path / "ds" / name / "test.jsonl").write_text(json.dumps({"text": text}) + "\n")
+        yaml += [f"- config_name: {name}", "  data_files:", "  - split: test", f"    path: {name}/test.jsonl"]
+    (tmp_path / "ds" / "README.md").write_text("\n".join([*yaml, "---", ""]))
+    perplexities = set()
+    for name in configs:
+        out_json = tmp_path / f"{name}.json"
+        args = [gpt["dense"], "--data", str(tmp_path / "ds"), "--data-config", name, "--json", str(out_json)]
+        code, out, err = _cli(args, capsys)
+        assert code == 0, err
+        result = json.loads(out_json.read_text())
+        assert result["data"]["config"] == name
+        assert out.startswith(f"text-generation on {tmp_path / 'ds'} ({name}) [test]: "), out.splitlines()[0]
+        text = card.render("t", None, [], tags=[], library="transformers", eval_result=result)  # compress --eval's
+        assert f"on `{tmp_path / 'ds'}` ({name}) [test] ({result['data']['examples']} examples" in text
+        perplexities.add(result["model"]["metrics"]["perplexity"])
+    assert len(perplexities) == 2  # other data indeed
+
+
 def test_image_dataset_folder_with_split_is_read_as_a_dataset(vit, tmp_path, capsys):
     """A folder that is not one of class subfolders (a hub image dataset's copy: data/<split>.parquet)
     given with --split is read by ``datasets``, with the split; a class-subfolder image folder given

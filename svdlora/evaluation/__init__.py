@@ -6,7 +6,7 @@
       "schema_version": 1,
       "svdlora_version": "0.1.0",
       "task": "text-generation" | "image-classification" | "translation",
-      "data": {"source": str, "split": str | null, "examples": int},
+      "data": {"source": str, "config": str | null, "split": str | null, "examples": int},  # config: --data-config
       "settings": {                       # null where the task does not use it
         "batch_size": int, "limit": int | null,
         "max_length": int | null, "stride": int | null,          # text-generation
@@ -91,7 +91,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 RESULT_KEYS = ("schema_version", "svdlora_version", "task", "data", "settings", "model", "baseline", "ratios")
-DATA_KEYS = ("source", "split", "examples")
+DATA_KEYS = ("source", "config", "split", "examples")
 SETTINGS_KEYS = ("batch_size", "limit", "max_length", "stride", "num_beams", "max_new_tokens", "runtime")
 MODEL_KEYS = (
     "name", "compressed", "device", "dtype", "parameters", "bytes_on_disk", "model_memory_bytes",
@@ -201,7 +201,12 @@ def evaluate(
         "schema_version": SCHEMA_VERSION,
         "svdlora_version": __version__,
         "task": opts.task,
-        "data": {"source": _data_name(opts.data), "split": opts.split, "examples": model["examples"]},
+        "data": {
+            "source": _data_name(opts.data),
+            "config": opts.data_config,  # a dataset's configuration: other data under the same name
+            "split": opts.split,
+            "examples": model["examples"],
+        },
         "settings": {
             "batch_size": opts.effective_batch_size,
             "limit": opts.limit,

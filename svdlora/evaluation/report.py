@@ -86,6 +86,14 @@ def measured_with(settings: dict) -> list[str]:
     return details
 
 
+def data_label(data: dict, quote: str = "") -> str:
+    """The data a result's figures were measured on, in words (the table's heading and the model card's): its
+    source, with a dataset's configuration and the split read (different data under the same source name)."""
+    config = f" ({data['config']})" if data.get("config") else ""
+    split = f" [{data['split']}]" if data.get("split") else ""
+    return f"{quote}{data.get('source')}{quote}{config}{split}"
+
+
 def format_table(result: dict) -> str:
     """The result as a readable table: one column per model, plus the ratio when there is a baseline."""
     model, baseline, task_ratios = result["model"], result["baseline"], result["ratios"]
@@ -96,10 +104,7 @@ def format_table(result: dict) -> str:
     if settings.get("runtime"):
         details.append(f"runtime {settings['runtime']}")
     lines = [
-        f"{result['task']} on {data['source']}"
-        + (f" [{data['split']}]" if data["split"] else "")
-        + f": {data['examples']:,} examples, "
-        + ", ".join(details),
+        f"{result['task']} on {data_label(data)}: {data['examples']:,} examples, " + ", ".join(details),
         f"model:    {model['name']}" + (" (svdlora compressed)" if model["compressed"] else ""),
     ]
     if baseline:
