@@ -281,6 +281,28 @@ def test_translation_list_column_is_scored_as_several_references(marian):
         evaluate(marian["dense"], task="translation", data=missing, **opts)
 
 
+def test_a_left_padding_tokenizer_translates_each_sentence_as_it_would_alone():
+    """Batches were padded on the tokenizer's side: one saved with padding_side='left' shifted a shorter
+    sentence's absolute encoder positions (Marian's) by its batch's longest, so its translation, and BLEU,
+    depended on the batch size. They are padded on the right."""
+    from svdlora.evaluation.options import EvalOptions
+    from svdlora.evaluation.translation import translate
+
+    tok = word_tokenizer(WORDS, eos_suffix=True)
+    tok.padding_side = "left"
+    model = tiny_marian(len(tok))
+    with torch.no_grad():  # sharper than the seeded init: the outputs then follow the positions
+        for p in model.parameters():
+            p.mul_(8)
+        model.final_logits_bias.zero_()
+    sources = ["ein mann sitzt", "der hund läuft im park", "eine katze", "rot blau haus baum", "klein"]
+    hypotheses = {}
+    for batch_size in (1, 16):
+        opts = EvalOptions(task="translation", data=sources, max_new_tokens=8, batch_size=batch_size, progress=False)
+        hypotheses[batch_size] = translate(model, tok, sources, opts)[0]
+    assert hypotheses[16] == hypotheses[1]
+
+
 # ------------------------------------------------------------------ perplexity by hand
 def _ids(tok, text):
     return tok(text, return_tensors="pt")["input_ids"][0]

@@ -1,10 +1,10 @@
 """BLEU and chrF of an encoder-decoder translation model, plus sentences per second.
 
 Generation is deterministic beam search: ``num_beams`` (default 4, what Marian/OPUS-MT models
-ship with), ``max_new_tokens`` (default 128), ``length_penalty`` 1.0, ``early_stopping`` on,
-no sampling; any other setting (forced EOS, bad words, ...) comes from the model's own
-``generation_config``. Sentences are batched longest first (less padding), and scored in their
-original order with sacrebleu's default BLEU (13a tokenization, exp smoothing) and chrF2, on
+ship with), ``max_new_tokens`` (default 128, at most the models' decoder positions), ``length_penalty``
+1.0, ``early_stopping`` on, no sampling; any other setting (forced EOS, bad words, ...) comes from the
+model's own ``generation_config``. Sentences are batched longest first (less padding), padded on the
+right, and scored in their original order with sacrebleu's default BLEU (13a tokenization, exp smoothing) and chrF2, on
 detokenized text as the model's tokenizer decodes it, against every reference of a sentence (a
 dataset's list column holds several); the signatures are reported with the scores so the numbers
 can be compared with published ones.
@@ -111,7 +111,18 @@ def _input_limit(model: nn.Module, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
-def _model_inputs(encoding, device: torch.device) -> dict:
+def _model_inputs(tokenizer, sources: list[str], max_input: int | None, device: torch.device) -> dict:
+    """One batch's encoder inputs, padded on the right whatever the tokenizer's padding side: left padding
+    shifts a sentence's absolute positions (Marian's, BART's) by its batch's longest, so its translation
+    depended on the batch it fell in."""
+    encoding = tokenizer(
+        sources,
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+        truncation=max_input is not None,
+        max_length=max_input,
+    )
     return {k: v.to(device) for k, v in encoding.items() if k in ("input_ids", "attention_mask")}
 
 
@@ -139,27 +150,15 @@ def translate(
     # pools, kernel choice, library code paged in) then count against no model.
     warm_config = copy.deepcopy(generation_config)
     warm_config.max_new_tokens = 2
-    warm = tokenizer(
-        [sources[i] for i in order[:batch_size]],
-        return_tensors="pt",
-        padding=True,
-        truncation=max_input is not None,
-        max_length=max_input,
-    )
-    model.generate(**_model_inputs(warm, device), generation_config=warm_config)
+    warm = _model_inputs(tokenizer, [sources[i] for i in order[:batch_size]], max_input, device)
+    model.generate(**warm, generation_config=warm_config)
     with meter or nullcontext():  # peak memory covers the evaluation loop, not data preparation
         bar = tqdm(total=len(sources), desc="translate", unit="sent", disable=not opts.progress, leave=False)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            enc = tokenizer(
-                [sources[i] for i in idx],
-                return_tensors="pt",
-                padding=True,
-                truncation=max_input is not None,
-                max_length=max_input,
-            )
+            inputs = _model_inputs(tokenizer, [sources[i] for i in idx], max_input, device)
             with timed(device, clock):
-                out = model.generate(**_model_inputs(enc, device), generation_config=generation_config)
+                out = model.generate(**inputs, generation_config=generation_config)
             for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True), strict=True):
                 hypotheses[i] = text.strip()
             bar.update(len(idx))
