@@ -923,6 +923,20 @@ def test_runtime_layouts_give_the_same_perplexity(gpt, tmp_path, capsys):
     assert figures["pairs"] == pytest.approx(figures["factorized"], rel=1e-4)
 
 
+def test_a_runtime_is_refused_for_a_compressed_model_in_memory(gpt):
+    """runtime= lays out svdlora folders as they load: a compressed model passed in memory ran as it was (its
+    factors) while the result's settings said 'runtime merged'. Refused, as model or baseline."""
+    from transformers import AutoTokenizer
+
+    model, tok = svdlora.load_compressed(gpt["svd"]), AutoTokenizer.from_pretrained(gpt["svd"])
+    options = {"task": "text-generation", "data": gpt["text"], "runtime": "merged", "progress": False}
+    match = "runtime='merged' lays out svdlora folders as they load, and the compressed GPT2LMHeadModel is in memory"
+    with pytest.raises(svdlora.SvdloraError, match=match):
+        evaluate((model, tok), **options)
+    with pytest.raises(svdlora.SvdloraError, match=match):
+        evaluate(gpt["svd"], baseline=(model, tok), **options)
+
+
 class _Packed(torch.Tensor):
     """A quantization library's weight: a wrapper tensor whose bytes live in its inner tensors."""
 

@@ -149,7 +149,9 @@ def preflight(spec: Any, opts: EvalOptions, flag: str = "--baseline") -> tuple[n
         processor checked, for ``prepare`` to take rather than load again: None for a module).
     """
     if not isinstance(spec, str | Path):
-        return outline(spec), None
+        module = outline(spec)
+        check_runtime(module, opts)
+        return module, None
 
     name = str(spec)
     try:
@@ -287,7 +289,22 @@ def _preimport(name: str) -> None:
         pass
 
 
+def _is_compressed(model: nn.Module) -> bool:
+    return any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def check_runtime(model: nn.Module | None, opts: EvalOptions) -> None:
+    """``opts.runtime`` refused for a compressed model in memory: it lays out folders as they load, so that
+    model would run as it is, its figures labelled with the runtime (before either model runs)."""
+    if model is not None and opts.runtime is not None and _is_compressed(model):
+        raise SvdloraError(
+            f"runtime={opts.runtime!r} lays out svdlora folders as they load, and the compressed "
+            f"{type(model).__name__} is in memory: drop runtime=, or evaluate the folder it was saved to"
+        )
+
+
 def _adopt(model: nn.Module, opts: EvalOptions, processor: Any) -> Candidate:
+    check_runtime(model, opts)
     if opts.device is not None or opts.dtype is not None:
         model.to(device=default_device(opts.device) if opts.device else None, dtype=opts.dtype)
     config = getattr(model, "config", None)
@@ -302,12 +319,11 @@ def _adopt(model: nn.Module, opts: EvalOptions, processor: Any) -> Candidate:
                 f"or (model, {what}) to evaluate()"
             )
         processor = checked_processor(source, opts.task)
-    compressed = any(isinstance(m, LowRankLinear) for m in model.modules())
     return Candidate(
         model=model.eval(),
         processor=processor,
         name=f"{name} (in memory)",
-        compressed=compressed,
+        compressed=_is_compressed(model),
         bytes_on_disk=None,
         load_seconds=None,
         owned=False,
