@@ -57,19 +57,13 @@ def _size(n: int | None) -> str:
 def _eval_rows(result: dict | None) -> list[str]:
     if not result:
         return []
-    from .evaluation.report import data_label, measured_with  # torch is loaded where a model was evaluated
+    from .evaluation.report import measured_on  # torch is loaded where a model was evaluated
 
-    settings, data = result.get("settings") or {}, result.get("data") or {}
-    # the windows / generation length too: without them a reader cannot measure the figures again
-    details = "".join(f"; {detail}" for detail in measured_with(settings))
-    limit = f"limit {settings['limit']}" if settings.get("limit") else "no limit"
     lines = [
         "",
         "## Evaluation",
         "",
-        # the dataset's configuration and split read, as `svdlora eval`'s table names them
-        f"Task `{result.get('task')}` on {data_label(data, quote='`')} "
-        f"({data.get('examples')} examples, {limit}{details}).",
+        f"Task `{result.get('task')}` on {measured_on(result, quote='`')}.",
         "",
     ]
     lines += [

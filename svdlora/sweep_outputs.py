@@ -22,6 +22,11 @@ def format_table(record: dict) -> str:
         # the budget as sweep.json and the target line give it: a bisection's 0.137031 read 0.137 (4 digits)
         name = "dense" if p["budget"] is None else str(p["budget"])
         lines.append(f"| {name} | {p['params']:,} | {p['bytes_estimate']:,} | {p['quality']:.4g} | {ratio:.3f}x |")
+    measured = record["dense"].get("result")
+    if measured:  # every point is measured alike: the dense model's data, limit and settings are theirs
+        from .evaluation.report import measured_on  # torch is loaded where a model was evaluated
+
+        lines += ["", f"Measured on {measured_on(measured)}."]
     for budget, why in record.get("skipped", {}).items():
         lines += ["", f"Budget {budget} not measured: {why}"]
     if record.get("monotone") is False:  # said in the log only, and the reader of sweep.md never saw it
@@ -110,5 +115,6 @@ def _slim(point: dict) -> dict:
     return {
         **{k: v for k, v in point.items() if k != "result"},
         "metrics": model.get("metrics"),
+        "data": result.get("data"),
         "settings": result.get("settings"),
     }

@@ -454,6 +454,20 @@ def test_sweep_cli_writes_the_points_before_a_failure_and_exits_with_the_error(t
     check_sweep_folder(out, overwrite=True)  # a stopped sweep's files: replaced by the next with --overwrite
 
 
+def test_sweep_outputs_name_the_data_measured_on(tmp_path, capsys):
+    """sweep.json kept each point's settings (limit, windows) but not the data its figures were measured on,
+    and sweep.md neither: they name it (source, split, examples), as `svdlora eval` and the card do."""
+    model, text = lm_folder(tmp_path)
+    out = tmp_path / "s"
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--limit", "2", "--output", str(out)]
+    assert main([*argv, "--no-progress", "--calibration", "none"]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    for point in [record["dense"], *record["points"]]:
+        assert point["data"] == {"source": str(text), "config": None, "split": None, "examples": 2}
+    measured = f"Measured on {text} (2 examples, limit 2; windows of 64 every 32 tokens)."
+    assert measured in (out / "sweep.md").read_text() and measured in capsys.readouterr().out
+
+
 def test_ctrl_c_keeps_the_points_measured_before(tmp_path, capsys, monkeypatch):
     """Ctrl-C at the 3rd budget lost the points measured before it ('interrupted (nothing was written)'); the
     sweep now raises SweepInterrupted (still a KeyboardInterrupt) holding them, and the CLI writes them and

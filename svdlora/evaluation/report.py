@@ -94,6 +94,16 @@ def data_label(data: dict, quote: str = "") -> str:
     return f"{quote}{data.get('source')}{quote}{config}{split}"
 
 
+def measured_on(result: dict, quote: str = "") -> str:
+    """What a result's figures were measured on, in words (the model card's evaluation line, sweep.md's): the
+    data, its examples, the limit and the settings the task's figures depend on."""
+    settings, data = result.get("settings") or {}, result.get("data") or {}
+    # the windows / generation length too: without them a reader cannot measure the figures again
+    details = "".join(f"; {detail}" for detail in measured_with(settings))
+    limit = f"limit {settings['limit']}" if settings.get("limit") else "no limit"
+    return f"{data_label(data, quote)} ({data.get('examples')} examples, {limit}{details})"
+
+
 def format_table(result: dict) -> str:
     """The result as a readable table: one column per model, plus the ratio when there is a baseline."""
     model, baseline, task_ratios = result["model"], result["baseline"], result["ratios"]
