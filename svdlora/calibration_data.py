@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from .errors import SvdloraError
 from .evaluation.images import image_folder
 from .evaluation.sources import (
-    DATASET_FILE_BUILDERS,
     check_exists,
     column_values,
+    dataset_builder,
     is_dataset,
     is_saved_dataset,
     open_dataset,
@@ -149,7 +149,7 @@ def _read_calibration_text(data: Any) -> str:
         path = Path(str(data)).expanduser()
         if path.is_dir() and not is_saved_dataset(path):
             raise SvdloraError(f"{FLAG} {str(data)!r} is a folder: this model calibrates on a text file or dataset")
-        if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
+        if path.is_file() and dataset_builder(path) is None:
             return read_text(path, FLAG)
     dataset = open_dataset(data, None, None, FLAG)
     column = pick_column(dataset, None, ("text", "sentence", "source"), None)  # no flag picks a column
@@ -186,7 +186,7 @@ def _image_batches(data, image_processor, samples: int) -> list[dict]:
     image_processor = _need(image_processor, "image processor")
     if not is_dataset(data):
         path = check_exists(data, FLAG)
-        if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
+        if path.is_file() and dataset_builder(path) is None:
             raise SvdloraError(
                 f"{FLAG} {str(data)!r} is a file: an image model calibrates on a folder with one subfolder per "
                 "class (or any subfolders of images), or a dataset with an image column"
@@ -216,7 +216,7 @@ def _image_batches(data, image_processor, samples: int) -> list[dict]:
 
 def _seq2seq_batches(model, data, tokenizer, samples: int, length: int, progress: bool) -> list[dict]:
     tokenizer = _need(tokenizer, "tokenizer")
-    if is_dataset(data) or Path(str(data)).suffix.lower() in DATASET_FILE_BUILDERS:
+    if is_dataset(data) or dataset_builder(str(data)) is not None:
         dataset = open_dataset(data, None, None, FLAG)
         column = pick_column(dataset, None, ("source", "src", "text", "sentence"), None)
         sentences = text_values(column_values(dataset, column), column, FLAG)

@@ -1119,3 +1119,21 @@ def test_a_text_column_that_is_not_text_is_refused_not_scored_as_its_str(gpt):
     data = datasets.Dataset.from_dict({"text": [{"doc": TEXT}]})
     with pytest.raises(svdlora.SvdloraError, match=r"--data reads the dataset's column 'text', which holds a dict"):
         evaluate(gpt["dense"], task="text-generation", data=data, max_length=32, device="cpu", progress=False)
+
+
+def test_a_gzipped_json_lines_file_is_read_as_the_dataset_it_holds(gpt, tmp_path, capsys):
+    """x.jsonl.gz was judged by its last suffix, .gz, and read as plain text: the perplexity of its JSON syntax
+    ('{"text": ...}'), without a word. datasets reads it as the JSON lines it holds, as x.jsonl is read."""
+    import gzip
+
+    line = json.dumps({"text": TEXT}) + "\n"
+    (tmp_path / "d.jsonl").write_text(line)
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write(line)
+    perplexity = {}
+    for name in ("d.jsonl", "d.jsonl.gz"):
+        out_json = tmp_path / f"{name}.json"
+        code, _, err = _cli([gpt["dense"], "--data", str(tmp_path / name), "--json", str(out_json)], capsys)
+        assert code == 0, err
+        perplexity[name] = json.loads(out_json.read_text())["model"]["metrics"]["perplexity"]
+    assert perplexity["d.jsonl.gz"] == perplexity["d.jsonl"]

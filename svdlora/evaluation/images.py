@@ -23,10 +23,10 @@ from ..errors import SvdloraError, first_line
 from .measure import TaskRun, model_device, model_dtype, timed
 from .options import EvalOptions
 from .sources import (
-    DATASET_FILE_BUILDERS,
     IMAGE_SUFFIXES,
     check_exists,
     column_values,
+    dataset_builder,
     dataset_options,
     is_dataset,
     is_image_folder,
@@ -86,7 +86,7 @@ def load_images(opts: EvalOptions) -> ImageData:
             # dataset's copy, data/<split>/*.parquet) is read as a dataset, with them
             if is_image_folder(path):
                 refuse_dataset_options(data, given, "an image folder (one subfolder per class)")
-        if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
+        if path.is_file() and dataset_builder(path) is None:
             raise SvdloraError(
                 f"--data {str(data)!r} is a file: image-classification reads a folder with one subfolder "
                 "per class, or a dataset with image and label columns"

@@ -12,6 +12,7 @@ import torch
 from ..choices import DEFAULT_TEXT_COLUMN, IMAGES, RUNTIMES, TASKS, TEXT, TRANSLATION
 from ..errors import SvdloraError
 from ..models import default_device, parse_dtype
+from .sources import dataset_builder
 
 # One window of max_length tokens is already a large matmul; images and sentences are small.
 DEFAULT_BATCH_SIZE = {TEXT: 1, IMAGES: 32, TRANSLATION: 16}
@@ -163,7 +164,7 @@ def _is_plain_file(data: Any) -> bool:
     if not isinstance(data, str | Path):
         return False
     path = Path(data)
-    return path.is_file() and path.suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+    return path.is_file() and dataset_builder(path) is None
 
 
 def build_options(task: str, data: Any, options: dict) -> EvalOptions:

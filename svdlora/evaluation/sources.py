@@ -18,6 +18,18 @@ from ..errors import SvdloraError, first_line
 logger = logging.getLogger(__name__)
 
 DATASET_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def dataset_builder(path: str | Path) -> str | None:
+    """The ``datasets`` builder that reads a table file, gzipped or not (``x.jsonl``, ``x.jsonl.gz``: datasets
+    decompresses it), or None for a plain text file (``x.txt``, ``x.txt.gz``). Judged by the last suffix alone,
+    a gzipped JSON-lines file was read as text: the perplexity of its JSON syntax."""
+    suffixes = [s.lower() for s in Path(path).suffixes[-2:]]
+    if suffixes[-1:] == [".gz"]:
+        suffixes.pop()
+    return DATASET_FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -170,8 +182,8 @@ def _open_split(data: Any, split: str | None, config: str | None, flag: str) -> 
         try:
             if is_saved_dataset(path):
                 loaded = datasets.load_from_disk(str(path))
-            elif path.is_file() and path.suffix.lower() in DATASET_FILE_BUILDERS:
-                loaded = datasets.load_dataset(DATASET_FILE_BUILDERS[path.suffix.lower()], data_files=str(path))
+            elif path.is_file() and (builder := dataset_builder(path)) is not None:
+                loaded = datasets.load_dataset(builder, data_files=str(path))
             else:
                 loaded, split_read = datasets.load_dataset(str(data), config, split=split), True
         except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"

@@ -32,8 +32,8 @@ from ..errors import SvdloraError
 from .measure import TaskRun, model_device, timed
 from .options import MAX_LENGTH_CAP, EvalOptions
 from .sources import (
-    DATASET_FILE_BUILDERS,
     column_values,
+    dataset_builder,
     dataset_options,
     is_dataset,
     open_eval_dataset,
@@ -67,7 +67,7 @@ def load_text(opts: EvalOptions) -> str:
     data = opts.data
     if not is_dataset(data):
         path = Path(str(data)).expanduser()
-        if path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS:
+        if path.is_file() and dataset_builder(path) is None:
             given = dataset_options(opts, {"--text-column": opts.text_column})
             refuse_dataset_options(data, given, "a plain text file, read whole")
             return read_text(path)

@@ -25,8 +25,8 @@ from ..errors import SvdloraError
 from .measure import TaskRun, model_device, timed
 from .options import DEFAULT_MAX_NEW_TOKENS, EvalOptions
 from .sources import (
-    DATASET_FILE_BUILDERS,
     column_values,
+    dataset_builder,
     dataset_options,
     is_dataset,
     open_eval_dataset,
@@ -53,7 +53,7 @@ def load_pairs(opts: EvalOptions) -> tuple[list[str], References]:
     plain = False
     if not is_dataset(data):
         path = Path(str(data)).expanduser()
-        plain = path.is_file() and path.suffix.lower() not in DATASET_FILE_BUILDERS
+        plain = path.is_file() and dataset_builder(path) is None
     if plain or (opts.references is not None and not is_dataset(data)):
         if opts.references is None:
             raise SvdloraError(f"translation from {str(data)!r} needs --references FILE (one sentence per line)")
