@@ -14,12 +14,21 @@ def eval_mode(*models: nn.Module | None) -> Iterator[None]:
     then give every module back its own mode; None is skipped (an optional teacher). Module by module:
     ``model.train(was_training)`` set every submodule to the model's mode, so a part the caller had put in eval
     mode (a frozen BatchNorm in a model being trained) came back training."""
-    modes = {m: m.training for model in models if model is not None for m in model.modules()}
+    modes = training_flags(*models)
     try:
         for model in models:
             if model is not None:
                 model.eval()
         yield
     finally:
-        for module, training in modes.items():
-            module.training = training
+        restore(modes)
+
+
+def training_flags(*models: nn.Module | None) -> dict[nn.Module, bool]:
+    """Every module's own mode (``restore`` gives them back)."""
+    return {m: m.training for model in models if model is not None for m in model.modules()}
+
+
+def restore(flags: dict[nn.Module, bool]) -> None:
+    for module, training in flags.items():
+        module.training = training

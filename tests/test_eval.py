@@ -1137,3 +1137,14 @@ def test_a_gzipped_json_lines_file_is_read_as_the_dataset_it_holds(gpt, tmp_path
         assert code == 0, err
         perplexity[name] = json.loads(out_json.read_text())["model"]["metrics"]["perplexity"]
     assert perplexity["d.jsonl.gz"] == perplexity["d.jsonl"]
+
+
+def test_a_model_passed_in_memory_gets_its_modes_back(gpt):
+    """evaluate() ran a model passed in memory in eval mode and left it there: a training loop that evaluates
+    between steps went on without dropout. Each module gets its own mode back (a frozen part stays frozen)."""
+    tok = PreTrainedTokenizerFast.from_pretrained(gpt["dense"])
+    model = GPT2LMHeadModel.from_pretrained(gpt["dense"]).train()
+    model.transformer.h[0].eval()  # a part the caller froze
+    evaluate(model, "text-generation", gpt["text"], baseline=model, processor=tok, max_length=32, progress=False)
+    assert model.training and model.transformer.h[1].attn.training
+    assert not model.transformer.h[0].training and not model.transformer.h[0].attn.training

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import SvdloraError, first_line
 from ..layers import LowRankLinear
 from ..models import default_device
+from ..modes import restore, training_flags
 from .measure import disk_bytes
 from .options import DEFAULT_DTYPE, IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions
 
@@ -32,9 +33,12 @@ class Candidate:
     bytes_on_disk: int | None
     load_seconds: float | None  # None for a model passed in memory
     owned: bool  # loaded here, so freed here after its evaluation
+    modes: dict[nn.Module, bool] = field(default_factory=dict)  # a model passed in: its modules' own modes
 
     def release(self) -> None:
-        """Drop a model this module loaded, and give its memory back before the next one."""
+        """Drop a model this module loaded, and give its memory back before the next one; give a model
+        passed in its modes back (evaluated in eval mode, it went on in a training loop without dropout)."""
+        restore(self.modes)
         if self.owned:
             self.model = None
             gc.collect()
@@ -319,6 +323,7 @@ def _adopt(model: nn.Module, opts: EvalOptions, processor: Any) -> Candidate:
                 f"or (model, {what}) to evaluate()"
             )
         processor = checked_processor(source, opts.task)
+    modes = training_flags(model)
     return Candidate(
         model=model.eval(),
         processor=processor,
@@ -327,6 +332,7 @@ def _adopt(model: nn.Module, opts: EvalOptions, processor: Any) -> Candidate:
         bytes_on_disk=None,
         load_seconds=None,
         owned=False,
+        modes=modes,
     )
 
 
