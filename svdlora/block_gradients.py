@@ -41,7 +41,7 @@ from .errors import SvdloraError
 from .layers import weight_out_in
 from .methods import Weighting, weighted_spectrum
 from .padding import is_causal_lm, mask_for
-from .plan import CalibrationPlan
+from .plan import CalibrationPlan, factor_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def collect(
             blocks[i], targets, inputs, masks, grads, folder / f"hidden-{i}.pt", i > 0, method == "kfac", ctx
         )
         (folder / f"hidden-{i}.pt").unlink()
-        weighted = CalibrationPlan(method, allocation, stats=stats)
+        weighted = CalibrationPlan(method, allocation, stats=stats, dtype=factor_dtype(targets))
         targets = [t for t in targets if owned is None or t.name in owned]  # the others are other ranks'
         if allocation == "global":
             for t in targets:

@@ -35,7 +35,7 @@ from .errors import StreamingRefusal
 from .io.load import _no_weight_init
 from .models import model_class
 from .padding import calibration_runs
-from .plan import CalibrationPlan, resolved_allocation, uses_calibration
+from .plan import CalibrationPlan, factor_dtype, resolved_allocation, uses_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def calibrate_and_factorize(
                 entry.run(block)
         accumulator.new_batch()
         accumulator.sum_over_ranks(ctx)
-        stats = CalibrationPlan("whiten", "uniform", stats=accumulator.result())
+        stats = CalibrationPlan("whiten", "uniform", stats=accumulator.result(), dtype=factor_dtype(targets))
         moved = {}  # q/k/v's S and S⁻¹ copied to the CPU once
         for target in targets:
             if target.name not in stats.stats:

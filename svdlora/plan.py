@@ -40,16 +40,24 @@ class Statistics(dict):
 
     def __init__(self, stats: Mapping[str, LayerStats] = ()) -> None:
         super().__init__(stats)
-        self._factors: dict[tuple, tuple[Any, Any]] = {}  # (kind, id of its source) -> (the source, the factor)
+        self._factors: dict[tuple, tuple[Any, Any]] = {}  # (kind, id of its source, dtype) -> (the source, the factor)
 
-    def factor(self, kind: str, source: Any, compute: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
-        """``compute()`` (float32, None as None) once per ``kind`` and ``source``, which is held with it, so its
-        id is not reused while cached (an entry replaced since computes again)."""
-        key = (kind, id(source))
+    def factor(
+        self, kind: str, source: Any, compute: Callable[[], torch.Tensor | None], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor | None:
+        """``compute()`` in ``dtype`` (None as None) once per ``kind``, ``source`` and ``dtype``; the source is held
+        with it, so its id is not reused while cached (an entry replaced since computes again)."""
+        key = (kind, id(source), dtype)
         if key not in self._factors:
             value = compute()
-            self._factors[key] = (source, None if value is None else value.float())
+            self._factors[key] = (source, None if value is None else value.to(dtype))
         return self._factors[key][1]
+
+
+def factor_dtype(targets: list[Target]) -> torch.dtype:
+    """The precision a plan keeps S and D in: float64 where a weight is (factorized in float64, it would otherwise
+    be whitened with a float32 S, ~1e-7 off), float32 for the rest (half the memory of float64 statistics)."""
+    return torch.float64 if any(t.module.weight.dtype == torch.float64 for t in targets) else torch.float32
 
 
 @dataclass
@@ -61,6 +69,7 @@ class CalibrationPlan:
     source: str | None = None  # what the batches came from, for the report
     refit: bool = False  # refit the factors to the compressed model's own inputs (``refit``)
     gradients: bool | None = None  # collected loss gradients (None: as ``stats`` say)
+    dtype: torch.dtype = torch.float32  # of the weightings' S and D (``factor_dtype``)
 
     def __post_init__(self) -> None:
         if self.stats is not None and not isinstance(self.stats, Statistics):
@@ -72,13 +81,14 @@ class CalibrationPlan:
         if stats is None or (self.method == "svd" and not for_allocation):
             return None
         # unwhiten solves with S, so its inverse is not computed
-        right = self.stats.factor("input", stats.gram, lambda: whitening(stats.gram, INPUT_DAMPING, inverse=False)[0])
+        right = self.stats.factor(
+            "input", stats.gram, lambda: whitening(stats.gram, INPUT_DAMPING, inverse=False)[0], self.dtype
+        )
         left = None
         if for_allocation or self.method in ("fisher", "kfac"):  # asked for again by the factorization
             full = self.method == "kfac"
-            left = self.stats.factor(
-                "output " + ("kfac" if full else "diagonal"), stats, lambda: output_weights(stats, OUTPUT_DAMPING, full)
-            )
+            kind = "output " + ("kfac" if full else "diagonal")
+            left = self.stats.factor(kind, stats, lambda: output_weights(stats, OUTPUT_DAMPING, full), self.dtype)
         return Weighting(left=left, right=right)
 
     def describe(self) -> dict | None:
@@ -257,7 +267,9 @@ def plan_calibration(
     if method == "kfac" and not any(s.out_grad_gram is not None for s in stats.values()):
         logger.warning("method kfac: the statistics hold no output-gradient Grams; using their diagonal (fisher)")
     refit = config.refit and method != "svd"  # method 'svd': warned above
-    return CalibrationPlan(method, allocation, batches=batches, stats=stats, source=source, refit=refit)
+    return CalibrationPlan(
+        method, allocation, batches=batches, stats=stats, source=source, refit=refit, dtype=factor_dtype(targets)
+    )
 
 
 def model_batches(calibration: list) -> list[dict]:

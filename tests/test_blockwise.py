@@ -504,3 +504,16 @@ def test_an_unbatchable_layer_restarts_the_backward_passes_before_the_head(base,
     assert weight_bytes(tmp / "memory") == weight_bytes(tmp / "stream")
     first_try = ["", "0"]  # was ["", "0", "1", "", "1"]: forwards, the head, the last block backwards
     assert reads == [*first_try, "", "0", "1", "", "1", "0"]
+
+
+@pytest.mark.parametrize("method", ["whiten", "fisher"])
+def test_a_float64_checkpoint_streams_as_in_memory(tmp_path, method):
+    """A float64 model is whitened with a float64 S in memory (``plan.factor_dtype``): the block passes too."""
+    torch.manual_seed(0)
+    tiny_llama().double().save_pretrained(tmp_path / "base")
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "base")
+    (tmp_path / "text.txt").write_text(word_text(WORDS, 600))
+    config = CompressionConfig(
+        budget=0.5, method=method, allocation="uniform", calibration_samples=3, calibration_length=16
+    )
+    same_in_memory_and_streamed(tmp_path / "base", config)

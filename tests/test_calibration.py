@@ -248,6 +248,23 @@ def test_a_large_float64_weight_is_whitened_in_float64():
     assert a.dtype == torch.float64 and relative_error(weight, a @ b) < 1e-12
 
 
+def test_a_float64_model_is_whitened_with_a_float64_s():
+    """The plan kept S in float32 whatever the weights: a float64 model's factors agreed with the float64
+    whitening only to ~7e-8 (float32 models keep their float32 S, bit for bit)."""
+    torch.manual_seed(0)
+    model = tiny_llama().double()
+    batches = [{"input_ids": ids} for ids in torch.randint(1, 90, (3, 2, 16)).unbind()]
+    config = CompressionConfig(rank=6, method="whiten", allocation="uniform")
+    targets, _ = find_targets(model, config)
+    stats = collect_statistics(model, targets, batches, gradients=False, progress=False)
+    weights = {t.name: weight_out_in(t.module).detach().clone() for t in targets}
+    svdlora.compress(model, config, calibration=batches, statistics=stats, progress=False)
+    for name, weight in weights.items():
+        ((a, b),) = factorize(weight, [6], Weighting.from_stats(stats[name], use_gradients=False))
+        expected = a @ b
+        assert relative_error(expected, model.get_submodule(name).dense_weight()) < 1e-12, name
+
+
 def test_refit_fits_the_dense_output_from_shifted_inputs_better_than_whitening():
     torch.manual_seed(0)
     weight = torch.randn(24, 32)
