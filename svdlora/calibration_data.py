@@ -177,9 +177,14 @@ def _text_windows(model, data, tokenizer, samples: int, length: int, labels: boo
         if labels:
             batch["labels"] = window
         batches.append(batch)
-    if count < samples:
-        logger.warning("%s has text for %d windows of %d tokens (asked for %d)", FLAG, count, length, samples)
+    _warn_if_fewer(count, samples, f"text for {count} windows of {length} tokens")
     return batches
+
+
+def _warn_if_fewer(found: int, samples: int, what: str) -> None:
+    """Data with fewer samples than asked calibrates on what it has, said once (``what``: what it has)."""
+    if found < samples:
+        logger.warning("%s has %s (asked for %d)", FLAG, what, samples)
 
 
 def _image_batches(data, image_processor, samples: int) -> list[dict]:
@@ -204,6 +209,7 @@ def _image_batches(data, image_processor, samples: int) -> list[dict]:
         def fetch(start, end):
             return [im.convert("RGB") for im in dataset[start:end][column]]
 
+    _warn_if_fewer(total, samples, f"{total} images")
     batches = []
     for start in range(0, total, IMAGE_BATCH):
         try:
@@ -223,6 +229,7 @@ def _seq2seq_batches(model, data, tokenizer, samples: int, length: int, progress
     else:
         sentences = read_lines(data, FLAG)
     sentences = [s for s in sentences if s.strip()][:samples]
+    _warn_if_fewer(len(sentences), samples, f"{len(sentences)} source sentences")
     device = next(model.parameters()).device
     batches = []
     for start in tqdm(range(0, len(sentences), SENTENCE_BATCH), desc="translating calibration", disable=not progress):

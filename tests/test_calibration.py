@@ -958,6 +958,32 @@ def test_self_calibration_of_an_image_model_is_refused_in_plain_words():
         svdlora.compress(TINY_MODELS["vit"]().eval(), budget=0.5, calibration="self", progress=False)
 
 
+@pytest.mark.parametrize("kind", ["seq2seq", "image"])
+def test_fewer_source_sentences_or_images_than_asked_are_said_as_text_is(kind, tmp_path, caplog):
+    """Text with fewer windows than asked warned; a translator's sentences and an image model's images went
+    on silently with the ones there were."""
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from svdlora.calibration_data import calibration_batches
+
+    from .conftest import tiny_vit
+    from .eval_helpers import tiny_marian, word_tokenizer
+
+    if kind == "seq2seq":
+        tok = word_tokenizer(WORDS)
+        model, processor, data = tiny_marian(len(tok)), tok, tmp_path / "source.txt"
+        data.write_text("the cat sat\nthe dog ran on the mat\na red tree\n")
+    else:
+        model, processor, data = tiny_vit().eval(), ViTImageProcessor(size={"height": 16, "width": 16}), tmp_path
+        (tmp_path / "cat").mkdir()
+        for i in range(3):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / "cat" / f"{i}.png")
+    calibration_batches(model, str(data), processor, 10, 16, progress=False)
+    what = "source sentences" if kind == "seq2seq" else "images"
+    assert f"--calibration has 3 {what} (asked for 10)" in caplog.text
+
+
 @pytest.mark.parametrize("data", ["self", "text"])
 def test_one_token_windows_of_a_causal_lm_are_refused_in_one_line(data, tmp_path):
     """--calibration-length 1 left self-generation no token to write (an 'internal error' from
