@@ -222,6 +222,13 @@ def _image_batches(data, image_processor, samples: int) -> list[dict]:
 
 def _seq2seq_batches(model, data, tokenizer, samples: int, length: int, progress: bool) -> list[dict]:
     tokenizer = _need(tokenizer, "tokenizer")
+    if tokenizer.pad_token is None:  # batches of sentences are padded (the text path's windows are not)
+        pad = getattr(model.config, "pad_token_id", None)
+        raise SvdloraError(
+            f"{FLAG}: the tokenizer has no pad token, which batching the source sentences needs: set one "
+            f"(tokenizer.pad_token = ...{f', the model pads with id {pad}' if isinstance(pad, int) else ''}) "
+            "and pass it as processor=, or save a tokenizer with one into the model folder"
+        )
     if is_dataset(data) or dataset_builder(str(data)) is not None:
         dataset = open_dataset(data, None, None, FLAG)
         column = pick_column(dataset, None, ("source", "src", "text", "sentence"), None)

@@ -984,6 +984,23 @@ def test_fewer_source_sentences_or_images_than_asked_are_said_as_text_is(kind, t
     assert f"--calibration has 3 {what} (asked for 10)" in caplog.text
 
 
+def test_a_translator_tokenizer_without_a_pad_token_is_refused_saying_what_to_do(tmp_path):
+    """Batching the source sentences pads them: a tokenizer without a pad token raised the tokenizer's own
+    ValueError ('Asking to pad but the tokenizer does not have a padding token')."""
+    from transformers import PreTrainedTokenizerFast
+
+    from svdlora.calibration_data import calibration_batches
+
+    from .eval_helpers import tiny_marian, word_tokenizer
+
+    tok = word_tokenizer(WORDS)
+    unpadded = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tok.backend_tokenizer), eos_token="</s>")
+    unpadded.backend_tokenizer.no_padding()
+    (tmp_path / "source.txt").write_text("the cat sat\n")
+    with pytest.raises(SvdloraError, match="the tokenizer has no pad token.*the model pads with id 0"):
+        calibration_batches(tiny_marian(len(tok)), str(tmp_path / "source.txt"), unpadded, 4, 16, progress=False)
+
+
 @pytest.mark.parametrize("data", ["self", "text"])
 def test_one_token_windows_of_a_causal_lm_are_refused_in_one_line(data, tmp_path):
     """--calibration-length 1 left self-generation no token to write (an 'internal error' from
