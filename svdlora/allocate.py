@@ -9,6 +9,7 @@ may keep a sensitive matrix dense.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 
 import torch
@@ -16,7 +17,17 @@ import torch
 from .config import CompressionConfig
 from .decompose import budget_values, rank_for_budget, split_rank
 from .errors import BudgetError
+from .methods import SPECTRUM_UNITS
 from .targets import Target, factor_params
+
+logger = logging.getLogger(__name__)
+
+# why a layer's spectrum is in other units than the allocation's (``methods.spectrum_units``)
+_APART = {
+    "W·S": "without gradient statistics (the loss does not reach them: {})",
+    "D·W": "without usable input statistics ({})",
+    "W": "that never ran on the calibration data ({})",
+}
 
 
 def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -76,6 +87,47 @@ def _fixed_rank(targets: list[Target], config: CompressionConfig) -> tuple[dict[
         else:
             ranks[t.name] = split_rank(total, config.submatrices)
     return ranks, dense
+
+
+def allocate_comparable(
+    targets: list[Target], spectra: dict[str, torch.Tensor], units: dict[str, str], config: CompressionConfig
+) -> tuple[dict[str, list[int]], dict[str, str], dict[str, float]]:
+    """Global allocation over the matrices whose spectra are in the most complete units present
+    (``units[name]``: ``methods.spectrum_units``); the others (a pooler the loss does not reach, an expert no
+    token was routed to) get their uniform share, as ``allocate_ranks`` gives it at this budget, and the greedy
+    spends what is left. Compared with the loss-weighted ones, their σ(W·S) or σ(W) looked far larger (~65x in a
+    tiny BERT's pooler): global kept them dense and starved the layers the loss sees. Returns as
+    ``allocate_global``; no loss estimate for the uniform ones (it would be in other units)."""
+    reference = next(u for u in SPECTRUM_UNITS if u in units.values())
+    together = [t for t in targets if units[t.name] == reference]
+    apart = [t for t in targets if units[t.name] != reference]
+    if not apart:
+        return allocate_global(targets, spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple)
+    _warn_apart(apart, units)
+    uniform_ranks, uniform_dense = allocate_ranks(targets, config)
+    ranks = {t.name: uniform_ranks[t.name] for t in apart if t.name in uniform_ranks}
+    dense = {t.name: uniform_dense[t.name] for t in apart if t.name in uniform_dense}
+    stored = sum(factor_params(t, sum(ranks[t.name]), config.pivot) for t in apart if t.name in ranks)
+    stored += sum(t.params for t in apart if t.name in dense)
+    left = config.budget * sum(t.params for t in targets) - stored  # the slack is added once, by allocate_global
+    share = left / sum(t.params for t in together)
+    global_ranks, global_dense, est_loss = allocate_global(
+        together, spectra, share, config.submatrices, config.pivot, config.rank_multiple
+    )
+    return ranks | global_ranks, dense | global_dense, est_loss
+
+
+def _warn_apart(apart: list[Target], units: dict[str, str]) -> None:
+    """One warning: how many layers get the uniform share, a few names, and why."""
+    parts = []
+    for unit, why in _APART.items():
+        names = [t.name for t in apart if units[t.name] == unit]
+        if names:
+            listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            parts.append(f"{len(names)} layer{'s' * (len(names) > 1)} " + why.format(listed))
+    logger.warning(
+        "%s: they get the uniform share of the budget, the others are allocated globally", " and ".join(parts)
+    )
 
 
 def allocate_global(

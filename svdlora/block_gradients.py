@@ -39,7 +39,7 @@ from .calibration import MAX_OUTPUT_GRAM, _Accumulator, _hooks, calibration_loss
 from .distributed import Context
 from .errors import SvdloraError
 from .layers import weight_out_in
-from .methods import Weighting, weighted_spectrum
+from .methods import Weighting, spectrum_units, weighted_spectrum
 from .padding import is_causal_lm, mask_for
 from .plan import CalibrationPlan, factor_dtype
 
@@ -54,6 +54,7 @@ class BlockStatistics:
     folder: Path
     block_of: dict[str, int] = field(default_factory=dict)  # layer -> index of its block
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)  # what each spectrum measures (``spectrum_units``)
     _loaded: tuple[int, dict] | None = None
 
     def weighting(self, name: str) -> Weighting | None:
@@ -130,8 +131,9 @@ def collect(
         targets = [t for t in targets if owned is None or t.name in owned]  # the others are other ranks'
         if allocation == "global":
             for t in targets:
-                spectrum = weighted_spectrum(weight_out_in(t.module), weighted.weighting(t.name, for_allocation=True))
-                result.spectra[t.name] = spectrum.cpu()
+                weighting = weighted.weighting(t.name, for_allocation=True)
+                result.spectra[t.name] = weighted_spectrum(weight_out_in(t.module), weighting).cpu()
+                result.units[t.name] = spectrum_units(weighting)
         saved, moved = {}, {}
         for t in targets:
             w = blockwise.on_cpu(weighted.weighting(t.name), moved)  # shared matrices saved once
@@ -140,12 +142,18 @@ def collect(
         torch.save(saved, folder / f"weighting-{i}.pt")
         del weighted, stats, targets
         blockwise._release(filled)
-    if ctx.active:  # the global allocation reads every matrix's spectrum
-        every = {}
-        for part in ctx.gather(result.spectra):
-            every.update(part)
-        result.spectra = {t.name: every[t.name] for t in plan.targets if t.name in every}
+    if ctx.active:  # the global allocation reads every matrix's spectrum (and its units)
+        result.spectra = _gathered(ctx, result.spectra, plan.targets)
+        result.units = _gathered(ctx, result.units, plan.targets)
     return result
+
+
+def _gathered(ctx: Context, mine: dict, targets) -> dict:
+    """Every rank's entries of ``mine``, in the order of ``targets``."""
+    every = {}
+    for part in ctx.gather(mine):
+        every.update(part)
+    return {t.name: every[t.name] for t in targets if t.name in every}
 
 
 @contextmanager

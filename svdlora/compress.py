@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import allocate_global, allocate_ranks
+from .allocate import allocate_comparable, allocate_ranks
 from .chain import Stage, quantized_chain
 from .config import CompressionConfig, config_or_options
 from .decompose import factorize, relative_error
@@ -19,7 +19,7 @@ from .errors import BudgetError, SvdloraError
 from .factoring import chain_options, check_finite, measure_pivoted, module_report, svd_options
 from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
-from .methods import weighted_spectrum
+from .methods import spectrum_units, weighted_spectrum
 from .pivoted import PivotedLowRankLinear
 from .plan import CalibrationPlan, plan_calibration
 from .precision import allocate_stages, layer_bytes, set_float_storage, target_bytes
@@ -251,11 +251,12 @@ def allocate(targets, config: CompressionConfig, plan: CalibrationPlan, progress
     if plan.allocation == "uniform":
         ranks, dense = allocate_ranks(targets, config)
         return ranks, dense, {}
-    spectra = {
-        t.name: weighted_spectrum(weight_out_in(t.module), plan.weighting(t.name, for_allocation=True))
-        for t in tqdm(targets, desc="spectra", disable=not progress)
-    }
-    return allocate_global(targets, spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple)
+    spectra, units = {}, {}
+    for t in tqdm(targets, desc="spectra", disable=not progress):
+        weighting = plan.weighting(t.name, for_allocation=True)
+        spectra[t.name] = weighted_spectrum(weight_out_in(t.module), weighting)
+        units[t.name] = spectrum_units(weighting)
+    return allocate_comparable(targets, spectra, units, config)
 
 
 def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, config: CompressionConfig, progress: bool):

@@ -517,3 +517,24 @@ def test_a_float64_checkpoint_streams_as_in_memory(tmp_path, method):
         budget=0.5, method=method, allocation="uniform", calibration_samples=3, calibration_length=16
     )
     same_in_memory_and_streamed(tmp_path / "base", config)
+
+
+@pytest.mark.parametrize("method", ["fisher", "kfac"])
+def test_layers_the_loss_does_not_reach_stream_as_in_memory(tmp_path, method, caplog):
+    """Layers without gradient statistics get their uniform share of a global allocation (``allocate_comparable``),
+    streamed as in memory: the block passes say which spectra are loss-weighted as the whole model's do."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()  # layer 1's q/k/v no longer reach the loss
+    model.save_pretrained(tmp_path / "base")
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "base")
+    (tmp_path / "text.txt").write_text(word_text(WORDS, 600))
+    config = CompressionConfig(
+        budget=0.5, method=method, allocation="global", exclude=["model.layers.1.self_attn.o_proj"],
+        calibration_samples=3, calibration_length=16,
+    )  # fmt: skip
+    _, report = same_in_memory_and_streamed(tmp_path / "base", config)
+    assert caplog.text.count("3 layers without gradient statistics (the loss does not reach them: ") == 2
+    apart = [m for m in report["modules"] if m["name"].startswith("model.layers.1.self_attn.")]
+    assert [m.get("est_loss") for m in apart if m.get("ranks")] == [None, None, None]

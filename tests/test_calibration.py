@@ -14,7 +14,7 @@ from torch import nn
 import svdlora
 from svdlora import calibration, padding
 from svdlora import heal as heal_module
-from svdlora.allocate import allocate_global
+from svdlora.allocate import allocate_global, allocate_ranks
 from svdlora.calibration import LayerStats, _Accumulator, _hooks, collect_statistics
 from svdlora.calibration_data import generate_text
 from svdlora.cli import main
@@ -27,7 +27,7 @@ from svdlora.methods import Weighting, factorize
 from svdlora.methods.weighting import whitening
 from svdlora.plan import auto_method, output_gram_bytes
 from svdlora.refit import collect_cross_statistics, refit_factors
-from svdlora.targets import Target, find_targets
+from svdlora.targets import Target, factor_params, find_targets
 
 from .conftest import example_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama, tiny_marian
 from .eval_helpers import word_gpt2, word_text
@@ -325,6 +325,75 @@ def test_global_allocation_spends_a_budget_that_fits_a_rank_exactly():
     targets = [Target("w", nn.Linear(7680, 1536, device="meta"), "linear", 1536, 7680)]
     ranks, _, _ = allocate_global(targets, {"w": torch.linspace(1, 0.5, 1536).double()}, 0.7, submatrices=1)
     assert ranks == {"w": [896]}
+
+
+def _uniform(model, budget: float):
+    """The targets of ``model`` (still dense) and the ranks and dense layers uniform allocation gives them."""
+    config = CompressionConfig(budget=budget)
+    targets, _ = find_targets(model, config)
+    uniform, uniform_dense = allocate_ranks(targets, config)
+    return targets, uniform, uniform_dense
+
+
+def _stored(targets, report, names) -> int:
+    """The values the layers ``names`` store after ``report``'s compression."""
+    lines = {m.name: m for m in report.modules}
+    return sum(
+        factor_params(t, sum(lines[t.name].ranks)) if lines[t.name].factorized else t.params
+        for t in targets
+        if t.name in names
+    )
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.3])
+def test_a_layer_the_loss_does_not_reach_gets_its_uniform_share_under_global_allocation(budget, caplog):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=96,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    model = BertModel(config).eval()  # its hidden-state loss never reaches pooler.dense: no gradient statistics
+    targets, uniform, _ = _uniform(model, budget)
+    report = svdlora.compress(
+        model, budget=budget, calibration=[example_inputs("bert", s) for s in range(2)], progress=False
+    )
+    assert report.allocation == "global"
+    ranks = {m.name: m.ranks for m in report.factorized}
+    assert "pooler.dense" in ranks and ranks["pooler.dense"] == uniform["pooler.dense"]
+    encoder = {n: sum(r) for n, r in ranks.items() if n.startswith("encoder.")}
+    assert len(set(encoder.values())) > 1  # still allocated globally
+    names = {t.name for t in targets}
+    assert _stored(targets, report, names) <= budget * sum(t.params for t in targets)
+    assert "1 layer without gradient statistics (the loss does not reach them: pooler.dense)" in caplog.text
+
+
+def test_layers_that_never_ran_get_their_uniform_share_and_do_not_starve_the_others(caplog):
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = SwitchTransformersConfig(
+        vocab_size=96, d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2, num_experts=8,
+        encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=64, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1,
+    )  # fmt: skip
+    model = SwitchTransformersForConditionalGeneration(config).eval()
+    budget, batches = 0.3, [example_inputs("t5", 0)]  # one batch: experts no token was routed to never run
+    targets, uniform, uniform_dense = _uniform(model, budget)
+    ran = set(collect_statistics(model, targets, batches, progress=False))
+    never = {t.name for t in targets} - ran
+    assert len(never) > 1
+    report = svdlora.compress(model, budget=budget, calibration=batches, progress=False)
+    ranks = {m.name: m.ranks for m in report.factorized}
+    assert {n: ranks.get(n) for n in never} == {n: uniform.get(n) for n in never}
+    assert not never & set(uniform_dense)
+    # the layers that ran share what uniform left them (before: rank 1 or 2 each, beside 18 experts kept dense)
+    assert _stored(targets, report, ran) >= 0.9 * sum(
+        factor_params(t, sum(uniform[t.name])) for t in targets if t.name in ran
+    )
+    assert _stored(targets, report, ran | never) <= budget * sum(t.params for t in targets)
+    assert f"{len(never)} layers that never ran on the calibration data (" in caplog.text
 
 
 def test_calibrated_global_model_saves_and_loads_with_the_same_logits(tmp_path):

@@ -42,4 +42,17 @@ def weighted_spectrum(weight: torch.Tensor, weighting: Weighting | None) -> torc
     return on_cpu_if_it_fails(torch.linalg.svdvals, work).double()
 
 
-__all__ = ["METHODS", "Weighting", "factorize", "weighted_spectrum"]
+# What a weighted spectrum measures, most complete first: the loss-weighted D·W·S, W·S without gradient
+# statistics (the loss does not reach the layer), D·W without a usable input Gram, W without statistics.
+SPECTRUM_UNITS = ("D·W·S", "W·S", "D·W", "W")
+
+
+def spectrum_units(weighting: Weighting | None) -> str:
+    """Which of ``SPECTRUM_UNITS`` ``weighted_spectrum`` measures under ``weighting``: spectra in different units
+    are not comparable (``allocate.allocate_comparable``)."""
+    left = weighting is not None and weighting.left is not None
+    right = weighting is not None and weighting.right is not None
+    return ("D·" if left else "") + "W" + ("·S" if right else "")
+
+
+__all__ = ["METHODS", "SPECTRUM_UNITS", "Weighting", "factorize", "spectrum_units", "weighted_spectrum"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import block_gradients, blockwise, distributed
-from ..allocate import allocate_global
+from ..allocate import allocate_comparable
 from ..calibration_data import SELF
 from ..choices import DEFAULT_MAX_SHARD_SIZE
 from ..compress import count_parameters
@@ -157,9 +157,7 @@ def compress_checkpoint(
                 lambda: shutil.rmtree(scratch, ignore_errors=True),
             )  # fmt: skip
             if allocation == "global":
-                ranks, dense, est_loss = allocate_global(
-                    p.targets, weights.spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple
-                )
+                ranks, dense, est_loss = allocate_comparable(p.targets, weights.spectra, weights.units, config)
                 p = plan(folder, config, dtype, trust_remote_code, allocation=(ranks, dense), model=p.unswapped())
         mine = distributed.jobs_of(p, ctx.rank, owners)
         if p.untied_head and ctx.is_main:  # the plan the run writes (not a memory estimate's, nor a re-planned one's)
