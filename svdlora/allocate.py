@@ -98,12 +98,9 @@ def allocate_comparable(
     spends what is left. Compared with the loss-weighted ones, their σ(W·S) or σ(W) looked far larger (~65x in a
     tiny BERT's pooler): global kept them dense and starved the layers the loss sees. Returns as
     ``allocate_global``; no loss estimate for the uniform ones (it would be in other units)."""
-    reference = next(u for u in SPECTRUM_UNITS if u in units.values())
-    together = [t for t in targets if units[t.name] == reference]
-    apart = [t for t in targets if units[t.name] != reference]
+    together, apart = comparable(targets, units)
     if not apart:
         return allocate_global(targets, spectra, config.budget, config.submatrices, config.pivot, config.rank_multiple)
-    _warn_apart(apart, units)
     uniform_ranks, uniform_dense = allocate_ranks(targets, config)
     ranks = {t.name: uniform_ranks[t.name] for t in apart if t.name in uniform_ranks}
     dense = {t.name: uniform_dense[t.name] for t in apart if t.name in uniform_dense}
@@ -115,6 +112,18 @@ def allocate_comparable(
         together, spectra, share, config.submatrices, config.pivot, config.rank_multiple
     )
     return ranks | global_ranks, dense | global_dense, est_loss
+
+
+def comparable(targets: list[Target], units: dict[str, str]) -> tuple[list[Target], list[Target]]:
+    """The targets whose spectra are in the most complete units present (``units[name]``:
+    ``methods.spectrum_units``), and the others, said in one warning when there are any: these get their
+    uniform share, in parameters (``allocate_comparable``) or in bytes (``precision.allocate_bytes_comparable``)."""
+    reference = next(u for u in SPECTRUM_UNITS if u in units.values())
+    together = [t for t in targets if units[t.name] == reference]
+    apart = [t for t in targets if units[t.name] != reference]
+    if apart:
+        _warn_apart(apart, units)
+    return together, apart
 
 
 def _warn_apart(apart: list[Target], units: dict[str, str]) -> None:

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .allocate import comparable
 from .decompose import budget_values
 from .errors import BudgetError, SvdloraError
 from .quantize import FULL_PREFIX, StageFormat, dtype_name, float_format, nbytes, parse_format, stage_bytes
@@ -165,8 +166,10 @@ def allocate_bytes_global(
     budget: float,
     formats: list[StageFormat],
     dtype: torch.dtype,
+    allowed: int | None = None,
 ) -> tuple[dict[str, tuple[list[int], list[StageFormat]]], dict[str, str], dict[str, float]]:
-    """Stage plans chosen together: greedy on the loss each byte buys, under the same exact byte budget.
+    """Stage plans chosen together: greedy on the loss each byte buys, under the same exact byte budget
+    (or within ``allowed`` bytes, what the run's budget left these matrices: ``allocate_bytes_comparable``).
 
     ``spectra[name]`` holds the weighted singular values of what the low-rank stages factorize (W, or
     W minus its full first stage), descending; one more unit of total rank of matrix t removes
@@ -180,7 +183,8 @@ def allocate_bytes_global(
     """
     import heapq
 
-    allowed = allowed_bytes(budget, sum(target_bytes(t, dtype) for t in targets))
+    if allowed is None:
+        allowed = allowed_bytes(budget, sum(target_bytes(t, dtype) for t in targets))
     full = formats[0] if formats[0].full else None
     low = formats[1:] if full else formats
     fixed, unit, tails, rank, dense_cost = {}, {}, {}, {}, {}
@@ -240,6 +244,32 @@ def allocate_bytes_global(
     return plans, dense, {n: tails[n][k] for n, k in rank.items() if n not in dense}
 
 
+def allocate_bytes_comparable(
+    targets: list[Target],
+    spectra: dict[str, torch.Tensor],
+    units: dict[str, str],
+    budget: float,
+    formats: list[StageFormat],
+    dtype: torch.dtype,
+) -> tuple[dict[str, tuple[list[int], list[StageFormat]]], dict[str, str], dict[str, float]]:
+    """``allocate_bytes_global`` over the matrices whose spectra are in the most complete units present
+    (``allocate.comparable``); the others (a pooler the loss does not reach, an expert that never ran) get
+    the plan ``allocate_bytes`` gives them at this budget, and the greedy spends the bytes left. Ranked with
+    the loss-weighted ones, their σ(W·S) or σ(W) looked far larger: they took every rank and starved the rest
+    (``allocate.allocate_comparable`` in parameters). No loss estimate for those (it would be in other units)."""
+    together, apart = comparable(targets, units)
+    if not apart:
+        return allocate_bytes_global(targets, spectra, budget, formats, dtype)
+    uniform_plans, uniform_dense = allocate_bytes(targets, budget, formats, dtype)
+    plans = {t.name: uniform_plans[t.name] for t in apart if t.name in uniform_plans}
+    dense = {t.name: uniform_dense[t.name] for t in apart if t.name in uniform_dense}
+    stored = sum(layer_bytes(*plans[t.name], t.out_features, t.in_features) for t in apart if t.name in plans)
+    stored += sum(target_bytes(t, dtype) for t in apart if t.name in dense)
+    left = allowed_bytes(budget, sum(target_bytes(t, dtype) for t in targets)) - stored
+    global_plans, global_dense, est_loss = allocate_bytes_global(together, spectra, budget, formats, dtype, left)
+    return plans | global_plans, dense | global_dense, est_loss
+
+
 def allocate_stages(
     targets: list[Target],
     config,
@@ -257,13 +287,15 @@ def allocate_stages(
     from tqdm.auto import tqdm
 
     from .layers import weight_out_in
-    from .methods import weighted_spectrum
+    from .methods import spectrum_units, weighted_spectrum
     from .quantize import roundtrip
 
-    spectra = {}
+    spectra, units = {}, {}
     for t in tqdm(targets, desc="spectra", disable=not progress):
         weight = weight_out_in(t.module).detach().float()
         if formats[0].full:  # the low-rank stages see the full stage's rounding error
             weight = weight - roundtrip(weight, formats[0])
-        spectra[t.name] = weighted_spectrum(weight, weighting_for(t.name))
-    return allocate_bytes_global(targets, spectra, config.budget, formats, dtype)
+        weighting = weighting_for(t.name)
+        spectra[t.name] = weighted_spectrum(weight, weighting)
+        units[t.name] = spectrum_units(weighting)
+    return allocate_bytes_comparable(targets, spectra, units, config.budget, formats, dtype)

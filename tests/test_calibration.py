@@ -26,6 +26,7 @@ from svdlora.layers import LowRankLinear, weight_out_in
 from svdlora.methods import Weighting, factorize
 from svdlora.methods.weighting import whitening
 from svdlora.plan import auto_method, output_gram_bytes
+from svdlora.precision import allocate_bytes, layer_bytes, stage_formats, target_bytes
 from svdlora.refit import collect_cross_statistics, refit_factors
 from svdlora.targets import Target, factor_params, find_targets
 
@@ -345,8 +346,8 @@ def _stored(targets, report, names) -> int:
     )
 
 
-@pytest.mark.parametrize("budget", [0.5, 0.3])
-def test_a_layer_the_loss_does_not_reach_gets_its_uniform_share_under_global_allocation(budget, caplog):
+def _bare_bert():
+    """A tiny bare BertModel: its hidden-state loss never reaches pooler.dense (no gradient statistics)."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -354,7 +355,33 @@ def test_a_layer_the_loss_does_not_reach_gets_its_uniform_share_under_global_all
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=96,
         max_position_embeddings=64,
     )  # fmt: skip
-    model = BertModel(config).eval()  # its hidden-state loss never reaches pooler.dense: no gradient statistics
+    return BertModel(config).eval()
+
+
+def _switch_transformers():
+    """A tiny SwitchTransformers with 8 experts, and one batch: experts no token was routed to never run."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = SwitchTransformersConfig(
+        vocab_size=96, d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2, num_experts=8,
+        encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=64, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1,
+    )  # fmt: skip
+    return SwitchTransformersForConditionalGeneration(config).eval(), [example_inputs("t5", 0)]
+
+
+def _ran_and_never(model, targets, batches) -> tuple[set[str], set[str]]:
+    """The targets that ran on ``batches`` and those that never did (at least two)."""
+    ran = set(collect_statistics(model, targets, batches, progress=False))
+    never = {t.name for t in targets} - ran
+    assert len(never) > 1
+    return ran, never
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.3])
+def test_a_layer_the_loss_does_not_reach_gets_its_uniform_share_under_global_allocation(budget, caplog):
+    model = _bare_bert()
     targets, uniform, _ = _uniform(model, budget)
     report = svdlora.compress(
         model, budget=budget, calibration=[example_inputs("bert", s) for s in range(2)], progress=False
@@ -370,20 +397,10 @@ def test_a_layer_the_loss_does_not_reach_gets_its_uniform_share_under_global_all
 
 
 def test_layers_that_never_ran_get_their_uniform_share_and_do_not_starve_the_others(caplog):
-    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = SwitchTransformersConfig(
-        vocab_size=96, d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2, num_experts=8,
-        encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=64, decoder_start_token_id=0, pad_token_id=0,
-        eos_token_id=1,
-    )  # fmt: skip
-    model = SwitchTransformersForConditionalGeneration(config).eval()
-    budget, batches = 0.3, [example_inputs("t5", 0)]  # one batch: experts no token was routed to never run
+    model, batches = _switch_transformers()
+    budget = 0.3
     targets, uniform, uniform_dense = _uniform(model, budget)
-    ran = set(collect_statistics(model, targets, batches, progress=False))
-    never = {t.name for t in targets} - ran
-    assert len(never) > 1
+    ran, never = _ran_and_never(model, targets, batches)
     report = svdlora.compress(model, budget=budget, calibration=batches, progress=False)
     ranks = {m.name: m.ranks for m in report.factorized}
     assert {n: ranks.get(n) for n in never} == {n: uniform.get(n) for n in never}
@@ -394,6 +411,66 @@ def test_layers_that_never_ran_get_their_uniform_share_and_do_not_starve_the_oth
     )
     assert _stored(targets, report, ran | never) <= budget * sum(t.params for t in targets)
     assert f"{len(never)} layers that never ran on the calibration data (" in caplog.text
+
+
+def _byte_plans(model, budget: float, stage_dtypes: list[str]):
+    """The targets of ``model`` (still dense), and the stage plans and dense layers uniform byte allocation
+    gives them with ``stage_dtypes`` over 2 submatrices."""
+    targets, _ = find_targets(model, CompressionConfig(budget=budget))
+    formats = stage_formats(stage_dtypes, 2, torch.float32)
+    plans, dense = allocate_bytes(targets, budget, formats, torch.float32)
+    return targets, plans, dense
+
+
+def _stored_bytes(targets, report, names) -> int:
+    """The bytes the layers ``names`` store after ``report``'s compression with stage dtypes."""
+    lines = {m.name: m for m in report.modules}
+    return sum(
+        lines[t.name].stored_bytes if lines[t.name].factorized else target_bytes(t, torch.float32)
+        for t in targets
+        if t.name in names
+    )
+
+
+@pytest.mark.parametrize("method", ["fisher", "kfac"])
+def test_a_layer_the_loss_does_not_reach_gets_its_uniform_byte_share_with_stage_dtypes(method, caplog):
+    """As in parameters, under the byte budget: pooler.dense's σ(W·S) ranked with the loss-weighted
+    spectra took more than its uniform share (before: ranks [15, 15] where uniform gives [9, 9])."""
+    model, budget, stage_dtypes = _bare_bert(), 0.3, ["int8", "int8"]
+    targets, uniform, _ = _byte_plans(model, budget, stage_dtypes)
+    report = svdlora.compress(
+        model, budget=budget, submatrices=2, stage_dtypes=stage_dtypes, method=method, allocation="global",
+        calibration=[example_inputs("bert", s) for s in range(2)], progress=False,
+    )  # fmt: skip
+    ranks = {m.name: m.ranks for m in report.factorized}
+    assert ranks["pooler.dense"] == uniform["pooler.dense"][0]
+    encoder = {n: sum(r) for n, r in ranks.items() if n.startswith("encoder.")}
+    assert len(set(encoder.values())) > 1  # still allocated globally
+    names = {t.name for t in targets}
+    assert _stored_bytes(targets, report, names) <= budget * sum(target_bytes(t, torch.float32) for t in targets)
+    assert caplog.text.count("1 layer without gradient statistics (the loss does not reach them: pooler.dense)") == 1
+
+
+@pytest.mark.parametrize("stage_dtypes", [["int8", "int8"], ["full-int8", "int4g32"]])
+def test_layers_that_never_ran_get_their_uniform_byte_share_with_stage_dtypes(stage_dtypes, caplog):
+    """Experts that never ran (σ(W)) took every rank under the byte budget (before, int8 at 0.2: rank 32 each
+    where uniform gives 16, and the layers that ran stored 0.70 of their uniform bytes)."""
+    model, batches = _switch_transformers()
+    budget = {"int8": 0.2, "full-int8": 0.4}[stage_dtypes[0]]
+    targets, uniform, uniform_dense = _byte_plans(model, budget, stage_dtypes)
+    ran, never = _ran_and_never(model, targets, batches)
+    report = svdlora.compress(
+        model, budget=budget, submatrices=2, stage_dtypes=stage_dtypes, method="kfac", allocation="global",
+        calibration=batches, progress=False,
+    )  # fmt: skip
+    lines = {m.name: m for m in report.modules}
+    assert {n: lines[n].ranks for n in never} == {n: uniform[n][0] for n in never}
+    assert not never & set(uniform_dense)
+    uniform_ran = sum(layer_bytes(*uniform[t.name], t.out_features, t.in_features) for t in targets if t.name in ran)
+    assert _stored_bytes(targets, report, ran) >= 0.9 * uniform_ran  # what uniform left them, spent globally
+    total = sum(target_bytes(t, torch.float32) for t in targets)
+    assert _stored_bytes(targets, report, ran | never) <= budget * total
+    assert caplog.text.count(f"{len(never)} layers that never ran on the calibration data (") == 1
 
 
 def test_calibrated_global_model_saves_and_loads_with_the_same_logits(tmp_path):
