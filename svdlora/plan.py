@@ -82,13 +82,13 @@ class CalibrationPlan:
             return None
         # unwhiten solves with S, so its inverse is not computed
         right = self.stats.factor(
-            "input", stats.gram, lambda: whitening(stats.gram, INPUT_DAMPING, inverse=False)[0], self.dtype
+            "input", stats.gram, lambda: whitening(stats.gram, INPUT_DAMPING, inverse=False, layer=name)[0], self.dtype
         )
         left = None
         if for_allocation or self.method in ("fisher", "kfac"):  # asked for again by the factorization
             full = self.method == "kfac"
             kind = "output " + ("kfac" if full else "diagonal")
-            left = self.stats.factor(kind, stats, lambda: output_weights(stats, OUTPUT_DAMPING, full), self.dtype)
+            left = self.stats.factor(kind, stats, lambda: output_weights(stats, OUTPUT_DAMPING, full, name), self.dtype)
         return Weighting(left=left, right=right)
 
     def describe(self) -> dict | None:

@@ -239,6 +239,27 @@ def test_degenerate_calibration_inputs_give_finite_factors(inputs):
         assert (weight - rebuilt(stages)).norm() < weight.norm() * 2  # sane, not blown up by S⁻¹
 
 
+@pytest.mark.parametrize(
+    ("zeroed", "said"),
+    [
+        ("self_attn.o_proj.weight", "the output gradients of layer model.layers.1.self_attn.q_proj are all zero: "),
+        ("input_layernorm.weight", "the calibration inputs of layer model.layers.1.self_attn.q_proj are all zero: "),
+    ],
+    ids=["output-gradients", "inputs"],
+)
+def test_a_zero_gram_is_said_with_what_is_zero_and_which_layer(zeroed, said, caplog):
+    """K-FAC whitens the output gradients' Gram as the inputs' one: where the loss does not reach a layer, its
+    zero output gradients were said as 'calibration inputs of a layer are all zero'."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    with torch.no_grad():
+        model.model.layers[1].get_parameter(zeroed).zero_()  # o_proj: the loss no longer reaches q/k/v
+    batches = [example_inputs("llama", s) for s in range(2)]
+    svdlora.compress(model, budget=0.5, method="kfac", allocation="uniform", calibration=batches, progress=False)
+    assert said in caplog.text
+    assert ("calibration inputs" in said) == ("calibration inputs" in caplog.text)
+
+
 def test_a_large_float64_weight_is_whitened_in_float64():
     """Past 2^16 values the weighted route cast the weight to float32 whatever its dtype, where the unweighted
     one keeps float64: a float64 400x300 matrix came back at full rank with error 1.2e-6 (3.6e-15 at 200x300)."""

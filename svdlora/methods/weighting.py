@@ -102,23 +102,33 @@ def _solve(matrix: torch.Tensor, rhs: torch.Tensor, left: bool) -> torch.Tensor:
     return torch.linalg.solve(matrix, rhs, left=left)
 
 
+# What a Gram ``whitening`` is given is made of, and what a layer gets where it is unusable.
+_GRAM_OF = {
+    "inputs": ("calibration inputs", "no input whitening (plain SVD on that side)"),
+    "output gradients": ("output gradients", "no output weighting (plain SVD on that side)"),
+}
+
+
 def whitening(
-    gram: torch.Tensor, damping: float, inverse: bool = True
+    gram: torch.Tensor, damping: float, inverse: bool = True, of: str = "inputs", layer: str | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """S with S·Sᵀ = the damped Gram (its lower Cholesky factor, float64) and S⁻¹ (None without
     ``inverse``: ``Weighting.unwhiten`` solves with S instead).
 
     A Gram that is indefinite beyond the damping (round-off on a singular Gram can be) falls back to
     the symmetric root of an eigendecomposition, whose negative eigenvalues are clipped first: it
-    never fails.
+    never fails. A zero or non-finite one gives None, with a warning that says which Gram (``of``: a
+    key of ``_GRAM_OF``; K-FAC whitens the output gradients' too) of which ``layer``.
     """
     gram = gram.double()
+    what, fallback = _GRAM_OF[of]
+    where = f"layer {layer}" if layer else "a layer"
     if not torch.isfinite(gram).all():
-        logger.warning("calibration Gram has NaN/Inf: this layer falls back to plain SVD")
+        logger.warning("the Gram of the %s of %s has NaN/Inf: %s", what, where, fallback)
         return None, None
     scale = gram.diagonal().mean().item()
     if scale <= 0:
-        logger.warning("calibration inputs of a layer are all zero: it falls back to plain SVD")
+        logger.warning("the %s of %s are all zero: %s", what, where, fallback)
         return None, None
     damped = (gram + gram.T).mul_(0.5)  # symmetric
     damped.diagonal().add_(damping * scale)  # in place: no (n, n) identity and sum
@@ -136,10 +146,14 @@ def whitening(
     return right, (vectors / roots) @ vectors.T if inverse else None
 
 
-def output_weights(stats: LayerStats, damping: float, full: bool = False) -> torch.Tensor | None:
-    """D of one layer: diag √E[g²], or with ``full`` a square root (DᵀD = E[g gᵀ]) where it was collected."""
+def output_weights(
+    stats: LayerStats, damping: float, full: bool = False, layer: str | None = None
+) -> torch.Tensor | None:
+    """D of one layer (named ``layer`` in a warning): diag √E[g²], or with ``full`` a square root
+    (DᵀD = E[g gᵀ]) where it was collected."""
     if full and stats.out_grad_gram is not None:
-        root = whitening(stats.out_grad_gram, damping, inverse=False)[0]  # D is used as is, never inverted
+        gram = stats.out_grad_gram
+        root = whitening(gram, damping, inverse=False, of="output gradients", layer=layer)[0]  # never inverted
         if root is not None:
             return root.T  # S·Sᵀ = G, so D = Sᵀ
     if stats.out_grad_sq is None:
