@@ -154,6 +154,18 @@ def test_overwrite_never_deletes_the_data_the_run_reads(work, capsys, flag):
     assert_untouched(work, before)
 
 
+def test_sweep_overwrite_never_deletes_the_calibration_data_it_reads(work, capsys):
+    """sweep checked its output against the model and --data only: --calibration data kept in an earlier
+    sweep's pick, DIR/model, was deleted by --overwrite when the new pick replaced that folder."""
+    shutil.copytree(work / "svd", work / "s" / "model")
+    data = work / "s" / "model" / "notes.txt"
+    data.write_text(" ".join(WORDS * 4) + "\n")
+    before = tree_hash(work)
+    args = ("sweep", work / "dense", "--data", work / "text.txt", "--calibration", data, "--target", "ppl<=100x")
+    refused(capsys, *args, "--output", work / "s", "--overwrite", "--no-progress", match="contains the input")
+    assert_untouched(work, before)
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
 def test_unwritable_output_is_refused_before_loading(work, capsys):
     (work / "ro").mkdir()

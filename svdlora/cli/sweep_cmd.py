@@ -13,6 +13,7 @@ from . import options
 from .calibration_flags import (
     NONE,
     add_calibration_flags,
+    calibration_input,
     calibration_options,
     check_calibration,
     processor_before_load,
@@ -103,12 +104,14 @@ def run(args: argparse.Namespace) -> int:
     from ..targets import check_patterns_before_load
 
     output = Path(args.output).expanduser()  # written there: checked there
-    check_not_input(output.resolve(), str(args.output), [args.model, args.data], "--output")
+    # every file the run reads, as compress's: --overwrite of an earlier pick (DIR/model) must not delete one
+    inputs = [args.model, args.data, args.references, calibration_input(args.calibration)]
+    check_not_input(output.resolve(), str(args.output), inputs, "--output")
     check_sweep_folder(output, args.overwrite)
     # DIR/model of the earlier sweep that --overwrite replaces: removed if this sweep picks no budget
     earlier_model = args.overwrite and (output / "sweep.json").is_file() and is_compressed_folder(output / "model")
     if args.target:
-        check_output(output / "model", args.overwrite, inputs=[args.model, args.data])
+        check_output(output / "model", args.overwrite, inputs=inputs)
     check_calibration(args.calibration)
     compress_options = {
         "submatrices": args.submatrices,
