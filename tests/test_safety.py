@@ -304,6 +304,33 @@ def test_a_killed_runs_finished_temporary_folder_is_removed_and_a_kept_one_stays
     assert (kept / "result").read_text() == "finished"
 
 
+@pytest.mark.parametrize("aside", [True, False], ids=["old-moved-aside", "new-in-place"])
+def test_ctrl_c_during_the_overwrite_swap_leaves_an_output_in_place(tmp_path, monkeypatch, aside):
+    """Ctrl-C between --overwrite's two renames (the old output moved aside, the new one not yet in place) left
+    neither: the finished folder was removed and the old one hidden under a temporary name until the next run
+    for the same output. The old one is put back now; once the new one is in place, it stays."""
+    from svdlora.io import outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MARKER).write_text("{}")
+    (out / "result").write_text("old")
+    replace = os.replace
+
+    def interrupted(src, dst):  # the signal arrives just after this rename
+        replace(src, dst)
+        if (OLD_TAG in Path(dst).name) if aside else Path(dst) == out:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.atomic_folder(out, overwrite=True) as tmp:
+            (tmp / "result").write_text("new")
+    assert (out / "result").read_text() == ("old" if aside else "new")
+    # (the old one left aside once the new one is in place: the next run for this output removes it)
+    assert [p.name for p in tmp_path.iterdir() if OLD_TAG not in p.name] == ["out"]
+
+
 def test_a_killed_writers_temporary_result_file_is_removed_by_the_next_write(tmp_path):
     """write_file_atomic (eval --json, sweep's files) killed between its write and its rename left a hidden
     temporary file beside the result that nothing removed."""

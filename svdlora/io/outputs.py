@@ -200,11 +200,12 @@ def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable 
             raise SvdloraError(f"{err} (it appeared during this run; the finished folder is {str(kept)!r})") from None
         if output.exists():  # overwrite: swap only after the new folder is complete
             old = _leftover_name(output, OLD_TAG)
-            os.replace(output, old)
             try:
+                os.replace(output, old)
                 os.replace(tmp, output)
-            except OSError:
-                os.replace(old, output)  # put the previous folder back
+            except BaseException:  # Ctrl-C or SIGTERM too: else the output is gone until the next run
+                if old.exists() and not output.exists():
+                    os.replace(old, output)  # put the previous folder back
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
