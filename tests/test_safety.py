@@ -209,6 +209,26 @@ def test_failed_or_interrupted_write_leaves_no_output(work, capsys, monkeypatch,
     assert_untouched(work, before)
 
 
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_failure_after_the_folder_is_written_names_it(work, capsys, monkeypatch, error):
+    """compress --eval stopped during the evaluation (Ctrl-C, a full disk at the card) said 'nothing was
+    written' though the compressed folder was in place and whole: a rerun was then refused as 'already exists'."""
+
+    def evaluate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("svdlora.card_eval.evaluate_into_card", evaluate)
+    args = ("compress", work / "dense", "--eval", work / "text.txt", "--output", work / "out", "--no-progress")
+    code, _, err = cli(capsys, *args, "--calibration", "none")
+    said = f"{work / 'out'} was written whole before this"
+    if isinstance(error, KeyboardInterrupt):
+        assert code == 130 and err.strip().splitlines()[-1] == f"svdlora compress: interrupted ({said})", err
+    else:
+        line = f"svdlora compress: error: No space left on device: {said}; free space or fix permissions and retry"
+        assert code == 2 and err.strip().splitlines()[-1] == line, err
+    assert (work / "out" / CONFIG_NAME).is_file() and not leftovers(work)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_running_out_of_memory_is_one_line_and_leaves_no_output(work, capsys, monkeypatch, stream):
     """A failed allocation (here: a real one, torch asked for 2**60 bytes, in the middle of the run) is

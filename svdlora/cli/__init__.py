@@ -12,6 +12,7 @@ import threading
 
 from .. import card
 from ..errors import SvdloraError, first_line
+from ..io import outputs
 from ..io.outputs import describe
 from ..launcher import launched
 from ..version import __version__
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     card.set_cli_argv(sys.argv[1:] if argv is None else argv)  # the exact command, for model cards
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     previous = _exit_on_sigterm()
+    outputs.FINISHED.clear()  # this command's, not an earlier main()'s in the same process
     try:
         _check_launcher(args.command)
         return args.func(args) or 0
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        print(f"{_speaker(f'svdlora {args.command}')}: interrupted (nothing was written)", file=sys.stderr)
+        print(f"{_speaker(f'svdlora {args.command}')}: interrupted ({_written()})", file=sys.stderr)
         return 130
     except Exception as err:
         if os.environ.get("SVDLORA_TRACEBACK"):
@@ -118,6 +120,14 @@ def _gpu_out_of_memory(err: Exception) -> bool:
     return torch is not None and isinstance(err, torch.OutOfMemoryError)
 
 
+def _written() -> str:
+    """What a failed or interrupted command leaves: the outputs it finished before (each whole), or nothing."""
+    done = outputs.finished_outputs()
+    if not done:
+        return "nothing was written"
+    return f"{', '.join(map(str, done))} {'was' if len(done) == 1 else 'were'} written whole before this"
+
+
 def _one_line(err: Exception) -> str:
     if isinstance(err, SvdloraError):
         return " ".join(str(err).split())
@@ -133,7 +143,7 @@ def _one_line(err: Exception) -> str:
         where = f" ({err.filename})" if err.filename else ""
         if err.errno == errno.ENAMETOOLONG:  # read or written: neither space nor permissions make it fit
             return f"{describe(err)}{where}: a name in this path is longer than the filesystem allows: shorten it"
-        return f"{describe(err)}{where}: nothing was written; free space or fix permissions and retry"
+        return f"{describe(err)}{where}: {_written()}; free space or fix permissions and retry"
     return (
         f"internal error {type(err).__name__}: {first_line(err)} - a bug in svdlora; "
         "rerun with SVDLORA_TRACEBACK=1 and report the traceback"

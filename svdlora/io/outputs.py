@@ -37,6 +37,10 @@ SVDLORA_CONFIG = "svdlora_config.json"  # writer.CONFIG_NAME; writer imports tor
 TMP_TAG, OLD_TAG = ".svdlora-tmp-", ".svdlora-old-"
 KEPT_TAG = ".svdlora-finished-"  # a finished folder left for the user (atomic_folder)
 
+# what this process put in place (atomic_folder, write_file_atomic): a later step that fails or is interrupted
+# (compress --eval's evaluation, sweep's pick) then names them rather than saying nothing was written
+FINISHED: list[Path] = []
+
 
 def _resolve(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
@@ -210,6 +214,7 @@ def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, output)
+        FINISHED.append(output)
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -264,8 +269,16 @@ def write_file_atomic(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+        FINISHED.append(Path(path).absolute())
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def finished_outputs() -> list[Path]:
+    """``FINISHED`` still in place (not the card of a temporary folder, since renamed), once each; a file written
+    into a finished folder (its card, after --eval) named by that folder."""
+    kept = [path for path in dict.fromkeys(FINISHED) if path.exists()]
+    return [path for path in kept if not any(folder in path.parents for folder in kept)]
 
 
 def ensure_space(folder: Path, needed: int, shown: str) -> None:
