@@ -25,6 +25,7 @@ from .plan import CalibrationPlan, plan_calibration
 from .precision import allocate_stages, layer_bytes, set_float_storage, target_bytes
 from .refit import collect_cross_statistics, refit_factors, refit_target
 from .report import CompressionReport, ModuleReport
+from .save_guard import guard_save_pretrained
 from .swap import restored_on_error, untie_factorized_head, warn_untied_head
 from .targets import Target, find_targets, nothing_targeted, stacked_matrices_note
 
@@ -182,6 +183,7 @@ def compress(
         heal=healed.to_dict() if healed else None,
     )
     setattr(model, REPORT_ATTR, report)
+    guard_save_pretrained(model)  # as a loaded folder's: save_pretrained would write factors nothing loads back
     logger.info("factorized %d layers in %.1f s", len(reports), report.seconds)
     return report
 

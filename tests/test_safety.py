@@ -434,6 +434,18 @@ def test_compressed_folder_is_not_compressed_again(work, capsys):
     refused(capsys, "compress", work / "svd", "--output", work / "o", match="already compressed by svdlora")
 
 
+def test_save_pretrained_after_compress_is_refused(tmp_path):
+    """save_pretrained was refused on a loaded svdlora folder only: after svdlora.compress it wrote the factors
+    under names transformers does not read, and the folder loaded without a word, every factorized matrix
+    freshly initialized (logits off by 0.17 on this GPT-2)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=96))
+    svdlora.compress(model, budget=0.5, progress=False)
+    with pytest.raises(SvdloraError, match=r"use svdlora.save_compressed\(model, folder\)"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_plain_from_pretrained_loads_an_svdlora_folder_exactly_and_export_is_plain(work, capsys):
     # Issue 7 guarded config.json with a quant_method-less quantization_config (plain from_pretrained
     # refused the folder); issue 11 replaced it by the registered 'svdlora' quantizer: with svdlora
