@@ -15,7 +15,7 @@ import torch
 from svdlora.cli import main
 from svdlora.errors import SvdloraError
 from svdlora.extract import extract_adapter
-from svdlora.integrations.peft_adapter import write_adapter
+from svdlora.integrations.peft_adapter import save_adapter, write_adapter
 
 from .conftest import TINY_MODELS, example_inputs, file_modes, tiny_gpt2, tiny_llama
 
@@ -74,6 +74,24 @@ def test_full_rank_round_trip_is_exact(factory, tmp_path):
     assert (_logits(base) - want).abs().max() > 1e-2  # the fine-tune matters
     # the tuned model is given back unchanged (peft wrapped it while saving)
     assert not any("lora" in n for n, _ in tuned.named_modules())
+
+
+def test_save_adapter_writes_a_new_folder_whole_and_never_into_a_model(tmp_path):
+    """extract_adapter's documented writer, save_adapter, wrote peft's files straight into the folder given, with
+    no check: given the tuned model's own folder, it added adapter files beside its weights and rewrote its
+    README.md, and a run stopped midway left a folder with adapter_config.json. It is now written as
+    write_adapter writes it (atomically, the card and svdlora_adapter.json, never into a model's folder)."""
+    base, tuned = _pair(tiny_llama)
+    tuned.save_pretrained(tmp_path / "tuned")
+    (tmp_path / "tuned" / "README.md").write_text("my notes\n")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tuned").iterdir()}
+    extraction = extract_adapter(base, tuned, rank=2, progress=False)
+    with pytest.raises(SvdloraError, match="already exists"):
+        save_adapter(extraction, tuned, tmp_path / "tuned")  # as extract_adapter's example calls it
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tuned").iterdir()} == before
+    folder = save_adapter(extraction, tuned, tmp_path / "adapter")
+    assert {"adapter_config.json", "svdlora_adapter.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    assert (_logits(_load(base, folder)) - _logits(tuned)).abs().max() < 1e-4
 
 
 def test_changed_biases_do_not_raise_peft_s_unsharded_tensor_alarm(tmp_path):

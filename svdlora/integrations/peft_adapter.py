@@ -115,15 +115,44 @@ def _head_hint(extraction: Extraction, tuned: nn.Module) -> str:
     return f" (the output head {name} is saved whole by default: --compress-head, keep_head=False, gives it LoRA)"
 
 
-def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_name: str | None = None) -> Path:
-    """Write the adapter folder into ``output`` (an existing, empty folder: see ``svdlora.io.outputs.atomic_folder``).
+def save_adapter(
+    extraction: Extraction,
+    tuned: nn.Module,
+    output: str | Path,
+    base_name: str | None = None,
+    *,
+    tuned_name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``extraction`` as an adapter folder, whole or not at all, as every svdlora output
+    (``svdlora.io.outputs``): peft's files, the card and ``svdlora_adapter.json``.
 
     Args:
         extraction: what ``extract_adapter`` returned.
         tuned: the fine-tuned model it came from (wrapped while saving, then unwrapped).
-        output: the folder to fill.
+        output: the folder to create.
         base_name: recorded as ``base_model_name_or_path``.
+        tuned_name: the tuned model's folder or hub id (default: its ``name_or_path``).
+        overwrite: replace an earlier svdlora output (only once the new folder is complete).
+    Returns:
+        The output path.
     """
+    require_peft()
+    base_name, tuned_name = _model_reference(base_name), _name_of(tuned, tuned_name)
+    with atomic_folder(output, overwrite, [base_name, tuned_name]) as tmp:  # never into, over or around a model
+        _write_peft_files(extraction, tuned, tmp, base_name)
+        _fix_base_name(tmp, base_name)
+        record = extraction_record(extraction, base_name, tuned_name)
+        (tmp / "svdlora_adapter.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        weights = tmp / ADAPTER_WEIGHTS
+        readable_as_umask(weights)
+        tuned_bytes = folder_bytes(tuned_name) if tuned_name and Path(tuned_name).is_dir() else None
+        card.write(tmp, card.adapter_card(extraction, base_name, tuned_name, weights.stat().st_size, tuned_bytes))
+    return Path(output)
+
+
+def _write_peft_files(extraction: Extraction, tuned: nn.Module, output: Path, base_name: str | None) -> None:
+    """peft's adapter files in ``output`` (a new, empty folder: ``save_adapter``'s temporary one)."""
     peft = require_peft()
     if not extraction.lora and not extraction.modules_to_save:
         raise SvdloraError("nothing to write: no LoRA module and no module to save")
@@ -175,7 +204,6 @@ def save_adapter(extraction: Extraction, tuned: nn.Module, output: Path, base_na
             tuned.set_submodule(name, module)
         for param in tuned.parameters():
             param.requires_grad_(trainable.get(id(param), param.requires_grad))
-    return output
 
 
 def _model_reference(name: str | None) -> str | None:
@@ -185,6 +213,11 @@ def _model_reference(name: str | None) -> str | None:
         return None
     path = Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() else name
+
+
+def _name_of(model: nn.Module, given: str | None) -> str | None:
+    """``given``, else the model's ``name_or_path``, as the adapter records it (``_model_reference``)."""
+    return _model_reference(given or getattr(getattr(model, "config", None), "name_or_path", None) or None)
 
 
 def _fix_base_name(output: Path, base_name: str | None) -> None:
@@ -248,10 +281,8 @@ def write_adapter(
         >>> write_adapter(base, tuned, "out/adapter", budget=0.1, calibration="train.txt", processor=tok)
     """
     require_peft()
-    base_name = _model_reference(base_name or getattr(getattr(base, "config", None), "name_or_path", None) or None)
-    tuned_name = _model_reference(tuned_name or getattr(getattr(tuned, "config", None), "name_or_path", None) or None)
-    inputs = [base_name, tuned_name]  # never into, over or around the models' folders
-    check_output_folder(output, overwrite, inputs)  # before the extraction
+    base_name, tuned_name = _name_of(base, base_name), _name_of(tuned, tuned_name)
+    check_output_folder(output, overwrite, [base_name, tuned_name])  # before the extraction
     extraction = extract_adapter(
         base,
         tuned,
@@ -263,13 +294,5 @@ def write_adapter(
         progress=progress,
         **options,
     )
-    with atomic_folder(output, overwrite, inputs) as tmp:
-        save_adapter(extraction, tuned, tmp, base_name)
-        _fix_base_name(tmp, base_name)
-        record = extraction_record(extraction, base_name, tuned_name)
-        (tmp / "svdlora_adapter.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        weights = tmp / ADAPTER_WEIGHTS
-        readable_as_umask(weights)
-        tuned_bytes = folder_bytes(tuned_name) if tuned_name and Path(tuned_name).is_dir() else None
-        card.write(tmp, card.adapter_card(extraction, base_name, tuned_name, weights.stat().st_size, tuned_bytes))
+    save_adapter(extraction, tuned, output, base_name, tuned_name=tuned_name, overwrite=overwrite)
     return extraction
