@@ -183,13 +183,30 @@ def test_unwritable_output_is_checked_first(work, capsys, monkeypatch):
     real_mkdir = Path.mkdir
 
     def mkdir(self, *args, **kwargs):
-        if ".svdlora-probe-" in self.name:
+        if TMP_TAG in self.name:
             raise OSError(errno.EROFS, "Read-only file system", str(self))
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
     monkeypatch.setattr(compress_run, "load_pretrained", lambda *a, **k: pytest.fail("loaded before the check"))
     refused(capsys, "compress", work / "dense", "--output", work / "out", match="Read-only file system")
+
+
+@pytest.mark.parametrize("command", ["compress", "eval"])
+def test_a_name_whose_temporary_name_is_too_long_is_refused_before_the_work(work, capsys, monkeypatch, command):
+    """An output name that fits the filesystem (240 bytes) but whose temporary name (.NAME.svdlora-tmp-HOST-PID-XXXX)
+    did not, passed the checks: compress failed with 'File name too long' once the model was compressed, eval --json
+    once it was evaluated. The probe is made under that temporary name now."""
+    import svdlora.cli.compress_run as compress_run
+    import svdlora.evaluation
+
+    never = lambda *a, **k: pytest.fail("the slow work ran before the check")  # noqa: E731
+    monkeypatch.setattr(compress_run, "load_pretrained", never)
+    monkeypatch.setattr(svdlora.evaluation, "evaluate", never)
+    name = work / ("o" * 240)
+    args = ["--output", name] if command == "compress" else ["--data", work / "text.txt", "--json", name]
+    refused(capsys, command, work / "dense", *args, "--no-progress", match="under a temporary name")
+    assert not leftovers(work)
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])

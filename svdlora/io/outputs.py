@@ -5,7 +5,8 @@
 - ``--overwrite`` replaces only a folder svdlora wrote (it holds ``.svdlora-output`` or
   ``svdlora_config.json``) or an empty one, checked before the slow work and again before the
   rename; ``--json`` replaces only an earlier svdlora result.
-- Writability is checked by creating (and removing) a probe before any slow work.
+- Writability is checked by creating (and removing) a probe before any slow work, under the output's
+  temporary name (below): a name the filesystem refuses there is refused then, not once the work is done.
 - A folder is written under a temporary name and renamed into place when complete. The
   temporary name carries the host and pid (``.NAME.svdlora-tmp-HOST-PID-XXXX``) and holds
   ``.svdlora-incomplete``, so svdlora refuses to read it, and the next run for the same output
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -81,18 +83,25 @@ def is_incomplete(folder: str | Path) -> bool:
     return (Path(folder) / INCOMPLETE).exists()
 
 
-def check_writable(folder: Path, flag: str, shown: str) -> None:
-    """Create and remove a probe in the nearest existing folder: catches EACCES, EROFS, a file parent."""
-    existing = folder
+def check_writable(target: Path, flag: str, shown: str) -> None:
+    """Create and remove a probe beside ``target`` (in the nearest existing folder): catches EACCES, EROFS, a file
+    parent, and a name whose temporary one (the longest svdlora writes beside it) the filesystem refuses."""
+    existing = target.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise SvdloraError(f"{flag} {shown!r}: {str(existing)!r} is a file, not a folder")
-    probe = existing / f".svdlora-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    probe = existing / _leftover_name(target, TMP_TAG).name  # a kill leaves it to clean_leftovers
     try:
         probe.mkdir()
         probe.rmdir()
     except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:  # the name itself fits: the run would fail only once done
+            longer = len(os.fsencode(probe.name)) - len(os.fsencode(target.name))
+            raise SvdloraError(
+                f"{flag} {shown!r}: svdlora writes it first under a temporary name {longer} bytes longer, past this "
+                "filesystem's limit on a name: shorten the name"
+            ) from None
         raise SvdloraError(f"{flag} {shown!r}: cannot write in {str(existing)!r} ({describe(err)})") from None
 
 
@@ -106,7 +115,7 @@ def check_output_folder(output: str | Path, overwrite: bool = False, inputs: Ite
     check_not_input(target, shown, inputs, flag)
     clean_leftovers(target)  # first: it may put back an output that a killed --overwrite had moved aside
     check_replaceable(target, shown, overwrite, flag)
-    check_writable(target.parent, flag, shown)
+    check_writable(target, flag, shown)
     return path
 
 
@@ -244,7 +253,7 @@ def check_output_file(path: str | Path, inputs: Iterable = (), flag: str = "--js
         raise SvdloraError(
             f"{flag} {shown!r} exists and is not an svdlora result: choose another file or remove it yourself"
         )
-    check_writable(target.parent, flag, shown)
+    check_writable(target, flag, shown)
     return file
 
 
