@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from .errors import SvdloraError
-from .io.outputs import json_keys, write_file_atomic
+from .io.outputs import check_writable, json_keys, write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,9 @@ SWEEP_FILES = ("sweep.md", "sweep.json", "sweep.png")
 
 def check_sweep_folder(folder: Path, overwrite: bool) -> None:
     """Refuse a folder whose sweep files ``write_outputs`` would replace: without --overwrite, or
-    when they are not an earlier sweep's (its sweep.json says so), since --overwrite replaces only that."""
+    when they are not an earlier sweep's (its sweep.json says so), since --overwrite replaces only that. A file, a
+    folder inside one, or an unwritable folder is refused too: before the sweep, not once every budget is measured."""
+    check_writable(folder / "sweep.json", "--output", str(folder))
     existing = [name for name in SWEEP_FILES if (folder / name).exists()]
     if not existing:
         return

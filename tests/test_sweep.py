@@ -490,6 +490,26 @@ def test_ctrl_c_keeps_the_points_measured_before(tmp_path, capsys, monkeypatch):
     assert [p["budget"] for p in json.loads((out / "sweep.json").read_text())["points"]] == [0.3, 0.5]
 
 
+@pytest.mark.parametrize("output", ["notes.txt", "notes.txt/sweep"])
+def test_an_output_that_is_a_file_is_refused_before_the_sweep(tmp_path, capsys, monkeypatch, output):
+    """sweep --output FILE (or a folder inside one) loaded the model and measured every budget, then failed writing
+    its tables with 'File exists (FILE): nothing was written; free space or fix permissions and retry'."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    model, text = lm_folder(tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    capsys.readouterr()
+    monkeypatch.setattr("svdlora.models.load_pretrained", never)
+    argv = ["sweep", str(model), "--data", str(text), "-o", str(tmp_path / output), "--calibration", "none"]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"svdlora sweep: error: --output {str(tmp_path / output)!r}: {str(notes)!r} is a file, not a folder"]
+    assert notes.read_text() == "mine"
+
+
 @pytest.mark.parametrize("flags", [["--method", "whiten"], ["--allocation", "global"], ["--heal-steps", "2"]])
 def test_settings_that_need_calibration_data_are_refused_before_loading(tmp_path, capsys, monkeypatch, flags):
     """sweep --calibration none --method whiten loaded and evaluated the dense model, then failed alike at every
