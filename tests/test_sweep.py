@@ -342,6 +342,27 @@ def test_overwrite_leaves_no_earlier_sweep_s_plot_or_model(tmp_path, capsys, mon
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "sweep.md"]
 
 
+def test_a_sweep_whose_tables_cannot_be_written_still_prints_its_figures(tmp_path, capsys, monkeypatch):
+    """The table was printed only once sweep.md and sweep.json were written: a disk that filled during the sweep
+    lost every figure it had measured ('No space left on device: nothing was written')."""
+    import errno
+
+    import svdlora.sweep
+    import svdlora.sweep_outputs
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    model, text = lm_folder(tmp_path)
+    capsys.readouterr()
+    monkeypatch.setattr(svdlora.sweep, "evaluating_measure", lambda *args: fake_measure(0.4, []))
+    monkeypatch.setattr(svdlora.sweep_outputs, "write_file_atomic", full)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(tmp_path / "s")]
+    assert main([*argv, "--no-progress", "--calibration", "none"]) == 2
+    printed = capsys.readouterr()
+    assert "| 0.5 | 500 | 2,000 | 14 | 1.400x |" in printed.out and "No space left on device" in printed.err
+
+
 def test_sweep_evaluates_on_the_default_device_as_eval_does(tmp_path, capsys, monkeypatch):
     """Without --device, the sweep's in-memory models were evaluated where they were loaded (the CPU), on a
     machine with CUDA too, where --help promised CUDA."""

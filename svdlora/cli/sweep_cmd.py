@@ -179,9 +179,9 @@ def run(args: argparse.Namespace) -> int:
         record, failure = interrupted.record, interrupted
     record["model"] = args.model
     record["calibration"] = str(calibration) if calibration is not None else None
+    print(format_table(record))  # first: a write that fails (a full disk) does not lose the figures measured
     for path in write_outputs(record, output, f"svdlora sweep: {args.model}"):
         print(f"wrote {path}", file=sys.stderr)
-    print(format_table(record))
     chosen = record.get("target", {}).get("budget")
     if chosen is None and earlier_model:  # it met another sweep's target, not this one's
         shutil.rmtree(output / "model")
