@@ -226,10 +226,13 @@ def test_failed_or_interrupted_write_leaves_no_output(work, capsys, monkeypatch,
     assert_untouched(work, before)
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+@pytest.mark.parametrize(
+    "error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt(), MemoryError()]
+)
 def test_a_failure_after_the_folder_is_written_names_it(work, capsys, monkeypatch, error):
     """compress --eval stopped during the evaluation (Ctrl-C, a full disk at the card) said 'nothing was
-    written' though the compressed folder was in place and whole: a rerun was then refused as 'already exists'."""
+    written' though the compressed folder was in place and whole: a rerun was then refused as 'already exists'.
+    Other errors there (out of memory) did not say the folder was written at all."""
 
     def evaluate(*args, **kwargs):
         raise error
@@ -240,9 +243,11 @@ def test_a_failure_after_the_folder_is_written_names_it(work, capsys, monkeypatc
     said = f"{work / 'out'} was written whole before this"
     if isinstance(error, KeyboardInterrupt):
         assert code == 130 and err.strip().splitlines()[-1] == f"svdlora compress: interrupted ({said})", err
-    else:
+    elif isinstance(error, OSError):
         line = f"svdlora compress: error: No space left on device: {said}; free space or fix permissions and retry"
         assert code == 2 and err.strip().splitlines()[-1] == line, err
+    else:
+        assert code == 2 and err.strip().splitlines()[-1].endswith(f"(ulimit -v, the memory cgroup) ({said})"), err
     assert (work / "out" / CONFIG_NAME).is_file() and not leftovers(work)
 
 

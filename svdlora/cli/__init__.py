@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get("SVDLORA_TRACEBACK"):
             raise
-        print(f"{_speaker(f'svdlora {args.command}')}: error: {_one_line(err)}", file=sys.stderr)
+        # a later step failed (compress --eval's evaluation out of memory): what is in place, whole (an OSError's says)
+        done = f" ({_written()})" if outputs.finished_outputs() and not isinstance(err, OSError) else ""
+        print(f"{_speaker(f'svdlora {args.command}')}: error: {_one_line(err)}{done}", file=sys.stderr)
         return 2 if isinstance(err, SvdloraError | OSError) or out_of_memory(err) else 1
     finally:
         if previous is not None:
