@@ -166,6 +166,32 @@ def test_sweep_overwrite_never_deletes_the_calibration_data_it_reads(work, capsy
     assert_untouched(work, before)
 
 
+@pytest.fixture
+def mounted_twice(work, tmp_path_factory):
+    """``work`` under a second path that resolving does not map back (a bind mount), as a case-insensitive
+    filesystem gives 'Out' for 'out' or a folder mounted twice does; skipped where mounting is not allowed."""
+    alias = tmp_path_factory.mktemp("alias")
+    try:
+        mounted = subprocess.run(["mount", "--bind", str(work), str(alias)], capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    if not mounted:
+        pytest.skip("mount --bind is not allowed here")
+    yield alias
+    subprocess.run(["umount", str(alias)], check=True)
+
+
+def test_overwrite_never_deletes_data_read_under_another_path(work, capsys, mounted_twice):
+    """The output was compared to the inputs by resolved path only: the --eval data kept in an earlier output, with
+    that output given under another path to the same folder, was deleted by --overwrite."""
+    data = work / "svd" / "notes.txt"
+    data.write_text(" ".join(WORDS * 4) + "\n")
+    before = tree_hash(work)
+    args = ("compress", work / "dense", "--eval", data, "--output", mounted_twice / "svd", "--overwrite")
+    refused(capsys, *args, "--no-progress", "--calibration", "none", match="contains the input")
+    assert_untouched(work, before)
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
 def test_unwritable_output_is_refused_before_loading(work, capsys):
     (work / "ro").mkdir()

@@ -60,17 +60,26 @@ def _local_inputs(inputs: Iterable) -> list[Path]:
     return out
 
 
+def _same(a: Path, b: Path) -> bool:
+    """The same file or folder, also where resolving leaves two spellings of it (a case-insensitive filesystem's
+    'Out' and 'out', a folder mounted at two paths)."""
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return False
+
+
 def check_not_input(target: Path, shown: str, inputs: Iterable, flag: str) -> None:
     """Refuse a path that is an input, inside one, or holds one (or the current folder)."""
     for inp in _local_inputs(inputs):
-        if target == inp:
+        if _same(target, inp):
             raise SvdloraError(f"{flag} {shown!r} is the input {str(inp)!r}: write to another path")
-        if inp in target.parents:
+        if any(_same(parent, inp) for parent in target.parents):
             raise SvdloraError(f"{flag} {shown!r} is inside the input {str(inp)!r}: write outside it")
-        if target in inp.parents:
+        if any(_same(target, parent) for parent in inp.parents):
             raise SvdloraError(f"{flag} {shown!r} contains the input {str(inp)!r}: write to another path")
     cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
+    if any(_same(target, folder) for folder in (cwd, *cwd.parents)):
         raise SvdloraError(f"{flag} {shown!r} is the current folder or one above it: pass a new folder name")
 
 
