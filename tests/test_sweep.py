@@ -342,6 +342,33 @@ def test_overwrite_leaves_no_earlier_sweep_s_plot_or_model(tmp_path, capsys, mon
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "sweep.md"]
 
 
+def test_a_removal_of_the_earlier_pick_stopped_midway_leaves_no_half_folder(tmp_path, capsys, monkeypatch):
+    """--overwrite removed the earlier sweep's DIR/model in place: stopped midway (Ctrl-C, a kill) it left DIR/model
+    holding svdlora_config.json without its weights, a folder that reads as an svdlora output. It is renamed aside
+    (hidden, as a killed run's temporary folder) before it is removed now."""
+    import shutil
+    from pathlib import Path
+
+    import svdlora.sweep
+    from svdlora.io.folder import is_compressed_folder
+
+    model, text = lm_folder(tmp_path)
+    out = tmp_path / "s"
+    write_outputs(sweep(fake_measure(0.4, []), [0.5], "text-generation"), out, "earlier")
+    argv = ["compress", str(model), "--budget", "0.5", "--calibration", "none", "--output", str(out / "model")]
+    assert main([*argv, "--no-progress"]) == 0  # the earlier sweep's pick
+
+    def stopped(path, *args, **kwargs):  # Ctrl-C once the weights are gone, the config not yet
+        (Path(path) / "model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(svdlora.sweep, "evaluating_measure", lambda *args: fake_measure(0.4, []))
+    monkeypatch.setattr(shutil, "rmtree", stopped)
+    argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(out), "--overwrite"]
+    assert main([*argv, "--no-progress", "--calibration", "none"]) == 130
+    assert not is_compressed_folder(out / "model")
+
+
 def test_a_sweep_whose_tables_cannot_be_written_still_prints_its_figures(tmp_path, capsys, monkeypatch):
     """The table was printed only once sweep.md and sweep.json were written: a disk that filled during the sweep
     lost every figure it had measured ('No space left on device: nothing was written')."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import CompressionConfig
     from ..evaluation.loading import check_task, checked_processor, early_processor, infer_task, local_outline
     from ..io.folder import is_compressed_folder
-    from ..io.outputs import check_not_input
+    from ..io.outputs import check_not_input, remove_folder
     from ..io.saving import check_output, save_compressed
     from ..models import default_device, load_pretrained
     from ..plan import UNUSED, check_without_calibration, source_description, uses_calibration
@@ -184,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}", file=sys.stderr)
     chosen = record.get("target", {}).get("budget")
     if chosen is None and earlier_model:  # it met another sweep's target, not this one's
-        shutil.rmtree(output / "model")
+        remove_folder(output / "model")
         print(f"removed {output / 'model'} (the earlier sweep's pick)", file=sys.stderr)
     if failure is not None:  # the error itself, as main() reports it: one line, its exit status
         kept = len(record["points"])

@@ -238,6 +238,14 @@ def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_folder(folder: Path) -> None:
+    """Remove an output whole: renamed to a temporary name first, so that a kill midway leaves no part of it under
+    its name that reads as an svdlora folder (what is left, hidden, goes as a killed run's does: clean_leftovers)."""
+    aside = _leftover_name(folder, TMP_TAG)
+    os.replace(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def readable_as_umask(*files: Path) -> None:
     """Give ``files`` the mode ``open()`` gives (0666 less the umask), as the rest of the output has:
     safetensors >= 0.8 and peft write weights owner-only (0600), unreadable to a group sharing the folder."""
