@@ -15,10 +15,10 @@ import math
 import torch
 
 from .config import CompressionConfig
-from .decompose import budget_values, rank_for_budget, split_rank
+from .decompose import budget_values, split_rank
 from .errors import BudgetError
 from .methods import SPECTRUM_UNITS
-from .targets import Target, factor_params
+from .targets import Target, factor_params, rank_for_share
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ _APART = {
 def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[dict[str, list[int]], dict[str, str]]:
     """Per-module stage ranks, and the targets that stay dense (with the reason).
 
-    Budget mode guarantees Σ factor params + Σ dense params <= budget·Σ targeted params:
+    Budget mode guarantees Σ factor params + Σ dense params <= budget·Σ targeted params (pivoted
+    factors with their pivot indices, ``factor_params``; in bytes where the targets share one dtype):
     a matrix whose share would buy factors at least as large as itself stays dense (exact, and
     no dearer); a matrix whose share is below rank 1 gets rank 1, and the others share the rest.
     """
@@ -51,15 +52,17 @@ def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[di
                 "raise --budget or --exclude the smallest layers"
             )
         share = min(1.0, left / sum(t.params for t in rest)) if rest else 0.0
-        below = {t.name for t in rest if rank_for_budget(t.out_features, t.in_features, share, pivot) == 0}
+        below = {t.name for t in rest if rank_for_share(t, share, pivot) == 0}
         if not below:
             break
         floor |= below
     ranks, dense = {}, {}
     for t in targets:
-        total = 1 if t.name in floor else rank_for_budget(t.out_features, t.in_features, share, pivot)
+        total = 1 if t.name in floor else rank_for_share(t, share, pivot)
         total = min(total, t.out_features, t.in_features)
-        if factor_params(t, total, pivot) >= t.params:  # before rounding: dense if the share covers it
+        # before rounding: dense if the share covers it. Pivoted, a whole share (budget 1) does too: full rank
+        # with its pivot indices is dearer than the matrix, and the rank the share buys would not be exact
+        if factor_params(t, total, pivot) >= t.params or (pivot and share >= 1):
             dense[t.name] = f"budget share {share:.3g} covers the dense matrix (kept exact)"
         else:
             ranks[t.name] = split_rank(aligned(total, config.rank_multiple), config.submatrices)
@@ -155,7 +158,8 @@ def allocate_global(
     (gain σ_{k+1}², cost out+in), or keeping the matrix dense (gain: the whole tail, cost: what
     the dense matrix costs beyond the current factors). Gains per rank only fall, so with the
     pair's constant cost per rank this greedy is the optimum of the relaxed problem up to one
-    step; pivoted factors (``pivot``) cost out+in−2R−1 for rank R+1, and the greedy is a heuristic.
+    step; pivoted factors (``pivot``) cost out+in−2R−1 (and a pivot index) for rank R+1, and the greedy is
+    a heuristic.
     With ``multiple`` > 1 a rank move below it adds one, and from it goes to the next multiple (rank
     1 → 2 → ... → 8 → 16 ...): the ranks ``aligned`` gives the uniform allocation.
     Returns stage ranks, the matrices kept dense (with why), and each factorized matrix's estimated

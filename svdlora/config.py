@@ -26,7 +26,10 @@ class CompressionConfig:
 
     budget: float = field(
         default=0.5,
-        metadata={"help": "Factors hold at most this fraction of the targeted matrices' parameters, in (0, 1]."},
+        metadata={
+            "help": "Factors hold at most this fraction of the targeted matrices' parameters, in (0, 1] (pivoted "
+            "factors with their int64 pivot indices, counted in values of the factors' dtype)."
+        },
     )
     submatrices: int = field(
         default=1,
@@ -134,8 +137,9 @@ class CompressionConfig:
         default=False,
         metadata={
             "help": "Store each factorized matrix in pivoted form (PIFA): its R pivot rows and the coefficients of "
-            "the other rows, R·(out + in − R) values instead of R·(out + in), so the same budget buys more rank "
-            "(svdlora.pivoted). Float stages only (not with stage_dtypes). `svdlora compress` turns it on."
+            "the other rows, R·(out + in − R) values and R int64 indices (counted in the budget) instead of "
+            "R·(out + in), so the same budget buys more rank (svdlora.pivoted). Float stages only (not with "
+            "stage_dtypes). `svdlora compress` turns it on."
         },
     )
     rank_multiple: int = field(

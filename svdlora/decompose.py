@@ -284,12 +284,15 @@ def budget_values(budget: float, values: int) -> float:
     return budget * values * (1 + 1e-12)
 
 
-def rank_for_budget(out_features: int, in_features: int, budget: float, pivot: bool = False) -> int:
-    """Largest total rank R whose factors, R·(out+in) values (R·(out+in−R) pivoted), fit in budget·out·in."""
+def rank_for_budget(
+    out_features: int, in_features: int, budget: float, pivot: bool = False, index_values: int = 0
+) -> int:
+    """Largest total rank R whose factors, R·(out+in) values (pivoted: R·(out+in−R), plus ``index_values``
+    per rank for its pivot index, ``pivoted.pivoted_values``), fit in budget·out·in."""
     allowed = budget_values(budget, out_features * in_features)
     if not pivot:
         return int(allowed / (out_features + in_features))
-    s = out_features + in_features  # the smaller root of R² − s·R + allowed = 0
+    s = out_features + in_features + index_values  # the smaller root of R² − s·R + allowed = 0
     rank = int((s - math.sqrt(max(s * s - 4 * allowed, 0.0))) / 2)
     while (rank + 1) * (s - rank - 1) <= allowed and rank < min(out_features, in_features):
         rank += 1  # round-off in the square root

@@ -5,15 +5,18 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .config import CompressionConfig
+from .decompose import rank_for_budget
 from .errors import SvdloraError
 from .layers import dense_kind, weight_out_in
-from .pivoted import pivoted_params
+from .pivoted import index_values, pivoted_values
 
 # Top-level children that produce the model's output: factorizing them costs the most
 # accuracy for the least gain, so they stay dense unless keep_head=False (--compress-head).
@@ -37,6 +40,8 @@ class Target:
     kind: str
     out_features: int
     in_features: int
+    # the dtype its factors are stored in, which prices the int64 pivot indices (find_targets sets it)
+    dtype: torch.dtype = torch.float32
 
     @property
     def params(self) -> int:
@@ -44,10 +49,17 @@ class Target:
 
 
 def factor_params(target: Target, total_rank: int, pivot: bool = False) -> int:
-    """Values the factors of one matrix store: R·(out+in), or R·(out+in−R) in pivoted form."""
+    """Values the factors of one matrix store: R·(out+in), or in pivoted form R·(out+in−R) and the pivot
+    indices (in values of ``target.dtype``): the allocators' unit."""
     if pivot:
-        return pivoted_params(target.out_features, target.in_features, total_rank)
+        return pivoted_values(target.out_features, target.in_features, total_rank, target.dtype)
     return total_rank * (target.out_features + target.in_features)
+
+
+def rank_for_share(target: Target, share: float, pivot: bool = False) -> int:
+    """The largest total rank whose ``factor_params`` fit in ``share`` of the matrix's values."""
+    extra = index_values(target.dtype) if pivot else 0
+    return rank_for_budget(target.out_features, target.in_features, share, pivot, extra)
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -79,8 +91,12 @@ def _head_modules(model: nn.Module) -> set[int]:
     return heads
 
 
-def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Target], dict[str, str]]:
-    """The layers to factorize, and for every other Linear/Conv1D the reason it stays dense."""
+def find_targets(
+    model: nn.Module, config: CompressionConfig, dtype_of: Callable[[str], torch.dtype | None] | None = None
+) -> tuple[list[Target], dict[str, str]]:
+    """The layers to factorize, and for every other Linear/Conv1D the reason it stays dense. ``dtype_of(name)``:
+    the dtype a layer's weight is loaded (and its factors stored) in, where the model's is not it (a streamed
+    plan's meta weights); None, or a None answer: the weight's dtype."""
     heads = _head_modules(model) if config.keep_head else set()
     targets, dense, names = [], {}, []
     if dense_kind(model):
@@ -90,7 +106,8 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Targ
         if kind is None:
             continue
         names.append(name)
-        out_features, in_features = weight_out_in(module).shape
+        weight = weight_out_in(module)
+        out_features, in_features = weight.shape
         top = name.split(".")[0]
         if config.include is not None and not any(matches(name, p) for p in config.include):
             dense[name] = "not matched by --include"
@@ -99,14 +116,17 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Targ
         elif config.keep_head and (id(module) in heads or top in HEAD_NAMES):
             dense[name] = HEAD_REASON
         else:
-            target = Target(name, module, kind, out_features, in_features)
-            # the allocators' unit (values): pivoted rank 1 of a 2x2 matrix stores 3 of its 4
+            dtype = (dtype_of(name) if dtype_of else None) or weight.dtype
+            target = Target(name, module, kind, out_features, in_features, dtype)
+            # the allocators' unit (values): pivoted rank 1 of a 2x2 matrix stores 3 of its 4, and its index
             rank_one = factor_params(target, 1, config.pivot)
             if rank_one < target.params:
                 targets.append(target)
             else:
-                form = "pivoted " if config.pivot else ""
-                dense[name] = f"too small: {form}rank 1 would store {rank_one} values, the dense matrix {target.params}"
+                form, index = ("pivoted ", " (its pivot index included)") if config.pivot else ("", "")
+                dense[name] = (
+                    f"too small: {form}rank 1 would store {rank_one} values{index}, the dense matrix {target.params}"
+                )
     if targets:  # with none, the caller's "nothing is targeted" error names the patterns already
         check_every_pattern_matches(names, config)
     return targets, dense

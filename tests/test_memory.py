@@ -246,12 +246,13 @@ def test_healing_counts_its_optimizer_state_and_masters_in_the_need(tmp_path, mo
     for dtype in ("float32", "float16"):
         for heal in ([], ["--heal-steps", "2", "--heal-loss", "lm"]):  # lm: no teacher copy of the model
             assert main([*argv, "--dtype", dtype, *heal]) == 2
-    planned = plan(model, CompressionConfig(budget=0.5, pivot=True))  # the CLI stores pivoted factors
-    factors = sum(
-        p.numel() for m in planned.model.modules() if isinstance(m, LowRankLinear) for p in m.factor_parameters()
-    )
+    factors = []  # per dtype: the CLI stores pivoted factors, whose int64 indices the budget prices per dtype
+    for dtype in ("float32", "float16"):
+        planned = plan(model, CompressionConfig(budget=0.5, pivot=True), dtype=dtype)
+        modules = [m for m in planned.model.modules() if isinstance(m, LowRankLinear)]
+        factors.append(sum(p.numel() for m in modules for p in m.factor_parameters()))
     # Adam's two float32 moments and the float32 gradient; in float16 the float32 masters too (8x 2 bytes)
-    assert [needs[1] - needs[0], needs[3] - needs[2]] == [12 * factors, 16 * factors]
+    assert [needs[1] - needs[0], needs[3] - needs[2]] == [12 * factors[0], 16 * factors[1]]
 
 
 def _fake_hub(tmp_path: Path, monkeypatch, remote: Path) -> list[list[str]]:

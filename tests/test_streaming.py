@@ -74,11 +74,13 @@ def test_streamed_files_equal_in_memory_files(tmp_path, make, settings, dtype):
     assert torch.equal(got, want)
 
 
-def test_keep_in_fp32_modules_stream_as_in_memory(tmp_path):
-    # T5 keeps its feed-forward output `wo` in float32 under float16: streaming must not cast it
+@pytest.mark.parametrize("pivot", [False, True])
+def test_keep_in_fp32_modules_stream_as_in_memory(tmp_path, pivot):
+    # T5 keeps its feed-forward output `wo` in float32 under float16: streaming must not cast it, nor price
+    # its pivot indices as float16 values (the budget counts 2 float32 values per index there, 4 elsewhere)
     base = tmp_path / "base"
     tiny_t5().half().save_pretrained(base)
-    config = CompressionConfig(budget=0.5)
+    config = CompressionConfig(budget=0.5, pivot=pivot)
     model = load_pretrained(str(base), dtype="float16")
     assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
     compress(model, config, progress=False)

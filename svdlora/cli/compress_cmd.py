@@ -30,7 +30,8 @@ def register(subparsers) -> None:
         "--budget",
         type=options.budget,
         default=None,  # None, not 0.5: a budget given together with --rank is refused, not ignored
-        help="factors hold at most this fraction of the targeted parameters, in (0, 1] (default 0.5)",
+        help="factors hold at most this fraction of the targeted parameters, in (0, 1] (default 0.5); "
+        "pivoted factors count their int64 pivot indices too",
     )
     p.add_argument(
         "--submatrices",

@@ -94,6 +94,11 @@ class Plan:
             return stored
         return torch.float32 if self.keeps_fp32(name) else self.target_dtype
 
+    def weight_dtype(self, layer: str) -> torch.dtype | None:
+        """The dtype ``layer``'s weight is loaded in (and its factors written in); None where it is not stored."""
+        key = self.source_key(f"{layer}.weight")
+        return None if key is None else self.out_dtype(self.checkpoint.spec[key].dtype, f"{layer}.weight")
+
     def cost(self, job) -> float:
         kind, src, what = job
         if kind == "factorize":
@@ -156,18 +161,20 @@ def plan(
     ckpt.follow_renames(model)
     target_dtype = load_dtype(parse_dtype(dtype), hf_config, ckpt)
     params_before = count_parameters(model)
-    targets, dense = find_targets(model, config)
-    if not targets:
-        raise nothing_targeted(dense)
-    ranks, allocator_dense = allocation or allocate_ranks(targets, config)
-    dense.update(allocator_dense)
     same: dict[int, list[str]] = {}  # a checkpoint may store a tied parameter under any of its names
     for name, param in model.named_parameters(remove_duplicate=False):
         same.setdefault(id(param), []).append(name)
     names_of = {n: group for group in same.values() for n in group}
-    out = Plan(ckpt, hf_config, model, [], {}, [], dense, params_before, target_dtype)
-    out.keeps_fp32, out.names_of, out.targets = keep_in_fp32(model, target_dtype), names_of, targets
-    weight_dtype = {}
+    out = Plan(ckpt, hf_config, model, [], {}, [], {}, params_before, target_dtype)
+    out.keeps_fp32, out.names_of = keep_in_fp32(model, target_dtype), names_of
+    # the meta weights are not in the load's dtype, which the factors are stored in and prices the pivot indices
+    targets, dense = find_targets(model, config, dtype_of=out.weight_dtype)
+    if not targets:
+        raise nothing_targeted(dense)
+    out.targets, out.dense = targets, dense
+    ranks, allocator_dense = allocation or allocate_ranks(targets, config)
+    dense.update(allocator_dense)
+    weight_dtype = {t.name: t.dtype for t in targets}
     for t in targets:
         if t.name not in ranks:
             continue
@@ -177,7 +184,6 @@ def plan(
                 "{source!r} has no tensor for {key}: {in_memory}", source=str(source), key=f"{t.name}.weight"
             )
         _check_shape(source, key, ckpt.spec[key].shape, t.module.weight.shape, model)
-        weight_dtype[t.name] = out.out_dtype(ckpt.spec[key].dtype, f"{t.name}.weight")
         layer = (PivotedLowRankLinear if config.pivot else LowRankLinear)(
             t.in_features, t.out_features, ranks[t.name], bias=t.module.bias is not None,
             base_kind=t.kind, device="meta", dtype=weight_dtype[t.name],
