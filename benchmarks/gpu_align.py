@@ -38,7 +38,7 @@ from benchmarks.decoding import CompiledDecoder  # noqa: E402
 from benchmarks.gpu_rows import SMOLLM2_135M  # noqa: E402
 from svdlora.decompose import rank_for_budget  # noqa: E402
 from svdlora.layers import LowRankLinear  # noqa: E402
-from svdlora.pivoted import PivotedLowRankLinear  # noqa: E402
+from svdlora.pivoted import PivotedLowRankLinear, index_values  # noqa: E402
 from svdlora.runtime import apply_runtime  # noqa: E402
 from svdlora.siblings import stack_siblings  # noqa: E402
 
@@ -70,10 +70,11 @@ def factorized_copy(dense, layout: str, multiple: int, gen: torch.Generator):
                 if not isinstance(module, torch.nn.Linear):
                     continue
                 out_f, in_f = module.out_features, module.in_features
-                rank = rank_for_budget(out_f, in_f, 0.5, pivot=layout == "pivoted")
+                dev, dt = module.weight.device, module.weight.dtype
+                pivoted = layout == "pivoted"  # priced with its pivot indices, as compress prices it
+                rank = rank_for_budget(out_f, in_f, 0.5, pivoted, index_values(dt) if pivoted else 0)
                 rank -= rank % multiple
                 ranks[f"{out_f}x{in_f}"] = rank
-                dev, dt = module.weight.device, module.weight.dtype
                 scale = (0.02 / rank**0.5) ** 0.5  # A·B entries ~ 0.02, as the dense init
                 if layout == "pairs":
                     a = torch.randn(out_f, rank, generator=gen).mul_(scale)

@@ -18,6 +18,7 @@ import json
 import torch
 
 import svdlora.decompose as decompose
+from svdlora.pivoted import index_values
 
 
 def with_spectrum(n: int, sigma: torch.Tensor, seed: int) -> torch.Tensor:
@@ -30,13 +31,15 @@ def with_spectrum(n: int, sigma: torch.Tensor, seed: int) -> torch.Tensor:
 def pretrained(folder: str, budgets: list[float]) -> dict:
     from safetensors.torch import load_file
 
-    weights = [w.double() for k, w in load_file(f"{folder}/model.safetensors").items() if k.endswith("proj.weight")]
+    stored = [w for k, w in load_file(f"{folder}/model.safetensors").items() if k.endswith("proj.weight")]
+    weights = [w.double() for w in stored]
     spectra = [torch.linalg.svdvals(w) for w in weights]
+    indices = [index_values(w.dtype) for w in stored]  # the pivot indices, priced as compress prices them
     rows = {}
     for budget in budgets:
         ratios = []
-        for w, s in zip(weights, spectra, strict=True):
-            k = decompose.rank_for_budget(*w.shape, budget, pivot=True)
+        for w, s, index in zip(weights, spectra, indices, strict=True):
+            k = decompose.rank_for_budget(*w.shape, budget, True, index)
             ratios.append((s[k - 1] / s[0]).item() ** 2)
         below = sum(r < decompose._GRAM_MIN_RATIO for r in ratios)
         rows[str(budget)] = {"matrices": len(ratios), "min_ratio": min(ratios), "below_threshold": below}
