@@ -41,7 +41,7 @@ def looks_like_path(data: str | Path) -> bool:
         or text.startswith((".", "/", "~"))
         or text.count("/") > 1
         or "\\" in text
-        or Path(text).suffix.lower() in (".txt", ".gz", ".json", ".jsonl", ".csv", ".parquet", ".arrow")
+        or Path(text).suffix.lower() in (".txt", ".gz", *DATASET_FILE_BUILDERS)
     )
 
 
