@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .layers import LowRankLinear, factor_layout
 
@@ -129,10 +130,18 @@ def valid_rows(rows: torch.Tensor, out_features: int) -> bool:
     return int(rows[0]) >= 0 and int(rows[-1]) < out_features and bool((rows[1:] > rows[:-1]).all())
 
 
+def values_hidden(rows: torch.Tensor) -> bool:
+    """Whether the pivot indices are traced rather than held, outside torch.compile: a fake or proxy
+    tensor mode (FakeTensorMode, make_fx) or fake indices, whose values ``valid_rows`` cannot read
+    (a data-dependent error) and which must not fill the eager cache. Checked on a cache miss only."""
+    modes = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY)
+    return any(torch._C._get_dispatch_mode(mode) is not None for mode in modes) or is_fake(rows)
+
+
 def _complement(rows: torch.Tensor, size: int) -> torch.Tensor:
     """The indices in [0, size) not in ``rows``, increasing. Of a static shape (size − len(rows)), not
     found by nonzero(): torch.compile traces it, and it runs on the meta device."""
-    mask = torch.ones(size, dtype=torch.int8, device=rows.device).index_fill(0, rows, 0)
+    mask = rows.new_ones(size, dtype=torch.int8).index_fill(0, rows, 0)  # as ``rows``: fake ones stay fake
     return torch.argsort(mask, stable=True)[rows.numel() :]
 
 
@@ -210,7 +219,8 @@ class PivotedLowRankLinear(LowRankLinear):
         return [(self.A, self.B)]  # the stages were summed into one pivoted pair
 
     def dense_weight(self) -> torch.Tensor:
-        if not valid_rows(self.rows, self.out_features):  # a skeleton transformers initializes: no factors yet
+        # a skeleton transformers initializes has no factors yet; traced indices have no values to check
+        if not values_hidden(self.rows) and not valid_rows(self.rows, self.out_features):
             return self.B.new_zeros(self.out_features, self.in_features)
         return pivoted_weight(self.B, self.C, self.rows)
 
@@ -234,12 +244,22 @@ class PivotedLowRankLinear(LowRankLinear):
         """
         if self._gather is not None and self._gather_rows is self.rows:
             return self._gather
+        return self._indices_in_graph()
+
+    def _indices_in_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pivot rows, other rows) computed by the graph a trace records, from ``rows`` as it holds them."""
         return self.rows, _complement(self.rows, self.out_features)
 
     def _indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pivot rows, other rows), cached until the ``rows`` buffer changes."""
-        key = (self.rows.data_ptr(), version_stamp(self.rows), self.rows.device)
+        """(pivot rows, other rows), cached until the ``rows`` buffer changes; a trace outside
+        torch.compile that finds no cache computes them in its graph (``values_hidden``)."""
+        try:
+            key = (self.rows.data_ptr(), version_stamp(self.rows), self.rows.device)
+        except RuntimeError:  # a tensor without storage: make_fx(tracing_mode="fake") passed it as the buffer
+            return self._indices_in_graph()
         if key != self._gather_key:
+            if values_hidden(self.rows):
+                return self._indices_in_graph()
             # rows not loaded yet (transformers initializes a skeleton through ``weight``): any order will do
             rows = self.rows if valid_rows(self.rows, self.out_features) else torch.arange(sum(self.ranks))
             # normal tensors even when first called under inference_mode: index_copy_ saves its index

@@ -8,6 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+from torch._subclasses import FakeTensorMode
+from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from svdlora import SvdloraError, compress, load_compressed, save_compressed
 from svdlora.allocate import allocate_global, allocate_ranks
@@ -108,6 +111,26 @@ def test_a_pivoted_layer_runs_on_the_meta_device():
     layer = PivotedLowRankLinear.from_dense(nn.Linear(40, 24), [6]).to("meta")
     assert layer(torch.empty(3, 5, 40, device="meta")).shape == (3, 5, 24)
     assert layer.to_pairs().A.shape == (24, 6)
+
+
+def test_a_pivoted_layer_traces_under_fake_tensors_and_make_fx():
+    """FakeTensorMode and make_fx trace outside torch.compile: a first call checked the pivot indices'
+    values (valid_rows' int()), which fake and proxy tensors do not have (DataDependentOutputException);
+    make_fx's fake buffers have no data pointer to key the cache on. Nothing they trace is cached."""
+    torch.manual_seed(0)
+    layer = PivotedLowRankLinear.from_dense(nn.Linear(40, 24), [6])
+    x = torch.randn(3, 5, 40)
+    expected = x @ layer.dense_weight().T + layer.bias
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert layer(mode.from_tensor(x)).shape == (3, 5, 24)
+        assert layer.weight.shape == (24, 40)
+    state = dict(layer.named_parameters()) | dict(layer.named_buffers())
+    for tracing_mode in ("real", "fake"):
+        graph = make_fx(lambda s, x: functional_call(layer, s, (x,)), tracing_mode=tracing_mode)(state, x)
+        assert torch.allclose(graph(state, x), expected, atol=1e-5)
+    assert torch.allclose(make_fx(layer)(x)(x), expected, atol=1e-5)
+    assert layer._gather is None  # the eager forward fills it with real indices
+    assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
 def test_pivoted_layer_compiles_to_one_graph():
