@@ -115,6 +115,11 @@ def pivoted_outputs(z, coefficients, rows, rest, bias, out_features: int) -> tor
     return out if bias is None else out + bias.to(out.dtype)
 
 
+# a leaf of torch.fx.symbolic_trace: its output shape unpacks z.shape, which a Proxy cannot
+# (z.new_empty(z.shape[:-1] + (out,)) traces but costs the eager forward ~1 us a call)
+torch.fx.wrap("pivoted_outputs")
+
+
 def version_stamp(t: torch.Tensor) -> int | None:
     """A tensor's version counter (bumped by every in-place write), or None where it has none
     (an inference tensor: made under ``inference_mode``, a folder loaded there, say)."""
@@ -133,9 +138,11 @@ def valid_rows(rows: torch.Tensor, out_features: int) -> bool:
 def values_hidden(rows: torch.Tensor) -> bool:
     """Whether the pivot indices are traced rather than held, outside torch.compile: a fake or proxy
     tensor mode (FakeTensorMode, make_fx) or fake indices, whose values ``valid_rows`` cannot read
-    (a data-dependent error) and which must not fill the eager cache. Checked on a cache miss only."""
+    (a data-dependent error), or torch.jit.trace, whose check traces again and would find the cache
+    the first trace filled (another graph). Nothing traced fills the eager cache. Checked on a miss only."""
     modes = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY)
-    return any(torch._C._get_dispatch_mode(mode) is not None for mode in modes) or is_fake(rows)
+    fake = any(torch._C._get_dispatch_mode(mode) is not None for mode in modes) or is_fake(rows)
+    return fake or torch.jit.is_tracing()
 
 
 def _complement(rows: torch.Tensor, size: int) -> torch.Tensor:

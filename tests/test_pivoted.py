@@ -133,6 +133,18 @@ def test_a_pivoted_layer_traces_under_fake_tensors_and_make_fx():
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
+def test_a_fresh_pivoted_layer_traces_with_torch_jit_and_fx():
+    """torch.jit.trace's check traces a second time, which found the index cache the first trace had
+    filled and recorded another graph ('Tracing failed sanity checks!'); torch.fx.symbolic_trace
+    failed in pivoted_outputs, whose output shape unpacked a Proxy ('Proxy object cannot be iterated')."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 40)
+    for trace in (lambda layer: torch.jit.trace(layer, x), torch.fx.symbolic_trace):
+        layer = PivotedLowRankLinear.from_dense(nn.Linear(40, 24), [6])
+        expected = x @ layer.dense_weight().T + layer.bias
+        assert torch.allclose(trace(layer)(x), expected, atol=1e-5)
+
+
 def test_pivoted_layer_compiles_to_one_graph():
     """torch.compile traces the whole forward (no break), so CUDA graphs can capture a decode step:
     from the eager cache where a call made one, else with the complement sorted in the graph."""
