@@ -1,4 +1,5 @@
-"""``save_pretrained`` on a model that holds svdlora factors: refused, naming ``save_compressed``.
+"""``save_pretrained`` on a model that holds svdlora factors: refused, naming ``save_compressed`` (or, where a
+load-time runtime changed a layer, which ``save_compressed`` refuses too, what saves it).
 
 transformers writes such a model's factor tensors under plain names and a plain config.json; the
 folder then reloads with every factorized matrix missing and freshly initialized (a walkthrough
@@ -38,11 +39,7 @@ def _save_pretrained(model: nn.Module, *args, **kwargs):
     adapter = getattr(model, "_hf_peft_config_loaded", False)
     factors = holds_factors(model)
     if factors and not adapter:
-        raise SvdloraError(
-            "this model holds svdlora factors, which save_pretrained would write as tensors transformers "
-            "cannot load back: use svdlora.save_compressed(model, folder) (or load it with merge=True for "
-            "a dense checkpoint)"
-        )
+        raise SvdloraError(_refusal(model))
     # (save_directory, is_main_process, state_dict, ...); None, as the Trainer passes it, is the model's own
     positional = len(args) > 2
     given = args[2] if positional else kwargs.get("state_dict")
@@ -53,6 +50,27 @@ def _save_pretrained(model: nn.Module, *args, **kwargs):
         else:
             kwargs["state_dict"] = state
     return type(model).save_pretrained(model, *args, **kwargs)
+
+
+def _refusal(model: nn.Module) -> str:
+    """Why save_pretrained refuses, and what saves the model instead: save_compressed, unless a load-time
+    runtime changed a layer's layout, which save_compressed refuses too (then what it would say)."""
+    from .compress import REPORT_ATTR
+    from .io.saving import AS_STORED, layout_change  # not at the top: io imports compress, which imports this
+
+    refused = (
+        "this model holds svdlora factors, which save_pretrained would write as tensors transformers cannot load back"
+    )
+    report = getattr(model, REPORT_ATTR, None)
+    change = None if report is None else layout_change(model, report)
+    if change is None:
+        return (
+            f"{refused}: use svdlora.save_compressed(model, folder) (or load it with merge=True for a dense checkpoint)"
+        )
+    return (
+        f"{refused}, and save_compressed cannot write it either: {change}. To save it compressed, {AS_STORED}; "
+        "for a dense checkpoint, load it with merge=True and save_pretrained that"
+    )
 
 
 def untied_state_dict(model: nn.Module) -> dict | None:

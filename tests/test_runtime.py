@@ -201,6 +201,23 @@ def test_a_model_whose_layers_a_runtime_changed_is_not_saved(tmp_path, runtime):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("options", [{"runtime": "pairs"}, {"stack_siblings": True}])
+def test_save_pretrained_of_a_model_save_compressed_refuses_says_what_saves_it(tmp_path, options):
+    """save_pretrained's refusal named save_compressed, which refuses a model a load-time runtime changed
+    ('now runs as ...'): two refusals in a row. It now says why and gives the ways that save it."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, budget=0.5, pivot=True, progress=False)
+    save_compressed(model, tmp_path / "out")
+    changed = load_compressed(tmp_path / "out", device="cpu", **options)
+    with pytest.raises(SvdloraError) as refusal:
+        changed.save_pretrained(tmp_path / "again")
+    assert "now runs as" in str(refusal.value)
+    assert 'runtime="factorized"' in str(refusal.value) and "merge=True" in str(refusal.value)
+    save_compressed(load_compressed(tmp_path / "out", device="cpu", runtime="factorized"), tmp_path / "again")
+    load_compressed(tmp_path / "out", device="cpu", merge=True).save_pretrained(tmp_path / "dense")
+
+
 def test_offloaded_layers_stay_as_stored(tmp_path):
     """accelerate's offload keeps the weights on "meta" and brings them in with a hook on the module:
     a replacement would lose both, so the runtime leaves such layers alone."""

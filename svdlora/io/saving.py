@@ -126,9 +126,16 @@ def _report_layers(model: nn.Module, report: CompressionReport):
             continue  # schema checks report missing layers with their own message
 
 
-def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
-    """Each factorized layer must still be stored as its report says (a runtime may have merged it,
-    or turned a pivoted layer into a pair): else the folder's report would not fit its tensors."""
+# what saves a model a load-time runtime changed (said by save_compressed's refusal and save_pretrained's)
+AS_STORED = (
+    'load the folder again as stored (the default runtime="factorized", no stack_siblings) and save_compressed '
+    "that, or copy the compressed folder itself"
+)
+
+
+def layout_change(model: nn.Module, report: CompressionReport) -> str | None:
+    """How a factorized layer no longer is stored as its report says (a runtime may have merged it, turned
+    a pivoted layer into a pair, stacked it), else None: the folder's report would not fit its tensors."""
     for line, module in _report_layers(model, report):
         pivoted = isinstance(module, PivotedLowRankLinear)
         if not isinstance(module, LowRankLinear) or pivoted != line.pivoted:
@@ -136,11 +143,18 @@ def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
                 now = "a sibling stacked with others (stack_siblings=True)"
             else:
                 now = "a pair" if isinstance(module, LowRankLinear) else f"a dense {type(module).__name__}"
-            raise SvdloraError(
+            return (
                 f"{line.name} was compressed {'pivoted' if line.pivoted else 'as a factor pair'} but now runs as "
-                f"{now} (a load-time runtime: merged, pairs, auto or stacked siblings): save a model loaded as "
-                'stored (the default runtime="factorized", no stack_siblings), or copy the compressed folder itself'
+                f"{now} (a load-time runtime: merged, pairs, auto or stacked siblings)"
             )
+    return None
+
+
+def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
+    """Each factorized layer must still be stored as its report says."""
+    change = layout_change(model, report)
+    if change is not None:
+        raise SvdloraError(f"{change}: {AS_STORED}")
 
 
 def _refresh_float_storage(model: nn.Module, report: CompressionReport) -> None:
