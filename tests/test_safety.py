@@ -3,6 +3,7 @@ byte-identical, nothing half-written is left behind (issue 7). All through the r
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -372,17 +373,34 @@ def test_a_killed_runs_finished_temporary_folder_is_removed_and_a_kept_one_stays
     assert (kept / "result").read_text() == "finished"
 
 
-@pytest.mark.parametrize("aside", [True, False], ids=["old-moved-aside", "new-in-place"])
-def test_ctrl_c_during_the_overwrite_swap_leaves_an_output_in_place(tmp_path, monkeypatch, aside):
-    """Ctrl-C between --overwrite's two renames (the old output moved aside, the new one not yet in place) left
-    neither: the finished folder was removed and the old one hidden under a temporary name until the next run
-    for the same output. The old one is put back now; once the new one is in place, it stays."""
-    from svdlora.io import outputs
-
-    out = tmp_path / "out"
+def _old_output(out: Path) -> None:
     out.mkdir()
     (out / MARKER).write_text("{}")
     (out / "result").write_text("old")
+
+
+def _no_exchange(code: int):
+    """renameat2 as a system or filesystem without RENAME_EXCHANGE answers (None: not Linux)."""
+
+    def renameat2(*args):
+        ctypes.set_errno(code)
+        return -1
+
+    return lambda: renameat2 if code else None
+
+
+@pytest.mark.parametrize("refused", [errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, 0])
+@pytest.mark.parametrize("aside", [True, False], ids=["old-moved-aside", "new-in-place"])
+def test_ctrl_c_during_the_overwrite_swap_leaves_an_output_in_place(tmp_path, monkeypatch, aside, refused):
+    """Ctrl-C between --overwrite's two renames (the old output moved aside, the new one not yet in place) left
+    neither: the finished folder was removed and the old one hidden under a temporary name until the next run
+    for the same output. The old one is put back now; once the new one is in place, it stays. (The two renames
+    are taken where renameat2 cannot exchange the two folders.)"""
+    from svdlora.io import outputs
+
+    monkeypatch.setattr(outputs, "_renameat2", _no_exchange(refused))
+    out = tmp_path / "out"
+    _old_output(out)
     replace = os.replace
 
     def interrupted(src, dst):  # the signal arrives just after this rename
@@ -397,6 +415,84 @@ def test_ctrl_c_during_the_overwrite_swap_leaves_an_output_in_place(tmp_path, mo
     assert (out / "result").read_text() == ("old" if aside else "new")
     # (the old one left aside once the new one is in place: the next run for this output removes it)
     assert [p.name for p in tmp_path.iterdir() if OLD_TAG not in p.name] == ["out"]
+
+
+# kill -9 this process right after the first step that changes the output path (the swap's first rename, or the
+# exchange of the two folders)
+KILLED_MID_SWAP = """
+import os, signal, sys
+from svdlora.io import outputs
+
+out = sys.argv[1]
+def killed_after(step):
+    def run(*args):
+        done = step(*args)
+        if out in map(os.fspath, args):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return done
+    return run
+
+outputs.os.replace = killed_after(os.replace)
+if hasattr(outputs, "_exchange"):
+    outputs._exchange = killed_after(outputs._exchange)
+with outputs.atomic_folder(out, overwrite=True) as tmp:
+    (tmp / "result").write_text("new")
+"""
+
+
+def _exchanges_here(folder: Path) -> bool:
+    """Whether ``folder``'s filesystem swaps two folders in one step (renameat2's RENAME_EXCHANGE: ext4, not
+    overlayfs nor another system than Linux, where the two renames and their tests above apply)."""
+    from svdlora.io import outputs
+
+    a, b = folder / "a", folder / "b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        return outputs._exchange(a, b)
+    finally:
+        a.rmdir()
+        b.rmdir()
+
+
+def test_a_kill_during_the_overwrite_swap_leaves_an_output_in_place(tmp_path):
+    """--overwrite swapped by two renames: kill -9 between them left no output, the old one hidden under a
+    temporary name until the next run for it. renameat2's exchange swaps them in one step (Linux)."""
+    if not _exchanges_here(tmp_path):
+        pytest.skip("this filesystem has no RENAME_EXCHANGE")
+    out = tmp_path / "out"
+    _old_output(out)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", KILLED_MID_SWAP, str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr
+    assert (out / "result").read_text() == "new"
+
+
+def test_the_overwrite_swap_is_one_exchange_where_the_filesystem_has_it(tmp_path, monkeypatch):
+    """The exchange is taken here (ext4); an error raised just before it leaves the old folder, just after it the
+    new one, and nothing else beside them."""
+    from svdlora.io import outputs
+
+    if not _exchanges_here(tmp_path):
+        pytest.skip("this filesystem has no RENAME_EXCHANGE")
+    out = tmp_path / "out"
+    exchange = outputs._exchange
+    for when, left in (("before", "old"), ("after", "new")):
+        _old_output(out)
+
+        def interrupted(a, b, when=when):
+            if when == "after":
+                assert exchange(a, b)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(outputs, "_exchange", interrupted)
+        monkeypatch.setattr(outputs.os, "replace", lambda *a: pytest.fail(f"renamed {a}"))  # no two renames
+        with pytest.raises(KeyboardInterrupt):
+            with outputs.atomic_folder(out, overwrite=True) as tmp:
+                (tmp / "result").write_text("new")
+        monkeypatch.undo()
+        assert (out / "result").read_text() == left and [p.name for p in tmp_path.iterdir()] == ["out"], when
+        shutil.rmtree(out)
 
 
 def test_a_killed_writers_temporary_result_file_is_removed_by_the_next_write(tmp_path):

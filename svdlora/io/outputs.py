@@ -11,19 +11,25 @@
   temporary name carries the host and pid (``.NAME.svdlora-tmp-HOST-PID-XXXX``) and holds
   ``.svdlora-incomplete``, so svdlora refuses to read it, and the next run for the same output
   removes what a killed run left, finished or not (or puts back an output that a kill caught mid-swap).
+- ``--overwrite`` swaps the new folder in with one ``renameat2(RENAME_EXCHANGE)`` where the system has it (Linux, a
+  filesystem that supports it), so the output path always holds the old folder or the new one; elsewhere by two
+  renames (old aside, new in), where a kill between them leaves the old one aside until the next run for it.
   A finished folder that cannot be renamed into place (the output appeared meanwhile) is kept for
   the user under a visible name, ``NAME.svdlora-finished-XXXX``, that no clean-up touches.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import json
 import logging
 import os
 import secrets
 import shutil
 import socket
+import sys
 from collections.abc import Iterable
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -221,21 +227,56 @@ def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable 
             os.replace(tmp, kept)
             raise SvdloraError(f"{err} (it appeared during this run; the finished folder is {str(kept)!r})") from None
         if output.exists():  # overwrite: swap only after the new folder is complete
-            old = _leftover_name(output, OLD_TAG)
-            try:
-                os.replace(output, old)
-                os.replace(tmp, output)
-            except BaseException:  # Ctrl-C or SIGTERM too: else the output is gone until the next run
-                if old.exists() and not output.exists():
-                    os.replace(old, output)  # put the previous folder back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+            _swap_in(tmp, output)
         else:
             os.replace(tmp, output)
         FINISHED.append(output)
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, output: Path) -> None:
+    """Put the finished folder ``new`` at ``output`` in place of the folder there, which is then removed."""
+    if _exchange(new, output):  # one step: the old folder is now under new's temporary name
+        shutil.rmtree(new, ignore_errors=True)  # a kill first leaves it to clean_leftovers, as any temporary folder
+        return
+    old = _leftover_name(output, OLD_TAG)
+    try:
+        os.replace(output, old)
+        os.replace(new, output)
+    except BaseException:  # Ctrl-C or SIGTERM too: else the output is gone until the next run
+        if old.exists() and not output.exists():
+            os.replace(old, output)  # put the previous folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+@functools.cache
+def _renameat2():
+    """libc's renameat2 (Linux, glibc 2.28 or later), or None: ``os`` does not expose it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step; False, nothing done, where this system or filesystem cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # no such call, or not on this filesystem
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def remove_folder(folder: Path) -> None:
