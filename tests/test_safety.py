@@ -292,6 +292,25 @@ def test_running_out_of_memory_is_one_line_and_leaves_no_output(work, capsys, mo
     assert_untouched(work, before)
 
 
+def test_a_failed_run_removes_the_folders_it_made_for_its_output_and_no_other(tmp_path):
+    """--output a/b/c where a/ did not exist: a failed run left the empty a/b. The folders the run made are
+    removed again where empty; one that was there before (even empty), or that holds a file now, stays."""
+    from svdlora.io.outputs import atomic_folder
+
+    (tmp_path / "there").mkdir()
+    for output, left in (("there/a/b/c", ["there"]), ("there/a/b/c", ["there", "there/a", "there/a/mine.txt"])):
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_folder(tmp_path / output) as tmp:
+                (tmp / "result").write_text("half")
+                if "there/a/mine.txt" in left:  # a file the user put there during the run
+                    (tmp_path / "there/a/mine.txt").write_text("mine")
+                raise KeyboardInterrupt
+        assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == left
+    with atomic_folder(tmp_path / "new/out") as tmp:
+        (tmp / "result").write_text("whole")
+    assert (tmp_path / "new/out/result").read_text() == "whole"
+
+
 def test_killed_runs_are_cleaned_by_the_next_run(work, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is no longer running

@@ -208,11 +208,11 @@ def _leftover_name(output: Path, tag: str) -> Path:
 def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable = ()):
     """Yield a temporary folder that becomes ``output`` only if the block succeeds."""
     output = check_output_folder(output, overwrite, inputs).absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_folders(output.parent)
     tmp = _leftover_name(output, TMP_TAG)
-    tmp.mkdir()
     keep = False
     try:
+        tmp.mkdir()
         (tmp / INCOMPLETE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"svdlora_version": __version__}) + "\n")
@@ -234,6 +234,36 @@ def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable 
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_empty(made)  # what a failed run made for its output (none is empty once it is in place)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and the missing folders above it; those this call created, deepest first (one that another
+    process creates meanwhile is not counted: only what this run made is removed again)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+            made.insert(0, path)
+        except FileExistsError:
+            pass
+        except OSError:  # e.g. no permission one level down
+            _remove_empty(made)
+            raise
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) up to the first that is not empty: the user's files stay."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _swap_in(new: Path, output: Path) -> None:
