@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from .errors import SvdloraError
-from .io.outputs import check_writable, json_keys, write_file_atomic
+from .io.outputs import check_writable, files_replaced_together, json_keys
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def plot(record: dict, path: Path, title: str) -> Path | None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # a temporary name's suffix is no format
     plt.close(fig)
     return path
 
@@ -98,16 +98,17 @@ def _is_sweep_record(path: Path) -> bool:
 
 
 def write_outputs(record: dict, folder: Path, title: str) -> list[Path]:
-    """sweep.md, sweep.json and sweep.png in ``folder`` (``check_sweep_folder`` first)."""
+    """sweep.md, sweep.json and sweep.png in ``folder`` (``check_sweep_folder`` first), replacing an earlier
+    sweep's as one set: all three are written first, then renamed into place."""
     folder.mkdir(parents=True, exist_ok=True)
     slim = {**record, "dense": _slim(record["dense"]), "points": [_slim(p) for p in record["points"]]}
-    written = [folder / name for name in SWEEP_FILES[:2]]
-    write_file_atomic(written[0], f"# {title}\n\n{format_table(record)}\n")  # a kill keeps the old file whole
-    write_file_atomic(written[1], json.dumps(slim, indent=2, sort_keys=True) + "\n")
-    png = plot(record, folder / "sweep.png", title)
-    if png is None:  # an earlier sweep's plot (--overwrite) would show that sweep's points beside this table
-        (folder / "sweep.png").unlink(missing_ok=True)
-    return written + ([png] if png else [])
+    paths = [folder / name for name in SWEEP_FILES]
+    with files_replaced_together(paths) as (md, data, png):
+        md.write_text(f"# {title}\n\n{format_table(record)}\n")
+        data.write_text(json.dumps(slim, indent=2, sort_keys=True) + "\n")
+        # without matplotlib none: an earlier sweep's plot (--overwrite) would show its points beside this table
+        plot(record, png, title)
+    return [path for path in paths if path.exists()]
 
 
 def _slim(point: dict) -> dict:

@@ -369,6 +369,25 @@ def test_a_removal_of_the_earlier_pick_stopped_midway_leaves_no_half_folder(tmp_
     assert not is_compressed_folder(out / "model")
 
 
+def test_a_sweep_stopped_while_writing_its_files_leaves_the_earlier_set_whole(tmp_path, monkeypatch):
+    """sweep.md, sweep.json and sweep.png were replaced one by one, the plot drawn between them: stopped there
+    (Ctrl-C, a kill) it left a new table and record beside the earlier sweep's plot. All three are written first
+    now, then renamed into place."""
+    pytest.importorskip("matplotlib")
+    import svdlora.sweep_outputs
+
+    write_outputs(sweep(fake_measure(0.4, []), [0.5], "text-generation"), tmp_path, "earlier")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(svdlora.sweep_outputs, "plot", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(sweep(fake_measure(0.3, []), [0.3, 0.5], "text-generation"), tmp_path, "this")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_a_sweep_whose_tables_cannot_be_written_still_prints_its_figures(tmp_path, capsys, monkeypatch):
     """The table was printed only once sweep.md and sweep.json were written: a disk that filled during the sweep
     lost every figure it had measured ('No space left on device: nothing was written')."""
@@ -383,7 +402,7 @@ def test_a_sweep_whose_tables_cannot_be_written_still_prints_its_figures(tmp_pat
     model, text = lm_folder(tmp_path)
     capsys.readouterr()
     monkeypatch.setattr(svdlora.sweep, "evaluating_measure", lambda *args: fake_measure(0.4, []))
-    monkeypatch.setattr(svdlora.sweep_outputs, "write_file_atomic", full)
+    monkeypatch.setattr(svdlora.sweep_outputs, "files_replaced_together", full)
     argv = ["sweep", str(model), "--budgets", "0.5", "--data", str(text), "--output", str(tmp_path / "s")]
     assert main([*argv, "--no-progress", "--calibration", "none"]) == 2
     printed = capsys.readouterr()

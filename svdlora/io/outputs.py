@@ -361,14 +361,31 @@ def _is_svdlora_result(path: Path) -> bool:
 
 def write_file_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, so a failure leaves the old file."""
-    clean_leftovers(Path(path).absolute())  # a killed writer's temporary file
-    tmp = _leftover_name(path, TMP_TAG)
-    try:
+    with files_replaced_together([path]) as (tmp,):
         tmp.write_text(text)
-        os.replace(tmp, path)
-        FINISHED.append(Path(path).absolute())
+
+
+@contextmanager
+def files_replaced_together(paths: list[Path]):
+    """Yield a temporary path for each of ``paths`` (one set, such as sweep's files) to write; once the block
+    succeeds, each one written replaces its path and each one not written removes it (an earlier set's), one
+    rename after another with no work between them. A failure or kill before then leaves the earlier set whole
+    (the next write for those paths removes a killed one's temporary files: clean_leftovers)."""
+    paths = [Path(path).absolute() for path in paths]
+    for path in paths:
+        clean_leftovers(path)
+    tmps = [_leftover_name(path, TMP_TAG) for path in paths]
+    try:
+        yield tmps
+        for tmp, path in zip(tmps, paths, strict=True):
+            if tmp.exists():
+                os.replace(tmp, path)
+                FINISHED.append(path)
+            else:
+                path.unlink(missing_ok=True)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 def finished_outputs() -> list[Path]:
