@@ -452,6 +452,24 @@ def test_under_a_launcher_each_error_line_names_its_rank(tmp_path, monkeypatch, 
     assert capsys.readouterr().err.startswith("svdlora info: error: ")
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_another_rank_does_not_say_nothing_was_written(base, tmp_path, monkeypatch, capsys, joining_as_rank_1, error):
+    """Only rank 0 writes the output and records what it wrote: rank 1's Ctrl-C or write error said 'nothing was
+    written' where rank 0 may have written the folder. It leaves that to rank 0's line now."""
+    import svdlora.cli.compress_run as compress_run
+    from svdlora.cli import main
+
+    def stopped(*args):
+        raise error
+
+    monkeypatch.setattr(compress_run, "svd_device", stopped)
+    argv = ["compress", str(base), "-o", str(tmp_path / "out"), "--calibration", "none", "--no-progress"]
+    for rank, said in (("1", "rank 0 writes the output and says what was written"), ("0", "nothing was written")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) in (2, 130)
+        assert said in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("size", ["two", "", "²"])  # "²": isdigit() but not int()
 def test_a_world_size_that_is_no_count_is_no_launcher(tmp_path, monkeypatch, capsys, size):
     """distributed.launched() read WORLD_SIZE with int() and the CLI's error lines with isdigit(): a value that is

@@ -125,6 +125,8 @@ def _gpu_out_of_memory(err: Exception) -> bool:
 def _written() -> str:
     """What a failed or interrupted command leaves: the outputs it finished before (each whole), or nothing."""
     done = outputs.finished_outputs()
+    if not done and launched() and os.environ["RANK"] != "0":  # only rank 0 writes, and knows what it wrote
+        return "rank 0 writes the output and says what was written"
     if not done:
         return "nothing was written"
     return f"{', '.join(map(str, done))} {'was' if len(done) == 1 else 'were'} written whole before this"

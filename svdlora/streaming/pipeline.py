@@ -275,7 +275,7 @@ def _calibration_batches(p: Plan, source, calibration, processor, config, ctx, p
 class _rank_0s_folder:
     """Another rank's side of rank 0's temporary folder (``atomic_folder``), which it writes into. Rank 0's
     cleanup removes the folder when rank 0 stops: a write here then fails on a missing file, rank 0's failure,
-    not this disk's ('nothing was written; free space or fix permissions')."""
+    not this disk's ('free space or fix permissions')."""
 
     def __enter__(self):
         return None
