@@ -53,6 +53,10 @@ class Statistics(dict):
             self._factors[key] = (source, None if value is None else value.to(dtype))
         return self._factors[key][1]
 
+    def readers(self, gram: torch.Tensor) -> list[str]:
+        """The layers whose statistics hold ``gram`` (q/k/v, or gate/up, share one: ``collect_statistics``)."""
+        return [name for name, stats in self.items() if stats.gram is gram]
+
 
 def factor_dtype(targets: list[Target]) -> torch.dtype:
     """The precision a plan keeps S and D in: float64 where a weight is (factorized in float64, it would otherwise
@@ -80,9 +84,12 @@ class CalibrationPlan:
         stats = (self.stats or {}).get(name)
         if stats is None or (self.method == "svd" and not for_allocation):
             return None
-        # unwhiten solves with S, so its inverse is not computed
+        # unwhiten solves with S, so its inverse is not computed; once per Gram, whose warning names all its readers
         right = self.stats.factor(
-            "input", stats.gram, lambda: whitening(stats.gram, INPUT_DAMPING, inverse=False, layer=name)[0], self.dtype
+            "input",
+            stats.gram,
+            lambda: whitening(stats.gram, INPUT_DAMPING, inverse=False, layer=self.stats.readers(stats.gram))[0],
+            self.dtype,
         )
         left = None
         if for_allocation or self.method in ("fisher", "kfac"):  # asked for again by the factorization

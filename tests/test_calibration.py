@@ -243,13 +243,18 @@ def test_degenerate_calibration_inputs_give_finite_factors(inputs):
     ("zeroed", "said"),
     [
         ("self_attn.o_proj.weight", "the output gradients of layer model.layers.1.self_attn.q_proj are all zero: "),
-        ("input_layernorm.weight", "the calibration inputs of layer model.layers.1.self_attn.q_proj are all zero: "),
+        (
+            "input_layernorm.weight",
+            "the calibration inputs of layers model.layers.1.self_attn.q_proj, model.layers.1.self_attn.k_proj, "
+            "model.layers.1.self_attn.v_proj are all zero: ",
+        ),
     ],
     ids=["output-gradients", "inputs"],
 )
 def test_a_zero_gram_is_said_with_what_is_zero_and_which_layer(zeroed, said, caplog):
     """K-FAC whitens the output gradients' Gram as the inputs' one: where the loss does not reach a layer, its
-    zero output gradients were said as 'calibration inputs of a layer are all zero'."""
+    zero output gradients were said as 'calibration inputs of a layer are all zero'. q/k/v read one input, whitened
+    once: its warning named q_proj alone."""
     torch.manual_seed(0)
     model = tiny_llama().eval()
     with torch.no_grad():

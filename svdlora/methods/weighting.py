@@ -16,6 +16,7 @@ B·S = B' (k·n² flops per layer, against n³ for the inverse).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +111,11 @@ _GRAM_OF = {
 
 
 def whitening(
-    gram: torch.Tensor, damping: float, inverse: bool = True, of: str = "inputs", layer: str | None = None
+    gram: torch.Tensor,
+    damping: float,
+    inverse: bool = True,
+    of: str = "inputs",
+    layer: str | Sequence[str] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """S with S·Sᵀ = the damped Gram (its lower Cholesky factor, float64) and S⁻¹ (None without
     ``inverse``: ``Weighting.unwhiten`` solves with S instead).
@@ -118,11 +123,12 @@ def whitening(
     A Gram that is indefinite beyond the damping (round-off on a singular Gram can be) falls back to
     the symmetric root of an eigendecomposition, whose negative eigenvalues are clipped first: it
     never fails. A zero or non-finite one gives None, with a warning that says which Gram (``of``: a
-    key of ``_GRAM_OF``; K-FAC whitens the output gradients' too) of which ``layer``.
+    key of ``_GRAM_OF``; K-FAC whitens the output gradients' too) of which ``layer`` (or layers: q/k/v
+    read one input, whose Gram is whitened once for all of them).
     """
     gram = gram.double()
     what, fallback = _GRAM_OF[of]
-    where = f"layer {layer}" if layer else "a layer"
+    where = _layers_named(layer)
     if not torch.isfinite(gram).all():
         logger.warning("the Gram of the %s of %s has NaN/Inf: %s", what, where, fallback)
         return None, None
@@ -144,6 +150,14 @@ def whitening(
     roots = eigenvalues.sqrt()
     right = (vectors * roots) @ vectors.T
     return right, (vectors / roots) @ vectors.T if inverse else None
+
+
+def _layers_named(layer: str | Sequence[str] | None) -> str:
+    """'layer NAME', 'layers NAME, NAME' or 'a layer', as a warning names them."""
+    names = [layer] if isinstance(layer, str) else list(layer or ())
+    if not names:
+        return "a layer"
+    return f"layer{'s' * (len(names) > 1)} {', '.join(names)}"
 
 
 def output_weights(
