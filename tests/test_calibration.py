@@ -242,7 +242,10 @@ def test_degenerate_calibration_inputs_give_finite_factors(inputs):
 @pytest.mark.parametrize(
     ("zeroed", "said"),
     [
-        ("self_attn.o_proj.weight", "the output gradients of layer model.layers.1.self_attn.q_proj are all zero: "),
+        (
+            "self_attn.o_proj.weight",
+            "the output gradients of layer model.layers.1.self_attn.q_proj are all zero (the loss does not reach it): ",
+        ),
         (
             "input_layernorm.weight",
             "the calibration inputs of layers model.layers.1.self_attn.q_proj, model.layers.1.self_attn.k_proj, "
@@ -263,6 +266,24 @@ def test_a_zero_gram_is_said_with_what_is_zero_and_which_layer(zeroed, said, cap
     svdlora.compress(model, budget=0.5, method="kfac", allocation="uniform", calibration=batches, progress=False)
     assert said in caplog.text
     assert ("calibration inputs" in said) == ("calibration inputs" in caplog.text)
+
+
+@pytest.mark.parametrize("method", ["fisher", "kfac"])
+def test_each_layer_the_loss_does_not_reach_is_said_once(method, caplog):
+    """fisher dropped the output weights of a layer whose loss gradients are all zero without a word (kfac said it
+    of their Gram, and must not say it again of their diagonal)."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()  # the loss no longer reaches q/k/v
+    batches = [example_inputs("llama", s) for s in range(2)]
+    svdlora.compress(model, budget=0.5, method=method, allocation="uniform", calibration=batches, progress=False)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        said = (
+            f"the output gradients of layer model.layers.1.self_attn.{name} are all zero (the loss does not reach it)"
+        )
+        assert caplog.text.count(said + ": no output weighting by the loss") == 1, name
+    assert caplog.text.count("are all zero") == 3
 
 
 def test_a_large_float64_weight_is_whitened_in_float64():

@@ -103,11 +103,27 @@ def _solve(matrix: torch.Tensor, rhs: torch.Tensor, left: bool) -> torch.Tensor:
     return torch.linalg.solve(matrix, rhs, left=left)
 
 
-# What a Gram ``whitening`` is given is made of, and what a layer gets where it is unusable.
+# What a Gram ``whitening`` is given (or ``output_weights``' diagonal) is made of, why it may be all zero, and
+# what a layer gets where it is unusable.
 _GRAM_OF = {
-    "inputs": ("calibration inputs", "no input whitening (plain SVD on that side)"),
-    "output gradients": ("output gradients", "no output weighting (plain SVD on that side)"),
+    "inputs": ("calibration inputs", "", "no input whitening (plain SVD on that side)"),
+    "output gradients": (
+        "output gradients",
+        " (the loss does not reach it)",
+        "no output weighting by the loss (plain SVD on that side)",
+    ),
 }
+
+
+def _warn_unusable(of: str, layer: str | Sequence[str] | None, finite: bool) -> None:
+    """Say that the statistics ``of`` (a key of ``_GRAM_OF``) of ``layer`` are all zero or not finite, and what
+    the layer gets instead."""
+    what, why_zero, fallback = _GRAM_OF[of]
+    where = _layers_named(layer)
+    if finite:
+        logger.warning("the %s of %s are all zero%s: %s", what, where, why_zero, fallback)
+    else:
+        logger.warning("the %s of %s have NaN/Inf: %s", what, where, fallback)
 
 
 def whitening(
@@ -127,14 +143,12 @@ def whitening(
     read one input, whose Gram is whitened once for all of them).
     """
     gram = gram.double()
-    what, fallback = _GRAM_OF[of]
-    where = _layers_named(layer)
     if not torch.isfinite(gram).all():
-        logger.warning("the Gram of the %s of %s has NaN/Inf: %s", what, where, fallback)
+        _warn_unusable(of, layer, finite=False)
         return None, None
     scale = gram.diagonal().mean().item()
     if scale <= 0:
-        logger.warning("the %s of %s are all zero: %s", what, where, fallback)
+        _warn_unusable(of, layer, finite=True)
         return None, None
     damped = (gram + gram.T).mul_(0.5)  # symmetric
     damped.diagonal().add_(damping * scale)  # in place: no (n, n) identity and sum
@@ -164,17 +178,23 @@ def output_weights(
     stats: LayerStats, damping: float, full: bool = False, layer: str | None = None
 ) -> torch.Tensor | None:
     """D of one layer (named ``layer`` in a warning): diag √E[g²], or with ``full`` a square root
-    (DᵀD = E[g gᵀ]) where it was collected."""
+    (DᵀD = E[g gᵀ]) where it was collected. None without gradient statistics, and, with a warning, where they
+    are all zero (the loss does not reach the layer: an attention block whose o_proj is zero) or not finite."""
+    said = False  # the Gram's warning covers its diagonal: said once
     if full and stats.out_grad_gram is not None:
         gram = stats.out_grad_gram
         root = whitening(gram, damping, inverse=False, of="output gradients", layer=layer)[0]  # never inverted
         if root is not None:
             return root.T  # S·Sᵀ = G, so D = Sᵀ
+        said = True
     if stats.out_grad_sq is None:
         return None
     grad_sq = stats.out_grad_sq.double()
+    finite = bool(torch.isfinite(grad_sq).all())
     mean = grad_sq.mean().item()
-    if not torch.isfinite(grad_sq).all() or mean <= 0:
+    if not finite or mean <= 0:
+        if not said:
+            _warn_unusable("output gradients", layer, finite)
         return None
     return (grad_sq + damping * mean).sqrt()
 
