@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from .errors import SvdloraError
 from .layers import dense_kind, weight_out_in
 from .pivoted import index_values, pivoted_values
 
+logger = logging.getLogger(__name__)
+
 # Top-level children that produce the model's output: factorizing them costs the most
 # accuracy for the least gain, so they stay dense unless keep_head=False (--compress-head).
 HEAD_NAMES = (
@@ -31,6 +34,10 @@ HEAD_NAMES = (
     "distillation_classifier",
 )
 HEAD_REASON = "output head or tied to an embedding (keep_head)"
+# Layers holding one weight (a Parameter assigned to two modules, one module under two names) stay dense: factorized
+# apart, the one tensor would be stored and budgeted twice, as two different factorizations (or, for one module under
+# two names, the second name would keep the dense module). Sharing the factors would need the folder to tie them.
+SHARED_REASON = "shares its weight: {} holds it too (factorized apart, the one tensor would be stored twice)"
 
 
 @dataclass
@@ -91,6 +98,15 @@ def _head_modules(model: nn.Module) -> set[int]:
     return heads
 
 
+def _weight_sharers(model: nn.Module) -> dict[str, list[str]]:
+    """Each Linear/Conv1D layer whose weight another one holds too -> the other layers' names."""
+    holders: dict[object, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):  # one module under two names: both
+        if dense_kind(module):
+            holders.setdefault(_storage(module.weight), []).append(name)
+    return {name: [n for n in names if n != name] for names in holders.values() if len(names) > 1 for name in names}
+
+
 def find_targets(
     model: nn.Module, config: CompressionConfig, dtype_of: Callable[[str], torch.dtype | None] | None = None
 ) -> tuple[list[Target], dict[str, str]]:
@@ -98,7 +114,8 @@ def find_targets(
     the dtype a layer's weight is loaded (and its factors stored) in, where the model's is not it (a streamed
     plan's meta weights); None, or a None answer: the weight's dtype."""
     heads = _head_modules(model) if config.keep_head else set()
-    targets, dense, names = [], {}, []
+    sharers = _weight_sharers(model)
+    targets, dense, names, shared = [], {}, [], set()
     if dense_kind(model):
         raise SvdloraError("the model is a single Linear/Conv1D layer: wrap it, e.g. nn.Sequential(layer)")
     for name, module in model.named_modules():
@@ -115,6 +132,9 @@ def find_targets(
             dense[name] = "matched by --exclude"
         elif config.keep_head and (id(module) in heads or top in HEAD_NAMES):
             dense[name] = HEAD_REASON
+        elif name in sharers:
+            dense[name] = SHARED_REASON.format(", ".join(sharers[name]))
+            shared.add(tuple(sorted([name, *sharers[name]])))
         else:
             dtype = (dtype_of(name) if dtype_of else None) or weight.dtype
             target = Target(name, module, kind, out_features, in_features, dtype)
@@ -129,6 +149,12 @@ def find_targets(
                 )
     if targets:  # with none, the caller's "nothing is targeted" error names the patterns already
         check_every_pattern_matches(names, config)
+    if shared:
+        logger.warning(
+            "kept dense, as they share one weight (factorized apart, the one tensor would be stored and budgeted "
+            "twice): %s",
+            "; ".join(" and ".join(group) for group in sorted(shared)),
+        )
     return targets, dense
 
 

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import svdlora
 from svdlora import CompressionConfig, LowRankLinear, SvdloraError, compress
 from svdlora.cli import main
 from svdlora.decompose import split_rank
@@ -317,6 +319,41 @@ def test_factorizing_a_tied_head_says_the_model_grows(caplog):
     with caplog.at_level("WARNING", logger="svdlora.compress"):
         compress(TINY_MODELS["gpt2"](), budget=0.9, progress=False)  # the head kept: nothing to say
     assert not [r for r in caplog.records if "model grows" in r.getMessage()]
+
+
+class _SharedWeight(nn.Module):
+    """Two Linear layers holding one weight: one Parameter assigned to both, or one module under two names."""
+
+    def __init__(self, one_module: bool):
+        super().__init__()
+        self.a = nn.Linear(64, 64, bias=False)
+        self.b = self.a if one_module else nn.Linear(64, 64, bias=False)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.c(self.b(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("one_module", [False, True], ids=["one-parameter", "one-module-two-names"])
+def test_layers_sharing_one_weight_stay_dense_and_shared_through_save_and_load(one_module, tmp_path, caplog):
+    """Two layers holding one weight were factorized apart: the folder stored two factorizations of one tensor
+    (a and b, budgeted twice); one module under two names was factorized under the first only, the second kept
+    the dense module, so the model stored the matrix as factors and whole."""
+    torch.manual_seed(0)
+    model, x = _SharedWeight(one_module), torch.randn(4, 64)
+    report = compress(model, budget=0.5, progress=False)
+    assert [m.name for m in report.factorized] == ["c"]
+    assert model.b.weight is model.a.weight
+    assert "kept dense, as they share one weight (factorized apart, the one tensor would be stored" in caplog.text
+    assert caplog.text.rstrip().endswith("twice): a and b")
+    svdlora.save_compressed(model, tmp_path / "out")
+    (weights,) = (tmp_path / "out").glob("*.safetensors")
+    with safe_open(weights, "pt") as stored:
+        assert "a.weight" in stored.keys() and "b.weight" not in stored.keys()  # stored once, tied
+    loaded = svdlora.load_compressed(tmp_path / "out", model=_SharedWeight(one_module), device="cpu")
+    assert loaded.b.weight is loaded.a.weight
+    torch.testing.assert_close(loaded(x), model(x))
 
 
 def test_an_svd_device_with_stage_dtypes_is_said_to_be_unused(caplog):
