@@ -176,7 +176,8 @@ def refit_target(
     target = weight.detach().double() @ cross @ right_inverse.T @ right_inverse
     if not torch.isfinite(target).all():
         return None
-    return target.float(), Weighting(left=left, right=right.float(), right_inverse=right_inverse.float())
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # a float64 model's stays float64
+    return target.to(dtype), Weighting(left=left, right=right.to(dtype), right_inverse=right_inverse.to(dtype))
 
 
 def refit_factors(
