@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 MAX_OUTPUT_GRAM = 8192
 
 
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a statistic's products are taken in: float32 (fast; the sums are float64), float64 for a float64
+    model's tensors, whose statistics would otherwise be ~1e-7 off (its factors ~5e-6 off the float64 ones)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class LayerStats:
     """Running means over the calibration tokens of one layer."""
@@ -117,16 +123,18 @@ class _Accumulator:
         return self._buffers[key][: like.shape[0]]
 
     def _gram(self, flat: torch.Tensor) -> torch.Tensor:
-        """flatᵀ·flat in float32, into a reused buffer (read it before the next call)."""
+        """flatᵀ·flat in its ``product_dtype``, into a reused buffer (read it before the next call)."""
+        flat = flat.to(product_dtype(flat))
         return torch.mm(flat.T, flat, out=self._buffer((flat.shape[1],) * 2, flat.dtype, flat.device))
 
     def _add(self, sums: dict, key: str, product: torch.Tensor) -> None:
         """sums[key] += product, in float64 (no drift over many batches)."""
         if key not in sums:
-            sums[key] = product.double()
+            sums[key] = product.to(torch.float64, copy=True)  # a float64 product is a reused buffer
             return
-        wide = self._buffer(product.shape, torch.float64, product.device)
-        sums[key] += wide.copy_(product)
+        if product.dtype != torch.float64:
+            product = self._buffer(product.shape, torch.float64, product.device).copy_(product)
+        sums[key] += product
 
     def new_batch(self, masks: list[torch.Tensor] | None = None) -> None:
         """Add the batch before (its readers are known once it ran) and start one with ``masks``."""
@@ -137,9 +145,9 @@ class _Accumulator:
 
     def _add_inputs(self) -> None:
         for x, real, readers in self._pending:
-            flat = flat_tokens(x, real).float()
+            flat = flat_tokens(x, real)
             key = tuple(sorted(readers))
-            self._add(self.gram_sums, key, self._gram(flat))  # float32 products per batch (fast)
+            self._add(self.gram_sums, key, self._gram(flat))  # products per batch in ``product_dtype``
             self.tokens[key] = self.tokens.get(key, 0) + flat.shape[0]
         self._pending.clear()
 
@@ -163,7 +171,7 @@ class _Accumulator:
             self.grad_sums[name] = self.grad_sums[name] + square if name in self.grad_sums else square
             self.grad_tokens[name] = self.grad_tokens.get(name, 0) + single.shape[0]
             if self.output_gram and single.shape[1] <= MAX_OUTPUT_GRAM:
-                self._add(self.grad_grams, name, self._gram(single.float()))  # as for XᵀX
+                self._add(self.grad_grams, name, self._gram(single))  # as for XᵀX
 
     def sum_over_ranks(self, ctx) -> None:
         """Add the other processes' sums and token counts to this one's (``distributed.Context``;

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import SharedInputs
+from .calibration import SharedInputs, product_dtype
 from .methods import Weighting, factorize
 from .methods.weighting import INPUT_DAMPING, whitening
 from .modes import eval_mode
@@ -50,7 +50,8 @@ class _InputTap:
             reads = self.reads.setdefault(name, [])
             key, new = self._shared.first(x, (name, len(reads)))
             if new:
-                self.tensors[key] = flat_tokens(x, mask_for(x, self.masks)).float()
+                real = flat_tokens(x, mask_for(x, self.masks))
+                self.tensors[key] = real.to(product_dtype(real))
             reads.append(key)
 
         return hook
@@ -176,7 +177,7 @@ def refit_target(
     target = weight.detach().double() @ cross @ right_inverse.T @ right_inverse
     if not torch.isfinite(target).all():
         return None
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # a float64 model's stays float64
+    dtype = product_dtype(weight)  # a float64 model's stays float64
     return target.to(dtype), Weighting(left=left, right=right.to(dtype), right_inverse=right_inverse.to(dtype))
 
 
