@@ -588,3 +588,15 @@ def test_a_wait_that_is_no_number_of_seconds_is_refused_before_joining(monkeypat
     with pytest.raises(SvdloraError, match=rf"SVDLORA_DISTRIBUTED_TIMEOUT must be a wait in seconds .* got {given!r}"):
         distributed.context()
     assert not joining_as_rank_1
+
+
+def test_no_stream_under_a_launcher_is_refused_not_ignored(base, tmp_path, capsys, rank_0_of_two):
+    """--no-stream ('loads it anyway') under torchrun streamed without a word: the flag is refused, as it
+    cannot be kept there (every process would compress the whole model into the one output)."""
+    from svdlora.cli import main
+
+    out = tmp_path / "out"
+    refused = main(["compress", str(base), "-o", str(out), "--calibration", "none", "--no-stream", "--no-progress"])
+    err = capsys.readouterr().err
+    assert "--no-stream cannot be used under torchrun" in err and "run one process, without torchrun" in err, err
+    assert refused == 2 and not out.exists()

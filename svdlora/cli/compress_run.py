@@ -50,6 +50,11 @@ def _run(args: argparse.Namespace) -> int:
     # which would otherwise wait to join, deaf to SIGTERM. A launched run streams, --stream or not.
     distributed.context()
     streams = args.stream or distributed.launched()  # the memory check below may add a reason
+    if args.stream is False and distributed.launched():  # each process would compress the whole model, one output
+        raise SvdloraError(
+            "--no-stream cannot be used under torchrun / accelerate launch, whose processes split the matrices of a "
+            f"streamed run: drop --no-stream, or compress in memory: {IN_MEMORY_LAUNCHED}"
+        )
     # Check everything cheap before the (possibly slow) model load.
     if args.rank is not None and args.budget is not None:
         raise SvdloraError("--rank and --budget exclude each other: a fixed rank ignores the budget; pass one")
