@@ -118,13 +118,17 @@ def collect(
         entry.hidden = None
 
     result = BlockStatistics(folder)
-    for i in tqdm(range(len(blocks) - 1, -1, -1), desc="calibration: backward, block by block", disable=not progress):
+    # the backward stops at the first block with a target: none below it needs statistics, nor its input's gradient
+    first = next((i for i, prefix in enumerate(prefixes) if any(t.name.startswith(prefix) for t in plan.targets)), 0)
+    for i in tqdm(
+        range(len(blocks) - 1, first - 1, -1), desc="calibration: backward, block by block", disable=not progress
+    ):
         prefix = prefixes[i]
         filled = blockwise._materialize(plan, blocks[i], prefix, device=device)
         mine = [t for t in plan.targets if t.name.startswith(prefix)]
         targets = [dataclasses.replace(t, module=model.get_submodule(t.name)) for t in mine]
         stats = _block_backward(
-            blocks[i], targets, inputs, masks, grads, folder / f"hidden-{i}.pt", i > 0, method == "kfac", ctx
+            blocks[i], targets, inputs, masks, grads, folder / f"hidden-{i}.pt", i > first, method == "kfac", ctx
         )
         (folder / f"hidden-{i}.pt").unlink()
         weighted = CalibrationPlan(method, allocation, stats=stats, dtype=factor_dtype(targets))
