@@ -856,3 +856,13 @@ def test_the_card_of_a_distributed_run_shows_its_launcher(tmp_path, monkeypatch)
     write_card(tmp_path, report, "m", result, "X", world_size=4)  # the streamed run passes its ctx.world_size
     assert command in (tmp_path / "README.md").read_text()
     assert "svdlora compress m -o out" in card.compressed_card(report, "m")  # one process: as before
+
+
+def test_the_card_of_a_distributed_run_names_an_accelerate_launch_that_starts_its_processes(monkeypatch):
+    """The card offered `accelerate launch --num_processes 2` as the same run: on a CPU or one-GPU machine that
+    starts one process (accelerate enables several only with --multi_gpu, or on finding several GPUs), which
+    compresses in memory, calibrating on self-generated text by default: another model than the card's."""
+    from svdlora import card
+
+    monkeypatch.setattr(card, "_cli_argv", ["compress", "m", "-o", "out"])
+    assert "accelerate launch --multi_gpu --num_processes 2;" in card.current_command(2)
