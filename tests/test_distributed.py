@@ -600,3 +600,19 @@ def test_no_stream_under_a_launcher_is_refused_not_ignored(base, tmp_path, capsy
     err = capsys.readouterr().err
     assert "--no-stream cannot be used under torchrun" in err and "run one process, without torchrun" in err, err
     assert refused == 2 and not out.exists()
+
+
+def test_two_processes_say_that_the_calibration_is_unused_once(base, tmp_path):
+    """'calibration data is not used by method 'svd' with uniform allocation' was printed by every process,
+    where the run's other warnings (the plain SVD fallback, an untied head) are rank 0's alone."""
+    word_tokenizer(WORDS).save_pretrained(base)
+    (tmp_path / "text.txt").write_text(word_text(WORDS, 100))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "svdlora"]
+    args = ["compress", str(base), "-o", str(tmp_path / "out"), "--calibration", str(tmp_path / "text.txt")]
+    done = subprocess.run(
+        [*launch, *args, "--method", "svd", "--allocation", "uniform", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("calibration data is not used by method 'svd'") == 1, done.stderr

@@ -126,7 +126,8 @@ def compress_checkpoint(
         raise rank_factorizes_nothing(config.rank, len(p.targets))
     resolved = blockwise.resolve(config) if calibration is not None else None
     if calibration is not None and resolved is None:
-        logger.warning(UNUSED)
+        if ctx.is_main:  # said once per run, as the plan's other warnings
+            logger.warning(UNUSED)
         calibration = None
     batches, source_named = None, None
     if calibration is not None:  # read the data before any output exists
