@@ -23,7 +23,7 @@ from .methods import spectrum_units, weighted_spectrum
 from .pivoted import PivotedLowRankLinear
 from .plan import CalibrationPlan, plan_calibration
 from .precision import allocate_stages, layer_bytes, set_float_storage, target_bytes
-from .refit import collect_cross_statistics, refit_factors, refit_target
+from .refit import collect_cross_statistics, readers, refit_factors, refit_target
 from .report import CompressionReport, ModuleReport
 from .save_guard import guard_save_pretrained
 from .swap import restored_on_error, untie_factorized_head, warn_untied_head
@@ -269,12 +269,13 @@ def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, conf
     step = max(1, -(-len(plan.batches) // config.refit_samples))  # ceil: at most refit_samples, spread evenly
     cross = collect_cross_statistics(model, originals, layers, plan.batches[::step], progress)
     roots: dict = {}  # S̃ per shared input: q/k/v (and gate/up) whiten once
+    shared = readers(cross)  # a G̃ unusable is said once, naming all its layers
     for name, (gram, product) in tqdm(cross.items(), desc="refitting", disable=not progress):
         weighting = plan.weighting(name)
         left = weighting.left if weighting is not None else None
         weight = weight_out_in(originals[name])
         if formats is not None:
-            fit = refit_target(weight, gram, product, left, roots=roots)
+            fit = refit_target(weight, gram, product, left, roots=roots, layer=shared[id(gram)])
             if fit is None:
                 continue
             target, metric = fit
@@ -285,7 +286,9 @@ def _refit(model, originals, layers, ranks, formats, plan: CalibrationPlan, conf
             chain = quantized_chain(target, ranks[name], formats[name], metric, base=base, **chain_options(config))
             layers[name] = LowRankLinear.from_chain(originals[name], chain)
         else:
-            stages = refit_factors(weight, ranks[name], gram, product, left, roots=roots, **chain_options(config))
+            stages = refit_factors(
+                weight, ranks[name], gram, product, left, roots=roots, layer=shared[id(gram)], **chain_options(config)
+            )
             if stages is None:
                 continue
             layers[name] = _layer_class(config).from_stages(originals[name], stages)

@@ -12,6 +12,7 @@ unwhiten path as ``methods.factorize``, applied to the least-squares target W·C
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -125,6 +126,15 @@ def collect_cross_statistics(
     return {name: means[read[name]] for name in compressed if read.get(name) in means}
 
 
+def readers(cross: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, list[str]]:
+    """``{id(G̃): the layers that read it}`` of ``collect_cross_statistics``' result (q/k/v share one G̃), so a
+    warning about a G̃ names every layer it concerns."""
+    names: dict[int, list[str]] = {}
+    for name, (gram, _) in cross.items():
+        names.setdefault(id(gram), []).append(name)
+    return names
+
+
 def _batch_inputs(
     model, dense, compressed, dense_tap, compressed_tap, batch: dict, encoder_decoder: bool, whole: bool, read: dict
 ) -> dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]]:
@@ -160,16 +170,18 @@ def refit_target(
     left: torch.Tensor | None,
     damping: float = INPUT_DAMPING,
     roots: dict | None = None,
+    layer: str | Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, Weighting] | None:
     """The least-squares map W·C·G̃⁻¹ from x̃ to W·x and the metric (D, S̃) to factorize it in;
-    None where G̃ is unusable. Any factorization of it in that metric (a plain truncated SVD,
-    or ``chain.quantized_chain`` for stored-precision stages) is a refit.
+    None where G̃ is unusable (said once per Gram, naming ``layer``: the layers that read it). Any
+    factorization of it in that metric (a plain truncated SVD, or ``chain.quantized_chain`` for
+    stored-precision stages) is a refit.
 
     ``roots``, when given, caches S̃ and S̃⁻¹ per Gram object (q/k/v share one input).
     """
     roots = {} if roots is None else roots
     if id(gram) not in roots:
-        roots[id(gram)] = whitening(gram, damping)
+        roots[id(gram)] = whitening(gram, damping, of="refit inputs", layer=layer)
     right, right_inverse = roots[id(gram)]
     if right is None:
         return None
@@ -189,13 +201,14 @@ def refit_factors(
     left: torch.Tensor | None,
     damping: float = INPUT_DAMPING,
     roots: dict | None = None,
+    layer: str | Sequence[str] | None = None,
     **svd_options,
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Stages of the rank-Σranks Ŵ minimizing ‖D·(W·X − Ŵ·X̃)‖; None where G̃ is unusable.
 
     ``roots``, when given, caches S̃ and S̃⁻¹ per Gram object (q/k/v share one input).
     """
-    fit = refit_target(weight, gram, cross, left, damping, roots)
+    fit = refit_target(weight, gram, cross, left, damping, roots, layer)
     if fit is None:
         return None
     target, weighting = fit

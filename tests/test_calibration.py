@@ -286,6 +286,40 @@ def test_each_layer_the_loss_does_not_reach_is_said_once(method, caplog):
     assert caplog.text.count("are all zero") == 3
 
 
+def test_a_zero_refit_gram_is_said_with_its_layers_and_their_first_pass_factors_are_kept(monkeypatch, caplog):
+    """The refit's zero Gram G̃ was said as 'the calibration inputs of a layer are all zero: no input whitening',
+    though the refit of its layers is skipped and their first-pass factors kept; q/k/v share one G̃."""
+    compress_module = sys.modules["svdlora.compress"]  # svdlora.compress is the function
+    collect = compress_module.collect_cross_statistics
+
+    def zero_attention_inputs(*args, **kwargs):  # layer 1's attention sees all-zero compressed inputs
+        cross, zeroed = collect(*args, **kwargs), {}
+        for name, (gram, product) in cross.items():
+            if name.startswith("model.layers.1.self_attn."):
+                cross[name] = zeroed.setdefault(id(gram), (torch.zeros_like(gram), product))  # still shared
+        return cross
+
+    monkeypatch.setattr(compress_module, "collect_cross_statistics", zero_attention_inputs)
+    batches = [example_inputs("llama", s) for s in range(2)]
+    models = {}
+    for refit in (False, True):
+        torch.manual_seed(0)
+        models[refit] = tiny_llama().eval()
+        kwargs = {"method": "whiten", "allocation": "uniform", "calibration": batches, "progress": False}
+        svdlora.compress(models[refit], budget=0.5, refit=refit, **kwargs)
+    attention = "model.layers.1.self_attn."
+    qkv = ", ".join(attention + name for name in ("q_proj", "k_proj", "v_proj"))
+    kept = ": not refitted (the first-pass factors are kept)"
+    assert caplog.text.count(f"the refit's calibration inputs of layers {qkv} are all zero{kept}") == 1
+    assert caplog.text.count(f"the refit's calibration inputs of layer {attention}o_proj are all zero{kept}") == 1
+    assert "no input whitening" not in caplog.text
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        first_pass, after = (models[r].get_submodule(attention + name).dense_weight() for r in (False, True))
+        assert torch.equal(first_pass, after), name
+    refitted = models[True].model.layers[0].self_attn.q_proj.dense_weight()
+    assert not torch.equal(models[False].model.layers[0].self_attn.q_proj.dense_weight(), refitted)
+
+
 def test_a_large_float64_weight_is_whitened_in_float64():
     """Past 2^16 values the weighted route cast the weight to float32 whatever its dtype, where the unweighted
     one keeps float64: a float64 400x300 matrix came back at full rank with error 1.2e-6 (3.6e-15 at 200x300)."""

@@ -112,6 +112,8 @@ _GRAM_OF = {
         " (the loss does not reach it)",
         "no output weighting by the loss (plain SVD on that side)",
     ),
+    # the refit's G̃: where it is unusable the refit of its layers is skipped (``compress._refit``)
+    "refit inputs": ("refit's calibration inputs", "", "not refitted (the first-pass factors are kept)"),
 }
 
 
