@@ -21,7 +21,14 @@ from .calibration import MAX_OUTPUT_GRAM, LayerStats, collect_statistics
 from .config import CompressionConfig
 from .errors import SvdloraError
 from .heal import check_heal_batches, check_heal_outputs
-from .methods.weighting import INPUT_DAMPING, OUTPUT_DAMPING, Weighting, output_weights, whitening
+from .methods.weighting import (
+    INPUT_DAMPING,
+    OUTPUT_DAMPING,
+    Weighting,
+    output_weights,
+    warn_unreached,
+    whitening,
+)
 from .targets import Target
 
 logger = logging.getLogger(__name__)
@@ -98,6 +105,20 @@ class CalibrationPlan:
             left = self.stats.factor(kind, stats, lambda: output_weights(stats, OUTPUT_DAMPING, full, name), self.dtype)
         return Weighting(left=left, right=right)
 
+    @property
+    def collected_gradients(self) -> bool:
+        """Whether loss gradients were collected: as ``gradients`` says, else as the statistics do (any layer's)."""
+        if self.gradients is not None:
+            return self.gradients
+        return bool(self.stats) and any(s.has_gradients for s in self.stats.values())
+
+    def unreached(self, targets: list[Target]) -> list[str]:
+        """The ``targets`` the loss never reached: gradients were collected, none for them (a layer that never ran
+        has no statistics, and is not one). Empty where no gradients were collected (method whiten, uniform)."""
+        if not self.collected_gradients:
+            return []
+        return [t.name for t in targets if t.name in self.stats and not self.stats[t.name].has_gradients]
+
     def describe(self) -> dict | None:
         if self.source is None:
             return None
@@ -106,9 +127,7 @@ class CalibrationPlan:
             **source_description(self.source),
             "batches": len(self.batches),
             "tokens": tokens or None,
-            "gradients": self.gradients
-            if self.gradients is not None
-            else bool(self.stats) and any(s.has_gradients for s in self.stats.values()),
+            "gradients": self.collected_gradients,
             "refit": self.refit,
         }
 
@@ -274,9 +293,14 @@ def plan_calibration(
     if method == "kfac" and not any(s.out_grad_gram is not None for s in stats.values()):
         logger.warning("method kfac: the statistics hold no output-gradient Grams; using their diagonal (fisher)")
     refit = config.refit and method != "svd"  # method 'svd': warned above
-    return CalibrationPlan(
-        method, allocation, batches=batches, stats=stats, source=source, refit=refit, dtype=factor_dtype(targets)
-    )
+    plan = CalibrationPlan(
+        method, allocation, batches=batches, stats=stats, source=source, refit=refit, dtype=factor_dtype(targets),
+        gradients=gradients if statistics is None else None,  # given statistics say whether they hold them
+    )  # fmt: skip
+    # the output weights of fisher/kfac; global allocation says it of the spectra (``allocate._APART``)
+    if method in ("fisher", "kfac") and allocation == "uniform" and (unreached := plan.unreached(targets)):
+        warn_unreached(unreached)
+    return plan
 
 
 def model_batches(calibration: list) -> list[dict]:

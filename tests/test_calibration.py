@@ -536,6 +536,24 @@ def test_a_layer_the_loss_does_not_reach_gets_its_uniform_share_under_global_all
     assert "1 layer without gradient statistics (the loss does not reach them: pooler.dense)" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("method", "gradients"), [("fisher", True), ("kfac", True), ("whiten", False), ("fisher", False)]
+)
+def test_a_layer_the_loss_does_not_reach_is_said_once_under_uniform_allocation(method, gradients, caplog):
+    """Under uniform allocation a bare BertModel's pooler.dense, which its loss never reaches, got no output
+    weighting from fisher/kfac without a word (global allocation says it). Not said where no gradients were
+    collected (method whiten; statistics given without them): nothing tells there which layers the loss reaches."""
+    model = _bare_bert()
+    batches = [example_inputs("bert", s) for s in range(2)]
+    targets, _ = find_targets(model, CompressionConfig(budget=0.5))
+    stats = None if gradients else collect_statistics(model, targets, batches, gradients=False, progress=False)
+    kwargs = {"method": method, "allocation": "uniform", "statistics": stats, "progress": False}
+    svdlora.compress(model, budget=0.5, calibration=batches, **kwargs)
+    said = "the loss never reaches layer pooler.dense (no output gradients): no output weighting by the loss"
+    assert caplog.text.count(said) == (method != "whiten" and gradients)
+    assert caplog.text.count("never reaches") == caplog.text.count(said)
+
+
 def test_layers_that_never_ran_get_their_uniform_share_and_do_not_starve_the_others(caplog):
     model, batches = _switch_transformers()
     budget = 0.3

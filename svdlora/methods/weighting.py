@@ -128,6 +128,13 @@ def _warn_unusable(of: str, layer: str | Sequence[str] | None, finite: bool) -> 
         logger.warning("the %s of %s have NaN/Inf: %s", what, where, fallback)
 
 
+def warn_unreached(layers: Sequence[str]) -> None:
+    """Say once which ``layers`` the loss never reached: gradients were collected, none at their outputs (a bare
+    BertModel's pooler), so they get no output weighting."""
+    fallback = _GRAM_OF["output gradients"][2]
+    logger.warning("the loss never reaches %s (no output gradients): %s", _layers_named(layers), fallback)
+
+
 def whitening(
     gram: torch.Tensor,
     damping: float,
