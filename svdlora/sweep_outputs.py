@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from .errors import SvdloraError
-from .io.outputs import check_writable, files_replaced_together, json_keys
+from .io.outputs import check_writable, files_replaced_together, folders_made_for, json_keys
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,10 @@ def _is_sweep_record(path: Path) -> bool:
 
 def write_outputs(record: dict, folder: Path, title: str) -> list[Path]:
     """sweep.md, sweep.json and sweep.png in ``folder`` (``check_sweep_folder`` first), replacing an earlier
-    sweep's as one set: all three are written first, then renamed into place."""
-    folder.mkdir(parents=True, exist_ok=True)
+    sweep's as one set: all three are written first, then renamed into place (a failure leaves no folder it made)."""
     slim = {**record, "dense": _slim(record["dense"]), "points": [_slim(p) for p in record["points"]]}
     paths = [folder / name for name in SWEEP_FILES]
-    with files_replaced_together(paths) as (md, data, png):
+    with folders_made_for(folder), files_replaced_together(paths) as (md, data, png):
         md.write_text(f"# {title}\n\n{format_table(record)}\n")
         data.write_text(json.dumps(slim, indent=2, sort_keys=True) + "\n")
         # without matplotlib none: an earlier sweep's plot (--overwrite) would show its points beside this table

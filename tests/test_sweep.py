@@ -388,6 +388,23 @@ def test_a_sweep_stopped_while_writing_its_files_leaves_the_earlier_set_whole(tm
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_a_sweep_whose_files_cannot_be_written_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """write_outputs made the sweep's folder and its missing parents, and left them, empty, when the write
+    failed (a full disk); a folder that existed before stays."""
+    import errno
+
+    import svdlora.sweep_outputs
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(svdlora.sweep_outputs, "plot", full)
+    (tmp_path / "there").mkdir()
+    with pytest.raises(OSError, match="No space"):
+        write_outputs(sweep(fake_measure(0.4, []), [0.5], "text-generation"), tmp_path / "there/a/b", "fake")
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["there"]
+
+
 def test_a_sweep_whose_tables_cannot_be_written_still_prints_its_figures(tmp_path, capsys, monkeypatch):
     """The table was printed only once sweep.md and sweep.json were written: a disk that filled during the sweep
     lost every figure it had measured ('No space left on device: nothing was written')."""

@@ -208,33 +208,46 @@ def _leftover_name(output: Path, tag: str) -> Path:
 def atomic_folder(output: str | Path, overwrite: bool = False, inputs: Iterable = ()):
     """Yield a temporary folder that becomes ``output`` only if the block succeeds."""
     output = check_output_folder(output, overwrite, inputs).absolute()
-    made = _make_folders(output.parent)
     tmp = _leftover_name(output, TMP_TAG)
     keep = False
+    with folders_made_for(output.parent):  # a kept folder is not empty: its parents stay
+        try:
+            tmp.mkdir()
+            (tmp / INCOMPLETE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+            yield tmp
+            (tmp / MARKER).write_text(json.dumps({"svdlora_version": __version__}) + "\n")
+            (tmp / INCOMPLETE).unlink()
+            try:  # again: the output may have appeared (a user's folder, another run's) while this run wrote
+                check_replaceable(output, str(output), overwrite)
+            except SvdloraError as err:
+                keep = True  # finished, and maybe hours of work: left for the user to move
+                # renamed: a visible name is seen in a listing, and no later run's clean_leftovers (which
+                # removes the hidden temporary folders of dead runs) takes it for a killed run's
+                kept = output.parent / f"{output.name}{KEPT_TAG}{secrets.token_hex(4)}"
+                os.replace(tmp, kept)
+                raise SvdloraError(
+                    f"{err} (it appeared during this run; the finished folder is {str(kept)!r})"
+                ) from None
+            if output.exists():  # overwrite: swap only after the new folder is complete
+                _swap_in(tmp, output)
+            else:
+                os.replace(tmp, output)
+            FINISHED.append(output)
+        finally:
+            if not keep:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def folders_made_for(folder: Path):
+    """Create ``folder`` and the missing folders above it for the block; where the block fails (or is interrupted),
+    remove again those it created and left empty: a failed run leaves no folders of its own behind."""
+    made = _make_folders(folder)
     try:
-        tmp.mkdir()
-        (tmp / INCOMPLETE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
-        yield tmp
-        (tmp / MARKER).write_text(json.dumps({"svdlora_version": __version__}) + "\n")
-        (tmp / INCOMPLETE).unlink()
-        try:  # again: the output may have appeared (a user's folder, another run's) while this run wrote
-            check_replaceable(output, str(output), overwrite)
-        except SvdloraError as err:
-            keep = True  # finished, and maybe hours of work: left for the user to move
-            # renamed: a visible name is seen in a listing, and no later run's clean_leftovers (which
-            # removes the hidden temporary folders of dead runs) takes it for a killed run's
-            kept = output.parent / f"{output.name}{KEPT_TAG}{secrets.token_hex(4)}"
-            os.replace(tmp, kept)
-            raise SvdloraError(f"{err} (it appeared during this run; the finished folder is {str(kept)!r})") from None
-        if output.exists():  # overwrite: swap only after the new folder is complete
-            _swap_in(tmp, output)
-        else:
-            os.replace(tmp, output)
-        FINISHED.append(output)
-    finally:
-        if not keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-            _remove_empty(made)  # what a failed run made for its output (none is empty once it is in place)
+        yield
+    except BaseException:
+        _remove_empty(made)
+        raise
 
 
 def _make_folders(folder: Path) -> list[Path]:
