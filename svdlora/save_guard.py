@@ -53,10 +53,10 @@ def _save_pretrained(model: nn.Module, *args, **kwargs):
 
 
 def _refusal(model: nn.Module) -> str:
-    """Why save_pretrained refuses, and what saves the model instead: save_compressed, unless a load-time
-    runtime changed a layer's layout, which save_compressed refuses too (then what it would say)."""
+    """Why save_pretrained refuses, and what saves the model instead: save_compressed, unless a runtime changed a
+    layer's layout, which save_compressed refuses too (then what it would say: ``saves_changed``)."""
     from .compress import REPORT_ATTR
-    from .io.saving import AS_STORED, layout_change  # not at the top: io imports compress, which imports this
+    from .io.saving import layout_change, saves_changed  # not at the top: io imports compress, which imports this
 
     refused = (
         "this model holds svdlora factors, which save_pretrained would write as tensors transformers cannot load back"
@@ -67,10 +67,7 @@ def _refusal(model: nn.Module) -> str:
         return (
             f"{refused}: use svdlora.save_compressed(model, folder) (or load it with merge=True for a dense checkpoint)"
         )
-    return (
-        f"{refused}, and save_compressed cannot write it either: {change}. To save it compressed, {AS_STORED}; "
-        "for a dense checkpoint, load it with merge=True and save_pretrained that"
-    )
+    return f"{refused}, and save_compressed cannot write it either: {change}; {saves_changed(model)}"
 
 
 def untied_state_dict(model: nn.Module) -> dict | None:

@@ -218,6 +218,34 @@ def test_save_pretrained_of_a_model_save_compressed_refuses_says_what_saves_it(t
     load_compressed(tmp_path / "out", device="cpu", merge=True).save_pretrained(tmp_path / "dense")
 
 
+@pytest.mark.parametrize("change", ["pairs", "stacked"])
+def test_save_pretrained_of_a_model_compressed_in_memory_and_changed_says_what_saves_it(tmp_path, change):
+    """Compressed in memory and then changed, a model has no folder to load again, yet both refusals said to load
+    it (as stored, or merged): they now give what works in memory (runtime "merged", then save_pretrained; nothing
+    unstacks siblings), and that advice saves a checkpoint that loads back with the same outputs."""
+    from transformers import AutoModelForCausalLM
+
+    from svdlora import stack_siblings
+
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    compress(model, budget=0.5, pivot=True, progress=False)
+    apply_runtime(model, "pairs") if change == "pairs" else stack_siblings(model)
+    for save in (model.save_pretrained, lambda folder: save_compressed(model, folder)):
+        with pytest.raises(SvdloraError) as refusal:
+            save(tmp_path / "refused")
+        said = str(refusal.value)
+        assert "it was compressed in memory" in said and "merge=True" not in said and "load it" not in said, said
+        advice = 'apply_runtime(model, "merged") and save_pretrained' if change == "pairs" else "before stacking"
+        assert advice in said
+    if change == "pairs":
+        want = output_of(model, "llama")
+        apply_runtime(model, "merged")
+        model.save_pretrained(tmp_path / "dense")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+        torch.testing.assert_close(output_of(reloaded, "llama"), want, rtol=1e-4, atol=1e-5)
+
+
 def test_offloaded_layers_stay_as_stored(tmp_path):
     """accelerate's offload keeps the weights on "meta" and brings them in with a hook on the module:
     a replacement would lose both, so the runtime leaves such layers alone."""

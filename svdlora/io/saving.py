@@ -26,7 +26,7 @@ from ..pivoted import PivotedLowRankLinear
 from ..precision import set_float_storage
 from ..quantize import dtype_name
 from ..report import CompressionReport
-from ..siblings import StackedSibling
+from ..siblings import StackedSibling, is_stacked
 from ..version import __version__
 from .outputs import atomic_folder, check_output_folder
 from .writer import (
@@ -128,9 +128,29 @@ def _report_layers(model: nn.Module, report: CompressionReport):
 
 # what saves a model a load-time runtime changed (said by save_compressed's refusal and save_pretrained's)
 AS_STORED = (
-    'load the folder again as stored (the default runtime="factorized", no stack_siblings) and save_compressed '
-    "that, or copy the compressed folder itself"
+    'to save it compressed, load the folder again as stored (the default runtime="factorized", no stack_siblings) '
+    "and save_compressed that, or copy the compressed folder itself; for a dense checkpoint, load it with "
+    "merge=True and save_pretrained that"
 )
+# compressed in memory: no folder to load again, and runtime "factorized" leaves a pair a pair (measured)
+IN_MEMORY = (
+    "it was compressed in memory, so there is no folder to load again as stored: for a dense checkpoint, "
+    'svdlora.runtime.apply_runtime(model, "merged") and save_pretrained that; to save it compressed, '
+    "save_compressed it before changing its layers"
+)
+STACKED_IN_MEMORY = (
+    "it was compressed in memory, so there is no folder to load again as stored, and nothing unstacks its "
+    "siblings (stack_siblings is for inference): save_compressed it before stacking them"
+)
+
+
+def saves_changed(model: nn.Module) -> str:
+    """What saves a model whose layers a runtime changed (``layout_change``): its folder loaded again as stored,
+    where it was loaded from one (load_compressed and from_pretrained set ``BASE_ATTR``), else what does in
+    memory."""
+    if hasattr(model, BASE_ATTR):
+        return AS_STORED
+    return STACKED_IN_MEMORY if is_stacked(model) else IN_MEMORY
 
 
 def layout_change(model: nn.Module, report: CompressionReport) -> str | None:
@@ -154,7 +174,7 @@ def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
     """Each factorized layer must still be stored as its report says."""
     change = layout_change(model, report)
     if change is not None:
-        raise SvdloraError(f"{change}: {AS_STORED}")
+        raise SvdloraError(f"{change}: {saves_changed(model)}")
 
 
 def _refresh_float_storage(model: nn.Module, report: CompressionReport) -> None:
