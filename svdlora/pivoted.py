@@ -226,8 +226,10 @@ class PivotedLowRankLinear(LowRankLinear):
         return [(self.A, self.B)]  # the stages were summed into one pivoted pair
 
     def dense_weight(self) -> torch.Tensor:
-        # a skeleton transformers initializes has no factors yet; traced indices have no values to check
-        if not values_hidden(self.rows) and not valid_rows(self.rows, self.out_features):
+        # a skeleton transformers initializes has no factors yet; traced indices have no values to check (under
+        # torch.compile reading them broke the graph: T5's forward reads self.wo.weight.dtype)
+        tracing = torch.compiler.is_compiling() or values_hidden(self.rows)
+        if not tracing and not valid_rows(self.rows, self.out_features):
             return self.B.new_zeros(self.out_features, self.in_features)
         return pivoted_weight(self.B, self.C, self.rows)
 

@@ -174,6 +174,30 @@ def test_pivoted_layer_compiles_to_one_graph():
     assert torch.equal(compiled(x), other(x))
 
 
+def test_a_compiled_forward_that_reads_a_pivoted_layer_s_weight_is_one_graph():
+    """T5's feed-forward reads self.wo.weight.dtype: the pivoted layer's .weight checked its pivot indices
+    (values_hidden's dispatch modes, valid_rows' int()), which torch.compile cannot trace: fullgraph failed ('Failed
+    to convert args/kwargs to proxy') and the default compile broke the graph 4 times."""
+    torch.manual_seed(0)
+
+    class FeedForward(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wo = PivotedLowRankLinear.from_factors(
+                nn.Linear(40, 24), torch.randn(24, 10), torch.randn(10, 40), [10]
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.to(self.wo.weight.dtype)
+            return self.wo(x) + x @ self.wo.weight.T  # its value too: the same product
+
+    model, x = FeedForward(), torch.randn(3, 40)
+    expected = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: a break raises
+    torch.testing.assert_close(compiled(x), expected)
+
+
 @pytest.mark.parametrize("budget", [0.1, 0.37, 0.5, 0.8, 1.0])
 @pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96)])
 def test_rank_for_budget_pivoted_is_the_largest_that_fits(budget, shape):
