@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .calibration import SharedInputs, product_dtype
 from .methods import Weighting, factorize
-from .methods.weighting import INPUT_DAMPING, whitening
+from .methods.weighting import INPUT_DAMPING, _warn_unusable, whitening
 from .modes import eval_mode
 from .padding import Unbatchable, calibration_runs, flat_tokens, is_encoder_decoder, mask_for
 
@@ -173,11 +173,11 @@ def refit_target(
     layer: str | Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, Weighting] | None:
     """The least-squares map W·C·G̃⁻¹ from x̃ to W·x and the metric (D, S̃) to factorize it in;
-    None where G̃ is unusable (said once per Gram, naming ``layer``: the layers that read it). Any
-    factorization of it in that metric (a plain truncated SVD, or ``chain.quantized_chain`` for
+    None where G̃ or the map is unusable (said once per Gram, naming ``layer``: the layers that read it).
+    Any factorization of it in that metric (a plain truncated SVD, or ``chain.quantized_chain`` for
     stored-precision stages) is a refit.
 
-    ``roots``, when given, caches S̃ and S̃⁻¹ per Gram object (q/k/v share one input).
+    ``roots``, when given, caches S̃ and S̃⁻¹ per Gram object (q/k/v share one input, so one G̃ and C).
     """
     roots = {} if roots is None else roots
     if id(gram) not in roots:
@@ -187,7 +187,9 @@ def refit_target(
         return None
     # W·C·G̃⁻¹ with the damped G̃ = S̃·S̃ᵀ, so G̃⁻¹ = S̃⁻ᵀ·S̃⁻¹
     target = weight.detach().double() @ cross @ right_inverse.T @ right_inverse
-    if not torch.isfinite(target).all():
+    if not torch.isfinite(target).all():  # weights are checked finite: C is not (the dense model's inputs)
+        _warn_unusable("refit target", layer, finite=False)
+        roots[id(gram)] = None, None  # the layers sharing G̃ share C: skipped without saying it again
         return None
     dtype = product_dtype(weight)  # a float64 model's stays float64
     return target.to(dtype), Weighting(left=left, right=right.to(dtype), right_inverse=right_inverse.to(dtype))

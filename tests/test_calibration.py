@@ -286,20 +286,25 @@ def test_each_layer_the_loss_does_not_reach_is_said_once(method, caplog):
     assert caplog.text.count("are all zero") == 3
 
 
-def test_a_zero_refit_gram_is_said_with_its_layers_and_their_first_pass_factors_are_kept(monkeypatch, caplog):
-    """The refit's zero Gram G̃ was said as 'the calibration inputs of a layer are all zero: no input whitening',
-    though the refit of its layers is skipped and their first-pass factors kept; q/k/v share one G̃."""
+ATTENTION_1 = "model.layers.1.self_attn."
+QKV_1 = ", ".join(ATTENTION_1 + name for name in ("q_proj", "k_proj", "v_proj"))
+
+
+def refit_with_spoilt_attention(monkeypatch, spoil) -> dict[bool, nn.Module]:
+    """Tiny Llamas compressed without and with refit (keyed by refit), the refit statistics (G̃, C) of layer 1's
+    attention made ``spoil(G̃, C)`` (once per pair: q/k/v still share one); those layers keep their first-pass
+    factors."""
     compress_module = sys.modules["svdlora.compress"]  # svdlora.compress is the function
     collect = compress_module.collect_cross_statistics
 
-    def zero_attention_inputs(*args, **kwargs):  # layer 1's attention sees all-zero compressed inputs
-        cross, zeroed = collect(*args, **kwargs), {}
+    def spoilt(*args, **kwargs):
+        cross, done = collect(*args, **kwargs), {}
         for name, (gram, product) in cross.items():
-            if name.startswith("model.layers.1.self_attn."):
-                cross[name] = zeroed.setdefault(id(gram), (torch.zeros_like(gram), product))  # still shared
+            if name.startswith(ATTENTION_1):
+                cross[name] = done.setdefault(id(gram), spoil(gram, product))
         return cross
 
-    monkeypatch.setattr(compress_module, "collect_cross_statistics", zero_attention_inputs)
+    monkeypatch.setattr(compress_module, "collect_cross_statistics", spoilt)
     batches = [example_inputs("llama", s) for s in range(2)]
     models = {}
     for refit in (False, True):
@@ -307,17 +312,32 @@ def test_a_zero_refit_gram_is_said_with_its_layers_and_their_first_pass_factors_
         models[refit] = tiny_llama().eval()
         kwargs = {"method": "whiten", "allocation": "uniform", "calibration": batches, "progress": False}
         svdlora.compress(models[refit], budget=0.5, refit=refit, **kwargs)
-    attention = "model.layers.1.self_attn."
-    qkv = ", ".join(attention + name for name in ("q_proj", "k_proj", "v_proj"))
-    kept = ": not refitted (the first-pass factors are kept)"
-    assert caplog.text.count(f"the refit's calibration inputs of layers {qkv} are all zero{kept}") == 1
-    assert caplog.text.count(f"the refit's calibration inputs of layer {attention}o_proj are all zero{kept}") == 1
-    assert "no input whitening" not in caplog.text
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        first_pass, after = (models[r].get_submodule(attention + name).dense_weight() for r in (False, True))
+        first_pass, after = (models[r].get_submodule(ATTENTION_1 + name).dense_weight() for r in (False, True))
         assert torch.equal(first_pass, after), name
+    return models
+
+
+def test_a_zero_refit_gram_is_said_with_its_layers_and_their_first_pass_factors_are_kept(monkeypatch, caplog):
+    """The refit's zero Gram G̃ was said as 'the calibration inputs of a layer are all zero: no input whitening',
+    though the refit of its layers is skipped and their first-pass factors kept; q/k/v share one G̃."""
+    models = refit_with_spoilt_attention(monkeypatch, lambda gram, product: (torch.zeros_like(gram), product))
+    kept = ": not refitted (the first-pass factors are kept)"
+    assert caplog.text.count(f"the refit's calibration inputs of layers {QKV_1} are all zero{kept}") == 1
+    assert caplog.text.count(f"the refit's calibration inputs of layer {ATTENTION_1}o_proj are all zero{kept}") == 1
+    assert "no input whitening" not in caplog.text
     refitted = models[True].model.layers[0].self_attn.q_proj.dense_weight()
     assert not torch.equal(models[False].model.layers[0].self_attn.q_proj.dense_weight(), refitted)
+
+
+def test_a_non_finite_refit_target_is_said_with_its_layers_and_their_first_pass_factors_are_kept(monkeypatch, caplog):
+    """A refit target W·C·G̃⁻¹ with NaN/Inf (the dense model's inputs in C: G̃ and the weights are finite) skipped
+    the refit of its layers without a word; q/k/v share one C, said once."""
+    refit_with_spoilt_attention(monkeypatch, lambda gram, product: (gram, torch.full_like(product, math.nan)))
+    kept = "have NaN/Inf: not refitted (the first-pass factors are kept)"
+    assert caplog.text.count(f"the refit target values of layers {QKV_1} {kept}") == 1
+    assert caplog.text.count(f"the refit target values of layer {ATTENTION_1}o_proj {kept}") == 1
+    assert caplog.text.count("refit target values") == 2
 
 
 def test_a_large_float64_weight_is_whitened_in_float64():

@@ -114,6 +114,8 @@ _GRAM_OF = {
     ),
     # the refit's G̃: where it is unusable the refit of its layers is skipped (``compress._refit``)
     "refit inputs": ("refit's calibration inputs", "", "not refitted (the first-pass factors are kept)"),
+    # its target W·C·G̃⁻¹ (finite weights and G̃: the dense model's inputs in C are not), skipped the same way
+    "refit target": ("refit target values", "", "not refitted (the first-pass factors are kept)"),
 }
 
 
