@@ -1,5 +1,5 @@
 """``save_pretrained`` on a model that holds svdlora factors: refused, naming ``save_compressed`` (or, where a
-load-time runtime changed a layer, which ``save_compressed`` refuses too, what saves it).
+runtime changed a layer, which ``save_compressed`` refuses too, what saves it).
 
 transformers writes such a model's factor tensors under plain names and a plain config.json; the
 folder then reloads with every factorized matrix missing and freshly initialized (a walkthrough

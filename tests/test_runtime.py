@@ -246,6 +246,26 @@ def test_save_pretrained_of_a_model_compressed_in_memory_and_changed_says_what_s
         torch.testing.assert_close(output_of(reloaded, "llama"), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("loaded", [False, True])
+def test_a_changed_layout_is_said_changed_in_memory_where_no_load_changed_it(tmp_path, loaded):
+    """save_compressed's refusal said '(a load-time runtime: ...)' of a layer apply_runtime changed in memory, in a
+    model compressed in memory that had no load; a loaded model may have been changed at load or since."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    compress(model, budget=0.5, pivot=True, progress=False)
+    if loaded:
+        save_compressed(model, tmp_path / "out")
+        model = load_compressed(tmp_path / "out", device="cpu")
+    apply_runtime(model, "pairs")
+    with pytest.raises(SvdloraError) as refusal:
+        save_compressed(model, tmp_path / "refused")
+    said = str(refusal.value)
+    in_memory = "in memory by svdlora.runtime.apply_runtime or svdlora.stack_siblings)"
+    at_load = 'changed at load by runtime="merged", "pairs" or "auto" or stack_siblings=True, or since '
+    assert f"now runs as a pair ({at_load if loaded else 'changed '}{in_memory}" in said, said
+    assert "load-time" not in said
+
+
 def test_offloaded_layers_stay_as_stored(tmp_path):
     """accelerate's offload keeps the weights on "meta" and brings them in with a hook on the module:
     a replacement would lose both, so the runtime leaves such layers alone."""

@@ -126,7 +126,7 @@ def _report_layers(model: nn.Module, report: CompressionReport):
             continue  # schema checks report missing layers with their own message
 
 
-# what saves a model a load-time runtime changed (said by save_compressed's refusal and save_pretrained's)
+# what saves a model a runtime changed, at load or in memory (said by save_compressed's refusal and save_pretrained's)
 AS_STORED = (
     'to save it compressed, load the folder again as stored (the default runtime="factorized", no stack_siblings) '
     "and save_compressed that, or copy the compressed folder itself; for a dense checkpoint, load it with "
@@ -153,6 +153,9 @@ def saves_changed(model: nn.Module) -> str:
     return STACKED_IN_MEMORY if is_stacked(model) else IN_MEMORY
 
 
+IN_MEMORY_CHANGES = "in memory by svdlora.runtime.apply_runtime or svdlora.stack_siblings"
+
+
 def layout_change(model: nn.Module, report: CompressionReport) -> str | None:
     """How a factorized layer no longer is stored as its report says (a runtime may have merged it, turned
     a pivoted layer into a pair, stacked it), else None: the folder's report would not fit its tensors."""
@@ -160,14 +163,24 @@ def layout_change(model: nn.Module, report: CompressionReport) -> str | None:
         pivoted = isinstance(module, PivotedLowRankLinear)
         if not isinstance(module, LowRankLinear) or pivoted != line.pivoted:
             if isinstance(module, StackedSibling):
-                now = "a sibling stacked with others (stack_siblings=True)"
+                now = "a sibling stacked with others"
             else:
                 now = "a pair" if isinstance(module, LowRankLinear) else f"a dense {type(module).__name__}"
             return (
                 f"{line.name} was compressed {'pivoted' if line.pivoted else 'as a factor pair'} but now runs as "
-                f"{now} (a load-time runtime: merged, pairs, auto or stacked siblings)"
+                f"{now} ({_changed_by(model)})"
             )
     return None
+
+
+def _changed_by(model: nn.Module) -> str:
+    """What may have changed a layer: a model compressed in memory has had no load-time runtime."""
+    if hasattr(model, BASE_ATTR):  # loaded: at load, or since
+        return (
+            'changed at load by runtime="merged", "pairs" or "auto" or stack_siblings=True, or since '
+            f"{IN_MEMORY_CHANGES}"
+        )
+    return f"changed {IN_MEMORY_CHANGES}"
 
 
 def _check_layers_match(model: nn.Module, report: CompressionReport) -> None:
