@@ -40,8 +40,9 @@ from .distributed import Context
 from .errors import SvdloraError
 from .layers import weight_out_in
 from .methods import Weighting, spectrum_units, weighted_spectrum
+from .methods.weighting import warn_unreached
 from .padding import is_causal_lm, mask_for
-from .plan import CalibrationPlan, factor_dtype
+from .plan import CalibrationPlan, factor_dtype, unweighted_by_the_loss
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def collect(
     for entry in inputs:  # the last block's outputs: each block's inputs come from disk from here
         entry.hidden = None
 
-    result = BlockStatistics(folder)
+    result, unreached = BlockStatistics(folder), set()
     # the backward stops at the first block with a target: none below it needs statistics, nor its input's gradient
     first = next((i for i, prefix in enumerate(prefixes) if any(t.name.startswith(prefix) for t in plan.targets)), 0)
     for i in tqdm(
@@ -131,7 +132,8 @@ def collect(
             blocks[i], targets, inputs, masks, grads, folder / f"hidden-{i}.pt", i > first, method == "kfac", ctx
         )
         (folder / f"hidden-{i}.pt").unlink()
-        weighted = CalibrationPlan(method, allocation, stats=stats, dtype=factor_dtype(targets))
+        weighted = CalibrationPlan(method, allocation, stats=stats, dtype=factor_dtype(targets), gradients=True)
+        unreached.update(unweighted_by_the_loss(weighted, targets))  # the same on every rank: summed statistics
         targets = [t for t in targets if owned is None or t.name in owned]  # the others are other ranks'
         if allocation == "global":
             for t in targets:
@@ -146,6 +148,8 @@ def collect(
         torch.save(saved, folder / f"weighting-{i}.pt")
         del weighted, stats, targets
         blockwise._release(filled)
+    if unreached and ctx.is_main:  # once for the model, as in memory
+        warn_unreached([t.name for t in plan.targets if t.name in unreached])
     if ctx.active:  # the global allocation reads every matrix's spectrum (and its units)
         result.spectra = _gathered(ctx, result.spectra, plan.targets)
         result.units = _gathered(ctx, result.units, plan.targets)

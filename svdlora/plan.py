@@ -297,10 +297,17 @@ def plan_calibration(
         method, allocation, batches=batches, stats=stats, source=source, refit=refit, dtype=factor_dtype(targets),
         gradients=gradients if statistics is None else None,  # given statistics say whether they hold them
     )  # fmt: skip
-    # the output weights of fisher/kfac; global allocation says it of the spectra (``allocate._APART``)
-    if method in ("fisher", "kfac") and allocation == "uniform" and (unreached := plan.unreached(targets)):
+    if unreached := unweighted_by_the_loss(plan, targets):
         warn_unreached(unreached)
     return plan
+
+
+def unweighted_by_the_loss(plan: CalibrationPlan, targets: list[Target]) -> list[str]:
+    """The ``targets`` the loss never reached whose output weights fisher/kfac were to give them, under uniform
+    allocation (global allocation says it of the spectra, ``allocate._APART``): ``warn_unreached`` says them."""
+    if plan.method in ("fisher", "kfac") and plan.allocation == "uniform":
+        return plan.unreached(targets)
+    return []
 
 
 def model_batches(calibration: list) -> list[dict]:

@@ -550,3 +550,31 @@ def test_layers_the_loss_does_not_reach_stream_as_in_memory(tmp_path, method, ca
     assert caplog.text.count("3 layers without gradient statistics (the loss does not reach them: ") == 2
     apart = [m for m in report["modules"] if m["name"].startswith("model.layers.1.self_attn.")]
     assert [m.get("est_loss") for m in apart if m.get("ranks")] == [None, None, None]
+
+
+@pytest.mark.parametrize("method", ["fisher", "kfac"])
+def test_a_layer_the_loss_never_reaches_is_said_streamed_as_in_memory(tmp_path, monkeypatch, method, caplog):
+    """Under uniform allocation the whole model's statistics name once the layers the loss never reaches (no
+    output gradients: a detached output here); the block passes said nothing of them."""
+    cut = "model.layers.1.self_attn.o_proj"  # its output detached: q/k/v, read by it alone, are cut off too
+
+    def detached(model):
+        model.get_submodule(cut).register_forward_hook(lambda module, args, output: output.detach())
+        return model
+
+    meta_model = blockwise.meta_model
+    monkeypatch.setattr(blockwise, "meta_model", lambda *args, **kwargs: detached(meta_model(*args, **kwargs)))
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "base")
+    text = tmp_path / "text.txt"
+    text.write_text(word_text(WORDS, 600))
+    config = CompressionConfig(budget=0.5, method=method, allocation="uniform", calibration_samples=2)
+    model = detached(load_pretrained(str(tmp_path / "base")))
+    compress(model, config, calibration=str(text), processor=word_tokenizer(WORDS), progress=False)
+    said = [r.getMessage() for r in caplog.records if "never reaches" in r.getMessage()]
+    attention = ", ".join(f"model.layers.1.self_attn.{n}_proj" for n in "qkvo")
+    assert said == [f"the loss never reaches layers {attention} (no output gradients): " + said[0].split(": ", 1)[1]]
+    caplog.clear()
+    compress_checkpoint(tmp_path / "base", tmp_path / "stream", config, calibration=str(text), progress=False)
+    assert [r.getMessage() for r in caplog.records if "never reaches" in r.getMessage()] == said
