@@ -5,8 +5,8 @@ In memory, one backward pass from the loss gives every layer the gradient at its
 by block, the same chain rule runs as three passes over the decoder blocks, each block read from
 the checkpoint and dropped again:
 
-1. forward: each block's input hidden states go to a scratch folder on disk, and its outputs
-   become the next block's inputs;
+1. forward: each block's input hidden states go to a scratch folder on disk (from the first block
+   that holds a target: the backward stops there), and its outputs become the next block's inputs;
 2. head: the model runs with its blocks skipped (the last one returns the final hidden states),
    so the norm, head and loss are the model's own code; autograd gives the loss gradient there;
 3. backward, last block first: the block runs again on its stored inputs under the same hooks
@@ -99,9 +99,13 @@ def collect(
     blockwise._release(filled)
     folder.mkdir(parents=True)
     prefixes = [f"{blocks_name}.{i}." for i in range(len(blocks))]
-    _check_space(folder, inputs, plan.targets, method, prefixes, ctx)
+    # the backward stops at the first block with a target: none below it needs statistics, nor its input's gradient,
+    # so the inputs of the blocks below it are not stored
+    first = next((i for i, prefix in enumerate(prefixes) if any(t.name.startswith(prefix) for t in plan.targets)), 0)
+    _check_space(folder, inputs, plan.targets, method, prefixes[first:], ctx)
     for i, block in enumerate(tqdm(blocks, desc="calibration: forward, block by block", disable=not progress)):
-        torch.save([entry.hidden.cpu() for entry in inputs], folder / f"hidden-{i}.pt")
+        if i >= first:
+            torch.save([entry.hidden.cpu() for entry in inputs], folder / f"hidden-{i}.pt")
         filled = blockwise._materialize(plan, block, prefixes[i], device=device)
         mine = [model.get_submodule(t.name) for t in plan.targets if t.name.startswith(prefixes[i])]
         with _padding_told(mine if any(masks) else []) as batch_masks, torch.no_grad():
@@ -119,8 +123,6 @@ def collect(
         entry.hidden = None
 
     result, unreached = BlockStatistics(folder), set()
-    # the backward stops at the first block with a target: none below it needs statistics, nor its input's gradient
-    first = next((i for i, prefix in enumerate(prefixes) if any(t.name.startswith(prefix) for t in plan.targets)), 0)
     for i in tqdm(
         range(len(blocks) - 1, first - 1, -1), desc="calibration: backward, block by block", disable=not progress
     ):
@@ -246,7 +248,7 @@ def _blocks_skipped(blocks, final: torch.Tensor, as_tuple: bool):
 
 
 def scratch_bytes(inputs, targets, method: str, blocks: list[str]) -> tuple[int, int]:
-    """The bytes of every block's stored inputs (``blocks``: each block's name prefix), and a lower
+    """The bytes of the stored inputs of ``blocks`` (each block's name prefix), and a lower
     bound on those of the weightings that replace them block by block: layers that share an input
     (q/k/v) share its float32 S (triangular: no S⁻¹ is stored), so each input width is counted once per block; kfac adds
     each layer's (out, out) factor D. (A layer whose Gram is unusable stores less: it falls back.)"""

@@ -208,12 +208,15 @@ def test_every_rank_refuses_when_one_rank_lacks_the_disk(tmp_path):
     block_gradients._check_space(tmp_path, [], [], "fisher", [], Context())  # this rank's own disk suffices
 
 
-@pytest.mark.parametrize(("method", "exclude"), [("kfac", []), ("fisher", []), ("svd", []), ("kfac", ["*.1.mlp.*"])])
+@pytest.mark.parametrize(
+    ("method", "exclude"), [("kfac", []), ("fisher", []), ("svd", []), ("kfac", ["*.1.mlp.*"]), ("kfac", ["*.0.*"])]
+)
 def test_the_disk_check_counts_at_most_what_is_stored(base, monkeypatch, method, exclude):
     """The up-front check never asks for more disk than the scratch files take: the hidden states
-    exactly, and a lower bound on the weightings (refusing a disk that would have sufficed is worse)."""
+    exactly, and a lower bound on the weightings (refusing a disk that would have sufficed is worse).
+    No block below the first with a target stores its inputs: its backward never runs to read them."""
     tmp = base.parent
-    estimate, stored = [], {"weighting": 0, "hidden": 0}
+    estimate, stored, names = [], {"weighting": 0, "hidden": 0}, []
     scratch_bytes, save = block_gradients.scratch_bytes, torch.save
 
     def recording_estimate(*args):
@@ -223,6 +226,7 @@ def test_the_disk_check_counts_at_most_what_is_stored(base, monkeypatch, method,
     def recording_save(obj, path, *args, **kwargs):
         save(obj, path, *args, **kwargs)
         stored[path.name.split("-")[0]] += path.stat().st_size
+        names.append(path.name)
 
     monkeypatch.setattr(block_gradients, "scratch_bytes", recording_estimate)
     monkeypatch.setattr(block_gradients.torch, "save", recording_save)
@@ -232,6 +236,8 @@ def test_the_disk_check_counts_at_most_what_is_stored(base, monkeypatch, method,
     assert hidden <= stored["hidden"] < hidden + 4096 * 30  # the tensors, and each file's few headers
     assert weightings <= stored["weighting"]
     assert (weightings > 0) == (method != "svd")
+    blocks_stored = [1] if exclude == ["*.0.*"] else [0, 1]
+    assert [n for n in names if n.startswith("hidden")] == [f"hidden-{i}.pt" for i in blocks_stored]
 
 
 def test_the_backward_holds_one_block(base, monkeypatch):
