@@ -179,6 +179,24 @@ def test_info_verify_finds_a_nan_inside_a_factor(gpt2_folder, tmp_path, capsys):
     assert code == 2 and key in err and "NaN or Inf" in err
 
 
+def test_info_verify_finds_corrupted_pivot_indices(gpt2_folder, tmp_path, capsys):
+    """A pivoted layer's row indices are int64, so no NaN shows their corruption: `info --verify` said 'every value
+    finite' of a folder both loaders then refuse ('pivoted.rows are not increasing row indices')."""
+    from safetensors import safe_open
+
+    out = tmp_path / "svd"
+    run_cli(capsys, "compress", gpt2_folder, "--output", out, "--no-progress")  # pivoted by default
+    weights = out / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith(".pivoted.rows"))
+    tensors[key][-1] += 1 << 32  # one corrupted high byte: same header and shapes
+    save_file(tensors, weights, metadata=metadata)
+    code, _, err = run_cli(capsys, "info", out, "--verify")
+    assert code == 2 and key in err and "pivot row indices" in err, err
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_compress_eval_with_missing_or_empty_data_fails_before_writing(gpt2_folder, tmp_path, capsys, stream):
     empty = tmp_path / "empty.txt"

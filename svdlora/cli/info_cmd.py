@@ -19,8 +19,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--verify",
         action="store_true",
-        help="also read every tensor and refuse NaN/Inf values (loading checks headers and shapes only, as "
-        "transformers does; this finds a corrupted byte inside a factor): what was read is the report's last line "
+        help="also read every tensor and refuse NaN/Inf values and broken pivot indices (loading checks headers and "
+        "shapes only, as transformers does; this finds a corrupted byte inside a factor): what was read is the "
+        "report's last line "
         "(with --json on stderr, so that stdout stays the record)",
     )
     p.set_defaults(func=run)

@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import SvdloraError
 from ..factoring import all_finite
 from ..models import keep_in_fp32, parse_dtype
+from ..pivoted import valid_rows
 from ..quantize import parse_format
 from ..report import CompressionReport
 from ..version import READABLE_FORMATS, format_refusal
@@ -127,8 +128,11 @@ def shapes_of(headers: list[ShardHeader]) -> dict[str, list[int]]:
 
 
 def verify_values(folder) -> tuple[int, int]:
-    """Every floating-point tensor of the folder is finite, read one at a time (``svdlora info --verify``):
-    ``check_folder`` reads headers and shapes only, as loading does. Returns (tensors, bytes) read."""
+    """Every floating-point tensor of the folder is finite, and every pivoted layer's indices are its pivot rows
+    (int64: no NaN shows them corrupted, and both loaders refuse them), read one at a time (``svdlora info
+    --verify``): ``check_folder`` reads headers and shapes only, as loading does. Returns (tensors, bytes) read."""
+    modules = read_config(folder)["report"]["modules"]
+    out_features = {f"{m['name']}.pivoted.rows": m["shape"][0] for m in modules if m.get("pivoted")}
     tensors = nbytes = 0
     for weights in weight_files(folder):
         with safe_open(str(weights), framework="pt") as f:
@@ -138,6 +142,12 @@ def verify_values(folder) -> tuple[int, int]:
                     raise SvdloraError(
                         f"{str(weights)!r}: tensor {key!r} holds NaN or Inf values: the file is corrupted, "
                         "re-run `svdlora compress` (or copy the folder again)"
+                    )
+                if key in out_features and not valid_rows(tensor, out_features[key]):
+                    raise SvdloraError(
+                        f"{str(weights)!r}: tensor {key!r} holds no pivot row indices (increasing, below "
+                        f"{out_features[key]}): the file is corrupted, re-run `svdlora compress` (or copy the folder "
+                        "again)"
                     )
                 tensors, nbytes = tensors + 1, nbytes + tensor.nbytes
     return tensors, nbytes
