@@ -342,6 +342,18 @@ def test_export_of_a_plain_pytorch_folder_says_only_transformers_models_export(t
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "dense").exists()
 
 
+def test_export_of_a_transformers_folder_without_its_config_json_says_it_is_missing(gpt2_folder, tmp_path, capsys):
+    """A transformers model's folder whose config.json was lost was called 'a plain PyTorch model
+    (GPT2LMHeadModel, no config.json): only transformers models can be exported'; its record names the class and
+    model_type, and the base model's config.json is what it needs back."""
+    out = tmp_path / "svd"
+    run_cli(capsys, "compress", gpt2_folder, "--output", out, "--no-progress")
+    (out / "config.json").unlink()
+    code, _, err = run_cli(capsys, "export", out, "--dense", "-o", tmp_path / "dense")
+    assert code == 2 and "plain PyTorch" not in err and "config.json is missing" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "dense").exists()
+
+
 def test_convert_gguf_writes_its_weights_as_the_umask_allows(tmp_path, monkeypatch, capsys, group_readable_umask):
     """As export: the hand-written model.safetensors was 0600. The GGUF reader is stubbed with a tiny Llama."""
     pytest.importorskip("gguf")

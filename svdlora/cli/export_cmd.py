@@ -51,9 +51,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_transformers_folder(folder: Path, data: dict) -> None:
     """A plain PyTorch model's folder has no config.json to rebuild it from (load_compressed then needs
-    its instance, ``model=``, which the command line cannot pass), nor a save_pretrained to write it."""
+    its instance, ``model=``, which the command line cannot pass), nor a save_pretrained to write it. A
+    transformers model's record names its ``model_type``: its folder lost the config.json it was written with."""
     if not (folder / "config.json").is_file():
-        cls = (data.get("base_model") or {}).get("class") or "its class"
+        base = data.get("base_model") or {}
+        cls = base.get("class") or "its class"
+        if base.get("model_type"):
+            source = f" ({base['name_or_path']})" if base.get("name_or_path") else ""
+            raise SvdloraError(
+                f"{str(folder)!r} holds a {cls} (model_type {base['model_type']!r}) but its config.json is missing: "
+                f"copy the base model's config.json{source} into it, or re-run `svdlora compress`"
+            )
         raise SvdloraError(
             f"{str(folder)!r} holds a plain PyTorch model ({cls}, no config.json): only transformers models can be "
             f"exported as dense checkpoints; in Python, load_compressed(folder, model=<a {cls}>, merge=True) gives "
