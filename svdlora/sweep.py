@@ -59,7 +59,8 @@ class QualityTarget:
 
 def parse_target(text: str, task: str) -> QualityTarget:
     """``ppl<=1.5x`` / ``acc>=0.95x`` (ratio to dense) or ``acc-drop<=0.02`` / ``bleu-drop<=1`` (absolute)."""
-    match = re.fullmatch(r"\s*([a-z]+)(-drop)?\s*(<=|>=)\s*([0-9.]+)\s*(x?)\s*", text.lower())
+    number = r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"  # one that float() reads: '1.5.2' or '.' is a malformed target
+    match = re.fullmatch(rf"\s*([a-z]+)(-drop)?\s*(<=|>=)\s*({number})\s*(x?)\s*", text.lower())
     metric = _ALIASES.get(match.group(1)) if match else None
     if match is None or metric is None:
         raise SvdloraError(

@@ -89,6 +89,15 @@ def test_accuracy_drop_target():
             parse_target(bad, task)
 
 
+@pytest.mark.parametrize("text", ["ppl<=1.5.2x", "ppl<=.x", "acc-drop<=0..02"])
+def test_a_target_whose_number_is_malformed_is_a_target_error_not_a_bug(text):
+    """The pattern took any run of digits and dots as the number, and float() of '1.5.2' raised ValueError: the
+    CLI said 'internal error ... a bug in svdlora' (exit 1) for a typo in --target."""
+    task = "image-classification" if text.startswith("acc") else "text-generation"
+    with pytest.raises(SvdloraError, match="expected e.g. 'ppl<=1.5x'"):
+        parse_target(text, task)
+
+
 def test_bisection_ends_at_any_tolerance():
     measure = fake_measure(0.4137, [])
     dense = Point(None, 10.0, 1, 1)
