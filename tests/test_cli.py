@@ -179,6 +179,19 @@ def test_info_verify_finds_a_nan_inside_a_factor(gpt2_folder, tmp_path, capsys):
     assert code == 2 and key in err and "NaN or Inf" in err
 
 
+@pytest.mark.parametrize("dtype", [5, ["float32"], {}])
+def test_a_dtype_that_is_no_name_is_refused_as_a_corrupted_field(gpt2_folder, tmp_path, capsys, dtype):
+    """svdlora_config.json's dtype was not type-checked: `info` printed 'dtype 5' and export (load_compressed) ended
+    as 'internal error TypeError: attribute name must be string, not 'int' - a bug in svdlora' (exit 1)."""
+    out = tmp_path / "svd"
+    run_cli(capsys, "compress", gpt2_folder, "--output", out, "--no-progress")
+    data = json.loads((out / CONFIG_NAME).read_text())
+    (out / CONFIG_NAME).write_text(json.dumps({**data, "dtype": dtype}))
+    for command in (["info", out], ["export", out, "--dense", "-o", tmp_path / "dense"]):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and "field dtype is" in err and len(err.strip().splitlines()) == 1, (command, err)
+
+
 def test_info_verify_finds_corrupted_pivot_indices(gpt2_folder, tmp_path, capsys):
     """A pivoted layer's row indices are int64, so no NaN shows their corruption: `info --verify` said 'every value
     finite' of a folder both loaders then refuse ('pivoted.rows are not increasing row indices')."""

@@ -41,6 +41,8 @@ def validate_config(data, where: Path) -> None:
     for key in ("name_or_path", "class", "model_type"):
         if base.get(key) is not None and not isinstance(base.get(key), str):
             raise bad(f"base_model.{key}", base.get(key), "a string or null")
+    if data.get("dtype") is not None and not isinstance(data["dtype"], str):  # the loader's dtype (null: as stored)
+        raise bad("dtype", data["dtype"], "a dtype name or null")
     if "world_size" in data and (not _is_int(data["world_size"]) or data["world_size"] < 1):
         raise bad("world_size", data["world_size"], "an integer >= 1")
     report = data.get("report")
