@@ -192,6 +192,17 @@ def test_a_dtype_that_is_no_name_is_refused_as_a_corrupted_field(gpt2_folder, tm
         assert code == 2 and "field dtype is" in err and len(err.strip().splitlines()) == 1, (command, err)
 
 
+def test_info_of_a_folder_whose_dtype_is_not_its_weights_is_refused_in_one_line(gpt2_folder, tmp_path, capsys):
+    """info (a path given as text) ended in 'internal error TypeError: unsupported operand type(s) for /: 'str' and
+    'str'' (exit 1) where the loaders refuse such an edited dtype in one line."""
+    out = tmp_path / "svd"
+    run_cli(capsys, "compress", gpt2_folder, "--output", out, "--no-progress")  # float32 weights
+    data = json.loads((out / CONFIG_NAME).read_text())
+    (out / CONFIG_NAME).write_text(json.dumps({**data, "dtype": "float16"}))
+    code, _, err = run_cli(capsys, "info", out)
+    assert code == 2 and "says dtype 'float16' but the weights are stored as F32" in err, err
+
+
 def test_info_verify_finds_corrupted_pivot_indices(gpt2_folder, tmp_path, capsys):
     """A pivoted layer's row indices are int64, so no NaN shows their corruption: `info --verify` said 'every value
     finite' of a folder both loaders then refuse ('pivoted.rows are not increasing row indices')."""

@@ -118,7 +118,7 @@ def checked_folder(path: str | Path, files: list[Path] | None = None) -> tuple[d
     data = read_config(path)
     headers = [_check_header(weights) for weights in (weight_files(path) if files is None else files)]
     check_factor_shapes(CompressionReport.from_dict(data["report"]).factorized, shapes_of(headers), headers[0].path)
-    _check_model_dtype(data, {key: dtype for header in headers for key, dtype in header.dtypes.items()}, path)
+    _check_model_dtype(data, {key: dtype for header in headers for key, dtype in header.dtypes.items()}, Path(path))
     return data, headers
 
 
