@@ -203,6 +203,36 @@ def test_info_of_a_folder_whose_dtype_is_not_its_weights_is_refused_in_one_line(
     assert code == 2 and "says dtype 'float16' but the weights are stored as F32" in err, err
 
 
+HEALED = {"steps": 5, "loss": "distill", "seconds": 1.0, "first_loss": 3.0, "last_loss": 2.0}
+CALIBRATED = {"source": "wiki.txt", "batches": 4, "tokens": 128, "gradients": True, "refit": False}
+
+
+@pytest.mark.parametrize(
+    "field, record",
+    [
+        ("calibration.tokens", {"calibration": {**CALIBRATED, "tokens": "x"}}),
+        ("calibration.tokens", {"calibration": {**CALIBRATED, "tokens": [1]}}),
+        ("heal.first_loss", {"heal": {**HEALED, "first_loss": "x"}}),
+        ("heal.seconds", {"heal": {k: v for k, v in HEALED.items() if k != "seconds"}}),
+    ],
+)
+def test_info_refuses_a_calibration_or_healing_record_it_cannot_show(gpt2_folder, tmp_path, capsys, field, record):
+    """report.calibration and report.heal were checked as objects only: a token count or a loss that is no number
+    (or a missing one) ended `info` as 'internal error ValueError: Cannot specify ',' with 's'' or a KeyError (exit
+    1, 'a bug in svdlora'); such records, well formed, show as before."""
+    out = tmp_path / "svd"
+    run_cli(capsys, "compress", gpt2_folder, "--output", out, "--no-progress")
+    data = json.loads((out / CONFIG_NAME).read_text())
+    (out / CONFIG_NAME).write_text(json.dumps({**data, "report": {**data["report"], **record}}))
+    code, _, err = run_cli(capsys, "info", out)
+    assert code == 2 and f"field report.{field} is" in err and len(err.strip().splitlines()) == 1, err
+    (out / CONFIG_NAME).write_text(
+        json.dumps({**data, "report": {**data["report"], "calibration": CALIBRATED, "heal": HEALED}})
+    )
+    code, shown, err = run_cli(capsys, "info", out, "--summary")
+    assert code == 0 and "wiki.txt (4 batches, 128 tokens in all)" in shown and "loss 3.0000 -> 2.0000" in shown
+
+
 def test_info_verify_finds_corrupted_pivot_indices(gpt2_folder, tmp_path, capsys):
     """A pivoted layer's row indices are int64, so no NaN shows their corruption: `info --verify` said 'every value
     finite' of a folder both loaders then refuse ('pivoted.rows are not increasing row indices')."""

@@ -61,6 +61,7 @@ def validate_config(data, where: Path) -> None:
     for key in ("calibration", "heal"):
         if report.get(key) is not None and not isinstance(report[key], dict):
             raise bad(f"report.{key}", report.get(key), "an object or null")
+    _validate_run_records(report, bad)
     for key in ("method", "allocation"):
         if report.get(key) is not None and not isinstance(report[key], str):
             raise bad(f"report.{key}", report.get(key), "a string or null")
@@ -79,6 +80,17 @@ def validate_config(data, where: Path) -> None:
         if m["name"] in names:
             raise bad(f"report.modules[{i}].name", m["name"], "a layer listed once")
         names.add(m["name"])
+
+
+def _validate_run_records(report: dict, bad) -> None:
+    """The figures ``svdlora info`` formats as numbers from the calibration and healing records."""
+    tokens = (report.get("calibration") or {}).get("tokens")
+    if tokens is not None and (not _is_int(tokens) or tokens < 0):
+        raise bad("report.calibration.tokens", tokens, "an integer >= 0 or null")
+    heal = report.get("heal")
+    for key in ("steps", "seconds", "first_loss", "last_loss") if heal is not None else ():
+        if not _is_num(heal.get(key)):
+            raise bad(f"report.heal.{key}", heal.get(key), "a number")
 
 
 def _validate_module(m, at: str, bad) -> None:
