@@ -233,6 +233,17 @@ def test_info_refuses_a_calibration_or_healing_record_it_cannot_show(gpt2_folder
     assert code == 0 and "wiki.txt (4 batches, 128 tokens in all)" in shown and "loss 3.0000 -> 2.0000" in shown
 
 
+def test_info_and_export_read_a_home_relative_folder(gpt2_folder, tmp_path, capsys, monkeypatch):
+    """'~/svd' (quoted, or from a script) was 'compressed folder '~/svd' does not exist' for info and export, though
+    compress, eval and sweep read '~/...' paths and export's own --output '~/dense' was expanded."""
+    run_cli(capsys, "compress", gpt2_folder, "--output", tmp_path / "svd", "--no-progress")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, shown, err = run_cli(capsys, "info", "~/svd", "--summary", "--verify")
+    assert code == 0 and "verified:" in shown, err
+    code, _, err = run_cli(capsys, "export", "~/svd", "--dense", "-o", "~/dense", "--no-progress")
+    assert code == 0 and (tmp_path / "dense" / "model.safetensors").is_file(), err
+
+
 def test_info_verify_finds_corrupted_pivot_indices(gpt2_folder, tmp_path, capsys):
     """A pivoted layer's row indices are int64, so no NaN shows their corruption: `info --verify` said 'every value
     finite' of a folder both loaders then refuse ('pivoted.rows are not increasing row indices')."""

@@ -31,19 +31,20 @@ def run(args: argparse.Namespace) -> int:
     from ..io.load import load_compressed
     from ..io.saving import check_output, copy_preprocessor_files
 
-    check_output(args.output, args.overwrite, inputs=[args.folder])  # before the slow load
-    data = read_config(args.folder)
-    _check_transformers_folder(Path(args.folder), data)
+    folder = Path(args.folder).expanduser()  # '~/svd' quoted, as every other command's paths
+    check_output(args.output, args.overwrite, inputs=[folder])  # before the slow load
+    data = read_config(folder)
+    _check_transformers_folder(folder, data)
     if not args.progress:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bars
-    model = load_compressed(args.folder, device="cpu", merge=True)
-    with atomic_folder(args.output, overwrite=args.overwrite, inputs=[args.folder]) as tmp:
+    model = load_compressed(folder, device="cpu", merge=True)
+    with atomic_folder(args.output, overwrite=args.overwrite, inputs=[folder]) as tmp:
         ensure_space(tmp, sum(t.numel() * t.element_size() for t in model.state_dict().values()), args.output)
         model.save_pretrained(tmp)  # what loading will not tie again written under each name (save_guard)
         readable_as_umask(*tmp.glob("*.safetensors"))  # one file or its shards
-        copy_preprocessor_files(Path(args.folder), tmp)
+        copy_preprocessor_files(folder, tmp)
         card.write(tmp, card.dense_export_card(args.folder, data))
     print(f"wrote dense checkpoint {args.output}")
     return 0

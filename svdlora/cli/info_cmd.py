@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..report import CompressionReport
 
@@ -30,10 +31,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..io.folder import check_folder, verify_values  # torch: imported once the flags are known good
 
-    data = check_folder(args.folder)  # the weights' header too: info never vouches for a broken folder
+    folder = Path(args.folder).expanduser()  # '~/svd' quoted, as every other command's paths
+    data = check_folder(folder)  # the weights' header too: info never vouches for a broken folder
     verified = None
     if args.verify:  # before anything is printed: a corrupted folder is one error line (stderr)
-        tensors, nbytes = verify_values(args.folder)
+        tensors, nbytes = verify_values(folder)
         verified = f"verified: {tensors} tensors ({nbytes / 1e6:,.1f} MB) read, every value finite"
     if args.json:
         if args.summary:  # the per-layer list is what --summary leaves out of the table too
