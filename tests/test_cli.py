@@ -244,6 +244,20 @@ def test_info_and_export_read_a_home_relative_folder(gpt2_folder, tmp_path, caps
     assert code == 0 and (tmp_path / "dense" / "model.safetensors").is_file(), err
 
 
+def test_a_home_relative_model_s_tokenizer_and_size_reach_the_compressed_folder(tmp_path, capsys, monkeypatch):
+    """compress '~/m' (in memory; a sweep's pick likewise) loaded the model but wrote its folder without the
+    tokenizer ('no tokenizer/processor found for ~/m') and without the dense size (info: no 'bytes on disk')."""
+    from .eval_helpers import lm_folder
+
+    model, _ = lm_folder(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, _, err = run_cli(capsys, "compress", "~/m", "--calibration", "none", "--no-stream", "-o", "~/svd")
+    assert code == 0, err
+    assert (tmp_path / "svd" / "tokenizer.json").is_file(), sorted(p.name for p in (tmp_path / "svd").iterdir())
+    code, shown, err = run_cli(capsys, "info", tmp_path / "svd", "--summary")
+    assert code == 0 and "bytes on disk" in shown, shown
+
+
 def test_info_verify_finds_corrupted_pivot_indices(gpt2_folder, tmp_path, capsys):
     """A pivoted layer's row indices are int64, so no NaN shows their corruption: `info --verify` said 'every value
     finite' of a folder both loaders then refuse ('pivoted.rows are not increasing row indices')."""

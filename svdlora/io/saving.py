@@ -219,15 +219,16 @@ def write_side_files(
     """Everything but the weights: config.json (marked for the svdlora quantizer), generation config,
     tokenizer files, the model card, and svdlora_config.json (last). ``base_model``: the name recorded
     as the base (default ``source``, where the tokenizer files are copied from)."""
-    if report.bytes_before is None and source and Path(source).is_dir():
-        report.bytes_before = folder_bytes(source)
+    local = Path(source).expanduser() if source else None  # '~/model' as typed: the folder the model was read from
+    if report.bytes_before is None and local is not None and local.is_dir():
+        report.bytes_before = folder_bytes(local)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(tmp)
         mark_folder(tmp / "config.json", format_version)  # from_pretrained after `import svdlora`
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
-    if source:
-        copy_preprocessor_files(source, tmp)
+    if local is not None:
+        copy_preprocessor_files(local, tmp)
     svd_config = {
         "svdlora_version": __version__,
         "format_version": format_version,
