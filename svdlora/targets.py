@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import CompressionConfig
 from .decompose import rank_for_budget
@@ -84,6 +85,15 @@ def _storage(weight) -> object:
     return id(weight) if weight.device.type == "meta" else weight.data_ptr()
 
 
+def _stored_weight(module: nn.Module) -> torch.Tensor:
+    """The tensor a layer keeps as its weight: a parametrized layer's ``module.weight`` is computed anew on each
+    access and freed at once, so the next layer's could reuse its address (unrelated layers taken as sharing)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    stored = module._parameters.get("weight")
+    return module.weight if stored is None else stored  # old-style weight_norm: an attribute its hook sets
+
+
 def _head_modules(model: nn.Module) -> set[int]:
     """ids of modules that are the output head or share their weight with an embedding."""
     heads = set()
@@ -93,7 +103,7 @@ def _head_modules(model: nn.Module) -> set[int]:
         heads.add(id(out))
     embedding_ptrs = {_storage(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for module in model.modules():
-        if dense_kind(module) and _storage(module.weight) in embedding_ptrs:
+        if dense_kind(module) and _storage(_stored_weight(module)) in embedding_ptrs:
             heads.add(id(module))
     return heads
 
@@ -103,7 +113,7 @@ def _weight_sharers(model: nn.Module) -> dict[str, list[str]]:
     holders: dict[object, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):  # one module under two names: both
         if dense_kind(module):
-            holders.setdefault(_storage(module.weight), []).append(name)
+            holders.setdefault(_storage(_stored_weight(module)), []).append(name)
     return {name: [n for n in names if n != name] for names in holders.values() if len(names) > 1 for name in names}
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
 import svdlora
@@ -398,3 +399,20 @@ def test_a_conv1d_kernel_is_not_a_stacked_matrix():
     from svdlora.targets import stacked_matrices
 
     assert stacked_matrices(nn.Sequential(nn.Conv1d(4, 8, 3), nn.Linear(8, 8))) == {}
+
+
+class _Double(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_parametrized_layers_are_not_taken_as_sharing_one_weight(caplog):
+    """A parametrized layer's weight is computed anew on each access and freed at once: keyed on its address,
+    the next layer's could reuse it, so unrelated layers were kept dense as sharing one weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(3)))
+    for layer in model:
+        parametrize.register_parametrization(layer, "weight", _Double())
+    report = compress(model, budget=0.5, progress=False)
+    assert [m.name for m in report.factorized] == ["0", "1", "2"]
+    assert "share one weight" not in caplog.text
