@@ -35,10 +35,12 @@ HEAD_NAMES = (
     "distillation_classifier",
 )
 HEAD_REASON = "output head or tied to an embedding (keep_head)"
-# Layers holding one weight (a Parameter assigned to two modules, one module under two names) stay dense: factorized
-# apart, the one tensor would be stored and budgeted twice, as two different factorizations (or, for one module under
-# two names, the second name would keep the dense module). Sharing the factors would need the folder to tie them.
+# Layers holding one weight (a Parameter assigned to two modules) stay dense: factorized apart, the one tensor would
+# be stored and budgeted twice, as two different factorizations. Sharing the factors would need the folder to tie them.
 SHARED_REASON = "shares its weight: {} holds it too (factorized apart, the one tensor would be stored twice)"
+# One module under two names (``self.backbone = self.encoder``, or the layer itself) stays dense too: svdlora replaces a
+# layer under one name, and one reached under two is not one it factorizes.
+ALIAS_REASON = "reached under two names: {} is this module too (svdlora factorizes a layer that has one name only)"
 
 
 @dataclass
@@ -108,13 +110,19 @@ def _head_modules(model: nn.Module) -> set[int]:
     return heads
 
 
-def _weight_sharers(model: nn.Module) -> dict[str, list[str]]:
-    """Each Linear/Conv1D layer whose weight another one holds too -> the other layers' names."""
-    holders: dict[object, list[str]] = {}
+def _weight_sharers(model: nn.Module) -> dict[str, tuple[list[str], bool]]:
+    """Each Linear/Conv1D layer whose weight another one holds too -> the other holders' names, and whether
+    they are all this one module under other names."""
+    holders: dict[object, list[tuple[str, int]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):  # one module under two names: both
         if dense_kind(module):
-            holders.setdefault(_storage(_stored_weight(module)), []).append(name)
-    return {name: [n for n in names if n != name] for names in holders.values() if len(names) > 1 for name in names}
+            holders.setdefault(_storage(_stored_weight(module)), []).append((name, id(module)))
+    sharers = {}
+    for group in (group for group in holders.values() if len(group) > 1):
+        one_module = len({module for _, module in group}) == 1
+        for name, _ in group:
+            sharers[name] = ([other for other, _ in group if other != name], one_module)
+    return sharers
 
 
 def find_targets(
@@ -125,7 +133,7 @@ def find_targets(
     plan's meta weights); None, or a None answer: the weight's dtype."""
     heads = _head_modules(model) if config.keep_head else set()
     sharers = _weight_sharers(model)
-    targets, dense, names, shared = [], {}, [], set()
+    targets, dense, names, shared, aliased = [], {}, [], set(), set()
     if dense_kind(model):
         raise SvdloraError("the model is a single Linear/Conv1D layer: wrap it, e.g. nn.Sequential(layer)")
     for name, module in model.named_modules():
@@ -143,8 +151,9 @@ def find_targets(
         elif config.keep_head and (id(module) in heads or top in HEAD_NAMES):
             dense[name] = HEAD_REASON
         elif name in sharers:
-            dense[name] = SHARED_REASON.format(", ".join(sharers[name]))
-            shared.add(tuple(sorted([name, *sharers[name]])))
+            others, one_module = sharers[name]
+            dense[name] = (ALIAS_REASON if one_module else SHARED_REASON).format(", ".join(others))
+            (aliased if one_module else shared).add(tuple(sorted([name, *others])))
         else:
             dtype = (dtype_of(name) if dtype_of else None) or weight.dtype
             target = Target(name, module, kind, out_features, in_features, dtype)
@@ -164,6 +173,12 @@ def find_targets(
             "kept dense, as they share one weight (factorized apart, the one tensor would be stored and budgeted "
             "twice): %s",
             "; ".join(" and ".join(group) for group in sorted(shared)),
+        )
+    if aliased:
+        logger.warning(
+            "kept dense, as each is one module reached under two names (svdlora factorizes a layer that has one name "
+            "only): %s",
+            "; ".join(" and ".join(group) for group in sorted(aliased)),
         )
     return targets, dense
 

@@ -346,8 +346,9 @@ def test_layers_sharing_one_weight_stay_dense_and_shared_through_save_and_load(o
     report = compress(model, budget=0.5, progress=False)
     assert [m.name for m in report.factorized] == ["c"]
     assert model.b.weight is model.a.weight
-    assert "kept dense, as they share one weight (factorized apart, the one tensor would be stored" in caplog.text
-    assert caplog.text.rstrip().endswith("twice): a and b")
+    said = "each is one module reached under two names" if one_module else "they share one weight (factorized apart"
+    assert f"kept dense, as {said}" in caplog.text
+    assert caplog.text.rstrip().endswith("): a and b")
     svdlora.save_compressed(model, tmp_path / "out")
     (weights,) = (tmp_path / "out").glob("*.safetensors")
     with safe_open(weights, "pt") as stored:
@@ -416,3 +417,33 @@ def test_parametrized_layers_are_not_taken_as_sharing_one_weight(caplog):
     report = compress(model, budget=0.5, progress=False)
     assert [m.name for m in report.factorized] == ["0", "1", "2"]
     assert "share one weight" not in caplog.text
+
+
+class _Aliased(nn.Module):
+    """A container under two names (``backbone = encoder``): its layers are one module each, reached twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        self.alias = self.enc
+        self.out = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.out(self.alias(x))
+
+
+def test_a_module_under_two_names_is_said_to_be_so_and_stays_dense(caplog):
+    """A container under two names kept its layers dense as 'shares its weight: alias.0 holds it too (factorized
+    apart, the one tensor would be stored twice)': no second tensor is there, one module has two names."""
+    torch.manual_seed(0)
+    report = compress(_Aliased(), budget=0.5, progress=False)
+    assert [m.name for m in report.factorized] == ["out"]
+    reasons = {m.name: m.dense_reason for m in report.modules if not m.factorized}
+    assert reasons == {
+        f"enc.{i}": f"reached under two names: alias.{i} is this module too (svdlora factorizes a layer that has one "
+        "name only)"
+        for i in (0, 2)
+    }
+    assert "stored twice" not in caplog.text and caplog.text.rstrip().endswith(
+        "): alias.0 and enc.0; alias.2 and enc.2"
+    )
