@@ -102,7 +102,10 @@ class CalibrationPlan:
         if for_allocation or self.method in ("fisher", "kfac"):  # asked for again by the factorization
             full = self.method == "kfac"
             kind = "output " + ("kfac" if full else "diagonal")
-            left = self.stats.factor(kind, stats, lambda: output_weights(stats, OUTPUT_DAMPING, full, name), self.dtype)
+            grouped = self.allocation == "global"  # the allocator says these layers in one line (allocate._APART)
+            left = self.stats.factor(
+                kind, stats, lambda: output_weights(stats, OUTPUT_DAMPING, full, name, zero_said=grouped), self.dtype
+            )
         return Weighting(left=left, right=right)
 
     @property

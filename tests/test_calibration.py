@@ -272,12 +272,7 @@ def test_a_zero_gram_is_said_with_what_is_zero_and_which_layer(zeroed, said, cap
 def test_each_layer_the_loss_does_not_reach_is_said_once(method, caplog):
     """fisher dropped the output weights of a layer whose loss gradients are all zero without a word (kfac said it
     of their Gram, and must not say it again of their diagonal)."""
-    torch.manual_seed(0)
-    model = tiny_llama().eval()
-    with torch.no_grad():
-        model.model.layers[1].self_attn.o_proj.weight.zero_()  # the loss no longer reaches q/k/v
-    batches = [example_inputs("llama", s) for s in range(2)]
-    svdlora.compress(model, budget=0.5, method=method, allocation="uniform", calibration=batches, progress=False)
+    _compress_with_q_k_v_unreached(method, "uniform")
     for name in ("q_proj", "k_proj", "v_proj"):
         said = (
             f"the output gradients of layer model.layers.1.self_attn.{name} are all zero (the loss does not reach it)"
@@ -288,6 +283,26 @@ def test_each_layer_the_loss_does_not_reach_is_said_once(method, caplog):
 
 ATTENTION_1 = "model.layers.1.self_attn."
 QKV_1 = ", ".join(ATTENTION_1 + name for name in ("q_proj", "k_proj", "v_proj"))
+
+
+@pytest.mark.parametrize("method", ["fisher", "kfac"])
+def test_layers_the_loss_does_not_reach_are_said_once_in_one_line_under_global_allocation(method, caplog):
+    """Under global allocation a layer whose loss gradients are all zero was said once per layer ('the output
+    gradients of layer ... are all zero') and again in the allocator's grouped line."""
+    _compress_with_q_k_v_unreached(method, "global")
+    assert "are all zero" not in caplog.text
+    said = f"3 layers without gradient statistics (the loss does not reach them: {QKV_1}), so no output weighting by"
+    assert caplog.text.count(said) == 1
+
+
+def _compress_with_q_k_v_unreached(method: str, allocation: str) -> None:
+    """A tiny Llama whose layer-1 o_proj is zero, so the loss no longer reaches its q/k/v, compressed."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+    batches = [example_inputs("llama", s) for s in range(2)]
+    svdlora.compress(model, budget=0.5, method=method, allocation=allocation, calibration=batches, progress=False)
 
 
 def refit_with_spoilt_attention(monkeypatch, spoil) -> dict[bool, nn.Module]:
