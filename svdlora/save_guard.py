@@ -55,7 +55,7 @@ def _save_pretrained(model: nn.Module, *args, **kwargs):
 def _refusal(model: nn.Module) -> str:
     """Why save_pretrained refuses, and what saves the model instead: save_compressed, unless a runtime changed a
     layer's layout, which save_compressed refuses too (then what it would say: ``saves_changed``)."""
-    from .compress import REPORT_ATTR
+    from .compress import BASE_ATTR, REPORT_ATTR
     from .io.saving import layout_change, saves_changed  # not at the top: io imports compress, which imports this
 
     refused = (
@@ -64,9 +64,13 @@ def _refusal(model: nn.Module) -> str:
     report = getattr(model, REPORT_ATTR, None)
     change = None if report is None else layout_change(model, report)
     if change is None:
-        return (
-            f"{refused}: use svdlora.save_compressed(model, folder) (or load it with merge=True for a dense checkpoint)"
+        # a dense checkpoint: a loaded folder loads again merged; one compressed here has no folder, it merges in place
+        dense = (
+            "load it with merge=True"
+            if hasattr(model, BASE_ATTR)
+            else 'svdlora.runtime.apply_runtime(model, "merged"), then save_pretrained,'
         )
+        return f"{refused}: use svdlora.save_compressed(model, folder) (or {dense} for a dense checkpoint)"
     return f"{refused}, and save_compressed cannot write it either: {change}; {saves_changed(model)}"
 
 

@@ -604,9 +604,17 @@ def test_save_pretrained_after_compress_is_refused(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=96))
     svdlora.compress(model, budget=0.5, progress=False)
-    with pytest.raises(SvdloraError, match=r"use svdlora.save_compressed\(model, folder\)"):
+    with pytest.raises(SvdloraError, match=r"use svdlora.save_compressed\(model, folder\)") as refused:
         model.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+    # no folder to load merged: the in-memory way, which saves a dense checkpoint that loads back as the model
+    advice = 'svdlora.runtime.apply_runtime(model, "merged"), then save_pretrained, for a dense checkpoint'
+    assert advice in str(refused.value) and "merge=True" not in str(refused.value)
+    x = torch.randint(0, 96, (1, 8))
+    expected = model.eval()(x).logits
+    svdlora.runtime.apply_runtime(model, "merged")
+    model.save_pretrained(tmp_path / "dense")
+    torch.testing.assert_close(GPT2LMHeadModel.from_pretrained(tmp_path / "dense")(x).logits, expected)
 
 
 def test_plain_from_pretrained_loads_an_svdlora_folder_exactly_and_export_is_plain(work, capsys):
