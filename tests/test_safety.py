@@ -436,6 +436,29 @@ def test_ctrl_c_during_the_overwrite_swap_leaves_an_output_in_place(tmp_path, mo
     assert [p.name for p in tmp_path.iterdir() if OLD_TAG not in p.name] == ["out"]
 
 
+@pytest.mark.parametrize("refused", [None, errno.EINVAL], ids=["exchange", "two-renames"])
+def test_an_old_output_removed_during_the_overwrite_swap_leaves_the_new_one_in_place(tmp_path, monkeypatch, refused):
+    """The old output removed (by another run) between --overwrite's check and its swap: the swap's ENOENT
+    propagated and the finished folder was deleted with it, neither folder left."""
+    from svdlora.io import outputs
+
+    if refused is not None:
+        monkeypatch.setattr(outputs, "_renameat2", _no_exchange(refused))
+    out = tmp_path / "out"
+    _old_output(out)
+    exchange = outputs._exchange
+
+    def racing(a, b):
+        shutil.rmtree(b)
+        return exchange(a, b)
+
+    monkeypatch.setattr(outputs, "_exchange", racing)
+    with outputs.atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "result").write_text("new")
+    assert (out / "result").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 # kill -9 this process right after the first step that changes the output path (the swap's first rename, or the
 # exchange of the two folders)
 KILLED_MID_SWAP = """

@@ -281,6 +281,15 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def _swap_in(new: Path, output: Path) -> None:
     """Put the finished folder ``new`` at ``output`` in place of the folder there, which is then removed."""
+    try:
+        _swap(new, output)
+    except FileNotFoundError:
+        if output.exists() or not new.exists():
+            raise
+        os.replace(new, output)  # the old folder went meanwhile (another run removed it): nothing to swap, moved in
+
+
+def _swap(new: Path, output: Path) -> None:
     if _exchange(new, output):  # one step: the old folder is now under new's temporary name
         shutil.rmtree(new, ignore_errors=True)  # a kill first leaves it to clean_leftovers, as any temporary folder
         return
