@@ -36,9 +36,10 @@ def current_command(world_size: int = 1) -> str:
         if _cli_argv is not None:
             return shlex.join(["svdlora", *_cli_argv])
         return shlex.join(["python", *sys.argv]) + "  # Python API"
-    # $(which svdlora): torchrun runs a script (README, Several processes); left unquoted for the shell. accelerate's
-    # --multi_gpu: without it, accelerate launch starts one process where there is at most one GPU
-    program = "$(which svdlora) " + shlex.join(_cli_argv) if _cli_argv is not None else shlex.join(sys.argv)
+    # -m svdlora: torchrun runs the module, as `python -m svdlora` does; `$(which svdlora)` fails where it is a shell
+    # shim (pyenv: README, Several processes). accelerate's --multi_gpu: without it, accelerate launch starts one
+    # process where there is at most one GPU
+    program = "-m svdlora " + shlex.join(_cli_argv) if _cli_argv is not None else shlex.join(sys.argv)
     return (
         f"torchrun --nproc_per_node {world_size} {program}  # {world_size} processes in all (or accelerate "
         f"launch --multi_gpu --num_processes {world_size}; over several nodes: --nnodes and its rendezvous flags)"

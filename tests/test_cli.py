@@ -949,7 +949,8 @@ def test_the_pattern_help_names_the_bare_last_name_form(command, capsys):
 
 def test_the_card_of_a_distributed_run_shows_its_launcher(tmp_path, monkeypatch):
     """Under torchrun the card showed `svdlora compress ...`, which runs one process, not the run's world_size
-    (recorded in svdlora_config.json); the card written with the folder and the one --eval rewrites show it."""
+    (recorded in svdlora_config.json); the card written with the folder and the one --eval rewrites show it, as
+    `-m svdlora` (`$(which svdlora)` fails where it is pyenv's bash shim)."""
     from svdlora import card, compress
     from svdlora.card_eval import write_card
     from svdlora.io.saving import write_side_files
@@ -957,7 +958,7 @@ def test_the_card_of_a_distributed_run_shows_its_launcher(tmp_path, monkeypatch)
     monkeypatch.setattr(card, "_cli_argv", ["compress", "m", "-o", "out"])
     model = tiny_gpt2()
     report = compress(model, budget=0.5, progress=False)
-    command = "torchrun --nproc_per_node 4 $(which svdlora) compress m -o out  # 4 processes in all"
+    command = "torchrun --nproc_per_node 4 -m svdlora compress m -o out  # 4 processes in all"
     write_side_files(tmp_path, report, source=None, config=None, generation_config=None, class_name="X", dtype=None,
                      world_size=4)  # fmt: skip
     assert command in (tmp_path / "README.md").read_text()
