@@ -585,3 +585,11 @@ def test_the_report_without_calibration_does_not_point_a_streamed_run_at_self():
     line = ModuleReport("l", "linear", (8, 8), False, [2], ["float32"], 0.1)
     text = dict(CompressionReport({}, [line], 0, 0).summary_rows())["calibration"]
     assert "--calibration DATA" in text and "--stream and torchrun refuse 'self'" in text
+
+
+def test_load_compressed_reads_a_home_relative_folder(tmp_path, monkeypatch):
+    """load_compressed('~/svd') said the folder does not exist, though every CLI command expands a leading '~'."""
+    model, out = compressed_folder("gpt2", tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loaded = load_compressed(f"~/{out.name}", device="cpu")
+    assert torch.equal(output_of(loaded, "gpt2"), output_of(model, "gpt2"))

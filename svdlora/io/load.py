@@ -176,7 +176,7 @@ def load_compressed(
             f"model= is a {type(model).__name__} that already holds svdlora low-rank layers (it was compressed "
             f"or loaded before): pass a freshly built {type(model).__name__} with its original dense layers"
         )
-    path = Path(path)
+    path = Path(path).expanduser()  # '~/svd' as the CLI reads it (only folders come here, never hub ids)
     data, headers = checked_folder(path)  # every shard's header and factor shapes
     files, metadata = [header.path for header in headers], headers[0].metadata
     weights = files[0]
