@@ -24,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 # why a layer's spectrum is in other units than the allocation's (``methods.spectrum_units``)
 _APART = {
-    "W·S": "without gradient statistics (the loss does not reach them: {}), so no output weighting by the loss",
+    # all-zero gradients (said here only) or not finite ones (also said per layer, ``weighting.output_weights``)
+    "W·S": (
+        "without usable gradient statistics (the loss does not reach them, or its gradients there are not finite: "
+        "{}), so no output weighting by the loss"
+    ),
     "D·W": "without usable input statistics ({})",
     "W": "that never ran on the calibration data ({})",
 }

@@ -283,6 +283,8 @@ def test_each_layer_the_loss_does_not_reach_is_said_once(method, caplog):
 
 ATTENTION_1 = "model.layers.1.self_attn."
 QKV_1 = ", ".join(ATTENTION_1 + name for name in ("q_proj", "k_proj", "v_proj"))
+# global allocation's grouped line (``allocate._APART``), up to the names
+NO_GRADIENTS = "usable gradient statistics (the loss does not reach them, or its gradients there are not finite: "
 
 
 @pytest.mark.parametrize("method", ["fisher", "kfac"])
@@ -291,8 +293,21 @@ def test_layers_the_loss_does_not_reach_are_said_once_in_one_line_under_global_a
     gradients of layer ... are all zero') and again in the allocator's grouped line."""
     _compress_with_q_k_v_unreached(method, "global")
     assert "are all zero" not in caplog.text
-    said = f"3 layers without gradient statistics (the loss does not reach them: {QKV_1}), so no output weighting by"
+    said = f"3 layers without {NO_GRADIENTS}{QKV_1}), so no output weighting by"
     assert caplog.text.count(said) == 1
+
+
+def test_layers_with_non_finite_gradients_are_not_said_to_be_unreached_under_global_allocation(caplog):
+    """A layer whose loss gradients are NaN (the loss reaches it) was grouped as 'the loss does not reach them'."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    batches = [example_inputs("llama", s) for s in range(2)]
+    config = CompressionConfig(budget=0.5, method="fisher", allocation="global")
+    targets, _ = find_targets(model, config)
+    stats = collect_statistics(model, targets, batches, progress=False)
+    stats[ATTENTION_1 + "q_proj"].out_grad_sq.fill_(math.nan)
+    svdlora.compress(model, config, calibration=batches, statistics=stats, progress=False)
+    assert f"1 layer without {NO_GRADIENTS}{ATTENTION_1}q_proj), so no output weighting by" in caplog.text
 
 
 def _compress_with_q_k_v_unreached(method: str, allocation: str) -> None:
@@ -568,7 +583,7 @@ def test_a_layer_the_loss_does_not_reach_gets_its_uniform_share_under_global_all
     assert len(set(encoder.values())) > 1  # still allocated globally
     names = {t.name for t in targets}
     assert _stored(targets, report, names) <= budget * sum(t.params for t in targets)
-    assert "1 layer without gradient statistics (the loss does not reach them: pooler.dense)" in caplog.text
+    assert f"1 layer without {NO_GRADIENTS}pooler.dense)" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -641,7 +656,7 @@ def test_a_layer_the_loss_does_not_reach_gets_its_uniform_byte_share_with_stage_
     assert len(set(encoder.values())) > 1  # still allocated globally
     names = {t.name for t in targets}
     assert _stored_bytes(targets, report, names) <= budget * sum(target_bytes(t, torch.float32) for t in targets)
-    assert caplog.text.count("1 layer without gradient statistics (the loss does not reach them: pooler.dense)") == 1
+    assert caplog.text.count(f"1 layer without {NO_GRADIENTS}pooler.dense)") == 1
 
 
 @pytest.mark.parametrize("stage_dtypes", [["int8", "int8"], ["full-int8", "int4g32"]])

@@ -42,8 +42,9 @@ def weighted_spectrum(weight: torch.Tensor, weighting: Weighting | None) -> torc
     return on_cpu_if_it_fails(torch.linalg.svdvals, work).double()
 
 
-# What a weighted spectrum measures, most complete first: the loss-weighted D·W·S, W·S without gradient
-# statistics (the loss does not reach the layer), D·W without a usable input Gram, W without statistics.
+# What a weighted spectrum measures, most complete first: the loss-weighted D·W·S, W·S without usable gradient
+# statistics (the loss does not reach the layer, or its gradients are not finite), D·W without a usable input Gram,
+# W without statistics.
 SPECTRUM_UNITS = ("D·W·S", "W·S", "D·W", "W")
 
 
