@@ -12,7 +12,9 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -29,11 +31,14 @@ def gguf_to_folder(
     output: str | Path,
     overwrite: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
 ) -> Path:
     """Dequantize ``gguf_file`` to float32 and save it as a transformers folder at ``output``, its weights in
     shards of at most ``max_shard_size`` ("5GB", bytes) with a ``model.safetensors.index.json`` when several.
 
-    Memory: one float32 copy of the model (transformers dequantizes it whole), written without a second one."""
+    Memory: one float32 copy of the model (transformers dequantizes it whole), written without a second one.
+    ``progress``: show the dequantization bar (transformers' own load bars follow its
+    ``utils.logging.disable_progress_bar``, as the CLI's ``--no-progress`` sets it)."""
     from transformers import AutoModelForCausalLM
 
     gguf_file = Path(gguf_file).expanduser()  # as the output and every other command's paths
@@ -50,7 +55,7 @@ def gguf_to_folder(
     parse_size(max_shard_size)
     kwargs = {"gguf_file": gguf_file.name}
     try:
-        with _alone(gguf_file) as folder:
+        with _alone(gguf_file) as folder, _dequantization_bar(progress):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **_unpacked(), **kwargs)
             tokenizer = _tokenizer(folder, gguf_file, kwargs)
     except struct.error as err:  # transformers' metadata reader unpacked past the end of the file
@@ -117,6 +122,19 @@ def _alone(gguf_file: Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="svdlora-gguf-") as folder:
         (Path(folder) / gguf_file.name).symlink_to(gguf_file.resolve())
         yield Path(folder)
+
+
+@contextmanager
+def _dequantization_bar(shown: bool) -> Iterator[None]:
+    """transformers' GGUF reader draws its bar with plain tqdm, which its ``disable_progress_bar`` does not
+    reach: hidden here by handing that module a disabled tqdm for the load."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    if shown or not hasattr(reader, "tqdm"):
+        yield
+        return
+    with patch.object(reader, "tqdm", partial(reader.tqdm, disable=True)):
+        yield
 
 
 def _unpacked() -> dict:

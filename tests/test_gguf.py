@@ -299,3 +299,19 @@ def test_convert_gguf_help_says_it_holds_one_float32_copy_of_the_model(capsys):
     assert "one float32 copy of the model" in text and "--max-shard-size" in text, text
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "`convert-gguf` holds one float32 copy of the model in memory" in readme
+
+
+def test_convert_gguf_no_progress_hides_its_bars(tmp_path, capsys):
+    """convert-gguf had no --no-progress (every other writing command has one): its dequantization and load bars
+    filled a log."""
+    from transformers.utils import logging as hf_logging
+
+    write_gguf(tmp_path / "tiny.gguf", tied=True, quant="F32")
+    convert = ["convert-gguf", str(tmp_path / "tiny.gguf"), "-o", str(tmp_path / "out"), "--overwrite"]
+    assert main(convert) == 0 and "de-quantizing GGUF tensors" in capsys.readouterr().err  # the bars, by default
+    try:
+        assert main([*convert, "--no-progress"]) == 0
+    finally:
+        hf_logging.enable_progress_bar()  # the flag's switch is global: the other tests keep their bars
+    err = capsys.readouterr().err
+    assert "it/s" not in err and (tmp_path / "out" / "model.safetensors").is_file(), err

@@ -20,12 +20,23 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="folder to write")
     options.add_max_shard_size_flag(p)
     options.add_overwrite_flag(p)
+    options.add_progress_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..gguf import gguf_to_folder  # torch: imported once the flags are known good
 
-    gguf_to_folder(args.gguf_file, args.output, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    if not args.progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar
+    gguf_to_folder(
+        args.gguf_file,
+        args.output,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        progress=args.progress,
+    )
     print(f"wrote {args.output}")
     return 0
