@@ -12,9 +12,7 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
-from unittest.mock import patch
 
 import torch
 
@@ -128,6 +126,9 @@ def _alone(gguf_file: Path) -> Iterator[Path]:
 def _dequantization_bar(shown: bool) -> Iterator[None]:
     """transformers' GGUF reader draws its bar with plain tqdm, which its ``disable_progress_bar`` does not
     reach: hidden here by handing that module a disabled tqdm for the load."""
+    from functools import partial
+    from unittest.mock import patch  # here: only a quiet conversion pays its import
+
     from transformers import modeling_gguf_pytorch_utils as reader
 
     if shown or not hasattr(reader, "tqdm"):
