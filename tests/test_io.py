@@ -593,3 +593,17 @@ def test_load_compressed_reads_a_home_relative_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     loaded = load_compressed(f"~/{out.name}", device="cpu")
     assert torch.equal(output_of(loaded, "gpt2"), output_of(model, "gpt2"))
+
+
+def test_save_compressed_writes_a_home_relative_folder_under_home(tmp_path, monkeypatch):
+    """save_compressed(model, '~/svd') wrote a folder named '~' in the working directory, not under the home."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["gpt2"]().eval()
+    compress(model, progress=False, budget=0.5)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    out = save_compressed(model, "~/svd")
+    assert out == tmp_path / "home" / "svd" and (out / CONFIG_NAME).is_file()
+    assert not (tmp_path / "work" / "~").exists()

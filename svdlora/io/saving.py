@@ -82,7 +82,7 @@ def save_compressed(
     config = getattr(model, "config", None)
     base_model = source if source is not None else getattr(model, BASE_ATTR, None)  # a loaded folder's own base
     source = source if source is not None else getattr(config, "name_or_path", None) or None
-    output = Path(output)
+    output = Path(output).expanduser()  # as load_compressed and every CLI path
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     format_version = folder_format(model, report)  # after the refresh: it may null errors
     with atomic_folder(output, overwrite, inputs=[source]) as tmp:
