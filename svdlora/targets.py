@@ -91,7 +91,8 @@ def _stored_weight(module: nn.Module) -> torch.Tensor:
     """The tensor a layer keeps as its weight: a parametrized layer's ``module.weight`` is computed anew on each
     access and freed at once, so the next layer's could reuse its address (unrelated layers taken as sharing)."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
+        stored = module.parametrizations.weight  # one original, or several (weight_norm: original0 g, original1 v)
+        return stored.original if hasattr(stored, "original") else stored.original0
     stored = module._parameters.get("weight")
     return module.weight if stored is None else stored  # old-style weight_norm: an attribute its hook sets
 

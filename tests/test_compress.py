@@ -419,6 +419,15 @@ def test_parametrized_layers_are_not_taken_as_sharing_one_weight(caplog):
     assert "share one weight" not in caplog.text
 
 
+def test_a_weight_norm_layer_with_two_originals_compresses():
+    """torch's weight_norm parametrization keeps two originals (g, v) and no ``original``: reading that
+    attribute made every compress of such a model fail (AttributeError) where it had compressed before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(64, 64)), nn.ReLU(), nn.Linear(64, 64))
+    report = compress(model, budget=0.5, progress=False)
+    assert [m.name for m in report.factorized] == ["0", "2"]
+
+
 class _Aliased(nn.Module):
     """A container under two names (``backbone = encoder``): its layers are one module each, reached twice."""
 
