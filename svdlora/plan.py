@@ -102,10 +102,9 @@ class CalibrationPlan:
         if for_allocation or self.method in ("fisher", "kfac"):  # asked for again by the factorization
             full = self.method == "kfac"
             kind = "output " + ("kfac" if full else "diagonal")
-            grouped = self.allocation == "global"  # the allocator says these layers in one line (allocate._APART)
-            left = self.stats.factor(
-                kind, stats, lambda: output_weights(stats, OUTPUT_DAMPING, full, name, zero_said=grouped), self.dtype
-            )
+            # each unusable layer is said here, under global allocation too: the allocator's grouped line
+            # (allocate._APART) comes only where spectra of other units are set apart
+            left = self.stats.factor(kind, stats, lambda: output_weights(stats, OUTPUT_DAMPING, full, name), self.dtype)
         return Weighting(left=left, right=right)
 
     @property

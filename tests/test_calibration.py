@@ -288,13 +288,19 @@ NO_GRADIENTS = "usable gradient statistics (the loss does not reach them, or its
 
 
 @pytest.mark.parametrize("method", ["fisher", "kfac"])
-def test_layers_the_loss_does_not_reach_are_said_once_in_one_line_under_global_allocation(method, caplog):
-    """Under global allocation a layer whose loss gradients are all zero was said once per layer ('the output
-    gradients of layer ... are all zero') and again in the allocator's grouped line."""
+def test_layers_the_loss_does_not_reach_are_said_under_global_allocation(method, caplog):
+    """Each layer whose loss gradients are all zero is said, and the allocator's grouped line says what they get."""
     _compress_with_q_k_v_unreached(method, "global")
-    assert "are all zero" not in caplog.text
-    said = f"3 layers without {NO_GRADIENTS}{QKV_1}), so no output weighting by"
-    assert caplog.text.count(said) == 1
+    assert all(f"{name}" in caplog.text for name in QKV_1.split(", ")) and "are all zero" in caplog.text
+    assert caplog.text.count(f"3 layers without {NO_GRADIENTS}{QKV_1}), so no output weighting by") == 1
+
+
+@pytest.mark.parametrize("method", ["fisher", "kfac"])
+def test_unreached_layers_are_said_under_global_allocation_where_none_is_set_apart(method, caplog):
+    """b0b77f3 left all-zero gradients to global allocation's grouped line, which comes only where layers of other
+    units are set apart: with only such layers targeted (every spectrum in the same units), nothing was said."""
+    _compress_with_q_k_v_unreached(method, "global", include=QKV_1.split(", "))
+    assert "are all zero" in caplog.text and all(name in caplog.text for name in QKV_1.split(", "))
 
 
 def test_layers_with_non_finite_gradients_are_not_said_to_be_unreached_under_global_allocation(caplog):
@@ -310,14 +316,16 @@ def test_layers_with_non_finite_gradients_are_not_said_to_be_unreached_under_glo
     assert f"1 layer without {NO_GRADIENTS}{ATTENTION_1}q_proj), so no output weighting by" in caplog.text
 
 
-def _compress_with_q_k_v_unreached(method: str, allocation: str) -> None:
+def _compress_with_q_k_v_unreached(method: str, allocation: str, **options) -> None:
     """A tiny Llama whose layer-1 o_proj is zero, so the loss no longer reaches its q/k/v, compressed."""
     torch.manual_seed(0)
     model = tiny_llama().eval()
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight.zero_()
     batches = [example_inputs("llama", s) for s in range(2)]
-    svdlora.compress(model, budget=0.5, method=method, allocation=allocation, calibration=batches, progress=False)
+    svdlora.compress(
+        model, budget=0.5, method=method, allocation=allocation, calibration=batches, progress=False, **options
+    )
 
 
 def refit_with_spoilt_attention(monkeypatch, spoil) -> dict[bool, nn.Module]:

@@ -143,7 +143,6 @@ def whitening(
     inverse: bool = True,
     of: str = "inputs",
     layer: str | Sequence[str] | None = None,
-    zero_said: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """S with S·Sᵀ = the damped Gram (its lower Cholesky factor, float64) and S⁻¹ (None without
     ``inverse``: ``Weighting.unwhiten`` solves with S instead).
@@ -152,7 +151,7 @@ def whitening(
     the symmetric root of an eigendecomposition, whose negative eigenvalues are clipped first: it
     never fails. A zero or non-finite one gives None, with a warning that says which Gram (``of``: a
     key of ``_GRAM_OF``; K-FAC whitens the output gradients' too) of which ``layer`` (or layers: q/k/v
-    read one input, whose Gram is whitened once for all of them); a zero one is not said with ``zero_said``.
+    read one input, whose Gram is whitened once for all of them).
     """
     gram = gram.double()
     if not torch.isfinite(gram).all():
@@ -160,8 +159,7 @@ def whitening(
         return None, None
     scale = gram.diagonal().mean().item()
     if scale <= 0:
-        if not zero_said:
-            _warn_unusable(of, layer, finite=True)
+        _warn_unusable(of, layer, finite=True)
         return None, None
     damped = (gram + gram.T).mul_(0.5)  # symmetric
     damped.diagonal().add_(damping * scale)  # in place: no (n, n) identity and sum
@@ -188,16 +186,15 @@ def _layers_named(layer: str | Sequence[str] | None) -> str:
 
 
 def output_weights(
-    stats: LayerStats, damping: float, full: bool = False, layer: str | None = None, zero_said: bool = False
+    stats: LayerStats, damping: float, full: bool = False, layer: str | None = None
 ) -> torch.Tensor | None:
     """D of one layer (named ``layer`` in a warning): diag √E[g²], or with ``full`` a square root
     (DᵀD = E[g gᵀ]) where it was collected. None without gradient statistics, and, with a warning, where they
-    are all zero (the loss does not reach the layer: an attention block whose o_proj is zero) or not finite.
-    ``zero_said``: all-zero ones are said elsewhere, grouped (global allocation's line, ``allocate._APART``)."""
+    are all zero (the loss does not reach the layer: an attention block whose o_proj is zero) or not finite."""
     said = False  # the Gram's warning covers its diagonal: said once
     if full and stats.out_grad_gram is not None:
         gram = stats.out_grad_gram
-        root = whitening(gram, damping, inverse=False, of="output gradients", layer=layer, zero_said=zero_said)[0]
+        root = whitening(gram, damping, inverse=False, of="output gradients", layer=layer)[0]  # never inverted
         if root is not None:
             return root.T  # S·Sᵀ = G, so D = Sᵀ
         said = True
@@ -207,7 +204,7 @@ def output_weights(
     finite = bool(torch.isfinite(grad_sq).all())
     mean = grad_sq.mean().item()
     if not finite or mean <= 0:
-        if not said and not (zero_said and finite):
+        if not said:
             _warn_unusable("output gradients", layer, finite)
         return None
     return (grad_sq + damping * mean).sqrt()
