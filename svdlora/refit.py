@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .calibration import SharedInputs, product_dtype
 from .methods import Weighting, factorize
-from .methods.weighting import INPUT_DAMPING, _warn_unusable, whitening
+from .methods.weighting import INPUT_DAMPING, warn_unusable, whitening
 from .modes import eval_mode
 from .padding import Unbatchable, calibration_runs, flat_tokens, is_encoder_decoder, mask_for
 
@@ -188,7 +188,7 @@ def refit_target(
     # W·C·G̃⁻¹ with the damped G̃ = S̃·S̃ᵀ, so G̃⁻¹ = S̃⁻ᵀ·S̃⁻¹
     target = weight.detach().double() @ cross @ right_inverse.T @ right_inverse
     if not torch.isfinite(target).all():  # weights are checked finite: C is not (the dense model's inputs)
-        _warn_unusable("refit target", layer, finite=False)
+        warn_unusable("refit target", layer, finite=False)
         roots[id(gram)] = None, None  # the layers sharing G̃ share C: skipped without saying it again
         return None
     dtype = product_dtype(weight)  # a float64 model's stays float64

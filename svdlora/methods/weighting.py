@@ -119,7 +119,7 @@ _GRAM_OF = {
 }
 
 
-def _warn_unusable(of: str, layer: str | Sequence[str] | None, finite: bool) -> None:
+def warn_unusable(of: str, layer: str | Sequence[str] | None, finite: bool) -> None:
     """Say that the statistics ``of`` (a key of ``_GRAM_OF``) of ``layer`` are all zero or not finite, and what
     the layer gets instead."""
     what, why_zero, fallback = _GRAM_OF[of]
@@ -155,11 +155,11 @@ def whitening(
     """
     gram = gram.double()
     if not torch.isfinite(gram).all():
-        _warn_unusable(of, layer, finite=False)
+        warn_unusable(of, layer, finite=False)
         return None, None
     scale = gram.diagonal().mean().item()
     if scale <= 0:
-        _warn_unusable(of, layer, finite=True)
+        warn_unusable(of, layer, finite=True)
         return None, None
     damped = (gram + gram.T).mul_(0.5)  # symmetric
     damped.diagonal().add_(damping * scale)  # in place: no (n, n) identity and sum
@@ -205,7 +205,7 @@ def output_weights(
     mean = grad_sq.mean().item()
     if not finite or mean <= 0:
         if not said:
-            _warn_unusable("output gradients", layer, finite)
+            warn_unusable("output gradients", layer, finite)
         return None
     return (grad_sq + damping * mean).sqrt()
 
