@@ -976,3 +976,23 @@ def test_the_card_of_a_distributed_run_names_an_accelerate_launch_that_starts_it
 
     monkeypatch.setattr(card, "_cli_argv", ["compress", "m", "-o", "out"])
     assert "accelerate launch --multi_gpu --num_processes 2;" in card.current_command(2)
+
+
+def test_export_shards_its_dense_weights_by_max_shard_size(gpt2_folder, tmp_path, capsys):
+    """export wrote one model.safetensors whatever the size; compress and convert-gguf take --max-shard-size. It is
+    read as svdlora reads sizes ('20KiB', which save_pretrained's own reading refuses); a bad size is one line."""
+    from transformers import AutoModelForCausalLM
+
+    out, dense = tmp_path / "svd", tmp_path / "dense"
+    assert run_cli(capsys, "compress", gpt2_folder, "-o", out, "--calibration", "none", "--no-progress")[0] == 0
+    code, _, err = run_cli(capsys, "export", out, "--dense", "-o", dense, "--max-shard-size", "5XB", "--no-progress")
+    assert code == 2 and "max shard size must look like 5GB" in err and len(err.strip().splitlines()) == 1, err
+    assert not dense.exists()
+    assert run_cli(capsys, "export", out, "--dense", "-o", dense, "--max-shard-size", "20KiB", "--no-progress")[0] == 0
+    index = json.loads((dense / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in dense.glob("*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards, shards
+    assert all(p.stat().st_size < 2 * 20_480 for p in dense.glob("*.safetensors"))  # a larger tensor: its own shard
+    ids = torch.tensor([[1, 2, 3, 4]])
+    expected = load_compressed(out, device="cpu", merge=True)(ids).logits
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(dense)(ids).logits, expected)

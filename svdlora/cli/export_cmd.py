@@ -21,6 +21,7 @@ def register(subparsers) -> None:
         help="merge the factors into dense weights (the only export format)",
     )
     p.add_argument("-o", "--output", required=True, help="folder to write")
+    options.add_max_shard_size_flag(p)
     options.add_overwrite_flag(p)
     options.add_progress_flag(p)
     p.set_defaults(func=run)
@@ -30,9 +31,12 @@ def run(args: argparse.Namespace) -> int:
     from ..io.folder import read_config  # torch: imported once the flags are known good
     from ..io.load import load_compressed
     from ..io.saving import check_output, copy_preprocessor_files
+    from ..io.writer import parse_size
 
     folder = Path(args.folder).expanduser()  # '~/svd' quoted, as every other command's paths
     check_output(args.output, args.overwrite, inputs=[folder])  # before the slow load
+    # bytes, as svdlora reads sizes everywhere: save_pretrained's own reading (huggingface_hub) refuses '2GiB', '5B'
+    max_shard_size = parse_size(args.max_shard_size)
     data = read_config(folder)
     _check_transformers_folder(folder, data)
     if not args.progress:
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_compressed(folder, device="cpu", merge=True)
     with atomic_folder(args.output, overwrite=args.overwrite, inputs=[folder]) as tmp:
         ensure_space(tmp, sum(t.numel() * t.element_size() for t in model.state_dict().values()), args.output)
-        model.save_pretrained(tmp)  # what loading will not tie again written under each name (save_guard)
+        # what loading will not tie again written under each name (save_guard)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
         readable_as_umask(*tmp.glob("*.safetensors"))  # one file or its shards
         copy_preprocessor_files(folder, tmp)
         card.write(tmp, card.dense_export_card(args.folder, data))
