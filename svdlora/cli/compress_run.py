@@ -8,7 +8,6 @@ import sys
 import time
 from contextlib import contextmanager
 
-import transformers
 from torch import nn
 
 from .. import blockwise, distributed, hub
@@ -114,8 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     output = check_output(args.output, args.overwrite, inputs=inputs)
     parse_size(args.max_shard_size)
     svd_device(args.svd_device)
-    if not args.progress:
-        transformers.utils.logging.disable_progress_bar()
+    options.hide_transformers_bars(args.progress)
     processor = processor_before_load(args.calibration, args.model, config, loaded=eval_processor, meta=meta)
     if not streams:  # a memory estimate's plan takes the meta model over, and hands it (a hub id's: its own) back
         streams, meta = streams_for_memory(args, config, meta)

@@ -27,10 +27,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..gguf import gguf_to_folder  # torch: imported once the flags are known good
 
-    if not args.progress:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar
+    options.hide_transformers_bars(args.progress)  # its "Loading weights" bar
     gguf_to_folder(
         args.gguf_file,
         args.output,

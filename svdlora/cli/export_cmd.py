@@ -39,10 +39,7 @@ def run(args: argparse.Namespace) -> int:
     max_shard_size = parse_size(args.max_shard_size)
     data = read_config(folder)
     _check_transformers_folder(folder, data)
-    if not args.progress:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bars
+    options.hide_transformers_bars(args.progress)  # save_pretrained's shard bars
     model = load_compressed(folder, device="cpu", merge=True)
     with atomic_folder(args.output, overwrite=args.overwrite, inputs=[folder]) as tmp:
         ensure_space(tmp, sum(t.numel() * t.element_size() for t in model.state_dict().values()), args.output)

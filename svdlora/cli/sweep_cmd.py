@@ -87,8 +87,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import transformers  # torch and transformers: imported once the flags are known good
-
     from ..card_eval import write_card
     from ..compress import compress
     from ..config import CompressionConfig
@@ -142,8 +140,7 @@ def run(args: argparse.Namespace) -> int:
     # the data, read once for every point: refused (another task's setting, unreadable data, a text too short to
     # score) before the load where the task and processor are known (a local folder's), else before compressing
     data_read = _checked_data(task, args.data, eval_options, processor) if processor is not None else None
-    if not args.progress:
-        transformers.utils.logging.disable_progress_bar()
+    options.hide_transformers_bars(args.progress)
     model = load_pretrained(args.model).eval()
     if meta is None:  # a hub id (or a folder without an outline): its layers are known now
         check_patterns_before_load(model, config, args.model)
