@@ -41,6 +41,9 @@ SHARED_REASON = "shares its weight: {} holds it too (factorized apart, the one t
 # One module under two names (``self.backbone = self.encoder``, or the layer itself) stays dense too: svdlora replaces a
 # layer under one name, and one reached under two is not one it factorizes.
 ALIAS_REASON = "reached under two names: {} is this module too (svdlora factorizes a layer that has one name only)"
+# the warnings naming every such group
+SHARED_WHY = "they share one weight (factorized apart, the one tensor would be stored and budgeted twice)"
+ALIAS_WHY = "each is one module reached under two names (svdlora factorizes a layer that has one name only)"
 
 
 @dataclass
@@ -169,18 +172,9 @@ def find_targets(
                 )
     if targets:  # with none, the caller's "nothing is targeted" error names the patterns already
         check_every_pattern_matches(names, config)
-    if shared:
-        logger.warning(
-            "kept dense, as they share one weight (factorized apart, the one tensor would be stored and budgeted "
-            "twice): %s",
-            "; ".join(" and ".join(group) for group in sorted(shared)),
-        )
-    if aliased:
-        logger.warning(
-            "kept dense, as each is one module reached under two names (svdlora factorizes a layer that has one name "
-            "only): %s",
-            "; ".join(" and ".join(group) for group in sorted(aliased)),
-        )
+    for groups, why in ((shared, SHARED_WHY), (aliased, ALIAS_WHY)):
+        if groups:
+            logger.warning("kept dense, as %s: %s", why, "; ".join(" and ".join(group) for group in sorted(groups)))
     return targets, dense
 
 
