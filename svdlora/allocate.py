@@ -53,7 +53,7 @@ def allocate_ranks(targets: list[Target], config: CompressionConfig) -> tuple[di
         if left < 0 or (rest and left <= 0):
             raise BudgetError(
                 f"budget {config.budget} is too small: even rank 1 for every targeted matrix needs more; "
-                "raise --budget or --exclude the smallest layers"
+                "raise {flag} or --exclude the smallest layers"
             )
         share = min(1.0, left / sum(t.params for t in rest)) if rest else 0.0
         below = {t.name for t in rest if rank_for_share(t, share, pivot) == 0}
@@ -174,7 +174,7 @@ def allocate_global(
     if spent > allowed:
         raise BudgetError(
             f"budget {budget} is too small: even rank 1 for every targeted matrix needs more; "
-            "raise --budget or --exclude the smallest layers"
+            "raise {flag} or --exclude the smallest layers"
         )
     rank = {t.name: 1 for t in targets}
     tails = {}  # tails[name][k] = Σ_{i>=k} σ_i², the loss left at rank k

@@ -229,9 +229,9 @@ def _nothing_to_heal(config: CompressionConfig, ranks: dict[str, list[int]]) -> 
     """Healing asked for where the budget left no low-rank factor: said before the factorization, not by
     ``heal`` after it (whose 'compress the model first' is for a model never compressed)."""
     if ranks:  # every plan is a full-… first stage alone: the budget paid for no repair stage
-        why, fix = f"buys only the {config.stage_dtypes[0]} first stage of each matrix", "raise --budget"
+        why, fix = f"buys only the {config.stage_dtypes[0]} first stage of each matrix", "raise {flag}"
     else:
-        why, fix = "keeps every targeted matrix dense (exact)", "lower --budget"
+        why, fix = "keeps every targeted matrix dense (exact)", "lower {flag}"
     return BudgetError(
         f"healing has nothing to train: budget {config.budget} {why}, no low-rank factor: {fix}, or drop --heal-steps"
     )

@@ -15,10 +15,27 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+BUDGET_FLAG = "--budget"  # compress's option for the budget, which a BudgetError's fix names
+
+
 class BudgetError(SvdloraError):
     """A budget this model cannot be compressed at (too small for the targeted matrices, or leaving healing
     nothing to train), where another budget can: a sweep skips it and goes on; any other SvdloraError
-    (bad calibration data, a refused setting) fails at every budget alike and stops the sweep."""
+    (bad calibration data, a refused setting) fails at every budget alike and stops the sweep.
+
+    ``template`` names the budget's option as ``{flag}``: compress's ``BUDGET_FLAG``, or the sweep's
+    --budgets (``for_flag``)."""
+
+    def __init__(self, template: str, flag: str = BUDGET_FLAG) -> None:
+        self.template, self.flag = template, flag
+        super().__init__(template.replace("{flag}", flag))  # not format: the values' own braces stay text
+
+    def for_flag(self, flag: str) -> BudgetError:
+        """The same error, the budget's option named ``flag``."""
+        return BudgetError(self.template, flag)
+
+    def __reduce__(self):  # pickled whole (a broadcast between ranks), not as its message alone
+        return BudgetError, (self.template, self.flag)
 
 
 # How a streamed refusal points to compressing in memory, for a run streamed by --stream; a launched run

@@ -80,7 +80,7 @@ def allocate_bytes(
                 names = ",".join(f.name for f in formats)
                 raise BudgetError(
                     f"budget {budget} is too small for {names} stages: even the smallest plan of every targeted "
-                    "matrix needs more; raise --budget, choose cheaper stage dtypes or --exclude the smallest layers"
+                    "matrix needs more; raise {flag}, choose cheaper stage dtypes or --exclude the smallest layers"
                 )
             share = min(1.0, left / sum(target_bytes(t, dtype) for t in rest)) if rest else 0.0
         below = {t.name for t in rest if _share_bytes(t, share, dtype) < smallest_plan_bytes(t, formats)}
@@ -126,7 +126,7 @@ def plan_matrix(t: Target, allowed: int, formats: list[StageFormat], what: str) 
     if left < 0:
         raise BudgetError(
             f"{what} is too small for a {full.name} first stage of {t.name!r} "
-            f"({nbytes(full, out_f, in_f)} bytes of {allowed} allowed): raise --budget or use another first stage"
+            f"({nbytes(full, out_f, in_f)} bytes of {allowed} allowed): raise {{flag}} or use another first stage"
         )
     costs = [stage_bytes(f, out_f, in_f, 1) for f in low]
     ranks = [int(left / len(low) // c) for c in costs] if low else []
@@ -147,7 +147,7 @@ def plan_matrix(t: Target, allowed: int, formats: list[StageFormat], what: str) 
     if not kept and not full:
         raise BudgetError(
             f"{what} is too small for {t.name!r}: even rank 1 in {low[0].name} needs "
-            f"{costs[0]} bytes of {allowed}; raise --budget or --exclude it"
+            f"{costs[0]} bytes of {allowed}; raise {{flag}} or --exclude it"
         )
     return ([0] if full else []) + [r for r, _ in kept], ([full] if full else []) + [f for _, f in kept]
 
@@ -205,7 +205,7 @@ def allocate_bytes_global(
     if spent > allowed:
         raise BudgetError(
             f"budget {budget} is too small for {','.join(f.name for f in formats)} stages on every targeted "
-            "matrix: raise --budget, choose cheaper stage dtypes or --exclude the smallest layers"
+            "matrix: raise {flag}, choose cheaper stage dtypes or --exclude the smallest layers"
         )
     heap: list[tuple[float, int, str, str]] = []
     version = {t.name: 0 for t in targets}

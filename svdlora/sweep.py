@@ -260,8 +260,9 @@ def sweep(
             try:
                 points[budget] = guarded(budget)
             except BudgetError as err:
-                logger.warning("budget %s not measured: %s", budget, err)
-                points[budget], skipped[str(budget)] = None, str(err)  # find_budget counts it as failing
+                said = str(err.for_flag("--budgets"))  # the fix names the sweep's option, not compress's
+                logger.warning("budget %s not measured: %s", budget, said)
+                points[budget], skipped[str(budget)] = None, said  # find_budget counts it as failing
         if skipped and target is None and len(skipped) == len(points):
             raise SvdloraError(
                 f"no budget in --budgets could be measured ({next(iter(skipped.values()))}): list larger ones"

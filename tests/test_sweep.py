@@ -73,6 +73,28 @@ def test_a_budget_too_small_to_compress_at_is_skipped_not_the_whole_sweep():
         sweep(measure, [0.01, 0.02], "text-generation")
 
 
+def test_a_budget_too_small_names_the_sweep_s_option_and_compress_keeps_its_own(tmp_path):
+    """A sweep's skipped budget said 'raise --budget' (compress's option): the sweep takes --budgets. The
+    allocator's own error, through the sweep and through compress."""
+    import pickle
+
+    import transformers
+
+    from svdlora import compress
+    from svdlora.sweep import evaluating_measure
+
+    model_dir, text = lm_folder(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    processor = transformers.AutoTokenizer.from_pretrained(model_dir)
+    measure = evaluating_measure(model, processor, "text-generation", str(text), {}, {"progress": False})
+    said = sweep(measure, [0.001, 0.5], "text-generation")["skipped"]["0.001"]
+    assert "raise --budgets or --exclude the smallest layers" in said, said
+    with pytest.raises(BudgetError, match="raise --budget or --exclude the smallest layers") as refused:
+        compress(model, budget=0.001, progress=False)
+    sent = pickle.loads(pickle.dumps(refused.value))  # a broadcast between ranks keeps it rewordable
+    assert "raise --budgets or" in str(sent.for_flag("--budgets"))
+
+
 def test_a_listed_budget_below_the_search_s_floor_that_meets_the_target_is_chosen():
     """Bisection searched from 0.02 up, so a listed 0.01 that met the target (as the table showed) lost to 0.02."""
     target = parse_target("ppl<=1.5x", "text-generation")
