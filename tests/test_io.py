@@ -244,6 +244,19 @@ def test_missing_factor(tmp_path):
         load_compressed(out, device="cpu")
 
 
+@pytest.mark.parametrize("pivot", [False, True])
+def test_a_layer_whose_ranks_were_removed_is_refused_naming_its_ranks(tmp_path, pivot):
+    """A factorized layer's config entry without its ranks was refused as 'pivoted is True, expected false for a
+    dense layer' (pivoted) or 'ranks is []' (the key is missing, not empty): the check names the missing ranks."""
+    _, out = compressed_folder("gpt2", tmp_path, pivot=pivot)
+    config = json.loads((out / CONFIG_NAME).read_text())
+    del config["report"]["modules"][0]["ranks"]
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    said = r"field report\.modules\[0\]\.ranks is None, expected ranks, or a dense_reason for a layer kept dense"
+    with pytest.raises(SvdloraError, match=said):
+        load_compressed(out, device="cpu")
+
+
 def test_other_format_version(tmp_path):
     _, out = compressed_folder("gpt2", tmp_path)
     config = json.loads((out / CONFIG_NAME).read_text())

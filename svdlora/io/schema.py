@@ -135,12 +135,13 @@ def _validate_module(m, at: str, bad) -> None:
         raise bad(f"{at}.svd_method", m["svd_method"], "'exact', 'randomized' or null")
     if m.get("dense_reason") is not None and not isinstance(m["dense_reason"], str):
         raise bad(f"{at}.dense_reason", m["dense_reason"], "a string or null")
+    # before pivoted's check, which a factorized layer whose ranks were removed would fail, naming pivoted
+    if not ranks and m.get("dense_reason") is None:
+        raise bad(f"{at}.ranks", m.get("ranks"), "ranks, or a dense_reason for a layer kept dense")
     if not isinstance(m.get("pivoted", False), bool):
         raise bad(f"{at}.pivoted", m["pivoted"], "true or false")
     if m.get("pivoted") and (dtypes and any(_stage_kind(d) != "float" for d in dtypes) or not ranks):
         raise bad(f"{at}.pivoted", m["pivoted"], "false for a dense layer or quantized stages")
-    if not ranks and m.get("dense_reason") is None:
-        raise bad(f"{at}.ranks", ranks, "ranks, or a dense_reason for a layer kept dense")
 
 
 def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) -> None:
