@@ -449,6 +449,33 @@ def test_a_float64_model_s_statistics_and_factors_are_float64():
             assert relative_error(a64 @ b64, a @ b) < 1e-10, (name, rank)
 
 
+def test_a_float64_model_s_global_allocation_reads_float64_spectra(monkeypatch):
+    """Global allocation took a float64 model's weighted spectra in float32: its σ were ~1e-7 off the float64 ones,
+    the estimated losses left (Σ dropped σ²) up to 3.7e-7 (no rank changed on this model at budgets 0.1-0.7)."""
+    import importlib
+
+    from svdlora.methods import weighted_spectrum
+
+    seen = []
+
+    def recording(weight, weighting):
+        spectrum = weighted_spectrum(weight, weighting)
+        work = weight.detach() if weighting is None else weighting.whiten(weight.detach())
+        seen.append((spectrum, torch.linalg.svdvals(work)))  # float64 throughout
+        return spectrum
+
+    monkeypatch.setattr(importlib.import_module("svdlora.compress"), "weighted_spectrum", recording)
+    torch.manual_seed(0)
+    model = tiny_llama().double().eval()
+    batches = [{"input_ids": ids} for ids in torch.randint(1, 90, (3, 2, 16)).unbind()]
+    report = svdlora.compress(
+        model, budget=0.3, method="kfac", allocation="global", calibration=batches, progress=False
+    )
+    assert len(seen) >= sum(m.est_loss is not None for m in report.modules) > 0  # each estimate's spectrum
+    for spectrum, reference in seen:
+        assert spectrum.dtype == torch.float64 and relative_error(reference, spectrum) < 1e-13
+
+
 def test_a_float64_refit_keeps_float64():
     """The refit target W·C·G̃⁻¹ and its S̃ were rounded to float32 whatever the weight: a float64 layer refitted at
     full rank came back 6e-8 off its float64 target."""
