@@ -35,8 +35,8 @@ def gguf_to_folder(
     shards of at most ``max_shard_size`` ("5GB", bytes) with a ``model.safetensors.index.json`` when several.
 
     Memory: one float32 copy of the model (transformers dequantizes it whole), written without a second one.
-    ``progress``: show the dequantization bar (transformers' own load bars follow its
-    ``utils.logging.disable_progress_bar``, as the CLI's ``--no-progress`` sets it)."""
+    ``progress``: show the dequantization bar and transformers' own load bars (transformers' switch for these is
+    left as it was)."""
     from transformers import AutoModelForCausalLM
 
     gguf_file = Path(gguf_file).expanduser()  # as the output and every other command's paths
@@ -53,7 +53,7 @@ def gguf_to_folder(
     parse_size(max_shard_size)
     kwargs = {"gguf_file": gguf_file.name}
     try:
-        with _alone(gguf_file) as folder, _dequantization_bar(progress):
+        with _alone(gguf_file) as folder, _load_bars(progress):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **_unpacked(), **kwargs)
             tokenizer = _tokenizer(folder, gguf_file, kwargs)
     except struct.error as err:  # transformers' metadata reader unpacked past the end of the file
@@ -123,19 +123,29 @@ def _alone(gguf_file: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def _dequantization_bar(shown: bool) -> Iterator[None]:
-    """transformers' GGUF reader draws its bar with plain tqdm, which its ``disable_progress_bar`` does not
-    reach: hidden here by handing that module a disabled tqdm for the load."""
+def _load_bars(shown: bool) -> Iterator[None]:
+    """Unless ``shown``, no bar during the load: transformers' own ("Loading weights") are off by its logging
+    switch, set back as it was after (an error too: a Python caller's other loads keep their bars); its GGUF
+    reader draws with plain tqdm, which that switch does not reach: that module gets a disabled tqdm."""
+    if shown:
+        yield
+        return
+    from contextlib import nullcontext
     from functools import partial
     from unittest.mock import patch  # here: only a quiet conversion pays its import
 
     from transformers import modeling_gguf_pytorch_utils as reader
+    from transformers.utils import logging as hf_logging
 
-    if shown or not hasattr(reader, "tqdm"):
-        yield
-        return
-    with patch.object(reader, "tqdm", partial(reader.tqdm, disable=True)):
-        yield
+    was_shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    quiet_reader = patch.object(reader, "tqdm", partial(reader.tqdm, disable=True)) if hasattr(reader, "tqdm") else None
+    try:
+        with quiet_reader or nullcontext():
+            yield
+    finally:
+        if was_shown:
+            hf_logging.enable_progress_bar()
 
 
 def _unpacked() -> dict:

@@ -315,3 +315,30 @@ def test_convert_gguf_no_progress_hides_its_bars(tmp_path, capsys):
         hf_logging.enable_progress_bar()  # the flag's switch is global: the other tests keep their bars
     err = capsys.readouterr().err
     assert "it/s" not in err and (tmp_path / "out" / "model.safetensors").is_file(), err
+
+
+def test_gguf_to_folder_without_progress_shows_no_bar_and_leaves_transformers_switch_as_it_was(tmp_path, capsys):
+    """gguf_to_folder(progress=False) hid only the dequantization bar: a Python caller still saw transformers'
+    'Loading weights' bar, which only the CLI's --no-progress switched off (for good)."""
+    from transformers.utils import logging as hf_logging
+
+    from svdlora.errors import SvdloraError
+    from svdlora.gguf import gguf_to_folder
+
+    write_gguf(tmp_path / "tiny.gguf", tied=True, quant="F32")
+    write_gguf(tmp_path / "bad.gguf", tied=True, quant="F32", merges=("Ġ t", "h e", "c a"))  # fails after the load
+    capsys.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    gguf_to_folder(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err and (tmp_path / "out" / "model.safetensors").is_file()
+    assert hf_logging.is_progress_bar_enabled()  # the caller's other loads keep their bars
+    with pytest.raises(SvdloraError, match="its tokenizer cannot be built"):
+        gguf_to_folder(tmp_path / "bad.gguf", tmp_path / "bad", progress=False)
+    assert hf_logging.is_progress_bar_enabled() and "it/s" not in capsys.readouterr().err
+    hf_logging.disable_progress_bar()  # a caller that switched them off keeps them off
+    try:
+        gguf_to_folder(tmp_path / "tiny.gguf", tmp_path / "out", overwrite=True, progress=False)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

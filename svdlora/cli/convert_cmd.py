@@ -27,7 +27,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..gguf import gguf_to_folder  # torch: imported once the flags are known good
 
-    options.hide_transformers_bars(args.progress)  # its "Loading weights" bar
     gguf_to_folder(
         args.gguf_file,
         args.output,
