@@ -38,6 +38,7 @@ from .evaluation.sources import (
     read_text,
     text_values,
 )
+from .evaluation.translation import check_pad_token
 from .padding import is_causal_lm
 
 logger = logging.getLogger(__name__)
@@ -222,13 +223,7 @@ def _image_batches(data, image_processor, samples: int) -> list[dict]:
 
 def _seq2seq_batches(model, data, tokenizer, samples: int, length: int, progress: bool) -> list[dict]:
     tokenizer = _need(tokenizer, "tokenizer")
-    if tokenizer.pad_token is None:  # batches of sentences are padded (the text path's windows are not)
-        pad = getattr(model.config, "pad_token_id", None)
-        raise SvdloraError(
-            f"{FLAG}: the tokenizer has no pad token, which batching the source sentences needs: set one "
-            f"(tokenizer.pad_token = ...{f', the model pads with id {pad}' if isinstance(pad, int) else ''}) "
-            "and pass it as processor=, or save a tokenizer with one into the model folder"
-        )
+    check_pad_token(tokenizer, model, FLAG)  # batches of sentences are padded (the text path's windows are not)
     if is_dataset(data) or dataset_builder(str(data)) is not None:
         dataset = open_dataset(data, None, None, FLAG)
         column = pick_column(dataset, None, ("source", "src", "text", "sentence"), None)

@@ -54,7 +54,7 @@ def check_before_compressing(
     if task == IMAGES:
         label_ids(read.data.labels, model, data, read.data.class_ids)
     processor = checked_processor(source, task)
-    check_measurable(task, read.data, processor)
+    check_measurable(task, read.data, processor, model)
     return CheckedEval(processor, read)
 
 

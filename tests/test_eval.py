@@ -235,6 +235,35 @@ def test_translation_cli_bleu_of_own_outputs_is_100(marian, tmp_path, capsys):
         assert result["ratios"][key] == pytest.approx(1.0), key
 
 
+def test_a_translator_tokenizer_without_a_pad_token_is_refused_in_one_line(marian, tmp_path, capsys):
+    """svdlora eval of a translator whose tokenizer has no pad token ended as 'internal error ValueError: Asking to
+    pad but the tokenizer does not have a padding token ... a bug in svdlora': refused as calibration refuses it,
+    before the load (compress --eval: before compressing), and by the run where the tokenizer is known only then."""
+    import copy
+
+    from svdlora.evaluation.options import EvalOptions
+    from svdlora.evaluation.translation import evaluate_translation
+
+    tok = word_tokenizer(WORDS, eos_suffix=True)
+    unpadded = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tok.backend_tokenizer), eos_token="</s>")
+    unpadded.backend_tokenizer.no_padding()
+    folder = tmp_path / "unpadded"
+    tiny_marian(len(tok)).save_pretrained(folder)
+    unpadded.save_pretrained(folder)
+    said = "translation: the tokenizer has no pad token, which batching the source sentences needs: set one "
+    said += "(tokenizer.pad_token = ..., the model pads with id 0)"
+    code, _, err = _cli([str(folder), "--data", marian["src"], "--references", marian["ref"]], capsys)
+    assert code == 2 and said in err and "a bug" not in err, err
+    svd = tmp_path / "svd"
+    flags = ["--budget", "0.5", "--calibration", "none", "--eval", marian["src"], "--references", marian["ref"]]
+    assert main(["compress", str(folder), "-o", str(svd), *flags, "--no-progress"]) == 2
+    assert said in capsys.readouterr().err and not svd.exists()
+    opts = EvalOptions(task="translation", data=marian["sources"], max_new_tokens=6, progress=False)
+    with pytest.raises(svdlora.SvdloraError) as refused:  # a hub id's tokenizer: known once the model is loaded
+        evaluate_translation(tiny_marian(len(tok)), unpadded, (marian["sources"], marian["references"]), opts)
+    assert said in str(refused.value)
+
+
 def test_translation_compressed_model_runs_with_beam_search(marian):
     result = evaluate(
         marian["svd"],

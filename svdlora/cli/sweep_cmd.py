@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     }
     # the data, read once for every point: refused (another task's setting, unreadable data, a text too short to
     # score) before the load where the task and processor are known (a local folder's), else before compressing
-    data_read = _checked_data(task, args.data, eval_options, processor) if processor is not None else None
+    data_read = _checked_data(task, args.data, eval_options, processor, meta) if processor is not None else None
     options.hide_transformers_bars(args.progress)
     model = load_pretrained(args.model).eval()
     if meta is None:  # a hub id (or a folder without an outline): its layers are known now
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     target = parse_target(args.target, task) if args.target else None
     if processor is None:
         processor = checked_processor(args.model, task)
-    data_read = data_read or _checked_data(task, args.data, eval_options, processor)
+    data_read = data_read or _checked_data(task, args.data, eval_options, processor, model)
     # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
     # image processor, as resolve_calibration would load it)
     calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model, processor, config)
@@ -206,10 +206,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked_data(task: str, data: str, eval_options: dict, processor):
-    """``data`` as every point reads it, refused where the model's ``processor`` cannot measure on it."""
+def _checked_data(task: str, data: str, eval_options: dict, processor, model):
+    """``data`` as every point reads it, refused where the model's ``processor`` cannot measure on it (``model``:
+    its meta model or the model, or None)."""
     from ..evaluation import check_measurable, read_data
 
     read = read_data(task, data, eval_options)
-    check_measurable(task, read.data, processor)
+    check_measurable(task, read.data, processor, model)
     return read

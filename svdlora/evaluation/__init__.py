@@ -73,7 +73,7 @@ from .options import IMAGES, TASKS, TEXT, TRANSLATION, EvalOptions, build_option
 from .report import format_table, ratios
 from .sources import is_dataset
 from .text import check_baseline_context, check_scorable, evaluate_text, load_text
-from .translation import evaluate_translation, fitted_max_new_tokens, load_pairs
+from .translation import check_pad_token, evaluate_translation, fitted_max_new_tokens, load_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +166,10 @@ def evaluate(
     model_processor = processor
     if processor is None and local_folder(model_or_path):
         model_processor = early_processor(str(model_or_path), opts.task, model=model_outline())[1]
-    for known in (model_processor, base_processor):
-        check_measurable(opts.task, loaded, known)
+    # a translator's meta model (built above with its processor) names the pad id a tokenizer may lack
+    named = opts.task == TRANSLATION and model_processor is not None
+    check_measurable(opts.task, loaded, model_processor, model_outline() if named else None)
+    check_measurable(opts.task, loaded, base_processor, base_outline)
     entries: dict[str, dict | None] = {"model": None, "baseline": None}
     first_run: TaskRun | None = None
     for role, spec in (("model", model_or_path), ("baseline", baseline)):
@@ -228,11 +230,14 @@ def load_data(opts: EvalOptions) -> Any:
     return _LOADERS[opts.task](opts)
 
 
-def check_measurable(task: str, loaded: Any, processor: Any) -> None:
+def check_measurable(task: str, loaded: Any, processor: Any, model: nn.Module | None = None) -> None:
     """Data read for ``task`` that the model's ``processor`` cannot measure on, refused before the model is loaded
-    (or compressed): a text too short to score. ``processor`` None (not known before the load): left to the run."""
+    (or compressed): a text too short to score, sentences a tokenizer without a pad token cannot batch (``model``,
+    its meta model, names the pad id). ``processor`` None (not known before the load): left to the run."""
     if task == TEXT and processor is not None:
         check_scorable(processor, loaded)
+    if task == TRANSLATION:
+        check_pad_token(processor, model, "translation")
 
 
 @dataclass(frozen=True)

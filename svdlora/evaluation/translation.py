@@ -98,6 +98,20 @@ def decoder_positions(model: nn.Module) -> int | None:
     return positions if isinstance(positions, int) else None
 
 
+def check_pad_token(tokenizer, model: nn.Module | None, who: str) -> None:
+    """Source sentences are batched padded (evaluation and calibration alike): a tokenizer without a pad token
+    refused in one line (``who`` names the step), not with the tokenizer's own ValueError. ``model`` (None: not
+    known) tells which id its padding takes."""
+    if tokenizer is None or tokenizer.pad_token is not None:
+        return
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    raise SvdloraError(
+        f"{who}: the tokenizer has no pad token, which batching the source sentences needs: set one "
+        f"(tokenizer.pad_token = ...{f', the model pads with id {pad}' if isinstance(pad, int) else ''}) "
+        "and pass it as processor=, or save a tokenizer with one into the model folder"
+    )
+
+
 def fitted_max_new_tokens(*models: nn.Module | None) -> int:
     """--max-new-tokens not given: the default, at most the decoder positions of each model (None: not known
     before its load), so a translator with fewer positions generates up to them, the baseline alike."""
@@ -197,6 +211,7 @@ def evaluate_translation(
     """Translate the sources and score them against the references."""
     if tokenizer is None:
         raise SvdloraError("translation needs the model's tokenizer: save it in the model folder or pass processor=")
+    check_pad_token(tokenizer, model, "translation")  # a hub id's: known only now
     sources, references = pairs
     hypotheses, seconds = translate(model, tokenizer, sources, opts, meter)
     metrics = score(hypotheses, references)
