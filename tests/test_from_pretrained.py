@@ -591,3 +591,24 @@ def test_from_pretrained_refuses_stages_in_their_own_dtypes_at_any_format(stage_
         return
     with pytest.raises(ValueError, match="stores its stages in their own dtypes.*load_compressed"):
         transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("pivot", [False, True], ids=["pairs", "pivoted"])
+def test_a_config_json_whose_factorized_layers_changed_shape_is_refused_as_load_compressed_refuses_it(pivot, tmp_path):
+    """An edited (or another model's) config.json that changes only factorized layers' shapes: the quantizer built
+    each low-rank layer at the config's shape around the file's factors, which loaded (pairs: a model whose layers
+    disagree with its config; pivoted: an IndexError in the forward) where load_compressed refuses in one line."""
+    import transformers
+
+    folder = _folder("llama", tmp_path, pivot=pivot)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] *= 2  # the MLP's layers only, all of them factorized
+    (folder / "config.json").write_text(json.dumps(config))
+    for load in (
+        lambda: svdlora.load_compressed(folder, device="cpu"),
+        lambda: transformers.AutoModelForCausalLM.from_pretrained(folder),
+    ):
+        with pytest.raises(
+            svdlora.SvdloraError, match=r"mlp\.\w+_proj' is a Linear\[(128, 32|32, 128)\] in the model.*edited"
+        ):
+            load()

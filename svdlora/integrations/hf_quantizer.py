@@ -171,6 +171,7 @@ class SvdloraHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs):
         from ..io.folder import shapes_of  # io imports this module
+        from ..io.load import check_layer_fits
 
         self._checkpoint_files = list(checkpoint_files or [])
         headers = self._check_folder(model, Path(self._checkpoint_files[0]).parent) if self._checkpoint_files else []
@@ -184,6 +185,7 @@ class SvdloraHfQuantizer(HfQuantizer):
         # rule for a dense checkpoint's unused tensors leaves unread.
         own_class = type(model).__name__ in (getattr(model.config, "architectures", None) or [])
         missing = set()
+        entries = {m.name: m for m in self._report.factorized}
         for file_name, (ranks, pivoted) in layouts.items():
             name = model_name(model, file_name, prefix, strict=own_class)
             if name is None:
@@ -193,6 +195,8 @@ class SvdloraHfQuantizer(HfQuantizer):
             kind = dense_kind(module)
             if kind is None:
                 raise ValueError(f"the folder factorizes {file_name!r}, which is a {type(module).__name__} here")
+            if file_name in entries:  # config.json's layer, as load_compressed asks (an edited config.json)
+                check_layer_fits(module, entries[file_name], headers[0].path.parent, name)
             out_features, in_features = weight_out_in(module).shape
             cls = PivotedLowRankLinear if pivoted else LowRankLinear
             layer = cls(in_features, out_features, ranks, bias=module.bias is not None, base_kind=kind, device="meta")

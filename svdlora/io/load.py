@@ -98,16 +98,22 @@ def generation_config(model: nn.Module, path: Path):
 
 
 def _check_replaced_layer(model: nn.Module, m, path: Path) -> None:
-    """The layer a factorized entry replaces must be the Linear/Conv1D of that shape the file was made from."""
+    """The layer a factorized entry replaces must exist, and be the layer the file was made from."""
     try:
         old = model.get_submodule(m.name)
     except AttributeError:
         raise SvdloraError(f"{str(path)!r} names layer {m.name!r}, which the model does not have") from None
+    check_layer_fits(old, m, path, m.name)
+
+
+def check_layer_fits(old: nn.Module, m, path: Path, name: str) -> None:
+    """``old`` (the model's layer ``name``) must be the Linear/Conv1D of the shape report entry ``m`` was made
+    from: both loaders ask it, so an edited or mixed config.json fails in one line, not in the forward."""
     kind = dense_kind(old)
     shape = tuple(weight_out_in(old).shape) if kind else None
     if kind != m.kind or shape != tuple(m.shape):
         raise SvdloraError(
-            f"{str(path)!r}: layer {m.name!r} is a {type(old).__name__}{list(shape) if shape else ''} in the model, "
+            f"{str(path)!r}: layer {name!r} is a {type(old).__name__}{list(shape) if shape else ''} in the model, "
             f"but svdlora_config.json says {m.kind} {list(m.shape)}: the folder was edited; re-run `svdlora compress`"
         )
 
