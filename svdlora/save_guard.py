@@ -20,11 +20,25 @@ from .layers import LowRankLinear
 
 
 def guard_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (and ``push_to_hub``, which calls it) refuse while the model
-    holds low-rank layers, and write a merged one as loading will read it back. A partial of a
-    module-level function: a deepcopy guards (and saves) its copy, and the model still pickles."""
+    """Make ``model.save_pretrained`` and ``push_to_hub`` refuse while the model holds low-rank layers, and
+    write a merged one as loading will read it back. Partials of module-level functions: a deepcopy guards (and
+    saves) its copy, and the model still pickles."""
     if hasattr(model, "save_pretrained"):
         model.save_pretrained = functools.partial(_save_pretrained, model)
+    if hasattr(model, "push_to_hub"):
+        model.push_to_hub = functools.partial(_push_to_hub, model)
+
+
+def _refused(model: nn.Module) -> bool:
+    # a peft adapter loaded into the model: transformers saves the adapter's weights only
+    return holds_factors(model) and not getattr(model, "_hf_peft_config_loaded", False)
+
+
+def _push_to_hub(model: nn.Module, *args, **kwargs):
+    # push_to_hub creates the hub repository (and its model card) before it calls save_pretrained: refused first
+    if _refused(model):
+        raise SvdloraError(_refusal(model))
+    return type(model).push_to_hub(model, *args, **kwargs)
 
 
 def holds_factors(model: nn.Module) -> bool:
@@ -35,15 +49,12 @@ def holds_factors(model: nn.Module) -> bool:
 
 
 def _save_pretrained(model: nn.Module, *args, **kwargs):
-    # a peft adapter loaded into the model: transformers saves the adapter's weights only
-    adapter = getattr(model, "_hf_peft_config_loaded", False)
-    factors = holds_factors(model)
-    if factors and not adapter:
+    if _refused(model):
         raise SvdloraError(_refusal(model))
     # (save_directory, is_main_process, state_dict, ...); None, as the Trainer passes it, is the model's own
     positional = len(args) > 2
     given = args[2] if positional else kwargs.get("state_dict")
-    if given is None and not factors and not adapter:
+    if given is None and not getattr(model, "_hf_peft_config_loaded", False):  # not refused: no factors left
         state = untied_state_dict(model)  # None: transformers takes the model's own
         if positional:
             args = (*args[:2], state, *args[3:])

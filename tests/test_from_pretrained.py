@@ -612,3 +612,26 @@ def test_a_config_json_whose_factorized_layers_changed_shape_is_refused_as_load_
             svdlora.SvdloraError, match=r"mlp\.\w+_proj' is a Linear\[(128, 32|32, 128)\] in the model.*edited"
         ):
             load()
+
+
+def test_push_to_hub_of_a_factorized_model_is_refused_before_the_hub_repository_is_created(tmp_path, monkeypatch):
+    """transformers' push_to_hub creates the repository and its model card, then calls save_pretrained: the guard
+    refused there, after an empty repository had been made on the hub. It refuses first now."""
+    import huggingface_hub
+    import transformers
+
+    def created(*args, **kwargs):
+        raise AssertionError("push_to_hub created a hub repository")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", created)
+    folder = _folder("llama", tmp_path)
+    for model in (
+        svdlora.load_compressed(folder, device="cpu"),
+        svdlora.load_compressed(folder, device="cpu", stack_siblings=True),
+        transformers.AutoModelForCausalLM.from_pretrained(folder),
+    ):
+        with pytest.raises(svdlora.SvdloraError, match="save_compressed"):
+            model.push_to_hub("someone/compressed")
+    merged = svdlora.load_compressed(folder, device="cpu", merge=True)  # a dense model: on to transformers' push
+    with pytest.raises(AssertionError, match="created a hub repository"):
+        merged.push_to_hub("someone/merged")
