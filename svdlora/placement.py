@@ -57,7 +57,7 @@ def resolve_device_map(
     if isinstance(device_map, (torch.device, int)) and not isinstance(device_map, bool):
         plan = {"": device_map if isinstance(device_map, int) else str(device_map)}
     elif isinstance(device_map, dict):
-        plan = dict(device_map)
+        plan = _checked_names(model, dict(device_map))
     elif isinstance(device_map, str):
         from accelerate import infer_auto_device_map
         from accelerate.utils import get_balanced_memory
@@ -75,6 +75,21 @@ def resolve_device_map(
         raise SvdloraError("device_map puts layers on 'disk': svdlora does not offload to disk; raise max_memory")
     for device in set(plan.values()):
         default_device(device)  # one this machine has
+    return plan
+
+
+def _checked_names(model: nn.Module, plan: dict) -> dict:
+    """A dict's keys must name the model's modules or tensors ('' for the rest): a typo's layers went, without a
+    word, to the device of the module holding them (or of '')."""
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    names |= {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    unknown = [key for key in plan if key not in names]
+    if unknown:
+        raise SvdloraError(
+            f"device_map names {', '.join(map(repr, unknown[:3]))}, which the model does not have (its top-level "
+            f"modules: {', '.join(list(dict(model.named_children()))[:4])}): fix the name"
+        )
     return plan
 
 

@@ -109,3 +109,15 @@ def test_a_tied_head_is_planned_tied_and_the_map_is_kept(folder, caplog):
         assert isinstance(model.hf_device_map, dict) and set(model.hf_device_map.values()) == {"cpu"}
         if kind == "gpt2":  # GPT-2 ties its head to the token embedding
             assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_a_device_map_naming_a_module_the_model_lacks_is_refused(folder):
+    """A typo in a device_map dict: its layers went, without a word, to the device of '' (here the CPU; on a
+    machine with GPUs, not the one the user named)."""
+    kind, path = folder
+    layers = "model.layers" if kind == "llama" else "transformer.h"
+    with pytest.raises(SvdloraError, match=r"device_map names 'model\.layer\.1', which the model does not have"):
+        load_compressed(path, device_map={"": "cpu", "model.layer.1": "cpu"})
+    named = {"": "cpu", f"{layers}.1": "cpu", f"{layers}.1.mlp": "cpu"}  # modules and a tensor, under their names
+    tensor = next(name for name, _ in load_compressed(path, device="cpu").named_parameters() if name.endswith(".B"))
+    load_compressed(path, device_map=named | {tensor: "cpu"})
