@@ -583,12 +583,13 @@ def test_a_model_cast_after_loading_is_saved_with_its_dtype_in_its_config(tmp_pa
     assert transformers.AutoModelForCausalLM.from_pretrained(again).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("merge", ["no", 0, None])
-def test_merge_must_be_a_bool(tmp_path, merge):
-    """merge="no" is truthy, so it merged; 0 and None pass as False unnoticed."""
+@pytest.mark.parametrize("flag", ["merge", "stack_siblings"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_merge_and_stack_siblings_must_be_bools(tmp_path, flag, value):
+    """merge="no" is truthy, so it merged (stack_siblings="no" stacked); 0 and None pass as False unnoticed."""
     _, out = compressed_folder("llama", tmp_path)
-    with pytest.raises(SvdloraError, match="merge must be True or False"):
-        load_compressed(out, device="cpu", merge=merge)
+    with pytest.raises(SvdloraError, match=f"{flag} must be True or False"):
+        load_compressed(out, device="cpu", **{flag: value})
 
 
 def test_the_report_without_calibration_does_not_point_a_streamed_run_at_self():

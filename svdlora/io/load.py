@@ -167,8 +167,9 @@ def load_compressed(
     """
     if runtime not in (None, *RUNTIMES):
         raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    if not isinstance(merge, bool):  # merge="no" is truthy: it merged
-        raise SvdloraError(f"merge must be True or False, got {merge!r}")
+    for flag, value in (("merge", merge), ("stack_siblings", stack_siblings)):
+        if not isinstance(value, bool):  # merge="no" is truthy: it merged
+            raise SvdloraError(f"{flag} must be True or False, got {value!r}")
     if merge and runtime not in (None, "merged"):
         raise SvdloraError(f"merge=True and runtime={runtime!r} contradict each other: pass one of them")
     merge = merge or runtime == "merged"
