@@ -635,3 +635,11 @@ def test_push_to_hub_of_a_factorized_model_is_refused_before_the_hub_repository_
     merged = svdlora.load_compressed(folder, device="cpu", merge=True)  # a dense model: on to transformers' push
     with pytest.raises(AssertionError, match="created a hub repository"):
         merged.push_to_hub("someone/merged")
+
+
+@pytest.mark.parametrize("merge", ["no", 0, None])
+def test_the_quantization_config_s_merge_must_be_a_bool(merge):
+    """SvdloraQuantizationConfig(merge="no") merged (bool("no")), as load_compressed(merge="no") did before it was
+    refused; 0 and None passed as False unnoticed."""
+    with pytest.raises(svdlora.SvdloraError, match="merge must be True or False"):
+        SvdloraQuantizationConfig(merge=merge)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..errors import SvdloraError
 from ..io.writer import INDEX_NAME, WEIGHTS_NAME
 from ..version import FORMAT_VERSION, __version__
 
@@ -38,7 +39,9 @@ class SvdloraQuantizationConfig(QuantizationConfigMixin):
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
-        self.merge = bool(merge)
+        if not isinstance(merge, bool):  # bool("no") merged, as load_compressed(merge="no") did
+            raise SvdloraError(f"merge must be True or False, got {merge!r}")
+        self.merge = merge
         # the real weight file (the index of a sharded folder) that the guard stands in for
         self.weights = weights if weights in (WEIGHTS_NAME, INDEX_NAME) else WEIGHTS_NAME
         self.format_version = format_version
