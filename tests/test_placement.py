@@ -121,3 +121,12 @@ def test_a_device_map_naming_a_module_the_model_lacks_is_refused(folder):
     named = {"": "cpu", f"{layers}.1": "cpu", f"{layers}.1.mlp": "cpu"}  # modules and a tensor, under their names
     tensor = next(name for name, _ in load_compressed(path, device="cpu").named_parameters() if name.endswith(".B"))
     load_compressed(path, device_map=named | {tensor: "cpu"})
+
+
+def test_device_and_device_map_together_are_refused(folder):
+    """device_map places every tensor: a device passed with it went unused without a word (device='cuda:1' with
+    device_map='auto': the map alone decided)."""
+    _, path = folder
+    for device_map in ("auto", "cpu", {"": "cpu"}):
+        with pytest.raises(SvdloraError, match="device='cpu' and device_map both say where the weights go"):
+            load_compressed(path, device="cpu", device_map=device_map)

@@ -142,7 +142,7 @@ def load_compressed(
 
     Args:
         path: a folder written by ``save_compressed`` / ``svdlora compress``.
-        device: where the weights go (default: CUDA when available, else CPU).
+        device: where the weights go (default: CUDA when available, else CPU); not with ``device_map``.
         dtype: cast floating tensors to this dtype (default: as stored).
         merge: rebuild dense weights A·B on the device instead of keeping low-rank layers.
         model: for plain PyTorch models, an instance of the original architecture (its
@@ -173,6 +173,11 @@ def load_compressed(
     if merge and runtime not in (None, "merged"):
         raise SvdloraError(f"merge=True and runtime={runtime!r} contradict each other: pass one of them")
     merge = merge or runtime == "merged"
+    if device is not None and device_map is not None:  # device_map placed every tensor: device went unused
+        raise SvdloraError(
+            f"device={str(device)!r} and device_map both say where the weights go: pass one of them (device_map "
+            "places every tensor; device was left unused)"
+        )
     max_memory = parse_max_memory(max_memory, device_map)
     if stack_siblings and merge:
         raise SvdloraError("stack_siblings=True stacks low-rank layers and a merged load leaves none: pass one of them")
