@@ -106,10 +106,18 @@ def nbytes(fmt: StageFormat, rows: int, cols: int) -> int:
     """Bytes of a (rows, cols) tensor stored in ``fmt``, scales and zero points included."""
     if fmt.kind == "float":
         return rows * cols * torch.finfo(fmt.dtype).bits // 8
+    return sum(r * c * _PART_BYTES[part] for part, (r, c) in stored_shapes(fmt, rows, cols).items())
+
+
+_PART_BYTES = {"q": 1, "scales": 2, "zeros": 1}  # int8 / packed uint8 values, bf16 scales, uint8 zero points
+
+
+def stored_shapes(fmt: StageFormat, rows: int, cols: int) -> dict[str, tuple[int, int]]:
+    """The shapes ``quantize`` gives the parts of a (rows, cols) tensor in a quantized ``fmt``."""
     if fmt.kind == "int8":
-        return rows * cols + rows * 2
-    groups = math.ceil(cols / fmt.group_size)
-    return rows * math.ceil(cols / 2) + rows * groups * 3  # bf16 scale + uint8 zero point per group
+        return {"q": (rows, cols), "scales": (rows, 1)}
+    groups = math.ceil(cols / _group(fmt, cols))
+    return {"q": (rows, math.ceil(cols / 2)), "scales": (rows, groups), "zeros": (rows, groups)}
 
 
 def stage_bytes(fmt: StageFormat, out_features: int, in_features: int, rank: int) -> int:

@@ -5,7 +5,8 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from svdlora import SvdloraError, compress, load_compressed, save_compressed
@@ -372,3 +373,36 @@ def test_a_byte_budget_that_fits_to_the_byte_keeps_its_last_byte():
     product is ...211.999996): byte plans of models above ~5B float16 parameters lost the byte that fits."""
     assert allowed_bytes(0.568, 55_640_146_500) == 31_603_603_212
     assert allowed_bytes(0.5, 10) == 5 and allowed_bytes(0.33, 100) == 33
+
+
+def _edited_stage_folder(tmp_path, edit: str):
+    """A full-int8 + int4g32 GPT-2 folder with one quantized tensor or stage dtype edited."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["gpt2"]().eval()
+    compress(model, budget=0.4, submatrices=2, stage_dtypes=["full-int8", "int4g32"], progress=False)
+    out = save_compressed(model, tmp_path / "out")
+    name, path = "transformer.h.0.mlp.c_fc", out / WEIGHTS_NAME
+    if edit == "group":  # Aᵀ is (r, 128): 4 groups of 32, where int4 (group 128) has 1
+        config = json.loads((out / CONFIG_NAME).read_text())
+        entry = next(m for m in config["report"]["modules"] if m["name"] == name)
+        entry["stage_dtypes"][1] = "int4"
+        (out / CONFIG_NAME).write_text(json.dumps(config))
+        return out
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    key = {"scales": f"{name}.stage1.B.scales", "packed": f"{name}.stage1.A.q", "full": f"{name}.stage0.W.q"}[edit]
+    tensors[key] = tensors[key][:, :-1].contiguous() if edit != "scales" else tensors[key][:-1].contiguous()
+    save_file(tensors, path, metadata=metadata)
+    return out
+
+
+@pytest.mark.parametrize("edit", ["scales", "packed", "full", "group"])
+def test_quantized_stage_tensors_of_the_wrong_shape_are_refused_in_one_line(edit, tmp_path, capsys):
+    """The header check knew only float stages' shapes: a quantized tensor cut short failed the load with a
+    RuntimeError from dequantize (or loaded other values: int4g32 edited to int4), and `info --verify` passed."""
+    out = _edited_stage_folder(tmp_path, edit)
+    with pytest.raises(SvdloraError, match="has shape .* but svdlora_config.json says"):
+        load_compressed(out, device="cpu")
+    assert main(["info", str(out), "--verify"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -12,6 +12,7 @@ import numbers
 from pathlib import Path
 
 from ..errors import SvdloraError
+from ..quantize import parse_format, stored_shapes
 
 KINDS = ("linear", "conv1d")
 
@@ -145,7 +146,8 @@ def _validate_module(m, at: str, bad) -> None:
 
 
 def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) -> None:
-    """Each stored stage must be (out, r_j) / (r_j, in) and each bias (out,), as the config says."""
+    """Each stored stage must be (out, r_j) / (r_j, in) (a quantized one: its parts as ``quantize`` lays them
+    out) and each bias (out,), as the config says."""
     stages_stored: dict[str, list[str]] = {}  # module name -> its "<name>.stage<j>." keys, read once
     for key in shapes:
         head, sep, tail = key.rpartition(".stage")
@@ -159,15 +161,16 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
             expected = {f"{m.name}.pivoted.B": [total, in_f], f"{m.name}.pivoted.C": [out_f - total, total]}
             expected[f"{m.name}.pivoted.rows"] = [total]
         for j, r in enumerate([] if m.pivoted else m.ranks):
-            kind = _stage_kind(m.stage_dtypes[j] if j < len(m.stage_dtypes) else "float32")
-            if kind == "float":
+            if _stage_kind(m.stage_dtypes[j] if j < len(m.stage_dtypes) else "float32") == "float":
                 expected[f"{m.name}.stage{j}.A"] = [out_f, r]
                 expected[f"{m.name}.stage{j}.B"] = [r, in_f]
                 continue
-            # quantized (issue 9): q / scales [/ zeros] per factor, or of the whole matrix W
-            parts = ("q", "scales", "zeros") if kind.endswith("int4") else ("q", "scales")
-            for key in ("W",) if kind.startswith("full-") else ("A", "B"):
-                expected.update({f"{m.name}.stage{j}.{key}.{p}": None for p in parts})
+            # quantized (issue 9): q / scales [/ zeros] per factor (A stored as Aᵀ), or of the whole matrix W
+            fmt = _stage_format(m, j, weights)
+            stored = {"W": (out_f, in_f)} if fmt.full else {"A": (r, out_f), "B": (r, in_f)}
+            for key, (rows, cols) in stored.items():
+                parts = stored_shapes(fmt, rows, cols)
+                expected.update({f"{m.name}.stage{j}.{key}.{p}": list(shape) for p, shape in parts.items()})
         if m.bias:
             expected[f"{m.name}.bias"] = [out_f]
         for key, shape in expected.items():
@@ -176,7 +179,7 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
                     f"{str(weights)!r} lacks tensor {key!r}: the file is incomplete or was edited; "
                     "re-run `svdlora compress`"
                 )
-            if shape is not None and list(shapes[key]) != shape:
+            if list(shapes[key]) != shape:
                 raise SvdloraError(
                     f"{str(weights)!r}: tensor {key!r} has shape {list(shapes[key])}, but svdlora_config.json "
                     f"says {shape}: the folder was edited or mixed with another; re-run `svdlora compress`"
@@ -187,6 +190,17 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
                 f"{str(weights)!r} holds {stray!r}, a stage svdlora_config.json does not list: "
                 "the folder was edited; re-run `svdlora compress`"
             )
+
+
+def _stage_format(m, j: int, weights: Path):
+    """Stage ``j``'s quantized format, or the one-line refusal of a name svdlora does not write (e.g. int4g7)."""
+    try:
+        return parse_format(m.stage_dtypes[j])
+    except SvdloraError as err:
+        raise SvdloraError(
+            f"{str(weights)!r}: {m.name} stage {j} has stage dtype {m.stage_dtypes[j]!r} ({err}): the folder was "
+            "edited; re-run `svdlora compress`"
+        ) from None
 
 
 def _stage_kind(dtype: str) -> str:
