@@ -689,3 +689,12 @@ def test_a_config_and_keyword_options_together_are_refused_alike_by_compress_and
         compress(copy.deepcopy(base), config=CompressionConfig(), budget=0.5, progress=False)
     with pytest.raises(SvdloraError, match=both):
         extract_adapter(base, tuned, config=CompressionConfig(), budget=0.5, progress=False)
+
+
+@pytest.mark.parametrize("option, value", [("stage_dtypes", ["int8"]), ("pivot", True), ("refit", True)])
+def test_compress_only_settings_are_refused_not_ignored(option, value):
+    """extract writes one float LoRA pair per module: stage_dtypes were ignored (a float adapter), pivot priced the
+    ranks as pivoted factors (c_proj 32x32 at budget 0.3: rank 5, 320 values of the 307 allowed) and refit never ran."""
+    base, tuned = _pair(tiny_gpt2)
+    with pytest.raises(SvdloraError, match=f"extract does not take {option}="):
+        extract_adapter(base, tuned, budget=0.3, progress=False, **{option: value})

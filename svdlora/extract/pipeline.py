@@ -292,7 +292,18 @@ def resolve_method(method: str, calibration: Any, config: CompressionConfig) -> 
         raise SvdloraError("extract allocates ranks uniformly: allocation 'global' is not supported here")
     if config.heal_steps:
         raise SvdloraError("extract does not heal: drop heal_steps (fine-tune the adapter with peft instead)")
+    for name, why in _COMPRESS_ONLY.items():  # the pipeline would ignore them, or (pivot) price ranks wrongly
+        if getattr(config, name):
+            raise SvdloraError(f"extract does not take {name}={getattr(config, name)!r}: {why}; drop it")
     return method
+
+
+# CompressionConfig settings of the compressed model's storage or passes, which an adapter has not
+_COMPRESS_ONLY = {
+    "stage_dtypes": "a peft LoRA adapter stores its factors in the models' dtype",
+    "pivot": "a LoRA pair is not pivoted (the ranks would be priced as pivoted factors, above the budget)",
+    "refit": "the refit pass is compress's",
+}
 
 
 __all__ = ["CALIBRATED", "METHODS", "extract_adapter", "resolve_method"]
