@@ -80,9 +80,12 @@ def parse_stage_dtypes(text: str | list[str] | None) -> list[str] | None:
     """'float32,int8' or a list -> validated, normalized names (None: every stage in the model dtype)."""
     if text is None:
         return None
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
-    if not names or any(not n for n in names):
-        raise SvdloraError(f"stage_dtypes must be a comma-separated list such as float32,int8, got {text!r}")
+    names = text.split(",") if isinstance(text, str) else text
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise SvdloraError(
+            f"stage_dtypes must be a comma-separated list such as float32,int8 (or a list of such names), got {text!r}"
+        )
+    names = [n.strip() for n in names]
     formats = [parse_format(n) for n in names]
     if any(f.full for f in formats[1:]):
         raise SvdloraError(f"only the first stage can be full-rank (full-…), got {','.join(names)}")

@@ -406,3 +406,16 @@ def test_quantized_stage_tensors_of_the_wrong_shape_are_refused_in_one_line(edit
         load_compressed(out, device="cpu")
     assert main(["info", str(out), "--verify"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", [8, True, b"int8", [torch.int8], ["int8", None], {"int8": 1}])
+def test_stage_dtypes_of_another_type_are_refused_in_one_line(value):
+    """Like every other CompressionConfig field, a stage_dtypes that is no list of names is an SvdloraError naming
+    the field: it was a TypeError ('int' object is not iterable) or AttributeError (no attribute 'strip')."""
+    with pytest.raises(
+        SvdloraError,
+        match=re.escape(
+            f"stage_dtypes must be a comma-separated list such as float32,int8 (or a list of such names), got {value!r}"
+        ),
+    ):
+        CompressionConfig(budget=0.5, submatrices=2, stage_dtypes=value)
