@@ -27,6 +27,7 @@ from .errors import SvdloraError, first_line
 from .layers import LowRankLinear
 from .modes import eval_mode
 from .padding import is_causal_lm, is_encoder_decoder, is_left_padded, masked_labels, padding_masks, unpadded_rows
+from .report import loss_text
 from .siblings import check_unstacked
 
 logger = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ def heal(
                 _step(optimizer, factors, masters)
                 losses.append(current)
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.set_postfix(loss=loss_text(losses[-1]))
             if parameters is None and losses:
                 _requantize_stages(model)  # the model in memory is then the one its folder will hold
             ends = min(8, len(losses))
@@ -335,18 +336,18 @@ def heal(
         last_loss=after,
     )
     logger.info(
-        "healed %d steps in %.0f s: loss %.4f -> %.4f",
+        "healed %d steps in %.0f s: loss %s -> %s",
         result.steps,
         result.seconds,
-        result.first_loss,
-        result.last_loss,
+        loss_text(result.first_loss),
+        loss_text(result.last_loss),
     )
     if result.last_loss > result.first_loss:  # the same batches: healing made the model worse on its own data
         logger.warning(
-            "healing raised the loss on its first batches (%.4f -> %.4f): the healed model is worse there; "
+            "healing raised the loss on its first batches (%s -> %s): the healed model is worse there; "
             "lower --heal-lr (heal_lr) or raise --heal-steps",
-            result.first_loss,
-            result.last_loss,
+            loss_text(result.first_loss),
+            loss_text(result.last_loss),
         )
     return result
 

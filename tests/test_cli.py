@@ -233,6 +233,18 @@ def test_info_refuses_a_calibration_or_healing_record_it_cannot_show(gpt2_folder
     assert code == 0 and "wiki.txt (4 batches, 128 tokens in all)" in shown and "loss 3.0000 -> 2.0000" in shown
 
 
+def test_a_healing_loss_below_a_thousandth_shows_its_digits(gpt2_folder, tmp_path, capsys):
+    """The distillation KL of a near-exact model (full-int8 + int8 repair on tiny GPT-2: 7.2e-08) showed as
+    'loss 0.0000 -> 0.0000', in the report and in heal's lines (its warning said the loss rose, 0.0000 -> 0.0000)."""
+    out = tmp_path / "svd"
+    run_cli(capsys, "compress", gpt2_folder, "--output", out, "--no-progress")
+    data = json.loads((out / CONFIG_NAME).read_text())
+    healed = {**HEALED, "first_loss": 7.172828e-08, "last_loss": 3.761409e-08}
+    (out / CONFIG_NAME).write_text(json.dumps({**data, "report": {**data["report"], "heal": healed}}))
+    code, shown, _ = run_cli(capsys, "info", out, "--summary")
+    assert code == 0 and "loss 7.173e-08 -> 3.761e-08" in shown
+
+
 def test_info_and_export_read_a_home_relative_folder(gpt2_folder, tmp_path, capsys, monkeypatch):
     """'~/svd' (quoted, or from a script) was 'compressed folder '~/svd' does not exist' for info and export, though
     compress, eval and sweep read '~/...' paths and export's own --output '~/dense' was expanded."""
