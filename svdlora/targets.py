@@ -217,13 +217,14 @@ def check_patterns_before_load(outline: nn.Module, config: CompressionConfig, so
 def stacked_matrices(model: nn.Module) -> dict[str, int]:
     """Parameters that hold a stack of matrices outside any Linear/Conv1D (name -> values): the fused
     experts of transformers 5's MoE models (``mlp.experts.gate_up_proj``, (experts, out, in)). None of
-    them is targeted, so a budget leaves most of such a model as it was; a Conv1d's 3-d kernel is not one."""
+    them is targeted, so a budget leaves most of such a model as it was; a Conv1d's 3-d kernel is not one, nor a
+    stack of one (ViT's cls_token (1, 1, D) and position_embeddings (1, N, D))."""
     found = {}
     for module_name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             continue
         for name, param in module.named_parameters(recurse=False):
-            if param.dim() == 3:
+            if param.dim() == 3 and param.shape[0] > 1:
                 found[f"{module_name}.{name}" if module_name else name] = param.numel()
     return found
 

@@ -402,6 +402,14 @@ def test_a_conv1d_kernel_is_not_a_stacked_matrix():
     assert stacked_matrices(nn.Sequential(nn.Conv1d(4, 8, 3), nn.Linear(8, 8))) == {}
 
 
+def test_a_vit_class_token_and_position_embeddings_are_not_stacked_matrices():
+    """ViT's cls_token (1, 1, D) and position_embeddings (1, N, D) are 3-d but hold one matrix: every ViT compress
+    said '576 parameters (3% of the model) sit in 2 stacked expert tensors (e.g. vit.embeddings.cls_token)'."""
+    from svdlora.targets import stacked_matrices
+
+    assert stacked_matrices(TINY_MODELS["vit"]()) == {}
+
+
 class _Double(nn.Module):
     def forward(self, weight):
         return 2 * weight
