@@ -237,11 +237,15 @@ def allocate_bytes_global(
         else:
             rank[name] += 1
             push(name)
-    plans = {}
+    plans, loss_left = {}, {}
     for t in targets:
         if t.name not in dense:
             plans[t.name] = plan_matrix(t, cost(t.name, rank[t.name]), formats, f"the global share of budget {budget}")
-    return plans, dense, {n: tails[n][k] for n, k in rank.items() if n not in dense}
+            # at the rank stored: stages of unequal cost per rank (float32 + int4) spend what the bytes of the
+            # greedy's rank leave over on more rank of the cheaper stage
+            stored = sum(plans[t.name][0])
+            loss_left[t.name] = tails[t.name][min(stored, len(tails[t.name]) - 1)]
+    return plans, dense, loss_left
 
 
 def allocate_bytes_comparable(

@@ -244,6 +244,23 @@ def test_global_byte_allocation_is_exact_and_follows_the_spectra(names):
     assert sum(plans["m0"][0]) < sum(plans["m1"][0])
 
 
+def test_global_byte_allocation_estimates_the_loss_left_at_the_rank_stored():
+    """With float32 + int4 stages the plan of a 96x64 matrix stored rank 41 ([4, 37]: the bytes of the greedy's
+    rank buy more int4 rank than its price per unit assumed), but its loss left was the greedy rank's, 1.0345
+    against 0.7605 at rank 41 (the report's 'loss left')."""
+    from svdlora.precision import allocate_bytes_global
+
+    g = torch.Generator().manual_seed(0)
+    targets, spectra = [], {}
+    for i, (out_f, in_f) in enumerate([(96, 64), (64, 64), (128, 48), (40, 71)]):
+        targets.append(Target(f"m{i}", nn.Linear(in_f, out_f), "linear", out_f, in_f))
+        spectra[f"m{i}"] = torch.sort(torch.rand(min(out_f, in_f), generator=g) * (i + 1), descending=True).values
+    formats = stage_formats(["float32", "int4"], 2, torch.float32)
+    plans, _, loss_left = allocate_bytes_global(targets, spectra, 0.3, formats, torch.float32)
+    for name, (ranks, _) in plans.items():
+        assert loss_left[name] == pytest.approx(spectra[name].double().square()[sum(ranks) :].sum().item())
+
+
 def test_factors_changed_after_compression_are_quantized_again_on_save(tmp_path):
     torch.manual_seed(0)
     model = TINY_MODELS["llama"]().eval()
