@@ -38,6 +38,27 @@ def stage_formats(names: list[str] | None, submatrices: int, model_dtype: torch.
     return formats + [last] * (submatrices - len(formats))
 
 
+def held_fraction(names: list[str], submatrices: int, budget: float, dtype: torch.dtype) -> float:
+    """About what the factors of a byte ``budget`` hold in memory, as a fraction of the targeted matrices' bytes in
+    ``dtype`` (the memory check's estimate before loading): stages are held dequantized in ``dtype``, so a
+    ``full-…`` first stage holds the whole matrix, and the low-rank stages' bytes hold ``dtype``'s bits over
+    their cheapest stage's bits as many (int8 factors of a float32 model: 4x; at most 2x the matrix, the rank
+    being at most the smaller side). Scales and zero points are left out, which errs on the high side."""
+    formats = stage_formats(names, submatrices, dtype)
+    bits = torch.finfo(dtype).bits
+    full = formats[0] if formats[0].full else None
+    low = formats[1:] if full else formats
+    held = 1.0 if full else 0.0
+    if low:
+        left = max(budget - (_value_bits(full) / bits if full else 0.0), 0.0)
+        held += min(left * bits / min(_value_bits(f) for f in low), 2.0)
+    return held
+
+
+def _value_bits(fmt: StageFormat) -> int:
+    return torch.finfo(fmt.dtype).bits if fmt.kind == "float" else 8 if fmt.kind == "int8" else 4
+
+
 def set_float_storage(line, dtype: torch.dtype) -> None:
     """A factorized report line's stage dtypes and bytes when every factor is stored in ``dtype`` (plain
     float pairs or pivoted factors, no quantized stage): what compress, streaming and a re-save report.

@@ -152,6 +152,21 @@ def test_a_run_that_cannot_stream_is_refused_or_warned(tmp_path, monkeypatch, ca
     assert (tmp_path / "o" / "svdlora_config.json").is_file()
 
 
+def test_stage_dtype_factors_are_sized_as_held_in_memory(tmp_path, monkeypatch, capsys):
+    """The check sized the factors as budget x the model, their bytes on disk, but a stage-dtype layer holds them
+    dequantized: a full-int4 + int8 run at budget 0.2 holds 1.2x the targeted matrices (tiny Llama), not 0.2x,
+    and with room for 1.5x the model it ran without the warning that it may run out of memory."""
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    _room(monkeypatch, memory.checkpoint_bytes(base) * 3 // 2)
+    argv = ["compress", str(base), "--budget", "0.2", "--submatrices", "2", "--calibration", "none", "--no-progress"]
+    assert main([*argv, "--stage-dtypes", "full-int4,int8", "-o", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "it may run out of memory" in err and "--stage-dtypes cannot stream" in err, err
+    assert main([*argv, "-o", str(tmp_path / "plain")]) == 0  # float factors: 0.2x, as before
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_streamed_run_evaluates_its_folder_for_the_card(tmp_path, capsys):
     model, text = lm_folder(tmp_path)
     out = tmp_path / "svd"

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from .. import blockwise, memory
 from ..calibration_data import model_kind
 from ..config import CompressionConfig
@@ -21,6 +23,7 @@ from ..errors import IN_MEMORY_PLAIN, StreamingRefusal, SvdloraError, first_line
 from ..heal import state_bytes, trained_factors
 from ..hub import cached_checkpoint, local_checkpoint, remote_parameters
 from ..plan import auto_method, resolved_allocation
+from ..precision import held_fraction
 from ..streaming import Plan, check_streamable, meta_model, plan
 from ..targets import find_targets
 from .calibration_flags import NONE, SELF, effective_calibration, streamed_calibration
@@ -51,7 +54,7 @@ def streams_for_memory(
     model = memory.checkpoint_bytes(folder, args.dtype) if folder is not None else None
     if model is None:
         return False, None
-    budget = _budget(args, config)
+    budget = _budget(args, config, folder)
     planned = _plan(args, config, folder, meta) if args.calibration != NONE else None
     statistics = _statistics_bytes(args, config, planned, model)
     over = memory.shortfall(model, budget, extra=statistics)
@@ -103,8 +106,16 @@ def _about(need: int, limit: str) -> str:
     return f"about {memory.size(need)} in memory"
 
 
-def _budget(args, config: CompressionConfig) -> float | None:
-    return None if args.rank is not None else config.budget  # a fixed rank: factors up to the model's size
+def _budget(args, config: CompressionConfig, folder: Path) -> float | None:
+    """The factors' size in memory as a fraction of the model's: the budget, or stage dtypes' dequantized
+    factors (``precision.held_fraction``; the checkpoint's dtype unknown: float32); None for a fixed rank
+    (factors up to the model's size)."""
+    if args.rank is not None:
+        return None
+    if not config.stage_dtypes:
+        return config.budget
+    dtype = memory.load_dtype(args.dtype, Path(folder)) or torch.float32
+    return held_fraction(config.stage_dtypes, config.submatrices, config.budget, dtype)
 
 
 def _model_alone_does_not_fit(model: int) -> tuple[str, int, int] | None:
