@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .bars import quiet_bars
 from .choices import DEFAULT_MAX_SHARD_SIZE
 from .errors import SvdloraError, first_line
 from .io.outputs import atomic_folder, check_output_folder
@@ -124,9 +125,9 @@ def _alone(gguf_file: Path) -> Iterator[Path]:
 
 @contextmanager
 def _load_bars(shown: bool) -> Iterator[None]:
-    """Unless ``shown``, no bar during the load: transformers' own ("Loading weights") are off by its logging
-    switch, set back as it was after (an error too: a Python caller's other loads keep their bars); its GGUF
-    reader draws with plain tqdm, which that switch does not reach: that module gets a disabled tqdm."""
+    """Unless ``shown``, no bar during the load: transformers' own ("Loading weights") are off by
+    ``bars.quiet_bars``; its GGUF reader draws with plain tqdm, which that switch does not reach: that module gets
+    a disabled tqdm."""
     if shown:
         yield
         return
@@ -135,17 +136,10 @@ def _load_bars(shown: bool) -> Iterator[None]:
     from unittest.mock import patch  # here: only a quiet conversion pays its import
 
     from transformers import modeling_gguf_pytorch_utils as reader
-    from transformers.utils import logging as hf_logging
 
-    was_shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     quiet_reader = patch.object(reader, "tqdm", partial(reader.tqdm, disable=True)) if hasattr(reader, "tqdm") else None
-    try:
-        with quiet_reader or nullcontext():
-            yield
-    finally:
-        if was_shown:
-            hf_logging.enable_progress_bar()
+    with quiet_bars(shown), quiet_reader or nullcontext():
+        yield
 
 
 def _unpacked() -> dict:

@@ -1177,3 +1177,23 @@ def test_a_model_passed_in_memory_gets_its_modes_back(gpt):
     evaluate(model, "text-generation", gpt["text"], baseline=model, processor=tok, max_length=32, progress=False)
     assert model.training and model.transformer.h[1].attn.training
     assert not model.transformer.h[0].training and not model.transformer.h[0].attn.training
+
+
+def test_evaluate_without_progress_shows_no_bar_and_leaves_the_bar_switches_as_they_were(tmp_path, capsys):
+    """evaluate(folder, progress=False) hid only svdlora's own bars: a Python caller still saw transformers'
+    'Loading weights' and datasets' 'Generating train split' (a dataset file), which only the CLI's --no-progress
+    switched off (transformers' only, for good)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from .eval_helpers import lm_folder
+
+    model, text = lm_folder(tmp_path)
+    data = tmp_path / "data.csv"
+    data.write_text(f"text\n{text.read_text()}\n")
+    capsys.readouterr()
+    result = svdlora.evaluate(str(model), task="text-generation", data=str(data), device="cpu", progress=False)
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "Generating train split" not in err, err
+    assert result["model"]["metrics"]["windows"] >= 1
+    assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()  # the caller's other loads'

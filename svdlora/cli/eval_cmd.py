@@ -87,7 +87,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     inputs = [args.model, args.baseline, args.data, args.references]
     json_path = check_output_file(args.json, inputs) if args.json else None  # before the evaluation
-    options.hide_transformers_bars(args.progress)  # also the "Loading weights" bars of transformers
     from ..evaluation import evaluate, format_table  # torch: imported once the flags are known good
 
     result = evaluate(

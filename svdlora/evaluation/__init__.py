@@ -54,6 +54,7 @@ from typing import Any
 
 from torch import nn
 
+from ..bars import quiet_bars
 from ..errors import SvdloraError
 from ..quantize import dtype_name
 from ..version import __version__
@@ -143,6 +144,20 @@ def evaluate(
         ...                   baseline="gpt2", limit=16)
         >>> result["ratios"]["perplexity"]
     """
+    # progress=False: transformers' bars too ("Loading weights", a hub id's downloads), and datasets'
+    with quiet_bars(options.get("progress", True)):
+        return _evaluate(model_or_path, task, data, baseline, processor, data_read, options)
+
+
+def _evaluate(
+    model_or_path: Any,
+    task: str | None,
+    data: Any,
+    baseline: Any,
+    processor: Any,
+    data_read: DataRead | None,
+    options: dict,
+) -> dict:
     if data is None:
         raise SvdloraError("data is required: a text file, an image folder, a source-sentence file or a dataset")
     # the model's skeleton, built once where the task, the context check or the early processor read it; tried
@@ -252,7 +267,8 @@ class DataRead:
 def read_data(task: str, data: Any, options: dict) -> DataRead:
     """``data`` read as ``evaluate(task=task, data=data, **options)`` reads it."""
     opts = build_options(task, data, options)
-    return DataRead(load_data(opts), opts.split)
+    with quiet_bars(opts.progress):  # datasets' "Generating train split" of a dataset file
+        return DataRead(load_data(opts), opts.split)
 
 
 def _measure(candidate: Candidate, loaded: Any, opts: EvalOptions) -> tuple[dict, TaskRun]:

@@ -1,0 +1,33 @@
+"""Progress bars of the libraries svdlora drives, which its own ``progress=False`` does not reach otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def quiet_bars(shown: bool) -> Iterator[None]:
+    """Unless ``shown``, no bar of transformers ("Loading weights", save_pretrained's shards; its switch also
+    turns huggingface_hub's download bars off) nor of datasets ("Generating train split") inside the block: both
+    only have a global switch, turned off here and set back as it was after, an error too (a Python caller's
+    other loads keep their bars; one that had them off keeps them off)."""
+    if shown:
+        yield
+        return
+    from datasets.utils import logging as ds_logging  # here: a shown run does not import them
+    from transformers.utils import logging as hf_logging
+
+    switches = [
+        (logging.is_progress_bar_enabled, logging.disable_progress_bar, logging.enable_progress_bar)
+        for logging in (hf_logging, ds_logging)
+    ]
+    were_shown = [is_shown() for is_shown, _, _ in switches]
+    for _, disable, _ in switches:
+        disable()
+    try:
+        yield
+    finally:
+        for (_, _, enable), was_shown in zip(switches, were_shown, strict=True):
+            if was_shown:
+                enable()
