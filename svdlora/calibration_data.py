@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .bars import quiet_bars
 from .errors import SvdloraError
 from .evaluation.images import image_folder
 from .evaluation.sources import (
@@ -101,16 +102,17 @@ def calibration_batches(
     kind = model_kind(model)
     device = device or next(model.parameters()).device
     check_fits(kind, data, length)
-    if data == SELF:
-        batches = generate_text(
-            model, processor, samples, min(SELF_LENGTH, length, _max_positions(model)), seed, progress
-        )
-    elif kind == "image":
-        batches = _image_batches(data, processor, samples)
-    elif kind == "seq2seq":
-        batches = _seq2seq_batches(model, data, processor, samples, length, progress)
-    else:
-        batches = _text_windows(model, data, processor, samples, length, labels=kind == "causal-lm")
+    with quiet_bars(progress):  # datasets' "Generating train split" of a dataset file too
+        if data == SELF:
+            batches = generate_text(
+                model, processor, samples, min(SELF_LENGTH, length, _max_positions(model)), seed, progress
+            )
+        elif kind == "image":
+            batches = _image_batches(data, processor, samples)
+        elif kind == "seq2seq":
+            batches = _seq2seq_batches(model, data, processor, samples, length, progress)
+        else:
+            batches = _text_windows(model, data, processor, samples, length, labels=kind == "causal-lm")
     return [{k: v.to(device) for k, v in batch.items()} for batch in batches]
 
 

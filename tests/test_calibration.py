@@ -2411,3 +2411,57 @@ def test_a_calibration_file_whose_name_begins_with_self_is_not_data_free(tmp_pat
         calibration_samples=2, calibration_length=16, progress=False,
     )  # fmt: skip
     assert report.calibration["source"] == "selfies.txt" and report.calibration["data_free"] is False
+
+
+def _quiet_compress(model, tok, tmp_path):
+    return lambda data: svdlora.compress(model, budget=0.5, calibration=data, processor=tok, progress=False)
+
+
+def _quiet_plan(model, tok, tmp_path):
+    from svdlora.compress import calibration_plan
+
+    return lambda data: calibration_plan(model, budget=0.5, calibration=data, processor=tok, progress=False)
+
+
+def _quiet_stream(model, tok, tmp_path):
+    from svdlora.streaming.pipeline import compress_checkpoint
+
+    model.save_pretrained(tmp_path / "dense")  # its own bar, before the one looked for
+    return lambda data: compress_checkpoint(
+        tmp_path / "dense", tmp_path / "out", budget=0.5, calibration=data, processor=tok, progress=False
+    )
+
+
+def _quiet_extract(model, tok, tmp_path):
+    from svdlora.extract.pipeline import extract_adapter
+
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01)
+    return lambda data: extract_adapter(model, tuned, budget=0.5, calibration=data, processor=tok, progress=False)
+
+
+def _quiet_batches(model, tok, tmp_path):
+    from svdlora.calibration_data import calibration_batches
+
+    return lambda data: calibration_batches(model, data, tok, samples=2, length=16, progress=False)
+
+
+@pytest.mark.parametrize("quiet_run", [_quiet_compress, _quiet_plan, _quiet_stream, _quiet_extract, _quiet_batches])
+def test_calibration_from_a_dataset_file_without_progress_shows_no_bar(tmp_path, capsys, quiet_run):
+    """compress, calibration_plan, compress_checkpoint, extract_adapter and calibration_batches with progress=False
+    and a dataset file as calibration still drew datasets' 'Generating train split' bar, which nothing switched off
+    (nor the CLI)."""
+    import datasets
+
+    words = "the cat sat on a mat and the dog ran to it".split()
+    model, tok = word_gpt2(words)
+    data = tmp_path / "calibration.jsonl"
+    data.write_text("".join(json.dumps({"text": word_text(words, 60)}) + "\n" for _ in range(4)))
+    run = quiet_run(model, tok, tmp_path)
+    capsys.readouterr()
+    run(str(data))
+    err = capsys.readouterr().err
+    assert "Generating train split" not in err and "it/s" not in err, err
+    assert datasets.is_progress_bar_enabled()  # set back: the caller's other reads keep their bars
