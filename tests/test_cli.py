@@ -1008,3 +1008,40 @@ def test_export_shards_its_dense_weights_by_max_shard_size(gpt2_folder, tmp_path
     ids = torch.tensor([[1, 2, 3, 4]])
     expected = load_compressed(out, device="cpu", merge=True)(ids).logits
     torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(dense)(ids).logits, expected)
+
+
+@pytest.mark.parametrize("command", ["compress", "extract", "sweep", "export"])
+def test_no_progress_hides_the_bars_for_the_command_only(tmp_path, capsys, command):
+    """--no-progress switched transformers' bars off for the rest of the process: a Python caller of main() (or a
+    second command in it) had no 'Loading weights' bar afterwards, with progress=True too. The switch is now set
+    back once the command is done, on an error too."""
+    from transformers.utils import logging as hf_logging
+
+    from .eval_helpers import lm_folder
+
+    model, text = lm_folder(tmp_path)
+    svd = tmp_path / "svd"
+    if command == "export":
+        assert run_cli(capsys, "compress", model, "-o", svd, "--calibration", "none", "--no-progress")[0] == 0
+        hf_logging.enable_progress_bar()  # as it was before this fix: the command above may have left it off
+    if command == "extract":
+        from transformers import AutoModelForCausalLM
+
+        changed = AutoModelForCausalLM.from_pretrained(model)
+        with torch.no_grad():
+            changed.transformer.h[0].mlp.c_fc.weight.add_(0.01)
+        changed.save_pretrained(tmp_path / "tuned")
+    tuned, adapter, sweep, dense = (tmp_path / name for name in ("tuned", "adapter", "sweep", "dense"))
+    argv = {
+        "compress": ["compress", model, "-o", svd, "--calibration", "none"],
+        "extract": ["extract", "--base", model, "--tuned", tuned, "--rank", "2", "-o", adapter],
+        "sweep": ["sweep", model, "--data", text, "-o", sweep, "--budgets", "0.5", "--calibration", "none"],
+        "export": ["export", svd, "--dense", "-o", dense],
+    }[command]
+    capsys.readouterr()  # the tiny model's own save
+    try:
+        code, _, err = run_cli(capsys, *argv, "--no-progress")
+        assert code == 0 and "it/s" not in err, err
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()  # the other tests keep their bars, whatever happened

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .. import blockwise, distributed, hub
+from ..bars import quiet_bars
 from ..compress import compress
 from ..config import CompressionConfig
 from ..errors import IN_MEMORY, IN_MEMORY_FORCED, IN_MEMORY_LAUNCHED, StreamingRefusal, SvdloraError
@@ -40,7 +41,8 @@ from .memory_choice import streams_for_memory
 
 
 def run(args: argparse.Namespace) -> int:
-    with hub.one_download_each():  # a hub id's checks, memory check and load read one snapshot
+    # a hub id's checks, memory check and load read one snapshot; --no-progress: transformers' and datasets' bars too
+    with hub.one_download_each(), quiet_bars(args.progress):
         return _run(args)
 
 
@@ -113,7 +115,6 @@ def _run(args: argparse.Namespace) -> int:
     output = check_output(args.output, args.overwrite, inputs=inputs)
     parse_size(args.max_shard_size)
     svd_device(args.svd_device)
-    options.hide_transformers_bars(args.progress)
     processor = processor_before_load(args.calibration, args.model, config, loaded=eval_processor, meta=meta)
     if not streams:  # a memory estimate's plan takes the meta model over, and hands it (a hub id's: its own) back
         streams, meta = streams_for_memory(args, config, meta)

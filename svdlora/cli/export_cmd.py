@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .. import card
+from ..bars import quiet_bars
 from ..errors import SvdloraError
 from ..io.outputs import atomic_folder, ensure_space, readable_as_umask
 from . import options
@@ -39,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     max_shard_size = parse_size(args.max_shard_size)
     data = read_config(folder)
     _check_transformers_folder(folder, data)
-    options.hide_transformers_bars(args.progress)  # save_pretrained's shard bars
     model = load_compressed(folder, device="cpu", merge=True)
-    with atomic_folder(args.output, overwrite=args.overwrite, inputs=[folder]) as tmp:
+    # --no-progress: save_pretrained's shard bars too
+    with quiet_bars(args.progress), atomic_folder(args.output, overwrite=args.overwrite, inputs=[folder]) as tmp:
         ensure_space(tmp, sum(t.numel() * t.element_size() for t in model.state_dict().values()), args.output)
         # what loading will not tie again written under each name (save_guard)
         model.save_pretrained(tmp, max_shard_size=max_shard_size)

@@ -82,6 +82,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..bars import quiet_bars
+
+    with quiet_bars(args.progress):  # --no-progress: transformers' ("Loading weights") and datasets' bars too
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..extract import CALIBRATED, resolve_method
     from ..integrations.peft_adapter import require_peft, write_adapter
     from ..io.saving import check_output
@@ -108,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
     require_peft()  # before the slow loads
     # the tuned model reads the data (its meta model, built by the check above, not built again)
     processor = processor_before_load(data, args.tuned, config, meta=tuned_meta)
-    options.hide_transformers_bars(args.progress)
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
     tuned = load_pretrained(args.tuned, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
     calibration, processor = resolve_calibration(data, tuned, args.tuned, processor, config)

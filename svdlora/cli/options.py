@@ -129,15 +129,6 @@ def add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
-def hide_transformers_bars(progress: bool) -> None:
-    """With --no-progress, transformers' own bars too ("Loading weights", save_pretrained's shards), which only its
-    logging switch reaches. transformers is imported here, once the flags are known good."""
-    if not progress:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-
-
 def add_pivot_flag(parser: argparse.ArgumentParser, stage_dtypes: bool = True) -> None:
     """--pivot / --no-pivot (default: None, read by ``pivot_option``); ``stage_dtypes``: the command has
     --stage-dtypes, which turns the default off."""

@@ -87,6 +87,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..bars import quiet_bars
+
+    with quiet_bars(args.progress):  # --no-progress: transformers' ("Loading weights") and datasets' bars too
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..card_eval import write_card
     from ..compress import compress
     from ..config import CompressionConfig
@@ -139,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
     }
     # the data, read once for every point: refused (another task's setting, unreadable data, a text too short to
     # score) before the load where the task and processor are known (a local folder's), else before compressing
-    data_read = _checked_data(task, args.data, eval_options, processor, meta) if processor is not None else None
-    options.hide_transformers_bars(args.progress)
+    data_read = (
+        _checked_data(task, args.data, eval_options, processor, meta, args.progress) if processor is not None else None
+    )
     model = load_pretrained(args.model).eval()
     if meta is None:  # a hub id (or a folder without an outline): its layers are known now
         check_patterns_before_load(model, config, args.model)
@@ -149,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     target = parse_target(args.target, task) if args.target else None
     if processor is None:
         processor = checked_processor(args.model, task)
-    data_read = data_read or _checked_data(task, args.data, eval_options, processor, model)
+    data_read = data_read or _checked_data(task, args.data, eval_options, processor, model, args.progress)
     # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
     # image processor, as resolve_calibration would load it)
     calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model, processor, config)
@@ -206,11 +214,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked_data(task: str, data: str, eval_options: dict, processor, model):
+def _checked_data(task: str, data: str, eval_options: dict, processor, model, progress: bool):
     """``data`` as every point reads it, refused where the model's ``processor`` cannot measure on it (``model``:
-    its meta model or the model, or None)."""
+    its meta model or the model, or None). ``progress``: this one read's bars (a dataset file's), as the flag says;
+    the points' evaluations show none."""
     from ..evaluation import check_measurable, read_data
 
-    read = read_data(task, data, eval_options)
+    read = read_data(task, data, {**eval_options, "progress": progress})
     check_measurable(task, read.data, processor, model)
     return read
