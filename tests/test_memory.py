@@ -471,3 +471,30 @@ def test_compress_eval_of_a_hub_id_not_in_the_cache_builds_its_meta_model_once(t
     asked, calls = _compress_eval_of_a_hub_id_not_in_the_cache(tmp_path, monkeypatch, fits)
     snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
     assert calls["skeleton"] == [str(snapshot)]
+
+
+def test_compress_checkpoint_of_a_hub_id_without_progress_shows_no_download_bar(tmp_path, monkeypatch, capsys):
+    """compress_checkpoint('org/model', progress=False) hid only svdlora's bars: the hub download's bars (drawn with
+    huggingface_hub's tqdm, off only by its switch) reached a Python caller; only the CLI's --no-progress hid them."""
+    import huggingface_hub
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    from svdlora.streaming import compress_checkpoint
+
+    remote = tmp_path / "remote"
+    tied_llama().save_pretrained(remote)
+    _fake_hub(tmp_path, monkeypatch, remote)
+    fetch = huggingface_hub.snapshot_download
+
+    def drawing(*args, **kwargs):  # as the real download: a bar of huggingface_hub's own tqdm
+        for _ in hub_tqdm(range(3), desc="Fetching 3 files"):
+            pass
+        return fetch(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", drawing)
+    capsys.readouterr()
+    compress_checkpoint("org/tiny", tmp_path / "out", budget=0.5, progress=False)
+    err = capsys.readouterr().err
+    assert "Fetching 3 files" not in err and (tmp_path / "out" / "model.safetensors").is_file(), err
+    assert not are_progress_bars_disabled()  # set back: the caller's other downloads keep their bars

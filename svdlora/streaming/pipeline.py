@@ -12,6 +12,7 @@ import torch
 
 from .. import block_gradients, blockwise, distributed
 from ..allocate import allocate_comparable
+from ..bars import quiet_bars
 from ..calibration_data import SELF
 from ..choices import DEFAULT_MAX_SHARD_SIZE
 from ..compress import count_parameters
@@ -118,7 +119,8 @@ def compress_checkpoint(
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
     parse_size(max_shard_size)  # a bad size refused now, not after the calibration's passes
-    folder = _local_folder(source, trust_remote_code, ctx)  # a hub id's snapshot
+    with quiet_bars(progress):  # huggingface_hub's download bars too
+        folder = _local_folder(source, trust_remote_code, ctx)  # a hub id's snapshot
     p = plan(folder, config, dtype, trust_remote_code, model=meta)
     if ctx.is_main and (note := stacked_matrices_note(p.model, p.params_before)):
         logger.warning(note)
