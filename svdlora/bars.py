@@ -7,20 +7,25 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def quiet_bars(shown: bool) -> Iterator[None]:
+def quiet_bars(shown: bool, datasets: bool = False) -> Iterator[None]:
     """Unless ``shown``, no bar of transformers ("Loading weights", save_pretrained's shards; its switch also
-    turns huggingface_hub's download bars off) nor of datasets ("Generating train split") inside the block: both
-    only have a global switch, turned off here and set back as it was after, an error too (a Python caller's
-    other loads keep their bars; one that had them off keeps them off)."""
+    turns huggingface_hub's download bars off) inside the block, nor, with ``datasets`` (the data readers), of
+    datasets ("Generating train split"): both only have a global switch, turned off here and set back as it was
+    after, an error too (a Python caller's other loads keep their bars; one that had them off keeps them off).
+    datasets is imported only where asked: its import takes ~0.6 s, which a compress without data need not pay."""
     if shown:
         yield
         return
-    from datasets.utils import logging as ds_logging  # here: a shown run does not import them
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # here: a shown run does not import them
 
+    libraries = [hf_logging]
+    if datasets:
+        from datasets.utils import logging as ds_logging
+
+        libraries.append(ds_logging)
     switches = [
         (logging.is_progress_bar_enabled, logging.disable_progress_bar, logging.enable_progress_bar)
-        for logging in (hf_logging, ds_logging)
+        for logging in libraries
     ]
     were_shown = [is_shown() for is_shown, _, _ in switches]
     for _, disable, _ in switches:

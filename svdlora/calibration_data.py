@@ -102,7 +102,7 @@ def calibration_batches(
     kind = model_kind(model)
     device = device or next(model.parameters()).device
     check_fits(kind, data, length)
-    with quiet_bars(progress):  # datasets' "Generating train split" of a dataset file too
+    with quiet_bars(progress, datasets=True):  # datasets' "Generating train split" of a dataset file too
         if data == SELF:
             batches = generate_text(
                 model, processor, samples, min(SELF_LENGTH, length, _max_positions(model)), seed, progress

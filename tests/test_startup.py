@@ -147,3 +147,19 @@ def test_ctrl_c_while_a_command_imports_is_one_line(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and err == ["svdlora convert-gguf: interrupted (nothing was written)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_compress_without_data_and_without_bars_does_not_import_datasets(gpt2_folder, tmp_path):
+    # --no-progress turns library bars off; datasets' switch only where data is read: its import took ~0.6 s
+    # of every compress --no-progress, the issue-10 speed row's command, before the bars helper took it lazily
+    result = _python(
+        f"""
+        import sys
+        from svdlora.cli import main
+        main(["compress", {str(gpt2_folder)!r}, "--budget", "0.5", "--calibration", "none", "--no-progress",
+              "-o", {str(tmp_path / "out")!r}])
+        print("datasets imported:", "datasets" in sys.modules)
+        """
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "datasets imported: False" in result.stdout, result.stdout[-500:]

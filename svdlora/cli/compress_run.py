@@ -41,7 +41,7 @@ from .memory_choice import streams_for_memory
 
 
 def run(args: argparse.Namespace) -> int:
-    # a hub id's checks, memory check and load read one snapshot; --no-progress: transformers' and datasets' bars too
+    # a hub id's checks, memory check and load read one snapshot; --no-progress: transformers' bars too
     with hub.one_download_each(), quiet_bars(args.progress):
         return _run(args)
 

@@ -84,7 +84,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bars import quiet_bars
 
-    with quiet_bars(args.progress):  # --no-progress: transformers' ("Loading weights") and datasets' bars too
+    with quiet_bars(args.progress):  # --no-progress: transformers' bars too (datasets': where read)
         return _run(args)
 
 

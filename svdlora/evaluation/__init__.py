@@ -145,7 +145,7 @@ def evaluate(
         >>> result["ratios"]["perplexity"]
     """
     # progress=False: transformers' bars too ("Loading weights", a hub id's downloads), and datasets'
-    with quiet_bars(options.get("progress", True)):
+    with quiet_bars(options.get("progress", True), datasets=True):
         return _evaluate(model_or_path, task, data, baseline, processor, data_read, options)
 
 
@@ -267,7 +267,7 @@ class DataRead:
 def read_data(task: str, data: Any, options: dict) -> DataRead:
     """``data`` read as ``evaluate(task=task, data=data, **options)`` reads it."""
     opts = build_options(task, data, options)
-    with quiet_bars(opts.progress):  # datasets' "Generating train split" of a dataset file
+    with quiet_bars(opts.progress, datasets=True):  # datasets' "Generating train split" of a dataset file
         return DataRead(load_data(opts), opts.split)
 
 
