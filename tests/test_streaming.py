@@ -200,6 +200,22 @@ def test_calibration_aware_settings_refuse_to_stream(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("calibration", [[], ["--calibration", "none"]], ids=["auto", "none"])
+def test_a_streamed_refit_without_calibration_data_is_refused_not_dropped(tmp_path, capsys, calibration):
+    """--stream --refit with the default --calibration auto streamed as plain SVD, recording refit: true
+    where no refit ran; it is refused as with --calibration none, and as compress_checkpoint without data."""
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    capsys.readouterr()  # save_pretrained's own progress bars
+    argv = ["compress", str(base), "-o", str(tmp_path / "o"), "--stream", "--refit", "--no-progress", *calibration]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the refit pass (--refit) needs calibration data" in err[0], err
+    with pytest.raises(SvdloraError, match=r"the refit pass \(--refit\) needs calibration data"):
+        compress_checkpoint(base, tmp_path / "o", budget=0.5, refit=True)
+    assert not (tmp_path / "o").exists()
+
+
 def _damaged(data: bytes) -> dict[str, bytes]:
     """Ways a safetensors file can be broken, each as the file's bytes."""
     length = int.from_bytes(data[:8], "little")

@@ -25,7 +25,7 @@ from ..io.outputs import TMP_TAG, atomic_folder, ensure_space
 from ..io.saving import check_output, write_side_files
 from ..io.writer import ShardedWriter, folder_format, header_metadata, parse_size
 from ..padding import Unbatchable
-from ..plan import UNUSED, CalibrationPlan, auto_method, check_calibration, read_calibration
+from ..plan import UNUSED, CalibrationPlan, auto_method, check_calibration, check_without_calibration, read_calibration
 from ..report import CompressionReport
 from ..swap import warn_untied_head
 from ..targets import stacked_matrices_note
@@ -35,9 +35,6 @@ from .planning import Plan, plan
 logger = logging.getLogger(__name__)
 
 SCRATCH = "calibration-scratch"  # inside the temporary output folder: removed with it on failure
-
-# Methods that stream: a plain SVD needs only W. "auto" is plain SVD without calibration data.
-STREAMING_METHODS = ("svd", "auto")
 
 
 def check_streamable(config: CompressionConfig, calibration=None) -> None:
@@ -60,12 +57,7 @@ def check_streamable(config: CompressionConfig, calibration=None) -> None:
         raise StreamingRefusal(
             "healing cannot stream (it trains the whole model in memory): {in_memory}, or drop --heal-steps"
         )
-    method = getattr(config, "method", "svd")
-    if method not in STREAMING_METHODS or getattr(config, "allocation", "uniform") == "global":
-        raise SvdloraError(
-            f"method {method!r} or global allocation needs calibration data: pass --calibration DATA "
-            "(a causal LM's text: with --stream it calibrates block by block), or use the plain SVD method"
-        )
+    check_without_calibration(config, streamed=True)  # as in memory: a method, allocation or --refit needing data
 
 
 def compress_checkpoint(
