@@ -99,6 +99,21 @@ def test_bad_numbers(gpt2_folder, tmp_path, capsys, args, message):
     assert err.count("\n") == 1 and err.startswith("svdlora compress: error:") and "--help" in err
 
 
+@pytest.mark.parametrize("flag", ["--eval", "--calibration"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_data_name_is_refused_by_the_parser(gpt2_folder, tmp_path, capsys, monkeypatch, flag, value):
+    """compress --eval '' skipped the evaluation without a word (an empty name is false) and wrote the folder;
+    --calibration '' read the working directory (Path('')) as the data. Both are refused before anything runs,
+    as svdlora eval --data '' is."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", str(gpt2_folder), "--output", str(tmp_path / "out"), "--no-progress", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {flag[2:]} must name a file, folder or dataset, got {value!r}" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 def test_a_bad_regex_is_refused_before_the_load_naming_its_flag(gpt2_folder, tmp_path, capsys, monkeypatch):
     from svdlora.cli import compress_run
 

@@ -33,6 +33,7 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
     )
     g.add_argument(
         "--calibration",
+        type=options.data_name("calibration"),
         default=AUTO if compress else NONE,
         metavar="DATA|self|none",
         help="data to calibrate on, read like `svdlora eval --data`: a text file or dataset (language models), "

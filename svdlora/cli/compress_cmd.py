@@ -127,6 +127,7 @@ def register(subparsers) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     p.add_argument(
         "--eval",
+        type=options.data_name("eval"),
         metavar="DATA",
         help="evaluate the result on DATA (as `svdlora eval`): printed, and written into the card",
     )

@@ -63,6 +63,19 @@ def positive_float(name: str):
     return parse
 
 
+def data_name(name: str):
+    """An argparse type for a data flag's value: a blank one would be read as no data (compress --eval '' skipped
+    the evaluation) or as the working directory (Path('')); refused as ``EvalOptions`` refuses its data."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{name} must name a file, folder or dataset, got {text!r}")
+        return text
+
+    parse.__name__ = name
+    return parse
+
+
 # How a datasets dataset given as evaluation data is read: the flags the evaluation's errors name, each setting
 # the evaluation option argparse names it by (--text-column: text_column).
 DATASET_FLAGS = {
