@@ -16,7 +16,7 @@ from .chain import Stage, quantized_chain
 from .config import CompressionConfig, config_or_options
 from .decompose import factorize, relative_error
 from .errors import BudgetError, SvdloraError
-from .factoring import chain_options, check_finite, measure_pivoted, module_report, svd_options
+from .factoring import chain_method, chain_options, check_finite, measure_pivoted, module_report, svd_options
 from .heal import heal
 from .layers import LowRankLinear, dense_kind, weight_out_in
 from .methods import spectrum_units, weighted_spectrum
@@ -117,13 +117,16 @@ def compress(
                 # the calibration metric when there is one.
                 formats = plans[target.name][1]
                 weight = weight_out_in(target.module)
-                chain = quantized_chain(weight, ranks[target.name], formats, weighting, **chain_options(config))
+                method = chain_method(config, shape, ranks[target.name])
+                options = {**chain_options(config), "method": method or config.svd_method}
+                chain = quantized_chain(weight, ranks[target.name], formats, weighting, **options)
                 layer = LowRankLinear.from_chain(target.module, chain)
                 with torch.no_grad():
                     error = relative_error(weight, layer.dense_weight())
                 line = ModuleReport(
                     target.name, target.kind, shape, bias=layer.bias is not None, ranks=ranks[target.name],
                     stage_dtypes=[f.name for f in formats], rel_error=error, est_loss=est_loss.get(target.name),
+                    svd_method=method,
                 )  # fmt: skip
                 line.stored_bytes = layer_bytes(ranks[target.name], formats, *shape)
                 line.dense_bytes = target_bytes(target, dtype)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import CompressionConfig
-from .decompose import relative_error
+from .decompose import choose_method, relative_error
 from .errors import SvdloraError
 from .pivoted import pivoted_a
 from .quantize import dtype_name
@@ -34,6 +34,16 @@ def chain_options(config: CompressionConfig) -> dict:
     ``methods.factorize``): no exact-error reference, the SVD runs where the weight is."""
     options = svd_options(config)
     return {k: options[k] for k in ("method", "oversampling", "power_iterations", "generator_seed")}
+
+
+def chain_method(config: CompressionConfig, shape: tuple[int, int], ranks: list[int]) -> str | None:
+    """The SVD a stage chain's low-rank stages run, 'exact' or 'randomized': chosen for the matrix and its total
+    rank, as ``decompose.factorize`` chooses for float factors (the report line says it); None where every stage
+    is full-rank (rank 0: no SVD)."""
+    low_rank = sum(ranks)
+    if not low_rank:
+        return None
+    return choose_method(shape, min(low_rank, *shape), config.svd_method, config.oversampling)
 
 
 def rank_factorizes_nothing(rank: int, layers: int) -> SvdloraError:

@@ -99,6 +99,20 @@ def test_each_randomized_chain_stage_draws_its_own_sketch():
     assert removed > 0.5 * exact, (removed / exact).item()
 
 
+@pytest.mark.parametrize("svd", ["randomized", "exact"])
+def test_stage_dtypes_record_the_svd_their_factors_came_from(svd):
+    """--stage-dtypes with --svd randomized factorized every stage by the randomized SVD, but each line's
+    svd_method was None: info showed no 'randomized SVD' line, as for exact factors. The line says which ran
+    (chosen as for float factors), and a full-rank stage alone, no SVD, says none."""
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]().eval()
+    report = compress(model, budget=0.4, submatrices=2, stage_dtypes=["int8", "int4"], svd_method=svd)
+    assert {m.svd_method for m in report.modules if m.factorized} == {svd}
+    assert ("randomized SVD" in report.format()) == (svd == "randomized")
+    full = compress(TINY_MODELS["llama"]().eval(), budget=0.5, stage_dtypes=["full-int8"], svd_method=svd)
+    assert {m.svd_method for m in full.modules} == {None}
+
+
 def test_the_next_stage_repairs_what_quantization_lost():
     # Same bytes: a second int4 stage computed from the residual *as stored* beats putting all of the
     # rank into one int4 stage, because it also models the first stage's rounding error.
