@@ -99,7 +99,8 @@ def register(subparsers) -> None:
         "--no-svd-reference",
         dest="svd_reference",
         action="store_false",
-        help="skip computing the exact SVD's error for randomized factors (shown by `info` as 'vs exact')",
+        help="skip computing the exact SVD's error for randomized factors (shown by `info` as 'vs exact'); not with "
+        "--svd exact or --stage-dtypes, which compute none",
     )
     p.add_argument(
         "--stream",
