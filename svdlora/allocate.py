@@ -85,12 +85,15 @@ def _next_rank(rank: int, multiple: int, limit: int) -> int:
     return min(limit, rank + 1 if rank + 1 < multiple else (rank // multiple + 1) * multiple)
 
 
+RANK_NOT_SMALLER = "would not be smaller than the dense matrix"  # how a fixed rank's dense reason ends
+
+
 def _fixed_rank(targets: list[Target], config: CompressionConfig) -> tuple[dict[str, list[int]], dict[str, str]]:
     ranks, dense = {}, {}
     for t in targets:
         total = min(config.rank, t.out_features, t.in_features)
         if factor_params(t, total, config.pivot) >= t.params:
-            dense[t.name] = f"rank {total} would not be smaller than the dense matrix"
+            dense[t.name] = f"rank {total} {RANK_NOT_SMALLER}"
         else:
             ranks[t.name] = split_rank(total, config.submatrices)
     return ranks, dense

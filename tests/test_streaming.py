@@ -508,6 +508,20 @@ def test_a_rank_that_factorizes_nothing_is_refused_as_in_memory(tmp_path, capsys
         assert not (tmp_path / mode).exists()
 
 
+def test_a_rank_that_factorizes_nothing_counts_the_targeted_layers_in_memory_as_streamed(tmp_path, capsys):
+    """In memory the refusal counted every Linear of the report (15: the excluded MLPs and the head kept dense
+    too), as if a rank had been tried on them; streamed it counts the targets (8). Both count the targets."""
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    capsys.readouterr()
+    lines = []
+    for mode in ("--no-stream", "--stream"):
+        argv = ["compress", str(base), "-o", str(tmp_path / mode), "--rank", "100", "--exclude", "*.mlp.*", mode]
+        assert main([*argv, "--calibration", "none", "--no-progress"]) == 2
+        lines.append(capsys.readouterr().err.strip())
+    assert lines[0] == lines[1] and "factorizes none of the 8 Linear/Conv1D layers" in lines[0], lines
+
+
 def test_a_checkpoint_without_a_config_dtype_loads_in_its_first_tensor_s_dtype(tmp_path):
     """from_pretrained(dtype="auto") without a dtype in config.json casts every floating tensor to the
     first one's dtype (and records it in config.json); streaming kept each tensor's stored dtype."""

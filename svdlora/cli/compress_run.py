@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .. import blockwise, distributed, hub
+from ..allocate import RANK_NOT_SMALLER
 from ..bars import quiet_bars
 from ..compress import compress
 from ..config import CompressionConfig
@@ -135,7 +136,8 @@ def _run(args: argparse.Namespace) -> int:
     warn_unread_sizes(args, calibration)
     report = compress(model, config, calibration=calibration, processor=processor, progress=args.progress)
     if not report.factorized and args.rank is not None:  # the API reports it; the CLI must not write a copy
-        raise rank_factorizes_nothing(args.rank, len(report.modules))
+        tried = [m for m in report.modules if (m.dense_reason or "").endswith(RANK_NOT_SMALLER)]  # the targets
+        raise rank_factorizes_nothing(args.rank, len(tried))
     save_compressed(
         model, output, report=report, source=args.model, overwrite=args.overwrite, max_shard_size=args.max_shard_size
     )
