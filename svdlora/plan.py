@@ -255,6 +255,13 @@ def check_without_calibration(config: CompressionConfig, streamed: bool = False)
             raise SvdloraError(f"{what} {hint}")
 
 
+def warn_unrun_refit(config: CompressionConfig) -> None:
+    """--refit with method 'svd', data or none, in memory or streamed: there are no weighted statistics to refit
+    to, so it does not run (not refused: ``check_without_calibration``)."""
+    if config.refit and config.method == "svd":
+        logger.warning("the refit pass is not run with method 'svd' (it refits to weighted statistics)")
+
+
 def plan_calibration(
     model: nn.Module,
     targets: list[Target],
@@ -265,8 +272,7 @@ def plan_calibration(
     statistics: dict[str, LayerStats] | None = None,
 ) -> CalibrationPlan:
     """Resolve method and allocation, read the calibration data, collect the statistics."""
-    if config.refit and config.method == "svd":  # data or none: there are no weighted statistics to refit to
-        logger.warning("the refit pass is not run with method 'svd' (it refits to weighted statistics)")
+    warn_unrun_refit(config)
     check_statistics_calibrated(statistics, calibration, "the report counts them; healing and the refit run on them")
     if calibration is None:
         check_without_calibration(config)

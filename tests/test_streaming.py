@@ -216,6 +216,16 @@ def test_a_streamed_refit_without_calibration_data_is_refused_not_dropped(tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_a_streamed_refit_with_the_svd_method_is_said_unrun_as_in_memory(tmp_path, caplog):
+    """--refit --method svd without data: in memory a warning says the refit is not run (it refits to weighted
+    statistics); streamed the flag was dropped without a word. Both say it."""
+    base = tmp_path / "base"
+    tied_llama().save_pretrained(base)
+    with caplog.at_level("WARNING"):
+        compress_checkpoint(base, tmp_path / "o", budget=0.5, method="svd", refit=True, progress=False)
+    assert "the refit pass is not run with method 'svd'" in caplog.text, caplog.text
+
+
 def _damaged(data: bytes) -> dict[str, bytes]:
     """Ways a safetensors file can be broken, each as the file's bytes."""
     length = int.from_bytes(data[:8], "little")

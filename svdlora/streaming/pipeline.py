@@ -25,7 +25,15 @@ from ..io.outputs import TMP_TAG, atomic_folder, ensure_space
 from ..io.saving import check_output, write_side_files
 from ..io.writer import ShardedWriter, folder_format, header_metadata, parse_size
 from ..padding import Unbatchable
-from ..plan import UNUSED, CalibrationPlan, auto_method, check_calibration, check_without_calibration, read_calibration
+from ..plan import (
+    UNUSED,
+    CalibrationPlan,
+    auto_method,
+    check_calibration,
+    check_without_calibration,
+    read_calibration,
+    warn_unrun_refit,
+)
 from ..report import CompressionReport
 from ..swap import warn_untied_head
 from ..targets import stacked_matrices_note
@@ -107,6 +115,8 @@ def compress_checkpoint(
     config = config or CompressionConfig(**options)
     check_streamable(config, calibration)
     ctx = distributed.context()
+    if ctx.is_main:  # said once per run
+        warn_unrun_refit(config)
     progress = progress and ctx.is_main  # one bar per run, not one per process: rank 0's
     start = time.perf_counter()
     check_output(output, overwrite, inputs=[source])  # issue 7's output policy, before the slow work
