@@ -137,6 +137,30 @@ def test_no_svd_reference_where_none_is_computed_is_refused_before_the_load(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_repeated_pattern_flag_adds_its_patterns(gpt2_folder, tmp_path, capsys):
+    """--exclude q_proj --exclude k_proj kept only the last flag's patterns (argparse's nargs): q_proj was
+    factorized without a word. A repeated --include / --exclude adds to the patterns, in every command."""
+    from svdlora.cli import build_parser
+
+    common = {
+        "compress": ["m", "-o", "o"],
+        "extract": ["--base", "b", "--tuned", "t", "-o", "o", "--rank", "2"],
+        "sweep": ["m", "--data", "d", "-o", "o"],
+    }
+    for command, argv in common.items():
+        args = build_parser().parse_args([command, *argv, "--exclude", "a", "b", "--exclude", "c"])
+        assert args.exclude == ["a", "b", "c"], (command, args.exclude)
+        if command != "sweep":
+            args = build_parser().parse_args([command, *argv, "--include", "a", "--include", "b"])
+            assert args.include == ["a", "b"], (command, args.include)
+    assert build_parser().parse_args(["compress", "m", "-o", "o"]).exclude == []  # the default stays unshared
+    out = tmp_path / "out"
+    argv = ["compress", gpt2_folder, "-o", out, "--calibration", "none", "--exclude", "c_fc", "--exclude", "c_attn"]
+    assert run_cli(capsys, *argv, "--no-progress")[0] == 0
+    dense = {m["name"] for m in json.loads((out / CONFIG_NAME).read_text())["report"]["modules"] if m["dense_reason"]}
+    assert {"transformer.h.0.mlp.c_fc", "transformer.h.0.attn.c_attn"} <= dense, dense
+
+
 def test_a_bad_regex_is_refused_before_the_load_naming_its_flag(gpt2_folder, tmp_path, capsys, monkeypatch):
     from svdlora.cli import compress_run
 

@@ -62,14 +62,8 @@ def register(subparsers) -> None:
         help="round each matrix's rank down to a multiple of N; a rank below N is kept as it is (8 for GPU "
         "inference: aligned factors decode faster with cuBLAS; the budget still holds)",
     )
-    p.add_argument("--include", nargs="+", metavar="PATTERN", help=f"only these modules: {options.MODULE_PATTERNS}")
-    p.add_argument(
-        "--exclude",
-        nargs="+",
-        metavar="PATTERN",
-        default=[],
-        help="leave these modules dense (patterns as in --include)",
-    )
+    options.add_patterns_flag(p, "--include", f"only these modules: {options.MODULE_PATTERNS}")
+    options.add_patterns_flag(p, "--exclude", "leave these modules dense (patterns as in --include)")
     options.add_compress_head_flag(
         p,
         "also factorize the output head / layers tied to embeddings (a head tied to the input embedding: "

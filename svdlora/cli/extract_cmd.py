@@ -53,16 +53,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--submatrices", type=options.positive_int("submatrices"), default=1, help="residual SVD stages (default 1)"
     )
-    p.add_argument(
-        "--include", nargs="+", metavar="PATTERN", help=f"only these modules get LoRA: {options.MODULE_PATTERNS}"
-    )
-    p.add_argument(
-        "--exclude",
-        nargs="+",
-        metavar="PATTERN",
-        default=[],
-        help="no LoRA for these, stored whole (patterns as in --include)",
-    )
+    options.add_patterns_flag(p, "--include", f"only these modules get LoRA: {options.MODULE_PATTERNS}")
+    options.add_patterns_flag(p, "--exclude", "no LoRA for these, stored whole (patterns as in --include)")
     options.add_compress_head_flag(
         p, "also give the output head (and layers tied to embeddings) LoRA: a changed head is saved whole otherwise"
     )

@@ -114,6 +114,13 @@ def _dest(flag: str) -> str:
 MODULE_PATTERNS = "glob on the full name (*.mlp.*), a bare last name (q_proj), or re:REGEX"
 
 
+def add_patterns_flag(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """--include / --exclude: module name patterns after the flag; given again, the flag adds its patterns
+    (argparse's nargs alone kept the last: --exclude q_proj --exclude k_proj factorized q_proj)."""
+    default = [] if flag == "--exclude" else None  # no --include: every layer
+    parser.add_argument(flag, nargs="+", action="extend", metavar="PATTERN", default=default, help=help)
+
+
 def add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
     """--overwrite as ``outputs`` applies it: only a folder svdlora wrote, or an empty one, is replaced."""
     parser.add_argument(

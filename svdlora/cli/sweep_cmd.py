@@ -60,13 +60,7 @@ def register(subparsers) -> None:
         "--submatrices", type=options.positive_int("submatrices"), default=1,
         help="residual SVD stages per matrix at every budget, as for `svdlora compress` (default 1)",
     )  # fmt: skip
-    p.add_argument(
-        "--exclude",
-        nargs="+",
-        metavar="PATTERN",
-        default=[],
-        help=f"leave these modules dense: {options.MODULE_PATTERNS}",
-    )
+    options.add_patterns_flag(p, "--exclude", f"leave these modules dense: {options.MODULE_PATTERNS}")
     options.add_pivot_flag(p, stage_dtypes=False)
     p.add_argument("--limit", type=options.positive_int("limit"), help="only the first N windows / images / sentences")
     p.add_argument("--max-length", type=options.positive_int("max-length"), help="text: tokens per window")
