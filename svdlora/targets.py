@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 HEAD_NAMES = (
     "lm_head",
     "classifier",
+    "classification_head",  # Bart's, T5's, LED's ...ForSequenceClassification: dense + out_proj, as RoBERTa's
     "score",
     "qa_outputs",
     "cls",

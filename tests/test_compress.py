@@ -12,6 +12,7 @@ from svdlora import CompressionConfig, LowRankLinear, SvdloraError, compress
 from svdlora.cli import main
 from svdlora.decompose import split_rank
 from svdlora.layers import dense_kind, weight_out_in
+from svdlora.targets import HEAD_REASON
 
 from .conftest import MLP, TINY_MODELS, example_inputs, output_of
 
@@ -80,6 +81,24 @@ def test_gpt2_head_is_left_dense_and_reported():
     reasons = {m.name: m.dense_reason for m in report.modules}
     assert "output head" in reasons["lm_head"]
     assert reasons["transformer.h.0.attn.c_attn"] is None
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_a_seq2seq_classifier_s_classification_head_is_left_dense_as_roberta_s_classifier(kind):
+    """BartForSequenceClassification's and T5ForSequenceClassification's head is the top-level `classification_head`
+    (dense, out_proj), which the head rule did not know: both were factorized, a 3-label out_proj to rank 1."""
+    from transformers import BartConfig, BartForSequenceClassification, T5Config, T5ForSequenceClassification
+
+    torch.manual_seed(0)
+    if kind == "bart":
+        shape = {"encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}
+        model = BartForSequenceClassification(BartConfig(vocab_size=96, d_model=32, num_labels=3, **shape))
+    else:
+        shape = {"d_kv": 8, "d_ff": 64, "num_layers": 1}
+        model = T5ForSequenceClassification(T5Config(vocab_size=96, d_model=32, num_labels=3, **shape))
+    reasons = {m.name: m.dense_reason for m in compress(model, budget=0.5, progress=False).modules}
+    assert reasons["classification_head.dense"] == reasons["classification_head.out_proj"] == HEAD_REASON
+    assert sum(reason is None for reason in reasons.values()) > 0
 
 
 def test_include_exclude_patterns():
