@@ -345,8 +345,8 @@ def fitting_task(model: nn.Module) -> str | None:
     can_generate = bool(getattr(model, "can_generate", lambda: False)())
     if inputs == "pixel_values":
         return IMAGES if "ImageClassification" in type(model).__name__ else None
-    if getattr(config, "is_encoder_decoder", False):
-        return TRANSLATION if can_generate else None
+    if getattr(config, "is_encoder_decoder", False):  # from text: not Whisper's audio features
+        return TRANSLATION if can_generate and inputs == "input_ids" else None
     return TEXT if inputs == "input_ids" and can_generate else None
 
 
