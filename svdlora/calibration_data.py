@@ -51,11 +51,17 @@ SENTENCE_BATCH = 8
 SELF_LENGTH = 256  # tokens per self-generated sample: long enough for real context, short enough to be quick
 
 
+AUDIO_INPUTS = ("input_features", "input_values")  # Whisper's / Speech2Text's log-mels, Wav2Vec2's waveform
+
+
 def model_kind(model: nn.Module) -> str:
-    """'causal-lm', 'seq2seq', 'image' or 'encoder'."""
+    """'causal-lm', 'seq2seq', 'image', 'audio' or 'encoder'."""
     config = getattr(model, "config", None)
-    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+    inputs = getattr(model, "main_input_name", "input_ids")
+    if inputs == "pixel_values":
         return "image"
+    if inputs in AUDIO_INPUTS:  # before seq2seq: Whisper is an encoder-decoder that reads no text
+        return "audio"
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     if is_causal_lm(model) and getattr(model, "get_output_embeddings", lambda: None)() is not None:
@@ -64,7 +70,7 @@ def model_kind(model: nn.Module) -> str:
 
 
 def kind_article(kind: str) -> str:
-    """'an image', 'an encoder', 'a seq2seq', 'a causal-lm': a ``model_kind`` in a sentence."""
+    """'an image', 'an audio', 'an encoder', 'a seq2seq', 'a causal-lm': a ``model_kind`` in a sentence."""
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
@@ -80,6 +86,11 @@ def check_fits(kind: str, data: Any, length: int) -> None:
         raise SvdloraError(
             f"{FLAG} self generates text, which needs a causal language model; this is {kind_article(kind)} model: "
             f"pass {FLAG} DATA (text, sentences or an image folder) or {FLAG} none"
+        )
+    if kind == "audio":
+        raise SvdloraError(
+            f"{FLAG} reads text, sentences or images, and this is an audio model: pass {FLAG} none, or in Python "
+            "calibration=[batches of its own inputs]"
         )
 
 

@@ -47,6 +47,18 @@ def tiny_marian(vocab_size: int, max_positions: int = 64) -> MarianMTModel:
     return model
 
 
+def tiny_whisper(vocab_size: int):
+    """A 1+1-layer Whisper (audio input_features in, text out), seeded: an encoder-decoder that is no translator."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    shape = {"encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    sizes = {"d_model": 16, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "max_source_positions": 16}
+    ids = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1, "decoder_start_token_id": 1}
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=vocab_size, num_mel_bins=8, max_target_positions=32, **shape, **sizes, **ids)
+    return WhisperForConditionalGeneration(config).eval()
+
+
 def compress_to(model, folder: Path, source: Path) -> str:
     """Compress ``model`` in place (budget 0.5, 2 stages) and save it to ``folder``."""
     report = svdlora.compress(model, budget=0.5, submatrices=2, progress=False)

@@ -1347,6 +1347,24 @@ def test_self_calibration_of_an_image_model_is_refused_in_plain_words():
         svdlora.compress(TINY_MODELS["vit"]().eval(), budget=0.5, calibration="self", progress=False)
 
 
+def test_text_calibration_of_an_audio_model_is_refused_in_one_line(tmp_path, capsys):
+    """Whisper (audio input_features) was calibrated as a seq2seq translator: its own greedy translations of the
+    text's sentences were generated from input_ids, and compress ended as 'internal error ValueError: Make sure to
+    provide either `input_features` or `encoder_outputs` to `generate`' (exit 1), in Python a ValueError."""
+    from .eval_helpers import tiny_whisper, word_tokenizer
+
+    tok = word_tokenizer(["a", "cat", "sat"], eos_suffix=True)
+    (tmp_path / "src.txt").write_text("a cat sat\na cat\n")
+    refusal = "--calibration reads text, sentences or images, and this is an audio model"
+    with pytest.raises(SvdloraError, match=refusal):
+        svdlora.compress(tiny_whisper(len(tok)), budget=0.5, calibration=tmp_path / "src.txt", processor=tok)
+    tiny_whisper(len(tok)).save_pretrained(tmp_path / "whisper")
+    tok.save_pretrained(tmp_path / "whisper")
+    args = ["compress", str(tmp_path / "whisper"), "--calibration", str(tmp_path / "src.txt")]
+    assert main([*args, "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert refusal in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["seq2seq", "image"])
 def test_fewer_source_sentences_or_images_than_asked_are_said_as_text_is(kind, tmp_path, caplog):
     """Text with fewer windows than asked warned; a translator's sentences and an image model's images went

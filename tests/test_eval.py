@@ -40,7 +40,7 @@ from svdlora.evaluation.images import label_ids
 from svdlora.evaluation.report import RATIO_FIELDS
 from svdlora.evaluation.text import sliding_windows
 
-from .eval_helpers import compress_to, tiny_marian, word_tokenizer
+from .eval_helpers import compress_to, tiny_marian, tiny_whisper, word_tokenizer
 
 WORDS = (
     "the a man woman dog cat sits runs on in under big small red blue house tree street park ball "
@@ -839,14 +839,8 @@ def test_a_speech_encoder_decoder_is_refused_for_translation_in_one_line(marian,
     """Whisper generates from audio features, but as an encoder-decoder that generates it was taken for a translator
     (by default and with --task translation): eval fed it text and ended as 'internal error ValueError: Make sure to
     provide either `input_features` or `encoder_outputs` to `generate` ... a bug in svdlora' (exit 1)."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
     tok = word_tokenizer(WORDS, eos_suffix=True)
-    shape = {"encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2}
-    sizes = {"d_model": 16, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "max_source_positions": 16}
-    ids = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1, "decoder_start_token_id": 1}
-    config = WhisperConfig(vocab_size=len(tok), num_mel_bins=8, max_target_positions=32, **shape, **sizes, **ids)
-    WhisperForConditionalGeneration(config).save_pretrained(tmp_path / "whisper")
+    tiny_whisper(len(tok)).save_pretrained(tmp_path / "whisper")
     tok.save_pretrained(tmp_path / "whisper")
     data = ["--data", marian["src"], "--references", marian["ref"]]
     msg = _error([str(tmp_path / "whisper"), "--task", "translation", *data], capsys)
