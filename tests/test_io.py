@@ -171,6 +171,22 @@ def test_dtype_on_load(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_a_model_built_from_its_config_saves_its_class_in_config_json(tmp_path):
+    """save_pretrained writes config.json's architectures; save_compressed of a model never saved (built from its
+    config, as these tests build them) wrote none, so svdlora eval of the folder warned 'config.json names no
+    known architecture (None): loading with AutoModel, which has no task head' of a model loaded with its head."""
+    from transformers import AutoConfig
+
+    from svdlora.models import model_class
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["marian"]().eval()
+    compress(model, budget=0.5, progress=False)
+    out = save_compressed(model, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MarianMTModel"]
+    assert model_class(AutoConfig.from_pretrained(out)).__name__ == "MarianMTModel"
+
+
 def test_plain_pytorch_model_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = MLP()

@@ -223,6 +223,7 @@ def write_side_files(
     if report.bytes_before is None and local is not None and local.is_dir():
         report.bytes_before = folder_bytes(local)
     if config is not None and hasattr(config, "save_pretrained"):
+        config.architectures = [class_name]  # as save_pretrained: a model built from its config has none
         config.save_pretrained(tmp)
         mark_folder(tmp / "config.json", format_version)  # from_pretrained after `import svdlora`
         if generation_config is not None:
