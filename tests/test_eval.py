@@ -846,7 +846,21 @@ def test_a_speech_encoder_decoder_is_refused_for_translation_in_one_line(marian,
     msg = _error([str(tmp_path / "whisper"), "--task", "translation", *data], capsys)
     assert "--task translation needs an encoder-decoder model that generates" in msg, msg
     assert msg.endswith("is a WhisperForConditionalGeneration"), msg
-    assert "cannot tell which task" in _error([str(tmp_path / "whisper"), *data], capsys)
+    assert "is a WhisperForConditionalGeneration, and svdlora eval measures" in _error(
+        [str(tmp_path / "whisper"), *data], capsys
+    )
+
+
+def test_a_model_no_task_fits_is_refused_without_asking_for_a_task(marian, tmp_path, capsys):
+    """A BERT classifier's folder without --task was refused with 'cannot tell which task ... pass --task
+    (text-generation, image-classification, translation)', each of which then refused it in turn."""
+    from .conftest import tiny_bert
+
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "bert")
+    msg = _error([str(tmp_path / "bert"), "--data", marian["src"]], capsys)
+    assert "bert' is a BertForSequenceClassification, and svdlora eval measures causal LMs" in msg, msg
+    assert "pass --task" not in msg
 
 
 def test_max_new_tokens_not_given_is_fitted_to_the_decoder_positions_and_refused_past_them_when_given(
