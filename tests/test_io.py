@@ -370,6 +370,20 @@ def test_model_of_another_architecture_is_refused(tmp_path):
         load_compressed(out, device="cpu", model=other)
 
 
+def test_a_plain_model_built_with_other_sizes_is_named_as_the_likely_fault(tmp_path):
+    """load_compressed(folder, model=MLP built with other sizes) blamed the folder: 'the folder was edited; re-run
+    `svdlora compress`', or 'does not fit the model of config.json', a file a plain model's folder does not have."""
+    model = MLP()
+    compress(model, budget=0.5, include=["fc1"], progress=False)
+    out = save_compressed(model, tmp_path / "mlp-svd")
+    for layer, shape in (("fc1", (48, 32)), ("fc2", (40, 12))):  # a factorized layer, a dense one
+        other = MLP()
+        setattr(other, layer, torch.nn.Linear(*shape))
+        with pytest.raises(SvdloraError, match=r"model= must be built as the compressed model was \(a MLP ") as err:
+            load_compressed(out, device="cpu", model=other)
+        assert "re-run" not in str(err.value) and "model of config.json" not in str(err.value)
+
+
 def test_bf16_load_keeps_buffers_and_ties(tmp_path):
     model, out = compressed_folder("llama", tmp_path)
     loaded = load_compressed(out, device="cpu", dtype="bfloat16")

@@ -97,16 +97,19 @@ def generation_config(model: nn.Module, path: Path):
     return GenerationConfig.from_pretrained(str(path), config_file_name="config.json", _from_model_config=True)
 
 
-def _check_replaced_layer(model: nn.Module, m, path: Path) -> None:
-    """The layer a factorized entry replaces must exist, and be the layer the file was made from."""
+def _check_replaced_layer(model: nn.Module, m, path: Path, fix: str) -> None:
+    """The layer a factorized entry replaces must exist, and be the layer the file was made from; ``fix``: what
+    to do where it is not (``_mismatch_fix``)."""
     try:
         old = model.get_submodule(m.name)
     except AttributeError:
-        raise SvdloraError(f"{str(path)!r} names layer {m.name!r}, which the model does not have") from None
-    check_layer_fits(old, m, path, m.name)
+        raise SvdloraError(f"{str(path)!r} names layer {m.name!r}, which the model does not have: {fix}") from None
+    check_layer_fits(old, m, path, m.name, fix)
 
 
-def check_layer_fits(old: nn.Module, m, path: Path, name: str) -> None:
+def check_layer_fits(
+    old: nn.Module, m, path: Path, name: str, fix: str = "the folder was edited; re-run `svdlora compress`"
+) -> None:
     """``old`` (the model's layer ``name``) must be the Linear/Conv1D of the shape report entry ``m`` was made
     from: both loaders ask it, so an edited or mixed config.json fails in one line, not in the forward."""
     kind = dense_kind(old)
@@ -114,8 +117,19 @@ def check_layer_fits(old: nn.Module, m, path: Path, name: str) -> None:
     if kind != m.kind or shape != tuple(m.shape):
         raise SvdloraError(
             f"{str(path)!r}: layer {name!r} is a {type(old).__name__}{list(shape) if shape else ''} in the model, "
-            f"but svdlora_config.json says {m.kind} {list(m.shape)}: the folder was edited; re-run `svdlora compress`"
+            f"but svdlora_config.json says {m.kind} {list(m.shape)}: {fix}"
         )
+
+
+def _mismatch_fix(given: nn.Module | None, base: dict, folder_fault: str) -> str:
+    """What to do when the folder and the model differ: a ``model=`` instance (a plain PyTorch model's) is more
+    likely built otherwise than the compressed one was than the folder edited (``folder_fault``)."""
+    if given is None:
+        return f"{folder_fault}; re-run `svdlora compress`"
+    return (
+        f"model= must be built as the compressed model was (a {base.get('class') or 'model'} of the same layers and "
+        f"sizes; this one is a {type(given).__name__}), or {folder_fault}"
+    )
 
 
 def _no_weight_init():
@@ -196,6 +210,8 @@ def load_compressed(
     target_device = default_device(device)
     target_dtype = parse_dtype(dtype)
 
+    given = model  # a plain PyTorch model's instance, which a mismatch is then most likely due to
+    fix = partial(_mismatch_fix, given, data.get("base_model") or {})
     if model is None:
         model = _build_skeleton(path, data.get("base_model", {}))
         # here, not in the skeleton: the early checks' outlines never generate
@@ -204,7 +220,7 @@ def load_compressed(
         if stack_siblings:  # refused on the skeleton, before any tensor is read
             siblings.example_inputs(model)
     for m in report.factorized:
-        _check_replaced_layer(model, m, path)
+        _check_replaced_layer(model, m, path, fix("the folder was edited"))
     stored_dtypes = stored_layers(model, data, report)
     for m in report.factorized if not merge else []:  # merged: the dense skeleton layers get A·B
         # Factors are allocated on meta; load_state_dict(assign=True) drops the real tensors in.
@@ -241,20 +257,20 @@ def load_compressed(
         result = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as err:  # size mismatches, integer tensors for float parameters
         detail = " ".join(str(err).split("\n\t")[1:2]).strip() or first_line(err)
+        of = "the model" if given is not None else "the model of config.json"
         raise SvdloraError(
-            f"{str(weights)!r} does not fit the model of config.json ({detail}): the folder was edited or "
-            "mixed with another; re-run `svdlora compress`"
+            f"{str(weights)!r} does not fit {of} ({detail}): {fix('the folder was edited or mixed with another')}"
         ) from None
     if result.unexpected_keys:
         raise SvdloraError(
             f"{str(weights)!r} holds tensors the model does not have: {result.unexpected_keys[:3]} ({CONFIG_NAME} "
-            "does not list them as factorized: the folder was edited or mixed with another); re-run `svdlora compress`"
+            f"does not list them as factorized): {fix('the folder was edited or mixed with another')}"
         )
     missing = [k for k in result.missing_keys if k not in tied]
     if missing:
         raise SvdloraError(
-            f"{str(weights)!r} lacks tensors {missing[:3]}: the file is incomplete or belongs to another "
-            "architecture; re-run `svdlora compress`"
+            f"{str(weights)!r} lacks tensors {missing[:3]}: "
+            f"{fix('the file is incomplete or belongs to another architecture')}"
         )
     tie_as_stored(model, tied)
     if target_dtype is not None and isinstance(getattr(model, "config", None), PretrainedConfig):
