@@ -195,12 +195,29 @@ def test_plain_pytorch_model_roundtrip(tmp_path):
     out = save_compressed(model, tmp_path / "mlp-svd")
     loaded = load_compressed(out, device="cpu", model=MLP())
     assert torch.equal(loaded(x), model(x))
-    with pytest.raises(SvdloraError, match="model=<an instance of its class>"):
+    with pytest.raises(SvdloraError, match="model=<a MLP>"):
         load_compressed(out, device="cpu")
     # found by review: passing the loaded (or compressed) instance again said 'the folder was edited; re-run compress'
     for again in (loaded, model):
         with pytest.raises(SvdloraError, match="MLP that already holds svdlora low-rank layers .* freshly built MLP"):
             load_compressed(out, device="cpu", model=again)
+
+
+def test_a_plain_model_s_folder_without_its_instance_is_refused_as_a_plain_model_s(tmp_path, capsys):
+    """Without model=, load_compressed and svdlora eval of a plain PyTorch model's folder said "has no usable
+    config.json (Unrecognized model in ... Should have a `model_type` key in its config.json.)": it has no
+    config.json, and no model_type would rebuild it (export named it right)."""
+    from svdlora.cli import main
+
+    model = MLP()
+    compress(model, budget=0.5, progress=False)
+    out = save_compressed(model, tmp_path / "mlp-svd")
+    said = "holds a plain PyTorch model (MLP, no config.json): pass load_compressed(path, model=<a MLP>)"
+    with pytest.raises(SvdloraError) as err:
+        load_compressed(out, device="cpu")
+    assert said in str(err.value) and "model_type" not in str(err.value)
+    assert main(["eval", str(out), "--data", str(out / "README.md"), "--no-progress"]) == 2
+    assert said in capsys.readouterr().err
 
 
 def test_existing_output_is_refused_then_overwritten(tmp_path):

@@ -57,17 +57,18 @@ def _check_transformers_folder(folder: Path, data: dict) -> None:
     """A plain PyTorch model's folder has no config.json to rebuild it from (load_compressed then needs
     its instance, ``model=``, which the command line cannot pass), nor a save_pretrained to write it. A
     transformers model's record names its ``model_type``: its folder lost the config.json it was written with."""
-    if not (folder / "config.json").is_file():
-        base = data.get("base_model") or {}
-        cls = base.get("class") or "its class"
-        if base.get("model_type"):
-            source = f" ({base['name_or_path']})" if base.get("name_or_path") else ""
-            raise SvdloraError(
-                f"{str(folder)!r} holds a {cls} (model_type {base['model_type']!r}) but its config.json is missing: "
-                f"copy the base model's config.json{source} into it, or re-run `svdlora compress`"
-            )
+    from ..io.load import plain_model_class
+
+    base = data.get("base_model") or {}
+    if cls := plain_model_class(folder, base):
         raise SvdloraError(
             f"{str(folder)!r} holds a plain PyTorch model ({cls}, no config.json): only transformers models can be "
             f"exported as dense checkpoints; in Python, load_compressed(folder, model=<a {cls}>, merge=True) gives "
             "it with dense weights (save its state_dict)"
+        )
+    if not (folder / "config.json").is_file():  # a transformers model's (its model_type is recorded)
+        source = f" ({base['name_or_path']})" if base.get("name_or_path") else ""
+        raise SvdloraError(
+            f"{str(folder)!r} holds a {base.get('class') or 'its class'} (model_type {base['model_type']!r}) but its "
+            f"config.json is missing: copy the base model's config.json{source} into it, or re-run `svdlora compress`"
         )

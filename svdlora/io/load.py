@@ -49,8 +49,21 @@ def tie_as_stored(model: nn.Module, tied: dict[str, str]) -> None:
         setattr(model.get_submodule(parent), leaf, model.get_parameter(stored))
 
 
+def plain_model_class(path: Path, base: dict) -> str | None:
+    """The class of the plain PyTorch model a folder holds (no config.json, and no transformers model_type in its
+    ``base_model`` record), else None: no config rebuilds it, only an instance passed as ``model=``."""
+    if (path / "config.json").is_file() or base.get("model_type"):
+        return None
+    return base.get("class") or "its class"
+
+
 def _build_skeleton(path: Path, base: dict) -> nn.Module:
     """The base architecture with parameters on the meta device (no memory, no init)."""
+    if cls := plain_model_class(path, base):  # transformers' refusal would ask its config.json for a model_type
+        raise SvdloraError(
+            f"{str(path)!r} holds a plain PyTorch model ({cls}, no config.json): pass load_compressed(path, "
+            f"model=<a {cls}>), an instance for its weights"
+        )
     config = read_hf_config(
         path,
         lambda why: (
