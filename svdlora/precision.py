@@ -43,7 +43,8 @@ def held_fraction(names: list[str], submatrices: int, budget: float, dtype: torc
     ``dtype`` (the memory check's estimate before loading): stages are held dequantized in ``dtype``, so a
     ``full-…`` first stage holds the whole matrix, and the low-rank stages' bytes hold ``dtype``'s bits over
     their cheapest stage's bits as many (int8 factors of a float32 model: 4x; at most 2x the matrix, the rank
-    being at most the smaller side). Scales and zero points are left out, which errs on the high side."""
+    being at most the smaller side); beside them each layer keeps its stages as stored, for saving
+    (``layer.stored``): the ``budget``'s bytes again. Scales and zero points are counted in the budget."""
     formats = stage_formats(names, submatrices, dtype)
     bits = torch.finfo(dtype).bits
     full = formats[0] if formats[0].full else None
@@ -52,7 +53,7 @@ def held_fraction(names: list[str], submatrices: int, budget: float, dtype: torc
     if low:
         left = max(budget - (_value_bits(full) / bits if full else 0.0), 0.0)
         held += min(left * bits / min(_value_bits(f) for f in low), 2.0)
-    return held
+    return held + budget
 
 
 def _value_bits(fmt: StageFormat) -> int:
