@@ -23,16 +23,25 @@ def quiet_bars(shown: bool, datasets: bool = False) -> Iterator[None]:
         from datasets.utils import logging as ds_logging
 
         libraries.append(ds_logging)
+    from huggingface_hub import utils as hub_utils
+
     switches = [
         (logging.is_progress_bar_enabled, logging.disable_progress_bar, logging.enable_progress_bar)
         for logging in libraries
     ]
+    # last: transformers' switch turns the hub's on and off with its own, so the hub's is set back after it
+    switches.append(
+        (
+            lambda: not hub_utils.are_progress_bars_disabled(),
+            hub_utils.disable_progress_bars,
+            hub_utils.enable_progress_bars,
+        )
+    )
     were_shown = [is_shown() for is_shown, _, _ in switches]
-    for _, disable, _ in switches:
-        disable()
-    try:
+    try:  # the switches turned off inside: one that fails leaves none of them off
+        for _, disable, _ in switches:
+            disable()
         yield
     finally:
-        for (_, _, enable), was_shown in zip(switches, were_shown, strict=True):
-            if was_shown:
-                enable()
+        for (_, disable, enable), was_shown in zip(switches, were_shown, strict=True):
+            (enable if was_shown else disable)()
