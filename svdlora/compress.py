@@ -117,16 +117,14 @@ def compress(
                 # the calibration metric when there is one.
                 formats = plans[target.name][1]
                 weight = weight_out_in(target.module)
-                method = chain_method(config, shape, ranks[target.name])
-                options = {**chain_options(config), "method": method or config.svd_method}
-                chain = quantized_chain(weight, ranks[target.name], formats, weighting, **options)
+                chain = quantized_chain(weight, ranks[target.name], formats, weighting, **chain_options(config))
                 layer = LowRankLinear.from_chain(target.module, chain)
                 with torch.no_grad():
                     error = relative_error(weight, layer.dense_weight())
                 line = ModuleReport(
                     target.name, target.kind, shape, bias=layer.bias is not None, ranks=ranks[target.name],
                     stage_dtypes=[f.name for f in formats], rel_error=error, est_loss=est_loss.get(target.name),
-                    svd_method=method,
+                    svd_method=chain_method(config, shape, ranks[target.name]),
                 )  # fmt: skip
                 line.stored_bytes = layer_bytes(ranks[target.name], formats, *shape)
                 line.dense_bytes = target_bytes(target, dtype)

@@ -37,13 +37,13 @@ def chain_options(config: CompressionConfig) -> dict:
 
 
 def chain_method(config: CompressionConfig, shape: tuple[int, int], ranks: list[int]) -> str | None:
-    """The SVD a stage chain's low-rank stages run, 'exact' or 'randomized': chosen for the matrix and its total
-    rank, as ``decompose.factorize`` chooses for float factors (the report line says it); None where every stage
-    is full-rank (rank 0: no SVD)."""
-    low_rank = sum(ranks)
-    if not low_rank:
+    """The SVD a stage chain's low-rank stages run, for its report line: each stage is its own SVD of the residual
+    (``chain.quantized_chain``), so each chooses for its own rank ('auto': ``choose_method``), 'randomized'
+    where any of them does, else 'exact'; None where every stage is full-rank (rank 0: no SVD)."""
+    methods = {choose_method(shape, min(r, *shape), config.svd_method, config.oversampling) for r in ranks if r}
+    if not methods:
         return None
-    return choose_method(shape, min(low_rank, *shape), config.svd_method, config.oversampling)
+    return "randomized" if "randomized" in methods else "exact"
 
 
 def rank_factorizes_nothing(rank: int, layers: int) -> SvdloraError:
