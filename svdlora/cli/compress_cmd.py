@@ -93,8 +93,8 @@ def register(subparsers) -> None:
         "--no-svd-reference",
         dest="svd_reference",
         action="store_false",
-        help="skip computing the exact SVD's error for randomized factors (shown by `info` as 'vs exact'); not with "
-        "--svd exact or --stage-dtypes, which compute none",
+        help="skip computing the exact SVD's error for randomized factors of plain SVD (`info`'s 'vs exact'); "
+        "exact factors, calibrated methods and --stage-dtypes compute none, so there it changes nothing",
     )
     p.add_argument(
         "--stream",

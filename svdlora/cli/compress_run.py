@@ -81,7 +81,6 @@ def _run(args: argparse.Namespace) -> int:
             "--refit has no effect with --stage-dtypes (the refit through the quantized stages measured worse: "
             "refit_stages=True in the Python API runs it): drop one of them"
         )
-    _check_svd_reference(config)
     if args.calibration == NONE:  # in memory refused only after the load (streamed: check_streamable)
         check_without_calibration(config, streamed=streams)
     if args.eval_limit is not None and not args.eval:
@@ -157,23 +156,6 @@ def _run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _check_svd_reference(config: CompressionConfig) -> None:
-    """--no-svd-reference skips the exact SVD's error of randomized factors: refused where no reference is
-    computed anyway, as a flag that only shapes another one's work is (``calibration_flags.NEEDS``)."""
-    if config.svd_reference:
-        return
-    if config.stage_dtypes:  # chain.quantized_chain computes none (factoring.chain_options)
-        raise SvdloraError(
-            "--no-svd-reference has no effect with --stage-dtypes (their stages compute no exact-SVD reference): "
-            "drop it"
-        )
-    if config.svd_method == "exact":
-        raise SvdloraError(
-            "--no-svd-reference has no effect with --svd exact (the default: its factors are the exact ones): pass "
-            "--svd randomized or auto, or drop it"
-        )
 
 
 def _hub_outline(name: str, trust_remote_code: bool) -> nn.Module | None:
