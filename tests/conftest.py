@@ -156,6 +156,17 @@ def output_of(model, kind: str) -> torch.Tensor:
         return model(**example_inputs(kind)).logits
 
 
+@pytest.fixture(autouse=True)
+def _library_bars_on():
+    """Each test starts with transformers' (and so huggingface_hub's) bars on, as a fresh process does: the
+    benchmarks' helpers turn them off for good (benchmarks/speed.py), and since the commands set the switches
+    back as they found them (bars.quiet_bars) a test's captured output otherwise depended on the tests before it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    yield
+
+
 @pytest.fixture(params=sorted(TINY_MODELS))
 def tiny_model(request):  # noqa: D103
     torch.manual_seed(0)

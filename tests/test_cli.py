@@ -19,6 +19,7 @@ from .eval_helpers import CONFIG_DAMAGE
 
 
 def run_cli(capsys, *args):
+    capsys.readouterr()  # only the command's output: a test's own loads and saves draw transformers' bars
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err

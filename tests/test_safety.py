@@ -47,6 +47,7 @@ def leftovers(root: Path) -> list[str]:
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()  # only the command's output: a test's own loads and saves draw transformers' bars
     try:
         code = main([str(a) for a in args])
     except SystemExit as stop:  # a flag value the parser refuses
