@@ -300,7 +300,7 @@ def resolve_method(method: str, calibration: Any, config: CompressionConfig) -> 
 
 # CompressionConfig settings of the compressed model's storage or passes, which an adapter has not
 _COMPRESS_ONLY = {
-    "stage_dtypes": "a peft LoRA adapter stores its factors in the models' dtype",
+    "stage_dtypes": "a peft LoRA adapter stores its factors in the model's dtype",
     "pivot": "a LoRA pair is not pivoted (the ranks would be priced as pivoted factors, above the budget)",
     "refit": "the refit pass is compress's",
 }
