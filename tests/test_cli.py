@@ -402,6 +402,21 @@ def test_help_names_only_flags_the_command_has():
             assert not missing, f"svdlora {name}: the help of {action.dest} names {sorted(missing)}"
 
 
+def test_help_speaks_of_stage_dtypes_only_where_the_command_has_them():
+    """sweep's --allocation help (shared with compress) said '(of its bytes where stage dtypes are set)', and sweep
+    has no --stage-dtypes: a user looked for a flag that is not there."""
+    import argparse
+
+    from svdlora.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in subparsers.choices.items():
+        if any("--stage-dtypes" in action.option_strings for action in parser._actions):
+            continue
+        for action in parser._actions:
+            assert "stage dtype" not in (action.help or ""), f"svdlora {name}: the help of {action.dest}"
+
+
 def test_sweep_submatrices_help_says_what_compress_does():
     """sweep's --submatrices help said 'factor pairs per matrix', which its default (pivoted factors: the
     stages summed into one pivoted pair) does not store; it reads as compress's: residual SVD stages."""

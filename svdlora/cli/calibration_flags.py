@@ -19,9 +19,10 @@ AUTO, NONE, SELF = "auto", "none", "self"
 DEFAULT = {f.name: f.default for f in fields(CompressionConfig)}  # one source of truth for the defaults
 
 
-def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> None:
+def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True, stage_dtypes: bool = True) -> None:
     """The calibration flags; ``compress=False`` (extract) keeps the data and method flags only, with
-    calibration off by default (the other flags shape compression: allocation, refit, healing)."""
+    calibration off by default (the other flags shape compression: allocation, refit, healing);
+    ``stage_dtypes``: the command has --stage-dtypes, which makes the budget count bytes."""
     title = (
         "what makes the compressed model still work" if compress else "the inputs the adapter's error is measured on"
     )
@@ -70,8 +71,11 @@ def add_calibration_flags(p: argparse.ArgumentParser, compress: bool = True) -> 
         "--allocation",
         choices=ALLOCATIONS,
         default="auto",
-        help="'uniform': every matrix the same share of its parameters (of its bytes where stage dtypes are set); "
-        "'global': ranks chosen together from the loss each parameter (byte) buys (may keep a sensitive matrix dense). "
+        help="'uniform': every matrix the same share of its parameters"
+        + (" (of its bytes where stage dtypes are set)" if stage_dtypes else "")
+        + "; 'global': ranks chosen together from the loss each parameter"
+        + (" (byte)" if stage_dtypes else "")
+        + " buys (may keep a sensitive matrix dense). "
         "Default 'auto': global with calibration and a budget, else uniform",
     )
     g.add_argument(

@@ -73,7 +73,7 @@ def register(subparsers) -> None:
         help="where the evaluation runs: cpu, cuda (default: cuda when available); the SVDs stay on the CPU "
         "(unlike `compress --device`, the SVD device)",
     )
-    add_calibration_flags(p)
+    add_calibration_flags(p, stage_dtypes=False)
     p.add_argument("-o", "--output", required=True, help="folder for the table, JSON, plot (and model)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results / model in the folder")
     options.add_progress_flag(p)
