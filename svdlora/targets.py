@@ -101,6 +101,9 @@ def _stored_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if stored is None else stored  # old-style weight_norm: an attribute its hook sets
 
 
+PATTERN_REASONS = ("not matched by --include", "matched by --exclude")  # the reasons find_targets gives
+
+
 def _head_modules(model: nn.Module) -> set[int]:
     """ids of modules that are the output head or share their weight with an embedding."""
     heads = set()
@@ -136,9 +139,9 @@ def find_targets(
     """The layers to factorize, and for every other Linear/Conv1D the reason it stays dense. ``dtype_of(name)``:
     the dtype a layer's weight is loaded (and its factors stored) in, where the model's is not it (a streamed
     plan's meta weights); None, or a None answer: the weight's dtype."""
-    heads = _head_modules(model) if config.keep_head else set()
+    heads = _head_modules(model)
     sharers = _weight_sharers(model)
-    targets, dense, names, shared, aliased = [], {}, [], set(), set()
+    targets, dense, names, shared, aliased, head_names = [], {}, [], set(), set(), []
     if dense_kind(model):
         raise SvdloraError("the model is a single Linear/Conv1D layer: wrap it, e.g. nn.Sequential(layer)")
     for name, module in model.named_modules():
@@ -148,12 +151,14 @@ def find_targets(
         names.append(name)
         weight = weight_out_in(module)
         out_features, in_features = weight.shape
-        top = name.split(".")[0]
+        is_head = id(module) in heads or name.split(".")[0] in HEAD_NAMES
+        if is_head:
+            head_names.append(name)
         if config.include is not None and not any(matches(name, p) for p in config.include):
-            dense[name] = "not matched by --include"
+            dense[name] = PATTERN_REASONS[0]
         elif any(matches(name, p) for p in config.exclude):
-            dense[name] = "matched by --exclude"
-        elif config.keep_head and (id(module) in heads or top in HEAD_NAMES):
+            dense[name] = PATTERN_REASONS[1]
+        elif config.keep_head and is_head:
             dense[name] = HEAD_REASON
         elif name in sharers:
             others, one_module = sharers[name]
@@ -173,6 +178,7 @@ def find_targets(
                 )
     if targets:  # with none, the caller's "nothing is targeted" error names the patterns already
         check_every_pattern_matches(names, config)
+        check_head_targeted(head_names, dense, config)
     for groups, why in ((shared, SHARED_WHY), (aliased, ALIAS_WHY)):
         if groups:
             logger.warning("kept dense, as %s: %s", why, "; ".join(" and ".join(group) for group in sorted(groups)))
@@ -201,6 +207,18 @@ def check_every_pattern_matches(names: list[str], config: CompressionConfig) -> 
                     f"{flag} {pattern!r} matches none of the {len(names)} Linear/Conv1D layers (e.g. "
                     f"{', '.join(names[:3])}): fix the pattern or drop it"
                 )
+
+
+def check_head_targeted(head_names: list[str], dense: dict[str, str], config: CompressionConfig) -> None:
+    """--compress-head whose every head layer the patterns leave dense does nothing: refused, as a pattern that
+    matches nothing is, since one of the two flags is not what the user meant."""
+    if config.keep_head or not head_names or not all(dense.get(name) in PATTERN_REASONS for name in head_names):
+        return
+    why = "; ".join(f"{name} {dense[name]}" for name in head_names)
+    raise SvdloraError(
+        f"--compress-head (keep_head=False) does nothing here: the output head stays dense ({why}): "
+        "drop --compress-head or the pattern"
+    )
 
 
 def check_patterns_before_load(outline: nn.Module, config: CompressionConfig, source: str) -> None:

@@ -144,6 +144,19 @@ def test_a_pattern_that_matches_no_layer_is_refused(patterns, message):
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize(
+    "patterns, why",
+    [({"exclude": ["lm_head"]}, "lm_head matched by --exclude"), ({"include": ["q_proj"]}, "lm_head not matched by")],
+)
+def test_compress_head_that_the_patterns_leave_dense_is_refused(patterns, why):
+    """--compress-head --exclude lm_head (or --include q_proj) kept the head dense without a word: the flag did
+    nothing. Refused, as a pattern that matches nothing is; the head alone under --compress-head is factorized."""
+    with pytest.raises(SvdloraError, match=f"--compress-head .*does nothing here.*{why}"):
+        compress(TINY_MODELS["llama"](), budget=0.5, keep_head=False, progress=False, **patterns)
+    report = compress(TINY_MODELS["llama"](), budget=0.5, keep_head=False, include=["lm_head"], progress=False)
+    assert [m.name for m in report.factorized] == ["lm_head"]
+
+
 def test_plain_mlp_and_fixed_rank():
     model = MLP()
     x = torch.randn(4, 48)
