@@ -137,6 +137,19 @@ def check_data(data: Any) -> None:
         )
 
 
+def warn_if_cut(model: nn.Module, length: int) -> None:
+    """A window length the user gave beyond the model's positions reads windows of its positions: said once, naming
+    both (the caller asks only for a given length: the default 512 is more than tiny test models' 64)."""
+    limit = _max_positions(model)
+    if length > limit and model_kind(model) in ("causal-lm", "encoder"):  # the kinds that read text windows
+        logger.warning(
+            "--calibration-length %d is more than the model's %d positions: the windows are %d tokens",
+            length,
+            limit,
+            limit,
+        )
+
+
 def _max_positions(model: nn.Module) -> int:
     config = model.config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -2483,3 +2483,18 @@ def test_calibration_from_a_dataset_file_without_progress_shows_no_bar(tmp_path,
     err = capsys.readouterr().err
     assert "Generating train split" not in err and "it/s" not in err, err
     assert datasets.is_progress_bar_enabled()  # set back: the caller's other reads keep their bars
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_calibration_length_beyond_the_positions_is_said_once(gpt2_with_tokenizer, caplog, stream):
+    """--calibration-length 100 on a model of 64 positions calibrated on 64-token windows without a word; the default
+    length (512, more than tiny models' positions) is not the user's, so it says nothing."""
+    root = gpt2_with_tokenizer
+    said = "--calibration-length 100 is more than the model's 64 positions"
+    for length, count in ((["--calibration-length", "100"], 1), ([], 0)):
+        caplog.clear()
+        args = ["compress", root / "dense", "-o", root / "out", "--overwrite", "--calibration", root / "text.txt"]
+        code = main(
+            [str(a) for a in [*args, "--calibration-samples", "2", *length, "--no-progress"]] + stream * ["--stream"]
+        )
+        assert code == 0 and caplog.text.count(said) == count == caplog.text.count("positions"), caplog.text

@@ -143,10 +143,15 @@ def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def warn_unread_sizes(args: argparse.Namespace, calibration: Any) -> None:
+def warn_unread_sizes(args: argparse.Namespace, calibration: Any, model: nn.Module | None = None) -> None:
     """--calibration auto that means none here (a model other than a causal LM, plain SVD with uniform
     allocation, a streamed run) reads no data: say so where a calibration size was given, which it ignores
-    (with an explicit --calibration none such a size is refused before the load)."""
+    (with an explicit --calibration none such a size is refused before the load). A given --calibration-length
+    beyond the positions of ``model`` (the loaded one or its meta outline) is cut to them: said too."""
+    if calibration is not None and model is not None and getattr(args, "calibration_length", None) is not None:
+        from ..calibration_data import warn_if_cut
+
+        warn_if_cut(model, args.calibration_length)
     if calibration is not None or getattr(args, "calibration", None) != AUTO:
         return
     for name in SIZES:

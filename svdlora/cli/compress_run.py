@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     if processor is None:  # a keyword ('self' reads the same tokenizer): --eval's, where it was loaded
         processor = eval_processor
     calibration, processor = resolve_calibration(args.calibration, model, args.model, processor, config)
-    warn_unread_sizes(args, calibration)
+    warn_unread_sizes(args, calibration, model)
     report = compress(model, config, calibration=calibration, processor=processor, progress=args.progress)
     if not report.factorized and args.rank is not None:  # the API reports it; the CLI must not write a copy
         tried = [m for m in report.modules if (m.dense_reason or "").endswith(RANK_NOT_SMALLER)]  # the targets
@@ -197,7 +197,8 @@ def _run_streamed(
                 "by default, which needs the whole model in memory; --calibration DATA calibrates block by block)",
                 file=sys.stderr,
             )
-            warn_unread_sizes(args, None)
+        if ctx.is_main:  # sizes the run does not read as given: the meta outline's positions
+            warn_unread_sizes(args, calibration if calibrating else None, meta)
 
     with _in_memory_advice(args.stream, distributed.launched()):  # a refusal's advice, for how this run streams
         check_streamable(config, calibration)

@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     base = load_pretrained(args.base, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
     tuned = load_pretrained(args.tuned, dtype=args.dtype, trust_remote_code=args.trust_remote_code).eval()
     calibration, processor = resolve_calibration(data, tuned, args.tuned, processor, config)
-    warn_unread_sizes(args, calibration)
+    warn_unread_sizes(args, calibration, tuned)
     extraction = write_adapter(
         base, tuned, output, config, calibration=calibration, processor=processor, base_name=args.base,
         tuned_name=args.tuned, overwrite=args.overwrite, progress=args.progress,

@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
     # the evaluation's processor reads the calibration data too (the task fits the model: its tokenizer or
     # image processor, as resolve_calibration would load it)
     calibration, calibration_processor = resolve_calibration(args.calibration, model, args.model, processor, config)
-    warn_unread_sizes(args, calibration)
+    warn_unread_sizes(args, calibration, model)
     if calibration is None:  # 'auto' is none for models other than causal LMs
         check_without_calibration(config)
     if calibration is not None and not uses_calibration(config):  # said once, not at every budget
