@@ -437,10 +437,10 @@ def _edited_stage_folder(tmp_path, edit: str):
     compress(model, budget=0.4, submatrices=2, stage_dtypes=["full-int8", "int4g32"], progress=False)
     out = save_compressed(model, tmp_path / "out")
     name, path = "transformer.h.0.mlp.c_fc", out / WEIGHTS_NAME
-    if edit == "group":  # Aᵀ is (r, 128): 4 groups of 32, where int4 (group 128) has 1
+    if edit in ("group", "unknown"):  # group: Aᵀ is (r, 128), 4 groups of 32, where int4 (group 128) has 1
         config = json.loads((out / CONFIG_NAME).read_text())
         entry = next(m for m in config["report"]["modules"] if m["name"] == name)
-        entry["stage_dtypes"][1] = "int4"
+        entry["stage_dtypes"][1] = "int4" if edit == "group" else "int9"
         (out / CONFIG_NAME).write_text(json.dumps(config))
         return out
     with safe_open(str(path), framework="pt") as f:
@@ -461,6 +461,16 @@ def test_quantized_stage_tensors_of_the_wrong_shape_are_refused_in_one_line(edit
         load_compressed(out, device="cpu")
     assert main(["info", str(out), "--verify"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_an_unknown_stage_dtype_in_the_folder_is_named(tmp_path, capsys):
+    """A stage dtype edited to 'int9' was read as a float stage and refused as "lacks tensor ...stage1.A", which
+    sent the user to a tensor that was never meant to be there; it names the dtype (parse_format's refusal)."""
+    out = _edited_stage_folder(tmp_path, "unknown")
+    with pytest.raises(SvdloraError, match="stage 1 has stage dtype 'int9' \\(unknown stage dtype 'int9'"):
+        load_compressed(out, device="cpu")
+    assert main(["info", str(out)]) == 2
+    assert "unknown stage dtype 'int9'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", [8, True, b"int8", [torch.int8], ["int8", None], {"int8": 1}])

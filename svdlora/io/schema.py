@@ -161,12 +161,12 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
             expected = {f"{m.name}.pivoted.B": [total, in_f], f"{m.name}.pivoted.C": [out_f - total, total]}
             expected[f"{m.name}.pivoted.rows"] = [total]
         for j, r in enumerate([] if m.pivoted else m.ranks):
-            if _stage_kind(m.stage_dtypes[j] if j < len(m.stage_dtypes) else "float32") == "float":
+            fmt = _stage_format(m, j, weights)  # an unknown name refused as such, not read as a float stage
+            if not fmt.quantized:
                 expected[f"{m.name}.stage{j}.A"] = [out_f, r]
                 expected[f"{m.name}.stage{j}.B"] = [r, in_f]
                 continue
             # quantized (issue 9): q / scales [/ zeros] per factor (A stored as Aᵀ), or of the whole matrix W
-            fmt = _stage_format(m, j, weights)
             stored = {"W": (out_f, in_f)} if fmt.full else {"A": (r, out_f), "B": (r, in_f)}
             for key, (rows, cols) in stored.items():
                 parts = stored_shapes(fmt, rows, cols)
@@ -193,12 +193,14 @@ def check_factor_shapes(modules, shapes: dict[str, list[int]], weights: Path) ->
 
 
 def _stage_format(m, j: int, weights: Path):
-    """Stage ``j``'s quantized format, or the one-line refusal of a name svdlora does not write (e.g. int4g7)."""
+    """Stage ``j``'s format (float32 where the config lists none: folders from before stage dtypes), or the
+    one-line refusal of a name svdlora does not write (e.g. int4g7, int9)."""
+    name = m.stage_dtypes[j] if j < len(m.stage_dtypes) else "float32"
     try:
-        return parse_format(m.stage_dtypes[j])
+        return parse_format(name)
     except SvdloraError as err:
         raise SvdloraError(
-            f"{str(weights)!r}: {m.name} stage {j} has stage dtype {m.stage_dtypes[j]!r} ({err}): the folder was "
+            f"{str(weights)!r}: {m.name} stage {j} has stage dtype {name!r} ({err}): the folder was "
             "edited; re-run `svdlora compress`"
         ) from None
 
