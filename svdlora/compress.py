@@ -27,7 +27,7 @@ from .refit import collect_cross_statistics, readers, refit_factors, refit_targe
 from .report import CompressionReport, ModuleReport
 from .save_guard import guard_save_pretrained
 from .swap import restored_on_error, untie_factorized_head, warn_untied_head
-from .targets import Target, find_targets, nothing_targeted, stacked_matrices_note
+from .targets import Target, compression_targets, stacked_matrices_note
 
 logger = logging.getLogger(__name__)
 
@@ -219,9 +219,7 @@ def _dense_targets(model: nn.Module, config: CompressionConfig) -> tuple[list[Ta
     """The layers ``config`` targets in ``model``, which must be dense (never compressed) and finite."""
     if getattr(model, REPORT_ATTR, None) is not None:
         raise SvdloraError("this model is already compressed: compress the original model instead")
-    targets, dense = find_targets(model, config)
-    if not targets:
-        raise nothing_targeted(dense)
+    targets, dense = compression_targets(model, config)
     check_finite(model)
     return targets, dense
 

@@ -104,6 +104,16 @@ def _stored_weight(module: nn.Module) -> torch.Tensor:
 PATTERN_REASONS = ("not matched by --include", "matched by --exclude")  # the reasons find_targets gives
 
 
+def _head_names(model: nn.Module) -> set[str]:
+    """The Linear/Conv1D layers keep_head leaves dense: the output head, layers tied to an embedding, HEAD_NAMES."""
+    heads = _head_modules(model)
+    return {
+        name
+        for name, module in model.named_modules()
+        if dense_kind(module) and (id(module) in heads or name.split(".")[0] in HEAD_NAMES)
+    }
+
+
 def _head_modules(model: nn.Module) -> set[int]:
     """ids of modules that are the output head or share their weight with an embedding."""
     heads = set()
@@ -139,9 +149,9 @@ def find_targets(
     """The layers to factorize, and for every other Linear/Conv1D the reason it stays dense. ``dtype_of(name)``:
     the dtype a layer's weight is loaded (and its factors stored) in, where the model's is not it (a streamed
     plan's meta weights); None, or a None answer: the weight's dtype."""
-    heads = _head_modules(model)
+    heads = _head_names(model) if config.keep_head else set()
     sharers = _weight_sharers(model)
-    targets, dense, names, shared, aliased, head_names = [], {}, [], set(), set(), []
+    targets, dense, names, shared, aliased = [], {}, [], set(), set()
     if dense_kind(model):
         raise SvdloraError("the model is a single Linear/Conv1D layer: wrap it, e.g. nn.Sequential(layer)")
     for name, module in model.named_modules():
@@ -151,14 +161,11 @@ def find_targets(
         names.append(name)
         weight = weight_out_in(module)
         out_features, in_features = weight.shape
-        is_head = id(module) in heads or name.split(".")[0] in HEAD_NAMES
-        if is_head:
-            head_names.append(name)
         if config.include is not None and not any(matches(name, p) for p in config.include):
             dense[name] = PATTERN_REASONS[0]
         elif any(matches(name, p) for p in config.exclude):
             dense[name] = PATTERN_REASONS[1]
-        elif config.keep_head and is_head:
+        elif name in heads:
             dense[name] = HEAD_REASON
         elif name in sharers:
             others, one_module = sharers[name]
@@ -178,7 +185,6 @@ def find_targets(
                 )
     if targets:  # with none, the caller's "nothing is targeted" error names the patterns already
         check_every_pattern_matches(names, config)
-        check_head_targeted(head_names, dense, config)
     for groups, why in ((shared, SHARED_WHY), (aliased, ALIAS_WHY)):
         if groups:
             logger.warning("kept dense, as %s: %s", why, "; ".join(" and ".join(group) for group in sorted(groups)))
@@ -209,10 +215,24 @@ def check_every_pattern_matches(names: list[str], config: CompressionConfig) -> 
                 )
 
 
-def check_head_targeted(head_names: list[str], dense: dict[str, str], config: CompressionConfig) -> None:
+def compression_targets(
+    model: nn.Module, config: CompressionConfig, dtype_of: Callable[[str], torch.dtype | None] | None = None
+) -> tuple[list[Target], dict[str, str]]:
+    """``find_targets`` for compression (in memory or streamed): refused where nothing is targeted, or where
+    --compress-head does nothing (``check_head_targeted``)."""
+    targets, dense = find_targets(model, config, dtype_of)
+    if not targets:
+        raise nothing_targeted(dense)
+    check_head_targeted(model, dense, config)
+    return targets, dense
+
+
+def check_head_targeted(model: nn.Module, dense: dict[str, str], config: CompressionConfig) -> None:
     """--compress-head whose every head layer the patterns leave dense does nothing: refused, as a pattern that
-    matches nothing is, since one of the two flags is not what the user meant."""
-    if config.keep_head or not head_names or not all(dense.get(name) in PATTERN_REASONS for name in head_names):
+    matches nothing is, since one of the two flags is not what the user meant. Compression's only: extract
+    advises keep_head=False with the head excluded for a head of another kind than the blocks."""
+    head_names = sorted(_head_names(model)) if not config.keep_head else []
+    if not head_names or not all(dense.get(name) in PATTERN_REASONS for name in head_names):
         return
     why = "; ".join(f"{name} {dense[name]}" for name in head_names)
     raise SvdloraError(

@@ -30,7 +30,7 @@ from ..models import (
 )
 from ..pivoted import PivotedLowRankLinear
 from ..swap import restore_dense, untie_factorized_head
-from ..targets import find_targets, nothing_targeted
+from ..targets import compression_targets
 
 
 @dataclass
@@ -168,9 +168,7 @@ def plan(
     out = Plan(ckpt, hf_config, model, [], {}, [], {}, params_before, target_dtype)
     out.keeps_fp32, out.names_of = keep_in_fp32(model, target_dtype), names_of
     # the meta weights are not in the load's dtype, which the factors are stored in and prices the pivot indices
-    targets, dense = find_targets(model, config, dtype_of=out.weight_dtype)
-    if not targets:
-        raise nothing_targeted(dense)
+    targets, dense = compression_targets(model, config, dtype_of=out.weight_dtype)
     out.targets, out.dense = targets, dense
     ranks, allocator_dense = allocation or allocate_ranks(targets, config)
     dense.update(allocator_dense)
