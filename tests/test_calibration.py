@@ -2156,7 +2156,10 @@ def test_the_report_counts_the_tokens_without_padding():
 def test_a_calibration_size_without_calibration_is_refused(tmp_path, capsys, monkeypatch, command, flag):
     """--calibration none (extract's default) with --calibration-samples / --calibration-length N ran without
     a word about N, which reads nothing: refused before the model loads, naming the flag and the fix."""
-    monkeypatch.setattr("svdlora.models.load_pretrained", _never_called)
+    # compress_run takes load_pretrained at its import: patched there first (a first import under the patch of
+    # svdlora.models kept _never_called for good, and the tests after it failed, in some orders)
+    monkeypatch.setattr("svdlora.cli.compress_run.load_pretrained", _never_called)
+    monkeypatch.setattr("svdlora.models.load_pretrained", _never_called)  # extract's and sweep's (imported late)
     model, out = tmp_path / "model", tmp_path / "out"
     extract = ["extract", "--base", model, "--tuned", model, "--budget", "0.1", "-o", out]
     args = {
@@ -2498,3 +2501,17 @@ def test_a_calibration_length_beyond_the_positions_is_said_once(gpt2_with_tokeni
             [str(a) for a in [*args, "--calibration-samples", "2", *length, "--no-progress"]] + stream * ["--stream"]
         )
         assert code == 0 and caplog.text.count(said) == count == caplog.text.count("positions"), caplog.text
+
+
+def test_the_length_warning_of_self_generated_text_names_its_cap(caplog):
+    """Self-generated windows are at most SELF_LENGTH (256) tokens: on a model of more positions the warning said
+    'the windows are 512 tokens' where they were 256 (found by the session's review)."""
+    from svdlora.calibration_data import SELF, SELF_LENGTH, warn_if_cut
+
+    model = tiny_llama()
+    model.config.max_position_embeddings = 512
+    warn_if_cut(model, 1000, SELF)
+    assert f"more than self-generated text's {SELF_LENGTH} tokens: the windows are {SELF_LENGTH} tokens" in caplog.text
+    caplog.clear()
+    warn_if_cut(model, 1000, "text.txt")
+    assert "more than the model's 512 positions: the windows are 512 tokens" in caplog.text
