@@ -137,17 +137,15 @@ def check_data(data: Any) -> None:
         )
 
 
-def warn_if_cut(model: nn.Module, length: int) -> None:
-    """A window length the user gave beyond the model's positions reads windows of its positions: said once, naming
-    both (the caller asks only for a given length: the default 512 is more than tiny test models' 64)."""
-    limit = _max_positions(model)
+def warn_if_cut(model: nn.Module, length: int, data: Any = None) -> None:
+    """A window length the user gave beyond what the windows can hold reads shorter windows: said once, naming both
+    (the caller asks only for a given length: the default 512 is more than tiny test models' 64). The model's
+    positions bound every text window; self-generated text (``data`` SELF) also ``SELF_LENGTH``."""
+    positions = _max_positions(model)
+    limit = min(SELF_LENGTH, positions) if data == SELF else positions
     if length > limit and model_kind(model) in ("causal-lm", "encoder"):  # the kinds that read text windows
-        logger.warning(
-            "--calibration-length %d is more than the model's %d positions: the windows are %d tokens",
-            length,
-            limit,
-            limit,
-        )
+        bound = f"the model's {positions} positions" if limit == positions else f"self-generated text's {limit} tokens"
+        logger.warning("--calibration-length %d is more than %s: the windows are %d tokens", length, bound, limit)
 
 
 def _max_positions(model: nn.Module) -> int:

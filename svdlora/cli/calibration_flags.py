@@ -151,7 +151,7 @@ def warn_unread_sizes(args: argparse.Namespace, calibration: Any, model: nn.Modu
     if calibration is not None and model is not None and getattr(args, "calibration_length", None) is not None:
         from ..calibration_data import warn_if_cut
 
-        warn_if_cut(model, args.calibration_length)
+        warn_if_cut(model, args.calibration_length, calibration)
     if calibration is not None or getattr(args, "calibration", None) != AUTO:
         return
     for name in SIZES:
