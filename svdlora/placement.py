@@ -81,14 +81,17 @@ def resolve_device_map(
 def _checked_names(model: nn.Module, plan: dict) -> dict:
     """A dict's keys must name the model's modules or tensors ('' for the rest): a typo's layers went, without a
     word, to the device of the module holding them (or of '')."""
-    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
-    names |= {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    modules = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    names = modules | {name for name, _ in model.named_parameters(remove_duplicate=False)}
     names |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     unknown = [key for key in plan if key not in names]
     if unknown:
+        # a dense model's tensor name ('...gate_proj.weight') of a layer that holds factors here: name the layer
+        held = [key.rpartition(".")[0] for key in unknown if key.rpartition(".")[0] in modules]
+        fix = f"name the layer instead ({held[0]!r}: its tensors here are factors)" if held else "fix the name"
         raise SvdloraError(
             f"device_map names {', '.join(map(repr, unknown[:3]))}, which the model does not have (its top-level "
-            f"modules: {', '.join(list(dict(model.named_children()))[:4])}): fix the name"
+            f"modules: {', '.join(list(dict(model.named_children()))[:4])}): {fix}"
         )
     return plan
 

@@ -121,6 +121,9 @@ def test_a_device_map_naming_a_module_the_model_lacks_is_refused(folder):
     named = {"": "cpu", f"{layers}.1": "cpu", f"{layers}.1.mlp": "cpu"}  # modules and a tensor, under their names
     tensor = next(name for name, _ in load_compressed(path, device="cpu").named_parameters() if name.endswith(".B"))
     load_compressed(path, device_map=named | {tensor: "cpu"})
+    dense_name = tensor.rpartition(".")[0] + ".weight"  # the dense model's name of a factorized layer's weight
+    with pytest.raises(SvdloraError, match=re.escape(f"name the layer instead ({dense_name[:-7]!r}: its tensors here")):
+        load_compressed(path, device_map={"": "cpu", dense_name: "cpu"})
 
 
 def test_device_and_device_map_together_are_refused(folder):
