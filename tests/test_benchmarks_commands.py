@@ -1,4 +1,5 @@
-"""Every benchmark command BENCHMARKS.md and README.md quote still parses with its script's flags.
+"""Every benchmark command BENCHMARKS.md and README.md quote still parses with its script's flags, and
+every `svdlora CMD --flag value` README.md quotes (in code or its flag tables) exists in the CLI.
 
 A flag renamed or removed in a script leaves the recorded commands (the reproduction recipe of each
 figure) unrunnable without anything failing; this parses each one against its script's parser, stopping
@@ -132,3 +133,80 @@ def test_every_recorded_benchmark_command_parses(monkeypatch, capsys):
 )  # fmt: skip
 def test_a_flag_the_parser_does_not_take_is_reported(kind, argv, error, monkeypatch):
     assert parse_error("mnist_blog", kind, argv, monkeypatch) == error
+
+
+# `svdlora CMD` in a code span (not `from svdlora import`); the flags after it up to a comment, pipe or redirect.
+SVDLORA_COMMAND = re.compile(r"(?<![\w./-])(?<!from )(?<!import )svdlora\s+([a-z][\w-]*)")
+# The flag tables: each README section's flags are one command's.
+TABLE_COMMAND = {"Command line": "compress", "Python API": "compress", "Evaluation": "eval"}
+
+
+def svdlora_parsers() -> dict[str, argparse.ArgumentParser]:
+    from svdlora.cli import build_parser
+
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def flag_errors(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
+    """The flags among ``words`` that ``parser`` lacks, and the literal values (``a|b``: each) outside a
+    flag's choices; placeholders (FOLDER, N, ...) and elided values are not checked."""
+    errors = []
+    for k, word in enumerate(words):
+        if not word.startswith("--"):
+            continue
+        flag, _, value = word.partition("=")
+        action = parser._option_string_actions.get(flag)
+        if action is None:
+            errors.append(f"no flag {flag}")
+            continue
+        value = value or (words[k + 1] if k + 1 < len(words) and not words[k + 1].startswith("-") else "")
+        if action.choices is not None and value:
+            errors += [
+                f"{flag} {v}: not one of {list(action.choices)}"
+                for v in value.split("|")
+                if v.islower() and v not in action.choices
+            ]
+    return errors
+
+
+def readme_svdlora_uses() -> list[tuple[str, str, list[str]]]:
+    """(where, command, words after it) of each `svdlora CMD ...` in README.md's code, and of each flag
+    table row (its first cell) with the command of the table's section."""
+    text = (ROOT / "README.md").read_text()
+    found = []
+    for line, code in code_spans(text):
+        for m in SVDLORA_COMMAND.finditer(code):
+            rest = re.split(r"\s#|;|&&|\s\|\s|>", code[m.end() :])[0]
+            words = [w for w in rest.split() if "..." not in w and "…" not in w]
+            found.append((f"README.md:{line}", m.group(1), words))
+    section = None
+    for line, row in enumerate(text.splitlines(), 1):
+        section = row[3:].strip() if row.startswith("## ") else section
+        if row.startswith("| `--"):
+            cell = row.split(" | ")[0].replace("\\|", "|")
+            words = [w for span in re.findall(r"`([^`]+)`", cell) for w in span.replace(",", " ").split()]
+            found.append((f"README.md:{line}", TABLE_COMMAND.get(section, f"(a table in '{section}')"), words))
+    return found
+
+
+def test_every_svdlora_command_and_flag_the_readme_quotes_exists():
+    """A flag or option value renamed in the CLI leaves README's examples and tables wrong without
+    anything failing; each quoted `svdlora CMD --flag value` is checked against CMD's parser."""
+    parsers, uses = svdlora_parsers(), readme_svdlora_uses()
+    assert {"compress", "info", "eval", "export", "convert-gguf", "extract", "sweep"} <= {c for _, c, _ in uses}
+    failures = [
+        f"{where}: svdlora {command}: {error}"
+        for where, command, words in uses
+        for error in (flag_errors(parsers[command], words) if command in parsers else ["no such command"])
+    ]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize(
+    ("words", "errors"),
+    [(["--runtime", "auto|merged"], []), (["--runtime", "auto|merge"], ["--runtime merge: not one of"]),
+     (["--runtim"], ["no flag --runtim"]), (["--runtime=FOLDER", "--json", "out.json"], [])],
+)  # fmt: skip
+def test_a_flag_or_value_the_cli_lacks_is_reported(words, errors):
+    found = flag_errors(svdlora_parsers()["eval"], words)
+    assert len(found) == len(errors) and all(e.startswith(x) for e, x in zip(found, errors, strict=True))
