@@ -1,5 +1,6 @@
 """Every benchmark command BENCHMARKS.md and README.md quote still parses with its script's flags, and
-every `svdlora CMD --flag value` README.md quotes (in code or its flag tables) exists in the CLI.
+every `svdlora CMD --flag value` README.md quotes (in code or its flag tables) exists in the CLI, and every
+keyword its Python examples pass to an svdlora function is one that function takes.
 
 A flag renamed or removed in a script leaves the recorded commands (the reproduction recipe of each
 figure) unrunnable without anything failing; this parses each one against its script's parser, stopping
@@ -9,7 +10,10 @@ right after parsing, so nothing is measured. BENCHMARKS.md holds every benchmark
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import importlib
+import inspect
 import re
 import shlex
 import sys
@@ -210,3 +214,60 @@ def test_every_svdlora_command_and_flag_the_readme_quotes_exists():
 def test_a_flag_or_value_the_cli_lacks_is_reported(words, errors):
     found = flag_errors(svdlora_parsers()["eval"], words)
     assert len(found) == len(errors) and all(e.startswith(x) for e, x in zip(found, errors, strict=True))
+
+
+def readme_python_calls() -> list[tuple[str, str, str]]:
+    """(where, svdlora function, keyword) of every keyword argument README.md's Python passes to an
+    svdlora function: its ```python blocks and inline calls, names resolved through the README's own
+    ``from svdlora... import`` lines (commented ones too) and svdlora's top-level names."""
+    text = (ROOT / "README.md").read_text()
+    names = dict.fromkeys(importlib.import_module("svdlora").__all__, "svdlora")
+    for m in re.finditer(r"from (svdlora[\w.]*) import ([\w, ]+)", text):
+        names |= {n.strip(): m.group(1) for n in m.group(2).split(",")}
+    blocks = [
+        (text[: m.start()].count("\n") + 2, m.group(1))
+        for m in re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S)
+    ]
+    found = []
+    for line, code in blocks + list(code_spans(text)):
+        try:
+            tree = ast.parse(code.strip())
+        except SyntaxError:  # shell, prose, one line of a block's multi-line call
+            continue
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            dotted = ast.unparse(call.func)
+            module, _, name = (
+                dotted.rpartition(".") if dotted.startswith("svdlora.") else (names.get(dotted), "", dotted)
+            )
+            if module:
+                found += [(f"README.md:{line}", f"{module}:{name}", k.arg) for k in call.keywords if k.arg]
+    return found
+
+
+def accepted_keywords(function) -> set[str] | None:
+    """The keywords ``function`` takes; its ``**options`` are a settings dataclass's fields (compress and
+    write_adapter: CompressionConfig, evaluate: EvalOptions); None where it takes any."""
+    from svdlora.config import CompressionConfig
+    from svdlora.evaluation.options import EvalOptions
+
+    parameters = inspect.signature(function).parameters
+    named = {n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if all(p.kind != p.VAR_KEYWORD for p in parameters.values()):
+        return named
+    options = {"compress": CompressionConfig, "write_adapter": CompressionConfig, "evaluate": EvalOptions}.get(
+        function.__name__
+    )
+    return None if options is None else named | {f.name for f in dataclasses.fields(options)}
+
+
+def test_every_keyword_the_readme_passes_to_svdlora_exists():
+    """A keyword renamed in the API leaves README's examples failing with TypeError only when run."""
+    calls = readme_python_calls()
+    assert {"svdlora:load_compressed", "svdlora:compress", "svdlora.evaluation:evaluate"} <= {f for _, f, _ in calls}
+    failures = []
+    for where, function, keyword in calls:
+        module, _, name = function.partition(":")
+        accepted = accepted_keywords(getattr(importlib.import_module(module), name))
+        if accepted is not None and keyword not in accepted:
+            failures.append(f"{where}: {module}.{name}() takes no {keyword}=")
+    assert not failures, "\n".join(failures)
