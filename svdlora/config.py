@@ -7,7 +7,7 @@ import numbers
 import re
 from dataclasses import asdict, dataclass, field
 
-from .errors import SvdloraError
+from .errors import SvdloraError, require_bool
 
 SVD_METHODS = ("auto", "exact", "randomized")
 # auto: kfac (or fisher, see plan.auto_method) with calibration data, else svd
@@ -230,8 +230,7 @@ class CompressionConfig:
             )
         if self.pivot and self.stage_dtypes:
             raise SvdloraError("--pivot stores float factors: it does not combine with --stage-dtypes; drop one")
-        if not isinstance(self.pivot, bool):
-            raise SvdloraError(f"pivot must be true or false, got {self.pivot!r}")
+        require_bool("pivot", self.pivot)
         if self.stage_dtypes and self.rank is not None:
             raise SvdloraError("--stage-dtypes works with a byte --budget, not a fixed --rank: drop one of them")
         self.budget = float(self.budget)

@@ -9,6 +9,12 @@ class SvdloraError(Exception):
     """A problem with the user's input: the message names it and says how to fix it."""
 
 
+def require_bool(name: str, value) -> None:
+    """Refuse a flag that is not a bool: ``merge="no"`` is truthy, and merged."""
+    if not isinstance(value, bool):
+        raise SvdloraError(f"{name} must be True or False, got {value!r}")
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (library errors can be pages long)."""
     text = str(err).strip()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..errors import SvdloraError
+from ..errors import require_bool
 from ..io.writer import INDEX_NAME, WEIGHTS_NAME
 from ..version import FORMAT_VERSION, __version__
 
@@ -39,8 +39,7 @@ class SvdloraQuantizationConfig(QuantizationConfigMixin):
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
-        if not isinstance(merge, bool):  # bool("no") merged, as load_compressed(merge="no") did
-            raise SvdloraError(f"merge must be True or False, got {merge!r}")
+        require_bool("merge", merge)  # bool("no") merged, as load_compressed(merge="no") did
         self.merge = merge
         # the real weight file (the index of a sharded folder) that the guard stands in for
         self.weights = weights if weights in (WEIGHTS_NAME, INDEX_NAME) else WEIGHTS_NAME

@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 
 from .. import siblings
 from ..compress import BASE_ATTR, MERGED_ATTR, REPORT_ATTR
-from ..errors import SvdloraError, first_line
+from ..errors import SvdloraError, first_line, require_bool
 from ..integrations.quantization_config import strip_config
 from ..layers import LowRankLinear, dense_kind, weight_out_in
 from ..models import (
@@ -194,9 +194,8 @@ def load_compressed(
     """
     if runtime not in (None, *RUNTIMES):
         raise SvdloraError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    for flag, value in (("merge", merge), ("stack_siblings", stack_siblings)):
-        if not isinstance(value, bool):  # merge="no" is truthy: it merged
-            raise SvdloraError(f"{flag} must be True or False, got {value!r}")
+    require_bool("merge", merge)
+    require_bool("stack_siblings", stack_siblings)
     if merge and runtime not in (None, "merged"):
         raise SvdloraError(f"merge=True and runtime={runtime!r} contradict each other: pass one of them")
     merge = merge or runtime == "merged"
