@@ -138,7 +138,7 @@ def _load_bars(shown: bool) -> Iterator[None]:
     from transformers import modeling_gguf_pytorch_utils as reader
 
     quiet_reader = patch.object(reader, "tqdm", partial(reader.tqdm, disable=True)) if hasattr(reader, "tqdm") else None
-    with quiet_bars(shown), quiet_reader or nullcontext():
+    with quiet_bars(False), quiet_reader or nullcontext():
         yield
 
 

@@ -237,9 +237,8 @@ def infer_task(spec: Any, model: nn.Module | None = None) -> str:
         model = spec[0] if isinstance(spec, tuple) else spec
         name = type(model).__name__
     task = fitting_task(model)
-    if (
-        task is None and getattr(model, "config", None) is not None
-    ):  # a transformers model no task runs: no --task helps
+    # a transformers model none of the tasks runs: no --task would help
+    if task is None and getattr(model, "config", None) is not None:
         raise SvdloraError(
             f"{name!r} is a {type(model).__name__}, and svdlora eval measures causal LMs (text-generation), image "
             "classifiers (image-classification) and translators from text (translation)"
